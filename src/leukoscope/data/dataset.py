@@ -1,0 +1,101 @@
+"""A torch dataset over a manifest, with the corrupt-image policy in one place.
+
+Images are decoded and letterboxed once, then kept as uint8 tensors in memory
+(a 2,768-image set at 128 px is ~140 MB), so each epoch only pays for
+augmentation: on a 2-core CPU decoding every epoch would cost more than the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from leukoscope.data.manifest import DatasetError, Manifest
+from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.transforms import Normalize, letterbox, pil_to_uint8_tensor
+
+log = logging.getLogger(__name__)
+
+CorruptPolicy = Literal["skip", "fail"]
+
+
+@dataclass
+class LoadReport:
+    """What happened while decoding a dataset; goes into metrics.json and the report."""
+
+    loaded: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"loaded": self.loaded, "skipped": len(self.skipped), "skipped_files": self.skipped}
+
+
+def decode_manifest(
+    manifest: Manifest,
+    image_size: int,
+    *,
+    on_corrupt: CorruptPolicy = "skip",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocess: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, Manifest, LoadReport]:
+    """Decode every image once: returns (uint8 N x 3 x S x S, the manifest of the kept images, report).
+
+    ``on_corrupt='skip'`` drops unreadable images with a warning and records them;
+    ``'fail'`` raises on the first one.
+    """
+    if on_corrupt not in ("skip", "fail"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+    report = LoadReport()
+    tensors: list[torch.Tensor] = []
+    keep: list[bool] = []
+    for index, sample in enumerate(manifest):
+        try:
+            image = load_image(sample.path, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            if on_corrupt == "fail":
+                raise DatasetError(f"corrupt image in dataset (use --on-corrupt skip to skip it): {exc}") from None
+            log.warning("skipping unreadable image: %s", exc)
+            report.skipped.append({"path": str(sample.path), "error": str(exc)})
+            keep.append(False)
+        else:
+            if preprocess is not None:
+                image = preprocess(image)
+            tensors.append(pil_to_uint8_tensor(letterbox(image, image_size)))
+            keep.append(True)
+        if progress:
+            progress(index + 1, len(manifest))
+    report.loaded = len(tensors)
+    if not tensors:
+        raise DatasetError(f"none of the {len(manifest)} images could be read")
+    return torch.stack(tensors), manifest.filter(keep), report
+
+
+class TensorImageDataset(Dataset):
+    """Decoded uint8 images + targets; applies augmentation then normalisation per item."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: list[int] | None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        normalize: Normalize | None = None,
+    ) -> None:
+        self.images = images
+        self.targets = targets
+        self.augment = augment
+        self.normalize = normalize or Normalize()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        target = self.targets[index] if self.targets is not None else -1
+        return self.normalize(image), target

@@ -1,0 +1,99 @@
+"""Find byte-identical and near-identical images so that splits can keep them together.
+
+Byte-identical files share a SHA-256; near-identical ones (re-encoded, resized,
+slightly shifted copies) have perceptual hashes (pHash, via ImageHash) within a
+small Hamming distance. Both kinds become one *duplicate group*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import imagehash
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from leukoscope.io import ImageDecodeError, load_image
+
+log = logging.getLogger(__name__)
+
+#: Hamming distance (of 64 pHash bits) at or below which two images count as near-identical.
+DEFAULT_PHASH_DISTANCE = 4
+
+
+@dataclass(frozen=True)
+class ImageFingerprint:
+    sha256: str
+    phash: int | None  # None when the file could not be decoded
+
+
+def fingerprint(path: Path) -> ImageFingerprint:
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_image(data)
+    except ImageDecodeError:
+        return ImageFingerprint(digest, None)
+    return ImageFingerprint(digest, int(str(imagehash.phash(image)), 16))
+
+
+def duplicate_groups(
+    paths: Sequence[Path],
+    *,
+    max_distance: int = DEFAULT_PHASH_DISTANCE,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Label each path with a duplicate-group id (equal ids = duplicates).
+
+    ``max_distance < 0`` turns off near-duplicate matching (exact bytes only).
+    """
+    fingerprints = []
+    for index, path in enumerate(paths):
+        fingerprints.append(fingerprint(path))
+        if progress:
+            progress(index + 1, len(paths))
+    return group_fingerprints(fingerprints, max_distance=max_distance)
+
+
+def group_fingerprints(fingerprints: Sequence[ImageFingerprint], *, max_distance: int) -> np.ndarray:
+    n = len(fingerprints)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+
+    by_digest: dict[str, int] = {}
+    for i, fp in enumerate(fingerprints):
+        first = by_digest.setdefault(fp.sha256, i)
+        if first != i:
+            rows.append(np.array([first]))
+            cols.append(np.array([i]))
+
+    if max_distance >= 0:
+        hashed = [i for i, fp in enumerate(fingerprints) if fp.phash is not None]
+        if len(hashed) > 1:
+            bits = np.array([fingerprints[i].phash for i in hashed], dtype=np.uint64)
+            index = np.array(hashed)
+            # Row blocks keep the pairwise distance matrix small in memory.
+            for start in range(0, len(bits), 256):
+                block = bits[start : start + 256]
+                xor = block[:, None] ^ bits[None, :]
+                distance = np.unpackbits(xor.view(np.uint8).reshape(*xor.shape, 8), axis=-1).sum(-1)
+                r, c = np.nonzero(distance <= max_distance)
+                keep = (r + start) < c
+                rows.append(index[r[keep] + start])
+                cols.append(index[c[keep]])
+
+    if rows:
+        r = np.concatenate(rows)
+        c = np.concatenate(cols)
+    else:
+        r = c = np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)

@@ -1,0 +1,86 @@
+"""Readers that turn a folder or a CSV into a :class:`Manifest`.
+
+Layouts understood:
+- class per folder: ``root/<class>/<image>`` (all-taleqani, pbc, most Kaggle sets);
+- C-NMC 2019: the same, with the subject id parsed from ``UID_<subject>_...``;
+- a CSV manifest with columns ``path,label[,subject]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.io import is_image_file
+
+#: ``UID_13_3_1_all.bmp`` -> subject ``13``; ``UID_H10_1_1_hem.bmp`` -> ``H10``.
+CNMC_NAME = re.compile(r"^UID_(?P<subject>H?\d+)_", re.IGNORECASE)
+
+
+def cnmc_subject(filename: str) -> str | None:
+    """The C-NMC subject id in ``filename``, or None when the name does not follow C-NMC."""
+    match = CNMC_NAME.match(filename)
+    return match.group("subject").upper() if match else None
+
+
+def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Manifest:
+    """Read ``root/<class>/<image>``; subjects come from C-NMC names when present."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: folder does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is not a folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        loose = [p for p in root.iterdir() if is_image_file(p)]
+        if loose:
+            raise DatasetError(
+                f"{root}: images lie directly in the folder; put each class in its own "
+                "sub-folder (root/<class>/<image>) or give a CSV manifest"
+            )
+        raise DatasetError(f"{root}: folder is empty (expected one sub-folder per class)")
+    samples: list[Sample] = []
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if is_image_file(path):
+                subject = cnmc_subject(path.name) if parse_subjects else None
+                samples.append(Sample(path=path, label=class_dir.name, subject=subject))
+    if not samples:
+        raise DatasetError(f"{root}: no images (.jpg .png .bmp .tif) in any class folder")
+    classes = [d.name for d in class_dirs if any(s.label == d.name for s in samples)]
+    return Manifest(samples, classes, root)
+
+
+def read_csv_manifest(path: str | Path) -> Manifest:
+    """Read a CSV with a header ``path,label[,subject]``; relative paths are
+    resolved against the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest file does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        if "path" not in fields:
+            raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'})")
+        samples = []
+        for line_number, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not row.get("path"):
+                raise DatasetError(f"{path}:{line_number}: empty path")
+            image_path = Path(row["path"])
+            if not image_path.is_absolute():
+                image_path = path.parent / image_path
+            samples.append(Sample(image_path, row.get("label") or None, row.get("subject") or None))
+    if not samples:
+        raise DatasetError(f"{path}: manifest has no rows")
+    return Manifest(samples, root=path.parent)
+
+
+def read_dataset(source: str | Path) -> Manifest:
+    """Read a dataset from a class-folder tree or a ``.csv`` manifest."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return read_csv_manifest(source)
+    return read_class_folders(source)

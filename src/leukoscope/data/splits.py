@@ -1,0 +1,233 @@
+"""Honest train / validation / test splits.
+
+Images are first joined into *groups* that must never be separated: all images of
+one subject (patient), and every set of byte-identical or near-identical images.
+Whole groups are then dealt to the splits so that each split gets close to its
+share of every class (stratified). Splits are saved as JSON and reused, so a test
+set never changes silently; :func:`check_split` fails loudly on any leak.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from leukoscope.data.duplicates import DEFAULT_PHASH_DISTANCE, duplicate_groups
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_FORMAT_VERSION = 1
+
+
+class LeakageError(DatasetError):
+    """A subject or a duplicate group appears in more than one split."""
+
+
+@dataclass
+class Split:
+    """Which samples go where, plus how the split was made."""
+
+    assignments: dict[str, list[Sample]]
+    classes: list[str]
+    info: dict = field(default_factory=dict)
+
+    def manifest(self, name: str) -> Manifest:
+        if name not in self.assignments:
+            raise KeyError(f"no split named {name!r}; have {list(self.assignments)}")
+        return Manifest(list(self.assignments[name]), list(self.classes))
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(samples) for name, samples in self.assignments.items()}
+
+    def class_table(self) -> dict[str, dict[str, int]]:
+        return {name: self.manifest(name).class_counts() for name in self.assignments}
+
+    # -- persistence --------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format_version": SPLIT_FORMAT_VERSION,
+            "classes": self.classes,
+            "info": {k: v for k, v in self.info.items() if k != "groups"},
+            "splits": {
+                name: [
+                    {"path": str(s.path.resolve()), "label": s.label, "subject": s.subject, "group": g}
+                    for s, g in zip(samples, self.info.get("groups", {}).get(name, [None] * len(samples)))
+                ]
+                for name, samples in self.assignments.items()
+            },
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(path)  # atomic: a crash never leaves half a split file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Split":
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: split file does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}: split file is not valid JSON: {exc}") from None
+        if payload.get("format_version") != SPLIT_FORMAT_VERSION:
+            raise DatasetError(f"{path}: unsupported split format {payload.get('format_version')!r}")
+        assignments: dict[str, list[Sample]] = {}
+        groups: dict[str, list] = {}
+        for name, rows in payload["splits"].items():
+            assignments[name] = [Sample(Path(r["path"]), r["label"], r.get("subject")) for r in rows]
+            groups[name] = [r.get("group") for r in rows]
+        info = dict(payload.get("info", {}))
+        info["groups"] = groups
+        split = cls(assignments, list(payload["classes"]), info)
+        missing = [s.path for samples in assignments.values() for s in samples if not s.path.exists()]
+        if missing:
+            raise DatasetError(
+                f"{path}: {len(missing)} image(s) named in the split are missing, e.g. {missing[0]}"
+            )
+        return split
+
+
+def leakage_groups(
+    manifest: Manifest,
+    *,
+    near_duplicates: bool = True,
+    max_distance: int = DEFAULT_PHASH_DISTANCE,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Group id per sample joining same-subject images and duplicate images."""
+    n = len(manifest)
+    dup = duplicate_groups(
+        [s.path for s in manifest], max_distance=max_distance if near_duplicates else -1, progress=progress
+    )
+    rows, cols = [], []
+    # Link each sample to the first sample of its duplicate group and of its subject.
+    for key_of in (lambda i: ("dup", int(dup[i])), lambda i: ("subj", manifest[i].subject)):
+        first: dict = {}
+        for i in range(n):
+            key = key_of(i)
+            if key[1] is None:
+                continue
+            j = first.setdefault(key, i)
+            if j != i:
+                rows.append(j)
+                cols.append(i)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def _deal_groups(
+    targets: np.ndarray, groups: np.ndarray, n_classes: int, ratios: Sequence[float], seed: int
+) -> np.ndarray:
+    """Assign whole groups to splits, stratified greedily; returns split index per sample."""
+    rng = np.random.default_rng(seed)
+    unique = np.unique(groups)
+    members = {g: np.flatnonzero(groups == g) for g in unique}
+    composition = {g: np.bincount(targets[idx], minlength=n_classes) for g, idx in members.items()}
+    class_totals = np.bincount(targets, minlength=n_classes).astype(float)
+    wanted = np.outer(np.asarray(ratios, dtype=float), class_totals)  # (splits, classes)
+    have = np.zeros_like(wanted)
+    order = rng.permutation(unique)
+    # Big groups first, so that small ones can fill in the gaps they leave.
+    order = sorted(order, key=lambda g: -len(members[g]))
+    assignment = np.empty(len(targets), dtype=np.int64)
+    for g in order:
+        counts = composition[g]
+        # Relative deficit of each split for this group's classes.
+        deficit = ((wanted - have) / np.maximum(wanted, 1e-9)) @ counts
+        deficit = np.where(np.asarray(ratios) > 0, deficit, -np.inf)
+        choice = int(np.argmax(deficit + rng.uniform(0, 1e-6, size=len(ratios))))
+        have[choice] += counts
+        assignment[members[g]] = choice
+    return assignment
+
+
+def make_split(
+    manifest: Manifest,
+    *,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    near_duplicates: bool = True,
+    max_distance: int = DEFAULT_PHASH_DISTANCE,
+    groups: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Split:
+    """Make a stratified, subject-grouped, duplicate-aware split.
+
+    ``ratios`` has two (train, test) or three (train, val, test) entries summing to 1.
+    """
+    manifest.require_trainable()
+    ratios = tuple(float(r) for r in ratios)
+    if len(ratios) not in (2, 3) or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+        raise DatasetError(f"split ratios must be 2 or 3 non-negative numbers summing to 1, got {ratios}")
+    names = SPLIT_NAMES if len(ratios) == 3 else ("train", "test")
+    targets = np.asarray(manifest.targets)
+    if groups is None:
+        groups = leakage_groups(manifest, near_duplicates=near_duplicates, max_distance=max_distance, progress=progress)
+    assignment = _deal_groups(targets, groups, len(manifest.classes), ratios, seed)
+    split = Split(
+        {name: [manifest[i] for i in np.flatnonzero(assignment == k)] for k, name in enumerate(names)},
+        list(manifest.classes),
+        {
+            "ratios": list(ratios),
+            "seed": seed,
+            "grouped_by_subject": manifest.has_subjects,
+            "near_duplicates": near_duplicates,
+            "phash_max_distance": max_distance if near_duplicates else None,
+            "n_groups": int(len(np.unique(groups))),
+            "n_samples_in_shared_groups": int(sum(c for c in np.bincount(groups) if c > 1)),
+            "groups": {name: [int(groups[i]) for i in np.flatnonzero(assignment == k)] for k, name in enumerate(names)},
+        },
+    )
+    check_split(split)
+    for name in names:
+        empty = [c for c, n in split.manifest(name).class_counts().items() if n == 0]
+        if empty and ratios[names.index(name)] > 0:
+            log.warning("split %r has no images of class(es) %s (too few groups to stratify)", name, empty)
+    return split
+
+
+def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> None:
+    """Raise :class:`LeakageError` if a file, subject or duplicate group is in two splits."""
+    groups = groups if groups is not None else split.info.get("groups", {})
+    seen: dict[tuple[str, object], str] = {}
+    problems: list[str] = []
+    for name, samples in split.assignments.items():
+        group_ids = list(groups.get(name, [])) or [None] * len(samples)
+        for sample, group in zip(samples, group_ids):
+            keys = [("file", str(sample.path.resolve()))]
+            if sample.subject is not None:
+                keys.append(("subject", sample.subject))
+            if group is not None:
+                keys.append(("duplicate group", group))
+            for key in keys:
+                other = seen.setdefault(key, name)
+                if other != name:
+                    problems.append(f"{key[0]} {key[1]} is in both {other!r} and {name!r}")
+    if problems:
+        shown = "; ".join(sorted(set(problems))[:5])
+        raise LeakageError(f"split leaks between train/val/test ({len(set(problems))} problem(s)): {shown}")
+
+
+def split_matching(split: Split, manifest: Manifest) -> None:
+    """Check that a saved split still describes ``manifest`` (same files, same labels)."""
+    in_split = {s.path.resolve(): s.label for samples in split.assignments.values() for s in samples}
+    in_data = {s.path.resolve(): s.label for s in manifest}
+    new = set(in_data) - set(in_split)
+    changed = [p for p in set(in_data) & set(in_split) if in_data[p] != in_split[p]]
+    if new or changed:
+        raise DatasetError(
+            f"the saved split no longer matches the dataset: {len(new)} new image(s), "
+            f"{len(changed)} relabelled; make a new split (delete the split file) or restore the data"
+        )

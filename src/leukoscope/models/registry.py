@@ -1,0 +1,65 @@
+"""One registry for every model leukoscope can build, as torchvision's ``get_model``.
+
+A builder is registered under a name with a *kind* (``classifier``, ``detector``,
+``classic``); :func:`create_model` builds it from a name and keyword arguments,
+:func:`list_models` lists names, optionally of one kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str
+    builder: Callable[..., Any]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, kind: str = "classifier", description: str = "") -> Callable:
+    """Decorator: register ``builder(num_classes, **kwargs)`` under ``name``."""
+
+    def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        doc = description or next(iter((builder.__doc__ or "").strip().splitlines()), "")
+        _REGISTRY[name] = ModelEntry(name, kind, builder, doc)
+        return builder
+
+    return decorate
+
+
+def _ensure_builtin_models_registered() -> None:
+    # Importing the modules runs their @register_model decorators.
+    from leukoscope.models import seed_cnns, torchvision_models  # noqa: F401
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    _ensure_builtin_models_registered()
+    return sorted(name for name, entry in _REGISTRY.items() if kind is None or entry.kind == kind)
+
+
+def model_entry(name: str) -> ModelEntry:
+    _ensure_builtin_models_registered()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> Any:
+    """Build model ``name`` with ``num_classes`` outputs.
+
+    Common keyword arguments for CNNs: ``weights`` (None, a local weights file, or
+    a torchvision weight name such as ``"DEFAULT"``, which needs internet) and
+    ``freeze_backbone`` (train the new head only).
+    """
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+    return model_entry(name).builder(num_classes=num_classes, **kwargs)

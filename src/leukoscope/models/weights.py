@@ -1,0 +1,60 @@
+"""Loading weights from local files into a model whose head may differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable, or does not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file or a PyTorch ``.pt/.pth`` state dict (tensors only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
+        raise WeightsError(f"{path}: cannot read weights: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: does not hold a state dict")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, head_prefixes: tuple[str, ...]) -> list[str]:
+    """Load ``path`` into ``model``, skipping head tensors whose shape differs
+    (e.g. ImageNet's 1000-class head); any other mismatch is an error.
+
+    Returns the names of the tensors left at their initial values.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    usable = {}
+    for key, value in state.items():
+        if key in own and own[key].shape == value.shape:
+            usable[key] = value
+        elif key in own and not key.startswith(head_prefixes):
+            raise WeightsError(
+                f"{path}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
+    missing = [k for k in own if k not in usable]
+    body_missing = [k for k in missing if not k.startswith(head_prefixes) and not k.endswith("num_batches_tracked")]
+    if body_missing:
+        raise WeightsError(
+            f"{path}: does not fit this architecture ({len(body_missing)} tensors missing, e.g. {body_missing[:3]})"
+        )
+    model.load_state_dict(usable, strict=False)
+    return missing

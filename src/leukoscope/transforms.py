@@ -1,0 +1,142 @@
+"""Pre-processing and augmentation presets.
+
+Pre-processing (deterministic, for every split): letterbox resize + pad to a square,
+then normalisation. Augmentation (random, training split only) is a named preset:
+
+- ``none``: no augmentation.
+- ``tusar`` (system D): shear 0.2, zoom 0.2, horizontal flip (Keras ImageDataGenerator).
+- ``abas`` (system A): colour jitter, horizontal and vertical flips, rotation 0-90 degrees.
+- ``jabeena`` (system C): random 90-degree rotations.
+- ``stain``: stain (H&E/Giemsa optical-density) jitter and colour jitter, flips, 90-degree rotations.
+- ``default``: flips, 90-degree rotations, mild colour and stain jitter, small zoom.
+
+Augmentations work on uint8 tensors already letterboxed, so that decoding and
+resizing happen once per image (see :mod:`leukoscope.data.dataset`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "tusar", "abas", "jabeena", "stain")
+
+
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """Resize the longer side to ``size`` keeping the aspect ratio, pad to ``size x size``.
+
+    The pad colour is the median colour of the image border, so the padding looks
+    like slide background instead of a black frame the model could learn from.
+    """
+    width, height = image.size
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if (new_w, new_h) == (size, size):
+        return resized
+    array = np.asarray(resized)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
+
+
+def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+class RandomRot90:
+    """Rotate by a random multiple of 90 degrees (lossless, keeps the square)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(0, 4, ()).item())
+        return torch.rot90(image, k, dims=(-2, -1)) if k else image
+
+
+class RandomStainJitter:
+    """Jitter stain concentrations in haematoxylin-eosin-DAB optical density space.
+
+    Tellez et al. (2018) showed this makes models robust to stain differences
+    between labs; it also weakens shortcuts where a class comes from one slide.
+    Input and output: uint8 tensor (3, H, W).
+    """
+
+    # Ruifrok & Johnston stain vectors (as in skimage.color.rgb_from_hed).
+    _RGB_FROM_HED = torch.tensor(
+        [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+    )
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.05) -> None:
+        self.sigma, self.bias = sigma, bias
+        rgb_from_hed = self._RGB_FROM_HED.clone()
+        rgb_from_hed[2] = torch.linalg.cross(rgb_from_hed[0], rgb_from_hed[1])
+        rgb_from_hed = rgb_from_hed / rgb_from_hed.norm(dim=1, keepdim=True)
+        self.rgb_from_hed = rgb_from_hed
+        self.hed_from_rgb = torch.linalg.inv(rgb_from_hed)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        rgb = image.float().clamp_min(1.0) / 255.0
+        od = -torch.log(rgb).permute(1, 2, 0)  # (H, W, 3)
+        hed = od @ self.hed_from_rgb
+        alpha = 1 + (torch.rand(3) * 2 - 1) * self.sigma
+        beta = (torch.rand(3) * 2 - 1) * self.bias
+        od = (hed * alpha + beta) @ self.rgb_from_hed
+        out = torch.exp(-od).clamp(0, 1).permute(2, 0, 1)
+        return (out * 255).round().to(torch.uint8)
+
+
+def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The random training augmentation named ``preset`` (uint8 tensor in and out)."""
+    shear_degrees = math.degrees(0.2)
+    presets: dict[str, Sequence[Callable]] = {
+        "none": [],
+        "tusar": [
+            v2.RandomAffine(degrees=0, shear=shear_degrees, scale=(0.8, 1.2)),
+            v2.RandomHorizontalFlip(),
+        ],
+        "abas": [
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(degrees=(0, 90)),
+        ],
+        "jabeena": [RandomRot90()],
+        "stain": [
+            RandomStainJitter(sigma=0.08, bias=0.08),
+            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.04),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomRot90(),
+        ],
+        "default": [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomRot90(),
+            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(0.9, 1.1))], p=0.5),
+            RandomStainJitter(sigma=0.04, bias=0.04),
+            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+        ],
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {list(presets)}")
+    return v2.Compose(list(presets[preset]))
+
+
+class Normalize:
+    """uint8 (..., 3, H, W) tensor -> float tensor normalised by ``mean`` / ``std``."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() / 255.0 - self.mean) / self.std
