@@ -1,0 +1,27 @@
+"""Shared fixtures: small generated data, and the real datasets when ../shared is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of ``../shared/datasets/<name>``; skips the test when it is absent."""
+    path = SHARED_DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not present (real datasets live in ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four classes x 24 PNG cells of 64 px, made once per test session."""
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"), SyntheticSpec(image_size=64, images_per_class=24, seed=1)
+    )
