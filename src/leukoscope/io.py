@@ -106,8 +106,8 @@ def load_image(
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
             image = background
-        elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit microscope TIFFs: rescale to 8 bit rather than clipping.
+        elif image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit (and 32-bit int/float) microscope TIFFs: rescale to 8 bit rather than clipping.
             import numpy as np
 
             array = np.asarray(image, dtype=np.float64)

@@ -44,7 +44,8 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
     samples: list[Sample] = []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
-            if is_image_file(path):
+            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            if is_image_file(path) and not hidden:
                 subject = cnmc_subject(path.name) if parse_subjects else None
                 samples.append(Sample(path=path, label=class_dir.name, subject=subject))
     if not samples:
@@ -59,16 +60,19 @@ def read_csv_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")
-    with path.open(newline="") as handle:
+    # utf-8-sig: spreadsheet "CSV UTF-8" exports start with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "path" not in fields:
             raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'})")
         samples = []
-        for line_number, row in enumerate(reader, start=2):
+        for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not any(row.values()):
+                continue  # a row of empty cells, as spreadsheets leave at the end
             if not row.get("path"):
-                raise DatasetError(f"{path}:{line_number}: empty path")
+                raise DatasetError(f"{path}:{reader.line_num}: empty path")
             image_path = Path(row["path"])
             if not image_path.is_absolute():
                 image_path = path.parent / image_path

@@ -81,16 +81,22 @@ class Split:
             raise DatasetError(f"{path}: split file does not exist") from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: split file is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise DatasetError(f"{path}: not a split file (expected a JSON object)")
         if payload.get("format_version") != SPLIT_FORMAT_VERSION:
             raise DatasetError(f"{path}: unsupported split format {payload.get('format_version')!r}")
         assignments: dict[str, list[Sample]] = {}
         groups: dict[str, list] = {}
-        for name, rows in payload["splits"].items():
-            assignments[name] = [Sample(Path(r["path"]), r["label"], r.get("subject")) for r in rows]
-            groups[name] = [r.get("group") for r in rows]
-        info = dict(payload.get("info", {}))
+        try:
+            for name, rows in payload["splits"].items():
+                assignments[name] = [Sample(Path(r["path"]), r["label"], r.get("subject")) for r in rows]
+                groups[name] = [r.get("group") for r in rows]
+            info = dict(payload.get("info", {}))
+            classes = list(payload["classes"])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise DatasetError(f"{path}: malformed split file ({type(exc).__name__}: {exc})") from None
         info["groups"] = groups
-        split = cls(assignments, list(payload["classes"]), info)
+        split = cls(assignments, classes, info)
         missing = [s.path for samples in assignments.values() for s in samples if not s.path.exists()]
         if missing:
             raise DatasetError(
@@ -169,7 +175,7 @@ def make_split(
     """
     manifest.require_trainable()
     ratios = tuple(float(r) for r in ratios)
-    if len(ratios) not in (2, 3) or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6:
+    if len(ratios) not in (2, 3) or not all(r >= 0 for r in ratios) or not abs(sum(ratios) - 1.0) <= 1e-6:
         raise DatasetError(f"split ratios must be 2 or 3 non-negative numbers summing to 1, got {ratios}")
     names = SPLIT_NAMES if len(ratios) == 3 else ("train", "test")
     targets = np.asarray(manifest.targets)
@@ -204,7 +210,8 @@ def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> N
     seen: dict[tuple[str, object], str] = {}
     problems: list[str] = []
     for name, samples in split.assignments.items():
-        group_ids = list(groups.get(name, [])) or [None] * len(samples)
+        group_ids = list(groups.get(name, []))
+        group_ids += [None] * (len(samples) - len(group_ids))  # never let zip() skip a sample
         for sample, group in zip(samples, group_ids):
             keys = [("file", str(sample.path.resolve()))]
             if sample.subject is not None:

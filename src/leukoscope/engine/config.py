@@ -1,0 +1,227 @@
+"""Typed experiment configuration: YAML files validated by pydantic, ``key=value`` overrides.
+
+Every section forbids unknown keys, so a typo such as ``train.epoch`` fails with
+a message naming the key (and the closest valid one) instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leukoscope.transforms import AUGMENTATION_PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    """A class-per-folder tree (``root/<class>/<image>``, C-NMC names give subjects) or a CSV manifest."""
+    split_file: str | None = None
+    """Where the split is saved and reused; default: ``<output_root>/splits/<dataset>-<settings>.json``."""
+    ratios: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_seed: int = 0
+    near_duplicates: bool = True
+    phash_distance: int = 4
+    on_corrupt: Literal["skip", "fail"] = "skip"
+    max_pixels: int = 120_000_000
+    classes: list[str] | None = None
+    """Restrict to / order the classes; default: every class folder, sorted."""
+    class_map: dict[str, str] | None = None
+    """Merge labels, e.g. ``{Early: Malignant, Pre: Malignant, Pro: Malignant}``."""
+    segmentation: Literal["lab_kmeans", "hsv"] | None = None
+
+
+class ModelConfig(_Section):
+    name: str = "resnet18"
+    weights: str | None = None
+    freeze_backbone: bool = False
+    image_size: int = 128
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the model builder (e.g. ``dropout``)."""
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        if not 32 <= value <= 1024:
+            raise ValueError("image_size must be between 32 and 1024 pixels")
+        return value
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: Literal["none", "cosine", "onecycle"] = "none"
+    class_weighted_loss: bool = True
+    label_smoothing: float = 0.0
+    augmentation: str = "default"
+    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
+    early_stopping_patience: int | None = None
+    max_minutes: float | None = None
+    """Stop training after this many minutes (the best checkpoint so far is kept)."""
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+    @field_validator("augmentation")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        if value not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset {value!r}; choose from {list(AUGMENTATION_PRESETS)}")
+        return value
+
+    @field_validator("epochs", "batch_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class SearchConfig(_Section):
+    """A grid over training settings (system E: epochs x learning rate x optimizer)."""
+
+    epochs: list[int] | None = None
+    lr: list[float] | None = None
+    optimizer: list[Literal["adam", "adamw", "sgd"]] | None = None
+    batch_size: list[int] | None = None
+    models: list[str] | None = None
+
+
+class PredictConfig(_Section):
+    uncertain_threshold: float = 0.5
+    """A prediction whose top probability is below this is reported as "uncertain"."""
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    description: str = ""
+    output_root: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig | None = None
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "ExperimentConfig":
+        ratios = self.data.ratios
+        if len(ratios) not in (2, 3) or abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:
+            raise ValueError(f"data.ratios must be 2 or 3 non-negative numbers summing to 1, got {ratios}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                keys += _known_keys(candidate, prefix + name + ".")
+    return keys
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    known = _known_keys(ExperimentConfig)
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"unknown config key '{key}'{hint}")
+        else:
+            lines.append(f"config key '{key}': {item['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "model.name=resnet18"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (or the defaults) and apply ``key=value`` overrides.
+
+    Relative ``data.path`` / ``data.split_file`` / ``model.weights`` in a file are
+    resolved against the file's folder, so configs run from any working directory.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, key in (("data", "path"), ("data", "split_file"), ("model", "weights")):
+            value = (raw.get(section) or {}).get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value):
+                raw[section][key] = str((path.parent / value).resolve())
+    raw = _merge(raw, parse_overrides(overrides))
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _looks_like_path(value: str) -> bool:
+    # torchvision weight names ("DEFAULT", "IMAGENET1K_V1") are not paths.
+    return "/" in value or "." in value
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path

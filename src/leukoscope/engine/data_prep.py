@@ -1,0 +1,142 @@
+"""From a data config to decoded train/val/test tensors, via a saved, checked split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from leukoscope.data.dataset import LoadReport, decode_manifest
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.data.readers import read_dataset
+from leukoscope.data.splits import Split, check_split, make_split, split_matching
+from leukoscope.engine.config import DataConfig
+from leukoscope.progress import console, counter_callback, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodedSplit:
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    targets: list[int]
+    manifest: Manifest
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    split: Split
+    split_file: Path
+    parts: dict[str, DecodedSplit]
+    load_reports: dict[str, LoadReport] = field(default_factory=dict)
+
+    def skipped(self) -> list[dict[str, str]]:
+        return [item for report in self.load_reports.values() for item in report.skipped]
+
+
+def load_manifest(data: DataConfig) -> Manifest:
+    """Read the dataset and apply ``class_map`` / ``classes``."""
+    if not data.path:
+        raise DatasetError("no dataset given: set data.path (a class-folder tree or a CSV manifest)")
+    manifest = read_dataset(data.path)
+    samples = list(manifest.samples)
+    if data.class_map:
+        unknown = sorted(set(data.class_map) - set(manifest.classes))
+        if unknown:
+            raise DatasetError(f"data.class_map names classes {unknown} not in the data (found {manifest.classes})")
+        samples = [Sample(s.path, data.class_map.get(s.label, s.label), s.subject) for s in samples]
+    classes = sorted({s.label for s in samples if s.label is not None})
+    if data.classes:
+        missing = sorted(set(data.classes) - set(classes))
+        if missing:
+            raise DatasetError(f"data.classes names {missing}, which have no images (found {classes})")
+        samples = [s for s in samples if s.label in data.classes]
+        classes = list(data.classes)
+    result = Manifest(samples, classes, manifest.root)
+    result.require_trainable()
+    return result
+
+
+def default_split_file(data: DataConfig, output_root: Path, manifest: Manifest) -> Path:
+    """One split file per dataset and split settings, shared by every run on it."""
+    settings = {
+        "path": str(Path(data.path).resolve()) if data.path else None,
+        "classes": manifest.classes,
+        "class_map": data.class_map,
+        "ratios": data.ratios,
+        "seed": data.split_seed,
+        "near_duplicates": data.near_duplicates,
+        "phash_distance": data.phash_distance,
+    }
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    name = Path(data.path).stem if data.path else "data"
+    return output_root / "splits" / f"{name}-{key}.json"
+
+
+def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True) -> Split:
+    """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
+    if split_file.exists():
+        split = Split.load(split_file)
+        split_matching(split, manifest)
+        check_split(split)
+        if split.classes != manifest.classes:
+            raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")
+        console.print(f"[dim]reusing split {split_file}[/dim]")
+        return split
+    with progress_bar(len(manifest), "hashing images for duplicates", enabled=show_progress) as update:
+        split = make_split(
+            manifest,
+            ratios=data.ratios,
+            seed=data.split_seed,
+            near_duplicates=data.near_duplicates,
+            max_distance=data.phash_distance,
+            progress=counter_callback(update),
+        )
+    split.info["dataset"] = str(Path(data.path).resolve()) if data.path else None
+    split.save(split_file)
+    console.print(f"[dim]saved split {split_file} {split.sizes()}[/dim]")
+    return split
+
+
+def make_preprocess(data: DataConfig) -> Callable[[Image.Image], Image.Image] | None:
+    if data.segmentation is None:
+        return None
+    from leukoscope.segmentation import Segmenter
+
+    return Segmenter(method=data.segmentation)
+
+
+def prepare_data(
+    data: DataConfig, image_size: int, output_root: Path, *, show_progress: bool = True
+) -> PreparedData:
+    manifest = load_manifest(data)
+    split_file = Path(data.split_file) if data.split_file else default_split_file(data, output_root, manifest)
+    split = obtain_split(data, manifest, split_file, show_progress=show_progress)
+    preprocess = make_preprocess(data)
+    parts: dict[str, DecodedSplit] = {}
+    reports: dict[str, LoadReport] = {}
+    for name in split.assignments:
+        part = split.manifest(name)
+        if len(part) == 0:
+            continue
+        with progress_bar(len(part), f"decoding {name}", enabled=show_progress) as update:
+            images, kept, report = decode_manifest(
+                part,
+                image_size,
+                on_corrupt=data.on_corrupt,
+                max_pixels=data.max_pixels,
+                preprocess=preprocess,
+                progress=counter_callback(update),
+            )
+        parts[name] = DecodedSplit(images, kept.targets, kept)
+        reports[name] = report
+    if "train" not in parts:
+        raise DatasetError("the training split is empty")
+    return PreparedData(list(manifest.classes), split, split_file, parts, reports)

@@ -1,0 +1,114 @@
+"""Grid search over training settings, choosing by validation score (never test).
+
+System E searched epochs {5, 10} x learning rate {0.01, 0.001} x optimizer {SGD, Adam}.
+Every combination is a full run (own directory, bundle and report); the winner
+is the one with the best validation score, and the table shows test scores of
+all of them for transparency.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from leukoscope.engine.config import ExperimentConfig
+from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.experiment import RunResult, run_experiment
+from leukoscope.progress import console
+
+
+@dataclass
+class SearchResult:
+    search_dir: Path
+    rows: list[dict[str, Any]]
+    best: RunResult
+
+
+def grid(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Every combination of the search section's lists (unset lists keep the base value)."""
+    search = config.search
+    axes = {
+        "model.name": (search.models if search and search.models else [config.model.name]),
+        "train.epochs": (search.epochs if search and search.epochs else [config.train.epochs]),
+        "train.lr": (search.lr if search and search.lr else [config.train.lr]),
+        "train.optimizer": (search.optimizer if search and search.optimizer else [config.train.optimizer]),
+        "train.batch_size": (search.batch_size if search and search.batch_size else [config.train.batch_size]),
+    }
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
+    updated = config.model_copy(deep=True)
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        setattr(getattr(updated, section), key, value)
+    updated.search = None
+    return updated
+
+
+def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> SearchResult:
+    combos = grid(config)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    search_dir = Path(config.output_root) / f"{config.name}-search-{stamp}"
+    search_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
+    prepared: dict[int, PreparedData] = {}  # decode once per image size
+    rows: list[dict[str, Any]] = []
+    results: list[RunResult] = []
+    for index, settings in enumerate(combos, start=1):
+        run_config = _apply(config, settings)
+        run_config.name = f"{config.name}-{index:02d}"
+        size = run_config.model.image_size
+        if size not in prepared:
+            prepared[size] = prepare_data(run_config.data, size, Path(config.output_root), show_progress=show_progress)
+        console.print(f"[bold]run {index}/{len(combos)}[/bold] " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=prepared[size],
+                                show_progress=show_progress)
+        results.append(result)
+        val_rows = [h for h in result.fit.history if h["epoch"] == result.fit.best_epoch]
+        best_row = val_rows[0] if val_rows else {}
+        rows.append({
+            "run": index,
+            **settings,
+            "best_epoch": result.fit.best_epoch,
+            "val_accuracy": best_row.get("val_accuracy"),
+            "val_macro_f1": best_row.get("val_macro_f1"),
+            "test_accuracy": result.metrics["accuracy"],
+            "test_macro_f1": result.metrics["macro"]["f1"],
+            "train_minutes": result.fit.train_seconds / 60,
+            "bundle": str(result.bundle_dir),
+        })
+    monitor = config.train.monitor
+    key = {"val_accuracy": "val_accuracy", "val_macro_f1": "val_macro_f1", "val_loss": "val_accuracy"}[monitor]
+    best_index = max(range(len(rows)), key=lambda i: (rows[i][key] or 0.0, rows[i]["val_macro_f1"] or 0.0))
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best_index
+    _write_tables(search_dir, rows)
+    _print_table(rows)
+    console.print(f"chosen by {key}: run {rows[best_index]['run']} -> {rows[best_index]['bundle']}")
+    return SearchResult(search_dir, rows, results[best_index])
+
+
+def _write_tables(search_dir: Path, rows: list[dict[str, Any]]) -> None:
+    (search_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    with (search_dir / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="grid search (chosen by validation)")
+    shown = [c for c in rows[0] if c != "bundle"]
+    for column in shown:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in shown])
+    console.print(table)

@@ -1,0 +1,247 @@
+"""The classification training loop: one epoch at a time, checkpointed, resumable.
+
+Keeps the best weights by the monitored validation score, stops early when the
+score stops improving or the time budget runs out, and writes a checkpoint after
+every epoch so that ``resume`` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from leukoscope.data.dataset import TensorImageDataset
+from leukoscope.engine.config import TrainConfig
+from leukoscope.progress import console, progress_bar
+from leukoscope.transforms import augmentation
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a generator for data shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (n / (k * count)); classes absent from training get 0."""
+    counts = np.bincount(targets, minlength=num_classes).astype(float)
+    weights = np.where(counts > 0, len(targets) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
+        )
+    return None
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Logits for uint8 images (normalised here), in eval mode."""
+    dataset = TensorImageDataset(images, None)
+    model.eval()
+    outputs = []
+    for start in range(0, len(dataset), batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+        outputs.append(model(batch.to(device)).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def score_logits(logits: np.ndarray, targets: list[int], loss_fn: nn.Module) -> dict[str, float]:
+    y = np.asarray(targets)
+    predicted = logits.argmax(1)
+    loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y)).item())
+    return {
+        "loss": loss,
+        "accuracy": float((predicted == y).mean()),
+        "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
+    }
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_score: float
+    train_seconds: float
+    stopped_because: str
+    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def _monitor_value(cfg: TrainConfig, row: dict[str, Any]) -> float:
+    key = {"val_accuracy": "val_accuracy", "val_macro_f1": "val_macro_f1", "val_loss": "val_loss"}[cfg.monitor]
+    value = row.get(key)
+    if value is None:  # no validation set: fall back to training accuracy
+        return row["train_accuracy"]
+    return -value if cfg.monitor == "val_loss" else value
+
+
+def fit(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_targets: list[int],
+    val_images: torch.Tensor | None,
+    val_targets: list[int] | None,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> FitResult:
+    """Train ``model`` in place; returns history and the best weights by ``cfg.monitor``."""
+    generator = seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation))
+    # drop_last avoids a size-1 batch, which BatchNorm cannot train on.
+    drop_last = len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+    weights = class_weights(train_targets, num_classes) if cfg.class_weighted_loss else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                  label_smoothing=cfg.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, stale = -math.inf, 0, 0
+    best_state: dict[str, torch.Tensor] = {}
+    start_epoch, elapsed_before = 1, 0.0
+    checkpoint_path = run_dir / CHECKPOINT_FILE if run_dir else None
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.exists():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {run_dir}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_score, best_epoch, stale = state["history"], state["best_score"], state["best_epoch"], state["stale"]
+        best_state = state["best_state"]
+        start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
+        console.print(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
+
+    start = time.monotonic() - elapsed_before
+    stopped_because = "completed all epochs"
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        with progress_bar(len(loader), f"epoch {epoch}/{cfg.epochs}", enabled=show_progress) as update:
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device), targets.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(inputs)
+                loss = loss_fn(logits, targets)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training diverged at epoch {epoch} (loss {loss.item()}); lower train.lr (now {cfg.lr})"
+                    )
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                seen += len(targets)
+                correct += int((logits.argmax(1) == targets).sum())
+                loss_sum += loss.item() * len(targets)
+                update(info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if val_images is not None and val_targets:
+            scores = score_logits(predict_logits(model, val_images, device), val_targets, eval_loss)
+            row.update({f"val_{k}": v for k, v in scores.items()})
+        row["elapsed_s"] = time.monotonic() - start
+        history.append(row)
+        score = _monitor_value(cfg, row)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        val_text = (
+            f" val_loss {row['val_loss']:.3f} val_acc {row['val_accuracy']:.4f} val_f1 {row['val_macro_f1']:.4f}"
+            if "val_loss" in row else ""
+        )
+        console.print(
+            f"epoch {epoch:>3}/{cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.4f}{val_text}"
+            f" [{row['elapsed_s'] / 60:.1f} min]{' *' if improved else ''}"
+        )
+        if checkpoint_path is not None:
+            tmp = checkpoint_path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                    "stale": stale,
+                    "epoch": epoch,
+                    "elapsed": row["elapsed_s"],
+                },
+                tmp,
+            )
+            tmp.replace(checkpoint_path)
+        if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
+            stopped_because = f"early stopping: no improvement for {stale} epochs"
+            break
+        if cfg.max_minutes is not None and row["elapsed_s"] >= cfg.max_minutes * 60:
+            stopped_because = f"time budget of {cfg.max_minutes} min reached"
+            break
+    model.load_state_dict(best_state)
+    return FitResult(history, best_epoch, best_score, time.monotonic() - start, stopped_because, best_state)

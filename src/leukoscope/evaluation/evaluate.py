@@ -1,0 +1,174 @@
+"""One call from logits to ``metrics.json``, figures and ``report.html``.
+
+The trainer and ``leukoscope evaluate`` both go through :func:`evaluate_logits`,
+so a number in the CLI output, in ``metrics.json`` and in the report always
+comes from the same computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukoscope.evaluation.calibration import (
+    TEMPERATURE_BOUNDS,
+    check_labels,
+    check_logits,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax,
+)
+from leukoscope.evaluation.figures import (
+    confusion_matrix_figure,
+    pr_figure,
+    reliability_figure,
+    roc_figure,
+    training_curves_figure,
+)
+from leukoscope.evaluation.metrics import classification_metrics
+from leukoscope.evaluation.report import write_html_report
+
+#: Below this many validation images the fitted temperature is flagged as noisy.
+MIN_CALIBRATION_SAMPLES = 50
+
+
+def to_jsonable(value: Any) -> Any:
+    """Recursively turn numpy scalars/arrays, paths and tuples into plain JSON types.
+
+    Non-finite floats become None so ``metrics.json`` stays strict JSON.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)  # enums, datetimes, ...: readable beats crashing at the end of a run
+
+
+def _calibrate(
+    logits: np.ndarray, y_true: np.ndarray, val_logits: np.ndarray, val_true: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray, list[str]]:
+    """Fit T on validation logits; report test ECE/NLL before and after. Returns (info, test probs after, notes)."""
+    val_z = check_logits(val_logits)
+    if val_z.shape[1] != logits.shape[1]:
+        raise ValueError(f"val_logits have {val_z.shape[1]} classes, test logits {logits.shape[1]}")
+    val_y = check_labels(val_true, val_z.shape[1], val_z.shape[0])
+    temperature = fit_temperature(val_z, val_y)
+    probs_after = softmax(logits, temperature)
+    info = {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(softmax(logits), y_true),
+        "ece_after": expected_calibration_error(probs_after, y_true),
+        "nll_before": negative_log_likelihood(logits, y_true),
+        "nll_after": negative_log_likelihood(logits, y_true, temperature),
+        "n_val": int(val_y.size),
+    }
+    notes = []
+    if val_y.size < MIN_CALIBRATION_SAMPLES:
+        notes.append(f"The temperature was fitted on only {val_y.size} validation images; treat it as a rough estimate.")
+    if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] * 0.99:
+        notes.append(f"The fitted temperature {temperature:.3g} reached its search limit {TEMPERATURE_BOUNDS}: "
+                     "the validation set is probably too small or perfectly separated.")
+    return info, probs_after, notes
+
+
+def _write_figures(
+    figures_dir: Path,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    probs_after: np.ndarray | None,
+    metrics: dict,
+    classes: list[str],
+    history: list[dict] | None,
+) -> dict[str, Path]:
+    cm = np.asarray(metrics["confusion_matrix"])
+    paths = {
+        "confusion_matrix": confusion_matrix_figure(cm, classes, figures_dir / "confusion_matrix.png"),
+        "confusion_matrix_normalized": confusion_matrix_figure(
+            cm, classes, figures_dir / "confusion_matrix_normalized.png", normalize=True
+        ),
+        "roc": roc_figure(y_true, probs, classes, figures_dir / "roc.png"),
+        "pr": pr_figure(y_true, probs, classes, figures_dir / "pr.png"),
+        "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png"),
+    }
+    if history:
+        paths["training_curves"] = training_curves_figure(history, figures_dir / "training_curves.png")
+    return paths
+
+
+def evaluate_logits(
+    y_true: np.ndarray,
+    logits: np.ndarray,
+    classes: list[str],
+    out_dir: Path,
+    *,
+    val_logits: np.ndarray | None = None,
+    val_true: np.ndarray | None = None,
+    history: list[dict] | None = None,
+    config: dict | None = None,
+    title: str = "leukoscope evaluation",
+    notes: list[str] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Evaluate test logits and write ``figures/``, ``metrics.json`` and ``report.html`` under ``out_dir``.
+
+    Metrics are computed on ``softmax(logits)`` (uncalibrated, so they describe
+    the model as shipped). With ``val_logits``/``val_true`` a temperature is
+    fitted on validation data and ``calibration = {"temperature", "ece_before",
+    "ece_after", "nll_before", "nll_after", "n_val"}`` reports its effect on the
+    test set; the predicted classes are unchanged by it. ``extra`` keys are
+    merged into the result (they may not shadow a computed key). Returns the
+    metrics dict as written to ``metrics.json``, with ``figures`` mapping each
+    figure name to its path relative to ``out_dir``.
+    """
+    z = check_logits(logits)
+    y = check_labels(y_true, z.shape[1], z.shape[0])
+    if (val_logits is None) != (val_true is None):
+        raise ValueError("pass both val_logits and val_true, or neither")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    probs = softmax(z)
+    metrics: dict[str, Any] = classification_metrics(y, probs, list(classes))
+    clashes = sorted(set(extra or {}) & (set(metrics) | {"calibration", "figures"}))
+    if clashes:  # checked before the slow part so a caller bug fails fast
+        raise ValueError(f"extra keys would overwrite computed metrics: {clashes}")
+    report_notes = list(notes or [])
+    if metrics["absent_classes"]:
+        report_notes.append("Classes with no images in the evaluated set (no recall or ROC-AUC for them): "
+                            + ", ".join(metrics["absent_classes"]))
+    probs_after = None
+    if val_logits is not None and val_true is not None:
+        metrics["calibration"], probs_after, calibration_notes = _calibrate(z, y, val_logits, val_true)
+        report_notes.extend(calibration_notes)
+
+    figure_paths = _write_figures(out_dir / "figures", y, probs, probs_after, metrics, list(classes), history)
+    metrics["figures"] = {name: path.relative_to(out_dir).as_posix() for name, path in figure_paths.items()}
+
+    metrics = to_jsonable({**metrics, **(extra or {})})
+
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
+    write_html_report(
+        out_dir / "report.html",
+        title=title,
+        metrics=metrics,
+        figures=figure_paths,
+        config=to_jsonable(config) if config is not None else None,
+        notes=report_notes,
+    )
+    return metrics

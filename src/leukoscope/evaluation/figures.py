@@ -1,0 +1,267 @@
+"""Evaluation figures written as PNG files.
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas and
+never touch ``pyplot``: no global backend switch, no open-figure registry to
+leak (training loops call these every epoch) and safe from worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc as area_under_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from leukoscope.evaluation.calibration import (
+    check_labels,
+    check_probs,
+    expected_calibration_error,
+    reliability_bins,
+)
+from leukoscope.evaluation.metrics import normalize_rows
+
+DPI = 130
+#: Colour-blind-safe qualitative palette (Okabe-Ito), cycled for many classes.
+_PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)  # attach the non-interactive canvas explicitly
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+    fig.clear()  # drop artists now rather than at garbage collection
+    return path
+
+
+def _style(k: int) -> dict:
+    """Colour + line style for series ``k``; the style changes once colours wrap."""
+    return {"color": _PALETTE[k % len(_PALETTE)], "linestyle": _LINESTYLES[(k // len(_PALETTE)) % len(_LINESTYLES)]}
+
+
+def _check_curve_inputs(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    p = check_probs(probs)
+    if len(classes) != p.shape[1]:
+        raise ValueError(f"{len(classes)} class names for {p.shape[1]} probability columns")
+    return check_labels(y_true, p.shape[1], p.shape[0]), p
+
+
+def _curve_classes(y: np.ndarray, n_classes: int) -> tuple[list[int], list[int]]:
+    """Classes that get a one-vs-rest curve, and those skipped (no positives or no negatives).
+
+    Binary problems get one curve, for the positive (second) class: the other
+    is its mirror image and only adds clutter.
+    """
+    candidates = [1] if n_classes == 2 else list(range(n_classes))
+    drawable = [k for k in candidates if 0 < np.sum(y == k) < y.size]
+    return drawable, [k for k in candidates if k not in drawable]
+
+
+def _legend(ax, n_entries: int, loc: str) -> None:
+    """Legend inside the axes for few entries, outside on the right for many (it would hide the curves)."""
+    if n_entries <= 8:
+        ax.legend(loc=loc, fontsize=8)
+    else:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+
+
+# --------------------------------------------------------------------------- confusion matrix
+def confusion_matrix_figure(
+    cm: np.ndarray,
+    classes: list[str],
+    path: Path,
+    *,
+    normalize: bool = False,
+    title: str | None = None,
+) -> Path:
+    """Heat-map of a confusion matrix (rows = true, columns = predicted), annotated per cell.
+
+    With ``normalize=True`` each row is divided by its total, so the diagonal
+    reads as per-class recall; rows of absent classes stay 0.
+    """
+    counts = np.asarray(cm, dtype=np.float64)
+    n = len(classes)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion matrix of shape {counts.shape} does not match {n} classes")
+    values = normalize_rows(counts) if normalize else counts
+
+    side = min(max(4.5, 0.55 * n + 2.5), 16.0)  # grow with the class count, within reason
+    fig = _new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalize else max(float(values.max()), 1.0)
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+
+    fontsize = 10 if n <= 8 else 8 if n <= 15 else 6
+    for i in range(n):
+        for j in range(n):
+            text = f"{values[i, j]:.2f}" if normalize else f"{int(round(values[i, j]))}"
+            dark = values[i, j] > 0.55 * vmax  # white text on dark cells
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
+
+    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=classes)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- ROC / PR
+def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> Path:
+    """One-vs-rest ROC curve per class with its AUC in the legend."""
+    y, p = _check_curve_inputs(y_true, probs, classes)
+    drawable, skipped = _curve_classes(y, len(classes))
+    fig = _new_figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (AUC = 0.50)")
+    for k in drawable:
+        fpr, tpr, _ = roc_curve(y == k, p[:, k])
+        auc = float(area_under_curve(fpr, tpr))
+        label = f"{classes[k]} vs {classes[0]}" if len(classes) == 2 else classes[k]
+        ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})", **_style(k))
+    for k in skipped:
+        ax.plot([], [], " ", label=f"{classes[k]}: AUC n/a (no positives or negatives)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
+           ylabel="True positive rate (sensitivity)", title="ROC curves (one-vs-rest)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(drawable) + len(skipped) + 1, "lower right")
+    return _save(fig, path)
+
+
+def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> Path:
+    """One-vs-rest precision-recall curve per class with average precision (AP) in the legend.
+
+    The legend also gives each class's prevalence: the AP of a random scorer,
+    which matters for rare classes where a high ROC-AUC can hide poor precision.
+    """
+    y, p = _check_curve_inputs(y_true, probs, classes)
+    drawable = [k for k in range(len(classes)) if 0 < np.sum(y == k) < y.size]
+    skipped = [k for k in range(len(classes)) if k not in drawable]
+    fig = _new_figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    for k in drawable:
+        precision, recall, _ = precision_recall_curve(y == k, p[:, k])
+        ap = average_precision_score(y == k, p[:, k])
+        prevalence = float(np.mean(y == k))
+        ax.step(recall, precision, where="post", linewidth=1.8,
+                label=f"{classes[k]} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **_style(k))
+    for k in skipped:
+        ax.plot([], [], " ", label=f"{classes[k]}: AP n/a (no positives or negatives)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel="Recall (sensitivity)", ylabel="Precision",
+           title="Precision-recall curves (one-vs-rest)")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(drawable) + len(skipped), "lower left")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- reliability
+def reliability_figure(
+    y_true: np.ndarray,
+    probs_before: np.ndarray,
+    probs_after: np.ndarray | None,
+    path: Path,
+    *,
+    n_bins: int = 15,
+) -> Path:
+    """Reliability diagram: accuracy vs confidence per bin, before (and after) calibration.
+
+    Points on the diagonal are perfectly calibrated; below it the model is
+    over-confident. A lower panel shows how many samples fall in each bin, since
+    a bin with three samples says little.
+    """
+    series = [("before calibration" if probs_after is not None else "model", probs_before)]
+    if probs_after is not None:
+        series.append(("after temperature scaling", probs_after))
+
+    fig = _new_figure(6.0, 6.5)
+    grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+    ax, ax_hist = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    for k, (name, probs) in enumerate(series):
+        bins = reliability_bins(probs, y_true, n_bins)
+        ece = expected_calibration_error(probs, y_true, n_bins)
+        filled = bins.count > 0
+        style = {"color": _PALETTE[k], "marker": "o" if k == 0 else "s"}
+        ax.plot(bins.confidence[filled], bins.accuracy[filled], linewidth=1.6, markersize=5,
+                label=f"{name} (ECE = {ece:.3f})", **style)
+        centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+        ax_hist.step(centres, bins.count, where="mid", color=style["color"], linewidth=1.4)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="Accuracy in bin",
+           title=f"Reliability diagram ({n_bins} equal-width bins)")
+    ax.tick_params(labelbottom=False)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax_hist.set(xlim=(0, 1), xlabel="Confidence (top-class probability)", ylabel="Samples")
+    ax_hist.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- training curves
+def _series(history: list[dict], key: str) -> np.ndarray:
+    """Values of ``key`` per epoch as floats, NaN where missing/None (drawn as gaps)."""
+    values = [item.get(key) for item in history]
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def training_curves_figure(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch (train and, when recorded, validation) in two panels.
+
+    The best validation loss is marked, since that is usually the checkpoint kept.
+    """
+    if not history:
+        raise ValueError("training history is empty; nothing to plot")
+    epochs = np.array(
+        [item.get("epoch") if item.get("epoch") is not None else i + 1 for i, item in enumerate(history)],
+        dtype=np.float64,
+    )
+    fig = _new_figure(10.0, 4.2)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for ax, metric, ylabel in ((ax_loss, "loss", "Loss"), (ax_acc, "accuracy", "Accuracy")):
+        drawn = 0
+        for k, split in enumerate(("train", "val")):
+            values = _series(history, f"{split}_{metric}")
+            if np.all(np.isnan(values)):
+                continue
+            ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6, color=_PALETTE[k],
+                    label="train" if split == "train" else "validation")
+            drawn += 1
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {metric} recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set(xlabel="Epoch", ylabel=ylabel, title=ylabel)
+        ax.grid(alpha=0.3)
+    _mark_best_validation(ax_loss, epochs, _series(history, "val_loss"))
+    if _accuracy_is_fraction(history):
+        ax_acc.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mark_best_validation(ax, epochs: np.ndarray, val_loss: np.ndarray) -> None:
+    if np.all(np.isnan(val_loss)):
+        return
+    best = int(np.nanargmin(val_loss))
+    ax.axvline(epochs[best], color="grey", linestyle="--", linewidth=1)
+    ax.annotate(f"lowest val loss (epoch {epochs[best]:g})", (epochs[best], val_loss[best]), textcoords="offset points",
+                xytext=(6, 10), fontsize=8, color="dimgrey")
+
+
+def _accuracy_is_fraction(history: list[dict]) -> bool:
+    """Accuracies in [0, 1] get a fixed 0..1 axis so runs compare at a glance."""
+    values = np.concatenate([_series(history, "train_accuracy"), _series(history, "val_accuracy")])
+    values = values[~np.isnan(values)]
+    return values.size > 0 and values.min() >= 0 and values.max() <= 1

@@ -1,0 +1,89 @@
+"""Batch prediction over files and folders, with CSV/JSON output and Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from leukoscope.data.manifest import DatasetError
+from leukoscope.inference.predictor import CellClassifier, Prediction
+from leukoscope.io import is_image_file, load_image
+from leukoscope.progress import progress_bar
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand folders (recursively) into image files; keep explicit files as given."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if is_image_file(p))
+            if not found:
+                raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise DatasetError(f"{item}: no such file or folder")
+    return paths
+
+
+def write_predictions(predictions: Sequence[Prediction], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [p.as_row() for p in predictions]
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(rows, indent=1))
+    elif out.suffix.lower() == ".csv":
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise ValueError(f"{out}: output must end in .csv or .json")
+    return out
+
+
+def save_explanations(classifier: CellClassifier, predictions: Sequence[Prediction], out_dir: Path) -> list[Path]:
+    """One Grad-CAM overlay PNG per readable image, for the predicted (top) class."""
+    from leukoscope.inference.explain import grad_cam, overlay_heatmap
+    from leukoscope.transforms import letterbox
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    readable = [p for p in predictions if p.error is None]
+    with progress_bar(len(readable), "Grad-CAM") as update:
+        for index, prediction in enumerate(readable):
+            image = load_image(prediction.source)
+            inputs = classifier.preprocess(image).unsqueeze(0).to(classifier.device)
+            heatmap = grad_cam(classifier.model, inputs, classifier.classes.index(prediction.top_class))[0]
+            shown = letterbox(image, max(classifier.image_size, 256))
+            path = out_dir / f"{index:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
+            overlay_heatmap(shown, heatmap).save(path)
+            written.append(path)
+            update()
+    return written
+
+
+def predict_to_file(
+    bundle: str | Path,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    threshold: float | None = None,
+    explain_dir: Path | None = None,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"{out}: output must end in .csv or .json")
+    classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold)
+    with progress_bar(len(paths), "predicting") as update:
+        predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update)
+    write_predictions(predictions, out)
+    if explain_dir is not None:
+        with torch.enable_grad():
+            save_explanations(classifier, predictions, explain_dir)
+    return predictions

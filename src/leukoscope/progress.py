@@ -1,0 +1,71 @@
+"""Progress display shared by training, evaluation and batch inference.
+
+Uses Rich when attached to a terminal; in logs (CI, nohup) it prints a plain
+line every few percent instead, so long runs are visibly alive either way.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+#: update(advance=1, info="loss 0.31") -> None
+ProgressUpdate = Callable[..., None]
+
+
+@contextmanager
+def progress_bar(total: int, description: str, *, enabled: bool = True) -> Iterator[ProgressUpdate]:
+    """Yield ``update(advance=1, info="...")``; draws a bar or prints periodic lines."""
+    if not enabled or total <= 0:
+        yield lambda advance=1, info="": None
+        return
+    if console.is_terminal:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task(description, total=total, info="")
+
+            def update(advance: int = 1, info: str = "") -> None:
+                progress.update(task, advance=advance, info=info)
+
+            yield update
+        return
+
+    done = 0
+    last_print = 0.0
+    start = time.monotonic()
+
+    def update_plain(advance: int = 1, info: str = "") -> None:
+        nonlocal done, last_print
+        done += advance
+        now = time.monotonic()
+        if done >= total or now - last_print >= 10:
+            last_print = now
+            print(f"{description}: {done}/{total} ({now - start:.0f}s) {info}", file=sys.stderr, flush=True)
+
+    yield update_plain
+
+
+def counter_callback(update: ProgressUpdate) -> Callable[[int, int], None]:
+    """Adapt ``update`` to the ``progress(done, total)`` callbacks of the data layer."""
+    state = {"done": 0}
+
+    def callback(done: int, total: int) -> None:
+        update(advance=done - state["done"])
+        state["done"] = done
+
+    return callback

@@ -1,0 +1,257 @@
+"""Readers: class folders, C-NMC subject ids, CSV manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.data.readers import cnmc_subject, read_class_folders, read_csv_manifest, read_dataset
+
+# -- class folders -----------------------------------------------------------
+
+
+def test_synthetic_root(synthetic_root: Path) -> None:
+    manifest = read_class_folders(synthetic_root)
+    assert manifest.classes == ["blast", "lymphocyte", "monocyte", "neutrophil"]
+    assert len(manifest) == 96
+    assert manifest.class_counts() == {c: 24 for c in manifest.classes}
+    assert manifest.root == synthetic_root
+    assert not manifest.has_subjects
+    for sample in manifest:
+        assert sample.path.parent.name == sample.label
+        assert sample.path.is_file()
+
+
+def test_class_folders_sorted_nested_hidden_and_non_images(tmp_path: Path, cell_writer) -> None:
+    root = tmp_path / "data"
+    cell_writer(root / "zeta" / "z1.png")
+    cell_writer(root / "alpha" / "a1.jpg", format="JPEG")
+    cell_writer(root / "alpha" / "slide2" / "deeper" / "a2.png")  # nested: still class alpha
+    cell_writer(root / "Beta" / "b1.bmp")
+    cell_writer(root / "alpha" / ".a_hidden.png")  # hidden file
+    cell_writer(root / "alpha" / ".thumbnails" / "a1_thumb.png")  # inside a hidden folder
+    cell_writer(root / ".cache" / "c1.png")  # hidden class folder
+    (root / "alpha" / "notes.txt").write_text("not an image")
+    (root / "alpha" / "table.csv").write_text("a,b\n")
+    cell_writer(root / "alpha" / "anim.gif", format="GIF")  # not a supported suffix
+    (root / "empty_class").mkdir()
+    (root / "README.md").write_text("loose non-image file at the root")
+
+    manifest = read_class_folders(root)
+    assert manifest.classes == ["Beta", "alpha", "zeta"]  # sorted (code point order), empty class dropped
+    names = sorted((s.label, s.path.name) for s in manifest)
+    assert names == [("Beta", "b1.bmp"), ("alpha", "a1.jpg"), ("alpha", "a2.png"), ("zeta", "z1.png")]
+    assert manifest.class_counts() == {"Beta": 1, "alpha": 2, "zeta": 1}
+
+
+def test_samples_are_in_a_stable_order(synthetic_root: Path) -> None:
+    first = read_class_folders(synthetic_root)
+    second = read_class_folders(synthetic_root)
+    assert [s.path for s in first] == [s.path for s in second]
+    assert [s.path for s in first] == sorted(s.path for s in first)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="empty"):
+        read_class_folders(tmp_path)
+
+
+def test_folder_with_only_loose_images(tmp_path: Path, cell_writer) -> None:
+    cell_writer(tmp_path / "one.png")
+    cell_writer(tmp_path / "two.png", seed=1)
+    with pytest.raises(DatasetError, match="sub-folder"):
+        read_class_folders(tmp_path)
+
+
+def test_class_folders_without_images(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no images"):
+        read_class_folders(tmp_path)
+
+
+def test_nonexistent_folder(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_class_folders(tmp_path / "missing")
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    path = tmp_path / "data.zip"
+    path.write_bytes(b"PK")
+    with pytest.raises(DatasetError, match="not a folder"):
+        read_class_folders(path)
+
+
+# -- C-NMC names -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,subject",
+    [
+        ("UID_13_3_1_all.bmp", "13"),
+        ("UID_H10_1_1_hem.bmp", "H10"),
+        ("UID_h3_2_1_hem.bmp", "H3"),  # the real data has a lower-case h
+        ("uid_7_1_1_all.bmp", "7"),
+        ("UID_1_10_12_all.bmp", "1"),
+        ("WBC-Malignant-Pro-001.jpg", None),
+        ("UID_.bmp", None),
+        ("UID_X5_1_1_all.bmp", None),
+        ("UID_13.bmp", None),
+        ("my_UID_13_3_1_all.bmp", None),
+        ("cell_0001.png", None),
+    ],
+)
+def test_cnmc_subject(name: str, subject: str | None) -> None:
+    assert cnmc_subject(name) == subject
+
+
+def test_subjects_parsed_from_class_folders(tmp_path: Path, cell_writer) -> None:
+    cell_writer(tmp_path / "all" / "UID_13_3_1_all.bmp")
+    cell_writer(tmp_path / "all" / "UID_13_4_1_all.bmp", seed=1)
+    cell_writer(tmp_path / "hem" / "UID_H10_1_1_hem.bmp", seed=2)
+    cell_writer(tmp_path / "hem" / "other.bmp", seed=3)
+    manifest = read_class_folders(tmp_path)
+    assert {s.path.name: s.subject for s in manifest} == {
+        "UID_13_3_1_all.bmp": "13",
+        "UID_13_4_1_all.bmp": "13",
+        "UID_H10_1_1_hem.bmp": "H10",
+        "other.bmp": None,
+    }
+    assert manifest.has_subjects
+    assert not read_class_folders(tmp_path, parse_subjects=False).has_subjects
+
+
+# -- CSV manifests -----------------------------------------------------------
+
+
+def test_csv_manifest_relative_and_absolute_paths(tmp_path: Path, cell_writer) -> None:
+    images = tmp_path / "images"
+    a = cell_writer(images / "a.png")
+    b = cell_writer(images / "b.png", seed=1)
+    elsewhere = cell_writer(tmp_path / "elsewhere" / "c.png", seed=2)
+    csv_path = tmp_path / "lists" / "train.csv"
+    csv_path.parent.mkdir()
+    csv_path.write_text(
+        "Path , Label, Subject\n"  # header is case- and space-insensitive
+        "../images/a.png,blast,P1\n"
+        f"{elsewhere},normal,\n"
+        " ../images/b.png , normal ,P2\n"
+    )
+    manifest = read_csv_manifest(csv_path)
+    assert [s.path.resolve() for s in manifest] == [a.resolve(), elsewhere.resolve(), b.resolve()]
+    assert manifest.labels == ["blast", "normal", "normal"]
+    assert [s.subject for s in manifest] == ["P1", None, "P2"]
+    assert manifest.classes == ["blast", "normal"]
+    assert manifest.root == csv_path.parent
+    # relative paths are resolved against the CSV's folder, not the working directory
+    assert all(s.path.exists() for s in manifest)
+
+
+def test_csv_without_label_column_gives_unlabelled_samples(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path\nx.png\ny.png\n")
+    manifest = read_csv_manifest(csv_path)
+    assert manifest.labels == [None, None]
+    assert manifest.classes == []
+    with pytest.raises(DatasetError, match="no label"):
+        manifest.targets
+
+
+def test_csv_missing_path_column(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("file,label\nx.png,blast\n")
+    with pytest.raises(DatasetError, match="'path' column") as info:
+        read_csv_manifest(csv_path)
+    assert "file" in str(info.value)
+
+
+def test_csv_empty_file(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("")
+    with pytest.raises(DatasetError, match="'path' column"):
+        read_csv_manifest(csv_path)
+
+
+def test_csv_header_only(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\n")
+    with pytest.raises(DatasetError, match="no rows"):
+        read_csv_manifest(csv_path)
+
+
+def test_csv_blank_and_empty_cell_rows_are_skipped(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    # blank lines, and the ",," rows spreadsheets leave behind
+    csv_path.write_text("path,label,subject\nx.png,blast,\n\n,,\ny.png,normal,\n , , \n")
+    manifest = read_csv_manifest(csv_path)
+    assert [s.path.name for s in manifest] == ["x.png", "y.png"]
+
+
+def test_csv_row_with_label_but_no_path_names_the_line(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\nx.png,blast\n\n,normal\n")
+    with pytest.raises(DatasetError, match=r"m\.csv:4: empty path"):
+        read_csv_manifest(csv_path)
+
+
+def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes("path,label\nx.png,blast\n".encode("utf-8-sig"))
+    manifest = read_csv_manifest(csv_path)
+    assert manifest.labels == ["blast"]
+
+
+def test_csv_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_csv_manifest(tmp_path / "missing.csv")
+
+
+def test_csv_round_trip_through_save_csv(tmp_path: Path, cell_writer) -> None:
+    inside = cell_writer(tmp_path / "data" / "ALL" / "UID_1_1_1_all.bmp")
+    outside = cell_writer(tmp_path / "other" / "hémato cell.png", seed=1)  # non-ASCII, space
+    unlabelled = cell_writer(tmp_path / "data" / "unknown.png", seed=2)
+    original = Manifest(
+        [Sample(inside, "ALL", "1"), Sample(outside, "HEM", None), Sample(unlabelled, None, "9")],
+        classes=["ALL", "HEM"],
+    )
+    csv_path = original.save_csv(tmp_path / "data" / "manifest.csv")
+    text = csv_path.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == "path,label,subject"
+    assert "ALL/UID_1_1_1_all.bmp" in text  # relative to the CSV's folder
+    assert str(outside.resolve()) in text  # outside it: absolute
+
+    loaded = read_csv_manifest(csv_path)
+    assert [s.path.resolve() for s in loaded] == [s.path.resolve() for s in original]
+    assert loaded.labels == original.labels
+    assert [s.subject for s in loaded] == [s.subject for s in original]
+    assert loaded.classes == original.classes
+    assert all(s.path.exists() for s in loaded)
+
+
+def test_read_dataset_dispatches_on_suffix(tmp_path: Path, synthetic_root: Path) -> None:
+    assert len(read_dataset(synthetic_root)) == 96
+    csv_path = read_class_folders(synthetic_root).save_csv(tmp_path / "all.CSV")
+    loaded = read_dataset(csv_path)
+    assert len(loaded) == 96
+    assert loaded.classes == ["blast", "lymphocyte", "monocyte", "neutrophil"]
+
+
+# -- real data ---------------------------------------------------------------
+
+
+@pytest.mark.shared
+def test_cnmc_mini(cnmc_mini: Path) -> None:
+    manifest = read_class_folders(cnmc_mini)
+    assert len(manifest) == 54
+    assert manifest.classes == ["all", "hem"]
+    assert manifest.class_counts() == {"all": 27, "hem": 27}
+    subjects = {s.subject for s in manifest}
+    assert None not in subjects
+    assert len(subjects) == 26
+    # healthy subjects are H-prefixed and only in hem; patients only in all
+    for sample in manifest:
+        assert sample.subject.startswith("H") == (sample.label == "hem"), sample.path.name
+        assert sample.path.suffix == ".bmp"

@@ -1,0 +1,333 @@
+"""Splits: stratified, subject-grouped, duplicate-aware; persistence and leak checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.data.readers import read_class_folders
+from leukoscope.data.splits import (
+    SPLIT_FORMAT_VERSION,
+    LeakageError,
+    Split,
+    check_split,
+    leakage_groups,
+    make_split,
+    split_matching,
+)
+
+
+def where(split: Split) -> dict[Path, str]:
+    """path -> split name; also asserts that no file is in two splits."""
+    located: dict[Path, str] = {}
+    for name, samples in split.assignments.items():
+        for sample in samples:
+            key = sample.path.resolve()
+            assert key not in located, f"{key} in {located[key]} and {name}"
+            located[key] = name
+    return located
+
+
+@pytest.fixture(scope="module")
+def synthetic(synthetic_root: Path) -> Manifest:
+    return read_class_folders(synthetic_root)
+
+
+@pytest.fixture
+def leaky(leaky_root: Path) -> Manifest:
+    return read_class_folders(leaky_root)
+
+
+# -- make_split --------------------------------------------------------------
+
+
+def test_ratios_and_stratification(synthetic: Manifest) -> None:
+    split = make_split(synthetic, ratios=(0.8, 0.1, 0.1), seed=0)
+    assert list(split.assignments) == ["train", "val", "test"]
+    assert sum(split.sizes().values()) == len(synthetic) == 96
+    located = where(split)
+    assert set(located) == {s.path.resolve() for s in synthetic}
+    table = split.class_table()
+    for cls in synthetic.classes:  # 24 per class -> ideally 19.2 / 2.4 / 2.4
+        assert 17 <= table["train"][cls] <= 21, table
+        assert 1 <= table["val"][cls] <= 4, table
+        assert 1 <= table["test"][cls] <= 4, table
+    sizes = split.sizes()
+    assert 70 <= sizes["train"] <= 80 and 8 <= sizes["val"] <= 14 and 8 <= sizes["test"] <= 14
+    assert split.classes == synthetic.classes
+    assert split.info["ratios"] == [0.8, 0.1, 0.1] and split.info["seed"] == 0
+    assert split.info["n_groups"] == 96 and split.info["n_samples_in_shared_groups"] == 0
+    assert split.info["grouped_by_subject"] is False
+
+
+@pytest.mark.parametrize("ratios", [(0.6, 0.2, 0.2), (0.5, 0.25, 0.25), (0.7, 0.3, 0.0)])
+def test_other_ratios(synthetic: Manifest, ratios) -> None:
+    split = make_split(synthetic, ratios=ratios, seed=3)
+    for name, ratio in zip(("train", "val", "test"), ratios):
+        for cls, count in split.class_table()[name].items():
+            assert abs(count - 24 * ratio) <= 2, (name, cls, count)
+
+
+def test_two_ratios_make_train_and_test(synthetic: Manifest) -> None:
+    split = make_split(synthetic, ratios=(0.75, 0.25), seed=0)
+    assert list(split.assignments) == ["train", "test"]
+    assert split.sizes() == {"train": 72, "test": 24}
+    assert all(n == 6 for n in split.class_table()["test"].values())
+    with pytest.raises(KeyError, match="val"):
+        split.manifest("val")
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [
+        (0.5, 0.5, 0.5),
+        (1.0,),
+        (0.25, 0.25, 0.25, 0.25),
+        (0.7, 0.4, -0.1),
+        (0.8, 0.1),
+        (math.nan, 0.5, 0.5),
+        (math.inf, 0.0, 0.0),
+        (),
+    ],
+)
+def test_invalid_ratios_rejected(synthetic: Manifest, ratios) -> None:
+    with pytest.raises(DatasetError, match="ratios"):
+        make_split(synthetic, ratios=ratios, groups=np.arange(len(synthetic)))
+
+
+def test_untrainable_manifest_rejected(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="at least two classes"):
+        make_split(Manifest([Sample(tmp_path / "a.png", "x"), Sample(tmp_path / "b.png", "x")]))
+
+
+def test_same_seed_same_split_different_seed_different_split(synthetic: Manifest) -> None:
+    a = make_split(synthetic, seed=0)
+    b = make_split(synthetic, seed=0)
+    c = make_split(synthetic, seed=1)
+    assert a.assignments == b.assignments
+    assert a.info == b.info
+    assert where(a) != where(c)
+    assert a.sizes() == c.sizes()  # still the same shape of split
+
+
+def test_explicit_groups_are_kept_together(synthetic: Manifest) -> None:
+    groups = np.arange(len(synthetic)) // 8  # blocks of 8 consecutive (same-class) images
+    split = make_split(synthetic, ratios=(0.5, 0.25, 0.25), seed=2, groups=groups)
+    located = where(split)
+    for g in np.unique(groups):
+        names = {located[synthetic[i].path.resolve()] for i in np.flatnonzero(groups == g)}
+        assert len(names) == 1
+    assert split.info["n_groups"] == 12 and split.info["n_samples_in_shared_groups"] == 96
+
+
+def test_leakage_groups_join_subjects_and_duplicates(leaky: Manifest) -> None:
+    index = {s.path.name: i for i, s in enumerate(leaky)}
+    groups = leakage_groups(leaky)
+    # subject 1's three images + the byte copy
+    subject_1 = [index[f"UID_1_{k}_1_all.bmp"] for k in (1, 2, 3)] + [index["copy_of_1.bmp"]]
+    assert len({int(groups[i]) for i in subject_1}) == 1
+    # subject H2's three images + the resized re-encoded copy
+    subject_h2 = [index[f"UID_H2_{k}_1_hem.bmp"] for k in (1, 2, 3)] + [index["resized_H2.png"]]
+    assert len({int(groups[i]) for i in subject_h2}) == 1
+    assert groups[index["loose_4.png"]] == groups[index["loose_5.png"]]
+    assert groups[index["loose_0.png"]] != groups[index["loose_1.png"]]
+    assert groups[index["UID_1_1_1_all.bmp"]] != groups[index["UID_2_1_1_all.bmp"]]
+    # 12 subjects + loose_0..3 + the loose_4/5 pair
+    assert len(np.unique(groups)) == 17
+
+    exact_only = leakage_groups(leaky, near_duplicates=False)
+    assert exact_only[index["resized_H2.png"]] != exact_only[index["UID_H2_1_1_hem.bmp"]]
+    assert exact_only[index["copy_of_1.bmp"]] == exact_only[index["UID_1_1_1_all.bmp"]]
+    assert len(np.unique(exact_only)) == 18
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_subject_or_duplicate_straddles_splits(leaky: Manifest, seed: int) -> None:
+    split = make_split(leaky, ratios=(0.6, 0.2, 0.2), seed=seed)
+    located = where(split)
+    by_subject: dict[str, set[str]] = {}
+    for sample in leaky:
+        if sample.subject is not None:
+            by_subject.setdefault(sample.subject, set()).add(located[sample.path.resolve()])
+    assert len(by_subject) == 12
+    assert all(len(names) == 1 for names in by_subject.values()), by_subject
+
+    def split_of(name: str) -> str:
+        return located[(leaky.root / ("hem" if "H" in name else "all") / name).resolve()]
+
+    assert split_of("copy_of_1.bmp") == split_of("UID_1_1_1_all.bmp")
+    assert split_of("resized_H2.png") == split_of("UID_H2_1_1_hem.bmp")
+    assert split_of("loose_4.png") == split_of("loose_5.png")
+    assert split.info["grouped_by_subject"] is True
+    assert split.info["n_groups"] == 17
+    # every split got some of each class despite the grouping
+    assert all(all(n > 0 for n in counts.values()) for counts in split.class_table().values())
+    check_split(split)
+
+
+# -- check_split -------------------------------------------------------------
+
+
+def test_check_split_subject_straddling(tmp_path: Path) -> None:
+    split = Split(
+        {
+            "train": [Sample(tmp_path / "UID_5_1_1_all.bmp", "all", "5"), Sample(tmp_path / "b.bmp", "hem", "H1")],
+            "val": [],
+            "test": [Sample(tmp_path / "UID_5_2_1_all.bmp", "all", "5")],
+        },
+        ["all", "hem"],
+    )
+    with pytest.raises(LeakageError, match=r"subject 5 is in both 'train' and 'test'"):
+        check_split(split)
+    assert issubclass(LeakageError, DatasetError)
+
+
+def test_check_split_same_file_in_two_splits(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    # spelled differently: relative '..' parts must not hide the leak
+    other_spelling = tmp_path / "sub" / ".." / "x.png"
+    split = Split({"train": [Sample(path, "a")], "val": [Sample(other_spelling, "a")], "test": []}, ["a"])
+    with pytest.raises(LeakageError, match=r"file .*x\.png is in both 'train' and 'val'"):
+        check_split(split)
+
+
+def test_check_split_duplicate_group_straddling(tmp_path: Path) -> None:
+    split = Split({"train": [Sample(tmp_path / "a.png", "a")], "test": [Sample(tmp_path / "b.png", "a")]}, ["a"])
+    check_split(split)  # no groups known: fine
+    with pytest.raises(LeakageError, match="duplicate group 7"):
+        check_split(split, {"train": [7], "test": [7]})
+    split.info["groups"] = {"train": [7], "test": [7]}
+    with pytest.raises(LeakageError, match="duplicate group 7"):
+        check_split(split)
+
+
+def test_check_split_checks_every_sample_even_with_short_group_lists(tmp_path: Path) -> None:
+    split = Split(
+        {
+            "train": [Sample(tmp_path / "a.png", "a", "S1"), Sample(tmp_path / "b.png", "a", "S2")],
+            "test": [Sample(tmp_path / "c.png", "a", "S2")],
+        },
+        ["a"],
+        {"groups": {"train": [0], "test": [1]}},  # one group id short for 'train'
+    )
+    with pytest.raises(LeakageError, match="subject S2"):
+        check_split(split)
+
+
+def test_check_split_reports_the_number_of_problems(tmp_path: Path) -> None:
+    train = [Sample(tmp_path / f"{i}.png", "a", f"S{i}") for i in range(8)]
+    test = [Sample(tmp_path / f"t{i}.png", "a", f"S{i}") for i in range(8)]
+    with pytest.raises(LeakageError, match=r"\(8 problem\(s\)\)"):
+        check_split(Split({"train": train, "test": test}, ["a"]))
+
+
+# -- persistence -------------------------------------------------------------
+
+
+def test_save_load_round_trip(leaky: Manifest, tmp_path: Path) -> None:
+    split = make_split(leaky, seed=4)
+    path = split.save(tmp_path / "splits" / "leaky.json")
+    assert path.is_file() and not path.with_suffix(".json.tmp").exists()
+    loaded = Split.load(path)
+    assert loaded.classes == split.classes
+    assert list(loaded.assignments) == list(split.assignments)
+    for name in split.assignments:
+        original = split.assignments[name]
+        again = loaded.assignments[name]
+        assert [s.path for s in again] == [s.path.resolve() for s in original]
+        assert [(s.label, s.subject) for s in again] == [(s.label, s.subject) for s in original]
+    assert loaded.info == split.info  # ratios, seed, groups...
+    assert loaded.info["groups"] == split.info["groups"]
+    check_split(loaded)
+    payload = json.loads(path.read_text())
+    assert payload["format_version"] == SPLIT_FORMAT_VERSION
+    assert all(Path(row["path"]).is_absolute() for rows in payload["splits"].values() for row in rows)
+
+
+def test_load_detects_a_leak_hand_edited_into_the_file(leaky: Manifest, tmp_path: Path) -> None:
+    path = make_split(leaky, seed=0).save(tmp_path / "s.json")
+    payload = json.loads(path.read_text())
+    payload["splits"]["test"].append(payload["splits"]["train"][0])
+    path.write_text(json.dumps(payload))
+    with pytest.raises(LeakageError):
+        check_split(Split.load(path))
+
+
+def test_load_missing_image(leaky: Manifest, tmp_path: Path) -> None:
+    split = make_split(leaky, seed=0)
+    path = split.save(tmp_path / "s.json")
+    gone = split.assignments["test"][0].path
+    gone.unlink()
+    with pytest.raises(DatasetError, match="missing") as info:
+        Split.load(path)
+    assert gone.name in str(info.value)
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        Split.load(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "not valid JSON"),
+        ("", "not valid JSON"),
+        (json.dumps({"format_version": 99, "classes": [], "splits": {}}), "unsupported split format 99"),
+        (json.dumps({"classes": [], "splits": {}}), "unsupported split format None"),
+        (json.dumps([1, 2, 3]), "not a split file"),
+        (json.dumps({"format_version": SPLIT_FORMAT_VERSION, "classes": ["a"]}), "malformed"),
+        (json.dumps({"format_version": SPLIT_FORMAT_VERSION, "classes": ["a"], "splits": {"train": [{"label": "a"}]}}), "malformed"),
+    ],
+)
+def test_load_rejects_bad_files_clearly(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message) as info:
+        Split.load(path)
+    assert "bad.json" in str(info.value)
+
+
+# -- split_matching ----------------------------------------------------------
+
+
+def test_split_matching(leaky: Manifest, cell_writer) -> None:
+    split = make_split(leaky, seed=0)
+    split_matching(split, leaky)  # unchanged: fine
+    split_matching(split, leaky.subset(range(10)))  # fewer images: still fine
+
+    new = cell_writer(leaky.root / "all" / "UID_77_1_1_all.bmp", "blast", seed=4242)
+    grown = Manifest(leaky.samples + [Sample(new, "all", "77")], leaky.classes, leaky.root)
+    with pytest.raises(DatasetError, match=r"1 new image\(s\), 0 relabelled"):
+        split_matching(split, grown)
+
+    relabelled = [Sample(s.path, "hem" if i == 3 else s.label, s.subject) for i, s in enumerate(leaky)]
+    with pytest.raises(DatasetError, match=r"0 new image\(s\), 1 relabelled"):
+        split_matching(split, Manifest(relabelled, leaky.classes, leaky.root))
+
+
+# -- real data ---------------------------------------------------------------
+
+
+@pytest.mark.shared
+def test_cnmc_mini_split_keeps_subjects_together(cnmc_mini: Path, tmp_path: Path) -> None:
+    manifest = read_class_folders(cnmc_mini)
+    split = make_split(manifest, ratios=(0.6, 0.2, 0.2), seed=0)
+    located = where(split)
+    subjects: dict[str, set[str]] = {}
+    for sample in manifest:
+        subjects.setdefault(sample.subject, set()).add(located[sample.path.resolve()])
+    assert len(subjects) == 26
+    assert all(len(names) == 1 for names in subjects.values()), subjects
+    assert sum(split.sizes().values()) == 54
+    for name in ("train", "val", "test"):
+        assert split.sizes()[name] > 0
+    check_split(split)
+    loaded = Split.load(split.save(tmp_path / "cnmc.json"))
+    check_split(loaded)
+    split_matching(loaded, manifest)

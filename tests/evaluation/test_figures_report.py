@@ -1,0 +1,266 @@
+"""Figures are real PNGs; the HTML report is self-contained and escaped; evaluate_logits ties it together."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.evaluation import (
+    DISCLAIMER,
+    classification_metrics,
+    confusion_matrix_figure,
+    evaluate_logits,
+    pr_figure,
+    reliability_figure,
+    roc_figure,
+    softmax,
+    training_curves_figure,
+    write_html_report,
+)
+
+CLASSES = ["blast", "lymphocyte", "<script>alert(1)</script>"]
+
+
+def noisy_logits(y: np.ndarray, n_classes: int, seed: int, scale: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.0, size=(y.size, n_classes))
+    logits[np.arange(y.size), y] += 1.5
+    return logits * scale
+
+
+def labels(n: int, n_classes: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_classes, size=n)
+
+
+def assert_png(path: Path, min_side: int = 300) -> tuple[int, int]:
+    assert path.is_file()
+    with Image.open(path) as image:
+        image.verify()  # raises on a truncated or corrupt file
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) >= min_side
+        return image.size
+
+
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.2, "train_accuracy": 0.4, "val_loss": 1.1, "val_accuracy": 0.5, "lr": 1e-3},
+    {"epoch": 2, "train_loss": 0.8, "train_accuracy": 0.6, "val_loss": 0.9, "val_accuracy": 0.6, "lr": 1e-3},
+    {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.95, "val_accuracy": 0.62, "lr": 1e-4},
+]
+
+
+# --------------------------------------------------------------------------- figures
+def test_every_figure_is_a_valid_png_and_leaves_no_pyplot_figures(tmp_path: Path) -> None:
+    y = labels(90, 3, seed=0)
+    probs = softmax(noisy_logits(y, 3, seed=0))
+    open_before = plt.get_fignums()
+    paths = [
+        confusion_matrix_figure(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]]), CLASSES, tmp_path / "cm.png"),
+        confusion_matrix_figure(np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]]), CLASSES, tmp_path / "cmn.png",
+                                normalize=True, title="normalised"),
+        roc_figure(y, probs, CLASSES, tmp_path / "roc.png"),
+        pr_figure(y, probs, CLASSES, tmp_path / "pr.png"),
+        reliability_figure(y, probs, softmax(noisy_logits(y, 3, seed=0), 2.0), tmp_path / "rel.png"),
+        training_curves_figure(HISTORY, tmp_path / "sub" / "curves.png"),
+    ]
+    for path in paths:
+        assert_png(path)
+    assert paths[-1] == tmp_path / "sub" / "curves.png"  # parent folder created, path returned
+    assert plt.get_fignums() == open_before
+
+
+def test_confusion_matrix_figure_grows_with_the_number_of_classes(tmp_path: Path) -> None:
+    small = assert_png(confusion_matrix_figure(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "s.png"))
+    names = [f"class {i}" for i in range(14)]
+    large = assert_png(confusion_matrix_figure(np.eye(14, dtype=int), names, tmp_path / "l.png"))
+    assert large[0] > small[0] and large[1] > small[1]
+
+
+def test_confusion_matrix_figure_rejects_mismatched_classes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        confusion_matrix_figure(np.eye(3), ["a", "b"], tmp_path / "x.png")
+
+
+def test_curves_handle_binary_and_absent_classes(tmp_path: Path) -> None:
+    y = np.array([0, 1, 0, 1, 1, 0])
+    p1 = np.array([0.2, 0.7, 0.4, 0.9, 0.3, 0.1])
+    binary = np.column_stack([1 - p1, p1])
+    assert_png(roc_figure(y, binary, ["normal", "blast"], tmp_path / "roc2.png"))
+    assert_png(pr_figure(y, binary, ["normal", "blast"], tmp_path / "pr2.png"))
+    three = np.column_stack([binary * 0.9, np.full(6, 0.1)])  # third class never occurs in y
+    assert_png(roc_figure(y, three, CLASSES, tmp_path / "roc3.png"))
+    assert_png(pr_figure(y, three, CLASSES, tmp_path / "pr3.png"))
+
+
+def test_reliability_without_calibrated_probs(tmp_path: Path) -> None:
+    y = labels(40, 3, seed=1)
+    assert_png(reliability_figure(y, softmax(noisy_logits(y, 3, seed=1)), None, tmp_path / "rel.png"))
+
+
+def test_training_curves_tolerate_missing_validation_and_none(tmp_path: Path) -> None:
+    history = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": None, "lr": 0.1}, {"train_loss": 0.7}]
+    assert_png(training_curves_figure(history, tmp_path / "curves.png"))
+
+
+def test_training_curves_reject_empty_history(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        training_curves_figure([], tmp_path / "curves.png")
+
+
+# --------------------------------------------------------------------------- report
+def external_references(html: str) -> list[str]:
+    """Every src/href value that is not an embedded data: URI."""
+    values = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", html, flags=re.IGNORECASE)
+    return [v for v in values if not v.startswith("data:")]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
+    tmp = tmp_path_factory.mktemp("report")
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2, 2, 2, 0])
+    probs = np.full((9, 3), 0.1)
+    probs[np.arange(9), pred] = 0.8
+    metrics = classification_metrics(y, probs, CLASSES)
+    metrics["calibration"] = {"temperature": 1.75, "ece_before": 0.2, "ece_after": 0.05}
+    metrics["best_epoch"] = 7
+    figure = confusion_matrix_figure(np.asarray(metrics["confusion_matrix"]), CLASSES, tmp / "cm.png")
+    path = write_html_report(
+        tmp / "out" / "report.html",
+        title="Run <b>42</b>",
+        sections=[("Data", "Images from lab & clinic")],
+        metrics=metrics,
+        figures={"confusion_matrix": figure},
+        config={"model": {"name": "resnet18"}, "lr": 0.001, "homepage": "https://example.org"},
+        notes=["skipped corrupt.png (truncated <file>)"],
+    )
+    return path.read_text(encoding="utf-8"), figure, metrics
+
+
+def test_report_has_disclaimer_title_and_headline_numbers(report: tuple[str, Path, dict]) -> None:
+    html, _, metrics = report
+    assert DISCLAIMER in html
+    assert "Run &lt;b&gt;42&lt;/b&gt;" in html and "<b>42</b>" not in html
+    assert f"{metrics['accuracy']:.3f}" in html  # 0.667
+    assert f"{metrics['macro']['f1']:.3f}" in html
+    assert "0.200" in html and "0.050" in html and "1.75" in html  # ECE before/after, T
+
+
+def test_report_per_class_and_confusion_tables(report: tuple[str, Path, dict]) -> None:
+    html = report[0]
+    assert "blast" in html and "lymphocyte" in html
+    assert "0.833" in html  # specificity of blast: 5/6
+    assert "0.857" in html  # specificity of lymphocyte: 6/7
+    cm_table = html[html.index('<table class="cm">'):]
+    cm_table = cm_table[: cm_table.index("</table>")]
+    counts = [int(c) for c in re.findall(r'<td class="[^"]*"[^>]*>(\d+)</td>', cm_table)]
+    assert counts == [2, 1, 0, 0, 1, 1, 1, 0, 3]
+
+
+def test_report_escapes_user_text(report: tuple[str, Path, dict]) -> None:
+    html = report[0]
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "truncated &lt;file&gt;" in html
+    assert "lab &amp; clinic" in html
+
+
+def test_report_is_self_contained_with_embedded_figure(report: tuple[str, Path, dict]) -> None:
+    html, figure, _ = report
+    assert external_references(html) == []
+    assert "<link" not in html and "@import" not in html
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(uris) == 1
+    assert base64.b64decode(uris[0]) == figure.read_bytes()
+    assert "Counts of true (rows)" in html  # caption
+
+
+def test_report_shows_config_as_json_and_scalar_extras(report: tuple[str, Path, dict]) -> None:
+    html = report[0]
+    assert "&#34;lr&#34;: 0.001" in html or "&quot;lr&quot;: 0.001" in html
+    assert "best_epoch" in html
+
+
+def test_report_with_missing_figure_file_fails_loudly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="roc"):
+        write_html_report(tmp_path / "r.html", title="t", figures={"roc": tmp_path / "missing.png"})
+
+
+# --------------------------------------------------------------------------- evaluate_logits
+def strict_json(path: Path) -> dict:
+    def reject(value: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {value}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def test_evaluate_logits_writes_everything_and_calibrates(tmp_path: Path) -> None:
+    n_classes = 4
+    classes = ["blast", "lymphocyte", "monocyte", "neutrophil"]
+    y_test = labels(240, 3, seed=2)  # "neutrophil" never occurs in the test set
+    y_val = labels(240, n_classes, seed=3)
+    result = evaluate_logits(
+        y_test,
+        noisy_logits(y_test, n_classes, seed=2, scale=4.0),  # over-confident model
+        classes,
+        tmp_path / "run",
+        val_logits=noisy_logits(y_val, n_classes, seed=3, scale=4.0),
+        val_true=y_val,
+        history=HISTORY,
+        config={"train": {"epochs": 3}},
+        title="test run",
+        notes=["2 unreadable image(s) were skipped"],
+        extra={"evaluated_on": "test", "split_file": tmp_path / "split.json", "history": HISTORY},
+    )
+    run = tmp_path / "run"
+    on_disk = strict_json(run / "metrics.json")
+    assert on_disk == result
+    assert result["evaluated_on"] == "test" and result["split_file"] == str(tmp_path / "split.json")
+    assert result["absent_classes"] == ["neutrophil"]
+    assert result["per_class"]["neutrophil"]["roc_auc"] is None
+
+    calibration = result["calibration"]
+    assert calibration["temperature"] > 1.5
+    assert calibration["ece_after"] < calibration["ece_before"]
+    assert calibration["nll_after"] < calibration["nll_before"]
+    assert calibration["ece_before"] == pytest.approx(result["ece"])
+
+    expected = {"confusion_matrix", "confusion_matrix_normalized", "roc", "pr", "reliability", "training_curves"}
+    assert set(result["figures"]) == expected
+    for relative in result["figures"].values():
+        assert not Path(relative).is_absolute()
+        assert_png(run / relative)
+
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == len(expected)
+    assert "2 unreadable image(s) were skipped" in html
+    assert "neutrophil" in html and external_references(html) == []
+
+
+def test_evaluate_logits_without_validation_or_history(tmp_path: Path) -> None:
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    result = evaluate_logits(y, noisy_logits(y, 2, seed=4), ["normal", "blast"], tmp_path)
+    assert "calibration" not in result
+    assert "training_curves" not in result["figures"]
+    assert (tmp_path / "figures" / "reliability.png").is_file()
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_evaluate_logits_rejects_half_a_validation_set(tmp_path: Path) -> None:
+    y = np.array([0, 1])
+    with pytest.raises(ValueError, match="both"):
+        evaluate_logits(y, noisy_logits(y, 2, seed=5), ["a", "b"], tmp_path, val_logits=np.zeros((2, 2)))
+
+
+def test_evaluate_logits_refuses_extra_that_shadows_a_metric(tmp_path: Path) -> None:
+    y = np.array([0, 1])
+    with pytest.raises(ValueError, match="accuracy"):
+        evaluate_logits(y, noisy_logits(y, 2, seed=6), ["a", "b"], tmp_path, extra={"accuracy": 1.0})
+    assert not (tmp_path / "metrics.json").exists()
