@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.draw import disk
 
-from conftest import shared_dataset
+from tests.conftest import shared_dataset
 from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
 from leukoscope.io import load_image
 from leukoscope.segmentation import (
@@ -108,6 +108,30 @@ def test_holes_in_the_nucleus_are_filled() -> None:
     image[45:55, 45:55] = (235, 235, 235)  # a pale nucleolus inside
     mask = cell_mask(image)
     assert mask[50, 50] and mask[35, 35] and not mask[10, 10]
+
+
+def test_hsv_ignores_saturated_objects_outside_the_stain_hues() -> None:
+    image = _blank(245, 100)
+    image[20:45, 20:45] = (95, 55, 140)  # purple nucleus
+    image[60:85, 60:85] = (60, 170, 60)  # saturated green debris
+    mask = cell_mask(image, "hsv")
+    assert mask[30, 30] and not mask[70, 70]
+
+
+def test_lab_kmeans_finds_nothing_when_the_background_is_the_most_magenta() -> None:
+    image = np.full((100, 100, 3), (225, 140, 200), dtype=np.uint8)  # magenta-stained background
+    image[30:70, 30:70] = (120, 120, 120)  # a neutral grey object: no stain contrast
+    noisy = image + np.random.default_rng(0).integers(0, 4, image.shape, dtype=np.uint8)
+    assert not cell_mask(image).any() and not cell_mask(noisy).any()
+
+
+def test_fewer_colours_than_clusters() -> None:
+    image = _blank(240, 100)
+    image[30:60, 40:70] = (95, 55, 140)  # two colours, three clusters: duplicate centres
+    mask = cell_mask(image, n_clusters=3)
+    square = np.zeros_like(mask)
+    square[30:60, 40:70] = True
+    assert not mask[~square].any() and mask[square].mean() > 0.99  # opening rounds the corners
 
 
 # ------------------------------------------------------------ degenerate inputs

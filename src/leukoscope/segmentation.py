@@ -161,15 +161,17 @@ def _lab_kmeans_raw(rgb: np.ndarray, n_clusters: int, min_contrast: float) -> np
     # A flat channel cannot hold a stained object; also spares k-means the degenerate case.
     if np.ptp(channel) < min_contrast:
         return np.zeros(channel.shape, dtype=bool)
-    centres = _kmeans_centres(channel, n_clusters)
+    # Images with fewer colours than clusters give duplicate centres: drop them.
+    centres = np.unique(np.round(_kmeans_centres(channel, n_clusters), 6))
+    if centres.size < 2:
+        return np.zeros(channel.shape, dtype=bool)
     # 1-D nearest-centre assignment == threshold half-way to the next centre down.
     threshold = (centres[-1] + centres[-2]) / 2
     mask = channel >= threshold
     # Contrast against the median pixel, which is background wherever cells
     # cover under half the field: rejects "the most magenta speck of a blank
     # slide" and fields whose background is as magenta as the cells.
-    stained = channel[mask].mean()
-    if stained - np.median(channel) < min_contrast:
+    if not mask.any() or channel[mask].mean() - np.median(channel) < min_contrast:
         return np.zeros(channel.shape, dtype=bool)
     return mask
 

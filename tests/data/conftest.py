@@ -1,13 +1,7 @@
-"""Fixtures for the data-layer tests.
-
-``shared_dataset`` lives in ``tests/conftest.py``. Both conftest files are
-imported by pytest under the module name ``conftest``, so ``from conftest import``
-is ambiguous here; the helper is loaded from its file instead.
-"""
+"""Fixtures for the data-layer tests."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +10,7 @@ from PIL import Image
 
 from leukoscope.data.synthetic import render_cell
 
-_spec = importlib.util.spec_from_file_location(
-    "_leukoscope_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py"
-)
-_root_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root_conftest)
-shared_dataset = _root_conftest.shared_dataset
+from tests.conftest import shared_dataset
 
 
 @pytest.fixture

@@ -140,7 +140,9 @@ def test_specificity_per_class_from_matrix() -> None:
         (np.array([0, 1]), np.array([[0.5, 0.5], [0.5, 0.5]]), ["a", "a"], "unique"),
     ],
 )
-def test_invalid_inputs_are_rejected_with_a_reason(y: np.ndarray, probs: np.ndarray, classes: list[str], message: str) -> None:
+def test_invalid_inputs_are_rejected_with_a_reason(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         classification_metrics(y, probs, classes)
 

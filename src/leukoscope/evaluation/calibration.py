@@ -150,10 +150,10 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
     The NLL is convex in ``1/T``, hence unimodal in ``log T``, so a bounded 1-D
     Brent search over ``log T`` finds the global optimum without gradients or
-    step-size tuning. ``T`` is clamped to :data:`TEMPERATURE_BOUNDS` (with a
-    warning) because tiny or perfectly separated sets push it towards 0 or
-    infinity; it falls back to 1.0 when scaling does not lower the NLL (e.g. all
-    logits equal).
+    step-size tuning. Tiny or perfectly separated sets push ``T`` towards 0 or
+    infinity: when the optimum lies on :data:`TEMPERATURE_BOUNDS` the fit is
+    uninformative and 1.0 is returned (with a warning), as it is when scaling does
+    not lower the NLL (e.g. all logits equal).
     """
     z = check_logits(logits)
     y = check_labels(y_true, z.shape[1], z.shape[0])
@@ -173,11 +173,13 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     if not _nll(z, y, temperature) < _nll(z, y, 1.0) - 1e-12:
         return 1.0
     if min(abs(np.log(temperature) - lo), abs(np.log(temperature) - hi)) < 1e-3:
+        # A fit stuck at a bound says "no information" (a perfectly separated or
+        # tiny set), not "sharpen 20x": keep the model's own confidences.
         warnings.warn(
-            f"fitted temperature {temperature:.3g} hit the search bound {TEMPERATURE_BOUNDS} "
-            f"on {y.size} validation samples; the validation set is probably too small "
-            "or perfectly separated, so treat calibrated confidences with care",
+            f"temperature fit hit the search bound {TEMPERATURE_BOUNDS} on {y.size} validation "
+            "samples (set too small or perfectly separated); keeping temperature 1.0",
             UserWarning,
             stacklevel=2,
         )
+        return 1.0
     return temperature

@@ -80,7 +80,8 @@ def _calibrate(
     }
     notes = []
     if val_y.size < MIN_CALIBRATION_SAMPLES:
-        notes.append(f"The temperature was fitted on only {val_y.size} validation images; treat it as a rough estimate.")
+        notes.append(f"The temperature was fitted on only {val_y.size} validation images; "
+                     "treat it as a rough estimate.")
     if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] * 0.99:
         notes.append(f"The fitted temperature {temperature:.3g} reached its search limit {TEMPERATURE_BOUNDS}: "
                      "the validation set is probably too small or perfectly separated.")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
@@ -243,6 +244,7 @@ def training_curves_figure(history: list[dict], path: Path) -> Path:
         else:
             ax.text(0.5, 0.5, f"no {metric} recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set(xlabel="Epoch", ylabel=ylabel, title=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 2.5" ticks
         ax.grid(alpha=0.3)
     _mark_best_validation(ax_loss, epochs, _series(history, "val_loss"))
     if _accuracy_is_fraction(history):

@@ -90,7 +90,8 @@ def _headline(metrics: dict) -> list[dict[str, str]]:
     calibration = metrics.get("calibration")
     if isinstance(calibration, dict):
         cards.append(("ECE before", calibration.get("ece_before"), "expected calibration error"))
-        cards.append(("ECE after", calibration.get("ece_after"), f"temperature T = {_fmt(calibration.get('temperature'), 2)}"))
+        temperature = _fmt(calibration.get("temperature"), 2)
+        cards.append(("ECE after", calibration.get("ece_after"), f"temperature T = {temperature}"))
     elif "ece" in metrics:
         cards.append(("ECE", metrics.get("ece"), "expected calibration error"))
     return [{"label": label, "value": _fmt(value), "hint": hint} for label, value, hint in cards]

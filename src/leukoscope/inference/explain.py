@@ -1,0 +1,258 @@
+"""Grad-CAM heatmaps: where in the image a classifier found its evidence.
+
+Hand-written (Selvaraju et al., 2017) instead of depending on pytorch-grad-cam,
+which pulls in opencv-python. The implementation differs from the textbook one
+in two ways that matter for real models:
+
+- Activations are captured with a *forward* hook and their gradient is taken
+  with :func:`torch.autograd.grad`, not with a full backward hook: backward hooks
+  break on ``Conv2d -> ReLU(inplace=True)`` (the ``tusar_convnet`` and VGG
+  layout), and ``autograd.grad`` leaves the parameters' ``.grad`` untouched, so
+  Grad-CAM can run in the middle of training without polluting the next step.
+- The input gets ``requires_grad``: with a frozen backbone nothing upstream of
+  the head would otherwise carry a gradient.
+
+:func:`heatmap_mask_fraction` then tells whether a model looks at the cells or
+at the slide background (a shortcut), given a cell mask from
+:mod:`leukoscope.segmentation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+#: Probe size used by :func:`find_target_layer` when no input is at hand.
+DEFAULT_PROBE_SIZE = 224
+
+_Record = list[tuple[nn.Module, torch.Tensor]]
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, each submodule's own mode restored after (even on error):
+    a model may mix modes on purpose, e.g. frozen BatchNorm inside a training model."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+@contextmanager
+def _recording(modules: Sequence[nn.Module]) -> Iterator[_Record]:
+    """Record ``(module, output)`` for every call of ``modules``, in execution order."""
+    record: _Record = []
+
+    def hook(module: nn.Module, _inputs: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            record.append((module, output))
+
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _is_spatial(output: torch.Tensor) -> bool:
+    # (N, C, H, W) with more than one position: squeeze-excitation 1x1 convs and
+    # maps pooled to 1x1 carry no "where".
+    return output.dim() == 4 and output.shape[-2] * output.shape[-1] > 1
+
+
+def _last_spatial(record: _Record) -> tuple[nn.Module, torch.Tensor]:
+    for module, output in reversed(record):
+        if _is_spatial(output):
+            return module, output
+    raise ValueError("the model has no Conv2d layer with a spatial (H x W > 1) output at this input size")
+
+
+def _logits(output: object) -> torch.Tensor:
+    # torchvision's GoogLeNet/Inception return a namedtuple when aux heads are on.
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        raise ValueError("grad_cam needs a classifier returning logits of shape (N, num_classes)")
+    return output
+
+
+# ------------------------------------------------------------------ public API
+
+
+def find_target_layer(
+    model: nn.Module, input_size: int = DEFAULT_PROBE_SIZE, in_channels: int = 3
+) -> nn.Module:
+    """The last ``Conv2d`` *executed* whose output is spatial for an
+    ``in_channels x input_size x input_size`` input.
+
+    Found with one probe forward pass (eval mode, no grad; the model's modes are
+    restored), because registration order is not execution order and because
+    squeeze-excitation blocks contain ``Conv2d`` layers applied to 1x1 maps.
+    """
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    probe = torch.zeros(1, in_channels, input_size, input_size, device=device)
+    with _eval_mode(model), _recording(convs) as record, torch.no_grad():
+        model(probe)
+    return _last_spatial(record)[0]
+
+
+def _class_indices(class_index: int | Sequence[int] | None, logits: torch.Tensor) -> torch.Tensor:
+    n, num_classes = logits.shape
+    if class_index is None:
+        return logits.argmax(dim=1)
+    if isinstance(class_index, (int, np.integer)):
+        indices = torch.full((n,), int(class_index), dtype=torch.long)
+    else:
+        indices = torch.as_tensor(list(class_index), dtype=torch.long)
+        if indices.shape != (n,):
+            raise ValueError(f"class_index has {indices.numel()} entries for a batch of {n} images")
+    if indices.min() < 0 or indices.max() >= num_classes:
+        raise ValueError(f"class_index {indices.tolist()} is out of range for {num_classes} classes")
+    return indices.to(logits.device)
+
+
+def _normalise(cam: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max to [0, 1]; an all-flat map (no positive evidence) stays 0."""
+    flat = cam.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = flat.max(dim=1).values[:, None, None] - low
+    # clamp to the smallest normal float, not an epsilon: random-init nets give
+    # maps of ~1e-13 that are still perfectly usable once rescaled.
+    tiny = torch.finfo(cam.dtype).tiny
+    scaled = (cam - low) / span.clamp_min(tiny)
+    return torch.where(span >= tiny, scaled, torch.zeros_like(cam)).clamp_(0.0, 1.0)
+
+
+def grad_cam(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    class_index: int | Sequence[int] | None = None,
+    target_layer: nn.Module | None = None,
+) -> np.ndarray:
+    """Grad-CAM heatmaps, float32 ``(N, H, W)`` in [0, 1] at the input resolution.
+
+    ``inputs``: a normalised batch ``(N, C, H, W)`` (a single ``(C, H, W)`` image is
+    taken as a batch of one) on the model's device. ``class_index``: the class to
+    explain, one per image, or ``None`` for each image's predicted class.
+    ``target_layer``: any module with an ``(N, C, h, w)`` output (default
+    :func:`find_target_layer`'s choice at this input size); if it runs more than
+    once per forward pass, its last call is used. A conv followed by an in-place
+    ReLU is explained through its post-ReLU output (the tensor the hook saw is
+    overwritten in place), as if the ReLU were the target. The model runs in eval
+    mode and gets back its own train/eval modes and no leftover hooks, even on error.
+    """
+    if inputs.dim() == 3:
+        inputs = inputs.unsqueeze(0)
+    if inputs.dim() != 4 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
+    watched = [target_layer] if target_layer is not None else [
+        module for module in model.modules() if isinstance(module, nn.Conv2d)
+    ]
+    if not watched:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer; pass target_layer")
+    # Inference mode / no_grad of the caller would make the whole thing gradient-free.
+    with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model), _recording(watched) as record:
+        # clone(): an inference-mode tensor cannot join autograd; requires_grad: a
+        # frozen backbone would otherwise produce activations without gradients.
+        x = inputs.detach().clone().requires_grad_(True)
+        logits = _logits(model(x))
+        activation = _target_activation(record, target_layer)
+        indices = _class_indices(class_index, logits)
+        score = logits.gather(1, indices[:, None]).sum()
+        (gradient,) = torch.autograd.grad(score, activation, allow_unused=True)
+        if gradient is None:
+            raise ValueError("the target layer's output does not influence the logits")
+        cam = _combine(activation.detach().float(), gradient.float())  # fp32 even under autocast
+    cam = F.interpolate(cam[:, None], size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return _normalise(cam).cpu().numpy()
+
+
+def _target_activation(record: _Record, target_layer: nn.Module | None) -> torch.Tensor:
+    if target_layer is None:
+        return _last_spatial(record)[1]
+    if not record:
+        raise ValueError("target_layer did not run during the forward pass (or returned no tensor)")
+    activation = record[-1][1]
+    if activation.dim() != 4:
+        raise ValueError(f"target_layer output must be (N, C, h, w), got shape {tuple(activation.shape)}")
+    if not activation.requires_grad:
+        raise ValueError("target_layer output does not depend on the input (no gradient reaches it)")
+    return activation
+
+
+def _combine(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Channel weights = spatially averaged gradients; ReLU keeps positive evidence."""
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * activation).sum(dim=1))
+
+
+def overlay_heatmap(
+    image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45, colormap: str = "jet"
+) -> Image.Image:
+    """``image`` (RGB) blended with ``heatmap`` (``H x W`` in [0, 1], any size:
+    resized to the image) drawn with a matplotlib ``colormap``."""
+    import matplotlib
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = _check_heatmap(heatmap, require_unit_range=True)
+    try:
+        cmap = matplotlib.colormaps[colormap]
+    except KeyError:
+        raise ValueError(f"unknown matplotlib colormap {colormap!r}") from None
+    rgb = image.convert("RGB")
+    resized = Image.fromarray(heat.astype(np.float32), mode="F").resize(rgb.size, Image.Resampling.BILINEAR)
+    colours = cmap(np.clip(np.asarray(resized), 0.0, 1.0))[..., :3] * 255.0
+    blended = (1.0 - alpha) * np.asarray(rgb, dtype=np.float64) + alpha * colours
+    return Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+
+
+def heatmap_mask_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the heatmap's total mass that falls inside ``mask`` (same ``H x W``).
+
+    A heatmap spread evenly over the image scores ``mask.mean()``; clearly more
+    means the model looks at the masked cells, clearly less that it looks at the
+    background. NaN when the heatmap is all zero (no evidence to share out).
+    """
+    heat = _check_heatmap(heatmap, require_unit_range=False)
+    mask = np.asarray(mask)
+    if mask.shape != heat.shape:
+        raise ValueError(
+            f"heatmap {heat.shape} and mask {mask.shape} differ in shape; compute the mask on "
+            "the image the model saw (after letterboxing)"
+        )
+    total = float(heat.sum(dtype=np.float64))
+    if total == 0.0:
+        return float("nan")
+    return float(heat[mask.astype(bool)].sum(dtype=np.float64)) / total
+
+
+def _check_heatmap(heatmap: np.ndarray, require_unit_range: bool) -> np.ndarray:
+    heat = np.asarray(heatmap, dtype=np.float64)
+    if heat.ndim == 3 and heat.shape[0] == 1:
+        heat = heat[0]  # one image of a grad_cam batch
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap must be H x W, got shape {heat.shape}")
+    if not np.isfinite(heat).all() or heat.min() < 0:
+        raise ValueError("heatmap must be finite and non-negative")
+    if require_unit_range and heat.max() > 1.0 + 1e-6:
+        raise ValueError(f"heatmap must be in [0, 1] (max is {heat.max():.3g}); normalise it first")
+    return heat
+

@@ -1,0 +1,369 @@
+"""Grad-CAM: known-answer models, hook/mode hygiene, every registry model, overlays."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch import nn
+
+from leukoscope.inference.explain import (
+    find_target_layer,
+    grad_cam,
+    heatmap_mask_fraction,
+    overlay_heatmap,
+)
+from leukoscope.models import create_model, list_models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny tensors: a second thread only adds sync overhead (30x slower on a busy 2-core box).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------ a model with a known answer
+
+
+class ColourEvidenceNet(nn.Module):
+    """Class 0 = "there is red", class 1 = "there is green"; nothing else counts.
+
+    conv1 (1x1) computes R-G-B and G-R-B, in-place ReLU keeps the evidence,
+    max-pool halves the resolution, conv2 is an identity 1x1 conv (the Grad-CAM
+    target, at 16x16 for a 32 px input), the head averages each channel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 2, 1)
+        self.relu = nn.ReLU(inplace=True)  # in-place after a conv: breaks naive backward hooks
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm1d(2)
+        self.dropout = nn.Dropout(0.9)
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.conv1.weight.copy_(torch.tensor([[1.0, -1, -1], [-1, 1, -1]]).view(2, 3, 1, 1))
+            self.conv1.bias.zero_()
+            self.conv2.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            self.conv2.bias.zero_()
+            self.head.weight.copy_(torch.eye(2))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv2(self.pool(self.relu(self.conv1(x))))
+        return self.head(self.dropout(self.bn(features.mean(dim=(2, 3)))))
+
+
+def _red_green_image(red_side: int = 8, green_side: int = 8) -> torch.Tensor:
+    """Grey 32x32 with a red square in the top-left and a green one in the bottom-right."""
+    image = torch.full((3, 32, 32), 0.3)
+    image[:, 4 : 4 + red_side, 4 : 4 + red_side] = torch.tensor([1.0, 0, 0])[:, None, None]
+    image[:, 20 : 20 + green_side, 20 : 20 + green_side] = torch.tensor([0, 1.0, 0])[:, None, None]
+    return image
+
+
+def _quadrant_share(heatmap: np.ndarray, top: bool, left: bool) -> float:
+    h, w = heatmap.shape
+    rows = slice(0, h // 2) if top else slice(h // 2, h)
+    cols = slice(0, w // 2) if left else slice(w // 2, w)
+    return float(heatmap[rows, cols].sum() / heatmap.sum())
+
+
+def _no_hooks_left(model: nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
+
+
+def test_heatmap_follows_the_evidence_of_the_requested_class() -> None:
+    model = ColourEvidenceNet()
+    batch = torch.stack([_red_green_image(), _red_green_image()])
+    maps = grad_cam(model, batch, class_index=[0, 1])
+    assert maps.shape == (2, 32, 32) and maps.dtype == np.float32
+    assert _quadrant_share(maps[0], top=True, left=True) > 0.9  # red evidence
+    assert _quadrant_share(maps[1], top=False, left=False) > 0.9  # green evidence
+    peak = np.unravel_index(maps[0].argmax(), maps[0].shape)
+    assert 4 <= peak[0] < 12 and 4 <= peak[1] < 12
+
+
+def test_none_explains_the_predicted_class() -> None:
+    model = ColourEvidenceNet()
+    # More red than green: predicted class 0, so the map must light up the red square.
+    image = _red_green_image(red_side=10, green_side=4)[None]
+    assert model.eval()(image).argmax().item() == 0
+    heatmap = grad_cam(model, image)[0]
+    assert _quadrant_share(heatmap, top=True, left=True) > 0.9
+    np.testing.assert_allclose(heatmap, grad_cam(model, image, class_index=0)[0])
+
+
+def test_single_image_without_batch_dimension() -> None:
+    assert grad_cam(ColourEvidenceNet(), _red_green_image(), class_index=1).shape == (1, 32, 32)
+
+
+def test_trained_cnn_looks_at_the_blob_that_defines_the_class() -> None:
+    """End to end: a small CNN learns "bright blob present"; Grad-CAM must find the blob."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        images = rng.normal(0.0, 0.3, (n, 3, 32, 32)).astype(np.float32)
+        labels = rng.integers(0, 2, n)
+        blobs = np.zeros((n, 32, 32), dtype=bool)
+        for i in np.flatnonzero(labels):
+            r, c = rng.integers(2, 24, 2)
+            blobs[i, r : r + 6, c : c + 6] = True
+            images[i, :, r : r + 6, c : c + 6] += 2.0
+        return torch.from_numpy(images), torch.from_numpy(labels), blobs
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+    )
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(60):
+        images, labels, _ = batch(32)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    images, labels, blobs = batch(64)
+    positives = labels.numpy() == 1
+    assert (model(images).argmax(1) == labels).float().mean() > 0.9
+    maps = grad_cam(model, images[positives], class_index=1)
+    # Two 3x3 convs see 2 px around each pixel: the map cannot be sharper than
+    # the blob grown by 2 px (10 x 10 = ~10 % of the image).
+    near_blob = [ndimage.binary_dilation(b, iterations=2) for b in blobs[positives]]
+    shares = [heatmap_mask_fraction(h, m) for h, m in zip(maps, near_blob)]
+    assert min(shares) > 0.9
+
+
+# ------------------------------------------------------------ hygiene: hooks, modes, gradients
+
+
+def test_hooks_removed_modes_restored_and_parameter_grads_untouched() -> None:
+    model = ColourEvidenceNet()
+    model.train()
+    model.bn.eval()  # mixed modes must come back exactly as they were
+    before = {name: m.training for name, m in model.named_modules()}
+    image = _red_green_image()[None]
+    first = grad_cam(model, image, class_index=0)
+    # Dropout(0.9) would make two train-mode runs differ: Grad-CAM runs in eval mode.
+    np.testing.assert_array_equal(first, grad_cam(model, image, class_index=0))
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert _no_hooks_left(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model: grad_cam(model, _red_green_image()[None], class_index=7),  # after the forward
+        lambda model: grad_cam(model, torch.zeros(1, 4, 32, 32)),  # inside the forward
+        lambda model: grad_cam(model, _red_green_image()[None].repeat(2, 1, 1, 1), class_index=[0]),
+    ],
+)
+def test_hooks_and_modes_are_restored_on_error(call) -> None:
+    model = ColourEvidenceNet().train()
+    with pytest.raises((ValueError, RuntimeError)):
+        call(model)
+    assert _no_hooks_left(model)
+    assert all(m.training for m in model.modules())
+
+
+def test_frozen_parameters_and_gradient_free_contexts() -> None:
+    model = ColourEvidenceNet()
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    image = _red_green_image()[None]
+    with torch.no_grad():
+        in_no_grad = grad_cam(model, image, class_index=0)
+    with torch.inference_mode():
+        in_inference = grad_cam(model, image, class_index=0)
+    assert _quadrant_share(in_no_grad[0], top=True, left=True) > 0.9
+    np.testing.assert_allclose(in_inference, in_no_grad)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_backbone_gives_the_same_map_as_trainable() -> None:
+    # Freezing changes which tensors need gradients, never the explanation.
+    model = _fast_random_model("resnet18", freeze_backbone=True)
+    assert not any(p.requires_grad for p in model.layer4.parameters())
+    inputs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    frozen = grad_cam(model, inputs, class_index=[0, 2])
+    for parameter in model.parameters():
+        parameter.requires_grad = True
+    np.testing.assert_allclose(frozen, grad_cam(model, inputs, class_index=[0, 2]), atol=1e-6)
+    assert frozen.any()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    model = ColourEvidenceNet()
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        grad_cam(model, torch.zeros(32, 32))
+    with pytest.raises(ValueError, match="out of range"):
+        grad_cam(model, _red_green_image()[None], class_index=-1)
+    with pytest.raises(ValueError, match="did not run"):
+        grad_cam(model, _red_green_image()[None], target_layer=nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="no Conv2d"):
+        find_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
+
+
+# ------------------------------------------------------------ target layer discovery
+
+
+class SqueezeExciteNet(nn.Module):
+    """Registered in reverse order of use, and with an SE conv on a 1x1 map last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.se = nn.Conv2d(4, 4, 1)  # runs last, on a pooled 1x1 map
+        self.late = nn.Conv2d(4, 4, 3, padding=1)
+        self.early = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.late(torch.relu(self.early(x)))
+        gate = torch.sigmoid(self.se(features.mean(dim=(2, 3), keepdim=True)))
+        return self.head((features * gate).mean(dim=(2, 3)))
+
+
+def test_target_is_last_executed_spatial_conv() -> None:
+    model = SqueezeExciteNet()
+    assert find_target_layer(model, input_size=16) is model.late
+    assert _no_hooks_left(model)
+    inputs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(grad_cam(model, inputs), grad_cam(model, inputs, target_layer=model.late))
+
+
+def test_matches_the_grad_cam_definition() -> None:
+    """Reference: ReLU(sum_c mean_xy(dy/dA_c) * A_c), bilinear to the input, min-max scaled."""
+    torch.manual_seed(0)
+    # Flatten + Linear head: the gradient varies over space, so averaging it matters.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+    ).eval()
+    inputs = torch.rand(2, 3, 16, 16)
+    captured: list[torch.Tensor] = []
+    handle = model[2].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    logits = model(inputs)
+    handle.remove()
+    (gradient,) = torch.autograd.grad(logits[:, 1].sum(), captured[0])
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured[0]).sum(dim=1, keepdim=True))
+    cam = nn.functional.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    expected = ((cam - low) / (cam.amax(dim=(1, 2), keepdim=True) - low)).detach().numpy()
+    assert find_target_layer(model, 16) is model[2]
+    np.testing.assert_allclose(grad_cam(model, inputs, class_index=1), expected, atol=1e-5)
+
+
+def _fast_random_model(name: str, **kwargs) -> nn.Module:
+    """``create_model(name, 3, **kwargs)`` with cheap random weights.
+
+    Built on the meta device then filled: torchvision's own init of VGG's 120 M
+    head weights takes seconds, and only the wiring matters for these tests.
+    """
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3, **kwargs)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            with torch.no_grad():
+                _fill(tensor, key, is_norm, generator)
+    return model
+
+
+def _fill(tensor: torch.Tensor, key: str, is_norm: bool, generator: torch.Generator) -> None:
+    if key == "running_var" or (is_norm and key == "weight"):
+        tensor.fill_(1.0)
+    elif key in ("running_mean", "bias", "num_batches_tracked") or tensor.dim() < 2:
+        tensor.zero_()
+    else:
+        rows, cols = tensor.shape[0], tensor[0].numel()
+        scale = (2.0 / cols) ** 0.5  # He init: activations keep their size through the net
+        if tensor.numel() <= 1_000_000:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
+        else:  # VGG/AlexNet heads: a rank-1 random matrix, one pass over memory
+            left, right = torch.randn(rows, 1, generator=generator), torch.randn(1, cols, generator=generator)
+            torch.mul(left * scale, right, out=tensor.view(rows, cols))
+
+
+def test_inplace_relu_after_the_target_explains_the_relu_output() -> None:
+    model = _fast_random_model("tusar_convnet")  # Conv2d -> ReLU(inplace=True) throughout
+    inputs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps = grad_cam(model, inputs, class_index=[0, 1])
+    assert find_target_layer(model, 64) is model.features[8]
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    np.testing.assert_allclose(maps, grad_cam(model, inputs, [0, 1], target_layer=model.features[9]), atol=1e-6)
+    assert maps.any()
+
+
+@pytest.mark.parametrize("name", list_models("classifier"))
+def test_every_registry_classifier(name: str) -> None:
+    model = _fast_random_model(name)
+    model.train()
+    inputs = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    layer = find_target_layer(model, input_size=64)
+    assert isinstance(layer, nn.Conv2d)
+    maps = grad_cam(model, inputs)
+    assert maps.shape == (2, 64, 80) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    for heatmap in maps:  # each map is either rescaled to [0, 1] or all zero
+        assert heatmap.max() == pytest.approx(1.0) or not heatmap.any()
+    assert model.training and _no_hooks_left(model)
+
+
+# ------------------------------------------------------------ overlay and mask fraction
+
+
+def test_overlay_blends_the_colormap_over_the_image() -> None:
+    image = Image.new("RGB", (40, 20), (0, 255, 0))
+    heatmap = np.zeros((10, 20), np.float32)
+    heatmap[:, 10:] = 1.0  # right half hot; half the image's resolution
+    out = overlay_heatmap(image, heatmap, alpha=1.0, colormap="jet")
+    assert out.size == (40, 20) and out.mode == "RGB"
+    pixels = np.asarray(out).astype(int)
+    assert pixels[10, 35, 0] > 100 and pixels[10, 35, 2] < 50  # jet(1) is dark red
+    assert pixels[10, 5, 2] > 100 and pixels[10, 5, 0] < 50  # jet(0) is dark blue
+    np.testing.assert_array_equal(np.asarray(overlay_heatmap(image, heatmap, alpha=0.0)), np.asarray(image))
+    half = np.asarray(overlay_heatmap(image, heatmap, alpha=0.5)).astype(int)
+    np.testing.assert_allclose(half, (pixels + np.asarray(image)) / 2, atol=1)
+
+
+def test_overlay_rejects_bad_arguments() -> None:
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="alpha"):
+        overlay_heatmap(image, np.zeros((8, 8)), alpha=1.5)
+    with pytest.raises(ValueError, match="normalise"):
+        overlay_heatmap(image, np.full((8, 8), 3.0))
+    with pytest.raises(ValueError, match="colormap"):
+        overlay_heatmap(image, np.zeros((8, 8)), colormap="no-such-map")
+
+
+def test_heatmap_mask_fraction_by_hand() -> None:
+    heatmap = np.array([[1.0, 0.0], [0.0, 3.0]])
+    assert heatmap_mask_fraction(heatmap, np.array([[True, False], [False, False]])) == pytest.approx(0.25)
+    assert heatmap_mask_fraction(heatmap, np.array([[False, True], [True, True]])) == pytest.approx(0.75)
+    assert heatmap_mask_fraction(heatmap, np.ones((2, 2), bool)) == pytest.approx(1.0)
+    assert heatmap_mask_fraction(np.full((4, 4), 0.2), np.eye(4, dtype=bool)) == pytest.approx(0.25)
+    assert np.isnan(heatmap_mask_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)))
+    with pytest.raises(ValueError, match="shape"):
+        heatmap_mask_fraction(heatmap, np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="non-negative"):
+        heatmap_mask_fraction(-heatmap, np.ones((2, 2), bool))
