@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One thread per library: the tests' tensors are tiny, and on a 2-core machine
+# shared with other work, OpenMP thread pools oversubscribe and slow tests 10x.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

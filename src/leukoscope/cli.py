@@ -6,7 +6,11 @@
     leukoscope evaluate --bundle B --data D
     leukoscope predict --bundle B INPUT [--explain DIR]
     leukoscope split --data D --out split.json
+    leukoscope segment INPUT... --out DIR [--figure]
+    leukoscope compare --config FILE      several models (CNN + classical), one split, one table
     leukoscope models
+    leukoscope serve --bundle B [--detector D]   web service (needs the service extra)
+    leukoscope user add NAME --role ROLE        service users; `user token NAME` for scripts
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -178,8 +182,10 @@ def predict(
     batch_size: int = typer.Option(32),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold."""
+    from leukoscope.inference.bundle import read_bundle_info
     from leukoscope.inference.predict_files import collect_images, predict_to_file
 
+    _run(read_bundle_info, bundle)  # a wrong bundle path fails before any image is read
     paths = _run(collect_images, inputs)
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size)
@@ -203,6 +209,168 @@ def demo(
     console.print(f"[bold green]demo finished[/bold green]: test accuracy {result.metrics['accuracy']:.3f}")
     console.print(f"report: {result.run_dir / 'report.html'}")
     print(result.bundle_dir)
+
+
+# ---------------------------------------------------------------- web service
+# `leukoscope serve` and `leukoscope user ...`: needs the service extra
+# (pip install 'leukoscope[service]').
+
+user_app = typer.Typer(no_args_is_help=True, help="Web-service users and API tokens.")
+app.add_typer(user_app, name="user")
+
+
+def _service_settings(**overrides):
+    try:
+        from leukoscope.service.settings import ServiceSettings
+    except ImportError as exc:  # pragma: no cover - extra not installed
+        _fail(f"the web service needs its extra: pip install 'leukoscope[service]' ({exc})")
+    try:
+        return ServiceSettings.from_env(**overrides)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _service_call(fn, *args, **kwargs):
+    from leukoscope.service.db import DatabaseError
+    from leukoscope.service.errors import ServiceError
+
+    try:
+        return fn(*args, **kwargs)
+    except ServiceError as exc:
+        _fail(exc.message)
+    except DatabaseError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def serve(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Cell-classifier bundle (or LEUKOSCOPE_BUNDLE)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector bundle: enables smear fields."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database and image store "
+                                            "(default ./leukoscope-data, or LEUKOSCOPE_DATA_DIR)."),
+    database_url: Optional[str] = typer.Option(None, "--database-url", help="e.g. postgresql+psycopg://u:p@host/db "
+                                               "(default: SQLite in the data dir)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (put a TLS proxy in front for a network)."),
+    port: int = typer.Option(8000),
+    migrate: Optional[bool] = typer.Option(None, "--migrate/--no-migrate", help="Apply database migrations at "
+                                           "start-up (default on); --no-migrate refuses an outdated schema."),
+    forwarded_allow_ips: str = typer.Option("127.0.0.1", help="Proxies trusted for X-Forwarded-Proto/For."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
+    settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
+                                 migrate=migrate)
+    if settings.bundle is None:
+        _fail("give a cell-classifier bundle: --bundle DIR (or LEUKOSCOPE_BUNDLE)")
+    import torch
+    import uvicorn
+
+    from leukoscope.service.admin import user_count
+    from leukoscope.service.app import create_app
+    from leukoscope.service.db import DatabaseError
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        application = create_app(settings)
+    except (DatabaseError, RuntimeError) as exc:
+        _fail(str(exc))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if user_count(settings.model_copy(update={"migrate": False})) == 0:
+        console.print("[yellow]no users yet: add one with `leukoscope user add NAME --role admin` "
+                      "(same --data-dir / --database-url)[/yellow]")
+    console.print(f"leukoscope service on http://{host}:{port}/  (API docs: /api/docs)")
+    uvicorn.run(application, host=host, port=port, proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+                log_level=log_level, server_header=False)
+
+
+@user_app.command("add")
+def user_add(
+    username: str = typer.Argument(..., help="Log-in name."),
+    role: str = typer.Option(..., "--role", help="admin, technician or hematologist."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    database_url: Optional[str] = typer.Option(None, "--database-url"),
+) -> None:
+    """Add a user (the password is asked for, never given on the command line)."""
+    settings = _service_settings(data_dir=data_dir, database_url=database_url)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    from leukoscope.service.admin import add_user
+
+    user = _service_call(add_user, settings, username, password, role)
+    console.print(f"user {user.username} ({user.role}) added")
+
+
+@user_app.command("token")
+def user_token(
+    username: str = typer.Argument(...),
+    name: str = typer.Option("script", "--name", help="What the token is for."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    database_url: Optional[str] = typer.Option(None, "--database-url"),
+) -> None:
+    """Issue an API token for a user; printed once (only its hash is stored)."""
+    from leukoscope.service.admin import issue_token
+
+    print(_service_call(issue_token, _service_settings(data_dir=data_dir, database_url=database_url), username, name))
+
+
+@user_app.command("list")
+def user_list(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    database_url: Optional[str] = typer.Option(None, "--database-url"),
+) -> None:
+    """List users, roles and how many cases each uploaded."""
+    from leukoscope.service.admin import list_users
+
+    for username, role, active, cases in _service_call(list_users, _service_settings(data_dir=data_dir,
+                                                                                       database_url=database_url)):
+        console.print(f"{username:<24} {role:<13} {'active' if active else 'inactive':<9} {cases} cases")
+
+
+# ------------------------------------------------- segmentation and comparison
+
+
+@app.command()
+def segment(
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png files and masks.csv."),
+    method: str = typer.Option("lab_kmeans", "--method", help="lab_kmeans (system E) or hsv."),
+    figure: bool = typer.Option(False, "--figure", help="Also save original | mask | segmented side by side."),
+    segmented: bool = typer.Option(False, "--segmented", help="Also save the segmented image (cells on white)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures."""
+    from leukoscope.inference.segment_files import segment_files
+
+    rows = _run(segment_files, inputs, out, method=method, figure=figure, segmented=segmented,
+                show_progress=not quiet)
+    failed = sum(1 for r in rows if r.error)
+    empty = sum(1 for r in rows if not r.error and not r.found)
+    console.print(f"{len(rows)} images: {len(rows) - failed - empty} segmented, {empty} with nothing stained found, "
+                  f"{failed} unreadable")
+    print(out / "masks.csv")
+
+
+@app.command()
+def compare(
+    overrides: List[str] = typer.Argument(None, help="Config overrides for every model, e.g. model.image_size=96."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML with a compare section."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV (same as data.path=...)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models (instead of compare.models; "
+                                         "default: the six classical models)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train several models (CNN and classical) on one split; one table, one figure, one page."""
+    from leukoscope.engine.compare import run_compare
+
+    cfg = _run(_load_config, config, overrides or [], data, None)
+    names = [m for m in models.split(",") if m.strip()] if models else None
+    result = _run(run_compare, cfg, models=names, show_progress=not quiet)
+    console.print(f"table: {result.compare_dir / 'compare.md'}; page: {result.compare_dir / 'compare.html'}")
+    print(result.best.bundle_dir)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -9,12 +9,33 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+_log_consoles: list[Console] = []
+
+
+def say(message: str) -> None:
+    """Print a status line to the terminal and to every active run log (train.log)."""
+    console.print(message)
+    for log_console in _log_consoles:
+        log_console.print(message)
+
+
+@contextmanager
+def run_log(path: str | Path) -> Iterator[None]:
+    """While active, :func:`say` also appends (without colour codes) to ``path``."""
+    with open(path, "a", encoding="utf-8") as handle:
+        log_console = Console(file=handle, no_color=True, width=200, log_path=False)
+        _log_consoles.append(log_console)
+        try:
+            yield
+        finally:
+            _log_consoles.remove(log_console)
 
 #: update(advance=1, info="loss 0.31") -> None
 ProgressUpdate = Callable[..., None]

@@ -8,6 +8,7 @@ then normalisation. Augmentation (random, training split only) is a named preset
 - ``abas`` (system A): colour jitter, horizontal and vertical flips, rotation 0-90 degrees.
 - ``jabeena`` (system C): random 90-degree rotations.
 - ``stain``: stain (H&E/Giemsa optical-density) jitter and colour jitter, flips, 90-degree rotations.
+- ``geometric``: flips and 90-degree rotations only (cells have no "up"; cheapest).
 - ``default``: flips, 90-degree rotations, mild colour and stain jitter, small zoom.
 
 Colour jitter leaves hue alone: torchvision's hue jitter costs ~35 ms per 128 px
@@ -30,7 +31,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "tusar", "abas", "jabeena", "stain")
+AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "geometric", "tusar", "abas", "jabeena", "stain")
 
 
 def letterbox(image: Image.Image, size: int) -> Image.Image:
@@ -113,6 +114,7 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
             v2.RandomRotation(degrees=(0, 90)),
         ],
         "jabeena": [RandomRot90()],
+        "geometric": [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()],
         "stain": [
             RandomStainJitter(sigma=0.08, bias=0.08),
             v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15),

@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from leukoscope.classic.spec import FeatureSpec
 from leukoscope.transforms import AUGMENTATION_PRESETS
 
 
@@ -76,6 +77,8 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    edge_copies: bool = False
+    """System C: add a Sobel edge-map copy of every training image (training split only)."""
 
     @field_validator("augmentation")
     @classmethod
@@ -107,6 +110,22 @@ class PredictConfig(_Section):
     """A prediction whose top probability is below this is reported as "uncertain"."""
 
 
+class CompareEntry(_Section):
+    """One row of ``leukoscope compare``: a model and settings of its own."""
+
+    model: str
+    label: str | None = None
+    """Row name (default: the model name); needed to compare one model under two settings."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted keys for this row only, e.g. ``{train.epochs: 3, data.segmentation: lab_kmeans}``."""
+
+
+class CompareConfig(_Section):
+    """Models trained on one split and compared by ``leukoscope compare``."""
+
+    models: list[str | CompareEntry] = Field(default_factory=list)
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     description: str = ""
@@ -116,6 +135,9 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig | None = None
     predict: PredictConfig = Field(default_factory=PredictConfig)
+    features: FeatureSpec = Field(default_factory=FeatureSpec)
+    """Hand-made features of the classical models (``leukoscope.classic``)."""
+    compare: CompareConfig | None = None
 
     @model_validator(mode="after")
     def _ratios(self) -> "ExperimentConfig":

@@ -28,11 +28,11 @@ from torch import nn
 
 from leukoscope.engine.config import ExperimentConfig, save_config
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.trainer import FitResult, fit, predict_logits, resolve_device
+from leukoscope.engine.trainer import FitResult, fit, predict_logits, resolve_device, seed_everything
 from leukoscope.evaluation import evaluate_logits
 from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
 from leukoscope.models import create_model
-from leukoscope.progress import console
+from leukoscope.progress import run_log, say
 from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ def measure_throughput(model: nn.Module, image_size: int, device: torch.device, 
     return float(np.median(rates))
 
 
-def _attach_file_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("leukoscope").addHandler(handler)
-    logging.getLogger("leukoscope").setLevel(logging.INFO)
-    return handler
-
-
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -94,18 +86,25 @@ def run_experiment(
     show_progress: bool = True,
 ) -> RunResult:
     """Train and evaluate one model as ``config`` describes; returns where everything went."""
+    from leukoscope.models import model_entry
+
+    if model_entry(config.model.name).kind == "classic":  # scikit-learn pipeline on hand-made features
+        from leukoscope.classic.experiment import run_classic_experiment
+
+        return run_classic_experiment(config, run_dir=run_dir, resume=resume, prepared=prepared,
+                                      show_progress=show_progress)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     if resume and not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_file_log(run_dir)
-    try:
+    with run_log(run_dir / "train.log"):
         save_config(config, run_dir / "config.yaml")
         if prepared is None:
             prepared = prepare_data(config.data, config.model.image_size, Path(config.output_root),
                                     show_progress=show_progress)
         shutil.copyfile(prepared.split_file, run_dir / "split.json")
         classes = prepared.classes
+        seed_everything(config.train.seed)  # model initialisation is part of the seeded run
         model = create_model(
             config.model.name,
             num_classes=len(classes),
@@ -114,15 +113,20 @@ def run_experiment(
             **config.model.options,
         )
         train, val = prepared.parts["train"], prepared.parts.get("val")
-        console.print(
+        say(
             f"[bold]{config.name}[/bold]: {config.model.name} ({count_parameters(model) / 1e6:.2f} M parameters), "
             f"classes {classes}, train {len(train.targets)} / val {len(val.targets) if val else 0} / "
             f"test {len(prepared.parts['test'].targets) if 'test' in prepared.parts else 0} images"
         )
+        train_images, train_targets = train.images, train.targets
+        if config.train.edge_copies:  # system C: an edge-map copy of every training image
+            from leukoscope.edges import with_edge_copies
+
+            train_images, train_targets = with_edge_copies(train_images, train_targets)
         result = fit(
             model,
-            train.images,
-            train.targets,
+            train_images,
+            train_targets,
             val.images if val else None,
             val.targets if val else None,
             config.train,
@@ -131,7 +135,7 @@ def run_experiment(
             resume=resume,
             show_progress=show_progress,
         )
-        console.print(f"training finished: {result.stopped_because}; best epoch {result.best_epoch}")
+        say(f"training finished: {result.stopped_because}; best epoch {result.best_epoch}")
         metrics = evaluate_run(model, prepared, config, run_dir, result)
         bundle_dir = save_bundle(
             run_dir / "bundle",
@@ -154,9 +158,6 @@ def run_experiment(
             ),
         )
         return RunResult(run_dir, bundle_dir, metrics, result)
-    finally:
-        logging.getLogger("leukoscope").removeHandler(handler)
-        handler.close()
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +214,7 @@ def evaluate_run(
         notes=notes,
         extra=extra,
     )
-    console.print(
+    say(
         f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
         f"({metrics['n']} images); report: {run_dir / 'report.html'}"
     )

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from leukoscope.data.dataset import TensorImageDataset
 from leukoscope.engine.config import TrainConfig
-from leukoscope.progress import console, progress_bar
+from leukoscope.progress import progress_bar, say
 from leukoscope.transforms import augmentation
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def fit(
     best_state: dict[str, torch.Tensor] = {}
     start_epoch, elapsed_before = 1, 0.0
     checkpoint_path = run_dir / CHECKPOINT_FILE if run_dir else None
+    if run_dir is not None and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {run_dir}")
@@ -165,7 +167,7 @@ def fit(
         history, best_score, best_epoch, stale = state["history"], state["best_score"], state["best_epoch"], state["stale"]
         best_state = state["best_state"]
         start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
-        console.print(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
+        say(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
 
     start = time.monotonic() - elapsed_before
     stopped_because = "completed all epochs"
@@ -213,7 +215,7 @@ def fit(
             f" val_loss {row['val_loss']:.3f} val_acc {row['val_accuracy']:.4f} val_f1 {row['val_macro_f1']:.4f}"
             if "val_loss" in row else ""
         )
-        console.print(
+        say(
             f"epoch {epoch:>3}/{cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.4f}{val_text}"
             f" [{row['elapsed_s'] / 60:.1f} min]{' *' if improved else ''}"
         )

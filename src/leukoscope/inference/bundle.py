@@ -5,6 +5,9 @@ bundle/
   bundle.json        architecture, classes, preprocessing, calibration, metrics, provenance
   model.safetensors  weights (no pickle: safe to load from an untrusted source)
 ```
+
+Classical models (``framework: "sklearn"``) keep ``model.skops`` instead of the
+safetensors file, plus their ``feature_spec``; see :mod:`leukoscope.classic.bundle`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class BundleInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = BUNDLE_FORMAT_VERSION
+    framework: str = "torch"
+    """``torch`` (model.safetensors) or ``sklearn`` (model.skops, a classical pipeline)."""
+    feature_spec: dict[str, Any] | None = None
+    """Hand-made features of a classical model (:class:`leukoscope.classic.FeatureSpec`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,9 +116,16 @@ def read_bundle_info(directory: str | Path) -> BundleInfo:
 
 
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, BundleInfo]:
-    """Rebuild the model of a bundle with its trained weights, in eval mode."""
+    """Rebuild the model of a bundle with its trained weights, in eval mode
+    (a :class:`leukoscope.classic.models.ClassicModel` for a classical bundle)."""
     directory = Path(directory)
     info = read_bundle_info(directory)
+    if info.framework == "sklearn":
+        from leukoscope.classic.bundle import load_classic_model
+
+        return load_classic_model(directory, info), info
+    if info.framework != "torch":
+        raise BundleError(f"{directory}: unknown model framework {info.framework!r} (expected torch or sklearn)")
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{directory}: weights file {WEIGHTS_FILE} is missing")

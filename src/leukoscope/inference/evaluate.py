@@ -46,7 +46,10 @@ def evaluate_bundle(
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         images, kept, report = decode_manifest(manifest, info.preprocessing.image_size, on_corrupt=on_corrupt,
                                                preprocess=preprocess, progress=counter_callback(update))
-    logits = predict_logits(model, images, torch.device(device)) / info.temperature
+    if info.framework == "sklearn":  # classical model: features from the uint8 images
+        logits = model.predict_logits(images) / info.temperature
+    else:
+        logits = predict_logits(model, images, torch.device(device)) / info.temperature
     notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" ({subset} part of {split_file})" if split_file else "") + "."]
     if info.temperature != 1.0:

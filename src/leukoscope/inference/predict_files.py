@@ -80,6 +80,10 @@ def predict_to_file(
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"{out}: output must end in .csv or .json")
     classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold)
+    if explain_dir is not None and classifier.info.framework != "torch":
+        raise ValueError(f"Grad-CAM (--explain) is not available for {classifier.info.model_name}: it is a "
+                         "classical model on hand-made features, with no convolutional layers to explain; "
+                         "run without --explain")
     with progress_bar(len(paths), "predicting") as update:
         predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update)
     write_predictions(predictions, out)

@@ -82,10 +82,12 @@ class CellClassifier:
         return self.info.preprocessing.image_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB -> normalised (3, S, S) tensor, exactly as in training."""
+        """PIL RGB -> normalised (3, S, S) tensor, exactly as in training
+        (uint8, not normalised, for a classical model, which computes its features from it)."""
         if self._segmenter is not None:
             image = self._segmenter(image)
-        return self.normalize(pil_to_uint8_tensor(letterbox(image, self.image_size)))
+        pixels = pil_to_uint8_tensor(letterbox(image, self.image_size))
+        return pixels if self.info.framework == "sklearn" else self.normalize(pixels)
 
     def _to_prediction(self, source: str, probs: np.ndarray) -> Prediction:
         top = int(probs.argmax())

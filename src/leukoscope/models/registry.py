@@ -37,7 +37,9 @@ def register_model(name: str, *, kind: str = "classifier", description: str = ""
 
 def _ensure_builtin_models_registered() -> None:
     # Importing the modules runs their @register_model decorators.
-    from leukoscope.models import seed_cnns, torchvision_models  # noqa: F401
+    from leukoscope.models import jabeena, seed_cnns, torchvision_models  # noqa: F401
+    from leukoscope.models import detectors  # noqa: F401
+    from leukoscope.classic import models as classic_models  # noqa: F401
 
 
 def list_models(kind: str | None = None) -> list[str]:
@@ -60,6 +62,8 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> Any:
     a torchvision weight name such as ``"DEFAULT"``, which needs internet) and
     ``freeze_backbone`` (train the new head only).
     """
-    if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
-    return model_entry(name).builder(num_classes=num_classes, **kwargs)
+    entry = model_entry(name)
+    minimum = 1 if entry.kind == "detector" else 2  # a detector's classes exclude the background
+    if num_classes < minimum:
+        raise ValueError(f"a {entry.kind} needs at least {minimum} classes, got num_classes={num_classes}")
+    return entry.builder(num_classes=num_classes, **kwargs)

@@ -1,0 +1,113 @@
+"""Shared by the web-service benchmarks: a bundle, a server process on loopback, users, images."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+LOOPBACK = "127.0.0.1"  # load is only ever sent here
+
+
+def demo_bundle(bundle: str | None, cache: Path) -> Path:
+    """``--bundle`` if given, else the demo's bundle (trained once into ``cache``, ~2 min)."""
+    if bundle:
+        return Path(bundle)
+    found = sorted(cache.glob("runs/demo-*/bundle/bundle.json"))
+    if found:
+        return found[-1].parent
+    from leukoscope.demo import run_demo
+
+    print(f"training the demo bundle into {cache} (about 2 minutes) ...", flush=True)
+    return Path(run_demo(cache, minutes=1.5, show_progress=False).bundle_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def make_users(data_dir: Path, names: list[str], role: str = "technician") -> dict[str, str]:
+    """Users and one API token each (through the service's own admin functions)."""
+    from leukoscope.service.admin import add_user, issue_token
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = ServiceSettings(data_dir=data_dir)
+    tokens = {}
+    for name in names:
+        add_user(settings, name, "bench password 1", role)
+        tokens[name] = issue_token(settings, name, "bench")
+    return tokens
+
+
+class Server:
+    """``leukoscope serve`` as a child process (so that it can be killed with SIGKILL)."""
+
+    def __init__(self, bundle: Path, data_dir: Path, port: int, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        self.bundle, self.data_dir, self.port = bundle, data_dir, port
+        self.env = {**os.environ, **(env or {})}
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> float:
+        command = [sys.executable, "-m", "leukoscope.cli", "serve", "--bundle", str(self.bundle), "--data-dir",
+                   str(self.data_dir), "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning"]
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        started = time.monotonic()
+        self.process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode} (log: {self.log})")
+            try:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1.0).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become healthy in time")
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def cell_pngs(count: int, size: int = 96, seed: int = 0) -> list[bytes]:
+    """Distinct synthetic single-cell PNGs (each upload is new content)."""
+    from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(render_cell(SYNTHETIC_CLASSES[index % 4], rng, size)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")

@@ -1,0 +1,101 @@
+"""Load run of the web service on loopback: N concurrent clients upload single cells for T s.
+
+    python bench/service_load.py [--bundle B] [--clients 8] [--seconds 60]
+
+Starts ``leukoscope serve`` on 127.0.0.1 with a fresh data directory, one technician
+(and API token) per client, and sends ``POST /api/v1/cases`` (one 96x96 PNG each,
+Grad-CAM on) back to back from every client. Prints p50 / p95 / p99 latency,
+throughput and the error count, and writes them as JSON (``--out``). The upload
+rate limit is raised for the run (``LEUKOSCOPE_RATE_LIMIT_PER_MINUTE``), since one
+client here sends far more than a person would; everything else is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _service_common import LOOPBACK, Server, cell_pngs, demo_bundle, free_port, make_users, percentile  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", help="cell-classifier bundle (default: train/reuse the demo bundle)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "leukoscope-bench-demo"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load not counted")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    bundle = demo_bundle(args.bundle, Path(args.cache))
+    work = Path(tempfile.mkdtemp(prefix="leukoscope-load-"))
+    names = [f"tech{i}" for i in range(args.clients)]
+    tokens = make_users(work / "data", names)
+    images = cell_pngs(256)
+    server = Server(bundle, work / "data", free_port(), env={"LEUKOSCOPE_RATE_LIMIT_PER_MINUTE": "0"},
+                    log=work / "server.log")
+    startup = server.start()
+    print(f"server up in {startup:.1f} s on {server.url} (bundle {bundle}); {args.clients} clients x "
+          f"{args.seconds:.0f} s after {args.warmup:.0f} s warm-up", flush=True)
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    begin = time.monotonic()
+    count_from, stop_at = begin + args.warmup, begin + args.warmup + args.seconds
+
+    def client(index: int) -> None:
+        headers = {"Authorization": f"Bearer {tokens[names[index]]}"}
+        n = index
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30.0) as http:
+            while (now := time.monotonic()) < stop_at:
+                data = images[n % len(images)]
+                n += args.clients
+                started = time.monotonic()
+                try:
+                    response = http.post("/api/v1/cases", files={"files": (f"cell{n}.png", data, "image/png")})
+                    outcome = "ok" if response.status_code == 201 else f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                elapsed = time.monotonic() - started
+                if started >= count_from:
+                    with lock:
+                        if outcome == "ok":
+                            latencies.append(elapsed)
+                        else:
+                            errors[outcome] = errors.get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    server.stop()
+
+    ms = [1000 * v for v in latencies]
+    result = {
+        "clients": args.clients, "seconds": args.seconds, "requests_ok": len(ms),
+        "errors": sum(errors.values()), "error_kinds": errors,
+        "throughput_rps": round(len(ms) / args.seconds, 2),
+        "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+        "p99_ms": round(percentile(ms, 99), 1), "max_ms": round(max(ms), 1) if ms else None,
+        "mean_ms": round(sum(ms) / len(ms), 1) if ms else None, "bundle": str(bundle), "target": LOOPBACK,
+        "server_startup_s": round(startup, 1),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0 if result["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

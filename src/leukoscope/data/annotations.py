@@ -1,0 +1,728 @@
+"""Object annotations: Pascal VOC boxes, point centroids (ALL-IDB ``.xyc``) and
+per-image white-cell types (``bccd/wbc_types.csv``).
+
+Every problem is reported with the file and, where there is one, the line:
+malformed XML, an unknown or misspelt class name (with the closest known name),
+a box outside the image or with no area, an empty file. Readers either raise
+:class:`AnnotationError` on the first problem (``on_error="fail"``) or drop the
+offending object or file and collect an :class:`AnnotationIssue` for each
+(``on_error="skip"``), so that training can go on and the report can list what
+was left out.
+
+Layouts understood by :func:`read_voc_dataset`:
+
+- ``bccd``: ``root/JPEGImages``, ``root/Annotations``, ``root/ImageSets/Main/<split>.txt``
+  (splits ``train``, ``val``, ``trainval``, ``test``);
+- ``cbc``: ``root/<Split>/Images`` + ``root/<Split>/Annotations`` (splits
+  ``Training``, ``Validation``, ``Testing``; ``train``/``val``/``test`` are aliases);
+- ``flat``: ``root/Images`` (or ``JPEGImages``) + ``root/Annotations``, or image
+  and XML files side by side in one folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import logging
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Sequence
+from xml.parsers import expat
+from xml.sax.saxutils import escape
+
+from leukoscope.data.manifest import DatasetError
+from leukoscope.io import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["fail", "skip"]
+
+#: The classes of the BCCD / CBC detection sets, in the order leukoscope uses.
+BLOOD_CELL_CLASSES: tuple[str, ...] = ("WBC", "RBC", "Platelets")
+#: White-cell types of ``bccd/wbc_types.csv``.
+WBC_TYPES: tuple[str, ...] = ("NEUTROPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "BASOPHIL")
+#: How far (pixels) a box may stick out of the image before it is an error; less is clipped.
+BOX_TOLERANCE = 2.0
+
+_SPLIT_ALIASES = {
+    "train": ("Training", "train"),
+    "training": ("Training", "train"),
+    "val": ("Validation", "val"),
+    "validation": ("Validation", "val"),
+    "test": ("Testing", "test"),
+    "testing": ("Testing", "test"),
+    "trainval": ("trainval",),
+}
+
+
+class AnnotationError(DatasetError):
+    """An annotation file cannot be used; the message names the file (and line)."""
+
+    def __init__(self, source: str | Path, message: str, line: int | None = None) -> None:
+        self.source = str(source)
+        self.line = line
+        self.detail = message
+        where = f"{source}:{line}" if line is not None else str(source)
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class AnnotationIssue:
+    """One problem found while reading, kept when ``on_error="skip"``."""
+
+    source: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        return f"{where}: {self.message}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"source": self.source, "line": self.line, "message": self.message}
+
+
+@dataclass(frozen=True)
+class BoxAnnotation:
+    """An axis-aligned box in pixel coordinates (VOC ``xmin ymin xmax ymax``, x to the right)."""
+
+    label: str
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    difficult: bool = False
+    truncated: bool = False
+
+    @property
+    def width(self) -> float:
+        return self.xmax - self.xmin
+
+    @property
+    def height(self) -> float:
+        return self.ymax - self.ymin
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.xmin + self.xmax) / 2, (self.ymin + self.ymax) / 2)
+
+    def as_xyxy(self) -> list[float]:
+        return [self.xmin, self.ymin, self.xmax, self.ymax]
+
+
+@dataclass(frozen=True)
+class PointAnnotation:
+    """A cell marked by its centroid (ALL-IDB1 ``.xyc``: one ``x y`` per line)."""
+
+    x: float
+    y: float
+    label: str | None = None
+
+
+@dataclass
+class AnnotatedImage:
+    """One image and its objects. ``labels`` holds per-image labels (e.g. WBC types)."""
+
+    image_path: Path
+    width: int | None = None
+    height: int | None = None
+    boxes: list[BoxAnnotation] = field(default_factory=list)
+    points: list[PointAnnotation] = field(default_factory=list)
+    annotation_path: Path | None = None
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.image_path = Path(self.image_path)
+
+    @property
+    def name(self) -> str:
+        return self.image_path.name
+
+    def count(self, label: str) -> int:
+        return sum(1 for box in self.boxes if box.label == label)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for box in self.boxes:
+            out[box.label] = out.get(box.label, 0) + 1
+        return out
+
+
+@dataclass
+class DetectionDataset:
+    """Annotated images with a fixed class order, and what was skipped while reading."""
+
+    images: list[AnnotatedImage]
+    classes: list[str]
+    issues: list[AnnotationIssue] = field(default_factory=list)
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[AnnotatedImage]:
+        return iter(self.images)
+
+    def __getitem__(self, index: int) -> AnnotatedImage:
+        return self.images[index]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = {name: 0 for name in self.classes}
+        for image in self.images:
+            for box in image.boxes:
+                counts[box.label] = counts.get(box.label, 0) + 1
+        return counts
+
+    def subset(self, indices: Sequence[int]) -> "DetectionDataset":
+        return DetectionDataset([self.images[i] for i in indices], list(self.classes), list(self.issues), self.root)
+
+
+# --------------------------------------------------------------------------- class names
+class ClassResolver:
+    """Map the names written in files to the canonical class names.
+
+    Exact names and case-insensitive matches are accepted (``wbc`` -> ``WBC``);
+    ``aliases`` add explicit spellings (``{"Platelet": "Platelets"}``); anything
+    else is an unknown class, reported with the closest known name.
+    """
+
+    def __init__(self, classes: Sequence[str] | None, aliases: dict[str, str] | None = None) -> None:
+        self.classes = list(classes) if classes is not None else None
+        self.aliases = dict(aliases or {})
+        if self.classes is not None:
+            for source, target in self.aliases.items():
+                if target not in self.classes:
+                    raise DatasetError(f"class alias {source!r} -> {target!r}: {target!r} is not one of {self.classes}")
+            self._folded = {name.casefold(): name for name in self.classes}
+            self._folded.update({alias.casefold(): target for alias, target in self.aliases.items()})
+
+    def resolve(self, name: str) -> str:
+        """Canonical name, or ValueError with a 'did you mean' hint."""
+        name = name.strip()
+        if name in self.aliases:
+            return self.aliases[name]
+        if self.classes is None:
+            return name
+        if name in self.classes:
+            return name
+        if name.casefold() in self._folded:
+            return self._folded[name.casefold()]
+        close = difflib.get_close_matches(name, self.classes + list(self.aliases), n=1, cutoff=0.6)
+        if not close:
+            close = difflib.get_close_matches(name.casefold(), list(self._folded), n=1, cutoff=0.6)
+            close = [self._folded[close[0]]] if close else []
+        hint = f" (did you mean {self.aliases.get(close[0], close[0])!r}?)" if close else ""
+        raise ValueError(f"unknown class {name!r}{hint}; known classes: {', '.join(self.classes)}")
+
+
+# --------------------------------------------------------------------------- XML with line numbers
+class _Node:
+    __slots__ = ("tag", "line", "children", "text")
+
+    def __init__(self, tag: str, line: int) -> None:
+        self.tag = tag
+        self.line = line
+        self.children: list[_Node] = []
+        self.text = ""
+
+    def find(self, tag: str) -> "_Node | None":
+        return next((child for child in self.children if child.tag == tag), None)
+
+    def findall(self, tag: str) -> list["_Node"]:
+        return [child for child in self.children if child.tag == tag]
+
+
+def _parse_xml(data: bytes, source: Path) -> _Node:
+    """Parse with expat, keeping the line of every element (ElementTree forgets them).
+
+    Entity declarations are refused: annotation files have no use for them and
+    they are the vehicle of entity-expansion attacks.
+    """
+    parser = expat.ParserCreate()
+    stack: list[_Node] = []
+    root: list[_Node] = []
+
+    def start(tag: str, _attrs: dict) -> None:
+        node = _Node(tag, parser.CurrentLineNumber)
+        if stack:
+            stack[-1].children.append(node)
+        else:
+            root.append(node)
+        stack.append(node)
+
+    def end(_tag: str) -> None:
+        stack.pop()
+
+    def chars(text: str) -> None:
+        if stack:
+            stack[-1].text += text
+
+    def entity(*_args) -> None:
+        raise AnnotationError(source, "XML entity declarations are not allowed", parser.CurrentLineNumber)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    parser.EntityDeclHandler = entity
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise AnnotationError(source, f"malformed XML: {expat.ErrorString(exc.code)} (column {exc.offset + 1})",
+                              exc.lineno) from None
+    if not root:
+        raise AnnotationError(source, "no XML element found")
+    return root[0]
+
+
+def _number(node: _Node | None, name: str, source: Path, parent: _Node) -> float:
+    if node is None:
+        raise AnnotationError(source, f"<{parent.tag}> has no <{name}>", parent.line)
+    text = node.text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise AnnotationError(source, f"<{name}> is not a number: {text!r}", node.line) from None
+    if not math.isfinite(value):
+        raise AnnotationError(source, f"<{name}> is not a finite number: {text!r}", node.line)
+    return value
+
+
+def _flag(node: _Node | None) -> bool:
+    return node is not None and node.text.strip() not in ("", "0", "false", "False")
+
+
+# --------------------------------------------------------------------------- VOC files
+def parse_voc_xml(
+    path: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    aliases: dict[str, str] | None = None,
+    image_dir: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    on_error: OnError = "fail",
+    issues: list[AnnotationIssue] | None = None,
+) -> AnnotatedImage:
+    """Read one Pascal VOC XML file.
+
+    ``classes`` restricts and canonicalises the object names (None: accept any);
+    ``image_dir`` is where the image is looked up by ``<filename>`` (default: the
+    XML's folder, then a sibling ``JPEGImages`` / ``Images`` folder);
+    ``image_size`` (width, height) overrides a missing ``<size>``.
+    With ``on_error="skip"`` a bad object is dropped and recorded in ``issues``;
+    a file that cannot be read at all still raises.
+    """
+    path = Path(path)
+    resolver = classes if isinstance(classes, ClassResolver) else ClassResolver(classes, aliases)
+    if not path.is_file():
+        raise AnnotationError(path, "annotation file does not exist")
+    data = path.read_bytes()
+    if not data.strip():
+        raise AnnotationError(path, "annotation file is empty")
+    root = _parse_xml(data, path)
+    if root.tag != "annotation":
+        raise AnnotationError(path, f"root element is <{root.tag}>, expected <annotation> (Pascal VOC)", root.line)
+
+    filename_node = root.find("filename")
+    filename = filename_node.text.strip() if filename_node is not None and filename_node.text.strip() else None
+    if filename is None:
+        filename = path.stem + ".jpg"
+    elif not Path(filename).suffix:
+        filename += ".jpg"
+    image_path = _locate_image(path, filename, image_dir)
+
+    width = height = None
+    size = root.find("size")
+    if size is not None and size.find("width") is not None and size.find("height") is not None:
+        width = int(_number(size.find("width"), "width", path, size))
+        height = int(_number(size.find("height"), "height", path, size))
+        if width <= 0 or height <= 0:
+            if image_size is None:
+                raise AnnotationError(path, f"<size> is {width}x{height}, which has no pixels", size.line)
+            width = height = None
+    if width is None and image_size is not None:
+        width, height = image_size
+
+    def problem(message: str, line: int | None) -> None:
+        if on_error == "fail":
+            raise AnnotationError(path, message, line)
+        issue = AnnotationIssue(str(path), line, message)
+        log.debug("%s (object skipped)", issue)
+        if issues is not None:
+            issues.append(issue)
+
+    boxes: list[BoxAnnotation] = []
+    for obj in root.findall("object"):
+        name_node = obj.find("name")
+        if name_node is None or not name_node.text.strip():
+            problem("<object> has no <name>", obj.line)
+            continue
+        try:
+            label = resolver.resolve(name_node.text)
+        except ValueError as exc:
+            problem(str(exc), name_node.line)
+            continue
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            problem(f"<object> {label!r} has no <bndbox>", obj.line)
+            continue
+        try:
+            x0, y0, x1, y1 = (_number(bndbox.find(k), k, path, bndbox) for k in ("xmin", "ymin", "xmax", "ymax"))
+        except AnnotationError as exc:
+            problem(exc.detail, exc.line)
+            continue
+        if x1 <= x0 or y1 <= y0:
+            problem(f"{label} box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has no area (xmax <= xmin or ymax <= ymin)",
+                    bndbox.line)
+            continue
+        if width is not None and height is not None:
+            tol = BOX_TOLERANCE
+            if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+                problem(f"{label} box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the "
+                        f"{width}x{height} image", bndbox.line)
+                continue
+            x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+            if x1 - x0 < 1 or y1 - y0 < 1:
+                problem(f"{label} box is less than 1 pixel wide inside the image", bndbox.line)
+                continue
+        boxes.append(BoxAnnotation(label, x0, y0, x1, y1, _flag(obj.find("difficult")), _flag(obj.find("truncated"))))
+    return AnnotatedImage(image_path, width, height, boxes, annotation_path=path)
+
+
+def _locate_image(xml_path: Path, filename: str, image_dir: str | Path | None) -> Path:
+    name = Path(filename).name  # never follow directories written in the file
+    candidates = []
+    if image_dir is not None:
+        candidates.append(Path(image_dir) / name)
+    candidates += [xml_path.parent / name, xml_path.parent.parent / "JPEGImages" / name,
+                   xml_path.parent.parent / "Images" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    # The XML may name a .png while the file is a .jpg (or the reverse): try the stem.
+    for folder in {c.parent for c in candidates}:
+        for suffix in IMAGE_SUFFIXES:
+            for stem in (Path(name).stem, xml_path.stem):
+                candidate = folder / (stem + suffix)
+                if candidate.is_file():
+                    return candidate
+    return candidates[0]
+
+
+def write_voc_xml(image: AnnotatedImage, path: str | Path, *, folder: str = "JPEGImages") -> Path:
+    """Write ``image`` as a Pascal VOC XML file (boxes rounded to whole pixels)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "<annotation>",
+        f"\t<folder>{escape(folder)}</folder>",
+        f"\t<filename>{escape(image.image_path.name)}</filename>",
+        "\t<source>",
+        "\t\t<database>leukoscope</database>",
+        "\t</source>",
+    ]
+    if image.width is not None and image.height is not None:
+        lines += ["\t<size>", f"\t\t<width>{image.width}</width>", f"\t\t<height>{image.height}</height>",
+                  "\t\t<depth>3</depth>", "\t</size>"]
+    lines.append("\t<segmented>0</segmented>")
+    for box in image.boxes:
+        lines += [
+            "\t<object>",
+            f"\t\t<name>{escape(box.label)}</name>",
+            "\t\t<pose>Unspecified</pose>",
+            f"\t\t<truncated>{int(box.truncated)}</truncated>",
+            f"\t\t<difficult>{int(box.difficult)}</difficult>",
+            "\t\t<bndbox>",
+            f"\t\t\t<xmin>{round(box.xmin)}</xmin>",
+            f"\t\t\t<ymin>{round(box.ymin)}</ymin>",
+            f"\t\t\t<xmax>{round(box.xmax)}</xmax>",
+            f"\t\t\t<ymax>{round(box.ymax)}</ymax>",
+            "\t\t</bndbox>",
+            "\t</object>",
+        ]
+    lines.append("</annotation>")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- VOC folders
+@dataclass(frozen=True)
+class VocLayout:
+    """Where a VOC folder keeps its files: ``kind`` and a list of (images, annotations, ids) per split."""
+
+    kind: Literal["bccd", "cbc", "flat"]
+    root: Path
+
+    def splits(self) -> list[str]:
+        if self.kind == "bccd":
+            main = self.root / "ImageSets" / "Main"
+            return sorted(p.stem for p in main.glob("*.txt")) if main.is_dir() else []
+        if self.kind == "cbc":
+            return [p.name for p in sorted(self.root.iterdir()) if (p / "Annotations").is_dir()]
+        return []
+
+
+def detect_layout(root: str | Path) -> VocLayout:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist")
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+        return VocLayout("bccd", root)
+    if any((p / "Annotations").is_dir() for p in root.iterdir() if p.is_dir()):
+        return VocLayout("cbc", root)
+    if (root / "Annotations").is_dir() or any(root.glob("*.xml")):
+        return VocLayout("flat", root)
+    raise DatasetError(
+        f"{root}: not a Pascal VOC folder (expected Annotations/ + JPEGImages/, <Split>/Annotations/, "
+        f"or XML files beside the images)"
+    )
+
+
+def _resolve_split_name(layout: VocLayout, split: str) -> str:
+    available = layout.splits()
+    if split in available:
+        return split
+    for candidate in _SPLIT_ALIASES.get(split.casefold(), ()):
+        if candidate in available:
+            return candidate
+    folded = {name.casefold(): name for name in available}
+    if split.casefold() in folded:
+        return folded[split.casefold()]
+    raise DatasetError(f"{layout.root}: no split {split!r}; available: {', '.join(available) or 'none'}")
+
+
+def _split_files(layout: VocLayout, split: str | None) -> tuple[list[Path], Path | None]:
+    """Annotation files of one split and the folder holding its images."""
+    root = layout.root
+    if layout.kind == "bccd":
+        ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+        if split is None:
+            return sorted(ann_dir.glob("*.xml")), img_dir
+        name = _resolve_split_name(layout, split)
+        list_file = root / "ImageSets" / "Main" / f"{name}.txt"
+        ids = []
+        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+            token = line.strip().split()[0] if line.strip() else ""
+            if token:
+                ids.append(Path(token).stem)
+        if not ids:
+            raise AnnotationError(list_file, "split list is empty")
+        return [ann_dir / f"{i}.xml" for i in ids], img_dir
+    if layout.kind == "cbc":
+        if split is None:
+            raise DatasetError(f"{root}: choose a split ({', '.join(layout.splits())})")
+        name = _resolve_split_name(layout, split)
+        images = root / name / "Images"
+        if not images.is_dir():
+            images = root / name / "JPEGImages"
+        return sorted((root / name / "Annotations").glob("*.xml")), images
+    ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
+    img_dir = next((root / d for d in ("JPEGImages", "Images") if (root / d).is_dir()), ann_dir)
+    if split is not None:
+        raise DatasetError(f"{root}: this folder has no splits; leave the split out")
+    return sorted(ann_dir.glob("*.xml")), img_dir
+
+
+def read_voc_dataset(
+    root: str | Path,
+    split: str | Sequence[str] | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    aliases: dict[str, str] | None = None,
+    on_error: OnError = "fail",
+    deduplicate: bool = True,
+    require_images: bool = True,
+) -> DetectionDataset:
+    """Read a VOC folder (``bccd``, ``cbc`` or flat layout), one split or several.
+
+    ``split`` may be a name, a list of names or ``"Training+Validation"``. With
+    several splits, an image that appears in more than one (same file name and
+    same bytes, as CBC's Validation images all also sit in Training) is kept once.
+    ``classes`` fixes the class order; default: every name found, sorted.
+    """
+    layout = detect_layout(root)
+    if isinstance(split, str) and "+" in split:
+        split = [s for s in split.split("+") if s]
+    splits: list[str | None] = [None] if split is None else [split] if isinstance(split, str) else list(split)
+    resolver = ClassResolver(classes, aliases)
+    issues: list[AnnotationIssue] = []
+    images: list[AnnotatedImage] = []
+    seen: dict[str, str] = {}
+    duplicates = 0
+    for name in splits:
+        files, image_dir = _split_files(layout, name)
+        for xml in files:
+            try:
+                if not xml.is_file():
+                    raise AnnotationError(xml, "annotation file listed in the split does not exist")
+                image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, on_error=on_error, issues=issues)
+                if require_images and not image.image_path.is_file():
+                    raise AnnotationError(xml, f"image {image.image_path.name} not found (looked in {image_dir})")
+            except AnnotationError as exc:
+                if on_error == "fail":
+                    raise
+                issues.append(AnnotationIssue(exc.source, exc.line, exc.detail + " (file skipped)"))
+                continue
+            if deduplicate and len(splits) > 1 and image.image_path.is_file():
+                key = image.image_path.name
+                digest = hashlib.sha1(image.image_path.read_bytes()).hexdigest()
+                if seen.get(key) == digest:
+                    duplicates += 1
+                    continue
+                seen[key] = digest
+            images.append(image)
+    if not images:
+        raise DatasetError(f"{root}: no usable annotated image" + (f" in split {split!r}" if split else ""))
+    if issues:
+        log.warning("%s: %d annotation problem(s) skipped, e.g. %s", root, len(issues), issues[0])
+    if duplicates:
+        log.info("%s: %d image(s) appear in more than one of %s and were kept once", root, duplicates, splits)
+    found = sorted({box.label for image in images for box in image.boxes})
+    class_list = list(classes) if classes is not None else found
+    return DetectionDataset(images, class_list, issues, Path(root))
+
+
+def write_voc_dataset(images: Iterable[AnnotatedImage], root: str | Path) -> Path:
+    """Write ``root/Annotations/<stem>.xml`` for images that already sit in ``root/JPEGImages``."""
+    root = Path(root)
+    for image in images:
+        write_voc_xml(image, root / "Annotations" / f"{image.image_path.stem}.xml")
+    return root
+
+
+# --------------------------------------------------------------------------- points (.xyc)
+def read_points(
+    path: str | Path,
+    *,
+    image_size: tuple[int, int] | None = None,
+    label: str | None = None,
+    on_error: OnError = "fail",
+    issues: list[AnnotationIssue] | None = None,
+) -> list[PointAnnotation]:
+    """Read an ALL-IDB1-style ``.xyc`` file: one ``x y`` centroid per line (tabs or spaces).
+
+    Blank lines and ``#`` comments are ignored. An empty file means "no cell"
+    and gives an empty list (ALL-IDB1 healthy images have empty files); a line
+    that is not two numbers, or a point outside ``image_size`` (width, height),
+    is an error naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, "point file does not exist")
+    points: list[PointAnnotation] = []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = re.split(r"[\s,;]+", line)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            x, y = float(parts[0]), float(parts[1])
+            if not (math.isfinite(x) and math.isfinite(y)):
+                raise ValueError
+        except ValueError:
+            message = f"expected two numbers 'x y', got {raw.strip()!r}"
+            if on_error == "fail":
+                raise AnnotationError(path, message, number) from None
+            if issues is not None:
+                issues.append(AnnotationIssue(str(path), number, message))
+            continue
+        if image_size is not None and not (0 <= x <= image_size[0] and 0 <= y <= image_size[1]):
+            message = f"point ({x:g}, {y:g}) lies outside the {image_size[0]}x{image_size[1]} image"
+            if on_error == "fail":
+                raise AnnotationError(path, message, number)
+            if issues is not None:
+                issues.append(AnnotationIssue(str(path), number, message))
+            continue
+        points.append(PointAnnotation(x, y, label))
+    return points
+
+
+def write_points(points: Iterable[PointAnnotation], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(f"{p.x:g}\t{p.y:g}\n" for p in points))
+    return path
+
+
+def points_to_boxes(points: Iterable[PointAnnotation], size: float, label: str = "WBC",
+                    image_size: tuple[int, int] | None = None) -> list[BoxAnnotation]:
+    """Square boxes of side ``size`` around centroids (clipped to the image), for point-only data."""
+    half = size / 2
+    boxes = []
+    for point in points:
+        x0, y0, x1, y1 = point.x - half, point.y - half, point.x + half, point.y + half
+        if image_size is not None:
+            x0, y0 = max(0.0, x0), max(0.0, y0)
+            x1, y1 = min(float(image_size[0]), x1), min(float(image_size[1]), y1)
+        boxes.append(BoxAnnotation(point.label or label, x0, y0, x1, y1))
+    return boxes
+
+
+# --------------------------------------------------------------------------- wbc_types.csv
+def read_wbc_types(
+    path: str | Path,
+    *,
+    types: Sequence[str] | None = WBC_TYPES,
+    on_error: OnError = "fail",
+    issues: list[AnnotationIssue] | None = None,
+) -> dict[str, list[str]]:
+    """Read ``image,wbc_type`` rows -> ``{image stem: [types]}``.
+
+    A cell may name several types (``"NEUTROPHIL, EOSINOPHIL"``: one per white
+    cell of the image). Names are upper-cased; an unknown type (not in ``types``)
+    is an error naming the line, with the closest known type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(path, "file does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise AnnotationError(path, "file is empty")
+    resolver = ClassResolver(types) if types is not None else None
+    reader = csv.reader(text.splitlines())
+    header = next(reader)
+    columns = [h.strip().lower() for h in header]
+    if "image" not in columns or not ({"wbc_type", "category", "type"} & set(columns)):
+        raise AnnotationError(path, f"expected columns 'image,wbc_type', found {header}", 1)
+    image_col = columns.index("image")
+    type_col = next(columns.index(c) for c in ("wbc_type", "category", "type") if c in columns)
+    out: dict[str, list[str]] = {}
+    for number, row in enumerate(reader, 2):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(image_col, type_col):
+            message = f"row has {len(row)} column(s), expected at least {max(image_col, type_col) + 1}"
+            if on_error == "fail":
+                raise AnnotationError(path, message, number)
+            if issues is not None:
+                issues.append(AnnotationIssue(str(path), number, message))
+            continue
+        image = Path(row[image_col].strip()).stem
+        names = [name.strip().upper() for name in row[type_col].split(",") if name.strip()]
+        try:
+            resolved = [resolver.resolve(name) for name in names] if resolver else names
+        except ValueError as exc:
+            if on_error == "fail":
+                raise AnnotationError(path, str(exc), number) from None
+            if issues is not None:
+                issues.append(AnnotationIssue(str(path), number, str(exc)))
+            continue
+        if image:
+            out[image] = resolved
+    return out
+
+
+def attach_labels(dataset: DetectionDataset, labels: dict[str, list[str]]) -> DetectionDataset:
+    """Copy per-image labels (e.g. from :func:`read_wbc_types`) onto a dataset's images."""
+    images = [replace(image, labels=list(labels.get(image.image_path.stem, []))) for image in dataset.images]
+    return DetectionDataset(images, list(dataset.classes), list(dataset.issues), dataset.root)

@@ -1,0 +1,394 @@
+"""Detection evaluation: COCO mAP (pycocotools), AP@0.5 per class, precision and
+recall at the operating threshold, per-image count errors, PR curves, example
+images, and the same metrics.json + figures/ + report.html as classification.
+
+Average precision is computed by pycocotools' ``COCOeval`` (the reference
+implementation), never by hand. Precision/recall at the operating threshold use
+a greedy one-to-one matching at IoU >= 0.5, highest score first, per class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+from torchvision.ops import box_iou
+
+import leukoscope
+from leukoscope.evaluation.evaluate import to_jsonable
+from leukoscope.evaluation.figures import _legend, _new_figure, _save, _style
+from leukoscope.evaluation.report import DISCLAIMER, _embed, _environment, _fmt
+
+
+@dataclass
+class GroundTruth:
+    """One image's true boxes (N, 4) xyxy and 0-based class indices (N,)."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    width: int
+    height: int
+    name: str = ""
+
+
+@dataclass
+class Predicted:
+    """One image's predicted boxes, scores and 0-based class indices (any score; thresholds come later)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def _as_arrays(boxes, labels, scores=None):
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    s = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    return b, lab, s
+
+
+# --------------------------------------------------------------------------- COCO mAP
+def coco_metrics(predictions: Sequence[Predicted], truths: Sequence[GroundTruth], classes: Sequence[str],
+                 max_detections: int = 100) -> dict[str, Any]:
+    """COCO mAP@[.5:.95], AP@0.5, AP@0.75, per-class AP and PR curves, from pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} images")
+    images, annotations, results = [], [], []
+    for index, (pred, truth) in enumerate(zip(predictions, truths)):
+        images.append({"id": index + 1, "width": int(truth.width), "height": int(truth.height)})
+        boxes, labels, _ = _as_arrays(truth.boxes, truth.labels)
+        for box, label in zip(boxes, labels):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": int(label) + 1,
+                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+        boxes, labels, scores = _as_arrays(pred.boxes, pred.labels, pred.scores)
+        for box, label, score in zip(boxes, labels, scores):
+            results.append({"image_id": index + 1, "category_id": int(label) + 1, "score": float(score),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
+    n_true = {name: int(sum(np.sum(np.asarray(t.labels) == k) for t in truths)) for k, name in enumerate(classes)}
+    empty = {
+        "map": 0.0, "map_50": 0.0, "map_75": 0.0,
+        "per_class": {name: {"ap_50": 0.0 if n_true[name] else None, "ap": 0.0 if n_true[name] else None,
+                             "n_true": n_true[name]} for name in classes},
+        "pr_curves": {},
+    }
+    if not annotations:
+        raise ValueError("no ground-truth box in the evaluated images: mAP is undefined")
+    if not results:
+        return empty
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.params.maxDets = [1, 10, max_detections]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recall points, classes, areas, max dets]
+    recall_points = evaluator.params.recThrs
+    per_class: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    for k, name in enumerate(classes):
+        at_50 = precision[0, :, k, 0, -1]
+        all_iou = precision[:, :, k, 0, -1]
+        defined = at_50 > -1
+        per_class[name] = {
+            "ap_50": float(at_50[defined].mean()) if defined.any() and n_true[name] else None,
+            "ap": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() and n_true[name] else None,
+            "n_true": n_true[name],
+        }
+        if defined.any() and n_true[name]:
+            curves[name] = {"recall": recall_points.tolist(), "precision": np.where(defined, at_50, np.nan).tolist()}
+    return {
+        "map": float(max(stats[0], 0.0)),
+        "map_50": float(max(stats[1], 0.0)),
+        "map_75": float(max(stats[2], 0.0)),
+        "mar_100": float(max(stats[8], 0.0)),
+        "per_class": per_class,
+        "pr_curves": curves,
+    }
+
+
+# --------------------------------------------------------------------------- operating point and counts
+def match_detections(pred_boxes: np.ndarray, pred_scores: np.ndarray, true_boxes: np.ndarray,
+                     iou_threshold: float = 0.5) -> tuple[int, int, int]:
+    """Greedy one-to-one matching of one class in one image: (true positives, false positives, false negatives)."""
+    if len(pred_boxes) == 0:
+        return 0, 0, len(true_boxes)
+    if len(true_boxes) == 0:
+        return 0, len(pred_boxes), 0
+    order = np.argsort(-pred_scores, kind="stable")
+    iou = box_iou(torch.as_tensor(pred_boxes[order], dtype=torch.float64),
+                  torch.as_tensor(true_boxes, dtype=torch.float64)).numpy()
+    taken = np.zeros(len(true_boxes), dtype=bool)
+    tp = 0
+    for row in iou:
+        candidates = np.where(~taken & (row >= iou_threshold))[0]
+        if len(candidates):
+            taken[candidates[np.argmax(row[candidates])]] = True
+            tp += 1
+    return tp, len(pred_boxes) - tp, len(true_boxes) - tp
+
+
+def operating_point(predictions: Sequence[Predicted], truths: Sequence[GroundTruth], classes: Sequence[str],
+                    score_threshold: float, iou_threshold: float = 0.5) -> dict[str, Any]:
+    """Precision, recall, F1 per class at ``score_threshold``, and per-image count errors."""
+    per_class: dict[str, Any] = {}
+    rows = []
+    for k, name in enumerate(classes):
+        tp = fp = fn = 0
+        errors = []
+        for index, (pred, truth) in enumerate(zip(predictions, truths)):
+            pb, pl, ps = _as_arrays(pred.boxes, pred.labels, pred.scores)
+            tb, tl, _ = _as_arrays(truth.boxes, truth.labels)
+            keep = (pl == k) & (ps >= score_threshold)
+            a, b, c = match_detections(pb[keep], ps[keep], tb[tl == k], iou_threshold)
+            tp, fp, fn = tp + a, fp + b, fn + c
+            errors.append(int(keep.sum()) - int((tl == k).sum()))
+        errors_arr = np.asarray(errors)
+        precision = tp / (tp + fp) if tp + fp else None
+        recall = tp / (tp + fn) if tp + fn else None
+        f1 = (2 * precision * recall / (precision + recall)
+              if precision is not None and recall is not None and precision + recall > 0 else
+              (0.0 if precision is not None and recall is not None else None))
+        per_class[name] = {
+            "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
+            "count_mae": float(np.abs(errors_arr).mean()) if len(errors_arr) else None,
+            "count_bias": float(errors_arr.mean()) if len(errors_arr) else None,
+            "count_exact": float((errors_arr == 0).mean()) if len(errors_arr) else None,
+        }
+    for index, (pred, truth) in enumerate(zip(predictions, truths)):
+        pb, pl, ps = _as_arrays(pred.boxes, pred.labels, pred.scores)
+        tl = np.asarray(truth.labels).reshape(-1)
+        row: dict[str, Any] = {"image": truth.name or str(index)}
+        for k, name in enumerate(classes):
+            row[f"true_{name}"] = int((tl == k).sum())
+            row[f"pred_{name}"] = int(((pl == k) & (ps >= score_threshold)).sum())
+        rows.append(row)
+    return {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "per_class": per_class,
+            "per_image_counts": rows}
+
+
+# --------------------------------------------------------------------------- figures
+def pr_curves_figure(coco: dict[str, Any], operating: dict[str, Any], path: Path) -> Path:
+    fig = _new_figure(5.5, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (name, curve) in enumerate(coco["pr_curves"].items()):
+        ap = coco["per_class"][name]["ap_50"]
+        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP@0.5 {ap:.3f})", **_style(k))
+        point = operating["per_class"].get(name, {})
+        if point.get("precision") is not None and point.get("recall") is not None:
+            ax.plot([point["recall"]], [point["precision"]], "o", color=_style(k)["color"])
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Precision-recall at IoU 0.5 (dots: threshold {operating['score_threshold']:.2f})", fontsize=9)
+    _legend(ax, len(coco["pr_curves"]), "lower left")
+    return _save(fig, path)
+
+
+def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) -> Path:
+    rows = operating["per_image_counts"]
+    fig = _new_figure(3.2 * len(classes), 3.2)
+    for k, name in enumerate(classes):
+        ax = fig.add_subplot(1, len(classes), k + 1)
+        true = np.array([r[f"true_{name}"] for r in rows])
+        pred = np.array([r[f"pred_{name}"] for r in rows])
+        jitter = np.random.default_rng(k).uniform(-0.15, 0.15, (2, len(true)))
+        ax.scatter(true + jitter[0], pred + jitter[1], s=10, alpha=0.6, color=_style(k)["color"])
+        top = max(1, int(max(true.max(initial=0), pred.max(initial=0))) + 1)
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        exact = operating["per_class"][name]["count_exact"]
+        ax.set_title(f"{name}: exact in {exact:.0%}" if exact is not None else name, fontsize=9)
+        ax.set_xlabel("true count")
+        if k == 0:
+            ax.set_ylabel("predicted count")
+    return _save(fig, path)
+
+
+def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicted], truths: Sequence[GroundTruth],
+                    classes: Sequence[str], score_threshold: float, path: Path, columns: int = 3) -> Path:
+    """True boxes dashed, predictions (score >= threshold) solid, one colour per class."""
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig = _new_figure(4.2 * min(columns, n), 3.4 * rows)
+    for i, (pixels, pred, truth) in enumerate(zip(images, predictions, truths)):
+        ax = fig.add_subplot(rows, min(columns, n), i + 1)
+        ax.imshow(pixels)
+        for box, label in zip(*_as_arrays(truth.boxes, truth.labels)[:2]):
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                   linestyle="--", linewidth=1.0, edgecolor=_style(int(label))["color"]))
+        pb, pl, ps = _as_arrays(pred.boxes, pred.labels, pred.scores)
+        for box, label, score in zip(pb, pl, ps):
+            if score < score_threshold:
+                continue
+            colour = _style(int(label))["color"]
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                   linewidth=1.6, edgecolor=colour))
+            ax.text(box[0], box[1], f"{classes[int(label)]} {score:.2f}", fontsize=5, color="white",
+                    bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
+        ax.set_title(truth.name, fontsize=7)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def detection_training_figure(history: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    if not history:
+        return None
+    fig = _new_figure(8, 3.2)
+    epochs = [row["epoch"] for row in history]
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    for key, label in (("val_map", "val mAP@[.5:.95]"), ("val_map_50", "val mAP@0.5")):
+        values = [row.get(key) for row in history]
+        if any(v is not None for v in values):
+            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+_CAPTIONS = {
+    "pr_curves": ("Precision-recall curves", "Per class at IoU 0.5 (pycocotools' 101-point interpolation); "
+                  "the dot is the operating threshold."),
+    "counts": ("Counts per image", "Predicted against true number of objects per image and class "
+               "(jittered); on the diagonal the count is exactly right."),
+    "examples": ("Examples", "Dashed: true boxes; solid: predicted boxes at the operating threshold, "
+                 "coloured by class, with their scores. Worst count errors first."),
+    "training_curves": ("Training curves", "Training loss and validation mAP per epoch."),
+}
+
+
+def render_detection_report(metrics: dict[str, Any], figures: dict[str, Path], *, title: str,
+                            notes: Sequence[str] = (), config: dict | None = None) -> str:
+    classes = metrics["classes"]
+    rows = []
+    for name in classes:
+        coco = metrics["per_class"][name]
+        op = metrics["operating_point"]["per_class"][name]
+        rows.append([name, str(coco["n_true"]), _fmt(coco["ap_50"]), _fmt(coco["ap"]), _fmt(op["precision"]),
+                     _fmt(op["recall"]), _fmt(op["f1"]), _fmt(op["count_mae"], 2), _fmt(op["count_exact"])])
+    cards = [
+        ("mAP@[.5:.95]", _fmt(metrics["map"]), "COCO, all classes"),
+        ("mAP@0.5", _fmt(metrics["map_50"]), "mean of per-class AP@0.5"),
+        ("mAP@0.75", _fmt(metrics["map_75"]), "stricter localisation"),
+        ("Images", str(metrics["n_images"]), f"{metrics['n_objects']} true objects"),
+        ("Threshold", _fmt(metrics["operating_point"]["score_threshold"], 2), "operating score threshold"),
+    ]
+    details = [(k, _fmt(v)) for k, v in metrics.items()
+               if isinstance(v, (str, int, float, bool)) and k not in ("map", "map_50", "map_75")]
+    embedded = []
+    for name, path in figures.items():
+        item = _embed(name, path)
+        item["title"], item["caption"] = _CAPTIONS.get(name, (item["title"], item["caption"]))
+        embedded.append(item)
+    template = resources.files("leukoscope").joinpath("templates", "detection_report.html").read_text("utf-8")
+    return _environment().from_string(template).render(
+        title=title, version=leukoscope.__version__,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), disclaimer=DISCLAIMER,
+        notes=list(notes), cards=cards, rows=rows, details=details, figures=embedded,
+        config_json=json.dumps(config, indent=2, default=str) if config else "",
+    )
+
+
+def evaluate_detections(
+    predictions: Sequence[Predicted],
+    truths: Sequence[GroundTruth],
+    classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    score_threshold: float = 0.5,
+    images: Sequence[np.ndarray] | Callable[[int], np.ndarray] | None = None,
+    n_examples: int = 6,
+    history: Sequence[dict[str, Any]] | None = None,
+    title: str = "Detection evaluation",
+    notes: Sequence[str] = (),
+    config: dict | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``metrics.json``, ``figures/*.png`` and ``report.html`` into ``out_dir``; return the metrics.
+
+    ``images`` (RGB arrays in the same order, or a function index -> array) are
+    only needed for the example figure.
+    """
+    out_dir = Path(out_dir)
+    figures_dir = out_dir / "figures"
+    coco = coco_metrics(predictions, truths, classes)
+    operating = operating_point(predictions, truths, classes, score_threshold)
+    wbc = next((c for c in classes if c.upper() == "WBC"), None)
+    metrics: dict[str, Any] = {
+        "task": "detection",
+        "classes": list(classes),
+        "n_images": len(truths),
+        "n_objects": int(sum(len(np.asarray(t.labels).reshape(-1)) for t in truths)),
+        "map": coco["map"],
+        "map_50": coco["map_50"],
+        "map_75": coco["map_75"],
+        "mar_100": coco.get("mar_100"),
+        "per_class": coco["per_class"],
+        "operating_point": operating,
+    }
+    if wbc is not None:
+        metrics["wbc_count_exact"] = operating["per_class"][wbc]["count_exact"]
+    metrics.update(extra or {})
+    figures: dict[str, Path] = {}
+    if coco["pr_curves"]:
+        figures["pr_curves"] = pr_curves_figure(coco, operating, figures_dir / "pr_curves.png")
+    figures["counts"] = count_figure(operating, classes, figures_dir / "counts.png")
+    if images is not None and n_examples > 0:
+        errors = [sum(abs(r[f"pred_{c}"] - r[f"true_{c}"]) for c in classes) for r in operating["per_image_counts"]]
+        order = list(np.argsort(-np.asarray(errors), kind="stable")[:n_examples])
+        load = images if callable(images) else images.__getitem__
+        figures["examples"] = examples_figure([load(int(i)) for i in order], [predictions[i] for i in order],
+                                              [truths[i] for i in order], classes, score_threshold,
+                                              figures_dir / "examples.png")
+    if history:
+        path = detection_training_figure(history, figures_dir / "training_curves.png")
+        if path is not None:
+            figures["training_curves"] = path
+    metrics["figures"] = {name: str(path.relative_to(out_dir)) for name, path in figures.items()}
+    metrics = to_jsonable(metrics)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    html = render_detection_report(metrics, figures, title=title, notes=notes, config=config)
+    (out_dir / "report.html").write_text(html, encoding="utf-8")
+    return metrics
+
+
+def choose_threshold(predictions: Sequence[Predicted], truths: Sequence[GroundTruth], classes: Sequence[str],
+                     candidates: Sequence[float] = tuple(np.round(np.arange(0.1, 0.951, 0.05), 2))) -> float:
+    """The score threshold with the best mean F1 over classes (ties: the lower threshold)."""
+    best, best_f1 = 0.5, -1.0
+    for threshold in candidates:
+        per_class = operating_point(predictions, truths, classes, float(threshold))["per_class"]
+        f1 = [v["f1"] for v in per_class.values() if v["f1"] is not None]
+        score = float(np.mean(f1)) if f1 else 0.0
+        if score > best_f1 + 1e-9:
+            best, best_f1 = float(threshold), score
+    return best

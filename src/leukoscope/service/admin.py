@@ -1,0 +1,80 @@
+"""Command-line administration: open the database (migrating it), add users, issue tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from leukoscope.service import db as dbm
+from leukoscope.service.auth import audit, create_user, new_api_token
+from leukoscope.service.errors import ServiceError
+from leukoscope.service.models import Case, User
+from leukoscope.service.settings import ServiceSettings
+
+
+@dataclass
+class Database:
+    url: str
+    sessions: sessionmaker[Session]
+    engine: object
+
+    def close(self) -> None:
+        self.engine.dispose()  # type: ignore[attr-defined]
+
+
+def open_database(settings: ServiceSettings) -> Database:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = dbm.make_engine(settings.resolved_database_url)
+    if settings.migrate:
+        dbm.upgrade(engine)
+    else:
+        dbm.check_schema(engine)
+    return Database(engine.url.render_as_string(hide_password=True), dbm.make_sessionmaker(engine), engine)
+
+
+def add_user(settings: ServiceSettings, username: str, password: str, role: str) -> User:
+    database = open_database(settings)
+    try:
+        with dbm.transaction(database.sessions) as db:
+            user = create_user(db, username, password, role)
+            audit(db, None, "user.create", username="(command line)", detail={"username": username, "role": role})
+            return user
+    finally:
+        database.close()
+
+
+def issue_token(settings: ServiceSettings, username: str, name: str) -> str:
+    database = open_database(settings)
+    try:
+        with dbm.transaction(database.sessions) as db:
+            user = db.scalar(select(User).where(User.username == username))
+            if user is None:
+                raise ServiceError(404, "no_user", f"no user {username!r}")
+            token, secret = new_api_token(db, user, name)
+            audit(db, None, "token.create", username="(command line)",
+                  detail={"for": username, "token": token.prefix})
+            return secret
+    finally:
+        database.close()
+
+
+def list_users(settings: ServiceSettings) -> list[tuple[str, str, bool, int]]:
+    database = open_database(settings)
+    try:
+        with dbm.transaction(database.sessions) as db:
+            counts = dict(db.execute(select(Case.owner_id, func.count(Case.id)).group_by(Case.owner_id)).all())
+            return [(u.username, u.role, u.active, counts.get(u.id, 0))
+                    for u in db.scalars(select(User).order_by(User.username))]
+    finally:
+        database.close()
+
+
+def user_count(settings: ServiceSettings) -> int:
+    database = open_database(settings)
+    try:
+        with database.sessions() as db:
+            return int(db.scalar(select(func.count(User.id))) or 0)
+    finally:
+        database.close()

@@ -1,0 +1,294 @@
+"""The service's view of the models: the same CellClassifier (and SmearAnalyzer)
+the CLI and the Python API use, loaded once, run in a small thread pool.
+
+Each inference thread gets its own copy of the model: Grad-CAM registers forward
+hooks on the model's layers, and two threads sharing one model would record each
+other's activations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from PIL import Image, ImageDraw
+
+from leukoscope.inference.predictor import CellClassifier, Prediction
+
+log = logging.getLogger(__name__)
+
+#: Heatmap overlays and cell crops are shown at this size (px, longer side).
+DISPLAY_SIZE = 256
+#: Two-sided 95% normal quantile for the Wilson interval.
+Z95 = 1.959963984540054
+
+
+class SmearBackend(Protocol):
+    """What the service needs from a smear analyser (``leukoscope.inference.smear``)."""
+
+    def analyse(self, image: Image.Image) -> Any: ...
+
+
+@dataclass
+class CellOutcome:
+    prediction: Prediction
+    box: list[int] | None = None
+    detection_score: float | None = None
+    crop: Image.Image | None = None  # smear fields: the cell cut out of the field
+    overlay: Image.Image | None = None  # Grad-CAM on the cell
+
+
+@dataclass
+class ImageOutcome:
+    cells: list[CellOutcome]
+    annotated: Image.Image | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (0..1); (0, 0) when n = 0."""
+    if n <= 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def default_blast_classes(classes: Sequence[str]) -> list[str]:
+    """Classes counted as blasts: names containing 'blast', or C-NMC's 'all'."""
+    return [c for c in classes if "blast" in c.lower() or c.lower() == "all"]
+
+
+def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str],
+                 uncertain_label: str = "uncertain") -> dict[str, Any]:
+    """Counts and percentages per class, and the blast percentage with its 95% Wilson
+    interval. Cells still "uncertain" (not reviewed) are left out of the count, as an
+    analyser's unidentified bin is, and reported separately."""
+    counts = {name: 0 for name in classes}
+    uncertain = 0
+    for label in labels:
+        if label == uncertain_label:
+            uncertain += 1
+        elif label in counts:
+            counts[label] += 1
+    n = sum(counts.values())
+    blasts = sum(counts[c] for c in blast_classes if c in counts)
+    low, high = wilson_interval(blasts, n)
+    return {
+        "n_counted": n,
+        "n_uncertain": uncertain,
+        "counts": counts,
+        "percent": {name: (100.0 * count / n if n else 0.0) for name, count in counts.items()},
+        "blast_classes": list(blast_classes),
+        "blasts": blasts,
+        "blast_percent": 100.0 * blasts / n if n else None,
+        "blast_ci95": [100.0 * low, 100.0 * high] if n else None,
+    }
+
+
+class Analyzer:
+    """Loads the bundles once; ``await analyzer.run(kind, images)`` classifies off the event loop."""
+
+    def __init__(self, classifier: CellClassifier, *, smear: SmearBackend | None = None, gradcam: bool = True,
+                 threads: int = 2, blast_classes: Sequence[str] | None = None, name: str = "") -> None:
+        self.base = classifier
+        self.smear = smear
+        self.gradcam = gradcam
+        self.classes = list(classifier.classes)
+        self.blast_classes = list(blast_classes) if blast_classes is not None else default_blast_classes(self.classes)
+        self.model_name = name or classifier.info.model_name
+        self.threads = threads
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leukoscope-infer")
+
+    @classmethod
+    def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
+                     uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2) -> "Analyzer":
+        classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold)
+        smear = None
+        if detector is not None:
+            smear = load_smear_backend(detector, bundle)
+        name = f"{classifier.info.model_name} ({Path(bundle).resolve().name})"
+        return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name)
+
+    @property
+    def has_detector(self) -> bool:
+        return self.smear is not None
+
+    @property
+    def threshold(self) -> float:
+        return self.base.threshold
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ thread-side work
+
+    def _classifier(self) -> CellClassifier:
+        """This thread's own copy of the classifier (made once per thread)."""
+        local = getattr(self._local, "classifier", None)
+        if local is None:
+            local = copy.copy(self.base)
+            local.model = copy.deepcopy(self.base.model).eval()
+            self._local.classifier = local
+        return local
+
+    def _overlay(self, classifier: CellClassifier, image: Image.Image, top_class: str) -> Image.Image | None:
+        if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
+            return None  # classical (scikit-learn) bundles have no convolution to explain
+        import torch
+
+        from leukoscope.inference.explain import grad_cam, overlay_heatmap
+        from leukoscope.transforms import letterbox
+
+        inputs = classifier.preprocess(image).unsqueeze(0).to(classifier.device)
+        try:
+            with torch.enable_grad():
+                heatmap = grad_cam(classifier.model, inputs, classifier.classes.index(top_class))[0]
+        except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
+            log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
+            return None
+        return overlay_heatmap(letterbox(image, max(classifier.image_size, DISPLAY_SIZE)), heatmap)
+
+    def analyse_cell(self, image: Image.Image) -> ImageOutcome:
+        classifier = self._classifier()
+        prediction = classifier.predict_images([image], ["upload"])[0]
+        return ImageOutcome([CellOutcome(prediction, overlay=self._overlay(classifier, image, prediction.top_class))])
+
+    def analyse_smear(self, image: Image.Image) -> ImageOutcome:
+        if self.smear is None:
+            raise RuntimeError("no detector bundle loaded")
+        classifier = self._classifier()
+        result = self.smear.analyse(image)
+        cells: list[CellOutcome] = []
+        for index, cell in enumerate(_result_cells(result)):
+            box = _box(cell, image.size)
+            crop = image.crop(tuple(box))
+            prediction = _prediction(cell, classifier, f"cell_{index}")
+            if prediction is None:  # the backend detected but did not classify
+                prediction = classifier.predict_images([crop], [f"cell_{index}"])[0]
+            score = getattr(cell, "score", None) or getattr(cell, "detection_score", None)
+            cells.append(CellOutcome(prediction, box=box, detection_score=float(score) if score is not None else None,
+                                     crop=crop, overlay=self._overlay(classifier, crop, prediction.top_class)))
+        return ImageOutcome(cells, annotated=annotate(image, cells))
+
+    def _warm(self, barrier: threading.Barrier) -> None:
+        classifier = self._classifier()
+        probe = Image.new("RGB", (classifier.image_size, classifier.image_size), (220, 200, 210))
+        outcome = self.analyse_cell(probe)
+        assert outcome.cells
+        barrier.wait(timeout=60)
+
+    def warm_up(self) -> None:
+        """Give every inference thread its model copy and run it once (first request fast)."""
+        barrier = threading.Barrier(self.threads)
+        futures = [self._executor.submit(self._warm, barrier) for _ in range(self.threads)]
+        for future in futures:
+            future.result()
+
+    # ------------------------------------------------------------ event-loop side
+
+    async def run(self, kind: str, images: Sequence[Image.Image]) -> list[ImageOutcome]:
+        loop = asyncio.get_running_loop()
+        work = self.analyse_smear if kind == "smear" else self.analyse_cell
+        return list(await asyncio.gather(*(loop.run_in_executor(self._executor, work, image) for image in images)))
+
+
+# ---------------------------------------------------------------- smear adapter
+
+
+def load_smear_backend(detector: str | Path, classifier_bundle: str | Path) -> SmearBackend:
+    """``leukoscope.inference.smear.SmearAnalyzer(detector, classifier)``; a clear error
+    when this installation does not have smear analysis yet."""
+    try:
+        from leukoscope.inference.smear import SmearAnalyzer  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(
+            "smear analysis (leukoscope.inference.smear) is not available in this installation; "
+            f"serve without --detector to classify single cells ({exc})"
+        ) from None
+    analyzer = SmearAnalyzer(detector, classifier_bundle)
+    for method in ("analyse", "analyze"):
+        if hasattr(analyzer, method):
+            return _MethodAdapter(analyzer, method)
+    raise RuntimeError("SmearAnalyzer has no analyse() method")
+
+
+class _MethodAdapter:
+    def __init__(self, target: Any, method: str) -> None:
+        self._call = getattr(target, method)
+
+    def analyse(self, image: Image.Image) -> Any:
+        return self._call(image)
+
+
+def _result_cells(result: Any) -> list[Any]:
+    if isinstance(result, dict):
+        return list(result.get("cells", []))
+    cells = getattr(result, "cells", result)
+    return list(cells)
+
+
+def _get(cell: Any, *names: str) -> Any:
+    for name in names:
+        if isinstance(cell, dict) and name in cell:
+            return cell[name]
+        if hasattr(cell, name):
+            return getattr(cell, name)
+    return None
+
+
+def _box(cell: Any, size: tuple[int, int]) -> list[int]:
+    box = _get(cell, "box", "bbox")
+    if box is None:
+        raise ValueError("smear analyser returned a cell without a box")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width, height = size
+    x0, x1 = sorted((max(0.0, min(width, x0)), max(0.0, min(width, x1))))
+    y0, y1 = sorted((max(0.0, min(height, y0)), max(0.0, min(height, y1))))
+    return [int(math.floor(x0)), int(math.floor(y0)), max(int(math.ceil(x1)), int(x0) + 1),
+            max(int(math.ceil(y1)), int(y0) + 1)]
+
+
+def _prediction(cell: Any, classifier: CellClassifier, source: str) -> Prediction | None:
+    inner = _get(cell, "prediction")
+    if isinstance(inner, Prediction):
+        return inner
+    probabilities = _get(cell, "probabilities")
+    top_class = _get(cell, "top_class", "class_name", "label")
+    confidence = _get(cell, "confidence")
+    if probabilities is None or top_class is None or confidence is None:
+        return None
+    uncertain = _get(cell, "uncertain")
+    if uncertain is None:
+        uncertain = float(confidence) < classifier.threshold
+    return Prediction(source=source, label="uncertain" if uncertain else str(top_class), top_class=str(top_class),
+                      confidence=float(confidence),
+                      probabilities={str(k): float(v) for k, v in dict(probabilities).items()},
+                      uncertain=bool(uncertain))
+
+
+def annotate(image: Image.Image, cells: Sequence[CellOutcome]) -> Image.Image:
+    """The field with every detected cell boxed and numbered (orange: uncertain)."""
+    annotated = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(annotated)
+    width = max(2, round(max(image.size) / 400))
+    for index, cell in enumerate(cells, start=1):
+        if cell.box is None:
+            continue
+        colour = (255, 140, 0) if cell.prediction.uncertain else (0, 200, 60)
+        draw.rectangle(cell.box, outline=colour, width=width)
+        label = f"{index} {cell.prediction.label}"
+        x0, y0 = cell.box[0], max(0, cell.box[1] - 12)
+        draw.rectangle([x0, y0, x0 + 7 * len(label), y0 + 12], fill=colour)
+        draw.text((x0 + 2, y0), label, fill=(0, 0, 0))
+    return annotated

@@ -1,0 +1,339 @@
+"""What the API and the pages both do: create a case from uploads, find the cases
+a user may see, review a case, export reviewed labels. One implementation, two
+thin front ends (``routes_api`` and ``routes_pages``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import secrets
+import tempfile
+import unicodedata
+import zipfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from PIL import Image
+from sqlalchemy import and_, func, select
+from sqlalchemy import case as sa_case
+from sqlalchemy.orm import Session, selectinload
+from starlette.concurrency import run_in_threadpool
+
+from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
+from leukoscope.service.analysis import ImageOutcome, differential
+from leukoscope.service.auth import Principal, audit, too_many
+from leukoscope.service.db import transaction
+from leukoscope.service.errors import ServiceError
+from leukoscope.service.models import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
+from leukoscope.service.storage import EXTENSIONS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leukoscope.service.app import ServiceState
+
+log = logging.getLogger(__name__)
+
+#: A reviewer's label for a detection that is not a usable cell (not counted, not exported).
+EXCLUDED = "excluded"
+DECISION_SUPPORT_NOTE = ("Decision support for trained staff, not a diagnosis: every result must be reviewed "
+                         "by a qualified hematologist.")
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+@dataclass
+class DecodedUpload:
+    name: str
+    data: bytes
+    format: str
+    image: Image.Image
+
+
+def display_name(filename: str | None) -> str:
+    """The client's file name reduced to something safe to *show* (it is never a path)."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in unicodedata.normalize("NFC", name) if unicodedata.category(ch)[0] != "C")
+    name = name.strip().lstrip(".") or "upload"
+    return name[:200]
+
+
+#: Magic numbers: what a file *is*, whatever its name says.
+MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+    (b"%PDF", "PDF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The file type from its first bytes (never from its name)."""
+    for magic, name in MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode_upload(upload: Upload, max_pixels: int) -> DecodedUpload:
+    name = display_name(upload.filename)
+    if not upload.data:
+        raise ServiceError(400, "empty_file", f"{name}: the file is empty (0 bytes)")
+    fmt = sniff_format(upload.data)
+    if fmt not in SUPPORTED_FORMATS:
+        found = f"a {fmt} file" if fmt else "not an image"
+        raise ServiceError(415, "unsupported_format", f"{name}: {found}; send JPEG, PNG, BMP or TIFF (the format is "
+                                                      "read from the file's content, not its name)")
+    try:
+        image = load_image(upload.data, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ServiceError(413, "too_many_pixels", f"{name}: {_strip_source(exc)}") from None
+    except ImageDecodeError as exc:
+        raise ServiceError(422, "corrupt_image", f"{name}: a damaged or truncated {fmt} file "
+                                                 f"({_strip_source(exc)})") from None
+    return DecodedUpload(name, upload.data, fmt, image)
+
+
+def _strip_source(exc: Exception) -> str:
+    return str(exc).removeprefix("<uploaded bytes>: ")
+
+
+def decode_uploads(uploads: Sequence[Upload], max_pixels: int, max_files: int) -> list[DecodedUpload]:
+    if not uploads:
+        raise ServiceError(400, "no_file", "choose at least one image file to upload")
+    if len(uploads) > max_files:
+        raise ServiceError(413, "too_many_files", f"{len(uploads)} files in one upload; at most {max_files}")
+    return [decode_upload(upload, max_pixels) for upload in uploads]
+
+
+# ------------------------------------------------------------------ create
+
+
+async def create_case(state: "ServiceState", principal: Principal, kind: str, uploads: Sequence[Upload],
+                      note: str = "", client: str = "") -> str:
+    """Validate, analyse and store one upload as one case; returns the case id.
+
+    Nothing is written unless every file is valid. Files go to the store first
+    (atomic, content-named), then every row in one transaction: a crash at any
+    point leaves either the whole case or no case (plus, at worst, unreferenced
+    files that :meth:`ContentStore.collect_garbage` removes)."""
+    principal.require("technician", "hematologist")
+    kind = (kind or "cell").lower()
+    if kind not in CASE_KINDS:
+        raise ServiceError(400, "bad_kind", f"kind must be one of {', '.join(CASE_KINDS)}")
+    if kind == "smear" and not state.analyzer.has_detector:
+        raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
+                                               "(upload single-cell images, or start it with --detector)")
+    wait = state.upload_limiter.hit(f"user:{principal.user.id}")
+    if wait is not None:
+        raise too_many("uploads", wait)
+    decoded = await run_in_threadpool(decode_uploads, uploads, state.settings.max_pixels,
+                                      state.settings.max_files_per_upload)
+    outcomes = await state.analyzer.run(kind, [d.image for d in decoded])
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, decoded, outcomes, client)
+
+
+def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded: list[DecodedUpload],
+             outcomes: list[ImageOutcome], client: str) -> str:
+    store = state.store
+    stored = []
+    for upload, outcome in zip(decoded, outcomes):
+        cells = []
+        for cell in outcome.cells:
+            cells.append({
+                "crop": store.put_png(cell.crop) if cell.crop is not None else None,
+                "overlay": store.put_png(cell.overlay) if cell.overlay is not None else None,
+            })
+        stored.append({
+            "original": store.put(upload.data, EXTENSIONS[upload.format]),
+            "served": store.put_png(upload.image),
+            "annotated": store.put_png(outcome.annotated) if outcome.annotated is not None else None,
+            "cells": cells,
+        })
+    case_id = secrets.token_hex(16)
+    analyzer = state.analyzer
+    labels = [cell.prediction.label for outcome in outcomes for cell in outcome.cells]
+    with transaction(state.sessions) as db:
+        case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
+                    model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
+                    analysis={"threshold": analyzer.threshold, "blast_classes": analyzer.blast_classes,
+                              "differential_at_upload": differential(labels, analyzer.classes,
+                                                                     analyzer.blast_classes)})
+        db.add(case)
+        position = 0
+        for index, (upload, outcome, files) in enumerate(zip(decoded, outcomes, stored)):
+            image = CaseImage(case=case, position=index, original_name=upload.name, format=upload.format,
+                              width=upload.image.width, height=upload.image.height, size_bytes=len(upload.data),
+                              sha256=files["original"].split(".")[0], original_object=files["original"],
+                              served_object=files["served"], annotated_object=files["annotated"])
+            db.add(image)
+            for cell, cell_files in zip(outcome.cells, files["cells"]):
+                p = cell.prediction
+                db.add(Cell(case=case, image=image, position=position, box=cell.box,
+                            detection_score=cell.detection_score, predicted_label=p.label, top_class=p.top_class,
+                            confidence=float(p.confidence), probabilities={k: float(v) for k, v in
+                                                                           p.probabilities.items()},
+                            uncertain=bool(p.uncertain), crop_object=cell_files["crop"],
+                            overlay_object=cell_files["overlay"]))
+                position += 1
+        db.flush()
+        user = db.get(User, user_id)
+        audit(db, user, "case.create", case_id=case_id,
+              detail={"kind": kind, "images": len(decoded), "cells": position}, client=client)
+        if state.before_commit is not None:  # test hook: fail between the writes and the commit
+            state.before_commit(db, case_id)
+    return case_id
+
+
+# ------------------------------------------------------------------ read
+
+
+def visible_cases(db: Session, principal: Principal, status: str | None = None, limit: int = 200,
+                  offset: int = 0) -> list[Case]:
+    principal.require("technician", "hematologist")
+    query = select(Case).order_by(Case.created_at.desc(), Case.id).limit(limit).offset(offset)
+    if principal.role == "technician":
+        query = query.where(Case.owner_id == principal.user.id)
+    if status:
+        query = query.where(Case.status == status)
+    return list(db.scalars(query).unique())
+
+
+def cell_counts(db: Session, case_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per case: number of cells and of uncertain, unreviewed cells (for the case list)."""
+    if not case_ids:
+        return {}
+    pending = sa_case((and_(Cell.uncertain, Cell.reviewed_label.is_(None)), 1), else_=0)
+    rows = db.execute(select(Cell.case_id, func.count(Cell.id), func.sum(pending))
+                      .where(Cell.case_id.in_(case_ids)).group_by(Cell.case_id)).all()
+    return {case_id: {"cells": int(n), "uncertain": int(u or 0)} for case_id, n, u in rows}
+
+
+def load_case(db: Session, principal: Principal, case_id: str, *, action: str | None = "case.view",
+              request=None) -> Case:
+    """The case if ``principal`` may see it (404 otherwise: a technician cannot even learn
+    that another's case exists); records ``action`` in the audit log."""
+    principal.require("technician", "hematologist")
+    case = None
+    if re.fullmatch(r"[0-9a-f]{32}", case_id or ""):
+        case = db.scalar(select(Case).where(Case.id == case_id)
+                         .options(selectinload(Case.images), selectinload(Case.cells)))
+    if case is None or (principal.role == "technician" and case.owner_id != principal.user.id):
+        raise ServiceError(404, "case_not_found", "no such case (or it is not yours to see)")
+    if action:
+        audit(db, principal.user, action, case_id=case.id, request=request)
+    return case
+
+
+def current_differential(case: Case) -> dict[str, Any]:
+    labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
+    blast_classes = case.analysis.get("blast_classes", [])
+    return differential(labels, case.classes, blast_classes)
+
+
+# ------------------------------------------------------------------ review
+
+
+def review_case(db: Session, principal: Principal, case: Case, labels: dict[int, str], comment: str | None,
+                *, confirm_rest: bool = True, request=None) -> dict[str, Any]:
+    """Set the hematologist's label of each cell in ``labels``; with ``confirm_rest``,
+    every other cell keeps (confirms) its predicted class. The case becomes
+    ``reviewed`` once every cell has a reviewed label."""
+    principal.require("hematologist")
+    allowed = set(case.classes) | {EXCLUDED}
+    cells = {cell.id: cell for cell in case.cells}
+    unknown = sorted(set(labels) - set(cells))
+    if unknown:
+        raise ServiceError(422, "unknown_cell", f"cells {unknown} are not part of case {case.id}")
+    for cell_id, label in labels.items():
+        if label not in allowed:
+            raise ServiceError(422, "bad_label", f"cell {cell_id}: {label!r} is not one of "
+                                                 f"{', '.join(sorted(allowed))}")
+    wanted: dict[int, str] = dict(labels)
+    if confirm_rest:
+        for cell in case.cells:
+            if cell.id in wanted or cell.reviewed_label is not None:
+                continue
+            if cell.uncertain:
+                raise ServiceError(422, "label_required", f"cell {cell.position + 1} is uncertain: choose its class "
+                                                          "(or 'excluded')")
+            wanted[cell.id] = cell.top_class
+    now = utcnow()
+    changes = []
+    for cell_id, label in wanted.items():
+        cell = cells[cell_id]
+        previous = cell.reviewed_label
+        if previous == label:
+            continue
+        db.add(CellReview(cell_id=cell.id, reviewer_id=principal.user.id, label=label, previous_label=previous,
+                          created_at=now))
+        changes.append({"cell": cell.id, "predicted": cell.predicted_label, "from": previous, "to": label})
+        cell.reviewed_label, cell.reviewed_by, cell.reviewed_at = label, principal.user.id, now
+    if comment is not None:
+        case.review_comment = comment[:5000]
+    if all(cell.reviewed_label is not None for cell in case.cells):
+        case.status = "reviewed"
+        case.reviewed_at = now
+        case.reviewer_id = principal.user.id
+    corrected = sum(1 for c in changes if c["to"] != c["predicted"])
+    audit(db, principal.user, "case.review", case_id=case.id, request=request,
+          detail={"changed": len(changes), "corrected": corrected, "status": case.status,
+                  "labels": {str(c["cell"]): c["to"] for c in changes}, "comment": comment is not None})
+    return {"changed": len(changes), "corrected": corrected, "status": case.status}
+
+
+# ------------------------------------------------------------------ export
+
+
+EXPORT_LAYOUTS = ("folders", "csv")
+
+
+def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
+                   request=None) -> tuple[str, int]:
+    """Every reviewed cell as a training image, in a ZIP written to a temporary file:
+    ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
+    ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
+    so that a split keeps the cells of one case together. Returns (zip path, cell count)."""
+    principal.require("hematologist")
+    if layout not in EXPORT_LAYOUTS:
+        raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
+    cells = db.scalars(
+        select(Cell).where(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
+        .options(selectinload(Cell.image)).order_by(Cell.case_id, Cell.position)
+    ).all()
+    handle = tempfile.NamedTemporaryFile(prefix="leukoscope-export-", suffix=".zip", delete=False)
+    rows = []
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+        for cell in cells:
+            label = cell.reviewed_label or ""
+            safe_label = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "label"
+            file_name = f"case-{cell.case_id}-cell-{cell.id}.png"
+            member = f"{safe_label}/{file_name}" if layout == "folders" else f"images/{file_name}"
+            archive.writestr(member, read_object(cell.crop_object or cell.image.served_object))
+            rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,
+                         "cell": cell.id, "predicted": cell.predicted_label, "top_class": cell.top_class,
+                         "confidence": round(cell.confidence, 6), "reviewed_at": cell.reviewed_at.isoformat()
+                         if cell.reviewed_at else ""})
+        if layout == "csv":
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=["path", "label", "subject", "case", "cell", "predicted",
+                                                      "top_class", "confidence", "reviewed_at"])
+            writer.writeheader()
+            writer.writerows(rows)
+            archive.writestr("manifest.csv", text.getvalue())
+    handle.close()
+    audit(db, principal.user, "dataset.export", request=request,
+          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows})})
+    return handle.name, len(rows)

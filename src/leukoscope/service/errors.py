@@ -1,0 +1,21 @@
+"""One error type for the whole service: JSON for the API, a message on the page."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An expected failure with an HTTP status, a stable code and a human message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def as_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class LoginRequired(Exception):
+    """A page needs a logged-in user: answered with a redirect to the log-in page."""

@@ -1,0 +1,442 @@
+"""Server-rendered pages (Jinja2, no JavaScript build): log in, upload, result,
+case list, review, export, account (API tokens), admin (users, audit log).
+
+Every form carries the session's CSRF token; the session cookie is HttpOnly and
+SameSite=Lax (Secure over HTTPS).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from sqlalchemy import func, select
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from leukoscope.service import cases as ops
+from leukoscope.service.auth import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Principal,
+    audit,
+    check_csrf,
+    check_login_csrf,
+    client_address,
+    create_user,
+    hash_password,
+    hash_secret,
+    new_api_token,
+    new_session,
+    page_principal,
+    too_many,
+    verify_password,
+)
+from leukoscope.service.db import transaction
+from leukoscope.service.errors import ServiceError
+from leukoscope.service.models import ROLES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
+from leukoscope.service.routes_api import read_uploads
+
+router = APIRouter(include_in_schema=False)
+
+
+def state_of(request: Request):
+    return request.app.state.service
+
+
+def render(request: Request, template: str, principal: Principal | None, http_status: int = 200, **context: Any):
+    state = state_of(request)
+    context.update(user=principal.user if principal else None, csrf=principal.csrf_token if principal else "",
+                   smear_enabled=state.analyzer.has_detector)
+    return state.templates.TemplateResponse(request, template, context, status_code=http_status)
+
+
+def redirect(path: str) -> RedirectResponse:
+    return RedirectResponse(path, status_code=303)
+
+
+def secure_cookie(request: Request) -> bool:
+    mode = state_of(request).settings.secure_cookies
+    return mode == "always" or (mode == "auto" and request.url.scheme == "https")
+
+
+def safe_next(target: str | None) -> str:
+    """Only same-site paths after log-in (no open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    parts = urlsplit(target)
+    return target if not parts.scheme and not parts.netloc else "/"
+
+
+async def form_of(request: Request) -> dict[str, str]:
+    form = await request.form(max_files=0, max_fields=500)
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+# ------------------------------------------------------------------ log in / out
+
+
+@router.get("/")
+def home(request: Request):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        return redirect("/admin/users" if principal.role == "admin" else "/cases")
+
+
+def login_page(request: Request, message: str = "", status: int = 200, next_path: str = "/"):
+    token = secrets.token_urlsafe(32)
+    response = render(request, "login.html", None, http_status=status, login_csrf=token, message=message,
+                      next_path=safe_next(next_path))
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookie(request),
+                        path="/login", max_age=3600)
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/"):
+    return login_page(request, next_path=next)
+
+
+@router.post("/login")
+async def login(request: Request):
+    state = state_of(request)
+    form = await form_of(request)
+    check_login_csrf(request, form.get("csrf_token"))
+    username = form.get("username", "").strip()[:64]
+    password = form.get("password", "")[:1024]
+    keys = (f"login:user:{username.lower()}", f"login:ip:{client_address(request)}")
+    waits = [w for w in (state.login_limiter.retry_after(k) for k in keys) if w is not None]
+    if waits:
+        error = too_many("failed log-ins", max(waits))
+        return login_page(request, error.message, 429, form.get("next", "/"))
+
+    def attempt() -> str | None:
+        with transaction(state.sessions) as db:
+            user = db.scalar(select(User).where(User.username == username))
+            ok = verify_password(user, password) and user is not None and user.active
+            if not ok:
+                audit(db, None, "login.failed", username=username, request=request)
+                return None
+            audit(db, user, "login", request=request)
+            return new_session(db, user, state.settings.session_hours)
+
+    token = await run_in_threadpool(attempt)
+    if token is None:
+        for key in keys:
+            state.login_limiter.hit(key)
+        return login_page(request, "Wrong user name or password.", 401, form.get("next", "/"))
+    state.login_limiter.reset(keys[0])
+    response = redirect(safe_next(form.get("next")))
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=secure_cookie(request),
+                        path="/", max_age=int(state.settings.session_hours * 3600))
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    form = await form_of(request)
+
+    def work() -> None:
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            audit(db, principal.user, "logout", request=request)
+            db.delete(principal.session)
+
+    await run_in_threadpool(work)
+    response = redirect("/login")
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# ------------------------------------------------------------------ cases
+
+
+@router.get("/cases")
+def case_list(request: Request, status: str | None = None):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        if principal.role == "admin":
+            return redirect("/admin/users")
+        status = status if status in ("new", "reviewed") else None
+        found = ops.visible_cases(db, principal, status)
+        return render(request, "cases.html", principal, cases=found, counts=ops.cell_counts(db, [c.id for c in found]),
+                      status=status)
+
+
+@router.get("/upload")
+def upload_form(request: Request):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        principal.require("technician", "hematologist")
+        return render(request, "upload.html", principal, message="")
+
+
+@router.post("/upload")
+async def upload(request: Request):
+    state = state_of(request)
+
+    def who() -> Principal:
+        with transaction(state.sessions) as db:
+            return page_principal(db, request)
+
+    principal = await run_in_threadpool(who)
+    try:
+        principal.require("technician", "hematologist")
+        uploads, fields = await read_uploads(request)
+        check_csrf(principal, fields.get("csrf_token"))
+        case_id = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
+                                        fields.get("note", ""), client=client_address(request))
+    except ServiceError as error:
+        if error.code == "csrf" or error.status == 403:
+            raise
+        response = render(request, "upload.html", principal, http_status=error.status, message=error.message)
+        response.headers.update(error.headers)
+        return response
+    return redirect(f"/cases/{case_id}")
+
+
+def _cell_groups(case) -> list[dict[str, Any]]:
+    groups = []
+    for image in case.images:
+        groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id]})
+    return groups
+
+
+@router.get("/cases/{case_id}")
+def case_page(request: Request, case_id: str, saved: int = 0):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        case = ops.load_case(db, principal, case_id, request=request)
+        return render(request, "case.html", principal, case=case, groups=_cell_groups(case),
+                      differential=ops.current_differential(case), can_review=principal.role == "hematologist",
+                      excluded=ops.EXCLUDED, saved=bool(saved), message="")
+
+
+@router.post("/cases/{case_id}/review")
+async def review(request: Request, case_id: str):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            principal.require("hematologist")
+            case = ops.load_case(db, principal, case_id, action=None)
+            labels = {}
+            for key, value in form.items():
+                if key.startswith("label_") and key[6:].isdigit() and value:
+                    labels[int(key[6:])] = value
+            try:
+                with db.begin_nested():
+                    ops.review_case(db, principal, case, labels, form.get("comment", ""), request=request)
+            except ServiceError as error:
+                if error.status >= 500 or error.status in (401, 403):
+                    raise
+                return render(request, "case.html", principal, http_status=error.status, case=case,
+                              groups=_cell_groups(case), differential=ops.current_differential(case),
+                              can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message)
+            return redirect(f"/cases/{case_id}?saved=1")
+
+    return await run_in_threadpool(work)
+
+
+# ------------------------------------------------------------------ export
+
+
+@router.get("/export")
+def export_page(request: Request):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        principal.require("hematologist")
+        rows = db.execute(select(Cell.reviewed_label, func.count(Cell.id)).where(Cell.reviewed_label.is_not(None))
+                          .group_by(Cell.reviewed_label).order_by(Cell.reviewed_label)).all()
+        return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED)
+
+
+@router.get("/export/dataset.zip")
+def export_zip(request: Request, layout: str = "folders"):
+    state = state_of(request)
+    with transaction(state.sessions) as db:
+        principal = page_principal(db, request)
+        path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request)
+    return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
+                        background=BackgroundTask(os.unlink, path))
+
+
+# ------------------------------------------------------------------ account
+
+
+def _account(request: Request, db, principal: Principal, message: str = "", new_token: str = "", status: int = 200):
+    tokens = db.scalars(select(ApiToken).where(ApiToken.user_id == principal.user.id).order_by(ApiToken.id)).all()
+    return render(request, "account.html", principal, http_status=status, tokens=tokens, message=message,
+                  new_token=new_token)
+
+
+@router.get("/account")
+def account(request: Request):
+    with transaction(state_of(request).sessions) as db:
+        return _account(request, db, page_principal(db, request))
+
+
+@router.post("/account/tokens")
+async def create_token(request: Request):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            token, secret = new_api_token(db, principal.user, form.get("name", "").strip() or "script")
+            audit(db, principal.user, "token.create", detail={"token": token.prefix}, request=request)
+            return _account(request, db, principal, "Token created: copy it now, it is shown only once.", secret)
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/account/tokens/{token_id}/revoke")
+async def revoke_token(request: Request, token_id: int):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            token = db.get(ApiToken, token_id)
+            if token is None or token.user_id != principal.user.id:
+                raise ServiceError(404, "not_found", "no such token")
+            token.revoked_at = token.revoked_at or utcnow()
+            audit(db, principal.user, "token.revoke", detail={"token": token.prefix}, request=request)
+        return redirect("/account")
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/account/password")
+async def change_password(request: Request):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            if not verify_password(principal.user, form.get("current", "")):
+                return _account(request, db, principal, "The current password is wrong.", status=400)
+            if form.get("new", "") != form.get("confirm", ""):
+                return _account(request, db, principal, "The new passwords differ.", status=400)
+            try:
+                principal.user.password_hash = hash_password(form.get("new", ""))
+            except ServiceError as error:
+                return _account(request, db, principal, error.message, status=400)
+            # every other session of this user ends
+            for other in db.scalars(select(WebSession).where(WebSession.user_id == principal.user.id,
+                                                             WebSession.id != principal.session.id)):
+                db.delete(other)
+            audit(db, principal.user, "password.change", request=request)
+            return _account(request, db, principal, "Password changed.")
+
+    return await run_in_threadpool(work)
+
+
+# ------------------------------------------------------------------ admin
+
+
+def _users_page(request: Request, db, principal: Principal, message: str = "", status: int = 200):
+    users = db.scalars(select(User).order_by(User.username)).all()
+    return render(request, "admin_users.html", principal, http_status=status, users=users, roles=ROLES, message=message)
+
+
+@router.get("/admin/users")
+def admin_users(request: Request):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        principal.require("admin")
+        return _users_page(request, db, principal)
+
+
+@router.post("/admin/users")
+async def admin_create_user(request: Request):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            principal.require("admin")
+            try:
+                with db.begin_nested():
+                    user = create_user(db, form.get("username", "").strip(), form.get("password", ""),
+                                       form.get("role", ""))
+            except ServiceError as error:
+                return _users_page(request, db, principal, error.message, error.status)
+            audit(db, principal.user, "user.create", detail={"username": user.username, "role": user.role},
+                  request=request)
+            return _users_page(request, db, principal, f"User {user.username} created.")
+
+    return await run_in_threadpool(work)
+
+
+@router.post("/admin/users/{user_id}")
+async def admin_update_user(request: Request, user_id: int):
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            principal.require("admin")
+            user = db.get(User, user_id)
+            if user is None:
+                raise ServiceError(404, "not_found", "no such user")
+            changes: dict[str, Any] = {}
+            role = form.get("role")
+            if role and role != user.role:
+                if role not in ROLES:
+                    return _users_page(request, db, principal, f"unknown role {role!r}", 400)
+                if user.id == principal.user.id:
+                    return _users_page(request, db, principal, "you cannot change your own role", 400)
+                changes["role"] = [user.role, role]
+                user.role = role
+            active = form.get("active")
+            if active in ("0", "1") and (active == "1") != user.active:
+                if user.id == principal.user.id:
+                    return _users_page(request, db, principal, "you cannot deactivate yourself", 400)
+                user.active = active == "1"
+                changes["active"] = user.active
+            if form.get("password"):
+                try:
+                    user.password_hash = hash_password(form["password"])
+                except ServiceError as error:
+                    return _users_page(request, db, principal, error.message, 400)
+                changes["password"] = "reset"
+            if changes.get("password") or changes.get("active") is False or "role" in changes:
+                for session in db.scalars(select(WebSession).where(WebSession.user_id == user.id)):
+                    db.delete(session)
+            audit(db, principal.user, "user.update", detail={"username": user.username, **changes}, request=request)
+            return _users_page(request, db, principal, f"User {user.username} updated.")
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/admin/audit")
+def admin_audit(request: Request, case: str | None = None):
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        principal.require("admin")
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(500)
+        if case:
+            query = query.where(AuditEntry.case_id == case)
+        return render(request, "audit.html", principal, entries=db.scalars(query).all(), case=case or "")
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    return Response(status_code=204)
+
+
+_ = hash_secret  # re-exported for tests

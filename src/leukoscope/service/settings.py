@@ -1,0 +1,91 @@
+"""Service settings: typed, with ``LEUKOSCOPE_*`` environment variables.
+
+Every field can be given as ``LEUKOSCOPE_<FIELD>`` (upper case), e.g.
+``LEUKOSCOPE_DATA_DIR=/srv/leukoscope``, ``LEUKOSCOPE_DATABASE_URL=postgresql+psycopg://...``.
+Explicit keyword arguments (the CLI's options) win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+ENV_PREFIX = "LEUKOSCOPE_"
+
+
+class ServiceSettings(BaseModel):
+    """Everything the web service needs to start."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    #: Cell-classifier bundle directory (required to serve).
+    bundle: Path | None = None
+    #: Optional detector bundle: enables smear-field analysis.
+    detector: Path | None = None
+    #: Where the SQLite database and the content-addressed image store live.
+    #: Nothing under it is ever served as a static directory.
+    data_dir: Path = Path("leukoscope-data")
+    #: SQLAlchemy URL; default ``sqlite:///<data_dir>/leukoscope.db``.
+    database_url: str | None = None
+    #: Run Alembic migrations to head at start-up.
+    migrate: bool = True
+
+    # ---- limits
+    #: Largest request body accepted for an upload (all files together).
+    max_upload_bytes: int = Field(default=30 * 1024 * 1024, gt=0)
+    #: Largest image, in pixels (decompression-bomb guard; checked before decoding).
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    #: Most images in one upload (one case).
+    max_files_per_upload: int = Field(default=20, gt=0)
+    #: Uploads per user per minute (sliding window); 0 disables the limit.
+    rate_limit_per_minute: int = Field(default=60, ge=0)
+    #: Failed log-ins per user name (and per client address) per 15 minutes before refusing.
+    login_failures_allowed: int = Field(default=10, ge=1)
+
+    # ---- sessions
+    session_hours: float = Field(default=12.0, gt=0)
+    #: ``auto``: the Secure flag is set when the request came over HTTPS (directly or
+    #: through a trusted proxy's X-Forwarded-Proto); ``always``/``never`` force it.
+    secure_cookies: Literal["auto", "always", "never"] = "auto"
+
+    # ---- inference
+    #: Threads that run the model (each holds its own copy, so Grad-CAM hooks never mix).
+    inference_threads: int = Field(default=2, ge=1)
+    #: torch intra-op threads per inference thread.
+    torch_threads: int = Field(default=1, ge=1)
+    #: Below this confidence a cell is "uncertain, review" (default: the bundle's own threshold).
+    uncertain_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Compute a Grad-CAM overlay for every classified cell.
+    gradcam: bool = True
+    #: fsync stored files and their folder before the database commit (power-loss safety).
+    fsync: bool = True
+
+    @field_validator("bundle", "detector", "data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'leukoscope.db').resolve()}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServiceSettings":
+        """Settings from ``LEUKOSCOPE_*`` variables, then ``overrides`` (``None`` values ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,95 @@
+"""The classical models in the registry: pipelines, probabilities, the ClassicModel wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.pipeline import Pipeline
+
+from leukoscope.classic.models import CLASSIC_MODELS, ClassicModel
+from leukoscope.classic.spec import FeatureSpec
+from leukoscope.models import create_model, list_models, model_entry
+
+
+def _blobs(n_per_class: int = 15, n_classes: int = 3, n_features: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(3 * k, 1.0, (n_per_class, n_features)) for k in range(n_classes)])
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    return x, y
+
+
+def test_registry_lists_the_six_classic_models():
+    assert set(list_models("classic")) == set(CLASSIC_MODELS)
+    assert len(CLASSIC_MODELS) == 6
+    for name in CLASSIC_MODELS:
+        assert model_entry(name).kind == "classic"
+        assert model_entry(name).description
+    assert "svm_rbf" not in list_models("classifier")
+
+
+def test_every_builder_gives_minmax_chi2_standardize_classifier():
+    for name in CLASSIC_MODELS:
+        pipeline = create_model(name, num_classes=3, k_best=5)
+        assert isinstance(pipeline, Pipeline)
+        assert [step for step, _ in pipeline.steps] == ["minmax", "select", "standardize", "classifier"]
+        assert pipeline.named_steps["select"].k == 5
+        assert pipeline.named_steps["select"].score_func.__name__ == "chi2"
+
+
+@pytest.mark.parametrize("name", CLASSIC_MODELS)
+def test_every_classic_model_learns_separable_blobs(name):
+    x, y = _blobs()
+    options = {"max_iter": 20} if name == "gradient_boosting" else {"n_estimators": 20} if name == "random_forest" else {}
+    model = ClassicModel(create_model(name, num_classes=3, k_best=6, class_weight="balanced", **options),
+                         FeatureSpec(), 3, name=name)
+    model.fit_features(x, y)
+    probs = model.predict_proba_features(x)
+    assert probs.shape == (len(y), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert (probs.argmax(1) == y).mean() > 0.9
+    logits = model.logits_features(x)
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(np.exp(logits).sum(axis=1), 1.0, atol=1e-5)  # log-probabilities
+
+
+def test_a_class_missing_from_training_gets_probability_zero():
+    x, y = _blobs(n_classes=2)
+    model = ClassicModel(create_model("logistic_regression", num_classes=3), FeatureSpec(), 3)
+    model.fit_features(x, y)
+    assert (model.predict_proba_features(x)[:, 2] == 0).all()
+
+
+def test_cnn_only_options_are_refused():
+    with pytest.raises(ValueError, match="weights"):
+        create_model("svm_rbf", num_classes=2, weights="x.safetensors")
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        create_model("random_forest", num_classes=2, freeze_backbone=True)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        create_model("naive_bayes", num_classes=1)
+
+
+def test_svm_calibration_folds_shrink_for_small_classes():
+    x, y = _blobs(n_per_class=3, n_classes=2)
+    model = ClassicModel(create_model("svm_rbf", num_classes=2), FeatureSpec(), 2).fit_features(x, y)
+    assert model.pipeline.named_steps["classifier"].cv == 3
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        ClassicModel(create_model("svm_rbf", num_classes=2), FeatureSpec(), 2).fit_features(x[:4], [0, 0, 0, 1])
+
+
+def test_classic_model_predicts_from_uint8_images_like_a_module():
+    spec = FeatureSpec(families=["histogram", "dft"], histogram_bins=4, dft_bins=4)
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 100, (10, 3, 24, 24), dtype=np.uint8)
+    bright = rng.integers(150, 256, (10, 3, 24, 24), dtype=np.uint8)
+    images = torch.from_numpy(np.concatenate([dark, bright]))
+    model = ClassicModel(create_model("naive_bayes", num_classes=2), spec, 2, name="naive_bayes")
+    model.fit_features(model.features(images), np.repeat([0, 1], 10))
+    assert model.eval() is model and model.to("cpu") is model
+    logits = model(images)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (20, 2)
+    assert (logits.argmax(1).numpy() == np.repeat([0, 1], 10)).all()
+    assert model.predict_logits(images[:0]).shape == (0, 2)
+    assert len(model.selected_features()) == len(model.extractor) == 2 * 3 * 4 + 4  # k_best="all"
+    with pytest.raises(TypeError, match="uint8"):
+        model(images.float())

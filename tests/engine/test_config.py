@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from leukoscope.engine.config import ConfigError, load_config, parse_overrides, save_config
+
+
+def test_defaults_are_valid_and_typed() -> None:
+    config = load_config()
+    assert config.data.ratios == [0.8, 0.1, 0.1]
+    assert config.train.optimizer == "adam"
+    assert config.model.weights is None
+
+
+def test_unknown_key_is_named_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch' \(did you mean 'train\.epochs'\?\)"):
+        load_config(overrides=["train.epoch=3"])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  name: resnet18\n  imagesize: 64\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value) and "model.imagesize" in str(error.value)
+
+
+def test_bad_values_are_rejected_with_the_key() -> None:
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(overrides=["train.optimizer=rmsprop"])
+    with pytest.raises(ConfigError, match="augmentation"):
+        load_config(overrides=["train.augmentation=wild"])
+    with pytest.raises(ConfigError, match="ratios"):
+        load_config(overrides=["data.ratios=[0.5,0.1]"])
+    with pytest.raises(ConfigError, match="image_size"):
+        load_config(overrides=["model.image_size=8"])
+
+
+def test_overrides_parse_yaml_values() -> None:
+    tree = parse_overrides(["train.lr=0.01", "data.ratios=[0.75,0.25]", "train.class_weighted_loss=false", "name=x"])
+    assert tree == {"train": {"lr": 0.01, "class_weighted_loss": False}, "data": {"ratios": [0.75, 0.25]}, "name": "x"}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "exp.yaml").write_text("data:\n  path: ../data\nmodel:\n  weights: DEFAULT\n")
+    config = load_config(folder / "exp.yaml", ["train.epochs=2"])
+    assert Path(config.data.path) == (tmp_path / "data").resolve()
+    assert config.model.weights == "DEFAULT"  # a torchvision weight name, not a path
+    assert config.train.epochs == 2
+
+
+def test_saved_config_loads_back_identically(tmp_path: Path) -> None:
+    config = load_config(overrides=["data.path=/data/x", "train.lr=0.005", "search.lr=[0.1,0.01]"])
+    again = load_config(save_config(config, tmp_path / "config.yaml"))
+    assert again == config
+
+
+def test_missing_or_invalid_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_every_shipped_config_is_valid() -> None:
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs, "configs/ should hold the published-system experiments"
+    for path in configs:
+        load_config(path)

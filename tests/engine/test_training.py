@@ -1,0 +1,162 @@
+"""Training loop, experiments and grid search on small generated data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leukoscope.data.manifest import DatasetError
+from leukoscope.engine.config import load_config
+from leukoscope.engine.data_prep import prepare_data
+from leukoscope.engine.experiment import run_experiment
+from leukoscope.engine.search import grid, run_search
+from leukoscope.engine.trainer import class_weights, fit
+from leukoscope.inference.bundle import load_bundle
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.models import create_model
+
+
+def _config(root: Path, out: Path, *extra: str):
+    return load_config(overrides=[
+        f"data.path={root}", f"output_root={out}", "model.name=mobilenet_v3_small", "model.image_size=32",
+        "train.epochs=3", "train.batch_size=16", "train.lr=0.003", "train.augmentation=geometric", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs")
+    config = _config(synthetic_root, out)
+    return config, prepare_data(config.data, 32, out, show_progress=False)
+
+
+def test_class_weights_are_inverse_frequency() -> None:
+    weights = class_weights([0, 0, 0, 1], num_classes=3)
+    assert weights.tolist() == pytest.approx([4 / (3 * 3), 4 / 3, 0.0])
+
+
+def test_fit_learns_and_is_deterministic(prepared) -> None:
+    config, data = prepared
+    train, val = data.parts["train"], data.parts["val"]
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model("mobilenet_v3_small", 4)
+        results.append(fit(model, train.images, train.targets, val.images, val.targets, config.train,
+                           num_classes=4, show_progress=False))
+    first, second = results
+    assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
+    assert [h["train_loss"] for h in first.history] == pytest.approx([h["train_loss"] for h in second.history])
+    assert first.best_epoch == max(first.history, key=lambda h: h["val_accuracy"])["epoch"]
+
+
+def test_early_stopping_and_time_budget(prepared) -> None:
+    config, data = prepared
+    train = data.parts["train"]
+    cfg = config.train.model_copy(update={"epochs": 20, "early_stopping_patience": 1, "lr": 0.0})
+    # lr=0 cannot improve after the first epoch: stops after patience runs out
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, data.parts["val"].images,
+                 data.parts["val"].targets, cfg, num_classes=4, show_progress=False)
+    assert len(result.history) == 2 and result.stopped_because.startswith("early stopping")
+    cfg = config.train.model_copy(update={"epochs": 20, "max_minutes": 1e-6})
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+                 show_progress=False)
+    assert len(result.history) == 1 and "time budget" in result.stopped_because
+
+
+def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
+    config, data = prepared
+    train, val = data.parts["train"], data.parts["val"]
+    torch.manual_seed(0)
+    full = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets,
+               config.train, num_classes=4, show_progress=False, run_dir=tmp_path / "a")
+    short_cfg = config.train.model_copy(update={"epochs": 2})
+    torch.manual_seed(0)
+    fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, short_cfg,
+        num_classes=4, show_progress=False, run_dir=tmp_path / "b")
+    resumed = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets,
+                  config.train, num_classes=4, show_progress=False, run_dir=tmp_path / "b", resume=True)
+    assert len(resumed.history) == 3
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history],
+                                                                       rel=1e-4)
+
+
+def test_resume_without_checkpoint_fails(prepared, tmp_path: Path) -> None:
+    config, data = prepared
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        fit(create_model("mobilenet_v3_small", 4), data.parts["train"].images, data.parts["train"].targets, None, None,
+            config.train, num_classes=4, run_dir=tmp_path, resume=True, show_progress=False)
+
+
+def test_divergence_is_reported(prepared) -> None:
+    config, data = prepared
+    cfg = config.train.model_copy(update={"lr": 1e12, "optimizer": "sgd", "epochs": 3})
+    with pytest.raises(FloatingPointError, match="lower train.lr"):
+        fit(create_model("mobilenet_v3_small", 4), data.parts["train"].images, data.parts["train"].targets, None, None,
+            cfg, num_classes=4, show_progress=False)
+
+
+def test_experiment_writes_run_directory_and_bundle(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "name=unit")
+    result = run_experiment(config, show_progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "split.json", "checkpoint.pt", "metrics.json", "report.html", "train.log",
+                 "figures/confusion_matrix.png", "figures/training_curves.png", "bundle/bundle.json",
+                 "bundle/model.safetensors"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test" and metrics["n"] == result.metrics["n"] > 0
+    assert metrics["parameters"] > 0 and metrics["images_per_second"] > 0
+    assert "epoch   1/3" in (run / "train.log").read_text()
+    # the bundle reproduces the run's test predictions
+    model, info = load_bundle(result.bundle_dir)
+    assert info.classes == ["blast", "lymphocyte", "monocyte", "neutrophil"]
+    assert info.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    classifier = CellClassifier(model, info)
+    test_paths = [Path(row["path"]) for row in json.loads((run / "split.json").read_text())["splits"]["test"]]
+    labels = [p.parent.name for p in test_paths]
+    predictions = classifier.predict_paths(test_paths)
+    accuracy = np.mean([p.top_class == label for p, label in zip(predictions, labels)])
+    assert accuracy == pytest.approx(metrics["accuracy"])
+
+
+def test_second_run_reuses_the_saved_split(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "train.epochs=1")
+    first = run_experiment(config, show_progress=False)
+    second = run_experiment(config, show_progress=False)
+    assert (first.run_dir / "split.json").read_text() == (second.run_dir / "split.json").read_text()
+    assert first.run_dir != second.run_dir
+
+
+def test_experiment_rejects_single_class_and_empty_data(tmp_path: Path, synthetic_root: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        run_experiment(_config(tmp_path / "empty", tmp_path / "runs"), show_progress=False)
+    with pytest.raises(DatasetError, match="at least two classes"):
+        run_experiment(_config(synthetic_root, tmp_path / "runs", "data.classes=[blast]"), show_progress=False)
+
+
+def test_class_map_merges_labels(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "train.epochs=1",
+                     "data.class_map={lymphocyte: mature, monocyte: mature, neutrophil: mature}")
+    result = run_experiment(config, show_progress=False)
+    assert load_bundle(result.bundle_dir)[1].classes == ["blast", "mature"]
+
+
+def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "name=grid", "search.lr=[0.001,0.0]", "search.epochs=[1]")
+    assert grid(config) == [
+        {"model.name": "mobilenet_v3_small", "train.epochs": 1, "train.lr": lr, "train.optimizer": "adam",
+         "train.batch_size": 16} for lr in (0.001, 0.0)
+    ]
+    result = run_search(config, show_progress=False)
+    rows = json.loads((result.search_dir / "results.json").read_text())
+    assert len(rows) == 2 and (result.search_dir / "results.csv").exists()
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1
+    assert chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    assert Path(chosen[0]["bundle"]) == result.best.bundle_dir

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from leukoscope.inference.bundle import BundleError, BundleInfo, Preprocessing, load_bundle, save_bundle
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.models import create_model
+
+
+def _bundle(tmp_path: Path, name: str = "b", **info) -> Path:
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_small", 3)
+    return save_bundle(tmp_path / name, model, BundleInfo(
+        "mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32, [0.5] * 3, [0.25] * 3), **info))
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    model, info = load_bundle(directory)
+    torch.manual_seed(0)
+    original = create_model("mobilenet_v3_small", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(x), original(x), atol=1e-6)
+    assert info.classes == ["a", "b", "c"] and info.provenance["torch"] == torch.__version__
+
+
+def test_missing_and_broken_bundles_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a leukoscope bundle"):
+        load_bundle(tmp_path / "empty")
+    directory = _bundle(tmp_path)
+    (directory / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(BundleError, match="cannot read weights"):
+        load_bundle(directory)
+    payload = json.loads((directory / "bundle.json").read_text())
+    payload["format_version"] = 99
+    (directory / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="format 99"):
+        load_bundle(directory)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    payload = json.loads((directory / "bundle.json").read_text())
+    payload["model_name"] = "resnet18"
+    (directory / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="do not match resnet18"):
+        load_bundle(directory)
+
+
+def test_classifier_threshold_and_temperature(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path, temperature=1e-3, uncertain_threshold=0.9)
+    sharp = CellClassifier.from_bundle(directory)
+    image = Image.new("RGB", (50, 40), (120, 60, 150))
+    p = sharp.predict_images([image])[0]
+    # a tiny temperature makes the softmax nearly one-hot, so the threshold is passed
+    assert p.confidence > 0.99 and not p.uncertain and p.label == p.top_class
+    # a huge temperature flattens the same logits towards uniform: below 0.9, same argmax
+    flat = CellClassifier.from_bundle(_bundle(tmp_path, "flat", temperature=1e3, uncertain_threshold=0.9))
+    q = flat.predict_images([image])[0]
+    assert q.confidence == pytest.approx(1 / 3, abs=0.01)
+    assert q.label == "uncertain" and q.top_class == p.top_class
+    with pytest.raises(ValueError, match="threshold"):
+        CellClassifier.from_bundle(directory, uncertain_threshold=1.5)

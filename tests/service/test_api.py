@@ -1,0 +1,400 @@
+"""The JSON API: uploads of every format, clear 4xx errors that write nothing, roles,
+tokens, rate limit, EXIF stripping, path-traversal names, audit, review and export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from leukoscope.data.readers import read_dataset
+from leukoscope.service.analysis import wilson_interval
+from tests.service.helpers import FakeSmear, cell_image, encode, smear_field
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def upload(client, headers, *files, kind="cell", note=""):
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return client.post("/api/v1/cases", headers=headers, files=parts, data={"kind": kind, "note": note})
+
+
+def store_files(service) -> list[Path]:
+    return sorted(p for p in (service.data_dir / "store").rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------ happy path
+
+
+@pytest.mark.parametrize("fmt,name", [("JPEG", "cell.jpg"), ("PNG", "cell.png"), ("BMP", "cell.bmp"),
+                                      ("TIFF", "cell.tif")])
+def test_upload_each_format_gives_a_result(service, fmt, name):
+    client = service.client()
+    response = upload(client, service.auth("tech"), (name, encode(cell_image("blast", 1), fmt)))
+    assert response.status_code == 201, response.text
+    case = response.json()
+    assert case["status"] == "new" and case["kind"] == "cell"
+    assert case["images"][0]["format"] == fmt and case["images"][0]["file_name"] == name
+    (cell,) = case["cells"]
+    assert set(cell["probabilities"]) == {"blast", "lymphocyte", "monocyte", "neutrophil"}
+    assert sum(cell["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert cell["top_class"] == max(cell["probabilities"], key=cell["probabilities"].get)
+    assert cell["label"] in (cell["top_class"], "uncertain")
+    assert "not a diagnosis" in case["decision_support"]
+    overlay = client.get(cell["overlay_url"], headers=service.auth("tech"))
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(overlay.content)).size == (256, 256)
+    assert response.headers["location"] == f"/api/v1/cases/{case['id']}"
+
+
+def test_several_images_make_one_case(service):
+    client = service.client()
+    files = [(f"c{i}.png", encode(cell_image(label, i), "PNG"))
+             for i, label in enumerate(["blast", "lymphocyte", "monocyte"])]
+    case = upload(client, service.auth("tech"), *files).json()
+    assert len(case["images"]) == 3 and len(case["cells"]) == 3
+    assert case["differential"]["n_counted"] + case["differential"]["n_uncertain"] == 3
+    assert service.rows() == {"cases": 1, "images": 3, "cells": 3}
+
+
+# ------------------------------------------------------------------ bad input: 4xx, nothing written
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("name,data,status,code", [
+    ("cut.jpg", encode(cell_image(), "JPEG")[:400], 422, "corrupt_image"),
+    ("half.png", encode(cell_image(), "PNG")[:3000], 422, "corrupt_image"),
+    ("notes.jpg", b"patient notes, definitely not a picture\n" * 20, 415, "unsupported_format"),
+    ("empty.png", b"", 400, "empty_file"),
+    ("bomb.png", _png_with_size(100_000, 100_000), 413, "too_many_pixels"),
+    ("anim.gif", encode(cell_image(), "GIF"), 415, "unsupported_format"),
+])
+def test_bad_files_are_refused_with_json_and_nothing_is_written(service, name, data, status, code):
+    client = service.client()
+    response = upload(client, service.auth("tech"), ("good.png", encode(cell_image(), "PNG")), (name, data))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and name in error["message"]
+    assert service.rows() == {"cases": 0, "images": 0, "cells": 0}
+    assert store_files(service) == []
+
+
+def test_too_many_pixels_by_setting(make_service):
+    service = make_service(max_pixels=50 * 50)
+    service.add_user("tech", "technician")
+    response = upload(service.client(), service.auth("tech"), ("big.png", encode(cell_image(size=64), "PNG")))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_pixels"
+    assert "4,096" in response.json()["error"]["message"] and service.rows()["cases"] == 0
+
+
+def test_oversized_upload_is_refused(make_service):
+    service = make_service(max_upload_bytes=64 * 1024)
+    service.add_user("tech", "technician")
+    noise = Image.frombytes("RGB", (600, 600), bytes(range(256)) * (600 * 600 * 3 // 256 + 1))
+    big = encode(noise, "PNG", compress_level=0)
+    assert len(big) > 64 * 1024 + 256 * 1024
+    response = upload(service.client(), service.auth("tech"), ("big.png", big))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+    assert service.rows()["cases"] == 0 and store_files(service) == []
+
+
+def test_oversized_upload_without_content_length_is_refused(make_service):
+    service = make_service(max_upload_bytes=16 * 1024)
+    service.add_user("tech", "technician")
+
+    def body():  # a chunked body: the limit must hold while it streams in
+        yield b"--xx\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(100):
+            yield b"\0" * 8192
+        yield b"\r\n--xx--\r\n"
+
+    response = service.client().post("/api/v1/cases", content=body(),
+                                     headers={**service.auth("tech"),
+                                              "content-type": "multipart/form-data; boundary=xx"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+
+
+def test_no_file_and_too_many_files(make_service):
+    service = make_service(max_files_per_upload=2)
+    service.add_user("tech", "technician")
+    client = service.client()
+    response = client.post("/api/v1/cases", headers=service.auth("tech"), data={"kind": "cell"},
+                           files={"other": ("x.txt", b"x", "text/plain")})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "no_file"
+    png = encode(cell_image(), "PNG")
+    response = upload(client, service.auth("tech"), *[(f"{i}.png", png) for i in range(3)])
+    assert response.status_code in (400, 413) and service.rows()["cases"] == 0
+
+
+def test_smear_without_detector_is_a_clear_400(service):
+    response = upload(service.client(), service.auth("tech"), ("f.png", encode(cell_image(), "PNG")), kind="smear")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "no_detector"
+
+
+# ------------------------------------------------------------------ storage safety
+
+
+def test_path_traversal_file_name_is_only_a_label(service):
+    client = service.client()
+    response = upload(client, service.auth("tech"), ("../../etc/passwd.jpg", encode(cell_image(), "PNG")))
+    assert response.status_code == 201, response.text
+    image = response.json()["images"][0]
+    assert image["file_name"] == "passwd.jpg" and image["format"] == "PNG"  # content, not extension
+    root = service.data_dir.resolve()
+    for path in store_files(service):
+        assert path.resolve().is_relative_to(root / "store" / "objects")
+        assert "passwd" not in path.name and path.name.split(".")[0] in (image["sha256"], path.stem)
+    assert not (service.data_dir.parent / "etc").exists() and not (service.data_dir / "etc").exists()
+
+
+def test_exif_is_stripped_from_served_copies(service):
+    photo = cell_image("monocyte", 3, size=64).resize((96, 64))
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"      # Make
+    exif[0x0131] = "LabPC-Dr-Who"   # Software
+    exif[0x0112] = 6                # Orientation: rotate 90 degrees when shown
+    jpeg = encode(photo, "JPEG", exif=exif.tobytes(), quality=95)
+    assert b"SecretCam" in jpeg
+    client = service.client()
+    case = upload(client, service.auth("tech"), ("photo.jpg", jpeg)).json()
+    served = client.get(case["images"][0]["url"], headers=service.auth("tech"))
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert b"SecretCam" not in served.content and b"LabPC" not in served.content
+    image = Image.open(io.BytesIO(served.content))
+    assert not image.getexif() and "exif" not in image.info and "icc_profile" not in image.info
+    assert image.size == (64, 96)  # orientation applied before the metadata went
+    assert case["images"][0]["width"] == 64
+    overlay = client.get(case["cells"][0]["overlay_url"], headers=service.auth("tech"))
+    assert b"SecretCam" not in overlay.content
+
+
+def test_served_files_need_authorisation(service):
+    client = service.client()
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    assert client.get(case["images"][0]["url"]).status_code == 401
+    assert client.get(case["images"][0]["url"], headers=service.auth("tech2")).status_code == 404
+    assert client.get(case["images"][0]["url"], headers=service.auth("hema")).status_code == 200
+    assert client.get(f"/api/v1/cases/{case['id']}/images/{case['images'][0]['id']}/../../etc",
+                      headers=service.auth("tech")).status_code == 404
+
+
+# ------------------------------------------------------------------ auth and roles
+
+
+def test_api_tokens(service):
+    client = service.client()
+    assert client.get("/api/v1/me").status_code == 401
+    bad = client.get("/api/v1/me", headers={"Authorization": "Bearer lks_not-a-real-token"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "bad_token"
+    assert bad.headers["www-authenticate"] == "Bearer"
+    headers = service.auth("tech")
+    assert client.get("/api/v1/me", headers=headers).json() == {"username": "tech", "role": "technician",
+                                                                  "via": "token"}
+    from leukoscope.service.db import transaction
+    from leukoscope.service.models import ApiToken, utcnow
+
+    with transaction(service.state.sessions) as db:
+        for token in db.query(ApiToken).all():
+            token.revoked_at = utcnow()
+    assert client.get("/api/v1/me", headers=headers).status_code == 401
+
+
+def test_cookie_session_cannot_post_to_the_api(service):
+    """The API takes cookies only for GET: a cross-site form could not upload or review through it."""
+    client = service.login("tech")
+    assert client.get("/api/v1/me").json()["via"] == "session"
+    response = upload(client, {}, ("a.png", encode(cell_image(), "PNG")))
+    assert response.status_code == 401 and service.rows()["cases"] == 0
+
+
+def test_roles(service):
+    client = service.client()
+    tech, tech2, hema, admin = (service.auth(n) for n in ("tech", "tech2", "hema", "admin"))
+    case = upload(client, tech, ("a.png", encode(cell_image(), "PNG"))).json()
+    upload(client, tech2, ("b.png", encode(cell_image("lymphocyte"), "PNG")))
+    # a technician sees only their own cases, and cannot learn that others exist
+    assert [c["id"] for c in client.get("/api/v1/cases", headers=tech).json()["cases"]] == [case["id"]]
+    other = client.get(f"/api/v1/cases/{case['id']}", headers=tech2)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "case_not_found"
+    # ... and cannot review, not even their own case
+    review = client.post(f"/api/v1/cases/{case['id']}/review", headers=tech, json={"labels": {}})
+    assert review.status_code == 403 and review.json()["error"]["code"] == "forbidden"
+    # a hematologist sees and reviews every case
+    assert len(client.get("/api/v1/cases", headers=hema).json()["cases"]) == 2
+    cell = case["cells"][0]["id"]
+    ok = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {str(cell): "monocyte"}})
+    assert ok.status_code == 200 and ok.json()["status"] == "reviewed"
+    # an admin manages users, not cases; nobody else reads the audit log or adds users
+    assert client.get("/api/v1/cases", headers=admin).status_code == 403
+    assert client.get("/api/v1/audit", headers=hema).status_code == 403
+    assert client.post("/api/v1/users", headers=hema, json={"username": "x1", "password": "long enough 1",
+                                                             "role": "admin"}).status_code == 403
+    made = client.post("/api/v1/users", headers=admin, json={"username": "newtech", "password": "long enough 1",
+                                                              "role": "technician"})
+    assert made.status_code == 201 and made.json()["role"] == "technician"
+    assert client.post("/api/v1/users", headers=admin, json={"username": "newtech", "password": "long enough 1",
+                                                              "role": "technician"}).status_code == 409
+    assert client.post("/api/v1/users", headers=admin, json={"username": "p", "password": "short",
+                                                              "role": "technician"}).status_code == 400
+    # technicians cannot export
+    assert client.get("/api/v1/export", headers=tech).status_code == 403
+
+
+def test_rate_limit_returns_429(make_service):
+    service = make_service(rate_limit_per_minute=3)
+    service.add_user("tech", "technician")
+    service.add_user("tech2", "technician")
+    client, headers = service.client(), service.auth("tech")
+    png = encode(cell_image(), "PNG")
+    assert [upload(client, headers, ("a.png", png)).status_code for _ in range(3)] == [201, 201, 201]
+    limited = upload(client, headers, ("a.png", png))
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    assert upload(client, service.auth("tech2"), ("a.png", png)).status_code == 201  # per user
+    assert service.rows()["cases"] == 4
+
+
+# ------------------------------------------------------------------ audit, review, export
+
+
+def test_audit_log_records_views_and_changes(service):
+    client = service.client()
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("hema"))
+    client.post(f"/api/v1/cases/{case['id']}/review", headers=service.auth("hema"),
+                json={"labels": {str(case["cells"][0]["id"]): "neutrophil"}, "comment": "segmented"})
+    client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("tech2"))  # refused: not logged as a view
+    entries = client.get(f"/api/v1/audit?case_id={case['id']}", headers=service.auth("admin")).json()["entries"]
+    seen = [(e["user"], e["action"]) for e in reversed(entries)]
+    assert seen == [("tech", "case.create"), ("hema", "case.view"), ("hema", "case.review")]
+    review = entries[0]
+    assert review["detail"]["labels"] == {str(case["cells"][0]["id"]): "neutrophil"}
+    assert review["detail"]["corrected"] in (0, 1) and review["client"] == "testclient"
+
+
+def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
+    client = service.client()
+    tech, hema = service.auth("tech"), service.auth("hema")
+    first = upload(client, tech, ("a.png", encode(cell_image("blast", 5), "PNG")),
+                   ("b.png", encode(cell_image("lymphocyte", 6), "PNG"))).json()
+    second = upload(client, tech, ("c.png", encode(cell_image("monocyte", 7), "PNG"))).json()
+    upload(client, tech, ("d.png", encode(cell_image("neutrophil", 8), "PNG")))  # never reviewed: not exported
+    a, b = (cell["id"] for cell in first["cells"])
+    (c,) = (cell["id"] for cell in second["cells"])
+    result = client.post(f"/api/v1/cases/{first['id']}/review", headers=hema,
+                         json={"labels": {str(a): "monocyte", str(b): "lymphocyte"}, "comment": "check a"})
+    assert result.status_code == 200 and result.json()["status"] == "reviewed"
+    client.post(f"/api/v1/cases/{second['id']}/review", headers=hema, json={"labels": {str(c): "excluded"}})
+    stored = client.get(f"/api/v1/cases/{first['id']}", headers=tech).json()
+    assert [cell["reviewed_label"] for cell in stored["cells"]] == ["monocyte", "lymphocyte"]
+    assert stored["status"] == "reviewed" and stored["review"]["reviewer"] == "hema"
+    assert stored["review"]["comment"] == "check a"
+    assert [c["status"] for c in client.get("/api/v1/cases?status=new", headers=tech).json()["cases"]] == ["new"]
+
+    folders = client.get("/api/v1/export?layout=folders", headers=hema)
+    assert folders.status_code == 200 and folders.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(folders.content)) as archive:
+        names = sorted(archive.namelist())
+        archive.extractall(tmp_path / "folders")
+    assert [n.split("/")[0] for n in names] == ["lymphocyte", "monocyte"]  # excluded and unreviewed left out
+    manifest = read_dataset(tmp_path / "folders")
+    assert sorted(s.label for s in manifest.samples) == ["lymphocyte", "monocyte"]
+
+    table = client.get("/api/v1/export?layout=csv", headers=hema)
+    with zipfile.ZipFile(io.BytesIO(table.content)) as archive:
+        archive.extractall(tmp_path / "csv")
+        rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
+    assert {(r["label"], r["subject"], r["predicted"] in ("blast", "lymphocyte", "monocyte", "neutrophil",
+                                                          "uncertain")) for r in rows} == \
+        {("monocyte", first["id"], True), ("lymphocyte", first["id"], True)}
+    from_csv = read_dataset(tmp_path / "csv" / "manifest.csv")
+    assert all(s.path.is_file() and s.subject == first["id"] for s in from_csv.samples)
+    assert client.get("/api/v1/export?layout=xml", headers=hema).status_code == 422
+
+
+def test_review_rejects_unknown_labels_and_cells(service):
+    client = service.client()
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    hema = service.auth("hema")
+    bad = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {"999999": "blast"}})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "unknown_cell"
+    bad = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                      json={"labels": {str(case["cells"][0]["id"]): "giraffe"}})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_label"
+    assert client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()["status"] == "new"
+
+
+# ------------------------------------------------------------------ smear fields (detector plugged in)
+
+
+def test_smear_field_analysis(make_service, smear_analyzer):
+    service = make_service(analyzer_override=smear_analyzer)
+    service.add_user("tech", "technician")
+    service.add_user("hema", "hematologist")
+    client = service.client()
+    field, boxes = smear_field()
+    response = upload(client, service.auth("tech"), ("field.png", encode(field, "PNG")), kind="smear")
+    assert response.status_code == 201, response.text
+    case = response.json()
+    assert case["kind"] == "smear" and len(case["cells"]) == len(boxes)
+    assert [tuple(c["box"]) for c in case["cells"]] == boxes
+    assert case["cells"][0]["uncertain"] and case["cells"][0]["label"] == "uncertain"  # 0.42 < 0.5
+    assert case["images"][0]["annotated_url"]
+    for cell in case["cells"]:
+        crop = Image.open(io.BytesIO(client.get(cell["crop_url"], headers=service.auth("tech")).content))
+        assert crop.size == (64, 64)
+    differential = case["differential"]
+    assert differential["n_uncertain"] >= 1
+    assert differential["n_counted"] + differential["n_uncertain"] == 6
+    low, high = differential["blast_ci95"]
+    assert low <= differential["blast_percent"] <= high
+    # an uncertain cell cannot be confirmed without a class
+    hema = service.auth("hema")
+    refused = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "label_required"
+    labels = {str(c["id"]): c["top_class"] for c in case["cells"] if c["uncertain"]}
+    labels[str(case["cells"][0]["id"])] = "blast"
+    done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": labels})
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "reviewed"
+    assert done.json()["case"]["differential"]["n_uncertain"] == 0
+    assert done.json()["case"]["differential"]["n_counted"] == 6
+
+
+def test_wilson_interval_matches_the_textbook():
+    low, high = wilson_interval(5, 100)
+    assert (round(low, 4), round(high, 4)) == (0.0215, 0.1118)
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ service endpoints
+
+
+def test_health_openapi_and_offline_docs(service):
+    client = service.client()
+    health = client.get("/api/v1/health").json()
+    assert health["status"] == "ok" and health["smear_analysis"] is False and len(health["classes"]) == 4
+    schema = client.get("/api/openapi.json").json()
+    assert "/api/v1/cases" in schema["paths"] and "multipart/form-data" in \
+        schema["paths"]["/api/v1/cases"]["post"]["requestBody"]["content"]
+    docs = client.get("/api/docs")
+    assert docs.status_code == 200 and "/api/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    assert client.get("/api/docs-assets/swagger-ui-bundle.js").status_code == 200
+    missing = client.get("/api/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

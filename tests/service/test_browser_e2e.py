@@ -1,0 +1,176 @@
+"""End to end in a real browser: Debian's chromium driven by Playwright (no browser
+download). A technician logs in and uploads two cells, sees the result (class,
+probabilities, Grad-CAM); a hematologist corrects one cell, confirms the other,
+comments, and exports the reviewed labels. Screenshots go to the test's tmp dir."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.service.helpers import PASSWORD, cell_image, smear_field
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium; "
+                                                     ".ci/run installs it)"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(make_service, request):
+    import uvicorn
+
+    smear = request.node.get_closest_marker("smear") is not None
+    service = make_service(analyzer_override=request.getfixturevalue("smear_analyzer") if smear else None)
+    service.add_user("tech", "technician")
+    service.add_user("hema", "hematologist")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", service
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _log_in(page, base: str, username: str) -> None:
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/cases")
+
+
+def test_login_upload_result_review_export(live_server, browser, tmp_path):
+    base, service = live_server
+    images = []
+    for label, seed in (("blast", 21), ("lymphocyte", 22)):
+        path = tmp_path / f"{label}.png"
+        cell_image(label, seed, size=96).save(path)
+        images.append(str(path))
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+
+    # wrong password first: a message, no session
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", "tech")
+    page.fill("input[name=password]", "not the password")
+    page.click("button[type=submit]")
+    assert "Wrong user name or password" in page.inner_text("#login-error")
+
+    # technician: log in, upload two cells, see the result
+    _log_in(page, base, "tech")
+    assert "not a diagnosis" in page.inner_text("#decision-support")
+    page.click("text=Upload")
+    page.set_input_files("input[type=file]", images)
+    page.fill("input[name=note]", "e2e sample")
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url(f"{base}/cases/*")
+    case_url = page.url
+    results = page.locator("section.result")
+    assert results.count() == 2
+    assert page.locator("table.probs").first.locator("tr").count() == 4
+    assert page.locator("meter").count() == 8
+    first_label = page.locator(".prediction").first.inner_text()
+    assert any(name in first_label for name in ("blast", "lymphocyte", "monocyte", "neutrophil"))
+    heatmaps = page.locator("img.heatmap")
+    assert heatmaps.count() == 2
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    assert heatmaps.first.evaluate("i => i.naturalWidth") == 256
+    page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+    page.click("button:has-text('Log out')")
+    page.wait_for_url(f"{base}/login")
+
+    # hematologist: case list, review (correct one cell, confirm the other), comment
+    _log_in(page, base, "hema")
+    row = page.locator("#case-list tbody tr").first
+    assert "new" in row.inner_text()
+    row.locator("a").first.click()
+    page.wait_for_url(case_url)
+    selects = page.locator("#review-form select")
+    assert selects.count() == 2
+    selects.nth(0).select_option("monocyte")
+    second = selects.nth(1)
+    if not second.input_value():  # an uncertain cell: the hematologist must choose
+        second.select_option("lymphocyte")
+    page.fill("textarea[name=comment]", "first cell corrected to monocyte")
+    page.click("#save-review")
+    page.wait_for_selector("#review-saved")
+    assert page.inner_text("#case-status") == "reviewed"
+    assert "corrected" in page.locator(".reviewed").first.inner_text() or \
+        page.locator(".reviewed").first.inner_text().endswith("monocyte")
+    page.screenshot(path=str(tmp_path / "reviewed.png"), full_page=True)
+
+    page.click("text=Cases")
+    assert "reviewed" in page.locator("#case-list tbody tr").first.inner_text()
+
+    # export the reviewed labels as class folders
+    page.click("text=Export")
+    assert "monocyte" in page.inner_text("#export-counts")
+    with page.expect_download() as download_info:
+        page.click("#export-folders")
+    archive = tmp_path / "export.zip"
+    download_info.value.save_as(archive)
+    with zipfile.ZipFile(archive) as zf:
+        folders = sorted({name.split("/")[0] for name in zf.namelist()})
+    assert "monocyte" in folders and len(zf.namelist()) == 2
+    page.screenshot(path=str(tmp_path / "export.png"), full_page=True)
+    assert not [e for e in errors if "Content Security Policy" in e], errors
+    context.close()
+    print(f"screenshots: {tmp_path}")
+
+
+@pytest.mark.smear
+def test_smear_field_page(live_server, browser, tmp_path):
+    """With a detector plugged in (a stand-in for SmearAnalyzer): annotated field, a gallery
+    of every detected cell with class and confidence, the differential, the blast percentage
+    with its interval, and "uncertain, review" flags."""
+    base, _service = live_server
+    field, boxes = smear_field()
+    path = tmp_path / "field.png"
+    field.save(path)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    _log_in(page, base, "tech")
+    page.click("text=Upload")
+    page.check("input[value=smear]")
+    page.set_input_files("input[type=file]", str(path))
+    page.click("form[action='/upload'] button[type=submit]")
+    page.wait_for_url(f"{base}/cases/*")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("img.annotated").evaluate("i => i.naturalWidth") == field.width
+    assert page.locator("figure.cell").count() == len(boxes)
+    assert page.locator("figure.cell .flag", has_text="uncertain, review").count() >= 1
+    assert "95% Wilson interval" in page.inner_text("#blast-percent")
+    page.screenshot(path=str(tmp_path / "smear.png"), full_page=True)
+    page.close()

@@ -1,0 +1,236 @@
+"""The server-rendered pages: log in, cookies, CSRF, upload errors as messages,
+case list and result, review form, export page, account tokens, admin."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from leukoscope.service.auth import SESSION_COOKIE
+from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode, smear_field
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def page_upload(client, files, csrf, kind="cell"):
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return client.post("/upload", files=parts, data={"kind": kind, "csrf_token": csrf}, follow_redirects=False)
+
+
+def test_login_wrong_password_and_unknown_user(service):
+    client = service.client()
+    for username, password in (("tech", "wrong password"), ("nobody", PASSWORD)):
+        form = client.get("/login")
+        response = client.post("/login", data={"username": username, "password": password,
+                                               "csrf_token": csrf_of(form.text)})
+        assert response.status_code == 401 and "Wrong user name or password" in response.text
+        assert SESSION_COOKIE not in response.cookies
+    assert client.get("/cases", follow_redirects=False).headers["location"].startswith("/login")
+
+
+def test_session_cookie_flags_and_logout(service):
+    client = service.client()
+    form = client.get("/login")
+    response = client.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(form.text),
+                                           "next": "/upload"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/upload"
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE + "="))
+    flags = {part.strip().lower() for part in cookie.split(";")}
+    assert "httponly" in flags and "samesite=lax" in flags and "path=/" in flags
+    assert "secure" not in flags  # plain http on the test client; "always" below
+    page = client.get("/cases")
+    assert page.status_code == 200 and "My cases" in page.text
+    # the database keeps a hash of the cookie, not the cookie
+    token = response.cookies[SESSION_COOKIE]
+    from leukoscope.service.models import WebSession
+
+    with service.state.sessions() as db:
+        assert db.get(WebSession, token) is None and db.query(WebSession).count() == 1
+    logout = client.post("/logout", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert logout.status_code == 303
+    client.cookies.set(SESSION_COOKIE, token)  # a stolen cookie is dead after log-out
+    assert client.get("/cases", follow_redirects=False).status_code == 303
+
+
+def test_secure_cookie_setting(make_service):
+    service = make_service(secure_cookies="always")
+    service.add_user("tech", "technician")
+    client = service.client(base_url="https://testserver")
+    form = client.get("/login")
+    response = client.post("/login", data={"username": "tech", "password": PASSWORD,
+                                           "csrf_token": csrf_of(form.text)}, follow_redirects=False)
+    cookie = next(h for h in response.headers.get_list("set-cookie") if h.startswith(SESSION_COOKIE + "="))
+    assert "secure" in {p.strip().lower() for p in cookie.split(";")}
+
+
+def test_open_redirect_after_login_is_refused(service):
+    client = service.client()
+    form = client.get("/login")
+    response = client.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(form.text),
+                                           "next": "//evil.example/x"}, follow_redirects=False)
+    assert response.headers["location"] == "/"
+
+
+def test_csrf_is_required_on_every_form(service):
+    client = service.client()
+    client.get("/login")
+    no_token = client.post("/login", data={"username": "tech", "password": PASSWORD})
+    assert no_token.status_code == 403 and "expired" in no_token.text
+    service.login("tech", client=client)
+    png = encode(cell_image(), "PNG")
+    forged = page_upload(client, [("a.png", png)], "forged-token")
+    assert forged.status_code == 403 and service.rows()["cases"] == 0
+    good = page_upload(client, [("a.png", png)], csrf_of(client.get("/upload").text))
+    assert good.status_code == 303
+    case_url = good.headers["location"]
+    hema = service.login("hema")
+    page = hema.get(case_url)
+    cell_id = re.search(r'name="label_(\d+)"', page.text).group(1)
+    forged = hema.post(f"{case_url}/review", data={f"label_{cell_id}": "monocyte", "csrf_token": "x"})
+    assert forged.status_code == 403
+    missing = hema.post(f"{case_url}/review", data={f"label_{cell_id}": "monocyte"})
+    assert missing.status_code == 403
+    assert "status-new" in hema.get(case_url).text
+    assert hema.post("/logout", data={}).status_code == 403
+
+
+def test_security_headers(service):
+    client = service.login("tech")
+    response = client.get("/cases")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_upload_page_result_and_review(service):
+    tech = service.login("tech")
+    upload = tech.get("/upload")
+    assert "not a diagnosis" in upload.text
+    response = page_upload(tech, [("blast.png", encode(cell_image("blast", 11), "PNG")),
+                                  ("mono.bmp", encode(cell_image("monocyte", 12), "BMP"))], csrf_of(upload.text))
+    assert response.status_code == 303
+    case_url = response.headers["location"]
+    page = tech.get(case_url)
+    assert page.status_code == 200
+    assert page.text.count("<meter") == 8  # 4 class probabilities x 2 cells
+    assert page.text.count("/overlay") == 2 and "Grad-CAM" in page.text
+    assert "blast.png" in page.text and "mono.bmp" in page.text
+    assert "not a diagnosis" in page.text and 'id="review-form"' not in page.text  # technicians do not review
+    assert tech.post(f"{case_url}/review", data={"csrf_token": csrf_of(page.text)}).status_code == 403
+    listing = tech.get("/cases")
+    assert case_url.rsplit("/", 1)[1][:8] in listing.text and "status-new" in listing.text
+
+    hema = service.login("hema")
+    page = hema.get(case_url)
+    assert 'id="review-form"' in page.text
+    ids = re.findall(r'name="label_(\d+)"', page.text)
+    assert len(ids) == 2
+    form = {f"label_{ids[0]}": "lymphocyte", "comment": "first cell is a lymphocyte", "csrf_token": csrf_of(page.text)}
+    # the second cell keeps the class its select shows (the predicted one) unless it is uncertain
+    selected = re.search(rf'name="label_{ids[1]}".*?<option value="([^"]*)" selected', page.text, re.S).group(1)
+    form[f"label_{ids[1]}"] = selected or "monocyte"
+    saved = hema.post(f"{case_url}/review", data=form, follow_redirects=True)
+    assert saved.status_code == 200 and "Review saved" in saved.text and 'id="case-status">reviewed' in saved.text
+    assert "first cell is a lymphocyte" in saved.text
+    assert "status-reviewed" in tech.get("/cases").text
+    assert "first cell is a lymphocyte" in tech.get(case_url).text
+    export = hema.get("/export")
+    assert "lymphocyte" in export.text and 'id="export-folders"' in export.text
+    archive = hema.get("/export/dataset.zip?layout=folders")
+    assert archive.status_code == 200 and archive.content[:2] == b"PK"
+    assert tech.get("/export").status_code == 403
+
+
+def test_upload_errors_are_messages_on_the_page(make_service):
+    service = make_service(rate_limit_per_minute=2)
+    service.add_user("tech", "technician")
+    tech = service.login("tech")
+    csrf = csrf_of(tech.get("/upload").text)
+    bad = page_upload(tech, [("x.jpg", b"hello, not an image")], csrf)
+    assert bad.status_code == 415 and 'id="upload-error"' in bad.text and "not an image" in bad.text
+    empty = page_upload(tech, [("zero.png", b"")], csrf)
+    assert empty.status_code == 400 and "empty" in empty.text
+    limited = page_upload(tech, [("a.png", encode(cell_image(), "PNG"))], csrf)
+    assert limited.status_code == 429 and "too many uploads" in limited.text
+    assert service.rows()["cases"] == 0
+
+
+def test_pages_enforce_roles(service):
+    admin = service.login("admin")
+    assert admin.get("/cases", follow_redirects=False).headers["location"] == "/admin/users"
+    assert admin.get("/upload").status_code == 403
+    tech = service.login("tech")
+    assert tech.get("/admin/users").status_code == 403 and tech.get("/admin/audit").status_code == 403
+    csrf = csrf_of(tech.get("/upload").text)
+    case_url = page_upload(tech, [("a.png", encode(cell_image(), "PNG"))], csrf).headers["location"]
+    other = service.login("tech2")
+    refused = other.get(case_url)
+    assert refused.status_code == 404 and "not yours" in refused.text
+    assert case_url.rsplit("/", 1)[1][:8] not in other.get("/cases").text
+
+
+def test_login_throttling(make_service):
+    service = make_service(login_failures_allowed=3)
+    service.add_user("tech", "technician")
+    client = service.client()
+    codes = []
+    for _ in range(4):
+        form = client.get("/login")
+        codes.append(client.post("/login", data={"username": "tech", "password": "nope nope",
+                                                 "csrf_token": csrf_of(form.text)}).status_code)
+    assert codes == [401, 401, 401, 429]
+    form = client.get("/login")  # even the right password waits now
+    assert client.post("/login", data={"username": "tech", "password": PASSWORD,
+                                       "csrf_token": csrf_of(form.text)}).status_code == 429
+
+
+def test_account_tokens_and_admin_pages(service):
+    tech = service.login("tech")
+    account = tech.get("/account")
+    created = tech.post("/account/tokens", data={"name": "scanner", "csrf_token": csrf_of(account.text)})
+    token = re.search(r'id="new-token">([^<]+)<', created.text).group(1)
+    assert token.startswith("lks_")
+    assert tech.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()["username"] == "tech"
+    token_id = re.search(r'/account/tokens/(\d+)/revoke', created.text).group(1)
+    tech.post(f"/account/tokens/{token_id}/revoke", data={"csrf_token": csrf_of(created.text)})
+    assert service.client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+    admin = service.login("admin")
+    users = admin.get("/admin/users")
+    made = admin.post("/admin/users", data={"username": "newhema", "password": "long enough 2", "role": "hematologist",
+                                            "csrf_token": csrf_of(users.text)})
+    assert made.status_code == 200 and "User newhema created" in made.text
+    dup = admin.post("/admin/users", data={"username": "newhema", "password": "long enough 2", "role": "hematologist",
+                                           "csrf_token": csrf_of(users.text)})
+    assert dup.status_code == 409 and "already exists" in dup.text
+    service.login("newhema", "long enough 2")
+    # deactivating a user ends their sessions
+    from leukoscope.service.models import User
+
+    with service.state.sessions() as db:
+        tech_user = db.query(User).filter_by(username="tech").one()
+    admin.post(f"/admin/users/{tech_user.id}", data={"role": "technician", "active": "0",
+                                                     "csrf_token": csrf_of(users.text)})
+    assert tech.get("/cases", follow_redirects=False).status_code == 303
+    audit = admin.get("/admin/audit")
+    assert "user.update" in audit.text and "token.revoke" in audit.text and "login.failed" not in audit.text
+
+
+def test_smear_pages(make_service, smear_analyzer):
+    service = make_service(analyzer_override=smear_analyzer)
+    service.add_user("tech", "technician")
+    tech = service.login("tech")
+    upload = tech.get("/upload")
+    assert 'value="smear" disabled' not in upload.text
+    field, boxes = smear_field()
+    response = page_upload(tech, [("field.png", encode(field, "PNG"))], csrf_of(upload.text), kind="smear")
+    assert response.status_code == 303
+    page = tech.get(response.headers["location"]).text
+    assert "/annotated" in page and page.count('<figure class="cell') == len(boxes)
+    assert "uncertain, review" in page and 'id="differential"' in page
+    assert re.search(r"95% Wilson interval \d+\.\d–\d+\.\d%", page)
+    annotated_url = re.search(r'src="(/api/v1/cases/[^"]+/annotated)"', page).group(1)
+    assert tech.get(annotated_url).headers["content-type"] == "image/png"

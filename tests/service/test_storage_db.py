@@ -1,0 +1,162 @@
+"""Database migrations (SQLite; PostgreSQL when LEUKOSCOPE_TEST_POSTGRES_URL is set),
+the content store, crash consistency of uploads, and the command-line tools."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+
+from leukoscope.service import db as dbm
+from leukoscope.service.models import Base
+from leukoscope.service.storage import ContentStore, StoreError, clean_png
+from tests.service.helpers import PASSWORD, cell_image, encode
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TABLES = {"users", "sessions", "api_tokens", "cases", "images", "cells", "cell_reviews", "audit_log",
+          "alembic_version"}
+
+
+def _schema_matches_models(engine) -> list:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+
+def test_migration_on_a_fresh_sqlite_database(tmp_path):
+    engine = dbm.make_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    assert dbm.current_revision(engine) is None
+    with pytest.raises(dbm.DatabaseError, match="leukoscope serve --migrate"):
+        dbm.check_schema(engine)
+    dbm.upgrade(engine)
+    assert dbm.current_revision(engine) == dbm.head_revision()
+    assert set(inspect(engine).get_table_names()) == TABLES
+    assert _schema_matches_models(engine) == []  # the migration creates exactly what the models declare
+    dbm.check_schema(engine)
+    dbm.upgrade(engine)  # idempotent
+    from alembic import command
+
+    config = dbm.alembic_config(str(engine.url))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
+
+
+@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
+                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db to test PostgreSQL")
+def test_postgresql_migration_and_a_full_case(make_service):
+    url = os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"]
+    engine = dbm.make_engine(url)
+    from alembic import command
+
+    config = dbm.alembic_config(url)
+    with engine.begin() as connection:  # start from an empty schema
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    dbm.upgrade(engine)
+    assert TABLES <= set(inspect(engine).get_table_names())
+    assert _schema_matches_models(engine) == []
+    engine.dispose()
+    service = make_service(database_url=url)
+    service.add_user("tech", "technician")
+    service.add_user("hema", "hematologist")
+    client = service.client()
+    case = client.post("/api/v1/cases", headers=service.auth("tech"),
+                       files=[("files", ("a.png", encode(cell_image(), "PNG"), "image/png"))]).json()
+    cell = case["cells"][0]["id"]
+    review = client.post(f"/api/v1/cases/{case['id']}/review", headers=service.auth("hema"),
+                         json={"labels": {str(cell): "monocyte"}})
+    assert review.json()["status"] == "reviewed"
+    assert client.get("/api/v1/export", headers=service.auth("hema")).status_code == 200
+    assert service.rows() == {"cases": 1, "images": 1, "cells": 1}
+
+
+def test_content_store_names_and_atomic_writes(tmp_path):
+    store = ContentStore(tmp_path / "store")
+    name = store.put(b"hello", "png")
+    assert store.read(name) == b"hello" and store.put(b"hello", "png") == name
+    assert store.path(name).parent.parent == store.objects
+    for evil in ("../../etc/passwd", "..%2f..%2fx.png", "a" * 64 + ".exe", "A" * 64 + ".png", ""):
+        with pytest.raises(StoreError):
+            store.path(evil)
+    with pytest.raises(StoreError):
+        store.put(b"x", "html")
+    assert list(store.tmp.iterdir()) == []  # no temporary file left behind
+    old = store.put(b"orphan", "jpg")
+    os.utime(store.path(old), (0, 0))
+    assert store.collect_garbage({name}) == [old] and store.exists(name) and not store.exists(old)
+
+
+def test_clean_png_drops_metadata():
+    from PIL import Image, PngImagePlugin
+    import io
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Patient", "Jane Doe")
+    image = cell_image()
+    dirty = encode(image, "PNG", pnginfo=info, icc_profile=b"\0" * 128)
+    assert b"Jane Doe" in dirty
+    clean = clean_png(Image.open(io.BytesIO(dirty)))
+    assert b"Jane Doe" not in clean and "icc_profile" not in Image.open(io.BytesIO(clean)).info
+
+
+def test_a_failure_between_files_and_commit_leaves_no_half_case(make_service):
+    """Files are written first, rows in one transaction: kill the transaction just before
+    its commit and there is no case, image or cell row; only unreferenced files, which
+    garbage collection removes."""
+    service = make_service()
+    service.add_user("tech", "technician")
+
+    def crash(db, case_id):
+        assert service.rows()["cases"] == 0  # other connections never see the open transaction
+        raise RuntimeError("simulated crash before commit")
+
+    service.state.before_commit = crash
+    client = service.client(raise_server_exceptions=False)
+    files = [("files", (f"{i}.png", encode(cell_image(seed=i), "PNG"), "image/png")) for i in range(3)]
+    response = client.post("/api/v1/cases", headers=service.auth("tech"), files=files)
+    assert response.status_code == 500
+    assert service.rows() == {"cases": 0, "images": 0, "cells": 0}
+    from leukoscope.service.models import AuditEntry
+
+    assert service.count(AuditEntry) == 0
+    orphans = service.state.store.names()
+    assert orphans  # files were written before the failure...
+    assert set(service.state.store.collect_garbage(set(), min_age_s=0)) == orphans  # ...and are collectable
+    service.state.before_commit = None
+    ok = client.post("/api/v1/cases", headers=service.auth("tech"), files=files)
+    assert ok.status_code == 201 and service.rows() == {"cases": 1, "images": 3, "cells": 3}
+
+
+def test_cli_user_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    runner = CliRunner()
+    data = str(tmp_path / "data")
+    added = runner.invoke(app, ["user", "add", "alice", "--role", "hematologist", "--password-stdin",
+                                "--data-dir", data], input=PASSWORD + "\n")
+    assert added.exit_code == 0, added.output
+    weak = runner.invoke(app, ["user", "add", "bob", "--role", "technician", "--password-stdin", "--data-dir", data],
+                         input="short\n")
+    assert weak.exit_code == 2 and "at least 8" in weak.output
+    role = runner.invoke(app, ["user", "add", "carol", "--role", "boss", "--password-stdin", "--data-dir", data],
+                         input=PASSWORD + "\n")
+    assert role.exit_code == 2 and "role must be one of" in role.output
+    token = runner.invoke(app, ["user", "token", "alice", "--name", "ci", "--data-dir", data])
+    assert token.exit_code == 0 and token.output.strip().splitlines()[-1].startswith("lks_")
+    listing = runner.invoke(app, ["user", "list", "--data-dir", data])
+    assert "alice" in listing.output and "hematologist" in listing.output
+    assert (Path(data) / "leukoscope.db").is_file()
+    missing = runner.invoke(app, ["serve", "--data-dir", data])
+    assert missing.exit_code == 2 and "bundle" in missing.output
