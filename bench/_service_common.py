@@ -54,8 +54,9 @@ class Server:
     """``leukoscope serve`` as a child process (so that it can be killed with SIGKILL)."""
 
     def __init__(self, bundle: Path, data_dir: Path, port: int, env: dict[str, str] | None = None,
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, extra_args: list[str] | None = None) -> None:
         self.bundle, self.data_dir, self.port = bundle, data_dir, port
+        self.extra_args = extra_args or []
         self.env = {**os.environ, **(env or {})}
         self.log = log
         self.process: subprocess.Popen | None = None
@@ -66,7 +67,7 @@ class Server:
 
     def start(self, timeout: float = 120.0) -> float:
         command = [sys.executable, "-m", "leukoscope.cli", "serve", "--bundle", str(self.bundle), "--data-dir",
-                   str(self.data_dir), "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning"]
+                   str(self.data_dir), "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning", *self.extra_args]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         started = time.monotonic()
         self.process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)

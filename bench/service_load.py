@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load not counted")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (leukoscope serve --workers)")
+    parser.add_argument("--inference-threads", type=int, default=None, help="model threads per server process")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -42,7 +44,8 @@ def main() -> int:
     tokens = make_users(work / "data", names)
     images = cell_pngs(256)
     server = Server(bundle, work / "data", free_port(), env={"LEUKOSCOPE_RATE_LIMIT_PER_MINUTE": "0"},
-                    log=work / "server.log")
+                    log=work / "server.log", extra_args=["--workers", str(args.workers)] + (
+                        ["--inference-threads", str(args.inference_threads)] if args.inference_threads else []))
     startup = server.start()
     print(f"server up in {startup:.1f} s on {server.url} (bundle {bundle}); {args.clients} clients x "
           f"{args.seconds:.0f} s after {args.warmup:.0f} s warm-up", flush=True)
@@ -89,7 +92,8 @@ def main() -> int:
         "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
         "p99_ms": round(percentile(ms, 99), 1), "max_ms": round(max(ms), 1) if ms else None,
         "mean_ms": round(sum(ms) / len(ms), 1) if ms else None, "bundle": str(bundle), "target": LOOPBACK,
-        "server_startup_s": round(startup, 1),
+        "server_startup_s": round(startup, 1), "workers": args.workers,
+        "inference_threads": args.inference_threads or 2,
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -161,8 +161,21 @@ def evaluate(
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
     subset: str = typer.Option("test", help="Which part of --split-file to score."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
+    split: Optional[str] = typer.Option(None, "--split", help="Detector bundles: VOC split to score "
+                                        "(e.g. Testing, test)."),
 ) -> None:
-    """Score a bundle on a labelled dataset with the same class names."""
+    """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
+    from leukoscope.inference.detector import is_detection_bundle
+
+    if is_detection_bundle(bundle):
+        from leukoscope.engine.detection import evaluate_detector_bundle
+
+        out = out or bundle.parent / f"eval-{Path(data).name}{'-' + split if split else ''}"
+        metrics = _run(evaluate_detector_bundle, bundle, data, out, split=split, on_error=on_corrupt)
+        console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
+                      f"on {metrics['n_images']} images")
+        print(out / "report.html")
+        return
     from leukoscope.inference.evaluate import evaluate_bundle
 
     out = out or bundle.parent / f"eval-{Path(data).stem}"
@@ -255,33 +268,57 @@ def serve(
     migrate: Optional[bool] = typer.Option(None, "--migrate/--no-migrate", help="Apply database migrations at "
                                            "start-up (default on); --no-migrate refuses an outdated schema."),
     forwarded_allow_ips: str = typer.Option("127.0.0.1", help="Proxies trusted for X-Forwarded-Proto/For."),
+    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; rate limits count per "
+                                "process)."),
+    inference_threads: Optional[int] = typer.Option(None, help="Model threads per process (default 2)."),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
+    import os
+
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
-                                 migrate=migrate)
+                                 migrate=migrate, inference_threads=inference_threads)
     if settings.bundle is None:
         _fail("give a cell-classifier bundle: --bundle DIR (or LEUKOSCOPE_BUNDLE)")
-    import torch
     import uvicorn
 
-    from leukoscope.service.admin import user_count
-    from leukoscope.service.app import create_app
+    from leukoscope.service.admin import open_database, user_count
+    from leukoscope.service.app import app_from_env
     from leukoscope.service.db import DatabaseError
 
-    torch.set_num_threads(settings.torch_threads)
+    # Migrate (or check) once, here, before any worker starts; the workers only check.
+    database = _service_call(_guarded, open_database, settings)
+    database.close()
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    os.environ.update({f"LEUKOSCOPE_{name.upper()}": str(value) for name, value in settings.model_dump().items()
+                       if value is not None})
+    os.environ["LEUKOSCOPE_MIGRATE"] = "false"
+    if user_count(settings.model_copy(update={"migrate": False})) == 0:
+        console.print("[yellow]no users yet: add one with `leukoscope user add NAME --role admin` "
+                      "(same --data-dir / --database-url)[/yellow]")
+    options = dict(host=host, port=port, proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+                   log_level=log_level, server_header=False)
+    if workers > 1:
+        console.print(f"leukoscope service on http://{host}:{port}/ with {workers} workers (API docs: /api/docs)")
+        uvicorn.run("leukoscope.service.app:app_from_env", factory=True, workers=workers, **options)
+        return
     try:
-        application = create_app(settings)
+        application = app_from_env()
     except (DatabaseError, RuntimeError) as exc:
         _fail(str(exc))
     except _user_errors() as exc:
         _fail(str(exc))
-    if user_count(settings.model_copy(update={"migrate": False})) == 0:
-        console.print("[yellow]no users yet: add one with `leukoscope user add NAME --role admin` "
-                      "(same --data-dir / --database-url)[/yellow]")
     console.print(f"leukoscope service on http://{host}:{port}/  (API docs: /api/docs)")
-    uvicorn.run(application, host=host, port=port, proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
-                log_level=log_level, server_header=False)
+    uvicorn.run(application, **options)
+
+
+def _guarded(fn, *args):
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return fn(*args)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot open the database: {exc}")
 
 
 @user_app.command("add")
@@ -371,6 +408,79 @@ def compare(
     result = _run(run_compare, cfg, models=names, show_progress=not quiet)
     console.print(f"table: {result.compare_dir / 'compare.md'}; page: {result.compare_dir / 'compare.html'}")
     print(result.best.bundle_dir)
+
+
+@app.command("train-detector")
+def train_detector(
+    overrides: List[str] = typer.Argument(None, help="Config overrides such as train.epochs=5."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Detection experiment YAML file."),
+    data: Optional[str] = typer.Option(None, "--data", help="Pascal VOC folder (same as data.path=...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Detector name (same as model.name=...)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train a cell detector on a Pascal VOC folder; writes its bundle, metrics and report."""
+    from leukoscope.engine.detection import load_detection_config, run_detection_experiment
+
+    extra = list(overrides or [])
+    if data:
+        extra.append(f"data.path={data}")
+    if model:
+        extra.append(f"model.name={model}")
+    if resume is not None:
+        cfg = _run(load_detection_config, resume / "config.yaml", extra)
+    else:
+        cfg = _run(load_detection_config, config, extra)
+    result = _run(run_detection_experiment, cfg, run_dir=resume, resume=resume is not None,
+                  show_progress=not quiet)
+    console.print(f"report: {result.run_dir / 'report.html'}")
+    print(result.bundle_dir)
+
+
+@app.command()
+def analyze(
+    inputs: List[Path] = typer.Argument(..., help="Smear images and/or folders of them."),
+    detector: Path = typer.Option(..., "--detector", help="Detector bundle (leukoscope train-detector)."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Cell classifier bundle for the "
+                                              "white-cell types (without it cells keep the detector's class)."),
+    out: Path = typer.Option(Path("analysis"), "--out", help="Output folder."),
+    blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as "
+                                                    "blast (repeatable; default: names with 'blast', ALL, "
+                                                    "Early/Pre/Pro)."),
+    threshold: Optional[float] = typer.Option(None, help="Classifier confidence below which a cell is "
+                                              "'uncertain' (default: the bundle's)."),
+    detector_threshold: Optional[float] = typer.Option(None, help="Detector score threshold (default: the bundle's)."),
+    tile_size: int = typer.Option(1024, help="Tile side in image pixels for large fields."),
+    overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
+
+    Writes per image <name>.annotated.png, <name>.cells.csv and <name>.json, and
+    summary.csv / summary.json for the whole folder. Decision support, not a diagnosis.
+    """
+    from leukoscope.inference.predict_files import collect_images
+    from leukoscope.inference.smear import SmearAnalyzer
+    from leukoscope.progress import progress_bar
+
+    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
+    analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
+                    blast_classes=blast_class or None, uncertain_threshold=threshold,
+                    detector_threshold=detector_threshold)
+    with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
+        summary = _run(analyzer.analyze_paths, paths, out, progress=update)
+    pooled = summary.pooled
+    text = f"{len(summary.results)} image(s), {pooled.total} white cells"
+    if pooled.blast_percentage is not None:
+        low, high = pooled.blast_ci95
+        text += f", blasts {pooled.blast_percentage:.1f}% (95% CI {low:.1f}-{high:.1f}%)"
+    console.print(text)
+    for flag in pooled.flags:
+        console.print(f"[yellow]flag:[/yellow] {flag}")
+    failed = [r for r in summary.results if r.error]
+    if failed:
+        console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
+    print(out)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -28,7 +28,8 @@ def edge_maps(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         gray = (images[start:start + batch_size].float() * _LUMA).sum(dim=1, keepdim=True)
         gradients = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
         magnitude = gradients.pow(2).sum(dim=1, keepdim=True).sqrt()
-        peak = magnitude.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        # A peak under one gray level is rounding noise, not an edge: flat images stay black.
+        peak = magnitude.amax(dim=(2, 3), keepdim=True).clamp_min(1.0)
         scaled = (magnitude / peak * 255).round().to(torch.uint8)
         out.append(scaled.expand(-1, 3, -1, -1))
     if not out:

@@ -48,7 +48,7 @@ def test_upload_each_format_gives_a_result(service, fmt, name):
     assert cell["label"] in (cell["top_class"], "uncertain")
     assert "not a diagnosis" in case["decision_support"]
     overlay = client.get(cell["overlay_url"], headers=service.auth("tech"))
-    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(overlay.content)).size == (256, 256)
     assert response.headers["location"] == f"/api/v1/cases/{case['id']}"
 

@@ -222,6 +222,10 @@ class Cell:
     uncertain: bool
     probabilities: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def detection_score(self) -> float:
+        return self.detector_score
+
     def as_row(self, classes: Sequence[str]) -> dict[str, Any]:
         x0, y0, x1, y1 = self.box
         row: dict[str, Any] = {
@@ -347,8 +351,8 @@ class SmearAnalyzer:
 
     def __init__(
         self,
-        detector: CellDetector,
-        classifier: Any | None = None,
+        detector: CellDetector | str | Path,
+        classifier: Any | str | Path | None = None,
         *,
         tile_size: int = 1024,
         overlap: int = 320,
@@ -361,7 +365,14 @@ class SmearAnalyzer:
         blast_flag_percent: float = 20.0,
         min_cells: int = 100,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device: str = "cpu",
     ) -> None:
+        if isinstance(detector, (str, Path)):
+            detector = CellDetector.from_bundle(detector, device)
+        if isinstance(classifier, (str, Path)):
+            from leukoscope.inference.predictor import CellClassifier
+
+            classifier = CellClassifier.from_bundle(classifier, device)
         self.detector = detector
         self.classifier = classifier
         if detector_threshold is not None:
@@ -395,13 +406,7 @@ class SmearAnalyzer:
     @classmethod
     def from_bundles(cls, detector_bundle: str | Path, classifier_bundle: str | Path | None = None, *,
                      device: str = "cpu", **options: Any) -> "SmearAnalyzer":
-        detector = CellDetector.from_bundle(detector_bundle, device)
-        classifier = None
-        if classifier_bundle is not None:
-            from leukoscope.inference.predictor import CellClassifier
-
-            classifier = CellClassifier.from_bundle(classifier_bundle, device)
-        return cls(detector, classifier, **options)
+        return cls(detector_bundle, classifier_bundle, device=device, **options)
 
     # -- detection over tiles ------------------------------------------------
     def detect(self, image: Image.Image) -> tuple[DetectionResult, int]:

@@ -323,7 +323,7 @@ def fcos_resnet50_fpn(
     body, pretrained = _torchvision_body("resnet50", backbone_weights)
     layers = trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)
     backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-    model = FCOS(
+    model = _CellFCOS(
         backbone,
         num_classes=num_classes + 1,
         min_size=1, max_size=1,
@@ -334,6 +334,19 @@ def fcos_resnet50_fpn(
     )
     return _finish(model, input_scale=input_scale, scale_jitter=scale_jitter, weights=weights,
                    freeze_backbone=freeze_backbone, backbone=backbone.body)
+
+
+class _CellFCOS(FCOS):
+    """FCOS scores every class channel, including the unused background channel 0
+    (labels are 1..num_classes as for Faster R-CNN): never report it."""
+
+    def postprocess_detections(self, head_outputs, anchors, image_sizes):
+        detections = super().postprocess_detections(head_outputs, anchors, image_sizes)
+        for detection in detections:
+            keep = detection["labels"] > 0
+            for key in ("boxes", "scores", "labels"):
+                detection[key] = detection[key][keep]
+        return detections
 
 
 def create_detector(name: str, num_classes: int, **options: Any) -> nn.Module:

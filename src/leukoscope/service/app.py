@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
@@ -234,5 +234,11 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
     return app
 
 
-def html(content: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(content, status_code=status)
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and for each worker of ``leukoscope serve --workers N``:
+    settings from ``LEUKOSCOPE_*`` variables."""
+    settings = ServiceSettings.from_env()
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    return create_app(settings)

@@ -122,13 +122,16 @@ def decode_uploads(uploads: Sequence[Upload], max_pixels: int, max_files: int) -
 
 
 async def create_case(state: "ServiceState", principal: Principal, kind: str, uploads: Sequence[Upload],
-                      note: str = "", client: str = "") -> str:
+                      note: str = "", client: str = "",
+                      serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
     """Validate, analyse and store one upload as one case; returns the case id.
 
     Nothing is written unless every file is valid. Files go to the store first
     (atomic, content-named), then every row in one transaction: a crash at any
     point leaves either the whole case or no case (plus, at worst, unreferenced
-    files that :meth:`ContentStore.collect_garbage` removes)."""
+    files that :meth:`ContentStore.collect_garbage` removes). Returns the case id and
+    ``serialize(case)``, computed in the same transaction (and handed out only once it
+    has committed)."""
     principal.require("technician", "hematologist")
     kind = (kind or "cell").lower()
     if kind not in CASE_KINDS:
@@ -142,11 +145,13 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     decoded = await run_in_threadpool(decode_uploads, uploads, state.settings.max_pixels,
                                       state.settings.max_files_per_upload)
     outcomes = await state.analyzer.run(kind, [d.image for d in decoded])
-    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, decoded, outcomes, client)
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, decoded, outcomes, client,
+                                   serialize)
 
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded: list[DecodedUpload],
-             outcomes: list[ImageOutcome], client: str) -> str:
+             outcomes: list[ImageOutcome], client: str,
+             serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
     store = state.store
     stored = []
     for upload, outcome in zip(decoded, outcomes):
@@ -154,7 +159,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded:
         for cell in outcome.cells:
             cells.append({
                 "crop": store.put_png(cell.crop) if cell.crop is not None else None,
-                "overlay": store.put_png(cell.overlay) if cell.overlay is not None else None,
+                "overlay": store.put_jpeg(cell.overlay) if cell.overlay is not None else None,
             })
         stored.append({
             "original": store.put(upload.data, EXTENSIONS[upload.format]),
@@ -192,9 +197,10 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded:
         user = db.get(User, user_id)
         audit(db, user, "case.create", case_id=case_id,
               detail={"kind": kind, "images": len(decoded), "cells": position}, client=client)
+        payload = serialize(case) if serialize is not None else None
         if state.before_commit is not None:  # test hook: fail between the writes and the commit
             state.before_commit(db, case_id)
-    return case_id
+    return case_id, payload
 
 
 # ------------------------------------------------------------------ read

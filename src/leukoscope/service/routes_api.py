@@ -170,14 +170,9 @@ async def upload_case(request: Request) -> JSONResponse:
     principal = await run_in_threadpool(who)
     principal.require("technician", "hematologist")
     uploads, fields = await read_uploads(request)
-    case_id = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads, fields.get("note", ""),
-                                    client=request.client.host if request.client else "")
-
-    def load() -> dict[str, Any]:
-        with transaction(state.sessions) as db:
-            return case_json(request, ops.load_case(db, principal, case_id, action=None))
-
-    payload = await run_in_threadpool(load)
+    case_id, payload = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
+                                             fields.get("note", ""), client=request.client.host if request.client
+                                             else "", serialize=lambda case: case_json(request, case))
     return JSONResponse(payload, status_code=201, headers={"Location": f"{API}/cases/{case_id}"})
 
 

@@ -190,7 +190,7 @@ async def upload(request: Request):
         principal.require("technician", "hematologist")
         uploads, fields = await read_uploads(request)
         check_csrf(principal, fields.get("csrf_token"))
-        case_id = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
+        case_id, _ = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
                                         fields.get("note", ""), client=client_address(request))
     except ServiceError as error:
         if error.code == "csrf" or error.status == 403:

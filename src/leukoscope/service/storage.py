@@ -50,7 +50,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def clean_png(image: Image.Image, compress_level: int = 3) -> bytes:
+def clean_png(image: Image.Image, compress_level: int = 1) -> bytes:
     """PNG bytes of ``image``'s pixels only: no EXIF, ICC profile or text chunks."""
     pixels = np.asarray(image.convert("RGB"))
     fresh = Image.fromarray(pixels, mode="RGB")  # new image: empty .info
@@ -118,6 +118,13 @@ class ContentStore:
     def put_png(self, image: Image.Image) -> str:
         """Store a metadata-free PNG of ``image`` (the form every served image takes)."""
         return self.put(clean_png(image), "png")
+
+    def put_jpeg(self, image: Image.Image, quality: int = 90) -> str:
+        """Store a metadata-free JPEG (for pictures that need not be lossless: heatmap overlays)."""
+        fresh = Image.fromarray(np.asarray(image.convert("RGB")), mode="RGB")
+        buffer = io.BytesIO()
+        fresh.save(buffer, format="JPEG", quality=quality)
+        return self.put(buffer.getvalue(), "jpg")
 
     def names(self) -> set[str]:
         return {p.name for p in self.objects.glob("??/*") if _NAME.match(p.name)}

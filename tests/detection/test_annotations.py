@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from leukoscope.data.annotations import (
+    AnnotatedImage,
+    AnnotationError,
+    BoxAnnotation,
+    attach_labels,
+    detect_layout,
+    parse_voc_xml,
+    points_to_boxes,
+    read_points,
+    read_voc_dataset,
+    read_wbc_types,
+    write_points,
+    write_voc_xml,
+)
+from leukoscope.data.manifest import DatasetError
+from tests.conftest import shared_dataset
+
+CLASSES = ["WBC", "RBC", "Platelets"]
+
+
+def _voc(objects: str, size: str = "<size><width>100</width><height>80</height><depth>3</depth></size>") -> str:
+    return f"<annotation>\n<filename>a.jpg</filename>\n{size}\n{objects}\n</annotation>\n"
+
+
+def _obj(name: str, box: tuple[float, float, float, float]) -> str:
+    x0, y0, x1, y1 = box
+    return (f"<object>\n<name>{name}</name>\n<bndbox>\n<xmin>{x0}</xmin>\n<ymin>{y0}</ymin>\n"
+            f"<xmax>{x1}</xmax>\n<ymax>{y1}</ymax>\n</bndbox>\n</object>")
+
+
+def _write(tmp_path: Path, text: str, name: str = "a.xml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_roundtrip_write_then_parse(tmp_path: Path) -> None:
+    image = AnnotatedImage(tmp_path / "x.png", 100, 80, [BoxAnnotation("WBC", 10, 12, 50, 60),
+                                                          BoxAnnotation("RBC", 0, 0, 100, 80, truncated=True)])
+    path = write_voc_xml(image, tmp_path / "x.xml")
+    back = parse_voc_xml(path, classes=CLASSES)
+    assert (back.width, back.height) == (100, 80)
+    assert [b.label for b in back.boxes] == ["WBC", "RBC"]
+    assert back.boxes[0].as_xyxy() == [10, 12, 50, 60]
+    assert back.boxes[1].truncated
+    assert back.image_path.name == "x.png"
+
+
+def test_malformed_xml_names_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "<annotation>\n<object>\n<name>WBC</name>\n</annotation>\n")
+    with pytest.raises(AnnotationError) as err:
+        parse_voc_xml(path)
+    assert str(path) in str(err.value) and "malformed XML" in str(err.value)
+    assert err.value.line == 4
+
+
+def test_not_voc_root(tmp_path: Path) -> None:
+    with pytest.raises(AnnotationError, match="expected <annotation>"):
+        parse_voc_xml(_write(tmp_path, "<coco></coco>"))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(AnnotationError, match="empty"):
+        parse_voc_xml(_write(tmp_path, ""))
+
+
+def test_unknown_class_suggests_closest(tmp_path: Path) -> None:
+    path = _write(tmp_path, _voc(_obj("WBC", (1, 1, 20, 20)) + "\n" + _obj("Platelet", (30, 30, 40, 40))))
+    with pytest.raises(AnnotationError) as err:
+        parse_voc_xml(path, classes=CLASSES)
+    message = str(err.value)
+    assert "unknown class 'Platelet'" in message and "did you mean 'Platelets'" in message
+    assert err.value.line is not None and f"{path}:{err.value.line}" in message
+
+
+def test_case_insensitive_names_and_aliases(tmp_path: Path) -> None:
+    path = _write(tmp_path, _voc(_obj("wbc", (1, 1, 20, 20)) + _obj("Platelet", (30, 30, 40, 40))))
+    image = parse_voc_xml(path, classes=CLASSES, aliases={"Platelet": "Platelets"})
+    assert [b.label for b in image.boxes] == ["WBC", "Platelets"]
+
+
+def test_box_outside_image_is_an_error_slight_overshoot_is_clipped(tmp_path: Path) -> None:
+    path = _write(tmp_path, _voc(_obj("WBC", (50, 10, 160, 40))))
+    with pytest.raises(AnnotationError, match="outside the 100x80 image"):
+        parse_voc_xml(path, classes=CLASSES)
+    clipped = parse_voc_xml(_write(tmp_path, _voc(_obj("WBC", (-1, 10, 101, 80))), "b.xml"), classes=CLASSES)
+    assert clipped.boxes[0].as_xyxy() == [0, 10, 100, 80]
+
+
+def test_skip_mode_drops_bad_objects_and_reports_them(tmp_path: Path) -> None:
+    text = _voc(_obj("WBC", (1, 1, 20, 20)) + _obj("RBC", (5, 5, 5, 5)) + _obj("Blob", (1, 1, 9, 9))
+                + "<object><name>RBC</name><bndbox><xmin>x</xmin><ymin>1</ymin><xmax>3</xmax><ymax>4</ymax>"
+                  "</bndbox></object>")
+    issues: list = []
+    image = parse_voc_xml(_write(tmp_path, text), classes=CLASSES, on_error="skip", issues=issues)
+    assert [b.label for b in image.boxes] == ["WBC"]
+    messages = [issue.message for issue in issues]
+    assert any("has no area" in m for m in messages)
+    assert any("unknown class 'Blob'" in m for m in messages)
+    assert any("not a number" in m for m in messages)
+    assert all(issue.line for issue in issues)
+
+
+def _image(path: Path, size=(100, 80)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (230, 210, 220)).save(path)
+
+
+def test_bccd_layout_with_imagesets(tmp_path: Path) -> None:
+    for stem in ("im1", "im2", "im3"):
+        _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(
+            _voc(_obj("WBC", (1, 1, 30, 30))).replace("a.jpg", f"{stem}.jpg"))
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("im1\nim2\n")
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("im3\n")
+    assert detect_layout(tmp_path).kind == "bccd"
+    train = read_voc_dataset(tmp_path, "train", classes=CLASSES)
+    assert [i.image_path.name for i in train] == ["im1.jpg", "im2.jpg"]
+    assert read_voc_dataset(tmp_path, "Testing", classes=CLASSES)[0].image_path.name == "im3.jpg"
+    with pytest.raises(DatasetError, match="no split 'val'"):
+        read_voc_dataset(tmp_path, "val")
+    assert len(read_voc_dataset(tmp_path)) == 3
+
+
+def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Path) -> None:
+    for split, stems in (("Training", ["a", "b"]), ("Validation", ["a"]), ("Testing", ["c"])):
+        for stem in stems:
+            _image(tmp_path / split / "Images" / f"{stem}.jpg")
+            (tmp_path / split / "Annotations").mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / "Annotations" / f"{stem}.xml").write_text(
+                _voc(_obj("RBC", (1, 1, 30, 30))).replace("a.jpg", f"{stem}.jpg"))
+    (tmp_path / "Testing" / "Annotations" / "ghost.xml").write_text(_voc("").replace("a.jpg", "ghost.jpg"))
+    assert detect_layout(tmp_path).kind == "cbc"
+    both = read_voc_dataset(tmp_path, "Training+Validation", classes=CLASSES)
+    assert sorted(i.image_path.name for i in both) == ["a.jpg", "b.jpg"]
+    with pytest.raises(AnnotationError, match="ghost.jpg not found"):
+        read_voc_dataset(tmp_path, "test", classes=CLASSES)
+    test = read_voc_dataset(tmp_path, "test", classes=CLASSES, on_error="skip")
+    assert len(test) == 1 and "not found" in test.issues[0].message
+
+
+def test_points_file(tmp_path: Path) -> None:
+    path = tmp_path / "im.xyc"
+    path.write_text("10 20\n\n# comment\n30.5\t40\n")
+    points = read_points(path, image_size=(100, 100))
+    assert [(p.x, p.y) for p in points] == [(10, 20), (30.5, 40)]
+    assert read_points(write_points(points, tmp_path / "copy.xyc")) == points
+    (tmp_path / "empty.xyc").write_text("")
+    assert read_points(tmp_path / "empty.xyc") == []
+    (tmp_path / "bad.xyc").write_text("1 2\n3 four\n")
+    with pytest.raises(AnnotationError) as err:
+        read_points(tmp_path / "bad.xyc")
+    assert err.value.line == 2
+    (tmp_path / "out.xyc").write_text("500 20\n")
+    with pytest.raises(AnnotationError, match="outside"):
+        read_points(tmp_path / "out.xyc", image_size=(100, 100))
+    boxes = points_to_boxes(points, 20, image_size=(100, 100))
+    assert boxes[0].as_xyxy() == [0, 10, 20, 30]
+
+
+def test_wbc_types(tmp_path: Path) -> None:
+    path = tmp_path / "types.csv"
+    path.write_text('image,wbc_type\nBloodImage_00001.jpg,NEUTROPHIL\nBloodImage_00002.jpg,"neutrophil, EOSINOPHIL"\n')
+    types = read_wbc_types(path)
+    assert types == {"BloodImage_00001": ["NEUTROPHIL"], "BloodImage_00002": ["NEUTROPHIL", "EOSINOPHIL"]}
+    path.write_text("image,wbc_type\na.jpg,NEUTROPHIIL\n")
+    with pytest.raises(AnnotationError) as err:
+        read_wbc_types(path)
+    assert err.value.line == 2 and "did you mean 'NEUTROPHIL'" in str(err.value)
+    path.write_text("")
+    with pytest.raises(AnnotationError, match="empty"):
+        read_wbc_types(path)
+
+
+@pytest.mark.shared
+def test_real_cbc_and_bccd() -> None:
+    cbc = shared_dataset("cbc")
+    test = read_voc_dataset(cbc, "Testing", classes=CLASSES, on_error="skip")
+    assert len(test) == 60
+    assert len(test.issues) == 1 and "has no area" in test.issues[0].message  # BloodImage_00343: a 0x0 RBC box
+    train = read_voc_dataset(cbc, "Training+Validation", classes=CLASSES, on_error="skip")
+    assert len(train) == 300  # the 60 Validation images are copies of Training images
+    assert {i.image_path.name for i in train}.isdisjoint({i.image_path.name for i in test})
+    bccd = shared_dataset("bccd")
+    bccd_test = read_voc_dataset(bccd, "test", classes=CLASSES, on_error="skip")
+    assert len(bccd_test) == 72 and bccd_test.class_counts()["WBC"] > 60
+    types = read_wbc_types(bccd / "wbc_types.csv")
+    labelled = attach_labels(bccd_test, types)
+    assert sum(1 for image in labelled if image.labels) > 60

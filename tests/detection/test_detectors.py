@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from leukoscope.models import WeightsError, create_model, list_models
+from leukoscope.models.detectors import FixedScaleTransform, create_detector
+
+DETECTORS = ["fasterrcnn_abas", "fasterrcnn_mobilenet_v3_fpn", "fasterrcnn_resnet50_fpn", "fcos_resnet50_fpn"]
+
+
+def test_registry_lists_detectors() -> None:
+    assert set(DETECTORS) <= set(list_models("detector"))
+    assert not set(DETECTORS) & set(list_models("classifier"))
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_builds_and_runs_in_train_and_eval_mode(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, input_scale=0.5)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    model.train()
+    losses = model(images, targets)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    assert len(outputs) == 2
+    for output, image in zip(outputs, images):
+        boxes = output["boxes"]
+        assert boxes.shape[1] == 4
+        if len(boxes):  # boxes are returned in the input image's own pixels
+            assert boxes[:, 2].max() <= image.shape[-1] + 1e-3 and boxes[:, 3].max() <= image.shape[-2] + 1e-3
+            assert output["labels"].min() >= 1 and output["labels"].max() <= 3
+
+
+def test_fixed_scale_transform_scales_images_and_boxes() -> None:
+    transform = FixedScaleTransform(0.5).eval()
+    images, targets = transform([torch.rand(3, 120, 160)], [{"boxes": torch.tensor([[20.0, 10.0, 100.0, 90.0]]),
+                                                              "labels": torch.tensor([1])}])
+    assert images.image_sizes[0] == (60, 80)
+    assert targets[0]["boxes"].tolist() == [[10.0, 5.0, 50.0, 45.0]]
+
+
+def test_detector_needs_a_class_and_classifier_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        create_model("fasterrcnn_abas", num_classes=0)
+    with pytest.raises(ValueError, match="not a detector"):
+        create_detector("abas_cnn", num_classes=2)
+    assert create_detector("fasterrcnn_abas", num_classes=1) is not None  # WBC-only detector
+
+
+def test_abas_backbone_from_classifier_bundle(tmp_path: Path) -> None:
+    from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
+
+    torch.manual_seed(1)
+    classifier = create_model("abas_cnn", num_classes=2)
+    bundle = save_bundle(tmp_path / "bundle", classifier, BundleInfo("abas_cnn", ["a", "b"],
+                                                                      Preprocessing(64, [0.5] * 3, [0.2] * 3)))
+    for source in (bundle, bundle / "model.safetensors"):
+        detector = create_model("fasterrcnn_abas", num_classes=3, backbone_weights=source)
+        assert torch.equal(detector.backbone.features[0].weight, classifier.features[0].weight)
+        assert torch.equal(detector.backbone.features[1].running_var, classifier.features[1].running_var)
+    frozen = create_model("fasterrcnn_abas", num_classes=3, backbone_weights=bundle, freeze_backbone=True)
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    assert any(p.requires_grad for p in frozen.roi_heads.parameters())
+    other = create_model("tusar_convnet", num_classes=2)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(WeightsError):
+        create_model("fasterrcnn_abas", num_classes=3, backbone_weights=tmp_path / "other.pt")

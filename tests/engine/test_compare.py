@@ -1,0 +1,110 @@
+"""`leukoscope compare`: several models on one split, one table, one figure, one page."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from leukoscope.cli import app
+from leukoscope.engine.compare import compare_plan, entry_config, run_compare
+from leukoscope.engine.config import CompareConfig, CompareEntry, ConfigError, load_config
+
+FAST = ["model.image_size=32", "train.epochs=1", "train.batch_size=16", "features.histogram_bins=8",
+        "features.lbp_radii=[1]", "features.glcm_distances=[1]"]
+
+
+@pytest.fixture(scope="module")
+def compared(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("compare")
+    config = load_config(overrides=[f"data.path={synthetic_root}", f"output_root={out}", "name=cmp", *FAST])
+    config.compare = CompareConfig(models=[
+        "naive_bayes",
+        CompareEntry(model="jabeena_cnn", label="jabeena-1ep", overrides={"train.augmentation": "jabeena"}),
+    ])
+    return run_compare(config, show_progress=False)
+
+
+def test_writes_table_figure_and_page(compared):
+    directory = compared.compare_dir
+    for name in ("compare.csv", "compare.json", "compare.md", "compare.png", "compare.html", "config.yaml"):
+        assert (directory / name).is_file(), name
+    rows = list(csv.DictReader((directory / "compare.csv").open()))
+    assert [row["label"] for row in rows] == ["naive_bayes", "jabeena-1ep"]
+    for column in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "train_minutes",
+                   "images_per_second", "parameters", "bundle"):
+        assert column in rows[0]
+    assert rows[0]["kind"] == "classic" and rows[0]["parameters"] == ""
+    assert rows[1]["kind"] == "classifier" and int(rows[1]["parameters"]) > 0 and rows[1]["epochs"] == "1"
+    table = (directory / "compare.md").read_text()
+    for header in ("accuracy", "precision (macro)", "recall (macro)", "specificity (macro)", "F1 (macro)",
+                   "ROC-AUC", "train min", "inference img/s", "params"):
+        assert header in table
+    assert "jabeena-1ep (1 ep)" in table and "| n/a |" in table
+    page = (directory / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "01-naive_bayes/report.html" in page
+    info = json.loads((directory / "compare.json").read_text())
+    assert info["chosen"] in ("naive_bayes", "jabeena-1ep") and "validation" in info["chosen_by"]
+
+
+def test_every_row_used_the_same_split_and_has_a_bundle(compared):
+    splits = {(Path(row.run_dir) / "split.json").read_text() for row in compared.rows}
+    assert len(splits) == 1
+    for row in compared.rows:
+        assert (Path(row.bundle) / "bundle.json").is_file()
+    assert sum(row.chosen for row in compared.rows) == 1
+    assert compared.best.bundle_dir == Path(compared.rows[compared.best_index].bundle)
+    assert compared.rows[1].segmentation is None
+
+
+def test_cli_compare_prints_the_best_bundle_last(synthetic_root: Path, tmp_path: Path):
+    result = CliRunner().invoke(app, ["compare", "--data", str(synthetic_root), "--models",
+                                      "naive_bayes", "--quiet", f"output_root={tmp_path}", *FAST])
+    assert result.exit_code == 0, result.output
+    last = [line for line in result.stdout.splitlines() if line.strip()][-1]
+    assert (Path(last) / "bundle.json").is_file()
+    assert "naive_bayes" in result.output
+
+
+def test_models_option_picks_configured_rows_by_label():
+    config = load_config(overrides=["data.path=x"])
+    config.compare = CompareConfig(models=[
+        CompareEntry(model="tusar_convnet", label="convnet-seg", overrides={"data.segmentation": "lab_kmeans"}),
+    ])
+    plan = compare_plan(config, ["convnet-seg", "svm_rbf"])
+    assert [(e.model, e.label) for e in plan] == [("tusar_convnet", "convnet-seg"), ("svm_rbf", None)]
+    row = entry_config(config, plan[0])
+    assert row.model.name == "tusar_convnet" and row.data.segmentation == "lab_kmeans"
+    assert row.compare is None and config.data.segmentation is None  # the base config is untouched
+    assert [e.model for e in compare_plan(load_config())] == [  # nothing named: the six classical models
+        "svm_rbf", "naive_bayes", "decision_tree", "random_forest", "logistic_regression", "gradient_boosting"]
+
+
+@pytest.mark.parametrize("models, message", [
+    (["svm_rbf", "no_such_model"], "unknown model 'no_such_model'"),
+    ([CompareEntry(model="svm_rbf"), CompareEntry(model="svm_rbf")], "more than once"),
+    ([CompareEntry(model="svm_rbf", overrides={"data.path": "elsewhere"})], "same data and split"),
+    ([CompareEntry(model="svm_rbf", overrides={"data.ratios": [0.5, 0.5]})], "same data and split"),
+    ([CompareEntry(model="svm_rbf", overrides={"train.epoch": 3})], "unknown config key 'train.epoch'"),
+])
+def test_bad_plans_fail_before_any_training(models, message, tmp_path: Path):
+    config = load_config(overrides=["data.path=x", f"output_root={tmp_path}"])
+    config.compare = CompareConfig(models=models)
+    with pytest.raises((ConfigError, ValueError), match=message):
+        run_compare(config, show_progress=False)
+    assert not any(tmp_path.iterdir())  # failed before creating anything
+
+
+def test_compare_section_in_yaml(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("compare:\n  models:\n    - svm_rbf\n    - {model: resnet18, label: r18, overrides: "
+                    "{train.epochs: 2}}\n")
+    config = load_config(path)
+    plan = compare_plan(config)
+    assert entry_config(config, plan[1]).train.epochs == 2
+    path.write_text("compare:\n  models:\n    - {model: resnet18, extra: 1}\n")
+    with pytest.raises(ConfigError, match="extra"):
+        load_config(path)
