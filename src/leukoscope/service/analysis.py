@@ -159,10 +159,38 @@ class Analyzer:
             return None
         return overlay_heatmap(letterbox(image, max(classifier.image_size, DISPLAY_SIZE)), heatmap)
 
+    def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
+                             source: str) -> tuple[Prediction, Image.Image | None]:
+        """Prediction and Grad-CAM overlay from one forward pass: Grad-CAM's own forward
+        (which needs gradients) also yields the logits, so the model runs once, not twice."""
+        if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
+            return classifier.predict_images([image], [source])[0], None
+        import numpy as np
+        import torch
+
+        from leukoscope.inference.explain import grad_cam, overlay_heatmap
+        from leukoscope.transforms import letterbox
+
+        captured: list[torch.Tensor] = []
+        handle = classifier.model.register_forward_hook(lambda _m, _i, output: captured.append(output.detach()))
+        inputs = classifier.preprocess(image).unsqueeze(0).to(classifier.device)
+        try:
+            with torch.enable_grad():
+                heatmap = grad_cam(classifier.model, inputs)[0]  # explains the predicted (top) class
+        except ValueError as exc:
+            log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
+            return classifier.predict_images([image], [source])[0], None
+        finally:
+            handle.remove()
+        logits = captured[-1].float() / classifier.info.temperature
+        probabilities = torch.softmax(logits, dim=1).cpu().numpy()[0].astype(np.float64)
+        prediction = classifier._to_prediction(source, probabilities)
+        overlay = overlay_heatmap(letterbox(image, max(classifier.image_size, DISPLAY_SIZE)), heatmap)
+        return prediction, overlay
+
     def analyse_cell(self, image: Image.Image) -> ImageOutcome:
-        classifier = self._classifier()
-        prediction = classifier.predict_images([image], ["upload"])[0]
-        return ImageOutcome([CellOutcome(prediction, overlay=self._overlay(classifier, image, prediction.top_class))])
+        prediction, overlay = self._predict_and_explain(self._classifier(), image, "upload")
+        return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
 
     def analyse_smear(self, image: Image.Image) -> ImageOutcome:
         if self.smear is None:

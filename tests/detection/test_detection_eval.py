@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leukoscope.evaluation.detection import (
+    GroundTruth,
+    Predicted,
+    choose_threshold,
+    coco_metrics,
+    evaluate_detections,
+    match_detections,
+    operating_point,
+)
+
+CLASSES = ["WBC", "RBC"]
+
+
+def _truths() -> list[GroundTruth]:
+    return [
+        GroundTruth(np.array([[10, 10, 60, 60], [100, 100, 140, 150]], float), np.array([0, 1]), 200, 200, "a"),
+        GroundTruth(np.array([[20, 30, 90, 100], [150, 20, 190, 60], [5, 120, 45, 160]], float), np.array([0, 1, 1]),
+                    200, 200, "b"),
+    ]
+
+
+def _perfect(truths: list[GroundTruth], shift: float = 0.0) -> list[Predicted]:
+    return [Predicted(t.boxes + shift, np.linspace(0.9, 0.8, len(t.labels)), t.labels.copy()) for t in truths]
+
+
+def test_perfect_boxes_give_map_one() -> None:
+    metrics = coco_metrics(_perfect(_truths()), _truths(), CLASSES)
+    assert metrics["map"] == pytest.approx(1.0)
+    assert metrics["map_50"] == pytest.approx(1.0)
+    assert all(v["ap_50"] == pytest.approx(1.0) for v in metrics["per_class"].values())
+    assert metrics["per_class"]["RBC"]["n_true"] == 3
+
+
+def test_shifted_boxes_score_lower_and_wrong_class_scores_zero() -> None:
+    perfect = coco_metrics(_perfect(_truths()), _truths(), CLASSES)["map"]
+    shifted = coco_metrics(_perfect(_truths(), 6.0), _truths(), CLASSES)
+    assert shifted["map"] < perfect
+    assert shifted["map_50"] == pytest.approx(1.0)  # still IoU > 0.5
+    far = coco_metrics(_perfect(_truths(), 40.0), _truths(), CLASSES)
+    assert far["map_50"] < 0.5
+    swapped = [Predicted(p.boxes, p.scores, 1 - p.labels) for p in _perfect(_truths())]
+    assert coco_metrics(swapped, _truths(), CLASSES)["map"] == pytest.approx(0.0)
+
+
+def test_no_predictions_and_no_truth() -> None:
+    empty = [Predicted(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int)) for _ in range(2)]
+    assert coco_metrics(empty, _truths(), CLASSES)["map"] == 0.0
+    with pytest.raises(ValueError, match="no ground-truth"):
+        coco_metrics(empty, [GroundTruth(np.zeros((0, 4)), np.zeros(0, int), 10, 10)] * 2, CLASSES)
+
+
+def test_matching_and_operating_point() -> None:
+    true = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    pred = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60]], float)
+    assert match_detections(pred, np.array([0.9, 0.8, 0.7]), true) == (1, 2, 1)
+    predictions = _perfect(_truths())
+    predictions[1].scores[2] = 0.2  # below the threshold: a missed RBC, an RBC count one too low
+    point = operating_point(predictions, _truths(), CLASSES, 0.5)
+    rbc = point["per_class"]["RBC"]
+    assert (rbc["tp"], rbc["fp"], rbc["fn"]) == (2, 0, 1)
+    assert rbc["recall"] == pytest.approx(2 / 3) and rbc["precision"] == 1.0
+    assert rbc["count_exact"] == 0.5 and rbc["count_bias"] == -0.5
+    assert point["per_class"]["WBC"]["count_exact"] == 1.0
+    assert choose_threshold(predictions, _truths(), CLASSES) <= 0.2
+
+
+def test_evaluate_writes_metrics_figures_report(tmp_path: Path) -> None:
+    images = [np.full((200, 200, 3), 220, np.uint8)] * 2
+    metrics = evaluate_detections(_perfect(_truths(), 3.0), _truths(), ["WBC", "RBC"], tmp_path, images=images,
+                                  history=[{"epoch": 1, "train_loss": 1.0, "val_map": 0.2, "val_map_50": 0.4}],
+                                  title="test <b>", notes=["a note"])
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert stored["map_50"] == pytest.approx(1.0) and stored["wbc_count_exact"] == 1.0
+    for name in ("pr_curves", "counts", "examples", "training_curves"):
+        assert (tmp_path / metrics["figures"][name]).is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert "test &lt;b&gt;" in html and "AP@0.5" in html and "a note" in html and "data:image/png;base64" in html
