@@ -56,7 +56,7 @@ def check_database(data_dir: Path) -> dict:
                 problems.append(f"{case.id}: no images")
             if len(case.cells) != len(case.images):
                 problems.append(f"{case.id}: {len(case.images)} images but {len(case.cells)} cells")
-            if expected and expected["n_counted"] + expected["n_uncertain"] != len(case.cells):
+            if expected and expected["total"] != len(case.cells):
                 problems.append(f"{case.id}: differential counted a different number of cells")
             names = [n for i in case.images for n in (i.original_object, i.served_object, i.annotated_object)]
             names += [n for c in case.cells for n in (c.overlay_object, c.crop_object)]

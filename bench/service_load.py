@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -23,7 +24,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _service_common import LOOPBACK, Server, cell_pngs, demo_bundle, free_port, make_users, percentile  # noqa: E402
+from _service_common import (LOOPBACK, Server, cell_pngs, demo_bundle, free_port, load_average,  # noqa: E402
+                             make_users, percentile, process_tree_cpu_s)
 
 
 def main() -> int:
@@ -77,7 +79,20 @@ def main() -> int:
                         else:
                             errors[outcome] = errors.get(outcome, 0) + 1
 
+    cpu_marks: dict[str, float] = {}
+
+    def mark_cpu() -> None:  # server (and load generator) CPU over exactly the counted window
+        time.sleep(max(0.0, count_from - time.monotonic()))
+        cpu_marks["start"] = process_tree_cpu_s(server.process.pid)
+        cpu_marks["client_start"] = sum(os.times()[:2])
+        cpu_marks["load_start"] = load_average()
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        cpu_marks["end"] = process_tree_cpu_s(server.process.pid)
+        cpu_marks["client_end"] = sum(os.times()[:2])
+        cpu_marks["load_end"] = load_average()
+
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads.append(threading.Thread(target=mark_cpu))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -92,6 +107,10 @@ def main() -> int:
         "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
         "p99_ms": round(percentile(ms, 99), 1), "max_ms": round(max(ms), 1) if ms else None,
         "mean_ms": round(sum(ms) / len(ms), 1) if ms else None, "bundle": str(bundle), "target": LOOPBACK,
+        "server_cpu_ms_per_request": round(1000 * (cpu_marks["end"] - cpu_marks["start"]) / max(1, len(ms)), 1),
+        "server_cpu_cores_used": round((cpu_marks["end"] - cpu_marks["start"]) / args.seconds, 2),
+        "load_generator_cpu_cores_used": round((cpu_marks["client_end"] - cpu_marks["client_start"]) / args.seconds, 2),
+        "machine_load_average_1_5_15min": [cpu_marks["load_start"], cpu_marks["load_end"]],
         "server_startup_s": round(startup, 1), "workers": args.workers,
         "inference_threads": args.inference_threads or 2,
     }

@@ -8,6 +8,8 @@
     leukoscope split --data D --out split.json
     leukoscope segment INPUT... --out DIR [--figure]
     leukoscope compare --config FILE      several models (CNN + classical), one split, one table
+    leukoscope train-detector --config FILE  a cell detector on a Pascal VOC folder
+    leukoscope analyze FILE|FOLDER --detector D [--classifier B]   differential, blast %, flags
     leukoscope models
     leukoscope serve --bundle B [--detector D]   web service (needs the service extra)
     leukoscope user add NAME --role ROLE        service users; `user token NAME` for scripts
@@ -450,8 +452,10 @@ def analyze(
     threshold: Optional[float] = typer.Option(None, help="Classifier confidence below which a cell is "
                                               "'uncertain' (default: the bundle's)."),
     detector_threshold: Optional[float] = typer.Option(None, help="Detector score threshold (default: the bundle's)."),
-    tile_size: int = typer.Option(1024, help="Tile side in image pixels for large fields."),
+    tile_size: int = typer.Option(2048, help="Tile side in image pixels for large fields."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
+                                          "faster on a machine busy with other work)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
@@ -463,6 +467,10 @@ def analyze(
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.progress import progress_bar
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
                     blast_classes=blast_class or None, uncertain_threshold=threshold,

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from leukoscope.data.readers import read_dataset
-from leukoscope.service.analysis import wilson_interval
 from tests.service.helpers import FakeSmear, cell_image, encode, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -49,8 +48,21 @@ def test_upload_each_format_gives_a_result(service, fmt, name):
     assert "not a diagnosis" in case["decision_support"]
     overlay = client.get(cell["overlay_url"], headers=service.auth("tech"))
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/jpeg"
-    assert Image.open(io.BytesIO(overlay.content)).size == (256, 256)
+    assert Image.open(io.BytesIO(overlay.content)).size == (64, 64)  # the cell's own size: no upscaling
     assert response.headers["location"] == f"/api/v1/cases/{case['id']}"
+
+
+def test_service_predictions_are_the_python_api_s(service, cell_bundle):
+    """The service classifies with the same CellClassifier as the CLI and the Python API."""
+    from leukoscope.inference.predictor import CellClassifier
+
+    images = [cell_image(label, 40 + i, size=80) for i, label in enumerate(["blast", "monocyte", "neutrophil"])]
+    expected = CellClassifier.from_bundle(cell_bundle).predict_images(images)
+    case = upload(service.client(), service.auth("tech"),
+                  *[(f"{i}.png", encode(image, "PNG")) for i, image in enumerate(images)]).json()
+    for cell, reference in zip(case["cells"], expected):
+        assert cell["label"] == reference.label and cell["top_class"] == reference.top_class
+        assert cell["probabilities"] == pytest.approx(reference.probabilities, abs=1e-5)
 
 
 def test_several_images_make_one_case(service):
@@ -59,7 +71,7 @@ def test_several_images_make_one_case(service):
              for i, label in enumerate(["blast", "lymphocyte", "monocyte"])]
     case = upload(client, service.auth("tech"), *files).json()
     assert len(case["images"]) == 3 and len(case["cells"]) == 3
-    assert case["differential"]["n_counted"] + case["differential"]["n_uncertain"] == 3
+    assert case["differential"]["total"] == 3 and case["differential"]["blast_classes"] == ["blast"]
     assert service.rows() == {"cases": 1, "images": 3, "cells": 3}
 
 
@@ -358,10 +370,11 @@ def test_smear_field_analysis(make_service, smear_analyzer):
         crop = Image.open(io.BytesIO(client.get(cell["crop_url"], headers=service.auth("tech")).content))
         assert crop.size == (64, 64)
     differential = case["differential"]
-    assert differential["n_uncertain"] >= 1
-    assert differential["n_counted"] + differential["n_uncertain"] == 6
+    assert differential["uncertain"] >= 1 and differential["total"] == 6
+    assert differential["counts"]["uncertain"] == differential["uncertain"]
     low, high = differential["blast_ci95"]
-    assert low <= differential["blast_percent"] <= high
+    assert low <= differential["blast_percentage"] <= high
+    assert any("uncertain" in flag for flag in differential["flags"])
     # an uncertain cell cannot be confirmed without a class
     hema = service.auth("hema")
     refused = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
@@ -371,15 +384,20 @@ def test_smear_field_analysis(make_service, smear_analyzer):
     done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": labels})
     assert done.status_code == 200, done.text
     assert done.json()["status"] == "reviewed"
-    assert done.json()["case"]["differential"]["n_uncertain"] == 0
-    assert done.json()["case"]["differential"]["n_counted"] == 6
+    assert done.json()["case"]["differential"]["uncertain"] == 0
+    assert done.json()["case"]["differential"]["total"] == 6
 
 
-def test_wilson_interval_matches_the_textbook():
-    low, high = wilson_interval(5, 100)
-    assert (round(low, 4), round(high, 4)) == (0.0215, 0.1118)
-    assert wilson_interval(0, 0) == (0.0, 0.0)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+def test_reviewed_labels_drive_the_differential(service):
+    """5 blasts among 100 reviewed cells: 5.0% with the Wilson interval 2.2-11.2%, the same
+    numbers the smear module reports (one implementation for the CLI and the service)."""
+    from leukoscope.service.analysis import differential
+
+    labels = ["blast"] * 5 + ["lymphocyte"] * 95
+    result = differential(labels, ["blast", "lymphocyte", "monocyte", "neutrophil"], ["blast"])
+    assert result["blast_percentage"] == pytest.approx(5.0)
+    assert [round(v, 1) for v in result["blast_ci95"]] == [2.2, 11.2]
+    assert result["total"] == 100 and result["uncertain"] == 0
 
 
 # ------------------------------------------------------------------ service endpoints
@@ -398,3 +416,41 @@ def test_health_openapi_and_offline_docs(service):
     assert client.get("/api/docs-assets/swagger-ui-bundle.js").status_code == 200
     missing = client.get("/api/v1/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path):
+    """`leukoscope serve --detector`: the real SmearAnalyzer (an untrained Faster R-CNN that
+    keeps every box, so the boxes are random) plugged into the service end to end."""
+    import torch
+
+    from leukoscope.inference.detector import DetectorBundleInfo, save_detector_bundle
+    from leukoscope.models import create_model
+    from leukoscope.service.analysis import Analyzer
+
+    torch.manual_seed(0)
+    options = {"input_scale": 0.5, "score_thresh": 0.0, "detections_per_img": 8}
+    model = create_model("fasterrcnn_abas", num_classes=3, **options)
+    detector = save_detector_bundle(tmp_path / "detector", model,
+                                    DetectorBundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], options,
+                                                       score_threshold=0.0))
+    analyzer = Analyzer.from_bundles(cell_bundle, detector, threads=1)
+    try:
+        service = make_service(analyzer_override=analyzer, detector=detector)
+        service.add_user("tech", "technician")
+        client, headers = service.client(), service.auth("tech")
+        assert client.get("/api/v1/health").json()["smear_analysis"] is True
+        field, _ = smear_field(1)
+        response = upload(client, headers, ("field.jpg", encode(field, "JPEG")), kind="smear")
+        assert response.status_code == 201, response.text
+        case = response.json()
+        assert case["differential"]["total"] == len(case["cells"])
+        for cell in case["cells"]:
+            x0, y0, x1, y1 = cell["box"]
+            assert 0 <= x0 < x1 <= field.width and 0 <= y0 < y1 <= field.height
+            assert client.get(cell["crop_url"], headers=headers).status_code == 200
+        annotated = client.get(case["images"][0]["annotated_url"], headers=headers)
+        assert Image.open(io.BytesIO(annotated.content)).size == field.size
+        page = service.login("tech").get(f"/cases/{case['id']}")
+        assert page.status_code == 200 and page.text.count('<figure class="cell') == len(case["cells"])
+    finally:
+        analyzer.close()

@@ -107,7 +107,7 @@ def test_login_upload_result_review_export(live_server, browser, tmp_path):
     heatmaps = page.locator("img.heatmap")
     assert heatmaps.count() == 2
     page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
-    assert heatmaps.first.evaluate("i => i.naturalWidth") == 256
+    assert heatmaps.first.evaluate("i => i.naturalWidth") == 96  # drawn at the cell image's own size
     page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
     page.click("button:has-text('Log out')")
     page.wait_for_url(f"{base}/login")

@@ -339,10 +339,16 @@ def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Pa
     minutes = [row.train_minutes or 0.0 for row in rows]
     colours = ["tab:orange" if row.kind == "classic" else "tab:blue" for row in rows]
     right.barh(positions, [max(m, 1e-3) for m in minutes], color=colours)
-    right.set_xscale("log")
-    right.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    right.xaxis.set_minor_formatter(NullFormatter())
-    right.set_xlabel("training minutes (log; orange = classical, blue = CNN)")
+    positive = [m for m in minutes if m > 0]
+    if positive and max(positive) / min(positive) > 20:  # seconds next to hours: a log axis
+        right.set_xscale("log")
+        right.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        right.xaxis.set_minor_formatter(NullFormatter())
+        right.set_xlabel("training minutes (log scale)")
+    else:
+        right.set_xlim(0, max(positive or [1.0]) * 1.35)
+        right.set_xlabel("training minutes")
+    right.set_title("orange = classical, blue = CNN; label = inference img/s", fontsize=8)
     for y, row, m in zip(positions, rows, minutes):
         if row.images_per_second:
             right.annotate(f" {row.images_per_second:.0f} img/s", (max(m, 1e-3), y), va="center", fontsize=8)

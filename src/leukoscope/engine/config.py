@@ -226,6 +226,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        if raw.get("task") == "detection":
+            raise ConfigError(f"{path}: a detection experiment; run it with `leukoscope train-detector --config {path}`")
         for section, key in (("data", "path"), ("data", "split_file"), ("model", "weights")):
             value = (raw.get(section) or {}).get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value):

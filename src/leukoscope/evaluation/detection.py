@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from torchvision.ops import box_iou
 
@@ -249,6 +250,10 @@ def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicte
                     bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
         ax.set_title(truth.name, fontsize=7)
         ax.axis("off")
+    handles = [Line2D([], [], color=_style(k)["color"], linewidth=2, label=name) for k, name in enumerate(classes)]
+    handles += [Line2D([], [], color="grey", linestyle="--", label="true box"),
+                Line2D([], [], color="grey", label=f"predicted (score >= {score_threshold:.2f})")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     return _save(fig, path)
 
 
@@ -269,7 +274,10 @@ def detection_training_figure(history: Sequence[dict[str, Any]], path: Path) -> 
             ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 

@@ -10,7 +10,9 @@ A detector bundle has the same layout as a classifier bundle (``bundle.json``
 from __future__ import annotations
 
 import json
+import math
 import platform
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +29,8 @@ from leukoscope.inference.bundle import BUNDLE_FILE, WEIGHTS_FILE, BundleError
 from leukoscope.models import create_model
 
 DETECTION_TASK = "detection"
+#: The per-image caps on proposals and detections are set for a field of this many pixels (640x480).
+REFERENCE_FIELD_PIXELS = 640 * 480
 DETECTOR_FORMAT_VERSION = 1
 #: Builder options that point at files used only to initialise training.
 _TRAINING_ONLY_OPTIONS = ("weights", "backbone_weights", "freeze_backbone", "scale_jitter")
@@ -73,14 +77,27 @@ def is_detection_bundle(directory: str | Path) -> bool:
         return False
 
 
-def inference_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in _TRAINING_ONLY_OPTIONS}
+def inference_options(options: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
+    """The builder options a bundle needs: training-only ones dropped and, when
+    ``model_name`` is given, every default written out, so that a later change of
+    a default cannot silently change (or break) an existing bundle."""
+    resolved: dict[str, Any] = {}
+    if model_name is not None:
+        import inspect
+
+        from leukoscope.models import model_entry
+
+        for name, parameter in inspect.signature(model_entry(model_name).builder).parameters.items():
+            if name != "num_classes" and parameter.default is not inspect.Parameter.empty:
+                resolved[name] = parameter.default
+    resolved.update(options)
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in _TRAINING_ONLY_OPTIONS}))
 
 
 def save_detector_bundle(directory: str | Path, model: nn.Module, info: DetectorBundleInfo) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    info.model_options = inference_options(info.model_options)
+    info.model_options = inference_options(info.model_options, info.model_name)
     info.provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "leukoscope": leukoscope.__version__,
@@ -171,7 +188,9 @@ def _to_float_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Te
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+        if not image.flags.writeable:
+            image = image.copy()
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if image.dtype == torch.uint8:
         return image.float() / 255.0
     return image.float()
@@ -198,6 +217,42 @@ class CellDetector:
         model, info = load_detector_bundle(directory, device)
         return cls(model, info, device, score_threshold)
 
+    @contextmanager
+    def _limits_for(self, pixels: int):
+        """Scale the per-image caps (proposals, detections) with the image area: they are
+        set for a 640x480 field, and a 2048 px tile holds ten times as many cells."""
+        factor = max(1.0, pixels / REFERENCE_FIELD_PIXELS)
+        saved: list[tuple[Any, str, Any]] = []
+
+        def scale(owner: Any, key: str, index: str | None = None) -> None:
+            if index is None:
+                saved.append((owner, key, getattr(owner, key)))
+                setattr(owner, key, int(math.ceil(getattr(owner, key) * factor)))
+            else:
+                table = getattr(owner, key)
+                saved.append((table, index, table[index]))
+                table[index] = int(math.ceil(table[index] * factor))
+
+        if factor > 1.0:
+            model = self.model
+            if hasattr(model, "rpn"):
+                scale(model.rpn, "_pre_nms_top_n", "testing")
+                scale(model.rpn, "_post_nms_top_n", "testing")
+            if hasattr(model, "roi_heads"):
+                scale(model.roi_heads, "detections_per_img")
+            elif hasattr(model, "detections_per_img"):
+                scale(model, "detections_per_img")
+                if hasattr(model, "topk_candidates"):
+                    scale(model, "topk_candidates")
+        try:
+            yield
+        finally:
+            for owner, key, value in reversed(saved):
+                if isinstance(owner, dict):
+                    owner[key] = value
+                else:
+                    setattr(owner, key, value)
+
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], *,
                threshold: float | None = None, batch_size: int = 4) -> list[DetectionResult]:
@@ -206,7 +261,9 @@ class CellDetector:
         results: list[DetectionResult] = []
         for start in range(0, len(images), batch_size):
             batch = [_to_float_tensor(image).to(self.device) for image in images[start:start + batch_size]]
-            for output in self.model(batch):
+            with self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
+                outputs = self.model(batch)
+            for output in outputs:
                 result = DetectionResult(
                     output["boxes"].float().cpu().numpy().reshape(-1, 4),
                     output["scores"].float().cpu().numpy(),

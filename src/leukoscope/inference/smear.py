@@ -302,7 +302,10 @@ def annotate(image: Image.Image, result: SmearResult) -> _Annotated:
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     scale = max(1, round(max(canvas.size) / 700))
-    font = ImageFont.load_default(size=11 * scale)
+    try:
+        font = ImageFont.load_default(size=11 * scale)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        font = ImageFont.load_default()
     if result.detections is not None:
         wbc_boxes = {tuple(np.round(cell.box, 2)) for cell in result.cells}
         for det in result.detections.detections():
@@ -346,7 +349,9 @@ class SmearAnalyzer:
     each white cell; without one, cells keep the detector's class (and blasts are
     only counted if the detector itself has blast classes).
     ``tile_size``/``overlap`` are in image pixels; the overlap should exceed the
-    largest white cell (about 300 px in 640x480 BCCD fields).
+    largest white cell (about 300 px in 640x480 BCCD fields). ``wbc_containment``:
+    a white-cell box covered more than this share by a higher-scored white-cell
+    box is a duplicate (1 turns this off).
     """
 
     def __init__(
@@ -354,7 +359,7 @@ class SmearAnalyzer:
         detector: CellDetector | str | Path,
         classifier: Any | str | Path | None = None,
         *,
-        tile_size: int = 1024,
+        tile_size: int = 2048,
         overlap: int = 320,
         wbc_classes: Sequence[str] | None = None,
         blast_classes: Sequence[str] | None = None,
@@ -362,6 +367,7 @@ class SmearAnalyzer:
         uncertain_threshold: float | None = None,
         crop_margin: float = 0.1,
         merge_iou: float = 0.5,
+        wbc_containment: float = 0.7,
         blast_flag_percent: float = 20.0,
         min_cells: int = 100,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -399,6 +405,7 @@ class SmearAnalyzer:
             self.blast_classes = default_blast_classes(self.cell_classes)
         self.crop_margin = crop_margin
         self.merge_iou = merge_iou
+        self.wbc_containment = wbc_containment
         self.blast_flag_percent = blast_flag_percent
         self.min_cells = min_cells
         self.max_pixels = max_pixels
@@ -458,6 +465,19 @@ class SmearAnalyzer:
         detections, n_tiles = self.detect(image)
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
+        if is_wbc.sum() > 1 and self.wbc_containment < 1:
+            # White cells do not overlap much: a white-cell box lying mostly inside a
+            # higher-scored one is the same cell found twice, and would be counted twice.
+            wbc = np.where(is_wbc)[0]
+            keep = merge_tile_detections(detections.boxes[wbc], detections.scores[wbc],
+                                         np.zeros(len(wbc), dtype=int), np.ones(len(wbc), dtype=bool),
+                                         self.merge_iou, self.wbc_containment)
+            drop = np.setdiff1d(wbc, wbc[keep])
+            if len(drop):
+                kept = np.setdiff1d(np.arange(len(detections)), drop)
+                detections = DetectionResult(detections.boxes[kept], detections.scores[kept],
+                                             detections.labels[kept], detections.classes)
+                is_wbc = is_wbc[kept]
         order = np.where(is_wbc)[0]
         # Reading order: top to bottom, then left to right, so cell ids are stable.
         order = order[np.lexsort((detections.boxes[order, 0], detections.boxes[order, 1]))] if len(order) else order

@@ -21,13 +21,17 @@ from typing import Any, Protocol, Sequence
 from PIL import Image, ImageDraw
 
 from leukoscope.inference.predictor import CellClassifier, Prediction
+from leukoscope.inference.smear import Differential, default_blast_classes
 
 log = logging.getLogger(__name__)
 
-#: Heatmap overlays and cell crops are shown at this size (px, longer side).
+#: Heatmap overlays are drawn at most this large (px, longer side); never larger than the
+#: image itself (no point upscaling a 96 px cell), never smaller than the model's input.
 DISPLAY_SIZE = 256
-#: Two-sided 95% normal quantile for the Wilson interval.
-Z95 = 1.959963984540054
+
+
+def overlay_size(image: Image.Image, model_size: int) -> int:
+    return max(model_size, min(DISPLAY_SIZE, max(image.size)))
 
 
 class SmearBackend(Protocol):
@@ -52,47 +56,12 @@ class ImageOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (0..1); (0, 0) when n = 0."""
-    if n <= 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def default_blast_classes(classes: Sequence[str]) -> list[str]:
-    """Classes counted as blasts: names containing 'blast', or C-NMC's 'all'."""
-    return [c for c in classes if "blast" in c.lower() or c.lower() == "all"]
-
-
-def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str],
-                 uncertain_label: str = "uncertain") -> dict[str, Any]:
-    """Counts and percentages per class, and the blast percentage with its 95% Wilson
-    interval. Cells still "uncertain" (not reviewed) are left out of the count, as an
-    analyser's unidentified bin is, and reported separately."""
-    counts = {name: 0 for name in classes}
-    uncertain = 0
-    for label in labels:
-        if label == uncertain_label:
-            uncertain += 1
-        elif label in counts:
-            counts[label] += 1
-    n = sum(counts.values())
-    blasts = sum(counts[c] for c in blast_classes if c in counts)
-    low, high = wilson_interval(blasts, n)
-    return {
-        "n_counted": n,
-        "n_uncertain": uncertain,
-        "counts": counts,
-        "percent": {name: (100.0 * count / n if n else 0.0) for name, count in counts.items()},
-        "blast_classes": list(blast_classes),
-        "blasts": blasts,
-        "blast_percent": 100.0 * blasts / n if n else None,
-        "blast_ci95": [100.0 * low, 100.0 * high] if n else None,
-    }
+def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str]) -> dict[str, Any]:
+    """The differential of a case, by the same rules as ``leukoscope analyze`` (one
+    implementation: :class:`leukoscope.inference.smear.Differential`): counts and counts
+    per 100 cells (uncertain cells in their own bin), the blast percentage with its 95%
+    Wilson interval, and the flags a reviewer should see."""
+    return Differential.from_labels(list(labels), list(classes), list(blast_classes)).to_json()
 
 
 class Analyzer:
@@ -112,12 +81,14 @@ class Analyzer:
 
     @classmethod
     def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
-                     uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2) -> "Analyzer":
+                     uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2,
+                     smear_options: dict[str, Any] | None = None) -> "Analyzer":
         classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold)
         smear = None
         if detector is not None:
-            smear = load_smear_backend(detector, bundle)
-        name = f"{classifier.info.model_name} ({Path(bundle).resolve().name})"
+            smear = load_smear_backend(detector, classifier, **(smear_options or {}))
+        where = Path(bundle).resolve()
+        name = f"{classifier.info.model_name} ({where.parent.name if where.name == 'bundle' else where.name})"
         return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name)
 
     @property
@@ -157,7 +128,7 @@ class Analyzer:
         except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
             log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
             return None
-        return overlay_heatmap(letterbox(image, max(classifier.image_size, DISPLAY_SIZE)), heatmap)
+        return overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
 
     def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
                              source: str) -> tuple[Prediction, Image.Image | None]:
@@ -185,7 +156,7 @@ class Analyzer:
         logits = captured[-1].float() / classifier.info.temperature
         probabilities = torch.softmax(logits, dim=1).cpu().numpy()[0].astype(np.float64)
         prediction = classifier._to_prediction(source, probabilities)
-        overlay = overlay_heatmap(letterbox(image, max(classifier.image_size, DISPLAY_SIZE)), heatmap)
+        overlay = overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
         return prediction, overlay
 
     def analyse_cell(self, image: Image.Image) -> ImageOutcome:
@@ -207,7 +178,7 @@ class Analyzer:
             score = getattr(cell, "score", None) or getattr(cell, "detection_score", None)
             cells.append(CellOutcome(prediction, box=box, detection_score=float(score) if score is not None else None,
                                      crop=crop, overlay=self._overlay(classifier, crop, prediction.top_class)))
-        return ImageOutcome(cells, annotated=annotate(image, cells))
+        return ImageOutcome(cells, annotated=_annotated(image, result, cells))
 
     def _warm(self, barrier: threading.Barrier) -> None:
         classifier = self._classifier()
@@ -234,21 +205,12 @@ class Analyzer:
 # ---------------------------------------------------------------- smear adapter
 
 
-def load_smear_backend(detector: str | Path, classifier_bundle: str | Path) -> SmearBackend:
-    """``leukoscope.inference.smear.SmearAnalyzer(detector, classifier)``; a clear error
-    when this installation does not have smear analysis yet."""
-    try:
-        from leukoscope.inference.smear import SmearAnalyzer  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise RuntimeError(
-            "smear analysis (leukoscope.inference.smear) is not available in this installation; "
-            f"serve without --detector to classify single cells ({exc})"
-        ) from None
-    analyzer = SmearAnalyzer(detector, classifier_bundle)
-    for method in ("analyse", "analyze"):
-        if hasattr(analyzer, method):
-            return _MethodAdapter(analyzer, method)
-    raise RuntimeError("SmearAnalyzer has no analyse() method")
+def load_smear_backend(detector: str | Path, classifier: CellClassifier, **options: Any) -> SmearBackend:
+    """:class:`leukoscope.inference.smear.SmearAnalyzer` over the detector bundle and the
+    already loaded classifier (the same pipeline as ``leukoscope analyze``)."""
+    from leukoscope.inference.smear import SmearAnalyzer
+
+    return _MethodAdapter(SmearAnalyzer(detector, classifier, **options), "analyze")
 
 
 class _MethodAdapter:
@@ -303,6 +265,17 @@ def _prediction(cell: Any, classifier: CellClassifier, source: str) -> Predictio
                       confidence=float(confidence),
                       probabilities={str(k): float(v) for k, v in dict(probabilities).items()},
                       uncertain=bool(uncertain))
+
+
+def _annotated(image: Image.Image, result: Any, cells: Sequence[CellOutcome]) -> Image.Image:
+    """The smear module's own annotation (as ``leukoscope analyze`` draws it) when the
+    backend is the SmearAnalyzer; otherwise boxes drawn here."""
+    from leukoscope.inference.smear import SmearResult
+    from leukoscope.inference.smear import annotate as smear_annotate
+
+    if isinstance(result, SmearResult):
+        return smear_annotate(image, result).image
+    return annotate(image, cells)
 
 
 def annotate(image: Image.Image, cells: Sequence[CellOutcome]) -> Image.Image:

@@ -25,7 +25,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from fastapi import Request
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from leukoscope.service.errors import LoginRequired, ServiceError
@@ -108,6 +108,7 @@ class Principal:
 
 def new_session(db: Session, user: User, hours: float) -> str:
     """Create a session; returns the cookie value (only its hash is stored)."""
+    db.execute(delete(WebSession).where(WebSession.expires_at < utcnow()))  # tidy up expired sessions
     token = secrets.token_urlsafe(32)
     db.add(WebSession(id=hash_secret(token), user_id=user.id, csrf_token=secrets.token_urlsafe(32),
                       expires_at=utcnow() + timedelta(hours=hours)))

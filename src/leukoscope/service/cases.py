@@ -244,6 +244,8 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
 
 
 def current_differential(case: Case) -> dict[str, Any]:
+    """The differential from the current labels: the reviewed one where a hematologist gave
+    it, else the model's (``uncertain`` below the threshold); excluded cells do not count."""
     labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
     return differential(labels, case.classes, blast_classes)

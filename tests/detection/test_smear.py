@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.inference.detector import CellDetector, DetectionResult, DetectorBundleInfo
+from leukoscope.inference.smear import (
+    Differential,
+    SmearAnalyzer,
+    default_blast_classes,
+    merge_tile_detections,
+    tile_grid,
+    wilson_interval,
+)
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(5, 100)
+    assert low == pytest.approx(0.0215, abs=5e-4) and high == pytest.approx(0.1118, abs=5e-4)
+    low, high = wilson_interval(25, 500)  # 5% of 500: about 3.4-7.3%
+    assert low == pytest.approx(0.0341, abs=5e-4) and high == pytest.approx(0.0728, abs=5e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_differential_counts_percentages_and_flags() -> None:
+    labels = ["blast"] * 25 + ["lymphocyte"] * 60 + ["neutrophil"] * 10 + ["uncertain"] * 5
+    d = Differential.from_labels(labels, ["blast", "lymphocyte", "neutrophil"], ["blast"])
+    assert d.total == 100 and d.counts["uncertain"] == 5 and d.per_100["lymphocyte"] == 60.0
+    assert sum(d.per_100.values()) == pytest.approx(100.0)
+    assert d.blast_percentage == 25.0 and d.blast_ci95[0] < 25 < d.blast_ci95[1]
+    assert any("consistent with acute leukemia" in f for f in d.flags)
+    assert d.blast_percentage_if_uncertain_are_blasts == 30.0
+
+    few = Differential.from_labels(["blast", "lymphocyte", "lymphocyte", "lymphocyte", "uncertain"],
+                                   ["blast", "lymphocyte"], ["blast"])
+    assert few.blast_percentage == 20.0
+    assert any("Only 5 white cell" in f for f in few.flags)
+    assert any("uncertain" in f for f in few.flags)
+
+    low = Differential.from_labels(["blast"] + ["lymphocyte"] * 30, ["blast", "lymphocyte"], ["blast"])
+    assert any(f.startswith("Blasts seen") for f in low.flags) and not any("acute" in f for f in low.flags)
+
+    none = Differential.from_labels([], ["blast"], ["blast"])
+    assert none.blast_percentage is None and "No white cell" in none.flags[0]
+    untyped = Differential.from_labels(["WBC", "WBC"], ["WBC"], [])
+    assert untyped.blasts is None and untyped.counts["WBC"] == 2
+
+
+def test_default_blast_classes() -> None:
+    assert default_blast_classes(["blast", "lymphocyte"]) == ["blast"]
+    assert default_blast_classes(["Benign", "Early", "Pre", "Pro"]) == ["Early", "Pre", "Pro"]
+    assert default_blast_classes(["all", "hem"]) == ["all"]
+    assert default_blast_classes(["NEUTROPHIL", "LYMPHOCYTE"]) == []
+
+
+def test_tile_grid_covers_the_image_with_the_overlap() -> None:
+    assert tile_grid(640, 480, 1024, 320) == [(0, 0, 640, 480)]
+    tiles = tile_grid(2592, 1944, 1024, 320)
+    covered = np.zeros((1944, 2592), bool)
+    for x0, y0, x1, y1 in tiles:
+        assert x1 - x0 == 1024 and y1 - y0 == 1024
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    xs = sorted({t[0] for t in tiles})
+    assert all(b - a <= 1024 - 320 for a, b in zip(xs, xs[1:]))
+    with pytest.raises(ValueError):
+        tile_grid(100, 100, 50, 50)
+
+
+def test_merge_keeps_a_cell_split_across_tiles_once() -> None:
+    boxes = np.array([
+        [900.0, 100.0, 1024.0, 260.0],  # tile 1 (x < 1024): the cell cut by its right edge
+        [900.0, 102.0, 1100.0, 258.0],  # tile 2 (x >= 704): the whole cell
+        [902.0, 101.0, 1099.0, 259.0],  # tile 3 sees the whole cell again
+        [300.0, 300.0, 340.0, 340.0],   # another object, far away
+        [910.0, 110.0, 1090.0, 250.0],  # a box of another class on the same spot is kept
+    ])
+    scores = np.array([0.95, 0.9, 0.85, 0.8, 0.7])
+    labels = np.array([0, 0, 0, 0, 1])
+    cut = np.array([True, False, False, False, False])
+    keep = merge_tile_detections(boxes, scores, labels, cut)
+    assert keep.tolist() == [1, 3, 4]
+
+
+class _DarkBlobDetector(CellDetector):
+    """A fixed rule in place of a network (for the tiling arithmetic only): one box
+    around the dark pixels of the tile, cut at the tile edge like a real detector."""
+
+    def __init__(self) -> None:
+        self.classes = ["WBC"]
+        self.score_threshold = 0.5
+        self.info = DetectorBundleInfo("rule", ["WBC"])
+
+    def detect(self, images, *, threshold=None, batch_size=4):
+        out = []
+        for image in images:
+            dark = (image.mean(0) < 0.3).numpy()
+            ys, xs = np.nonzero(dark)
+            if len(xs):
+                box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
+                out.append(DetectionResult(box, np.array([0.9]), np.array([0]), self.classes))
+            else:
+                out.append(DetectionResult(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), self.classes))
+        return out
+
+
+def test_analyzer_tiles_a_large_field_and_finds_a_straddling_cell_once() -> None:
+    pixels = np.full((1000, 1300, 3), 230, np.uint8)
+    pixels[400:560, 620:800] = 40  # one dark cell across the seam of the first two tiles
+    analyzer = SmearAnalyzer(_DarkBlobDetector(), tile_size=800, overlap=300)
+    detections, n_tiles = analyzer.detect(Image.fromarray(pixels))
+    assert n_tiles == 4
+    assert len(detections) == 1
+    assert detections.boxes[0].tolist() == [620, 400, 800, 560]
+
+
+def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
+                                   tmp_path: Path) -> None:
+    analyzer = SmearAnalyzer.from_bundles(detector_bundle, classifier_bundle, tile_size=128, overlap=48)
+    assert analyzer.blast_classes == ["blast"]
+    images = sorted((smear_root / "JPEGImages").glob("*.png"))[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    summary = analyzer.analyze_paths([*images, bad], tmp_path / "out")
+    result = summary.results[0]
+    assert result.tiles == 2  # 160x120 with 128 px tiles
+    assert result.differential.total == len(result.cells) > 0
+    assert all(cell.detector_class == "WBC" for cell in result.cells)
+    stem = images[0].stem
+    assert (tmp_path / "out" / f"{stem}.annotated.png").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "out" / f"{stem}.cells.csv")))
+    assert len(rows) == len(result.cells) and "p_blast" in rows[0]
+    payload = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+    assert payload["differential"]["total"] == len(result.cells)
+    summary_rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["image"] for r in summary_rows][-1] == "TOTAL" and len(summary_rows) == 4
+    assert "not a recognised image" in summary_rows[2]["error"]
+    assert int(summary_rows[-1]["wbc"]) == sum(r.differential.total for r in summary.results)
+    pooled = json.loads((tmp_path / "out" / "summary.json").read_text())["pooled_differential"]
+    assert pooled["total"] == int(summary_rows[-1]["wbc"])
+
+
+def test_analyzer_without_classifier_counts_detector_classes(smear_root: Path, detector_bundle: Path) -> None:
+    analyzer = SmearAnalyzer(detector_bundle)
+    result = analyzer.analyze(sorted((smear_root / "JPEGImages").glob("*.png"))[0])
+    assert result.differential.blasts is None
+    assert result.differential.counts["WBC"] == len(result.cells)
+    assert set(result.object_counts) == {"WBC", "RBC", "Platelets"}
+    with pytest.raises(ValueError, match="blast classes"):
+        SmearAnalyzer(detector_bundle, blast_classes=["blast"])
+
+
+def test_detection_caps_grow_with_the_image_and_are_restored(detector_bundle: Path) -> None:
+    import torch
+
+    detector = CellDetector.from_bundle(detector_bundle)
+    base = detector.model.roi_heads.detections_per_img  # 12 in the fixture, set for a 640x480 field
+    small = detector.detect([torch.rand(3, 120, 160)], threshold=0.0)[0]
+    large = detector.detect([torch.rand(3, 960, 1280)], threshold=0.0)[0]
+    assert len(small) <= base < len(large) <= base * 4
+    assert detector.model.roi_heads.detections_per_img == base
+    assert detector.model.rpn._post_nms_top_n["testing"] == 200
+
+
+class _FixedDetector(_DarkBlobDetector):
+    def __init__(self, boxes, scores) -> None:
+        super().__init__()
+        self.boxes, self.scores = np.array(boxes, float), np.array(scores, float)
+
+    def detect(self, images, *, threshold=None, batch_size=4):
+        return [DetectionResult(self.boxes, self.scores, np.zeros(len(self.scores), int), self.classes)]
+
+
+def test_a_white_cell_found_twice_is_counted_once() -> None:
+    image = Image.new("RGB", (640, 480), (230, 210, 220))
+    nested = _FixedDetector([[200, 100, 460, 350], [220, 115, 350, 350], [20, 20, 120, 120]], [0.9, 0.8, 0.7])
+    result = SmearAnalyzer(nested).analyze(image)
+    assert [c.box for c in result.cells] == [(20, 20, 120, 120), (200, 100, 460, 350)]
+    assert len(SmearAnalyzer(nested, wbc_containment=1.0).analyze(image).cells) == 3

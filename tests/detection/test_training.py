@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leukoscope.cli import app
+from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.engine.config import ConfigError
+from leukoscope.engine.detection import DetectionTorchDataset, _collate, load_detection_config
+from leukoscope.models import create_model
+
+runner = CliRunner()
+TINY_RUN = ["model.name=fasterrcnn_abas", "train.epochs=1", "train.batch_size=4", "train.eval_every=1",
+            "train.augmentation=default", "train.threads=2",
+            "model.options={input_scale: 0.5, roi_batch_size: 32, detections_per_img: 30}"]
+
+
+def test_a_few_steps_reduce_the_loss(smear_root: Path) -> None:
+    torch.manual_seed(0)
+    dataset = read_voc_dataset(smear_root, classes=["WBC", "RBC", "Platelets"])
+    images, targets = _collate([DetectionTorchDataset(dataset.images[:2], dataset.classes)[i] for i in range(2)])
+    inputs = [image.float() / 255 for image in images]
+    model = create_model("fasterrcnn_abas", num_classes=3, input_scale=0.5, roi_batch_size=32).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = sum(model(inputs, list(targets)).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        load_detection_config(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="unknown detection augmentation"):
+        load_detection_config(None, ["train.augmentation=spin"])
+    path = tmp_path / "c.yaml"
+    path.write_text("task: detection\ndata:\n  path: data/voc\nmodel:\n  name: fasterrcnn_abas\n")
+    cfg = load_detection_config(path)
+    assert cfg.data.path == str((tmp_path / "data" / "voc").resolve())
+    for name in ("detector_cbc.yaml", "system_a_fasterrcnn.yaml"):
+        cfg = load_detection_config(Path(__file__).resolve().parents[2] / "configs" / name)
+        assert cfg.task == "detection" and cfg.data.train == "Training+Validation"
+    recipe = load_detection_config(Path(__file__).resolve().parents[2] / "configs" / "system_a_fasterrcnn.yaml")
+    assert (recipe.train.optimizer, recipe.train.batch_size, recipe.train.epochs, recipe.train.lr) == ("adam", 8, 50, 0.01)
+
+
+def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train-detector", "--data", str(smear_root), "--quiet",
+                                 f"output_root={tmp_path / 'runs'}", *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    run_dir = bundle.parent
+    for name in ("config.yaml", "split.json", "checkpoint.pt", "metrics.json", "report.html", "train.log",
+                 "figures/pr_curves.png", "figures/counts.png", "figures/examples.png"):
+        assert (run_dir / name).exists(), name
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["task"] == "detection" and info["classes"] == ["Platelets", "RBC", "WBC"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test" and 0.0 <= metrics["map_50"] <= 1.0
+    assert set(metrics["per_class"]) == {"Platelets", "RBC", "WBC"}
+
+    resumed = runner.invoke(app, ["train-detector", "--resume", str(run_dir), "--quiet", "train.epochs=2"])
+    assert resumed.exit_code == 0, resumed.output
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+
+    evaluated = runner.invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(smear_root),
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (tmp_path / "eval" / "report.html").is_file()
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 10
+
+    bad = runner.invoke(app, ["train-detector", "--data", str(smear_root), "train.epoch=1"])
+    assert bad.exit_code == 2 and "did you mean" in bad.output
+
+
+def test_analyze_cli(smear_root: Path, detector_bundle: Path, classifier_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "analysis"
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for path in sorted((smear_root / "JPEGImages").glob("*.png"))[:3]:
+        (fields / path.name).write_bytes(path.read_bytes())
+    result = runner.invoke(app, ["analyze", str(fields), "--detector", str(detector_bundle),
+                                 "--classifier", str(classifier_bundle), "--out", str(out), "--quiet",
+                                 "--blast-class", "blast", "--threshold", "0.4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert len(list(out.glob("*.annotated.png"))) == 3
+    assert len(list(out.glob("*.cells.csv"))) == 3 and len(list(out.glob("smear_*.json"))) == 3
+    assert (out / "summary.csv").is_file() and (out / "summary.json").is_file()
+    missing = runner.invoke(app, ["analyze", str(tmp_path / "nothing"), "--detector", str(detector_bundle)])
+    assert missing.exit_code == 2
+    wrong = runner.invoke(app, ["analyze", str(fields), "--detector", str(classifier_bundle)])
+    assert wrong.exit_code == 2 and "not a detector bundle" in wrong.output
