@@ -14,7 +14,7 @@ from leukoscope.engine.config import load_config
 from leukoscope.engine.data_prep import prepare_data
 from leukoscope.engine.experiment import run_experiment
 from leukoscope.engine.search import grid, run_search
-from leukoscope.engine.trainer import class_weights, fit
+from leukoscope.engine.trainer import class_weights, fit, lr_factor
 from leukoscope.inference.bundle import load_bundle
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
@@ -66,6 +66,29 @@ def test_early_stopping_and_time_budget(prepared) -> None:
     result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
                  show_progress=False)
     assert len(result.history) == 1 and "time budget" in result.stopped_because
+
+
+def test_lr_schedules_have_the_onecycle_and_cosine_shape() -> None:
+    assert lr_factor("onecycle", 0.0) == pytest.approx(0.04)
+    assert lr_factor("onecycle", 0.2) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 0.6) == pytest.approx(0.5)
+    assert lr_factor("onecycle", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor("cosine", f) for f in (0.0, 0.5, 1.0)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert lr_factor("none", 0.7) == 1.0
+
+
+def test_schedule_follows_steps_or_the_time_budget(prepared) -> None:
+    config, data = prepared
+    train = data.parts["train"]
+    cfg = config.train.model_copy(update={"epochs": 2, "scheduler": "cosine", "lr": 0.01})
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+                 show_progress=False)
+    assert [h["lr"] for h in result.history] == pytest.approx([0.005, 0.0], abs=1e-9)
+    # A budget that runs out first anneals the rate by time: a cut-short run ends at the bottom, not mid-schedule.
+    cfg = cfg.model_copy(update={"epochs": 50, "max_minutes": 1e-6})
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+                 show_progress=False)
+    assert len(result.history) == 1 and result.history[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:

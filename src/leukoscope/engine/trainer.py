@@ -66,14 +66,53 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
-        )
-    return None
+class TrainingClock:
+    """Fraction of the training done: by steps, or by the time budget if that runs out first.
+
+    Schedules follow this fraction, so a run cut short by ``max_minutes`` still
+    finishes its learning-rate annealing instead of stopping at a high rate.
+    Without a time budget the fraction depends on steps only (deterministic).
+    """
+
+    def __init__(self, total_steps: int, max_minutes: float | None) -> None:
+        self.total_steps = max(total_steps, 1)
+        self.budget_s = max_minutes * 60 if max_minutes else None
+        self.start = time.monotonic()
+        self.step = 0
+
+    def resume_from(self, elapsed_s: float, step: int) -> None:
+        self.start, self.step = time.monotonic() - elapsed_s, step
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def fraction(self) -> float:
+        done = self.step / self.total_steps
+        if self.budget_s:
+            done = max(done, self.elapsed_s / self.budget_s)
+        return min(done, 1.0)
+
+
+def lr_factor(schedule: str, fraction: float, warmup: float = 0.2) -> float:
+    """Multiplier of the base learning rate at ``fraction`` of training.
+
+    ``cosine``: cosine decay to 0. ``onecycle``: linear warm-up from 4% over the first
+    ``warmup`` of training, then cosine decay to 0 (the shape of torch's OneCycleLR).
+    """
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * fraction))
+    if schedule == "onecycle":
+        if fraction < warmup:
+            return 0.04 + 0.96 * fraction / warmup
+        return 0.5 * (1 + math.cos(math.pi * (fraction - warmup) / (1 - warmup)))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, clock: TrainingClock):
+    if cfg.scheduler == "none":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(cfg.scheduler, clock.fraction()))
 
 
 @torch.no_grad()
@@ -145,7 +184,8 @@ def fit(
                                   label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    clock = TrainingClock(cfg.epochs * len(loader), cfg.max_minutes)
+    scheduler = build_scheduler(optimizer, cfg, clock)
 
     history: list[dict[str, Any]] = []
     best_score, best_epoch, stale = -math.inf, 0, 0
@@ -169,9 +209,14 @@ def fit(
         start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
         say(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
 
-    start = time.monotonic() - elapsed_before
+    clock.resume_from(elapsed_before, (start_epoch - 1) * len(loader))
     stopped_because = "completed all epochs"
+    last_epoch_s = 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if clock.budget_s and epoch > start_epoch and clock.elapsed_s + last_epoch_s > clock.budget_s:
+            stopped_because = f"time budget of {cfg.max_minutes} min reached (another epoch would exceed it)"
+            break
+        epoch_start = clock.elapsed_s
         model.train()
         seen = correct = 0
         loss_sum = 0.0
@@ -187,6 +232,7 @@ def fit(
                     )
                 loss.backward()
                 optimizer.step()
+                clock.step += 1
                 if scheduler is not None:
                     scheduler.step()
                 seen += len(targets)
@@ -202,7 +248,8 @@ def fit(
         if val_images is not None and val_targets:
             scores = score_logits(predict_logits(model, val_images, device), val_targets, eval_loss)
             row.update({f"val_{k}": v for k, v in scores.items()})
-        row["elapsed_s"] = time.monotonic() - start
+        row["elapsed_s"] = clock.elapsed_s
+        last_epoch_s = row["elapsed_s"] - epoch_start
         history.append(row)
         score = _monitor_value(cfg, row)
         improved = score > best_score
@@ -242,8 +289,8 @@ def fit(
         if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
             stopped_because = f"early stopping: no improvement for {stale} epochs"
             break
-        if cfg.max_minutes is not None and row["elapsed_s"] >= cfg.max_minutes * 60:
+        if clock.budget_s and row["elapsed_s"] >= clock.budget_s:
             stopped_because = f"time budget of {cfg.max_minutes} min reached"
             break
     model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_score, time.monotonic() - start, stopped_because, best_state)
+    return FitResult(history, best_epoch, best_score, clock.elapsed_s, stopped_because, best_state)
