@@ -62,7 +62,7 @@ def main() -> int:
         headers = {"Authorization": f"Bearer {tokens[names[index]]}"}
         n = index
         with httpx.Client(base_url=server.url, headers=headers, timeout=30.0) as http:
-            while (now := time.monotonic()) < stop_at:
+            while time.monotonic() < stop_at:
                 data = images[n % len(images)]
                 n += args.clients
                 started = time.monotonic()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from leukoscope.data.readers import read_dataset
-from tests.service.helpers import FakeSmear, cell_image, encode, smear_field
+from tests.service.helpers import cell_image, encode, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

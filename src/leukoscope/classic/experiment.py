@@ -129,7 +129,7 @@ def run_classic_experiment(
 
     if model_entry(config.model.name).kind != "classic":
         raise ValueError(f"{config.model.name} is not a classical model")
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, config.name)
     if resume and not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentCon
     try:
         return ExperimentConfig.model_validate(_merge(tree, update))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, f"compare row {label!r}")) from None
+        raise ConfigError(_format_validation_error(exc, f"compare row {label!r}", ExperimentConfig)) from None
 
 
 # ------------------------------------------------------------------ running

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leukoscope.classic.spec import FeatureSpec
 from leukoscope.transforms import AUGMENTATION_PRESETS
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -161,8 +163,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    known = _known_keys(ExperimentConfig)
+def _format_validation_error(error: ValidationError, source: str, schema: type[BaseModel]) -> str:
+    known = _known_keys(schema)
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
@@ -207,36 +209,46 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The mapping in a YAML experiment file, with the relative paths at ``path_keys``
+    (``(section, key)`` pairs) resolved against the file's folder, so configs run
+    from any working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for section, key in path_keys:
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value):
+            raw[section][key] = str((path.parent / value).resolve())
+    return raw
+
+
+def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence[str], source: str) -> ConfigT:
+    """Validate ``raw`` with ``key=value`` overrides applied; errors name the bad keys."""
+    try:
+        return schema.model_validate(_merge(raw, parse_overrides(overrides)))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source, schema)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment file (or the defaults) and apply ``key=value`` overrides.
 
     Relative ``data.path`` / ``data.split_file`` / ``model.weights`` in a file are
-    resolved against the file's folder, so configs run from any working directory.
+    resolved against the file's folder.
     """
     raw: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = read_config_file(path, [("data", "path"), ("data", "split_file"), ("model", "weights")])
         if raw.get("task") == "detection":
             raise ConfigError(f"{path}: a detection experiment; run it with `leukoscope train-detector --config {path}`")
-        for section, key in (("data", "path"), ("data", "split_file"), ("model", "weights")):
-            value = (raw.get(section) or {}).get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value):
-                raw[section][key] = str((path.parent / value).resolve())
-    raw = _merge(raw, parse_overrides(overrides))
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+    return build_config(ExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -244,8 +256,9 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or "." in value
 
 
-def save_config(config: ExperimentConfig, path: str | Path) -> Path:
+def save_config(config: BaseModel, path: str | Path) -> Path:
+    """Write a (resolved) experiment config as YAML."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return path

@@ -17,7 +17,6 @@ the closest valid key.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -30,13 +29,14 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from leukoscope.data.annotations import AnnotatedImage, DetectionDataset, read_voc_dataset
 from leukoscope.data.box_augment import DETECTION_AUGMENTATIONS, DetectionAugment, detection_augmentation
 from leukoscope.data.manifest import DatasetError
-from leukoscope.engine.config import ConfigError, _merge, parse_overrides
+from leukoscope.engine.config import ConfigError, build_config, read_config_file, save_config
+from leukoscope.engine.experiment import new_run_dir
 from leukoscope.engine.trainer import resolve_device, seed_everything
 from leukoscope.evaluation.detection import (
     GroundTruth,
@@ -148,15 +148,6 @@ class DetectionExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, info in model.model_fields.items():
-        keys.append(prefix + name)
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            keys += _known_keys(info.annotation, prefix + name + ".")
-    return keys
-
-
 def load_detection_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectionExperimentConfig:
     """Read a detection YAML (or the defaults) and apply ``key=value`` overrides.
 
@@ -164,36 +155,9 @@ def load_detection_config(path: str | Path | None = None, overrides: Sequence[st
     resolved against the file's folder.
     """
     raw: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for section, key in (("data", "path"), ("model", "weights"), ("model", "backbone_weights")):
-            value = (raw.get(section) or {}).get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute() and ("/" in value or "." in value):
-                raw[section][key] = str((path.parent / value).resolve())
-    raw = _merge(raw, parse_overrides(overrides))
-    try:
-        return DetectionExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        known = _known_keys(DetectionExperimentConfig)
-        lines = []
-        for item in exc.errors():
-            key = ".".join(str(part) for part in item["loc"])
-            if item["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(key, known, n=1)
-                lines.append(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-            else:
-                lines.append(f"config key '{key}': {item['msg']}")
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+        raw = read_config_file(path, [("data", "path"), ("model", "weights"), ("model", "backbone_weights")])
+    return build_config(DetectionExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
 
 
 def is_detection_config(path: str | Path) -> bool:
@@ -202,13 +166,6 @@ def is_detection_config(path: str | Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and raw.get("task") == "detection"
-
-
-def save_detection_config(config: DetectionExperimentConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
 
 
 # --------------------------------------------------------------------------- data
@@ -507,18 +464,6 @@ class DetectionRunResult:
     fit: DetectionFitResult
 
 
-def _new_run_dir(config: DetectionExperimentConfig) -> Path:
-    from datetime import datetime
-
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.output_root) / f"{config.name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = Path(config.output_root) / f"{config.name}-{stamp}-{suffix}"
-    return run_dir
-
-
 def _attach_file_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -552,13 +497,13 @@ def run_detection_experiment(
     show_progress: bool = True,
 ) -> DetectionRunResult:
     """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
-    run_dir = Path(run_dir) if run_dir is not None else _new_run_dir(config)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, config.name)
     if resume and not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _attach_file_log(run_dir)
     try:
-        save_detection_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir / "config.yaml")
         splits = prepare_detection_data(config.data)
         (run_dir / "split.json").write_text(json.dumps(splits.describe(), indent=1))
         classes = splits.classes

@@ -46,13 +46,14 @@ class RunResult:
     fit: FitResult
 
 
-def new_run_dir(config: ExperimentConfig) -> Path:
+def new_run_dir(output_root: str | Path, name: str) -> Path:
+    """A fresh ``<output_root>/<name>-<time>[-n]`` path (not created)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.output_root) / f"{config.name}-{stamp}"
+    run_dir = Path(output_root) / f"{name}-{stamp}"
     suffix = 1
     while run_dir.exists():
         suffix += 1
-        run_dir = Path(config.output_root) / f"{config.name}-{stamp}-{suffix}"
+        run_dir = Path(output_root) / f"{name}-{stamp}-{suffix}"
     return run_dir
 
 
@@ -93,7 +94,7 @@ def run_experiment(
 
         return run_classic_experiment(config, run_dir=run_dir, resume=resume, prepared=prepared,
                                       show_progress=show_progress)
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, config.name)
     if resume and not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory")
     run_dir.mkdir(parents=True, exist_ok=True)

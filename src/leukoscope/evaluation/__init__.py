@@ -44,6 +44,7 @@ __all__ = [
     "pr_figure",
     "reliability_bins",
     "reliability_figure",
+    "softmax",
     "render_html_report",
     "roc_auc_per_class",
     "roc_figure",

@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torchvision.ops import box_iou
 import leukoscope
 from leukoscope.evaluation.evaluate import to_jsonable
 from leukoscope.evaluation.figures import _legend, _new_figure, _save, _style
-from leukoscope.evaluation.report import DISCLAIMER, _embed, _environment, _fmt
+from leukoscope.evaluation.report import DISCLAIMER, _embed, _fmt, render_template
 
 
 @dataclass
@@ -316,13 +315,12 @@ def render_detection_report(metrics: dict[str, Any], figures: dict[str, Path], *
         item = _embed(name, path)
         item["title"], item["caption"] = _CAPTIONS.get(name, (item["title"], item["caption"]))
         embedded.append(item)
-    template = resources.files("leukoscope").joinpath("templates", "detection_report.html").read_text("utf-8")
-    return _environment().from_string(template).render(
+    return render_template("detection_report.html", dict(
         title=title, version=leukoscope.__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), disclaimer=DISCLAIMER,
         notes=list(notes), cards=cards, rows=rows, details=details, figures=embedded,
         config_json=json.dumps(config, indent=2, default=str) if config else "",
-    )
+    ))
 
 
 def evaluate_detections(

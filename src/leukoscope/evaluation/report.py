@@ -12,7 +12,6 @@ import base64
 import json
 import math
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +160,13 @@ def _embed(name: str, path: Path) -> dict[str, str]:
     return {"title": title, "caption": caption, "data_uri": f"data:{mime};base64,{data}"}
 
 
-def _environment() -> jinja2.Environment:
-    # autoescape=True (not select_autoescape): the template is rendered from a string.
-    return jinja2.Environment(
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
+def render_template(name: str, context: dict[str, Any]) -> str:
+    """Render one of the package's report templates (``leukoscope/templates``)."""
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("leukoscope", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
-
-
-def _template_source() -> str:
-    return resources.files("leukoscope").joinpath("templates", "report.html").read_text(encoding="utf-8")
+    return environment.get_template(name).render(context)
 
 
 # --------------------------------------------------------------------------- public API
@@ -203,7 +200,7 @@ def render_html_report(
         "figures": [_embed(name, path) for name, path in (figures or {}).items()],
         "config_json": json.dumps(config, indent=2, default=str, ensure_ascii=False) if config else "",
     }
-    return _environment().from_string(_template_source()).render(context)
+    return render_template("report.html", context)
 
 
 def write_html_report(
