@@ -51,7 +51,8 @@ def test_fit_learns_and_is_deterministic(prepared) -> None:
     first, second = results
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
     assert [h["train_loss"] for h in first.history] == pytest.approx([h["train_loss"] for h in second.history])
-    assert first.best_epoch == max(first.history, key=lambda h: h["val_accuracy"])["epoch"]
+    # Best epoch: highest validation accuracy, ties broken by the lower validation loss.
+    assert first.best_epoch == max(first.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))["epoch"]
 
 
 def test_early_stopping_and_time_budget(prepared) -> None:

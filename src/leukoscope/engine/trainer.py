@@ -156,6 +156,12 @@ def _monitor_value(cfg: TrainConfig, row: dict[str, Any]) -> float:
     return -value if cfg.monitor == "val_loss" else value
 
 
+def _selection_key(cfg: TrainConfig, row: dict[str, Any]) -> tuple[float, float]:
+    """The monitored score, ties broken by the lower loss: on a small validation set
+    many epochs tie on accuracy, and the first of them is often mid-schedule."""
+    return _monitor_value(cfg, row), -row.get("val_loss", row["train_loss"])
+
+
 def fit(
     model: nn.Module,
     train_images: torch.Tensor,
@@ -210,10 +216,15 @@ def fit(
         say(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
 
     clock.resume_from(elapsed_before, (start_epoch - 1) * len(loader))
+    best_key = next((_selection_key(cfg, h) for h in history if h["epoch"] == best_epoch), (-math.inf, -math.inf))
     stopped_because = "completed all epochs"
-    last_epoch_s = 0.0
+    # Duration of the last epoch run (also after a resume), to stop before one that would overrun the budget.
+    elapsed_marks = [0.0] + [h["elapsed_s"] for h in history]
+    last_epoch_s = elapsed_marks[-1] - elapsed_marks[-2] if history else 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
-        if clock.budget_s and epoch > start_epoch and clock.elapsed_s + last_epoch_s > clock.budget_s:
+        # Stop before an epoch that would overrun the budget (a resumed run that has
+        # spent its budget only finishes: evaluation, bundle, report).
+        if clock.budget_s and epoch > 1 and clock.elapsed_s + last_epoch_s > clock.budget_s:
             stopped_because = f"time budget of {cfg.max_minutes} min reached (another epoch would exceed it)"
             break
         epoch_start = clock.elapsed_s
@@ -252,9 +263,10 @@ def fit(
         last_epoch_s = row["elapsed_s"] - epoch_start
         history.append(row)
         score = _monitor_value(cfg, row)
-        improved = score > best_score
+        key = _selection_key(cfg, row)
+        improved = key > best_key
         if improved:
-            best_score, best_epoch, stale = score, epoch, 0
+            best_key, best_score, best_epoch, stale = key, score, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
