@@ -126,3 +126,35 @@ def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [Path(s["path"]).name for s in metrics["skipped_images"]] == ["zz_truncated.png"]
     assert "zz_truncated.png" in (run_dir / "report.html").read_text()
+
+
+def test_demo_generates_data_trains_and_reports(tmp_path: Path) -> None:
+    result = invoke("demo", "--out", tmp_path / "demo", "--minutes", "0.02", "--quiet")
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    assert (bundle / "bundle.json").is_file() and (bundle.parent / "report.html").is_file()
+    classes = sorted(p.name for p in (tmp_path / "demo" / "data").iterdir())
+    assert classes == ["blast", "lymphocyte", "monocyte", "neutrophil"]
+    assert all(len(list((tmp_path / "demo" / "data" / c).iterdir())) == 100 for c in classes)
+    assert "demo finished" in result.output
+
+
+def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path) -> None:
+    first = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v3_small", "--quiet",
+                   f"output_root={tmp_path}", "model.image_size=32", "train.epochs=1")
+    assert first.exit_code == 0, first.output
+    run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
+    resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=2")
+    assert resumed.exit_code == 0, resumed.output
+    assert Path(resumed.stdout.strip().splitlines()[-1]).parent == run_dir
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert "resuming at epoch 2" in (run_dir / "train.log").read_text()
+
+
+def test_evaluate_names_a_missing_split_part(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split.json"
+    assert invoke("split", "--data", synthetic_root, "--out", split).exit_code == 0
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", split,
+                    "--subset", "holdout")
+    assert result.exit_code == 2 and "no part named 'holdout'" in result.output

@@ -284,13 +284,16 @@ def serve(
         _fail("give a cell-classifier bundle: --bundle DIR (or LEUKOSCOPE_BUNDLE)")
     import uvicorn
 
-    from leukoscope.service.admin import open_database, user_count
+    from leukoscope.service.admin import collect_store_garbage, open_database, user_count
     from leukoscope.service.app import app_from_env
     from leukoscope.service.db import DatabaseError
 
     # Migrate (or check) once, here, before any worker starts; the workers only check.
     database = _service_call(_guarded, open_database, settings)
     database.close()
+    removed = _service_call(_guarded, collect_store_garbage, settings)
+    if removed:
+        console.print(f"removed {len(removed)} stored files that no case references (uploads that never committed)")
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
     os.environ.update({f"LEUKOSCOPE_{name.upper()}": str(value) for name, value in settings.model_dump().items()
                        if value is not None})

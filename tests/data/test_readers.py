@@ -124,6 +124,16 @@ def test_subjects_parsed_from_class_folders(tmp_path: Path, cell_writer) -> None
     assert not read_class_folders(tmp_path, parse_subjects=False).has_subjects
 
 
+def test_cnmc_tree_read_one_level_too_high_is_refused(tmp_path: Path, cell_writer) -> None:
+    # training_data/fold_0/{all,hem}: pointing at training_data would make the folds the classes
+    cell_writer(tmp_path / "fold_0" / "all" / "UID_13_3_1_all.bmp")
+    cell_writer(tmp_path / "fold_0" / "hem" / "UID_H10_1_1_hem.bmp", seed=1)
+    cell_writer(tmp_path / "fold_1" / "all" / "UID_14_3_1_all.bmp", seed=2)
+    with pytest.raises(DatasetError, match=r"'fold_0' holds C-NMC images named both '_all' and '_hem'"):
+        read_class_folders(tmp_path)
+    assert read_class_folders(tmp_path / "fold_0").classes == ["all", "hem"]
+
+
 # -- CSV manifests -----------------------------------------------------------
 
 

@@ -78,7 +78,7 @@ def test_two_ratios_make_train_and_test(synthetic: Manifest) -> None:
     assert list(split.assignments) == ["train", "test"]
     assert split.sizes() == {"train": 72, "test": 24}
     assert all(n == 6 for n in split.class_table()["test"].values())
-    with pytest.raises(KeyError, match="val"):
+    with pytest.raises(DatasetError, match="val"):
         split.manifest("val")
 
 

@@ -184,3 +184,57 @@ def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path)
     assert len(chosen) == 1
     assert chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     assert Path(chosen[0]["bundle"]) == result.best.bundle_dir
+
+
+def test_frozen_backbone_keeps_its_batchnorm_statistics(prepared) -> None:
+    config, data = prepared
+    train = data.parts["train"]
+    model = create_model("resnet18", 4, freeze_backbone=True)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("running_mean")}
+    cfg = config.train.model_copy(update={"epochs": 1})
+    fit(model, train.images, train.targets, None, None, cfg, num_classes=4, show_progress=False)
+    after = dict(model.named_buffers())
+    assert before and all(torch.equal(before[name], after[name]) for name in before)
+    assert any(not torch.equal(p, q) for p, q in zip(create_model("resnet18", 4).fc.parameters(),
+                                                    model.fc.parameters()))
+
+
+def test_checkpoint_random_states_round_trip(tmp_path: Path) -> None:
+    import random
+
+    from leukoscope.engine.trainer import _restore_rng_states, _rng_states
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.save({"rng": _rng_states()}, tmp_path / "c.pt")
+    expected = (random.random(), float(np.random.rand()))
+    random.seed(99)
+    np.random.seed(99)
+    _restore_rng_states(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    assert (random.random(), float(np.random.rand())) == expected
+
+
+def test_grid_search_by_validation_loss_prefers_the_lowest_loss() -> None:
+    from leukoscope.engine.search import _selection_score
+
+    rows = [{"val_loss": 0.4, "val_macro_f1": 0.9}, {"val_loss": 0.1, "val_macro_f1": 0.8},
+            {"val_loss": None, "val_macro_f1": None}]
+    assert max(range(3), key=lambda i: _selection_score(rows[i], "val_loss")) == 1
+    rows = [{"val_accuracy": 0.5, "val_macro_f1": 0.4}, {"val_accuracy": 0.5, "val_macro_f1": 0.45}]
+    assert max(range(2), key=lambda i: _selection_score(rows[i], "val_accuracy")) == 1
+
+
+def test_unknown_model_option_is_named(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no option 'dropuot'.*did you mean 'dropout'"):
+        create_model("tusar_convnet", 4, dropuot=0.3)
+    config = _config(synthetic_root, tmp_path, "model.options={depth: 3}")
+    with pytest.raises(ValueError, match="'mobilenet_v3_small' has no option 'depth'"):
+        run_experiment(config, show_progress=False)
+
+
+def test_cnn_trains_on_lab_kmeans_segmented_images(synthetic_root: Path, tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "train.epochs=1", "data.segmentation=lab_kmeans")
+    result = run_experiment(config, show_progress=False)
+    assert result.metrics["n"] > 0 and (result.bundle_dir / "bundle.json").exists()
+    info = load_bundle(result.bundle_dir)[1]
+    assert info.preprocessing.segmentation == "lab_kmeans"

@@ -447,7 +447,11 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         for cell in case["cells"]:
             x0, y0, x1, y1 = cell["box"]
             assert 0 <= x0 < x1 <= field.width and 0 <= y0 < y1 <= field.height
-            assert client.get(cell["crop_url"], headers=headers).status_code == 200
+            stored = client.get(cell["crop_url"], headers=headers)
+            assert stored.status_code == 200
+            # the stored crop is the one the classifier saw: the box plus the analyzer's margin
+            crop = Image.open(io.BytesIO(stored.content))
+            assert crop.size == analyzer.smear.crop_cell(field, cell["box"]).size
         annotated = client.get(case["images"][0]["annotated_url"], headers=headers)
         assert Image.open(io.BytesIO(annotated.content)).size == field.size
         page = service.login("tech").get(f"/cases/{case['id']}")

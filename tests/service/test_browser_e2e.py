@@ -1,7 +1,8 @@
 """End to end in a real browser: Debian's chromium driven by Playwright (no browser
 download). A technician logs in and uploads two cells, sees the result (class,
 probabilities, Grad-CAM); a hematologist corrects one cell, confirms the other,
-comments, and exports the reviewed labels. Screenshots go to the test's tmp dir."""
+comments, and exports the reviewed labels. Screenshots are kept in test-artifacts/browser/
+(git-ignored) for a person to look at after the run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from tests.service.helpers import PASSWORD, cell_image, smear_field
 
 CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -54,6 +56,12 @@ def live_server(make_service, request):
 
 
 @pytest.fixture
+def shots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
+
+
+@pytest.fixture
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
@@ -70,7 +78,7 @@ def _log_in(page, base: str, username: str) -> None:
     page.wait_for_url(f"{base}/cases")
 
 
-def test_login_upload_result_review_export(live_server, browser, tmp_path):
+def test_login_upload_result_review_export(live_server, browser, tmp_path, shots):
     base, service = live_server
     images = []
     for label, seed in (("blast", 21), ("lymphocyte", 22)):
@@ -108,7 +116,7 @@ def test_login_upload_result_review_export(live_server, browser, tmp_path):
     assert heatmaps.count() == 2
     page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     assert heatmaps.first.evaluate("i => i.naturalWidth") == 96  # drawn at the cell image's own size
-    page.screenshot(path=str(tmp_path / "result.png"), full_page=True)
+    page.screenshot(path=str(shots / "result.png"), full_page=True)
     page.click("button:has-text('Log out')")
     page.wait_for_url(f"{base}/login")
 
@@ -130,7 +138,7 @@ def test_login_upload_result_review_export(live_server, browser, tmp_path):
     assert page.inner_text("#case-status") == "reviewed"
     assert "corrected" in page.locator(".reviewed").first.inner_text() or \
         page.locator(".reviewed").first.inner_text().endswith("monocyte")
-    page.screenshot(path=str(tmp_path / "reviewed.png"), full_page=True)
+    page.screenshot(path=str(shots / "reviewed.png"), full_page=True)
 
     page.click("text=Cases")
     assert "reviewed" in page.locator("#case-list tbody tr").first.inner_text()
@@ -145,14 +153,15 @@ def test_login_upload_result_review_export(live_server, browser, tmp_path):
     with zipfile.ZipFile(archive) as zf:
         folders = sorted({name.split("/")[0] for name in zf.namelist()})
     assert "monocyte" in folders and len(zf.namelist()) == 2
-    page.screenshot(path=str(tmp_path / "export.png"), full_page=True)
+    page.screenshot(path=str(shots / "export.png"), full_page=True)
     assert not [e for e in errors if "Content Security Policy" in e], errors
     context.close()
-    print(f"screenshots: {tmp_path}")
+    assert all((shots / f"{name}.png").stat().st_size > 10_000 for name in ("result", "reviewed", "export"))
+    print(f"screenshots: {shots}")
 
 
 @pytest.mark.smear
-def test_smear_field_page(live_server, browser, tmp_path):
+def test_smear_field_page(live_server, browser, tmp_path, shots):
     """With a detector plugged in (a stand-in for SmearAnalyzer): annotated field, a gallery
     of every detected cell with class and confidence, the differential, the blast percentage
     with its interval, and "uncertain, review" flags."""
@@ -172,5 +181,5 @@ def test_smear_field_page(live_server, browser, tmp_path):
     assert page.locator("figure.cell").count() == len(boxes)
     assert page.locator("figure.cell .flag", has_text="uncertain, review").count() >= 1
     assert "95% Wilson interval" in page.inner_text("#blast-percent")
-    page.screenshot(path=str(tmp_path / "smear.png"), full_page=True)
+    page.screenshot(path=str(shots / "smear.png"), full_page=True)
     page.close()

@@ -131,10 +131,19 @@ def test_a_failure_between_files_and_commit_leaves_no_half_case(make_service):
     assert service.count(AuditEntry) == 0
     orphans = service.state.store.names()
     assert orphans  # files were written before the failure...
-    assert set(service.state.store.collect_garbage(set(), min_age_s=0)) == orphans  # ...and are collectable
     service.state.before_commit = None
-    ok = client.post("/api/v1/cases", headers=service.auth("tech"), files=files)
-    assert ok.status_code == 201 and service.rows() == {"cases": 1, "images": 3, "cells": 3}
+    other = [("files", ("x.png", encode(cell_image(seed=9), "PNG"), "image/png"))]
+    ok = client.post("/api/v1/cases", headers=service.auth("tech"), files=other)
+    assert ok.status_code == 201 and service.rows() == {"cases": 1, "images": 1, "cells": 1}
+    kept = service.state.store.names() - orphans
+    # ...and the start-up clean-up of `leukoscope serve` removes exactly them, not the committed case's files
+    from leukoscope.service.admin import collect_store_garbage
+
+    assert collect_store_garbage(service.state.settings, min_age_s=3600) == []  # too young: maybe still uploading
+    assert set(collect_store_garbage(service.state.settings, min_age_s=0)) == orphans
+    assert service.state.store.names() == kept
+    case = client.get(f"/api/v1/cases/{ok.json()['id']}", headers=service.auth("tech"))
+    assert case.status_code == 200
 
 
 def test_cli_user_commands(tmp_path):

@@ -17,6 +17,8 @@ from leukoscope.io import is_image_file
 
 #: ``UID_13_3_1_all.bmp`` -> subject ``13``; ``UID_H10_1_1_hem.bmp`` -> ``H10``.
 CNMC_NAME = re.compile(r"^UID_(?P<subject>H?\d+)_", re.IGNORECASE)
+#: the class C-NMC writes at the end of a name: ``..._all.bmp`` / ``..._hem.bmp``.
+CNMC_LABEL = re.compile(r"_(?P<label>all|hem)\.[a-z0-9]+$", re.IGNORECASE)
 
 
 def cnmc_subject(filename: str) -> str | None:
@@ -50,8 +52,27 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
                 samples.append(Sample(path=path, label=class_dir.name, subject=subject))
     if not samples:
         raise DatasetError(f"{root}: no images (.jpg .png .bmp .tif) in any class folder")
+    _check_cnmc_labels(root, samples)
     classes = [d.name for d in class_dirs if any(s.label == d.name for s in samples)]
     return Manifest(samples, classes, root)
+
+
+def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
+    """C-NMC names carry their class (``_all`` / ``_hem``). A folder holding both is not a
+    class folder: usually ``--data`` points one level too high (``training_data/`` with
+    ``fold_0/{all,hem}`` below), which would silently make the folds the classes."""
+    by_folder: dict[str, set[str]] = {}
+    for sample in samples:
+        match = CNMC_LABEL.search(sample.path.name) if CNMC_NAME.match(sample.path.name) else None
+        if match:
+            by_folder.setdefault(str(sample.label), set()).add(match.group("label").lower())
+    mixed = sorted(folder for folder, labels in by_folder.items() if len(labels) > 1)
+    if mixed:
+        raise DatasetError(
+            f"{root}: class folder {mixed[0]!r} holds C-NMC images named both '_all' and '_hem'; "
+            f"point the data path at a folder whose sub-folders are the classes (e.g. {root / mixed[0]}), "
+            "or give a CSV manifest"
+        )
 
 
 def read_csv_manifest(path: str | Path) -> Manifest:

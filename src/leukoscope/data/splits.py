@@ -42,7 +42,7 @@ class Split:
 
     def manifest(self, name: str) -> Manifest:
         if name not in self.assignments:
-            raise KeyError(f"no split named {name!r}; have {list(self.assignments)}")
+            raise DatasetError(f"the split has no part named {name!r}; it has {list(self.assignments)}")
         return Manifest(list(self.assignments[name]), list(self.classes))
 
     def sizes(self) -> dict[str, int]:

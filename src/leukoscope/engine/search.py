@@ -78,6 +78,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             "run": index,
             **settings,
             "best_epoch": result.fit.best_epoch,
+            "val_loss": best_row.get("val_loss"),
             "val_accuracy": best_row.get("val_accuracy"),
             "val_macro_f1": best_row.get("val_macro_f1"),
             "test_accuracy": result.metrics["accuracy"],
@@ -85,15 +86,27 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             "train_minutes": result.fit.train_seconds / 60,
             "bundle": str(result.bundle_dir),
         })
-    monitor = config.train.monitor
-    key = {"val_accuracy": "val_accuracy", "val_macro_f1": "val_macro_f1", "val_loss": "val_accuracy"}[monitor]
-    best_index = max(range(len(rows)), key=lambda i: (rows[i][key] or 0.0, rows[i]["val_macro_f1"] or 0.0))
+    key = config.train.monitor
+    if all(row[key] is None for row in rows):
+        raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it 0 images); "
+                         "a choice by test or training scores would not be honest")
+    best_index = max(range(len(rows)), key=lambda i: _selection_score(rows[i], key))
     for i, row in enumerate(rows):
         row["chosen"] = i == best_index
     _write_tables(search_dir, rows)
     _print_table(rows)
     console.print(f"chosen by {key}: run {rows[best_index]['run']} -> {rows[best_index]['bundle']}")
     return SearchResult(search_dir, rows, results[best_index])
+
+
+def _selection_score(row: dict[str, Any], monitor: str) -> tuple[float, float]:
+    """Higher is better: the monitored validation value (loss negated), then macro-F1."""
+    value = row[monitor]
+    if value is None:
+        value = -float("inf")
+    elif monitor == "val_loss":
+        value = -value
+    return value, row["val_macro_f1"] or 0.0
 
 
 def _write_tables(search_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -37,7 +37,36 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     return torch.Generator().manual_seed(seed)
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python and NumPy random states in a form ``torch.load(weights_only=True)`` accepts."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt_state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    version, mt_state, gauss = states["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are frozen into eval mode.
+
+    ``requires_grad=False`` alone does not freeze a BatchNorm: in train mode it keeps
+    updating its running statistics, which drifts a loaded backbone away from the
+    weights it was trained with (system D trains the head only)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = list(module.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own):
+                module.eval()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,13 +232,17 @@ def fit(
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {run_dir}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        # Loaded on the CPU: the random-number states must stay CPU tensors; model and
+        # optimizer state are moved to the model's device by load_state_dict.
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if "rng" in state:
+            _restore_rng_states(state["rng"])
         history, best_score, best_epoch, stale = state["history"], state["best_score"], state["best_epoch"], state["stale"]
         best_state = state["best_state"]
         start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
@@ -229,6 +262,7 @@ def fit(
             break
         epoch_start = clock.elapsed_s
         model.train()
+        keep_frozen_batchnorm_in_eval(model)
         seen = correct = 0
         loss_sum = 0.0
         with progress_bar(len(loader), f"epoch {epoch}/{cfg.epochs}", enabled=show_progress) as update:
@@ -287,6 +321,7 @@ def fit(
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "rng": _rng_states(),
                     "history": history,
                     "best_score": best_score,
                     "best_epoch": best_epoch,

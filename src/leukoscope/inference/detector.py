@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -206,6 +207,9 @@ class CellDetector:
         self.model = model.eval()
         self.info = info
         self.device = torch.device(device)
+        # One model may serve several threads (the web service): its per-image caps are
+        # changed for large tiles while it runs, so calls into the model take turns.
+        self._model_lock = threading.Lock()
         self.classes = list(info.classes)
         self.score_threshold = info.score_threshold if score_threshold is None else float(score_threshold)
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -261,7 +265,7 @@ class CellDetector:
         results: list[DetectionResult] = []
         for start in range(0, len(images), batch_size):
             batch = [_to_float_tensor(image).to(self.device) for image in images[start:start + batch_size]]
-            with self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
+            with self._model_lock, self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
                 outputs = self.model(batch)
             for output in outputs:
                 result = DetectionResult(

@@ -447,7 +447,8 @@ class SmearAnalyzer:
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return DetectionResult(boxes, scores, labels, self.detector.classes), len(tiles)
 
-    def _crop(self, image: Image.Image, box: Sequence[float]) -> Image.Image:
+    def crop_cell(self, image: Image.Image, box: Sequence[float]) -> Image.Image:
+        """The crop the cell classifier sees: the box plus ``crop_margin`` on each side."""
         x0, y0, x1, y1 = box
         mx, my = (x1 - x0) * self.crop_margin, (y1 - y0) * self.crop_margin
         width, height = image.size
@@ -483,7 +484,7 @@ class SmearAnalyzer:
         order = order[np.lexsort((detections.boxes[order, 0], detections.boxes[order, 1]))] if len(order) else order
         cells: list[Cell] = []
         if len(order) and self.classifier is not None:
-            crops = [self._crop(image, detections.boxes[i]) for i in order]
+            crops = [self.crop_cell(image, detections.boxes[i]) for i in order]
             predictions = []
             for chunk in range(0, len(crops), 32):
                 predictions += self.classifier.predict_images(crops[chunk:chunk + 32])

@@ -7,6 +7,8 @@ A builder is registered under a name with a *kind* (``classifier``, ``detector``
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -66,4 +68,24 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> Any:
     minimum = 1 if entry.kind == "detector" else 2  # a detector's classes exclude the background
     if num_classes < minimum:
         raise ValueError(f"a {entry.kind} needs at least {minimum} classes, got num_classes={num_classes}")
+    _check_options(entry, kwargs)
     return entry.builder(num_classes=num_classes, **kwargs)
+
+
+def model_options(name: str) -> list[str] | None:
+    """Keyword arguments the builder of ``name`` accepts (None: any, it takes ``**kwargs``)."""
+    parameters = inspect.signature(model_entry(name).builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.name != "num_classes"]
+
+
+def _check_options(entry: ModelEntry, kwargs: dict[str, Any]) -> None:
+    accepted = model_options(entry.name)
+    if accepted is None:
+        return
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model {entry.name!r} has no option {key!r}{hint}; it accepts: {', '.join(accepted)}")

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from leukoscope.service import db as dbm
 from leukoscope.service.auth import audit, create_user, new_api_token
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import Case, User
+from leukoscope.service.models import Case, CaseImage, Cell, User
 from leukoscope.service.settings import ServiceSettings
 
 
@@ -78,3 +78,28 @@ def user_count(settings: ServiceSettings) -> int:
             return int(db.scalar(select(func.count(User.id))) or 0)
     finally:
         database.close()
+
+
+def referenced_objects(db: Session) -> set[str]:
+    """Every store object a database row points at."""
+    names: set[str] = set()
+    for row in db.execute(select(CaseImage.original_object, CaseImage.served_object, CaseImage.annotated_object)):
+        names.update(filter(None, row))
+    for row in db.execute(select(Cell.crop_object, Cell.overlay_object)):
+        names.update(filter(None, row))
+    return names
+
+
+def collect_store_garbage(settings: ServiceSettings, *, min_age_s: float = 3600.0) -> list[str]:
+    """Delete stored files that no case references (written by uploads whose transaction
+    never committed: a crash or a kill between the file writes and the commit), once they
+    are ``min_age_s`` old. Run by ``leukoscope serve`` at start-up."""
+    from leukoscope.service.storage import ContentStore
+
+    database = open_database(settings)
+    try:
+        with database.sessions() as db:
+            referenced = referenced_objects(db)
+    finally:
+        database.close()
+    return ContentStore(settings.store_dir, fsync=False).collect_garbage(referenced, min_age_s=min_age_s)

@@ -39,6 +39,8 @@ class SmearBackend(Protocol):
 
     def analyse(self, image: Image.Image) -> Any: ...
 
+    # Optional: ``crop_cell(image, box) -> Image`` gives the crop its classifier saw.
+
 
 @dataclass
 class CellOutcome:
@@ -168,10 +170,13 @@ class Analyzer:
             raise RuntimeError("no detector bundle loaded")
         classifier = self._classifier()
         result = self.smear.analyse(image)
+        crop_cell = getattr(self.smear, "crop_cell", None)
         cells: list[CellOutcome] = []
         for index, cell in enumerate(_result_cells(result)):
             box = _box(cell, image.size)
-            crop = image.crop(tuple(box))
+            # The crop the classifier saw (with the analyzer's margin), so that the stored
+            # image, its Grad-CAM and the exported training data match the prediction.
+            crop = crop_cell(image, box) if crop_cell else image.crop(tuple(box))
             prediction = _prediction(cell, classifier, f"cell_{index}")
             if prediction is None:  # the backend detected but did not classify
                 prediction = classifier.predict_images([crop], [f"cell_{index}"])[0]
@@ -216,6 +221,8 @@ def load_smear_backend(detector: str | Path, classifier: CellClassifier, **optio
 class _MethodAdapter:
     def __init__(self, target: Any, method: str) -> None:
         self._call = getattr(target, method)
+        if hasattr(target, "crop_cell"):
+            self.crop_cell = target.crop_cell
 
     def analyse(self, image: Image.Image) -> Any:
         return self._call(image)

@@ -92,5 +92,5 @@ def check_schema(engine: Engine) -> None:
     if current != head:
         raise DatabaseError(
             f"database schema is at revision {current or 'none (empty database)'}, this version needs "
-            f"{head}: run `leukoscope serve --migrate` (or `leukoscope db upgrade`) once"
+            f"{head}: run `leukoscope serve --migrate` once (the default)"
         )
