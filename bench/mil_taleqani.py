@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="time budget of each classifier")
     parser.add_argument("--binary", action="store_true", help="Benign vs malignant instead of 4 classes")
     parser.add_argument("--detector", default=None, help="locate cells with this detector bundle instead")
+    parser.add_argument("--whole-image-bundle", default=None,
+                        help="also score this whole-image classifier (e.g. the last line of bench/taleqani.py) on "
+                             "the same test fields; refused if it was trained on any of them")
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         print(f"{args.data} is absent: nothing to benchmark", file=sys.stderr)
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     class_map = {"Early": "Malignant", "Pre": "Malignant", "Pro": "Malignant"} if args.binary else None
     result = run_mil_experiment(args.data, args.out, model=args.model, cell_size=args.cell_size,
                                 field_size=args.field_size, epochs=args.epochs, minutes=args.minutes,
-                                detector=args.detector, class_map=class_map, show_progress=sys.stderr.isatty())
+                                detector=args.detector, class_map=class_map, show_progress=sys.stderr.isatty(),
+                                whole_image_bundle=args.whole_image_bundle)
     m = result.metrics
     print(f"fields {m['fields']}, cells {m['cells']}, fields without a located cell: {m['fields_without_cells']}")
     print(f"cell-level test accuracy (labels inherited from fields): {m['cell_level_test_accuracy_inherited_labels']:.4f}")
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if "whole_image_accuracy" in m:
         print(f"whole-image classifier accuracy: {m['whole_image_accuracy']:.4f} "
               f"(macro F1 {m['whole_image_macro_f1']:.4f}; {m['whole_image_train_minutes']:.1f} min)")
+    if "whole_image_bundle_accuracy" in m:
+        print(f"whole-image bundle {m['whole_image_bundle_model']} on the same test fields: "
+              f"{m['whole_image_bundle_accuracy']:.4f} (macro F1 {m['whole_image_bundle_macro_f1']:.4f})")
     print(result.cell_bundle)
     return 0
 

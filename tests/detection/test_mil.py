@@ -50,3 +50,20 @@ def test_mil_pipeline_on_synthetic_fields(tmp_path: Path) -> None:
         for b in parts[i + 1:]:
             assert not fields_by_part[a] & fields_by_part[b]
     assert result.cell_bundle.is_dir() and result.field_bundle is not None
+
+
+def test_a_whole_image_bundle_is_scored_on_the_same_test_fields_only_if_it_never_saw_them(tmp_path: Path) -> None:
+    import pytest
+
+    from leukoscope.data.manifest import DatasetError
+    from leukoscope.engine.mil import score_whole_image_bundle
+
+    root = _fields(tmp_path / "fields")
+    result = run_mil_experiment(root, tmp_path / "mil", model="abas_cnn", cell_size=32, field_size=32, epochs=1,
+                                batch_size=8, near_duplicates=False, show_progress=False)
+    split = Split.load(tmp_path / "mil" / "field_split.json")
+    scored = score_whole_image_bundle(result.field_bundle, split.manifest("test"), tmp_path / "scored")
+    # the same model on the same test fields: the whole-image run's own test accuracy
+    assert scored["whole_image_bundle_accuracy"] == pytest.approx(result.metrics["whole_image_accuracy"])
+    with pytest.raises(DatasetError, match="trained or validated on 1 of these test fields"):
+        score_whole_image_bundle(result.field_bundle, split.manifest("train").subset([0]), tmp_path / "leak")

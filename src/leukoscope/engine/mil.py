@@ -181,6 +181,7 @@ def run_mil_experiment(
     near_duplicates: bool = True,
     detector: str | Path | None = None,
     compare_whole_image: bool = True,
+    whole_image_bundle: str | Path | None = None,
     class_map: dict[str, str] | None = None,
     show_progress: bool = True,
 ) -> MilResult:
@@ -259,5 +260,43 @@ def run_mil_experiment(
             "whole_image_train_minutes": field_run.metrics.get("train_minutes"),
             "whole_image_run": str(field_run.run_dir),
         })
+    if whole_image_bundle is not None:
+        metrics.update(score_whole_image_bundle(whole_image_bundle, test_fields, out_dir / "whole_image_bundle"))
     (out_dir / "mil_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return MilResult(out_dir, metrics, cell_run.bundle_dir, field_bundle)
+
+
+def score_whole_image_bundle(bundle: str | Path, test_fields: Manifest, out_dir: Path) -> dict[str, Any]:
+    """Score an already trained whole-image classifier (e.g. the best model of
+    ``bench/taleqani.py``) on this experiment's test fields, after checking, from the
+    split saved in its provenance, that it was never trained or validated on any of them."""
+    from leukoscope.evaluation import evaluate_logits
+    from leukoscope.inference.predictor import CellClassifier
+
+    classifier = CellClassifier.from_bundle(bundle)
+    split_file = classifier.info.provenance.get("split_file")
+    if not split_file or not Path(split_file).is_file():
+        raise DatasetError(f"{bundle}: its split file ({split_file}) is not available, so it cannot be shown "
+                           "that the model never saw these test fields")
+    seen = {str(Path(sample.path).resolve()) for name, samples in Split.load(split_file).assignments.items()
+            if name != "test" for sample in samples}
+    leaked = [s.path for s in test_fields if str(Path(s.path).resolve()) in seen]
+    if leaked:
+        raise DatasetError(f"{bundle} was trained or validated on {len(leaked)} of these test fields "
+                           f"(e.g. {leaked[0]}); use the same field split (its {split_file})")
+    unknown = sorted({s.label for s in test_fields} - set(classifier.classes))
+    if unknown:
+        raise DatasetError(f"{bundle} does not know the test classes {unknown}")
+    samples = list(test_fields)
+    probabilities = np.concatenate([classifier.probabilities([load_image(s.path) for s in samples[i:i + 64]])
+                                    for i in range(0, len(samples), 64)])
+    y_true = np.array([classifier.classes.index(s.label) for s in test_fields])
+    scored = evaluate_logits(y_true, np.log(np.clip(probabilities, 1e-7, 1.0)), classifier.classes, out_dir,
+                             title=f"Whole-image classifier {classifier.info.model_name} on the same test fields")
+    return {
+        "whole_image_bundle": str(bundle),
+        "whole_image_bundle_model": classifier.info.model_name,
+        "whole_image_bundle_accuracy": scored["accuracy"],
+        "whole_image_bundle_macro_f1": scored["macro"]["f1"],
+        "whole_image_bundle_train_minutes": classifier.info.metrics.get("train_minutes"),
+    }
