@@ -6,5 +6,5 @@
 from classification import parse_args, run
 
 if __name__ == "__main__":
-    run(parse_args(__doc__, "pbc", "resnet18", image_size=96, epochs=15, minutes=25, lr=0.002,
+    run(parse_args(__doc__, "pbc", "resnet18", image_size=128, epochs=18, minutes=25, lr=0.002,
                    augmentation="geometric"), "pbc")

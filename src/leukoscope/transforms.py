@@ -100,6 +100,9 @@ class RandomStainJitter:
 
 def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The random training augmentation named ``preset`` (uint8 tensor in and out)."""
+    # System D's "shear 0.2" (Keras shear_range). Keras reads it in degrees, which makes
+    # 0.2 a no-op shear of a fifth of a degree; we read it as 0.2 rad (11.5 degrees), the
+    # shear the paper evidently meant to apply (docs/published-systems.md).
     shear_degrees = math.degrees(0.2)
     presets: dict[str, Sequence[Callable]] = {
         "none": [],

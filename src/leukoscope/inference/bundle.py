@@ -81,27 +81,32 @@ def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_bundle(directory: str | Path, model: nn.Module, info: BundleInfo) -> Path:
-    """Write ``model`` and ``info`` into ``directory`` (created; files replaced atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    info.provenance = {
+def provenance_now() -> dict[str, str]:
+    """When and with which versions a bundle was written."""
+    return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "leukoscope": leukoscope.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        **info.provenance,
     }
+
+
+def write_bundle_files(directory: Path, state: dict[str, torch.Tensor], info_json: dict[str, Any],
+                       metadata: dict[str, str]) -> Path:
+    """Write weights and ``bundle.json`` through temporary files, each replaced atomically,
+    the JSON last: a folder with a ``bundle.json`` always has its weights."""
+    directory.mkdir(parents=True, exist_ok=True)
     weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(_contiguous_state(model), str(weights_tmp), metadata={"model_name": info.model_name})
+    save_file(state, str(weights_tmp), metadata=metadata)
     json_tmp = directory / (BUNDLE_FILE + ".tmp")
-    json_tmp.write_text(json.dumps(info.to_json(), indent=2))
+    json_tmp.write_text(json.dumps(info_json, indent=2, default=str))
     weights_tmp.replace(directory / WEIGHTS_FILE)
     json_tmp.replace(directory / BUNDLE_FILE)
     return directory
 
 
-def read_bundle_info(directory: str | Path) -> BundleInfo:
+def read_bundle_json(directory: str | Path) -> tuple[dict[str, Any], Path]:
+    """The parsed ``bundle.json`` of ``directory`` and its path, or a clear :class:`BundleError`."""
     directory = Path(directory)
     path = directory / BUNDLE_FILE
     if not directory.is_dir():
@@ -109,9 +114,20 @@ def read_bundle_info(directory: str | Path) -> BundleInfo:
     if not path.is_file():
         raise BundleError(f"{directory}: not a leukoscope bundle (no {BUNDLE_FILE})")
     try:
-        payload = json.loads(path.read_text())
+        return json.loads(path.read_text()), path
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON: {exc}") from None
+
+
+def save_bundle(directory: str | Path, model: nn.Module, info: BundleInfo) -> Path:
+    """Write ``model`` and ``info`` into ``directory`` (created; files replaced atomically)."""
+    info.provenance = {**provenance_now(), **info.provenance}
+    return write_bundle_files(Path(directory), _contiguous_state(model), info.to_json(),
+                              {"model_name": info.model_name})
+
+
+def read_bundle_info(directory: str | Path) -> BundleInfo:
+    payload, path = read_bundle_json(directory)
     return BundleInfo.from_json(payload, path)
 
 

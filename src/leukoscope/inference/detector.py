@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-import leukoscope
-from leukoscope.inference.bundle import BUNDLE_FILE, WEIGHTS_FILE, BundleError
+from leukoscope.inference.bundle import (BUNDLE_FILE, WEIGHTS_FILE, BundleError, provenance_now, read_bundle_json,
+                                         write_bundle_files)
 from leukoscope.models import create_model
 
 DETECTION_TASK = "detection"
@@ -96,37 +94,15 @@ def inference_options(options: dict[str, Any], model_name: str | None = None) ->
 
 
 def save_detector_bundle(directory: str | Path, model: nn.Module, info: DetectorBundleInfo) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     info.model_options = inference_options(info.model_options, info.model_name)
-    info.provenance = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "leukoscope": leukoscope.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        **info.provenance,
-    }
+    info.provenance = {**provenance_now(), **info.provenance}
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(weights_tmp), metadata={"model_name": info.model_name, "task": DETECTION_TASK})
-    json_tmp = directory / (BUNDLE_FILE + ".tmp")
-    json_tmp.write_text(json.dumps(info.to_json(), indent=2, default=str))
-    weights_tmp.replace(directory / WEIGHTS_FILE)
-    json_tmp.replace(directory / BUNDLE_FILE)
-    return directory
+    return write_bundle_files(Path(directory), state, info.to_json(),
+                              {"model_name": info.model_name, "task": DETECTION_TASK})
 
 
 def read_detector_info(directory: str | Path) -> DetectorBundleInfo:
-    directory = Path(directory)
-    path = directory / BUNDLE_FILE
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: bundle folder does not exist")
-    if not path.is_file():
-        raise BundleError(f"{directory}: not a leukoscope bundle (no {BUNDLE_FILE})")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON: {exc}") from None
+    payload, path = read_bundle_json(directory)
     return DetectorBundleInfo.from_json(payload, path)
 
 
