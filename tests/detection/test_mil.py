@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from leukoscope.data.manifest import Manifest, Sample
 from leukoscope.data.splits import Split
 from leukoscope.data.synthetic_smears import SmearSpec, render_smear
 from leukoscope.engine.mil import locate_cells_by_colour, run_mil_experiment
@@ -56,14 +57,27 @@ def test_a_whole_image_bundle_is_scored_on_the_same_test_fields_only_if_it_never
     import pytest
 
     from leukoscope.data.manifest import DatasetError
-    from leukoscope.engine.mil import score_whole_image_bundle
+    from leukoscope.engine.mil import check_whole_image_bundle, score_whole_image_bundle
 
     root = _fields(tmp_path / "fields")
     result = run_mil_experiment(root, tmp_path / "mil", model="abas_cnn", cell_size=32, field_size=32, epochs=1,
                                 batch_size=8, near_duplicates=False, show_progress=False)
-    split = Split.load(tmp_path / "mil" / "field_split.json")
-    scored = score_whole_image_bundle(result.field_bundle, split.manifest("test"), tmp_path / "scored")
+    split_file = tmp_path / "mil" / "field_split.json"
+    split = Split.load(split_file)
+    check_whole_image_bundle(result.field_bundle, split.manifest("test"))
+    scored = score_whole_image_bundle(result.field_bundle, root, split_file, tmp_path / "scored")
     # the same model on the same test fields: the whole-image run's own test accuracy
     assert scored["whole_image_bundle_accuracy"] == pytest.approx(result.metrics["whole_image_accuracy"])
     with pytest.raises(DatasetError, match="trained or validated on 1 of these test fields"):
-        score_whole_image_bundle(result.field_bundle, split.manifest("train").subset([0]), tmp_path / "leak")
+        check_whole_image_bundle(result.field_bundle, split.manifest("train").subset([0]))
+    # a field the bundle's split never held is refused too (it may have been trained on a copy elsewhere)
+    stranger = Manifest([Sample(tmp_path / "elsewhere.png", split.manifest("test")[0].label)])
+    with pytest.raises(DatasetError, match="outside its test part"):
+        check_whole_image_bundle(result.field_bundle, stranger)
+    # a leaky bundle is refused before any cell is located or trained
+    # (a split with a bigger test part than the bundle's)
+    with pytest.raises(DatasetError, match="trained or validated on"):
+        run_mil_experiment(root, tmp_path / "mil-other-split", model="abas_cnn", cell_size=32, field_size=32,
+                           epochs=1, batch_size=8, ratios=(0.4, 0.2, 0.4), near_duplicates=False,
+                           show_progress=False, compare_whole_image=False, whole_image_bundle=result.field_bundle)
+    assert not (tmp_path / "mil-other-split" / "cells_split.json").exists()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from leukoscope.cli import app
 from leukoscope.data.annotations import read_voc_dataset
 from leukoscope.engine.config import ConfigError
-from leukoscope.engine.detection import DetectionTorchDataset, _collate, load_detection_config
+from leukoscope.engine.detection import DetectionTorchDataset, _collate, build_detector, load_detection_config
 from leukoscope.models import create_model
 
 runner = CliRunner()
@@ -50,6 +50,9 @@ def test_config_validation(tmp_path: Path) -> None:
         assert cfg.task == "detection" and cfg.data.train == "Training+Validation"
     recipe = load_detection_config(Path(__file__).resolve().parents[2] / "configs" / "system_a_fasterrcnn.yaml")
     assert (recipe.train.optimizer, recipe.train.batch_size, recipe.train.epochs, recipe.train.lr) == ("adam", 8, 50, 0.01)
+    misspelt = load_detection_config(None, ["model.name=fasterrcnn_abas", "model.options={input_sacle: 0.5}"])
+    with pytest.raises(ConfigError, match="no option 'input_sacle'.*did you mean 'input_scale'"):
+        build_detector(misspelt, 3)
 
 
 def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:

@@ -186,17 +186,26 @@ def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path)
     assert Path(chosen[0]["bundle"]) == result.best.bundle_dir
 
 
+def test_grid_search_without_validation_split_is_refused_before_training(synthetic_root: Path,
+                                                                          tmp_path: Path) -> None:
+    config = _config(synthetic_root, tmp_path, "name=grid-noval", "data.ratios=[0.8,0.0,0.2]",
+                     "search.lr=[0.001,0.01]", "search.epochs=[1]")
+    with pytest.raises(ValueError, match="needs a validation split"):
+        run_search(config, show_progress=False)
+    assert not list(tmp_path.rglob("run-01"))  # nothing was trained
+
+
 def test_frozen_backbone_keeps_its_batchnorm_statistics(prepared) -> None:
     config, data = prepared
     train = data.parts["train"]
     model = create_model("resnet18", 4, freeze_backbone=True)
     before = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("running_mean")}
+    head_before = [p.detach().clone() for p in model.fc.parameters()]
     cfg = config.train.model_copy(update={"epochs": 1})
     fit(model, train.images, train.targets, None, None, cfg, num_classes=4, show_progress=False)
     after = dict(model.named_buffers())
     assert before and all(torch.equal(before[name], after[name]) for name in before)
-    assert any(not torch.equal(p, q) for p, q in zip(create_model("resnet18", 4).fc.parameters(),
-                                                    model.fc.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(head_before, model.fc.parameters()))  # the head did train
 
 
 def test_checkpoint_random_states_round_trip(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -444,14 +445,18 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         assert response.status_code == 201, response.text
         case = response.json()
         assert case["differential"]["total"] == len(case["cells"])
-        for cell in case["cells"]:
+        # what the analyzer itself classified, from the same decoded upload
+        decoded = Image.open(io.BytesIO(encode(field, "JPEG"))).convert("RGB")
+        seen = [analyzer.smear.crop_cell(decoded, c.box) for c in analyzer.smear.analyse(decoded).cells]
+        assert len(seen) == len(case["cells"]) > 0
+        for cell, expected in zip(case["cells"], seen):
             x0, y0, x1, y1 = cell["box"]
             assert 0 <= x0 < x1 <= field.width and 0 <= y0 < y1 <= field.height
             stored = client.get(cell["crop_url"], headers=headers)
             assert stored.status_code == 200
-            # the stored crop is the one the classifier saw: the box plus the analyzer's margin
-            crop = Image.open(io.BytesIO(stored.content))
-            assert crop.size == analyzer.smear.crop_cell(field, cell["box"]).size
+            # the stored crop is, pixel for pixel, the one the classifier saw (box plus margin)
+            crop = Image.open(io.BytesIO(stored.content)).convert("RGB")
+            assert np.array_equal(np.asarray(crop), np.asarray(expected))
         annotated = client.get(case["images"][0]["annotated_url"], headers=headers)
         assert Image.open(io.BytesIO(annotated.content)).size == field.size
         page = service.login("tech").get(f"/cases/{case['id']}")

@@ -58,7 +58,8 @@ def decode_manifest(
             image = load_image(sample.path, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             if on_corrupt == "fail":
-                raise DatasetError(f"corrupt image in dataset (set data.on_corrupt=skip to skip such files and count them in the report): {exc}") from None
+                raise DatasetError(f"corrupt image in dataset (skip such files and count them in the report with "
+                                   f"data.on_corrupt=skip, or --on-corrupt skip on the command line): {exc}") from None
             log.warning("skipping unreadable image: %s", exc)
             report.skipped.append({"path": str(sample.path), "error": str(exc)})
             keep.append(False)

@@ -485,7 +485,7 @@ def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch
         options["freeze_backbone"] = True
     try:
         return create_model(config.model.name, num_classes=num_classes, **options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # unknown or ill-formed options
         raise ConfigError(f"model.options for {config.model.name}: {exc}") from None
 
 

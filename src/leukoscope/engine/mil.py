@@ -210,6 +210,8 @@ def run_mil_experiment(
         field_data = str(field_csv)
     else:
         field_data = str(data)
+    if whole_image_bundle is not None:  # refuse a leaky bundle before the long work, not after it
+        check_whole_image_bundle(whole_image_bundle, field_split.manifest("test"))
     cells = build_cell_dataset(field_split, out_dir, CellLocator(detector), show_progress=show_progress)
     n_cells = {part: len(samples) for part, samples in Split.load(cells.split_file).assignments.items()}
     console.print(f"{sum(n_cells.values())} cells located in {len(fields)} fields ({n_cells}); "
@@ -261,42 +263,58 @@ def run_mil_experiment(
             "whole_image_run": str(field_run.run_dir),
         })
     if whole_image_bundle is not None:
-        metrics.update(score_whole_image_bundle(whole_image_bundle, test_fields, out_dir / "whole_image_bundle"))
+        metrics.update(score_whole_image_bundle(whole_image_bundle, field_data, field_split_file,
+                                                out_dir / "whole_image_bundle", show_progress=show_progress))
     (out_dir / "mil_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return MilResult(out_dir, metrics, cell_run.bundle_dir, field_bundle)
 
 
-def score_whole_image_bundle(bundle: str | Path, test_fields: Manifest, out_dir: Path) -> dict[str, Any]:
-    """Score an already trained whole-image classifier (e.g. the best model of
-    ``bench/taleqani.py``) on this experiment's test fields, after checking, from the
-    split saved in its provenance, that it was never trained or validated on any of them."""
-    from leukoscope.evaluation import evaluate_logits
-    from leukoscope.inference.predictor import CellClassifier
+def check_whole_image_bundle(bundle: str | Path, test_fields: Manifest) -> None:
+    """Refuse a whole-image classifier that could have seen any of these test fields.
 
-    classifier = CellClassifier.from_bundle(bundle)
-    split_file = classifier.info.provenance.get("split_file")
-    if not split_file or not Path(split_file).is_file():
-        raise DatasetError(f"{bundle}: its split file ({split_file}) is not available, so it cannot be shown "
+    From the split saved in the bundle's provenance (or its run directory), every
+    test field must be in the bundle's own *test* part (a field it was trained or
+    validated on, or one its split never held, cannot be scored honestly), and the
+    bundle must know every test class."""
+    from leukoscope.inference.bundle import read_bundle_info
+
+    info = read_bundle_info(bundle)
+    candidates = [info.provenance.get("split_file"),
+                  str(Path(info.provenance["run_dir"]) / "split.json") if info.provenance.get("run_dir") else None]
+    split_file = next((c for c in candidates if c and Path(c).is_file()), None)
+    if split_file is None:
+        raise DatasetError(f"{bundle}: its split file ({candidates[0]}) is not available, so it cannot be shown "
                            "that the model never saw these test fields")
-    seen = {str(Path(sample.path).resolve()) for name, samples in Split.load(split_file).assignments.items()
-            if name != "test" for sample in samples}
-    leaked = [s.path for s in test_fields if str(Path(s.path).resolve()) in seen]
-    if leaked:
-        raise DatasetError(f"{bundle} was trained or validated on {len(leaked)} of these test fields "
-                           f"(e.g. {leaked[0]}); use the same field split (its {split_file})")
-    unknown = sorted({s.label for s in test_fields} - set(classifier.classes))
+    assignments = Split.load(split_file).assignments
+    bundle_test = {str(Path(s.path).resolve()) for s in assignments.get("test", [])}
+    outside = [s.path for s in test_fields if str(Path(s.path).resolve()) not in bundle_test]
+    if outside:
+        seen = {str(Path(s.path).resolve()) for name, samples in assignments.items() if name != "test"
+                for s in samples}
+        leaked = [p for p in outside if str(Path(p).resolve()) in seen]
+        what = (f"was trained or validated on {len(leaked)} of these test fields (e.g. {leaked[0]})" if leaked
+                else f"has {len(outside)} of these test fields outside its test part (e.g. {outside[0]})")
+        raise DatasetError(f"{bundle} {what}; use the same field split (its {split_file})")
+    unknown = sorted({s.label for s in test_fields} - set(info.classes))
     if unknown:
         raise DatasetError(f"{bundle} does not know the test classes {unknown}")
-    samples = list(test_fields)
-    probabilities = np.concatenate([classifier.probabilities([load_image(s.path) for s in samples[i:i + 64]])
-                                    for i in range(0, len(samples), 64)])
-    y_true = np.array([classifier.classes.index(s.label) for s in test_fields])
-    scored = evaluate_logits(y_true, np.log(np.clip(probabilities, 1e-7, 1.0)), classifier.classes, out_dir,
-                             title=f"Whole-image classifier {classifier.info.model_name} on the same test fields")
+
+
+def score_whole_image_bundle(bundle: str | Path, data: str | Path, split_file: str | Path,
+                             out_dir: Path, *, show_progress: bool = False) -> dict[str, Any]:
+    """Score an already trained whole-image classifier (e.g. the best model of
+    ``bench/taleqani.py``) on the test part of ``split_file``; call
+    :func:`check_whole_image_bundle` first (before the long work) to refuse a leak."""
+    from leukoscope.inference.bundle import read_bundle_info
+    from leukoscope.inference.evaluate import evaluate_bundle
+
+    info = read_bundle_info(bundle)
+    scored = evaluate_bundle(bundle, data, out_dir, split_file=split_file, subset="test",
+                             show_progress=show_progress)
     return {
         "whole_image_bundle": str(bundle),
-        "whole_image_bundle_model": classifier.info.model_name,
+        "whole_image_bundle_model": info.model_name,
         "whole_image_bundle_accuracy": scored["accuracy"],
         "whole_image_bundle_macro_f1": scored["macro"]["f1"],
-        "whole_image_bundle_train_minutes": classifier.info.metrics.get("train_minutes"),
+        "whole_image_bundle_train_minutes": info.metrics.get("train_minutes"),
     }

@@ -68,6 +68,9 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
         size = run_config.model.image_size
         if size not in prepared:
             prepared[size] = prepare_data(run_config.data, size, Path(config.output_root), show_progress=show_progress)
+            if "val" not in prepared[size].parts:  # refuse before hours of training, not after
+                raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it "
+                                 "0 images); a choice by test or training scores would not be honest")
         console.print(f"[bold]run {index}/{len(combos)}[/bold] " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=prepared[size],
                                 show_progress=show_progress)
@@ -87,9 +90,6 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             "bundle": str(result.bundle_dir),
         })
     key = config.train.monitor
-    if all(row[key] is None for row in rows):
-        raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it 0 images); "
-                         "a choice by test or training scores would not be honest")
     best_index = max(range(len(rows)), key=lambda i: _selection_score(rows[i], key))
     for i, row in enumerate(rows):
         row["chosen"] = i == best_index

@@ -76,7 +76,7 @@ class BundleInfo:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
 
 
-def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; clone to be safe.
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -122,7 +122,7 @@ def read_bundle_json(directory: str | Path) -> tuple[dict[str, Any], Path]:
 def save_bundle(directory: str | Path, model: nn.Module, info: BundleInfo) -> Path:
     """Write ``model`` and ``info`` into ``directory`` (created; files replaced atomically)."""
     info.provenance = {**provenance_now(), **info.provenance}
-    return write_bundle_files(Path(directory), _contiguous_state(model), info.to_json(),
+    return write_bundle_files(Path(directory), contiguous_state(model), info.to_json(),
                               {"model_name": info.model_name})
 
 

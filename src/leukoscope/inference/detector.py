@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from leukoscope.inference.bundle import (BUNDLE_FILE, WEIGHTS_FILE, BundleError, provenance_now, read_bundle_json,
+from leukoscope.inference.bundle import (BUNDLE_FILE, WEIGHTS_FILE, BundleError, contiguous_state, provenance_now,
+                                         read_bundle_json,
                                          write_bundle_files)
 from leukoscope.models import create_model
 
@@ -96,7 +97,7 @@ def inference_options(options: dict[str, Any], model_name: str | None = None) ->
 def save_detector_bundle(directory: str | Path, model: nn.Module, info: DetectorBundleInfo) -> Path:
     info.model_options = inference_options(info.model_options, info.model_name)
     info.provenance = {**provenance_now(), **info.provenance}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = contiguous_state(model)
     return write_bundle_files(Path(directory), state, info.to_json(),
                               {"model_name": info.model_name, "task": DETECTION_TASK})
 

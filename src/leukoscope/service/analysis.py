@@ -174,9 +174,10 @@ class Analyzer:
         cells: list[CellOutcome] = []
         for index, cell in enumerate(_result_cells(result)):
             box = _box(cell, image.size)
-            # The crop the classifier saw (with the analyzer's margin), so that the stored
-            # image, its Grad-CAM and the exported training data match the prediction.
-            crop = crop_cell(image, box) if crop_cell else image.crop(tuple(box))
+            # The crop the classifier saw (the analyzer's margin around its own, unrounded
+            # box), so that the stored image, its Grad-CAM and the exported training data
+            # match the prediction.
+            crop = crop_cell(image, _get(cell, "box", "bbox")) if crop_cell else image.crop(tuple(box))
             prediction = _prediction(cell, classifier, f"cell_{index}")
             if prediction is None:  # the backend detected but did not classify
                 prediction = classifier.predict_images([crop], [f"cell_{index}"])[0]
