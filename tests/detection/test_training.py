@@ -103,3 +103,19 @@ def test_analyze_cli(smear_root: Path, detector_bundle: Path, classifier_bundle:
     assert missing.exit_code == 2
     wrong = runner.invoke(app, ["analyze", str(fields), "--detector", str(classifier_bundle)])
     assert wrong.exit_code == 2 and "not a detector bundle" in wrong.output
+
+
+def test_cosine_schedule_follows_the_time_budget_when_it_ends_first() -> None:
+    from leukoscope.engine.detection import DetectionTrainConfig, _lr_lambda
+    from leukoscope.engine.trainer import TrainingClock
+
+    cfg = DetectionTrainConfig(epochs=60, warmup_iters=0, max_minutes=10)
+    clock = TrainingClock(total_steps=6000, max_minutes=cfg.max_minutes)
+    factor = _lr_lambda(cfg, clock)
+    clock.step = 100  # few steps done ...
+    assert factor(clock.step) > 0.99
+    clock.resume_from(elapsed_s=10 * 60, step=100)  # ... but the whole budget spent: annealed to the floor
+    assert factor(clock.step) == pytest.approx(0.02)
+    no_budget = TrainingClock(total_steps=6000, max_minutes=None)
+    no_budget.resume_from(elapsed_s=10 * 60, step=3000)  # without a budget only the steps count
+    assert _lr_lambda(DetectionTrainConfig(warmup_iters=0), no_budget)(3000) == pytest.approx(0.51)

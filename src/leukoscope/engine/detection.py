@@ -37,7 +37,7 @@ from leukoscope.data.box_augment import DETECTION_AUGMENTATIONS, DetectionAugmen
 from leukoscope.data.manifest import DatasetError
 from leukoscope.engine.config import ConfigError, build_config, read_config_file, save_config
 from leukoscope.engine.experiment import new_run_dir
-from leukoscope.engine.trainer import resolve_device, seed_everything
+from leukoscope.engine.trainer import TrainingClock, resolve_device, seed_everything
 from leukoscope.evaluation.detection import (
     GroundTruth,
     Predicted,
@@ -105,7 +105,8 @@ class DetectionTrainConfig(_Section):
     monitor: Literal["val_map", "val_map_50"] = "val_map_50"
     eval_every: int = 1
     max_minutes: float | None = None
-    """Stop after this many minutes (checked after every batch); the best weights so far are kept."""
+    """Stop after this many minutes (checked after every batch); the best weights so far are kept.
+    The cosine schedule follows this budget when it ends before the epochs do."""
     max_images_per_epoch: int | None = None
     """Use a random subset of the training images each epoch (quick runs)."""
     seed: int = 0
@@ -321,12 +322,13 @@ def _optimizer(model: torch.nn.Module, cfg: DetectionTrainConfig) -> torch.optim
     return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_lambda(cfg: DetectionTrainConfig, total_iters: int):
+def _lr_lambda(cfg: DetectionTrainConfig, clock: TrainingClock):
+    """Linear warm-up over the first steps, then cosine decay to 2% following the
+    clock's fraction of training done (steps, or the time budget if it ends first)."""
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
         if cfg.scheduler == "cosine":
-            progress = min(1.0, step / max(1, total_iters))
-            return warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+            return warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * clock.fraction())))
         return warm
 
     return factor
@@ -355,7 +357,8 @@ def fit_detector(
     per_epoch = min(len(dataset), cfg.max_images_per_epoch or len(dataset))
     steps_per_epoch = max(1, math.ceil(per_epoch / cfg.batch_size))
     optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.epochs * steps_per_epoch))
+    clock = TrainingClock(cfg.epochs * steps_per_epoch, cfg.max_minutes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, clock))
 
     history: list[dict[str, Any]] = []
     best_score: float | None = None
@@ -366,7 +369,8 @@ def fit_detector(
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {run_dir}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        # on the CPU: the random-number states must stay CPU tensors (load_state_dict moves the rest)
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -377,7 +381,7 @@ def fit_detector(
         start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
         console.print(f"resuming at epoch {start_epoch} (best so far {best_score} at epoch {best_epoch})")
 
-    start = time.monotonic() - elapsed_before
+    clock.resume_from(elapsed_before, (start_epoch - 1) * steps_per_epoch)
     stopped_because = "completed all epochs"
     out_of_time = False
     info = DetectorBundleInfo(model_name="training", classes=list(classes))
@@ -406,13 +410,14 @@ def fit_detector(
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
+                clock.step += 1
                 scheduler.step()
                 loss_sum += loss.item() * len(images)
                 seen += len(images)
                 for key, value in losses.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value.item() * len(images)
                 update(info=f"loss {loss_sum / seen:.3f}")
-                if cfg.max_minutes is not None and time.monotonic() - start >= cfg.max_minutes * 60:
+                if clock.budget_s and clock.elapsed_s >= clock.budget_s:
                     out_of_time = True
                     break
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "images": seen,
@@ -433,7 +438,7 @@ def fit_detector(
         if improved:
             best_score, best_epoch = (score if val_images else None), epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        row["elapsed_s"] = time.monotonic() - start
+        row["elapsed_s"] = clock.elapsed_s
         history.append(row)
         val_text = f" val mAP {row['val_map']:.4f} mAP@0.5 {row['val_map_50']:.4f}" if "val_map" in row else ""
         console.print(f"epoch {epoch:>3}/{cfg.epochs} loss {row['train_loss']:.3f}{val_text}"
@@ -452,7 +457,7 @@ def fit_detector(
             break
     if best_state:
         model.load_state_dict(best_state)
-    return DetectionFitResult(history, best_epoch, best_score, time.monotonic() - start, stopped_because)
+    return DetectionFitResult(history, best_epoch, best_score, clock.elapsed_s, stopped_because)
 
 
 # --------------------------------------------------------------------------- experiment
