@@ -10,7 +10,10 @@ preprocessing (letterbox at its input size):
 - accuracy with the *background removed* (only the segmented cells kept, on white);
 - the share of Grad-CAM energy inside the cell mask, next to the share of the
   image the cells cover (a model that ignores where the cells are scores about
-  the area share; one that looks at the cells scores well above it).
+  the area share; one that looks at the cells scores well above it);
+- with ``--occlude x0,y0,x1,y1`` (fractions of the image), accuracy with that
+  region painted out, and with *only* that region kept: for a stamp or scale
+  bar burnt into the images (all-taleqani has one in its lower-right corner).
 
 It also saves a figure of Grad-CAM overlays (two images per class).
 
@@ -55,6 +58,17 @@ def keep_cells(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+def paint(image: Image.Image, box: tuple[float, float, float, float], *, inside: bool) -> Image.Image:
+    """Paint the region (``inside``) or everything but it with the median colour of the rest."""
+    array = np.asarray(image).copy()
+    height, width = array.shape[:2]
+    region = np.zeros((height, width), dtype=bool)
+    region[int(box[1] * height):int(np.ceil(box[3] * height)), int(box[0] * width):int(np.ceil(box[2] * width))] = True
+    target = region if inside else ~region
+    array[target] = np.median(array[~target], axis=0)
+    return Image.fromarray(array)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
@@ -62,7 +76,12 @@ def main() -> None:
     parser.add_argument("--subset", default="test")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
     parser.add_argument("--figure", default=None, help="PNG of Grad-CAM overlays (default: beside the bundle)")
+    parser.add_argument("--occlude", default=None, help="x0,y0,x1,y1 fractions: a region to paint out / keep alone")
     args = parser.parse_args()
+    occlude = tuple(float(v) for v in args.occlude.split(",")) if args.occlude else None
+    if occlude is not None and (len(occlude) != 4 or not 0 <= occlude[0] < occlude[2] <= 1
+                                or not 0 <= occlude[1] < occlude[3] <= 1):
+        parser.error(f"--occlude needs x0,y0,x1,y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {args.occlude}")
 
     classifier = CellClassifier.from_bundle(args.bundle)
     size = classifier.image_size
@@ -98,6 +117,11 @@ def main() -> None:
     print(f"accuracy original:           {accuracy(originals):.4f}")
     print(f"accuracy cells removed:      {accuracy(no_cells):.4f}")
     print(f"accuracy background removed: {accuracy(only_cells):.4f}")
+    if occlude is not None:
+        print(f"accuracy region {args.occlude} painted out: "
+              f"{accuracy([paint(im, occlude, inside=True) for im in originals]):.4f}")
+        print(f"accuracy only region {args.occlude} kept:   "
+              f"{accuracy([paint(im, occlude, inside=False) for im in originals]):.4f}")
     print(f"Grad-CAM energy inside cells: {np.nanmean(inside):.3f} (cells cover {np.mean(area):.3f} of the image; "
           f"enrichment x{np.nanmean(inside) / np.mean(area):.1f})")
 
