@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         full = _median_seconds(analyze, args.repeats)
         full_cpu = CPU_SECONDS[id(analyze)]
         result = results[-1]
-        crops = [analyzer._crop(mosaic, box) for box in true_wbc]
+        crops = [analyzer.crop_cell(mosaic, box) for box in true_wbc]
         classify_true = _median_seconds(lambda: analyzer.classifier.predict_images(crops), args.repeats)
         classify_found = _median_seconds(
-            lambda: analyzer.classifier.predict_images([analyzer._crop(mosaic, c.box) for c in result.cells]),
+            lambda: analyzer.classifier.predict_images([analyzer.crop_cell(mosaic, c.box) for c in result.cells]),
             args.repeats) if result.cells else 0.0
 
     measured = {

@@ -62,14 +62,18 @@ def test_default_blast_classes() -> None:
 
 def test_tile_grid_covers_the_image_with_the_overlap() -> None:
     assert tile_grid(640, 480, 1024, 320) == [(0, 0, 640, 480)]
-    tiles = tile_grid(2592, 1944, 1024, 320)
-    covered = np.zeros((1944, 2592), bool)
-    for x0, y0, x1, y1 in tiles:
-        assert x1 - x0 == 1024 and y1 - y0 == 1024
-        covered[y0:y1, x0:x1] = True
-    assert covered.all()
-    xs = sorted({t[0] for t in tiles})
-    assert all(b - a <= 1024 - 320 for a, b in zip(xs, xs[1:]))
+    for width, height, tile, overlap in [(2592, 1944, 1024, 320), (2592, 1944, 2048, 320), (5000, 777, 900, 100)]:
+        tiles = tile_grid(width, height, tile, overlap)
+        covered = np.zeros((height, width), bool)
+        for x0, y0, x1, y1 in tiles:
+            assert 0 < x1 - x0 <= tile and 0 < y1 - y0 <= tile
+            covered[y0:y1, x0:x1] = True
+        assert covered.all()
+        for axis in (0, 1):  # neighbours overlap by at least `overlap`, and not by much more
+            spans = sorted({(t[axis], t[axis + 2]) for t in tiles})
+            assert all(overlap <= a1 - b0 <= overlap + 2 for (_, a1), (b0, _) in zip(spans, spans[1:]))
+    # a 2592 px side in two tiles of 1456 (not 2048): no more computation than the overlap needs
+    assert tile_grid(2592, 1944, 2048, 320) == [(0, 0, 1456, 1944), (1136, 0, 2592, 1944)]
     with pytest.raises(ValueError):
         tile_grid(100, 100, 50, 50)
 
