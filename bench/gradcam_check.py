@@ -76,12 +76,13 @@ def main() -> None:
     parser.add_argument("--subset", default="test")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0: all)")
     parser.add_argument("--figure", default=None, help="PNG of Grad-CAM overlays (default: beside the bundle)")
-    parser.add_argument("--occlude", default=None, help="x0,y0,x1,y1 fractions: a region to paint out / keep alone")
+    parser.add_argument("--occlude", default=None, help="x0,y0,x1,y1 fractions of the letterboxed image: a region to paint out / keep alone")
     args = parser.parse_args()
     occlude = tuple(float(v) for v in args.occlude.split(",")) if args.occlude else None
     if occlude is not None and (len(occlude) != 4 or not 0 <= occlude[0] < occlude[2] <= 1
-                                or not 0 <= occlude[1] < occlude[3] <= 1):
-        parser.error(f"--occlude needs x0,y0,x1,y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {args.occlude}")
+                                or not 0 <= occlude[1] < occlude[3] <= 1 or occlude == (0, 0, 1, 1)):
+        parser.error(f"--occlude needs x0,y0,x1,y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, not the whole "
+                     f"image, got {args.occlude}")
 
     classifier = CellClassifier.from_bundle(args.bundle)
     size = classifier.image_size

@@ -119,3 +119,15 @@ def test_cosine_schedule_follows_the_time_budget_when_it_ends_first() -> None:
     no_budget = TrainingClock(total_steps=6000, max_minutes=None)
     no_budget.resume_from(elapsed_s=10 * 60, step=3000)  # without a budget only the steps count
     assert _lr_lambda(DetectionTrainConfig(warmup_iters=0), no_budget)(3000) == pytest.approx(0.51)
+
+
+def test_a_run_cut_by_its_time_budget_ends_annealed(smear_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train-detector", "--data", str(smear_root), "--quiet",
+                                 f"output_root={tmp_path / 'runs'}", *TINY_RUN, "train.epochs=50",
+                                 "train.warmup_iters=0", "train.lr=0.001", "train.max_minutes=0.000001"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((Path(result.stdout.strip().splitlines()[-1]).parent / "history.json").read_text())
+    assert len(history) == 1  # stopped after the first batch of 50 epochs ...
+    assert history[0]["lr"] == pytest.approx(0.001 * 0.02)  # ... with the schedule at its floor
+    bad = runner.invoke(app, ["train-detector", "--data", str(smear_root), "train.max_minutes=0"])
+    assert bad.exit_code == 2 and "max_minutes" in bad.output

@@ -74,7 +74,7 @@ class TrainConfig(_Section):
     augmentation: str = "default"
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
     early_stopping_patience: int | None = None
-    max_minutes: float | None = None
+    max_minutes: float | None = Field(None, gt=0)
     """Stop training after this many minutes (the best checkpoint so far is kept)."""
     seed: int = 0
     device: str = "auto"

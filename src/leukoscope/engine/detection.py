@@ -104,7 +104,7 @@ class DetectionTrainConfig(_Section):
     augmentation: str = "default"
     monitor: Literal["val_map", "val_map_50"] = "val_map_50"
     eval_every: int = 1
-    max_minutes: float | None = None
+    max_minutes: float | None = Field(None, gt=0)
     """Stop after this many minutes (checked after every batch); the best weights so far are kept.
     The cosine schedule follows this budget when it ends before the epochs do."""
     max_images_per_epoch: int | None = None
@@ -381,7 +381,7 @@ def fit_detector(
         start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
         console.print(f"resuming at epoch {start_epoch} (best so far {best_score} at epoch {best_epoch})")
 
-    clock.resume_from(elapsed_before, (start_epoch - 1) * steps_per_epoch)
+    clock.resume_from(elapsed_before, scheduler.last_epoch)  # steps really taken (an epoch may be partial)
     stopped_because = "completed all epochs"
     out_of_time = False
     info = DetectorBundleInfo(model_name="training", classes=list(classes))

@@ -159,11 +159,11 @@ def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[tuple[in
 
     Along each axis: the fewest tiles of at most ``tile`` pixels that overlap by at
     least ``overlap``, each only as long as that needs (a 2592 px side in two tiles
-    of 2048 would overlap by 1504 px and compute 58% more than needed; two tiles of
+    of 2048 would overlap by 1504 px, 58% more pixels than the image; two tiles of
     1456 overlap by the 320 asked for). Tiles may therefore be rectangular.
     """
-    if overlap >= tile:
-        raise ValueError(f"tile overlap ({overlap}) must be smaller than the tile size ({tile})")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap ({overlap}) must be >= 0 and smaller than the tile size ({tile})")
 
     def spans(length: int) -> list[tuple[int, int]]:
         if length <= tile:
@@ -396,8 +396,8 @@ class SmearAnalyzer:
             classifier.threshold = float(uncertain_threshold)
         self.tile_size = int(tile_size)
         self.overlap = int(overlap)
-        if self.overlap >= self.tile_size:
-            raise ValueError(f"overlap ({overlap}) must be smaller than tile_size ({tile_size})")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap ({overlap}) must be >= 0 and smaller than tile_size ({tile_size})")
         unknown = [c for c in (wbc_classes or []) if c not in detector.classes]
         if unknown:
             raise ValueError(f"wbc classes {unknown} are not detector classes {detector.classes}")
