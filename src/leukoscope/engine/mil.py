@@ -286,12 +286,11 @@ def check_whole_image_bundle(bundle: str | Path, test_fields: Manifest) -> None:
         raise DatasetError(f"{bundle}: its split file ({candidates[0]}) is not available, so it cannot be shown "
                            "that the model never saw these test fields")
     assignments = Split.load(split_file).assignments
-    bundle_test = {str(Path(s.path).resolve()) for s in assignments.get("test", [])}
-    outside = [s.path for s in test_fields if str(Path(s.path).resolve()) not in bundle_test]
+    bundle_test = {Path(s.path).resolve() for s in assignments.get("test", [])}
+    outside = [Path(s.path).resolve() for s in test_fields if Path(s.path).resolve() not in bundle_test]
     if outside:
-        seen = {str(Path(s.path).resolve()) for name, samples in assignments.items() if name != "test"
-                for s in samples}
-        leaked = [p for p in outside if str(Path(p).resolve()) in seen]
+        seen = {Path(s.path).resolve() for name, samples in assignments.items() if name != "test" for s in samples}
+        leaked = [p for p in outside if p in seen]
         what = (f"was trained or validated on {len(leaked)} of these test fields (e.g. {leaked[0]})" if leaked
                 else f"has {len(outside)} of these test fields outside its test part (e.g. {outside[0]})")
         raise DatasetError(f"{bundle} {what}; use the same field split (its {split_file})")
