@@ -15,7 +15,7 @@ from pathlib import Path
 
 from leukoscope.engine.config import load_config
 from leukoscope.engine.data_prep import prepare_data
-from leukoscope.engine.experiment import run_experiment
+from leukoscope.tasks.classify import preprocessing_of, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace, name: str) -> None:
             *args.set,
         ])
         if prepared is None:
-            prepared = prepare_data(config.data, config.model.image_size, Path(config.output_root), show_progress=False)
+            prepared = prepare_data(config.data, preprocessing_of(config), Path(config.output_root),
+                                    show_progress=False)
         result = run_experiment(config, prepared=prepared, show_progress=False)
         m = result.metrics
         best = next(h for h in result.fit.history if h["epoch"] == result.fit.best_epoch)

@@ -6,7 +6,7 @@
     python bench/compare.py --models svm_rbf,jabeena_cnn --cnn-epochs 3 --image-size 96
     python bench/compare.py --models all                              # every row of the config (CNNs: long)
 
-Runs ``leukoscope compare`` (:func:`leukoscope.engine.compare.run_compare`),
+Runs ``leukoscope compare`` (:func:`leukoscope.tasks.compare.run_compare`),
 prints the table as Markdown (the form pasted into docs/benchmarks.md) and,
 on the last line, the bundle of the row chosen by validation accuracy.
 """
@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from leukoscope.classic.models import CLASSIC_MODELS
-from leukoscope.engine.compare import markdown_table, run_compare
+from leukoscope.models.classic import CLASSIC_MODELS
+from leukoscope.tasks.compare import markdown_table, run_compare
 from leukoscope.engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.data} is absent: nothing to benchmark", file=sys.stderr)
         return 2
 
-    from leukoscope.engine.mil import run_mil_experiment
+    from leukoscope.tasks.mil import run_mil_experiment
 
     class_map = {"Early": "Malignant", "Pre": "Malignant", "Pro": "Malignant"} if args.binary else None
     result = run_mil_experiment(args.data, args.out, model=args.model, cell_size=args.cell_size,

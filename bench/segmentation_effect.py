@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from leukoscope.data.splits import Split
-from leukoscope.engine.compare import markdown_table, run_compare
+from leukoscope.tasks.compare import markdown_table, run_compare
 from leukoscope.engine.config import CompareConfig, CompareEntry, load_config
 from leukoscope.inference.explain import grad_cam, heatmap_mask_fraction, overlay_heatmap
 from leukoscope.inference.predictor import CellClassifier

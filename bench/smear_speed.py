@@ -60,7 +60,8 @@ def _classifier_bundle(path: str | None, work: Path) -> Path:
     import torch
 
     from leukoscope.data.synthetic import SYNTHETIC_CLASSES
-    from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
+    from leukoscope.bundle import BundleInfo, save_bundle
+    from leukoscope.preprocessing import Preprocessing
     from leukoscope.models import create_model
     from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -41,7 +41,7 @@ def _fail(message: str) -> None:
 def _user_errors():
     from leukoscope.data.manifest import DatasetError
     from leukoscope.engine.config import ConfigError
-    from leukoscope.inference.bundle import BundleError
+    from leukoscope.bundle import BundleError
     from leukoscope.io import ImageDecodeError
     from leukoscope.models import WeightsError
 
@@ -72,39 +72,62 @@ def models() -> None:
         console.print(f"{name:<20} {entry.kind:<11} {entry.description}")
 
 
-def _load_config(config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str]):
-    from leukoscope.engine.config import load_config
-
+def _overrides(overrides: List[str], data: Optional[str], model: Optional[str]) -> list[str]:
     extra = list(overrides)
     if data:
         extra.append(f"data.path={data}")
     if model:
         extra.append(f"model.name={model}")
-    return load_config(config, extra)
+    return extra
+
+
+def _load_config(config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str]):
+    from leukoscope.engine.config import load_config
+
+    return load_config(config, _overrides(overrides, data, model))
+
+
+def _train_task(config: Optional[Path], model: Optional[str], resume: Optional[Path]):
+    """The task a `train` call means: the config's (or the resumed run's) ``task:``, else the model's kind."""
+    from leukoscope.tasks import task_named, task_of_config_file, task_of_model
+
+    source = resume / "config.yaml" if resume is not None else config
+    if source is not None:
+        return task_named(task_of_config_file(source))
+    return task_named(task_of_model(model) if model else "classify")
+
+
+def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
+           resume: Optional[Path], quiet: bool) -> None:
+    if resume is not None:
+        from leukoscope.engine.run_dir import require_run_dir
+
+        _run(require_run_dir, resume)
+        config, data, model = resume / "config.yaml", None, None
+    cfg = _run(task.function("load_config"), config, _overrides(overrides or [], data, model))
+    if getattr(cfg, "search", None) is not None:
+        console.print("[yellow]note: this config has a search section; `leukoscope search` runs the grid[/yellow]")
+    result = _run(task.function("train"), cfg, run_dir=resume, resume=resume is not None, show_progress=not quiet)
+    console.print(f"report: {result.run_dir / 'report.html'}")
+    print(result.bundle_dir)
 
 
 @app.command()
 def train(
     overrides: List[str] = typer.Argument(None, help="Config overrides such as train.epochs=5 model.name=resnet18."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML file."),
-    data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV (same as data.path=...)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML file (its task: "
+                                          "classify or detect)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV, or a Pascal VOC folder for a "
+                                       "detector (same as data.path=...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...); a detector "
+                                        "name trains a detector."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train one model and write its bundle, metrics and report."""
-    from leukoscope.engine.config import load_config
-    from leukoscope.engine.experiment import run_experiment
-
-    if resume is not None:
-        cfg = _run(load_config, resume / "config.yaml", overrides or [])
-    else:
-        cfg = _run(_load_config, config, overrides or [], data, model)
-    if cfg.search is not None:
-        console.print("[yellow]note: this config has a search section; `leukoscope search` runs the grid[/yellow]")
-    result = _run(run_experiment, cfg, run_dir=resume, resume=resume is not None, show_progress=not quiet)
-    console.print(f"report: {result.run_dir / 'report.html'}")
-    print(result.bundle_dir)
+    """Train one model (classifier or detector, by the config's task or the model's kind);
+    writes its bundle, metrics and report."""
+    task = _run(_train_task, config, model, resume)
+    _train(task, config, overrides, data, model, resume, quiet)
 
 
 @app.command()
@@ -116,7 +139,7 @@ def search(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Grid search; the chosen run is the best by validation score."""
-    from leukoscope.engine.search import run_search
+    from leukoscope.tasks.search import run_search
 
     cfg = _run(_load_config, config, overrides or [], data, model)
     result = _run(run_search, cfg, show_progress=not quiet)
@@ -165,24 +188,27 @@ def evaluate(
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     split: Optional[str] = typer.Option(None, "--split", help="Detector bundles: VOC split to score "
                                         "(e.g. Testing, test)."),
+    allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
+                                             "trained or validated on (refused by default: such a score is "
+                                             "meaningless)."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
-    from leukoscope.inference.detector import is_detection_bundle
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.tasks import task_named
 
-    if is_detection_bundle(bundle):
-        from leukoscope.engine.detection import evaluate_detector_bundle
-
+    info = _run(read_bundle_info, bundle)
+    evaluate_bundle = task_named(info.task).function("evaluate")
+    if info.task == "detect":
         out = out or bundle.parent / f"eval-{Path(data).name}{'-' + split if split else ''}"
-        metrics = _run(evaluate_detector_bundle, bundle, data, out, split=split, on_error=on_corrupt)
+        metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
                       f"on {metrics['n_images']} images")
-        print(out / "report.html")
-        return
-    from leukoscope.inference.evaluate import evaluate_bundle
-
-    out = out or bundle.parent / f"eval-{Path(data).stem}"
-    metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset, on_corrupt=on_corrupt)
-    console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} on {metrics['n']} images")
+    else:
+        out = out or bundle.parent / f"eval-{Path(data).stem}"
+        metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
+                       on_corrupt=on_corrupt, allow_training_data=allow_training_data)
+        console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
+                      f"on {metrics['n']} images")
     print(out / "report.html")
 
 
@@ -197,10 +223,10 @@ def predict(
     batch_size: int = typer.Option(32),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold."""
-    from leukoscope.inference.bundle import read_bundle_info
+    from leukoscope.bundle import read_bundle_info
     from leukoscope.inference.predict_files import collect_images, predict_to_file
 
-    _run(read_bundle_info, bundle)  # a wrong bundle path fails before any image is read
+    _run(read_bundle_info, bundle, "classify")  # a wrong bundle fails before any image is read
     paths = _run(collect_images, inputs)
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size)
@@ -406,7 +432,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train several models (CNN and classical) on one split; one table, one figure, one page."""
-    from leukoscope.engine.compare import run_compare
+    from leukoscope.tasks.compare import run_compare
 
     cfg = _run(_load_config, config, overrides or [], data, None)
     names = [m for m in models.split(",") if m.strip()] if models else None
@@ -424,22 +450,10 @@ def train_detector(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train a cell detector on a Pascal VOC folder; writes its bundle, metrics and report."""
-    from leukoscope.engine.detection import load_detection_config, run_detection_experiment
+    """Train a cell detector on a Pascal VOC folder (the same as `train` with a detection config)."""
+    from leukoscope.tasks import task_named
 
-    extra = list(overrides or [])
-    if data:
-        extra.append(f"data.path={data}")
-    if model:
-        extra.append(f"model.name={model}")
-    if resume is not None:
-        cfg = _run(load_detection_config, resume / "config.yaml", extra)
-    else:
-        cfg = _run(load_detection_config, config, extra)
-    result = _run(run_detection_experiment, cfg, run_dir=resume, resume=resume is not None,
-                  show_progress=not quiet)
-    console.print(f"report: {result.run_dir / 'report.html'}")
-    print(result.bundle_dir)
+    _train(task_named("detect"), config, overrides, data, model, resume, quiet)
 
 
 @app.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from leukoscope.engine.config import load_config
-from leukoscope.engine.experiment import RunResult, run_experiment
+from leukoscope.tasks.classify import RunResult, run_experiment
 
 DEMO_SPEC = SyntheticSpec(image_size=96, images_per_class=100, seed=0)
 

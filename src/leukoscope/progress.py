@@ -6,6 +6,7 @@ line every few percent instead, so long runs are visibly alive either way.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -28,13 +29,20 @@ def say(message: str) -> None:
 
 @contextmanager
 def run_log(path: str | Path) -> Iterator[None]:
-    """While active, :func:`say` also appends (without colour codes) to ``path``."""
+    """While active, :func:`say` and leukoscope's warnings also append (without colour codes) to ``path``:
+    the one logging channel of a run, so that ``train.log`` holds every line the user saw."""
     with open(path, "a", encoding="utf-8") as handle:
         log_console = Console(file=handle, no_color=True, width=200, log_path=False)
+        warnings_handler = logging.StreamHandler(handle)
+        warnings_handler.setLevel(logging.WARNING)
+        warnings_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        package_logger = logging.getLogger("leukoscope")
         _log_consoles.append(log_console)
+        package_logger.addHandler(warnings_handler)
         try:
             yield
         finally:
+            package_logger.removeHandler(warnings_handler)
             _log_consoles.remove(log_console)
 
 #: update(advance=1, info="loss 0.31") -> None

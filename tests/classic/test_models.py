@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.pipeline import Pipeline
 
-from leukoscope.classic.models import CLASSIC_MODELS, ClassicModel
+from leukoscope.models.classic import CLASSIC_MODELS, ClassicModel
 from leukoscope.classic.spec import FeatureSpec
 from leukoscope.models import create_model, list_models, model_entry
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from leukoscope.cli import app
 from leukoscope.engine.config import load_config
-from leukoscope.engine.experiment import run_experiment
-from leukoscope.inference.bundle import BundleError, load_bundle, read_bundle_info
+from leukoscope.tasks.classify import run_experiment
+from leukoscope.bundle import BundleError, load_bundle, read_bundle_info
 from leukoscope.inference.predictor import CellClassifier
 
 runner = CliRunner()
@@ -151,7 +151,7 @@ def test_python_api_with_segmentation_and_edge_copies(synthetic_root: Path, tmp_
     model, info = load_bundle(result.bundle_dir)
     assert info.preprocessing.segmentation == "hsv"
     classifier = CellClassifier(model, info)
-    assert classifier._segmenter is not None  # the bundle segments at prediction time too
+    assert classifier.preprocessing.segmenter is not None  # the bundle segments at prediction time too
     image_path = sorted((synthetic_root / "monocyte").iterdir())[0]
     prediction = classifier.predict_paths([image_path])[0]
     assert prediction.top_class in info.classes

@@ -13,6 +13,7 @@ from PIL import Image
 from leukoscope.data.dataset import LoadReport, TensorImageDataset, decode_manifest
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import read_class_folders
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 
@@ -38,7 +39,7 @@ def with_corrupt(small: Manifest, tmp_path: Path) -> tuple[Manifest, Path]:
 
 
 def test_decode_shapes_and_dtype(small: Manifest) -> None:
-    images, kept, report = decode_manifest(small, 32)
+    images, kept, report = decode_manifest(small, Preprocessing(32).pixels)
     assert images.shape == (4, 3, 32, 32)
     assert images.dtype == torch.uint8
     assert images.is_contiguous()
@@ -49,7 +50,7 @@ def test_decode_shapes_and_dtype(small: Manifest) -> None:
 
 def test_decoded_pixels_match_the_file(tmp_path: Path, cell_writer) -> None:
     path = cell_writer(tmp_path / "a" / "x.png", size=32)
-    images, _, _ = decode_manifest(Manifest([Sample(path, "a")]), 32)
+    images, _, _ = decode_manifest(Manifest([Sample(path, "a")]), Preprocessing(32).pixels)
     expected = np.asarray(Image.open(path).convert("RGB"))
     np.testing.assert_array_equal(images[0].permute(1, 2, 0).numpy(), expected)
 
@@ -57,7 +58,7 @@ def test_decoded_pixels_match_the_file(tmp_path: Path, cell_writer) -> None:
 def test_skip_keeps_the_rest_and_records_the_file(with_corrupt, caplog) -> None:
     manifest, corrupt = with_corrupt
     with caplog.at_level(logging.WARNING, logger="leukoscope.data.dataset"):
-        images, kept, report = decode_manifest(manifest, 24, on_corrupt="skip")
+        images, kept, report = decode_manifest(manifest, Preprocessing(24).pixels, on_corrupt="skip")
     assert images.shape == (4, 3, 24, 24)
     assert len(kept) == 4 and corrupt not in [s.path for s in kept]
     assert [s.path for s in kept] == [s.path for s in manifest if s.path != corrupt]
@@ -72,19 +73,19 @@ def test_skip_keeps_the_rest_and_records_the_file(with_corrupt, caplog) -> None:
 
 def test_skip_is_the_default(with_corrupt) -> None:
     manifest, _ = with_corrupt
-    assert len(decode_manifest(manifest, 16)[1]) == 4
+    assert len(decode_manifest(manifest, Preprocessing(16).pixels)[1]) == 4
 
 
 def test_fail_raises_naming_the_file(with_corrupt) -> None:
     manifest, corrupt = with_corrupt
     with pytest.raises(DatasetError, match="corrupt image") as info:
-        decode_manifest(manifest, 24, on_corrupt="fail")
+        decode_manifest(manifest, Preprocessing(24).pixels, on_corrupt="fail")
     assert str(corrupt) in str(info.value)
 
 
 def test_missing_file_is_treated_as_unreadable(small: Manifest, tmp_path: Path) -> None:
     manifest = Manifest(small.samples + [Sample(tmp_path / "gone.png", "blast")])
-    _, kept, report = decode_manifest(manifest, 16)
+    _, kept, report = decode_manifest(manifest, Preprocessing(16).pixels)
     assert len(kept) == 4
     assert "does not exist" in report.skipped[0]["error"]
 
@@ -96,12 +97,12 @@ def test_all_corrupt_raises(tmp_path: Path) -> None:
         path.write_bytes(b"nope")
         samples.append(Sample(path, "a" if i else "b"))
     with pytest.raises(DatasetError, match="none of the 3 images"):
-        decode_manifest(Manifest(samples), 16)
+        decode_manifest(Manifest(samples), Preprocessing(16).pixels)
 
 
 def test_max_pixels_applies(small: Manifest) -> None:
     # sizes are 48, 56, 64, 72 px square; a 3000 px limit keeps only the 48 px one
-    _, kept, report = decode_manifest(small, 16, max_pixels=3000)
+    _, kept, report = decode_manifest(small, Preprocessing(16).pixels, max_pixels=3000)
     assert [s.path for s in kept] == [small[0].path]
     assert len(report.skipped) == 3
     assert all("exceeds the limit" in row["error"] for row in report.skipped)
@@ -109,7 +110,7 @@ def test_max_pixels_applies(small: Manifest) -> None:
 
 def test_invalid_policy(small: Manifest) -> None:
     with pytest.raises(ValueError, match="on_corrupt"):
-        decode_manifest(small, 16, on_corrupt="ignore")  # type: ignore[arg-type]
+        decode_manifest(small, Preprocessing(16).pixels, on_corrupt="ignore")  # type: ignore[arg-type]
 
 
 def test_preprocess_and_progress(small: Manifest) -> None:
@@ -119,7 +120,9 @@ def test_preprocess_and_progress(small: Manifest) -> None:
         seen.append(image.size)
         return Image.new("RGB", image.size, (0, 0, 0))
 
-    images, _, _ = decode_manifest(small, 16, preprocess=black, progress=lambda d, t: progress.append((d, t)))
+    to_pixels = Preprocessing(16).pixels
+    images, _, _ = decode_manifest(small, lambda image: to_pixels(black(image)),
+                                   progress=lambda d, t: progress.append((d, t)))
     assert seen == [(48, 48), (56, 56), (64, 64), (72, 72)]  # before letterboxing
     assert int(images.max()) == 0
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -128,14 +131,14 @@ def test_preprocess_and_progress(small: Manifest) -> None:
 def test_non_square_images_are_letterboxed(tmp_path: Path) -> None:
     path = tmp_path / "wide.png"
     Image.new("RGB", (80, 40), (10, 20, 30)).save(path)
-    images, _, _ = decode_manifest(Manifest([Sample(path, "a")]), 20)
+    images, _, _ = decode_manifest(Manifest([Sample(path, "a")]), Preprocessing(20).pixels)
     assert images.shape == (1, 3, 20, 20)
     assert (images[0, :, 5:15, :] == torch.tensor([10, 20, 30]).view(3, 1, 1)).all()
 
 
 def test_synthetic_root_decodes(synthetic_root: Path) -> None:
     manifest = read_class_folders(synthetic_root)
-    images, kept, report = decode_manifest(manifest, 32)
+    images, kept, report = decode_manifest(manifest, Preprocessing(32).pixels)
     assert images.shape == (96, 3, 32, 32)
     assert report.loaded == 96 and not report.skipped
     assert isinstance(report, LoadReport)
@@ -144,10 +147,10 @@ def test_synthetic_root_decodes(synthetic_root: Path) -> None:
 # -- TensorImageDataset ------------------------------------------------------
 
 
-def test_dataset_normalises_with_imagenet_stats_by_default() -> None:
+def test_dataset_normalises_with_the_given_statistics() -> None:
     images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     images[1] = 0
-    dataset = TensorImageDataset(images, [1, 0])
+    dataset = TensorImageDataset(images, [1, 0], None, Normalize(IMAGENET_MEAN, IMAGENET_STD))
     assert len(dataset) == 2
     x, y = dataset[0]
     assert y == 1
@@ -177,13 +180,13 @@ def test_dataset_applies_augmentation_before_normalisation() -> None:
 
 
 def test_dataset_without_targets() -> None:
-    dataset = TensorImageDataset(torch.zeros((3, 3, 2, 2), dtype=torch.uint8), None)
+    dataset = TensorImageDataset(torch.zeros((3, 3, 2, 2), dtype=torch.uint8), None, None, Normalize())
     assert dataset[2][1] == -1
 
 
 def test_dataset_works_with_a_dataloader(small: Manifest) -> None:
-    images, kept, _ = decode_manifest(small, 16)
-    loader = torch.utils.data.DataLoader(TensorImageDataset(images, kept.targets), batch_size=3)
+    images, kept, _ = decode_manifest(small, Preprocessing(16).pixels)
+    loader = torch.utils.data.DataLoader(TensorImageDataset(images, kept.targets, None, Normalize()), batch_size=3)
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [3, 1]
     assert batches[0][1].tolist() == [0, 1, 0]

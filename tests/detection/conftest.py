@@ -26,20 +26,21 @@ def smear_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def detector_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained fasterrcnn_abas bundle that keeps every box (score_thresh 0): exercises the
     whole pipeline on real model code; its detections are random, not meaningful."""
-    from leukoscope.inference.detector import DetectorBundleInfo, save_detector_bundle
+    from leukoscope.bundle import BundleInfo, save_bundle
     from leukoscope.models import create_model
 
     torch.manual_seed(0)
     options = {"input_scale": 0.5, "score_thresh": 0.0, "detections_per_img": 12}
     model = create_model("fasterrcnn_abas", num_classes=len(CLASSES), **options)
-    info = DetectorBundleInfo("fasterrcnn_abas", list(CLASSES), options, score_threshold=0.0)
-    return save_detector_bundle(tmp_path_factory.mktemp("detector") / "bundle", model, info)
+    info = BundleInfo("fasterrcnn_abas", list(CLASSES), task="detect", model_options=options, score_threshold=0.0)
+    return save_bundle(tmp_path_factory.mktemp("detector") / "bundle", model, info)
 
 
 @pytest.fixture(scope="session")
 def classifier_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained abas_cnn cell classifier bundle over the synthetic cell types."""
-    from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
+    from leukoscope.bundle import BundleInfo, save_bundle
+    from leukoscope.preprocessing import Preprocessing
     from leukoscope.models import create_model
     from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -56,7 +56,8 @@ def test_detector_needs_a_class_and_classifier_names_are_refused() -> None:
 
 
 def test_abas_backbone_from_classifier_bundle(tmp_path: Path) -> None:
-    from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
+    from leukoscope.bundle import BundleInfo, save_bundle
+    from leukoscope.preprocessing import Preprocessing
 
     torch.manual_seed(1)
     classifier = create_model("abas_cnn", num_classes=2)

@@ -9,7 +9,7 @@ from PIL import Image
 from leukoscope.data.manifest import Manifest, Sample
 from leukoscope.data.splits import Split
 from leukoscope.data.synthetic_smears import SmearSpec, render_smear
-from leukoscope.engine.mil import locate_cells_by_colour, run_mil_experiment
+from leukoscope.tasks.mil import locate_cells_by_colour, run_mil_experiment
 
 
 def _fields(root: Path, per_class: int = 5) -> Path:
@@ -57,7 +57,7 @@ def test_a_whole_image_bundle_is_scored_on_the_same_test_fields_only_if_it_never
     import pytest
 
     from leukoscope.data.manifest import DatasetError
-    from leukoscope.engine.mil import check_whole_image_bundle, score_whole_image_bundle
+    from leukoscope.tasks.mil import check_whole_image_bundle, score_whole_image_bundle
 
     root = _fields(tmp_path / "fields")
     result = run_mil_experiment(root, tmp_path / "mil", model="abas_cnn", cell_size=32, field_size=32, epochs=1,

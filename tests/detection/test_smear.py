@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukoscope.inference.detector import CellDetector, DetectionResult, DetectorBundleInfo
+from leukoscope.bundle import BundleInfo
+from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.smear import (
     Differential,
     SmearAnalyzer,
@@ -100,7 +101,7 @@ class _DarkBlobDetector(CellDetector):
     def __init__(self) -> None:
         self.classes = ["WBC"]
         self.score_threshold = 0.5
-        self.info = DetectorBundleInfo("rule", ["WBC"])
+        self.info = BundleInfo("rule", ["WBC"], task="detect")
 
     def detect(self, images, *, threshold=None, batch_size=4):
         out = []

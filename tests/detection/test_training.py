@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from leukoscope.cli import app
 from leukoscope.data.annotations import read_voc_dataset
 from leukoscope.engine.config import ConfigError
-from leukoscope.engine.detection import DetectionTorchDataset, _collate, build_detector, load_detection_config
+from leukoscope.engine.detection_config import load_detection_config
+from leukoscope.engine.detection_data import DetectionTorchDataset, collate_detection_batch
+from leukoscope.tasks.detect import build_detector
 from leukoscope.models import create_model
 
 runner = CliRunner()
@@ -22,7 +24,7 @@ TINY_RUN = ["model.name=fasterrcnn_abas", "train.epochs=1", "train.batch_size=4"
 def test_a_few_steps_reduce_the_loss(smear_root: Path) -> None:
     torch.manual_seed(0)
     dataset = read_voc_dataset(smear_root, classes=["WBC", "RBC", "Platelets"])
-    images, targets = _collate([DetectionTorchDataset(dataset.images[:2], dataset.classes)[i] for i in range(2)])
+    images, targets = collate_detection_batch([DetectionTorchDataset(dataset.images[:2], dataset.classes)[i] for i in range(2)])
     inputs = [image.float() / 255 for image in images]
     model = create_model("fasterrcnn_abas", num_classes=3, input_scale=0.5, roi_batch_size=32).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -102,23 +104,24 @@ def test_analyze_cli(smear_root: Path, detector_bundle: Path, classifier_bundle:
     missing = runner.invoke(app, ["analyze", str(tmp_path / "nothing"), "--detector", str(detector_bundle)])
     assert missing.exit_code == 2
     wrong = runner.invoke(app, ["analyze", str(fields), "--detector", str(classifier_bundle)])
-    assert wrong.exit_code == 2 and "not a detector bundle" in wrong.output
+    assert wrong.exit_code == 2 and "needs a cell detector bundle" in wrong.output
 
 
 def test_cosine_schedule_follows_the_time_budget_when_it_ends_first() -> None:
-    from leukoscope.engine.detection import DetectionTrainConfig, _lr_lambda
-    from leukoscope.engine.trainer import TrainingClock
+    from leukoscope.engine.optim import TrainingClock, build_scheduler
 
-    cfg = DetectionTrainConfig(epochs=60, warmup_iters=0, max_minutes=10)
-    clock = TrainingClock(total_steps=6000, max_minutes=cfg.max_minutes)
-    factor = _lr_lambda(cfg, clock)
+    def factor(clock: TrainingClock, step: int) -> float:  # the detector's schedule: cosine to a 2% floor
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return build_scheduler(optimizer, "cosine", clock, floor=0.02).lr_lambdas[0](step)
+
+    clock = TrainingClock(total_steps=6000, max_minutes=10)
     clock.step = 100  # few steps done ...
-    assert factor(clock.step) > 0.99
+    assert factor(clock, clock.step) > 0.99
     clock.resume_from(elapsed_s=10 * 60, step=100)  # ... but the whole budget spent: annealed to the floor
-    assert factor(clock.step) == pytest.approx(0.02)
+    assert factor(clock, clock.step) == pytest.approx(0.02)
     no_budget = TrainingClock(total_steps=6000, max_minutes=None)
     no_budget.resume_from(elapsed_s=10 * 60, step=3000)  # without a budget only the steps count
-    assert _lr_lambda(DetectionTrainConfig(warmup_iters=0), no_budget)(3000) == pytest.approx(0.51)
+    assert factor(no_budget, 3000) == pytest.approx(0.51)
 
 
 def test_a_run_cut_by_its_time_budget_ends_annealed(smear_root: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from leukoscope.cli import app
-from leukoscope.engine.compare import compare_plan, entry_config, run_compare
+from leukoscope.tasks.compare import compare_plan, entry_config, run_compare
 from leukoscope.engine.config import CompareConfig, CompareEntry, ConfigError, load_config
 
 FAST = ["model.image_size=32", "train.epochs=1", "train.batch_size=16", "features.histogram_bins=8",

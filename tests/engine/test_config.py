@@ -71,10 +71,7 @@ def test_missing_or_invalid_file(tmp_path: Path) -> None:
 def test_every_shipped_config_is_valid() -> None:
     configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert configs, "configs/ should hold the published-system experiments"
-    from leukoscope.engine.detection import is_detection_config, load_detection_config
+    from leukoscope.tasks import task_named, task_of_config_file
 
-    for path in configs:
-        if is_detection_config(path):  # detector experiments (issue #3) have their own schema
-            load_detection_config(path)
-        else:
-            load_config(path)
+    for path in configs:  # each task validates its own schema (detector experiments have their own)
+        task_named(task_of_config_file(path)).function("load_config")(path)

@@ -12,10 +12,11 @@ import torch
 from leukoscope.data.manifest import DatasetError
 from leukoscope.engine.config import load_config
 from leukoscope.engine.data_prep import prepare_data
-from leukoscope.engine.experiment import run_experiment
-from leukoscope.engine.search import grid, run_search
-from leukoscope.engine.trainer import class_weights, fit, lr_factor
-from leukoscope.inference.bundle import load_bundle
+from leukoscope.tasks.classify import preprocessing_of, run_experiment
+from leukoscope.tasks.search import grid, run_search
+from leukoscope.engine.optim import lr_factor
+from leukoscope.engine.trainer import class_weights, fit
+from leukoscope.bundle import load_bundle
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
 
@@ -31,7 +32,7 @@ def _config(root: Path, out: Path, *extra: str):
 def prepared(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("runs")
     config = _config(synthetic_root, out)
-    return config, prepare_data(config.data, 32, out, show_progress=False)
+    return config, prepare_data(config.data, preprocessing_of(config), out, show_progress=False)
 
 
 def test_class_weights_are_inverse_frequency() -> None:
@@ -211,7 +212,7 @@ def test_frozen_backbone_keeps_its_batchnorm_statistics(prepared) -> None:
 def test_checkpoint_random_states_round_trip(tmp_path: Path) -> None:
     import random
 
-    from leukoscope.engine.trainer import _restore_rng_states, _rng_states
+    from leukoscope.engine.checkpoint import _restore_rng_states, _rng_states
 
     random.seed(3)
     np.random.seed(4)
@@ -224,7 +225,7 @@ def test_checkpoint_random_states_round_trip(tmp_path: Path) -> None:
 
 
 def test_grid_search_by_validation_loss_prefers_the_lowest_loss() -> None:
-    from leukoscope.engine.search import _selection_score
+    from leukoscope.tasks.search import _selection_score
 
     rows = [{"val_loss": 0.4, "val_macro_f1": 0.9}, {"val_loss": 0.1, "val_macro_f1": 0.8},
             {"val_loss": None, "val_macro_f1": None}]

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from leukoscope.inference.bundle import BundleError, BundleInfo, Preprocessing, load_bundle, save_bundle
+from leukoscope.bundle import BundleError, BundleInfo, load_bundle, save_bundle
+
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from leukoscope.edges import edge_maps, with_edge_copies
 from leukoscope.engine.config import load_config
-from leukoscope.engine.experiment import run_experiment
+from leukoscope.tasks.classify import run_experiment
 from leukoscope.inference.explain import grad_cam
 from leukoscope.models import create_model, model_entry
 

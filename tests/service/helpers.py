@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
-from leukoscope.inference.bundle import BundleInfo, Preprocessing, save_bundle
+from leukoscope.bundle import BundleInfo, save_bundle
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.models import create_model
 
 CELL_SIZE = 64

@@ -424,15 +424,15 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
     keeps every box, so the boxes are random) plugged into the service end to end."""
     import torch
 
-    from leukoscope.inference.detector import DetectorBundleInfo, save_detector_bundle
+    from leukoscope.bundle import BundleInfo, save_bundle
     from leukoscope.models import create_model
     from leukoscope.service.analysis import Analyzer
 
     torch.manual_seed(0)
     options = {"input_scale": 0.5, "score_thresh": 0.0, "detections_per_img": 8}
     model = create_model("fasterrcnn_abas", num_classes=3, **options)
-    detector = save_detector_bundle(tmp_path / "detector", model,
-                                    DetectorBundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], options,
+    detector = save_bundle(tmp_path / "detector", model,
+                                    BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect", model_options=options,
                                                        score_threshold=0.0))
     analyzer = Analyzer.from_bundles(cell_bundle, detector, threads=1)
     try:

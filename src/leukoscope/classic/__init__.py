@@ -4,7 +4,7 @@
   and how many bins (the ``features:`` section of an experiment config).
 - :mod:`leukoscope.classic.features`: colour histograms, DFT magnitude, GLCM and
   LBP texture, nucleus shape; ``extract_features(images, spec)``.
-- :mod:`leukoscope.classic.models`: ``svm_rbf``, ``naive_bayes``,
+- :mod:`leukoscope.models.classic`: ``svm_rbf``, ``naive_bayes``,
   ``decision_tree``, ``random_forest``, ``logistic_regression`` and
   ``gradient_boosting`` in the model registry (``kind="classic"``), and
   :class:`ClassicModel`, features + pipeline as one predictor.

@@ -44,7 +44,7 @@ concatenates the families a :class:`~leukoscope.classic.spec.FeatureSpec` select
 
 Non-negativity: the chi-square test of ``SelectKBest`` needs features >= 0.
 Every column is non-negative except the GLCM correlation (in [-1, 1]); the
-pipelines in :mod:`leukoscope.classic.models` therefore min-max scale first
+pipelines in :mod:`leukoscope.models.classic` therefore min-max scale first
 (see there).
 
 Speed (2-core CPU, 128 px image, all families with default settings): ~10 ms.

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from leukoscope.transforms import Normalize, letterbox, pil_to_uint8_tensor
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,16 @@ class LoadReport:
 
 def decode_manifest(
     manifest: Manifest,
-    image_size: int,
+    to_pixels: Callable[[Image.Image], torch.Tensor],
     *,
     on_corrupt: CorruptPolicy = "skip",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    preprocess: Callable | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, Manifest, LoadReport]:
     """Decode every image once: returns (uint8 N x 3 x S x S, the manifest of the kept images, report).
+
+    ``to_pixels`` turns a decoded PIL image into a uint8 ``(3, S, S)`` tensor: a
+    bundle's or a config's :meth:`leukoscope.preprocessing.Preprocessing.pixels`.
 
     ``on_corrupt='skip'`` drops unreadable images with a warning and records them;
     ``'fail'`` raises on the first one.
@@ -64,9 +66,7 @@ def decode_manifest(
             report.skipped.append({"path": str(sample.path), "error": str(exc)})
             keep.append(False)
         else:
-            if preprocess is not None:
-                image = preprocess(image)
-            tensors.append(pil_to_uint8_tensor(letterbox(image, image_size)))
+            tensors.append(to_pixels(image))
             keep.append(True)
         if progress:
             progress(index + 1, len(manifest))
@@ -83,13 +83,13 @@ class TensorImageDataset(Dataset):
         self,
         images: torch.Tensor,
         targets: list[int] | None,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        normalize: Normalize | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         self.images = images
         self.targets = targets
         self.augment = augment
-        self.normalize = normalize or Normalize()
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.images)

@@ -23,11 +23,13 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     path: str | None = None
     """A class-per-folder tree (``root/<class>/<image>``, C-NMC names give subjects) or a CSV manifest."""
     split_file: str | None = None
@@ -45,7 +47,7 @@ class DataConfig(_Section):
     segmentation: Literal["lab_kmeans", "hsv"] | None = None
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "resnet18"
     weights: str | None = None
     freeze_backbone: bool = False
@@ -61,7 +63,7 @@ class ModelConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     epochs: int = 10
@@ -81,6 +83,8 @@ class TrainConfig(_Section):
     threads: int | None = None
     edge_copies: bool = False
     """System C: add a Sobel edge-map copy of every training image (training split only)."""
+    keep_checkpoint: bool = False
+    """Keep ``checkpoint.pt`` once the run is complete (only needed to train further; hundreds of MB)."""
 
     @field_validator("augmentation")
     @classmethod
@@ -97,7 +101,7 @@ class TrainConfig(_Section):
         return value
 
 
-class SearchConfig(_Section):
+class SearchConfig(Section):
     """A grid over training settings (system E: epochs x learning rate x optimizer)."""
 
     epochs: list[int] | None = None
@@ -107,12 +111,12 @@ class SearchConfig(_Section):
     models: list[str] | None = None
 
 
-class PredictConfig(_Section):
+class PredictConfig(Section):
     uncertain_threshold: float = 0.5
     """A prediction whose top probability is below this is reported as "uncertain"."""
 
 
-class CompareEntry(_Section):
+class CompareEntry(Section):
     """One row of ``leukoscope compare``: a model and settings of its own."""
 
     model: str
@@ -122,14 +126,16 @@ class CompareEntry(_Section):
     """Dotted keys for this row only, e.g. ``{train.epochs: 3, data.segmentation: lab_kmeans}``."""
 
 
-class CompareConfig(_Section):
+class CompareConfig(Section):
     """Models trained on one split and compared by ``leukoscope compare``."""
 
     models: list[str | CompareEntry] = Field(default_factory=list)
 
 
-class ExperimentConfig(_Section):
-    name: str = "experiment"
+class ExperimentConfig(Section):
+    task: Literal["classify", "classification"] = "classify"
+    name: str | None = None
+    """Run folder name (``<name>-<time>``); default: the model's name."""
     description: str = ""
     output_root: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -177,7 +183,7 @@ def _format_validation_error(error: ValidationError, source: str, schema: type[B
     return f"{source}: " + "; ".join(lines)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -195,15 +201,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -232,7 +238,7 @@ def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> 
 def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence[str], source: str) -> ConfigT:
     """Validate ``raw`` with ``key=value`` overrides applied; errors name the bad keys."""
     try:
-        return schema.model_validate(_merge(raw, parse_overrides(overrides)))
+        return schema.model_validate(merge_trees(raw, parse_overrides(overrides)))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source, schema)) from None
 

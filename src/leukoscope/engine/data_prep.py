@@ -7,17 +7,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from PIL import Image
 
-from leukoscope.data.dataset import LoadReport, decode_manifest
+from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, check_split, make_split, split_matching
 from leukoscope.engine.config import DataConfig
-from leukoscope.progress import console, counter_callback, progress_bar
+from leukoscope.preprocessing import Preprocessing
+from leukoscope.progress import counter_callback, progress_bar, say
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
         check_split(split)
         if split.classes != manifest.classes:
             raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")
-        console.print(f"[dim]reusing split {split_file}[/dim]")
+        say(f"[dim]reusing split {split_file}[/dim]")
         return split
     with progress_bar(len(manifest), "hashing images for duplicates", enabled=show_progress) as update:
         split = make_split(
@@ -101,25 +100,17 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
         )
     split.info["dataset"] = str(Path(data.path).resolve()) if data.path else None
     split.save(split_file)
-    console.print(f"[dim]saved split {split_file} {split.sizes()}[/dim]")
+    say(f"[dim]saved split {split_file} {split.sizes()}[/dim]")
     return split
 
 
-def make_preprocess(data: DataConfig) -> Callable[[Image.Image], Image.Image] | None:
-    if data.segmentation is None:
-        return None
-    from leukoscope.segmentation import Segmenter
-
-    return Segmenter(method=data.segmentation)
-
-
 def prepare_data(
-    data: DataConfig, image_size: int, output_root: Path, *, show_progress: bool = True
+    data: DataConfig, preprocessing: Preprocessing, output_root: Path, *, show_progress: bool = True
 ) -> PreparedData:
+    """The saved split of ``data`` and every part decoded once through ``preprocessing`` (the bundle's)."""
     manifest = load_manifest(data)
     split_file = Path(data.split_file) if data.split_file else default_split_file(data, output_root, manifest)
     split = obtain_split(data, manifest, split_file, show_progress=show_progress)
-    preprocess = make_preprocess(data)
     parts: dict[str, DecodedSplit] = {}
     reports: dict[str, LoadReport] = {}
     for name in split.assignments:
@@ -127,14 +118,8 @@ def prepare_data(
         if len(part) == 0:
             continue
         with progress_bar(len(part), f"decoding {name}", enabled=show_progress) as update:
-            images, kept, report = decode_manifest(
-                part,
-                image_size,
-                on_corrupt=data.on_corrupt,
-                max_pixels=data.max_pixels,
-                preprocess=preprocess,
-                progress=counter_callback(update),
-            )
+            images, kept, report = preprocessing.decode(
+                part, on_corrupt=data.on_corrupt, max_pixels=data.max_pixels, progress=counter_callback(update))
         parts[name] = DecodedSplit(images, kept.targets, kept)
         reports[name] = report
     if "train" not in parts:

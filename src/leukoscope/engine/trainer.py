@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,38 +20,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from leukoscope.data.dataset import TensorImageDataset
+from leukoscope.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from leukoscope.engine.config import TrainConfig
+from leukoscope.engine.optim import TrainingClock, build_optimizer, build_scheduler
+from leukoscope.engine.runtime import resolve_device, seed_everything
+from leukoscope.preprocessing import Preprocessing, batched_logits
 from leukoscope.progress import progress_bar, say
 from leukoscope.transforms import augmentation
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns a generator for data shuffling."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    return torch.Generator().manual_seed(seed)
-
-
-def _rng_states() -> dict[str, Any]:
-    """Python and NumPy random states in a form ``torch.load(weights_only=True)`` accepts."""
-    version, mt_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt_state), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-
-
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    version, mt_state, gauss = states["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
@@ -69,91 +44,11 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
                 module.eval()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights (n / (k * count)); classes absent from training get 0."""
     counts = np.bincount(targets, minlength=num_classes).astype(float)
     weights = np.where(counts > 0, len(targets) / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise ValueError("the model has no trainable parameters (is everything frozen?)")
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-class TrainingClock:
-    """Fraction of the training done: by steps, or by the time budget if that runs out first.
-
-    Schedules follow this fraction, so a run cut short by ``max_minutes`` still
-    finishes its learning-rate annealing instead of stopping at a high rate.
-    Without a time budget the fraction depends on steps only (deterministic).
-    """
-
-    def __init__(self, total_steps: int, max_minutes: float | None) -> None:
-        self.total_steps = max(total_steps, 1)
-        self.budget_s = max_minutes * 60 if max_minutes else None
-        self.start = time.monotonic()
-        self.step = 0
-
-    def resume_from(self, elapsed_s: float, step: int) -> None:
-        self.start, self.step = time.monotonic() - elapsed_s, step
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.start
-
-    def fraction(self) -> float:
-        done = self.step / self.total_steps
-        if self.budget_s:
-            done = max(done, self.elapsed_s / self.budget_s)
-        return min(done, 1.0)
-
-
-def lr_factor(schedule: str, fraction: float, warmup: float = 0.2) -> float:
-    """Multiplier of the base learning rate at ``fraction`` of training.
-
-    ``cosine``: cosine decay to 0. ``onecycle``: linear warm-up from 4% over the first
-    ``warmup`` of training, then cosine decay to 0 (the shape of torch's OneCycleLR).
-    """
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * fraction))
-    if schedule == "onecycle":
-        if fraction < warmup:
-            return 0.04 + 0.96 * fraction / warmup
-        return 0.5 * (1 + math.cos(math.pi * (fraction - warmup) / (1 - warmup)))
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, clock: TrainingClock):
-    if cfg.scheduler == "none":
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: lr_factor(cfg.scheduler, clock.fraction()))
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Logits for uint8 images (normalised here), in eval mode."""
-    dataset = TensorImageDataset(images, None)
-    model.eval()
-    outputs = []
-    for start in range(0, len(dataset), batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        outputs.append(model(batch.to(device)).float().cpu())
-    return torch.cat(outputs).numpy()
 
 
 def score_logits(logits: np.ndarray, targets: list[int], loss_fn: nn.Module) -> dict[str, float]:
@@ -200,17 +95,19 @@ def fit(
     cfg: TrainConfig,
     *,
     num_classes: int,
+    preprocessing: Preprocessing,
     run_dir: Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` in place; returns history and the best weights by ``cfg.monitor``."""
+    """Train ``model`` in place on uint8 images (normalised by ``preprocessing``, the
+    bundle's); returns history and the best weights by ``cfg.monitor``."""
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model.to(device)
-    dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation))
+    dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation), preprocessing.normalize)
     # drop_last avoids a size-1 batch, which BatchNorm cannot train on.
     drop_last = len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last)
@@ -218,9 +115,10 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                   label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
     clock = TrainingClock(cfg.epochs * len(loader), cfg.max_minutes)
-    scheduler = build_scheduler(optimizer, cfg, clock)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, clock)
 
     history: list[dict[str, Any]] = []
     best_score, best_epoch, stale = -math.inf, 0, 0
@@ -230,22 +128,13 @@ def fit(
     if run_dir is not None and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        if checkpoint_path is None or not checkpoint_path.exists():
-            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_FILE} in {run_dir}")
-        # Loaded on the CPU: the random-number states must stay CPU tensors; model and
-        # optimizer state are moved to the model's device by load_state_dict.
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "rng" in state:
-            _restore_rng_states(state["rng"])
-        history, best_score, best_epoch, stale = state["history"], state["best_score"], state["best_epoch"], state["stale"]
-        best_state = state["best_state"]
-        start_epoch, elapsed_before = state["epoch"] + 1, state["elapsed"]
+        if checkpoint_path is None:
+            raise FileNotFoundError("cannot resume without a run directory")
+        progress = load_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   generator=generator)
+        history, best_score, best_epoch = progress["history"], progress["best_score"], progress["best_epoch"]
+        stale, best_state = progress["stale"], progress["best_state"]
+        start_epoch, elapsed_before = progress["epoch"] + 1, progress["elapsed"]
         say(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
 
     clock.resume_from(elapsed_before, (start_epoch - 1) * len(loader))
@@ -291,7 +180,7 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
         }
         if val_images is not None and val_targets:
-            scores = score_logits(predict_logits(model, val_images, device), val_targets, eval_loss)
+            scores = score_logits(batched_logits(model, val_images, preprocessing, device), val_targets, eval_loss)
             row.update({f"val_{k}": v for k, v in scores.items()})
         row["elapsed_s"] = clock.elapsed_s
         last_epoch_s = row["elapsed_s"] - epoch_start
@@ -313,26 +202,11 @@ def fit(
             f" [{row['elapsed_s'] / 60:.1f} min]{' *' if improved else ''}"
         )
         if checkpoint_path is not None:
-            tmp = checkpoint_path.with_suffix(".tmp")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "rng": _rng_states(),
-                    "history": history,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                    "stale": stale,
-                    "epoch": epoch,
-                    "elapsed": row["elapsed_s"],
-                },
-                tmp,
-            )
-            tmp.replace(checkpoint_path)
+            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                            generator=generator,
+                            progress={"history": history, "best_score": best_score, "best_epoch": best_epoch,
+                                      "best_state": best_state, "stale": stale, "epoch": epoch,
+                                      "elapsed": row["elapsed_s"]})
         if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
             stopped_because = f"early stopping: no improvement for {stale} epochs"
             break

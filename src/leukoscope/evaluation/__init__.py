@@ -13,7 +13,7 @@ from leukoscope.evaluation.calibration import (
     reliability_bins,
     softmax,
 )
-from leukoscope.evaluation.evaluate import evaluate_logits, to_jsonable
+from leukoscope.evaluation.evaluate import evaluate_logits, headline_metrics, to_jsonable
 from leukoscope.evaluation.figures import (
     confusion_matrix_figure,
     pr_figure,
@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_logits",
     "expected_calibration_error",
     "fit_temperature",
+    "headline_metrics",
     "negative_log_likelihood",
     "normalize_rows",
     "pr_figure",

@@ -27,8 +27,8 @@ from torchvision.ops import box_iou
 
 import leukoscope
 from leukoscope.evaluation.evaluate import to_jsonable
-from leukoscope.evaluation.figures import _legend, _new_figure, _save, _style
-from leukoscope.evaluation.report import DISCLAIMER, _embed, _fmt, render_template
+from leukoscope.evaluation.figures import add_legend, new_figure, save_figure, line_style
+from leukoscope.evaluation.report import DISCLAIMER, embed_figure, format_value, render_template
 
 
 @dataclass
@@ -189,33 +189,33 @@ def operating_point(predictions: Sequence[Predicted], truths: Sequence[GroundTru
 
 # --------------------------------------------------------------------------- figures
 def pr_curves_figure(coco: dict[str, Any], operating: dict[str, Any], path: Path) -> Path:
-    fig = _new_figure(5.5, 4.5)
+    fig = new_figure(5.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for k, (name, curve) in enumerate(coco["pr_curves"].items()):
         ap = coco["per_class"][name]["ap_50"]
-        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP@0.5 {ap:.3f})", **_style(k))
+        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP@0.5 {ap:.3f})", **line_style(k))
         point = operating["per_class"].get(name, {})
         if point.get("precision") is not None and point.get("recall") is not None:
-            ax.plot([point["recall"]], [point["precision"]], "o", color=_style(k)["color"])
+            ax.plot([point["recall"]], [point["precision"]], "o", color=line_style(k)["color"])
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.01)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.set_title(f"Precision-recall at IoU 0.5 (dots: threshold {operating['score_threshold']:.2f})", fontsize=9)
-    _legend(ax, len(coco["pr_curves"]), "lower left")
-    return _save(fig, path)
+    add_legend(ax, len(coco["pr_curves"]), "lower left")
+    return save_figure(fig, path)
 
 
 def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) -> Path:
     rows = operating["per_image_counts"]
-    fig = _new_figure(3.2 * len(classes), 3.2)
+    fig = new_figure(3.2 * len(classes), 3.2)
     for k, name in enumerate(classes):
         ax = fig.add_subplot(1, len(classes), k + 1)
         true = np.array([r[f"true_{name}"] for r in rows])
         pred = np.array([r[f"pred_{name}"] for r in rows])
         jitter = np.random.default_rng(k).uniform(-0.15, 0.15, (2, len(true)))
-        ax.scatter(true + jitter[0], pred + jitter[1], s=10, alpha=0.6, color=_style(k)["color"])
+        ax.scatter(true + jitter[0], pred + jitter[1], s=10, alpha=0.6, color=line_style(k)["color"])
         top = max(1, int(max(true.max(initial=0), pred.max(initial=0))) + 1)
         ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
         exact = operating["per_class"][name]["count_exact"]
@@ -223,7 +223,7 @@ def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) 
         ax.set_xlabel("true count")
         if k == 0:
             ax.set_ylabel("predicted count")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicted], truths: Sequence[GroundTruth],
@@ -231,35 +231,35 @@ def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicte
     """True boxes dashed, predictions (score >= threshold) solid, one colour per class."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
-    fig = _new_figure(4.2 * min(columns, n), 3.4 * rows)
+    fig = new_figure(4.2 * min(columns, n), 3.4 * rows)
     for i, (pixels, pred, truth) in enumerate(zip(images, predictions, truths)):
         ax = fig.add_subplot(rows, min(columns, n), i + 1)
         ax.imshow(pixels)
         for box, label in zip(*_as_arrays(truth.boxes, truth.labels)[:2]):
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                   linestyle="--", linewidth=1.0, edgecolor=_style(int(label))["color"]))
+                                   linestyle="--", linewidth=1.0, edgecolor=line_style(int(label))["color"]))
         pb, pl, ps = _as_arrays(pred.boxes, pred.labels, pred.scores)
         for box, label, score in zip(pb, pl, ps):
             if score < score_threshold:
                 continue
-            colour = _style(int(label))["color"]
+            colour = line_style(int(label))["color"]
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                    linewidth=1.6, edgecolor=colour))
             ax.text(box[0], box[1], f"{classes[int(label)]} {score:.2f}", fontsize=5, color="white",
                     bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
         ax.set_title(truth.name, fontsize=7)
         ax.axis("off")
-    handles = [Line2D([], [], color=_style(k)["color"], linewidth=2, label=name) for k, name in enumerate(classes)]
+    handles = [Line2D([], [], color=line_style(k)["color"], linewidth=2, label=name) for k, name in enumerate(classes)]
     handles += [Line2D([], [], color="grey", linestyle="--", label="true box"),
                 Line2D([], [], color="grey", label=f"predicted (score >= {score_threshold:.2f})")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def detection_training_figure(history: Sequence[dict[str, Any]], path: Path) -> Path | None:
     if not history:
         return None
-    fig = _new_figure(8, 3.2)
+    fig = new_figure(8, 3.2)
     epochs = [row["epoch"] for row in history]
     ax = fig.add_subplot(1, 2, 1)
     ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="training loss")
@@ -277,7 +277,7 @@ def detection_training_figure(history: Sequence[dict[str, Any]], path: Path) -> 
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- report
@@ -299,20 +299,20 @@ def render_detection_report(metrics: dict[str, Any], figures: dict[str, Path], *
     for name in classes:
         coco = metrics["per_class"][name]
         op = metrics["operating_point"]["per_class"][name]
-        rows.append([name, str(coco["n_true"]), _fmt(coco["ap_50"]), _fmt(coco["ap"]), _fmt(op["precision"]),
-                     _fmt(op["recall"]), _fmt(op["f1"]), _fmt(op["count_mae"], 2), _fmt(op["count_exact"])])
+        rows.append([name, str(coco["n_true"]), format_value(coco["ap_50"]), format_value(coco["ap"]), format_value(op["precision"]),
+                     format_value(op["recall"]), format_value(op["f1"]), format_value(op["count_mae"], 2), format_value(op["count_exact"])])
     cards = [
-        ("mAP@[.5:.95]", _fmt(metrics["map"]), "COCO, all classes"),
-        ("mAP@0.5", _fmt(metrics["map_50"]), "mean of per-class AP@0.5"),
-        ("mAP@0.75", _fmt(metrics["map_75"]), "stricter localisation"),
+        ("mAP@[.5:.95]", format_value(metrics["map"]), "COCO, all classes"),
+        ("mAP@0.5", format_value(metrics["map_50"]), "mean of per-class AP@0.5"),
+        ("mAP@0.75", format_value(metrics["map_75"]), "stricter localisation"),
         ("Images", str(metrics["n_images"]), f"{metrics['n_objects']} true objects"),
-        ("Threshold", _fmt(metrics["operating_point"]["score_threshold"], 2), "operating score threshold"),
+        ("Threshold", format_value(metrics["operating_point"]["score_threshold"], 2), "operating score threshold"),
     ]
-    details = [(k, _fmt(v)) for k, v in metrics.items()
+    details = [(k, format_value(v)) for k, v in metrics.items()
                if isinstance(v, (str, int, float, bool)) and k not in ("map", "map_50", "map_75")]
     embedded = []
     for name, path in figures.items():
-        item = _embed(name, path)
+        item = embed_figure(name, path)
         item["title"], item["caption"] = _CAPTIONS.get(name, (item["title"], item["caption"]))
         embedded.append(item)
     return render_template("detection_report.html", dict(

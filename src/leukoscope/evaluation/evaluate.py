@@ -173,3 +173,18 @@ def evaluate_logits(
         notes=report_notes,
     )
     return metrics
+
+
+#: The metrics a bundle keeps in its ``bundle.json`` (the full set stays in metrics.json).
+HEADLINE_KEYS = ("n", "accuracy", "roc_auc_macro_ovr", "ece", "evaluated_on", "train_minutes", "parameters",
+                 "images_per_second", "best_epoch")
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The few numbers of ``metrics`` a bundle records about itself."""
+    out = {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+    if "macro" in metrics:
+        out["macro_f1"] = metrics["macro"]["f1"]
+    if "weighted" in metrics:
+        out["weighted_f1"] = metrics["weighted"]["f1"]
+    return out

@@ -32,13 +32,13 @@ _PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)  # attach the non-interactive canvas explicitly
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
@@ -46,7 +46,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _style(k: int) -> dict:
+def line_style(k: int) -> dict:
     """Colour + line style for series ``k``; the style changes once colours wrap."""
     return {"color": _PALETTE[k % len(_PALETTE)], "linestyle": _LINESTYLES[(k // len(_PALETTE)) % len(_LINESTYLES)]}
 
@@ -69,7 +69,7 @@ def _curve_classes(y: np.ndarray, n_classes: int) -> tuple[list[int], list[int]]
     return drawable, [k for k in candidates if k not in drawable]
 
 
-def _legend(ax, n_entries: int, loc: str) -> None:
+def add_legend(ax, n_entries: int, loc: str) -> None:
     """Legend inside the axes for few entries, outside on the right for many (it would hide the curves)."""
     if n_entries <= 8:
         ax.legend(loc=loc, fontsize=8)
@@ -98,7 +98,7 @@ def confusion_matrix_figure(
     values = normalize_rows(counts) if normalize else counts
 
     side = min(max(4.5, 0.55 * n + 2.5), 16.0)  # grow with the class count, within reason
-    fig = _new_figure(side + 1.0, side)
+    fig = new_figure(side + 1.0, side)
     ax = fig.add_subplot()
     vmax = 1.0 if normalize else max(float(values.max()), 1.0)
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -116,7 +116,7 @@ def confusion_matrix_figure(
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- ROC / PR
@@ -124,22 +124,22 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: 
     """One-vs-rest ROC curve per class with its AUC in the legend."""
     y, p = _check_curve_inputs(y_true, probs, classes)
     drawable, skipped = _curve_classes(y, len(classes))
-    fig = _new_figure(6.5, 5.5)
+    fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (AUC = 0.50)")
     for k in drawable:
         fpr, tpr, _ = roc_curve(y == k, p[:, k])
         auc = float(area_under_curve(fpr, tpr))
         label = f"{classes[k]} vs {classes[0]}" if len(classes) == 2 else classes[k]
-        ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})", **_style(k))
+        ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})", **line_style(k))
     for k in skipped:
         ax.plot([], [], " ", label=f"{classes[k]}: AUC n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title="ROC curves (one-vs-rest)")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    _legend(ax, len(drawable) + len(skipped) + 1, "lower right")
-    return _save(fig, path)
+    add_legend(ax, len(drawable) + len(skipped) + 1, "lower right")
+    return save_figure(fig, path)
 
 
 def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> Path:
@@ -151,21 +151,21 @@ def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: P
     y, p = _check_curve_inputs(y_true, probs, classes)
     drawable = [k for k in range(len(classes)) if 0 < np.sum(y == k) < y.size]
     skipped = [k for k in range(len(classes)) if k not in drawable]
-    fig = _new_figure(6.5, 5.5)
+    fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot()
     for k in drawable:
         precision, recall, _ = precision_recall_curve(y == k, p[:, k])
         ap = average_precision_score(y == k, p[:, k])
         prevalence = float(np.mean(y == k))
         ax.step(recall, precision, where="post", linewidth=1.8,
-                label=f"{classes[k]} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **_style(k))
+                label=f"{classes[k]} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **line_style(k))
     for k in skipped:
         ax.plot([], [], " ", label=f"{classes[k]}: AP n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel="Recall (sensitivity)", ylabel="Precision",
            title="Precision-recall curves (one-vs-rest)")
     ax.grid(alpha=0.3)
-    _legend(ax, len(drawable) + len(skipped), "lower left")
-    return _save(fig, path)
+    add_legend(ax, len(drawable) + len(skipped), "lower left")
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- reliability
@@ -187,7 +187,7 @@ def reliability_figure(
     if probs_after is not None:
         series.append(("after temperature scaling", probs_after))
 
-    fig = _new_figure(6.0, 6.5)
+    fig = new_figure(6.0, 6.5)
     grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
     ax, ax_hist = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
@@ -207,7 +207,7 @@ def reliability_figure(
     ax.legend(loc="upper left", fontsize=8)
     ax_hist.set(xlim=(0, 1), xlabel="Confidence (top-class probability)", ylabel="Samples")
     ax_hist.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- training curves
@@ -228,7 +228,7 @@ def training_curves_figure(history: list[dict], path: Path) -> Path:
         [item.get("epoch") if item.get("epoch") is not None else i + 1 for i, item in enumerate(history)],
         dtype=np.float64,
     )
-    fig = _new_figure(10.0, 4.2)
+    fig = new_figure(10.0, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric, ylabel in ((ax_loss, "loss", "Loss"), (ax_acc, "accuracy", "Accuracy")):
         drawn = 0
@@ -250,7 +250,7 @@ def training_curves_figure(history: list[dict], path: Path) -> Path:
     if _accuracy_is_fraction(history):
         ax_acc.set_ylim(-0.02, 1.02)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _mark_best_validation(ax, epochs: np.ndarray, val_loss: np.ndarray) -> None:

@@ -55,7 +55,7 @@ _STRUCTURED_KEYS = frozenset({
 
 
 # --------------------------------------------------------------------------- formatting
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
     """Numbers to fixed decimals; None/NaN to 'n/a' (an undefined metric is not 0)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -89,11 +89,11 @@ def _headline(metrics: dict) -> list[dict[str, str]]:
     calibration = metrics.get("calibration")
     if isinstance(calibration, dict):
         cards.append(("ECE before", calibration.get("ece_before"), "expected calibration error"))
-        temperature = _fmt(calibration.get("temperature"), 2)
+        temperature = format_value(calibration.get("temperature"), 2)
         cards.append(("ECE after", calibration.get("ece_after"), f"temperature T = {temperature}"))
     elif "ece" in metrics:
         cards.append(("ECE", metrics.get("ece"), "expected calibration error"))
-    return [{"label": label, "value": _fmt(value), "hint": hint} for label, value, hint in cards]
+    return [{"label": label, "value": format_value(value), "hint": hint} for label, value, hint in cards]
 
 
 def _class_cell(stats: dict, key: str) -> str:
@@ -101,7 +101,7 @@ def _class_cell(stats: dict, key: str) -> str:
     # images is undefined, and printing 0.000 would read as "missed every one".
     if key in ("recall", "f1") and stats.get("support") == 0:
         return "n/a"
-    return _fmt(stats.get(key))
+    return format_value(stats.get(key))
 
 
 def _per_class_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
@@ -110,10 +110,10 @@ def _per_class_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
     rows = [{"name": name, "cells": [_class_cell(stats, key) for key in order]} for name, stats in per_class.items()]
     support = str(sum(stats.get("support", 0) for stats in per_class.values()))
     averages = []
-    for label, key, auc in (("macro average", "macro", _fmt(metrics.get("roc_auc_macro_ovr"))),
+    for label, key, auc in (("macro average", "macro", format_value(metrics.get("roc_auc_macro_ovr"))),
                             ("weighted average", "weighted", "")):  # no weighted AUC is computed
         if isinstance(metrics.get(key), dict):
-            cells = [_fmt(metrics[key].get(k)) for k in order[:4]]
+            cells = [format_value(metrics[key].get(k)) for k in order[:4]]
             averages.append({"name": label, "cells": [*cells, support, auc]})
     return rows, averages
 
@@ -142,13 +142,13 @@ def _confusion_view(metrics: dict) -> dict | None:
 def _details(metrics: dict) -> list[tuple[str, str]]:
     """Scalar extras (epoch, timing, split name...) that have no dedicated section."""
     return [
-        (key, _fmt(value))
+        (key, format_value(value))
         for key, value in metrics.items()
         if key not in _STRUCTURED_KEYS and (value is None or isinstance(value, (str, int, float, bool)))
     ]
 
 
-def _embed(name: str, path: Path) -> dict[str, str]:
+def embed_figure(name: str, path: Path) -> dict[str, str]:
     path = Path(path)
     mime = _MIME_TYPES.get(path.suffix.lower())
     if mime is None:
@@ -195,9 +195,9 @@ def render_html_report(
         "averages": averages,
         "absent_classes": metrics.get("absent_classes") or [],
         "confusion": _confusion_view(metrics),
-        "top_confusions": [{**item, "rate": _fmt(item.get("rate"))} for item in metrics.get("top_confusions") or []],
+        "top_confusions": [{**item, "rate": format_value(item.get("rate"))} for item in metrics.get("top_confusions") or []],
         "details": _details(metrics),
-        "figures": [_embed(name, path) for name, path in (figures or {}).items()],
+        "figures": [embed_figure(name, path) for name, path in (figures or {}).items()],
         "config_json": json.dumps(config, indent=2, default=str, ensure_ascii=False) if config else "",
     }
     return render_template("report.html", context)

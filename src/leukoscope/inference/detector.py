@@ -1,128 +1,27 @@
-"""Detector bundles and :class:`CellDetector`, the one detection path used by
-evaluation, smear analysis, the CLI and the service.
+"""Find cells in images with a detector bundle: :class:`CellDetector`, the one
+detection path used by evaluation, smear analysis, the CLI and the service.
 
-A detector bundle has the same layout as a classifier bundle (``bundle.json``
-+ ``model.safetensors``, no pickle); its ``bundle.json`` says ``"task":
-"detection"`` so that tools can tell the two apart
-(:func:`is_detection_bundle`).
+Detector bundles are read and written by :mod:`leukoscope.bundle` (``task: detect``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
-from leukoscope.inference.bundle import (BUNDLE_FILE, WEIGHTS_FILE, BundleError, contiguous_state, provenance_now,
-                                         read_bundle_json,
-                                         write_bundle_files)
-from leukoscope.models import create_model
+from leukoscope.bundle import BundleInfo, load_bundle
 
-DETECTION_TASK = "detection"
 #: The per-image caps on proposals and detections are set for a field of this many pixels (640x480).
 REFERENCE_FIELD_PIXELS = 640 * 480
-DETECTOR_FORMAT_VERSION = 1
-#: Builder options that point at files used only to initialise training.
-_TRAINING_ONLY_OPTIONS = ("weights", "backbone_weights", "freeze_backbone", "scale_jitter")
-
-
-@dataclass
-class DetectorBundleInfo:
-    model_name: str
-    classes: list[str]
-    model_options: dict[str, Any] = field(default_factory=dict)
-    score_threshold: float = 0.5
-    """Operating threshold: detections below it are not counted."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    task: str = DETECTION_TASK
-    format_version: int = DETECTOR_FORMAT_VERSION
-
-    @property
-    def input_scale(self) -> float:
-        return float(self.model_options.get("input_scale", 0.5))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, payload: dict[str, Any], source: Path) -> "DetectorBundleInfo":
-        if payload.get("task") != DETECTION_TASK:
-            raise BundleError(f"{source}: not a detector bundle (task {payload.get('task')!r}); "
-                              f"use it with `leukoscope predict` / CellClassifier")
-        if payload.get("format_version") != DETECTOR_FORMAT_VERSION:
-            raise BundleError(f"{source}: detector bundle format {payload.get('format_version')!r} is not supported "
-                              f"(expected {DETECTOR_FORMAT_VERSION})")
-        try:
-            return cls(**payload)
-        except TypeError as exc:
-            raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
-
-
-def is_detection_bundle(directory: str | Path) -> bool:
-    path = Path(directory) / BUNDLE_FILE
-    try:
-        return json.loads(path.read_text()).get("task") == DETECTION_TASK
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def inference_options(options: dict[str, Any], model_name: str | None = None) -> dict[str, Any]:
-    """The builder options a bundle needs: training-only ones dropped and, when
-    ``model_name`` is given, every default written out, so that a later change of
-    a default cannot silently change (or break) an existing bundle."""
-    resolved: dict[str, Any] = {}
-    if model_name is not None:
-        import inspect
-
-        from leukoscope.models import model_entry
-
-        for name, parameter in inspect.signature(model_entry(model_name).builder).parameters.items():
-            if name != "num_classes" and parameter.default is not inspect.Parameter.empty:
-                resolved[name] = parameter.default
-    resolved.update(options)
-    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in _TRAINING_ONLY_OPTIONS}))
-
-
-def save_detector_bundle(directory: str | Path, model: nn.Module, info: DetectorBundleInfo) -> Path:
-    info.model_options = inference_options(info.model_options, info.model_name)
-    info.provenance = {**provenance_now(), **info.provenance}
-    state = contiguous_state(model)
-    return write_bundle_files(Path(directory), state, info.to_json(),
-                              {"model_name": info.model_name, "task": DETECTION_TASK})
-
-
-def read_detector_info(directory: str | Path) -> DetectorBundleInfo:
-    payload, path = read_bundle_json(directory)
-    return DetectorBundleInfo.from_json(payload, path)
-
-
-def load_detector_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, DetectorBundleInfo]:
-    directory = Path(directory)
-    info = read_detector_info(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{directory}: weights file {WEIGHTS_FILE} is missing")
-    model = create_model(info.model_name, num_classes=len(info.classes), **info.model_options)
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
-        raise BundleError(f"{weights}: cannot read weights: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{weights}: weights do not match {info.model_name}: {str(exc)[:300]}") from None
-    return model.to(device).eval(), info
 
 
 @dataclass
@@ -179,7 +78,7 @@ class CellDetector:
     bundle's ``input_scale``; large fields are tiled by
     :class:`~leukoscope.inference.smear.SmearAnalyzer`)."""
 
-    def __init__(self, model: nn.Module, info: DetectorBundleInfo, device: str | torch.device = "cpu",
+    def __init__(self, model: nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
                  score_threshold: float | None = None) -> None:
         self.model = model.eval()
         self.info = info
@@ -195,7 +94,7 @@ class CellDetector:
     @classmethod
     def from_bundle(cls, directory: str | Path, device: str = "cpu",
                     score_threshold: float | None = None) -> "CellDetector":
-        model, info = load_detector_bundle(directory, device)
+        model, info = load_bundle(directory, device, task="detect")
         return cls(model, info, device, score_threshold)
 
     @contextmanager

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leukoscope.inference.bundle import BundleInfo, load_bundle
+from leukoscope.bundle import BundleInfo, load_bundle
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from leukoscope.transforms import Normalize, letterbox, pil_to_uint8_tensor
+from leukoscope.preprocessing import batched_logits, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +57,21 @@ class CellClassifier:
 
     def __init__(self, model: torch.nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
                  uncertain_threshold: float | None = None) -> None:
+        if info.task != "classify" or info.preprocessing is None:
+            raise ValueError(f"{info.model_name} is a {info.task} model, not a cell classifier")
         self.model = model.eval()
         self.info = info
+        self.preprocessing = info.preprocessing
         self.device = torch.device(device)
         self.classes = list(info.classes)
         self.threshold = info.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"uncertain threshold must be in [0, 1], got {self.threshold}")
-        self.normalize = Normalize(info.preprocessing.mean, info.preprocessing.std)
-        self._segmenter = None
-        if info.preprocessing.segmentation:
-            from leukoscope.segmentation import Segmenter
-
-            self._segmenter = Segmenter(method=info.preprocessing.segmentation)
 
     @classmethod
     def from_bundle(cls, directory: str | Path, device: str = "cpu",
                     uncertain_threshold: float | None = None) -> "CellClassifier":
-        model, info = load_bundle(directory, device)
+        model, info = load_bundle(directory, device, task="classify")
         return cls(model, info, device, uncertain_threshold)
 
     @property
@@ -82,12 +79,9 @@ class CellClassifier:
         return self.info.preprocessing.image_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB -> normalised (3, S, S) tensor, exactly as in training
-        (uint8, not normalised, for a classical model, which computes its features from it)."""
-        if self._segmenter is not None:
-            image = self._segmenter(image)
-        pixels = pil_to_uint8_tensor(letterbox(image, self.image_size))
-        return pixels if self.info.framework == "sklearn" else self.normalize(pixels)
+        """PIL RGB -> the model's (3, S, S) input through the bundle's preprocessing, exactly as in
+        training (uint8, not normalised, for a classical model, which computes its features from it)."""
+        return self.preprocessing.model_input(self.preprocessing.pixels(image), self.info.framework)
 
     def _to_prediction(self, source: str, probs: np.ndarray) -> Prediction:
         top = int(probs.argmax())
@@ -107,9 +101,9 @@ class CellClassifier:
         """Calibrated class probabilities (temperature-scaled softmax), shape (N, classes)."""
         if not images:
             return np.zeros((0, len(self.classes)))
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        logits = self.model(batch).float() / self.info.temperature
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        logits = batched_logits(self.model, stack_pixels(images, self.preprocessing), self.preprocessing,
+                                self.device) / self.info.temperature
+        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
     def predict_images(self, images: Sequence[Image.Image], sources: Sequence[str] | None = None) -> list[Prediction]:
         sources = list(sources) if sources is not None else [f"image_{i}" for i in range(len(images))]

@@ -41,7 +41,7 @@ def _ensure_builtin_models_registered() -> None:
     # Importing the modules runs their @register_model decorators.
     from leukoscope.models import jabeena, seed_cnns, torchvision_models  # noqa: F401
     from leukoscope.models import detectors  # noqa: F401
-    from leukoscope.classic import models as classic_models  # noqa: F401
+    from leukoscope.models import classic  # noqa: F401
 
 
 def list_models(kind: str | None = None) -> list[str]:

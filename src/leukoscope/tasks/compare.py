@@ -2,7 +2,7 @@
 
 ``leukoscope compare --config FILE`` (or ``--data D --models a,b,c``) runs
 every model of the ``compare:`` section, CNNs and classical pipelines alike,
-through :func:`~leukoscope.engine.experiment.run_experiment` on the **same saved
+through :func:`~leukoscope.tasks.classify.run_experiment` on the **same saved
 split** and the same decoded images, then writes into
 ``<output_root>/<name>-compare-<time>/``:
 
@@ -44,18 +44,18 @@ from typing import Any, Sequence
 from pydantic import ValidationError
 from rich.table import Table
 
-from leukoscope.classic.models import CLASSIC_MODELS
+from leukoscope.models.classic import CLASSIC_MODELS
 from leukoscope.engine.config import (
     CompareEntry,
     ConfigError,
     ExperimentConfig,
     _format_validation_error,
-    _merge,
-    _set_dotted,
+    merge_trees,
+    set_dotted,
     save_config,
 )
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.experiment import RunResult, run_experiment
+from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.models import model_entry
 from leukoscope.progress import console
 
@@ -163,12 +163,12 @@ def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentCon
     tree["compare"] = None
     tree["search"] = None
     update: dict[str, Any] = {}
-    _set_dotted(update, "model.name", entry.model)
+    set_dotted(update, "model.name", entry.model)
     for key, value in entry.overrides.items():
-        _set_dotted(update, key, value)
+        set_dotted(update, key, value)
     label = entry.label or entry.model
     try:
-        return ExperimentConfig.model_validate(_merge(tree, update))
+        return ExperimentConfig.model_validate(merge_trees(tree, update))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, f"compare row {label!r}", ExperimentConfig)) from None
 
@@ -226,7 +226,7 @@ def run_compare(
     labels = [entry.label or entry.model for entry in entries]
     if compare_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        compare_dir = Path(config.output_root) / f"{config.name}-compare-{stamp}"
+        compare_dir = Path(config.output_root) / f"{run_name(config)}-compare-{stamp}"
     compare_dir = Path(compare_dir)
     compare_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, compare_dir / "config.yaml")
@@ -239,11 +239,11 @@ def run_compare(
     for index, (label, cfg) in enumerate(zip(labels, configs), start=1):
         key = (cfg.model.image_size, cfg.data.segmentation)
         if key not in prepared:
-            prepared[key] = prepare_data(cfg.data, cfg.model.image_size, Path(config.output_root),
+            prepared[key] = prepare_data(cfg.data, preprocessing_of(cfg), Path(config.output_root),
                                          show_progress=show_progress)
         data = prepared[key]
         split_files.add(str(data.split_file.resolve()))
-        cfg.name = f"{config.name}-{label}"
+        cfg.name = f"{run_name(config)}-{label}"
         console.print(f"[bold]model {index}/{len(entries)}[/bold]: {label}")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         result = run_experiment(cfg, run_dir=compare_dir / f"{index:02d}-{safe}", prepared=data,
@@ -256,7 +256,7 @@ def run_compare(
     rows[best_index].chosen = True
     first = next(iter(prepared.values()))
     info = {
-        "name": config.name,
+        "name": run_name(config),
         "dataset": config.data.path,
         "classes": first.classes,
         "split_file": next(iter(split_files)),

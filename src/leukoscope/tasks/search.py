@@ -20,7 +20,7 @@ from rich.table import Table
 
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.experiment import RunResult, run_experiment
+from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.progress import console
 
 
@@ -56,7 +56,7 @@ def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConf
 def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> SearchResult:
     combos = grid(config)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    search_dir = Path(config.output_root) / f"{config.name}-search-{stamp}"
+    search_dir = Path(config.output_root) / f"{run_name(config)}-search-{stamp}"
     search_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
     prepared: dict[int, PreparedData] = {}  # decode once per image size
@@ -64,10 +64,11 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     results: list[RunResult] = []
     for index, settings in enumerate(combos, start=1):
         run_config = _apply(config, settings)
-        run_config.name = f"{config.name}-{index:02d}"
+        run_config.name = f"{run_name(config)}-{index:02d}"
         size = run_config.model.image_size
         if size not in prepared:
-            prepared[size] = prepare_data(run_config.data, size, Path(config.output_root), show_progress=show_progress)
+            prepared[size] = prepare_data(run_config.data, preprocessing_of(run_config), Path(config.output_root),
+                                          show_progress=show_progress)
             if "val" not in prepared[size].parts:  # refuse before hours of training, not after
                 raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it "
                                  "0 images); a choice by test or training scores would not be honest")

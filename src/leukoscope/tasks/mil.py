@@ -186,7 +186,7 @@ def run_mil_experiment(
     show_progress: bool = True,
 ) -> MilResult:
     """Field split -> cell crops -> cell classifier -> field accuracy from cells (and a whole-image baseline)."""
-    from leukoscope.engine.experiment import run_experiment
+    from leukoscope.tasks.classify import run_experiment
     from leukoscope.evaluation import evaluate_logits
     from leukoscope.inference.predictor import CellClassifier
 
@@ -276,7 +276,7 @@ def check_whole_image_bundle(bundle: str | Path, test_fields: Manifest) -> None:
     test field must be in the bundle's own *test* part (a field it was trained or
     validated on, or one its split never held, cannot be scored honestly), and the
     bundle must know every test class."""
-    from leukoscope.inference.bundle import read_bundle_info
+    from leukoscope.bundle import read_bundle_info
 
     info = read_bundle_info(bundle)
     candidates = [info.provenance.get("split_file"),
@@ -304,8 +304,8 @@ def score_whole_image_bundle(bundle: str | Path, data: str | Path, split_file: s
     """Score an already trained whole-image classifier (e.g. the best model of
     ``bench/taleqani.py``) on the test part of ``split_file``; call
     :func:`check_whole_image_bundle` first (before the long work) to refuse a leak."""
-    from leukoscope.inference.bundle import read_bundle_info
-    from leukoscope.inference.evaluate import evaluate_bundle
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.tasks.classify import evaluate_bundle
 
     info = read_bundle_info(bundle)
     scored = evaluate_bundle(bundle, data, out_dir, split_file=split_file, subset="test",

@@ -1,0 +1,285 @@
+"""Model bundles: a trained model as a self-describing directory, for every task.
+
+```
+bundle/
+  bundle.json        task, architecture, classes, preprocessing, calibration, metrics, provenance
+  model.safetensors  weights of a torch model (no pickle: safe to load from an untrusted source)
+  model.skops        or: the fitted scikit-learn pipeline of a classical model
+```
+
+This module is the only reader and writer of bundles: classifiers (``task:
+classify``, torch or scikit-learn) and cell detectors (``task: detect``).
+
+Why skops and not pickle/joblib for classical models: unpickling runs whatever
+code the file names, so a bundle from elsewhere could take over the machine.
+skops stores the pipeline as data and, on loading, refuses every type that is
+not on a trust list: skops' own defaults plus :data:`TRUSTED_SKLEARN_TYPES`.
+
+Format versions: 2 (this code) writes ``task`` explicitly. Version 1 bundles
+(leukoscope 0.1 before the one-pipeline change) load unchanged: a classifier's
+``bundle.json`` had no ``task``, a detector's said ``"detection"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import leukoscope
+from leukoscope.models import create_model, model_entry
+from leukoscope.preprocessing import Preprocessing, framework_of
+
+BUNDLE_FORMAT_VERSION = 2
+#: Versions this code reads (older ones are converted on reading; see the module docstring).
+READABLE_VERSIONS = (1, 2)
+BUNDLE_FILE = "bundle.json"
+WEIGHTS_FILE = "model.safetensors"
+SKLEARN_FILE = "model.skops"
+TASKS = ("classify", "detect")
+#: What version-1 bundles called their task.
+_LEGACY_TASK_NAMES = {None: "classify", "classification": "classify", "detection": "detect"}
+#: Builder options that point at files used only to initialise training: never stored.
+_TRAINING_ONLY_OPTIONS = ("weights", "backbone_weights", "freeze_backbone", "scale_jitter")
+#: How to use a bundle of each task (named in wrong-task errors).
+_TASK_USE = {
+    "classify": "a cell classifier: use it with `leukoscope predict`, `evaluate`, or `analyze --classifier`",
+    "detect": "a cell detector: use it with `leukoscope analyze --detector` or `evaluate`",
+}
+
+_TASK_NOUN = {"classify": "a cell classifier bundle", "detect": "a cell detector bundle"}
+
+#: Types beyond skops' defaults that leukoscope's classical pipelines contain.
+TRUSTED_SKLEARN_TYPES: frozenset[str] = frozenset({
+    "sklearn.feature_selection._univariate_selection.chi2",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+})
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, of another task or from an unknown format."""
+
+
+@dataclass
+class BundleInfo:
+    """Everything ``bundle.json`` says. Classifiers need ``preprocessing``; detectors use
+    ``score_threshold`` and their ``model_options`` (e.g. ``input_scale``)."""
+
+    model_name: str
+    classes: list[str]
+    preprocessing: Preprocessing | None = None
+    task: str = "classify"
+    framework: str = "torch"
+    """``torch`` (model.safetensors) or ``sklearn`` (model.skops, a classical pipeline)."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    uncertain_threshold: float = 0.5
+    score_threshold: float = 0.5
+    """Detectors: operating threshold, detections below it are not counted."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    feature_spec: dict[str, Any] | None = None
+    """Hand-made features of a classical model (:class:`leukoscope.classic.FeatureSpec`)."""
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise BundleError(f"unknown bundle task {self.task!r} (expected one of {TASKS})")
+        if self.task == "classify" and self.preprocessing is None:
+            raise BundleError("a classifier bundle needs its preprocessing (image size, mean, std)")
+
+    @property
+    def input_scale(self) -> float:
+        """Detectors: the factor images are scaled by before the network."""
+        return float(self.model_options.get("input_scale", 0.5))
+
+    @property
+    def split_file(self) -> Path | None:
+        """The split the model was trained on, when it was recorded."""
+        recorded = self.provenance.get("split_file")
+        return Path(recorded) if recorded else None
+
+    def to_json(self) -> dict[str, Any]:
+        payload = asdict(self)
+        if self.task == "detect":  # keep a detector's bundle.json free of classifier-only fields
+            for key in ("preprocessing", "temperature", "uncertain_threshold", "feature_spec"):
+                payload.pop(key)
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any], source: Path) -> "BundleInfo":
+        payload = dict(payload)
+        version = payload.get("format_version")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > BUNDLE_FORMAT_VERSION
+            raise BundleError(
+                f"{source}: bundle format {version!r} is not supported: this leukoscope "
+                f"{leukoscope.__version__} reads formats {list(READABLE_VERSIONS)}"
+                + ("; upgrade leukoscope (pip install -U leukoscope)" if newer else ""))
+        if version == 1:
+            payload["task"] = _LEGACY_TASK_NAMES.get(payload.get("task"), payload.get("task"))
+            payload["format_version"] = BUNDLE_FORMAT_VERSION
+        try:
+            if payload.get("preprocessing") is not None:
+                payload["preprocessing"] = Preprocessing(**payload["preprocessing"])
+            return cls(**payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
+
+
+def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone to be safe.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def provenance_now(framework: str = "torch") -> dict[str, str]:
+    """When and with which versions a bundle was written."""
+    versions = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "leukoscope": leukoscope.__version__, "python": platform.python_version()}
+    if framework == "sklearn":
+        import sklearn
+
+        versions["scikit-learn"] = sklearn.__version__
+    else:
+        versions["torch"] = torch.__version__
+    return versions
+
+
+def inference_options(options: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The builder options a bundle needs: training-only ones dropped and every default
+    written out, so that a later change of a default cannot silently change (or break)
+    an existing bundle."""
+    resolved: dict[str, Any] = {}
+    for name, parameter in inspect.signature(model_entry(model_name).builder).parameters.items():
+        if name != "num_classes" and parameter.default is not inspect.Parameter.empty:
+            resolved[name] = parameter.default
+    resolved.update(options)
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in _TRAINING_ONLY_OPTIONS}))
+
+
+def save_bundle(directory: str | Path, model: Any, info: BundleInfo) -> Path:
+    """Write ``model`` (an ``nn.Module`` or a classical model) and ``info`` into ``directory``.
+
+    Files go through temporary names, each replaced atomically, ``bundle.json``
+    last: a folder with a ``bundle.json`` always has its weights.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info.framework = framework_of(model)
+    info.format_version = BUNDLE_FORMAT_VERSION
+    info.provenance = {**provenance_now(info.framework), **info.provenance}
+    if info.framework == "sklearn":
+        import skops.io as sio
+
+        info.feature_spec = model.spec.model_dump(mode="json")
+        weights_name = SKLEARN_FILE
+        weights_tmp = directory / (weights_name + ".tmp")
+        sio.dump(model.pipeline, weights_tmp)
+    else:
+        info.model_options = inference_options(info.model_options, info.model_name)
+        weights_name = WEIGHTS_FILE
+        weights_tmp = directory / (weights_name + ".tmp")
+        save_file(contiguous_state(model), str(weights_tmp),
+                  metadata={"model_name": info.model_name, "task": info.task})
+    json_tmp = directory / (BUNDLE_FILE + ".tmp")
+    json_tmp.write_text(json.dumps(info.to_json(), indent=2, default=str))
+    weights_tmp.replace(directory / weights_name)
+    json_tmp.replace(directory / BUNDLE_FILE)
+    return directory
+
+
+def read_bundle_info(directory: str | Path, task: str | None = None) -> BundleInfo:
+    """The :class:`BundleInfo` of ``directory``; with ``task``, a clear error if the bundle is of another task."""
+    directory = Path(directory)
+    path = directory / BUNDLE_FILE
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: bundle folder does not exist")
+    if not path.is_file():
+        raise BundleError(f"{directory}: not a leukoscope bundle (no {BUNDLE_FILE})")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BundleError(f"{path}: not a bundle description (a JSON object is expected)")
+    info = BundleInfo.from_json(payload, path)
+    if task is not None and info.task != task:
+        raise BundleError(f"{directory} is {_TASK_USE[info.task]}; this needs {_TASK_NOUN[task]}")
+    return info
+
+
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu",
+                task: str | None = None) -> tuple[Any, BundleInfo]:
+    """Rebuild the model of a bundle with its trained weights, in eval mode: an
+    ``nn.Module``, or a :class:`leukoscope.models.classic.ClassicModel` for a classical bundle."""
+    directory = Path(directory)
+    info = read_bundle_info(directory, task)
+    if info.framework == "sklearn":
+        return _load_sklearn(directory, info), info
+    if info.framework != "torch":
+        raise BundleError(f"{directory}: unknown model framework {info.framework!r} (expected torch or sklearn)")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{directory}: weights file {WEIGHTS_FILE} is missing")
+    try:
+        model = create_model(info.model_name, num_classes=len(info.classes), **info.model_options)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{directory}: cannot build {info.model_name!r}: {exc}") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
+        raise BundleError(f"{weights}: cannot read weights: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{weights}: weights do not match {info.model_name}: {str(exc)[:300]}") from None
+    return model.to(device).eval(), info
+
+
+def _load_sklearn(directory: Path, info: BundleInfo):
+    """The classical model of a bundle, loaded with skops against the trust list."""
+    import numpy as np
+    import skops.io as sio
+
+    from leukoscope.models.classic import ClassicModel
+
+    path = directory / SKLEARN_FILE
+    if not path.is_file():
+        raise BundleError(f"{directory}: model file {SKLEARN_FILE} is missing")
+    if info.feature_spec is None:
+        raise BundleError(f"{directory}: a classical bundle needs a feature_spec in {BUNDLE_FILE}")
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
+        raise BundleError(f"{path}: cannot read the model: {exc}") from None
+    refused = sorted(set(untrusted) - TRUSTED_SKLEARN_TYPES)
+    if refused:
+        raise BundleError(f"{path}: refusing to load types that are not on leukoscope's trust list: {refused}")
+    try:
+        pipeline = sio.load(path, trusted=list(untrusted))
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(f"{path}: cannot load the model: {exc}") from None
+    try:
+        model = ClassicModel(pipeline, info.feature_spec, len(info.classes), name=info.model_name)
+    except ValueError as exc:
+        raise BundleError(f"{directory}: invalid feature_spec: {exc}") from None
+    n_in = getattr(pipeline, "n_features_in_", None)
+    if n_in is not None and n_in != len(model.extractor):
+        raise BundleError(f"{path}: the pipeline expects {n_in} features but feature_spec gives "
+                          f"{len(model.extractor)}")
+    known = np.asarray(getattr(pipeline, "classes_", []))
+    if known.size and (known.min() < 0 or known.max() >= len(info.classes)):
+        raise BundleError(f"{path}: the pipeline predicts classes {known.tolist()} but the bundle names "
+                          f"{len(info.classes)}")
+    return model

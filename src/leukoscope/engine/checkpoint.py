@@ -1,0 +1,68 @@
+"""The one checkpoint format of every trainer: model, optimizer, scheduler and every random state.
+
+A checkpoint is written after each epoch through a temporary file (replaced
+atomically) and loaded on the CPU: the random-number states must stay CPU
+tensors; model and optimizer state are moved to the model's device by
+``load_state_dict``. Everything else a trainer needs to continue (history,
+best epoch and weights...) travels in ``progress``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python and NumPy random states in a form ``torch.load(weights_only=True)`` accepts."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt_state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    version, mt_state, gauss = states["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, generator: torch.Generator, progress: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "rng": _rng_states(),
+        "progress": progress,
+    }, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns its ``progress``."""
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: no {path.name} in {path.parent}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "progress" not in state:
+        raise ValueError(f"{path}: a checkpoint of an older leukoscope (before 0.2) cannot be resumed; "
+                         f"train again")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    _restore_rng_states(state["rng"])
+    return state["progress"]

@@ -1,0 +1,117 @@
+"""The detection experiment config: its own YAML schema (sections ``data``, ``model``,
+``train``, ``predict``), validated like the classification one: unknown keys fail
+with the closest valid key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import Field, field_validator
+
+from leukoscope.data.box_augment import DETECTION_AUGMENTATIONS
+from leukoscope.engine.config import Section, build_config, read_config_file
+
+
+class DetectionDataConfig(Section):
+    path: str | None = None
+    """A Pascal VOC folder (bccd, cbc or flat layout)."""
+    train: str | list[str] | None = None
+    """Split(s) to train on, e.g. ``Training+Validation`` or ``trainval``; None: the whole folder, cut by ``ratios``."""
+    val: str | list[str] | None = None
+    """Split(s) to choose the best epoch and the score threshold on; None: no validation (keep the last epoch)."""
+    test: str | list[str] | None = None
+    """Split(s) the final metrics are computed on."""
+    ratios: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])
+    """train/val/test shares when ``train`` is None (folders without splits)."""
+    split_seed: int = 0
+    classes: list[str] | None = None
+    """Object classes, in order; default: every name found in the training annotations."""
+    aliases: dict[str, str] = Field(default_factory=dict)
+    """Other spellings of class names, e.g. ``{Platelet: Platelets}``."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """Bad objects/files (unknown class, box outside the image...): skip and report, or stop."""
+
+
+class DetectorModelConfig(Section):
+    name: str = "fasterrcnn_mobilenet_v3_fpn"
+    weights: str | None = None
+    """A local state dict of the whole detector to start from."""
+    backbone_weights: str | None = None
+    """Classifier weights for the backbone (for fasterrcnn_abas: an abas_cnn bundle folder or its model.safetensors)."""
+    freeze_backbone: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Builder options: input_scale, anchor_sizes, score_thresh, detections_per_img, ..."""
+
+
+class DetectionTrainConfig(Section):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    epochs: int = 30
+    batch_size: int = 4
+    scheduler: Literal["none", "cosine"] = "cosine"
+    warmup_iters: int = 50
+    grad_clip: float | None = 10.0
+    augmentation: str = "default"
+    monitor: Literal["val_map", "val_map_50"] = "val_map_50"
+    eval_every: int = 1
+    max_minutes: float | None = Field(None, gt=0)
+    """Stop after this many minutes (checked after every batch); the best weights so far are kept.
+    The cosine schedule follows this budget when it ends before the epochs do."""
+    max_images_per_epoch: int | None = None
+    """Use a random subset of the training images each epoch (quick runs)."""
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    keep_checkpoint: bool = False
+    """Keep ``checkpoint.pt`` once the run is complete (only needed to train further)."""
+
+    @field_validator("augmentation")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        if value not in DETECTION_AUGMENTATIONS:
+            raise ValueError(f"unknown detection augmentation {value!r}; choose from {list(DETECTION_AUGMENTATIONS)}")
+        return value
+
+    @field_validator("epochs", "batch_size", "eval_every")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class DetectionPredictConfig(Section):
+    score_threshold: float = 0.5
+    """Operating threshold: detections below it are not counted."""
+    choose_threshold: bool = True
+    """With a validation split, replace ``score_threshold`` by the one with the best mean F1 there."""
+
+
+class DetectionExperimentConfig(Section):
+    task: Literal["detect", "detection"] = "detect"
+    name: str | None = None
+    """Run folder name (``<name>-<time>``); default: the model's name."""
+    description: str = ""
+    output_root: str = "runs"
+    data: DetectionDataConfig = Field(default_factory=DetectionDataConfig)
+    model: DetectorModelConfig = Field(default_factory=DetectorModelConfig)
+    train: DetectionTrainConfig = Field(default_factory=DetectionTrainConfig)
+    predict: DetectionPredictConfig = Field(default_factory=DetectionPredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_detection_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectionExperimentConfig:
+    """Read a detection YAML (or the defaults) and apply ``key=value`` overrides.
+
+    Relative ``data.path``, ``model.weights`` and ``model.backbone_weights`` are
+    resolved against the file's folder.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_config_file(path, [("data", "path"), ("model", "weights"), ("model", "backbone_weights")])
+    return build_config(DetectionExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")

@@ -1,0 +1,73 @@
+"""The run directory every trainer writes, the same for every task::
+
+    runs/<name>-<time>/
+      config.yaml      the resolved config (absolute data paths: `--resume` works from anywhere)
+      split.json       the split used
+      checkpoint.pt    last epoch, for --resume (removed when the run completes, unless kept)
+      bundle/          the trained model (leukoscope.bundle)
+      metrics.json, history.json, figures/, report.html
+      train.log        every line the run printed
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel
+
+from leukoscope.engine.checkpoint import CHECKPOINT_FILE
+from leukoscope.engine.config import save_config
+from leukoscope.progress import run_log, say
+
+CONFIG_FILE = "config.yaml"
+
+
+def new_run_dir(output_root: str | Path, name: str) -> Path:
+    """A fresh ``<output_root>/<name>-<time>[-n]`` path (not created)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(output_root) / f"{name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(output_root) / f"{name}-{stamp}-{suffix}"
+    return run_dir
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` if it is a run directory that can be resumed, else a clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
+    return run_dir
+
+
+@contextmanager
+def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Iterator[Path]:
+    """Create ``run_dir`` (or reopen it to resume), write ``config.yaml`` and log every
+    line to ``train.log``. A new run that fails before it wrote a checkpoint leaves
+    nothing behind (bad data fails in seconds; the folder would only be litter); one
+    with a checkpoint is kept so that ``--resume`` can continue it."""
+    if resume:
+        require_run_dir(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_log(run_dir / "train.log"):
+            save_config(config, run_dir / CONFIG_FILE)
+            yield run_dir
+    except BaseException:
+        if created and not resume and not (run_dir / CHECKPOINT_FILE).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def finish_run(run_dir: Path, *, keep_checkpoint: bool) -> None:
+    """A completed run needs its checkpoint only to train further (hundreds of MB for a CNN)."""
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.exists() and not keep_checkpoint:
+        checkpoint.unlink()
+        say(f"[dim]removed {checkpoint.name} (the run is complete; train.keep_checkpoint=true keeps it)[/dim]")

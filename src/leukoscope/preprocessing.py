@@ -1,0 +1,113 @@
+"""The one path from an image to a classifier's input, owned by the bundle.
+
+As torchvision's weights carry their transforms, every classifier bundle
+carries a :class:`Preprocessing`, and every place that feeds a classifier
+(training-time validation and test scoring, ``evaluate``, ``predict``,
+``analyze``, the web service, Grad-CAM, any export) goes through it:
+
+1. :meth:`Preprocessing.pixels`: PIL RGB -> optional segmentation -> letterbox
+   to ``image_size`` -> uint8 ``(3, S, S)``. Training decodes every image once
+   this way (:meth:`Preprocessing.decode`) and augments the uint8 tensors.
+2. :meth:`Preprocessing.model_input`: uint8 -> what the model reads: the
+   bundle's own mean/std normalisation for a torch model, the uint8 pixels
+   themselves for a classical model (which computes its features from them).
+3. :func:`batched_logits`: both steps' output through the model, in batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, letterbox, pil_to_uint8_tensor
+
+if TYPE_CHECKING:
+    from leukoscope.data.dataset import CorruptPolicy, LoadReport
+    from leukoscope.data.manifest import Manifest
+
+#: Model frameworks: ``torch`` reads normalised float tensors, ``sklearn`` the uint8 pixels.
+FRAMEWORKS = ("torch", "sklearn")
+
+
+@dataclass
+class Preprocessing:
+    """How a classifier's input is made from an image (stored in ``bundle.json``)."""
+
+    image_size: int
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    resize: str = "letterbox"
+    segmentation: str | None = None
+    """System E's colour-clustering segmentation (``lab_kmeans`` / ``hsv``) before resizing, or None."""
+
+    def __post_init__(self) -> None:
+        if self.resize != "letterbox":
+            raise ValueError(f"unknown resize {self.resize!r} (leukoscope letterboxes: 'letterbox')")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+
+    # Cached objects are not dataclass fields: they stay out of bundle.json and of equality.
+    @cached_property
+    def segmenter(self) -> Callable[[Image.Image], Image.Image] | None:
+        if not self.segmentation:
+            return None
+        from leukoscope.segmentation import Segmenter
+
+        return Segmenter(method=self.segmentation)
+
+    @cached_property
+    def normalize(self) -> Normalize:
+        return Normalize(self.mean, self.std)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB -> uint8 ``(3, S, S)``: segmentation (if any), then letterbox."""
+        if self.segmenter is not None:
+            image = self.segmenter(image)
+        return pil_to_uint8_tensor(letterbox(image, self.image_size))
+
+    def decode(self, manifest: "Manifest", *, on_corrupt: "CorruptPolicy" = "skip", max_pixels: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, "Manifest", "LoadReport"]:
+        """Every image of ``manifest`` through :meth:`pixels`, once: (uint8 N x 3 x S x S, kept, report)."""
+        from leukoscope.data.dataset import decode_manifest
+
+        options: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return decode_manifest(manifest, self.pixels, on_corrupt=on_corrupt, progress=progress, **options)
+
+    def model_input(self, pixels: torch.Tensor, framework: str = "torch") -> torch.Tensor:
+        """uint8 pixels (one image or a batch) -> the model's input."""
+        if framework == "sklearn":
+            return pixels
+        if framework != "torch":
+            raise ValueError(f"unknown model framework {framework!r} (expected one of {FRAMEWORKS})")
+        return self.normalize(pixels)
+
+
+def framework_of(model: Any) -> str:
+    """``sklearn`` for a classical model (features + pipeline), ``torch`` for an ``nn.Module``."""
+    return "torch" if isinstance(model, torch.nn.Module) else "sklearn"
+
+
+@torch.no_grad()
+def batched_logits(model: Any, pixels: torch.Tensor, preprocessing: Preprocessing,
+                   device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+    """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode."""
+    framework = framework_of(model)
+    if framework == "sklearn":
+        return np.asarray(model.predict_logits(pixels), dtype=np.float64)
+    device = torch.device(device)
+    model.eval()
+    outputs = [model(preprocessing.model_input(pixels[start:start + batch_size]).to(device)).float().cpu()
+               for start in range(0, len(pixels), batch_size)]
+    if not outputs:
+        raise ValueError("no images to score")
+    return torch.cat(outputs).numpy()
+
+
+def stack_pixels(images: Sequence[Image.Image], preprocessing: Preprocessing) -> torch.Tensor:
+    """A uint8 batch of PIL images through :meth:`Preprocessing.pixels`."""
+    return torch.stack([preprocessing.pixels(image) for image in images])

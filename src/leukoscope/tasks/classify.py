@@ -1,0 +1,218 @@
+"""Classification: train (one run from a config) and evaluate (a bundle on labelled images).
+
+A run: data -> :class:`~leukoscope.engine.learner.Learner` (a CNN or a classical
+pipeline) -> fit -> evaluate on the test split -> bundle -> report, in the run
+directory of :mod:`leukoscope.engine.run_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
+from leukoscope.data.manifest import DatasetError, Manifest
+from leukoscope.data.readers import read_dataset
+from leukoscope.data.splits import Split
+from leukoscope.engine.config import ExperimentConfig
+from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.learner import Learner, create_learner
+from leukoscope.engine.run_dir import finish_run, new_run_dir, open_run
+from leukoscope.engine.trainer import FitResult
+from leukoscope.evaluation import evaluate_logits, headline_metrics
+from leukoscope.preprocessing import Preprocessing, batched_logits
+from leukoscope.progress import counter_callback, progress_bar, say
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    fit: FitResult
+
+
+def run_name(config: ExperimentConfig) -> str:
+    """The run's folder name: the config's ``name``, else the model's."""
+    return config.name or config.model.name
+
+
+def preprocessing_of(config: ExperimentConfig) -> Preprocessing:
+    """The preprocessing a run trains with and its bundle keeps (ImageNet statistics)."""
+    return Preprocessing(image_size=config.model.image_size, segmentation=config.data.segmentation)
+
+
+def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """The config with its data paths made absolute, so that ``--resume`` works from any folder."""
+    updates = {key: str(Path(value).resolve()) for key in ("path", "split_file")
+               if (value := getattr(config.data, key))}
+    if not updates:
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    prepared: PreparedData | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Train and evaluate one model as ``config`` describes; returns where everything went."""
+    config = with_absolute_paths(config)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
+    with open_run(run_dir, config, resume=resume):
+        preprocessing = preprocessing_of(config)
+        if prepared is None:
+            prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
+        shutil.copyfile(prepared.split_file, run_dir / "split.json")
+        classes = prepared.classes
+        learner = create_learner(config, classes, preprocessing)
+        sizes = {name: len(prepared.parts[name].targets) if name in prepared.parts else 0
+                 for name in ("train", "val", "test")}
+        say(f"[bold]{run_dir.name}[/bold]: {learner.describe()}, classes {classes}, "
+            f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images")
+        result = learner.fit(prepared, run_dir=run_dir, resume=resume, show_progress=show_progress)
+        metrics = evaluate_run(learner, prepared, config, run_dir, result)
+        bundle_dir = save_bundle(
+            run_dir / "bundle",
+            learner.model,
+            BundleInfo(
+                model_name=config.model.name,
+                classes=classes,
+                preprocessing=preprocessing,
+                model_options=learner.model_options,
+                temperature=float(metrics.get("calibration", {}).get("temperature", 1.0)),
+                uncertain_threshold=config.predict.uncertain_threshold,
+                metrics=headline_metrics(metrics),
+                provenance={"run_dir": str(run_dir.resolve()), "split_file": str(prepared.split_file.resolve()),
+                            "dataset": config.data.path, "config": config.to_dict()},
+            ),
+        )
+        finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
+        return RunResult(run_dir, bundle_dir, metrics, result)
+
+
+def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentConfig, run_dir: Path,
+                 result: FitResult) -> dict[str, Any]:
+    """Score the best model on the test split (validation when there is no test split)."""
+    eval_name = "test" if "test" in prepared.parts else "val" if "val" in prepared.parts else "train"
+    target = prepared.parts[eval_name]
+    logits = learner.logits(target.images)
+    val = prepared.parts.get("val") if eval_name != "val" else None
+    val_logits = learner.logits(val.images) if val is not None else None
+    extra = learner.report_extra()
+    notes = list(extra.pop("notes"))
+    if eval_name != "test":
+        notes.append(f"No test split: the figures below are on the {eval_name} split, "
+                     f"which {'took part in training' if eval_name == 'train' else 'chose the best epoch'}.")
+    skipped = prepared.skipped()
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) were skipped: "
+                     + "; ".join(f"{s['path']} ({s['error']})" for s in skipped[:10]))
+    extra.update({
+        "evaluated_on": eval_name,
+        "split_sizes": prepared.split.sizes(),
+        "split_file": str(prepared.split_file),
+        "split_info": {k: v for k, v in prepared.split.info.items() if k != "groups"},
+        "skipped_images": skipped,
+        "best_epoch": result.best_epoch,
+        "stopped_because": result.stopped_because,
+        "train_minutes": result.train_seconds / 60,
+        "images_per_second": learner.images_per_second(target.images),
+        "history": result.history,
+    })
+    metrics = evaluate_logits(
+        np.asarray(target.targets),
+        logits,
+        prepared.classes,
+        run_dir,
+        val_logits=val_logits,
+        val_true=np.asarray(val.targets) if val is not None else None,
+        history=result.history if len(result.history) > 1 else None,  # one point is no curve
+        config=config.to_dict(),
+        title=f"{run_name(config)}: {config.model.name}",
+        notes=notes,
+        extra=extra,
+    )
+    say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
+        f"({metrics['n']} images)")
+    (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    return metrics
+
+
+# --------------------------------------------------------------------------- evaluate a bundle
+def training_overlap(info: BundleInfo, manifest: Manifest) -> dict[str, int]:
+    """How many images of ``manifest`` the bundle trained or chose its epoch on, per split part
+    (empty when the bundle recorded no split or its split file is gone)."""
+    split_file = info.split_file
+    if split_file is None or not split_file.is_file():
+        return {}
+    split = Split.load(split_file)
+    paths = {s.path.resolve() for s in manifest}
+    overlap = {part: sum(1 for s in split.manifest(part) if s.path.resolve() in paths) for part in ("train", "val")}
+    return {part: n for part, n in overlap.items() if n}
+
+
+def evaluate_bundle(
+    bundle: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    split_file: str | Path | None = None,
+    subset: str = "test",
+    on_corrupt: str = "skip",
+    device: str = "cpu",
+    allow_training_data: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``.
+
+    Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
+    training or validation part: such a score says nothing about new images.
+    """
+    model, info = load_bundle(bundle, device, task="classify")
+    manifest = read_dataset(data)
+    if split_file is not None:
+        part = Split.load(split_file).manifest(subset)
+        wanted = {s.path.resolve() for s in part}
+        manifest = manifest.filter([s.path.resolve() in wanted for s in manifest])
+        if len(manifest) == 0:
+            raise DatasetError(f"no image of {data} is in the {subset!r} part of {split_file}")
+    manifest = manifest.with_classes(info.classes)  # fails clearly on classes the model does not know
+    overlap = training_overlap(info, manifest)
+    notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
+             + (f" ({subset} part of {split_file})" if split_file else "") + "."]
+    if overlap:
+        described = " and ".join(f"{n} of its {part} images" for part, n in overlap.items())
+        message = (f"{data} holds {described} (split {info.split_file}): a score on them says nothing about "
+                   f"new images")
+        if not allow_training_data:
+            raise DatasetError(f"{message}; evaluate its test part with --split-file {info.split_file}, "
+                               f"or pass --allow-training-data")
+        log.warning(message)
+        notes.append(f"Warning: {message}.")
+    preprocessing = info.preprocessing
+    with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
+        pixels, kept, report = preprocessing.decode(manifest, on_corrupt=on_corrupt, progress=counter_callback(update))
+    logits = batched_logits(model, pixels, preprocessing, device) / info.temperature
+    if info.temperature != 1.0:
+        notes.append(f"Logits divided by the bundle's temperature {info.temperature:.3f} (fitted on validation).")
+    if report.skipped:
+        notes.append(f"{len(report.skipped)} unreadable image(s) skipped: "
+                     + "; ".join(f"{s['path']} ({s['error']})" for s in report.skipped[:10]))
+    return evaluate_logits(
+        np.asarray(kept.targets), logits, info.classes, Path(out_dir),
+        title=f"{info.model_name} on {Path(data).name}", notes=notes,
+        extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
+               "skipped_images": report.skipped, "training_overlap": overlap},
+    )

@@ -1,0 +1,160 @@
+"""Detection: train a cell detector from a config, and evaluate a detector bundle on a VOC folder.
+
+The run directory is the shared one (:mod:`leukoscope.engine.run_dir`); the
+bundle says ``task: detect``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from leukoscope.bundle import BundleInfo, save_bundle
+from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.engine.config import ConfigError
+from leukoscope.engine.detection_config import DetectionExperimentConfig
+from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
+                                              prepare_detection_data, to_ground_truth)
+from leukoscope.engine.detection_trainer import DetectionFitResult, fit_detector
+from leukoscope.engine.run_dir import finish_run, new_run_dir, open_run
+from leukoscope.engine.runtime import count_parameters, resolve_device
+from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
+from leukoscope.inference.detector import CellDetector
+from leukoscope.models import create_model, model_entry
+from leukoscope.progress import say
+
+
+@dataclass
+class DetectionRunResult:
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    fit: DetectionFitResult
+
+
+def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch.nn.Module:
+    entry = model_entry(config.model.name)
+    if entry.kind != "detector":
+        raise ConfigError(f"model.name {config.model.name!r} is a {entry.kind}, not a detector")
+    options = dict(config.model.options)
+    if config.model.weights:
+        options["weights"] = config.model.weights
+    if config.model.backbone_weights:
+        options["backbone_weights"] = config.model.backbone_weights
+    if config.model.freeze_backbone:
+        options["freeze_backbone"] = True
+    try:
+        return create_model(config.model.name, num_classes=num_classes, **options)
+    except (TypeError, ValueError) as exc:  # unknown or ill-formed options
+        raise ConfigError(f"model.options for {config.model.name}: {exc}") from None
+
+
+def run_detection_experiment(
+    config: DetectionExperimentConfig,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> DetectionRunResult:
+    """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
+    if config.data.path:  # absolute, so that --resume works from any folder
+        config = config.model_copy(update={"data": config.data.model_copy(
+            update={"path": str(Path(config.data.path).resolve())})})
+    label = config.name or config.model.name
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
+    with open_run(run_dir, config, resume=resume):
+        splits = prepare_detection_data(config.data)
+        (run_dir / "split.json").write_text(json.dumps(splits.describe(), indent=1))
+        classes = splits.classes
+        model = build_detector(config, len(classes))
+        n_params = count_parameters(model)
+        sizes = {k: len(v) for k, v in splits.parts.items()}
+        say(f"[bold]{label}[/bold]: {config.model.name} ({n_params / 1e6:.2f} M parameters), "
+            f"classes {classes}, images {sizes}")
+        result = fit_detector(model, splits, config.train, run_dir=run_dir, resume=resume,
+                              show_progress=show_progress)
+        say(f"training finished: {result.stopped_because}; kept epoch {result.best_epoch}")
+        device = resolve_device(config.train.device)
+        info = BundleInfo(model_name=config.model.name, classes=list(classes), task="detect",
+                          model_options=dict(config.model.options), score_threshold=config.predict.score_threshold)
+        detector = CellDetector(model, info, device)
+        notes = list(splits.notes)
+        if config.predict.choose_threshold and "val" in splits.parts:
+            val = list(splits.parts["val"])
+            predictions = predict_images(detector, val, show_progress=show_progress, description="validation")
+            info.score_threshold = choose_threshold(predictions, [to_ground_truth(i, classes) for i in val], classes)
+            detector.score_threshold = info.score_threshold
+            notes.append(f"Operating threshold {info.score_threshold:.2f} chosen on the validation split "
+                         f"(best mean F1 over classes).")
+        eval_name = "test" if "test" in splits.parts else "val" if "val" in splits.parts else "train"
+        if eval_name != "test":
+            notes.append(f"No test split: the numbers below are on the {eval_name} split, which took part "
+                         f"in training or model selection.")
+        target = list(splits.parts[eval_name])
+        predictions = predict_images(detector, target, show_progress=show_progress,
+                                     description=f"scoring {eval_name}")
+        extra = {
+            "evaluated_on": eval_name, "split_sizes": sizes, "best_epoch": result.best_epoch,
+            "stopped_because": result.stopped_because, "train_minutes": result.train_seconds / 60,
+            "parameters": n_params, "seconds_per_image": measure_seconds_per_image(detector, target[0]),
+            "model": config.model.name, "history": result.history,
+        }
+        metrics = evaluate_detections(
+            predictions, [to_ground_truth(i, classes) for i in target], classes, run_dir,
+            score_threshold=info.score_threshold, images=lambda i: image_array(target[i]),
+            history=result.history, title=f"{label}: {config.model.name} on {eval_name}",
+            notes=notes, config=config.to_dict(), extra=extra,
+        )
+        info.metrics = {k: metrics.get(k) for k in ("map", "map_50", "map_75", "wbc_count_exact", "n_images",
+                                                     "evaluated_on", "seconds_per_image", "train_minutes",
+                                                     "best_epoch")}
+        info.metrics["ap_50_per_class"] = {name: v["ap_50"] for name, v in metrics["per_class"].items()}
+        info.provenance = {"run_dir": str(run_dir.resolve()), "dataset": config.data.path,
+                           "config": config.to_dict()}
+        bundle_dir = save_bundle(run_dir / "bundle", model, info)
+        say(f"{eval_name}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
+            f"({metrics['n_images']} images)")
+        (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+        finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
+        return DetectionRunResult(run_dir, bundle_dir, metrics, result)
+
+
+def evaluate_detector_bundle(
+    bundle: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    on_error: Literal["skip", "fail"] = "skip",
+    score_threshold: float | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score a detector bundle on a VOC folder (any layout; ``split`` picks one part)."""
+    detector = CellDetector.from_bundle(bundle, device, score_threshold)
+    classes = detector.classes
+    dataset = read_voc_dataset(data, split, classes=classes, on_error=on_error)
+    images = list(dataset)
+    predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
+    notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
+             + (f" (split {split})" if split else "") + "."]
+    if dataset.issues:
+        notes.append(f"{len(dataset.issues)} annotation problem(s) skipped: "
+                     + "; ".join(str(i) for i in dataset.issues[:5]) + (" ..." if len(dataset.issues) > 5 else ""))
+    trained_on = detector.info.provenance.get("dataset")
+    if trained_on:
+        notes.append(f"The detector was trained on {trained_on}; BCCD and CBC show the same smears, so never "
+                     f"score a detector trained on one of them on the other.")
+    return evaluate_detections(
+        predictions, [to_ground_truth(i, classes) for i in images], classes, Path(out_dir),
+        score_threshold=detector.score_threshold, images=lambda i: image_array(images[i]),
+        title=f"{detector.info.model_name} on {Path(data).name}" + (f" ({split})" if split else ""),
+        notes=notes,
+        extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "split": split,
+               "seconds_per_image": measure_seconds_per_image(detector, images[0]),
+               "annotation_issues": [i.as_dict() for i in dataset.issues]},
+    )
