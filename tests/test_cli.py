@@ -70,8 +70,14 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
 
 
 def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
-    result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", tmp_path / "ev")
+    # The folder holds the bundle's own training images: refused, then scored with a warning when asked.
+    refused = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", tmp_path / "ev")
+    assert refused.exit_code == 2 and "of its train images" in refused.output and "--split-file" in refused.output
+    assert not (tmp_path / "ev").exists()
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", tmp_path / "ev",
+                    "--allow-training-data")
     assert result.exit_code == 0, result.output
+    assert "says nothing about new images" in (tmp_path / "ev" / "report.html").read_text()
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == 96 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "ev" / "report.html").exists()
@@ -139,12 +145,17 @@ def test_demo_generates_data_trains_and_reports(tmp_path: Path) -> None:
     assert "demo finished" in result.output
 
 
-def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path) -> None:
-    first = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v3_small", "--quiet",
-                   f"output_root={tmp_path}", "model.image_size=32", "train.epochs=1")
+def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(synthetic_root.parent)  # a relative data path, as a user types it
+    first = invoke("train", "--data", synthetic_root.name, "--model", "mobilenet_v3_small", "--quiet",
+                   f"output_root={tmp_path}", "model.image_size=32", "train.epochs=1", "train.keep_checkpoint=true")
     assert first.exit_code == 0, first.output
     run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
-    resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the run stored absolute data paths: resuming works from any folder
+    resumed = invoke("train", "--resume", run_dir.resolve(), "--quiet", "train.epochs=2")
     assert resumed.exit_code == 0, resumed.output
     assert Path(resumed.stdout.strip().splitlines()[-1]).parent == run_dir
     history = json.loads((run_dir / "history.json").read_text())

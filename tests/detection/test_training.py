@@ -49,7 +49,7 @@ def test_config_validation(tmp_path: Path) -> None:
     assert cfg.data.path == str((tmp_path / "data" / "voc").resolve())
     for name in ("detector_cbc.yaml", "system_a_fasterrcnn.yaml"):
         cfg = load_detection_config(Path(__file__).resolve().parents[2] / "configs" / name)
-        assert cfg.task == "detection" and cfg.data.train == "Training+Validation"
+        assert cfg.task == "detect" and cfg.data.train == "Training+Validation"
     recipe = load_detection_config(Path(__file__).resolve().parents[2] / "configs" / "system_a_fasterrcnn.yaml")
     assert (recipe.train.optimizer, recipe.train.batch_size, recipe.train.epochs, recipe.train.lr) == ("adam", 8, 50, 0.01)
     misspelt = load_detection_config(None, ["model.name=fasterrcnn_abas", "model.options={input_sacle: 0.5}"])
@@ -59,7 +59,7 @@ def test_config_validation(tmp_path: Path) -> None:
 
 def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train-detector", "--data", str(smear_root), "--quiet",
-                                 f"output_root={tmp_path / 'runs'}", *TINY_RUN])
+                                 f"output_root={tmp_path / 'runs'}", *TINY_RUN, "train.keep_checkpoint=true"])
     assert result.exit_code == 0, result.output
     bundle = Path(result.stdout.strip().splitlines()[-1])
     run_dir = bundle.parent
@@ -67,7 +67,7 @@ def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
                  "figures/pr_curves.png", "figures/counts.png", "figures/examples.png"):
         assert (run_dir / name).exists(), name
     info = json.loads((bundle / "bundle.json").read_text())
-    assert info["task"] == "detection" and info["classes"] == ["Platelets", "RBC", "WBC"]
+    assert info["task"] == "detect" and info["classes"] == ["Platelets", "RBC", "WBC"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and 0.0 <= metrics["map_50"] <= 1.0
     assert set(metrics["per_class"]) == {"Platelets", "RBC", "WBC"}

@@ -12,6 +12,7 @@ import torch
 from leukoscope.data.manifest import DatasetError
 from leukoscope.engine.config import load_config
 from leukoscope.engine.data_prep import prepare_data
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.tasks.classify import preprocessing_of, run_experiment
 from leukoscope.tasks.search import grid, run_search
 from leukoscope.engine.optim import lr_factor
@@ -19,6 +20,8 @@ from leukoscope.engine.trainer import class_weights, fit
 from leukoscope.bundle import load_bundle
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
+
+PREP = Preprocessing(32)  # the images of these tests are 32 px, ImageNet statistics
 
 
 def _config(root: Path, out: Path, *extra: str):
@@ -48,7 +51,7 @@ def test_fit_learns_and_is_deterministic(prepared) -> None:
         torch.manual_seed(0)
         model = create_model("mobilenet_v3_small", 4)
         results.append(fit(model, train.images, train.targets, val.images, val.targets, config.train,
-                           num_classes=4, show_progress=False))
+                           num_classes=4, preprocessing=PREP, show_progress=False))
     first, second = results
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
     assert [h["train_loss"] for h in first.history] == pytest.approx([h["train_loss"] for h in second.history])
@@ -62,10 +65,10 @@ def test_early_stopping_and_time_budget(prepared) -> None:
     cfg = config.train.model_copy(update={"epochs": 20, "early_stopping_patience": 1, "lr": 0.0})
     # lr=0 cannot improve after the first epoch: stops after patience runs out
     result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, data.parts["val"].images,
-                 data.parts["val"].targets, cfg, num_classes=4, show_progress=False)
+                 data.parts["val"].targets, cfg, num_classes=4, preprocessing=PREP, show_progress=False)
     assert len(result.history) == 2 and result.stopped_because.startswith("early stopping")
     cfg = config.train.model_copy(update={"epochs": 20, "max_minutes": 1e-6})
-    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4, preprocessing=PREP,
                  show_progress=False)
     assert len(result.history) == 1 and "time budget" in result.stopped_because
 
@@ -83,12 +86,12 @@ def test_schedule_follows_steps_or_the_time_budget(prepared) -> None:
     config, data = prepared
     train = data.parts["train"]
     cfg = config.train.model_copy(update={"epochs": 2, "scheduler": "cosine", "lr": 0.01})
-    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4, preprocessing=PREP,
                  show_progress=False)
     assert [h["lr"] for h in result.history] == pytest.approx([0.005, 0.0], abs=1e-9)
     # A budget that runs out first anneals the rate by time: a cut-short run ends at the bottom, not mid-schedule.
     cfg = cfg.model_copy(update={"epochs": 50, "max_minutes": 1e-6})
-    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4,
+    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, None, None, cfg, num_classes=4, preprocessing=PREP,
                  show_progress=False)
     assert len(result.history) == 1 and result.history[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
@@ -98,13 +101,13 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     train, val = data.parts["train"], data.parts["val"]
     torch.manual_seed(0)
     full = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets,
-               config.train, num_classes=4, show_progress=False, run_dir=tmp_path / "a")
+               config.train, num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path / "a")
     short_cfg = config.train.model_copy(update={"epochs": 2})
     torch.manual_seed(0)
     fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, short_cfg,
-        num_classes=4, show_progress=False, run_dir=tmp_path / "b")
+        num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path / "b")
     resumed = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets,
-                  config.train, num_classes=4, show_progress=False, run_dir=tmp_path / "b", resume=True)
+                  config.train, num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path / "b", resume=True)
     assert len(resumed.history) == 3
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history],
                                                                        rel=1e-4)
@@ -114,7 +117,7 @@ def test_resume_without_checkpoint_fails(prepared, tmp_path: Path) -> None:
     config, data = prepared
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         fit(create_model("mobilenet_v3_small", 4), data.parts["train"].images, data.parts["train"].targets, None, None,
-            config.train, num_classes=4, run_dir=tmp_path, resume=True, show_progress=False)
+            config.train, num_classes=4, preprocessing=PREP, run_dir=tmp_path, resume=True, show_progress=False)
 
 
 def test_divergence_is_reported(prepared) -> None:
@@ -122,17 +125,19 @@ def test_divergence_is_reported(prepared) -> None:
     cfg = config.train.model_copy(update={"lr": 1e12, "optimizer": "sgd", "epochs": 3})
     with pytest.raises(FloatingPointError, match="lower train.lr"):
         fit(create_model("mobilenet_v3_small", 4), data.parts["train"].images, data.parts["train"].targets, None, None,
-            cfg, num_classes=4, show_progress=False)
+            cfg, num_classes=4, preprocessing=PREP, show_progress=False)
 
 
 def test_experiment_writes_run_directory_and_bundle(synthetic_root: Path, tmp_path: Path) -> None:
     config = _config(synthetic_root, tmp_path, "name=unit")
     result = run_experiment(config, show_progress=False)
     run = result.run_dir
-    for name in ("config.yaml", "split.json", "checkpoint.pt", "metrics.json", "report.html", "train.log",
+    for name in ("config.yaml", "split.json", "metrics.json", "report.html", "train.log",
                  "figures/confusion_matrix.png", "figures/training_curves.png", "bundle/bundle.json",
                  "bundle/model.safetensors"):
         assert (run / name).exists(), name
+    assert not (run / "checkpoint.pt").exists()  # a complete run drops it unless train.keep_checkpoint
+    assert run.name.startswith("unit-")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and metrics["n"] == result.metrics["n"] > 0
     assert metrics["parameters"] > 0 and metrics["images_per_second"] > 0
@@ -203,7 +208,7 @@ def test_frozen_backbone_keeps_its_batchnorm_statistics(prepared) -> None:
     before = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("running_mean")}
     head_before = [p.detach().clone() for p in model.fc.parameters()]
     cfg = config.train.model_copy(update={"epochs": 1})
-    fit(model, train.images, train.targets, None, None, cfg, num_classes=4, show_progress=False)
+    fit(model, train.images, train.targets, None, None, cfg, num_classes=4, preprocessing=PREP, show_progress=False)
     after = dict(model.named_buffers())
     assert before and all(torch.equal(before[name], after[name]) for name in before)
     assert any(not torch.equal(p, q) for p, q in zip(head_before, model.fc.parameters()))  # the head did train
@@ -248,3 +253,19 @@ def test_cnn_trains_on_lab_kmeans_segmented_images(synthetic_root: Path, tmp_pat
     assert result.metrics["n"] > 0 and (result.bundle_dir / "bundle.json").exists()
     info = load_bundle(result.bundle_dir)[1]
     assert info.preprocessing.segmentation == "lab_kmeans"
+
+
+def test_runs_are_named_after_their_model_and_may_keep_their_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
+    result = run_experiment(_config(synthetic_root, tmp_path, "train.epochs=1", "train.keep_checkpoint=true"),
+                            show_progress=False)
+    assert result.run_dir.name.startswith("mobilenet_v3_small-")
+    assert (result.run_dir / "checkpoint.pt").is_file()
+
+
+def test_a_failed_run_leaves_no_run_directory(synthetic_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with pytest.raises(DatasetError):
+        run_experiment(_config(tmp_path / "missing", runs), show_progress=False)
+    with pytest.raises(DatasetError):
+        run_experiment(_config(synthetic_root, runs, "data.classes=[blast]"), show_progress=False)
+    assert not runs.exists() or [p.name for p in runs.iterdir() if p.name != "splits"] == []

@@ -53,7 +53,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                     scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns its ``progress``."""
     if not path.exists():
-        raise FileNotFoundError(f"cannot resume: no {path.name} in {path.parent}")
+        hint = ("; the run completed and removed it (train.keep_checkpoint=true keeps it for training further)"
+                if (path.parent / "bundle").is_dir() else "")
+        raise FileNotFoundError(f"cannot resume: no {path.name} in {path.parent}{hint}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "progress" not in state:
         raise ValueError(f"{path}: a checkpoint of an older leukoscope (before 0.2) cannot be resumed; "
