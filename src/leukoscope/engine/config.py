@@ -169,7 +169,7 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _format_validation_error(error: ValidationError, source: str, schema: type[BaseModel]) -> str:
+def format_validation_error(error: ValidationError, source: str, schema: type[BaseModel]) -> str:
     known = _known_keys(schema)
     lines = []
     for item in error.errors():
@@ -240,7 +240,7 @@ def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence
     try:
         return schema.model_validate(merge_trees(raw, parse_overrides(overrides)))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source, schema)) from None
+        raise ConfigError(format_validation_error(exc, source, schema)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -49,7 +49,7 @@ from leukoscope.engine.config import (
     CompareEntry,
     ConfigError,
     ExperimentConfig,
-    _format_validation_error,
+    format_validation_error,
     merge_trees,
     set_dotted,
     save_config,
@@ -170,7 +170,7 @@ def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentCon
     try:
         return ExperimentConfig.model_validate(merge_trees(tree, update))
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, f"compare row {label!r}", ExperimentConfig)) from None
+        raise ConfigError(format_validation_error(exc, f"compare row {label!r}", ExperimentConfig)) from None
 
 
 # ------------------------------------------------------------------ running

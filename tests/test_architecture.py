@@ -1,0 +1,35 @@
+"""The shape of the code: imports point one way, and modules keep their private helpers private."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "leukoscope"
+
+
+def test_the_layer_contract_holds() -> None:
+    """pyproject.toml's import-linter contract: cli -> service -> tasks -> engine -> inference ->
+    bundle/evaluation -> preprocessing -> models -> classic/data -> base. A cycle between packages
+    breaks it too, since it needs an import pointing up."""
+    pytest.importorskip("importlinter")
+    from importlinter.cli import lint_imports
+
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def _imported_private_names() -> list[str]:
+    found = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("leukoscope"):
+                found += [f"{path.relative_to(SOURCE)}: {node.module}.{alias.name}"
+                          for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_helpers() -> None:
+    assert _imported_private_names() == []
