@@ -43,7 +43,7 @@ def test_session_cookie_flags_and_logout(service):
     assert page.status_code == 200 and "My cases" in page.text
     # the database keeps a hash of the cookie, not the cookie
     token = response.cookies[SESSION_COOKIE]
-    from leukoscope.service.models import WebSession
+    from leukoscope.service.tables import WebSession
 
     with service.state.sessions() as db:
         assert db.get(WebSession, token) is None and db.query(WebSession).count() == 1
@@ -208,7 +208,7 @@ def test_account_tokens_and_admin_pages(service):
     assert dup.status_code == 409 and "already exists" in dup.text
     service.login("newhema", "long enough 2")
     # deactivating a user ends their sessions
-    from leukoscope.service.models import User
+    from leukoscope.service.tables import User
 
     with service.state.sessions() as db:
         tech_user = db.query(User).filter_by(username="tech").one()

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from leukoscope.service import db as dbm
-from leukoscope.service.models import Base
+from leukoscope.service.tables import Base
 from leukoscope.service.storage import ContentStore, StoreError, clean_png
 from tests.service.helpers import PASSWORD, cell_image, encode
 
@@ -126,7 +126,7 @@ def test_a_failure_between_files_and_commit_leaves_no_half_case(make_service):
     response = client.post("/api/v1/cases", headers=service.auth("tech"), files=files)
     assert response.status_code == 500
     assert service.rows() == {"cases": 0, "images": 0, "cells": 0}
-    from leukoscope.service.models import AuditEntry
+    from leukoscope.service.tables import AuditEntry
 
     assert service.count(AuditEntry) == 0
     orphans = service.state.store.names()

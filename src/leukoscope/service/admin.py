@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from leukoscope.service import db as dbm
 from leukoscope.service.auth import audit, create_user, new_api_token
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import Case, CaseImage, Cell, User
+from leukoscope.service.tables import Case, CaseImage, Cell, User
 from leukoscope.service.settings import ServiceSettings
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from leukoscope.service.errors import LoginRequired, ServiceError
-from leukoscope.service.models import ROLES, ApiToken, AuditEntry, User, WebSession, aware, utcnow
+from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, User, WebSession, aware, utcnow
 
 SESSION_COOKIE = "leukoscope_session"
 LOGIN_CSRF_COOKIE = "leukoscope_login_csrf"

@@ -26,7 +26,7 @@ from leukoscope.service.analysis import ImageOutcome, differential
 from leukoscope.service.auth import Principal, audit, too_many
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
+from leukoscope.service.tables import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
 from leukoscope.service.storage import EXTENSIONS
 
 if TYPE_CHECKING:  # pragma: no cover

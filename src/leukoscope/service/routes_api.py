@@ -23,7 +23,7 @@ from leukoscope.service import cases as ops
 from leukoscope.service.auth import Principal, api_principal, create_user
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import ROLES, AuditEntry, Case, User
+from leukoscope.service.tables import ROLES, AuditEntry, Case, User
 from leukoscope.service.storage import MEDIA_TYPES
 
 router = APIRouter()

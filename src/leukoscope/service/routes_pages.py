@@ -38,7 +38,7 @@ from leukoscope.service.auth import (
 )
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import ROLES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
+from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
 
 router = APIRouter(include_in_schema=False)
