@@ -17,7 +17,7 @@ from tests.service.helpers import PASSWORD, cell_image, encode
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TABLES = {"users", "sessions", "api_tokens", "cases", "images", "cells", "cell_reviews", "audit_log",
-          "alembic_version"}
+          "login_throttle", "alembic_version"}
 
 
 def _schema_matches_models(engine) -> list:
