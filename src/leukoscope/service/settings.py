@@ -46,7 +46,7 @@ class ServiceSettings(BaseModel):
     #: Uploads per user per minute (counted in the database, for every process); 0: no limit.
     rate_limit_per_minute: int = Field(default=60, ge=0)
     #: Failed log-ins per user name *and* client address per 15 minutes; past it, each
-    #: further attempt from there waits 1, 2, 4 ... s (at most 15 min). The same for
+    #: further attempt from there waits 2, 4, 8 ... s (at most 15 min). The same for
     #: re-entering one's password (password change, new token).
     login_failures_allowed: int = Field(default=5, ge=1)
     #: Failed log-ins per user name from all addresses per 15 minutes before the account is

@@ -37,7 +37,7 @@ def now() -> float:
 @dataclass(frozen=True)
 class Rule:
     """``limit`` attempts per ``window_s``; then wait until the window ends, or, when
-    ``growing``, 1, 2, 4 ... seconds after each further attempt (at most the window)."""
+    ``growing``, 2, 4, 8 ... seconds after each further attempt (at most the window)."""
 
     name: str
     limit: int  # 0: no limit
@@ -46,7 +46,7 @@ class Rule:
 
     def blocked_until(self, row: LoginThrottle, at: float) -> float:
         if self.growing:
-            return at + min(2.0 ** (row.attempts - self.limit), self.window_s)
+            return at + min(2.0 ** (row.attempts - self.limit + 1), self.window_s)
         return row.window_start + self.window_s
 
 
