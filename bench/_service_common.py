@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,10 +111,8 @@ def cell_pngs(count: int, size: int = 96, seed: int = 0) -> list[bytes]:
     return images
 
 
-def process_tree_cpu_s(root_pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parents, cpu = {}, {}
+def _proc_table() -> tuple[dict[int, int], dict[int, list[str]]]:
+    parents, stats = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -122,7 +121,13 @@ def process_tree_cpu_s(root_pid: int) -> float:
         except OSError:
             continue
         parents[int(entry.name)] = int(fields[1])
-        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+        stats[int(entry.name)] = fields
+    return parents, stats
+
+
+def process_tree(root_pid: int, parents: dict[int, int] | None = None) -> set[int]:
+    """A process and all its descendants (Linux /proc)."""
+    parents = parents if parents is not None else _proc_table()[0]
     tree, frontier = {root_pid}, [root_pid]
     while frontier:
         pid = frontier.pop()
@@ -130,7 +135,62 @@ def process_tree_cpu_s(root_pid: int) -> float:
             if parent == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    return sum(cpu.get(pid, 0.0) for pid in tree)
+    return tree
+
+
+def process_tree_cpu_s(root_pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, stats = _proc_table()
+    return sum((int(stats[pid][11]) + int(stats[pid][12])) / ticks
+               for pid in process_tree(root_pid, parents) if pid in stats)
+
+
+def rss_bytes(pids: set[int]) -> int:
+    """Resident memory of these processes together (VmRSS; gone processes count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+class PeakMemory:
+    """Samples the resident memory of a process tree every ``every_s`` while in a ``with``
+    block: ``baseline`` (at entry), ``peak`` and ``peak - baseline`` (``rise``)."""
+
+    def __init__(self, root_pid: int, every_s: float = 0.005) -> None:
+        self.pids = process_tree(root_pid)
+        self.every_s = every_s
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pids))
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self.baseline = self.peak = rss_bytes(self.pids)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pids))
+
+    @property
+    def rise(self) -> int:
+        return self.peak - self.baseline
 
 
 def load_average() -> str:

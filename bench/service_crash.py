@@ -39,7 +39,7 @@ def check_database(data_dir: Path) -> dict:
     from sqlalchemy.orm import selectinload
 
     from leukoscope.service.db import make_engine, make_sessionmaker
-    from leukoscope.service.models import Case
+    from leukoscope.service.tables import Case
     from leukoscope.service.settings import ServiceSettings
     from leukoscope.service.storage import ContentStore
 

@@ -24,7 +24,7 @@ else:
     from leukoscope.service.app import create_app
     from leukoscope.service.auth import create_user, new_api_token
     from leukoscope.service.db import transaction
-    from leukoscope.service.models import Case, CaseImage, Cell, User
+    from leukoscope.service.tables import Case, CaseImage, Cell, User
     from leukoscope.service.settings import ServiceSettings
 
 from tests.service.helpers import PASSWORD, FakeSmear, csrf_of, train_tiny_bundle

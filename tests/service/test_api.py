@@ -216,9 +216,9 @@ def test_api_tokens(service):
     assert bad.headers["www-authenticate"] == "Bearer"
     headers = service.auth("tech")
     assert client.get("/api/v1/me", headers=headers).json() == {"username": "tech", "role": "technician",
-                                                                  "via": "token"}
+                                                                  "via": "token", "scope": "write"}
     from leukoscope.service.db import transaction
-    from leukoscope.service.models import ApiToken, utcnow
+    from leukoscope.service.tables import ApiToken, utcnow
 
     with transaction(service.state.sessions) as db:
         for token in db.query(ApiToken).all():

@@ -43,7 +43,7 @@ def test_session_cookie_flags_and_logout(service):
     assert page.status_code == 200 and "My cases" in page.text
     # the database keeps a hash of the cookie, not the cookie
     token = response.cookies[SESSION_COOKIE]
-    from leukoscope.service.models import WebSession
+    from leukoscope.service.tables import WebSession
 
     with service.state.sessions() as db:
         assert db.get(WebSession, token) is None and db.query(WebSession).count() == 1
@@ -139,7 +139,7 @@ def test_upload_page_result_and_review(service):
     assert "first cell is a lymphocyte" in tech.get(case_url).text
     export = hema.get("/export")
     assert "lymphocyte" in export.text and 'id="export-folders"' in export.text
-    archive = hema.get("/export/dataset.zip?layout=folders")
+    archive = hema.post("/export/dataset.zip", data={"layout": "folders", "csrf_token": csrf_of(export.text)})
     assert archive.status_code == 200 and archive.content[:2] == b"PK"
     assert tech.get("/export").status_code == 403
 
@@ -190,7 +190,8 @@ def test_login_throttling(make_service):
 def test_account_tokens_and_admin_pages(service):
     tech = service.login("tech")
     account = tech.get("/account")
-    created = tech.post("/account/tokens", data={"name": "scanner", "csrf_token": csrf_of(account.text)})
+    created = tech.post("/account/tokens", data={"name": "scanner", "password": PASSWORD,
+                                                 "csrf_token": csrf_of(account.text)})
     token = re.search(r'id="new-token">([^<]+)<', created.text).group(1)
     assert token.startswith("lks_")
     assert tech.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()["username"] == "tech"
@@ -208,7 +209,7 @@ def test_account_tokens_and_admin_pages(service):
     assert dup.status_code == 409 and "already exists" in dup.text
     service.login("newhema", "long enough 2")
     # deactivating a user ends their sessions
-    from leukoscope.service.models import User
+    from leukoscope.service.tables import User
 
     with service.state.sessions() as db:
         tech_user = db.query(User).filter_by(username="tech").one()

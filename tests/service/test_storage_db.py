@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import inspect, text
 
 from leukoscope.service import db as dbm
-from leukoscope.service.models import Base
+from leukoscope.service.tables import Base
 from leukoscope.service.storage import ContentStore, StoreError, clean_png
 from tests.service.helpers import PASSWORD, cell_image, encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TABLES = {"users", "sessions", "api_tokens", "cases", "images", "cells", "cell_reviews", "audit_log",
-          "alembic_version"}
+          "login_throttle", "alembic_version"}
 
 
 def _schema_matches_models(engine) -> list:
@@ -126,7 +126,7 @@ def test_a_failure_between_files_and_commit_leaves_no_half_case(make_service):
     response = client.post("/api/v1/cases", headers=service.auth("tech"), files=files)
     assert response.status_code == 500
     assert service.rows() == {"cases": 0, "images": 0, "cells": 0}
-    from leukoscope.service.models import AuditEntry
+    from leukoscope.service.tables import AuditEntry
 
     assert service.count(AuditEntry) == 0
     orphans = service.state.store.names()
@@ -169,3 +169,44 @@ def test_cli_user_commands(tmp_path):
     assert (Path(data) / "leukoscope.db").is_file()
     missing = runner.invoke(app, ["serve", "--data-dir", data])
     assert missing.exit_code == 2 and "bundle" in missing.output
+
+
+def _upgrade_with_look_alikes(url: str) -> None:
+    """0001 -> head on a database that has look-alike user names and a token from before
+    expiry and scopes: the names get distinct keys, the token a scope and an expiry."""
+    from datetime import datetime, timezone
+
+    from alembic import command
+
+    engine = dbm.make_engine(url)
+    config = dbm.alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    dbm.upgrade(engine, "0001")
+    now = datetime.now(timezone.utc)
+    with engine.begin() as connection:
+        for user_id, name in ((1, "tina"), (2, "Tina"), (3, "hugo")):
+            connection.execute(text("INSERT INTO users (id, username, password_hash, role, active, created_at) "
+                                    "VALUES (:i, :n, 'x', 'technician', :a, :t)"),
+                               {"i": user_id, "n": name, "a": True, "t": now})
+        connection.execute(text("INSERT INTO api_tokens (user_id, name, token_hash, prefix, created_at) "
+                                "VALUES (3, 'old', :h, 'lks_old', :t)"), {"h": "0" * 64, "t": now})
+    dbm.upgrade(engine)
+    with engine.connect() as connection:
+        keys = dict(connection.execute(text("SELECT username, username_key FROM users")).all())
+        scope, expires = connection.execute(text("SELECT scope, expires_at FROM api_tokens")).one()
+    assert keys == {"tina": "tina", "Tina": "tina#2", "hugo": "hugo"}
+    assert scope == "write" and expires is not None
+    assert _schema_matches_models(engine) == []
+    engine.dispose()
+
+
+def test_upgrade_from_0001_keeps_look_alike_users_and_old_tokens(tmp_path):
+    _upgrade_with_look_alikes(f"sqlite:///{tmp_path / 'old.db'}")
+
+
+@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
+                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_upgrade_from_0001_on_postgresql():
+    _upgrade_with_look_alikes(os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])

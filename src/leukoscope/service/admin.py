@@ -8,9 +8,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from leukoscope.service import db as dbm
-from leukoscope.service.auth import audit, create_user, new_api_token
+from leukoscope.service.auth import audit, create_user, find_user, new_api_token
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import Case, CaseImage, Cell, User
+from leukoscope.service.tables import Case, CaseImage, Cell, User
 from leukoscope.service.settings import ServiceSettings
 
 
@@ -45,16 +45,19 @@ def add_user(settings: ServiceSettings, username: str, password: str, role: str)
         database.close()
 
 
-def issue_token(settings: ServiceSettings, username: str, name: str) -> str:
+def issue_token(settings: ServiceSettings, username: str, name: str, *, scope: str = "write",
+                days: float | None = None) -> str:
+    """A new API token (``settings.token_days`` long unless ``days`` is given)."""
     database = open_database(settings)
     try:
         with dbm.transaction(database.sessions) as db:
-            user = db.scalar(select(User).where(User.username == username))
+            user = find_user(db, username)
             if user is None:
                 raise ServiceError(404, "no_user", f"no user {username!r}")
-            token, secret = new_api_token(db, user, name)
+            token, secret = new_api_token(db, user, name, scope=scope, days=days or settings.token_days)
             audit(db, None, "token.create", username="(command line)",
-                  detail={"for": username, "token": token.prefix})
+                  detail={"for": user.username, "token": token.prefix, "scope": token.scope,
+                          "expires_at": token.expires_at.isoformat()})
             return secret
     finally:
         database.close()

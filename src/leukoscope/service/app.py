@@ -20,13 +20,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import leukoscope
 from leukoscope.service import db as dbm
 from leukoscope.service.analysis import Analyzer
-from leukoscope.service.auth import RateLimiter
+from leukoscope.service.auth import PasswordGate, audit, client_address, optional_principal
 from leukoscope.service.cases import DECISION_SUPPORT_NOTE
 from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service.settings import ServiceSettings
@@ -49,8 +50,7 @@ class ServiceState:
     sessions: sessionmaker[Session]
     store: ContentStore
     analyzer: Analyzer
-    upload_limiter: RateLimiter
-    login_limiter: RateLimiter
+    password_gate: PasswordGate
     templates: Jinja2Templates
     owns_analyzer: bool = True
     #: Test hook, called inside the case transaction after the rows are flushed and
@@ -98,6 +98,36 @@ class LimitBody:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ServerErrors:
+    """An unexpected exception becomes a 500 in the service's own form (JSON for the API, the
+    error page otherwise) *inside* SecurityHeaders: Starlette's own 500 is sent outside every
+    middleware, as plain text without the security headers. The details go to the log only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:  # too late for an error response: let the server close the connection
+                raise
+            response = render_error(Request(scope), 500, "internal_error",
+                                    "an internal error occurred; it has been logged")
+            await response(scope, receive, send)
 
 
 class SecurityHeaders:
@@ -164,9 +194,7 @@ def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> 
     return ServiceState(
         settings=settings, engine=engine, sessions=dbm.make_sessionmaker(engine),
         store=ContentStore(settings.store_dir, fsync=settings.fsync), analyzer=analyzer,
-        upload_limiter=RateLimiter(settings.rate_limit_per_minute, 60.0),
-        login_limiter=RateLimiter(settings.login_failures_allowed, 15 * 60.0),
-        templates=templates, owns_analyzer=owns,
+        password_gate=PasswordGate(settings.password_checks), templates=templates, owns_analyzer=owns,
     )
 
 
@@ -199,6 +227,8 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
+        if exc.status in (403, 404):
+            await run_in_threadpool(record_denial, state, request, exc)
         return render_error(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(LoginRequired)
@@ -210,6 +240,10 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI validates the body before the route runs: say "who are you" before "what is wrong".
+        if wants_json(request) and await run_in_threadpool(anonymous, state, request):
+            return render_error(request, 401, "not_authenticated", "send an API token: Authorization: Bearer "
+                                "lks_...", {"WWW-Authenticate": "Bearer"})
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
         return render_error(request, 422, "invalid_request", problems or "invalid request")
 
@@ -230,8 +264,23 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
     app.include_router(routes_api.router)
     app.include_router(routes_pages.router)
     app.add_middleware(LimitBody, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ServerErrors)
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def anonymous(state: ServiceState, request: Request) -> bool:
+    with dbm.transaction(state.sessions) as db:
+        return optional_principal(db, request) is None
+
+
+def record_denial(state: ServiceState, request: Request, error: ServiceError) -> None:
+    """Audit a refused (403) or hidden (404) request, with whoever made it."""
+    with dbm.transaction(state.sessions) as db:
+        principal = optional_principal(db, request)
+        audit(db, principal.user if principal else None, "access.denied", client=client_address(request),
+              detail={"status": error.status, "code": error.code, "method": request.method,
+                      "path": request.url.path[:200]})
 
 
 def app_from_env() -> FastAPI:

@@ -1,12 +1,17 @@
-"""Users, passwords, browser sessions, API tokens, CSRF, rate limits and the audit log.
+"""Users, passwords, browser sessions, API tokens, CSRF and the audit log.
 
-- Passwords: Argon2id (argon2-cffi), re-hashed when the parameters change.
+- User names: NFKC-normalised; unique without regard to case ("Tina" is "tina").
+- Passwords: 8-256 characters, not only spaces, not one of the 30,000 most common
+  (zxcvbn's list); Argon2id (argon2-cffi), re-hashed when the parameters change; at
+  most ``password_checks`` Argon2 checks run at once per process (:class:`PasswordGate`).
 - Browser sessions: a random 256-bit token in an HttpOnly, SameSite=Lax cookie
   (Secure over HTTPS); the database keeps only its SHA-256, with a per-session
   CSRF token that every form must echo back.
 - API tokens (``Authorization: Bearer lks_...``) for scripts: random, shown
-  once, stored as SHA-256, revocable. The API accepts cookies only for safe
-  (GET) requests, so a cross-site form can never change anything through it.
+  once, stored as SHA-256, with an expiry and a scope (``read`` or ``write``),
+  revocable, revoked when the password changes or the user is deactivated. The API
+  accepts cookies only for safe (GET) requests from this site, so a cross-site form or
+  link can never change or record anything through it.
 """
 
 from __future__ import annotations
@@ -16,26 +21,34 @@ import hmac
 import re
 import secrets
 import threading
-import time
-from collections import defaultdict, deque
+import unicodedata
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Sequence
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from fastapi import Request
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from leukoscope.service.errors import LoginRequired, ServiceError
-from leukoscope.service.models import ROLES, ApiToken, AuditEntry, User, WebSession, aware, utcnow
+from leukoscope.service import throttle
+from leukoscope.service.throttle import Check, Rule, address_block
+from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, User, WebSession, utcnow
+
+if TYPE_CHECKING:  # pragma: no cover
+    from leukoscope.service.settings import ServiceSettings
 
 SESSION_COOKIE = "leukoscope_session"
 LOGIN_CSRF_COOKIE = "leukoscope_login_csrf"
 TOKEN_PREFIX = "lks_"
-USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{1,63}$")
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{1,63}")  # whole string (fullmatch: no "hugo\n")
 MIN_PASSWORD = 8
+#: One maximum everywhere: setting, changing and logging in (longer input is refused, never cut).
+MAX_PASSWORD = 256
+MAX_TOKEN_DAYS = 365
 
 _hasher = PasswordHasher()
 # Verifying against this keeps the time of "no such user" equal to "wrong password".
@@ -46,13 +59,57 @@ def hash_secret(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def hash_password(password: str) -> str:
+@lru_cache(maxsize=1)
+def _common_passwords() -> frozenset[str]:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    return frozenset(FREQUENCY_LISTS["passwords"])
+
+
+def password_problem(password: str) -> str | None:
+    """Why ``password`` may not be set, or None."""
     if len(password) < MIN_PASSWORD:
-        raise ServiceError(400, "weak_password", f"password must have at least {MIN_PASSWORD} characters")
+        return f"password must have at least {MIN_PASSWORD} characters"
+    if len(password) > MAX_PASSWORD:
+        return f"password must have at most {MAX_PASSWORD} characters"
+    if not password.strip():
+        return "password cannot be only spaces"
+    if password.lower() in _common_passwords() or len(set(password)) < 3:
+        return "password is one of the most common passwords; choose another"
+    return None
+
+
+def hash_password(password: str) -> str:
+    problem = password_problem(password)
+    if problem:
+        raise ServiceError(400, "weak_password", problem)
     return _hasher.hash(password)
 
 
+def username_key(username: str) -> str:
+    """What makes two user names the same: NFKC, then case-folded."""
+    return unicodedata.normalize("NFKC", username).casefold()
+
+
+def clean_username(raw: str) -> str:
+    """The user name to store (NFKC), or a 400 naming the problem."""
+    name = unicodedata.normalize("NFKC", raw or "")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise ServiceError(400, "bad_username", "user names cannot contain control or invisible characters")
+    if not USERNAME.fullmatch(name):
+        raise ServiceError(400, "bad_username", "user names are 2-64 letters, digits, '.', '_', '@' or '-'")
+    return name
+
+
+def find_user(db: Session, username: str) -> User | None:
+    """The user a log-in name means: its exact name, else the same name in any case/width."""
+    exact = db.scalar(select(User).where(User.username == username))
+    return exact or db.scalar(select(User).where(User.username_key == username_key(username)))
+
+
 def verify_password(user: User | None, password: str) -> bool:
+    if len(password) > MAX_PASSWORD:
+        return False  # no Argon2 work for input no account can have
     if user is None:
         try:
             _hasher.verify(_DUMMY_HASH, password)
@@ -68,14 +125,34 @@ def verify_password(user: User | None, password: str) -> bool:
     return True
 
 
+class PasswordGate:
+    """At most ``limit`` Argon2 checks at once in this process (each costs ~0.1 s of CPU and
+    64 MiB): a burst of log-ins waits ``wait_s`` at most, then gets a quick 503."""
+
+    def __init__(self, limit: int, wait_s: float = 0.25) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self.wait_s = wait_s
+
+    def verify(self, user: User | None, password: str) -> bool:
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise ServiceError(503, "busy", "the server is checking other passwords; try again in a second",
+                               {"Retry-After": "1"})
+        try:
+            return verify_password(user, password)
+        finally:
+            self._slots.release()
+
+
 def create_user(db: Session, username: str, password: str, role: str) -> User:
-    if not USERNAME.match(username or ""):
-        raise ServiceError(400, "bad_username", "user names are 2-64 letters, digits, '.', '_', '@' or '-'")
+    username = clean_username(username)
     if role not in ROLES:
         raise ServiceError(400, "bad_role", f"role must be one of {', '.join(ROLES)}")
-    if db.scalar(select(User).where(User.username == username)) is not None:
-        raise ServiceError(409, "user_exists", f"user {username!r} already exists")
-    user = User(username=username, password_hash=hash_password(password), role=role, active=True)
+    existing = db.scalar(select(User).where(User.username_key == username_key(username)))
+    if existing is not None:
+        same = "" if existing.username == username else f" (as {existing.username!r})"
+        raise ServiceError(409, "user_exists", f"user {username!r} already exists{same}")
+    user = User(username=username, username_key=username_key(username), password_hash=hash_password(password),
+                role=role, active=True)
     db.add(user)
     db.flush()
     return user
@@ -91,6 +168,11 @@ class Principal:
     user: User
     via: str  # "session" or "token"
     session: WebSession | None = None
+    token: ApiToken | None = None
+
+    @property
+    def scope(self) -> str:
+        return self.token.scope if self.token is not None else "write"
 
     @property
     def role(self) -> str:
@@ -115,6 +197,13 @@ def new_session(db: Session, user: User, hours: float) -> str:
     return token
 
 
+def cross_site(request: Request) -> bool:
+    """A request another site started (a link, a form, an image): browsers say so in
+    Sec-Fetch-Site. Such a request gets no session, so it can neither change nor record
+    anything (SameSite=Lax still sends the cookie on a top-level link)."""
+    return request.headers.get("sec-fetch-site", "").lower() == "cross-site"
+
+
 def session_principal(db: Session, request: Request) -> Principal | None:
     token = request.cookies.get(SESSION_COOKIE)
     if not token or len(token) > 100:
@@ -122,16 +211,21 @@ def session_principal(db: Session, request: Request) -> Principal | None:
     session = db.get(WebSession, hash_secret(token))
     if session is None:
         return None
-    if aware(session.expires_at) <= utcnow() or not session.user.active:
+    if session.expires_at <= utcnow() or not session.user.active:
         db.delete(session)
         return None
     return Principal(session.user, "session", session)
 
 
-def new_api_token(db: Session, user: User, name: str) -> tuple[ApiToken, str]:
+def new_api_token(db: Session, user: User, name: str, *, scope: str = "write",
+                  days: float = 90) -> tuple[ApiToken, str]:
+    if scope not in TOKEN_SCOPES:
+        raise ServiceError(400, "bad_scope", f"scope must be one of {', '.join(TOKEN_SCOPES)}")
+    if not 0 < days <= MAX_TOKEN_DAYS:
+        raise ServiceError(400, "bad_expiry", f"a token lasts 1 to {MAX_TOKEN_DAYS} days")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(user_id=user.id, name=(name or "token")[:100], token_hash=hash_secret(secret),
-                     prefix=secret[:10])
+                     prefix=secret[:10], scope=scope, expires_at=utcnow() + timedelta(days=days))
     db.add(token)
     db.flush()
     return token, secret
@@ -148,21 +242,56 @@ def token_principal(db: Session, request: Request) -> Principal | None:
     token = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(value)))
     if token is None or token.revoked_at is not None or not token.user.active:
         raise ServiceError(401, "bad_token", "API token is not valid or was revoked", {"WWW-Authenticate": "Bearer"})
-    last = aware(token.last_used_at)
+    if token.expires_at <= utcnow():
+        raise ServiceError(401, "bad_token", "API token has expired; create a new one on the Account page",
+                           {"WWW-Authenticate": "Bearer"})
+    last = token.last_used_at
     if last is None or utcnow() - last > timedelta(minutes=5):  # not a write per request
         token.last_used_at = utcnow()
-    return Principal(token.user, "token")
+    return Principal(token.user, "token", token=token)
+
+
+def revoke_tokens(db: Session, user: User) -> int:
+    """Revoke every live token of ``user`` (password changed or reset, user deactivated)."""
+    result = db.execute(update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+                        .values(revoked_at=utcnow()))
+    return result.rowcount or 0
+
+
+def revoke_token_of(db: Session, principal: Principal, token_id: int, request: Request) -> ApiToken:
+    """Revoke a token of one's own, or any token for an admin (404 for anyone else's)."""
+    token = db.get(ApiToken, token_id)
+    if token is None or (token.user_id != principal.user.id and principal.role != "admin"):
+        raise ServiceError(404, "not_found", "no such token")
+    token.revoked_at = token.revoked_at or utcnow()
+    audit(db, principal.user, "token.revoke", detail={"token": token.prefix, "of": token.user.username},
+          request=request)
+    return token
 
 
 def api_principal(db: Session, request: Request) -> Principal:
-    """API: a bearer token; a session cookie only for safe methods (no CSRF exposure)."""
+    """API: a bearer token (a ``read`` one only for GET); a session cookie only for safe
+    methods from this site (no CSRF exposure, no audit entries from another site's link)."""
     principal = token_principal(db, request)
-    if principal is None and request.method in ("GET", "HEAD"):
+    if principal is None and request.method in ("GET", "HEAD") and not cross_site(request):
         principal = session_principal(db, request)
     if principal is None:
         raise ServiceError(401, "not_authenticated", "send an API token: Authorization: Bearer lks_...",
                            {"WWW-Authenticate": "Bearer"})
+    if principal.scope == "read" and request.method not in ("GET", "HEAD"):
+        raise ServiceError(403, "read_only_token", "this API token is read-only; create a write token to upload "
+                                                   "or review")
     return principal
+
+
+def optional_principal(db: Session, request: Request) -> Principal | None:
+    """Whoever the request proves to be, or None (never raises: for error handling)."""
+    try:
+        if request.url.path.startswith("/api/"):
+            return api_principal(db, request)
+        return session_principal(db, request)
+    except ServiceError:
+        return None
 
 
 def page_principal(db: Session, request: Request) -> Principal:
@@ -187,48 +316,36 @@ def check_login_csrf(request: Request, submitted: Any) -> None:
 
 # ------------------------------------------------------------------ rate limits
 
+#: Log-in counters run over 15 minutes.
+LOGIN_WINDOW_S = 15 * 60.0
 
-class RateLimiter:
-    """Sliding-window counter per key (in this process; one server process by default)."""
 
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit = limit
-        self.window = window_s
-        self._hits: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
+def login_checks(settings: "ServiceSettings", username: str, address: str) -> list[Check]:
+    """What one log-in attempt counts against, in lock order: the client address (all
+    names), the user name (all addresses: a lock only for sustained, distributed
+    guessing) and the pair (growing waits: one address cannot lock anyone else out)."""
+    key, where = username_key(username)[:100], address_block(address)
+    return [(Rule("address", settings.login_address_failures, LOGIN_WINDOW_S), f"login:ip:{where}"),
+            (Rule("user", settings.login_user_lock_failures, LOGIN_WINDOW_S), user_lock_key(key)),
+            (Rule("user+address", settings.login_failures_allowed, LOGIN_WINDOW_S, growing=True),
+             f"login:pair:{key}|{where}")]
 
-    def _trim(self, hits: deque[float], now: float) -> None:
-        while hits and hits[0] <= now - self.window:
-            hits.popleft()
 
-    def retry_after(self, key: str) -> float | None:
-        """Seconds to wait when ``key`` is at its limit, else None (does not count)."""
-        if self.limit <= 0:
-            return None
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits[key]
-            self._trim(hits, now)
-            if len(hits) >= self.limit:
-                return max(0.0, hits[0] + self.window - now)
-        return None
+def user_lock_key(key: str) -> str:
+    return f"login:user:{key}"
 
-    def hit(self, key: str) -> float | None:
-        """Count one event; returns the wait in seconds when over the limit (not counted then)."""
-        if self.limit <= 0:
-            return None
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits[key]
-            self._trim(hits, now)
-            if len(hits) >= self.limit:
-                return max(0.0, hits[0] + self.window - now)
-            hits.append(now)
-        return None
 
-    def reset(self, key: str) -> None:
-        with self._lock:
-            self._hits.pop(key, None)
+def user_locks(db: Session, users: Sequence[User]) -> dict[int, datetime]:
+    """Users whose account is locked now (sustained, distributed failed log-ins) -> until when."""
+    keys = {user_lock_key(u.username_key): u.id for u in users}
+    return {keys[key]: datetime.fromtimestamp(until, timezone.utc)
+            for key, until in throttle.waits(db, list(keys)).items()}
+
+
+def password_checks(settings: "ServiceSettings", user_id: int) -> list[Check]:
+    """Re-entering one's password (to change it, to create a token): growing waits."""
+    return [(Rule("password", settings.login_failures_allowed, LOGIN_WINDOW_S, growing=True),
+             f"password:{user_id}")]
 
 
 def too_many(what: str, wait: float) -> ServiceError:

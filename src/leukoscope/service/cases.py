@@ -11,29 +11,33 @@ import re
 import secrets
 import tempfile
 import unicodedata
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sqlalchemy import and_, func, select
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
+from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential
 from leukoscope.service.auth import Principal, audit, too_many
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
-from leukoscope.service.storage import EXTENSIONS
+from leukoscope.service.storage import EXTENSIONS, clean_png, jpeg_bytes
+from leukoscope.service.tables import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
 
 if TYPE_CHECKING:  # pragma: no cover
     from leukoscope.service.app import ServiceState
 
 log = logging.getLogger(__name__)
 
+#: What a case id looks like (random hex; anything else is not looked up).
+CASE_ID = re.compile(r"[0-9a-f]{32}")
 #: A reviewer's label for a detection that is not a usable cell (not counted, not exported).
 EXCLUDED = "excluded"
 DECISION_SUPPORT_NOTE = ("Decision support for trained staff, not a diagnosis: every result must be reviewed "
@@ -52,6 +56,32 @@ class DecodedUpload:
     data: bytes
     format: str
     image: Image.Image
+
+
+@dataclass
+class PreparedCell:
+    """One analysed cell, its pictures already encoded (no decoded pixels kept)."""
+
+    prediction: Any
+    box: list[int] | None
+    detection_score: float | None
+    crop_png: bytes | None
+    overlay_jpeg: bytes | None
+
+
+@dataclass
+class PreparedImage:
+    """One analysed upload, ready to store: bytes only, so that a request holds at most one
+    decoded image at a time however many files it has."""
+
+    name: str
+    data: bytes
+    format: str
+    width: int
+    height: int
+    served_png: bytes
+    annotated_png: bytes | None
+    cells: list[PreparedCell]
 
 
 def display_name(filename: str | None) -> str:
@@ -87,7 +117,7 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> DecodedUpload:
+def _check_format(upload: Upload) -> tuple[str, str]:
     name = display_name(upload.filename)
     if not upload.data:
         raise ServiceError(400, "empty_file", f"{name}: the file is empty (0 bytes)")
@@ -96,6 +126,44 @@ def decode_upload(upload: Upload, max_pixels: int) -> DecodedUpload:
         found = f"a {fmt} file" if fmt else "not an image"
         raise ServiceError(415, "unsupported_format", f"{name}: {found}; send JPEG, PNG, BMP or TIFF (the format is "
                                                       "read from the file's content, not its name)")
+    return name, fmt
+
+
+def header_pixels(upload: Upload, max_pixels: int) -> int:
+    """The pixel count a file's header declares (nothing is decoded); 413 past ``max_pixels``.
+    A header Pillow cannot read counts 0 here: decoding then says what is wrong with it."""
+    name, _fmt = _check_format(upload)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(upload.data)) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as exc:
+            raise ServiceError(413, "too_many_pixels", f"{name}: {exc}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return 0
+    if width * height > max_pixels:
+        raise ServiceError(413, "too_many_pixels", f"{name}: {width}x{height} = {width * height:,} pixels exceeds "
+                                                   f"the limit of {max_pixels:,} pixels")
+    return width * height
+
+
+def check_uploads(uploads: Sequence[Upload], max_pixels: int, max_files: int, max_total: int) -> None:
+    """Everything that can be refused from the headers, before any file is decoded: the
+    number of files, empty files, formats, pixels per file and pixels of the whole upload."""
+    if not uploads:
+        raise ServiceError(400, "no_file", "choose at least one image file to upload")
+    if len(uploads) > max_files:
+        raise ServiceError(413, "too_many_files", f"{len(uploads)} files in one upload; at most {max_files}")
+    total = sum(header_pixels(upload, max_pixels) for upload in uploads)
+    if total > max_total:
+        raise ServiceError(413, "too_many_pixels_in_upload",
+                           f"{len(uploads)} images of {total:,} pixels in all in one upload; at most {max_total:,} "
+                           "(send fewer or smaller images at a time)")
+
+
+def decode_upload(upload: Upload, max_pixels: int) -> DecodedUpload:
+    name, fmt = _check_format(upload)
     try:
         image = load_image(upload.data, max_pixels=max_pixels)
     except ImageTooLargeError as exc:
@@ -110,12 +178,22 @@ def _strip_source(exc: Exception) -> str:
     return str(exc).removeprefix("<uploaded bytes>: ")
 
 
-def decode_uploads(uploads: Sequence[Upload], max_pixels: int, max_files: int) -> list[DecodedUpload]:
-    if not uploads:
-        raise ServiceError(400, "no_file", "choose at least one image file to upload")
-    if len(uploads) > max_files:
-        raise ServiceError(413, "too_many_files", f"{len(uploads)} files in one upload; at most {max_files}")
-    return [decode_upload(upload, max_pixels) for upload in uploads]
+def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedImage:
+    """Encode every picture of one analysed upload (served copy, annotated field, crops,
+    Grad-CAM overlays), so that its decoded pixels can go."""
+    cells = [PreparedCell(cell.prediction, cell.box, cell.detection_score,
+                          clean_png(cell.crop) if cell.crop is not None else None,
+                          jpeg_bytes(cell.overlay) if cell.overlay is not None else None) for cell in outcome.cells]
+    return PreparedImage(decoded.name, decoded.data, decoded.format, decoded.image.width, decoded.image.height,
+                         clean_png(decoded.image),
+                         clean_png(outcome.annotated) if outcome.annotated is not None else None, cells)
+
+
+async def prepare_upload(state: "ServiceState", kind: str, upload: Upload) -> PreparedImage:
+    """Decode, analyse and encode one file; its decoded image is freed when this returns."""
+    decoded = await run_in_threadpool(decode_upload, upload, state.settings.max_pixels)
+    (outcome,) = await state.analyzer.run(kind, [decoded.image])
+    return await run_in_threadpool(encode_outcome, decoded, outcome)
 
 
 # ------------------------------------------------------------------ create
@@ -139,37 +217,35 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     if kind == "smear" and not state.analyzer.has_detector:
         raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
                                                "(upload single-cell images, or start it with --detector)")
-    wait = state.upload_limiter.hit(f"user:{principal.user.id}")
-    if wait is not None:
-        raise too_many("uploads", wait)
-    decoded = await run_in_threadpool(decode_uploads, uploads, state.settings.max_pixels,
-                                      state.settings.max_files_per_upload)
-    outcomes = await state.analyzer.run(kind, [d.image for d in decoded])
-    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, decoded, outcomes, client,
-                                   serialize)
+    settings = state.settings
+    uploads_rule = throttle.Rule("uploads", settings.rate_limit_per_minute, 60.0)
+    verdict = await run_in_threadpool(throttle.attempt, state.sessions, [(uploads_rule, f"upload:{principal.user.id}")],
+                                      settings.throttle_max_rows)
+    if verdict.wait is not None:
+        raise too_many("uploads", verdict.wait)
+    await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
+                            settings.max_pixels_per_request)
+    # One file at a time: a request holds one decoded image, not all of them (issue 13).
+    prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize)
 
 
-def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded: list[DecodedUpload],
-             outcomes: list[ImageOutcome], client: str,
-             serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
+def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
+             client: str, serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
     store = state.store
     stored = []
-    for upload, outcome in zip(decoded, outcomes):
-        cells = []
-        for cell in outcome.cells:
-            cells.append({
-                "crop": store.put_png(cell.crop) if cell.crop is not None else None,
-                "overlay": store.put_jpeg(cell.overlay) if cell.overlay is not None else None,
-            })
+    for upload in prepared:
         stored.append({
             "original": store.put(upload.data, EXTENSIONS[upload.format]),
-            "served": store.put_png(upload.image),
-            "annotated": store.put_png(outcome.annotated) if outcome.annotated is not None else None,
-            "cells": cells,
+            "served": store.put(upload.served_png, "png"),
+            "annotated": store.put(upload.annotated_png, "png") if upload.annotated_png is not None else None,
+            "cells": [{"crop": store.put(cell.crop_png, "png") if cell.crop_png is not None else None,
+                       "overlay": store.put(cell.overlay_jpeg, "jpg") if cell.overlay_jpeg is not None else None}
+                      for cell in upload.cells],
         })
     case_id = secrets.token_hex(16)
     analyzer = state.analyzer
-    labels = [cell.prediction.label for outcome in outcomes for cell in outcome.cells]
+    labels = [cell.prediction.label for upload in prepared for cell in upload.cells]
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
@@ -178,13 +254,13 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded:
                                                                      analyzer.blast_classes)})
         db.add(case)
         position = 0
-        for index, (upload, outcome, files) in enumerate(zip(decoded, outcomes, stored)):
+        for index, (upload, files) in enumerate(zip(prepared, stored)):
             image = CaseImage(case=case, position=index, original_name=upload.name, format=upload.format,
-                              width=upload.image.width, height=upload.image.height, size_bytes=len(upload.data),
+                              width=upload.width, height=upload.height, size_bytes=len(upload.data),
                               sha256=files["original"].split(".")[0], original_object=files["original"],
                               served_object=files["served"], annotated_object=files["annotated"])
             db.add(image)
-            for cell, cell_files in zip(outcome.cells, files["cells"]):
+            for cell, cell_files in zip(upload.cells, files["cells"]):
                 p = cell.prediction
                 db.add(Cell(case=case, image=image, position=position, box=cell.box,
                             detection_score=cell.detection_score, predicted_label=p.label, top_class=p.top_class,
@@ -196,7 +272,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, decoded:
         db.flush()
         user = db.get(User, user_id)
         audit(db, user, "case.create", case_id=case_id,
-              detail={"kind": kind, "images": len(decoded), "cells": position}, client=client)
+              detail={"kind": kind, "images": len(prepared), "cells": position}, client=client)
         payload = serialize(case) if serialize is not None else None
         if state.before_commit is not None:  # test hook: fail between the writes and the commit
             state.before_commit(db, case_id)
@@ -233,7 +309,7 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
     that another's case exists); records ``action`` in the audit log."""
     principal.require("technician", "hematologist")
     case = None
-    if re.fullmatch(r"[0-9a-f]{32}", case_id or ""):
+    if CASE_ID.fullmatch(case_id or ""):
         case = db.scalar(select(Case).where(Case.id == case_id)
                          .options(selectinload(Case.images), selectinload(Case.cells)))
     if case is None or (principal.role == "technician" and case.owner_id != principal.user.id):
@@ -289,7 +365,9 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
                           created_at=now))
         changes.append({"cell": cell.id, "predicted": cell.predicted_label, "from": previous, "to": label})
         cell.reviewed_label, cell.reviewed_by, cell.reviewed_at = label, principal.user.id, now
-    if comment is not None:
+    comment_change = None
+    if comment is not None and comment[:5000] != case.review_comment:
+        comment_change = {"from": case.review_comment, "to": comment[:5000]}  # the audit keeps both texts
         case.review_comment = comment[:5000]
     if all(cell.reviewed_label is not None for cell in case.cells):
         case.status = "reviewed"
@@ -298,7 +376,8 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
     corrected = sum(1 for c in changes if c["to"] != c["predicted"])
     audit(db, principal.user, "case.review", case_id=case.id, request=request,
           detail={"changed": len(changes), "corrected": corrected, "status": case.status,
-                  "labels": {str(c["cell"]): c["to"] for c in changes}, "comment": comment is not None})
+                  "labels": {str(c["cell"]): c["to"] for c in changes},
+                  **({"comment": comment_change} if comment_change else {})})
     return {"changed": len(changes), "corrected": corrected, "status": case.status}
 
 

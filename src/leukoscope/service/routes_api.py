@@ -20,10 +20,10 @@ from starlette.datastructures import UploadFile
 
 import leukoscope
 from leukoscope.service import cases as ops
-from leukoscope.service.auth import Principal, api_principal, create_user
+from leukoscope.service.auth import Principal, api_principal, audit, create_user, revoke_token_of, user_locks
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import ROLES, AuditEntry, Case, User
+from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, Case, User
 from leukoscope.service.storage import MEDIA_TYPES
 
 router = APIRouter()
@@ -107,7 +107,8 @@ def health(request: Request) -> dict[str, Any]:
 def me(request: Request) -> dict[str, Any]:
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
-        return {"username": principal.user.username, "role": principal.role, "via": principal.via}
+        return {"username": principal.user.username, "role": principal.role, "via": principal.via,
+                "scope": principal.scope}
 
 
 # ------------------------------------------------------------------ cases
@@ -290,10 +291,41 @@ class NewUser(BaseModel):
 
 @router.get(f"{API}/users", tags=["admin"])
 def users(request: Request) -> dict[str, Any]:
+    """Every user; ``locked_until``: the end of a log-in lock (sustained failed log-ins from
+    many addresses), cleared on the admin's Users page."""
     with transaction(state_of(request).sessions) as db:
         _principal(request, db).require("admin")
-        return {"users": [{"id": u.id, "username": u.username, "role": u.role, "active": u.active}
-                          for u in db.scalars(select(User).order_by(User.username))]}
+        found = db.scalars(select(User).order_by(User.username)).all()
+        locks = user_locks(db, found)
+        return {"users": [{"id": u.id, "username": u.username, "role": u.role, "active": u.active,
+                           "locked_until": locks[u.id].isoformat() if u.id in locks else None} for u in found]}
+
+
+def token_json(token: ApiToken) -> dict[str, Any]:
+    return {"id": token.id, "user": token.user.username, "name": token.name, "prefix": token.prefix,
+            "scope": token.scope, "created_at": token.created_at.isoformat(),
+            "expires_at": token.expires_at.isoformat(),
+            "last_used_at": token.last_used_at.isoformat() if token.last_used_at else None,
+            "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None}
+
+
+@router.get(f"{API}/tokens", tags=["admin"])
+def tokens(request: Request) -> dict[str, Any]:
+    """API tokens (never their secrets): an admin sees every user's, anyone else their own."""
+    with transaction(state_of(request).sessions) as db:
+        principal = _principal(request, db)
+        query = select(ApiToken).order_by(ApiToken.id)
+        if principal.role != "admin":
+            query = query.where(ApiToken.user_id == principal.user.id)
+        return {"tokens": [token_json(t) for t in db.scalars(query)]}
+
+
+@router.post(f"{API}/tokens/{{token_id}}/revoke", tags=["admin"])
+def revoke_token(request: Request, token_id: int) -> dict[str, Any]:
+    """Revoke a token: one's own, or anyone's for an admin."""
+    with transaction(state_of(request).sessions) as db:
+        principal = _principal(request, db)
+        return token_json(revoke_token_of(db, principal, token_id, request))
 
 
 @router.post(f"{API}/users", tags=["admin"], status_code=201)
@@ -302,8 +334,6 @@ def add_user(request: Request, body: NewUser) -> dict[str, Any]:
         principal = _principal(request, db)
         principal.require("admin")
         user = create_user(db, body.username, body.password, body.role)
-        from leukoscope.service.auth import audit
-
         audit(db, principal.user, "user.create", detail={"username": user.username, "role": user.role},
               request=request)
         return {"id": user.id, "username": user.username, "role": user.role, "active": user.active}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,8 +21,10 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.service import cases as ops
+from leukoscope.service import throttle
 from leukoscope.service.auth import (
     LOGIN_CSRF_COOKIE,
+    MAX_TOKEN_DAYS,
     SESSION_COOKIE,
     Principal,
     audit,
@@ -28,17 +32,24 @@ from leukoscope.service.auth import (
     check_login_csrf,
     client_address,
     create_user,
+    cross_site,
+    find_user,
     hash_password,
     hash_secret,
+    login_checks,
     new_api_token,
     new_session,
     page_principal,
+    password_checks,
+    revoke_tokens,
     too_many,
-    verify_password,
+    user_lock_key,
+    user_locks,
+    revoke_token_of,
 )
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.models import ROLES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
+from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
 
 router = APIRouter(include_in_schema=False)
@@ -87,10 +98,12 @@ def home(request: Request):
         return redirect("/admin/users" if principal.role == "admin" else "/cases")
 
 
-def login_page(request: Request, message: str = "", status: int = 200, next_path: str = "/"):
+def login_page(request: Request, message: str = "", status: int = 200, next_path: str = "/",
+               headers: dict[str, str] | None = None):
     token = secrets.token_urlsafe(32)
     response = render(request, "login.html", None, http_status=status, login_csrf=token, message=message,
                       next_path=safe_next(next_path))
+    response.headers.update(headers or {})
     response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookie(request),
                         path="/login", max_age=3600)
     return response
@@ -107,34 +120,67 @@ async def login(request: Request):
     form = await form_of(request)
     check_login_csrf(request, form.get("csrf_token"))
     username = form.get("username", "").strip()[:64]
-    password = form.get("password", "")[:1024]
-    keys = (f"login:user:{username.lower()}", f"login:ip:{client_address(request)}")
-    waits = [w for w in (state.login_limiter.retry_after(k) for k in keys) if w is not None]
-    if waits:
-        error = too_many("failed log-ins", max(waits))
-        return login_page(request, error.message, 429, form.get("next", "/"))
+    password = form.get("password", "")
+    next_path = form.get("next", "/")
+    checks = login_checks(state.settings, username, client_address(request))
+    ip_key, user_key, pair_key = (key for _, key in checks)
+
+    def refused(db, verdict: throttle.Verdict) -> None:
+        audit(db, None, "login.throttled", username=username, request=request,
+              detail={"rule": verdict.rule, "wait_s": round(verdict.wait or 0)})
+
+    # Count (reserve) the attempt before the password check: a burst cannot outrun the count.
+    verdict = await run_in_threadpool(throttle.attempt, state.sessions, checks, state.settings.throttle_max_rows,
+                                      refused)
+    if verdict.wait is not None:
+        error = too_many("failed log-ins", verdict.wait)
+        return login_page(request, error.message, 429, next_path, error.headers)
 
     def attempt() -> str | None:
         with transaction(state.sessions) as db:
-            user = db.scalar(select(User).where(User.username == username))
-            ok = verify_password(user, password) and user is not None and user.active
+            user = find_user(db, username)
+            ok = state.password_gate.verify(user, password) and user is not None and user.active
             if not ok:
                 audit(db, None, "login.failed", username=username, request=request)
                 return None
             audit(db, user, "login", request=request)
             return new_session(db, user, state.settings.session_hours)
 
-    token = await run_in_threadpool(attempt)
+    try:
+        token = await run_in_threadpool(attempt)
+    except ServiceError as busy:  # not evaluated: it does not count
+        await run_in_threadpool(partial(throttle.settle, state.sessions, refund_keys=[ip_key, user_key, pair_key]))
+        return login_page(request, busy.message, busy.status, next_path, busy.headers)
     if token is None:
-        for key in keys:
-            state.login_limiter.hit(key)
-        return login_page(request, "Wrong user name or password.", 401, form.get("next", "/"))
-    state.login_limiter.reset(keys[0])
-    response = redirect(safe_next(form.get("next")))
+        return login_page(request, "Wrong user name or password.", 401, next_path)
+    await run_in_threadpool(partial(throttle.settle, state.sessions, forget_keys=[pair_key],
+                                    refund_keys=[ip_key, user_key]))
+    response = redirect(safe_next(next_path))
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax", secure=secure_cookie(request),
                         path="/", max_age=int(state.settings.session_hours * 3600))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return response
+
+
+def recheck_password(request: Request, user_id: int, password: str, action: str) -> ServiceError | None:
+    """Re-entering one's own password (password change, new API token): throttled per user
+    like a log-in, through the same bounded Argon2 checks, every failure audited."""
+    state = state_of(request)
+    checks = password_checks(state.settings, user_id)
+    verdict = throttle.attempt(state.sessions, checks, state.settings.throttle_max_rows)
+    if verdict.wait is not None:
+        return too_many("wrong passwords", verdict.wait)
+    try:
+        with transaction(state.sessions) as db:
+            user = db.get(User, user_id)
+            if not state.password_gate.verify(user, password):
+                audit(db, user, f"{action}_failed", request=request)
+                return ServiceError(400, "wrong_password", "The current password is wrong.")
+    except ServiceError as busy:
+        throttle.settle(state.sessions, refund_keys=[key for _, key in checks])
+        return busy
+    throttle.settle(state.sessions, forget_keys=[key for _, key in checks])
+    return None
 
 
 @router.post("/logout")
@@ -212,6 +258,9 @@ def _cell_groups(case) -> list[dict[str, Any]]:
 def case_page(request: Request, case_id: str, saved: int = 0):
     with transaction(state_of(request).sessions) as db:
         principal = page_principal(db, request)
+        if cross_site(request):  # another site's link: no audit entry until the user opens it here
+            return render(request, "open_case.html", principal, case_id=case_id if ops.CASE_ID.fullmatch(case_id)
+                          else "")
         case = ops.load_case(db, principal, case_id, request=request)
         return render(request, "case.html", principal, case=case, groups=_cell_groups(case),
                       differential=ops.current_differential(case), can_review=principal.role == "hematologist",
@@ -259,12 +308,21 @@ def export_page(request: Request):
         return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED)
 
 
-@router.get("/export/dataset.zip")
-def export_zip(request: Request, layout: str = "folders"):
+@router.post("/export/dataset.zip")
+async def export_zip(request: Request):
+    """A POST with the CSRF token: another site cannot start an export (and its audit entry)."""
     state = state_of(request)
-    with transaction(state.sessions) as db:
-        principal = page_principal(db, request)
-        path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request)
+    form = await form_of(request)
+
+    def work() -> str:
+        with transaction(state.sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            return ops.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
+                                      request=request)[0]
+
+    path = await run_in_threadpool(work)
+    layout = form.get("layout", "folders")
     return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
                         background=BackgroundTask(os.unlink, path))
 
@@ -272,10 +330,22 @@ def export_zip(request: Request, layout: str = "folders"):
 # ------------------------------------------------------------------ account
 
 
-def _account(request: Request, db, principal: Principal, message: str = "", new_token: str = "", status: int = 200):
+def _account(request: Request, db, principal: Principal, message: str = "", new_token: str = "", status: int = 200,
+             headers: dict[str, str] | None = None):
     tokens = db.scalars(select(ApiToken).where(ApiToken.user_id == principal.user.id).order_by(ApiToken.id)).all()
-    return render(request, "account.html", principal, http_status=status, tokens=tokens, message=message,
-                  new_token=new_token)
+    response = render(request, "account.html", principal, http_status=status, tokens=tokens, message=message,
+                      new_token=new_token, scopes=TOKEN_SCOPES, token_days=state_of(request).settings.token_days,
+                      now=utcnow())
+    response.headers.update(headers or {})
+    return response
+
+
+def _form_principal(request: Request, form: dict[str, str]) -> int:
+    """The logged-in user's id, after the form's CSRF token is checked."""
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        check_csrf(principal, form.get("csrf_token"))
+        return principal.user.id
 
 
 @router.get("/account")
@@ -286,14 +356,27 @@ def account(request: Request):
 
 @router.post("/account/tokens")
 async def create_token(request: Request):
+    """A new API token needs the password again (a stolen session alone cannot mint one)."""
     form = await form_of(request)
 
     def work():
+        user_id = _form_principal(request, form)
+        problem = recheck_password(request, user_id, form.get("password", ""), "token.create")
         with transaction(state_of(request).sessions) as db:
             principal = page_principal(db, request)
-            check_csrf(principal, form.get("csrf_token"))
-            token, secret = new_api_token(db, principal.user, form.get("name", "").strip() or "script")
-            audit(db, principal.user, "token.create", detail={"token": token.prefix}, request=request)
+            if problem is not None:
+                return _account(request, db, principal, problem.message, status=problem.status,
+                                headers=problem.headers)
+            try:
+                days = float(form.get("days") or state_of(request).settings.token_days)
+                with db.begin_nested():
+                    token, secret = new_api_token(db, principal.user, form.get("name", "").strip() or "script",
+                                                  scope=form.get("scope") or "read", days=days)
+            except (ServiceError, ValueError) as error:
+                message = error.message if isinstance(error, ServiceError) else f"days: 1 to {MAX_TOKEN_DAYS}"
+                return _account(request, db, principal, message, status=400)
+            audit(db, principal.user, "token.create", request=request,
+                  detail={"token": token.prefix, "scope": token.scope, "expires_at": token.expires_at.isoformat()})
             return _account(request, db, principal, "Token created: copy it now, it is shown only once.", secret)
 
     return await run_in_threadpool(work)
@@ -307,12 +390,8 @@ async def revoke_token(request: Request, token_id: int):
         with transaction(state_of(request).sessions) as db:
             principal = page_principal(db, request)
             check_csrf(principal, form.get("csrf_token"))
-            token = db.get(ApiToken, token_id)
-            if token is None or token.user_id != principal.user.id:
-                raise ServiceError(404, "not_found", "no such token")
-            token.revoked_at = token.revoked_at or utcnow()
-            audit(db, principal.user, "token.revoke", detail={"token": token.prefix}, request=request)
-        return redirect("/account")
+            revoke_token_of(db, principal, token_id, request)
+        return redirect("/admin/tokens" if principal.role == "admin" and form.get("back") == "admin" else "/account")
 
     return await run_in_threadpool(work)
 
@@ -322,23 +401,27 @@ async def change_password(request: Request):
     form = await form_of(request)
 
     def work():
+        user_id = _form_principal(request, form)
+        problem = recheck_password(request, user_id, form.get("current", ""), "password.change")
         with transaction(state_of(request).sessions) as db:
             principal = page_principal(db, request)
-            check_csrf(principal, form.get("csrf_token"))
-            if not verify_password(principal.user, form.get("current", "")):
-                return _account(request, db, principal, "The current password is wrong.", status=400)
+            if problem is not None:
+                return _account(request, db, principal, problem.message, status=problem.status,
+                                headers=problem.headers)
             if form.get("new", "") != form.get("confirm", ""):
                 return _account(request, db, principal, "The new passwords differ.", status=400)
             try:
                 principal.user.password_hash = hash_password(form.get("new", ""))
             except ServiceError as error:
                 return _account(request, db, principal, error.message, status=400)
-            # every other session of this user ends
+            # every other session and every API token of this user ends
             for other in db.scalars(select(WebSession).where(WebSession.user_id == principal.user.id,
                                                              WebSession.id != principal.session.id)):
                 db.delete(other)
-            audit(db, principal.user, "password.change", request=request)
-            return _account(request, db, principal, "Password changed.")
+            revoked = revoke_tokens(db, principal.user)
+            audit(db, principal.user, "password.change", request=request, detail={"tokens_revoked": revoked})
+            return _account(request, db, principal, "Password changed."
+                            + (f" {revoked} API token(s) revoked." if revoked else ""))
 
     return await run_in_threadpool(work)
 
@@ -348,7 +431,8 @@ async def change_password(request: Request):
 
 def _users_page(request: Request, db, principal: Principal, message: str = "", status: int = 200):
     users = db.scalars(select(User).order_by(User.username)).all()
-    return render(request, "admin_users.html", principal, http_status=status, users=users, roles=ROLES, message=message)
+    return render(request, "admin_users.html", principal, http_status=status, users=users, roles=ROLES, message=message,
+                  locks=user_locks(db, users))
 
 
 @router.get("/admin/users")
@@ -417,10 +501,44 @@ async def admin_update_user(request: Request, user_id: int):
             if changes.get("password") or changes.get("active") is False or "role" in changes:
                 for session in db.scalars(select(WebSession).where(WebSession.user_id == user.id)):
                     db.delete(session)
+            if changes.get("password") or changes.get("active") is False:
+                changes["tokens_revoked"] = revoke_tokens(db, user)
             audit(db, principal.user, "user.update", detail={"username": user.username, **changes}, request=request)
             return _users_page(request, db, principal, f"User {user.username} updated.")
 
     return await run_in_threadpool(work)
+
+
+@router.post("/admin/users/{user_id}/unlock")
+async def admin_unlock_user(request: Request, user_id: int):
+    """Clear a user's log-in lock and the waits of every address for that name."""
+    form = await form_of(request)
+
+    def work():
+        with transaction(state_of(request).sessions) as db:
+            principal = page_principal(db, request)
+            check_csrf(principal, form.get("csrf_token"))
+            principal.require("admin")
+            user = db.get(User, user_id)
+            if user is None:
+                raise ServiceError(404, "not_found", "no such user")
+            cleared = throttle.forget_prefix(db, user_lock_key(user.username_key))
+            cleared += throttle.forget_prefix(db, f"login:pair:{user.username_key}|")
+            audit(db, principal.user, "login.unlock", detail={"username": user.username, "entries": cleared},
+                  request=request)
+            return _users_page(request, db, principal, f"Log-in lock of {user.username} cleared.")
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/admin/tokens")
+def admin_tokens(request: Request):
+    """Every API token of every user (never the secret), with revoke buttons."""
+    with transaction(state_of(request).sessions) as db:
+        principal = page_principal(db, request)
+        principal.require("admin")
+        tokens = db.scalars(select(ApiToken).order_by(ApiToken.id.desc())).all()
+        return render(request, "admin_tokens.html", principal, tokens=tokens, now=utcnow())
 
 
 @router.get("/admin/audit")

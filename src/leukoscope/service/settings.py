@@ -38,12 +38,28 @@ class ServiceSettings(BaseModel):
     max_upload_bytes: int = Field(default=30 * 1024 * 1024, gt=0)
     #: Largest image, in pixels (decompression-bomb guard; checked before decoding).
     max_pixels: int = Field(default=40_000_000, gt=0)
+    #: Most pixels of all the images of one upload together (checked from the headers,
+    #: before any decoding; the files are then decoded one at a time).
+    max_pixels_per_request: int = Field(default=80_000_000, gt=0)
     #: Most images in one upload (one case).
     max_files_per_upload: int = Field(default=20, gt=0)
-    #: Uploads per user per minute (sliding window); 0 disables the limit.
+    #: Uploads per user per minute (counted in the database, for every process); 0: no limit.
     rate_limit_per_minute: int = Field(default=60, ge=0)
-    #: Failed log-ins per user name (and per client address) per 15 minutes before refusing.
-    login_failures_allowed: int = Field(default=10, ge=1)
+    #: Failed log-ins per user name *and* client address per 15 minutes; past it, each
+    #: further attempt from there waits 2, 4, 8 ... s (at most 15 min). The same for
+    #: re-entering one's password (password change, new token).
+    login_failures_allowed: int = Field(default=5, ge=1)
+    #: Failed log-ins per user name from all addresses per 15 minutes before the account is
+    #: locked for the rest of the window (sustained, distributed guessing; an admin can clear it).
+    login_user_lock_failures: int = Field(default=50, ge=1)
+    #: Failed log-ins from one client address (an IPv6 /64) over all user names per 15 minutes.
+    login_address_failures: int = Field(default=100, ge=1)
+    #: Argon2 password checks running at once per process (each ~64 MiB); the excess gets 503.
+    password_checks: int = Field(default=2, ge=1)
+    #: Throttle entries kept at most (expired ones are deleted anyway).
+    throttle_max_rows: int = Field(default=100_000, ge=10)
+    #: Days an API token lasts unless its creator chooses fewer (at most 365).
+    token_days: int = Field(default=90, ge=1, le=365)
 
     # ---- sessions
     session_hours: float = Field(default=12.0, gt=0)

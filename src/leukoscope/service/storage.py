@@ -59,6 +59,14 @@ def clean_png(image: Image.Image, compress_level: int = 1) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    """JPEG bytes of ``image``'s pixels only (no metadata)."""
+    fresh = Image.fromarray(np.asarray(image.convert("RGB")), mode="RGB")
+    buffer = io.BytesIO()
+    fresh.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 class ContentStore:
     """``root/objects/<first two hex>/<sha256>.<ext>``."""
 
@@ -121,10 +129,7 @@ class ContentStore:
 
     def put_jpeg(self, image: Image.Image, quality: int = 90) -> str:
         """Store a metadata-free JPEG (for pictures that need not be lossless: heatmap overlays)."""
-        fresh = Image.fromarray(np.asarray(image.convert("RGB")), mode="RGB")
-        buffer = io.BytesIO()
-        fresh.save(buffer, format="JPEG", quality=quality)
-        return self.put(buffer.getvalue(), "jpg")
+        return self.put(jpeg_bytes(image, quality), "jpg")
 
     def names(self) -> set[str]:
         return {p.name for p in self.objects.glob("??/*") if _NAME.match(p.name)}

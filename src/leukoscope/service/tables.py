@@ -23,8 +23,11 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 ROLES: tuple[str, ...] = ("admin", "technician", "hematologist")
+#: What an API token may do: ``read`` (GET only) or ``write`` (also upload and review, as the role allows).
+TOKEN_SCOPES: tuple[str, ...] = ("read", "write")
 CASE_STATUSES: tuple[str, ...] = ("new", "reviewed")
 CASE_KINDS: tuple[str, ...] = ("cell", "smear")
 
@@ -49,6 +52,22 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """A time stored as UTC and always read back with its time zone (SQLite keeps no zone:
+    without this, ``created_at`` read back naive while a fresh object had ``+00:00``)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return aware(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -58,10 +77,12 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The name NFKC-normalised and case-folded: "Tina", "TINA" and "ｔｉｎａ" are one name.
+    username_key: Mapped[str] = mapped_column(String(80), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(20))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class WebSession(Base):
@@ -72,8 +93,8 @@ class WebSession(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -88,11 +109,29 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    scope: Mapped[str] = mapped_column(String(10))
 
     user: Mapped[User] = relationship(lazy="joined")
+
+
+class LoginThrottle(Base):
+    """Attempts per key (log-in per user name and address, per name, per address; uploads
+    per user) in the database, so that every server process and host counts the same.
+    Times are epoch seconds: plain numbers compare the same way on SQLite and PostgreSQL."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[float] = mapped_column(Float)
+    blocked_until: Mapped[float] = mapped_column(Float, default=0.0)
+    #: When the row means nothing any more (window over, no wait left): it is deleted then.
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class Case(Base):
@@ -105,11 +144,11 @@ class Case(Base):
     kind: Mapped[str] = mapped_column(String(10))
     status: Mapped[str] = mapped_column(String(10), default="new", index=True)
     note: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
     model_name: Mapped[str] = mapped_column(String(200))
     classes: Mapped[list[str]] = mapped_column(JSON)
     analysis: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     review_comment: Mapped[str] = mapped_column(Text, default="")
 
@@ -165,7 +204,7 @@ class Cell(Base):
     overlay_object: Mapped[str | None] = mapped_column(String(80), nullable=True)
     reviewed_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
-    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
     case: Mapped[Case] = relationship(back_populates="cells")
     image: Mapped[CaseImage] = relationship()
@@ -185,7 +224,7 @@ class CellReview(Base):
     reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     label: Mapped[str] = mapped_column(String(64))
     previous_label: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class AuditEntry(Base):
@@ -195,7 +234,7 @@ class AuditEntry(Base):
     __table_args__ = (Index("ix_audit_log_case_at", "case_id", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
     user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     username: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(40))

@@ -1,0 +1,467 @@
+"""Issue 13 (service hardening): one test per finding of the outside-style probe, each
+written to fail on the service as it was. Log-in throttle (atomic, per user name and
+address, shared by every process through the database, bounded), bounded password
+checks, API tokens (revocation, password re-entry, expiry, scopes, admin view), pixels
+per upload, user names, password rules, audit, GETs without side effects, error pages."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+from datetime import datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from leukoscope.service.db import transaction
+from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def login_as(client, username: str, password: str, **extra):
+    form = client.get("/login")
+    return client.post("/login", data={"username": username, "password": password,
+                                       "csrf_token": csrf_of(form.text), **extra}, follow_redirects=False)
+
+
+def audit_actions(service) -> list[str]:
+    from leukoscope.service.tables import AuditEntry
+
+    with service.state.sessions() as db:
+        return [e.action for e in db.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+
+
+def upload(client, headers, *files, kind="cell"):
+    parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
+    return client.post("/api/v1/cases", headers=headers, files=parts, data={"kind": kind})
+
+
+async def _login_burst(app, attempts: list[tuple[str, str]], address: str = "203.0.113.7") -> list[httpx.Response]:
+    """Every attempt at once, as an attacker's script would send them (one event loop,
+    so the server really evaluates them concurrently)."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        page = await client.get("/login")
+        csrf = csrf_of(page.text)
+        return await asyncio.gather(*(
+            client.post("/login", data={"username": u, "password": p, "csrf_token": csrf}) for u, p in attempts))
+
+
+# ------------------------------------------------------------------ 1. parallel log-ins
+
+
+def test_parallel_login_attempts_cannot_bypass_the_throttle(make_service):
+    service = make_service(login_failures_allowed=3)
+    service.add_user("tech", "technician")
+    attempts = [("tech", f"wrong guess {i}") for i in range(59)] + [("tech", PASSWORD)]
+    codes = [r.status_code for r in asyncio.run(_login_burst(service.app, attempts))]
+    evaluated = codes.count(401) + codes.count(303)
+    assert evaluated <= 3, codes  # was {401: 59, 303: 1}
+    assert codes.count(429) + codes.count(503) == 60 - evaluated
+    assert audit_actions(service).count("login.failed") == codes.count(401)
+
+
+# ------------------------------------------------------------------ 2. bounded password checks
+
+
+class _SlowHasher:
+    """Wraps the test hasher: each verification takes 0.3 s, and the most verifications
+    that ran at the same time is recorded."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.running, self.most = inner, 0, 0
+        self.lock = threading.Lock()
+
+    def verify(self, hashed, password):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.3)
+            return self.inner.verify(hashed, password)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_concurrent_password_checks_are_bounded(make_service, monkeypatch):
+    from leukoscope.service import auth
+
+    service = make_service(password_checks=1)
+    for i in range(8):
+        service.add_user(f"user{i}", "technician")
+    slow = _SlowHasher(auth._hasher)
+    monkeypatch.setattr(auth, "_hasher", slow)
+    started = time.monotonic()
+    responses = asyncio.run(_login_burst(service.app, [(f"user{i}", "wrong password here") for i in range(8)]))
+    elapsed = time.monotonic() - started
+    assert slow.most == 1  # was 8: every Argon2 check at once
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(int(r.headers["retry-after"]) >= 1 for r in busy)
+    assert elapsed < 8 * 0.3  # the excess is answered quickly, not queued behind every check
+
+
+# ------------------------------------------------------------------ 3. lock-out by anyone
+
+
+def test_wrong_passwords_from_one_address_do_not_lock_the_user_out(make_service):
+    service = make_service(login_failures_allowed=3)
+    service.add_user("tech", "technician")
+    attacker = service.client(client=("198.51.100.1", 1000))
+    codes = [login_as(attacker, name, "wrong password 1").status_code for name in ("tech", "TECH", "Tech") * 4]
+    assert codes[:3] == [401, 401, 401] and set(codes[3:]) == {429}
+    refused = login_as(attacker, "tech", PASSWORD)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    owner = service.client(client=("192.0.2.5", 1000))
+    assert login_as(owner, "tech", PASSWORD).status_code == 303  # was 429 for 15 minutes
+
+
+def test_distributed_attempts_lock_the_user_and_the_admin_sees_and_clears_it(make_service):
+    service = make_service(login_failures_allowed=3, login_user_lock_failures=6)
+    user_id = service.add_user("tech", "technician")
+    service.add_user("admin", "admin")
+    for n in range(3):
+        client = service.client(client=(f"198.51.100.{n + 1}", 1000))
+        assert [login_as(client, "tech", "wrong password 1").status_code for _ in range(2)] == [401, 401]
+    owner = service.client(client=("192.0.2.5", 1000))
+    assert login_as(owner, "tech", PASSWORD).status_code == 429
+    admin = service.login("admin")
+    page = admin.get("/admin/users")
+    assert f'id="lock-{user_id}"' in page.text and "locked until" in page.text
+    listed = {u["username"]: u for u in admin.get("/api/v1/users").json()["users"]}
+    assert listed["tech"]["locked_until"] is not None and listed["admin"]["locked_until"] is None
+    cleared = admin.post(f"/admin/users/{user_id}/unlock", data={"csrf_token": csrf_of(page.text)})
+    assert cleared.status_code == 200 and f'id="lock-{user_id}"' not in cleared.text
+    assert login_as(owner, "tech", PASSWORD).status_code == 303
+    assert "login.unlock" in audit_actions(service)
+
+
+# ------------------------------------------------------------------ 4. API tokens
+
+
+def _me(service, token: str) -> int:
+    return service.client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code
+
+
+def test_tokens_die_with_a_password_change_a_reset_and_a_deactivation(service):
+    token = service.token("tech")
+    tech = service.login("tech")
+    account = tech.get("/account")
+    changed = tech.post("/account/password", data={"current": PASSWORD, "new": "a new passphrase 2",
+                                                   "confirm": "a new passphrase 2", "csrf_token": csrf_of(account.text)})
+    assert changed.status_code == 200 and _me(service, token) == 401
+
+    from leukoscope.service.tables import User
+
+    with service.state.sessions() as db:
+        tech_id = db.scalar(select(User.id).where(User.username == "tech"))
+    admin = service.login("admin")
+    csrf = csrf_of(admin.get("/admin/users").text)
+    token = service.token("tech")
+    admin.post(f"/admin/users/{tech_id}", data={"password": "reset by admin 3", "csrf_token": csrf})
+    assert _me(service, token) == 401
+    token = service.token("tech")
+    admin.post(f"/admin/users/{tech_id}", data={"active": "0", "csrf_token": csrf})
+    admin.post(f"/admin/users/{tech_id}", data={"active": "1", "csrf_token": csrf})
+    assert _me(service, token) == 401  # reactivation does not bring old tokens back
+    assert _me(service, service.token("tech")) == 200
+
+
+def test_token_creation_needs_the_password_and_tokens_have_scope_and_expiry(service):
+    from leukoscope.service.tables import ApiToken, utcnow
+
+    tech = service.login("tech")
+    account = tech.get("/account")
+    csrf = csrf_of(account.text)
+    no_password = tech.post("/account/tokens", data={"name": "x", "csrf_token": csrf})
+    wrong = tech.post("/account/tokens", data={"name": "x", "password": "not my password", "csrf_token": csrf})
+    assert no_password.status_code == 400 and wrong.status_code == 400 and 'id="new-token"' not in wrong.text
+    assert service.count(ApiToken) == 0
+    made = tech.post("/account/tokens", data={"name": "reader", "password": PASSWORD, "scope": "read", "days": "7",
+                                              "csrf_token": csrf})
+    secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]
+    headers = {"Authorization": f"Bearer {secret}"}
+    client = service.client()
+    assert client.get("/api/v1/me", headers=headers).json()["scope"] == "read"
+    refused = upload(client, headers, ("a.png", encode(cell_image(), "PNG")))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "read_only_token"
+    with transaction(service.state.sessions) as db:
+        token = db.scalar(select(ApiToken))
+        assert timedelta(days=6.9) < token.expires_at - utcnow() <= timedelta(days=7)
+        token.expires_at = utcnow() - timedelta(seconds=1)
+    expired = client.get("/api/v1/me", headers=headers)
+    assert expired.status_code == 401 and "expired" in expired.json()["error"]["message"]
+
+
+def test_admin_lists_and_revokes_other_users_tokens(service):
+    secret = service.token("tech")
+    admin = service.auth("admin")
+    client = service.client()
+    listed = client.get("/api/v1/tokens", headers=admin).json()["tokens"]
+    mine = [t for t in listed if t["user"] == "tech"]
+    assert len(mine) == 1 and secret.startswith(mine[0]["prefix"]) and mine[0]["scope"] == "write"
+    assert mine[0]["expires_at"] is not None and "token_hash" not in mine[0]
+    assert client.get("/api/v1/tokens", headers=service.auth("tech")).status_code == 200  # own tokens only
+    assert client.post(f"/api/v1/tokens/{mine[0]['id']}/revoke", headers=service.auth("tech2")).status_code == 404
+    assert client.post(f"/api/v1/tokens/{mine[0]['id']}/revoke", headers=admin).status_code == 200
+    assert _me(service, secret) == 401
+    page = service.login("admin").get("/admin/tokens")
+    assert page.status_code == 200 and mine[0]["prefix"] in page.text and "revoked" in page.text
+
+
+# ------------------------------------------------------------------ 5. memory per upload
+
+
+def test_total_pixels_per_request_are_bounded(make_service):
+    service = make_service(max_pixels_per_request=3 * 64 * 64)
+    service.add_user("tech", "technician")
+    png = encode(cell_image(size=64), "PNG")
+    files = [(f"c{i}.png", png) for i in range(4)]
+    refused = upload(service.client(), service.auth("tech"), *files)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "too_many_pixels_in_upload"
+    assert "16,384" in refused.json()["error"]["message"] and service.rows()["cases"] == 0
+    assert upload(service.client(), service.auth("tech"), *files[:3]).status_code == 201
+
+
+def test_uploaded_files_are_decoded_one_at_a_time(service, monkeypatch):
+    from leukoscope.service import cases
+
+    alive: list[weakref.ref] = []
+    most = [0]
+    real = cases.load_image
+
+    def tracking_load(data, **options):
+        gc.collect()
+        most[0] = max(most[0], sum(ref() is not None for ref in alive) + 1)
+        image = real(data, **options)
+        alive.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(cases, "load_image", tracking_load)
+    files = [(f"c{i}.png", encode(cell_image("blast", i), "PNG")) for i in range(5)]
+    response = upload(service.client(), service.auth("tech"), *files)
+    assert response.status_code == 201 and len(response.json()["cells"]) == 5
+    assert most[0] == 1  # was 5: every file decoded before the first was analysed
+
+
+# ------------------------------------------------------------------ 6. bounded throttle table
+
+
+def test_throttle_entries_expire_and_the_table_is_bounded(make_service, monkeypatch):
+    from leukoscope.service import throttle
+    from leukoscope.service.tables import LoginThrottle
+
+    service = make_service(throttle_max_rows=40)
+    for n in range(60):  # junk log-ins, each a new user name from a new address
+        client = service.client(client=(f"10.1.{n // 250}.{n % 250}", 1000))
+        assert login_as(client, f"nobody{n}", "wrong password 1").status_code == 401
+    assert service.count(LoginThrottle) <= 40
+    later = time.time() + 16 * 60
+    monkeypatch.setattr(throttle, "now", lambda: later)
+    monkeypatch.setattr(throttle, "_last_prune", {})
+    client = service.client(client=("10.9.9.9", 1000))
+    assert login_as(client, "nobody", "wrong password 1").status_code == 401
+    assert service.count(LoginThrottle) <= 3  # only this attempt's entries are left
+
+
+# ------------------------------------------------------------------ 7. look-alike user names
+
+
+@pytest.mark.parametrize("name,status", [("Tina", 409), ("TINA", 409), ("ｔｉｎａ", 409), ("hugo\n", 400),
+                                         ("hu\tgo", 400), ("hugo\u200b", 400)])
+def test_look_alike_user_names_are_refused(service, name, status):
+    admin = service.auth("admin")
+    client = service.client()
+    assert client.post("/api/v1/users", headers=admin, json={"username": "tina", "password": "long enough 11",
+                                                             "role": "technician"}).status_code == 201
+    response = client.post("/api/v1/users", headers=admin, json={"username": name, "password": "long enough 11",
+                                                                 "role": "technician"})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["code"] == "bad_username"
+
+
+def test_log_in_with_any_case_of_the_name(service):
+    assert login_as(service.client(), "TECH", PASSWORD).status_code == 303
+
+
+# ------------------------------------------------------------------ 8. password rules
+
+
+@pytest.mark.parametrize("password,words", [("password", "common"), ("12345678", "common"), (" " * 8, "spaces"),
+                                            ("x" * 2000, "at most 256"), ("short", "at least 8")])
+def test_weak_or_overlong_passwords_are_refused(service, password, words):
+    response = service.client().post("/api/v1/users", headers=service.auth("admin"),
+                                     json={"username": "newuser", "password": password, "role": "technician"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "weak_password"
+    assert words in response.json()["error"]["message"]
+
+
+def test_the_longest_allowed_password_can_log_in(service):
+    longest = "a long passphrase " * 14 + "x" * 4  # 256 characters
+    assert len(longest) == 256
+    service.add_user("longpw", "technician", longest)
+    assert login_as(service.client(), "longpw", longest).status_code == 303
+    assert login_as(service.client(), "longpw", longest + "y").status_code == 401
+
+
+# ------------------------------------------------------------------ 9. password change
+
+
+def test_password_change_is_throttled_and_audited(make_service):
+    service = make_service(login_failures_allowed=3)
+    service.add_user("tech", "technician")
+    tech = service.login("tech")
+    csrf = csrf_of(tech.get("/account").text)
+    codes = [tech.post("/account/password", data={"current": "guess number 1", "new": "a new passphrase 2",
+                                                  "confirm": "a new passphrase 2", "csrf_token": csrf}).status_code
+             for _ in range(5)]
+    assert codes[:3] == [400, 400, 400] and set(codes[3:]) == {429}
+    assert audit_actions(service).count("password.change_failed") == 3
+
+
+# ------------------------------------------------------------------ 10. audit gaps
+
+
+def test_audit_records_throttling_denials_and_comment_text(make_service):
+    service = make_service(login_failures_allowed=1)
+    for name, role in (("tech", "technician"), ("tech2", "technician"), ("hema", "hematologist"),
+                       ("admin", "admin")):
+        service.add_user(name, role)
+    client = service.client()
+    assert [login_as(client, "tech", "wrong password 1").status_code for _ in range(2)] == [401, 429]
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    assert client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("tech2")).status_code == 404
+    assert client.get("/api/v1/audit", headers=service.auth("hema")).status_code == 403
+    hema = service.auth("hema")
+    cell = str(case["cells"][0]["id"])
+    for comment in ("first look", "second look"):
+        client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {cell: "blast"},
+                                                                            "comment": comment})
+    entries = client.get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    actions = [e["action"] for e in entries]
+    assert "login.throttled" in actions
+    denied = [e for e in entries if e["action"] == "access.denied"]
+    assert {(e["user"], e["detail"]["status"]) for e in denied} >= {("tech2", 404), ("hema", 403)}
+    reviews = [e for e in entries if e["action"] == "case.review"]
+    assert reviews[0]["detail"]["comment"] == {"from": "first look", "to": "second look"}
+    for stamp in [e["at"] for e in entries] + [case["created_at"]] + [
+            c["created_at"] for c in client.get("/api/v1/cases", headers=hema).json()["cases"]]:
+        assert datetime.fromisoformat(stamp).utcoffset() == timedelta(0), stamp
+    again = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+    assert datetime.fromisoformat(again["created_at"]).utcoffset() == timedelta(0)
+
+
+# ------------------------------------------------------------------ 11. GETs with side effects
+
+
+def test_export_is_a_post_with_a_csrf_token(service):
+    hema = service.login("hema")
+    page = hema.get("/export")
+    assert hema.get("/export/dataset.zip?layout=folders").status_code == 405
+    assert hema.post("/export/dataset.zip", data={"layout": "folders"}).status_code == 403
+    archive = hema.post("/export/dataset.zip", data={"layout": "csv", "csrf_token": csrf_of(page.text)})
+    assert archive.status_code == 200 and archive.content[:2] == b"PK"
+
+
+def test_a_link_from_another_site_writes_nothing(service):
+    case = upload(service.client(), service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    hema = service.login("hema")
+    before = audit_actions(service).count("case.view")
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    page = hema.get(f"/cases/{case['id']}", headers=cross)
+    assert page.status_code == 200 and 'id="open-case"' in page.text and 'id="review-form"' not in page.text
+    assert hema.get(f"/api/v1/cases/{case['id']}", headers=cross).status_code == 401
+    assert audit_actions(service).count("case.view") == before
+    assert hema.get(f"/cases/{case['id']}", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert audit_actions(service).count("case.view") == before + 1
+
+
+# ------------------------------------------------------------------ 12. error responses
+
+
+def test_a_500_has_the_security_headers(service):
+    def crash(_db, _case_id):
+        raise RuntimeError("simulated bug")
+
+    service.state.before_commit = crash
+    client = service.client(raise_server_exceptions=False)
+    response = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG")))
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "simulated bug" not in response.text
+
+
+def test_api_posts_answer_401_before_422(service):
+    client = service.client()
+    assert client.post("/api/v1/cases/0123/review", json={"labels": "not a dict"}).status_code == 401
+    assert client.post("/api/v1/cases/0123/review", content=b"{broken",
+                       headers={"content-type": "application/json"}).status_code == 401
+    assert client.post("/api/v1/users", json={}).status_code == 401
+    bad = client.post("/api/v1/users", json={}, headers=service.auth("admin"))
+    assert bad.status_code == 422  # authenticated: the body's problem is reported
+
+
+# ------------------------------------------------------------------ 13. shared throttle state
+
+
+def test_throttle_state_is_shared_between_processes(make_service, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = make_service(database_url=url, login_failures_allowed=2, rate_limit_per_minute=1)
+    second = make_service(database_url=url, login_failures_allowed=2, rate_limit_per_minute=1)
+    first.add_user("tech", "technician")
+    a = first.client(client=("198.51.100.1", 1000))
+    b = second.client(client=("198.51.100.1", 1000))
+    assert [login_as(c, "tech", "wrong password 1").status_code for c in (a, b, a, b)] == [401, 401, 429, 429]
+    headers = first.auth("tech")
+    png = encode(cell_image(), "PNG")
+    assert upload(first.client(), headers, ("a.png", png)).status_code == 201
+    assert upload(second.client(), headers, ("a.png", png)).status_code == 429
+
+
+def test_throttle_reservation_is_atomic_across_connections(make_service):
+    """Many threads, each with its own connection, reserve the same key at once: exactly
+    the allowed number get through (SQLite here; PostgreSQL below)."""
+    _race(make_service())
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
+                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_throttle_reservation_is_atomic_on_postgresql(make_service):
+    import os
+
+    from leukoscope.service.tables import LoginThrottle
+
+    service = make_service(database_url=os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+    with transaction(service.state.sessions) as db:
+        db.query(LoginThrottle).delete()
+    _race(service)
+
+
+def _race(service) -> None:
+    from leukoscope.service import throttle
+
+    rule = throttle.Rule("race", limit=5, window_s=60)
+    results: list[float | None] = []
+    barrier = threading.Barrier(20)
+
+    def attempt() -> None:
+        barrier.wait()
+        with transaction(service.state.sessions) as db:
+            results.append(throttle.reserve(db, [(rule, "race:key")]).wait)
+
+    threads = [threading.Thread(target=attempt) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(wait is None for wait in results) == 5, results
