@@ -103,7 +103,10 @@ def test_a_field_at_the_detection_cap_warns_and_never_flags_leukemia() -> None:
     boxes = grid_boxes(120)
     capped = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=120), blasts).analyze(FIELD)
     assert capped.capped_tiles == 1 and len(capped.cells) == 120
-    assert len(capped.warnings) == 1 and "per-image cap" in capped.warnings[0]
+    assert len(capped.warnings) == 1 and "per-image cap allows in this field" in capped.warnings[0]
+    # tiled: 4 tiles of 800x650, each with a cap of ceil(50 * 800 * 650 / (640 * 480)) = 85 < 120 boxes
+    tiled = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=50), blasts, tile_size=800, overlap=300)
+    assert "in 4 of 4 tiles" in tiled.analyze(Image.new("RGB", (1300, 1000), (230, 210, 220))).warnings[0]
     assert no_leukemia_flag(capped.differential) and capped.summary()["capped_tiles"] == 1
 
     below = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=121), blasts).analyze(FIELD)

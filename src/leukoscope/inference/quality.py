@@ -62,7 +62,7 @@ def scaled_cap(cap: int, pixels: int) -> int:
 
 def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:
     """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
-    where = f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
+    where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
     if names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         where += f" ({shown})"
