@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.data} is absent: nothing to benchmark", file=sys.stderr)
         return 2
 
-    from leukoscope.engine.detection import load_detection_config, run_detection_experiment
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.detect import run_detection_experiment
 
     overrides = [f"data.path={args.data}", f"output_root={args.out}", *args.overrides]
     if args.minutes is not None:

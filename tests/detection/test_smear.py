@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukoscope.bundle import BundleInfo
-from leukoscope.inference.detector import CellDetector, DetectionResult
-from leukoscope.inference.smear import (
-    Differential,
-    SmearAnalyzer,
-    default_blast_classes,
-    merge_tile_detections,
-    tile_grid,
-    wilson_interval,
-)
+from leukoscope.inference.detector import CellDetector
+from leukoscope.inference.differential import Differential
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.tiling import merge_tile_detections, tile_grid
+from leukoscope.labels import blast_classes_in
+from leukoscope.proportions import wilson_interval
+from tests.detection.smear_fakes import DarkBlobDetector, FixedDetector
 
 
 def test_wilson_interval_known_values() -> None:
@@ -36,29 +33,33 @@ def test_differential_counts_percentages_and_flags() -> None:
     assert d.total == 100 and d.counts["uncertain"] == 5 and d.per_100["lymphocyte"] == 60.0
     assert sum(d.per_100.values()) == pytest.approx(100.0)
     assert d.blast_percentage == 25.0 and d.blast_ci95[0] < 25 < d.blast_ci95[1]
-    assert any("consistent with acute leukemia" in f for f in d.flags)
+    assert d.acute_leukemia_flag and d.blast_percentage_meaningful
+    leukemia = [f for f in d.flags if "consistent with acute leukemia" in f]
+    assert len(leukemia) == 1 and "25 of 100 white cells counted" in leukemia[0]
     assert d.blast_percentage_if_uncertain_are_blasts == 30.0
 
     few = Differential.from_labels(["blast", "lymphocyte", "lymphocyte", "lymphocyte", "uncertain"],
                                    ["blast", "lymphocyte"], ["blast"])
-    assert few.blast_percentage == 20.0
-    assert any("Only 5 white cell" in f for f in few.flags)
+    assert few.blast_percentage == 20.0 and not few.blast_percentage_meaningful
+    assert any("Only 5 white cells counted" in f and "count at least 100 cells" in f for f in few.flags)
     assert any("uncertain" in f for f in few.flags)
 
-    low = Differential.from_labels(["blast"] + ["lymphocyte"] * 30, ["blast", "lymphocyte"], ["blast"])
-    assert any(f.startswith("Blasts seen") for f in low.flags) and not any("acute" in f for f in low.flags)
+    low = Differential.from_labels(["blast"] + ["lymphocyte"] * 99, ["blast", "lymphocyte"], ["blast"])
+    assert any(f.startswith("Blasts seen (1 of 100 white cells counted") for f in low.flags)
+    assert not any("acute" in f for f in low.flags) and not low.acute_leukemia_flag
 
     none = Differential.from_labels([], ["blast"], ["blast"])
     assert none.blast_percentage is None and "No white cell" in none.flags[0]
     untyped = Differential.from_labels(["WBC", "WBC"], ["WBC"], [])
     assert untyped.blasts is None and untyped.counts["WBC"] == 2
+    assert any("Only 2 white cells counted: the differential is not meaningful" in f for f in untyped.flags)
 
 
 def test_default_blast_classes() -> None:
-    assert default_blast_classes(["blast", "lymphocyte"]) == ["blast"]
-    assert default_blast_classes(["Benign", "Early", "Pre", "Pro"]) == ["Early", "Pre", "Pro"]
-    assert default_blast_classes(["all", "hem"]) == ["all"]
-    assert default_blast_classes(["NEUTROPHIL", "LYMPHOCYTE"]) == []
+    assert blast_classes_in(["blast", "lymphocyte"]) == ["blast"]
+    assert blast_classes_in(["Benign", "Early", "Pre", "Pro"]) == ["Early", "Pre", "Pro"]
+    assert blast_classes_in(["all", "hem"]) == ["all"]
+    assert blast_classes_in(["NEUTROPHIL", "LYMPHOCYTE"]) == []
 
 
 def test_tile_grid_covers_the_image_with_the_overlap() -> None:
@@ -94,36 +95,14 @@ def test_merge_keeps_a_cell_split_across_tiles_once() -> None:
     assert keep.tolist() == [1, 3, 4]
 
 
-class _DarkBlobDetector(CellDetector):
-    """A fixed rule in place of a network (for the tiling arithmetic only): one box
-    around the dark pixels of the tile, cut at the tile edge like a real detector."""
-
-    def __init__(self) -> None:
-        self.classes = ["WBC"]
-        self.score_threshold = 0.5
-        self.info = BundleInfo("rule", ["WBC"], task="detect")
-
-    def detect(self, images, *, threshold=None, batch_size=4):
-        out = []
-        for image in images:
-            dark = (image.mean(0) < 0.3).numpy()
-            ys, xs = np.nonzero(dark)
-            if len(xs):
-                box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
-                out.append(DetectionResult(box, np.array([0.9]), np.array([0]), self.classes))
-            else:
-                out.append(DetectionResult(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), self.classes))
-        return out
-
-
 def test_analyzer_tiles_a_large_field_and_finds_a_straddling_cell_once() -> None:
     pixels = np.full((1000, 1300, 3), 230, np.uint8)
     pixels[400:560, 620:800] = 40  # one dark cell across the seam of the first two tiles
-    analyzer = SmearAnalyzer(_DarkBlobDetector(), tile_size=800, overlap=300)
-    detections, n_tiles = analyzer.detect(Image.fromarray(pixels))
-    assert n_tiles == 4
-    assert len(detections) == 1
-    assert detections.boxes[0].tolist() == [620, 400, 800, 560]
+    analyzer = SmearAnalyzer(DarkBlobDetector(), tile_size=800, overlap=300)
+    found = analyzer.detect(Image.fromarray(pixels))
+    assert found.tiles == 4 and found.capped_tiles == 0
+    assert len(found.detections) == 1
+    assert found.detections.boxes[0].tolist() == [620, 400, 800, 560]
 
 
 def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
@@ -174,18 +153,9 @@ def test_detection_caps_grow_with_the_image_and_are_restored(detector_bundle: Pa
     assert detector.model.rpn._post_nms_top_n["testing"] == 200
 
 
-class _FixedDetector(_DarkBlobDetector):
-    def __init__(self, boxes, scores) -> None:
-        super().__init__()
-        self.boxes, self.scores = np.array(boxes, float), np.array(scores, float)
-
-    def detect(self, images, *, threshold=None, batch_size=4):
-        return [DetectionResult(self.boxes, self.scores, np.zeros(len(self.scores), int), self.classes)]
-
-
 def test_a_white_cell_found_twice_is_counted_once() -> None:
     image = Image.new("RGB", (640, 480), (230, 210, 220))
-    nested = _FixedDetector([[200, 100, 460, 350], [220, 115, 350, 350], [20, 20, 120, 120]], [0.9, 0.8, 0.7])
+    nested = FixedDetector([[200, 100, 460, 350], [220, 115, 350, 350], [20, 20, 120, 120]], [0.9, 0.8, 0.7])
     result = SmearAnalyzer(nested).analyze(image)
     assert [c.box for c in result.cells] == [(20, 20, 120, 120), (200, 100, 460, 350)]
     assert len(SmearAnalyzer(nested, wbc_containment=1.0).analyze(image).cells) == 3

@@ -68,6 +68,13 @@ def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
         assert (run_dir / name).exists(), name
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["task"] == "detect" and info["classes"] == ["Platelets", "RBC", "WBC"]
+    # smear analysis's quality gate reads the test AP@0.5 that training recorded in bundle.json
+    from leukoscope.inference.quality import detector_warnings
+
+    ap = info["metrics"]["ap_50_per_class"]["WBC"]
+    gate = detector_warnings(info["metrics"], ["WBC"], floor=0.9)
+    assert gate == ([] if ap >= 0.9 else [f"The detector's recorded test AP@0.5 for WBC is {ap:.3f}, below the floor "
+                                          f"of 0.9: white cells may be missed or invented."])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and 0.0 <= metrics["map_50"] <= 1.0
     assert set(metrics["per_class"]) == {"Platelets", "RBC", "WBC"}

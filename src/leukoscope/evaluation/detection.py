@@ -28,7 +28,8 @@ from torchvision.ops import box_iou
 import leukoscope
 from leukoscope.evaluation.evaluate import to_jsonable
 from leukoscope.evaluation.figures import add_legend, new_figure, save_figure, line_style
-from leukoscope.evaluation.report import DISCLAIMER, embed_figure, format_value, render_template
+from leukoscope.evaluation.report import embed_figure, format_value, render_template
+from leukoscope.labels import DISCLAIMER
 
 
 @dataclass

@@ -18,8 +18,7 @@ from typing import Any
 import jinja2
 
 import leukoscope
-
-DISCLAIMER = "Decision support for trained staff, not a diagnosis."
+from leukoscope.labels import DISCLAIMER
 
 #: Captions for the figures :func:`leukoscope.evaluation.evaluate_logits` writes.
 FIGURE_CAPTIONS: dict[str, tuple[str, str]] = {

@@ -14,12 +14,10 @@ from PIL import Image
 
 from leukoscope.bundle import BundleInfo, load_bundle
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import batched_logits, stack_pixels
 
 log = logging.getLogger(__name__)
-
-UNCERTAIN = "uncertain"
-
 
 @dataclass
 class Prediction:

@@ -3,72 +3,47 @@
 What a commercial analyzer does for one field (or a folder of fields of one
 slide): locate the white cells, pre-classify each, keep low-confidence cells in
 an "uncertain" bin for the technologist, and report the differential (counts,
-counts per 100 WBC) with the blast percentage and its 95% Wilson interval.
-
-Large fields (2592x1944 and beyond) are cut into overlapping tiles at the
-detector's pixel scale; boxes cut by an inner tile edge are dropped when the
-neighbouring tile saw the whole cell, and duplicates in the overlaps are merged.
+counts per 100 WBC) with the blast percentage and its 95% Wilson interval, unless
+a quality gate (:mod:`leukoscope.inference.quality`) says the count cannot be trusted.
 
     analyzer = SmearAnalyzer.from_bundles("runs/det/bundle", "runs/cls/bundle")
     result = analyzer.analyze("field.jpg")
-    result.differential.blast_percentage, result.differential.flags
-    result.write("out/")          # annotated PNG, per-cell CSV, JSON
+    result.differential.blast_percentage, result.differential.flags, result.warnings
+    write_field(result, "out/")     # annotated PNG, per-cell CSV, JSON (leukoscope.inference.smear_output)
 
+The parts live in their own modules: the count in ``differential``, tiles in
+``tiling``, the picture in ``drawing``, the files in ``smear_output``.
 Decision support for trained staff, not a diagnosis.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.ops import box_iou
+from PIL import Image
 
 from leukoscope.inference.detector import CellDetector, DetectionResult
+from leukoscope.inference.differential import CountRules
+from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, cap_warning, detection_cap, detector_warnings,
+                                          scaled_cap)
+from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
+from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.labels import blast_classes_in
 
 log = logging.getLogger(__name__)
 
-UNCERTAIN = "uncertain"
-DISCLAIMER = "Decision support for trained staff, not a diagnosis."
-#: Classifier class names counted as blasts when ``blast_classes`` is not given
-#: (case-insensitive): any name containing "blast", C-NMC's "all", and the
-#: Taleqani B-ALL subtypes (early pre-B, pre-B and pro-B lymphoblasts).
-DEFAULT_BLAST_NAMES = frozenset({"all", "malignant", "early", "pre", "pro", "pre-b", "pro-b", "early pre-b"})
 #: Detector classes that are white cells when ``wbc_classes`` is not given.
 DEFAULT_WBC_NAMES = frozenset({"wbc", "leukocyte", "leukocytes", "white", "white_cell", "white cell"})
 _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thrombocyte"})
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (as fractions in [0, 1]).
-
-    5 blasts in 100 cells: (0.0215, 0.1118). Undefined for ``total == 0`` (ValueError).
-    """
-    if total <= 0:
-        raise ValueError("the Wilson interval needs at least one counted cell")
-    if not 0 <= successes <= total:
-        raise ValueError(f"successes must be between 0 and {total}, got {successes}")
-    p = successes / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def default_blast_classes(classes: Iterable[str]) -> list[str]:
-    return [c for c in classes if "blast" in c.lower() or c.lower() in DEFAULT_BLAST_NAMES]
 
 
 def default_wbc_classes(classes: Sequence[str]) -> list[str]:
@@ -76,279 +51,16 @@ def default_wbc_classes(classes: Sequence[str]) -> list[str]:
     return named or [c for c in classes if c.lower() not in _NOT_WBC]
 
 
-# --------------------------------------------------------------------------- differential
 @dataclass
-class Differential:
-    """Counts of the white cells of one field or a set of fields."""
+class FieldDetections:
+    """Detections of one field in image coordinates, merged across its tiles."""
 
-    total: int
-    counts: dict[str, int]
-    """Per class, plus ``uncertain`` (cells below the classifier's confidence threshold)."""
-    per_100: dict[str, float]
-    blast_classes: list[str]
-    blasts: int | None
-    blast_percentage: float | None
-    blast_ci95: tuple[float, float] | None
-    """Wilson 95% interval of the blast percentage, in percent."""
-    uncertain: int
-    blast_percentage_if_uncertain_are_blasts: float | None
-    flags: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_labels(cls, labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str] | None,
-                    *, blast_flag_percent: float = 20.0, min_cells: int = 100,
-                    uncertain_flag_share: float = 0.1) -> "Differential":
-        """Count ``labels`` (class names or ``"uncertain"``). Blasts are counted only
-        when ``blast_classes`` is a list (an empty list means "no blast class known")."""
-        counts = {name: 0 for name in classes}
-        counts[UNCERTAIN] = 0
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        total = len(labels)
-        per_100 = {name: (100.0 * n / total if total else 0.0) for name, n in counts.items()}
-        uncertain = counts[UNCERTAIN]
-        blasts = percentage = interval = worst = None
-        if blast_classes:
-            blasts = sum(counts.get(name, 0) for name in blast_classes)
-            if total:
-                percentage = 100.0 * blasts / total
-                low, high = wilson_interval(blasts, total)
-                interval = (100.0 * low, 100.0 * high)
-                worst = 100.0 * (blasts + uncertain) / total
-        differential = cls(total, counts, per_100, list(blast_classes or []), blasts, percentage, interval,
-                           uncertain, worst)
-        differential.flags = differential._flags(blast_flag_percent, min_cells, uncertain_flag_share)
-        return differential
-
-    def _flags(self, threshold: float, min_cells: int, uncertain_share: float) -> list[str]:
-        flags: list[str] = []
-        if self.total == 0:
-            return ["No white cell found: check focus, stain and that the image is a smear field."]
-        if self.blast_percentage is not None and self.blast_ci95 is not None:
-            low, high = self.blast_ci95
-            ci = f"95% CI {low:.1f}-{high:.1f}%"
-            if self.blast_percentage >= threshold:
-                flags.append(f"BLASTS >= {threshold:g}% ({self.blast_percentage:.1f}%, {ci}): consistent with "
-                             f"acute leukemia; needs review by a hematologist.")
-            elif self.blasts:
-                flags.append(f"Blasts seen ({self.blasts} of {self.total}, {self.blast_percentage:.1f}%, {ci}): "
-                             f"blasts are not expected in peripheral blood; review.")
-                if high >= threshold:
-                    flags.append(f"The 95% interval of the blast percentage reaches {threshold:g}%: count more cells.")
-            if (self.blast_percentage < threshold and self.blast_percentage_if_uncertain_are_blasts is not None
-                    and self.blast_percentage_if_uncertain_are_blasts >= threshold):
-                flags.append(f"If the {self.uncertain} uncertain cell(s) were blasts the blast percentage would be "
-                             f"{self.blast_percentage_if_uncertain_are_blasts:.1f}%: review them.")
-        if self.uncertain and self.uncertain / self.total >= uncertain_share:
-            flags.append(f"{self.uncertain} of {self.total} cells ({100 * self.uncertain / self.total:.0f}%) are "
-                         f"uncertain: classify them by eye.")
-        if self.total < min_cells:
-            flags.append(f"Only {self.total} white cell(s) counted; a differential needs at least {min_cells} "
-                         f"(analyse more fields of the slide).")
-        return flags
-
-    def to_json(self) -> dict[str, Any]:
-        payload = asdict(self)
-        payload["blast_ci95"] = list(self.blast_ci95) if self.blast_ci95 else None
-        return payload
+    detections: DetectionResult
+    tiles: int
+    capped_tiles: int
+    """Tiles where the detector returned as many boxes as its cap allows."""
 
 
-# --------------------------------------------------------------------------- tiling and merging
-def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """Overlapping tiles (x0, y0, x1, y1) covering the image, evenly spread; one tile if it fits.
-
-    Along each axis: the fewest tiles of at most ``tile`` pixels that overlap by at
-    least ``overlap``, each only as long as that needs (a 2592 px side in two tiles
-    of 2048 would overlap by 1504 px, 58% more pixels than the image; two tiles of
-    1456 overlap by the 320 asked for). Tiles may therefore be rectangular.
-    """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap ({overlap}) must be >= 0 and smaller than the tile size ({tile})")
-
-    def spans(length: int) -> list[tuple[int, int]]:
-        if length <= tile:
-            return [(0, length)]
-        n = math.ceil((length - overlap) / (tile - overlap))
-        size = min(tile, math.ceil((length + (n - 1) * overlap) / n))
-        return [(start, start + size) for start in (round(i * (length - size) / (n - 1)) for i in range(n))]
-
-    return [(x0, y0, x1, y1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
-
-
-def merge_tile_detections(
-    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, cut: np.ndarray,
-    iou_threshold: float = 0.5, containment: float = 0.6,
-) -> np.ndarray:
-    """Indices to keep of detections gathered from overlapping tiles.
-
-    ``cut`` marks boxes touching an inner tile edge (the cell may be cut off).
-    Whole boxes are preferred to cut ones, then higher scores; a box is dropped
-    when a kept box of the same class overlaps it by IoU > ``iou_threshold`` or,
-    for a cut box, covers more than ``containment`` of its area.
-    """
-    n = len(scores)
-    if n == 0:
-        return np.zeros(0, dtype=int)
-    order = np.lexsort((-scores, cut.astype(int)))  # whole boxes first, then by score
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    iou = box_iou(b, b).numpy()
-    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).numpy()
-    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    kept: list[int] = []
-    for i in order:
-        duplicate = False
-        for j in kept:
-            if labels[j] != labels[i]:
-                continue
-            if iou[i, j] > iou_threshold:
-                duplicate = True
-                break
-            if cut[i] and area[i] > 0 and inter[i, j] / area[i] > containment:
-                duplicate = True
-                break
-        if not duplicate:
-            kept.append(int(i))
-    return np.array(sorted(kept), dtype=int)
-
-
-# --------------------------------------------------------------------------- results
-@dataclass
-class Cell:
-    """One white cell: where it is, what the detector and the classifier said."""
-
-    cell_id: int
-    box: tuple[float, float, float, float]
-    detector_class: str
-    detector_score: float
-    label: str
-    """The class counted in the differential (``uncertain`` below the classifier threshold)."""
-    top_class: str
-    confidence: float
-    uncertain: bool
-    probabilities: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def detection_score(self) -> float:
-        return self.detector_score
-
-    def as_row(self, classes: Sequence[str]) -> dict[str, Any]:
-        x0, y0, x1, y1 = self.box
-        row: dict[str, Any] = {
-            "cell_id": self.cell_id, "x0": round(x0, 1), "y0": round(y0, 1), "x1": round(x1, 1), "y1": round(y1, 1),
-            "detector_class": self.detector_class, "detector_score": round(self.detector_score, 4),
-            "label": self.label, "top_class": self.top_class, "confidence": round(self.confidence, 4),
-            "uncertain": self.uncertain,
-        }
-        row.update({f"p_{name}": round(self.probabilities.get(name, 0.0), 4) for name in classes})
-        return row
-
-
-@dataclass
-class SmearResult:
-    source: str
-    width: int
-    height: int
-    cells: list[Cell]
-    object_counts: dict[str, int]
-    """Every detected object by detector class (WBC, RBC, Platelets...)."""
-    differential: Differential
-    detections: DetectionResult | None = field(default=None, repr=False)
-    cell_classes: list[str] = field(default_factory=list)
-    tiles: int = 1
-    seconds: float = 0.0
-    error: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "width": self.width, "height": self.height, "tiles": self.tiles,
-            "seconds": round(self.seconds, 3), "object_counts": self.object_counts,
-            "differential": self.differential.to_json(), "error": self.error, "disclaimer": DISCLAIMER,
-        }
-
-    def write(self, out_dir: str | Path, stem: str | None = None, image: Image.Image | None = None) -> dict[str, Path]:
-        """Write ``<stem>.annotated.png``, ``<stem>.cells.csv`` and ``<stem>.json`` into ``out_dir``."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stem = stem or Path(self.source).stem
-        paths = {"json": out_dir / f"{stem}.json", "cells": out_dir / f"{stem}.cells.csv"}
-        payload = self.summary()
-        payload["cells"] = [cell.as_row(self.cell_classes) for cell in self.cells]
-        paths["json"].write_text(json.dumps(payload, indent=2))
-        columns = list(Cell(0, (0, 0, 0, 0), "", 0, "", "", 0, False).as_row(self.cell_classes))
-        with open(paths["cells"], "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for cell in self.cells:
-                writer.writerow(cell.as_row(self.cell_classes))
-        if self.error is None:
-            if image is None:
-                image = load_image(self.source)
-            paths["annotated"] = annotate(image, self).save_png(out_dir / f"{stem}.annotated.png")
-        return paths
-
-
-class _Annotated:
-    def __init__(self, image: Image.Image) -> None:
-        self.image = image
-
-    def save_png(self, path: Path) -> Path:
-        self.image.save(path, format="PNG")
-        return path
-
-
-_COLOURS = {UNCERTAIN: (230, 140, 0), "blast": (213, 0, 0), "other": (0, 90, 200), "RBC": (200, 120, 120),
-            "Platelets": (120, 60, 160)}
-_CELL_PALETTE = [(0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233), (240, 228, 66), (0, 0, 0)]
-
-
-def annotate(image: Image.Image, result: SmearResult) -> _Annotated:
-    """Boxes on a copy of the image: white cells coloured by class with label and confidence,
-    blasts red, uncertain orange; other objects thin."""
-    canvas = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(canvas)
-    scale = max(1, round(max(canvas.size) / 700))
-    try:
-        font = ImageFont.load_default(size=11 * scale)
-    except TypeError:  # Pillow < 10.1 has one bitmap size only
-        font = ImageFont.load_default()
-    if result.detections is not None:
-        wbc_boxes = {tuple(np.round(cell.box, 2)) for cell in result.cells}
-        for det in result.detections.detections():
-            if tuple(np.round(det.box, 2)) in wbc_boxes:
-                continue
-            colour = _COLOURS.get(det.label, (150, 150, 150))
-            draw.rectangle(det.box, outline=colour, width=scale)
-    blast = set(result.differential.blast_classes)
-    for cell in result.cells:
-        if cell.uncertain:
-            colour = _COLOURS[UNCERTAIN]
-        elif cell.label in blast:
-            colour = _COLOURS["blast"]
-        else:
-            index = result.cell_classes.index(cell.label) if cell.label in result.cell_classes else 0
-            colour = _CELL_PALETTE[index % len(_CELL_PALETTE)]
-        draw.rectangle(cell.box, outline=colour, width=3 * scale)
-        text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
-        x, y = cell.box[0], max(0, cell.box[1] - 14 * scale)
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-        draw.text((x, y), text, fill=(255, 255, 255), font=font)
-    d = result.differential
-    lines = [f"WBC {d.total}" + (f", blasts {d.blast_percentage:.1f}% (95% CI {d.blast_ci95[0]:.1f}-"
-                                 f"{d.blast_ci95[1]:.1f}%)" if d.blast_percentage is not None else ""),
-             DISCLAIMER]
-    y = 4
-    for line in lines:
-        left, top, right, bottom = draw.textbbox((4, y), line, font=font)
-        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(255, 255, 255))
-        draw.text((4, y), line, fill=(0, 0, 0), font=font)
-        y = bottom + 4
-    return _Annotated(canvas)
-
-
-# --------------------------------------------------------------------------- analyzer
 class SmearAnalyzer:
     """Detect -> crop -> classify -> differential, for fields of any size.
 
@@ -359,6 +71,11 @@ class SmearAnalyzer:
     largest white cell (about 300 px in 640x480 BCCD fields). ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
     box is a duplicate (1 turns this off).
+
+    Blast classes default to the classes named in :data:`leukoscope.labels.BLAST_CLASS_NAMES`
+    (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
+    records no test AP@0.5 for white cells, or one below ``min_detector_ap``, and a field
+    where the detector hit its per-image cap, get a warning and never a leukemia flag.
     """
 
     def __init__(
@@ -377,6 +94,7 @@ class SmearAnalyzer:
         wbc_containment: float = 0.7,
         blast_flag_percent: float = 20.0,
         min_cells: int = 100,
+        min_detector_ap: float = DEFAULT_MIN_DETECTOR_AP,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         device: str = "cpu",
     ) -> None:
@@ -402,20 +120,36 @@ class SmearAnalyzer:
         if unknown:
             raise ValueError(f"wbc classes {unknown} are not detector classes {detector.classes}")
         self.wbc_classes = list(wbc_classes) if wbc_classes else default_wbc_classes(detector.classes)
-        self.cell_classes = list(classifier.classes) if classifier is not None else list(self.wbc_classes)
+        cell_classes = list(classifier.classes) if classifier is not None else list(self.wbc_classes)
         if blast_classes is not None:
-            unknown = [c for c in blast_classes if c not in self.cell_classes]
+            unknown = [c for c in blast_classes if c not in cell_classes]
             if unknown:
-                raise ValueError(f"blast classes {unknown} are not among the cell classes {self.cell_classes}")
-            self.blast_classes = list(blast_classes)
+                raise ValueError(f"blast classes {unknown} are not among the cell classes {cell_classes}")
         else:
-            self.blast_classes = default_blast_classes(self.cell_classes)
+            blast_classes = blast_classes_in(cell_classes)
+        if min_cells < 1:
+            raise ValueError(f"min_cells must be at least 1, got {min_cells}")
+        self.rules = CountRules(tuple(cell_classes), tuple(blast_classes), blast_flag_percent, int(min_cells))
+        if not 0.0 <= min_detector_ap <= 1.0:
+            raise ValueError(f"min_detector_ap must be in [0, 1], got {min_detector_ap}")
+        self.warnings = detector_warnings(getattr(detector.info, "metrics", None) or {}, self.wbc_classes,
+                                          min_detector_ap)
+        for warning in self.warnings:
+            log.warning("%s No leukemia flag will be raised.", warning)
+        # Read before any inference: the detector raises its cap while it runs on a large tile.
+        self.detection_cap = detection_cap(getattr(detector, "model", None))
         self.crop_margin = crop_margin
         self.merge_iou = merge_iou
         self.wbc_containment = wbc_containment
-        self.blast_flag_percent = blast_flag_percent
-        self.min_cells = min_cells
         self.max_pixels = max_pixels
+
+    @property
+    def cell_classes(self) -> list[str]:
+        return list(self.rules.classes)
+
+    @property
+    def blast_classes(self) -> list[str]:
+        return list(self.rules.blast_classes)
 
     @classmethod
     def from_bundles(cls, detector_bundle: str | Path, classifier_bundle: str | Path | None = None, *,
@@ -423,15 +157,21 @@ class SmearAnalyzer:
         return cls(detector_bundle, classifier_bundle, device=device, **options)
 
     # -- detection over tiles ------------------------------------------------
-    def detect(self, image: Image.Image) -> tuple[DetectionResult, int]:
-        """Detections (score >= the detector's threshold) in image coordinates, merged across tiles."""
+    def detect(self, image: Image.Image) -> FieldDetections:
+        """Detections (score >= the detector's threshold) in image coordinates, merged across tiles,
+        and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
+        every box above the threshold was kept; at the cap some may have been dropped)."""
         pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
         width, height = image.size
         tiles = tile_grid(width, height, self.tile_size, self.overlap)
         all_boxes, all_scores, all_labels, all_cut = [], [], [], []
         edge = 4.0
+        capped = 0
         for x0, y0, x1, y1 in tiles:
             result = self.detector.detect([pixels[:, y0:y1, x0:x1].float() / 255.0])[0]
+            if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
+                                                                            (x1 - x0) * (y1 - y0)):
+                capped += 1
             boxes = result.boxes.astype(np.float64) + np.array([x0, y0, x0, y0], dtype=np.float64)
             cut = np.zeros(len(boxes), dtype=bool)
             if x0 > 0:
@@ -452,7 +192,7 @@ class SmearAnalyzer:
         if len(tiles) > 1:
             keep = merge_tile_detections(boxes, scores, labels, np.concatenate(all_cut), self.merge_iou)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        return DetectionResult(boxes, scores, labels, self.detector.classes), len(tiles)
+        return FieldDetections(DetectionResult(boxes, scores, labels, self.detector.classes), len(tiles), capped)
 
     def crop_cell(self, image: Image.Image, box: Sequence[float]) -> Image.Image:
         """The crop the cell classifier sees: the box plus ``crop_margin`` on each side."""
@@ -470,7 +210,8 @@ class SmearAnalyzer:
             image = load_image(image, max_pixels=self.max_pixels)
         source = source or "<image>"
         image = image.convert("RGB")
-        detections, n_tiles = self.detect(image)
+        found = self.detect(image)
+        detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
         if is_wbc.sum() > 1 and self.wbc_containment < 1:
@@ -505,15 +246,17 @@ class SmearAnalyzer:
                 name = self.detector.classes[int(detections.labels[i])]
                 cells.append(Cell(number, tuple(float(v) for v in detections.boxes[i]), name,
                                   float(detections.scores[i]), name, name, float(detections.scores[i]), False))
-        differential = Differential.from_labels(
-            [cell.label for cell in cells], self.cell_classes, self.blast_classes,
-            blast_flag_percent=self.blast_flag_percent, min_cells=self.min_cells)
+        warnings = list(self.warnings)
+        if found.capped_tiles:
+            warnings.append(cap_warning(found.capped_tiles, found.tiles))
+        differential = self.rules.count([cell.label for cell in cells], warnings)
         return SmearResult(source, image.size[0], image.size[1], cells, detections.counts(), differential,
-                           detections, list(self.cell_classes), n_tiles, time.perf_counter() - start)
+                           detections, self.cell_classes, found.tiles, time.perf_counter() - start,
+                           capped_tiles=found.capped_tiles)
 
     # -- many fields ----------------------------------------------------------
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
-                      progress: Callable[..., None] | None = None) -> "FolderSummary":
+                      progress: Callable[..., None] | None = None) -> FolderSummary:
         """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``.
 
         An unreadable file gives a row with ``error`` set, never a crash.
@@ -524,93 +267,21 @@ class SmearAnalyzer:
         used: set[str] = set()
         for path in paths:
             path = Path(path)
-            stem = _unique_stem(path, used)
+            stem = unique_stem(path, used)
             try:
                 image = load_image(path, max_pixels=self.max_pixels)
                 result = self.analyze(image, source=str(path))
-                result.write(out_dir, stem, image)
+                write_field(result, out_dir, stem, image)
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)
-                result = SmearResult(str(path), 0, 0, [], {}, Differential.from_labels(
-                    [], self.cell_classes, self.blast_classes, min_cells=self.min_cells), error=str(exc))
-                result.write(out_dir, stem)
+                result = SmearResult(str(path), 0, 0, [], {}, self.rules.count([], self.warnings),
+                                     cell_classes=self.cell_classes, error=str(exc))
+                write_field(result, out_dir, stem)
             results.append(result)
             if progress is not None:
                 progress(advance=1, info=f"{path.name}: {result.differential.total} WBC")
-        summary = FolderSummary(results, self)
+        models = {"detector": self.detector.info.model_name,
+                  "classifier": getattr(getattr(self.classifier, "info", None), "model_name", None)}
+        summary = FolderSummary(results, self.rules, list(self.detector.classes), models, list(self.warnings))
         summary.write(out_dir)
         return summary
-
-
-def _unique_stem(path: Path, used: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
-    stem, k = base, 1
-    while stem in used:
-        k += 1
-        stem = f"{base}-{k}"
-    used.add(stem)
-    return stem
-
-
-@dataclass
-class FolderSummary:
-    results: list[SmearResult]
-    analyzer: SmearAnalyzer
-
-    @property
-    def pooled(self) -> Differential:
-        """The differential of all fields together (the slide)."""
-        labels = [cell.label for result in self.results for cell in result.cells]
-        a = self.analyzer
-        return Differential.from_labels(labels, a.cell_classes, a.blast_classes,
-                                        blast_flag_percent=a.blast_flag_percent, min_cells=a.min_cells)
-
-    def rows(self) -> list[dict[str, Any]]:
-        classes = self.analyzer.cell_classes
-        object_classes = self.analyzer.detector.classes
-        rows = []
-
-        def row_for(name: str, d: Differential, objects: dict[str, int], seconds: float | str, error: str) -> dict:
-            row: dict[str, Any] = {"image": name, "wbc": d.total}
-            row.update({f"n_{c}": d.counts.get(c, 0) for c in classes})
-            row["n_uncertain"] = d.uncertain
-            row.update({f"objects_{c}": objects.get(c, 0) for c in object_classes})
-            row["blasts"] = "" if d.blasts is None else d.blasts
-            row["blast_percent"] = "" if d.blast_percentage is None else round(d.blast_percentage, 2)
-            row["blast_ci95_low"] = "" if d.blast_ci95 is None else round(d.blast_ci95[0], 2)
-            row["blast_ci95_high"] = "" if d.blast_ci95 is None else round(d.blast_ci95[1], 2)
-            row["flags"] = " | ".join(d.flags)
-            row["seconds"] = seconds
-            row["error"] = error
-            return row
-
-        for result in self.results:
-            rows.append(row_for(result.source, result.differential, result.object_counts,
-                                round(result.seconds, 3), result.error or ""))
-        totals: dict[str, int] = {}
-        for result in self.results:
-            for name, n in result.object_counts.items():
-                totals[name] = totals.get(name, 0) + n
-        rows.append(row_for("TOTAL", self.pooled, totals, round(sum(r.seconds for r in self.results), 3), ""))
-        return rows
-
-    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
-        out_dir = Path(out_dir)
-        rows = self.rows()
-        csv_path = out_dir / "summary.csv"
-        with open(csv_path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        json_path = out_dir / "summary.json"
-        json_path.write_text(json.dumps({
-            "disclaimer": DISCLAIMER,
-            "images": len(self.results),
-            "failed": sum(1 for r in self.results if r.error),
-            "detector": self.analyzer.detector.info.model_name,
-            "classifier": getattr(getattr(self.analyzer.classifier, "info", None), "model_name", None),
-            "blast_classes": self.analyzer.blast_classes,
-            "pooled_differential": self.pooled.to_json(),
-            "fields": [r.summary() for r in self.results],
-        }, indent=2))
-        return csv_path, json_path

@@ -20,8 +20,9 @@ from typing import Any, Protocol, Sequence
 
 from PIL import Image, ImageDraw
 
+from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction
-from leukoscope.inference.smear import Differential, default_blast_classes
+from leukoscope.labels import UNCERTAIN, blast_classes_in
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class SmearBackend(Protocol):
 
     def analyse(self, image: Image.Image) -> Any: ...
 
-    # Optional: ``crop_cell(image, box) -> Image`` gives the crop its classifier saw.
+    # Optional: ``crop_cell(image, box) -> Image`` gives the crop its classifier saw;
+    # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).
 
 
 @dataclass
@@ -56,14 +58,25 @@ class ImageOutcome:
     cells: list[CellOutcome]
     annotated: Image.Image | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """Quality warnings of a smear field (unverified detector, detection cap reached): while
+    any stands, the case's differential must carry it and raise no leukemia flag."""
 
 
-def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str]) -> dict[str, Any]:
+def outcome_warnings(outcomes: Sequence[ImageOutcome]) -> list[str]:
+    """The warnings of a case's images, each once, in order (to store with the case and
+    pass to :func:`differential`)."""
+    return list(dict.fromkeys(warning for outcome in outcomes for warning in outcome.warnings))
+
+
+def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str],
+                 warnings: Sequence[str] = ()) -> dict[str, Any]:
     """The differential of a case, by the same rules as ``leukoscope analyze`` (one
-    implementation: :class:`leukoscope.inference.smear.Differential`): counts and counts
-    per 100 cells (uncertain cells in their own bin), the blast percentage with its 95%
-    Wilson interval, and the flags a reviewer should see."""
-    return Differential.from_labels(list(labels), list(classes), list(blast_classes)).to_json()
+    implementation: :class:`leukoscope.inference.differential.Differential`): counts and
+    counts per 100 cells (uncertain cells in their own bin), the blast percentage with its
+    95% Wilson interval, and the flags a reviewer should see; with ``warnings`` (see
+    :func:`outcome_warnings`) they come first and there is no leukemia flag."""
+    return Differential.from_labels(list(labels), list(classes), list(blast_classes), warnings=warnings).to_json()
 
 
 class Analyzer:
@@ -75,7 +88,7 @@ class Analyzer:
         self.smear = smear
         self.gradcam = gradcam
         self.classes = list(classifier.classes)
-        self.blast_classes = list(blast_classes) if blast_classes is not None else default_blast_classes(self.classes)
+        self.blast_classes = list(blast_classes) if blast_classes is not None else blast_classes_in(self.classes)
         self.model_name = name or classifier.info.model_name
         self.threads = threads
         self._local = threading.local()
@@ -96,6 +109,11 @@ class Analyzer:
     @property
     def has_detector(self) -> bool:
         return self.smear is not None
+
+    @property
+    def warnings(self) -> list[str]:
+        """Why this server's smear counts cannot be trusted (the detector's quality gate)."""
+        return list(getattr(self.smear, "warnings", None) or [])
 
     @property
     def threshold(self) -> float:
@@ -184,7 +202,8 @@ class Analyzer:
             score = getattr(cell, "score", None) or getattr(cell, "detection_score", None)
             cells.append(CellOutcome(prediction, box=box, detection_score=float(score) if score is not None else None,
                                      crop=crop, overlay=self._overlay(classifier, crop, prediction.top_class)))
-        return ImageOutcome(cells, annotated=_annotated(image, result, cells))
+        warnings = _result_warnings(result) or self.warnings
+        return ImageOutcome(cells, annotated=_annotated(image, result, cells), warnings=warnings)
 
     def _warm(self, barrier: threading.Barrier) -> None:
         classifier = self._classifier()
@@ -224,6 +243,7 @@ class _MethodAdapter:
         self._call = getattr(target, method)
         if hasattr(target, "crop_cell"):
             self.crop_cell = target.crop_cell
+        self.warnings = list(getattr(target, "warnings", None) or [])
 
     def analyse(self, image: Image.Image) -> Any:
         return self._call(image)
@@ -234,6 +254,12 @@ def _result_cells(result: Any) -> list[Any]:
         return list(result.get("cells", []))
     cells = getattr(result, "cells", result)
     return list(cells)
+
+
+def _result_warnings(result: Any) -> list[str]:
+    """A field's own warnings (the detector's and, if it hit its cap, the field's)."""
+    warnings = result.get("warnings") if isinstance(result, dict) else getattr(result, "warnings", None)
+    return [str(w) for w in warnings or []]
 
 
 def _get(cell: Any, *names: str) -> Any:
@@ -269,7 +295,7 @@ def _prediction(cell: Any, classifier: CellClassifier, source: str) -> Predictio
     uncertain = _get(cell, "uncertain")
     if uncertain is None:
         uncertain = float(confidence) < classifier.threshold
-    return Prediction(source=source, label="uncertain" if uncertain else str(top_class), top_class=str(top_class),
+    return Prediction(source=source, label=UNCERTAIN if uncertain else str(top_class), top_class=str(top_class),
                       confidence=float(confidence),
                       probabilities={str(k): float(v) for k, v in dict(probabilities).items()},
                       uncertain=bool(uncertain))
@@ -278,11 +304,11 @@ def _prediction(cell: Any, classifier: CellClassifier, source: str) -> Predictio
 def _annotated(image: Image.Image, result: Any, cells: Sequence[CellOutcome]) -> Image.Image:
     """The smear module's own annotation (as ``leukoscope analyze`` draws it) when the
     backend is the SmearAnalyzer; otherwise boxes drawn here."""
-    from leukoscope.inference.smear import SmearResult
-    from leukoscope.inference.smear import annotate as smear_annotate
+    from leukoscope.inference.drawing import annotate as smear_annotate
+    from leukoscope.inference.smear_result import SmearResult
 
     if isinstance(result, SmearResult):
-        return smear_annotate(image, result).image
+        return smear_annotate(image, result)
     return annotate(image, cells)
 
 

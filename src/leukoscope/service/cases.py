@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
+from leukoscope.labels import DISCLAIMER
 from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential
 from leukoscope.service.auth import Principal, audit, too_many
@@ -40,8 +41,7 @@ log = logging.getLogger(__name__)
 CASE_ID = re.compile(r"[0-9a-f]{32}")
 #: A reviewer's label for a detection that is not a usable cell (not counted, not exported).
 EXCLUDED = "excluded"
-DECISION_SUPPORT_NOTE = ("Decision support for trained staff, not a diagnosis: every result must be reviewed "
-                         "by a qualified hematologist.")
+DECISION_SUPPORT_NOTE = f"{DISCLAIMER.rstrip('.')}: every result must be reviewed by a qualified hematologist."
 
 
 @dataclass

@@ -361,7 +361,7 @@ def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Pa
 
 
 def _html_page(rows: list[CompareRow], info: dict[str, Any], figure: Path, compare_dir: Path) -> str:
-    from leukoscope.evaluation.report import DISCLAIMER
+    from leukoscope.labels import DISCLAIMER
 
     image = base64.b64encode(figure.read_bytes()).decode("ascii")
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in COLUMNS) + "<th>report</th>"

@@ -1,0 +1,70 @@
+"""Quality gates of smear analysis: can the detector's white-cell count be trusted?
+
+Two reasons it cannot, each a warning that stops any leukemia flag
+(:class:`~leukoscope.inference.differential.Differential`):
+
+- the detector bundle records no test AP@0.5 for its white-cell class(es), or one
+  below a floor (0.9 by default): a detector with a test mAP of 0.000 once produced
+  "consistent with acute leukemia" on normal fields;
+- a field (or tile) where the detector returned as many boxes as its per-image cap
+  allows: the cells beyond the cap were dropped unseen, so the count is cut short
+  and what was kept is mostly noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from leukoscope.inference.detector import REFERENCE_FIELD_PIXELS
+
+#: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
+DEFAULT_MIN_DETECTOR_AP = 0.9
+
+
+def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
+    """Warnings about a detector from the metrics its training recorded in ``bundle.json``
+    (``BundleInfo.metrics`` of a detector: ``evaluated_on`` and ``ap_50_per_class``)."""
+    if not wbc_classes:
+        return []
+    evaluated_on = metrics.get("evaluated_on")
+    if evaluated_on != "test":
+        where = f"it was scored on its {evaluated_on} split only" if evaluated_on else "its bundle records no scores"
+        return [f"The detector has no recorded test AP@0.5 for white cells ({where}): its white-cell count is "
+                f"unverified."]
+    per_class = metrics.get("ap_50_per_class") or {}
+    recorded = {name: per_class.get(name) for name in wbc_classes}
+    missing = [name for name, ap in recorded.items() if not isinstance(ap, (int, float)) or not math.isfinite(ap)]
+    if missing:
+        return [f"The detector's bundle records no test AP@0.5 for {', '.join(missing)}: its white-cell count is "
+                f"unverified."]
+    name, worst = min(recorded.items(), key=lambda item: item[1])
+    if worst < floor:
+        return [f"The detector's recorded test AP@0.5 for {name} is {worst:.3f}, below the floor of {floor:g}: "
+                f"white cells may be missed or invented."]
+    return []
+
+
+def detection_cap(model: Any) -> int | None:
+    """The model's cap on detections per image, set for a 640x480 field (torchvision's
+    ``detections_per_img``: ``roi_heads`` for Faster R-CNN, the model for FCOS and
+    RetinaNet); None when the model has none. Read it once, before any inference:
+    :class:`~leukoscope.inference.detector.CellDetector` raises it while it runs on a large tile."""
+    owner = getattr(model, "roi_heads", model)
+    cap = getattr(owner, "detections_per_img", None)
+    return int(cap) if isinstance(cap, int) else None
+
+
+def scaled_cap(cap: int, pixels: int) -> int:
+    """The cap for an image of ``pixels``: CellDetector scales it with the area above 640x480."""
+    return int(math.ceil(cap * max(1.0, pixels / REFERENCE_FIELD_PIXELS)))
+
+
+def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:
+    """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
+    where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        where += f" ({shown})"
+    return (f"The detector returned as many boxes as its per-image cap allows in {where}: cells beyond the cap "
+            f"were dropped, the count is unreliable.")

@@ -1,0 +1,136 @@
+"""Files written by smear analysis: per field (annotated PNG, cells CSV, JSON) and per
+folder (``summary.csv`` / ``summary.json`` with the pooled differential of the slide)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from leukoscope.inference.differential import CountRules, Differential
+from leukoscope.inference.drawing import annotate
+from leukoscope.inference.quality import cap_warning
+from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.io import load_image
+from leukoscope.labels import DISCLAIMER
+
+
+def unique_stem(path: Path, used: set[str]) -> str:
+    """A file-name-safe stem for ``path``'s outputs, not yet in ``used`` (which it joins)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    stem, k = base, 1
+    while stem in used:
+        k += 1
+        stem = f"{base}-{k}"
+    used.add(stem)
+    return stem
+
+
+def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = None,
+                image: Image.Image | None = None) -> dict[str, Path]:
+    """Write ``<stem>.annotated.png``, ``<stem>.cells.csv`` and ``<stem>.json`` into ``out_dir``
+    (no PNG for a field that could not be read)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or Path(result.source).stem
+    paths = {"json": out_dir / f"{stem}.json", "cells": out_dir / f"{stem}.cells.csv"}
+    payload = result.summary()
+    payload["cells"] = [cell.as_row(result.cell_classes) for cell in result.cells]
+    paths["json"].write_text(json.dumps(payload, indent=2))
+    columns = list(Cell(0, (0, 0, 0, 0), "", 0, "", "", 0, False).as_row(result.cell_classes))
+    with open(paths["cells"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for cell in result.cells:
+            writer.writerow(cell.as_row(result.cell_classes))
+    if result.error is None:
+        if image is None:
+            image = load_image(result.source)
+        paths["annotated"] = out_dir / f"{stem}.annotated.png"
+        annotate(image, result).save(paths["annotated"], format="PNG")
+    return paths
+
+
+@dataclass
+class FolderSummary:
+    """The fields of one run and their pooled differential (the slide)."""
+
+    results: list[SmearResult]
+    rules: CountRules
+    object_classes: list[str]
+    """The detector's classes (for the ``objects_*`` columns)."""
+    models: dict[str, str | None] = field(default_factory=dict)
+    """``detector`` and ``classifier`` model names."""
+    detector_warnings: list[str] = field(default_factory=list)
+    """Warnings about the detector itself (they hold for every field)."""
+
+    @property
+    def warnings(self) -> list[str]:
+        """The detector's warnings and, when any field hit the detection cap, one naming those fields."""
+        capped = [Path(r.source).name for r in self.results if r.capped_tiles]
+        read = [r for r in self.results if r.error is None]
+        return self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
+
+    @property
+    def pooled(self) -> Differential:
+        """The differential of all fields together (the slide)."""
+        return self.rules.count([cell.label for result in self.results for cell in result.cells], self.warnings)
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+
+        def row_for(name: str, d: Differential, objects: dict[str, int], seconds: float | str, error: str,
+                    capped: int | str) -> dict:
+            row: dict[str, Any] = {"image": name, "wbc": d.total}
+            row.update({f"n_{c}": d.counts.get(c, 0) for c in self.rules.classes})
+            row["n_uncertain"] = d.uncertain
+            row.update({f"objects_{c}": objects.get(c, 0) for c in self.object_classes})
+            row["blasts"] = "" if d.blasts is None else d.blasts
+            row["blast_percent"] = "" if d.blast_percentage is None else round(d.blast_percentage, 2)
+            row["blast_ci95_low"] = "" if d.blast_ci95 is None else round(d.blast_ci95[0], 2)
+            row["blast_ci95_high"] = "" if d.blast_ci95 is None else round(d.blast_ci95[1], 2)
+            row["blast_percent_meaningful"] = d.blast_percentage_meaningful
+            row["capped_tiles"] = capped
+            row["flags"] = " | ".join(d.flags)
+            row["seconds"] = seconds
+            row["error"] = error
+            return row
+
+        for result in self.results:
+            rows.append(row_for(result.source, result.differential, result.object_counts,
+                                round(result.seconds, 3), result.error or "", result.capped_tiles))
+        totals: dict[str, int] = {}
+        for result in self.results:
+            for name, n in result.object_counts.items():
+                totals[name] = totals.get(name, 0) + n
+        rows.append(row_for("TOTAL", self.pooled, totals, round(sum(r.seconds for r in self.results), 3), "",
+                            sum(r.capped_tiles for r in self.results)))
+        return rows
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        rows = self.rows()
+        csv_path = out_dir / "summary.csv"
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        json_path = out_dir / "summary.json"
+        pooled = self.pooled
+        json_path.write_text(json.dumps({
+            "disclaimer": DISCLAIMER,
+            "warnings": pooled.warnings,
+            "images": len(self.results),
+            "failed": sum(1 for r in self.results if r.error),
+            "detector": self.models.get("detector"),
+            "classifier": self.models.get("classifier"),
+            "blast_classes": list(self.rules.blast_classes),
+            "pooled_differential": pooled.to_json(),
+            "fields": [r.summary() for r in self.results],
+        }, indent=2))
+        return csv_path, json_path

@@ -1,0 +1,71 @@
+"""What smear analysis found in one field: its white cells and their differential."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from leukoscope.inference.detector import DetectionResult
+from leukoscope.inference.differential import Differential
+from leukoscope.labels import DISCLAIMER
+
+
+@dataclass
+class Cell:
+    """One white cell: where it is, what the detector and the classifier said."""
+
+    cell_id: int
+    box: tuple[float, float, float, float]
+    detector_class: str
+    detector_score: float
+    label: str
+    """The class counted in the differential (``uncertain`` below the classifier threshold)."""
+    top_class: str
+    confidence: float
+    uncertain: bool
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def detection_score(self) -> float:
+        return self.detector_score
+
+    def as_row(self, classes: Sequence[str]) -> dict[str, Any]:
+        x0, y0, x1, y1 = self.box
+        row: dict[str, Any] = {
+            "cell_id": self.cell_id, "x0": round(x0, 1), "y0": round(y0, 1), "x1": round(x1, 1), "y1": round(y1, 1),
+            "detector_class": self.detector_class, "detector_score": round(self.detector_score, 4),
+            "label": self.label, "top_class": self.top_class, "confidence": round(self.confidence, 4),
+            "uncertain": self.uncertain,
+        }
+        row.update({f"p_{name}": round(self.probabilities.get(name, 0.0), 4) for name in classes})
+        return row
+
+
+@dataclass
+class SmearResult:
+    source: str
+    width: int
+    height: int
+    cells: list[Cell]
+    object_counts: dict[str, int]
+    """Every detected object by detector class (WBC, RBC, Platelets...)."""
+    differential: Differential
+    detections: DetectionResult | None = field(default=None, repr=False)
+    cell_classes: list[str] = field(default_factory=list)
+    tiles: int = 1
+    seconds: float = 0.0
+    error: str | None = None
+    capped_tiles: int = 0
+    """Tiles where the detector returned as many boxes as its cap allows (a quality warning)."""
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.differential.warnings
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "width": self.width, "height": self.height, "tiles": self.tiles,
+            "capped_tiles": self.capped_tiles, "seconds": round(self.seconds, 3),
+            "object_counts": self.object_counts, "warnings": self.warnings,
+            "differential": self.differential.to_json(), "error": self.error, "disclaimer": DISCLAIMER,
+        }

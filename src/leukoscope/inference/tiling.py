@@ -1,0 +1,73 @@
+"""Tiles for large fields and the merging of their detections.
+
+A 2592x1944 field is cut into overlapping tiles at the detector's pixel scale; a
+box cut by an inner tile edge gives way to the whole box the neighbouring tile saw,
+and duplicates in the overlaps are merged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Overlapping tiles (x0, y0, x1, y1) covering the image, evenly spread; one tile if it fits.
+
+    Along each axis: the fewest tiles of at most ``tile`` pixels that overlap by at
+    least ``overlap``, each only as long as that needs (a 2592 px side in two tiles
+    of 2048 would overlap by 1504 px, 58% more pixels than the image; two tiles of
+    1456 overlap by the 320 asked for). Tiles may therefore be rectangular.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap ({overlap}) must be >= 0 and smaller than the tile size ({tile})")
+
+    def spans(length: int) -> list[tuple[int, int]]:
+        if length <= tile:
+            return [(0, length)]
+        n = math.ceil((length - overlap) / (tile - overlap))
+        size = min(tile, math.ceil((length + (n - 1) * overlap) / n))
+        return [(start, start + size) for start in (round(i * (length - size) / (n - 1)) for i in range(n))]
+
+    return [(x0, y0, x1, y1) for y0, y1 in spans(height) for x0, x1 in spans(width)]
+
+
+def merge_tile_detections(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, cut: np.ndarray,
+    iou_threshold: float = 0.5, containment: float = 0.6,
+) -> np.ndarray:
+    """Indices to keep of detections gathered from overlapping tiles.
+
+    ``cut`` marks boxes touching an inner tile edge (the cell may be cut off).
+    Whole boxes are preferred to cut ones, then higher scores; a box is dropped
+    when a kept box of the same class overlaps it by IoU > ``iou_threshold`` or,
+    for a cut box, covers more than ``containment`` of its area.
+    """
+    n = len(scores)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    order = np.lexsort((-scores, cut.astype(int)))  # whole boxes first, then by score
+    b = torch.as_tensor(boxes, dtype=torch.float64)
+    iou = box_iou(b, b).numpy()
+    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).numpy()
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    kept: list[int] = []
+    for i in order:
+        duplicate = False
+        for j in kept:
+            if labels[j] != labels[i]:
+                continue
+            if iou[i, j] > iou_threshold:
+                duplicate = True
+                break
+            if cut[i] and area[i] > 0 and inter[i, j] / area[i] > containment:
+                duplicate = True
+                break
+        if not duplicate:
+            kept.append(int(i))
+    return np.array(sorted(kept), dtype=int)

@@ -1,0 +1,183 @@
+"""The quality gates of smear analysis: exact blast names, an unverified or weak
+detector, a field at the detection cap, and flags that never claim more than the count."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from leukoscope.inference.differential import LEUKEMIA_WORDING, Differential
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.labels import BLAST_CLASS_NAMES, blast_classes_in
+from tests.detection.smear_fakes import PBC_CLASSES, VERIFIED, FixedDetector, constant_classifier, grid_boxes
+
+FIELD = Image.new("RGB", (640, 480), (230, 210, 220))
+BLAST_OR_LYMPHOCYTE = ["blast", "lymphocyte"]
+
+
+def weak(ap: float) -> dict:
+    return {"evaluated_on": "test", "ap_50_per_class": {"WBC": ap}}
+
+
+def no_leukemia_flag(d: Differential) -> bool:
+    return not d.acute_leukemia_flag and not any(LEUKEMIA_WORDING in flag for flag in d.flags)
+
+
+# ------------------------------------------------------------------ blast classes by exact name
+def test_blast_classes_are_named_exactly_never_by_substring() -> None:
+    assert blast_classes_in(PBC_CLASSES) == []
+    assert blast_classes_in([*PBC_CLASSES, "Blast"]) == ["Blast"]
+    not_blasts = ["erythroblast", "Erythroblast", "normoblast", "proerythroblast", "promyelocyte", "prolymphocyte",
+                  "blast-like", "preB cell", "hem", "Benign"]
+    assert blast_classes_in(not_blasts) == []
+    named = ["Blast", "Blasts", "LYMPHOBLAST", "myeloblast", "ALL", "Malignant", "Early", "Pre", "Pro", "Early Pre-B",
+             "pre-B", "Pro-B"]
+    assert blast_classes_in(named) == named
+    assert {name.casefold() for name in named} == BLAST_CLASS_NAMES
+
+
+def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:
+    boxes = grid_boxes(120)
+    pbc = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED), constant_classifier(PBC_CLASSES, "erythroblast"))
+    assert pbc.blast_classes == []
+    d = pbc.analyze(FIELD).differential
+    assert d.counts["erythroblast"] == 120 and d.blasts is None
+    assert not any("blast" in flag.lower() for flag in d.flags) and no_leukemia_flag(d)
+
+    with_blasts = [*PBC_CLASSES, "blast"]
+    analyzer = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED), constant_classifier(with_blasts, "erythroblast"))
+    assert analyzer.blast_classes == ["blast"]
+    d = analyzer.analyze(FIELD).differential
+    assert d.blasts == 0 and d.blast_percentage == 0.0 and no_leukemia_flag(d)
+    assert not any(flag.lower().startswith("blast") for flag in d.flags)
+
+
+# ------------------------------------------------------------------ the detector's recorded test AP
+def test_a_verified_detector_and_enough_blasts_raise_the_leukemia_flag() -> None:
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED),
+                             constant_classifier(BLAST_OR_LYMPHOCYTE, "blast"))
+    assert analyzer.warnings == []
+    d = analyzer.analyze(FIELD).differential
+    assert d.warnings == [] and d.acute_leukemia_flag
+    assert any(LEUKEMIA_WORDING in flag and "120 of 120 white cells counted" in flag for flag in d.flags)
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({}, "no recorded test AP@0.5"),
+    ({"evaluated_on": "val", "ap_50_per_class": {"WBC": 0.99}}, "scored on its val split only"),
+    ({"evaluated_on": "test", "ap_50_per_class": {"RBC": 0.99}}, "records no test AP@0.5 for WBC"),
+    ({"evaluated_on": "test", "ap_50_per_class": {"WBC": float("nan")}}, "records no test AP@0.5 for WBC"),
+    (weak(0.0), "test AP@0.5 for WBC is 0.000, below the floor of 0.9"),
+    (weak(0.89), "test AP@0.5 for WBC is 0.890, below the floor of 0.9"),
+])
+def test_an_unverified_or_weak_detector_warns_and_never_flags_leukemia(metrics: dict, reason: str) -> None:
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=metrics),
+                             constant_classifier(BLAST_OR_LYMPHOCYTE, "blast"))
+    assert len(analyzer.warnings) == 1 and reason in analyzer.warnings[0]
+    result = analyzer.analyze(FIELD)
+    d = result.differential
+    assert d.blast_percentage == 100.0 and d.blast_percentage_meaningful  # the count is there ...
+    assert no_leukemia_flag(d)                                           # ... but no leukemia flag
+    assert d.flags[0] == f"WARNING: {analyzer.warnings[0]}"
+    assert any("no leukemia flag" in flag and "120 of 120 white cells counted" in flag for flag in d.flags)
+    assert result.summary()["warnings"] == analyzer.warnings
+
+
+def test_the_detector_ap_floor_is_configurable() -> None:
+    detector = FixedDetector(grid_boxes(3), metrics=weak(0.85))
+    assert SmearAnalyzer(detector).warnings and not SmearAnalyzer(detector, min_detector_ap=0.8).warnings
+    assert SmearAnalyzer(FixedDetector(grid_boxes(3), metrics=weak(0.85)), min_detector_ap=0.95).warnings
+    with pytest.raises(ValueError, match="min_detector_ap"):
+        SmearAnalyzer(detector, min_detector_ap=1.5)
+
+
+# ------------------------------------------------------------------ the per-image detection cap
+def test_a_field_at_the_detection_cap_warns_and_never_flags_leukemia() -> None:
+    blasts = constant_classifier(BLAST_OR_LYMPHOCYTE, "blast")
+    boxes = grid_boxes(120)
+    capped = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=120), blasts).analyze(FIELD)
+    assert capped.capped_tiles == 1 and len(capped.cells) == 120
+    assert len(capped.warnings) == 1 and "per-image cap allows in this field" in capped.warnings[0]
+    # tiled: 4 tiles of 800x650, each with a cap of ceil(50 * 800 * 650 / (640 * 480)) = 85 < 120 boxes
+    tiled = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=50), blasts, tile_size=800, overlap=300)
+    assert "in 4 of 4 tiles" in tiled.analyze(Image.new("RGB", (1300, 1000), (230, 210, 220))).warnings[0]
+    assert no_leukemia_flag(capped.differential) and capped.summary()["capped_tiles"] == 1
+
+    below = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=121), blasts).analyze(FIELD)
+    assert below.capped_tiles == 0 and below.warnings == [] and below.differential.acute_leukemia_flag
+    # the cap grows with the field (as CellDetector scales it): 60 per 640x480 is 240 on 1280x960
+    large = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED, cap=60), blasts).analyze(
+        Image.new("RGB", (1280, 960), (230, 210, 220)))
+    assert large.capped_tiles == 0 and large.warnings == []
+
+
+def test_the_cap_of_a_real_detector_is_read_from_its_model(smear_root: Path, detector_bundle: Path) -> None:
+    """The fixture's untrained Faster R-CNN keeps every box (score 0) up to its cap of 12."""
+    analyzer = SmearAnalyzer(detector_bundle)
+    assert analyzer.detection_cap == 12
+    image = Image.open(sorted((smear_root / "JPEGImages").glob("*.png"))[0]).convert("RGB")
+    found = analyzer.detect(image)
+    assert found.capped_tiles == 1 and len(found.detections) == 12
+    result = analyzer.analyze(image)
+    assert result.capped_tiles == 1
+    assert any("no recorded test AP@0.5" in w for w in result.warnings)
+    assert any("per-image cap" in w for w in result.warnings)
+    assert analyzer.detector.model.roi_heads.detections_per_img == 12
+
+
+# ------------------------------------------------------------------ flags never claim more than the count
+def test_below_100_cells_the_blast_percentage_is_not_called_meaningful() -> None:
+    d = Differential.from_labels(["blast"] * 5 + ["lymphocyte"] * 5, BLAST_OR_LYMPHOCYTE, ["blast"])
+    assert d.blast_percentage == 50.0 and not d.blast_percentage_meaningful and no_leukemia_flag(d)
+    assert any("5 of 10 white cells counted" in flag for flag in d.flags)
+    assert any("Only 10 white cells counted" in flag and "count at least 100 cells" in flag for flag in d.flags)
+    assert not any("blast" in flag.lower() and "%" in flag for flag in d.flags)
+    assert Differential.from_labels(["blast"] * 99 + ["lymphocyte"], BLAST_OR_LYMPHOCYTE, ["blast"]).flags[0] \
+        .startswith("Blasts seen: 99 of 100") is False  # 100 cells: meaningful, and flagged as such
+    d = Differential.from_labels(["blast"] * 99, BLAST_OR_LYMPHOCYTE, ["blast"], min_cells=100)
+    assert no_leukemia_flag(d) and any("count at least 100 cells" in flag for flag in d.flags)
+
+
+# ------------------------------------------------------------------ every output carries the warning
+def test_folder_outputs_carry_the_warnings(tmp_path: Path) -> None:
+    fields = []
+    for name in ("a.png", "b.png"):
+        FIELD.save(tmp_path / name)
+        fields.append(tmp_path / name)
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(60), metrics=weak(0.5), cap=60),
+                             constant_classifier(BLAST_OR_LYMPHOCYTE, "blast"))
+    summary = analyzer.analyze_paths(fields, tmp_path / "out")
+    pooled = summary.pooled
+    assert pooled.total == 120 and pooled.blast_percentage == 100.0 and no_leukemia_flag(pooled)
+    assert pooled.warnings[0] == analyzer.warnings[0]
+    assert "2 of 2 fields (a.png, b.png)" in pooled.warnings[1]
+    payload = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert payload["warnings"] == pooled.warnings and payload["pooled_differential"]["acute_leukemia_flag"] is False
+    field_json = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert len(field_json["warnings"]) == 2 and field_json["capped_tiles"] == 1
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert rows[-1]["image"] == "TOTAL" and rows[-1]["flags"].startswith("WARNING: ")
+    for path in (tmp_path / "out").iterdir():
+        if path.suffix in (".json", ".csv"):
+            assert LEUKEMIA_WORDING not in path.read_text()
+    banner = np.asarray(Image.open(tmp_path / "out" / "a.annotated.png").convert("RGB"))[:40]
+    assert (banner == (200, 0, 0)).all(axis=-1).sum() > 500  # the warning is drawn, white on red
+
+
+def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
+                                    tmp_path: Path) -> None:
+    from leukoscope.cli import app
+
+    image = sorted((smear_root / "JPEGImages").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["analyze", str(image), "--detector", str(detector_bundle), "--classifier",
+                                      str(classifier_bundle), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "WARNING: The detector has no recorded test AP@0.5 for white cells" in output
+    assert "per-image cap" in output and LEUKEMIA_WORDING not in output

@@ -1,0 +1,75 @@
+"""The service's smear path keeps the quality gates of ``leukoscope analyze``: exact blast
+names, a warning for an unverified detector or a field at the detection cap, carried by
+the outcome and its annotated image, and no leukemia flag in the differential then."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from leukoscope.inference.differential import LEUKEMIA_WORDING
+from leukoscope.service.analysis import Analyzer, differential, load_smear_backend, outcome_warnings
+from tests.detection.smear_fakes import PBC_CLASSES, VERIFIED, FixedDetector, constant_classifier, grid_boxes
+
+CLASSES = ["blast", "lymphocyte"]
+FIELD = Image.new("RGB", (640, 480), (230, 210, 220))
+
+
+def service_analyzer(detector: FixedDetector) -> Analyzer:
+    classifier = constant_classifier(CLASSES, "blast")
+    return Analyzer(classifier, smear=load_smear_backend(detector, classifier), gradcam=False, threads=1)
+
+
+def test_the_service_never_counts_an_erythroblast_as_a_blast() -> None:
+    analyzer = Analyzer(constant_classifier(PBC_CLASSES, "erythroblast"), gradcam=False, threads=1)
+    try:
+        assert analyzer.blast_classes == []
+    finally:
+        analyzer.close()
+
+
+def test_an_unverified_detector_warns_in_the_outcome_and_stops_the_leukemia_flag() -> None:
+    analyzer = service_analyzer(FixedDetector(grid_boxes(120), metrics={"evaluated_on": "test",
+                                                                         "ap_50_per_class": {"WBC": 0.2}}))
+    try:
+        assert len(analyzer.warnings) == 1 and "below the floor of 0.9" in analyzer.warnings[0]
+        outcome = analyzer.analyse_smear(FIELD)
+        assert len(outcome.cells) == 120 and outcome.warnings == analyzer.warnings
+        labels = [cell.prediction.label for cell in outcome.cells]
+        result = differential(labels, CLASSES, analyzer.blast_classes, warnings=outcome_warnings([outcome]))
+        assert result["blast_percentage"] == 100.0 and not result["acute_leukemia_flag"]
+        assert result["flags"][0].startswith("WARNING: ") and not any(LEUKEMIA_WORDING in f for f in result["flags"])
+        # the picture the reviewer sees carries the warning (white on red)
+        banner = np.asarray(outcome.annotated)[:40]
+        assert (banner == (200, 0, 0)).all(axis=-1).sum() > 500
+        # control: the same cells without the warning are flagged
+        assert differential(labels, CLASSES, analyzer.blast_classes)["acute_leukemia_flag"]
+    finally:
+        analyzer.close()
+
+
+def test_a_field_at_the_detection_cap_warns_in_the_outcome() -> None:
+    analyzer = service_analyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED, cap=120))
+    try:
+        assert analyzer.warnings == []
+        outcome = analyzer.analyse_smear(FIELD)
+        assert len(outcome.warnings) == 1 and "per-image cap" in outcome.warnings[0]
+        assert outcome_warnings([outcome, outcome]) == outcome.warnings  # each warning once per case
+    finally:
+        analyzer.close()
+
+
+def test_the_case_page_says_a_blast_percentage_of_few_cells_is_not_meaningful(make_service, smear_analyzer):
+    from tests.service.helpers import csrf_of, encode, smear_field
+
+    service = make_service(analyzer_override=smear_analyzer)
+    service.add_user("tech", "technician")
+    tech = service.login("tech")
+    form = tech.get("/upload")
+    field, boxes = smear_field()
+    response = tech.post("/upload", files=[("files", ("field.png", encode(field, "PNG"), "application/octet-stream"))],
+                         data={"kind": "smear", "csrf_token": csrf_of(form.text)}, follow_redirects=False)
+    assert response.status_code == 303
+    page = tech.get(response.headers["location"]).text
+    assert f"not meaningful with {len(boxes)} cells: count at least 100 cells" in page
+    assert LEUKEMIA_WORDING not in page
