@@ -8,7 +8,8 @@
     leukoscope split --data D --out split.json
     leukoscope segment INPUT... --out DIR [--figure]
     leukoscope compare --config FILE      several models (CNN + classical), one split, one table
-    leukoscope train-detector --config FILE  a cell detector on a Pascal VOC folder
+    leukoscope train-detector --config FILE  a cell detector on a Pascal VOC folder (= train, task: detect)
+    leukoscope mil --config FILE          a cell classifier from field labels (multiple-instance)
     leukoscope analyze FILE|FOLDER --detector D [--classifier B]   differential, blast %, flags
     leukoscope models
     leukoscope serve --bundle B [--detector D]   web service (needs the service extra)
@@ -87,13 +88,16 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
     return load_config(config, _overrides(overrides, data, model))
 
 
-def _train_task(config: Optional[Path], model: Optional[str], resume: Optional[Path]):
-    """The task a `train` call means: the config's (or the resumed run's) ``task:``, else the model's kind."""
+def _train_task(config: Optional[Path], model: Optional[str], overrides: List[str], resume: Optional[Path]):
+    """The task a `train` call means: the config's (or the resumed run's) ``task:``, else the kind of
+    the model named by ``--model`` or ``model.name=``."""
     from leukoscope.tasks import task_named, task_of_config_file, task_of_model
 
     source = resume / "config.yaml" if resume is not None else config
     if source is not None:
         return task_named(task_of_config_file(source))
+    named = [o.partition("=")[2] for o in overrides if o.startswith("model.name=")]
+    model = model or (named[-1] if named else None)
     return task_named(task_of_model(model) if model else "classify")
 
 
@@ -126,7 +130,7 @@ def train(
 ) -> None:
     """Train one model (classifier or detector, by the config's task or the model's kind);
     writes its bundle, metrics and report."""
-    task = _run(_train_task, config, model, resume)
+    task = _run(_train_task, config, model, overrides or [], resume)
     _train(task, config, overrides, data, model, resume, quiet)
 
 
@@ -454,6 +458,22 @@ def train_detector(
     from leukoscope.tasks import task_named
 
     _train(task_named("detect"), config, overrides, data, model, resume, quiet)
+
+
+@app.command()
+def mil(
+    overrides: List[str] = typer.Argument(None, help="Config overrides such as model.cell_size=64 "
+                                          "locate.detector=runs/det/bundle."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="MIL experiment YAML (task: mil)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Labelled fields (same as data.path=...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Cell classifier model (same as model.name=...)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """A cell classifier from field labels (multiple-instance): locate the white cells of every field,
+    train on the crops, classify each test field from its cells; a whole-image classifier beside it."""
+    from leukoscope.tasks import task_named
+
+    _train(task_named("mil"), config, overrides, data, model, None, quiet)
 
 
 @app.command()

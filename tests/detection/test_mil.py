@@ -81,3 +81,45 @@ def test_a_whole_image_bundle_is_scored_on_the_same_test_fields_only_if_it_never
                            epochs=1, batch_size=8, ratios=(0.4, 0.2, 0.4), near_duplicates=False,
                            show_progress=False, compare_whole_image=False, whole_image_bundle=result.field_bundle)
     assert not (tmp_path / "mil-other-split" / "cells_split.json").exists()
+
+
+def test_mil_command_runs_a_validated_config(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    root = _fields(tmp_path / "fields")
+    config = tmp_path / "mil.yaml"
+    config.write_text("task: mil\nname: tiny\ndata: {path: ./fields}\nmodel: {cell_size: 32, field_size: 32}\n"
+                      "train: {epochs: 1, batch_size: 8}\ncompare: {whole_image: false}\n")
+    runner = CliRunner()
+    typo = runner.invoke(app, ["mil", "--config", str(config), "model.cel_size=48"])
+    assert typo.exit_code == 2 and "model.cell_size" in typo.output
+    result = runner.invoke(app, ["mil", "--config", str(config), "--quiet", f"output_root={tmp_path / 'runs'}"])
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    run_dir = bundle.parents[2]  # <run>/runs/<cell run>/bundle
+    assert run_dir.name.startswith("tiny-") and (run_dir / "config.yaml").is_file()
+    assert "cells located" in (run_dir / "train.log").read_text()
+    metrics = json.loads((run_dir / "mil_metrics.json").read_text())
+    assert 0.0 <= metrics["field_accuracy_from_cells"] <= 1.0 and "whole_image_accuracy" not in metrics
+    # `train` dispatches on the config's task as well
+    again = runner.invoke(app, ["train", "--config", str(config), "--quiet", f"output_root={tmp_path / 'runs2'}"])
+    assert again.exit_code == 0, again.output
+
+
+def test_detector_locator_crops_as_smear_analysis_does(detector_bundle: Path) -> None:
+    from leukoscope.tasks.mil import CellLocator
+
+    rng = np.random.default_rng(2)
+    pixels, _, _ = render_smear(rng, SmearSpec(width=160, height=120, cell_size=48), types=["blast"])
+    image = Image.fromarray(pixels)
+    locator = CellLocator(detector_bundle)
+    result = locator.analyzer.analyze(image)
+    crops = locator(image)
+    assert len(crops) == len(result.cells) > 0
+    for crop, cell in zip(crops, result.cells):  # the analyzer's crop: the box plus its margin
+        expected = locator.analyzer.crop_cell(image, cell.box)
+        assert crop.size == expected.size and np.array_equal(np.asarray(crop), np.asarray(expected))
+        x0, y0, x1, y1 = cell.box
+        assert crop.size[0] >= x1 - x0 or crop.size[0] == image.size[0]

@@ -141,3 +141,20 @@ def test_a_run_cut_by_its_time_budget_ends_annealed(smear_root: Path, tmp_path: 
     assert history[0]["lr"] == pytest.approx(0.001 * 0.02)  # ... with the schedule at its floor
     bad = runner.invoke(app, ["train-detector", "--data", str(smear_root), "train.max_minutes=0"])
     assert bad.exit_code == 2 and "max_minutes" in bad.output
+
+
+def test_train_with_a_detector_name_trains_a_detector(smear_root: Path, tmp_path: Path,
+                                                     synthetic_root: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(smear_root), "--quiet", f"output_root={tmp_path / 'runs'}",
+                                 *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    assert json.loads((bundle / "bundle.json").read_text())["task"] == "detect"
+    assert bundle.parent.name.startswith("fasterrcnn_abas-")
+    # a class-folder tree is no detection data: one line, no traceback, no run folder left
+    wrong = runner.invoke(app, ["train", "--data", str(synthetic_root), "--model", "fasterrcnn_abas",
+                                f"output_root={tmp_path / 'wrong'}"])
+    assert wrong.exit_code == 2 and "Traceback" not in wrong.output, wrong.output
+    assert not (tmp_path / "wrong").exists() or not any((tmp_path / "wrong").iterdir())
+    predict = runner.invoke(app, ["predict", "--bundle", str(bundle), str(smear_root)])
+    assert predict.exit_code == 2 and "is a cell detector" in predict.output

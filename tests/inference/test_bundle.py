@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from leukoscope.bundle import BundleError, BundleInfo, load_bundle, save_bundle
-
-from leukoscope.preprocessing import Preprocessing
+from leukoscope.bundle import BUNDLE_FORMAT_VERSION, BundleError, BundleInfo, load_bundle, read_bundle_info, save_bundle
+from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
+from leukoscope.preprocessing import Preprocessing
 
 
 def _bundle(tmp_path: Path, name: str = "b", **info) -> Path:
@@ -71,3 +71,50 @@ def test_classifier_threshold_and_temperature(tmp_path: Path) -> None:
     assert q.label == "uncertain" and q.top_class == p.top_class
     with pytest.raises(ValueError, match="threshold"):
         CellClassifier.from_bundle(directory, uncertain_threshold=1.5)
+
+
+def _as_version_1(directory: Path, task: str | None) -> None:
+    """Rewrite a bundle.json as leukoscope 0.1 wrote it (format 1: no task for a
+    classifier, ``detection`` for a detector)."""
+    payload = json.loads((directory / "bundle.json").read_text())
+    payload["format_version"] = 1
+    payload.pop("task")
+    if task is not None:
+        payload["task"] = task
+    (directory / "bundle.json").write_text(json.dumps(payload))
+
+
+def test_version_1_bundles_still_load(tmp_path: Path) -> None:
+    classifier = _bundle(tmp_path, "old-classifier")
+    _as_version_1(classifier, None)
+    model, info = load_bundle(classifier, task="classify")
+    assert info.task == "classify" and info.format_version == BUNDLE_FORMAT_VERSION
+    assert CellClassifier(model, info).classes == ["a", "b", "c"]
+    torch.manual_seed(0)
+    options = {"input_scale": 0.5, "detections_per_img": 5}
+    detector = save_bundle(tmp_path / "old-detector", create_model("fasterrcnn_abas", 3, **options),
+                           BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect",
+                                      model_options=options))
+    _as_version_1(detector, "detection")
+    assert CellDetector.from_bundle(detector).classes == ["WBC", "RBC", "Platelets"]
+
+
+def test_a_newer_format_names_its_version(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    payload = json.loads((directory / "bundle.json").read_text())
+    payload["format_version"] = BUNDLE_FORMAT_VERSION + 1
+    (directory / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match=f"format {BUNDLE_FORMAT_VERSION + 1} is not supported.*upgrade leukoscope"):
+        read_bundle_info(directory)
+
+
+def test_a_bundle_of_another_task_is_named(tmp_path: Path) -> None:
+    classifier = _bundle(tmp_path)
+    with pytest.raises(BundleError, match="is a cell classifier.*needs a cell detector bundle"):
+        CellDetector.from_bundle(classifier)
+    detector = save_bundle(tmp_path / "detector", create_model("fasterrcnn_abas", 3, input_scale=0.5),
+                           BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect"))
+    with pytest.raises(BundleError, match="is a cell detector.*needs a cell classifier bundle"):
+        CellClassifier.from_bundle(detector)
+    json_text = (detector / "bundle.json").read_text()
+    assert '"preprocessing"' not in json_text and '"task": "detect"' in json_text

@@ -38,7 +38,9 @@ from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, make_split
 from leukoscope.engine.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from leukoscope.io import ImageDecodeError, load_image
-from leukoscope.progress import console, progress_bar
+from leukoscope.engine.run_dir import new_run_dir, open_run
+from leukoscope.progress import progress_bar, say
+from leukoscope.tasks.mil_config import MilConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,10 @@ def locate_cells_by_colour(image: Image.Image, *, min_area_fraction: float = 0.0
 
 
 class CellLocator:
-    """Colour segmentation by default; a detector bundle's white-cell boxes when given."""
+    """The white cells of a field as crops: colour segmentation by default; with a detector
+    bundle, the crops smear analysis gives its classifier (the box plus its margin,
+    :meth:`~leukoscope.inference.smear.SmearAnalyzer.crop_cell`), so a classifier trained
+    here sees in ``analyze`` the same kind of crop it was trained on."""
 
     def __init__(self, detector: str | Path | None = None, **options: Any) -> None:
         self.analyzer = None
@@ -84,11 +89,11 @@ class CellLocator:
 
             self.analyzer = SmearAnalyzer(detector)
 
-    def __call__(self, image: Image.Image) -> list[tuple[int, int, int, int]]:
+    def __call__(self, image: Image.Image) -> list[Image.Image]:
         if self.analyzer is None:
-            return locate_cells_by_colour(image, **self.options)
+            return [image.crop(box) for box in locate_cells_by_colour(image, **self.options)]
         result = self.analyzer.analyze(image)
-        return [tuple(int(round(v)) for v in cell.box) for cell in result.cells]
+        return [self.analyzer.crop_cell(image, cell.box) for cell in result.cells]
 
 
 @dataclass
@@ -119,14 +124,14 @@ def build_cell_dataset(field_split: Split, out_dir: Path, locator: CellLocator, 
                     update()
                     continue
                 field_id = f"{part}-{number:05d}-{sample.path.stem}"
-                boxes = locator(image)
-                if not boxes:
+                cell_crops = locator(image)
+                if not cell_crops:
                     empty.append(str(sample.path))
                 paths = []
-                for k, box in enumerate(boxes):
+                for k, crop in enumerate(cell_crops):
                     path = out_dir / "cells" / part / str(sample.label) / f"{field_id}_c{k}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    image.crop(box).save(path)
+                    crop.save(path)
                     paths.append(path)
                     cells.append(Sample(path, sample.label, field_id))
                     rows.append([str(path), sample.label, field_id])
@@ -163,6 +168,34 @@ class MilResult:
     metrics: dict[str, Any]
     cell_bundle: Path
     field_bundle: Path | None
+
+    # The names every task's result has (the CLI prints them).
+    @property
+    def run_dir(self) -> Path:
+        return self.out_dir
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.cell_bundle
+
+
+def run_mil_from_config(config: MilConfig, *, run_dir: Path | None = None, resume: bool = False,
+                        show_progress: bool = True) -> MilResult:
+    """``leukoscope mil`` / ``train`` with a ``task: mil`` config: :func:`run_mil_experiment` in a run folder."""
+    if resume:
+        raise ValueError("a multiple-instance run cannot be resumed; start it again")
+    if not config.data.path:
+        raise DatasetError("no fields given: set data.path (labelled fields: class folders or a CSV manifest)")
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root,
+                                                                   config.name or f"mil-{config.model.name}")
+    with open_run(run_dir, config):
+        return run_mil_experiment(
+            config.data.path, run_dir, model=config.model.name, cell_size=config.model.cell_size,
+            field_size=config.model.field_size, epochs=config.train.epochs, minutes=config.train.max_minutes,
+            lr=config.train.lr, batch_size=config.train.batch_size, ratios=config.data.ratios,
+            seed=config.data.split_seed, near_duplicates=config.data.near_duplicates,
+            detector=config.locate.detector, compare_whole_image=config.compare.whole_image,
+            whole_image_bundle=config.compare.bundle, class_map=config.data.class_map, show_progress=show_progress)
 
 
 def run_mil_experiment(
@@ -214,7 +247,7 @@ def run_mil_experiment(
         check_whole_image_bundle(whole_image_bundle, field_split.manifest("test"))
     cells = build_cell_dataset(field_split, out_dir, CellLocator(detector), show_progress=show_progress)
     n_cells = {part: len(samples) for part, samples in Split.load(cells.split_file).assignments.items()}
-    console.print(f"{sum(n_cells.values())} cells located in {len(fields)} fields ({n_cells}); "
+    say(f"{sum(n_cells.values())} cells located in {len(fields)} fields ({n_cells}); "
                   f"{len(cells.fields_without_cells)} field(s) without a located cell")
 
     train = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_minutes=minutes, seed=seed, augmentation="default")
