@@ -30,7 +30,7 @@ def evaluate_bundle(
 ) -> dict:
     """Write metrics.json, figures and report.html for ``bundle`` on ``data`` into ``out_dir``."""
     model, info = load_bundle(bundle, device)
-    manifest = read_dataset(data)
+    manifest = read_dataset(data, require_labels=True)
     if split_file is not None:
         part = Split.load(split_file).manifest(subset)
         wanted = {s.path.resolve() for s in part}
