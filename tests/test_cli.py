@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,21 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     assert any(r["label"] == "uncertain" and r["top_class"] for r in good)
     broken = [r for r in rows if r["error"]]
     assert len(broken) == 1 and "broken.jpg" in broken[0]["error"]
+    assert "1 failed" in result.output and "could not read 1 of" in result.output
+    assert str(tmp_path / "broken.jpg") in result.output  # named on the terminal, not only in the CSV
+
+
+def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, tmp_path: Path) -> None:
+    for index in range(12):
+        (tmp_path / "in" / f"bad{index:02d}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"bad{index:02d}.png").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    result = invoke("predict", "--bundle", trained_bundle, tmp_path / "in", "--out", out)
+    assert result.exit_code == 2
+    assert "could not read 12 of 12 images" in result.output and "no image could be predicted" in result.output
+    assert "bad00.png" in result.output and "bad09.png" in result.output and "and 2 more" in result.output
+    assert "bad10.png" not in result.output
+    assert len(list(csv.DictReader(out.open()))) == 12  # the errors are still written
 
 
 def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
@@ -66,7 +84,24 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     assert [Path(r["source"]).name for r in rows] == [p.name for p in images]
     overlays = sorted((tmp_path / "cam").glob("*.png"))
     assert len(overlays) == 3
-    assert Image.open(overlays[0]).size[0] >= 256
+    width, height = Image.open(overlays[0]).size
+    assert height >= 256 and width > height  # the colour bar beside the picture
+
+
+def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    import leukoscope.inference.explain as explain
+
+    # a model that finds no positive evidence: grad_cam's answer is an all-zero map
+    monkeypatch.setattr(explain, "grad_cam", lambda model, inputs, index: np.zeros((1, 32, 32), np.float32))
+    images = sorted((synthetic_root / "blast").iterdir())[:2]
+    result = invoke("predict", "--bundle", trained_bundle, *images, "--out", tmp_path / "p.csv",
+                    "--explain", tmp_path / "cam")
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 Grad-CAM maps are flat" in result.output
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 2
 
 
 def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
@@ -99,6 +134,11 @@ def test_clear_errors_for_bad_input(tmp_path: Path, trained_bundle: Path) -> Non
     assert result.exit_code == 2 and "empty" in result.output
     result = invoke("train", "--data", tmp_path, "train.epoch=3")
     assert result.exit_code == 2 and "train.epochs" in result.output
+    assert "command-line override 'train.epoch=3'" in result.output and "defaults" not in result.output
+    result = invoke("train", "--data", tmp_path / "missing")
+    assert result.exit_code == 2 and "missing: folder does not exist" in result.output
+    result = invoke("evaluate", "--bundle", tmp_path / "empty", "--data", tmp_path)
+    assert result.exit_code == 2 and "not a leukoscope bundle (no bundle.json)" in result.output
     result = invoke("predict", "--bundle", tmp_path / "nope", tmp_path)
     assert result.exit_code == 2 and "bundle" in result.output
     result = invoke("predict", "--bundle", trained_bundle, tmp_path / "missing.png")
@@ -169,3 +209,72 @@ def test_evaluate_names_a_missing_split_part(trained_bundle: Path, synthetic_roo
     result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", split,
                     "--subset", "holdout")
     assert result.exit_code == 2 and "no part named 'holdout'" in result.output
+
+
+def test_search_without_a_search_section_is_refused_before_training(synthetic_root: Path, tmp_path: Path) -> None:
+    result = invoke("search", "--data", synthetic_root, f"output_root={tmp_path / 'runs'}")
+    assert result.exit_code == 2
+    assert "nothing to search" in result.output and "search:\n  epochs: [5, 10]\n  lr: [0.01, 0.001]" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("command", "target", "extra"), [
+    ("train", "leukoscope.tasks.classify.run_experiment", []),
+    ("search", "leukoscope.tasks.search.run_search", ["search.lr=[0.1,0.01]"]),
+    ("compare", "leukoscope.tasks.compare.run_compare", []),
+])
+def test_split_file_option_reaches_the_config(command: str, target: str, extra: list[str], synthetic_root: Path,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(cfg, **kwargs):
+        seen["split_file"] = cfg.data.split_file
+        raise Stop
+
+    monkeypatch.setattr(target, capture)
+    result = invoke(command, "--data", synthetic_root, "--split-file", tmp_path / "split.json", *extra)
+    assert isinstance(result.exception, Stop), result.output
+    assert seen["split_file"] == str(tmp_path / "split.json")
+
+
+def test_train_uses_the_split_made_by_split(synthetic_root: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split.json"
+    assert invoke("split", "--data", synthetic_root, "--out", split, "--ratios", "0.5,0.25,0.25").exit_code == 0
+    result = invoke("train", "--data", synthetic_root, "--split-file", split, "--model", "mobilenet_v3_small",
+                    "--quiet", f"output_root={tmp_path / 'runs'}", "model.image_size=32", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1]).parent
+    assert (run_dir / "split.json").read_bytes() == split.read_bytes()
+    assert f"reusing split {split}" in result.output and "train 48 / val 24 / test 24" in result.output
+    # the report's path is printed once, whole, on one line (not wrapped at 80 columns)
+    assert result.output.count("report:") == 1
+    assert f"report: {run_dir / 'report.html'}" in result.output
+
+
+def test_argument_errors_exit_before_torch_is_imported(tmp_path: Path) -> None:
+    """Torch takes seconds to import: config loading and argument checks must not need it."""
+    code = f"""
+import sys
+from leukoscope.engine.config import load_config
+load_config(overrides=["train.lr=0.1", "search.lr=[0.1]"])
+from leukoscope.cli import app
+codes = []
+for args in (["train", "--data", "missing/folder"], ["train", "--data", ".", "train.lrr=1"],
+             ["search", "--data", "."], ["evaluate", "--bundle", "nope", "--data", "."],
+             ["predict", "--bundle", {str(tmp_path)!r}, "x.png"], ["compare", "--data", "missing.csv"]):
+    try:
+        app(args)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name in sys.modules))
+"""
+    import leukoscope
+
+    env = {**os.environ, "PYTHONPATH": str(Path(leukoscope.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr

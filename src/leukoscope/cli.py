@@ -5,7 +5,7 @@
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
     leukoscope predict --bundle B INPUT [--explain DIR]
-    leukoscope split --data D --out split.json
+    leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
     leukoscope segment INPUT... --out DIR [--figure]
     leukoscope compare --config FILE      several models (CNN + classical), one split, one table
     leukoscope train-detector --config FILE  a cell detector on a Pascal VOC folder (= train, task: detect)
@@ -21,11 +21,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
+from rich.markup import escape
 
-from leukoscope.progress import console
+from leukoscope.progress import console, name_some
+
+if TYPE_CHECKING:
+    from leukoscope.engine.config import ExperimentConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -35,19 +39,23 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    # escape: messages quote lists ("[sgd, adam]", "['blast']") that rich would take for markup
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
-def _user_errors():
-    from leukoscope.data.manifest import DatasetError
-    from leukoscope.engine.config import ConfigError
-    from leukoscope.bundle import BundleError
-    from leukoscope.io import ImageDecodeError
-    from leukoscope.models import WeightsError
+#: (module, class) of the errors that mean "bad input", shown as one line.
+_USER_ERROR_CLASSES = (("leukoscope.data.manifest", "DatasetError"), ("leukoscope.engine.config", "ConfigError"),
+                       ("leukoscope.bundle", "BundleError"), ("leukoscope.io", "ImageDecodeError"),
+                       ("leukoscope.models", "WeightsError"))
 
-    return (DatasetError, ConfigError, BundleError, ImageDecodeError, WeightsError, FileNotFoundError,
-            FloatingPointError, ValueError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Only classes of modules already imported: a module not loaded cannot have raised,
+    # and importing it here would load torch (seconds) to report a typo.
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERROR_CLASSES
+                   if module in sys.modules)
+    return (*loaded, FileNotFoundError, FloatingPointError, ValueError)
 
 
 def _run(fn, *args, **kwargs):
@@ -73,19 +81,45 @@ def models() -> None:
         console.print(f"{name:<20} {entry.kind:<11} {entry.description}")
 
 
-def _overrides(overrides: List[str], data: Optional[str], model: Optional[str]) -> list[str]:
+# Argument checks run before the heavy imports (torch takes seconds to load), so a
+# typo in a path or key fails in well under a second: the config module, the dataset
+# path check and the bundle check below import no torch.
+
+SPLIT_FILE_HELP = ("Split JSON (from `leukoscope split`) to train and score on; made and saved there if absent "
+                   "(same as data.split_file=...).")
+
+
+def _load_config(config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
+                 split_file: Optional[Path] = None) -> "ExperimentConfig":
+    """A classification config (search, compare) once its dataset path exists (a missing one would
+    otherwise fail only after torch loads)."""
+    from leukoscope.data.readers import check_dataset_path
+    from leukoscope.engine.config import load_config
+
+    cfg = _run(load_config, config, _overrides(overrides, data, model, split_file))
+    if cfg.data.path:
+        _run(check_dataset_path, cfg.data.path)
+    return cfg
+
+
+def _check_bundle(path: Path) -> None:
+    # The bundle readers import torch; these two checks are the cheap part of theirs.
+    if not path.is_dir():
+        _fail(f"{path}: bundle folder does not exist")
+    if not (path / "bundle.json").is_file():
+        _fail(f"{path}: not a leukoscope bundle (no bundle.json)")
+
+
+def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
+               split_file: Optional[Path] = None) -> list[str]:
     extra = list(overrides)
     if data:
         extra.append(f"data.path={data}")
     if model:
         extra.append(f"model.name={model}")
+    if split_file:
+        extra.append(f"data.split_file={split_file}")
     return extra
-
-
-def _load_config(config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str]):
-    from leukoscope.engine.config import load_config
-
-    return load_config(config, _overrides(overrides, data, model))
 
 
 def _train_task(config: Optional[Path], model: Optional[str], overrides: List[str], resume: Optional[Path]):
@@ -102,17 +136,24 @@ def _train_task(config: Optional[Path], model: Optional[str], overrides: List[st
 
 
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
-           resume: Optional[Path], quiet: bool) -> None:
+           resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None) -> None:
+    """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
     if resume is not None:
         from leukoscope.engine.run_dir import require_run_dir
 
+        if split_file is not None:
+            _fail("--split-file cannot change the split of a run being resumed (it keeps its split.json)")
         _run(require_run_dir, resume)
         config, data, model = resume / "config.yaml", None, None
-    cfg = _run(task.function("load_config"), config, _overrides(overrides or [], data, model))
+    cfg = _run(task.function("load_config"), config, _overrides(overrides or [], data, model, split_file))
+    data_path = getattr(getattr(cfg, "data", None), "path", None)
+    if data_path:  # a missing dataset fails now, not after torch has loaded
+        from leukoscope.data.readers import check_dataset_path
+
+        _run(check_dataset_path, data_path)
     if getattr(cfg, "search", None) is not None:
         console.print("[yellow]note: this config has a search section; `leukoscope search` runs the grid[/yellow]")
     result = _run(task.function("train"), cfg, run_dir=resume, resume=resume is not None, show_progress=not quiet)
-    console.print(f"report: {result.run_dir / 'report.html'}")
     print(result.bundle_dir)
 
 
@@ -120,18 +161,19 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
 def train(
     overrides: List[str] = typer.Argument(None, help="Config overrides such as train.epochs=5 model.name=resnet18."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML file (its task: "
-                                          "classify or detect)."),
+                                          "classify, detect or mil)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV, or a Pascal VOC folder for a "
                                        "detector (same as data.path=...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...); a detector "
                                         "name trains a detector."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one model (classifier or detector, by the config's task or the model's kind);
     writes its bundle, metrics and report."""
     task = _run(_train_task, config, model, overrides or [], resume)
-    _train(task, config, overrides, data, model, resume, quiet)
+    _train(task, config, overrides or [], data, model, resume, quiet, split_file)
 
 
 @app.command()
@@ -140,12 +182,14 @@ def search(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML with a search section."),
     data: Optional[str] = typer.Option(None, "--data"),
     model: Optional[str] = typer.Option(None, "--model"),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Grid search; the chosen run is the best by validation score."""
+    cfg = _load_config(config, overrides or [], data, model, split_file)
+    _run(cfg.require_search)  # before minutes of training the defaults under a search's name
     from leukoscope.tasks.search import run_search
 
-    cfg = _run(_load_config, config, overrides or [], data, model)
     result = _run(run_search, cfg, show_progress=not quiet)
     console.print(f"results: {result.search_dir / 'results.csv'}")
     print(result.best.bundle_dir)
@@ -159,13 +203,17 @@ def split(
     seed: int = typer.Option(0),
     near_duplicates: bool = typer.Option(True, help="Group near-identical images by perceptual hash."),
 ) -> None:
-    """Make a stratified, subject-grouped, duplicate-aware split and save it."""
+    """Make a stratified, subject-grouped, duplicate-aware split and save it.
+
+    Use it with `--split-file FILE` (or data.split_file=FILE) on train, search,
+    compare and evaluate, so that every run and score uses these same parts.
+    """
     from leukoscope.data.readers import read_dataset
     from leukoscope.data.splits import make_split
     from leukoscope.progress import counter_callback, progress_bar
 
     def work():
-        manifest = read_dataset(data)
+        manifest = read_dataset(data, require_labels=True)
         values = [float(r) for r in ratios.split(",")]
         with progress_bar(len(manifest), "hashing images") as update:
             result = make_split(manifest, ratios=values, seed=seed, near_duplicates=near_duplicates,
@@ -193,10 +241,16 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Detector bundles: VOC split to score "
                                         "(e.g. Testing, test)."),
     allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
-                                             "trained or validated on (refused by default: such a score is "
-                                             "meaningless)."),
+                                             "trained or validated on (refused by default: such a score says "
+                                             "nothing about new images)."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
+    from leukoscope.data.readers import check_dataset_path
+
+    _check_bundle(bundle)
+    _run(check_dataset_path, data)
+    if split_file is not None and not split_file.is_file():
+        _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
     from leukoscope.bundle import read_bundle_info
     from leukoscope.tasks import task_named
 
@@ -226,18 +280,32 @@ def predict(
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
     batch_size: int = typer.Option(32),
 ) -> None:
-    """Classify images; writes probabilities per class, 'uncertain' below the threshold."""
+    """Classify images; writes probabilities per class, 'uncertain' below the threshold.
+
+    Exits with 2 when no image could be predicted; unreadable images are named
+    (and get a row with their error in the output file).
+    """
+    from leukoscope.inference.predict_files import collect_images
+
+    _check_bundle(bundle)
+    paths = _run(collect_images, inputs)
     from leukoscope.bundle import read_bundle_info
-    from leukoscope.inference.predict_files import collect_images, predict_to_file
+    from leukoscope.inference.predict_files import predict_to_file
 
     _run(read_bundle_info, bundle, "classify")  # a wrong bundle fails before any image is read
-    paths = _run(collect_images, inputs)
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size)
+    failed = [p.source for p in predictions if p.error]
     counts: dict[str, int] = {}
     for p in predictions:
-        counts[p.label] = counts.get(p.label, 0) + 1
-    console.print(f"{len(predictions)} images: {counts}")
+        if not p.error:
+            counts[p.label] = counts.get(p.label, 0) + 1
+    console.print(f"{len(predictions) - len(failed)} images predicted: {counts}; {len(failed)} failed")
+    if failed:
+        console.print(f"[red]could not read {len(failed)} of {len(predictions)} images[/red] (errors in {out}): "
+                      f"{escape(name_some(failed))}", soft_wrap=True)
+    if len(failed) == len(predictions):
+        _fail(f"no image could be predicted; see the error column of {out}")
     print(out)
 
 
@@ -251,8 +319,8 @@ def demo(
     from leukoscope.demo import run_demo
 
     result = _run(run_demo, out, minutes=minutes, show_progress=not quiet)
+    # the run itself printed the report's path
     console.print(f"[bold green]demo finished[/bold green]: test accuracy {result.metrics['accuracy']:.3f}")
-    console.print(f"report: {result.run_dir / 'report.html'}")
     print(result.bundle_dir)
 
 
@@ -433,12 +501,13 @@ def compare(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV (same as data.path=...)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models (instead of compare.models; "
                                          "default: the six classical models)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train several models (CNN and classical) on one split; one table, one figure, one page."""
+    cfg = _load_config(config, overrides or [], data, None, split_file)
     from leukoscope.tasks.compare import run_compare
 
-    cfg = _run(_load_config, config, overrides or [], data, None)
     names = [m for m in models.split(",") if m.strip()] if models else None
     result = _run(run_compare, cfg, models=names, show_progress=not quiet)
     console.print(f"table: {result.compare_dir / 'compare.md'}; page: {result.compare_dir / 'compare.html'}")
@@ -457,7 +526,7 @@ def train_detector(
     """Train a cell detector on a Pascal VOC folder (the same as `train` with a detection config)."""
     from leukoscope.tasks import task_named
 
-    _train(task_named("detect"), config, overrides, data, model, resume, quiet)
+    _train(task_named("detect"), config, overrides or [], data, model, resume, quiet)
 
 
 @app.command()
@@ -473,7 +542,7 @@ def mil(
     train on the crops, classify each test field from its cells; a whole-image classifier beside it."""
     from leukoscope.tasks import task_named
 
-    _train(task_named("mil"), config, overrides, data, model, None, quiet)
+    _train(task_named("mil"), config, overrides or [], data, model, None, quiet)
 
 
 @app.command()
@@ -501,6 +570,11 @@ def analyze(
     summary.csv / summary.json for the whole folder. Decision support, not a diagnosis.
     """
     from leukoscope.inference.predict_files import collect_images
+
+    _check_bundle(detector)
+    if classifier is not None:
+        _check_bundle(classifier)
+    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.progress import progress_bar
 
@@ -508,7 +582,6 @@ def analyze(
         import torch
 
         torch.set_num_threads(threads)
-    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
                     blast_classes=blast_class or None, uncertain_threshold=threshold,
                     detector_threshold=detector_threshold)

@@ -7,16 +7,27 @@ line every few percent instead, so long runs are visibly alive either way.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+#: Console width when stderr is not a terminal (pipes, logs, CI). Rich would assume
+#: 80 columns there, cutting tables and breaking paths across lines; a terminal (or
+#: an explicit COLUMNS) keeps its own width.
+PIPE_WIDTH = 200
+
+
+def _console_width() -> int | None:
+    return None if sys.stderr.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+
+
+console = Console(stderr=True, width=_console_width())
 _log_consoles: list[Console] = []
 
 
@@ -44,6 +55,14 @@ def run_log(path: str | Path) -> Iterator[None]:
         finally:
             package_logger.removeHandler(warnings_handler)
             _log_consoles.remove(log_console)
+
+
+def name_some(items: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` items, comma-separated, then "and N more": failures named
+    on the terminal without flooding it."""
+    text = ", ".join(items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
 
 #: update(advance=1, info="loss 0.31") -> None
 ProgressUpdate = Callable[..., None]

@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from leukoscope.presets import AUGMENTATION_PRESETS  # noqa: F401 - re-exported: the names of the presets built here
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "geometric", "tusar", "abas", "jabeena", "stain")
 
 
 def letterbox(image: Image.Image, size: int) -> Image.Image:

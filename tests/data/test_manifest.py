@@ -66,7 +66,8 @@ def test_require_trainable_declared_but_empty_second_class() -> None:
 
 
 def test_require_trainable_only_unlabelled() -> None:
-    with pytest.raises(DatasetError, match="none"):
+    # says what is wrong (no labels), not "found only none"
+    with pytest.raises(DatasetError, match="none of the 2 images has a label"):
         make([None, None]).require_trainable()
 
 

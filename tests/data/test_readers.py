@@ -265,3 +265,23 @@ def test_cnmc_mini(cnmc_mini: Path) -> None:
     for sample in manifest:
         assert sample.subject.startswith("H") == (sample.label == "hem"), sample.path.name
         assert sample.path.suffix == ".bmp"
+
+
+def test_csv_without_label_column_is_refused_where_labels_are_needed(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,subject\nx.png,P1\ny.png,P2\n")
+    with pytest.raises(DatasetError) as error:
+        read_dataset(csv_path, require_labels=True)
+    message = str(error.value)
+    assert "no 'label' column" in message and "columns found: path, subject" in message
+    assert read_dataset(csv_path).labels == [None, None]  # prediction-style reading still works
+
+
+def test_missing_dataset_paths_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="manifest file does not exist"):
+        read_dataset(tmp_path / "nope.csv")
+    with pytest.raises(DatasetError, match="folder does not exist"):
+        read_dataset(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        read_dataset(tmp_path / "file.txt")

@@ -75,3 +75,38 @@ def test_every_shipped_config_is_valid() -> None:
 
     for path in configs:  # each task validates its own schema (detector experiments have their own)
         task_named(task_of_config_file(path)).function("load_config")(path)
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("train.learning_rate", "train.lr"),  # an alias: difflib alone rates early_stopping_patience closest
+    ("train.batch", "train.batch_size"),
+    ("train.epoch", "train.epochs"),
+    ("epochs", "train.epochs"),  # a leaf without its section
+    ("train.image_size", "model.image_size"),  # a leaf in the wrong section
+    ("model.imagesize", "model.image_size"),
+])
+def test_did_you_mean_compares_leaf_names_and_knows_synonyms(typo: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown config key '{typo}' \(did you mean '{meant}'\?\)"):
+        load_config(overrides=[f"{typo}=1"])
+
+
+def test_an_override_typo_is_blamed_on_the_override_not_the_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=["train.epochs=2", "train.lrr=0.1"])
+    assert str(error.value).startswith("command-line override 'train.lrr=0.1': unknown config key 'train.lrr'")
+    assert "defaults" not in str(error.value)
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["model.image_size=8"])
+    message = str(error.value)
+    assert f"{path}: unknown config key 'train.epoch'" in message
+    assert "command-line override 'model.image_size=8': config key 'model.image_size'" in message
+
+
+def test_search_needs_a_section_with_values_and_shows_an_example() -> None:
+    for overrides in ([], ["search={}"]):
+        with pytest.raises(ConfigError, match="nothing to search") as error:
+            load_config(overrides=overrides).require_search()
+        assert "search:\n  epochs: [5, 10]\n  lr: [0.01, 0.001]" in str(error.value)
+    assert load_config(overrides=["search.lr=[0.1,0.01]"]).require_search().lr == [0.1, 0.01]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -264,3 +265,14 @@ def test_evaluate_logits_refuses_extra_that_shadows_a_metric(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="accuracy"):
         evaluate_logits(y, noisy_logits(y, 2, seed=6), ["a", "b"], tmp_path, extra={"accuracy": 1.0})
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_temperature_fit_on_its_bound_is_a_report_note_not_a_printed_warning(tmp_path: Path) -> None:
+    # a tiny, perfectly separated validation set (every small run has one) puts the optimum on the bound
+    y = np.array([0, 1, 0, 1, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test: it would be printed with a source path
+        result = evaluate_logits(y, noisy_logits(y, 2, seed=6), ["normal", "blast"], tmp_path,
+                                 val_logits=np.array([[2.0, 0.0], [0.0, 1.0]]), val_true=np.array([0, 1]))
+    assert result["calibration"]["temperature"] == 1.0
+    assert "reached its search limit" in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -14,7 +14,9 @@ from torch import nn
 from leukoscope.inference.explain import (
     find_target_layer,
     grad_cam,
+    heatmap_figure,
     heatmap_mask_fraction,
+    is_flat_heatmap,
     overlay_heatmap,
 )
 from leukoscope.models import create_model, list_models
@@ -344,6 +346,33 @@ def test_overlay_blends_the_colormap_over_the_image() -> None:
     np.testing.assert_array_equal(np.asarray(overlay_heatmap(image, heatmap, alpha=0.0)), np.asarray(image))
     half = np.asarray(overlay_heatmap(image, heatmap, alpha=0.5)).astype(int)
     np.testing.assert_allclose(half, (pixels + np.asarray(image)) / 2, atol=1)
+
+
+def test_heatmap_figure_has_a_colour_bar_from_none_to_high() -> None:
+    image = Image.new("RGB", (256, 256), (200, 200, 200))
+    heatmap = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    figure = heatmap_figure(overlay_heatmap(image, heatmap), heatmap, "blast")
+    width, height = figure.size
+    assert width > 256 + 40 and height > 256  # room for the bar and the caption
+    pixels = np.asarray(figure).astype(int)
+    bar = pixels[20:240, 256:width]
+    # the bar's column: jet from dark red (1, "high", top) down to dark blue (0, "none", bottom)
+    column = next(x for x in range(bar.shape[1]) if bar[5, x, 0] > 100 and bar[5, x, 2] < 60)
+    assert bar[-5, column, 2] > 100 and bar[-5, column, 0] < 60
+    np.testing.assert_array_equal(pixels[:256, :256], np.asarray(overlay_heatmap(image, heatmap)))
+
+
+def test_a_flat_map_is_saved_with_a_visible_note() -> None:
+    image = Image.new("RGB", (256, 256), (200, 200, 200))
+    flat = np.zeros((64, 64), np.float32)  # grad_cam's answer when no evidence is positive
+    varied = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    assert is_flat_heatmap(flat) and is_flat_heatmap(np.full((8, 8), 0.5)) and not is_flat_heatmap(varied)
+    overlay = overlay_heatmap(image, flat)
+    plain = np.asarray(overlay).astype(int)
+    noted = np.asarray(heatmap_figure(overlay, flat, "blast")).astype(int)[:256, :256]
+    changed = np.abs(noted - plain).sum(axis=2) > 60
+    assert changed[100:156, :].sum() > 500  # the note is drawn across the middle of the picture
+    assert not changed[:60].any() and not changed[-60:].any()
 
 
 def test_overlay_rejects_bad_arguments() -> None:

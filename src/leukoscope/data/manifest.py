@@ -99,6 +99,9 @@ class Manifest:
         """Fail clearly when the data cannot train a classifier."""
         if not self.samples:
             raise DatasetError("the dataset is empty: no images were found")
+        if all(s.label is None for s in self.samples):
+            raise DatasetError(f"none of the {len(self.samples)} images has a label; training needs labelled "
+                               "images (class sub-folders, or a 'label' column in a CSV manifest)")
         present = [c for c, n in self.class_counts().items() if n > 0]
         if len(present) < 2:
             raise DatasetError(

@@ -27,6 +27,21 @@ def cnmc_subject(filename: str) -> str | None:
     return match.group("subject").upper() if match else None
 
 
+def check_dataset_path(source: str | Path) -> Path:
+    """``source`` if it can be a dataset (an existing folder, or an existing ``.csv``
+    file); else a :class:`DatasetError`. Cheap: the CLI calls it before heavy imports."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        if not source.is_file():
+            raise DatasetError(f"{source}: manifest file does not exist")
+        return source
+    if not source.exists():
+        raise DatasetError(f"{source}: folder does not exist")
+    if not source.is_dir():
+        raise DatasetError(f"{source}: is not a folder (give a class-folder tree or a .csv manifest)")
+    return source
+
+
 def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Manifest:
     """Read ``root/<class>/<image>``; subjects come from C-NMC names when present."""
     root = Path(root)
@@ -75,9 +90,10 @@ def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
         )
 
 
-def read_csv_manifest(path: str | Path) -> Manifest:
+def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Manifest:
     """Read a CSV with a header ``path,label[,subject]``; relative paths are
-    resolved against the CSV's folder."""
+    resolved against the CSV's folder. Without a ``label`` column the samples are
+    unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")
@@ -87,6 +103,9 @@ def read_csv_manifest(path: str | Path) -> Manifest:
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "path" not in fields:
             raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'})")
+        if require_labels and "label" not in fields:
+            raise DatasetError(f"{path}: CSV manifest has no 'label' column, which training and evaluation "
+                               f"need (columns found: {', '.join(fields)})")
         samples = []
         for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -103,9 +122,10 @@ def read_csv_manifest(path: str | Path) -> Manifest:
     return Manifest(samples, root=path.parent)
 
 
-def read_dataset(source: str | Path) -> Manifest:
-    """Read a dataset from a class-folder tree or a ``.csv`` manifest."""
-    source = Path(source)
+def read_dataset(source: str | Path, *, require_labels: bool = False) -> Manifest:
+    """Read a dataset from a class-folder tree or a ``.csv`` manifest (class folders
+    always label their images; ``require_labels``: see :func:`read_csv_manifest`)."""
+    source = check_dataset_path(source)
     if source.suffix.lower() == ".csv":
-        return read_csv_manifest(source)
+        return read_csv_manifest(source, require_labels=require_labels)
     return read_class_folders(source)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leukoscope.classic.spec import FeatureSpec
-from leukoscope.transforms import AUGMENTATION_PRESETS
+from leukoscope.presets import AUGMENTATION_PRESETS
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -110,6 +110,16 @@ class SearchConfig(Section):
     batch_size: list[int] | None = None
     models: list[str] | None = None
 
+    def is_empty(self) -> bool:
+        return not any(getattr(self, name) for name in type(self).model_fields)
+
+
+#: Shown when ``leukoscope search`` is given nothing to search over.
+SEARCH_EXAMPLE = """search:
+  epochs: [5, 10]
+  lr: [0.01, 0.001]
+  optimizer: [sgd, adam]"""
+
 
 class PredictConfig(Section):
     uncertain_threshold: float = 0.5
@@ -157,6 +167,15 @@ class ExperimentConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def require_search(self) -> SearchConfig:
+        """The search section, refusing a grid with no list to vary: that would
+        silently train the defaults once, for minutes, under a search's name."""
+        if self.search is None or self.search.is_empty():
+            raise ConfigError("nothing to search: the config has no search section with values to try; "
+                              f"add one to the YAML file, e.g.\n{SEARCH_EXAMPLE}\n"
+                              "or give it on the command line: search.lr=[0.01,0.001] search.epochs=[5,10]")
+        return self.search
+
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
@@ -169,18 +188,86 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def format_validation_error(error: ValidationError, source: str, schema: type[BaseModel]) -> str:
+#: Names people reach for from other tools -> the key leukoscope uses. Consulted
+#: before string similarity, which cannot see that ``learning_rate`` means ``lr``.
+KEY_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "lr_rate": "lr",
+    "batch": "batch_size",
+    "batchsize": "batch_size",
+    "bs": "batch_size",
+    "epoch": "epochs",
+    "n_epochs": "epochs",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "patience": "early_stopping_patience",
+    "wd": "weight_decay",
+    "optim": "optimizer",
+    "lr_scheduler": "scheduler",
+    "img_size": "image_size",
+    "input_size": "image_size",
+    "size": "image_size",
+    "arch": "name",
+    "architecture": "name",
+    "pretrained": "weights",
+    "dataset": "path",
+    "data_dir": "path",
+    "root": "path",
+    "augment": "augmentation",
+    "augmentations": "augmentation",
+}
+
+
+def suggest_key(key: str, known: Sequence[str]) -> str | None:
+    """The valid key a mistyped ``key`` most likely meant, or None.
+
+    Compares leaf names within the key's own section (an alias first, then
+    difflib), then the same leaf in another section (``train.image_size`` ->
+    ``model.image_size``): whole dotted keys share their section prefix, so
+    comparing them whole rates ``train.learning_rate`` closest to
+    ``train.early_stopping_patience``.
+    """
+    section, _, leaf = key.rpartition(".")
+    leaf = KEY_ALIASES.get(leaf.lower(), leaf)
+    prefix = f"{section}." if section else ""
+    siblings = [k[len(prefix):] for k in known if k.startswith(prefix) and "." not in k[len(prefix):]]
+    if leaf in siblings and prefix + leaf != key:
+        return prefix + leaf
+    elsewhere = [k for k in known if k.rpartition(".")[2] == leaf and k != key]
+    if elsewhere:
+        return elsewhere[0]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    return prefix + close[0] if close else None
+
+
+def format_validation_error(error: ValidationError, source: str, schema: type[BaseModel],
+                             overrides: Sequence[str] = ()) -> str:
+    """One line naming every bad key, each under where it came from: a command-line
+    override or ``source`` (the file, or the defaults)."""
     known = _known_keys(schema)
-    lines = []
+    by_origin: dict[str, list[str]] = {}
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"unknown config key '{key}'{hint}")
+            close = suggest_key(key, known)
+            hint = f" (did you mean '{close}'?)" if close else ""
+            line = f"unknown config key '{key}'{hint}"
         else:
-            lines.append(f"config key '{key}': {item['msg']}")
-    return f"{source}: " + "; ".join(lines)
+            line = f"config key '{key}': {item['msg']}"
+        by_origin.setdefault(_origin(item["loc"], overrides) or source, []).append(line)
+    return "; ".join(f"{origin}: " + "; ".join(lines) for origin, lines in by_origin.items())
+
+
+def _origin(loc: tuple[Any, ...], overrides: Sequence[str]) -> str | None:
+    """``command-line override 'train.lrr=0.1'`` when the last override setting
+    ``loc`` (or a section containing it) is what made it invalid, else None."""
+    path = [str(part) for part in loc]
+    for item in reversed(overrides):  # the last override of a key wins, as in the merge
+        parts = item.partition("=")[0].strip().split(".")
+        if path and path[:len(parts)] == parts:
+            return f"command-line override '{item}'"
+    return None
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -240,7 +327,7 @@ def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence
     try:
         return schema.model_validate(merge_trees(raw, parse_overrides(overrides)))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source, schema)) from None
+        raise ConfigError(format_validation_error(exc, source, schema, overrides)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -155,6 +155,28 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     uninformative and 1.0 is returned (with a warning), as it is when scaling does
     not lower the NLL (e.g. all logits equal).
     """
+    fit = temperature_fit(logits, y_true)
+    if fit.at_bound:
+        warnings.warn(
+            f"temperature fit hit the search bound {TEMPERATURE_BOUNDS} on {np.asarray(y_true).size} validation "
+            "samples (set too small or perfectly separated); keeping temperature 1.0",
+            UserWarning,
+            stacklevel=2,
+        )
+    return fit.temperature
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    at_bound: bool = False
+    """The optimum sat on :data:`TEMPERATURE_BOUNDS` (no information), so ``temperature`` is 1.0."""
+
+
+def temperature_fit(logits: np.ndarray, y_true: np.ndarray) -> TemperatureFit:
+    """:func:`fit_temperature` without its warning, saying whether the fit hit a bound:
+    for callers that report it themselves (the evaluation report notes it, where a
+    warning printed with a source path only puzzles the user of a small run)."""
     z = check_logits(logits)
     y = check_labels(y_true, z.shape[1], z.shape[0])
     if y.size == 0:
@@ -171,15 +193,9 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     candidates = [float(np.exp(result.x)), *TEMPERATURE_BOUNDS]
     temperature = min(candidates, key=lambda t: _nll(z, y, t))
     if not _nll(z, y, temperature) < _nll(z, y, 1.0) - 1e-12:
-        return 1.0
+        return TemperatureFit(1.0)
     if min(abs(np.log(temperature) - lo), abs(np.log(temperature) - hi)) < 1e-3:
         # A fit stuck at a bound says "no information" (a perfectly separated or
         # tiny set), not "sharpen 20x": keep the model's own confidences.
-        warnings.warn(
-            f"temperature fit hit the search bound {TEMPERATURE_BOUNDS} on {y.size} validation "
-            "samples (set too small or perfectly separated); keeping temperature 1.0",
-            UserWarning,
-            stacklevel=2,
-        )
-        return 1.0
-    return temperature
+        return TemperatureFit(1.0, at_bound=True)
+    return TemperatureFit(temperature)

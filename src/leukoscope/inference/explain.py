@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 #: Probe size used by :func:`find_target_layer` when no input is at hand.
@@ -222,6 +222,63 @@ def overlay_heatmap(
     colours = cmap(np.clip(np.asarray(resized), 0.0, 1.0))[..., :3] * 255.0
     blended = (1.0 - alpha) * np.asarray(rgb, dtype=np.float64) + alpha * colours
     return Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+
+
+#: A map (in [0, 1]) whose max - min is below this shows no localised evidence
+#: (grad_cam returns all zeros when nothing positive was found): its colours mean nothing.
+FLAT_MAP_THRESHOLD = 1e-3
+
+_LEGEND_WIDTH = 72
+_CAPTION_HEIGHT = 34
+
+
+def is_flat_heatmap(heatmap: np.ndarray, threshold: float = FLAT_MAP_THRESHOLD) -> bool:
+    """True when ``heatmap`` is (nearly) uniform: it points at no region of the image."""
+    heat = _check_heatmap(heatmap, require_unit_range=False)
+    return float(heat.max() - heat.min()) < threshold
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap size
+        return ImageFont.load_default()
+
+
+def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, colormap: str = "jet") -> Image.Image:
+    """``overlay`` (from :func:`overlay_heatmap`) with a colour bar saying what the
+    colours mean and a caption; a flat map gets a visible note across the picture,
+    so nobody reads meaning into a uniform colour wash."""
+    import matplotlib
+
+    flat = is_flat_heatmap(heatmap)
+    cmap = matplotlib.colormaps[colormap]
+    width, height = overlay.size
+    figure = Image.new("RGB", (width + _LEGEND_WIDTH, height + _CAPTION_HEIGHT), "white")
+    figure.paste(overlay.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(figure)
+    font = _font(11)
+    # the colour bar: top = 1 (strongest evidence in this image), bottom = 0 (none)
+    top, bottom, left = 14, height - 14, width + 8
+    levels = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(14, axis=1)
+    bar = Image.fromarray((cmap(levels)[..., :3] * 255).round().astype(np.uint8))
+    figure.paste(bar, (left, top))
+    draw.rectangle((left - 1, top - 1, left + 14, bottom), outline="black")
+    for value, text in ((1.0, "high"), (0.5, "0.5"), (0.0, "none")):
+        y = bottom - value * (bottom - top)
+        draw.line((left + 14, y, left + 18, y), fill="black")
+        draw.text((left + 21, y), text, fill="black", font=font, anchor="lm")
+    lines = [f"Grad-CAM evidence for {label!r}",
+             "flat map: no localised evidence" if flat else "colour scale relative to this image"]
+    for index, text in enumerate(lines):
+        draw.text((4, height + 3 + 15 * index), text, fill="red" if flat and index else "black", font=font)
+    if flat:
+        note_font = _font(14)
+        note = "FLAT MAP - uninformative"
+        box = draw.textbbox((width // 2, height // 2), note, font=note_font, anchor="mm")
+        draw.rectangle((box[0] - 6, box[1] - 4, box[2] + 6, box[3] + 4), fill="white", outline="red", width=2)
+        draw.text((width // 2, height // 2), note, fill="red", font=note_font, anchor="mm")
+    return figure
 
 
 def heatmap_mask_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float:

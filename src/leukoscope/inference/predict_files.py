@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
-from leukoscope.inference.predictor import CellClassifier, Prediction
 from leukoscope.io import is_image_file, load_image
-from leukoscope.progress import progress_bar
+from leukoscope.progress import console, name_some, progress_bar
+
+if TYPE_CHECKING:  # torch loads only once there is something to predict: input checks stay fast
+    from leukoscope.inference.predictor import CellClassifier, Prediction
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
@@ -48,12 +50,14 @@ def write_predictions(predictions: Sequence[Prediction], out: Path) -> Path:
 
 
 def save_explanations(classifier: CellClassifier, predictions: Sequence[Prediction], out_dir: Path) -> list[Path]:
-    """One Grad-CAM overlay PNG per readable image, for the predicted (top) class."""
-    from leukoscope.inference.explain import grad_cam, overlay_heatmap
+    """One Grad-CAM overlay PNG per readable image, for the predicted (top) class, with
+    a colour bar; flat (uninformative) maps carry a note and are named in a warning."""
+    from leukoscope.inference.explain import grad_cam, heatmap_figure, is_flat_heatmap, overlay_heatmap
     from leukoscope.transforms import letterbox
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    flat: list[str] = []
     readable = [p for p in predictions if p.error is None]
     with progress_bar(len(readable), "Grad-CAM") as update:
         for index, prediction in enumerate(readable):
@@ -62,9 +66,14 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
             heatmap = grad_cam(classifier.model, inputs, classifier.classes.index(prediction.top_class))[0]
             shown = letterbox(image, max(classifier.image_size, 256))
             path = out_dir / f"{index:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
-            overlay_heatmap(shown, heatmap).save(path)
+            heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class).save(path)
+            if is_flat_heatmap(heatmap):
+                flat.append(path.name)
             written.append(path)
             update()
+    if flat:
+        console.print(f"[yellow]warning:[/yellow] {len(flat)} of {len(written)} Grad-CAM maps are flat (the model "
+                      f"found no localised evidence; saved with a note): {escape(name_some(flat))}", soft_wrap=True)
     return written
 
 
@@ -77,6 +86,10 @@ def predict_to_file(
     explain_dir: Path | None = None,
     batch_size: int = 32,
 ) -> list[Prediction]:
+    import torch
+
+    from leukoscope.inference.predictor import CellClassifier
+
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"{out}: output must end in .csv or .json")
     classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold)

@@ -145,7 +145,7 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         extra=extra,
     )
     say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
-        f"({metrics['n']} images)")
+        f"({metrics['n']} images); report: {run_dir / 'report.html'}")
     (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     return metrics
 
@@ -181,7 +181,7 @@ def evaluate_bundle(
     training or validation part: such a score says nothing about new images.
     """
     model, info = load_bundle(bundle, device, task="classify")
-    manifest = read_dataset(data)
+    manifest = read_dataset(data, require_labels=True)
     if split_file is not None:
         part = Split.load(split_file).manifest(subset)
         wanted = {s.path.resolve() for s in part}

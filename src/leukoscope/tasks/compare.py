@@ -419,7 +419,8 @@ _SHORT = {"precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1
 def print_table(rows: list[CompareRow], chosen_by: str) -> None:
     table = Table(title=f"comparison (* chosen by {chosen_by}; macro averages)")
     for key, title in COLUMNS:
-        table.add_column(_SHORT.get(key, title), justify="left" if key == "label" else "right")
+        # fold, never cut with "...": a narrow terminal wraps a cell instead of hiding digits
+        table.add_column(_SHORT.get(key, title), justify="left" if key == "label" else "right", overflow="fold")
     for row in rows:
         table.add_row(*[_label(row) if key == "label" else _fmt(key, getattr(row, key)) for key, _ in COLUMNS])
     console.print(table)

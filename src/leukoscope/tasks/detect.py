@@ -117,7 +117,7 @@ def run_detection_experiment(
                            "config": config.to_dict()}
         bundle_dir = save_bundle(run_dir / "bundle", model, info)
         say(f"{eval_name}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
-            f"({metrics['n_images']} images)")
+            f"({metrics['n_images']} images); report: {run_dir / 'report.html'}")
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return DetectionRunResult(run_dir, bundle_dir, metrics, result)

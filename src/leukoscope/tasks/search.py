@@ -54,6 +54,7 @@ def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConf
 
 
 def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> SearchResult:
+    config.require_search()
     combos = grid(config)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     search_dir = Path(config.output_root) / f"{run_name(config)}-search-{stamp}"
@@ -119,10 +120,22 @@ def _write_tables(search_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    table = Table(title="grid search (chosen by validation)")
-    shown = [c for c in rows[0] if c != "bundle"]
+    # Settings shared by every run go to the title, so the table fits a terminal
+    # more often; results.csv keeps every column.
+    fixed = [c for c in rows[0] if "." in c and len({str(row[c]) for row in rows}) == 1]
+    title = "grid search (chosen by validation)"
+    if fixed:
+        title += "; every run: " + ", ".join(f"{c.rpartition('.')[2]}={rows[0][c]}" for c in fixed)
+    table = Table(title=title)
+    shown = [c for c in rows[0] if c != "bundle" and c not in fixed]
     for column in shown:
-        table.add_column(column)
+        table.add_column(column.rpartition(".")[2], overflow="fold")  # a narrow terminal wraps cells, never cuts them
     for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in shown])
+        table.add_row(*[_cell(c, row[c]) for c in shown])
     console.print(table)
+
+
+def _cell(column: str, value: Any) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4g}" if "." in column else f"{value:.4f}"  # settings: lr 1e-05 must not print as 0.0000
