@@ -553,11 +553,15 @@ def analyze(
                                               "white-cell types (without it cells keep the detector's class)."),
     out: Path = typer.Option(Path("analysis"), "--out", help="Output folder."),
     blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as "
-                                                    "blast (repeatable; default: names with 'blast', ALL, "
-                                                    "Early/Pre/Pro)."),
+                                                    "blast (repeatable; default: the classes named exactly blast, "
+                                                    "lymphoblast, myeloblast, ALL, malignant, Early/Pre/Pro; never "
+                                                    "erythroblast)."),
     threshold: Optional[float] = typer.Option(None, help="Classifier confidence below which a cell is "
                                               "'uncertain' (default: the bundle's)."),
     detector_threshold: Optional[float] = typer.Option(None, help="Detector score threshold (default: the bundle's)."),
+    min_detector_ap: Optional[float] = typer.Option(None, help="Warn, and raise no leukemia flag, when the "
+                                                    "detector's recorded test AP@0.5 for white cells is below this "
+                                                    "(default 0.9)."),
     tile_size: int = typer.Option(2048, help="Tile side in image pixels for large fields."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
@@ -584,17 +588,20 @@ def analyze(
         torch.set_num_threads(threads)
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
                     blast_classes=blast_class or None, uncertain_threshold=threshold,
-                    detector_threshold=detector_threshold)
+                    detector_threshold=detector_threshold,
+                    **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
     with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
         summary = _run(analyzer.analyze_paths, paths, out, progress=update)
     pooled = summary.pooled
     text = f"{len(summary.results)} image(s), {pooled.total} white cells"
-    if pooled.blast_percentage is not None:
+    if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
         low, high = pooled.blast_ci95
         text += f", blasts {pooled.blast_percentage:.1f}% (95% CI {low:.1f}-{high:.1f}%)"
+    elif pooled.blasts is not None:
+        text += f", {pooled.blasts} blast(s): too few cells for a blast percentage"
     console.print(text)
     for flag in pooled.flags:
-        console.print(f"[yellow]flag:[/yellow] {flag}")
+        console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
     failed = [r for r in summary.results if r.error]
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")

@@ -108,6 +108,13 @@ def test_analyze_cli(smear_root: Path, detector_bundle: Path, classifier_bundle:
     assert len(list(out.glob("*.annotated.png"))) == 3
     assert len(list(out.glob("*.cells.csv"))) == 3 and len(list(out.glob("smear_*.json"))) == 3
     assert (out / "summary.csv").is_file() and (out / "summary.json").is_file()
+    # an untrained detector records no test AP: a loud warning, and too few cells for a percentage
+    assert "flag: WARNING:" in result.output and "acute leukemia" not in result.output
+    summary_line = next(line for line in result.output.splitlines() if "image(s)," in line)
+    assert "%" not in summary_line and "too few cells for a blast percentage" in summary_line
+    bad_floor = runner.invoke(app, ["analyze", str(fields), "--detector", str(detector_bundle),
+                                    "--min-detector-ap", "1.5"])
+    assert bad_floor.exit_code == 2 and "min_detector_ap" in bad_floor.output
     missing = runner.invoke(app, ["analyze", str(tmp_path / "nothing"), "--detector", str(detector_bundle)])
     assert missing.exit_code == 2
     wrong = runner.invoke(app, ["analyze", str(fields), "--detector", str(classifier_bundle)])

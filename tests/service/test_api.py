@@ -432,8 +432,8 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
     options = {"input_scale": 0.5, "score_thresh": 0.0, "detections_per_img": 8}
     model = create_model("fasterrcnn_abas", num_classes=3, **options)
     detector = save_bundle(tmp_path / "detector", model,
-                                    BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect", model_options=options,
-                                                       score_threshold=0.0))
+                           BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect",
+                                      model_options=options, score_threshold=0.0))
     analyzer = Analyzer.from_bundles(cell_bundle, detector, threads=1)
     try:
         service = make_service(analyzer_override=analyzer, detector=detector)
@@ -445,6 +445,12 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         assert response.status_code == 201, response.text
         case = response.json()
         assert case["differential"]["total"] == len(case["cells"])
+        # an untrained detector records no test AP: the case carries the warning, stored with it,
+        # and its differential raises no leukemia flag (also when recomputed after a review)
+        assert case["differential"]["warnings"] and not case["differential"]["acute_leukemia_flag"]
+        assert case["differential"]["flags"][0].startswith("WARNING: ")
+        again = client.get(f"/api/v1/cases/{case['id']}", headers=headers).json()
+        assert again["differential"]["warnings"] == case["differential"]["warnings"]
         # what the analyzer itself classified, from the same decoded upload
         decoded = Image.open(io.BytesIO(encode(field, "JPEG"))).convert("RGB")
         seen = [analyzer.smear.crop_cell(decoded, c.box) for c in analyzer.smear.analyse(decoded).cells]

@@ -24,6 +24,12 @@ from leukoscope.bundle import BundleInfo, load_bundle
 REFERENCE_FIELD_PIXELS = 640 * 480
 
 
+def scaled_cap(cap: int, pixels: int) -> int:
+    """A per-image cap for an image of ``pixels``: scaled with the area above a 640x480 field
+    (a 2048 px tile holds ten times as many cells)."""
+    return int(math.ceil(cap * max(1.0, pixels / REFERENCE_FIELD_PIXELS)))
+
+
 @dataclass
 class Detection:
     """One detected object, in pixels of the image it was found in."""
@@ -101,19 +107,18 @@ class CellDetector:
     def _limits_for(self, pixels: int):
         """Scale the per-image caps (proposals, detections) with the image area: they are
         set for a 640x480 field, and a 2048 px tile holds ten times as many cells."""
-        factor = max(1.0, pixels / REFERENCE_FIELD_PIXELS)
         saved: list[tuple[Any, str, Any]] = []
 
         def scale(owner: Any, key: str, index: str | None = None) -> None:
             if index is None:
                 saved.append((owner, key, getattr(owner, key)))
-                setattr(owner, key, int(math.ceil(getattr(owner, key) * factor)))
+                setattr(owner, key, scaled_cap(getattr(owner, key), pixels))
             else:
                 table = getattr(owner, key)
                 saved.append((table, index, table[index]))
-                table[index] = int(math.ceil(table[index] * factor))
+                table[index] = scaled_cap(table[index], pixels)
 
-        if factor > 1.0:
+        if pixels > REFERENCE_FIELD_PIXELS:
             model = self.model
             if hasattr(model, "rpn"):
                 scale(model.rpn, "_pre_nms_top_n", "testing")

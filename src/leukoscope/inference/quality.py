@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from leukoscope.inference.detector import REFERENCE_FIELD_PIXELS
+from leukoscope.inference.detector import scaled_cap
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
 DEFAULT_MIN_DETECTOR_AP = 0.9
@@ -53,11 +53,6 @@ def detection_cap(model: Any) -> int | None:
     owner = getattr(model, "roi_heads", model)
     cap = getattr(owner, "detections_per_img", None)
     return int(cap) if isinstance(cap, int) else None
-
-
-def scaled_cap(cap: int, pixels: int) -> int:
-    """The cap for an image of ``pixels``: CellDetector scales it with the area above 640x480."""
-    return int(math.ceil(cap * max(1.0, pixels / REFERENCE_FIELD_PIXELS)))
 
 
 def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leukoscope.inference.detector import CellDetector, DetectionResult
+from leukoscope.inference.detector import CellDetector, DetectionResult, scaled_cap
 from leukoscope.inference.differential import CountRules
-from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, cap_warning, detection_cap, detector_warnings,
-                                          scaled_cap)
+from leukoscope.inference.quality import DEFAULT_MIN_DETECTOR_AP, cap_warning, detection_cap, detector_warnings
 from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid

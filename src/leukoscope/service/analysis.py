@@ -63,9 +63,9 @@ class ImageOutcome:
     any stands, the case's differential must carry it and raise no leukemia flag."""
 
 
-def outcome_warnings(outcomes: Sequence[ImageOutcome]) -> list[str]:
-    """The warnings of a case's images, each once, in order (to store with the case and
-    pass to :func:`differential`)."""
+def outcome_warnings(outcomes: Sequence[Any]) -> list[str]:
+    """The ``warnings`` of a case's images (outcomes, or their encoded form), each once, in
+    order (to store with the case and pass to :func:`differential`)."""
     return list(dict.fromkeys(warning for outcome in outcomes for warning in outcome.warnings))
 
 

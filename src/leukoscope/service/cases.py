@@ -13,7 +13,7 @@ import tempfile
 import unicodedata
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.service import throttle
-from leukoscope.service.analysis import ImageOutcome, differential
+from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
 from leukoscope.service.auth import Principal, audit, too_many
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
@@ -82,6 +82,8 @@ class PreparedImage:
     served_png: bytes
     annotated_png: bytes | None
     cells: list[PreparedCell]
+    warnings: list[str] = field(default_factory=list)
+    """The analysis' quality warnings (:attr:`leukoscope.service.analysis.ImageOutcome.warnings`)."""
 
 
 def display_name(filename: str | None) -> str:
@@ -186,7 +188,8 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
                           jpeg_bytes(cell.overlay) if cell.overlay is not None else None) for cell in outcome.cells]
     return PreparedImage(decoded.name, decoded.data, decoded.format, decoded.image.width, decoded.image.height,
                          clean_png(decoded.image),
-                         clean_png(outcome.annotated) if outcome.annotated is not None else None, cells)
+                         clean_png(outcome.annotated) if outcome.annotated is not None else None, cells,
+                         list(outcome.warnings))
 
 
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload) -> PreparedImage:
@@ -246,12 +249,15 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     case_id = secrets.token_hex(16)
     analyzer = state.analyzer
     labels = [cell.prediction.label for upload in prepared for cell in upload.cells]
+    # Quality warnings travel with the case: while any stands its differential raises no leukemia flag.
+    warnings = outcome_warnings(prepared)
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
                     analysis={"threshold": analyzer.threshold, "blast_classes": analyzer.blast_classes,
+                              "warnings": warnings,
                               "differential_at_upload": differential(labels, analyzer.classes,
-                                                                     analyzer.blast_classes)})
+                                                                     analyzer.blast_classes, warnings)})
         db.add(case)
         position = 0
         for index, (upload, files) in enumerate(zip(prepared, stored)):
@@ -324,7 +330,7 @@ def current_differential(case: Case) -> dict[str, Any]:
     it, else the model's (``uncertain`` below the threshold); excluded cells do not count."""
     labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
-    return differential(labels, case.classes, blast_classes)
+    return differential(labels, case.classes, blast_classes, case.analysis.get("warnings", []))
 
 
 # ------------------------------------------------------------------ review
