@@ -97,8 +97,8 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
         extra.append(f"data.path={data}")
     if model:
         extra.append(f"model.name={model}")
-    if split_file:
-        extra.append(f"data.split_file={split_file}")
+    if split_file:  # absolute: the run's config.yaml must find it from any folder
+        extra.append(f"data.split_file={split_file.resolve()}")
     return _checked_data(_run(load_config, config, extra))
 
 
