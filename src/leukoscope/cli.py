@@ -117,8 +117,8 @@ def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
         extra.append(f"data.path={data}")
     if model:
         extra.append(f"model.name={model}")
-    if split_file:
-        extra.append(f"data.split_file={split_file}")
+    if split_file:  # absolute: the run's config.yaml must find it from any folder
+        extra.append(f"data.split_file={split_file.resolve()}")
     return extra
 
 

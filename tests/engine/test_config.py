@@ -49,6 +49,8 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     (folder / "exp.yaml").write_text("data:\n  path: ../data\nmodel:\n  weights: DEFAULT\n")
     config = load_config(folder / "exp.yaml", ["train.epochs=2"])
     assert Path(config.data.path) == (tmp_path / "data").resolve()
+    (folder / "split.yaml").write_text("data:\n  path: ../data\n  split_file: ../split.json\n")
+    assert Path(load_config(folder / "split.yaml").data.split_file) == (tmp_path / "split.json").resolve()
     assert config.model.weights == "DEFAULT"  # a torchvision weight name, not a path
     assert config.train.epochs == 2
 
