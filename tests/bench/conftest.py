@@ -7,6 +7,7 @@ import io
 import os
 import runpy
 import sys
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,10 +81,12 @@ def run_script(name: str, *args: str | Path, expect: int = 0) -> ScriptRun:
 
 
 @pytest.fixture
-def server_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The service scripts start ``python -m leukoscope.cli serve``: it must import this checkout's
-    source (not another install) also where the package is not installed in editable mode."""
+def service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """For the service scripts: the ``python -m leukoscope.cli serve`` they start imports this checkout's
+    source (also where it is not installed in editable mode), and their work folders (``mkdtemp``: data
+    directory, server log) land in the test's tmp_path instead of piling up in /tmp."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from leukoscope.inference.predictor import CellClassifier
 from leukoscope.io import load_image
 from tests.bench.conftest import TALEQANI_CLASSES, ScriptRun, run_script
 
+# Each test trains, evaluates or serves a model for seconds: -m 'not slow' leaves them out locally (CI runs them).
+pytestmark = pytest.mark.slow
+
 
 def _table_rows(run: ScriptRun) -> list[list[str]]:
     """The cells of every Markdown table row the script printed, header and rule excluded."""

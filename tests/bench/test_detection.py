@@ -7,11 +7,16 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from leukoscope.data.annotations import read_voc_dataset
 from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.io import load_image
 from tests.bench.conftest import ScriptRun, run_script
+
+# Each test trains, evaluates or serves a model for seconds: -m 'not slow' leaves them out locally (CI runs them).
+pytestmark = pytest.mark.slow
 
 NUMBER = r"(\d+\.\d+)"
 
