@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow,  # each starts the server (twice for the crash r
 @pytest.mark.usefixtures("service_env")
 def test_service_load(pbc_run: ScriptRun, tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    run = run_script("service_load.py", "--bundle", pbc_run.last_path, "--clients", "2", "--seconds", "2",
+    run = run_script("service_load.py", "--bundle", pbc_run.last_path, "--clients", "2", "--seconds", "1",
                      "--warmup", "0.5", "--images", "8", "--out", out)
     assert run.lines[0].startswith("server up in ") and "on http://127.0.0.1:" in run.lines[0]
     result = json.loads(out.read_text())
@@ -27,19 +27,19 @@ def test_service_load(pbc_run: ScriptRun, tmp_path: Path) -> None:
     assert result["target"] == "127.0.0.1" and result["bundle"] == str(pbc_run.last_path)
     assert result["clients"] == 2 and result["errors"] == 0 and result["requests_ok"] > 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
-    assert result["throughput_rps"] == round(result["requests_ok"] / 2, 2)
+    assert result["throughput_rps"] == result["requests_ok"]  # per second, over the one counted second
 
 
 @pytest.mark.usefixtures("service_env")
 def test_service_crash(pbc_run: ScriptRun, tmp_path: Path) -> None:
     out = tmp_path / "crash.json"
     run = run_script("service_crash.py", "--bundle", pbc_run.last_path, "--rounds", "1", "--clients", "2",
-                     "--kill-after", "1.5", "2", "--out", out)
+                     "--kill-after", "2", "2.5", "--out", out)
     assert run.lines[-1] == "PASS: no acknowledged case lost, no case half written"
     report = json.loads(out.read_text())
     [round_] = report["rounds"]
     assert json.loads(run.lines[0]) == round_
-    assert 1.5 <= round_["killed_after_s"] <= 2.0
+    assert 2.0 <= round_["killed_after_s"] <= 2.5
     summary = report["summary"]
     assert summary["rounds"] == 1 and summary["acknowledged_cases"] > 0  # uploads were accepted before the kill
     assert summary["lost_cases"] == summary["half_written_cases"] == summary["not_served_after_restart"] == 0
