@@ -40,6 +40,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=256, help="distinct cell images the clients cycle through")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images needs at least 1, got {args.images}")
 
     bundle = demo_bundle(args.bundle, Path(args.cache))
     work = Path(tempfile.mkdtemp(prefix="leukoscope-load-"))

@@ -28,6 +28,7 @@ def test_service_load(pbc_run: ScriptRun, tmp_path: Path) -> None:
     assert result["clients"] == 2 and result["errors"] == 0 and result["requests_ok"] > 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"] <= result["max_ms"]
     assert result["throughput_rps"] == result["requests_ok"]  # per second, over the one counted second
+    assert "--images needs at least 1" in run_script("service_load.py", "--images", "0", expect=2).stderr
 
 
 @pytest.mark.usefixtures("service_env")
