@@ -112,17 +112,18 @@ def taleqani_fields(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cbc_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CBC's layout: Training, Validation (byte copies of Training images, as in CBC) and Testing."""
+    """CBC's layout: {Training,Validation,Testing}/{Images,Annotations}, Validation holding byte copies
+    of Training images as CBC's does."""
     root = tmp_path_factory.mktemp("cbc")
     training = make_synthetic_smears(root / "Training", 8, TINY_SMEAR)
     make_synthetic_smears(root / "Testing", 4, replace(TINY_SMEAR, seed=4))
-    for kind in ("JPEGImages", "Annotations"):
+    for kind in ("Images", "Annotations"):
         (root / "Validation" / kind).mkdir(parents=True)
+    for split in ("Training", "Testing"):
+        (root / split / "JPEGImages").rename(root / split / "Images")
     for image in training[:2]:
-        stem = image.image_path.stem
-        for kind, suffix in (("JPEGImages", image.image_path.suffix), ("Annotations", ".xml")):
-            source = root / "Training" / kind / f"{stem}{suffix}"
-            (root / "Validation" / kind / source.name).write_bytes(source.read_bytes())
+        for kind, name in (("Images", image.image_path.name), ("Annotations", f"{image.image_path.stem}.xml")):
+            (root / "Validation" / kind / name).write_bytes((root / "Training" / kind / name).read_bytes())
     return root
 
 

@@ -36,8 +36,12 @@ def test_detect_cbc(detector_run: ScriptRun, cbc_folder: Path) -> None:
 
     metrics = json.loads((report.parent / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and set(metrics["per_class"]) == {"WBC", "RBC", "Platelets"}
+    assert metrics["n_images"] == 4  # Testing
+    split = json.loads((report.parent / "split.json").read_text())
+    # Training + Validation, whose images are copies of Training ones and so are kept once
+    assert sorted(Path(path).parent.parent.name for path in split["train"]) == ["Training"] * 8
     detector = CellDetector.from_bundle(run.last_path)
-    field = load_image(next((cbc_folder / "Testing" / "JPEGImages").iterdir()))
+    field = load_image(next((cbc_folder / "Testing" / "Images").iterdir()))
     [result] = detector.detect([field])
     assert set(result.counts()) == {"WBC", "RBC", "Platelets"} and result.boxes.shape == (len(result), 4)
 
