@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import signal
@@ -72,6 +73,7 @@ class Server:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         started = time.monotonic()
         self.process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)  # a run that fails half-way leaves no server behind
         while time.monotonic() - started < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode} (log: {self.log})")
@@ -81,7 +83,8 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server did not become healthy in time")
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {timeout:.0f} s (log: {self.log})")
 
     def kill9(self) -> None:
         assert self.process is not None

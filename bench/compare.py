@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "compare_taleqani.yaml"))
+    parser.add_argument("--data", default=None, help="dataset folder instead of the config's data.path")
     parser.add_argument("--models", default=",".join(CLASSIC_MODELS),
                         help="comma-separated rows (config labels or model names), or 'all' for the config's rows")
     parser.add_argument("--image-size", type=int, default=None, help="model.image_size for every row")
@@ -37,6 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = [f"output_root={args.out}", *args.set]
+    if args.data:
+        overrides.append(f"data.path={args.data}")
     if args.image_size:
         overrides.append(f"model.image_size={args.image_size}")
     if args.cnn_epochs:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--field-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--minutes", type=float, default=None, help="time budget of each classifier")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--binary", action="store_true", help="Benign vs malignant instead of 4 classes")
     parser.add_argument("--detector", default=None, help="locate cells with this detector bundle instead")
     parser.add_argument("--whole-image-bundle", default=None,
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     class_map = {"Early": "Malignant", "Pre": "Malignant", "Pro": "Malignant"} if args.binary else None
     result = run_mil_experiment(args.data, args.out, model=args.model, cell_size=args.cell_size,
                                 field_size=args.field_size, epochs=args.epochs, minutes=args.minutes,
+                                batch_size=args.batch_size,
                                 detector=args.detector, class_map=class_map, show_progress=sys.stderr.isatty(),
                                 whole_image_bundle=args.whole_image_bundle)
     m = result.metrics

@@ -74,6 +74,7 @@ def figure(paths: list[Path], size: int, heats: dict[str, list[np.ndarray]], out
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "compare_taleqani.yaml"))
+    parser.add_argument("--data", default=None, help="dataset folder instead of the config's data.path")
     parser.add_argument("--model", default="jabeena_cnn")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=96)
@@ -84,9 +85,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")
     args = parser.parse_args()
 
+    data = [f"data.path={args.data}"] if args.data else []
     config = load_config(args.config, [f"output_root={args.out}", f"model.image_size={args.image_size}",
                                        f"train.epochs={args.epochs}", f"train.augmentation={args.augmentation}",
-                                       *args.set])
+                                       *data, *args.set])
     if not config.data.path or not Path(config.data.path).exists():
         sys.exit(f"{config.data.path} not found: this benchmark needs the real dataset")
     seg = {"data.segmentation": "lab_kmeans"}

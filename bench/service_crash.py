@@ -5,7 +5,7 @@ that no acknowledged case is lost and no case is half written.
 
 Each round: start ``leukoscope serve`` (same data directory every round), let
 ``--clients`` clients upload cases of 1-3 single-cell images back to back, SIGKILL
-the server after a random 2-6 s, restart it, then check
+the server after a random 2-6 s (``--kill-after``), restart it, then check
 
 - every case whose upload was acknowledged (HTTP 201) is in the database and is
   served by the API after the restart (no acknowledged case lost);
@@ -81,8 +81,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kill-after", type=float, nargs=2, default=[2.0, 6.0], metavar=("MIN", "MAX"),
+                        help="kill the server after a random number of seconds in this range, each round")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if not 0 < args.kill_after[0] <= args.kill_after[1]:
+        parser.error(f"--kill-after needs 0 < MIN <= MAX, got {args.kill_after}")
     rng = random.Random(args.seed)
 
     bundle = demo_bundle(args.bundle, Path(args.cache))
@@ -132,7 +136,7 @@ def main() -> int:
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
         for thread in threads:
             thread.start()
-        delay = rng.uniform(2.0, 6.0)
+        delay = rng.uniform(*args.kill_after)
         time.sleep(delay)
         with lock:
             in_flight = flying[0]

@@ -37,14 +37,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load not counted")
     parser.add_argument("--workers", type=int, default=1, help="server processes (leukoscope serve --workers)")
     parser.add_argument("--inference-threads", type=int, default=None, help="model threads per server process")
+    parser.add_argument("--images", type=int, default=256, help="distinct cell images the clients cycle through")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.images < 1:
+        parser.error(f"--images needs at least 1, got {args.images}")
 
     bundle = demo_bundle(args.bundle, Path(args.cache))
     work = Path(tempfile.mkdtemp(prefix="leukoscope-load-"))
     names = [f"tech{i}" for i in range(args.clients)]
     tokens = make_users(work / "data", names)
-    images = cell_pngs(256)
+    images = cell_pngs(args.images)
     server = Server(bundle, work / "data", free_port(), env={"LEUKOSCOPE_RATE_LIMIT_PER_MINUTE": "0"},
                     log=work / "server.log", extra_args=["--workers", str(args.workers)] + (
                         ["--inference-threads", str(args.inference_threads)] if args.inference_threads else []))
