@@ -29,6 +29,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def image_size_in_range(value: int) -> int:
+    """A classifier's input side: 32 to 1024 pixels."""
+    if not 32 <= value <= 1024:
+        raise ValueError("must be between 32 and 1024 pixels")
+    return value
+
+
 class DataConfig(Section):
     path: str | None = None
     """A class-per-folder tree (``root/<class>/<image>``, C-NMC names give subjects) or a CSV manifest."""
@@ -55,49 +62,51 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the model builder (e.g. ``dropout``)."""
 
-    @field_validator("image_size")
-    @classmethod
-    def _size(cls, value: int) -> int:
-        if not 32 <= value <= 1024:
-            raise ValueError("image_size must be between 32 and 1024 pixels")
-        return value
+    _size = field_validator("image_size")(image_size_in_range)
 
 
-class TrainConfig(Section):
+class TrainingBase(Section):
+    """Settings every trainer shares (optimizer and schedule, time budget, seed, device, checkpoint);
+    each task's train section adds its own and may change the defaults."""
+
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 32
     weight_decay: float = 0.0
     momentum: float = 0.9
-    scheduler: Literal["none", "cosine", "onecycle"] = "none"
-    class_weighted_loss: bool = True
-    label_smoothing: float = 0.0
-    augmentation: str = "default"
-    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
-    early_stopping_patience: int | None = None
+    epochs: int = 10
+    batch_size: int = 32
     max_minutes: float | None = Field(None, gt=0)
-    """Stop training after this many minutes (the best checkpoint so far is kept)."""
+    """Time budget in minutes (the best weights so far are kept); the schedule follows it when it
+    ends before the epochs do."""
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-    edge_copies: bool = False
-    """System C: add a Sobel edge-map copy of every training image (training split only)."""
     keep_checkpoint: bool = False
     """Keep ``checkpoint.pt`` once the run is complete (only needed to train further; hundreds of MB)."""
-
-    @field_validator("augmentation")
-    @classmethod
-    def _preset(cls, value: str) -> str:
-        if value not in AUGMENTATION_PRESETS:
-            raise ValueError(f"unknown augmentation preset {value!r}; choose from {list(AUGMENTATION_PRESETS)}")
-        return value
 
     @field_validator("epochs", "batch_size")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+
+class TrainConfig(TrainingBase):
+    scheduler: Literal["none", "cosine", "onecycle"] = "none"
+    class_weighted_loss: bool = True
+    label_smoothing: float = 0.0
+    augmentation: str = "default"
+    monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
+    early_stopping_patience: int | None = None
+    edge_copies: bool = False
+    """System C: add a Sobel edge-map copy of every training image (training split only)."""
+
+    @field_validator("augmentation")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        if value not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset {value!r}; choose from {list(AUGMENTATION_PRESETS)}")
         return value
 
 
@@ -142,12 +151,20 @@ class CompareConfig(Section):
     models: list[str | CompareEntry] = Field(default_factory=list)
 
 
-class ExperimentConfig(Section):
-    task: Literal["classify", "classification"] = "classify"
+class RunConfig(Section):
+    """What every task's config has: the run's name and where runs go."""
+
     name: str | None = None
     """Run folder name (``<name>-<time>``); default: the model's name."""
     description: str = ""
     output_root: str = "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ExperimentConfig(RunConfig):
+    task: Literal["classify", "classification"] = "classify"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -163,9 +180,6 @@ class ExperimentConfig(Section):
         if len(ratios) not in (2, 3) or abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:
             raise ValueError(f"data.ratios must be 2 or 3 non-negative numbers summing to 1, got {ratios}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
     def require_search(self) -> SearchConfig:
         """The search section, refusing a grid with no list to vary: that would

@@ -10,7 +10,7 @@ from typing import Any, Literal, Sequence
 from pydantic import Field, field_validator
 
 from leukoscope.data.box_augment import DETECTION_AUGMENTATIONS
-from leukoscope.engine.config import Section, build_config, read_config_file
+from leukoscope.engine.config import RunConfig, Section, TrainingBase, build_config, read_config_file
 
 
 class DetectionDataConfig(Section):
@@ -44,11 +44,9 @@ class DetectorModelConfig(Section):
     """Builder options: input_scale, anchor_sizes, score_thresh, detections_per_img, ..."""
 
 
-class DetectionTrainConfig(Section):
+class DetectionTrainConfig(TrainingBase):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
     weight_decay: float = 1e-4
-    momentum: float = 0.9
     epochs: int = 30
     batch_size: int = 4
     scheduler: Literal["none", "cosine"] = "cosine"
@@ -57,16 +55,8 @@ class DetectionTrainConfig(Section):
     augmentation: str = "default"
     monitor: Literal["val_map", "val_map_50"] = "val_map_50"
     eval_every: int = 1
-    max_minutes: float | None = Field(None, gt=0)
-    """Stop after this many minutes (checked after every batch); the best weights so far are kept.
-    The cosine schedule follows this budget when it ends before the epochs do."""
     max_images_per_epoch: int | None = None
     """Use a random subset of the training images each epoch (quick runs)."""
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    keep_checkpoint: bool = False
-    """Keep ``checkpoint.pt`` once the run is complete (only needed to train further)."""
 
     @field_validator("augmentation")
     @classmethod
@@ -75,9 +65,9 @@ class DetectionTrainConfig(Section):
             raise ValueError(f"unknown detection augmentation {value!r}; choose from {list(DETECTION_AUGMENTATIONS)}")
         return value
 
-    @field_validator("epochs", "batch_size", "eval_every")
+    @field_validator("eval_every")
     @classmethod
-    def _positive(cls, value: int) -> int:
+    def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
         return value
@@ -90,19 +80,12 @@ class DetectionPredictConfig(Section):
     """With a validation split, replace ``score_threshold`` by the one with the best mean F1 there."""
 
 
-class DetectionExperimentConfig(Section):
+class DetectionExperimentConfig(RunConfig):
     task: Literal["detect", "detection"] = "detect"
-    name: str | None = None
-    """Run folder name (``<name>-<time>``); default: the model's name."""
-    description: str = ""
-    output_root: str = "runs"
     data: DetectionDataConfig = Field(default_factory=DetectionDataConfig)
     model: DetectorModelConfig = Field(default_factory=DetectorModelConfig)
     train: DetectionTrainConfig = Field(default_factory=DetectionTrainConfig)
     predict: DetectionPredictConfig = Field(default_factory=DetectionPredictConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 def load_detection_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectionExperimentConfig:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator
 
-from leukoscope.engine.config import Section, build_config, read_config_file
+from leukoscope.engine.config import RunConfig, Section, build_config, image_size_in_range, read_config_file
 
 
 class MilDataConfig(Section):
@@ -44,12 +44,7 @@ class MilModelConfig(Section):
     field_size: int = 128
     """Input size of the whole-image classifier trained beside it."""
 
-    @field_validator("cell_size", "field_size")
-    @classmethod
-    def _size(cls, value: int) -> int:
-        if not 32 <= value <= 1024:
-            raise ValueError("must be between 32 and 1024 pixels")
-        return value
+    _sizes = field_validator("cell_size", "field_size")(image_size_in_range)
 
 
 class MilTrainConfig(Section):
@@ -67,19 +62,13 @@ class MilCompareConfig(Section):
     """Also score this whole-image classifier bundle on the same test fields (refused if it saw any)."""
 
 
-class MilConfig(Section):
+class MilConfig(RunConfig):
     task: Literal["mil"] = "mil"
-    name: str | None = None
-    description: str = ""
-    output_root: str = "runs"
     data: MilDataConfig = Field(default_factory=MilDataConfig)
     locate: MilLocateConfig = Field(default_factory=MilLocateConfig)
     model: MilModelConfig = Field(default_factory=MilModelConfig)
     train: MilTrainConfig = Field(default_factory=MilTrainConfig)
     compare: MilCompareConfig = Field(default_factory=MilCompareConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 def load_mil_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MilConfig:
