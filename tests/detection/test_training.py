@@ -165,3 +165,14 @@ def test_train_with_a_detector_name_trains_a_detector(smear_root: Path, tmp_path
     assert not (tmp_path / "wrong").exists() or not any((tmp_path / "wrong").iterdir())
     predict = runner.invoke(app, ["predict", "--bundle", str(bundle), str(smear_root)])
     assert predict.exit_code == 2 and "is a cell detector" in predict.output
+
+
+def test_detector_training_is_seeded(smear_root: Path, tmp_path: Path) -> None:
+    """The same config and seed train the same detector (model initialisation included)."""
+    from leukoscope.tasks.detect import run_detection_experiment
+
+    config = load_detection_config(None, [f"data.path={smear_root}", f"output_root={tmp_path}", *TINY_RUN,
+                                          "train.threads=1"])
+    first, second = (run_detection_experiment(config, show_progress=False) for _ in range(2))
+    losses = [[row["train_loss"] for row in run.fit.history] for run in (first, second)]
+    assert losses[0] == losses[1]

@@ -21,7 +21,7 @@ from leukoscope.engine.detection_data import (image_array, measure_seconds_per_i
                                               prepare_detection_data, to_ground_truth)
 from leukoscope.engine.detection_trainer import DetectionFitResult, fit_detector
 from leukoscope.engine.run_dir import finish_run, new_run_dir, open_run
-from leukoscope.engine.runtime import count_parameters, resolve_device
+from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
 from leukoscope.inference.detector import CellDetector
 from leukoscope.models import create_model, model_entry
@@ -70,6 +70,7 @@ def run_detection_experiment(
         splits = prepare_detection_data(config.data)
         (run_dir / "split.json").write_text(json.dumps(splits.describe(), indent=1))
         classes = splits.classes
+        seed_everything(config.train.seed)  # model initialisation is part of the seeded run
         model = build_detector(config, len(classes))
         n_params = count_parameters(model)
         sizes = {k: len(v) for k, v in splits.parts.items()}
