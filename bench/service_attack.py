@@ -46,7 +46,8 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # for the test suite's tiny bundle
-from _service_common import LOOPBACK, PeakMemory, Server, free_port, load_average, make_users  # noqa: E402
+from _service_common import (PeakMemory, Server, free_port, load_average, make_users,  # noqa: E402
+                             process_tree, rss_bytes)
 
 PASSWORD = "bench password 1"
 MIB = 1024 * 1024
@@ -251,13 +252,18 @@ def probe_pixels(server: Server, token: str, runs: int) -> dict[str, Any]:
     sixteen = big_png(6300, 30000, mode="I;16")
     figures: dict[str, Any] = {"bytes_8_files": sum(map(len, files))}
     with httpx.Client(base_url=server.url, headers=headers, timeout=300.0) as client:
+        peaks: list[int] = []
+
         def send(parts: list[bytes], name: str = "field") -> tuple[int, float, int]:
             with PeakMemory(server.process.pid) as memory:
                 started = time.monotonic()
                 response = client.post("/api/v1/cases", files=[("files", (f"{name}{i}.png", data, "image/png"))
                                                                for i, data in enumerate(parts)])
                 elapsed = time.monotonic() - started
+            peaks.append(memory.peak)
             return response.status_code, elapsed, memory.rise
+
+        idle = rss_bytes(process_tree(server.process.pid))
 
         code, elapsed, rise = send(files)
         figures["eight"] = {"status": code, "seconds": elapsed, "rise_mib": rise / MIB}
@@ -273,6 +279,9 @@ def probe_pixels(server: Server, token: str, runs: int) -> dict[str, Any]:
                f"each of {runs} runs", all(c == 201 for c, _, _ in two) and max(rises) < 1024,
                f"+{statistics.median(rises):.0f} MiB median, +{max(rises):.0f} MiB max, {seconds_median:.1f} s "
                "median")
+        figures["server_rss_mib"] = {"before_probe": idle / MIB, "peak_during_probe": max(peaks) / MIB}
+        record("big pixels", "server memory (all processes) during the upload probe, before -> peak",
+               max(peaks) - idle < 1024 * MIB, f"{idle / MIB:.0f} -> {max(peaks) / MIB:.0f} MiB")
         code, elapsed, rise = send([sixteen], "sixteen")
         figures["sixteen"] = {"status": code, "seconds": elapsed, "rise_mib": rise / MIB}
         record("big pixels", "1 x 16-bit 6300x6300 PNG: accepted, peak rise < 1 GiB", code == 201 and rise < 1024 * MIB,
