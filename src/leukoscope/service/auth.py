@@ -35,8 +35,8 @@ from fastapi import Request
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service import throttle
+from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service.throttle import Check, Rule, address_block
 from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, User, WebSession, utcnow
 
@@ -76,7 +76,9 @@ def password_problem(password: str) -> str | None:
         return f"password must have at most {MAX_PASSWORD} characters"
     if not password.strip():
         return "password cannot be only spaces"
-    if password.lower() in _common_passwords() or len(set(password)) < 3:
+    if len(set(password)) < 3:
+        return "password needs at least 3 different characters"
+    if password.lower() in _common_passwords():
         return "password is one of the most common passwords; choose another"
     return None
 
