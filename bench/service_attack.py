@@ -46,7 +46,8 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))  # for the test suite's tiny bundle
-from _service_common import LOOPBACK, PeakMemory, Server, free_port, load_average, make_users  # noqa: E402
+from _service_common import (PeakMemory, Server, free_port, load_average, make_users,  # noqa: E402
+                             process_tree, rss_bytes)
 
 PASSWORD = "bench password 1"
 MIB = 1024 * 1024
@@ -84,14 +85,31 @@ def login(client: httpx.Client, username: str, password: str) -> httpx.Response:
     return client.post("/login", data={"username": username, "password": password, "csrf_token": csrf_of(page.text)})
 
 
-async def burst(url: str, address: str, attempts: list[tuple[str, str]]) -> list[int]:
+async def burst(url: str, address: str, attempts: list[tuple[str, str]]) -> list[tuple[int, float]]:
+    """Every attempt at once; (status, seconds until its answer) each."""
     transport = httpx.AsyncHTTPTransport(local_address=address)
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=60.0) as client:
+    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=60.0,
+                                 limits=httpx.Limits(max_connections=len(attempts))) as client:
         page = await client.get("/login")
         csrf = csrf_of(page.text)
-        responses = await asyncio.gather(*(client.post("/login", data={"username": u, "password": p,
-                                                                       "csrf_token": csrf}) for u, p in attempts))
-    return [r.status_code for r in responses]
+
+        async def one(username: str, password: str) -> tuple[int, float]:
+            started = time.monotonic()
+            response = await client.post("/login", data={"username": username, "password": password,
+                                                         "csrf_token": csrf})
+            return response.status_code, time.monotonic() - started
+
+        return list(await asyncio.gather(*(one(u, p) for u, p in attempts)))
+
+
+def allowed_checks(limit: int, seconds: float) -> int:
+    """Password checks the policy allows one (name, address) in ``seconds``: ``limit``, then
+    one more after each wait of 2, 4, 8 ... s."""
+    allowed, wait, waited = limit, 2.0, 2.0
+    while waited <= seconds:
+        allowed, wait = allowed + 1, wait * 2
+        waited += wait
+    return allowed
 
 
 def health_while(url: str, stop: threading.Event, latencies: list[float]) -> None:
@@ -104,31 +122,38 @@ def health_while(url: str, stop: threading.Event, latencies: list[float]) -> Non
 
 
 def probe_burst(server: Server, failures_allowed: int) -> None:
-    def run(address: str, attempts: list[tuple[str, str]]) -> tuple[list[int], float, float, int]:
+    def run(address: str, attempts: list[tuple[str, str]]) -> tuple[list[tuple[int, float]], float, float, int]:
         latencies: list[float] = []
         stop = threading.Event()
         poller = threading.Thread(target=health_while, args=(server.url, stop, latencies))
         with PeakMemory(server.process.pid) as memory:
             poller.start()
             started = time.monotonic()
-            codes = asyncio.run(burst(server.url, address, attempts))
+            answers = asyncio.run(burst(server.url, address, attempts))
             elapsed = time.monotonic() - started
             stop.set()
             poller.join()
-        return codes, elapsed, max(latencies, default=float("nan")), memory.rise
+        return answers, elapsed, max(latencies, default=float("nan")), memory.rise
 
-    codes, elapsed, worst_health, rise = run("127.0.0.11", [("tina", f"wrong guess {i}") for i in range(59)]
-                                             + [("tina", PASSWORD)])
+    answers, elapsed, _, _ = run("127.0.0.11", [("tina", f"wrong guess {i}") for i in range(59)]
+                                 + [("tina", PASSWORD)])
+    codes = [code for code, _ in answers]
     evaluated = codes.count(401) + codes.count(303)
+    allowed = allowed_checks(failures_allowed, elapsed)
     counts = {code: codes.count(code) for code in sorted(set(codes))}
-    record("burst", f"60 parallel log-ins for one user: at most {failures_allowed} password checks",
-           evaluated <= failures_allowed and codes.count(303) == 0, f"{counts} in {elapsed:.1f} s")
-    codes, elapsed, worst_health, rise = run("127.0.0.12", [(f"nobody{i}", "wrong guess 1") for i in range(40)])
+    record("burst", f"60 parallel log-ins for one user (right one last): no more password checks than the "
+           f"policy allows ({failures_allowed}, +1 per 2, 4 ... s wait)",
+           evaluated <= allowed and codes.count(429) >= 60 - allowed - codes.count(503),
+           f"{counts} in {elapsed:.1f} s; {evaluated} checked, {allowed} allowed")
+    answers, elapsed, worst_health, rise = run("127.0.0.12", [(f"nobody{i}", "wrong guess 1") for i in range(40)])
+    codes = [code for code, _ in answers]
+    busy = sorted(seconds for code, seconds in answers if code == 503)
     counts = {code: codes.count(code) for code in sorted(set(codes))}
-    record("burst", "40 parallel log-ins, 40 names: Argon2 checks bounded, excess answered 503 quickly",
-           codes.count(503) > 0 and elapsed < 10, f"{counts} in {elapsed:.1f} s")
-    record("burst", "server memory rise during the 40-name burst < 400 MiB", rise < 400 * MIB,
-           f"+{rise / MIB:.0f} MiB")
+    busy_median = statistics.median(busy) if busy else float("nan")
+    record("burst", "40 parallel log-ins, 40 names: Argon2 checks bounded, the excess gets 503 (median < 2 s)",
+           bool(busy) and busy_median < 2.0, f"{counts} in {elapsed:.1f} s; 503 after {busy_median:.2f} s (median)")
+    record("burst", "server memory rise during the 40-name burst < 400 MiB (Argon2: 64 MiB per check)",
+           rise < 400 * MIB, f"+{rise / MIB:.0f} MiB")
     record("burst", "/api/v1/health stays under 1 s during the burst", worst_health < 1.0,
            f"slowest {worst_health * 1000:.0f} ms")
 
@@ -227,13 +252,18 @@ def probe_pixels(server: Server, token: str, runs: int) -> dict[str, Any]:
     sixteen = big_png(6300, 30000, mode="I;16")
     figures: dict[str, Any] = {"bytes_8_files": sum(map(len, files))}
     with httpx.Client(base_url=server.url, headers=headers, timeout=300.0) as client:
+        peaks: list[int] = []
+
         def send(parts: list[bytes], name: str = "field") -> tuple[int, float, int]:
             with PeakMemory(server.process.pid) as memory:
                 started = time.monotonic()
                 response = client.post("/api/v1/cases", files=[("files", (f"{name}{i}.png", data, "image/png"))
                                                                for i, data in enumerate(parts)])
                 elapsed = time.monotonic() - started
+            peaks.append(memory.peak)
             return response.status_code, elapsed, memory.rise
+
+        idle = rss_bytes(process_tree(server.process.pid))
 
         code, elapsed, rise = send(files)
         figures["eight"] = {"status": code, "seconds": elapsed, "rise_mib": rise / MIB}
@@ -241,12 +271,17 @@ def probe_pixels(server: Server, token: str, runs: int) -> dict[str, Any]:
                code == 413 and elapsed < 3, f"{code} in {elapsed:.2f} s, +{rise / MIB:.0f} MiB")
         two = [send(two_files) for _ in range(runs)]
         figures["two_runs"] = [{"status": c, "seconds": s, "rise_mib": r / MIB} for c, s, r in two]
-        rise_median = statistics.median(r for _, _, r in two) / MIB
+        rises = [r / MIB for _, _, r in two]
         seconds_median = statistics.median(s for _, s, _ in two)
-        figures["two_median"] = {"seconds": seconds_median, "rise_mib": rise_median}
-        record("big pixels", f"2 x 6300x6300 PNGs (79 Mpx, the default budget) accepted; median peak rise of "
-               f"{runs} runs < 1 GiB", all(c == 201 for c, _, _ in two) and rise_median < 1024,
-               f"+{rise_median:.0f} MiB peak, {seconds_median:.1f} s (median)")
+        figures["two_median"] = {"seconds": seconds_median, "rise_mib": statistics.median(rises),
+                                 "rise_mib_max": max(rises)}
+        record("big pixels", f"2 x 6300x6300 PNGs (79 Mpx, the default budget) accepted; peak rise < 1 GiB in "
+               f"each of {runs} runs", all(c == 201 for c, _, _ in two) and max(rises) < 1024,
+               f"+{statistics.median(rises):.0f} MiB median, +{max(rises):.0f} MiB max, {seconds_median:.1f} s "
+               "median")
+        figures["server_rss_mib"] = {"before_probe": idle / MIB, "peak_during_probe": max(peaks) / MIB}
+        record("big pixels", "server memory (all processes) during the upload probe, before -> peak",
+               max(peaks) - idle < 1024 * MIB, f"{idle / MIB:.0f} -> {max(peaks) / MIB:.0f} MiB")
         code, elapsed, rise = send([sixteen], "sixteen")
         figures["sixteen"] = {"status": code, "seconds": elapsed, "rise_mib": rise / MIB}
         record("big pixels", "1 x 16-bit 6300x6300 PNG: accepted, peak rise < 1 GiB", code == 201 and rise < 1024 * MIB,
@@ -304,7 +339,10 @@ def main() -> int:
     try:
         for name, probe in probes:
             started = time.monotonic()
-            probe()
+            try:
+                probe()
+            except Exception as exc:  # e.g. an older server without these routes: a failure, not a crash
+                record(name, "the probe ran to the end", False, f"{type(exc).__name__}: {exc}"[:200])
             seconds[name] = round(time.monotonic() - started, 1)
     finally:
         server.stop()

@@ -275,10 +275,13 @@ def anonymous(state: ServiceState, request: Request) -> bool:
 
 
 def record_denial(state: ServiceState, request: Request, error: ServiceError) -> None:
-    """Audit a refused (403) or hidden (404) request, with whoever made it."""
+    """Audit a refused (403) or hidden (404) request of a known user (an anonymous one is
+    not written: anybody could fill the audit log with them)."""
     with dbm.transaction(state.sessions) as db:
         principal = optional_principal(db, request)
-        audit(db, principal.user if principal else None, "access.denied", client=client_address(request),
+        if principal is None:
+            return
+        audit(db, principal.user, "access.denied", client=client_address(request),
               detail={"status": error.status, "code": error.code, "method": request.method,
                       "path": request.url.path[:200]})
 

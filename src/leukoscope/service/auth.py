@@ -3,7 +3,8 @@
 - User names: NFKC-normalised; unique without regard to case ("Tina" is "tina").
 - Passwords: 8-256 characters, not only spaces, not one of the 30,000 most common
   (zxcvbn's list); Argon2id (argon2-cffi), re-hashed when the parameters change; at
-  most ``password_checks`` Argon2 checks run at once per process (:class:`PasswordGate`).
+  most ``password_checks`` Argon2 checks run at once per process (:class:`PasswordGate`);
+  log-in attempts are counted in the database before the check (``login_checks``).
 - Browser sessions: a random 256-bit token in an HttpOnly, SameSite=Lax cookie
   (Secure over HTTPS); the database keeps only its SHA-256, with a per-session
   CSRF token that every form must echo back.
@@ -22,10 +23,11 @@ import re
 import secrets
 import threading
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -33,8 +35,8 @@ from fastapi import Request
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service import throttle
+from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service.throttle import Check, Rule, address_block
 from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, User, WebSession, utcnow
 
@@ -74,7 +76,9 @@ def password_problem(password: str) -> str | None:
         return f"password must have at most {MAX_PASSWORD} characters"
     if not password.strip():
         return "password cannot be only spaces"
-    if password.lower() in _common_passwords() or len(set(password)) < 3:
+    if len(set(password)) < 3:
+        return "password needs at least 3 different characters"
+    if password.lower() in _common_passwords():
         return "password is one of the most common passwords; choose another"
     return None
 
@@ -127,18 +131,20 @@ def verify_password(user: User | None, password: str) -> bool:
 
 class PasswordGate:
     """At most ``limit`` Argon2 checks at once in this process (each costs ~0.1 s of CPU and
-    64 MiB): a burst of log-ins waits ``wait_s`` at most, then gets a quick 503."""
+    64 MiB). A request takes a slot *before* it touches the throttle or the database, so
+    the excess of a burst waits ``wait_s`` at most, then gets a 503 that cost nothing."""
 
     def __init__(self, limit: int, wait_s: float = 0.25) -> None:
         self._slots = threading.BoundedSemaphore(limit)
         self.wait_s = wait_s
 
-    def verify(self, user: User | None, password: str) -> bool:
+    @contextmanager
+    def slot(self) -> Iterator[None]:
         if not self._slots.acquire(timeout=self.wait_s):
             raise ServiceError(503, "busy", "the server is checking other passwords; try again in a second",
                                {"Retry-After": "1"})
         try:
-            return verify_password(user, password)
+            yield
         finally:
             self._slots.release()
 

@@ -22,6 +22,7 @@ from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
+from leukoscope.inference.predictor import Prediction
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.service import throttle
@@ -62,7 +63,7 @@ class DecodedUpload:
 class PreparedCell:
     """One analysed cell, its pictures already encoded (no decoded pixels kept)."""
 
-    prediction: Any
+    prediction: Prediction
     box: list[int] | None
     detection_score: float | None
     crop_png: bytes | None

@@ -44,8 +44,9 @@ from leukoscope.service.auth import (
     revoke_tokens,
     too_many,
     user_lock_key,
-    user_locks,
     revoke_token_of,
+    user_locks,
+    verify_password,
 )
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
@@ -129,28 +130,27 @@ async def login(request: Request):
         audit(db, None, "login.throttled", username=username, request=request,
               detail={"rule": verdict.rule, "wait_s": round(verdict.wait or 0)})
 
-    # Count (reserve) the attempt before the password check: a burst cannot outrun the count.
-    verdict = await run_in_threadpool(throttle.attempt, state.sessions, checks, state.settings.throttle_max_rows,
-                                      refused)
+    def attempt() -> tuple[str | None, throttle.Verdict]:
+        with state.password_gate.slot():  # a burst's excess is refused here, before any work
+            # Count (reserve) the attempt before the password check: a burst cannot outrun the count.
+            verdict = throttle.attempt(state.sessions, checks, state.settings.throttle_max_rows, refused)
+            if verdict.wait is not None:
+                return None, verdict
+            with transaction(state.sessions) as db:
+                user = find_user(db, username)
+                if not (verify_password(user, password) and user is not None and user.active):
+                    audit(db, None, "login.failed", username=username, request=request)
+                    return None, verdict
+                audit(db, user, "login", request=request)
+                return new_session(db, user, state.settings.session_hours), verdict
+
+    try:
+        token, verdict = await run_in_threadpool(attempt)
+    except ServiceError as busy:
+        return login_page(request, busy.message, busy.status, next_path, busy.headers)
     if verdict.wait is not None:
         error = too_many("failed log-ins", verdict.wait)
         return login_page(request, error.message, 429, next_path, error.headers)
-
-    def attempt() -> str | None:
-        with transaction(state.sessions) as db:
-            user = find_user(db, username)
-            ok = state.password_gate.verify(user, password) and user is not None and user.active
-            if not ok:
-                audit(db, None, "login.failed", username=username, request=request)
-                return None
-            audit(db, user, "login", request=request)
-            return new_session(db, user, state.settings.session_hours)
-
-    try:
-        token = await run_in_threadpool(attempt)
-    except ServiceError as busy:  # not evaluated: it does not count
-        await run_in_threadpool(partial(throttle.settle, state.sessions, refund_keys=[ip_key, user_key, pair_key]))
-        return login_page(request, busy.message, busy.status, next_path, busy.headers)
     if token is None:
         return login_page(request, "Wrong user name or password.", 401, next_path)
     await run_in_threadpool(partial(throttle.settle, state.sessions, forget_keys=[pair_key],
@@ -167,17 +167,17 @@ def recheck_password(request: Request, user_id: int, password: str, action: str)
     like a log-in, through the same bounded Argon2 checks, every failure audited."""
     state = state_of(request)
     checks = password_checks(state.settings, user_id)
-    verdict = throttle.attempt(state.sessions, checks, state.settings.throttle_max_rows)
-    if verdict.wait is not None:
-        return too_many("wrong passwords", verdict.wait)
     try:
-        with transaction(state.sessions) as db:
-            user = db.get(User, user_id)
-            if not state.password_gate.verify(user, password):
-                audit(db, user, f"{action}_failed", request=request)
-                return ServiceError(400, "wrong_password", "The current password is wrong.")
+        with state.password_gate.slot():
+            verdict = throttle.attempt(state.sessions, checks, state.settings.throttle_max_rows)
+            if verdict.wait is not None:
+                return too_many("wrong passwords", verdict.wait)
+            with transaction(state.sessions) as db:
+                user = db.get(User, user_id)
+                if not verify_password(user, password):
+                    audit(db, user, f"{action}_failed", request=request)
+                    return ServiceError(400, "wrong_password", "The current password is wrong.")
     except ServiceError as busy:
-        throttle.settle(state.sessions, refund_keys=[key for _, key in checks])
         return busy
     throttle.settle(state.sessions, forget_keys=[key for _, key in checks])
     return None
