@@ -48,3 +48,17 @@ def test_service_crash(pbc_run: ScriptRun, tmp_path: Path) -> None:
     assert round_["cases_in_db"] >= summary["acknowledged_cases"]
     bad = run_script("service_crash.py", "--kill-after", "3", "1", expect=2)
     assert "--kill-after needs 0 < MIN <= MAX" in bad.stderr
+
+
+@pytest.mark.usefixtures("service_env")
+def test_service_attack(pbc_run: ScriptRun, tmp_path: Path) -> None:
+    out = tmp_path / "attack.json"
+    run = run_script("service_attack.py", "--bundle", pbc_run.last_path, "--workers", "1", "--runs", "1",
+                     "--out", out)
+    assert run.lines[0].startswith("server up in ") and "on http://127.0.0.1:" in run.lines[0]
+    result = json.loads(out.read_text())
+    probes = {row["probe"] for row in result["rows"]}
+    assert probes == {"burst", "lock-out", "tokens", "big pixels", "junk log-ins"}
+    failed = [row for row in result["rows"] if not row["pass"]]
+    assert failed == [], failed
+    assert f"{len(result['rows'])}/{len(result['rows'])} passed" in run.stdout
