@@ -170,8 +170,11 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train one model (classifier or detector, by the config's task or the model's kind);
-    writes its bundle, metrics and report."""
+    """Train one model (by the config's task, or the model's kind) and write its bundle and report.
+
+    A config's `task:` (classify, detect or mil) or a detector `--model` chooses the
+    trainer; the last line printed is the bundle.
+    """
     task = _run(_train_task, config, model, overrides or [], resume)
     _train(task, config, overrides or [], data, model, resume, quiet, split_file)
 
@@ -538,8 +541,12 @@ def mil(
     model: Optional[str] = typer.Option(None, "--model", help="Cell classifier model (same as model.name=...)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """A cell classifier from field labels (multiple-instance): locate the white cells of every field,
-    train on the crops, classify each test field from its cells; a whole-image classifier beside it."""
+    """Train a cell classifier from field labels (multiple-instance learning).
+
+    Locates the white cells of every field, trains on the crops (each with its
+    field's label), classifies each test field from its cells and trains a
+    whole-image classifier beside it for comparison.
+    """
     from leukoscope.tasks import task_named
 
     _train(task_named("mil"), config, overrides or [], data, model, None, quiet)
