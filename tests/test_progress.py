@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from leukoscope import progress
-from leukoscope.engine import search
+from leukoscope.tasks import search
 
 
 def test_output_to_a_pipe_is_wide_unless_columns_is_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -134,6 +134,26 @@ def test_waits_grow_after_the_allowed_failures_and_the_window_resets(make_servic
 
 
 
+def test_a_successful_attempt_at_the_limit_does_not_lock_its_key(make_service, monkeypatch):
+    from leukoscope.service import throttle
+
+    service = make_service()
+    monkeypatch.setattr(throttle, "now", lambda: 1_000_000.0)
+    rule = throttle.Rule("address", limit=3, window_s=900)
+
+    def attempt(succeeds: bool) -> float | None:
+        with transaction(service.state.sessions) as db:
+            wait = throttle.reserve(db, [(rule, "address:10.0.0.1")]).wait
+            if wait is None and succeeds:
+                throttle.refund(db, ["address:10.0.0.1"])
+            return wait
+
+    assert [attempt(False), attempt(False)] == [None, None]  # limit - 1 failures ...
+    assert attempt(True) is None  # ... then the right password, which reached the limit when reserved
+    assert attempt(False) is None  # the key is not locked by that success
+    assert attempt(False) is not None  # the 3rd failure in the window is refused again
+
+
 def test_wrong_passwords_from_one_address_do_not_lock_the_user_out(make_service):
     service = make_service(login_failures_allowed=3)
     service.add_user("tech", "technician")

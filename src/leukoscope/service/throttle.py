@@ -137,9 +137,13 @@ def reserve(db: Session, checks: Sequence[Check]) -> Verdict:
 
 
 def refund(db: Session, keys: Sequence[str]) -> None:
-    """Take one attempt back (it succeeded, or the server was too busy to evaluate it)."""
+    """Take one attempt back (it succeeded, or the server was too busy to evaluate it).
+
+    Any wait on these keys goes too: :func:`reserve` refuses an attempt while a wait is in
+    force, so a wait found here was set by this very attempt reaching the limit, and a
+    successful log-in must not lock its own account or address."""
     db.execute(update(LoginThrottle).where(LoginThrottle.key.in_(keys), LoginThrottle.attempts > 0)
-               .values(attempts=LoginThrottle.attempts - 1))
+               .values(attempts=LoginThrottle.attempts - 1, blocked_until=0.0))
 
 
 def forget(db: Session, keys: Sequence[str]) -> None:
