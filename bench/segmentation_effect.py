@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from leukoscope.data.splits import Split
+from leukoscope.tasks.classify import run_name
 from leukoscope.tasks.compare import markdown_table, run_compare
 from leukoscope.engine.config import CompareConfig, CompareEntry, load_config
 from leukoscope.inference.explain import grad_cam, heatmap_mask_fraction, overlay_heatmap
@@ -98,7 +99,7 @@ def main() -> None:
         rows += [CompareEntry(model=args.classic, label=args.classic),
                  CompareEntry(model=args.classic, label=f"{args.classic}+seg", overrides=seg)]
     config.compare = CompareConfig(models=rows)
-    config.name = f"{config.name}-segmentation"
+    config.name = f"{run_name(config)}-segmentation"
     result = run_compare(config, show_progress=False)
     print(markdown_table(result.rows))
 

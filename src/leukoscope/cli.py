@@ -259,6 +259,13 @@ def evaluate(
 
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
+    # Options of the other task would be silently ignored: refuse them.
+    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data}
+               if info.task == "detect" else {"--split": split})
+    given = [name for name, value in foreign.items() if value]
+    if given:
+        _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
+              f"{', '.join(given)} does not apply to it")
     if info.task == "detect":
         out = out or bundle.parent / f"eval-{Path(data).name}{'-' + split if split else ''}"
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt)

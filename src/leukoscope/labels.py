@@ -23,7 +23,8 @@ DISCLAIMER = "Decision support for trained staff, not a diagnosis."
 #: ``malignant`` class, and the Taleqani B-ALL subtypes (early pre-B, pre-B and pro-B
 #: lymphoblasts) under their short and long names.
 BLAST_CLASS_NAMES: frozenset[str] = frozenset({
-    "blast", "blasts", "lymphoblast", "myeloblast",
+    "blast", "blasts", "blast cell", "blast cells", "blast_cell", "blast_cells",
+    "lymphoblast", "lymphoblasts", "myeloblast", "myeloblasts", "monoblast", "monoblasts",
     "all", "malignant",
     "early", "pre", "pro", "early pre-b", "pre-b", "pro-b",
 })

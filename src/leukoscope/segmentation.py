@@ -257,7 +257,7 @@ def segment(
 
 @dataclass(frozen=True)
 class Segmenter:
-    """Picklable ``PIL -> PIL`` preprocessing step, e.g. ``decode_manifest(..., preprocess=Segmenter())``.
+    """Picklable ``PIL -> PIL`` preprocessing step (:attr:`leukoscope.preprocessing.Preprocessing.segmenter`).
 
     Being a plain dataclass (no lambdas or closures), it pickles into DataLoader
     workers and can be recorded in an experiment config by its fields.

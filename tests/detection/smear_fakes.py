@@ -16,7 +16,7 @@ from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.inference.predictor import CellClassifier
 
-#: What a trained detector records in its bundle.json (engine/detection.py), here a good one.
+#: What a trained detector records in its bundle.json (tasks/detect.py), here a good one.
 VERIFIED = {"evaluated_on": "test", "map_50": 0.95, "ap_50_per_class": {"WBC": 0.97}}
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 

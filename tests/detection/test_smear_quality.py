@@ -36,10 +36,17 @@ def test_blast_classes_are_named_exactly_never_by_substring() -> None:
     not_blasts = ["erythroblast", "Erythroblast", "normoblast", "proerythroblast", "promyelocyte", "prolymphocyte",
                   "blast-like", "preB cell", "hem", "Benign"]
     assert blast_classes_in(not_blasts) == []
-    named = ["Blast", "Blasts", "LYMPHOBLAST", "myeloblast", "ALL", "Malignant", "Early", "Pre", "Pro", "Early Pre-B",
-             "pre-B", "Pro-B"]
+    named = ["Blast", "Blasts", "Blast cell", "blast cells", "blast_cell", "blast_cells", "LYMPHOBLAST",
+             "Lymphoblasts", "myeloblast", "Myeloblasts", "monoblast", "monoblasts", "ALL", "Malignant", "Early", "Pre",
+             "Pro", "Early Pre-B", "pre-B", "Pro-B"]
     assert blast_classes_in(named) == named
     assert {name.casefold() for name in named} == BLAST_CLASS_NAMES
+
+
+def test_a_classifier_without_a_blast_class_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="leukoscope.inference.smear"):
+        SmearAnalyzer(FixedDetector(grid_boxes(3), metrics=VERIFIED), constant_classifier(PBC_CLASSES, "erythroblast"))
+    assert "no blast percentage will be reported" in caplog.text and "--blast-class" in caplog.text
 
 
 def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:

@@ -176,3 +176,20 @@ def test_detector_training_is_seeded(smear_root: Path, tmp_path: Path) -> None:
     first, second = (run_detection_experiment(config, show_progress=False) for _ in range(2))
     losses = [[row["train_loss"] for row in run.fit.history] for run in (first, second)]
     assert losses[0] == losses[1]
+
+
+def test_detectors_and_classifiers_refuse_each_others_options(detector_bundle: Path, classifier_bundle: Path,
+                                                             smear_root: Path, synthetic_root: Path,
+                                                             tmp_path: Path) -> None:
+    detector = runner.invoke(app, ["evaluate", "--bundle", str(detector_bundle), "--data", str(smear_root),
+                                   "--allow-training-data"])
+    assert detector.exit_code == 2 and "--allow-training-data does not apply" in detector.output
+    classifier = runner.invoke(app, ["evaluate", "--bundle", str(classifier_bundle), "--data", str(synthetic_root),
+                                     "--split", "Testing"])
+    assert classifier.exit_code == 2 and "--split does not apply" in classifier.output
+    # a detector named in a classification config: one line, not a traceback from the classifier trainer
+    config = tmp_path / "classify.yaml"
+    config.write_text(f"data: {{path: {synthetic_root}}}\noutput_root: {tmp_path / 'runs'}\n")
+    wrong = runner.invoke(app, ["train", "--config", str(config), "--model", "fasterrcnn_abas"])
+    assert wrong.exit_code == 2 and "is a cell detector" in wrong.output and "Traceback" not in wrong.output
+    assert not (tmp_path / "runs").exists() or [p.name for p in (tmp_path / "runs").iterdir()] == ["splits"]

@@ -8,9 +8,10 @@
   ``decision_tree``, ``random_forest``, ``logistic_regression`` and
   ``gradient_boosting`` in the model registry (``kind="classic"``), and
   :class:`ClassicModel`, features + pipeline as one predictor.
-- :mod:`leukoscope.classic.experiment`: the training run behind
-  ``leukoscope train --model svm_rbf`` (same split, report and bundle as a CNN).
-- :mod:`leukoscope.classic.bundle`: bundles saved with skops (no pickle).
+- :class:`leukoscope.engine.learner.SklearnLearner`: the training behind
+  ``leukoscope train --model svm_rbf`` (same split, report and bundle as a CNN,
+  through :mod:`leukoscope.tasks.classify`); :mod:`leukoscope.bundle` saves the
+  pipeline with skops (no pickle).
 
 This package imports only :mod:`spec` eagerly, so reading a config stays cheap.
 """

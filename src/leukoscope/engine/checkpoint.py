@@ -57,14 +57,15 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                 if (path.parent / "bundle").is_dir() else "")
         raise FileNotFoundError(f"cannot resume: no {path.name} in {path.parent}{hint}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if "progress" not in state:
-        raise ValueError(f"{path}: a checkpoint of an older leukoscope (before 0.2) cannot be resumed; "
-                         f"train again")
+    if "progress" not in state:  # written before the shared scaffold: the same entries, at the top level
+        state["progress"] = {k: v for k, v in state.items()
+                             if k not in ("model", "optimizer", "scheduler", "generator", "torch_rng", "rng")}
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    _restore_rng_states(state["rng"])
+    if "rng" in state:  # detection checkpoints before the shared scaffold had no Python/NumPy states
+        _restore_rng_states(state["rng"])
     return state["progress"]

@@ -353,8 +353,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_config_file(path, [("data", "path"), ("data", "split_file"), ("model", "weights")])
-        if raw.get("task") == "detection":
-            raise ConfigError(f"{path}: a detection experiment; run it with `leukoscope train-detector --config {path}`")
+        task = raw.get("task", "classify")
+        if task not in ("classify", "classification"):  # another task's schema: say which command runs it
+            raise ConfigError(f"{path}: a {task!r} experiment, not a classification one; run it with "
+                              f"`leukoscope train --config {path}`")
     return build_config(ExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
 
 

@@ -115,7 +115,7 @@ def fit_detector(
                 for key, value in losses.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value.item() * len(images)
                 update(info=f"loss {loss_sum / seen:.3f}")
-                if clock.budget_s and clock.elapsed_s >= clock.budget_s:
+                if clock.out_of_time:
                     out_of_time = True
                     break
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "images": seen,

@@ -19,7 +19,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from leukoscope.classic.features import FeatureExtractor
-from leukoscope.engine.config import ExperimentConfig
+from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.engine.trainer import FitResult, fit
@@ -57,7 +57,12 @@ class Learner(Protocol):
 
 def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: Preprocessing) -> Learner:
     """A :class:`TorchLearner` or, for a classical model (``kind: classic``), a :class:`SklearnLearner`."""
-    if model_entry(config.model.name).kind == "classic":
+    kind = model_entry(config.model.name).kind
+    if kind == "detector":
+        raise ConfigError(f"model.name {config.model.name!r} is a cell detector: train it with a detection "
+                          f"config (task: detect, e.g. configs/detector_cbc.yaml) or `leukoscope train "
+                          f"--model {config.model.name} --data VOC_FOLDER`")
+    if kind == "classic":
         return SklearnLearner(config, classes, preprocessing)
     return TorchLearner(config, classes, preprocessing)
 
@@ -103,11 +108,21 @@ class TorchLearner:
     def logits(self, pixels: torch.Tensor) -> np.ndarray:
         return batched_logits(self.model, pixels, self.preprocessing, self.device)
 
+    @torch.no_grad()
     def images_per_second(self, pixels: torch.Tensor, batch_size: int = 32) -> float:
-        """Median images/second of batched inference (eval mode, no grad) on ``batch_size`` images."""
-        batch = pixels[:batch_size]
-        self.logits(batch)  # warm-up
-        return _median_rate(lambda: self.logits(batch), len(batch))
+        """Median images/second of the model's forward pass (eval mode, no grad) on a batch of
+        ``batch_size`` preprocessed images already on the device (images repeated if fewer)."""
+        batch = pixels[torch.arange(batch_size) % len(pixels)]
+        inputs = self.preprocessing.model_input(batch).to(self.device)
+        self.model.eval()
+        self.model(inputs)  # warm-up
+
+        def forward() -> None:
+            self.model(inputs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return _median_rate(forward, batch_size)
 
     def report_extra(self) -> dict[str, Any]:
         return {"parameters": count_parameters(self.model), "notes": []}

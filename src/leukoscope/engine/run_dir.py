@@ -15,15 +15,19 @@ import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 from pydantic import BaseModel
 
+from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.engine.checkpoint import CHECKPOINT_FILE
 from leukoscope.engine.config import save_config
 from leukoscope.progress import run_log, say
 
 CONFIG_FILE = "config.yaml"
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+#: Path keys made absolute even when nothing exists there yet (the run creates them).
+_CREATED_PATHS = ("output_root", "split_file")
 
 
 def new_run_dir(output_root: str | Path, name: str) -> Path:
@@ -37,6 +41,23 @@ def new_run_dir(output_root: str | Path, name: str) -> Path:
     return run_dir
 
 
+def absolute_paths(config: ConfigT, keys: list[str]) -> ConfigT:
+    """``config`` with the file paths at the dotted ``keys`` made absolute (those that name an
+    existing file or folder: a torchvision weight name such as ``DEFAULT`` stays as it is; and
+    the paths the run creates), so that a run resumes from any folder."""
+    updates: dict[str, dict[str, str]] = {}
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        owner = getattr(config, section) if section else config
+        value = getattr(owner, name)
+        if isinstance(value, str) and value and (name in _CREATED_PATHS or Path(value).exists()):
+            updates.setdefault(section, {})[name] = str(Path(value).resolve())
+    top = dict(updates.pop("", {}))
+    for section, values in updates.items():
+        top[section] = getattr(config, section).model_copy(update=values)
+    return config.model_copy(update=top) if top else config
+
+
 def require_run_dir(run_dir: str | Path) -> Path:
     """``run_dir`` if it is a run directory that can be resumed, else a clear error."""
     run_dir = Path(run_dir)
@@ -48,9 +69,9 @@ def require_run_dir(run_dir: str | Path) -> Path:
 @contextmanager
 def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Iterator[Path]:
     """Create ``run_dir`` (or reopen it to resume), write ``config.yaml`` and log every
-    line to ``train.log``. A new run that fails before it wrote a checkpoint leaves
-    nothing behind (bad data fails in seconds; the folder would only be litter); one
-    with a checkpoint is kept so that ``--resume`` can continue it."""
+    line to ``train.log``. A new run that fails before it wrote a checkpoint or a model
+    leaves nothing behind (bad data fails in seconds; the folder would only be litter);
+    one with a checkpoint is kept so that ``--resume`` can continue it."""
     if resume:
         require_run_dir(run_dir)
     created = not run_dir.exists()
@@ -60,9 +81,15 @@ def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Itera
             save_config(config, run_dir / CONFIG_FILE)
             yield run_dir
     except BaseException:
-        if created and not resume and not (run_dir / CHECKPOINT_FILE).exists():
+        if created and not resume and not _holds_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _holds_work(run_dir: Path) -> bool:
+    """Whether a failed run has something worth keeping: a checkpoint to resume from, or a
+    trained model (a multiple-instance run trains two, in runs of its own)."""
+    return (run_dir / CHECKPOINT_FILE).exists() or any(run_dir.rglob(BUNDLE_FILE))
 
 
 def finish_run(run_dir: Path, *, keep_checkpoint: bool) -> None:

@@ -210,7 +210,7 @@ def fit(
         if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
             stopped_because = f"early stopping: no improvement for {stale} epochs"
             break
-        if clock.budget_s and row["elapsed_s"] >= clock.budget_s:
+        if clock.out_of_time:
             stopped_because = f"time budget of {cfg.max_minutes} min reached"
             break
     model.load_state_dict(best_state)

@@ -10,7 +10,7 @@ task     config (load_config)           train                                   
 ======== ============================== ======================================= ==============================
 classify engine.config.load_config      tasks.classify.run_experiment           tasks.classify.evaluate_bundle
 detect   engine.detection_config.load.. tasks.detect.run_detection_experiment   tasks.detect.evaluate_detector_bundle
-mil      tasks.mil_config.load_mil_..   tasks.mil.run_mil_experiment            (a cell classifier bundle)
+mil      tasks.mil_config.load_mil_..   tasks.mil.run_mil_from_config           (a cell classifier bundle)
 ======== ============================== ======================================= ==============================
 """
 

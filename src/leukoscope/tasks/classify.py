@@ -23,7 +23,7 @@ from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.learner import Learner, create_learner
-from leukoscope.engine.run_dir import finish_run, new_run_dir, open_run
+from leukoscope.engine.run_dir import absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.trainer import FitResult
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.preprocessing import Preprocessing, batched_logits
@@ -51,12 +51,8 @@ def preprocessing_of(config: ExperimentConfig) -> Preprocessing:
 
 
 def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """The config with its data paths made absolute, so that ``--resume`` works from any folder."""
-    updates = {key: str(Path(value).resolve()) for key in ("path", "split_file")
-               if (value := getattr(config.data, key))}
-    if not updates:
-        return config
-    return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+    """The config with its paths made absolute, so that ``--resume`` works from any folder."""
+    return absolute_paths(config, ["data.path", "data.split_file", "model.weights", "output_root"])
 
 
 def run_experiment(
@@ -114,7 +110,7 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     notes = list(extra.pop("notes"))
     if eval_name != "test":
         notes.append(f"No test split: the figures below are on the {eval_name} split, "
-                     f"which {'took part in training' if eval_name == 'train' else 'chose the best epoch'}.")
+                     f"which {'took part in training' if eval_name == 'train' else 'was used to choose the model'}.")
     skipped = prepared.skipped()
     if skipped:
         notes.append(f"{len(skipped)} unreadable image(s) were skipped: "
@@ -151,16 +147,22 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
 
 
 # --------------------------------------------------------------------------- evaluate a bundle
-def training_overlap(info: BundleInfo, manifest: Manifest) -> dict[str, int]:
-    """How many images of ``manifest`` the bundle trained or chose its epoch on, per split part
-    (empty when the bundle recorded no split or its split file is gone)."""
+def training_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int], str | None]:
+    """How many images of ``manifest`` the bundle trained or chose its epoch on, per part of
+    its recorded split, and a note when that split cannot be read (then nothing is known)."""
     split_file = info.split_file
-    if split_file is None or not split_file.is_file():
-        return {}
-    split = Split.load(split_file)
+    if split_file is None:
+        return {}, "the bundle records no training split: the data may include images it was trained on"
+    if not split_file.is_file():
+        return {}, f"the bundle's training split {split_file} is gone: the data may include its training images"
+    try:
+        split = Split.load(split_file)
+    except DatasetError as exc:
+        return {}, f"the bundle's training split cannot be read ({exc}): the data may include its training images"
     paths = {s.path.resolve() for s in manifest}
-    overlap = {part: sum(1 for s in split.manifest(part) if s.path.resolve() in paths) for part in ("train", "val")}
-    return {part: n for part, n in overlap.items() if n}
+    overlap = {part: sum(1 for s in samples if Path(s.path).resolve() in paths)
+               for part, samples in split.assignments.items() if part != "test"}
+    return {part: n for part, n in overlap.items() if n}, None
 
 
 def evaluate_bundle(
@@ -189,9 +191,12 @@ def evaluate_bundle(
         if len(manifest) == 0:
             raise DatasetError(f"no image of {data} is in the {subset!r} part of {split_file}")
     manifest = manifest.with_classes(info.classes)  # fails clearly on classes the model does not know
-    overlap = training_overlap(info, manifest)
+    overlap, unknown = training_overlap(info, manifest)
     notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" ({subset} part of {split_file})" if split_file else "") + "."]
+    if unknown:
+        log.warning(unknown)
+        notes.append(f"Warning: {unknown}.")
     if overlap:
         described = " and ".join(f"{n} of its {part} images" for part, n in overlap.items())
         message = (f"{data} holds {described} (split {info.split_file}): a score on them says nothing about "

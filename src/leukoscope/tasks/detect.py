@@ -20,7 +20,7 @@ from leukoscope.engine.detection_config import DetectionExperimentConfig
 from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
                                               prepare_detection_data, to_ground_truth)
 from leukoscope.engine.detection_trainer import DetectionFitResult, fit_detector
-from leukoscope.engine.run_dir import finish_run, new_run_dir, open_run
+from leukoscope.engine.run_dir import absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
 from leukoscope.inference.detector import CellDetector
@@ -61,9 +61,7 @@ def run_detection_experiment(
     show_progress: bool = True,
 ) -> DetectionRunResult:
     """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
-    if config.data.path:  # absolute, so that --resume works from any folder
-        config = config.model_copy(update={"data": config.data.model_copy(
-            update={"path": str(Path(config.data.path).resolve())})})
+    config = absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights", "output_root"])
     label = config.name or config.model.name
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
     with open_run(run_dir, config, resume=resume):
