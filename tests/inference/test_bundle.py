@@ -73,30 +73,33 @@ def test_classifier_threshold_and_temperature(tmp_path: Path) -> None:
         CellClassifier.from_bundle(directory, uncertain_threshold=1.5)
 
 
-def _as_version_1(directory: Path, task: str | None) -> None:
-    """Rewrite a bundle.json as leukoscope 0.1 wrote it (format 1: no task for a
-    classifier, ``detection`` for a detector)."""
-    payload = json.loads((directory / "bundle.json").read_text())
-    payload["format_version"] = 1
-    payload.pop("task")
-    if task is not None:
-        payload["task"] = task
-    (directory / "bundle.json").write_text(json.dumps(payload))
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bundles-v1"
+
+
+def _with_version_1_json(directory: Path, kind: str) -> Path:
+    """A bundle folder whose bundle.json is one leukoscope 0.1 wrote before the one-pipeline
+    layout (format 1: no task for a classifier, ``detection`` for a detector; kept in
+    tests/fixtures), beside weights of the same architecture."""
+    (directory / "bundle.json").write_text((FIXTURES / f"{kind}.json").read_text())
+    return directory
 
 
 def test_version_1_bundles_still_load(tmp_path: Path) -> None:
-    classifier = _bundle(tmp_path, "old-classifier")
-    _as_version_1(classifier, None)
+    classifier = _with_version_1_json(_bundle(tmp_path, "old-classifier"), "classifier")
+    assert json.loads((classifier / "bundle.json").read_text())["format_version"] == 1
     model, info = load_bundle(classifier, task="classify")
     assert info.task == "classify" and info.format_version == BUNDLE_FORMAT_VERSION
+    assert info.temperature == 1.5 and info.metrics == {"accuracy": 0.9}
     assert CellClassifier(model, info).classes == ["a", "b", "c"]
     torch.manual_seed(0)
     options = {"input_scale": 0.5, "detections_per_img": 5}
     detector = save_bundle(tmp_path / "old-detector", create_model("fasterrcnn_abas", 3, **options),
                            BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect",
                                       model_options=options))
-    _as_version_1(detector, "detection")
-    assert CellDetector.from_bundle(detector).classes == ["WBC", "RBC", "Platelets"]
+    _with_version_1_json(detector, "detector")
+    loaded = CellDetector.from_bundle(detector)
+    assert loaded.classes == ["WBC", "RBC", "Platelets"] and loaded.score_threshold == 0.4
+    assert loaded.info.task == "detect" and loaded.info.input_scale == 0.5
 
 
 def test_a_newer_format_names_its_version(tmp_path: Path) -> None:
