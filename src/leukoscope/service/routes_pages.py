@@ -465,18 +465,24 @@ async def admin_create_user(request: Request):
     return await run_in_threadpool(work)
 
 
+def _admin_and_user(db, request: Request, form: dict, user_id: int) -> tuple[Any, User]:
+    """The admin making a form request (CSRF checked) and the user it is about (404 if none)."""
+    principal = page_principal(db, request)
+    check_csrf(principal, form.get("csrf_token"))
+    principal.require("admin")
+    user = db.get(User, user_id)
+    if user is None:
+        raise ServiceError(404, "not_found", "no such user")
+    return principal, user
+
+
 @router.post("/admin/users/{user_id}")
 async def admin_update_user(request: Request, user_id: int):
     form = await form_of(request)
 
     def work():
         with transaction(state_of(request).sessions) as db:
-            principal = page_principal(db, request)
-            check_csrf(principal, form.get("csrf_token"))
-            principal.require("admin")
-            user = db.get(User, user_id)
-            if user is None:
-                raise ServiceError(404, "not_found", "no such user")
+            principal, user = _admin_and_user(db, request, form, user_id)
             changes: dict[str, Any] = {}
             role = form.get("role")
             if role and role != user.role:
@@ -516,12 +522,7 @@ async def admin_unlock_user(request: Request, user_id: int):
 
     def work():
         with transaction(state_of(request).sessions) as db:
-            principal = page_principal(db, request)
-            check_csrf(principal, form.get("csrf_token"))
-            principal.require("admin")
-            user = db.get(User, user_id)
-            if user is None:
-                raise ServiceError(404, "not_found", "no such user")
+            principal, user = _admin_and_user(db, request, form, user_id)
             cleared = throttle.forget_prefix(db, user_lock_key(user.username_key))
             cleared += throttle.forget_prefix(db, f"login:pair:{user.username_key}|")
             audit(db, principal.user, "login.unlock", detail={"username": user.username, "entries": cleared},
