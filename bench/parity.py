@@ -1,7 +1,7 @@
 """Does a change of the code change what training produces? The same seeded run, two source trees.
 
     git worktree add /tmp/old 7a5cd71
-    python bench/parity.py --against /tmp/old/src                        # CNN and classical model
+    python bench/parity.py --against /tmp/old/src          # two CNNs and a classical model
     python bench/parity.py --against /tmp/old/src --models resnet18 --epochs 2 --image-size 64
 
 Each run (synthetic 4-class cells generated once, one thread, fixed seed) runs in
@@ -62,9 +62,9 @@ def run(src: Path, out: Path, model: str, image_size: int, epochs: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the other tree's src folder (e.g. a worktree's src)")
-    parser.add_argument("--models", default="mobilenet_v3_small,random_forest")
+    parser.add_argument("--models", default="abas_cnn,mobilenet_v3_small,random_forest")
     parser.add_argument("--image-size", type=int, default=48)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args(argv)
     other = Path(args.against).resolve()
     if not (other / "leukoscope").is_dir():
