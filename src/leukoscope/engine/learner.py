@@ -22,7 +22,8 @@ from leukoscope.classic.features import FeatureExtractor
 from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
-from leukoscope.engine.trainer import FitResult, fit
+from leukoscope.engine.loop import FitResult
+from leukoscope.engine.trainer import fit
 from leukoscope.evaluation.calibration import negative_log_likelihood
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel

@@ -13,21 +13,33 @@ from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel
 
 from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.engine.checkpoint import CHECKPOINT_FILE
 from leukoscope.engine.config import save_config
+from leukoscope.engine.loop import FitResult
 from leukoscope.progress import run_log, say
 
 CONFIG_FILE = "config.yaml"
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 #: Path keys made absolute even when nothing exists there yet (the run creates them).
 _CREATED_PATHS = ("output_root", "split_file")
+
+
+@dataclass
+class RunResult:
+    """Where a task's training run went: its folder, its bundle, its test metrics and how it trained."""
+
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    fit: FitResult
 
 
 def new_run_dir(output_root: str | Path, name: str) -> Path:

@@ -8,8 +8,6 @@ every epoch so that ``resume`` continues exactly where a run stopped.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from leukoscope.data.dataset import TensorImageDataset
-from leukoscope.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from leukoscope.engine.checkpoint import CHECKPOINT_FILE
+from leukoscope.engine.loop import EpochLoop, FitResult
 from leukoscope.engine.config import TrainConfig
 from leukoscope.engine.optim import TrainingClock, build_optimizer, build_scheduler
 from leukoscope.engine.runtime import resolve_device, seed_everything
 from leukoscope.preprocessing import Preprocessing, batched_logits
-from leukoscope.progress import progress_bar, say
+from leukoscope.progress import progress_bar
 from leukoscope.transforms import augmentation
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,6 @@ def score_logits(logits: np.ndarray, targets: list[int], loss_fn: nn.Module) -> 
         "accuracy": float((predicted == y).mean()),
         "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
     }
-
-
-@dataclass
-class FitResult:
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best_score: float
-    train_seconds: float
-    stopped_because: str
-    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
 def _monitor_value(cfg: TrainConfig, row: dict[str, Any]) -> float:
@@ -120,98 +109,82 @@ def fit(
     clock = TrainingClock(cfg.epochs * len(loader), cfg.max_minutes)
     scheduler = build_scheduler(optimizer, cfg.scheduler, clock)
 
-    history: list[dict[str, Any]] = []
-    best_score, best_epoch, stale = -math.inf, 0, 0
-    best_state: dict[str, torch.Tensor] = {}
-    start_epoch, elapsed_before = 1, 0.0
-    checkpoint_path = run_dir / CHECKPOINT_FILE if run_dir else None
     if run_dir is not None and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        if checkpoint_path is None:
-            raise FileNotFoundError("cannot resume without a run directory")
-        progress = load_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   generator=generator)
-        history, best_score, best_epoch = progress["history"], progress["best_score"], progress["best_epoch"]
-        stale, best_state = progress["stale"], progress["best_state"]
-        start_epoch, elapsed_before = progress["epoch"] + 1, progress["elapsed"]
-        say(f"resuming at epoch {start_epoch} (best so far {best_score:.4f} at epoch {best_epoch})")
+    loop = _ClassificationLoop(model, optimizer, scheduler, clock, generator, cfg=cfg, loader=loader,
+                               loss_fn=loss_fn, eval_loss=eval_loss, device=device, preprocessing=preprocessing,
+                               val=(val_images, val_targets) if val_images is not None and val_targets else None,
+                               checkpoint_path=run_dir / CHECKPOINT_FILE if run_dir else None,
+                               show_progress=show_progress)
+    result = loop.run(resume=resume)
+    return FitResult(result.history, result.best_epoch, loop.score_of(result.best_row), result.train_seconds,
+                     result.stopped_because, result.best_state)
 
-    clock.resume_from(elapsed_before, (start_epoch - 1) * len(loader))
-    best_key = next((_selection_key(cfg, h) for h in history if h["epoch"] == best_epoch), (-math.inf, -math.inf))
-    stopped_because = "completed all epochs"
-    # Duration of the last epoch run (also after a resume), to stop before one that would overrun the budget.
-    elapsed_marks = [0.0] + [h["elapsed_s"] for h in history]
-    last_epoch_s = elapsed_marks[-1] - elapsed_marks[-2] if history else 0.0
-    for epoch in range(start_epoch, cfg.epochs + 1):
+
+class _ClassificationLoop(EpochLoop):
+    """Cross-entropy on augmented uint8 batches; validation accuracy, macro-F1 and loss every epoch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, clock: TrainingClock,
+                 generator: torch.Generator, *, cfg: TrainConfig, loader: DataLoader, loss_fn: nn.Module,
+                 eval_loss: nn.Module, device: torch.device, preprocessing: Preprocessing,
+                 val: tuple[torch.Tensor, list[int]] | None, checkpoint_path: Path | None,
+                 show_progress: bool) -> None:
+        super().__init__(model, optimizer, scheduler, clock, generator, epochs=cfg.epochs,
+                         max_minutes=cfg.max_minutes, checkpoint_path=checkpoint_path,
+                         patience=cfg.early_stopping_patience)
+        self.cfg, self.loader, self.loss_fn, self.eval_loss = cfg, loader, loss_fn, eval_loss
+        self.device, self.preprocessing, self.val, self.show_progress = device, preprocessing, val, show_progress
+
+    def stop_before(self, epoch: int, last_epoch_s: float) -> str | None:
         # Stop before an epoch that would overrun the budget (a resumed run that has
         # spent its budget only finishes: evaluation, bundle, report).
+        clock = self.clock
         if clock.budget_s and epoch > 1 and clock.elapsed_s + last_epoch_s > clock.budget_s:
-            stopped_because = f"time budget of {cfg.max_minutes} min reached (another epoch would exceed it)"
-            break
-        epoch_start = clock.elapsed_s
+            return f"time budget of {self.cfg.max_minutes} min reached (another epoch would exceed it)"
+        return None
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, Any], bool]:
+        model, optimizer, device = self.model, self.optimizer, self.device
         model.train()
         keep_frozen_batchnorm_in_eval(model)
         seen = correct = 0
         loss_sum = 0.0
-        with progress_bar(len(loader), f"epoch {epoch}/{cfg.epochs}", enabled=show_progress) as update:
-            for inputs, targets in loader:
+        with progress_bar(len(self.loader), f"epoch {epoch}/{self.cfg.epochs}", enabled=self.show_progress) as update:
+            for inputs, targets in self.loader:
                 inputs, targets = inputs.to(device), targets.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(inputs)
-                loss = loss_fn(logits, targets)
+                loss = self.loss_fn(logits, targets)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"training diverged at epoch {epoch} (loss {loss.item()}); lower train.lr (now {cfg.lr})"
+                        f"training diverged at epoch {epoch} (loss {loss.item()}); lower train.lr (now {self.cfg.lr})"
                     )
                 loss.backward()
                 optimizer.step()
-                clock.step += 1
-                if scheduler is not None:
-                    scheduler.step()
+                self.clock.step += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()
                 seen += len(targets)
                 correct += int((logits.argmax(1) == targets).sum())
                 loss_sum += loss.item() * len(targets)
                 update(info=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if val_images is not None and val_targets:
-            scores = score_logits(batched_logits(model, val_images, preprocessing, device), val_targets, eval_loss)
-            row.update({f"val_{k}": v for k, v in scores.items()})
-        row["elapsed_s"] = clock.elapsed_s
-        last_epoch_s = row["elapsed_s"] - epoch_start
-        history.append(row)
-        score = _monitor_value(cfg, row)
-        key = _selection_key(cfg, row)
-        improved = key > best_key
-        if improved:
-            best_key, best_score, best_epoch, stale = key, score, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
+        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"]}, False
+
+    def validate(self, epoch: int, row: dict[str, Any], cut_short: bool) -> None:
+        if self.val is not None:
+            images, targets = self.val
+            logits = batched_logits(self.model, images, self.preprocessing, self.device)
+            row.update({f"val_{k}": v for k, v in score_logits(logits, targets, self.eval_loss).items()})
+
+    def selection_key(self, row: dict[str, Any]) -> tuple[float, float]:
+        return _selection_key(self.cfg, row)
+
+    def describe(self, epoch: int, row: dict[str, Any], improved: bool) -> str:
         val_text = (
             f" val_loss {row['val_loss']:.3f} val_acc {row['val_accuracy']:.4f} val_f1 {row['val_macro_f1']:.4f}"
             if "val_loss" in row else ""
         )
-        say(
-            f"epoch {epoch:>3}/{cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.4f}{val_text}"
-            f" [{row['elapsed_s'] / 60:.1f} min]{' *' if improved else ''}"
-        )
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                            generator=generator,
-                            progress={"history": history, "best_score": best_score, "best_epoch": best_epoch,
-                                      "best_state": best_state, "stale": stale, "epoch": epoch,
-                                      "elapsed": row["elapsed_s"]})
-        if cfg.early_stopping_patience is not None and stale >= cfg.early_stopping_patience:
-            stopped_because = f"early stopping: no improvement for {stale} epochs"
-            break
-        if clock.out_of_time:
-            stopped_because = f"time budget of {cfg.max_minutes} min reached"
-            break
-    model.load_state_dict(best_state)
-    return FitResult(history, best_epoch, best_score, clock.elapsed_s, stopped_because, best_state)
+        return (f"epoch {epoch:>3}/{self.cfg.epochs} loss {row['train_loss']:.3f} acc {row['train_accuracy']:.4f}"
+                f"{val_text} [{row['elapsed_s'] / 60:.1f} min]{' *' if improved else ''}")
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,13 @@ from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.learner import Learner, create_learner
-from leukoscope.engine.run_dir import absolute_paths, finish_run, new_run_dir, open_run
-from leukoscope.engine.trainer import FitResult
+from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
+from leukoscope.engine.loop import FitResult
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.preprocessing import Preprocessing, batched_logits
 from leukoscope.progress import counter_callback, progress_bar, say
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    bundle_dir: Path
-    metrics: dict[str, Any]
-    fit: FitResult
 
 
 def run_name(config: ExperimentConfig) -> str:

@@ -7,7 +7,6 @@ bundle says ``task: detect``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,21 +18,13 @@ from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import DetectionExperimentConfig
 from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
                                               prepare_detection_data, to_ground_truth)
-from leukoscope.engine.detection_trainer import DetectionFitResult, fit_detector
-from leukoscope.engine.run_dir import absolute_paths, finish_run, new_run_dir, open_run
+from leukoscope.engine.detection_trainer import fit_detector
+from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
 from leukoscope.inference.detector import CellDetector
 from leukoscope.models import create_model, model_entry
 from leukoscope.progress import say
-
-
-@dataclass
-class DetectionRunResult:
-    run_dir: Path
-    bundle_dir: Path
-    metrics: dict[str, Any]
-    fit: DetectionFitResult
 
 
 def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch.nn.Module:
@@ -59,7 +50,7 @@ def run_detection_experiment(
     run_dir: Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
-) -> DetectionRunResult:
+) -> RunResult:
     """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
     config = absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights", "output_root"])
     label = config.name or config.model.name
@@ -119,7 +110,7 @@ def run_detection_experiment(
             f"({metrics['n_images']} images); report: {run_dir / 'report.html'}")
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
-        return DetectionRunResult(run_dir, bundle_dir, metrics, result)
+        return RunResult(run_dir, bundle_dir, metrics, result)
 
 
 def evaluate_detector_bundle(
