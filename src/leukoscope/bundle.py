@@ -15,7 +15,10 @@ code the file names, so a bundle from elsewhere could take over the machine.
 skops stores the pipeline as data and, on loading, refuses every type that is
 not on a trust list: skops' own defaults plus :data:`TRUSTED_SKLEARN_TYPES`.
 
-Format versions: 2 (this code) writes ``task`` explicitly. Version 1 bundles
+Format versions: 3 (this code) may record the training images' pixel size
+(``um_per_px``) and a classifier's physical crop window
+(``preprocessing.cell_window_um``); 2 wrote ``task`` explicitly and reads as 3 with
+neither (older leukoscope refuses a format-3 file by its version). Version 1 bundles
 (leukoscope 0.1 before the one-pipeline change) load unchanged: a classifier's
 ``bundle.json`` had no ``task``, a detector's said ``"detection"``.
 """
@@ -38,9 +41,9 @@ import leukoscope
 from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
 
-BUNDLE_FORMAT_VERSION = 2
+BUNDLE_FORMAT_VERSION = 3
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
@@ -91,6 +94,9 @@ class BundleInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     feature_spec: dict[str, Any] | None = None
     """Hand-made features of a classical model (:class:`leukoscope.classic.FeatureSpec`)."""
+    um_per_px: float | None = None
+    """Pixel size (micrometres) of the images the model was trained on, when known (format 3):
+    smear analysis brings a field of another magnification to it before detection."""
     format_version: int = BUNDLE_FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -44,6 +44,9 @@ class Preprocessing:
     resize: str = "letterbox"
     segmentation: str | None = None
     """System E's colour-clustering segmentation (``lab_kmeans`` / ``hsv``) before resizing, or None."""
+    cell_window_um: float | None = None
+    """Smear analysis crops this many micrometres around each cell when the field's scale is known
+    (:mod:`leukoscope.cell_window`); None: the cell's box plus a margin."""
 
     def __post_init__(self) -> None:
         if self.resize != "letterbox":

@@ -7,4 +7,5 @@ the CLI) load without importing torch. :mod:`leukoscope.transforms` builds them.
 
 from __future__ import annotations
 
-AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "geometric", "tusar", "abas", "jabeena", "stain")
+AUGMENTATION_PRESETS: tuple[str, ...] = ("none", "default", "geometric", "tusar", "abas", "jabeena", "stain",
+                                         "cross_source")

@@ -98,6 +98,29 @@ class RandomStainJitter:
         return (out * 255).round().to(torch.uint8)
 
 
+class RandomResolution:
+    """With probability ``p``, blur the image to a coarser pixel size and back.
+
+    Sources differ in resolution as well as stain: an all-taleqani cell brought to the
+    common scale is upsampled from ~0.47 um/px, a pbc cell downsampled from ~0.10 um/px.
+    A model trained on both could tell them apart by sharpness alone; degrading sharp
+    images at random removes that cue. Input and output: uint8 tensor (3, H, W)."""
+
+    def __init__(self, max_factor: float = 3.0, p: float = 0.5) -> None:
+        if max_factor < 1.0:
+            raise ValueError(f"max_factor must be at least 1, got {max_factor}")
+        self.max_factor, self.p = max_factor, p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return image
+        factor = 1.0 + float(torch.rand(())) * (self.max_factor - 1.0)
+        height, width = image.shape[-2:]
+        small = (max(4, round(height / factor)), max(4, round(width / factor)))
+        coarse = v2.functional.resize(image, list(small), antialias=True)
+        return v2.functional.resize(coarse, [height, width], antialias=True)
+
+
 def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The random training augmentation named ``preset`` (uint8 tensor in and out)."""
     # System D's "shear 0.2" (Keras shear_range). Keras reads it in degrees, which makes
@@ -121,6 +144,17 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "stain": [
             RandomStainJitter(sigma=0.08, bias=0.08),
             v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomRot90(),
+        ],
+        # Cells of several labs at one physical scale (the shipped classifier, bench/zoo.py):
+        # strong stain and colour jitter and random loss of sharpness, so that neither a
+        # lab's stain nor its optics identifies the class.
+        "cross_source": [
+            RandomStainJitter(sigma=0.12, bias=0.12),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.25, hue=0.04),
+            RandomResolution(max_factor=3.0, p=0.5),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             RandomRot90(),

@@ -3,7 +3,9 @@
 Flips and 90-degree rotations are exact for axis-aligned boxes (a rotation by
 an arbitrary angle would inflate every box, so system A's "random rotation
 0-90 degrees" is done as random quarter turns plus flips, which together give
-all eight symmetries of the square). Colour jitter touches pixels only.
+all eight symmetries of the square). Colour jitter and stain jitter (in
+haematoxylin-eosin optical density, :class:`~leukoscope.transforms.RandomStainJitter`,
+for detectors that must work on another lab's stain) touch pixels only.
 
 Images are uint8 tensors (3, H, W); boxes float tensors (N, 4) in pixels, xyxy.
 """
@@ -15,9 +17,11 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
+from leukoscope.transforms import RandomStainJitter
+
 BoxTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator | None], tuple[torch.Tensor, torch.Tensor]]
 
-DETECTION_AUGMENTATIONS: tuple[str, ...] = ("none", "flips", "default", "abas")
+DETECTION_AUGMENTATIONS: tuple[str, ...] = ("none", "flips", "default", "abas", "stain")
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +54,8 @@ def rot90(image: torch.Tensor, boxes: torch.Tensor, k: int = 1) -> tuple[torch.T
 class DetectionAugment:
     """Random flips, quarter turns and colour jitter, applied to an image and its boxes."""
 
-    def __init__(self, flips: bool = True, rotate: bool = True, colour: float = 0.0) -> None:
+    def __init__(self, flips: bool = True, rotate: bool = True, colour: float = 0.0, stain: float = 0.0) -> None:
+        self.stain = RandomStainJitter(sigma=stain, bias=stain) if stain > 0 else None
         self.flips = flips
         self.rotate = rotate
         self.colour = v2.ColorJitter(brightness=colour, contrast=colour, saturation=colour,
@@ -70,6 +75,8 @@ class DetectionAugment:
             k = int(torch.randint(0, 4, (1,), generator=generator))
             if k:
                 image, boxes = rot90(image, boxes, k)
+        if self.stain is not None:
+            image = self.stain(image)
         if self.colour is not None:
             image = self.colour(image)
         return image.contiguous(), boxes
@@ -77,7 +84,8 @@ class DetectionAugment:
 
 def detection_augmentation(preset: str) -> DetectionAugment | None:
     """``none``; ``flips``; ``default`` (flips, quarter turns, mild colour jitter);
-    ``abas`` (system A: colour jitter, horizontal/vertical reflection, rotation)."""
+    ``abas`` (system A: colour jitter, horizontal/vertical reflection, rotation);
+    ``stain`` (flips, quarter turns, strong stain and colour jitter: other labs' stains)."""
     if preset == "none":
         return None
     if preset == "flips":
@@ -86,4 +94,6 @@ def detection_augmentation(preset: str) -> DetectionAugment | None:
         return DetectionAugment(flips=True, rotate=True, colour=0.1)
     if preset == "abas":
         return DetectionAugment(flips=True, rotate=True, colour=0.2)
+    if preset == "stain":
+        return DetectionAugment(flips=True, rotate=True, colour=0.2, stain=0.1)
     raise ValueError(f"unknown detection augmentation {preset!r}; choose from {list(DETECTION_AUGMENTATIONS)}")

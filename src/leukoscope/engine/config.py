@@ -52,6 +52,10 @@ class DataConfig(Section):
     class_map: dict[str, str] | None = None
     """Merge labels, e.g. ``{Early: Malignant, Pre: Malignant, Pro: Malignant}``."""
     segmentation: Literal["lab_kmeans", "hsv"] | None = None
+    cell_window_um: float | None = None
+    """The images are cell crops of this many micrometres around each cell (made with
+    :func:`leukoscope.cell_window.crop_cell`, as ``bench/zoo.py`` does); recorded in the bundle
+    so that smear analysis crops fields of any magnification the same way. None: plain images."""
 
 
 class ModelConfig(Section):

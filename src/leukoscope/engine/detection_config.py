@@ -31,6 +31,10 @@ class DetectionDataConfig(Section):
     """Other spellings of class names, e.g. ``{Platelet: Platelets}``."""
     on_error: Literal["skip", "fail"] = "skip"
     """Bad objects/files (unknown class, box outside the image...): skip and report, or stop."""
+    um_per_px: float | Literal["estimate"] | None = "estimate"
+    """Pixel size of the training images in micrometres: a number, ``estimate`` (from the red
+    cells of up to 40 training images, :func:`leukoscope.scale.source_scale`) or null. Recorded
+    in the bundle; smear analysis resamples fields of another magnification to it."""
 
 
 class DetectorModelConfig(Section):

@@ -35,8 +35,10 @@ from leukoscope.inference.quality import DEFAULT_MIN_DETECTOR_AP, cap_warning, d
 from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
+from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import blast_classes_in
+from leukoscope.scale import FieldScale, field_scale
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ class SmearAnalyzer:
     (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
     records no test AP@0.5 for white cells, or one below ``min_detector_ap``, and a field
     where the detector hit its per-image cap, get a warning and never a leukemia flag.
+
+    One physical scale (:mod:`leukoscope.scale`): each field's pixel size is ``um_per_px``
+    when stated, else estimated from its red cells. A detector that records the pixel size
+    of its training images sees the field resampled to it; a classifier trained on a
+    physical window (``cell_window_um``) gets crops of that many micrometres. A field whose
+    scale cannot be estimated is assumed to be at the detector's scale, and says so.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class SmearAnalyzer:
         min_cells: int = 100,
         min_detector_ap: float = DEFAULT_MIN_DETECTOR_AP,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        um_per_px: float | None = None,
         device: str = "cpu",
     ) -> None:
         if isinstance(detector, (str, Path)):
@@ -146,6 +155,9 @@ class SmearAnalyzer:
         self.merge_iou = merge_iou
         self.wbc_containment = wbc_containment
         self.max_pixels = max_pixels
+        self.um_per_px = FieldScale.given(um_per_px).um_per_px if um_per_px is not None else None
+        preprocessing = getattr(getattr(classifier, "info", None), "preprocessing", None)
+        self.window_um = getattr(preprocessing, "cell_window_um", None)
 
     @property
     def cell_classes(self) -> list[str]:
@@ -198,13 +210,27 @@ class SmearAnalyzer:
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return FieldDetections(DetectionResult(boxes, scores, labels, self.detector.classes), len(tiles), capped)
 
-    def crop_cell(self, image: Image.Image, box: Sequence[float]) -> Image.Image:
-        """The crop the cell classifier sees: the box plus ``crop_margin`` on each side."""
-        x0, y0, x1, y1 = box
-        mx, my = (x1 - x0) * self.crop_margin, (y1 - y0) * self.crop_margin
-        width, height = image.size
-        return image.crop((max(0, int(x0 - mx)), max(0, int(y0 - my)), min(width, int(math.ceil(x1 + mx))),
-                           min(height, int(math.ceil(y1 + my)))))
+    def crop_cell(self, image: Image.Image, box: Sequence[float], um_per_px: float | None = None) -> Image.Image:
+        """The crop the cell classifier sees (:func:`leukoscope.cell_window.crop_cell`): its
+        physical window at the field's scale, or the box plus ``crop_margin`` on each side."""
+        return crop_cell(image, box, um_per_px=um_per_px, window_um=self.window_um, margin=self.crop_margin)
+
+    def field_scale(self, image: Image.Image) -> tuple[FieldScale, float | None, float]:
+        """The field's scale, the pixel size analysis works at (the detector's training scale
+        when the field's cannot be estimated), and the factor the field is resampled by for
+        the detector (1: already at its scale within 15%, or no scale to go by)."""
+        scale = field_scale(image, self.um_per_px)
+        trained_at = getattr(self.detector.info, "um_per_px", None)
+        working = scale.um_per_px if scale.known else trained_at
+        factor = 1.0
+        if scale.known and trained_at:
+            factor = float(scale.um_per_px) / float(trained_at)
+            if abs(math.log(factor)) < math.log(1.15):
+                factor = 1.0
+            # Never upsample past the pixel limit a decoded image may have.
+            limit = math.sqrt(self.max_pixels / max(1, image.size[0] * image.size[1]))
+            factor = min(factor, limit)
+        return scale, working, factor
 
     # -- one field ------------------------------------------------------------
     def analyze(self, image: Image.Image | str | Path, source: str | None = None) -> SmearResult:
@@ -214,7 +240,14 @@ class SmearAnalyzer:
             image = load_image(image, max_pixels=self.max_pixels)
         source = source or "<image>"
         image = image.convert("RGB")
-        found = self.detect(image)
+        scale, working_um_per_px, factor = self.field_scale(image)
+        if factor == 1.0:
+            found = self.detect(image)
+        else:
+            size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
+            found = self.detect(image.resize(size, Image.Resampling.BILINEAR))
+            d = found.detections
+            found.detections = DetectionResult(d.boxes / factor, d.scores, d.labels, d.classes)
         detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
@@ -236,7 +269,7 @@ class SmearAnalyzer:
         order = order[np.lexsort((detections.boxes[order, 0], detections.boxes[order, 1]))] if len(order) else order
         cells: list[Cell] = []
         if len(order) and self.classifier is not None:
-            crops = [self.crop_cell(image, detections.boxes[i]) for i in order]
+            crops = [self.crop_cell(image, detections.boxes[i], working_um_per_px) for i in order]
             predictions = []
             for chunk in range(0, len(crops), 32):
                 predictions += self.classifier.predict_images(crops[chunk:chunk + 32])
@@ -254,9 +287,15 @@ class SmearAnalyzer:
         if found.capped_tiles:
             warnings.append(cap_warning(found.capped_tiles, found.tiles))
         differential = self.rules.count([cell.label for cell in cells], warnings)
+        scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
+                        "detector_resample": round(factor, 4)}
+        if not scale.known:
+            scale_record["note"] = (f"scale not estimated ({scale.note}); assumed {working_um_per_px:.4f} um/px, the "
+                                    f"detector's training scale" if working_um_per_px else
+                                    f"scale not estimated ({scale.note}); cells cropped by their boxes")
         return SmearResult(source, image.size[0], image.size[1], cells, detections.counts(), differential,
                            detections, self.cell_classes, found.tiles, time.perf_counter() - start,
-                           capped_tiles=found.capped_tiles)
+                           capped_tiles=found.capped_tiles, scale=scale_record)
 
     # -- many fields ----------------------------------------------------------
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,

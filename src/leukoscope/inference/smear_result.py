@@ -57,6 +57,8 @@ class SmearResult:
     error: str | None = None
     capped_tiles: int = 0
     """Tiles where the detector returned as many boxes as its cap allows (a quality warning)."""
+    scale: dict[str, Any] | None = None
+    """The field's pixel size, where it came from, and the scale analysis ran at (:mod:`leukoscope.scale`)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -66,6 +68,6 @@ class SmearResult:
         return {
             "source": self.source, "width": self.width, "height": self.height, "tiles": self.tiles,
             "capped_tiles": self.capped_tiles, "seconds": round(self.seconds, 3),
-            "object_counts": self.object_counts, "warnings": self.warnings,
+            "object_counts": self.object_counts, "warnings": self.warnings, "scale": self.scale,
             "differential": self.differential.to_json(), "error": self.error, "disclaimer": DISCLAIMER,
         }

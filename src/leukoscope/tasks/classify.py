@@ -38,7 +38,8 @@ def run_name(config: ExperimentConfig) -> str:
 
 def preprocessing_of(config: ExperimentConfig) -> Preprocessing:
     """The preprocessing a run trains with and its bundle keeps (ImageNet statistics)."""
-    return Preprocessing(image_size=config.model.image_size, segmentation=config.data.segmentation)
+    return Preprocessing(image_size=config.model.image_size, segmentation=config.data.segmentation,
+                         cell_window_um=config.data.cell_window_um)
 
 
 def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:

@@ -23,8 +23,10 @@ from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
 from leukoscope.inference.detector import CellDetector
+from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
 from leukoscope.progress import say
+from leukoscope.scale import source_scale
 
 
 def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch.nn.Module:
@@ -42,6 +44,21 @@ def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch
         return create_model(config.model.name, num_classes=num_classes, **options)
     except (TypeError, ValueError) as exc:  # unknown or ill-formed options
         raise ConfigError(f"model.options for {config.model.name}: {exc}") from None
+
+
+def training_scale(setting: float | str | None, images: list) -> float | None:
+    """The training images' pixel size: as configured, or estimated from up to 40 of them."""
+    if setting is None or isinstance(setting, (int, float)):
+        return None if setting is None else float(setting)
+    step = max(1, len(images) // 40)
+    fields = []
+    for image in images[::step][:40]:
+        with load_image(image.image_path) as pil:
+            fields.append(pil.convert("RGB"))
+    scale = source_scale(fields)
+    say(f"training images' scale: {f'{scale.um_per_px:.4f} um/px' if scale.known else 'not estimated'} "
+        f"({scale.note})")
+    return scale.um_per_px
 
 
 def run_detection_experiment(
@@ -70,7 +87,8 @@ def run_detection_experiment(
         say(f"training finished: {result.stopped_because}; kept epoch {result.best_epoch}")
         device = resolve_device(config.train.device)
         info = BundleInfo(model_name=config.model.name, classes=list(classes), task="detect",
-                          model_options=dict(config.model.options), score_threshold=config.predict.score_threshold)
+                          model_options=dict(config.model.options), score_threshold=config.predict.score_threshold,
+                          um_per_px=training_scale(config.data.um_per_px, splits.parts["train"]))
         detector = CellDetector(model, info, device)
         notes = list(splits.notes)
         if config.predict.choose_threshold and "val" in splits.parts:

@@ -1,0 +1,441 @@
+"""Retrain every model leukoscope ships, from ../shared/datasets, and print their table.
+
+    python bench/zoo.py                       # build crops, train both models, score, print
+    python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
+    python bench/zoo.py --skip-train --detector D --classifier C   # score existing bundles only
+
+The shipped models (``leukoscope models --pretrained``):
+
+- ``smear-detector``: Faster R-CNN, MobileNetV3-Large + FPN with a 256-wide box
+  head, from scratch on CBC Training+Validation (stain augmentation), scored on CBC
+  Testing. It records the pixel size of its training fields (estimated from their
+  red cells), so smear analysis brings every field to that scale first.
+- ``wbc-classifier``: the eight pbc white-cell types plus ``blast``, on crops of a
+  fixed physical window (``--window-um``) around each cell, every source brought to
+  one scale (:mod:`leukoscope.scale`): pbc's 3,200 cells and the largest white
+  cell of malignant all-taleqani fields (Early, Pre, Pro) as ``blast``.
+
+Then what must hold on data it never saw (issue #11's controls), each row printed:
+the white cells of all-taleqani's Benign fields (same lab and stain as the blast
+examples, no leukaemia) called blast <= 5%; cnmc-mini's ``all`` cells (another lab,
+another format) called blast >= 90%; BCCD's white cells (another lab, types from
+``wbc_types.csv``) called blast <= 2%, and their type (the leave-one-source-out
+row: no BCCD/CBC cell label is used in training). Nothing is tuned on these.
+
+Run times on the 2-core CPU are in docs/benchmarks.md ("Shipped models").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+PACKAGE_MODELS = REPO / "src" / "leukoscope" / "pretrained"
+BLAST = "blast"
+PBC_TYPES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+BCCD_TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte",
+              "MONOCYTE": "monocyte", "BASOPHIL": "basophil"}
+CROP_PIXELS = 128  # crops are stored at this size; the classifier letterboxes them to its input
+
+
+# ----------------------------------------------------------------------------- crops
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def source_scales(data: Path, fields: int = 40) -> dict[str, dict[str, Any]]:
+    """Each source's pixel size, the median of its fields' red-cell estimates."""
+    from PIL import Image
+
+    from leukoscope.scale import source_scale
+
+    patterns = {"pbc": "pbc/*/*.jpg", "all-taleqani": "all-taleqani/*/*.jpg", "cbc": "cbc/Training/Images/*.jpg",
+                "bccd": "bccd/JPEGImages/*.jpg"}
+    scales = {}
+    for source, pattern in patterns.items():
+        files = sorted(data.glob(pattern))
+        random.Random(0).shuffle(files)
+        images = []
+        for path in files[:fields]:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        scale = source_scale(images) if images else None
+        scales[source] = scale.to_json() if scale else {"um_per_px": None, "note": "absent"}
+        _say(f"scale of {source}: {scales[source]['um_per_px']} um/px ({scales[source]['note']})")
+    return scales
+
+
+def _largest_cell(image, centre_only: bool = False):
+    """The box of the largest stained object (a pbc image's centred cell, a field's biggest
+    white cell), or None."""
+    from leukoscope.tasks.mil import locate_cells_by_colour
+
+    boxes = locate_cells_by_colour(image, pad=0.0, max_cells=8)
+    if centre_only:  # pbc centres its cell; the largest object near the centre is it
+        w, h = image.size
+        central = [b for b in boxes if abs((b[0] + b[2]) / 2 - w / 2) < w / 4 and abs((b[1] + b[3]) / 2 - h / 2) < h / 4]
+        boxes = central or boxes
+    return boxes[0] if boxes else None
+
+
+def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path) -> None:
+    from PIL import Image
+
+    from leukoscope.cell_window import crop_cell
+
+    crop = crop_cell(image, box, um_per_px=um_per_px, window_um=window_um)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crop.resize((CROP_PIXELS, CROP_PIXELS), Image.Resampling.BILINEAR).save(path)
+
+
+def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float | None, window_um: float,
+                locate: Callable, rows: list[list[str]], describe: str) -> None:
+    """Crop one cell per (image, label, subject) job into ``out/<label>/``; rows get path,label,subject."""
+    from leukoscope.io import ImageDecodeError, load_image
+
+    missed = 0
+    for number, (path, label, subject) in enumerate(jobs, 1):
+        try:
+            image = load_image(path).convert("RGB")
+        except ImageDecodeError:
+            missed += 1
+            continue
+        box = locate(image)
+        if box is None:
+            missed += 1
+            continue
+        target = out / label / f"{path.stem}.png"
+        _save_crop(image, box, um_per_px, window_um, target)
+        rows.append([str(target), label, subject])
+        if number % 500 == 0:
+            _say(f"  {describe}: {number}/{len(jobs)}")
+    _say(f"{describe}: {len(jobs) - missed} crops ({missed} images without a located cell)")
+
+
+def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int) -> Path:
+    """pbc's cells by type plus the largest white cell of malignant all-taleqani fields as blast;
+    a manifest whose subject is the source image (a field's crops never straddle splits)."""
+    rows: list[list[str]] = []
+    pbc = [(p, p.parent.name, f"pbc-{p.stem}") for t in PBC_TYPES for p in sorted((data / "pbc" / t).glob("*.jpg"))]
+    _crop_files(pbc, out / "train", scales["pbc"]["um_per_px"], window_um,
+                lambda image: _largest_cell(image, centre_only=True), rows, "pbc")
+    blasts = []
+    for subtype in ("Early", "Pre", "Pro"):
+        files = sorted((data / "all-taleqani" / subtype).glob("*.jpg"))
+        random.Random(0).shuffle(files)
+        blasts += [(p, BLAST, f"taleqani-{p.stem}") for p in files[:blasts_per_subtype]]
+    _crop_files(blasts, out / "train", scales["all-taleqani"]["um_per_px"], window_um, _largest_cell, rows,
+                "all-taleqani malignant (blast)")
+    manifest = out / "train.csv"
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "subject"], *rows])
+    return manifest
+
+
+def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
+                        cnmc_cell_um: float) -> dict[str, list[tuple[Path, str]]]:
+    """Cells no model saw, by control: (crop path, true label)."""
+    from leukoscope.io import load_image
+    from leukoscope.tasks.mil import locate_cells_by_colour
+
+    controls: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    # all-taleqani Benign: every located white cell (up to 4 per field).
+    for path in sorted((data / "all-taleqani" / "Benign").glob("*.jpg")):
+        image = load_image(path).convert("RGB")
+        for k, box in enumerate(locate_cells_by_colour(image, pad=0.0, max_cells=4)):
+            target = out / "taleqani-benign" / f"{path.stem}_c{k}.png"
+            _save_crop(image, box, scales["all-taleqani"]["um_per_px"], window_um, target)
+            controls["taleqani-benign"].append((target, "not blast"))
+    _say(f"all-taleqani Benign: {len(controls['taleqani-benign'])} cells")
+    # cnmc-mini: one segmented cell per image on black, no red cells to give a scale: the
+    # cell is taken to be cnmc_cell_um across (stated in the card and the table).
+    for label in ("all", "hem"):
+        for path in sorted((data / "cnmc-mini" / label).glob("*.bmp")):
+            image = load_image(path).convert("RGB")
+            box = image.convert("L").point(lambda v: 255 if v > 12 else 0).getbbox()
+            if box is None:
+                continue
+            diameter = max(box[2] - box[0], box[3] - box[1])
+            target = out / f"cnmc-{label}" / f"{path.stem}.png"
+            _save_crop(image, box, cnmc_cell_um / diameter, window_um, target)
+            controls[f"cnmc-{label}"].append((target, BLAST if label == "all" else "not blast"))
+    _say(f"cnmc-mini: {len(controls['cnmc-all'])} all, {len(controls['cnmc-hem'])} hem cells")
+    # BCCD: the white cell of each image whose type is known and single.
+    types = {}  # image file name -> type, for the images of one known type (a few name two)
+    with (data / "bccd" / "wbc_types.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            name = row["wbc_type"].strip().upper()
+            if name in BCCD_TYPES:
+                types[row["image"].strip()] = BCCD_TYPES[name]
+    from leukoscope.data.annotations import read_voc_dataset
+
+    for item in read_voc_dataset(data / "bccd", None, on_error="skip"):
+        kind = types.get(item.image_path.name)
+        wbc = [b for b in item.boxes if b.label == "WBC"]
+        if kind is None or len(wbc) != 1:
+            continue
+        image = load_image(item.image_path).convert("RGB")
+        target = out / "bccd" / kind / f"{item.image_path.stem}.png"
+        _save_crop(image, wbc[0].as_xyxy(), scales["bccd"]["um_per_px"], window_um, target)
+        controls["bccd"].append((target, kind))
+    _say(f"BCCD white cells with one known type: {len(controls['bccd'])} {dict(Counter(l for _, l in controls['bccd']))}")
+    return controls
+
+
+# ----------------------------------------------------------------------------- training
+def train_detector(data: Path, out: Path, epochs: int, minutes: float, extra: list[str]) -> Path:
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.detect import run_detection_experiment
+
+    config = load_detection_config(REPO / "configs" / "zoo_detector.yaml", [
+        f"data.path={data / 'cbc'}", f"output_root={out}", f"train.epochs={epochs}", f"train.max_minutes={minutes}", *extra])
+    return Path(run_detection_experiment(config, show_progress=sys.stderr.isatty()).bundle_dir)
+
+
+def train_classifier(manifest: Path, out: Path, window_um: float, epochs: int, minutes: float,
+                     extra: list[str]) -> Path:
+    from leukoscope.engine.config import load_config
+    from leukoscope.tasks.classify import run_experiment
+
+    config = load_config(REPO / "configs" / "zoo_classifier.yaml", [
+        f"data.path={manifest}", f"data.cell_window_um={window_um}", f"output_root={out}",
+        f"train.epochs={epochs}", f"train.max_minutes={minutes}", *extra])
+    return Path(run_experiment(config, show_progress=sys.stderr.isatty()).bundle_dir)
+
+
+# ----------------------------------------------------------------------------- scoring
+def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]) -> dict[str, dict[str, Any]]:
+    from leukoscope.inference.predictor import CellClassifier
+
+    model = CellClassifier.from_bundle(classifier)
+    rows = {}
+    for name, cells in controls.items():
+        predictions = model.predict_paths([p for p, _ in cells])
+        calls = [p.top_class for p in predictions]
+        truth = [label for _, label in cells]
+        blast_share = sum(c == BLAST for c in calls) / max(1, len(calls))
+        row: dict[str, Any] = {"cells": len(calls), "called_blast": round(blast_share, 4),
+                               "calls": dict(Counter(calls).most_common())}
+        typed = [(c, t) for c, t in zip(calls, truth) if t not in (BLAST, "not blast")]
+        if typed:
+            row["type_accuracy"] = round(sum(c == t for c, t in typed) / len(typed), 4)
+            row["uncertain"] = round(sum(p.uncertain for p in predictions) / len(predictions), 4)
+        rows[name] = row
+    return rows
+
+
+CONTROL_TARGETS = {"taleqani-benign": ("called_blast", "<=", 0.05), "cnmc-all": ("called_blast", ">=", 0.90),
+                   "bccd": ("called_blast", "<=", 0.02)}
+
+
+def verdicts(controls: dict[str, dict[str, Any]]) -> dict[str, str]:
+    out = {}
+    for name, (key, op, target) in CONTROL_TARGETS.items():
+        if name in controls:
+            value = controls[name][key]
+            ok = value <= target if op == "<=" else value >= target
+            out[name] = f"{key} {value:.3f} (target {op} {target}): {'holds' if ok else 'FAILS'}"
+    return out
+
+
+# ----------------------------------------------------------------------------- shipping
+def to_half(bundle: Path, target: Path) -> Path:
+    """A copy of the bundle with float weights stored as float16 (loaded back as float32)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("*.pt"))
+    weights = target / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, weights)
+    return target
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def detector_card(results: dict[str, Any]) -> str:
+    m = results.get("detector_metrics", {})
+    ap = m.get("ap_50_per_class", {})
+    scale = results["scales"].get("cbc", {}).get("um_per_px")
+    return f"""# smear-detector
+
+Finds white cells, red cells and platelets in a stained peripheral-blood smear field.
+
+- **Model**: Faster R-CNN, MobileNetV3-Large + FPN (strides 8/16/32), box head 256 wide,
+  5.4 M parameters, weights stored as float16 (loaded as float32). Trained from random
+  initialisation (no ImageNet weights), {results.get('detector_epochs', '?')} epochs, stain augmentation.
+- **Classes**: WBC, RBC, Platelets.
+- **Training data**: CBC (Alam & Islam 2019; the BCCD smears with corrected boxes),
+  Training + Validation (300 distinct fields, 640x480), MIT licence. Pixel size of the
+  training fields: {_fmt(scale, 4)} um/px (estimated from their red cells); smear analysis
+  resamples every field to it first (`leukoscope.scale`).
+- **In-domain test** (CBC Testing, 60 fields, never trained on): mAP@0.5 {_fmt(m.get('map_50'))},
+  mAP@[.5:.95] {_fmt(m.get('map'))}, AP@0.5 WBC {_fmt(ap.get('WBC'))} / Platelets {_fmt(ap.get('Platelets'))} /
+  RBC {_fmt(ap.get('RBC'))}; white-cell count exact on {_fmt(m.get('wbc_count_exact'))} of the fields.
+- **Left-out sources**: no other shared source has boxes; BCCD shows the same smears as CBC,
+  so it is not an independent test. Scored on all-taleqani's and other labs' fields only
+  by the white cells the classifier then sees (see wbc-classifier).
+- **Intended use**: decision support in research and teaching; locating white cells for a
+  differential that a trained person reviews. Not a medical device; not for diagnosis.
+- **Known failure modes**: one lab, one stain, one camera in training: other stains and
+  magnifications are handled by stain augmentation and the scale estimate, not by
+  training data, so expect misses on strongly different slides (an earlier CBC detector
+  missed 45% of the white cells of an outside lab's fields). Dense or thick areas (red
+  cells overlapping) have no scale estimate and crowd the detector. Up to 100 boxes per
+  640x480 field: fields at the cap are flagged by `leukoscope analyze`.
+- **Retrain**: `python bench/zoo.py --install` (docs/benchmarks.md, "Shipped models").
+"""
+
+
+def classifier_card(results: dict[str, Any]) -> str:
+    m = results.get("classifier_metrics", {})
+    c = results["controls"]
+    rows = "\n".join(f"| {name} | {row['cells']} | {_fmt(row['called_blast'])} | "
+                     f"{_fmt(row.get('type_accuracy')) if 'type_accuracy' in row else '-'} | "
+                     f"{results['verdicts'].get(name, '-')} |" for name, row in c.items())
+    return f"""# wbc-classifier
+
+Types one white cell: the eight cell types of the PBC dataset and **blast**.
+
+- **Model**: MobileNetV2 at 96 px, 2.2 M parameters, from random initialisation, weights
+  stored as float16 (loaded as float32); temperature-scaled probabilities; a cell whose
+  calibrated confidence is below {results.get('uncertain_threshold', 0.5)} is answered "uncertain".
+- **Input**: a {results['window_um']:g} um square around the cell at the field's scale
+  (`leukoscope.cell_window`, `leukoscope.scale`), whatever the microscope.
+- **Classes**: basophil, blast, eosinophil, erythroblast, ig (immature granulocyte),
+  lymphocyte, monocyte, neutrophil, platelet.
+- **Training data and licences**:
+  - PBC dataset (Acevedo et al. 2020, Hospital Clinic Barcelona, CC BY 4.0): 3,200 cells, eight types.
+  - **blast**: the largest white cell of {results.get('blast_fields', '?')} malignant fields (Early Pre-B,
+    Pre-B, Pro-B) of the ALL image dataset of Taleqani Hospital (Aria, Ghaderzadeh et al.
+    2021), marked **research use**: this model is therefore for **research use only**, and
+    its blast class is learned from B-lineage ALL of one hospital.
+  - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
+- **In-domain test**: accuracy {_fmt(m.get('accuracy'), 4)}, macro-F1 {_fmt(m.get('macro_f1'), 4)}
+  (pbc cells and all-taleqani blasts of the held-out images).
+- **Left-out sources and controls** (never in training; targets from issue #11):
+
+| cells | n | called blast | type accuracy | verdict |
+|---|---|---|---|---|
+{rows}
+
+  taleqani-benign: all-taleqani's Benign fields (same lab and stain as the blasts, no
+  leukaemia): tests that the blast call comes from the cell, not the slide. cnmc-mini:
+  C-NMC 2019 cells (another lab, segmented on black; no scale in the images, each cell
+  taken to be {results['cnmc_cell_um']:g} um across). bccd: BCCD white cells (another lab; types from
+  `wbc_types.csv`): the leave-one-source-out score for the cell types.
+- **Intended use**: research and teaching; pre-classification for review by trained staff.
+  Not a medical device; a blast percentage is decision support, never a diagnosis.
+- **Known failure modes**: blasts come from one hospital and one ALL lineage (B-ALL):
+  myeloblasts and other labs' blasts are out of its experience; the rows above that say
+  FAILS are open problems, not tuned away. Cells at an unknown scale are cropped at the
+  detector's training scale (flagged in `analyze`'s output).
+- **Retrain**: `python bench/zoo.py --install` (docs/benchmarks.md, "Shipped models").
+"""
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "zoo")
+    parser.add_argument("--window-um", type=float, default=24.0, help="physical crop around each cell")
+    parser.add_argument("--blasts-per-subtype", type=int, default=400)
+    parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
+                        help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
+    parser.add_argument("--detector-epochs", type=int, default=12)
+    parser.add_argument("--classifier-epochs", type=int, default=20)
+    parser.add_argument("--minutes", type=float, default=60.0, help="time budget of each model")
+    parser.add_argument("--detector", type=Path, help="score this detector bundle instead of training one")
+    parser.add_argument("--classifier", type=Path, help="score this classifier bundle instead of training one")
+    parser.add_argument("--install", action="store_true", help="copy the bundles (fp16) into the package")
+    parser.add_argument("--crops-only", action="store_true", help="stop after writing the crops")
+    parser.add_argument("--install-dir", type=Path, default=PACKAGE_MODELS, help="where --install puts the bundles")
+    parser.add_argument("--detector-set", nargs="*", default=[], help="extra detector config overrides key=value")
+    parser.add_argument("--classifier-set", nargs="*", default=[], help="extra classifier config overrides")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if not (args.data / "pbc").is_dir():
+        print(f"{args.data} has no pbc folder: this needs ../shared/datasets", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    scales = source_scales(args.data)
+    crops = args.out / "crops"
+    controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
+    classifier = args.classifier
+    if classifier is None or args.crops_only:
+        manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype)
+        if args.crops_only:
+            return 0
+        classifier = train_classifier(manifest, args.out, args.window_um, args.classifier_epochs, args.minutes,
+                                      args.classifier_set)
+    detector = args.detector or train_detector(args.data, args.out, args.detector_epochs, args.minutes,
+                                                 args.detector_set)
+    from leukoscope.bundle import read_bundle_info
+
+    results: dict[str, Any] = {"scales": scales, "window_um": args.window_um, "cnmc_cell_um": args.cnmc_cell_um,
+                               "detector_epochs": args.detector_epochs,
+                               "blast_fields": 3 * args.blasts_per_subtype,
+                               "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
+                               "detector": str(detector), "classifier": str(classifier)}
+    results["controls"] = score_controls(classifier, controls)
+    results["verdicts"] = verdicts(results["controls"])
+    for role, bundle in (("detector", detector), ("classifier", classifier)):
+        results[f"{role}_metrics"] = read_bundle_info(bundle).metrics
+    if args.install:
+        half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
+        half_detector = to_half(detector, args.out / "half" / "smear-detector")
+        results["fp16_controls"] = score_controls(half_classifier, controls)
+        for name, bundle in (("smear-detector", half_detector), ("wbc-classifier", half_classifier)):
+            target = args.install_dir / name
+            card = target / "MODEL_CARD.md"
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("*.csv", "*.png", "*.html", "*.log"))
+            card.write_text(detector_card(results) if name == "smear-detector" else classifier_card(results))
+            _say(f"installed {target} ({sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB)")
+    results["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    (args.out / "zoo-results.json").write_text(json.dumps(results, indent=1, default=str))
+    _print_table(results)
+    return 0
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    det = results.get("detector_metrics", {})
+    cls = results.get("classifier_metrics", {})
+    print("\n| model | in-domain test | left-out sources |")
+    print("|---|---|---|")
+    ap = det.get("ap_50_per_class", {})
+    print(f"| smear-detector | CBC Testing mAP@0.5 {det.get('map_50', float('nan')):.3f}, WBC AP@0.5 "
+          f"{ap.get('WBC', float('nan')):.3f} | |")
+    c = results["controls"]
+    bccd = c.get("bccd", {})
+    print(f"| wbc-classifier | pbc+blast test accuracy {cls.get('accuracy', float('nan')):.4f}, macro-F1 "
+          f"{cls.get('macro_f1', float('nan')):.4f} | BCCD types {bccd.get('type_accuracy', float('nan')):.3f} "
+          f"({bccd.get('cells', 0)} cells) |")
+    print("\n| control (never in training) | cells | called blast | target | verdict |")
+    print("|---|---|---|---|---|")
+    for name, row in c.items():
+        target = CONTROL_TARGETS.get(name)
+        verdict = results["verdicts"].get(name, "")
+        print(f"| {name} | {row['cells']} | {row['called_blast']:.3f} | "
+              f"{(target[1] + ' ' + str(target[2])) if target else '-'} | {verdict.split(': ')[-1] if verdict else ''} |")
+    print(f"\nscales (um/px): " + ", ".join(f"{k} {v.get('um_per_px')}" for k, v in results["scales"].items()))
+    print(f"total {results['minutes']} min")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

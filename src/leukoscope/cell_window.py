@@ -1,0 +1,52 @@
+"""The crop a cell classifier sees: one rule for training data and for smear analysis.
+
+With the field's scale known and a classifier trained on a physical window
+(``Preprocessing.cell_window_um``), the crop is a square of that many micrometres
+centred on the cell (larger only when the cell itself is larger), so a lymphocyte
+stays small and a monocyte large whatever the microscope, and a crop from a 224 px
+all-taleqani field covers the same area of slide as one from a 360 px pbc image.
+Without a scale, the crop is the cell's box plus a margin (the older rule).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def window_box(box: Sequence[float], image_size: tuple[int, int], *, um_per_px: float | None = None,
+               window_um: float | None = None, margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The crop rectangle ``(x0, y0, x1, y1)`` for a cell box. With a scale and a window it is
+    square and may reach past the image (the caller pads); otherwise clipped to the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if um_per_px and window_um:
+        side = max(window_um / um_per_px, (x1 - x0) * (1 + 2 * margin), (y1 - y0) * (1 + 2 * margin))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+        size = max(1, int(round(side)))
+        return left, top, left + size, top + size
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    width, height = image_size
+    return (max(0, int(x0 - mx)), max(0, int(y0 - my)), min(width, int(math.ceil(x1 + mx))),
+            min(height, int(math.ceil(y1 + my))))
+
+
+def crop_cell(image: Image.Image, box: Sequence[float], *, um_per_px: float | None = None,
+              window_um: float | None = None, margin: float = 0.1) -> Image.Image:
+    """The cell's crop (see :func:`window_box`). A physical window reaching past the field is
+    padded with the field's median colour (its background) rather than black, so that a cell
+    at the edge keeps its scale and does not gain a border no training crop had."""
+    rect = window_box(box, image.size, um_per_px=um_per_px, window_um=window_um, margin=margin)
+    width, height = image.size
+    if rect[0] >= 0 and rect[1] >= 0 and rect[2] <= width and rect[3] <= height:
+        return image.crop(rect)
+    thumbnail = image.convert("RGB").resize((64, 64), Image.Resampling.BOX)  # the median of a big field, cheaply
+    background = tuple(int(v) for v in np.median(np.asarray(thumbnail).reshape(-1, 3), axis=0))
+    canvas = Image.new("RGB", (rect[2] - rect[0], rect[3] - rect[1]), background)
+    inside = (max(0, rect[0]), max(0, rect[1]), min(width, rect[2]), min(height, rect[3]))
+    if inside[2] > inside[0] and inside[3] > inside[1]:
+        canvas.paste(image.convert("RGB").crop(inside), (inside[0] - rect[0], inside[1] - rect[1]))
+    return canvas

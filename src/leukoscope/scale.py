@@ -1,0 +1,120 @@
+"""The physical scale of a field (micrometres per pixel), from its red cells.
+
+Sources differ in magnification: pbc's CellaVision crops show red cells ~73 px
+across, CBC/BCCD fields ~95 px, all-taleqani's 224 px fields ~15 px. A model that
+sees cells at one source's scale misreads another's, so detection and
+classification work at one scale in microns. A user may state it (``--um-per-px``);
+otherwise it is estimated here from the median diameter of isolated, round red
+cells, which are about 7.5 um across in every healthy or leukaemic smear (the
+white cells vary far more). A field with too few isolated red cells (a single
+segmented cell on black, a thick area, a blank field) has no estimate and is
+flagged instead of guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from skimage import filters, measure, segmentation
+
+#: Median diameter of a normal red cell on a dried, stained smear (ICSH; 6.7-7.8 um).
+RED_CELL_DIAMETER_UM = 7.5
+#: Fewer isolated red cells than this and the field's scale is not estimated.
+MIN_RED_CELLS = 3
+#: Estimation runs on a copy at most this many pixels on its longer side (speed; a red
+#: cell stays >= 10 px across at every magnification seen so far).
+_MAX_SIDE = 1024
+_MIN_DIAMETER_PX = 6.0
+
+ScaleSource = Literal["given", "estimated", "unknown"]
+
+
+@dataclass(frozen=True)
+class FieldScale:
+    """A field's pixel size and where it came from."""
+
+    um_per_px: float | None
+    source: ScaleSource
+    red_cells: int = 0
+    """Isolated red cells the estimate rests on (0 when given or unknown)."""
+    note: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.um_per_px is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def given(cls, um_per_px: float) -> "FieldScale":
+        if not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
+            raise ValueError(f"--um-per-px must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")
+        return cls(float(um_per_px), "given", 0, "stated by the user")
+
+
+def red_cell_diameters(image: Image.Image) -> np.ndarray:
+    """Equivalent diameters (image pixels) of the isolated, round, stained objects of a field.
+
+    Cells absorb green light far more than the background, so Otsu's threshold on the
+    green channel separates them; holes (red cells' pale centres) are filled; objects
+    cut by the border, touching clumps (low solidity) and elongated ones are dropped.
+    The median of what remains is dominated by red cells, which outnumber white cells
+    and platelets in any smear field."""
+    rgb = image.convert("RGB")
+    factor = min(1.0, _MAX_SIDE / max(rgb.size))
+    if factor < 1.0:
+        rgb = rgb.resize((max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor))),
+                         Image.Resampling.BILINEAR)
+    green = np.asarray(rgb, dtype=np.float32)[..., 1]
+    if float(green.max() - green.min()) < 10:  # a blank field: nothing to threshold
+        return np.zeros(0)
+    foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(green))
+    foreground = segmentation.clear_border(foreground)
+    diameters = [region.equivalent_diameter_area for region in measure.regionprops(measure.label(foreground))
+                 if region.area >= 20 and region.solidity > 0.9 and region.eccentricity < 0.75]
+    diameters = np.asarray(diameters, dtype=np.float64) / factor
+    return diameters[diameters >= _MIN_DIAMETER_PX]
+
+
+def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) -> FieldScale:
+    """The field's micrometres per pixel from its red cells, or an 'unknown' scale saying why."""
+    diameters = red_cell_diameters(image)
+    if len(diameters) == 0:
+        return FieldScale(None, "unknown", 0, "no isolated red cells found")
+    # Debris and platelets are many but small: weighted by area they hardly count, so the
+    # area-weighted median sits on the red cells; drop what is far smaller than it. White
+    # cells are few: trimming around the plain median of the rest removes them.
+    order = np.argsort(diameters)
+    cumulative = np.cumsum(diameters[order] ** 2)
+    weighted = float(diameters[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+    diameters = diameters[diameters >= 0.4 * weighted]
+    first = float(np.median(diameters))
+    red = diameters[(diameters > 0.6 * first) & (diameters < 1.5 * first)]
+    if len(red) < min_red_cells:
+        return FieldScale(None, "unknown", int(len(red)),
+                          f"only {len(red)} isolated red cell(s) found (need {min_red_cells})")
+    return FieldScale(RED_CELL_DIAMETER_UM / float(np.median(red)), "estimated", int(len(red)),
+                      f"median red-cell diameter {np.median(red):.1f} px = {RED_CELL_DIAMETER_UM} um")
+
+
+def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:
+    """The stated scale when there is one, else the estimate."""
+    return FieldScale.given(um_per_px) if um_per_px is not None else estimate_scale(image)
+
+
+def source_scale(images: list[Image.Image], *, min_fields: int = 3) -> FieldScale:
+    """One scale for a whole source (one microscope and camera): the median of its fields'
+    estimates, which is steadier than any single field's."""
+    estimates = [s for s in (estimate_scale(image) for image in images) if s.known]
+    if len(estimates) < min_fields:
+        return FieldScale(None, "unknown", 0, f"{len(estimates)} of {len(images)} fields had a scale estimate")
+    values = np.array([s.um_per_px for s in estimates])
+    return FieldScale(float(np.median(values)), "estimated", int(sum(s.red_cells for s in estimates)),
+                      f"median of {len(estimates)} of {len(images)} fields (IQR {np.percentile(values, 25):.4f}-"
+                      f"{np.percentile(values, 75):.4f} um/px)")

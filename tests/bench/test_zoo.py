@@ -1,0 +1,81 @@
+"""bench/zoo.py, the retraining of the shipped models, on tiny generated data in ../shared's layout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.draw import disk
+
+from leukoscope.bundle import read_bundle_info
+from leukoscope.data.synthetic_smears import make_synthetic_smears, render_smear
+from tests.bench.conftest import TINY_DETECTOR, TINY_SMEAR, run_script
+
+PBC_TYPES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+CELL_OF = {"basophil": "blast", "eosinophil": "monocyte", "erythroblast": "lymphocyte", "ig": "neutrophil",
+           "lymphocyte": "lymphocyte", "monocyte": "monocyte", "neutrophil": "neutrophil", "platelet": "lymphocyte"}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, taleqani_fields: Path, cbc_folder: Path) -> Path:
+    """pbc, all-taleqani, cnmc-mini, bccd and cbc folders as ../shared/datasets lays them out."""
+    root = tmp_path_factory.mktemp("datasets")
+    rng = np.random.default_rng(1)
+    spec = replace(TINY_SMEAR, width=96, height=96, wbc_per_image=(1, 1))
+    for name in PBC_TYPES:
+        (root / "pbc" / name).mkdir(parents=True)
+        for k in range(4):
+            pixels, _, _ = render_smear(rng, spec, types=[CELL_OF[name]])
+            Image.fromarray(pixels).save(root / "pbc" / name / f"{name}_{k}.jpg", quality=95)
+    (root / "all-taleqani").symlink_to(taleqani_fields)
+    (root / "cbc").symlink_to(cbc_folder)
+    for label in ("all", "hem"):
+        (root / "cnmc-mini" / label).mkdir(parents=True)
+        for k in range(2):
+            pixels = np.zeros((96, 96, 3), np.uint8)
+            pixels[disk((48, 48), 30 if label == "all" else 20, shape=(96, 96))] = (150, 110, 190)
+            Image.fromarray(pixels).save(root / "cnmc-mini" / label / f"UID_{k + 1}_1_1_{label}.bmp")
+    images = make_synthetic_smears(root / "bccd", 6, replace(TINY_SMEAR, seed=7))
+    rows = ["image,wbc_type"] + [f"{image.image_path.name},{kind}" for image, kind in
+                                 zip(images, ["NEUTROPHIL", "LYMPHOCYTE", "MONOCYTE", "EOSINOPHIL", "NEUTROPHIL",
+                                              "NEUTROPHIL, LYMPHOCYTE"])]
+    (root / "bccd" / "wbc_types.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_path: Path) -> None:
+    install = tmp_path / "pretrained"
+    run = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--install", "--install-dir", install,
+                     "--detector-epochs", "1", "--classifier-epochs", "1", "--blasts-per-subtype", "4",
+                     "--detector-set", *TINY_DETECTOR[:1], *TINY_DETECTOR[2:],
+                     "--classifier-set", "model.name=abas_cnn", "model.image_size=32", "train.batch_size=8",
+                     "train.threads=1")
+    assert "| control (never in training) |" in run.stdout and "| taleqani-benign |" in run.stdout
+    results = json.loads((tmp_path / "zoo" / "zoo-results.json").read_text())
+    assert set(results["controls"]) == {"taleqani-benign", "cnmc-all", "cnmc-hem", "bccd"}
+    assert results["controls"]["cnmc-all"]["cells"] == 2
+    assert results["controls"]["bccd"]["cells"] >= 1  # images with one known type and one white cell
+    assert "bccd" in results["verdicts"] and ("holds" in results["verdicts"]["bccd"]
+                                             or "FAILS" in results["verdicts"]["bccd"])
+    classifier = read_bundle_info(install / "wbc-classifier")
+    assert "blast" in classifier.classes and "erythroblast" in classifier.classes
+    assert classifier.preprocessing.cell_window_um == 24.0
+    assert read_bundle_info(install / "smear-detector").task == "detect"
+    for name in ("wbc-classifier", "smear-detector"):
+        card = (install / name / "MODEL_CARD.md").read_text()
+        assert card.startswith(f"# {name}") and "Known failure modes" in card
+        assert not list((install / name).glob("*.pt"))
+    from safetensors.torch import load_file
+
+    weights = load_file(install / "wbc-classifier" / "model.safetensors")
+    assert {str(v.dtype) for v in weights.values() if v.is_floating_point()} == {"torch.float16"}
+    assert "research use" in (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
+
+
+def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
+    run = run_script("zoo.py", "--data", tmp_path, expect=2)
+    assert "has no pbc folder" in run.stderr

@@ -1,0 +1,94 @@
+"""Smear analysis at one physical scale: fields resampled to the detector's training
+scale, cells cropped by the classifier's physical window, the scale recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.bundle import BundleInfo
+from leukoscope.inference.detector import DetectionResult
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.preprocessing import Preprocessing
+from tests.detection.smear_fakes import VERIFIED, FixedDetector, constant_classifier
+from tests.test_scale import smear_field
+
+
+class ScaledDetector(FixedDetector):
+    """Trained at ``um_per_px``; finds one cell at a fixed place of what it is shown, and
+    remembers the size of what it was shown."""
+
+    def __init__(self, um_per_px: float | None) -> None:
+        super().__init__([[100, 100, 140, 140]], metrics=VERIFIED)
+        self.info = BundleInfo("rule", ["WBC"], task="detect", metrics=dict(VERIFIED), um_per_px=um_per_px)
+        self.seen: list[tuple[int, int]] = []
+
+    def detect(self, images, *, threshold=None, batch_size=4):
+        self.seen += [tuple(image.shape[-2:][::-1]) for image in images]
+        return [DetectionResult(self.boxes, self.scores, np.zeros(1, int), self.classes)]
+
+
+class SizeRecorder:
+    """Wraps a classifier and keeps the size of each crop it is given."""
+
+    def __init__(self, classifier, window_um: float | None) -> None:
+        self.inner = classifier
+        self.classes, self.info = classifier.classes, classifier.info
+        self.info.preprocessing = Preprocessing(16, [0.5] * 3, [0.25] * 3, cell_window_um=window_um)
+        self.sizes: list[tuple[int, int]] = []
+
+    def predict_images(self, images):
+        self.sizes += [image.size for image in images]
+        return self.inner.predict_images(images)
+
+
+def test_a_field_at_another_magnification_is_resampled_to_the_detector_scale() -> None:
+    detector = ScaledDetector(um_per_px=0.1)
+    image = Image.new("RGB", (640, 480), (230, 220, 220))
+    result = SmearAnalyzer(detector, um_per_px=0.2).analyze(image)  # half the magnification
+    assert detector.seen == [(1280, 960)]
+    assert result.cells[0].box == pytest.approx((50, 50, 70, 70))  # back in the field's pixels
+    assert result.scale["source"] == "given" and result.scale["detector_resample"] == 2.0
+    detector.seen.clear()
+    SmearAnalyzer(detector, um_per_px=0.105).analyze(image)  # within 15%: left alone
+    assert detector.seen == [(640, 480)]
+
+
+def test_the_scale_is_estimated_from_red_cells_and_written_in_the_result() -> None:
+    detector = ScaledDetector(um_per_px=7.5 / 40)
+    field = smear_field(20.0)  # red cells 20 px: twice the detector's pixel size -> upsample x2
+    result = SmearAnalyzer(detector).analyze(field)
+    assert result.scale["source"] == "estimated" and result.scale["um_per_px"] == pytest.approx(0.375, rel=0.08)
+    (width, height), = detector.seen
+    assert width == pytest.approx(1280, rel=0.08) and height == pytest.approx(960, rel=0.08)
+    assert result.summary()["scale"]["red_cells"] >= 5
+
+
+def test_a_field_without_a_scale_is_assumed_at_the_detectors_and_says_so() -> None:
+    detector = ScaledDetector(um_per_px=0.08)
+    result = SmearAnalyzer(detector).analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
+    assert detector.seen == [(640, 480)]
+    assert result.scale["source"] == "unknown" and result.scale["analysed_at_um_per_px"] == 0.08
+    assert "assumed 0.0800 um/px" in result.scale["note"]
+
+
+def test_upsampling_stops_at_the_pixel_limit() -> None:
+    detector = ScaledDetector(um_per_px=0.01)
+    SmearAnalyzer(detector, um_per_px=0.5, max_pixels=640 * 480 * 4).analyze(Image.new("RGB", (640, 480)))
+    assert detector.seen == [(1280, 960)]
+
+
+@pytest.mark.parametrize("field_um_per_px, expected", [(0.1, 240), (0.5, 48)])
+def test_cells_are_cropped_by_the_classifiers_physical_window(field_um_per_px: float, expected: int) -> None:
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "lymphocyte"), window_um=24.0)
+    analyzer = SmearAnalyzer(ScaledDetector(um_per_px=None), classifier, um_per_px=field_um_per_px)
+    analyzer.analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
+    assert classifier.sizes == [(expected, expected)]
+
+
+def test_a_classifier_without_a_window_gets_the_box_and_its_margin() -> None:
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "lymphocyte"), window_um=None)
+    SmearAnalyzer(ScaledDetector(um_per_px=None), classifier, um_per_px=0.1).analyze(
+        Image.new("RGB", (640, 480), (230, 220, 220)))
+    assert classifier.sizes == [(48, 48)]  # the 40 px box plus 10% on each side

@@ -1,0 +1,120 @@
+"""The field scale from red cells (leukoscope.scale) and the physical cell window (leukoscope.cell_window)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.draw import disk
+
+from leukoscope.cell_window import crop_cell, window_box
+from leukoscope.scale import RED_CELL_DIAMETER_UM, FieldScale, estimate_scale, field_scale, source_scale
+
+BACKGROUND = (236, 226, 222)
+
+
+def smear_field(rbc_diameter: float, size: tuple[int, int] = (640, 480), seed: int = 0, n_red: int = 14,
+                wbc: bool = True, platelets: int = 6) -> Image.Image:
+    """A field of isolated pink red cells with pale centres, a few platelets and one white cell."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    canvas = np.empty((h, w, 3), np.float64)
+    canvas[:] = BACKGROUND
+    placed: list[tuple[float, float, float]] = []
+
+    def place(radius: float) -> tuple[float, float] | None:
+        for _ in range(200):
+            cx, cy = rng.uniform(radius + 2, w - radius - 2), rng.uniform(radius + 2, h - radius - 2)
+            if all(np.hypot(cx - x, cy - y) > radius + r + 3 for x, y, r in placed):
+                placed.append((cx, cy, radius))
+                return cx, cy
+        return None
+
+    if wbc:
+        centre = place(rbc_diameter * 0.9)
+        if centre:
+            canvas[disk(centre[::-1], rbc_diameter * 0.9, shape=(h, w))] = (120, 80, 170)
+    for _ in range(n_red):
+        radius = rbc_diameter / 2 * rng.uniform(0.95, 1.05)
+        centre = place(radius)
+        if centre:
+            canvas[disk(centre[::-1], radius, shape=(h, w))] = (205, 135, 150)
+            canvas[disk(centre[::-1], radius * 0.4, shape=(h, w))] = (222, 175, 182)
+    for _ in range(platelets):
+        centre = place(rbc_diameter * 0.15)
+        if centre:
+            canvas[disk(centre[::-1], rbc_diameter * 0.15, shape=(h, w))] = (140, 90, 170)
+    return Image.fromarray(canvas.astype(np.uint8))
+
+
+@pytest.mark.parametrize("diameter", [16.0, 40.0, 90.0])
+def test_scale_is_estimated_from_the_red_cells(diameter: float) -> None:
+    scale = estimate_scale(smear_field(diameter, size=(max(320, int(diameter * 9)), max(240, int(diameter * 7)))))
+    assert scale.source == "estimated" and scale.red_cells >= 5
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / diameter, rel=0.08)
+
+
+def test_a_field_upsampled_twice_has_half_the_pixel_size() -> None:
+    field = smear_field(40.0)
+    big = field.resize((field.width * 2, field.height * 2), Image.Resampling.BILINEAR)
+    assert estimate_scale(big).um_per_px == pytest.approx(estimate_scale(field).um_per_px / 2, rel=0.05)
+
+
+def test_a_large_field_is_estimated_on_a_reduced_copy() -> None:
+    field = smear_field(90.0, size=(2592, 1944), n_red=60)
+    assert estimate_scale(field).um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 90.0, rel=0.08)
+
+
+def test_fields_without_red_cells_have_no_scale() -> None:
+    blank = Image.new("RGB", (320, 240), BACKGROUND)
+    assert estimate_scale(blank).source == "unknown" and "no isolated red cells" in estimate_scale(blank).note
+    pixels = np.zeros((450, 450, 3), np.uint8)  # a C-NMC-style segmented cell on black
+    pixels[disk((225, 225), 140, shape=(450, 450))] = (150, 110, 190)
+    single = Image.fromarray(pixels)
+    assert not estimate_scale(single).known
+    few = smear_field(40.0, n_red=2, wbc=False, platelets=0)
+    scale = estimate_scale(few)
+    assert not scale.known and "only 2 isolated red cell" in scale.note
+
+
+def test_debris_does_not_pull_the_estimate_down() -> None:
+    scale = estimate_scale(smear_field(60.0, platelets=30, n_red=10))
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 60.0, rel=0.08)
+
+
+def test_a_stated_scale_wins_and_is_checked() -> None:
+    assert field_scale(Image.new("RGB", (10, 10)), 0.1) == FieldScale(0.1, "given", 0, "stated by the user")
+    with pytest.raises(ValueError, match="between 0.005 and 5"):
+        FieldScale.given(50.0)
+
+
+def test_source_scale_is_the_median_of_its_fields() -> None:
+    fields = [smear_field(40.0, seed=s) for s in range(4)] + [Image.new("RGB", (64, 64), BACKGROUND)]
+    scale = source_scale(fields)
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 40.0, rel=0.06)
+    assert "4 of 5 fields" in scale.note
+    assert not source_scale(fields[-1:] * 3).known
+
+
+def test_physical_window_is_the_same_area_of_slide_at_any_magnification() -> None:
+    # A 10x10 um cell at 0.1 um/px (100 px) and at 0.5 um/px (20 px): a 24 um window is
+    # 240 px and 48 px, both centred on the cell.
+    assert window_box((100, 100, 200, 200), (1000, 1000), um_per_px=0.1, window_um=24) == (30, 30, 270, 270)
+    assert window_box((20, 20, 40, 40), (224, 224), um_per_px=0.5, window_um=24) == (6, 6, 54, 54)
+    # A cell larger than the window gets a window around the whole cell plus its margin.
+    assert window_box((0, 0, 300, 300), (1000, 1000), um_per_px=0.1, window_um=24)[2:] == (330, 330)
+
+
+def test_without_a_scale_the_crop_is_the_box_plus_its_margin() -> None:
+    assert window_box((10, 20, 60, 70), (100, 100), margin=0.1) == (5, 15, 65, 75)
+    assert window_box((0, 0, 50, 50), (50, 50), margin=0.1) == (0, 0, 50, 50)
+
+
+def test_a_window_past_the_edge_is_padded_with_the_background() -> None:
+    field = Image.new("RGB", (100, 100), BACKGROUND)
+    field.paste((90, 40, 150), (0, 0, 20, 20))
+    crop = crop_cell(field, (0, 0, 20, 20), um_per_px=0.5, window_um=24)
+    assert crop.size == (48, 48)
+    pixels = np.asarray(crop)
+    assert tuple(pixels[0, 0]) == BACKGROUND  # outside the field: the field's median colour
+    assert tuple(pixels[24, 24]) == (90, 40, 150)  # the cell stays at the centre
