@@ -312,7 +312,7 @@ FINE_TUNE = ["train.epochs=1", "train.lr=0", "train.batch_size=16", "train.threa
 def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic_root: Path, tmp_path: Path) -> None:
     """lr 0: every trained tensor of the new bundle is the shipped model's, head included."""
     result = invoke("train", "--init", "pretrained:wbc-classifier", "--data", synthetic_root,
-                    f"output_root={tmp_path / 'runs'}", *FINE_TUNE)
+                    f"output_root={tmp_path / 'runs'}", "train.keep_checkpoint=true", *FINE_TUNE)
     assert result.exit_code == 0, result.output
     assert "same classes, its head is kept" in " ".join(result.output.split())
     bundle = Path(result.stdout.strip().splitlines()[-1])
@@ -322,6 +322,12 @@ def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic
     before, after = weights(shipped / DEFAULT_CLASSIFIER), weights(bundle)
     assert torch.equal(before["classifier.6.weight"], after["classifier.6.weight"])
     assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    # the run resumes from its config.yaml (which names the shipped model, and what came from it)
+    refused = invoke("train", "--resume", bundle.parent, "--init", "pretrained:wbc-classifier")
+    assert refused.exit_code == 2 and "--init cannot change" in refused.output
+    resumed = invoke("train", "--resume", bundle.parent, "train.epochs=2", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert [row["epoch"] for row in json.loads((bundle.parent / "history.json").read_text())] == [1, 2]
 
 
 def export_cells(root: Path, layout: str, cases: int = 8) -> Path:
@@ -371,9 +377,10 @@ def test_fine_tuning_on_a_review_export_makes_a_new_head(layout: str, classifier
     assert after["classifier.6.weight"].shape == (2, 60)
     train_log = (bundle.parent / "train.log").read_text()
     assert "its head is new" in train_log
-    if layout == "csv":  # the cells of one case stay in one part of the split
-        split = json.loads((bundle.parent / "split.json").read_text())
-        assert split  # (checked in depth by the data tests; here: the manifest's subjects were read)
+    if layout == "csv":  # the manifest's subject is the case: the cells of one case stay in one part
+        parts = json.loads((bundle.parent / "split.json").read_text())["splits"]
+        cases = {part: {row["subject"] for row in rows} for part, rows in parts.items()}
+        assert all(cases.values()) and sum(map(len, cases.values())) == 8
 
 
 def test_fine_tuning_a_detector(shipped: Path, smear_root: Path, tmp_path: Path) -> None:
