@@ -30,7 +30,7 @@ import typer
 from rich.markup import escape
 
 from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX, is_pretrained_spec, list_pretrained,
-                                   model_card, pretrained_names, resolve_bundle)
+                                   model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle)
 from leukoscope.progress import console, name_some
 
 if TYPE_CHECKING:
@@ -92,8 +92,6 @@ def models(
     if pretrained:
         shipped = _run(list_pretrained)
         if not shipped:
-            from leukoscope.pretrained import pretrained_root
-
             console.print(f"no shipped models in this install ({pretrained_root()} holds none); train your own "
                           f"with `leukoscope train`, or retrain them with python bench/zoo.py")
             return
@@ -163,8 +161,6 @@ def _train_task(config: Optional[Path], model: Optional[str], overrides: List[st
     if source is not None:
         return task_named(task_of_config_file(source))
     if init is not None:
-        from leukoscope.pretrained import peek_bundle
-
         return task_named(peek_bundle(_check_bundle(init, "--init")).task)
     named = [o.partition("=")[2] for o in overrides if o.startswith("model.name=")]
     model = model or (named[-1] if named else None)
