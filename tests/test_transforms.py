@@ -9,6 +9,7 @@ from PIL import Image
 
 from leukoscope.data.synthetic import render_cell
 from leukoscope.transforms import (
+    RandomResolution,
     AUGMENTATION_PRESETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -204,3 +205,17 @@ def test_normalize_custom_and_batched() -> None:
     assert out.shape == (2, 3, 2, 2)
     assert torch.allclose(out[0], torch.full((3, 2, 2), -1.0))
     assert torch.allclose(out[1], torch.full((3, 2, 2), 1.0))
+
+
+def test_random_resolution_blurs_and_keeps_the_shape(cell_tensor: torch.Tensor) -> None:
+    assert torch.equal(RandomResolution(p=0.0)(cell_tensor), cell_tensor)
+    torch.manual_seed(0)
+    blurred = RandomResolution(max_factor=3.0, p=1.0)(cell_tensor)
+    assert blurred.shape == cell_tensor.shape and blurred.dtype == torch.uint8
+
+    def detail(image: torch.Tensor) -> float:  # energy of the differences between neighbouring pixels
+        return float(image.float().diff(dim=-1).abs().mean())
+
+    assert detail(blurred) < detail(cell_tensor)
+    with pytest.raises(ValueError, match="at least 1"):
+        RandomResolution(max_factor=0.5)

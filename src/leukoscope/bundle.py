@@ -40,6 +40,7 @@ from torch import nn
 import leukoscope
 from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
+from leukoscope.pretrained import resolve_bundle
 
 BUNDLE_FORMAT_VERSION = 3
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
@@ -206,8 +207,9 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo) -> Path:
 
 
 def read_bundle_info(directory: str | Path, task: str | None = None) -> BundleInfo:
-    """The :class:`BundleInfo` of ``directory``; with ``task``, a clear error if the bundle is of another task."""
-    directory = Path(directory)
+    """The :class:`BundleInfo` of ``directory`` (a folder, or ``pretrained:NAME`` for a shipped
+    model); with ``task``, a clear error if the bundle is of another task."""
+    directory = resolve_bundle(directory)
     path = directory / BUNDLE_FILE
     if not directory.is_dir():
         raise BundleError(f"{directory}: bundle folder does not exist")
@@ -228,8 +230,9 @@ def read_bundle_info(directory: str | Path, task: str | None = None) -> BundleIn
 def load_bundle(directory: str | Path, device: str | torch.device = "cpu",
                 task: str | None = None) -> tuple[Any, BundleInfo]:
     """Rebuild the model of a bundle with its trained weights, in eval mode: an
-    ``nn.Module``, or a :class:`leukoscope.models.classic.ClassicModel` for a classical bundle."""
-    directory = Path(directory)
+    ``nn.Module``, or a :class:`leukoscope.models.classic.ClassicModel` for a classical bundle.
+    ``directory`` may name a shipped model: ``pretrained:NAME`` (:mod:`leukoscope.pretrained`)."""
+    directory = resolve_bundle(directory)
     info = read_bundle_info(directory, task)
     if info.framework == "sklearn":
         return _load_sklearn(directory, info), info

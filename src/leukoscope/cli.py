@@ -5,13 +5,16 @@
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
     leukoscope predict --bundle B INPUT [--explain DIR]
+    (B: a bundle folder, or pretrained:NAME for a model shipped in the package)
     leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
     leukoscope segment INPUT... --out DIR [--figure]
     leukoscope compare --config FILE      several models (CNN + classical), one split, one table
     leukoscope train-detector --config FILE  a cell detector on a Pascal VOC folder (= train, task: detect)
     leukoscope mil --config FILE          a cell classifier from field labels (multiple-instance)
-    leukoscope analyze FILE|FOLDER --detector D [--classifier B]   differential, blast %, flags
-    leukoscope models
+    leukoscope analyze FILE|FOLDER [--detector D] [--classifier B|none]   differential, blast %, flags
+                                          (default: the shipped smear-detector and wbc-classifier)
+    leukoscope train --init B --data D    fine-tune a trained bundle (or pretrained:NAME) on new data
+    leukoscope models [--pretrained | --card NAME]
     leukoscope serve --bundle B [--detector D]   web service (needs the service extra)
     leukoscope user add NAME --role ROLE        service users; `user token NAME` for scripts
 """
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.markup import escape
 
+from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX, is_pretrained_spec, list_pretrained,
+                                   model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle)
 from leukoscope.progress import console, name_some
 
 if TYPE_CHECKING:
@@ -72,8 +77,29 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
 
 
 @app.command()
-def models() -> None:
-    """List the models that can be trained."""
+def models(
+    pretrained: bool = typer.Option(False, "--pretrained", help="List the trained models shipped in the package "
+                                    "(use them as pretrained:NAME)."),
+    card: Optional[str] = typer.Option(None, "--card", help="Print the model card of shipped model NAME."),
+) -> None:
+    """List the models that can be trained (or, with --pretrained, the shipped trained ones)."""
+    if card is not None:
+        from rich.markdown import Markdown
+
+        text = _run(model_card, card)
+        console.print(Markdown(text))
+        return
+    if pretrained:
+        shipped = _run(list_pretrained)
+        if not shipped:
+            console.print(f"no shipped models in this install ({pretrained_root()} holds none); train your own "
+                          f"with `leukoscope train`, or retrain them with python bench/zoo.py")
+            return
+        console.print(f"{'name':<20} {'task':<9} {'classes':>7} {'size':>9}  summary")
+        for model in shipped:
+            console.print(f"{model.name:<20} {model.task:<9} {len(model.classes):>7} "
+                          f"{model.size_bytes / 1e6:>6.1f} MB  {escape(model.summary)}", soft_wrap=True)
+        return
     from leukoscope.models import list_models, model_entry
 
     for name in list_models():
@@ -102,12 +128,15 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
     return cfg
 
 
-def _check_bundle(path: Path) -> None:
-    # The bundle readers import torch; these two checks are the cheap part of theirs.
+def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
+    """The bundle folder ``spec`` names (``pretrained:NAME``: a shipped model's), checked to exist.
+    The bundle readers import torch; these checks are the cheap part of theirs."""
+    path = _run(resolve_bundle, spec, option=option)
     if not path.is_dir():
         _fail(f"{path}: bundle folder does not exist")
     if not (path / "bundle.json").is_file():
         _fail(f"{path}: not a leukoscope bundle (no bundle.json)")
+    return path
 
 
 def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
@@ -122,30 +151,39 @@ def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
     return extra
 
 
-def _train_task(config: Optional[Path], model: Optional[str], overrides: List[str], resume: Optional[Path]):
-    """The task a `train` call means: the config's (or the resumed run's) ``task:``, else the kind of
-    the model named by ``--model`` or ``model.name=``."""
+def _train_task(config: Optional[Path], model: Optional[str], overrides: List[str], resume: Optional[Path],
+                init: Optional[str] = None):
+    """The task a `train` call means: the config's (or the resumed run's) ``task:``, else the task of
+    the ``--init`` bundle, else the kind of the model named by ``--model`` or ``model.name=``."""
     from leukoscope.tasks import task_named, task_of_config_file, task_of_model
 
     source = resume / "config.yaml" if resume is not None else config
     if source is not None:
         return task_named(task_of_config_file(source))
+    if init is not None:
+        return task_named(peek_bundle(_check_bundle(init, "--init")).task)
     named = [o.partition("=")[2] for o in overrides if o.startswith("model.name=")]
     model = model or (named[-1] if named else None)
     return task_named(task_of_model(model) if model else "classify")
 
 
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
-           resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None) -> None:
+           resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None, init: Optional[str] = None) -> None:
     """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
     if resume is not None:
         from leukoscope.engine.run_dir import require_run_dir
 
         if split_file is not None:
             _fail("--split-file cannot change the split of a run being resumed (it keeps its split.json)")
+        if init is not None:
+            _fail("--init cannot change the starting weights of a run being resumed (it continues its checkpoint)")
         _run(require_run_dir, resume)
         config, data, model = resume / "config.yaml", None, None
-    cfg = _run(task.function("load_config"), config, _overrides(overrides or [], data, model, split_file))
+    extra = list(overrides or [])
+    if init is not None:  # checked here, before torch loads; kept as written (pretrained:NAME) in config.yaml
+        _check_bundle(init, "--init")
+        extra.append(f"model.init={init if is_pretrained_spec(init) else Path(init).resolve()}")
+    cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
     data_path = getattr(getattr(cfg, "data", None), "path", None)
     if data_path:  # a missing dataset fails now, not after torch has loaded
         from leukoscope.data.readers import check_dataset_path
@@ -168,15 +206,18 @@ def train(
                                         "name trains a detector."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune this trained bundle (a folder or "
+                                       "pretrained:NAME; same as model.init=...): its architecture and input "
+                                       "size, its head when the data has its classes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one model (by the config's task, or the model's kind) and write its bundle and report.
 
-    A config's `task:` (classify, detect or mil) or a detector `--model` chooses the
-    trainer; the last line printed is the bundle.
+    A config's `task:` (classify, detect or mil), a detector `--model` or an `--init`
+    detector bundle chooses the trainer; the last line printed is the bundle.
     """
-    task = _run(_train_task, config, model, overrides or [], resume)
-    _train(task, config, overrides or [], data, model, resume, quiet, split_file)
+    task = _run(_train_task, config, model, overrides or [], resume, init)
+    _train(task, config, overrides or [], data, model, resume, quiet, split_file, init)
 
 
 @app.command()
@@ -235,9 +276,10 @@ def split(
 
 @app.command()
 def evaluate(
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory, or pretrained:NAME."),
     data: str = typer.Option(..., "--data", help="Labelled dataset folder or CSV."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>; "
+                                       "for pretrained:NAME ./eval-NAME-<data>)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
     subset: str = typer.Option("test", help="Which part of --split-file to score."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
@@ -250,7 +292,7 @@ def evaluate(
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
     from leukoscope.data.readers import check_dataset_path
 
-    _check_bundle(bundle)
+    spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():
         _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
@@ -266,13 +308,15 @@ def evaluate(
     if given:
         _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
               f"{', '.join(given)} does not apply to it")
+    # a shipped model's folder is inside the installed package: its evaluations go to the working folder
+    out_root, prefix = (Path("."), f"eval-{bundle.name}-") if is_pretrained_spec(spec) else (bundle.parent, "eval-")
     if info.task == "detect":
-        out = out or bundle.parent / f"eval-{Path(data).name}{'-' + split if split else ''}"
+        out = out or out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}"
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
                       f"on {metrics['n_images']} images")
     else:
-        out = out or bundle.parent / f"eval-{Path(data).stem}"
+        out = out or out_root / f"{prefix}{Path(data).stem}"
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
@@ -283,7 +327,7 @@ def evaluate(
 @app.command()
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders."),
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory, or pretrained:NAME."),
     out: Path = typer.Option(Path("predictions.csv"), "--out", help=".csv or .json"),
     threshold: Optional[float] = typer.Option(None, help="Below this confidence answer 'uncertain' "
                                               "(default: the bundle's)."),
@@ -297,7 +341,7 @@ def predict(
     """
     from leukoscope.inference.predict_files import collect_images
 
-    _check_bundle(bundle)
+    bundle = _check_bundle(bundle, "--bundle")
     paths = _run(collect_images, inputs)
     from leukoscope.bundle import read_bundle_info
     from leukoscope.inference.predict_files import predict_to_file
@@ -367,8 +411,11 @@ def _service_call(fn, *args, **kwargs):
 
 @app.command()
 def serve(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Cell-classifier bundle (or LEUKOSCOPE_BUNDLE)."),
-    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector bundle: enables smear fields."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Cell-classifier bundle or pretrained:NAME (or "
+                                          "LEUKOSCOPE_BUNDLE; default: the shipped "
+                                          f"{DEFAULT_CLASSIFIER}, with the shipped {DEFAULT_DETECTOR})."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector bundle or pretrained:NAME: "
+                                            "enables smear fields."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database and image store "
                                             "(default ./leukoscope-data, or LEUKOSCOPE_DATA_DIR)."),
     database_url: Optional[str] = typer.Option(None, "--database-url", help="e.g. postgresql+psycopg://u:p@host/db "
@@ -389,7 +436,7 @@ def serve(
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
                                  migrate=migrate, inference_threads=inference_threads)
     if settings.bundle is None:
-        _fail("give a cell-classifier bundle: --bundle DIR (or LEUKOSCOPE_BUNDLE)")
+        settings = _shipped_service_models(settings)
     import uvicorn
 
     from leukoscope.service.admin import collect_store_garbage, open_database, user_count
@@ -423,6 +470,20 @@ def serve(
         _fail(str(exc))
     console.print(f"leukoscope service on http://{host}:{port}/  (API docs: /api/docs)")
     uvicorn.run(application, **options)
+
+
+def _shipped_service_models(settings):
+    """With no model configured at all, the shipped classifier (required) and detector (when installed)."""
+    shipped = pretrained_names()
+    if DEFAULT_CLASSIFIER not in shipped:
+        _fail(f"give a cell-classifier bundle: --bundle DIR or pretrained:NAME (or LEUKOSCOPE_BUNDLE); no shipped "
+              f"model {DEFAULT_CLASSIFIER!r} in this install" + (f" (shipped: {', '.join(shipped)})" if shipped else ""))
+    update = {"bundle": resolve_bundle(PREFIX + DEFAULT_CLASSIFIER)}
+    if settings.detector is None and DEFAULT_DETECTOR in shipped:
+        update["detector"] = resolve_bundle(PREFIX + DEFAULT_DETECTOR)
+    console.print("using the shipped models: " + ", ".join(f"{key} {escape(str(path))}" for key, path in update.items()),
+                  soft_wrap=True)
+    return settings.model_copy(update=update)
 
 
 def _guarded(fn, *args):
@@ -559,12 +620,49 @@ def mil(
     _train(task_named("mil"), config, overrides or [], data, model, None, quiet)
 
 
+def _analysis_models(detector: Optional[str], classifier: Optional[str],
+                     no_classifier: bool) -> tuple[Path, Optional[Path], str]:
+    """The detector and classifier folders `analyze` uses, and a line saying which they are.
+
+    No --detector: the shipped detector. No --classifier: the shipped classifier; when it is not
+    installed that is an error if no model was named at all, and with a --detector of one's own
+    the cells keep the detector's classes (as before models shipped), with a note."""
+    if no_classifier and classifier is not None and classifier.lower() != "none":
+        _fail("--no-classifier and --classifier contradict each other; give one")
+    named = detector is not None or classifier is not None
+    detector_spec = detector if detector is not None else PREFIX + DEFAULT_DETECTOR
+    detector_dir = _check_bundle(detector_spec, "--detector")
+    note = ""
+    if no_classifier or (classifier is not None and classifier.lower() == "none"):
+        classifier_spec = None
+    elif classifier is not None:
+        classifier_spec = classifier
+    elif named and DEFAULT_CLASSIFIER not in pretrained_names():
+        classifier_spec = None
+        note = (f" [yellow](no shipped {DEFAULT_CLASSIFIER} in this install: cells keep the detector's classes; "
+                f"--classifier B classifies them, --no-classifier silences this)[/yellow]")
+    else:
+        classifier_spec = PREFIX + DEFAULT_CLASSIFIER
+    classifier_dir = _check_bundle(classifier_spec, "--classifier") if classifier_spec is not None else None
+
+    def described(spec: str, folder: Path) -> str:
+        return escape(f"{spec} ({folder})" if is_pretrained_spec(spec) else str(folder))
+
+    used = f"detector {described(detector_spec, detector_dir)}, classifier " + (
+        described(classifier_spec, classifier_dir) if classifier_dir is not None else "none (detector classes)")
+    return detector_dir, classifier_dir, used + note
+
+
 @app.command()
 def analyze(
     inputs: List[Path] = typer.Argument(..., help="Smear images and/or folders of them."),
-    detector: Path = typer.Option(..., "--detector", help="Detector bundle (leukoscope train-detector)."),
-    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Cell classifier bundle for the "
-                                              "white-cell types (without it cells keep the detector's class)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Detector bundle (leukoscope train-detector) "
+                                           f"or pretrained:NAME (default: {PREFIX}{DEFAULT_DETECTOR})."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Cell classifier bundle for the "
+                                             f"white-cell types, or pretrained:NAME (default: {PREFIX}"
+                                             f"{DEFAULT_CLASSIFIER}); 'none' keeps the detector's classes."),
+    no_classifier: bool = typer.Option(False, "--no-classifier", help="Cells keep the detector's classes "
+                                       "(same as --classifier none)."),
     out: Path = typer.Option(Path("analysis"), "--out", help="Output folder."),
     blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as "
                                                     "blast (repeatable; default: the classes named exactly blast, "
@@ -586,12 +684,14 @@ def analyze(
 
     Writes per image <name>.annotated.png, <name>.cells.csv and <name>.json, and
     summary.csv / summary.json for the whole folder. Decision support, not a diagnosis.
+
+    Without model flags it uses the models shipped in the package (`leukoscope models
+    --pretrained`); with only --detector, the shipped classifier when installed.
     """
     from leukoscope.inference.predict_files import collect_images
 
-    _check_bundle(detector)
-    if classifier is not None:
-        _check_bundle(classifier)
+    detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
+    console.print(f"models: {used}", soft_wrap=True)
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.progress import progress_bar

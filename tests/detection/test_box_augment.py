@@ -47,3 +47,14 @@ def test_random_augment_keeps_boxes_valid_and_empty_boxes_work() -> None:
     assert out_boxes.shape == (0, 4)
     with pytest.raises(ValueError, match="unknown detection augmentation"):
         detection_augmentation("spin")
+
+
+def test_stain_preset_changes_colours_not_boxes() -> None:
+    torch.manual_seed(0)
+    image = torch.full((3, 30, 50), 180, dtype=torch.uint8)
+    image[:, 5:12, 8:20] = torch.tensor([120, 60, 160], dtype=torch.uint8)[:, None, None]
+    augment = DetectionAugment(flips=False, rotate=False, stain=0.1)
+    out, boxes = augment(image, torch.tensor([[8.0, 5.0, 20.0, 12.0]]))
+    assert torch.equal(boxes, torch.tensor([[8.0, 5.0, 20.0, 12.0]]))
+    assert out.dtype == torch.uint8 and not torch.equal(out, image)
+    assert detection_augmentation("stain").stain is not None

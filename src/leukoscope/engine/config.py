@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from leukoscope.classic.spec import FeatureSpec
 from leukoscope.presets import AUGMENTATION_PRESETS
+from leukoscope.pretrained import BundlePeek, PretrainedError, is_pretrained_spec, peek_bundle, resolve_bundle
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -61,6 +62,10 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: str = "resnet18"
     weights: str | None = None
+    init: str | None = None
+    """Fine-tune a trained classifier: its bundle folder or ``pretrained:NAME``. The architecture,
+    its options, the input size, normalisation and segmentation come from the bundle unless set
+    here; its head is kept when the data has the bundle's classes (same order), else replaced."""
     freeze_backbone: bool = False
     image_size: int = 128
     options: dict[str, Any] = Field(default_factory=dict)
@@ -335,7 +340,8 @@ def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> 
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for section, key in path_keys:
         value = (raw.get(section) or {}).get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value) \
+                and not is_pretrained_spec(value):
             raw[section][key] = str((path.parent / value).resolve())
     return raw
 
@@ -351,17 +357,75 @@ def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment file (or the defaults) and apply ``key=value`` overrides.
 
-    Relative ``data.path`` / ``data.split_file`` / ``model.weights`` in a file are
-    resolved against the file's folder.
+    Relative ``data.path`` / ``data.split_file`` / ``model.weights`` / ``model.init`` in a
+    file are resolved against the file's folder; with ``model.init``, what the config leaves
+    unset comes from that bundle (:func:`resolve_init`).
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = read_config_file(path, [("data", "path"), ("data", "split_file"), ("model", "weights")])
+        raw = read_config_file(path, [("data", "path"), ("data", "split_file"), ("model", "weights"),
+                                      ("model", "init")])
         task = raw.get("task", "classify")
         if task not in ("classify", "classification"):  # another task's schema: say which command runs it
             raise ConfigError(f"{path}: a {task!r} experiment, not a classification one; run it with "
                               f"`leukoscope train --config {path}`")
-    return build_config(ExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
+    return resolve_init(build_config(ExperimentConfig, raw, overrides, str(path) if path is not None else "defaults"))
+
+
+# --------------------------------------------------------------------------- model.init
+def peek_init(spec: str, task: str) -> BundlePeek:
+    """The bundle ``model.init`` names (a folder or ``pretrained:NAME``), read without torch; a
+    :class:`ConfigError` when it is missing, of another task, or a classical model."""
+    try:
+        peek = peek_bundle(resolve_bundle(spec, option="a bundle folder as model.init"))
+    except PretrainedError as exc:
+        raise ConfigError(f"model.init: {exc}") from None
+    if peek.task != task:
+        kinds = {"classify": "a cell classifier", "detect": "a cell detector"}
+        raise ConfigError(f"model.init {spec} is {kinds.get(peek.task, peek.task)} bundle; this {task} run "
+                          f"starts from {kinds[task]} bundle")
+    if peek.framework != "torch":
+        raise ConfigError(f"model.init {spec} is a classical model ({peek.model_name}): only a CNN bundle can be "
+                          f"fine-tuned; train a classical model from the data alone")
+    return peek
+
+
+def init_updates(model: BaseModel, peek: BundlePeek, spec: str) -> dict[str, Any]:
+    """What ``model.init``'s bundle gives a model section (``name``, merged ``options``): the
+    config's own ``name`` must be the bundle's, its ``options`` win over the bundle's."""
+    if getattr(model, "weights", None) or getattr(model, "backbone_weights", None):
+        raise ConfigError(f"model.init {spec} already gives the starting weights: drop model.weights "
+                          f"and model.backbone_weights, or model.init")
+    if "name" in model.model_fields_set and model.name != peek.model_name:
+        raise ConfigError(f"model.init {spec} is a {peek.model_name} bundle, but model.name is {model.name}: "
+                          f"drop model.name (it comes from the bundle) or start from a {model.name} bundle")
+    return {"name": peek.model_name, "options": {**peek.model_options, **model.options}}
+
+
+def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
+    """With ``model.init``: ``model.name``, ``model.options``, ``model.image_size``,
+    ``data.segmentation`` and ``data.cell_window_um`` from that bundle, unless the config sets them. Reads only the bundle's
+    JSON (no torch); repeated calls change nothing. The weights are loaded by the learner."""
+    spec = config.model.init
+    if not spec:
+        return config
+    peek = peek_init(spec, "classify")
+    model = init_updates(config.model, peek, spec)
+    preprocessing = peek.preprocessing or {}
+    if "image_size" not in config.model.model_fields_set and preprocessing.get("image_size"):
+        try:
+            model["image_size"] = image_size_in_range(int(preprocessing["image_size"]))
+        except ValueError as exc:
+            raise ConfigError(f"model.init {spec}: its image size {preprocessing['image_size']} {exc}; "
+                              f"set model.image_size") from None
+    update: dict[str, Any] = {"model": config.model.model_copy(update=model)}
+    # The crops a fine-tuned shipped classifier sees in analysis (and in the service's export)
+    # are its physical window: keep recording it.
+    data = {key: preprocessing[key] for key in ("segmentation", "cell_window_um")
+            if key not in config.data.model_fields_set and preprocessing.get(key)}
+    if data:
+        update["data"] = config.data.model_copy(update=data)
+    return config.model_copy(update=update)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -10,7 +10,8 @@ from typing import Any, Literal, Sequence
 from pydantic import Field, field_validator
 
 from leukoscope.data.box_augment import DETECTION_AUGMENTATIONS
-from leukoscope.engine.config import RunConfig, Section, TrainingBase, build_config, read_config_file
+from leukoscope.engine.config import (RunConfig, Section, TrainingBase, build_config, init_updates, peek_init,
+                                      read_config_file)
 
 
 class DetectionDataConfig(Section):
@@ -41,6 +42,10 @@ class DetectorModelConfig(Section):
     name: str = "fasterrcnn_mobilenet_v3_fpn"
     weights: str | None = None
     """A local state dict of the whole detector to start from."""
+    init: str | None = None
+    """Fine-tune a trained detector: its bundle folder or ``pretrained:NAME``. The architecture and
+    its options (input scale, anchors...) come from the bundle unless set here; its class layer is
+    kept when the data has the bundle's classes (same order), else replaced."""
     backbone_weights: str | None = None
     """Classifier weights for the backbone (for fasterrcnn_abas: an abas_cnn bundle folder or its model.safetensors)."""
     freeze_backbone: bool = False
@@ -95,10 +100,23 @@ class DetectionExperimentConfig(RunConfig):
 def load_detection_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DetectionExperimentConfig:
     """Read a detection YAML (or the defaults) and apply ``key=value`` overrides.
 
-    Relative ``data.path``, ``model.weights`` and ``model.backbone_weights`` are
-    resolved against the file's folder.
+    Relative ``data.path``, ``model.weights``, ``model.backbone_weights`` and ``model.init``
+    are resolved against the file's folder; with ``model.init``, what the config leaves unset
+    comes from that bundle (:func:`resolve_detection_init`).
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = read_config_file(path, [("data", "path"), ("model", "weights"), ("model", "backbone_weights")])
-    return build_config(DetectionExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
+        raw = read_config_file(path, [("data", "path"), ("model", "weights"), ("model", "backbone_weights"),
+                                      ("model", "init")])
+    config = build_config(DetectionExperimentConfig, raw, overrides, str(path) if path is not None else "defaults")
+    return resolve_detection_init(config)
+
+
+def resolve_detection_init(config: DetectionExperimentConfig) -> DetectionExperimentConfig:
+    """With ``model.init``: ``model.name`` and ``model.options`` from that detector bundle, unless
+    the config sets them (no torch; repeated calls change nothing)."""
+    spec = config.model.init
+    if not spec:
+        return config
+    update = init_updates(config.model, peek_init(spec, "detect"), spec)
+    return config.model_copy(update={"model": config.model.model_copy(update=update)})

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from leukoscope.classic.features import FeatureExtractor
 from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
+from leukoscope.engine.finetune import starting_weights
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.engine.loop import FitResult
 from leukoscope.engine.trainer import fit
@@ -64,6 +65,9 @@ def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: 
                           f"config (task: detect, e.g. configs/detector_cbc.yaml) or `leukoscope train "
                           f"--model {config.model.name} --data VOC_FOLDER`")
     if kind == "classic":
+        if config.model.init:
+            raise ConfigError(f"model.init fine-tunes a CNN; {config.model.name} is a classical model, "
+                              f"trained from the data alone")
         return SklearnLearner(config, classes, preprocessing)
     return TorchLearner(config, classes, preprocessing)
 
@@ -85,7 +89,10 @@ class TorchLearner:
         self.preprocessing = preprocessing
         self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)  # model initialisation is part of the seeded run
-        self.model = create_model(config.model.name, num_classes=len(classes), weights=config.model.weights,
+        weights = config.model.weights
+        if config.model.init:  # fine-tuning a bundle: its weights, with or without its head
+            weights = starting_weights(config.model.init, classes, "classify")
+        self.model = create_model(config.model.name, num_classes=len(classes), weights=weights,
                                   freeze_backbone=config.model.freeze_backbone, **config.model.options)
         self.num_classes = len(classes)
         self.model_options = dict(config.model.options)

@@ -27,7 +27,9 @@ Conventions shared by every builder:
   fewer is faster on a CPU, whose RoIAlign backward is single-threaded).
 - ``weights=None`` and random backbones by default (works offline).
   ``backbone_weights`` takes a local file (or a torchvision weight name, which
-  needs internet); ``weights`` a local state dict of the whole detector.
+  needs internet); ``weights`` a local state dict of the whole detector (a
+  :class:`~leukoscope.models.weights.WithoutHead` one: all but the class layer, to
+  fine-tune a trained detector on other classes).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from leukoscope.models.registry import register_model
 from leukoscope.models.seed_cnns import AbasCNN
-from leukoscope.models.weights import WeightsError, read_state_dict
+from leukoscope.models.weights import WeightsError, WithoutHead, load_backbone_weights, read_state_dict
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -134,10 +136,18 @@ def _load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: st
     return len(picked)
 
 
-def _finish(model: nn.Module, *, input_scale: float, scale_jitter: Sequence[float], weights: str | Path | None,
+def _class_layers(model: nn.Module) -> tuple[str, ...]:
+    """The tensors whose shape depends on the classes: Faster R-CNN's box predictor, FCOS's class logits."""
+    return ("head.classification_head.cls_logits.",) if isinstance(model, FCOS) else ("roi_heads.box_predictor.",)
+
+
+def _finish(model: nn.Module, *, input_scale: float, scale_jitter: Sequence[float],
+            weights: str | Path | WithoutHead | None,
             freeze_backbone: bool, backbone: nn.Module) -> nn.Module:
     model.transform = FixedScaleTransform(input_scale, tuple(scale_jitter))
-    if weights is not None:
+    if isinstance(weights, WithoutHead):  # a trained detector fine-tuned on other classes: a new class layer
+        load_backbone_weights(model, weights, head_prefixes=_class_layers(model))
+    elif weights is not None:
         state = read_state_dict(weights)
         try:
             model.load_state_dict(state, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,6 +11,18 @@ from torch import nn
 
 class WeightsError(ValueError):
     """A weights file is missing, unreadable, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class WithoutHead:
+    """A weights file to load without its head (the layers that name the classes), which the
+    model keeps at their initial values: a trained bundle fine-tuned on other classes
+    (``model.init``) passes its ``model.safetensors`` this way as the builder's ``weights``."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.path} (without its head)"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -34,13 +47,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, head_prefixes: tuple[str, ...]) -> list[str]:
+def load_backbone_weights(model: nn.Module, path: str | Path | WithoutHead,
+                          head_prefixes: tuple[str, ...]) -> list[str]:
     """Load ``path`` into ``model``, skipping head tensors whose shape differs
-    (e.g. ImageNet's 1000-class head); any other mismatch is an error.
+    (e.g. ImageNet's 1000-class head), and every head tensor for a :class:`WithoutHead`;
+    any other mismatch is an error.
 
     Returns the names of the tensors left at their initial values.
     """
-    state = read_state_dict(path)
+    if isinstance(path, WithoutHead):
+        path = path.path
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(head_prefixes)}
+    else:
+        state = read_state_dict(path)
     own = model.state_dict()
     usable = {}
     for key, value in state.items():

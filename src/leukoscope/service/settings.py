@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from leukoscope.pretrained import resolve_bundle
+
 ENV_PREFIX = "LEUKOSCOPE_"
 
 
@@ -21,9 +23,10 @@ class ServiceSettings(BaseModel):
 
     model_config = {"extra": "forbid", "frozen": True}
 
-    #: Cell-classifier bundle directory (required to serve).
+    #: Cell-classifier bundle directory, or ``pretrained:NAME`` for a shipped model (required to
+    #: serve; ``leukoscope serve`` defaults to the shipped classifier when the install has one).
     bundle: Path | None = None
-    #: Optional detector bundle: enables smear-field analysis.
+    #: Optional detector bundle (or ``pretrained:NAME``): enables smear-field analysis.
     detector: Path | None = None
     #: Where the SQLite database and the content-addressed image store live.
     #: Nothing under it is ever served as a static directory.
@@ -78,6 +81,12 @@ class ServiceSettings(BaseModel):
     gradcam: bool = True
     #: fsync stored files and their folder before the database commit (power-loss safety).
     fsync: bool = True
+
+    @field_validator("bundle", "detector", mode="before")
+    @classmethod
+    def _shipped(cls, value: Any) -> Any:
+        # pretrained:NAME -> the shipped model's folder (a clear error naming the shipped ones if absent)
+        return resolve_bundle(value) if isinstance(value, (str, Path)) else value
 
     @field_validator("bundle", "detector", "data_dir", mode="after")
     @classmethod

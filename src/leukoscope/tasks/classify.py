@@ -19,7 +19,7 @@ from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
-from leukoscope.engine.config import ExperimentConfig
+from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.learner import Learner, create_learner
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
@@ -37,14 +37,21 @@ def run_name(config: ExperimentConfig) -> str:
 
 
 def preprocessing_of(config: ExperimentConfig) -> Preprocessing:
-    """The preprocessing a run trains with and its bundle keeps (ImageNet statistics)."""
+    """The preprocessing a run trains with and its bundle keeps: ImageNet statistics, or those of
+    the bundle ``model.init`` fine-tunes (whose weights expect them)."""
+    statistics = {}
+    if config.model.init:
+        given = peek_init(config.model.init, "classify").preprocessing or {}
+        statistics = {key: list(given[key]) for key in ("mean", "std") if given.get(key)}
     return Preprocessing(image_size=config.model.image_size, segmentation=config.data.segmentation,
-                         cell_window_um=config.data.cell_window_um)
+                         cell_window_um=config.data.cell_window_um, **statistics)
 
 
 def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """The config with its paths made absolute, so that ``--resume`` works from any folder."""
-    return absolute_paths(config, ["data.path", "data.split_file", "model.weights", "output_root"])
+    """The config with its paths made absolute, so that ``--resume`` works from any folder; with
+    ``model.init``, completed from that bundle (:func:`~leukoscope.engine.config.resolve_init`)."""
+    return resolve_init(absolute_paths(config, ["data.path", "data.split_file", "model.weights", "model.init",
+                                                "output_root"]))
 
 
 def run_experiment(

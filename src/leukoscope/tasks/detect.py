@@ -15,10 +15,11 @@ import torch
 from leukoscope.bundle import BundleInfo, save_bundle
 from leukoscope.data.annotations import read_voc_dataset
 from leukoscope.engine.config import ConfigError
-from leukoscope.engine.detection_config import DetectionExperimentConfig
+from leukoscope.engine.detection_config import DetectionExperimentConfig, resolve_detection_init
 from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
                                               prepare_detection_data, to_ground_truth)
 from leukoscope.engine.detection_trainer import fit_detector
+from leukoscope.engine.finetune import starting_weights
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
@@ -29,11 +30,17 @@ from leukoscope.progress import say
 from leukoscope.scale import source_scale
 
 
-def build_detector(config: DetectionExperimentConfig, num_classes: int) -> torch.nn.Module:
+def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) -> torch.nn.Module:
+    """The detector of ``config`` for ``classes`` (names; or their number, without ``model.init``)."""
     entry = model_entry(config.model.name)
     if entry.kind != "detector":
         raise ConfigError(f"model.name {config.model.name!r} is a {entry.kind}, not a detector")
     options = dict(config.model.options)
+    num_classes = classes if isinstance(classes, int) else len(classes)
+    if config.model.init:  # fine-tuning a detector bundle: its weights, with or without its class layer
+        if isinstance(classes, int):
+            raise ConfigError("model.init needs the data's class names to compare them with the bundle's")
+        options["weights"] = starting_weights(config.model.init, classes, "detect")
     if config.model.weights:
         options["weights"] = config.model.weights
     if config.model.backbone_weights:
@@ -69,7 +76,8 @@ def run_detection_experiment(
     show_progress: bool = True,
 ) -> RunResult:
     """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
-    config = absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights", "output_root"])
+    config = resolve_detection_init(absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights",
+                                                            "model.init", "output_root"]))
     label = config.name or config.model.name
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
     with open_run(run_dir, config, resume=resume):
@@ -77,7 +85,7 @@ def run_detection_experiment(
         (run_dir / "split.json").write_text(json.dumps(splits.describe(), indent=1))
         classes = splits.classes
         seed_everything(config.train.seed)  # model initialisation is part of the seeded run
-        model = build_detector(config, len(classes))
+        model = build_detector(config, list(classes))
         n_params = count_parameters(model)
         sizes = {k: len(v) for k, v in splits.parts.items()}
         say(f"[bold]{label}[/bold]: {config.model.name} ({n_params / 1e6:.2f} M parameters), "

@@ -1,0 +1,52 @@
+"""Fine-tuning a trained bundle (``model.init``): which of its weights a new run starts from.
+
+The config side (architecture, options, input size from the bundle) is resolved when the
+config loads (:func:`leukoscope.engine.config.resolve_init`, no torch). Once the data's
+classes are known, :func:`starting_weights` gives the model builder its ``weights``,
+through the same loader as ``model.weights`` (:mod:`leukoscope.models.weights`):
+
+- the data has the bundle's classes, in the bundle's order: the whole model, head included;
+- otherwise the bundle's weights without its head (:class:`~leukoscope.models.WithoutHead`),
+  and a new head for the data's classes, with one warning line naming the differences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
+from leukoscope.models import WithoutHead
+from leukoscope.pretrained import resolve_bundle
+from leukoscope.progress import say
+
+
+def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str]) -> str | None:
+    """None when the two lists are equal; else what differs, in one phrase."""
+    bundle_classes, data_classes = list(bundle_classes), list(data_classes)
+    if bundle_classes == data_classes:
+        return None
+    if sorted(bundle_classes) == sorted(data_classes):
+        return (f"the same classes in another order (bundle {bundle_classes}, data {data_classes}; "
+                f"set data.classes to the bundle's order to keep its head)")
+    only_data = [c for c in data_classes if c not in bundle_classes]
+    only_bundle = [c for c in bundle_classes if c not in data_classes]
+    parts = ([f"only in the data: {only_data}"] if only_data else []) + \
+        ([f"only in the bundle: {only_bundle}"] if only_bundle else [])
+    return "; ".join(parts)
+
+
+def starting_weights(spec: str, classes: Sequence[str], task: str) -> Path | WithoutHead:
+    """The ``weights`` a model built for ``classes`` starts from when fine-tuning bundle ``spec``
+    (a folder or ``pretrained:NAME``): its whole ``model.safetensors`` when the classes match,
+    else that file without the head. Says which, on the run's log."""
+    directory = resolve_bundle(spec)
+    info = read_bundle_info(directory, task=task)
+    weights = directory / WEIGHTS_FILE
+    difference = class_difference(info.classes, classes)
+    if difference is None:
+        say(f"fine-tuning {spec} ({info.model_name}): same classes, its head is kept")
+        return weights
+    say(f"[yellow]warning:[/yellow] fine-tuning {spec} ({info.model_name}) on other classes: {difference}; "
+        f"its backbone is loaded and its head is new")
+    return WithoutHead(weights)

@@ -1,0 +1,458 @@
+"""Models shipped inside the package (``leukoscope.pretrained``): listing, ``pretrained:NAME``
+wherever a bundle is taken, the default models of ``analyze``, and fine-tuning (``--init``).
+
+The shipped folder is replaced by a temporary one (``LEUKOSCOPE_PRETRAINED_DIR``) holding the
+tiny detector and classifier bundles of the detection tests under the default names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from leukoscope.cli import app
+from leukoscope.data.synthetic import render_cell
+from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, ENV_VARIABLE, PretrainedError, card_summary,
+                                   list_pretrained, pretrained_path, resolve_bundle)
+
+from tests.detection.conftest import classifier_bundle, detector_bundle, smear_root  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+CARD = """---
+license: apache-2.0
+---
+# {name}
+
+{summary}
+
+## Data
+Generated cells.
+"""
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def shipped_dir(tmp_path_factory: pytest.TempPathFactory, detector_bundle: Path, classifier_bundle: Path) -> Path:
+    root = tmp_path_factory.mktemp("pretrained")
+    for name, bundle, summary in ((DEFAULT_DETECTOR, detector_bundle, "Finds white cells in smear fields."),
+                                  (DEFAULT_CLASSIFIER, classifier_bundle, "Names the type of a white cell.")):
+        shutil.copytree(bundle, root / name)
+        (root / name / "MODEL_CARD.md").write_text(CARD.format(name=name, summary=summary))
+    (root / "README.md").write_text("not a model\n")
+    (root / "half-copied").mkdir()  # no bundle.json: not a model
+    return root
+
+
+@pytest.fixture
+def shipped(shipped_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(ENV_VARIABLE, str(shipped_dir))
+    return shipped_dir
+
+
+@pytest.fixture
+def nothing_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    empty = tmp_path / "empty-pretrained"
+    empty.mkdir()
+    monkeypatch.setenv(ENV_VARIABLE, str(empty))
+    return empty
+
+
+def weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(bundle / "model.safetensors"))
+
+
+# ------------------------------------------------------------------ the module
+
+
+def test_list_and_resolve_shipped_models(shipped: Path) -> None:
+    models = {m.name: m for m in list_pretrained()}
+    assert sorted(models) == [DEFAULT_DETECTOR, DEFAULT_CLASSIFIER]
+    detector, classifier = models[DEFAULT_DETECTOR], models[DEFAULT_CLASSIFIER]
+    assert (detector.task, classifier.task) == ("detect", "classify")
+    assert detector.classes == ["WBC", "RBC", "Platelets"] and len(classifier.classes) == 4
+    assert classifier.summary == "Names the type of a white cell."  # front matter and heading skipped
+    assert classifier.card == shipped / DEFAULT_CLASSIFIER / "MODEL_CARD.md"
+    assert classifier.size_bytes == sum(p.stat().st_size for p in classifier.path.iterdir())
+    assert classifier.spec == "pretrained:wbc-classifier"
+    assert resolve_bundle("pretrained:wbc-classifier") == shipped / DEFAULT_CLASSIFIER
+    assert pretrained_path(DEFAULT_DETECTOR) == shipped / DEFAULT_DETECTOR
+    assert resolve_bundle("runs/x/bundle") == Path("runs/x/bundle")  # any other value is a path
+    with pytest.raises(PretrainedError, match=r"no shipped model 'nope'.*shipped: smear-detector, wbc-classifier"):
+        resolve_bundle("pretrained:nope")
+    with pytest.raises(PretrainedError, match="give a model name"):
+        resolve_bundle("pretrained:")
+    with pytest.raises(PretrainedError, match="give a model name"):
+        resolve_bundle("pretrained:../elsewhere")
+
+
+def test_an_empty_install_says_what_to_do(nothing_shipped: Path) -> None:
+    assert list_pretrained() == []
+    with pytest.raises(PretrainedError) as error:
+        pretrained_path(DEFAULT_CLASSIFIER, option="--classifier")
+    assert str(error.value).startswith("no shipped model 'wbc-classifier' in this install")
+    assert str(error.value).endswith("pass --classifier or retrain with python bench/zoo.py")
+
+
+def test_card_summary_is_the_first_line_of_text(tmp_path: Path) -> None:
+    card = tmp_path / "card.md"
+    card.write_text("# Title\n\n<!-- generated -->\n## Sub\nFirst words.\nSecond line.\n")
+    assert card_summary(card) == "First words."
+    card.write_text("# Only a heading\n")
+    assert card_summary(card) == ""
+
+
+def test_the_package_folder_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import leukoscope
+    from leukoscope.pretrained import pretrained_root
+
+    monkeypatch.delenv(ENV_VARIABLE, raising=False)
+    assert pretrained_root() == Path(leukoscope.__file__).resolve().parent / "pretrained"
+    assert (pretrained_root() / "README.md").is_file()  # keeps the (possibly empty) folder in git
+    assert all(m.path.parent == pretrained_root() for m in list_pretrained())
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_models_lists_the_shipped_models_and_prints_a_card(shipped: Path) -> None:
+    listed = invoke("models", "--pretrained")
+    assert listed.exit_code == 0, listed.output
+    lines = {line.split()[0]: line for line in listed.output.splitlines() if line.strip()}
+    assert lines["smear-detector"].split()[1:3] == ["detect", "3"]
+    assert lines["wbc-classifier"].split()[1:3] == ["classify", "4"]
+    assert "MB" in lines["wbc-classifier"] and "Names the type of a white cell." in lines["wbc-classifier"]
+    assert "half-copied" not in listed.output
+    card = invoke("models", "--card", "wbc-classifier")
+    assert card.exit_code == 0, card.output
+    assert "wbc-classifier" in card.output and "Names the type of a white cell." in card.output
+    assert "Generated cells." in card.output and "## Data" not in card.output  # rendered, not raw Markdown
+    unknown = invoke("models", "--card", "nope")
+    assert unknown.exit_code == 2 and "no shipped model 'nope'" in unknown.output
+    assert "shipped: smear-detector, wbc-classifier" in " ".join(unknown.output.split())
+    assert invoke("models", "--card", "pretrained:smear-detector").exit_code == 0
+    trainable = invoke("models")
+    assert trainable.exit_code == 0 and "abas_cnn" in trainable.output and "wbc-classifier" not in trainable.output
+
+
+def test_models_pretrained_on_an_empty_install(nothing_shipped: Path) -> None:
+    result = invoke("models", "--pretrained")
+    assert result.exit_code == 0 and "no shipped models in this install" in " ".join(result.output.split())
+
+
+def fields_folder(smear_root: Path, tmp_path: Path, count: int = 2) -> Path:
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for path in sorted((smear_root / "JPEGImages").glob("*.png"))[:count]:
+        (fields / path.name).write_bytes(path.read_bytes())
+    return fields
+
+
+def test_analyze_without_model_flags_uses_the_shipped_models(shipped: Path, smear_root: Path,
+                                                             tmp_path: Path) -> None:
+    fields = fields_folder(smear_root, tmp_path)
+    result = invoke("analyze", fields, "--out", tmp_path / "out", "--quiet", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"detector pretrained:smear-detector ({shipped / DEFAULT_DETECTOR})" in output
+    assert f"classifier pretrained:wbc-classifier ({shipped / DEFAULT_CLASSIFIER})" in output
+    assert len(list((tmp_path / "out").glob("*.cells.csv"))) == 2
+    # the classifier named the cells: its classes, not the detector's
+    labels = {row["label"] for path in (tmp_path / "out").glob("*.cells.csv") for row in csv.DictReader(path.open())}
+    assert labels and not labels & {"WBC", "RBC", "Platelets"}
+
+    kept = invoke("analyze", fields, "--out", tmp_path / "kept", "--quiet", "--no-classifier")
+    assert kept.exit_code == 0, kept.output
+    assert "classifier none (detector classes)" in " ".join(kept.output.split())
+    same = invoke("analyze", fields, "--out", tmp_path / "same", "--quiet", "--classifier", "none")
+    assert same.exit_code == 0 and "classifier none" in same.output
+    both = invoke("analyze", fields, "--no-classifier", "--classifier", "pretrained:wbc-classifier")
+    assert both.exit_code == 2 and "contradict" in both.output
+
+
+def test_analyze_without_shipped_models_fails_clearly(nothing_shipped: Path, smear_root: Path, tmp_path: Path,
+                                                      detector_bundle: Path) -> None:
+    fields = fields_folder(smear_root, tmp_path, count=1)
+    result = invoke("analyze", fields, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "no shipped model 'smear-detector' in this install" in output
+    assert "pass --detector or retrain with python bench/zoo.py" in output
+    assert not (tmp_path / "out").exists()
+    # a detector of one's own without a shipped classifier: cells keep the detector's classes, said so
+    own = invoke("analyze", fields, "--detector", detector_bundle, "--out", tmp_path / "own", "--quiet")
+    assert own.exit_code == 0, own.output
+    assert "no shipped wbc-classifier in this install: cells keep the detector's classes" in " ".join(own.output.split())
+    missing = invoke("analyze", fields, "--detector", detector_bundle, "--classifier", "pretrained:wbc-classifier")
+    assert missing.exit_code == 2 and "pass --classifier or retrain" in " ".join(missing.output.split())
+
+
+def test_predict_and_evaluate_take_pretrained_names(shipped: Path, synthetic_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "preds.csv"
+    result = invoke("predict", "--bundle", "pretrained:wbc-classifier", synthetic_root / "blast", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(out.open()))) == len(list((synthetic_root / "blast").iterdir()))
+    monkeypatch.chdir(tmp_path)  # a shipped model's evaluation goes to the working folder, not into the package
+    evaluated = invoke("evaluate", "--bundle", "pretrained:wbc-classifier", "--data", synthetic_root)
+    assert evaluated.exit_code == 0, evaluated.output
+    report = Path(evaluated.stdout.strip().splitlines()[-1])
+    assert report.resolve() == (tmp_path / f"eval-wbc-classifier-{synthetic_root.name}" / "report.html").resolve()
+    assert not list((shipped / DEFAULT_CLASSIFIER).glob("eval-*")) and not list(shipped.glob("eval-*"))
+    wrong = invoke("predict", "--bundle", "pretrained:smear-detector", synthetic_root / "blast")
+    assert wrong.exit_code == 2 and "needs a cell classifier bundle" in wrong.output
+    unknown = invoke("predict", "--bundle", "pretrained:nope", synthetic_root / "blast")
+    assert unknown.exit_code == 2 and "no shipped model 'nope'" in unknown.output and "pass --bundle" in unknown.output
+
+
+def test_bundle_readers_take_pretrained_names(shipped: Path) -> None:
+    from leukoscope.bundle import load_bundle, read_bundle_info
+
+    assert read_bundle_info("pretrained:smear-detector").task == "detect"
+    model, info = load_bundle("pretrained:wbc-classifier", task="classify")
+    assert info.model_name == "abas_cnn" and not model.training
+
+
+def test_service_settings_take_pretrained_names(shipped: Path) -> None:
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env({"LEUKOSCOPE_BUNDLE": "pretrained:wbc-classifier"},
+                                        detector="pretrained:smear-detector")
+    assert settings.bundle == shipped / DEFAULT_CLASSIFIER and settings.detector == shipped / DEFAULT_DETECTOR
+    with pytest.raises(ValueError, match="no shipped model 'nope'"):
+        ServiceSettings(bundle="pretrained:nope")
+
+
+def test_bad_names_fail_before_torch_is_imported(tmp_path: Path) -> None:
+    code = """
+import sys
+from leukoscope.cli import app
+codes = []
+for args in (["predict", "--bundle", "pretrained:nope", "x.png"], ["analyze", "x.png"],
+             ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", "."],
+             ["train", "--init", "pretrained:nope", "--data", "."], ["train", "--data", ".", "model.init=pretrained:x"]):
+    try:
+        app(args)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name in sys.modules))
+"""
+    import leukoscope
+
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(leukoscope.__file__).parents[1]), ENV_VARIABLE: str(tmp_path / "empty")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] []", done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def test_init_config_takes_the_architecture_from_the_bundle(shipped: Path, tmp_path: Path,
+                                                            detector_bundle: Path) -> None:
+    from leukoscope.engine.config import ConfigError, load_config
+    from leukoscope.engine.detection_config import load_detection_config
+
+    config = load_config(None, ["model.init=pretrained:wbc-classifier"])
+    assert (config.model.name, config.model.image_size) == ("abas_cnn", 48)
+    assert config.model.options == {"dropout": 0.0} and config.model.init == "pretrained:wbc-classifier"
+    assert load_config(None, ["model.init=pretrained:wbc-classifier", "model.image_size=64"]).model.image_size == 64
+    with pytest.raises(ConfigError, match="is a abas_cnn bundle, but model.name is resnet18"):
+        load_config(None, ["model.init=pretrained:wbc-classifier", "model.name=resnet18"])
+    with pytest.raises(ConfigError, match="is a cell detector bundle"):
+        load_config(None, ["model.init=pretrained:smear-detector"])
+    with pytest.raises(ConfigError, match="drop model.weights"):
+        load_config(None, ["model.init=pretrained:wbc-classifier", "model.weights=x.pt"])
+    with pytest.raises(ConfigError, match="no shipped model 'nope'"):
+        load_config(None, ["model.init=pretrained:nope"])
+    # in a file: a relative folder is resolved against the file's folder, a pretrained name is kept
+    shutil.copytree(shipped / DEFAULT_CLASSIFIER, tmp_path / "models" / "mine")
+    (tmp_path / "a.yaml").write_text("model:\n  init: models/mine\n")
+    assert load_config(tmp_path / "a.yaml").model.init == str((tmp_path / "models" / "mine").resolve())
+    (tmp_path / "b.yaml").write_text("model:\n  init: pretrained:wbc-classifier\n")
+    assert load_config(tmp_path / "b.yaml").model.init == "pretrained:wbc-classifier"
+    detection = load_detection_config(None, ["model.init=pretrained:smear-detector"])
+    assert detection.model.name == "fasterrcnn_abas" and detection.model.options["input_scale"] == 0.5
+
+
+def test_a_head_is_loaded_or_left_new(classifier_bundle: Path) -> None:
+    from leukoscope.engine.finetune import class_difference
+    from leukoscope.models import WithoutHead, create_model
+
+    saved = weights(classifier_bundle)
+    kept = create_model("abas_cnn", num_classes=4, weights=classifier_bundle / "model.safetensors").state_dict()
+    new = create_model("abas_cnn", num_classes=4, weights=WithoutHead(classifier_bundle / "model.safetensors"))
+    assert torch.equal(kept["classifier.6.weight"], saved["classifier.6.weight"])
+    assert torch.equal(new.state_dict()["features.0.weight"], saved["features.0.weight"])
+    assert not torch.equal(new.state_dict()["classifier.6.weight"], saved["classifier.6.weight"])
+    assert class_difference(["a", "b"], ["a", "b"]) is None
+    assert class_difference(["a", "b", "c"], ["a", "d"]) == "only in the data: ['d']; only in the bundle: ['b', 'c']"
+    assert "another order" in class_difference(["b", "a"], ["a", "b"])
+
+
+FINE_TUNE = ["train.epochs=1", "train.lr=0", "train.batch_size=16", "train.threads=1", "--quiet"]
+
+
+def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    """lr 0: every trained tensor of the new bundle is the shipped model's, head included."""
+    result = invoke("train", "--init", "pretrained:wbc-classifier", "--data", synthetic_root,
+                    f"output_root={tmp_path / 'runs'}", "train.keep_checkpoint=true", *FINE_TUNE)
+    assert result.exit_code == 0, result.output
+    assert "same classes, its head is kept" in " ".join(result.output.split())
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["model_name"] == "abas_cnn" and info["preprocessing"]["image_size"] == 48
+    assert info["provenance"]["config"]["model"]["init"] == "pretrained:wbc-classifier"
+    before, after = weights(shipped / DEFAULT_CLASSIFIER), weights(bundle)
+    assert torch.equal(before["classifier.6.weight"], after["classifier.6.weight"])
+    assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    # the run resumes from its config.yaml (which names the shipped model, and what came from it)
+    refused = invoke("train", "--resume", bundle.parent, "--init", "pretrained:wbc-classifier")
+    assert refused.exit_code == 2 and "--init cannot change" in refused.output
+    resumed = invoke("train", "--resume", bundle.parent, "train.epochs=2", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert [row["epoch"] for row in json.loads((bundle.parent / "history.json").read_text())] == [1, 2]
+
+
+def export_cells(root: Path, layout: str, cases: int = 8) -> Path:
+    """Reviewed cells laid out as the service's dataset export writes them (service/cases.py
+    export_dataset): ``folders``: ``<label>/case-<id>-cell-<n>.png``; ``csv``: ``images/...`` plus
+    ``manifest.csv`` with the case as subject."""
+    rng = np.random.default_rng(5)
+    rows = []
+    cell = 0
+    for case in range(1, cases + 1):
+        case_id = f"c{case:04d}ab"
+        for label in ("lymphocyte", "monocyte", "lymphocyte", "monocyte"):
+            cell += 1
+            member = f"{label}/case-{case_id}-cell-{cell}.png" if layout == "folders" else \
+                f"images/case-{case_id}-cell-{cell}.png"
+            (root / member).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(render_cell(label, rng, 40)).save(root / member)
+            rows.append({"path": member, "label": label, "subject": case_id, "case": case_id, "cell": cell,
+                         "predicted": "lymphocyte", "top_class": "lymphocyte", "confidence": 0.9,
+                         "reviewed_at": "2026-01-01T00:00:00"})
+    if layout == "csv":
+        with (root / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return root / "manifest.csv"
+    return root
+
+
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_fine_tuning_on_a_review_export_makes_a_new_head(layout: str, classifier_bundle: Path,
+                                                         tmp_path: Path) -> None:
+    """The reviewed-labels export is a training set as it is; other classes than the bundle's: its
+    backbone is loaded, the head is new and sized for the export's classes."""
+    data = export_cells(tmp_path / "export", layout)
+    result = invoke("train", "--init", classifier_bundle, "--data", data, f"output_root={tmp_path / 'runs'}",
+                    *FINE_TUNE)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "on other classes: only in the bundle: ['blast', 'neutrophil']; its backbone is loaded and its head is new" \
+        in output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["classes"] == ["lymphocyte", "monocyte"] and info["model_name"] == "abas_cnn"
+    before, after = weights(classifier_bundle), weights(bundle)
+    assert torch.equal(before["features.0.weight"], after["features.0.weight"])
+    assert after["classifier.6.weight"].shape == (2, 60)
+    train_log = (bundle.parent / "train.log").read_text()
+    assert "its head is new" in train_log
+    if layout == "csv":  # the manifest's subject is the case: the cells of one case stay in one part
+        parts = json.loads((bundle.parent / "split.json").read_text())["splits"]
+        cases = {part: {row["subject"] for row in rows} for part, rows in parts.items()}
+        assert all(cases.values()) and sum(map(len, cases.values())) == 8
+
+
+def test_fine_tuning_a_detector(shipped: Path, smear_root: Path, tmp_path: Path) -> None:
+    """--init with a detector bundle trains a detector; in the bundle's class order its class layer is kept."""
+    result = invoke("train", "--init", "pretrained:smear-detector", "--data", smear_root,
+                    "data.classes=[WBC, RBC, Platelets]", f"output_root={tmp_path / 'runs'}", "train.epochs=1",
+                    "train.lr=0", "train.batch_size=4", "train.threads=1", "train.warmup_iters=1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "same classes, its head is kept" in " ".join(result.output.split())
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["task"] == "detect" and info["model_name"] == "fasterrcnn_abas"
+    before, after = weights(shipped / DEFAULT_DETECTOR), weights(bundle)
+    assert torch.equal(before["roi_heads.box_predictor.cls_score.weight"], after["roi_heads.box_predictor.cls_score.weight"])
+
+
+def test_detector_class_layer_is_new_for_other_classes(detector_bundle: Path) -> None:
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.detect import build_detector
+
+    config = load_detection_config(None, [f"model.init={detector_bundle}"])
+    model = build_detector(config, ["Platelets", "RBC", "WBC"])  # the same classes, in another order
+    saved, built = weights(detector_bundle), model.state_dict()
+    assert torch.equal(saved["backbone.features.0.weight"], built["backbone.features.0.weight"])
+    assert not torch.equal(saved["roi_heads.box_predictor.cls_score.weight"],
+                           built["roi_heads.box_predictor.cls_score.weight"])
+
+
+# ------------------------------------------------------------------ packaging
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_models(tmp_path: Path) -> None:
+    """A model folder under src/leukoscope/pretrained/ ends up in the wheel (bundle.json,
+    model.safetensors, MODEL_CARD.md; nothing else). Built from a copy of the source tree."""
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    model = source / "src" / "leukoscope" / "pretrained" / "tiny-model"
+    model.mkdir(parents=True, exist_ok=True)
+    for name in ("bundle.json", "model.safetensors", "MODEL_CARD.md", "notes.txt"):
+        (model / name).write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "No module named" in done.stderr:
+        pytest.skip(f"cannot build a wheel here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("leukoscope-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n for n in names if n.startswith("leukoscope/pretrained/")}
+    assert shipped == {"leukoscope/pretrained/README.md", "leukoscope/pretrained/tiny-model/bundle.json",
+                       "leukoscope/pretrained/tiny-model/model.safetensors",
+                       "leukoscope/pretrained/tiny-model/MODEL_CARD.md"}
+    assert "leukoscope/pretrained.py" in names
+
+
+def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`leukoscope serve` with no model configured serves the shipped classifier and detector."""
+    import typer
+
+    from leukoscope.cli import _shipped_service_models
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = _shipped_service_models(ServiceSettings())
+    assert settings.bundle == shipped / DEFAULT_CLASSIFIER and settings.detector == shipped / DEFAULT_DETECTOR
+    own = _shipped_service_models(ServiceSettings(detector=shipped / DEFAULT_DETECTOR / ".."))
+    assert own.detector == shipped / DEFAULT_DETECTOR / ".."  # a configured detector stays
+    monkeypatch.setenv(ENV_VARIABLE, str(shipped / "half-copied"))
+    with pytest.raises(typer.Exit) as stopped:
+        _shipped_service_models(ServiceSettings())
+    assert stopped.value.exit_code == 2
