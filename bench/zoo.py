@@ -46,6 +46,7 @@ PBC_TYPES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "mono
 BCCD_TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYTE": "lymphocyte",
               "MONOCYTE": "monocyte", "BASOPHIL": "basophil"}
 CROP_PIXELS = 128  # crops are stored at this size; the classifier letterboxes them to its input
+SMEAR_BACKGROUND = (233, 226, 226)  # a plain, unstained smear background (for cnmc-mini's black)
 
 
 # ----------------------------------------------------------------------------- crops
@@ -88,6 +89,15 @@ def _largest_cell(image, centre_only: bool = False):
     return boxes[0] if boxes else None
 
 
+def _field_scale(image, fallback: float | None) -> float | None:
+    """The field's own red-cell estimate, as smear analysis would make it; the source's when
+    the field has too few isolated red cells."""
+    from leukoscope.scale import estimate_scale
+
+    scale = estimate_scale(image)
+    return scale.um_per_px if scale.known else fallback
+
+
 def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path) -> None:
     from PIL import Image
 
@@ -115,7 +125,7 @@ def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float |
             missed += 1
             continue
         target = out / label / f"{path.stem}.png"
-        _save_crop(image, box, um_per_px, window_um, target)
+        _save_crop(image, box, _field_scale(image, um_per_px), window_um, target)
         rows.append([str(target), label, subject])
         if number % 500 == 0:
             _say(f"  {describe}: {number}/{len(jobs)}")
@@ -145,6 +155,9 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
 def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
                         cnmc_cell_um: float) -> dict[str, list[tuple[Path, str]]]:
     """Cells no model saw, by control: (crop path, true label)."""
+    import numpy as np
+    from PIL import Image
+
     from leukoscope.io import load_image
     from leukoscope.tasks.mil import locate_cells_by_colour
 
@@ -152,9 +165,10 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
     # all-taleqani Benign: every located white cell (up to 4 per field).
     for path in sorted((data / "all-taleqani" / "Benign").glob("*.jpg")):
         image = load_image(path).convert("RGB")
+        um_per_px = _field_scale(image, scales["all-taleqani"]["um_per_px"])
         for k, box in enumerate(locate_cells_by_colour(image, pad=0.0, max_cells=4)):
             target = out / "taleqani-benign" / f"{path.stem}_c{k}.png"
-            _save_crop(image, box, scales["all-taleqani"]["um_per_px"], window_um, target)
+            _save_crop(image, box, um_per_px, window_um, target)
             controls["taleqani-benign"].append((target, "not blast"))
     _say(f"all-taleqani Benign: {len(controls['taleqani-benign'])} cells")
     # cnmc-mini: one segmented cell per image on black, no red cells to give a scale: the
@@ -166,9 +180,17 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
             if box is None:
                 continue
             diameter = max(box[2] - box[0], box[3] - box[1])
+            truth = BLAST if label == "all" else "not blast"
             target = out / f"cnmc-{label}" / f"{path.stem}.png"
             _save_crop(image, box, cnmc_cell_um / diameter, window_um, target)
-            controls[f"cnmc-{label}"].append((target, BLAST if label == "all" else "not blast"))
+            controls[f"cnmc-{label}"].append((target, truth))
+            # The same cell with its black surround painted a plain smear background: tells
+            # the format (black) apart from the cell as the cause of a wrong call.
+            pixels = np.asarray(image).copy()
+            pixels[pixels.max(axis=2) <= 12] = SMEAR_BACKGROUND
+            target = out / f"cnmc-{label}-on-background" / f"{path.stem}.png"
+            _save_crop(Image.fromarray(pixels), box, cnmc_cell_um / diameter, window_um, target)
+            controls[f"cnmc-{label}-on-background"].append((target, truth))
     _say(f"cnmc-mini: {len(controls['cnmc-all'])} all, {len(controls['cnmc-hem'])} hem cells")
     # BCCD: the white cell of each image whose type is known and single.
     types = {}  # image file name -> type, for the images of one known type (a few name two)
@@ -186,7 +208,7 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
             continue
         image = load_image(item.image_path).convert("RGB")
         target = out / "bccd" / kind / f"{item.image_path.stem}.png"
-        _save_crop(image, wbc[0].as_xyxy(), scales["bccd"]["um_per_px"], window_um, target)
+        _save_crop(image, wbc[0].as_xyxy(), _field_scale(image, scales["bccd"]["um_per_px"]), window_um, target)
         controls["bccd"].append((target, kind))
     _say(f"BCCD white cells with one known type: {len(controls['bccd'])} {dict(Counter(l for _, l in controls['bccd']))}")
     return controls
@@ -235,6 +257,7 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
 
 
 CONTROL_TARGETS = {"taleqani-benign": ("called_blast", "<=", 0.05), "cnmc-all": ("called_blast", ">=", 0.90),
+                   "cnmc-all-on-background": ("called_blast", ">=", 0.90),
                    "bccd": ("called_blast", "<=", 0.02)}
 
 

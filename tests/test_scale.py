@@ -110,11 +110,14 @@ def test_without_a_scale_the_crop_is_the_box_plus_its_margin() -> None:
     assert window_box((0, 0, 50, 50), (50, 50), margin=0.1) == (0, 0, 50, 50)
 
 
-def test_a_window_past_the_edge_is_padded_with_the_background() -> None:
+def test_a_window_past_the_edge_is_filled_by_mirroring_the_field() -> None:
     field = Image.new("RGB", (100, 100), BACKGROUND)
     field.paste((90, 40, 150), (0, 0, 20, 20))
     crop = crop_cell(field, (0, 0, 20, 20), um_per_px=0.5, window_um=24)
     assert crop.size == (48, 48)
     pixels = np.asarray(crop)
-    assert tuple(pixels[0, 0]) == BACKGROUND  # outside the field: the field's median colour
-    assert tuple(pixels[24, 24]) == (90, 40, 150)  # the cell stays at the centre
+    assert tuple(pixels[24, 24]) == (90, 40, 150)  # the cell stays at the centre ...
+    assert tuple(pixels[10, 10]) == (90, 40, 150)  # ... and is mirrored past the edge
+    assert tuple(pixels[47, 47]) == BACKGROUND
+    far = crop_cell(field, (95, 95, 105, 105), um_per_px=0.1, window_um=24)  # window far larger than the field
+    assert far.size == (240, 240)

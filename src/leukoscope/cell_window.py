@@ -37,16 +37,15 @@ def window_box(box: Sequence[float], image_size: tuple[int, int], *, um_per_px: 
 def crop_cell(image: Image.Image, box: Sequence[float], *, um_per_px: float | None = None,
               window_um: float | None = None, margin: float = 0.1) -> Image.Image:
     """The cell's crop (see :func:`window_box`). A physical window reaching past the field is
-    padded with the field's median colour (its background) rather than black, so that a cell
-    at the edge keeps its scale and does not gain a border no training crop had."""
+    filled by mirroring the field at its edge, so that a cell at the edge keeps its scale and
+    its surroundings look like a smear, not like a border no training crop had."""
     rect = window_box(box, image.size, um_per_px=um_per_px, window_um=window_um, margin=margin)
     width, height = image.size
     if rect[0] >= 0 and rect[1] >= 0 and rect[2] <= width and rect[3] <= height:
         return image.crop(rect)
-    thumbnail = image.convert("RGB").resize((64, 64), Image.Resampling.BOX)  # the median of a big field, cheaply
-    background = tuple(int(v) for v in np.median(np.asarray(thumbnail).reshape(-1, 3), axis=0))
-    canvas = Image.new("RGB", (rect[2] - rect[0], rect[3] - rect[1]), background)
-    inside = (max(0, rect[0]), max(0, rect[1]), min(width, rect[2]), min(height, rect[3]))
-    if inside[2] > inside[0] and inside[3] > inside[1]:
-        canvas.paste(image.convert("RGB").crop(inside), (inside[0] - rect[0], inside[1] - rect[1]))
-    return canvas
+    inside = (min(max(0, rect[0]), width - 1), min(max(0, rect[1]), height - 1),
+              max(min(width, rect[2]), 1), max(min(height, rect[3]), 1))
+    inside = (inside[0], inside[1], max(inside[2], inside[0] + 1), max(inside[3], inside[1] + 1))
+    pixels = np.asarray(image.convert("RGB").crop(inside))
+    pad = ((inside[1] - rect[1], rect[3] - inside[3]), (inside[0] - rect[0], rect[2] - inside[2]), (0, 0))
+    return Image.fromarray(np.pad(pixels, pad, mode="symmetric"))

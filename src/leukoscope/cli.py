@@ -674,6 +674,9 @@ def analyze(
     min_detector_ap: Optional[float] = typer.Option(None, help="Warn, and raise no leukemia flag, when the "
                                                     "detector's recorded test AP@0.5 for white cells is below this "
                                                     "(default 0.9)."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the fields in micrometres "
+                                              "(default: estimated per field from its red cells, ~7.5 um "
+                                              "across; recorded in each field's JSON)."),
     tile_size: int = typer.Option(2048, help="Tile side in image pixels for large fields."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
@@ -702,7 +705,7 @@ def analyze(
         torch.set_num_threads(threads)
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
                     blast_classes=blast_class or None, uncertain_threshold=threshold,
-                    detector_threshold=detector_threshold,
+                    detector_threshold=detector_threshold, um_per_px=um_per_px,
                     **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
     with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
         summary = _run(analyzer.analyze_paths, paths, out, progress=update)
@@ -714,6 +717,11 @@ def analyze(
     elif pooled.blasts is not None:
         text += f", {pooled.blasts} blast(s): too few cells for a blast percentage"
     console.print(text)
+    unscaled = [r for r in summary.results if r.scale and r.scale.get("source") == "unknown"]
+    if unscaled:
+        console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {len(summary.results)} field(s) had too few isolated "
+                      f"red cells for a scale estimate and were analysed at the detector's training scale "
+                      f"(pass --um-per-px to state it)", soft_wrap=True)
     for flag in pooled.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
     failed = [r for r in summary.results if r.error]

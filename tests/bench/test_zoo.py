@@ -56,7 +56,8 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
                      "train.threads=1")
     assert "| control (never in training) |" in run.stdout and "| taleqani-benign |" in run.stdout
     results = json.loads((tmp_path / "zoo" / "zoo-results.json").read_text())
-    assert set(results["controls"]) == {"taleqani-benign", "cnmc-all", "cnmc-hem", "bccd"}
+    assert set(results["controls"]) == {"taleqani-benign", "cnmc-all", "cnmc-hem", "cnmc-all-on-background",
+                                        "cnmc-hem-on-background", "bccd"}
     assert results["controls"]["cnmc-all"]["cells"] == 2
     assert results["controls"]["bccd"]["cells"] >= 1  # images with one known type and one white cell
     assert "bccd" in results["verdicts"] and ("holds" in results["verdicts"]["bccd"]

@@ -85,7 +85,7 @@ class FolderSummary:
         rows = []
 
         def row_for(name: str, d: Differential, objects: dict[str, int], seconds: float | str, error: str,
-                    capped: int | str) -> dict:
+                    capped: int | str, scale: dict[str, Any] | None = None) -> dict:
             row: dict[str, Any] = {"image": name, "wbc": d.total}
             row.update({f"n_{c}": d.counts.get(c, 0) for c in self.rules.classes})
             row["n_uncertain"] = d.uncertain
@@ -96,6 +96,9 @@ class FolderSummary:
             row["blast_ci95_high"] = "" if d.blast_ci95 is None else round(d.blast_ci95[1], 2)
             row["blast_percent_meaningful"] = d.blast_percentage_meaningful
             row["capped_tiles"] = capped
+            known = scale.get("um_per_px") if scale else None
+            row["um_per_px"] = "" if known is None else round(float(known), 5)
+            row["scale_source"] = scale.get("source", "") if scale else ""
             row["flags"] = " | ".join(d.flags)
             row["seconds"] = seconds
             row["error"] = error
@@ -103,7 +106,7 @@ class FolderSummary:
 
         for result in self.results:
             rows.append(row_for(result.source, result.differential, result.object_counts,
-                                round(result.seconds, 3), result.error or "", result.capped_tiles))
+                                round(result.seconds, 3), result.error or "", result.capped_tiles, result.scale))
         totals: dict[str, int] = {}
         for result in self.results:
             for name, n in result.object_counts.items():
