@@ -98,6 +98,12 @@ def _field_scale(image, fallback: float | None) -> float | None:
     return scale.um_per_px if scale.known else fallback
 
 
+def _image_centre(image) -> tuple[float, float, float, float]:
+    """A point box at the image's centre (the window around it is the crop)."""
+    w, h = image.size
+    return (w / 2 - 1, h / 2 - 1, w / 2 + 1, h / 2 + 1)
+
+
 def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path) -> None:
     from PIL import Image
 
@@ -137,8 +143,8 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
     a manifest whose subject is the source image (a field's crops never straddle splits)."""
     rows: list[list[str]] = []
     pbc = [(p, p.parent.name, f"pbc-{p.stem}") for t in PBC_TYPES for p in sorted((data / "pbc" / t).glob("*.jpg"))]
-    _crop_files(pbc, out / "train", scales["pbc"]["um_per_px"], window_um,
-                lambda image: _largest_cell(image, centre_only=True), rows, "pbc")
+    # CellaVision centres the cell it photographs: the window is centred on the image.
+    _crop_files(pbc, out / "train", scales["pbc"]["um_per_px"], window_um, _image_centre, rows, "pbc")
     blasts = []
     for subtype in ("Early", "Pre", "Pro"):
         files = sorted((data / "all-taleqani" / subtype).glob("*.jpg"))
@@ -397,7 +403,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scales = source_scales(args.data)
     crops = args.out / "crops"
-    controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
+    listing = crops / "controls.json"  # crops are reused by a rerun with the same window
+    if listing.exists() and json.loads(listing.read_text()).get("window_um") == args.window_um:
+        saved = json.loads(listing.read_text())["controls"]
+        controls = {name: [(Path(p), label) for p, label in cells] for name, cells in saved.items()}
+    else:
+        controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
+        listing.write_text(json.dumps({"window_um": args.window_um, "controls": {
+            name: [(str(p), label) for p, label in cells] for name, cells in controls.items()}}))
     classifier = args.classifier
     if classifier is None or args.crops_only:
         manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype)
