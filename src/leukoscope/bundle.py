@@ -5,6 +5,7 @@ bundle/
   bundle.json        task, architecture, classes, preprocessing, calibration, metrics, provenance
   model.safetensors  weights of a torch model (no pickle: safe to load from an untrusted source)
   model.skops        or: the fitted scikit-learn pipeline of a classical model
+  ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix)
 ```
 
 This module is the only reader and writer of bundles: classifiers (``task:
@@ -15,12 +16,15 @@ code the file names, so a bundle from elsewhere could take over the machine.
 skops stores the pipeline as data and, on loading, refuses every type that is
 not on a trust list: skops' own defaults plus :data:`TRUSTED_SKLEARN_TYPES`.
 
-Format versions: 3 (this code) may record the training images' pixel size
-(``um_per_px``) and a classifier's physical crop window
-(``preprocessing.cell_window_um``); 2 wrote ``task`` explicitly and reads as 3 with
-neither (older leukoscope refuses a format-3 file by its version). Version 1 bundles
-(leukoscope 0.1 before the one-pipeline change) load unchanged: a classifier's
-``bundle.json`` had no ``task``, a detector's said ``"detection"``.
+Format versions: 2 writes ``task`` explicitly. Version 1 bundles (leukoscope 0.1
+before the one-pipeline change) load unchanged: a classifier's ``bundle.json`` had
+no ``task``, a detector's said ``"detection"``. Version 3 may add an ``ood`` entry and
+``ood.safetensors`` (:mod:`leukoscope.evaluation.ood`), the training images' pixel
+size (``um_per_px``) and a classifier's physical crop window
+(``preprocessing.cell_window_um``, :mod:`leukoscope.cell_window`). A bundle with none
+of them is still written as version 2, byte for byte as before, so older leukoscope
+reads it; one with any says 3, so older leukoscope asks for an upgrade instead of
+failing on an unknown field. Version-2 bundles load with none of them.
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ from leukoscope.preprocessing import Preprocessing, framework_of
 from leukoscope.pretrained import resolve_bundle
 
 BUNDLE_FORMAT_VERSION = 3
+#: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
+FORMAT_2 = 2
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
 READABLE_VERSIONS = (1, 2, 3)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
+OOD_FILE = "ood.safetensors"
 TASKS = ("classify", "detect")
 #: What version-1 bundles called their task.
 _LEGACY_TASK_NAMES = {None: "classify", "classification": "classify", "detection": "detect"}
@@ -99,6 +106,9 @@ class BundleInfo:
     """Pixel size (micrometres) of the images the model was trained on, when known (format 3):
     smear analysis brings a field of another magnification to it before detection."""
     format_version: int = BUNDLE_FORMAT_VERSION
+    ood: dict[str, Any] | None = None
+    """Classifiers: the out-of-distribution entry (method, thresholds, how it was fitted);
+    its arrays are in ``ood.safetensors``. None: no OOD flag (bundles before format 3)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -122,6 +132,13 @@ class BundleInfo:
         if self.task == "detect":  # keep a detector's bundle.json free of classifier-only fields
             for key in ("preprocessing", "temperature", "uncertain_threshold", "feature_spec"):
                 payload.pop(key)
+        # Fields of format 3 that are not set stay out: a format-2 bundle.json, as older
+        # leukoscope wrote and reads it.
+        for key in ("ood", "um_per_px"):
+            if payload.get(key) is None:
+                payload.pop(key)
+        if payload.get("preprocessing") and payload["preprocessing"].get("cell_window_um") is None:
+            payload["preprocessing"].pop("cell_window_um")
         return payload
 
     @classmethod
@@ -143,6 +160,12 @@ class BundleInfo:
             return cls(**payload)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
+
+
+def needs_format_3(info: BundleInfo) -> bool:
+    """Whether the bundle records anything older leukoscope cannot read (see the module docstring)."""
+    window = info.preprocessing.cell_window_um if info.preprocessing is not None else None
+    return info.ood is not None or info.um_per_px is not None or window is not None
 
 
 def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,16 +198,19 @@ def inference_options(options: dict[str, Any], model_name: str) -> dict[str, Any
     return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in _TRAINING_ONLY_OPTIONS}))
 
 
-def save_bundle(directory: str | Path, model: Any, info: BundleInfo) -> Path:
-    """Write ``model`` (an ``nn.Module`` or a classical model) and ``info`` into ``directory``.
+def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
+                ood_arrays: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (an ``nn.Module`` or a classical model) and ``info`` into ``directory``;
+    with ``info.ood``, ``ood_arrays`` (numpy arrays) go to ``ood.safetensors``.
 
     Files go through temporary names, each replaced atomically, ``bundle.json``
     last: a folder with a ``bundle.json`` always has its weights.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if info.ood is not None and ood_arrays is None:
+        raise ValueError("a bundle with an ood entry needs its arrays (ood_arrays)")
     info.framework = framework_of(model)
-    info.format_version = BUNDLE_FORMAT_VERSION
     info.provenance = {**provenance_now(info.framework), **info.provenance}
     if info.framework == "sklearn":
         import skops.io as sio
@@ -199,11 +225,54 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo) -> Path:
         weights_tmp = directory / (weights_name + ".tmp")
         save_file(contiguous_state(model), str(weights_tmp),
                   metadata={"model_name": info.model_name, "task": info.task})
+    weights_tmp.replace(directory / weights_name)
+    _write_ood_and_json(directory, info, ood_arrays)
+    return directory
+
+
+def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any]) -> BundleInfo:
+    """Add (or replace) the OOD statistics of an existing classifier bundle: ``ood.safetensors``
+    and the ``ood`` entry of ``bundle.json`` (which becomes format 3)."""
+    directory = Path(directory)
+    info = read_bundle_info(directory, task="classify")
+    info.ood = dict(entry)
+    _write_ood_and_json(directory, info, arrays)
+    return info
+
+
+def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str, Any] | None) -> None:
+    """``ood.safetensors`` (when ``info.ood``) then ``bundle.json``, each through a temporary name;
+    without ``info.ood`` a stale OOD file of an earlier model is removed after the JSON."""
+    import numpy as np
+    from safetensors.numpy import save_file as save_numpy
+
+    info.format_version = BUNDLE_FORMAT_VERSION if needs_format_3(info) else FORMAT_2
+    if info.ood is not None:
+        info.ood = {**info.ood, "file": OOD_FILE}
+        ood_tmp = directory / (OOD_FILE + ".tmp")
+        save_numpy({k: np.ascontiguousarray(v) for k, v in (ood_arrays or {}).items()}, str(ood_tmp),
+                   metadata={"task": info.task})
+        ood_tmp.replace(directory / OOD_FILE)
     json_tmp = directory / (BUNDLE_FILE + ".tmp")
     json_tmp.write_text(json.dumps(info.to_json(), indent=2, default=str))
-    weights_tmp.replace(directory / weights_name)
     json_tmp.replace(directory / BUNDLE_FILE)
-    return directory
+    if info.ood is None:
+        (directory / OOD_FILE).unlink(missing_ok=True)
+
+
+def load_ood_arrays(directory: str | Path, info: BundleInfo) -> dict[str, Any] | None:
+    """The numpy arrays of ``ood.safetensors``; None for a bundle without an ``ood`` entry."""
+    if info.ood is None:
+        return None
+    from safetensors.numpy import load_file as load_numpy
+
+    path = Path(directory) / OOD_FILE
+    if not path.is_file():
+        raise BundleError(f"{directory}: {BUNDLE_FILE} names OOD statistics but {OOD_FILE} is missing")
+    try:
+        return load_numpy(str(path))
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated file
+        raise BundleError(f"{path}: cannot read the OOD statistics: {exc}") from None
 
 
 def read_bundle_info(directory: str | Path, task: str | None = None) -> BundleInfo:

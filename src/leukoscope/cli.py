@@ -5,6 +5,7 @@
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
     leukoscope predict --bundle B INPUT [--explain DIR]
+    leukoscope calibrate-ood --bundle B --data D  out-of-distribution flag for an existing classifier
     (B: a bundle folder, or pretrained:NAME for a model shipped in the package)
     leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
     leukoscope segment INPUT... --out DIR [--figure]
@@ -324,6 +325,44 @@ def evaluate(
     print(out / "report.html")
 
 
+@app.command("calibrate-ood")
+def calibrate_ood(
+    bundle: Path = typer.Option(..., "--bundle", help="Classifier bundle directory (gets ood.safetensors)."),
+    data: str = typer.Option(..., "--data", help="Labelled dataset folder or CSV (the bundle's training data, "
+                             "or images of the same kind)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split whose train part fits the "
+                                              "statistics and val part sets the threshold (default: the bundle's "
+                                              "recorded split, when the data is its training data)."),
+    method: str = typer.Option("mahalanobis", help="mahalanobis (penultimate embedding) or energy (logits)."),
+    quantile: float = typer.Option(0.95, help="Share of held-out in-distribution images below the threshold."),
+    on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Fit the out-of-distribution flag of a classifier bundle: 'unlike anything it was trained on'.
+
+    Class means and a shrunk shared covariance of the penultimate embeddings on the
+    training part, the threshold at the 95th percentile of the validation part's scores
+    (5% false alarms). Then `predict` gives every image an ood_score and an unfamiliar
+    column, and `analyze` flags fields with many unfamiliar cells.
+    """
+    from leukoscope.data.readers import check_dataset_path
+
+    _check_bundle(bundle)
+    _run(check_dataset_path, data)
+    if split_file is not None and not split_file.is_file():
+        _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
+    if method not in ("mahalanobis", "energy"):
+        _fail(f"--method must be mahalanobis or energy, got {method!r}")
+    from leukoscope.tasks.ood import calibrate_bundle
+
+    stats, source = _run(calibrate_bundle, bundle, data, split_file=split_file, method=method, quantile=quantile,
+                         on_corrupt=on_corrupt, show_progress=not quiet)
+    console.print(f"OOD flag: {stats.method} threshold {stats.threshold:.4g} ({100 * stats.quantile:g}th percentile "
+                  f"of {stats.details['threshold_images']} held-out images), fitted on "
+                  f"{stats.details['fit_images']} images from {escape(source)}", soft_wrap=True)
+    print(bundle)
+
+
 @app.command()
 def predict(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders."),
@@ -355,6 +394,11 @@ def predict(
         if not p.error:
             counts[p.label] = counts.get(p.label, 0) + 1
     console.print(f"{len(predictions) - len(failed)} images predicted: {counts}; {len(failed)} failed")
+    scored = [p for p in predictions if p.ood_score is not None]
+    unfamiliar = sum(p.unfamiliar for p in scored)
+    if unfamiliar:
+        console.print(f"[yellow]{unfamiliar} of {len(scored)} images are unlike the training data[/yellow] "
+                      f"(unfamiliar column): review them by eye")
     if failed:
         console.print(f"[red]could not read {len(failed)} of {len(predictions)} images[/red] (errors in {out}): "
                       f"{escape(name_some(failed))}", soft_wrap=True)

@@ -11,7 +11,9 @@ carries a :class:`Preprocessing`, and every place that feeds a classifier
 2. :meth:`Preprocessing.model_input`: uint8 -> what the model reads: the
    bundle's own mean/std normalisation for a torch model, the uint8 pixels
    themselves for a classical model (which computes its features from them).
-3. :func:`batched_logits`: both steps' output through the model, in batches.
+3. :func:`batched_logits`: both steps' output through the model, in batches
+   (:func:`batched_outputs`: with the penultimate embeddings as well, for the
+   out-of-distribution score).
 """
 
 from __future__ import annotations
@@ -109,6 +111,31 @@ def batched_logits(model: Any, pixels: torch.Tensor, preprocessing: Preprocessin
     if not outputs:
         raise ValueError("no images to score")
     return torch.cat(outputs).numpy()
+
+
+@torch.no_grad()
+def batched_outputs(model: Any, pixels: torch.Tensor, preprocessing: Preprocessing,
+                    device: str | torch.device = "cpu", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated logits ``(N, classes)`` and penultimate embeddings ``(N, d)`` of uint8 ``pixels``
+    from one forward pass: a CNN's input to its final linear layer, a classical model's
+    standardised selected features."""
+    if framework_of(model) == "sklearn":
+        features = model.features(pixels)
+        return (np.asarray(model.logits_features(features), dtype=np.float64),
+                np.asarray(model.embed_features(features), dtype=np.float64))
+    from leukoscope.models.embedding import logits_and_embeddings
+
+    device = torch.device(device)
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(pixels), batch_size):
+        out, embedded = logits_and_embeddings(model, preprocessing.model_input(pixels[start:start + batch_size])
+                                              .to(device))
+        logits.append(out.float().cpu())
+        embeddings.append(embedded)
+    if not logits:
+        raise ValueError("no images to score")
+    return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
 
 
 def stack_pixels(images: Sequence[Image.Image], preprocessing: Preprocessing) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from leukoscope.cli import app
@@ -44,7 +45,10 @@ def test_train_writes_the_same_run_layout_as_a_cnn(svm_run: Path):
                  "figures/roc.png", "figures/pr.png", "figures/confusion_matrix.png", "bundle/bundle.json",
                  "bundle/model.skops"):
         assert (run_dir / name).is_file(), name
-    assert not list(svm_run.glob("*.safetensors"))
+    assert not (svm_run / "model.safetensors").exists()
+    # the OOD flag reads the standardised features (a classical model's logits have no energy score)
+    assert set(read_bundle_info(svm_run).ood["thresholds"]) == {"mahalanobis"}
+    assert CellClassifier.from_bundle(svm_run).predict_images([Image.new("RGB", (48, 48))])[0].ood_score is not None
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test" and metrics["framework"] == "sklearn"
     assert metrics["parameters"] is None

@@ -3,11 +3,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from leukoscope.bundle import BUNDLE_FORMAT_VERSION, BundleError, BundleInfo, load_bundle, read_bundle_info, save_bundle
+from leukoscope.bundle import (BUNDLE_FORMAT_VERSION, OOD_FILE, BundleError, BundleInfo, load_bundle, read_bundle_info,
+                               save_bundle, save_ood)
 from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
@@ -121,3 +123,82 @@ def test_a_bundle_of_another_task_is_named(tmp_path: Path) -> None:
         CellClassifier.from_bundle(detector)
     json_text = (detector / "bundle.json").read_text()
     assert '"preprocessing"' not in json_text and '"task": "detect"' in json_text
+
+
+# ------------------------------------------------------------------ out-of-distribution statistics
+def _ood_parts(dimensions: int = 1024, threshold: float = 1e9) -> tuple[dict, dict]:
+    """OOD statistics for mobilenet_v3_small's 1024-wide embedding (huge threshold: nothing flagged)."""
+    from leukoscope.evaluation.ood import OodStats
+
+    rng = np.random.default_rng(0)
+    stats = OodStats("mahalanobis", {"mahalanobis": threshold, "energy": 0.0}, rng.normal(size=(3, dimensions)),
+                     np.eye(dimensions), details={"fit_images": 30})
+    return stats.to_parts()
+
+
+def test_a_bundle_without_ood_statistics_is_format_2_as_before(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    payload = json.loads((directory / "bundle.json").read_text())
+    assert payload["format_version"] == 2 and "ood" not in payload  # what leukoscope before format 3 reads
+    assert not (directory / OOD_FILE).exists()
+    classifier = CellClassifier.from_bundle(directory)
+    assert classifier.ood is None
+    prediction = classifier.predict_images([Image.new("RGB", (40, 40), (200, 100, 150))])[0]
+    assert prediction.ood_score is None and not prediction.unfamiliar
+    row = prediction.as_row()
+    assert row["ood_score"] == "" and row["unfamiliar"] == ""  # not checked, rather than "familiar"
+
+
+def test_ood_statistics_round_trip_and_make_format_3(tmp_path: Path) -> None:
+    entry, arrays = _ood_parts()
+    torch.manual_seed(0)
+    directory = save_bundle(tmp_path / "b", create_model("mobilenet_v3_small", 3), BundleInfo(
+        "mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32, [0.5] * 3, [0.25] * 3), ood=entry),
+        ood_arrays=arrays)
+    payload = json.loads((directory / "bundle.json").read_text())
+    assert payload["format_version"] == 3 and payload["ood"]["method"] == "mahalanobis"
+    assert payload["ood"]["file"] == OOD_FILE and (directory / OOD_FILE).is_file()
+    classifier = CellClassifier.from_bundle(directory)
+    assert classifier.ood.threshold == 1e9 and classifier.ood.details["fit_images"] == 30
+    assert np.allclose(classifier.ood.means, arrays["means"]) and classifier.ood.precision.shape == (1024, 1024)
+    image = Image.new("RGB", (40, 40), (200, 100, 150))
+    prediction = classifier.predict_images([image])[0]
+    assert prediction.ood_score is not None and prediction.ood_score > 0 and not prediction.unfamiliar
+    classifier.ood.thresholds["mahalanobis"] = 0.0  # every image now lies beyond the threshold
+    assert classifier.predict_images([image])[0].unfamiliar
+    # the probabilities do not change with the OOD statistics
+    plain = CellClassifier(*load_bundle(directory))
+    assert plain.probabilities([image]) == pytest.approx(classifier.probabilities([image]))
+    with pytest.raises(ValueError, match="needs its arrays"):
+        save_bundle(tmp_path / "c", create_model("mobilenet_v3_small", 3), BundleInfo(
+            "mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32), ood=entry))
+
+
+def test_ood_statistics_are_added_to_and_dropped_from_an_existing_bundle(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path)
+    info = save_ood(directory, *_ood_parts())
+    assert info.format_version == 3 and read_bundle_info(directory).ood["file"] == OOD_FILE
+    assert CellClassifier.from_bundle(directory).ood is not None
+    # the file named by bundle.json is required
+    (directory / OOD_FILE).unlink()
+    with pytest.raises(BundleError, match=f"{OOD_FILE} is missing"):
+        CellClassifier.from_bundle(directory)
+    (directory / OOD_FILE).write_bytes(b"\x00" * 8)
+    with pytest.raises(BundleError, match="cannot read the OOD statistics"):
+        CellClassifier.from_bundle(directory)
+    # a new model saved into the folder without statistics leaves no stale file behind
+    _bundle(tmp_path)
+    assert not (directory / OOD_FILE).exists() and read_bundle_info(directory).format_version == 2
+
+
+def test_a_format_3_bundle_is_refused_clearly_by_a_reader_of_format_2(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What older leukoscope (formats 1-2) says about a bundle with OOD statistics: upgrade."""
+    import leukoscope.bundle as bundle_module
+
+    directory = _bundle(tmp_path)
+    save_ood(directory, *_ood_parts())
+    monkeypatch.setattr(bundle_module, "READABLE_VERSIONS", (1, 2))
+    monkeypatch.setattr(bundle_module, "BUNDLE_FORMAT_VERSION", 2)
+    with pytest.raises(BundleError, match="format 3 is not supported.*upgrade leukoscope"):
+        read_bundle_info(directory)

@@ -29,7 +29,7 @@ from leukoscope.evaluation.calibration import negative_log_likelihood
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel
 from leukoscope.models.registry import model_options
-from leukoscope.preprocessing import Preprocessing, batched_logits
+from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
 from leukoscope.progress import counter_callback, progress_bar, say
 
 
@@ -49,6 +49,9 @@ class Learner(Protocol):
 
     def logits(self, pixels: torch.Tensor) -> np.ndarray:
         """Uncalibrated logits of uint8 images, through :attr:`preprocessing`."""
+
+    def outputs(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated logits and penultimate embeddings (for the out-of-distribution statistics)."""
 
     def images_per_second(self, pixels: torch.Tensor) -> float:
         """Median inference speed from uint8 images to logits."""
@@ -115,6 +118,9 @@ class TorchLearner:
 
     def logits(self, pixels: torch.Tensor) -> np.ndarray:
         return batched_logits(self.model, pixels, self.preprocessing, self.device)
+
+    def outputs(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return batched_outputs(self.model, pixels, self.preprocessing, self.device)
 
     @torch.no_grad()
     def images_per_second(self, pixels: torch.Tensor, batch_size: int = 32) -> float:
@@ -243,6 +249,11 @@ class SklearnLearner:
         with threadpool_limits(self.config.train.threads):
             features = cached_features(pixels, self.extractor, description="features", show_progress=False)[0]
             return self.model.logits_features(features)
+
+    def outputs(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with threadpool_limits(self.config.train.threads):
+            features = cached_features(pixels, self.extractor, description="features", show_progress=False)[0]
+            return self.model.logits_features(features), self.model.embed_features(features)
 
     def images_per_second(self, pixels: torch.Tensor, batch_size: int = 32) -> float:
         """End to end from uint8 images (features + pipeline), uncached."""

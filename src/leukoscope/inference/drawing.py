@@ -16,9 +16,10 @@ _WARNING_RED = (200, 0, 0)
 
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     """Boxes on a copy of the image: white cells coloured by class with label and confidence,
-    blasts red, uncertain orange; other objects thin. At the top, the count, every quality
-    warning (white on red, so that a reviewer who sees only the picture sees it too) and the
-    decision-support sentence."""
+    blasts red, uncertain orange, unfamiliar cells (unlike the classifier's training images)
+    marked ``!``; other objects thin. At the top, the count, every quality warning (white on
+    red, so that a reviewer who sees only the picture sees it too), what ``!`` means when a
+    cell has it, and the decision-support sentence."""
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     scale = max(1, round(max(canvas.size) / 700))
@@ -44,6 +45,8 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
             colour = _CELL_PALETTE[index % len(_CELL_PALETTE)]
         draw.rectangle(cell.box, outline=colour, width=3 * scale)
         text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
+        if cell.unfamiliar:
+            text = f"! {text}"
         x, y = cell.box[0], max(0, cell.box[1] - 14 * scale)
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
@@ -55,7 +58,10 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     elif d.blasts is not None:
         count += f", blasts {d.blasts} (no percentage below {d.min_cells} cells)"
     lines = [(f"WARNING: {w}", (255, 255, 255), _WARNING_RED) for w in d.warnings]
-    lines += [(count, (0, 0, 0), (255, 255, 255)), (DISCLAIMER, (0, 0, 0), (255, 255, 255))]
+    lines += [(count, (0, 0, 0), (255, 255, 255))]
+    if any(cell.unfamiliar for cell in result.cells):
+        lines.append(("! = cell unlike the classifier's training images", (0, 0, 0), (255, 255, 255)))
+    lines.append((DISCLAIMER, (0, 0, 0), (255, 255, 255)))
     y = 4
     for text, ink, paper in lines:
         for line in _wrap(draw, text, font, canvas.width - 8):

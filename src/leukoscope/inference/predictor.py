@@ -1,5 +1,11 @@
 """Classify cell or field images with a bundle: the one prediction path used by
-the CLI, the Python API and the web service."""
+the CLI, the Python API and the web service.
+
+A bundle with out-of-distribution statistics (format 3, :mod:`leukoscope.evaluation.ood`)
+also scores how unlike its training images each image is: ``ood_score`` and
+``unfamiliar`` (score above the bundle's threshold). The class label is left as it
+is; what to do with unfamiliar images (a field's warning) is the caller's rule.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leukoscope.bundle import BundleInfo, load_bundle
+from leukoscope.bundle import BundleError, BundleInfo, load_bundle, load_ood_arrays
+from leukoscope.evaluation.ood import OodStats
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
-from leukoscope.preprocessing import batched_logits, stack_pixels
+from leukoscope.preprocessing import batched_logits, batched_outputs, stack_pixels
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,10 @@ class Prediction:
     uncertain: bool
     error: str | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    ood_score: float | None = None
+    """How unlike the training images this one is (higher: less alike); None without OOD statistics."""
+    unfamiliar: bool = False
+    """``ood_score`` above the bundle's threshold (about 5% of in-distribution images by construction)."""
 
     def as_row(self) -> dict[str, object]:
         row: dict[str, object] = {
@@ -42,6 +53,9 @@ class Prediction:
             "uncertain": self.uncertain,
         }
         row.update({f"p_{name}": round(p, 6) for name, p in self.probabilities.items()})
+        # Empty (not False) without statistics: "not checked" is not "familiar".
+        row["ood_score"] = "" if self.ood_score is None else round(self.ood_score, 4)
+        row["unfamiliar"] = "" if self.ood_score is None else self.unfamiliar
         row["error"] = self.error or ""
         return row
 
@@ -54,7 +68,7 @@ class CellClassifier:
     """
 
     def __init__(self, model: torch.nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
-                 uncertain_threshold: float | None = None) -> None:
+                 uncertain_threshold: float | None = None, ood: OodStats | None = None) -> None:
         if info.task != "classify" or info.preprocessing is None:
             raise ValueError(f"{info.model_name} is a {info.task} model, not a cell classifier")
         self.model = model.eval()
@@ -65,12 +79,13 @@ class CellClassifier:
         self.threshold = info.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"uncertain threshold must be in [0, 1], got {self.threshold}")
+        self.ood = ood
 
     @classmethod
     def from_bundle(cls, directory: str | Path, device: str = "cpu",
                     uncertain_threshold: float | None = None) -> "CellClassifier":
         model, info = load_bundle(directory, device, task="classify")
-        return cls(model, info, device, uncertain_threshold)
+        return cls(model, info, device, uncertain_threshold, ood=load_ood_stats(directory, info))
 
     @property
     def image_size(self) -> int:
@@ -81,7 +96,7 @@ class CellClassifier:
         training (uint8, not normalised, for a classical model, which computes its features from it)."""
         return self.preprocessing.model_input(self.preprocessing.pixels(image), self.info.framework)
 
-    def _to_prediction(self, source: str, probs: np.ndarray) -> Prediction:
+    def _to_prediction(self, source: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         top = int(probs.argmax())
         confidence = float(probs[top])
         uncertain = confidence < self.threshold
@@ -92,20 +107,38 @@ class CellClassifier:
             confidence=confidence,
             probabilities={name: float(p) for name, p in zip(self.classes, probs)},
             uncertain=uncertain,
+            ood_score=None if ood_score is None else float(ood_score),
+            unfamiliar=bool(self.ood is not None and ood_score is not None and ood_score > self.ood.threshold),
         )
 
+    def ood_scores(self, logits: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray | None:
+        """OOD scores of uncalibrated ``logits`` (and embeddings); None without statistics."""
+        return None if self.ood is None else self.ood.scores(logits, embeddings)
+
     @torch.no_grad()
+    def outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities ``(N, classes)`` and OOD scores ``(N,)`` (None without
+        statistics) from one forward pass."""
+        if not images:
+            return np.zeros((0, len(self.classes))), None if self.ood is None else np.zeros(0)
+        pixels = stack_pixels(images, self.preprocessing)
+        embeddings = None
+        if self.ood is not None and self.ood.needs_embeddings:
+            logits, embeddings = batched_outputs(self.model, pixels, self.preprocessing, self.device)
+        else:
+            logits = batched_logits(self.model, pixels, self.preprocessing, self.device)
+        probabilities = torch.softmax(torch.from_numpy(logits / self.info.temperature), dim=1).numpy()
+        return probabilities, self.ood_scores(logits, embeddings)
+
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Calibrated class probabilities (temperature-scaled softmax), shape (N, classes)."""
-        if not images:
-            return np.zeros((0, len(self.classes)))
-        logits = batched_logits(self.model, stack_pixels(images, self.preprocessing), self.preprocessing,
-                                self.device) / self.info.temperature
-        return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        return self.outputs(images)[0]
 
     def predict_images(self, images: Sequence[Image.Image], sources: Sequence[str] | None = None) -> list[Prediction]:
         sources = list(sources) if sources is not None else [f"image_{i}" for i in range(len(images))]
-        return [self._to_prediction(s, p) for s, p in zip(sources, self.probabilities(images))]
+        probabilities, scores = self.outputs(images)
+        return [self._to_prediction(s, p, None if scores is None else scores[i])
+                for i, (s, p) in enumerate(zip(sources, probabilities))]
 
     def predict_paths(
         self,
@@ -141,3 +174,14 @@ class CellClassifier:
         if pending:
             flush()
         return [r for r in results if r is not None]
+
+
+def load_ood_stats(directory: str | Path, info: BundleInfo) -> OodStats | None:
+    """The bundle's OOD statistics; None for a bundle without them (format 2 and older)."""
+    arrays = load_ood_arrays(directory, info)
+    if arrays is None:
+        return None
+    try:
+        return OodStats.from_parts(info.ood, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{directory}: the ood entry of bundle.json is incomplete: {exc}") from None

@@ -1,6 +1,6 @@
 """Quality gates of smear analysis: can the detector's white-cell count be trusted?
 
-Two reasons it cannot, each a warning that stops any leukemia flag
+Three reasons it cannot, each a warning that stops any leukemia flag
 (:class:`~leukoscope.inference.differential.Differential`):
 
 - the detector bundle records no test AP@0.5 for its white-cell class(es), or one
@@ -8,7 +8,18 @@ Two reasons it cannot, each a warning that stops any leukemia flag
   "consistent with acute leukemia" on normal fields;
 - a field (or tile) where the detector returned as many boxes as its per-image cap
   allows: the cells beyond the cap were dropped unseen, so the count is cut short
-  and what was kept is mostly noise.
+  and what was kept is mostly noise;
+- a field where more than a share (30%) of the white cells are *unfamiliar*: unlike
+  the images the cell classifier was trained on (its out-of-distribution score is
+  above the threshold set on its validation split, which 5% of in-distribution
+  cells exceed by construction). Another stain, scanner or magnification, or no
+  cell at all: its classes, and so the blast count, mean little. A share, not the
+  median score: a third of the cells unlike anything seen already makes the
+  count unreliable, and with 5% false alarms per cell a field of 10 or more
+  in-distribution cells passes 30% with a probability under 0.2%. Fields of one
+  to three cells are flagged 5-14% of the time (one unfamiliar cell is a third of
+  them); they are below the 100 cells a blast percentage needs anyway, so the cost
+  is a review line, not a lost leukemia flag.
 """
 
 from __future__ import annotations
@@ -20,6 +31,10 @@ from leukoscope.inference.detector import scaled_cap
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
 DEFAULT_MIN_DETECTOR_AP = 0.9
+#: A field (or slide) where more than this share of the cells are unfamiliar gets a warning.
+DEFAULT_UNFAMILIAR_SHARE = 0.3
+#: The words of that warning (tests and readers look for them).
+UNFAMILIAR_WORDING = "review: images unlike the training data"
 
 
 def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
@@ -63,3 +78,15 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
         where += f" ({shown})"
     return (f"The detector returned as many boxes as its per-image cap allows in {where}: cells beyond the cap "
             f"were dropped, the count is unreliable.")
+
+
+def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UNFAMILIAR_SHARE,
+                       unit: str = "white cells") -> str | None:
+    """The warning for cells of which more than ``max_share`` are unfamiliar (out of
+    distribution for the classifier); None when there is nothing to say."""
+    n, k = len(unfamiliar), sum(bool(u) for u in unfamiliar)
+    if n == 0 or k / n <= max_share:
+        return None
+    return (f"{UNFAMILIAR_WORDING[0].upper()}{UNFAMILIAR_WORDING[1:]}: {k} of {n} {unit} ({100 * k / n:.0f}%, more "
+            f"than {100 * max_share:g}%) are unlike the images the cell classifier was trained on; their classes and "
+            f"the blast count may be wrong.")

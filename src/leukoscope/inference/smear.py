@@ -31,7 +31,8 @@ from PIL import Image
 
 from leukoscope.inference.detector import CellDetector, DetectionResult, scaled_cap
 from leukoscope.inference.differential import CountRules
-from leukoscope.inference.quality import DEFAULT_MIN_DETECTOR_AP, cap_warning, detection_cap, detector_warnings
+from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, cap_warning,
+                                          detection_cap, detector_warnings, unfamiliar_warning)
 from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
@@ -76,7 +77,9 @@ class SmearAnalyzer:
     Blast classes default to the classes named in :data:`leukoscope.labels.BLAST_CLASS_NAMES`
     (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
     records no test AP@0.5 for white cells, or one below ``min_detector_ap``, and a field
-    where the detector hit its per-image cap, get a warning and never a leukemia flag.
+    where the detector hit its per-image cap, get a warning and never a leukemia flag; so does a
+    field where more than ``unfamiliar_share`` of the cells are unlike the classifier's training
+    images (when its bundle has OOD statistics: :mod:`leukoscope.inference.quality`).
 
     One physical scale (:mod:`leukoscope.scale`): each field's pixel size is ``um_per_px``
     when stated, else estimated from its red cells. A detector that records the pixel size
@@ -102,6 +105,7 @@ class SmearAnalyzer:
         blast_flag_percent: float = 20.0,
         min_cells: int = 100,
         min_detector_ap: float = DEFAULT_MIN_DETECTOR_AP,
+        unfamiliar_share: float = DEFAULT_UNFAMILIAR_SHARE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         um_per_px: float | None = None,
         device: str = "cpu",
@@ -145,6 +149,9 @@ class SmearAnalyzer:
         self.rules = CountRules(tuple(cell_classes), tuple(blast_classes), blast_flag_percent, int(min_cells))
         if not 0.0 <= min_detector_ap <= 1.0:
             raise ValueError(f"min_detector_ap must be in [0, 1], got {min_detector_ap}")
+        if not 0.0 <= unfamiliar_share < 1.0:
+            raise ValueError(f"unfamiliar_share must be in [0, 1), got {unfamiliar_share}")
+        self.unfamiliar_share = float(unfamiliar_share)
         self.warnings = detector_warnings(getattr(detector.info, "metrics", None) or {}, self.wbc_classes,
                                           min_detector_ap)
         for warning in self.warnings:
@@ -277,7 +284,8 @@ class SmearAnalyzer:
                 cells.append(Cell(number, tuple(float(v) for v in detections.boxes[i]),
                                   self.detector.classes[int(detections.labels[i])], float(detections.scores[i]),
                                   prediction.label, prediction.top_class, prediction.confidence,
-                                  prediction.uncertain, dict(prediction.probabilities)))
+                                  prediction.uncertain, dict(prediction.probabilities),
+                                  prediction.ood_score, prediction.unfamiliar))
         else:
             for number, i in enumerate(order, 1):
                 name = self.detector.classes[int(detections.labels[i])]
@@ -286,6 +294,9 @@ class SmearAnalyzer:
         warnings = list(self.warnings)
         if found.capped_tiles:
             warnings.append(cap_warning(found.capped_tiles, found.tiles))
+        unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share)
+        if unfamiliar:
+            warnings.append(unfamiliar)
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}
@@ -325,6 +336,7 @@ class SmearAnalyzer:
                 progress(advance=1, info=f"{path.name}: {result.differential.total} WBC")
         models = {"detector": self.detector.info.model_name,
                   "classifier": getattr(getattr(self.classifier, "info", None), "model_name", None)}
-        summary = FolderSummary(results, self.rules, list(self.detector.classes), models, list(self.warnings))
+        summary = FolderSummary(results, self.rules, list(self.detector.classes), models, list(self.warnings),
+                                self.unfamiliar_share)
         summary.write(out_dir)
         return summary

@@ -14,7 +14,7 @@ from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import cap_warning
+from leukoscope.inference.quality import DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_warning
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -68,13 +68,21 @@ class FolderSummary:
     """``detector`` and ``classifier`` model names."""
     detector_warnings: list[str] = field(default_factory=list)
     """Warnings about the detector itself (they hold for every field)."""
+    unfamiliar_share: float = DEFAULT_UNFAMILIAR_SHARE
+    """The slide is warned when more than this share of all its cells are unfamiliar."""
 
     @property
     def warnings(self) -> list[str]:
-        """The detector's warnings and, when any field hit the detection cap, one naming those fields."""
+        """The detector's warnings; when any field hit the detection cap, one naming those fields; and
+        when more than ``unfamiliar_share`` of the slide's cells are unfamiliar, that warning (by the
+        fields' rule on the pooled cells: one unusual field among many does not stop the slide's count,
+        its own row carries its warning)."""
         capped = [Path(r.source).name for r in self.results if r.capped_tiles]
         read = [r for r in self.results if r.error is None]
-        return self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
+        warnings = self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
+        unfamiliar = unfamiliar_warning([cell.unfamiliar for r in self.results for cell in r.cells],
+                                        self.unfamiliar_share)
+        return warnings + ([unfamiliar] if unfamiliar else [])
 
     @property
     def pooled(self) -> Differential:

@@ -24,6 +24,10 @@ class Cell:
     confidence: float
     uncertain: bool
     probabilities: dict[str, float] = field(default_factory=dict)
+    ood_score: float | None = None
+    """The classifier's out-of-distribution score for this crop; None without OOD statistics."""
+    unfamiliar: bool = False
+    """``ood_score`` above the classifier bundle's threshold: unlike its training images."""
 
     @property
     def detection_score(self) -> float:
@@ -38,6 +42,8 @@ class Cell:
             "uncertain": self.uncertain,
         }
         row.update({f"p_{name}": round(self.probabilities.get(name, 0.0), 4) for name in classes})
+        row["ood_score"] = "" if self.ood_score is None else round(self.ood_score, 4)
+        row["unfamiliar"] = "" if self.ood_score is None else self.unfamiliar
         return row
 
 

@@ -192,6 +192,13 @@ class ClassicModel:
         probs = np.clip(self.predict_proba_features(features), MIN_PROBABILITY, 1.0)
         return np.log(probs / probs.sum(axis=1, keepdims=True))
 
+    def embed_features(self, features: np.ndarray) -> np.ndarray:
+        """The pipeline's input to its classifier (scaled, selected, standardised features): the
+        embedding an out-of-distribution score reads, as a CNN's penultimate layer."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning)
+            return np.asarray(self.pipeline[:-1].transform(features), dtype=np.float64)
+
     def predict_proba(self, images: Any) -> np.ndarray:
         return self.predict_proba_features(self.features(images))
 

@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -160,22 +161,27 @@ class Analyzer:
         import torch
 
         from leukoscope.inference.explain import grad_cam, overlay_heatmap
+        from leukoscope.models.embedding import capture_embeddings
         from leukoscope.transforms import letterbox
 
         captured: list[torch.Tensor] = []
         handle = classifier.model.register_forward_hook(lambda _m, _i, output: captured.append(output.detach()))
         inputs = classifier.preprocess(image).unsqueeze(0).to(classifier.device)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), ExitStack() as stack:
+                # The OOD score's embedding comes from the same forward pass as the heatmap.
+                embedded = (stack.enter_context(capture_embeddings(classifier.model))
+                            if classifier.ood is not None and classifier.ood.needs_embeddings else None)
                 heatmap = grad_cam(classifier.model, inputs)[0]  # explains the predicted (top) class
         except ValueError as exc:
             log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
             return classifier.predict_images([image], [source])[0], None
         finally:
             handle.remove()
-        logits = captured[-1].float() / classifier.info.temperature
-        probabilities = torch.softmax(logits, dim=1).cpu().numpy()[0].astype(np.float64)
-        prediction = classifier._to_prediction(source, probabilities)
+        raw = captured[-1].float().cpu()
+        probabilities = torch.softmax(raw / classifier.info.temperature, dim=1).numpy()[0].astype(np.float64)
+        scores = classifier.ood_scores(raw.numpy(), embedded[-1].numpy() if embedded else None)
+        prediction = classifier._to_prediction(source, probabilities, None if scores is None else scores[0])
         overlay = overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
         return prediction, overlay
 
@@ -295,10 +301,12 @@ def _prediction(cell: Any, classifier: CellClassifier, source: str) -> Predictio
     uncertain = _get(cell, "uncertain")
     if uncertain is None:
         uncertain = float(confidence) < classifier.threshold
+    ood_score = _get(cell, "ood_score")
     return Prediction(source=source, label=UNCERTAIN if uncertain else str(top_class), top_class=str(top_class),
                       confidence=float(confidence),
                       probabilities={str(k): float(v) for k, v in dict(probabilities).items()},
-                      uncertain=bool(uncertain))
+                      uncertain=bool(uncertain), ood_score=None if ood_score is None else float(ood_score),
+                      unfamiliar=bool(_get(cell, "unfamiliar")))
 
 
 def _annotated(image: Image.Image, result: Any, cells: Sequence[CellOutcome]) -> Image.Image:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
+from leukoscope.inference.quality import unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.service import throttle
@@ -252,11 +253,17 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     labels = [cell.prediction.label for upload in prepared for cell in upload.cells]
     # Quality warnings travel with the case: while any stands its differential raises no leukemia flag.
     warnings = outcome_warnings(prepared)
+    predictions = [cell.prediction for upload in prepared for cell in upload.cells]
+    if kind == "cell":  # a smear field carries its own unfamiliar-cells warning; single cells are judged together
+        unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions], unit="cell images")
+        warnings += [unfamiliar] if unfamiliar else []
+    ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
+           if any(p.ood_score is not None for p in predictions) else {})
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
                     analysis={"threshold": analyzer.threshold, "blast_classes": analyzer.blast_classes,
-                              "warnings": warnings,
+                              "warnings": warnings, **ood,
                               "differential_at_upload": differential(labels, analyzer.classes,
                                                                      analyzer.blast_classes, warnings)})
         db.add(case)

@@ -40,6 +40,7 @@ def url(request: Request, path: str) -> str:
 
 def case_json(request: Request, case: Case) -> dict[str, Any]:
     base = f"{API}/cases/{case.id}"
+    unfamiliar = case.analysis.get("unfamiliar_cells")  # absent: the model has no OOD statistics
     return {
         "id": case.id,
         "kind": case.kind,
@@ -72,6 +73,7 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
             "top_class": cell.top_class,
             "confidence": cell.confidence,
             "uncertain": cell.uncertain,
+            "unfamiliar": None if unfamiliar is None else cell.position in unfamiliar,
             "probabilities": cell.probabilities,
             "reviewed_label": cell.reviewed_label,
             "final_label": cell.final_label,

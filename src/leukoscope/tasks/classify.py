@@ -1,8 +1,9 @@
 """Classification: train (one run from a config) and evaluate (a bundle on labelled images).
 
 A run: data -> :class:`~leukoscope.engine.learner.Learner` (a CNN or a classical
-pipeline) -> fit -> evaluate on the test split -> bundle -> report, in the run
-directory of :mod:`leukoscope.engine.run_dir`.
+pipeline) -> fit -> evaluate on the test split -> out-of-distribution statistics
+(:mod:`leukoscope.tasks.ood`) -> bundle -> report, in the run directory of
+:mod:`leukoscope.engine.run_dir`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.learner import Learner, create_learner
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.loop import FitResult
+from leukoscope.tasks.ood import calibrate_run
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.preprocessing import Preprocessing, batched_logits
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -78,6 +80,10 @@ def run_experiment(
             f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images")
         result = learner.fit(prepared, run_dir=run_dir, resume=resume, show_progress=show_progress)
         metrics = evaluate_run(learner, prepared, config, run_dir, result)
+        ood_entry, ood_arrays = None, None
+        ood = calibrate_run(learner, prepared, seed=config.train.seed)
+        if ood is not None:
+            ood_entry, ood_arrays = ood.to_parts()
         bundle_dir = save_bundle(
             run_dir / "bundle",
             learner.model,
@@ -91,7 +97,9 @@ def run_experiment(
                 metrics=headline_metrics(metrics),
                 provenance={"run_dir": str(run_dir.resolve()), "split_file": str(prepared.split_file.resolve()),
                             "dataset": config.data.path, "config": config.to_dict()},
+                ood=ood_entry,
             ),
+            ood_arrays=ood_arrays,
         )
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return RunResult(run_dir, bundle_dir, metrics, result)

@@ -1,0 +1,159 @@
+"""Out-of-distribution statistics of a classifier: fitted at the end of training, or for an
+existing bundle by ``leukoscope calibrate-ood``.
+
+Class means and shared precision come from the *training* split's embeddings, the
+threshold from the *validation* split's scores (:func:`leukoscope.evaluation.ood.calibrate_ood`),
+so that about 5% of new in-distribution images are flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from leukoscope.bundle import load_bundle, read_bundle_info, save_ood
+from leukoscope.data.manifest import DatasetError, Manifest
+from leukoscope.data.readers import read_dataset
+from leukoscope.data.splits import Split, make_split
+from leukoscope.evaluation.ood import DEFAULT_METHOD, DEFAULT_QUANTILE, OodStats, calibrate_ood
+from leukoscope.models.embedding import EmbeddingError
+from leukoscope.preprocessing import batched_outputs, framework_of
+from leukoscope.progress import counter_callback, progress_bar, say
+
+if TYPE_CHECKING:
+    from leukoscope.engine.data_prep import PreparedData
+    from leukoscope.engine.learner import Learner
+
+log = logging.getLogger(__name__)
+
+#: Training images the class Gaussians are fitted on, at most (a seeded sample beyond it):
+#: the means and a shrunk covariance are stable long before, and the forward pass costs time.
+MAX_FIT_IMAGES = 10_000
+
+
+def fit_sample(n: int, seed: int = 0, limit: int = MAX_FIT_IMAGES) -> np.ndarray | None:
+    """Indices of a seeded sample of ``limit`` of ``n`` images, or None when all are used."""
+    if n <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def stats_from_outputs(train_embeddings: np.ndarray, train_targets: np.ndarray, held_logits: np.ndarray,
+                       held_embeddings: np.ndarray, framework: str, *, method: str = DEFAULT_METHOD,
+                       quantile: float = DEFAULT_QUANTILE, threshold_from: str = "val") -> OodStats:
+    """:func:`calibrate_ood`, with the energy score left out for a classical model (its logits
+    are log-probabilities, whose energy is always 0)."""
+    energy = framework == "torch"
+    return calibrate_ood(train_embeddings, train_targets, held_logits, held_embeddings,
+                         method=method if energy else "mahalanobis", quantile=quantile, energy=energy,
+                         threshold_from=threshold_from)
+
+
+def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str = DEFAULT_METHOD,
+                  seed: int = 0) -> OodStats | None:
+    """The OOD statistics of a freshly trained model (None, with a warning, when its embedding cannot
+    be read). Without a validation split the threshold comes from the training split, whose scores
+    are lower: more false alarms on new images, said in the log and in ``threshold_from``."""
+    train = prepared.parts["train"]
+    held_name = "val" if "val" in prepared.parts else "train"
+    if held_name == "train":
+        log.warning("no validation split: the OOD threshold is set on the training images (expect more than 5%% "
+                    "of new in-distribution images to be flagged)")
+    sample = fit_sample(len(train.targets), seed)
+    # The whole tensor when it is not sampled: a classical learner's features are cached for it.
+    images = train.images if sample is None else train.images[torch_index(sample)]
+    targets = np.asarray(train.targets) if sample is None else np.asarray(train.targets)[sample]
+    try:
+        _, train_embeddings = learner.outputs(images)
+        held = prepared.parts[held_name]
+        held_logits, held_embeddings = learner.outputs(held.images)
+        stats = stats_from_outputs(train_embeddings, targets, held_logits, held_embeddings,
+                                   framework_of(learner.model), method=method, threshold_from=held_name)
+        if "test" in prepared.parts:
+            logits, embeddings = learner.outputs(prepared.parts["test"].images)
+            stats.details["test_unfamiliar_share"] = round(float(stats.unfamiliar(
+                stats.scores(logits, embeddings)).mean()), 4)
+    except (EmbeddingError, ValueError) as exc:
+        log.warning("no out-of-distribution statistics for this model: %s", exc)
+        return None
+    share = stats.details.get("test_unfamiliar_share")
+    say(f"OOD flag: {stats.method} threshold {stats.threshold:.4g} ({100 * stats.quantile:g}th percentile of "
+        f"{held_name}){'' if share is None else f'; {100 * share:.1f}% of test images flagged'}")
+    return stats
+
+
+def torch_index(indices: np.ndarray):
+    import torch
+
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- an existing bundle
+def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | None = None,
+              seed: int = 0) -> tuple[Manifest, Manifest, str, str]:
+    """(images to fit on, images to set the threshold on, the name of that part, where they came
+    from) for ``data``.
+
+    The bundle's recorded split (or ``split_file``) when ``data`` holds images of its train
+    part: its train and val parts (test when it has no val part), so the statistics describe
+    what the model was trained on. Otherwise a fresh 80/20 duplicate-aware split of ``data``:
+    the statistics then describe ``data`` (e.g. one site's images), and the note says so.
+    """
+    info = read_bundle_info(bundle, task="classify")
+    manifest = read_dataset(data, require_labels=True).with_classes(info.classes)
+    path = Path(split_file) if split_file is not None else info.split_file
+    if split_file is not None and not path.is_file():
+        raise DatasetError(f"{path}: split file does not exist")
+    if path is not None and path.is_file():
+        split = Split.load(path)
+        wanted = {s.path.resolve() for s in manifest}
+        held_name = "val" if split.assignments.get("val") else "test"
+
+        def part(name: str) -> Manifest:
+            if name not in split.assignments:
+                return Manifest([], list(info.classes))
+            found = split.manifest(name)
+            return found.filter([s.path.resolve() in wanted for s in found]).with_classes(info.classes)
+
+        train, held = part("train"), part(held_name)
+        if len(train) and len(held):
+            return train, held, held_name, f"the train and {held_name} parts of {path}"
+        if split_file is not None:
+            raise DatasetError(f"{data} has no images in the train and {held_name} parts of {path}")
+        reason = f"{data} is not the bundle's training data (split {path})"
+    else:
+        reason = ("the bundle records no training split" if path is None
+                  else f"the bundle's training split {path} is gone")
+    split = make_split(manifest, ratios=(0.8, 0.2), seed=seed)
+    return (split.manifest("train"), split.manifest("test"), "held-out",
+            f"a new 80/20 split of {data} ({reason})")
+
+
+def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | Path | None = None,
+                     method: str = DEFAULT_METHOD, quantile: float = DEFAULT_QUANTILE, on_corrupt: str = "skip",
+                     device: str = "cpu", seed: int = 0, show_progress: bool = True) -> tuple[OodStats, str]:
+    """Fit and store the OOD statistics of an existing classifier ``bundle`` on labelled ``data``
+    (see :func:`fit_parts`); returns them and where the images came from."""
+    train, held, held_name, source = fit_parts(bundle, data, split_file, seed)
+    sample = fit_sample(len(train), seed)
+    if sample is not None:
+        train = train.subset(sample.tolist())
+    model, info = load_bundle(bundle, device, task="classify")
+    preprocessing = info.preprocessing
+    outputs = {}
+    for name, part in (("fit", train), ("threshold", held)):
+        with progress_bar(len(part), f"decoding ({name})", enabled=show_progress) as update:
+            pixels, kept, _ = preprocessing.decode(part, on_corrupt=on_corrupt, progress=counter_callback(update))
+        if len(kept) == 0:
+            raise DatasetError(f"no readable image to {name} the OOD statistics on ({source})")
+        outputs[name] = (*batched_outputs(model, pixels, preprocessing, device), np.asarray(kept.targets))
+    _, fit_embeddings, fit_targets = outputs["fit"]
+    held_logits, held_embeddings, _ = outputs["threshold"]
+    stats = stats_from_outputs(fit_embeddings, fit_targets, held_logits, held_embeddings, info.framework,
+                               method=method, quantile=quantile, threshold_from=held_name)
+    stats.details["fitted_on"] = source
+    save_ood(bundle, *stats.to_parts())
+    return stats, source

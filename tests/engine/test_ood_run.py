@@ -1,0 +1,114 @@
+"""The out-of-distribution flag end to end: fitted at the end of training, used by `predict`,
+refitted by `leukoscope calibrate-ood` for an existing bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from leukoscope.bundle import OOD_FILE, read_bundle_info
+from leukoscope.cli import app
+from leukoscope.engine.config import load_config
+from leukoscope.evaluation.ood import ood_auroc
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.io import load_image
+from leukoscope.tasks.classify import run_experiment
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ood-runs")
+    config = load_config(overrides=[
+        f"data.path={synthetic_root}", f"output_root={out}", "model.name=abas_cnn", "model.image_size=32",
+        "train.epochs=3", "train.batch_size=16", "train.lr=0.003", "train.threads=1"])
+    return run_experiment(config, show_progress=False)
+
+
+def _noise(n: int, size: int = 64) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _split_paths(run, part: str) -> list[Path]:
+    return [Path(row["path"]) for row in json.loads((run.run_dir / "split.json").read_text())["splits"][part]]
+
+
+def test_training_stores_the_ood_statistics(run) -> None:
+    payload = json.loads((run.bundle_dir / "bundle.json").read_text())
+    assert payload["format_version"] == 3 and (run.bundle_dir / OOD_FILE).is_file()
+    ood = payload["ood"]
+    assert ood["method"] == "mahalanobis" and set(ood["thresholds"]) == {"mahalanobis", "energy"}
+    assert ood["threshold_from"] == "val" and ood["fit_images"] == len(_split_paths(run, "train"))
+    assert ood["dimensions"] == 60 and 0.0 <= ood["test_unfamiliar_share"] <= 1.0
+    assert "OOD flag: mahalanobis threshold" in (run.run_dir / "train.log").read_text()
+
+
+def test_held_out_cells_score_lower_than_noise(run) -> None:
+    classifier = CellClassifier.from_bundle(run.bundle_dir)
+    cells = [load_image(path) for path in _split_paths(run, "test")]
+    _, familiar = classifier.outputs(cells)
+    _, noise = classifier.outputs(_noise(len(cells)))
+    assert ood_auroc(familiar, noise) > 0.9
+    assert all(p.unfamiliar for p in classifier.predict_images(_noise(5)))
+
+
+def test_predict_writes_the_score_and_the_flag(run, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(_noise(3)):
+        image.save(folder / f"noise{index}.png")
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(app, ["predict", str(folder), "--bundle", str(run.bundle_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert {"ood_score", "unfamiliar"} <= set(rows[0])
+    assert all(row["unfamiliar"] == "True" and float(row["ood_score"]) > 0 for row in rows)
+    assert "3 of 3 images are unlike the training data" in " ".join(result.output.split())
+
+
+def test_calibrate_ood_on_the_training_data_reproduces_the_training_statistics(run, synthetic_root: Path,
+                                                                                tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run.bundle_dir, bundle)
+    trained = read_bundle_info(bundle).ood
+    (bundle / OOD_FILE).unlink()  # refitted from scratch, from the bundle's recorded split
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(bundle)
+    refitted = read_bundle_info(bundle).ood
+    assert "the train and val parts of" in refitted["fitted_on"] and refitted["threshold_from"] == "val"
+    for method, threshold in trained["thresholds"].items():
+        assert refitted["thresholds"][method] == pytest.approx(threshold, rel=1e-4)  # same images, same model
+    assert CellClassifier.from_bundle(bundle).ood.threshold == pytest.approx(trained["thresholds"]["mahalanobis"],
+                                                                             rel=1e-4)
+
+
+def test_calibrate_ood_on_other_data_splits_that_data(run, synthetic_root: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run.bundle_dir, bundle)
+    other = tmp_path / "site-b"
+    for cls in ("blast", "lymphocyte", "monocyte", "neutrophil"):
+        (other / cls).mkdir(parents=True)
+        for path in sorted((synthetic_root / cls).iterdir())[:10]:
+            Image.open(path).rotate(90).save(other / cls / path.name)
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(other), "--method", "energy",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    ood = read_bundle_info(bundle).ood
+    assert ood["method"] == "energy" and "a new 80/20 split" in ood["fitted_on"]
+    assert "is not the bundle's training data" in ood["fitted_on"] and ood["threshold_from"] == "held-out"
+    assert ood["fit_images"] + ood["threshold_images"] == 40
+    missing = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(other),
+                                  "--split-file", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and "split file does not exist" in missing.output
+    wrong = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(other), "--method", "knn"])
+    assert wrong.exit_code == 2 and "mahalanobis or energy" in wrong.output

@@ -1,0 +1,73 @@
+"""The penultimate embedding of every registered classifier, read by a hook on its final linear layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from leukoscope.models import create_model, list_models
+from leukoscope.models.classic import ClassicModel
+from leukoscope.models.embedding import EmbeddingError, final_linear, logits_and_embeddings
+from leukoscope.models.jabeena import JabeenaCNN
+from leukoscope.preprocessing import Preprocessing, batched_outputs
+
+
+# Two classes change the head only of system C's CNN (one sigmoid unit).
+@pytest.mark.parametrize(("name", "num_classes"),
+                         [(name, 3) for name in list_models(kind="classifier")] + [("jabeena_cnn", 2)])
+def test_every_classifier_gives_the_input_of_its_head(name: str, num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes).eval()
+    x = torch.randn(2, 3, 64, 64)  # 64 px: the smallest size every architecture runs at (AlexNet's pools)
+    logits, embeddings = logits_and_embeddings(model, x)
+    head = final_linear(model)
+    assert logits.shape == (2, num_classes) and embeddings.shape == (2, head.in_features)
+    with torch.no_grad():
+        out = head(embeddings)
+    if isinstance(model, JabeenaCNN) and model.binary:  # one sigmoid unit z, as the logits [-z/2, z/2]
+        out = torch.cat([-out / 2, out / 2], dim=1)
+    # the hooked layer is the one that makes the logits: its output from the captured input is them
+    assert torch.allclose(out, logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(x), logits)  # no hook left behind that changes anything
+
+
+def test_a_model_without_a_linear_layer_is_named() -> None:
+    with pytest.raises(EmbeddingError, match="no linear layer"):
+        final_linear(nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+
+def test_a_head_used_twice_is_refused() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.head(x))
+
+    with pytest.raises(EmbeddingError, match="ran 2 times"):
+        logits_and_embeddings(Twice(), torch.randn(2, 4))
+
+
+def test_batched_outputs_match_batched_logits_for_torch_and_classical_models(synthetic_root) -> None:
+    from leukoscope.classic import FeatureSpec
+    from leukoscope.models.registry import create_model as build
+    from leukoscope.preprocessing import batched_logits
+
+    preprocessing = Preprocessing(32)
+    pixels = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
+    model = create_model("abas_cnn", 3).eval()
+    logits, embeddings = batched_outputs(model, pixels, preprocessing, batch_size=2)
+    assert np.allclose(logits, batched_logits(model, pixels, preprocessing), atol=1e-5)
+    assert embeddings.shape == (5, 60)
+
+    spec = FeatureSpec(histogram_bins=8, lbp_radii=[1], glcm_distances=[1])
+    classic = ClassicModel(build("logistic_regression", num_classes=3), spec, 3)
+    features = classic.features(pixels)
+    classic.fit_features(np.r_[features, features], np.array([0, 1, 2, 0, 1] * 2))
+    logits, embeddings = batched_outputs(classic, pixels, preprocessing)
+    assert np.allclose(logits, batched_logits(classic, pixels, preprocessing))
+    assert embeddings.shape == (5, features.shape[1])  # k_best all: every standardised feature

@@ -1,0 +1,91 @@
+"""The service with a bundle that has OOD statistics: each cell gets the same score as the CLI's,
+the case stores which cells are unfamiliar, and a case of mostly unfamiliar single-cell images
+says "review: images unlike the training data" in its differential."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leukoscope.bundle import load_bundle, save_ood
+from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
+from leukoscope.evaluation.ood import calibrate_ood
+from leukoscope.inference.differential import LEUKEMIA_WORDING
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.inference.quality import UNFAMILIAR_WORDING
+from leukoscope.preprocessing import batched_outputs
+from leukoscope.service.analysis import Analyzer
+from tests.service.helpers import CELL_SIZE, cell_image, encode
+from tests.service.test_api import upload
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _cells(seed: int, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(SYNTHETIC_CLASSES)), per_class)
+    pixels = np.stack([render_cell(SYNTHETIC_CLASSES[k], rng, CELL_SIZE) for k in labels])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
+
+
+@pytest.fixture(scope="module")
+def ood_bundle(cell_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The service's tiny bundle plus OOD statistics fitted on generated cells."""
+    bundle = tmp_path_factory.mktemp("ood") / "bundle"
+    shutil.copytree(cell_bundle, bundle)
+    model, info = load_bundle(bundle)
+    train, labels = _cells(100, 16)
+    held, _ = _cells(101, 6)
+    _, embeddings = batched_outputs(model, train, info.preprocessing)
+    save_ood(bundle, *calibrate_ood(embeddings, labels, *batched_outputs(model, held, info.preprocessing)).to_parts())
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def ood_analyzer(ood_bundle: Path):
+    analyzer = Analyzer.from_bundles(ood_bundle, threads=1)
+    yield analyzer
+    analyzer.close()
+
+
+def _noise(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (CELL_SIZE, CELL_SIZE, 3), dtype=np.uint8))
+
+
+def test_the_service_scores_as_the_python_api(ood_analyzer: Analyzer, ood_bundle: Path) -> None:
+    """The Grad-CAM forward pass also yields the embedding: the same score as predict_images."""
+    images = [cell_image("blast", 7), _noise(0)]
+    expected = CellClassifier.from_bundle(ood_bundle).predict_images(images)
+    for image, reference in zip(images, expected):
+        outcome = ood_analyzer.analyse_cell(image)
+        (cell,) = outcome.cells
+        assert cell.overlay is not None  # the Grad-CAM path
+        assert cell.prediction.ood_score == pytest.approx(reference.ood_score, rel=1e-4)
+        assert cell.prediction.unfamiliar == reference.unfamiliar
+    assert [p.unfamiliar for p in expected] == [False, True]
+
+
+def test_a_case_of_unfamiliar_images_says_review(make_service, ood_analyzer: Analyzer) -> None:
+    service = make_service(analyzer_override=ood_analyzer)
+    service.add_user("tech", "technician")
+    client = service.client()
+    noise = upload(client, service.auth("tech"), *[(f"n{i}.png", encode(_noise(i), "PNG")) for i in range(3)])
+    assert noise.status_code == 201, noise.text
+    case = noise.json()
+    assert [cell["unfamiliar"] for cell in case["cells"]] == [True] * 3
+    flags = case["differential"]["flags"]
+    assert any(UNFAMILIAR_WORDING in flag.lower() and "3 of 3 cell images" in flag for flag in flags)
+    assert not case["differential"]["acute_leukemia_flag"] and not any(LEUKEMIA_WORDING in f for f in flags)
+    familiar = upload(client, service.auth("tech"), ("c.png", encode(cell_image("blast", 7), "PNG"))).json()
+    assert familiar["cells"][0]["unfamiliar"] is False
+    assert not any(UNFAMILIAR_WORDING in flag.lower() for flag in familiar["differential"]["flags"])
+
+
+def test_a_bundle_without_statistics_leaves_the_flag_unknown(service) -> None:
+    case = upload(service.client(), service.auth("tech"), ("c.png", encode(cell_image("blast", 1), "PNG"))).json()
+    assert case["cells"][0]["unfamiliar"] is None
