@@ -51,6 +51,7 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     install = tmp_path / "pretrained"
     run = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--install", "--install-dir", install,
                      "--detector-epochs", "1", "--classifier-epochs", "1", "--blasts-per-subtype", "4",
+                     "--elsewhere-fields", "3",
                      "--detector-set", *TINY_DETECTOR[:1], *TINY_DETECTOR[2:],
                      "--classifier-set", "model.name=abas_cnn", "model.image_size=32", "train.batch_size=8",
                      "train.threads=1")
@@ -59,6 +60,7 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     assert set(results["controls"]) == {"taleqani-benign", "cnmc-all", "cnmc-hem", "cnmc-all-on-background",
                                         "cnmc-hem-on-background", "bccd"}
     assert results["controls"]["cnmc-all"]["cells"] == 2
+    assert results["detector_elsewhere"]["pbc"]["images"] == 3 and results["detector_elsewhere"]["all-taleqani"]["fields"] == 3
     assert results["controls"]["bccd"]["cells"] >= 1  # images with one known type and one white cell
     assert "bccd" in results["verdicts"] and ("holds" in results["verdicts"]["bccd"]
                                              or "FAILS" in results["verdicts"]["bccd"])
