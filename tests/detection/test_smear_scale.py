@@ -92,3 +92,22 @@ def test_a_classifier_without_a_window_gets_the_box_and_its_margin() -> None:
     SmearAnalyzer(ScaledDetector(um_per_px=None), classifier, um_per_px=0.1).analyze(
         Image.new("RGB", (640, 480), (230, 220, 220)))
     assert classifier.sizes == [(48, 48)]  # the 40 px box plus 10% on each side
+
+
+def test_the_service_stores_the_crop_the_classifier_saw_at_the_fields_scale() -> None:
+    """The service's stored crops (and their Grad-CAM, and the review export) come from the
+    analyzer's physical window at the field's scale, not from the box plus a margin."""
+    from leukoscope.service.analysis import Analyzer, _MethodAdapter
+
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "lymphocyte"), window_um=24.0)
+    analyzer = SmearAnalyzer(ScaledDetector(um_per_px=None), classifier, um_per_px=0.1)
+    service = Analyzer(classifier.inner, smear=_MethodAdapter(analyzer, "analyze"), gradcam=False, threads=1)
+    try:
+        image = Image.new("RGB", (640, 480), (230, 220, 220))
+        (cell,) = service.analyse_smear(image).cells
+        assert classifier.sizes == [(240, 240)] and cell.crop.size == (240, 240)
+        assert cell.box == [100, 100, 140, 140]
+        (expected,) = analyzer.cell_crops(image, analyzer.analyze(image))
+        assert np.array_equal(np.asarray(cell.crop), np.asarray(expected))
+    finally:
+        service.close()

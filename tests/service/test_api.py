@@ -453,7 +453,7 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         assert again["differential"]["warnings"] == case["differential"]["warnings"]
         # what the analyzer itself classified, from the same decoded upload
         decoded = Image.open(io.BytesIO(encode(field, "JPEG"))).convert("RGB")
-        seen = [analyzer.smear.crop_cell(decoded, c.box) for c in analyzer.smear.analyse(decoded).cells]
+        seen = analyzer.smear.cell_crops(decoded, analyzer.smear.analyse(decoded))
         assert len(seen) == len(case["cells"]) > 0
         for cell, expected in zip(case["cells"], seen):
             x0, y0, x1, y1 = cell["box"]

@@ -222,6 +222,14 @@ class SmearAnalyzer:
         physical window at the field's scale, or the box plus ``crop_margin`` on each side."""
         return crop_cell(image, box, um_per_px=um_per_px, window_um=self.window_um, margin=self.crop_margin)
 
+    def cell_crops(self, image: Image.Image, result: SmearResult) -> list[Image.Image]:
+        """The crops the classifier saw for ``result``'s cells (``image``: the field :meth:`analyze`
+        was given): each cell's window at the scale that field was analysed at. Stored crops, their
+        Grad-CAM and exported training data must come from here, not from :meth:`crop_cell` alone."""
+        um_per_px = (result.scale or {}).get("analysed_at_um_per_px")
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        return [self.crop_cell(image, cell.box, um_per_px) for cell in result.cells]
+
     def field_scale(self, image: Image.Image) -> tuple[FieldScale, float | None, float]:
         """The field's scale, the pixel size analysis works at (the detector's training scale
         when the field's cannot be estimated), and the factor the field is resampled by for

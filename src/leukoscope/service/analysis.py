@@ -41,7 +41,8 @@ class SmearBackend(Protocol):
 
     def analyse(self, image: Image.Image) -> Any: ...
 
-    # Optional: ``crop_cell(image, box) -> Image`` gives the crop its classifier saw;
+    # Optional: ``cell_crops(image, result) -> list[Image]`` gives the crops its classifier saw
+    # (at the field's scale), else ``crop_cell(image, box) -> Image`` one cell's;
     # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).
 
 
@@ -195,13 +196,18 @@ class Analyzer:
         classifier = self._classifier()
         result = self.smear.analyse(image)
         crop_cell = getattr(self.smear, "crop_cell", None)
+        cell_crops = getattr(self.smear, "cell_crops", None)
+        # The crops the classifier saw (the analyzer's window or margin around its own, unrounded
+        # box, at the scale the field was analysed at), so that the stored image, its Grad-CAM
+        # and the exported training data match the prediction.
+        crops = cell_crops(image, result) if cell_crops else None
         cells: list[CellOutcome] = []
         for index, cell in enumerate(_result_cells(result)):
             box = _box(cell, image.size)
-            # The crop the classifier saw (the analyzer's margin around its own, unrounded
-            # box), so that the stored image, its Grad-CAM and the exported training data
-            # match the prediction.
-            crop = crop_cell(image, _get(cell, "box", "bbox")) if crop_cell else image.crop(tuple(box))
+            if crops is not None:
+                crop = crops[index]
+            else:
+                crop = crop_cell(image, _get(cell, "box", "bbox")) if crop_cell else image.crop(tuple(box))
             prediction = _prediction(cell, classifier, f"cell_{index}")
             if prediction is None:  # the backend detected but did not classify
                 prediction = classifier.predict_images([crop], [f"cell_{index}"])[0]
@@ -247,8 +253,9 @@ def load_smear_backend(detector: str | Path, classifier: CellClassifier, **optio
 class _MethodAdapter:
     def __init__(self, target: Any, method: str) -> None:
         self._call = getattr(target, method)
-        if hasattr(target, "crop_cell"):
-            self.crop_cell = target.crop_cell
+        for name in ("crop_cell", "cell_crops"):
+            if hasattr(target, name):
+                setattr(self, name, getattr(target, name))
         self.warnings = list(getattr(target, "warnings", None) or [])
 
     def analyse(self, image: Image.Image) -> Any:

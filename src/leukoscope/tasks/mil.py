@@ -93,7 +93,7 @@ class CellLocator:
         if self.analyzer is None:
             return [image.crop(box) for box in locate_cells_by_colour(image, **self.options)]
         result = self.analyzer.analyze(image)
-        return [self.analyzer.crop_cell(image, cell.box) for cell in result.cells]
+        return self.analyzer.cell_crops(image, result)
 
 
 @dataclass
