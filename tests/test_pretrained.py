@@ -237,6 +237,12 @@ def test_service_settings_take_pretrained_names(shipped: Path) -> None:
         ServiceSettings(bundle="pretrained:nope")
 
 
+def test_calibrate_ood_leaves_a_shipped_model_alone(shipped: Path, synthetic_root: Path) -> None:
+    result = invoke("calibrate-ood", "--bundle", "pretrained:wbc-classifier", "--data", synthetic_root, "--quiet")
+    assert result.exit_code == 2 and "copy its folder" in " ".join(result.output.split())
+    assert not (shipped / DEFAULT_CLASSIFIER / "ood.safetensors").exists()
+
+
 def test_bad_names_fail_before_torch_is_imported(tmp_path: Path) -> None:
     code = """
 import sys

@@ -233,7 +233,7 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
 def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any]) -> BundleInfo:
     """Add (or replace) the OOD statistics of an existing classifier bundle: ``ood.safetensors``
     and the ``ood`` entry of ``bundle.json`` (which becomes format 3)."""
-    directory = Path(directory)
+    directory = resolve_bundle(directory)
     info = read_bundle_info(directory, task="classify")
     info.ood = dict(entry)
     _write_ood_and_json(directory, info, arrays)
@@ -266,7 +266,7 @@ def load_ood_arrays(directory: str | Path, info: BundleInfo) -> dict[str, Any] |
         return None
     from safetensors.numpy import load_file as load_numpy
 
-    path = Path(directory) / OOD_FILE
+    path = resolve_bundle(directory) / OOD_FILE  # pretrained:NAME too, as the other readers
     if not path.is_file():
         raise BundleError(f"{directory}: {BUNDLE_FILE} names OOD statistics but {OOD_FILE} is missing")
     try:

@@ -347,6 +347,9 @@ def calibrate_ood(
     """
     from leukoscope.data.readers import check_dataset_path
 
+    if is_pretrained_spec(bundle):  # it would write into the installed package
+        _fail(f"{bundle} is a shipped model: copy its folder ({_check_bundle(bundle, '--bundle')}) and calibrate "
+              f"the copy")
     _check_bundle(bundle)
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():

@@ -202,3 +202,15 @@ def test_a_format_3_bundle_is_refused_clearly_by_a_reader_of_format_2(tmp_path: 
     monkeypatch.setattr(bundle_module, "BUNDLE_FORMAT_VERSION", 2)
     with pytest.raises(BundleError, match="format 3 is not supported.*upgrade leukoscope"):
         read_bundle_info(directory)
+
+
+def test_a_shipped_classifier_with_ood_statistics_loads_by_its_pretrained_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukoscope.pretrained import ENV_VARIABLE
+
+    directory = _bundle(tmp_path / "shipped", "wbc-classifier")
+    save_ood(directory, *_ood_parts())
+    monkeypatch.setenv(ENV_VARIABLE, str(tmp_path / "shipped"))
+    monkeypatch.chdir(tmp_path)  # no ./pretrained:wbc-classifier folder to be found by accident
+    classifier = CellClassifier.from_bundle("pretrained:wbc-classifier")
+    assert classifier.ood is not None and classifier.ood.details["fit_images"] == 30
