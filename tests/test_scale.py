@@ -94,6 +94,7 @@ def test_source_scale_is_the_median_of_its_fields() -> None:
     assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 40.0, rel=0.06)
     assert "4 of 5 fields" in scale.note
     assert not source_scale(fields[-1:] * 3).known
+    assert source_scale(iter(fields)) == scale  # a generator of fields, as training reads them
 
 
 def test_physical_window_is_the_same_area_of_slide_at_any_magnification() -> None:
@@ -121,3 +122,16 @@ def test_a_window_past_the_edge_is_filled_by_mirroring_the_field() -> None:
     assert tuple(pixels[47, 47]) == BACKGROUND
     far = crop_cell(field, (95, 95, 105, 105), um_per_px=0.1, window_um=24)  # window far larger than the field
     assert far.size == (240, 240)
+
+
+def test_a_detectors_training_scale_is_estimated_from_its_images_or_taken_as_set(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from leukoscope.tasks.detect import training_scale
+
+    images = []
+    for seed in range(4):
+        smear_field(40.0, seed=seed).save(tmp_path / f"{seed}.png")
+        images.append(SimpleNamespace(image_path=tmp_path / f"{seed}.png"))
+    assert training_scale("estimate", images) == pytest.approx(RED_CELL_DIAMETER_UM / 40.0, rel=0.06)
+    assert training_scale(0.25, images) == 0.25 and training_scale(None, images) is None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 from PIL import Image
@@ -66,7 +66,7 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
     cut by the border, touching clumps (low solidity) and elongated ones are dropped.
     The median of what remains is dominated by red cells, which outnumber white cells
     and platelets in any smear field."""
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # no full-size copy of an RGB field
     factor = min(1.0, _MAX_SIDE / max(rgb.size))
     if factor < 1.0:
         rgb = rgb.resize((max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor))),
@@ -108,13 +108,19 @@ def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScal
     return FieldScale.given(um_per_px) if um_per_px is not None else estimate_scale(image)
 
 
-def source_scale(images: list[Image.Image], *, min_fields: int = 3) -> FieldScale:
+def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3) -> FieldScale:
     """One scale for a whole source (one microscope and camera): the median of its fields'
-    estimates, which is steadier than any single field's."""
-    estimates = [s for s in (estimate_scale(image) for image in images) if s.known]
+    estimates, which is steadier than any single field's. ``images`` may be a generator: each
+    field is estimated as it comes, and none is kept."""
+    estimates, fields = [], 0
+    for image in images:
+        fields += 1
+        estimate = estimate_scale(image)
+        if estimate.known:
+            estimates.append(estimate)
     if len(estimates) < min_fields:
-        return FieldScale(None, "unknown", 0, f"{len(estimates)} of {len(images)} fields had a scale estimate")
+        return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} fields had a scale estimate")
     values = np.array([s.um_per_px for s in estimates])
     return FieldScale(float(np.median(values)), "estimated", int(sum(s.red_cells for s in estimates)),
-                      f"median of {len(estimates)} of {len(images)} fields (IQR {np.percentile(values, 25):.4f}-"
+                      f"median of {len(estimates)} of {fields} fields (IQR {np.percentile(values, 25):.4f}-"
                       f"{np.percentile(values, 75):.4f} um/px)")

@@ -54,15 +54,18 @@ def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) 
 
 
 def training_scale(setting: float | str | None, images: list) -> float | None:
-    """The training images' pixel size: as configured, or estimated from up to 40 of them."""
+    """The training images' pixel size: as configured, or estimated from up to 40 of them (read
+    one at a time: none is kept at full size once its estimate is made)."""
     if setting is None or isinstance(setting, (int, float)):
         return None if setting is None else float(setting)
     step = max(1, len(images) // 40)
-    fields = []
-    for image in images[::step][:40]:
-        with load_image(image.image_path) as pil:
-            fields.append(pil.convert("RGB"))
-    scale = source_scale(fields)
+
+    def fields():
+        for image in images[::step][:40]:
+            with load_image(image.image_path) as pil:
+                yield pil
+
+    scale = source_scale(fields())
     say(f"training images' scale: {f'{scale.um_per_px:.4f} um/px' if scale.known else 'not estimated'} "
         f"({scale.note})")
     return scale.um_per_px
