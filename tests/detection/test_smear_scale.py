@@ -55,6 +55,15 @@ def test_a_field_at_another_magnification_is_resampled_to_the_detector_scale() -
     assert detector.seen == [(640, 480)]
 
 
+def test_boxes_come_back_by_each_sides_own_ratio() -> None:
+    """643 x 481 at half size is 322 x 240 (rounded): a box over all of it is the whole field."""
+    detector = ScaledDetector(um_per_px=0.2)
+    detector.boxes = np.array([[0.0, 0.0, 322.0, 240.0]])
+    result = SmearAnalyzer(detector, um_per_px=0.1).analyze(Image.new("RGB", (643, 481), (230, 220, 220)))
+    assert detector.seen == [(322, 240)]
+    assert result.cells[0].box == pytest.approx((0, 0, 643, 481))
+
+
 def test_the_scale_is_estimated_from_red_cells_and_written_in_the_result() -> None:
     detector = ScaledDetector(um_per_px=7.5 / 40)
     field = smear_field(20.0)  # red cells 20 px: twice the detector's pixel size -> upsample x2

@@ -262,7 +262,9 @@ class SmearAnalyzer:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
             found = self.detect(image.resize(size, Image.Resampling.BILINEAR))
             d = found.detections
-            found.detections = DetectionResult(d.boxes / factor, d.scores, d.labels, d.classes)
+            # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
+            back = np.array([image.size[0] / size[0], image.size[1] / size[1]] * 2)
+            found.detections = DetectionResult(d.boxes * back, d.scores, d.labels, d.classes)
         detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
