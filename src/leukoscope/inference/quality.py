@@ -16,10 +16,11 @@ Three reasons it cannot, each a warning that stops any leukemia flag
   cell at all: its classes, and so the blast count, mean little. A share, not the
   median score: a third of the cells unlike anything seen already makes the
   count unreliable, and with 5% false alarms per cell a field of 10 or more
-  in-distribution cells passes 30% with a probability under 0.2%. Fields of one
-  to three cells are flagged 5-14% of the time (one unfamiliar cell is a third of
-  them); they are below the 100 cells a blast percentage needs anyway, so the cost
-  is a review line, not a lost leukemia flag.
+  in-distribution cells passes 30% with a probability under 0.4% (0.1-0.3% for 10
+  to 13 cells, under 0.05% from 14). Fields of one to three cells are flagged 5-14%
+  of the time (one unfamiliar cell is a third of them), of four to nine 0.4-3%;
+  they are below the 100 cells a blast percentage needs anyway, so the cost is a
+  review line, not a lost leukemia flag.
 """
 
 from __future__ import annotations
