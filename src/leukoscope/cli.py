@@ -766,9 +766,10 @@ def analyze(
     console.print(text)
     unscaled = [r for r in summary.results if r.scale and r.scale.get("source") == "unknown"]
     if unscaled:
+        assumed = ("were analysed at the detector's training scale" if analyzer.detector.info.um_per_px else
+                   "were analysed as they are (the detector records no training scale)")
         console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {len(summary.results)} field(s) had too few isolated "
-                      f"red cells for a scale estimate and were analysed at the detector's training scale "
-                      f"(pass --um-per-px to state it)", soft_wrap=True)
+                      f"red cells for a scale estimate and {assumed} (pass --um-per-px to state it)", soft_wrap=True)
     for flag in pooled.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
     failed = [r for r in summary.results if r.error]

@@ -120,3 +120,20 @@ def test_the_service_stores_the_crop_the_classifier_saw_at_the_fields_scale() ->
         assert np.array_equal(np.asarray(cell.crop), np.asarray(expected))
     finally:
         service.close()
+
+
+def test_analyze_says_how_fields_without_a_scale_were_analysed(detector_bundle, tmp_path) -> None:
+    """A detector that records no training scale: the fields are analysed as they are, and the
+    command does not claim a training scale it does not have."""
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    Image.new("RGB", (160, 120), (230, 220, 220)).save(tmp_path / "blank.png")  # no red cells: no scale
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "blank.png"), "--detector", str(detector_bundle),
+                                      "--no-classifier", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "1 of 1 field(s) had too few isolated red cells" in output
+    assert "analysed as they are (the detector records no training scale)" in output
+    assert "training scale (pass" not in output
