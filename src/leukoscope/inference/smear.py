@@ -69,8 +69,9 @@ class SmearAnalyzer:
     ``classifier`` (a :class:`~leukoscope.inference.predictor.CellClassifier`) types
     each white cell; without one, cells keep the detector's class (and blasts are
     only counted if the detector itself has blast classes).
-    ``tile_size``/``overlap`` are in image pixels; the overlap should exceed the
-    largest white cell (about 300 px in 640x480 BCCD fields). ``wbc_containment``:
+    ``tile_size``/``overlap`` are in the pixels the detector sees (the field's own, or those
+    of the field resampled to the detector's training scale, below); the overlap should
+    exceed the largest white cell (about 300 px in 640x480 BCCD fields). ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
     box is a duplicate (1 turns this off).
 
