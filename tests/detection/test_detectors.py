@@ -74,3 +74,23 @@ def test_abas_backbone_from_classifier_bundle(tmp_path: Path) -> None:
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(WeightsError):
         create_model("fasterrcnn_abas", num_classes=3, backbone_weights=tmp_path / "other.pt")
+
+
+def test_a_narrow_box_head_is_smaller_rebuilt_from_its_bundle_and_leaves_the_default_alone(tmp_path: Path) -> None:
+    from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
+
+    def build(**options):
+        torch.manual_seed(0)
+        return create_model("fasterrcnn_mobilenet_v3_fpn", num_classes=3, **options)
+
+    narrow, default = build(representation_size=256), build()
+    assert narrow.roi_heads.box_head.fc7.out_features == 256
+    assert narrow.roi_heads.box_predictor.cls_score.in_features == 256
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in default.parameters()) - 4_000_000
+    # the default draws its random weights as before the option existed
+    assert all(torch.equal(a, b) for a, b in zip(build(representation_size=1024).state_dict().values(),
+                                                 default.state_dict().values()))
+    bundle = save_bundle(tmp_path / "b", narrow, BundleInfo("fasterrcnn_mobilenet_v3_fpn", ["a", "b", "c"],
+                                                            task="detect", model_options={"representation_size": 256}))
+    loaded, _ = load_bundle(bundle)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), narrow.state_dict().values()))
