@@ -148,6 +148,7 @@ def finetune(args: argparse.Namespace, spec: str, train: list, test: list, group
     result = run_experiment(config, show_progress=False)
     metrics = result.metrics
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
+            "balanced_accuracy": metrics["macro"]["recall"],
             "train_minutes": metrics["train_minutes"], "wall_s": round(time.perf_counter() - start, 1),
             "evaluated_on": metrics["evaluated_on"], "n_test": metrics["n"], "best_epoch": result.fit.best_epoch,
             "epochs_run": len(result.fit.history), "run_dir": str(result.run_dir),
@@ -163,6 +164,17 @@ def spread(values: list[float], digits: int = 3) -> str:
     return median if len(values) == 1 else f"{median} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+#: The scores of the table, in its order; balanced accuracy = macro-averaged recall.
+SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
+
+
+def majority_baseline(counts: dict[str, int]) -> dict[str, float]:
+    """Scores of always calling the test set's most frequent class (its F1 2p/(1+p), the others' 0)."""
+    share = max(counts.values()) / sum(counts.values())
+    return {"accuracy": share, "macro_f1": 2 * share / (1 + share) / len(counts),
+            "balanced_accuracy": 1 / len(counts)}
+
+
 def summary_rows(runs: list[dict[str, Any]], n_classes: int, n_bundle: int) -> list[dict[str, Any]]:
     labels = {"restricted": f"0 (bundle as it is, arg-max over the {n_classes} classes)",
               "any": f"0 (bundle as it is, its top class of {n_bundle})"}
@@ -173,14 +185,12 @@ def summary_rows(runs: list[dict[str, Any]], n_classes: int, n_bundle: int) -> l
         minutes = [r["train_minutes"] for r in same if r.get("train_minutes") is not None]
         rows.append({
             "shots": shots, "mode": mode, "label": labels.get(mode, str(shots)), "seeds": [r["seed"] for r in same],
-            "accuracy": {"median": statistics.median(r["accuracy"] for r in same),
-                         "min": min(r["accuracy"] for r in same), "max": max(r["accuracy"] for r in same)},
-            "macro_f1": {"median": statistics.median(r["macro_f1"] for r in same),
-                         "min": min(r["macro_f1"] for r in same), "max": max(r["macro_f1"] for r in same)},
+            **{key: {"median": statistics.median(r[key] for r in same), "min": min(r[key] for r in same),
+                     "max": max(r[key] for r in same)} for key in SCORES},
             "train_minutes": ({"median": statistics.median(minutes), "min": min(minutes), "max": max(minutes)}
                               if minutes else None),
-            "table": [labels.get(mode, str(shots)), spread([r["accuracy"] for r in same]),
-                      spread([r["macro_f1"] for r in same]), spread(minutes, 2)],
+            "table": [labels.get(mode, str(shots)), *(spread([r[key] for r in same]) for key in SCORES),
+                      spread(minutes, 2)],
         })
     return rows
 
@@ -250,7 +260,8 @@ def main() -> None:
                 scored = score_bundle(model, info, device, Manifest(test, classes), classes, folder, args.bundle)
                 for mode, metrics in scored.items():
                     runs.append({"seed": seed, "shots": 0, "mode": mode, "accuracy": metrics["accuracy"],
-                                 "macro_f1": metrics["macro"]["f1"], "train_minutes": None, "n_test": metrics["n"],
+                                 "macro_f1": metrics["macro"]["f1"], "balanced_accuracy": metrics["macro"]["recall"],
+                                 "train_minutes": None, "n_test": metrics["n"],
                                  "called_outside": metrics.get("called_outside"),
                                  "metrics": str(folder / f"k0-{mode}" / "metrics.json")})
                 continue
@@ -261,7 +272,10 @@ def main() -> None:
                            folder / f"k{shots}", seed, shots)
             runs.append({"seed": seed, "shots": shots, "mode": "finetuned", **row})
     rows = summary_rows(runs, len(classes), len(info.classes))
-    header = ["shots per class", "accuracy", "macro-F1", "fine-tune min"]
+    baseline = majority_baseline(seeds[0]["test_counts"])
+    shown = ", ".join(f"{key.replace('_', ' ')} {baseline[key]:.3f}" for key in SCORES)
+    print(f"always the most frequent class (seed {args.seed_list[0]}'s test set): {shown}")
+    header = ["shots per class", "accuracy", "macro-F1", "balanced accuracy", "fine-tune min"]
     print(f"test images per class (seed {args.seed_list[0]}): {seeds[0]['test_counts']}; "
           f"median (min-max) over seeds {args.seed_list}; fine-tuning: epochs {args.epochs}, batch {args.batch_size}")
     print("| " + " | ".join(header) + " |")
@@ -275,7 +289,8 @@ def main() -> None:
                    "image_size": info.preprocessing.image_size},
         "crops": str(crops.resolve()), "class_counts": counts, "classes": classes, "left_out": left_out,
         "images_needed_per_class": needed, "head": head, "k0_not_scored_classes": unknown,
-        "seeds": seeds, "runs": runs, "summary": [{k: v for k, v in r.items() if k != "table"} for r in rows],
+        "majority_baseline": baseline, "seeds": seeds, "runs": runs,
+        "summary": [{k: v for k, v in r.items() if k != "table"} for r in rows],
         "minutes": round((time.perf_counter() - started) / 60, 2),
     }, indent=1))
     print(results)

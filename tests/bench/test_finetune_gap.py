@@ -26,7 +26,7 @@ def _lab(root: Path, monocytes: int = 5) -> Path:
 
 def _table(run: ScriptRun) -> dict[str, list[str]]:
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in run.lines if line.startswith("| ")]
-    assert rows[0] == ["shots per class", "accuracy", "macro-F1", "fine-tune min"]
+    assert rows[0] == ["shots per class", "accuracy", "macro-F1", "balanced accuracy", "fine-tune min"]
     return {row[0]: row[1:] for row in rows[1:]}
 
 
@@ -39,12 +39,15 @@ def test_finetune_gap(pbc_run: ScriptRun, tmp_path: Path) -> None:
     run = run_script("finetune_gap.py", "--bundle", bundle, "--crops", _lab(tmp_path / "lab"), "--shots", "4,0,2",
                      "--seeds", "0,1", "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "out")
     assert run.line_starting("left out ") == "left out (fewer than 7 images: 4 shots + 3 test): monocyte (5)"
+    # 5 test images of each of 3 classes: accuracy 1/3, macro-F1 (2/3 * 1/3 + 0 + 0) / 3, balanced accuracy 1/3
+    assert run.line_starting("always the most frequent class ").endswith(
+        "test set): accuracy 0.333, macro f1 0.167, balanced accuracy 0.333")
     assert "head replaced: the bundle's backbone is loaded and its head is new" in run.line_starting("bundle: ")
     table = _table(run)
     restricted, anywhere = "0 (bundle as it is, arg-max over the 3 classes)", "0 (bundle as it is, its top class of 4)"
     assert list(table) == [restricted, anywhere, "2", "4"]
-    for name, (accuracy, macro_f1, minutes) in table.items():
-        assert 0 <= _median(accuracy) <= 1 and 0 <= _median(macro_f1) <= 1
+    for name, (*scores, minutes) in table.items():
+        assert all(0 <= _median(score) <= 1 for score in scores)
         assert (minutes == "-") == name.startswith("0 ")
     assert _median(table[restricted][0]) >= _median(table[anywhere][0])  # restricting can only turn errors right
 
@@ -71,7 +74,8 @@ def test_finetune_gap(pbc_run: ScriptRun, tmp_path: Path) -> None:
             assert trained[shots] == {p for pool in seed["pools"].values() for p in pool[:shots]}
             info = read_bundle_info(row["bundle"])
             assert info.classes == classes and info.provenance["config"]["model"]["init"] == str(bundle.resolve())
-            assert json.loads(Path(row["metrics"]).read_text())["accuracy"] == row["accuracy"]
+            scored = json.loads(Path(row["metrics"]).read_text())
+            assert (scored["accuracy"], scored["macro"]["recall"]) == (row["accuracy"], row["balanced_accuracy"])
         assert trained[2] < trained[4]
     summary = {(r["shots"], r["mode"]): r for r in results["summary"]}
     assert summary[(4, "finetuned")]["seeds"] == [0, 1] and summary[(0, "restricted")]["train_minutes"] is None
