@@ -12,12 +12,14 @@ The shipped models (``leukoscope models --pretrained``):
   red cells), so smear analysis brings every field to that scale first.
 - ``wbc-classifier``: the eight pbc white-cell types plus ``blast``, on crops of a
   fixed physical window (``--window-um``) around each cell, every source brought to
-  one scale (:mod:`leukoscope.scale`): pbc's 3,200 cells and the largest white
-  cell of malignant all-taleqani fields (Early, Pre, Pro) as ``blast``.
+  one scale (:mod:`leukoscope.scale`): pbc's 3,200 cells, the largest white
+  cell of malignant all-taleqani fields (Early, Pre, Pro) as ``blast``, and the
+  white cells of half of all-taleqani's Benign fields (hematogones) as
+  ``lymphocyte``, so that this lab's stain is not by itself a reason to say blast.
 
 Then what must hold on data it never saw (issue #11's controls), each row printed:
-the white cells of all-taleqani's Benign fields (same lab and stain as the blast
-examples, no leukaemia) called blast <= 5%; cnmc-mini's ``all`` cells (another lab,
+the white cells of the other half of all-taleqani's Benign fields (same lab and
+stain as the blast examples, no leukaemia; halves duplicate-aware) called blast <= 5%; cnmc-mini's ``all`` cells (another lab,
 another format) called blast >= 90%; BCCD's white cells (another lab, types from
 ``wbc_types.csv``) called blast <= 2%, and their type (the leave-one-source-out
 row: no BCCD/CBC cell label is used in training). Nothing is tuned on these.
@@ -47,6 +49,13 @@ BCCD_TYPES = {"NEUTROPHIL": "neutrophil", "EOSINOPHIL": "eosinophil", "LYMPHOCYT
               "MONOCYTE": "monocyte", "BASOPHIL": "basophil"}
 CROP_PIXELS = 128  # crops are stored at this size; the classifier letterboxes them to its input
 SMEAR_BACKGROUND = (233, 226, 226)  # a plain, unstained smear background (for cnmc-mini's black)
+# all-taleqani's Benign fields hold hematogones, normal B-lymphocyte precursors that a manual
+# differential counts as lymphocytes. Half of those fields train the classifier as lymphocyte
+# (same lab, stain and cropping as the blasts, so the stain alone cannot mean "blast"); the
+# other half, never trained on, is the control.
+BENIGN_LABEL = "lymphocyte"
+BENIGN_TRAIN_SHARE = 0.5
+BENIGN_CELLS_PER_FIELD = 4
 
 
 # ----------------------------------------------------------------------------- crops
@@ -114,6 +123,22 @@ def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path
     crop.resize((CROP_PIXELS, CROP_PIXELS), Image.Resampling.BILINEAR).save(path)
 
 
+def _crop_field_cells(path: Path, fallback_um_per_px: float | None, window_um: float, out: Path,
+                      max_cells: int) -> list[Path]:
+    """Crop every white cell colour segmentation finds in a field (up to ``max_cells``, largest
+    first) into ``out/<stem>_c<k>.png``, at the field's own scale."""
+    from leukoscope.io import load_image
+    from leukoscope.tasks.mil import locate_cells_by_colour
+
+    image = load_image(path).convert("RGB")
+    um_per_px = _field_scale(image, fallback_um_per_px)
+    targets = []
+    for k, box in enumerate(locate_cells_by_colour(image, pad=0.0, max_cells=max_cells)):
+        targets.append(out / f"{path.stem}_c{k}.png")
+        _save_crop(image, box, um_per_px, window_um, targets[-1])
+    return targets
+
+
 def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float | None, window_um: float,
                 locate: Callable, rows: list[list[str]], describe: str) -> None:
     """Crop one cell per (image, label, subject) job into ``out/<label>/``; rows get path,label,subject."""
@@ -138,9 +163,25 @@ def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float |
     _say(f"{describe}: {len(jobs) - missed} crops ({missed} images without a located cell)")
 
 
+def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
+    """all-taleqani's Benign fields in two parts, (training, control), duplicate-aware: near
+    duplicates (perceptual hash) stay on one side. Deterministic."""
+    from leukoscope.data.duplicates import duplicate_groups
+
+    files = sorted((data / "all-taleqani" / "Benign").glob("*.jpg"))
+    groups = duplicate_groups(files)
+    ids = sorted(set(int(g) for g in groups))
+    random.Random(0).shuffle(ids)
+    training_ids = set(ids[: round(len(ids) * BENIGN_TRAIN_SHARE)])
+    training = [f for f, g in zip(files, groups) if int(g) in training_ids]
+    control = [f for f, g in zip(files, groups) if int(g) not in training_ids]
+    return training, control
+
+
 def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int) -> Path:
-    """pbc's cells by type plus the largest white cell of malignant all-taleqani fields as blast;
-    a manifest whose subject is the source image (a field's crops never straddle splits)."""
+    """pbc's cells by type, the largest white cell of malignant all-taleqani fields as blast and
+    of the training half of its Benign fields as lymphocyte; a manifest whose subject is the
+    source image (a field's crops never straddle splits)."""
     rows: list[list[str]] = []
     pbc = [(p, p.parent.name, f"pbc-{p.stem}") for t in PBC_TYPES for p in sorted((data / "pbc" / t).glob("*.jpg"))]
     # CellaVision centres the cell it photographs: the window is centred on the image.
@@ -152,6 +193,15 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
         blasts += [(p, BLAST, f"taleqani-{p.stem}") for p in files[:blasts_per_subtype]]
     _crop_files(blasts, out / "train", scales["all-taleqani"]["um_per_px"], window_um, _largest_cell, rows,
                 "all-taleqani malignant (blast)")
+    # Every located white cell of a Benign field, as for the control: its largest cell alone
+    # would leave blast the large majority of this lab's cells.
+    benign = split_benign_fields(data)[0]
+    for path in benign:
+        for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
+                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD):
+            rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
+    _say(f"all-taleqani Benign, training half ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
+         f" cells of {len(benign)} fields")
     manifest = out / "train.csv"
     with manifest.open("w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "subject"], *rows])
@@ -165,18 +215,14 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
     from PIL import Image
 
     from leukoscope.io import load_image
-    from leukoscope.tasks.mil import locate_cells_by_colour
 
     controls: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    # all-taleqani Benign: every located white cell (up to 4 per field).
-    for path in sorted((data / "all-taleqani" / "Benign").glob("*.jpg")):
-        image = load_image(path).convert("RGB")
-        um_per_px = _field_scale(image, scales["all-taleqani"]["um_per_px"])
-        for k, box in enumerate(locate_cells_by_colour(image, pad=0.0, max_cells=4)):
-            target = out / "taleqani-benign" / f"{path.stem}_c{k}.png"
-            _save_crop(image, box, um_per_px, window_um, target)
+    # all-taleqani Benign, the half never trained on: every located white cell.
+    for path in split_benign_fields(data)[1]:
+        for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
+                                        out / "taleqani-benign", BENIGN_CELLS_PER_FIELD):
             controls["taleqani-benign"].append((target, "not blast"))
-    _say(f"all-taleqani Benign: {len(controls['taleqani-benign'])} cells")
+    _say(f"all-taleqani Benign (control half): {len(controls['taleqani-benign'])} cells")
     # cnmc-mini: one segmented cell per image on black, no red cells to give a scale: the
     # cell is taken to be cnmc_cell_um across (stated in the card and the table).
     for label in ("all", "hem"):
@@ -388,17 +434,21 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     Pre-B, Pro-B) of the ALL image dataset of Taleqani Hospital (Aria, Ghaderzadeh et al.
     2021), marked **research use**: this model is therefore for **research use only**, and
     its blast class is learned from B-lineage ALL of one hospital.
+  - **lymphocyte** also from the same dataset: every white cell colour segmentation finds
+    (up to {BENIGN_CELLS_PER_FIELD} per field) in half of its Benign fields (hematogones, normal B-lymphocyte
+    precursors, which a manual differential counts as lymphocytes), so that the stain of the
+    blasts' lab is not by itself a reason to say blast.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
 - **In-domain test**: accuracy {_fmt(m.get('accuracy'), 4)}, macro-F1 {_fmt(m.get('macro_f1'), 4)}
-  (pbc cells and all-taleqani blasts of the held-out images).
+  (pbc cells and all-taleqani cells of the held-out images).
 - **Left-out sources and controls** (never in training; targets from issue #11):
 
 | cells | n | called blast | type accuracy | verdict |
 |---|---|---|---|---|
 {rows}
 
-  taleqani-benign: all-taleqani's Benign fields (same lab and stain as the blasts, no
-  leukaemia): tests that the blast call comes from the cell, not the slide. cnmc-mini:
+  taleqani-benign: every white cell of the other half of all-taleqani's Benign fields (same
+  lab and stain as the blasts, no leukaemia; the halves are duplicate-aware): tests that the blast call comes from the cell, not the slide. cnmc-mini:
   C-NMC 2019 cells (another lab, segmented on black; no scale in the images, each cell
   taken to be {results['cnmc_cell_um']:g} um across). bccd: BCCD white cells (another lab; types from
   `wbc_types.csv`): the leave-one-source-out score for the cell types.
@@ -440,17 +490,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scales = source_scales(args.data)
     crops = args.out / "crops"
-    listing = crops / "controls.json"  # crops are reused by a rerun with the same window
-    if listing.exists() and json.loads(listing.read_text()).get("window_um") == args.window_um:
+    listing = crops / "controls.json"  # crops are reused by a rerun with the same window and halves
+    design = {"window_um": args.window_um, "benign_train_share": BENIGN_TRAIN_SHARE}
+    if listing.exists() and all(json.loads(listing.read_text()).get(k) == v for k, v in design.items()):
         saved = json.loads(listing.read_text())["controls"]
         controls = {name: [(Path(p), label) for p, label in cells] for name, cells in saved.items()}
     else:
         controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
-        listing.write_text(json.dumps({"window_um": args.window_um, "controls": {
+        listing.write_text(json.dumps({**design, "controls": {
             name: [(str(p), label) for p, label in cells] for name, cells in controls.items()}}))
     classifier = args.classifier
     if classifier is None or args.crops_only:
         manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype)
+        # A split saved for earlier crops no longer matches them (training refuses it): start afresh.
+        shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:
             return 0
         classifier = train_classifier(manifest, args.out, args.window_um, args.classifier_epochs, args.minutes,

@@ -154,6 +154,7 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "cross_source": [
             RandomStainJitter(sigma=0.12, bias=0.12),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.25, hue=0.04),
+            v2.RandomGrayscale(p=0.1),  # now and then, shape and texture alone
             RandomResolution(max_factor=3.0, p=0.5),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),

@@ -82,3 +82,25 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
 def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
     run = run_script("zoo.py", "--data", tmp_path, expect=2)
     assert "has no pbc folder" in run.stderr
+
+
+def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates_together(tmp_path: Path) -> None:
+    import importlib.util
+
+    from tests.bench.conftest import BENCH
+
+    spec = importlib.util.spec_from_file_location("zoo_under_test", BENCH / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    benign = tmp_path / "all-taleqani" / "Benign"
+    benign.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for k in range(10):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(benign / f"WBC-Benign-{k:03d}.jpg")
+    (benign / "WBC-Benign-100.jpg").write_bytes((benign / "WBC-Benign-003.jpg").read_bytes())  # a byte copy
+    training, control = zoo.split_benign_fields(tmp_path)
+    assert sorted(training + control) == sorted(benign.glob("*.jpg"))
+    assert not set(training) & set(control) and training and control
+    copy_side = training if benign / "WBC-Benign-003.jpg" in training else control
+    assert benign / "WBC-Benign-100.jpg" in copy_side
+    assert (training, control) == zoo.split_benign_fields(tmp_path)  # deterministic
