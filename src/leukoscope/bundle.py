@@ -6,6 +6,7 @@ bundle/
   model.safetensors  weights of a torch model (no pickle: safe to load from an untrusted source)
   model.skops        or: the fitted scikit-learn pipeline of a classical model
   ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix)
+  model.onnx         optional: the same classifier as an ONNX graph (`leukoscope export`)
 ```
 
 This module is the only reader and writer of bundles: classifiers (``task:
@@ -24,7 +25,9 @@ size (``um_per_px``) and a classifier's physical crop window
 (``preprocessing.cell_window_um``, :mod:`leukoscope.cell_window`). A bundle with none
 of them is still written as version 2, byte for byte as before, so older leukoscope
 reads it; one with any says 3, so older leukoscope asks for an upgrade instead of
-failing on an unknown field. Version-2 bundles load with none of them.
+failing on an unknown field. Version-2 bundles load with none of them. Version 4 adds
+an ``export`` entry: the record of an exported graph (``model.onnx``, written by
+:mod:`leukoscope.inference.export`); only exported bundles say 4.
 """
 
 from __future__ import annotations
@@ -46,15 +49,18 @@ from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
 from leukoscope.pretrained import resolve_bundle
 
-BUNDLE_FORMAT_VERSION = 3
+BUNDLE_FORMAT_VERSION = 4
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
+#: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
+FORMAT_3 = 3
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
 OOD_FILE = "ood.safetensors"
+ONNX_FILE = "model.onnx"
 TASKS = ("classify", "detect")
 #: What version-1 bundles called their task.
 _LEGACY_TASK_NAMES = {None: "classify", "classification": "classify", "detection": "detect"}
@@ -109,6 +115,9 @@ class BundleInfo:
     ood: dict[str, Any] | None = None
     """Classifiers: the out-of-distribution entry (method, thresholds, how it was fitted);
     its arrays are in ``ood.safetensors``. None: no OOD flag (bundles before format 3)."""
+    export: dict[str, Any] | None = None
+    """Classifiers: the record of an exported inference graph (format, file, opset, inputs,
+    outputs; format 4); None: torch (or scikit-learn) only."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -134,7 +143,7 @@ class BundleInfo:
                 payload.pop(key)
         # Fields of format 3 that are not set stay out: a format-2 bundle.json, as older
         # leukoscope wrote and reads it.
-        for key in ("ood", "um_per_px"):
+        for key in ("ood", "um_per_px", "export"):
             if payload.get(key) is None:
                 payload.pop(key)
         if payload.get("preprocessing") and payload["preprocessing"].get("cell_window_um") is None:
@@ -212,6 +221,9 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
         raise ValueError("a bundle with an ood entry needs its arrays (ood_arrays)")
     info.framework = framework_of(model)
     info.provenance = {**provenance_now(info.framework), **info.provenance}
+    # New weights make any exported graph stale: it goes (re-export the new bundle).
+    info.export = None
+    (directory / ONNX_FILE).unlink(missing_ok=True)
     if info.framework == "sklearn":
         import skops.io as sio
 
@@ -246,18 +258,53 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
     import numpy as np
     from safetensors.numpy import save_file as save_numpy
 
-    info.format_version = BUNDLE_FORMAT_VERSION if needs_format_3(info) else FORMAT_2
     if info.ood is not None:
         info.ood = {**info.ood, "file": OOD_FILE}
         ood_tmp = directory / (OOD_FILE + ".tmp")
         save_numpy({k: np.ascontiguousarray(v) for k, v in (ood_arrays or {}).items()}, str(ood_tmp),
                    metadata={"task": info.task})
         ood_tmp.replace(directory / OOD_FILE)
+    _write_json(directory, info)
+    if info.ood is None:
+        (directory / OOD_FILE).unlink(missing_ok=True)
+
+
+def _write_json(directory: Path, info: BundleInfo) -> None:
+    """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
+    if info.export is not None:
+        info.format_version = BUNDLE_FORMAT_VERSION
+    else:
+        info.format_version = FORMAT_3 if needs_format_3(info) else FORMAT_2
     json_tmp = directory / (BUNDLE_FILE + ".tmp")
     json_tmp.write_text(json.dumps(info.to_json(), indent=2, default=str))
     json_tmp.replace(directory / BUNDLE_FILE)
-    if info.ood is None:
-        (directory / OOD_FILE).unlink(missing_ok=True)
+
+
+def copy_bundle(source: str | Path, target: str | Path) -> Path:
+    """Copy the files of bundle ``source`` (a folder or ``pretrained:NAME``) into ``target``,
+    ``bundle.json`` last (a folder with a ``bundle.json`` has all its files). An exported graph
+    of the source is left behind: whoever copies is about to write its own."""
+    import shutil
+
+    source = resolve_bundle(source)
+    read_bundle_info(source)  # a clear error for a folder that is not a bundle
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in (BUNDLE_FILE, ONNX_FILE) and not path.name.endswith(".tmp"):
+            shutil.copy2(path, target / path.name)
+    shutil.copy2(source / BUNDLE_FILE, target / BUNDLE_FILE)
+    return target
+
+
+def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
+    """Record an exported graph (already written into ``directory``) in its ``bundle.json``,
+    which becomes format 4."""
+    directory = Path(directory)
+    info = read_bundle_info(directory, task="classify")
+    info.export = dict(record)
+    _write_json(directory, info)
+    return info
 
 
 def load_ood_arrays(directory: str | Path, info: BundleInfo) -> dict[str, Any] | None:

@@ -85,14 +85,22 @@ def predict_to_file(
     threshold: float | None = None,
     explain_dir: Path | None = None,
     batch_size: int = 32,
+    backend: str = "auto",
+    threads: int | None = None,
 ) -> list[Prediction]:
+    """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
+    ``out``; with ``explain_dir``, Grad-CAM overlays (which need the torch model: ``auto`` then runs torch)."""
     import torch
 
     from leukoscope.inference.predictor import CellClassifier
 
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"{out}: output must end in .csv or .json")
-    classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold)
+    if explain_dir is not None and backend == "onnxruntime":
+        raise ValueError("Grad-CAM (--explain) needs the torch model: use --backend torch (or auto)")
+    if explain_dir is not None:
+        backend = "torch"
+    classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold, backend=backend, threads=threads)
     if explain_dir is not None and classifier.info.framework != "torch":
         raise ValueError(f"Grad-CAM (--explain) is not available for {classifier.info.model_name}: it is a "
                          "classical model on hand-made features, with no convolutional layers to explain; "

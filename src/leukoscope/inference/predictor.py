@@ -5,6 +5,10 @@ A bundle with out-of-distribution statistics (format 3, :mod:`leukoscope.evaluat
 also scores how unlike its training images each image is: ``ood_score`` and
 ``unfamiliar`` (score above the bundle's threshold). The class label is left as it
 is; what to do with unfamiliar images (a field's warning) is the caller's rule.
+
+The network itself runs on a :mod:`~leukoscope.inference.runtime`: the bundle's torch
+model, or its exported ONNX graph on onnxruntime; preprocessing, temperature, threshold
+and OOD score stay here, the same for both.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leukoscope.bundle import BundleError, BundleInfo, load_bundle, load_ood_arrays
+from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.evaluation.ood import OodStats
+from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
-from leukoscope.preprocessing import batched_logits, batched_outputs, stack_pixels
+from leukoscope.preprocessing import stack_pixels
+from leukoscope.pretrained import resolve_bundle
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +73,14 @@ class CellClassifier:
     >>> classifier.predict_paths(["cell.jpg"])[0].label                 # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
+    def __init__(self, model: torch.nn.Module | Runtime, info: BundleInfo, device: str | torch.device = "cpu",
                  uncertain_threshold: float | None = None, ood: OodStats | None = None) -> None:
+        """``model``: the bundle's torch (or classical) model, or a runtime that runs it."""
         if info.task != "classify" or info.preprocessing is None:
             raise ValueError(f"{info.model_name} is a {info.task} model, not a cell classifier")
-        self.model = model.eval()
+        self.runtime = model if isinstance(model, Runtime) else TorchRuntime(model.eval(), info.preprocessing, device)
+        self.model = self.runtime.model
+        """The torch model (Grad-CAM, the service's hooks); None on the onnxruntime backend."""
         self.info = info
         self.preprocessing = info.preprocessing
         self.device = torch.device(device)
@@ -82,10 +91,19 @@ class CellClassifier:
         self.ood = ood
 
     @classmethod
-    def from_bundle(cls, directory: str | Path, device: str = "cpu",
-                    uncertain_threshold: float | None = None) -> "CellClassifier":
-        model, info = load_bundle(directory, device, task="classify")
-        return cls(model, info, device, uncertain_threshold, ood=load_ood_stats(directory, info))
+    def from_bundle(cls, directory: str | Path, device: str = "cpu", uncertain_threshold: float | None = None,
+                    *, backend: str = "torch", threads: int | None = None) -> "CellClassifier":
+        """``backend``: ``torch``, ``onnxruntime`` (an exported bundle) or ``auto`` (onnxruntime when the
+        bundle has a graph and onnxruntime is installed); ``threads``: onnxruntime's intra-op threads."""
+        directory = resolve_bundle(directory)
+        info = read_bundle_info(directory, task="classify")
+        runtime = load_runtime(directory, info, backend, device, threads)
+        return cls(runtime, info, device, uncertain_threshold, ood=load_ood_stats(directory, info))
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: ``torch`` or ``onnxruntime``."""
+        return self.runtime.backend
 
     @property
     def image_size(self) -> int:
@@ -122,11 +140,7 @@ class CellClassifier:
         if not images:
             return np.zeros((0, len(self.classes))), None if self.ood is None else np.zeros(0)
         pixels = stack_pixels(images, self.preprocessing)
-        embeddings = None
-        if self.ood is not None and self.ood.needs_embeddings:
-            logits, embeddings = batched_outputs(self.model, pixels, self.preprocessing, self.device)
-        else:
-            logits = batched_logits(self.model, pixels, self.preprocessing, self.device)
+        logits, embeddings = self.runtime.outputs(pixels, embeddings=self.ood is not None and self.ood.needs_embeddings)
         probabilities = torch.softmax(torch.from_numpy(logits / self.info.temperature), dim=1).numpy()
         return probabilities, self.ood_scores(logits, embeddings)
 

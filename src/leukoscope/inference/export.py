@@ -1,0 +1,180 @@
+"""Export a classifier bundle's network as an ONNX graph: ``leukoscope export --format onnx``.
+
+The exported bundle is a copy of the source bundle (``bundle.json``, weights, OOD
+statistics) plus ``model.onnx``, recorded in ``bundle.json``'s ``export`` entry
+(format 4). The graph takes what the torch model takes: the bundle's *normalised*
+float input ``(batch, 3, S, S)``, so the bundle's preprocessing stays the one path
+to it (:mod:`leukoscope.preprocessing`), and gives two outputs: ``logits`` and
+``embedding`` (the input of the final linear layer, which the Mahalanobis OOD score
+reads). The batch axis is dynamic; the image size is the bundle's.
+
+Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``: it needs
+only the ``onnx`` package, where the torch.export-based one needs onnxscript too. It
+cannot export ``AdaptiveAvgPool2d`` when the output size does not divide the input
+size (system A's CNN, System D's ConvNet, VGG and AlexNet at many image sizes); since
+the input size is fixed, such a pool is replaced in the exported copy by the same
+average written as two matrix products (:class:`FixedAdaptiveAvgPool`).
+
+Classical (scikit-learn) bundles and detectors are not exported yet: a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leukoscope.bundle import ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle, read_bundle_info, \
+    save_export
+from leukoscope.models.embedding import capture_embeddings
+from leukoscope.pretrained import resolve_bundle
+
+FORMATS = ("onnx",)
+DEFAULT_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "embedding")
+
+
+class FixedAdaptiveAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d(output)`` for one input size, as ``A_h @ x @ A_w^T``: each row of ``A``
+    averages the window PyTorch's adaptive pool averages (start = floor(i*in/out),
+    end = ceil((i+1)*in/out)), so the result is the same up to float rounding."""
+
+    def __init__(self, input_size: tuple[int, int], output_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", _averaging_matrix(input_size[0], output_size[0]))
+        self.register_buffer("cols", _averaging_matrix(input_size[1], output_size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols.T
+
+
+def _averaging_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    matrix = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def _pair(size: Any, like: tuple[int, int]) -> tuple[int, int]:
+    """An adaptive pool's output size as (h, w); None keeps the input's."""
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    return (like[0] if h is None else int(h), like[1] if w is None else int(w))
+
+
+def exportable_copy(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose adaptive average pools the exporter cannot write are
+    replaced by :class:`FixedAdaptiveAvgPool` for the input size of ``example``."""
+    model = copy.deepcopy(model).eval()
+    seen: dict[str, tuple[int, int]] = {}
+
+    def recorder(name: str):
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            seen.setdefault(name, (int(inputs[0].shape[-2]), int(inputs[0].shape[-1])))
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, size_in in seen.items():
+        size_out = _pair(model.get_submodule(name).output_size, size_in)
+        if size_in[0] % size_out[0] or size_in[1] % size_out[1]:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, FixedAdaptiveAvgPool(size_in, size_out))
+    return model
+
+
+class WithEmbedding(nn.Module):
+    """``(logits, embedding)`` from one forward pass: the graph's two outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with capture_embeddings(self.model) as captured:
+            logits = self.model(x)
+        return logits, captured[0]
+
+
+def check_exportable(bundle: str | Path, export_format: str = "onnx") -> None:
+    """A one-line error for what cannot be exported (format, task, framework), from ``bundle.json`` only."""
+    if export_format not in FORMATS:
+        raise ValueError(f"unknown export format {export_format!r} (supported: {', '.join(FORMATS)})")
+    info = read_bundle_info(bundle)
+    if info.task != "classify":
+        raise BundleError(f"{bundle} is a cell detector bundle: export to ONNX supports cell classifiers only "
+                          f"(torch CNNs) for now")
+    if info.framework != "torch":
+        raise BundleError(f"{bundle} is a classical (scikit-learn) model: export to ONNX supports torch CNN "
+                          f"classifiers only for now")
+
+
+def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Write the exported bundle of classifier ``bundle`` into ``out`` (which may be ``bundle`` itself:
+    then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
+    source = resolve_bundle(bundle)
+    check_exportable(source)
+    model, info = load_bundle(source, "cpu", task="classify")
+    assert info.preprocessing is not None
+    size = info.preprocessing.image_size
+    example = torch.zeros(2, 3, size, size)  # 2: batch norm layers and flattening see a real batch axis
+    wrapped = WithEmbedding(exportable_copy(model, example)).eval()
+    with torch.no_grad():
+        logits, embedding = wrapped(example)
+    out = Path(out)
+    if out.resolve() != source.resolve():
+        copy_bundle(source, out)
+    graph_tmp = out / (ONNX_FILE + ".tmp")
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice: chosen on purpose (docstring)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (example,), str(graph_tmp), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
+    _check_graph(graph_tmp)
+    graph_tmp.replace(out / ONNX_FILE)
+    save_export(out, export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source))
+    return out
+
+
+def _check_graph(path: Path) -> None:
+    """onnx's own consistency check of the written graph (skipped when onnx is not installed)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types
+        path.unlink(missing_ok=True)
+        raise BundleError(f"the exported graph fails onnx's check: {str(exc)[:300]}") from None
+
+
+def export_record(model_name: str, image_size: int, classes: int, embedding: int, opset: int,
+                  source: Path) -> dict[str, Any]:
+    """The ``export`` entry of ``bundle.json``: what the graph takes and gives, and how it was made."""
+    weights = source / WEIGHTS_FILE
+    return {
+        "format": "onnx",
+        "file": ONNX_FILE,
+        "opset": opset,
+        "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
+        "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, image_size, image_size], "dtype": "float32",
+                    "preprocessing": "the bundle's: letterboxed RGB, mean/std normalised"}],
+        "outputs": [{"name": "logits", "shape": ["batch", classes], "dtype": "float32"},
+                    {"name": "embedding", "shape": ["batch", embedding], "dtype": "float32"}],
+        "model_name": model_name,
+        # Which weights the graph was made from: a bundle whose weights change no longer matches it.
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
