@@ -4,7 +4,8 @@
     leukoscope train --config FILE [k=v]  one training run
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
-    leukoscope predict --bundle B INPUT [--explain DIR]
+    leukoscope predict --bundle B INPUT [--explain DIR] [--backend auto|torch|onnxruntime]
+    leukoscope export --bundle B --format onnx [--out DIR] [--check DATA]   an inference bundle with model.onnx
     leukoscope calibrate-ood --bundle B --data D  out-of-distribution flag for an existing classifier
     (B: a bundle folder, or pretrained:NAME for a model shipped in the package)
     leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
@@ -33,6 +34,9 @@ from rich.markup import escape
 from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX, is_pretrained_spec, list_pretrained,
                                    model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle)
 from leukoscope.progress import console, name_some
+
+#: `predict --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 if TYPE_CHECKING:
     from leukoscope.engine.config import ExperimentConfig
@@ -375,6 +379,11 @@ def predict(
                                               "(default: the bundle's)."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
     batch_size: int = typer.Option(32),
+    backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime (a bundle "
+                                "from `leukoscope export`) or auto (onnxruntime when the bundle has an ONNX graph "
+                                "and onnxruntime is installed, else torch)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's; 1 is "
+                                          "faster on a machine busy with other work)."),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold.
 
@@ -383,14 +392,22 @@ def predict(
     """
     from leukoscope.inference.predict_files import collect_images
 
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
     bundle = _check_bundle(bundle, "--bundle")
     paths = _run(collect_images, inputs)
     from leukoscope.bundle import read_bundle_info
     from leukoscope.inference.predict_files import predict_to_file
 
     _run(read_bundle_info, bundle, "classify")  # a wrong bundle fails before any image is read
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
-                       batch_size=batch_size)
+                       batch_size=batch_size, backend=backend, threads=threads)
     failed = [p.source for p in predictions if p.error]
     counts: dict[str, int] = {}
     for p in predictions:
@@ -408,6 +425,81 @@ def predict(
     if len(failed) == len(predictions):
         _fail(f"no image could be predicted; see the error column of {out}")
     print(out)
+
+
+def _export_out(spec: str, bundle: Path, out: Optional[Path]) -> Path:
+    """Where `export` writes: ``--out``, else ``<bundle>-onnx`` beside the bundle (``./NAME-onnx`` for a
+    shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
+    (the graph is added to it); any other folder must be new or empty."""
+    if out is None:
+        out = Path(f"{bundle.name}-onnx") if is_pretrained_spec(spec) else bundle.parent / f"{bundle.name}-onnx"
+    if out.resolve() == bundle.resolve():
+        if is_pretrained_spec(spec):
+            _fail(f"{spec} is a shipped model: export it to another folder (--out DIR)")
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(f"{out} already exists and is not empty: choose another --out (or remove it)")
+    return out
+
+
+@app.command()
+def export(
+    bundle: str = typer.Option(..., "--bundle", help="Classifier bundle directory, or pretrained:NAME."),
+    export_format: str = typer.Option("onnx", "--format", help="Graph format (onnx)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: <bundle>-onnx "
+                                       "beside it; the bundle's own folder adds the graph to it)."),
+    check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest) "
+                                        "to compare the graph with the torch model on."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
+) -> None:
+    """Export a classifier bundle as an inference bundle: its files plus model.onnx, recorded in bundle.json.
+
+    The graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
+    dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
+    `leukoscope predict --backend onnxruntime` (or auto) runs it. Cell classifiers (torch CNNs) only
+    for now.
+    """
+    import importlib.util
+
+    if export_format != "onnx":
+        _fail(f"--format must be onnx (the only export format so far), got {export_format!r}")
+    source = _check_bundle(bundle, "--bundle")
+    peek = _run(peek_bundle, source)
+    if peek.task != "classify":
+        _fail(f"{source} is a cell detector bundle: export to ONNX supports cell classifiers (torch CNNs) only "
+              f"for now")
+    if peek.framework != "torch":
+        _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
+              f"for now")
+    missing = [name for name in ("onnx", "onnxruntime" if check else "") if name and
+               importlib.util.find_spec(name) is None]
+    if missing:
+        _fail(f"export needs {' and '.join(missing)}: pip install 'leukoscope[onnx]'")
+    if check is not None:
+        from leukoscope.data.readers import check_dataset_path
+
+        _run(check_dataset_path, check)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
+    target = _export_out(bundle, source, out)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from leukoscope.inference.export import export_onnx
+
+    _run(export_onnx, source, target, opset=opset)
+    console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
+                  f"input (batch, 3, {peek.preprocessing['image_size']}, {peek.preprocessing['image_size']}))",
+                  soft_wrap=True)
+    if check is not None:
+        from leukoscope.inference.export_check import compare_backends
+
+        report = _run(compare_backends, target, check, threads=threads)
+        for line in report.lines():
+            console.print(line)
+    print(target)
 
 
 @app.command()
