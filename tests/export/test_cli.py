@@ -1,0 +1,94 @@
+"""`leukoscope export` and `predict --backend`, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.export.conftest import invoke
+
+pytest.importorskip("onnxruntime")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_export_with_check_then_predict_on_both_backends(trained: dict[str, Path], synthetic_root: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    result = invoke("export", "--bundle", trained["abas_cnn"], "--format", "onnx", "--out", out,
+                    "--check", synthetic_root, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out) and (out / "model.onnx").is_file()
+    assert "parity on 96 images: largest |p_torch - p_onnx|" in result.output
+    assert "top class agreement 100.00%" in result.output and "accuracy on 96 labelled images: torch" in result.output
+    csvs = {}
+    for backend in ("torch", "onnxruntime", "auto"):
+        csvs[backend] = tmp_path / f"{backend}.csv"
+        result = invoke("predict", "--bundle", out, synthetic_root / "blast", "--out", csvs[backend],
+                        "--backend", backend, "--threads", "1")
+        assert result.exit_code == 0, result.output
+    torch_rows, onnx_rows, auto_rows = (_rows(csvs[b]) for b in ("torch", "onnxruntime", "auto"))
+    assert list(onnx_rows[0]) == list(torch_rows[0])  # the same columns, OOD included
+    assert [r["top_class"] for r in onnx_rows] == [r["top_class"] for r in torch_rows]
+    assert [r["source"] for r in onnx_rows] == [r["source"] for r in torch_rows]
+    assert auto_rows == onnx_rows
+    for a, b in zip(onnx_rows, torch_rows):
+        assert abs(float(a["confidence"]) - float(b["confidence"])) < 1e-4 and a["ood_score"] != ""
+
+
+def test_default_out_is_beside_the_bundle_and_not_overwritten(trained: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    bundle = shutil.copytree(trained["mobilenet_v3_small"], tmp_path / "bundle")
+    result = invoke("export", "--bundle", bundle)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bundle-onnx" / "model.onnx").is_file()
+    again = invoke("export", "--bundle", bundle)
+    assert again.exit_code == 2 and "bundle-onnx already exists and is not empty" in again.output
+    in_place = invoke("export", "--bundle", bundle, "--out", bundle)  # the bundle's own folder: graph added
+    assert in_place.exit_code == 0, in_place.output
+    assert json.loads((bundle / "bundle.json").read_text())["export"]["file"] == "model.onnx"
+
+
+def test_torch_bundle_with_onnxruntime_backend_says_to_export(trained: dict[str, Path], synthetic_root: Path,
+                                                             tmp_path: Path) -> None:
+    result = invoke("predict", "--bundle", trained["abas_cnn"], synthetic_root / "blast", "--out",
+                    tmp_path / "p.csv", "--backend", "onnxruntime")
+    assert result.exit_code == 2
+    assert "has no ONNX graph: run `leukoscope export --bundle" in result.output
+    bad = invoke("predict", "--bundle", trained["abas_cnn"], synthetic_root / "blast", "--backend", "tensorrt")
+    assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime" in bad.output
+
+
+def test_explain_needs_the_torch_backend(trained: dict[str, Path], synthetic_root: Path, tmp_path: Path) -> None:
+    image = sorted((synthetic_root / "blast").glob("*.png"))[0]
+    result = invoke("predict", "--bundle", trained["abas_cnn"], image, "--out", tmp_path / "p.csv",
+                    "--backend", "onnxruntime", "--explain", tmp_path / "cam")
+    assert result.exit_code == 2 and "Grad-CAM (--explain) needs the torch model" in result.output
+
+
+def test_unsupported_bundles_and_formats_fail_in_one_line(tmp_path: Path, trained: dict[str, Path]) -> None:
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+                                                      "task": "detect", "format_version": 2}))
+    classical = tmp_path / "classical"
+    classical.mkdir()
+    (classical / "bundle.json").write_text(json.dumps({"model_name": "svm_rbf", "classes": ["a", "b"],
+                                                       "framework": "sklearn", "format_version": 2,
+                                                       "preprocessing": {"image_size": 48}}))
+    for bundle, expected in ((detector, "is a cell detector bundle: export to ONNX supports cell classifiers"),
+                             (classical, "is a classical (scikit-learn) model: export to ONNX supports torch")):
+        result = invoke("export", "--bundle", bundle, "--format", "onnx")
+        assert result.exit_code == 2 and expected in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    result = invoke("export", "--bundle", trained["abas_cnn"], "--format", "tflite")
+    assert result.exit_code == 2 and "--format must be onnx" in result.output
+    result = invoke("export", "--bundle", trained["abas_cnn"], "--check", tmp_path / "missing")
+    assert result.exit_code == 2 and "does not exist" in result.output

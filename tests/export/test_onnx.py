@@ -1,0 +1,138 @@
+"""Exported graphs agree with their torch models, and the runtimes behind CellClassifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leukoscope.bundle import (ONNX_FILE, BundleError, BundleInfo, load_bundle, load_ood_arrays, read_bundle_info,
+                               save_bundle)
+from leukoscope.inference import runtime
+from leukoscope.inference.export import check_exportable, export_onnx
+from leukoscope.inference.export_check import compare_backends
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.preprocessing import Preprocessing
+from tests.export.conftest import ARCHITECTURES
+
+pytest.importorskip("onnxruntime")
+
+#: Probabilities of the graph and the torch model differ by float rounding only (measured: ~1e-7).
+PROBABILITY_TOLERANCE = 1e-4
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_exported_graph_agrees_with_torch(name: str, exported: dict[str, Path], synthetic_root: Path) -> None:
+    bundle = exported[name]
+    torch_classifier = CellClassifier.from_bundle(bundle, backend="torch")
+    onnx_classifier = CellClassifier.from_bundle(bundle, backend="onnxruntime", threads=1)
+    assert (torch_classifier.backend, onnx_classifier.backend) == ("torch", "onnxruntime")
+    assert onnx_classifier.model is None and onnx_classifier.ood is not None
+    images = [Image.open(p).convert("RGB") for p in sorted((synthetic_root / "blast").glob("*.png"))[:6]]
+    images += _images(5)
+    for batch in (images[:1], images):  # the batch axis is dynamic
+        p_torch, _ = torch_classifier.outputs(batch)
+        p_onnx, scores = onnx_classifier.outputs(batch)
+        assert np.abs(p_torch - p_onnx).max() < PROBABILITY_TOLERANCE
+        assert (p_torch.argmax(1) == p_onnx.argmax(1)).all()
+        assert scores is not None and scores.shape == (len(batch),)
+    # The OOD score reads the graph's embedding output, the same as torch's. (Compared as embeddings:
+    # these one-epoch models' Mahalanobis statistics are degenerate, precision entries up to ~1e17, so
+    # their scores move with float rounding, even between two batch sizes on torch alone.)
+    pixels = torch.stack([torch_classifier.preprocessing.pixels(image) for image in images])
+    logits_torch, embedded_torch = torch_classifier.runtime.outputs(pixels, embeddings=True)
+    logits_onnx, embedded_onnx = onnx_classifier.runtime.outputs(pixels, embeddings=True)
+    assert np.allclose(logits_onnx, logits_torch, atol=1e-4) and np.allclose(embedded_onnx, embedded_torch, atol=1e-4)
+
+
+def test_exported_bundle_records_its_graph(exported: dict[str, Path], trained: dict[str, Path]) -> None:
+    bundle = exported["abas_cnn"]
+    payload = json.loads((bundle / "bundle.json").read_text())
+    record = payload["export"]
+    assert payload["format_version"] == 4 and (bundle / ONNX_FILE).is_file()
+    assert record["format"] == "onnx" and record["file"] == ONNX_FILE and record["opset"] == 17
+    assert record["inputs"][0]["name"] == "input" and record["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert [o["name"] for o in record["outputs"]] == ["logits", "embedding"]
+    assert record["outputs"][0]["shape"] == ["batch", 4]
+    # everything else is the source bundle's, and the source is left as it was
+    source = json.loads((trained["abas_cnn"] / "bundle.json").read_text())
+    assert {k: v for k, v in payload.items() if k not in ("export", "format_version")} == \
+        {k: v for k, v in source.items() if k != "format_version"}
+    assert "export" not in source and not (trained["abas_cnn"] / ONNX_FILE).exists()
+    assert (bundle / "model.safetensors").read_bytes() == (trained["abas_cnn"] / "model.safetensors").read_bytes()
+
+
+def test_auto_prefers_onnxruntime_and_falls_back_to_torch(exported: dict[str, Path], trained: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert CellClassifier.from_bundle(exported["abas_cnn"], backend="auto").backend == "onnxruntime"
+    assert CellClassifier.from_bundle(trained["abas_cnn"], backend="auto").backend == "torch"
+    monkeypatch.setattr(runtime, "onnxruntime_available", lambda: False)
+    assert CellClassifier.from_bundle(exported["abas_cnn"], backend="auto").backend == "torch"
+    with pytest.raises(BundleError, match=r"pip install 'leukoscope\[onnx\]'"):
+        CellClassifier.from_bundle(exported["abas_cnn"], backend="onnxruntime")
+
+
+def test_torch_bundle_on_onnxruntime_says_to_export_first(trained: dict[str, Path]) -> None:
+    with pytest.raises(BundleError, match="has no ONNX graph: run `leukoscope export"):
+        CellClassifier.from_bundle(trained["abas_cnn"], backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend"):
+        CellClassifier.from_bundle(trained["abas_cnn"], backend="tensorrt")
+
+
+def test_unsupported_bundle_kinds_are_refused(tmp_path: Path) -> None:
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+                                                      "task": "detect", "format_version": 2}))
+    with pytest.raises(BundleError, match="cell detector bundle: export to ONNX supports cell classifiers only"):
+        check_exportable(detector)
+    classical = tmp_path / "classical"
+    classical.mkdir()
+    (classical / "bundle.json").write_text(json.dumps({
+        "model_name": "svm_rbf", "classes": ["a", "b"], "framework": "sklearn", "format_version": 2,
+        "preprocessing": {"image_size": 48}}))
+    with pytest.raises(BundleError, match=r"classical \(scikit-learn\) model: export to ONNX supports torch CNN"):
+        export_onnx(classical, tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        check_exportable(classical, "tflite")
+
+
+def test_new_weights_drop_a_stale_graph(exported: dict[str, Path], tmp_path: Path) -> None:
+    bundle = export_onnx(exported["mobilenet_v3_small"], tmp_path / "again")  # an exported bundle re-exports
+    model, info = load_bundle(bundle)
+    save_bundle(bundle, model, info, load_ood_arrays(bundle, info))  # e.g. retrained into the same folder
+    assert read_bundle_info(bundle).export is None and not (bundle / ONNX_FILE).exists()
+    assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 3  # it keeps its OOD entry
+
+
+def test_parity_report_on_labelled_and_unlabelled_images(exported: dict[str, Path], synthetic_root: Path,
+                                                         tmp_path: Path) -> None:
+    report = compare_backends(exported["mobilenet_v3_small"], synthetic_root, threads=1)
+    assert report.images == report.labelled == 96 and report.agreement == 1.0
+    assert report.max_abs_diff < PROBABILITY_TOLERANCE and report.accuracy_torch == report.accuracy_onnx
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, image in enumerate(_images(3)):
+        image.save(loose / f"{i}.png")
+    unlabelled = compare_backends(exported["mobilenet_v3_small"], loose, threads=1)
+    assert unlabelled.images == 3 and unlabelled.labelled == 0 and unlabelled.accuracy_onnx is None
+    assert "accuracy not computed" in unlabelled.lines()[-1]
+
+
+def test_torch_runtime_is_the_default_path(trained: dict[str, Path]) -> None:
+    """Built from a model, as before runtimes existed, a classifier runs it on torch."""
+    model, info = load_bundle(trained["abas_cnn"])
+    classifier = CellClassifier(model, info)
+    assert classifier.backend == "torch" and classifier.model is model
+    assert classifier.probabilities(_images(2)).shape == (2, 4)
+    assert isinstance(info.preprocessing, Preprocessing) and isinstance(info, BundleInfo)
+    assert torch.is_tensor(classifier.preprocess(_images(1)[0]))
