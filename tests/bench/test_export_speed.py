@@ -1,0 +1,30 @@
+"""Smoke test of bench/export_speed.py on an untrained 32 px bundle (exported by the script itself)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from leukoscope.bundle import BundleInfo, save_bundle
+from leukoscope.models import create_model
+from leukoscope.preprocessing import Preprocessing
+from tests.bench.conftest import run_script
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def test_export_speed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bundle = save_bundle(tmp_path / "bundle", create_model("mobilenet_v3_small", 3),
+                         BundleInfo("mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32)))
+    run = run_script("export_speed.py", "--bundle", bundle, "--batch", "4", "--repeats", "1", "--threads", "1")
+    measured = json.loads(run.lines[-1])
+    assert measured["batch"] == 4 and measured["image_size"] == 32 and measured["threads"] == 1
+    assert measured["torch_images_per_s"] > 0 and measured["onnxruntime_images_per_s"] > 0
+    assert run.line_starting("onnxruntime: ") and not (bundle / "model.onnx").exists()  # exported elsewhere
+    bad = run_script("export_speed.py", "--bundle", bundle, "--batch", "0", expect=1)
+    assert "must be at least 1" in bad.stderr
