@@ -143,3 +143,33 @@ def test_missing_openslide_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     mrxs.write_bytes(b"x")
     with pytest.raises(SlideError, match="openslide-python"):
         open_slide(mrxs)
+
+
+def test_cli_analyze_slide_writes_the_outputs(slide_path: Path, detector_bundle: Path, classifier_bundle: Path,
+                                              tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(slide_path), "--detector", str(detector_bundle),
+                                      "--classifier", str(classifier_bundle), "--out", str(out), "--target-cells",
+                                      "5", "--slide-tile", str(TILE), "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    folder = out / "slide"
+    for name in ("slide.slide.json", "slide.cells.csv", "slide.overview.png", "summary.csv", "summary.json"):
+        assert (folder / name).is_file(), name
+    payload = json.loads((folder / "slide.slide.json").read_text())
+    assert payload["target_cells"] == 5 and payload["tiles"]
+    assert all(1 <= t["column"] <= 4 for t in payload["tiles"])
+
+
+def test_cli_flat_tif_given_as_slide_fails_clearly(detector_bundle: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    flat = write_pyramid(tmp_path / "flat.tif", slide_pixels(0)[:128, :128], levels=1)
+    result = CliRunner().invoke(app, ["analyze", str(flat), "--slide", "--detector", str(detector_bundle),
+                                      "--no-classifier", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "not a pyramidal slide" in result.output
