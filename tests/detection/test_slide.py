@@ -113,9 +113,14 @@ def test_outputs(slide_path: Path, tmp_path: Path) -> None:
 
     overview = Image.open(paths["overview"])
     assert overview.size == (COLUMNS * TILE // 2, ROWS * TILE // 2)
-    # The monolayer is shaded green: column 2 of the overview is greener than the plain level.
-    green = np.asarray(overview.convert("RGB"), dtype=float)
-    assert green[:, TILE:TILE * 2 // 1, 1].mean() > 0
+    # The monolayer is shaded green, the thick strip and the feathered edge are not.
+    with open_slide(slide_path) as slide:
+        plain = np.asarray(slide.read_level(1), dtype=float)
+    shaded = np.asarray(overview.convert("RGB"), dtype=float)
+    greener = (shaded[..., 1] - shaded[..., 0]) - (plain[..., 1] - plain[..., 0])
+    half = TILE // 2
+    assert greener[:, half * 2:half * 4].mean() > 20
+    assert abs(greener[:, half * 5:].mean()) < 1 and abs(greener[20:, :half].mean()) < 1
 
 
 def test_not_a_slide(tmp_path: Path) -> None:
