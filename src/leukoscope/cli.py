@@ -755,12 +755,10 @@ def analyze(
     """
     from leukoscope.inference.predict_files import collect_images
 
-    from leukoscope.inference.slide.reader import SLIDE_ONLY_SUFFIXES, is_slide_path
+    from leukoscope.inference.slide.reader import is_slide_path
 
     slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
     inputs = [p for p in inputs if p not in slides]
-    if any(p.suffix.lower() in SLIDE_ONLY_SUFFIXES for p in inputs if p.exists()):
-        _fail("folders of whole-slide images are not read; name each slide file")
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []

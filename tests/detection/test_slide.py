@@ -178,3 +178,23 @@ def test_cli_flat_tif_given_as_slide_fails_clearly(detector_bundle: Path, tmp_pa
     result = CliRunner().invoke(app, ["analyze", str(flat), "--slide", "--detector", str(detector_bundle),
                                       "--no-classifier", "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and "not a pyramidal slide" in result.output
+
+
+def test_a_cell_on_a_tile_border_is_counted_once(tmp_path: Path) -> None:
+    from skimage.draw import disk
+
+    pixels = slide_pixels(1)
+    border_x, centre_y = 2 * TILE, TILE // 2  # between the 2nd and 3rd monolayer tiles of the first row
+    rr, cc = disk((centre_y, border_x), 14, shape=pixels.shape[:2])
+    pixels[rr, cc] = (60, 30, 110)  # a dark nucleus cut in half by the border
+    path = write_pyramid(tmp_path / "border.tif", pixels)
+    result = slide_analyzer(target_cells=10_000).analyze(path)
+    assert {(t.spot.row, t.spot.column) for t in result.tiles} >= {(0, 1), (0, 2)}
+    paths = write_slide(result, tmp_path / "out")
+    with open(paths["cells"]) as handle:
+        rows = list(csv.DictReader(handle))
+    centres = [((float(r["x0"]) + float(r["x1"])) / 2, (float(r["y0"]) + float(r["y1"])) / 2) for r in rows]
+    on_border = [c for c in centres if abs(c[0] - border_x) < 10 and abs(c[1] - centre_y) < 10]
+    assert len(on_border) == 1  # seen whole through the margin, counted by one tile only
+    whole = [r for r in rows if abs((float(r["x0"]) + float(r["x1"])) / 2 - border_x) < 10]
+    assert float(whole[0]["x1"]) - float(whole[0]["x0"]) > 20  # the whole nucleus, not half of it

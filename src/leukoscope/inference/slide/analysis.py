@@ -105,6 +105,27 @@ class SlideResult:
         }
 
 
+#: Each tile is read with this much of its neighbours around it (microns; larger than a white
+#: cell), and a cell is counted by the tile that holds its centre: a cell on a border is seen
+#: whole by the detector and counted once.
+TILE_MARGIN_UM = 25.0
+#: The margin as a share of the tile side when the slide's pixel size is unknown.
+TILE_MARGIN_SHARE = 0.25
+
+
+def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnalyzer) -> SmearResult:
+    """``result`` of a tile read with ``margin`` pixels around it, keeping the cells whose centre
+    lies in the tile itself, boxes shifted to the tile's origin."""
+    cells = []
+    for cell in result.cells:
+        x0, y0, x1, y1 = cell.box
+        cx, cy = (x0 + x1) / 2 - margin, (y0 + y1) / 2 - margin
+        if 0 <= cx < side and 0 <= cy < side:
+            cells.append(replace(cell, box=(x0 - margin, y0 - margin, x1 - margin, y1 - margin)))
+    return replace(result, cells=cells,
+                   differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+
+
 def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResult:
     """``result`` with only its first ``n`` cells (reading order) counted."""
     if n >= len(result.cells):
@@ -180,16 +201,23 @@ class SlideAnalyzer:
                                 f"level 0, read at level {level})") if level_um is not None
                      and self.analyzer.um_per_px is None and slide.um_per_px is not None else None)
 
+            margin = (int(np.ceil(TILE_MARGIN_UM / level_um)) if level_um is not None
+                      else int(round(level_size * TILE_MARGIN_SHARE)))
+
             def analyse(spot: TileSpot) -> SmearResult:
-                image = slide.read_region((spot.x, spot.y), level, (level_size, level_size))
-                return self.analyzer.analyze(image, f"{Path(path).name}@{spot.x},{spot.y}", scale=known)
+                m0 = int(round(margin * downsample))  # the margin in level-0 pixels
+                image = slide.read_region((spot.x - m0, spot.y - m0), level,
+                                          (level_size + 2 * margin, level_size + 2 * margin))
+                whole = self.analyzer.analyze(image, f"{Path(path).name}@{spot.x},{spot.y}", scale=known)
+                return _core_cells(whole, margin, level_size, self.analyzer)
 
             sampled = sample_until(mono.tiles, analyse, lambda r: len(r.cells), self.target_cells, seed=self.seed,
                                    workers=self.workers, progress=progress)
             slide_info = {"path": str(path), "reader": slide.backend, "dimensions": list(slide.dimensions),
                           "level_dimensions": [list(d) for d in slide.level_dimensions],
                           "level_downsamples": slide.level_downsamples, "um_per_px": slide.um_per_px,
-                          "tile_level": level, "tile_size_level": level_size, "tile_um_per_px": level_um}
+                          "tile_level": level, "tile_size_level": level_size, "tile_um_per_px": level_um,
+                          "tile_margin_level": margin}
             mask_downsample = slide.level_downsamples[mask_level]
         tiles, results, remaining = [], [], self.target_cells
         for spot, result in zip(sampled.items, sampled.results):
