@@ -820,6 +820,17 @@ def analyze(
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
                                           "faster on a machine busy with other work)."),
+    slide: bool = typer.Option(False, "--slide", help="Treat every input file as a whole-slide image (default: "
+                               ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
+    target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "
+                                     "white cells are counted (200, as in a manual differential)."),
+    workers: int = typer.Option(1, "--workers", help="Slides: tiles analysed at once (local threads)."),
+    seed: int = typer.Option(0, "--seed", help="Slides: seed of the random tile order."),
+    slide_tile: int = typer.Option(1024, "--slide-tile", help="Slides: tile side in pixels at the analysis scale."),
+    min_coverage: float = typer.Option(0.35, "--min-coverage", help="Slides: least stained share of a monolayer "
+                                       "tile (below: feathered edge or glass)."),
+    max_coverage: float = typer.Option(0.75, "--max-coverage", help="Slides: largest stained share of a "
+                                       "monolayer tile (above: thick area)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
@@ -827,14 +838,22 @@ def analyze(
     Writes per image <name>.annotated.png, <name>.cells.csv and <name>.json, and
     summary.csv / summary.json for the whole folder. Decision support, not a diagnosis.
 
+    A whole-slide image (.svs, .ndpi, a pyramidal .tif; needs the slide extra) is sampled in its
+    monolayer until --target-cells white cells are counted; its files go to OUT/<slide name>/:
+    <name>.slide.json, <name>.cells.csv, <name>.overview.png, summary.csv / summary.json.
+
     Without model flags it uses the models shipped in the package (`leukoscope models
     --pretrained`); with only --detector, the shipped classifier when installed.
     """
     from leukoscope.inference.predict_files import collect_images
 
+    from leukoscope.inference.slide.reader import is_slide_path
+
+    slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
+    inputs = [p for p in inputs if p not in slides]
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
-    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")]
+    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.progress import progress_bar
 
@@ -846,6 +865,12 @@ def analyze(
                     blast_classes=blast_class or None, uncertain_threshold=threshold,
                     detector_threshold=detector_threshold, um_per_px=um_per_px,
                     **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    for path in slides:
+        _analyze_slide(analyzer, path, out, target_cells=target_cells, workers=workers, seed=seed,
+                       tile_size=slide_tile, min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
+    if not paths:
+        print(out)
+        return
     with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
         summary = _run(analyzer.analyze_paths, paths, out, progress=update)
     pooled = summary.pooled
@@ -868,6 +893,41 @@ def analyze(
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
     print(out)
+
+
+def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:
+    """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``."""
+    from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
+    from leukoscope.inference.slide.reader import SlideError
+    from leukoscope.progress import progress_bar
+
+    slide_analyzer = _run(SlideAnalyzer, analyzer, **options)
+    state: dict = {}
+
+    def plan(n: int) -> None:
+        state["bar"] = progress_bar(n, f"{path.name}: tiles", enabled=not quiet)
+        state["update"] = state["bar"].__enter__()
+
+    try:
+        result = slide_analyzer.analyze(path, on_plan=plan, progress=lambda **kw: state["update"](**kw))
+    except SlideError as exc:
+        _fail(str(exc))
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+    folder = out / path.stem
+    write_slide(result, folder)
+    d = result.differential
+    text = (f"{path.name}: {d.total} white cells in {len(result.tiles)} of {len(result.monolayer.tiles)} monolayer "
+            f"tile(s)")
+    if d.blast_percentage is not None and d.blast_percentage_meaningful:
+        text += f", blasts {d.blast_percentage:.1f}% (95% CI {d.blast_ci95[0]:.1f}-{d.blast_ci95[1]:.1f}%)"
+    console.print(text, soft_wrap=True)
+    for warning in result.sampling_warnings:
+        console.print(f"[yellow]slide:[/yellow] {escape(warning)}", soft_wrap=True)
+    for flag in d.flags:
+        console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
+    console.print(f"slide files: {folder}", soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -231,11 +231,14 @@ class SmearAnalyzer:
         image = image if image.mode == "RGB" else image.convert("RGB")
         return [self.crop_cell(image, cell.box, um_per_px) for cell in result.cells]
 
-    def field_scale(self, image: Image.Image) -> tuple[FieldScale, float | None, float]:
+    def field_scale(self, image: Image.Image, known: FieldScale | None = None) -> tuple[FieldScale, float | None,
+                                                                                        float]:
         """The field's scale, the pixel size analysis works at (the detector's training scale
         when the field's cannot be estimated), and the factor the field is resampled by for
-        the detector (1: already at its scale within 15%, or no scale to go by)."""
-        scale = field_scale(image, self.um_per_px)
+        the detector (1: already at its scale within 15%, or no scale to go by). ``known``: this
+        field's scale when it is known otherwise (a slide's recorded pixel size); the analyzer's
+        ``um_per_px``, stated by the user, still comes first."""
+        scale = known if known is not None and self.um_per_px is None else field_scale(image, self.um_per_px)
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
         factor = 1.0
@@ -249,14 +252,17 @@ class SmearAnalyzer:
         return scale, working, factor
 
     # -- one field ------------------------------------------------------------
-    def analyze(self, image: Image.Image | str | Path, source: str | None = None) -> SmearResult:
+    def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
+                scale: FieldScale | None = None) -> SmearResult:
+        """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
+        see :meth:`field_scale`); else stated (``um_per_px``) or estimated from its red cells."""
         start = time.perf_counter()
         if not isinstance(image, Image.Image):
             source = source or str(image)
             image = load_image(image, max_pixels=self.max_pixels)
         source = source or "<image>"
         image = image.convert("RGB")
-        scale, working_um_per_px, factor = self.field_scale(image)
+        scale, working_um_per_px, factor = self.field_scale(image, scale)
         if factor == 1.0:
             found = self.detect(image)
         else:

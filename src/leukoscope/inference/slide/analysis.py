@@ -1,0 +1,306 @@
+"""Whole-slide analysis: find the monolayer, sample its tiles until enough white cells are counted,
+and give the slide's differential.
+
+    analyzer = SlideAnalyzer(SmearAnalyzer.from_bundles(detector, classifier), target_cells=200, workers=2)
+    result = analyzer.analyze("slide.svs")
+    write_slide(result, "out/")   # slide.json, cells.csv, summary.csv/.json, overview.png
+
+Each sampled tile is a field for :class:`~leukoscope.inference.smear.SmearAnalyzer` (at the
+slide's recorded pixel size, else estimated from its red cells as fields are), and the tiles'
+differentials pool into the slide's with the same rules (:class:`FolderSummary`). As in a manual
+differential, counting stops at the target: the cells of the last tile are counted in reading
+order up to it, the rest of that tile is left uncounted. Decision support, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from leukoscope.inference.slide.monolayer import (DEFAULT_MAX_COVERAGE, DEFAULT_MIN_COVERAGE, Monolayer, TileSpot,
+                                                  find_monolayer)
+from leukoscope.inference.slide.reader import Slide, open_slide
+from leukoscope.inference.slide.sampler import sample_until
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.smear_output import FolderSummary
+from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.labels import DISCLAIMER
+from leukoscope.scale import FieldScale
+
+DEFAULT_TARGET_CELLS = 200
+#: The monolayer is found on the finest level with at most this many pixels (read whole).
+MASK_MAX_PIXELS = 16_000_000
+#: Longest side of the overview picture.
+OVERVIEW_SIDE = 1600
+
+
+@dataclass
+class SlideTile:
+    """A sampled tile: where it is, the level it was read at and what its analysis found."""
+
+    spot: TileSpot
+    level: int
+    level_size: int
+    """Tile side in the pixels of ``level``."""
+    result: SmearResult
+    counted: int
+    """White cells of this tile in the slide's count (fewer than found in the last tile)."""
+
+
+@dataclass
+class SlideResult:
+    source: str
+    slide: dict[str, Any]
+    """Dimensions, levels, recorded pixel size, reader."""
+    monolayer: Monolayer
+    mask_level: int
+    mask_downsample: float
+    tiles: list[SlideTile]
+    summary: FolderSummary
+    """The counted tiles as fields, pooled: the slide's differential (``summary.pooled``)."""
+    target_cells: int
+    seed: int
+    sampling_warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    overview: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def differential(self):
+        return self.summary.pooled
+
+    @property
+    def warnings(self) -> list[str]:
+        """Quality warnings of the count, then the sampling's (target not reached, no monolayer)."""
+        return self.differential.warnings + self.sampling_warnings
+
+    def to_json(self) -> dict[str, Any]:
+        mono = self.monolayer
+        return {
+            "disclaimer": DISCLAIMER,
+            "source": self.source,
+            "slide": self.slide,
+            "warnings": self.warnings,
+            "target_cells": self.target_cells,
+            "counted_cells": self.differential.total,
+            "seed": self.seed,
+            "monolayer": {"level": self.mask_level, "downsample": self.mask_downsample,
+                          "tile_size_level0": mono.tile_size, "grid": list(mono.coverage.shape),
+                          "min_coverage": mono.min_coverage, "max_coverage": mono.max_coverage,
+                          "green_threshold": mono.threshold, "monolayer_tiles": len(mono.tiles),
+                          "coverage": np.round(mono.coverage, 3).tolist()},
+            "tiles": [{"index": t.spot.index, "column": t.spot.column, "row": t.spot.row, "x": t.spot.x,
+                       "y": t.spot.y, "width": t.spot.width, "height": t.spot.height,
+                       "coverage": round(t.spot.coverage, 3), "level": t.level, "level_size": t.level_size,
+                       "wbc_found": len(t.result.cells), "wbc_counted": t.counted, "scale": t.result.scale,
+                       "warnings": t.result.warnings} for t in self.tiles],
+            "differential": self.differential.to_json(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+#: Each tile is read with this much of its neighbours around it (microns; larger than a white
+#: cell), and a cell is counted by the tile that holds its centre: a cell on a border is seen
+#: whole by the detector and counted once.
+TILE_MARGIN_UM = 25.0
+#: The margin as a share of the tile side when the slide's pixel size is unknown.
+TILE_MARGIN_SHARE = 0.25
+
+
+def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnalyzer) -> SmearResult:
+    """``result`` of a tile read with ``margin`` pixels around it, keeping the cells whose centre
+    lies in the tile itself, boxes shifted to the tile's origin."""
+    cells = []
+    for cell in result.cells:
+        x0, y0, x1, y1 = cell.box
+        cx, cy = (x0 + x1) / 2 - margin, (y0 + y1) / 2 - margin
+        if 0 <= cx < side and 0 <= cy < side:
+            cells.append(replace(cell, box=(x0 - margin, y0 - margin, x1 - margin, y1 - margin)))
+    return replace(result, cells=cells,
+                   differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+
+
+def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResult:
+    """``result`` with only its first ``n`` cells (reading order) counted."""
+    if n >= len(result.cells):
+        return result
+    cells = result.cells[:n]
+    return replace(result, cells=cells,
+                   differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+
+
+class SlideAnalyzer:
+    """Monolayer -> seeded tile sample -> per-tile smear analysis -> slide differential.
+
+    ``tile_size``: tile side in the pixels the analysis works at (the detector's training scale
+    when the detector records one and the slide records its pixel size; else level 0 pixels).
+    Tiles are read from the coarsest level that is still at least as fine as that scale.
+    """
+
+    def __init__(self, analyzer: SmearAnalyzer, *, target_cells: int = DEFAULT_TARGET_CELLS, tile_size: int = 1024,
+                 min_coverage: float = DEFAULT_MIN_COVERAGE, max_coverage: float = DEFAULT_MAX_COVERAGE,
+                 seed: int = 0, workers: int = 1, mask_max_pixels: int = MASK_MAX_PIXELS) -> None:
+        if target_cells < 1:
+            raise ValueError(f"--target-cells must be at least 1, got {target_cells}")
+        if tile_size < 64:
+            raise ValueError(f"tile size must be at least 64 pixels, got {tile_size}")
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        if not 0.0 <= min_coverage < max_coverage <= 1.0:
+            raise ValueError(f"coverage bounds must satisfy 0 <= min < max <= 1, got {min_coverage}, {max_coverage}")
+        self.analyzer = analyzer
+        self.target_cells = int(target_cells)
+        self.tile_size = int(tile_size)
+        self.min_coverage, self.max_coverage = float(min_coverage), float(max_coverage)
+        self.seed = int(seed)
+        self.workers = int(workers)
+        self.mask_max_pixels = int(mask_max_pixels)
+
+    def tile_level(self, slide: Slide) -> tuple[int, int, float | None]:
+        """The level tiles are read at, the tile side in its pixels, and its pixel size (None: not recorded)."""
+        stated = self.analyzer.um_per_px
+        um0 = stated if stated is not None else slide.um_per_px
+        trained = getattr(self.analyzer.detector.info, "um_per_px", None)
+        if um0 is None or not trained:
+            return 0, self.tile_size, um0
+        fine_enough = [lv for lv in range(slide.level_count) if um0 * slide.level_downsamples[lv] <= trained * 1.15]
+        level = max(fine_enough, key=lambda lv: slide.level_downsamples[lv]) if fine_enough else 0
+        um = um0 * slide.level_downsamples[level]
+        return level, max(64, int(round(self.tile_size * trained / um))), um
+
+    def mask_level(self, slide: Slide) -> int:
+        small = [lv for lv in range(slide.level_count)
+                 if slide.level_dimensions[lv][0] * slide.level_dimensions[lv][1] <= self.mask_max_pixels]
+        if not small:
+            raise ValueError(f"{slide.path}: no level of at most {self.mask_max_pixels} pixels to find the "
+                             f"monolayer on (smallest: {slide.level_dimensions[-1]})")
+        return min(small, key=lambda lv: slide.level_downsamples[lv])
+
+    def analyze(self, path: str | Path, *, progress: Callable[..., None] | None = None,
+                on_plan: Callable[[int], None] | None = None) -> SlideResult:
+        """Analyse the slide at ``path``. ``on_plan(n)`` is told how many monolayer tiles there are
+        before any is analysed (to size a progress bar)."""
+        start = time.perf_counter()
+        with open_slide(path) as slide:
+            level, level_size, level_um = self.tile_level(slide)
+            downsample = slide.level_downsamples[level]
+            tile0 = int(round(level_size * downsample))
+            mask_level = self.mask_level(slide)
+            low = slide.read_level(mask_level)
+            mono = find_monolayer(np.asarray(low), slide.level_downsamples[mask_level], slide.dimensions, tile0,
+                                  min_coverage=self.min_coverage, max_coverage=self.max_coverage)
+            if on_plan is not None:
+                on_plan(len(mono.tiles))
+            known = (FieldScale(level_um, "given", 0, f"recorded in the slide ({slide.um_per_px:.4f} um/px at "
+                                f"level 0, read at level {level})") if level_um is not None
+                     and self.analyzer.um_per_px is None and slide.um_per_px is not None else None)
+
+            margin = (int(np.ceil(TILE_MARGIN_UM / level_um)) if level_um is not None
+                      else int(round(level_size * TILE_MARGIN_SHARE)))
+
+            def analyse(spot: TileSpot) -> SmearResult:
+                m0 = int(round(margin * downsample))  # the margin in level-0 pixels
+                image = slide.read_region((spot.x - m0, spot.y - m0), level,
+                                          (level_size + 2 * margin, level_size + 2 * margin))
+                whole = self.analyzer.analyze(image, f"{Path(path).name}@{spot.x},{spot.y}", scale=known)
+                return _core_cells(whole, margin, level_size, self.analyzer)
+
+            sampled = sample_until(mono.tiles, analyse, lambda r: len(r.cells), self.target_cells, seed=self.seed,
+                                   workers=self.workers, progress=progress)
+            slide_info = {"path": str(path), "reader": slide.backend, "dimensions": list(slide.dimensions),
+                          "level_dimensions": [list(d) for d in slide.level_dimensions],
+                          "level_downsamples": slide.level_downsamples, "um_per_px": slide.um_per_px,
+                          "tile_level": level, "tile_size_level": level_size, "tile_um_per_px": level_um,
+                          "tile_margin_level": margin}
+            mask_downsample = slide.level_downsamples[mask_level]
+        tiles, results, remaining = [], [], self.target_cells
+        for spot, result in zip(sampled.items, sampled.results):
+            counted = _counted(result, remaining, self.analyzer)
+            remaining -= len(counted.cells)
+            tiles.append(SlideTile(spot, level, level_size, counted, len(counted.cells)))
+            results.append(counted)
+        warnings = list(sampled.warnings)
+        if not mono.tiles:
+            warnings = [f"No monolayer found: no tile has a stained share between {self.min_coverage:g} and "
+                        f"{self.max_coverage:g} (see the overview and the coverage grid in slide.json)."]
+        models = {"detector": self.analyzer.detector.info.model_name,
+                  "classifier": getattr(getattr(self.analyzer.classifier, "info", None), "model_name", None)}
+        summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes), models,
+                                list(self.analyzer.warnings), self.analyzer.unfamiliar_share)
+        result = SlideResult(str(path), slide_info, mono, mask_level, mask_downsample, tiles, summary,
+                             self.target_cells, self.seed, warnings, time.perf_counter() - start)
+        result.overview = overview(low, mask_downsample, result)
+        return result
+
+
+def overview(low: Image.Image, downsample: float, result: SlideResult) -> Image.Image:
+    """The low-resolution level with the monolayer tiles shaded green and the sampled tiles outlined
+    (blue, numbered in sampling order), at most :data:`OVERVIEW_SIDE` pixels on its longer side."""
+    factor = min(1.0, OVERVIEW_SIDE / max(low.size))
+    picture = low.convert("RGB")
+    if factor < 1.0:
+        picture = picture.resize((max(1, round(low.width * factor)), max(1, round(low.height * factor))),
+                                 Image.Resampling.BILINEAR)
+    to_px = factor / downsample
+    mono = result.monolayer
+    shade = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(shade)
+    for row, column in zip(*np.nonzero(mono.mask)):
+        x0, y0 = column * mono.tile_size * to_px, row * mono.tile_size * to_px
+        draw.rectangle((x0, y0, x0 + mono.tile_size * to_px - 1, y0 + mono.tile_size * to_px - 1),
+                       fill=(0, 200, 0, 70))
+    picture = Image.alpha_composite(picture.convert("RGBA"), shade).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    width = max(1, round(max(picture.size) / 500))
+    for number, tile in enumerate(result.tiles, 1):
+        x0, y0 = tile.spot.x * to_px, tile.spot.y * to_px
+        x1, y1 = (tile.spot.x + tile.spot.width) * to_px - 1, (tile.spot.y + tile.spot.height) * to_px - 1
+        draw.rectangle((x0, y0, x1, y1), outline=(0, 60, 220), width=width)
+        draw.text((x0 + 2, y0 + 1), str(number), fill=(0, 60, 220))
+    d = result.differential
+    text = f"{d.total} WBC in {len(result.tiles)} tile(s)"
+    if d.blast_percentage_meaningful and d.blast_ci95 is not None:
+        text += f", blasts {d.blast_percentage:.1f}% (95% CI {d.blast_ci95[0]:.1f}-{d.blast_ci95[1]:.1f}%)"
+    for y, (line, paper) in enumerate([(text, (255, 255, 255))] + [(f"WARNING: {w}", (255, 210, 210))
+                                                                  for w in result.warnings]):
+        left, top, right, bottom = draw.textbbox((4, 4 + 14 * y), line)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
+        draw.text((4, 4 + 14 * y), line, fill=(0, 0, 0))
+    return picture
+
+
+def write_slide(result: SlideResult, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
+    """Write ``<stem>.slide.json`` (the slide, its monolayer, the tiles and the differential),
+    ``<stem>.cells.csv`` (every counted cell, boxes in level 0 pixels), ``summary.csv`` /
+    ``summary.json`` (the tiles as fields and the pooled differential, as for a folder of fields)
+    and ``<stem>.overview.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or Path(result.source).stem
+    paths = {"json": out_dir / f"{stem}.slide.json", "cells": out_dir / f"{stem}.cells.csv",
+             "overview": out_dir / f"{stem}.overview.png"}
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2))
+    classes = result.summary.rules.classes
+    columns = ["tile", "tile_x", "tile_y"] + list(Cell(0, (0, 0, 0, 0), "", 0, "", "", 0, False).as_row(classes))
+    with open(paths["cells"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for tile in result.tiles:
+            # Level pixels -> level 0 pixels of the slide.
+            scale = tile.spot.width / tile.level_size
+            for cell in tile.result.cells:
+                x0, y0, x1, y1 = cell.box
+                shifted = replace(cell, box=(tile.spot.x + x0 * scale, tile.spot.y + y0 * scale,
+                                             tile.spot.x + x1 * scale, tile.spot.y + y1 * scale))
+                writer.writerow({"tile": tile.spot.index, "tile_x": tile.spot.x, "tile_y": tile.spot.y,
+                                 **shifted.as_row(classes)})
+    paths["summary_csv"], paths["summary_json"] = result.summary.write(out_dir)
+    if result.overview is not None:
+        result.overview.save(paths["overview"], format="PNG")
+    return paths

@@ -1,0 +1,170 @@
+"""Open a whole-slide image: its levels, its pixel size when recorded, and regions of any level.
+
+Pyramidal TIFFs (Aperio ``.svs``, Hamamatsu ``.ndpi``, generic tiled ``.tif``/``.tiff`` with
+sub-resolution levels) are read with tiffslide (``pip install 'leukoscope[slide]'``); formats that
+are not TIFF (MIRAX ``.mrxs``, ``.vms``/``.vmu``) with openslide-python when it is installed
+(``pip install openslide-python openslide-bin``). Nothing else is done here: which regions to
+read is the monolayer's and the sampler's business.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+#: Suffixes that always mean a whole-slide file.
+SLIDE_ONLY_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide", ".mrxs", ".vms", ".vmu"})
+#: Formats only OpenSlide reads (not TIFF inside).
+OPENSLIDE_ONLY_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu"})
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+SLIDE_EXTRA_HINT = "pip install 'leukoscope[slide]' (tiffslide, tifffile)"
+OPENSLIDE_HINT = "pip install openslide-python openslide-bin"
+
+
+class SlideError(ValueError):
+    """A file could not be used as a whole-slide image; the message says why and which file."""
+
+
+def _recorded_mpp(properties: dict[str, Any], prefix: str) -> float | None:
+    values = []
+    for axis in ("x", "y"):
+        try:
+            value = float(properties.get(f"{prefix}.mpp-{axis}"))
+        except (TypeError, ValueError):
+            return None
+        values.append(value)
+    # A pixel size outside what a microscope gives (or unequal axes) is not trusted.
+    if not all(math.isfinite(v) and 0.005 <= v <= 5.0 for v in values) or abs(values[0] - values[1]) > 0.05 * values[0]:
+        return None
+    return float(sum(values) / 2)
+
+
+@dataclass
+class Slide:
+    """An open slide. Coordinates are level 0 pixels (as OpenSlide's), sizes are the level's."""
+
+    path: Path
+    backend: str
+    """``tiffslide`` or ``openslide``."""
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    um_per_px: float | None
+    """Level 0's pixel size when the file records one (else None)."""
+    _handle: Any = field(repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_um_per_px(self, level: int) -> float | None:
+        return None if self.um_per_px is None else self.um_per_px * self.level_downsamples[level]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """The RGB pixels of ``size`` (level pixels) at ``location`` (level 0 pixels); areas outside
+        the scan are white (glass)."""
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
+        location, size = (int(location[0]), int(location[1])), (int(size[0]), int(size[1]))
+        with self._lock:  # one reader at a time: the backends' file handles are shared
+            if self.backend == "openslide":
+                region = self._handle.read_region(location, level, size)
+            else:
+                region = Image.fromarray(np.asarray(self._handle.read_region(location, level, size, as_array=True)))
+        if region.mode in ("RGBA", "LA"):
+            white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+            region = Image.alpha_composite(white, region.convert("RGBA"))
+        return region.convert("RGB")
+
+    def read_level(self, level: int) -> Image.Image:
+        return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tiff_level_count(path: str | Path) -> int | None:
+    """How many resolution levels the first image series of a TIFF has (None: not a TIFF, or
+    tifffile missing). Reads the header only."""
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.series[0].levels) if tif.series else 0
+    except Exception:  # noqa: BLE001 - any unreadable file is "not a pyramidal TIFF"
+        return None
+
+
+def is_slide_path(path: str | Path) -> bool:
+    """A whole-slide file by its suffix, or a TIFF with more than one resolution level (a plain
+    one-level TIFF stays a smear field, as before slides were read)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_ONLY_SUFFIXES:
+        return True
+    return suffix in TIFF_SUFFIXES and path.is_file() and (tiff_level_count(path) or 0) > 1
+
+
+def _open_openslide(path: Path) -> Slide:
+    try:
+        import openslide
+    except ImportError as exc:
+        raise SlideError(f"{path}: this format is read by OpenSlide, which is not installed: {OPENSLIDE_HINT}") \
+            from exc
+    try:
+        handle = openslide.OpenSlide(str(path))
+    except Exception as exc:  # noqa: BLE001 - OpenSlide's errors vary by version
+        raise SlideError(f"{path}: OpenSlide cannot read it ({exc})") from exc
+    return Slide(path, "openslide", [tuple(map(int, d)) for d in handle.level_dimensions],
+                 [float(d) for d in handle.level_downsamples], _recorded_mpp(dict(handle.properties), "openslide"),
+                 handle)
+
+
+def open_slide(path: str | Path, *, min_levels: int = 2) -> Slide:
+    """Open ``path`` as a whole-slide image.
+
+    Raises :class:`SlideError` when the file is missing, not a slide, has fewer than
+    ``min_levels`` resolution levels (a plain TIFF is a field, not a slide: analyse it as one),
+    or when the optional reader it needs is not installed (the message names what to install)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: no such file")
+    if path.suffix.lower() in OPENSLIDE_ONLY_SUFFIXES:
+        slide = _open_openslide(path)
+    else:
+        try:
+            import tiffslide
+        except ImportError as exc:
+            raise SlideError(f"{path}: reading whole-slide images needs tiffslide, which is not installed: "
+                             f"{SLIDE_EXTRA_HINT}") from exc
+        try:
+            handle = tiffslide.TiffSlide(path)
+            dimensions = [tuple(map(int, d)) for d in handle.level_dimensions]
+            downsamples = [float(d) for d in handle.level_downsamples]
+            properties = dict(handle.properties)
+        except Exception as exc:  # noqa: BLE001 - tifffile/tiffslide raise many kinds
+            raise SlideError(f"{path}: not a readable whole-slide TIFF ({type(exc).__name__}: {exc})") from exc
+        slide = Slide(path, "tiffslide", dimensions, downsamples, _recorded_mpp(properties, "tiffslide"), handle)
+    if slide.level_count < min_levels:
+        slide.close()
+        raise SlideError(f"{path}: not a pyramidal slide ({slide.level_count} resolution level; a slide has "
+                         f"at least {min_levels}); analyse a single image as a field: leukoscope analyze FILE")
+    return slide

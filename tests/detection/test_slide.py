@@ -1,0 +1,200 @@
+"""Whole-slide analysis on a generated pyramidal TIFF: thick strip | monolayer | feathered edge."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tiffslide")
+pytest.importorskip("tifffile")
+
+from leukoscope.data.synthetic import SYNTHETIC_CLASSES  # noqa: E402
+from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide  # noqa: E402
+from leukoscope.inference.slide.reader import SlideError, is_slide_path, open_slide  # noqa: E402
+from leukoscope.inference.slide.sampler import sample_until  # noqa: E402
+from leukoscope.inference.smear import SmearAnalyzer  # noqa: E402
+from tests.detection.slide_fakes import (COLUMNS, MONOLAYER_COLUMNS, MPP, ROWS, TILE, NucleusDetector,  # noqa: E402
+                                         slide_pixels, write_pyramid)
+from tests.detection.smear_fakes import constant_classifier  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pyramid(tmp_path_factory.mktemp("slide") / "slide.tif", slide_pixels(0))
+
+
+def slide_analyzer(**options) -> SlideAnalyzer:
+    smear = SmearAnalyzer(NucleusDetector(), constant_classifier(SYNTHETIC_CLASSES, "lymphocyte"), min_cells=5)
+    options = {"tile_size": TILE, "mask_max_pixels": 300_000, **options}
+    return SlideAnalyzer(smear, **options)
+
+
+def test_reader_levels_and_recorded_pixel_size(slide_path: Path) -> None:
+    with open_slide(slide_path) as slide:
+        assert slide.backend == "tiffslide" and slide.dimensions == (COLUMNS * TILE, ROWS * TILE)
+        assert slide.level_count == 3 and slide.level_downsamples[1] == pytest.approx(2.0)
+        assert slide.um_per_px == pytest.approx(MPP)
+        region = slide.read_region((TILE, 0), 1, (64, 32))
+        assert region.mode == "RGB" and region.size == (64, 32)
+    assert is_slide_path(slide_path)
+
+
+def test_sampled_tiles_lie_in_the_monolayer(slide_path: Path) -> None:
+    result = slide_analyzer(target_cells=10).analyze(slide_path)
+    mono = result.monolayer
+    assert result.mask_level == 1  # found on a low-resolution level
+    assert mono.mask.shape == (ROWS, COLUMNS)
+    assert mono.mask[:, list(MONOLAYER_COLUMNS)].all()
+    assert not mono.mask[:, 0].any() and not mono.mask[:, -1].any()  # thick strip, feathered edge
+    assert mono.coverage[:, 0].min() > mono.max_coverage and mono.coverage[:, -1].max() < mono.min_coverage
+    assert result.tiles
+    for tile in result.tiles:
+        assert TILE <= tile.spot.x and tile.spot.x + tile.spot.width <= TILE * (MONOLAYER_COLUMNS[-1] + 1)
+        assert mono.mask[tile.spot.row, tile.spot.column]
+
+
+def test_counts_the_target_then_stops(slide_path: Path) -> None:
+    result = slide_analyzer(target_cells=7).analyze(slide_path)
+    assert result.differential.total == 7 and not result.sampling_warnings
+    assert sum(t.counted for t in result.tiles) == 7 and len(result.tiles) < len(result.monolayer.tiles)
+    assert result.tiles[-1].counted <= len(result.tiles[-1].result.cells)
+
+
+def test_fewer_cells_than_the_target_counts_all_and_warns(slide_path: Path) -> None:
+    result = slide_analyzer(target_cells=1000).analyze(slide_path)
+    assert len(result.tiles) == len(result.monolayer.tiles) == 4 * ROWS
+    assert 0 < result.differential.total < 1000
+    assert any("fewer than the target 1000" in w for w in result.warnings)
+
+
+def _signature(result) -> list:
+    return [(t.spot.index, t.counted, [c.box for c in t.result.cells]) for t in result.tiles]
+
+
+def test_seeded_sampling_is_deterministic_and_threads_change_nothing(slide_path: Path) -> None:
+    one = slide_analyzer(target_cells=9, seed=3).analyze(slide_path)
+    again = slide_analyzer(target_cells=9, seed=3).analyze(slide_path)
+    threaded = slide_analyzer(target_cells=9, seed=3, workers=3).analyze(slide_path)
+    assert _signature(one) == _signature(again) == _signature(threaded)
+    assert one.differential.to_json() == threaded.differential.to_json()
+    other = slide_analyzer(target_cells=9, seed=4).analyze(slide_path)
+    assert [t.spot.index for t in other.tiles] != [t.spot.index for t in one.tiles]
+
+
+def test_sampler_in_order_whatever_the_workers() -> None:
+    items = list(range(20))
+    for workers in (1, 4):
+        done = sample_until(items, lambda i: i, lambda r: 1, 5, seed=1, workers=workers)
+        assert done.total == 5 and done.reached and len(done.items) == 5
+    assert sample_until(items, lambda i: i, lambda r: 1, 5, seed=1, workers=4).items == \
+        sample_until(items, lambda i: i, lambda r: 1, 5, seed=1).items
+
+
+def test_outputs(slide_path: Path, tmp_path: Path) -> None:
+    result = slide_analyzer(target_cells=6, workers=2).analyze(slide_path)
+    paths = write_slide(result, tmp_path)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["counted_cells"] == 6 and payload["slide"]["um_per_px"] == pytest.approx(MPP)
+    assert payload["differential"]["total"] == 6 and payload["tiles"]
+    assert payload["tiles"][0]["scale"]["source"] == "given"  # the slide's recorded pixel size
+    with open(paths["cells"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    for row in rows:  # boxes in level 0 pixels, inside their tile
+        assert int(row["tile_x"]) <= float(row["x0"]) < float(row["x1"]) <= int(row["tile_x"]) + TILE
+    summary = json.loads(paths["summary_json"].read_text())
+    assert summary["pooled_differential"]["total"] == 6 and len(summary["fields"]) == len(result.tiles)
+    from PIL import Image
+
+    overview = Image.open(paths["overview"])
+    assert overview.size == (COLUMNS * TILE // 2, ROWS * TILE // 2)
+    # The monolayer is shaded green, the thick strip and the feathered edge are not.
+    with open_slide(slide_path) as slide:
+        plain = np.asarray(slide.read_level(1), dtype=float)
+    shaded = np.asarray(overview.convert("RGB"), dtype=float)
+    greener = (shaded[..., 1] - shaded[..., 0]) - (plain[..., 1] - plain[..., 0])
+    half = TILE // 2
+    assert greener[:, half * 2:half * 4].mean() > 20
+    assert abs(greener[:, half * 5:].mean()) < 1 and abs(greener[20:, :half].mean()) < 1
+
+
+def test_not_a_slide(tmp_path: Path) -> None:
+    flat = write_pyramid(tmp_path / "flat.tif", slide_pixels(0)[:128, :128], levels=1)
+    assert not is_slide_path(flat)
+    with pytest.raises(SlideError, match="not a pyramidal slide"):
+        open_slide(flat)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff at all")
+    with pytest.raises(SlideError, match="not a readable whole-slide TIFF"):
+        open_slide(junk)
+    with pytest.raises(SlideError, match="no such file"):
+        open_slide(tmp_path / "missing.svs")
+
+
+def test_missing_tiffslide_names_the_extra(slide_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tiffslide", None)  # import tiffslide -> ImportError
+    with pytest.raises(SlideError, match=r"leukoscope\[slide\]"):
+        open_slide(slide_path)
+
+
+def test_missing_openslide_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    mrxs = tmp_path / "slide.mrxs"
+    mrxs.write_bytes(b"x")
+    with pytest.raises(SlideError, match="openslide-python"):
+        open_slide(mrxs)
+
+
+def test_cli_analyze_slide_writes_the_outputs(slide_path: Path, detector_bundle: Path, classifier_bundle: Path,
+                                              tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(slide_path), "--detector", str(detector_bundle),
+                                      "--classifier", str(classifier_bundle), "--out", str(out), "--target-cells",
+                                      "5", "--slide-tile", str(TILE), "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    folder = out / "slide"
+    for name in ("slide.slide.json", "slide.cells.csv", "slide.overview.png", "summary.csv", "summary.json"):
+        assert (folder / name).is_file(), name
+    payload = json.loads((folder / "slide.slide.json").read_text())
+    assert payload["target_cells"] == 5 and payload["tiles"]
+    assert all(1 <= t["column"] <= 4 for t in payload["tiles"])
+
+
+def test_cli_flat_tif_given_as_slide_fails_clearly(detector_bundle: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    flat = write_pyramid(tmp_path / "flat.tif", slide_pixels(0)[:128, :128], levels=1)
+    result = CliRunner().invoke(app, ["analyze", str(flat), "--slide", "--detector", str(detector_bundle),
+                                      "--no-classifier", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "not a pyramidal slide" in result.output
+
+
+def test_a_cell_on_a_tile_border_is_counted_once(tmp_path: Path) -> None:
+    from skimage.draw import disk
+
+    pixels = slide_pixels(1)
+    border_x, centre_y = 2 * TILE, TILE // 2  # between the 2nd and 3rd monolayer tiles of the first row
+    rr, cc = disk((centre_y, border_x), 14, shape=pixels.shape[:2])
+    pixels[rr, cc] = (60, 30, 110)  # a dark nucleus cut in half by the border
+    path = write_pyramid(tmp_path / "border.tif", pixels)
+    result = slide_analyzer(target_cells=10_000).analyze(path)
+    assert {(t.spot.row, t.spot.column) for t in result.tiles} >= {(0, 1), (0, 2)}
+    paths = write_slide(result, tmp_path / "out")
+    with open(paths["cells"]) as handle:
+        rows = list(csv.DictReader(handle))
+    centres = [((float(r["x0"]) + float(r["x1"])) / 2, (float(r["y0"]) + float(r["y1"])) / 2) for r in rows]
+    on_border = [c for c in centres if abs(c[0] - border_x) < 10 and abs(c[1] - centre_y) < 10]
+    assert len(on_border) == 1  # seen whole through the margin, counted by one tile only
+    whole = [r for r in rows if abs((float(r["x0"]) + float(r["x1"])) / 2 - border_x) < 10]
+    assert float(whole[0]["x1"]) - float(whole[0]["x0"]) > 20  # the whole nucleus, not half of it
