@@ -375,7 +375,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def detector_card(results: dict[str, Any]) -> str:
     m = results.get("detector_metrics", {})
     ap = m.get("ap_50_per_class", {})
-    scale = results["scales"].get("cbc", {}).get("um_per_px")
+    scale = results.get("detector_um_per_px") or results["scales"].get("cbc", {}).get("um_per_px")
     pbc = results.get("detector_elsewhere", {}).get("pbc", {})
     tal = results.get("detector_elsewhere", {}).get("all-taleqani", {})
     return f"""# smear-detector
@@ -384,7 +384,8 @@ Finds white cells, red cells and platelets in a stained peripheral-blood smear f
 
 - **Model**: Faster R-CNN, MobileNetV3-Large + FPN (strides 8/16/32), box head 256 wide,
   5.4 M parameters, weights stored as float16 (loaded as float32). Trained from random
-  initialisation (no ImageNet weights), {results.get('detector_epochs', '?')} epochs, stain augmentation.
+  initialisation (no ImageNet weights), {m.get('best_epoch', results.get('detector_epochs', '?'))} epochs in
+  {_fmt(m.get('train_minutes'), 0)} min on a 2-core CPU (the last epoch kept), stain augmentation.
 - **Classes**: WBC, RBC, Platelets.
 - **Training data**: CBC (Alam & Islam 2019; the BCCD smears with corrected boxes),
   Training + Validation (300 distinct fields, 640x480), MIT licence. Pixel size of the
@@ -417,6 +418,8 @@ def classifier_card(results: dict[str, Any]) -> str:
     rows = "\n".join(f"| {name} | {row['cells']} | {_fmt(row['called_blast'])} | "
                      f"{_fmt(row.get('type_accuracy')) if 'type_accuracy' in row else '-'} | "
                      f"{results['verdicts'].get(name, '-')} |" for name, row in c.items())
+    recalls = ", ".join(f"{name} {_fmt(row.get('recall'), 2)}" for name, row in m.get("per_class", {}).items()) or "-"
+    bccd_calls = ", ".join(f"{name} {n}" for name, n in c.get("bccd", {}).get("calls", {}).items()) or "-"
     return f"""# wbc-classifier
 
 Types one white cell: the eight cell types of the PBC dataset and **blast**.
@@ -440,7 +443,7 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     blasts' lab is not by itself a reason to say blast.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
 - **In-domain test**: accuracy {_fmt(m.get('accuracy'), 4)}, macro-F1 {_fmt(m.get('macro_f1'), 4)}
-  (pbc cells and all-taleqani cells of the held-out images).
+  (pbc cells and all-taleqani cells of the held-out images); recall by class: {recalls}.
 - **Left-out sources and controls** (never in training; targets from issue #11):
 
 | cells | n | called blast | type accuracy | verdict |
@@ -456,7 +459,9 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   Not a medical device; a blast percentage is decision support, never a diagnosis.
 - **Known failure modes**: blasts come from one hospital and one ALL lineage (B-ALL):
   myeloblasts and other labs' blasts are out of its experience; the rows above that say
-  FAILS are open problems, not tuned away. Cells at an unknown scale are cropped at the
+  FAILS are open problems, not tuned away. On BCCD's white cells (another lab) its calls
+  were {bccd_calls}: on an unfamiliar lab's cells expect wrong types, and read the
+  out-of-distribution flag (`unfamiliar`) of every cell. Cells at an unknown scale are cropped at the
   detector's training scale (flagged in `analyze`'s output).
 - **Retrain**: `python bench/zoo.py --install` (docs/benchmarks.md, "Shipped models").
 """
@@ -521,7 +526,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     results["controls"] = score_controls(classifier, controls)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):
-        results[f"{role}_metrics"] = read_bundle_info(bundle).metrics
+        # The run's metrics.json (beside the bundle) has the per-class rows the bundle leaves out.
+        run_metrics = Path(bundle).parent / "metrics.json"
+        per_class = json.loads(run_metrics.read_text()).get("per_class", {}) if run_metrics.exists() else {}
+        results[f"{role}_metrics"] = {**read_bundle_info(bundle).metrics, "per_class": per_class}
+    results["detector_um_per_px"] = read_bundle_info(detector).um_per_px
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
         half_detector = to_half(detector, args.out / "half" / "smear-detector")
