@@ -167,8 +167,9 @@ def test_cli_user_commands(tmp_path):
     listing = runner.invoke(app, ["user", "list", "--data-dir", data])
     assert "alice" in listing.output and "hematologist" in listing.output
     assert (Path(data) / "leukoscope.db").is_file()
-    missing = runner.invoke(app, ["serve", "--data-dir", data])
-    assert missing.exit_code == 2 and "bundle" in missing.output
+    # (Without --bundle, serve uses the shipped classifier: a bundle that is not there is refused.)
+    missing = runner.invoke(app, ["serve", "--data-dir", data, "--bundle", str(tmp_path / "no-bundle")])
+    assert missing.exit_code == 2 and "bundle folder does not exist" in missing.output
 
 
 def _upgrade_with_look_alikes(url: str) -> None:
