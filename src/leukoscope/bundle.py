@@ -287,13 +287,17 @@ def copy_bundle(source: str | Path, target: str | Path) -> Path:
     import shutil
 
     source = resolve_bundle(source)
-    read_bundle_info(source)  # a clear error for a folder that is not a bundle
+    info = read_bundle_info(source)  # a clear error for a folder that is not a bundle
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in (BUNDLE_FILE, ONNX_FILE) and not path.name.endswith(".tmp"):
             shutil.copy2(path, target / path.name)
-    shutil.copy2(source / BUNDLE_FILE, target / BUNDLE_FILE)
+    if info.export is None:
+        shutil.copy2(source / BUNDLE_FILE, target / BUNDLE_FILE)  # byte for byte
+    else:  # the graph stayed behind: the copy must not claim it
+        info.export = None
+        _write_json(target, info)
     return target
 
 

@@ -898,7 +898,6 @@ def analyze(
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:
     """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``."""
     from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
-    from leukoscope.inference.slide.reader import SlideError
     from leukoscope.progress import progress_bar
 
     slide_analyzer = _run(SlideAnalyzer, analyzer, **options)
@@ -909,9 +908,7 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
         state["update"] = state["bar"].__enter__()
 
     try:
-        result = slide_analyzer.analyze(path, on_plan=plan, progress=lambda **kw: state["update"](**kw))
-    except SlideError as exc:
-        _fail(str(exc))
+        result = _run(slide_analyzer.analyze, path, on_plan=plan, progress=lambda **kw: state["update"](**kw))
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)

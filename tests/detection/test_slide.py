@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("tiffslide")
 pytest.importorskip("tifffile")
 
+from leukoscope.bundle import BundleInfo  # noqa: E402
 from leukoscope.data.synthetic import SYNTHETIC_CLASSES  # noqa: E402
 from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide  # noqa: E402
 from leukoscope.inference.slide.reader import SlideError, is_slide_path, open_slide  # noqa: E402
@@ -106,7 +107,8 @@ def test_outputs(slide_path: Path, tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6
     for row in rows:  # boxes in level 0 pixels, inside their tile
-        assert int(row["tile_x"]) <= float(row["x0"]) < float(row["x1"]) <= int(row["tile_x"]) + TILE
+        centre_x = (float(row["x0"]) + float(row["x1"])) / 2  # a counted cell's centre lies in its tile
+        assert int(row["tile_x"]) <= centre_x < int(row["tile_x"]) + TILE
     summary = json.loads(paths["summary_json"].read_text())
     assert summary["pooled_differential"]["total"] == 6 and len(summary["fields"]) == len(result.tiles)
     from PIL import Image
@@ -198,3 +200,30 @@ def test_a_cell_on_a_tile_border_is_counted_once(tmp_path: Path) -> None:
     assert len(on_border) == 1  # seen whole through the margin, counted by one tile only
     whole = [r for r in rows if abs((float(r["x0"]) + float(r["x1"])) / 2 - border_x) < 10]
     assert float(whole[0]["x1"]) - float(whole[0]["x0"]) > 20  # the whole nucleus, not half of it
+
+
+class _ScaledNucleusDetector(NucleusDetector):
+    """The rule detector, recording a training scale of 2 * MPP: tiles come from level 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = BundleInfo("rule", ["WBC"], task="detect", metrics={}, um_per_px=2 * MPP)
+
+
+def test_a_coarser_level_is_analysed_at_its_own_scale_also_when_level_0_is_stated(slide_path: Path) -> None:
+    for stated in (None, MPP):  # recorded in the file / stated by the user
+        smear = SmearAnalyzer(_ScaledNucleusDetector(), constant_classifier(SYNTHETIC_CLASSES, "lymphocyte"),
+                              min_cells=5, um_per_px=stated)
+        result = SlideAnalyzer(smear, tile_size=TILE // 2, mask_max_pixels=300_000, target_cells=5).analyze(slide_path)
+        assert result.slide["tile_level"] == 1
+        for tile in result.tiles:
+            assert tile.result.scale["um_per_px"] == pytest.approx(2 * MPP)  # level 1's pixels, not level 0's
+            assert tile.result.scale["detector_resample"] == 1.0
+
+
+def test_a_tile_reports_only_the_objects_inside_it(slide_path: Path) -> None:
+    result = slide_analyzer(target_cells=10_000).analyze(slide_path)
+    for tile in result.tiles:
+        # The rule detector finds white cells only: objects and counted cells are the same ones.
+        assert tile.result.object_counts["WBC"] == len(tile.result.cells) == tile.counted
+        assert (tile.result.width, tile.result.height) == (TILE, TILE)

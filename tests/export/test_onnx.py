@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from leukoscope.bundle import (ONNX_FILE, BundleError, BundleInfo, load_bundle, load_ood_arrays, read_bundle_info,
+from leukoscope.bundle import (ONNX_FILE, BundleError, load_bundle, load_ood_arrays, read_bundle_info,
                                save_bundle)
 from leukoscope.inference import runtime
 from leukoscope.inference.export import check_exportable, export_onnx
 from leukoscope.inference.export_check import compare_backends
 from leukoscope.inference.predictor import CellClassifier
-from leukoscope.preprocessing import Preprocessing
 from tests.export.conftest import ARCHITECTURES
 
 pytest.importorskip("onnxruntime")
@@ -134,5 +133,16 @@ def test_torch_runtime_is_the_default_path(trained: dict[str, Path]) -> None:
     classifier = CellClassifier(model, info)
     assert classifier.backend == "torch" and classifier.model is model
     assert classifier.probabilities(_images(2)).shape == (2, 4)
-    assert isinstance(info.preprocessing, Preprocessing) and isinstance(info, BundleInfo)
     assert torch.is_tensor(classifier.preprocess(_images(1)[0]))
+
+
+def test_a_copy_of_an_exported_bundle_does_not_claim_its_graph(exported: dict[str, Path], tmp_path: Path) -> None:
+    from leukoscope.bundle import copy_bundle
+
+    source = exported["abas_cnn"]
+    assert read_bundle_info(source).export is not None
+    copy = copy_bundle(source, tmp_path / "copy")
+    assert not (copy / ONNX_FILE).exists()
+    info = read_bundle_info(copy)
+    assert info.export is None and info.format_version < 4
+    assert runtime.choose_backend("auto", info, copy) == "torch"

@@ -85,7 +85,7 @@ def predict_to_file(
     threshold: float | None = None,
     explain_dir: Path | None = None,
     batch_size: int = 32,
-    backend: str = "auto",
+    backend: str = "torch",
     threads: int | None = None,
 ) -> list[Prediction]:
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write

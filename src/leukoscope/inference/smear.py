@@ -236,9 +236,10 @@ class SmearAnalyzer:
         """The field's scale, the pixel size analysis works at (the detector's training scale
         when the field's cannot be estimated), and the factor the field is resampled by for
         the detector (1: already at its scale within 15%, or no scale to go by). ``known``: this
-        field's scale when it is known otherwise (a slide's recorded pixel size); the analyzer's
-        ``um_per_px``, stated by the user, still comes first."""
-        scale = known if known is not None and self.um_per_px is None else field_scale(image, self.um_per_px)
+        image's own scale when the caller knows it (a slide tile read at a coarser level: the
+        slide's, or the user's, level-0 pixel size times the level's downsample); it comes
+        first, then the analyzer's ``um_per_px``, then the red-cell estimate."""
+        scale = known if known is not None else field_scale(image, self.um_per_px)
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
         factor = 1.0

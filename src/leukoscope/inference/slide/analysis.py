@@ -24,9 +24,10 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from leukoscope.inference.detector import DetectionResult
 from leukoscope.inference.slide.monolayer import (DEFAULT_MAX_COVERAGE, DEFAULT_MIN_COVERAGE, Monolayer, TileSpot,
                                                   find_monolayer)
-from leukoscope.inference.slide.reader import Slide, open_slide
+from leukoscope.inference.slide.reader import Slide, SlideError, open_slide
 from leukoscope.inference.slide.sampler import sample_until
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_output import FolderSummary
@@ -114,15 +115,21 @@ TILE_MARGIN_SHARE = 0.25
 
 
 def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnalyzer) -> SmearResult:
-    """``result`` of a tile read with ``margin`` pixels around it, keeping the cells whose centre
-    lies in the tile itself, boxes shifted to the tile's origin."""
-    cells = []
-    for cell in result.cells:
-        x0, y0, x1, y1 = cell.box
-        cx, cy = (x0 + x1) / 2 - margin, (y0 + y1) / 2 - margin
-        if 0 <= cx < side and 0 <= cy < side:
-            cells.append(replace(cell, box=(x0 - margin, y0 - margin, x1 - margin, y1 - margin)))
-    return replace(result, cells=cells,
+    """``result`` of a tile read with ``margin`` pixels around it, cut to the tile itself: the
+    cells and detected objects whose centre lies in it, boxes shifted to the tile's origin."""
+    def inside(box) -> bool:
+        cx, cy = (box[0] + box[2]) / 2 - margin, (box[1] + box[3]) / 2 - margin
+        return 0 <= cx < side and 0 <= cy < side
+
+    shift = (margin, margin, margin, margin)
+    cells = [replace(c, box=tuple(v - m for v, m in zip(c.box, shift))) for c in result.cells if inside(c.box)]
+    detections, counts = result.detections, result.object_counts
+    if detections is not None:
+        keep = np.array([inside(box) for box in detections.boxes], dtype=bool).reshape(-1)
+        detections = DetectionResult(detections.boxes[keep] - np.array(shift, dtype=float), detections.scores[keep],
+                                     detections.labels[keep], detections.classes)
+        counts = detections.counts()
+    return replace(result, width=side, height=side, cells=cells, detections=detections, object_counts=counts,
                    differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
 
 
@@ -178,7 +185,7 @@ class SlideAnalyzer:
         small = [lv for lv in range(slide.level_count)
                  if slide.level_dimensions[lv][0] * slide.level_dimensions[lv][1] <= self.mask_max_pixels]
         if not small:
-            raise ValueError(f"{slide.path}: no level of at most {self.mask_max_pixels} pixels to find the "
+            raise SlideError(f"{slide.path}: no level of at most {self.mask_max_pixels} pixels to find the "
                              f"monolayer on (smallest: {slide.level_dimensions[-1]})")
         return min(small, key=lambda lv: slide.level_downsamples[lv])
 
@@ -197,9 +204,12 @@ class SlideAnalyzer:
                                   min_coverage=self.min_coverage, max_coverage=self.max_coverage)
             if on_plan is not None:
                 on_plan(len(mono.tiles))
-            known = (FieldScale(level_um, "given", 0, f"recorded in the slide ({slide.um_per_px:.4f} um/px at "
-                                f"level 0, read at level {level})") if level_um is not None
-                     and self.analyzer.um_per_px is None and slide.um_per_px is not None else None)
+            # The tile's own pixel size: level 0's (stated by the user, else recorded in the file)
+            # times the level's downsample; None: estimated from each tile's red cells.
+            stated = self.analyzer.um_per_px is not None
+            known = (FieldScale(level_um, "given", 0, f"{'stated' if stated else 'recorded in the slide'} "
+                                f"({level_um / downsample:.4f} um/px at level 0, read at level {level})")
+                     if level_um is not None else None)
 
             margin = (int(np.ceil(TILE_MARGIN_UM / level_um)) if level_um is not None
                       else int(round(level_size * TILE_MARGIN_SHARE)))

@@ -155,12 +155,15 @@ def open_slide(path: str | Path, *, min_levels: int = 2) -> Slide:
         except ImportError as exc:
             raise SlideError(f"{path}: reading whole-slide images needs tiffslide, which is not installed: "
                              f"{SLIDE_EXTRA_HINT}") from exc
+        handle = None
         try:
             handle = tiffslide.TiffSlide(path)
             dimensions = [tuple(map(int, d)) for d in handle.level_dimensions]
             downsamples = [float(d) for d in handle.level_downsamples]
             properties = dict(handle.properties)
         except Exception as exc:  # noqa: BLE001 - tifffile/tiffslide raise many kinds
+            if handle is not None:
+                handle.close()
             raise SlideError(f"{path}: not a readable whole-slide TIFF ({type(exc).__name__}: {exc})") from exc
         slide = Slide(path, "tiffslide", dimensions, downsamples, _recorded_mpp(properties, "tiffslide"), handle)
     if slide.level_count < min_levels:
