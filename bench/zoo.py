@@ -488,6 +488,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--detector-set", nargs="*", default=[], help="extra detector config overrides key=value")
     parser.add_argument("--classifier-set", nargs="*", default=[], help="extra classifier config overrides")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.elsewhere_fields < 1:
+        parser.error("--elsewhere-fields must be at least 1")
     if not (args.data / "pbc").is_dir():
         print(f"{args.data} has no pbc folder: this needs ../shared/datasets", file=sys.stderr)
         return 2

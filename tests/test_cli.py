@@ -256,6 +256,10 @@ def test_train_uses_the_split_made_by_split(synthetic_root: Path, tmp_path: Path
 
 def test_argument_errors_exit_before_torch_is_imported(tmp_path: Path) -> None:
     """Torch takes seconds to import: config loading and argument checks must not need it."""
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+                                                      "task": "detect", "format_version": 2}))
     code = f"""
 import sys
 from leukoscope.engine.config import load_config
@@ -264,12 +268,15 @@ from leukoscope.cli import app
 codes = []
 for args in (["train", "--data", "missing/folder"], ["train", "--data", ".", "train.lrr=1"],
              ["search", "--data", "."], ["evaluate", "--bundle", "nope", "--data", "."],
-             ["predict", "--bundle", {str(tmp_path)!r}, "x.png"], ["compare", "--data", "missing.csv"]):
+             ["predict", "--bundle", {str(tmp_path)!r}, "x.png"], ["compare", "--data", "missing.csv"],
+             ["export", "--bundle", "nope"], ["export", "--bundle", {str(detector)!r}],
+             ["export", "--bundle", {str(detector)!r}, "--format", "tflite"],
+             ["predict", "--bundle", {str(detector)!r}, "x.png", "--backend", "tensorrt"]):
     try:
         app(args)
     except SystemExit as exc:
         codes.append(exc.code)
-print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name in sys.modules))
+print(codes, sorted(name for name in ("torch", "torchvision", "sklearn", "onnxruntime") if name in sys.modules))
 """
     import leukoscope
 
@@ -277,4 +284,4 @@ print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
