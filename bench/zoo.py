@@ -316,22 +316,23 @@ def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200) -> d
     from leukoscope.io import load_image
 
     analyzer = SmearAnalyzer(detector, None)
-    rows: dict[str, dict[str, Any]] = {}
     rng = random.Random(0)
+
+    def white_cells_found(paths: list[Path]) -> tuple[list[int], int]:
+        """White cells found in each of ``fields`` sampled images, and how many had their scale estimated."""
+        found, scaled = [], 0
+        for path in rng.sample(paths, min(fields, len(paths))):
+            result = analyzer.analyze(load_image(path))
+            found.append(result.differential.total)
+            scaled += result.scale["source"] == "estimated"
+        return found, scaled
+
+    rows: dict[str, dict[str, Any]] = {}
     pbc = [p for t in PBC_TYPES if t != "platelet" for p in sorted((data / "pbc" / t).glob("*.jpg"))]
-    found, scaled = [], 0
-    for path in rng.sample(pbc, min(fields, len(pbc))):
-        result = analyzer.analyze(load_image(path))
-        found.append(result.differential.total)
-        scaled += result.scale["source"] == "estimated"
+    found, scaled = white_cells_found(pbc)
     rows["pbc"] = {"images": len(found), "with_one_wbc": round(sum(n == 1 for n in found) / len(found), 4),
                    "with_none": round(sum(n == 0 for n in found) / len(found), 4), "scale_estimated": scaled}
-    taleqani = sorted((data / "all-taleqani").glob("*/*.jpg"))
-    found, scaled = [], 0
-    for path in rng.sample(taleqani, min(fields, len(taleqani))):
-        result = analyzer.analyze(load_image(path))
-        found.append(result.differential.total)
-        scaled += result.scale["source"] == "estimated"
+    found, scaled = white_cells_found(sorted((data / "all-taleqani").glob("*/*.jpg")))
     rows["all-taleqani"] = {"fields": len(found), "with_a_wbc": round(sum(n > 0 for n in found) / len(found), 4),
                             "mean_wbc": round(sum(found) / len(found), 2), "scale_estimated": scaled}
     _say(f"detector elsewhere: {rows}")
