@@ -13,9 +13,9 @@ The Ray cluster is started once (``ray.init``, timed apart) as on a real cluster
 ran before; each Ray run still starts its actors and loads the models in them.
 
 Two rates: end to end (fields / wall time of the run, actor start and model loading included) and
-marginal (what one more field costs once running: from a run of all the fields and one of the first
-half, (n - n/2) / (T(n) - T(n/2)); for the in-process engines, whose start-up is outside the
-timing, the two are the same). Ray's results reach the driver in bursts, so their arrival times
+marginal (the second half of the fields once running: for Ray from a run of all the fields and one
+of the first half, (n - n/2) / (T(n) - T(n/2)); in process, from the times the first half and the
+last field were done). Ray's results reach the driver in bursts, so their arrival times
 do not give a steady rate; the marginal one does. Overhead of Ray = 1 - its rate / the plain
 loop's. Medians of ``--repeats``, the configurations interleaved so that another process's load
 falls on all of them alike; the 1-minute load average is printed beside each run. Prints a JSON
@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
             if len(seconds) == 2 and seconds[len(paths)] > seconds[len(half)]:
                 measured[name]["marginal"].append(60 * (len(paths) - len(half))
                                                   / (seconds[len(paths)] - seconds[len(half)]))
-            elif len(seconds) == 1:
-                measured[name]["marginal"].append(end_to_end)
+            elif len(seconds) == 1 and len(clock.marks) > len(half) > 0:
+                # The same second half of the fields (their cells differ from the first half's).
+                measured[name]["marginal"].append(60 * (len(paths) - len(half))
+                                                  / (clock.marks[-1] - clock.marks[len(half) - 1]))
     medians = {name: {kind: round(statistics.median(values), 2) if values else None for kind, values in rates.items()}
                for name, rates in measured.items()}
     print(f"\n{len(paths)} fields, {args.repeats} repeats, Ray on {args.cpus} CPUs; medians (fields/min):")
