@@ -820,7 +820,8 @@ def analyze(
     tile_size: int = typer.Option(2048, help="Tile side in image pixels for large fields."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
-                                          "faster on a machine busy with other work)."),
+                                          "faster on a machine busy with other work); --engine ray: per actor "
+                                          "(default 1)."),
     slide: bool = typer.Option(False, "--slide", help="Treat every input file as a whole-slide image (default: "
                                ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
     target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "

@@ -8,7 +8,7 @@ hold. When a field is in several parts (it was retried), the newest part counts;
 start with the run's UTC time, so name order is age order.
 
 Read the tables with any Parquet reader, e.g. ``pyarrow.parquet.read_table("OUT/fields")``
-(superseded rows included) or :meth:`ArchiveParts.read` (the newest row per field).
+(superseded rows included) or ``ArchiveParts("OUT").read()`` (the newest row per field).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ SETTINGS = "archive.json"
 
 
 class ArchiveParts:
-    """The parts under ``out_dir``; :meth:`write` adds one, :meth:`read` gives the newest row per field."""
+    """The parts under ``out_dir``; :meth:`write` adds one (its columns follow ``rules``' classes),
+    :meth:`read` gives the newest row per field."""
 
-    def __init__(self, out_dir: str | Path, rules: CountRules) -> None:
+    def __init__(self, out_dir: str | Path, rules: CountRules | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.rules = rules
         self.run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
@@ -71,6 +72,8 @@ class ArchiveParts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self.rules is None:
+            raise ValueError("ArchiveParts needs the count rules (the classes of its columns) to write")
         self._written += 1
         name = f"part-{self.run_id}-{self._written:05d}.parquet"
         final = None

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.smear_result import Cell, SmearResult
 
-#: Columns the summary needs to rebuild a field (the others are derived from them, for readers).
+#: The column that names a field in both tables: its absolute path.
 FIELD_KEY = "path"
 
 
