@@ -34,9 +34,11 @@ def two_node_cluster():
     (A head without CPUs and two more nodes would start one more raylet: seconds that CI does not have.)"""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+    # A small object store (rows are small) spares CI's /dev/shm; no dashboard: seconds of start-up.
+    node = {"num_cpus": 1, "object_store_memory": 128 * 1024**2}
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={**node, "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(**node)
         cluster.wait_for_nodes()
         assert len([node for node in ray.nodes() if node["Alive"]]) == 2
         yield cluster
