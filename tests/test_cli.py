@@ -271,7 +271,8 @@ for args in (["train", "--data", "missing/folder"], ["train", "--data", ".", "tr
              ["predict", "--bundle", {str(tmp_path)!r}, "x.png"], ["compare", "--data", "missing.csv"],
              ["export", "--bundle", "nope"], ["export", "--bundle", {str(detector)!r}],
              ["export", "--bundle", {str(detector)!r}, "--format", "tflite"],
-             ["predict", "--bundle", {str(detector)!r}, "x.png", "--backend", "tensorrt"]):
+             ["predict", "--bundle", {str(detector)!r}, "x.png", "--backend", "tensorrt"],
+             ["analyze", "x.png", "--engine", "spark"], ["analyze", "x.png", "--address", "auto"]):
     try:
         app(args)
     except SystemExit as exc:
@@ -284,4 +285,14 @@ print(codes, sorted(name for name in ("torch", "torchvision", "sklearn", "onnxru
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
+
+
+def test_the_ray_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    result = invoke("analyze", "x.png", "--engine", "ray")
+    assert result.exit_code == 2
+    assert "--engine ray needs ray: pip install 'leukoscope[ray]'" in " ".join(result.output.split())

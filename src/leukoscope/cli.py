@@ -15,6 +15,7 @@
     leukoscope mil --config FILE          a cell classifier from field labels (multiple-instance)
     leukoscope analyze FILE|FOLDER [--detector D] [--classifier B|none]   differential, blast %, flags
                                           (default: the shipped smear-detector and wbc-classifier)
+    leukoscope analyze ARCHIVE --engine ray [--address auto]   the same on a Ray cluster, Parquet tables
     leukoscope train --init B --data D    fine-tune a trained bundle (or pretrained:NAME) on new data
     leukoscope models [--pretrained | --card NAME]
     leukoscope serve --bundle B [--detector D]   web service (needs the service extra)
@@ -819,7 +820,8 @@ def analyze(
     tile_size: int = typer.Option(2048, help="Tile side in image pixels for large fields."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
-                                          "faster on a machine busy with other work)."),
+                                          "faster on a machine busy with other work); --engine ray: per actor "
+                                          "(default 1)."),
     slide: bool = typer.Option(False, "--slide", help="Treat every input file as a whole-slide image (default: "
                                ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
     target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "
@@ -831,6 +833,14 @@ def analyze(
                                        "tile (below: feathered edge or glass)."),
     max_coverage: float = typer.Option(0.75, "--max-coverage", help="Slides: largest stained share of a "
                                        "monolayer tile (above: thick area)."),
+    engine: str = typer.Option("local", "--engine", help="Fields: 'local' (this process) or 'ray' (a Ray "
+                               "cluster, Parquet tables OUT/fields and OUT/cells, resumable; needs the ray extra)."),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster to join ('auto': the "
+                                          "one `ray start` runs here; default: a Ray started for this run)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: analysis actors (default: the "
+                                         "cluster's CPUs / --threads)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
+                                      "row in the output holds an error (others already there are skipped)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
@@ -842,9 +852,14 @@ def analyze(
     monolayer until --target-cells white cells are counted; its files go to OUT/<slide name>/:
     <name>.slide.json, <name>.cells.csv, <name>.overview.png, summary.csv / summary.json.
 
+    With --engine ray the fields are analysed on a Ray cluster (--address auto: the one `ray start`
+    runs; see docs/cluster.md) into Parquet tables OUT/fields/ and OUT/cells/ and the same
+    summary.csv / summary.json, without per-field files; a rerun skips the fields already there.
+
     Without model flags it uses the models shipped in the package (`leukoscope models
     --pretrained`); with only --detector, the shipped classifier when installed.
     """
+    _check_engine(engine, address, actors, retry_failed)
     from leukoscope.inference.predict_files import collect_images
 
     from leukoscope.inference.slide.reader import is_slide_path
@@ -861,10 +876,14 @@ def analyze(
         import torch
 
         torch.set_num_threads(threads)
-    analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, tile_size=tile_size, overlap=overlap,
-                    blast_classes=blast_class or None, uncertain_threshold=threshold,
-                    detector_threshold=detector_threshold, um_per_px=um_per_px,
-                    **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    # One set of options for every engine (the Ray actors build their analyzers from the same).
+    options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
+                   uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
+                   **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, **options)
+    if slides and engine == "ray":
+        console.print("[yellow]note:[/yellow] whole-slide images are analysed in this process (--workers "
+                      "threads); --engine ray runs folders of fields", soft_wrap=True)
     for path in slides:
         _analyze_slide(analyzer, path, out, target_cells=target_cells, workers=workers, seed=seed,
                        tile_size=slide_tile, min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
@@ -872,7 +891,11 @@ def analyze(
         print(out)
         return
     with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
-        summary = _run(analyzer.analyze_paths, paths, out, progress=update)
+        if engine == "ray":
+            summary = _analyze_on_ray(analyzer, detector, classifier, options, paths, out, update, address=address,
+                                      actors=actors, threads=threads or 1, retry_failed=retry_failed)
+        else:
+            summary = _run(analyzer.analyze_paths, paths, out, progress=update)
     pooled = summary.pooled
     text = f"{len(summary.results)} image(s), {pooled.total} white cells"
     if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
@@ -893,6 +916,43 @@ def analyze(
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
     print(out)
+
+
+ENGINES = ("local", "ray")
+
+
+def _check_engine(engine: str, address: Optional[str], actors: Optional[int], retry_failed: bool) -> None:
+    """The engine options, and Ray installed for --engine ray (checked before torch loads)."""
+    import importlib.util
+
+    if engine not in ENGINES:
+        _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "local":
+        given = [name for name, value in (("--address", address), ("--actors", actors),
+                                          ("--retry-failed", retry_failed or None)) if value is not None]
+        if given:
+            _fail(f"{', '.join(given)}: only with --engine ray")
+        return
+    if actors is not None and actors < 1:
+        _fail(f"--actors must be at least 1, got {actors}")
+    missing = [name for name in ("ray", "pyarrow") if importlib.util.find_spec(name) is None]
+    if missing:
+        _fail(f"--engine ray needs {' and '.join(missing)}: pip install 'leukoscope[ray]'")
+
+
+def _analyze_on_ray(analyzer, detector: Path, classifier: Optional[Path], options: dict, paths: list, out: Path,
+                    update, **engine):
+    """The fields on a Ray cluster (leukoscope.inference.archive); the local engine's summary back."""
+    from leukoscope.inference.archive import AnalyzerSpec, analyze_archive
+
+    try:
+        run = _run(analyze_archive, AnalyzerSpec(detector, classifier, options), paths, out, analyzer=analyzer,
+                   progress=update, **engine)
+    except ConnectionError as exc:
+        _fail(f"cannot reach the Ray cluster at --address {engine.get('address')}: {exc}")
+    console.print(f"ray: {run.processed} field(s) analysed, {run.skipped} already in {out} (skipped); "
+                  f"tables {out / 'fields'} and {out / 'cells'}", soft_wrap=True)
+    return run.summary
 
 
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:

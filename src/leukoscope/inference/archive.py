@@ -1,0 +1,242 @@
+"""Archive scale-out: the smear analysis of many fields on a Ray cluster (Ray Data).
+
+    spec = AnalyzerSpec("pretrained:smear-detector", "pretrained:wbc-classifier", {"tile_size": 2048})
+    run = analyze_archive(spec, paths, "out/", address="auto")   # or address=None: a local Ray
+    run.processed, run.skipped, run.summary.pooled
+
+The fields become a Ray dataset of file paths; ``map_batches`` hands small batches to a pool of
+actors, each of which builds its :class:`~leukoscope.inference.smear.SmearAnalyzer` once (the
+models load once per actor), reads and analyses its fields, and returns their table rows
+(:mod:`leukoscope.inference.field_tables`). The driver writes them in Parquet parts
+(:mod:`leukoscope.inference.archive_parts`) and, at the end, ``summary.csv`` / ``summary.json``
+in the local engine's format (:class:`~leukoscope.inference.smear_output.FolderSummary`).
+Actors read the files themselves (paths travel, not pixels): on a cluster the fields must be on
+storage every node sees at the same path. A rerun skips the fields already in the output; fields
+that could not be read keep their error row unless ``retry_failed``.
+
+Ray and pyarrow are an optional extra (``pip install 'leukoscope[ray]'``); the local engine
+(:meth:`SmearAnalyzer.analyze_paths`) stays the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from leukoscope.inference.archive_parts import ArchiveParts
+from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.smear_output import FolderSummary
+from leukoscope.inference.smear_result import SmearResult
+from leukoscope.io import ImageDecodeError, load_image
+from leukoscope.pretrained import PREFIX, pretrained_root, resolve_bundle
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'leukoscope[ray]'"
+
+
+class RayUnavailable(ImportError):
+    """Ray (or pyarrow) is not installed."""
+
+
+def require_ray() -> None:
+    """Import Ray Data and pyarrow, or say how to install them."""
+    try:
+        import pyarrow  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise RayUnavailable(f"--engine ray needs Ray Data and pyarrow ({exc.name} is not installed): "
+                             f"{INSTALL_HINT}") from exc
+
+
+def portable_spec(folder: str | Path | None) -> str | None:
+    """A bundle folder as each node should find it: a shipped model as ``pretrained:NAME`` (a worker's
+    own install may live elsewhere), any other folder as its absolute path."""
+    if folder is None:
+        return None
+    if str(folder).startswith(PREFIX):
+        return str(folder)
+    path = Path(folder).resolve()
+    return PREFIX + path.name if path.parent == pretrained_root().resolve() else str(path)
+
+
+@dataclass(frozen=True)
+class AnalyzerSpec:
+    """How to build the analyzer: the same bundles and keyword options for every engine and actor."""
+
+    detector: str | Path
+    classifier: str | Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword options of :class:`SmearAnalyzer` (tile_size, blast_classes, um_per_px...)."""
+
+    def portable(self) -> "AnalyzerSpec":
+        return AnalyzerSpec(portable_spec(self.detector), portable_spec(self.classifier), dict(self.options))
+
+    def build(self) -> SmearAnalyzer:
+        classifier = resolve_bundle(self.classifier) if self.classifier is not None else None
+        return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, **self.options)
+
+
+def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
+    """One field file, as the local engine does it: an unreadable file is a result with ``error``."""
+    try:
+        return analyzer.analyze(load_image(path, max_pixels=analyzer.max_pixels), source=source)
+    except ImageDecodeError as exc:
+        log.warning("cannot read %s: %s", source, exc)
+        return SmearResult(source, 0, 0, [], {}, analyzer.rules.count([], analyzer.warnings),
+                           cell_classes=analyzer.cell_classes, error=str(exc))
+
+
+class FieldActor:
+    """A Ray Data actor: builds its analyzer once, then turns batches of paths into table rows."""
+
+    def __init__(self, spec: AnalyzerSpec, threads: int) -> None:
+        import torch
+
+        # One actor per ``threads`` CPUs: more threads than its share would fight the other actors.
+        torch.set_num_threads(max(1, int(threads)))
+        self.analyzer = spec.build()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        records = []
+        for path, source in zip(batch["path"], batch["source"]):
+            result = analyze_file(self.analyzer, str(path), str(source))
+            records.append(json.dumps({"field": field_row(result, str(path), self.analyzer.rules),
+                                       "cells": cell_rows(result, str(path))}))
+        return {"path": np.asarray(batch["path"], dtype=object), "record": np.asarray(records, dtype=object)}
+
+
+@dataclass
+class ArchiveRun:
+    """What a run did: ``processed`` fields written now, ``skipped`` as already in the output."""
+
+    summary: FolderSummary
+    processed: int
+    skipped: int
+    parts_written: int
+    out_dir: Path
+
+
+def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
+             sources: dict[str, str]) -> FolderSummary:
+    """The local engine's summary of these fields, from the output tables, in the order given."""
+    fields, cells = parts.read(keys)
+    results = []
+    for key in dict.fromkeys(keys):
+        if key in fields:
+            row = dict(fields[key], source=sources[key])  # the name given in this run, as the local engine
+            results.append(result_from_rows(row, cells[key], analyzer.rules))
+    models = {"detector": analyzer.detector.info.model_name,
+              "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
+    return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
+                         analyzer.unfamiliar_share)
+
+
+def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:
+    """The fields of ``keys`` still to analyse: those not ``done``, and with ``retry_failed`` those
+    whose row holds an error (a file that could not be read may have been replaced since)."""
+    return [key for key in dict.fromkeys(keys) if key not in done or (retry_failed and done[key] is not None)]
+
+
+def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: str | Path, *,
+                    analyzer: SmearAnalyzer | None = None, address: str | None = None, actors: int | None = None,
+                    threads: int = 1, batch_size: int = 1, part_size: int = 64, retry_failed: bool = False,
+                    stop_after_parts: int | None = None,
+                    progress: Callable[..., None] | None = None) -> ArchiveRun:
+    """Analyse ``paths`` on Ray, write ``out_dir/{fields,cells}/part-*.parquet`` and the summary files.
+
+    ``analyzer``: the driver's own (built from ``spec`` when not given; it checks the options before
+    any actor starts and gives the summary its counting rules). ``address``: a running cluster
+    (``"auto"``, ``"ray://host:10001"``...); None starts a local one, unless this process is already
+    connected. ``actors`` (default: the cluster's CPUs / ``threads``) analyse ``batch_size`` fields at
+    a time with ``threads`` CPUs each. ``part_size``: fields per Parquet part (what an interruption can
+    cost at most). ``stop_after_parts``: stop once that many parts are written (tests: an interruption).
+    """
+    require_ray()
+    import ray
+
+    if threads < 1 or batch_size < 1 or part_size < 1 or (actors is not None and actors < 1):
+        raise ValueError("actors, threads, batch_size and part_size must be at least 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    analyzer = analyzer or spec.build()
+    parts = ArchiveParts(out_dir, analyzer.rules)
+    portable = spec.portable()
+    parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": portable.options,
+                 "cell_classes": analyzer.cell_classes, "blast_classes": analyzer.blast_classes})
+    if parts.clean():
+        log.info("removed the temporary files of an interrupted run in %s", out_dir)
+    sources = {str(Path(p).resolve()): str(p) for p in paths}
+    keys = [str(Path(p).resolve()) for p in paths]
+    todo = pending(sources, parts.done(), retry_failed)
+    if progress is not None and len(sources) > len(todo):
+        progress(advance=len(sources) - len(todo), info="already in the output")
+    written = 0
+    if todo:
+        started = not ray.is_initialized()
+        if started:
+            # A Ray of its own for this run needs no dashboard (seconds of start-up, a web port).
+            ray.init(address=address, logging_level=logging.WARNING,
+                     **({"include_dashboard": False} if address is None else {}))
+        try:
+            written = _run_on_ray(portable, todo, sources, parts, actors, threads, batch_size, part_size,
+                                  stop_after_parts, progress)
+        finally:
+            if started:
+                ray.shutdown()
+    summary = _summary(analyzer, parts, keys, sources)
+    summary.write(out_dir)
+    return ArchiveRun(summary, parts.fields_written, len(sources) - len(todo), written, out_dir)
+
+
+def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], parts: ArchiveParts,
+                actors: int | None, threads: int, batch_size: int, part_size: int, stop_after_parts: int | None,
+                progress: Callable[..., None] | None) -> int:
+    """Stream the fields through the actor pool; write a part every ``part_size`` fields. Returns the
+    number of parts written; a stop (error, Ctrl-C) first writes the fields already finished."""
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # leukoscope's own bar counts fields
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the bar
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    pool = actors or max(1, cpus // threads)
+    items = [{"path": key, "source": sources[key]} for key in todo]
+    # One field per block (up to 10,000 blocks): results stream back field by field, not in bursts.
+    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+    rows = dataset.map_batches(FieldActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
+                               batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=threads,
+                               batch_format="numpy")
+    fields: list[dict] = []
+    cells: list[dict] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written, fields, cells
+        if fields:
+            parts.write(fields, cells)
+            written += 1
+            fields, cells = [], []
+
+    try:
+        for row in rows.iter_rows():
+            record = json.loads(row["record"])
+            fields.append(record["field"])
+            cells.extend(record["cells"])
+            if progress is not None:
+                progress(advance=1, info=f"{Path(record['field']['source']).name}: {record['field']['wbc']} WBC")
+            if len(fields) >= part_size:
+                flush()
+                if stop_after_parts is not None and written >= stop_after_parts:
+                    break
+    finally:
+        flush()
+    return written

@@ -1,0 +1,167 @@
+"""The Ray archive engine against the local one: the same rows and summary, and a resume that
+analyses only the fields an interrupted run did not write (a real two-node Ray cluster)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("pyarrow")
+
+from leukoscope.data.synthetic_smears import make_synthetic_smears  # noqa: E402
+from leukoscope.inference.archive import AnalyzerSpec, analyze_archive, pending, portable_spec  # noqa: E402
+from leukoscope.inference.archive_parts import ArchiveParts  # noqa: E402
+from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows  # noqa: E402
+from leukoscope.inference.smear_result import Cell, SmearResult  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from leukoscope.cli import app  # noqa: E402
+from tests.detection.conftest import TINY  # noqa: E402
+
+#: The analyzer options as `leukoscope analyze --tile-size 128 --overlap 48` passes them (a rerun checks them).
+OPTIONS = {"tile_size": 128, "overlap": 48, "blast_classes": None, "uncertain_threshold": None,
+           "detector_threshold": None, "um_per_px": None}
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """Two Ray nodes of one CPU each (the head and one more, both run actors), stopped after the module.
+    (A head without CPUs and two more nodes would start one more raylet: seconds that CI does not have.)"""
+    from ray.cluster_utils import Cluster
+
+    # A small object store (rows are small) spares CI's /dev/shm; no dashboard: seconds of start-up.
+    node = {"num_cpus": 1, "object_store_memory": 128 * 1024**2}
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={**node, "include_dashboard": False})
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fields(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """20 generated fields and one file that is not an image."""
+    root = tmp_path_factory.mktemp("archive")
+    make_synthetic_smears(root, 20, TINY)
+    broken = root / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    return [*sorted((root / "JPEGImages").glob("*.png")), broken]
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def _summary_files(out: Path) -> tuple[list[dict], dict]:
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    payload = json.loads((out / "summary.json").read_text())
+    for entry in payload["fields"]:
+        entry.pop("seconds")
+    return _without_seconds(rows), payload
+
+
+def _assert_same_as_local(local, parts: ArchiveParts, fields: list[Path]) -> None:
+    keys = [str(p.resolve()) for p in fields]
+    got_fields, got_cells = parts.read()
+    assert sorted(got_fields) == sorted(keys)
+    for result, key in zip(local.results, keys):
+        want = field_row(result, key, parts.rules)
+        assert _without_seconds([got_fields[key]]) == _without_seconds([want])
+        want_cells, cells = cell_rows(result, key), sorted(got_cells[key], key=lambda c: c["cell_id"])
+        assert len(cells) == len(want_cells)
+        for got, wanted in zip(cells, want_cells):
+            assert {k: v for k, v in got.items() if k not in "x0 y0 x1 y1"} == \
+                {k: v for k, v in wanted.items() if k not in "x0 y0 x1 y1"}
+            assert [got[k] for k in ("x0", "y0", "x1", "y1")] == pytest.approx(
+                [wanted[k] for k in ("x0", "y0", "x1", "y1")], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ray_engine_matches_the_local_engine_and_resumes(two_node_cluster, fields: list[Path], detector_bundle: Path,
+                                                         classifier_bundle: Path, tmp_path: Path) -> None:
+    spec = AnalyzerSpec(detector_bundle, classifier_bundle, OPTIONS)
+    analyzer = spec.build()
+    local = analyzer.analyze_paths(fields, tmp_path / "local")
+    assert sum(r.differential.total for r in local.results) > 0 and local.results[-1].error
+
+    out = tmp_path / "ray"
+    # An interrupted run: stopped after two parts of 5 fields.
+    first = analyze_archive(spec, fields, out, analyzer=analyzer, actors=2, part_size=5, stop_after_parts=2)
+    assert (first.processed, first.skipped, first.parts_written) == (10, 0, 2)
+    (out / "fields" / ".part-stale.parquet.tmp").write_bytes(b"half a file")  # a write cut short
+    # The rerun, from the command line, analyses only the 11 missing fields (in one part of up to 64).
+    rerun = CliRunner().invoke(app, ["analyze", *map(str, fields), "--engine", "ray", "--detector", str(detector_bundle),
+                                     "--classifier", str(classifier_bundle), "--tile-size", "128", "--overlap", "48",
+                                     "--out", str(out), "--quiet"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "ray: 11 field(s) analysed, 10 already in" in " ".join(rerun.output.split())
+    assert len(ArchiveParts(out, analyzer.rules).parts()) == 3
+    assert not list((out / "fields").glob(".*.tmp"))
+    parts = ArchiveParts(out, analyzer.rules)
+    _assert_same_as_local(local, parts, fields)
+    assert _summary_files(out) == _summary_files(tmp_path / "local")
+
+    # Nothing left: no actor starts, the summary is written again.
+    (out / "summary.csv").unlink()
+    assert analyze_archive(spec, fields, out, analyzer=analyzer).processed == 0
+    assert _summary_files(out) == _summary_files(tmp_path / "local")
+    # Other settings would mix two analyses in one table.
+    with pytest.raises(ValueError, match="other settings.*options"):
+        analyze_archive(AnalyzerSpec(detector_bundle, classifier_bundle, {**OPTIONS, "overlap": 32}), fields, out)
+
+
+def test_failed_fields_are_retried_only_when_asked() -> None:
+    done = {"a": None, "b": "not a recognised image"}
+    assert pending(["a", "b", "c", "c"], done) == ["c"]
+    assert pending(["a", "b", "c"], done, retry_failed=True) == ["b", "c"]
+
+
+def test_a_newer_part_replaces_a_field_of_an_older_one(tmp_path: Path) -> None:
+    from leukoscope.inference.differential import CountRules
+
+    rules = CountRules(("blast", "lymphocyte"), ("blast",))
+    old, new = ArchiveParts(tmp_path, rules), ArchiveParts(tmp_path, rules)
+    new.run_id = old.run_id + "-later"
+    failed = SmearResult("f.png", 0, 0, [], {}, rules.count([]), cell_classes=list(rules.classes), error="unreadable")
+    cell = Cell(1, (1.0, 2.0, 3.0, 4.0), "WBC", 0.9, "blast", "blast", 0.8, False, {"blast": 0.8, "lymphocyte": 0.2})
+    found = SmearResult("f.png", 64, 48, [cell], {"WBC": 1}, rules.count(["blast"]), cell_classes=list(rules.classes))
+    old.write([field_row(failed, "/x/f.png", rules)], [])
+    new.write([field_row(found, "/x/f.png", rules)], cell_rows(found, "/x/f.png"))
+    (tmp_path / "cells" / "part-orphan.parquet").write_bytes((tmp_path / "cells" / new.parts()[-1]).read_bytes())
+    assert old.done() == {"/x/f.png": None}
+    rows, cells = old.read()
+    back = result_from_rows(rows["/x/f.png"], cells["/x/f.png"], rules)
+    assert back.error is None and [c.label for c in back.cells] == ["blast"] and back.differential.blasts == 1
+
+
+def test_result_read_back_counts_as_analysed(fields: list[Path], detector_bundle: Path, classifier_bundle: Path,
+                                             tmp_path: Path) -> None:
+    analyzer = AnalyzerSpec(detector_bundle, classifier_bundle, OPTIONS).build()
+    parts = ArchiveParts(tmp_path, analyzer.rules)
+    results = [analyzer.analyze(path) for path in fields[:3]]
+    parts.write([field_row(r, r.source, analyzer.rules) for r in results],
+                [c for r in results for c in cell_rows(r, r.source)])
+    rows, cells = parts.read()
+    for result in results:
+        back = result_from_rows(rows[result.source], cells[result.source], analyzer.rules)
+        assert back.summary() == result.summary()
+        assert [c.as_row(analyzer.cell_classes) for c in back.cells] == \
+            [c.as_row(analyzer.cell_classes) for c in result.cells]
+
+
+def test_shipped_models_travel_by_name(tmp_path: Path) -> None:
+    from leukoscope.pretrained import pretrained_root
+
+    assert portable_spec(pretrained_root() / "smear-detector") == "pretrained:smear-detector"
+    assert portable_spec("pretrained:wbc-classifier") == "pretrained:wbc-classifier"
+    assert portable_spec(tmp_path / "bundle") == str((tmp_path / "bundle").resolve())
+    assert portable_spec(None) is None
