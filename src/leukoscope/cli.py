@@ -591,13 +591,17 @@ def serve(
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; rate limits count per "
                                 "process)."),
     inference_threads: Optional[int] = typer.Option(None, help="Model threads per process (default 2)."),
+    detector_backend: Optional[str] = typer.Option(None, "--detector-backend", help="What runs the detector: "
+                                                   "torch (default), onnxruntime, openvino (a bundle from "
+                                                   "`leukoscope export`) or auto."),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
     import os
 
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
-                                 migrate=migrate, inference_threads=inference_threads)
+                                 migrate=migrate, inference_threads=inference_threads,
+                                 detector_backend=detector_backend)
     if settings.bundle is None:
         settings = _shipped_service_models(settings)
     import uvicorn

@@ -179,3 +179,37 @@ def test_export_cli_checks_parity_on_a_voc_folder(tmp_path: Path) -> None:
     assert read_bundle_info(out).export["part"] == "dense"
     wrong = invoke("export", "--bundle", "pretrained:smear-detector", "--out", tmp_path / "x", "--split", "Testing")
     assert wrong.exit_code == 2 and "--split names a split of --check DATA" in wrong.output
+
+
+def test_the_service_loads_its_detector_on_the_configured_backend(exported_detector: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    from leukoscope.service import app as service_app
+    from leukoscope.service.analysis import Analyzer, load_smear_backend
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env({"LEUKOSCOPE_DETECTOR_BACKEND": "onnxruntime"}, data_dir=tmp_path / "data",
+                                        bundle="pretrained:wbc-classifier", detector=exported_detector)
+    assert settings.detector_backend == "onnxruntime"
+    assert ServiceSettings.from_env({}).detector_backend == "torch"
+    with pytest.raises(ValueError, match="detector_backend"):
+        ServiceSettings.from_env({"LEUKOSCOPE_DETECTOR_BACKEND": "tensorrt"})
+    seen: dict = {}
+
+    class Loaded:
+        def warm_up(self) -> None:
+            pass
+
+    def from_bundles(bundle, detector, **options):
+        seen.update(options)
+        return Loaded()
+
+    monkeypatch.setattr(Analyzer, "from_bundles", staticmethod(from_bundles))
+    service_app.build_state(settings)
+    assert seen["smear_options"] == {"backend": "onnxruntime", "threads": settings.torch_threads}
+    # and those options load the detector on that backend
+    from leukoscope.inference.predictor import CellClassifier
+
+    smear = load_smear_backend(exported_detector, CellClassifier.from_bundle("pretrained:wbc-classifier"),
+                               **seen["smear_options"])
+    assert smear._call.__self__.detector.backend == "onnxruntime"
