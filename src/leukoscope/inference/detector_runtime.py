@@ -87,6 +87,9 @@ class OnnxDense(DenseRunner):
         if threads:  # else onnxruntime's default (all cores)
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        # torch runs the rest of the detector right after the graph: onnxruntime's workers must not
+        # spin-wait for more work meanwhile, taking the cores torch's threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
