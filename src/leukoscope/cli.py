@@ -485,7 +485,9 @@ def export(
         _fail(f"{source} is a classifier bundle: --split applies to detector bundles only")
     if split is not None and check is None:
         _fail("--split names a split of --check DATA: give --check too")
-    # Which detectors export (Faster R-CNN): leukoscope.inference.export.check_exportable, a one-line error.
+    # The refusals of leukoscope.inference.export.check_exportable, before torch is imported.
+    if detector and peek.model_name.startswith("fcos"):
+        _fail(f"{source} is an FCOS detector: export supports Faster R-CNN detectors only for now")
     if not detector and peek.framework != "torch":
         _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
               f"for now")
