@@ -900,6 +900,10 @@ def analyze(
                     blast_classes=blast_class or None, uncertain_threshold=threshold,
                     detector_threshold=detector_threshold, um_per_px=um_per_px, backend=backend, threads=threads,
                     **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    ran = f"detector on {analyzer.detector.backend}"
+    if analyzer.classifier is not None:
+        ran += f", classifier on {analyzer.classifier.backend}"
+    console.print(f"backends: {ran}", soft_wrap=True)
     for path in slides:
         _analyze_slide(analyzer, path, out, target_cells=target_cells, workers=workers, seed=seed,
                        tile_size=slide_tile, min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
