@@ -2,6 +2,8 @@
 detection path used by evaluation, smear analysis, the CLI and the service.
 
 Detector bundles are read and written by :mod:`leukoscope.bundle` (``task: detect``).
+An exported bundle (``leukoscope export``) can run its network's dense part on
+onnxruntime or OpenVINO (``backend=``; :mod:`leukoscope.inference.detector_runtime`).
 """
 
 from __future__ import annotations
