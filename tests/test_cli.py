@@ -258,7 +258,7 @@ def test_argument_errors_exit_before_torch_is_imported(tmp_path: Path) -> None:
     """Torch takes seconds to import: config loading and argument checks must not need it."""
     detector = tmp_path / "detector"
     detector.mkdir()
-    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fcos_resnet50_fpn", "classes": ["wbc"],
                                                       "task": "detect", "format_version": 2}))
     code = f"""
 import sys
@@ -272,7 +272,9 @@ for args in (["train", "--data", "missing/folder"], ["train", "--data", ".", "tr
              ["export", "--bundle", "nope"], ["export", "--bundle", {str(detector)!r}],
              ["export", "--bundle", {str(detector)!r}, "--format", "tflite"],
              ["predict", "--bundle", {str(detector)!r}, "x.png", "--backend", "tensorrt"],
-             ["analyze", "x.png", "--engine", "spark"], ["analyze", "x.png", "--address", "auto"]):
+             ["analyze", "x.png", "--engine", "spark"], ["analyze", "x.png", "--address", "auto"],
+             ["analyze", ".", "--backend", "tensorrt"],
+             ["evaluate", "--bundle", {str(detector)!r}, "--data", ".", "--backend", "tensorrt"]):
     try:
         app(args)
     except SystemExit as exc:
@@ -285,7 +287,7 @@ print(codes, sorted(name for name in ("torch", "torchvision", "sklearn", "onnxru
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
 
 
 def test_the_ray_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

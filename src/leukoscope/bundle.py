@@ -6,7 +6,8 @@ bundle/
   model.safetensors  weights of a torch model (no pickle: safe to load from an untrusted source)
   model.skops        or: the fitted scikit-learn pipeline of a classical model
   ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix)
-  model.onnx         optional: the same classifier as an ONNX graph (`leukoscope export`)
+  model.onnx         optional: the same classifier (a detector's dense part) as an ONNX graph
+                     (`leukoscope export`)
 ```
 
 This module is the only reader and writer of bundles: classifiers (``task:
@@ -116,7 +117,7 @@ class BundleInfo:
     """Classifiers: the out-of-distribution entry (method, thresholds, how it was fitted);
     its arrays are in ``ood.safetensors``. None: no OOD flag (bundles before format 3)."""
     export: dict[str, Any] | None = None
-    """Classifiers: the record of an exported inference graph (format, file, opset, inputs,
+    """The record of an exported inference graph (format, file, opset, inputs,
     outputs; format 4); None: torch (or scikit-learn) only."""
 
     def __post_init__(self) -> None:
@@ -305,7 +306,7 @@ def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
     """Record an exported graph (already written into ``directory``) in its ``bundle.json``,
     which becomes format 4."""
     directory = Path(directory)
-    info = read_bundle_info(directory, task="classify")
+    info = read_bundle_info(directory)
     info.export = dict(record)
     _write_json(directory, info)
     return info

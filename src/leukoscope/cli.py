@@ -38,6 +38,8 @@ from leukoscope.progress import console, name_some
 
 #: `predict --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: `analyze`/`evaluate --backend` choices (leukoscope.inference.detector_runtime.DETECTOR_BACKENDS).
+MODEL_BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 if TYPE_CHECKING:
     from leukoscope.engine.config import ExperimentConfig
@@ -294,10 +296,17 @@ def evaluate(
     allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
                                              "trained or validated on (refused by default: such a score says "
                                              "nothing about new images)."),
+    backend: str = typer.Option("torch", "--backend", help="What runs the model: torch, onnxruntime, openvino "
+                                "(a bundle from `leukoscope export`) or auto."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the onnxruntime/openvino backend."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
     from leukoscope.data.readers import check_dataset_path
 
+    if backend not in MODEL_BACKENDS:
+        _fail(f"--backend must be one of {', '.join(MODEL_BACKENDS)}, got {backend!r}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
     spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():
@@ -318,13 +327,15 @@ def evaluate(
     out_root, prefix = (Path("."), f"eval-{bundle.name}-") if is_pretrained_spec(spec) else (bundle.parent, "eval-")
     if info.task == "detect":
         out = out or out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}"
-        metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt)
+        metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
+                       threads=threads)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
                       f"on {metrics['n_images']} images")
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
-                       on_corrupt=on_corrupt, allow_training_data=allow_training_data)
+                       on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
+                       threads=threads)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
                       f"on {metrics['n']} images")
     print(out / "report.html")
@@ -449,17 +460,20 @@ def export(
     export_format: str = typer.Option("onnx", "--format", help="Graph format (onnx)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: <bundle>-onnx "
                                        "beside it; the bundle's own folder adds the graph to it)."),
-    check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest) "
-                                        "to compare the graph with the torch model on."),
+    check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest; "
+                                        "for a detector a VOC folder) to compare the graph with the torch model on."),
+    split: Optional[str] = typer.Option(None, "--split", help="Detectors: the VOC split of --check (e.g. Testing)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
 ) -> None:
-    """Export a classifier bundle as an inference bundle: its files plus model.onnx, recorded in bundle.json.
+    """Export a classifier or detector bundle as an inference bundle: its files plus model.onnx, recorded
+    in bundle.json.
 
-    The graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
+    A classifier's graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
     dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
-    `leukoscope predict --backend onnxruntime` (or auto) runs it. Cell classifiers (torch CNNs) only
-    for now.
+    `leukoscope predict --backend onnxruntime` (or auto) runs it. A Faster R-CNN detector's graph is
+    its dense part (backbone, feature pyramid, RPN head) for any image size; proposal selection and
+    the box head stay in torch (`leukoscope analyze --backend onnxruntime|openvino`).
     """
     import importlib.util
 
@@ -467,10 +481,15 @@ def export(
         _fail(f"--format must be onnx (the only export format so far), got {export_format!r}")
     source = _check_bundle(bundle, "--bundle")
     peek = _run(peek_bundle, source)
-    if peek.task != "classify":
-        _fail(f"{source} is a cell detector bundle: export to ONNX supports cell classifiers (torch CNNs) only "
-              f"for now")
-    if peek.framework != "torch":
+    detector = peek.task == "detect"
+    if split is not None and not detector:
+        _fail(f"{source} is a classifier bundle: --split applies to detector bundles only")
+    if split is not None and check is None:
+        _fail("--split names a split of --check DATA: give --check too")
+    # The refusals of leukoscope.inference.export.check_exportable, before torch is imported.
+    if detector and peek.model_name.startswith("fcos"):
+        _fail(f"{source} is an FCOS detector: export supports Faster R-CNN detectors only for now")
+    if not detector and peek.framework != "torch":
         _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
               f"for now")
     missing = [name for name in ("onnx", "onnxruntime" if check else "") if name and
@@ -491,10 +510,17 @@ def export(
     from leukoscope.inference.export import export_onnx
 
     _run(export_onnx, source, target, opset=opset)
+    shape = ("batch, 3, height, width: the dense part" if detector
+             else f"batch, 3, {peek.preprocessing['image_size']}, {peek.preprocessing['image_size']}")
     console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
-                  f"input (batch, 3, {peek.preprocessing['image_size']}, {peek.preprocessing['image_size']}))",
-                  soft_wrap=True)
-    if check is not None:
+                  f"input ({shape}))", soft_wrap=True)
+    if check is not None and detector:
+        from leukoscope.tasks.detect import compare_detector_backends
+
+        report = _run(compare_detector_backends, target, check, split=split, threads=threads)
+        for line in report.lines():
+            console.print(line)
+    elif check is not None:
         from leukoscope.inference.export_check import compare_backends
 
         report = _run(compare_backends, target, check, threads=threads)
@@ -568,13 +594,17 @@ def serve(
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; rate limits count per "
                                 "process)."),
     inference_threads: Optional[int] = typer.Option(None, help="Model threads per process (default 2)."),
+    detector_backend: Optional[str] = typer.Option(None, "--detector-backend", help="What runs the detector: "
+                                                   "torch (default), onnxruntime, openvino (a bundle from "
+                                                   "`leukoscope export`) or auto."),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
     import os
 
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
-                                 migrate=migrate, inference_threads=inference_threads)
+                                 migrate=migrate, inference_threads=inference_threads,
+                                 detector_backend=detector_backend)
     if settings.bundle is None:
         settings = _shipped_service_models(settings)
     import uvicorn
@@ -822,6 +852,9 @@ def analyze(
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
                                           "faster on a machine busy with other work); --engine ray: per actor "
                                           "(default 1)."),
+    backend: str = typer.Option("auto", "--backend", help="What runs both models: torch, onnxruntime or openvino "
+                                "(bundles from `leukoscope export`) or auto (the fastest installed one a bundle "
+                                "has a graph for, else torch)."),
     slide: bool = typer.Option(False, "--slide", help="Treat every input file as a whole-slide image (default: "
                                ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
     target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "
@@ -864,6 +897,8 @@ def analyze(
 
     from leukoscope.inference.slide.reader import is_slide_path
 
+    if backend not in MODEL_BACKENDS:
+        _fail(f"--backend must be one of {', '.join(MODEL_BACKENDS)}, got {backend!r}")
     slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
     inputs = [p for p in inputs if p not in slides]
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
@@ -879,8 +914,12 @@ def analyze(
     # One set of options for every engine (the Ray actors build their analyzers from the same).
     options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
-                   **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
-    analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, **options)
+                   backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
+    ran = f"detector on {analyzer.detector.backend}"
+    if analyzer.classifier is not None:
+        ran += f", classifier on {analyzer.classifier.backend}"
+    console.print(f"backends: {ran}", soft_wrap=True)
     if slides and engine == "ray":
         console.print("[yellow]note:[/yellow] whole-slide images are analysed in this process (--workers "
                       "threads); --engine ray runs folders of fields", soft_wrap=True)

@@ -76,14 +76,14 @@ def test_explain_needs_the_torch_backend(trained: dict[str, Path], synthetic_roo
 def test_unsupported_bundles_and_formats_fail_in_one_line(tmp_path: Path, trained: dict[str, Path]) -> None:
     detector = tmp_path / "detector"
     detector.mkdir()
-    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fcos_resnet50_fpn", "classes": ["wbc"],
                                                       "task": "detect", "format_version": 2}))
     classical = tmp_path / "classical"
     classical.mkdir()
     (classical / "bundle.json").write_text(json.dumps({"model_name": "svm_rbf", "classes": ["a", "b"],
                                                        "framework": "sklearn", "format_version": 2,
                                                        "preprocessing": {"image_size": 48}}))
-    for bundle, expected in ((detector, "is a cell detector bundle: export to ONNX supports cell classifiers"),
+    for bundle, expected in ((detector, "is an FCOS detector: export supports Faster R-CNN detectors only"),
                              (classical, "is a classical (scikit-learn) model: export to ONNX supports torch")):
         result = invoke("export", "--bundle", bundle, "--format", "onnx")
         assert result.exit_code == 2 and expected in result.output

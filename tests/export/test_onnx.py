@@ -90,9 +90,9 @@ def test_torch_bundle_on_onnxruntime_says_to_export_first(trained: dict[str, Pat
 def test_unsupported_bundle_kinds_are_refused(tmp_path: Path) -> None:
     detector = tmp_path / "detector"
     detector.mkdir()
-    (detector / "bundle.json").write_text(json.dumps({"model_name": "fasterrcnn_abas", "classes": ["wbc"],
+    (detector / "bundle.json").write_text(json.dumps({"model_name": "fcos_resnet50_fpn", "classes": ["wbc"],
                                                       "task": "detect", "format_version": 2}))
-    with pytest.raises(BundleError, match="cell detector bundle: export to ONNX supports cell classifiers only"):
+    with pytest.raises(BundleError, match="is an FCOS detector: export supports Faster R-CNN detectors only"):
         check_exportable(detector)
     classical = tmp_path / "classical"
     classical.mkdir()

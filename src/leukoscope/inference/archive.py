@@ -168,7 +168,9 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     analyzer = analyzer or spec.build()
     parts = ArchiveParts(out_dir, analyzer.rules)
     portable = spec.portable()
-    parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": portable.options,
+    # What runs the networks is not part of the archive's identity: exported graphs give torch's results.
+    identity = {k: v for k, v in portable.options.items() if k != "backend"}
+    parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
                  "cell_classes": analyzer.cell_classes, "blast_classes": analyzer.blast_classes})
     if parts.clean():
         log.info("removed the temporary files of an interrupted run in %s", out_dir)

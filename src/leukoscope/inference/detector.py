@@ -2,6 +2,8 @@
 detection path used by evaluation, smear analysis, the CLI and the service.
 
 Detector bundles are read and written by :mod:`leukoscope.bundle` (``task: detect``).
+An exported bundle (``leukoscope export``) can run its network's dense part on
+onnxruntime or OpenVINO (``backend=``; :mod:`leukoscope.inference.detector_runtime`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from leukoscope.bundle import BundleInfo, load_bundle
+from leukoscope.bundle import BundleInfo, load_bundle, read_bundle_info
+from leukoscope.inference.detector_runtime import DenseRunner, choose_detector_backend, hybrid_forward, load_dense
+from leukoscope.pretrained import resolve_bundle
 
 #: The per-image caps on proposals and detections are set for a field of this many pixels (640x480).
 REFERENCE_FIELD_PIXELS = 640 * 480
@@ -85,10 +89,14 @@ class CellDetector:
     :class:`~leukoscope.inference.smear.SmearAnalyzer`)."""
 
     def __init__(self, model: nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
-                 score_threshold: float | None = None) -> None:
+                 score_threshold: float | None = None, dense: DenseRunner | None = None) -> None:
         self.model = model.eval()
         self.info = info
         self.device = torch.device(device)
+        # An exported bundle's graph runs the dense part (backbone, FPN, RPN head); the model's own
+        # modules run the rest (leukoscope.inference.detector_runtime). None: the torch model runs all.
+        self.dense = dense
+        self._levels = list(info.export.get("levels", [])) if dense is not None and info.export else []
         # One model may serve several threads (the web service): its per-image caps are
         # changed for large tiles while it runs, so calls into the model take turns.
         self._model_lock = threading.Lock()
@@ -98,10 +106,23 @@ class CellDetector:
             raise ValueError(f"score threshold must be in [0, 1], got {self.score_threshold}")
 
     @classmethod
-    def from_bundle(cls, directory: str | Path, device: str = "cpu",
-                    score_threshold: float | None = None) -> "CellDetector":
+    def from_bundle(cls, directory: str | Path, device: str = "cpu", score_threshold: float | None = None,
+                    *, backend: str = "torch", threads: int | None = None) -> "CellDetector":
+        """``backend``: ``torch``, ``onnxruntime`` or ``openvino`` (an exported bundle, ``leukoscope
+        export``) or ``auto`` (the fastest installed one the bundle has a graph for, else torch);
+        ``threads``: the graph runtime's threads."""
+        directory = resolve_bundle(directory)
+        chosen = choose_detector_backend(backend, read_bundle_info(directory, task="detect"), directory)
+        if chosen != "torch" and str(device) != "cpu":
+            raise ValueError(f"the {chosen} backend runs on the CPU; device {device!r} needs --backend torch")
         model, info = load_bundle(directory, device, task="detect")
-        return cls(model, info, device, score_threshold)
+        dense = None if chosen == "torch" else load_dense(directory, info, chosen, threads)
+        return cls(model, info, device, score_threshold, dense)
+
+    @property
+    def backend(self) -> str:
+        """What runs the dense part of the network: ``torch``, ``onnxruntime`` or ``openvino``."""
+        return "torch" if self.dense is None else self.dense.backend
 
     @contextmanager
     def _limits_for(self, pixels: int):
@@ -147,7 +168,8 @@ class CellDetector:
         for start in range(0, len(images), batch_size):
             batch = [_to_float_tensor(image).to(self.device) for image in images[start:start + batch_size]]
             with self._model_lock, self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
-                outputs = self.model(batch)
+                outputs = (self.model(batch) if self.dense is None
+                           else hybrid_forward(self.model, self.dense, self._levels, batch))
             for output in outputs:
                 result = DetectionResult(
                     output["boxes"].float().cpu().numpy().reshape(-1, 4),

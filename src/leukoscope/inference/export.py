@@ -15,7 +15,8 @@ size (system A's CNN, System D's ConvNet, VGG and AlexNet at many image sizes); 
 the input size is fixed, such a pool is replaced in the exported copy by the same
 average written as two matrix products (:class:`FixedAdaptiveAvgPool`).
 
-Classical (scikit-learn) bundles and detectors are not exported yet: a clear error.
+Detectors: their dense part, in :mod:`leukoscope.inference.detector_export`. Classical
+(scikit-learn) bundles are not exported yet: a clear error.
 """
 
 from __future__ import annotations
@@ -113,19 +114,24 @@ def check_exportable(bundle: str | Path, export_format: str = "onnx") -> None:
     if export_format not in FORMATS:
         raise ValueError(f"unknown export format {export_format!r} (supported: {', '.join(FORMATS)})")
     info = read_bundle_info(bundle)
-    if info.task != "classify":
-        raise BundleError(f"{bundle} is a cell detector bundle: export to ONNX supports cell classifiers only "
-                          f"(torch CNNs) for now")
+    if info.task == "detect":  # Faster R-CNN detectors: leukoscope.inference.detector_export
+        if info.model_name.startswith("fcos"):
+            raise BundleError(f"{bundle} is an FCOS detector: export supports Faster R-CNN detectors only for now")
+        return
     if info.framework != "torch":
         raise BundleError(f"{bundle} is a classical (scikit-learn) model: export to ONNX supports torch CNN "
                           f"classifiers only for now")
 
 
 def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the exported bundle of classifier ``bundle`` into ``out`` (which may be ``bundle`` itself:
+    """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle`` itself:
     then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
     source = resolve_bundle(bundle)
     check_exportable(source)
+    if read_bundle_info(source).task == "detect":
+        from leukoscope.inference.detector_export import export_detector_onnx  # imports this module
+
+        return export_detector_onnx(source, out, opset=opset)
     model, info = load_bundle(source, "cpu", task="classify")
     assert info.preprocessing is not None
     size = info.preprocessing.image_size
@@ -142,13 +148,13 @@ def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPS
         torch.onnx.export(wrapped, (example,), str(graph_tmp), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
-    _check_graph(graph_tmp)
+    check_graph(graph_tmp)
     graph_tmp.replace(out / ONNX_FILE)
     save_export(out, export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source))
     return out
 
 
-def _check_graph(path: Path) -> None:
+def check_graph(path: Path) -> None:
     """onnx's own consistency check of the written graph (skipped when onnx is not installed)."""
     try:
         import onnx

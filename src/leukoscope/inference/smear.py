@@ -110,13 +110,17 @@ class SmearAnalyzer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         um_per_px: float | None = None,
         device: str = "cpu",
+        backend: str = "torch",
+        threads: int | None = None,
     ) -> None:
+        # backend/threads: what runs each model given as a bundle (auto: an exported graph when the
+        # bundle has one); a model passed in already loaded keeps its own.
         if isinstance(detector, (str, Path)):
-            detector = CellDetector.from_bundle(detector, device)
+            detector = CellDetector.from_bundle(detector, device, backend=backend, threads=threads)
         if isinstance(classifier, (str, Path)):
             from leukoscope.inference.predictor import CellClassifier
 
-            classifier = CellClassifier.from_bundle(classifier, device)
+            classifier = CellClassifier.from_bundle(classifier, device, backend=backend, threads=threads)
         self.detector = detector
         self.classifier = classifier
         if detector_threshold is not None:

@@ -75,6 +75,9 @@ class ServiceSettings(BaseModel):
     inference_threads: int = Field(default=2, ge=1)
     #: torch intra-op threads per inference thread.
     torch_threads: int = Field(default=1, ge=1)
+    #: What runs the detector's network: ``torch``, ``onnxruntime`` or ``openvino`` (a detector bundle
+    #: from ``leukoscope export``), or ``auto`` (the fastest installed one the bundle has a graph for).
+    detector_backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
     #: Below this confidence a cell is "uncertain, review" (default: the bundle's own threshold).
     uncertain_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     #: Compute a Grad-CAM overlay for every classified cell.

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
+from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
@@ -27,8 +27,10 @@ from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new
 from leukoscope.engine.loop import FitResult
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.evaluation import evaluate_logits, headline_metrics
-from leukoscope.preprocessing import Preprocessing, batched_logits
+from leukoscope.inference.runtime import load_runtime
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
+from leukoscope.pretrained import resolve_bundle
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +185,18 @@ def evaluate_bundle(
     device: str = "cpu",
     allow_training_data: bool = False,
     show_progress: bool = True,
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> dict:
-    """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``.
+    """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``;
+    ``backend`` runs the network (:func:`leukoscope.inference.runtime.load_runtime`).
 
     Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
     training or validation part: such a score says nothing about new images.
     """
-    model, info = load_bundle(bundle, device, task="classify")
+    directory = resolve_bundle(bundle)
+    info = read_bundle_info(directory, task="classify")
+    runtime = load_runtime(directory, info, backend, device, threads)
     manifest = read_dataset(data, require_labels=True)
     if split_file is not None:
         part = Split.load(split_file).manifest(subset)
@@ -216,7 +223,7 @@ def evaluate_bundle(
     preprocessing = info.preprocessing
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = preprocessing.decode(manifest, on_corrupt=on_corrupt, progress=counter_callback(update))
-    logits = batched_logits(model, pixels, preprocessing, device) / info.temperature
+    logits = runtime.outputs(pixels)[0] / info.temperature
     if info.temperature != 1.0:
         notes.append(f"Logits divided by the bundle's temperature {info.temperature:.3f} (fitted on validation).")
     if report.skipped:
@@ -226,5 +233,5 @@ def evaluate_bundle(
         np.asarray(kept.targets), logits, info.classes, Path(out_dir),
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
-               "skipped_images": report.skipped, "training_overlap": overlap},
+               "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend},
     )

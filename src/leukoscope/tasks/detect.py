@@ -7,8 +7,11 @@ bundle says ``task: detect``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 import torch
 
@@ -22,7 +25,7 @@ from leukoscope.engine.detection_trainer import fit_detector
 from leukoscope.engine.finetune import starting_weights
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
-from leukoscope.evaluation.detection import choose_threshold, evaluate_detections
+from leukoscope.evaluation.detection import Predicted, choose_threshold, coco_metrics, evaluate_detections
 from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
@@ -152,9 +155,12 @@ def evaluate_detector_bundle(
     score_threshold: float | None = None,
     device: str = "cpu",
     show_progress: bool = True,
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Score a detector bundle on a VOC folder (any layout; ``split`` picks one part)."""
-    detector = CellDetector.from_bundle(bundle, device, score_threshold)
+    """Score a detector bundle on a VOC folder (any layout; ``split`` picks one part); ``backend``:
+    what runs it (:meth:`CellDetector.from_bundle`)."""
+    detector = CellDetector.from_bundle(bundle, device, score_threshold, backend=backend, threads=threads)
     classes = detector.classes
     dataset = read_voc_dataset(data, split, classes=classes, on_error=on_error)
     images = list(dataset)
@@ -174,6 +180,81 @@ def evaluate_detector_bundle(
         title=f"{detector.info.model_name} on {Path(data).name}" + (f" ({split})" if split else ""),
         notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "split": split,
-               "seconds_per_image": measure_seconds_per_image(detector, images[0]),
+               "seconds_per_image": measure_seconds_per_image(detector, images[0]), "backend": detector.backend,
                "annotation_issues": [i.as_dict() for i in dataset.issues]},
     )
+
+
+# --------------------------------------------------------------------------- export parity
+@dataclass
+class DetectorParity:
+    """How an exported detector's detections compare with its torch model's on the same images."""
+
+    images: int
+    backend: str
+    detections: tuple[int, int]
+    """Detections (any score the model keeps) of torch and of ``backend``."""
+    unmatched: int
+    """Detections of either without a partner of the same class within 1 px in the other."""
+    max_box_diff: float
+    """Largest coordinate difference (pixels) of matched detections."""
+    max_score_diff: float
+    map_50: tuple[float, float]
+    map: tuple[float, float]
+
+    def lines(self) -> list[str]:
+        return [f"parity on {self.images} images ({self.backend} vs torch): {self.detections[0]} vs "
+                f"{self.detections[1]} detections, {self.unmatched} unmatched; largest box difference "
+                f"{self.max_box_diff:.2e} px, largest score difference {self.max_score_diff:.2e}",
+                f"mAP@0.5 torch {self.map_50[0]:.4f}, {self.backend} {self.map_50[1]:.4f} "
+                f"(change {self.map_50[1] - self.map_50[0]:+.4f}); mAP@[.5:.95] torch {self.map[0]:.4f}, "
+                f"{self.backend} {self.map[1]:.4f}"]
+
+
+def match_same_detections(a: Predicted, b: Predicted, tolerance: float = 1.0) -> tuple[list[tuple[int, int]], int]:
+    """Pairs (i, j) of detections of ``a`` and ``b`` with the same class whose boxes differ by at most
+    ``tolerance`` px in every coordinate, each used once (closest first: two near-equal scores may
+    swap places between backends, so the order alone does not pair them); and the count left over."""
+    if len(a.scores) == 0 or len(b.scores) == 0:
+        return [], len(a.scores) + len(b.scores)
+    distance = np.abs(a.boxes[:, None, :] - b.boxes[None, :, :]).max(axis=2)
+    distance[a.labels[:, None] != b.labels[None, :]] = np.inf
+    pairs: list[tuple[int, int]] = []
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    for flat in np.argsort(distance, axis=None, kind="stable"):
+        i, j = (int(k) for k in np.unravel_index(flat, distance.shape))
+        if distance[i, j] > tolerance:
+            break
+        if i not in used_a and j not in used_b:
+            pairs.append((i, j))
+            used_a.add(i)
+            used_b.add(j)
+    return pairs, len(a.scores) + len(b.scores) - 2 * len(pairs)
+
+
+def compare_detector_backends(bundle: str | Path, data: str | Path, *, split: str | None = None,
+                              backend: str = "onnxruntime", threads: int | None = None,
+                              on_error: Literal["skip", "fail"] = "skip",
+                              show_progress: bool = True) -> DetectorParity:
+    """Detect on a VOC folder with the torch model and the exported graph (``backend``) of ``bundle``."""
+    detectors = [CellDetector.from_bundle(bundle, backend=name, threads=threads) for name in ("torch", backend)]
+    classes = detectors[0].classes
+    images = list(read_voc_dataset(data, split, classes=classes, on_error=on_error))
+    if not images:
+        raise ValueError(f"{data}: no annotated images" + (f" in split {split}" if split else ""))
+    truths = [to_ground_truth(image, classes) for image in images]
+    runs = [predict_images(detector, images, show_progress=show_progress, description=f"detecting ({name})")
+            for detector, name in zip(detectors, ("torch", backend))]
+    box_diff = score_diff = 0.0
+    unmatched = 0
+    for a, b in zip(*runs):
+        pairs, left = match_same_detections(a, b)
+        unmatched += left
+        for i, j in pairs:
+            box_diff = max(box_diff, float(np.abs(a.boxes[i] - b.boxes[j]).max()))
+            score_diff = max(score_diff, float(abs(a.scores[i] - b.scores[j])))
+    scores = [coco_metrics(run, truths, classes) for run in runs]
+    counts = (sum(len(p.scores) for p in runs[0]), sum(len(p.scores) for p in runs[1]))
+    return DetectorParity(len(images), backend, counts, unmatched, box_diff, score_diff,
+                          (scores[0]["map_50"], scores[1]["map_50"]), (scores[0]["map"], scores[1]["map"]))

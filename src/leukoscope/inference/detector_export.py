@@ -1,0 +1,85 @@
+"""Export a cell detector bundle's dense part as an ONNX graph: ``leukoscope export`` on a detector.
+
+The exported bundle is a copy of the source bundle plus ``model.onnx``, recorded in
+``bundle.json``'s ``export`` entry (format 4) with ``"part": "dense"``. The graph is the
+backbone, feature pyramid and RPN head of a torchvision Faster R-CNN
+(:class:`~leukoscope.inference.detector_runtime.DenseStage`): input the model's
+normalised, scaled and padded batch ``(batch, 3, H, W)`` (H, W any multiple of the
+transform's 32), outputs the feature maps of every level and the RPN's objectness and
+box deltas per level. The rest of the detector (proposal selection, RoIAlign, box head,
+NMS, the per-image caps that grow with the tile area) stays in torch: why, in
+:mod:`leukoscope.inference.detector_runtime`.
+
+Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``, as for
+classifiers (:mod:`leukoscope.inference.export`). FCOS detectors are refused (one stage:
+its caps sit inside what would be the graph's head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leukoscope.bundle import ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle, save_export
+from leukoscope.inference.detector_runtime import DenseStage, level_names
+from leukoscope.inference.export import check_graph
+from leukoscope.pretrained import resolve_bundle
+
+INPUT_NAME = "images"
+#: Height and width of the example batch the graph is traced with (both axes are dynamic).
+EXAMPLE_SIZE = (256, 320)
+
+
+def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> Path:
+    """Write the exported bundle of detector ``bundle`` into ``out`` (which may be ``bundle`` itself:
+    then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
+    source = resolve_bundle(bundle)
+    model, info = load_bundle(source, "cpu", task="detect")
+    model.eval()
+    if info.framework != "torch":
+        raise BundleError(f"{source} is not a torch detector: it cannot be exported")
+    stage = DenseStage(model).eval()
+    example = torch.zeros(1, 3, *EXAMPLE_SIZE)
+    levels = level_names(model, example)
+    names = [f"{kind}_{level}" for kind in ("features", "objectness", "deltas") for level in levels]
+    with torch.no_grad():
+        shapes = stage(example)
+    out = Path(out)
+    if out.resolve() != source.resolve():
+        copy_bundle(source, out)
+    graph_tmp = out / (ONNX_FILE + ".tmp")
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+            **{name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}}
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice: chosen on purpose
+        warnings.simplefilter("ignore")
+        torch.onnx.export(stage, (example,), str(graph_tmp), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes)
+    check_graph(graph_tmp)
+    graph_tmp.replace(out / ONNX_FILE)
+    save_export(out, detector_record(info.model_name, levels, names, shapes, opset, source))
+    return out
+
+
+def detector_record(model_name: str, levels: list[str], names: list[str], example: tuple[torch.Tensor, ...],
+                    opset: int, source: Path) -> dict[str, Any]:
+    """The ``export`` entry of a detector's ``bundle.json``: what the graph takes and gives."""
+    return {
+        "format": "onnx",
+        "file": ONNX_FILE,
+        "part": "dense",
+        "opset": opset,
+        "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
+        "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, "height", "width"], "dtype": "float32",
+                    "preprocessing": "the model's transform: RGB in [0, 1] scaled by input_scale, mean/std "
+                                     "normalised, padded to a multiple of 32"}],
+        "outputs": [{"name": name, "shape": ["batch", int(tensor.shape[1]), "h", "w"], "dtype": "float32"}
+                    for name, tensor in zip(names, example)],
+        "levels": levels,
+        "model_name": model_name,
+        # Which weights the graph was made from: a bundle whose weights change no longer matches it.
+        "weights_sha256": hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest(),
+    }

@@ -1,0 +1,215 @@
+"""Exported detectors (dense part as ONNX, the rest in torch) find what the torch model finds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leukoscope.bundle import BundleError, copy_bundle, read_bundle_info
+from leukoscope.data.synthetic_smears import SmearSpec, render_smear
+from leukoscope.evaluation.detection import Predicted
+from leukoscope.inference import detector_runtime
+from leukoscope.inference.detector import CellDetector, DetectionResult
+from leukoscope.tasks.detect import match_same_detections
+from tests.export.conftest import invoke
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+GRAPH_BACKENDS = ["onnxruntime"] + (["openvino"] if detector_runtime.installed("openvino") else [])
+#: A 640x480 field (the caps as set) and a 1600x1200 one (caps x6.25: more boxes than the base cap of 100).
+SMALL = SmearSpec(width=640, height=480, cell_size=120, rbc_per_image=(40, 60), platelets_per_image=(5, 10), seed=1)
+LARGE = SmearSpec(width=1600, height=1200, cell_size=120, wbc_per_image=(4, 8), rbc_per_image=(400, 500),
+                  platelets_per_image=(30, 60), seed=2)
+
+
+@pytest.fixture(scope="module")
+def exported_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped detector (real weights: real cells, real score gaps), exported."""
+    from leukoscope.inference.export import export_onnx
+
+    return export_onnx("pretrained:smear-detector", tmp_path_factory.mktemp("det") / "exported")
+
+
+def _field(spec: SmearSpec) -> np.ndarray:
+    return render_smear(np.random.default_rng(spec.seed), spec)[0]
+
+
+def _predicted(result: DetectionResult) -> Predicted:
+    return Predicted(result.boxes, result.scores, result.labels)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_exported_detector_finds_the_same_cells_on_small_and_large_fields(exported_detector: Path,
+                                                                         backend: str) -> None:
+    torch.set_num_threads(1)
+    reference = CellDetector.from_bundle(exported_detector, backend="torch")
+    graph = CellDetector.from_bundle(exported_detector, backend=backend, threads=1)
+    assert (reference.backend, graph.backend) == ("torch", backend)
+    for spec, least in ((SMALL, 20), (LARGE, 101)):  # LARGE: above the 640x480 cap, so the scaled caps ran
+        field = _field(spec)
+        a, b = reference.detect([field], threshold=0.0)[0], graph.detect([field], threshold=0.0)[0]
+        assert len(a) >= least
+        pairs, unmatched = match_same_detections(_predicted(a), _predicted(b))
+        assert unmatched == 0 and len(pairs) == len(a)
+        assert max(np.abs(a.boxes[i] - b.boxes[j]).max() for i, j in pairs) < 0.01
+        assert max(abs(a.scores[i] - b.scores[j]) for i, j in pairs) < 1e-4
+
+
+def test_a_padded_batch_of_differently_sized_fields_matches_torch(exported_detector: Path) -> None:
+    """Two sizes in one batch: the transform pads them to one; the graph takes any batch and size."""
+    fields = [_field(SMALL), _field(SmearSpec(width=500, height=420, seed=5))]
+    a, b = (CellDetector.from_bundle(exported_detector, backend=name).detect(fields, threshold=0.0, batch_size=2)
+            for name in ("torch", "onnxruntime"))
+    for reference, graph in zip(a, b):
+        assert len(reference) > 0
+        assert match_same_detections(_predicted(reference), _predicted(graph), tolerance=0.01)[1] == 0
+
+
+def test_exported_detector_bundle_is_a_valid_bundle(exported_detector: Path, tmp_path: Path) -> None:
+    info = read_bundle_info(exported_detector, task="detect")
+    assert info.format_version == 4 and info.export is not None
+    assert info.export["part"] == "dense" and info.export["levels"] == ["0", "1", "2", "pool"]
+    assert len(info.export["outputs"]) == 12  # features, objectness, deltas of 4 levels
+    assert (exported_detector / "model.onnx").is_file()
+    shipped = read_bundle_info("pretrained:smear-detector")
+    assert (info.classes, info.model_options, info.score_threshold) == (shipped.classes, shipped.model_options,
+                                                                         shipped.score_threshold)
+    import onnx
+
+    onnx.checker.check_model(str(exported_detector / "model.onnx"))
+    copy = copy_bundle(exported_detector, tmp_path / "copy")  # a copy without the graph does not claim it
+    assert read_bundle_info(copy).export is None and not (copy / "model.onnx").exists()
+    assert CellDetector.from_bundle(copy, backend="auto").backend == "torch"
+    assert CellDetector.from_bundle(exported_detector, backend="auto").backend == detector_runtime.AUTO_ORDER[0]
+
+
+def test_single_map_detectors_export_too(tmp_path: Path) -> None:
+    """System A's Faster R-CNN: one feature map, no pyramid (named "0" as torchvision names it)."""
+    from leukoscope.bundle import BundleInfo, save_bundle
+    from leukoscope.inference.export import export_onnx
+    from leukoscope.models import create_model
+
+    torch.manual_seed(0)
+    options = {"input_scale": 0.5, "score_thresh": 0.2, "detections_per_img": 30}
+    model = create_model("fasterrcnn_abas", num_classes=3, **options)
+    info = BundleInfo("fasterrcnn_abas", ["WBC", "RBC", "Platelets"], task="detect", model_options=options,
+                      score_threshold=0.2)
+    bundle = export_onnx(save_bundle(tmp_path / "abas", model, info), tmp_path / "abas")  # in place
+    assert read_bundle_info(bundle).export["levels"] == ["0"]
+    field = _field(SMALL)
+    a = CellDetector.from_bundle(bundle).detect([field], threshold=0.0)[0]
+    b = CellDetector.from_bundle(bundle, backend="onnxruntime").detect([field], threshold=0.0)[0]
+    pairs, unmatched = match_same_detections(_predicted(a), _predicted(b), tolerance=0.01)
+    assert len(a) > 0 and unmatched == 0
+
+
+def test_backend_errors_are_clear(exported_detector: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = copy_bundle(exported_detector, tmp_path / "plain")
+    with pytest.raises(BundleError, match="has no exported detector graph: run `leukoscope export --bundle"):
+        CellDetector.from_bundle(plain, backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        CellDetector.from_bundle(exported_detector, backend="tensorrt")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        CellDetector.from_bundle(exported_detector, "cuda", backend="onnxruntime")
+    real = detector_runtime.installed
+    monkeypatch.setattr(detector_runtime, "installed", lambda name: name != "onnxruntime" and real(name))
+    with pytest.raises(BundleError, match=r"--backend onnxruntime needs onnxruntime: pip install 'leukoscope\[onnx\]'"):
+        CellDetector.from_bundle(exported_detector, backend="onnxruntime")
+    expected = "openvino" if real("openvino") else "torch"  # auto: the next installed one
+    assert CellDetector.from_bundle(exported_detector, backend="auto").backend == expected
+    (exported_detector / "model.onnx").rename(tmp_path / "moved.onnx")
+    try:
+        monkeypatch.setattr(detector_runtime, "installed", real)
+        with pytest.raises(BundleError, match="records an exported graph but model.onnx is missing"):
+            CellDetector.from_bundle(exported_detector, backend="onnxruntime")
+    finally:
+        (tmp_path / "moved.onnx").rename(exported_detector / "model.onnx")
+
+
+def test_analyze_gives_the_same_differential_on_onnxruntime(exported_detector: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from leukoscope.bundle import BundleInfo, save_bundle
+    from leukoscope.data.synthetic import SYNTHETIC_CLASSES
+    from leukoscope.inference.export import export_onnx
+    from leukoscope.models import create_model
+    from leukoscope.preprocessing import Preprocessing
+    from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    info = BundleInfo("abas_cnn", list(SYNTHETIC_CLASSES), Preprocessing(48, list(IMAGENET_MEAN), list(IMAGENET_STD)))
+    classifier = export_onnx(save_bundle(tmp_path / "cls", create_model("abas_cnn", num_classes=len(SYNTHETIC_CLASSES)),
+                                         info), tmp_path / "cls")
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for seed in (1, 7):  # white cells of 160 px, which the shipped detector finds in these fields
+        spec = SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(3, 4), seed=seed)
+        Image.fromarray(_field(spec)).save(fields / f"field{seed}.png")
+    summaries = {}
+    for backend in ("torch", "onnxruntime"):
+        result = invoke("analyze", fields, "--detector", exported_detector, "--classifier", classifier, "--out",
+                        tmp_path / backend, "--backend", backend, "--threads", "1", "--um-per-px", "0.0827",
+                        "--detector-threshold", "0.3", "--quiet")
+        assert result.exit_code == 0, result.output
+        summaries[backend] = json.loads((tmp_path / backend / "summary.json").read_text())
+    assert summaries["torch"]["pooled_differential"]["total"] > 0
+    assert summaries["onnxruntime"]["pooled_differential"]["counts"] == summaries["torch"]["pooled_differential"]["counts"]
+    assert summaries["onnxruntime"]["pooled_differential"]["total"] == summaries["torch"]["pooled_differential"]["total"]
+    bad = invoke("analyze", fields, "--backend", "tensorrt")
+    assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime, openvino" in bad.output
+
+
+def test_export_cli_checks_parity_on_a_voc_folder(tmp_path: Path) -> None:
+    from leukoscope.data.synthetic_smears import make_synthetic_smears
+
+    data = tmp_path / "voc"
+    make_synthetic_smears(data, 3, SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(2, 3), seed=4))
+    out = tmp_path / "exported"
+    result = invoke("export", "--bundle", "pretrained:smear-detector", "--out", out, "--check", data,
+                    "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "input (batch, 3, height, width: the dense part)" in result.output
+    assert "parity on 3 images (onnxruntime vs torch)" in result.output and " 0 unmatched" in result.output
+    assert "(change +0.0000)" in result.output
+    assert read_bundle_info(out).export["part"] == "dense"
+    wrong = invoke("export", "--bundle", "pretrained:smear-detector", "--out", tmp_path / "x", "--split", "Testing")
+    assert wrong.exit_code == 2 and "--split names a split of --check DATA" in wrong.output
+
+
+def test_the_service_loads_its_detector_on_the_configured_backend(exported_detector: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    from leukoscope.service import app as service_app
+    from leukoscope.service.analysis import Analyzer, load_smear_backend
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env({"LEUKOSCOPE_DETECTOR_BACKEND": "onnxruntime"}, data_dir=tmp_path / "data",
+                                        bundle="pretrained:wbc-classifier", detector=exported_detector)
+    assert settings.detector_backend == "onnxruntime"
+    assert ServiceSettings.from_env({}).detector_backend == "torch"
+    with pytest.raises(ValueError, match="detector_backend"):
+        ServiceSettings.from_env({"LEUKOSCOPE_DETECTOR_BACKEND": "tensorrt"})
+    seen: dict = {}
+
+    class Loaded:
+        def warm_up(self) -> None:
+            pass
+
+    def from_bundles(bundle, detector, **options):
+        seen.update(options)
+        return Loaded()
+
+    monkeypatch.setattr(Analyzer, "from_bundles", staticmethod(from_bundles))
+    service_app.build_state(settings)
+    assert seen["smear_options"] == {"backend": "onnxruntime", "threads": settings.torch_threads}
+    # and those options load the detector on that backend
+    from leukoscope.inference.predictor import CellClassifier
+
+    smear = load_smear_backend(exported_detector, CellClassifier.from_bundle("pretrained:wbc-classifier"),
+                               **seen["smear_options"])
+    assert smear._call.__self__.detector.backend == "onnxruntime"
