@@ -4,8 +4,9 @@
     leukoscope train --config FILE [k=v]  one training run
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
-    leukoscope predict --bundle B INPUT [--explain DIR] [--backend auto|torch|onnxruntime]
-    leukoscope export --bundle B --format onnx [--out DIR] [--check DATA]   an inference bundle with model.onnx
+    leukoscope predict --bundle B INPUT [--explain DIR] [--backend auto|torch|onnxruntime|openvino]
+    leukoscope export --bundle B --format onnx|openvino [--int8 --calibration DATA] [--out DIR] [--check DATA]
+                                          an inference bundle with model.onnx (or OpenVINO's model.xml)
     leukoscope calibrate-ood --bundle B --data D  out-of-distribution flag for an existing classifier
     (B: a bundle folder, or pretrained:NAME for a model shipped in the package)
     leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
@@ -36,7 +37,7 @@ from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX,
 from leukoscope.progress import console, name_some
 
 #: `predict --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 if TYPE_CHECKING:
     from leukoscope.engine.config import ExperimentConfig
@@ -379,9 +380,10 @@ def predict(
                                               "(default: the bundle's)."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
     batch_size: int = typer.Option(32),
-    backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime (a bundle "
-                                "from `leukoscope export`) or auto (onnxruntime when the bundle has an ONNX graph "
-                                "and onnxruntime is installed, else torch)."),
+    backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime or openvino "
+                                "(a bundle from `leukoscope export`) or auto (the fastest installed one that can "
+                                "run the bundle's graph: openvino, onnxruntime, else torch). --explain loads the "
+                                "torch model for Grad-CAM on any backend."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's; 1 is "
                                           "faster on a machine busy with other work)."),
 ) -> None:
@@ -427,12 +429,13 @@ def predict(
     print(out)
 
 
-def _export_out(spec: str, bundle: Path, out: Optional[Path]) -> Path:
-    """Where `export` writes: ``--out``, else ``<bundle>-onnx`` beside the bundle (``./NAME-onnx`` for a
-    shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
+def _export_out(spec: str, bundle: Path, out: Optional[Path], suffix: str) -> Path:
+    """Where `export` writes: ``--out``, else ``<bundle>-<suffix>`` beside the bundle (``./NAME-<suffix>`` for
+    a shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
     (the graph is added to it); any other folder must be new or empty."""
     if out is None:
-        out = Path(f"{bundle.name}-onnx") if is_pretrained_spec(spec) else bundle.parent / f"{bundle.name}-onnx"
+        name = f"{bundle.name}-{suffix}"
+        out = Path(name) if is_pretrained_spec(spec) else bundle.parent / name
     if out.resolve() == bundle.resolve():
         if is_pretrained_spec(spec):
             _fail(f"{spec} is a shipped model: export it to another folder (--out DIR)")
@@ -445,25 +448,35 @@ def _export_out(spec: str, bundle: Path, out: Optional[Path]) -> Path:
 @app.command()
 def export(
     bundle: str = typer.Option(..., "--bundle", help="Classifier bundle directory, or pretrained:NAME."),
-    export_format: str = typer.Option("onnx", "--format", help="Graph format (onnx)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: <bundle>-onnx "
-                                       "beside it; the bundle's own folder adds the graph to it)."),
+    export_format: str = typer.Option("onnx", "--format", help="Graph format: onnx (runs on onnxruntime or "
+                                      "OpenVINO) or openvino (OpenVINO IR)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
+                                       "<bundle>-<format>[-int8] beside it; the bundle's own folder adds the graph "
+                                       "to it)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Images like those the model will "
+                                              "classify (a folder, class folders or a CSV manifest; up to 512 are "
+                                              "used) to calibrate --int8 on; not the --check images."),
     check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest) "
-                                        "to compare the graph with the torch model on."),
+                                        "to compare the graph with the torch model on (labelled: accuracy change)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
 ) -> None:
-    """Export a classifier bundle as an inference bundle: its files plus model.onnx, recorded in bundle.json.
+    """Export a classifier bundle as an inference bundle: its files plus the graph, recorded in bundle.json.
 
     The graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
     dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
-    `leukoscope predict --backend onnxruntime` (or auto) runs it. Cell classifiers (torch CNNs) only
-    for now.
+    `leukoscope predict --backend auto` runs it (onnxruntime or openvino). Cell classifiers
+    (torch CNNs) only for now.
     """
     import importlib.util
 
-    if export_format != "onnx":
-        _fail(f"--format must be onnx (the only export format so far), got {export_format!r}")
+    if export_format not in ("onnx", "openvino"):
+        _fail(f"--format must be onnx or openvino, got {export_format!r}")
+    if int8 and calibration is None:
+        _fail("--int8 needs --calibration DATA: images to measure the activation ranges on")
+    if calibration is not None and not int8:
+        _fail("--calibration is for --int8 (a float export needs no calibration)")
     source = _check_bundle(bundle, "--bundle")
     peek = _run(peek_bundle, source)
     if peek.task != "classify":
@@ -472,27 +485,37 @@ def export(
     if peek.framework != "torch":
         _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
               f"for now")
-    missing = [name for name in ("onnx", "onnxruntime" if check else "") if name and
-               importlib.util.find_spec(name) is None]
+    needed = {"onnx": "onnx"}
+    if int8 or (check and export_format == "onnx" and importlib.util.find_spec("openvino") is None):
+        needed["onnxruntime"] = "onnx"
+    if export_format == "openvino":
+        needed["openvino"] = "openvino"
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        _fail(f"export needs {' and '.join(missing)}: pip install 'leukoscope[onnx]'")
-    if check is not None:
-        from leukoscope.data.readers import check_dataset_path
+        extras = ",".join(dict.fromkeys(needed[name] for name in missing))
+        _fail(f"export needs {' and '.join(missing)}: pip install 'leukoscope[{extras}]'")
+    from leukoscope.data.readers import check_dataset_path
 
-        _run(check_dataset_path, check)
+    for given in (calibration, check):
+        if given is not None:
+            _run(check_dataset_path, given)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    target = _export_out(bundle, source, out)
+    target = _export_out(bundle, source, out, export_format + ("-int8" if int8 else ""))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from leukoscope.inference.export import export_onnx
+    from leukoscope.inference.export import export_bundle
 
-    _run(export_onnx, source, target, opset=opset)
-    console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
-                  f"input (batch, 3, {peek.preprocessing['image_size']}, {peek.preprocessing['image_size']}))",
-                  soft_wrap=True)
+    _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration, show_progress=True)
+    from leukoscope.bundle import read_bundle_info
+
+    record = _run(read_bundle_info, target).export or {}
+    precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")
+    console.print(f"exported {escape(peek.model_name)} to {escape(str(target / str(record.get('file'))))} "
+                  f"({export_format}, {precision}, input (batch, 3, {peek.preprocessing['image_size']}, "
+                  f"{peek.preprocessing['image_size']}))", soft_wrap=True)
     if check is not None:
         from leukoscope.inference.export_check import compare_backends
 
