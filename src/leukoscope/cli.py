@@ -294,9 +294,18 @@ def evaluate(
     allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
                                              "trained or validated on (refused by default: such a score says "
                                              "nothing about new images)."),
+    backend: str = typer.Option("auto", "--backend", help="Classifier bundles: what runs the network (as in "
+                                "predict: auto, torch, onnxruntime, openvino); an exported int8 bundle is scored "
+                                "as int8 unless torch."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's)."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
     from leukoscope.data.readers import check_dataset_path
+
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
 
     spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
@@ -308,7 +317,8 @@ def evaluate(
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
-    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data}
+    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data,
+                "--backend": backend not in ("auto", "torch") and backend}
                if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
@@ -323,8 +333,13 @@ def evaluate(
                       f"on {metrics['n_images']} images")
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
-                       on_corrupt=on_corrupt, allow_training_data=allow_training_data)
+                       on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
+                       threads=threads)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
                       f"on {metrics['n']} images")
     print(out / "report.html")

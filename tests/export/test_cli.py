@@ -64,7 +64,7 @@ def test_torch_bundle_with_onnxruntime_backend_says_to_export(trained: dict[str,
     assert result.exit_code == 2
     assert "has no ONNX graph: run `leukoscope export --bundle" in result.output
     bad = invoke("predict", "--bundle", trained["abas_cnn"], synthetic_root / "blast", "--backend", "tensorrt")
-    assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime" in bad.output
+    assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime, openvino" in bad.output
 
 
 def test_explain_on_another_backend_loads_the_torch_model_for_grad_cam(exported: dict[str, Path], synthetic_root: Path,
@@ -98,3 +98,18 @@ def test_unsupported_bundles_and_formats_fail_in_one_line(tmp_path: Path, traine
     assert result.exit_code == 2 and "--format must be onnx" in result.output
     result = invoke("export", "--bundle", trained["abas_cnn"], "--check", tmp_path / "missing")
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_evaluate_on_an_exported_backend_scores_as_torch_does(exported: dict[str, Path], synthetic_root: Path,
+                                                             tmp_path: Path) -> None:
+    metrics = {}
+    for backend in ("torch", "onnxruntime"):
+        result = invoke("evaluate", "--bundle", exported["abas_cnn"], "--data", synthetic_root, "--out",
+                        tmp_path / backend, "--backend", backend, "--threads", "1", "--allow-training-data")
+        assert result.exit_code == 0, result.output
+        metrics[backend] = json.loads((tmp_path / backend / "metrics.json").read_text())
+    assert metrics["onnxruntime"]["accuracy"] == metrics["torch"]["accuracy"] and metrics["torch"]["n"] == 96
+    assert any("Network run on onnxruntime" in note for note in metrics["onnxruntime"].get("notes", [])) or \
+        "Network run on onnxruntime" in (tmp_path / "onnxruntime" / "report.html").read_text()
+    bad = invoke("evaluate", "--bundle", exported["abas_cnn"], "--data", synthetic_root, "--backend", "tensorrt")
+    assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime, openvino" in bad.output

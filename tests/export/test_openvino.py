@@ -160,3 +160,27 @@ def test_int8_cli_needs_calibration_and_reports_the_accuracy_change(trained: dic
     assert done.exit_code == 0, done.output
     assert "int8, calibrated on 32 images" in done.output
     assert "accuracy on 96 labelled images: torch" in done.output and "points)" in done.output
+
+
+def test_service_runs_an_exported_classifier_and_still_draws_grad_cam(openvino_bundles: dict[str, Path],
+                                                                     synthetic_root: Path) -> None:
+    from leukoscope.service.analysis import Analyzer
+    from leukoscope.service.settings import ServiceSettings
+
+    assert ServiceSettings().classifier_backend == "torch"  # the safe default: every bundle has torch weights
+    assert ServiceSettings.from_env({"LEUKOSCOPE_CLASSIFIER_BACKEND": "openvino"}).classifier_backend == "openvino"
+    image = _images(synthetic_root)[0]
+    explained = Analyzer.from_bundles(openvino_bundles["abas_cnn"], backend="openvino", backend_threads=1,
+                                      gradcam=True, threads=1)
+    plain = Analyzer.from_bundles(openvino_bundles["abas_cnn"], backend="openvino", backend_threads=1,
+                                  gradcam=False, threads=1)
+    try:
+        assert explained.base.backend == "openvino" and explained.base.model is not None  # torch, for Grad-CAM
+        assert plain.base.model is None  # no Grad-CAM: the torch model is not loaded
+        with_cam, without = explained.analyse_cell(image).cells[0], plain.analyse_cell(image).cells[0]
+        assert with_cam.overlay is not None and without.overlay is None
+        assert with_cam.prediction.top_class == without.prediction.top_class
+        assert abs(with_cam.prediction.confidence - without.prediction.confidence) < PROBABILITY_TOLERANCE
+    finally:
+        explained.close()
+        plain.close()

@@ -101,8 +101,17 @@ class Analyzer:
     @classmethod
     def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
                      uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2,
-                     smear_options: dict[str, Any] | None = None) -> "Analyzer":
-        classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold)
+                     smear_options: dict[str, Any] | None = None, backend: str = "torch",
+                     backend_threads: int | None = None) -> "Analyzer":
+        """``backend``: what runs the classifier's network (:mod:`leukoscope.inference.runtime`); on
+        another than torch, the torch model is loaded too when ``gradcam`` is on (Grad-CAM needs it)."""
+        classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold, backend=backend,
+                                                threads=backend_threads)
+        if gradcam and classifier.model is None and classifier.info.framework == "torch":
+            from leukoscope.bundle import load_bundle
+            from leukoscope.pretrained import resolve_bundle
+
+            classifier.model, _ = load_bundle(resolve_bundle(bundle), classifier.device, task="classify")
         smear = None
         if detector is not None:
             smear = load_smear_backend(detector, classifier, **(smear_options or {}))
@@ -133,7 +142,8 @@ class Analyzer:
         local = getattr(self._local, "classifier", None)
         if local is None:
             local = copy.copy(self.base)
-            local.model = copy.deepcopy(self.base.model).eval()
+            # None: another backend runs the network and Grad-CAM is off (no torch model loaded)
+            local.model = copy.deepcopy(self.base.model).eval() if self.base.model is not None else None
             self._local.classifier = local
         return local
 

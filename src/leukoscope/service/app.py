@@ -187,7 +187,9 @@ def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> 
             raise ValueError("a cell-classifier bundle is required: --bundle DIR (or LEUKOSCOPE_BUNDLE)")
         analyzer = Analyzer.from_bundles(settings.bundle, settings.detector,
                                          uncertain_threshold=settings.uncertain_threshold,
-                                         gradcam=settings.gradcam, threads=settings.inference_threads)
+                                         gradcam=settings.gradcam, threads=settings.inference_threads,
+                                         backend=settings.classifier_backend,
+                                         backend_threads=settings.torch_threads)
         analyzer.warm_up()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(decision_note=DECISION_SUPPORT_NOTE, version=leukoscope.__version__)

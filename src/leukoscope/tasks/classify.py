@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
+from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
@@ -27,7 +27,9 @@ from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new
 from leukoscope.engine.loop import FitResult
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.evaluation import evaluate_logits, headline_metrics
-from leukoscope.preprocessing import Preprocessing, batched_logits
+from leukoscope.inference.runtime import load_runtime
+from leukoscope.preprocessing import Preprocessing
+from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import counter_callback, progress_bar, say
 
 log = logging.getLogger(__name__)
@@ -183,13 +185,18 @@ def evaluate_bundle(
     device: str = "cpu",
     allow_training_data: bool = False,
     show_progress: bool = True,
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> dict:
     """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``.
 
     Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
     training or validation part: such a score says nothing about new images.
+    ``backend``: what runs the network (:mod:`leukoscope.inference.runtime`; an exported
+    bundle's graph on onnxruntime or OpenVINO, e.g. to score its int8 version).
     """
-    model, info = load_bundle(bundle, device, task="classify")
+    info = read_bundle_info(bundle, task="classify")
+    runtime = load_runtime(resolve_bundle(bundle), info, backend, device, threads)
     manifest = read_dataset(data, require_labels=True)
     if split_file is not None:
         part = Split.load(split_file).manifest(subset)
@@ -216,7 +223,10 @@ def evaluate_bundle(
     preprocessing = info.preprocessing
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = preprocessing.decode(manifest, on_corrupt=on_corrupt, progress=counter_callback(update))
-    logits = batched_logits(model, pixels, preprocessing, device) / info.temperature
+    logits = runtime.outputs(pixels)[0] / info.temperature
+    if runtime.backend != "torch":
+        precision = (info.export or {}).get("precision", "float32")
+        notes.append(f"Network run on {runtime.backend} (the bundle's exported {precision} graph).")
     if info.temperature != 1.0:
         notes.append(f"Logits divided by the bundle's temperature {info.temperature:.3f} (fitted on validation).")
     if report.skipped:
