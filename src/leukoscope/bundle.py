@@ -8,6 +8,7 @@ bundle/
   ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix)
   model.onnx         optional: the same classifier (a detector's dense part) as an ONNX graph
                      (`leukoscope export`)
+  model.xml, .bin    or: a classifier as an OpenVINO IR graph (`leukoscope export --format openvino`)
 ```
 
 This module is the only reader and writer of bundles: classifiers (``task:
@@ -62,6 +63,11 @@ WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
 OOD_FILE = "ood.safetensors"
 ONNX_FILE = "model.onnx"
+#: An OpenVINO IR graph: the network (XML) and its weights (BIN).
+OPENVINO_FILE = "model.xml"
+OPENVINO_WEIGHTS_FILE = "model.bin"
+#: Every file an exported graph may consist of (stale when the weights change; not copied).
+GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE)
 TASKS = ("classify", "detect")
 #: What version-1 bundles called their task.
 _LEGACY_TASK_NAMES = {None: "classify", "classification": "classify", "detection": "detect"}
@@ -224,7 +230,8 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
     info.provenance = {**provenance_now(info.framework), **info.provenance}
     # New weights make any exported graph stale: it goes (re-export the new bundle).
     info.export = None
-    (directory / ONNX_FILE).unlink(missing_ok=True)
+    for name in GRAPH_FILES:
+        (directory / name).unlink(missing_ok=True)
     if info.framework == "sklearn":
         import skops.io as sio
 
@@ -292,7 +299,7 @@ def copy_bundle(source: str | Path, target: str | Path) -> Path:
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in (BUNDLE_FILE, ONNX_FILE) and not path.name.endswith(".tmp"):
+        if path.is_file() and path.name not in (BUNDLE_FILE, *GRAPH_FILES) and not path.name.endswith(".tmp"):
             shutil.copy2(path, target / path.name)
     if info.export is None:
         shutil.copy2(source / BUNDLE_FILE, target / BUNDLE_FILE)  # byte for byte

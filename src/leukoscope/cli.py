@@ -4,8 +4,9 @@
     leukoscope train --config FILE [k=v]  one training run
     leukoscope search --config FILE       grid search (epochs x lr x optimizer ...)
     leukoscope evaluate --bundle B --data D
-    leukoscope predict --bundle B INPUT [--explain DIR] [--backend auto|torch|onnxruntime]
-    leukoscope export --bundle B --format onnx [--out DIR] [--check DATA]   an inference bundle with model.onnx
+    leukoscope predict --bundle B INPUT [--explain DIR] [--backend auto|torch|onnxruntime|openvino]
+    leukoscope export --bundle B --format onnx|openvino [--int8 --calibration DATA] [--out DIR] [--check DATA]
+                                          an inference bundle with model.onnx (or OpenVINO's model.xml)
     leukoscope calibrate-ood --bundle B --data D  out-of-distribution flag for an existing classifier
     (B: a bundle folder, or pretrained:NAME for a model shipped in the package)
     leukoscope split --data D --out split.json  (then --split-file split.json on train/search/compare/evaluate)
@@ -37,9 +38,8 @@ from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX,
 from leukoscope.progress import console, name_some
 
 #: `predict --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
-BACKENDS = ("auto", "torch", "onnxruntime")
-#: `analyze`/`evaluate --backend` choices (leukoscope.inference.detector_runtime.DETECTOR_BACKENDS).
-MODEL_BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+#: `predict`/`analyze`/`evaluate --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 if TYPE_CHECKING:
     from leukoscope.engine.config import ExperimentConfig
@@ -296,17 +296,20 @@ def evaluate(
     allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
                                              "trained or validated on (refused by default: such a score says "
                                              "nothing about new images)."),
-    backend: str = typer.Option("torch", "--backend", help="What runs the model: torch, onnxruntime, openvino "
-                                "(a bundle from `leukoscope export`) or auto."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads of the onnxruntime/openvino backend."),
+    backend: str = typer.Option("auto", "--backend", help="What runs the model: auto (the fastest installed "
+                                "backend the bundle has a graph for, else torch), torch, onnxruntime or openvino "
+                                "(a bundle from `leukoscope export`); an exported int8 bundle is scored as int8 "
+                                "unless torch."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's)."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
     from leukoscope.data.readers import check_dataset_path
 
-    if backend not in MODEL_BACKENDS:
-        _fail(f"--backend must be one of {', '.join(MODEL_BACKENDS)}, got {backend!r}")
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
+
     spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():
@@ -317,7 +320,8 @@ def evaluate(
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
-    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data}
+    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data,
+                "--backend": backend not in ("auto", "torch") and backend}
                if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
@@ -333,6 +337,10 @@ def evaluate(
                       f"on {metrics['n_images']} images")
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
                        threads=threads)
@@ -391,9 +399,10 @@ def predict(
                                               "(default: the bundle's)."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
     batch_size: int = typer.Option(32),
-    backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime (a bundle "
-                                "from `leukoscope export`) or auto (onnxruntime when the bundle has an ONNX graph "
-                                "and onnxruntime is installed, else torch)."),
+    backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime or openvino "
+                                "(a bundle from `leukoscope export`) or auto (the fastest installed one that can "
+                                "run the bundle's graph: openvino, onnxruntime, else torch). --explain loads the "
+                                "torch model for Grad-CAM on any backend."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's; 1 is "
                                           "faster on a machine busy with other work)."),
 ) -> None:
@@ -439,12 +448,13 @@ def predict(
     print(out)
 
 
-def _export_out(spec: str, bundle: Path, out: Optional[Path]) -> Path:
-    """Where `export` writes: ``--out``, else ``<bundle>-onnx`` beside the bundle (``./NAME-onnx`` for a
-    shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
+def _export_out(spec: str, bundle: Path, out: Optional[Path], suffix: str) -> Path:
+    """Where `export` writes: ``--out``, else ``<bundle>-<suffix>`` beside the bundle (``./NAME-<suffix>`` for
+    a shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
     (the graph is added to it); any other folder must be new or empty."""
     if out is None:
-        out = Path(f"{bundle.name}-onnx") if is_pretrained_spec(spec) else bundle.parent / f"{bundle.name}-onnx"
+        name = f"{bundle.name}-{suffix}"
+        out = Path(name) if is_pretrained_spec(spec) else bundle.parent / name
     if out.resolve() == bundle.resolve():
         if is_pretrained_spec(spec):
             _fail(f"{spec} is a shipped model: export it to another folder (--out DIR)")
@@ -457,28 +467,40 @@ def _export_out(spec: str, bundle: Path, out: Optional[Path]) -> Path:
 @app.command()
 def export(
     bundle: str = typer.Option(..., "--bundle", help="Classifier bundle directory, or pretrained:NAME."),
-    export_format: str = typer.Option("onnx", "--format", help="Graph format (onnx)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: <bundle>-onnx "
-                                       "beside it; the bundle's own folder adds the graph to it)."),
+    export_format: str = typer.Option("onnx", "--format", help="Graph format: onnx (runs on onnxruntime or "
+                                      "OpenVINO) or openvino (OpenVINO IR; classifiers)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
+                                       "<bundle>-<format>[-int8] beside it; the bundle's own folder adds the graph "
+                                       "to it)."),
+    int8: bool = typer.Option(False, "--int8", help="Classifiers: quantize to int8 (static, calibrated on "
+                              "--calibration)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Images like those the model will "
+                                              "classify (a folder, class folders or a CSV manifest; up to 512 are "
+                                              "used) to calibrate --int8 on; not the --check images."),
     check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest; "
-                                        "for a detector a VOC folder) to compare the graph with the torch model on."),
+                                        "for a detector a VOC folder) to compare the graph with the torch model on "
+                                        "(labelled: accuracy change; a detector: mAP change)."),
     split: Optional[str] = typer.Option(None, "--split", help="Detectors: the VOC split of --check (e.g. Testing)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
 ) -> None:
-    """Export a classifier or detector bundle as an inference bundle: its files plus model.onnx, recorded
+    """Export a classifier or detector bundle as an inference bundle: its files plus the graph, recorded
     in bundle.json.
 
     A classifier's graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
     dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
-    `leukoscope predict --backend onnxruntime` (or auto) runs it. A Faster R-CNN detector's graph is
-    its dense part (backbone, feature pyramid, RPN head) for any image size; proposal selection and
-    the box head stay in torch (`leukoscope analyze --backend onnxruntime|openvino`).
+    `leukoscope predict --backend auto` runs it (onnxruntime or openvino). A Faster R-CNN detector's
+    graph is its dense part (backbone, feature pyramid, RPN head) for any image size, as float ONNX;
+    proposal selection and the box head stay in torch (`leukoscope analyze --backend onnxruntime|openvino`).
     """
     import importlib.util
 
-    if export_format != "onnx":
-        _fail(f"--format must be onnx (the only export format so far), got {export_format!r}")
+    if export_format not in ("onnx", "openvino"):
+        _fail(f"--format must be onnx or openvino, got {export_format!r}")
+    if int8 and calibration is None:
+        _fail("--int8 needs --calibration DATA: images to measure the activation ranges on")
+    if calibration is not None and not int8:
+        _fail("--calibration is for --int8 (a float export needs no calibration)")
     source = _check_bundle(bundle, "--bundle")
     peek = _run(peek_bundle, source)
     detector = peek.task == "detect"
@@ -489,31 +511,47 @@ def export(
     # The refusals of leukoscope.inference.export.check_exportable, before torch is imported.
     if detector and peek.model_name.startswith("fcos"):
         _fail(f"{source} is an FCOS detector: export supports Faster R-CNN detectors only for now")
+    if detector and (export_format != "onnx" or int8):
+        _fail(f"{source} is a detector: it exports as a float ONNX graph only (--format onnx, no --int8); "
+              f"--backend openvino runs that graph too")
     if not detector and peek.framework != "torch":
         _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
               f"for now")
-    missing = [name for name in ("onnx", "onnxruntime" if check else "") if name and
-               importlib.util.find_spec(name) is None]
+    needed = {"onnx": "onnx"}
+    if int8 or (check and export_format == "onnx" and importlib.util.find_spec("openvino") is None):
+        needed["onnxruntime"] = "onnx"
+    if export_format == "openvino":
+        needed["openvino"] = "openvino"
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        _fail(f"export needs {' and '.join(missing)}: pip install 'leukoscope[onnx]'")
-    if check is not None:
-        from leukoscope.data.readers import check_dataset_path
+        extras = ",".join(dict.fromkeys(needed[name] for name in missing))
+        _fail(f"export needs {' and '.join(missing)}: pip install 'leukoscope[{extras}]'")
+    from leukoscope.data.readers import check_dataset_path
 
-        _run(check_dataset_path, check)
+    for given in (calibration, check):
+        if given is not None:
+            _run(check_dataset_path, given)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    target = _export_out(bundle, source, out)
+    target = _export_out(bundle, source, out, export_format + ("-int8" if int8 else ""))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from leukoscope.inference.export import export_onnx
+    from leukoscope.inference.export import export_bundle
 
-    _run(export_onnx, source, target, opset=opset)
-    shape = ("batch, 3, height, width: the dense part" if detector
-             else f"batch, 3, {peek.preprocessing['image_size']}, {peek.preprocessing['image_size']}")
-    console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
-                  f"input ({shape}))", soft_wrap=True)
+    _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration, show_progress=True)
+    if detector:
+        console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
+                      f"input (batch, 3, height, width: the dense part))", soft_wrap=True)
+    else:
+        from leukoscope.bundle import read_bundle_info
+
+        record = _run(read_bundle_info, target).export or {}
+        precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")
+        console.print(f"exported {escape(peek.model_name)} to {escape(str(target / str(record.get('file'))))} "
+                      f"({export_format}, {precision}, input (batch, 3, {peek.preprocessing['image_size']}, "
+                      f"{peek.preprocessing['image_size']}))", soft_wrap=True)
     if check is not None and detector:
         from leukoscope.tasks.detect import compare_detector_backends
 
@@ -897,8 +935,8 @@ def analyze(
 
     from leukoscope.inference.slide.reader import is_slide_path
 
-    if backend not in MODEL_BACKENDS:
-        _fail(f"--backend must be one of {', '.join(MODEL_BACKENDS)}, got {backend!r}")
+    if backend not in BACKENDS:
+        _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
     inputs = [p for p in inputs if p not in slides]
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)

@@ -331,6 +331,53 @@ def test_every_registry_classifier(name: str) -> None:
     assert model.training and _no_hooks_left(model)
 
 
+def test_one_batch_gives_the_maps_of_one_image_at_a_time() -> None:
+    """A batch with one class per image is what the per-image calls give (eval-mode batch norm
+    keeps images independent): what makes batched Grad-CAM in `predict --explain` safe."""
+    model = _fast_random_model("mobilenet_v2")
+    inputs = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    classes = [0, 2, 1, 1, 0]
+    batched = grad_cam(model, inputs, classes)
+    single = np.concatenate([grad_cam(model, inputs[i:i + 1], classes[i]) for i in range(len(inputs))])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert batched.any(axis=(1, 2)).sum() >= 3  # real maps, not all-zero ones that agree trivially
+    assert not np.allclose(batched[0], batched[1])
+
+
+def test_save_explanations_runs_grad_cam_once_per_batch(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukoscope.bundle import BundleInfo
+    from leukoscope.inference import explain
+    from leukoscope.inference.predict_files import save_explanations
+    from leukoscope.inference.predictor import CellClassifier
+    from leukoscope.preprocessing import Preprocessing
+
+    model = _fast_random_model("mobilenet_v2")
+    info = BundleInfo(model_name="mobilenet_v2", classes=["a", "b", "c"], preprocessing=Preprocessing(image_size=48))
+    classifier = CellClassifier(model, info)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"cell{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)).save(paths[-1])
+    predictions = classifier.predict_paths(paths)
+    calls: list[tuple[int, list[int]]] = []
+    maps: list[np.ndarray] = []
+
+    def counting(model_, inputs, index):
+        calls.append((len(inputs), list(index)))
+        maps.append(grad_cam(model_, inputs, index))
+        return maps[-1]
+
+    monkeypatch.setattr(explain, "grad_cam", counting)
+    written = save_explanations(classifier, predictions, tmp_path / "cam", batch_size=2)
+    assert len(written) == 5 and [n for n, _ in calls] == [2, 2, 1]  # 3 passes for 5 images, not 5
+    wanted = [classifier.classes.index(p.top_class) for p in predictions]
+    assert [i for _, index in calls for i in index] == wanted  # each image explains its own top class
+    for i, path in enumerate(paths):  # each map is the one Grad-CAM gives that image alone
+        alone = grad_cam(model, classifier.preprocess(Image.open(path).convert("RGB"))[None], wanted[i])[0]
+        np.testing.assert_allclose(np.concatenate(maps)[i], alone, atol=1e-5)
+
+
 # ------------------------------------------------------------ overlay and mask fraction
 
 

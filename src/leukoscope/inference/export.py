@@ -1,12 +1,16 @@
-"""Export a classifier bundle's network as an ONNX graph: ``leukoscope export --format onnx``.
+"""Export a classifier bundle's network as an inference graph: ``leukoscope export --format onnx|openvino``.
 
 The exported bundle is a copy of the source bundle (``bundle.json``, weights, OOD
-statistics) plus ``model.onnx``, recorded in ``bundle.json``'s ``export`` entry
-(format 4). The graph takes what the torch model takes: the bundle's *normalised*
-float input ``(batch, 3, S, S)``, so the bundle's preprocessing stays the one path
-to it (:mod:`leukoscope.preprocessing`), and gives two outputs: ``logits`` and
-``embedding`` (the input of the final linear layer, which the Mahalanobis OOD score
-reads). The batch axis is dynamic; the image size is the bundle's.
+statistics) plus the graph, recorded in ``bundle.json``'s ``export`` entry (format 4):
+``model.onnx`` (ONNX, run by onnxruntime or OpenVINO) or ``model.xml`` + ``model.bin``
+(OpenVINO IR, converted from the ONNX graph with ``openvino.convert_model``, weights kept
+float32). The graph takes what the torch model takes: the bundle's *normalised* float
+input ``(batch, 3, S, S)``, so the bundle's preprocessing stays the one path to it
+(:mod:`leukoscope.preprocessing`), and gives two outputs: ``logits`` and ``embedding``
+(the input of the final linear layer, which the Mahalanobis OOD score reads). The batch
+axis is dynamic; the image size is the bundle's. With ``calibration`` (``--int8``) the
+ONNX graph is quantized to int8 first (:mod:`leukoscope.inference.quantize`), and the
+OpenVINO IR is made from the quantized graph.
 
 Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``: it needs
 only the ``onnx`` package, where the torch.export-based one needs onnxscript too. It
@@ -30,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from leukoscope.bundle import ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle, read_bundle_info, \
-    save_export
+from leukoscope.bundle import (GRAPH_FILES, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE, WEIGHTS_FILE,
+                               BundleError, copy_bundle, load_bundle, read_bundle_info, save_export)
 from leukoscope.models.embedding import capture_embeddings
 from leukoscope.pretrained import resolve_bundle
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino")
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "embedding")
@@ -124,14 +128,32 @@ def check_exportable(bundle: str | Path, export_format: str = "onnx") -> None:
 
 
 def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle`` itself:
-    then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
+    """:func:`export_bundle` as a float ONNX graph."""
+    return export_bundle(bundle, out, "onnx", opset=opset)
+
+
+def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onnx", *, opset: int = DEFAULT_OPSET,
+                  calibration: str | Path | None = None, show_progress: bool = False) -> Path:
+    """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle``
+    itself: then only the graph and the ``export`` entry are added); returns ``out``. ``calibration``: images
+    to quantize the graph to int8 with (``None``: float32; classifiers only)."""
     source = resolve_bundle(bundle)
-    check_exportable(source)
+    check_exportable(source, export_format)
     if read_bundle_info(source).task == "detect":
+        if export_format != "onnx" or calibration is not None:
+            # OpenVINO runs the detector's ONNX graph itself (--backend openvino); int8 is not measured for it.
+            raise BundleError(f"{bundle} is a detector: it exports as a float ONNX graph only (--format onnx, no "
+                              f"--int8); --backend openvino runs that graph too")
         from leukoscope.inference.detector_export import export_detector_onnx  # imports this module
 
         return export_detector_onnx(source, out, opset=opset)
+    if export_format == "openvino":
+        _require_openvino()
+    paths = None
+    if calibration is not None:
+        from leukoscope.inference.quantize import calibration_paths
+
+        paths = calibration_paths(calibration)  # before any work: a bad folder fails at once
     model, info = load_bundle(source, "cpu", task="classify")
     assert info.preprocessing is not None
     size = info.preprocessing.image_size
@@ -149,9 +171,57 @@ def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPS
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     check_graph(graph_tmp)
-    graph_tmp.replace(out / ONNX_FILE)
-    save_export(out, export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source))
+    record = export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source)
+    if paths is not None:
+        from leukoscope.inference.quantize import quantize_graph
+        from leukoscope.progress import progress_bar
+
+        quantized_tmp = out / (ONNX_FILE + ".int8.tmp")
+        try:
+            with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
+                record.update(quantize_graph(graph_tmp, quantized_tmp, paths, info.preprocessing, INPUT_NAME,
+                                             update))
+        finally:
+            graph_tmp.unlink(missing_ok=True)
+        quantized_tmp.replace(graph_tmp)
+        record["calibration_data"] = str(calibration)
+    for name in GRAPH_FILES:  # a graph of another format left in the folder would be stale
+        (out / name).unlink(missing_ok=True)
+    if export_format == "openvino":
+        record.update(_to_openvino(graph_tmp, out))
+    else:
+        graph_tmp.replace(out / ONNX_FILE)
+    save_export(out, record)
     return out
+
+
+def _require_openvino() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        raise BundleError("export to OpenVINO needs openvino: pip install 'leukoscope[openvino]'")
+
+
+def _to_openvino(graph: Path, out: Path) -> dict[str, Any]:
+    """Convert the ONNX ``graph`` (removed after) into ``model.xml``/``model.bin`` in ``out``; the
+    record's fields that change. Weights stay float32 (``compress_to_fp16=False``): the parity
+    check compares with float32 torch, and int8 is what ``--int8`` is for."""
+    import openvino as ov
+
+    stem = out / "model.tmp"
+    try:
+        converted = ov.convert_model(str(graph))
+        ov.save_model(converted, str(stem.with_suffix(".xml")), compress_to_fp16=False)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+        for suffix in (".xml", ".bin"):
+            stem.with_suffix(suffix).unlink(missing_ok=True)
+        raise BundleError(f"OpenVINO cannot convert the exported graph: {str(exc)[:300]}") from None
+    finally:
+        graph.unlink(missing_ok=True)
+    stem.with_suffix(".bin").replace(out / OPENVINO_WEIGHTS_FILE)
+    stem.with_suffix(".xml").replace(out / OPENVINO_FILE)
+    return {"format": "openvino", "file": OPENVINO_FILE, "weights_file": OPENVINO_WEIGHTS_FILE,
+            "converter": f"openvino.convert_model {ov.__version__} (from the ONNX graph)"}
 
 
 def check_graph(path: Path) -> None:
@@ -174,6 +244,7 @@ def export_record(model_name: str, image_size: int, classes: int, embedding: int
     return {
         "format": "onnx",
         "file": ONNX_FILE,
+        "precision": "float32",
         "opset": opset,
         "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
         "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, image_size, image_size], "dtype": "float32",

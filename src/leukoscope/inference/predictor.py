@@ -7,8 +7,8 @@ also scores how unlike its training images each image is: ``ood_score`` and
 is; what to do with unfamiliar images (a field's warning) is the caller's rule.
 
 The network itself runs on a :mod:`~leukoscope.inference.runtime`: the bundle's torch
-model, or its exported ONNX graph on onnxruntime; preprocessing, temperature, threshold
-and OOD score stay here, the same for both.
+model, or its exported graph on onnxruntime or OpenVINO; preprocessing, temperature,
+threshold and OOD score stay here, the same for all.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class CellClassifier:
             raise ValueError(f"{info.model_name} is a {info.task} model, not a cell classifier")
         self.runtime = model if isinstance(model, Runtime) else TorchRuntime(model.eval(), info.preprocessing, device)
         self.model = self.runtime.model
-        """The torch model (Grad-CAM, the service's hooks); None on the onnxruntime backend."""
+        """The torch model (Grad-CAM, the service's hooks); None on the onnxruntime and openvino backends
+        (callers that need Grad-CAM there load it: predict_files, the service's Analyzer)."""
         self.info = info
         self.preprocessing = info.preprocessing
         self.device = torch.device(device)
@@ -93,8 +94,9 @@ class CellClassifier:
     @classmethod
     def from_bundle(cls, directory: str | Path, device: str = "cpu", uncertain_threshold: float | None = None,
                     *, backend: str = "torch", threads: int | None = None) -> "CellClassifier":
-        """``backend``: ``torch``, ``onnxruntime`` (an exported bundle) or ``auto`` (onnxruntime when the
-        bundle has a graph and onnxruntime is installed); ``threads``: onnxruntime's intra-op threads."""
+        """``backend``: ``torch``, ``onnxruntime`` or ``openvino`` (an exported bundle) or ``auto`` (the
+        fastest installed one that can run the bundle's graph, else torch:
+        :func:`~leukoscope.inference.runtime.choose_backend`); ``threads``: their intra-op threads."""
         directory = resolve_bundle(directory)
         info = read_bundle_info(directory, task="classify")
         runtime = load_runtime(directory, info, backend, device, threads)
@@ -102,7 +104,7 @@ class CellClassifier:
 
     @property
     def backend(self) -> str:
-        """What runs the network: ``torch`` or ``onnxruntime``."""
+        """What runs the network: ``torch``, ``onnxruntime`` or ``openvino``."""
         return self.runtime.backend
 
     @property

@@ -1,35 +1,59 @@
-"""What runs a classifier's network: torch (the bundle's weights) or onnxruntime (its exported graph).
+"""What runs a classifier's network: torch (the bundle's weights), onnxruntime or OpenVINO (its exported graph).
 
 :class:`~leukoscope.inference.predictor.CellClassifier` keeps everything around the
 network (the bundle's preprocessing, temperature, uncertain threshold, OOD score) and
 asks a runtime only for the uncalibrated logits, and the penultimate embeddings when the
-OOD score needs them, of a batch of uint8 pixels. Both runtimes turn the pixels into the
+OOD score needs them, of a batch of uint8 pixels. Every runtime turns the pixels into the
 model's input with the same :meth:`Preprocessing.model_input`, so there is one
 preprocessing path whichever runs the network.
 
-``auto`` picks onnxruntime when the bundle has an exported graph (``leukoscope export``)
-and onnxruntime is installed, else torch.
+Which backend can run which graph: an ONNX graph (``model.onnx``, float or int8) runs on
+onnxruntime or OpenVINO (which reads ONNX itself); an OpenVINO IR (``model.xml``) on
+OpenVINO only; torch runs the bundle's float weights, always there. ``auto`` takes the
+first of :data:`AUTO_ORDER` that the bundle has a graph for and this install has:
+OpenVINO, then onnxruntime, then torch (the order measured fastest on this project's CPU
+for the shipped classifier, docs/benchmarks.md "Backends and int8").
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from leukoscope.bundle import ONNX_FILE, BundleError, BundleInfo, load_bundle
+from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, load_bundle
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-#: Images per onnxruntime call (as batched_logits' batches).
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+#: ``auto``'s preference, fastest first (measured: docs/benchmarks.md).
+AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+#: Which backends run a graph of each export format.
+RUNS_FORMAT = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",)}
+#: What installs each backend.
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
+#: Images per onnxruntime / OpenVINO call (as batched_logits' batches).
 BATCH = 64
 
 
 def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def backend_available(backend: str) -> bool:
+    """Is ``backend``'s package installed (torch always is)?"""
+    if backend == "onnxruntime":
+        return onnxruntime_available()
+    if backend == "openvino":
+        return openvino_available()
+    return backend == "torch"
 
 
 class Runtime:
@@ -102,23 +126,85 @@ class OnnxRuntime(Runtime):
         return joined[0], joined[1] if embeddings else None
 
 
+class OpenvinoRuntime(Runtime):
+    """The bundle's exported graph (OpenVINO IR, or the ONNX graph, which OpenVINO reads too) compiled
+    for OpenVINO's CPU plugin.
+
+    ``INFERENCE_PRECISION_HINT`` is f32: on CPUs with bfloat16 units (AMX, AVX512-BF16) OpenVINO
+    would otherwise run a float graph in bfloat16, about 3 significant digits, and the parity with
+    the torch model would be lost silently. An int8 graph runs its quantized layers in int8 either
+    way. ``PERFORMANCE_HINT`` LATENCY: one stream, all the threads on each call (calls are batches)."""
+
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, record: dict[str, Any], preprocessing: Preprocessing,
+                 threads: int | None = None) -> None:
+        import openvino as ov
+
+        self.preprocessing = preprocessing
+        self.record = record
+        self.output_names = [str(output["name"]) for output in record["outputs"]]
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:  # else OpenVINO's default (all cores)
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types for bad files
+            raise BundleError(f"{path}: cannot load the exported graph on OpenVINO: {str(exc)[:300]}") from None
+        self._local = threading.local()  # an infer request serves one thread at a time (the service has several)
+
+    @property
+    def has_embeddings(self) -> bool:
+        return "embedding" in self.output_names
+
+    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        if embeddings and not self.has_embeddings:
+            raise BundleError("the exported graph has no embedding output, so the OOD score is unavailable on "
+                              "OpenVINO: re-export the bundle with this leukoscope, or use --backend torch")
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        wanted = ["logits", "embedding"] if embeddings else ["logits"]
+        chunks: list[list[np.ndarray]] = [[] for _ in wanted]
+        for start in range(0, len(pixels), BATCH):
+            inputs = self.preprocessing.model_input(pixels[start:start + BATCH]).float().numpy()
+            request.infer([inputs])
+            for chunk, name in zip(chunks, wanted):
+                chunk.append(request.get_tensor(name).data.copy())
+        if not chunks[0]:
+            raise ValueError("no images to score")
+        joined = [np.concatenate(chunk) for chunk in chunks]
+        return joined[0], joined[1] if embeddings else None
+
+
+def runnable_backends(info: BundleInfo) -> tuple[str, ...]:
+    """The backends that can run this bundle's exported graph (none without one)."""
+    return RUNS_FORMAT.get(str(info.export.get("format")), ()) if info.export is not None else ()
+
+
 def choose_backend(backend: str, info: BundleInfo, directory: str | Path) -> str:
-    """``torch`` or ``onnxruntime`` for ``backend`` (one of :data:`BACKENDS`) and this bundle; a clear
-    error when the bundle or the install cannot run the one asked for."""
+    """``torch``, ``onnxruntime`` or ``openvino`` for ``backend`` (one of :data:`BACKENDS`) and this
+    bundle; a clear error when the bundle or the install cannot run the one asked for."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    exported = info.export is not None and info.export.get("format") == "onnx"
+    runnable = runnable_backends(info)
     if backend == "auto":
-        return "onnxruntime" if exported and onnxruntime_available() else "torch"
-    if backend == "onnxruntime":
-        if info.framework != "torch":
-            raise BundleError(f"{directory} is a classical (scikit-learn) model: it runs only on torch's path "
-                              f"(--backend torch); ONNX export of classical models is not supported yet")
-        if not exported:
-            raise BundleError(f"{directory} has no ONNX graph: run `leukoscope export --bundle {directory} "
-                              f"--format onnx` first, or use --backend torch")
-        if not onnxruntime_available():
-            raise BundleError("--backend onnxruntime needs onnxruntime: pip install 'leukoscope[onnx]'")
+        return next((name for name in AUTO_ORDER if name in runnable and backend_available(name)), "torch")
+    if backend == "torch":
+        return backend
+    if info.framework != "torch":
+        raise BundleError(f"{directory} is a classical (scikit-learn) model: it runs only on torch's path "
+                          f"(--backend torch); export of classical models is not supported yet")
+    if info.export is None:
+        graph, fmt = ("ONNX graph", "onnx") if backend == "onnxruntime" else ("exported graph", "openvino")
+        raise BundleError(f"{directory} has no {graph}: run `leukoscope export --bundle {directory} --format {fmt}` "
+                          f"first, or use --backend torch")
+    if backend not in runnable:
+        raise BundleError(f"{directory} holds an {info.export.get('format')} graph, which {backend} cannot run: "
+                          f"use --backend {' or '.join(runnable)} (or torch), or export it with --format onnx")
+    if not backend_available(backend):
+        raise BundleError(f"--backend {backend} needs {backend}: pip install 'leukoscope[{EXTRAS[backend]}]'")
     return backend
 
 
@@ -130,9 +216,11 @@ def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch"
         model, _ = load_bundle(directory, device, task="classify")
         return TorchRuntime(model, info.preprocessing, device)
     if str(device) != "cpu":
-        raise ValueError(f"the onnxruntime backend runs on the CPU; device {device!r} needs --backend torch")
+        raise ValueError(f"the {chosen} backend runs on the CPU; device {device!r} needs --backend torch")
     assert info.export is not None and info.preprocessing is not None
-    path = Path(directory) / str(info.export.get("file", ONNX_FILE))
+    default = OPENVINO_FILE if info.export.get("format") == "openvino" else ONNX_FILE
+    path = Path(directory) / str(info.export.get("file", default))
     if not path.is_file():
         raise BundleError(f"{directory}: bundle.json records an exported graph but {path.name} is missing")
-    return OnnxRuntime(path, info.export, info.preprocessing, threads)
+    runtime_class = OpenvinoRuntime if chosen == "openvino" else OnnxRuntime
+    return runtime_class(path, info.export, info.preprocessing, threads)

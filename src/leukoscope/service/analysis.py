@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: Heatmap overlays are drawn at most this large (px, longer side); never larger than the
 #: image itself (no point upscaling a 96 px cell), never smaller than the model's input.
 DISPLAY_SIZE = 256
+#: Cells of one field explained per Grad-CAM pass (memory stays bounded on a crowded field).
+OVERLAY_BATCH = 32
 
 
 def overlay_size(image: Image.Image, model_size: int) -> int:
@@ -99,8 +101,17 @@ class Analyzer:
     @classmethod
     def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
                      uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2,
-                     smear_options: dict[str, Any] | None = None) -> "Analyzer":
-        classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold)
+                     smear_options: dict[str, Any] | None = None, backend: str = "torch",
+                     backend_threads: int | None = None) -> "Analyzer":
+        """``backend``: what runs the classifier's network (:mod:`leukoscope.inference.runtime`); on
+        another than torch, the torch model is loaded too when ``gradcam`` is on (Grad-CAM needs it)."""
+        classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold, backend=backend,
+                                                threads=backend_threads)
+        if gradcam and classifier.model is None and classifier.info.framework == "torch":
+            from leukoscope.bundle import load_bundle
+            from leukoscope.pretrained import resolve_bundle
+
+            classifier.model, _ = load_bundle(resolve_bundle(bundle), classifier.device, task="classify")
         smear = None
         if detector is not None:
             smear = load_smear_backend(detector, classifier, **(smear_options or {}))
@@ -131,26 +142,36 @@ class Analyzer:
         local = getattr(self._local, "classifier", None)
         if local is None:
             local = copy.copy(self.base)
-            local.model = copy.deepcopy(self.base.model).eval()
+            # None: another backend runs the network and Grad-CAM is off (no torch model loaded)
+            local.model = copy.deepcopy(self.base.model).eval() if self.base.model is not None else None
             self._local.classifier = local
         return local
 
-    def _overlay(self, classifier: CellClassifier, image: Image.Image, top_class: str) -> Image.Image | None:
-        if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
-            return None  # classical (scikit-learn) bundles have no convolution to explain
+    def _overlays(self, classifier: CellClassifier, images: Sequence[Image.Image],
+                  top_classes: Sequence[str]) -> list[Image.Image | None]:
+        """Grad-CAM overlays of ``images``, each for its own top class: one forward and one
+        backward pass per :data:`OVERLAY_BATCH` images, not one per cell."""
+        if not self.gradcam or not images or getattr(classifier.info, "framework", "torch") != "torch":
+            return [None] * len(images)  # classical (scikit-learn) bundles have no convolution to explain
         import torch
 
         from leukoscope.inference.explain import grad_cam, overlay_heatmap
         from leukoscope.transforms import letterbox
 
-        inputs = classifier.preprocess(image).unsqueeze(0).to(classifier.device)
-        try:
-            with torch.enable_grad():
-                heatmap = grad_cam(classifier.model, inputs, classifier.classes.index(top_class))[0]
-        except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
-            log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
-            return None
-        return overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
+        overlays: list[Image.Image | None] = []
+        for start in range(0, len(images), OVERLAY_BATCH):
+            batch = images[start:start + OVERLAY_BATCH]
+            inputs = torch.stack([classifier.preprocess(image) for image in batch]).to(classifier.device)
+            indices = [classifier.classes.index(name) for name in top_classes[start:start + OVERLAY_BATCH]]
+            try:
+                with torch.enable_grad():
+                    heatmaps = grad_cam(classifier.model, inputs, indices)
+            except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
+                log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
+                return [None] * len(images)
+            overlays += [overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
+                         for image, heatmap in zip(batch, heatmaps)]
+        return overlays
 
     def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
                              source: str) -> tuple[Prediction, Image.Image | None]:
@@ -213,7 +234,11 @@ class Analyzer:
                 prediction = classifier.predict_images([crop], [f"cell_{index}"])[0]
             score = getattr(cell, "score", None) or getattr(cell, "detection_score", None)
             cells.append(CellOutcome(prediction, box=box, detection_score=float(score) if score is not None else None,
-                                     crop=crop, overlay=self._overlay(classifier, crop, prediction.top_class)))
+                                     crop=crop))
+        overlays = self._overlays(classifier, [cell.crop for cell in cells],
+                                  [cell.prediction.top_class for cell in cells])
+        for cell, overlay in zip(cells, overlays):
+            cell.overlay = overlay
         warnings = _result_warnings(result) or self.warnings
         return ImageOutcome(cells, annotated=_annotated(image, result, cells), warnings=warnings)
 

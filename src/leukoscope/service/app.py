@@ -189,7 +189,9 @@ def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> 
                                          uncertain_threshold=settings.uncertain_threshold,
                                          gradcam=settings.gradcam, threads=settings.inference_threads,
                                          smear_options={"backend": settings.detector_backend,
-                                                        "threads": settings.torch_threads})
+                                                        "threads": settings.torch_threads},
+                                         backend=settings.classifier_backend,
+                                         backend_threads=settings.torch_threads)
         analyzer.warm_up()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(decision_note=DECISION_SUPPORT_NOTE, version=leukoscope.__version__)

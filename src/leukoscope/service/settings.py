@@ -73,11 +73,17 @@ class ServiceSettings(BaseModel):
     # ---- inference
     #: Threads that run the model (each holds its own copy, so Grad-CAM hooks never mix).
     inference_threads: int = Field(default=2, ge=1)
-    #: torch intra-op threads per inference thread.
+    #: torch intra-op threads per inference thread (and onnxruntime's / OpenVINO's on those backends).
     torch_threads: int = Field(default=1, ge=1)
     #: What runs the detector's network: ``torch``, ``onnxruntime`` or ``openvino`` (a detector bundle
     #: from ``leukoscope export``), or ``auto`` (the fastest installed one the bundle has a graph for).
     detector_backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
+    #: What runs the classifier's network (leukoscope.inference.runtime): ``torch`` (default: every
+    #: bundle has it), or, for a bundle from ``leukoscope export``, ``onnxruntime``, ``openvino`` or
+    #: ``auto`` (the fastest installed backend that can run its graph). Grad-CAM still needs the torch
+    #: model, so it is loaded as well while ``gradcam`` is on (and single-cell uploads are then
+    #: classified by the same torch pass that draws the heatmap).
+    classifier_backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
     #: Below this confidence a cell is "uncertain, review" (default: the bundle's own threshold).
     uncertain_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     #: Compute a Grad-CAM overlay for every classified cell.

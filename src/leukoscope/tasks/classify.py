@@ -193,6 +193,8 @@ def evaluate_bundle(
 
     Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
     training or validation part: such a score says nothing about new images.
+    ``backend``: what runs the network (:mod:`leukoscope.inference.runtime`; an exported
+    bundle's graph on onnxruntime or OpenVINO, e.g. to score its int8 version).
     """
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory, task="classify")
@@ -224,6 +226,9 @@ def evaluate_bundle(
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = preprocessing.decode(manifest, on_corrupt=on_corrupt, progress=counter_callback(update))
     logits = runtime.outputs(pixels)[0] / info.temperature
+    if runtime.backend != "torch":
+        precision = (info.export or {}).get("precision", "float32")
+        notes.append(f"Network run on {runtime.backend} (the bundle's exported {precision} graph).")
     if info.temperature != 1.0:
         notes.append(f"Logits divided by the bundle's temperature {info.temperature:.3f} (fitted on validation).")
     if report.skipped:
