@@ -871,7 +871,7 @@ def analyze(
     if not paths:
         print(out)
         return
-    with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
+    with progress_bar(len(paths), "analysing", enabled=not quiet, unit="fields") as update:
         summary = _run(analyzer.analyze_paths, paths, out, progress=update)
     pooled = summary.pooled
     text = f"{len(summary.results)} image(s), {pooled.total} white cells"
