@@ -83,10 +83,10 @@ class Rates:
         for name, n in counts.items():
             self.totals[name] = self.totals.get(name, 0) + n
 
-    def text(self) -> str:
+    def text(self, now: float | None = None) -> str:
         if self.unit is None:
             return ""
-        seconds = max(time.monotonic() - self.start, 1e-9)
+        seconds = max((time.monotonic() if now is None else now) - self.start, 1e-9)
         parts = [f"{self.done / seconds:.2f} {self.unit}/s"]
         parts += [f"{n / seconds:.1f} {name}/s" for name, n in self.totals.items()]
         return ", ".join(parts)
@@ -132,7 +132,7 @@ def progress_bar(total: int, description: str, *, enabled: bool = True,
         now = time.monotonic()
         if rates.done >= total or now - last_print >= 10:
             last_print = now
-            speed = rates.text()
+            speed = rates.text(now)
             print(f"{description}: {rates.done}/{total} ({now - rates.start:.0f}s{', ' + speed if speed else ''}) "
                   f"{info}", file=sys.stderr, flush=True)
 
