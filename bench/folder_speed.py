@@ -41,11 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "cbc"
 
 
+def cbc_test_images(data: Path) -> list[Path]:
+    return sorted(p for p in (data / "Testing" / "Images").iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
 def make_fields(data: Path, out: Path, n: int, width: int, height: int) -> list[Path]:
     """``n`` mosaics of 4x4 whole CBC test fields (640x480 each, on a light canvas), JPEG quality 92."""
     from PIL import Image
 
-    sources = sorted((data / "Testing" / "Images").glob("*.jpg"))
+    sources = cbc_test_images(data)
     if not sources:
         raise SystemExit(f"no CBC test images in {data / 'Testing' / 'Images'}")
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
     classifier = None if args.classifier.lower() == "none" else resolve_bundle(args.classifier)
     analyzer = SmearAnalyzer.from_bundles(resolve_bundle(args.detector), classifier)
     startup = time.perf_counter() - start
-    small = load_image(sorted((Path(args.data) / "Testing" / "Images").glob("*.jpg"))[0])
+    small = load_image(cbc_test_images(Path(args.data))[0])
     field_path = sorted(Path(args.fields_dir).glob("*.jpg"))[0]
     field = load_image(field_path)
     out = {"startup_s": round(startup, 3),
