@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in versions:
         m = measured[name]
         print(f"{name}: detection 640x480 {m['detect_640x480_s']:.3f} s (target <= 0.05 s); analysis of one "
-              f"{width}x{height} field {m['analyze_field_s']:.3f} s ({m['tiles']} tiles, {m['wbc']} WBC; target <= 1.0 s); "
+              f"{width}x{height} field {m['analyze_field_s']:.3f} s ({m['tiles']} tiles, {m['wbc']} WBC; "
+              f"target <= 1.0 s); "
               f"folder {m['folder_s_per_field']:.3f} s per field with every output (target <= 1.2 s; "
               f"CPU {m['folder_cpu_s_per_field']:.3f} s per field); "
               f"start-up {m['startup_s']:.2f} s")
