@@ -77,7 +77,7 @@ class Clock:
         self.start = time.perf_counter()
         self.marks: list[float] = []
 
-    def __call__(self, advance: int = 1, info: str = "") -> None:
+    def __call__(self, advance: int = 1, info: str = "", **counts: int) -> None:
         self.marks.extend([time.perf_counter()] * advance)
 
     @property

@@ -42,3 +42,20 @@ def test_name_some_lists_the_first_ten_and_counts_the_rest() -> None:
     names = [f"f{i}.png" for i in range(13)]
     assert progress.name_some(names) == ", ".join(names[:10]) + " and 3 more"
     assert progress.name_some(names[:2]) == "f0.png, f1.png"
+
+
+def test_progress_bar_shows_items_and_counted_quantities_per_second(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    clock = iter([100.0, 102.0, 104.0, 7.0, 7.0])  # start, then one reading per update
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with progress.progress_bar(2, "analysing", unit="fields") as update:  # not a terminal: plain lines
+        update(advance=1, info="a.jpg: 16 WBC", cells=16)
+        update(advance=1, info="b.jpg: 4 WBC", cells=4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "analysing: 1/2 (2s, 0.50 fields/s, 8.0 cells/s) a.jpg: 16 WBC"
+    assert lines[-1] == "analysing: 2/2 (4s, 0.50 fields/s, 5.0 cells/s) b.jpg: 4 WBC"
+    with progress.progress_bar(1, "x", unit=None) as update:  # no unit: counts are accepted, no rates
+        update(advance=1, info="", cells=3)
+    assert capsys.readouterr().err.strip() == "x: 1/1 (0s)"
+    with progress.progress_bar(1, "x", enabled=False) as update:
+        update(advance=1, cells=3)

@@ -967,7 +967,7 @@ def analyze(
     if not paths:
         print(out)
         return
-    with progress_bar(len(paths), "analysing", enabled=not quiet) as update:
+    with progress_bar(len(paths), "analysing", enabled=not quiet, unit="fields") as update:
         if engine == "ray":
             summary = _analyze_on_ray(analyzer, detector, classifier, options, paths, out, update, address=address,
                                       actors=actors, threads=threads or 1, retry_failed=retry_failed)

@@ -64,16 +64,45 @@ def name_some(items: Sequence[str], limit: int = 10) -> str:
     return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-#: update(advance=1, info="loss 0.31") -> None
+#: update(advance=1, info="loss 0.31", **counts) -> None
 ProgressUpdate = Callable[..., None]
 
 
+class Rates:
+    """Items per second since the start, and of every quantity counted with them
+    (``update(advance=1, cells=16)``): "0.83 fields/s, 13.3 cells/s"."""
+
+    def __init__(self, unit: str | None) -> None:
+        self.unit = unit
+        self.totals: dict[str, int] = {}
+        self.done = 0
+        self.start = time.monotonic()
+
+    def add(self, advance: int, counts: dict[str, int]) -> None:
+        self.done += advance
+        for name, n in counts.items():
+            self.totals[name] = self.totals.get(name, 0) + n
+
+    def text(self, now: float | None = None) -> str:
+        if self.unit is None:
+            return ""
+        seconds = max((time.monotonic() if now is None else now) - self.start, 1e-9)
+        parts = [f"{self.done / seconds:.2f} {self.unit}/s"]
+        parts += [f"{n / seconds:.1f} {name}/s" for name, n in self.totals.items()]
+        return ", ".join(parts)
+
+
 @contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool = True) -> Iterator[ProgressUpdate]:
-    """Yield ``update(advance=1, info="...")``; draws a bar or prints periodic lines."""
+def progress_bar(total: int, description: str, *, enabled: bool = True,
+                 unit: str | None = None) -> Iterator[ProgressUpdate]:
+    """Yield ``update(advance=1, info="...")``; draws a bar or prints periodic lines.
+
+    With ``unit`` (e.g. ``"fields"``) it also shows items per second, and per second of every
+    quantity counted in the updates: ``update(advance=1, cells=16)`` adds "cells/s"."""
     if not enabled or total <= 0:
-        yield lambda advance=1, info="": None
+        yield lambda advance=1, info="", **counts: None
         return
+    rates = Rates(unit)
     if console.is_terminal:
         with Progress(
             TextColumn("[bold]{task.description}"),
@@ -81,29 +110,31 @@ def progress_bar(total: int, description: str, *, enabled: bool = True) -> Itera
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[rates]}"),
             TextColumn("{task.fields[info]}"),
             console=console,
             transient=True,
         ) as progress:
-            task = progress.add_task(description, total=total, info="")
+            task = progress.add_task(description, total=total, info="", rates="")
 
-            def update(advance: int = 1, info: str = "") -> None:
-                progress.update(task, advance=advance, info=info)
+            def update(advance: int = 1, info: str = "", **counts: int) -> None:
+                rates.add(advance, counts)
+                progress.update(task, advance=advance, info=info, rates=rates.text())
 
             yield update
         return
 
-    done = 0
     last_print = 0.0
-    start = time.monotonic()
 
-    def update_plain(advance: int = 1, info: str = "") -> None:
-        nonlocal done, last_print
-        done += advance
+    def update_plain(advance: int = 1, info: str = "", **counts: int) -> None:
+        nonlocal last_print
+        rates.add(advance, counts)
         now = time.monotonic()
-        if done >= total or now - last_print >= 10:
+        if rates.done >= total or now - last_print >= 10:
             last_print = now
-            print(f"{description}: {done}/{total} ({now - start:.0f}s) {info}", file=sys.stderr, flush=True)
+            speed = rates.text(now)
+            print(f"{description}: {rates.done}/{total} ({now - rates.start:.0f}s{', ' + speed if speed else ''}) "
+                  f"{info}", file=sys.stderr, flush=True)
 
     yield update_plain
 

@@ -67,6 +67,20 @@ def test_smear_speed(detector_run: ScriptRun, cbc_folder: Path) -> None:
     assert "--mosaic needs WIDTHxHEIGHT" in bad.stderr
 
 
+def test_folder_speed(detector_run: ScriptRun, cbc_folder: Path, tmp_path: Path) -> None:
+    bad = run_script("folder_speed.py", "--old-src", tmp_path, "--data", cbc_folder, expect=2)
+    assert "holds no leukoscope package" in bad.stderr
+    run = run_script("folder_speed.py", "--detector", detector_run.last_path, "--classifier", "none", "--data",
+                     cbc_folder, "--fields", "2", "--repeats", "1", "--threads", "1", "--field-size", "320x240")
+    measured = json.loads(run.lines[-1])
+    new = measured["new"]
+    assert "old" not in measured and measured["fields"] == 2 and measured["field_size"] == "320x240"
+    assert new["tiles"] == 1 and len(new["folder_wall_s"]) == 1 and new["folder_s_per_field"] > 0
+    assert new["folder_cpu_s_per_field"] > 0 and new["detect_640x480_s"] > 0 and new["startup_s"] > 0
+    assert {"decode", "detection", "png encode", "csv + json"} <= set(new["stages_s"])
+    assert run.line_starting("new: detection 640x480 ")
+
+
 def test_mil_taleqani(taleqani_fields: Path, tmp_path: Path) -> None:
     run = run_script("mil_taleqani.py", "--data", taleqani_fields, "--out", tmp_path, "--binary", "--cell-size", "32",
                      "--field-size", "32", "--epochs", "1", "--batch-size", "16")

@@ -20,7 +20,7 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     marked ``!``; other objects thin. At the top, the count, every quality warning (white on
     red, so that a reviewer who sees only the picture sees it too), what ``!`` means when a
     cell has it, and the decision-support sentence."""
-    canvas = image.convert("RGB").copy()
+    canvas = image.copy() if image.mode == "RGB" else image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     scale = max(1, round(max(canvas.size) / 700))
     try:

@@ -33,11 +33,12 @@ from leukoscope.inference.detector import CellDetector, DetectionResult, scaled_
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, cap_warning,
                                           detection_cap, detector_warnings, unfamiliar_warning)
-from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
+from leukoscope.inference.folder import analyze_folder
+from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
-from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in
 from leukoscope.scale import FieldScale, field_scale
 
@@ -51,6 +52,24 @@ _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thr
 def default_wbc_classes(classes: Sequence[str]) -> list[str]:
     named = [c for c in classes if c.lower() in DEFAULT_WBC_NAMES]
     return named or [c for c in classes if c.lower() not in _NOT_WBC]
+
+
+@dataclass
+class PreparedField:
+    """A field ready for the models (:meth:`SmearAnalyzer.prepare`)."""
+
+    image: Image.Image
+    """The field in RGB, as given."""
+    scale: FieldScale
+    working_um_per_px: float | None
+    """The pixel size analysis works at (see :meth:`SmearAnalyzer.field_scale`)."""
+    factor: float
+    """How much ``detector_image`` is resampled from ``image`` (1: not at all)."""
+    detector_image: Image.Image
+    tiles: list[tuple[tuple[int, int, int, int], torch.Tensor]]
+    """:meth:`SmearAnalyzer.detector_tiles` of ``detector_image``."""
+    seconds: float = 0.0
+    """Time spent preparing it (part of the field's analysis time)."""
 
 
 @dataclass
@@ -185,18 +204,26 @@ class SmearAnalyzer:
         return cls(detector_bundle, classifier_bundle, device=device, **options)
 
     # -- detection over tiles ------------------------------------------------
-    def detect(self, image: Image.Image) -> FieldDetections:
+    def detector_tiles(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
+        """The tiles the detector sees (:func:`tile_grid`) with their (3, H, W) float pixels in [0, 1]."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        return [((x0, y0, x1, y1), pixels[:, y0:y1, x0:x1].float().div_(255.0))
+                for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
+
+    def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], torch.Tensor]] | None = None
+               ) -> FieldDetections:
         """Detections (score >= the detector's threshold) in image coordinates, merged across tiles,
         and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
-        every box above the threshold was kept; at the cap some may have been dropped)."""
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        every box above the threshold was kept; at the cap some may have been dropped).
+        ``tiles``: :meth:`detector_tiles` of ``image`` when already made (a folder run makes them ahead)."""
         width, height = image.size
-        tiles = tile_grid(width, height, self.tile_size, self.overlap)
+        tiles = self.detector_tiles(image) if tiles is None else tiles
         all_boxes, all_scores, all_labels, all_cut = [], [], [], []
         edge = 4.0
         capped = 0
-        for x0, y0, x1, y1 in tiles:
-            result = self.detector.detect([pixels[:, y0:y1, x0:x1].float() / 255.0])[0]
+        for (x0, y0, x1, y1), pixels in tiles:
+            result = self.detector.detect([pixels])[0]
             if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
                                                                             (x1 - x0) * (y1 - y0)):
                 capped += 1
@@ -257,6 +284,20 @@ class SmearAnalyzer:
         return scale, working, factor
 
     # -- one field ------------------------------------------------------------
+    def prepare(self, image: Image.Image, *, scale: FieldScale | None = None) -> PreparedField:
+        """The work on a field before the models run: RGB, its scale (:meth:`field_scale`) and the
+        copy the detector sees. No model is touched, so a folder run does it for the next field in a
+        worker thread while this one is detected (:mod:`leukoscope.inference.folder`)."""
+        start = time.perf_counter()
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        scale, working_um_per_px, factor = self.field_scale(image, scale)
+        detector_image = image
+        if factor != 1.0:
+            size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
+            detector_image = image.resize(size, Image.Resampling.BILINEAR)
+        return PreparedField(image, scale, working_um_per_px, factor, detector_image,
+                             self.detector_tiles(detector_image), time.perf_counter() - start)
+
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None) -> SmearResult:
         """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
@@ -265,14 +306,19 @@ class SmearAnalyzer:
         if not isinstance(image, Image.Image):
             source = source or str(image)
             image = load_image(image, max_pixels=self.max_pixels)
+        result = self.analyze_prepared(self.prepare(image, scale=scale), source)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def analyze_prepared(self, field: PreparedField, source: str | None = None) -> SmearResult:
+        """Detection, crops, classification and the differential of a field from :meth:`prepare`
+        (its ``seconds`` include the preparation)."""
+        start = time.perf_counter() - field.seconds
         source = source or "<image>"
-        image = image.convert("RGB")
-        scale, working_um_per_px, factor = self.field_scale(image, scale)
-        if factor == 1.0:
-            found = self.detect(image)
-        else:
-            size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
-            found = self.detect(image.resize(size, Image.Resampling.BILINEAR))
+        image, scale, working_um_per_px, factor = field.image, field.scale, field.working_um_per_px, field.factor
+        found = self.detect(field.detector_image, field.tiles)
+        if factor != 1.0:
+            size = field.detector_image.size
             d = found.detections
             # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
             back = np.array([image.size[0] / size[0], image.size[1] / size[1]] * 2)
@@ -333,32 +379,10 @@ class SmearAnalyzer:
     # -- many fields ----------------------------------------------------------
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
                       progress: Callable[..., None] | None = None) -> FolderSummary:
-        """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``.
+        """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``
+        (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
-        An unreadable file gives a row with ``error`` set, never a crash.
+        An unreadable file gives a row with ``error`` set, never a crash; rows keep the input order.
+        ``progress(advance=1, info=..., cells=N)`` is called once per field written.
         """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results: list[SmearResult] = []
-        used: set[str] = set()
-        for path in paths:
-            path = Path(path)
-            stem = unique_stem(path, used)
-            try:
-                image = load_image(path, max_pixels=self.max_pixels)
-                result = self.analyze(image, source=str(path))
-                write_field(result, out_dir, stem, image)
-            except ImageDecodeError as exc:
-                log.warning("cannot read %s: %s", path, exc)
-                result = SmearResult(str(path), 0, 0, [], {}, self.rules.count([], self.warnings),
-                                     cell_classes=self.cell_classes, error=str(exc))
-                write_field(result, out_dir, stem)
-            results.append(result)
-            if progress is not None:
-                progress(advance=1, info=f"{path.name}: {result.differential.total} WBC")
-        models = {"detector": self.detector.info.model_name,
-                  "classifier": getattr(getattr(self.classifier, "info", None), "model_name", None)}
-        summary = FolderSummary(results, self.rules, list(self.detector.classes), models, list(self.warnings),
-                                self.unfamiliar_share)
-        summary.write(out_dir)
-        return summary
+        return analyze_folder(self, paths, out_dir, progress=progress)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from leukoscope.inference.quality import DEFAULT_UNFAMILIAR_SHARE, cap_warning, 
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
+
+
+#: How the annotated PNG is compressed: zlib level 1 with run-length matching. Pillow's default
+#: (level 6) took 4.4 s for a 2592x1944 field on a 2-core CPU, more than its analysis; this takes
+#: a quarter of that and, on smear fields (large flat areas), gives files no larger (4.4 against
+#: 4.7 MB). Still lossless PNG.
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
@@ -52,7 +60,7 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
         if image is None:
             image = load_image(result.source)
         paths["annotated"] = out_dir / f"{stem}.annotated.png"
-        annotate(image, result).save(paths["annotated"], format="PNG")
+        annotate(image, result).save(paths["annotated"], format="PNG", **PNG_OPTIONS)
     return paths
 
 

@@ -37,11 +37,13 @@ def register_model(name: str, *, kind: str = "classifier", description: str = ""
     return decorate
 
 
-def _ensure_builtin_models_registered() -> None:
-    # Importing the modules runs their @register_model decorators.
+def _ensure_builtin_models_registered(*, classic: bool = True) -> None:
+    # Importing the modules runs their @register_model decorators. The classical models come
+    # apart: they import scikit-learn (seconds of start-up), which loading a network never needs.
     from leukoscope.models import jabeena, seed_cnns, torchvision_models  # noqa: F401
     from leukoscope.models import detectors  # noqa: F401
-    from leukoscope.models import classic  # noqa: F401
+    if classic:
+        from leukoscope.models import classic as _classic  # noqa: F401
 
 
 def list_models(kind: str | None = None) -> list[str]:
@@ -50,7 +52,9 @@ def list_models(kind: str | None = None) -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry:
-    _ensure_builtin_models_registered()
+    _ensure_builtin_models_registered(classic=False)
+    if name not in _REGISTRY:
+        _ensure_builtin_models_registered()
     try:
         return _REGISTRY[name]
     except KeyError:

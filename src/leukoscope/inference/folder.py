@@ -1,0 +1,125 @@
+"""The local folder engine: many smear fields analysed as a pipeline on one machine.
+
+Three stages overlap, each in its own thread, in input order:
+
+    read + prepare (worker)  ->  models (caller's thread)  ->  draw + write files (worker)
+
+Decoding a field, estimating its scale from its red cells and cutting the detector's tiles
+(:meth:`SmearAnalyzer.prepare`) happen for the next fields while the models run on this one,
+and drawing and PNG-encoding the annotated copy happen for the previous field. The models
+themselves run one call at a time in the caller's thread (two model calls at once only slow
+each other down on a small CPU). Queues are bounded, so at most ``ahead`` decoded fields and
+``ahead`` unwritten results are held. Every field gets exactly what
+:meth:`SmearAnalyzer.analyze` gives it, and the summary rows keep the input order.
+
+    summary = analyze_folder(analyzer, paths, "out/", progress=update)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
+from leukoscope.inference.smear_result import SmearResult
+from leukoscope.io import ImageDecodeError, load_image
+
+if TYPE_CHECKING:  # smear imports this module to delegate its folder runs here
+    from leukoscope.inference.smear import PreparedField, SmearAnalyzer
+
+log = logging.getLogger(__name__)
+
+#: Fields read ahead of the models, and results waiting for their files (each holds a decoded field).
+DEFAULT_AHEAD = 2
+
+
+@dataclass
+class _Read:
+    """One input after the first stage: a prepared field, or why it could not be read."""
+
+    path: Path
+    stem: str
+    field: "PreparedField | None" = None
+    error: str | None = None
+
+
+def _read(analyzer: "SmearAnalyzer", path: Path, stem: str) -> _Read:
+    try:
+        image = load_image(path, max_pixels=analyzer.max_pixels)
+    except ImageDecodeError as exc:
+        return _Read(path, stem, error=str(exc))
+    return _Read(path, stem, analyzer.prepare(image))
+
+
+def _failed(analyzer: "SmearAnalyzer", item: _Read) -> SmearResult:
+    log.warning("cannot read %s: %s", item.path, item.error)
+    return SmearResult(str(item.path), 0, 0, [], {}, analyzer.rules.count([], analyzer.warnings),
+                       cell_classes=analyzer.cell_classes, error=item.error)
+
+
+def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
+                   progress: Callable[..., None] | None = None, ahead: int = DEFAULT_AHEAD) -> FolderSummary:
+    """Analyse every file, write its outputs (:func:`write_field`) and the folder's ``summary.csv`` /
+    ``summary.json``; see the module docstring for the pipeline.
+
+    An unreadable file gives a row with ``error`` set, never a crash. ``progress`` is called in the
+    caller's thread once per field whose files are written, in input order, as
+    ``progress(advance=1, info="NAME: N WBC", cells=N)``.
+    """
+    if ahead < 1:
+        raise ValueError(f"ahead must be at least 1, got {ahead}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    inputs = [(Path(p), unique_stem(Path(p), used)) for p in paths]
+    results: list[SmearResult] = []
+    reading: deque[Future[_Read]] = deque()
+    writing: deque[tuple[SmearResult, Future]] = deque()
+
+    def written(result: SmearResult, future: Future) -> None:
+        future.result()  # a write error (disk full, no permission) stops the run, as it always did
+        results.append(result)
+        if progress is not None:
+            n = result.differential.total
+            progress(advance=1, info=f"{Path(result.source).name}: {n} WBC", cells=n)
+
+    # One thread per stage: more readers would compete with the models for the same cores.
+    with ThreadPoolExecutor(1, thread_name_prefix="leukoscope-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="leukoscope-write") as writer:
+        try:
+            pending = iter(inputs)
+            for path, stem in pending:
+                reading.append(reader.submit(_read, analyzer, path, stem))
+                if len(reading) >= ahead:
+                    break
+            while reading:
+                item = reading.popleft().result()
+                for path, stem in pending:  # keep the reader ``ahead`` fields in front
+                    reading.append(reader.submit(_read, analyzer, path, stem))
+                    break
+                if item.field is None:
+                    result = _failed(analyzer, item)
+                    image = None
+                else:
+                    result = analyzer.analyze_prepared(item.field, str(item.path))
+                    image = item.field.image
+                writing.append((result, writer.submit(write_field, result, out_dir, item.stem, image)))
+                while writing and (writing[0][1].done() or len(writing) > ahead):
+                    written(*writing.popleft())
+            while writing:
+                written(*writing.popleft())
+        except BaseException:
+            # Stop at once (an error, Ctrl-C): queued fields are not read or written.
+            for future in [*reading, *(f for _, f in writing)]:
+                future.cancel()
+            raise
+    models = {"detector": analyzer.detector.info.model_name,
+              "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
+    summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models,
+                            list(analyzer.warnings), analyzer.unfamiliar_share)
+    summary.write(out_dir)
+    return summary

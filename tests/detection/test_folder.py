@@ -1,0 +1,136 @@
+"""The pipelined folder engine (leukoscope.inference.folder): the same results as analysing the
+fields one by one, in input order, with every file written and unreadable files as error rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.inference.drawing import annotate
+from leukoscope.inference.folder import analyze_folder
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.smear_result import SmearResult
+from tests.detection.smear_fakes import DarkBlobDetector
+
+
+def _fields(smear_root: Path, tmp_path: Path) -> list[Path]:
+    """Four readable synthetic fields with a broken file and a missing one among them."""
+    images = sorted((smear_root / "JPEGImages").glob("*.png"))[:4]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    return [images[0], broken, images[1], images[2], tmp_path / "missing.png", images[3]]
+
+
+def _same(piped: SmearResult, alone: SmearResult) -> None:
+    assert piped.source == alone.source and (piped.width, piped.height) == (alone.width, alone.height)
+    assert piped.tiles == alone.tiles and piped.capped_tiles == alone.capped_tiles
+    assert piped.object_counts == alone.object_counts and piped.scale == alone.scale
+    assert [c.as_row(piped.cell_classes) for c in piped.cells] == [c.as_row(alone.cell_classes) for c in alone.cells]
+    assert piped.differential.to_json() == alone.differential.to_json()
+    np.testing.assert_array_equal(piped.detections.boxes, alone.detections.boxes)
+    np.testing.assert_array_equal(piped.detections.scores, alone.detections.scores)
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_pipelined_folder_gives_the_sequential_results_in_input_order(
+        smear_root: Path, detector_bundle: Path, classifier_bundle: Path, tmp_path: Path, ahead: int) -> None:
+    analyzer = SmearAnalyzer.from_bundles(detector_bundle, classifier_bundle, tile_size=128, overlap=48)
+    paths = _fields(smear_root, tmp_path)
+    calls: list[dict] = []
+    summary = analyze_folder(analyzer, paths, tmp_path / "out", ahead=ahead,
+                             progress=lambda **kw: calls.append(kw))
+    assert [r.source for r in summary.results] == [str(p) for p in paths]
+    for path, piped in zip(paths, summary.results):
+        if path.name in ("broken.jpg", "missing.png"):
+            assert piped.error and not piped.cells
+            continue
+        assert piped.error is None
+        _same(piped, analyzer.analyze(path))
+    assert sum(r.differential.total for r in summary.results) > 0  # the comparison compared cells
+    # One progress call per field, in input order, with its cell count.
+    assert [c["advance"] for c in calls] == [1] * len(paths)
+    assert [c["cells"] for c in calls] == [r.differential.total for r in summary.results]
+    assert [c["info"].split(":")[0] for c in calls] == [p.name for p in paths]
+
+
+def test_every_output_is_written_and_an_unreadable_file_is_a_row(
+        smear_root: Path, detector_bundle: Path, classifier_bundle: Path, tmp_path: Path) -> None:
+    analyzer = SmearAnalyzer.from_bundles(detector_bundle, classifier_bundle, tile_size=128, overlap=48)
+    paths = _fields(smear_root, tmp_path)
+    out = tmp_path / "out"
+    summary = analyzer.analyze_paths(paths, out)  # the CLI's entry point delegates to the engine
+    for path, result in zip(paths, summary.results):
+        assert (out / f"{path.stem}.json").is_file() and (out / f"{path.stem}.cells.csv").is_file()
+        png = out / f"{path.stem}.annotated.png"
+        if result.error:
+            assert not png.exists()
+            assert json.loads((out / f"{path.stem}.json").read_text())["error"] == result.error
+            continue
+        # Lossless: the PNG holds exactly the annotated field, whatever its compression settings.
+        drawn = annotate(Image.open(path).convert("RGB"), result)
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(drawn))
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(paths) + 1  # header, one per input, TOTAL
+    assert "not a recognised image" in rows[2] and "does not exist" in rows[5]
+    assert json.loads((out / "summary.json").read_text())["failed"] == 2
+
+
+class _FailsOnSecondField(DarkBlobDetector):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def detect(self, images, *, threshold=None, batch_size=4):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("model broke")
+        return super().detect(images, threshold=threshold, batch_size=batch_size)
+
+
+def test_an_error_in_the_models_stops_the_run(tmp_path: Path) -> None:
+    paths = []
+    for k in range(5):
+        pixels = np.full((120, 160, 3), 230, np.uint8)
+        pixels[40:70, 50 + k:90 + k] = 30
+        paths.append(tmp_path / f"f{k}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    analyzer = SmearAnalyzer(_FailsOnSecondField())
+    with pytest.raises(RuntimeError, match="model broke"):
+        analyze_folder(analyzer, paths, tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.csv").exists()
+    with pytest.raises(ValueError, match="ahead"):
+        analyze_folder(analyzer, paths, tmp_path / "out", ahead=0)
+
+
+def test_prepare_then_analyze_prepared_is_analyze() -> None:
+    pixels = np.full((1000, 1300, 3), 230, np.uint8)
+    pixels[400:560, 620:800] = 40
+    image = Image.fromarray(pixels)
+    analyzer = SmearAnalyzer(DarkBlobDetector(), tile_size=800, overlap=300)
+    prepared = analyzer.prepare(image)
+    assert len(prepared.tiles) == 4 and prepared.factor == 1.0
+    assert prepared.tiles[0][1].dtype.is_floating_point and float(prepared.tiles[0][1].max()) <= 1.0
+    piped, alone = analyzer.analyze_prepared(prepared, "f"), analyzer.analyze(image, "f")
+    assert [c.box for c in piped.cells] == [c.box for c in alone.cells] == [(620.0, 400.0, 800.0, 560.0)]
+    assert piped.seconds >= prepared.seconds
+
+
+def test_loading_the_models_imports_neither_scikit_learn_nor_matplotlib(detector_bundle: Path,
+                                                                       classifier_bundle: Path) -> None:
+    """Seconds of start-up in every `leukoscope analyze`: the classical models and the evaluation
+    package's metrics and figures are imported only when used."""
+    code = ("import sys; from leukoscope.inference.smear import SmearAnalyzer; "
+            f"SmearAnalyzer.from_bundles({str(detector_bundle)!r}, {str(classifier_bundle)!r}); "
+            "print(sorted(m for m in ('sklearn', 'matplotlib', 'pandas') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
