@@ -1,6 +1,6 @@
 """Benchmark: a folder of full-size smear fields through `leukoscope analyze`, old code beside new.
 
-    python bench/folder_speed.py [--old-src OLD/src] [--fields 6] [--repeats 3] [--threads 2]
+    python bench/folder_speed.py [--old-src OLD/src] [--fields 6] [--repeats 3] [--threads 2] [--backend torch]
                                  [--detector D] [--classifier C]
 
 The fields are at CBC's physical scale (unlike bench/smear_speed.py's mosaic of shrunken
@@ -77,6 +77,7 @@ def _median(fn, repeats: int) -> float:
 def measure(args: argparse.Namespace) -> dict:
     """(a), (b) and, where this version has them, the stages of one field: in this process."""
     start = time.perf_counter()
+    import inspect
     import io
 
     import torch
@@ -87,7 +88,10 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     classifier = None if args.classifier.lower() == "none" else resolve_bundle(args.classifier)
-    analyzer = SmearAnalyzer.from_bundles(resolve_bundle(args.detector), classifier)
+    # --backend exists in this checkout; an older version (--old-src) runs torch.
+    takes_backend = "backend" in inspect.signature(SmearAnalyzer.__init__).parameters
+    analyzer = SmearAnalyzer.from_bundles(resolve_bundle(args.detector), classifier,
+                                          **({"backend": args.backend} if takes_backend else {}))
     startup = time.perf_counter() - start
     small = load_image(cbc_test_images(Path(args.data))[0])
     field_path = sorted(Path(args.fields_dir).glob("*.jpg"))[0]
@@ -126,7 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
 def run_version(src: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--fields-dir", str(args.fields_dir),
                "--data", args.data, "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--detector", args.detector, "--classifier", args.classifier]
+               "--detector", args.detector, "--classifier", args.classifier, "--backend", args.backend]
     env = {**os.environ, "PYTHONPATH": str(src)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -134,10 +138,13 @@ def run_version(src: Path, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def folder_run(src: Path, fields_dir: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system, all threads) of one `leukoscope analyze` of the folder."""
+def folder_run(src: Path, fields_dir: Path, out: Path, args: argparse.Namespace,
+               backend: bool = True) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, all threads) of one `leukoscope analyze` of the folder
+    (``backend``: pass --backend; versions before it existed ran torch)."""
     command = [sys.executable, "-m", "leukoscope.cli", "analyze", str(fields_dir), "--out", str(out),
                "--threads", str(args.threads), "--quiet", "--detector", args.detector, "--classifier", args.classifier]
+    command += ["--backend", args.backend] if backend else []
     env = {**os.environ, "PYTHONPATH": str(src)}
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detector", default="pretrained:smear-detector")
     parser.add_argument("--classifier", default="pretrained:wbc-classifier", help="a bundle, pretrained:NAME or none")
+    parser.add_argument("--backend", default="torch", help="what runs the models of this checkout: torch, auto, "
+                        "onnxruntime, openvino (exported bundles: leukoscope export)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fields-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fields_dir = work / "fields"
         make_fields(Path(args.data), args.fields_dir, args.fields, width, height)
         measured: dict = {"fields": args.fields, "field_size": f"{width}x{height}", "repeats": args.repeats,
-                          "threads": args.threads, "load_average_1min_start": round(os.getloadavg()[0], 2)}
+                          "threads": args.threads, "backend": args.backend, "load_average_1min_start": round(os.getloadavg()[0], 2)}
         for name, src in versions.items():
             measured[name] = run_version(src, args)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
         for repeat in range(args.repeats):
             for name, src in versions.items():
-                runs[name].append(folder_run(src, args.fields_dir, work / f"out_{name}_{repeat}", args))
+                runs[name].append(folder_run(src, args.fields_dir, work / f"out_{name}_{repeat}", args,
+                                             backend=name == "new"))
         for name in versions:
             walls, cpus = [wall for wall, _ in runs[name]], [cpu for _, cpu in runs[name]]
             measured[name]["folder_wall_s"] = [round(s, 2) for s in walls]
