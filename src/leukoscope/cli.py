@@ -37,7 +37,6 @@ from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX,
                                    model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle)
 from leukoscope.progress import console, name_some
 
-#: `predict --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
 #: `predict`/`analyze`/`evaluate --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
@@ -320,8 +319,7 @@ def evaluate(
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
-    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data,
-                "--backend": backend not in ("auto", "torch") and backend}
+    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data}
                if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
@@ -329,6 +327,10 @@ def evaluate(
               f"{', '.join(given)} does not apply to it")
     # a shipped model's folder is inside the installed package: its evaluations go to the working folder
     out_root, prefix = (Path("."), f"eval-{bundle.name}-") if is_pretrained_spec(spec) else (bundle.parent, "eval-")
+    if threads:  # torch's share of either task (a detector's graph runs beside torch's proposal stage)
+        import torch
+
+        torch.set_num_threads(threads)
     if info.task == "detect":
         out = out or out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}"
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
@@ -337,10 +339,6 @@ def evaluate(
                       f"on {metrics['n_images']} images")
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
                        threads=threads)
@@ -635,6 +633,10 @@ def serve(
     detector_backend: Optional[str] = typer.Option(None, "--detector-backend", help="What runs the detector: "
                                                    "torch (default), onnxruntime, openvino (a bundle from "
                                                    "`leukoscope export`) or auto."),
+    classifier_backend: Optional[str] = typer.Option(None, "--classifier-backend", help="What runs the cell "
+                                                     "classifier: torch (default), onnxruntime, openvino (a bundle "
+                                                     "from `leukoscope export`) or auto; Grad-CAM loads torch's "
+                                                     "model too."),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
@@ -642,7 +644,7 @@ def serve(
 
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
                                  migrate=migrate, inference_threads=inference_threads,
-                                 detector_backend=detector_backend)
+                                 detector_backend=detector_backend, classifier_backend=classifier_backend)
     if settings.bundle is None:
         settings = _shipped_service_models(settings)
     import uvicorn
@@ -931,6 +933,8 @@ def analyze(
     --pretrained`); with only --detector, the shipped classifier when installed.
     """
     _check_engine(engine, address, actors, retry_failed)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
     from leukoscope.inference.predict_files import collect_images
 
     from leukoscope.inference.slide.reader import is_slide_path

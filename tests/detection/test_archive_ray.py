@@ -165,3 +165,11 @@ def test_shipped_models_travel_by_name(tmp_path: Path) -> None:
     assert portable_spec("pretrained:wbc-classifier") == "pretrained:wbc-classifier"
     assert portable_spec(tmp_path / "bundle") == str((tmp_path / "bundle").resolve())
     assert portable_spec(None) is None
+
+
+@pytest.mark.slow
+def test_more_threads_per_actor_than_any_node_has_is_an_error_not_a_hang(two_node_cluster, fields: list[Path],
+                                                                         detector_bundle: Path, tmp_path: Path) -> None:
+    # Each node of the test cluster has 1 CPU: an actor asking for 2 could never be placed, and Ray would wait.
+    with pytest.raises(ValueError, match="--threads 2 per actor is more than the largest node.*1 CPUs"):
+        analyze_archive(AnalyzerSpec(detector_bundle, None, OPTIONS), fields[:2], tmp_path / "out", threads=2)

@@ -177,6 +177,14 @@ def test_export_cli_checks_parity_on_a_voc_folder(tmp_path: Path) -> None:
     assert "parity on 3 images (onnxruntime vs torch)" in result.output and " 0 unmatched" in result.output
     assert "(change +0.0000)" in result.output
     assert read_bundle_info(out).export["part"] == "dense"
+    # evaluate runs the exported graph when asked, and scores what torch scores
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        scored = invoke("evaluate", "--bundle", out, "--data", data, "--backend", backend, "--threads", "1",
+                        "--out", tmp_path / f"eval-{backend}")
+        assert scored.exit_code == 0, scored.output
+        maps[backend] = json.loads((tmp_path / f"eval-{backend}" / "metrics.json").read_text())["map_50"]
+    assert maps["onnxruntime"] == pytest.approx(maps["torch"], abs=1e-4)
     wrong = invoke("export", "--bundle", "pretrained:smear-detector", "--out", tmp_path / "x", "--split", "Testing")
     assert wrong.exit_code == 2 and "--split names a split of --check DATA" in wrong.output
 

@@ -280,9 +280,17 @@ def test_uploaded_files_are_decoded_one_at_a_time(service, monkeypatch):
     most = [0]
     real = cases.load_image
 
-    def tracking_load(data, **options):
+    def held() -> int:
         gc.collect()
-        most[0] = max(most[0], sum(ref() is not None for ref in alive) + 1)
+        return sum(ref() is not None for ref in alive)
+
+    def tracking_load(data, **options):
+        # A model thread may still be dropping its reference to the last image when the next
+        # upload is decoded (a busy machine delays it): give it a moment, never forever.
+        deadline = time.monotonic() + 2.0
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        most[0] = max(most[0], held() + 1)
         image = real(data, **options)
         alive.append(weakref.ref(image))
         return image

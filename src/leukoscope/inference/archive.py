@@ -76,9 +76,10 @@ class AnalyzerSpec:
     def portable(self) -> "AnalyzerSpec":
         return AnalyzerSpec(portable_spec(self.detector), portable_spec(self.classifier), dict(self.options))
 
-    def build(self) -> SmearAnalyzer:
+    def build(self, threads: int | None = None) -> SmearAnalyzer:
+        """The analyzer; ``threads``: what its graph runtimes (onnxruntime, OpenVINO) may use."""
         classifier = resolve_bundle(self.classifier) if self.classifier is not None else None
-        return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, **self.options)
+        return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, threads=threads, **self.options)
 
 
 def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
@@ -97,9 +98,10 @@ class FieldActor:
     def __init__(self, spec: AnalyzerSpec, threads: int) -> None:
         import torch
 
-        # One actor per ``threads`` CPUs: more threads than its share would fight the other actors.
+        # One actor per ``threads`` CPUs: more threads than its share would fight the other actors
+        # (torch's, and an exported graph's runtime).
         torch.set_num_threads(max(1, int(threads)))
-        self.analyzer = spec.build()
+        self.analyzer = spec.build(threads=max(1, int(threads)))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -210,6 +212,12 @@ def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], pa
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the bar
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                  default=cpus)
+    if threads > largest:
+        # Ray would wait for such an actor for ever: no node can host it.
+        raise ValueError(f"--threads {threads} per actor is more than the largest node of the Ray cluster has "
+                         f"({largest} CPUs): give --threads {largest} or fewer")
     pool = actors or max(1, cpus // threads)
     items = [{"path": key, "source": sources[key]} for key in todo]
     # One field per block (up to 10,000 blocks): results stream back field by field, not in bursts.

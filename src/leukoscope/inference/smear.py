@@ -205,10 +205,12 @@ class SmearAnalyzer:
 
     # -- detection over tiles ------------------------------------------------
     def detector_tiles(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
-        """The tiles the detector sees (:func:`tile_grid`) with their (3, H, W) float pixels in [0, 1]."""
+        """The tiles the detector sees (:func:`tile_grid`) with their (3, H, W) uint8 pixels: views of one
+        array (:meth:`detect` makes each float tile when it runs it, so a field waiting in a queue is not
+        held four times over as floats)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
-        return [((x0, y0, x1, y1), pixels[:, y0:y1, x0:x1].float().div_(255.0))
+        return [((x0, y0, x1, y1), pixels[:, y0:y1, x0:x1])
                 for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
 
     def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], torch.Tensor]] | None = None
@@ -223,7 +225,7 @@ class SmearAnalyzer:
         edge = 4.0
         capped = 0
         for (x0, y0, x1, y1), pixels in tiles:
-            result = self.detector.detect([pixels])[0]
+            result = self.detector.detect([pixels.float().div_(255.0)])[0]  # float only while it runs
             if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
                                                                             (x1 - x0) * (y1 - y0)):
                 capped += 1

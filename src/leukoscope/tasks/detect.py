@@ -234,11 +234,17 @@ def match_same_detections(a: Predicted, b: Predicted, tolerance: float = 1.0) ->
 
 
 def compare_detector_backends(bundle: str | Path, data: str | Path, *, split: str | None = None,
-                              backend: str = "onnxruntime", threads: int | None = None,
+                              backend: str = "auto", threads: int | None = None,
                               on_error: Literal["skip", "fail"] = "skip",
                               show_progress: bool = True) -> DetectorParity:
-    """Detect on a VOC folder with the torch model and the exported graph (``backend``) of ``bundle``."""
-    detectors = [CellDetector.from_bundle(bundle, backend=name, threads=threads) for name in ("torch", backend)]
+    """Detect on a VOC folder with the torch model and the exported graph of ``bundle`` on ``backend``
+    (``auto``: the installed graph runtime ``auto`` picks; an error when that is torch)."""
+    exported = CellDetector.from_bundle(bundle, backend=backend, threads=threads)
+    if exported.backend == "torch":
+        raise ValueError(f"{bundle}: no installed runtime can run its graph, so there is nothing to compare torch "
+                         f"with: pip install 'leukoscope[onnx]' (or [openvino])")
+    backend = exported.backend
+    detectors = [CellDetector.from_bundle(bundle, backend="torch", threads=threads), exported]
     classes = detectors[0].classes
     images = list(read_voc_dataset(data, split, classes=classes, on_error=on_error))
     if not images:
