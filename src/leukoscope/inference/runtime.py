@@ -83,7 +83,42 @@ class TorchRuntime(Runtime):
         return batched_logits(self.model, pixels, self.preprocessing, self.device), None
 
 
-class OnnxRuntime(Runtime):
+class GraphRuntime(Runtime):
+    """An exported graph (``record``: the bundle's ``export`` entry): the batching around one
+    backend's ``_infer`` of a normalised float batch."""
+
+    record: dict[str, Any]
+    preprocessing: Preprocessing
+
+    @property
+    def output_names(self) -> list[str]:
+        return [str(output["name"]) for output in self.record["outputs"]]
+
+    @property
+    def has_embeddings(self) -> bool:
+        return "embedding" in self.output_names
+
+    def _infer(self, inputs: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        if embeddings and not self.has_embeddings:
+            # Never a made-up score: the caller asked for the OOD score and this graph cannot give it.
+            raise BundleError(f"the exported graph has no embedding output, so the OOD score is unavailable on "
+                              f"{self.backend}: re-export the bundle with this leukoscope, or use --backend torch")
+        wanted = ["logits", "embedding"] if embeddings else ["logits"]
+        chunks: list[list[np.ndarray]] = [[] for _ in wanted]
+        for start in range(0, len(pixels), BATCH):
+            inputs = self.preprocessing.model_input(pixels[start:start + BATCH]).float().numpy()
+            for chunk, result in zip(chunks, self._infer(inputs, wanted)):
+                chunk.append(result)
+        if not chunks[0]:
+            raise ValueError("no images to score")
+        joined = [np.concatenate(chunk) for chunk in chunks]
+        return joined[0], joined[1] if embeddings else None
+
+
+class OnnxRuntime(GraphRuntime):
     """The bundle's exported graph in an onnxruntime session (CPUExecutionProvider)."""
 
     backend = "onnxruntime"
@@ -95,7 +130,6 @@ class OnnxRuntime(Runtime):
         self.preprocessing = preprocessing
         self.record = record
         self.input_name = str(record["inputs"][0]["name"])
-        self.output_names = [str(output["name"]) for output in record["outputs"]]
         options = ort.SessionOptions()
         if threads:  # else onnxruntime's default (all cores)
             options.intra_op_num_threads = int(threads)
@@ -105,28 +139,11 @@ class OnnxRuntime(Runtime):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             raise BundleError(f"{path}: cannot load the exported graph: {str(exc)[:300]}") from None
 
-    @property
-    def has_embeddings(self) -> bool:
-        return "embedding" in self.output_names
-
-    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        if embeddings and not self.has_embeddings:
-            # Never a made-up score: the caller asked for the OOD score and this graph cannot give it.
-            raise BundleError("the exported graph has no embedding output, so the OOD score is unavailable on "
-                              "onnxruntime: re-export the bundle with this leukoscope, or use --backend torch")
-        wanted = ["logits", "embedding"] if embeddings else ["logits"]
-        chunks: list[list[np.ndarray]] = [[] for _ in wanted]
-        for start in range(0, len(pixels), BATCH):
-            inputs = self.preprocessing.model_input(pixels[start:start + BATCH]).float().numpy()
-            for chunk, result in zip(chunks, self.session.run(wanted, {self.input_name: inputs})):
-                chunk.append(result)
-        if not chunks[0]:
-            raise ValueError("no images to score")
-        joined = [np.concatenate(chunk) for chunk in chunks]
-        return joined[0], joined[1] if embeddings else None
+    def _infer(self, inputs: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+        return self.session.run(wanted, {self.input_name: inputs})
 
 
-class OpenvinoRuntime(Runtime):
+class OpenvinoRuntime(GraphRuntime):
     """The bundle's exported graph (OpenVINO IR, or the ONNX graph, which OpenVINO reads too) compiled
     for OpenVINO's CPU plugin.
 
@@ -143,7 +160,6 @@ class OpenvinoRuntime(Runtime):
 
         self.preprocessing = preprocessing
         self.record = record
-        self.output_names = [str(output["name"]) for output in record["outputs"]]
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:  # else OpenVINO's default (all cores)
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -154,28 +170,12 @@ class OpenvinoRuntime(Runtime):
             raise BundleError(f"{path}: cannot load the exported graph on OpenVINO: {str(exc)[:300]}") from None
         self._local = threading.local()  # an infer request serves one thread at a time (the service has several)
 
-    @property
-    def has_embeddings(self) -> bool:
-        return "embedding" in self.output_names
-
-    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        if embeddings and not self.has_embeddings:
-            raise BundleError("the exported graph has no embedding output, so the OOD score is unavailable on "
-                              "OpenVINO: re-export the bundle with this leukoscope, or use --backend torch")
+    def _infer(self, inputs: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        wanted = ["logits", "embedding"] if embeddings else ["logits"]
-        chunks: list[list[np.ndarray]] = [[] for _ in wanted]
-        for start in range(0, len(pixels), BATCH):
-            inputs = self.preprocessing.model_input(pixels[start:start + BATCH]).float().numpy()
-            request.infer([inputs])
-            for chunk, name in zip(chunks, wanted):
-                chunk.append(request.get_tensor(name).data.copy())
-        if not chunks[0]:
-            raise ValueError("no images to score")
-        joined = [np.concatenate(chunk) for chunk in chunks]
-        return joined[0], joined[1] if embeddings else None
+        request.infer([inputs])
+        return [request.get_tensor(name).data.copy() for name in wanted]
 
 
 def runnable_backends(info: BundleInfo) -> tuple[str, ...]:
