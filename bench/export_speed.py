@@ -30,15 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (onnxruntime and OpenVINO plan their first run)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(round(os.getloadavg()[0], 2))
             for label, runtime in runtimes.items():
                 with torch.no_grad():
-                    seconds = _median_seconds(lambda: runtime.outputs(pixels), args.repeats)
+                    seconds = median_seconds(lambda: runtime.outputs(pixels), args.repeats)
                 speeds[label].append(args.batch / seconds)
             for label in runtimes:
                 ratios[label].append(speeds[label][-1] / speeds["torch"][-1])

@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import median_seconds  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "cbc"
 
@@ -64,16 +67,6 @@ def make_fields(data: Path, out: Path, n: int, width: int, height: int) -> list[
     return paths
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(args: argparse.Namespace) -> dict:
     """(a), (b) and, where this version has them, the stages of one field: in this process."""
     start = time.perf_counter()
@@ -97,9 +90,9 @@ def measure(args: argparse.Namespace) -> dict:
     field_path = sorted(Path(args.fields_dir).glob("*.jpg"))[0]
     field = load_image(field_path)
     out = {"startup_s": round(startup, 3),
-           "detect_640x480_s": round(_median(lambda: analyzer.detector.detect([small]), args.repeats), 3)}
+           "detect_640x480_s": round(median_seconds(lambda: analyzer.detector.detect([small]), args.repeats), 3)}
     results = []
-    out["analyze_field_s"] = round(_median(lambda: results.append(analyzer.analyze(field, "f")), args.repeats), 3)
+    out["analyze_field_s"] = round(median_seconds(lambda: results.append(analyzer.analyze(field, "f")), args.repeats), 3)
     out["wbc"] = len(results[-1].cells)
     out["tiles"] = results[-1].tiles
     if hasattr(analyzer, "prepare"):  # the stages, in this version's own terms
@@ -123,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict:
             "csv + json": lambda: write_field(result.__class__(**{**result.__dict__, "error": "skip png"}),
                                               Path(args.fields_dir).parent / "stage_out", "f"),
         }
-        out["stages_s"] = {name: round(_median(fn, args.repeats), 3) for name, fn in stages.items()}
+        out["stages_s"] = {name: round(median_seconds(fn, args.repeats), 3) for name, fn in stages.items()}
     return out
 
 

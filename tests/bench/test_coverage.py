@@ -11,7 +11,7 @@ import pytest
 from tests.bench.conftest import BENCH
 
 #: Modules imported by the scripts, not run on their own (classification.py runs through taleqani.py and pbc.py).
-LIBRARIES = {"_service_common.py", "classification.py"}
+LIBRARIES = {"_service_common.py", "_timing.py", "classification.py"}
 
 
 def test_every_bench_script_is_run_by_a_smoke_test() -> None:

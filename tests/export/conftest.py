@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from leukoscope.cli import app
@@ -38,3 +40,24 @@ def exported(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("exported")
     return {name: export_onnx(bundle, out / name) for name, bundle in trained.items()}
+
+
+#: Float graphs differ from torch by float rounding only (measured: ~1e-6; OpenVINO held at f32).
+PROBABILITY_TOLERANCE = 1e-4
+
+
+def assert_graph_matches_torch(torch_classifier, graph_classifier, images) -> None:
+    """The exported graph's probabilities, top classes and OOD scores on one image and on all of them
+    (the batch axis is dynamic), and its logits and embeddings, match the torch model's. (Embeddings,
+    not OOD scores, are compared: one-epoch models' Mahalanobis statistics are degenerate, precision
+    entries up to ~1e17, so their scores move with float rounding even between two batches on torch.)"""
+    for batch in (images[:1], images):
+        p_torch, _ = torch_classifier.outputs(batch)
+        p_graph, scores = graph_classifier.outputs(batch)
+        assert np.abs(p_torch - p_graph).max() < PROBABILITY_TOLERANCE
+        assert (p_torch.argmax(1) == p_graph.argmax(1)).all()
+        assert scores is not None and scores.shape == (len(batch),)
+    pixels = torch.stack([torch_classifier.preprocessing.pixels(image) for image in images])
+    logits_torch, embedded_torch = torch_classifier.runtime.outputs(pixels, embeddings=True)
+    logits_graph, embedded_graph = graph_classifier.runtime.outputs(pixels, embeddings=True)
+    assert np.allclose(logits_graph, logits_torch, atol=1e-4) and np.allclose(embedded_graph, embedded_torch, atol=1e-4)

@@ -16,12 +16,9 @@ from leukoscope.inference import runtime
 from leukoscope.inference.export import check_exportable, export_onnx
 from leukoscope.inference.export_check import compare_backends
 from leukoscope.inference.predictor import CellClassifier
-from tests.export.conftest import ARCHITECTURES
+from tests.export.conftest import ARCHITECTURES, PROBABILITY_TOLERANCE, assert_graph_matches_torch
 
 pytest.importorskip("onnxruntime")
-
-#: Probabilities of the graph and the torch model differ by float rounding only (measured: ~1e-7).
-PROBABILITY_TOLERANCE = 1e-4
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -38,19 +35,7 @@ def test_exported_graph_agrees_with_torch(name: str, exported: dict[str, Path], 
     assert onnx_classifier.model is None and onnx_classifier.ood is not None
     images = [Image.open(p).convert("RGB") for p in sorted((synthetic_root / "blast").glob("*.png"))[:6]]
     images += _images(5)
-    for batch in (images[:1], images):  # the batch axis is dynamic
-        p_torch, _ = torch_classifier.outputs(batch)
-        p_onnx, scores = onnx_classifier.outputs(batch)
-        assert np.abs(p_torch - p_onnx).max() < PROBABILITY_TOLERANCE
-        assert (p_torch.argmax(1) == p_onnx.argmax(1)).all()
-        assert scores is not None and scores.shape == (len(batch),)
-    # The OOD score reads the graph's embedding output, the same as torch's. (Compared as embeddings:
-    # these one-epoch models' Mahalanobis statistics are degenerate, precision entries up to ~1e17, so
-    # their scores move with float rounding, even between two batch sizes on torch alone.)
-    pixels = torch.stack([torch_classifier.preprocessing.pixels(image) for image in images])
-    logits_torch, embedded_torch = torch_classifier.runtime.outputs(pixels, embeddings=True)
-    logits_onnx, embedded_onnx = onnx_classifier.runtime.outputs(pixels, embeddings=True)
-    assert np.allclose(logits_onnx, logits_torch, atol=1e-4) and np.allclose(embedded_onnx, embedded_torch, atol=1e-4)
+    assert_graph_matches_torch(torch_classifier, onnx_classifier, images)
 
 
 def test_exported_bundle_records_its_graph(exported: dict[str, Path], trained: dict[str, Path]) -> None:

@@ -17,13 +17,11 @@ from leukoscope.inference import runtime
 from leukoscope.inference.export import export_bundle
 from leukoscope.inference.export_check import compare_backends
 from leukoscope.inference.predictor import CellClassifier
-from tests.export.conftest import ARCHITECTURES, invoke
+from tests.export.conftest import ARCHITECTURES, PROBABILITY_TOLERANCE, assert_graph_matches_torch, invoke
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 
-#: Float graphs differ from torch by float rounding only (measured: ~1e-6, OpenVINO held at f32).
-PROBABILITY_TOLERANCE = 1e-4
 #: The int8 graph of the one-epoch 32 px abas_cnn, calibrated on other generated cells (32) and checked
 #: on the test cells (96): measured largest probability difference 1.3e-3 (logits move by up to half
 #: their spread, but its probabilities are saturated), top class agreement 100%. These tiny models
@@ -58,16 +56,7 @@ def test_openvino_graph_agrees_with_torch(name: str, openvino_bundles: dict[str,
     ov_classifier = CellClassifier.from_bundle(bundle, backend="openvino", threads=1)
     assert ov_classifier.backend == "openvino" and ov_classifier.model is None
     images = _images(synthetic_root)
-    for batch in (images[:1], images):  # the batch axis stays dynamic in the IR
-        p_torch, _ = torch_classifier.outputs(batch)
-        p_ov, scores = ov_classifier.outputs(batch)
-        assert np.abs(p_torch - p_ov).max() < PROBABILITY_TOLERANCE
-        assert (p_torch.argmax(1) == p_ov.argmax(1)).all()
-        assert scores is not None and scores.shape == (len(batch),)
-    pixels = torch.stack([torch_classifier.preprocessing.pixels(image) for image in images])
-    logits_torch, embedded_torch = torch_classifier.runtime.outputs(pixels, embeddings=True)
-    logits_ov, embedded_ov = ov_classifier.runtime.outputs(pixels, embeddings=True)
-    assert np.allclose(logits_ov, logits_torch, atol=1e-4) and np.allclose(embedded_ov, embedded_torch, atol=1e-4)
+    assert_graph_matches_torch(torch_classifier, ov_classifier, images)
 
 
 def test_openvino_runs_an_onnx_graph_too(exported: dict[str, Path], synthetic_root: Path) -> None:
