@@ -87,9 +87,7 @@ def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> Smea
     try:
         return analyzer.analyze(load_image(path, max_pixels=analyzer.max_pixels), source=source)
     except ImageDecodeError as exc:
-        log.warning("cannot read %s: %s", source, exc)
-        return SmearResult(source, 0, 0, [], {}, analyzer.rules.count([], analyzer.warnings),
-                           cell_classes=analyzer.cell_classes, error=str(exc))
+        return analyzer.failed_result(source, str(exc))
 
 
 class FieldActor:

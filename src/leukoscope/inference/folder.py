@@ -17,7 +17,6 @@ each other down on a small CPU). Queues are bounded, so at most ``ahead`` decode
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from leukoscope.io import ImageDecodeError, load_image
 if TYPE_CHECKING:  # smear imports this module to delegate its folder runs here
     from leukoscope.inference.smear import PreparedField, SmearAnalyzer
 
-log = logging.getLogger(__name__)
 
 #: Fields read ahead of the models, and results waiting for their files (each holds a decoded field).
 DEFAULT_AHEAD = 2
@@ -53,12 +51,6 @@ def _read(analyzer: "SmearAnalyzer", path: Path, stem: str) -> _Read:
     except ImageDecodeError as exc:
         return _Read(path, stem, error=str(exc))
     return _Read(path, stem, analyzer.prepare(image))
-
-
-def _failed(analyzer: "SmearAnalyzer", item: _Read) -> SmearResult:
-    log.warning("cannot read %s: %s", item.path, item.error)
-    return SmearResult(str(item.path), 0, 0, [], {}, analyzer.rules.count([], analyzer.warnings),
-                       cell_classes=analyzer.cell_classes, error=item.error)
 
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
@@ -102,7 +94,7 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
                     reading.append(reader.submit(_read, analyzer, path, stem))
                     break
                 if item.field is None:
-                    result = _failed(analyzer, item)
+                    result = analyzer.failed_result(str(item.path), str(item.error))
                     image = None
                 else:
                     result = analyzer.analyze_prepared(item.field, str(item.path))

@@ -379,6 +379,13 @@ class SmearAnalyzer:
                            capped_tiles=found.capped_tiles, scale=scale_record)
 
     # -- many fields ----------------------------------------------------------
+    def failed_result(self, source: str, error: str) -> SmearResult:
+        """The row of a field that could not be read: no cells, the analyzer's warnings, ``error`` set
+        (every engine writes it instead of stopping)."""
+        log.warning("cannot read %s: %s", source, error)
+        return SmearResult(source, 0, 0, [], {}, self.rules.count([], self.warnings), cell_classes=self.cell_classes,
+                           error=error)
+
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
                       progress: Callable[..., None] | None = None) -> FolderSummary:
         """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``
