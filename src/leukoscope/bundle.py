@@ -63,11 +63,13 @@ WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
 OOD_FILE = "ood.safetensors"
 ONNX_FILE = "model.onnx"
+#: An exported detector's second graph: RoIAlign, box head and class layer (detector_export).
+BOX_ONNX_FILE = "box_head.onnx"
 #: An OpenVINO IR graph: the network (XML) and its weights (BIN).
 OPENVINO_FILE = "model.xml"
 OPENVINO_WEIGHTS_FILE = "model.bin"
 #: Every file an exported graph may consist of (stale when the weights change; not copied).
-GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE)
+GRAPH_FILES = (ONNX_FILE, BOX_ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE)
 TASKS = ("classify", "detect")
 #: What version-1 bundles called their task.
 _LEGACY_TASK_NAMES = {None: "classify", "classification": "classify", "detection": "detect"}

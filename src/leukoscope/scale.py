@@ -76,10 +76,37 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
         return np.zeros(0)
     foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(green))
     foreground = segmentation.clear_border(foreground)
-    diameters = [region.equivalent_diameter_area for region in measure.regionprops(measure.label(foreground))
-                 if region.area >= 20 and region.solidity > 0.9 and region.eccentricity < 0.75]
+    labels = measure.label(foreground)
+    areas, eccentricities = _areas_and_eccentricities(labels)
+    # solidity (a convex hull per region) is the slow test: only for regions that pass the others
+    regions = measure.regionprops(labels)
+    diameters = [regions[k].equivalent_diameter_area for k in np.flatnonzero((areas >= 20) & (eccentricities < 0.75))
+                 if regions[k].solidity > 0.9]
     diameters = np.asarray(diameters, dtype=np.float64) / factor
     return diameters[diameters >= _MIN_DIAMETER_PX]
+
+
+def _areas_and_eccentricities(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count and eccentricity of regions ``1..labels.max()``, as skimage's regionprops gives
+    them (to 1e-13) but from the central moments of all regions at once: regionprops computes
+    them region by region, 0.1 s for the ~500 objects of a 5 MP field."""
+    n = int(labels.max())
+    pixels = np.flatnonzero(labels)
+    label = labels.ravel()[pixels]
+    rows, cols = (axis.astype(np.float64) for axis in np.divmod(pixels, labels.shape[1]))
+    area = np.bincount(label, minlength=n + 1)[1:].astype(np.float64)
+
+    def mean_per_region(values: np.ndarray) -> np.ndarray:
+        return np.bincount(label, weights=values, minlength=n + 1)[1:] / np.maximum(area, 1)
+
+    d_rows = rows - mean_per_region(rows)[label - 1]
+    d_cols = cols - mean_per_region(cols)[label - 1]
+    var_r, var_c, cov = (mean_per_region(d_rows * d_rows), mean_per_region(d_cols * d_cols),
+                         mean_per_region(d_rows * d_cols))
+    half = np.sqrt(((var_r - var_c) / 2) ** 2 + cov ** 2)
+    major, minor = (var_r + var_c) / 2 + half, (var_r + var_c) / 2 - half
+    ratio = np.divide(minor, major, out=np.ones_like(major), where=major > 0)
+    return area, np.sqrt(np.clip(1 - ratio, 0, None))
 
 
 def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) -> FieldScale:

@@ -13,6 +13,7 @@ from skimage.draw import disk
 from leukoscope.bundle import BundleInfo
 from leukoscope.data.synthetic_smears import SmearSpec, render_smear
 from leukoscope.inference.detector import CellDetector, DetectionResult
+from tests.detection.smear_fakes import float_pixels
 
 TILE = 256
 #: Columns of TILE px, left to right: thick, monolayer x4, feathered edge; ROWS rows.
@@ -99,7 +100,7 @@ class NucleusDetector(CellDetector):
 
     def detect(self, images, *, threshold=None, batch_size=4):
         out = []
-        for image in images:
+        for image in map(float_pixels, images):
             dark = (image[1] < 0.35).numpy()
             boxes = [[r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]] for r in measure.regionprops(measure.label(dark))
                      if r.area >= 60]

@@ -21,6 +21,11 @@ VERIFIED = {"evaluated_on": "test", "map_50": 0.95, "ap_50_per_class": {"WBC": 0
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
 
+def float_pixels(image: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) tile as a fake detector reads it: SmearAnalyzer passes uint8 tiles, tests floats in [0, 1]."""
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image
+
+
 class DarkBlobDetector(CellDetector):
     """A fixed rule in place of a network (for the tiling arithmetic only): one box
     around the dark pixels of the tile, cut at the tile edge like a real detector."""
@@ -32,7 +37,7 @@ class DarkBlobDetector(CellDetector):
 
     def detect(self, images, *, threshold=None, batch_size=4):
         out = []
-        for image in images:
+        for image in map(float_pixels, images):
             dark = (image.mean(0) < 0.3).numpy()
             ys, xs = np.nonzero(dark)
             if len(xs):

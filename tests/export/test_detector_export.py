@@ -75,17 +75,61 @@ def test_exported_detector_bundle_is_a_valid_bundle(exported_detector: Path, tmp
     assert info.format_version == 4 and info.export is not None
     assert info.export["part"] == "dense" and info.export["levels"] == ["0", "1", "2", "pool"]
     assert len(info.export["outputs"]) == 12  # features, objectness, deltas of 4 levels
-    assert (exported_detector / "model.onnx").is_file()
+    assert (exported_detector / "model.onnx").is_file() and (exported_detector / "box_head.onnx").is_file()
+    assert info.export["box_file"] == "box_head.onnx"
+    assert info.export["box_inputs"] == ["features_0", "features_1", "features_2", "regions_0", "regions_1", "regions_2"]
     shipped = read_bundle_info("pretrained:smear-detector")
     assert (info.classes, info.model_options, info.score_threshold) == (shipped.classes, shipped.model_options,
                                                                          shipped.score_threshold)
     import onnx
 
     onnx.checker.check_model(str(exported_detector / "model.onnx"))
+    onnx.checker.check_model(str(exported_detector / "box_head.onnx"))
     copy = copy_bundle(exported_detector, tmp_path / "copy")  # a copy without the graph does not claim it
-    assert read_bundle_info(copy).export is None and not (copy / "model.onnx").exists()
+    assert read_bundle_info(copy).export is None
+    assert not (copy / "model.onnx").exists() and not (copy / "box_head.onnx").exists()
     assert CellDetector.from_bundle(copy, backend="auto").backend == "torch"
     assert CellDetector.from_bundle(exported_detector, backend="auto").backend == detector_runtime.AUTO_ORDER[0]
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_the_box_graph_pools_and_classifies_instead_of_torch(exported_detector: Path, backend: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the box graph, torchvision's RoIAlign and box head never run; a bundle exported before the
+    box graph existed (no box_file) still runs, with torch pooling, and finds the same cells."""
+    field = _field(LARGE)
+    graph = CellDetector.from_bundle(exported_detector, backend=backend, threads=1)
+    assert graph.graphs is not None and graph.graphs.box is not None
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch ran the box part")
+
+    monkeypatch.setattr(graph.model.roi_heads.box_roi_pool, "forward", forbidden)
+    monkeypatch.setattr(graph.model.roi_heads.box_head, "forward", forbidden)
+    with_box = graph.detect([field], threshold=0.0)[0]
+    monkeypatch.undo()
+
+    info = json.loads((exported_detector / "bundle.json").read_text())
+    for key in ("box_file", "box_inputs", "box_outputs"):
+        del info["export"][key]
+    older = exported_detector.parent / "older"
+    older.mkdir(exist_ok=True)
+    for name in ("model.safetensors", "model.onnx"):
+        (older / name).write_bytes((exported_detector / name).read_bytes())
+    (older / "bundle.json").write_text(json.dumps(info))
+    without = CellDetector.from_bundle(older, backend=backend, threads=1)
+    assert without.graphs is not None and without.graphs.box is None
+    torch_box = without.detect([field], threshold=0.0)[0]
+    pairs, unmatched = match_same_detections(_predicted(with_box), _predicted(torch_box), tolerance=0.01)
+    assert len(with_box) > 100 and unmatched == 0 and len(pairs) == len(with_box) == len(torch_box)
+
+
+def test_detectors_need_opset_16_for_the_box_graph(tmp_path: Path) -> None:
+    from leukoscope.inference.export import export_onnx
+
+    with pytest.raises(BundleError, match="opset >= 16"):
+        export_onnx("pretrained:smear-detector", tmp_path / "old", opset=15)
+    assert not (tmp_path / "old").exists()
 
 
 def test_single_map_detectors_export_too(tmp_path: Path) -> None:

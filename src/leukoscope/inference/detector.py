@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from leukoscope.bundle import BundleInfo, load_bundle, read_bundle_info
-from leukoscope.inference.detector_runtime import DenseRunner, choose_detector_backend, hybrid_forward, load_dense
+from leukoscope.inference.detector_runtime import ExportedGraphs, choose_detector_backend, hybrid_forward, load_graphs
 from leukoscope.pretrained import resolve_bundle
 
 #: The per-image caps on proposals and detections are set for a field of this many pixels (640x480).
@@ -71,16 +71,15 @@ class DetectionResult:
         return len(self.scores)
 
 
-def _to_float_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+def _to_model_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(3, H, W): uint8 stays uint8 (the model's transform makes it float), any other type becomes float."""
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if not image.flags.writeable:
             image = image.copy()
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if image.dtype == torch.uint8:
-        return image.float() / 255.0
-    return image.float()
+    return image if image.dtype == torch.uint8 else image.float()
 
 
 class CellDetector:
@@ -89,14 +88,14 @@ class CellDetector:
     :class:`~leukoscope.inference.smear.SmearAnalyzer`)."""
 
     def __init__(self, model: nn.Module, info: BundleInfo, device: str | torch.device = "cpu",
-                 score_threshold: float | None = None, dense: DenseRunner | None = None) -> None:
+                 score_threshold: float | None = None, graphs: ExportedGraphs | None = None) -> None:
         self.model = model.eval()
         self.info = info
         self.device = torch.device(device)
-        # An exported bundle's graph runs the dense part (backbone, FPN, RPN head); the model's own
-        # modules run the rest (leukoscope.inference.detector_runtime). None: the torch model runs all.
-        self.dense = dense
-        self._levels = list(info.export.get("levels", [])) if dense is not None and info.export else []
+        # An exported bundle's graphs run the dense part (backbone, FPN, RPN head) and the box part
+        # (RoIAlign, box head); the model's own modules run the rest
+        # (leukoscope.inference.detector_runtime). None: the torch model runs all.
+        self.graphs = graphs
         # One model may serve several threads (the web service): its per-image caps are
         # changed for large tiles while it runs, so calls into the model take turns.
         self._model_lock = threading.Lock()
@@ -116,13 +115,13 @@ class CellDetector:
         if chosen != "torch" and str(device) != "cpu":
             raise ValueError(f"the {chosen} backend runs on the CPU; device {device!r} needs --backend torch")
         model, info = load_bundle(directory, device, task="detect")
-        dense = None if chosen == "torch" else load_dense(directory, info, chosen, threads)
-        return cls(model, info, device, score_threshold, dense)
+        graphs = None if chosen == "torch" else load_graphs(directory, info, chosen, threads)
+        return cls(model, info, device, score_threshold, graphs)
 
     @property
     def backend(self) -> str:
         """What runs the dense part of the network: ``torch``, ``onnxruntime`` or ``openvino``."""
-        return "torch" if self.dense is None else self.dense.backend
+        return "torch" if self.graphs is None else self.graphs.backend
 
     @contextmanager
     def _limits_for(self, pixels: int):
@@ -166,10 +165,10 @@ class CellDetector:
         threshold = self.score_threshold if threshold is None else threshold
         results: list[DetectionResult] = []
         for start in range(0, len(images), batch_size):
-            batch = [_to_float_tensor(image).to(self.device) for image in images[start:start + batch_size]]
+            batch = [_to_model_tensor(image).to(self.device) for image in images[start:start + batch_size]]
             with self._model_lock, self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
-                outputs = (self.model(batch) if self.dense is None
-                           else hybrid_forward(self.model, self.dense, self._levels, batch))
+                outputs = (self.model(batch) if self.graphs is None
+                           else hybrid_forward(self.model, self.graphs, batch))
             for output in outputs:
                 result = DetectionResult(
                     output["boxes"].float().cpu().numpy().reshape(-1, 4),

