@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,7 +98,7 @@ def measure(args: argparse.Namespace) -> dict:
     out["tiles"] = results[-1].tiles
     if hasattr(analyzer, "prepare"):  # the stages, in this version's own terms
         from leukoscope.inference.drawing import annotate
-        from leukoscope.inference.smear_output import PNG_OPTIONS, write_field
+        from leukoscope.inference.smear_output import encode_png, write_field
 
         result = results[-1]
         prepared = analyzer.prepare(field)
@@ -111,8 +112,9 @@ def measure(args: argparse.Namespace) -> dict:
             "crops + classification": lambda: analyzer.classifier.predict_images(analyzer.cell_crops(field, result))
             if analyzer.classifier is not None and crops else None,
             "drawing": lambda: annotate(field, result),
-            "png encode": lambda: drawn.save(io.BytesIO(), format="PNG", **PNG_OPTIONS),
-            "png encode (zlib level 6, before)": lambda: drawn.save(io.BytesIO(), format="PNG"),
+            "png encode": lambda: encode_png(drawn),
+            "png encode (Pillow, zlib level 1 + RLE, before)": lambda: drawn.save(
+                io.BytesIO(), format="PNG", compress_level=1, compress_type=zlib.Z_RLE),
             "csv + json": lambda: write_field(result.__class__(**{**result.__dict__, "error": "skip png"}),
                                               Path(args.fields_dir).parent / "stage_out", "f"),
         }

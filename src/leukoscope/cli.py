@@ -899,15 +899,17 @@ def analyze(
                                ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
     target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "
                                      "white cells are counted (200, as in a manual differential)."),
-    workers: int = typer.Option(1, "--workers", help="Slides: tiles analysed at once (local threads)."),
+    workers: int = typer.Option(1, "--workers", help="Slides: tiles analysed at once (local threads; with "
+                                "--engine ray the actors analyse them, see --actors)."),
     seed: int = typer.Option(0, "--seed", help="Slides: seed of the random tile order."),
     slide_tile: int = typer.Option(1024, "--slide-tile", help="Slides: tile side in pixels at the analysis scale."),
     min_coverage: float = typer.Option(0.35, "--min-coverage", help="Slides: least stained share of a monolayer "
                                        "tile (below: feathered edge or glass)."),
     max_coverage: float = typer.Option(0.75, "--max-coverage", help="Slides: largest stained share of a "
                                        "monolayer tile (above: thick area)."),
-    engine: str = typer.Option("local", "--engine", help="Fields: 'local' (this process) or 'ray' (a Ray "
-                               "cluster, Parquet tables OUT/fields and OUT/cells, resumable; needs the ray extra)."),
+    engine: str = typer.Option("local", "--engine", help="'local' (this process) or 'ray' (a Ray cluster: "
+                               "fields into Parquet tables OUT/fields and OUT/cells, resumable; slides' tiles on "
+                               "its actors; needs the ray extra)."),
     address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster to join ('auto': the "
                                           "one `ray start` runs here; default: a Ray started for this run)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: analysis actors (default: the "
@@ -928,6 +930,8 @@ def analyze(
     With --engine ray the fields are analysed on a Ray cluster (--address auto: the one `ray start`
     runs; see docs/cluster.md) into Parquet tables OUT/fields/ and OUT/cells/ and the same
     summary.csv / summary.json, without per-field files; a rerun skips the fields already there.
+    A slide's tiles are then analysed by the cluster's actors (the slide must be on storage every
+    node sees at the same path); its sampling and count are those of the local engine.
 
     Without model flags it uses the models shipped in the package (`leukoscope models
     --pretrained`); with only --detector, the shipped classifier when installed.
@@ -962,12 +966,15 @@ def analyze(
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
     console.print(f"backends: {ran}", soft_wrap=True)
-    if slides and engine == "ray":
-        console.print("[yellow]note:[/yellow] whole-slide images are analysed in this process (--workers "
-                      "threads); --engine ray runs folders of fields", soft_wrap=True)
-    for path in slides:
-        _analyze_slide(analyzer, path, out, target_cells=target_cells, workers=workers, seed=seed,
-                       tile_size=slide_tile, min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
+    if slides:
+        slide_options = dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
+                             min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
+        if engine == "ray":
+            _analyze_slides_on_ray(analyzer, detector, classifier, options, slides, out, address=address,
+                                   actors=actors, threads=threads or 1, **slide_options)
+        else:
+            for path in slides:
+                _analyze_slide(analyzer, path, out, **slide_options)
     if not paths:
         print(out)
         return
@@ -1034,6 +1041,25 @@ def _analyze_on_ray(analyzer, detector: Path, classifier: Optional[Path], option
     console.print(f"ray: {run.processed} field(s) analysed, {run.skipped} already in {out} (skipped); "
                   f"tables {out / 'fields'} and {out / 'cells'}", soft_wrap=True)
     return run.summary
+
+
+def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list,
+                           out: Path, *, address: Optional[str], actors: Optional[int], threads: int,
+                           **slide_options) -> None:
+    """Whole-slide images whose tiles Ray actors analyse (leukoscope.inference.slide.ray_tiles)."""
+    from leukoscope.inference.archive import AnalyzerSpec, ray_session
+    from leukoscope.inference.slide.ray_tiles import RayTileRunner
+
+    try:
+        with ray_session(address):
+            with _run(RayTileRunner, AnalyzerSpec(detector, classifier, options), actors=actors,
+                      threads=threads) as runner:
+                console.print(f"ray: {runner.workers} actor(s) of {threads} CPU(s) analyse the slides' tiles",
+                              soft_wrap=True)
+                for path in slides:
+                    _analyze_slide(analyzer, path, out, runner=runner, **slide_options)
+    except ConnectionError as exc:
+        _fail(f"cannot reach the Ray cluster at --address {address}: {exc}")
 
 
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:

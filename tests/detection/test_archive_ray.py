@@ -173,3 +173,41 @@ def test_more_threads_per_actor_than_any_node_has_is_an_error_not_a_hang(two_nod
     # Each node of the test cluster has 1 CPU: an actor asking for 2 could never be placed, and Ray would wait.
     with pytest.raises(ValueError, match="--threads 2 per actor is more than the largest node.*1 CPUs"):
         analyze_archive(AnalyzerSpec(detector_bundle, None, OPTIONS), fields[:2], tmp_path / "out", threads=2)
+
+
+def _tile_rows(result) -> list[tuple]:
+    """What a slide analysis counted, tile by tile: where, and each counted cell's box, label and scores."""
+    return [(tile.spot.index, tile.counted,
+             [(cell.box, cell.label, sorted((k, round(v, 5)) for k, v in cell.probabilities.items()))
+              for cell in tile.result.cells])
+            for tile in result.tiles]
+
+
+def test_slide_tiles_on_ray_actors_count_what_local_threads_count(two_node_cluster, detector_bundle: Path,
+                                                                  classifier_bundle: Path, tmp_path: Path) -> None:
+    """A generated pyramidal slide: the same tiles, cells and differential from two actors (one per node)
+    as from this process; and from the command line."""
+    pytest.importorskip("tiffslide")
+    from leukoscope.inference.slide.analysis import SlideAnalyzer
+    from leukoscope.inference.slide.ray_tiles import RayTileRunner
+    from tests.detection.slide_fakes import TILE, slide_pixels, write_pyramid
+
+    path = write_pyramid(tmp_path / "slide.tif", slide_pixels(0))
+    spec = AnalyzerSpec(detector_bundle, classifier_bundle, OPTIONS)
+    options = {"target_cells": 60, "tile_size": TILE, "mask_max_pixels": 300_000}
+    local = SlideAnalyzer(spec.build(), workers=2, **options).analyze(path)
+    assert local.differential.total == 60 and len(local.tiles) >= 2  # more than one tile
+    with RayTileRunner(spec, actors=2) as runner:
+        assert runner.workers == 2
+        on_ray = SlideAnalyzer(spec.build(), runner=runner, **options).analyze(path)
+    assert _tile_rows(on_ray) == _tile_rows(local)
+    assert on_ray.differential.to_json() == local.differential.to_json()
+
+    result = CliRunner().invoke(app, ["analyze", str(path), "--engine", "ray", "--actors", "2", "--detector",
+                                      str(detector_bundle), "--classifier", str(classifier_bundle), "--tile-size",
+                                      "128", "--overlap", "48", "--slide-tile", str(TILE), "--target-cells", "60",
+                                      "--out", str(tmp_path / "cli"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "ray: 2 actor(s)" in result.output
+    written = json.loads((tmp_path / "cli" / "slide" / "slide.slide.json").read_text())
+    assert written["differential"]["total"] == 60

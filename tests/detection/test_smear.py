@@ -118,7 +118,12 @@ def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, clas
     assert result.differential.total == len(result.cells) > 0
     assert all(cell.detector_class == "WBC" for cell in result.cells)
     stem = images[0].stem
-    assert (tmp_path / "out" / f"{stem}.annotated.png").is_file()
+    from leukoscope.inference.drawing import annotate
+
+    with Image.open(tmp_path / "out" / f"{stem}.annotated.png") as written:  # lossless: the drawing, pixel for pixel
+        assert written.format == "PNG"
+        drawn = annotate(Image.open(images[0]).convert("RGB"), result)
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(drawn))
     rows = list(csv.DictReader(open(tmp_path / "out" / f"{stem}.cells.csv")))
     assert len(rows) == len(result.cells) and "p_blast" in rows[0]
     payload = json.loads((tmp_path / "out" / f"{stem}.json").read_text())

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from leukoscope.inference.archive_parts import ArchiveParts
 from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows
@@ -90,16 +91,20 @@ def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> Smea
         return analyzer.failed_result(source, str(exc))
 
 
+def actor_analyzer(spec: AnalyzerSpec, threads: int) -> SmearAnalyzer:
+    """The analyzer of a Ray actor that has ``threads`` CPUs: torch and the graph runtimes use that
+    many (more would fight the other actors of the node)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    return spec.build(threads=max(1, int(threads)))
+
+
 class FieldActor:
     """A Ray Data actor: builds its analyzer once, then turns batches of paths into table rows."""
 
     def __init__(self, spec: AnalyzerSpec, threads: int) -> None:
-        import torch
-
-        # One actor per ``threads`` CPUs: more threads than its share would fight the other actors
-        # (torch's, and an exported graph's runtime).
-        torch.set_num_threads(max(1, int(threads)))
-        self.analyzer = spec.build(threads=max(1, int(threads)))
+        self.analyzer = actor_analyzer(spec, threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -181,20 +186,44 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
         progress(advance=len(sources) - len(todo), info="already in the output")
     written = 0
     if todo:
-        started = not ray.is_initialized()
-        if started:
-            # A Ray of its own for this run needs no dashboard (seconds of start-up, a web port).
-            ray.init(address=address, logging_level=logging.WARNING,
-                     **({"include_dashboard": False} if address is None else {}))
-        try:
+        with ray_session(address):
             written = _run_on_ray(portable, todo, sources, parts, actors, threads, batch_size, part_size,
                                   stop_after_parts, progress)
-        finally:
-            if started:
-                ray.shutdown()
     summary = _summary(analyzer, parts, keys, sources)
     summary.write(out_dir)
     return ArchiveRun(summary, parts.fields_written, len(sources) - len(todo), written, out_dir)
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block: to the cluster at ``address`` (``"auto"``, ``"ray://..."``), or
+    to a Ray started here for the block when None; a process already connected stays as it is."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # A Ray of its own for this run needs no dashboard (seconds of start-up, a web port).
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({"include_dashboard": False} if address is None else {}))
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def actor_count(actors: int | None, threads: int) -> int:
+    """How many actors of ``threads`` CPUs to run: ``actors``, else as many as the cluster's CPUs hold;
+    an error when no node has ``threads`` CPUs (Ray would wait for such an actor for ever)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                  default=cpus)
+    if threads > largest:
+        raise ValueError(f"--threads {threads} per actor is more than the largest node of the Ray cluster has "
+                         f"({largest} CPUs): give --threads {largest} or fewer")
+    return actors or max(1, cpus // threads)
 
 
 def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], parts: ArchiveParts,
@@ -209,14 +238,7 @@ def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], pa
     context.enable_progress_bars = False  # leukoscope's own bar counts fields
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the bar
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
-                  default=cpus)
-    if threads > largest:
-        # Ray would wait for such an actor for ever: no node can host it.
-        raise ValueError(f"--threads {threads} per actor is more than the largest node of the Ray cluster has "
-                         f"({largest} CPUs): give --threads {largest} or fewer")
-    pool = actors or max(1, cpus // threads)
+    pool = actor_count(actors, threads)
     items = [{"path": key, "source": sources[key]} for key in todo]
     # One field per block (up to 10,000 blocks): results stream back field by field, not in bursts.
     dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
@@ -21,11 +21,15 @@ from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
 
 
-#: How the annotated PNG is compressed: zlib level 1 with run-length matching. Pillow's default
-#: (level 6) took 4.4 s for a 2592x1944 field on a 2-core CPU, more than its analysis; this takes
-#: a quarter of that and, on smear fields (large flat areas), gives files no larger (4.4 against
-#: 4.7 MB). Still lossless PNG.
-PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+def encode_png(image: Image.Image) -> bytes:
+    """Lossless PNG of an RGB image, made for speed: libpng (imagecodecs) with OpenCV's fast settings
+    (zlib level 1, run-length matching, the "sub" filter on every row). For a 2592x1944 field on a
+    2-core CPU: 0.28 s and 5.6 MB, where Pillow took 4.4 s at its default level and 0.67 s (4.4 MB)
+    at level 1 with run-length matching; Pillow spends most of it choosing a filter per row."""
+    import imagecodecs
+
+    return imagecodecs.png_encode(np.asarray(image.convert("RGB")), level=1,
+                                  strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.SUB)
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
@@ -60,7 +64,7 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
         if image is None:
             image = load_image(result.source)
         paths["annotated"] = out_dir / f"{stem}.annotated.png"
-        annotate(image, result).save(paths["annotated"], format="PNG", **PNG_OPTIONS)
+        paths["annotated"].write_bytes(encode_png(annotate(image, result)))
     return paths
 
 

@@ -18,8 +18,9 @@ import csv
 import json
 import time
 from dataclasses import dataclass, field, replace
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -142,17 +143,55 @@ def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResul
                    differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
 
 
+@dataclass(frozen=True)
+class TileJob:
+    """How to read and analyse any monolayer tile of one slide: small and picklable, so a Ray actor
+    can do it with its own analyzer and its own handle on the slide file."""
+
+    path: str
+    level: int
+    level_size: int
+    """Tile side in the pixels of ``level``."""
+    margin: int
+    """Pixels of ``level`` read around the tile (:data:`TILE_MARGIN_UM`)."""
+    downsample: float
+    """``level``'s downsample from level 0."""
+    scale: FieldScale | None
+    """The tiles' pixel size when the slide records it (or the user stated it); None: estimated per tile."""
+
+    def run(self, analyzer: SmearAnalyzer, slide: Slide, spot: TileSpot) -> SmearResult:
+        """The analysis of the tile at ``spot``, cut to the cells whose centre lies in it."""
+        m0 = int(round(self.margin * self.downsample))  # the margin in level-0 pixels
+        side = self.level_size + 2 * self.margin
+        image = slide.read_region((spot.x - m0, spot.y - m0), self.level, (side, side))
+        whole = analyzer.analyze(image, f"{Path(self.path).name}@{spot.x},{spot.y}", scale=self.scale)
+        return _core_cells(whole, self.margin, self.level_size, analyzer)
+
+
+class TileRunner(Protocol):
+    """Runs tile analyses somewhere else than this process's threads (Ray actors:
+    :class:`~leukoscope.inference.slide.ray_tiles.RayTileRunner`)."""
+
+    workers: int
+    """How many tiles it analyses at once."""
+
+    def submit(self, job: TileJob, spot: TileSpot) -> Future[SmearResult]: ...
+
+
 class SlideAnalyzer:
     """Monolayer -> seeded tile sample -> per-tile smear analysis -> slide differential.
 
     ``tile_size``: tile side in the pixels the analysis works at (the detector's training scale
     when the detector records one and the slide records its pixel size; else level 0 pixels).
     Tiles are read from the coarsest level that is still at least as fine as that scale.
+    Tiles are analysed ``workers`` at a time in threads of this process, or by ``runner`` (Ray
+    actors); the count is the same either way.
     """
 
     def __init__(self, analyzer: SmearAnalyzer, *, target_cells: int = DEFAULT_TARGET_CELLS, tile_size: int = 1024,
                  min_coverage: float = DEFAULT_MIN_COVERAGE, max_coverage: float = DEFAULT_MAX_COVERAGE,
-                 seed: int = 0, workers: int = 1, mask_max_pixels: int = MASK_MAX_PIXELS) -> None:
+                 seed: int = 0, workers: int = 1, mask_max_pixels: int = MASK_MAX_PIXELS,
+                 runner: TileRunner | None = None) -> None:
         if target_cells < 1:
             raise ValueError(f"--target-cells must be at least 1, got {target_cells}")
         if tile_size < 64:
@@ -168,6 +207,7 @@ class SlideAnalyzer:
         self.seed = int(seed)
         self.workers = int(workers)
         self.mask_max_pixels = int(mask_max_pixels)
+        self.runner = runner
 
     def tile_level(self, slide: Slide) -> tuple[int, int, float | None]:
         """The level tiles are read at, the tile side in its pixels, and its pixel size (None: not recorded)."""
@@ -213,16 +253,15 @@ class SlideAnalyzer:
 
             margin = (int(np.ceil(TILE_MARGIN_UM / level_um)) if level_um is not None
                       else int(round(level_size * TILE_MARGIN_SHARE)))
-
-            def analyse(spot: TileSpot) -> SmearResult:
-                m0 = int(round(margin * downsample))  # the margin in level-0 pixels
-                image = slide.read_region((spot.x - m0, spot.y - m0), level,
-                                          (level_size + 2 * margin, level_size + 2 * margin))
-                whole = self.analyzer.analyze(image, f"{Path(path).name}@{spot.x},{spot.y}", scale=known)
-                return _core_cells(whole, margin, level_size, self.analyzer)
-
-            sampled = sample_until(mono.tiles, analyse, lambda r: len(r.cells), self.target_cells, seed=self.seed,
-                                   workers=self.workers, progress=progress)
+            job = TileJob(str(Path(path).resolve()), level, level_size, margin, float(downsample), known)
+            if self.runner is None:
+                sampled = sample_until(mono.tiles, lambda spot: job.run(self.analyzer, slide, spot),
+                                       lambda r: len(r.cells), self.target_cells, seed=self.seed,
+                                       workers=self.workers, progress=progress)
+            else:
+                sampled = sample_until(mono.tiles, None, lambda r: len(r.cells), self.target_cells, seed=self.seed,
+                                       workers=self.runner.workers, progress=progress,
+                                       submit=lambda spot: self.runner.submit(job, spot))
             slide_info = {"path": str(path), "reader": slide.backend, "dimensions": list(slide.dimensions),
                           "level_dimensions": [list(d) for d in slide.level_dimensions],
                           "level_downsamples": slide.level_downsamples, "um_per_px": slide.um_per_px,

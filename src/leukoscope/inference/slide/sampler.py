@@ -2,14 +2,15 @@
 cells are counted (200 by default, as in a manual differential) or the tiles run out.
 
 The order is fixed by the seed, and results are taken in that order whatever the number of
-worker threads: with more workers a few tiles past the stopping point may be analysed, but
-they are never counted, so the count is the same as with one worker.
+workers (threads here, or Ray actors through ``submit``): with more workers a few tiles past the
+stopping point may be analysed, but they are never counted, so the count is the same as with one.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -45,27 +46,36 @@ class Sampled(Generic[T, R]):
         return self.total >= self.target
 
 
-def sample_until(items: Sequence[T], analyse: Callable[[T], R], count: Callable[[R], int], target: int, *,
-                 seed: int = 0, workers: int = 1, progress: Callable[..., None] | None = None) -> Sampled[T, R]:
+def sample_until(items: Sequence[T], analyse: Callable[[T], R] | None, count: Callable[[R], int], target: int, *,
+                 seed: int = 0, workers: int = 1, progress: Callable[..., None] | None = None,
+                 submit: Callable[[T], Future[R]] | None = None) -> Sampled[T, R]:
     """Analyse ``items`` in a seeded random order, ``workers`` at a time, until the counts of the
-    results taken in that order reach ``target``; warn when the items run out first."""
+    results taken in that order reach ``target``; warn when the items run out first.
+
+    ``analyse`` runs in a pool of ``workers`` threads; or ``submit`` starts the analysis of an item
+    elsewhere (a Ray actor) and returns its future, ``workers`` of them in flight at a time."""
     if target < 1:
         raise ValueError(f"the target number of cells must be at least 1, got {target}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    if (analyse is None) == (submit is None):
+        raise ValueError("give either analyse (run in threads here) or submit (run elsewhere)")
     order = [items[i] for i in sample_order(len(items), seed)]
     done = Sampled[T, R]([], [], [], int(target), len(items))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ExitStack() as stack:
+        if submit is None:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+            submit = lambda item: pool.submit(analyse, item)  # noqa: E731
         pending: deque[tuple[T, Future[R]]] = deque()
         upcoming = iter(order)
 
-        def submit() -> None:
+        def start_next() -> None:
             item = next(upcoming, None)
             if item is not None:
-                pending.append((item, pool.submit(analyse, item)))
+                pending.append((item, submit(item)))
 
         for _ in range(workers):
-            submit()
+            start_next()
         while pending and done.total < target:
             item, future = pending.popleft()
             result = future.result()
@@ -75,7 +85,7 @@ def sample_until(items: Sequence[T], analyse: Callable[[T], R], count: Callable[
             if progress is not None:
                 progress(advance=1, info=f"{done.total}/{target} cells")
             if done.total < target:
-                submit()
+                start_next()
         for _, future in pending:
             future.cancel()
     if not done.reached:
