@@ -1,7 +1,7 @@
 """Benchmark: seconds per field of a detector on torch (eager) and on its exported graph.
 
     python bench/detector_export_speed.py --images ../shared/datasets/cbc/Testing/Images \
-        [--bundle pretrained:smear-detector] [--fields 20] [--rounds 3] [--threads 2]
+        [--bundle pretrained:smear-detector] [--fields 20] [--rounds 3] [--threads 2] [--crop-width W]
 
 The bundle is exported first (into a temporary folder) unless it already has a graph
 (`leukoscope export`). Every backend installed (torch, onnxruntime, openvino) detects
@@ -10,7 +10,10 @@ in the same decoded fields through :class:`~leukoscope.inference.detector.CellDe
 decoding is left out. The backends take turns field by field, so a burst of load from
 other work falls on all of them; each backend's figure is the median over all fields
 and rounds, after one warm-up field. The 1-minute load average is printed, since on a
-shared machine the wall time also measures the others' work.
+shared machine the wall time also measures the others' work. A bundle with a box graph
+(``box_head.onnx``) is also timed on onnxruntime without it (torch pooling), as
+``onnxruntime_torch_box``. ``--crop-width``: time the fields' first W columns only (1456: the
+first detector tile of a 2592x1944 field, as ``SmearAnalyzer`` cuts it).
 
 Prints one line per backend, then a JSON line of the measurements last.
 """
@@ -24,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fields", type=int, default=20, help="Fields to time (the first ones, by name).")
     parser.add_argument("--rounds", type=int, default=3, help="Passes over the fields.")
     parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime and OpenVINO threads.")
+    parser.add_argument("--crop-width", type=int, default=None, help="Time the fields' first W columns only.")
     args = parser.parse_args(argv)
     if args.fields < 1 or args.rounds < 1 or args.threads < 1:
         sys.exit("--fields, --rounds and --threads must be at least 1")
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = collect_images([Path(args.images)])[:args.fields]
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(str(exc))
-    fields = [np.asarray(load_image(path)) for path in paths]
+    fields = [np.asarray(load_image(path))[:, :args.crop_width] for path in paths]
     with tempfile.TemporaryDirectory() as work:
         try:
             bundle = resolve_bundle(args.bundle)
@@ -67,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(str(exc))
         backends = [name for name in ("torch", "onnxruntime", "openvino") if name == "torch" or installed(name)]
         detectors = {name: CellDetector.from_bundle(bundle, backend=name, threads=args.threads) for name in backends}
+        if detectors["onnxruntime"].graphs.box is not None:  # the same graphs but torch's pooling and box head
+            without = CellDetector.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
+            without.graphs = replace(without.graphs, box=None)
+            detectors["onnxruntime_torch_box"] = without
+            backends.append("onnxruntime_torch_box")
         times: dict[str, list[float]] = {name: [] for name in backends}
         for detector in detectors.values():
             detector.detect([fields[0]])  # warm-up (graph runtimes plan their first run)

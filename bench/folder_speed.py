@@ -98,7 +98,15 @@ def measure(args: argparse.Namespace) -> dict:
     out["tiles"] = results[-1].tiles
     if hasattr(analyzer, "prepare"):  # the stages, in this version's own terms
         from leukoscope.inference.drawing import annotate
-        from leukoscope.inference.smear_output import encode_png, write_field
+        from leukoscope.inference.smear_output import write_field
+
+        def pillow_png(image):  # what versions before imagecodecs wrote
+            return image.save(io.BytesIO(), format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+
+        try:
+            from leukoscope.inference.smear_output import encode_png
+        except ImportError:
+            encode_png = pillow_png
 
         result = results[-1]
         prepared = analyzer.prepare(field)
@@ -113,8 +121,7 @@ def measure(args: argparse.Namespace) -> dict:
             if analyzer.classifier is not None and crops else None,
             "drawing": lambda: annotate(field, result),
             "png encode": lambda: encode_png(drawn),
-            "png encode (Pillow, zlib level 1 + RLE, before)": lambda: drawn.save(
-                io.BytesIO(), format="PNG", compress_level=1, compress_type=zlib.Z_RLE),
+            "png encode (Pillow, zlib level 1 + RLE, before)": lambda: pillow_png(drawn),
             "csv + json": lambda: write_field(result.__class__(**{**result.__dict__, "error": "skip png"}),
                                               Path(args.fields_dir).parent / "stage_out", "f"),
         }
