@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,48 @@ def test_result_read_back_counts_as_analysed(fields: list[Path], detector_bundle
         assert back.summary() == result.summary()
         assert [c.as_row(analyzer.cell_classes) for c in back.cells] == \
             [c.as_row(analyzer.cell_classes) for c in result.cells]
+
+
+def test_the_summary_from_counts_is_the_summary_from_cells(tmp_path: Path) -> None:
+    """The Ray engine's summary reads field rows and two cell columns, not every cell row: the same
+    pooled differential and warnings as the local engine's, unfamiliar cells included (3 of 4 here,
+    above the share that warns), and a field replaced by a newer part counted once."""
+    from leukoscope.inference.archive import _summary
+    from leukoscope.inference.differential import CountRules
+    from leukoscope.inference.smear_output import FolderSummary
+
+    rules = CountRules(("blast", "lymphocyte"), ("blast",))
+
+    def cell(k: int, label: str, unfamiliar: bool) -> Cell:
+        return Cell(k, (1.0, 2.0, 3.0, 4.0), "WBC", 0.9, label, label, 0.8, False, {label: 0.8}, 5.0, unfamiliar)
+
+    a = [cell(1, "blast", True), cell(2, "lymphocyte", True), cell(3, "uncertain", False)]
+    b = [cell(1, "blast", True)]
+    results = [SmearResult(name, 64, 48, cells, {"WBC": len(cells)}, rules.count([c.label for c in cells]),
+                           cell_classes=list(rules.classes)) for name, cells in (("/x/a.png", a), ("/x/b.png", b))]
+    stale = SmearResult("/x/b.png", 64, 48, [cell(1, "lymphocyte", False)] * 2, {"WBC": 2},
+                        rules.count(["lymphocyte"] * 2), cell_classes=list(rules.classes))
+    older, parts = ArchiveParts(tmp_path, rules), ArchiveParts(tmp_path, rules)
+    parts.run_id = older.run_id + "-later"
+    older.write([field_row(stale, stale.source, rules)], cell_rows(stale, stale.source))
+    parts.write([field_row(r, r.source, rules) for r in results], [c for r in results for c in cell_rows(r, r.source)])
+
+    class Analyzer:  # what _summary reads of the driver's analyzer
+        detector = SimpleNamespace(info=SimpleNamespace(model_name="d"), classes=["WBC"])
+        classifier = None
+        warnings: list[str] = []
+        unfamiliar_share = 0.5
+
+    keys = [r.source for r in results]
+    analyzer = Analyzer()
+    analyzer.rules = rules
+    from_counts = _summary(analyzer, parts, keys, {k: k for k in keys})
+    from_cells = FolderSummary(results, rules, ["WBC"], {"detector": "d", "classifier": None}, [], 0.5)
+    assert from_counts.pooled.to_json() == from_cells.pooled.to_json()
+    assert from_counts.pooled.total == 4 and from_counts.pooled.blasts == 2
+    assert any("3 of 4" in w for w in from_counts.warnings) and from_counts.warnings == from_cells.warnings
+    assert from_counts.rows() == from_cells.rows()
+    assert all(not r.cells for r in from_counts.results)  # the cells themselves were not read
 
 
 def test_shipped_models_travel_by_name(tmp_path: Path) -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from leukoscope.inference.archive_parts import ArchiveParts
-from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows
+from leukoscope.inference.field_tables import cell_rows, field_labels, field_row, result_from_field_row
 from leukoscope.inference.smear import SmearAnalyzer
-from leukoscope.inference.smear_output import FolderSummary
+from leukoscope.inference.smear_output import CellTally, FolderSummary
 from leukoscope.inference.smear_result import SmearResult
 from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.pretrained import PREFIX, pretrained_root, resolve_bundle
@@ -130,17 +130,21 @@ class ArchiveRun:
 
 def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
              sources: dict[str, str]) -> FolderSummary:
-    """The local engine's summary of these fields, from the output tables, in the order given."""
-    fields, cells = parts.read(keys)
-    results = []
+    """The local engine's summary of these fields, from the output tables, in the order given: from
+    the field rows and two columns of the cells table, never holding every cell row at once."""
+    fields, newest = parts.read_fields(keys)
+    unfamiliar = parts.unfamiliar_counts(newest)
+    results, labels = [], []
     for key in dict.fromkeys(keys):
         if key in fields:
             row = dict(fields[key], source=sources[key])  # the name given in this run, as the local engine
-            results.append(result_from_rows(row, cells[key], analyzer.rules))
+            results.append(result_from_field_row(row, analyzer.rules))
+            labels += field_labels(row, analyzer.rules)
     models = {"detector": analyzer.detector.info.model_name,
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
-                         analyzer.unfamiliar_share)
+                         analyzer.unfamiliar_share,
+                         CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)))
 
 
 def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:

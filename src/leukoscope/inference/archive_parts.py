@@ -101,8 +101,8 @@ class ArchiveParts:
             done.update(zip(table.column(FIELD_KEY).to_pylist(), table.column("error").to_pylist()))
         return done
 
-    def read(self, paths: Sequence[str] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
-        """The newest field row of each field (only those in ``paths`` when given) and its cells."""
+    def read_fields(self, paths: Sequence[str] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """The newest field row of each field (only those in ``paths`` when given), and the part it is in."""
         import pyarrow.parquet as pq
 
         wanted = None if paths is None else set(paths)
@@ -113,9 +113,29 @@ class ArchiveParts:
                 if wanted is None or row[FIELD_KEY] in wanted:
                     fields[row[FIELD_KEY]] = row
                     newest[row[FIELD_KEY]] = name
+        return fields, newest
+
+    def read(self, paths: Sequence[str] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict]]]:
+        """The newest field row of each field (only those in ``paths`` when given) and its cells."""
+        import pyarrow.parquet as pq
+
+        fields, newest = self.read_fields(paths)
         cells: dict[str, list[dict]] = {key: [] for key in fields}
         for name in sorted(set(newest.values())):
             for row in pq.read_table(self._folder(CELLS) / name).to_pylist():
                 if newest.get(row[FIELD_KEY]) == name:
                     cells[row[FIELD_KEY]].append(row)
         return fields, cells
+
+    def unfamiliar_counts(self, newest: dict[str, str]) -> dict[str, int]:
+        """How many cells of each field (``newest``: field -> its part, from :meth:`read_fields`) are
+        unfamiliar to the classifier: two columns of the cells table, part by part, not its rows."""
+        import pyarrow.parquet as pq
+
+        counts = {key: 0 for key in newest}
+        for name in sorted(set(newest.values())):
+            table = pq.read_table(self._folder(CELLS) / name, columns=[FIELD_KEY, "unfamiliar"])
+            for key, unfamiliar in zip(table.column(FIELD_KEY).to_pylist(), table.column("unfamiliar").to_pylist()):
+                if unfamiliar and newest.get(key) == name:
+                    counts[key] += 1
+        return counts

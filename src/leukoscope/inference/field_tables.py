@@ -13,11 +13,13 @@ folder a run was started from; ``source`` is the name it was given, as in the su
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.labels import UNCERTAIN
 
 #: The column that names a field in both tables: its absolute path.
 FIELD_KEY = "path"
@@ -72,10 +74,23 @@ def result_from_rows(field: dict[str, Any], cells: Sequence[dict[str, Any]], rul
                     c["detector_score"], c["label"], c["top_class"], c["confidence"], bool(c["uncertain"]),
                     {name: c.get(f"p_{name}", 0.0) for name in classes}, c["ood_score"], bool(c["unfamiliar"]))
                for c in sorted(cells, key=lambda c: c["cell_id"])]
-    differential = rules.count([cell.label for cell in rebuilt], list(field["warnings"]))
-    return SmearResult(field["source"], int(field["width"]), int(field["height"]), rebuilt,
-                       json.loads(field["object_counts"]), differential, None, classes, int(field["tiles"]),
-                       float(field["seconds"]), error=field["error"], capped_tiles=int(field["capped_tiles"]),
+    return replace(result_from_field_row(field, rules), cells=rebuilt,
+                   differential=rules.count([cell.label for cell in rebuilt], list(field["warnings"])))
+
+
+def field_labels(field: dict[str, Any], rules: CountRules) -> list[str]:
+    """The cell labels a field row counts (its ``n_<class>`` and ``n_uncertain`` columns), in class order."""
+    counts = [(name, int(field[f"n_{name}"])) for name in rules.classes] + [(UNCERTAIN, int(field["n_uncertain"]))]
+    return [name for name, n in counts for _ in range(n)]
+
+
+def result_from_field_row(field: dict[str, Any], rules: CountRules) -> SmearResult:
+    """The field's result from its row alone, without its cells (a summary of millions of cells need
+    not hold them): the differential is recounted from the row's counts and warnings."""
+    return SmearResult(field["source"], int(field["width"]), int(field["height"]), [],
+                       json.loads(field["object_counts"]), rules.count(field_labels(field, rules), list(field["warnings"])),
+                       None, list(rules.classes), int(field["tiles"]), float(field["seconds"]), error=field["error"],
+                       capped_tiles=int(field["capped_tiles"]),
                        scale=None if field["scale"] is None else json.loads(field["scale"]))
 
 

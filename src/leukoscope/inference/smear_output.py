@@ -68,6 +68,14 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
     return paths
 
 
+@dataclass(frozen=True)
+class CellTally:
+    """What the pooled differential needs of every cell: its label, and how many were unfamiliar."""
+
+    labels: list[str]
+    unfamiliar: int
+
+
 @dataclass
 class FolderSummary:
     """The fields of one run and their pooled differential (the slide)."""
@@ -82,6 +90,15 @@ class FolderSummary:
     """Warnings about the detector itself (they hold for every field)."""
     unfamiliar_share: float = DEFAULT_UNFAMILIAR_SHARE
     """The slide is warned when more than this share of all its cells are unfamiliar."""
+    cell_tally: CellTally | None = None
+    """The cells of all fields, counted, when ``results`` do not hold them (the Ray engine's summary
+    of an archive: millions of cells, read as counts from its tables); None: from ``results``."""
+
+    def _tally(self) -> CellTally:
+        if self.cell_tally is not None:
+            return self.cell_tally
+        cells = [cell for result in self.results for cell in result.cells]
+        return CellTally([cell.label for cell in cells], sum(cell.unfamiliar for cell in cells))
 
     @property
     def warnings(self) -> list[str]:
@@ -92,14 +109,15 @@ class FolderSummary:
         capped = [Path(r.source).name for r in self.results if r.capped_tiles]
         read = [r for r in self.results if r.error is None]
         warnings = self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
-        unfamiliar = unfamiliar_warning([cell.unfamiliar for r in self.results for cell in r.cells],
+        tally = self._tally()
+        unfamiliar = unfamiliar_warning([True] * tally.unfamiliar + [False] * (len(tally.labels) - tally.unfamiliar),
                                         self.unfamiliar_share)
         return warnings + ([unfamiliar] if unfamiliar else [])
 
     @property
     def pooled(self) -> Differential:
         """The differential of all fields together (the slide)."""
-        return self.rules.count([cell.label for result in self.results for cell in result.cells], self.warnings)
+        return self.rules.count(self._tally().labels, self.warnings)
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
