@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(str(exc))
         backends = [name for name in ("torch", "onnxruntime", "openvino") if name == "torch" or installed(name)]
         detectors = {name: CellDetector.from_bundle(bundle, backend=name, threads=args.threads) for name in backends}
-        if detectors["onnxruntime"].graphs.box is not None:  # the same graphs but torch's pooling and box head
+        if "onnxruntime" in detectors and detectors["onnxruntime"].graphs.box is not None:  # the same graphs but torch's pooling and box head
             without = CellDetector.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
             without.graphs = replace(without.graphs, box=None)
             detectors["onnxruntime_torch_box"] = without

@@ -912,8 +912,8 @@ def analyze(
                                "its actors; needs the ray extra)."),
     address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster to join ('auto': the "
                                           "one `ray start` runs here; default: a Ray started for this run)."),
-    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: analysis actors (default: the "
-                                         "cluster's CPUs / --threads)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: analysis actors (default: as "
+                                         "many as the nodes can place, each node's CPUs / --threads)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
                                       "row in the output holds an error (others already there are skipped)."),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -1047,6 +1047,8 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
                            out: Path, *, address: Optional[str], actors: Optional[int], threads: int,
                            **slide_options) -> None:
     """Whole-slide images whose tiles Ray actors analyse (leukoscope.inference.slide.ray_tiles)."""
+    from ray.exceptions import RayActorError
+
     from leukoscope.inference.archive import AnalyzerSpec, ray_session
     from leukoscope.inference.slide.ray_tiles import RayTileRunner
 
@@ -1060,6 +1062,9 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
                     _analyze_slide(analyzer, path, out, runner=runner, **slide_options)
     except ConnectionError as exc:
         _fail(f"cannot reach the Ray cluster at --address {address}: {exc}")
+    except RayActorError as exc:  # restarted twice and still dying: a node lost, memory, models missing there
+        _fail(f"a Ray actor analysing the slides' tiles died and could not be restarted: "
+              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:

@@ -254,3 +254,53 @@ def test_slide_tiles_on_ray_actors_count_what_local_threads_count(two_node_clust
     assert "ray: 2 actor(s)" in result.output
     written = json.loads((tmp_path / "cli" / "slide" / "slide.slide.json").read_text())
     assert written["differential"]["total"] == 60
+
+
+def test_more_actors_than_the_nodes_can_place_is_an_error_not_a_hang(two_node_cluster) -> None:
+    from leukoscope.inference.archive import actor_count
+
+    assert actor_count(None, 1) == 2  # one per node of 1 CPU
+    with pytest.raises(ValueError, match="--actors 3 of 1 CPU.*can run 2 at once"):
+        actor_count(3, 1)
+
+
+def test_a_slide_a_worker_cannot_read_comes_back_as_its_own_error(two_node_cluster, detector_bundle: Path,
+                                                                  tmp_path: Path) -> None:
+    """Not as Ray's wrapper with the actor's traceback: the CLI prints it as one line."""
+    from leukoscope.inference.slide.analysis import TileJob
+    from leukoscope.inference.slide.monolayer import TileSpot
+    from leukoscope.inference.slide.ray_tiles import RayTileRunner
+    from leukoscope.inference.slide.reader import SlideError
+
+    job = TileJob(str(tmp_path / "gone.tif"), 0, 256, 16, 1.0, None)
+    with RayTileRunner(AnalyzerSpec(detector_bundle, None, OPTIONS), actors=1) as runner:
+        error = runner.submit(job, TileSpot(0, 0, 0, 0, 0, 256, 256, 0.5)).exception(timeout=120)
+    # type(...) is: Ray's wrapper is a subclass of the cause (RayTaskError(SlideError)), its text the traceback
+    assert type(error) is SlideError and "gone.tif" in str(error) and "ray::" not in str(error)
+
+
+def test_an_actor_keeps_one_slide_open(detector_bundle: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tiffslide")
+    from leukoscope.inference.slide import ray_tiles
+    from leukoscope.inference.slide.analysis import TileJob
+    from leukoscope.inference.slide.monolayer import TileSpot
+    from tests.detection.slide_fakes import slide_pixels, write_pyramid
+
+    opened, closed = [], []
+    real_open = ray_tiles.open_slide
+
+    def tracking_open(path):
+        slide = real_open(path)
+        opened.append(path)
+        real_close = slide.close
+        slide.close = lambda: (closed.append(path), real_close())[1]
+        return slide
+
+    monkeypatch.setattr(ray_tiles, "open_slide", tracking_open)
+    actor = ray_tiles.SlideTileActor(AnalyzerSpec(detector_bundle, None, OPTIONS), 1)  # in this process
+    paths = [str(write_pyramid(tmp_path / f"s{k}.tif", slide_pixels(k))) for k in range(2)]
+    spot = TileSpot(0, 1, 0, 256, 0, 256, 256, 0.5)
+    for path in (paths[0], paths[0], paths[1], paths[0]):
+        actor.analyze(TileJob(path, 0, 256, 16, 1.0, None), spot)
+    assert opened == [paths[0], paths[1], paths[0]] and closed == [paths[0], paths[1]]

@@ -40,9 +40,21 @@ def test_same_proposals_in_the_same_order_as_torchvision(n: int, levels: int, to
         assert torch.equal(top_nms_per_level(boxes, scores, level, 0.7, top), expected)
 
 
-def test_no_candidates_give_no_proposals() -> None:
+def test_no_candidates_or_no_room_give_no_proposals() -> None:
     kept = top_nms_per_level(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.7, 100)
     assert kept.shape == (0,) and kept.dtype == torch.int64
+    boxes, scores, level = clustered_boxes(100, 2, 0, 8.0, 10)
+    assert top_nms_per_level(boxes, scores, level, 0.7, 0).shape == (0,)
+
+
+def test_few_candidates_are_decided_on_boxes_shifted_by_level_as_torchvision_does() -> None:
+    """Up to 1,000 candidates torchvision shifts each level's boxes apart and runs one NMS: the shift
+    rounds in float32, which decides a pair whose IoU is within ~1e-4 of the threshold (found by review)."""
+    near = torch.tensor([[844.3848876953125, 1252.3326416015625, 879.6935424804688, 1290.2545166015625]])
+    boxes = torch.cat([near, near + torch.tensor([6.2308, 0.0, 6.2308, 0.0]), torch.tensor([[10.0, 10.0, 50.0, 50.0]])])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    level = torch.tensor([3, 3, 0])
+    assert torch.equal(top_nms_per_level(boxes, scores, level, 0.7, 10), batched_nms(boxes, scores, level, 0.7))
 
 
 def test_faster_rcnn_detectors_propose_what_torchvision_proposes() -> None:

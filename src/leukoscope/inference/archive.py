@@ -163,7 +163,7 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     ``analyzer``: the driver's own (built from ``spec`` when not given; it checks the options before
     any actor starts and gives the summary its counting rules). ``address``: a running cluster
     (``"auto"``, ``"ray://host:10001"``...); None starts a local one, unless this process is already
-    connected. ``actors`` (default: the cluster's CPUs / ``threads``) analyse ``batch_size`` fields at
+    connected. ``actors`` (default: as many as the nodes can place: :func:`actor_count`) analyse ``batch_size`` fields at
     a time with ``threads`` CPUs each. ``part_size``: fields per Parquet part (what an interruption can
     cost at most). ``stop_after_parts``: stop once that many parts are written (tests: an interruption).
     """
@@ -217,17 +217,22 @@ def ray_session(address: str | None) -> Iterator[None]:
 
 
 def actor_count(actors: int | None, threads: int) -> int:
-    """How many actors of ``threads`` CPUs to run: ``actors``, else as many as the cluster's CPUs hold;
-    an error when no node has ``threads`` CPUs (Ray would wait for such an actor for ever)."""
+    """How many actors of ``threads`` CPUs to run: ``actors``, else as many as the cluster's nodes can
+    place (each node ``its CPUs // threads``). An error when no node has ``threads`` CPUs, or when more
+    actors are asked for than the nodes can place: Ray would wait for such an actor for ever."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    largest = max((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
-                  default=cpus)
+    node_cpus = [int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    largest = max(node_cpus, default=0)
     if threads > largest:
         raise ValueError(f"--threads {threads} per actor is more than the largest node of the Ray cluster has "
                          f"({largest} CPUs): give --threads {largest} or fewer")
-    return actors or max(1, cpus // threads)
+    capacity = sum(cpus // threads for cpus in node_cpus)
+    if actors is not None and actors > capacity:
+        raise ValueError(f"--actors {actors} of {threads} CPU(s) each: the Ray cluster's nodes "
+                         f"({', '.join(map(str, node_cpus))} CPUs) can run {capacity} at once; give --actors "
+                         f"{capacity} or fewer")
+    return actors or capacity
 
 
 def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], parts: ArchiveParts,

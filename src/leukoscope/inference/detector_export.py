@@ -46,7 +46,7 @@ MIN_BOX_OPSET = 16
 
 def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> Path:
     """Write the exported bundle of detector ``bundle`` into ``out`` (which may be ``bundle`` itself:
-    then only ``model.onnx`` and the ``export`` entry are added); returns ``out``."""
+    then only ``model.onnx``, ``box_head.onnx`` and the ``export`` entry are added); returns ``out``."""
     if opset < MIN_BOX_OPSET:
         raise BundleError(f"a detector's box graph needs ONNX opset >= {MIN_BOX_OPSET} (RoIAlign), got {opset}")
     source = resolve_bundle(bundle)

@@ -13,7 +13,7 @@ exactly as NMS over all of them, and once ``post_nms_top_n`` survivors outscore 
 candidate left, the rest cannot enter the final list. So the levels run
 NMS only as far down the scores as the cap needs: on the shipped detector's 1456x1944
 tile, 0.25 s -> 0.05 s. The proposals are those of ``torchvision.ops.batched_nms``
-(exactly tied scores may come in another order).
+(but for exactly tied scores, which may come in another order).
 """
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ PREFIX_FACTOR = 1.25
 
 def top_nms_per_level(boxes: Tensor, scores: Tensor, levels: Tensor, iou_threshold: float, top: int) -> Tensor:
     """The indices ``batched_nms(boxes, scores, levels, iou_threshold)[:top]`` would give, best first
-    (the same set; exactly tied scores in index order).
+    (exactly tied scores come in index order, so where ties straddle ``top`` the one kept may differ).
 
     Candidates are decided in chunks, best first over all levels: a level's survivors so
     far outrank its next candidates and never suppress one another, so NMS over them plus
     the level's part of the next chunk extends that level's NMS exactly. It stops once
     ``top`` survivors score above every candidate not yet decided."""
+    if top <= 0 or len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000):
+        # torchvision then runs one NMS on boxes moved apart by level (its "coordinate trick"): the
+        # shift rounds in float32 and can decide IoUs within ~1e-4 of the threshold otherwise, so
+        # the same shift here
+        boxes = boxes + (levels.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes)))[:, None]
     order = torch.sort(scores, descending=True, stable=True)[1]
     survivors: dict[int, Tensor] = {}
     start, stop = 0, min(len(order), int(top * PREFIX_FACTOR) + 16)

@@ -9,7 +9,7 @@ stop at the target and the count are the local engine's, whatever the number of 
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from leukoscope.inference.archive import AnalyzerSpec, actor_analyzer, actor_count, require_ray
@@ -20,22 +20,35 @@ from leukoscope.inference.smear_result import SmearResult
 
 
 class SlideTileActor:
-    """A Ray actor: one analyzer, open slides kept open between tiles."""
+    """A Ray actor: one analyzer, and the slide it is reading kept open between its tiles."""
 
     def __init__(self, spec: AnalyzerSpec, threads: int) -> None:
         self.analyzer = actor_analyzer(spec, threads)
-        self.slides: dict[str, Slide] = {}
+        self.slide: Slide | None = None
+        self.slide_path = ""
 
     def analyze(self, job: TileJob, spot: TileSpot) -> SmearResult:
-        if job.path not in self.slides:
-            self.slides[job.path] = open_slide(job.path)
-        return job.run(self.analyzer, self.slides[job.path], spot)
+        if self.slide is None or self.slide_path != job.path:
+            if self.slide is not None:  # one slide open at a time: a run over hundreds must not keep them all
+                self.slide.close()
+                self.slide = None
+            self.slide, self.slide_path = open_slide(job.path), job.path
+        return job.run(self.analyzer, self.slide, spot)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception raised inside the actor (a SlideError, say), not Ray's wrapper with its traceback."""
+    from ray.exceptions import RayTaskError
+
+    return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
 
 
 class RayTileRunner:
     """A pool of :class:`SlideTileActor` on the connected Ray cluster (``ray.init`` first:
     :func:`~leukoscope.inference.archive.ray_session`); tiles go to the actors in turn.
-    ``actors`` (default: the cluster's CPUs / ``threads``) of ``threads`` CPUs each."""
+    ``actors`` (default: as many as the cluster's nodes can place) of ``threads`` CPUs each.
+    An actor that dies (a node lost, out of memory) is restarted and its tile tried again: a
+    tile's analysis has no side effects."""
 
     def __init__(self, spec: AnalyzerSpec, *, actors: int | None = None, threads: int = 1) -> None:
         require_ray()
@@ -43,15 +56,37 @@ class RayTileRunner:
 
         if threads < 1 or (actors is not None and actors < 1):
             raise ValueError("actors and threads must be at least 1")
-        remote = ray.remote(num_cpus=threads)(SlideTileActor)
+        remote = ray.remote(num_cpus=threads, max_restarts=2, max_task_retries=2)(SlideTileActor)
         self.workers = actor_count(actors, threads)
         self.actors: list[Any] = [remote.remote(spec.portable(), threads) for _ in range(self.workers)]
         self._turn = 0
 
     def submit(self, job: TileJob, spot: TileSpot) -> Future[SmearResult]:
+        """The tile's result to come; cancelling it removes the tile from its actor's queue."""
+        import ray
+
         actor = self.actors[self._turn % len(self.actors)]
         self._turn += 1
-        return actor.analyze.remote(job, spot).future()
+        ref = actor.analyze.remote(job, spot)
+        result: Future[SmearResult] = Future()
+
+        def finish(done: Future) -> None:
+            error = done.exception()
+            try:
+                if error is None:
+                    result.set_result(done.result())
+                else:
+                    result.set_exception(_cause(error))
+            except InvalidStateError:  # cancelled meanwhile: nobody waits for it
+                pass
+
+        def cancelled(future: Future) -> None:
+            if future.cancelled():
+                ray.cancel(ref)
+
+        result.add_done_callback(cancelled)
+        ref.future().add_done_callback(finish)
+        return result
 
     def close(self) -> None:
         import ray
