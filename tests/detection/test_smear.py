@@ -37,6 +37,10 @@ def test_differential_counts_percentages_and_flags() -> None:
     leukemia = [f for f in d.flags if "consistent with acute leukemia" in f]
     assert len(leukemia) == 1 and "25 of 100 white cells counted" in leukemia[0]
     assert d.blast_percentage_if_uncertain_are_blasts == 30.0
+    # counted first (a summary of an archive reads counts, not cells): the same differential
+    counted = Differential.from_counts({"uncertain": 5, "neutrophil": 10, "blast": 25, "lymphocyte": 60},
+                                       ["blast", "lymphocyte", "neutrophil"], ["blast"])
+    assert counted.to_json() == d.to_json() and counted.flags == d.flags
 
     few = Differential.from_labels(["blast", "lymphocyte", "lymphocyte", "lymphocyte", "uncertain"],
                                    ["blast", "lymphocyte"], ["blast"])

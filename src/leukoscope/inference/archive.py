@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from leukoscope.inference.archive_parts import ArchiveParts
-from leukoscope.inference.field_tables import cell_rows, field_labels, field_row, result_from_field_row
+from leukoscope.inference.field_tables import cell_rows, field_label_counts, field_row, result_from_field_row
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_output import CellTally, FolderSummary
 from leukoscope.inference.smear_result import SmearResult
@@ -134,12 +135,13 @@ def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
     the field rows and two columns of the cells table, never holding every cell row at once."""
     fields, newest = parts.read_fields(keys)
     unfamiliar = parts.unfamiliar_counts(newest)
-    results, labels = [], []
+    results: list[SmearResult] = []
+    labels: Counter[str] = Counter()
     for key in dict.fromkeys(keys):
         if key in fields:
             row = dict(fields[key], source=sources[key])  # the name given in this run, as the local engine
             results.append(result_from_field_row(row, analyzer.rules))
-            labels += field_labels(row, analyzer.rules)
+            labels.update(field_label_counts(row, analyzer.rules))
     models = {"detector": analyzer.detector.info.model_name,
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),

@@ -12,8 +12,9 @@ the service. The flags never claim more than the count supports:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import UNCERTAIN
 from leukoscope.proportions import wilson_interval
@@ -55,11 +56,19 @@ class Differential:
                     warnings: Sequence[str] = ()) -> "Differential":
         """Count ``labels`` (class names or ``"uncertain"``). Blasts are counted only
         when ``blast_classes`` is a non-empty list ("no blast class known" otherwise)."""
+        return cls.from_counts(Counter(labels), classes, blast_classes, blast_flag_percent=blast_flag_percent,
+                               min_cells=min_cells, uncertain_flag_share=uncertain_flag_share, warnings=warnings)
+
+    @classmethod
+    def from_counts(cls, label_counts: Mapping[str, int], classes: Sequence[str], blast_classes: Sequence[str] | None,
+                    *, blast_flag_percent: float = 20.0, min_cells: int = 100, uncertain_flag_share: float = 0.1,
+                    warnings: Sequence[str] = ()) -> "Differential":
+        """:meth:`from_labels` of labels already counted (label -> number of cells)."""
         counts = {name: 0 for name in classes}
         counts[UNCERTAIN] = 0
-        for label in labels:
-            counts[label] = counts.get(label, 0) + 1
-        total = len(labels)
+        for label, n in label_counts.items():
+            counts[label] = counts.get(label, 0) + int(n)
+        total = sum(counts.values())
         per_100 = {name: (100.0 * n / total if total else 0.0) for name, n in counts.items()}
         uncertain = counts[UNCERTAIN]
         blasts = percentage = interval = worst = None
@@ -133,6 +142,10 @@ class CountRules:
     min_cells: int = 100
 
     def count(self, labels: Sequence[str], warnings: Sequence[str] = ()) -> Differential:
-        return Differential.from_labels(labels, self.classes, self.blast_classes,
+        return self.count_from(Counter(labels), warnings)
+
+    def count_from(self, label_counts: Mapping[str, int], warnings: Sequence[str] = ()) -> Differential:
+        """:meth:`count` of labels already counted (label -> number of cells)."""
+        return Differential.from_counts(label_counts, self.classes, self.blast_classes,
                                         blast_flag_percent=self.blast_flag_percent, min_cells=self.min_cells,
                                         warnings=warnings)

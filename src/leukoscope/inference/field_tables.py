@@ -78,17 +78,16 @@ def result_from_rows(field: dict[str, Any], cells: Sequence[dict[str, Any]], rul
                    differential=rules.count([cell.label for cell in rebuilt], list(field["warnings"])))
 
 
-def field_labels(field: dict[str, Any], rules: CountRules) -> list[str]:
-    """The cell labels a field row counts (its ``n_<class>`` and ``n_uncertain`` columns), in class order."""
-    counts = [(name, int(field[f"n_{name}"])) for name in rules.classes] + [(UNCERTAIN, int(field["n_uncertain"]))]
-    return [name for name, n in counts for _ in range(n)]
+def field_label_counts(field: dict[str, Any], rules: CountRules) -> dict[str, int]:
+    """How many cells of the field have each label: its ``n_<class>`` and ``n_uncertain`` columns."""
+    return {**{name: int(field[f"n_{name}"]) for name in rules.classes}, UNCERTAIN: int(field["n_uncertain"])}
 
 
 def result_from_field_row(field: dict[str, Any], rules: CountRules) -> SmearResult:
     """The field's result from its row alone, without its cells (a summary of millions of cells need
     not hold them): the differential is recounted from the row's counts and warnings."""
     return SmearResult(field["source"], int(field["width"]), int(field["height"]), [],
-                       json.loads(field["object_counts"]), rules.count(field_labels(field, rules), list(field["warnings"])),
+                       json.loads(field["object_counts"]), rules.count_from(field_label_counts(field, rules), list(field["warnings"])),
                        None, list(rules.classes), int(field["tiles"]), float(field["seconds"]), error=field["error"],
                        capped_tiles=int(field["capped_tiles"]),
                        scale=None if field["scale"] is None else json.loads(field["scale"]))

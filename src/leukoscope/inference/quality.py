@@ -85,7 +85,12 @@ def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UN
                        unit: str = "white cells") -> str | None:
     """The warning for cells of which more than ``max_share`` are unfamiliar (out of
     distribution for the classifier); None when there is nothing to say."""
-    n, k = len(unfamiliar), sum(bool(u) for u in unfamiliar)
+    return unfamiliar_count_warning(sum(bool(u) for u in unfamiliar), len(unfamiliar), max_share, unit)
+
+
+def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,
+                             unit: str = "white cells") -> str | None:
+    """:func:`unfamiliar_warning` for ``k`` unfamiliar cells of ``n``."""
     if n == 0 or k / n <= max_share:
         return None
     return (f"{UNFAMILIAR_WORDING[0].upper()}{UNFAMILIAR_WORDING[1:]}: {k} of {n} {unit} ({100 * k / n:.0f}%, more "

@@ -6,16 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_warning
+from leukoscope.inference.quality import DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_count_warning
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -70,10 +71,15 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
 
 @dataclass(frozen=True)
 class CellTally:
-    """What the pooled differential needs of every cell: its label, and how many were unfamiliar."""
+    """What the pooled differential needs of the cells: how many have each label, how many are unfamiliar."""
 
-    labels: list[str]
+    labels: Counter[str]
     unfamiliar: int
+
+    @classmethod
+    def of(cls, results: Sequence[SmearResult]) -> "CellTally":
+        cells = [cell for result in results for cell in result.cells]
+        return cls(Counter(cell.label for cell in cells), sum(cell.unfamiliar for cell in cells))
 
 
 @dataclass
@@ -95,10 +101,7 @@ class FolderSummary:
     of an archive: millions of cells, read as counts from its tables); None: from ``results``."""
 
     def _tally(self) -> CellTally:
-        if self.cell_tally is not None:
-            return self.cell_tally
-        cells = [cell for result in self.results for cell in result.cells]
-        return CellTally([cell.label for cell in cells], sum(cell.unfamiliar for cell in cells))
+        return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
 
     @property
     def warnings(self) -> list[str]:
@@ -110,14 +113,13 @@ class FolderSummary:
         read = [r for r in self.results if r.error is None]
         warnings = self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
         tally = self._tally()
-        unfamiliar = unfamiliar_warning([True] * tally.unfamiliar + [False] * (len(tally.labels) - tally.unfamiliar),
-                                        self.unfamiliar_share)
+        unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share)
         return warnings + ([unfamiliar] if unfamiliar else [])
 
     @property
     def pooled(self) -> Differential:
         """The differential of all fields together (the slide)."""
-        return self.rules.count(self._tally().labels, self.warnings)
+        return self.rules.count_from(self._tally().labels, self.warnings)
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []

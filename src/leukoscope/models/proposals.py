@@ -59,8 +59,6 @@ def top_nms_per_level(boxes: Tensor, scores: Tensor, levels: Tensor, iou_thresho
             break
         rate = max(len(found), 1) / stop  # the share kept so far sizes the next chunk
         start, stop = stop, min(len(order), stop + int(max(top - len(found), 1) / rate * PREFIX_FACTOR) + 16)
-    if not survivors:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     # by score, ties by index (torchvision's unstable sort may order exact ties otherwise)
     keep = torch.sort(torch.cat(list(survivors.values())))[0]
     return keep[torch.sort(scores[keep], descending=True, stable=True)[1]][:top]
