@@ -56,6 +56,11 @@ SMEAR_BACKGROUND = (233, 226, 226)  # a plain, unstained smear background (for c
 BENIGN_LABEL = "lymphocyte"
 BENIGN_TRAIN_SHARE = 0.5
 BENIGN_CELLS_PER_FIELD = 4
+# A white cell, blasts included, is at most about 20 um across. A larger stained object that
+# colour segmentation finds is touching cells (a clump): its crop would widen to hold it and
+# show a zoomed-out view (61% of the largest objects of 150 malignant all-taleqani fields were
+# over 20 um, median 23.6 um), teaching "a zoomed-out clump means blast". Training crops skip them.
+MAX_CELL_UM = 20.0
 
 
 # ----------------------------------------------------------------------------- crops
@@ -85,16 +90,19 @@ def source_scales(data: Path, fields: int = 40) -> dict[str, dict[str, Any]]:
     return scales
 
 
-def _largest_cell(image, centre_only: bool = False):
-    """The box of the largest stained object (a pbc image's centred cell, a field's biggest
-    white cell), or None."""
+def _single_cells(boxes: list, um_per_px: float | None) -> list:
+    """The boxes no larger than one white cell (:data:`MAX_CELL_UM`); all of them without a scale."""
+    if not um_per_px:
+        return boxes
+    return [b for b in boxes if max(b[2] - b[0], b[3] - b[1]) * um_per_px <= MAX_CELL_UM]
+
+
+def _largest_cell(image, um_per_px: float | None = None):
+    """The box of the largest stained object no larger than one cell (a field's biggest white
+    cell), or None."""
     from leukoscope.tasks.mil import locate_cells_by_colour
 
-    boxes = locate_cells_by_colour(image, pad=0.0, max_cells=8)
-    if centre_only:  # pbc centres its cell; the largest object near the centre is it
-        w, h = image.size
-        central = [b for b in boxes if abs((b[0] + b[2]) / 2 - w / 2) < w / 4 and abs((b[1] + b[3]) / 2 - h / 2) < h / 4]
-        boxes = central or boxes
+    boxes = _single_cells(locate_cells_by_colour(image, pad=0.0, max_cells=8), um_per_px)
     return boxes[0] if boxes else None
 
 
@@ -107,7 +115,7 @@ def _field_scale(image, fallback: float | None) -> float | None:
     return scale.um_per_px if scale.known else fallback
 
 
-def _image_centre(image) -> tuple[float, float, float, float]:
+def _image_centre(image, um_per_px: float | None = None) -> tuple[float, float, float, float]:
     """A point box at the image's centre (the window around it is the crop)."""
     w, h = image.size
     return (w / 2 - 1, h / 2 - 1, w / 2 + 1, h / 2 + 1)
@@ -124,16 +132,18 @@ def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path
 
 
 def _crop_field_cells(path: Path, fallback_um_per_px: float | None, window_um: float, out: Path,
-                      max_cells: int) -> list[Path]:
+                      max_cells: int, single_cells: bool = False) -> list[Path]:
     """Crop every white cell colour segmentation finds in a field (up to ``max_cells``, largest
-    first) into ``out/<stem>_c<k>.png``, at the field's own scale."""
+    first) into ``out/<stem>_c<k>.png``, at the field's own scale; with ``single_cells``, clumps
+    larger than one cell are skipped (training crops; the control keeps what it always held)."""
     from leukoscope.io import load_image
     from leukoscope.tasks.mil import locate_cells_by_colour
 
     image = load_image(path).convert("RGB")
     um_per_px = _field_scale(image, fallback_um_per_px)
     targets = []
-    for k, box in enumerate(locate_cells_by_colour(image, pad=0.0, max_cells=max_cells)):
+    boxes = locate_cells_by_colour(image, pad=0.0, max_cells=max_cells)
+    for k, box in enumerate(_single_cells(boxes, um_per_px) if single_cells else boxes):
         targets.append(out / f"{path.stem}_c{k}.png")
         _save_crop(image, box, um_per_px, window_um, targets[-1])
     return targets
@@ -151,12 +161,13 @@ def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float |
         except ImageDecodeError:
             missed += 1
             continue
-        box = locate(image)
+        scale = _field_scale(image, um_per_px)
+        box = locate(image, scale)
         if box is None:
             missed += 1
             continue
         target = out / label / f"{path.stem}.png"
-        _save_crop(image, box, _field_scale(image, um_per_px), window_um, target)
+        _save_crop(image, box, scale, window_um, target)
         rows.append([str(target), label, subject])
         if number % 500 == 0:
             _say(f"  {describe}: {number}/{len(jobs)}")
@@ -198,7 +209,7 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
     benign = split_benign_fields(data)[0]
     for path in benign:
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
-                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD):
+                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD, single_cells=True):
             rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
     _say(f"all-taleqani Benign, training half ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
          f" cells of {len(benign)} fields")

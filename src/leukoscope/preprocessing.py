@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 #: Model frameworks: ``torch`` reads normalised float tensors, ``sklearn`` the uint8 pixels.
 FRAMEWORKS = ("torch", "sklearn")
+#: What a torch model sees of an image's colour: all of it, or its luminance only.
+COLOURS = ("rgb", "gray")
+# ITU-R BT.601 luma, as PIL's "L" mode.
+_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
@@ -49,8 +53,17 @@ class Preprocessing:
     cell_window_um: float | None = None
     """Smear analysis crops this many micrometres around each cell when the field's scale is known
     (:mod:`leukoscope.cell_window`); None: the cell's box plus a margin."""
+    colour: str = "rgb"
+    """``gray``: a torch model sees luminance only (copied to its three channels), so a lab's stain
+    hue cannot be a cue. Applied in :meth:`model_input`, after training-time augmentation, so
+    stain jitter still varies how dark nucleus, cytoplasm and background come out."""
+    standardize: bool = False
+    """Scale each image to zero mean and unit variance (per channel) instead of ``mean`` / ``std``:
+    a lab's brightness and contrast cannot be a cue either."""
 
     def __post_init__(self) -> None:
+        if self.colour not in COLOURS:
+            raise ValueError(f"unknown colour {self.colour!r} (expected one of {COLOURS})")
         if self.resize != "letterbox":
             raise ValueError(f"unknown resize {self.resize!r} (leukoscope letterboxes: 'letterbox')")
         if self.image_size < 8:
@@ -89,7 +102,18 @@ class Preprocessing:
             return pixels
         if framework != "torch":
             raise ValueError(f"unknown model framework {framework!r} (expected one of {FRAMEWORKS})")
-        return self.normalize(pixels)
+        if self.colour == "rgb" and not self.standardize:
+            return self.normalize(pixels)
+        image = pixels.float() / 255.0
+        if self.colour == "gray":
+            luma = torch.tensor(_LUMA, dtype=image.dtype).view(3, 1, 1)
+            image = (image * luma).sum(dim=-3, keepdim=True).expand_as(image)
+        if not self.standardize:
+            return (image - self.normalize.mean) / self.normalize.std
+        mean = image.mean(dim=(-2, -1), keepdim=True)
+        # The floor keeps a blank image (std 0) finite, as torchvision's per-image standardisation does.
+        std = image.std(dim=(-2, -1), keepdim=True).clamp_min(1.0 / 255.0)
+        return (image - mean) / std
 
 
 def framework_of(model: Any) -> str:

@@ -104,3 +104,24 @@ def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates
     copy_side = training if benign / "WBC-Benign-003.jpg" in training else control
     assert benign / "WBC-Benign-100.jpg" in copy_side
     assert (training, control) == zoo.split_benign_fields(tmp_path)  # deterministic
+
+
+def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
+    import importlib.util
+
+    from tests.bench.conftest import BENCH
+
+    spec = importlib.util.spec_from_file_location("zoo_under_test", BENCH / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    # A pale field with one cell of 30 px and a clump of three touching cells (about 80 px wide).
+    pixels = np.full((200, 200, 3), (235, 225, 225), np.uint8)
+    pixels[disk((50, 50), 15, shape=pixels.shape[:2])] = (90, 40, 140)
+    for centre in ((140, 120), (140, 145), (140, 170)):
+        pixels[disk(centre, 14, shape=pixels.shape[:2])] = (90, 40, 140)
+    image = Image.fromarray(pixels)
+    clump = zoo._largest_cell(image)  # without a scale: the largest stained object
+    assert clump[2] - clump[0] > 60
+    single = zoo._largest_cell(image, um_per_px=0.4)  # 0.4 um/px: the clump is ~32 um, the cell 12 um
+    assert single is not None and single[2] - single[0] < 40 and abs((single[0] + single[2]) / 2 - 50) < 5
+    assert zoo._largest_cell(image, um_per_px=2.0) is None  # at 2 um/px both are too large for one cell

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from leukoscope.data.manifest import DatasetError
 from leukoscope.engine.config import load_config
@@ -269,3 +270,34 @@ def test_a_failed_run_leaves_no_run_directory(synthetic_root: Path, tmp_path: Pa
     with pytest.raises(DatasetError):
         run_experiment(_config(synthetic_root, runs, "data.classes=[blast]"), show_progress=False)
     assert not runs.exists() or [p.name for p in runs.iterdir() if p.name != "splits"] == []
+
+
+def test_a_gray_standardized_run_keeps_its_input_style_and_ignores_hue(synthetic_root: Path, tmp_path: Path) -> None:
+    # GroupNorm too: each image normalised on its own, as the shipped classifier's study compares.
+    config = _config(synthetic_root, tmp_path, "train.epochs=1", "model.name=mobilenet_v2", "data.colour=gray",
+                     "data.standardize=true", "model.options={norm: group}", "train.augmentation=cross_source")
+    result = run_experiment(config, show_progress=False)
+    model, info = load_bundle(result.bundle_dir)
+    assert info.preprocessing.colour == "gray" and info.preprocessing.standardize is True
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    classifier = CellClassifier.from_bundle(result.bundle_dir)
+    colour = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    # The same luminance without hue, and a dimmer, lower-contrast copy of it: the same model
+    # input up to rounding, so the same probabilities.
+    luma = colour @ np.array([0.299, 0.587, 0.114])
+    gray = np.repeat(np.rint(luma)[..., None], 3, axis=2).astype(np.uint8)
+    dimmer = np.repeat(np.rint(luma * 0.5 + 60)[..., None], 3, axis=2).astype(np.uint8)
+    probabilities = classifier.probabilities([Image.fromarray(a) for a in (colour, gray, dimmer)])
+    assert np.abs(probabilities - probabilities[0]).max() < 0.02
+    assert not np.allclose(probabilities[0], 1 / probabilities.shape[1])  # the model does not ignore its input
+
+
+def test_fine_tuning_keeps_the_bundles_input_style(synthetic_root: Path, tmp_path: Path) -> None:
+    first = run_experiment(_config(synthetic_root, tmp_path / "a", "train.epochs=1", "data.colour=gray",
+                                   "data.standardize=true"), show_progress=False)
+    config = load_config(overrides=[f"data.path={synthetic_root}", f"output_root={tmp_path / 'b'}",
+                                    f"model.init={first.bundle_dir}", "train.epochs=1"])
+    tuned = run_experiment(config, show_progress=False)
+    preprocessing = load_bundle(tuned.bundle_dir)[1].preprocessing
+    assert preprocessing.colour == "gray" and preprocessing.standardize is True

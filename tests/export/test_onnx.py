@@ -132,3 +132,18 @@ def test_a_copy_of_an_exported_bundle_does_not_claim_its_graph(exported: dict[st
     info = read_bundle_info(copy)
     assert info.export is None and info.format_version < 4
     assert runtime.choose_backend("auto", info, copy) == "torch"
+
+
+def test_a_gray_group_norm_classifier_exports_and_agrees(synthetic_root: Path, tmp_path: Path) -> None:
+    # The input style (luminance, per-image standardisation) is applied before the graph, as for torch.
+    from tests.export.conftest import invoke
+
+    result = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v2", "--quiet", f"output_root={tmp_path}",
+                    "model.image_size=32", "train.epochs=1", "train.threads=1", "data.colour=gray",
+                    "data.standardize=true", "model.options={norm: group}")
+    assert result.exit_code == 0, result.output
+    bundle = export_onnx(Path(result.stdout.strip().splitlines()[-1]), tmp_path / "onnx")
+    assert load_bundle(bundle)[1].preprocessing.colour == "gray"
+    images = [Image.open(p).convert("RGB") for p in sorted((synthetic_root / "blast").glob("*.png"))[:4]] + _images(3)
+    assert_graph_matches_torch(CellClassifier.from_bundle(bundle, backend="torch"),
+                               CellClassifier.from_bundle(bundle, backend="onnxruntime", threads=1), images)

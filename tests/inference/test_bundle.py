@@ -214,3 +214,21 @@ def test_a_shipped_classifier_with_ood_statistics_loads_by_its_pretrained_name(
     monkeypatch.chdir(tmp_path)  # no ./pretrained:wbc-classifier folder to be found by accident
     classifier = CellClassifier.from_bundle("pretrained:wbc-classifier")
     assert classifier.ood is not None and classifier.ood.details["fit_images"] == 30
+
+
+def test_input_style_is_kept_and_older_bundles_read_as_colour(tmp_path: Path) -> None:
+    styled = save_bundle(tmp_path / "gray", create_model("mobilenet_v3_small", 3), BundleInfo(
+        "mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32, colour="gray", standardize=True)))
+    preprocessing = load_bundle(styled)[1].preprocessing
+    assert (preprocessing.colour, preprocessing.standardize) == ("gray", True)
+    plain = _bundle(tmp_path, "plain")
+    payload = json.loads((plain / "bundle.json").read_text())
+    for key in ("colour", "standardize"):  # what a bundle written before these fields holds
+        payload["preprocessing"].pop(key)
+    (plain / "bundle.json").write_text(json.dumps(payload))
+    preprocessing = load_bundle(plain)[1].preprocessing
+    assert (preprocessing.colour, preprocessing.standardize) == ("rgb", False)
+    payload["preprocessing"]["colour"] = "sepia"
+    (plain / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="unknown colour 'sepia'"):
+        load_bundle(plain)

@@ -92,3 +92,21 @@ def test_torchvision_weight_names_use_torchvisions_downloader_and_cache(tmp_path
     assert model.fc.out_features == 3
     with pytest.raises(WeightsError, match="neither a file nor a torchvision weight name"):
         create_model("resnet18", 3, weights="IMAGENET_V9")
+
+
+def test_group_norm_replaces_every_batchnorm_and_is_refused_where_it_cannot_apply() -> None:
+    model = create_model("mobilenet_v2", 3, norm="group")
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    assert norms and all(isinstance(m, torch.nn.GroupNorm) for m in norms)
+    assert all(m.num_channels % m.num_groups == 0 and m.num_groups <= 8 for m in norms)
+    # GroupNorm statistics are each image's own: an image's output does not depend on its batch.
+    model.train()
+    model.classifier[0].eval()  # dropout off; the norm layers stay in training mode
+    images = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(model(images)[:1], model(images[:1]), atol=1e-5)
+    with pytest.raises(ValueError, match="norm 'group' needs an architecture"):
+        create_model("vgg19", 3, norm="group")
+    with pytest.raises(ValueError, match="weights are for BatchNorm"):
+        create_model("resnet18", 3, norm="group", weights="DEFAULT")
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        create_model("resnet18", 3, norm="layer")

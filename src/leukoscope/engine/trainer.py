@@ -96,7 +96,7 @@ def fit(
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model.to(device)
-    dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation), preprocessing.normalize)
+    dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation), preprocessing.model_input)
     # drop_last avoids a size-1 batch, which BatchNorm cannot train on.
     drop_last = len(dataset) > cfg.batch_size and len(dataset) % cfg.batch_size == 1
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last)

@@ -8,8 +8,9 @@ through torchvision's own cache; needs internet the first time).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torchvision
 from torch import nn
@@ -38,6 +39,17 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+# Architectures whose torchvision builder takes ``norm_layer``.
+_NORM_LAYER_ARCHS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0")
+GROUP_NORM_GROUPS = 8
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm of 8 groups (fewer when ``channels`` does not divide): the statistics come from
+    each image alone, not from a batch of one lab's images (robustness across labs)."""
+    return nn.GroupNorm(math.gcd(GROUP_NORM_GROUPS, channels), channels)
+
+
 def _is_weight_name(weights: object) -> bool:
     return isinstance(weights, str) and not Path(weights).suffix and not Path(weights).exists()
 
@@ -47,9 +59,19 @@ def build_torchvision_classifier(
     num_classes: int,
     weights: str | Path | None = None,
     freeze_backbone: bool = False,
+    norm: Literal["batch", "group"] = "batch",
 ) -> nn.Module:
     head_path, head_prefixes = _HEADS[arch]
-    extra = {"aux_logits": False, "init_weights": weights is None} if arch == "googlenet" else {}
+    extra: dict = {"aux_logits": False, "init_weights": weights is None} if arch == "googlenet" else {}
+    if norm == "group":
+        if arch not in _NORM_LAYER_ARCHS:
+            raise ValueError(f"norm 'group' needs an architecture that takes a norm layer: {', '.join(_NORM_LAYER_ARCHS)}")
+        if _is_weight_name(weights):
+            raise ValueError(f"torchvision's {weights!r} weights are for BatchNorm; norm 'group' trains from "
+                             f"random weights or a GroupNorm checkpoint")
+        extra["norm_layer"] = group_norm
+    elif norm != "batch":
+        raise ValueError(f"unknown norm {norm!r} (expected 'batch' or 'group')")
     if _is_weight_name(weights):
         try:
             tv_weights = torchvision.models.get_model_weights(arch)[str(weights)]
@@ -72,8 +94,9 @@ def build_torchvision_classifier(
 
 
 def _register(arch: str) -> Callable[..., nn.Module]:
-    def builder(num_classes: int, weights: str | Path | None = None, freeze_backbone: bool = False) -> nn.Module:
-        return build_torchvision_classifier(arch, num_classes, weights, freeze_backbone)
+    def builder(num_classes: int, weights: str | Path | None = None, freeze_backbone: bool = False,
+                norm: Literal["batch", "group"] = "batch") -> nn.Module:
+        return build_torchvision_classifier(arch, num_classes, weights, freeze_backbone, norm)
 
     builder.__doc__ = f"torchvision {arch} with a new {{num_classes}}-way head."
     return register_model(arch)(builder)
