@@ -40,6 +40,9 @@ def test_models_lists_the_registry() -> None:
     for name in ("abas_cnn", "tusar_convnet", "mobilenet_v2", "resnet50", "vgg19", "densenet121",
                  "efficientnet_b0", "googlenet", "alexnet", "resnet18"):
         assert name in result.output
+    # One column of kinds, also after the longest name (fasterrcnn_mobilenet_v3_fpn).
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len({line.index(line.split()[1]) for line in lines}) == 1
 
 
 def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Path, synthetic_root: Path,

@@ -29,7 +29,10 @@ of them is still written as version 2, byte for byte as before, so older leukosc
 reads it; one with any says 3, so older leukoscope asks for an upgrade instead of
 failing on an unknown field. Version-2 bundles load with none of them. Version 4 adds
 an ``export`` entry: the record of an exported graph (``model.onnx``, written by
-:mod:`leukoscope.inference.export`); only exported bundles say 4.
+:mod:`leukoscope.inference.export`); only exported bundles say 4. Version 5 adds a
+classifier's input style (``preprocessing.colour`` other than ``rgb``,
+``preprocessing.standardize``); only bundles that set one say 5, and bundle.json
+leaves the defaults out, so every other bundle reads as before.
 """
 
 from __future__ import annotations
@@ -51,13 +54,15 @@ from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
 from leukoscope.pretrained import resolve_bundle
 
-BUNDLE_FORMAT_VERSION = 4
+BUNDLE_FORMAT_VERSION = 5
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
 #: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
 FORMAT_3 = 3
+#: What an exported bundle without an input style is written as.
+FORMAT_4 = 4
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
@@ -155,8 +160,11 @@ class BundleInfo:
         for key in ("ood", "um_per_px", "export"):
             if payload.get(key) is None:
                 payload.pop(key)
-        if payload.get("preprocessing") and payload["preprocessing"].get("cell_window_um") is None:
-            payload["preprocessing"].pop("cell_window_um")
+        preprocessing = payload.get("preprocessing")
+        if preprocessing:
+            for key, default in (("cell_window_um", None), ("colour", "rgb"), ("standardize", False)):
+                if preprocessing.get(key) == default:
+                    preprocessing.pop(key)
         return payload
 
     @classmethod
@@ -178,6 +186,12 @@ class BundleInfo:
             return cls(**payload)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
+
+
+def has_input_style(info: BundleInfo) -> bool:
+    """Whether the classifier sees its images other than in colour at the dataset statistics (format 5)."""
+    style = info.preprocessing
+    return style is not None and (style.colour != "rgb" or style.standardize)
 
 
 def needs_format_3(info: BundleInfo) -> bool:
@@ -281,8 +295,10 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if info.export is not None:
+    if has_input_style(info):
         info.format_version = BUNDLE_FORMAT_VERSION
+    elif info.export is not None:
+        info.format_version = FORMAT_4
     else:
         info.format_version = FORMAT_3 if needs_format_3(info) else FORMAT_2
     json_tmp = directory / (BUNDLE_FILE + ".tmp")

@@ -109,9 +109,11 @@ def models(
         return
     from leukoscope.models import list_models, model_entry
 
-    for name in list_models():
+    names = list_models()
+    width = max(len(name) for name in names) + 1  # one column, however long the longest name
+    for name in names:
         entry = model_entry(name)
-        console.print(f"{name:<20} {entry.kind:<11} {entry.description}")
+        console.print(f"{name:<{width}} {entry.kind:<11} {entry.description}", soft_wrap=True)
 
 
 # Argument checks run before the heavy imports (torch takes seconds to load), so a

@@ -301,3 +301,12 @@ def test_fine_tuning_keeps_the_bundles_input_style(synthetic_root: Path, tmp_pat
     tuned = run_experiment(config, show_progress=False)
     preprocessing = load_bundle(tuned.bundle_dir)[1].preprocessing
     assert preprocessing.colour == "gray" and preprocessing.standardize is True
+
+
+def test_classical_models_refuse_an_input_style_they_would_ignore(synthetic_root: Path, tmp_path: Path) -> None:
+    from leukoscope.engine.config import ConfigError
+
+    config = _config(synthetic_root, tmp_path, "model.name=naive_bayes", "data.colour=gray")
+    with pytest.raises(ConfigError, match="naive_bayes computes its own colour features"):
+        run_experiment(config, show_progress=False)
+    assert not any(tmp_path.glob("naive_bayes-*"))

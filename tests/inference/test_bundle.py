@@ -221,11 +221,13 @@ def test_input_style_is_kept_and_older_bundles_read_as_colour(tmp_path: Path) ->
         "mobilenet_v3_small", ["a", "b", "c"], Preprocessing(32, colour="gray", standardize=True)))
     preprocessing = load_bundle(styled)[1].preprocessing
     assert (preprocessing.colour, preprocessing.standardize) == ("gray", True)
+    # Only a bundle with an input style says format 5; others keep their format and JSON, so
+    # leukoscope before format 5 reads them, and asks for an upgrade on a styled one.
+    assert json.loads((styled / "bundle.json").read_text())["format_version"] == 5
     plain = _bundle(tmp_path, "plain")
     payload = json.loads((plain / "bundle.json").read_text())
-    for key in ("colour", "standardize"):  # what a bundle written before these fields holds
-        payload["preprocessing"].pop(key)
-    (plain / "bundle.json").write_text(json.dumps(payload))
+    assert payload["format_version"] == 2
+    assert not {"colour", "standardize"} & set(payload["preprocessing"])
     preprocessing = load_bundle(plain)[1].preprocessing
     assert (preprocessing.colour, preprocessing.standardize) == ("rgb", False)
     payload["preprocessing"]["colour"] = "sepia"
