@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.markup import escape
@@ -953,7 +954,6 @@ def analyze(
     console.print(f"models: {used}", soft_wrap=True)
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     from leukoscope.inference.smear import SmearAnalyzer
-    from leukoscope.progress import progress_bar
 
     if threads:
         import torch
@@ -968,9 +968,35 @@ def analyze(
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
     console.print(f"backends: {ran}", soft_wrap=True)
+    with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
+        _analyze_inputs(analyzer, detector, classifier, options, slides, paths, out, engine=engine, address=address,
+                        actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet,
+                        slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
+                                           min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
+
+
+@contextmanager
+def _one_ray_session(address: Optional[str], needed: bool) -> Iterator[None]:
+    """Slides and fields on Ray together share one Ray (started once, not once for each)."""
+    if not needed:
+        yield
+        return
+    from leukoscope.inference.archive import ray_session
+
+    try:
+        with ray_session(address):
+            yield
+    except ConnectionError as exc:
+        _fail(f"cannot reach the Ray cluster at --address {address}: {exc}")
+
+
+def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list, paths: list,
+                    out: Path, *, engine: str, address: Optional[str], actors: Optional[int], threads: Optional[int],
+                    retry_failed: bool, quiet: bool, slide_options: dict) -> None:
+    """The whole-slide images, then the fields, on the chosen engine; the summary printed."""
+    from leukoscope.progress import progress_bar
+
     if slides:
-        slide_options = dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
-                             min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet)
         if engine == "ray":
             _analyze_slides_on_ray(analyzer, detector, classifier, options, slides, out, address=address,
                                    actors=actors, threads=threads or 1, **slide_options)

@@ -227,7 +227,8 @@ def _tile_rows(result) -> list[tuple]:
 
 
 def test_slide_tiles_on_ray_actors_count_what_local_threads_count(two_node_cluster, detector_bundle: Path,
-                                                                  classifier_bundle: Path, tmp_path: Path) -> None:
+                                                                  classifier_bundle: Path, fields: list[Path],
+                                                                  tmp_path: Path) -> None:
     """A generated pyramidal slide: the same tiles, cells and differential from two actors (one per node)
     as from this process; and from the command line."""
     pytest.importorskip("tiffslide")
@@ -246,7 +247,8 @@ def test_slide_tiles_on_ray_actors_count_what_local_threads_count(two_node_clust
     assert _tile_rows(on_ray) == _tile_rows(local)
     assert on_ray.differential.to_json() == local.differential.to_json()
 
-    result = CliRunner().invoke(app, ["analyze", str(path), "--engine", "ray", "--actors", "2", "--detector",
+    # A slide and a field in one command: one Ray session for both (the archive engine takes the field).
+    result = CliRunner().invoke(app, ["analyze", str(path), str(fields[0]), "--engine", "ray", "--actors", "2", "--detector",
                                       str(detector_bundle), "--classifier", str(classifier_bundle), "--tile-size",
                                       "128", "--overlap", "48", "--slide-tile", str(TILE), "--target-cells", "60",
                                       "--out", str(tmp_path / "cli"), "--quiet"])
@@ -254,6 +256,7 @@ def test_slide_tiles_on_ray_actors_count_what_local_threads_count(two_node_clust
     assert "ray: 2 actor(s)" in result.output
     written = json.loads((tmp_path / "cli" / "slide" / "slide.slide.json").read_text())
     assert written["differential"]["total"] == 60
+    assert "ray: 1 field(s) analysed" in result.output and (tmp_path / "cli" / "fields").exists()
 
 
 def test_more_actors_than_the_nodes_can_place_is_an_error_not_a_hang(two_node_cluster) -> None:

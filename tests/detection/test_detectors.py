@@ -45,6 +45,10 @@ def test_fixed_scale_transform_scales_images_and_boxes() -> None:
                                                               "labels": torch.tensor([1])}])
     assert images.image_sizes[0] == (60, 80)
     assert targets[0]["boxes"].tolist() == [[10.0, 5.0, 50.0, 45.0]]
+    uint8 = (torch.rand(3, 120, 160) * 255).to(torch.uint8)  # uint8 is scaled to [0, 1] first
+    assert torch.allclose(transform([uint8])[0].tensors, transform([uint8.float() / 255])[0].tensors)
+    with pytest.raises(TypeError, match="float images in \\[0, 1\\] or uint8 images, not torch.int64"):
+        transform([uint8.long()])
 
 
 def test_detector_needs_a_class_and_classifier_names_are_refused() -> None:

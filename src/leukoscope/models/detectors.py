@@ -85,6 +85,8 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
     def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
         if image.dtype == torch.uint8:
             image = image.float().div_(255.0)
+        elif not image.is_floating_point():
+            raise TypeError(f"a detector takes float images in [0, 1] or uint8 images, not {image.dtype}")
         h, w = image.shape[-2:]
         factor = self.scale
         if self.training and self.jitter != (1.0, 1.0):
