@@ -188,12 +188,6 @@ class BundleInfo:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
 
 
-def has_input_style(info: BundleInfo) -> bool:
-    """Whether the classifier sees its images other than in colour at the dataset statistics (format 5)."""
-    style = info.preprocessing
-    return style is not None and (style.colour != "rgb" or style.standardize)
-
-
 def needs_format_3(info: BundleInfo) -> bool:
     """Whether the bundle records anything older leukoscope cannot read (see the module docstring)."""
     window = info.preprocessing.cell_window_um if info.preprocessing is not None else None
@@ -295,7 +289,7 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if has_input_style(info):
+    if info.preprocessing is not None and info.preprocessing.styled:
         info.format_version = BUNDLE_FORMAT_VERSION
     elif info.export is not None:
         info.format_version = FORMAT_4

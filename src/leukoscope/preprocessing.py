@@ -78,6 +78,11 @@ class Preprocessing:
 
         return Segmenter(method=self.segmentation)
 
+    @property
+    def styled(self) -> bool:
+        """Whether a torch model sees other than the colour image at ``mean`` / ``std`` (bundle format 5)."""
+        return self.colour != "rgb" or self.standardize
+
     @cached_property
     def normalize(self) -> Normalize:
         return Normalize(self.mean, self.std)
@@ -102,7 +107,7 @@ class Preprocessing:
             return pixels
         if framework != "torch":
             raise ValueError(f"unknown model framework {framework!r} (expected one of {FRAMEWORKS})")
-        if self.colour == "rgb" and not self.standardize:
+        if not self.styled:
             return self.normalize(pixels)
         image = pixels.float() / 255.0
         if self.colour == "gray":
@@ -111,7 +116,7 @@ class Preprocessing:
         if not self.standardize:
             return (image - self.normalize.mean) / self.normalize.std
         mean = image.mean(dim=(-2, -1), keepdim=True)
-        # The floor keeps a blank image (std 0) finite, as torchvision's per-image standardisation does.
+        # The floor keeps a blank image (std 0) finite (TensorFlow's per_image_standardization floors it too).
         std = image.std(dim=(-2, -1), keepdim=True).clamp_min(1.0 / 255.0)
         return (image - mean) / std
 

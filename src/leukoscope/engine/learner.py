@@ -71,7 +71,7 @@ def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: 
         if config.model.init:
             raise ConfigError(f"model.init fine-tunes a CNN; {config.model.name} is a classical model, "
                               f"trained from the data alone")
-        if preprocessing.colour != "rgb" or preprocessing.standardize:
+        if preprocessing.styled:
             raise ConfigError(f"data.colour and data.standardize set what a CNN sees; {config.model.name} "
                               f"computes its own colour features from the pixels: leave them at rgb / false")
         return SklearnLearner(config, classes, preprocessing)
