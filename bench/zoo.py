@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,10 +58,12 @@ BENIGN_LABEL = "lymphocyte"
 BENIGN_TRAIN_SHARE = 0.5
 BENIGN_CELLS_PER_FIELD = 4
 # A white cell, blasts included, is at most about 20 um across. A larger stained object that
-# colour segmentation finds is touching cells (a clump): its crop would widen to hold it and
-# show a zoomed-out view (61% of the largest objects of 150 malignant all-taleqani fields were
-# over 20 um, median 23.6 um), teaching "a zoomed-out clump means blast". Training crops skip them.
-MAX_CELL_UM = 20.0
+# colour segmentation finds is touching cells (a clump): its crop widens to hold it and shows a
+# zoomed-out view (61% of the largest objects of 150 malignant all-taleqani fields were over
+# 20 um, median 23.6 um). `--max-cell-um 20` skips them in the training crops; off by default,
+# so that this script retrains the shipped classifier as it was made (docs/benchmarks.md,
+# "Stain, brightness and normalisation": clean crops traded one control for another).
+CLUMP_UM = 20.0
 
 
 # ----------------------------------------------------------------------------- crops
@@ -90,19 +93,19 @@ def source_scales(data: Path, fields: int = 40) -> dict[str, dict[str, Any]]:
     return scales
 
 
-def _single_cells(boxes: list, um_per_px: float | None) -> list:
-    """The boxes no larger than one white cell (:data:`MAX_CELL_UM`); all of them without a scale."""
-    if not um_per_px:
+def _single_cells(boxes: list, um_per_px: float | None, max_cell_um: float | None) -> list:
+    """The boxes no larger than ``max_cell_um``; all of them without a scale or a limit."""
+    if not um_per_px or not max_cell_um:
         return boxes
-    return [b for b in boxes if max(b[2] - b[0], b[3] - b[1]) * um_per_px <= MAX_CELL_UM]
+    return [b for b in boxes if max(b[2] - b[0], b[3] - b[1]) * um_per_px <= max_cell_um]
 
 
-def _largest_cell(image, um_per_px: float | None = None):
+def _largest_cell(image, um_per_px: float | None = None, max_cell_um: float | None = None):
     """The box of the largest stained object no larger than one cell (a field's biggest white
     cell), or None."""
     from leukoscope.tasks.mil import locate_cells_by_colour
 
-    boxes = _single_cells(locate_cells_by_colour(image, pad=0.0, max_cells=8), um_per_px)
+    boxes = _single_cells(locate_cells_by_colour(image, pad=0.0, max_cells=8), um_per_px, max_cell_um)
     return boxes[0] if boxes else None
 
 
@@ -132,9 +135,9 @@ def _save_crop(image, box, um_per_px: float | None, window_um: float, path: Path
 
 
 def _crop_field_cells(path: Path, fallback_um_per_px: float | None, window_um: float, out: Path,
-                      max_cells: int, single_cells: bool = False) -> list[Path]:
+                      max_cells: int, max_cell_um: float | None = None) -> list[Path]:
     """Crop every white cell colour segmentation finds in a field (up to ``max_cells``, largest
-    first) into ``out/<stem>_c<k>.png``, at the field's own scale; with ``single_cells``, clumps
+    first) into ``out/<stem>_c<k>.png``, at the field's own scale; with ``max_cell_um``, clumps
     larger than one cell are skipped (training crops; the control keeps what it always held)."""
     from leukoscope.io import load_image
     from leukoscope.tasks.mil import locate_cells_by_colour
@@ -143,7 +146,7 @@ def _crop_field_cells(path: Path, fallback_um_per_px: float | None, window_um: f
     um_per_px = _field_scale(image, fallback_um_per_px)
     targets = []
     boxes = locate_cells_by_colour(image, pad=0.0, max_cells=max_cells)
-    for k, box in enumerate(_single_cells(boxes, um_per_px) if single_cells else boxes):
+    for k, box in enumerate(_single_cells(boxes, um_per_px, max_cell_um)):
         targets.append(out / f"{path.stem}_c{k}.png")
         _save_crop(image, box, um_per_px, window_um, targets[-1])
     return targets
@@ -189,7 +192,8 @@ def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
     return training, control
 
 
-def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int) -> Path:
+def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int,
+                         max_cell_um: float | None = None) -> Path:
     """pbc's cells by type, the largest white cell of malignant all-taleqani fields as blast and
     of the training half of its Benign fields as lymphocyte; a manifest whose subject is the
     source image (a field's crops never straddle splits)."""
@@ -202,14 +206,15 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
         files = sorted((data / "all-taleqani" / subtype).glob("*.jpg"))
         random.Random(0).shuffle(files)
         blasts += [(p, BLAST, f"taleqani-{p.stem}") for p in files[:blasts_per_subtype]]
-    _crop_files(blasts, out / "train", scales["all-taleqani"]["um_per_px"], window_um, _largest_cell, rows,
+    _crop_files(blasts, out / "train", scales["all-taleqani"]["um_per_px"], window_um,
+                partial(_largest_cell, max_cell_um=max_cell_um), rows,
                 "all-taleqani malignant (blast)")
     # Every located white cell of a Benign field, as for the control: its largest cell alone
     # would leave blast the large majority of this lab's cells.
     benign = split_benign_fields(data)[0]
     for path in benign:
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
-                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD, single_cells=True):
+                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD, max_cell_um):
             rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
     _say(f"all-taleqani Benign, training half ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
          f" cells of {len(benign)} fields")
@@ -485,6 +490,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "zoo")
     parser.add_argument("--window-um", type=float, default=24.0, help="physical crop around each cell")
     parser.add_argument("--blasts-per-subtype", type=int, default=400)
+    parser.add_argument("--max-cell-um", type=float, default=None,
+                        help=f"skip training crops of stained objects larger than this (clumps; e.g. {CLUMP_UM:g})")
     parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
     parser.add_argument("--detector-epochs", type=int, default=12)
@@ -520,7 +527,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             name: [(str(p), label) for p, label in cells] for name, cells in controls.items()}}))
     classifier = args.classifier
     if classifier is None or args.crops_only:
-        manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype)
+        manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype,
+                                        args.max_cell_um)
         # A split saved for earlier crops no longer matches them (training refuses it): start afresh.
         shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:

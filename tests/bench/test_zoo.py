@@ -120,8 +120,10 @@ def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
     for centre in ((140, 120), (140, 145), (140, 170)):
         pixels[disk(centre, 14, shape=pixels.shape[:2])] = (90, 40, 140)
     image = Image.fromarray(pixels)
-    clump = zoo._largest_cell(image)  # without a scale: the largest stained object
-    assert clump[2] - clump[0] > 60
-    single = zoo._largest_cell(image, um_per_px=0.4)  # 0.4 um/px: the clump is ~32 um, the cell 12 um
+    for unlimited in ({"um_per_px": 0.4}, {"max_cell_um": zoo.CLUMP_UM}):  # no limit, or no scale: the largest object
+        clump = zoo._largest_cell(image, **unlimited)
+        assert clump[2] - clump[0] > 60
+    # 0.4 um/px: the clump is ~32 um, the cell 12 um
+    single = zoo._largest_cell(image, um_per_px=0.4, max_cell_um=zoo.CLUMP_UM)
     assert single is not None and single[2] - single[0] < 40 and abs((single[0] + single[2]) / 2 - 50) < 5
-    assert zoo._largest_cell(image, um_per_px=2.0) is None  # at 2 um/px both are too large for one cell
+    assert zoo._largest_cell(image, um_per_px=2.0, max_cell_um=zoo.CLUMP_UM) is None  # both too large at 2 um/px
