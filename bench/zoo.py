@@ -373,7 +373,6 @@ def verdicts(controls: dict[str, dict[str, Any]]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- shipping
 def to_half(bundle: Path, target: Path) -> Path:
     """A copy of the bundle with float weights stored as float16 (loaded back as float32)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     if target.exists():
@@ -595,7 +594,7 @@ def _print_table(results: dict[str, Any]) -> None:
         verdict = results["verdicts"].get(name, "")
         print(f"| {name} | {row['cells']} | {row['called_blast']:.3f} | "
               f"{(target[1] + ' ' + str(target[2])) if target else '-'} | {verdict.split(': ')[-1] if verdict else ''} |")
-    print(f"\nscales (um/px): " + ", ".join(f"{k} {v.get('um_per_px')}" for k, v in results["scales"].items()))
+    print("\nscales (um/px): " + ", ".join(f"{k} {v.get('um_per_px')}" for k, v in results["scales"].items()))
     print(f"total {results['minutes']} min")
 
 

@@ -277,7 +277,7 @@ def test_a_slide_a_worker_cannot_read_comes_back_as_its_own_error(two_node_clust
 
     job = TileJob(str(tmp_path / "gone.tif"), 0, 256, 16, 1.0, None)
     with RayTileRunner(AnalyzerSpec(detector_bundle, None, OPTIONS), actors=1) as runner:
-        error = runner.submit(job, TileSpot(0, 0, 0, 0, 0, 256, 256, 0.5)).exception(timeout=120)
+        error = runner.submit(job, TileSpot(0, 0, 0, 0, 0, 256, 256, 0.5)).exception(timeout=300)
     # type(...) is: Ray's wrapper is a subclass of the cause (RayTaskError(SlideError)), its text the traceback
     assert type(error) is SlideError and "gone.tif" in str(error) and "ray::" not in str(error)
 
