@@ -58,3 +58,23 @@ def test_analyze_with_no_model_flags_counts_the_white_cell_of_a_real_field(tmp_p
     assert report["differential"]["total"] == 1
     assert report["scale"]["source"] in {"estimated", "unknown"}
     assert (tmp_path / "BloodImage_00340.annotated.png").exists()
+
+
+@needs_models
+@pytest.mark.skipif(not CBC_TESTING.is_dir(), reason="needs ../shared/datasets/cbc")
+def test_the_shipped_detector_records_the_scores_it_gets_with_its_own_settings(tmp_path: Path) -> None:
+    """The quality gate and the card read the bundle's recorded test scores: they must be what the
+    detector scores as it ships (its inference options included, e.g. roi_sampling_ratio)."""
+    from leukoscope.bundle import read_bundle_info
+
+    info = read_bundle_info(pretrained_path(DEFAULT_DETECTOR))
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", f"pretrained:{DEFAULT_DETECTOR}", "--data",
+                                      str(CBC_TESTING.parent), "--split", "Testing", "--out", str(tmp_path),
+                                      "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "metrics.json").read_text())
+    assert measured["n_images"] == info.metrics["n_images"] == 60
+    assert measured["map_50"] == pytest.approx(info.metrics["map_50"], abs=1e-4)
+    assert measured["map"] == pytest.approx(info.metrics["map"], abs=1e-4)
+    for name, ap in info.metrics["ap_50_per_class"].items():
+        assert measured["per_class"][name]["ap_50"] == pytest.approx(ap, abs=1e-4)

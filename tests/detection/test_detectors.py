@@ -98,3 +98,27 @@ def test_a_narrow_box_head_is_smaller_rebuilt_from_its_bundle_and_leaves_the_def
                                                             task="detect", model_options={"representation_size": 256}))
     loaded, _ = load_bundle(bundle)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), narrow.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_abas", "fasterrcnn_mobilenet_v3_fpn", "fasterrcnn_resnet50_fpn"])
+def test_roi_sampling_ratio_sets_the_box_pooling_and_only_moves_its_features(name: str) -> None:
+    from torchvision.ops import MultiScaleRoIAlign
+
+    def build(**options):
+        torch.manual_seed(0)
+        return create_model(name, num_classes=3, input_scale=0.5, **options).eval()
+
+    default, one = build(), build(roi_sampling_ratio=1)
+    assert default.roi_heads.box_roi_pool.sampling_ratio == 2 and one.roi_heads.box_roi_pool.sampling_ratio == 1
+    assert isinstance(one.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+    # the same weights: the option changes how boxes are pooled, not the model
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), one.state_dict().values()))
+    features = {"0": torch.rand(1, 8, 40, 40)} if name == "fasterrcnn_abas" else None
+    if features is not None:  # one sample per bin: a different (cheaper) average of the same map
+        boxes = [torch.tensor([[0.0, 0.0, 300.0, 300.0]])]
+        sizes = [(640, 640)]
+        pooled_two = default.roi_heads.box_roi_pool(features, boxes, sizes)
+        pooled_one = one.roi_heads.box_roi_pool(features, boxes, sizes)
+        assert pooled_one.shape == pooled_two.shape and not torch.allclose(pooled_one, pooled_two)
+    with pytest.raises(ValueError, match="roi_sampling_ratio"):
+        build(roi_sampling_ratio=-1)

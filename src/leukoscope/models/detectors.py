@@ -25,6 +25,11 @@ Conventions shared by every builder:
   95-290 px in 640x480 BCCD/CBC fields.
 - ``roi_batch_size``: proposals sampled per image to train the box head (256;
   fewer is faster on a CPU, whose RoIAlign backward is single-threaded).
+- ``roi_sampling_ratio`` (two-stage detectors): bilinear samples per side of each of
+  RoIAlign's 7x7 bins (torchvision's 2). Pooling is where a CPU spends a third of the
+  detection time, once per proposal; at input scale 0.5 most bins are under a feature
+  pixel wide, so one sample (1) gives the shipped detector the same accuracy at a quarter
+  of the pooling work (docs/benchmarks.md, "Detector speed, third round").
 - ``weights=None`` and random backbones by default (works offline).
   ``backbone_weights`` takes a local file (or a torchvision weight name, which
   needs internet); ``weights`` a local state dict of the whole detector (a
@@ -174,6 +179,12 @@ def _finish(model: nn.Module, *, input_scale: float, scale_jitter: Sequence[floa
     return model
 
 
+def _roi_pool(levels: Sequence[str], sampling_ratio: int) -> MultiScaleRoIAlign:
+    if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+        raise ValueError(f"roi_sampling_ratio must be a whole number >= 0 (0: adaptive), got {sampling_ratio!r}")
+    return MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=sampling_ratio)
+
+
 def _rcnn_options(num_classes: int, score_thresh: float, detections_per_img: int, nms_thresh: float,
                   roi_batch_size: int = 256, **extra: Any) -> dict[str, Any]:
     options = dict(
@@ -220,6 +231,7 @@ def fasterrcnn_abas(
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     roi_batch_size: int = 256,
+    roi_sampling_ratio: int = 2,
 ) -> FasterRCNN:
     """System A: Faster R-CNN on the paper's custom 4-conv CNN (backbone_weights: an abas_cnn bundle)."""
     backbone = _AbasBackbone()
@@ -233,7 +245,7 @@ def fasterrcnn_abas(
         backbone,
         num_classes=None,
         rpn_anchor_generator=_anchor_generator(sizes, input_scale, aspect_ratios),
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        box_roi_pool=_roi_pool(["0"], roi_sampling_ratio),
         box_head=TwoMLPHead(backbone.out_channels * 49, representation_size),
         box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
         **options,
@@ -288,6 +300,7 @@ def fasterrcnn_mobilenet_v3_fpn(
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     roi_batch_size: int = 256,
+    roi_sampling_ratio: int = 2,
     fpn_channels: int = 128,
     representation_size: int = 1024,
 ) -> FasterRCNN:
@@ -307,7 +320,7 @@ def fasterrcnn_mobilenet_v3_fpn(
     model = FasterRCNN(
         backbone,
         rpn_anchor_generator=generator,
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2),
+        box_roi_pool=_roi_pool(["0", "1", "2"], roi_sampling_ratio),
         **_rcnn_options(num_classes, score_thresh, detections_per_img, nms_thresh, roi_batch_size),
     )
     if representation_size != 1024:
@@ -334,6 +347,7 @@ def fasterrcnn_resnet50_fpn(
     nms_thresh: float = 0.5,
     detections_per_img: int = 100,
     roi_batch_size: int = 256,
+    roi_sampling_ratio: int = 2,
 ) -> FasterRCNN:
     """Faster R-CNN, ResNet50 + FPN (P2-P6), as torchvision's but with cell-sized anchors."""
     body, pretrained = _torchvision_body("resnet50", backbone_weights)
@@ -343,6 +357,7 @@ def fasterrcnn_resnet50_fpn(
     model = FasterRCNN(
         backbone,
         rpn_anchor_generator=_anchor_generator(sizes, input_scale, aspect_ratios),
+        box_roi_pool=_roi_pool(["0", "1", "2", "3"], roi_sampling_ratio),  # torchvision's levels
         **_rcnn_options(num_classes, score_thresh, detections_per_img, nms_thresh, roi_batch_size),
     )
     return _finish(model, input_scale=input_scale, scale_jitter=scale_jitter, weights=weights,
