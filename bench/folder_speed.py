@@ -11,13 +11,16 @@ detector (trained at that scale) sees it unresampled, and a field holds the cell
 For this checkout's ``src`` and, with ``--old-src``, another version's (``git archive COMMIT src |
 tar -x -C /tmp/old`` gives ``/tmp/old/src``), each in its own process:
 
-a. detection in one 640x480 CBC test field (``CellDetector.detect``), median of ``--repeats``;
+a. detection in one 640x480 CBC test field as analysis runs it (``SmearAnalyzer.detect``: the
+   detector with the analyzer's proposal cap), median of ``--repeats``;
 b. the analysis of one mosaic field (``SmearAnalyzer.analyze`` from the decoded image: scale,
    tiles, detection, crops, classification; no files), median of ``--repeats``;
 c. ``leukoscope analyze FOLDER --out ... --threads T --quiet`` over the ``--fields`` fields, wall
    seconds of the whole command (start-up and every output file included) per field, and its
    CPU seconds (user + system, all threads: less sensitive to other work on the machine);
-   the versions take turns in each repeat, so both see the same load.
+   the versions take turns in each repeat, so both see the same load. Also the same command on
+   the first field alone, so that the cost of each further field (``(wall(N) - wall(1)) / (N - 1)``:
+   the folder's rate once started, what a large folder tends to) is printed beside it.
 
 Stage times of one field in this checkout (decode, prepare = scale + tiles, detection,
 classification, drawing, PNG encoding, CSV/JSON) and the start-up are printed as well. Default
@@ -91,7 +94,9 @@ def measure(args: argparse.Namespace) -> dict:
     field_path = sorted(Path(args.fields_dir).glob("*.jpg"))[0]
     field = load_image(field_path)
     out = {"startup_s": round(startup, 3),
-           "detect_640x480_s": round(median_seconds(lambda: analyzer.detector.detect([small]), args.repeats), 3)}
+           # as analysis detects (older versions without SmearAnalyzer.detect: the detector alone)
+           "detect_640x480_s": round(median_seconds((lambda: analyzer.detect(small)) if hasattr(analyzer, "detect")
+                                                    else (lambda: analyzer.detector.detect([small])), args.repeats), 3)}
     results = []
     out["analyze_field_s"] = round(median_seconds(lambda: results.append(analyzer.analyze(field, "f")), args.repeats), 3)
     out["wbc"] = len(results[-1].cells)
@@ -196,17 +201,28 @@ def main(argv: list[str] | None = None) -> int:
                           "threads": args.threads, "backend": args.backend, "load_average_1min_start": round(os.getloadavg()[0], 2)}
         for name, src in versions.items():
             measured[name] = run_version(src, args)
+        one_field = work / "one_field"
+        one_field.mkdir()
+        (one_field / args.fields_dir.joinpath("field_00.jpg").name).symlink_to(args.fields_dir / "field_00.jpg")
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
+        singles: dict[str, list[float]] = {name: [] for name in versions}
         for repeat in range(args.repeats):
             for name, src in versions.items():
                 runs[name].append(folder_run(src, args.fields_dir, work / f"out_{name}_{repeat}", args,
                                              backend=name == "new"))
+                if args.fields > 1:
+                    singles[name].append(folder_run(src, one_field, work / f"one_{name}_{repeat}", args,
+                                                    backend=name == "new")[0])
         for name in versions:
             walls, cpus = [wall for wall, _ in runs[name]], [cpu for _, cpu in runs[name]]
             measured[name]["folder_wall_s"] = [round(s, 2) for s in walls]
             measured[name]["folder_cpu_s"] = [round(s, 2) for s in cpus]
             measured[name]["folder_s_per_field"] = round(statistics.median(walls) / args.fields, 3)
             measured[name]["folder_cpu_s_per_field"] = round(statistics.median(cpus) / args.fields, 3)
+            if singles[name]:
+                measured[name]["one_field_wall_s"] = [round(s, 2) for s in singles[name]]
+                measured[name]["folder_s_per_further_field"] = round(
+                    (statistics.median(walls) - statistics.median(singles[name])) / (args.fields - 1), 3)
         measured["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     for name in versions:
         m = measured[name]
@@ -214,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{width}x{height} field {m['analyze_field_s']:.3f} s ({m['tiles']} tiles, {m['wbc']} WBC; "
               f"target <= 1.0 s); "
               f"folder {m['folder_s_per_field']:.3f} s per field with every output (target <= 1.2 s; "
-              f"CPU {m['folder_cpu_s_per_field']:.3f} s per field); "
-              f"start-up {m['startup_s']:.2f} s")
+              f"CPU {m['folder_cpu_s_per_field']:.3f} s per field"
+              + (f"; {m['folder_s_per_further_field']:.3f} s per further field" if "folder_s_per_further_field" in m
+                 else "") + f"); start-up {m['startup_s']:.2f} s")
     for stage, seconds in measured["new"].get("stages_s", {}).items():
         print(f"  {stage}: {seconds:.3f} s")
     print(json.dumps(measured))

@@ -77,6 +77,7 @@ def test_folder_speed(detector_run: ScriptRun, cbc_folder: Path, tmp_path: Path)
     assert "old" not in measured and measured["fields"] == 2 and measured["field_size"] == "320x240"
     assert new["tiles"] == 1 and len(new["folder_wall_s"]) == 1 and new["folder_s_per_field"] > 0
     assert new["folder_cpu_s_per_field"] > 0 and new["detect_640x480_s"] > 0 and new["startup_s"] > 0
+    assert len(new["one_field_wall_s"]) == 1 and "folder_s_per_further_field" in new  # the 2nd field's cost
     assert {"decode", "detection", "png encode", "csv + json"} <= set(new["stages_s"])
     assert run.line_starting("new: detection 640x480 ")
 

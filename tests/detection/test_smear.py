@@ -162,6 +162,12 @@ def test_detection_caps_grow_with_the_image_and_are_restored(detector_bundle: Pa
     assert detector.model.rpn._post_nms_top_n["testing"] == 200
 
 
+def test_default_tiles_follow_what_the_detector_network_sees(detector_bundle: Path) -> None:
+    detector = CellDetector.from_bundle(detector_bundle)  # input_scale 0.5
+    assert SmearAnalyzer(detector).tile_size == 4096
+    assert SmearAnalyzer(detector, tile_size=900).tile_size == 900
+
+
 def test_a_white_cell_found_twice_is_counted_once() -> None:
     image = Image.new("RGB", (640, 480), (230, 210, 220))
     nested = FixedDetector([[200, 100, 460, 350], [220, 115, 350, 350], [20, 20, 120, 120]], [0.9, 0.8, 0.7])

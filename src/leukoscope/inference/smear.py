@@ -49,6 +49,20 @@ DEFAULT_WBC_NAMES = frozenset({"wbc", "leukocyte", "leukocytes", "white", "white
 _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thrombocyte"})
 
 
+#: Tiles are at most this many pixels on a side as the detector's network sees them: tile size
+#: follows the detector's ``input_scale`` (1: 2048 field pixels; the shipped detector's 0.5: 4096).
+#: One tile where the field fits: tiles overlap, and each costs its own proposals (docs/benchmarks.md).
+TILE_MODEL_PIXELS = 2048
+
+
+def default_tile_size(detector: Any) -> int:
+    """:data:`TILE_MODEL_PIXELS` in the pixels the detector is given (divided by its bundle's
+    ``input_scale``; a detector without bundle information is taken to see its input unscaled)."""
+    info = getattr(detector, "info", None)
+    scale = float(getattr(info, "input_scale", 1.0) or 1.0) if info is not None else 1.0
+    return max(64, int(round(TILE_MODEL_PIXELS / scale)))
+
+
 def default_wbc_classes(classes: Sequence[str]) -> list[str]:
     named = [c for c in classes if c.lower() in DEFAULT_WBC_NAMES]
     return named or [c for c in classes if c.lower() not in _NOT_WBC]
@@ -88,9 +102,12 @@ class SmearAnalyzer:
     ``classifier`` (a :class:`~leukoscope.inference.predictor.CellClassifier`) types
     each white cell; without one, cells keep the detector's class (and blasts are
     only counted if the detector itself has blast classes).
-    ``tile_size``/``overlap`` are in the pixels the detector sees (the field's own, or those
+    ``tile_size``/``overlap`` are in the pixels the detector is given (the field's own, or those
     of the field resampled to the detector's training scale, below); the overlap should
-    exceed the largest white cell (about 300 px in 640x480 BCCD fields). ``wbc_containment``:
+    exceed the largest white cell (about 300 px in 640x480 BCCD fields). The default tile is
+    :data:`TILE_MODEL_PIXELS` as the network sees them (the detector scales its input by its
+    ``input_scale``): 4096 field pixels for the shipped detector, so a 2592x1944 field is one
+    tile. ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
     box is a duplicate (1 turns this off).
 
@@ -113,7 +130,7 @@ class SmearAnalyzer:
         detector: CellDetector | str | Path,
         classifier: Any | str | Path | None = None,
         *,
-        tile_size: int = 2048,
+        tile_size: int | None = None,
         overlap: int = 320,
         wbc_classes: Sequence[str] | None = None,
         blast_classes: Sequence[str] | None = None,
@@ -148,10 +165,10 @@ class SmearAnalyzer:
             if not 0.0 <= uncertain_threshold <= 1.0:
                 raise ValueError(f"uncertain threshold must be in [0, 1], got {uncertain_threshold}")
             classifier.threshold = float(uncertain_threshold)
-        self.tile_size = int(tile_size)
+        self.tile_size = int(tile_size) if tile_size is not None else default_tile_size(detector)
         self.overlap = int(overlap)
         if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap ({overlap}) must be >= 0 and smaller than tile_size ({tile_size})")
+            raise ValueError(f"overlap ({overlap}) must be >= 0 and smaller than tile_size ({self.tile_size})")
         unknown = [c for c in (wbc_classes or []) if c not in detector.classes]
         if unknown:
             raise ValueError(f"wbc classes {unknown} are not detector classes {detector.classes}")
