@@ -12,7 +12,7 @@ For this checkout's ``src`` and, with ``--old-src``, another version's (``git ar
 tar -x -C /tmp/old`` gives ``/tmp/old/src``), each in its own process:
 
 a. detection in one 640x480 CBC test field as analysis runs it (``SmearAnalyzer.detect``: the
-   detector with the analyzer's proposal cap), median of ``--repeats``;
+   field's tiles, the detector, the merge), median of ``--repeats``;
 b. the analysis of one mosaic field (``SmearAnalyzer.analyze`` from the decoded image: scale,
    tiles, detection, crops, classification; no files), median of ``--repeats``;
 c. ``leukoscope analyze FOLDER --out ... --threads T --quiet`` over the ``--fields`` fields, wall
