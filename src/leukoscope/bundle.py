@@ -37,6 +37,7 @@ leaves the defaults out, so every other bundle reads as before.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import platform
@@ -329,6 +330,19 @@ def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
     info.export = dict(record)
     _write_json(directory, info)
     return info
+
+
+def check_export_weights(directory: str | Path, info: BundleInfo) -> None:
+    """Refuse an exported bundle whose ``model.safetensors`` is no longer the file its graph was made
+    from (``export.weights_sha256``): its graph would run the old weights while ``--backend torch``,
+    its metrics and its calibration describe the new ones."""
+    recorded = (info.export or {}).get("weights_sha256")
+    weights = Path(directory) / WEIGHTS_FILE
+    if not recorded or not weights.is_file():
+        return
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+        raise BundleError(f"{directory}: {WEIGHTS_FILE} has changed since its graph was exported (the graph still "
+                          f"holds the old weights): run `leukoscope export` on the bundle again, or use --backend torch")
 
 
 def load_ood_arrays(directory: str | Path, info: BundleInfo) -> dict[str, Any] | None:

@@ -175,6 +175,20 @@ def test_backend_errors_are_clear(exported_detector: Path, tmp_path: Path, monke
         (tmp_path / "moved.onnx").rename(exported_detector / "model.onnx")
 
 
+def test_a_detector_whose_weights_changed_behind_its_graph_is_refused(exported_detector: Path,
+                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bundle = Path(shutil.copytree(exported_detector, tmp_path / "edited"))
+    state = load_file(bundle / "model.safetensors")
+    save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
+    with pytest.raises(BundleError, match="has changed since its graph was exported"):
+        CellDetector.from_bundle(bundle, backend="onnxruntime")
+    assert CellDetector.from_bundle(bundle, backend="torch").backend == "torch"
+
+
 def test_analyze_gives_the_same_differential_on_onnxruntime(exported_detector: Path, tmp_path: Path) -> None:
     from PIL import Image
 

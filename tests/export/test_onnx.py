@@ -99,6 +99,22 @@ def test_new_weights_drop_a_stale_graph(exported: dict[str, Path], tmp_path: Pat
     assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 3  # it keeps its OOD entry
 
 
+def test_weights_changed_behind_a_graph_are_refused_on_the_graph_backends(exported: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bundle = Path(shutil.copytree(exported["abas_cnn"], tmp_path / "edited"))  # graph and all, as a user might
+    assert CellClassifier.from_bundle(bundle, backend="onnxruntime").backend == "onnxruntime"
+    state = load_file(bundle / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
+    for backend in ("onnxruntime", "auto"):
+        with pytest.raises(BundleError, match="has changed since its graph was exported"):
+            CellClassifier.from_bundle(bundle, backend=backend)
+    assert CellClassifier.from_bundle(bundle, backend="torch").backend == "torch"  # the new weights still run
+
+
 def test_parity_report_on_labelled_and_unlabelled_images(exported: dict[str, Path], synthetic_root: Path,
                                                          tmp_path: Path) -> None:
     report = compare_backends(exported["mobilenet_v3_small"], synthetic_root, threads=1)
