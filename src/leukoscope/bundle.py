@@ -332,17 +332,23 @@ def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
     return info
 
 
-def check_export_weights(directory: str | Path, info: BundleInfo) -> None:
-    """Refuse an exported bundle whose ``model.safetensors`` is no longer the file its graph was made
-    from (``export.weights_sha256``): its graph would run the old weights while ``--backend torch``,
-    its metrics and its calibration describe the new ones."""
-    recorded = (info.export or {}).get("weights_sha256")
+def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
+    """Refuse an exported bundle changed since its graph was made: ``model.safetensors`` is no longer
+    the file the graph holds (``export.weights_sha256``), or ``model_options`` are no longer those it
+    was built with (``export.model_options``, recorded since they are part of the graph, e.g. the box
+    pooling's ``roi_sampling_ratio``). Its graph would give the old model's results while ``--backend
+    torch``, its metrics and its calibration describe the new one."""
+    record = info.export or {}
     weights = Path(directory) / WEIGHTS_FILE
-    if not recorded or not weights.is_file():
-        return
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
-        raise BundleError(f"{directory}: {WEIGHTS_FILE} has changed since its graph was exported (the graph still "
-                          f"holds the old weights): run `leukoscope export` on the bundle again, or use --backend torch")
+    recorded = record.get("weights_sha256")
+    changed = None
+    if recorded and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+        changed = f"{WEIGHTS_FILE} has changed"
+    elif "model_options" in record and json.loads(json.dumps(info.model_options)) != record["model_options"]:
+        changed = "its model_options have changed"
+    if changed:
+        raise BundleError(f"{directory}: {changed} since its graph was exported (the graph still holds the old "
+                          f"model): run `leukoscope export` on the bundle again, or use --backend torch")
 
 
 def load_ood_arrays(directory: str | Path, info: BundleInfo) -> dict[str, Any] | None:

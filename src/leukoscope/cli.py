@@ -890,9 +890,9 @@ def analyze(
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the fields in micrometres "
                                               "(default: estimated per field from its red cells, ~7.5 um "
                                               "across; recorded in each field's JSON)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in image pixels for large fields (default: "
-                                            "2048 pixels as the detector's network sees them; 4096 image pixels "
-                                            "for the shipped detector)."),
+    tile_size: Optional[int] = typer.Option(None, help="Tile side for large fields, in pixels of the field as "
+                                            "the detector is given it (resampled to its scale; default: 2048 "
+                                            "pixels as its network sees them, 4096 for the shipped detector)."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
                                           "faster on a machine busy with other work); --engine ray: per actor "

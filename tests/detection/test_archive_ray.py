@@ -14,7 +14,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
 from leukoscope.data.synthetic_smears import make_synthetic_smears  # noqa: E402
-from leukoscope.inference.archive import AnalyzerSpec, analyze_archive, pending, portable_spec  # noqa: E402
+from leukoscope.inference.archive import (AnalyzerSpec, analyze_archive, model_identity, pending,  # noqa: E402
+                                          portable_spec)
 from leukoscope.inference.archive_parts import ArchiveParts  # noqa: E402
 from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows  # noqa: E402
 from leukoscope.inference.smear_result import Cell, SmearResult  # noqa: E402
@@ -118,6 +119,29 @@ def test_ray_engine_matches_the_local_engine_and_resumes(two_node_cluster, field
     # Other settings would mix two analyses in one table.
     with pytest.raises(ValueError, match="other settings.*options"):
         analyze_archive(AnalyzerSpec(detector_bundle, classifier_bundle, {**OPTIONS, "overlap": 32}), fields, out)
+
+
+def test_a_model_is_known_by_its_weights_and_options_not_its_name(detector_bundle: Path, tmp_path: Path) -> None:
+    """An archive resumed with a model replaced under the same name must not pool the two analyses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bundle = Path(shutil.copytree(detector_bundle, tmp_path / "detector"))
+    before = model_identity(bundle)
+    assert before == model_identity(detector_bundle) and len(before["weights_sha256"]) == 64
+    payload = json.loads((bundle / "bundle.json").read_text())
+    payload["model_options"]["roi_sampling_ratio"] = 1
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    options_changed = model_identity(bundle)
+    assert options_changed["model_options"]["roi_sampling_ratio"] == 1 and options_changed != before
+    state = load_file(bundle / "model.safetensors")
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
+    assert model_identity(bundle)["weights_sha256"] != before["weights_sha256"]
+    parts = ArchiveParts(tmp_path / "out", None)
+    parts.claim({"models": {"detector": before}})
+    with pytest.raises(ValueError, match="other settings \\(models differ"):
+        parts.claim({"models": {"detector": model_identity(bundle)}})
 
 
 def test_failed_fields_are_retried_only_when_asked() -> None:

@@ -184,9 +184,19 @@ def test_a_detector_whose_weights_changed_behind_its_graph_is_refused(exported_d
     bundle = Path(shutil.copytree(exported_detector, tmp_path / "edited"))
     state = load_file(bundle / "model.safetensors")
     save_file({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, bundle / "model.safetensors")
-    with pytest.raises(BundleError, match="has changed since its graph was exported"):
+    with pytest.raises(BundleError, match="model.safetensors has changed since its graph was exported"):
         CellDetector.from_bundle(bundle, backend="onnxruntime")
     assert CellDetector.from_bundle(bundle, backend="torch").backend == "torch"
+    # an option the graph was built with (the box graph pools at the export's sampling ratio)
+    options = Path(shutil.copytree(exported_detector, tmp_path / "options"))
+    payload = json.loads((options / "bundle.json").read_text())
+    assert payload["export"]["model_options"] == payload["model_options"]
+    ratio = 3 - payload["model_options"].get("roi_sampling_ratio", 2)  # 1 <-> 2
+    payload["model_options"]["roi_sampling_ratio"] = ratio
+    (options / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="its model_options have changed since its graph was exported"):
+        CellDetector.from_bundle(options, backend="onnxruntime")
+    assert CellDetector.from_bundle(options, backend="torch").model.roi_heads.box_roi_pool.sampling_ratio == ratio
 
 
 def test_analyze_gives_the_same_differential_on_onnxruntime(exported_detector: Path, tmp_path: Path) -> None:

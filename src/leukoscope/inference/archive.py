@@ -1,6 +1,6 @@
 """Archive scale-out: the smear analysis of many fields on a Ray cluster (Ray Data).
 
-    spec = AnalyzerSpec("pretrained:smear-detector", "pretrained:wbc-classifier", {"tile_size": 2048})
+    spec = AnalyzerSpec("pretrained:smear-detector", "pretrained:wbc-classifier", {"um_per_px": 0.08})
     run = analyze_archive(spec, paths, "out/", address="auto")   # or address=None: a local Ray
     run.processed, run.skipped, run.summary.pooled
 
@@ -82,6 +82,18 @@ class AnalyzerSpec:
         """The analyzer; ``threads``: what its graph runtimes (onnxruntime, OpenVINO) may use."""
         classifier = resolve_bundle(self.classifier) if self.classifier is not None else None
         return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, threads=threads, **self.options)
+
+
+def model_identity(bundle: str | Path) -> dict[str, Any]:
+    """What a bundle's results depend on: the digest of its weights and its model options."""
+    import hashlib
+
+    from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
+
+    directory = resolve_bundle(bundle)
+    weights = directory / WEIGHTS_FILE
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+    return {"weights_sha256": digest, "model_options": read_bundle_info(directory).model_options}
 
 
 def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
@@ -180,8 +192,12 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     parts = ArchiveParts(out_dir, analyzer.rules)
     portable = spec.portable()
     # What runs the networks is not part of the archive's identity: exported graphs give torch's results.
-    identity = {k: v for k, v in portable.options.items() if k != "backend"}
+    # The tile size is the one used (a default follows the detector), and each model is known by its
+    # weights and options, not only its name: a shipped model replaced under the same name differs.
+    identity = {**{k: v for k, v in portable.options.items() if k != "backend"}, "tile_size": analyzer.tile_size}
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
+                 "models": {role: model_identity(bundle) for role, bundle in
+                            (("detector", spec.detector), ("classifier", spec.classifier)) if bundle is not None},
                  "cell_classes": analyzer.cell_classes, "blast_classes": analyzer.blast_classes})
     if parts.clean():
         log.info("removed the temporary files of an interrupted run in %s", out_dir)

@@ -76,7 +76,7 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> 
     check_graph(box_tmp)
     graph_tmp.replace(out / ONNX_FILE)
     box_tmp.replace(out / BOX_ONNX_FILE)
-    record = detector_record(info.model_name, levels, names, shapes, opset, source)
+    record = detector_record(info.model_name, levels, names, shapes, opset, source, info.model_options)
     record.update(box_file=BOX_ONNX_FILE, box_inputs=box_inputs, box_outputs=list(BOX_OUTPUTS))
     save_export(out, record)
     return out
@@ -100,7 +100,7 @@ def export_box_graph(model: torch.nn.Module, features: dict[str, torch.Tensor], 
 
 
 def detector_record(model_name: str, levels: list[str], names: list[str], example: tuple[torch.Tensor, ...],
-                    opset: int, source: Path) -> dict[str, Any]:
+                    opset: int, source: Path, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``export`` entry of a detector's ``bundle.json``: what the graph takes and gives."""
     return {
         "format": "onnx",
@@ -115,6 +115,7 @@ def detector_record(model_name: str, levels: list[str], names: list[str], exampl
                     for name, tensor in zip(names, example)],
         "levels": levels,
         "model_name": model_name,
-        # Which weights the graph was made from: a bundle whose weights change no longer matches it.
+        # What the graph was made from: a bundle whose weights or options change no longer matches it.
         "weights_sha256": hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        "model_options": dict(model_options or {}),
     }

@@ -36,7 +36,7 @@ from torchvision.ops import roi_align
 # torchvision's own helpers of MultiScaleRoIAlign: the box graph must pool exactly as it does
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
-from leukoscope.bundle import ONNX_FILE, BundleError, BundleInfo, check_export_weights
+from leukoscope.bundle import ONNX_FILE, BundleError, BundleInfo, check_export_matches
 
 DETECTOR_BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 #: What ``auto`` tries first for an exported detector (measured on the shipped detector, docs/benchmarks.md).
@@ -251,7 +251,7 @@ def choose_detector_backend(backend: str, info: BundleInfo, directory: str | Pat
 def load_graphs(directory: str | Path, info: BundleInfo, backend: str, threads: int | None = None) -> ExportedGraphs:
     """The graph runners of an exported detector bundle (``backend``: onnxruntime or openvino)."""
     assert info.export is not None
-    check_export_weights(directory, info)
+    check_export_matches(directory, info)
     runner = OnnxGraph if backend == "onnxruntime" else OpenVinoGraph
 
     def graph(name: str) -> GraphRunner:

@@ -171,7 +171,8 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     check_graph(graph_tmp)
-    record = export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source)
+    record = export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source,
+                           info.model_options)
     if paths is not None:
         from leukoscope.inference.quantize import quantize_graph
         from leukoscope.progress import progress_bar
@@ -238,7 +239,7 @@ def check_graph(path: Path) -> None:
 
 
 def export_record(model_name: str, image_size: int, classes: int, embedding: int, opset: int,
-                  source: Path) -> dict[str, Any]:
+                  source: Path, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``export`` entry of ``bundle.json``: what the graph takes and gives, and how it was made."""
     weights = source / WEIGHTS_FILE
     return {
@@ -252,6 +253,7 @@ def export_record(model_name: str, image_size: int, classes: int, embedding: int
         "outputs": [{"name": "logits", "shape": ["batch", classes], "dtype": "float32"},
                     {"name": "embedding", "shape": ["batch", embedding], "dtype": "float32"}],
         "model_name": model_name,
-        # Which weights the graph was made from: a bundle whose weights change no longer matches it.
+        # What the graph was made from: a bundle whose weights or options change no longer matches it.
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "model_options": dict(model_options or {}),
     }

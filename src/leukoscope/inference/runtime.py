@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_weights, load_bundle
+from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches, load_bundle
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -222,6 +222,6 @@ def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch"
     path = Path(directory) / str(info.export.get("file", default))
     if not path.is_file():
         raise BundleError(f"{directory}: bundle.json records an exported graph but {path.name} is missing")
-    check_export_weights(directory, info)
+    check_export_matches(directory, info)
     runtime_class = OpenvinoRuntime if chosen == "openvino" else OnnxRuntime
     return runtime_class(path, info.export, info.preprocessing, threads)

@@ -1,8 +1,8 @@
 """Tiles for large fields and the merging of their detections.
 
-A 2592x1944 field is cut into overlapping tiles at the detector's pixel scale; a
-box cut by an inner tile edge gives way to the whole box the neighbouring tile saw,
-and duplicates in the overlaps are merged.
+A field larger than a tile (:class:`~leukoscope.inference.smear.SmearAnalyzer`'s ``tile_size``)
+is cut into overlapping tiles at the detector's pixel scale; a box cut by an inner tile edge
+gives way to the whole box the neighbouring tile saw, and duplicates in the overlaps are merged.
 """
 
 from __future__ import annotations

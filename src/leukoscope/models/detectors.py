@@ -180,7 +180,7 @@ def _finish(model: nn.Module, *, input_scale: float, scale_jitter: Sequence[floa
 
 
 def _roi_pool(levels: Sequence[str], sampling_ratio: int) -> MultiScaleRoIAlign:
-    if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+    if type(sampling_ratio) is not int or sampling_ratio < 0:  # noqa: E721 - bool is an int, and not one here
         raise ValueError(f"roi_sampling_ratio must be a whole number >= 0 (0: adaptive), got {sampling_ratio!r}")
     return MultiScaleRoIAlign(list(levels), output_size=7, sampling_ratio=sampling_ratio)
 
