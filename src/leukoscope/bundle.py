@@ -332,6 +332,13 @@ def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
     return info
 
 
+def weights_digest(directory: str | Path) -> str | None:
+    """SHA-256 of a bundle's ``model.safetensors`` (None when it has none): what an export records of
+    the weights its graph holds, and what an archive knows a model by."""
+    weights = Path(directory) / WEIGHTS_FILE
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+
+
 def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
     """Refuse an exported bundle changed since its graph was made: ``model.safetensors`` is no longer
     the file the graph holds (``export.weights_sha256``), or ``model_options`` are no longer those it
@@ -339,10 +346,9 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
     pooling's ``roi_sampling_ratio``). Its graph would give the old model's results while ``--backend
     torch``, its metrics and its calibration describe the new one."""
     record = info.export or {}
-    weights = Path(directory) / WEIGHTS_FILE
     recorded = record.get("weights_sha256")
     changed = None
-    if recorded and weights.is_file() and hashlib.sha256(weights.read_bytes()).hexdigest() != recorded:
+    if recorded and weights_digest(directory) not in (None, recorded):
         changed = f"{WEIGHTS_FILE} has changed"
     elif "model_options" in record and json.loads(json.dumps(info.model_options)) != record["model_options"]:
         changed = "its model_options have changed"

@@ -86,14 +86,10 @@ class AnalyzerSpec:
 
 def model_identity(bundle: str | Path) -> dict[str, Any]:
     """What a bundle's results depend on: the digest of its weights and its model options."""
-    import hashlib
-
-    from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
+    from leukoscope.bundle import read_bundle_info, weights_digest
 
     directory = resolve_bundle(bundle)
-    weights = directory / WEIGHTS_FILE
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {"weights_sha256": digest, "model_options": read_bundle_info(directory).model_options}
+    return {"weights_sha256": weights_digest(directory), "model_options": read_bundle_info(directory).model_options}
 
 
 def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:

@@ -23,15 +23,14 @@ its caps sit inside what would be the graph's head).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from leukoscope.bundle import (BOX_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, BundleError, copy_bundle, load_bundle,
-                               save_export)
+from leukoscope.bundle import (BOX_ONNX_FILE, ONNX_FILE, BundleError, copy_bundle, load_bundle,
+                               save_export, weights_digest)
 from leukoscope.inference.detector_runtime import BoxStage, DenseStage, level_names
 from leukoscope.inference.export import check_graph
 from leukoscope.pretrained import resolve_bundle
@@ -116,6 +115,6 @@ def detector_record(model_name: str, levels: list[str], names: list[str], exampl
         "levels": levels,
         "model_name": model_name,
         # What the graph was made from: a bundle whose weights or options change no longer matches it.
-        "weights_sha256": hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        "weights_sha256": weights_digest(source),
         "model_options": dict(model_options or {}),
     }

@@ -26,7 +26,6 @@ Detectors: their dense part, in :mod:`leukoscope.inference.detector_export`. Cla
 from __future__ import annotations
 
 import copy
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from leukoscope.bundle import (GRAPH_FILES, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE, WEIGHTS_FILE,
-                               BundleError, copy_bundle, load_bundle, read_bundle_info, save_export)
+from leukoscope.bundle import (GRAPH_FILES, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE,
+                               BundleError, copy_bundle, load_bundle, read_bundle_info, save_export, weights_digest)
 from leukoscope.models.embedding import capture_embeddings
 from leukoscope.pretrained import resolve_bundle
 
@@ -241,7 +240,6 @@ def check_graph(path: Path) -> None:
 def export_record(model_name: str, image_size: int, classes: int, embedding: int, opset: int,
                   source: Path, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``export`` entry of ``bundle.json``: what the graph takes and gives, and how it was made."""
-    weights = source / WEIGHTS_FILE
     return {
         "format": "onnx",
         "file": ONNX_FILE,
@@ -254,6 +252,6 @@ def export_record(model_name: str, image_size: int, classes: int, embedding: int
                     {"name": "embedding", "shape": ["batch", embedding], "dtype": "float32"}],
         "model_name": model_name,
         # What the graph was made from: a bundle whose weights or options change no longer matches it.
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": weights_digest(source),
         "model_options": dict(model_options or {}),
     }

@@ -26,8 +26,8 @@ Conventions shared by every builder:
 - ``roi_batch_size``: proposals sampled per image to train the box head (256;
   fewer is faster on a CPU, whose RoIAlign backward is single-threaded).
 - ``roi_sampling_ratio`` (two-stage detectors): bilinear samples per side of each of
-  RoIAlign's 7x7 bins (torchvision's 2). Pooling runs once per proposal and took 35-45%
-  of the shipped detector's time on a CPU; at input scale 0.5 most bins are under a feature
+  RoIAlign's 7x7 bins (torchvision's 2). Pooling runs once per proposal: with the box head it
+  took ~44% of the shipped detector's time on a CPU; at input scale 0.5 most bins are under a feature
   pixel wide, so one sample (1) gives the shipped detector the same accuracy at a quarter
   of the pooling work (docs/benchmarks.md, "Detector speed, third round").
 - ``weights=None`` and random backbones by default (works offline).
