@@ -473,11 +473,12 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
                                        "<bundle>-<format>[-int8] beside it; the bundle's own folder adds the graph "
                                        "to it)."),
-    int8: bool = typer.Option(False, "--int8", help="Classifiers: quantize to int8 (static, calibrated on "
-                              "--calibration)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration; a "
+                              "detector's box head: dynamic)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Images like those the model will "
-                                              "classify (a folder, class folders or a CSV manifest; up to 512 are "
-                                              "used) to calibrate --int8 on; not the --check images."),
+                                              "see (a folder, class folders or a CSV manifest; up to 512 are used; a "
+                                              "detector: a folder of fields, up to 64) to calibrate --int8 on; not "
+                                              "the --check images."),
     check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest; "
                                         "for a detector a VOC folder) to compare the graph with the torch model on "
                                         "(labelled: accuracy change; a detector: mAP change)."),
@@ -491,8 +492,9 @@ def export(
     A classifier's graph takes the bundle's normalised input (preprocessing stays the bundle's) with a
     dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
     `leukoscope predict --backend auto` runs it (onnxruntime or openvino). A Faster R-CNN detector's
-    graph is its dense part (backbone, feature pyramid, RPN head) for any image size, as float ONNX;
-    proposal selection and the box head stay in torch (`leukoscope analyze --backend onnxruntime|openvino`).
+    graph is its dense part (backbone, feature pyramid, RPN head) for any image size, plus a box graph
+    (RoIAlign, box head), as ONNX; proposal selection and NMS stay in torch (`leukoscope analyze --backend
+    onnxruntime|openvino`). --int8 quantizes a classifier's graph, or both of a detector's.
     """
     import importlib.util
 
@@ -512,9 +514,9 @@ def export(
     # The refusals of leukoscope.inference.export.check_exportable, before torch is imported.
     if detector and peek.model_name.startswith("fcos"):
         _fail(f"{source} is an FCOS detector: export supports Faster R-CNN detectors only for now")
-    if detector and (export_format != "onnx" or int8):
-        _fail(f"{source} is a detector: it exports as a float ONNX graph only (--format onnx, no --int8); "
-              f"--backend openvino runs that graph too")
+    if detector and export_format != "onnx":
+        _fail(f"{source} is a detector: it exports as ONNX graphs only (--format onnx); --backend openvino runs "
+              f"those graphs too")
     if not detector and peek.framework != "torch":
         _fail(f"{source} is a classical (scikit-learn) model: export to ONNX supports torch CNN classifiers only "
               f"for now")
@@ -542,14 +544,14 @@ def export(
     from leukoscope.inference.export import export_bundle
 
     _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration, show_progress=True)
+    from leukoscope.bundle import read_bundle_info
+
+    record = _run(read_bundle_info, target).export or {}
+    precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")
     if detector:
         console.print(f"exported {escape(peek.model_name)} to {escape(str(target / 'model.onnx'))} (opset {opset}, "
-                      f"input (batch, 3, height, width: the dense part))", soft_wrap=True)
+                      f"{precision}, input (batch, 3, height, width: the dense part))", soft_wrap=True)
     else:
-        from leukoscope.bundle import read_bundle_info
-
-        record = _run(read_bundle_info, target).export or {}
-        precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")
         console.print(f"exported {escape(peek.model_name)} to {escape(str(target / str(record.get('file'))))} "
                       f"({export_format}, {precision}, input (batch, 3, {peek.preprocessing['image_size']}, "
                       f"{peek.preprocessing['image_size']}))", soft_wrap=True)

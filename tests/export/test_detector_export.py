@@ -289,3 +289,88 @@ def test_the_service_loads_its_detector_on_the_configured_backend(exported_detec
     smear = load_smear_backend(exported_detector, CellClassifier.from_bundle("pretrained:wbc-classifier"),
                                **seen["smear_options"])
     assert smear._call.__self__.detector.backend == "onnxruntime"
+
+
+@pytest.fixture(scope="module")
+def int8_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The shipped detector exported as int8 by the CLI, calibrated on 16 generated fields (other seeds than
+    the fields it is then checked on); and the CLI's output, which includes the parity check."""
+    from PIL import Image
+
+    from leukoscope.data.synthetic_smears import make_synthetic_smears
+
+    root = tmp_path_factory.mktemp("det-int8")
+    calibration = root / "fields"
+    calibration.mkdir()
+    for seed in range(100, 116):
+        spec = SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(2, 3), seed=seed)
+        Image.fromarray(_field(spec)).save(calibration / f"field{seed}.jpg", quality=92)
+    check = root / "voc"
+    make_synthetic_smears(check, 3, SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(2, 3), seed=4))
+    out = root / "int8"
+    result = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", calibration,
+                    "--check", check, "--threads", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_an_int8_detector_is_quantized_in_both_graphs_and_says_so(int8_detector: tuple[Path, str]) -> None:
+    import onnx
+
+    bundle, output = int8_detector
+    record = read_bundle_info(bundle, task="detect").export
+    assert record["precision"] == "int8" and record["calibration_images"] == 16 and record["part"] == "dense"
+    assert "dense graph static" in record["quantizer"] and "box graph dynamic" in record["quantizer"]
+    dense = onnx.load(str(bundle / "model.onnx")).graph
+    assert any(node.op_type == "DequantizeLinear" for node in dense.node)
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in dense.initializer)
+    box = onnx.load(str(bundle / "box_head.onnx")).graph
+    assert any(node.op_type == "MatMulInteger" for node in box.node)
+    assert not any(node.op_type == "Gemm" for node in box.node)  # every fully connected layer is int8
+    assert "int8, calibrated on 16 images" in output
+    # the parity check reports each class's AP, the one a screening tool lives by included
+    assert "AP@0.5 by class, torch -> onnxruntime: WBC " in output and "Platelets" in output
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_an_int8_detector_finds_the_white_cells_the_float_one_finds(int8_detector: tuple[Path, str],
+                                                                    backend: str) -> None:
+    """Each white cell one finds at the operating threshold, the other finds at a slightly lower one, with a
+    box overlapping it by IoU >= 0.7: int8 moves boxes (by up to ~10% of a generated cell) and scores a
+    little, so a cell scored right at the threshold may fall on either side of it."""
+    from torchvision.ops import box_iou
+
+    bundle, _ = int8_detector
+    detectors = (CellDetector.from_bundle(bundle, backend="torch"),
+                 CellDetector.from_bundle(bundle, backend=backend, threads=1))
+    wbc = detectors[0].classes.index("WBC")
+    threshold = detectors[0].score_threshold
+    found, moved = 0, 0.0
+    for seed in (1, 7, 11, 13):
+        field = _field(SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(3, 4), seed=seed))
+        for first, second in (detectors, detectors[::-1]):
+            a = first.detect([field], threshold=threshold)[0]
+            b = second.detect([field], threshold=threshold - 0.1)[0]
+            a_boxes, b_boxes = (torch.from_numpy(r.boxes[r.labels == wbc]) for r in (a, b))
+            assert len(a_boxes) and len(b_boxes)
+            overlap = box_iou(a_boxes, b_boxes).max(dim=1).values
+            assert (overlap >= 0.7).all(), (seed, overlap)
+            found += len(a_boxes)
+            moved = max(moved, float(1 - overlap.min()))
+    assert found >= 16
+    assert moved > 1e-3  # not the float graph
+
+
+def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: Path) -> None:
+    from PIL import Image
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for seed in range(3):
+        Image.fromarray(_field(SmearSpec(width=320, height=240, seed=seed))).save(few / f"f{seed}.png")
+    too_few = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", few,
+                     "--out", tmp_path / "a")
+    assert too_few.exit_code == 2 and "int8 calibration needs at least 16 images" in too_few.output
+    assert not (tmp_path / "a").exists()
+    ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--out", tmp_path / "b")
+    assert ir.exit_code == 2 and "it exports as ONNX graphs only (--format onnx)" in ir.output

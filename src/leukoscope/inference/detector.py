@@ -71,7 +71,7 @@ class DetectionResult:
         return len(self.scores)
 
 
-def _to_model_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_model_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     """(3, H, W): uint8 stays uint8 (the model's transform makes it float), any other type becomes float."""
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
@@ -165,7 +165,7 @@ class CellDetector:
         threshold = self.score_threshold if threshold is None else threshold
         results: list[DetectionResult] = []
         for start in range(0, len(images), batch_size):
-            batch = [_to_model_tensor(image).to(self.device) for image in images[start:start + batch_size]]
+            batch = [to_model_tensor(image).to(self.device) for image in images[start:start + batch_size]]
             with self._model_lock, self._limits_for(max(int(image.shape[-1] * image.shape[-2]) for image in batch)):
                 outputs = (self.model(batch) if self.graphs is None
                            else hybrid_forward(self.model, self.graphs, batch))

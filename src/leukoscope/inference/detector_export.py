@@ -12,6 +12,10 @@ The exported bundle is a copy of the source bundle plus two graphs, recorded in
   (:class:`~leukoscope.inference.detector_runtime.BoxStage`): inputs the feature maps the
   box pooler reads and the regions pooled on each, outputs class logits and box regression.
 
+With ``--int8 --calibration FIELDS`` both graphs are int8 (``"precision": "int8"``):
+the dense graph calibrated on the fields, the box graph's fully connected layers dynamically
+(:func:`~leukoscope.inference.quantize.quantize_detector_graphs`).
+
 The rest of the detector (proposal selection, which level pools each proposal, NMS, the
 per-image caps that grow with the tile area) stays in torch: why, in
 :mod:`leukoscope.inference.detector_runtime`.
@@ -43,11 +47,19 @@ EXAMPLE_SIZE = (256, 320)
 MIN_BOX_OPSET = 16
 
 
-def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> Path:
+def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, calibration: str | Path | None = None,
+                         show_progress: bool = False) -> Path:
     """Write the exported bundle of detector ``bundle`` into ``out`` (which may be ``bundle`` itself:
-    then only ``model.onnx``, ``box_head.onnx`` and the ``export`` entry are added); returns ``out``."""
+    then only ``model.onnx``, ``box_head.onnx`` and the ``export`` entry are added); returns ``out``.
+    ``calibration``: a folder of fields to quantize the graphs to int8 with
+    (:func:`~leukoscope.inference.quantize.quantize_detector_graphs`); None: float32."""
     if opset < MIN_BOX_OPSET:
         raise BundleError(f"a detector's box graph needs ONNX opset >= {MIN_BOX_OPSET} (RoIAlign), got {opset}")
+    paths = None
+    if calibration is not None:
+        from leukoscope.inference.quantize import MAX_DETECTOR_CALIBRATION_FIELDS, calibration_paths
+
+        paths = calibration_paths(calibration, MAX_DETECTOR_CALIBRATION_FIELDS)  # a bad folder fails at once
     source = resolve_bundle(bundle)
     model, info = load_bundle(source, "cpu", task="detect")
     model.eval()
@@ -73,9 +85,28 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int) -> 
         box_inputs = export_box_graph(model, dict(zip(levels, shapes)), box_tmp, opset)
     check_graph(graph_tmp)
     check_graph(box_tmp)
+    record = detector_record(info.model_name, levels, names, shapes, opset, source, info.model_options)
+    if paths is not None:
+        from leukoscope.inference.quantize import quantize_detector_graphs
+        from leukoscope.progress import progress_bar
+
+        quantized = [tmp.with_name(tmp.name + ".int8") for tmp in (graph_tmp, box_tmp)]
+        try:
+            with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
+                record.update(quantize_detector_graphs(graph_tmp, quantized[0], box_tmp, quantized[1], paths, model,
+                                                       INPUT_NAME, update))
+        except BaseException:
+            for path in quantized:
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            graph_tmp.unlink(missing_ok=True)
+            box_tmp.unlink(missing_ok=True)
+        quantized[0].replace(graph_tmp)
+        quantized[1].replace(box_tmp)
+        record["calibration_data"] = str(calibration)
     graph_tmp.replace(out / ONNX_FILE)
     box_tmp.replace(out / BOX_ONNX_FILE)
-    record = detector_record(info.model_name, levels, names, shapes, opset, source, info.model_options)
     record.update(box_file=BOX_ONNX_FILE, box_inputs=box_inputs, box_outputs=list(BOX_OUTPUTS))
     save_export(out, record)
     return out
@@ -105,6 +136,7 @@ def detector_record(model_name: str, levels: list[str], names: list[str], exampl
         "format": "onnx",
         "file": ONNX_FILE,
         "part": "dense",
+        "precision": "float32",
         "opset": opset,
         "exporter": f"torch.onnx (TorchScript) {torch.__version__}",
         "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, "height", "width"], "dtype": "float32",

@@ -135,17 +135,18 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
                   calibration: str | Path | None = None, show_progress: bool = False) -> Path:
     """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle``
     itself: then only the graph and the ``export`` entry are added); returns ``out``. ``calibration``: images
-    to quantize the graph to int8 with (``None``: float32; classifiers only)."""
+    to quantize the graph(s) to int8 with (``None``: float32; a detector: fields, see
+    :func:`~leukoscope.inference.quantize.quantize_detector_graphs`)."""
     source = resolve_bundle(bundle)
     check_exportable(source, export_format)
     if read_bundle_info(source).task == "detect":
-        if export_format != "onnx" or calibration is not None:
-            # OpenVINO runs the detector's ONNX graph itself (--backend openvino); int8 is not measured for it.
-            raise BundleError(f"{bundle} is a detector: it exports as a float ONNX graph only (--format onnx, no "
-                              f"--int8); --backend openvino runs that graph too")
+        if export_format != "onnx":
+            # OpenVINO runs the detector's ONNX graphs itself (--backend openvino).
+            raise BundleError(f"{bundle} is a detector: it exports as ONNX graphs only (--format onnx); "
+                              f"--backend openvino runs those graphs too")
         from leukoscope.inference.detector_export import export_detector_onnx  # imports this module
 
-        return export_detector_onnx(source, out, opset=opset)
+        return export_detector_onnx(source, out, opset=opset, calibration=calibration, show_progress=show_progress)
     if export_format == "openvino":
         _require_openvino()
     paths = None

@@ -23,14 +23,15 @@ from leukoscope.labels import DISCLAIMER
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """Lossless PNG of an RGB image, made for speed: libpng (imagecodecs) with OpenCV's fast settings
-    (zlib level 1, run-length matching, the "sub" filter on every row). For a 2592x1944 field on a
-    2-core CPU: 0.28 s and 5.6 MB, where Pillow took 4.4 s at its default level and 0.67 s (4.4 MB)
-    at level 1 with run-length matching; Pillow spends most of it choosing a filter per row."""
+    """Lossless PNG of an RGB image, made for speed: libpng (imagecodecs) at zlib level 1 with
+    run-length matching and the "up" filter on every row. For a 2592x1944 field on a 2-core CPU:
+    0.18 s and 4.8 MB (OpenCV's fast settings, the "sub" filter: 0.22 s, 5.6 MB; Pillow: 4.4 s at its
+    default level, 0.67 s and 4.4 MB at level 1 with run-length matching, most of it spent choosing
+    a filter per row). Measured in docs/benchmarks.md."""
     import imagecodecs
 
     return imagecodecs.png_encode(np.asarray(image.convert("RGB")), level=1,
-                                  strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.SUB)
+                                  strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.UP)
 
 
 def unique_stem(path: Path, used: set[str]) -> str:

@@ -7,7 +7,7 @@ bundle says ``task: detect``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from leukoscope.engine.finetune import starting_weights
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import Predicted, choose_threshold, coco_metrics, evaluate_detections
+from leukoscope.evaluation.report import format_value
 from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
@@ -201,6 +202,8 @@ class DetectorParity:
     max_score_diff: float
     map_50: tuple[float, float]
     map: tuple[float, float]
+    class_ap_50: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    """AP@0.5 of each class, torch and ``backend`` (an int8 graph may move one class more than the mean)."""
 
     def lines(self) -> list[str]:
         return [f"parity on {self.images} images ({self.backend} vs torch): {self.detections[0]} vs "
@@ -208,7 +211,10 @@ class DetectorParity:
                 f"{self.max_box_diff:.2e} px, largest score difference {self.max_score_diff:.2e}",
                 f"mAP@0.5 torch {self.map_50[0]:.4f}, {self.backend} {self.map_50[1]:.4f} "
                 f"(change {self.map_50[1] - self.map_50[0]:+.4f}); mAP@[.5:.95] torch {self.map[0]:.4f}, "
-                f"{self.backend} {self.map[1]:.4f}"]
+                f"{self.backend} {self.map[1]:.4f}"] + ([
+            "AP@0.5 by class, torch -> " + self.backend + ": " + ", ".join(
+                f"{name} {format_value(a)} -> {format_value(b)}" for name, (a, b) in self.class_ap_50.items())]
+            if self.class_ap_50 else [])
 
 
 def match_same_detections(a: Predicted, b: Predicted, tolerance: float = 1.0) -> tuple[list[tuple[int, int]], int]:
@@ -262,5 +268,7 @@ def compare_detector_backends(bundle: str | Path, data: str | Path, *, split: st
             score_diff = max(score_diff, float(abs(a.scores[i] - b.scores[j])))
     scores = [coco_metrics(run, truths, classes) for run in runs]
     counts = (sum(len(p.scores) for p in runs[0]), sum(len(p.scores) for p in runs[1]))
+    class_ap = {name: (scores[0]["per_class"][name]["ap_50"], scores[1]["per_class"][name]["ap_50"])
+                for name in classes if name in scores[0]["per_class"]}
     return DetectorParity(len(images), backend, counts, unmatched, box_diff, score_diff,
-                          (scores[0]["map_50"], scores[1]["map_50"]), (scores[0]["map"], scores[1]["map"]))
+                          (scores[0]["map_50"], scores[1]["map_50"]), (scores[0]["map"], scores[1]["map"]), class_ap)
