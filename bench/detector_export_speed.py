@@ -2,6 +2,7 @@
 
     python bench/detector_export_speed.py --images ../shared/datasets/cbc/Testing/Images \
         [--bundle pretrained:smear-detector] [--fields 20] [--rounds 3] [--threads 2] [--crop-width W]
+        [--compare OTHER_EXPORTED_BUNDLE]
 
 The bundle is exported first (into a temporary folder) unless it already has a graph
 (`leukoscope export`). Every backend installed (torch, onnxruntime, openvino) detects
@@ -13,7 +14,9 @@ and rounds, after one warm-up field. The 1-minute load average is printed, since
 shared machine the wall time also measures the others' work. A bundle with a box graph
 (``box_head.onnx``) is also timed on onnxruntime without it (torch pooling), as
 ``onnxruntime_torch_box``. ``--crop-width``: time the fields' first W columns only (1456: the
-first detector tile of a 2592x1944 field, as ``SmearAnalyzer`` cuts it).
+first detector tile of a 2592x1944 field, as ``SmearAnalyzer`` cuts it). ``--compare``: another
+exported bundle (e.g. the same detector exported with ``--int8``), timed on onnxruntime in the
+same turns, as ``compare_onnxruntime``.
 
 Prints one line per backend, then a JSON line of the measurements last.
 """
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Passes over the fields.")
     parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime and OpenVINO threads.")
     parser.add_argument("--crop-width", type=int, default=None, help="Time the fields' first W columns only.")
+    parser.add_argument("--compare", default=None, help="Another exported detector bundle to time on onnxruntime.")
     args = parser.parse_args(argv)
     if args.fields < 1 or args.rounds < 1 or args.threads < 1:
         sys.exit("--fields, --rounds and --threads must be at least 1")
@@ -77,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             without.graphs = replace(without.graphs, box=None)
             detectors["onnxruntime_torch_box"] = without
             backends.append("onnxruntime_torch_box")
+        if args.compare is not None:
+            try:
+                detectors["compare_onnxruntime"] = CellDetector.from_bundle(args.compare, backend="onnxruntime",
+                                                                            threads=args.threads)
+            except BundleError as exc:
+                sys.exit(f"--compare: {exc}")
+            backends.append("compare_onnxruntime")
         times: dict[str, list[float]] = {name: [] for name in backends}
         for detector in detectors.values():
             detector.detect([fields[0]])  # warm-up (graph runtimes plan their first run)

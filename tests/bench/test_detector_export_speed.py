@@ -38,3 +38,13 @@ def test_detector_export_speed(tmp_path: Path) -> None:
     assert run.line_starting("onnxruntime: ") and not (bundle / "model.onnx").exists()  # exported elsewhere
     bad = run_script("detector_export_speed.py", "--images", fields, "--bundle", bundle, "--rounds", "0", expect=1)
     assert "must be at least 1" in bad.stderr
+    # --compare: another export of it (here the same float graphs) in the same turns
+    from leukoscope.inference.export import export_onnx
+
+    other = export_onnx(bundle, tmp_path / "other")
+    compared = json.loads(run_script("detector_export_speed.py", "--images", fields, "--bundle", bundle, "--rounds",
+                                     "1", "--threads", "1", "--compare", other).lines[-1])
+    assert compared["compare_onnxruntime_s_per_field"] > 0 and "compare_onnxruntime_ratio_to_torch" in compared
+    unexported = run_script("detector_export_speed.py", "--images", fields, "--bundle", bundle, "--compare", bundle,
+                            expect=1)
+    assert "--compare: " in unexported.stderr and "has no exported detector graph" in unexported.stderr
