@@ -335,9 +335,10 @@ def test_an_int8_detector_is_quantized_in_both_graphs_and_says_so(int8_detector:
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 def test_an_int8_detector_finds_the_white_cells_the_float_one_finds(int8_detector: tuple[Path, str],
                                                                     backend: str) -> None:
-    """Each white cell one finds at the operating threshold, the other finds at a slightly lower one, with a
-    box overlapping it by IoU >= 0.7: int8 moves boxes (by up to ~10% of a generated cell) and scores a
-    little, so a cell scored right at the threshold may fall on either side of it."""
+    """Each white cell one finds at the operating threshold, the other finds at a slightly lower one: a box
+    overlapping it by IoU >= 0.5 (the criterion of AP@0.5), most by far more. int8 moves boxes (by up to
+    ~10% of a generated cell) and scores a little, so a cell scored right at the threshold may fall on
+    either side of it."""
     from torchvision.ops import box_iou
 
     bundle, _ = int8_detector
@@ -345,7 +346,7 @@ def test_an_int8_detector_finds_the_white_cells_the_float_one_finds(int8_detecto
                  CellDetector.from_bundle(bundle, backend=backend, threads=1))
     wbc = detectors[0].classes.index("WBC")
     threshold = detectors[0].score_threshold
-    found, moved = 0, 0.0
+    overlaps = []
     for seed in (1, 7, 11, 13):
         field = _field(SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(3, 4), seed=seed))
         for first, second in (detectors, detectors[::-1]):
@@ -353,12 +354,10 @@ def test_an_int8_detector_finds_the_white_cells_the_float_one_finds(int8_detecto
             b = second.detect([field], threshold=threshold - 0.1)[0]
             a_boxes, b_boxes = (torch.from_numpy(r.boxes[r.labels == wbc]) for r in (a, b))
             assert len(a_boxes) and len(b_boxes)
-            overlap = box_iou(a_boxes, b_boxes).max(dim=1).values
-            assert (overlap >= 0.7).all(), (seed, overlap)
-            found += len(a_boxes)
-            moved = max(moved, float(1 - overlap.min()))
-    assert found >= 16
-    assert moved > 1e-3  # not the float graph
+            overlaps += box_iou(a_boxes, b_boxes).max(dim=1).values.tolist()
+    assert len(overlaps) >= 16 and min(overlaps) >= 0.5, overlaps
+    assert np.median(overlaps) >= 0.85, overlaps
+    assert min(overlaps) < 0.999  # not the float graph
 
 
 def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: Path) -> None:

@@ -87,14 +87,15 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, cal
     check_graph(box_tmp)
     record = detector_record(info.model_name, levels, names, shapes, opset, source, info.model_options)
     if paths is not None:
+        from leukoscope.inference.detector import CellDetector
         from leukoscope.inference.quantize import quantize_detector_graphs
         from leukoscope.progress import progress_bar
 
         quantized = [tmp.with_name(tmp.name + ".int8") for tmp in (graph_tmp, box_tmp)]
         try:
             with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
-                record.update(quantize_detector_graphs(graph_tmp, quantized[0], box_tmp, quantized[1], paths, model,
-                                                       INPUT_NAME, update))
+                record.update(quantize_detector_graphs(graph_tmp, quantized[0], box_tmp, quantized[1], paths,
+                                                       CellDetector(model, info), INPUT_NAME, update))
         except BaseException:
             for path in quantized:
                 path.unlink(missing_ok=True)

@@ -13,8 +13,9 @@ should be like the images the model will see, and not the images its accuracy is
 then checked on (``--check``): ranges fitted on the check set flatter the result.
 
 A detector (:func:`quantize_detector_graphs`) is quantized in two ways: its dense graph
-(backbone, feature pyramid, RPN head: convolutions) statically as above, calibrated on whole
-fields through the model's own transform; its box graph (RoIAlign, box head, class layer)
+(backbone, feature pyramid, RPN head: convolutions) statically as above, calibrated on fields
+as analysis gives them to the network (resampled to the detector's scale, tiled, through the
+model's own transform); its box graph (RoIAlign, box head, class layer)
 dynamically: the fully connected layers' weights int8, their inputs quantized per batch of
 regions at run time, so no calibration (its RoIAlign stays float). Measured on the shipped
 detector (docs/benchmarks.md): the same white-cell AP, 23% less CPU per 2592x1944 field.
@@ -59,27 +60,27 @@ def calibration_paths(data: str | Path, limit: int = MAX_CALIBRATION_IMAGES) -> 
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol: ``get_next()`` -> ``{input: batch}`` or None.
-    ``pixels(image)`` makes one image's tensor, ``model_input(list of them)`` the graph's batch."""
+    """onnxruntime's CalibrationDataReader protocol: ``get_next()`` -> ``{input: batch}`` or None:
+    classifier images through the bundle's preprocessing, ``CALIBRATION_BATCH`` at a time."""
 
-    def __init__(self, paths: Sequence[Path], pixels: Callable[[Any], Any], model_input: Callable[[list], np.ndarray],
-                 input_name: str, batch: int, progress: Callable[..., None] | None) -> None:
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
+                 progress: Callable[..., None] | None) -> None:
         self.paths = list(paths)
-        self.pixels = pixels
-        self.model_input = model_input
+        self.preprocessing = preprocessing
         self.input_name = input_name
-        self.batch = batch
         self.progress = progress
         self.position = 0
         self.used = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        import torch
+
         pixels = []
-        while self.position < len(self.paths) and len(pixels) < self.batch:
+        while self.position < len(self.paths) and len(pixels) < CALIBRATION_BATCH:
             path = self.paths[self.position]
             self.position += 1
             try:
-                pixels.append(self.pixels(load_image(path)))
+                pixels.append(self.preprocessing.pixels(load_image(path)))
             except (ImageDecodeError, OSError):
                 continue  # an unreadable image is no reason to stop; the count below says how many served
             if self.progress is not None:
@@ -87,19 +88,50 @@ class _Reader:
         if not pixels:
             return None
         self.used += len(pixels)
-        return {self.input_name: self.model_input(pixels)}
+        return {self.input_name: self.preprocessing.model_input(torch.stack(pixels)).float().numpy()}
 
     def rewind(self) -> None:
         self.position = 0
 
 
-def _classifier_reader(paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
-                       progress: Callable[..., None] | None) -> _Reader:
-    import torch
+class _TileReader:
+    """The same protocol for a detector's dense graph: each field as ``leukoscope analyze`` gives it
+    to the network (:meth:`SmearAnalyzer.prepare`: resampled to the detector's scale, cut into
+    tiles; then the model's own transform), one tile per batch (tiles differ in size)."""
 
-    return _Reader(paths, preprocessing.pixels,
-                   lambda pixels: preprocessing.model_input(torch.stack(pixels)).float().numpy(),
-                   input_name, CALIBRATION_BATCH, progress)
+    def __init__(self, paths: Sequence[Path], analyzer: Any, input_name: str,
+                 progress: Callable[..., None] | None) -> None:
+        self.paths = list(paths)
+        self.analyzer = analyzer
+        self.input_name = input_name
+        self.progress = progress
+        self.position = 0
+        self.used = 0
+        self.tiles: list[Any] = []
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        import torch
+
+        while not self.tiles and self.position < len(self.paths):
+            path = self.paths[self.position]
+            self.position += 1
+            try:
+                field = self.analyzer.prepare(load_image(path, max_pixels=self.analyzer.max_pixels))
+            except (ImageDecodeError, OSError):
+                continue
+            self.tiles = [pixels for _, pixels in field.tiles]
+            self.used += 1
+            if self.progress is not None:
+                self.progress()
+        if not self.tiles:
+            return None
+        with torch.no_grad():
+            batch = self.analyzer.detector.model.transform([self.tiles.pop(0)])[0].tensors
+        return {self.input_name: batch.float().numpy()}
+
+    def rewind(self) -> None:
+        self.position = 0
+        self.tiles = []
 
 
 def _quantizer() -> Any:
@@ -137,7 +169,7 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
     _quantizer()
     import onnxruntime
 
-    reader = _classifier_reader(paths, preprocessing, input_name, progress)
+    reader = _Reader(paths, preprocessing, input_name, progress)
     _quantize_static(graph, out, reader, len(paths))
     return {"precision": "int8", "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: static, QDQ, "
             "weights int8 per channel, activations uint8 per tensor, MinMax ranges",
@@ -145,23 +177,19 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
 
 
 def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: Path, paths: Sequence[Path],
-                             model: Any, input_name: str,
+                             detector: Any, input_name: str,
                              progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Write int8 versions of a Faster R-CNN's exported graphs (module docstring): ``dense`` to
-    ``dense_out``, calibrated on the fields ``paths`` as ``model``'s transform gives them to it (scaled,
-    normalised, padded; one field per batch, as fields differ in size), and ``box`` to ``box_out``;
-    returns what ``bundle.json``'s export record says about them."""
+    ``dense_out``, calibrated on the fields ``paths`` as analysis gives them to ``detector``'s network
+    (:class:`_TileReader`), and ``box`` to ``box_out``; returns what ``bundle.json``'s export record
+    says about them. ``detector``: the :class:`~leukoscope.inference.detector.CellDetector` of the
+    float model (torch)."""
     quantization, shape_inference = _quantizer()
     import onnxruntime
-    import torch
 
-    from leukoscope.inference.detector import to_model_tensor
+    from leukoscope.inference.smear import SmearAnalyzer
 
-    def field_input(image: Any) -> Any:
-        with torch.no_grad():
-            return model.transform([to_model_tensor(image)])[0].tensors[0]
-
-    reader = _Reader(paths, field_input, lambda fields: torch.stack(fields).float().numpy(), input_name, 1, progress)
+    reader = _TileReader(paths, SmearAnalyzer(detector, None), input_name, progress)
     _quantize_static(dense, dense_out, reader, len(paths))
     prepared = box_out.with_name(box_out.name + ".pre.tmp")
     try:
