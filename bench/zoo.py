@@ -324,14 +324,16 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
     return rows
 
 
-def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200) -> dict[str, dict[str, Any]]:
+def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200,
+                             backend: str = "torch") -> dict[str, dict[str, Any]]:
     """The detector on sources it never saw, which have no boxes: pbc (another lab; one white
     cell centred in each image, none in the platelet folder) and all-taleqani (another lab and
-    magnification; fields of several white cells): how often it finds the cells there are."""
+    magnification; fields of several white cells): how often it finds the cells there are.
+    ``backend``: what runs it (an exported bundle's graph, e.g. an int8 export, on onnxruntime)."""
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.io import load_image
 
-    analyzer = SmearAnalyzer(detector, None)
+    analyzer = SmearAnalyzer(detector, None, backend=backend)
     rng = random.Random(0)
 
     def white_cells_found(paths: list[Path]) -> tuple[list[int], int]:
@@ -503,12 +505,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--crops-only", action="store_true", help="stop after writing the crops")
     parser.add_argument("--elsewhere-fields", type=int, default=200,
                         help="pbc images and all-taleqani fields the detector is tried on")
+    parser.add_argument("--detector-backend", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                        help="what runs the detector on the other labs' images: torch, onnxruntime or openvino "
+                             "(an exported --detector, e.g. an int8 export)")
     parser.add_argument("--install-dir", type=Path, default=PACKAGE_MODELS, help="where --install puts the bundles")
     parser.add_argument("--detector-set", nargs="*", default=[], help="extra detector config overrides key=value")
     parser.add_argument("--classifier-set", nargs="*", default=[], help="extra classifier config overrides")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.elsewhere_fields < 1:
         parser.error("--elsewhere-fields must be at least 1")
+    if args.detector_backend != "torch" and (args.detector is None or args.install):
+        parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
+                     "(no --install)")
     if not (args.data / "pbc").is_dir():
         print(f"{args.data} has no pbc folder: this needs ../shared/datasets", file=sys.stderr)
         return 2
@@ -544,7 +552,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "blast_fields": 3 * args.blasts_per_subtype,
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "detector": str(detector), "classifier": str(classifier)}
-    results["detector_elsewhere"] = score_detector_elsewhere(detector, args.data, args.elsewhere_fields)
+    results["detector_backend"] = args.detector_backend
+    results["detector_elsewhere"] = score_detector_elsewhere(detector, args.data, args.elsewhere_fields,
+                                                             args.detector_backend)
     results["controls"] = score_controls(classifier, controls)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):

@@ -127,3 +127,18 @@ def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
     single = zoo._largest_cell(image, um_per_px=0.4, max_cell_um=zoo.CLUMP_UM)
     assert single is not None and single[2] - single[0] < 40 and abs((single[0] + single[2]) / 2 - 50) < 5
     assert zoo._largest_cell(image, um_per_px=2.0, max_cell_um=zoo.CLUMP_UM) is None  # both too large at 2 um/px
+
+
+def test_zoo_scores_an_exported_detector_on_its_graph(shared: Path, tmp_path: Path) -> None:
+    """--detector-backend: the other labs' images go through the exported graph (e.g. an int8 export)."""
+    pytest.importorskip("onnxruntime")
+    from leukoscope.inference.export import export_onnx
+
+    exported = export_onnx("pretrained:smear-detector", tmp_path / "exported")
+    run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--detector", exported, "--classifier",
+                     "pretrained:wbc-classifier", "--elsewhere-fields", "2", "--detector-backend", "onnxruntime")
+    results = json.loads((tmp_path / "zoo" / "zoo-results.json").read_text())
+    assert results["detector_backend"] == "onnxruntime" and results["detector_elsewhere"]["pbc"]["images"] == 2
+    refused = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo2", "--detector-backend", "onnxruntime",
+                         expect=2)
+    assert "--detector-backend scores an exported --detector" in refused.stderr

@@ -330,6 +330,7 @@ def test_an_int8_detector_is_quantized_in_both_graphs_and_says_so(int8_detector:
     assert "int8, calibrated on 16 images" in output
     # the parity check reports each class's AP, the one a screening tool lives by included
     assert "AP@0.5 by class, torch -> onnxruntime: WBC " in output and "Platelets" in output
+    assert "(int8: boxes and scores move, so judge it by the AP below)" in output
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
