@@ -142,6 +142,16 @@ def test_a_model_is_known_by_its_weights_and_options_not_its_name(detector_bundl
     parts.claim({"models": {"detector": before}})
     with pytest.raises(ValueError, match="other settings \\(models differ"):
         parts.claim({"models": {"detector": model_identity(bundle)}})
+    # an int8 export of the same weights is another model when its graph runs; a float export is not
+    int8 = Path(shutil.copytree(detector_bundle, tmp_path / "int8"))
+    payload = json.loads((int8 / "bundle.json").read_text())
+    payload["export"] = {"format": "onnx", "part": "dense", "precision": "int8"}
+    (int8 / "bundle.json").write_text(json.dumps(payload))
+    assert model_identity(int8, "onnxruntime") == {**before, "precision": "int8"}
+    assert model_identity(int8, "torch") == before
+    payload["export"]["precision"] = "float32"
+    (int8 / "bundle.json").write_text(json.dumps(payload))
+    assert model_identity(int8, "onnxruntime") == before
 
 
 def test_failed_fields_are_retried_only_when_asked() -> None:

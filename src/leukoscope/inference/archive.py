@@ -84,12 +84,19 @@ class AnalyzerSpec:
         return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, threads=threads, **self.options)
 
 
-def model_identity(bundle: str | Path) -> dict[str, Any]:
-    """What a bundle's results depend on: the digest of its weights and its model options."""
+def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]:
+    """What a bundle's results depend on: the digest of its weights and its model options; and, when
+    ``backend`` (what runs it) runs an exported graph that is not float32 (an int8 export: another
+    model in effect), that precision. A float graph gives torch's results, so it is not recorded."""
     from leukoscope.bundle import read_bundle_info, weights_digest
 
     directory = resolve_bundle(bundle)
-    return {"weights_sha256": weights_digest(directory), "model_options": read_bundle_info(directory).model_options}
+    info = read_bundle_info(directory)
+    identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
+    precision = str((info.export or {}).get("precision", "float32"))
+    if backend != "torch" and precision != "float32":
+        identity["precision"] = precision
+    return identity
 
 
 def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
@@ -187,12 +194,15 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     analyzer = analyzer or spec.build()
     parts = ArchiveParts(out_dir, analyzer.rules)
     portable = spec.portable()
-    # What runs the networks is not part of the archive's identity: exported graphs give torch's results.
-    # The tile size is the one used (a default follows the detector), and each model is known by its
-    # weights and options, not only its name: a shipped model replaced under the same name differs.
+    # What runs the networks is not part of the archive's identity: float graphs give torch's results (an
+    # int8 graph does not: model_identity records it). The tile size is the one used (a default follows
+    # the detector), and each model is known by its weights and options, not only its name: a shipped
+    # model replaced under the same name differs.
     identity = {**{k: v for k, v in portable.options.items() if k != "backend"}, "tile_size": analyzer.tile_size}
+    runs = {"detector": analyzer.detector.backend,
+            "classifier": getattr(analyzer.classifier, "backend", "torch")}
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
-                 "models": {role: model_identity(bundle) for role, bundle in
+                 "models": {role: model_identity(bundle, runs[role]) for role, bundle in
                             (("detector", spec.detector), ("classifier", spec.classifier)) if bundle is not None},
                  "cell_classes": analyzer.cell_classes, "blast_classes": analyzer.blast_classes})
     if parts.clean():
