@@ -325,11 +325,12 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
 
 
 def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200,
-                             backend: str = "torch") -> dict[str, dict[str, Any]]:
+                             backend: str = "torch") -> tuple[dict[str, dict[str, Any]], str]:
     """The detector on sources it never saw, which have no boxes: pbc (another lab; one white
     cell centred in each image, none in the platelet folder) and all-taleqani (another lab and
-    magnification; fields of several white cells): how often it finds the cells there are.
-    ``backend``: what runs it (an exported bundle's graph, e.g. an int8 export, on onnxruntime)."""
+    magnification; fields of several white cells): how often it finds the cells there are; and
+    what ran it. ``backend``: what should (an exported bundle's graph, e.g. an int8 export, on
+    onnxruntime)."""
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.io import load_image
 
@@ -353,8 +354,8 @@ def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200,
     found, scaled = white_cells_found(sorted((data / "all-taleqani").glob("*/*.jpg")))
     rows["all-taleqani"] = {"fields": len(found), "with_a_wbc": round(sum(n > 0 for n in found) / len(found), 4),
                             "mean_wbc": round(sum(found) / len(found), 2), "scale_estimated": scaled}
-    _say(f"detector elsewhere: {rows}")
-    return rows
+    _say(f"detector elsewhere ({analyzer.detector.backend}): {rows}")
+    return rows, analyzer.detector.backend
 
 
 CONTROL_TARGETS = {"taleqani-benign": ("called_blast", "<=", 0.05), "cnmc-all": ("called_blast", ">=", 0.90),
@@ -514,9 +515,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.elsewhere_fields < 1:
         parser.error("--elsewhere-fields must be at least 1")
-    if args.detector_backend != "torch" and (args.detector is None or args.install):
-        parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
-                     "(no --install)")
+    if args.detector_backend != "torch":
+        if args.detector is None or args.install:
+            parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
+                         "(no --install)")
+        from leukoscope.bundle import BundleError, read_bundle_info
+        from leukoscope.inference.detector_runtime import choose_detector_backend
+
+        try:  # before any crop is made: a bundle without a graph, or a runtime not installed
+            choose_detector_backend(args.detector_backend, read_bundle_info(args.detector, task="detect"),
+                                    args.detector)
+        except (BundleError, ValueError) as exc:
+            parser.error(f"--detector-backend: {exc}")
     if not (args.data / "pbc").is_dir():
         print(f"{args.data} has no pbc folder: this needs ../shared/datasets", file=sys.stderr)
         return 2
@@ -552,9 +562,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "blast_fields": 3 * args.blasts_per_subtype,
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "detector": str(detector), "classifier": str(classifier)}
-    results["detector_backend"] = args.detector_backend
-    results["detector_elsewhere"] = score_detector_elsewhere(detector, args.data, args.elsewhere_fields,
-                                                             args.detector_backend)
+    results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(
+        detector, args.data, args.elsewhere_fields, args.detector_backend)
     results["controls"] = score_controls(classifier, controls)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):

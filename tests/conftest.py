@@ -21,6 +21,16 @@ torch.set_num_threads(1)
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Code under test may set torch's threads (a CLI's --threads, bench scripts run in this process):
+    back to one after each test, so that no test's results depend on which tests ran before it (the
+    Ray engine's tests compare the local engine's probabilities with the actors' exactly)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def shared_dataset(name: str) -> Path:
     """Path of ``../shared/datasets/<name>``; skips the test when it is absent."""
     path = SHARED_DATASETS / name

@@ -46,5 +46,5 @@ def test_detector_export_speed(tmp_path: Path) -> None:
                                      "1", "--threads", "1", "--compare", other).lines[-1])
     assert compared["compare_onnxruntime_s_per_field"] > 0 and "compare_onnxruntime_ratio_to_torch" in compared
     unexported = run_script("detector_export_speed.py", "--images", fields, "--bundle", bundle, "--compare", bundle,
-                            expect=1)
+                            "--threads", "1", expect=1)
     assert "--compare: " in unexported.stderr and "has no exported detector graph" in unexported.stderr

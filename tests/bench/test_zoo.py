@@ -13,7 +13,7 @@ from skimage.draw import disk
 
 from leukoscope.bundle import read_bundle_info
 from leukoscope.data.synthetic_smears import make_synthetic_smears, render_smear
-from tests.bench.conftest import TINY_DETECTOR, TINY_SMEAR, run_script
+from tests.bench.conftest import REPO, TINY_DETECTOR, TINY_SMEAR, run_script
 
 PBC_TYPES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
 CELL_OF = {"basophil": "blast", "eosinophil": "monocyte", "erythroblast": "lymphocyte", "ig": "neutrophil",
@@ -142,3 +142,6 @@ def test_zoo_scores_an_exported_detector_on_its_graph(shared: Path, tmp_path: Pa
     refused = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo2", "--detector-backend", "onnxruntime",
                          expect=2)
     assert "--detector-backend scores an exported --detector" in refused.stderr
+    no_graph = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo3", "--detector-backend", "onnxruntime",
+                          "--detector", REPO / "src" / "leukoscope" / "pretrained" / "smear-detector", expect=2)
+    assert "has no exported detector graph" in no_graph.stderr and not (tmp_path / "zoo3").exists()

@@ -320,6 +320,7 @@ def test_an_int8_detector_is_quantized_in_both_graphs_and_says_so(int8_detector:
     bundle, output = int8_detector
     record = read_bundle_info(bundle, task="detect").export
     assert record["precision"] == "int8" and record["calibration_images"] == 16 and record["part"] == "dense"
+    assert "metrics are the float model's" in record["metrics_note"]
     assert "dense graph static" in record["quantizer"] and "box graph dynamic" in record["quantizer"]
     dense = onnx.load(str(bundle / "model.onnx")).graph
     assert any(node.op_type == "DequantizeLinear" for node in dense.node)
@@ -370,7 +371,30 @@ def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: 
         Image.fromarray(_field(SmearSpec(width=320, height=240, seed=seed))).save(few / f"f{seed}.png")
     too_few = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", few,
                      "--out", tmp_path / "a")
-    assert too_few.exit_code == 2 and "int8 calibration needs at least 16 images" in too_few.output
+    assert too_few.exit_code == 2 and "int8 calibration needs at least 16 fields like the ones" in too_few.output
     assert not (tmp_path / "a").exists()
-    ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--out", tmp_path / "b")
+    # enough files, too few readable: found out during calibration, after the copy; no bundle is left behind
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for k in range(16):
+        (broken / f"f{k:02d}.jpg").write_bytes(b"not an image")
+    for path in sorted(few.iterdir())[:2]:
+        (broken / path.name).write_bytes(path.read_bytes())
+    failed = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", broken,
+                    "--out", tmp_path / "c")
+    assert failed.exit_code == 2 and "only 2 of the 18 calibration images could be read" in failed.output
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "d").mkdir()  # an empty --out the user made stays, empty
+    assert invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", broken,
+                  "--out", tmp_path / "d").exit_code == 2
+    assert (tmp_path / "d").is_dir() and not any((tmp_path / "d").iterdir())
+    # a VOC dataset's root holds every split, the scored one too
+    from leukoscope.data.synthetic_smears import make_synthetic_smears
+
+    make_synthetic_smears(tmp_path / "voc", 2, SmearSpec(width=320, height=240, seed=3))
+    voc = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", tmp_path / "voc",
+                 "--out", tmp_path / "e")
+    assert voc.exit_code == 2 and "is a VOC dataset" in voc.output and not (tmp_path / "e").exists()
+    ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--int8", "--calibration",
+                few, "--out", tmp_path / "b")
     assert ir.exit_code == 2 and "it exports as ONNX graphs only (--format onnx)" in ir.output

@@ -195,14 +195,13 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     parts = ArchiveParts(out_dir, analyzer.rules)
     portable = spec.portable()
     # What runs the networks is not part of the archive's identity: float graphs give torch's results (an
-    # int8 graph does not: model_identity records it). The tile size is the one used (a default follows
-    # the detector), and each model is known by its weights and options, not only its name: a shipped
-    # model replaced under the same name differs.
+    # int8 graph does not: model_identity records it, by the backend asked for, which is what the actors
+    # build with). The tile size is the one used (a default follows the detector), and each model is known
+    # by its weights and options, not only its name: a shipped model replaced under the same name differs.
     identity = {**{k: v for k, v in portable.options.items() if k != "backend"}, "tile_size": analyzer.tile_size}
-    runs = {"detector": analyzer.detector.backend,
-            "classifier": getattr(analyzer.classifier, "backend", "torch")}
+    backend = str(portable.options.get("backend", "torch"))
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
-                 "models": {role: model_identity(bundle, runs[role]) for role, bundle in
+                 "models": {role: model_identity(bundle, backend) for role, bundle in
                             (("detector", spec.detector), ("classifier", spec.classifier)) if bundle is not None},
                  "cell_classes": analyzer.cell_classes, "blast_classes": analyzer.blast_classes})
     if parts.clean():

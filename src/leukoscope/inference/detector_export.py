@@ -57,9 +57,9 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, cal
         raise BundleError(f"a detector's box graph needs ONNX opset >= {MIN_BOX_OPSET} (RoIAlign), got {opset}")
     paths = None
     if calibration is not None:
-        from leukoscope.inference.quantize import MAX_DETECTOR_CALIBRATION_FIELDS, calibration_paths
+        from leukoscope.inference.quantize import detector_calibration_paths
 
-        paths = calibration_paths(calibration, MAX_DETECTOR_CALIBRATION_FIELDS)  # a bad folder fails at once
+        paths = detector_calibration_paths(calibration)  # a bad folder fails at once
     source = resolve_bundle(bundle)
     model, info = load_bundle(source, "cpu", task="detect")
     model.eval()
@@ -91,7 +91,7 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, cal
         from leukoscope.inference.quantize import quantize_detector_graphs
         from leukoscope.progress import progress_bar
 
-        quantized = [tmp.with_name(tmp.name + ".int8") for tmp in (graph_tmp, box_tmp)]
+        quantized = [tmp.with_suffix(".int8.tmp") for tmp in (graph_tmp, box_tmp)]  # copy_bundle skips *.tmp
         try:
             with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
                 record.update(quantize_detector_graphs(graph_tmp, quantized[0], box_tmp, quantized[1], paths,

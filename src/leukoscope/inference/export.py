@@ -26,6 +26,7 @@ Detectors: their dense part, in :mod:`leukoscope.inference.detector_export`. Cla
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,32 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
     """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle``
     itself: then only the graph and the ``export`` entry are added); returns ``out``. ``calibration``: images
     to quantize the graph(s) to int8 with (``None``: float32; a detector: fields, see
-    :func:`~leukoscope.inference.quantize.quantize_detector_graphs`)."""
+    :func:`~leukoscope.inference.quantize.quantize_detector_graphs`).
+
+    An export that fails (too few readable calibration images, a graph the checker refuses, Ctrl-C) leaves
+    no bundle behind in a new or empty ``out``: a copy without its graph would load as the float torch model."""
+    out = Path(out)
+    in_place = out.exists() and out.resolve() == resolve_bundle(bundle).resolve()
+    fresh = not in_place and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
+    existed = out.exists()
+    try:
+        return _export_bundle(bundle, out, export_format, opset=opset, calibration=calibration,
+                              show_progress=show_progress)
+    except BaseException:
+        if fresh and out.is_dir():
+            if existed:
+                for child in out.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: int,
+                   calibration: str | Path | None, show_progress: bool) -> Path:
     source = resolve_bundle(bundle)
     check_exportable(source, export_format)
     if read_bundle_info(source).task == "detect":

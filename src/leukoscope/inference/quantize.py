@@ -42,22 +42,40 @@ MAX_CALIBRATION_IMAGES = 512
 MIN_CALIBRATION_IMAGES = 16
 #: Images per calibration batch.
 CALIBRATION_BATCH = 32
+#: What an int8 export record says of the bundle's recorded metrics (they were measured before the export).
+METRICS_NOTE = ("bundle.json's metrics are the float model's, measured before this export; `leukoscope evaluate "
+                "--backend onnxruntime` scores this graph")
 #: Fields used at most to calibrate a detector (each is a whole field: ranges settle sooner).
 MAX_DETECTOR_CALIBRATION_FIELDS = 64
 
 
-def calibration_paths(data: str | Path, limit: int = MAX_CALIBRATION_IMAGES) -> list[Path]:
+def calibration_paths(data: str | Path, limit: int = MAX_CALIBRATION_IMAGES, *,
+                      what: str = "images like the ones the model will classify") -> list[Path]:
     """Up to ``limit`` image paths of ``data`` (a folder, class folders or a CSV manifest), spread
-    evenly over the list (so over the classes of a class-folder tree), in a fixed order."""
+    evenly over the list (so over the classes of a class-folder tree), in a fixed order. ``what``:
+    what they should be, for the error when there are too few."""
     from leukoscope.inference.export_check import images_and_labels
 
     paths, _ = images_and_labels(data)
     if len(paths) < MIN_CALIBRATION_IMAGES:
         raise BundleError(f"{data}: {len(paths)} calibration images; int8 calibration needs at least "
-                          f"{MIN_CALIBRATION_IMAGES} images like the ones the model will classify")
+                          f"{MIN_CALIBRATION_IMAGES} {what}")
     if len(paths) > limit:
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round()]
     return paths
+
+
+def detector_calibration_paths(data: str | Path) -> list[Path]:
+    """:func:`calibration_paths` for a detector: a folder of fields. A VOC dataset's root is refused:
+    its images span its splits, the scored ones included (calibrate on one split's images, e.g.
+    ``cbc/Training/Images``, and ``--check`` another)."""
+    root = Path(data)
+    if root.is_dir() and ((root / "Annotations").is_dir() or any(root.glob("*/Annotations"))):
+        raise BundleError(f"{data} is a VOC dataset: its images include every split, the ones --check scores "
+                          f"too; calibrate on one split's images (e.g. {root / 'Training' / 'Images'} or "
+                          f"{root / 'JPEGImages'} with the test images left out)")
+    return calibration_paths(data, MAX_DETECTOR_CALIBRATION_FIELDS,
+                             what="fields like the ones the detector will see")
 
 
 class _Reader:
@@ -174,7 +192,7 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
     _quantize_static(graph, out, reader, len(paths))
     return {"precision": "int8", "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: static, QDQ, "
             "weights int8 per channel, activations uint8 per tensor, MinMax ranges",
-            "calibration_images": reader.used}
+            "calibration_images": reader.used, "metrics_note": METRICS_NOTE}
 
 
 def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: Path, paths: Sequence[Path],
@@ -203,4 +221,4 @@ def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: P
             "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: dense graph static, QDQ, weights int8 "
                          "per channel, activations uint8 per tensor, MinMax ranges; box graph dynamic, fully "
                          "connected weights int8 (RoIAlign float)",
-            "calibration_images": reader.used}
+            "calibration_images": reader.used, "metrics_note": METRICS_NOTE}

@@ -175,6 +175,10 @@ def evaluate_detector_bundle(
     if trained_on:
         notes.append(f"The detector was trained on {trained_on}; BCCD and CBC show the same smears, so never "
                      f"score a detector trained on one of them on the other.")
+    precision = str((detector.info.export or {}).get("precision", "float32")) if detector.backend != "torch" \
+        else "float32"
+    if detector.backend != "torch":
+        notes.append(f"Network run on {detector.backend} (the bundle's exported {precision} graphs).")
     return evaluate_detections(
         predictions, [to_ground_truth(i, classes) for i in images], classes, Path(out_dir),
         score_threshold=detector.score_threshold, images=lambda i: image_array(images[i]),
@@ -182,6 +186,7 @@ def evaluate_detector_bundle(
         notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "split": split,
                "seconds_per_image": measure_seconds_per_image(detector, images[0]), "backend": detector.backend,
+               "precision": precision,
                "annotation_issues": [i.as_dict() for i in dataset.issues]},
     )
 
