@@ -398,3 +398,15 @@ def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: 
     ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--int8", "--calibration",
                 few, "--out", tmp_path / "b")
     assert ir.exit_code == 2 and "it exports as ONNX graphs only (--format onnx)" in ir.output
+
+
+def test_evaluate_says_which_precision_ran(int8_detector: tuple[Path, str], tmp_path: Path) -> None:
+    bundle, _ = int8_detector
+    voc = bundle.parent / "voc"  # the fixture's --check images
+    for backend, precision in (("onnxruntime", "int8"), ("torch", "float32")):
+        result = invoke("evaluate", "--bundle", bundle, "--data", voc, "--backend", backend, "--threads", "1",
+                        "--out", tmp_path / backend)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((tmp_path / backend / "metrics.json").read_text())
+        assert (metrics["backend"], metrics["precision"]) == (backend, precision)
+    assert "exported int8 graphs" in (tmp_path / "onnxruntime" / "report.html").read_text()
