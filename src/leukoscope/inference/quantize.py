@@ -45,7 +45,7 @@ CALIBRATION_BATCH = 32
 #: What an int8 export record says of the bundle's recorded metrics (they were measured before the export).
 METRICS_NOTE = ("bundle.json's metrics are the float model's, measured before this export; `leukoscope evaluate "
                 "--backend onnxruntime` scores this graph")
-#: Fields used at most to calibrate a detector (each is a whole field: ranges settle sooner).
+#: Fields used at most to calibrate a detector (each gives one or more whole tiles: ranges settle sooner).
 MAX_DETECTOR_CALIBRATION_FIELDS = 64
 
 
@@ -162,7 +162,7 @@ def _quantizer() -> Any:
     return quantization, shape_inference
 
 
-def _quantize_static(graph: Path, out: Path, reader: _Reader, total: int) -> None:
+def _quantize_static(graph: Path, out: Path, reader: "_Reader | _TileReader", total: int) -> None:
     """``graph`` -> int8 QDQ ``out`` with activation ranges from ``reader`` (weights per channel)."""
     quantization, shape_inference = _quantizer()
     prepared = out.with_name(out.name + ".pre.tmp")
