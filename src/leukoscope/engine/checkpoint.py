@@ -43,6 +43,8 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
+        # dropout on a GPU draws from CUDA's generators: without them a resumed GPU run drifts
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "rng": _rng_states(),
         "progress": progress,
     }, tmp)
@@ -59,13 +61,17 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "progress" not in state:  # written before the shared scaffold: the same entries, at the top level
         state["progress"] = {k: v for k, v in state.items()
-                             if k not in ("model", "optimizer", "scheduler", "generator", "torch_rng", "rng")}
+                             if k not in ("model", "optimizer", "scheduler", "generator", "torch_rng", "cuda_rng",
+                                          "rng")}
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    cuda_states = state.get("cuda_rng") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)  # a GPU run resumed on a CPU: nothing to restore
     if "rng" in state:  # detection checkpoints before the shared scaffold had no Python/NumPy states
         _restore_rng_states(state["rng"])
     return state["progress"]

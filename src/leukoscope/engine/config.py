@@ -93,6 +93,9 @@ class TrainingBase(Section):
     ends before the epochs do."""
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = True
+    """On a GPU, PyTorch's deterministic kernels, so that a seed gives the same model (the CPU always
+    does); false: faster GPU training that a rerun does not repeat exactly."""
     threads: int | None = None
     keep_checkpoint: bool = False
     """Keep ``checkpoint.pt`` once the run is complete (only needed to train further; hundreds of MB)."""

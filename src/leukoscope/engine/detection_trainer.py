@@ -37,7 +37,7 @@ def fit_detector(
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.deterministic)
     model.to(device)
     classes = splits.classes
     train_images = list(splits.parts["train"])

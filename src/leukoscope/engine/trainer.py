@@ -94,7 +94,7 @@ def fit(
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.deterministic)
     model.to(device)
     dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation), preprocessing.model_input)
     # drop_last avoids a size-1 batch, which BatchNorm cannot train on.
