@@ -46,6 +46,6 @@ def crop_cell(image: Image.Image, box: Sequence[float], *, um_per_px: float | No
     inside = (min(max(0, rect[0]), width - 1), min(max(0, rect[1]), height - 1),
               max(min(width, rect[2]), 1), max(min(height, rect[3]), 1))
     inside = (inside[0], inside[1], max(inside[2], inside[0] + 1), max(inside[3], inside[1] + 1))
-    pixels = np.asarray(image.convert("RGB").crop(inside))
+    pixels = np.asarray(image.crop(inside).convert("RGB"))  # crop first: no copy of the whole field
     pad = ((inside[1] - rect[1], rect[3] - inside[3]), (inside[0] - rect[0], rect[2] - inside[2]), (0, 0))
     return Image.fromarray(np.pad(pixels, pad, mode="symmetric"))

@@ -99,7 +99,7 @@ def load_image(
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"{name}: {exc}") from None
 
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a field that needs no turn
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite transparency on white, as a slide background would be.

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import filters, measure, segmentation
+from skimage import filters, measure
 
 #: Median diameter of a normal red cell on a dried, stained smear (ICSH; 6.7-7.8 um).
 RED_CELL_DIAMETER_UM = 7.5
@@ -75,12 +75,15 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
     if float(green.max() - green.min()) < 10:  # a blank field: nothing to threshold
         return np.zeros(0)
     foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(green))
-    foreground = segmentation.clear_border(foreground)
     labels = measure.label(foreground)
+    # objects cut by the border are left out (what skimage's clear_border does, without labelling twice)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inside = ~np.isin(np.arange(1, int(labels.max()) + 1), border)
     areas, eccentricities = _areas_and_eccentricities(labels)
     # solidity (a convex hull per region) is the slow test: only for regions that pass the others
     regions = measure.regionprops(labels)
-    diameters = [regions[k].equivalent_diameter_area for k in np.flatnonzero((areas >= 20) & (eccentricities < 0.75))
+    diameters = [regions[k].equivalent_diameter_area
+                 for k in np.flatnonzero(inside & (areas >= 20) & (eccentricities < 0.75))
                  if regions[k].solidity > 0.9]
     diameters = np.asarray(diameters, dtype=np.float64) / factor
     return diameters[diameters >= _MIN_DIAMETER_PX]

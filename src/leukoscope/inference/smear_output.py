@@ -30,7 +30,8 @@ def encode_png(image: Image.Image) -> bytes:
     a filter per row). Measured in docs/benchmarks.md."""
     import imagecodecs
 
-    return imagecodecs.png_encode(np.asarray(image.convert("RGB")), level=1,
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
+    return imagecodecs.png_encode(np.asarray(rgb), level=1,
                                   strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.UP)
 
 
