@@ -53,7 +53,7 @@ from torch import nn
 import leukoscope
 from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
-from leukoscope.pretrained import resolve_bundle
+from leukoscope.pretrained import CARD_FILE, resolve_bundle
 
 BUNDLE_FORMAT_VERSION = 5
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
@@ -324,12 +324,42 @@ def copy_bundle(source: str | Path, target: str | Path) -> Path:
 
 def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
     """Record an exported graph (already written into ``directory``) in its ``bundle.json``,
-    which becomes format 4."""
+    which becomes format 4, and in its model card when it has one (:func:`note_export_in_card`)."""
     directory = Path(directory)
     info = read_bundle_info(directory)
     info.export = dict(record)
     _write_json(directory, info)
+    note_export_in_card(directory, record)
     return info
+
+
+#: The heading of the section an export adds to a copied model card (replaced by a later export).
+EXPORT_CARD_HEADING = "## This export"
+
+
+def note_export_in_card(directory: str | Path, record: dict[str, Any], check: list[str] | None = None) -> None:
+    """Say in the bundle's ``MODEL_CARD.md`` (a shipped model's card travels with its export) what
+    this copy runs and that the card's figures are the PyTorch model's: an int8 graph is another
+    model, whose change only ``--check`` measures (its ``check`` lines are added when given)."""
+    card = Path(directory) / CARD_FILE
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8").split(f"\n{EXPORT_CARD_HEADING}\n")[0].rstrip("\n")
+    precision = str(record.get("precision", "float32"))
+    graphs = "the dense part's and the box part's graphs" if record.get("part") == "dense" else "its graph"
+    lines = [f"`leukoscope export` wrote this copy: {graphs} as {record.get('format', 'onnx')}, {precision}"
+             + (f", calibrated on {record.get('calibration_images')} images of `{record.get('calibration_data')}`"
+                if precision == "int8" else "") + "."]
+    if precision == "int8":
+        lines.append("The figures above are the float model's in PyTorch, not this graph's: int8 changes the "
+                     "model's answers, so judge it by the accuracy (or AP) change that `leukoscope export --check "
+                     "DATA` prints on your own images, or by `leukoscope evaluate --backend onnxruntime`.")
+    else:
+        lines.append("The figures above are the PyTorch model's; a float graph gives the same answers to rounding "
+                     "(`leukoscope export --check DATA` prints the largest difference).")
+    if check:
+        lines += ["", "Parity check at export:", "", *(f"    {line}" for line in check)]
+    card.write_text(f"{text}\n\n{EXPORT_CARD_HEADING}\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
 def weights_digest(directory: str | Path) -> str | None:

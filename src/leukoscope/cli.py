@@ -559,14 +559,17 @@ def export(
         from leukoscope.tasks.detect import compare_detector_backends
 
         report = _run(compare_detector_backends, target, check, split=split, threads=threads)
-        for line in report.lines():
-            console.print(line)
     elif check is not None:
         from leukoscope.inference.export_check import compare_backends
 
         report = _run(compare_backends, target, check, threads=threads)
+    if check is not None:
+        from leukoscope.bundle import note_export_in_card
+
         for line in report.lines():
             console.print(line)
+        note_export_in_card(target, record, [f"--check {check}" + (f" --split {split}" if split else ""),
+                                             *report.lines()])
     print(target)
 
 
