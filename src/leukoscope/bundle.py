@@ -362,6 +362,19 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
     card.write_text(f"{text}\n\n{EXPORT_CARD_HEADING}\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
+def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]:
+    """What a bundle's results depend on: the digest of its weights and its model options; and, when
+    ``backend`` (what runs it) runs an exported graph that is not float32 (an int8 export: another
+    model in effect), that precision. A float graph gives torch's results, so it is not recorded."""
+    directory = resolve_bundle(bundle)
+    info = read_bundle_info(directory)
+    identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
+    precision = str((info.export or {}).get("precision", "float32"))
+    if backend != "torch" and precision != "float32":
+        identity["precision"] = precision
+    return identity
+
+
 def weights_digest(directory: str | Path) -> str | None:
     """SHA-256 of a bundle's ``model.safetensors`` (None when it has none): what an export records of
     the weights its graph holds, and what an archive knows a model by."""

@@ -14,7 +14,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 
 from leukoscope.data.synthetic_smears import make_synthetic_smears  # noqa: E402
-from leukoscope.inference.archive import (AnalyzerSpec, analyze_archive, model_identity, pending,  # noqa: E402
+from leukoscope.bundle import model_identity  # noqa: E402
+from leukoscope.inference.archive import (AnalyzerSpec, analyze_archive, pending,  # noqa: E402
                                           portable_spec)
 from leukoscope.inference.archive_parts import ArchiveParts  # noqa: E402
 from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows  # noqa: E402

@@ -445,6 +445,15 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         assert response.status_code == 201, response.text
         case = response.json()
         assert case["differential"]["total"] == len(case["cells"])
+        # the case says which models made it: weights digest and options, what ran them, no server path
+        from leukoscope.bundle import read_bundle_info, weights_digest
+
+        models = case["models"]
+        assert models["detector"] == {"bundle": "detector", "model": "fasterrcnn_abas", "backend": "torch",
+                                      "weights_sha256": weights_digest(detector),
+                                      "model_options": read_bundle_info(detector).model_options}
+        assert models["classifier"]["weights_sha256"] == weights_digest(cell_bundle)
+        assert models["classifier"]["backend"] == "torch" and str(tmp_path) not in str(models)
         # an untrained detector records no test AP: the case carries the warning, stored with it,
         # and its differential raises no leukemia flag (also when recomputed after a review)
         assert case["differential"]["warnings"] and not case["differential"]["acute_leukemia_flag"]

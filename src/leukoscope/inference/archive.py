@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from leukoscope.bundle import model_identity
 from leukoscope.inference.archive_parts import ArchiveParts
 from leukoscope.inference.field_tables import cell_rows, field_label_counts, field_row, result_from_field_row
 from leukoscope.inference.smear import SmearAnalyzer
@@ -82,21 +83,6 @@ class AnalyzerSpec:
         """The analyzer; ``threads``: what its graph runtimes (onnxruntime, OpenVINO) may use."""
         classifier = resolve_bundle(self.classifier) if self.classifier is not None else None
         return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, threads=threads, **self.options)
-
-
-def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]:
-    """What a bundle's results depend on: the digest of its weights and its model options; and, when
-    ``backend`` (what runs it) runs an exported graph that is not float32 (an int8 export: another
-    model in effect), that precision. A float graph gives torch's results, so it is not recorded."""
-    from leukoscope.bundle import read_bundle_info, weights_digest
-
-    directory = resolve_bundle(bundle)
-    info = read_bundle_info(directory)
-    identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
-    precision = str((info.export or {}).get("precision", "float32"))
-    if backend != "torch" and precision != "float32":
-        identity["precision"] = precision
-    return identity
 
 
 def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
@@ -170,9 +156,16 @@ def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool
     return [key for key in dict.fromkeys(keys) if key not in done or (retry_failed and done[key] is not None)]
 
 
+#: Fields an actor analyses per Ray Data batch. Each batch costs Ray ~50 ms of its own (scheduling, the
+#: object store): one 640x480 field per batch made the Ray engine ~40% slower per field than a plain
+#: loop on a 2-core machine, eight as fast (docs/benchmarks.md, "Archive on Ray").
+DEFAULT_BATCH_FIELDS = 8
+
+
 def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: str | Path, *,
                     analyzer: SmearAnalyzer | None = None, address: str | None = None, actors: int | None = None,
-                    threads: int = 1, batch_size: int = 1, part_size: int = 64, retry_failed: bool = False,
+                    threads: int = 1, batch_size: int = DEFAULT_BATCH_FIELDS, part_size: int = 64,
+                    retry_failed: bool = False,
                     stop_after_parts: int | None = None,
                     progress: Callable[..., None] | None = None) -> ArchiveRun:
     """Analyse ``paths`` on Ray, write ``out_dir/{fields,cells}/part-*.parquet`` and the summary files.

@@ -87,13 +87,17 @@ class Analyzer:
     """Loads the bundles once; ``await analyzer.run(kind, images)`` classifies off the event loop."""
 
     def __init__(self, classifier: CellClassifier, *, smear: SmearBackend | None = None, gradcam: bool = True,
-                 threads: int = 2, blast_classes: Sequence[str] | None = None, name: str = "") -> None:
+                 threads: int = 2, blast_classes: Sequence[str] | None = None, name: str = "",
+                 models: dict[str, dict[str, Any]] | None = None) -> None:
         self.base = classifier
         self.smear = smear
         self.gradcam = gradcam
         self.classes = list(classifier.classes)
         self.blast_classes = list(blast_classes) if blast_classes is not None else blast_classes_in(self.classes)
         self.model_name = name or classifier.info.model_name
+        #: What each case's results depend on, recorded with the case: per role (classifier, detector),
+        #: the bundle, what ran it and its identity (weights digest, options; precision of an int8 graph).
+        self.models = dict(models or {})
         self.threads = threads
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leukoscope-infer")
@@ -113,11 +117,14 @@ class Analyzer:
 
             classifier.model, _ = load_bundle(resolve_bundle(bundle), classifier.device, task="classify")
         smear = None
+        models = {"classifier": _identity(bundle, classifier.info.model_name, classifier.backend)}
         if detector is not None:
             smear = load_smear_backend(detector, classifier, **(smear_options or {}))
-        where = Path(bundle).resolve()
-        name = f"{classifier.info.model_name} ({where.parent.name if where.name == 'bundle' else where.name})"
-        return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name)
+            found = getattr(smear, "detector", None)
+            if found is not None:
+                models["detector"] = _identity(detector, found.info.model_name, found.backend)
+        name = f"{classifier.info.model_name} ({_bundle_name(bundle)})"
+        return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name, models=models)
 
     @property
     def has_detector(self) -> bool:
@@ -275,9 +282,25 @@ def load_smear_backend(detector: str | Path, classifier: CellClassifier, **optio
     return _MethodAdapter(SmearAnalyzer(detector, classifier, **options), "analyze")
 
 
+def _bundle_name(bundle: str | Path) -> str:
+    """A bundle as users see it: ``pretrained:NAME``, or its folder's name (never a server path)."""
+    if str(bundle).startswith("pretrained:"):
+        return str(bundle)
+    where = Path(bundle).resolve()
+    return where.parent.name if where.name == "bundle" else where.name
+
+
+def _identity(bundle: str | Path, model_name: str, backend: str) -> dict[str, Any]:
+    from leukoscope.bundle import model_identity
+
+    return {"bundle": _bundle_name(bundle), "model": model_name, "backend": backend,
+            **model_identity(bundle, backend)}
+
+
 class _MethodAdapter:
     def __init__(self, target: Any, method: str) -> None:
         self._call = getattr(target, method)
+        self.detector = getattr(target, "detector", None)
         for name in ("crop_cell", "cell_crops"):
             if hasattr(target, name):
                 setattr(self, name, getattr(target, name))

@@ -49,6 +49,7 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
         "created_at": case.created_at.isoformat(),
         "owner": case.owner.username,
         "model": case.model_name,
+        "models": case.analysis.get("models", {}),  # absent from cases made before it was recorded
         "classes": case.classes,
         "uncertain_threshold": case.analysis.get("threshold"),
         "decision_support": ops.DECISION_SUPPORT_NOTE,
