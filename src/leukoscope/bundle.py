@@ -346,10 +346,18 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
         return
     text = card.read_text(encoding="utf-8").split(f"\n{EXPORT_CARD_HEADING}\n")[0].rstrip("\n")
     precision = str(record.get("precision", "float32"))
-    graphs = "the dense part's and the box part's graphs" if record.get("part") == "dense" else "its graph"
-    lines = [f"`leukoscope export` wrote this copy: {graphs} as {record.get('format', 'onnx')}, {precision}"
-             + (f", calibrated on {record.get('calibration_images')} images of `{record.get('calibration_data')}`"
-                if precision == "int8" else "") + "."]
+    detector = record.get("part") == "dense"
+    graphs = "the dense part's and the box part's graphs" if detector else "its graph"
+    # the data's folder name only: the card travels with the bundle, the full path stays in bundle.json
+    calibration = f"{record.get('calibration_images')} images of `{Path(str(record.get('calibration_data'))).name}`"
+    if precision != "int8":
+        made = f"{graphs} as {record.get('format', 'onnx')}, float32"
+    elif detector:
+        made = (f"the dense part's graph as static int8 calibrated on {calibration}, the box part's fully "
+                f"connected layers as dynamic int8 (no calibration)")
+    else:
+        made = f"{graphs} as {record.get('format', 'onnx')}, int8, calibrated on {calibration}"
+    lines = [f"`leukoscope export` wrote this copy: {made}."]
     if precision == "int8":
         lines.append("The figures above are the float model's in PyTorch, not this graph's: int8 changes the "
                      "model's answers, so judge it by the accuracy (or AP) change that `leukoscope export --check "

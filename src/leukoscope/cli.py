@@ -568,7 +568,7 @@ def export(
 
         for line in report.lines():
             console.print(line)
-        note_export_in_card(target, record, [f"--check {check}" + (f" --split {split}" if split else ""),
+        note_export_in_card(target, record, [f"--check {Path(check).name}" + (f" --split {split}" if split else ""),
                                              *report.lines()])
     print(target)
 

@@ -127,11 +127,12 @@ def test_an_export_says_in_the_model_card_what_it_runs(trained: dict[str, Path],
     card = (out / "MODEL_CARD.md").read_text()
     assert card.startswith("# A model\n\nTest accuracy 0.99 (PyTorch).\n\n## This export\n")
     assert "as onnx, float32." in card and "a float graph gives the same answers to rounding" in card
-    assert f"    --check {synthetic_root}" in card and "    parity on 96 images: largest |p_torch" in card
+    assert f"    --check {synthetic_root.name}\n" in card and "    parity on 96 images: largest |p_torch" in card
+    assert str(synthetic_root.parent) not in card  # the card travels: no local paths in it
     assert (bundle / "MODEL_CARD.md").read_text() == "# A model\n\nTest accuracy 0.99 (PyTorch).\n"  # source untouched
     int8 = invoke("export", "--bundle", out, "--out", out, "--int8", "--calibration", synthetic_root, "--threads", "1")
     assert int8.exit_code == 0, int8.output
     card = (out / "MODEL_CARD.md").read_text()
     assert card.count("## This export") == 1  # the float export's note is replaced, not kept beside it
-    assert f"int8, calibrated on 96 images of `{synthetic_root}`" in card and "not this graph's" in card
+    assert f"int8, calibrated on 96 images of `{synthetic_root.name}`" in card and "not this graph's" in card
     assert "Parity check" not in card  # no --check this time: the float graph's check no longer applies

@@ -111,3 +111,43 @@ def test_the_shipped_detector_scores_the_same_on_the_gpu(tmp_path: Path) -> None
     assert scored["cuda"]["map_50"] == pytest.approx(scored["cpu"]["map_50"], abs=0.005)
     assert scored["cuda"]["per_class"]["WBC"]["ap_50"] == pytest.approx(scored["cpu"]["per_class"]["WBC"]["ap_50"],
                                                                          abs=0.005)
+
+
+def test_a_resumed_gpu_run_continues_exactly_and_a_seed_repeats_it(synthetic_root: Path, tmp_path: Path) -> None:
+    """Dropout on the GPU draws from CUDA's generator (the checkpoint keeps it); with deterministic
+    kernels (the default) two seeded runs agree to the rounding of the ops that have none."""
+    from leukoscope.engine.data_prep import prepare_data
+    from leukoscope.engine.trainer import fit
+    from leukoscope.models import create_model
+    from leukoscope.preprocessing import Preprocessing
+    from leukoscope.tasks.classify import preprocessing_of
+
+    config = load_config(overrides=[
+        f"data.path={synthetic_root}", f"output_root={tmp_path}", "model.name=mobilenet_v3_small",
+        "model.image_size=32", "train.epochs=3", "train.batch_size=16", "train.lr=0.003", "train.device=cuda"])
+    data = prepare_data(config.data, preprocessing_of(config), tmp_path, show_progress=False)
+    train, val = data.parts["train"], data.parts["val"]
+
+    def run(cfg, run_dir: Path, resume: bool = False):
+        torch.manual_seed(0)
+        return fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets,
+                   cfg, num_classes=4, preprocessing=Preprocessing(32), show_progress=False, run_dir=run_dir,
+                   resume=resume)
+
+    losses = lambda result: [row["train_loss"] for row in result.history]  # noqa: E731
+    full, again = run(config.train, tmp_path / "a"), run(config.train, tmp_path / "b")
+    assert losses(again) == pytest.approx(losses(full), rel=1e-4)
+    run(config.train.model_copy(update={"epochs": 2}), tmp_path / "c")
+    resumed = run(config.train, tmp_path / "c", resume=True)
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-4)
+    assert not torch.are_deterministic_algorithms_enabled()  # training's setting ends with training
+
+
+def test_a_seeded_gpu_detector_run_repeats(smear_root: Path, tmp_path: Path) -> None:
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.detect import run_detection_experiment
+
+    config = load_detection_config(None, [f"data.path={smear_root}", f"output_root={tmp_path}", *TINY_DETECTOR_RUN,
+                                          "train.device=cuda"])
+    first, second = (run_detection_experiment(config, show_progress=False) for _ in range(2))
+    assert [row["train_loss"] for row in first.fit.history] == [row["train_loss"] for row in second.fit.history]

@@ -9,6 +9,7 @@ best epoch and weights...) travels in ``progress``.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 def _rng_states() -> dict[str, Any]:
@@ -34,6 +36,16 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _cuda_rng_state(model: torch.nn.Module) -> torch.Tensor:
+    """The CUDA generator state of the device the model trains on (empty on the CPU)."""
+    device = _device_of(model)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+
+
 def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator, progress: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
@@ -43,8 +55,8 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
-        # dropout on a GPU draws from CUDA's generators: without them a resumed GPU run drifts
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        # dropout on a GPU draws from the training device's CUDA generator: without it a resumed run drifts
+        "cuda_rng": _cuda_rng_state(model),
         "rng": _rng_states(),
         "progress": progress,
     }, tmp)
@@ -69,9 +81,13 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    cuda_states = state.get("cuda_rng") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)  # a GPU run resumed on a CPU: nothing to restore
+    cuda_state, device = state.get("cuda_rng"), _device_of(model)
+    if isinstance(cuda_state, torch.Tensor) and cuda_state.numel():
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_state, device)
+        else:
+            log.warning("the checkpoint was trained on a GPU and resumes on the %s: dropout's random numbers "
+                        "differ from the uninterrupted run's", device)
     if "rng" in state:  # detection checkpoints before the shared scaffold had no Python/NumPy states
         _restore_rng_states(state["rng"])
     return state["progress"]

@@ -94,8 +94,9 @@ class TrainingBase(Section):
     seed: int = 0
     device: str = "auto"
     deterministic: bool = True
-    """On a GPU, PyTorch's deterministic kernels, so that a seed gives the same model (the CPU always
-    does); false: faster GPU training that a rerun does not repeat exactly."""
+    """While training on a GPU, PyTorch's deterministic kernels where it has them, so that a seed repeats
+    a run up to the few ops that have none (the CPU's kernels are deterministic already); false:
+    CUDA's faster default kernels, which a rerun does not repeat exactly."""
     threads: int | None = None
     keep_checkpoint: bool = False
     """Keep ``checkpoint.pt`` once the run is complete (only needed to train further; hundreds of MB)."""

@@ -18,7 +18,7 @@ from leukoscope.engine.detection_config import DetectionTrainConfig
 from leukoscope.engine.detection_data import (DetectionSplits, DetectionTorchDataset, collate_detection_batch,
                                               predict_images, to_ground_truth)
 from leukoscope.engine.optim import TrainingClock, build_optimizer, build_scheduler
-from leukoscope.engine.runtime import resolve_device, seed_everything
+from leukoscope.engine.runtime import deterministic_kernels, resolve_device, seed_everything
 from leukoscope.evaluation.detection import coco_metrics
 from leukoscope.inference.detector import CellDetector
 from leukoscope.progress import progress_bar
@@ -37,7 +37,7 @@ def fit_detector(
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device, cfg.deterministic)
+    device = resolve_device(cfg.device)
     model.to(device)
     classes = splits.classes
     train_images = list(splits.parts["train"])
@@ -55,7 +55,8 @@ def fit_detector(
                           per_epoch=per_epoch, val_images=val_images, classes=classes, device=device,
                           checkpoint_path=run_dir / CHECKPOINT_FILE if run_dir else None,
                           show_progress=show_progress)
-    result = loop.run(resume=resume)
+    with deterministic_kernels(device, cfg.deterministic):
+        result = loop.run(resume=resume)
     return FitResult(result.history, result.best_epoch, loop.score_of(result.best_row), result.train_seconds,
                      result.stopped_because, result.best_state)
 

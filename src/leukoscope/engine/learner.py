@@ -93,7 +93,7 @@ class TorchLearner:
     def __init__(self, config: ExperimentConfig, classes: list[str], preprocessing: Preprocessing) -> None:
         self.config = config
         self.preprocessing = preprocessing
-        self.device = resolve_device(config.train.device, config.train.deterministic)
+        self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)  # model initialisation is part of the seeded run
         weights = config.model.weights
         if config.model.init:  # fine-tuning a bundle: its weights, with or without its head

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,20 +21,34 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def resolve_device(name: str, deterministic: bool = True) -> torch.device:
-    """The training device; on a GPU with ``deterministic``, PyTorch's deterministic kernels: CUDA's
-    default ones (atomic adds in RoIAlign's and pooling's backward passes, cuBLAS's split reductions)
-    sum in a different order each run, so that a seeded detector run was not repeatable there."""
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
-    device = torch.device(name)
-    if device.type == "cuda" and deterministic:
-        # cuBLAS reads this when it creates a handle; ops with no deterministic kernel warn, not fail.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
+    return torch.device(name)
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """While training on a GPU with ``enabled``: PyTorch's deterministic kernels. CUDA's default ones
+    (atomic adds in RoIAlign's and pooling's backward passes, cuBLAS's split reductions) sum in another
+    order each run, so a seeded detector run did not repeat there. On CUDA, torchvision then runs
+    RoIAlign as a ``torch.compile``d function (Triton: compiled on the first batch); ops without a
+    deterministic kernel (``adaptive_avg_pool2d``'s backward) warn and stay as they are. The previous
+    setting is restored afterwards (it is process-wide: inference after training keeps CUDA's own
+    kernels). The CPU's kernels are deterministic already: nothing changes there."""
+    if device.type != "cuda" or not enabled:
+        yield
+        return
+    # cuBLAS reads this when it creates a handle (set for the process: harmless for later work).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def count_parameters(model: torch.nn.Module) -> int:

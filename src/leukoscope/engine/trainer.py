@@ -22,7 +22,7 @@ from leukoscope.engine.checkpoint import CHECKPOINT_FILE
 from leukoscope.engine.loop import EpochLoop, FitResult
 from leukoscope.engine.config import TrainConfig
 from leukoscope.engine.optim import TrainingClock, build_optimizer, build_scheduler
-from leukoscope.engine.runtime import resolve_device, seed_everything
+from leukoscope.engine.runtime import deterministic_kernels, resolve_device, seed_everything
 from leukoscope.preprocessing import Preprocessing, batched_logits
 from leukoscope.progress import progress_bar
 from leukoscope.transforms import augmentation
@@ -94,7 +94,7 @@ def fit(
     generator = seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device, cfg.deterministic)
+    device = resolve_device(cfg.device)
     model.to(device)
     dataset = TensorImageDataset(train_images, train_targets, augmentation(cfg.augmentation), preprocessing.model_input)
     # drop_last avoids a size-1 batch, which BatchNorm cannot train on.
@@ -116,7 +116,8 @@ def fit(
                                val=(val_images, val_targets) if val_images is not None and val_targets else None,
                                checkpoint_path=run_dir / CHECKPOINT_FILE if run_dir else None,
                                show_progress=show_progress)
-    result = loop.run(resume=resume)
+    with deterministic_kernels(device, cfg.deterministic):
+        result = loop.run(resume=resume)
     return FitResult(result.history, result.best_epoch, loop.score_of(result.best_row), result.train_seconds,
                      result.stopped_because, result.best_state)
 

@@ -265,8 +265,10 @@ def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], pa
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would bury the bar
     pool = actor_count(actors, threads)
     items = [{"path": key, "source": sources[key]} for key in todo]
-    # One field per block (up to 10,000 blocks): results stream back field by field, not in bursts.
-    dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 10_000))
+    # Batches of up to ``batch_size`` fields, but at least one per actor (a short run or a resume's
+    # tail would leave actors idle); one batch per block, so results come back a batch at a time.
+    batch_size = max(1, min(batch_size, -(-len(items) // pool)))
+    dataset = ray.data.from_items(items, override_num_blocks=min(-(-len(items) // batch_size), 10_000))
     rows = dataset.map_batches(FieldActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
                                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=threads,
                                batch_format="numpy")

@@ -263,7 +263,9 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
                     analysis={"threshold": analyzer.threshold, "blast_classes": analyzer.blast_classes,
-                              "models": analyzer.models,
+                              # the detector took part in a smear field's result only
+                              "models": {role: identity for role, identity in analyzer.models.items()
+                                         if kind == "smear" or role != "detector"},
                               "warnings": warnings, **ood,
                               "differential_at_upload": differential(labels, analyzer.classes,
                                                                      analyzer.blast_classes, warnings)})

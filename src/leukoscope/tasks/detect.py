@@ -100,7 +100,7 @@ def run_detection_experiment(
         result = fit_detector(model, splits, config.train, run_dir=run_dir, resume=resume,
                               show_progress=show_progress)
         say(f"training finished: {result.stopped_because}; kept epoch {result.best_epoch}")
-        device = resolve_device(config.train.device, config.train.deterministic)
+        device = resolve_device(config.train.device)
         info = BundleInfo(model_name=config.model.name, classes=list(classes), task="detect",
                           model_options=dict(config.model.options), score_threshold=config.predict.score_threshold,
                           um_per_px=training_scale(config.data.um_per_px, splits.parts["train"]))
