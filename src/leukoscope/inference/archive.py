@@ -157,7 +157,7 @@ def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool
 
 
 #: Fields an actor analyses per Ray Data batch. Each batch costs Ray ~50 ms of its own (scheduling, the
-#: object store): one 640x480 field per batch made the Ray engine ~40% slower per field than a plain
+#: object store): one 640x480 field per batch made the Ray engine ~30% slower per field than a plain
 #: loop on a 2-core machine, eight as fast (docs/benchmarks.md, "Archive on Ray").
 DEFAULT_BATCH_FIELDS = 8
 
