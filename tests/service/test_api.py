@@ -454,6 +454,9 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
                                       "model_options": read_bundle_info(detector).model_options}
         assert models["classifier"]["weights_sha256"] == weights_digest(cell_bundle)
         assert models["classifier"]["backend"] == "torch" and str(tmp_path) not in str(models)
+        # a single cell on the same server: the detector took no part in it
+        single = upload(client, headers, ("cell.png", encode(cell_image("blast", 1), "PNG"))).json()
+        assert set(single["models"]) == {"classifier"} and single["models"]["classifier"] == models["classifier"]
         # an untrained detector records no test AP: the case carries the warning, stored with it,
         # and its differential raises no leukemia flag (also when recomputed after a review)
         assert case["differential"]["warnings"] and not case["differential"]["acute_leukemia_flag"]
