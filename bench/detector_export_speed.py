@@ -11,9 +11,7 @@ in the same decoded fields through :class:`~leukoscope.inference.detector.CellDe
 decoding is left out. The backends take turns field by field, so a burst of load from
 other work falls on all of them; each backend's figure is the median over all fields
 and rounds, after one warm-up field. The 1-minute load average is printed, since on a
-shared machine the wall time also measures the others' work. A bundle with a box graph
-(``box_head.onnx``) is also timed on onnxruntime without it (torch pooling), as
-``onnxruntime_torch_box``. ``--crop-width``: time the fields' first W columns only (1456: the
+shared machine the wall time also measures the others' work. ``--crop-width``: time the fields' first W columns only (1456: the
 first detector tile of a 2592x1944 field, as ``SmearAnalyzer`` cuts it). ``--compare``: another
 exported bundle (e.g. the same detector exported with ``--int8``), timed on onnxruntime in the
 same turns, as ``compare_onnxruntime``.
@@ -30,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -76,11 +73,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(str(exc))
         backends = [name for name in ("torch", "onnxruntime", "openvino") if name == "torch" or installed(name)]
         detectors = {name: CellDetector.from_bundle(bundle, backend=name, threads=args.threads) for name in backends}
-        if "onnxruntime" in detectors and detectors["onnxruntime"].graphs.box is not None:  # the same graphs but torch's pooling and box head
-            without = CellDetector.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
-            without.graphs = replace(without.graphs, box=None)
-            detectors["onnxruntime_torch_box"] = without
-            backends.append("onnxruntime_torch_box")
         if args.compare is not None:
             try:
                 detectors["compare_onnxruntime"] = CellDetector.from_bundle(args.compare, backend="onnxruntime",

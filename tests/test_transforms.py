@@ -8,16 +8,14 @@ import torch
 from PIL import Image
 
 from leukoscope.data.synthetic import render_cell
+from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD, letterbox
 from leukoscope.transforms import (
     RandomResolution,
     AUGMENTATION_PRESETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Normalize,
     RandomRot90,
     RandomStainJitter,
     augmentation,
-    letterbox,
     pil_to_uint8_tensor,
 )
 

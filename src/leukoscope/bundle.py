@@ -44,16 +44,15 @@ import platform
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 import leukoscope
-from leukoscope.models import create_model, model_entry
 from leukoscope.preprocessing import Preprocessing, framework_of
 from leukoscope.pretrained import CARD_FILE, resolve_bundle
+
+if TYPE_CHECKING:  # torch is imported where models are built or saved: reading a bundle needs none
+    import torch
+    from torch import nn
 
 BUNDLE_FORMAT_VERSION = 5
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
@@ -195,7 +194,7 @@ def needs_format_3(info: BundleInfo) -> bool:
     return info.ood is not None or info.um_per_px is not None or window is not None
 
 
-def contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def contiguous_state(model: "nn.Module") -> "dict[str, torch.Tensor]":
     # safetensors refuses shared or non-contiguous storage; clone to be safe.
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -209,6 +208,8 @@ def provenance_now(framework: str = "torch") -> dict[str, str]:
 
         versions["scikit-learn"] = sklearn.__version__
     else:
+        import torch
+
         versions["torch"] = torch.__version__
     return versions
 
@@ -217,6 +218,8 @@ def inference_options(options: dict[str, Any], model_name: str) -> dict[str, Any
     """The builder options a bundle needs: training-only ones dropped and every default
     written out, so that a later change of a default cannot silently change (or break)
     an existing bundle."""
+    from leukoscope.models import model_entry
+
     resolved: dict[str, Any] = {}
     for name, parameter in inspect.signature(model_entry(model_name).builder).parameters.items():
         if name != "num_classes" and parameter.default is not inspect.Parameter.empty:
@@ -254,6 +257,8 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
         info.model_options = inference_options(info.model_options, info.model_name)
         weights_name = WEIGHTS_FILE
         weights_tmp = directory / (weights_name + ".tmp")
+        from safetensors.torch import save_file
+
         save_file(contiguous_state(model), str(weights_tmp),
                   metadata={"model_name": info.model_name, "task": info.task})
     weights_tmp.replace(directory / weights_name)
@@ -444,7 +449,7 @@ def read_bundle_info(directory: str | Path, task: str | None = None) -> BundleIn
     return info
 
 
-def load_bundle(directory: str | Path, device: str | torch.device = "cpu",
+def load_bundle(directory: str | Path, device: "str | torch.device" = "cpu",
                 task: str | None = None) -> tuple[Any, BundleInfo]:
     """Rebuild the model of a bundle with its trained weights, in eval mode: an
     ``nn.Module``, or a :class:`leukoscope.models.classic.ClassicModel` for a classical bundle.
@@ -458,6 +463,10 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu",
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{directory}: weights file {WEIGHTS_FILE} is missing")
+    from safetensors.torch import load_file
+
+    from leukoscope.models import create_model
+
     try:
         model = create_model(info.model_name, num_classes=len(info.classes), **info.model_options)
     except (TypeError, ValueError) as exc:

@@ -899,8 +899,8 @@ def analyze(
                                             "the detector is given it (resampled to its scale; default: 2048 "
                                             "pixels as its network sees them, 4096 for the shipped detector)."),
     overlap: int = typer.Option(320, help="Tile overlap in pixels (larger than the biggest white cell)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: torch's; 1 is "
-                                          "faster on a machine busy with other work); --engine ray: per actor "
+    threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: each backend's; 1 "
+                                          "is faster on a machine busy with other work); --engine ray: per actor "
                                           "(default 1)."),
     backend: str = typer.Option("auto", "--backend", help="What runs both models: torch, onnxruntime or openvino "
                                 "(bundles from `leukoscope export`) or auto (the fastest installed one a bundle "
@@ -962,10 +962,6 @@ def analyze(
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     from leukoscope.inference.smear import SmearAnalyzer
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     # One set of options for every engine (the Ray actors build their analyzers from the same).
     options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,

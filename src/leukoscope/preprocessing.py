@@ -5,15 +5,19 @@ carries a :class:`Preprocessing`, and every place that feeds a classifier
 (training-time validation and test scoring, ``evaluate``, ``predict``,
 ``analyze``, the web service, Grad-CAM, any export) goes through it:
 
-1. :meth:`Preprocessing.pixels`: PIL RGB -> optional segmentation -> letterbox
-   to ``image_size`` -> uint8 ``(3, S, S)``. Training decodes every image once
-   this way (:meth:`Preprocessing.decode`) and augments the uint8 tensors.
+1. :meth:`Preprocessing.pixel_array`: PIL RGB -> optional segmentation -> letterbox
+   to ``image_size`` -> uint8 ``(3, S, S)`` (:meth:`Preprocessing.pixels`: the same as a
+   torch tensor). Training decodes every image once this way
+   (:meth:`Preprocessing.decode`) and augments the uint8 tensors.
 2. :meth:`Preprocessing.model_input`: uint8 -> what the model reads: the
    bundle's own mean/std normalisation for a torch model, the uint8 pixels
    themselves for a classical model (which computes its features from them).
 3. :func:`batched_logits`: both steps' output through the model, in batches
    (:func:`batched_outputs`: with the penultimate embeddings as well, for the
    out-of-distribution score).
+
+Steps 1 and 2 are numpy (torch tensors in, torch tensors out), so that an exported
+classifier runs without importing torch (:mod:`leukoscope.inference.runtime`).
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, letterbox, pil_to_uint8_tensor
-
 if TYPE_CHECKING:
+    import torch
+
     from leukoscope.data.dataset import CorruptPolicy, LoadReport
     from leukoscope.data.manifest import Manifest
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Model frameworks: ``torch`` reads normalised float tensors, ``sklearn`` the uint8 pixels.
 FRAMEWORKS = ("torch", "sklearn")
@@ -38,6 +44,26 @@ FRAMEWORKS = ("torch", "sklearn")
 COLOURS = ("rgb", "gray")
 # ITU-R BT.601 luma, as PIL's "L" mode.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """Resize the longer side to ``size`` keeping the aspect ratio, pad to ``size x size``.
+
+    The pad colour is the median colour of the image border, so the padding looks
+    like slide background instead of a black frame the model could learn from.
+    """
+    width, height = image.size
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if (new_w, new_h) == (size, size):
+        return resized
+    array = np.asarray(resized)
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
 
 
 @dataclass
@@ -83,15 +109,17 @@ class Preprocessing:
         """Whether a torch model sees other than the colour image at ``mean`` / ``std`` (bundle format 5)."""
         return self.colour != "rgb" or self.standardize
 
-    @cached_property
-    def normalize(self) -> Normalize:
-        return Normalize(self.mean, self.std)
-
-    def pixels(self, image: Image.Image) -> torch.Tensor:
+    def pixel_array(self, image: Image.Image) -> np.ndarray:
         """PIL RGB -> uint8 ``(3, S, S)``: segmentation (if any), then letterbox."""
         if self.segmenter is not None:
             image = self.segmenter(image)
-        return pil_to_uint8_tensor(letterbox(image, self.image_size))
+        return np.ascontiguousarray(np.asarray(letterbox(image, self.image_size), dtype=np.uint8).transpose(2, 0, 1))
+
+    def pixels(self, image: Image.Image) -> "torch.Tensor":
+        """:meth:`pixel_array` as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.pixel_array(image))
 
     def decode(self, manifest: "Manifest", *, on_corrupt: "CorruptPolicy" = "skip", max_pixels: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, "Manifest", "LoadReport"]:
@@ -101,50 +129,65 @@ class Preprocessing:
         options: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
         return decode_manifest(manifest, self.pixels, on_corrupt=on_corrupt, progress=progress, **options)
 
-    def model_input(self, pixels: torch.Tensor, framework: str = "torch") -> torch.Tensor:
-        """uint8 pixels (one image or a batch) -> the model's input."""
+    def model_input(self, pixels: "np.ndarray | torch.Tensor", framework: str = "torch") -> "np.ndarray | torch.Tensor":
+        """uint8 pixels (one image or a batch; a numpy array or a torch tensor) -> the model's input
+        (float32, of the same kind)."""
         if framework == "sklearn":
             return pixels
         if framework != "torch":
             raise ValueError(f"unknown model framework {framework!r} (expected one of {FRAMEWORKS})")
+        if isinstance(pixels, np.ndarray):
+            return self._normalised(pixels)
+        import torch
+
+        return torch.from_numpy(self._normalised(pixels.cpu().numpy()))
+
+    def _normalised(self, pixels: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        image = pixels.astype(np.float32) / np.float32(255.0)
         if not self.styled:
-            return self.normalize(pixels)
-        image = pixels.float() / 255.0
+            return (image - mean) / std
         if self.colour == "gray":
-            luma = torch.tensor(_LUMA, dtype=image.dtype).view(3, 1, 1)
-            image = (image * luma).sum(dim=-3, keepdim=True).expand_as(image)
+            luma = np.asarray(_LUMA, dtype=np.float32).reshape(3, 1, 1)
+            image = np.broadcast_to((image * luma).sum(axis=-3, keepdims=True), image.shape)
         if not self.standardize:
-            return (image - self.normalize.mean) / self.normalize.std
-        mean = image.mean(dim=(-2, -1), keepdim=True)
-        # The floor keeps a blank image (std 0) finite (TensorFlow's per_image_standardization floors it too).
-        std = image.std(dim=(-2, -1), keepdim=True).clamp_min(1.0 / 255.0)
-        return (image - mean) / std
+            return (image - mean) / std
+        centre = image.mean(axis=(-2, -1), keepdims=True, dtype=np.float32)
+        # The floor keeps a blank image (std 0) finite (TensorFlow's per_image_standardization floors it too);
+        # ddof 1: torch's std
+        spread = np.maximum(image.std(axis=(-2, -1), keepdims=True, ddof=1, dtype=np.float32), np.float32(1.0 / 255.0))
+        return (image - centre) / spread
 
 
 def framework_of(model: Any) -> str:
     """``sklearn`` for a classical model (features + pipeline), ``torch`` for an ``nn.Module``."""
+    import torch
+
     return "torch" if isinstance(model, torch.nn.Module) else "sklearn"
 
 
-@torch.no_grad()
-def batched_logits(model: Any, pixels: torch.Tensor, preprocessing: Preprocessing,
-                   device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+def batched_logits(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
+                   device: "str | torch.device" = "cpu", batch_size: int = 64) -> np.ndarray:
     """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode."""
+    import torch
+
     framework = framework_of(model)
     if framework == "sklearn":
         return np.asarray(model.predict_logits(pixels), dtype=np.float64)
+    pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()
-    outputs = [model(preprocessing.model_input(pixels[start:start + batch_size]).to(device)).float().cpu()
-               for start in range(0, len(pixels), batch_size)]
+    with torch.no_grad():
+        outputs = [model(preprocessing.model_input(pixels[start:start + batch_size]).to(device)).float().cpu()
+                   for start in range(0, len(pixels), batch_size)]
     if not outputs:
         raise ValueError("no images to score")
     return torch.cat(outputs).numpy()
 
 
-@torch.no_grad()
-def batched_outputs(model: Any, pixels: torch.Tensor, preprocessing: Preprocessing,
-                    device: str | torch.device = "cpu", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def batched_outputs(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
+                    device: "str | torch.device" = "cpu", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated logits ``(N, classes)`` and penultimate embeddings ``(N, d)`` of uint8 ``pixels``
     from one forward pass: a CNN's input to its final linear layer, a classical model's
     standardised selected features."""
@@ -152,21 +195,25 @@ def batched_outputs(model: Any, pixels: torch.Tensor, preprocessing: Preprocessi
         features = model.features(pixels)
         return (np.asarray(model.logits_features(features), dtype=np.float64),
                 np.asarray(model.embed_features(features), dtype=np.float64))
+    import torch
+
     from leukoscope.models.embedding import logits_and_embeddings
 
+    pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()
     logits, embeddings = [], []
-    for start in range(0, len(pixels), batch_size):
-        out, embedded = logits_and_embeddings(model, preprocessing.model_input(pixels[start:start + batch_size])
-                                              .to(device))
-        logits.append(out.float().cpu())
-        embeddings.append(embedded)
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            out, embedded = logits_and_embeddings(model, preprocessing.model_input(pixels[start:start + batch_size])
+                                                  .to(device))
+            logits.append(out.float().cpu())
+            embeddings.append(embedded)
     if not logits:
         raise ValueError("no images to score")
     return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
 
 
-def stack_pixels(images: Sequence[Image.Image], preprocessing: Preprocessing) -> torch.Tensor:
-    """A uint8 batch of PIL images through :meth:`Preprocessing.pixels`."""
-    return torch.stack([preprocessing.pixels(image) for image in images])
+def stack_pixels(images: Sequence[Image.Image], preprocessing: Preprocessing) -> np.ndarray:
+    """A uint8 batch ``(N, 3, S, S)`` of PIL images through :meth:`Preprocessing.pixel_array`."""
+    return np.stack([preprocessing.pixel_array(image) for image in images])

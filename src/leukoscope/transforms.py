@@ -28,31 +28,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from leukoscope.presets import AUGMENTATION_PRESETS  # noqa: F401 - re-exported: the names of the presets built here
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-def letterbox(image: Image.Image, size: int) -> Image.Image:
-    """Resize the longer side to ``size`` keeping the aspect ratio, pad to ``size x size``.
-
-    The pad colour is the median colour of the image border, so the padding looks
-    like slide background instead of a black frame the model could learn from.
-    """
-    width, height = image.size
-    scale = size / max(width, height)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    if (new_w, new_h) == (size, size):
-        return resized
-    array = np.asarray(resized)
-    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-    fill = tuple(int(v) for v in np.median(border, axis=0))
-    canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    return canvas
-
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,8 +20,11 @@ VERIFIED = {"evaluated_on": "test", "map_50": 0.95, "ap_50_per_class": {"WBC": 0
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
 
-def float_pixels(image: torch.Tensor) -> torch.Tensor:
-    """A (3, H, W) tile as a fake detector reads it: SmearAnalyzer passes uint8 tiles, tests floats in [0, 1]."""
+def float_pixels(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tile as a fake detector reads it, (3, H, W) floats in [0, 1]: SmearAnalyzer passes (H, W, 3)
+    uint8 arrays, tests (3, H, W) float tensors."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     return image.float() / 255.0 if image.dtype == torch.uint8 else image
 
 
@@ -32,6 +34,7 @@ class DarkBlobDetector(CellDetector):
 
     def __init__(self, metrics: dict[str, Any] | None = None) -> None:
         self.classes = ["WBC"]
+        self.detection_cap = None
         self.score_threshold = 0.5
         self.info = BundleInfo("rule", ["WBC"], task="detect", metrics=dict(metrics or {}))
 
@@ -49,15 +52,14 @@ class DarkBlobDetector(CellDetector):
 
 
 class FixedDetector(DarkBlobDetector):
-    """Returns the same WBC boxes for every image; ``cap`` gives it a torchvision-like
-    ``roi_heads.detections_per_img`` (set for a 640x480 field, as real detectors are)."""
+    """Returns the same WBC boxes for every image; ``cap``: its cap on detections per image
+    (set for a 640x480 field, as real detectors' are)."""
 
     def __init__(self, boxes, scores=None, *, metrics: dict[str, Any] | None = None, cap: int | None = None) -> None:
         super().__init__(metrics)
         self.boxes = np.array(boxes, float).reshape(-1, 4)
         self.scores = np.array(scores if scores is not None else [0.9] * len(self.boxes), float)
-        if cap is not None:
-            self.model = SimpleNamespace(roi_heads=SimpleNamespace(detections_per_img=cap))
+        self.detection_cap = cap
 
     def detect(self, images, *, threshold=None, batch_size=4):
         return [DetectionResult(self.boxes, self.scores, np.zeros(len(self.scores), int), self.classes)]

@@ -25,7 +25,7 @@ class ScaledDetector(FixedDetector):
         self.seen: list[tuple[int, int]] = []
 
     def detect(self, images, *, threshold=None, batch_size=4):
-        self.seen += [tuple(image.shape[-2:][::-1]) for image in images]
+        self.seen += [tuple(image.shape[:2][::-1]) for image in images]  # (H, W, 3) tiles
         return [DetectionResult(self.boxes, self.scores, np.zeros(1, int), self.classes)]
 
 

@@ -1,4 +1,4 @@
-"""Exported detectors (dense part as ONNX, the rest in torch) find what the torch model finds."""
+"""Exported detectors (two ONNX graphs, the steps between them in numpy) find what the torch model finds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from leukoscope.data.synthetic_smears import SmearSpec, render_smear
 from leukoscope.evaluation.detection import Predicted
 from leukoscope.inference import detector_runtime
 from leukoscope.inference.detector import CellDetector, DetectionResult
+from leukoscope.inference.detector_export import rcnn_settings
 from leukoscope.tasks.detect import match_same_detections
 from tests.export.conftest import invoke
 
@@ -93,35 +94,32 @@ def test_exported_detector_bundle_is_a_valid_bundle(exported_detector: Path, tmp
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_the_box_graph_pools_and_classifies_instead_of_torch(exported_detector: Path, backend: str,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the box graph, torchvision's RoIAlign and box head never run; a bundle exported before the
-    box graph existed (no box_file) still runs, with torch pooling, and finds the same cells."""
+def test_exports_without_recorded_settings_read_them_off_the_model(exported_detector: Path, backend: str,
+                                                                 tmp_path: Path) -> None:
+    """The numpy steps between the graphs take the model's settings from bundle.json; a bundle exported
+    before they were recorded gets them from its torch model (and finds the same cells); one exported
+    before the box graph existed is refused with what to do."""
     field = _field(LARGE)
-    graph = CellDetector.from_bundle(exported_detector, backend=backend, threads=1)
-    assert graph.graphs is not None and graph.graphs.box is not None
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("torch ran the box part")
-
-    monkeypatch.setattr(graph.model.roi_heads.box_roi_pool, "forward", forbidden)
-    monkeypatch.setattr(graph.model.roi_heads.box_head, "forward", forbidden)
-    with_box = graph.detect([field], threshold=0.0)[0]
-    monkeypatch.undo()
-
+    recorded = CellDetector.from_bundle(exported_detector, backend=backend, threads=1)
     info = json.loads((exported_detector / "bundle.json").read_text())
+    model = CellDetector.from_bundle(exported_detector, backend="torch").model
+    assert recorded.runner.settings == rcnn_settings(model)
+    assert info["export"]["rcnn"]["detections_per_img"] == recorded.detection_cap == 100
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("model.safetensors", "model.onnx", "box_head.onnx"):
+        (older / name).write_bytes((exported_detector / name).read_bytes())
+    del info["export"]["rcnn"]
+    (older / "bundle.json").write_text(json.dumps(info))
+    read_off = CellDetector.from_bundle(older, backend=backend, threads=1)
+    assert read_off.runner.settings == recorded.runner.settings
+    a, b = recorded.detect([field], threshold=0.0)[0], read_off.detect([field], threshold=0.0)[0]
+    assert len(a) > 100 and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
     for key in ("box_file", "box_inputs", "box_outputs"):
         del info["export"][key]
-    older = exported_detector.parent / "older"
-    older.mkdir(exist_ok=True)
-    for name in ("model.safetensors", "model.onnx"):
-        (older / name).write_bytes((exported_detector / name).read_bytes())
     (older / "bundle.json").write_text(json.dumps(info))
-    without = CellDetector.from_bundle(older, backend=backend, threads=1)
-    assert without.graphs is not None and without.graphs.box is None
-    torch_box = without.detect([field], threshold=0.0)[0]
-    pairs, unmatched = match_same_detections(_predicted(with_box), _predicted(torch_box), tolerance=0.01)
-    assert len(with_box) > 100 and unmatched == 0 and len(pairs) == len(with_box) == len(torch_box)
+    with pytest.raises(BundleError, match="exported before detectors had a box graph: run `leukoscope export"):
+        CellDetector.from_bundle(older, backend=backend)
 
 
 def test_detectors_need_opset_16_for_the_box_graph(tmp_path: Path) -> None:
@@ -207,7 +205,7 @@ def test_analyze_gives_the_same_differential_on_onnxruntime(exported_detector: P
     from leukoscope.inference.export import export_onnx
     from leukoscope.models import create_model
     from leukoscope.preprocessing import Preprocessing
-    from leukoscope.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     info = BundleInfo("abas_cnn", list(SYNTHETIC_CLASSES), Preprocessing(48, list(IMAGENET_MEAN), list(IMAGENET_STD)))
@@ -410,3 +408,45 @@ def test_evaluate_says_which_precision_ran(int8_detector: tuple[Path, str], tmp_
         metrics = json.loads((tmp_path / backend / "metrics.json").read_text())
         assert (metrics["backend"], metrics["precision"]) == (backend, precision)
     assert "exported int8 graphs" in (tmp_path / "onnxruntime" / "report.html").read_text()
+
+
+def _modules_after_analyze(args: list[str]) -> list[str]:
+    """Which of torch and torchvision a `leukoscope analyze` with ``args`` imported (in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from leukoscope.cli import app; "
+            f"app({args!r}, standalone_mode=False); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def test_analysing_with_exported_models_imports_neither_torch_nor_torchvision(exported_detector: Path,
+                                                                            exported: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """Importing torch and torchvision is most of a short folder run's start-up (docs/benchmarks.md):
+    with both models exported, `analyze` runs without them, OOD score included; with --backend torch
+    the same run imports them (the control)."""
+    from PIL import Image
+
+    field = tmp_path / "field.png"  # white cells of 160 px, which the shipped detector finds
+    Image.fromarray(_field(SmearSpec(width=640, height=480, cell_size=160, wbc_per_image=(3, 4), seed=1))).save(field)
+    classifier = next(iter(exported.values()))
+    assert read_bundle_info(classifier).ood is not None  # the graph's embedding output feeds the OOD score
+    runs = {}
+    for backend in ("onnxruntime", "torch"):
+        out = tmp_path / backend
+        runs[backend] = _modules_after_analyze(["analyze", str(field), "--detector", str(exported_detector),
+                                                "--classifier", str(classifier), "--out", str(out), "--backend",
+                                                backend, "--threads", "1", "--um-per-px", "0.0827",
+                                                "--detector-threshold", "0.3", "--quiet"])
+        assert (out / "field.json").is_file() and (out / "summary.json").is_file()
+    assert runs == {"onnxruntime": [], "torch": ["torch", "torchvision"]}
+    cells = {backend: (tmp_path / backend / "field.cells.csv").read_text().splitlines() for backend in runs}
+    assert len(cells["torch"]) > 1 and len(cells["onnxruntime"]) == len(cells["torch"])
+    assert "ood_score" in cells["onnxruntime"][0]

@@ -94,11 +94,8 @@ def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> Smea
 
 
 def actor_analyzer(spec: AnalyzerSpec, threads: int) -> SmearAnalyzer:
-    """The analyzer of a Ray actor that has ``threads`` CPUs: torch and the graph runtimes use that
+    """The analyzer of a Ray actor that has ``threads`` CPUs: torch or the graph runtimes use that
     many (more would fight the other actors of the node)."""
-    import torch
-
-    torch.set_num_threads(max(1, int(threads)))
     return spec.build(threads=max(1, int(threads)))
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
+from scipy.special import softmax
 
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.evaluation.ood import OodStats
@@ -29,6 +29,9 @@ from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import stack_pixels
 from leukoscope.pretrained import resolve_bundle
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class CellClassifier:
     >>> classifier.predict_paths(["cell.jpg"])[0].label                 # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module | Runtime, info: BundleInfo, device: str | torch.device = "cpu",
+    def __init__(self, model: "torch.nn.Module | Runtime", info: BundleInfo, device: "str | torch.device" = "cpu",
                  uncertain_threshold: float | None = None, ood: OodStats | None = None) -> None:
         """``model``: the bundle's torch (or classical) model, or a runtime that runs it."""
         if info.task != "classify" or info.preprocessing is None:
@@ -84,7 +87,7 @@ class CellClassifier:
         (callers that need Grad-CAM there load it: predict_files, the service's Analyzer)."""
         self.info = info
         self.preprocessing = info.preprocessing
-        self.device = torch.device(device)
+        self.device = device
         self.classes = list(info.classes)
         self.threshold = info.uncertain_threshold if uncertain_threshold is None else uncertain_threshold
         if not 0.0 <= self.threshold <= 1.0:
@@ -111,7 +114,7 @@ class CellClassifier:
     def image_size(self) -> int:
         return self.info.preprocessing.image_size
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def preprocess(self, image: Image.Image) -> "torch.Tensor":
         """PIL RGB -> the model's (3, S, S) input through the bundle's preprocessing, exactly as in
         training (uint8, not normalised, for a classical model, which computes its features from it)."""
         return self.preprocessing.model_input(self.preprocessing.pixels(image), self.info.framework)
@@ -135,7 +138,6 @@ class CellClassifier:
         """OOD scores of uncalibrated ``logits`` (and embeddings); None without statistics."""
         return None if self.ood is None else self.ood.scores(logits, embeddings)
 
-    @torch.no_grad()
     def outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities ``(N, classes)`` and OOD scores ``(N,)`` (None without
         statistics) from one forward pass."""
@@ -143,7 +145,7 @@ class CellClassifier:
             return np.zeros((0, len(self.classes))), None if self.ood is None else np.zeros(0)
         pixels = stack_pixels(images, self.preprocessing)
         logits, embeddings = self.runtime.outputs(pixels, embeddings=self.ood is not None and self.ood.needs_embeddings)
-        probabilities = torch.softmax(torch.from_numpy(logits / self.info.temperature), dim=1).numpy()
+        probabilities = softmax(logits / self.info.temperature, axis=1)
         return probabilities, self.ood_scores(logits, embeddings)
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:

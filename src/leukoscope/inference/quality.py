@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from leukoscope.inference.detector import scaled_cap
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
 DEFAULT_MIN_DETECTOR_AP = 0.9
@@ -65,7 +64,7 @@ def detection_cap(model: Any) -> int | None:
     """The model's cap on detections per image, set for a 640x480 field (torchvision's
     ``detections_per_img``: ``roi_heads`` for Faster R-CNN, the model for FCOS and
     RetinaNet); None when the model has none. Read it once, before any inference:
-    :class:`~leukoscope.inference.detector.CellDetector` raises it while it runs on a large tile."""
+    :class:`~leukoscope.inference.detector_torch.TorchDetector` raises it while it runs on a large tile."""
     owner = getattr(model, "roi_heads", model)
     cap = getattr(owner, "detections_per_img", None)
     return int(cap) if isinstance(cap, int) else None

@@ -34,6 +34,7 @@ import numpy as np
 
 from leukoscope.bundle import BundleError
 from leukoscope.io import ImageDecodeError, load_image
+from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
 from leukoscope.preprocessing import Preprocessing
 
 #: Calibration images used at most (the ranges settle after a few hundred).
@@ -116,12 +117,13 @@ class _Reader:
 class _TileReader:
     """The same protocol for a detector's dense graph: each field as ``leukoscope analyze`` gives it
     to the network (:meth:`SmearAnalyzer.prepare`: resampled to the detector's scale, cut into
-    tiles; then the model's own transform), one tile per batch (tiles differ in size)."""
+    tiles; then the model's transform, :func:`~leukoscope.inference.rcnn_glue.model_batch`), one tile per batch (tiles differ in size)."""
 
-    def __init__(self, paths: Sequence[Path], analyzer: Any, input_name: str,
+    def __init__(self, paths: Sequence[Path], analyzer: Any, settings: RcnnSettings, input_name: str,
                  progress: Callable[..., None] | None) -> None:
         self.paths = list(paths)
         self.analyzer = analyzer
+        self.settings = settings
         self.input_name = input_name
         self.progress = progress
         self.position = 0
@@ -129,8 +131,6 @@ class _TileReader:
         self.tiles: list[Any] = []
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        import torch
-
         while not self.tiles and self.position < len(self.paths):
             path = self.paths[self.position]
             self.position += 1
@@ -144,9 +144,8 @@ class _TileReader:
                 self.progress()
         if not self.tiles:
             return None
-        with torch.no_grad():
-            batch = self.analyzer.detector.model.transform([self.tiles.pop(0)])[0].tensors
-        return {self.input_name: batch.float().numpy()}
+        batch, _ = model_batch([self.tiles.pop(0)], self.settings)
+        return {self.input_name: batch}
 
     def rewind(self) -> None:
         self.position = 0
@@ -196,7 +195,7 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
 
 
 def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: Path, paths: Sequence[Path],
-                             detector: Any, input_name: str,
+                             detector: Any, settings: RcnnSettings, input_name: str,
                              progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Write int8 versions of a Faster R-CNN's exported graphs (module docstring): ``dense`` to
     ``dense_out``, calibrated on the fields ``paths`` as analysis gives them to ``detector``'s network
@@ -208,7 +207,7 @@ def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: P
 
     from leukoscope.inference.smear import SmearAnalyzer
 
-    reader = _TileReader(paths, SmearAnalyzer(detector, None), input_name, progress)
+    reader = _TileReader(paths, SmearAnalyzer(detector, None), settings, input_name, progress)
     _quantize_static(dense, dense_out, reader, len(paths))
     prepared = box_out.with_name(box_out.name + ".pre.tmp")
     try:

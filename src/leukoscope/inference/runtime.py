@@ -12,7 +12,8 @@ onnxruntime or OpenVINO (which reads ONNX itself); an OpenVINO IR (``model.xml``
 OpenVINO only; torch runs the bundle's float weights, always there. ``auto`` takes the
 first of :data:`AUTO_ORDER` that the bundle has a graph for and this install has:
 OpenVINO, then onnxruntime, then torch (the order measured fastest on this project's CPU
-for the shipped classifier, docs/benchmarks.md "Backends and int8").
+for the shipped classifier, docs/benchmarks.md "Backends and int8"). The graph runtimes
+import no torch.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from __future__ import annotations
 import importlib.util
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches, load_bundle
+from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 #: ``auto``'s preference, fastest first (measured: docs/benchmarks.md).
@@ -63,7 +66,7 @@ class Runtime:
     model: Any = None
     """The torch model (Grad-CAM reads it); None when another runtime runs the network."""
 
-    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(self, pixels: np.ndarray, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
 
@@ -72,12 +75,14 @@ class TorchRuntime(Runtime):
 
     backend = "torch"
 
-    def __init__(self, model: Any, preprocessing: Preprocessing, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: Any, preprocessing: Preprocessing, device: "str | torch.device" = "cpu") -> None:
+        import torch
+
         self.model = model
         self.preprocessing = preprocessing
         self.device = torch.device(device)
 
-    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(self, pixels: np.ndarray, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         if embeddings:
             return batched_outputs(self.model, pixels, self.preprocessing, self.device)
         return batched_logits(self.model, pixels, self.preprocessing, self.device), None
@@ -101,7 +106,7 @@ class GraphRuntime(Runtime):
     def _infer(self, inputs: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def outputs(self, pixels: torch.Tensor, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(self, pixels: np.ndarray, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         if embeddings and not self.has_embeddings:
             # Never a made-up score: the caller asked for the OOD score and this graph cannot give it.
             raise BundleError(f"the exported graph has no embedding output, so the OOD score is unavailable on "
@@ -109,7 +114,7 @@ class GraphRuntime(Runtime):
         wanted = ["logits", "embedding"] if embeddings else ["logits"]
         chunks: list[list[np.ndarray]] = [[] for _ in wanted]
         for start in range(0, len(pixels), BATCH):
-            inputs = self.preprocessing.model_input(pixels[start:start + BATCH]).float().numpy()
+            inputs = np.asarray(self.preprocessing.model_input(np.asarray(pixels[start:start + BATCH])))
             for chunk, result in zip(chunks, self._infer(inputs, wanted)):
                 chunk.append(result)
         if not chunks[0]:
@@ -213,6 +218,10 @@ def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch"
     """The runtime ``backend`` chooses for the classifier bundle in ``directory`` (a resolved folder)."""
     chosen = choose_backend(backend, info, directory)
     if chosen == "torch":
+        from leukoscope.bundle import load_bundle
+        from leukoscope.engine.runtime import use_threads
+
+        use_threads(threads)
         model, _ = load_bundle(directory, device, task="classify")
         return TorchRuntime(model, info.preprocessing, device)
     if str(device) != "cpu":

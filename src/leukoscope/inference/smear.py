@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from leukoscope.inference.detector import CellDetector, DetectionResult, scaled_cap
+from leukoscope.inference.detector import CellDetector, DetectionResult
+from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, cap_warning,
-                                          detection_cap, detector_warnings, unfamiliar_warning)
+                                          detector_warnings, unfamiliar_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
@@ -80,7 +80,7 @@ class PreparedField:
     factor: float
     """How much ``detector_image`` is resampled from ``image`` (1: not at all)."""
     detector_image: Image.Image
-    tiles: list[tuple[tuple[int, int, int, int], torch.Tensor]]
+    tiles: list[tuple[tuple[int, int, int, int], np.ndarray]]
     """:meth:`SmearAnalyzer.detector_tiles` of ``detector_image``."""
     seconds: float = 0.0
     """Time spent preparing it (part of the field's analysis time)."""
@@ -197,8 +197,7 @@ class SmearAnalyzer:
                                           min_detector_ap)
         for warning in self.warnings:
             log.warning("%s No leukemia flag will be raised.", warning)
-        # Read before any inference: the detector raises its cap while it runs on a large tile.
-        self.detection_cap = detection_cap(getattr(detector, "model", None))
+        self.detection_cap = getattr(detector, "detection_cap", None)
         self.crop_margin = crop_margin
         self.merge_iou = merge_iou
         self.wbc_containment = wbc_containment
@@ -221,16 +220,16 @@ class SmearAnalyzer:
         return cls(detector_bundle, classifier_bundle, device=device, **options)
 
     # -- detection over tiles ------------------------------------------------
-    def detector_tiles(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], torch.Tensor]]:
-        """The tiles the detector sees (:func:`tile_grid`) with their (3, H, W) uint8 pixels: views of one
+    def detector_tiles(self, image: Image.Image) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """The tiles the detector sees (:func:`tile_grid`) with their (H, W, 3) uint8 pixels: views of one
         array (the detector makes each tile float when it runs it, so a field waiting in a queue is not
         held four times over as floats)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
-        return [((x0, y0, x1, y1), pixels[:, y0:y1, x0:x1])
+        pixels = np.asarray(rgb, dtype=np.uint8)
+        return [((x0, y0, x1, y1), pixels[y0:y1, x0:x1])
                 for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
 
-    def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], torch.Tensor]] | None = None
+    def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], np.ndarray]] | None = None
                ) -> FieldDetections:
         """Detections (score >= the detector's threshold) in image coordinates, merged across tiles,
         and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 
 def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -50,12 +48,13 @@ def merge_tile_detections(
     if n == 0:
         return np.zeros(0, dtype=int)
     order = np.lexsort((-scores, cut.astype(int)))  # whole boxes first, then by score
-    b = torch.as_tensor(boxes, dtype=torch.float64)
-    iou = box_iou(b, b).numpy()
-    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).numpy()
+    boxes = np.asarray(boxes, dtype=np.float64)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
     rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # two empty boxes: IoU nan, never a duplicate
+        iou = inter / (area[:, None] + area[None, :] - inter)
     kept: list[int] = []
     for i in order:
         duplicate = False
