@@ -32,6 +32,10 @@ def test_nms_keeps_what_torchvision_keeps_in_its_order(n: int) -> None:
     rng = np.random.default_rng(n)
     boxes, scores = _boxes(rng, n), rng.random(n).astype(np.float32)
     scores[: n // 4] = 1.0  # ties (a saturated sigmoid): broken by index, as torchvision's stable sort does
+    if n > 1:  # the same box twice, a box inside another, and boxes that only touch
+        quarter = np.tile((boxes[1][2:] - boxes[1][:2]) / 4, 2) * np.float32([1, 1, -1, -1])
+        boxes[-1], boxes[n // 2] = boxes[0], boxes[1] + quarter
+        boxes[n // 3] = [boxes[2][2], boxes[2][1], boxes[2][2] + 20, boxes[2][3]]
     for threshold in (0.3, 0.7):
         expected = torch_nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).numpy()
         assert np.array_equal(rcnn_glue.nms(boxes, scores, threshold), expected)
