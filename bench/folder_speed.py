@@ -1,7 +1,7 @@
 """Benchmark: a folder of full-size smear fields through `leukoscope analyze`, old code beside new.
 
     python bench/folder_speed.py [--old-src OLD/src] [--fields 6] [--repeats 3] [--threads 2] [--backend torch]
-                                 [--detector D] [--classifier C]
+                                 [--detector D] [--classifier C] [--torch-too]
 
 The fields are at CBC's physical scale (unlike bench/smear_speed.py's mosaic of shrunken
 fields): each is a 4x4 mosaic of whole 640x480 CBC test fields on a 2592x1944 canvas
@@ -21,6 +21,10 @@ c. ``leukoscope analyze FOLDER --out ... --threads T --quiet`` over the ``--fiel
    the versions take turns in each repeat, so both see the same load. Also the same command on
    the first field alone, so that the cost of each further field (``(wall(N) - wall(1)) / (N - 1)``:
    the folder's rate once started, what a large folder tends to) is printed beside it.
+
+``--torch-too`` (with ``--backend`` other than torch, for exported bundles): this checkout once more
+with ``--backend torch`` on the same bundles (eager PyTorch), taking turns with the others, as
+``new_torch``.
 
 Stage times of one field in this checkout (decode, prepare = scale + tiles, detection,
 classification, drawing, PNG encoding, CSV/JSON) and the start-up are printed as well. Default
@@ -134,10 +138,10 @@ def measure(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_version(src: Path, args: argparse.Namespace) -> dict:
+def run_version(src: Path, backend: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--fields-dir", str(args.fields_dir),
                "--data", args.data, "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--detector", args.detector, "--classifier", args.classifier, "--backend", args.backend]
+               "--detector", args.detector, "--classifier", args.classifier, "--backend", backend]
     env = {**os.environ, "PYTHONPATH": str(src)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -146,12 +150,12 @@ def run_version(src: Path, args: argparse.Namespace) -> dict:
 
 
 def folder_run(src: Path, fields_dir: Path, out: Path, args: argparse.Namespace,
-               backend: bool = True) -> tuple[float, float]:
+               backend: str | None) -> tuple[float, float]:
     """Wall and CPU seconds (user + system, all threads) of one `leukoscope analyze` of the folder
-    (``backend``: pass --backend; versions before it existed ran torch)."""
+    (``backend``: its --backend; None: none passed, the version's default)."""
     command = [sys.executable, "-m", "leukoscope.cli", "analyze", str(fields_dir), "--out", str(out),
                "--threads", str(args.threads), "--quiet", "--detector", args.detector, "--classifier", args.classifier]
-    command += ["--backend", args.backend] if backend else []
+    command += ["--backend", backend] if backend else []
     env = {**os.environ, "PYTHONPATH": str(src)}
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", default="pretrained:wbc-classifier", help="a bundle, pretrained:NAME or none")
     parser.add_argument("--backend", default="torch", help="what runs the models of this checkout: torch, auto, "
                         "onnxruntime, openvino (exported bundles: leukoscope export)")
+    parser.add_argument("--torch-too", action="store_true", help="also this checkout with --backend torch "
+                        "(eager PyTorch on the same bundles), as new_torch")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fields-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -188,31 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.data).is_dir():
         print(f"{args.data} is absent: nothing to benchmark", file=sys.stderr)
         return 2
-    versions = {"new": ROOT / "src"}
+    # name -> (src, the --backend its `analyze` gets: None for the old version, whose default it keeps)
+    versions: dict[str, tuple[Path, str | None]] = {"new": (ROOT / "src", args.backend)}
     if args.old_src:
         if not (Path(args.old_src) / "leukoscope").is_dir():
             parser.error(f"--old-src {args.old_src} holds no leukoscope package")
-        versions = {"old": Path(args.old_src).resolve(), **versions}
+        versions = {"old": (Path(args.old_src).resolve(), None), **versions}
+    if args.torch_too and args.backend != "torch":
+        versions["new_torch"] = (ROOT / "src", "torch")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         args.fields_dir = work / "fields"
         make_fields(Path(args.data), args.fields_dir, args.fields, width, height)
         measured: dict = {"fields": args.fields, "field_size": f"{width}x{height}", "repeats": args.repeats,
                           "threads": args.threads, "backend": args.backend, "load_average_1min_start": round(os.getloadavg()[0], 2)}
-        for name, src in versions.items():
-            measured[name] = run_version(src, args)
+        for name, (src, backend) in versions.items():
+            measured[name] = run_version(src, backend or args.backend, args)
         one_field = work / "one_field"
         one_field.mkdir()
         (one_field / args.fields_dir.joinpath("field_00.jpg").name).symlink_to(args.fields_dir / "field_00.jpg")
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
         singles: dict[str, list[float]] = {name: [] for name in versions}
         for repeat in range(args.repeats):
-            for name, src in versions.items():
-                runs[name].append(folder_run(src, args.fields_dir, work / f"out_{name}_{repeat}", args,
-                                             backend=name == "new"))
+            for name, (src, backend) in versions.items():
+                runs[name].append(folder_run(src, args.fields_dir, work / f"out_{name}_{repeat}", args, backend))
                 if args.fields > 1:
-                    singles[name].append(folder_run(src, one_field, work / f"one_{name}_{repeat}", args,
-                                                    backend=name == "new")[0])
+                    singles[name].append(folder_run(src, one_field, work / f"one_{name}_{repeat}", args, backend)[0])
         for name in versions:
             walls, cpus = [wall for wall, _ in runs[name]], [cpu for _, cpu in runs[name]]
             measured[name]["folder_wall_s"] = [round(s, 2) for s in walls]

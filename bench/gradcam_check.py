@@ -39,7 +39,7 @@ from leukoscope.inference.explain import grad_cam, heatmap_mask_fraction, overla
 from leukoscope.inference.predictor import CellClassifier  # noqa: E402
 from leukoscope.io import load_image  # noqa: E402
 from leukoscope.segmentation import cell_mask  # noqa: E402
-from leukoscope.preprocessing import letterbox  # noqa: E402
+from leukoscope.pixels import letterbox  # noqa: E402
 
 
 def remove_cells(image: Image.Image, mask: np.ndarray) -> Image.Image:

@@ -32,7 +32,7 @@ from leukoscope.inference.explain import grad_cam, heatmap_mask_fraction, overla
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.io import load_image
 from leukoscope.segmentation import cell_mask
-from leukoscope.preprocessing import letterbox
+from leukoscope.pixels import letterbox
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -64,7 +64,7 @@ def _classifier_bundle(path: str | None, work: Path) -> Path:
     from leukoscope.bundle import BundleInfo, save_bundle
     from leukoscope.preprocessing import Preprocessing
     from leukoscope.models import create_model
-    from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     model = create_model("abas_cnn", num_classes=len(SYNTHETIC_CLASSES))

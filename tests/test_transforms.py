@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from leukoscope.data.synthetic import render_cell
-from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD, letterbox
+from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD, letterbox
 from leukoscope.transforms import (
     RandomResolution,
     AUGMENTATION_PRESETS,

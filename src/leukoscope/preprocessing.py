@@ -16,7 +16,7 @@ carries a :class:`Preprocessing`, and every place that feeds a classifier
    (:func:`batched_outputs`: with the penultimate embeddings as well, for the
    out-of-distribution score).
 
-Steps 1 and 2 are numpy (torch tensors in, torch tensors out), so that an exported
+Steps 1 and 2 work in numpy (given torch tensors, they return torch tensors), so that an exported
 classifier runs without importing torch (:mod:`leukoscope.inference.runtime`).
 """
 
@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD, letterbox
+
 if TYPE_CHECKING:
     import torch
 
     from leukoscope.data.dataset import CorruptPolicy, LoadReport
     from leukoscope.data.manifest import Manifest
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Model frameworks: ``torch`` reads normalised float tensors, ``sklearn`` the uint8 pixels.
 FRAMEWORKS = ("torch", "sklearn")
@@ -44,26 +43,6 @@ FRAMEWORKS = ("torch", "sklearn")
 COLOURS = ("rgb", "gray")
 # ITU-R BT.601 luma, as PIL's "L" mode.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def letterbox(image: Image.Image, size: int) -> Image.Image:
-    """Resize the longer side to ``size`` keeping the aspect ratio, pad to ``size x size``.
-
-    The pad colour is the median colour of the image border, so the padding looks
-    like slide background instead of a black frame the model could learn from.
-    """
-    width, height = image.size
-    scale = size / max(width, height)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    if (new_w, new_h) == (size, size):
-        return resized
-    array = np.asarray(resized)
-    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
-    fill = tuple(int(v) for v in np.median(border, axis=0))
-    canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    return canvas
 
 
 @dataclass

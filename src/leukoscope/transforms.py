@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 from leukoscope.presets import AUGMENTATION_PRESETS  # noqa: F401 - re-exported: the names of the presets built here
 
 def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:

@@ -71,10 +71,12 @@ def test_folder_speed(detector_run: ScriptRun, cbc_folder: Path, tmp_path: Path)
     bad = run_script("folder_speed.py", "--old-src", tmp_path, "--data", cbc_folder, expect=2)
     assert "holds no leukoscope package" in bad.stderr
     run = run_script("folder_speed.py", "--detector", detector_run.last_path, "--classifier", "none", "--data",
-                     cbc_folder, "--fields", "2", "--repeats", "1", "--threads", "1", "--field-size", "320x240")
+                     cbc_folder, "--fields", "2", "--repeats", "1", "--threads", "1", "--field-size", "320x240",
+                     "--backend", "auto", "--torch-too")
     measured = json.loads(run.lines[-1])
     new = measured["new"]
     assert "old" not in measured and measured["fields"] == 2 and measured["field_size"] == "320x240"
+    assert len(measured["new_torch"]["folder_wall_s"]) == 1 and run.line_starting("new_torch: detection 640x480 ")
     assert new["tiles"] == 1 and len(new["folder_wall_s"]) == 1 and new["folder_s_per_field"] > 0
     assert new["folder_cpu_s_per_field"] > 0 and new["detect_640x480_s"] > 0 and new["startup_s"] > 0
     assert len(new["one_field_wall_s"]) == 1 and "folder_s_per_further_field" in new  # the 2nd field's cost

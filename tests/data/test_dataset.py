@@ -14,7 +14,7 @@ from leukoscope.data.dataset import LoadReport, TensorImageDataset, decode_manif
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import read_class_folders
 from leukoscope.preprocessing import Preprocessing
-from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 from leukoscope.transforms import Normalize
 
 

@@ -42,7 +42,7 @@ def classifier_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from leukoscope.bundle import BundleInfo, save_bundle
     from leukoscope.preprocessing import Preprocessing
     from leukoscope.models import create_model
-    from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     model = create_model("abas_cnn", num_classes=len(SYNTHETIC_CLASSES))

@@ -205,7 +205,7 @@ def test_analyze_gives_the_same_differential_on_onnxruntime(exported_detector: P
     from leukoscope.inference.export import export_onnx
     from leukoscope.models import create_model
     from leukoscope.preprocessing import Preprocessing
-    from leukoscope.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
     info = BundleInfo("abas_cnn", list(SYNTHETIC_CLASSES), Preprocessing(48, list(IMAGENET_MEAN), list(IMAGENET_STD)))

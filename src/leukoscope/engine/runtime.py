@@ -53,9 +53,3 @@ def deterministic_kernels(device: torch.device, enabled: bool = True) -> Iterato
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def use_threads(threads: int | None) -> None:
-    """torch's intra-op threads (process-wide) when ``threads`` is given; else torch's default."""
-    if threads:
-        torch.set_num_threads(int(threads))

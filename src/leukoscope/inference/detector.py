@@ -99,7 +99,7 @@ class CellDetector:
         chosen = choose_detector_backend(backend, info, directory)
         if chosen == "torch":
             from leukoscope.bundle import load_bundle
-            from leukoscope.engine.runtime import use_threads
+            from leukoscope.inference.runtime import use_threads
 
             use_threads(threads)
             model, info = load_bundle(directory, device, task="detect")

@@ -66,7 +66,7 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     import torch
 
     from leukoscope.inference.explain import grad_cam, heatmap_figure, is_flat_heatmap, overlay_heatmap
-    from leukoscope.preprocessing import letterbox
+    from leukoscope.pixels import letterbox
 
     model = classifier.model if model is None else model
     if model is None:

@@ -50,6 +50,15 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads (process-wide) when ``threads`` is given, for a model that runs on
+    torch; else torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def backend_available(backend: str) -> bool:
     """Is ``backend``'s package installed (torch always is)?"""
     if backend == "onnxruntime":
@@ -219,7 +228,6 @@ def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch"
     chosen = choose_backend(backend, info, directory)
     if chosen == "torch":
         from leukoscope.bundle import load_bundle
-        from leukoscope.engine.runtime import use_threads
 
         use_threads(threads)
         model, _ = load_bundle(directory, device, task="classify")

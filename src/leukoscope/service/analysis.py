@@ -163,7 +163,7 @@ class Analyzer:
         import torch
 
         from leukoscope.inference.explain import grad_cam, overlay_heatmap
-        from leukoscope.preprocessing import letterbox
+        from leukoscope.pixels import letterbox
 
         overlays: list[Image.Image | None] = []
         for start in range(0, len(images), OVERLAY_BATCH):
@@ -191,7 +191,7 @@ class Analyzer:
 
         from leukoscope.inference.explain import grad_cam, overlay_heatmap
         from leukoscope.models.embedding import capture_embeddings
-        from leukoscope.preprocessing import letterbox
+        from leukoscope.pixels import letterbox
 
         captured: list[torch.Tensor] = []
         handle = classifier.model.register_forward_hook(lambda _m, _i, output: captured.append(output.detach()))
