@@ -31,6 +31,22 @@ def _one_torch_thread():
         torch.set_num_threads(1)
 
 
+def fresh_python(code: str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 600) -> str:
+    """Run ``code`` in a new Python process that imports this checkout's leukoscope (what a user's
+    command imports, unlike this test process, which has imported torch already); its last line
+    of output, after checking that it succeeded."""
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1] / "src"),
+                                         os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def shared_dataset(name: str) -> Path:
     """Path of ``../shared/datasets/<name>``; skips the test when it is absent."""
     path = SHARED_DATASETS / name

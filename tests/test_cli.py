@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukoscope.cli import app
+from tests.conftest import fresh_python
 
 runner = CliRunner()
 
@@ -285,13 +283,7 @@ for args in (["train", "--data", "missing/folder"], ["train", "--data", ".", "tr
         codes.append(exc.code)
 print(codes, sorted(name for name in ("torch", "torchvision", "sklearn", "onnxruntime") if name in sys.modules))
 """
-    import leukoscope
-
-    env = {**os.environ, "PYTHONPATH": str(Path(leukoscope.__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert fresh_python(code, cwd=tmp_path, timeout=120) == "[2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2] []"
 
 
 def test_the_ray_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from leukoscope.data.synthetic import render_cell
 from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, ENV_VARIABLE, PretrainedError, card_summary,
                                    list_pretrained, pretrained_path, resolve_bundle)
 
+from tests.conftest import fresh_python
 from tests.detection.conftest import classifier_bundle, detector_bundle, smear_root  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,14 +257,8 @@ for args in (["predict", "--bundle", "pretrained:nope", "x.png"], ["analyze", "x
         codes.append(exc.code)
 print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name in sys.modules))
 """
-    import leukoscope
-
     (tmp_path / "empty").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(leukoscope.__file__).parents[1]), ENV_VARIABLE: str(tmp_path / "empty")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    assert fresh_python(code, cwd=tmp_path, env={ENV_VARIABLE: str(tmp_path / "empty")}, timeout=120) == "[2, 2, 2, 2, 2] []"
 
 
 # ------------------------------------------------------------------ fine-tuning

@@ -4,9 +4,6 @@ fields one by one, in input order, with every file written and unreadable files 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from leukoscope.inference.drawing import annotate
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_result import SmearResult
+from tests.conftest import fresh_python
 from tests.detection.smear_fakes import DarkBlobDetector
 
 
@@ -132,8 +130,4 @@ def test_loading_the_models_imports_neither_scikit_learn_nor_matplotlib(detector
     code = ("import sys; from leukoscope.inference.smear import SmearAnalyzer; "
             f"SmearAnalyzer.from_bundles({str(detector_bundle)!r}, {str(classifier_bundle)!r}); "
             "print(sorted(m for m in ('sklearn', 'matplotlib', 'pandas') if m in sys.modules))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
-                                                       os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert fresh_python(code, timeout=300) == "[]"

@@ -16,6 +16,7 @@ from leukoscope.inference import detector_runtime
 from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_export import rcnn_settings
 from leukoscope.tasks.detect import match_same_detections
+from tests.conftest import fresh_python
 from tests.export.conftest import invoke
 
 pytest.importorskip("onnx")
@@ -412,18 +413,10 @@ def test_evaluate_says_which_precision_ran(int8_detector: tuple[Path, str], tmp_
 
 def _modules_after_analyze(args: list[str]) -> list[str]:
     """Which of torch and torchvision a `leukoscope analyze` with ``args`` imported (in a fresh process)."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import sys; from leukoscope.cli import app; "
+    code = ("import json, sys; from leukoscope.cli import app; "
             f"app({args!r}, standalone_mode=False); "
-            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
-                                                       os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
+            "print(json.dumps(sorted(m for m in ('torch', 'torchvision') if m in sys.modules)))")
+    return json.loads(fresh_python(code))
 
 
 def test_analysing_with_exported_models_imports_neither_torch_nor_torchvision(exported_detector: Path,
