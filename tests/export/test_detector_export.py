@@ -114,6 +114,12 @@ def test_exports_without_recorded_settings_read_them_off_the_model(exported_dete
     (older / "bundle.json").write_text(json.dumps(info))
     read_off = CellDetector.from_bundle(older, backend=backend, threads=1)
     assert read_off.runner.settings == recorded.runner.settings
+    other = json.loads(json.dumps(info))  # settings written by another version
+    other["export"]["rcnn"] = {**recorded.runner.settings.to_record(), "anchor_offset": 0.5}
+    (older / "bundle.json").write_text(json.dumps(other))
+    with pytest.raises(BundleError, match="export.rcnn is not what this leukoscope reads"):
+        CellDetector.from_bundle(older, backend=backend)
+    (older / "bundle.json").write_text(json.dumps(info))
     a, b = recorded.detect([field], threshold=0.0)[0], read_off.detect([field], threshold=0.0)[0]
     assert len(a) > 100 and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
     for key in ("box_file", "box_inputs", "box_outputs"):

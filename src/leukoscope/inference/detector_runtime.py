@@ -156,13 +156,16 @@ class GraphDetector(DetectorRunner):
 
     def __init__(self, graphs: ExportedGraphs) -> None:
         self.graphs = graphs
-        self.settings = graphs.settings
         # An OpenVINO infer request serves one call at a time; the web service has several threads.
         self._lock = threading.Lock()
 
     @property
     def backend(self) -> str:  # type: ignore[override]
         return self.graphs.backend
+
+    @property
+    def settings(self) -> RcnnSettings:
+        return self.graphs.settings
 
     @property
     def detection_cap(self) -> int | None:
@@ -230,7 +233,11 @@ def load_graphs(directory: str | Path, info: BundleInfo, backend: str, threads: 
 
     record = info.export.get("rcnn")
     if record is not None:
-        settings = RcnnSettings.from_record(record)
+        try:
+            settings = RcnnSettings.from_record(record)
+        except TypeError as exc:  # written by another leukoscope version
+            raise BundleError(f"{directory}: bundle.json's export.rcnn is not what this leukoscope reads ({exc}): "
+                              f"run `leukoscope export` on its source bundle again") from None
     else:  # exported before the settings were recorded: read them off the torch model (needs torch)
         from leukoscope.bundle import load_bundle
         from leukoscope.inference.detector_export import rcnn_settings
