@@ -1,6 +1,6 @@
 """Benchmark: fields per minute of the local engine and of the Ray engine on this machine.
 
-    python bench/archive_speed.py [--data DIR] [--fields 40] [--repeats 3] [--cpus 2]
+    python bench/archive_speed.py [--data DIR] [--fields 40] [--repeats 3] [--cpus 2] [--backend torch]
 
 The same fields (default: the first 40 CBC test fields, 640x480) and the shipped models, analysed
 with one torch thread per process by (a) the local engine (``SmearAnalyzer.analyze_paths``, which
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the same compute as the plain loop).")
     parser.add_argument("--detector", default="pretrained:smear-detector")
     parser.add_argument("--classifier", default="pretrained:wbc-classifier")
+    parser.add_argument("--backend", default="torch", help="What runs the models: torch, auto, onnxruntime, "
+                        "openvino (exported bundles: leukoscope export).")
     parser.add_argument("--engines", default="local,ray", help="Comma-separated: local, ray.")
     args = parser.parse_args(argv)
     if min(args.fields, args.repeats, args.cpus) < 1:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     from leukoscope.inference.archive import AnalyzerSpec, analyze_archive, analyze_file
 
     torch.set_num_threads(1)
-    spec = AnalyzerSpec(args.detector, args.classifier, {})
+    spec = AnalyzerSpec(args.detector, args.classifier, {"backend": args.backend})
     analyzer = spec.build()
     configs: list[tuple[str, dict]] = []
     if "local" in args.engines:
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 if rates[kind] and medians[LOOP][kind]:
                     line += f"; {kind} vs the plain loop {100 * (rates[kind] / medians[LOOP][kind] - 1):+.1f}%"
         print(line)
-    print(json.dumps({"fields": len(paths), "repeats": args.repeats, "cpus": args.cpus, "medians": medians,
+    print(json.dumps({"fields": len(paths), "repeats": args.repeats, "cpus": args.cpus, "backend": args.backend,
+                      "medians": medians,
                       "load_at_end": load()}))
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ def test_archive_speed_local(cbc_folder: Path, tmp_path: Path) -> None:
     classifier = save_bundle(tmp_path / "classifier", create_model("abas_cnn", num_classes=2),
                              BundleInfo("abas_cnn", ["blast", "lymphocyte"], Preprocessing(32)))
     run = run_script("archive_speed.py", "--data", cbc_folder / "Testing" / "Images", "--fields", "3",
-                     "--repeats", "1", "--engines", "local", "--detector", detector, "--classifier", classifier)
+                     "--repeats", "1", "--engines", "local", "--detector", detector, "--classifier", classifier,
+                     "--backend", "auto")
     measured = json.loads(run.lines[-1])
+    assert measured["backend"] == "auto"
     assert measured["fields"] == 3 and set(measured["medians"]) == {"local engine (per-field files)",
                                                                     "plain loop (no files)"}
     assert all(rates["end_to_end"] > 0 and rates["marginal"] > 0 for rates in measured["medians"].values())
