@@ -2,8 +2,9 @@
 
     python bench/archive_speed.py [--data DIR] [--fields 40] [--repeats 3] [--cpus 2] [--backend torch]
 
-The same fields (default: the first 40 CBC test fields, 640x480) and the shipped models, analysed
-with one torch thread per process by (a) the local engine (``SmearAnalyzer.analyze_paths``, which
+The same fields (default: the first 40 CBC test fields, 640x480) and the shipped models (or
+``--detector``/``--classifier`` on ``--backend``), analysed with one thread per process (torch's,
+or onnxruntime's and OpenVINO's) by (a) the local engine (``SmearAnalyzer.analyze_paths``, which
 also writes each field's annotated PNG, cells CSV and JSON), (b) the same analysis in a plain loop
 without those files (what a Ray actor does: the baseline of Ray's overhead), (c) Ray with one actor
 (the same compute as (b): the difference is Ray's own cost) and (d) Ray with ``--cpus`` actors
@@ -94,13 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     paths = sorted(p for p in args.data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:args.fields]
     if not paths:
         sys.exit(f"{args.data}: no images")
-    import torch
-
     from leukoscope.inference.archive import AnalyzerSpec, analyze_archive, analyze_file
 
-    torch.set_num_threads(1)
     spec = AnalyzerSpec(args.detector, args.classifier, {"backend": args.backend})
-    analyzer = spec.build()
+    analyzer = spec.build(threads=1)  # one thread, as each Ray actor has (torch's, or the graph runtimes')
     configs: list[tuple[str, dict]] = []
     if "local" in args.engines:
         configs += [(LOCAL, {}), (LOOP, {})]
