@@ -2,8 +2,9 @@
 detection path used by evaluation, smear analysis, the CLI and the service.
 
 Detector bundles are read and written by :mod:`leukoscope.bundle` (``task: detect``).
-An exported bundle (``leukoscope export``) can run its network's dense part on
-onnxruntime or OpenVINO (``backend=``; :mod:`leukoscope.inference.detector_runtime`).
+What runs the detector is a runner (:mod:`leukoscope.inference.detector_runtime`): the
+torch model (:mod:`leukoscope.inference.detector_torch`), or an exported bundle's graphs
+(``leukoscope export``) on onnxruntime or OpenVINO, which needs no torch (``backend=``).
 """
 
 from __future__ import annotations
