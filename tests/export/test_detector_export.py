@@ -449,3 +449,28 @@ def test_analysing_with_exported_models_imports_neither_torch_nor_torchvision(ex
     cells = {backend: (tmp_path / backend / "field.cells.csv").read_text().splitlines() for backend in runs}
     assert len(cells["torch"]) > 1 and len(cells["onnxruntime"]) == len(cells["torch"])
     assert "ood_score" in cells["onnxruntime"][0]
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_the_graphs_find_the_torch_models_cells_on_real_fields(exported_detector: Path, backend: str) -> None:
+    """CBC test fields, and a 2592x1944 mosaic of sixteen of them (one image, its caps scaled x16):
+    every detection of the torch model, box for box, down to the weakest (threshold 0)."""
+    from PIL import Image
+
+    from tests.conftest import shared_dataset
+
+    paths = sorted((shared_dataset("cbc") / "Testing" / "Images").glob("*.jpg"))[:16]
+    fields = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    mosaic = np.full((1944, 2592, 3), 230, dtype=np.uint8)
+    for k, field in enumerate(fields):
+        y, x = (k // 4) * 480, (k % 4) * 640
+        mosaic[y:y + 480, x:x + 640] = field[:480, :640]
+    reference = CellDetector.from_bundle(exported_detector, backend="torch")
+    graph = CellDetector.from_bundle(exported_detector, backend=backend, threads=1)
+    for image in (*fields[:3], mosaic):
+        a, b = reference.detect([image], threshold=0.0)[0], graph.detect([image], threshold=0.0)[0]
+        pairs, unmatched = match_same_detections(_predicted(a), _predicted(b), tolerance=0.01)
+        assert len(a) >= 10 and unmatched == 0 and len(pairs) == len(a) == len(b)
+        assert max(np.abs(a.boxes[i] - b.boxes[j]).max() for i, j in pairs) < 0.01
+        assert max(abs(a.scores[i] - b.scores[j]) for i, j in pairs) < 1e-4
+    assert reference.detection_cap is not None and len(a) > reference.detection_cap  # the scaled caps ran
