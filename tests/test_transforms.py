@@ -9,14 +9,13 @@ from PIL import Image
 
 from leukoscope.data.synthetic import render_cell
 from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD, letterbox
+from leukoscope.preprocessing import Preprocessing
 from leukoscope.transforms import (
     RandomResolution,
     AUGMENTATION_PRESETS,
-    Normalize,
     RandomRot90,
     RandomStainJitter,
     augmentation,
-    pil_to_uint8_tensor,
 )
 
 BACKGROUND = (200, 180, 190)
@@ -39,7 +38,7 @@ def dark_box(array: np.ndarray) -> tuple[int, int, int, int]:
 
 @pytest.fixture(scope="module")
 def cell_tensor() -> torch.Tensor:
-    return pil_to_uint8_tensor(Image.fromarray(render_cell("monocyte", np.random.default_rng(2), 64)))
+    return Preprocessing(64).pixels(Image.fromarray(render_cell("monocyte", np.random.default_rng(2), 64)))
 
 
 # -- letterbox ---------------------------------------------------------------
@@ -95,11 +94,14 @@ def test_letterbox_extreme_aspect_ratio() -> None:
     assert out.size == (32, 32)
 
 
-def test_pil_to_uint8_tensor() -> None:
-    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    tensor = pil_to_uint8_tensor(Image.fromarray(pixels))
-    assert tensor.shape == (3, 5, 7) and tensor.dtype == torch.uint8 and tensor.is_contiguous()
-    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), pixels)
+def test_pixels_are_channels_first_uint8_as_array_and_as_tensor() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    array = Preprocessing(8).pixel_array(Image.fromarray(pixels))  # already square: letterbox keeps it
+    tensor = Preprocessing(8).pixels(Image.fromarray(pixels))
+    assert array.shape == (3, 8, 8) and array.dtype == np.uint8 and array.flags["C_CONTIGUOUS"]
+    assert tensor.dtype == torch.uint8 and tensor.is_contiguous()
+    np.testing.assert_array_equal(array.transpose(1, 2, 0), pixels)
+    np.testing.assert_array_equal(tensor.numpy(), array)
 
 
 # -- augmentation presets ----------------------------------------------------
@@ -187,22 +189,41 @@ def test_stain_jitter_changes_colour_within_bounds(cell_tensor: torch.Tensor) ->
 # -- normalisation -----------------------------------------------------------
 
 
-def test_normalize_values() -> None:
+def test_model_input_values() -> None:
     image = torch.tensor([0, 255, 51], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2).contiguous()
-    out = Normalize()(image)
+    out = Preprocessing(8).model_input(image)
     assert out.dtype == torch.float32 and out.shape == (3, 2, 2)
     expected = [(0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], (1 - IMAGENET_MEAN[1]) / IMAGENET_STD[1], (0.2 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]]
     for c in range(3):
         assert torch.allclose(out[c], torch.tensor(expected[c]), atol=1e-6)
 
 
-def test_normalize_custom_and_batched() -> None:
-    norm = Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+def test_model_input_custom_and_batched() -> None:
+    preprocessing = Preprocessing(8, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
     batch = torch.stack([torch.zeros((3, 2, 2), dtype=torch.uint8), torch.full((3, 2, 2), 255, dtype=torch.uint8)])
-    out = norm(batch)
+    out = preprocessing.model_input(batch)
     assert out.shape == (2, 3, 2, 2)
     assert torch.allclose(out[0], torch.full((3, 2, 2), -1.0))
     assert torch.allclose(out[1], torch.full((3, 2, 2), 1.0))
+
+
+@pytest.mark.parametrize("style", [{}, {"colour": "gray"}, {"standardize": True}, {"colour": "gray", "standardize": True}])
+def test_model_input_is_the_same_for_numpy_and_torch_and_matches_torchs_arithmetic(style: dict) -> None:
+    """An exported classifier gets numpy, a torch model a tensor: one computation, the same numbers,
+    and those of the torch formulas the bundles were trained with (std unbiased, as torch's)."""
+    preprocessing = Preprocessing(16, **style)
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8))
+    from_torch, from_numpy = preprocessing.model_input(pixels), preprocessing.model_input(pixels.numpy())
+    assert isinstance(from_torch, torch.Tensor) and isinstance(from_numpy, np.ndarray)
+    assert from_numpy.dtype == np.float32 and np.array_equal(from_torch.numpy(), from_numpy)
+    image = pixels.float() / 255.0
+    if style.get("colour") == "gray":
+        image = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(dim=-3, keepdim=True).expand_as(image)
+    if style.get("standardize"):
+        expected = (image - image.mean(dim=(-2, -1), keepdim=True)) / image.std(dim=(-2, -1), keepdim=True).clamp_min(1 / 255)
+    else:
+        expected = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(from_torch, expected, atol=1e-5)
 
 
 def test_random_resolution_blurs_and_keeps_the_shape(cell_tensor: torch.Tensor) -> None:

@@ -1,7 +1,5 @@
-"""Pre-processing and augmentation presets.
-
-Pre-processing (deterministic, for every split): letterbox resize + pad to a square,
-then normalisation. Augmentation (random, training split only) is a named preset:
+"""Augmentation presets (random, training split only; the deterministic letterbox and
+normalisation are :mod:`leukoscope.preprocessing`'s). A preset is named:
 
 - ``none``: no augmentation.
 - ``tusar`` (system D): shear 0.2, zoom 0.2, horizontal flip (Keras ImageDataGenerator).
@@ -23,17 +21,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
-from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
 from leukoscope.presets import AUGMENTATION_PRESETS  # noqa: F401 - re-exported: the names of the presets built here
-
-def pil_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
 
 class RandomRot90:
     """Rotate by a random multiple of 90 degrees (lossless, keeps the square)."""
@@ -150,14 +141,3 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {list(presets)}")
     # v2.Compose refuses an empty list ("Pass at least one transform"): 'none' is the identity.
     return v2.Compose(list(presets[preset]) or [v2.Identity()])
-
-
-class Normalize:
-    """uint8 (..., 3, H, W) tensor -> float tensor normalised by ``mean`` / ``std``."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.float() / 255.0 - self.mean) / self.std

@@ -13,9 +13,8 @@ from PIL import Image
 from leukoscope.data.dataset import LoadReport, TensorImageDataset, decode_manifest
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import read_class_folders
-from leukoscope.preprocessing import Preprocessing
 from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD
-from leukoscope.transforms import Normalize
+from leukoscope.preprocessing import Preprocessing
 
 
 @pytest.fixture
@@ -151,7 +150,7 @@ def test_synthetic_root_decodes(synthetic_root: Path) -> None:
 def test_dataset_normalises_with_the_given_statistics() -> None:
     images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
     images[1] = 0
-    dataset = TensorImageDataset(images, [1, 0], None, Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    dataset = TensorImageDataset(images, [1, 0], None, Preprocessing(8, list(IMAGENET_MEAN), list(IMAGENET_STD)).model_input)
     assert len(dataset) == 2
     x, y = dataset[0]
     assert y == 1
@@ -173,7 +172,7 @@ def test_dataset_applies_augmentation_before_normalisation() -> None:
         calls.append(1)
         return image.flip(-1)
 
-    dataset = TensorImageDataset(images, [0], augment=flip, normalize=Normalize(mean=(0, 0, 0), std=(1, 1, 1)))
+    dataset = TensorImageDataset(images, [0], augment=flip, normalize=Preprocessing(8, mean=[0, 0, 0], std=[1, 1, 1]).model_input)
     x, _ = dataset[0]
     assert calls == [1]
     assert x[0, 0, 3] == 1.0 and x[0, 0, 0] == 0.0
@@ -181,13 +180,13 @@ def test_dataset_applies_augmentation_before_normalisation() -> None:
 
 
 def test_dataset_without_targets() -> None:
-    dataset = TensorImageDataset(torch.zeros((3, 3, 2, 2), dtype=torch.uint8), None, None, Normalize())
+    dataset = TensorImageDataset(torch.zeros((3, 3, 2, 2), dtype=torch.uint8), None, None, Preprocessing(8).model_input)
     assert dataset[2][1] == -1
 
 
 def test_dataset_works_with_a_dataloader(small: Manifest) -> None:
     images, kept, _ = decode_manifest(small, Preprocessing(16).pixels)
-    loader = torch.utils.data.DataLoader(TensorImageDataset(images, kept.targets, None, Normalize()), batch_size=3)
+    loader = torch.utils.data.DataLoader(TensorImageDataset(images, kept.targets, None, Preprocessing(8).model_input), batch_size=3)
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [3, 1]
     assert batches[0][1].tolist() == [0, 1, 0]

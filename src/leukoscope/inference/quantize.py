@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from leukoscope.bundle import BundleError
-from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
+from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.preprocessing import Preprocessing
 
 #: Calibration images used at most (the ranges settle after a few hundred).
@@ -117,7 +117,8 @@ class _Reader:
 class _TileReader:
     """The same protocol for a detector's dense graph: each field as ``leukoscope analyze`` gives it
     to the network (:meth:`SmearAnalyzer.prepare`: resampled to the detector's scale, cut into
-    tiles; then the model's transform, :func:`~leukoscope.inference.rcnn_glue.model_batch`), one tile per batch (tiles differ in size)."""
+    tiles; then the model's transform, :func:`~leukoscope.inference.rcnn_glue.model_batch`), one tile
+    per batch (tiles differ in size)."""
 
     def __init__(self, paths: Sequence[Path], analyzer: Any, settings: RcnnSettings, input_name: str,
                  progress: Callable[..., None] | None) -> None:
