@@ -1,6 +1,7 @@
 """Retrain every model leukoscope ships, from ../shared/datasets, and print their table.
 
-    python bench/zoo.py                       # build crops, train both models, score, print
+    python bench/zoo.py                       # build crops, train both models at once, score, print
+                                              # (all within --hours, 2 by default, on a 2-core CPU)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
     python bench/zoo.py --skip-train --detector D --classifier C   # score existing bundles only
 
@@ -24,7 +25,10 @@ another format) called blast >= 90%; BCCD's white cells (another lab, types from
 ``wbc_types.csv``) called blast <= 2%, and their type (the leave-one-source-out
 row: no BCCD/CBC cell label is used in training). Nothing is tuned on these.
 
-Run times on the 2-core CPU are in docs/benchmarks.md ("Shipped models").
+The two models train at the same time, each in its own process on one thread (the
+machine this was made for has two cores), each with the time left of ``--hours`` once the
+crops are made, less a reserve for scoring: training schedules follow that clock, so a cut
+run still anneals. Run times on the 2-core CPU are in docs/benchmarks.md ("Shipped models").
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import random
 import shutil
 import sys
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -64,6 +70,9 @@ BENIGN_CELLS_PER_FIELD = 4
 # so that this script retrains the shipped classifier as it was made (docs/benchmarks.md,
 # "Stain, brightness and normalisation": clean crops traded one control for another).
 CLUMP_UM = 20.0
+# Minutes kept back from --hours for what follows training: the detector on 400 images of other
+# labs, the controls in float32 and float16, the cards (about 3 minutes on the 2-core CPU).
+SCORING_RESERVE_MINUTES = 8.0
 
 
 # ----------------------------------------------------------------------------- crops
@@ -303,6 +312,31 @@ def train_classifier(manifest: Path, out: Path, window_um: float, epochs: int, m
     return Path(run_experiment(config, show_progress=sys.stderr.isatty()).bundle_dir)
 
 
+def training_minutes(hours: float, elapsed_s: float, minutes: float | None) -> float:
+    """Each model's training budget: ``minutes`` if given, else what ``hours`` leaves after
+    ``elapsed_s`` and the scoring reserve; an error when that is under a minute."""
+    if minutes is not None:
+        return minutes
+    left = hours * 60 - elapsed_s / 60 - SCORING_RESERVE_MINUTES
+    if left < 1:
+        raise ValueError(f"--hours {hours:g} leaves {left:.1f} min for training after {elapsed_s / 60:.1f} min "
+                         f"of crops and {SCORING_RESERVE_MINUTES:g} min kept for scoring: allow more, or set --minutes")
+    return left
+
+
+def train_both(manifest: Path, data: Path, out: Path, window_um: float, classifier_epochs: int,
+               detector_epochs: int, minutes: float, classifier_extra: list[str],
+               detector_extra: list[str]) -> tuple[Path, Path]:
+    """The classifier and the detector trained at the same time, each in its own (spawned)
+    process on one thread: (classifier, detector) bundles."""
+    one_thread = ["train.threads=1"]
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        classifier = pool.submit(train_classifier, manifest, out, window_um, classifier_epochs, minutes,
+                                 [*one_thread, *classifier_extra])
+        detector = pool.submit(train_detector, data, out, detector_epochs, minutes, [*one_thread, *detector_extra])
+        return classifier.result(), detector.result()
+
+
 # ----------------------------------------------------------------------------- scoring
 def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]) -> dict[str, dict[str, Any]]:
     from leukoscope.inference.predictor import CellClassifier
@@ -499,7 +533,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
     parser.add_argument("--detector-epochs", type=int, default=12)
     parser.add_argument("--classifier-epochs", type=int, default=20)
-    parser.add_argument("--minutes", type=float, default=60.0, help="time budget of each model")
+    parser.add_argument("--hours", type=float, default=2.0,
+                        help="time budget of the whole run: crops, training (both models at once), scoring")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time budget of each model's training instead of what --hours leaves")
     parser.add_argument("--detector", type=Path, help="score this detector bundle instead of training one")
     parser.add_argument("--classifier", type=Path, help="score this classifier bundle instead of training one")
     parser.add_argument("--install", action="store_true", help="copy the bundles (fp16) into the package")
@@ -551,10 +588,20 @@ def main(argv: Iterable[str] | None = None) -> int:
         shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:
             return 0
-        classifier = train_classifier(manifest, args.out, args.window_um, args.classifier_epochs, args.minutes,
+    try:
+        minutes = training_minutes(args.hours, time.perf_counter() - start, args.minutes)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    detector = args.detector
+    if classifier is None and detector is None:
+        classifier, detector = train_both(manifest, args.data, args.out, args.window_um, args.classifier_epochs,
+                                          args.detector_epochs, minutes, args.classifier_set, args.detector_set)
+    elif classifier is None:
+        classifier = train_classifier(manifest, args.out, args.window_um, args.classifier_epochs, minutes,
                                       args.classifier_set)
-    detector = args.detector or train_detector(args.data, args.out, args.detector_epochs, args.minutes,
-                                                 args.detector_set)
+    elif detector is None:
+        detector = train_detector(args.data, args.out, args.detector_epochs, minutes, args.detector_set)
     from leukoscope.bundle import read_bundle_info
 
     results: dict[str, Any] = {"scales": scales, "window_um": args.window_um, "cnmc_cell_um": args.cnmc_cell_um,

@@ -84,7 +84,7 @@ def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
     assert "has no pbc folder" in run.stderr
 
 
-def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates_together(tmp_path: Path) -> None:
+def _zoo_module():
     import importlib.util
 
     from tests.bench.conftest import BENCH
@@ -92,6 +92,25 @@ def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates
     spec = importlib.util.spec_from_file_location("zoo_under_test", BENCH / "zoo.py")
     zoo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo)
+    return zoo
+
+
+def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(shared: Path, tmp_path: Path) -> None:
+    zoo = _zoo_module()
+    # Both models train at once, so each gets all the time the crops and the scoring reserve leave.
+    assert zoo.training_minutes(2.0, 10 * 60, None) == pytest.approx(120 - 10 - zoo.SCORING_RESERVE_MINUTES)
+    assert zoo.training_minutes(2.0, 10 * 60, 45.0) == 45.0  # --minutes wins
+    with pytest.raises(ValueError, match="leaves -0.5 min for training"):
+        zoo.training_minutes(0.25, 7.5 * 60, None)
+    # A budget that the crops alone use up stops before any training, with the reason.
+    run = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--hours", "0.01",
+                     "--blasts-per-subtype", "2", expect=2)
+    assert "for training after" in run.stderr and "set --minutes" in run.stderr
+    assert not list((tmp_path / "zoo").glob("wbc-classifier-*")) and not list((tmp_path / "zoo").glob("smear-*"))
+
+
+def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates_together(tmp_path: Path) -> None:
+    zoo = _zoo_module()
     benign = tmp_path / "all-taleqani" / "Benign"
     benign.mkdir(parents=True)
     rng = np.random.default_rng(3)
@@ -107,13 +126,7 @@ def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates
 
 
 def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
-    import importlib.util
-
-    from tests.bench.conftest import BENCH
-
-    spec = importlib.util.spec_from_file_location("zoo_under_test", BENCH / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
+    zoo = _zoo_module()
     # A pale field with one cell of 30 px and a clump of three touching cells (about 80 px wide).
     pixels = np.full((200, 200, 3), (235, 225, 225), np.uint8)
     pixels[disk((50, 50), 15, shape=pixels.shape[:2])] = (90, 40, 140)
