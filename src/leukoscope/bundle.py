@@ -31,7 +31,7 @@ failing on an unknown field. Version-2 bundles load with none of them. Version 4
 an ``export`` entry: the record of an exported graph (``model.onnx``, written by
 :mod:`leukoscope.inference.export`); only exported bundles say 4. Version 5 adds a
 classifier's input style (``preprocessing.colour`` other than ``rgb``,
-``preprocessing.standardize``); only bundles that set one say 5, and bundle.json
+``preprocessing.standardize``, ``preprocessing.stain``); only bundles that set one say 5, and bundle.json
 leaves the defaults out, so every other bundle reads as before.
 """
 
@@ -162,7 +162,7 @@ class BundleInfo:
                 payload.pop(key)
         preprocessing = payload.get("preprocessing")
         if preprocessing:
-            for key, default in (("cell_window_um", None), ("colour", "rgb"), ("standardize", False)):
+            for key, default in (("cell_window_um", None), ("colour", "rgb"), ("standardize", False), ("stain", None)):
                 if preprocessing.get(key) == default:
                     preprocessing.pop(key)
         return payload
@@ -295,7 +295,7 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if info.preprocessing is not None and info.preprocessing.styled:
+    if info.preprocessing is not None and (info.preprocessing.styled or info.preprocessing.stain is not None):
         info.format_version = BUNDLE_FORMAT_VERSION
     elif info.export is not None:
         info.format_version = FORMAT_4

@@ -6,7 +6,7 @@ carries a :class:`Preprocessing`, and every place that feeds a classifier
 ``analyze``, the web service, Grad-CAM, any export) goes through it:
 
 1. :meth:`Preprocessing.pixel_array`: PIL RGB -> optional segmentation -> letterbox
-   to ``image_size`` -> uint8 ``(3, S, S)`` (:meth:`Preprocessing.pixels`: the same as a
+   to ``image_size`` -> optional stain normalisation -> uint8 ``(3, S, S)`` (:meth:`Preprocessing.pixels`: the same as a
    torch tensor). Training decodes every image once this way
    (:meth:`Preprocessing.decode`) and augments the uint8 tensors.
 2. :meth:`Preprocessing.model_input`: uint8 -> what the model reads: the
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from leukoscope.pixels import IMAGENET_MEAN, IMAGENET_STD, letterbox
+from leukoscope.stain import STAINS, normalise_stain
 
 if TYPE_CHECKING:
     import torch
@@ -65,8 +66,14 @@ class Preprocessing:
     standardize: bool = False
     """Scale each image to zero mean and unit variance (per channel) instead of ``mean`` / ``std``:
     a lab's brightness and contrast cannot be a cue either."""
+    stain: str | None = None
+    """``macenko``: each image's stains unmixed and rebuilt in one reference's colours
+    (:mod:`leukoscope.stain`) after the letterbox, so every model, torch or classical, sees
+    every lab's smear in pbc's colours; None: the image's own colours."""
 
     def __post_init__(self) -> None:
+        if self.stain is not None and self.stain not in STAINS:
+            raise ValueError(f"unknown stain normalisation {self.stain!r} (expected one of {STAINS} or none)")
         if self.colour not in COLOURS:
             raise ValueError(f"unknown colour {self.colour!r} (expected one of {COLOURS})")
         if self.resize != "letterbox":
@@ -89,10 +96,13 @@ class Preprocessing:
         return self.colour != "rgb" or self.standardize
 
     def pixel_array(self, image: Image.Image) -> np.ndarray:
-        """PIL RGB -> uint8 ``(3, S, S)``: segmentation (if any), then letterbox."""
+        """PIL RGB -> uint8 ``(3, S, S)``: segmentation (if any), letterbox, stain normalisation (if any)."""
         if self.segmenter is not None:
             image = self.segmenter(image)
-        return np.ascontiguousarray(np.asarray(letterbox(image, self.image_size), dtype=np.uint8).transpose(2, 0, 1))
+        array = np.asarray(letterbox(image, self.image_size), dtype=np.uint8)
+        if self.stain is not None:
+            array = normalise_stain(array, self.stain)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
 
     def pixels(self, image: Image.Image) -> "torch.Tensor":
         """:meth:`pixel_array` as a torch tensor."""

@@ -295,12 +295,29 @@ def test_a_gray_standardized_run_keeps_its_input_style_and_ignores_hue(synthetic
 
 def test_fine_tuning_keeps_the_bundles_input_style(synthetic_root: Path, tmp_path: Path) -> None:
     first = run_experiment(_config(synthetic_root, tmp_path / "a", "train.epochs=1", "data.colour=gray",
-                                   "data.standardize=true"), show_progress=False)
+                                   "data.standardize=true", "data.stain=macenko"), show_progress=False)
     config = load_config(overrides=[f"data.path={synthetic_root}", f"output_root={tmp_path / 'b'}",
                                     f"model.init={first.bundle_dir}", "train.epochs=1"])
     tuned = run_experiment(config, show_progress=False)
     preprocessing = load_bundle(tuned.bundle_dir)[1].preprocessing
     assert preprocessing.colour == "gray" and preprocessing.standardize is True
+    assert preprocessing.stain == "macenko"
+
+
+def test_a_stain_normalised_run_gives_one_answer_for_two_labs_stains(synthetic_root: Path, tmp_path: Path) -> None:
+    from tests.test_stain import LAB_A, LAB_B, _concentration_maps, _render
+
+    result = run_experiment(_config(synthetic_root, tmp_path, "train.epochs=1", "model.name=mobilenet_v2",
+                                    "data.stain=macenko"), show_progress=False)
+    assert load_bundle(result.bundle_dir)[1].preprocessing.stain == "macenko"
+    classifier = CellClassifier.from_bundle(result.bundle_dir)
+    nuclear, other = _concentration_maps()
+    # One cell, two labs' stains, lamps and stain strengths: the same probabilities, where the
+    # same model without normalisation would see two different images.
+    images = [_render(nuclear, other, LAB_A, 240), _render(nuclear * 0.8, other * 1.3, LAB_B, 215)]
+    probabilities = classifier.probabilities([Image.fromarray(a) for a in images])
+    assert np.abs(probabilities[0] - probabilities[1]).max() < 0.02
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 20
 
 
 def test_classical_models_refuse_an_input_style_they_would_ignore(synthetic_root: Path, tmp_path: Path) -> None:

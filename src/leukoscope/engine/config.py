@@ -61,6 +61,8 @@ class DataConfig(Section):
     """``gray``: the model sees luminance only, so a lab's stain hue cannot be a cue."""
     standardize: bool = False
     """Each image to zero mean and unit variance, so a lab's brightness and contrast cannot be a cue."""
+    stain: Literal["macenko"] | None = None
+    """``macenko``: every image's stains rebuilt in one reference's colours (:mod:`leukoscope.stain`)."""
 
 
 class ModelConfig(Section):
@@ -412,7 +414,7 @@ def init_updates(model: BaseModel, peek: BundlePeek, spec: str) -> dict[str, Any
 
 def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
     """With ``model.init``: ``model.name``, ``model.options``, ``model.image_size``,
-    ``data.segmentation``, ``data.cell_window_um``, ``data.colour`` and ``data.standardize`` from that bundle, unless the config sets them. Reads only the bundle's
+    ``data.segmentation``, ``data.cell_window_um``, ``data.colour``, ``data.standardize`` and ``data.stain`` from that bundle, unless the config sets them. Reads only the bundle's
     JSON (no torch); repeated calls change nothing. The weights are loaded by the learner."""
     spec = config.model.init
     if not spec:
@@ -429,7 +431,7 @@ def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
     update: dict[str, Any] = {"model": config.model.model_copy(update=model)}
     # The crops a fine-tuned shipped classifier sees in analysis (and in the service's export)
     # are its physical window: keep recording it.
-    data = {key: preprocessing[key] for key in ("segmentation", "cell_window_um", "colour", "standardize")
+    data = {key: preprocessing[key] for key in ("segmentation", "cell_window_um", "colour", "standardize", "stain")
             if key not in config.data.model_fields_set and preprocessing.get(key)}
     if data:
         update["data"] = config.data.model_copy(update=data)
