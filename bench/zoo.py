@@ -202,7 +202,7 @@ def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
 
 
 def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int,
-                         max_cell_um: float | None = None) -> Path:
+                         max_cell_um: float | None = None, benign_cells_per_field: int = BENIGN_CELLS_PER_FIELD) -> Path:
     """pbc's cells by type, the largest white cell of malignant all-taleqani fields as blast and
     of the training half of its Benign fields as lymphocyte; a manifest whose subject is the
     source image (a field's crops never straddle splits)."""
@@ -223,7 +223,7 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
     benign = split_benign_fields(data)[0]
     for path in benign:
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
-                                        out / "train" / BENIGN_LABEL, BENIGN_CELLS_PER_FIELD, max_cell_um):
+                                        out / "train" / BENIGN_LABEL, benign_cells_per_field, max_cell_um):
             rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
     _say(f"all-taleqani Benign, training half ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
          f" cells of {len(benign)} fields")
@@ -492,9 +492,9 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     2021), marked **research use**: this model is therefore for **research use only**, and
     its blast class is learned from B-lineage ALL of one hospital.
   - **lymphocyte** also from the same dataset: every white cell colour segmentation finds
-    (up to {BENIGN_CELLS_PER_FIELD} per field) in half of its Benign fields (hematogones, normal B-lymphocyte
-    precursors, which a manual differential counts as lymphocytes), so that the stain of the
-    blasts' lab is not by itself a reason to say blast.
+    (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in half of its Benign fields
+    (hematogones, normal B-lymphocyte precursors, which a manual differential counts as
+    lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
 - **In-domain test**: accuracy {_fmt(m.get('accuracy'), 4)}, macro-F1 {_fmt(m.get('macro_f1'), 4)}
   (pbc cells and all-taleqani cells of the held-out images); recall by class: {recalls}.
@@ -529,6 +529,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--blasts-per-subtype", type=int, default=400)
     parser.add_argument("--max-cell-um", type=float, default=None,
                         help=f"skip training crops of stained objects larger than this (clumps; e.g. {CLUMP_UM:g})")
+    parser.add_argument("--benign-cells-per-field", type=int, default=BENIGN_CELLS_PER_FIELD,
+                        help="white cells cropped from each Benign training field (the control half keeps "
+                             f"{BENIGN_CELLS_PER_FIELD})")
     parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
     parser.add_argument("--detector-epochs", type=int, default=12)
@@ -552,6 +555,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.elsewhere_fields < 1:
         parser.error("--elsewhere-fields must be at least 1")
+    if args.benign_cells_per_field < 1:
+        parser.error("--benign-cells-per-field must be at least 1")
     if args.detector_backend != "torch":
         if args.detector is None or args.install:
             parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
@@ -583,7 +588,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     classifier = args.classifier
     if classifier is None or args.crops_only:
         manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype,
-                                        args.max_cell_um)
+                                        args.max_cell_um, args.benign_cells_per_field)
         # A split saved for earlier crops no longer matches them (training refuses it): start afresh.
         shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:
@@ -607,6 +612,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     results: dict[str, Any] = {"scales": scales, "window_um": args.window_um, "cnmc_cell_um": args.cnmc_cell_um,
                                "detector_epochs": args.detector_epochs,
                                "blast_fields": 3 * args.blasts_per_subtype,
+                               "benign_cells_per_field": args.benign_cells_per_field,
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "detector": str(detector), "classifier": str(classifier)}
     results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(

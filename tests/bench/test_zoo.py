@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     install = tmp_path / "pretrained"
     run = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--install", "--install-dir", install,
                      "--detector-epochs", "1", "--classifier-epochs", "1", "--blasts-per-subtype", "4",
-                     "--elsewhere-fields", "3",
+                     "--elsewhere-fields", "3", "--benign-cells-per-field", "2",
                      "--detector-set", *TINY_DETECTOR[:1], *TINY_DETECTOR[2:],
                      "--classifier-set", "model.name=abas_cnn", "model.image_size=32", "train.batch_size=8",
                      "train.threads=1")
@@ -77,6 +78,11 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     weights = load_file(install / "wbc-classifier" / "model.safetensors")
     assert {str(v.dtype) for v in weights.values() if v.is_floating_point()} == {"torch.float16"}
     assert "research use" in (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
+    assert "(up to 2 per field)" in (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
+    manifest = (tmp_path / "zoo" / "crops" / "train.csv").read_text().splitlines()
+    benign_rows = [row for row in manifest if ",lymphocyte,taleqani-" in row]
+    per_field = Counter(row.rsplit(",", 1)[1] for row in benign_rows)
+    assert benign_rows and max(per_field.values()) <= 2
 
 
 def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
