@@ -94,8 +94,10 @@ def test_unknown_methods_are_refused_everywhere() -> None:
         Preprocessing(32, stain="vahadane")
 
 
-def test_preprocessing_normalises_after_the_letterbox_and_the_bundle_keeps_it(tmp_path: Path) -> None:
-    from leukoscope.bundle import BundleInfo, load_bundle, save_bundle
+def test_preprocessing_normalises_after_the_letterbox_and_the_bundle_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import leukoscope.bundle as bundle_module
+    from leukoscope.bundle import BundleError, BundleInfo, load_bundle, read_bundle_info, save_bundle
     from leukoscope.models import create_model
 
     nuclear, other = _concentration_maps()
@@ -107,7 +109,13 @@ def test_preprocessing_normalises_after_the_letterbox_and_the_bundle_keeps_it(tm
     bundle = save_bundle(tmp_path / "b", create_model("mobilenet_v3_small", 2), BundleInfo(
         "mobilenet_v3_small", ["a", "b"], stained))
     assert load_bundle(bundle)[1].preprocessing.stain == "macenko"
-    assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 5
+    # Format 6: leukoscope before it asks for an upgrade instead of failing on the unknown field.
+    assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 6
+    with monkeypatch.context() as older:
+        older.setattr(bundle_module, "READABLE_VERSIONS", (1, 2, 3, 4, 5))
+        older.setattr(bundle_module, "BUNDLE_FORMAT_VERSION", 5)
+        with pytest.raises(BundleError, match="format 6 is not supported.*upgrade leukoscope"):
+            read_bundle_info(bundle)
     plain_bundle = save_bundle(tmp_path / "p", create_model("mobilenet_v3_small", 2), BundleInfo(
         "mobilenet_v3_small", ["a", "b"], plain))
     assert "stain" not in json.loads((plain_bundle / "bundle.json").read_text())["preprocessing"]

@@ -31,8 +31,9 @@ failing on an unknown field. Version-2 bundles load with none of them. Version 4
 an ``export`` entry: the record of an exported graph (``model.onnx``, written by
 :mod:`leukoscope.inference.export`); only exported bundles say 4. Version 5 adds a
 classifier's input style (``preprocessing.colour`` other than ``rgb``,
-``preprocessing.standardize``, ``preprocessing.stain``); only bundles that set one say 5, and bundle.json
-leaves the defaults out, so every other bundle reads as before.
+``preprocessing.standardize``); only bundles that set one say 5, and bundle.json
+leaves the defaults out, so every other bundle reads as before. Version 6 adds stain
+normalisation (``preprocessing.stain``), in the same way.
 """
 
 from __future__ import annotations
@@ -54,15 +55,17 @@ if TYPE_CHECKING:  # torch is imported where models are built or saved: reading 
     import torch
     from torch import nn
 
-BUNDLE_FORMAT_VERSION = 5
+BUNDLE_FORMAT_VERSION = 6
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
 #: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
 FORMAT_3 = 3
 #: What an exported bundle without an input style is written as.
 FORMAT_4 = 4
+#: What a bundle with an input style (colour, standardisation) but no stain normalisation is written as.
+FORMAT_5 = 5
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
@@ -295,8 +298,10 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if info.preprocessing is not None and (info.preprocessing.styled or info.preprocessing.stain is not None):
+    if info.preprocessing is not None and info.preprocessing.stain is not None:
         info.format_version = BUNDLE_FORMAT_VERSION
+    elif info.preprocessing is not None and info.preprocessing.styled:
+        info.format_version = FORMAT_5
     elif info.export is not None:
         info.format_version = FORMAT_4
     else:
