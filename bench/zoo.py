@@ -202,7 +202,8 @@ def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
 
 
 def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int,
-                         max_cell_um: float | None = None, benign_cells_per_field: int = BENIGN_CELLS_PER_FIELD) -> Path:
+                         max_cell_um: float | None = None,
+                         benign_cells_per_field: int = BENIGN_CELLS_PER_FIELD) -> Path:
     """pbc's cells by type, the largest white cell of malignant all-taleqani fields as blast and
     of the training half of its Benign fields as lymphocyte; a manifest whose subject is the
     source image (a field's crops never straddle splits)."""

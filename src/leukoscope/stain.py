@@ -34,7 +34,7 @@ so that a lab's tinted or dim background is no stain."""
 SEGMENTED_SHARE = 0.75
 """An image with fewer non-black pixels than this share is a segmented cell: I0 is taken as LIGHT."""
 MIN_LIGHT = 160.0
-"""The least transmitted light assumed (an image with no background, e.g. a segmented cell)."""
+"""The least transmitted light assumed (a crop filled with cells, showing no background)."""
 BETA = 0.15
 """Optical density a pixel must exceed in some channel to count as stained."""
 DARK = 20
@@ -131,7 +131,8 @@ def normalise_stain(image: np.ndarray, method: StainMethod) -> np.ndarray:
 def fit_reference(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Median stain directions (unit length) and concentration maxima over ``images`` (HWC uint8
     RGB): how :data:`REFERENCE_VECTORS` and :data:`REFERENCE_MAX` were made."""
-    estimates = [estimate for estimate in map(stain_estimate, images) if estimate is not None and len(estimate[1]) == 2]
+    estimates = [estimate for estimate in map(stain_estimate, images)
+                 if estimate is not None and len(estimate[1]) == 2]
     if not estimates:
         raise ValueError("no image had two estimable stains")
     vectors = np.median(np.stack([vectors for vectors, _ in estimates]), axis=0)

@@ -108,7 +108,8 @@ def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(shared: Pat
     assert zoo.training_minutes(2.0, 10 * 60, 45.0) == 45.0  # --minutes wins
     with pytest.raises(ValueError, match="leaves -0.5 min for training"):
         zoo.training_minutes(0.25, 7.5 * 60, None)
-    # A budget that the crops alone use up stops before any training, with the reason.
+    # A budget too small for training once the crops and the scoring reserve are counted stops
+    # before any training, with the reason.
     run = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--hours", "0.01",
                      "--blasts-per-subtype", "2", expect=2)
     assert "for training after" in run.stderr and "set --minutes" in run.stderr

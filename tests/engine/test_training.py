@@ -318,6 +318,7 @@ def test_a_stain_normalised_run_gives_one_answer_for_two_labs_stains(synthetic_r
     probabilities = classifier.probabilities([Image.fromarray(a) for a in images])
     assert np.abs(probabilities[0] - probabilities[1]).max() < 0.02
     assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 20
+    assert not np.allclose(probabilities[0], 1 / probabilities.shape[1])  # the model does not ignore its input
 
 
 def test_classical_models_refuse_an_input_style_they_would_ignore(synthetic_root: Path, tmp_path: Path) -> None:
