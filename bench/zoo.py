@@ -3,7 +3,7 @@
     python bench/zoo.py                       # build crops, train both models at once, score, print
                                               # (all within --hours, 2 by default, on a 2-core CPU)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
-    python bench/zoo.py --skip-train --detector D --classifier C   # score existing bundles only
+    python bench/zoo.py --detector D --classifier C   # score existing bundles only (no training)
 
 The shipped models (``leukoscope models --pretrained``):
 
