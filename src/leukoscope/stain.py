@@ -57,9 +57,10 @@ REFERENCE_VECTORS = np.array([[0.5145, 0.4941],
 REFERENCE_MAX = np.array([2.7772, 0.6679], dtype=np.float64)
 
 
-def transmitted_light(pixels: np.ndarray) -> np.ndarray:
-    """Per-channel I0 ``(3,)`` of uint8 RGB pixels ``(N, 3)``: their background's brightness."""
-    valid = pixels[pixels.max(axis=1) >= DARK]
+def transmitted_light(pixels: np.ndarray, lit: np.ndarray) -> np.ndarray:
+    """Per-channel I0 ``(3,)`` of uint8 RGB pixels ``(N, 3)``: their background's brightness.
+    ``lit``: which pixels are not near-black (:func:`_lit`)."""
+    valid = pixels[lit]
     if len(valid) < SEGMENTED_SHARE * len(pixels):  # a segmented cell on black: no background to see
         return np.full(3, LIGHT)
     return np.maximum(np.percentile(valid, BACKGROUND_PERCENTILE, axis=0), MIN_LIGHT)
@@ -68,6 +69,11 @@ def transmitted_light(pixels: np.ndarray) -> np.ndarray:
 def optical_density(rgb: np.ndarray, light: np.ndarray | float = LIGHT) -> np.ndarray:
     """uint8 RGB ``(..., 3)`` -> optical density (float64), ``-log((I + 1) / (I0 + 1))``, at least 0."""
     return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / (np.asarray(light, dtype=np.float64) + 1.0)), 0.0)
+
+
+def _lit(pixels: np.ndarray) -> np.ndarray:
+    """Which pixels ``(N, 3)`` are not near-black background (:data:`DARK`)."""
+    return pixels.max(axis=1) >= DARK
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -85,11 +91,12 @@ def stain_estimate(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     concentrations ``(k,)``: k = 2, or 1 when the image shows one stain only (e.g. a crop of
     blue cells with no red cell); None when too few pixels are stained."""
     pixels = image.reshape(-1, 3)
-    return _estimate(pixels, optical_density(pixels, transmitted_light(pixels)))
+    lit = _lit(pixels)
+    return _estimate(optical_density(pixels, transmitted_light(pixels, lit)), lit)
 
 
-def _estimate(pixels: np.ndarray, density: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    stained = density[(pixels.max(axis=1) >= DARK) & (density > BETA).any(axis=1)]
+def _estimate(density: np.ndarray, lit: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    stained = density[lit & (density > BETA).any(axis=1)]
     if len(stained) < MIN_STAINED:
         return None
     order = np.argsort(stained.sum(axis=1))
@@ -106,8 +113,9 @@ def macenko(image: np.ndarray) -> np.ndarray:
     """An HWC uint8 RGB image in the reference's stain colours (same shape and dtype); unchanged
     when too few of its pixels are stained (:func:`stain_estimate`)."""
     pixels = image.reshape(-1, 3)
-    density = optical_density(pixels, transmitted_light(pixels))
-    estimate = _estimate(pixels, density)
+    lit = _lit(pixels)
+    density = optical_density(pixels, transmitted_light(pixels, lit))
+    estimate = _estimate(density, lit)
     if estimate is None:
         return image
     vectors, maxima = estimate
@@ -116,8 +124,7 @@ def macenko(image: np.ndarray) -> np.ndarray:
     concentrations *= (REFERENCE_MAX[:stains] / maxima)[:, None]
     rebuilt = LIGHT * np.exp(-(REFERENCE_VECTORS[:, :stains] @ concentrations)).T
     out = np.clip(np.rint(rebuilt), 0, 255).astype(np.uint8)
-    dark = pixels.max(axis=1) < DARK
-    out[dark] = pixels[dark]
+    out[~lit] = pixels[~lit]
     return out.reshape(image.shape)
 
 
