@@ -311,6 +311,16 @@ def _write_json(directory: Path, info: BundleInfo) -> None:
     json_tmp.replace(directory / BUNDLE_FILE)
 
 
+def record_metrics(directory: str | Path, metrics: dict[str, Any]) -> BundleInfo:
+    """Replace scores a bundle records (the others kept), e.g. re-measured once its weights are
+    stored as float16: the quality gate of ``analyze`` and the model card read them."""
+    directory = Path(directory)
+    info = read_bundle_info(directory)
+    info.metrics = {**info.metrics, **metrics}
+    _write_json(directory, info)
+    return info
+
+
 def copy_bundle(source: str | Path, target: str | Path) -> Path:
     """Copy the files of bundle ``source`` (a folder or ``pretrained:NAME``) into ``target``,
     ``bundle.json`` last (a folder with a ``bundle.json`` has all its files). An exported graph

@@ -68,7 +68,17 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0
-    assert read_bundle_info(install / "smear-detector").task == "detect"
+    detector = read_bundle_info(install / "smear-detector")
+    assert detector.task == "detect"
+    # It records what its float16 weights score on CBC Testing (the gate and the card read it).
+    from leukoscope.tasks.detect import evaluate_detector_bundle
+
+    measured = evaluate_detector_bundle(install / "smear-detector", shared / "cbc", tmp_path / "eval",
+                                        split="Testing", show_progress=False)
+    for key in ("map", "map_50", "n_images"):
+        assert detector.metrics[key] == pytest.approx(measured[key], abs=1e-6)
+    assert detector.metrics["best_epoch"] == 1  # the training run's own records kept
+    assert f"mAP@0.5 {measured['map_50']:.3f}" in (install / "smear-detector" / "MODEL_CARD.md").read_text()
     for name in ("wbc-classifier", "smear-detector"):
         card = (install / name / "MODEL_CARD.md").read_text()
         assert card.startswith(f"# {name}") and "Known failure modes" in card

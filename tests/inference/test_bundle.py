@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from leukoscope.bundle import (BUNDLE_FORMAT_VERSION, OOD_FILE, BundleError, BundleInfo, load_bundle, read_bundle_info,
-                               save_bundle, save_ood)
+                               record_metrics, save_bundle, save_ood)
 from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.models import create_model
@@ -31,6 +31,19 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model(x), original(x), atol=1e-6)
     assert info.classes == ["a", "b", "c"] and info.provenance["torch"] == torch.__version__
+
+
+def test_recorded_scores_are_replaced_and_the_rest_of_the_bundle_kept(tmp_path: Path) -> None:
+    directory = _bundle(tmp_path, metrics={"map_50": 0.9, "best_epoch": 12})
+    weights = (directory / "model.safetensors").read_bytes()
+    before = read_bundle_info(directory)
+    info = record_metrics(directory, {"map_50": 0.8, "map": 0.5})
+    again = read_bundle_info(directory)
+    assert again.metrics == info.metrics == {"map_50": 0.8, "map": 0.5, "best_epoch": 12}
+    assert again.classes == before.classes and again.preprocessing == before.preprocessing
+    assert again.format_version == before.format_version
+    assert (directory / "model.safetensors").read_bytes() == weights
+    assert not list(directory.glob("*.tmp"))
 
 
 def test_missing_and_broken_bundles_fail_clearly(tmp_path: Path) -> None:
