@@ -633,8 +633,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "benign_cells_per_field": args.benign_cells_per_field,
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "detector": str(detector), "classifier": str(classifier)}
+    if args.install:  # what ships (float16 weights) is what gets scored on other labs' images
+        half_detector = to_half(detector, args.out / "half" / "smear-detector")
     results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(
-        detector, args.data, args.elsewhere_fields, args.detector_backend)
+        half_detector if args.install else detector, args.data, args.elsewhere_fields, args.detector_backend)
     results["controls"] = score_controls(classifier, controls)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):
@@ -645,11 +647,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     results["detector_um_per_px"] = read_bundle_info(detector).um_per_px
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
-        half_detector = to_half(detector, args.out / "half" / "smear-detector")
         results["fp16_controls"] = score_controls(half_classifier, controls)
-        # The card states what the shipped (float16) detector scores, in-domain and elsewhere.
         results["detector_metrics"] = record_shipped_detector_scores(half_detector, args.data)
-        results["detector_elsewhere"], _ = score_detector_elsewhere(half_detector, args.data, args.elsewhere_fields)
         for name, bundle in (("smear-detector", half_detector), ("wbc-classifier", half_classifier)):
             target = args.install_dir / name
             card = target / "MODEL_CARD.md"
