@@ -1,7 +1,8 @@
 """Retrain every model leukoscope ships, from ../shared/datasets, and print their table.
 
     python bench/zoo.py                       # build crops, train both models at once, score, print
-                                              # (all within --hours, 2 by default, on a 2-core CPU)
+                                              # (all within --hours, 2 by default; 43 min measured
+                                              # on a 2-core CPU)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
     python bench/zoo.py --detector D --classifier C   # score existing bundles only (no training)
 
