@@ -430,13 +430,11 @@ def record_shipped_detector_scores(detector: Path, data: Path) -> dict[str, Any]
     import tempfile
 
     from leukoscope.bundle import record_metrics
-    from leukoscope.tasks.detect import evaluate_detector_bundle
+    from leukoscope.tasks.detect import evaluate_detector_bundle, recorded_test_scores
 
     with tempfile.TemporaryDirectory() as out:
         measured = evaluate_detector_bundle(detector, data / "cbc", out, split="Testing", show_progress=False)
-    info = record_metrics(detector, {
-        **{k: measured[k] for k in ("map", "map_50", "map_75", "wbc_count_exact", "n_images")},
-        "ap_50_per_class": {name: row["ap_50"] for name, row in measured["per_class"].items()}})
+    info = record_metrics(detector, recorded_test_scores(measured))
     return {**info.metrics, "per_class": measured["per_class"]}
 
 
@@ -634,10 +632,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "benign_cells_per_field": args.benign_cells_per_field,
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "detector": str(detector), "classifier": str(classifier)}
-    if args.install:  # what ships (float16 weights) is what gets scored on other labs' images
-        half_detector = to_half(detector, args.out / "half" / "smear-detector")
+    # With --install, what ships (float16 weights) is what gets scored on other labs' images.
+    scored_detector = to_half(detector, args.out / "half" / "smear-detector") if args.install else detector
     results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(
-        half_detector if args.install else detector, args.data, args.elsewhere_fields, args.detector_backend)
+        scored_detector, args.data, args.elsewhere_fields, args.detector_backend)
     results["controls"] = score_controls(classifier, controls)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):
@@ -649,8 +647,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
         results["fp16_controls"] = score_controls(half_classifier, controls)
-        results["detector_metrics"] = record_shipped_detector_scores(half_detector, args.data)
-        for name, bundle in (("smear-detector", half_detector), ("wbc-classifier", half_classifier)):
+        results["detector_metrics"] = record_shipped_detector_scores(scored_detector, args.data)
+        for name, bundle in (("smear-detector", scored_detector), ("wbc-classifier", half_classifier)):
             target = args.install_dir / name
             card = target / "MODEL_CARD.md"
             if target.exists():

@@ -132,10 +132,8 @@ def run_detection_experiment(
             history=result.history, title=f"{label}: {config.model.name} on {eval_name}",
             notes=notes, config=config.to_dict(), extra=extra,
         )
-        info.metrics = {k: metrics.get(k) for k in ("map", "map_50", "map_75", "wbc_count_exact", "n_images",
-                                                     "evaluated_on", "seconds_per_image", "train_minutes",
-                                                     "best_epoch")}
-        info.metrics["ap_50_per_class"] = {name: v["ap_50"] for name, v in metrics["per_class"].items()}
+        info.metrics = {**recorded_test_scores(metrics), **{
+            k: metrics.get(k) for k in ("evaluated_on", "seconds_per_image", "train_minutes", "best_epoch")}}
         info.provenance = {"run_dir": str(run_dir.resolve()), "dataset": config.data.path,
                            "config": config.to_dict()}
         bundle_dir = save_bundle(run_dir / "bundle", model, info)
@@ -144,6 +142,14 @@ def run_detection_experiment(
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return RunResult(run_dir, bundle_dir, metrics, result)
+
+
+def recorded_test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a detector bundle records of an evaluation on its test images (the quality gate of
+    ``analyze`` and the model card read it)."""
+    scores = {k: metrics.get(k) for k in ("map", "map_50", "map_75", "wbc_count_exact", "n_images")}
+    scores["ap_50_per_class"] = {name: row["ap_50"] for name, row in metrics["per_class"].items()}
+    return scores
 
 
 def evaluate_detector_bundle(
