@@ -340,7 +340,49 @@ def train_both(manifest: Path, data: Path, out: Path, window_um: float, classifi
 
 
 # ----------------------------------------------------------------------------- scoring
-def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]) -> dict[str, dict[str, Any]]:
+def _source(sample) -> str:
+    """Which lab a training crop came from: its subject's prefix (``pbc-...``, ``taleqani-...``)."""
+    return (sample.subject or "unknown").split("-", 1)[0]
+
+
+def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[dict[str, Any], list[float]] | None:
+    """The classifier on the test part of its training split (default: the split its bundle
+    records), by source: pbc's accuracy stands beside the mixed figure (issue #11's in-domain
+    target is pbc's). Also the out-of-distribution scores of those cells: the in-distribution side
+    of every control's AUROC. None when the split is gone (a bundle moved to another machine)."""
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.data.splits import Split
+    from leukoscope.inference.predictor import CellClassifier
+
+    split_file = split_file or read_bundle_info(classifier).split_file
+    if split_file is None or not Path(split_file).is_file():
+        _say(f"{classifier}: its training split {split_file} is gone; no in-domain row, no OOD AUROC")
+        return None
+    test = Split.load(split_file).manifest("test")
+    predictions = CellClassifier.from_bundle(classifier).predict_paths([s.path for s in test])
+    by_source: dict[str, list[bool]] = defaultdict(list)
+    for sample, prediction in zip(test, predictions):
+        by_source[_source(sample)].append(prediction.top_class == sample.label)
+    row: dict[str, Any] = {
+        "cells": len(predictions),
+        "accuracy": round(sum(map(sum, by_source.values())) / max(1, len(predictions)), 4),
+        "accuracy_by_source": {name: round(sum(hits) / len(hits), 4) for name, hits in sorted(by_source.items())},
+        "cells_by_source": {name: len(hits) for name, hits in sorted(by_source.items())},
+    }
+    scores = [p.ood_score for p in predictions if p.ood_score is not None]
+    if scores:
+        row["unfamiliar"] = round(sum(p.unfamiliar for p in predictions) / len(predictions), 4)
+    return row, scores
+
+
+def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]],
+                   in_domain_scores: list[float] | None = None) -> dict[str, dict[str, Any]]:
+    """Each control's calls. With the in-domain test cells' out-of-distribution scores, also the
+    share of a control's cells flagged unfamiliar, and the flag's AUROC (those test cells against
+    the control's: issue #11 item 6's figure; 0.5 is chance)."""
+    import numpy as np
+
+    from leukoscope.evaluation.ood import ood_auroc
     from leukoscope.inference.predictor import CellClassifier
 
     model = CellClassifier.from_bundle(classifier)
@@ -356,6 +398,14 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
         if typed:
             row["type_accuracy"] = round(sum(c == t for c, t in typed) / len(typed), 4)
             row["uncertain"] = round(sum(p.uncertain for p in predictions) / len(predictions), 4)
+        scores = [p.ood_score for p in predictions if p.ood_score is not None]
+        if scores and len(scores) == len(predictions):
+            row["unfamiliar"] = round(sum(p.unfamiliar for p in predictions) / len(predictions), 4)
+            # Blast calls that reach a differential without the "unlike the training data" flag.
+            row["called_blast_unflagged"] = round(
+                sum(p.top_class == BLAST and not p.unfamiliar for p in predictions) / len(predictions), 4)
+            if in_domain_scores:
+                row["ood_auroc"] = round(ood_auroc(np.asarray(in_domain_scores), np.asarray(scores)), 4)
         rows[name] = row
     return rows
 
@@ -488,7 +538,11 @@ def classifier_card(results: dict[str, Any]) -> str:
     c = results["controls"]
     rows = "\n".join(f"| {name} | {row['cells']} | {_fmt(row['called_blast'])} | "
                      f"{_fmt(row.get('type_accuracy')) if 'type_accuracy' in row else '-'} | "
+                     f"{_fmt(row.get('unfamiliar'))} | {_fmt(row.get('ood_auroc'))} | "
                      f"{results['verdicts'].get(name, '-')} |" for name, row in c.items())
+    own = results.get("in_domain") or {}
+    by_source = ", ".join(f"{name} {_fmt(acc, 4)} ({own['cells_by_source'][name]} cells)"
+                          for name, acc in own.get("accuracy_by_source", {}).items()) or "not measured"
     recalls = ", ".join(f"{name} {_fmt(row.get('recall'), 2)}" for name, row in m.get("per_class", {}).items()) or "-"
     bccd_calls = ", ".join(f"{name} {n}" for name, n in c.get("bccd", {}).get("calls", {}).items()) or "-"
     return f"""# wbc-classifier
@@ -515,10 +569,15 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
 - **In-domain test**: accuracy {_fmt(m.get('accuracy'), 4)}, macro-F1 {_fmt(m.get('macro_f1'), 4)}
   (pbc cells and all-taleqani cells of the held-out images); recall by class: {recalls}.
-- **Left-out sources and controls** (never in training; targets from issue #11):
+  By source: {by_source} (target for pbc: >= 0.96); flagged unfamiliar: {_fmt(own.get('unfamiliar'))}
+  of them (about 0.05 by construction).
+- **Left-out sources and controls** (never in training; targets from issue #11). "unfamiliar":
+  share flagged by the out-of-distribution score (Mahalanobis on the embedding, threshold at
+  the 95th percentile of validation cells); "OOD AUROC": that score telling the in-domain test
+  cells from the row's (target >= 0.9; taleqani-benign is the training lab, not a new source):
 
-| cells | n | called blast | type accuracy | verdict |
-|---|---|---|---|---|
+| cells | n | called blast | type accuracy | unfamiliar | OOD AUROC | verdict |
+|---|---|---|---|---|---|---|
 {rows}
 
   taleqani-benign: every white cell of the other half of all-taleqani's Benign fields (same
@@ -636,7 +695,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     scored_detector = to_half(detector, args.out / "half" / "smear-detector") if args.install else detector
     results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(
         scored_detector, args.data, args.elsewhere_fields, args.detector_backend)
-    results["controls"] = score_controls(classifier, controls)
+    in_domain = score_in_domain(classifier)
+    results["in_domain"] = in_domain[0] if in_domain else None
+    results["controls"] = score_controls(classifier, controls, in_domain[1] if in_domain else None)
     results["verdicts"] = verdicts(results["controls"])
     for role, bundle in (("detector", detector), ("classifier", classifier)):
         # The run's metrics.json (beside the bundle) has the per-class rows the bundle leaves out.
@@ -646,7 +707,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     results["detector_um_per_px"] = read_bundle_info(detector).um_per_px
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
-        results["fp16_controls"] = score_controls(half_classifier, controls)
+        half_in_domain = score_in_domain(half_classifier)
+        results["fp16_controls"] = score_controls(half_classifier, controls,
+                                                  half_in_domain[1] if half_in_domain else None)
         results["detector_metrics"] = record_shipped_detector_scores(scored_detector, args.data)
         for name, bundle in (("smear-detector", scored_detector), ("wbc-classifier", half_classifier)):
             target = args.install_dir / name
@@ -679,13 +742,20 @@ def _print_table(results: dict[str, Any]) -> None:
     print(f"| wbc-classifier | pbc+blast test accuracy {cls.get('accuracy', float('nan')):.4f}, macro-F1 "
           f"{cls.get('macro_f1', float('nan')):.4f} | BCCD types {bccd.get('type_accuracy', float('nan')):.3f} "
           f"({bccd.get('cells', 0)} cells) |")
-    print("\n| control (never in training) | cells | called blast | target | verdict |")
-    print("|---|---|---|---|---|")
+    own = results.get("in_domain") or {}
+    if own:
+        print("in-domain test accuracy by source: " + ", ".join(
+            f"{name} {acc:.4f} ({own['cells_by_source'][name]} cells)"
+            for name, acc in own["accuracy_by_source"].items()))
+    print("\n| control (never in training) | cells | called blast | target | verdict | unfamiliar | OOD AUROC |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in c.items():
         target = CONTROL_TARGETS.get(name)
         verdict = results["verdicts"].get(name, "")
         print(f"| {name} | {row['cells']} | {row['called_blast']:.3f} | "
-              f"{(target[1] + ' ' + str(target[2])) if target else '-'} | {verdict.split(': ')[-1] if verdict else ''} |")
+              f"{(target[1] + ' ' + str(target[2])) if target else '-'} | "
+              f"{verdict.split(': ')[-1] if verdict else ''} | "
+              f"{_fmt(row.get('unfamiliar'))} | {_fmt(row.get('ood_auroc'))} |")
     print("\nscales (um/px): " + ", ".join(f"{k} {v.get('um_per_px')}" for k, v in results["scales"].items()))
     print(f"total {results['minutes']} min")
 

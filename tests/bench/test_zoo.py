@@ -65,6 +65,16 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     assert results["controls"]["bccd"]["cells"] >= 1  # images with one known type and one white cell
     assert "bccd" in results["verdicts"] and ("holds" in results["verdicts"]["bccd"]
                                              or "FAILS" in results["verdicts"]["bccd"])
+    # The in-domain row re-scores the test part the training run recorded, by source, and gives
+    # the out-of-distribution flag its in-distribution side.
+    own = results["in_domain"]
+    assert own["accuracy"] == pytest.approx(results["classifier_metrics"]["accuracy"], abs=1e-4)
+    assert set(own["accuracy_by_source"]) == {"pbc", "taleqani"}
+    assert sum(own["cells_by_source"].values()) == own["cells"]
+    for row in results["controls"].values():
+        assert 0 <= row["unfamiliar"] <= 1 and 0 <= row["ood_auroc"] <= 1
+        assert row["called_blast_unflagged"] <= row["called_blast"]
+    assert "| OOD AUROC |" in (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0
@@ -175,3 +185,24 @@ def test_zoo_scores_an_exported_detector_on_its_graph(shared: Path, tmp_path: Pa
     no_graph = run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo3", "--detector-backend", "onnxruntime",
                           "--detector", REPO / "src" / "leukoscope" / "pretrained" / "smear-detector", expect=2)
     assert "has no exported detector graph" in no_graph.stderr and not (tmp_path / "zoo3").exists()
+
+
+def test_a_control_of_the_in_domain_test_cells_themselves_is_not_told_apart(shared: Path, tmp_path: Path) -> None:
+    """The AUROC compares like with like: the test cells scored as a "control" give exactly 0.5,
+    and the same share flagged as the in-domain row."""
+    from leukoscope.data.splits import Split
+    from leukoscope.engine.config import load_config
+    from leukoscope.tasks.classify import run_experiment
+
+    zoo = _zoo_module()
+    run_script("zoo.py", "--data", shared, "--out", tmp_path / "zoo", "--crops-only", "--blasts-per-subtype", "4",
+               "--benign-cells-per-field", "2")
+    crops = tmp_path / "zoo" / "crops" / "train.csv"
+    config = load_config(overrides=[f"output_root={tmp_path}", f"data.path={crops}", "model.name=abas_cnn",
+                                    "model.image_size=32", "train.epochs=1", "train.batch_size=8", "train.threads=1"])
+    bundle = run_experiment(config, show_progress=False).bundle_dir
+    own, scores = zoo.score_in_domain(bundle)
+    test = Split.load(read_bundle_info(bundle).split_file).manifest("test")
+    same = zoo.score_controls(bundle, {"test again": [(s.path, s.label) for s in test]}, scores)["test again"]
+    assert same["ood_auroc"] == pytest.approx(0.5) and same["unfamiliar"] == own["unfamiliar"]
+    assert zoo.score_in_domain(bundle, tmp_path / "gone.json") is None  # a split that is gone: no row
