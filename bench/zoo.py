@@ -5,6 +5,7 @@
                                               # on a 2-core CPU)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
     python bench/zoo.py --detector D --classifier C   # score existing bundles only (no training)
+                                              # (--classifier-split S: C's split, if its run folder is gone)
 
 The shipped models (``leukoscope models --pretrained``):
 
@@ -19,7 +20,9 @@ The shipped models (``leukoscope models --pretrained``):
   white cells of half of all-taleqani's Benign fields (hematogones) as
   ``lymphocyte``, so that this lab's stain is not by itself a reason to say blast.
 
-Then what must hold on data it never saw (issue #11's controls), each row printed:
+Scored: the classifier's own test part (accuracy by source: issue #11's in-domain target is pbc's),
+and what must hold on data it never saw (issue #11's controls), each row printed with the share
+flagged unfamiliar and the out-of-distribution AUROC against the in-domain test cells:
 the white cells of the other half of all-taleqani's Benign fields (same lab and
 stain as the blast examples, no leukaemia; halves duplicate-aware) called blast <= 5%; cnmc-mini's ``all`` cells (another lab,
 another format) called blast >= 90%; BCCD's white cells (another lab, types from
@@ -361,13 +364,16 @@ def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[d
     test = Split.load(split_file).manifest("test")
     predictions = CellClassifier.from_bundle(classifier).predict_paths([s.path for s in test])
     by_source: dict[str, list[bool]] = defaultdict(list)
+    by_class: dict[str, list[bool]] = defaultdict(list)
     for sample, prediction in zip(test, predictions):
         by_source[_source(sample)].append(prediction.top_class == sample.label)
+        by_class[sample.label].append(prediction.top_class == sample.label)
     row: dict[str, Any] = {
         "cells": len(predictions),
         "accuracy": round(sum(map(sum, by_source.values())) / max(1, len(predictions)), 4),
         "accuracy_by_source": {name: round(sum(hits) / len(hits), 4) for name, hits in sorted(by_source.items())},
         "cells_by_source": {name: len(hits) for name, hits in sorted(by_source.items())},
+        "recall_by_class": {name: round(sum(hits) / len(hits), 4) for name, hits in sorted(by_class.items())},
     }
     scores = [p.ood_score for p in predictions if p.ood_score is not None]
     if scores:
@@ -492,6 +498,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _threads(n: Any) -> str:
+    return "one thread" if n == 1 else f"{n} threads" if isinstance(n, int) else "an unrecorded number of threads"
+
+
 def detector_card(results: dict[str, Any]) -> str:
     m = results.get("detector_metrics", {})
     ap = m.get("ap_50_per_class", {})
@@ -505,7 +515,8 @@ Finds white cells, red cells and platelets in a stained peripheral-blood smear f
 - **Model**: Faster R-CNN, MobileNetV3-Large + FPN (strides 8/16/32), box head 256 wide,
   5.4 M parameters, weights stored as float16 (loaded as float32). Trained from random
   initialisation (no ImageNet weights), {m.get('best_epoch', results.get('detector_epochs', '?'))} epochs in
-  {_fmt(m.get('train_minutes'), 0)} min on a 2-core CPU (the last epoch kept), stain augmentation.
+  {_fmt(m.get('train_minutes'), 0)} min on {_threads(results.get('detector_threads'))} of a 2-core CPU (the last epoch
+  kept), stain augmentation.
   RoIAlign takes one sample per bin (`roi_sampling_ratio` 1): a quarter of the pooling work.
 - **Classes**: WBC, RBC, Platelets.
 - **Training data**: CBC (Alam & Islam 2019; the BCCD smears with corrected boxes),
@@ -543,7 +554,9 @@ def classifier_card(results: dict[str, Any]) -> str:
     own = results.get("in_domain") or {}
     by_source = ", ".join(f"{name} {_fmt(acc, 4)} ({own['cells_by_source'][name]} cells)"
                           for name, acc in own.get("accuracy_by_source", {}).items()) or "not measured"
-    recalls = ", ".join(f"{name} {_fmt(row.get('recall'), 2)}" for name, row in m.get("per_class", {}).items()) or "-"
+    # The training run's per-class rows; the in-domain re-scoring's where that run folder is gone.
+    recall = {name: row.get("recall") for name, row in m.get("per_class", {}).items()} or own.get("recall_by_class", {})
+    recalls = ", ".join(f"{name} {_fmt(value, 2)}" for name, value in recall.items()) or "-"
     bccd_calls = ", ".join(f"{name} {n}" for name, n in c.get("bccd", {}).get("calls", {}).items()) or "-"
     return f"""# wbc-classifier
 
@@ -618,6 +631,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="time budget of each model's training instead of what --hours leaves")
     parser.add_argument("--detector", type=Path, help="score this detector bundle instead of training one")
     parser.add_argument("--classifier", type=Path, help="score this classifier bundle instead of training one")
+    parser.add_argument("--classifier-split", type=Path,
+                        help="the --classifier's training split, where the one its bundle records is gone "
+                             "(`leukoscope split` on the same crops rebuilds it)")
     parser.add_argument("--install", action="store_true", help="copy the bundles (fp16) into the package")
     parser.add_argument("--crops-only", action="store_true", help="stop after writing the crops")
     parser.add_argument("--elsewhere-fields", type=int, default=200,
@@ -695,7 +711,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     scored_detector = to_half(detector, args.out / "half" / "smear-detector") if args.install else detector
     results["detector_elsewhere"], results["detector_backend"] = score_detector_elsewhere(
         scored_detector, args.data, args.elsewhere_fields, args.detector_backend)
-    in_domain = score_in_domain(classifier)
+    in_domain = score_in_domain(classifier, args.classifier_split)
     results["in_domain"] = in_domain[0] if in_domain else None
     results["controls"] = score_controls(classifier, controls, in_domain[1] if in_domain else None)
     results["verdicts"] = verdicts(results["controls"])
@@ -704,10 +720,12 @@ def main(argv: Iterable[str] | None = None) -> int:
         run_metrics = Path(bundle).parent / "metrics.json"
         per_class = json.loads(run_metrics.read_text()).get("per_class", {}) if run_metrics.exists() else {}
         results[f"{role}_metrics"] = {**read_bundle_info(bundle).metrics, "per_class": per_class}
-    results["detector_um_per_px"] = read_bundle_info(detector).um_per_px
+    detector_info = read_bundle_info(detector)
+    results["detector_um_per_px"] = detector_info.um_per_px
+    results["detector_threads"] = detector_info.provenance.get("config", {}).get("train", {}).get("threads")
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
-        half_in_domain = score_in_domain(half_classifier)
+        half_in_domain = score_in_domain(half_classifier, args.classifier_split)
         results["fp16_controls"] = score_controls(half_classifier, controls,
                                                   half_in_domain[1] if half_in_domain else None)
         results["detector_metrics"] = record_shipped_detector_scores(scored_detector, args.data)

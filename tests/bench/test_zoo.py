@@ -74,7 +74,8 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     for row in results["controls"].values():
         assert 0 <= row["unfamiliar"] <= 1 and 0 <= row["ood_auroc"] <= 1
         assert row["called_blast_unflagged"] <= row["called_blast"]
-    assert "| OOD AUROC |" in (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
+    classifier_card = (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
+    assert "| OOD AUROC |" in classifier_card and "By source: pbc " in classifier_card
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0
@@ -88,7 +89,9 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(shared: Path, tmp_p
     for key in ("map", "map_50", "n_images"):
         assert detector.metrics[key] == pytest.approx(measured[key], abs=1e-6)
     assert detector.metrics["best_epoch"] == 1  # the training run's own records kept
-    assert f"mAP@0.5 {measured['map_50']:.3f}" in (install / "smear-detector" / "MODEL_CARD.md").read_text()
+    detector_card = (install / "smear-detector" / "MODEL_CARD.md").read_text()
+    assert f"mAP@0.5 {measured['map_50']:.3f}" in detector_card
+    assert "on one thread of a 2-core CPU" in detector_card  # each model trains on one thread, side by side
     for name in ("wbc-classifier", "smear-detector"):
         card = (install / name / "MODEL_CARD.md").read_text()
         assert card.startswith(f"# {name}") and "Known failure modes" in card
@@ -206,3 +209,15 @@ def test_a_control_of_the_in_domain_test_cells_themselves_is_not_told_apart(shar
     same = zoo.score_controls(bundle, {"test again": [(s.path, s.label) for s in test]}, scores)["test again"]
     assert same["ood_auroc"] == pytest.approx(0.5) and same["unfamiliar"] == own["unfamiliar"]
     assert zoo.score_in_domain(bundle, tmp_path / "gone.json") is None  # a split that is gone: no row
+    # A bundle whose run folder is gone (the shipped one): the same split given by hand gives the same row.
+    kept = read_bundle_info(bundle).split_file.rename(tmp_path / "kept-split.json")
+    assert zoo.score_in_domain(bundle) is None
+    again, _ = zoo.score_in_domain(bundle, kept)
+    assert again == own
+    counts = test.class_counts()
+    assert sum(again["recall_by_class"][c] * n for c, n in counts.items()) / len(test) == pytest.approx(
+        own["accuracy"], abs=1e-3)
+    card = zoo.classifier_card({"controls": {}, "verdicts": {}, "window_um": 24.0, "cnmc_cell_um": 12.0,
+                                "in_domain": again})  # no training run's per-class rows: the re-scoring's
+    first = next(iter(again["recall_by_class"]))
+    assert f"{first} {again['recall_by_class'][first]:.2f}" in card
