@@ -343,7 +343,7 @@ def train_both(manifest: Path, data: Path, out: Path, window_um: float, classifi
 
 
 # ----------------------------------------------------------------------------- scoring
-def _source(sample) -> str:
+def crop_source(sample) -> str:
     """Which lab a training crop came from: its subject's prefix (``pbc-...``, ``taleqani-...``)."""
     return (sample.subject or "unknown").split("-", 1)[0]
 
@@ -366,7 +366,7 @@ def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[d
     by_source: dict[str, list[bool]] = defaultdict(list)
     by_class: dict[str, list[bool]] = defaultdict(list)
     for sample, prediction in zip(test, predictions):
-        by_source[_source(sample)].append(prediction.top_class == sample.label)
+        by_source[crop_source(sample)].append(prediction.top_class == sample.label)
         by_class[sample.label].append(prediction.top_class == sample.label)
     row: dict[str, Any] = {
         "cells": len(predictions),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage.draw import disk
 
 from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from leukoscope.data.synthetic_smears import SmearSpec, make_synthetic_smears, render_smear
@@ -124,6 +125,41 @@ def cbc_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for image in training[:2]:
         for kind, name in (("Images", image.image_path.name), ("Annotations", f"{image.image_path.stem}.xml")):
             (root / "Validation" / kind / name).write_bytes((root / "Training" / kind / name).read_bytes())
+    return root
+
+
+PBC_TYPES = ("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet")
+CELL_OF = {"basophil": "blast", "eosinophil": "monocyte", "erythroblast": "lymphocyte", "ig": "neutrophil",
+           "lymphocyte": "lymphocyte", "monocyte": "monocyte", "neutrophil": "neutrophil", "platelet": "lymphocyte"}
+
+
+@pytest.fixture(scope="session")
+def zoo_datasets(tmp_path_factory: pytest.TempPathFactory, taleqani_fields: Path, cbc_folder: Path) -> Path:
+    """pbc, all-taleqani, cnmc-mini, bccd and cbc folders as ../shared/datasets lays them out."""
+    root = tmp_path_factory.mktemp("datasets")
+    rng = np.random.default_rng(1)
+    spec = replace(TINY_SMEAR, width=96, height=96, wbc_per_image=(1, 1))
+    for name in PBC_TYPES:
+        (root / "pbc" / name).mkdir(parents=True)
+        for k in range(4):
+            pixels, _, _ = render_smear(rng, spec, types=[CELL_OF[name]])
+            Image.fromarray(pixels).save(root / "pbc" / name / f"{name}_{k}.jpg", quality=95)
+    (root / "all-taleqani").symlink_to(taleqani_fields)
+    (root / "cbc").symlink_to(cbc_folder)
+    for label in ("all", "hem"):  # one cell of each of ten patients (UID_<patient>_<image>_<cell>_<label>)
+        (root / "cnmc-mini" / label).mkdir(parents=True)
+        for k in range(10):
+            pixels = np.zeros((96, 96, 3), np.uint8)
+            # Cells of their own (size, place, texture): not near-duplicates, so a split can deal patients.
+            cell = disk((30 + 4 * k, 66 - 4 * k), (24 if label == "all" else 16) + k % 3, shape=(96, 96))
+            pixels[cell] = rng.integers(60, 200, (len(cell[0]), 3))
+            patient = f"{k + 1}" if label == "all" else f"H{k + 1}"
+            Image.fromarray(pixels).save(root / "cnmc-mini" / label / f"UID_{patient}_1_1_{label}.bmp")
+    images = make_synthetic_smears(root / "bccd", 6, replace(TINY_SMEAR, seed=7))
+    rows = ["image,wbc_type"] + [f"{image.image_path.name},{kind}" for image, kind in
+                                 zip(images, ["NEUTROPHIL", "LYMPHOCYTE", "MONOCYTE", "EOSINOPHIL", "NEUTROPHIL",
+                                              "NEUTROPHIL, LYMPHOCYTE"])]
+    (root / "bccd" / "wbc_types.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
