@@ -54,6 +54,16 @@ class ScriptRun:
         return found[0]
 
 
+def bench_module(name: str):
+    """A bench/ script imported as a module (its functions, without running main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(name: str, *args: str | Path, expect: int = 0) -> ScriptRun:
     """Run ``bench/<name>`` with ``args`` as its command line, in this process.
 

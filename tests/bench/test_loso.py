@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.bench.conftest import BENCH, run_script
-
-
-def _loso_module():
-    spec = importlib.util.spec_from_file_location("loso_under_test", BENCH / "loso.py")
-    loso = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loso)
-    return loso
+from tests.bench.conftest import bench_module, run_script
 
 
 def test_scores_weigh_every_class_alike() -> None:
-    loso = _loso_module()
+    loso = bench_module("loso")
     truth = ["neutrophil"] * 8 + ["lymphocyte"] * 2
     constant = loso.scores(truth, ["neutrophil"] * 10, loso.TYPES)
     assert constant["accuracy"] == 0.8 and constant["balanced_accuracy"] == 0.5  # only the classes present count
@@ -55,7 +47,7 @@ def test_loso_table_on_the_zoo_crops(zoo_datasets: Path, tmp_path: Path) -> None
         *[(task, out, f"{source}, {model}") for model in ("abas_cnn", "random_forest")
           for task, out, source in both_ways]]
     # The rows of the classifier given agree with bench/zoo.py's own control scoring.
-    zoo = _zoo_module()
+    zoo = bench_module("zoo")
     controls = {name: [(Path(p), label) for p, label in cells] for name, cells in
                 json.loads((zoo_out / "crops" / "controls.json").read_text())["controls"].items()}
     scored = zoo.score_controls(classifier, controls)
@@ -84,9 +76,3 @@ def test_loso_without_crops_says_what_to_run(tmp_path: Path) -> None:
     run = run_script("loso.py", "--crops", tmp_path, expect=2)
     assert "bench/zoo.py --crops-only" in run.stderr
 
-
-def _zoo_module():
-    spec = importlib.util.spec_from_file_location("zoo_for_loso", BENCH / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
-    return zoo

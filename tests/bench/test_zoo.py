@@ -12,7 +12,7 @@ from PIL import Image
 from skimage.draw import disk
 
 from leukoscope.bundle import read_bundle_info
-from tests.bench.conftest import REPO, TINY_DETECTOR, run_script
+from tests.bench.conftest import REPO, TINY_DETECTOR, bench_module, run_script
 
 
 
@@ -81,19 +81,8 @@ def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
     assert "has no pbc folder" in run.stderr
 
 
-def _zoo_module():
-    import importlib.util
-
-    from tests.bench.conftest import BENCH
-
-    spec = importlib.util.spec_from_file_location("zoo_under_test", BENCH / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
-    return zoo
-
-
 def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(zoo_datasets: Path, tmp_path: Path) -> None:
-    zoo = _zoo_module()
+    zoo = bench_module("zoo")
     # Both models train at once, so each gets all the time the crops and the scoring reserve leave.
     assert zoo.training_minutes(2.0, 10 * 60, None) == pytest.approx(120 - 10 - zoo.SCORING_RESERVE_MINUTES)
     assert zoo.training_minutes(2.0, 10 * 60, 45.0) == 45.0  # --minutes wins
@@ -108,7 +97,7 @@ def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(zoo_dataset
 
 
 def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates_together(tmp_path: Path) -> None:
-    zoo = _zoo_module()
+    zoo = bench_module("zoo")
     benign = tmp_path / "all-taleqani" / "Benign"
     benign.mkdir(parents=True)
     rng = np.random.default_rng(3)
@@ -124,7 +113,7 @@ def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates
 
 
 def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
-    zoo = _zoo_module()
+    zoo = bench_module("zoo")
     # A pale field with one cell of 30 px and a clump of three touching cells (about 80 px wide).
     pixels = np.full((200, 200, 3), (235, 225, 225), np.uint8)
     pixels[disk((50, 50), 15, shape=pixels.shape[:2])] = (90, 40, 140)
@@ -165,7 +154,7 @@ def test_a_control_of_the_in_domain_test_cells_themselves_is_not_told_apart(zoo_
     from leukoscope.engine.config import load_config
     from leukoscope.tasks.classify import run_experiment
 
-    zoo = _zoo_module()
+    zoo = bench_module("zoo")
     run_script("zoo.py", "--data", zoo_datasets, "--out", tmp_path / "zoo", "--crops-only", "--blasts-per-subtype", "4",
                "--benign-cells-per-field", "2")
     crops = tmp_path / "zoo" / "crops" / "train.csv"
