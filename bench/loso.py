@@ -189,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         own, away = row["in_domain"], row["left_out_score"]
         sens = " / ".join("-" if away.get(k) is None else f"{away[k]:.3f}" for k in ("sensitivity", "specificity"))
+        sens = "-" if "sensitivity" not in away else sens
         print(f"| {row['task']} | {row['left_out']} | {row['trained_on']} ({row['training_cells']}) | "
               f"{own['cells']}, {own['accuracy']:.3f}, {own['balanced_accuracy']:.3f} | "
               f"{away['cells']}, {away['accuracy']:.3f}, {away['balanced_accuracy']:.3f} | {sens} |")
