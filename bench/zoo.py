@@ -624,7 +624,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
     parser.add_argument("--detector-epochs", type=int, default=12)
-    parser.add_argument("--classifier-epochs", type=int, default=20)
+    parser.add_argument("--classifier-epochs", type=int, default=30)
     parser.add_argument("--hours", type=float, default=2.0,
                         help="time budget of the whole run: crops, training (both models at once), scoring")
     parser.add_argument("--minutes", type=float, default=None,
