@@ -2,7 +2,8 @@
 
     python bench/zoo.py                       # build crops, train both models at once, score, print
                                               # (all within --hours, 2 by default; 43 min measured
-                                              # on a 2-core CPU)
+                                              # on a 2-core CPU with the 20-epoch classifier; its
+                                              # 30 epochs now take about an hour on one thread)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
     python bench/zoo.py --detector D --classifier C   # score existing bundles only (no training)
                                               # (--classifier-split S: C's split, if its run folder is gone)
