@@ -35,7 +35,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -45,6 +45,9 @@ from zoo import BLAST, crop_source  # noqa: E402  (bench/ scripts share helpers 
 # The types both sources hold in number (BCCD has 2 basophils, and none of pbc's other types).
 TYPES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
 NOT_BLAST = "not blast"
+
+if TYPE_CHECKING:
+    from leukoscope.inference.predictor import CellClassifier
 
 
 def scores(truth: Sequence[str], calls: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
@@ -62,10 +65,8 @@ def scores(truth: Sequence[str], calls: Sequence[str], classes: Sequence[str]) -
     return row
 
 
-def predict(classifier: Path, paths: Sequence[Path]) -> list[str]:
-    from leukoscope.inference.predictor import CellClassifier
-
-    return [p.top_class for p in CellClassifier.from_bundle(classifier).predict_paths(list(paths))]
+def predict(classifier: "CellClassifier", paths: Sequence[Path]) -> list[str]:
+    return [p.top_class for p in classifier.predict_paths(list(paths))]
 
 
 def as_blast_task(labels: Sequence[str]) -> list[str]:
@@ -104,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", type=Path, help="its training split, where the bundle's recorded one is gone")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "loso")
     parser.add_argument("--models", default="mobilenet_v2,random_forest",
-                        help="what is trained here on one small source (comma-separated): the shipped network, "
-                             "and a classical model on colour and texture features, which needs fewer cells")
+                        help="what is trained here on each source and tested on the other (comma-separated): "
+                             "the shipped network, and a classical model on colour and texture features, which "
+                             "needs fewer cells; empty: only --classifier's rows")
     parser.add_argument("--minutes", type=float, default=15.0, help="time budget of each model trained here")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for the models trained here")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -117,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from leukoscope.bundle import read_bundle_info
     from leukoscope.data.readers import read_dataset
     from leukoscope.data.splits import Split
+    from leukoscope.inference.predictor import CellClassifier
     from leukoscope.pretrained import resolve_bundle
 
     start = time.perf_counter()
@@ -141,17 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"left out {away['balanced_accuracy']}", file=sys.stderr, flush=True)
 
     # The classifier trained on pbc + all-taleqani: BCCD's types and cnmc-mini's blasts are new to it.
-    own_calls = predict(classifier, [s.path for s in own_test])
+    given = CellClassifier.from_bundle(classifier)
+    own_calls = predict(given, [s.path for s in own_test])
     pbc_typed = [(c, s.label) for c, s in zip(own_calls, own_test) if crop_source(s) == "pbc" and s.label in TYPES]
     bccd = [(p, label) for p, label in controls["bccd"] if label in TYPES]
-    bccd_calls = predict(classifier, [p for p, _ in bccd])
+    bccd_calls = predict(given, [p for p, _ in bccd])
     trained_cells = len(own_split.manifest("train"))
     shipped = f"pbc + all-taleqani, {info.model_name}"
     add("white-cell type", "BCCD", shipped, trained_cells,
         scores([t for _, t in pbc_typed], [c for c, _ in pbc_typed], TYPES),
         scores([label for _, label in bccd], bccd_calls, TYPES))
     cnmc = controls["cnmc-all"] + controls["cnmc-hem"]
-    cnmc_calls = predict(classifier, [p for p, _ in cnmc])
+    cnmc_calls = predict(given, [p for p, _ in cnmc])
     add("blast or not", "cnmc-mini", shipped, trained_cells,
         scores(as_blast_task([s.label for s in own_test]), as_blast_task(own_calls), (BLAST, NOT_BLAST)),
         scores([label for _, label in cnmc], as_blast_task(cnmc_calls), (BLAST, NOT_BLAST)))
@@ -174,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task, classes, source, rows_in, left_out, cells_out in directions:
             name = f"{source.lower()}-{'types' if task == 'white-cell type' else 'blast'}"
             bundle, test, cells = train_on(rows_in, name, model, args.out, window_um, args.minutes, args.set)
+            trained = CellClassifier.from_bundle(bundle)
             label = as_blast_task if task == "blast or not" else list
             add(task, left_out, f"{source}, {model}", cells,
-                scores(label([t for _, t in test]), label(predict(bundle, [p for p, _ in test])), classes),
-                scores(label([t for _, t in cells_out]), label(predict(bundle, [p for p, _ in cells_out])), classes))
+                scores(label([t for _, t in test]), label(predict(trained, [p for p, _ in test])), classes),
+                scores(label([t for _, t in cells_out]), label(predict(trained, [p for p, _ in cells_out])),
+                       classes))
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"classifier": str(classifier), "split": str(split_file), "crops": str(args.crops), "rows": rows,
