@@ -48,7 +48,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -344,6 +344,14 @@ def train_both(manifest: Path, data: Path, out: Path, window_um: float, classifi
 
 
 # ----------------------------------------------------------------------------- scoring
+@lru_cache(maxsize=2)
+def _loaded_classifier(bundle: str):
+    """One load per bundle folder for the in-domain and control scoring of a run."""
+    from leukoscope.inference.predictor import CellClassifier
+
+    return CellClassifier.from_bundle(bundle)
+
+
 def crop_source(sample) -> str:
     """Which lab a training crop came from: its subject's prefix (``pbc-...``, ``taleqani-...``)."""
     return (sample.subject or "unknown").split("-", 1)[0]
@@ -356,14 +364,13 @@ def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[d
     of every control's AUROC. None when the split is gone (a bundle moved to another machine)."""
     from leukoscope.bundle import read_bundle_info
     from leukoscope.data.splits import Split
-    from leukoscope.inference.predictor import CellClassifier
 
     split_file = split_file or read_bundle_info(classifier).split_file
     if split_file is None or not Path(split_file).is_file():
         _say(f"{classifier}: its training split {split_file} is gone; no in-domain row, no OOD AUROC")
         return None
     test = Split.load(split_file).manifest("test")
-    predictions = CellClassifier.from_bundle(classifier).predict_paths([s.path for s in test])
+    predictions = _loaded_classifier(str(classifier)).predict_paths([s.path for s in test])
     by_source: dict[str, list[bool]] = defaultdict(list)
     by_class: dict[str, list[bool]] = defaultdict(list)
     for sample, prediction in zip(test, predictions):
@@ -390,9 +397,8 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
     import numpy as np
 
     from leukoscope.evaluation.ood import ood_auroc
-    from leukoscope.inference.predictor import CellClassifier
 
-    model = CellClassifier.from_bundle(classifier)
+    model = _loaded_classifier(str(classifier))
     rows = {}
     for name, cells in controls.items():
         predictions = model.predict_paths([p for p, _ in cells])
@@ -727,6 +733,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
         half_in_domain = score_in_domain(half_classifier, args.classifier_split)
+        results["fp16_in_domain"] = half_in_domain[0] if half_in_domain else None
         results["fp16_controls"] = score_controls(half_classifier, controls,
                                                   half_in_domain[1] if half_in_domain else None)
         results["detector_metrics"] = record_shipped_detector_scores(scored_detector, args.data)
