@@ -81,3 +81,10 @@ def test_score_without_crops_says_what_to_run(tmp_path: Path) -> None:
     run = run_script("two_stage.py", "score", "--decider", "x", "--typer", "y", "--split", "s.json",
                      "--crops", tmp_path, expect=2)
     assert "bench/zoo.py --crops-only" in run.stderr
+
+
+def test_score_of_a_missing_bundle_says_which(tmp_path: Path) -> None:
+    (tmp_path / "controls.json").write_text('{"controls": {}}')
+    run = run_script("two_stage.py", "score", "--decider", tmp_path / "gone", "--typer", "y", "--split", "s.json",
+                     "--crops", tmp_path, expect=2)
+    assert "gone: bundle folder does not exist" in run.stderr
