@@ -15,25 +15,35 @@ _WARNING_RED = (200, 0, 0)
 
 
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
-    """Boxes on a copy of the image: white cells coloured by class with label and confidence,
-    blasts red, uncertain orange, unfamiliar cells (unlike the classifier's training images)
-    marked ``!``; other objects thin. At the top, the count, every quality warning (white on
-    red, so that a reviewer who sees only the picture sees it too), what ``!`` means when a
-    cell has it, and the decision-support sentence."""
-    canvas = image.copy() if image.mode == "RGB" else image.convert("RGB")
-    draw = ImageDraw.Draw(canvas)
-    scale = max(1, round(max(canvas.size) / 700))
+    """The field with a text band above it. On the field: white cells boxed and coloured by
+    class with label and confidence, blasts red, uncertain orange, unfamiliar cells (unlike the
+    classifier's training images) marked ``!``; other objects thin. In the band: the count,
+    every quality warning (white on red, so that a reviewer who sees only the picture sees it
+    too), what ``!`` means when a cell has it, and the decision-support sentence. The band sits
+    above the field, not on it, so that no cell is hidden under the text (on a 224 px field it
+    would cover a third of the image); the picture keeps the field's width."""
+    field = image.copy() if image.mode == "RGB" else image.convert("RGB")
+    scale = max(1, round(max(field.size) / 700))
     try:
         font = ImageFont.load_default(size=11 * scale)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         font = ImageFont.load_default()
+    header = _header_lines(result)
+    band = _band_height(ImageDraw.Draw(field), header, font, field.width)
+    canvas = Image.new("RGB", (field.width, field.height + band), (255, 255, 255))
+    canvas.paste(field, (0, band))
+    draw = ImageDraw.Draw(canvas)
+
+    def shifted(box) -> tuple[float, float, float, float]:
+        return box[0], box[1] + band, box[2], box[3] + band
+
     if result.detections is not None:
         wbc_boxes = {tuple(np.round(cell.box, 2)) for cell in result.cells}
         for det in result.detections.detections():
             if tuple(np.round(det.box, 2)) in wbc_boxes:
                 continue
             colour = _COLOURS.get(det.label, (150, 150, 150))
-            draw.rectangle(det.box, outline=colour, width=scale)
+            draw.rectangle(shifted(det.box), outline=colour, width=scale)
     blast = set(result.differential.blast_classes)
     for cell in result.cells:
         if cell.uncertain:
@@ -43,14 +53,30 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         else:
             index = result.cell_classes.index(cell.label) if cell.label in result.cell_classes else 0
             colour = _CELL_PALETTE[index % len(_CELL_PALETTE)]
-        draw.rectangle(cell.box, outline=colour, width=3 * scale)
+        box = shifted(cell.box)
+        draw.rectangle(box, outline=colour, width=3 * scale)
         text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
         if cell.unfamiliar:
             text = f"! {text}"
-        x, y = cell.box[0], max(0, cell.box[1] - 14 * scale)
+        x, y = box[0], max(band, box[1] - 14 * scale)  # on the field, never over the band's text
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
         draw.text((x, y), text, fill=(255, 255, 255), font=font)
+    y = _MARGIN
+    for text, ink, paper in header:
+        for line in _wrap(draw, text, font, canvas.width - 2 * _MARGIN):
+            left, top, right, bottom = draw.textbbox((_MARGIN, y), line, font=font)
+            draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
+            draw.text((_MARGIN, y), line, fill=ink, font=font)
+            y = bottom + _MARGIN
+    return canvas
+
+
+_MARGIN = 4
+
+
+def _header_lines(result: SmearResult) -> list[tuple[str, tuple[int, int, int], tuple[int, int, int]]]:
+    """(text, ink, paper) of each paragraph of the band: warnings first, then the count."""
     d = result.differential
     count = f"WBC {d.total}"
     if d.blast_percentage_meaningful and d.blast_ci95 is not None:
@@ -62,14 +88,16 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     if any(cell.unfamiliar for cell in result.cells):
         lines.append(("! = cell unlike the classifier's training images", (0, 0, 0), (255, 255, 255)))
     lines.append((DISCLAIMER, (0, 0, 0), (255, 255, 255)))
-    y = 4
-    for text, ink, paper in lines:
-        for line in _wrap(draw, text, font, canvas.width - 8):
-            left, top, right, bottom = draw.textbbox((4, y), line, font=font)
-            draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
-            draw.text((4, y), line, fill=ink, font=font)
-            y = bottom + 4
-    return canvas
+    return lines
+
+
+def _band_height(draw: ImageDraw.ImageDraw, header, font: ImageFont.ImageFont, width: int) -> int:
+    """Height of the text band: the paragraphs wrapped to the field's width, as ``annotate`` lays them out."""
+    y = _MARGIN
+    for text, _, _ in header:
+        for line in _wrap(draw, text, font, width - 2 * _MARGIN):
+            y = draw.textbbox((_MARGIN, y), line, font=font)[3] + _MARGIN
+    return y + _MARGIN
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
