@@ -476,7 +476,8 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
             crop = Image.open(io.BytesIO(stored.content)).convert("RGB")
             assert np.array_equal(np.asarray(crop), np.asarray(expected))
         annotated = client.get(case["images"][0]["annotated_url"], headers=headers)
-        assert Image.open(io.BytesIO(annotated.content)).size == field.size
+        drawn = Image.open(io.BytesIO(annotated.content))
+        assert drawn.width == field.width and drawn.height > field.height  # the field, under its text band
         page = service.login("tech").get(f"/cases/{case['id']}")
         assert page.status_code == 200 and page.text.count('<figure class="cell') == len(case["cells"])
     finally:
