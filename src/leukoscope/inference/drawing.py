@@ -12,6 +12,8 @@ _COLOURS = {UNCERTAIN: (230, 140, 0), "blast": (213, 0, 0), "other": (0, 90, 200
             "Platelets": (120, 60, 160)}
 _CELL_PALETTE = [(0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233), (240, 228, 66), (0, 0, 0)]
 _WARNING_RED = (200, 0, 0)
+_MARGIN = 4
+Colour = tuple[int, int, int]
 
 
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
@@ -28,8 +30,8 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         font = ImageFont.load_default(size=11 * scale)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         font = ImageFont.load_default()
-    header = _header_lines(result)
-    band = _band_height(ImageDraw.Draw(field), header, font, field.width)
+    header = _laid_out(ImageDraw.Draw(field), _header_lines(result), font, field.width)
+    band = int(header[-1][1][3]) + 2 + _MARGIN  # below the last line's paper
     canvas = Image.new("RGB", (field.width, field.height + band), (255, 255, 255))
     canvas.paste(field, (0, band))
     draw = ImageDraw.Draw(canvas)
@@ -62,20 +64,14 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
         draw.text((x, y), text, fill=(255, 255, 255), font=font)
-    y = _MARGIN
-    for text, ink, paper in header:
-        for line in _wrap(draw, text, font, canvas.width - 2 * _MARGIN):
-            left, top, right, bottom = draw.textbbox((_MARGIN, y), line, font=font)
-            draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
-            draw.text((_MARGIN, y), line, fill=ink, font=font)
-            y = bottom + _MARGIN
+    for y, (left, top, right, bottom), line, ink, paper in header:
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
+        draw.text((_MARGIN, y), line, fill=ink, font=font)
     return canvas
 
 
-_MARGIN = 4
 
-
-def _header_lines(result: SmearResult) -> list[tuple[str, tuple[int, int, int], tuple[int, int, int]]]:
+def _header_lines(result: SmearResult) -> list[tuple[str, Colour, Colour]]:
     """(text, ink, paper) of each paragraph of the band: warnings first, then the count."""
     d = result.differential
     count = f"WBC {d.total}"
@@ -91,13 +87,18 @@ def _header_lines(result: SmearResult) -> list[tuple[str, tuple[int, int, int], 
     return lines
 
 
-def _band_height(draw: ImageDraw.ImageDraw, header, font: ImageFont.ImageFont, width: int) -> int:
-    """Height of the text band: the paragraphs wrapped to the field's width, as ``annotate`` lays them out."""
+def _laid_out(draw: ImageDraw.ImageDraw, paragraphs: list[tuple[str, Colour, Colour]], font: ImageFont.ImageFont,
+              width: int) -> list[tuple[int, tuple[int, int, int, int], str, Colour, Colour]]:
+    """Each line of the band, wrapped to ``width``, top down: (where it is drawn, its text box,
+    text, ink, paper). Laid out once, so that the band is as high as the lines drawn in it."""
+    lines = []
     y = _MARGIN
-    for text, _, _ in header:
+    for text, ink, paper in paragraphs:
         for line in _wrap(draw, text, font, width - 2 * _MARGIN):
-            y = draw.textbbox((_MARGIN, y), line, font=font)[3] + _MARGIN
-    return y + _MARGIN
+            box = draw.textbbox((_MARGIN, y), line, font=font)
+            lines.append((y, box, line, ink, paper))
+            y = box[3] + _MARGIN
+    return lines
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
