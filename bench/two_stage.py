@@ -98,17 +98,16 @@ def composed(decider: "np.ndarray", typer: "np.ndarray", decider_classes: Sequen
 
 
 def _outputs(classifier: "CellClassifier", paths: Sequence[Path]) -> tuple["np.ndarray", "np.ndarray"]:
-    """Calibrated probabilities and OOD scores of every file, 64 at a time."""
+    """Calibrated probabilities (in the classifier's class order) and OOD scores (NaN without
+    statistics) of every file."""
     import numpy as np
 
-    from leukoscope.io import load_image
-
-    probabilities, scores = [], []
-    for start in range(0, len(paths), 64):
-        p, s = classifier.outputs([load_image(path).convert("RGB") for path in paths[start:start + 64]])
-        probabilities.append(p)
-        scores.append(s if s is not None else np.full(len(p), np.nan))
-    return np.concatenate(probabilities), np.concatenate(scores)
+    predictions = classifier.predict_paths(paths)
+    unreadable = [p.source for p in predictions if p.error]
+    if unreadable:
+        raise SystemExit(f"{len(unreadable)} crop(s) cannot be read, e.g. {unreadable[0]}")
+    return (np.array([[p.probabilities[c] for c in classifier.classes] for p in predictions]),
+            np.array([np.nan if p.ood_score is None else p.ood_score for p in predictions]))
 
 
 def score(decider_bundle: str, typer_bundle: str, split_file: Path, crops: Path) -> dict[str, Any]:
