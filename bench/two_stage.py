@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from loso import TYPES  # noqa: E402  (bench/ scripts share helpers as modules)
+from loso import scores as type_scores  # noqa: E402
 from zoo import BLAST, crop_source  # noqa: E402
 
 if TYPE_CHECKING:
@@ -152,10 +153,8 @@ def score(decider_bundle: str, typer_bundle: str, split_file: Path, crops: Path)
             row["typer_ood_auroc"] = round(ood_auroc(typer_in, scores), 4)
         if all(t in typer.classes for t in truth):  # a typed control (BCCD)
             for rule, c in found.items():
-                row[f"types_{rule}"] = round(sum(a == t for a, t in zip(c, truth)) / max(1, len(truth)), 4)
-                recalls = [sum(a == t == kind for a, t in zip(c, truth)) / truth.count(kind)
-                           for kind in TYPES if kind in truth]
-                row[f"types_balanced_{rule}"] = round(sum(recalls) / max(1, len(recalls)), 4)
+                typed = type_scores(truth, c, TYPES)  # bench/loso.py's: a call outside the types is wrong
+                row[f"types_{rule}"], row[f"types_balanced_{rule}"] = typed["accuracy"], typed["balanced_accuracy"]
         result["controls"][name] = row
     return result
 
