@@ -111,25 +111,31 @@ def test_analyzer_tiles_a_large_field_and_finds_a_straddling_cell_once() -> None
 
 def test_the_text_band_sits_above_the_field_not_on_it() -> None:
     """A 224 px field (all-taleqani's size) with a cell in its top-left corner: the count, the
-    warning and the disclaimer go in a band above the field, which the picture keeps whole."""
+    warning and the disclaimer go in a band above the field, which the picture keeps whole,
+    enlarged three times so that the labels are small beside the cells."""
     from leukoscope.inference.differential import CountRules
-    from leukoscope.inference.drawing import annotate
+    from leukoscope.inference.drawing import annotate, enlargement
     from leukoscope.inference.smear_result import Cell, SmearResult
 
+    assert enlargement((224, 224)) == 3 and enlargement((360, 363)) == 2
+    assert enlargement((640, 480)) == enlargement((2592, 1944)) == 1
     rules = CountRules(("blast", "lymphocyte"), ("blast",))
     cell = Cell(1, (2.0, 2.0, 60.0, 60.0), "WBC", 0.9, "blast", "blast", 0.94, False, {"blast": 0.94, "lymphocyte": 0.06})
     differential = rules.count(["blast"])
-    differential.warnings.append("a warning long enough to take two lines on a field this narrow, or more")
+    differential.warnings.append("a warning long enough to take two lines on a field this narrow, even three times "
+                                 "wider than it is, because it goes on and on")
     result = SmearResult("f.png", 224, 224, [cell], {"WBC": 1}, differential, cell_classes=list(rules.classes))
     field = np.full((224, 224, 3), (230, 200, 210), np.uint8)
+    field[100:110, 150:160] = (90, 40, 120)  # a dark patch, to see that the field is enlarged, not moved
     drawn = np.asarray(annotate(Image.fromarray(field), result))
-    band = drawn.shape[0] - 224
-    assert drawn.shape[1] == 224 and band > 40  # four paragraphs, the warning wrapped
+    enlarged = field.repeat(3, axis=0).repeat(3, axis=1)
+    band = drawn.shape[0] - 672
+    assert drawn.shape[1] == 672 and band > 40  # four paragraphs, the warning wrapped
     assert (drawn[:band] == (200, 0, 0)).all(axis=-1).sum() > 500  # the warning, white on red, in the band
     # Right of the cell's box and label, the field's top rows are untouched: no text over them.
-    assert np.array_equal(drawn[band:band + 64, 130:], field[:64, 130:])
-    assert np.array_equal(drawn[band + 70:], field[70:])
-    assert (drawn[band + 20:band + 58, 2:5] == (213, 0, 0)).all()  # the blast's box (under its label), on the field
+    assert np.array_equal(drawn[band:band + 192, 390:], enlarged[:192, 390:])
+    assert np.array_equal(drawn[band + 200:], enlarged[200:])
+    assert (drawn[band + 60:band + 174, 6:9] == (213, 0, 0)).all()  # the blast's box (under its label), on the field
 
 
 def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from leukoscope.data.readers import read_dataset
+from leukoscope.inference.drawing import enlargement
 from tests.service.helpers import cell_image, encode, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -477,7 +478,8 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
             assert np.array_equal(np.asarray(crop), np.asarray(expected))
         annotated = client.get(case["images"][0]["annotated_url"], headers=headers)
         drawn = Image.open(io.BytesIO(annotated.content))
-        assert drawn.width == field.width and drawn.height > field.height  # the field, under its text band
+        factor = enlargement(field.size)  # a small field is drawn enlarged
+        assert drawn.width == field.width * factor and drawn.height > field.height * factor  # under its text band
         page = service.login("tech").get(f"/cases/{case['id']}")
         assert page.status_code == 200 and page.text.count('<figure class="cell') == len(case["cells"])
     finally:

@@ -13,7 +13,16 @@ _COLOURS = {UNCERTAIN: (230, 140, 0), "blast": (213, 0, 0), "other": (0, 90, 200
 _CELL_PALETTE = [(0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233), (240, 228, 66), (0, 0, 0)]
 _WARNING_RED = (200, 0, 0)
 _MARGIN = 4
+_SMALL_FIELD = 640  # a field whose longer side is shorter is drawn enlarged (labels legible)
 Colour = tuple[int, int, int]
+
+
+def enlargement(size: tuple[int, int]) -> int:
+    """How many times the annotated picture enlarges a field of ``size`` (width, height): a whole
+    number, so that each pixel becomes a square block and nothing is invented between them. On a
+    224 px field (all-taleqani's) an 11 px label is half the width of the field and the labels of
+    neighbouring cells cover one another and the cells; three times larger they do not."""
+    return max(1, -(-_SMALL_FIELD // max(size)))
 
 
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
@@ -23,8 +32,12 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     every quality warning (white on red, so that a reviewer who sees only the picture sees it
     too), what ``!`` means when a cell has it, and the decision-support sentence. The band sits
     above the field, not on it, so that no cell is hidden under the text (on a 224 px field it
-    would cover a third of the image); the picture keeps the field's width."""
+    would cover a third of the image); the picture keeps the field's width, enlarged by
+    :func:`enlargement` when the field is small."""
     field = image.copy() if image.mode == "RGB" else image.convert("RGB")
+    factor = enlargement(field.size)
+    if factor > 1:
+        field = field.resize((field.width * factor, field.height * factor), Image.Resampling.NEAREST)
     scale = max(1, round(max(field.size) / 700))
     try:
         font = ImageFont.load_default(size=11 * scale)
@@ -36,8 +49,8 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     canvas.paste(field, (0, band))
     draw = ImageDraw.Draw(canvas)
 
-    def shifted(box) -> tuple[float, float, float, float]:
-        return box[0], box[1] + band, box[2], box[3] + band
+    def shifted(box) -> tuple[float, float, float, float]:  # field pixels -> the picture's
+        return box[0] * factor, box[1] * factor + band, box[2] * factor, box[3] * factor + band
 
     if result.detections is not None:
         wbc_boxes = {tuple(np.round(cell.box, 2)) for cell in result.cells}
@@ -68,7 +81,6 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
         draw.text((_MARGIN, y), line, fill=ink, font=font)
     return canvas
-
 
 
 def _header_lines(result: SmearResult) -> list[tuple[str, Colour, Colour]]:
