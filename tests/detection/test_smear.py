@@ -138,6 +138,23 @@ def test_the_text_band_sits_above_the_field_not_on_it() -> None:
     assert (drawn[band + 60:band + 174, 6:9] == (213, 0, 0)).all()  # the blast's box (under its label), on the field
 
 
+def test_an_enlarged_field_keeps_the_text_size_of_its_own_size() -> None:
+    """A 600 px field is drawn twice as large (1200 px) with the text of a 600 px field, not of a
+    1200 px one: the band of a 700 px field, drawn as it is, is as high."""
+    from leukoscope.inference.differential import CountRules
+    from leukoscope.inference.drawing import annotate, enlargement
+    from leukoscope.inference.smear_result import SmearResult
+
+    rules = CountRules(("blast", "lymphocyte"), ("blast",))
+    bands = {}
+    for side in (600, 700):
+        result = SmearResult("f.png", side, side, [], {}, rules.count([]), cell_classes=list(rules.classes))
+        drawn = annotate(Image.new("RGB", (side, side), (230, 200, 210)), result)
+        assert drawn.width == side * enlargement((side, side))
+        bands[side] = drawn.height - drawn.width
+    assert bands[600] == bands[700] > 0
+
+
 def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
                                    tmp_path: Path) -> None:
     analyzer = SmearAnalyzer.from_bundles(detector_bundle, classifier_bundle, tile_size=128, overlap=48)

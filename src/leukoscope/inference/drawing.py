@@ -35,10 +35,11 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     would cover a third of the image); the picture keeps the field's width, enlarged by
     :func:`enlargement` when the field is small."""
     field = image.copy() if image.mode == "RGB" else image.convert("RGB")
+    # Text and lines are sized for the field as it came, so that on an enlarged one they are smaller beside the cells.
+    scale = max(1, round(max(field.size) / 700))
     factor = enlargement(field.size)
     if factor > 1:
         field = field.resize((field.width * factor, field.height * factor), Image.Resampling.NEAREST)
-    scale = max(1, round(max(field.size) / 700))
     try:
         font = ImageFont.load_default(size=11 * scale)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
