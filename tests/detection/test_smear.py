@@ -130,7 +130,7 @@ def test_the_text_band_sits_above_the_field_not_on_it() -> None:
     drawn = np.asarray(annotate(Image.fromarray(field), result))
     enlarged = field.repeat(3, axis=0).repeat(3, axis=1)
     band = drawn.shape[0] - 672
-    assert drawn.shape[1] == 672 and band > 40  # four paragraphs, the warning wrapped
+    assert drawn.shape[1] == 672 and band > 40  # three paragraphs, the warning wrapped
     assert (drawn[:band] == (200, 0, 0)).all(axis=-1).sum() > 500  # the warning, white on red, in the band
     # Right of the cell's box and label, the field's top rows are untouched: no text over them.
     assert np.array_equal(drawn[band:band + 192, 390:], enlarged[:192, 390:])
