@@ -592,9 +592,11 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   By source: {by_source} (target for pbc: >= 0.96); flagged unfamiliar: {_fmt(own.get('unfamiliar'))}
   of them (about 0.05 by construction).
 - **Left-out sources and controls** (never in training; targets from issue #11). "unfamiliar":
-  share flagged by the out-of-distribution score (Mahalanobis on the embedding, threshold at
-  the 95th percentile of validation cells); "OOD AUROC": that score telling the in-domain test
-  cells from the row's (target >= 0.9; taleqani-benign is the training lab, not a new source):
+  share flagged by the out-of-distribution score (Mahalanobis distances of five stages of the
+  network and of its penultimate embedding, each standardised on validation cells and summed;
+  threshold at the 95th percentile of validation cells); "OOD AUROC": that score telling the
+  in-domain test cells from the row's (target >= 0.9; taleqani-benign is the training lab, not a
+  new source):
 
 | cells | n | called blast | type accuracy | unfamiliar | OOD AUROC | verdict |
 |---|---|---|---|---|---|---|

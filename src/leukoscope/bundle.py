@@ -5,7 +5,8 @@ bundle/
   bundle.json        task, architecture, classes, preprocessing, calibration, metrics, provenance
   model.safetensors  weights of a torch model (no pickle: safe to load from an untrusted source)
   model.skops        or: the fitted scikit-learn pipeline of a classical model
-  ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix)
+  ood.safetensors    optional: out-of-distribution statistics (class means, precision matrix; one pair
+                     per part of the embedding when its ``ood`` entry names ``stages``)
   model.onnx         optional: the same classifier (a detector's dense part) as an ONNX graph
                      (`leukoscope export`)
   model.xml, .bin    or: a classifier as an OpenVINO IR graph (`leukoscope export --format openvino`)
@@ -494,7 +495,19 @@ def load_bundle(directory: str | Path, device: "str | torch.device" = "cpu",
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{weights}: weights do not match {info.model_name}: {str(exc)[:300]}") from None
+    _read_ood_stages(model, info, directory)
     return model.to(device).eval(), info
+
+
+def _read_ood_stages(model, info: BundleInfo, directory: Path) -> None:
+    """Give the model the embedding its OOD statistics were fitted on (their ``stages``)."""
+    from leukoscope.models.embedding import EmbeddingError, set_embedding_stages
+
+    stages = (info.ood or {}).get("stages", [])
+    try:
+        set_embedding_stages(model, stages)
+    except EmbeddingError as exc:
+        raise BundleError(f"{directory}: its OOD statistics read a stage the model lacks: {exc}") from None
 
 
 def _load_sklearn(directory: Path, info: BundleInfo):

@@ -358,17 +358,21 @@ def calibrate_ood(
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split whose train part fits the "
                                               "statistics and val part sets the threshold (default: the bundle's "
                                               "recorded split, when the data is its training data)."),
-    method: str = typer.Option("mahalanobis", help="mahalanobis (penultimate embedding) or energy (logits)."),
+    method: str = typer.Option("mahalanobis", help="mahalanobis (embedding) or energy (logits)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages (submodule names, comma-separated) read "
+                                         "beside the penultimate embedding, or 'none' for that embedding alone "
+                                         "(default: the architecture's; mobilenet_v2: features.3,6,10,13,16)."),
     quantile: float = typer.Option(0.95, help="Share of held-out in-distribution images below the threshold."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Fit the out-of-distribution flag of a classifier bundle: 'unlike anything it was trained on'.
 
-    Class means and a shrunk shared covariance of the penultimate embeddings on the
-    training part, the threshold at the 95th percentile of the validation part's scores
-    (5% false alarms). Then `predict` gives every image an ood_score and an unfamiliar
-    column, and `analyze` flags fields with many unfamiliar cells.
+    Class means and a shrunk shared covariance of the embeddings on the training part
+    (for the shipped architecture, one per stage of the network and one for its
+    penultimate layer), the threshold at the 95th percentile of the validation part's
+    scores (5% false alarms). Then `predict` gives every image an ood_score and an
+    unfamiliar column, and `analyze` flags fields with many unfamiliar cells.
     """
     from leukoscope.data.readers import check_dataset_path
 
@@ -381,13 +385,20 @@ def calibrate_ood(
         _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
     if method not in ("mahalanobis", "energy"):
         _fail(f"--method must be mahalanobis or energy, got {method!r}")
-    from leukoscope.tasks.ood import calibrate_bundle
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.tasks.ood import calibrate_bundle, stale_graph_warning
 
+    named = None if stages is None else [] if stages.strip() == "none" else [
+        name.strip() for name in stages.split(",") if name.strip()]
     stats, source = _run(calibrate_bundle, bundle, data, split_file=split_file, method=method, quantile=quantile,
-                         on_corrupt=on_corrupt, show_progress=not quiet)
+                         on_corrupt=on_corrupt, show_progress=not quiet, stages=named)
     console.print(f"OOD flag: {stats.method} threshold {stats.threshold:.4g} ({100 * stats.quantile:g}th percentile "
                   f"of {stats.details['threshold_images']} held-out images), fitted on "
-                  f"{stats.details['fit_images']} images from {escape(source)}", soft_wrap=True)
+                  f"{stats.details['fit_images']} images from {escape(source)}"
+                  f"{'; stages ' + ', '.join(stats.stages) if stats.stages else ''}", soft_wrap=True)
+    stale = stale_graph_warning(read_bundle_info(bundle).export, stats)
+    if stale:
+        console.print(f"[yellow]warning:[/] {escape(stale)}", soft_wrap=True)
     print(bundle)
 
 

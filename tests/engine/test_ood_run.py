@@ -113,3 +113,44 @@ def test_calibrate_ood_on_other_data_splits_that_data(run, synthetic_root: Path,
     assert missing.exit_code == 2 and "split file does not exist" in missing.output
     wrong = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(other), "--method", "knn"])
     assert wrong.exit_code == 2 and "mahalanobis or energy" in wrong.output
+
+
+def test_calibrate_ood_reads_the_stages_it_is_told_and_predict_and_the_export_use_them(
+        run, synthetic_root: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(run.bundle_dir, bundle)
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
+                                 "--stages", "features.3, features.7"])
+    assert result.exit_code == 0, result.output
+    assert "stages features.3, features.7" in " ".join(result.output.split())
+    ood = read_bundle_info(bundle).ood
+    assert ood["stages"] == ["features.3", "features.7"] and len(ood["part_scales"]) == 3
+    classifier = CellClassifier.from_bundle(bundle)
+    assert classifier.ood.stages == ("features.3", "features.7") and len(classifier.ood.widths) == 3
+    cells = [load_image(path) for path in _split_paths(run, "test")]
+    _, familiar = classifier.outputs(cells)
+    _, noise = classifier.outputs(_noise(len(cells)))
+    assert ood_auroc(familiar, noise) > 0.9
+    # the exported graph's embedding output holds the same parts: the same scores on onnxruntime
+    pytest.importorskip("onnxruntime")
+    from leukoscope.inference.export import export_onnx
+
+    exported_dir = export_onnx(bundle, tmp_path / "exported")
+    exported = CellClassifier.from_bundle(exported_dir, backend="onnxruntime")
+    assert np.allclose(exported.outputs(cells)[1], familiar, rtol=1e-3, atol=1e-3)
+    # refitted without the stages, the graph's embedding no longer fits the statistics: said at once
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(exported_dir), "--data", str(synthetic_root),
+                                 "--quiet", "--stages", "none"])
+    assert result.exit_code == 0, result.output
+    assert "export the bundle again" in " ".join(result.output.split())
+    with pytest.raises(ValueError, match="not the one the statistics were fitted on"):
+        CellClassifier.from_bundle(exported_dir, backend="onnxruntime").outputs(cells)
+    # --stages none: the penultimate embedding alone, stored as before stages existed
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
+                                 "--stages", "none"])
+    assert result.exit_code == 0, result.output
+    assert "stages" not in read_bundle_info(bundle).ood and CellClassifier.from_bundle(bundle).ood.widths == (60,)
+    wrong = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
+                                "--stages", "features.99"])
+    assert wrong.exit_code == 2 and "no submodule 'features.99'" in wrong.output
+    assert "stages" not in read_bundle_info(bundle).ood  # the refused call left the stored statistics alone

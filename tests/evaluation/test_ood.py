@@ -112,3 +112,49 @@ def test_mahalanobis_reads_the_direction_of_the_embedding_unless_told_otherwise(
     assert not np.allclose(raw.scores(None, x[:20] * 7.0), raw.scores(None, x[:20]))
     back = OodStats.from_parts(*raw.to_parts())
     assert not back.normalize and np.allclose(back.scores(None, x[:20]), raw.scores(None, x[:20]), rtol=1e-4)
+
+
+def _two_part_embeddings(rng: np.random.Generator, n: int, early_shift: float = 0.0):
+    """An embedding of two parts: an 'early stage' of 8 dimensions, then a 'penultimate' one of
+    5 that holds the classes. ``early_shift`` moves the early part only (another lab's stain)."""
+    penultimate, y = _gaussian_classes(rng, n)
+    early = rng.normal(size=(n, 8)) + 3.0
+    early[:, :4] += early_shift  # a change of direction: the parts are read at unit length
+    early[:, 4:] -= early_shift
+    return np.hstack([early, penultimate]), y
+
+
+def test_a_shift_only_an_early_stage_sees_is_caught_by_the_parts_and_missed_by_the_penultimate_part() -> None:
+    rng = np.random.default_rng(4)
+    train, y = _two_part_embeddings(rng, 600)
+    held, _ = _two_part_embeddings(rng, 300)
+    familiar, _ = _two_part_embeddings(rng, 300)
+    other_lab, _ = _two_part_embeddings(rng, 300, early_shift=2.0)
+    logits = rng.normal(size=(300, 3))
+    parts = calibrate_ood(train, y, logits, held, widths=(8, 5), stages=("features.3",))
+    alone = calibrate_ood(train[:, 8:], y, logits, held[:, 8:])
+    assert parts.widths == (8, 5) and parts.stages == ("features.3",) and len(parts.part_scales) == 2
+    assert ood_auroc(parts.scores(None, familiar), parts.scores(None, other_lab)) > 0.9
+    assert ood_auroc(alone.scores(None, familiar[:, 8:]), alone.scores(None, other_lab[:, 8:])) < 0.6
+    assert parts.unfamiliar(parts.scores(None, held)).mean() == pytest.approx(0.05, abs=0.01)
+    # each part standardised by its validation distances: a wide part does not outweigh a narrow one
+    for (centre, spread), distances in zip(parts.part_scales, parts.part_distances(held)):
+        assert centre == pytest.approx(distances.mean()) and spread == pytest.approx(distances.std())
+
+
+def test_stats_of_several_parts_round_trip_and_refuse_another_embedding() -> None:
+    rng = np.random.default_rng(5)
+    train, y = _two_part_embeddings(rng, 300)
+    stats = calibrate_ood(train, y, rng.normal(size=(100, 3)), train[:100], widths=(8, 5), stages=("features.3",))
+    entry, arrays = stats.to_parts()
+    assert sorted(arrays) == ["means.0", "means.1", "precision.0", "precision.1"]
+    assert entry["stages"] == ["features.3"] and arrays["precision.0"].shape == (8, 8)
+    back = OodStats.from_parts(entry, arrays)
+    assert back.stages == stats.stages and back.widths == (8, 5) and "stages" not in back.details
+    assert np.allclose(back.scores(None, train), stats.scores(None, train), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="features.3, then the penultimate layer"):
+        back.scores(None, train[:, 8:])  # a model read without its stages
+    with pytest.raises(ValueError, match="do not make the embedding's 13 dimensions"):
+        calibrate_ood(train, y, rng.normal(size=(100, 3)), train[:100], widths=(8, 4), stages=("features.3",))
+    with pytest.raises(ValueError, match="2 parts of class Gaussians for 0 stages"):
+        OodStats("mahalanobis", {"mahalanobis": 1.0}, stats.means, stats.precisions, part_scales=stats.part_scales)

@@ -144,8 +144,8 @@ def _ood_parts(dimensions: int = 1024, threshold: float = 1e9) -> tuple[dict, di
     from leukoscope.evaluation.ood import OodStats
 
     rng = np.random.default_rng(0)
-    stats = OodStats("mahalanobis", {"mahalanobis": threshold, "energy": 0.0}, rng.normal(size=(3, dimensions)),
-                     np.eye(dimensions), details={"fit_images": 30})
+    stats = OodStats("mahalanobis", {"mahalanobis": threshold, "energy": 0.0}, [rng.normal(size=(3, dimensions))],
+                     [np.eye(dimensions)], details={"fit_images": 30})
     return stats.to_parts()
 
 
@@ -173,7 +173,7 @@ def test_ood_statistics_round_trip_and_make_format_3(tmp_path: Path) -> None:
     assert payload["ood"]["file"] == OOD_FILE and (directory / OOD_FILE).is_file()
     classifier = CellClassifier.from_bundle(directory)
     assert classifier.ood.threshold == 1e9 and classifier.ood.details["fit_images"] == 30
-    assert np.allclose(classifier.ood.means, arrays["means"]) and classifier.ood.precision.shape == (1024, 1024)
+    assert np.allclose(classifier.ood.means[0], arrays["means"]) and classifier.ood.precisions[0].shape == (1024, 1024)
     image = Image.new("RGB", (40, 40), (200, 100, 150))
     prediction = classifier.predict_images([image])[0]
     assert prediction.ood_score is not None and prediction.ood_score > 0 and not prediction.unfamiliar

@@ -9,7 +9,8 @@ from torch import nn
 
 from leukoscope.models import create_model, list_models
 from leukoscope.models.classic import ClassicModel
-from leukoscope.models.embedding import EmbeddingError, final_linear, logits_and_embeddings
+from leukoscope.models.embedding import (DEFAULT_STAGES, EmbeddingError, embedding_stages, embedding_widths,
+                                         final_linear, logits_and_embeddings, set_embedding_stages)
 from leukoscope.models.jabeena import JabeenaCNN
 from leukoscope.preprocessing import Preprocessing, batched_outputs
 
@@ -71,3 +72,36 @@ def test_batched_outputs_match_batched_logits_for_torch_and_classical_models(syn
     logits, embeddings = batched_outputs(classic, pixels, preprocessing)
     assert np.allclose(logits, batched_logits(classic, pixels, preprocessing))
     assert embeddings.shape == (5, features.shape[1])  # k_best all: every standardised feature
+
+
+def test_stages_come_before_the_penultimate_embedding_each_averaged_over_the_image() -> None:
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    plain_logits, penultimate = logits_and_embeddings(model, x)
+    set_embedding_stages(model, ["features.3", "features.16"])
+    logits, embeddings = logits_and_embeddings(model, x)
+    with torch.no_grad():  # the same parts by hand: run the trunk block by block
+        h, pooled = x, {}
+        for index, block in enumerate(model.features):
+            h = block(h)
+            pooled[index] = h.mean(dim=(2, 3))
+    assert embedding_widths(model, x) == (24, 160, 1280) and embeddings.shape == (2, 24 + 160 + 1280)
+    assert torch.allclose(embeddings, torch.cat([pooled[3], pooled[16], penultimate], dim=1), atol=1e-5)
+    assert torch.equal(logits, plain_logits)  # reading the stages changes no answer
+    set_embedding_stages(model, [])
+    assert logits_and_embeddings(model, x)[1].shape == (2, 1280)  # back to the penultimate embedding alone
+
+
+def test_a_stage_the_model_lacks_is_named() -> None:
+    model = create_model("mobilenet_v2", num_classes=3)
+    with pytest.raises(EmbeddingError, match="no submodule 'features.99'"):
+        set_embedding_stages(model, ["features.3", "features.99"])
+    assert embedding_stages(model) == ()  # nothing half set
+
+
+def test_every_default_stage_exists_in_its_architecture() -> None:
+    for name, stages in DEFAULT_STAGES.items():
+        model = create_model(name, num_classes=3)
+        set_embedding_stages(model, stages)
+        assert embedding_stages(model) == stages

@@ -25,6 +25,7 @@ from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.learner import Learner, create_learner
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.loop import FitResult
+from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.inference.runtime import load_runtime
@@ -84,7 +85,7 @@ def run_experiment(
         result = learner.fit(prepared, run_dir=run_dir, resume=resume, show_progress=show_progress)
         metrics = evaluate_run(learner, prepared, config, run_dir, result)
         ood_entry, ood_arrays = None, None
-        ood = calibrate_run(learner, prepared, seed=config.train.seed)
+        ood = calibrate_run(learner, prepared, seed=config.train.seed, stages=default_stages(config.model.name))
         if ood is not None:
             ood_entry, ood_arrays = ood.to_parts()
         bundle_dir = save_bundle(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, make_split
 from leukoscope.evaluation.ood import DEFAULT_METHOD, DEFAULT_QUANTILE, OodStats, calibrate_ood
-from leukoscope.models.embedding import EmbeddingError
+from leukoscope.models.embedding import EmbeddingError, default_stages
 from leukoscope.preprocessing import batched_outputs, framework_of
 from leukoscope.progress import counter_callback, progress_bar, say
 
@@ -43,19 +43,38 @@ def fit_sample(n: int, seed: int = 0, limit: int = MAX_FIT_IMAGES) -> np.ndarray
 
 def stats_from_outputs(train_embeddings: np.ndarray, train_targets: np.ndarray, held_logits: np.ndarray,
                        held_embeddings: np.ndarray, framework: str, *, method: str = DEFAULT_METHOD,
-                       quantile: float = DEFAULT_QUANTILE, threshold_from: str = "val") -> OodStats:
+                       quantile: float = DEFAULT_QUANTILE, threshold_from: str = "val",
+                       widths: Sequence[int] | None = None, stages: Sequence[str] = ()) -> OodStats:
     """:func:`calibrate_ood`, with the energy score left out for a classical model (its logits
     are log-probabilities, whose energy is always 0)."""
     energy = framework == "torch"
     return calibrate_ood(train_embeddings, train_targets, held_logits, held_embeddings,
                          method=method if energy else "mahalanobis", quantile=quantile, energy=energy,
-                         threshold_from=threshold_from)
+                         threshold_from=threshold_from, widths=widths, stages=stages)
+
+
+def read_stages(model, stages: Sequence[str], example) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """Set the stages ``model``'s embedding reads (a torch model; a classical one has none) and
+    return them with the embedding's part widths (None: one part), measured on ``example`` (a
+    model input)."""
+    if framework_of(model) != "torch":
+        if stages:
+            raise EmbeddingError("a classical model has no stages to read; its embedding is its selected features")
+        return (), None
+    from leukoscope.models.embedding import embedding_widths, set_embedding_stages
+
+    set_embedding_stages(model, stages)
+    if not stages:
+        return (), None
+    device = next(model.parameters()).device
+    return tuple(stages), embedding_widths(model, example[:1].to(device))
 
 
 def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str = DEFAULT_METHOD,
-                  seed: int = 0) -> OodStats | None:
+                  seed: int = 0, stages: Sequence[str] = ()) -> OodStats | None:
     """The OOD statistics of a freshly trained model (None, with a warning, when its embedding cannot
-    be read). Without a validation split the threshold comes from the training split, whose scores
+    be read), on its embedding with ``stages`` (:func:`leukoscope.models.embedding.default_stages`).
+    Without a validation split the threshold comes from the training split, whose scores
     are lower: more false alarms on new images, said in the log and in ``threshold_from``."""
     train = prepared.parts["train"]
     held_name = "val" if "val" in prepared.parts else "train"
@@ -67,11 +86,14 @@ def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str =
     images = train.images if sample is None else train.images[torch_index(sample)]
     targets = np.asarray(train.targets) if sample is None else np.asarray(train.targets)[sample]
     try:
+        example = learner.preprocessing.model_input(images[:1]) if framework_of(learner.model) == "torch" else None
+        stages, widths = read_stages(learner.model, stages, example)
         _, train_embeddings = learner.outputs(images)
         held = prepared.parts[held_name]
         held_logits, held_embeddings = learner.outputs(held.images)
         stats = stats_from_outputs(train_embeddings, targets, held_logits, held_embeddings,
-                                   framework_of(learner.model), method=method, threshold_from=held_name)
+                                   framework_of(learner.model), method=method, threshold_from=held_name,
+                                   widths=widths, stages=stages)
         if "test" in prepared.parts:
             logits, embeddings = learner.outputs(prepared.parts["test"].images)
             stats.details["test_unfamiliar_share"] = round(float(stats.unfamiliar(
@@ -134,26 +156,50 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
 
 def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | Path | None = None,
                      method: str = DEFAULT_METHOD, quantile: float = DEFAULT_QUANTILE, on_corrupt: str = "skip",
-                     device: str = "cpu", seed: int = 0, show_progress: bool = True) -> tuple[OodStats, str]:
+                     device: str = "cpu", seed: int = 0, show_progress: bool = True,
+                     stages: Sequence[str] | None = None) -> tuple[OodStats, str]:
     """Fit and store the OOD statistics of an existing classifier ``bundle`` on labelled ``data``
-    (see :func:`fit_parts`); returns them and where the images came from."""
+    (see :func:`fit_parts`); returns them and where the images came from. ``stages``: the model's
+    stages the score reads beside its penultimate embedding (default: its architecture's
+    :func:`~leukoscope.models.embedding.default_stages`; empty: the penultimate embedding alone)."""
     train, held, held_name, source = fit_parts(bundle, data, split_file, seed)
     sample = fit_sample(len(train), seed)
     if sample is not None:
         train = train.subset(sample.tolist())
     model, info = load_bundle(bundle, device, task="classify")
+    if stages is None:
+        stages = default_stages(info.model_name) if info.framework == "torch" else ()
     preprocessing = info.preprocessing
-    outputs = {}
+    outputs, widths = {}, None
     for name, part in (("fit", train), ("threshold", held)):
         with progress_bar(len(part), f"decoding ({name})", enabled=show_progress) as update:
             pixels, kept, _ = preprocessing.decode(part, on_corrupt=on_corrupt, progress=counter_callback(update))
         if len(kept) == 0:
             raise DatasetError(f"no readable image to {name} the OOD statistics on ({source})")
+        if name == "fit":
+            example = preprocessing.model_input(pixels[:1]) if info.framework == "torch" else None
+            stages, widths = read_stages(model, stages, example)
         outputs[name] = (*batched_outputs(model, pixels, preprocessing, device), np.asarray(kept.targets))
     _, fit_embeddings, fit_targets = outputs["fit"]
     held_logits, held_embeddings, _ = outputs["threshold"]
     stats = stats_from_outputs(fit_embeddings, fit_targets, held_logits, held_embeddings, info.framework,
-                               method=method, quantile=quantile, threshold_from=held_name)
+                               method=method, quantile=quantile, threshold_from=held_name, widths=widths,
+                               stages=stages)
     stats.details["fitted_on"] = source
     save_ood(bundle, *stats.to_parts())
+    stale = stale_graph_warning(info.export, stats)
+    if stale:
+        log.warning("%s: %s", bundle, stale)
     return stats, source
+
+
+def stale_graph_warning(export_record: dict | None, stats: OodStats) -> str | None:
+    """What to say when a bundle's exported graph gives another embedding than ``stats`` read
+    (their stages changed after the export); None when it fits or there is no graph."""
+    for output in (export_record or {}).get("outputs", []):
+        width = output.get("shape", [None])[-1] if output.get("name") == "embedding" else None
+        if stats.means and isinstance(width, int) and width != sum(stats.widths):
+            return (f"its exported graph gives a {width}-wide embedding and the OOD statistics read "
+                    f"{sum(stats.widths)} (stages: {', '.join(stats.stages) or 'none'}): export the bundle again "
+                    f"before running it on onnxruntime or openvino")
+    return None
