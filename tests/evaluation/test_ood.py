@@ -158,3 +158,18 @@ def test_stats_of_several_parts_round_trip_and_refuse_another_embedding() -> Non
         calibrate_ood(train, y, rng.normal(size=(100, 3)), train[:100], widths=(8, 4), stages=("features.3",))
     with pytest.raises(ValueError, match="2 parts of class Gaussians for 0 stages"):
         OodStats("mahalanobis", {"mahalanobis": 1.0}, stats.means, stats.precisions, part_scales=stats.part_scales)
+
+
+def test_a_part_that_barely_varies_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(6)
+    train, y = _two_part_embeddings(rng, 300)
+    train[:, :8] = 3.0 + 1e-9 * rng.normal(size=(300, 8))  # every image the same direction: rounding noise
+    with caplog.at_level("WARNING", logger="leukoscope.evaluation.ood"):
+        stats = calibrate_ood(train, y, rng.normal(size=(100, 3)), train[:100], widths=(8, 5), stages=("features.3",))
+    assert stats.details["flat_parts"] == [0] and "part(s) 0 of 2" in caplog.text
+    caplog.clear()
+    healthy, y = _two_part_embeddings(rng, 300)
+    with caplog.at_level("WARNING", logger="leukoscope.evaluation.ood"):
+        stats = calibrate_ood(healthy, y, rng.normal(size=(100, 3)), healthy[:100], widths=(8, 5),
+                              stages=("features.3",))
+    assert "flat_parts" not in stats.details and caplog.text == ""
