@@ -102,7 +102,8 @@ def wbc_crops(root: Path, limit: int, seed: int, margin: float = 0.1) -> list[Im
 
 def raw_mahalanobis(classifier: CellClassifier, split: Split, seed: int) -> OodStats:
     """Mahalanobis on the raw (not unit-length) embeddings, fitted as the bundle's statistics are:
-    class Gaussians on the train part (at most 10,000 images), threshold on the val part."""
+    class Gaussians on the train part (at most 10,000 images) for each part of the embedding the
+    bundle reads (its stages', if any, and the penultimate one), threshold on the val part."""
     outputs = {}
     for part in ("train", "val"):
         manifest = split.manifest(part)
@@ -112,7 +113,8 @@ def raw_mahalanobis(classifier: CellClassifier, split: Split, seed: int) -> OodS
         outputs[part] = (*batched_outputs(classifier.model, pixels, classifier.preprocessing), kept.targets)
     (_, train, targets), (logits, held, _) = outputs["train"], outputs["val"]
     return calibrate_ood(train, np.asarray(targets), logits, held, normalize=False,
-                         energy=classifier.info.framework == "torch")
+                         energy=classifier.info.framework == "torch", widths=classifier.ood.widths,
+                         stages=classifier.ood.stages)
 
 
 def scores(classifier: CellClassifier, raw: OodStats, images: list[Image.Image]) -> dict[str, np.ndarray]:

@@ -34,7 +34,10 @@ an ``export`` entry: the record of an exported graph (``model.onnx``, written by
 classifier's input style (``preprocessing.colour`` other than ``rgb``,
 ``preprocessing.standardize``); only bundles that set one say 5, and bundle.json
 leaves the defaults out, so every other bundle reads as before. Version 6 adds stain
-normalisation (``preprocessing.stain``), in the same way.
+normalisation (``preprocessing.stain``), in the same way. Version 7 adds OOD statistics
+that read the network's stages (the ``ood`` entry's ``stages`` and ``part_scales``, one
+``means.<k>`` / ``precision.<k>`` pair per part in ``ood.safetensors``); only bundles
+with such statistics say 7.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ if TYPE_CHECKING:  # torch is imported where models are built or saved: reading 
     import torch
     from torch import nn
 
-BUNDLE_FORMAT_VERSION = 6
+BUNDLE_FORMAT_VERSION = 7
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
 #: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
@@ -65,8 +68,10 @@ FORMAT_3 = 3
 FORMAT_4 = 4
 #: What a bundle with an input style (colour, standardisation) but no stain normalisation is written as.
 FORMAT_5 = 5
+#: What a bundle with stain normalisation but no OOD stages is written as.
+FORMAT_6 = 6
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
@@ -299,8 +304,10 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if info.preprocessing is not None and info.preprocessing.stain is not None:
+    if (info.ood or {}).get("stages"):
         info.format_version = BUNDLE_FORMAT_VERSION
+    elif info.preprocessing is not None and info.preprocessing.stain is not None:
+        info.format_version = FORMAT_6
     elif info.preprocessing is not None and info.preprocessing.styled:
         info.format_version = FORMAT_5
     elif info.export is not None:
@@ -415,8 +422,10 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
     """Refuse an exported bundle changed since its graph was made: ``model.safetensors`` is no longer
     the file the graph holds (``export.weights_sha256``), or ``model_options`` are no longer those it
     was built with (``export.model_options``, recorded since they are part of the graph, e.g. the box
-    pooling's ``roi_sampling_ratio``). Its graph would give the old model's results while ``--backend
-    torch``, its metrics and its calibration describe the new one."""
+    pooling's ``roi_sampling_ratio``), or its OOD statistics read other embedding stages than the
+    graph's ``embedding`` output holds (``export.embedding_stages``; refitted by ``calibrate-ood``).
+    Its graph would give the old model's results while ``--backend torch``, its metrics and its
+    calibration describe the new one."""
     record = info.export or {}
     recorded = record.get("weights_sha256")
     changed = None
@@ -424,6 +433,10 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
         changed = f"{WEIGHTS_FILE} has changed"
     elif "model_options" in record and json.loads(json.dumps(info.model_options)) != record["model_options"]:
         changed = "its model_options have changed"
+    elif info.ood is not None and list(info.ood.get("stages", [])) != list(record.get("embedding_stages", [])):
+        # Graphs exported before stages existed record none: their embedding is the penultimate one.
+        changed = (f"its OOD statistics now read the stages {info.ood.get('stages', []) or 'none'} and its graph "
+                   f"gives {record.get('embedding_stages', []) or 'none'}")
     if changed:
         raise BundleError(f"{directory}: {changed} since its graph was exported (the graph still holds the old "
                           f"model): run `leukoscope export` on the bundle again, or use --backend torch")

@@ -361,7 +361,8 @@ def calibrate_ood(
     method: str = typer.Option("mahalanobis", help="mahalanobis (embedding) or energy (logits)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages (submodule names, comma-separated) read "
                                          "beside the penultimate embedding, or 'none' for that embedding alone "
-                                         "(default: the architecture's; mobilenet_v2: features.3,6,10,13,16)."),
+                                         "(default: the architecture's; mobilenet_v2: features.3,features.6,features.10,"
+                                         "features.13,features.16)."),
     quantile: float = typer.Option(0.95, help="Share of held-out in-distribution images below the threshold."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -385,8 +386,8 @@ def calibrate_ood(
         _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
     if method not in ("mahalanobis", "energy"):
         _fail(f"--method must be mahalanobis or energy, got {method!r}")
-    from leukoscope.bundle import read_bundle_info
-    from leukoscope.tasks.ood import calibrate_bundle, stale_graph_warning
+    from leukoscope.bundle import BundleError, check_export_matches, read_bundle_info
+    from leukoscope.tasks.ood import calibrate_bundle
 
     named = None if stages is None else [] if stages.strip() == "none" else [
         name.strip() for name in stages.split(",") if name.strip()]
@@ -396,9 +397,10 @@ def calibrate_ood(
                   f"of {stats.details['threshold_images']} held-out images), fitted on "
                   f"{stats.details['fit_images']} images from {escape(source)}"
                   f"{'; stages ' + ', '.join(stats.stages) if stats.stages else ''}", soft_wrap=True)
-    stale = stale_graph_warning(read_bundle_info(bundle).export, stats)
-    if stale:
-        console.print(f"[yellow]warning:[/] {escape(stale)}", soft_wrap=True)
+    try:  # an exported graph made before the statistics: its embedding may no longer be theirs
+        check_export_matches(bundle, read_bundle_info(bundle))
+    except BundleError as exc:
+        console.print(f"[yellow]warning:[/] {escape(str(exc))}", soft_wrap=True)
     print(bundle)
 
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from leukoscope.bundle import OOD_FILE, read_bundle_info
+from leukoscope import bundle as bundle_module
+from leukoscope.bundle import OOD_FILE, BundleError, read_bundle_info
 from leukoscope.cli import app
 from leukoscope.engine.config import load_config
 from leukoscope.evaluation.ood import ood_auroc
@@ -116,7 +117,7 @@ def test_calibrate_ood_on_other_data_splits_that_data(run, synthetic_root: Path,
 
 
 def test_calibrate_ood_reads_the_stages_it_is_told_and_predict_and_the_export_use_them(
-        run, synthetic_root: Path, tmp_path: Path) -> None:
+        run, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(run.bundle_dir, bundle)
     result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
@@ -125,6 +126,13 @@ def test_calibrate_ood_reads_the_stages_it_is_told_and_predict_and_the_export_us
     assert "stages features.3, features.7" in " ".join(result.output.split())
     ood = read_bundle_info(bundle).ood
     assert ood["stages"] == ["features.3", "features.7"] and len(ood["part_scales"]) == 3
+    # Format 7: leukoscope before it asks for an upgrade instead of calling the statistics incomplete.
+    assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 7
+    with monkeypatch.context() as older:
+        older.setattr(bundle_module, "READABLE_VERSIONS", (1, 2, 3, 4, 5, 6))
+        older.setattr(bundle_module, "BUNDLE_FORMAT_VERSION", 6)
+        with pytest.raises(BundleError, match="format 7 is not supported.*upgrade leukoscope"):
+            read_bundle_info(bundle)
     classifier = CellClassifier.from_bundle(bundle)
     assert classifier.ood.stages == ("features.3", "features.7") and len(classifier.ood.widths) == 3
     cells = [load_image(path) for path in _split_paths(run, "test")]
@@ -138,18 +146,23 @@ def test_calibrate_ood_reads_the_stages_it_is_told_and_predict_and_the_export_us
     exported_dir = export_onnx(bundle, tmp_path / "exported")
     exported = CellClassifier.from_bundle(exported_dir, backend="onnxruntime")
     assert np.allclose(exported.outputs(cells)[1], familiar, rtol=1e-3, atol=1e-3)
-    # refitted without the stages, the graph's embedding no longer fits the statistics: said at once
+    # refitted without the stages, the graph's embedding no longer fits the statistics: said at once, and
+    # the graph is refused (a graph of other stages of the same total width would score silently wrong)
     result = runner.invoke(app, ["calibrate-ood", "--bundle", str(exported_dir), "--data", str(synthetic_root),
                                  "--quiet", "--stages", "none"])
     assert result.exit_code == 0, result.output
-    assert "export the bundle again" in " ".join(result.output.split())
-    with pytest.raises(ValueError, match="not the one the statistics were fitted on"):
-        CellClassifier.from_bundle(exported_dir, backend="onnxruntime").outputs(cells)
+    said = " ".join(result.output.split())
+    assert "now read the stages none and its graph gives ['features.3', 'features.7']" in said
+    assert "run `leukoscope export` on the bundle again" in said
+    with pytest.raises(BundleError, match="its OOD statistics now read the stages none"):
+        CellClassifier.from_bundle(exported_dir, backend="onnxruntime")
+    assert CellClassifier.from_bundle(exported_dir).ood.widths == (60,)  # torch reads what the statistics do
     # --stages none: the penultimate embedding alone, stored as before stages existed
     result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
                                  "--stages", "none"])
     assert result.exit_code == 0, result.output
     assert "stages" not in read_bundle_info(bundle).ood and CellClassifier.from_bundle(bundle).ood.widths == (60,)
+    assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 3  # as before stages existed
     wrong = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(synthetic_root), "--quiet",
                                 "--stages", "features.99"])
     assert wrong.exit_code == 2 and "no submodule 'features.99'" in wrong.output

@@ -136,7 +136,7 @@ def test_a_shift_only_an_early_stage_sees_is_caught_by_the_parts_and_missed_by_t
     assert parts.widths == (8, 5) and parts.stages == ("features.3",) and len(parts.part_scales) == 2
     assert ood_auroc(parts.scores(None, familiar), parts.scores(None, other_lab)) > 0.9
     assert ood_auroc(alone.scores(None, familiar[:, 8:]), alone.scores(None, other_lab[:, 8:])) < 0.6
-    assert parts.unfamiliar(parts.scores(None, held)).mean() == pytest.approx(0.05, abs=0.01)
+    assert parts.unfamiliar(parts.scores(None, familiar)).mean() < 0.12  # new in-distribution draws: about 5%
     # each part standardised by its validation distances: a wide part does not outweigh a narrow one
     for (centre, spread), distances in zip(parts.part_scales, parts.part_distances(held)):
         assert centre == pytest.approx(distances.mean()) and spread == pytest.approx(distances.std())

@@ -93,10 +93,27 @@ def test_stages_come_before_the_penultimate_embedding_each_averaged_over_the_ima
     assert logits_and_embeddings(model, x)[1].shape == (2, 1280)  # back to the penultimate embedding alone
 
 
-def test_a_stage_the_model_lacks_is_named() -> None:
+def test_stages_named_out_of_run_order_keep_the_named_order() -> None:
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    set_embedding_stages(model, ["features.16", "features.3"])
+    _, embeddings = logits_and_embeddings(model, x)
+    with torch.no_grad():
+        early = model.features[:4](x)
+        late = model.features[4:17](early)
+    assert embedding_widths(model, x) == (160, 24, 1280)
+    assert torch.allclose(embeddings[:, :160], late.mean(dim=(2, 3)), atol=1e-5)
+    assert torch.allclose(embeddings[:, 160:184], early.mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_a_stage_the_model_lacks_a_repeat_or_a_stage_inside_another_is_named() -> None:
     model = create_model("mobilenet_v2", num_classes=3)
     with pytest.raises(EmbeddingError, match="no submodule 'features.99'"):
         set_embedding_stages(model, ["features.3", "features.99"])
+    for stages in (["features.3", "features.3"], ["features", "features.3"]):
+        with pytest.raises(EmbeddingError, match="named twice or holds another stage"):
+            set_embedding_stages(model, stages)
     assert embedding_stages(model) == ()  # nothing half set
 
 

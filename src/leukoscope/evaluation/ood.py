@@ -220,9 +220,11 @@ def calibrate_ood(train_embeddings: np.ndarray, train_targets: np.ndarray, held_
         raise ValueError("no held-out images to set the OOD threshold on")
     train = np.asarray(train_embeddings, dtype=np.float64)
     widths = tuple(widths) if widths is not None else (train.shape[1],)
-    if sum(widths) != train.shape[1] or len(widths) != len(stages) + 1:
-        raise ValueError(f"embedding parts {widths} for {len(stages)} stages and the penultimate layer do not "
-                         f"make the embedding's {train.shape[1]} dimensions")
+    if len(widths) != len(stages) + 1:
+        raise ValueError(f"{len(widths)} embedding parts {widths} for {len(stages)} stages and the penultimate "
+                         f"layer: one part each")
+    if sum(widths) != train.shape[1]:
+        raise ValueError(f"embedding parts {widths} do not make the embedding's {train.shape[1]} dimensions")
     prepare = unit_length if normalize else (lambda x: x)
     split_at = np.cumsum(widths)[:-1]
     means, precisions, shrinkages = [], [], []

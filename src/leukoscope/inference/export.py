@@ -29,14 +29,14 @@ import copy
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from leukoscope.bundle import (GRAPH_FILES, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE,
                                BundleError, copy_bundle, load_bundle, read_bundle_info, save_export, weights_digest)
-from leukoscope.models.embedding import capture_embeddings
+from leukoscope.models.embedding import capture_embeddings, embedding_stages
 from leukoscope.pretrained import resolve_bundle
 
 FORMATS = ("onnx", "openvino")
@@ -198,7 +198,7 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)})
     check_graph(graph_tmp)
     record = export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source,
-                           info.model_options)
+                           info.model_options, embedding_stages(model))
     if paths is not None:
         from leukoscope.inference.quantize import quantize_graph
         from leukoscope.progress import progress_bar
@@ -265,7 +265,8 @@ def check_graph(path: Path) -> None:
 
 
 def export_record(model_name: str, image_size: int, classes: int, embedding: int, opset: int,
-                  source: Path, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  source: Path, model_options: dict[str, Any] | None = None,
+                  stages: Sequence[str] = ()) -> dict[str, Any]:
     """The ``export`` entry of ``bundle.json``: what the graph takes and gives, and how it was made."""
     return {
         "format": "onnx",
@@ -281,4 +282,7 @@ def export_record(model_name: str, image_size: int, classes: int, embedding: int
         # What the graph was made from: a bundle whose weights or options change no longer matches it.
         "weights_sha256": weights_digest(source),
         "model_options": dict(model_options or {}),
+        # The stages the embedding output holds (leukoscope.models.embedding): OOD statistics refitted
+        # on other stages no longer fit the graph.
+        "embedding_stages": list(stages),
     }

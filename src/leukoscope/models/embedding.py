@@ -31,9 +31,10 @@ class EmbeddingError(ValueError):
     run exactly once per forward pass."""
 
 
-#: Stages read beside the penultimate embedding, per architecture: MobileNetV2's blocks at the
-#: end of each resolution (56, 28, 14 and 7 px of a 224 px input: blocks 3, 6, 13, 16) and the
-#: middle of the 14 px ones (10). Measured for mobilenet_v2 only (the shipped classifier); other
+#: Stages read beside the penultimate embedding, per architecture: MobileNetV2's inverted-residual
+#: blocks at the end of the 56, 28 and 14 px resolutions of a 224 px input (blocks 3, 6, 13), the
+#: middle of the 14 px ones (10) and the last block before the final 1x1 convolution (16; block
+#: 18, that convolution, is what the penultimate embedding averages). Measured for mobilenet_v2 only (the shipped classifier); other
 #: architectures read the penultimate embedding alone until measured (``calibrate-ood --stages``
 #: names stages for any model).
 DEFAULT_STAGES: dict[str, tuple[str, ...]] = {
@@ -58,6 +59,11 @@ def set_embedding_stages(model: nn.Module, stages: Sequence[str]) -> None:
         except AttributeError:
             raise EmbeddingError(f"{type(model).__name__} has no submodule {name!r} to read as an embedding "
                                  f"stage") from None
+    for name in names:
+        # One module's output once: a repeat or a module inside another stage reads the same pixels twice.
+        if names.count(name) > 1 or any(other.startswith(name + ".") for other in names):
+            raise EmbeddingError(f"embedding stage {name!r} is named twice or holds another stage: name each "
+                                 f"stage once, none inside another")
     setattr(model, _STAGES_ATTRIBUTE, names)
 
 
@@ -111,18 +117,23 @@ def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 def embedding_widths(model: nn.Module, inputs: torch.Tensor) -> tuple[int, ...]:
     """The width of each part of ``model``'s embedding (its stages', then the penultimate one's),
     read from one forward pass of ``inputs``."""
-    widths: list[int] = []
+    stages = embedding_stages(model)
+    widths: dict[str, int] = {}  # by stage name: the embedding keeps the named order, not the run order
     training = model.training
     model.eval()  # one image through batch statistics would fail in training mode
+
+    def record(name: str, value: torch.Tensor) -> None:  # a hook that returned a value would replace the output
+        widths[name] = int(value.shape[1])
+
     with ExitStack() as hooks, torch.no_grad():
         hooks.callback(model.train, training)
-        for name in embedding_stages(model):
+        for name in stages:
             hooks.callback(model.get_submodule(name).register_forward_hook(
-                lambda _m, _i, output: widths.append(_pooled(output[:1]).shape[1])).remove)
+                lambda _m, _i, output, name=name: record(name, _pooled(output[:1]))).remove)
         hooks.callback(final_linear(model).register_forward_hook(
-            lambda _m, inputs_, _o: widths.append(inputs_[0][:1].flatten(1).shape[1])).remove)
+            lambda _m, inputs_, _o: record("", inputs_[0][:1].flatten(1))).remove)
         model(inputs[:1])
-    return tuple(widths)
+    return tuple(widths[name] for name in (*stages, ""))
 
 
 @torch.no_grad()

@@ -187,19 +187,4 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
                                stages=stages)
     stats.details["fitted_on"] = source
     save_ood(bundle, *stats.to_parts())
-    stale = stale_graph_warning(info.export, stats)
-    if stale:
-        log.warning("%s: %s", bundle, stale)
     return stats, source
-
-
-def stale_graph_warning(export_record: dict | None, stats: OodStats) -> str | None:
-    """What to say when a bundle's exported graph gives another embedding than ``stats`` read
-    (their stages changed after the export); None when it fits or there is no graph."""
-    for output in (export_record or {}).get("outputs", []):
-        width = output.get("shape", [None])[-1] if output.get("name") == "embedding" else None
-        if stats.means and isinstance(width, int) and width != sum(stats.widths):
-            return (f"its exported graph gives a {width}-wide embedding and the OOD statistics read "
-                    f"{sum(stats.widths)} (stages: {', '.join(stats.stages) or 'none'}): export the bundle again "
-                    f"before running it on onnxruntime or openvino")
-    return None
