@@ -122,3 +122,19 @@ def test_every_default_stage_exists_in_its_architecture() -> None:
         model = create_model(name, num_classes=3)
         set_embedding_stages(model, stages)
         assert embedding_stages(model) == stages
+
+
+def test_threads_sharing_one_model_each_get_their_own_embeddings() -> None:
+    """The service analyses smear fields on worker threads through one classifier: each forward
+    pass's hooks must record that pass only (before, a pass of another thread landed in the list)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=3).eval()
+    set_embedding_stages(model, DEFAULT_STAGES["mobilenet_v2"])
+    batches = [torch.randn(2, 3, 64, 64) for _ in range(8)]
+    expected = [logits_and_embeddings(model, x)[1] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            found = list(pool.map(lambda x: logits_and_embeddings(model, x)[1], batches))
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(found, expected))

@@ -19,6 +19,7 @@ bundle's OOD statistics when it is loaded, by :data:`DEFAULT_STAGES` when they a
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
@@ -94,8 +95,17 @@ def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     captured: list[torch.Tensor] = []
     stages = embedding_stages(model)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in stages}
+    # Hooks fire for every forward pass of the model, from any thread: another thread's pass through
+    # the same model (the service runs smear fields on worker threads) must not land in this list.
+    owner = threading.get_ident()
+
+    def stage(name: str, output: torch.Tensor) -> None:
+        if threading.get_ident() == owner:
+            parts[name].append(_pooled(output))
 
     def penultimate(_module, inputs, _output) -> None:
+        if threading.get_ident() != owner:
+            return
         embedding = inputs[0].detach().flatten(1).float().cpu()
         if stages:
             if any(len(parts[name]) != 1 for name in stages):
@@ -108,7 +118,7 @@ def capture_embeddings(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     with ExitStack() as hooks:
         for name in stages:
             handle = model.get_submodule(name).register_forward_hook(
-                lambda _module, _inputs, output, name=name: parts[name].append(_pooled(output)))
+                lambda _module, _inputs, output, name=name: stage(name, output))
             hooks.callback(handle.remove)
         hooks.callback(final_linear(model).register_forward_hook(penultimate).remove)
         yield captured
@@ -122,8 +132,11 @@ def embedding_widths(model: nn.Module, inputs: torch.Tensor) -> tuple[int, ...]:
     training = model.training
     model.eval()  # one image through batch statistics would fail in training mode
 
+    owner = threading.get_ident()
+
     def record(name: str, value: torch.Tensor) -> None:  # a hook that returned a value would replace the output
-        widths[name] = int(value.shape[1])
+        if threading.get_ident() == owner:
+            widths[name] = int(value.shape[1])
 
     with ExitStack() as hooks, torch.no_grad():
         hooks.callback(model.train, training)
