@@ -71,6 +71,11 @@ def unit_length(embeddings: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def split_parts(embeddings: np.ndarray, widths: Sequence[int]) -> list[np.ndarray]:
+    """The columns of each part of an embedding whose parts are ``widths`` wide, in order."""
+    return np.split(embeddings, np.cumsum(widths)[:-1], axis=1)
+
+
 def mahalanobis_scores(embeddings: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each embedding to its nearest class mean."""
     x = np.asarray(embeddings, dtype=np.float64)
@@ -144,7 +149,7 @@ class OodStats:
             stages = f" (stages {', '.join(self.stages)}, then the penultimate layer)" if self.stages else ""
             raise ValueError(f"embeddings of {x.shape[1:]} dimensions, statistics of {sum(self.widths)}{stages}: "
                              f"the model's embedding is not the one the statistics were fitted on")
-        parts = np.split(x, np.cumsum(self.widths)[:-1], axis=1)
+        parts = split_parts(x, self.widths)
         prepare = unit_length if self.normalize else (lambda a: a)
         return [mahalanobis_scores(prepare(part), m, p) for part, m, p in zip(parts, self.means, self.precisions)]
 
@@ -226,9 +231,8 @@ def calibrate_ood(train_embeddings: np.ndarray, train_targets: np.ndarray, held_
     if sum(widths) != train.shape[1]:
         raise ValueError(f"embedding parts {widths} do not make the embedding's {train.shape[1]} dimensions")
     prepare = unit_length if normalize else (lambda x: x)
-    split_at = np.cumsum(widths)[:-1]
     means, precisions, shrinkages = [], [], []
-    for part in np.split(train, split_at, axis=1):
+    for part in split_parts(train, widths):
         m, p, shrinkage = fit_class_gaussians(prepare(part), train_targets)
         # Rounded to the float32 the bundle stores, before the threshold and the part scales are
         # set: a loaded bundle then scores exactly as these statistics do (a nearly singular
@@ -236,7 +240,7 @@ def calibrate_ood(train_embeddings: np.ndarray, train_targets: np.ndarray, held_
         means.append(m.astype(np.float32).astype(np.float64))
         precisions.append(p.astype(np.float32).astype(np.float64))
         shrinkages.append(shrinkage)
-    held_parts = np.split(np.asarray(held_embeddings, dtype=np.float64), split_at, axis=1)
+    held_parts = split_parts(np.asarray(held_embeddings, dtype=np.float64), widths)
     held_distances = [mahalanobis_scores(prepare(part), m, p) for part, m, p in zip(held_parts, means, precisions)]
     part_scales = ([(float(d.mean()), float(max(d.std(), 1e-12))) for d in held_distances]
                    if len(widths) > 1 else [])
@@ -268,7 +272,7 @@ def flat_parts(embeddings: np.ndarray, widths: Sequence[int], targets: np.ndarra
     """The indices of the parts whose total within-class variance is below :data:`FLAT_VARIANCE`."""
     y = np.asarray(targets)
     flat = []
-    for index, part in enumerate(np.split(embeddings, np.cumsum(widths)[:-1], axis=1)):
+    for index, part in enumerate(split_parts(embeddings, widths)):
         x = prepare(part)
         centred = x - np.stack([x[y == c].mean(axis=0) for c in np.unique(y)])[np.searchsorted(np.unique(y), y)]
         if float((centred ** 2).sum(axis=1).mean()) < FLAT_VARIANCE:
