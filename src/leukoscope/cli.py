@@ -361,8 +361,8 @@ def calibrate_ood(
     method: str = typer.Option("mahalanobis", help="mahalanobis (embedding) or energy (logits)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages (submodule names, comma-separated) read "
                                          "beside the penultimate embedding, or 'none' for that embedding alone "
-                                         "(default: the architecture's; mobilenet_v2: features.3,features.6,features.10,"
-                                         "features.13,features.16)."),
+                                         "(default: the architecture's; mobilenet_v2: features.3,features.6,"
+                                         "features.10,features.13,features.16)."),
     quantile: float = typer.Option(0.95, help="Share of held-out in-distribution images below the threshold."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),

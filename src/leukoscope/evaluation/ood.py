@@ -185,7 +185,8 @@ class OodStats:
             entry["stages"] = list(self.stages)
             entry["part_scales"] = [[float(c), float(s)] for c, s in self.part_scales]
         if len(self.means) == 1:
-            return entry, {"means": self.means[0].astype(np.float32), "precision": self.precisions[0].astype(np.float32)}
+            return entry, {"means": self.means[0].astype(np.float32),
+                           "precision": self.precisions[0].astype(np.float32)}
         arrays = {}
         for k, (m, p) in enumerate(zip(self.means, self.precisions)):
             arrays[f"means.{k}"], arrays[f"precision.{k}"] = m.astype(np.float32), p.astype(np.float32)
@@ -252,7 +253,8 @@ def calibrate_ood(train_embeddings: np.ndarray, train_targets: np.ndarray, held_
     stats.thresholds = {name: float(np.quantile(values, quantile)) for name, values in held.items()}
     stats.details = {"fit_images": int(len(train_targets)), "threshold_images": int(len(held_logits)),
                      "threshold_from": threshold_from, "dimensions": int(train.shape[1]),
-                     "shrinkage": round(shrinkages[-1], 6) if len(shrinkages) == 1 else [round(s, 6) for s in shrinkages]}
+                     "shrinkage": (round(shrinkages[-1], 6) if len(shrinkages) == 1
+                                   else [round(s, 6) for s in shrinkages])}
     flat = flat_parts(train, widths, train_targets, prepare)
     if flat:
         stats.details["flat_parts"] = flat

@@ -35,9 +35,9 @@ class EmbeddingError(ValueError):
 #: Stages read beside the penultimate embedding, per architecture: MobileNetV2's inverted-residual
 #: blocks at the end of the 56, 28 and 14 px resolutions of a 224 px input (blocks 3, 6, 13), the
 #: middle of the 14 px ones (10) and the last block before the final 1x1 convolution (16; block
-#: 18, that convolution, is what the penultimate embedding averages). Measured for mobilenet_v2 only (the shipped classifier); other
-#: architectures read the penultimate embedding alone until measured (``calibrate-ood --stages``
-#: names stages for any model).
+#: 18, that convolution, is what the penultimate embedding averages). Measured for mobilenet_v2
+#: only (the shipped classifier); other architectures read the penultimate embedding alone until
+#: measured (``calibrate-ood --stages`` names stages for any model).
 DEFAULT_STAGES: dict[str, tuple[str, ...]] = {
     "mobilenet_v2": ("features.3", "features.6", "features.10", "features.13", "features.16"),
 }
