@@ -53,10 +53,10 @@ def stats_from_outputs(train_embeddings: np.ndarray, train_targets: np.ndarray, 
                          threshold_from=threshold_from, widths=widths, stages=stages)
 
 
-def read_stages(model, stages: Sequence[str], example) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+def read_stages(model, stages: Sequence[str], preprocessing, pixels) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
     """Set the stages ``model``'s embedding reads (a torch model; a classical one has none) and
-    return them with the embedding's part widths (None: one part), measured on ``example`` (a
-    model input)."""
+    return them with the embedding's part widths (None: one part), measured on the first image of
+    ``pixels`` (uint8, as ``preprocessing`` takes them)."""
     if framework_of(model) != "torch":
         if stages:
             raise EmbeddingError("a classical model has no stages to read; its embedding is its selected features")
@@ -67,7 +67,7 @@ def read_stages(model, stages: Sequence[str], example) -> tuple[tuple[str, ...],
     if not stages:
         return (), None
     device = next(model.parameters()).device
-    return tuple(stages), embedding_widths(model, example[:1].to(device))
+    return tuple(stages), embedding_widths(model, preprocessing.model_input(pixels[:1]).to(device))
 
 
 def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str = DEFAULT_METHOD,
@@ -86,8 +86,7 @@ def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str =
     images = train.images if sample is None else train.images[torch_index(sample)]
     targets = np.asarray(train.targets) if sample is None else np.asarray(train.targets)[sample]
     try:
-        example = learner.preprocessing.model_input(images[:1]) if framework_of(learner.model) == "torch" else None
-        stages, widths = read_stages(learner.model, stages, example)
+        stages, widths = read_stages(learner.model, stages, getattr(learner, "preprocessing", None), images)
         _, train_embeddings = learner.outputs(images)
         held = prepared.parts[held_name]
         held_logits, held_embeddings = learner.outputs(held.images)
@@ -177,8 +176,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
         if len(kept) == 0:
             raise DatasetError(f"no readable image to {name} the OOD statistics on ({source})")
         if name == "fit":
-            example = preprocessing.model_input(pixels[:1]) if info.framework == "torch" else None
-            stages, widths = read_stages(model, stages, example)
+            stages, widths = read_stages(model, stages, preprocessing, pixels)
         outputs[name] = (*batched_outputs(model, pixels, preprocessing, device), np.asarray(kept.targets))
     _, fit_embeddings, fit_targets = outputs["fit"]
     held_logits, held_embeddings, _ = outputs["threshold"]
