@@ -399,12 +399,19 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
 
 
 def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]:
-    """What a bundle's results depend on: the digest of its weights and its model options; and, when
-    ``backend`` (what runs it) runs an exported graph that is not float32 (an int8 export: another
-    model in effect), that precision. A float graph gives torch's results, so it is not recorded."""
+    """What a bundle's results depend on: the digest of its weights and its model options; a classifier's
+    calibration (temperature, the threshold of its "uncertain" answer) and, when it has one, the digest of
+    its out-of-distribution flag (:func:`ood_digest`: ``calibrate-ood`` refits it with the weights
+    unchanged, and the flag decides which fields are sent to review); and, when ``backend`` (what runs
+    it) runs an exported graph that is not float32 (an int8 export: another model in effect), that
+    precision. A float graph gives torch's results, so it is not recorded."""
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory)
     identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
+    if info.task == "classify":
+        identity.update(temperature=info.temperature, uncertain_threshold=info.uncertain_threshold)
+        if info.ood is not None:
+            identity["ood_sha256"] = ood_digest(directory, info)
     precision = str((info.export or {}).get("precision", "float32"))
     if backend != "torch" and precision != "float32":
         identity["precision"] = precision
@@ -416,6 +423,22 @@ def weights_digest(directory: str | Path) -> str | None:
     the weights its graph holds, and what an archive knows a model by."""
     weights = Path(directory) / WEIGHTS_FILE
     return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+
+
+#: The keys of a bundle's ``ood`` entry that change its flag's answers (the others describe how it was fitted).
+_OOD_SCORING_KEYS = ("method", "thresholds", "normalize", "stages", "part_scales")
+
+
+def ood_digest(directory: str | Path, info: BundleInfo) -> str:
+    """SHA-256 of what a classifier's out-of-distribution flag answers by: ``ood.safetensors`` and the
+    scoring keys of its ``ood`` entry (method, thresholds, stages, the parts' scales)."""
+    path = resolve_bundle(directory) / OOD_FILE
+    if info.ood is None or not path.is_file():
+        raise BundleError(f"{directory}: no OOD statistics to identify ({OOD_FILE} or its entry is missing)")
+    entry = {key: info.ood[key] for key in _OOD_SCORING_KEYS if key in info.ood}
+    digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
+    digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def check_export_matches(directory: str | Path, info: BundleInfo) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukoscope import bundle as bundle_module
-from leukoscope.bundle import OOD_FILE, BundleError, read_bundle_info
+from leukoscope.bundle import OOD_FILE, BundleError, model_identity, read_bundle_info
 from leukoscope.cli import app
 from leukoscope.engine.config import load_config
 from leukoscope.evaluation.ood import ood_auroc
@@ -97,6 +97,7 @@ def test_calibrate_ood_on_the_training_data_reproduces_the_training_statistics(r
 def test_calibrate_ood_on_other_data_splits_that_data(run, synthetic_root: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(run.bundle_dir, bundle)
+    before = model_identity(bundle)
     other = tmp_path / "site-b"
     for cls in ("blast", "lymphocyte", "monocyte", "neutrophil"):
         (other / cls).mkdir(parents=True)
@@ -109,6 +110,16 @@ def test_calibrate_ood_on_other_data_splits_that_data(run, synthetic_root: Path,
     assert ood["method"] == "energy" and "a new 80/20 split" in ood["fitted_on"]
     assert "is not the bundle's training data" in ood["fitted_on"] and ood["threshold_from"] == "held-out"
     assert ood["fit_images"] + ood["threshold_images"] == 40
+    # the weights are unchanged, the flag is not: results made before and after must not look made alike
+    after = model_identity(bundle)
+    assert after["weights_sha256"] == before["weights_sha256"] and after["ood_sha256"] != before["ood_sha256"]
+    payload = json.loads((bundle / "bundle.json").read_text())
+    payload["ood"]["fitted_on"] = "described otherwise"  # how it was fitted is not what it answers by
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    assert model_identity(bundle) == after
+    payload["ood"]["thresholds"]["energy"] += 1.0
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    assert model_identity(bundle)["ood_sha256"] != after["ood_sha256"]
     missing = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(other),
                                   "--split-file", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and "split file does not exist" in missing.output
