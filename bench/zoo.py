@@ -345,11 +345,11 @@ def train_both(manifest: Path, data: Path, out: Path, window_um: float, classifi
 
 # ----------------------------------------------------------------------------- scoring
 @lru_cache(maxsize=2)
-def _loaded_classifier(bundle: str):
-    """One load per bundle folder for the in-domain and control scoring of a run."""
+def _loaded_classifier(bundle: str, backend: str = "torch"):
+    """One load per bundle folder (and backend) for the in-domain and control scoring of a run."""
     from leukoscope.inference.predictor import CellClassifier
 
-    return CellClassifier.from_bundle(bundle)
+    return CellClassifier.from_bundle(bundle, backend=backend)
 
 
 def crop_source(sample) -> str:
@@ -357,11 +357,13 @@ def crop_source(sample) -> str:
     return (sample.subject or "unknown").split("-", 1)[0]
 
 
-def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[dict[str, Any], list[float]] | None:
+def score_in_domain(classifier: Path, split_file: Path | None = None,
+                    backend: str = "torch") -> tuple[dict[str, Any], list[float]] | None:
     """The classifier on the test part of its training split (default: the split its bundle
     records), by source: pbc's accuracy stands beside the mixed figure (issue #11's in-domain
     target is pbc's). Also the out-of-distribution scores of those cells: the in-distribution side
-    of every control's AUROC. None when the split is gone (a bundle moved to another machine)."""
+    of every control's AUROC. None when the split is gone (a bundle moved to another machine).
+    ``backend``: what runs an exported classifier (``onnxruntime``, ``openvino``)."""
     from leukoscope.bundle import read_bundle_info
     from leukoscope.data.splits import Split
 
@@ -370,7 +372,7 @@ def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[d
         _say(f"{classifier}: its training split {split_file} is gone; no in-domain row, no OOD AUROC")
         return None
     test = Split.load(split_file).manifest("test")
-    predictions = _loaded_classifier(str(classifier)).predict_paths([s.path for s in test])
+    predictions = _loaded_classifier(str(classifier), backend).predict_paths([s.path for s in test])
     by_source: dict[str, list[bool]] = defaultdict(list)
     by_class: dict[str, list[bool]] = defaultdict(list)
     for sample, prediction in zip(test, predictions):
@@ -390,7 +392,7 @@ def score_in_domain(classifier: Path, split_file: Path | None = None) -> tuple[d
 
 
 def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]],
-                   in_domain_scores: list[float] | None = None) -> dict[str, dict[str, Any]]:
+                   in_domain_scores: list[float] | None = None, backend: str = "torch") -> dict[str, dict[str, Any]]:
     """Each control's calls. With the in-domain test cells' out-of-distribution scores, also the
     share of a control's cells flagged unfamiliar, and the flag's AUROC (those test cells against
     the control's: issue #11 item 6's figure; 0.5 is chance)."""
@@ -398,7 +400,7 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
 
     from leukoscope.evaluation.ood import ood_auroc
 
-    model = _loaded_classifier(str(classifier))
+    model = _loaded_classifier(str(classifier), backend)
     rows = {}
     for name, cells in controls.items():
         predictions = model.predict_paths([p for p, _ in cells])

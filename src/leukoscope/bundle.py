@@ -390,6 +390,11 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
         lines.append("The figures above are the float model's in PyTorch, not this graph's: int8 changes the "
                      "model's answers, so judge it by the accuracy (or AP) change that `leukoscope export --check "
                      "DATA` prints on your own images, or by `leukoscope evaluate --backend onnxruntime`.")
+        fit = (record.get("ood_threshold_fit") or {}).get("mahalanobis")
+        if record.get("ood_thresholds") and isinstance(fit, dict):
+            lines.append(f"int8 raises the out-of-distribution scores, so the flag's thresholds were carried over "
+                         f"to this graph: its scores of the calibration images against the float model's, fitted "
+                         f"as a line (Mahalanobis: slope {fit['slope']:.3g}, correlation {fit['correlation']:.3g}).")
     else:
         lines.append("The figures above are the PyTorch model's; a float graph gives the same answers to rounding "
                      "(`leukoscope export --check DATA` prints the largest difference).")
@@ -446,7 +451,8 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
     the file the graph holds (``export.weights_sha256``), or ``model_options`` are no longer those it
     was built with (``export.model_options``, recorded since they are part of the graph, e.g. the box
     pooling's ``roi_sampling_ratio``), or its OOD statistics read other embedding stages than the
-    graph's ``embedding`` output holds (``export.embedding_stages``; refitted by ``calibrate-ood``).
+    graph's ``embedding`` output holds (``export.embedding_stages``; refitted by ``calibrate-ood``), or
+    an int8 graph's OOD thresholds (``export.ood_thresholds``) were carried over from statistics refitted since.
     Its graph would give the old model's results while ``--backend torch``, its metrics and its
     calibration describe the new one."""
     record = info.export or {}
@@ -460,6 +466,9 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
         # Graphs exported before stages existed record none: their embedding is the penultimate one.
         changed = (f"its OOD statistics now read the stages {info.ood.get('stages', []) or 'none'} and its graph "
                    f"gives {record.get('embedding_stages', []) or 'none'}")
+    elif info.ood is not None and record.get("ood_thresholds") and record.get("ood_sha256") != ood_digest(directory,
+                                                                                                          info):
+        changed = "its OOD statistics have been refitted (the int8 graph's thresholds were set for the old ones)"
     if changed:
         raise BundleError(f"{directory}: {changed} since its graph was exported (the graph still holds the old "
                           f"model): run `leukoscope export` on the bundle again, or use --backend torch")

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from leukoscope.bundle import (GRAPH_FILES, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE,
-                               BundleError, copy_bundle, load_bundle, read_bundle_info, save_export, weights_digest)
+                               BundleError, copy_bundle, load_bundle, ood_digest, read_bundle_info, save_export,
+                               weights_digest)
 from leukoscope.models.embedding import capture_embeddings, embedding_stages
 from leukoscope.pretrained import resolve_bundle
 
@@ -208,6 +209,13 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
             with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
                 record.update(quantize_graph(graph_tmp, quantized_tmp, paths, info.preprocessing, INPUT_NAME,
                                              update))
+            if info.ood is not None:  # the flag's thresholds, carried from the float graph's scores to int8's
+                from leukoscope.inference.predictor import load_ood_stats
+                from leukoscope.inference.quantize import int8_ood_thresholds
+
+                record.update(int8_ood_thresholds(graph_tmp, quantized_tmp, paths, info.preprocessing, INPUT_NAME,
+                                                  load_ood_stats(source, info)))
+                record["ood_sha256"] = ood_digest(source, info)
         finally:
             graph_tmp.unlink(missing_ok=True)
         quantized_tmp.replace(graph_tmp)

@@ -14,7 +14,7 @@ threshold and OOD score stay here, the same for all.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -103,7 +103,12 @@ class CellClassifier:
         directory = resolve_bundle(directory)
         info = read_bundle_info(directory, task="classify")
         runtime = load_runtime(directory, info, backend, device, threads)
-        return cls(runtime, info, device, uncertain_threshold, ood=load_ood_stats(directory, info))
+        ood = load_ood_stats(directory, info)
+        graph_thresholds = (info.export or {}).get("ood_thresholds")
+        if ood is not None and runtime.backend != "torch" and graph_thresholds:
+            # An int8 graph's scores sit higher than the float model's: its export carried the thresholds over.
+            ood = replace(ood, thresholds={**ood.thresholds, **{k: float(v) for k, v in graph_thresholds.items()}})
+        return cls(runtime, info, device, uncertain_threshold, ood=ood)
 
     @property
     def backend(self) -> str:

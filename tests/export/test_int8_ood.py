@@ -1,0 +1,79 @@
+"""An int8 graph's out-of-distribution flag: its thresholds are carried over from the float model's scores.
+
+int8 moves the embeddings, so the float model's threshold would flag another share of images on the int8
+graph (the shipped classifier's in-domain test cells: 13% instead of 4%; docs/benchmarks.md, "The flag on
+an int8 graph"). The shipped classifier is used here because a one-epoch model's statistics are degenerate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukoscope.bundle import BundleError, ood_digest, read_bundle_info
+from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.pretrained import resolve_bundle
+
+pytest.importorskip("onnxruntime")
+
+#: How far the int8 graph's flagged share may stay from the float model's with the carried threshold.
+SHARE_TOLERANCE = 0.1
+
+
+def _images(root: Path) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted(root.rglob("*.png"))]
+
+
+@pytest.fixture(scope="module")
+def int8_with_median_threshold(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The shipped classifier with its Mahalanobis threshold at the median float score of the check cells
+    (every generated cell is unfamiliar to it, so its own threshold flags them all and shows nothing),
+    exported as int8 calibrated on other generated cells; (float bundle, int8 bundle, float scores)."""
+    from leukoscope.inference.export import export_bundle
+
+    root = tmp_path_factory.mktemp("int8-ood")
+    source = Path(shutil.copytree(resolve_bundle("pretrained:wbc-classifier"), root / "float"))
+    _, scores = CellClassifier.from_bundle(source).outputs(_images(synthetic_root))
+    payload = json.loads((source / "bundle.json").read_text())
+    payload["ood"]["thresholds"]["mahalanobis"] = float(np.median(scores))
+    (source / "bundle.json").write_text(json.dumps(payload))
+    calibration = make_synthetic_dataset(root / "calibration", SyntheticSpec(image_size=64, images_per_class=8, seed=2))
+    return source, export_bundle(source, root / "int8", "onnx", calibration=calibration), scores
+
+
+def test_an_int8_graph_flags_the_share_the_float_model_flags(int8_with_median_threshold, synthetic_root: Path) -> None:
+    source, int8, float_scores = int8_with_median_threshold
+    float_threshold = read_bundle_info(source).ood["thresholds"]["mahalanobis"]
+    record = read_bundle_info(int8).export
+    fit = record["ood_threshold_fit"]
+    assert fit["images"] == 32 and fit["mahalanobis"]["slope"] > 0 and fit["mahalanobis"]["correlation"] > 0.9
+    assert record["ood_sha256"] == ood_digest(source, read_bundle_info(source))
+    graph = CellClassifier.from_bundle(int8, backend="onnxruntime", threads=1)
+    assert graph.ood.threshold == pytest.approx(record["ood_thresholds"]["mahalanobis"])
+    assert graph.ood.threshold != pytest.approx(float_threshold)
+    # torch runs the float weights the bundle keeps: the float threshold
+    assert CellClassifier.from_bundle(int8).ood.threshold == pytest.approx(float_threshold)
+    _, int8_scores = graph.outputs(_images(synthetic_root))
+    float_share = float(np.mean(float_scores > float_threshold))
+    carried, uncarried = (float(np.mean(int8_scores > t)) for t in (graph.ood.threshold, float_threshold))
+    assert abs(carried - float_share) <= SHARE_TOLERANCE
+    assert abs(carried - float_share) < abs(uncarried - float_share)  # the float threshold is off on int8
+
+
+def test_statistics_refitted_behind_an_int8_graph_are_refused_on_the_graph(int8_with_median_threshold,
+                                                                           tmp_path: Path) -> None:
+    _, int8, _ = int8_with_median_threshold
+    bundle = Path(shutil.copytree(int8, tmp_path / "refitted"))
+    payload = json.loads((bundle / "bundle.json").read_text())
+    payload["ood"]["thresholds"]["mahalanobis"] += 1.0  # what calibrate-ood's refit does to the entry
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="OOD statistics have been refitted.*run `leukoscope export`"):
+        CellClassifier.from_bundle(bundle, backend="onnxruntime")
+    assert CellClassifier.from_bundle(bundle).ood.threshold == pytest.approx(
+        payload["ood"]["thresholds"]["mahalanobis"])
