@@ -135,3 +135,25 @@ def test_a_detectors_training_scale_is_estimated_from_its_images_or_taken_as_set
         images.append(SimpleNamespace(image_path=tmp_path / f"{seed}.png"))
     assert training_scale("estimate", images) == pytest.approx(RED_CELL_DIAMETER_UM / 40.0, rel=0.06)
     assert training_scale(0.25, images) == 0.25 and training_scale(None, images) is None
+
+
+def test_a_runs_scale_is_the_median_of_a_fixed_sample_of_its_readable_fields(tmp_path) -> None:
+    from leukoscope.scale import run_scale
+
+    paths = []
+    for seed, diameter in enumerate((18.0, 20.0, 22.0, 20.0)):
+        path = tmp_path / f"field{seed}.png"
+        smear_field(diameter, size=(320, 240), seed=seed, n_red=10).save(path)
+        paths.append(path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    scale = run_scale([broken, *paths])
+    each = [estimate_scale(Image.open(p)).um_per_px for p in paths]
+    assert scale.known and scale.um_per_px == pytest.approx(float(np.median(each)))
+    assert "median of 4 of 4 fields" in scale.note  # the unreadable file is skipped, not counted
+    # at most `fields` of them, spread evenly (first and last included), the same every time
+    two = run_scale(paths, fields=3)
+    assert "of 3 fields" in two.note and two == run_scale(paths, fields=3)
+    assert not run_scale(paths[:2]).known and not run_scale([]).known  # fewer than three estimates: none lent
+    with pytest.raises(ValueError, match="at least 1"):
+        run_scale(paths, fields=0)

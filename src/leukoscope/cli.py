@@ -979,6 +979,8 @@ def analyze(
     options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
                    backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
+    if um_per_px is None and len(paths) > 1:
+        options["run_um_per_px"] = _run_scale(paths)
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
     ran = f"detector on {analyzer.detector.backend}"
     if analyzer.classifier is not None:
@@ -989,6 +991,19 @@ def analyze(
                         actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet,
                         slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
+
+
+def _run_scale(paths: list) -> Optional[float]:
+    """The scale of a folder's fields (:func:`leukoscope.scale.run_scale`) for those too poor in red cells
+    for their own; said on the console."""
+    from leukoscope.scale import run_scale
+
+    scale = run_scale(paths)
+    if not scale.known:
+        return None
+    console.print(f"scale: a field with too few isolated red cells of its own is analysed at {scale.um_per_px:.4f} "
+                  f"um/px, the run's scale ({scale.note})", soft_wrap=True)
+    return scale.um_per_px
 
 
 @contextmanager
@@ -1036,6 +1051,11 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     elif pooled.blasts is not None:
         text += f", {pooled.blasts} blast(s): too few cells for a blast percentage"
     console.print(text)
+    borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
+    if borrowed:
+        console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {len(summary.results)} field(s) had too few "
+                      f"isolated red cells for a scale estimate and were analysed at the run's scale "
+                      f"({borrowed[0].scale['um_per_px']:.4f} um/px; pass --um-per-px to state it)", soft_wrap=True)
     unscaled = [r for r in summary.results if r.scale and r.scale.get("source") == "unknown"]
     if unscaled:
         assumed = ("were analysed at the detector's training scale" if analyzer.detector.info.um_per_px else

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Literal
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +32,9 @@ MIN_RED_CELLS = 3
 _MAX_SIDE = 1024
 _MIN_DIAMETER_PX = 6.0
 
-ScaleSource = Literal["given", "estimated", "unknown"]
+ScaleSource = Literal["given", "estimated", "run", "unknown"]
+#: Fields of a run sampled for its scale (:func:`run_scale`): the median settles after a dozen estimates.
+RUN_SCALE_FIELDS = 24
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,32 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
                           f"only {len(red)} isolated red cell(s) found (need {min_red_cells})")
     return FieldScale(RED_CELL_DIAMETER_UM / float(np.median(red)), "estimated", int(len(red)),
                       f"median red-cell diameter {np.median(red):.1f} px = {RED_CELL_DIAMETER_UM} um")
+
+
+def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
+              max_pixels: int | None = None) -> FieldScale:
+    """The scale of a run of fields from one microscope (a folder): :func:`source_scale` of up to
+    ``fields`` of ``paths`` spread evenly over them (a fixed choice: the same folder gives the same
+    scale). Smear analysis gives it to a field with too few isolated red cells of its own, instead of
+    assuming the detector's training scale: half of pbc's CellaVision images have fewer than three,
+    and at the detector's scale their cells were typed right 69% of the time instead of 83%
+    (docs/benchmarks.md, "The run's scale"). Unreadable files are skipped here (the analysis reports
+    them); 'unknown' when fewer than three sampled fields have an estimate."""
+    from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+
+    if fields < 1:
+        raise ValueError(f"fields must be at least 1, got {fields}")
+    chosen = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(fields, len(paths))).round())] \
+        if paths else []
+
+    def readable() -> Iterator[Image.Image]:
+        for path in chosen:
+            try:
+                yield load_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            except (ImageDecodeError, OSError):
+                continue
+
+    return source_scale(readable())
 
 
 def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:

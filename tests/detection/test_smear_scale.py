@@ -82,6 +82,21 @@ def test_a_field_without_a_scale_is_assumed_at_the_detectors_and_says_so() -> No
     assert "assumed 0.0800 um/px" in result.scale["note"]
 
 
+def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
+    detector = ScaledDetector(um_per_px=0.08)
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "lymphocyte"), window_um=24.0)
+    analyzer = SmearAnalyzer(detector, classifier, run_um_per_px=0.1)
+    result = analyzer.analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
+    assert result.scale["source"] == "run" and result.scale["analysed_at_um_per_px"] == 0.1
+    assert "no isolated red cells found: analysed at the run's scale" in result.scale["note"]
+    assert detector.seen == [(800, 600)] and classifier.sizes == [(240, 240)]  # resampled and cropped at 0.1
+    # a field with its own estimate keeps it
+    own = analyzer.analyze(smear_field(20.0))
+    assert own.scale["source"] == "estimated" and own.scale["um_per_px"] == pytest.approx(0.375, rel=0.08)
+    with pytest.raises(ValueError, match="between 0.005 and 5"):
+        SmearAnalyzer(detector, run_um_per_px=0.0)
+
+
 def test_upsampling_stops_at_the_pixel_limit() -> None:
     detector = ScaledDetector(um_per_px=0.01)
     SmearAnalyzer(detector, um_per_px=0.5, max_pixels=640 * 480 * 4).analyze(Image.new("RGB", (640, 480)))
@@ -137,3 +152,36 @@ def test_analyze_says_how_fields_without_a_scale_were_analysed(detector_bundle, 
     assert "1 of 1 field(s) had too few isolated red cells" in output
     assert "analysed as they are (the detector records no training scale)" in output
     assert "training scale (pass" not in output
+
+
+def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_path) -> None:
+    """Fields of one run share a microscope: those with too few red cells of their own are analysed at
+    the median estimate of the others, and say so; without enough estimates nothing is lent."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for seed in range(3):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(folder / f"field{seed}.png")
+    Image.new("RGB", (320, 240), (230, 220, 220)).save(folder / "blank.png")
+    result = CliRunner().invoke(app, ["analyze", str(folder), "--detector", str(detector_bundle), "--no-classifier",
+                                      "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    estimates = [json.loads((tmp_path / "out" / f"field{seed}.json").read_text())["scale"] for seed in range(3)]
+    assert all(e["source"] == "estimated" for e in estimates)
+    lent = json.loads((tmp_path / "out" / "blank.json").read_text())["scale"]
+    assert lent["source"] == "run"
+    assert lent["um_per_px"] == pytest.approx(float(np.median([e["um_per_px"] for e in estimates])))
+    assert "is analysed at" in output and "the run's scale (median of 3 of 4 fields" in output
+    assert "1 of 4 field(s) had too few isolated red cells for a scale estimate and were analysed at the run's" \
+        in output
+    alone = CliRunner().invoke(app, ["analyze", str(folder / "blank.png"), str(folder / "field0.png"),
+                                     "--detector", str(detector_bundle), "--no-classifier", "--out",
+                                     str(tmp_path / "two"), "--quiet"])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads((tmp_path / "two" / "blank.json").read_text())["scale"]["source"] == "unknown"

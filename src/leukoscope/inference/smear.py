@@ -122,7 +122,9 @@ class SmearAnalyzer:
     when stated, else estimated from its red cells. A detector that records the pixel size
     of its training images sees the field resampled to it; a classifier trained on a
     physical window (``cell_window_um``) gets crops of that many micrometres. A field whose
-    scale cannot be estimated is assumed to be at the detector's scale, and says so.
+    scale cannot be estimated is analysed at ``run_um_per_px`` when given (the run's scale:
+    :func:`leukoscope.scale.run_scale` of the other fields of a folder), else assumed to be at the
+    detector's scale, and says which.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class SmearAnalyzer:
         unfamiliar_share: float = DEFAULT_UNFAMILIAR_SHARE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         um_per_px: float | None = None,
+        run_um_per_px: float | None = None,
         device: str = "cpu",
         backend: str = "torch",
         threads: int | None = None,
@@ -203,6 +206,7 @@ class SmearAnalyzer:
         self.wbc_containment = wbc_containment
         self.max_pixels = max_pixels
         self.um_per_px = FieldScale.given(um_per_px).um_per_px if um_per_px is not None else None
+        self.run_um_per_px = FieldScale.given(run_um_per_px).um_per_px if run_um_per_px is not None else None
         preprocessing = getattr(getattr(classifier, "info", None), "preprocessing", None)
         self.window_um = getattr(preprocessing, "cell_window_um", None)
 
@@ -282,13 +286,17 @@ class SmearAnalyzer:
 
     def field_scale(self, image: Image.Image, known: FieldScale | None = None) -> tuple[FieldScale, float | None,
                                                                                         float]:
-        """The field's scale, the pixel size analysis works at (the detector's training scale
-        when the field's cannot be estimated), and the factor the field is resampled by for
-        the detector (1: already at its scale within 15%, or no scale to go by). ``known``: this
+        """The field's scale (the run's when the field's own cannot be estimated and the run has one),
+        the pixel size analysis works at (the detector's training scale when there is no scale), and
+        the factor the field is resampled by for the detector (1: already at its scale within 15%, or
+        no scale to go by). ``known``: this
         image's own scale when the caller knows it (a slide tile read at a coarser level: the
         slide's, or the user's, level-0 pixel size times the level's downsample); it comes
         first, then the analyzer's ``um_per_px``, then the red-cell estimate."""
         scale = known if known is not None else field_scale(image, self.um_per_px)
+        if not scale.known and self.run_um_per_px is not None:
+            scale = FieldScale(self.run_um_per_px, "run", 0, f"{scale.note}: analysed at the run's scale (the median "
+                               f"estimate of its other fields)")
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
         factor = 1.0
