@@ -979,8 +979,9 @@ def analyze(
     options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
                    backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
-    if um_per_px is None and len(paths) > 1:
-        options["run_um_per_px"] = _run_scale(paths)
+    lent = _run_scale(paths) if um_per_px is None and len(paths) > 1 else None
+    if lent is not None:  # an option only when there is one: an archive's recorded options stay as they were
+        options["run_um_per_px"] = lent
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
     ran = f"detector on {analyzer.detector.backend}"
     if analyzer.classifier is not None:

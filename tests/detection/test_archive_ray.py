@@ -20,6 +20,7 @@ from leukoscope.inference.archive import (AnalyzerSpec, analyze_archive, pending
 from leukoscope.inference.archive_parts import ArchiveParts  # noqa: E402
 from leukoscope.inference.field_tables import cell_rows, field_row, result_from_rows  # noqa: E402
 from leukoscope.inference.smear_result import Cell, SmearResult  # noqa: E402
+from leukoscope.scale import run_scale  # noqa: E402
 
 from typer.testing import CliRunner  # noqa: E402
 
@@ -91,7 +92,10 @@ def _assert_same_as_local(local, parts: ArchiveParts, fields: list[Path]) -> Non
 @pytest.mark.slow
 def test_ray_engine_matches_the_local_engine_and_resumes(two_node_cluster, fields: list[Path], detector_bundle: Path,
                                                          classifier_bundle: Path, tmp_path: Path) -> None:
-    spec = AnalyzerSpec(detector_bundle, classifier_bundle, OPTIONS)
+    # the command line lends a field without a scale of its own the run's (leukoscope.scale.run_scale): the same here
+    run = run_scale(fields)
+    spec = AnalyzerSpec(detector_bundle, classifier_bundle,
+                        {**OPTIONS, **({"run_um_per_px": run.um_per_px} if run.known else {})})
     analyzer = spec.build()
     local = analyzer.analyze_paths(fields, tmp_path / "local")
     assert sum(r.differential.total for r in local.results) > 0 and local.results[-1].error
