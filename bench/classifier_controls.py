@@ -44,8 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ran_on = zoo._loaded_classifier(str(args.bundle), args.backend).backend
     except (BundleError, ValueError) as exc:
         parser.error(f"--bundle {args.bundle}: {exc}")
-    saved = json.loads(listing.read_text())["controls"]
-    controls = {name: [(Path(p), label) for p, label in cells] for name, cells in saved.items()}
+    controls = zoo.load_controls(listing)
     start = time.perf_counter()
     in_domain = zoo.score_in_domain(args.bundle, args.split, args.backend)
     rows = {"in-domain": in_domain[0] if in_domain else None,

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from zoo import BLAST, crop_source  # noqa: E402  (bench/ scripts share helpers as modules)
+from zoo import BLAST, crop_source, load_controls  # noqa: E402  (bench/ scripts share helpers as modules)
 
 # The types both sources hold in number (BCCD has 2 basophils, and none of pbc's other types).
 TYPES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
@@ -129,9 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if split_file is None or not Path(split_file).is_file():
         print(f"{classifier}: its training split {split_file} is gone; give it with --split", file=sys.stderr)
         return 2
-    saved = json.loads(listing.read_text())
-    window_um = float(saved["window_um"])
-    controls = {name: [(Path(p), label) for p, label in cells] for name, cells in saved["controls"].items()}
+    window_um = float(json.loads(listing.read_text())["window_um"])
+    controls = load_controls(listing)
     own_split = Split.load(split_file)
     own_test = own_split.manifest("test")
     training = read_dataset(str(args.crops / "train.csv"), require_labels=True)

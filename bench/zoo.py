@@ -352,6 +352,12 @@ def _loaded_classifier(bundle: str, backend: str = "torch"):
     return CellClassifier.from_bundle(bundle, backend=backend)
 
 
+def load_controls(listing: Path) -> dict[str, list[tuple[Path, str]]]:
+    """The control crops a run wrote (``<crops>/controls.json``): per control, (crop path, true label)."""
+    saved = json.loads(Path(listing).read_text())["controls"]
+    return {name: [(Path(p), label) for p, label in cells] for name, cells in saved.items()}
+
+
 def crop_source(sample) -> str:
     """Which lab a training crop came from: its subject's prefix (``pbc-...``, ``taleqani-...``)."""
     return (sample.subject or "unknown").split("-", 1)[0]
@@ -395,7 +401,7 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
                    in_domain_scores: list[float] | None = None, backend: str = "torch") -> dict[str, dict[str, Any]]:
     """Each control's calls. With the in-domain test cells' out-of-distribution scores, also the
     share of a control's cells flagged unfamiliar, and the flag's AUROC (those test cells against
-    the control's: issue #11 item 6's figure; 0.5 is chance)."""
+    the control's: issue #11 item 6's figure; 0.5 is chance). ``backend``: as :func:`score_in_domain`'s."""
     import numpy as np
 
     from leukoscope.evaluation.ood import ood_auroc
@@ -682,8 +688,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     listing = crops / "controls.json"  # crops are reused by a rerun with the same window and halves
     design = {"window_um": args.window_um, "benign_train_share": BENIGN_TRAIN_SHARE}
     if listing.exists() and all(json.loads(listing.read_text()).get(k) == v for k, v in design.items()):
-        saved = json.loads(listing.read_text())["controls"]
-        controls = {name: [(Path(p), label) for p, label in cells] for name, cells in saved.items()}
+        controls = load_controls(listing)
     else:
         controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
         listing.write_text(json.dumps({**design, "controls": {

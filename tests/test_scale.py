@@ -138,22 +138,30 @@ def test_a_detectors_training_scale_is_estimated_from_its_images_or_taken_as_set
 
 
 def test_a_runs_scale_is_the_median_of_a_fixed_sample_of_its_readable_fields(tmp_path) -> None:
-    from leukoscope.scale import run_scale
+    from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, run_scale
 
     paths = []
-    for seed, diameter in enumerate((18.0, 20.0, 22.0, 20.0)):
+    for seed, diameter in enumerate((18.0, 20.0, 22.0, 20.0, 19.0, 21.0)):
         path = tmp_path / f"field{seed}.png"
         smear_field(diameter, size=(320, 240), seed=seed, n_red=10).save(path)
         paths.append(path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    scale = run_scale([broken, *paths])
     each = [estimate_scale(Image.open(p)).um_per_px for p in paths]
+    scale = run_scale([broken, *paths])
     assert scale.known and scale.um_per_px == pytest.approx(float(np.median(each)))
-    assert "median of 4 of 4 fields" in scale.note  # the unreadable file is skipped, not counted
-    # at most `fields` of them, spread evenly (first and last included), the same every time
-    two = run_scale(paths, fields=3)
-    assert "of 3 fields" in two.note and two == run_scale(paths, fields=3)
-    assert not run_scale(paths[:2]).known and not run_scale([]).known  # fewer than three estimates: none lent
+    assert "median of 6 of 6 fields" in scale.note  # the unreadable file is skipped, not counted
+    # at most `fields` of them, spread evenly, first and last included: fields 0, 2, 3 and 5 of 6
+    four = run_scale(paths, fields=4, max_pixels=None)
+    assert not four.known and "4 of 4 fields had a scale estimate" in four.note  # fewer than RUN_SCALE_MIN_ESTIMATES
+    assert RUN_SCALE_MIN_ESTIMATES == 5
+    five = run_scale(paths, fields=5)  # fields 0, 1, 2 (2.5 rounds to even), 4 and 5
+    assert five.um_per_px == pytest.approx(float(np.median([each[k] for k in (0, 1, 2, 4, 5)])))
+    assert not run_scale([]).known
+    # fields of several microscopes do not lend one scale
+    for seed, diameter in enumerate((10.0, 40.0, 10.0, 40.0, 10.0, 40.0)):
+        smear_field(diameter, size=(480, 360), seed=seed, n_red=8).save(tmp_path / f"mixed{seed}.png")
+    mixed = run_scale(sorted(tmp_path.glob("mixed*.png")))
+    assert not mixed.known and "disagree" in mixed.note
     with pytest.raises(ValueError, match="at least 1"):
         run_scale(paths, fields=0)

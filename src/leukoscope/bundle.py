@@ -390,11 +390,13 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
         lines.append("The figures above are the float model's in PyTorch, not this graph's: int8 changes the "
                      "model's answers, so judge it by the accuracy (or AP) change that `leukoscope export --check "
                      "DATA` prints on your own images, or by `leukoscope evaluate --backend onnxruntime`.")
-        fit = (record.get("ood_threshold_fit") or {}).get("mahalanobis")
-        if record.get("ood_thresholds") and isinstance(fit, dict):
-            lines.append(f"int8 raises the out-of-distribution scores, so the flag's thresholds were carried over "
+        fits = {method: fit for method, fit in (record.get("ood_threshold_fit") or {}).items() if isinstance(fit, dict)}
+        if record.get("ood_thresholds") and fits:
+            described = "; ".join(f"{method}: slope {fit['slope']:.3g}, correlation {fit['correlation']:.3g}"
+                                  for method, fit in fits.items())
+            lines.append(f"int8 moves the out-of-distribution scores, so the flag's thresholds were carried over "
                          f"to this graph: its scores of the calibration images against the float model's, fitted "
-                         f"as a line (Mahalanobis: slope {fit['slope']:.3g}, correlation {fit['correlation']:.3g}).")
+                         f"as a line ({described}).")
     else:
         lines.append("The figures above are the PyTorch model's; a float graph gives the same answers to rounding "
                      "(`leukoscope export --check DATA` prints the largest difference).")
@@ -405,21 +407,26 @@ def note_export_in_card(directory: str | Path, record: dict[str, Any], check: li
 
 def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]:
     """What a bundle's results depend on: the digest of its weights and its model options; a classifier's
-    calibration (temperature, the threshold of its "uncertain" answer) and, when it has one, the digest of
-    its out-of-distribution flag (:func:`ood_digest`: ``calibrate-ood`` refits it with the weights
-    unchanged, and the flag decides which fields are sent to review); and, when ``backend`` (what runs
-    it) runs an exported graph that is not float32 (an int8 export: another model in effect), that
-    precision. A float graph gives torch's results, so it is not recorded."""
+    temperature and, when it has one, the digest of its out-of-distribution flag (:func:`ood_digest`:
+    ``calibrate-ood`` refits it with the weights unchanged, and the flag decides which fields are sent to
+    review); and, when ``backend`` (what runs it) runs an exported graph that is not float32 (an int8
+    export: another model in effect), that precision and the flag's thresholds carried over to it
+    (``export.ood_thresholds``). A float graph gives torch's results, so it is not recorded. (The
+    threshold of the "uncertain" answer is not here: a run may set its own; archives and cases record
+    the one used.)"""
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory)
     identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
     if info.task == "classify":
-        identity.update(temperature=info.temperature, uncertain_threshold=info.uncertain_threshold)
+        identity["temperature"] = info.temperature
         if info.ood is not None:
             identity["ood_sha256"] = ood_digest(directory, info)
-    precision = str((info.export or {}).get("precision", "float32"))
+    record = info.export or {}
+    precision = str(record.get("precision", "float32"))
     if backend != "torch" and precision != "float32":
         identity["precision"] = precision
+        if record.get("ood_thresholds"):
+            identity["ood_thresholds"] = record["ood_thresholds"]
     return identity
 
 
@@ -436,10 +443,12 @@ _OOD_SCORING_KEYS = ("method", "thresholds", "normalize", "stages", "part_scales
 
 def ood_digest(directory: str | Path, info: BundleInfo) -> str:
     """SHA-256 of what a classifier's out-of-distribution flag answers by: ``ood.safetensors`` and the
-    scoring keys of its ``ood`` entry (method, thresholds, stages, the parts' scales)."""
+    scoring keys of its ``ood`` entry (method, thresholds, normalisation, stages, the parts' scales)."""
     path = resolve_bundle(directory) / OOD_FILE
-    if info.ood is None or not path.is_file():
-        raise BundleError(f"{directory}: no OOD statistics to identify ({OOD_FILE} or its entry is missing)")
+    if info.ood is None:
+        raise BundleError(f"{directory}: {BUNDLE_FILE} names no OOD statistics")
+    if not path.is_file():
+        raise BundleError(f"{directory}: {BUNDLE_FILE} names OOD statistics but {OOD_FILE} is missing")
     entry = {key: info.ood[key] for key in _OOD_SCORING_KEYS if key in info.ood}
     digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
     digest.update(path.read_bytes())

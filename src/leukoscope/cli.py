@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from contextlib import contextmanager
@@ -979,28 +980,41 @@ def analyze(
     options = dict(tile_size=tile_size, overlap=overlap, blast_classes=blast_class or None,
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
                    backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
-    lent = _run_scale(paths) if um_per_px is None and len(paths) > 1 else None
-    if lent is not None:  # an option only when there is one: an archive's recorded options stay as they were
-        options["run_um_per_px"] = lent
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
     ran = f"detector on {analyzer.detector.backend}"
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
     console.print(f"backends: {ran}", soft_wrap=True)
+    lent = _run_scale(paths, out, engine) if um_per_px is None else None
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
         _analyze_inputs(analyzer, detector, classifier, options, slides, paths, out, engine=engine, address=address,
-                        actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet,
+                        actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet, run_um_per_px=lent,
                         slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
 
 
-def _run_scale(paths: list) -> Optional[float]:
-    """The scale of a folder's fields (:func:`leukoscope.scale.run_scale`) for those too poor in red cells
-    for their own; said on the console."""
-    from leukoscope.scale import run_scale
+def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
+    """The scale the fields lend to those too poor in red cells for their own
+    (:func:`leukoscope.scale.run_scale`), said on the console; None when they have none. A Ray archive
+    being resumed keeps the one it was started with (fields added since would change the sample)."""
+    from leukoscope.inference.archive_parts import SETTINGS
+    from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, run_scale
 
+    recorded = out / SETTINGS
+    if engine == "ray" and recorded.is_file():
+        try:
+            lent = json.loads(recorded.read_text()).get("options", {}).get("run_um_per_px")
+        except (OSError, ValueError, AttributeError):
+            lent = None  # an unreadable record: the archive's own check says so when the run claims it
+        if lent is not None:
+            console.print(f"scale: the archive's run scale, {lent:.4f} um/px, for fields without their own",
+                          soft_wrap=True)
+        return lent
+    if len(paths) < RUN_SCALE_MIN_ESTIMATES:
+        return None
     scale = run_scale(paths)
     if not scale.known:
+        console.print(f"scale: no run scale for fields without their own ({scale.note})", soft_wrap=True)
         return None
     console.print(f"scale: a field with too few isolated red cells of its own is analysed at {scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
@@ -1024,8 +1038,10 @@ def _one_ray_session(address: Optional[str], needed: bool) -> Iterator[None]:
 
 def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list, paths: list,
                     out: Path, *, engine: str, address: Optional[str], actors: Optional[int], threads: Optional[int],
-                    retry_failed: bool, quiet: bool, slide_options: dict) -> None:
-    """The whole-slide images, then the fields, on the chosen engine; the summary printed."""
+                    retry_failed: bool, quiet: bool, slide_options: dict, run_um_per_px: Optional[float] = None
+                    ) -> None:
+    """The whole-slide images, then the fields, on the chosen engine; the summary printed.
+    ``run_um_per_px``: the fields' run scale (:func:`_run_scale`); slides keep their own."""
     from leukoscope.progress import progress_bar
 
     if slides:
@@ -1038,6 +1054,9 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     if not paths:
         print(out)
         return
+    if run_um_per_px is not None:  # an option only when there is one: an archive's options stay as they were
+        analyzer.run_um_per_px = run_um_per_px
+        options = {**options, "run_um_per_px": run_um_per_px}
     with progress_bar(len(paths), "analysing", enabled=not quiet, unit="fields") as update:
         if engine == "ray":
             summary = _analyze_on_ray(analyzer, detector, classifier, options, paths, out, update, address=address,

@@ -35,6 +35,11 @@ _MIN_DIAMETER_PX = 6.0
 ScaleSource = Literal["given", "estimated", "run", "unknown"]
 #: Fields of a run sampled for its scale (:func:`run_scale`): the median settles after a dozen estimates.
 RUN_SCALE_FIELDS = 24
+#: A run's scale needs this many sampled fields with an estimate...
+RUN_SCALE_MIN_ESTIMATES = 5
+#: ...whose upper quartile is at most this many times the lower (pbc's 14 of 24: 1.15; 200 BCCD fields,
+#: crowded and often misestimated, 8 of 24: 5.4).
+RUN_SCALE_MAX_SPREAD = 1.3
 
 
 @dataclass(frozen=True)
@@ -139,18 +144,19 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
 def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
               max_pixels: int | None = None) -> FieldScale:
     """The scale of a run of fields from one microscope (a folder): :func:`source_scale` of up to
-    ``fields`` of ``paths`` spread evenly over them (a fixed choice: the same folder gives the same
-    scale). Smear analysis gives it to a field with too few isolated red cells of its own, instead of
-    assuming the detector's training scale: half of pbc's CellaVision images have fewer than three,
-    and at the detector's scale their cells were typed right 69% of the time instead of 83%
-    (docs/benchmarks.md, "The run's scale"). Unreadable files are skipped here (the analysis reports
-    them); 'unknown' when fewer than three sampled fields have an estimate."""
+    ``fields`` of ``paths`` spread evenly over them, first and last included (a fixed choice: the same
+    paths give the same scale). Smear analysis gives it to a field with too few isolated red cells of
+    its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
+    fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
+    run's 84% (docs/benchmarks.md, "The run's scale"). Lent only when it is one microscope's: at least
+    ``RUN_SCALE_MIN_ESTIMATES`` sampled fields with an estimate that agree (quartiles within
+    ``RUN_SCALE_MAX_SPREAD`` of each other); else 'unknown'. Unreadable files are skipped here (the
+    analysis reports them)."""
     from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
     if fields < 1:
         raise ValueError(f"fields must be at least 1, got {fields}")
-    chosen = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(fields, len(paths))).round())] \
-        if paths else []
+    chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(fields, len(paths))).round()] if paths else []
 
     def readable() -> Iterator[Image.Image]:
         for path in chosen:
@@ -159,7 +165,7 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
             except (ImageDecodeError, OSError):
                 continue
 
-    return source_scale(readable())
+    return source_scale(readable(), min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
 
 
 def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:
@@ -167,10 +173,12 @@ def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScal
     return FieldScale.given(um_per_px) if um_per_px is not None else estimate_scale(image)
 
 
-def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3) -> FieldScale:
+def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3,
+                 max_spread: float | None = None) -> FieldScale:
     """One scale for a whole source (one microscope and camera): the median of its fields'
     estimates, which is steadier than any single field's. ``images`` may be a generator: each
-    field is estimated as it comes, and none is kept."""
+    field is estimated as it comes, and none is kept. ``max_spread``: 'unknown' when the upper
+    quartile of the estimates is more than this many times the lower (fields that disagree)."""
     estimates, fields = [], 0
     for image in images:
         fields += 1
@@ -180,6 +188,9 @@ def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3) -> Field
     if len(estimates) < min_fields:
         return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} fields had a scale estimate")
     values = np.array([s.um_per_px for s in estimates])
+    low, high = np.percentile(values, [25, 75])
+    spread = f"IQR {low:.4f}-{high:.4f} um/px"
+    if max_spread is not None and high > max_spread * low:
+        return FieldScale(None, "unknown", 0, f"the estimates of {len(estimates)} of {fields} fields disagree ({spread})")
     return FieldScale(float(np.median(values)), "estimated", int(sum(s.red_cells for s in estimates)),
-                      f"median of {len(estimates)} of {fields} fields (IQR {np.percentile(values, 25):.4f}-"
-                      f"{np.percentile(values, 75):.4f} um/px)")
+                      f"median of {len(estimates)} of {fields} fields ({spread})")

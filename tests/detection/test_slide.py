@@ -227,3 +227,28 @@ def test_a_tile_reports_only_the_objects_inside_it(slide_path: Path) -> None:
         # The rule detector finds white cells only: objects and counted cells are the same ones.
         assert tile.result.object_counts["WBC"] == len(tile.result.cells) == tile.counted
         assert (tile.result.width, tile.result.height) == (TILE, TILE)
+
+
+def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, detector_bundle: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fields given beside a slide lend their run scale to each other, never to the slide's tiles."""
+    from typer.testing import CliRunner
+
+    from PIL import Image
+
+    from leukoscope import cli
+    from tests.test_scale import smear_field
+
+    seen = []
+    monkeypatch.setattr(cli, "_analyze_slide", lambda analyzer, path, out, **_: seen.append(analyzer.run_um_per_px))
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(fields / f"field{seed}.png")
+    Image.new("RGB", (320, 240), (230, 220, 220)).save(fields / "blank.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.app, ["analyze", str(slide_path), str(fields), "--detector", str(detector_bundle),
+                                          "--no-classifier", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert seen == [None]  # the slide was analysed without the fields' scale
+    assert json.loads((out / "blank.json").read_text())["scale"]["source"] == "run"

@@ -93,7 +93,7 @@ def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
     # a field with its own estimate keeps it
     own = analyzer.analyze(smear_field(20.0))
     assert own.scale["source"] == "estimated" and own.scale["um_per_px"] == pytest.approx(0.375, rel=0.08)
-    with pytest.raises(ValueError, match="between 0.005 and 5"):
+    with pytest.raises(ValueError, match="run_um_per_px must be between 0.005 and 5"):
         SmearAnalyzer(detector, run_um_per_px=0.0)
 
 
@@ -165,21 +165,22 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
 
     folder = tmp_path / "fields"
     folder.mkdir()
-    for seed in range(3):
+    for seed in range(5):
         smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(folder / f"field{seed}.png")
     Image.new("RGB", (320, 240), (230, 220, 220)).save(folder / "blank.png")
     result = CliRunner().invoke(app, ["analyze", str(folder), "--detector", str(detector_bundle), "--no-classifier",
                                       "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    estimates = [json.loads((tmp_path / "out" / f"field{seed}.json").read_text())["scale"] for seed in range(3)]
+    estimates = [json.loads((tmp_path / "out" / f"field{seed}.json").read_text())["scale"] for seed in range(5)]
     assert all(e["source"] == "estimated" for e in estimates)
     lent = json.loads((tmp_path / "out" / "blank.json").read_text())["scale"]
     assert lent["source"] == "run"
     assert lent["um_per_px"] == pytest.approx(float(np.median([e["um_per_px"] for e in estimates])))
-    assert "is analysed at" in output and "the run's scale (median of 3 of 4 fields" in output
-    assert "1 of 4 field(s) had too few isolated red cells for a scale estimate and were analysed at the run's" \
+    assert "is analysed at" in output and "the run's scale (median of 5 of 6 fields" in output
+    assert "1 of 6 field(s) had too few isolated red cells for a scale estimate and were analysed at the run's" \
         in output
+    # fewer fields than a run's scale needs estimates from: none lent
     alone = CliRunner().invoke(app, ["analyze", str(folder / "blank.png"), str(folder / "field0.png"),
                                      "--detector", str(detector_bundle), "--no-classifier", "--out",
                                      str(tmp_path / "two"), "--quiet"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukoscope.bundle import BundleError, ood_digest, read_bundle_info
+from leukoscope.bundle import BundleError, model_identity, ood_digest, read_bundle_info
 from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.pretrained import resolve_bundle
@@ -52,13 +52,17 @@ def test_an_int8_graph_flags_the_share_the_float_model_flags(int8_with_median_th
     float_threshold = read_bundle_info(source).ood["thresholds"]["mahalanobis"]
     record = read_bundle_info(int8).export
     fit = record["ood_threshold_fit"]
-    assert fit["images"] == 32 and fit["mahalanobis"]["slope"] > 0 and fit["mahalanobis"]["correlation"] > 0.9
+    assert record["calibration_images"] == 32 and set(fit) == {"mahalanobis", "energy"}
+    assert fit["mahalanobis"]["slope"] > 0 and fit["mahalanobis"]["correlation"] > 0.9
     assert record["ood_sha256"] == ood_digest(source, read_bundle_info(source))
     graph = CellClassifier.from_bundle(int8, backend="onnxruntime", threads=1)
     assert graph.ood.threshold == pytest.approx(record["ood_thresholds"]["mahalanobis"])
     assert graph.ood.threshold != pytest.approx(float_threshold)
     # torch runs the float weights the bundle keeps: the float threshold
     assert CellClassifier.from_bundle(int8).ood.threshold == pytest.approx(float_threshold)
+    # what the graph's results depend on names the carried thresholds; torch's does not
+    assert model_identity(int8, "onnxruntime")["ood_thresholds"] == record["ood_thresholds"]
+    assert "ood_thresholds" not in model_identity(int8, "torch")
     _, int8_scores = graph.outputs(_images(synthetic_root))
     float_share = float(np.mean(float_scores > float_threshold))
     carried, uncarried = (float(np.mean(int8_scores > t)) for t in (graph.ood.threshold, float_threshold))

@@ -3,12 +3,13 @@ the CLI, the Python API and the web service.
 
 A bundle with out-of-distribution statistics (format 3, :mod:`leukoscope.evaluation.ood`)
 also scores how unlike its training images each image is: ``ood_score`` and
-``unfamiliar`` (score above the bundle's threshold). The class label is left as it
+``unfamiliar`` (score above the bundle's threshold; on an int8 graph, the threshold its
+export carried over, ``export.ood_thresholds``). The class label is left as it
 is; what to do with unfamiliar images (a field's warning) is the caller's rule.
 
 The network itself runs on a :mod:`~leukoscope.inference.runtime`: the bundle's torch
 model, or its exported graph on onnxruntime or OpenVINO; preprocessing, temperature,
-threshold and OOD score stay here, the same for all.
+the uncertain threshold and the OOD score stay here, the same for all.
 """
 
 from __future__ import annotations

@@ -210,10 +210,9 @@ def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Pat
     correlation 0.98 on that classifier) and its threshold is carried over that line, so the int8
     graph flags the share of images the float model flags. A method whose scores do not rise together
     (slope not positive) keeps its float threshold, with the reason recorded."""
-    float_scores, int8_scores = (_graph_scores(graph, paths, preprocessing, input_name, stats)
-                                 for graph in (float_graph, int8_graph))
+    float_scores, int8_scores = _graph_scores((float_graph, int8_graph), paths, preprocessing, input_name, stats)
     thresholds: dict[str, float] = {}
-    fits: dict[str, Any] = {"images": len(next(iter(float_scores.values())))}
+    fits: dict[str, Any] = {}
     for method, threshold in stats.thresholds.items():
         x, y = float_scores[method], int8_scores[method]
         slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (np.nan, np.nan)
@@ -227,23 +226,25 @@ def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Pat
     return {"ood_thresholds": thresholds, "ood_threshold_fit": fits}
 
 
-def _graph_scores(graph: Path, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
-                  stats: "OodStats") -> dict[str, np.ndarray]:
-    """Each OOD method's scores of ``paths`` through the ONNX classifier ``graph`` (logits, embedding)."""
+def _graph_scores(graphs: Sequence[Path], paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
+                  stats: "OodStats") -> list[dict[str, np.ndarray]]:
+    """Per ONNX classifier graph (outputs: logits, embedding), each OOD method's scores of ``paths``,
+    each image decoded once for all the graphs."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    sessions = [onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"]) for graph in graphs]
     reader = _Reader(paths, preprocessing, input_name, None)
-    logits, embeddings = [], []
+    outputs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sessions]
     while (batch := reader.get_next()) is not None:
-        out_logits, out_embedding = session.run(["logits", "embedding"], batch)
-        logits.append(out_logits)
-        embeddings.append(out_embedding)
-    if not logits:
-        raise BundleError("none of the calibration images could be read to set the int8 graph's OOD threshold")
-    stacked_logits, stacked_embeddings = np.concatenate(logits), np.concatenate(embeddings)
-    return {method: np.asarray(stats.scores(stacked_logits, stacked_embeddings, method), dtype=np.float64)
-            for method in stats.thresholds}
+        for session, out in zip(sessions, outputs):
+            logits, embedding = session.run(None, batch)[:2]
+            out.append((logits, embedding))
+    scores = []
+    for out in outputs:
+        logits, embeddings = (np.concatenate(part) for part in zip(*out))
+        scores.append({method: np.asarray(stats.scores(logits, embeddings, method), dtype=np.float64)
+                       for method in stats.thresholds})
+    return scores
 
 
 def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: Path, paths: Sequence[Path],

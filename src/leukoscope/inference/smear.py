@@ -206,7 +206,9 @@ class SmearAnalyzer:
         self.wbc_containment = wbc_containment
         self.max_pixels = max_pixels
         self.um_per_px = FieldScale.given(um_per_px).um_per_px if um_per_px is not None else None
-        self.run_um_per_px = FieldScale.given(run_um_per_px).um_per_px if run_um_per_px is not None else None
+        if run_um_per_px is not None and not (math.isfinite(run_um_per_px) and 0.005 <= run_um_per_px <= 5.0):
+            raise ValueError(f"run_um_per_px must be between 0.005 and 5 micrometres per pixel, got {run_um_per_px}")
+        self.run_um_per_px = run_um_per_px
         preprocessing = getattr(getattr(classifier, "info", None), "preprocessing", None)
         self.window_um = getattr(preprocessing, "cell_window_um", None)
 
@@ -296,7 +298,7 @@ class SmearAnalyzer:
         scale = known if known is not None else field_scale(image, self.um_per_px)
         if not scale.known and self.run_um_per_px is not None:
             scale = FieldScale(self.run_um_per_px, "run", 0, f"{scale.note}: analysed at the run's scale (the median "
-                               f"estimate of its other fields)")
+                               f"estimate of a sample of its fields)")
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
         factor = 1.0

@@ -96,7 +96,7 @@ class Analyzer:
         self.blast_classes = list(blast_classes) if blast_classes is not None else blast_classes_in(self.classes)
         self.model_name = name or classifier.info.model_name
         #: What each case's results depend on, recorded with the case: per role (classifier, detector),
-        #: the bundle, what ran it and its identity (weights digest, options; a classifier's calibration and OOD
+        #: the bundle, what ran it and its identity (weights digest, options; a classifier's temperature and OOD
         #: flag digest; precision of an int8 graph).
         self.models = dict(models or {})
         self.threads = threads
