@@ -191,6 +191,7 @@ def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3,
     low, high = np.percentile(values, [25, 75])
     spread = f"IQR {low:.4f}-{high:.4f} um/px"
     if max_spread is not None and high > max_spread * low:
-        return FieldScale(None, "unknown", 0, f"the estimates of {len(estimates)} of {fields} fields disagree ({spread})")
+        return FieldScale(None, "unknown", 0,
+                          f"the estimates of {len(estimates)} of {fields} fields disagree ({spread})")
     return FieldScale(float(np.median(values)), "estimated", int(sum(s.red_cells for s in estimates)),
                       f"median of {len(estimates)} of {fields} fields ({spread})")
