@@ -37,8 +37,8 @@ ScaleSource = Literal["given", "estimated", "run", "unknown"]
 RUN_SCALE_FIELDS = 24
 #: A run's scale needs this many sampled fields with an estimate...
 RUN_SCALE_MIN_ESTIMATES = 5
-#: ...whose upper quartile is at most this many times the lower (pbc's 14 of 24: 1.15; 200 BCCD fields,
-#: crowded and often misestimated, 8 of 24: 5.4).
+#: ...whose upper quartile is at most this many times the lower (pbc's 14 of 24: 1.15; all 364 BCCD fields,
+#: crowded and often misestimated, 8 of 24: 5.5).
 RUN_SCALE_MAX_SPREAD = 1.3
 
 
