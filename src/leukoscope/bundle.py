@@ -412,8 +412,8 @@ def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]
     review); and, when ``backend`` (what runs it) runs an exported graph that is not float32 (an int8
     export: another model in effect), that precision and the flag's thresholds carried over to it
     (``export.ood_thresholds``). A float graph gives torch's results, so it is not recorded. (The
-    threshold of the "uncertain" answer is not here: a run may set its own; archives and cases record
-    the one used.)"""
+    threshold of the "uncertain" answer is not here: a run may set its own; a service case records the
+    one used, an archive the ``--threshold`` given.)"""
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory)
     identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
@@ -457,7 +457,9 @@ def ood_digest(directory: str | Path, info: BundleInfo) -> str:
     if not path.is_file():
         raise BundleError(f"{directory}: {BUNDLE_FILE} names OOD statistics but {OOD_FILE} is missing")
     entry = {key: info.ood[key] for key in _OOD_SCORING_KEYS if key in info.ood}
-    return hashlib.sha256(f"{json.dumps(entry, sort_keys=True)}\n{file_digest(path)}".encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: digest).hexdigest()
 
 
 def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
@@ -480,6 +482,9 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
         # Graphs exported before stages existed record none: their embedding is the penultimate one.
         changed = (f"its OOD statistics now read the stages {info.ood.get('stages', []) or 'none'} and its graph "
                    f"gives {record.get('embedding_stages', []) or 'none'}")
+    elif info.ood is not None and record.get("precision") == "int8" and "ood_sha256" not in record:
+        # An export of before 2026-12-05, or statistics added since: the float thresholds over-flag on int8.
+        changed = "its int8 graph has no OOD thresholds of its own for its OOD statistics"
     elif info.ood is not None and record.get("ood_thresholds") and record.get("ood_sha256") != ood_digest(directory,
                                                                                                           info):
         changed = "its OOD statistics have been refitted (the int8 graph's thresholds were set for the old ones)"

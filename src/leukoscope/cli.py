@@ -1006,6 +1006,8 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
             lent = json.loads(recorded.read_text()).get("options", {}).get("run_um_per_px")
         except (OSError, ValueError, AttributeError):
             lent = None  # an unreadable record: the archive's own check says so when the run claims it
+        if not isinstance(lent, (int, float)) or not 0.005 <= lent <= 5.0:
+            lent = None  # likewise a value no run could have recorded
         if lent is not None:
             console.print(f"scale: the archive's run scale, {lent:.4f} um/px, for fields without their own",
                           soft_wrap=True)

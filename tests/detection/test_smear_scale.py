@@ -186,3 +186,21 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
                                      str(tmp_path / "two"), "--quiet"])
     assert alone.exit_code == 0, alone.output
     assert json.loads((tmp_path / "two" / "blank.json").read_text())["scale"]["source"] == "unknown"
+
+
+def test_a_resumed_archive_keeps_the_run_scale_it_started_with(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fields added to a folder since would change the sample: the archive's recorded scale is kept,
+    none when it started without one, and a value no run could have recorded is not trusted."""
+    import json
+
+    from leukoscope import cli, scale
+
+    monkeypatch.setattr(scale, "run_scale", lambda paths: pytest.fail("the run scale was computed again"))
+    paths = [tmp_path / f"field{k}.png" for k in range(8)]
+    archive = tmp_path / "archive.json"
+    for recorded, expected in (({"run_um_per_px": 0.1}, 0.1), ({}, None), ({"run_um_per_px": "x"}, None),
+                               ({"run_um_per_px": 50.0}, None)):
+        archive.write_text(json.dumps({"options": recorded}))
+        assert cli._run_scale(paths, tmp_path, "ray") == expected
+    archive.write_text("{not json")
+    assert cli._run_scale(paths, tmp_path, "ray") is None

@@ -81,3 +81,18 @@ def test_statistics_refitted_behind_an_int8_graph_are_refused_on_the_graph(int8_
         CellClassifier.from_bundle(bundle, backend="onnxruntime")
     assert CellClassifier.from_bundle(bundle).ood.threshold == pytest.approx(
         payload["ood"]["thresholds"]["mahalanobis"])
+
+
+def test_an_int8_graph_without_thresholds_for_its_statistics_is_refused(int8_with_median_threshold,
+                                                                        tmp_path: Path) -> None:
+    """An int8 export of before the thresholds were carried over (or statistics added since) would flag
+    with the float thresholds: three times the cells it was set for."""
+    _, int8, _ = int8_with_median_threshold
+    bundle = Path(shutil.copytree(int8, tmp_path / "old"))
+    payload = json.loads((bundle / "bundle.json").read_text())
+    for key in ("ood_thresholds", "ood_threshold_fit", "ood_sha256"):
+        payload["export"].pop(key)
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="no OOD thresholds of its own.*run `leukoscope export`"):
+        CellClassifier.from_bundle(bundle, backend="onnxruntime")
+    assert CellClassifier.from_bundle(bundle).ood is not None  # torch runs the float weights, as before

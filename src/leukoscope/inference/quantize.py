@@ -237,8 +237,10 @@ def _graph_scores(graphs: Sequence[Path], paths: Sequence[Path], preprocessing: 
     outputs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sessions]
     while (batch := reader.get_next()) is not None:
         for session, out in zip(sessions, outputs):
-            logits, embedding = session.run(None, batch)[:2]
+            logits, embedding = session.run(["logits", "embedding"], batch)
             out.append((logits, embedding))
+    if not outputs[0]:
+        raise BundleError("none of the calibration images could be read to set the int8 graph's OOD thresholds")
     scores = []
     for out in outputs:
         logits, embeddings = (np.concatenate(part) for part in zip(*out))

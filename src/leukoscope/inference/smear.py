@@ -123,8 +123,8 @@ class SmearAnalyzer:
     of its training images sees the field resampled to it; a classifier trained on a
     physical window (``cell_window_um``) gets crops of that many micrometres. A field whose
     scale cannot be estimated is analysed at ``run_um_per_px`` when given (the run's scale:
-    :func:`leukoscope.scale.run_scale` of the other fields of a folder), else assumed to be at the
-    detector's scale, and says which.
+    :func:`leukoscope.scale.run_scale` of a sample of a folder's fields, or a resumed archive's
+    recorded one), else assumed to be at the detector's scale, and says which.
     """
 
     def __init__(
