@@ -141,11 +141,12 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
                       f"median red-cell diameter {np.median(red):.1f} px = {RED_CELL_DIAMETER_UM} um")
 
 
-def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
+def run_scale(paths: Sequence[str | Path | bytes], *, fields: int = RUN_SCALE_FIELDS,
               max_pixels: int | None = None) -> FieldScale:
-    """The scale of a run of fields from one microscope (a folder): :func:`source_scale` of up to
-    ``fields`` of ``paths`` spread evenly over them, first and last included (a fixed choice: the same
-    paths give the same scale). Smear analysis gives it to a field with too few isolated red cells of
+    """The scale of a run of fields from one microscope (a folder, or the files of one upload to
+    the web service, given as their bytes): :func:`source_scale` of up to ``fields`` of ``paths``
+    spread evenly over them, first and last included (a fixed choice: the same paths give the same
+    scale). Smear analysis gives it to a field with too few isolated red cells of
     its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
     fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
     run's 84% (docs/benchmarks.md, "The run's scale"). Lent only when it is one microscope's: at least

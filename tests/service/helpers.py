@@ -81,7 +81,7 @@ class FakeSmear:
     def __init__(self) -> None:
         self.boxes = smear_field()[1]
 
-    def analyse(self, image: Image.Image):
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None):
         cells = []
         for index, box in enumerate(self.boxes):
             if index == 0:

@@ -55,6 +55,12 @@ _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thr
 TILE_MODEL_PIXELS = 2048
 
 
+def _checked_run_scale(um_per_px: float | None) -> float | None:
+    if um_per_px is not None and not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
+        raise ValueError(f"run_um_per_px must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")
+    return None if um_per_px is None else float(um_per_px)
+
+
 def default_tile_size(detector: Any) -> int:
     """:data:`TILE_MODEL_PIXELS` in the pixels the detector is given (divided by its bundle's
     ``input_scale``; a detector without bundle information is taken to see its input unscaled)."""
@@ -206,9 +212,7 @@ class SmearAnalyzer:
         self.wbc_containment = wbc_containment
         self.max_pixels = max_pixels
         self.um_per_px = FieldScale.given(um_per_px).um_per_px if um_per_px is not None else None
-        if run_um_per_px is not None and not (math.isfinite(run_um_per_px) and 0.005 <= run_um_per_px <= 5.0):
-            raise ValueError(f"run_um_per_px must be between 0.005 and 5 micrometres per pixel, got {run_um_per_px}")
-        self.run_um_per_px = run_um_per_px
+        self.run_um_per_px = _checked_run_scale(run_um_per_px)
         preprocessing = getattr(getattr(classifier, "info", None), "preprocessing", None)
         self.window_um = getattr(preprocessing, "cell_window_um", None)
 
@@ -286,18 +290,21 @@ class SmearAnalyzer:
         image = image if image.mode == "RGB" else image.convert("RGB")
         return [self.crop_cell(image, cell.box, um_per_px) for cell in result.cells]
 
-    def field_scale(self, image: Image.Image, known: FieldScale | None = None) -> tuple[FieldScale, float | None,
-                                                                                        float]:
+    def field_scale(self, image: Image.Image, known: FieldScale | None = None, *,
+                    run_um_per_px: float | None = None) -> tuple[FieldScale, float | None, float]:
         """The field's scale (the run's when the field's own cannot be estimated and the run has one),
         the pixel size analysis works at (the detector's training scale when there is no scale), and
         the factor the field is resampled by for the detector (1: already at its scale within 15%, or
         no scale to go by). ``known``: this
         image's own scale when the caller knows it (a slide tile read at a coarser level: the
         slide's, or the user's, level-0 pixel size times the level's downsample); it comes
-        first, then the analyzer's ``um_per_px``, then the red-cell estimate."""
+        first, then the analyzer's ``um_per_px``, then the red-cell estimate. ``run_um_per_px``: the
+        run's scale for this field alone, in place of the analyzer's (one analyzer serves many runs:
+        the web service's cases)."""
         scale = known if known is not None else field_scale(image, self.um_per_px)
-        if not scale.known and self.run_um_per_px is not None:
-            scale = FieldScale(self.run_um_per_px, "run", 0, f"{scale.note}: analysed at the run's scale (the median "
+        run = _checked_run_scale(run_um_per_px) if run_um_per_px is not None else self.run_um_per_px
+        if not scale.known and run is not None:
+            scale = FieldScale(run, "run", 0, f"{scale.note}: analysed at the run's scale (the median "
                                f"estimate of a sample of its fields)")
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
@@ -312,13 +319,14 @@ class SmearAnalyzer:
         return scale, working, factor
 
     # -- one field ------------------------------------------------------------
-    def prepare(self, image: Image.Image, *, scale: FieldScale | None = None) -> PreparedField:
+    def prepare(self, image: Image.Image, *, scale: FieldScale | None = None,
+                run_um_per_px: float | None = None) -> PreparedField:
         """The work on a field before the models run: RGB, its scale (:meth:`field_scale`) and the
         copy the detector sees. No model is touched, so a folder run does it for the next field in a
         worker thread while this one is detected (:mod:`leukoscope.inference.folder`)."""
         start = time.perf_counter()
         image = image if image.mode == "RGB" else image.convert("RGB")
-        scale, working_um_per_px, factor = self.field_scale(image, scale)
+        scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
         detector_image = image
         if factor != 1.0:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
@@ -327,14 +335,15 @@ class SmearAnalyzer:
                              self.detector_tiles(detector_image), time.perf_counter() - start)
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
-                scale: FieldScale | None = None) -> SmearResult:
+                scale: FieldScale | None = None, run_um_per_px: float | None = None) -> SmearResult:
         """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
-        see :meth:`field_scale`); else stated (``um_per_px``) or estimated from its red cells."""
+        see :meth:`field_scale`); else stated (``um_per_px``) or estimated from its red cells, else
+        the run's (``run_um_per_px``, or the analyzer's)."""
         start = time.perf_counter()
         if not isinstance(image, Image.Image):
             source = source or str(image)
             image = load_image(image, max_pixels=self.max_pixels)
-        result = self.analyze_prepared(self.prepare(image, scale=scale), source)
+        result = self.analyze_prepared(self.prepare(image, scale=scale, run_um_per_px=run_um_per_px), source)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import math
 import threading
@@ -41,8 +42,9 @@ def overlay_size(image: Image.Image, model_size: int) -> int:
 class SmearBackend(Protocol):
     """What the service needs from a smear analyser (``leukoscope.inference.smear``)."""
 
-    def analyse(self, image: Image.Image) -> Any: ...
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None) -> Any: ...
 
+    # ``run_um_per_px``: the scale of the case's fields together, for a field whose red cells give none.
     # Optional: ``cell_crops(image, result) -> list[Image]`` gives the crops its classifier saw
     # (at the field's scale), else ``crop_cell(image, box) -> Image`` one cell's;
     # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).
@@ -65,6 +67,9 @@ class ImageOutcome:
     warnings: list[str] = field(default_factory=list)
     """Quality warnings of a smear field (unverified detector, detection cap reached): while
     any stands, the case's differential must carry it and raise no leukemia flag."""
+    scale: dict[str, Any] | None = None
+    """A smear field's scale as analysed (``SmearResult.scale``: micrometres per pixel, where it came
+    from, a note when it could not be estimated); None for single cells or a backend without it."""
 
 
 def outcome_warnings(outcomes: Sequence[Any]) -> list[str]:
@@ -219,11 +224,11 @@ class Analyzer:
         prediction, overlay = self._predict_and_explain(self._classifier(), image, "upload")
         return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
 
-    def analyse_smear(self, image: Image.Image) -> ImageOutcome:
+    def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
         if self.smear is None:
             raise RuntimeError("no detector bundle loaded")
         classifier = self._classifier()
-        result = self.smear.analyse(image)
+        result = self.smear.analyse(image, run_um_per_px=run_um_per_px)
         crop_cell = getattr(self.smear, "crop_cell", None)
         cell_crops = getattr(self.smear, "cell_crops", None)
         # The crops the classifier saw (the analyzer's window or margin around its own, unrounded
@@ -248,7 +253,8 @@ class Analyzer:
         for cell, overlay in zip(cells, overlays):
             cell.overlay = overlay
         warnings = _result_warnings(result) or self.warnings
-        return ImageOutcome(cells, annotated=_annotated(image, result, cells), warnings=warnings)
+        return ImageOutcome(cells, annotated=_annotated(image, result, cells), warnings=warnings,
+                            scale=_get(result, "scale"))
 
     def _warm(self, barrier: threading.Barrier) -> None:
         classifier = self._classifier()
@@ -266,9 +272,13 @@ class Analyzer:
 
     # ------------------------------------------------------------ event-loop side
 
-    async def run(self, kind: str, images: Sequence[Image.Image]) -> list[ImageOutcome]:
+    async def run(self, kind: str, images: Sequence[Image.Image],
+                  run_um_per_px: float | None = None) -> list[ImageOutcome]:
+        """``run_um_per_px``: smear fields only, the scale of the case's fields together
+        (:func:`leukoscope.scale.run_scale`)."""
         loop = asyncio.get_running_loop()
-        work = self.analyse_smear if kind == "smear" else self.analyse_cell
+        work = (functools.partial(self.analyse_smear, run_um_per_px=run_um_per_px) if kind == "smear"
+                else self.analyse_cell)
         return list(await asyncio.gather(*(loop.run_in_executor(self._executor, work, image) for image in images)))
 
 
@@ -307,8 +317,8 @@ class _MethodAdapter:
                 setattr(self, name, getattr(target, name))
         self.warnings = list(getattr(target, "warnings", None) or [])
 
-    def analyse(self, image: Image.Image) -> Any:
-        return self._call(image)
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None) -> Any:
+        return self._call(image, run_um_per_px=run_um_per_px)
 
 
 def _result_cells(result: Any) -> list[Any]:

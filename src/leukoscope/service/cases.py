@@ -86,6 +86,8 @@ class PreparedImage:
     cells: list[PreparedCell]
     warnings: list[str] = field(default_factory=list)
     """The analysis' quality warnings (:attr:`leukoscope.service.analysis.ImageOutcome.warnings`)."""
+    scale: dict[str, Any] | None = None
+    """A smear field's scale as analysed (:attr:`leukoscope.service.analysis.ImageOutcome.scale`)."""
 
 
 def display_name(filename: str | None) -> str:
@@ -191,13 +193,26 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
     return PreparedImage(decoded.name, decoded.data, decoded.format, decoded.image.width, decoded.image.height,
                          clean_png(decoded.image),
                          clean_png(outcome.annotated) if outcome.annotated is not None else None, cells,
-                         list(outcome.warnings))
+                         list(outcome.warnings), outcome.scale)
 
 
-async def prepare_upload(state: "ServiceState", kind: str, upload: Upload) -> PreparedImage:
+def case_run_scale(uploads: Sequence[Upload], max_pixels: int) -> float | None:
+    """The scale of a smear case's fields together (:func:`leukoscope.scale.run_scale`), lent to a
+    field whose own red cells give none, as ``leukoscope analyze`` does for a folder; None for fewer
+    than ``RUN_SCALE_MIN_ESTIMATES`` files or fields that give no agreed scale. Each file is decoded
+    on its own and let go (a request holds one decoded image at a time)."""
+    from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, run_scale
+
+    if len(uploads) < RUN_SCALE_MIN_ESTIMATES:
+        return None
+    return run_scale([upload.data for upload in uploads], max_pixels=max_pixels).um_per_px
+
+
+async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
+                         run_um_per_px: float | None = None) -> PreparedImage:
     """Decode, analyse and encode one file; its decoded image is freed when this returns."""
     decoded = await run_in_threadpool(decode_upload, upload, state.settings.max_pixels)
-    (outcome,) = await state.analyzer.run(kind, [decoded.image])
+    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px)
     return await run_in_threadpool(encode_outcome, decoded, outcome)
 
 
@@ -230,13 +245,15 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         raise too_many("uploads", verdict.wait)
     await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
                             settings.max_pixels_per_request)
+    lent = await run_in_threadpool(case_run_scale, uploads, settings.max_pixels) if kind == "smear" else None
     # One file at a time: a request holds one decoded image, not all of them (issue 13).
-    prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
-    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize)
+    prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize, lent)
 
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
-             client: str, serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
+             client: str, serialize: Callable[[Case], Any] | None = None,
+             run_um_per_px: float | None = None) -> tuple[str, Any]:
     store = state.store
     stored = []
     for upload in prepared:
@@ -259,6 +276,11 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         warnings += [unfamiliar] if unfamiliar else []
     ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
            if any(p.ood_score is not None for p in predictions) else {})
+    # Each field's scale as analysed, by image position (and the case's own, when one was lent).
+    scales = ({"scales": [upload.scale for upload in prepared]}
+              if kind == "smear" and any(upload.scale is not None for upload in prepared) else {})
+    if run_um_per_px is not None:
+        scales["run_um_per_px"] = run_um_per_px
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
@@ -266,7 +288,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
                               # the detector took part in a smear field's result only
                               "models": {role: identity for role, identity in analyzer.models.items()
                                          if kind == "smear" or role != "detector"},
-                              "warnings": warnings, **ood,
+                              "warnings": warnings, **ood, **scales,
                               "differential_at_upload": differential(labels, analyzer.classes,
                                                                      analyzer.blast_classes, warnings)})
         db.add(case)
@@ -334,6 +356,26 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
     if action:
         audit(db, principal.user, action, case_id=case.id, request=request)
     return case
+
+
+def image_scale(case: Case, image: CaseImage) -> dict[str, Any] | None:
+    """The scale a smear field was analysed at (``SmearResult.scale``); None for single cells and for
+    cases stored before it was recorded."""
+    scales = case.analysis.get("scales") or []
+    return scales[image.position] if image.position < len(scales) else None
+
+
+def scale_text(scale: dict[str, Any] | None) -> str:
+    """One line for a reviewer: the field's scale and where it came from."""
+    if not scale:
+        return ""
+    um = scale.get("um_per_px")
+    origin = {"given": "stated by the server's settings",
+              "estimated": f"estimated from {scale.get('red_cells', 0)} red cells",
+              "run": "not estimated from this field: the case's fields together"}.get(scale.get("source"), "")
+    if um is not None:
+        return f"scale {um:.4f} µm/px, {origin}"
+    return str(scale.get("note") or "scale not estimated")
 
 
 def current_differential(case: Case) -> dict[str, Any]:

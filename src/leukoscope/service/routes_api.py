@@ -63,6 +63,7 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
             "sha256": image.sha256,
             "url": url(request, f"{base}/images/{image.id}/image"),
             "annotated_url": url(request, f"{base}/images/{image.id}/annotated") if image.annotated_object else None,
+            "scale": ops.image_scale(case, image),
         } for image in case.images],
         "cells": [{
             "id": cell.id,

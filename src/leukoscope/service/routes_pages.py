@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -250,7 +249,9 @@ async def upload(request: Request):
 def _cell_groups(case) -> list[dict[str, Any]]:
     groups = []
     for image in case.images:
-        groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id]})
+        scale = ops.image_scale(case, image)
+        groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id],
+                       "scale": ops.scale_text(scale), "scale_known": bool(scale and scale.get("um_per_px"))})
     return groups
 
 

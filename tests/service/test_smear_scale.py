@@ -1,0 +1,78 @@
+"""A smear case in the web service gets the scale rules of ``leukoscope analyze``: each field's
+scale is recorded and shown, a field whose red cells give none says so, and a case of several
+fields lends their scale to such a field as a folder run does."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES
+from leukoscope.service.analysis import Analyzer, load_smear_backend
+from tests.detection.test_smear_scale import ScaledDetector
+from tests.service.helpers import encode
+from tests.test_scale import smear_field
+
+BLANK = Image.new("RGB", (640, 480), (230, 220, 220))  # no red cells: no scale of its own
+
+
+@pytest.fixture
+def scaled_service(make_service, analyzer):
+    detector = ScaledDetector(um_per_px=0.08)
+    smear = Analyzer(analyzer.base, smear=load_smear_backend(detector, analyzer.base), gradcam=False, threads=1,
+                     name="abas_cnn + scaled detector")
+    service = make_service(analyzer_override=smear)
+    service.add_user("tech", "technician")
+    yield service, detector
+    smear.close()
+
+
+def post_fields(client, headers, images: list[Image.Image]) -> dict:
+    parts = [("files", (f"field{i}.png", encode(image, "PNG"), "application/octet-stream"))
+             for i, image in enumerate(images)]
+    response = client.post("/api/v1/cases", headers=headers, files=parts, data={"kind": "smear"})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_case_of_fields_lends_their_scale_to_a_field_without_one(scaled_service) -> None:
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    fields = [smear_field(20.0, seed=seed) for seed in range(RUN_SCALE_MIN_ESTIMATES)]  # 7.5 um / 20 px
+    case = post_fields(client, headers, [BLANK, *fields])
+    scales = [image["scale"] for image in case["images"]]
+    assert scales[0]["source"] == "run" and scales[0]["um_per_px"] == pytest.approx(0.375, rel=0.08)
+    assert all(s["source"] == "estimated" and s["um_per_px"] == pytest.approx(0.375, rel=0.08) for s in scales[1:])
+    # the blank field was resampled to the detector's 0.08 um/px at the case's scale, not left as it came
+    factor = scales[0]["um_per_px"] / 0.08
+    assert detector.seen[0] == (round(640 * factor), round(480 * factor))
+    page = service.login("tech").get(f"/cases/{case['id']}").text
+    assert "not estimated from this field: the case&#39;s fields together" in page
+    assert page.count("estimated from ") == RUN_SCALE_MIN_ESTIMATES + 1  # red cells (5), and the lent one
+
+
+def test_a_field_alone_without_a_scale_says_how_it_was_analysed(scaled_service) -> None:
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    # Too few fields to lend a scale: the blank one is analysed at the detector's scale, and says so.
+    case = post_fields(client, headers, [BLANK, *[smear_field(20.0, seed=s) for s in range(2)]])
+    first = case["images"][0]["scale"]
+    assert first["source"] == "unknown" and first["um_per_px"] is None
+    assert first["analysed_at_um_per_px"] == 0.08 and detector.seen[0] == (640, 480)
+    page = service.login("tech").get(f"/cases/{case['id']}").text
+    assert '<p class="scale warn">scale not estimated (no isolated red cells found); assumed 0.0800 um/px' in page
+    assert page.count('<p class="scale">scale 0.3') == 2
+    # single cells carry no scale
+    single = client.post("/api/v1/cases", headers=headers, data={"kind": "cell"},
+                         files=[("files", ("cell.png", encode(smear_field(20.0).crop((0, 0, 96, 96)), "PNG"),
+                                           "application/octet-stream"))]).json()
+    assert single["images"][0]["scale"] is None
+
+
+def test_one_analyzer_takes_a_run_scale_per_field_without_keeping_it() -> None:
+    analyzer = SmearAnalyzer(ScaledDetector(um_per_px=0.08), run_um_per_px=0.2)
+    assert analyzer.analyze(BLANK, run_um_per_px=0.1).scale["um_per_px"] == 0.1  # the call's, over the analyzer's
+    assert analyzer.analyze(BLANK).scale["um_per_px"] == 0.2
+    with pytest.raises(ValueError, match="run_um_per_px must be between 0.005 and 5"):
+        analyzer.analyze(BLANK, run_um_per_px=float("nan"))
