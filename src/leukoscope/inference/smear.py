@@ -427,6 +427,8 @@ class SmearAnalyzer:
         (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
         An unreadable file gives a row with ``error`` set, never a crash; rows keep the input order.
-        ``progress(advance=1, info=..., cells=N)`` is called once per field written.
+        ``progress(advance=1, info=..., cells=N)`` is called once per field written. Fields without a
+        scale of their own take the analyzer's ``run_um_per_px``, which this does not estimate: as
+        ``leukoscope analyze`` does, set it first from ``leukoscope.scale.run_scale(paths).um_per_px``.
         """
         return analyze_folder(self, paths, out_dir, progress=progress)
