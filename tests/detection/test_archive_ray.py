@@ -159,6 +159,28 @@ def test_a_model_is_known_by_its_weights_and_options_not_its_name(detector_bundl
     assert model_identity(int8, "onnxruntime") == before
 
 
+def test_a_bundle_threshold_edited_between_runs_is_another_analysis(detector_bundle: Path, classifier_bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    """The thresholds in effect are part of an archive's identity, a bundle's own included (no field is
+    analysed here: the settings are claimed before any actor starts)."""
+    import shutil
+
+    classifier = Path(shutil.copytree(classifier_bundle, tmp_path / "classifier"))
+    spec = AnalyzerSpec(detector_bundle, classifier, OPTIONS)
+    out = tmp_path / "out"
+    analyze_archive(spec, [], out)
+    recorded = json.loads((out / "archive.json").read_text())["options"]
+    assert recorded["uncertain_threshold"] == spec.build().classifier.threshold is not None
+    assert recorded["detector_threshold"] == spec.build().detector.score_threshold is not None
+    analyze_archive(spec, [], out)  # the same bundles again: the same archive
+    payload = json.loads((classifier / "bundle.json").read_text())
+    payload["uncertain_threshold"] = 0.9
+    (classifier / "bundle.json").write_text(json.dumps(payload))
+    assert model_identity(classifier) == model_identity(classifier_bundle)  # weights and options unchanged
+    with pytest.raises(ValueError, match="other settings \\(options differ"):
+        analyze_archive(spec, [], out)
+
+
 def test_failed_fields_are_retried_only_when_asked() -> None:
     done = {"a": None, "b": "not a recognised image"}
     assert pending(["a", "b", "c", "c"], done) == ["c"]

@@ -189,6 +189,9 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     # build with). The tile size is the one used (a default follows the detector), and each model is known
     # by its weights and options, not only its name: a shipped model replaced under the same name differs.
     identity = {**{k: v for k, v in portable.options.items() if k != "backend"}, "tile_size": analyzer.tile_size}
+    # The thresholds in effect, not only those asked for: a bundle's own, edited between two runs, changes calls.
+    identity["uncertain_threshold"] = analyzer.classifier.threshold if analyzer.classifier is not None else None
+    identity["detector_threshold"] = getattr(analyzer.detector, "score_threshold", None)
     backend = str(portable.options.get("backend", "torch"))
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
                  "models": {role: model_identity(bundle, backend) for role, bundle in
