@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -32,6 +32,7 @@ MIN_RED_CELLS = 3
 _MAX_SIDE = 1024
 _MIN_DIAMETER_PX = 6.0
 
+T = TypeVar("T")
 ScaleSource = Literal["given", "estimated", "run", "unknown"]
 #: Fields of a run sampled for its scale (:func:`run_scale`): the median settles after a dozen estimates.
 RUN_SCALE_FIELDS = 24
@@ -141,32 +142,41 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
                       f"median red-cell diameter {np.median(red):.1f} px = {RED_CELL_DIAMETER_UM} um")
 
 
-def run_scale(paths: Sequence[str | Path | bytes], *, fields: int = RUN_SCALE_FIELDS,
-              max_pixels: int | None = None) -> FieldScale:
-    """The scale of a run of fields from one microscope (a folder, or the files of one upload to
-    the web service, given as their bytes): :func:`source_scale` of up to ``fields`` of ``paths``
-    spread evenly over them, first and last included (a fixed choice: the same paths give the same
-    scale). Smear analysis gives it to a field with too few isolated red cells of
-    its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
-    fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
-    run's 84% (docs/benchmarks.md, "The run's scale"). Lent only when it is one microscope's: at least
-    ``RUN_SCALE_MIN_ESTIMATES`` sampled fields with an estimate that agree (quartiles within
-    ``RUN_SCALE_MAX_SPREAD`` of each other); else 'unknown'. Unreadable files are skipped here (the
-    analysis reports them)."""
-    from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-
+def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:
+    """Up to ``fields`` of ``items`` spread evenly over them, first and last included (a fixed choice:
+    the same run gives the same sample)."""
     if fields < 1:
         raise ValueError(f"fields must be at least 1, got {fields}")
-    chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(fields, len(paths))).round()] if paths else []
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, min(fields, len(items))).round()] if items else []
 
-    def readable() -> Iterator[Image.Image]:
-        for path in chosen:
+
+def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
+              max_pixels: int | None = None) -> FieldScale:
+    """The scale of a run of fields from one microscope (a folder): :func:`run_scale_of` the estimates of
+    :func:`run_sample` of ``paths``. Smear analysis gives it to a field with too few isolated red cells of
+    its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
+    fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
+    run's 84% (docs/benchmarks.md, "The run's scale"). Unreadable files are skipped here (the analysis
+    reports them)."""
+    from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+
+    def estimates() -> Iterator[FieldScale]:
+        for path in run_sample(paths, fields):
             try:
-                yield load_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                image = load_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
             except (ImageDecodeError, OSError):
                 continue
+            yield estimate_scale(image)
 
-    return source_scale(readable(), min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
+    return run_scale_of(list(estimates()))
+
+
+def run_scale_of(estimates: Sequence[FieldScale]) -> FieldScale:
+    """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
+    one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields with an estimate that agree (quartiles
+    within ``RUN_SCALE_MAX_SPREAD`` of each other); else 'unknown'. The web service gives it the scales
+    its analysis of a case's fields found, so that no field is read twice."""
+    return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
 
 
 def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:
@@ -176,16 +186,17 @@ def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScal
 
 def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3,
                  max_spread: float | None = None) -> FieldScale:
-    """One scale for a whole source (one microscope and camera): the median of its fields'
-    estimates, which is steadier than any single field's. ``images`` may be a generator: each
-    field is estimated as it comes, and none is kept. ``max_spread``: 'unknown' when the upper
-    quartile of the estimates is more than this many times the lower (fields that disagree)."""
-    estimates, fields = [], 0
-    for image in images:
-        fields += 1
-        estimate = estimate_scale(image)
-        if estimate.known:
-            estimates.append(estimate)
+    """One scale for a whole source (one microscope and camera): :func:`pooled_scale` of its fields'
+    estimates. ``images`` may be a generator: each field is estimated as it comes, and none is kept."""
+    return pooled_scale([estimate_scale(image) for image in images], min_fields=min_fields, max_spread=max_spread)
+
+
+def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_spread: float | None = None) -> FieldScale:
+    """The median of the fields' estimates (those of ``scales`` that are known), which is steadier than
+    any single field's. ``max_spread``: 'unknown' when the upper quartile of the estimates is more than
+    this many times the lower (fields that disagree)."""
+    estimates = [scale for scale in scales if scale.known]
+    fields = len(scales)
     if len(estimates) < min_fields:
         return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} fields had a scale estimate")
     values = np.array([s.um_per_px for s in estimates])

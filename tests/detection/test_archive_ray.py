@@ -169,9 +169,10 @@ def test_a_bundle_threshold_edited_between_runs_is_another_analysis(detector_bun
     spec = AnalyzerSpec(detector_bundle, classifier, OPTIONS)
     out = tmp_path / "out"
     analyze_archive(spec, [], out)
-    recorded = json.loads((out / "archive.json").read_text())["options"]
-    assert recorded["uncertain_threshold"] == spec.build().classifier.threshold is not None
-    assert recorded["detector_threshold"] == spec.build().detector.score_threshold is not None
+    recorded, built = json.loads((out / "archive.json").read_text())["options"], spec.build()
+    assert built.classifier.threshold is not None and built.detector.score_threshold is not None
+    assert recorded["uncertain_threshold"] == built.classifier.threshold
+    assert recorded["detector_threshold"] == built.detector.score_threshold
     analyze_archive(spec, [], out)  # the same bundles again: the same archive
     payload = json.loads((classifier / "bundle.json").read_text())
     payload["uncertain_threshold"] = 0.9

@@ -4,6 +4,8 @@ fields lends their scale to such a field as a folder run does."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from PIL import Image
 
@@ -46,10 +48,24 @@ def test_a_case_of_fields_lends_their_scale_to_a_field_without_one(scaled_servic
     assert all(s["source"] == "estimated" and s["um_per_px"] == pytest.approx(0.375, rel=0.08) for s in scales[1:])
     # the blank field was resampled to the detector's 0.08 um/px at the case's scale, not left as it came
     factor = scales[0]["um_per_px"] / 0.08
-    assert detector.seen[0] == (round(640 * factor), round(480 * factor))
+    assert detector.seen[-1] == (round(640 * factor), round(480 * factor))
+    assert case["run_scale"]["source"] == "estimated" and case["run_scale"]["um_per_px"] == scales[0]["um_per_px"]
+    assert case["run_scale"]["note"].startswith(f"median of {RUN_SCALE_MIN_ESTIMATES} of 6 fields")
+    # each field read by the detector once, the blank one twice (first at the detector's own scale)
+    assert len(detector.seen) == len(fields) + 2 and detector.seen[0] == (640, 480)
     page = service.login("tech").get(f"/cases/{case['id']}").text
-    assert "not estimated from this field: the case&#39;s fields together" in page
-    assert page.count("estimated from ") == RUN_SCALE_MIN_ESTIMATES + 1  # red cells (5), and the lent one
+    assert page.count("not estimated from this field: the case&#39;s fields together") == 1
+    assert len(re.findall(r"um/px, estimated from \d+ red cells", page)) == RUN_SCALE_MIN_ESTIMATES
+
+
+def test_fields_that_disagree_lend_no_scale(scaled_service) -> None:
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    # three fields at one magnification and three at another: not one microscope's run
+    fields = [smear_field(diameter, seed=seed) for seed, diameter in enumerate([20.0] * 3 + [50.0] * 3)]
+    case = post_fields(client, headers, [BLANK, *fields])
+    assert case["run_scale"]["source"] == "unknown" and "disagree" in case["run_scale"]["note"]
+    assert case["images"][0]["scale"]["source"] == "unknown" and len(detector.seen) == len(fields) + 1
 
 
 def test_a_field_alone_without_a_scale_says_how_it_was_analysed(scaled_service) -> None:
@@ -60,6 +76,7 @@ def test_a_field_alone_without_a_scale_says_how_it_was_analysed(scaled_service) 
     first = case["images"][0]["scale"]
     assert first["source"] == "unknown" and first["um_per_px"] is None
     assert first["analysed_at_um_per_px"] == 0.08 and detector.seen[0] == (640, 480)
+    assert case["run_scale"] is None  # too few fields to judge a run
     page = service.login("tech").get(f"/cases/{case['id']}").text
     assert '<p class="scale warn">scale not estimated (no isolated red cells found); assumed 0.0800 um/px' in page
     assert page.count('<p class="scale">scale 0.3') == 2

@@ -300,7 +300,7 @@ class SmearAnalyzer:
         slide's, or the user's, level-0 pixel size times the level's downsample); it comes
         first, then the analyzer's ``um_per_px``, then the red-cell estimate. ``run_um_per_px``: the
         run's scale for this field alone, in place of the analyzer's (one analyzer serves many runs:
-        the web service's cases)."""
+        the web service's cases); None: the analyzer's own, if it has one."""
         scale = known if known is not None else field_scale(image, self.um_per_px)
         run = _checked_run_scale(run_um_per_px) if run_um_per_px is not None else self.run_um_per_px
         if not scale.known and run is not None:

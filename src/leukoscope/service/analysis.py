@@ -228,7 +228,9 @@ class Analyzer:
         if self.smear is None:
             raise RuntimeError("no detector bundle loaded")
         classifier = self._classifier()
-        result = self.smear.analyse(image, run_um_per_px=run_um_per_px)
+        # the keyword only when there is a scale to lend: a backend written before it keeps working
+        result = (self.smear.analyse(image) if run_um_per_px is None
+                  else self.smear.analyse(image, run_um_per_px=run_um_per_px))
         crop_cell = getattr(self.smear, "crop_cell", None)
         cell_crops = getattr(self.smear, "cell_crops", None)
         # The crops the classifier saw (the analyzer's window or margin around its own, unrounded

@@ -26,6 +26,7 @@ from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
+from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, run_sample, run_scale_of
 from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
 from leukoscope.service.auth import Principal, audit, too_many
@@ -196,16 +197,16 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
                          list(outcome.warnings), outcome.scale)
 
 
-def case_run_scale(uploads: Sequence[Upload], max_pixels: int) -> float | None:
-    """The scale of a smear case's fields together (:func:`leukoscope.scale.run_scale`), lent to a
-    field whose own red cells give none, as ``leukoscope analyze`` does for a folder; None for fewer
-    than ``RUN_SCALE_MIN_ESTIMATES`` files or fields that give no agreed scale. Each file is decoded
-    on its own and let go (a request holds one decoded image at a time)."""
-    from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, run_scale
-
-    if len(uploads) < RUN_SCALE_MIN_ESTIMATES:
+def case_run_scale(prepared: Sequence[PreparedImage]) -> FieldScale | None:
+    """The scale of a smear case's fields together (:func:`leukoscope.scale.run_scale_of` the scales their
+    analysis found), for the fields whose own red cells gave none, as ``leukoscope analyze`` lends a
+    folder's; None for fewer than ``RUN_SCALE_MIN_ESTIMATES`` fields. 'unknown' (with its reason) when
+    they give no agreed scale."""
+    if len(prepared) < RUN_SCALE_MIN_ESTIMATES:
         return None
-    return run_scale([upload.data for upload in uploads], max_pixels=max_pixels).um_per_px
+    own = [FieldScale(scale.get("um_per_px"), scale.get("source", "unknown"), scale.get("red_cells", 0),
+                      scale.get("note", "")) for scale in (upload.scale for upload in prepared) if scale]
+    return run_scale_of(run_sample(own))
 
 
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
@@ -245,15 +246,20 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         raise too_many("uploads", verdict.wait)
     await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
                             settings.max_pixels_per_request)
-    lent = await run_in_threadpool(case_run_scale, uploads, settings.max_pixels) if kind == "smear" else None
     # One file at a time: a request holds one decoded image, not all of them (issue 13).
-    prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
-    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize, lent)
+    prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
+    run = case_run_scale(prepared) if kind == "smear" else None
+    if run is not None and run.known:  # only the fields that had no scale of their own are analysed again
+        for index, upload in enumerate(uploads):
+            if (prepared[index].scale or {}).get("source") == "unknown":
+                prepared[index] = await prepare_upload(state, kind, upload, run.um_per_px)
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
+                                   run.to_json() if run is not None else None)
 
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
              client: str, serialize: Callable[[Case], Any] | None = None,
-             run_um_per_px: float | None = None) -> tuple[str, Any]:
+             run_scale: dict[str, Any] | None = None) -> tuple[str, Any]:
     store = state.store
     stored = []
     for upload in prepared:
@@ -276,11 +282,11 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         warnings += [unfamiliar] if unfamiliar else []
     ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
            if any(p.ood_score is not None for p in predictions) else {})
-    # Each field's scale as analysed, by image position (and the case's own, when one was lent).
+    # Each field's scale as analysed, by image position; and the case's own (a case of enough fields).
     scales = ({"scales": [upload.scale for upload in prepared]}
               if kind == "smear" and any(upload.scale is not None for upload in prepared) else {})
-    if run_um_per_px is not None:
-        scales["run_um_per_px"] = run_um_per_px
+    if run_scale is not None:
+        scales["run_scale"] = run_scale
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
@@ -370,12 +376,12 @@ def scale_text(scale: dict[str, Any] | None) -> str:
     if not scale:
         return ""
     um = scale.get("um_per_px")
-    origin = {"given": "stated by the server's settings",
+    origin = {"given": "stated (um_per_px)",
               "estimated": f"estimated from {scale.get('red_cells', 0)} red cells",
-              "run": "not estimated from this field: the case's fields together"}.get(scale.get("source"), "")
-    if um is not None:
-        return f"scale {um:.4f} µm/px, {origin}"
-    return str(scale.get("note") or "scale not estimated")
+              "run": "not estimated from this field: the case's fields together"}.get(scale.get("source"))
+    if um is None or origin is None:
+        return str(scale.get("note") or "scale not estimated")
+    return f"scale {um:.4f} um/px, {origin}"
 
 
 def current_differential(case: Case) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
         "models": case.analysis.get("models", {}),  # absent from cases made before it was recorded
         "classes": case.classes,
         "uncertain_threshold": case.analysis.get("threshold"),
+        "run_scale": case.analysis.get("run_scale"),  # a smear case of at least 5 fields: their scale together
         "decision_support": ops.DECISION_SUPPORT_NOTE,
         "images": [{
             "id": image.id,
