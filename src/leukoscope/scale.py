@@ -61,6 +61,12 @@ class FieldScale:
         return asdict(self)
 
     @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "FieldScale":
+        """Back from :meth:`to_json` (a field's recorded ``scale``; its other keys are ignored)."""
+        return cls(record.get("um_per_px"), record.get("source", "unknown"), record.get("red_cells", 0),
+                   record.get("note", ""))
+
+    @classmethod
     def given(cls, um_per_px: float) -> "FieldScale":
         if not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
             raise ValueError(f"--um-per-px must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")

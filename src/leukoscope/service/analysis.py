@@ -277,7 +277,7 @@ class Analyzer:
     async def run(self, kind: str, images: Sequence[Image.Image],
                   run_um_per_px: float | None = None) -> list[ImageOutcome]:
         """``run_um_per_px``: smear fields only, the scale of the case's fields together
-        (:func:`leukoscope.scale.run_scale`)."""
+        (:func:`leukoscope.scale.run_scale_of`)."""
         loop = asyncio.get_running_loop()
         work = (functools.partial(self.analyse_smear, run_um_per_px=run_um_per_px) if kind == "smear"
                 else self.analyse_cell)

@@ -204,9 +204,7 @@ def case_run_scale(prepared: Sequence[PreparedImage]) -> FieldScale | None:
     they give no agreed scale."""
     if len(prepared) < RUN_SCALE_MIN_ESTIMATES:
         return None
-    own = [FieldScale(scale.get("um_per_px"), scale.get("source", "unknown"), scale.get("red_cells", 0),
-                      scale.get("note", "")) for scale in (upload.scale for upload in prepared) if scale]
-    return run_scale_of(run_sample(own))
+    return run_scale_of(run_sample([FieldScale.from_json(upload.scale) for upload in prepared if upload.scale]))
 
 
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
