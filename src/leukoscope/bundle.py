@@ -37,7 +37,10 @@ leaves the defaults out, so every other bundle reads as before. Version 6 adds s
 normalisation (``preprocessing.stain``), in the same way. Version 7 adds OOD statistics
 that read the network's stages (the ``ood`` entry's ``stages`` and ``part_scales``, one
 ``means.<k>`` / ``precision.<k>`` pair per part in ``ood.safetensors``); only bundles
-with such statistics say 7.
+with such statistics say 7. Version 8 adds test-time views (``preprocessing.views``: outputs
+averaged over a cell's rotations and mirror images, :func:`leukoscope.preprocessing.over_views`); only
+bundles that set more than one say 8: an older leukoscope would read such a bundle one view at a time,
+against a calibration and an OOD flag fitted on the average, so it must ask for an upgrade instead.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ import hashlib
 import inspect
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import leukoscope
 from leukoscope.preprocessing import Preprocessing, framework_of
@@ -59,7 +62,7 @@ if TYPE_CHECKING:  # torch is imported where models are built or saved: reading 
     import torch
     from torch import nn
 
-BUNDLE_FORMAT_VERSION = 7
+BUNDLE_FORMAT_VERSION = 8
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
 #: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
@@ -70,8 +73,10 @@ FORMAT_4 = 4
 FORMAT_5 = 5
 #: What a bundle with stain normalisation but no OOD stages is written as.
 FORMAT_6 = 6
+#: What a bundle with OOD stages but one test-time view is written as.
+FORMAT_7 = 7
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
@@ -171,7 +176,8 @@ class BundleInfo:
                 payload.pop(key)
         preprocessing = payload.get("preprocessing")
         if preprocessing:
-            for key, default in (("cell_window_um", None), ("colour", "rgb"), ("standardize", False), ("stain", None)):
+            for key, default in (("cell_window_um", None), ("colour", "rgb"), ("standardize", False), ("stain", None),
+                                 ("views", 1)):
                 if preprocessing.get(key) == default:
                     preprocessing.pop(key)
         return payload
@@ -275,12 +281,22 @@ def save_bundle(directory: str | Path, model: Any, info: BundleInfo,
     return directory
 
 
-def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any]) -> BundleInfo:
+def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any], *, views: int | None = None,
+             temperature: float | None = None, note: str = "") -> BundleInfo:
     """Add (or replace) the OOD statistics of an existing classifier bundle: ``ood.safetensors``
-    and the ``ood`` entry of ``bundle.json`` (which becomes format 3)."""
+    and the ``ood`` entry of ``bundle.json`` (which becomes format 3). With ``views``, the bundle's
+    test-time views and the ``temperature`` fitted with them are written in the same ``bundle.json``
+    (format 8 for more than one view), ``note`` recorded in its provenance (``views``): the statistics,
+    the temperature and the views are one calibration and never stored apart."""
     directory = resolve_bundle(directory)
     info = read_bundle_info(directory, task="classify")
     info.ood = dict(entry)
+    if views is not None:
+        if temperature is None:
+            raise ValueError("new test-time views need the temperature fitted with them")
+        info.preprocessing = replace(info.preprocessing, views=views)
+        info.temperature = float(temperature)
+        info.provenance = {**info.provenance, "views": note or f"{views} test-time views"}
     _write_ood_and_json(directory, info, arrays)
     return info
 
@@ -304,8 +320,10 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if (info.ood or {}).get("stages"):
+    if info.preprocessing is not None and info.preprocessing.views > 1:
         info.format_version = BUNDLE_FORMAT_VERSION
+    elif (info.ood or {}).get("stages"):
+        info.format_version = FORMAT_7
     elif info.preprocessing is not None and info.preprocessing.stain is not None:
         info.format_version = FORMAT_6
     elif info.preprocessing is not None and info.preprocessing.styled:
@@ -319,12 +337,12 @@ def _write_json(directory: Path, info: BundleInfo) -> None:
     json_tmp.replace(directory / BUNDLE_FILE)
 
 
-def record_metrics(directory: str | Path, metrics: dict[str, Any]) -> BundleInfo:
-    """Replace scores a bundle records (the others kept), e.g. re-measured once its weights are
-    stored as float16: the quality gate of ``analyze`` and the model card read them."""
+def record_metrics(directory: str | Path, metrics: dict[str, Any], drop: Sequence[str] = ()) -> BundleInfo:
+    """Replace scores a bundle records (the others kept, but those named in ``drop``), e.g. re-measured
+    once its weights are stored as float16: the quality gate of ``analyze`` and the model card read them."""
     directory = Path(directory)
     info = read_bundle_info(directory)
-    info.metrics = {**info.metrics, **metrics}
+    info.metrics = {**{k: v for k, v in info.metrics.items() if k not in drop}, **metrics}
     _write_json(directory, info)
     return info
 
@@ -470,8 +488,10 @@ def check_export_matches(directory: str | Path, info: BundleInfo) -> None:
     graph's ``embedding`` output holds (``export.embedding_stages``; refitted by ``calibrate-ood``), or
     an int8 graph's OOD thresholds (``export.ood_thresholds``) were carried over from statistics refitted since.
     Its graph would give the old model's results while ``--backend torch``, its metrics and its
-    calibration describe the new one."""
-    record = info.export or {}
+    calibration describe the new one. A bundle never exported has no graph to be stale."""
+    if info.export is None:
+        return
+    record = info.export
     recorded = record.get("weights_sha256")
     changed = None
     if recorded and weights_digest(directory) not in (None, recorded):

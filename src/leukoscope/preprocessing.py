@@ -14,7 +14,8 @@ carries a :class:`Preprocessing`, and every place that feeds a classifier
    themselves for a classical model (which computes its features from them).
 3. :func:`batched_logits`: both steps' output through the model, in batches
    (:func:`batched_outputs`: with the penultimate embeddings as well, for the
-   out-of-distribution score).
+   out-of-distribution score), averaged over the bundle's test-time ``views``
+   (:func:`over_views`: a cell's right-angle rotations and mirror images).
 
 Steps 1 and 2 work in numpy (given torch tensors, they return torch tensors), so that an exported
 classifier runs without importing torch (:mod:`leukoscope.inference.runtime`).
@@ -44,6 +45,9 @@ FRAMEWORKS = ("torch", "sklearn")
 COLOURS = ("rgb", "gray")
 # ITU-R BT.601 luma, as PIL's "L" mode.
 _LUMA = (0.299, 0.587, 0.114)
+#: Test-time views a classifier's outputs may be averaged over: the image alone, its four right-angle
+#: rotations, or those and their mirror images (a cell on a slide has no up, down, left or right).
+VIEWS = (1, 4, 8)
 
 
 @dataclass
@@ -70,8 +74,15 @@ class Preprocessing:
     """``macenko``: each image's stains unmixed and rebuilt in one reference's colours
     (:mod:`leukoscope.stain`) after the letterbox, so every model, torch or classical, sees
     every lab's smear in pbc's colours; None: the image's own colours."""
+    views: int = 1
+    """Test-time views (one of :data:`VIEWS`): every output (logits, embeddings, so the calibration and
+    the OOD flag too) is the mean over the image's right-angle rotations (4) and their mirror images
+    (8), at that many times the network's work (bundle format 8); 1: the image as it is."""
 
     def __post_init__(self) -> None:
+        if self.views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS} (the image alone, its rotations, or those and their "
+                             f"mirror images), got {self.views!r}")
         if self.stain is not None and self.stain not in STAINS:
             raise ValueError(f"unknown stain normalisation {self.stain!r} (expected one of {STAINS} or none)")
         if self.colour not in COLOURS:
@@ -156,34 +167,76 @@ def framework_of(model: Any) -> str:
     return "torch" if isinstance(model, torch.nn.Module) else "sklearn"
 
 
-def batched_logits(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
-                   device: "str | torch.device" = "cpu", batch_size: int = 64) -> np.ndarray:
-    """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode."""
+def dihedral_views(pixels: "np.ndarray | torch.Tensor", views: int) -> "np.ndarray | torch.Tensor":
+    """``views`` copies of a batch ``(N, C, S, S)``, view after view ``(views * N, C, S, S)``: the
+    right-angle rotations, then (8) those of its mirror image. A numpy array or a torch tensor."""
+    if views == 1:
+        return pixels
+    if isinstance(pixels, np.ndarray):
+        copies = [np.rot90(pixels, k, axes=(-2, -1)) for k in range(4)]
+        if views == 8:
+            mirrored = np.swapaxes(pixels, -2, -1)
+            copies += [np.rot90(mirrored, k, axes=(-2, -1)) for k in range(4)]
+        return np.ascontiguousarray(np.concatenate(copies))
     import torch
 
-    framework = framework_of(model)
-    if framework == "sklearn":
-        return np.asarray(model.predict_logits(pixels), dtype=np.float64)
+    copies = [torch.rot90(pixels, k, dims=(-2, -1)) for k in range(4)]
+    if views == 8:
+        mirrored = pixels.transpose(-2, -1)
+        copies += [torch.rot90(mirrored, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(copies).contiguous()
+
+
+def over_views(outputs: Callable[[Any], tuple[Any, ...]], pixels: "np.ndarray | torch.Tensor",
+               views: int) -> tuple[np.ndarray, ...]:
+    """``outputs`` (a batch -> arrays of one row per image) of every view of ``pixels``
+    (:func:`dihedral_views`), averaged per image: logits and embeddings alike."""
+    results = outputs(dihedral_views(pixels, views))
+    averaged = []
+    for result in results:
+        array = result.numpy() if hasattr(result, "numpy") else np.asarray(result)
+        averaged.append(array.reshape(views, -1, *array.shape[1:]).mean(axis=0, dtype=array.dtype)
+                        if views > 1 else array)
+    return tuple(averaged)
+
+
+def batched_logits(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
+                   device: "str | torch.device" = "cpu", batch_size: int = 64) -> np.ndarray:
+    """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode, averaged
+    over ``preprocessing.views``."""
+    import torch
+
+    views = preprocessing.views
+    if framework_of(model) == "sklearn":
+        return np.asarray(over_views(lambda p: (model.predict_logits(p),), pixels, views)[0], dtype=np.float64)
     pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()
+
+    def logits(batch: torch.Tensor) -> tuple[torch.Tensor]:
+        return (model(preprocessing.model_input(batch).to(device)).float().cpu(),)
+
     with torch.no_grad():
-        outputs = [model(preprocessing.model_input(pixels[start:start + batch_size]).to(device)).float().cpu()
+        outputs = [over_views(logits, pixels[start:start + batch_size], views)[0]
                    for start in range(0, len(pixels), batch_size)]
     if not outputs:
         raise ValueError("no images to score")
-    return torch.cat(outputs).numpy()
+    return np.concatenate(outputs)
 
 
 def batched_outputs(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
                     device: "str | torch.device" = "cpu", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated logits ``(N, classes)`` and penultimate embeddings ``(N, d)`` of uint8 ``pixels``
     from one forward pass: a CNN's input to its final linear layer, a classical model's
-    standardised selected features."""
+    standardised selected features; both averaged over ``preprocessing.views``."""
+    views = preprocessing.views
     if framework_of(model) == "sklearn":
-        features = model.features(pixels)
-        return (np.asarray(model.logits_features(features), dtype=np.float64),
-                np.asarray(model.embed_features(features), dtype=np.float64))
+        def classic(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            features = model.features(batch)
+            return (np.asarray(model.logits_features(features), dtype=np.float64),
+                    np.asarray(model.embed_features(features), dtype=np.float64))
+
+        return over_views(classic, pixels, views)  # type: ignore[return-value]
     import torch
 
     from leukoscope.models.embedding import logits_and_embeddings
@@ -191,16 +244,20 @@ def batched_outputs(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessi
     pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()
+
+    def both(batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        out, embedded = logits_and_embeddings(model, preprocessing.model_input(batch).to(device))
+        return out.float().cpu(), embedded
+
     logits, embeddings = [], []
     with torch.no_grad():
         for start in range(0, len(pixels), batch_size):
-            out, embedded = logits_and_embeddings(model, preprocessing.model_input(pixels[start:start + batch_size])
-                                                  .to(device))
-            logits.append(out.float().cpu())
+            out, embedded = over_views(both, pixels[start:start + batch_size], views)
+            logits.append(out)
             embeddings.append(embedded)
     if not logits:
         raise ValueError("no images to score")
-    return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+    return np.concatenate(logits), np.concatenate(embeddings)
 
 
 def stack_pixels(images: Sequence[Image.Image], preprocessing: Preprocessing) -> np.ndarray:

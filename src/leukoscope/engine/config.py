@@ -152,6 +152,11 @@ SEARCH_EXAMPLE = """search:
 class PredictConfig(Section):
     uncertain_threshold: float = 0.5
     """A prediction whose top probability is below this is reported as "uncertain"."""
+    views: Literal[1, 4, 8] = 1
+    """Test-time views: every output the mean over the cell's right-angle rotations (4) and their mirror
+    images (8), at that many times the work per cell; the run's test scores, the temperature, the OOD
+    flag and every later use of the bundle read them alike (each epoch's validation, which picks the
+    best epoch, reads a cell once). 1: the image as it is."""
 
 
 class CompareEntry(Section):
@@ -415,7 +420,7 @@ def init_updates(model: BaseModel, peek: BundlePeek, spec: str) -> dict[str, Any
 def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
     """With ``model.init``: ``model.name``, ``model.options``, ``model.image_size``,
     ``data.segmentation``, ``data.cell_window_um``, ``data.colour``, ``data.standardize`` and
-    ``data.stain`` from that bundle, unless the config sets them. Reads only the bundle's JSON
+    ``data.stain`` (and ``predict.views``) from that bundle, unless the config sets them. Reads only the bundle's JSON
     (no torch); repeated calls change nothing. The weights are loaded by the learner."""
     spec = config.model.init
     if not spec:
@@ -436,6 +441,8 @@ def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
             if key not in config.data.model_fields_set and preprocessing.get(key)}
     if data:
         update["data"] = config.data.model_copy(update=data)
+    if "views" not in config.predict.model_fields_set and preprocessing.get("views", 1) != 1:
+        update["predict"] = config.predict.model_copy(update={"views": int(preprocessing["views"])})
     return config.model_copy(update=update)
 
 

@@ -8,6 +8,7 @@ every epoch so that ``resume`` continues exactly where a run stopped.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ class _ClassificationLoop(EpochLoop):
                          patience=cfg.early_stopping_patience)
         self.cfg, self.loader, self.loss_fn, self.eval_loss = cfg, loader, loss_fn, eval_loss
         self.device, self.preprocessing, self.val, self.show_progress = device, preprocessing, val, show_progress
+        self.one_view = replace(preprocessing, views=1)
 
     def stop_before(self, epoch: int, last_epoch_s: float) -> str | None:
         # Stop before an epoch that would overrun the budget (a resumed run that has
@@ -175,7 +177,9 @@ class _ClassificationLoop(EpochLoop):
     def validate(self, epoch: int, row: dict[str, Any], cut_short: bool) -> None:
         if self.val is not None:
             images, targets = self.val
-            logits = batched_logits(self.model, images, self.preprocessing, self.device)
+            # Each epoch's validation reads a cell once: test-time views would multiply its cost by up to 8.
+            # The run's final scores, temperature and OOD flag use the bundle's views (the learner's outputs).
+            logits = batched_logits(self.model, images, self.one_view, self.device)
             row.update({f"val_{k}": v for k, v in score_logits(logits, targets, self.eval_loss).items()})
 
     def selection_key(self, row: dict[str, Any]) -> tuple[float, float]:

@@ -35,7 +35,7 @@ import numpy as np
 from leukoscope.bundle import BundleError
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
 from leukoscope.io import ImageDecodeError, load_image
-from leukoscope.preprocessing import Preprocessing
+from leukoscope.preprocessing import Preprocessing, over_views
 
 if TYPE_CHECKING:
     from leukoscope.evaluation.ood import OodStats
@@ -237,7 +237,10 @@ def _graph_scores(graphs: Sequence[Path], paths: Sequence[Path], preprocessing: 
     outputs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sessions]
     while (batch := reader.get_next()) is not None:
         for session, out in zip(sessions, outputs):
-            logits, embedding = session.run(["logits", "embedding"], batch)
+            # Averaged over the bundle's test-time views, as the graph's scores are when it runs.
+            logits, embedding = over_views(lambda views, s=session: tuple(s.run(["logits", "embedding"],
+                                                                               {input_name: views})),
+                                           batch[input_name], preprocessing.views)
             out.append((logits, embedding))
     if not outputs[0]:
         raise BundleError("none of the calibration images could be read to set the int8 graph's OOD thresholds")

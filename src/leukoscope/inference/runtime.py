@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches
-from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
+from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, over_views
 
 if TYPE_CHECKING:
     import torch
@@ -122,9 +122,14 @@ class GraphRuntime(Runtime):
                               f"{self.backend}: re-export the bundle with this leukoscope, or use --backend torch")
         wanted = ["logits", "embedding"] if embeddings else ["logits"]
         chunks: list[list[np.ndarray]] = [[] for _ in wanted]
+
+        def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+            return tuple(self._infer(np.asarray(self.preprocessing.model_input(batch)), wanted))
+
         for start in range(0, len(pixels), BATCH):
-            inputs = np.asarray(self.preprocessing.model_input(np.asarray(pixels[start:start + BATCH])))
-            for chunk, result in zip(chunks, self._infer(inputs, wanted)):
+            # The bundle's test-time views around the graph, as batched_outputs does around the torch model.
+            results = over_views(infer, np.asarray(pixels[start:start + BATCH]), self.preprocessing.views)
+            for chunk, result in zip(chunks, results):
                 chunk.append(result)
         if not chunks[0]:
             raise ValueError("no images to score")

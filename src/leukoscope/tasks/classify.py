@@ -50,7 +50,8 @@ def preprocessing_of(config: ExperimentConfig) -> Preprocessing:
         statistics = {key: list(given[key]) for key in ("mean", "std") if given.get(key)}
     return Preprocessing(image_size=config.model.image_size, segmentation=config.data.segmentation,
                          cell_window_um=config.data.cell_window_um, colour=config.data.colour,
-                         standardize=config.data.standardize, stain=config.data.stain, **statistics)
+                         standardize=config.data.standardize, stain=config.data.stain, views=config.predict.views,
+                         **statistics)
 
 
 def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:

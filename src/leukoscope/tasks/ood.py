@@ -1,5 +1,6 @@
 """Out-of-distribution statistics of a classifier: fitted at the end of training, or for an
-existing bundle by ``leukoscope calibrate-ood``.
+existing bundle by ``leukoscope calibrate-ood`` (which may also change the bundle's test-time views,
+refitting its temperature with them: every output a calibration rests on changes with the views).
 
 Class means and shared precision come from the *training* split's embeddings, the
 threshold from the *validation* split's scores (:func:`leukoscope.evaluation.ood.calibrate_ood`),
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -18,6 +20,7 @@ from leukoscope.bundle import load_bundle, read_bundle_info, save_ood
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, make_split
+from leukoscope.evaluation.calibration import temperature_fit
 from leukoscope.evaluation.ood import DEFAULT_METHOD, DEFAULT_QUANTILE, OodStats, calibrate_ood
 from leukoscope.models.embedding import EmbeddingError, default_stages
 from leukoscope.preprocessing import batched_outputs, framework_of
@@ -156,11 +159,14 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
 def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | Path | None = None,
                      method: str = DEFAULT_METHOD, quantile: float = DEFAULT_QUANTILE, on_corrupt: str = "skip",
                      device: str = "cpu", seed: int = 0, show_progress: bool = True,
-                     stages: Sequence[str] | None = None) -> tuple[OodStats, str]:
+                     stages: Sequence[str] | None = None, views: int | None = None) -> tuple[OodStats, str]:
     """Fit and store the OOD statistics of an existing classifier ``bundle`` on labelled ``data``
     (see :func:`fit_parts`); returns them and where the images came from. ``stages``: the model's
     stages the score reads beside its penultimate embedding (default: its architecture's
-    :func:`~leukoscope.models.embedding.default_stages`; empty: the penultimate embedding alone)."""
+    :func:`~leukoscope.models.embedding.default_stages`; empty: the penultimate embedding alone).
+    ``views``: the bundle's test-time views from now on (:data:`leukoscope.preprocessing.VIEWS`); its
+    temperature is then refitted on the held-out part's averaged logits, as training fits it on its
+    validation part, and stored with the statistics in one write of ``bundle.json``."""
     train, held, held_name, source = fit_parts(bundle, data, split_file, seed)
     sample = fit_sample(len(train), seed)
     if sample is not None:
@@ -168,7 +174,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
     model, info = load_bundle(bundle, device, task="classify")
     if stages is None:
         stages = default_stages(info.model_name) if info.framework == "torch" else ()
-    preprocessing = info.preprocessing
+    preprocessing = info.preprocessing if views is None else replace(info.preprocessing, views=views)
     outputs, widths = {}, None
     for name, part in (("fit", train), ("threshold", held)):
         with progress_bar(len(part), f"decoding ({name})", enabled=show_progress) as update:
@@ -179,10 +185,18 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
             stages, widths = read_stages(model, stages, preprocessing, pixels)
         outputs[name] = (*batched_outputs(model, pixels, preprocessing, device), np.asarray(kept.targets))
     _, fit_embeddings, fit_targets = outputs["fit"]
-    held_logits, held_embeddings, _ = outputs["threshold"]
+    held_logits, held_embeddings, held_targets = outputs["threshold"]
     stats = stats_from_outputs(fit_embeddings, fit_targets, held_logits, held_embeddings, info.framework,
                                method=method, quantile=quantile, threshold_from=held_name, widths=widths,
                                stages=stages)
     stats.details["fitted_on"] = source
-    save_ood(bundle, *stats.to_parts())
+    if views is None:
+        save_ood(bundle, *stats.to_parts())
+        return stats, source
+    temperature = temperature_fit(held_logits, held_targets).temperature
+    say(f"{views} test-time views; temperature {info.temperature:.3g} -> {temperature:.3g} (fitted on "
+        f"{len(held_targets)} {held_name} images)")
+    save_ood(bundle, *stats.to_parts(), views=views, temperature=temperature,
+             note=f"{views} test-time views set by calibrate-ood; temperature refitted on the {held_name} part "
+                  f"({len(held_targets)} images) of {source}")
     return stats, source
