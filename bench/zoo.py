@@ -513,22 +513,18 @@ def record_shipped_detector_scores(detector: Path, data: Path) -> dict[str, Any]
     return {**info.metrics, "per_class": measured["per_class"]}
 
 
-#: Scores of a classifier's training run that its re-scoring as shipped does not measure again: dropped
-#: rather than kept beside scores of another reading of the cells (float32, or other test-time views).
-_UNMEASURED_CLASSIFIER_SCORES = ("roc_auc_macro_ovr", "ece", "weighted_f1", "images_per_second")
-
-
 def record_shipped_classifier_scores(classifier: Path, in_domain: dict[str, Any]) -> None:
     """Record in the classifier's bundle its test-part scores as it ships (float16 weights, its
-    test-time views), in place of its training run's (float32; one view when views were set after)."""
-    from leukoscope.bundle import read_bundle_info, record_metrics
+    test-time views), in place of its training run's (float32; one view when views were set after):
+    those this does not measure again are dropped rather than kept beside another reading's."""
+    from leukoscope.bundle import VIEW_DEPENDENT_METRICS, read_bundle_info, record_metrics
 
     views = read_bundle_info(classifier).preprocessing.views
     record_metrics(classifier, {"accuracy": in_domain["accuracy"], "macro_f1": in_domain["macro_f1"],
                                 "n": in_domain["cells"], "accuracy_by_source": in_domain["accuracy_by_source"],
                                 "evaluated_on": f"test, as shipped (float16 weights, {views} view"
                                                 f"{'s' if views > 1 else ''})"},
-                   drop=_UNMEASURED_CLASSIFIER_SCORES)
+                   drop=VIEW_DEPENDENT_METRICS)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -585,9 +581,10 @@ def _views_line(views: int) -> str:
     if views == 1:
         return "Each cell is read once, as cropped."
     which = "its right-angle rotations and their mirror images" if views == 8 else "its right-angle rotations"
-    return (f"Each cell is read in {views} views ({which}), "
-            f"outputs averaged (`predict.views`; {views} times the network's work per cell): calibration and the "
-            f"out-of-distribution flag are fitted on the same averages.")
+    return (f"Each cell is read in {views} views ({which}), outputs averaged (`preprocessing.views`, set by "
+            f"`predict.views` in training or `calibrate-ood --views`; {views} times the network's work per cell): "
+            f"calibration and the out-of-distribution flag are fitted on the same averages; Grad-CAM explains the "
+            f"cell as it lies.")
 
 
 def classifier_card(results: dict[str, Any]) -> str:

@@ -78,6 +78,9 @@ FORMAT_7 = 7
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
 READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 BUNDLE_FILE = "bundle.json"
+#: A classifier's recorded scores that change with its test-time views (``calibrate-ood --views`` drops them).
+VIEW_DEPENDENT_METRICS = ("n", "accuracy", "macro_f1", "weighted_f1", "roc_auc_macro_ovr", "ece", "evaluated_on",
+                          "accuracy_by_source", "images_per_second")
 WEIGHTS_FILE = "model.safetensors"
 SKLEARN_FILE = "model.skops"
 OOD_FILE = "ood.safetensors"
@@ -198,9 +201,13 @@ class BundleInfo:
         try:
             if payload.get("preprocessing") is not None:
                 payload["preprocessing"] = Preprocessing(**payload["preprocessing"])
-            return cls(**payload)
+            info = cls(**payload)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
+        if info.preprocessing is not None and info.preprocessing.views > 1 and version < BUNDLE_FORMAT_VERSION:
+            raise BundleError(f"{source}: bundle.json says format {version} but sets {info.preprocessing.views} "
+                              f"test-time views, which only format {BUNDLE_FORMAT_VERSION} has: it was edited by hand")
+        return info
 
 
 def needs_format_3(info: BundleInfo) -> bool:
@@ -287,16 +294,20 @@ def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any
     and the ``ood`` entry of ``bundle.json`` (which becomes format 3). With ``views``, the bundle's
     test-time views and the ``temperature`` fitted with them are written in the same ``bundle.json``
     (format 8 for more than one view), ``note`` recorded in its provenance (``views``): the statistics,
-    the temperature and the views are one calibration and never stored apart."""
+    the temperature and the views are one calibration and never stored apart. Test scores measured with
+    other views (:data:`VIEW_DEPENDENT_METRICS`) are dropped from its metrics."""
     directory = resolve_bundle(directory)
     info = read_bundle_info(directory, task="classify")
     info.ood = dict(entry)
     if views is not None:
         if temperature is None:
             raise ValueError("new test-time views need the temperature fitted with them")
+        before = info.preprocessing.views
         info.preprocessing = replace(info.preprocessing, views=views)
         info.temperature = float(temperature)
         info.provenance = {**info.provenance, "views": note or f"{views} test-time views"}
+        if views != before:  # scores of another reading of the cells would pass for this one's
+            info.metrics = {k: v for k, v in info.metrics.items() if k not in VIEW_DEPENDENT_METRICS}
     _write_ood_and_json(directory, info, arrays)
     return info
 
@@ -427,7 +438,7 @@ def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]
     """What a bundle's results depend on: the digest of its weights and its model options; a classifier's
     temperature and, when it has one, the digest of its out-of-distribution flag (:func:`ood_digest`:
     ``calibrate-ood`` refits it with the weights unchanged, and the flag decides which fields are sent to
-    review); and, when ``backend`` (what runs it) runs an exported graph that is not float32 (an int8
+    review) and its test-time views when it reads more than one; and, when ``backend`` (what runs it) runs an exported graph that is not float32 (an int8
     export: another model in effect), that precision and the flag's thresholds carried over to it
     (``export.ood_thresholds``). A float graph gives torch's results, so it is not recorded. (The
     threshold of the "uncertain" answer is not here: a run may set its own; a service case records the
@@ -437,6 +448,8 @@ def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]
     identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}
     if info.task == "classify":
         identity["temperature"] = info.temperature
+        if info.preprocessing is not None and info.preprocessing.views > 1:  # left out at 1: identities as before
+            identity["views"] = info.preprocessing.views
         if info.ood is not None:
             identity["ood_sha256"] = ood_digest(directory, info)
     record = info.export or {}

@@ -216,9 +216,9 @@ def batched_logits(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessin
     def logits(batch: torch.Tensor) -> tuple[torch.Tensor]:
         return (model(preprocessing.model_input(batch).to(device)).float().cpu(),)
 
+    step = max(1, batch_size // views)  # images per forward pass: each brings its views
     with torch.no_grad():
-        outputs = [over_views(logits, pixels[start:start + batch_size], views)[0]
-                   for start in range(0, len(pixels), batch_size)]
+        outputs = [over_views(logits, pixels[start:start + step], views)[0] for start in range(0, len(pixels), step)]
     if not outputs:
         raise ValueError("no images to score")
     return np.concatenate(outputs)
@@ -250,9 +250,10 @@ def batched_outputs(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessi
         return out.float().cpu(), embedded
 
     logits, embeddings = [], []
+    step = max(1, batch_size // views)  # images per forward pass: each brings its views
     with torch.no_grad():
-        for start in range(0, len(pixels), batch_size):
-            out, embedded = over_views(both, pixels[start:start + batch_size], views)
+        for start in range(0, len(pixels), step):
+            out, embedded = over_views(both, pixels[start:start + step], views)
             logits.append(out)
             embeddings.append(embedded)
     if not logits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukoscope import bundle as bundle_module
-from leukoscope.bundle import BundleError, read_bundle_info
+from leukoscope.bundle import BundleError, load_bundle, model_identity, read_bundle_info
+from leukoscope.data.splits import Split
+from leukoscope.engine.learner import create_learner
+from leukoscope.evaluation.calibration import temperature_fit
 from leukoscope.cli import app
 from leukoscope.engine.config import ConfigError, load_config, resolve_init
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.io import load_image
-from leukoscope.preprocessing import Preprocessing, dihedral_views, over_views
-from leukoscope.tasks.classify import run_experiment
+from leukoscope.preprocessing import Preprocessing, batched_logits, dihedral_views, over_views
+from leukoscope.tasks.classify import preprocessing_of, run_experiment
 
 runner = CliRunner()
 
@@ -101,6 +105,8 @@ def test_calibrate_ood_sets_the_views_and_refits_the_temperature_in_one_write(
     assert "temperature refitted on the val part" in after.provenance["views"]
     assert json.loads((bundle / "bundle.json").read_text())["format_version"] == 8
     assert (bundle / "model.safetensors").read_bytes() == (one_view.bundle_dir / "model.safetensors").read_bytes()
+    assert "accuracy" not in after.metrics and after.metrics["best_epoch"] == before.metrics["best_epoch"]
+    assert model_identity(bundle)["views"] == 4 and "views" not in model_identity(one_view.bundle_dir)
     # a leukoscope that does not know views must not read such a bundle one view at a time
     with monkeypatch.context() as older:
         older.setattr(bundle_module, "READABLE_VERSIONS", (1, 2, 3, 4, 5, 6, 7))
@@ -128,6 +134,22 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
         Preprocessing(32, views=2)
     with pytest.raises(ConfigError, match="views"):
         load_config(overrides=["predict.views=5"])
+    classical = load_config(overrides=[f"data.path={synthetic_root}", "model.name=random_forest", "predict.views=4"])
+    with pytest.raises(ConfigError, match="classical model: leave predict.views at 1"):
+        create_learner(classical, ["a", "b"], preprocessing_of(classical))
+    # another site's images: no validation part of the bundle's own to refit its temperature on
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(synthetic_root, elsewhere)
+    result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(elsewhere), "--quiet",
+                                 "--views", "8"])
+    assert result.exit_code != 0 and "own validation part" in " ".join(result.output.split())
+    assert (bundle / "bundle.json").read_bytes() == written
+    # a hand-edited bundle.json that sets views under an older format number
+    payload = json.loads(written)
+    payload["preprocessing"]["views"] = 8
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="sets 8 test-time views, which only format 8 has"):
+        read_bundle_info(bundle)
 
 
 def test_training_with_views_records_them_and_a_fine_tune_keeps_them(
@@ -135,6 +157,14 @@ def test_training_with_views_records_them_and_a_fine_tune_keeps_them(
     run = _train(synthetic_root, tmp_path / "runs", "predict.views=8")
     info = read_bundle_info(run.bundle_dir)
     assert info.preprocessing.views == 8 and info.format_version == 8
+    # its temperature is fitted on the validation part's eight-view logits, not on one view's
+    model, _ = load_bundle(run.bundle_dir)
+    val = Split.load(run.run_dir / "split.json").manifest("val")
+    pixels, kept, _ = info.preprocessing.decode(val)
+    eight = batched_logits(model, pixels, info.preprocessing)
+    one = batched_logits(model, pixels, replace(info.preprocessing, views=1))
+    assert np.abs(eight - one).max() > 1e-3
+    assert info.temperature == pytest.approx(temperature_fit(eight, np.asarray(kept.targets)).temperature, rel=1e-4)
     # its recorded test accuracy is that of the eight views: the bundle scores the same
     classifier = CellClassifier.from_bundle(run.bundle_dir)
     test = [(Path(row["path"]), row["label"]) for row in

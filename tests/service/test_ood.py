@@ -70,6 +70,32 @@ def test_the_service_scores_as_the_python_api(ood_analyzer: Analyzer, ood_bundle
     assert [p.unfamiliar for p in expected] == [False, True]
 
 
+def test_a_bundle_read_in_eight_views_scores_in_the_service_as_in_the_python_api(
+        ood_bundle: Path, tmp_path: Path) -> None:
+    """Its calibration is fitted on the views' average: the service's upload must not answer from
+    Grad-CAM's single forward pass (sharper probabilities, more cells flagged)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ood_bundle, bundle)
+    model, info = load_bundle(bundle)
+    info.preprocessing.views = 8
+    train, labels = _cells(100, 16)
+    held, held_labels = _cells(101, 6)
+    _, embeddings = batched_outputs(model, train, info.preprocessing)
+    stats = calibrate_ood(embeddings, labels, *batched_outputs(model, held, info.preprocessing))
+    save_ood(bundle, *stats.to_parts(), views=8, temperature=1.3)
+    images = [cell_image("blast", 7), cell_image("monocyte", 3).rotate(90), _noise(0)]
+    expected = CellClassifier.from_bundle(bundle).predict_images(images)
+    analyzer = Analyzer.from_bundles(bundle, threads=1)
+    try:
+        for image, reference in zip(images, expected):
+            (cell,) = analyzer.analyse_cell(image).cells
+            assert cell.overlay is not None
+            assert cell.prediction.probabilities == pytest.approx(reference.probabilities, abs=1e-5)
+            assert cell.prediction.ood_score == pytest.approx(reference.ood_score, rel=1e-4)
+    finally:
+        analyzer.close()
+
+
 def test_a_case_of_unfamiliar_images_says_review(make_service, ood_analyzer: Analyzer) -> None:
     service = make_service(analyzer_override=ood_analyzer)
     service.add_user("tech", "technician")

@@ -29,7 +29,7 @@ from leukoscope.evaluation.calibration import negative_log_likelihood
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel
 from leukoscope.models.registry import model_options
-from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs
+from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, dihedral_views
 from leukoscope.progress import counter_callback, progress_bar, say
 
 
@@ -74,6 +74,9 @@ def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: 
         if preprocessing.styled:
             raise ConfigError(f"data.colour and data.standardize set what a CNN sees; {config.model.name} "
                               f"computes its own colour features from the pixels: leave them at rgb / false")
+        if preprocessing.views != 1:
+            raise ConfigError(f"predict.views averages a network's outputs over a cell's rotations; "
+                              f"{config.model.name} is a classical model: leave predict.views at 1")
         return SklearnLearner(config, classes, preprocessing)
     return TorchLearner(config, classes, preprocessing)
 
@@ -128,9 +131,11 @@ class TorchLearner:
     @torch.no_grad()
     def images_per_second(self, pixels: torch.Tensor, batch_size: int = 32) -> float:
         """Median images/second of the model's forward pass (eval mode, no grad) on a batch of
-        ``batch_size`` preprocessed images already on the device (images repeated if fewer)."""
+        ``batch_size`` preprocessed images (each in all its test-time views) already on the device
+        (images repeated if fewer)."""
         batch = pixels[torch.arange(batch_size) % len(pixels)]
-        inputs = self.preprocessing.model_input(batch).to(self.device)
+        # Every view of each image: a bundle that reads 8 views does 8 forward passes per image.
+        inputs = self.preprocessing.model_input(dihedral_views(batch, self.preprocessing.views)).to(self.device)
         self.model.eval()
         self.model(inputs)  # warm-up
 

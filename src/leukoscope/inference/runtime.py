@@ -126,9 +126,10 @@ class GraphRuntime(Runtime):
         def infer(batch: np.ndarray) -> tuple[np.ndarray, ...]:
             return tuple(self._infer(np.asarray(self.preprocessing.model_input(batch)), wanted))
 
-        for start in range(0, len(pixels), BATCH):
+        step = max(1, BATCH // self.preprocessing.views)  # images per call: each brings its views
+        for start in range(0, len(pixels), step):
             # The bundle's test-time views around the graph, as batched_outputs does around the torch model.
-            results = over_views(infer, np.asarray(pixels[start:start + BATCH]), self.preprocessing.views)
+            results = over_views(infer, np.asarray(pixels[start:start + step]), self.preprocessing.views)
             for chunk, result in zip(chunks, results):
                 chunk.append(result)
         if not chunks[0]:

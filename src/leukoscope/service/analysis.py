@@ -189,9 +189,14 @@ class Analyzer:
     def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
                              source: str) -> tuple[Prediction, Image.Image | None]:
         """Prediction and Grad-CAM overlay from one forward pass: Grad-CAM's own forward
-        (which needs gradients) also yields the logits, so the model runs once, not twice."""
+        (which needs gradients) also yields the logits, so the model runs once, not twice. A bundle
+        with test-time views is calibrated on their average: its prediction comes from every view
+        (:meth:`CellClassifier.predict_images`), the overlay from the cell as it lies."""
         if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
             return classifier.predict_images([image], [source])[0], None
+        if classifier.info.preprocessing.views > 1:
+            prediction = classifier.predict_images([image], [source])[0]
+            return prediction, self._overlays(classifier, [image], [prediction.top_class])[0]
         import numpy as np
         import torch
 

@@ -156,6 +156,20 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
             f"a new 80/20 split of {data} ({reason})")
 
 
+def check_views_calibration(bundle: str | Path, views: int, held_name: str, source: str) -> None:
+    """Refuse new test-time views that could not be calibrated as training calibrates: on a classical
+    model (its hand-made features are computed once per image), or without the bundle's own
+    validation part to refit the temperature on (its test part would then be fitted on, another
+    site's images would move it there silently)."""
+    info = read_bundle_info(bundle, task="classify")
+    if views != 1 and info.framework != "torch":
+        raise DatasetError(f"test-time views are for networks; {info.model_name} is a classical model (views 1 only)")
+    if held_name != "val":
+        raise DatasetError(f"--views refits the temperature on the bundle's own validation part, and {source} "
+                           f"has none (the images to set the threshold on: its {held_name} part): give the "
+                           f"bundle's training data and split (--split-file), or leave --views out")
+
+
 def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | Path | None = None,
                      method: str = DEFAULT_METHOD, quantile: float = DEFAULT_QUANTILE, on_corrupt: str = "skip",
                      device: str = "cpu", seed: int = 0, show_progress: bool = True,
@@ -168,6 +182,8 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
     temperature is then refitted on the held-out part's averaged logits, as training fits it on its
     validation part, and stored with the statistics in one write of ``bundle.json``."""
     train, held, held_name, source = fit_parts(bundle, data, split_file, seed)
+    if views is not None:
+        check_views_calibration(bundle, views, held_name, source)
     sample = fit_sample(len(train), seed)
     if sample is not None:
         train = train.subset(sample.tolist())
