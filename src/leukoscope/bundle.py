@@ -155,6 +155,9 @@ class BundleInfo:
             raise BundleError(f"unknown bundle task {self.task!r} (expected one of {TASKS})")
         if self.task == "classify" and self.preprocessing is None:
             raise BundleError("a classifier bundle needs its preprocessing (image size, mean, std)")
+        if self.framework != "torch" and self.preprocessing is not None and self.preprocessing.views != 1:
+            raise BundleError(f"a classical model reads each image once: preprocessing.views must be 1, "
+                              f"not {self.preprocessing.views}")
 
     @property
     def input_scale(self) -> float:
@@ -438,11 +441,11 @@ def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]
     """What a bundle's results depend on: the digest of its weights and its model options; a classifier's
     temperature and, when it has one, the digest of its out-of-distribution flag (:func:`ood_digest`:
     ``calibrate-ood`` refits it with the weights unchanged, and the flag decides which fields are sent to
-    review) and its test-time views when it reads more than one; and, when ``backend`` (what runs it) runs an exported graph that is not float32 (an int8
-    export: another model in effect), that precision and the flag's thresholds carried over to it
-    (``export.ood_thresholds``). A float graph gives torch's results, so it is not recorded. (The
-    threshold of the "uncertain" answer is not here: a run may set its own; a service case records the
-    one used, an archive the ``--threshold`` given.)"""
+    review) and its test-time views when it reads more than one; and, when ``backend`` (what runs it)
+    runs an exported graph that is not float32 (an int8 export: another model in effect), that
+    precision and the flag's thresholds carried over to it (``export.ood_thresholds``). A float graph
+    gives torch's results, so it is not recorded. (The threshold of the "uncertain" answer is not here:
+    a run may set its own; a service case records the one used, an archive the ``--threshold`` given.)"""
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory)
     identity: dict[str, Any] = {"weights_sha256": weights_digest(directory), "model_options": info.model_options}

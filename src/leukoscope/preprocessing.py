@@ -202,13 +202,13 @@ def over_views(outputs: Callable[[Any], tuple[Any, ...]], pixels: "np.ndarray | 
 
 def batched_logits(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessing: Preprocessing,
                    device: "str | torch.device" = "cpu", batch_size: int = 64) -> np.ndarray:
-    """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode, averaged
-    over ``preprocessing.views``."""
+    """Uncalibrated logits ``(N, classes)`` of uint8 ``pixels`` (N, 3, S, S), in eval mode; a network's
+    averaged over ``preprocessing.views``."""
     import torch
 
+    if framework_of(model) == "sklearn":  # one view: a classical bundle cannot set more (BundleInfo)
+        return np.asarray(model.predict_logits(pixels), dtype=np.float64)
     views = preprocessing.views
-    if framework_of(model) == "sklearn":
-        return np.asarray(over_views(lambda p: (model.predict_logits(p),), pixels, views)[0], dtype=np.float64)
     pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()
@@ -228,19 +228,16 @@ def batched_outputs(model: Any, pixels: "np.ndarray | torch.Tensor", preprocessi
                     device: "str | torch.device" = "cpu", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Uncalibrated logits ``(N, classes)`` and penultimate embeddings ``(N, d)`` of uint8 ``pixels``
     from one forward pass: a CNN's input to its final linear layer, a classical model's
-    standardised selected features; both averaged over ``preprocessing.views``."""
-    views = preprocessing.views
-    if framework_of(model) == "sklearn":
-        def classic(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            features = model.features(batch)
-            return (np.asarray(model.logits_features(features), dtype=np.float64),
-                    np.asarray(model.embed_features(features), dtype=np.float64))
-
-        return over_views(classic, pixels, views)  # type: ignore[return-value]
+    standardised selected features; a network's averaged over ``preprocessing.views``."""
+    if framework_of(model) == "sklearn":  # one view: a classical bundle cannot set more (BundleInfo)
+        features = model.features(pixels)
+        return (np.asarray(model.logits_features(features), dtype=np.float64),
+                np.asarray(model.embed_features(features), dtype=np.float64))
     import torch
 
     from leukoscope.models.embedding import logits_and_embeddings
 
+    views = preprocessing.views
     pixels = torch.as_tensor(pixels)
     device = torch.device(device)
     model.eval()

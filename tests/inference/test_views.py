@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukoscope import bundle as bundle_module
-from leukoscope.bundle import BundleError, load_bundle, model_identity, read_bundle_info
+from leukoscope.bundle import BundleError, BundleInfo, load_bundle, model_identity, read_bundle_info
 from leukoscope.data.splits import Split
 from leukoscope.engine.learner import create_learner
 from leukoscope.evaluation.calibration import temperature_fit
@@ -137,6 +137,8 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
     classical = load_config(overrides=[f"data.path={synthetic_root}", "model.name=random_forest", "predict.views=4"])
     with pytest.raises(ConfigError, match="classical model: leave predict.views at 1"):
         create_learner(classical, ["a", "b"], preprocessing_of(classical))
+    with pytest.raises(BundleError, match="a classical model reads each image once"):
+        BundleInfo("random_forest", ["a", "b"], Preprocessing(32, views=8), framework="sklearn")
     # another site's images: no validation part of the bundle's own to refit its temperature on
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(synthetic_root, elsewhere)

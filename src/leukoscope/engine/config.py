@@ -419,9 +419,9 @@ def init_updates(model: BaseModel, peek: BundlePeek, spec: str) -> dict[str, Any
 
 def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
     """With ``model.init``: ``model.name``, ``model.options``, ``model.image_size``,
-    ``data.segmentation``, ``data.cell_window_um``, ``data.colour``, ``data.standardize`` and
-    ``data.stain`` (and ``predict.views``) from that bundle, unless the config sets them. Reads only the bundle's JSON
-    (no torch); repeated calls change nothing. The weights are loaded by the learner."""
+    ``data.segmentation``, ``data.cell_window_um``, ``data.colour``, ``data.standardize``,
+    ``data.stain`` and ``predict.views`` from that bundle, unless the config sets them. Reads only
+    the bundle's JSON (no torch); repeated calls change nothing. The weights are loaded by the learner."""
     spec = config.model.init
     if not spec:
         return config
