@@ -583,8 +583,8 @@ def _views_line(views: int) -> str:
     which = "its right-angle rotations and their mirror images" if views == 8 else "its right-angle rotations"
     return (f"Each cell is read in {views} views ({which}), outputs averaged (`preprocessing.views`, set by "
             f"`predict.views` in training or `calibrate-ood --views`; {views} times the network's work per cell): "
-            f"calibration and the out-of-distribution flag are fitted on the same averages; Grad-CAM explains the "
-            f"cell as it lies.")
+            f"calibration and the out-of-distribution flag are fitted on the same averages, and Grad-CAM's map "
+            f"is every view's, turned back and averaged.")
 
 
 def classifier_card(results: dict[str, Any]) -> str:

@@ -187,6 +187,14 @@ def dihedral_views(pixels: "np.ndarray | torch.Tensor", views: int) -> "np.ndarr
     return torch.cat(copies).contiguous()
 
 
+def view_back(maps: np.ndarray, view: int) -> np.ndarray:
+    """Undo view ``view`` of :func:`dihedral_views` on a batch of square maps ``(N, S, S)`` (e.g. the
+    heatmaps of that view's images), so that every view's map lies as the image does."""
+    rotation = view % 4
+    back = np.rot90(maps, -rotation, axes=(-2, -1))
+    return np.swapaxes(back, -2, -1) if view >= 4 else back
+
+
 def over_views(outputs: Callable[[Any], tuple[Any, ...]], pixels: "np.ndarray | torch.Tensor",
                views: int) -> tuple[np.ndarray, ...]:
     """``outputs`` (a batch -> arrays of one row per image) of every view of ``pixels``

@@ -363,9 +363,9 @@ def test_save_explanations_runs_grad_cam_once_per_batch(tmp_path, monkeypatch: p
     calls: list[tuple[int, list[int]]] = []
     maps: list[np.ndarray] = []
 
-    def counting(model_, inputs, index):
+    def counting(model_, inputs, index, views=1):
         calls.append((len(inputs), list(index)))
-        maps.append(grad_cam(model_, inputs, index))
+        maps.append(grad_cam(model_, inputs, index, views=views))
         return maps[-1]
 
     monkeypatch.setattr(explain, "grad_cam", counting)

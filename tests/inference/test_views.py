@@ -199,3 +199,25 @@ def test_an_exported_graph_averages_the_same_views(one_view, tmp_path: Path) -> 
     assert np.allclose(graph_probabilities, torch_probabilities, atol=1e-4)
     assert np.allclose(graph_scores, torch_scores, rtol=1e-3, atol=1e-3)
     assert np.allclose(graph_probabilities, graph_probabilities[0], atol=1e-5)
+
+
+def test_grad_cam_with_views_turns_with_the_cell(one_view) -> None:
+    """The map of a bundle that answers from every view is every view's map, turned back and averaged:
+    the cell turned by 90 degrees gives the same map turned by 90 degrees (one view's map does not)."""
+    from leukoscope.inference.explain import grad_cam
+
+    classifier = CellClassifier.from_bundle(one_view.bundle_dir)
+    image = _asymmetric()
+    turned = image.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise, as np.rot90
+    inputs = torch.stack([classifier.preprocess(image), classifier.preprocess(turned)])
+    eight = grad_cam(classifier.model, inputs, views=8)
+    assert eight.shape == (2, 32, 32) and eight.max() == pytest.approx(1.0)
+    assert np.allclose(eight[1], np.rot90(eight[0]), atol=1e-4)
+    mirrored = grad_cam(classifier.model, classifier.preprocess(image.transpose(Image.Transpose.TRANSPOSE))[None],
+                        views=8)
+    assert np.allclose(mirrored[0], eight[0].T, atol=1e-4)
+    one = grad_cam(classifier.model, inputs)
+    assert not np.allclose(one[1], np.rot90(one[0]), atol=1e-2)
+    # one class for every view: the averaged logits' class unless told, the one given otherwise
+    assert np.allclose(grad_cam(classifier.model, inputs, [0, 0], views=4)[1],
+                       np.rot90(grad_cam(classifier.model, inputs[:1], 0, views=4)[0]), atol=1e-4)

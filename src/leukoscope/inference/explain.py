@@ -28,6 +28,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from leukoscope.preprocessing import dihedral_views, view_back
+
+#: Images (views included) in one Grad-CAM backward pass of a bundle with test-time views.
+VIEWS_BATCH = 64
 #: Probe size used by :func:`find_target_layer` when no input is at hand.
 DEFAULT_PROBE_SIZE = 224
 
@@ -147,6 +151,7 @@ def grad_cam(
     inputs: torch.Tensor,
     class_index: int | Sequence[int] | None = None,
     target_layer: nn.Module | None = None,
+    views: int = 1,
 ) -> np.ndarray:
     """Grad-CAM heatmaps, float32 ``(N, H, W)`` in [0, 1] at the input resolution.
 
@@ -159,11 +164,16 @@ def grad_cam(
     ReLU is explained through its post-ReLU output (the tensor the hook saw is
     overwritten in place), as if the ReLU were the target. The model runs in eval
     mode and gets back its own train/eval modes and no leftover hooks, even on error.
+    ``views`` (a bundle's test-time views, 4 or 8; square inputs): the map of each of the image's
+    rotations (and mirror images) for the same class, turned back and averaged, as its answer is
+    the average of theirs; ``None`` then explains the class of the averaged logits.
     """
     if inputs.dim() == 3:
         inputs = inputs.unsqueeze(0)
     if inputs.dim() != 4 or inputs.shape[0] == 0:
         raise ValueError(f"inputs must be a non-empty (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
+    if views > 1:
+        return _grad_cam_over_views(model, inputs, class_index, target_layer, views)
     watched = [target_layer] if target_layer is not None else [
         module for module in model.modules() if isinstance(module, nn.Conv2d)
     ]
@@ -184,6 +194,28 @@ def grad_cam(
         cam = _combine(activation.detach().float(), gradient.float())  # fp32 even under autocast
     cam = F.interpolate(cam[:, None], size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return _normalise(cam).cpu().numpy()
+
+
+def _grad_cam_over_views(model: nn.Module, inputs: torch.Tensor, class_index: int | Sequence[int] | None,
+                         target_layer: nn.Module | None, views: int) -> np.ndarray:
+    if inputs.shape[-1] != inputs.shape[-2]:
+        raise ValueError(f"test-time views need square inputs, got {tuple(inputs.shape[-2:])}")
+    n = len(inputs)
+    if class_index is None:
+        with torch.no_grad(), _eval_mode(model):
+            class_index = _logits(model(dihedral_views(inputs, views))).reshape(views, n, -1).mean(dim=0).argmax(dim=1)
+        class_index = class_index.tolist()
+    indices = [int(class_index)] * n if isinstance(class_index, (int, np.integer)) else [int(i) for i in class_index]
+    if len(indices) != n:
+        raise ValueError(f"{len(indices)} class indices for {n} images")
+    step = max(1, VIEWS_BATCH // views)  # images whose views go through one backward pass together
+    means = []
+    for start in range(0, n, step):
+        part = inputs[start:start + step]
+        maps = grad_cam(model, dihedral_views(part, views), indices[start:start + step] * views, target_layer)
+        maps = maps.reshape(views, len(part), *inputs.shape[-2:])
+        means.append(np.mean([view_back(maps[view], view) for view in range(views)], axis=0))
+    return _normalise(torch.from_numpy(np.ascontiguousarray(np.concatenate(means)))).numpy()
 
 
 def _target_activation(record: _Record, target_layer: nn.Module | None) -> torch.Tensor:

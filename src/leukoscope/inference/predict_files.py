@@ -80,7 +80,8 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
             batch = readable[start:start + batch_size]
             images = [load_image(prediction.source) for prediction in batch]
             inputs = torch.stack([classifier.preprocess(image) for image in images]).to(classifier.device)
-            heatmaps = grad_cam(model, inputs, [classifier.classes.index(p.top_class) for p in batch])
+            heatmaps = grad_cam(model, inputs, [classifier.classes.index(p.top_class) for p in batch],
+                                views=classifier.info.preprocessing.views)  # as the answer: every view's map
             for offset, (prediction, image, heatmap) in enumerate(zip(batch, images, heatmaps)):
                 shown = letterbox(image, max(classifier.image_size, 256))
                 path = out_dir / f"{start + offset:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"

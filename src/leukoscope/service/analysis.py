@@ -178,7 +178,7 @@ class Analyzer:
             indices = [classifier.classes.index(name) for name in top_classes[start:start + OVERLAY_BATCH]]
             try:
                 with torch.enable_grad():
-                    heatmaps = grad_cam(classifier.model, inputs, indices)
+                    heatmaps = grad_cam(classifier.model, inputs, indices, views=classifier.info.preprocessing.views)
             except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
                 log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
                 return [None] * len(images)
@@ -191,7 +191,7 @@ class Analyzer:
         """Prediction and Grad-CAM overlay from one forward pass: Grad-CAM's own forward
         (which needs gradients) also yields the logits, so the model runs once, not twice. A bundle
         with test-time views is calibrated on their average: its prediction comes from every view
-        (:meth:`CellClassifier.predict_images`), the overlay from the cell as it lies."""
+        (:meth:`CellClassifier.predict_images`), the overlay from every view's map (:meth:`_overlays`)."""
         if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
             return classifier.predict_images([image], [source])[0], None
         if classifier.info.preprocessing.views > 1:
