@@ -80,6 +80,7 @@ def train_on(rows: list[tuple[Path, str, str]], name: str, model: str, out: Path
     from leukoscope.bundle import read_bundle_info
     from leukoscope.data.splits import Split
     from leukoscope.engine.config import load_config
+    from leukoscope.models import model_entry
     from leukoscope.tasks.classify import run_experiment
 
     out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +89,11 @@ def train_on(rows: list[tuple[Path, str, str]], name: str, model: str, out: Path
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "subject"])
         writer.writerows((str(p), label, subject) for p, label, subject in rows)
+    # The shipped recipe's test-time views are for networks; a classical model reads each cell once.
+    views = [] if model_entry(model).kind != "classic" else ["predict.views=1"]
     config = load_config(REPO / "configs" / "zoo_classifier.yaml", overrides=[
         f"name=loso-{name}-{model}", f"output_root={out}", f"data.path={manifest}", f"model.name={model}",
-        f"data.cell_window_um={window_um}", f"train.max_minutes={minutes}", "train.threads=1", *extra])
+        f"data.cell_window_um={window_um}", f"train.max_minutes={minutes}", "train.threads=1", *views, *extra])
     bundle = run_experiment(config, show_progress=False).bundle_dir
     split = Split.load(read_bundle_info(bundle).split_file)
     return bundle, [(s.path, s.label) for s in split.manifest("test")], len(split.manifest("train"))

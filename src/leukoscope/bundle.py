@@ -305,6 +305,8 @@ def save_ood(directory: str | Path, entry: dict[str, Any], arrays: dict[str, Any
     if views is not None:
         if temperature is None:
             raise ValueError("new test-time views need the temperature fitted with them")
+        if views != 1 and info.framework != "torch":  # before anything is written: BundleInfo would refuse it
+            raise BundleError(f"a classical model reads each image once: views must be 1, not {views}")
         before = info.preprocessing.views
         info.preprocessing = replace(info.preprocessing, views=views)
         info.temperature = float(temperature)

@@ -144,7 +144,8 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
     shutil.copytree(synthetic_root, elsewhere)
     result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(elsewhere), "--quiet",
                                  "--views", "8"])
-    assert result.exit_code != 0 and "own validation part" in " ".join(result.output.split())
+    assert result.exit_code != 0 and "validation part of the split the bundle was trained with" in " ".join(
+        result.output.split())
     assert (bundle / "bundle.json").read_bytes() == written
     # a hand-edited bundle.json that sets views under an older format number
     payload = json.loads(written)
@@ -221,3 +222,34 @@ def test_grad_cam_with_views_turns_with_the_cell(one_view) -> None:
     # one class for every view: the averaged logits' class unless told, the one given otherwise
     assert np.allclose(grad_cam(classifier.model, inputs, [0, 0], views=4)[1],
                        np.rot90(grad_cam(classifier.model, inputs[:1], 0, views=4)[0]), atol=1e-4)
+
+
+def test_heatmaps_of_predict_and_of_the_service_use_the_bundles_views(
+        one_view, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from leukoscope.inference import explain
+    from leukoscope.inference.predict_files import save_explanations
+    from leukoscope.service.analysis import Analyzer
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(one_view.bundle_dir, bundle)
+    payload = json.loads((bundle / "bundle.json").read_text())
+    payload["preprocessing"]["views"], payload["format_version"] = 8, 8
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    seen: list[int] = []
+    real = explain.grad_cam
+
+    def recording(model, inputs, class_index=None, target_layer=None, views=1):
+        seen.append(views)
+        return real(model, inputs, class_index, target_layer, views=views)
+
+    monkeypatch.setattr(explain, "grad_cam", recording)
+    image_file = tmp_path / "cell.png"
+    _asymmetric().save(image_file)
+    classifier = CellClassifier.from_bundle(bundle)
+    assert len(save_explanations(classifier, classifier.predict_paths([image_file]), tmp_path / "cam")) == 1
+    analyzer = Analyzer.from_bundles(bundle, threads=1)
+    try:
+        (cell,) = analyzer.analyse_cell(_asymmetric()).cells
+    finally:
+        analyzer.close()
+    assert cell.overlay is not None and [v for v in seen if v != 1] == [8, 8]  # (each calls one view per view)

@@ -163,7 +163,8 @@ class Analyzer:
     def _overlays(self, classifier: CellClassifier, images: Sequence[Image.Image],
                   top_classes: Sequence[str]) -> list[Image.Image | None]:
         """Grad-CAM overlays of ``images``, each for its own top class: one forward and one
-        backward pass per :data:`OVERLAY_BATCH` images, not one per cell."""
+        backward pass per :data:`OVERLAY_BATCH` images, not one per cell (with test-time views, per
+        :data:`~leukoscope.inference.explain.VIEWS_BATCH` images and views)."""
         if not self.gradcam or not images or getattr(classifier.info, "framework", "torch") != "torch":
             return [None] * len(images)  # classical (scikit-learn) bundles have no convolution to explain
         import torch

@@ -117,7 +117,7 @@ def torch_index(indices: np.ndarray):
 
 # --------------------------------------------------------------------------- an existing bundle
 def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | None = None,
-              seed: int = 0) -> tuple[Manifest, Manifest, str, str]:
+              seed: int = 0, need_val: str = "") -> tuple[Manifest, Manifest, str, str]:
     """(images to fit on, images to set the threshold on, the name of that part, where they came
     from) for ``data``.
 
@@ -125,7 +125,8 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     part: its train and val parts (test when it has no val part), so the statistics describe
     what the model was trained on. Otherwise a fresh 80/20 duplicate-aware split of ``data``:
     the statistics then describe ``data`` (e.g. one site's images), and the note says so.
-    """
+    ``need_val``: what needs a validation part (said in the error raised, before any fresh split, when
+    the split has none)."""
     info = read_bundle_info(bundle, task="classify")
     manifest = read_dataset(data, require_labels=True).with_classes(info.classes)
     path = Path(split_file) if split_file is not None else info.split_file
@@ -151,23 +152,22 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     else:
         reason = ("the bundle records no training split" if path is None
                   else f"the bundle's training split {path} is gone")
+    if need_val:
+        raise DatasetError(f"{need_val} a validation part of the split the bundle was trained with, and {reason}: "
+                           f"give its training data (and --split-file if its recorded split moved)")
     split = make_split(manifest, ratios=(0.8, 0.2), seed=seed)
     return (split.manifest("train"), split.manifest("test"), "held-out",
             f"a new 80/20 split of {data} ({reason})")
 
 
-def check_views_calibration(bundle: str | Path, views: int, held_name: str, source: str) -> None:
-    """Refuse new test-time views that could not be calibrated as training calibrates: on a classical
-    model (its hand-made features are computed once per image), or without the bundle's own
-    validation part to refit the temperature on (its test part would then be fitted on, another
-    site's images would move it there silently)."""
+def check_views_calibration(bundle: str | Path, views: int) -> None:
+    """Refuse test-time views on a classical model (its hand-made features are computed once per
+    image). (:func:`calibrate_bundle` also refuses them without a validation part of the bundle's
+    training split to refit the temperature on: its test part would be fitted on, or another
+    site's images would move it there silently.)"""
     info = read_bundle_info(bundle, task="classify")
     if views != 1 and info.framework != "torch":
         raise DatasetError(f"test-time views are for networks; {info.model_name} is a classical model (views 1 only)")
-    if held_name != "val":
-        raise DatasetError(f"--views refits the temperature on the bundle's own validation part, and {source} "
-                           f"has none (the images to set the threshold on: its {held_name} part): give the "
-                           f"bundle's training data and split (--split-file), or leave --views out")
 
 
 def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | Path | None = None,
@@ -181,9 +181,13 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
     ``views``: the bundle's test-time views from now on (:data:`leukoscope.preprocessing.VIEWS`); its
     temperature is then refitted on the held-out part's averaged logits, as training fits it on its
     validation part, and stored with the statistics in one write of ``bundle.json``."""
-    train, held, held_name, source = fit_parts(bundle, data, split_file, seed)
     if views is not None:
-        check_views_calibration(bundle, views, held_name, source)
+        check_views_calibration(bundle, views)
+    need_val = "" if views is None else "--views refits the temperature on"
+    train, held, held_name, source = fit_parts(bundle, data, split_file, seed, need_val=need_val)
+    if views is not None and held_name != "val":
+        raise DatasetError(f"{need_val} a validation part, and {source} has none (only a {held_name} part): "
+                           f"leave --views out")
     sample = fit_sample(len(train), seed)
     if sample is not None:
         train = train.subset(sample.tolist())
