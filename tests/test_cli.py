@@ -97,7 +97,7 @@ def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: P
 
     # a model that finds no positive evidence: grad_cam's answer is an all-zero map
     monkeypatch.setattr(explain, "grad_cam",
-                        lambda model, inputs, index: np.zeros((len(inputs), 32, 32), np.float32))
+                        lambda model, inputs, index, views=1: np.zeros((len(inputs), 32, 32), np.float32))
     images = sorted((synthetic_root / "blast").iterdir())[:2]
     result = invoke("predict", "--bundle", trained_bundle, *images, "--out", tmp_path / "p.csv",
                     "--explain", tmp_path / "cam")
