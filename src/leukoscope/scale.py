@@ -68,9 +68,15 @@ class FieldScale:
 
     @classmethod
     def given(cls, um_per_px: float) -> "FieldScale":
-        if not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
-            raise ValueError(f"--um-per-px must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")
-        return cls(float(um_per_px), "given", 0, "stated by the user")
+        return cls(checked_um_per_px(um_per_px, "--um-per-px"), "given", 0, "stated by the user")
+
+
+def checked_um_per_px(um_per_px: float, name: str) -> float:
+    """A pixel size someone gave (``name``: the option or argument, for the message), as a float,
+    or a ValueError when it is no microscope's: outside 0.005-5 micrometres per pixel, or not finite."""
+    if not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
+        raise ValueError(f"{name} must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")
+    return float(um_per_px)
 
 
 def red_cell_diameters(image: Image.Image) -> np.ndarray:

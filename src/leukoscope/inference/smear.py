@@ -40,7 +40,7 @@ from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in
-from leukoscope.scale import FieldScale, field_scale
+from leukoscope.scale import FieldScale, checked_um_per_px, field_scale
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ TILE_MODEL_PIXELS = 2048
 
 
 def _checked_run_scale(um_per_px: float | None) -> float | None:
-    if um_per_px is not None and not (math.isfinite(um_per_px) and 0.005 <= um_per_px <= 5.0):
-        raise ValueError(f"run_um_per_px must be between 0.005 and 5 micrometres per pixel, got {um_per_px}")
-    return None if um_per_px is None else float(um_per_px)
+    return None if um_per_px is None else checked_um_per_px(um_per_px, "run_um_per_px")
 
 
 def default_tile_size(detector: Any) -> int:
