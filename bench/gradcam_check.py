@@ -101,7 +101,7 @@ def main() -> None:
         no_cells.append(remove_cells(seen, mask))
         only_cells.append(keep_cells(seen, mask))
         inputs = classifier.preprocess(seen).unsqueeze(0)
-        heatmap = grad_cam(classifier.model, inputs)[0]
+        heatmap = grad_cam(classifier.model, inputs, views=classifier.info.preprocessing.views)[0]
         if mask.any():
             inside.append(heatmap_mask_fraction(heatmap, mask))
             area.append(float(mask.mean()))

@@ -44,7 +44,8 @@ def cam_study(bundle: Path, paths: list[Path], size: int) -> tuple[list[float], 
     for path in paths:
         image = load_image(path)
         mask = cell_mask(letterbox(image, size), "lab_kmeans")
-        heat = grad_cam(classifier.model, classifier.preprocess(image).unsqueeze(0))[0]
+        heat = grad_cam(classifier.model, classifier.preprocess(image).unsqueeze(0),
+                        views=classifier.info.preprocessing.views)[0]
         share = heatmap_mask_fraction(heat, mask) if mask.any() else float("nan")
         inside.append(share)
         areas.append(float(mask.mean()))
