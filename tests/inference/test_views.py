@@ -137,6 +137,13 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
     classical = load_config(overrides=[f"data.path={synthetic_root}", "model.name=random_forest", "predict.views=4"])
     with pytest.raises(ConfigError, match="classical model: leave predict.views at 1"):
         create_learner(classical, ["a", "b"], preprocessing_of(classical))
+    # `leukoscope train` refuses it before a run folder exists or an image is read (here: none to read)
+    runs = tmp_path / "runs"
+    unreadable = classical.model_copy(update={"output_root": str(runs), "data": classical.data.model_copy(
+        update={"path": str(tmp_path / "no-such-folder")})})
+    with pytest.raises(ConfigError, match="classical model: leave predict.views at 1"):
+        run_experiment(unreadable, show_progress=False)
+    assert not runs.exists()
     with pytest.raises(BundleError, match="a classical model reads each image once"):
         BundleInfo("random_forest", ["a", "b"], Preprocessing(32, views=8), framework="sklearn")
     # another site's images: no validation part of the bundle's own to refit its temperature on

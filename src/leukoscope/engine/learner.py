@@ -62,6 +62,14 @@ class Learner(Protocol):
 
 def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: Preprocessing) -> Learner:
     """A :class:`TorchLearner` or, for a classical model (``kind: classic``), a :class:`SklearnLearner`."""
+    if check_learner_config(config, preprocessing) == "classic":
+        return SklearnLearner(config, classes, preprocessing)
+    return TorchLearner(config, classes, preprocessing)
+
+
+def check_learner_config(config: ExperimentConfig, preprocessing: Preprocessing) -> str:
+    """The model's kind (``classic`` or a network's), after refusing settings it cannot take
+    (:class:`ConfigError`): called before any data is read, so that a wrong setting costs no decoding."""
     kind = model_entry(config.model.name).kind
     if kind == "detector":
         raise ConfigError(f"model.name {config.model.name!r} is a cell detector: train it with a detection "
@@ -77,8 +85,7 @@ def create_learner(config: ExperimentConfig, classes: list[str], preprocessing: 
         if preprocessing.views != 1:
             raise ConfigError(f"predict.views averages a network's outputs over a cell's rotations; "
                               f"{config.model.name} is a classical model: leave predict.views at 1")
-        return SklearnLearner(config, classes, preprocessing)
-    return TorchLearner(config, classes, preprocessing)
+    return kind
 
 
 def _median_rate(run, n: int, repeats: int = 3) -> float:

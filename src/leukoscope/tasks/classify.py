@@ -22,7 +22,7 @@ from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.learner import Learner, create_learner
+from leukoscope.engine.learner import Learner, check_learner_config, create_learner
 from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
@@ -71,9 +71,10 @@ def run_experiment(
 ) -> RunResult:
     """Train and evaluate one model as ``config`` describes; returns where everything went."""
     config = with_absolute_paths(config)
+    preprocessing = preprocessing_of(config)
+    check_learner_config(config, preprocessing)  # before a run folder exists or any image is decoded
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
     with open_run(run_dir, config, resume=resume):
-        preprocessing = preprocessing_of(config)
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
         shutil.copyfile(prepared.split_file, run_dir / "split.json")
