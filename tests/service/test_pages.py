@@ -220,6 +220,29 @@ def test_account_tokens_and_admin_pages(service):
     assert "user.update" in audit.text and "token.revoke" in audit.text and "login.failed" not in audit.text
 
 
+def test_a_refused_user_form_changes_nothing(service):
+    """The admin's Save of role, activity and password together: a password too short refuses the
+    whole form, so the role is not changed, the user's session goes on and the audit log has no update."""
+    from leukoscope.service.tables import AuditEntry, User
+
+    tech = service.login("tech")
+    admin = service.login("admin")
+    users = admin.get("/admin/users")
+    with service.state.sessions() as db:
+        tech_id = db.query(User).filter_by(username="tech").one().id
+        audited = db.query(AuditEntry).count()
+    for form in ({"role": "hematologist", "active": "1", "password": "short"},
+                 {"role": "technician", "active": "0", "password": "short"},
+                 {"role": "no-such-role", "active": "0"}):
+        refused = admin.post(f"/admin/users/{tech_id}", data={**form, "csrf_token": csrf_of(users.text)})
+        assert refused.status_code == 400
+    with service.state.sessions() as db:
+        user = db.get(User, tech_id)
+        assert (user.role, user.active) == ("technician", True)
+        assert db.query(AuditEntry).count() == audited
+    assert tech.get("/cases", follow_redirects=False).status_code == 200  # still logged in
+
+
 def test_smear_pages(make_service, smear_analyzer):
     service = make_service(analyzer_override=smear_analyzer)
     service.add_user("tech", "technician")

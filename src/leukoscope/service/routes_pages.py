@@ -484,26 +484,32 @@ async def admin_update_user(request: Request, user_id: int):
     def work():
         with transaction(state_of(request).sessions) as db:
             principal, user = _admin_and_user(db, request, form, user_id)
-            changes: dict[str, Any] = {}
+            # Every part of the form is checked before anything changes: a refused form saves nothing.
             role = form.get("role")
-            if role and role != user.role:
-                if role not in ROLES:
-                    return _users_page(request, db, principal, f"unknown role {role!r}", 400)
-                if user.id == principal.user.id:
-                    return _users_page(request, db, principal, "you cannot change your own role", 400)
-                changes["role"] = [user.role, role]
-                user.role = role
+            role = role if role and role != user.role else None
+            if role is not None and role not in ROLES:
+                return _users_page(request, db, principal, f"unknown role {role!r}", 400)
+            if role is not None and user.id == principal.user.id:
+                return _users_page(request, db, principal, "you cannot change your own role", 400)
             active = form.get("active")
-            if active in ("0", "1") and (active == "1") != user.active:
-                if user.id == principal.user.id:
-                    return _users_page(request, db, principal, "you cannot deactivate yourself", 400)
-                user.active = active == "1"
-                changes["active"] = user.active
+            active = active == "1" if active in ("0", "1") and (active == "1") != user.active else None
+            if active is not None and user.id == principal.user.id:
+                return _users_page(request, db, principal, "you cannot deactivate yourself", 400)
+            password_hash = None
             if form.get("password"):
                 try:
-                    user.password_hash = hash_password(form["password"])
+                    password_hash = hash_password(form["password"])
                 except ServiceError as error:
                     return _users_page(request, db, principal, error.message, 400)
+            changes: dict[str, Any] = {}
+            if role is not None:
+                changes["role"] = [user.role, role]
+                user.role = role
+            if active is not None:
+                user.active = active
+                changes["active"] = active
+            if password_hash is not None:
+                user.password_hash = password_hash
                 changes["password"] = "reset"
             if changes.get("password") or changes.get("active") is False or "role" in changes:
                 for session in db.scalars(select(WebSession).where(WebSession.user_id == user.id)):
