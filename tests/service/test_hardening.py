@@ -259,6 +259,21 @@ def test_admin_lists_and_revokes_other_users_tokens(service):
     assert page.status_code == 200 and mine[0]["prefix"] in page.text and "revoked" in page.text
 
 
+@pytest.mark.parametrize("huge", [2**31, 2**63, 10**20])
+def test_ids_and_offsets_past_the_database_range_are_422_not_500(service, huge):
+    """A number past what the tables store is refused as a bad request: SQLite and PostgreSQL
+    would fail on it (OverflowError / out of range) with a server error."""
+    client = service.client()
+    assert client.get(f"/api/v1/cases?offset={huge}", headers=service.auth("hema")).status_code == 422
+    assert client.post(f"/api/v1/tokens/{huge}/revoke", headers=service.auth("admin")).status_code == 422
+    assert client.get(f"/api/v1/cases/x/images/{huge}/image", headers=service.auth("hema")).status_code == 422
+    admin = service.login("admin")
+    users = admin.get("/admin/users")
+    refused = admin.post(f"/admin/users/{huge}", data={"role": "technician", "csrf_token": csrf_of(users.text)})
+    assert refused.status_code == 422
+    assert client.get("/api/v1/cases?offset=2147483647", headers=service.auth("hema")).json()["cases"] == []
+
+
 # ------------------------------------------------------------------ 5. memory per upload
 
 

@@ -23,6 +23,7 @@ from leukoscope.service import cases as ops
 from leukoscope.service.auth import Principal, api_principal, audit, create_user, revoke_token_of, user_locks
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
+from leukoscope.service.params import Offset, RowId
 from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, Case, User
 from leukoscope.service.storage import MEDIA_TYPES
 
@@ -184,7 +185,7 @@ async def upload_case(request: Request) -> JSONResponse:
 
 @router.get(f"{API}/cases", tags=["cases"])
 def list_cases(request: Request, status: Literal["new", "reviewed"] | None = None,
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict[str, Any]:
+               limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> dict[str, Any]:
     """Cases you may see: a technician's own, every case for a hematologist."""
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
@@ -234,7 +235,7 @@ def _object_response(request: Request, name: str | None) -> Response:
 
 @router.get(f"{API}/cases/{{case_id}}/images/{{image_id}}/{{variant}}", tags=["files"],
             response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def image_file(request: Request, case_id: str, image_id: int, variant: Literal["image", "annotated"]) -> Response:
+def image_file(request: Request, case_id: str, image_id: RowId, variant: Literal["image", "annotated"]) -> Response:
     """The served copy of an uploaded image (PNG, metadata stripped) or its annotated version."""
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
@@ -248,7 +249,7 @@ def image_file(request: Request, case_id: str, image_id: int, variant: Literal["
 
 @router.get(f"{API}/cases/{{case_id}}/cells/{{cell_id}}/{{variant}}", tags=["files"],
             response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def cell_file(request: Request, case_id: str, cell_id: int, variant: Literal["crop", "overlay"]) -> Response:
+def cell_file(request: Request, case_id: str, cell_id: RowId, variant: Literal["crop", "overlay"]) -> Response:
     """A detected cell cut from its field, or its Grad-CAM overlay (PNG)."""
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
@@ -326,7 +327,7 @@ def tokens(request: Request) -> dict[str, Any]:
 
 
 @router.post(f"{API}/tokens/{{token_id}}/revoke", tags=["admin"])
-def revoke_token(request: Request, token_id: int) -> dict[str, Any]:
+def revoke_token(request: Request, token_id: RowId) -> dict[str, Any]:
     """Revoke a token: one's own, or anyone's for an admin."""
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)

@@ -49,6 +49,7 @@ from leukoscope.service.auth import (
 )
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
+from leukoscope.service.params import RowId
 from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
 
@@ -384,7 +385,7 @@ async def create_token(request: Request):
 
 
 @router.post("/account/tokens/{token_id}/revoke")
-async def revoke_token(request: Request, token_id: int):
+async def revoke_token(request: Request, token_id: RowId):
     form = await form_of(request)
 
     def work():
@@ -478,7 +479,7 @@ def _admin_and_user(db, request: Request, form: dict, user_id: int) -> tuple[Any
 
 
 @router.post("/admin/users/{user_id}")
-async def admin_update_user(request: Request, user_id: int):
+async def admin_update_user(request: Request, user_id: RowId):
     form = await form_of(request)
 
     def work():
@@ -523,7 +524,7 @@ async def admin_update_user(request: Request, user_id: int):
 
 
 @router.post("/admin/users/{user_id}/unlock")
-async def admin_unlock_user(request: Request, user_id: int):
+async def admin_unlock_user(request: Request, user_id: RowId):
     """Clear a user's log-in lock and the waits of every address for that name."""
     form = await form_of(request)
 
