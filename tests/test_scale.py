@@ -159,9 +159,26 @@ def test_a_runs_scale_is_the_median_of_a_fixed_sample_of_its_readable_fields(tmp
     assert five.um_per_px == pytest.approx(float(np.median([each[k] for k in (0, 1, 2, 4, 5)])))
     assert not run_scale([]).known
     # fields of several microscopes do not lend one scale
-    for seed, diameter in enumerate((10.0, 40.0, 10.0, 40.0, 10.0, 40.0)):
+    for seed, diameter in enumerate((16.0, 40.0, 16.0, 40.0, 16.0, 40.0)):
         smear_field(diameter, size=(480, 360), seed=seed, n_red=8).save(tmp_path / f"mixed{seed}.png")
     mixed = run_scale(sorted(tmp_path.glob("mixed*.png")))
     assert not mixed.known and "disagree" in mixed.note
     with pytest.raises(ValueError, match="at least 1"):
         run_scale(paths, fields=0)
+    # a misread field or two neither decide nor veto the run's scale: left out, and said so
+    for seed in range(2):
+        smear_field(60.0, size=(960, 720), seed=seed, n_red=8).save(tmp_path / f"zoomed{seed}.png")
+    with_outliers = run_scale([*paths, *sorted(tmp_path.glob("zoomed*.png"))])
+    assert with_outliers.um_per_px == pytest.approx(float(np.median(each)))
+    assert "median of 6 of 8 fields" in with_outliers.note and "2 estimate(s) far from the rest left out" in with_outliers.note
+
+
+def test_objects_too_small_to_be_red_cells_give_no_scale() -> None:
+    """Isolated round objects under MIN_RED_CELL_PX across (in a crowded field: platelets and debris,
+    the red cells all touching) would put a field at 0.6-0.9 um/px and invent cells: no estimate."""
+    from leukoscope.scale import MIN_RED_CELL_PX
+
+    assert estimate_scale(smear_field(14.0, size=(320, 240), n_red=10)).known
+    tiny = estimate_scale(smear_field(9.0, size=(320, 240), n_red=10, platelets=0))
+    assert not tiny.known and tiny.red_cells >= 3 and "too small to be red cells" in tiny.note
+    assert MIN_RED_CELL_PX == 12.0

@@ -1009,7 +1009,7 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     (:func:`leukoscope.scale.run_scale`), said on the console; None when they have none. A Ray archive
     being resumed keeps the one it was started with (fields added since would change the sample)."""
     from leukoscope.inference.archive_parts import SETTINGS
-    from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, run_scale
+    from leukoscope.scale import FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, run_scale
 
     recorded = out / SETTINGS
     if engine == "ray" and recorded.is_file():
@@ -1029,7 +1029,8 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     if not scale.known:
         console.print(f"scale: no run scale for fields without their own ({scale.note})", soft_wrap=True)
         return None
-    console.print(f"scale: a field with too few isolated red cells of its own is analysed at {scale.um_per_px:.4f} "
+    console.print(f"scale: a field with too few isolated red cells of its own, or an estimate more than "
+                  f"{FIELD_RUN_MAX_RATIO:g} times off, is analysed at {scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
 
@@ -1086,15 +1087,17 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     console.print(text)
     borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
     if borrowed:
-        console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {len(summary.results)} field(s) had too few "
-                      f"isolated red cells for a scale estimate and were analysed at the run's scale "
+        console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {len(summary.results)} field(s) had no scale "
+                      f"estimate of their own (too few isolated red cells, or one far off the run's) and were "
+                      f"analysed at the run's scale "
                       f"({borrowed[0].scale['um_per_px']:.4f} um/px; pass --um-per-px to state it)", soft_wrap=True)
     unscaled = [r for r in summary.results if r.scale and r.scale.get("source") == "unknown"]
     if unscaled:
         assumed = ("were analysed at the detector's training scale" if analyzer.detector.info.um_per_px else
                    "were analysed as they are (the detector records no training scale)")
-        console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {len(summary.results)} field(s) had too few isolated "
-                      f"red cells for a scale estimate and {assumed} (pass --um-per-px to state it)", soft_wrap=True)
+        console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {len(summary.results)} field(s) had no scale "
+                      f"estimate (too few isolated red cells, or objects too small to be red cells) and {assumed} "
+                      f"(pass --um-per-px to state it)", soft_wrap=True)
     for flag in pooled.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
     failed = [r for r in summary.results if r.error]

@@ -31,6 +31,14 @@ MIN_RED_CELLS = 3
 #: cell stays >= 10 px across at every magnification seen so far).
 _MAX_SIDE = 1024
 _MIN_DIAMETER_PX = 6.0
+#: An estimate whose red cells are smaller than this (pixels across) is refused: a white cell would span
+#: under ~20 px, too few for its type, and in crowded fields, where the red cells touch and none is
+#: isolated, what is left isolated and round is platelets and debris of about this size (8 of 107 BCCD
+#: fields with an estimate were read 3-11 times too coarse that way; docs/smear-analysis.md).
+MIN_RED_CELL_PX = 12.0
+#: A field's own estimate further than this factor from its run's scale is taken for a misreading (few
+#: red cells, most of them touching) and the field is analysed at the run's scale instead.
+FIELD_RUN_MAX_RATIO = 1.5
 
 T = TypeVar("T")
 ScaleSource = Literal["given", "estimated", "run", "unknown"]
@@ -150,8 +158,13 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
     if len(red) < min_red_cells:
         return FieldScale(None, "unknown", int(len(red)),
                           f"only {len(red)} isolated red cell(s) found (need {min_red_cells})")
-    return FieldScale(RED_CELL_DIAMETER_UM / float(np.median(red)), "estimated", int(len(red)),
-                      f"median red-cell diameter {np.median(red):.1f} px = {RED_CELL_DIAMETER_UM} um")
+    diameter = float(np.median(red))
+    if diameter < MIN_RED_CELL_PX:
+        return FieldScale(None, "unknown", int(len(red)),
+                          f"the isolated round objects found are {diameter:.1f} px across, too small to be red cells "
+                          f"of a field fit for a differential (under {MIN_RED_CELL_PX:g} px): likely platelets or debris")
+    return FieldScale(RED_CELL_DIAMETER_UM / diameter, "estimated", int(len(red)),
+                      f"median red-cell diameter {diameter:.1f} px = {RED_CELL_DIAMETER_UM} um")
 
 
 def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:
@@ -205,17 +218,32 @@ def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3,
 
 def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_spread: float | None = None) -> FieldScale:
     """The median of the fields' estimates (those of ``scales`` that are known), which is steadier than
-    any single field's. ``max_spread``: 'unknown' when the upper quartile of the estimates is more than
-    this many times the lower (fields that disagree)."""
+    any single field's. ``max_spread``: only the estimates within this factor of that median count (a
+    misread field or two must not decide, nor veto, a run's scale), and 'unknown' unless they are at
+    least ``min_fields`` and two thirds of the estimates (fields of several microscopes disagree)."""
     estimates = [scale for scale in scales if scale.known]
     fields = len(scales)
     if len(estimates) < min_fields:
         return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} fields had a scale estimate")
     values = np.array([s.um_per_px for s in estimates])
-    low, high = np.percentile(values, [25, 75])
+    agree = np.ones(len(values), dtype=bool)
+    if max_spread is not None:
+        agree = np.abs(np.log(values / np.median(values))) <= math.log(max_spread)
+    kept = values[agree]
+    if len(kept) < max(min_fields, math.ceil(2 * len(values) / 3)):
+        return FieldScale(None, "unknown", 0, f"the estimates of {len(estimates)} of {fields} fields disagree "
+                          f"(only {len(kept)} within {max_spread:g} times their median, "
+                          f"{values.min():.4f}-{values.max():.4f} um/px)")
+    low, high = np.percentile(kept, [25, 75])
     spread = f"IQR {low:.4f}-{high:.4f} um/px"
-    if max_spread is not None and high > max_spread * low:
-        return FieldScale(None, "unknown", 0,
-                          f"the estimates of {len(estimates)} of {fields} fields disagree ({spread})")
-    return FieldScale(float(np.median(values)), "estimated", int(sum(s.red_cells for s in estimates)),
-                      f"median of {len(estimates)} of {fields} fields ({spread})")
+    outliers = f", {len(values) - len(kept)} estimate(s) far from the rest left out" if len(kept) < len(values) else ""
+    return FieldScale(float(np.median(kept)), "estimated",
+                      int(sum(s.red_cells for s, a in zip(estimates, agree) if a)),
+                      f"median of {len(kept)} of {fields} fields ({spread}{outliers})")
+
+
+def disagrees_with_run(scale: FieldScale, run_um_per_px: float | None) -> bool:
+    """A field's own estimate further than :data:`FIELD_RUN_MAX_RATIO` from its run's scale: a misread
+    field, to be analysed at the run's scale (a scale the user stated is never overruled)."""
+    return (scale.source == "estimated" and scale.um_per_px is not None and run_um_per_px is not None
+            and abs(math.log(scale.um_per_px / run_um_per_px)) > math.log(FIELD_RUN_MAX_RATIO))

@@ -90,9 +90,16 @@ def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
     assert result.scale["source"] == "run" and result.scale["analysed_at_um_per_px"] == 0.1
     assert "no isolated red cells found: analysed at the run's scale" in result.scale["note"]
     assert detector.seen == [(800, 600)] and classifier.sizes == [(240, 240)]  # resampled and cropped at 0.1
-    # a field with its own estimate keeps it
-    own = analyzer.analyze(smear_field(20.0))
+    # a field with its own estimate keeps it when it is near the run's (within FIELD_RUN_MAX_RATIO)...
+    own = SmearAnalyzer(detector, run_um_per_px=0.3).analyze(smear_field(20.0))
     assert own.scale["source"] == "estimated" and own.scale["um_per_px"] == pytest.approx(0.375, rel=0.08)
+    # ...and is taken for a misreading when it is far off (0.375 against the run's 0.1): the run's scale
+    far = analyzer.analyze(smear_field(20.0))
+    assert far.scale["source"] == "run" and far.scale["analysed_at_um_per_px"] == 0.1
+    assert "more than 1.5 times off the run's scale" in far.scale["note"]
+    # a scale the user stated is never overruled
+    stated = SmearAnalyzer(detector, um_per_px=0.375, run_um_per_px=0.1).analyze(smear_field(20.0))
+    assert stated.scale["source"] == "given" and stated.scale["um_per_px"] == 0.375
     with pytest.raises(ValueError, match="run_um_per_px must be between 0.005 and 5"):
         SmearAnalyzer(detector, run_um_per_px=0.0)
 
@@ -149,7 +156,7 @@ def test_analyze_says_how_fields_without_a_scale_were_analysed(detector_bundle, 
                                       "--no-classifier", "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "1 of 1 field(s) had too few isolated red cells" in output
+    assert "1 of 1 field(s) had no scale estimate (too few isolated red cells" in output
     assert "analysed as they are (the detector records no training scale)" in output
     assert "training scale (pass" not in output
 
@@ -178,8 +185,8 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
     assert lent["source"] == "run"
     assert lent["um_per_px"] == pytest.approx(float(np.median([e["um_per_px"] for e in estimates])))
     assert "is analysed at" in output and "the run's scale (median of 5 of 6 fields" in output
-    assert "1 of 6 field(s) had too few isolated red cells for a scale estimate and were analysed at the run's" \
-        in output
+    assert "1 of 6 field(s) had no scale estimate of their own (too few isolated red cells, or one far off the " \
+        "run's) and were analysed at the run's" in output
     # fewer fields than a run's scale needs estimates from: none lent
     alone = CliRunner().invoke(app, ["analyze", str(folder / "blank.png"), str(folder / "field0.png"),
                                      "--detector", str(detector_bundle), "--no-classifier", "--out",

@@ -40,7 +40,7 @@ from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in
-from leukoscope.scale import FieldScale, checked_um_per_px, field_scale
+from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, checked_um_per_px, disagrees_with_run, field_scale
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,10 @@ class SmearAnalyzer:
         if not scale.known and run is not None:
             scale = FieldScale(run, "run", 0, f"{scale.note}: analysed at the run's scale (the median "
                                f"estimate of a sample of its fields)")
+        elif disagrees_with_run(scale, run):
+            scale = FieldScale(run, "run", 0, f"its own estimate, {scale.um_per_px:.4f} um/px from {scale.red_cells} "
+                               f"red cells, is more than {FIELD_RUN_MAX_RATIO:g} times off the run's scale: "
+                               f"analysed at the run's (the median estimate of a sample of its fields)")
         trained_at = getattr(self.detector.info, "um_per_px", None)
         working = scale.um_per_px if scale.known else trained_at
         factor = 1.0

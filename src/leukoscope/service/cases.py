@@ -26,7 +26,7 @@ from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, run_sample, run_scale_of
+from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, disagrees_with_run, run_sample, run_scale_of
 from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
 from leukoscope.service.auth import Principal, audit, too_many
@@ -247,9 +247,10 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     # One file at a time: a request holds one decoded image, not all of them (issue 13).
     prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
     run = case_run_scale(prepared) if kind == "smear" else None
-    if run is not None and run.known:  # only the fields that had no scale of their own are analysed again
+    if run is not None and run.known:  # only the fields without a (believable) scale of their own are analysed again
         for index, upload in enumerate(uploads):
-            if (prepared[index].scale or {}).get("source") == "unknown":
+            own = FieldScale.from_json(prepared[index].scale or {})
+            if own.source == "unknown" or disagrees_with_run(own, run.um_per_px):
                 prepared[index] = await prepare_upload(state, kind, upload, run.um_per_px)
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
                                    run.to_json() if run is not None else None)
