@@ -93,3 +93,18 @@ def test_one_analyzer_takes_a_run_scale_per_field_without_keeping_it() -> None:
     assert analyzer.analyze(BLANK).scale["um_per_px"] == 0.2
     with pytest.raises(ValueError, match="run_um_per_px must be between 0.005 and 5"):
         analyzer.analyze(BLANK, run_um_per_px=float("nan"))
+
+
+def test_a_field_far_off_the_cases_scale_is_analysed_at_the_cases(scaled_service) -> None:
+    """A field whose own estimate is more than FIELD_RUN_MAX_RATIO off the others' (a misreading: few red
+    cells, the rest touching) is analysed again at the case's scale, as a folder run does."""
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    fields = [smear_field(20.0, seed=seed) for seed in range(RUN_SCALE_MIN_ESTIMATES)]
+    case = post_fields(client, headers, [*fields, smear_field(50.0, seed=9)])  # 0.15 um/px against 0.375
+    scales = [image["scale"] for image in case["images"]]
+    assert all(s["source"] == "estimated" for s in scales[:-1])
+    assert scales[-1]["source"] == "run" and scales[-1]["um_per_px"] == case["run_scale"]["um_per_px"]
+    assert "more than 1.5 times off the run's scale" in scales[-1]["note"]
+    assert "1 estimate(s) far from the rest left out" in case["run_scale"]["note"]
+    assert len(detector.seen) == len(fields) + 2  # the misread field read twice
