@@ -12,6 +12,11 @@ detector's training scale (what it does with one field, and did before). Nothing
 ``--split``: a classifier's training split whose test part holds pbc crops (subjects ``pbc-<stem>``):
 its pbc images are used (held out from that classifier); else ``--images`` images drawn (seed 0).
 Prints one JSON line per way: images, cells found, right, flagged unfamiliar, the run's scale.
+
+Then the same images through `leukoscope predict` (one cell per image, no detector): taken whole
+(``--as-given``, what predict did before it framed single cells) and framed at the classifier's
+window around the centre at each image's own scale, else the run's (predict's default).
+``--predict-only``: these rows alone.
 """
 
 from __future__ import annotations
@@ -65,6 +70,17 @@ def score(analyzer: Any, images: list[tuple[Path, str]]) -> dict[str, Any]:
             "unfamiliar": round(unfamiliar / n, 4), "fields_at_run_scale": run_scaled}
 
 
+def score_predict(classifier: Any, images: list[tuple[Path, str]], **framing: Any) -> dict[str, Any]:
+    """`leukoscope predict`'s call for each image (``framing``: :meth:`CellClassifier.predict_paths`'s)."""
+    predictions = classifier.predict_paths([path for path, _ in images], **framing)
+    n = max(1, len(images))
+    scales = [p.scale.source for p in predictions if p.scale is not None]
+    return {"images": len(images), "right": round(sum(p.top_class == label for p, (_, label) in
+                                                      zip(predictions, images)) / n, 4),
+            "unfamiliar": round(sum(p.unfamiliar for p in predictions) / n, 4),
+            "scale_sources": {source: scales.count(source) for source in sorted(set(scales))}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED / "pbc")
@@ -72,13 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200, help="without --split: this many images")
     parser.add_argument("--detector", default="pretrained:smear-detector")
     parser.add_argument("--classifier", default="pretrained:wbc-classifier")
+    parser.add_argument("--predict-only", action="store_true", help="only the rows of `leukoscope predict`")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    from leukoscope.inference.predictor import CellClassifier
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.scale import run_scale
 
     images = held_out_images(args.data, args.split, args.images)
     scale = run_scale([path for path, _ in images])
     print(f"run scale: {scale.um_per_px} ({scale.note})", file=sys.stderr)
+    classifier = CellClassifier.from_bundle(args.classifier)
+    for way, framing in (("whole image (--as-given)", {}),
+                         ("framed: own scale, else the run's", {"frame": True, "run_um_per_px": scale.um_per_px})):
+        print(json.dumps({"predict": way, **score_predict(classifier, images, **framing)}))
+    if args.predict_only:
+        return 0
     for way, lent in (("run's scale", scale.um_per_px), ("detector's scale", None)):
         analyzer = SmearAnalyzer(args.detector, args.classifier, run_um_per_px=lent)
         print(json.dumps({"fields without a scale": way, "run_um_per_px": lent, **score(analyzer, images)}))

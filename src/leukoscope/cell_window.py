@@ -49,3 +49,10 @@ def crop_cell(image: Image.Image, box: Sequence[float], *, um_per_px: float | No
     pixels = np.asarray(image.crop(inside).convert("RGB"))  # crop first: no copy of the whole field
     pad = ((inside[1] - rect[1], rect[3] - inside[3]), (inside[0] - rect[0], rect[2] - inside[2]), (0, 0))
     return Image.fromarray(np.pad(pixels, pad, mode="symmetric"))
+
+
+def centre_window(image: Image.Image, um_per_px: float, window_um: float) -> Image.Image:
+    """The classifier's window around the image's centre: a single-cell image (pbc's 360 px photographs,
+    a C-NMC cell) holds its cell there. Mirrored at the edge when the image is smaller than the window."""
+    cx, cy = image.size[0] / 2, image.size[1] / 2
+    return crop_cell(image, (cx, cy, cx, cy), um_per_px=um_per_px, window_um=window_um)

@@ -431,8 +431,17 @@ def predict(
                                 "torch model for Grad-CAM on any backend."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's; 1 is "
                                           "faster on a machine busy with other work)."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the images (micrometres); "
+                                              "default: estimated from each image's red cells."),
+    as_given: bool = typer.Option(False, "--as-given", help="Classify each image whole, as it is (crops already "
+                                  "cut at the classifier's window, e.g. a training set's)."),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold.
+
+    Each image is one cell. A classifier trained on a physical window (the shipped one: 24 um)
+    sees that many micrometres around the image's centre, at --um-per-px or the scale the image's
+    red cells give; an image with neither is classified whole, and the output says so
+    (um_per_px and scale_source columns). --as-given skips this.
 
     Exits with 2 when no image could be predicted; unreadable images are named
     (and get a row with their error in the output file).
@@ -443,18 +452,32 @@ def predict(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
+    if um_per_px is not None and as_given:
+        _fail("--um-per-px frames each image at that scale; --as-given takes the images as they are: give one")
+    if um_per_px is not None:
+        from leukoscope.scale import checked_um_per_px
+
+        _run(checked_um_per_px, um_per_px, "--um-per-px")
     bundle = _check_bundle(bundle, "--bundle")
     paths = _run(collect_images, inputs)
     from leukoscope.bundle import read_bundle_info
     from leukoscope.inference.predict_files import predict_to_file
 
-    _run(read_bundle_info, bundle, "classify")  # a wrong bundle fails before any image is read
+    info = _run(read_bundle_info, bundle, "classify")  # a wrong bundle fails before any image is read
+    if um_per_px is not None and info.preprocessing.cell_window_um is None:
+        console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
+                      "(it takes each image whole)", soft_wrap=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    framing = not as_given and info.preprocessing.cell_window_um is not None
+    # images of one run (a folder) lend their scale to those without one, as analyze's fields do
+    lent = _run_scale(paths, out, "local") if framing and um_per_px is None else None
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
-                       batch_size=batch_size, backend=backend, threads=threads)
+                       batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
+                       run_um_per_px=lent)
+    _say_framing(predictions, info.preprocessing.cell_window_um)
     failed = [p.source for p in predictions if p.error]
     counts: dict[str, int] = {}
     for p in predictions:
@@ -1033,6 +1056,24 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
                   f"{FIELD_RUN_MAX_RATIO:g} times off, is analysed at {scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
+
+
+def _say_framing(predictions: list, window_um: Optional[float]) -> None:
+    """How many images were cut at the classifier's window, and at which scale; the ones classified whole."""
+    scales = [p.scale for p in predictions if p.scale is not None and not p.error]
+    if not scales or window_um is None:
+        return
+    framed = [s for s in scales if s.known]
+    if framed:
+        sources = sorted({s.source for s in framed})
+        console.print(f"framing: {len(framed)} of {len(scales)} images classified on {window_um:g} um around their "
+                      f"centre (scale {' / '.join(sources)}; um_per_px column)", soft_wrap=True)
+    whole = len(scales) - len(framed)
+    if whole:
+        console.print(f"[yellow]framing:[/yellow] {whole} of {len(scales)} images had no scale (too few isolated red "
+                      f"cells) and were classified whole, although the classifier expects {window_um:g} um around "
+                      f"the cell: pass --um-per-px, or --as-given for crops already cut at that window",
+                      soft_wrap=True)
 
 
 @contextmanager

@@ -11,6 +11,10 @@ from tests.bench.conftest import run_script
 def test_pbc_images_are_scored_both_ways_for_fields_without_a_scale(zoo_datasets: Path, tmp_path: Path) -> None:
     run = run_script("analyze_pbc.py", "--data", zoo_datasets / "pbc", "--images", "6")
     rows = [json.loads(line) for line in run.lines]
+    predicted, rows = rows[:2], rows[2:]
+    assert [row["predict"] for row in predicted] == ["whole image (--as-given)", "framed: own scale, else the run's"]
+    assert predicted[0]["scale_sources"] == {} and sum(predicted[1]["scale_sources"].values()) == 6
+    assert all(row["images"] == 6 and 0.0 <= row["right"] <= 1.0 for row in predicted)
     assert [row["fields without a scale"] for row in rows] == ["run's scale", "detector's scale"]
     for row in rows:
         assert row["images"] == 6 and 0.0 <= row["right"] <= row["cell_found"] <= 1.0

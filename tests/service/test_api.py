@@ -484,3 +484,35 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         assert page.status_code == 200 and page.text.count('<figure class="cell') == len(case["cells"])
     finally:
         analyzer.close()
+
+
+def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, analyzer):
+    """A classifier of a physical window sees that many micrometres around the upload's centre at the
+    scale its red cells give (as `leukoscope predict`); the crop is kept for the export. An upload without a
+    scale is classified whole, and its case carries a warning instead of any leukemia flag."""
+    import copy
+    from dataclasses import replace
+
+    from leukoscope.service.analysis import Analyzer
+    from tests.test_scale import smear_field
+
+    windowed = copy.copy(analyzer.base)
+    windowed.preprocessing = replace(windowed.preprocessing, cell_window_um=24.0)
+    framing = Analyzer(windowed, gradcam=False, threads=1, name="abas_cnn, 24 um window")
+    try:
+        service = make_service(analyzer_override=framing)
+        service.add_user("tech", "technician")
+        client, headers = service.client(), service.auth("tech")
+        case = upload(client, headers, ("field.png", encode(smear_field(20.0), "PNG"))).json()
+        scale = case["images"][0]["scale"]
+        assert scale["source"] == "estimated" and scale["um_per_px"] == pytest.approx(0.375, rel=0.08)
+        crop = client.get(case["cells"][0]["crop_url"], headers=headers)
+        side = Image.open(io.BytesIO(crop.content)).size[0]
+        assert side == pytest.approx(24 / scale["um_per_px"], abs=1)  # 24 um at the upload's scale
+        assert not any("No scale" in flag for flag in case["differential"]["flags"])
+        blank = upload(client, headers, ("blank.png", encode(Image.new("RGB", (120, 90), (230, 220, 220)), "PNG")))
+        blank = blank.json()
+        assert blank["images"][0]["scale"]["source"] == "unknown" and blank["cells"][0]["crop_url"] is None
+        assert any("No scale for a single-cell image" in flag for flag in blank["differential"]["flags"])
+    finally:
+        framing.close()

@@ -78,7 +78,8 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     with progress_bar(len(readable), "Grad-CAM") as update:
         for start in range(0, len(readable), batch_size):
             batch = readable[start:start + batch_size]
-            images = [load_image(prediction.source) for prediction in batch]
+            # the image the answer came from: framed at the scale its prediction records
+            images = [_as_classified(classifier, load_image(prediction.source), prediction) for prediction in batch]
             inputs = torch.stack([classifier.preprocess(image) for image in images]).to(classifier.device)
             heatmaps = grad_cam(model, inputs, [classifier.classes.index(p.top_class) for p in batch],
                                 views=classifier.info.preprocessing.views)  # as the answer: every view's map
@@ -98,6 +99,16 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     return written
 
 
+def _as_classified(classifier: CellClassifier, image, prediction: Prediction):
+    """``image`` as the classifier saw it for ``prediction``: its window cut again at the recorded scale."""
+    from leukoscope.cell_window import centre_window
+
+    scale = prediction.scale
+    if scale is None or not scale.known or classifier.window_um is None:
+        return image
+    return centre_window(image, float(scale.um_per_px), classifier.window_um)
+
+
 def predict_to_file(
     bundle: str | Path,
     paths: Sequence[Path],
@@ -108,10 +119,15 @@ def predict_to_file(
     batch_size: int = 32,
     backend: str = "torch",
     threads: int | None = None,
+    frame: bool = True,
+    um_per_px: float | None = None,
+    run_um_per_px: float | None = None,
 ) -> list[Prediction]:
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
     ``out``; with ``explain_dir``, Grad-CAM overlays. Grad-CAM needs the torch model: on another
-    backend it is loaded for that alone (only when asked), and explains the class the backend predicted."""
+    backend it is loaded for that alone (only when asked), and explains the class the backend predicted.
+    ``frame`` / ``um_per_px`` / ``run_um_per_px``: :meth:`CellClassifier.predict_paths`'s (single-cell images framed for a
+    classifier of a physical window)."""
     import torch
 
     from leukoscope.bundle import load_bundle
@@ -126,7 +142,8 @@ def predict_to_file(
                          "classical model on hand-made features, with no convolutional layers to explain; "
                          "run without --explain")
     with progress_bar(len(paths), "predicting") as update:
-        predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update)
+        predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update,
+                                               frame=frame, um_per_px=um_per_px, run_um_per_px=run_um_per_px)
     write_predictions(predictions, out)
     if explain_dir is not None:
         model = classifier.model

@@ -24,12 +24,14 @@ from PIL import Image
 from scipy.special import softmax
 
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
+from leukoscope.cell_window import centre_window
 from leukoscope.evaluation.ood import OodStats
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import stack_pixels
 from leukoscope.pretrained import resolve_bundle
+from leukoscope.scale import FieldScale, disagrees_with_run, field_scale
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +55,9 @@ class Prediction:
     """How unlike the training images this one is (higher: less alike); None without OOD statistics."""
     unfamiliar: bool = False
     """``ood_score`` above the bundle's threshold (about 5% of in-distribution images by construction)."""
+    scale: FieldScale | None = None
+    """A single-cell image framed for a classifier of a physical window (:meth:`CellClassifier.frame`): the
+    scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
 
     def as_row(self) -> dict[str, object]:
         row: dict[str, object] = {
@@ -66,6 +71,9 @@ class Prediction:
         # Empty (not False) without statistics: "not checked" is not "familiar".
         row["ood_score"] = "" if self.ood_score is None else round(self.ood_score, 4)
         row["unfamiliar"] = "" if self.ood_score is None else self.unfamiliar
+        if self.scale is not None:
+            row["um_per_px"] = "" if self.scale.um_per_px is None else round(self.scale.um_per_px, 5)
+            row["scale_source"] = self.scale.source
         row["error"] = self.error or ""
         return row
 
@@ -125,6 +133,29 @@ class CellClassifier:
         training (uint8, not normalised, for a classical model, which computes its features from it)."""
         return self.preprocessing.model_input(self.preprocessing.pixels(image), self.info.framework)
 
+    @property
+    def window_um(self) -> float | None:
+        """The physical window the classifier was trained on (``preprocessing.cell_window_um``), if any."""
+        return self.preprocessing.cell_window_um
+
+    def frame(self, image: Image.Image, um_per_px: float | None = None, *,
+              run_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale | None]:
+        """A single-cell image as the classifier was trained to see it: with a physical window, that many
+        micrometres around the image's centre at ``um_per_px`` or, not given, the scale its red cells give
+        (:func:`leukoscope.scale.field_scale`), or the run's (``run_um_per_px``: the images' scale together,
+        :func:`leukoscope.scale.run_scale`) when they give none or one far off it, as in smear analysis; an
+        image without any is returned whole with an 'unknown' scale (the cell then looks bigger or smaller
+        than any it learned). A classifier without a window takes the image as it is (scale None)."""
+        if self.window_um is None:
+            return image, None
+        scale = field_scale(image, um_per_px)
+        if run_um_per_px is not None and (not scale.known or disagrees_with_run(scale, run_um_per_px)):
+            scale = FieldScale(run_um_per_px, "run", 0, f"{scale.note or 'its own estimate far off'}: the images' "
+                               f"scale together")
+        if not scale.known:
+            return image, scale
+        return centre_window(image, float(scale.um_per_px), self.window_um), scale
+
     def _to_prediction(self, source: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         top = int(probs.argmax())
         confidence = float(probs[top])
@@ -171,23 +202,35 @@ class CellClassifier:
         batch_size: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         progress=None,
+        frame: bool = False,
+        um_per_px: float | None = None,
+        run_um_per_px: float | None = None,
     ) -> list[Prediction]:
-        """Predict every file; unreadable files give a row with ``error`` set, never a crash."""
+        """Predict every file; unreadable files give a row with ``error`` set, never a crash.
+
+        ``frame``: each file is a single-cell image to be framed for the classifier's window
+        (:meth:`frame`, at ``um_per_px`` when given, else their own or ``run_um_per_px``; each prediction
+        records its ``scale``); without it
+        the files are taken as they are (crops already cut at the window, as training's)."""
         paths = [Path(p) for p in paths]
         results: list[Prediction | None] = [None] * len(paths)
         pending: list[tuple[int, Image.Image]] = []
+        scales: dict[int, FieldScale | None] = {}
 
         def flush() -> None:
             predictions = self.predict_images([img for _, img in pending], [str(paths[i]) for i, _ in pending])
             for (i, _), prediction in zip(pending, predictions):
-                results[i] = prediction
+                results[i] = replace(prediction, scale=scales.pop(i, None))
             if progress:
                 progress(advance=len(pending))
             pending.clear()
 
         for index, path in enumerate(paths):
             try:
-                pending.append((index, load_image(path, max_pixels=max_pixels)))
+                image = load_image(path, max_pixels=max_pixels)
+                if frame:
+                    image, scales[index] = self.frame(image, um_per_px, run_um_per_px=run_um_per_px)
+                pending.append((index, image))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)
                 results[index] = Prediction(str(path), "error", "", 0.0, {}, False, error=str(exc))

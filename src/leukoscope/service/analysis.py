@@ -16,7 +16,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -227,8 +227,20 @@ class Analyzer:
         return prediction, overlay
 
     def analyse_cell(self, image: Image.Image) -> ImageOutcome:
-        prediction, overlay = self._predict_and_explain(self._classifier(), image, "upload")
-        return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
+        """One cell per upload. A classifier of a physical window sees that many micrometres around the
+        image's centre at the scale its red cells give (:meth:`CellClassifier.frame`, as `leukoscope predict`);
+        the crop is kept (the reviewed-labels export then holds what the model saw). Without a scale the
+        image is classified whole, and a warning keeps the case from any leukemia flag."""
+        classifier = self._classifier()
+        framed, scale = classifier.frame(image)
+        prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
+        if scale is None:
+            return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
+        warnings = [] if scale.known else [
+            f"No scale for a single-cell image ({scale.note}): classified whole, although the classifier expects "
+            f"{classifier.window_um:g} um around the cell; its class may be wrong"]
+        return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
+                                         overlay=overlay)], warnings=warnings, scale=scale.to_json())
 
     def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
         if self.smear is None:

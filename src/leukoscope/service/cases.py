@@ -281,9 +281,9 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         warnings += [unfamiliar] if unfamiliar else []
     ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
            if any(p.ood_score is not None for p in predictions) else {})
-    # Each field's scale as analysed, by image position; and the case's own (a case of enough fields).
+    # Each image's scale as analysed, by image position; and the case's own (a smear case of enough fields).
     scales = ({"scales": [upload.scale for upload in prepared]}
-              if kind == "smear" and any(upload.scale is not None for upload in prepared) else {})
+              if any(upload.scale is not None for upload in prepared) else {})
     if run_scale is not None:
         scales["run_scale"] = run_scale
     with transaction(state.sessions) as db:
@@ -364,8 +364,9 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
 
 
 def image_scale(case: Case, image: CaseImage) -> dict[str, Any] | None:
-    """The scale a smear field was analysed at (``SmearResult.scale``); None for single cells and for
-    cases stored before it was recorded."""
+    """The scale a smear field was analysed at (``SmearResult.scale``), or a single-cell image framed at
+    (:meth:`~leukoscope.inference.predictor.CellClassifier.frame`); None for a classifier without a physical
+    window and for cases stored before it was recorded."""
     scales = case.analysis.get("scales") or []
     return scales[image.position] if image.position < len(scales) else None
 

@@ -1,0 +1,100 @@
+"""A single-cell image for a classifier of a physical window (the shipped one: 24 um) is framed as
+its training crops were: that many micrometres around the image's centre, at the given scale, the
+image's own (its red cells) or its run's; an image without a scale is classified whole and says so."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from leukoscope.bundle import BundleInfo
+from leukoscope.cli import app
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.preprocessing import Preprocessing
+from tests.conftest import shared_dataset
+from tests.detection.smear_fakes import _Constant
+from tests.test_scale import smear_field
+
+BLANK = Image.new("RGB", (200, 150), (230, 220, 220))  # no red cells: no scale of its own
+
+
+def windowed_classifier(window_um: float | None = 24.0) -> CellClassifier:
+    info = BundleInfo("constant", ["a", "b"], Preprocessing(16, [0.5] * 3, [0.25] * 3, cell_window_um=window_um))
+    return CellClassifier(_Constant(2, 0), info)
+
+
+def test_an_image_is_cut_at_the_window_around_its_centre_at_its_scale() -> None:
+    classifier = windowed_classifier()
+    field = smear_field(20.0)  # red cells 20 px: 0.375 um/px, so 24 um is 64 px
+    framed, scale = classifier.frame(field)
+    assert scale.source == "estimated" and scale.um_per_px == pytest.approx(0.375, rel=0.08)
+    assert framed.size[0] == framed.size[1] == pytest.approx(24 / scale.um_per_px, abs=1)
+    assert framed.tobytes() == field.crop((320 - framed.size[0] // 2, 240 - framed.size[1] // 2,
+                                           320 + (framed.size[0] + 1) // 2, 240 + (framed.size[1] + 1) // 2)).tobytes()
+    given, stated = classifier.frame(field, 0.1)
+    assert stated.source == "given" and given.size == (240, 240)
+    # larger than the image: mirrored at its edges, as a smear cell at a field's edge
+    assert classifier.frame(BLANK, 0.05)[0].size == (480, 480)
+    whole, unknown = classifier.frame(BLANK)
+    assert unknown.source == "unknown" and whole is BLANK
+    lent, run = classifier.frame(BLANK, run_um_per_px=0.2)
+    assert run.source == "run" and lent.size == (120, 120)
+    # a run's scale also overrules an own estimate far off it (more than 1.5 times), never a given one
+    assert classifier.frame(field, run_um_per_px=0.1)[1].source == "run"
+    assert classifier.frame(field, 0.375, run_um_per_px=0.1)[1].source == "given"
+    # a classifier without a window takes any image as it is
+    plain = windowed_classifier(None)
+    assert plain.frame(field) == (field, None)
+
+
+def test_predict_records_the_scale_each_image_was_framed_at(tmp_path: Path) -> None:
+    classifier = windowed_classifier()
+    smear_field(20.0).save(tmp_path / "cell.png")
+    BLANK.save(tmp_path / "blank.png")
+    paths = [tmp_path / "cell.png", tmp_path / "blank.png"]
+    framed = classifier.predict_paths(paths, frame=True)
+    assert [p.scale.source for p in framed] == ["estimated", "unknown"]
+    rows = [p.as_row() for p in framed]
+    assert rows[0]["scale_source"] == "estimated" and 0.3 < rows[0]["um_per_px"] < 0.45
+    assert rows[1]["scale_source"] == "unknown" and rows[1]["um_per_px"] == ""
+    as_given = classifier.predict_paths(paths)  # the Python API's default: crops already framed
+    assert all(p.scale is None and "scale_source" not in p.as_row() for p in as_given)
+
+
+def test_predict_cli_options_and_the_message_for_images_without_a_scale(tmp_path: Path) -> None:
+    runner = CliRunner()
+    BLANK.save(tmp_path / "blank.png")
+    both = runner.invoke(app, ["predict", str(tmp_path / "blank.png"), "--bundle", "pretrained:wbc-classifier",
+                               "--um-per-px", "0.1", "--as-given", "--out", str(tmp_path / "p.csv")])
+    assert both.exit_code == 2 and "give one" in both.output
+    wrong = runner.invoke(app, ["predict", str(tmp_path / "blank.png"), "--bundle", "pretrained:wbc-classifier",
+                                "--um-per-px", "0", "--out", str(tmp_path / "p.csv")])
+    assert wrong.exit_code == 2 and "between 0.005 and 5" in wrong.output and not (tmp_path / "p.csv").exists()
+    whole = runner.invoke(app, ["predict", str(tmp_path / "blank.png"), "--bundle", "pretrained:wbc-classifier",
+                                "--out", str(tmp_path / "p.csv")])
+    assert whole.exit_code == 0, whole.output
+    assert "1 of 1 images had no scale" in " ".join(whole.output.split())
+    (row,) = csv.DictReader((tmp_path / "p.csv").open())
+    assert row["scale_source"] == "unknown"
+
+
+def test_pbc_cells_are_typed_when_framed_as_the_classifier_learned_them(tmp_path: Path) -> None:
+    """pbc's photographs show about 37 um of smear; the shipped classifier learned 24 um windows. Whole,
+    its cells look small and were called platelet or erythroblast; framed at pbc's scale, typed right."""
+    pbc = shared_dataset("pbc")
+    images = [sorted((pbc / kind).glob("*.jpg"))[0] for kind in ("neutrophil", "lymphocyte", "monocyte",
+                                                                  "eosinophil")]
+    runner = CliRunner()
+    calls = {}
+    for way, options in (("framed", ["--um-per-px", "0.104"]), ("whole", ["--as-given"])):
+        out = tmp_path / f"{way}.csv"
+        result = runner.invoke(app, ["predict", *map(str, images), "--bundle", "pretrained:wbc-classifier",
+                                     "--out", str(out), *options])
+        assert result.exit_code == 0, result.output
+        calls[way] = [row["top_class"] for row in csv.DictReader(out.open())]
+    assert calls["framed"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+    assert calls["whole"] != calls["framed"]
