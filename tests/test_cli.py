@@ -149,6 +149,49 @@ def test_clear_errors_for_bad_input(tmp_path: Path, trained_bundle: Path) -> Non
     assert result.exit_code == 2 and "no images" in result.output
 
 
+def test_bad_options_and_outputs_are_one_line_errors(tmp_path: Path, trained_bundle: Path, caplog) -> None:
+    """Checked before any model loads or image is read: a file where an output folder must go, thresholds
+    outside [0, 1], a batch of 0, an opset torch cannot write, a config value out of range; and a key of an
+    unknown section or a check across keys named under the command-line override that set it."""
+    import logging
+
+    (tmp_path / "afile").write_text("x")
+    cell = tmp_path / "cell.png"
+    Image.new("RGB", (32, 32), (200, 100, 150)).save(cell)
+    for args, message in (
+            (["analyze", cell, "--out", tmp_path / "afile"], "afile is a file, not a folder"),
+            (["predict", cell, "--bundle", trained_bundle, "--out", tmp_path / "afile" / "p.csv"], "is a file"),
+            (["analyze", cell, "--detector-threshold", "2"], "detector threshold must be in [0, 1], got 2.0"),
+            (["predict", cell, "--bundle", trained_bundle, "--batch-size", "0"], "--batch-size must be at least 1"),
+            (["predict", cell, "--bundle", trained_bundle, "--threshold", "1.5"], "--threshold must be in [0, 1]"),
+            (["export", "--bundle", trained_bundle, "--out", tmp_path / "x", "--opset", "3"],
+             "opset must be between 13 and 20, got 3"),
+            (["train", "--data", tmp_path, "train.label_smoothing=5"], "less than or equal to 1"),
+            (["train", "--data", tmp_path, "trian.epochs=3"], "command-line override 'trian.epochs=3': unknown"),
+            (["train", "--data", tmp_path, "data.ratios=[0.9,0.05,0.1]"],
+             "command-line override 'data.ratios=[0.9,0.05,0.1]': data.ratios must be")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+    # a class folder without images is left out, and said
+    for name, count in (("a", 3), ("b", 3), ("c", 0)):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (16, 16), (10 * i, 50, 90)).save(tmp_path / "classes" / name / f"{i}.png")
+    from leukoscope.data.readers import read_class_folders
+
+    with caplog.at_level(logging.WARNING, logger="leukoscope.data.readers"):
+        manifest = read_class_folders(tmp_path / "classes")
+    assert manifest.classes == ["a", "b"] and "without images left out" in caplog.text and ": c" in caplog.text
+
+
+def test_analyze_exits_2_when_no_field_could_be_read(tmp_path: Path) -> None:
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    result = invoke("analyze", tmp_path / "zero.jpg", "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and "1 image(s) could not be read" in result.output
+
+
 def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.json"
     result = invoke("split", "--data", synthetic_root, "--out", out, "--ratios", "0.75,0.25")

@@ -139,6 +139,16 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
     return cfg
 
 
+def _check_writable_folder(folder: Path, option: str) -> None:
+    """Fail (one line, exit 2) when ``folder`` or a folder above it is an existing file: the outputs could
+    not be written there, and that should be said before any model loads, not as a traceback after."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                _fail(f"{option} {folder}: {path} is a file, not a folder")
+            return
+
+
 def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
     """The bundle folder ``spec`` names (``pretrained:NAME``: a shipped model's), checked to exist.
     The bundle readers import torch; these checks are the cheap part of theirs."""
@@ -452,6 +462,13 @@ def predict(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
+    if batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}")
+    _check_writable_folder(out.parent, "--out")
+    if explain is not None:
+        _check_writable_folder(explain, "--explain")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        _fail(f"--threshold must be in [0, 1], got {threshold}")
     if um_per_px is not None and as_given:
         _fail("--um-per-px frames each image at that scale; --as-given takes the images as they are: give one")
     if um_per_px is not None:
@@ -995,6 +1012,7 @@ def analyze(
     --pretrained`); with only --detector, the shipped classifier when installed.
     """
     _check_engine(engine, address, actors, retry_failed)
+    _check_writable_folder(out, "--out")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
     from leukoscope.inference.predict_files import collect_images
@@ -1145,6 +1163,8 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
     print(out)
+    if failed and len(failed) == len(summary.results):
+        raise typer.Exit(2)  # nothing analysed: as predict, a script must see it
 
 
 ENGINES = ("local", "ray")

@@ -9,11 +9,14 @@ Layouts understood:
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.io import is_image_file
+
+log = logging.getLogger(__name__)
 
 #: ``UID_13_3_1_all.bmp`` -> subject ``13``; ``UID_H10_1_1_hem.bmp`` -> ``H10``.
 CNMC_NAME = re.compile(r"^UID_(?P<subject>H?\d+)_", re.IGNORECASE)
@@ -69,6 +72,10 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
         raise DatasetError(f"{root}: no images (.jpg .png .bmp .tif) in any class folder")
     _check_cnmc_labels(root, samples)
     classes = [d.name for d in class_dirs if any(s.label == d.name for s in samples)]
+    empty = [d.name for d in class_dirs if d.name not in classes]
+    if empty:  # a class the user meant to train, silently missing from the model, would surprise later
+        log.warning("%s: class folder(s) without images left out (the model will not know them): %s",
+                    root, ", ".join(empty))
     return Manifest(samples, classes, root)
 
 

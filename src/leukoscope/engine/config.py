@@ -114,7 +114,7 @@ class TrainingBase(Section):
 class TrainConfig(TrainingBase):
     scheduler: Literal["none", "cosine", "onecycle"] = "none"
     class_weighted_loss: bool = True
-    label_smoothing: float = 0.0
+    label_smoothing: float = Field(0.0, ge=0.0, le=1.0)
     augmentation: str = "default"
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
     early_stopping_patience: int | None = None
@@ -291,19 +291,26 @@ def format_validation_error(error: ValidationError, source: str, schema: type[Ba
             close = suggest_key(key, known)
             hint = f" (did you mean '{close}'?)" if close else ""
             line = f"unknown config key '{key}'{hint}"
-        else:
+        elif key:
             line = f"config key '{key}': {item['msg']}"
-        by_origin.setdefault(_origin(item["loc"], overrides) or source, []).append(line)
+        else:  # a check across keys (a model validator): its message names them
+            line = str(item["msg"]).removeprefix("Value error, ")
+        by_origin.setdefault(_origin(item["loc"], overrides, line) or source, []).append(line)
     return "; ".join(f"{origin}: " + "; ".join(lines) for origin, lines in by_origin.items())
 
 
-def _origin(loc: tuple[Any, ...], overrides: Sequence[str]) -> str | None:
+def _origin(loc: tuple[Any, ...], overrides: Sequence[str], message: str = "") -> str | None:
     """``command-line override 'train.lrr=0.1'`` when the last override setting
-    ``loc`` (or a section containing it) is what made it invalid, else None."""
+    ``loc`` (a section containing it, or a key inside an unknown section ``loc``) is what made it
+    invalid, or, for a check across keys (empty ``loc``), the last override of a key its
+    ``message`` names; else None."""
     path = [str(part) for part in loc]
     for item in reversed(overrides):  # the last override of a key wins, as in the merge
-        parts = item.partition("=")[0].strip().split(".")
-        if path and path[:len(parts)] == parts:
+        key = item.partition("=")[0].strip()
+        parts = key.split(".")
+        if path and (path[:len(parts)] == parts or parts[:len(path)] == path):
+            return f"command-line override '{item}'"
+        if not path and key and key in message:
             return f"command-line override '{item}'"
     return None
 

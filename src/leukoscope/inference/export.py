@@ -42,6 +42,9 @@ from leukoscope.pretrained import resolve_bundle
 
 FORMATS = ("onnx", "openvino")
 DEFAULT_OPSET = 17
+#: Opsets an export may ask for: from 13 (onnxruntime's per-channel int8 quantization; a detector's box
+#: graph needs 16, checked with it) to the last that torch's TorchScript exporter writes.
+OPSETS = range(13, 21)
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "embedding")
 
@@ -142,6 +145,8 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
 
     An export that fails (too few readable calibration images, a graph the checker refuses, Ctrl-C) leaves
     no bundle behind in a new or empty ``out``: a copy without its graph would load as the float torch model."""
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     out = Path(out)
     in_place = out.exists() and out.resolve() == resolve_bundle(bundle).resolve()
     fresh = not in_place and (not out.exists() or (out.is_dir() and not any(out.iterdir())))

@@ -158,6 +158,9 @@ class SmearAnalyzer:
     ) -> None:
         # backend/threads: what runs each model given as a bundle (auto: an exported graph when the
         # bundle has one); a model passed in already loaded keeps its own.
+        for name, value in (("detector threshold", detector_threshold), ("uncertain threshold", uncertain_threshold)):
+            if value is not None and not 0.0 <= value <= 1.0:  # before any model loads
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if isinstance(detector, (str, Path)):
             detector = CellDetector.from_bundle(detector, device, backend=backend, threads=threads)
         if isinstance(classifier, (str, Path)):
@@ -169,8 +172,6 @@ class SmearAnalyzer:
         if detector_threshold is not None:
             detector.score_threshold = float(detector_threshold)
         if classifier is not None and uncertain_threshold is not None:
-            if not 0.0 <= uncertain_threshold <= 1.0:
-                raise ValueError(f"uncertain threshold must be in [0, 1], got {uncertain_threshold}")
             classifier.threshold = float(uncertain_threshold)
         self.tile_size = int(tile_size) if tile_size is not None else default_tile_size(detector)
         self.overlap = int(overlap)
