@@ -33,8 +33,8 @@ _MAX_SIDE = 1024
 _MIN_DIAMETER_PX = 6.0
 #: An estimate whose red cells are smaller than this (pixels across) is refused: a white cell would span
 #: under ~20 px, too few for its type, and in crowded fields, where the red cells touch and none is
-#: isolated, what is left isolated and round is platelets and debris of about this size (8 of 107 BCCD
-#: fields with an estimate were read 3-11 times too coarse that way; docs/smear-analysis.md).
+#: isolated, what is left isolated and round is platelets and debris (3 of BCCD's 364 fields were read
+#: 9-11 times too coarse that way; `python bench/scale_estimates.py`, docs/benchmarks.md).
 MIN_RED_CELL_PX = 12.0
 #: A field's own estimate further than this factor from its run's scale is taken for a misreading (few
 #: red cells, most of them touching) and the field is analysed at the run's scale instead.
