@@ -1,5 +1,5 @@
 """Names shared by every layer: the uncertain bin, the decision-support sentence,
-and which cell classes are blasts.
+which cell classes are blasts and which are not white cells at all.
 
 One definition each, so that the CLI, the reports and the service cannot drift apart
 (an "uncertain" spelt twice, or a blast rule that differs between ``analyze`` and the
@@ -38,3 +38,19 @@ def is_blast_class(name: str) -> bool:
 def blast_classes_in(classes: Iterable[str]) -> list[str]:
     """The classes of ``classes`` that are blasts, in their order and spelling."""
     return [name for name in classes if is_blast_class(name)]
+
+
+#: Classifier class names that are not white cells, matched as blast names are: platelets, and
+#: nucleated red cells (pbc's ``erythroblast``; a detector boxes them as white cells, being nucleated).
+#: A differential counts them but leaves them out of the white cells a blast percentage is taken of,
+#: as a manual count reports nucleated red cells per 100 white cells, beside the differential.
+NOT_WHITE_CELL_NAMES: frozenset[str] = frozenset({
+    "platelet", "platelets", "thrombocyte", "thrombocytes",
+    "erythroblast", "erythroblasts", "normoblast", "normoblasts", "nrbc", "nrbcs",
+    "nucleated red cell", "nucleated red cells", "nucleated_red_cell",
+})
+
+
+def not_white_classes_in(classes: Iterable[str]) -> list[str]:
+    """The classes of ``classes`` that are not white cells (:data:`NOT_WHITE_CELL_NAMES`), in their order."""
+    return [name for name in classes if name.strip().casefold() in NOT_WHITE_CELL_NAMES]

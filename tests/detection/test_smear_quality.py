@@ -54,15 +54,37 @@ def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:
     pbc = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED), constant_classifier(PBC_CLASSES, "erythroblast"))
     assert pbc.blast_classes == []
     d = pbc.analyze(FIELD).differential
-    assert d.counts["erythroblast"] == 120 and d.blasts is None
-    assert not any("blast" in flag.lower() for flag in d.flags) and no_leukemia_flag(d)
+    assert d.counts["erythroblast"] == 120 and d.blasts is None and d.total == 0  # nucleated red cells, not white
+    assert not any("blast" in flag.lower().replace("erythroblast", "") for flag in d.flags) and no_leukemia_flag(d)
+    assert d.flags == ["No white cell counted: the cells found were called 120 erythroblast, which are not white "
+                       "cells."]
 
     with_blasts = [*PBC_CLASSES, "blast"]
     analyzer = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED), constant_classifier(with_blasts, "erythroblast"))
     assert analyzer.blast_classes == ["blast"]
     d = analyzer.analyze(FIELD).differential
-    assert d.blasts == 0 and d.blast_percentage == 0.0 and no_leukemia_flag(d)
+    assert d.blasts == 0 and d.blast_percentage is None and no_leukemia_flag(d)  # no white cell to take it of
     assert not any(flag.lower().startswith("blast") for flag in d.flags)
+
+
+def test_platelets_and_nucleated_red_cells_do_not_dilute_the_blast_percentage() -> None:
+    """A manual count reports nucleated red cells per 100 white cells, beside the differential, and a
+    platelet is no white cell: neither is in the white cells a blast percentage is taken of."""
+    from leukoscope.inference.differential import Differential
+    from leukoscope.labels import not_white_classes_in
+
+    classes = ["blast", "erythroblast", "lymphocyte", "platelet"]
+    labels = ["blast"] * 30 + ["lymphocyte"] * 70 + ["platelet"] * 20 + ["erythroblast"] * 30
+    d = Differential.from_labels(labels, classes, ["blast"])
+    assert d.total == 100 and d.blast_percentage == 30.0 and d.acute_leukemia_flag
+    assert d.per_100["erythroblast"] == 30.0 and d.counts["platelet"] == 20 and d.not_white == ["erythroblast",
+                                                                                                 "platelet"]
+    assert any("30 of 100 white cells counted" in flag for flag in d.flags)
+    assert not_white_classes_in(["Platelet", "NRBC", "normoblast", "blast", "neutrophil"]) == ["Platelet", "NRBC",
+                                                                                              "normoblast"]
+    alone = Differential.from_labels(["platelet"], classes, ["blast"])  # a single-cell upload called platelet
+    assert alone.total == 0 and alone.flags == ["No white cell counted: the cells found were called 1 platelet, "
+                                                "which are not white cells."]
 
 
 # ------------------------------------------------------------------ the detector's recorded test AP

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from leukoscope.labels import UNCERTAIN
+from leukoscope.labels import UNCERTAIN, not_white_classes_in
 from leukoscope.proportions import wilson_interval
 
 #: The wording of the one flag that points at leukemia (tests and readers look for it).
@@ -28,9 +28,11 @@ class Differential:
     """Counts of the white cells of one field or a set of fields."""
 
     total: int
+    """White cells counted: every cell but those of classes that are not white cells (``not_white``)."""
     counts: dict[str, int]
     """Per class, plus ``uncertain`` (cells below the classifier's confidence threshold)."""
     per_100: dict[str, float]
+    """Per 100 white cells (``total``): the differential, and nucleated red cells or platelets beside it."""
     blast_classes: list[str]
     blasts: int | None
     blast_percentage: float | None
@@ -45,6 +47,9 @@ class Differential:
     acute_leukemia_flag: bool = False
     """True only when the flags say "consistent with acute leukemia"."""
     flags: list[str] = field(default_factory=list)
+    not_white: list[str] = field(default_factory=list)
+    """Classes counted but not white cells (:func:`leukoscope.labels.not_white_classes_in`): platelets and
+    nucleated red cells, which no blast percentage may be diluted with."""
 
     @property
     def blast_percentage_meaningful(self) -> bool:
@@ -68,7 +73,8 @@ class Differential:
         counts[UNCERTAIN] = 0
         for label, n in label_counts.items():
             counts[label] = counts.get(label, 0) + int(n)
-        total = sum(counts.values())
+        not_white = not_white_classes_in(classes)
+        total = sum(n for name, n in counts.items() if name not in not_white)
         per_100 = {name: (100.0 * n / total if total else 0.0) for name, n in counts.items()}
         uncertain = counts[UNCERTAIN]
         blasts = percentage = interval = worst = None
@@ -80,13 +86,18 @@ class Differential:
                 interval = (100.0 * low, 100.0 * high)
                 worst = 100.0 * (blasts + uncertain) / total
         differential = cls(total, counts, per_100, list(blast_classes or []), blasts, percentage, interval,
-                           uncertain, worst, int(min_cells), list(dict.fromkeys(warnings)))
+                           uncertain, worst, int(min_cells), list(dict.fromkeys(warnings)), not_white=not_white)
         differential.flags = differential._flags(blast_flag_percent, uncertain_flag_share)
         return differential
 
     def _flags(self, threshold: float, uncertain_share: float) -> list[str]:
         flags = [f"WARNING: {warning}" for warning in self.warnings]
         n = self.total
+        others = {name: self.counts[name] for name in self.not_white if self.counts.get(name)}
+        if n == 0 and others:
+            listed = ", ".join(f"{count} {name}" for name, count in others.items())
+            return flags + [f"No white cell counted: the cells found were called {listed}, which are not white "
+                            f"cells."]
         if n == 0:
             return flags + ["No white cell found: check focus, stain and that the image is a smear field."]
         counted = f"{n} white cell{'' if n == 1 else 's'} counted"
