@@ -110,6 +110,10 @@ def test_a_case_of_unfamiliar_images_says_review(make_service, ood_analyzer: Ana
     familiar = upload(client, service.auth("tech"), ("c.png", encode(cell_image("blast", 7), "PNG"))).json()
     assert familiar["cells"][0]["unfamiliar"] is False
     assert not any(UNFAMILIAR_WORDING in flag.lower() for flag in familiar["differential"]["flags"])
+    # the review page marks each unfamiliar cell, not only the case
+    page = service.login("tech")
+    assert page.get(f"/cases/{case['id']}").text.count("unlike the training data</span>") == 3
+    assert "unlike the training data</span>" not in page.get(f"/cases/{familiar['id']}").text
 
 
 def test_a_bundle_without_statistics_leaves_the_flag_unknown(service) -> None:
