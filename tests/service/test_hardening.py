@@ -435,6 +435,17 @@ def test_export_is_a_post_with_a_csrf_token(service):
     assert hema.post("/export/dataset.zip", data={"layout": "folders"}).status_code == 403
     archive = hema.post("/export/dataset.zip", data={"layout": "csv", "csrf_token": csrf_of(page.text)})
     assert archive.status_code == 200 and archive.content[:2] == b"PK"
+    # the API's export takes a token, never the session cookie: a browser without Sec-Fetch-Site (or a
+    # sibling subdomain's page) could otherwise start an export, and write its audit entry, from a link
+    from leukoscope.service.tables import AuditEntry
+
+    with service.state.sessions() as db:
+        audited = db.query(AuditEntry).count()
+    for headers in ({}, {"Sec-Fetch-Site": "same-site"}, {"Sec-Fetch-Site": "same-origin"}):
+        assert hema.get("/api/v1/export", headers=headers).status_code == 401
+    with service.state.sessions() as db:
+        assert db.query(AuditEntry).count() == audited
+    assert service.client().get("/api/v1/export", headers=service.auth("hema")).status_code == 200
 
 
 def test_a_link_from_another_site_writes_nothing(service):

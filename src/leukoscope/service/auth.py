@@ -275,11 +275,14 @@ def revoke_token_of(db: Session, principal: Principal, token_id: int, request: R
     return token
 
 
-def api_principal(db: Session, request: Request) -> Principal:
+def api_principal(db: Session, request: Request, *, cookie: bool = True) -> Principal:
     """API: a bearer token (a ``read`` one only for GET); a session cookie only for safe
-    methods from this site (no CSRF exposure, no audit entries from another site's link)."""
+    methods from this site (no CSRF exposure, no audit entries from another site's link), and not
+    at all with ``cookie=False`` (a GET that does work and writes an audit entry, as the export: a browser
+    that sends no Sec-Fetch-Site header, or a sibling subdomain, could start it from a link; the pages
+    use a form with a CSRF token instead)."""
     principal = token_principal(db, request)
-    if principal is None and request.method in ("GET", "HEAD") and not cross_site(request):
+    if principal is None and cookie and request.method in ("GET", "HEAD") and not cross_site(request):
         principal = session_principal(db, request)
     if principal is None:
         raise ServiceError(401, "not_authenticated", "send an API token: Authorization: Bearer lks_...",

@@ -267,7 +267,7 @@ def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> F
     """Reviewed cells as a training dataset (ZIP): class folders, or images + manifest.csv."""
     state = state_of(request)
     with transaction(state.sessions) as db:
-        principal = _principal(request, db)
+        principal = api_principal(db, request, cookie=False)  # a token: the pages export by a CSRF-checked form
         path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request)
     return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
                         background=BackgroundTask(os.unlink, path))
