@@ -211,3 +211,21 @@ def test_upgrade_from_0001_keeps_look_alike_users_and_old_tokens(tmp_path):
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
 def test_upgrade_from_0001_on_postgresql():
     _upgrade_with_look_alikes(os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+
+
+def test_the_data_directory_is_its_owners_alone(make_service, tmp_path, caplog):
+    """Patients' images and the database: a new data directory is 0700 whatever the umask; an existing one
+    that others can read is left as it is, with a warning that says how to close it."""
+    import logging
+    import stat
+
+    from leukoscope.service.storage import make_private_dir
+
+    service = make_service()
+    assert stat.S_IMODE(service.data_dir.stat().st_mode) == 0o700
+    shared = tmp_path / "shared-data"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="leukoscope.service.storage"):
+        make_private_dir(shared)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and "chmod 700" in caplog.text

@@ -12,6 +12,7 @@ from leukoscope.service.auth import audit, create_user, find_user, new_api_token
 from leukoscope.service.errors import ServiceError
 from leukoscope.service.tables import Case, CaseImage, Cell, User
 from leukoscope.service.settings import ServiceSettings
+from leukoscope.service.storage import make_private_dir
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Database:
 
 
 def open_database(settings: ServiceSettings) -> Database:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)
     engine = dbm.make_engine(settings.resolved_database_url)
     if settings.migrate:
         dbm.upgrade(engine)

@@ -31,7 +31,7 @@ from leukoscope.service.auth import PasswordGate, audit, client_address, optiona
 from leukoscope.service.cases import DECISION_SUPPORT_NOTE
 from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service.settings import ServiceSettings
-from leukoscope.service.storage import ContentStore
+from leukoscope.service.storage import ContentStore, make_private_dir
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -175,7 +175,7 @@ def render_error(request: Request, status: int, code: str, message: str,
 
 
 def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> ServiceState:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)
     engine = dbm.make_engine(settings.resolved_database_url)
     if settings.migrate:
         dbm.upgrade(engine)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import secrets
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 #: Extensions the store writes; the served copies are always PNG.
 EXTENSIONS: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif"}
@@ -67,6 +70,20 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     fresh.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def make_private_dir(path: Path) -> None:
+    """The service's data directory, created readable by its owner alone (0700): it holds patients' images
+    and the database, and files in it are written with the process's umask (often world-readable). An
+    existing one is left as it is, with a warning when other users can read it."""
+    path = Path(path)
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        path.chmod(0o700)  # mkdir's mode is filtered by the umask
+        return
+    if path.stat().st_mode & 0o077:
+        log.warning("%s can be read by other users of this machine (mode %o): it holds patients' images and the "
+                    "database; `chmod 700 %s`", path, path.stat().st_mode & 0o777, path)
 
 
 class ContentStore:
