@@ -227,6 +227,10 @@ def test_token_creation_needs_the_password_and_tokens_have_scope_and_expiry(serv
     wrong = tech.post("/account/tokens", data={"name": "x", "password": "not my password", "csrf_token": csrf})
     assert no_password.status_code == 400 and wrong.status_code == 400 and 'id="new-token"' not in wrong.text
     assert service.count(ApiToken) == 0
+    for days in ("0.5", "366"):  # "1 to 365 days", as the message says
+        short = tech.post("/account/tokens", data={"name": "r", "password": PASSWORD, "days": days, "csrf_token": csrf})
+        assert short.status_code == 400 and "1 to 365 days" in short.text
+    assert service.count(ApiToken) == 0
     made = tech.post("/account/tokens", data={"name": "reader", "password": PASSWORD, "scope": "read", "days": "7",
                                               "csrf_token": csrf})
     secret = made.text.split('id="new-token">', 1)[1].split("<", 1)[0]

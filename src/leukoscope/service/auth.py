@@ -227,7 +227,7 @@ def new_api_token(db: Session, user: User, name: str, *, scope: str = "write",
                   days: float = 90) -> tuple[ApiToken, str]:
     if scope not in TOKEN_SCOPES:
         raise ServiceError(400, "bad_scope", f"scope must be one of {', '.join(TOKEN_SCOPES)}")
-    if not 0 < days <= MAX_TOKEN_DAYS:
+    if not 1 <= days <= MAX_TOKEN_DAYS:
         raise ServiceError(400, "bad_expiry", f"a token lasts 1 to {MAX_TOKEN_DAYS} days")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(user_id=user.id, name=(name or "token")[:100], token_hash=hash_secret(secret),
