@@ -273,8 +273,18 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
 
 
 def test_decompression_bomb_far_over_the_limit_is_too_large_error() -> None:
-    with pytest.raises(ImageTooLargeError):
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 120,000,000 pixels"):
         load_image(png_header_only(100_000, 100_000))
+
+
+def test_a_multi_page_tiff_says_only_its_first_page_is_read(tmp_path: Path, caplog) -> None:
+    import logging
+
+    pages = [Image.new("RGB", (8, 8), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with caplog.at_level(logging.WARNING, logger="leukoscope.io"):
+        image = load_image(tmp_path / "stack.tif")
+    assert image.getpixel((0, 0)) == (200, 0, 0) and "3 pages; only the first is read" in caplog.text
 
 
 def test_small_max_pixels(tmp_path: Path, cell: np.ndarray) -> None:

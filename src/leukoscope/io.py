@@ -9,11 +9,14 @@ decoding to grey, EXIF orientation is applied and the result is always RGB.
 from __future__ import annotations
 
 import io as _io
+import logging
 import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 #: Formats a lab brings: camera JPEGs, PNG exports, C-NMC BMPs, scanner TIFFs.
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF"})
@@ -74,8 +77,8 @@ def load_image(
             raise ImageDecodeError(
                 f"{name}: not a recognised image (expected one of {', '.join(sorted(formats))})"
             ) from None
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{name}: {exc}") from None
+        except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before our check
+            raise ImageTooLargeError(f"{name}: exceeds the limit of {max_pixels:,} pixels ({exc})") from None
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot open image: {exc}") from None
 
@@ -84,6 +87,9 @@ def load_image(
                 f"{name}: format {image.format} is not supported "
                 f"(supported: {', '.join(sorted(formats))})"
             )
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:  # a multi-page TIFF: say which page is analysed rather than drop the rest unsaid
+            log.warning("%s: %d pages; only the first is read", name, frames)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ImageDecodeError(f"{name}: image has no pixels ({width}x{height})")

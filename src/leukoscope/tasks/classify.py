@@ -73,6 +73,11 @@ def run_experiment(
     config = with_absolute_paths(config)
     preprocessing = preprocessing_of(config)
     check_learner_config(config, preprocessing)  # before a run folder exists or any image is decoded
+    if config.model.init and preprocessing.cell_window_um and show_progress:
+        say(f"[yellow]note:[/yellow] {config.model.init} learned cells cut {preprocessing.cell_window_um:g} um wide, "
+            f"and the new bundle keeps that window for `analyze`: the training images are taken as they are, so "
+            f"they should be cells cut the same way (the service's reviewed-labels export is; `leukoscope predict` "
+            f"frames whole single-cell images)")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
     with open_run(run_dir, config, resume=resume):
         if prepared is None:
