@@ -66,6 +66,16 @@ def test_counts_the_target_then_stops(slide_path: Path) -> None:
     assert result.tiles[-1].counted <= len(result.tiles[-1].result.cells)
 
 
+def test_platelets_and_nucleated_red_cells_do_not_count_towards_the_target(slide_path: Path) -> None:
+    """Boxes the classifier calls erythroblast are counted beside the white cells, never as the target's."""
+    classes = [*SYNTHETIC_CLASSES, "erythroblast"]
+    smear = SmearAnalyzer(NucleusDetector(), constant_classifier(classes, "erythroblast"), min_cells=5)
+    result = SlideAnalyzer(smear, tile_size=TILE, mask_max_pixels=300_000, target_cells=7).analyze(slide_path)
+    assert result.differential.total == 0 and result.differential.counts["erythroblast"] > 7
+    assert len(result.tiles) == len(result.monolayer.tiles)  # never reached 7 white cells: every tile read
+    assert any("fewer than the target 7" in w for w in result.warnings)
+
+
 def test_fewer_cells_than_the_target_counts_all_and_warns(slide_path: Path) -> None:
     result = slide_analyzer(target_cells=1000).analyze(slide_path)
     assert len(result.tiles) == len(result.monolayer.tiles) == 4 * ROWS

@@ -135,12 +135,24 @@ def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnal
 
 
 def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResult:
-    """``result`` with only its first ``n`` cells (reading order) counted."""
-    if n >= len(result.cells):
+    """``result`` with its cells (reading order) up to its ``n``-th white cell counted: platelets and nucleated
+    red cells met on the way stay, beside the count (:attr:`Differential.not_white`), as in any field."""
+    if n >= result.differential.total:
         return result
-    cells = result.cells[:n]
+    not_white = set(result.differential.not_white)
+    cells, white = [], 0
+    for cell in result.cells:
+        if white >= n:
+            break
+        cells.append(cell)
+        white += cell.label not in not_white
     return replace(result, cells=cells,
                    differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+
+
+def _white_cells(result: SmearResult) -> int:
+    """What a slide's sampling counts towards ``target_cells``: white cells, not every box."""
+    return result.differential.total
 
 
 @dataclass(frozen=True)
@@ -256,10 +268,10 @@ class SlideAnalyzer:
             job = TileJob(str(Path(path).resolve()), level, level_size, margin, float(downsample), known)
             if self.runner is None:
                 sampled = sample_until(mono.tiles, lambda spot: job.run(self.analyzer, slide, spot),
-                                       lambda r: len(r.cells), self.target_cells, seed=self.seed,
+                                       _white_cells, self.target_cells, seed=self.seed,
                                        workers=self.workers, progress=progress)
             else:
-                sampled = sample_until(mono.tiles, None, lambda r: len(r.cells), self.target_cells, seed=self.seed,
+                sampled = sample_until(mono.tiles, None, _white_cells, self.target_cells, seed=self.seed,
                                        workers=self.runner.workers, progress=progress,
                                        submit=lambda spot: self.runner.submit(job, spot))
             slide_info = {"path": str(path), "reader": slide.backend, "dimensions": list(slide.dimensions),
@@ -271,8 +283,8 @@ class SlideAnalyzer:
         tiles, results, remaining = [], [], self.target_cells
         for spot, result in zip(sampled.items, sampled.results):
             counted = _counted(result, remaining, self.analyzer)
-            remaining -= len(counted.cells)
-            tiles.append(SlideTile(spot, level, level_size, counted, len(counted.cells)))
+            remaining -= counted.differential.total
+            tiles.append(SlideTile(spot, level, level_size, counted, counted.differential.total))
             results.append(counted)
         warnings = list(sampled.warnings)
         if not mono.tiles:
