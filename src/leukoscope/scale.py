@@ -36,8 +36,11 @@ _MIN_DIAMETER_PX = 6.0
 #: isolated, what is left isolated and round is platelets and debris (3 of BCCD's 364 fields were read
 #: 9-11 times too coarse that way; `python bench/scale_estimates.py`, docs/benchmarks.md).
 MIN_RED_CELL_PX = 12.0
-#: A field's own estimate further than this factor from its run's scale is taken for a misreading (few
-#: red cells, most of them touching) and the field is analysed at the run's scale instead.
+#: A field's own estimate resting on this many red cells or fewer, and further than FIELD_RUN_MAX_RATIO
+#: from its run's scale, is taken for a misreading (every misread field of bench/scale_estimates.py rested
+#: on 3 or 4) and the field is analysed at the run's scale instead. An estimate on more red cells stands:
+#: it may be another microscope's field in a mixed run.
+WEAK_ESTIMATE_RED_CELLS = 4
 FIELD_RUN_MAX_RATIO = 1.5
 
 T = TypeVar("T")
@@ -46,8 +49,8 @@ ScaleSource = Literal["given", "estimated", "run", "unknown"]
 RUN_SCALE_FIELDS = 24
 #: A run's scale needs this many sampled fields with an estimate...
 RUN_SCALE_MIN_ESTIMATES = 5
-#: ...whose upper quartile is at most this many times the lower (pbc's 14 of 24: 1.15; all 364 BCCD fields,
-#: crowded and often misestimated, 8 of 24: 5.5).
+#: ...of which at least two thirds lie within this factor of their median (the others are left out as
+#: misread; pbc's 14 of 24 sampled fields: quartiles 1.15 apart; two microscopes in like numbers: none lent).
 RUN_SCALE_MAX_SPREAD = 1.3
 
 
@@ -198,8 +201,8 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
 
 def run_scale_of(estimates: Sequence[FieldScale]) -> FieldScale:
     """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
-    one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields with an estimate that agree (quartiles
-    within ``RUN_SCALE_MAX_SPREAD`` of each other); else 'unknown'. The web service gives it the scales
+    one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields, and two thirds of those with an
+    estimate, within ``RUN_SCALE_MAX_SPREAD`` of their median; else 'unknown'. The web service gives it the scales
     its analysis of a case's fields found, so that no field is read twice."""
     return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
 
@@ -243,7 +246,9 @@ def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_sprea
 
 
 def disagrees_with_run(scale: FieldScale, run_um_per_px: float | None) -> bool:
-    """A field's own estimate further than :data:`FIELD_RUN_MAX_RATIO` from its run's scale: a misread
-    field, to be analysed at the run's scale (a scale the user stated is never overruled)."""
+    """A field's own estimate on at most :data:`WEAK_ESTIMATE_RED_CELLS` red cells and further than
+    :data:`FIELD_RUN_MAX_RATIO` from its run's scale: a misread field, to be analysed at the run's scale (a
+    scale the user stated, or an estimate on more red cells, is never overruled)."""
     return (scale.source == "estimated" and scale.um_per_px is not None and run_um_per_px is not None
+            and scale.red_cells <= WEAK_ESTIMATE_RED_CELLS
             and abs(math.log(scale.um_per_px / run_um_per_px)) > math.log(FIELD_RUN_MAX_RATIO))

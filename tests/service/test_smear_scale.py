@@ -96,12 +96,13 @@ def test_one_analyzer_takes_a_run_scale_per_field_without_keeping_it() -> None:
 
 
 def test_a_field_far_off_the_cases_scale_is_analysed_at_the_cases(scaled_service) -> None:
-    """A field whose own estimate is more than FIELD_RUN_MAX_RATIO off the others' (a misreading: few red
-    cells, the rest touching) is analysed again at the case's scale, as a folder run does."""
+    """A field whose own estimate rests on 4 red cells or fewer and is more than FIELD_RUN_MAX_RATIO off the
+    others' (a misreading: the rest of its red cells touching) is analysed again at the case's scale, as a
+    folder run does."""
     service, detector = scaled_service
     client, headers = service.client(), service.auth("tech")
     fields = [smear_field(20.0, seed=seed) for seed in range(RUN_SCALE_MIN_ESTIMATES)]
-    case = post_fields(client, headers, [*fields, smear_field(50.0, seed=9)])  # 0.15 um/px against 0.375
+    case = post_fields(client, headers, [*fields, smear_field(50.0, seed=9, n_red=4)])  # 0.15 um/px against 0.375
     scales = [image["scale"] for image in case["images"]]
     assert all(s["source"] == "estimated" for s in scales[:-1])
     assert scales[-1]["source"] == "run" and scales[-1]["um_per_px"] == case["run_scale"]["um_per_px"]

@@ -31,7 +31,7 @@ from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import stack_pixels
 from leukoscope.pretrained import resolve_bundle
-from leukoscope.scale import FieldScale, disagrees_with_run, field_scale
+from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale
 
 if TYPE_CHECKING:
     import torch
@@ -150,8 +150,9 @@ class CellClassifier:
             return image, None
         scale = field_scale(image, um_per_px)
         if run_um_per_px is not None and (not scale.known or disagrees_with_run(scale, run_um_per_px)):
-            scale = FieldScale(run_um_per_px, "run", 0, f"{scale.note or 'its own estimate far off'}: the images' "
-                               f"scale together")
+            why = (scale.note if not scale.known else f"its own estimate, {scale.um_per_px:.4f} um/px from "
+                   f"{scale.red_cells} red cells, is more than {FIELD_RUN_MAX_RATIO:g} times off")
+            scale = FieldScale(run_um_per_px, "run", 0, f"{why}: framed at the images' scale together")
         if not scale.known:
             return image, scale
         return centre_window(image, float(scale.um_per_px), self.window_um), scale
