@@ -1050,7 +1050,7 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     (:func:`leukoscope.scale.run_scale`), said on the console; None when they have none. A Ray archive
     being resumed keeps the one it was started with (fields added since would change the sample)."""
     from leukoscope.inference.archive_parts import SETTINGS
-    from leukoscope.scale import FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, run_scale
+    from leukoscope.scale import FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, WEAK_ESTIMATE_RED_CELLS, run_scale
 
     recorded = out / SETTINGS
     if engine == "ray" and recorded.is_file():
@@ -1070,8 +1070,9 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     if not scale.known:
         console.print(f"scale: no run scale for fields without their own ({scale.note})", soft_wrap=True)
         return None
-    console.print(f"scale: a field with too few isolated red cells of its own, or an estimate more than "
-                  f"{FIELD_RUN_MAX_RATIO:g} times off, is analysed at {scale.um_per_px:.4f} "
+    console.print(f"scale: a field with too few isolated red cells of its own, or an estimate on "
+                  f"{WEAK_ESTIMATE_RED_CELLS} or fewer more than {FIELD_RUN_MAX_RATIO:g} times off, is analysed at "
+                  f"{scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
 

@@ -164,8 +164,9 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
     diameter = float(np.median(red))
     if diameter < MIN_RED_CELL_PX:
         return FieldScale(None, "unknown", int(len(red)),
-                          f"the isolated round objects found are {diameter:.1f} px across, too small to be red cells "
-                          f"of a field fit for a differential (under {MIN_RED_CELL_PX:g} px): likely platelets or debris")
+                          f"the isolated round objects found are {diameter:.1f} px across, too small to be red "
+                          f"cells of a field fit for a differential (under {MIN_RED_CELL_PX:g} px): likely "
+                          f"platelets or debris")
     return FieldScale(RED_CELL_DIAMETER_UM / diameter, "estimated", int(len(red)),
                       f"median red-cell diameter {diameter:.1f} px = {RED_CELL_DIAMETER_UM} um")
 

@@ -126,8 +126,8 @@ def predict_to_file(
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
     ``out``; with ``explain_dir``, Grad-CAM overlays. Grad-CAM needs the torch model: on another
     backend it is loaded for that alone (only when asked), and explains the class the backend predicted.
-    ``frame`` / ``um_per_px`` / ``run_um_per_px``: :meth:`CellClassifier.predict_paths`'s (single-cell images framed for a
-    classifier of a physical window)."""
+    ``frame`` / ``um_per_px`` / ``run_um_per_px``: :meth:`CellClassifier.predict_paths`'s (single-cell images
+    framed for a classifier of a physical window)."""
     import torch
 
     from leukoscope.bundle import load_bundle
