@@ -613,8 +613,9 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   {_views_line(views)}
 - **Input**: a {results['window_um']:g} um square around the cell at the field's scale
   (`leukoscope.cell_window`, `leukoscope.scale`), whatever the microscope. `leukoscope predict` and
-  the service cut it from a single-cell image around the image's centre, at the scale given or
-  estimated from its red cells; an image without one is classified whole and says so (a cell then
+  the service cut it from a single-cell image around the image's centre, at the scale given,
+  estimated from its red cells or lent by the other images of the folder or case; an image without
+  one is classified whole and says so (a cell then
   looks larger or smaller than any it learned: its class may be wrong).
 - **Classes**: basophil, blast, eosinophil, erythroblast, ig (immature granulocyte),
   lymphocyte, monocyte, neutrophil, platelet.

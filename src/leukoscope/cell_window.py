@@ -53,6 +53,17 @@ def crop_cell(image: Image.Image, box: Sequence[float], *, um_per_px: float | No
 
 def centre_window(image: Image.Image, um_per_px: float, window_um: float) -> Image.Image:
     """The classifier's window around the image's centre: a single-cell image (pbc's 360 px photographs,
-    a C-NMC cell) holds its cell there. Mirrored at the edge when the image is smaller than the window."""
+    a C-NMC cell) holds its cell there. Where the window reaches past a smaller image it is filled with
+    the median colour of the image's border (its background), not mirrored as a smear field's edge is: a
+    tight crop mirrored would show the same cell several times."""
     cx, cy = image.size[0] / 2, image.size[1] / 2
-    return crop_cell(image, (cx, cy, cx, cy), um_per_px=um_per_px, window_um=window_um)
+    rect = window_box((cx, cy, cx, cy), image.size, um_per_px=um_per_px, window_um=window_um)
+    width, height = image.size
+    if rect[0] >= 0 and rect[1] >= 0 and rect[2] <= width and rect[3] <= height:
+        return image.crop(rect)
+    pixels = np.asarray(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    canvas = Image.new("RGB", (rect[2] - rect[0], rect[3] - rect[1]),
+                       tuple(int(v) for v in np.median(border, axis=0)))
+    canvas.paste(image.convert("RGB"), (-rect[0], -rect[1]))
+    return canvas

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -37,8 +38,14 @@ def test_an_image_is_cut_at_the_window_around_its_centre_at_its_scale() -> None:
                                            320 + (framed.size[0] + 1) // 2, 240 + (framed.size[1] + 1) // 2)).tobytes()
     given, stated = classifier.frame(field, 0.1)
     assert stated.source == "given" and given.size == (240, 240)
-    # larger than the image: mirrored at its edges, as a smear cell at a field's edge
-    assert classifier.frame(BLANK, 0.05)[0].size == (480, 480)
+    # larger than the image: the rest filled with its background (not mirrored copies of its cell)
+    tight = BLANK.copy()
+    tight.paste((20, 20, 90), (90, 65, 110, 85))  # one dark "cell" at the centre
+    padded = classifier.frame(tight, 0.05)[0]
+    assert padded.size == (480, 480) and padded.getpixel((5, 5)) == (230, 220, 220)
+    assert padded.getpixel((240, 240)) == (20, 20, 90)
+    dark = np.asarray(padded)[..., 2] == 90
+    assert dark.sum() == 20 * 20  # the cell once
     whole, unknown = classifier.frame(BLANK)
     assert unknown.source == "unknown" and whole is BLANK
     lent, run = classifier.frame(BLANK, run_um_per_px=0.2)
@@ -102,3 +109,37 @@ def test_pbc_cells_are_typed_when_framed_as_the_classifier_learned_them(tmp_path
         calls[way] = [row["top_class"] for row in csv.DictReader(out.open())]
     assert calls["framed"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
     assert calls["whole"] != calls["framed"]
+
+
+def test_a_folder_lends_its_scale_and_explain_maps_the_framed_cell(tmp_path: Path, monkeypatch) -> None:
+    """predict on a folder: images without a scale of their own are framed at the folder's (as analyze's
+    fields are); the CSV keeps its columns whatever the first row; --explain explains the image the
+    classifier saw (the framed one), not the upload."""
+    from leukoscope.inference import predict_files
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(folder / f"cell{seed}.png")
+    BLANK.save(folder / "blank.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    seen: list[tuple[int, int]] = []
+    real = predict_files._as_classified
+
+    def recording(classifier, image, prediction):
+        framed = real(classifier, image, prediction)
+        seen.append(framed.size)
+        return framed
+
+    monkeypatch.setattr(predict_files, "_as_classified", recording)
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(app, ["predict", str(folder), "--bundle", "pretrained:wbc-classifier", "--out",
+                                      str(out), "--explain", str(tmp_path / "maps")])
+    assert result.exit_code == 0, result.output
+    rows = {Path(row["source"]).name: row for row in csv.DictReader(out.open())}
+    assert list(next(iter(rows.values())))[-1] == "error"  # the error column last, whatever row comes first
+    assert rows["blank.png"]["scale_source"] == "run" and rows["cell0.png"]["scale_source"] == "estimated"
+    assert float(rows["blank.png"]["um_per_px"]) == pytest.approx(0.375, rel=0.08)
+    assert rows["broken.png"]["error"] and rows["broken.png"]["scale_source"] == ""
+    # every map was made from the 24 um window at its image's scale: 64 px here, not the 320x240 upload
+    assert len(seen) == 6 and all(size[0] == size[1] == pytest.approx(64, abs=3) for size in seen)

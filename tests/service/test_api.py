@@ -514,5 +514,12 @@ def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, 
         blank = blank.json()
         assert blank["images"][0]["scale"]["source"] == "unknown" and blank["cells"][0]["crop_url"] is None
         assert any("No scale for a single-cell image" in flag for flag in blank["differential"]["flags"])
+        # a case of enough images lends their scale to one without, as a folder does in `predict`
+        fields = [(f"f{seed}.png", encode(smear_field(20.0, seed=seed), "PNG")) for seed in range(5)]
+        lent = upload(client, headers, ("blank.png", encode(Image.new("RGB", (120, 90), (230, 220, 220)), "PNG")),
+                      *fields).json()
+        assert lent["images"][0]["scale"]["source"] == "run" and lent["cells"][0]["crop_url"] is not None
+        assert lent["run_scale"]["um_per_px"] == pytest.approx(0.375, rel=0.08)
+        assert not any("No scale" in flag for flag in lent["differential"]["flags"])
     finally:
         framing.close()

@@ -41,7 +41,7 @@ def write_predictions(predictions: Sequence[Prediction], out: Path) -> Path:
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=1))
     elif out.suffix.lower() == ".csv":
-        fields = list(dict.fromkeys(key for row in rows for key in row))
+        fields = [key for key in dict.fromkeys(key for row in rows for key in row) if key != "error"] + ["error"]
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()

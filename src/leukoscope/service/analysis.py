@@ -226,18 +226,19 @@ class Analyzer:
         overlay = overlay_heatmap(letterbox(image, overlay_size(image, classifier.image_size)), heatmap)
         return prediction, overlay
 
-    def analyse_cell(self, image: Image.Image) -> ImageOutcome:
+    def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
         """One cell per upload. A classifier of a physical window sees that many micrometres around the
-        image's centre at the scale its red cells give (:meth:`CellClassifier.frame`, as `leukoscope predict`);
-        the crop is kept (the reviewed-labels export then holds what the model saw). Without a scale the
-        image is classified whole, and a warning keeps the case from any leukemia flag."""
+        image's centre at the scale its red cells give, else the case's (``run_um_per_px``;
+        :meth:`CellClassifier.frame`, as `leukoscope predict`); the crop is kept (the reviewed-labels export
+        then holds what the model saw). Without a scale the image is classified whole, and a warning keeps
+        the case from any leukemia flag (the image's own reason is in its ``scale`` note)."""
         classifier = self._classifier()
-        framed, scale = classifier.frame(image)
+        framed, scale = classifier.frame(image, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
         if scale is None:
             return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
         warnings = [] if scale.known else [
-            f"No scale for a single-cell image ({scale.note}): classified whole, although the classifier expects "
+            f"No scale for a single-cell image: classified whole, although the classifier expects "
             f"{classifier.window_um:g} um around the cell; its class may be wrong"]
         return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
                                          overlay=overlay)], warnings=warnings, scale=scale.to_json())
@@ -294,11 +295,11 @@ class Analyzer:
 
     async def run(self, kind: str, images: Sequence[Image.Image],
                   run_um_per_px: float | None = None) -> list[ImageOutcome]:
-        """``run_um_per_px``: smear fields only, the scale of the case's fields together
-        (:func:`leukoscope.scale.run_scale_of`)."""
+        """``run_um_per_px``: the scale of the case's images together (:func:`leukoscope.scale.run_scale_of`),
+        for a smear field or a single-cell image whose own red cells give none (or a weak one far off it)."""
         loop = asyncio.get_running_loop()
-        work = (functools.partial(self.analyse_smear, run_um_per_px=run_um_per_px) if kind == "smear"
-                else self.analyse_cell)
+        work = functools.partial(self.analyse_smear if kind == "smear" else self.analyse_cell,
+                                 run_um_per_px=run_um_per_px)
         return list(await asyncio.gather(*(loop.run_in_executor(self._executor, work, image) for image in images)))
 
 

@@ -198,13 +198,15 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
 
 
 def case_run_scale(prepared: Sequence[PreparedImage]) -> FieldScale | None:
-    """The scale of a smear case's fields together (:func:`leukoscope.scale.run_scale_of` the scales their
-    analysis found), for the fields whose own red cells gave none, as ``leukoscope analyze`` lends a
-    folder's; None for fewer than ``RUN_SCALE_MIN_ESTIMATES`` fields. 'unknown' (with its reason) when
-    they give no agreed scale."""
-    if len(prepared) < RUN_SCALE_MIN_ESTIMATES:
+    """The scale of a case's images together (:func:`leukoscope.scale.run_scale_of` the scales their
+    analysis found: smear fields, or single-cell images framed for a classifier of a physical window), for
+    the images whose own red cells gave none, as ``leukoscope analyze`` and ``predict`` lend a folder's; None
+    for fewer than ``RUN_SCALE_MIN_ESTIMATES`` images or images analysed without a scale (a classifier
+    without a window). 'unknown' (with its reason) when they give no agreed scale."""
+    scales = [FieldScale.from_json(upload.scale) for upload in prepared if upload.scale]
+    if len(prepared) < RUN_SCALE_MIN_ESTIMATES or not scales:
         return None
-    return run_scale_of(run_sample([FieldScale.from_json(upload.scale) for upload in prepared if upload.scale]))
+    return run_scale_of(run_sample(scales))
 
 
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
@@ -246,7 +248,7 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
                             settings.max_pixels_per_request)
     # One file at a time: a request holds one decoded image, not all of them (issue 13).
     prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
-    run = case_run_scale(prepared) if kind == "smear" else None
+    run = case_run_scale(prepared)
     if run is not None and run.known:  # only the fields without a (believable) scale of their own are analysed again
         for index, upload in enumerate(uploads):
             own = FieldScale.from_json(prepared[index].scale or {})

@@ -53,7 +53,7 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
         "models": case.analysis.get("models", {}),  # absent from cases made before it was recorded
         "classes": case.classes,
         "uncertain_threshold": case.analysis.get("threshold"),
-        "run_scale": case.analysis.get("run_scale"),  # a smear case of at least 5 fields: their scale together
+        "run_scale": case.analysis.get("run_scale"),  # a case of at least 5 images with scales: theirs together
         "decision_support": ops.DECISION_SUPPORT_NOTE,
         "images": [{
             "id": image.id,
