@@ -295,20 +295,22 @@ def format_validation_error(error: ValidationError, source: str, schema: type[Ba
             line = f"config key '{key}': {item['msg']}"
         else:  # a check across keys (a model validator): its message names them
             line = str(item["msg"]).removeprefix("Value error, ")
-        by_origin.setdefault(_origin(item["loc"], overrides, line) or source, []).append(line)
+        origin = _origin(item["loc"], overrides, line, unknown=item["type"] == "extra_forbidden")
+        by_origin.setdefault(origin or source, []).append(line)
     return "; ".join(f"{origin}: " + "; ".join(lines) for origin, lines in by_origin.items())
 
 
-def _origin(loc: tuple[Any, ...], overrides: Sequence[str], message: str = "") -> str | None:
+def _origin(loc: tuple[Any, ...], overrides: Sequence[str], message: str = "", *,
+            unknown: bool = False) -> str | None:
     """``command-line override 'train.lrr=0.1'`` when the last override setting
-    ``loc`` (a section containing it, or a key inside an unknown section ``loc``) is what made it
-    invalid, or, for a check across keys (empty ``loc``), the last override of a key its
-    ``message`` names; else None."""
+    ``loc`` (or a section containing it; with ``unknown``, ``loc`` being a key no schema has, also an
+    override of a key inside it: ``trian.epochs=3`` made section ``trian``) is what made it invalid, or,
+    for a check across keys (empty ``loc``), the last override of a key its ``message`` names; else None."""
     path = [str(part) for part in loc]
     for item in reversed(overrides):  # the last override of a key wins, as in the merge
         key = item.partition("=")[0].strip()
         parts = key.split(".")
-        if path and (path[:len(parts)] == parts or parts[:len(path)] == path):
+        if path and (path[:len(parts)] == parts or (unknown and parts[:len(path)] == path)):
             return f"command-line override '{item}'"
         if not path and key and key in message:
             return f"command-line override '{item}'"
