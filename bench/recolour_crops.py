@@ -13,6 +13,11 @@ comparable with a classifier trained on it unchanged.
     leukoscope train --config configs/zoo_classifier.yaml data.path=runs/recoloured/train.csv \\
         data.split_file=runs/recoloured/split.json data.cell_window_um=24 output_root=runs/recoloured/run
 
+``--source`` takes several sources (``pbc,taleqani``: both labs' crops recoloured), and ``--colours-of``
+may be ``other`` (each crop takes the colours of a crop from another source) or ``randstain`` (each crop
+takes a mean and spread drawn, per CIELAB channel, from normal distributions fitted on the training
+crops of every source: RandStainNA, Shen et al. 2022, colours between and around the labs' own).
+
 Writes ``<out>/recoloured/<label>/<name>.png``, ``<out>/train.csv`` and ``<out>/split.json``.
 """
 
@@ -23,6 +28,7 @@ import csv
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,7 +58,38 @@ def recolour(path: str | Path, mean: Any, std: Any) -> Any:
     own_mean, own_std = lab.reshape(-1, 3).mean(axis=0), lab.reshape(-1, 3).std(axis=0) + 1e-6
     moved = (lab - own_mean) / own_std * std + mean
     moved[..., 0] = moved[..., 0].clip(0, 100)
-    return Image.fromarray((color.lab2rgb(moved).clip(0, 1) * 255).round().astype(np.uint8))
+    with warnings.catch_warnings():  # colours moved outside sRGB are clipped, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = color.lab2rgb(moved)
+    return Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+DONOR_MODES = ("other", "randstain")
+
+
+class ColourDonors:
+    """Target CIELAB statistics for a crop of a given source, by ``--colours-of``'s rule."""
+
+    def __init__(self, mode: str, train: list[dict[str, Any]], targets: int, rng: random.Random) -> None:
+        import numpy as np
+
+        self.mode, self.rng = mode, rng
+        pool = train if mode in DONOR_MODES else [row for row in train if source_of(row) == mode]
+        drawn = rng.sample(pool, min(targets, len(pool)))
+        self.colours = [(source_of(row), *lab_statistics(row["path"])) for row in drawn]
+        if mode == "randstain":  # one normal distribution per statistic and channel
+            stacked = np.array([np.concatenate([mean, std]) for _, mean, std in self.colours])
+            self.centre, self.spread = stacked.mean(axis=0), stacked.std(axis=0)
+
+    def for_source(self, source: str) -> tuple[Any, Any]:
+        import numpy as np
+
+        if self.mode == "randstain":
+            draw = np.array([self.rng.gauss(c, s) for c, s in zip(self.centre, self.spread)])
+            return draw[:3], np.maximum(draw[3:], 1.0)
+        choices = self.colours if self.mode != "other" else [c for c in self.colours if c[0] != source]
+        _, mean, std = choices[self.rng.randrange(len(choices))]
+        return mean, std
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,8 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", type=Path, required=True, help="the training split (bench/zoo.py's crops)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--share", type=float, default=0.5, help="share of the --source training crops recoloured")
-    parser.add_argument("--source", default="pbc", help="whose crops are recoloured")
-    parser.add_argument("--colours-of", default="taleqani", help="whose training crops give the colours")
+    parser.add_argument("--source", default="pbc", help="whose crops are recoloured (comma-separated for several)")
+    parser.add_argument("--colours-of", default="taleqani",
+                        help=f"whose training crops give the colours: a source, or one of {', '.join(DONOR_MODES)}")
     parser.add_argument("--targets", type=int, default=400, help="colour donors drawn")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -69,18 +107,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--share must be in (0, 1] and --targets at least 1")
     split = json.loads(args.split.read_text())
     train = split["splits"]["train"]
-    donors = [row for row in train if source_of(row) == args.colours_of]
-    if not donors or not any(source_of(row) == args.source for row in train):
-        parser.error(f"{args.split}: its training part needs crops of both {args.source} and {args.colours_of}")
+    sources = [name.strip() for name in args.source.split(",") if name.strip()]
+    present = {source_of(row) for row in train}
+    needed = set(sources) | ({args.colours_of} if args.colours_of not in DONOR_MODES else set())
+    if not sources or not needed <= present or (args.colours_of == "other" and len(present) < 2):
+        parser.error(f"{args.split}: its training part needs crops of {', '.join(sorted(needed))} "
+                     f"(it has {', '.join(sorted(present))}); needs crops of both a source and its donors")
     rng = random.Random(args.seed)
-    colours = [lab_statistics(row["path"]) for row in rng.sample(donors, min(args.targets, len(donors)))]
+    donors = ColourDonors(args.colours_of, train, args.targets, rng)
     changed = 0
     for row in train:
-        if source_of(row) != args.source or rng.random() >= args.share:
+        if source_of(row) not in sources or rng.random() >= args.share:
             continue
         target = args.out / "recoloured" / row["label"] / f"{Path(row['path']).stem}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        recolour(row["path"], *colours[rng.randrange(len(colours))]).save(target)
+        recolour(row["path"], *donors.for_source(source_of(row))).save(target)
         row["path"] = str(target.resolve())
         changed += 1
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          for row in part)
     split.setdefault("info", {})["dataset"] = str((args.out / "train.csv").resolve())
     (args.out / "split.json").write_text(json.dumps(split))
-    total = sum(source_of(row) == args.source for row in train)
-    print(json.dumps({"recoloured": changed, "of": total, "source": args.source, "colours_of": args.colours_of,
-                      "donors": len(colours), "out": str(args.out)}))
+    total = sum(source_of(row) in sources for row in train)
+    print(json.dumps({"recoloured": changed, "of": total, "source": ",".join(sources),
+                      "colours_of": args.colours_of, "donors": len(donors.colours), "out": str(args.out)}))
     return 0
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 from tests.bench.conftest import run_script
 
 
-def test_only_the_sources_training_crops_are_recoloured_in_the_donors_colours(tmp_path: Path) -> None:
-    rows = {"train": [], "val": [], "test": []}
+def _split(tmp_path: Path) -> dict[str, list[dict]]:
+    """Pink pbc crops and lavender taleqani crops, written to ``split.json``."""
+    rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for part, count in (("train", 6), ("val", 2), ("test", 2)):
         for source, colour in (("pbc", (240, 200, 210)), ("taleqani", (170, 160, 220))):
             for k in range(count):
@@ -25,6 +26,11 @@ def test_only_the_sources_training_crops_are_recoloured_in_the_donors_colours(tm
                                    "subject": f"{source}-{part}{k}", "group": len(rows[part])})
     (tmp_path / "split.json").write_text(json.dumps({"format_version": 1, "classes": ["a", "b"], "info": {},
                                                      "splits": rows}))
+    return rows
+
+
+def test_only_the_sources_training_crops_are_recoloured_in_the_donors_colours(tmp_path: Path) -> None:
+    rows = _split(tmp_path)
     run = run_script("recolour_crops.py", "--split", tmp_path / "split.json", "--out", tmp_path / "out",
                      "--share", "1")
     assert json.loads(run.lines[-1])["recoloured"] == 6
@@ -40,3 +46,21 @@ def test_only_the_sources_training_crops_are_recoloured_in_the_donors_colours(tm
     refused = run_script("recolour_crops.py", "--split", tmp_path / "split.json", "--out", tmp_path / "x",
                          "--colours-of", "bccd", expect=2)
     assert "needs crops of both" in refused.stderr
+
+
+def test_both_sources_take_the_others_colours_or_drawn_ones(tmp_path: Path) -> None:
+    rows = _split(tmp_path)
+    run_script("recolour_crops.py", "--split", tmp_path / "split.json", "--out", tmp_path / "other",
+               "--share", "1", "--source", "pbc,taleqani", "--colours-of", "other")
+    split = json.loads((tmp_path / "other" / "split.json").read_text())["splits"]
+    assert all("/recoloured/" in row["path"] for row in split["train"]) and split["val"] == rows["val"]
+    for row in split["train"]:  # each lab's crop now in the other lab's colours
+        corner = np.asarray(Image.open(row["path"]))[0, 0].astype(int)
+        other = (170, 160, 220) if row["subject"].startswith("pbc-") else (240, 200, 210)
+        assert np.abs(corner - other).max() < 25, (row["subject"], corner)
+    run = run_script("recolour_crops.py", "--split", tmp_path / "split.json", "--out", tmp_path / "rand",
+                     "--share", "1", "--source", "pbc,taleqani", "--colours-of", "randstain", "--seed", "3")
+    assert json.loads(run.lines[-1])["recoloured"] == 12
+    corners = {tuple(np.asarray(Image.open(row["path"]))[0, 0])
+               for row in json.loads((tmp_path / "rand" / "split.json").read_text())["splits"]["train"]}
+    assert len(corners) > 6  # a fresh draw per crop, not one of the two labs' colours
