@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 with tempfile.TemporaryDirectory() as out:
                     clock = Clock()
                     if name == LOCAL:
-                        analyzer.analyze_paths(subset, out, progress=clock)
+                        analyzer.analyze_paths(subset, out, progress=clock, estimate_run_scale=False)  # as Ray: no run scale
                     elif name == LOOP:
                         for path in subset:
                             analyze_file(analyzer, path, str(path))

@@ -1136,7 +1136,7 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
             summary = _analyze_on_ray(analyzer, detector, classifier, options, paths, out, update, address=address,
                                       actors=actors, threads=threads or 1, retry_failed=retry_failed)
         else:
-            summary = _run(analyzer.analyze_paths, paths, out, progress=update)
+            summary = _run(analyzer.analyze_paths, paths, out, progress=update, estimate_run_scale=False)  # said above
     pooled = summary.pooled
     text = f"{len(summary.results)} image(s), {pooled.total} white cells"
     if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:

@@ -199,6 +199,23 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
     assert json.loads((tmp_path / "two" / "blank.json").read_text())["scale"]["source"] == "unknown"
 
 
+def test_the_python_api_lends_a_folders_scale_as_the_cli_does(tmp_path) -> None:
+    paths = []
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(tmp_path / f"field{seed}.png")
+        paths.append(tmp_path / f"field{seed}.png")
+    Image.new("RGB", (320, 240), (230, 220, 220)).save(tmp_path / "blank.png")
+    paths.append(tmp_path / "blank.png")
+    analyzer = SmearAnalyzer(ScaledDetector(um_per_px=0.08))
+    blank = analyzer.analyze_paths(paths, tmp_path / "out").results[-1].scale
+    assert blank["source"] == "run" and blank["um_per_px"] == pytest.approx(0.375, rel=0.08)
+    assert analyzer.run_um_per_px is None  # lent to this run only, not kept by the analyzer
+    off = analyzer.analyze_paths(paths, tmp_path / "off", estimate_run_scale=False).results[-1].scale
+    assert off["source"] == "unknown"
+    stated = SmearAnalyzer(ScaledDetector(um_per_px=0.08), um_per_px=0.2).analyze_paths(paths, tmp_path / "s")
+    assert {r.scale["source"] for r in stated.results} == {"given"}
+
+
 def test_a_resumed_archive_keeps_the_run_scale_it_started_with(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fields added to a folder since would change the sample: the archive's recorded scale is kept,
     none when it started without one, and a value no run could have recorded is not trusted."""

@@ -45,18 +45,20 @@ class _Read:
     error: str | None = None
 
 
-def _read(analyzer: "SmearAnalyzer", path: Path, stem: str) -> _Read:
+def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float | None) -> _Read:
     try:
         image = load_image(path, max_pixels=analyzer.max_pixels)
     except ImageDecodeError as exc:
         return _Read(path, stem, error=str(exc))
-    return _Read(path, stem, analyzer.prepare(image))
+    return _Read(path, stem, analyzer.prepare(image, run_um_per_px=run_um_per_px))
 
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
-                   progress: Callable[..., None] | None = None, ahead: int = DEFAULT_AHEAD) -> FolderSummary:
+                   progress: Callable[..., None] | None = None, ahead: int = DEFAULT_AHEAD,
+                   run_um_per_px: float | None = None) -> FolderSummary:
     """Analyse every file, write its outputs (:func:`write_field`) and the folder's ``summary.csv`` /
-    ``summary.json``; see the module docstring for the pipeline.
+    ``summary.json``; see the module docstring for the pipeline. ``run_um_per_px``: the run's scale for
+    fields without their own, in place of the analyzer's.
 
     An unreadable file gives a row with ``error`` set, never a crash. ``progress`` is called in the
     caller's thread once per field whose files are written, in input order, as
@@ -85,13 +87,13 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
         try:
             pending = iter(inputs)
             for path, stem in pending:
-                reading.append(reader.submit(_read, analyzer, path, stem))
+                reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px))
                 if len(reading) >= ahead:
                     break
             while reading:
                 item = reading.popleft().result()
                 for path, stem in pending:  # keep the reader ``ahead`` fields in front
-                    reading.append(reader.submit(_read, analyzer, path, stem))
+                    reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px))
                     break
                 if item.field is None:
                     result = analyzer.failed_result(str(item.path), str(item.error))

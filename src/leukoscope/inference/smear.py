@@ -40,7 +40,8 @@ from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in
-from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, checked_um_per_px, disagrees_with_run, field_scale
+from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px,
+                              disagrees_with_run, field_scale, run_scale)
 
 log = logging.getLogger(__name__)
 
@@ -425,13 +426,20 @@ class SmearAnalyzer:
                            error=error)
 
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
-                      progress: Callable[..., None] | None = None) -> FolderSummary:
+                      progress: Callable[..., None] | None = None, estimate_run_scale: bool = True) -> FolderSummary:
         """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``
         (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
         An unreadable file gives a row with ``error`` set, never a crash; rows keep the input order.
         ``progress(advance=1, info=..., cells=N)`` is called once per field written. Fields without a
-        scale of their own take the analyzer's ``run_um_per_px``, which this does not estimate: as
-        ``leukoscope analyze`` does, set it first from ``leukoscope.scale.run_scale(paths).um_per_px``.
+        scale of their own take the run's: the analyzer's ``run_um_per_px`` when set, else (with
+        ``estimate_run_scale``, as ``leukoscope analyze`` does) :func:`leukoscope.scale.run_scale` of
+        ``paths`` when there are enough of them and they agree. Nothing is estimated when the analyzer has
+        a stated ``um_per_px``.
         """
-        return analyze_folder(self, paths, out_dir, progress=progress)
+        run = None
+        if (estimate_run_scale and self.um_per_px is None and self.run_um_per_px is None
+                and len(paths) >= RUN_SCALE_MIN_ESTIMATES):
+            scale = run_scale(paths, max_pixels=self.max_pixels)
+            run = scale.um_per_px if scale.known else None
+        return analyze_folder(self, paths, out_dir, progress=progress, run_um_per_px=run)
