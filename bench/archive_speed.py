@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 with tempfile.TemporaryDirectory() as out:
                     clock = Clock()
                     if name == LOCAL:
-                        analyzer.analyze_paths(subset, out, progress=clock, estimate_run_scale=False)  # as Ray: no run scale
+                        # no run scale: the Ray engine gets none either
+                        analyzer.analyze_paths(subset, out, progress=clock, estimate_run_scale=False)
                     elif name == LOOP:
                         for path in subset:
                             analyze_file(analyzer, path, str(path))
