@@ -105,6 +105,11 @@ def test_bad_files_are_refused_with_json_and_nothing_is_written(service, name, d
     assert error["code"] == code and name in error["message"]
     assert service.rows() == {"cases": 0, "images": 0, "cells": 0}
     assert store_files(service) == []
+    # ...but the refusal is on the record: who sent which files, and why they were refused
+    (entry,) = client.get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    assert (entry["user"], entry["action"], entry["case_id"]) == ("tech", "case.refused", None)
+    assert entry["detail"]["names"] == ["good.png", name] and entry["detail"]["code"] == code
+    assert entry["detail"]["status"] == status and name in entry["detail"]["message"]
 
 
 def test_too_many_pixels_by_setting(make_service):
@@ -283,6 +288,24 @@ def test_rate_limit_returns_429(make_service):
 
 
 # ------------------------------------------------------------------ audit, review, export
+
+
+def test_a_file_sent_again_points_to_the_cases_that_hold_it(service):
+    """The same file in two cases would be counted twice: each case says where else it is, linking only
+    the cases the viewer may open (a technician's own; every case for a hematologist)."""
+    client = service.client()
+    same, other = encode(cell_image("blast", 1), "PNG"), encode(cell_image("blast", 2), "PNG")
+    first = upload(client, service.auth("tech"), ("a.png", same)).json()
+    assert first["images"][0]["earlier_uploads"] is None
+    by_tech2 = upload(client, service.auth("tech2"), ("copy.png", same)).json()
+    third = upload(client, service.auth("tech"), ("again.png", same), ("new.png", other)).json()
+    assert third["images"][0]["earlier_uploads"] == {"cases": [first["id"]], "others": 1}
+    assert third["images"][1]["earlier_uploads"] is None
+    seen = client.get(f"/api/v1/cases/{third['id']}", headers=service.auth("hema")).json()
+    assert seen["images"][0]["earlier_uploads"] == {"cases": [first["id"], by_tech2["id"]], "others": 0}
+    page = service.login("tech").get(f"/cases/{third['id']}").text
+    assert f'href="/cases/{first["id"]}"' in page and f'href="/cases/{by_tech2["id"]}"' not in page
+    assert "in 1 case you cannot open: do not count it twice" in " ".join(page.split())
 
 
 def test_audit_log_records_views_and_changes(service):

@@ -244,10 +244,14 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
                                       settings.throttle_max_rows)
     if verdict.wait is not None:
         raise too_many("uploads", verdict.wait)
-    await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
-                            settings.max_pixels_per_request)
-    # One file at a time: a request holds one decoded image, not all of them (issue 13).
-    prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
+    try:
+        await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
+                                settings.max_pixels_per_request)
+        # One file at a time: a request holds one decoded image, not all of them (issue 13).
+        prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
+    except ServiceError as error:  # a refused file is on the record too: who sent what, and why it was refused
+        await run_in_threadpool(_audit_refusal, state, principal.user.id, kind, uploads, error, client)
+        raise
     run = case_run_scale(prepared)
     if run is not None and run.known:  # only the fields without a (believable) scale of their own are analysed again
         for index, upload in enumerate(uploads):
@@ -256,6 +260,16 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
                 prepared[index] = await prepare_upload(state, kind, upload, run.um_per_px)
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
                                    run.to_json() if run is not None else None)
+
+
+def _audit_refusal(state: "ServiceState", user_id: int, kind: str, uploads: Sequence[Upload], error: ServiceError,
+                   client: str) -> None:
+    """``case.refused``: the files' names (at most 20, each cut to 100 characters), the code and the message."""
+    names = [(upload.filename or "")[:100] for upload in uploads[:20]]
+    with transaction(state.sessions) as db:
+        audit(db, db.get(User, user_id), "case.refused", client=client,
+              detail={"kind": kind, "files": len(uploads), "names": names, "code": error.code,
+                      "status": error.status, "message": error.message[:500]})
 
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
@@ -363,6 +377,29 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
     if action:
         audit(db, principal.user, action, case_id=case.id, request=request)
     return case
+
+
+def earlier_uploads(db: Session, principal: Principal, case: Case, limit: int = 10) -> dict[int, dict[str, Any]]:
+    """By image id: the other cases holding the same file (same SHA-256), oldest first, that ``principal``
+    may open (``cases``, at most ``limit``), and how many others hold it (``others``): an image sent twice
+    would be counted twice in a lab's figures and sit in two cases of an export. Images sent once are absent."""
+    by_hash: dict[str, list[CaseImage]] = {}
+    for image in case.images:
+        by_hash.setdefault(image.sha256, []).append(image)
+    if not by_hash:
+        return {}
+    rows = db.execute(select(CaseImage.sha256, Case.id, Case.owner_id).join(Case, Case.id == CaseImage.case_id)
+                      .where(CaseImage.sha256.in_(list(by_hash)), Case.id != case.id)
+                      .order_by(Case.created_at, Case.id)).all()
+    holders: dict[str, dict[str, bool]] = {}  # sha256 -> other case -> may the principal open it
+    for sha256, other_id, owner_id in rows:
+        holders.setdefault(sha256, {})[other_id] = principal.role == "hematologist" or owner_id == principal.user.id
+    found: dict[int, dict[str, Any]] = {}
+    for sha256, cases in holders.items():
+        visible = [other for other, may in cases.items() if may][:limit]
+        for image in by_hash[sha256]:
+            found[image.id] = {"cases": visible, "others": len(cases) - len(visible)}
+    return found
 
 
 def image_scale(case: Case, image: CaseImage) -> dict[str, Any] | None:

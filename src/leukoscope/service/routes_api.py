@@ -14,6 +14,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import object_session
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -39,8 +40,9 @@ def url(request: Request, path: str) -> str:
     return request.scope.get("root_path", "") + path
 
 
-def case_json(request: Request, case: Case) -> dict[str, Any]:
+def case_json(request: Request, case: Case, principal: Principal) -> dict[str, Any]:
     base = f"{API}/cases/{case.id}"
+    earlier = ops.earlier_uploads(object_session(case), principal, case)
     unfamiliar = case.analysis.get("unfamiliar_cells")  # absent: the model has no OOD statistics
     return {
         "id": case.id,
@@ -66,6 +68,8 @@ def case_json(request: Request, case: Case) -> dict[str, Any]:
             "url": url(request, f"{base}/images/{image.id}/image"),
             "annotated_url": url(request, f"{base}/images/{image.id}/annotated") if image.annotated_object else None,
             "scale": ops.image_scale(case, image),
+            # the same file in other cases: those you may open, and a count of the rest
+            "earlier_uploads": earlier.get(image.id),
         } for image in case.images],
         "cells": [{
             "id": cell.id,
@@ -179,7 +183,7 @@ async def upload_case(request: Request) -> JSONResponse:
     uploads, fields = await read_uploads(request)
     case_id, payload = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
                                              fields.get("note", ""), client=request.client.host if request.client
-                                             else "", serialize=lambda case: case_json(request, case))
+                                             else "", serialize=lambda case: case_json(request, case, principal))
     return JSONResponse(payload, status_code=201, headers={"Location": f"{API}/cases/{case_id}"})
 
 
@@ -203,7 +207,7 @@ def get_case(request: Request, case_id: str) -> dict[str, Any]:
     """One case with every cell, its probabilities, overlays and the differential (audited)."""
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
-        return case_json(request, ops.load_case(db, principal, case_id, request=request))
+        return case_json(request, ops.load_case(db, principal, case_id, request=request), principal)
 
 
 class ReviewBody(BaseModel):
@@ -221,7 +225,7 @@ def review(request: Request, case_id: str, body: ReviewBody) -> dict[str, Any]:
         case = ops.load_case(db, principal, case_id, action=None)
         outcome = ops.review_case(db, principal, case, body.labels, body.comment, confirm_rest=body.confirm_rest,
                                   request=request)
-        return {**outcome, "case": case_json(request, case)}
+        return {**outcome, "case": case_json(request, case, principal)}
 
 
 def _object_response(request: Request, name: str | None) -> Response:

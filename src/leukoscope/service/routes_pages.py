@@ -247,12 +247,14 @@ async def upload(request: Request):
     return redirect(f"/cases/{case_id}")
 
 
-def _cell_groups(case) -> list[dict[str, Any]]:
+def _cell_groups(db, principal: Principal, case) -> list[dict[str, Any]]:
     groups = []
+    earlier = ops.earlier_uploads(db, principal, case)
     for image in case.images:
         scale = ops.image_scale(case, image)
         groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id],
-                       "scale": ops.scale_text(scale), "scale_known": bool(scale and scale.get("um_per_px"))})
+                       "scale": ops.scale_text(scale), "scale_known": bool(scale and scale.get("um_per_px")),
+                       "earlier": earlier.get(image.id)})
     return groups
 
 
@@ -264,7 +266,7 @@ def case_page(request: Request, case_id: str, saved: int = 0):
             return render(request, "open_case.html", principal, case_id=case_id if ops.CASE_ID.fullmatch(case_id)
                           else "")
         case = ops.load_case(db, principal, case_id, request=request)
-        return render(request, "case.html", principal, case=case, groups=_cell_groups(case),
+        return render(request, "case.html", principal, case=case, groups=_cell_groups(db, principal, case),
                       differential=ops.current_differential(case), can_review=principal.role == "hematologist",
                       excluded=ops.EXCLUDED, saved=bool(saved), message="")
 
@@ -290,7 +292,7 @@ async def review(request: Request, case_id: str):
                 if error.status >= 500 or error.status in (401, 403):
                     raise
                 return render(request, "case.html", principal, http_status=error.status, case=case,
-                              groups=_cell_groups(case), differential=ops.current_differential(case),
+                              groups=_cell_groups(db, principal, case), differential=ops.current_differential(case),
                               can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message)
             return redirect(f"/cases/{case_id}?saved=1")
 
