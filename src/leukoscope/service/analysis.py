@@ -136,6 +136,14 @@ class Analyzer:
     def has_detector(self) -> bool:
         return self.smear is not None
 
+    def borrows_case_scale(self, kind: str) -> bool:
+        """Whether an image of ``kind`` without a scale of its own may take its case's: a classifier of a
+        physical window frames single cells at a scale; smear analysis scales every field (unless the
+        server states the scale)."""
+        if kind == "smear":
+            return bool(getattr(self.smear, "borrows_case_scale", False))
+        return self.base.window_um is not None
+
     @property
     def warnings(self) -> list[str]:
         """Why this server's smear counts cannot be trusted (the detector's quality gate)."""
@@ -332,6 +340,8 @@ def _identity(bundle: str | Path, model_name: str, backend: str) -> dict[str, An
 class _MethodAdapter:
     def __init__(self, target: Any, method: str) -> None:
         self._call = getattr(target, method)
+        # SmearAnalyzer: a field without a scale of its own takes ``run_um_per_px``, unless one is stated
+        self.borrows_case_scale = getattr(target, "um_per_px", None) is None
         self.detector = getattr(target, "detector", None)
         for name in ("crop_cell", "cell_crops"):
             if hasattr(target, name):

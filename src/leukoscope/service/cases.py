@@ -26,7 +26,7 @@ from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, disagrees_with_run, run_sample, run_scale_of
+from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, field_scale, run_sample, run_scale_of
 from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
 from leukoscope.service.auth import Principal, audit, too_many
@@ -197,18 +197,6 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
                          list(outcome.warnings), outcome.scale)
 
 
-def case_run_scale(prepared: Sequence[PreparedImage]) -> FieldScale | None:
-    """The scale of a case's images together (:func:`leukoscope.scale.run_scale_of` the scales their
-    analysis found: smear fields, or single-cell images framed for a classifier of a physical window), for
-    the images whose own red cells gave none, as ``leukoscope analyze`` and ``predict`` lend a folder's; None
-    for fewer than ``RUN_SCALE_MIN_ESTIMATES`` images or images analysed without a scale (a classifier
-    without a window). 'unknown' (with its reason) when they give no agreed scale."""
-    scales = [FieldScale.from_json(upload.scale) for upload in prepared if upload.scale]
-    if len(prepared) < RUN_SCALE_MIN_ESTIMATES or not scales:
-        return None
-    return run_scale_of(run_sample(scales))
-
-
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
                          run_um_per_px: float | None = None) -> PreparedImage:
     """Decode, analyse and encode one file; its decoded image is freed when this returns."""
@@ -247,19 +235,25 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     try:
         await run_in_threadpool(check_uploads, uploads, settings.max_pixels, settings.max_files_per_upload,
                                 settings.max_pixels_per_request)
+        # The case's scale first (each image decoded for its red cells, then let go), so that an image
+        # without a scale of its own is analysed once, at the case's.
+        run = None
+        if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and state.analyzer.borrows_case_scale(kind):
+            scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels) for upload in uploads]
+            run = run_scale_of(run_sample(scales))
+        lent = run.um_per_px if run is not None and run.known else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
-        prepared = [await prepare_upload(state, kind, upload) for upload in uploads]
+        prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
     except ServiceError as error:  # a refused file is on the record too: who sent what, and why it was refused
         await run_in_threadpool(_audit_refusal, state, principal.user.id, kind, uploads, error, client)
         raise
-    run = case_run_scale(prepared)
-    if run is not None and run.known:  # only the fields without a (believable) scale of their own are analysed again
-        for index, upload in enumerate(uploads):
-            own = FieldScale.from_json(prepared[index].scale or {})
-            if own.source == "unknown" or disagrees_with_run(own, run.um_per_px):
-                prepared[index] = await prepare_upload(state, kind, upload, run.um_per_px)
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
                                    run.to_json() if run is not None else None)
+
+
+def upload_scale(upload: Upload, max_pixels: int) -> FieldScale:
+    """An upload's own scale from its red cells (:func:`leukoscope.scale.field_scale`)."""
+    return field_scale(decode_upload(upload, max_pixels).image)
 
 
 def _audit_refusal(state: "ServiceState", user_id: int, kind: str, uploads: Sequence[Upload], error: ServiceError,
