@@ -74,8 +74,15 @@ class ColourDonors:
         import numpy as np
 
         self.mode, self.rng = mode, rng
-        pool = train if mode in DONOR_MODES else [row for row in train if source_of(row) == mode]
-        drawn = rng.sample(pool, min(targets, len(pool)))
+        if mode in DONOR_MODES:  # up to ``targets`` donors of each source, so that every source has some
+            by_source: dict[str, list[dict[str, Any]]] = {}
+            for row in train:
+                by_source.setdefault(source_of(row), []).append(row)
+            drawn = [row for name in sorted(by_source)
+                     for row in rng.sample(by_source[name], min(targets, len(by_source[name])))]
+        else:
+            pool = [row for row in train if source_of(row) == mode]
+            drawn = rng.sample(pool, min(targets, len(pool)))
         self.colours = [(source_of(row), *lab_statistics(row["path"])) for row in drawn]
         if mode == "randstain":  # one normal distribution per statistic and channel
             stacked = np.array([np.concatenate([mean, std]) for _, mean, std in self.colours])
@@ -100,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source", default="pbc", help="whose crops are recoloured (comma-separated for several)")
     parser.add_argument("--colours-of", default="taleqani",
                         help=f"whose training crops give the colours: a source, or one of {', '.join(DONOR_MODES)}")
-    parser.add_argument("--targets", type=int, default=400, help="colour donors drawn")
+    parser.add_argument("--targets", type=int, default=400, help="colour donors drawn (of each source: other, randstain)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not 0.0 < args.share <= 1.0 or args.targets < 1:

@@ -203,8 +203,8 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
 def run_scale_of(estimates: Sequence[FieldScale]) -> FieldScale:
     """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
     one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields, and two thirds of those with an
-    estimate, within ``RUN_SCALE_MAX_SPREAD`` of their median; else 'unknown'. The web service gives it the scales
-    its analysis of a case's fields found, so that no field is read twice."""
+    estimate, within ``RUN_SCALE_MAX_SPREAD`` of their median; else 'unknown'. The web service gives it the
+    estimates of a case's images (a sample, as :func:`run_sample`), found before it analyses them."""
     return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
 
 

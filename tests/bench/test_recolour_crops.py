@@ -51,7 +51,7 @@ def test_only_the_sources_training_crops_are_recoloured_in_the_donors_colours(tm
 def test_both_sources_take_the_others_colours_or_drawn_ones(tmp_path: Path) -> None:
     rows = _split(tmp_path)
     run_script("recolour_crops.py", "--split", tmp_path / "split.json", "--out", tmp_path / "other",
-               "--share", "1", "--source", "pbc,taleqani", "--colours-of", "other")
+               "--share", "1", "--source", "pbc,taleqani", "--colours-of", "other", "--targets", "1")  # one each
     split = json.loads((tmp_path / "other" / "split.json").read_text())["splits"]
     assert all("/recoloured/" in row["path"] for row in split["train"]) and split["val"] == rows["val"]
     for row in split["train"]:  # each lab's crop now in the other lab's colours

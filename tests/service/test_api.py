@@ -291,21 +291,26 @@ def test_rate_limit_returns_429(make_service):
 
 
 def test_a_file_sent_again_points_to_the_cases_that_hold_it(service):
-    """The same file in two cases would be counted twice: each case says where else it is, linking only
-    the cases the viewer may open (a technician's own; every case for a hematologist)."""
+    """The same file in two cases would be counted twice: each later copy says where else it is, naming
+    only cases the viewer may open (a technician's own, every case for a hematologist): a technician learns
+    nothing of another user's uploads."""
     client = service.client()
     same, other = encode(cell_image("blast", 1), "PNG"), encode(cell_image("blast", 2), "PNG")
     first = upload(client, service.auth("tech"), ("a.png", same)).json()
-    assert first["images"][0]["earlier_uploads"] is None
     by_tech2 = upload(client, service.auth("tech2"), ("copy.png", same)).json()
-    third = upload(client, service.auth("tech"), ("again.png", same), ("new.png", other)).json()
-    assert third["images"][0]["earlier_uploads"] == {"cases": [first["id"]], "others": 1}
-    assert third["images"][1]["earlier_uploads"] is None
+    assert by_tech2["images"][0]["earlier_uploads"] is None  # tech's case is not named, nor counted
+    third = upload(client, service.auth("tech"), ("again.png", same), ("new.png", other), ("twice.png", other)).json()
+    assert [image["earlier_uploads"] for image in third["images"]] == [
+        {"cases": [first["id"]], "more": 0, "in_this_case": []}, None,
+        {"cases": [], "more": 0, "in_this_case": [1]}]
     seen = client.get(f"/api/v1/cases/{third['id']}", headers=service.auth("hema")).json()
-    assert seen["images"][0]["earlier_uploads"] == {"cases": [first["id"], by_tech2["id"]], "others": 0}
-    page = service.login("tech").get(f"/cases/{third['id']}").text
-    assert f'href="/cases/{first["id"]}"' in page and f'href="/cases/{by_tech2["id"]}"' not in page
-    assert "in 1 case you cannot open: do not count it twice" in " ".join(page.split())
+    assert seen["images"][0]["earlier_uploads"]["cases"] == [first["id"], by_tech2["id"]]
+    # the first upload of a file names no later copy of it
+    assert client.get(f"/api/v1/cases/{first['id']}", headers=service.auth("hema")).json()["images"][0][
+        "earlier_uploads"] is None
+    page = " ".join(service.login("tech").get(f"/cases/{third['id']}").text.split())
+    assert f'href="/cases/{first["id"]}"' in page and by_tech2["id"] not in page
+    assert "in this case (image 2): do not count it twice" in page
 
 
 def test_audit_log_records_views_and_changes(service):

@@ -437,7 +437,7 @@ class SmearAnalyzer:
         ``paths`` when there are enough of them and they agree. Nothing is estimated when the analyzer has
         a stated ``um_per_px``.
         """
-        run = None
+        paths, run = list(paths), None
         if (estimate_run_scale and self.um_per_px is None and self.run_um_per_px is None
                 and len(paths) >= RUN_SCALE_MIN_ESTIMATES):
             scale = run_scale(paths, max_pixels=self.max_pixels)

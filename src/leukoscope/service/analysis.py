@@ -44,7 +44,9 @@ class SmearBackend(Protocol):
 
     def analyse(self, image: Image.Image, run_um_per_px: float | None = None) -> Any: ...
 
-    # ``run_um_per_px``: the scale of the case's fields together, for a field whose red cells give none.
+    # ``run_um_per_px``: the scale of the case's fields together, for a field whose red cells give none;
+    # given only to a backend whose ``borrows_case_scale`` is true (the service then finds the case's scale
+    # from the fields' red cells before analysing them).
     # Optional: ``cell_crops(image, result) -> list[Image]`` gives the crops its classifier saw
     # (at the field's scale), else ``crop_cell(image, box) -> Image`` one cell's;
     # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).

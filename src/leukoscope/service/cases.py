@@ -239,8 +239,9 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         # without a scale of its own is analysed once, at the case's.
         run = None
         if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and state.analyzer.borrows_case_scale(kind):
-            scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels) for upload in uploads]
-            run = run_scale_of(run_sample(scales))
+            scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels)
+                      for upload in run_sample(uploads)]
+            run = run_scale_of(scales)
         lent = run.um_per_px if run is not None and run.known else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
         prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
@@ -258,12 +259,16 @@ def upload_scale(upload: Upload, max_pixels: int) -> FieldScale:
 
 def _audit_refusal(state: "ServiceState", user_id: int, kind: str, uploads: Sequence[Upload], error: ServiceError,
                    client: str) -> None:
-    """``case.refused``: the files' names (at most 20, each cut to 100 characters), the code and the message."""
-    names = [(upload.filename or "")[:100] for upload in uploads[:20]]
-    with transaction(state.sessions) as db:
-        audit(db, db.get(User, user_id), "case.refused", client=client,
-              detail={"kind": kind, "files": len(uploads), "names": names, "code": error.code,
-                      "status": error.status, "message": error.message[:500]})
+    """``case.refused``: the files' names as shown (at most 20, each cut to 100 characters), the code and the
+    message. The refusal stands if its record cannot be written (logged instead)."""
+    names = [display_name(upload.filename)[:100] for upload in uploads[:20]]
+    try:
+        with transaction(state.sessions) as db:
+            audit(db, db.get(User, user_id), "case.refused", client=client,
+                  detail={"kind": kind, "files": len(uploads), "names": names, "code": error.code,
+                          "status": error.status, "message": error.message[:500]})
+    except Exception:  # noqa: BLE001 - the user gets their 4xx either way
+        log.exception("could not record the refused upload of user %s", user_id)
 
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
@@ -374,25 +379,34 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
 
 
 def earlier_uploads(db: Session, principal: Principal, case: Case, limit: int = 10) -> dict[int, dict[str, Any]]:
-    """By image id: the other cases holding the same file (same SHA-256), oldest first, that ``principal``
-    may open (``cases``, at most ``limit``), and how many others hold it (``others``): an image sent twice
-    would be counted twice in a lab's figures and sit in two cases of an export. Images sent once are absent."""
+    """By image id, for an image whose file (same SHA-256) came before: ``cases``, the earlier cases holding
+    it that ``principal`` may open (every case for a hematologist, a technician's own; oldest first, at most
+    ``limit``), ``more`` such cases beyond those, and ``in_this_case``, the positions of earlier images of
+    this case with the same file. An image sent twice would be counted twice in a lab's figures and sit in
+    two cases of an export. Another user's case is never named or counted for a technician (no hint that
+    someone else sent the file). Images sent once are absent."""
     by_hash: dict[str, list[CaseImage]] = {}
-    for image in case.images:
+    for image in sorted(case.images, key=lambda image: image.position):
         by_hash.setdefault(image.sha256, []).append(image)
     if not by_hash:
         return {}
-    rows = db.execute(select(CaseImage.sha256, Case.id, Case.owner_id).join(Case, Case.id == CaseImage.case_id)
-                      .where(CaseImage.sha256.in_(list(by_hash)), Case.id != case.id)
-                      .order_by(Case.created_at, Case.id)).all()
-    holders: dict[str, dict[str, bool]] = {}  # sha256 -> other case -> may the principal open it
-    for sha256, other_id, owner_id in rows:
-        holders.setdefault(sha256, {})[other_id] = principal.role == "hematologist" or owner_id == principal.user.id
+    query = (select(CaseImage.sha256, Case.id).join(Case, Case.id == CaseImage.case_id)
+             .where(CaseImage.sha256.in_(list(by_hash)), Case.id != case.id, Case.created_at <= case.created_at)
+             .order_by(Case.created_at, Case.id))
+    if principal.role != "hematologist":
+        query = query.where(Case.owner_id == principal.user.id)
+    holders: dict[str, list[str]] = {}
+    for sha256, other_id in db.execute(query).all():
+        if other_id not in holders.setdefault(sha256, []):
+            holders[sha256].append(other_id)
     found: dict[int, dict[str, Any]] = {}
-    for sha256, cases in holders.items():
-        visible = [other for other, may in cases.items() if may][:limit]
-        for image in by_hash[sha256]:
-            found[image.id] = {"cases": visible, "others": len(cases) - len(visible)}
+    for sha256, images in by_hash.items():
+        others = holders.get(sha256, [])
+        for index, image in enumerate(images):
+            before = [earlier.position for earlier in images[:index]]
+            if others or before:
+                found[image.id] = {"cases": others[:limit], "more": max(0, len(others) - limit),
+                                   "in_this_case": before}
     return found
 
 
