@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source", default="pbc", help="whose crops are recoloured (comma-separated for several)")
     parser.add_argument("--colours-of", default="taleqani",
                         help=f"whose training crops give the colours: a source, or one of {', '.join(DONOR_MODES)}")
-    parser.add_argument("--targets", type=int, default=400, help="colour donors drawn (of each source: other, randstain)")
+    parser.add_argument("--targets", type=int, default=400,
+                        help="colour donors drawn (of each source with other and randstain)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not 0.0 < args.share <= 1.0 or args.targets < 1:
