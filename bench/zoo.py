@@ -5,6 +5,8 @@
                                               # on a 2-core CPU with the 20-epoch classifier; its
                                               # 30 epochs now take about an hour on one thread)
     python bench/zoo.py --install             # ... and copy the bundles (fp16) into the package
+    python bench/zoo.py --recolour taleqani   # half of pbc's training crops in all-taleqani's colours
+                                              # (research recipes; off by default, see RECOLOUR_RECIPES)
     python bench/zoo.py --detector D --classifier C   # score existing bundles only (no training)
                                               # (--classifier-split S: C's split, if its run folder is gone)
 
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # recolour_crops, beside this script
 SHARED = REPO.parent / "shared" / "datasets"
 PACKAGE_MODELS = REPO / "src" / "leukoscope" / "pretrained"
 BLAST = "blast"
@@ -75,6 +78,11 @@ BENIGN_CELLS_PER_FIELD = 4
 # so that this script retrains the shipped classifier as it was made (docs/benchmarks.md,
 # "Stain, brightness and normalisation": clean crops traded one control for another).
 CLUMP_UM = 20.0
+# --recolour: a share of the training crops rebuilt in another lab's colours (bench/recolour_crops.py;
+# docs/benchmarks.md, "pbc's training crops in the other lab's colours"): recipe -> (sources recoloured,
+# whose colours). Off by default: the shipped classifier was trained on the crops as they are.
+RECOLOUR_RECIPES = {"taleqani": ("pbc", "taleqani"), "other": ("pbc,taleqani", "other"),
+                    "randstain": ("pbc,taleqani", "randstain")}
 # Minutes kept back from --hours for what follows training: the detector on 400 images of other
 # labs, the controls in float32 and float16, the cards (about 3 minutes on the 2-core CPU).
 SCORING_RESERVE_MINUTES = 8.0
@@ -316,6 +324,28 @@ def train_classifier(manifest: Path, out: Path, window_um: float, epochs: int, m
         f"data.path={manifest}", f"data.cell_window_um={window_um}", f"output_root={out}",
         f"train.epochs={epochs}", f"train.max_minutes={minutes}", *extra])
     return Path(run_experiment(config, show_progress=sys.stderr.isatty()).bundle_dir)
+
+
+def recoloured_training_set(manifest: Path, out: Path, recipe: str, share: float) -> tuple[Path, Path]:
+    """The split training would make of ``manifest`` (the classifier config's ratios and seed, saved where
+    training looks for it), with ``share`` of its training crops recoloured by ``recipe``
+    (:data:`RECOLOUR_RECIPES`, bench/recolour_crops.py); validation and test crops untouched, so in-domain
+    scores compare with a classifier trained on the crops as they are: (manifest, split file) to train on."""
+    import recolour_crops
+    from leukoscope.engine.config import load_config
+    from leukoscope.engine.data_prep import default_split_file, load_manifest, obtain_split
+
+    data = load_config(REPO / "configs" / "zoo_classifier.yaml", [f"data.path={manifest}"]).data
+    rows = load_manifest(data)
+    split_file = default_split_file(data, out, rows)
+    obtain_split(data, rows, split_file, show_progress=False)
+    sources, colours = RECOLOUR_RECIPES[recipe]
+    target = out / "recoloured"
+    shutil.rmtree(target, ignore_errors=True)
+    if recolour_crops.main(["--split", str(split_file), "--out", str(target), "--source", sources,
+                            "--colours-of", colours, "--share", str(share)]) != 0:
+        raise RuntimeError(f"recolouring the training crops ({recipe}) failed")
+    return target / "train.csv", target / "split.json"
 
 
 def training_minutes(hours: float, elapsed_s: float, minutes: float | None) -> float:
@@ -587,6 +617,18 @@ def _views_line(views: int) -> str:
             f"is every view's, turned back and averaged.")
 
 
+def _recolour_line(results: dict[str, Any]) -> str:
+    recolour = results.get("recolour")
+    if not recolour:
+        return ""
+    sources, colours = RECOLOUR_RECIPES[recolour["recipe"]]
+    whose = {"other": "the other lab's", "randstain": "colours drawn around both labs'"}.get(colours,
+                                                                                            f"{colours}'s")
+    return (f"\n  - {recolour['share']:.0%} of the training crops of {sources.replace(',', ' and ')} rebuilt in "
+            f"{whose} colours (Reinhard colour transfer, `bench/recolour_crops.py`); validation and test crops "
+            f"as they are.")
+
+
 def classifier_card(results: dict[str, Any]) -> str:
     m = results.get("classifier_metrics", {})
     c = results["controls"]
@@ -629,7 +671,7 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in half of its Benign fields
     (hematogones, normal B-lymphocyte precursors, which a manual differential counts as
     lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast.
-  - Split 80/10/10 by source image, duplicate-aware; test below never trained on.
+  - Split 80/10/10 by source image, duplicate-aware; test below never trained on.{_recolour_line(results)}
 - **In-domain test**: accuracy {_fmt(own.get('accuracy', m.get('accuracy')), 4)}, macro-F1
   {_fmt(own.get('macro_f1', m.get('macro_f1')), 4)}
   (pbc cells and all-taleqani cells of the held-out images); recall by class: {recalls}.
@@ -676,6 +718,11 @@ def main(argv: Iterable[str] | None = None) -> int:
                              f"{BENIGN_CELLS_PER_FIELD})")
     parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
+    parser.add_argument("--recolour", choices=("none", *RECOLOUR_RECIPES), default="none",
+                        help="rebuild a share of the classifier's training crops in another lab's colours: "
+                             "taleqani (pbc's in all-taleqani's), other (each lab's in the other's), randstain "
+                             "(both labs' in colours drawn around theirs)")
+    parser.add_argument("--recolour-share", type=float, default=0.5, help="share of those crops recoloured")
     parser.add_argument("--detector-epochs", type=int, default=12)
     parser.add_argument("--classifier-epochs", type=int, default=40)
     parser.add_argument("--hours", type=float, default=2.0,
@@ -702,6 +749,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         parser.error("--elsewhere-fields must be at least 1")
     if args.benign_cells_per_field < 1:
         parser.error("--benign-cells-per-field must be at least 1")
+    if not 0.0 < args.recolour_share <= 1.0:
+        parser.error("--recolour-share must be in (0, 1]")
+    if args.recolour != "none" and args.classifier is not None:
+        parser.error("--recolour changes the training crops: it cannot be used with --classifier (no training)")
     if args.detector_backend != "torch":
         if args.detector is None or args.install:
             parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
@@ -737,6 +788,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:
             return 0
+        if args.recolour != "none":
+            manifest, recoloured_split = recoloured_training_set(manifest, args.out, args.recolour,
+                                                                 args.recolour_share)
+            args.classifier_set = [*args.classifier_set, f"data.split_file={recoloured_split}"]
     try:
         minutes = training_minutes(args.hours, time.perf_counter() - start, args.minutes)
     except ValueError as exc:
@@ -757,6 +812,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "detector_epochs": args.detector_epochs,
                                "blast_fields": 3 * args.blasts_per_subtype,
                                "benign_cells_per_field": args.benign_cells_per_field,
+                               "recolour": None if args.recolour == "none" else
+                               {"recipe": args.recolour, "share": args.recolour_share},
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "classifier_views": read_bundle_info(classifier).preprocessing.views,
                                "detector": str(detector), "classifier": str(classifier)}

@@ -178,3 +178,25 @@ def test_a_control_of_the_in_domain_test_cells_themselves_is_not_told_apart(zoo_
                                 "in_domain": again})  # no training run's per-class rows: the re-scoring's
     first = next(iter(again["recall_by_class"]))
     assert f"{first} {again['recall_by_class'][first]:.2f}" in card
+
+
+def test_recolouring_changes_only_the_training_part_of_the_split_training_would_make(zoo_datasets: Path,
+                                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--crops-only", "--blasts-per-subtype", "4",
+               "--benign-cells-per-field", "2")
+    zoo = bench_module("zoo")
+    manifest, split_file = zoo.recoloured_training_set(out / "crops" / "train.csv", out, "other", 1.0)
+    (original,) = (out / "splits").glob("train-*.json")  # where training on the crops would find its split
+    before, after = (json.loads(f.read_text())["splits"] for f in (original, split_file))
+    assert after["val"] == before["val"] and after["test"] == before["test"]
+    assert [row["subject"] for row in after["train"]] == [row["subject"] for row in before["train"]]
+    moved = Counter(row["subject"].split("-")[0] for row in after["train"] if "/recoloured/" in row["path"])
+    assert set(moved) == {"pbc", "taleqani"} and sum(moved.values()) == len(after["train"])
+    assert len(manifest.read_text().splitlines()) == 1 + sum(len(part) for part in after.values())
+    refused = run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--recolour", "other",
+                         "--classifier", out / "none", expect=2)
+    assert "cannot be used with --classifier" in refused.stderr
+    line = zoo._recolour_line({"recolour": {"recipe": "taleqani", "share": 0.5}})  # the model card says so
+    assert "50% of the training crops of pbc rebuilt in taleqani's colours" in line
+    assert zoo._recolour_line({"recolour": None}) == ""
