@@ -84,8 +84,9 @@ CLUMP_UM = 20.0
 RECOLOUR_RECIPES = {"taleqani": ("pbc", "taleqani"), "other": ("pbc,taleqani", "other"),
                     "randstain": ("pbc,taleqani", "randstain")}
 # Minutes kept back from --hours for what follows training: the detector on 400 images of other
-# labs, the controls in float32 and float16, the cards (about 3 minutes on the 2-core CPU).
-SCORING_RESERVE_MINUTES = 8.0
+# labs, the controls in float32 and float16, the colour swap, the cards (about 8 minutes on the
+# 2-core CPU).
+SCORING_RESERVE_MINUTES = 13.0
 
 
 # ----------------------------------------------------------------------------- crops
@@ -452,6 +453,11 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
         typed = [(c, t) for c, t in zip(calls, truth) if t not in (BLAST, "not blast")]
         if typed:
             row["type_accuracy"] = round(sum(c == t for c, t in typed) / len(typed), 4)
+            by_type: dict[str, list[bool]] = defaultdict(list)
+            for call, true in typed:
+                by_type[true].append(call == true)
+            row["recall_by_type"] = {t: round(sum(hits) / len(hits), 4) for t, hits in sorted(by_type.items())}
+            row["cells_by_type"] = {t: len(hits) for t, hits in sorted(by_type.items())}
             row["uncertain"] = round(sum(p.uncertain for p in predictions) / len(predictions), 4)
         scores = [p.ood_score for p in predictions if p.ood_score is not None]
         if scores and len(scores) == len(predictions):
@@ -463,6 +469,25 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
                 row["ood_auroc"] = round(ood_auroc(np.asarray(in_domain_scores), np.asarray(scores)), 4)
         rows[name] = row
     return rows
+
+
+def score_stain_swap(classifier: Path, controls: dict[str, list[tuple[Path, str]]],
+                     split_file: Path | None = None) -> dict[str, Any] | None:
+    """all-taleqani's Benign control cells in the blasts' slides' colours and its test blasts in the Benign
+    cells' (bench/stain_swap.py): called blast as they are and swapped; None without the split."""
+    import stain_swap
+    from leukoscope.bundle import read_bundle_info
+
+    split_file = split_file or read_bundle_info(classifier).split_file
+    if split_file is None or not Path(split_file).is_file():
+        return None
+    benign = [str(path) for path, _ in controls.get("taleqani-benign", [])]
+    try:
+        return stain_swap.swap_scores(_loaded_classifier(str(classifier)), json.loads(Path(split_file).read_text())[
+            "splits"], benign)
+    except ValueError as exc:
+        _say(f"no colour-swap row: {exc}")
+        return None
 
 
 def score_detector_elsewhere(detector: Path, data: Path, fields: int = 200,
@@ -645,6 +670,15 @@ def classifier_card(results: dict[str, Any]) -> str:
     views = results.get("classifier_views", 1)
     recalls = ", ".join(f"{name} {_fmt(value, 2)}" for name, value in recall.items()) or "-"
     bccd_calls = ", ".join(f"{name} {n}" for name, n in c.get("bccd", {}).get("calls", {}).items()) or "-"
+    swap = results.get("stain_swap")
+    swap_line = "" if not swap else (
+        f"\n  The Benign control leans on the slides' colours: shown in the colours of the blasts' slides "
+        f"(Reinhard colour transfer), {_fmt(swap['benign_control_in_blast_colours']['called_blast_swapped'])} of its "
+        f"cells are called blast ({_fmt(swap['benign_control_in_blast_colours']['called_blast'])} as they are), "
+        f"and the test blasts in the Benign cells' colours "
+        f"{_fmt(swap['test_blasts_in_benign_colours']['called_blast_swapped'])} "
+        f"({_fmt(swap['test_blasts_in_benign_colours']['called_blast'])}) (`bench/stain_swap.py`): part of "
+        f"what tells this lab's hematogones from its blasts is the slide, not the cell.")
     return f"""# wbc-classifier
 
 Types one white cell: the eight cell types of the PBC dataset and **blast**.
@@ -700,7 +734,7 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   FAILS are open problems, not tuned away. On BCCD's white cells (another lab) its calls
   were {bccd_calls}: on an unfamiliar lab's cells expect wrong types, and read the
   out-of-distribution flag (`unfamiliar`) of every cell. Cells at an unknown scale are cropped at the
-  detector's training scale (flagged in `analyze`'s output).
+  detector's training scale (flagged in `analyze`'s output).{swap_line}
 - **Retrain**: `python bench/zoo.py --install` (docs/benchmarks.md, "Shipped models").
 """
 
@@ -833,6 +867,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     detector_info = read_bundle_info(detector)
     results["detector_um_per_px"] = detector_info.um_per_px
     results["detector_threads"] = detector_info.provenance.get("config", {}).get("train", {}).get("threads")
+    # Does the Benign control hold in the blasts' colours? (With --install: on what ships, below.)
+    results["stain_swap"] = None if args.install else score_stain_swap(classifier, controls, args.classifier_split)
     if args.install:
         half_classifier = to_half(classifier, args.out / "half" / "wbc-classifier")
         half_in_domain = score_in_domain(half_classifier, args.classifier_split)
@@ -841,6 +877,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             record_shipped_classifier_scores(half_classifier, half_in_domain[0])
         results["fp16_controls"] = score_controls(half_classifier, controls,
                                                   half_in_domain[1] if half_in_domain else None)
+        results["stain_swap"] = score_stain_swap(half_classifier, controls, args.classifier_split)
         results["detector_metrics"] = record_shipped_detector_scores(scored_detector, args.data)
         for name, bundle in (("smear-detector", scored_detector), ("wbc-classifier", half_classifier)):
             target = args.install_dir / name

@@ -31,6 +31,11 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
     assert results["controls"]["cnmc-all"]["cells"] == 10
     assert results["detector_elsewhere"]["pbc"]["images"] == 3 and results["detector_elsewhere"]["all-taleqani"]["fields"] == 3
     assert results["controls"]["bccd"]["cells"] >= 1  # images with one known type and one white cell
+    bccd = results["controls"]["bccd"]
+    assert sum(bccd["cells_by_type"].values()) == bccd["cells"] and set(bccd["recall_by_type"]) == set(
+        bccd["cells_by_type"])
+    assert bccd["type_accuracy"] == pytest.approx(sum(
+        bccd["recall_by_type"][t] * n for t, n in bccd["cells_by_type"].items()) / bccd["cells"], abs=1e-3)
     assert "bccd" in results["verdicts"] and ("holds" in results["verdicts"]["bccd"]
                                              or "FAILS" in results["verdicts"]["bccd"])
     # The in-domain row re-scores the test part the training run recorded, by source, and gives
@@ -44,6 +49,12 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
         assert row["called_blast_unflagged"] <= row["called_blast"]
     classifier_card = (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
     assert "| OOD AUROC |" in classifier_card and "By source: pbc " in classifier_card
+    swap = results["stain_swap"]  # the Benign control in the blasts' colours, on what ships
+    assert swap["benign_control_in_blast_colours"]["cells"] == results["controls"]["taleqani-benign"]["cells"]
+    assert swap["benign_control_in_blast_colours"]["called_blast"] == results["fp16_controls"]["taleqani-benign"][
+        "called_blast"]
+    assert 0 <= swap["test_blasts_in_benign_colours"]["called_blast_swapped"] <= 1
+    assert "in the colours of the blasts' slides" in classifier_card and "bench/stain_swap.py" in classifier_card
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0
@@ -86,7 +97,7 @@ def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(zoo_dataset
     # Both models train at once, so each gets all the time the crops and the scoring reserve leave.
     assert zoo.training_minutes(2.0, 10 * 60, None) == pytest.approx(120 - 10 - zoo.SCORING_RESERVE_MINUTES)
     assert zoo.training_minutes(2.0, 10 * 60, 45.0) == 45.0  # --minutes wins
-    with pytest.raises(ValueError, match="leaves -0.5 min for training"):
+    with pytest.raises(ValueError, match=f"leaves {15 - 7.5 - zoo.SCORING_RESERVE_MINUTES:.1f} min for training"):
         zoo.training_minutes(0.25, 7.5 * 60, None)
     # A budget too small for training once the crops and the scoring reserve are counted stops
     # before any training, with the reason.
