@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.bench.conftest import bench_module
+from tests.bench.conftest import bench_module, run_script
 
 PINK, LAVENDER = (235, 200, 215), (170, 160, 225)  # the Benign slides' background, the blast slides'
 
@@ -68,3 +68,10 @@ def test_a_classifier_that_reads_the_slide_follows_the_swapped_colours(tmp_path:
     assert slide["test_blasts_in_benign_colours"] == {"cells": 5, "called_blast": 1.0, "called_blast_swapped": 0.0}
     assert cell["benign_control_in_blast_colours"]["called_blast_swapped"] == 0.0
     assert cell["test_blasts_in_benign_colours"]["called_blast_swapped"] == 1.0
+
+
+def test_without_the_crops_it_says_what_to_run_first(tmp_path: Path) -> None:
+    (tmp_path / "split.json").write_text(json.dumps({"splits": {"train": [], "val": [], "test": []}}))
+    run = run_script("stain_swap.py", "--bundle", "any", "--crops", tmp_path, "--split", tmp_path / "split.json",
+                     expect=2)
+    assert "controls.json does not exist: run `python bench/zoo.py --crops-only` first" in run.stderr
