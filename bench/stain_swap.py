@@ -9,7 +9,8 @@ crop of the other group) and scores the classifier on both versions:
 
 - the Benign control cells, as they are and in the colours of the blasts' training crops;
 - the blasts of the classifier's test part (all-taleqani), as they are and in the colours of the Benign
-  cells' training crops (all-taleqani's ``lymphocyte`` crops).
+  cells' training crops (all-taleqani's ``lymphocyte`` crops);
+- each also recoloured in its own group's colours (a control: what recolouring alone changes).
 
 A classifier that reads the cell calls each group the same in either colouring; one that reads the slide
 follows the colours. Nothing is fitted on these cells; the donors are training crops.
@@ -38,9 +39,10 @@ BLAST = zoo.BLAST
 
 def taleqani(rows: Sequence[dict[str, Any]], label: str) -> list[str]:
     """Paths of all-taleqani's crops of ``label`` as they are (bench/zoo.py's subjects are ``<source>-<image>``;
-    a crop recoloured for training, ``bench/zoo.py --recolour``, wears another lab's colours)."""
+    a crop recoloured for training, ``<out>/recoloured/<label>/<name>.png`` of bench/recolour_crops.py, wears
+    another lab's colours)."""
     return [row["path"] for row in rows if recolour_crops.source_of(row) == "taleqani" and row["label"] == label
-            and "/recoloured/" not in row["path"]]
+            and Path(row["path"]).parent.parent.name != "recoloured"]
 
 
 def blast_share(classifier: Any, images: Sequence[Any]) -> float:
@@ -68,22 +70,26 @@ def swap_scores(classifier: Any, split: dict[str, list[dict[str, Any]]], benign:
 
     in_blast_colours, in_benign_colours = colours(blast_donors), colours(benign_donors)
 
-    def score(paths: Sequence[str], given: list[tuple[Any, Any]]) -> dict[str, Any]:
+    own_rng = random.Random(seed + 1)  # its own draws: the swapped rows stay those of a run without it
+
+    def score(paths: Sequence[str], other: list[tuple[Any, Any]], own: list[tuple[Any, Any]]) -> dict[str, Any]:
         originals = [Image.open(path).convert("RGB") for path in paths]
-        swapped = [recolour_crops.recolour(path, *given[rng.randrange(len(given))]) for path in paths]
+        swapped = [recolour_crops.recolour(path, *other[rng.randrange(len(other))]) for path in paths]
+        # The control: recoloured as much, but in its own group's colours (what recolouring alone does).
+        recoloured = [recolour_crops.recolour(path, *own[own_rng.randrange(len(own))]) for path in paths]
         return {"cells": len(paths), "called_blast": blast_share(classifier, originals),
+                "called_blast_own_colours": blast_share(classifier, recoloured),
                 "called_blast_swapped": blast_share(classifier, swapped)}
 
-    return {"benign_control_in_blast_colours": score(list(benign), in_blast_colours),
-            "test_blasts_in_benign_colours": score(blasts, in_benign_colours)}
+    return {"benign_control_in_blast_colours": score(list(benign), in_blast_colours, in_benign_colours),
+            "test_blasts_in_benign_colours": score(blasts, in_benign_colours, in_blast_colours)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, help="classifier bundle folder or pretrained:NAME")
     parser.add_argument("--crops", type=Path, required=True, help="bench/zoo.py's crops folder (controls.json)")
-    parser.add_argument("--split", type=Path, required=True,
-                        help="the bundle's training split")
+    parser.add_argument("--split", type=Path, required=True, help="the bundle's training split")
     parser.add_argument("--donors", type=int, default=200, help="training crops of each group giving colours")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the result here (JSON)")

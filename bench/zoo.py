@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))  # recolour_crops, beside this script
+if str(REPO / "bench") not in sys.path:
+    sys.path.insert(0, str(REPO / "bench"))  # recolour_crops and stain_swap, beside this script
 SHARED = REPO.parent / "shared" / "datasets"
 PACKAGE_MODELS = REPO / "src" / "leukoscope" / "pretrained"
 BLAST = "blast"
@@ -327,25 +328,26 @@ def train_classifier(manifest: Path, out: Path, window_um: float, epochs: int, m
     return Path(run_experiment(config, show_progress=sys.stderr.isatty()).bundle_dir)
 
 
-def recoloured_training_set(manifest: Path, out: Path, recipe: str, share: float) -> tuple[Path, Path]:
+def recoloured_training_set(manifest: Path, out: Path, recipe: str, share: float,
+                            overrides: Iterable[str] = ()) -> tuple[Path, Path]:
     """The split training would make of ``manifest`` (the classifier config's ratios and seed, saved where
     training looks for it), with ``share`` of its training crops recoloured by ``recipe``
     (:data:`RECOLOUR_RECIPES`, bench/recolour_crops.py); validation and test crops untouched, so in-domain
-    scores compare with a classifier trained on the crops as they are: (manifest, split file) to train on."""
+    scores compare with a classifier trained on the crops as they are: (manifest, split file) to train on.
+    ``overrides``: the classifier's config overrides (``--classifier-set``: its split settings count)."""
     import recolour_crops
     from leukoscope.engine.config import load_config
     from leukoscope.engine.data_prep import default_split_file, load_manifest, obtain_split
 
-    data = load_config(REPO / "configs" / "zoo_classifier.yaml", [f"data.path={manifest}"]).data
+    data = load_config(REPO / "configs" / "zoo_classifier.yaml", [f"data.path={manifest}", *overrides]).data
     rows = load_manifest(data)
     split_file = default_split_file(data, out, rows)
     obtain_split(data, rows, split_file, show_progress=False)
     sources, colours = RECOLOUR_RECIPES[recipe]
     target = out / "recoloured"
     shutil.rmtree(target, ignore_errors=True)
-    if recolour_crops.main(["--split", str(split_file), "--out", str(target), "--source", sources,
-                            "--colours-of", colours, "--share", str(share)]) != 0:
-        raise RuntimeError(f"recolouring the training crops ({recipe}) failed")
+    recolour_crops.main(["--split", str(split_file), "--out", str(target), "--source", sources,
+                         "--colours-of", colours, "--share", str(share)])
     return target / "train.csv", target / "split.json"
 
 
@@ -654,6 +656,18 @@ def _recolour_line(results: dict[str, Any]) -> str:
             f"as they are.")
 
 
+def _swap_line(swap: dict[str, Any]) -> str:
+    """The card's sentence on :func:`score_stain_swap`'s rows."""
+    benign, blasts = swap["benign_control_in_blast_colours"], swap["test_blasts_in_benign_colours"]
+    return (f"\n  The Benign control depends on the slides' colours: shown in the colours of the blasts' slides "
+            f"(Reinhard colour transfer), {_fmt(benign['called_blast_swapped'])} of its cells are called blast "
+            f"({_fmt(benign['called_blast'])} as they are, {_fmt(benign.get('called_blast_own_colours'))} "
+            f"recoloured alike in their own slides' colours), and the test blasts in the Benign cells' colours "
+            f"{_fmt(blasts['called_blast_swapped'])} ({_fmt(blasts['called_blast'])}; "
+            f"{_fmt(blasts.get('called_blast_own_colours'))}) (`bench/stain_swap.py`): part of what tells this "
+            f"lab's hematogones from its blasts is the slide, not the cell.")
+
+
 def classifier_card(results: dict[str, Any]) -> str:
     m = results.get("classifier_metrics", {})
     c = results["controls"]
@@ -671,14 +685,7 @@ def classifier_card(results: dict[str, Any]) -> str:
     recalls = ", ".join(f"{name} {_fmt(value, 2)}" for name, value in recall.items()) or "-"
     bccd_calls = ", ".join(f"{name} {n}" for name, n in c.get("bccd", {}).get("calls", {}).items()) or "-"
     swap = results.get("stain_swap")
-    swap_line = "" if not swap else (
-        f"\n  The Benign control leans on the slides' colours: shown in the colours of the blasts' slides "
-        f"(Reinhard colour transfer), {_fmt(swap['benign_control_in_blast_colours']['called_blast_swapped'])} of its "
-        f"cells are called blast ({_fmt(swap['benign_control_in_blast_colours']['called_blast'])} as they are), "
-        f"and the test blasts in the Benign cells' colours "
-        f"{_fmt(swap['test_blasts_in_benign_colours']['called_blast_swapped'])} "
-        f"({_fmt(swap['test_blasts_in_benign_colours']['called_blast'])}) (`bench/stain_swap.py`): part of "
-        f"what tells this lab's hematogones from its blasts is the slide, not the cell.")
+    swap_line = "" if not swap else _swap_line(swap)
     return f"""# wbc-classifier
 
 Types one white cell: the eight cell types of the PBC dataset and **blast**.
@@ -787,6 +794,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         parser.error("--recolour-share must be in (0, 1]")
     if args.recolour != "none" and args.classifier is not None:
         parser.error("--recolour changes the training crops: it cannot be used with --classifier (no training)")
+    if args.recolour != "none" and any(item.startswith("data.split_file=") for item in args.classifier_set):
+        parser.error("--recolour makes its own split file (the crops' split, training part recoloured): "
+                     "drop data.split_file from --classifier-set")
     if args.detector_backend != "torch":
         if args.detector is None or args.install:
             parser.error("--detector-backend scores an exported --detector; the shipped models are torch bundles "
@@ -824,7 +834,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         if args.recolour != "none":
             manifest, recoloured_split = recoloured_training_set(manifest, args.out, args.recolour,
-                                                                 args.recolour_share)
+                                                                 args.recolour_share, args.classifier_set)
             args.classifier_set = [*args.classifier_set, f"data.split_file={recoloured_split}"]
     try:
         minutes = training_minutes(args.hours, time.perf_counter() - start, args.minutes)

@@ -47,8 +47,12 @@ def test_a_classifier_that_reads_the_slide_follows_the_swapped_colours(tmp_path:
                         "subject": f"taleqani-b{k}"} for k in range(4)] +
                       [{"path": _crop(crops / f"tl{k}.png", PINK, 5), "label": "lymphocyte",
                         "subject": f"taleqani-l{k}"} for k in range(4)] +
-                      [{"path": _crop(crops / f"p{k}.png", (250, 250, 250), 6), "label": "lymphocyte",
-                        "subject": f"pbc-{k}"} for k in range(2)],
+                      # neither another lab's crops nor crops recoloured for training give colours: both
+                      # would make a lymphocyte donor lavender (and so the swapped blasts stay blasts)
+                      [{"path": _crop(crops / f"p{k}.png", LAVENDER, 5), "label": "lymphocyte",
+                        "subject": f"pbc-{k}"} for k in range(20)] +
+                      [{"path": _crop(crops / "recoloured" / "lymphocyte" / f"r{k}.png", LAVENDER, 5),
+                        "label": "lymphocyte", "subject": f"taleqani-r{k}"} for k in range(20)],
              "val": [],
              "test": [{"path": _crop(crops / f"x{k}.png", LAVENDER, 9), "label": "blast", "subject": f"taleqani-x{k}"}
                       for k in range(5)]}
@@ -64,8 +68,10 @@ def test_a_classifier_that_reads_the_slide_follows_the_swapped_colours(tmp_path:
                           "--out", str(out)]) == 0
         results[name] = json.loads(out.read_text())
     slide, cell = results["slide"], results["cell"]
-    assert slide["benign_control_in_blast_colours"] == {"cells": 6, "called_blast": 0.0, "called_blast_swapped": 1.0}
-    assert slide["test_blasts_in_benign_colours"] == {"cells": 5, "called_blast": 1.0, "called_blast_swapped": 0.0}
+    assert slide["benign_control_in_blast_colours"] == {"cells": 6, "called_blast": 0.0,
+                                                        "called_blast_own_colours": 0.0, "called_blast_swapped": 1.0}
+    assert slide["test_blasts_in_benign_colours"] == {"cells": 5, "called_blast": 1.0,
+                                                      "called_blast_own_colours": 1.0, "called_blast_swapped": 0.0}
     assert cell["benign_control_in_blast_colours"]["called_blast_swapped"] == 0.0
     assert cell["test_blasts_in_benign_colours"]["called_blast_swapped"] == 1.0
 

@@ -55,6 +55,8 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
         "called_blast"]
     assert 0 <= swap["test_blasts_in_benign_colours"]["called_blast_swapped"] <= 1
     assert "in the colours of the blasts' slides" in classifier_card and "bench/stain_swap.py" in classifier_card
+    assert f"{swap['benign_control_in_blast_colours']['called_blast_own_colours']:.3f} recoloured alike" in \
+        classifier_card
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0
@@ -197,8 +199,18 @@ def test_recolouring_changes_only_the_training_part_of_the_split_training_would_
     run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--crops-only", "--blasts-per-subtype", "4",
                "--benign-cells-per-field", "2")
     zoo = bench_module("zoo")
-    manifest, split_file = zoo.recoloured_training_set(out / "crops" / "train.csv", out, "other", 1.0)
-    (original,) = (out / "splits").glob("train-*.json")  # where training on the crops would find its split
+    manifest, split_file = zoo.recoloured_training_set(out / "crops" / "train.csv", out, "other", 1.0,
+                                                       ["data.split_seed=3"])
+    (original,) = (out / "splits").glob("train-*.json")
+    # it is the split training on the crops would find and reuse (train_classifier's config, the same settings)
+    from leukoscope.engine.config import load_config
+    from leukoscope.engine.data_prep import default_split_file, load_manifest
+
+    data = load_config(REPO / "configs" / "zoo_classifier.yaml", [
+        f"data.path={out / 'crops' / 'train.csv'}", "data.cell_window_um=24", f"output_root={out}",
+        "train.epochs=1", "data.split_seed=3"]).data
+    assert default_split_file(data, out, load_manifest(data)) == original
+    assert json.loads(original.read_text())["info"]["seed"] == 3
     before, after = (json.loads(f.read_text())["splits"] for f in (original, split_file))
     assert after["val"] == before["val"] and after["test"] == before["test"]
     assert [row["subject"] for row in after["train"]] == [row["subject"] for row in before["train"]]
@@ -208,6 +220,9 @@ def test_recolouring_changes_only_the_training_part_of_the_split_training_would_
     refused = run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--recolour", "other",
                          "--classifier", out / "none", expect=2)
     assert "cannot be used with --classifier" in refused.stderr
+    refused = run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--recolour", "other",
+                         "--classifier-set", "data.split_file=x.json", expect=2)
+    assert "drop data.split_file" in refused.stderr
     line = zoo._recolour_line({"recolour": {"recipe": "taleqani", "share": 0.5}})  # the model card says so
     assert "50% of the training crops of pbc rebuilt in taleqani's colours" in line
     assert zoo._recolour_line({"recolour": None}) == ""
