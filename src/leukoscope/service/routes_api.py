@@ -68,7 +68,7 @@ def case_json(request: Request, case: Case, principal: Principal) -> dict[str, A
             "url": url(request, f"{base}/images/{image.id}/image"),
             "annotated_url": url(request, f"{base}/images/{image.id}/annotated") if image.annotated_object else None,
             "scale": ops.image_scale(case, image),
-            # the same file in other cases: those you may open, and a count of the rest
+            # the same file uploaded before: in earlier cases you may open, or earlier in this one
             "earlier_uploads": earlier.get(image.id),
         } for image in case.images],
         "cells": [{
