@@ -476,7 +476,8 @@ def score_controls(classifier: Path, controls: dict[str, list[tuple[Path, str]]]
 def score_stain_swap(classifier: Path, controls: dict[str, list[tuple[Path, str]]],
                      split_file: Path | None = None) -> dict[str, Any] | None:
     """all-taleqani's Benign control cells in the blasts' slides' colours and its test blasts in the Benign
-    cells' (bench/stain_swap.py): called blast as they are and swapped; None without the split."""
+    cells' (bench/stain_swap.py): called blast as they are, recoloured in their own group's colours and
+    swapped; None without the split."""
     import stain_swap
     from leukoscope.bundle import read_bundle_info
 
@@ -649,10 +650,10 @@ def _recolour_line(results: dict[str, Any]) -> str:
     if not recolour:
         return ""
     sources, colours = RECOLOUR_RECIPES[recolour["recipe"]]
-    whose = {"other": "the other lab's", "randstain": "colours drawn around both labs'"}.get(colours,
-                                                                                            f"{colours}'s")
+    whose = {"other": "the other lab's colours", "randstain": "colours drawn around both labs' (RandStainNA)"}.get(
+        colours, f"{colours}'s colours")
     return (f"\n  - {recolour['share']:.0%} of the training crops of {sources.replace(',', ' and ')} rebuilt in "
-            f"{whose} colours (Reinhard colour transfer, `bench/recolour_crops.py`); validation and test crops "
+            f"{whose} (Reinhard colour transfer, `bench/recolour_crops.py`); validation and test crops "
             f"as they are.")
 
 

@@ -226,3 +226,5 @@ def test_recolouring_changes_only_the_training_part_of_the_split_training_would_
     line = zoo._recolour_line({"recolour": {"recipe": "taleqani", "share": 0.5}})  # the model card says so
     assert "50% of the training crops of pbc rebuilt in taleqani's colours" in line
     assert zoo._recolour_line({"recolour": None}) == ""
+    drawn = zoo._recolour_line({"recolour": {"recipe": "randstain", "share": 0.5}})
+    assert "of pbc and taleqani rebuilt in colours drawn around both labs' (RandStainNA) (Reinhard" in drawn
