@@ -126,9 +126,15 @@ def test_oversized_upload_is_refused(make_service):
     noise = Image.frombytes("RGB", (600, 600), bytes(range(256)) * (600 * 600 * 3 // 256 + 1))
     big = encode(noise, "PNG", compress_level=0)
     assert len(big) > 64 * 1024 + 256 * 1024
-    response = upload(service.client(), service.auth("tech"), ("big.png", big))
+    service.add_user("admin", "admin")
+    client = service.client()
+    response = upload(client, service.auth("tech"), ("big.png", big))
     assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
     assert service.rows()["cases"] == 0 and store_files(service) == []
+    # on the record although no file was read: who, and why
+    (entry,) = client.get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    assert (entry["user"], entry["action"]) == ("tech", "case.refused")
+    assert entry["detail"]["code"] == "upload_too_large" and entry["detail"]["names"] == []
 
 
 def test_oversized_upload_without_content_length_is_refused(make_service):
@@ -283,8 +289,14 @@ def test_rate_limit_returns_429(make_service):
     limited = upload(client, headers, ("a.png", png))
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
     assert int(limited.headers["retry-after"]) >= 1
+    assert upload(client, headers, ("a.png", png)).status_code == 429
     assert upload(client, service.auth("tech2"), ("a.png", png)).status_code == 201  # per user
     assert service.rows()["cases"] == 4
+    # one audit entry per wait, not one per refused request
+    service.add_user("admin", "admin")
+    entries = client.get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    throttled = [e for e in entries if e["action"] == "upload.throttled"]
+    assert [e["user"] for e in throttled] == ["tech"] and throttled[0]["detail"]["rule"] == "uploads"
 
 
 # ------------------------------------------------------------------ audit, review, export

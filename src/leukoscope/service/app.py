@@ -29,7 +29,7 @@ from leukoscope.service import db as dbm
 from leukoscope.service.analysis import Analyzer
 from leukoscope.service.auth import PasswordGate, audit, client_address, optional_principal
 from leukoscope.service.cases import DECISION_SUPPORT_NOTE
-from leukoscope.service.errors import LoginRequired, ServiceError
+from leukoscope.service.errors import BodyTooLarge, LoginRequired, ServiceError
 from leukoscope.service.settings import ServiceSettings
 from leukoscope.service.storage import ContentStore, make_private_dir
 
@@ -57,12 +57,6 @@ class ServiceState:
     #: before the commit (raise in it to simulate a crash between files and commit).
     before_commit: Callable[[Session, str], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class BodyTooLarge(ServiceError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, "upload_too_large", f"the upload is larger than this service accepts "
-                                                  f"({limit / 1024 / 1024:.0f} MB in one request)")
 
 
 class LimitBody:

@@ -228,8 +228,14 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
                                                "(upload single-cell images, or start it with --detector)")
     settings = state.settings
     uploads_rule = throttle.Rule("uploads", settings.rate_limit_per_minute, 60.0)
-    verdict = await run_in_threadpool(throttle.attempt, state.sessions, [(uploads_rule, f"upload:{principal.user.id}")],
-                                      settings.throttle_max_rows)
+    user_id = principal.user.id
+
+    def throttled(db: Session, verdict: throttle.Verdict) -> None:  # once per wait, not once per request of a flood
+        audit(db, db.get(User, user_id), "upload.throttled", client=client,
+              detail={"rule": verdict.rule, "wait_s": round(verdict.wait or 0), "files": len(uploads)})
+
+    verdict = await run_in_threadpool(throttle.attempt, state.sessions, [(uploads_rule, f"upload:{user_id}")],
+                                      settings.throttle_max_rows, throttled)
     if verdict.wait is not None:
         raise too_many("uploads", verdict.wait)
     try:
@@ -246,7 +252,7 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
         prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
     except ServiceError as error:  # a refused file is on the record too: who sent what, and why it was refused
-        await run_in_threadpool(_audit_refusal, state, principal.user.id, kind, uploads, error, client)
+        await run_in_threadpool(audit_refusal, state, user_id, kind, uploads, error, client)
         raise
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
                                    run.to_json() if run is not None else None)
@@ -257,10 +263,11 @@ def upload_scale(upload: Upload, max_pixels: int) -> FieldScale:
     return field_scale(decode_upload(upload, max_pixels).image)
 
 
-def _audit_refusal(state: "ServiceState", user_id: int, kind: str, uploads: Sequence[Upload], error: ServiceError,
-                   client: str) -> None:
-    """``case.refused``: the files' names as shown (at most 20, each cut to 100 characters), the code and the
-    message. The refusal stands if its record cannot be written (logged instead)."""
+def audit_refusal(state: "ServiceState", user_id: int, kind: str | None, uploads: Sequence[Upload],
+                  error: ServiceError, client: str) -> None:
+    """``case.refused``: the files' names as shown (at most 20, each cut to 100 characters; none when the
+    body was refused for its size before any file was read, and then no kind), the code and the message.
+    The refusal stands if its record cannot be written (logged instead)."""
     names = [display_name(upload.filename)[:100] for upload in uploads[:20]]
     try:
         with transaction(state.sessions) as db:

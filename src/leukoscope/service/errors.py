@@ -17,5 +17,13 @@ class ServiceError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
+class BodyTooLarge(ServiceError):
+    """A request body past the service's limit, refused while it streams in."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "upload_too_large", f"the upload is larger than this service accepts "
+                                                  f"({limit / 1024 / 1024:.0f} MB in one request)")
+
+
 class LoginRequired(Exception):
     """A page needs a logged-in user: answered with a redirect to the log-in page."""

@@ -21,9 +21,10 @@ from starlette.datastructures import UploadFile
 
 import leukoscope
 from leukoscope.service import cases as ops
-from leukoscope.service.auth import Principal, api_principal, audit, create_user, revoke_token_of, user_locks
+from leukoscope.service.auth import (Principal, api_principal, audit, client_address, create_user, revoke_token_of,
+                                     user_locks)
 from leukoscope.service.db import transaction
-from leukoscope.service.errors import ServiceError
+from leukoscope.service.errors import BodyTooLarge, ServiceError
 from leukoscope.service.params import Offset, RowId
 from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, Case, User
 from leukoscope.service.storage import MEDIA_TYPES
@@ -141,13 +142,19 @@ UPLOAD_SCHEMA = {
 }
 
 
-async def read_uploads(request: Request) -> tuple[list[ops.Upload], dict[str, str]]:
-    """Parse the multipart body (the size limit is enforced while it streams in)."""
+async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops.Upload], dict[str, str]]:
+    """Parse the multipart body (the size limit is enforced while it streams in; a body refused for its size
+    is on the record as ``case.refused``, without file names: none was read)."""
     state = state_of(request)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ServiceError(415, "not_multipart", "send the images as multipart/form-data (field 'files')")
-    form = await request.form(max_files=state.settings.max_files_per_upload + 1, max_fields=20)
+    try:
+        form = await request.form(max_files=state.settings.max_files_per_upload + 1, max_fields=20)
+    except BodyTooLarge as error:
+        await run_in_threadpool(ops.audit_refusal, state, principal.user.id, None, [], error,
+                                client_address(request))
+        raise
     try:
         uploads: list[ops.Upload] = []
         fields: dict[str, str] = {}
@@ -180,7 +187,7 @@ async def upload_case(request: Request) -> JSONResponse:
 
     principal = await run_in_threadpool(who)
     principal.require("technician", "hematologist")
-    uploads, fields = await read_uploads(request)
+    uploads, fields = await read_uploads(request, principal)
     case_id, payload = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
                                              fields.get("note", ""), client=request.client.host if request.client
                                              else "", serialize=lambda case: case_json(request, case, principal))

@@ -234,7 +234,7 @@ async def upload(request: Request):
     principal = await run_in_threadpool(who)
     try:
         principal.require("technician", "hematologist")
-        uploads, fields = await read_uploads(request)
+        uploads, fields = await read_uploads(request, principal)
         check_csrf(principal, fields.get("csrf_token"))
         case_id, _ = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
                                         fields.get("note", ""), client=client_address(request))
