@@ -248,6 +248,27 @@ def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
     assert "resuming at epoch 2" in (run_dir / "train.log").read_text()
 
 
+def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it_resumable(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    first = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v3_small", "--quiet",
+                   f"output_root={tmp_path}", "model.image_size=32", "train.epochs=2", "train.keep_checkpoint=true")
+    assert first.exit_code == 0, first.output
+    run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
+    config = (run_dir / "config.yaml").read_bytes()
+    for args, said in [(["model.name=resnet18"], "model.name=resnet18: a run being resumed keeps its model"),
+                       (["train.lr=0.1"], "only train.epochs"),
+                       (["--data", str(synthetic_root)], "--data cannot change a run being resumed"),
+                       (["--model", "resnet18"], "--model cannot change a run being resumed"),
+                       (["train.epochs=1"], "train.epochs=1 is below the 2 epochs this run has already trained")]:
+        refused = invoke("train", "--resume", run_dir, "--quiet", *args)
+        assert refused.exit_code != 0 and said in " ".join(refused.output.split()), (args, refused.output)
+        assert "Traceback" not in refused.output
+        assert (run_dir / "config.yaml").read_bytes() == config, args  # nothing rewritten: still resumable
+    resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=3")
+    assert resumed.exit_code == 0, resumed.output
+    assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3]
+
+
 def test_evaluate_names_a_missing_split_part(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
     split = tmp_path / "split.json"
     assert invoke("split", "--data", synthetic_root, "--out", split).exit_code == 0

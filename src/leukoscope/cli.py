@@ -188,6 +188,12 @@ def _train_task(config: Optional[Path], model: Optional[str], overrides: List[st
     return task_named(task_of_model(model) if model else "classify")
 
 
+RESUME_HELP = ("Continue the run in this directory (only train.epochs, max_minutes, threads, device and "
+               "keep_checkpoint may change).")
+#: What ``train --resume`` may change: how long and where the run goes on, not what it learns.
+RESUME_OVERRIDES = ("train.epochs", "train.max_minutes", "train.threads", "train.device", "train.keep_checkpoint")
+
+
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
            resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None, init: Optional[str] = None) -> None:
     """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
@@ -198,6 +204,14 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
             _fail("--split-file cannot change the split of a run being resumed (it keeps its split.json)")
         if init is not None:
             _fail("--init cannot change the starting weights of a run being resumed (it continues its checkpoint)")
+        for option, given in (("--config", config), ("--data", data), ("--model", model)):
+            if given is not None:
+                _fail(f"{option} cannot change a run being resumed: it continues with its own config.yaml "
+                      f"(start a new run to train on other data or another model)")
+        fixed = [o for o in overrides if o.partition("=")[0].strip() not in RESUME_OVERRIDES]
+        if fixed:
+            _fail(f"{', '.join(fixed)}: a run being resumed keeps its model, data and optimizer (its checkpoint "
+                  f"holds their state); only {', '.join(RESUME_OVERRIDES)} may change on --resume")
         _run(require_run_dir, resume)
         config, data, model = resume / "config.yaml", None, None
     extra = list(overrides or [])
@@ -226,7 +240,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...); a detector "
                                         "name trains a detector."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help=RESUME_HELP),
     init: Optional[str] = typer.Option(None, "--init", help="Fine-tune this trained bundle (a folder or "
                                        "pretrained:NAME; same as model.init=...): its architecture and input "
                                        "size, its head when the data has its classes."),
@@ -874,7 +888,7 @@ def train_detector(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Detection experiment YAML file."),
     data: Optional[str] = typer.Option(None, "--data", help="Pascal VOC folder (same as data.path=...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Detector name (same as model.name=...)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help=RESUME_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a cell detector on a Pascal VOC folder (the same as `train` with a detection config)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,9 +85,9 @@ class TrainingBase(Section):
     each task's train section adds its own and may change the defaults."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
     epochs: int = 10
     batch_size: int = 32
     max_minutes: float | None = Field(None, gt=0)
@@ -133,7 +133,7 @@ class SearchConfig(Section):
     """A grid over training settings (system E: epochs x learning rate x optimizer)."""
 
     epochs: list[int] | None = None
-    lr: list[float] | None = None
+    lr: list[Annotated[float, Field(gt=0)]] | None = None
     optimizer: list[Literal["adam", "adamw", "sgd"]] | None = None
     batch_size: list[int] | None = None
     models: list[str] | None = None

@@ -83,9 +83,10 @@ def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Itera
     """Create ``run_dir`` (or reopen it to resume), write ``config.yaml`` and log every
     line to ``train.log``. A new run that fails before it wrote a checkpoint or a model
     leaves nothing behind (bad data fails in seconds; the folder would only be litter);
-    one with a checkpoint is kept so that ``--resume`` can continue it."""
-    if resume:
-        require_run_dir(run_dir)
+    one with a checkpoint is kept so that ``--resume`` can continue it. A resume that fails before it
+    wrote a checkpoint of its own puts the run's ``config.yaml`` back as it was, so that a plain
+    ``--resume`` still continues it."""
+    before = _resume_state(require_run_dir(run_dir)) if resume else None
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -95,7 +96,22 @@ def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Itera
     except BaseException:
         if created and not resume and not _holds_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+        if before is not None and _checkpoint_stamp(run_dir) == before[1]:
+            (run_dir / CONFIG_FILE).write_bytes(before[0])
         raise
+
+
+def _checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:
+    """The checkpoint's modification time and size (None without one): changed once an epoch is saved."""
+    try:
+        stat = (run_dir / CHECKPOINT_FILE).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _resume_state(run_dir: Path) -> tuple[bytes, tuple[int, int] | None]:
+    return (run_dir / CONFIG_FILE).read_bytes(), _checkpoint_stamp(run_dir)
 
 
 def _holds_work(run_dir: Path) -> bool:

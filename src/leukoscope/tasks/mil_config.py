@@ -49,7 +49,7 @@ class MilModelConfig(Section):
 
 class MilTrainConfig(Section):
     epochs: int = 20
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     batch_size: int = 32
     max_minutes: float | None = Field(None, gt=0)
     """Time budget of each classifier (cells, and the whole-image one)."""
