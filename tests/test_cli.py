@@ -190,6 +190,13 @@ def test_analyze_exits_2_when_no_field_could_be_read(tmp_path: Path) -> None:
     (tmp_path / "zero.jpg").write_bytes(b"")
     result = invoke("analyze", tmp_path / "zero.jpg", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2 and "1 image(s) could not be read" in result.output
+    # a file never analysed is not a field where no white cell was found
+    assert "No white cell" not in result.output and "Not analysed: none of the 1 file(s)" in result.output
+    field = json.loads((tmp_path / "out" / "zero.json").read_text())
+    assert field["error"] and field["differential"]["flags"] == [f"Not analysed: the file could not be read "
+                                                                  f"({field['error']})"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [row["flags"].startswith("Not analysed") for row in rows] == [True, True]  # the field and TOTAL
 
 
 def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Path) -> None:

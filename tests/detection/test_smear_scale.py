@@ -80,6 +80,10 @@ def test_a_field_without_a_scale_is_assumed_at_the_detectors_and_says_so() -> No
     assert detector.seen == [(640, 480)]
     assert result.scale["source"] == "unknown" and result.scale["analysed_at_um_per_px"] == 0.08
     assert "assumed 0.0800 um/px" in result.scale["note"]
+    # ...and its flags too, not only the scale record: its count is not one to act on without a look
+    (warning,) = result.differential.warnings
+    assert "no scale for this field" in warning and "0.0800 um/px, the detector's training scale" in warning
+    assert result.differential.flags[0] == f"WARNING: {warning}"
 
 
 def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
@@ -88,6 +92,7 @@ def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
     analyzer = SmearAnalyzer(detector, classifier, run_um_per_px=0.1)
     result = analyzer.analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
     assert result.scale["source"] == "run" and result.scale["analysed_at_um_per_px"] == 0.1
+    assert not result.differential.warnings  # the run's scale is a measurement, not a guess
     assert "no isolated red cells found: analysed at the run's scale" in result.scale["note"]
     assert detector.seen == [(800, 600)] and classifier.sizes == [(240, 240)]  # resampled and cropped at 0.1
     # a field with its own estimate keeps it when it is near the run's (within FIELD_RUN_MAX_RATIO)...

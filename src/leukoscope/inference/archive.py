@@ -289,8 +289,9 @@ def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], pa
             fields.append(record["field"])
             cells.extend(record["cells"])
             if progress is not None:
-                progress(advance=1, info=f"{Path(record['field']['source']).name}: {record['field']['wbc']} WBC",
-                         cells=int(record["field"]["wbc"]))
+                done = record["field"]
+                said = "not read" if done["error"] else f"{done['wbc']} WBC"
+                progress(advance=1, info=f"{Path(done['source']).name}: {said}", cells=int(done["wbc"]))
             if len(fields) >= part_size:
                 flush()
                 if stop_after_parts is not None and written >= stop_after_parts:

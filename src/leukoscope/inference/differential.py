@@ -155,6 +155,13 @@ class CountRules:
     def count(self, labels: Sequence[str], warnings: Sequence[str] = ()) -> Differential:
         return self.count_from(Counter(labels), warnings)
 
+    def not_analysed(self, reason: str) -> Differential:
+        """The differential of what was never analysed (a file that could not be read, a run where none
+        could): no cells, and a flag that says so instead of "No white cell found"."""
+        differential = self.count([])
+        differential.flags = [f"Not analysed: {reason}"]
+        return differential
+
     def count_from(self, label_counts: Mapping[str, int], warnings: Sequence[str] = ()) -> Differential:
         """:meth:`count` of labels already counted (label -> number of cells)."""
         return Differential.from_counts(label_counts, self.classes, self.blast_classes,

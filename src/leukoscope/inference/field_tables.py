@@ -86,8 +86,10 @@ def field_label_counts(field: dict[str, Any], rules: CountRules) -> dict[str, in
 def result_from_field_row(field: dict[str, Any], rules: CountRules) -> SmearResult:
     """The field's result from its row alone, without its cells (a summary of millions of cells need
     not hold them): the differential is recounted from the row's counts and warnings."""
+    differential = (rules.not_analysed(f"the file could not be read ({field['error']})") if field["error"] else
+                    rules.count_from(field_label_counts(field, rules), list(field["warnings"])))
     return SmearResult(field["source"], int(field["width"]), int(field["height"]), [],
-                       json.loads(field["object_counts"]), rules.count_from(field_label_counts(field, rules), list(field["warnings"])),
+                       json.loads(field["object_counts"]), differential,
                        None, list(rules.classes), int(field["tiles"]), float(field["seconds"]), error=field["error"],
                        capped_tiles=int(field["capped_tiles"]),
                        scale=None if field["scale"] is None else json.loads(field["scale"]))

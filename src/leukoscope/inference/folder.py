@@ -79,7 +79,8 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
         results.append(result)
         if progress is not None:
             n = result.differential.total
-            progress(advance=1, info=f"{Path(result.source).name}: {n} WBC", cells=n)
+            progress(advance=1, info=f"{Path(result.source).name}: {'not read' if result.error else f'{n} WBC'}",
+                     cells=n)
 
     # One thread per stage: more readers would compete with the models for the same cores.
     with ThreadPoolExecutor(1, thread_name_prefix="leukoscope-read") as reader, \

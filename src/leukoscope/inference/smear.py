@@ -56,6 +56,13 @@ _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thr
 TILE_MODEL_PIXELS = 2048
 
 
+def unscaled_warning(assumed_um_per_px: float) -> str:
+    """The warning of a field analysed without a scale of its own or its run's, at the detector's."""
+    return (f"no scale for this field (too few isolated red cells to measure): analysed at "
+            f"{assumed_um_per_px:.4f} um/px, the detector's training scale; white cells may be missed or "
+            f"mistyped: state the microscope's scale (--um-per-px)")
+
+
 def _checked_run_scale(um_per_px: float | None) -> float | None:
     return None if um_per_px is None else checked_um_per_px(um_per_px, "run_um_per_px")
 
@@ -406,6 +413,9 @@ class SmearAnalyzer:
         unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share)
         if unfamiliar:
             warnings.append(unfamiliar)
+        if not scale.known and working_um_per_px is not None:
+            # The models work at a scale and the field's is a guess: the field says so itself.
+            warnings.append(unscaled_warning(working_um_per_px))
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}
@@ -419,11 +429,11 @@ class SmearAnalyzer:
 
     # -- many fields ----------------------------------------------------------
     def failed_result(self, source: str, error: str) -> SmearResult:
-        """The row of a field that could not be read: no cells, the analyzer's warnings, ``error`` set
-        (every engine writes it instead of stopping)."""
+        """The row of a field that could not be read: no cells, a flag that says it was not analysed,
+        ``error`` set (every engine writes it instead of stopping)."""
         log.warning("cannot read %s: %s", source, error)
-        return SmearResult(source, 0, 0, [], {}, self.rules.count([], self.warnings), cell_classes=self.cell_classes,
-                           error=error)
+        return SmearResult(source, 0, 0, [], {}, self.rules.not_analysed(f"the file could not be read ({error})"),
+                           cell_classes=self.cell_classes, error=error)
 
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
                       progress: Callable[..., None] | None = None, estimate_run_scale: bool = True) -> FolderSummary:

@@ -120,7 +120,9 @@ class FolderSummary:
 
     @property
     def pooled(self) -> Differential:
-        """The differential of all fields together (the slide)."""
+        """The differential of all fields together (the slide); when no field could be read, one that says so."""
+        if self.results and all(r.error for r in self.results):
+            return self.rules.not_analysed(f"none of the {len(self.results)} file(s) could be read")
         return self.rules.count_from(self._tally().labels, self.warnings)
 
     def rows(self) -> list[dict[str, Any]]:
