@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,6 @@ def test_bad_options_and_outputs_are_one_line_errors(tmp_path: Path, trained_bun
     """Checked before any model loads or image is read: a file where an output folder must go, thresholds
     outside [0, 1], a batch of 0, an opset torch cannot write, a config value out of range; and a key of an
     unknown section or a check across keys named under the command-line override that set it."""
-    import logging
 
     (tmp_path / "afile").write_text("x")
     cell = tmp_path / "cell.png"
@@ -365,3 +365,16 @@ def test_the_ray_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) 
     result = invoke("analyze", "x.png", "--engine", "ray")
     assert result.exit_code == 2
     assert "--engine ray needs ray: pip install 'leukoscope[ray]'" in " ".join(result.output.split())
+
+
+def test_a_field_given_twice_is_analysed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from leukoscope.inference.predict_files import collect_images
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
+        paths = collect_images([folder / "b.png", folder, tmp_path / "fields" / ".." / "fields"])
+    assert paths == [folder / "b.png", folder / "a.png"]  # each once, where first reached
+    assert "3 file(s) given more than once are used once" in caplog.text

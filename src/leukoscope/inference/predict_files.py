@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -13,6 +14,8 @@ from leukoscope.data.manifest import DatasetError
 from leukoscope.io import is_image_file, load_image
 from leukoscope.progress import console, name_some, progress_bar
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # torch loads only once there is something to predict: input checks stay fast
     import torch
 
@@ -20,7 +23,9 @@ if TYPE_CHECKING:  # torch loads only once there is something to predict: input 
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand folders (recursively) into image files; keep explicit files as given."""
+    """Expand folders (recursively) into image files; keep explicit files as given. A file reached twice
+    (named and inside a named folder, or a folder given twice) is kept once, where first reached: a
+    field counted twice would weigh twice in the pooled differential."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -32,7 +37,13 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
             paths.append(item)
         else:
             raise DatasetError(f"{item}: no such file or folder")
-    return paths
+    first = {}
+    for path in paths:
+        first.setdefault(path.resolve(), path)
+    unique = list(first.values())
+    if len(unique) < len(paths):
+        log.warning("%d file(s) given more than once are used once", len(paths) - len(unique))
+    return unique
 
 
 def write_predictions(predictions: Sequence[Prediction], out: Path) -> Path:
