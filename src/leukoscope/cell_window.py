@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale
+
 
 def window_box(box: Sequence[float], image_size: tuple[int, int], *, um_per_px: float | None = None,
                window_um: float | None = None, margin: float = 0.1) -> tuple[int, int, int, int]:
@@ -67,3 +69,21 @@ def centre_window(image: Image.Image, um_per_px: float, window_um: float) -> Ima
                        tuple(int(v) for v in np.median(border, axis=0)))
     canvas.paste(image.convert("RGB"), (-rect[0], -rect[1]))
     return canvas
+
+
+def frame_single_cell(image: Image.Image, window_um: float, um_per_px: float | None = None, *,
+                      run_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale]:
+    """A single-cell image as a classifier of a ``window_um`` physical window was trained to see it: that
+    many micrometres around the image's centre at ``um_per_px`` or, not given, the scale its red cells
+    give (:func:`leukoscope.scale.field_scale`), or the run's (``run_um_per_px``: the images' scale
+    together, :func:`leukoscope.scale.run_scale`) when they give none or one far off it, as in smear
+    analysis. An image without any is returned whole with an 'unknown' scale (the cell then looks bigger
+    or smaller than any the classifier learned)."""
+    scale = field_scale(image, um_per_px)
+    if run_um_per_px is not None and (not scale.known or disagrees_with_run(scale, run_um_per_px)):
+        why = (scale.note if not scale.known else f"its own estimate, {scale.um_per_px:.4f} um/px from "
+               f"{scale.red_cells} red cells, is more than {FIELD_RUN_MAX_RATIO:g} times off")
+        scale = FieldScale(run_um_per_px, "run", 0, f"{why}: framed at the images' scale together")
+    if not scale.known:
+        return image, scale
+    return centre_window(image, float(scale.um_per_px), window_um), scale

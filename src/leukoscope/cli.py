@@ -328,14 +328,31 @@ def evaluate(
                                 "(a bundle from `leukoscope export`); an exported int8 bundle is scored as int8 "
                                 "unless torch."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's)."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Classifier bundles: pixel size of the "
+                                              "images (micrometres); default: as predict, each image's own "
+                                              "scale, else the images' together."),
+    as_given: bool = typer.Option(False, "--as-given", help="Classifier bundles: score each image whole, as it is "
+                                  "(crops already cut at the classifier's window, e.g. a training set's)."),
 ) -> None:
-    """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder)."""
+    """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder).
+
+    A classifier trained on a physical window (the shipped one: 24 um) scores each image as predict
+    classifies it: that many micrometres around its centre, at --um-per-px or the scale the image's red
+    cells give (else the images' scale together); an image with none is scored whole, and the report
+    says how many. --as-given scores crops already cut at the window as they are.
+    """
     from leukoscope.data.readers import check_dataset_path
 
     if backend not in BACKENDS:
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
+    if um_per_px is not None and as_given:
+        _fail("--um-per-px frames each image at that scale; --as-given takes the images as they are: give one")
+    if um_per_px is not None:
+        from leukoscope.scale import checked_um_per_px
+
+        _run(checked_um_per_px, um_per_px, "--um-per-px")
 
     spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
@@ -347,8 +364,8 @@ def evaluate(
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
-    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data}
-               if info.task == "detect" else {"--split": split})
+    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data, "--um-per-px": um_per_px,
+                "--as-given": as_given} if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
         _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
@@ -367,9 +384,15 @@ def evaluate(
                       f"on {metrics['n_images']} images")
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
+        if um_per_px is not None and info.preprocessing.cell_window_um is None:
+            console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
+                          "(it takes each image whole)", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
-                       threads=threads)
+                       threads=threads, frame=not as_given, um_per_px=um_per_px)
+        if metrics.get("framing"):
+            said = "[yellow]framing:[/yellow]" if metrics["framing"]["whole"] else "framing:"
+            console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
                       f"on {metrics['n']} images")
     print(out / "report.html")

@@ -24,14 +24,14 @@ from PIL import Image
 from scipy.special import softmax
 
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
-from leukoscope.cell_window import centre_window
+from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import stack_pixels
 from leukoscope.pretrained import resolve_bundle
-from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale
+from leukoscope.scale import FieldScale
 
 if TYPE_CHECKING:
     import torch
@@ -148,14 +148,7 @@ class CellClassifier:
         than any it learned). A classifier without a window takes the image as it is (scale None)."""
         if self.window_um is None:
             return image, None
-        scale = field_scale(image, um_per_px)
-        if run_um_per_px is not None and (not scale.known or disagrees_with_run(scale, run_um_per_px)):
-            why = (scale.note if not scale.known else f"its own estimate, {scale.um_per_px:.4f} um/px from "
-                   f"{scale.red_cells} red cells, is more than {FIELD_RUN_MAX_RATIO:g} times off")
-            scale = FieldScale(run_um_per_px, "run", 0, f"{why}: framed at the images' scale together")
-        if not scale.known:
-            return image, scale
-        return centre_window(image, float(scale.um_per_px), self.window_um), scale
+        return frame_single_cell(image, self.window_um, um_per_px, run_um_per_px=run_um_per_px)
 
     def _to_prediction(self, source: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         top = int(probs.argmax())

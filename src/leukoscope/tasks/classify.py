@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from PIL import Image
+
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
+from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
+from leukoscope.data.dataset import decode_manifest
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
@@ -32,6 +38,7 @@ from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
 from leukoscope.pretrained import resolve_bundle
+from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, run_scale
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +203,17 @@ def evaluate_bundle(
     show_progress: bool = True,
     backend: str = "torch",
     threads: int | None = None,
+    frame: bool = False,
+    um_per_px: float | None = None,
 ) -> dict:
     """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``;
     ``backend`` runs the network (:func:`leukoscope.inference.runtime.load_runtime`).
+
+    ``frame``: each image is a single-cell image framed as ``leukoscope predict`` frames it for a classifier
+    of a physical window (:func:`leukoscope.cell_window.frame_single_cell`: at ``um_per_px``, else each
+    image's own scale, else the images' scale together); without it, or for a classifier without a
+    window, images are scored as they are (crops already cut at the window, as training's). The
+    metrics' ``framing`` says how many were framed, at which scales, and how many were scored whole.
 
     Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
     training or validation part: such a score says nothing about new images.
@@ -232,8 +247,17 @@ def evaluate_bundle(
         log.warning(message)
         notes.append(f"Warning: {message}.")
     preprocessing = info.preprocessing
+    to_pixels, framing = preprocessing.pixels, None
+    if frame and preprocessing.cell_window_um is not None:
+        to_pixels, framing = _framed_pixels(preprocessing, manifest, um_per_px)
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
-        pixels, kept, report = preprocessing.decode(manifest, on_corrupt=on_corrupt, progress=counter_callback(update))
+        pixels, kept, report = decode_manifest(manifest, to_pixels, on_corrupt=on_corrupt,
+                                               progress=counter_callback(update))
+    if framing is not None:
+        framing = framing.summary()
+        notes.append(framing["note"])
+        if framing["whole"]:
+            log.warning(framing["note"])
     logits = runtime.outputs(pixels)[0] / info.temperature
     if runtime.backend != "torch":
         precision = (info.export or {}).get("precision", "float32")
@@ -247,5 +271,44 @@ def evaluate_bundle(
         np.asarray(kept.targets), logits, info.classes, Path(out_dir),
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
-               "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend},
+               "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend,
+               "framing": framing},
     )
+
+
+@dataclass
+class _Framing:
+    """How a run's single-cell images were framed for a classifier's window (one scale per image)."""
+
+    window_um: float
+    run_um_per_px: float | None
+    scales: list[FieldScale] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        sources = Counter(scale.source for scale in self.scales if scale.known)
+        framed, whole = sum(sources.values()), sum(1 for scale in self.scales if not scale.known)
+        note = (f"{framed} of {len(self.scales)} images framed on {self.window_um:g} um around their centre "
+                f"(scale: {', '.join(f'{n} {source}' for source, n in sorted(sources.items())) or 'none'})")
+        if whole:
+            note += (f"; {whole} had no scale (too few isolated red cells) and were scored whole, although the "
+                     f"classifier expects {self.window_um:g} um around the cell: pass --um-per-px, or --as-given "
+                     f"for crops already cut at that window")
+        return {"window_um": self.window_um, "framed": framed, "whole": whole, "scale_sources": dict(sources),
+                "run_um_per_px": self.run_um_per_px, "note": note + "."}
+
+
+def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest,
+                   um_per_px: float | None) -> tuple[Callable[[Image.Image], Any], _Framing]:
+    """``preprocessing.pixels`` of each image framed for the classifier's window, and the record of how."""
+    run = None
+    if um_per_px is None and len(manifest) >= RUN_SCALE_MIN_ESTIMATES:
+        estimate = run_scale([sample.path for sample in manifest])
+        run = estimate.um_per_px if estimate.known else None
+    framing = _Framing(float(preprocessing.cell_window_um), run)
+
+    def to_pixels(image: Image.Image):
+        framed, scale = frame_single_cell(image, framing.window_um, um_per_px, run_um_per_px=run)
+        framing.scales.append(scale)
+        return preprocessing.pixels(framed)
+
+    return to_pixels, framing
