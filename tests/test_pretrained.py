@@ -243,6 +243,28 @@ def test_calibrate_ood_leaves_a_shipped_model_alone(shipped: Path, synthetic_roo
     assert not (shipped / DEFAULT_CLASSIFIER / "ood.safetensors").exists()
 
 
+def test_a_shipped_model_is_never_exported_into_the_package(shipped: Path, synthetic_root: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advice of a backend without a graph names an export to a folder of its own, and an export of a
+    shipped model's folder (given as a path) will not write beside it, inside the installed package."""
+    cell = next(synthetic_root.rglob("*.png"))
+    advised = invoke("predict", cell, "--bundle", f"pretrained:{DEFAULT_CLASSIFIER}", "--backend", "onnxruntime",
+                     "--out", tmp_path / "p.csv")
+    said = " ".join(advised.output.split())
+    assert advised.exit_code == 2, advised.output
+    assert (f"run `leukoscope export --bundle pretrained:{DEFAULT_CLASSIFIER} --format onnx --out "
+            f"{DEFAULT_CLASSIFIER}-onnx` first and pass --bundle {DEFAULT_CLASSIFIER}-onnx") in said
+    for out in (["--out", shipped / "beside-it"], ["--out", shipped / DEFAULT_CLASSIFIER]):
+        refused = invoke("export", "--bundle", shipped / DEFAULT_CLASSIFIER, "--format", "onnx", *out)
+        assert refused.exit_code == 2, (out, refused.output)
+        assert "shipped model" in refused.output or "inside the installed package" in refused.output, refused.output
+    monkeypatch.chdir(tmp_path)  # by default, the working folder, as for pretrained:NAME
+    exported = invoke("export", "--bundle", shipped / DEFAULT_CLASSIFIER, "--format", "onnx")
+    assert exported.exit_code == 0 and (tmp_path / f"{DEFAULT_CLASSIFIER}-onnx" / "model.onnx").is_file()
+    assert sorted(p.name for p in shipped.iterdir()) == sorted([DEFAULT_DETECTOR, DEFAULT_CLASSIFIER, "README.md",
+                                                                "half-copied"])
+
+
 def test_bad_names_fail_before_torch_is_imported(tmp_path: Path) -> None:
     code = """
 import sys

@@ -36,7 +36,8 @@ import typer
 from rich.markup import escape
 
 from leukoscope.pretrained import (DEFAULT_CLASSIFIER, DEFAULT_DETECTOR, PREFIX, is_pretrained_spec, list_pretrained,
-                                   model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle)
+                                   model_card, peek_bundle, pretrained_names, pretrained_root, resolve_bundle,
+                                   shipped_spec)
 from leukoscope.progress import console, name_some
 
 #: `predict`/`analyze`/`evaluate --backend` choices (leukoscope.inference.runtime.BACKENDS, which imports torch).
@@ -555,13 +556,16 @@ def _export_out(spec: str, bundle: Path, out: Optional[Path], suffix: str) -> Pa
     """Where `export` writes: ``--out``, else ``<bundle>-<suffix>`` beside the bundle (``./NAME-<suffix>`` for
     a shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
     (the graph is added to it); any other folder must be new or empty."""
+    shipped = shipped_spec(bundle)  # given as pretrained:NAME or as its folder: nothing is written inside
     if out is None:
         name = f"{bundle.name}-{suffix}"
-        out = Path(name) if is_pretrained_spec(spec) else bundle.parent / name
+        out = Path(name) if shipped else bundle.parent / name
     if out.resolve() == bundle.resolve():
-        if is_pretrained_spec(spec):
-            _fail(f"{spec} is a shipped model: export it to another folder (--out DIR)")
+        if shipped:
+            _fail(f"{shipped} is a shipped model: export it to another folder (--out DIR)")
         return out
+    if shipped and out.resolve().parent == bundle.resolve().parent:
+        _fail(f"{out} is inside the installed package's shipped models: choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"{out} already exists and is not empty: choose another --out (or remove it)")
     return out

@@ -100,6 +100,24 @@ def is_pretrained_spec(spec: str | Path | None) -> bool:
     return spec is not None and str(spec).startswith(PREFIX)
 
 
+def shipped_spec(directory: str | Path) -> str | None:
+    """``pretrained:NAME`` when ``directory`` is a shipped model's own folder (inside the installed package,
+    where nothing may be written), else None."""
+    directory = Path(directory).resolve()
+    return PREFIX + directory.name if directory.parent == pretrained_root().resolve() else None
+
+
+def export_advice(directory: str | Path, export_format: str) -> str:
+    """The command that gives ``directory`` a graph: for a shipped model, an export to a folder of its own
+    (the package's folder stays as installed) and the ``--bundle`` to use then."""
+    shipped = shipped_spec(directory)
+    if shipped is None:
+        return f"run `leukoscope export --bundle {directory} --format {export_format}` first"
+    name = f"{shipped[len(PREFIX):]}-{export_format}"
+    return (f"it is a shipped model: run `leukoscope export --bundle {shipped} --format {export_format} --out "
+            f"{name}` first and pass --bundle {name}")
+
+
 def peek_bundle(directory: str | Path) -> BundlePeek:
     """The task, architecture, classes and preprocessing of a bundle folder, from its JSON only."""
     directory = Path(directory)

@@ -29,6 +29,7 @@ import numpy as np
 from leukoscope.bundle import ONNX_FILE, BundleError, BundleInfo, check_export_matches
 from leukoscope.inference import rcnn_glue
 from leukoscope.inference.rcnn_glue import RcnnSettings
+from leukoscope.pretrained import export_advice
 
 DETECTOR_BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 #: What ``auto`` tries first for an exported detector (measured on the shipped detector, docs/benchmarks.md).
@@ -208,8 +209,8 @@ def choose_detector_backend(backend: str, info: BundleInfo, directory: str | Pat
         return next((name for name in AUTO_ORDER if exported and installed(name)), "torch")
     if backend != "torch":
         if not exported:
-            raise BundleError(f"{directory} has no exported detector graph: run `leukoscope export --bundle "
-                              f"{directory} --format onnx` first, or use --backend torch")
+            raise BundleError(f"{directory} has no exported detector graph: {export_advice(directory, 'onnx')}, "
+                              f"or use --backend torch")
         if not installed(backend):
             raise BundleError(f"--backend {backend} needs {backend}: pip install 'leukoscope[{_EXTRA[backend]}]'")
     return backend

@@ -27,6 +27,7 @@ import numpy as np
 
 from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, over_views
+from leukoscope.pretrained import export_advice
 
 if TYPE_CHECKING:
     import torch
@@ -218,8 +219,7 @@ def choose_backend(backend: str, info: BundleInfo, directory: str | Path) -> str
                           f"(--backend torch); export of classical models is not supported yet")
     if info.export is None:
         graph, fmt = ("ONNX graph", "onnx") if backend == "onnxruntime" else ("exported graph", "openvino")
-        raise BundleError(f"{directory} has no {graph}: run `leukoscope export --bundle {directory} --format {fmt}` "
-                          f"first, or use --backend torch")
+        raise BundleError(f"{directory} has no {graph}: {export_advice(directory, fmt)}, or use --backend torch")
     if backend not in runnable:
         raise BundleError(f"{directory} holds an {info.export.get('format')} graph, which {backend} cannot run: "
                           f"use --backend {' or '.join(runnable)} (or torch), or export it with --format onnx")
