@@ -112,6 +112,8 @@ def test_card_summary_is_the_first_line_of_text(tmp_path: Path) -> None:
     card = tmp_path / "card.md"
     card.write_text("# Title\n\n<!-- generated -->\n## Sub\nFirst words.\nSecond line.\n")
     assert card_summary(card) == "First words."
+    card.write_text("# Title\nTypes a cell: eight types and **blast**, at `24 um`.\n")
+    assert card_summary(card) == "Types a cell: eight types and blast, at 24 um."
     card.write_text("# Only a heading\n")
     assert card_summary(card) == ""
 
@@ -132,21 +134,22 @@ def test_the_package_folder_is_the_default(monkeypatch: pytest.MonkeyPatch) -> N
 def test_models_lists_the_shipped_models_and_prints_a_card(shipped: Path) -> None:
     listed = invoke("models", "--pretrained")
     assert listed.exit_code == 0, listed.output
-    lines = {line.split()[0]: line for line in listed.output.splitlines() if line.strip()}
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}  # the answer: stdout
     assert lines["smear-detector"].split()[1:3] == ["detect", "3"]
     assert lines["wbc-classifier"].split()[1:3] == ["classify", "4"]
     assert "MB" in lines["wbc-classifier"] and "Names the type of a white cell." in lines["wbc-classifier"]
     assert "half-copied" not in listed.output
     card = invoke("models", "--card", "wbc-classifier")
     assert card.exit_code == 0, card.output
-    assert "wbc-classifier" in card.output and "Names the type of a white cell." in card.output
+    assert "wbc-classifier" in card.stdout and "Names the type of a white cell." in card.stdout
     assert "Generated cells." in card.output and "## Data" not in card.output  # rendered, not raw Markdown
     unknown = invoke("models", "--card", "nope")
     assert unknown.exit_code == 2 and "no shipped model 'nope'" in unknown.output
     assert "shipped: smear-detector, wbc-classifier" in " ".join(unknown.output.split())
     assert invoke("models", "--card", "pretrained:smear-detector").exit_code == 0
     trainable = invoke("models")
-    assert trainable.exit_code == 0 and "abas_cnn" in trainable.output and "wbc-classifier" not in trainable.output
+    assert trainable.exit_code == 0 and "abas_cnn" in trainable.stdout and "wbc-classifier" not in trainable.output
+    assert "{num_classes}" not in trainable.stdout
 
 
 def test_models_pretrained_on_an_empty_install(nothing_shipped: Path) -> None:

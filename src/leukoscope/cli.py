@@ -93,11 +93,14 @@ def models(
     card: Optional[str] = typer.Option(None, "--card", help="Print the model card of shipped model NAME."),
 ) -> None:
     """List the models that can be trained (or, with --pretrained, the shipped trained ones)."""
+    from rich.console import Console
+
+    listing = Console(soft_wrap=True)  # the answer goes to stdout (to a pipe or a file), messages to stderr
     if card is not None:
         from rich.markdown import Markdown
 
         text = _run(model_card, card)
-        console.print(Markdown(text))
+        listing.print(Markdown(text))
         return
     if pretrained:
         shipped = _run(list_pretrained)
@@ -105,10 +108,10 @@ def models(
             console.print(f"no shipped models in this install ({pretrained_root()} holds none); train your own "
                           f"with `leukoscope train`, or retrain them with python bench/zoo.py")
             return
-        console.print(f"{'name':<20} {'task':<9} {'classes':>7} {'size':>9}  summary")
+        listing.print(f"{'name':<20} {'task':<9} {'classes':>7} {'size':>9}  summary")
         for model in shipped:
-            console.print(f"{model.name:<20} {model.task:<9} {len(model.classes):>7} "
-                          f"{model.size_bytes / 1e6:>6.1f} MB  {escape(model.summary)}", soft_wrap=True)
+            listing.print(f"{model.name:<20} {model.task:<9} {len(model.classes):>7} "
+                          f"{model.size_bytes / 1e6:>6.1f} MB  {escape(model.summary)}")
         return
     from leukoscope.models import list_models, model_entry
 
@@ -116,7 +119,7 @@ def models(
     width = max(len(name) for name in names) + 1  # one column, however long the longest name
     for name in names:
         entry = model_entry(name)
-        console.print(f"{name:<{width}} {entry.kind:<11} {entry.description}", soft_wrap=True)
+        listing.print(f"{name:<{width}} {entry.kind:<11} {escape(entry.description)}")
 
 
 # Argument checks run before the heavy imports (torch takes seconds to load), so a

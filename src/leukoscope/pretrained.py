@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ def peek_bundle(directory: str | Path) -> BundlePeek:
 
 
 def card_summary(card: Path) -> str:
-    """The first line of a Markdown card that is neither blank, a heading, front matter nor a comment."""
+    """The first line of a Markdown card that is neither blank, a heading, front matter nor a comment, as
+    plain text (emphasis and code marks dropped: it is shown in a terminal's table)."""
     lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
     if lines and lines[0].strip() == "---":  # YAML front matter, as Hugging Face cards have
         closing = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), 0)
@@ -145,7 +147,7 @@ def card_summary(card: Path) -> str:
     for line in lines:
         text = line.strip()
         if text and not text.startswith(("#", "<!--", "---", "===")):
-            return text
+            return re.sub(r"(\*\*|__|`)(.+?)\1", r"\2", text)
     return ""
 
 

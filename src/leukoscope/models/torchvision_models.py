@@ -98,7 +98,7 @@ def _register(arch: str) -> Callable[..., nn.Module]:
                 norm: Literal["batch", "group"] = "batch") -> nn.Module:
         return build_torchvision_classifier(arch, num_classes, weights, freeze_backbone, norm)
 
-    builder.__doc__ = f"torchvision {arch} with a new {{num_classes}}-way head."
+    builder.__doc__ = f"torchvision {arch} with a new head for the data's classes."
     return register_model(arch)(builder)
 
 
