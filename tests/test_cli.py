@@ -163,6 +163,7 @@ def test_bad_options_and_outputs_are_one_line_errors(tmp_path: Path, trained_bun
             (["predict", cell, "--bundle", trained_bundle, "--out", tmp_path / "afile" / "p.csv"], "is a file"),
             (["analyze", cell, "--detector-threshold", "2"], "detector threshold must be in [0, 1], got 2.0"),
             (["predict", cell, "--bundle", trained_bundle, "--batch-size", "0"], "--batch-size must be at least 1"),
+            (["predict", cell, "--bundle", trained_bundle, "--out", tmp_path / "p.txt"], "must end in .csv or .json"),
             (["predict", cell, "--bundle", trained_bundle, "--threshold", "1.5"], "--threshold must be in [0, 1]"),
             (["export", "--bundle", trained_bundle, "--out", tmp_path / "x", "--opset", "3"],
              "opset must be between 13 and 20, got 3"),

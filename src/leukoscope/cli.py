@@ -505,6 +505,8 @@ def predict(
         _fail(f"--threads must be at least 1, got {threads}")
     if batch_size < 1:
         _fail(f"--batch-size must be at least 1, got {batch_size}")
+    if out.suffix.lower() not in (".csv", ".json"):  # before any image is read
+        _fail(f"--out {out}: must end in .csv or .json")
     _check_writable_folder(out.parent, "--out")
     if explain is not None:
         _check_writable_folder(explain, "--explain")
