@@ -153,6 +153,10 @@ def test_an_enlarged_field_keeps_the_text_size_of_its_own_size() -> None:
         assert drawn.width == side * enlargement((side, side))
         bands[side] = drawn.height - drawn.width
     assert bands[600] == bands[700] > 0
+    # a thin strip is drawn with letters of its area's size, not of its length (they were 3000 px tall)
+    strip = SmearResult("s.png", 200_000, 10, [], {}, rules.count([]), cell_classes=list(rules.classes))
+    drawn = annotate(Image.new("RGB", (200_000, 10), (230, 200, 210)), strip)
+    assert drawn.width == 200_000 and drawn.height - 10 < 100
 
 
 def test_smear_analysis_end_to_end(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
