@@ -41,7 +41,7 @@ def test_the_share_rule() -> None:
     assert unfamiliar_warning([]) is None
     assert unfamiliar_warning([True] * 3 + [False] * 7) is None  # 30% is not more than 30%
     warning = unfamiliar_warning([True] * 4 + [False] * 6)
-    assert warning.lower().startswith(UNFAMILIAR_WORDING) and "4 of 10 white cells (40%" in warning
+    assert warning.lower().startswith(UNFAMILIAR_WORDING) and "4 of 10 cells classified (40%" in warning
     assert unfamiliar_warning([True]) and not unfamiliar_warning([True, False], max_share=0.5)
 
 

@@ -81,14 +81,14 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
 
 
 def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UNFAMILIAR_SHARE,
-                       unit: str = "white cells") -> str | None:
+                       unit: str = "cells classified") -> str | None:
     """The warning for cells of which more than ``max_share`` are unfamiliar (out of
     distribution for the classifier); None when there is nothing to say."""
     return unfamiliar_count_warning(sum(bool(u) for u in unfamiliar), len(unfamiliar), max_share, unit)
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,
-                             unit: str = "white cells") -> str | None:
+                             unit: str = "cells classified") -> str | None:
     """:func:`unfamiliar_warning` for ``k`` unfamiliar cells of ``n``."""
     if n == 0 or k / n <= max_share:
         return None
