@@ -543,6 +543,25 @@ def verdicts(controls: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- shipping
+def record_crop_sources(classifier: Path, data: Path, split_file: Path | None = None) -> dict[str, int]:
+    """Record in the classifier's folder the contents of the source images its training and validation crops
+    were cut from (pbc's photographs, all-taleqani's fields; found by the crops' subjects), so that
+    ``leukoscope evaluate`` refuses them as its training data wherever they are
+    (:mod:`leukoscope.data.fingerprints`). ``split_file``: the bundle's split, where the one it records is
+    gone. Returns how many source images each part has."""
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.data.fingerprints import LEARNED_PARTS, OF_CROP_SOURCES, write_training_digests
+    from leukoscope.data.splits import Split
+
+    split = Split.load(split_file or read_bundle_info(classifier).split_file)
+    sources = {f"pbc-{p.stem}": p for p in (data / "pbc").rglob("*.jpg")}
+    sources.update({f"taleqani-{p.stem}": p for p in (data / "all-taleqani").rglob("*.jpg")})
+    parts = {part: sorted({sources[s.subject] for s in split.assignments.get(part, []) if s.subject in sources})
+             for part in LEARNED_PARTS}
+    write_training_digests(classifier, parts, of=OF_CROP_SOURCES)
+    return {part: len(paths) for part, paths in parts.items()}
+
+
 def to_half(bundle: Path, target: Path) -> Path:
     """A copy of the bundle with float weights stored as float16 (loaded back as float32)."""
     from safetensors.torch import load_file, save_file
@@ -851,6 +870,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                                       args.classifier_set)
     elif detector is None:
         detector = train_detector(args.data, args.out, args.detector_epochs, minutes, args.detector_set)
+    if args.classifier is None:  # its crops' source images, for evaluate to refuse (never a given bundle's folder)
+        _say(f"source images of the classifier's crops recorded: {record_crop_sources(classifier, args.data)}")
     from leukoscope.bundle import read_bundle_info
 
     results: dict[str, Any] = {"scales": scales, "window_um": args.window_um, "cnmc_cell_um": args.cnmc_cell_um,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,13 @@ def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root:
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == 96 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "ev" / "report.html").exists()
+    # copied elsewhere and renamed, they are still its training images: the bundle records their contents
+    moved = tmp_path / "moved" / "blast"
+    moved.mkdir(parents=True)
+    for number, image in enumerate(sorted((synthetic_root / "blast").iterdir())):
+        shutil.copy(image, moved / f"copy{number}.png")
+    copied = invoke("evaluate", "--bundle", trained_bundle, "--data", tmp_path / "moved", "--out", tmp_path / "ev2")
+    assert copied.exit_code == 2 and "of its train images" in " ".join(copied.output.split()), copied.output
 
 
 def test_evaluate_rejects_classes_the_model_does_not_know(trained_bundle: Path, synthetic_root: Path,

@@ -183,8 +183,11 @@ def test_evaluate_and_predict_agree_on_pbc_cells(tmp_path: Path) -> None:
         for image in sorted((pbc / kind).glob("*.jpg"))[:6]:  # enough for the images' scale together
             (data / kind / image.name).symlink_to(image)
     runner = CliRunner()
+    refused = runner.invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", str(data),
+                                  "--out", str(tmp_path / "ev")])
+    assert refused.exit_code == 2 and "source images of its train crops" in " ".join(refused.output.split())
     scored = runner.invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", str(data),
-                                 "--out", str(tmp_path / "ev")])
+                                 "--out", str(tmp_path / "ev"), "--allow-training-data"])  # pbc is its training source
     assert scored.exit_code == 0, scored.output
     accuracy = json.loads((tmp_path / "ev" / "metrics.json").read_text())["accuracy"]
     out = tmp_path / "p.csv"

@@ -24,6 +24,8 @@ from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest
+from leukoscope.data.fingerprints import (LEARNED_PARTS, OF_IMAGES, describe_overlap, digest_overlap,
+                                         read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
@@ -119,6 +121,8 @@ def run_experiment(
             ),
             ood_arrays=ood_arrays,
         )
+        learned = Split.load(prepared.split_file).assignments
+        write_training_digests(bundle_dir, {part: [s.path for s in learned.get(part, [])] for part in LEARNED_PARTS})
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return RunResult(run_dir, bundle_dir, metrics, result)
 
@@ -172,9 +176,15 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
 
 
 # --------------------------------------------------------------------------- evaluate a bundle
-def training_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int], str | None]:
-    """How many images of ``manifest`` the bundle trained or chose its epoch on, per part of
-    its recorded split, and a note when that split cannot be read (then nothing is known)."""
+def training_overlap(info: BundleInfo, manifest: Manifest,
+                     directory: Path | None = None) -> tuple[dict[str, int], str | None]:
+    """How many images of ``manifest`` the bundle trained or chose its epoch on, per part: by content when
+    its folder (``directory``) records their digests (:mod:`leukoscope.data.fingerprints`: found wherever
+    they are now, and the source images of crops), else by path in its recorded split; and a note when
+    neither can be read (then nothing is known)."""
+    record = read_training_digests(directory) if directory is not None else None
+    if record is not None:
+        return digest_overlap(record, [s.path for s in manifest]), None
     split_file = info.split_file
     if split_file is None:
         return {}, "the bundle records no training split: the data may include images it was trained on"
@@ -231,19 +241,21 @@ def evaluate_bundle(
         if len(manifest) == 0:
             raise DatasetError(f"no image of {data} is in the {subset!r} part of {split_file}")
     manifest = manifest.with_classes(info.classes)  # fails clearly on classes the model does not know
-    overlap, unknown = training_overlap(info, manifest)
+    overlap, unknown = training_overlap(info, manifest, directory)
     notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" ({subset} part of {split_file})" if split_file else "") + "."]
     if unknown:
         log.warning(unknown)
         notes.append(f"Warning: {unknown}.")
     if overlap:
-        described = " and ".join(f"{n} of its {part} images" for part, n in overlap.items())
-        message = (f"{data} holds {described} (split {info.split_file}): a score on them says nothing about "
-                   f"new images")
+        record = read_training_digests(directory)
+        of = record["of"] if record is not None else OF_IMAGES
+        where = f" (split {info.split_file})" if of == OF_IMAGES else " (as its folder records them)"
+        message = f"{data} holds {describe_overlap(overlap, of)}{where}: a score on them says nothing about new images"
         if not allow_training_data:
-            raise DatasetError(f"{message}; evaluate its test part with --split-file {info.split_file}, "
-                               f"or pass --allow-training-data")
+            advice = (f"evaluate its test part with --split-file {info.split_file}, or "
+                      if of == OF_IMAGES and info.split_file is not None and info.split_file.is_file() else "")
+            raise DatasetError(f"{message}; {advice}pass --allow-training-data to score them anyway")
         log.warning(message)
         notes.append(f"Warning: {message}.")
     preprocessing = info.preprocessing
