@@ -88,7 +88,12 @@ def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
                                     "--out", str(tmp_path / "eval")])
     assert evaluated.exit_code == 0, evaluated.output
     assert (tmp_path / "eval" / "report.html").is_file()
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_images"] == 10
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["n_images"] == 10
+    # the folder holds its training images, known by content: the console and the report say so
+    assert scored["training_overlap"].get("train", 0) > 0
+    assert "include the detector's training images" in " ".join(evaluated.output.split())
+    assert "says nothing about new images" in (tmp_path / "eval" / "report.html").read_text()
 
     bad = runner.invoke(app, ["train-detector", "--data", str(smear_root), "train.epoch=1"])
     assert bad.exit_code == 2 and "did you mean" in bad.output

@@ -7,6 +7,7 @@ bundle says ``task: detect``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
 from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, read_training_digests,
+                                         write_training_digests)
 from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import DetectionExperimentConfig, resolve_detection_init
 from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
@@ -30,8 +33,11 @@ from leukoscope.evaluation.report import format_value
 from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
+from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import say
 from leukoscope.scale import source_scale
+
+log = logging.getLogger(__name__)
 
 
 def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) -> torch.nn.Module:
@@ -137,6 +143,8 @@ def run_detection_experiment(
         info.provenance = {"run_dir": str(run_dir.resolve()), "dataset": config.data.path,
                            "config": config.to_dict()}
         bundle_dir = save_bundle(run_dir / "bundle", model, info)
+        write_training_digests(bundle_dir, {part: [image.image_path for image in splits.parts.get(part, [])]
+                                            for part in LEARNED_PARTS})
         say(f"{eval_name}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
             f"({metrics['n_images']} images); report: {run_dir / 'report.html'}")
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
@@ -177,6 +185,13 @@ def evaluate_detector_bundle(
     if dataset.issues:
         notes.append(f"{len(dataset.issues)} annotation problem(s) skipped: "
                      + "; ".join(str(i) for i in dataset.issues[:5]) + (" ..." if len(dataset.issues) > 5 else ""))
+    record = read_training_digests(resolve_bundle(bundle))
+    learned = digest_overlap(record, [image.image_path for image in images]) if record is not None else {}
+    if learned:  # a warning, not a refusal: a detector's score is read with its split (--split) in mind
+        message = (f"{data} holds {describe_overlap(learned, record['of'])} (as its folder records them): a score "
+                   f"on them says nothing about new images")
+        log.warning(message)
+        notes.append(f"Warning: {message}.")
     trained_on = detector.info.provenance.get("dataset")
     if trained_on:
         notes.append(f"The detector was trained on {trained_on}; BCCD and CBC show the same smears, so never "
@@ -192,7 +207,7 @@ def evaluate_detector_bundle(
         notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "split": split,
                "seconds_per_image": measure_seconds_per_image(detector, images[0]), "backend": detector.backend,
-               "precision": precision,
+               "precision": precision, "training_overlap": learned,
                "annotation_issues": [i.as_dict() for i in dataset.issues]},
     )
 
