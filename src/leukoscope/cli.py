@@ -266,7 +266,7 @@ def search(
     data: Optional[str] = typer.Option(None, "--data"),
     model: Optional[str] = typer.Option(None, "--model"),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Grid search; the chosen run is the best by validation score."""
     cfg = _load_config(config, overrides or [], data, model, split_file)
@@ -692,7 +692,7 @@ def export(
 def demo(
     out: Path = typer.Option(Path("leukoscope-demo"), "--out", help="Folder for data and run."),
     minutes: float = typer.Option(2.0, help="Training time budget."),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Generate synthetic stained cells, train ~2 minutes, evaluate, write the report."""
     from leukoscope.demo import run_demo
@@ -1041,7 +1041,7 @@ def analyze(
                                          "many as the nodes can place, each node's CPUs / --threads)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
                                       "row in the output holds an error (others already there are skipped)."),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
 
