@@ -210,3 +210,24 @@ def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, cla
     output = " ".join(result.output.split())
     assert "WARNING: The detector has no recorded test AP@0.5 for white cells" in output
     assert "per-image cap" in output and LEUKEMIA_WORDING not in output
+
+
+def test_fields_analysed_at_a_guessed_scale_never_give_the_slide_a_leukemia_flag() -> None:
+    """A field without a scale (no red cells, no run's) is analysed at the detector's training scale and
+    warned; the slide pooled from such fields is warned too, and has no leukemia flag, however many
+    blasts its fields hold."""
+    from leukoscope.inference.smear_output import FolderSummary
+
+    detector = FixedDetector(grid_boxes(40), metrics=VERIFIED)
+    detector.info.um_per_px = 0.08  # trained at a scale: a field's scale matters
+    analyzer = SmearAnalyzer(detector, constant_classifier(BLAST_OR_LYMPHOCYTE, "blast"))
+    results = [analyzer.analyze(FIELD, f"{name}.png") for name in ("a", "b", "c")]
+    assert all(r.scale["source"] == "unknown" and not r.differential.acute_leukemia_flag for r in results)
+    summary = FolderSummary(results, analyzer.rules, ["WBC"])
+    pooled = summary.pooled
+    # the same count at a known scale would be flagged
+    assert Differential.from_labels(["blast"] * 120, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag
+    assert pooled.total == 120 and no_leukemia_flag(pooled) and not pooled.acute_leukemia_flag
+    (warning,) = summary.warnings
+    assert warning.startswith("3 of 3 fields had no scale (a.png, b.png, c.png)")
+    assert pooled.flags[0] == f"WARNING: {warning}"

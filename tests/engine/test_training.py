@@ -179,10 +179,10 @@ def test_class_map_merges_labels(synthetic_root: Path, tmp_path: Path) -> None:
 
 
 def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path) -> None:
-    config = _config(synthetic_root, tmp_path, "name=grid", "search.lr=[0.001,0.0]", "search.epochs=[1]")
+    config = _config(synthetic_root, tmp_path, "name=grid", "search.lr=[0.001,1e-9]", "search.epochs=[1]")
     assert grid(config) == [
         {"model.name": "mobilenet_v3_small", "train.epochs": 1, "train.lr": lr, "train.optimizer": "adam",
-         "train.batch_size": 16} for lr in (0.001, 0.0)
+         "train.batch_size": 16} for lr in (0.001, 1e-9)
     ]
     result = run_search(config, show_progress=False)
     rows = json.loads((result.search_dir / "results.json").read_text())

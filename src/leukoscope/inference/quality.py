@@ -80,6 +80,14 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
             f"were dropped, the count is unreliable.")
 
 
+def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -> str:
+    """The slide's warning when ``unscaled`` of its ``of`` fields were analysed at a guessed scale."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{unscaled} of {of} field{'' if of == 1 else 's'} had no scale{f' ({shown})' if shown else ''} and were "
+            f"analysed at the detector's training scale: white cells may be missed or mistyped; state the "
+            f"microscope's scale (--um-per-px).")
+
+
 def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UNFAMILIAR_SHARE,
                        unit: str = "cells classified") -> str | None:
     """The warning for cells of which more than ``max_share`` are unfamiliar (out of

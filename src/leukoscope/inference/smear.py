@@ -56,11 +56,11 @@ _NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thr
 TILE_MODEL_PIXELS = 2048
 
 
-def unscaled_warning(assumed_um_per_px: float) -> str:
-    """The warning of a field analysed without a scale of its own or its run's, at the detector's."""
-    return (f"no scale for this field (too few isolated red cells to measure): analysed at "
-            f"{assumed_um_per_px:.4f} um/px, the detector's training scale; white cells may be missed or "
-            f"mistyped: state the microscope's scale (--um-per-px)")
+def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
+    """The warning of a field analysed without a scale of its own or its run's, at the detector's (``why``:
+    the estimate's note)."""
+    return (f"no scale for this field ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
+            f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
 
 
 def _checked_run_scale(um_per_px: float | None) -> float | None:
@@ -415,7 +415,7 @@ class SmearAnalyzer:
             warnings.append(unfamiliar)
         if not scale.known and working_um_per_px is not None:
             # The models work at a scale and the field's is a guess: the field says so itself.
-            warnings.append(unscaled_warning(working_um_per_px))
+            warnings.append(unscaled_warning(working_um_per_px, scale.note))
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}

@@ -16,7 +16,8 @@ from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_count_warning
+from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_count_warning,
+                                          unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -107,13 +108,19 @@ class FolderSummary:
 
     @property
     def warnings(self) -> list[str]:
-        """The detector's warnings; when any field hit the detection cap, one naming those fields; and
+        """The detector's warnings; when any field hit the detection cap, one naming those fields; when any
+        was analysed at a guessed scale (the detector's), one naming those; and
         when more than ``unfamiliar_share`` of the slide's cells are unfamiliar, that warning (by the
         fields' rule on the pooled cells: one unusual field among many does not stop the slide's count,
         its own row carries its warning)."""
         capped = [Path(r.source).name for r in self.results if r.capped_tiles]
         read = [r for r in self.results if r.error is None]
         warnings = self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
+        # No leukemia flag of the slide rests on a guessed scale, as none of a field's does.
+        unscaled = [Path(r.source).name for r in read if r.scale and r.scale.get("source") == "unknown"
+                    and r.scale.get("analysed_at_um_per_px")]
+        if unscaled:
+            warnings.append(unscaled_fields_warning(len(unscaled), len(read), unscaled))
         tally = self._tally()
         unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share)
         return warnings + ([unfamiliar] if unfamiliar else [])
