@@ -556,6 +556,11 @@ def record_crop_sources(classifier: Path, data: Path, split_file: Path | None = 
     split = Split.load(split_file or read_bundle_info(classifier).split_file)
     sources = {f"pbc-{p.stem}": p for p in (data / "pbc").rglob("*.jpg")}
     sources.update({f"taleqani-{p.stem}": p for p in (data / "all-taleqani").rglob("*.jpg")})
+    learned = [s for part in LEARNED_PARTS for s in split.assignments.get(part, [])]
+    unknown = sorted({s.subject for s in learned if s.subject not in sources})
+    if unknown:  # a crop whose source is not found here cannot be refused: say so
+        _say(f"warning: the source images of {len(unknown)} crop subject(s) are not in {data} "
+             f"(e.g. {unknown[0]}): not recorded")
     parts = {part: sorted({sources[s.subject] for s in split.assignments.get(part, []) if s.subject in sources})
              for part in LEARNED_PARTS}
     write_training_digests(classifier, parts, of=OF_CROP_SOURCES)

@@ -387,9 +387,11 @@ def evaluate(
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
                       f"on {metrics['n_images']} images")
         if metrics.get("training_overlap"):
-            learned = " and ".join(f"{n} of its {part}" for part, n in metrics["training_overlap"].items())
+            from leukoscope.data.fingerprints import describe_overlap
+
             console.print(f"[yellow]warning:[/yellow] these images include the detector's training images "
-                          f"({learned}): the score says nothing about new images", soft_wrap=True)
+                          f"({describe_overlap(metrics['training_overlap'])}): the score says nothing about new "
+                          f"images", soft_wrap=True)
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
         if um_per_px is not None and info.preprocessing.cell_window_um is None:

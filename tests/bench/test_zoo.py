@@ -60,9 +60,9 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
     # the source images of its crops are on record: evaluate refuses pbc's photographs it learned from
     from leukoscope.data.fingerprints import OF_CROP_SOURCES, digest_overlap, read_training_digests
 
-    sources = read_training_digests(install / "wbc-classifier")
-    assert sources is not None and sources["of"] == OF_CROP_SOURCES
-    assert digest_overlap(sources, sorted((zoo_datasets / "pbc").rglob("*.jpg")))["train"] > 0
+    records = read_training_digests(install / "wbc-classifier")
+    assert records is not None and set(records) == {"images", OF_CROP_SOURCES}  # its crops, and their sources
+    assert digest_overlap(records, sorted((zoo_datasets / "pbc").rglob("*.jpg")))["train sources"] > 0
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
     assert classifier.preprocessing.cell_window_um == 24.0

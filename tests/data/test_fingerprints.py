@@ -10,7 +10,7 @@ from leukoscope.data.fingerprints import (DIGESTS_FILE, OF_CROP_SOURCES, describ
 
 def test_digests_find_copies_and_leave_the_test_part_alone(tmp_path: Path) -> None:
     files = {}
-    for name, content in (("a", b"one"), ("b", b"two"), ("c", b"three"), ("d", b"four")):
+    for name, content in (("a", b"one"), ("b", b"two"), ("c", b"three"), ("d", b"four"), ("e", b"five")):
         files[name] = tmp_path / f"{name}.png"
         files[name].write_bytes(content)
     assert file_digest(files["a"]) == file_digest(files["a"]) != file_digest(files["b"])
@@ -18,20 +18,23 @@ def test_digests_find_copies_and_leave_the_test_part_alone(tmp_path: Path) -> No
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     write_training_digests(bundle, {"train": [files["a"], files["b"]], "val": [files["c"]]})
-    record = read_training_digests(bundle)
-    assert record is not None and record["of"] == "images"
+    # a second kind of record (the images crops were cut from) joins the first, never replaces it
+    write_training_digests(bundle, {"train": [files["e"]]}, of=OF_CROP_SOURCES)
+    records = read_training_digests(bundle)
+    assert records is not None and set(records) == {"images", OF_CROP_SOURCES}
     copy = tmp_path / "elsewhere" / "renamed.jpg"
     copy.parent.mkdir()
     copy.write_bytes(b"one")
-    assert digest_overlap(record, [copy, files["c"], files["d"], tmp_path / "gone.png"]) == {"train": 1, "val": 1}
-    assert digest_overlap(record, [files["d"]]) == {}
-    assert describe_overlap({"train": 2, "val": 1}) == "2 of its train images and 1 of its val images"
-    assert describe_overlap({"train": 2}, OF_CROP_SOURCES) == "2 source images of its train crops"
+    found = digest_overlap(records, [copy, files["c"], files["d"], files["e"], tmp_path / "gone.png"])
+    assert found == {"train": 1, "val": 1, "train sources": 1}
+    assert digest_overlap(records, [files["d"]]) == {}
+    assert describe_overlap(found) == ("1 of its train images and 1 of its val images and 1 source images of its "
+                                       "train crops")
 
 
 def test_a_missing_or_broken_record_is_none(tmp_path: Path) -> None:
     assert read_training_digests(tmp_path) is None
     (tmp_path / DIGESTS_FILE).write_text("{not json")
     assert read_training_digests(tmp_path) is None
-    (tmp_path / DIGESTS_FILE).write_text('{"parts": 3}')
+    (tmp_path / DIGESTS_FILE).write_text('{"records": 3}')
     assert read_training_digests(tmp_path) is None

@@ -35,44 +35,58 @@ def file_digest(path: str | Path) -> str:
 
 #: What a record's digests are of: the images trained on, or the images the training crops were cut from.
 OF_IMAGES, OF_CROP_SOURCES = "images", "crop sources"
+#: How an overlap names the parts whose crops' source images were found (``train sources``).
+SOURCES_SUFFIX = " sources"
 
 
 def write_training_digests(bundle_dir: str | Path, parts: Mapping[str, Iterable[str | Path]], *,
                            of: str = OF_IMAGES) -> Path:
-    """Record the digests of each part's files (``train``, ``val``) in ``bundle_dir``; ``of``:
-    :data:`OF_IMAGES` or :data:`OF_CROP_SOURCES`."""
-    record = {"hash": f"sha256[:{DIGEST_CHARS}]", "of": of,
-              "parts": {part: sorted({file_digest(path) for path in paths}) for part, paths in parts.items()}}
+    """Record the digests of each part's files (``train``, ``val``) in ``bundle_dir`` as what they are ``of``
+    (:data:`OF_IMAGES` or :data:`OF_CROP_SOURCES`), beside a record of the other kind already there."""
+    records = read_training_digests(bundle_dir) or {}
+    records[of] = {part: {file_digest(path) for path in paths} for part, paths in parts.items()}
+    payload = {"hash": f"sha256[:{DIGEST_CHARS}]",
+               "records": {kind: {part: sorted(d) for part, d in record.items()} for kind, record in records.items()}}
     target = Path(bundle_dir) / DIGESTS_FILE
-    target.write_text(json.dumps(record, separators=(",", ":")))
+    target.write_text(json.dumps(payload, separators=(",", ":")))
     return target
 
 
-def read_training_digests(bundle_dir: str | Path) -> dict | None:
-    """The bundle's record (:func:`write_training_digests`); None when it has none or it cannot be read."""
-    path = Path(bundle_dir) / DIGESTS_FILE
+def read_training_digests(bundle_dir: str | Path) -> dict[str, dict[str, set[str]]] | None:
+    """The bundle's records (:func:`write_training_digests`): kind -> part -> digests; None when it has
+    none or they cannot be read."""
     try:
-        record = json.loads(path.read_text())
-        parts = {str(part): set(map(str, digests)) for part, digests in record["parts"].items()}
-        return {"of": str(record.get("of", OF_IMAGES)), "parts": parts}
+        payload = json.loads((Path(bundle_dir) / DIGESTS_FILE).read_text())
+        return {str(kind): {str(part): set(map(str, digests)) for part, digests in record.items()}
+                for kind, record in payload["records"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def digest_overlap(record: dict, paths: Iterable[str | Path]) -> dict[str, int]:
-    """How many of ``paths`` have the contents of an image of each learned part of ``record`` (parts
-    without any left out)."""
+def digest_overlap(records: Mapping[str, Mapping[str, set[str]]], paths: Iterable[str | Path]) -> dict[str, int]:
+    """How many of ``paths`` have the contents of a learned part's image: ``train`` / ``val`` for the images
+    trained on, ``train sources`` / ``val sources`` for the images the training crops were cut from (parts
+    without any left out). Unreadable files are skipped (the scoring reports them)."""
     digests = []
     for path in paths:
         try:
             digests.append(file_digest(path))
-        except OSError:  # unreadable: the scoring reports it
+        except OSError:
             continue
-    found = {part: sum(1 for d in digests if d in record["parts"].get(part, ())) for part in LEARNED_PARTS}
-    return {part: n for part, n in found.items() if n}
+    found: dict[str, int] = {}
+    for kind, record in records.items():
+        for part in LEARNED_PARTS:
+            n = sum(1 for d in digests if d in record.get(part, ()))
+            if n:
+                found[part + (SOURCES_SUFFIX if kind == OF_CROP_SOURCES else "")] = n
+    return found
 
 
-def describe_overlap(overlap: Mapping[str, int], of: str = OF_IMAGES) -> str:
-    """``3 of its train images and 1 of its val images`` (or ``... source images of its train crops``)."""
-    noun = "source images of its {part} crops" if of == OF_CROP_SOURCES else "of its {part} images"
-    return " and ".join(f"{n} {noun.format(part=part)}" for part, n in overlap.items())
+def describe_overlap(overlap: Mapping[str, int]) -> str:
+    """``3 of its train images and 2 source images of its val crops`` (keys of :func:`digest_overlap`)."""
+    def one(key: str, n: int) -> str:
+        if key.endswith(SOURCES_SUFFIX):
+            return f"{n} source images of its {key[:-len(SOURCES_SUFFIX)]} crops"
+        return f"{n} of its {key} images"
+
+    return " and ".join(one(key, n) for key, n in overlap.items())

@@ -24,7 +24,7 @@ from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest
-from leukoscope.data.fingerprints import (LEARNED_PARTS, OF_IMAGES, describe_overlap, digest_overlap,
+from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
                                          read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
@@ -178,13 +178,21 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
 # --------------------------------------------------------------------------- evaluate a bundle
 def training_overlap(info: BundleInfo, manifest: Manifest,
                      directory: Path | None = None) -> tuple[dict[str, int], str | None]:
-    """How many images of ``manifest`` the bundle trained or chose its epoch on, per part: by content when
-    its folder (``directory``) records their digests (:mod:`leukoscope.data.fingerprints`: found wherever
-    they are now, and the source images of crops), else by path in its recorded split; and a note when
-    neither can be read (then nothing is known)."""
-    record = read_training_digests(directory) if directory is not None else None
-    if record is not None:
-        return digest_overlap(record, [s.path for s in manifest]), None
+    """How many images of ``manifest`` the bundle trained or chose its epoch on, per part (``train``,
+    ``val``; ``train sources``, ``val sources``: the images its training crops were cut from), and a note
+    when nothing can be checked. By content where its folder (``directory``) records the digests
+    (:mod:`leukoscope.data.fingerprints`: copies and renamed files too), and by path in its recorded split
+    where that can be read; a part counts the larger of the two."""
+    records = read_training_digests(directory) if directory is not None else None
+    overlap = digest_overlap(records, [s.path for s in manifest]) if records else {}
+    by_path, note = _split_overlap(info, manifest)
+    for part, n in by_path.items():
+        overlap[part] = max(overlap.get(part, 0), n)
+    return overlap, None if records else note
+
+
+def _split_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int], str | None]:
+    """:func:`training_overlap` by the paths of the bundle's recorded split."""
     split_file = info.split_file
     if split_file is None:
         return {}, "the bundle records no training split: the data may include images it was trained on"
@@ -248,13 +256,11 @@ def evaluate_bundle(
         log.warning(unknown)
         notes.append(f"Warning: {unknown}.")
     if overlap:
-        record = read_training_digests(directory)
-        of = record["of"] if record is not None else OF_IMAGES
-        where = f" (split {info.split_file})" if of == OF_IMAGES else " (as its folder records them)"
-        message = f"{data} holds {describe_overlap(overlap, of)}{where}: a score on them says nothing about new images"
+        message = f"{data} holds {describe_overlap(overlap)}: a score on them says nothing about new images"
         if not allow_training_data:
+            own = any(not part.endswith(SOURCES_SUFFIX) for part in overlap)
             advice = (f"evaluate its test part with --split-file {info.split_file}, or "
-                      if of == OF_IMAGES and info.split_file is not None and info.split_file.is_file() else "")
+                      if own and info.split_file is not None and info.split_file.is_file() else "")
             raise DatasetError(f"{message}; {advice}pass --allow-training-data to score them anyway")
         log.warning(message)
         notes.append(f"Warning: {message}.")

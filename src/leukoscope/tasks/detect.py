@@ -188,8 +188,7 @@ def evaluate_detector_bundle(
     record = read_training_digests(resolve_bundle(bundle))
     learned = digest_overlap(record, [image.image_path for image in images]) if record is not None else {}
     if learned:  # a warning, not a refusal: a detector's score is read with its split (--split) in mind
-        message = (f"{data} holds {describe_overlap(learned, record['of'])} (as its folder records them): a score "
-                   f"on them says nothing about new images")
+        message = f"{data} holds {describe_overlap(learned)}: a score on them says nothing about new images"
         log.warning(message)
         notes.append(f"Warning: {message}.")
     trained_on = detector.info.provenance.get("dataset")
