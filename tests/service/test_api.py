@@ -137,6 +137,20 @@ def test_oversized_upload_is_refused(make_service):
     assert entry["detail"]["code"] == "upload_too_large" and entry["detail"]["names"] == []
 
 
+def test_oversized_bodies_count_against_the_rate_limit_and_cannot_flood_the_audit_log(make_service):
+    service = make_service(max_upload_bytes=16 * 1024, rate_limit_per_minute=2)
+    service.add_user("tech", "technician")
+    service.add_user("admin", "admin")
+    client, headers = service.client(), service.auth("tech")
+    big = b"\0" * (16 * 1024 + 300 * 1024)
+    codes = [upload(client, headers, ("big.png", big)).status_code for _ in range(6)]
+    assert codes == [413] * 6
+    entries = client.get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    assert sorted(e["action"] for e in entries) == ["case.refused", "case.refused", "upload.throttled"]
+    # and they used the user's uploads of this minute
+    assert upload(client, headers, ("a.png", encode(cell_image(), "PNG"))).status_code == 429
+
+
 def test_oversized_upload_without_content_length_is_refused(make_service):
     service = make_service(max_upload_bytes=16 * 1024)
     service.add_user("tech", "technician")

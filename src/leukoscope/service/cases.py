@@ -227,15 +227,8 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
                                                "(upload single-cell images, or start it with --detector)")
     settings = state.settings
-    uploads_rule = throttle.Rule("uploads", settings.rate_limit_per_minute, 60.0)
     user_id = principal.user.id
-
-    def throttled(db: Session, verdict: throttle.Verdict) -> None:  # once per wait, not once per request of a flood
-        audit(db, db.get(User, user_id), "upload.throttled", client=client,
-              detail={"rule": verdict.rule, "wait_s": round(verdict.wait or 0), "files": len(uploads)})
-
-    verdict = await run_in_threadpool(throttle.attempt, state.sessions, [(uploads_rule, f"upload:{user_id}")],
-                                      settings.throttle_max_rows, throttled)
+    verdict = await run_in_threadpool(reserve_upload, state, user_id, client, len(uploads))
     if verdict.wait is not None:
         raise too_many("uploads", verdict.wait)
     try:
@@ -256,6 +249,26 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         raise
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
                                    run.to_json() if run is not None else None)
+
+
+def reserve_upload(state: "ServiceState", user_id: int, client: str, files: int) -> throttle.Verdict:
+    """Count one upload against the user's rate limit; the first refusal of each wait is audited
+    (``upload.throttled``), not every request of a flood."""
+    rule = throttle.Rule("uploads", state.settings.rate_limit_per_minute, 60.0)
+
+    def throttled(db: Session, verdict: throttle.Verdict) -> None:
+        audit(db, db.get(User, user_id), "upload.throttled", client=client,
+              detail={"rule": verdict.rule, "wait_s": round(verdict.wait or 0), "files": files})
+
+    return throttle.attempt(state.sessions, [(rule, f"upload:{user_id}")], state.settings.throttle_max_rows, throttled)
+
+
+def refuse_oversized(state: "ServiceState", user_id: int, error: ServiceError, client: str) -> None:
+    """A body refused for its size counts as an upload against the rate limit, and only a counted one is
+    audited (``case.refused``, without names: none was read): a client sending oversized bodies cannot
+    fill the audit log faster than it may upload."""
+    if reserve_upload(state, user_id, client, 0).wait is None:
+        audit_refusal(state, user_id, None, [], error, client)
 
 
 def upload_scale(upload: Upload, max_pixels: int) -> FieldScale:

@@ -144,7 +144,7 @@ UPLOAD_SCHEMA = {
 
 async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops.Upload], dict[str, str]]:
     """Parse the multipart body (the size limit is enforced while it streams in; a body refused for its size
-    is on the record as ``case.refused``, without file names: none was read)."""
+    counts against the upload rate limit and is on the record: :func:`cases.refuse_oversized`)."""
     state = state_of(request)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -152,8 +152,7 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
     try:
         form = await request.form(max_files=state.settings.max_files_per_upload + 1, max_fields=20)
     except BodyTooLarge as error:
-        await run_in_threadpool(ops.audit_refusal, state, principal.user.id, None, [], error,
-                                client_address(request))
+        await run_in_threadpool(ops.refuse_oversized, state, principal.user.id, error, client_address(request))
         raise
     try:
         uploads: list[ops.Upload] = []
