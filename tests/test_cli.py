@@ -176,6 +176,12 @@ def test_bad_options_and_outputs_are_one_line_errors(tmp_path: Path, trained_bun
             (["export", "--bundle", trained_bundle, "--out", tmp_path / "x", "--opset", "3"],
              "opset must be between 13 and 20, got 3"),
             (["train", "--data", tmp_path, "train.label_smoothing=5"], "less than or equal to 1"),
+            (["train", "--data", tmp_path, "train.lr=0"], "'train.lr=0': config key 'train.lr': Input should be "
+                                                          "greater than 0"),
+            (["train", "--data", tmp_path, "train.momentum=1"], "config key 'train.momentum': Input should be less"),
+            (["train", "--data", tmp_path, "search.lr=[0.1,-1]"], "config key 'search.lr.1': Input should be greater"),
+            (["train-detector", "--data", tmp_path, "train.weight_decay=-1"],
+             "config key 'train.weight_decay': Input should be greater than or equal to 0"),
             (["train", "--data", tmp_path, "trian.epochs=3"], "command-line override 'trian.epochs=3': unknown"),
             (["train", "--data", tmp_path, "data.ratios=[0.9,0.05,0.1]"],
              "command-line override 'data.ratios=[0.9,0.05,0.1]': data.ratios must be")):

@@ -55,7 +55,7 @@ class DetectorModelConfig(Section):
 
 class DetectionTrainConfig(TrainingBase):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    weight_decay: float = 1e-4
+    weight_decay: float = Field(1e-4, ge=0)
     epochs: int = 30
     batch_size: int = 4
     scheduler: Literal["none", "cosine"] = "cosine"
