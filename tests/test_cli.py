@@ -392,4 +392,4 @@ def test_a_field_given_twice_is_analysed_once(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
         paths = collect_images([folder / "b.png", folder, tmp_path / "fields" / ".." / "fields"])
     assert paths == [folder / "b.png", folder / "a.png"]  # each once, where first reached
-    assert "3 file(s) given more than once are used once" in caplog.text
+    assert "3 file(s) given more than once are used once: a.png, b.png" in caplog.text

@@ -257,7 +257,8 @@ def test_a_shipped_model_is_never_exported_into_the_package(shipped: Path, synth
     assert advised.exit_code == 2, advised.output
     assert (f"run `leukoscope export --bundle pretrained:{DEFAULT_CLASSIFIER} --format onnx --out "
             f"{DEFAULT_CLASSIFIER}-onnx` first and pass --bundle {DEFAULT_CLASSIFIER}-onnx") in said
-    for out in (["--out", shipped / "beside-it"], ["--out", shipped / DEFAULT_CLASSIFIER]):
+    for out in (["--out", shipped / "beside-it"], ["--out", shipped / DEFAULT_CLASSIFIER],
+                ["--out", shipped / DEFAULT_CLASSIFIER / "onnx"]):
         refused = invoke("export", "--bundle", shipped / DEFAULT_CLASSIFIER, "--format", "onnx", *out)
         assert refused.exit_code == 2, (out, refused.output)
         assert "shipped model" in refused.output or "inside the installed package" in refused.output, refused.output

@@ -343,7 +343,8 @@ def evaluate(
     A classifier trained on a physical window (the shipped one: 24 um) scores each image as predict
     classifies it: that many micrometres around its centre, at --um-per-px or the scale the image's red
     cells give (else the images' scale together); an image with none is scored whole, and the report
-    says how many. --as-given scores crops already cut at the window as they are.
+    says how many. --as-given scores crops already cut at the window as they are, as is the bundle's
+    own training dataset (its --split-file test part) unless --um-per-px is given.
     """
     from leukoscope.data.readers import check_dataset_path
 
@@ -397,9 +398,16 @@ def evaluate(
         if um_per_px is not None and info.preprocessing.cell_window_um is None:
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
                           "(it takes each image whole)", soft_wrap=True)
+        # The bundle's own dataset holds crops already cut at its window (training took them as they are).
+        own = info.provenance.get("dataset")
+        own_data = bool(own) and Path(str(own)).resolve() == Path(data).resolve()
+        frame = not as_given and (um_per_px is not None or not own_data)
+        if own_data and not as_given and um_per_px is None and info.preprocessing.cell_window_um is not None:
+            console.print("framing: the bundle's own dataset: its images are scored as they are (crops cut at "
+                          "the window, as training took them)", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
-                       threads=threads, frame=not as_given, um_per_px=um_per_px)
+                       threads=threads, frame=frame, um_per_px=um_per_px)
         if metrics.get("framing"):
             said = "[yellow]framing:[/yellow]" if metrics["framing"]["whole"] else "framing:"
             console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)
@@ -563,7 +571,11 @@ def predict(
     print(out)
 
 
-def _export_out(spec: str, bundle: Path, out: Optional[Path], suffix: str) -> Path:
+#: The package's own folder of shipped models (``pretrained_root()`` unless LEUKOSCOPE_PRETRAINED_DIR moves it).
+PACKAGE_MODELS = Path(__file__).resolve().with_name("pretrained")
+
+
+def _export_out(bundle: Path, out: Optional[Path], suffix: str) -> Path:
     """Where `export` writes: ``--out``, else ``<bundle>-<suffix>`` beside the bundle (``./NAME-<suffix>`` for
     a shipped model, whose folder is inside the installed package). The bundle's own folder is allowed
     (the graph is added to it); any other folder must be new or empty."""
@@ -575,8 +587,9 @@ def _export_out(spec: str, bundle: Path, out: Optional[Path], suffix: str) -> Pa
         if shipped:
             _fail(f"{shipped} is a shipped model: export it to another folder (--out DIR)")
         return out
-    if shipped and out.resolve().parent == bundle.resolve().parent:
-        _fail(f"{out} is inside the installed package's shipped models: choose another --out")
+    protected = {pretrained_root().resolve(), PACKAGE_MODELS.resolve()}
+    if any(out.resolve() == root or out.resolve().is_relative_to(root) for root in protected):
+        _fail(f"{out} is inside the shipped models' folder (the installed package): choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"{out} already exists and is not empty: choose another --out (or remove it)")
     return out
@@ -653,7 +666,7 @@ def export(
             _run(check_dataset_path, given)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    target = _export_out(bundle, source, out, export_format + ("-int8" if int8 else ""))
+    target = _export_out(source, out, export_format + ("-int8" if int8 else ""))
     if threads:
         import torch
 

@@ -196,3 +196,25 @@ def test_evaluate_and_predict_agree_on_pbc_cells(tmp_path: Path) -> None:
     rows = list(csv.DictReader(out.open()))
     assert accuracy == pytest.approx(np.mean([Path(r["source"]).parent.name == r["top_class"] for r in rows]))
     assert accuracy >= 0.75
+
+
+def test_evaluate_takes_a_bundles_own_crops_as_they_are(tmp_path: Path) -> None:
+    """The test part of a bundle's own dataset holds crops already cut at its window: evaluate scores them as
+    they are (as its training did), not framed again at an estimate of their scale."""
+    import shutil
+
+    from leukoscope.pretrained import resolve_bundle
+
+    data = tmp_path / "lab"
+    (data / "lymphocyte").mkdir(parents=True)
+    smear_field(20.0).save(data / "lymphocyte" / "cell.png")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(resolve_bundle("pretrained:wbc-classifier"), bundle)
+    record = json.loads((bundle / "bundle.json").read_text())
+    record["provenance"]["dataset"] = str(data)  # as if trained on this folder
+    (bundle / "bundle.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(data),
+                                      "--out", str(tmp_path / "own"), "--allow-training-data"])
+    assert result.exit_code == 0, result.output
+    assert "the bundle's own dataset: its images are scored as they are" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "own" / "metrics.json").read_text())["framing"] is None

@@ -39,7 +39,7 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     field = image.copy() if image.mode == "RGB" else image.convert("RGB")
     # Text and lines are sized for the field as it came, so that on an enlarged one they are smaller beside the cells.
     # By the field's area, not its longer side: a thin strip (200000 x 10 px) must not get letters 3000 px tall.
-    scale = max(1, round(math.sqrt(field.width * field.height) / 600))
+    scale = max(1, round(math.sqrt(field.width * field.height) / 700))
     factor = enlargement(field.size)
     if factor > 1:
         field = field.resize((field.width * factor, field.height * factor), Image.Resampling.NEAREST)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -42,7 +43,10 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         first.setdefault(path.resolve(), path)
     unique = list(first.values())
     if len(unique) < len(paths):
-        log.warning("%d file(s) given more than once are used once", len(paths) - len(unique))
+        reached = Counter(path.resolve() for path in paths)
+        repeated = sorted(first[resolved].name for resolved, n in reached.items() if n > 1)
+        log.warning("%d file(s) given more than once are used once: %s", len(paths) - len(unique),
+                    name_some(repeated))
     return unique
 
 
