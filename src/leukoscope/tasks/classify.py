@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from PIL import Image
 
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
@@ -265,14 +264,14 @@ def evaluate_bundle(
         log.warning(message)
         notes.append(f"Warning: {message}.")
     preprocessing = info.preprocessing
-    to_pixels, framing = preprocessing.pixels, None
+    to_pixels, framed = preprocessing.pixels, None
     if frame and preprocessing.cell_window_um is not None:
-        to_pixels, framing = _framed_pixels(preprocessing, manifest, um_per_px)
+        to_pixels, framed = _framed_pixels(preprocessing, manifest, um_per_px)
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = decode_manifest(manifest, to_pixels, on_corrupt=on_corrupt,
                                                progress=counter_callback(update))
+    framing = framed.summary() if framed is not None else None
     if framing is not None:
-        framing = framing.summary()
         notes.append(framing["note"])
         if framing["whole"]:
             log.warning(framing["note"])
