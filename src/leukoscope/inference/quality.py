@@ -70,20 +70,24 @@ def detection_cap(model: Any) -> int | None:
     return int(cap) if isinstance(cap, int) else None
 
 
+def _named(names: Sequence[str]) -> str:
+    """`` (a.png, b.png and 3 more)`` naming at most five; empty without names."""
+    if not names:
+        return ""
+    return " (" + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") + ")"
+
+
 def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:
     """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
     where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
-    if names:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        where += f" ({shown})"
+    where += _named(names)
     return (f"The detector returned as many boxes as its per-image cap allows in {where}: cells beyond the cap "
             f"were dropped, the count is unreliable.")
 
 
 def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's warning when ``unscaled`` of its ``of`` fields were analysed at a guessed scale."""
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return (f"{unscaled} of {of} field{'' if of == 1 else 's'} had no scale{f' ({shown})' if shown else ''} and were "
+    return (f"{unscaled} of {of} field{'' if of == 1 else 's'} had no scale{_named(names)} and were "
             f"analysed at the detector's training scale: white cells may be missed or mistyped; state the "
             f"microscope's scale (--um-per-px).")
 
