@@ -201,16 +201,17 @@ def _crop_files(jobs: list[tuple[Path, str, str]], out: Path, um_per_px: float |
     _say(f"{describe}: {len(jobs) - missed} crops ({missed} images without a located cell)")
 
 
-def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
+def split_benign_fields(data: Path, train_share: float = BENIGN_TRAIN_SHARE) -> tuple[list[Path], list[Path]]:
     """all-taleqani's Benign fields in two parts, (training, control), duplicate-aware: near
-    duplicates (perceptual hash) stay on one side. Deterministic."""
+    duplicates (perceptual hash) stay on one side. Deterministic; a larger train_share takes fields
+    from the control only (the control of a larger share is a part of a smaller share's)."""
     from leukoscope.data.duplicates import duplicate_groups
 
     files = sorted((data / "all-taleqani" / "Benign").glob("*.jpg"))
     groups = duplicate_groups(files)
     ids = sorted(set(int(g) for g in groups))
     random.Random(0).shuffle(ids)
-    training_ids = set(ids[: round(len(ids) * BENIGN_TRAIN_SHARE)])
+    training_ids = set(ids[: round(len(ids) * train_share)])
     training = [f for f, g in zip(files, groups) if int(g) in training_ids]
     control = [f for f, g in zip(files, groups) if int(g) not in training_ids]
     return training, control
@@ -218,9 +219,10 @@ def split_benign_fields(data: Path) -> tuple[list[Path], list[Path]]:
 
 def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, blasts_per_subtype: int,
                          max_cell_um: float | None = None,
-                         benign_cells_per_field: int = BENIGN_CELLS_PER_FIELD) -> Path:
+                         benign_cells_per_field: int = BENIGN_CELLS_PER_FIELD,
+                         benign_train_share: float = BENIGN_TRAIN_SHARE) -> Path:
     """pbc's cells by type, the largest white cell of malignant all-taleqani fields as blast and
-    of the training half of its Benign fields as lymphocyte; a manifest whose subject is the
+    of the training part of its Benign fields as lymphocyte; a manifest whose subject is the
     source image (a field's crops never straddle splits)."""
     rows: list[list[str]] = []
     pbc = [(p, p.parent.name, f"pbc-{p.stem}") for t in PBC_TYPES for p in sorted((data / "pbc" / t).glob("*.jpg"))]
@@ -236,12 +238,12 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
                 "all-taleqani malignant (blast)")
     # Every located white cell of a Benign field, as for the control: its largest cell alone
     # would leave blast the large majority of this lab's cells.
-    benign = split_benign_fields(data)[0]
+    benign = split_benign_fields(data, benign_train_share)[0]
     for path in benign:
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
                                         out / "train" / BENIGN_LABEL, benign_cells_per_field, max_cell_um):
             rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
-    _say(f"all-taleqani Benign, training half ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
+    _say(f"all-taleqani Benign, training part ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
          f" cells of {len(benign)} fields")
     manifest = out / "train.csv"
     with manifest.open("w", newline="") as handle:
@@ -250,7 +252,8 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
 
 
 def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
-                        cnmc_cell_um: float) -> dict[str, list[tuple[Path, str]]]:
+                        cnmc_cell_um: float,
+                        benign_train_share: float = BENIGN_TRAIN_SHARE) -> dict[str, list[tuple[Path, str]]]:
     """Cells no model saw, by control: (crop path, true label)."""
     import numpy as np
     from PIL import Image
@@ -258,12 +261,12 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
     from leukoscope.io import load_image
 
     controls: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    # all-taleqani Benign, the half never trained on: every located white cell.
-    for path in split_benign_fields(data)[1]:
+    # all-taleqani Benign, the part never trained on: every located white cell.
+    for path in split_benign_fields(data, benign_train_share)[1]:
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
                                         out / "taleqani-benign", BENIGN_CELLS_PER_FIELD):
             controls["taleqani-benign"].append((target, "not blast"))
-    _say(f"all-taleqani Benign (control half): {len(controls['taleqani-benign'])} cells")
+    _say(f"all-taleqani Benign (control part): {len(controls['taleqani-benign'])} cells")
     # cnmc-mini: one segmented cell per image on black, no red cells to give a scale: the
     # cell is taken to be cnmc_cell_um across (stated in the card and the table).
     for label in ("all", "hem"):
@@ -669,6 +672,12 @@ def _views_line(views: int) -> str:
             f"is every view's, turned back and averaged.")
 
 
+def _share_words(results: dict[str, Any]) -> str:
+    """The card's words for the share of all-taleqani's Benign fields trained on."""
+    share = results.get("benign_train_share", BENIGN_TRAIN_SHARE)
+    return "half" if share == 0.5 else f"{share:.0%}"
+
+
 def _recolour_line(results: dict[str, Any]) -> str:
     recolour = results.get("recolour")
     if not recolour:
@@ -734,7 +743,7 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     2021), marked **research use**: this model is therefore for **research use only**, and
     its blast class is learned from B-lineage ALL of one hospital.
   - **lymphocyte** also from the same dataset: every white cell colour segmentation finds
-    (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in half of its Benign fields
+    (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in {_share_words(results)} of its Benign fields
     (hematogones, normal B-lymphocyte precursors, which a manual differential counts as
     lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.{_recolour_line(results)}
@@ -754,8 +763,8 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
 |---|---|---|---|---|---|---|
 {rows}
 
-  taleqani-benign: every white cell of the other half of all-taleqani's Benign fields (same
-  lab and stain as the blasts, no leukaemia; the halves are duplicate-aware): tests that the blast call comes from the cell, not the slide. cnmc-mini:
+  taleqani-benign: every white cell of the all-taleqani Benign fields not trained on (same
+  lab and stain as the blasts, no leukaemia; the parts are duplicate-aware): tests that the blast call comes from the cell, not the slide. cnmc-mini:
   C-NMC 2019 cells (another lab, segmented on black; no scale in the images, each cell
   taken to be {results['cnmc_cell_um']:g} um across). bccd: BCCD white cells (another lab; types from
   `wbc_types.csv`): the leave-one-source-out score for the cell types.
@@ -780,8 +789,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--max-cell-um", type=float, default=None,
                         help=f"skip training crops of stained objects larger than this (clumps; e.g. {CLUMP_UM:g})")
     parser.add_argument("--benign-cells-per-field", type=int, default=BENIGN_CELLS_PER_FIELD,
-                        help="white cells cropped from each Benign training field (the control half keeps "
+                        help="white cells cropped from each Benign training field (the control keeps "
                              f"{BENIGN_CELLS_PER_FIELD})")
+    parser.add_argument("--benign-train-share", type=float, default=BENIGN_TRAIN_SHARE,
+                        help="share of the Benign fields trained on (by duplicate group); the rest is the control")
     parser.add_argument("--cnmc-cell-um", type=float, default=12.0,
                         help="assumed diameter of a cnmc-mini cell (its images carry no scale)")
     parser.add_argument("--recolour", choices=("none", *RECOLOUR_RECIPES), default="none",
@@ -815,6 +826,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         parser.error("--elsewhere-fields must be at least 1")
     if args.benign_cells_per_field < 1:
         parser.error("--benign-cells-per-field must be at least 1")
+    if not 0.0 < args.benign_train_share < 1.0:
+        parser.error("--benign-train-share must be in (0, 1): the rest of the Benign fields is a control")
     if not 0.0 < args.recolour_share <= 1.0:
         parser.error("--recolour-share must be in (0, 1]")
     if args.recolour != "none" and args.classifier is not None:
@@ -842,17 +855,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     scales = source_scales(args.data)
     crops = args.out / "crops"
     listing = crops / "controls.json"  # crops are reused by a rerun with the same window and halves
-    design = {"window_um": args.window_um, "benign_train_share": BENIGN_TRAIN_SHARE}
+    design = {"window_um": args.window_um, "benign_train_share": args.benign_train_share}
     if listing.exists() and all(json.loads(listing.read_text()).get(k) == v for k, v in design.items()):
         controls = load_controls(listing)
     else:
-        controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um)
+        controls = build_control_crops(args.data, crops / "controls", scales, args.window_um, args.cnmc_cell_um,
+                                       args.benign_train_share)
         listing.write_text(json.dumps({**design, "controls": {
             name: [(str(p), label) for p, label in cells] for name, cells in controls.items()}}))
     classifier = args.classifier
     if classifier is None or args.crops_only:
         manifest = build_training_crops(args.data, crops, scales, args.window_um, args.blasts_per_subtype,
-                                        args.max_cell_um, args.benign_cells_per_field)
+                                        args.max_cell_um, args.benign_cells_per_field, args.benign_train_share)
         # A split saved for earlier crops no longer matches them (training refuses it): start afresh.
         shutil.rmtree(args.out / "splits", ignore_errors=True)
         if args.crops_only:
@@ -883,6 +897,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                                "detector_epochs": args.detector_epochs,
                                "blast_fields": 3 * args.blasts_per_subtype,
                                "benign_cells_per_field": args.benign_cells_per_field,
+                               "benign_train_share": args.benign_train_share,
                                "recolour": None if args.recolour == "none" else
                                {"recipe": args.recolour, "share": args.recolour_share},
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,

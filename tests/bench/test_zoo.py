@@ -98,6 +98,9 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
 def test_zoo_without_the_datasets_says_so(tmp_path: Path) -> None:
     run = run_script("zoo.py", "--data", tmp_path, expect=2)
     assert "has no pbc folder" in run.stderr
+    # every Benign field trained on would leave no control
+    run = run_script("zoo.py", "--data", tmp_path, "--benign-train-share", "1", expect=2)
+    assert "--benign-train-share must be in (0, 1)" in run.stderr
 
 
 def test_the_two_hour_budget_is_shared_by_crops_training_and_scoring(zoo_datasets: Path, tmp_path: Path) -> None:
@@ -129,6 +132,10 @@ def test_benign_fields_split_into_training_and_control_halves_keeping_duplicates
     copy_side = training if benign / "WBC-Benign-003.jpg" in training else control
     assert benign / "WBC-Benign-100.jpg" in copy_side
     assert (training, control) == zoo.split_benign_fields(tmp_path)  # deterministic
+    more_training, less_control = zoo.split_benign_fields(tmp_path, train_share=0.8)
+    # A larger training share only moves fields out of the control: a smaller share's control holds it.
+    assert set(training) < set(more_training) and set(less_control) < set(control)
+    assert sorted(more_training + less_control) == sorted(benign.glob("*.jpg"))
 
 
 def test_training_crops_skip_clumps_larger_than_one_cell() -> None:
