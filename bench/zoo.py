@@ -243,8 +243,8 @@ def build_training_crops(data: Path, out: Path, scales: dict, window_um: float, 
         for target in _crop_field_cells(path, scales["all-taleqani"]["um_per_px"], window_um,
                                         out / "train" / BENIGN_LABEL, benign_cells_per_field, max_cell_um):
             rows.append([str(target), BENIGN_LABEL, f"taleqani-{path.stem}"])
-    _say(f"all-taleqani Benign, training part ({BENIGN_LABEL}): {sum(r[2].startswith('taleqani-WBC-Benign') for r in rows)}"
-         f" cells of {len(benign)} fields")
+    benign_rows = sum(r[2].startswith("taleqani-WBC-Benign") for r in rows)
+    _say(f"all-taleqani Benign, training part ({BENIGN_LABEL}): {benign_rows} cells of {len(benign)} fields")
     manifest = out / "train.csv"
     with manifest.open("w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "subject"], *rows])
@@ -743,7 +743,8 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     2021), marked **research use**: this model is therefore for **research use only**, and
     its blast class is learned from B-lineage ALL of one hospital.
   - **lymphocyte** also from the same dataset: every white cell colour segmentation finds
-    (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in {_share_words(results)} of its Benign fields
+    (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in {_share_words(results)}
+    of its Benign fields
     (hematogones, normal B-lymphocyte precursors, which a manual differential counts as
     lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.{_recolour_line(results)}
@@ -764,7 +765,8 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
 {rows}
 
   taleqani-benign: every white cell of the all-taleqani Benign fields not trained on (same
-  lab and stain as the blasts, no leukaemia; the parts are duplicate-aware): tests that the blast call comes from the cell, not the slide. cnmc-mini:
+  lab and stain as the blasts, no leukaemia; the parts are duplicate-aware): tests that the blast call comes
+  from the cell, not the slide. cnmc-mini:
   C-NMC 2019 cells (another lab, segmented on black; no scale in the images, each cell
   taken to be {results['cnmc_cell_um']:g} um across). bccd: BCCD white cells (another lab; types from
   `wbc_types.csv`): the leave-one-source-out score for the cell types.
