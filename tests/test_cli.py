@@ -271,7 +271,7 @@ def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
 
 
 def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it_resumable(
-        synthetic_root: Path, tmp_path: Path) -> None:
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v3_small", "--quiet",
                    f"output_root={tmp_path}", "model.image_size=32", "train.epochs=2", "train.keep_checkpoint=true")
     assert first.exit_code == 0, first.output
@@ -286,9 +286,17 @@ def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it
         assert refused.exit_code != 0 and said in " ".join(refused.output.split()), (args, refused.output)
         assert "Traceback" not in refused.output
         assert (run_dir / "config.yaml").read_bytes() == config, args  # nothing rewritten: still resumable
+    with monkeypatch.context() as patch:  # too few epochs is refused before the data are looked at
+        patch.setattr("leukoscope.data.readers.check_dataset_path", _fail_if_called)
+        refused = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=1")
+        assert refused.exit_code == 2 and "below the 2 epochs" in refused.output, refused.output
     resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=3")
     assert resumed.exit_code == 0, resumed.output
     assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3]
+
+
+def _fail_if_called(*args, **kwargs) -> None:
+    raise AssertionError("should not have been called")
 
 
 def test_evaluate_names_a_missing_split_part(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:

@@ -223,6 +223,13 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
         _check_bundle(init, "--init")
         extra.append(f"model.init={init if is_pretrained_spec(init) else Path(init).resolve()}")
     cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
+    epochs = getattr(getattr(cfg, "train", None), "epochs", None)
+    if resume is not None and isinstance(epochs, int):  # now, not after the data are prepared
+        from leukoscope.engine.checkpoint import CHECKPOINT_FILE, check_resume_epochs, trained_epochs
+
+        trained = _run(trained_epochs, resume / CHECKPOINT_FILE)
+        if trained is not None:
+            _run(check_resume_epochs, trained, epochs)
     data_path = getattr(getattr(cfg, "data", None), "path", None)
     if data_path:  # a missing dataset fails now, not after torch has loaded
         from leukoscope.data.readers import check_dataset_path

@@ -63,6 +63,22 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     tmp.replace(path)
 
 
+def trained_epochs(path: Path) -> int | None:
+    """The epochs a checkpoint holds (None without one), read before any data or model is built."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    epoch = state.get("progress", state).get("epoch")
+    return int(epoch) if epoch is not None else None
+
+
+def check_resume_epochs(trained: int, epochs: int) -> None:
+    """A resumed run goes on to ``epochs``: never fewer than it has trained."""
+    if trained > epochs:
+        raise ValueError(f"train.epochs={epochs} is below the {trained} epochs this run has already trained; "
+                         f"resume with train.epochs={trained} or more")
+
+
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns its ``progress``."""

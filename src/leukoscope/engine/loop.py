@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from leukoscope.engine.checkpoint import load_checkpoint, save_checkpoint
+from leukoscope.engine.checkpoint import check_resume_epochs, load_checkpoint, save_checkpoint
 from leukoscope.engine.optim import TrainingClock
 from leukoscope.progress import say
 
@@ -97,9 +97,7 @@ class EpochLoop(ABC):
             history, best_epoch, best_state = progress["history"], progress["best_epoch"], progress["best_state"]
             stale = progress.get("stale", 0)
             start_epoch, elapsed_before = progress["epoch"] + 1, progress["elapsed"]
-            if progress["epoch"] > self.epochs:
-                raise ValueError(f"train.epochs={self.epochs} is below the {progress['epoch']} epochs this run has "
-                                 f"already trained; resume with train.epochs={progress['epoch']} or more")
+            check_resume_epochs(progress["epoch"], self.epochs)
             steps_before = progress.get("steps", self.scheduler.last_epoch if self.scheduler is not None else 0)
             self.resumed(progress)
         # The steps really taken (an epoch cut short by the budget may be partial).
