@@ -172,6 +172,25 @@ def test_evaluate_frames_images_as_predict_does_and_says_how(tmp_path: Path) -> 
     assert json.loads((tmp_path / "given" / "metrics.json").read_text())["framing"] is None
 
 
+def test_evaluate_says_the_scale_a_folder_lent(tmp_path: Path) -> None:
+    """Images without red cells of their own are framed at the scale of the images together, and the
+    report says which scale that was."""
+    data = tmp_path / "lab" / "lymphocyte"
+    data.mkdir(parents=True)
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(data / f"cell{seed}.png")
+    BLANK.save(data / "blank.png")
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data",
+                                      str(tmp_path / "lab"), "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    framing = json.loads((tmp_path / "ev" / "metrics.json").read_text())["framing"]
+    assert framing["scale_sources"] == {"estimated": 5, "run": 1}
+    assert framing["run_um_per_px"] == pytest.approx(0.375, rel=0.08)
+    said = " ".join(result.output.split())
+    assert f"1 without a scale of their own framed at the images' scale together, {framing['run_um_per_px']:.4f}" \
+        in said
+
+
 def test_evaluate_and_predict_agree_on_pbc_cells(tmp_path: Path) -> None:
     """The same pbc photographs scored by evaluate and classified by predict: the same accuracy (evaluate
     took them whole before: 0.29 against predict's 0.88 on 24 of them)."""

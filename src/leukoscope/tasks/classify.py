@@ -306,6 +306,9 @@ class _Framing:
         framed, whole = sum(sources.values()), sum(1 for scale in self.scales if not scale.known)
         note = (f"{framed} of {len(self.scales)} images framed on {self.window_um:g} um around their centre "
                 f"(scale: {', '.join(f'{n} {source}' for source, n in sorted(sources.items())) or 'none'})")
+        if sources.get("run") and self.run_um_per_px is not None:
+            note += (f"; {sources['run']} without a scale of their own framed at the images' scale together, "
+                     f"{self.run_um_per_px:.4f} um/px")
         if whole:
             note += (f"; {whole} had no scale (too few isolated red cells) and were scored whole, although the "
                      f"classifier expects {self.window_um:g} um around the cell: pass --um-per-px, or --as-given "
