@@ -856,7 +856,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scales = source_scales(args.data)
     crops = args.out / "crops"
-    listing = crops / "controls.json"  # crops are reused by a rerun with the same window and halves
+    listing = crops / "controls.json"  # crops are reused by a rerun with the same window and Benign parts
     design = {"window_um": args.window_um, "benign_train_share": args.benign_train_share}
     if listing.exists() and all(json.loads(listing.read_text()).get(k) == v for k, v in design.items()):
         controls = load_controls(listing)

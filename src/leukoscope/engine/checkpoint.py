@@ -67,7 +67,7 @@ def trained_epochs(path: Path) -> int | None:
     """The epochs a checkpoint holds (None without one), read before any data or model is built."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weights are read
     epoch = state.get("progress", state).get("epoch")
     return int(epoch) if epoch is not None else None
 
