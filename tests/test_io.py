@@ -330,3 +330,33 @@ def test_is_image_file(tmp_path: Path) -> None:
     (tmp_path / "folder.png").mkdir()
     assert not is_image_file(tmp_path / "folder.png")
     assert not is_image_file(tmp_path / "missing.png")
+
+
+def png_with_rows(width: int, rows: int, height: int) -> bytes:
+    """A PNG that declares ``height`` rows and carries ``rows`` of them in a complete zlib stream: its
+    data end cleanly, so only a check of the row count can tell it from a whole image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\0" + bytes([200, 120, 160] * width) for _ in range(rows))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("as_", ["path", "bytes", "file"])
+def test_png_whose_data_end_cleanly_before_the_last_row_is_refused(tmp_path: Path, as_: str) -> None:
+    """Pillow decodes it, the missing rows black; load_image must not hand that on as a field."""
+    whole, short = png_with_rows(40, 30, 30), png_with_rows(40, 15, 30)
+    assert np.asarray(load_image(whole)).min() > 0  # the same construction, all rows: loads
+    assert Image.open(io.BytesIO(short)).convert("RGB").getpixel((0, 29)) == (0, 0, 0)  # what Pillow gives
+    path = tmp_path / "short.png"
+    path.write_bytes(short)
+    handle = io.BufferedReader(io.FileIO(path))
+    handle.read(0)
+    source = {"path": path, "bytes": short, "file": handle}[as_]
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt: Not enough image data") as info:
+        load_image(source)
+    assert (str(path) if as_ == "path" else "<uploaded bytes>") in str(info.value)
+    handle.close()
+

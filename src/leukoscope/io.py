@@ -104,6 +104,8 @@ def load_image(
             raise ImageDecodeError(f"{name}: image data is truncated or corrupt: {exc}") from None
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"{name}: {exc}") from None
+        if image.format == "PNG":
+            _check_png_rows(fp, name)
 
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a field that needs no turn
     if image.mode != "RGB":
@@ -123,6 +125,31 @@ def load_image(
         else:
             image = image.convert("RGB")
     return image
+
+
+def _check_png_rows(fp: BinaryIO, name: str) -> None:
+    """Refuse a PNG whose compressed data ends cleanly before its last row: Pillow fills the missing rows
+    with black and raises nothing, libpng (through imagecodecs) says "Not enough image data". Read from
+    byte 0, as Pillow's ``Image.open`` reads a file object."""
+    import imagecodecs
+
+    if not imagecodecs.PNG.available:  # a build without libpng: Pillow's checks alone
+        return
+    if isinstance(fp, _io.BytesIO):  # the bytes already in memory: a view, not a copy
+        with fp.getbuffer() as view:
+            _decode_png(view, name)
+    else:
+        fp.seek(0)
+        _decode_png(fp.read(), name)
+
+
+def _decode_png(data: bytes | memoryview, name: str) -> None:
+    import imagecodecs
+
+    try:
+        imagecodecs.png_decode(data)
+    except imagecodecs.PngError as exc:
+        raise ImageDecodeError(f"{name}: image data is truncated or corrupt: {exc}") from None
 
 
 def is_image_file(path: Path) -> bool:
