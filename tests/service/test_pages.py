@@ -258,3 +258,27 @@ def test_smear_pages(make_service, smear_analyzer):
     assert re.search(r"95% Wilson interval \d+\.\d–\d+\.\d%", page)
     annotated_url = re.search(r'src="(/api/v1/cases/[^"]+/annotated)"', page).group(1)
     assert tech.get(annotated_url).headers["content-type"] == "image/png"
+
+
+def test_an_upload_from_another_sites_page_is_refused_before_its_body_is_read(make_service):
+    """A form posted from another origin (a sibling subdomain sends the session cookie with SameSite=Lax)
+    cannot carry this page's CSRF token, and an oversized body from it must not be audited or use the user's
+    uploads of this minute: it is refused on its Sec-Fetch-Site header before the body is read."""
+    service = make_service(max_upload_bytes=16 * 1024, rate_limit_per_minute=1)
+    service.add_user("tech", "technician")
+    service.add_user("admin", "admin")
+    tech = service.login("tech")
+    csrf = csrf_of(tech.get("/upload").text)
+    big = [("big.png", b"\0" * (16 * 1024 + 300 * 1024))]
+    for site in ("same-site", "cross-site"):
+        parts = [("files", (name, data, "application/octet-stream")) for name, data in big]
+        response = tech.post("/upload", files=parts, data={"kind": "cell", "csrf_token": csrf},
+                             headers={"Sec-Fetch-Site": site}, follow_redirects=False)
+        assert response.status_code == 403 and "did not come from this site" in response.text
+    entries = service.client().get("/api/v1/audit", headers=service.auth("admin")).json()["entries"]
+    assert [e for e in entries if e["action"] in ("case.refused", "upload.throttled")] == []
+    # the user's one upload of this minute is still theirs, from this site's own page
+    page = tech.post("/upload", files=[("files", ("a.png", encode(cell_image(), "PNG"), "image/png"))],
+                     data={"kind": "cell", "csrf_token": csrf}, headers={"Sec-Fetch-Site": "same-origin"},
+                     follow_redirects=False)
+    assert page.status_code == 303 and service.rows()["cases"] == 1

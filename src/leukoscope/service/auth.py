@@ -210,6 +210,13 @@ def cross_site(request: Request) -> bool:
     return request.headers.get("sec-fetch-site", "").lower() == "cross-site"
 
 
+def from_another_origin(request: Request) -> bool:
+    """A request another origin's page started, a sibling subdomain's included (Sec-Fetch-Site): a page form
+    of this service never is one, so it can be refused before its body is read (an upload's CSRF token comes
+    last, in a body that may be too large to read)."""
+    return request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")
+
+
 def session_principal(db: Session, request: Request) -> Principal | None:
     token = request.cookies.get(SESSION_COOKIE)
     if not token or len(token) > 100:
@@ -310,11 +317,14 @@ def page_principal(db: Session, request: Request) -> Principal:
     return principal
 
 
+#: What a refused form says (no token, a stale one, or a post from another site's page).
+CSRF_MESSAGE = "the form has expired or did not come from this site; reload the page and try again"
+
+
 def check_csrf(principal: Principal, submitted: Any) -> None:
     expected = principal.csrf_token
     if not expected or not isinstance(submitted, str) or not hmac.compare_digest(submitted, expected):
-        raise ServiceError(403, "csrf", "the form has expired or did not come from this site; reload the page "
-                                        "and try again")
+        raise ServiceError(403, "csrf", CSRF_MESSAGE)
 
 
 def check_login_csrf(request: Request, submitted: Any) -> None:

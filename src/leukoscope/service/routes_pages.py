@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from leukoscope.service import cases as ops
 from leukoscope.service import throttle
 from leukoscope.service.auth import (
+    CSRF_MESSAGE,
     LOGIN_CSRF_COOKIE,
     MAX_TOKEN_DAYS,
     SESSION_COOKIE,
@@ -33,6 +34,7 @@ from leukoscope.service.auth import (
     create_user,
     cross_site,
     find_user,
+    from_another_origin,
     hash_password,
     hash_secret,
     login_checks,
@@ -234,6 +236,8 @@ async def upload(request: Request):
     principal = await run_in_threadpool(who)
     try:
         principal.require("technician", "hematologist")
+        if from_another_origin(request):  # before the body: an oversized one would be audited and counted
+            raise ServiceError(403, "csrf", CSRF_MESSAGE)
         uploads, fields = await read_uploads(request, principal)
         check_csrf(principal, fields.get("csrf_token"))
         case_id, _ = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
