@@ -344,6 +344,43 @@ def test_a_slide_a_worker_cannot_read_comes_back_as_its_own_error(two_node_clust
     assert type(error) is SlideError and "gone.tif" in str(error) and "ray::" not in str(error)
 
 
+def test_an_actor_that_dies_mid_tile_is_restarted_and_the_tile_tried_again(two_node_cluster, detector_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    """A worker process lost mid-tile (out of memory, a node gone): the tile's result still comes, the same
+    as an actor that never died gives, from the restarted actor (max_restarts / max_task_retries)."""
+    pytest.importorskip("tiffslide")
+    import os
+    from dataclasses import dataclass
+
+    from leukoscope.inference.slide.analysis import TileJob
+    from leukoscope.inference.slide.monolayer import TileSpot
+    from leukoscope.inference.slide.ray_tiles import RayTileRunner, SlideTileActor
+    from tests.detection.slide_fakes import slide_pixels, write_pyramid
+
+    @dataclass(frozen=True)
+    class DiesTheFirstTime(TileJob):  # pickled by value: the actor needs no test module to run it
+        marker: str = ""
+
+        def run(self, analyzer, slide, spot):
+            if not os.path.exists(self.marker):
+                with open(self.marker, "w") as handle:
+                    handle.write(str(os.getpid()))
+                os._exit(1)  # the worker process dies as an OOM kill would leave it: no exception, no cleanup
+            return TileJob.run(self, analyzer, slide, spot)
+
+    path = str(write_pyramid(tmp_path / "slide.tif", slide_pixels(0)))
+    spec = AnalyzerSpec(detector_bundle, None, OPTIONS)
+    spot = TileSpot(0, 1, 0, 256, 0, 256, 256, 0.5)
+    marker = tmp_path / "died"
+    with RayTileRunner(spec, actors=1) as runner:
+        result = runner.submit(DiesTheFirstTime(path, 0, 256, 16, 1.0, None, marker=str(marker)), spot).result(
+            timeout=300)
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # it was the actor's process that died
+    expected = SlideTileActor(spec, 1).analyze(TileJob(path, 0, 256, 16, 1.0, None), spot)  # in this process
+    assert [(c.box, c.label) for c in result.cells] == [(c.box, c.label) for c in expected.cells]
+    assert result.cells  # the untrained detector keeps every box: there is something to compare
+
+
 def test_an_actor_keeps_one_slide_open(detector_bundle: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("tiffslide")
