@@ -8,7 +8,7 @@ service, would change a differential without anyone noticing).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 #: The label of a cell whose classifier confidence is below its threshold.
 UNCERTAIN = "uncertain"
@@ -54,3 +54,18 @@ NOT_WHITE_CELL_NAMES: frozenset[str] = frozenset({
 def not_white_classes_in(classes: Iterable[str]) -> list[str]:
     """The classes of ``classes`` that are not white cells (:data:`NOT_WHITE_CELL_NAMES`), in their order."""
     return [name for name in classes if name.strip().casefold() in NOT_WHITE_CELL_NAMES]
+
+
+def checked_blast_classes(blast_classes: Iterable[str], classes: Sequence[str]) -> list[str]:
+    """``blast_classes`` chosen by a user, each once in the order given: every one must be one of ``classes``
+    and a white cell (a class listed twice would count its cells twice; an erythroblast or platelet is left
+    out of the white cells a blast percentage is taken of, so counting it as a blast could pass 100%)."""
+    chosen = list(dict.fromkeys(blast_classes))
+    unknown = [name for name in chosen if name not in classes]
+    if unknown:
+        raise ValueError(f"blast classes {unknown} are not among the cell classes {list(classes)}")
+    not_white = not_white_classes_in(chosen)
+    if not_white:
+        raise ValueError(f"blast classes {not_white} are not white cells (nucleated red cells or platelets are "
+                         f"counted apart from the white cells); a blast class must be a white-cell class")
+    return chosen

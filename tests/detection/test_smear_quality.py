@@ -43,6 +43,25 @@ def test_blast_classes_are_named_exactly_never_by_substring() -> None:
     assert {name.casefold() for name in named} == BLAST_CLASS_NAMES
 
 
+def test_blast_classes_given_twice_or_not_white_cells_are_refused_or_counted_once() -> None:
+    """--blast-class blast --blast-class blast counted the blasts twice (15 of 100 reported as 30%, with the
+    leukemia wording); an erythroblast named a blast was counted outside the white cells it is a share of."""
+    labels = ["blast"] * 15 + ["lymphocyte"] * 85
+    twice = Differential.from_labels(labels, BLAST_OR_LYMPHOCYTE, ["blast", "blast"])
+    assert (twice.blasts, twice.total, twice.blast_classes) == (15, 100, ["blast"]) and no_leukemia_flag(twice)
+    assert Differential.from_labels(["blast"] * 60 + ["lymphocyte"] * 40, BLAST_OR_LYMPHOCYTE,
+                                    ["blast", "blast"]).blast_percentage == 60.0  # 120 of 100 raised before
+    with pytest.raises(ValueError, match=r"\['erythroblast'\] are not white cells"):
+        Differential.from_labels(labels, [*PBC_CLASSES, "blast"], ["blast", "erythroblast"])
+    detector = FixedDetector(grid_boxes(3), metrics=VERIFIED)
+    classes = [*PBC_CLASSES, "blast"]
+    analyzer = SmearAnalyzer(detector, constant_classifier(classes, "blast"), blast_classes=["blast", "blast"])
+    assert analyzer.blast_classes == ["blast"]
+    for wrong, message in ((["blast", "platelet"], "are not white cells"), (["Blast"], "not among the cell classes")):
+        with pytest.raises(ValueError, match=message):
+            SmearAnalyzer(detector, constant_classifier(classes, "blast"), blast_classes=wrong)
+
+
 def test_a_classifier_without_a_blast_class_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="leukoscope.inference.smear"):
         SmearAnalyzer(FixedDetector(grid_boxes(3), metrics=VERIFIED), constant_classifier(PBC_CLASSES, "erythroblast"))

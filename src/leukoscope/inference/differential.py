@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from leukoscope.labels import UNCERTAIN, not_white_classes_in
+from leukoscope.labels import UNCERTAIN, checked_blast_classes, not_white_classes_in
 from leukoscope.proportions import wilson_interval
 
 #: The wording of the one flag that points at leukemia (tests and readers look for it).
@@ -74,6 +74,8 @@ class Differential:
         for label, n in label_counts.items():
             counts[label] = counts.get(label, 0) + int(n)
         not_white = not_white_classes_in(classes)
+        if blast_classes:  # each once, and white cells only (:func:`leukoscope.labels.checked_blast_classes`)
+            blast_classes = checked_blast_classes(blast_classes, list(classes))
         total = sum(n for name, n in counts.items() if name not in not_white)
         per_100 = {name: (100.0 * n / total if total else 0.0) for name, n in counts.items()}
         uncertain = counts[UNCERTAIN]

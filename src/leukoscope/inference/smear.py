@@ -39,7 +39,7 @@ from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
-from leukoscope.labels import blast_classes_in
+from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px,
                               disagrees_with_run, field_scale, run_scale)
 
@@ -191,9 +191,7 @@ class SmearAnalyzer:
         self.wbc_classes = list(wbc_classes) if wbc_classes else default_wbc_classes(detector.classes)
         cell_classes = list(classifier.classes) if classifier is not None else list(self.wbc_classes)
         if blast_classes is not None:
-            unknown = [c for c in blast_classes if c not in cell_classes]
-            if unknown:
-                raise ValueError(f"blast classes {unknown} are not among the cell classes {cell_classes}")
+            blast_classes = checked_blast_classes(blast_classes, cell_classes)
         else:
             blast_classes = blast_classes_in(cell_classes)
             if classifier is not None and not blast_classes:

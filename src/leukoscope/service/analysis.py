@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction
-from leukoscope.labels import UNCERTAIN, blast_classes_in
+from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class Analyzer:
         self.smear = smear
         self.gradcam = gradcam
         self.classes = list(classifier.classes)
-        self.blast_classes = list(blast_classes) if blast_classes is not None else blast_classes_in(self.classes)
+        self.blast_classes = (checked_blast_classes(blast_classes, self.classes) if blast_classes is not None
+                              else blast_classes_in(self.classes))
         self.model_name = name or classifier.info.model_name
         #: What each case's results depend on, recorded with the case: per role (classifier, detector),
         #: the bundle, what ran it and its identity (weights digest, options; a classifier's temperature and OOD
