@@ -80,6 +80,20 @@ def test_every_output_is_written_and_an_unreadable_file_is_a_row(
     assert json.loads((out / "summary.json").read_text())["failed"] == 2
 
 
+def test_a_field_called_summary_keeps_its_own_files_beside_the_folders(tmp_path: Path) -> None:
+    pixels = np.full((120, 160, 3), 230, np.uint8)
+    pixels[40:70, 50:90] = 30
+    paths = [tmp_path / "in" / "summary.png", tmp_path / "in" / "other.png"]
+    paths[0].parent.mkdir()
+    for path in paths:
+        Image.fromarray(pixels).save(path)
+    out = tmp_path / "out"
+    analyze_folder(SmearAnalyzer(DarkBlobDetector()), paths, out)
+    assert json.loads((out / "summary.json").read_text())["images"] == 2  # the folder's
+    field = json.loads((out / "summary-2.json").read_text())  # the field's, under a stem of its own
+    assert field["source"] == str(paths[0]) and (out / "summary-2.annotated.png").is_file()
+
+
 class _FailsOnSecondField(DarkBlobDetector):
     def __init__(self) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from leukoscope.inference.smear_output import FolderSummary, unique_stem, write_field
+from leukoscope.inference.smear_output import SUMMARY_STEM, FolderSummary, unique_stem, write_field
 from leukoscope.inference.smear_result import SmearResult
 from leukoscope.io import ImageDecodeError, load_image
 
@@ -68,7 +68,7 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
         raise ValueError(f"ahead must be at least 1, got {ahead}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
+    used = {SUMMARY_STEM}  # a field called summary.jpg must not write over the folder's summary.json
     inputs = [(Path(p), unique_stem(Path(p), used)) for p in paths]
     results: list[SmearResult] = []
     reading: deque[Future[_Read]] = deque()

@@ -36,6 +36,10 @@ def encode_png(image: Image.Image) -> bytes:
                                   strategy=imagecodecs.PNG.STRATEGY.RLE, filter=imagecodecs.PNG.FILTER.UP)
 
 
+#: The stem of a folder's own files (``summary.csv``, ``summary.json``): a field may not take it.
+SUMMARY_STEM = "summary"
+
+
 def unique_stem(path: Path, used: set[str]) -> str:
     """A file-name-safe stem for ``path``'s outputs, not yet in ``used`` (which it joins)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
@@ -169,12 +173,12 @@ class FolderSummary:
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
         rows = self.rows()
-        csv_path = out_dir / "summary.csv"
+        csv_path = out_dir / f"{SUMMARY_STEM}.csv"
         with open(csv_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        json_path = out_dir / "summary.json"
+        json_path = out_dir / f"{SUMMARY_STEM}.json"
         pooled = self.pooled
         json_path.write_text(json.dumps({
             "disclaimer": DISCLAIMER,
