@@ -97,3 +97,10 @@ def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert match, "no CSRF token in the page"
     return match.group(1)
+
+
+def review_state_of(html: str) -> str:
+    """The review state a case page's review form sends back (a review saved since refuses it)."""
+    match = re.search(r'name="review_state" value="([0-9a-f]+)"', html)
+    assert match, "no review state in the page"
+    return match.group(1)

@@ -444,6 +444,24 @@ def test_smear_field_analysis(make_service, smear_analyzer):
     assert done.json()["case"]["differential"]["total"] == 6
 
 
+def test_a_review_sent_with_a_state_another_review_has_overtaken_is_refused(service):
+    client = service.client()
+    hema = service.auth("hema")
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    cell, read = str(case["cells"][0]["id"]), case["review"]["state"]
+    first = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                        json={"labels": {cell: "monocyte"}, "review_state": read})
+    assert first.status_code == 200 and first.json()["case"]["review"]["state"] != read
+    stale = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                        json={"labels": {cell: "lymphocyte"}, "review_state": read})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "review_conflict"
+    now = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+    assert now["cells"][0]["reviewed_label"] == "monocyte"  # nothing of the stale review was saved
+    fresh = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                        json={"labels": {cell: "lymphocyte"}, "review_state": now["review"]["state"]})
+    assert fresh.status_code == 200 and fresh.json()["case"]["cells"][0]["reviewed_label"] == "lymphocyte"
+
+
 def test_reviewed_labels_drive_the_differential(service):
     """5 blasts among 100 reviewed cells: 5.0% with the Wilson interval 2.2-11.2%, the same
     numbers the smear module reports (one implementation for the CLI and the service)."""

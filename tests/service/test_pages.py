@@ -8,7 +8,7 @@ import re
 import pytest
 
 from leukoscope.service.auth import SESSION_COOKIE
-from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode, smear_field
+from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode, review_state_of, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -128,7 +128,8 @@ def test_upload_page_result_and_review(service):
     assert 'id="review-form"' in page.text
     ids = re.findall(r'name="label_(\d+)"', page.text)
     assert len(ids) == 2
-    form = {f"label_{ids[0]}": "lymphocyte", "comment": "first cell is a lymphocyte", "csrf_token": csrf_of(page.text)}
+    form = {f"label_{ids[0]}": "lymphocyte", "comment": "first cell is a lymphocyte", "csrf_token": csrf_of(page.text),
+            "review_state": review_state_of(page.text)}
     # the second cell keeps the class its select shows (the predicted one) unless it is uncertain
     selected = re.search(rf'name="label_{ids[1]}".*?<option value="([^"]*)" selected', page.text, re.S).group(1)
     form[f"label_{ids[1]}"] = selected or "monocyte"
@@ -282,3 +283,45 @@ def test_an_upload_from_another_sites_page_is_refused_before_its_body_is_read(ma
                      data={"kind": "cell", "csrf_token": csrf}, headers={"Sec-Fetch-Site": "same-origin"},
                      follow_redirects=False)
     assert page.status_code == 303 and service.rows()["cases"] == 1
+
+
+def _page_form(page: str, **labels: str) -> dict:
+    """The review form as the page shows it (each cell's selected class), with ``labels`` changed."""
+    form = {"csrf_token": csrf_of(page), "review_state": review_state_of(page),
+            "comment": re.search(r'<textarea name="comment"[^>]*>([^<]*)</textarea>', page).group(1)}
+    for cell_id in re.findall(r'name="label_(\d+)"', page):
+        shown = re.search(rf'name="label_{cell_id}".*?<option value="([^"]*)" selected', page, re.S).group(1)
+        form[f"label_{cell_id}"] = labels.get(cell_id) or shown or "lymphocyte"
+    return form
+
+
+def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service):
+    """Two hematologists open a case; the first corrects a cell and comments; the second's form, which
+    sends every cell's class as their page showed it, must not silently undo that (it did: last save won)."""
+    tech = service.login("tech")
+    case_url = page_upload(tech, [("a.png", encode(cell_image("blast", 11), "PNG"))],
+                           csrf_of(tech.get("/upload").text)).headers["location"]
+    first, second = service.login("hema"), service.login("hema")  # two sessions: two tabs or two people
+    page_a, page_b = first.get(case_url).text, second.get(case_url).text
+    (cell_id,) = re.findall(r'name="label_(\d+)"', page_a)
+    saved = first.post(f"{case_url}/review", data={**_page_form(page_a, **{cell_id: "monocyte"}),
+                                                   "comment": "corrected to monocyte (A)"}, follow_redirects=False)
+    assert saved.status_code == 303
+    stale = second.post(f"{case_url}/review", data=_page_form(page_b, **{cell_id: "lymphocyte"}))
+    assert stale.status_code == 409 and "another review of this case was saved after you opened it" in stale.text
+    assert "corrected to monocyte (A)" in stale.text  # the page now shows what was saved
+    shown = first.get(case_url).text
+    assert re.search(rf'name="label_{cell_id}".*?<option value="monocyte" selected', shown, re.S)
+    assert "corrected to monocyte (A)" in shown
+    # from the page it now shows, the second reviewer's change is saved
+    again = second.post(f"{case_url}/review", data=_page_form(stale.text, **{cell_id: "lymphocyte"}),
+                        follow_redirects=False)
+    assert again.status_code == 303
+    assert re.search(rf'name="label_{cell_id}".*?<option value="lymphocyte" selected', first.get(case_url).text,
+                     re.S)
+    # a form without the state is a stale one; a non-ASCII digit in a field name is no cell (it was a 500)
+    page = first.get(case_url).text
+    assert first.post(f"{case_url}/review", data={k: v for k, v in _page_form(page).items()
+                                                  if k != "review_state"}).status_code == 409
+    odd = first.post(f"{case_url}/review", data={**_page_form(page), "label_\u00b2": "blast"}, follow_redirects=False)
+    assert odd.status_code == 303

@@ -5,7 +5,9 @@ thin front ends (``routes_api`` and ``routes_pages``)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import re
 import secrets
@@ -383,14 +385,16 @@ def cell_counts(db: Session, case_ids: Sequence[str]) -> dict[str, dict[str, int
 
 
 def load_case(db: Session, principal: Principal, case_id: str, *, action: str | None = "case.view",
-              request=None) -> Case:
+              request=None, for_update: bool = False) -> Case:
     """The case if ``principal`` may see it (404 otherwise: a technician cannot even learn
-    that another's case exists); records ``action`` in the audit log."""
+    that another's case exists); records ``action`` in the audit log. ``for_update``: its row locked
+    until the transaction ends (PostgreSQL; SQLite runs one writer at a time anyway), so that two reviews
+    of one case are applied one after the other, each to what the other saved."""
     principal.require("technician", "hematologist")
     case = None
     if CASE_ID.fullmatch(case_id or ""):
-        case = db.scalar(select(Case).where(Case.id == case_id)
-                         .options(selectinload(Case.images), selectinload(Case.cells)))
+        query = select(Case).where(Case.id == case_id).options(selectinload(Case.images), selectinload(Case.cells))
+        case = db.scalar(query.with_for_update(of=Case) if for_update else query)
     if case is None or (principal.role == "technician" and case.owner_id != principal.user.id):
         raise ServiceError(404, "case_not_found", "no such case (or it is not yours to see)")
     if action:
@@ -462,12 +466,27 @@ def current_differential(case: Case) -> dict[str, Any]:
 # ------------------------------------------------------------------ review
 
 
+def review_state(case: Case) -> str:
+    """A digest of what a review can change (each cell's reviewed label, the comment, the status): a review
+    form carries the one its page showed, and a review made from a page another review has since overtaken
+    is refused rather than saved over it (:func:`review_case`'s ``expected_state``)."""
+    state = [sorted((cell.id, cell.reviewed_label or "") for cell in case.cells), case.review_comment or "",
+             case.status]
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
+
+
 def review_case(db: Session, principal: Principal, case: Case, labels: dict[int, str], comment: str | None,
-                *, confirm_rest: bool = True, request=None) -> dict[str, Any]:
+                *, confirm_rest: bool = True, expected_state: str | None = None, request=None) -> dict[str, Any]:
     """Set the hematologist's label of each cell in ``labels``; with ``confirm_rest``,
     every other cell keeps (confirms) its predicted class. The case becomes
-    ``reviewed`` once every cell has a reviewed label."""
+    ``reviewed`` once every cell has a reviewed label. ``expected_state``: the :func:`review_state` the
+    reviewer saw; when another review has been saved since, nothing is saved (409): a form sends every
+    cell's class as its page showed it, and would silently undo the other reviewer's corrections."""
     principal.require("hematologist")
+    if expected_state is not None and expected_state != review_state(case):
+        raise ServiceError(409, "review_conflict", "another review of this case was saved after you opened it, "
+                                                   "so nothing was saved: the labels shown now are the ones saved; "
+                                                   "review them again")
     allowed = set(case.classes) | {EXCLUDED}
     cells = {cell.id: cell for cell in case.cells}
     unknown = sorted(set(labels) - set(cells))

@@ -94,6 +94,7 @@ def case_json(request: Request, case: Case, principal: Principal) -> dict[str, A
             "reviewer": case.reviewer.username if case.reviewer else None,
             "reviewed_at": case.reviewed_at.isoformat() if case.reviewed_at else None,
             "comment": case.review_comment,
+            "state": ops.review_state(case),  # send it back as review_state: a review saved since is not overwritten
         },
     }
 
@@ -220,6 +221,8 @@ class ReviewBody(BaseModel):
     labels: dict[int, str] = Field(default_factory=dict, description="cell id -> class (or 'excluded')")
     comment: str | None = None
     confirm_rest: bool = Field(True, description="cells not listed keep (confirm) their predicted class")
+    review_state: str | None = Field(None, description="the case's review.state when it was read: if another "
+                                                       "review was saved since, nothing is saved (409)")
 
 
 @router.post(f"{API}/cases/{{case_id}}/review", tags=["cases"])
@@ -228,9 +231,9 @@ def review(request: Request, case_id: str, body: ReviewBody) -> dict[str, Any]:
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
         principal.require("hematologist")
-        case = ops.load_case(db, principal, case_id, action=None)
+        case = ops.load_case(db, principal, case_id, action=None, for_update=True)
         outcome = ops.review_case(db, principal, case, body.labels, body.comment, confirm_rest=body.confirm_rest,
-                                  request=request)
+                                  expected_state=body.review_state, request=request)
         return {**outcome, "case": case_json(request, case, principal)}
 
 

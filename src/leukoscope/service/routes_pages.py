@@ -8,6 +8,7 @@ SameSite=Lax (Secure over HTTPS).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from functools import partial
 from typing import Any
@@ -272,7 +273,11 @@ def case_page(request: Request, case_id: str, saved: int = 0):
         case = ops.load_case(db, principal, case_id, request=request)
         return render(request, "case.html", principal, case=case, groups=_cell_groups(db, principal, case),
                       differential=ops.current_differential(case), can_review=principal.role == "hematologist",
-                      excluded=ops.EXCLUDED, saved=bool(saved), message="")
+                      excluded=ops.EXCLUDED, saved=bool(saved), message="", review_state=ops.review_state(case))
+
+
+#: A review form's field of one cell's class (ASCII digits: str.isdigit() also takes "²", which int() refuses).
+REVIEW_FIELD = re.compile(r"label_([0-9]{1,18})")
 
 
 @router.post("/cases/{case_id}/review")
@@ -284,20 +289,24 @@ async def review(request: Request, case_id: str):
             principal = page_principal(db, request)
             check_csrf(principal, form.get("csrf_token"))
             principal.require("hematologist")
-            case = ops.load_case(db, principal, case_id, action=None)
+            case = ops.load_case(db, principal, case_id, action=None, for_update=True)
             labels = {}
             for key, value in form.items():
-                if key.startswith("label_") and key[6:].isdigit() and value:
-                    labels[int(key[6:])] = value
+                cell = REVIEW_FIELD.fullmatch(key)
+                if cell and value:
+                    labels[int(cell.group(1))] = value
             try:
                 with db.begin_nested():
-                    ops.review_case(db, principal, case, labels, form.get("comment", ""), request=request)
+                    # the state the page showed ("" from a form without it: refused, as a stale page would be)
+                    ops.review_case(db, principal, case, labels, form.get("comment", ""), request=request,
+                                    expected_state=str(form.get("review_state", "")))
             except ServiceError as error:
                 if error.status >= 500 or error.status in (401, 403):
                     raise
                 return render(request, "case.html", principal, http_status=error.status, case=case,
                               groups=_cell_groups(db, principal, case), differential=ops.current_differential(case),
-                              can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message)
+                              can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message,
+                              review_state=ops.review_state(case))
             return redirect(f"/cases/{case_id}?saved=1")
 
     return await run_in_threadpool(work)
