@@ -307,6 +307,53 @@ def test_evaluate_names_a_missing_split_part(trained_bundle: Path, synthetic_roo
     assert result.exit_code == 2 and "no part named 'holdout'" in result.output
 
 
+def test_evaluate_and_predict_refuse_outputs_they_could_not_write_before_any_work(
+        trained_bundle: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing file as evaluate's --out, a folder as predict's, a --subset without its split: each said in
+    one line before any image is scored (tracebacks after the scoring before; --subset was silently ignored)."""
+    monkeypatch.setattr("leukoscope.tasks.classify.evaluate_bundle", _fail_if_called)
+    monkeypatch.setattr("leukoscope.cli._predict_images", _fail_if_called, raising=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, expected in ((afile, "is a file, not a folder"), (afile / "sub", "is a file, not a folder")):
+        result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", out)
+        assert result.exit_code == 2 and expected in result.output, result.output
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--subset", "val")
+    assert result.exit_code == 2 and "--subset val names a part of a split: give the split with --split-file" \
+        in result.output
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", tmp_path)
+    assert result.exit_code == 2 and "is a folder, not a split file" in result.output
+    folder = tmp_path / "preds.csv"
+    folder.mkdir()
+    result = invoke("predict", "--bundle", trained_bundle, synthetic_root / "blast", "--out", folder)
+    assert result.exit_code == 2 and "is a folder; give the file to write" in result.output
+
+
+def test_train_takes_option_paths_as_written_and_checks_where_it_writes(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data "tiny #2" was read as YAML ("tiny", a comment after it): another folder, or none. Where the run
+    and its split go must be folders, said before any data are prepared."""
+    monkeypatch.setattr("leukoscope.tasks.classify.run_experiment", _fail_if_called)
+    hashed = tmp_path / "tiny #2"
+    shutil.copytree(synthetic_root, hashed)
+    (tmp_path / "tiny").mkdir()  # what the YAML reading would have trained on
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = invoke("train", "--data", hashed, "--model", "abas_cnn", "--quiet", f"output_root={afile}")
+    assert result.exit_code == 2 and f"output_root {afile}: {afile} is a file, not a folder" in result.output
+    result = invoke("train", "--data", hashed, "--model", "abas_cnn", "--quiet", f"output_root={tmp_path / 'runs'}",
+                    "--split-file", tmp_path)
+    assert result.exit_code == 2 and "is a folder, not a split file" in result.output
+    result = invoke("train", "--data", hashed, "--model", "abas_cnn", "--quiet", f"output_root={tmp_path / 'runs'}",
+                    "--split-file", afile / "split.json")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    from leukoscope.cli import _overrides
+    from leukoscope.engine.config import load_config
+
+    assert load_config(overrides=_overrides([], str(hashed), None)).data.path == str(hashed)
+    assert load_config(overrides=_overrides([], "2024", None)).data.path == "2024"  # a folder named 2024
+
+
 def test_search_without_a_search_section_is_refused_before_training(synthetic_root: Path, tmp_path: Path) -> None:
     result = invoke("search", "--data", synthetic_root, f"output_root={tmp_path / 'runs'}")
     assert result.exit_code == 2

@@ -30,7 +30,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
 import typer
 from rich.markup import escape
@@ -153,6 +153,18 @@ def _check_writable_folder(folder: Path, option: str) -> None:
             return
 
 
+def _check_run_paths(cfg: Any) -> None:
+    """Where a run writes, checked before the data are prepared: ``output_root`` a folder (or to be one), and
+    ``data.split_file`` a file in one."""
+    if getattr(cfg, "output_root", None):
+        _check_writable_folder(Path(cfg.output_root), "output_root")
+    split_file = getattr(getattr(cfg, "data", None), "split_file", None)
+    if split_file:
+        if Path(split_file).is_dir():
+            _fail(f"data.split_file {split_file}: is a folder, not a split file")
+        _check_writable_folder(Path(split_file).parent, "data.split_file")
+
+
 def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
     """The bundle folder ``spec`` names (``pretrained:NAME``: a shipped model's), checked to exist.
     The bundle readers import torch; these checks are the cheap part of theirs."""
@@ -167,12 +179,14 @@ def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
 def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
                split_file: Optional[Path] = None) -> list[str]:
     extra = list(overrides)
+    # Paths given as options are strings as written: quoted, a YAML reading of "runs #2" or "2024" would cut or
+    # retype them (an override's value is YAML; a JSON string is a YAML string).
     if data:
-        extra.append(f"data.path={data}")
+        extra.append(f"data.path={json.dumps(data)}")
     if model:
         extra.append(f"model.name={model}")
     if split_file:  # absolute: the run's config.yaml must find it from any folder
-        extra.append(f"data.split_file={split_file.resolve()}")
+        extra.append(f"data.split_file={json.dumps(str(split_file.resolve()))}")
     return extra
 
 
@@ -221,7 +235,7 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
     extra = list(overrides or [])
     if init is not None:  # checked here, before torch loads; kept as written (pretrained:NAME) in config.yaml
         _check_bundle(init, "--init")
-        extra.append(f"model.init={init if is_pretrained_spec(init) else Path(init).resolve()}")
+        extra.append(f"model.init={json.dumps(init if is_pretrained_spec(init) else str(Path(init).resolve()))}")
     cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
     epochs = getattr(getattr(cfg, "train", None), "epochs", None)
     if resume is not None and isinstance(epochs, int):  # now, not after the data are prepared
@@ -235,6 +249,7 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
         from leukoscope.data.readers import check_dataset_path
 
         _run(check_dataset_path, data_path)
+    _check_run_paths(cfg)
     if getattr(cfg, "search", None) is not None:
         console.print("[yellow]note: this config has a search section; `leukoscope search` runs the grid[/yellow]")
     result = _run(task.function("train"), cfg, run_dir=resume, resume=resume is not None, show_progress=not quiet)
@@ -327,7 +342,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>; "
                                        "for pretrained:NAME ./eval-NAME-<data>)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
-    subset: str = typer.Option("test", help="Which part of --split-file to score."),
+    subset: Optional[str] = typer.Option(None, help="Which part of --split-file to score (default: test)."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     split: Optional[str] = typer.Option(None, "--split", help="Detector bundles: VOC split to score "
                                         "(e.g. Testing, test)."),
@@ -369,15 +384,18 @@ def evaluate(
     spec, bundle = bundle, _check_bundle(bundle, "--bundle")
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():
-        _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
+        _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)"
+              if not split_file.exists() else f"{split_file}: is a folder, not a split file")
+    if subset is not None and split_file is None:  # else every image would be scored, and said to be the part
+        _fail(f"--subset {subset} names a part of a split: give the split with --split-file")
     from leukoscope.bundle import read_bundle_info
     from leukoscope.tasks import task_named
 
     info = _run(read_bundle_info, bundle)
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
-    foreign = ({"--split-file": split_file, "--allow-training-data": allow_training_data, "--um-per-px": um_per_px,
-                "--as-given": as_given} if info.task == "detect" else {"--split": split})
+    foreign = ({"--split-file": split_file, "--subset": subset, "--allow-training-data": allow_training_data,
+                "--um-per-px": um_per_px, "--as-given": as_given} if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
         _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
@@ -390,6 +408,7 @@ def evaluate(
         torch.set_num_threads(threads)
     if info.task == "detect":
         out = out or out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}"
+        _check_writable_folder(out, "--out")
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
                        threads=threads)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
@@ -402,6 +421,7 @@ def evaluate(
                           f"images", soft_wrap=True)
     else:
         out = out or out_root / f"{prefix}{Path(data).stem}"
+        _check_writable_folder(out, "--out")
         if um_per_px is not None and info.preprocessing.cell_window_um is None:
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
                           "(it takes each image whole)", soft_wrap=True)
@@ -412,7 +432,7 @@ def evaluate(
         if own_data and not as_given and um_per_px is None and info.preprocessing.cell_window_um is not None:
             console.print("framing: the bundle's own dataset: its images are scored as they are (crops cut at "
                           "the window, as training took them)", soft_wrap=True)
-        metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset,
+        metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset or "test",
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
                        threads=threads, frame=frame, um_per_px=um_per_px)
         if metrics.get("framing"):
@@ -529,6 +549,8 @@ def predict(
     if out.suffix.lower() not in (".csv", ".json"):  # before any image is read
         _fail(f"--out {out}: must end in .csv or .json")
     _check_writable_folder(out.parent, "--out")
+    if out.is_dir():
+        _fail(f"--out {out}: is a folder; give the file to write (.csv or .json)")
     if explain is not None:
         _check_writable_folder(explain, "--explain")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -599,6 +621,7 @@ def _export_out(bundle: Path, out: Optional[Path], suffix: str) -> Path:
         _fail(f"{out} is inside the shipped models' folder (the installed package): choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         _fail(f"{out} already exists and is not empty: choose another --out (or remove it)")
+    _check_writable_folder(out, "--out")  # a file above it
     return out
 
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,22 @@ def test_overrides_parse_yaml_values() -> None:
     assert tree == {"train": {"lr": 0.01, "class_weighted_loss": False}, "data": {"ratios": [0.75, 0.25]}, "name": "x"}
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_overrides(["train.lr"])
+    for broken in ("data.path=*.csv", "train.lr=[", "run.name=@x"):  # a YAML error was a traceback
+        with pytest.raises(ConfigError, match=rf"override '{re.escape(broken)}': the value is not valid YAML"):
+            parse_overrides([broken])
+
+
+def test_values_no_config_could_hold_are_refused() -> None:
+    for override, key in (("data.max_pixels=-5", "data.max_pixels"), ("data.phash_distance=-3", "data.phash_distance")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(overrides=[override])
+
+
+def test_a_section_written_as_one_value_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("model: abas_cnn\ndata: /tmp/somewhere\n")
+    with pytest.raises(ConfigError, match="model"):  # an AttributeError traceback before
+        load_config(config)
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:

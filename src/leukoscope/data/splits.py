@@ -79,6 +79,8 @@ class Split:
             payload = json.loads(path.read_text())
         except FileNotFoundError:
             raise DatasetError(f"{path}: split file does not exist") from None
+        except IsADirectoryError:
+            raise DatasetError(f"{path}: is a folder, not a split file") from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: split file is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):

@@ -45,9 +45,9 @@ class DataConfig(Section):
     ratios: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])
     split_seed: int = 0
     near_duplicates: bool = True
-    phash_distance: int = 4
+    phash_distance: int = Field(4, ge=0)
     on_corrupt: Literal["skip", "fail"] = "skip"
-    max_pixels: int = 120_000_000
+    max_pixels: int = Field(120_000_000, gt=0)
     classes: list[str] | None = None
     """Restrict to / order the classes; default: every class folder, sorted."""
     class_map: dict[str, str] | None = None
@@ -335,7 +335,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote it, "
+                              f"e.g. {key.strip()}='\"...\"'") from None
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -363,7 +368,9 @@ def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for section, key in path_keys:
-        value = (raw.get(section) or {}).get(key)
+        if not isinstance(raw.get(section), dict):  # absent, or written as one value: the model check says so
+            continue
+        value = raw[section].get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value) \
                 and not is_pretrained_spec(value):
             raw[section][key] = str((path.parent / value).resolve())
