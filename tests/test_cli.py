@@ -323,10 +323,49 @@ def test_evaluate_and_predict_refuse_outputs_they_could_not_write_before_any_wor
         in result.output
     result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", tmp_path)
     assert result.exit_code == 2 and "is a folder, not a split file" in result.output
+    result = invoke("evaluate", "--bundle", afile, "--data", synthetic_root)
+    assert result.exit_code == 2 and "is a file; a bundle is a folder" in result.output
     folder = tmp_path / "preds.csv"
     folder.mkdir()
     result = invoke("predict", "--bundle", trained_bundle, synthetic_root / "blast", "--out", folder)
     assert result.exit_code == 2 and "is a folder; give the file to write" in result.output
+
+
+def test_evaluate_refuses_a_row_without_a_label_before_decoding(trained_bundle: Path, synthetic_root: Path,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("leukoscope.tasks.classify.decode_manifest", _fail_if_called)
+    first, second = sorted((synthetic_root / "blast").iterdir())[:2]
+    manifest = tmp_path / "unlabelled.csv"
+    manifest.write_text(f"path,label\n{first},blast\n{second},\n")
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", manifest, "--allow-training-data",
+                    "--out", tmp_path / "eval")
+    assert result.exit_code == 2 and "1 sample(s) have no label" in result.output, result.output
+
+
+def test_evaluate_shows_the_scoring_as_it_goes(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoring is its own progress bar, advanced a chunk at a time, and the chunks give the same scores."""
+    from contextlib import contextmanager
+
+    import leukoscope.tasks.classify as classify
+
+    steps: dict[str, list[int]] = {}
+
+    @contextmanager
+    def recording(total, description, **kwargs):
+        steps[description] = []
+        yield lambda advance=1, info="", **counts: steps[description].append(advance)
+
+    monkeypatch.setattr(classify, "progress_bar", recording)
+    monkeypatch.setattr(classify, "SCORE_CHUNK", 64)  # the network's own batch: the same batches as unchunked
+    chunked = classify.evaluate_bundle(trained_bundle, synthetic_root, tmp_path / "a", allow_training_data=True)
+    n = chunked["n"]
+    assert steps["scoring"] == [64] * (n // 64) + ([n % 64] if n % 64 else []) and n > 64
+    monkeypatch.setattr(classify, "SCORE_CHUNK", 10_000)
+    whole = classify.evaluate_bundle(trained_bundle, synthetic_root, tmp_path / "b", allow_training_data=True)
+    assert chunked["accuracy"] == whole["accuracy"]
+    assert {name: c["roc_auc"] for name, c in chunked["per_class"].items()} == pytest.approx(
+        {name: c["roc_auc"] for name, c in whole["per_class"].items()}, abs=1e-9)  # the same scores, not just calls
 
 
 def test_train_takes_option_paths_as_written_and_checks_where_it_writes(

@@ -169,6 +169,8 @@ def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
     """The bundle folder ``spec`` names (``pretrained:NAME``: a shipped model's), checked to exist.
     The bundle readers import torch; these checks are the cheap part of theirs."""
     path = _run(resolve_bundle, spec, option=option)
+    if path.is_file():
+        _fail(f"{path}: is a file; a bundle is a folder (with bundle.json)")
     if not path.is_dir():
         _fail(f"{path}: bundle folder does not exist")
     if not (path / "bundle.json").is_file():

@@ -85,6 +85,10 @@ def test_missing_or_invalid_file(tmp_path: Path) -> None:
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: h\xe9mato\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(latin))}: not a UTF-8 text file"):
+        load_config(latin)
 
 
 def test_every_shipped_config_is_valid() -> None:
