@@ -196,3 +196,12 @@ def test_real_cbc_and_bccd() -> None:
     types = read_wbc_types(bccd / "wbc_types.csv")
     labelled = attach_labels(bccd_test, types)
     assert sum(1 for image in labelled if image.labels) > 60
+
+
+def test_a_file_or_a_missing_folder_is_not_a_voc_dataset(tmp_path: Path) -> None:
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text("path,label\n")
+    with pytest.raises(DatasetError, match="cells.csv: is a file; a detector's data are a Pascal VOC folder"):
+        detect_layout(manifest)
+    with pytest.raises(DatasetError, match="dataset folder does not exist"):
+        detect_layout(tmp_path / "nowhere")

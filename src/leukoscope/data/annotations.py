@@ -472,6 +472,9 @@ class VocLayout:
 
 def detect_layout(root: str | Path) -> VocLayout:
     root = Path(root)
+    if root.is_file():
+        raise DatasetError(f"{root}: is a file; a detector's data are a Pascal VOC folder (Annotations/*.xml "
+                           f"beside the images)")
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist")
     if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
