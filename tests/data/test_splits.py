@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
-from leukoscope.data.readers import read_class_folders
+from leukoscope.data.readers import read_class_folders, read_dataset
 from leukoscope.data.splits import (
     SPLIT_FORMAT_VERSION,
     LeakageError,
@@ -299,16 +299,34 @@ def test_load_rejects_bad_files_clearly(tmp_path: Path, content: str, message: s
 def test_split_matching(leaky: Manifest, cell_writer) -> None:
     split = make_split(leaky, seed=0)
     split_matching(split, leaky)  # unchanged: fine
-    split_matching(split, leaky.subset(range(10)))  # fewer images: still fine
+    # fewer images: training reads the split's own list, so the images taken out would still train and test
+    with pytest.raises(DatasetError, match=rf"{len(leaky) - 10} image\(s\) no longer in it; make a new split"):
+        split_matching(split, leaky.subset(range(10)))
 
     new = cell_writer(leaky.root / "all" / "UID_77_1_1_all.bmp", "blast", seed=4242)
     grown = Manifest(leaky.samples + [Sample(new, "all", "77")], leaky.classes, leaky.root)
-    with pytest.raises(DatasetError, match=r"1 new image\(s\), 0 relabelled"):
+    with pytest.raises(DatasetError, match=r"no longer matches the dataset: 1 new image\(s\); make"):
         split_matching(split, grown)
 
     relabelled = [Sample(s.path, "hem" if i == 3 else s.label, s.subject) for i, s in enumerate(leaky)]
-    with pytest.raises(DatasetError, match=r"0 new image\(s\), 1 relabelled"):
+    with pytest.raises(DatasetError, match=r"no longer matches the dataset: 1 relabelled; make"):
         split_matching(split, Manifest(relabelled, leaky.classes, leaky.root))
+    # subjects given since the split was made (a CSV's subject column): the old split may put a patient's
+    # images on both sides
+    resubjected = [Sample(s.path, s.label, "P1" if i < 4 else s.subject) for i, s in enumerate(leaky)]
+    with pytest.raises(DatasetError, match=r"no longer matches the dataset: \d+ with another subject; make"):
+        split_matching(split, Manifest(resubjected, leaky.classes, leaky.root))
+
+
+def test_a_csv_manifest_without_subjects_takes_them_from_cnmc_names(leaky: Manifest, tmp_path: Path) -> None:
+    """The same C-NMC images as class folders or as a CSV without a subject column: the same subjects (the
+    CSV gave none, and image-level splits put one patient on both sides)."""
+    csv_path = tmp_path / "cells.csv"
+    csv_path.write_text("path,label,subject\n" + "".join(
+        f"{s.path},{s.label},{'GIVEN' if i == 0 else ''}\n" for i, s in enumerate(leaky)))
+    read = read_dataset(csv_path)
+    assert [s.subject for s in read][1:] == [s.subject for s in leaky][1:] and read[0].subject == "GIVEN"
+    assert sum(1 for s in read if s.subject) > len(read) // 2  # most of the fixture's names are C-NMC's
 
 
 # -- real data ---------------------------------------------------------------

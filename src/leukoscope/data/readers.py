@@ -99,7 +99,7 @@ def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
 
 def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Manifest:
     """Read a CSV with a header ``path,label[,subject]``; relative paths are
-    resolved against the CSV's folder. Without a ``label`` column the samples are
+    resolved against the CSV's folder; a row without a subject takes the one its C-NMC file name gives. Without a ``label`` column the samples are
     unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it."""
     path = Path(path)
     if not path.is_file():
@@ -123,7 +123,9 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Mani
             image_path = Path(row["path"])
             if not image_path.is_absolute():
                 image_path = path.parent / image_path
-            samples.append(Sample(image_path, row.get("label") or None, row.get("subject") or None))
+            # no subject given: a C-NMC name still names its subject, as in class folders (else image-level splits)
+            subject = row.get("subject") or cnmc_subject(image_path.name)
+            samples.append(Sample(image_path, row.get("label") or None, subject))
     if not samples:
         raise DatasetError(f"{path}: manifest has no rows")
     return Manifest(samples, root=path.parent)

@@ -230,13 +230,21 @@ def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> N
 
 
 def split_matching(split: Split, manifest: Manifest) -> None:
-    """Check that a saved split still describes ``manifest`` (same files, same labels)."""
-    in_split = {s.path.resolve(): s.label for samples in split.assignments.values() for s in samples}
-    in_data = {s.path.resolve(): s.label for s in manifest}
+    """Check that a saved split still describes ``manifest``: the same files, labels and subjects. A split
+    holding images the data no longer has would train and test on them (training reads the split's list); one
+    made before the data had subjects would keep a patient's images on both sides."""
+    in_split = {s.path.resolve(): (s.label, s.subject) for samples in split.assignments.values() for s in samples}
+    in_data = {s.path.resolve(): (s.label, s.subject) for s in manifest}
     new = set(in_data) - set(in_split)
-    changed = [p for p in set(in_data) & set(in_split) if in_data[p] != in_split[p]]
-    if new or changed:
+    gone = set(in_split) - set(in_data)
+    both = set(in_data) & set(in_split)
+    relabelled = [p for p in both if in_data[p][0] != in_split[p][0]]
+    resubjected = [p for p in both if in_data[p][1] != in_split[p][1]]
+    if new or gone or relabelled or resubjected:
+        found = [f"{len(paths)} {what}" for paths, what in ((new, "new image(s)"), (gone, "image(s) no longer in it"),
+                                                            (relabelled, "relabelled"),
+                                                            (resubjected, "with another subject")) if paths]
         raise DatasetError(
-            f"the saved split no longer matches the dataset: {len(new)} new image(s), "
-            f"{len(changed)} relabelled; make a new split (delete the split file) or restore the data"
+            f"the saved split no longer matches the dataset: {', '.join(found)}; make a new split (delete the "
+            f"split file) or restore the data"
         )
