@@ -224,3 +224,22 @@ def test_a_white_cell_found_twice_is_counted_once() -> None:
     result = SmearAnalyzer(nested).analyze(image)
     assert [c.box for c in result.cells] == [(20, 20, 120, 120), (200, 100, 460, 350)]
     assert len(SmearAnalyzer(nested, wbc_containment=1.0).analyze(image).cells) == 3
+
+
+@pytest.mark.parametrize("bundle", ["untrained", "pretrained:smear-detector"])
+def test_a_small_first_image_does_not_change_what_later_fields_detect(bundle: str, smear_root: Path,
+                                                                      detector_bundle: Path) -> None:
+    """torchvision's region pooler kept the feature-map scales of the first batch it saw: after a thumbnail
+    every later field was pooled at twice its scale and the shipped detector found nothing in it."""
+    field = Image.open(sorted((smear_root / "JPEGImages").glob("*.png"))[0]).convert("RGB")
+    field = field.resize((640, 480))  # the shipped detector's field size
+    spec = detector_bundle if bundle == "untrained" else bundle
+
+    def boxes_of(analyzer: SmearAnalyzer) -> np.ndarray:
+        return analyzer.analyze(field).detections.boxes
+
+    fresh = boxes_of(SmearAnalyzer(spec, tile_size=1024))
+    after_thumbnail = SmearAnalyzer(spec, tile_size=1024)
+    after_thumbnail.analyze(field.crop((0, 0, 40, 40)))
+    assert len(fresh) > 0
+    np.testing.assert_allclose(boxes_of(after_thumbnail), fresh, atol=1e-3)

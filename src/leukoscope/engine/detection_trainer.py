@@ -21,6 +21,7 @@ from leukoscope.engine.optim import TrainingClock, build_optimizer, build_schedu
 from leukoscope.engine.runtime import deterministic_kernels, resolve_device, seed_everything
 from leukoscope.evaluation.detection import coco_metrics
 from leukoscope.inference.detector import CellDetector
+from leukoscope.inference.detector_torch import forget_pooling_scales, pooling_modules
 from leukoscope.progress import progress_bar
 
 
@@ -89,10 +90,12 @@ class _DetectionLoop(EpochLoop):
                             collate_fn=collate_detection_batch, num_workers=0)
         loss_sum, seen, cut_short = 0.0, 0, False
         parts_sum: dict[str, float] = {}
+        poolers = pooling_modules(model)
         with progress_bar(len(loader), f"epoch {epoch}/{cfg.epochs}", enabled=self.show_progress) as update:
             for images, targets in loader:
                 inputs = [image.to(device).float() / 255.0 for image in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                forget_pooling_scales(poolers)  # fields of several sizes: each batch's own scales
                 losses = model(inputs, targets)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):

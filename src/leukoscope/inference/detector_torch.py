@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from leukoscope.inference.detector_runtime import REFERENCE_FIELD_PIXELS, DetectorRunner, RawDetections, scaled_cap
 from leukoscope.inference.quality import detection_cap
@@ -28,6 +29,21 @@ def to_model_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
     return image if image.dtype == torch.uint8 else image.float()
 
 
+def pooling_modules(model: nn.Module) -> list[MultiScaleRoIAlign]:
+    """The model's region poolers (a Faster R-CNN's box head has one)."""
+    return [module for module in model.modules() if isinstance(module, MultiScaleRoIAlign)]
+
+
+def forget_pooling_scales(poolers: Sequence[MultiScaleRoIAlign]) -> None:
+    """Make each pooler work out its feature maps' scales from the batch it is given. torchvision's
+    ``MultiScaleRoIAlign`` keeps the scales of the first batch it saw, rounded from that batch's padded size:
+    after a first image of under ~135 px (a thumbnail, an edge tile) every later field was pooled at twice
+    its scale and nothing was detected, silently."""
+    for pooler in poolers:
+        pooler.scales = None
+        pooler.map_levels = None
+
+
 class TorchDetector(DetectorRunner):
     """The whole model in torch, on ``device``."""
 
@@ -35,6 +51,7 @@ class TorchDetector(DetectorRunner):
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         self.model = model.eval()
+        self._poolers = pooling_modules(model)
         self.device = torch.device(device)
         # One model may serve several threads (the web service): its per-image caps are
         # changed for large tiles while it runs, so calls into the model take turns.
@@ -84,6 +101,7 @@ class TorchDetector(DetectorRunner):
     def run(self, images: Sequence[Any], pixels: int) -> list[RawDetections]:
         batch = [to_model_tensor(image).to(self.device) for image in images]
         with self._lock, self._limits_for(pixels):
+            forget_pooling_scales(self._poolers)
             outputs = self.model(batch)
         return [(output["boxes"].float().cpu().numpy().reshape(-1, 4), output["scores"].float().cpu().numpy(),
                  output["labels"].cpu().numpy()) for output in outputs]
