@@ -11,12 +11,13 @@ Without a scale, the crop is the cell's box plus a margin (the older rule).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale
+from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale, lent_run_scale
 
 
 def window_box(box: Sequence[float], image_size: tuple[int, int], *, um_per_px: float | None = None,
@@ -87,3 +88,16 @@ def frame_single_cell(image: Image.Image, window_um: float, um_per_px: float | N
     if not scale.known:
         return image, scale
     return centre_window(image, float(scale.um_per_px), window_um), scale
+
+
+def single_cell_framer(window_um: float, paths: Sequence[str | Path],
+                       um_per_px: float | None = None) -> Callable[[Image.Image], Image.Image]:
+    """How a set of single-cell image files is framed for a classifier of a ``window_um`` window, as
+    ``leukoscope predict`` frames them: at ``um_per_px``, else each image's own scale, else the files' scale
+    together (:func:`leukoscope.scale.run_scale`, from five files on)."""
+    run = lent_run_scale(paths, um_per_px)
+
+    def frame(image: Image.Image) -> Image.Image:
+        return frame_single_cell(image, window_um, um_per_px, run_um_per_px=run)[0]
+
+    return frame

@@ -165,6 +165,21 @@ def _check_run_paths(cfg: Any) -> None:
         _check_writable_folder(Path(split_file).parent, "data.split_file")
 
 
+def _own_dataset(info: Any, data: str) -> bool:
+    """Whether ``data`` is the dataset the classifier bundle was trained from (its crops already cut)."""
+    own = info.provenance.get("dataset")
+    return bool(own) and Path(str(own)).resolve() == Path(data).resolve()
+
+
+def _frames_cells(info: Any, data: str, as_given: bool, um_per_px: Optional[float]) -> bool:
+    """Whether a classifier's single-cell images of ``data`` are framed for its window as predict frames them:
+    not with --as-given or without a window, nor the bundle's own training dataset (crops cut at the window,
+    as training took them) unless --um-per-px says otherwise."""
+    if as_given or info.preprocessing.cell_window_um is None:
+        return False
+    return um_per_px is not None or not _own_dataset(info, data)
+
+
 def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
     """The bundle folder ``spec`` names (``pretrained:NAME``: a shipped model's), checked to exist.
     The bundle readers import torch; these checks are the cheap part of theirs."""
@@ -428,9 +443,8 @@ def evaluate(
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
                           "(it takes each image whole)", soft_wrap=True)
         # The bundle's own dataset holds crops already cut at its window (training took them as they are).
-        own = info.provenance.get("dataset")
-        own_data = bool(own) and Path(str(own)).resolve() == Path(data).resolve()
-        frame = not as_given and (um_per_px is not None or not own_data)
+        own_data = _own_dataset(info, data)
+        frame = _frames_cells(info, data, as_given, um_per_px)
         if own_data and not as_given and um_per_px is None and info.preprocessing.cell_window_um is not None:
             console.print("framing: the bundle's own dataset: its images are scored as they are (crops cut at "
                           "the window, as training took them)", soft_wrap=True)
@@ -647,6 +661,12 @@ def export(
     split: Optional[str] = typer.Option(None, "--split", help="Detectors: the VOC split of --check (e.g. Testing)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
+    as_given: bool = typer.Option(False, "--as-given", help="Classifiers: take the --calibration and --check images "
+                                  "whole, as they are (crops already cut at the classifier's window); by default "
+                                  "they are framed as predict frames single-cell images (the bundle's own training "
+                                  "data: as given)."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Classifiers: pixel size of the "
+                                              "--calibration and --check images (micrometres), to frame them at."),
 ) -> None:
     """Export a classifier or detector bundle as an inference bundle: its files plus the graph, recorded
     in bundle.json.
@@ -673,6 +693,15 @@ def export(
         _fail(f"{source} is a classifier bundle: --split applies to detector bundles only")
     if split is not None and check is None:
         _fail("--split names a split of --check DATA: give --check too")
+    if detector and (as_given or um_per_px is not None):
+        _fail(f"{source} is a detector bundle: --as-given and --um-per-px apply to classifiers (a detector's fields "
+              f"are scaled by their red cells, as analyze does)")
+    if um_per_px is not None and as_given:
+        _fail("--um-per-px frames each image at that scale; --as-given takes the images as they are: give one")
+    if um_per_px is not None:
+        from leukoscope.scale import checked_um_per_px
+
+        _run(checked_um_per_px, um_per_px, "--um-per-px")
     # The refusals of leukoscope.inference.export.check_exportable, before torch is imported.
     if detector and peek.model_name.startswith("fcos"):
         _fail(f"{source} is an FCOS detector: export supports Faster R-CNN detectors only for now")
@@ -705,8 +734,15 @@ def export(
         torch.set_num_threads(threads)
     from leukoscope.inference.export import export_bundle
 
-    _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration, show_progress=True)
     from leukoscope.bundle import read_bundle_info
+
+    info = None if detector else _run(read_bundle_info, source)
+    # single-cell images are framed for the classifier's window as predict frames them (int8 ranges and the
+    # accuracy change are then measured on what the model will be given)
+    frames = {given: _frames_cells(info, given, as_given, um_per_px) for given in (calibration, check)
+              if given is not None and info is not None}
+    _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration,
+         frame_calibration=frames.get(calibration, False), um_per_px=um_per_px, show_progress=True)
 
     record = _run(read_bundle_info, target).export or {}
     precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")
@@ -724,14 +760,17 @@ def export(
     elif check is not None:
         from leukoscope.inference.export_check import compare_backends
 
-        report = _run(compare_backends, target, check, threads=threads)
+        report = _run(compare_backends, target, check, threads=threads, frame=frames.get(check, False),
+                      um_per_px=um_per_px)
     if check is not None:
         from leukoscope.bundle import note_export_in_card
 
         for line in report.lines():
             console.print(line)
-        note_export_in_card(target, record, [f"--check {Path(check).name}" + (f" --split {split}" if split else ""),
-                                             *report.lines()])
+        windowed = info is not None and info.preprocessing.cell_window_um is not None
+        framed = "" if not windowed else (" (framed as predict frames them)" if frames.get(check) else " (as given)")
+        note_export_in_card(target, record, [f"--check {Path(check).name}" + (f" --split {split}" if split else "")
+                                             + framed, *report.lines()])
     print(target)
 
 

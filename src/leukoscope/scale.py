@@ -200,6 +200,14 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
     return run_scale_of(list(estimates()))
 
 
+def lent_run_scale(paths: Sequence[str | Path], um_per_px: float | None = None) -> float | None:
+    """The scale ``paths`` together lend to those of them without one of their own (:func:`run_scale`): None
+    when ``um_per_px`` is stated, when there are too few files to tell, or when they give no estimate."""
+    if um_per_px is not None or len(paths) < RUN_SCALE_MIN_ESTIMATES:
+        return None
+    return run_scale(list(paths)).um_per_px
+
+
 def run_scale_of(estimates: Sequence[FieldScale]) -> FieldScale:
     """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
     one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields, and two thirds of those with an

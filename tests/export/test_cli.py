@@ -136,3 +136,43 @@ def test_an_export_says_in_the_model_card_what_it_runs(trained: dict[str, Path],
     assert card.count("## This export") == 1  # the float export's note is replaced, not kept beside it
     assert f"int8, calibrated on 96 images of `{synthetic_root.name}`" in card and "not this graph's" in card
     assert "Parity check" not in card  # no --check this time: the float graph's check no longer applies
+
+
+def test_calibration_and_check_images_are_framed_as_predict_frames_them(trained: dict[str, Path],
+                                                                        synthetic_root: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classifier of a physical window: int8 ranges and the accuracy change were measured on whole images,
+    which predict never gives it; now on the images framed as predict frames them (--as-given: as they are)."""
+    import shutil
+
+    import leukoscope.cell_window as cell_window
+
+    bundle = shutil.copytree(trained["abas_cnn"], tmp_path / "windowed")
+    record = json.loads((bundle / "bundle.json").read_text())
+    record["preprocessing"]["cell_window_um"] = 24.0
+    (bundle / "bundle.json").write_text(json.dumps(record))
+    (bundle / "MODEL_CARD.md").write_text("# A windowed model\n")
+    framed: list[tuple[int, int]] = []
+    real = cell_window.frame_single_cell
+
+    def counting(image, *args, **kwargs):
+        framed.append(image.size)
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(cell_window, "frame_single_cell", counting)
+    monkeypatch.setattr("leukoscope.inference.predictor.frame_single_cell", counting, raising=False)
+    out = tmp_path / "int8"
+    result = invoke("export", "--bundle", bundle, "--out", out, "--int8", "--calibration", synthetic_root,
+                    "--check", synthetic_root, "--um-per-px", "0.1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "bundle.json").read_text())["export"]["calibration_framed"] is True
+    assert len(framed) >= 2 * 96  # calibration (ranges and OOD thresholds) and both backends of the check
+    assert "(framed as predict frames them)" in (out / "MODEL_CARD.md").read_text()
+    framed.clear()
+    given = invoke("export", "--bundle", bundle, "--out", tmp_path / "given", "--int8", "--calibration",
+                   synthetic_root, "--check", synthetic_root, "--as-given", "--threads", "1")
+    assert given.exit_code == 0, given.output
+    assert framed == [] and json.loads((tmp_path / "given" / "bundle.json").read_text())["export"][
+        "calibration_framed"] is False
+    both = invoke("export", "--bundle", bundle, "--as-given", "--um-per-px", "0.1")
+    assert both.exit_code == 2 and "give one" in both.output

@@ -137,11 +137,15 @@ def export_onnx(bundle: str | Path, out: str | Path, *, opset: int = DEFAULT_OPS
 
 
 def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onnx", *, opset: int = DEFAULT_OPSET,
-                  calibration: str | Path | None = None, show_progress: bool = False) -> Path:
+                  calibration: str | Path | None = None, frame_calibration: bool = False,
+                  um_per_px: float | None = None, show_progress: bool = False) -> Path:
     """Write the exported bundle of classifier (or detector) ``bundle`` into ``out`` (which may be ``bundle``
     itself: then only the graph and the ``export`` entry are added); returns ``out``. ``calibration``: images
     to quantize the graph(s) to int8 with (``None``: float32; a detector: fields, see
-    :func:`~leukoscope.inference.quantize.quantize_detector_graphs`).
+    :func:`~leukoscope.inference.quantize.quantize_detector_graphs`). ``frame_calibration``: a classifier of a
+    physical window sees each calibration image framed as ``leukoscope predict`` frames it (at ``um_per_px``,
+    else its own scale or the images' together); without it they are taken as they are (crops already cut at
+    the window, as its training data).
 
     An export that fails (too few readable calibration images, a graph the checker refuses, Ctrl-C) leaves
     no bundle behind in a new or empty ``out``: a copy without its graph would load as the float torch model."""
@@ -153,7 +157,7 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
     existed = out.exists()
     try:
         return _export_bundle(bundle, out, export_format, opset=opset, calibration=calibration,
-                              show_progress=show_progress)
+                              frame_calibration=frame_calibration, um_per_px=um_per_px, show_progress=show_progress)
     except BaseException:
         if fresh and out.is_dir():
             if existed:
@@ -168,7 +172,8 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
 
 
 def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: int,
-                   calibration: str | Path | None, show_progress: bool) -> Path:
+                   calibration: str | Path | None, frame_calibration: bool, um_per_px: float | None,
+                   show_progress: bool) -> Path:
     source = resolve_bundle(bundle)
     check_exportable(source, export_format)
     if read_bundle_info(source).task == "detect":
@@ -206,25 +211,30 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
     record = export_record(info.model_name, size, logits.shape[1], embedding.shape[1], opset, source,
                            info.model_options, embedding_stages(model))
     if paths is not None:
+        from leukoscope.cell_window import single_cell_framer
         from leukoscope.inference.quantize import quantize_graph
         from leukoscope.progress import progress_bar
+
+        window = info.preprocessing.cell_window_um
+        frame = single_cell_framer(window, paths, um_per_px) if frame_calibration and window is not None else None
 
         quantized_tmp = out / (ONNX_FILE + ".int8.tmp")
         try:
             with progress_bar(len(paths), "calibrating int8", enabled=show_progress) as update:
                 record.update(quantize_graph(graph_tmp, quantized_tmp, paths, info.preprocessing, INPUT_NAME,
-                                             update))
+                                             update, frame))
             if info.ood is not None:  # the flag's thresholds, carried from the float graph's scores to int8's
                 from leukoscope.inference.predictor import load_ood_stats
                 from leukoscope.inference.quantize import int8_ood_thresholds
 
                 record.update(int8_ood_thresholds(graph_tmp, quantized_tmp, paths, info.preprocessing, INPUT_NAME,
-                                                  load_ood_stats(source, info)))
+                                                  load_ood_stats(source, info), frame))
                 record["ood_sha256"] = ood_digest(source, info)
         finally:
             graph_tmp.unlink(missing_ok=True)
         quantized_tmp.replace(graph_tmp)
         record["calibration_data"] = str(calibration)
+        record["calibration_framed"] = frame is not None  # cut to the window as predict does, or as given
     for name in GRAPH_FILES:  # a graph of another format left in the folder would be stale
         (out / name).unlink(missing_ok=True)
     if export_format == "openvino":

@@ -21,6 +21,7 @@ from leukoscope.data.manifest import DatasetError
 from leukoscope.data.readers import read_dataset
 from leukoscope.inference.predict_files import collect_images
 from leukoscope.inference.predictor import CellClassifier, Prediction
+from leukoscope.scale import lent_run_scale
 
 
 @dataclass
@@ -69,16 +70,21 @@ def images_and_labels(data: str | Path) -> tuple[list[Path], list[str | None]]:
 
 
 def compare_backends(bundle: str | Path, data: str | Path, *, backend: str = "auto", batch_size: int = 32,
-                     threads: int | None = None, progress: Callable[..., None] | None = None) -> ParityReport:
-    """Classify ``data`` with the torch model and the exported graph of ``bundle`` on ``backend``."""
+                     threads: int | None = None, progress: Callable[..., None] | None = None, frame: bool = False,
+                     um_per_px: float | None = None) -> ParityReport:
+    """Classify ``data`` with the torch model and the exported graph of ``bundle`` on ``backend``. ``frame``:
+    single-cell images framed for a classifier of a physical window as ``leukoscope predict`` frames them (at
+    ``um_per_px``, else their own scale or the images' together); else taken as they are (crops already cut)."""
     paths, labels = images_and_labels(data)
+    run = lent_run_scale(paths, um_per_px) if frame else None
     exported = CellClassifier.from_bundle(bundle, backend=backend, threads=threads)
     if exported.backend == "torch":
         raise ValueError(f"{bundle}: no exported graph this install can run (backend {backend!r}), nothing to "
                          f"compare with torch")
     results: list[list[Prediction]] = []
     for classifier in (CellClassifier.from_bundle(bundle, backend="torch"), exported):
-        results.append(classifier.predict_paths(paths, batch_size=batch_size, progress=progress))
+        results.append(classifier.predict_paths(paths, batch_size=batch_size, progress=progress, frame=frame,
+                                                um_per_px=um_per_px, run_um_per_px=run))
     torch_rows, onnx_rows = results
     readable = [i for i, (a, b) in enumerate(zip(torch_rows, onnx_rows)) if a.error is None and b.error is None]
     if not readable:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from leukoscope.bundle import BundleError
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
@@ -40,6 +41,8 @@ from leukoscope.preprocessing import Preprocessing, over_views
 if TYPE_CHECKING:
     from leukoscope.evaluation.ood import OodStats
 
+#: A single-cell image framed for the classifier's window (:func:`leukoscope.cell_window.single_cell_framer`).
+Framer = Callable[[Image.Image], Image.Image]
 #: Calibration images used at most (the ranges settle after a few hundred).
 MAX_CALIBRATION_IMAGES = 512
 #: Fewer than this gives ranges that one odd image decides.
@@ -87,9 +90,10 @@ class _Reader:
     classifier images through the bundle's preprocessing, ``CALIBRATION_BATCH`` at a time."""
 
     def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
-                 progress: Callable[..., None] | None) -> None:
+                 progress: Callable[..., None] | None, frame: Framer | None = None) -> None:
         self.paths = list(paths)
         self.preprocessing = preprocessing
+        self.frame = frame  # single-cell images cut to the classifier's window, as predict gives them
         self.input_name = input_name
         self.progress = progress
         self.position = 0
@@ -103,7 +107,8 @@ class _Reader:
             path = self.paths[self.position]
             self.position += 1
             try:
-                pixels.append(self.preprocessing.pixels(load_image(path)))
+                image = load_image(path)
+                pixels.append(self.preprocessing.pixels(self.frame(image) if self.frame is not None else image))
             except (ImageDecodeError, OSError):
                 continue  # an unreadable image is no reason to stop; the count below says how many served
             if self.progress is not None:
@@ -185,13 +190,14 @@ def _quantize_static(graph: Path, out: Path, reader: "_Reader | _TileReader", to
 
 
 def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing: Preprocessing,
-                   input_name: str, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+                   input_name: str, progress: Callable[..., None] | None = None,
+                   frame: Framer | None = None) -> dict[str, Any]:
     """Write the int8 (QDQ) version of float classifier graph ``graph`` to ``out``, calibrated on
-    ``paths``; returns what ``bundle.json``'s export record says about it."""
+    ``paths`` (each through ``frame`` first when given); returns what ``bundle.json``'s export record says."""
     _quantizer()
     import onnxruntime
 
-    reader = _Reader(paths, preprocessing, input_name, progress)
+    reader = _Reader(paths, preprocessing, input_name, progress, frame)
     _quantize_static(graph, out, reader, len(paths))
     return {"precision": "int8", "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: static, QDQ, "
             "weights int8 per channel, activations uint8 per tensor, MinMax ranges",
@@ -199,7 +205,7 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
 
 
 def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Path], preprocessing: Preprocessing,
-                        input_name: str, stats: "OodStats") -> dict[str, Any]:
+                        input_name: str, stats: "OodStats", frame: Framer | None = None) -> dict[str, Any]:
     """The out-of-distribution flag's thresholds for the int8 graph (``export.ood_thresholds``).
 
     The flag's statistics and thresholds were fitted on the float model's embeddings; int8 moves
@@ -210,7 +216,8 @@ def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Pat
     correlation 0.98 on that classifier) and its threshold is carried over that line, so the int8
     graph flags the share of images the float model flags. A method whose scores do not rise together
     (slope not positive) keeps its float threshold, with the reason recorded."""
-    float_scores, int8_scores = _graph_scores((float_graph, int8_graph), paths, preprocessing, input_name, stats)
+    float_scores, int8_scores = _graph_scores((float_graph, int8_graph), paths, preprocessing, input_name, stats,
+                                              frame)
     thresholds: dict[str, float] = {}
     fits: dict[str, Any] = {}
     for method, threshold in stats.thresholds.items():
@@ -227,13 +234,13 @@ def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Pat
 
 
 def _graph_scores(graphs: Sequence[Path], paths: Sequence[Path], preprocessing: Preprocessing, input_name: str,
-                  stats: "OodStats") -> list[dict[str, np.ndarray]]:
+                  stats: "OodStats", frame: Framer | None = None) -> list[dict[str, np.ndarray]]:
     """Per ONNX classifier graph (outputs: logits, embedding), each OOD method's scores of ``paths``,
     each image decoded once for all the graphs."""
     import onnxruntime
 
     sessions = [onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"]) for graph in graphs]
-    reader = _Reader(paths, preprocessing, input_name, None)
+    reader = _Reader(paths, preprocessing, input_name, None, frame)
     outputs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in sessions]
     while (batch := reader.get_next()) is not None:
         for session, out in zip(sessions, outputs):

@@ -39,7 +39,7 @@ from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
 from leukoscope.pretrained import resolve_bundle
-from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, run_scale
+from leukoscope.scale import FieldScale, lent_run_scale
 
 log = logging.getLogger(__name__)
 
@@ -338,10 +338,7 @@ class _Framing:
 def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest,
                    um_per_px: float | None) -> tuple[Callable[[Image.Image], Any], _Framing]:
     """``preprocessing.pixels`` of each image framed for the classifier's window, and the record of how."""
-    run = None
-    if um_per_px is None and len(manifest) >= RUN_SCALE_MIN_ESTIMATES:
-        estimate = run_scale([sample.path for sample in manifest])
-        run = estimate.um_per_px if estimate.known else None
+    run = lent_run_scale([sample.path for sample in manifest], um_per_px)
     framing = _Framing(float(preprocessing.cell_window_um), run)
 
     def to_pixels(image: Image.Image):
