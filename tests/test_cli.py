@@ -262,12 +262,20 @@ def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the run stored absolute data paths: resuming works from any folder
+    # the shared split file it was copied from is remade meanwhile (another seed, as after new images): the
+    # resume goes on with the run's own split, which the checkpoint trained on, and keeps it
+    own = (run_dir / "split.json").read_text()
+    (shared,) = (tmp_path / "splits").glob("*.json")
+    split = invoke("split", "--data", synthetic_root, "--out", shared, "--seed", "7")
+    assert split.exit_code == 0, split.output
+    assert shared.read_text() != own
     resumed = invoke("train", "--resume", run_dir.resolve(), "--quiet", "train.epochs=2")
     assert resumed.exit_code == 0, resumed.output
     assert Path(resumed.stdout.strip().splitlines()[-1]).parent == run_dir
     history = json.loads((run_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert "resuming at epoch 2" in (run_dir / "train.log").read_text()
+    assert (run_dir / "split.json").read_text() == own
 
 
 def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it_resumable(

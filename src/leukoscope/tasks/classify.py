@@ -87,10 +87,16 @@ def run_experiment(
             f"they should be cells cut the same way (the service's reviewed-labels export is; `leukoscope predict` "
             f"frames whole single-cell images)")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
+    own_split = run_dir / "split.json"
+    if resume and own_split.is_file():
+        # A resumed run goes on with its own split: the shared split file it was copied from may have been
+        # remade since (new images), which would move images its checkpoint trained on into val and test.
+        config = config.model_copy(update={"data": config.data.model_copy(update={"split_file": str(own_split)})})
     with open_run(run_dir, config, resume=resume):
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
-        shutil.copyfile(prepared.split_file, run_dir / "split.json")
+        if prepared.split_file.resolve() != own_split.resolve():
+            shutil.copyfile(prepared.split_file, own_split)
         classes = prepared.classes
         learner = create_learner(config, classes, preprocessing)
         sizes = {name: len(prepared.parts[name].targets) if name in prepared.parts else 0
