@@ -48,7 +48,8 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_values_no_config_could_hold_are_refused() -> None:
-    for override, key in (("data.max_pixels=-5", "data.max_pixels"), ("data.phash_distance=-3", "data.phash_distance")):
+    for override, key in (("data.max_pixels=-5", "data.max_pixels"), ("data.phash_distance=-3", "data.phash_distance"),
+                          ("train.early_stopping_patience=0", "train.early_stopping_patience")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(overrides=[override])
 

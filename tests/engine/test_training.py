@@ -114,6 +114,20 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
                                                                        rel=1e-4)
 
 
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(prepared, tmp_path: Path) -> None:
+    """Cut after its loop (during evaluation or the bundle) and resumed, it trained one more epoch."""
+    config, data = prepared
+    train, val = data.parts["train"], data.parts["val"]
+    cfg = config.train.model_copy(update={"epochs": 20, "early_stopping_patience": 1, "lr": 0.0})
+    stopped = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, cfg,
+                  num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path)
+    assert len(stopped.history) == 2 and stopped.stopped_because.startswith("early stopping")
+    again = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, cfg,
+                num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in again.history] == [1, 2] and again.stopped_because == stopped.stopped_because
+    assert again.best_epoch == stopped.best_epoch
+
+
 def test_resume_without_checkpoint_fails(prepared, tmp_path: Path) -> None:
     config, data = prepared
     with pytest.raises(FileNotFoundError, match="cannot resume"):

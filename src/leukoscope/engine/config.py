@@ -117,7 +117,7 @@ class TrainConfig(TrainingBase):
     label_smoothing: float = Field(0.0, ge=0.0, le=1.0)
     augmentation: str = "default"
     monitor: Literal["val_accuracy", "val_macro_f1", "val_loss"] = "val_accuracy"
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)
     edge_copies: bool = False
     """System C: add a Sobel edge-map copy of every training image (training split only)."""
 

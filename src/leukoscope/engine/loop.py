@@ -107,6 +107,10 @@ class EpochLoop(ABC):
         stopped_because = "completed all epochs"
         marks = [0.0] + [row["elapsed_s"] for row in history]
         last_epoch_s = marks[-1] - marks[-2] if history else 0.0
+        if history and self.patience is not None and stale >= self.patience:
+            # a run that had stopped early and was cut after its loop (evaluation, the bundle): it stays stopped
+            start_epoch = self.epochs + 1
+            stopped_because = f"early stopping: no improvement for {stale} epochs"
         for epoch in range(start_epoch, self.epochs + 1):
             reason = self.stop_before(epoch, last_epoch_s)
             if reason:
