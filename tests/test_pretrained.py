@@ -327,6 +327,11 @@ def test_a_head_is_loaded_or_left_new(classifier_bundle: Path) -> None:
     assert torch.equal(kept["classifier.6.weight"], saved["classifier.6.weight"])
     assert torch.equal(new.state_dict()["features.0.weight"], saved["features.0.weight"])
     assert not torch.equal(new.state_dict()["classifier.6.weight"], saved["classifier.6.weight"])
+    # the head's hidden layer is learned, not a class name: fine-tuning on other classes keeps it
+    other = create_model("abas_cnn", num_classes=3, weights=WithoutHead(classifier_bundle / "model.safetensors"))
+    assert torch.equal(other.state_dict()["classifier.4.weight"], saved["classifier.4.weight"])
+    assert torch.equal(other.state_dict()["classifier.1.weight"], saved["classifier.1.weight"])
+    assert other.state_dict()["classifier.6.weight"].shape[0] == 3
     assert class_difference(["a", "b"], ["a", "b"]) is None
     assert class_difference(["a", "b", "c"], ["a", "d"]) == "only in the data: ['d']; only in the bundle: ['b', 'c']"
     assert "another order" in class_difference(["b", "a"], ["a", "b"])
@@ -487,3 +492,14 @@ def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest
     with pytest.raises(typer.Exit) as stopped:
         _shipped_service_models(ServiceSettings())
     assert stopped.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("arch", "prefixes", "layer"), [
+    ("abas_cnn", ("classifier.",), "classifier.6"), ("tusar_convnet", ("classifier.",), "classifier.5"),
+    ("mobilenet_v2", ("classifier.",), "classifier.1"), ("mobilenet_v3_small", ("classifier.",), "classifier.3"),
+    ("resnet18", ("fc.",), "fc"), ("densenet121", ("classifier",), "classifier")])
+def test_the_class_layer_is_the_heads_last(arch: str, prefixes: tuple[str, ...], layer: str) -> None:
+    from leukoscope.models import create_model
+    from leukoscope.models.weights import class_layer
+
+    assert class_layer(create_model(arch, num_classes=3), prefixes) == layer

@@ -71,7 +71,7 @@ def jabeena_cnn(num_classes: int, weights: str | Path | None = None, freeze_back
     """System C's CNN: conv+pool blocks, five FC layers, sigmoid output for two classes."""
     model = JabeenaCNN(num_classes, dropout=dropout, batch_norm=batch_norm)
     if weights is not None:
-        load_backbone_weights(model, weights, head_prefixes=("classifier.",))
+        load_backbone_weights(model, weights, head_prefixes=("classifier.",), class_layer_only=True)
     if freeze_backbone:
         for parameter in model.features.parameters():
             parameter.requires_grad = False

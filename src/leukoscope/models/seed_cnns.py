@@ -80,7 +80,7 @@ class TusarConvNet(nn.Module):
 
 def _finish(model: nn.Module, weights: str | Path | None, freeze_backbone: bool) -> nn.Module:
     if weights is not None:
-        load_backbone_weights(model, weights, head_prefixes=("classifier.",))
+        load_backbone_weights(model, weights, head_prefixes=("classifier.",), class_layer_only=True)
     if freeze_backbone:
         for parameter in model.features.parameters():
             parameter.requires_grad = False

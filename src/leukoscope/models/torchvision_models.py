@@ -86,7 +86,7 @@ def build_torchvision_classifier(
     old_head = model.get_submodule(head_path)
     _set_submodule(model, head_path, nn.Linear(old_head.in_features, num_classes))
     if weights is not None:
-        load_backbone_weights(model, weights, head_prefixes=head_prefixes)
+        load_backbone_weights(model, weights, head_prefixes=head_prefixes, class_layer_only=True)
     if freeze_backbone:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_path + ".")

@@ -15,8 +15,8 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class WithoutHead:
-    """A weights file to load without its head (the layers that name the classes), which the
-    model keeps at their initial values: a trained bundle fine-tuned on other classes
+    """A weights file to load without its head's class layers (a classifier's last layer; a detector's box
+    predictor), which the model keeps at their initial values: a trained bundle fine-tuned on other classes
     (``model.init``) passes its ``model.safetensors`` this way as the builder's ``weights``."""
 
     path: Path
@@ -47,17 +47,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def class_layer(model: nn.Module, head_prefixes: tuple[str, ...]) -> str:
+    """The name of the layer that names the classes: the last linear (or 1x1 convolution) in the head (a head
+    may hold hidden layers before it: abas_cnn's, VGG's, MobileNetV3's)."""
+    layers = [name for name, module in model.named_modules()
+              if (name + ".").startswith(head_prefixes) and isinstance(module, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise WeightsError(f"no class layer under {', '.join(head_prefixes)} in {type(model).__name__}")
+    return layers[-1]
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path | WithoutHead,
-                          head_prefixes: tuple[str, ...]) -> list[str]:
+                          head_prefixes: tuple[str, ...], *, class_layer_only: bool = False) -> list[str]:
     """Load ``path`` into ``model``, skipping head tensors whose shape differs
-    (e.g. ImageNet's 1000-class head), and every head tensor for a :class:`WithoutHead`;
-    any other mismatch is an error.
+    (e.g. ImageNet's 1000-class head), and for a :class:`WithoutHead` every head tensor (``class_layer_only``:
+    the head's last layer, :func:`class_layer`); any other mismatch is an error.
 
     Returns the names of the tensors left at their initial values.
     """
     if isinstance(path, WithoutHead):
         path = path.path
-        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(head_prefixes)}
+        # a classifier head's hidden layers are learned features, not class names: only its last layer is new
+        dropped = (class_layer(model, head_prefixes) + ".",) if class_layer_only else head_prefixes
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(dropped)}
     else:
         state = read_state_dict(path)
     own = model.state_dict()
