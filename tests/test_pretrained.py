@@ -342,8 +342,17 @@ FINE_TUNE = ["train.epochs=1", "train.lr=1e-9", "train.batch_size=16", "train.th
 
 def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic_root: Path, tmp_path: Path) -> None:
     """lr 0: every trained tensor of the new bundle is the shipped model's, head included."""
-    result = invoke("train", "--init", "pretrained:wbc-classifier", "--data", synthetic_root,
-                    f"output_root={tmp_path / 'runs'}", "train.keep_checkpoint=true", *FINE_TUNE)
+    from leukoscope.data.fingerprints import DIGESTS_FILE, read_training_digests, write_training_digests
+
+    learned_from = tmp_path / "a photograph it learned from.png"
+    learned_from.write_bytes(b"pixels")
+    write_training_digests(shipped / DEFAULT_CLASSIFIER, {"train": [learned_from]}, of="crop sources")
+    try:
+        result = invoke("train", "--init", "pretrained:wbc-classifier", "--data", synthetic_root,
+                        f"output_root={tmp_path / 'runs'}", "train.keep_checkpoint=true", *FINE_TUNE)
+        base = read_training_digests(shipped / DEFAULT_CLASSIFIER)
+    finally:
+        (shipped / DEFAULT_CLASSIFIER / DIGESTS_FILE).unlink()
     assert result.exit_code == 0, result.output
     assert "same classes, its head is kept" in " ".join(result.output.split())
     bundle = Path(result.stdout.strip().splitlines()[-1])
@@ -352,6 +361,9 @@ def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic
     assert info["provenance"]["config"]["model"]["init"] == "pretrained:wbc-classifier"
     before, after = weights(shipped / DEFAULT_CLASSIFIER), weights(bundle)
     assert torch.allclose(before["classifier.6.weight"], after["classifier.6.weight"], atol=1e-6)
+    # what the shipped model learned from is this one's training data too: evaluate refuses it as well
+    own = read_training_digests(bundle)
+    assert base and own["crop sources"]["train"] == base["crop sources"]["train"] and own["images"]["train"]
     assert torch.allclose(before["features.0.weight"], after["features.0.weight"], atol=1e-6)
     # the run resumes from its config.yaml (which names the shipped model, and what came from it)
     refused = invoke("train", "--resume", bundle.parent, "--init", "pretrained:wbc-classifier")

@@ -45,6 +45,23 @@ def write_training_digests(bundle_dir: str | Path, parts: Mapping[str, Iterable[
     (:data:`OF_IMAGES` or :data:`OF_CROP_SOURCES`), beside a record of the other kind already there."""
     records = read_training_digests(bundle_dir) or {}
     records[of] = {part: {file_digest(path) for path in paths} for part, paths in parts.items()}
+    return _save_records(bundle_dir, records)
+
+
+def inherit_training_digests(bundle_dir: str | Path, base_dir: str | Path) -> Path | None:
+    """A bundle fine-tuned from ``base_dir`` learned what its base learned too: the base's records joined to
+    its own, so that evaluate refuses the base's training images as well. None when the base has none."""
+    base = read_training_digests(base_dir)
+    if not base:
+        return None
+    records = read_training_digests(bundle_dir) or {}
+    for kind, record in base.items():
+        for part, digests in record.items():
+            records.setdefault(kind, {}).setdefault(part, set()).update(digests)
+    return _save_records(bundle_dir, records)
+
+
+def _save_records(bundle_dir: str | Path, records: Mapping[str, Mapping[str, set[str]]]) -> Path:
     payload = {"hash": f"sha256[:{DIGEST_CHARS}]",
                "records": {kind: {part: sorted(d) for part, d in record.items()} for kind, record in records.items()}}
     target = Path(bundle_dir) / DIGESTS_FILE

@@ -24,7 +24,7 @@ from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
-                                         read_training_digests, write_training_digests)
+                                         inherit_training_digests, read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
@@ -128,6 +128,8 @@ def run_experiment(
         )
         learned = Split.load(prepared.split_file).assignments
         write_training_digests(bundle_dir, {part: [s.path for s in learned.get(part, [])] for part in LEARNED_PARTS})
+        if config.model.init:  # what the starting bundle learned from is this one's training data too
+            inherit_training_digests(bundle_dir, resolve_bundle(config.model.init))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return RunResult(run_dir, bundle_dir, metrics, result)
 
