@@ -465,8 +465,9 @@ def calibrate_ood(
     data: str = typer.Option(..., "--data", help="Labelled dataset folder or CSV (the bundle's training data, "
                              "or images of the same kind)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split whose train part fits the "
-                                              "statistics and val part sets the threshold (default: the bundle's "
-                                              "recorded split, when the data is its training data)."),
+                                              "statistics and val part sets the threshold (without a val part: a "
+                                              "fifth of its train part; never its test part) (default: the "
+                                              "bundle's recorded split, when the data is its training data)."),
     method: str = typer.Option("mahalanobis", help="mahalanobis (embedding) or energy (logits)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages (submodule names, comma-separated) read "
                                          "beside the penultimate embedding, or 'none' for that embedding alone "

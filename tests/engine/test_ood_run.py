@@ -178,3 +178,24 @@ def test_calibrate_ood_reads_the_stages_it_is_told_and_predict_and_the_export_us
                                 "--stages", "features.99"])
     assert wrong.exit_code == 2 and "no submodule 'features.99'" in wrong.output
     assert "stages" not in read_bundle_info(bundle).ood  # the refused call left the stored statistics alone
+
+
+def test_without_a_val_part_the_threshold_is_set_on_held_out_training_images_never_on_test(
+        run, synthetic_root: Path, tmp_path: Path) -> None:
+    """A split without a val part set the flag's threshold on its test part, which then no longer tested it."""
+    from leukoscope.data.readers import read_dataset
+    from leukoscope.data.splits import Split, make_split
+    from leukoscope.tasks.ood import fit_parts
+
+    split_file = make_split(read_dataset(synthetic_root), ratios=(0.8, 0.0, 0.2), seed=0).save(tmp_path / "s.json")
+    split = Split.load(split_file)
+    assert not split.assignments.get("val")
+    train, held, name, source = fit_parts(run.bundle_dir, synthetic_root, split_file)
+    tested = {s.path.resolve() for s in split.manifest("test")}
+    trained = {s.path.resolve() for s in split.manifest("train")}
+    used = {s.path.resolve() for s in [*train, *held]}
+    assert name == "held-out train" and "its test part is left alone" in source
+    assert not used & tested and used == trained and len(held) >= len(trained) // 6
+    views = runner.invoke(app, ["calibrate-ood", "--bundle", str(run.bundle_dir), "--data", str(synthetic_root),
+                                "--split-file", str(split_file), "--views", "4", "--quiet"])
+    assert views.exit_code == 2 and "has none: leave --views out" in views.output

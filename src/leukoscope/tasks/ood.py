@@ -122,7 +122,8 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     from) for ``data``.
 
     The bundle's recorded split (or ``split_file``) when ``data`` holds images of its train
-    part: its train and val parts (test when it has no val part), so the statistics describe
+    part: its train and val parts (without a val part, a fifth of the train part held out: the test part
+    is never fitted on), so the statistics describe
     what the model was trained on. Otherwise a fresh 80/20 duplicate-aware split of ``data``:
     the statistics then describe ``data`` (e.g. one site's images), and the note says so.
     ``need_val``: what needs a validation part (said in the error raised, before any fresh split, when
@@ -135,19 +136,29 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     if path is not None and path.is_file():
         split = Split.load(path)
         wanted = {s.path.resolve() for s in manifest}
-        held_name = "val" if split.assignments.get("val") else "test"
-
         def part(name: str) -> Manifest:
             if name not in split.assignments:
                 return Manifest([], list(info.classes))
             found = split.manifest(name)
             return found.filter([s.path.resolve() in wanted for s in found]).with_classes(info.classes)
 
-        train, held = part("train"), part(held_name)
-        if len(train) and len(held):
-            return train, held, held_name, f"the train and {held_name} parts of {path}"
+        train = part("train")
+        if split.assignments.get("val"):
+            held = part("val")
+            if len(train) and len(held):
+                return train, held, "val", f"the train and val parts of {path}"
+        elif len(train):
+            if need_val:
+                raise DatasetError(f"{need_val} a validation part, and {path} has none: leave --views out")
+            # No val part: a fifth of the train part sets the threshold; the test part stays what it is for
+            inner = make_split(train, ratios=(0.8, 0.2), seed=seed)
+            return (inner.manifest("train"), inner.manifest("test"), "held-out train",
+                    f"the train part of {path}, a fifth of it held out (the split has no val part; its test "
+                    f"part is left alone)")
         if split_file is not None:
-            raise DatasetError(f"{data} has no images in the train and {held_name} parts of {path}")
+            raise DatasetError(f"{data} has no images in the train and val parts of {path}"
+                               if split.assignments.get("val") else
+                               f"{path} has no val part and {data} no images in its train part")
         reason = f"{data} is not the bundle's training data (split {path})"
     else:
         reason = ("the bundle records no training split" if path is None
