@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -158,6 +159,14 @@ class BundleInfo:
         if self.framework != "torch" and self.preprocessing is not None and self.preprocessing.views != 1:
             raise BundleError(f"a classical model reads each image once: preprocessing.views must be 1, "
                               f"not {self.preprocessing.views}")
+        # a hand-edited number: a temperature of 0 gave NaN confidences, a quoted one a TypeError at predict
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            raise BundleError(f"temperature must be a number above 0, got {self.temperature!r}")
+        if not _is_number(self.uncertain_threshold) or not 0.0 <= self.uncertain_threshold <= 1.0:
+            raise BundleError(f"uncertain_threshold must be a number in [0, 1], got {self.uncertain_threshold!r}")
+        for key in ("ood", "export"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), dict):
+                raise BundleError(f"{key} must be a mapping, got {type(getattr(self, key)).__name__}")
 
     @property
     def input_scale(self) -> float:
@@ -211,6 +220,10 @@ class BundleInfo:
             raise BundleError(f"{source}: bundle.json says format {version} but sets {info.preprocessing.views} "
                               f"test-time views, which only format {BUNDLE_FORMAT_VERSION} has: it was edited by hand")
         return info
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def needs_format_3(info: BundleInfo) -> bool:

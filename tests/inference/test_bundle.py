@@ -63,6 +63,22 @@ def test_missing_and_broken_bundles_fail_clearly(tmp_path: Path) -> None:
         load_bundle(directory)
 
 
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("temperature", 0, "temperature must be a number above 0, got 0"),
+    ("temperature", "0.8", "temperature must be a number above 0, got '0.8'"),
+    ("uncertain_threshold", "0.5", "uncertain_threshold must be a number in \\[0, 1\\]"),
+    ("uncertain_threshold", 1.5, "uncertain_threshold must be a number in \\[0, 1\\], got 1.5"),
+    ("ood", [], "ood must be a mapping, got list"), ("export", "model.onnx", "export must be a mapping, got str")])
+def test_a_hand_edited_bundle_json_is_refused_in_one_line(tmp_path: Path, key: str, value, said: str) -> None:
+    """A temperature of 0 gave NaN confidences; quoted numbers and a wrong kind of entry, tracebacks later."""
+    directory = _bundle(tmp_path)
+    payload = json.loads((directory / "bundle.json").read_text())
+    payload[key] = value
+    (directory / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match=said):
+        read_bundle_info(directory)
+
+
 def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
     directory = _bundle(tmp_path)
     payload = json.loads((directory / "bundle.json").read_text())
