@@ -1173,6 +1173,8 @@ def analyze(
     ran = f"detector on {analyzer.detector.backend}"
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
+        if (analyzer.classifier.info.export or {}).get("precision") == "int8" and analyzer.classifier.backend != "torch":
+            ran += " (int8 graph)"
     console.print(f"backends: {ran}", soft_wrap=True)
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):

@@ -33,6 +33,7 @@ def test_export_with_check_then_predict_on_both_backends(trained: dict[str, Path
         result = invoke("predict", "--bundle", out, synthetic_root / "blast", "--out", csvs[backend],
                         "--backend", backend, "--threads", "1")
         assert result.exit_code == 0, result.output
+        assert ("exported float32 graph" in result.output) == (backend != "torch")  # what runs it is said
     torch_rows, onnx_rows, auto_rows = (_rows(csvs[b]) for b in ("torch", "onnxruntime", "auto"))
     assert list(onnx_rows[0]) == list(torch_rows[0])  # the same columns, OOD included
     assert [r["top_class"] for r in onnx_rows] == [r["top_class"] for r in torch_rows]

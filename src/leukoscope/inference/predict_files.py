@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
 from leukoscope.io import is_image_file, load_image
-from leukoscope.progress import console, name_some, progress_bar
+from leukoscope.progress import console, name_some, progress_bar, say
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,9 @@ def predict_to_file(
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"{out}: output must end in .csv or .json")
     classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=threshold, backend=backend, threads=threads)
+    if classifier.backend != "torch":  # an int8 graph answers a little differently: said, not picked silently
+        precision = (classifier.info.export or {}).get("precision", "float32")
+        say(f"classifier on {classifier.backend} (the bundle's exported {precision} graph)")
     if explain_dir is not None and classifier.info.framework != "torch":
         raise ValueError(f"Grad-CAM (--explain) is not available for {classifier.info.model_name}: it is a "
                          "classical model on hand-made features, with no convolutional layers to explain; "
