@@ -173,3 +173,27 @@ def test_service_runs_an_exported_classifier_and_still_draws_grad_cam(openvino_b
     finally:
         explained.close()
         plain.close()
+
+
+def test_a_failed_conversion_in_place_leaves_the_bundles_graph_as_it_was(exported: dict[str, Path],
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old graph was deleted before OpenVINO converted the new one: a failed conversion left a record
+    naming a missing model.onnx."""
+    import shutil
+
+    import openvino
+
+    bundle = Path(shutil.copytree(exported["abas_cnn"], tmp_path / "in-place"))
+    record = read_bundle_info(bundle).export
+    graph = (bundle / ONNX_FILE).read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter broke")
+
+    monkeypatch.setattr(openvino, "convert_model", broken)
+    with pytest.raises(BundleError, match="OpenVINO cannot convert"):
+        export_bundle(bundle, bundle, "openvino")
+    assert (bundle / ONNX_FILE).read_bytes() == graph and read_bundle_info(bundle).export == record
+    assert not list(bundle.glob("*.tmp*"))
+    assert CellClassifier.from_bundle(bundle, backend="auto").backend != "torch"  # its graph still runs

@@ -235,10 +235,16 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
         quantized_tmp.replace(graph_tmp)
         record["calibration_data"] = str(calibration)
         record["calibration_framed"] = frame is not None  # cut to the window as predict does, or as given
-    for name in GRAPH_FILES:  # a graph of another format left in the folder would be stale
+    converted = _to_openvino(graph_tmp, out) if export_format == "openvino" else None
+    # Only now, the new graph made: a graph of another format left in the folder would be stale (and a
+    # conversion that failed leaves an in-place export's old graph, which its record still names).
+    for name in GRAPH_FILES:
         (out / name).unlink(missing_ok=True)
-    if export_format == "openvino":
-        record.update(_to_openvino(graph_tmp, out))
+    if converted is not None:
+        stem, fields = converted
+        stem.with_suffix(".bin").replace(out / OPENVINO_WEIGHTS_FILE)
+        stem.with_suffix(".xml").replace(out / OPENVINO_FILE)
+        record.update(fields)
     else:
         graph_tmp.replace(out / ONNX_FILE)
     save_export(out, record)
@@ -252,10 +258,11 @@ def _require_openvino() -> None:
         raise BundleError("export to OpenVINO needs openvino: pip install 'leukoscope[openvino]'")
 
 
-def _to_openvino(graph: Path, out: Path) -> dict[str, Any]:
-    """Convert the ONNX ``graph`` (removed after) into ``model.xml``/``model.bin`` in ``out``; the
-    record's fields that change. Weights stay float32 (``compress_to_fp16=False``): the parity
-    check compares with float32 torch, and int8 is what ``--int8`` is for."""
+def _to_openvino(graph: Path, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Convert the ONNX ``graph`` (removed after) into ``model.tmp.xml``/``.bin`` in ``out`` (the caller moves
+    them into place); their stem and the record's fields that change. Weights stay float32
+    (``compress_to_fp16=False``): the parity check compares with float32 torch, and int8 is what ``--int8``
+    is for."""
     import openvino as ov
 
     stem = out / "model.tmp"
@@ -268,10 +275,8 @@ def _to_openvino(graph: Path, out: Path) -> dict[str, Any]:
         raise BundleError(f"OpenVINO cannot convert the exported graph: {str(exc)[:300]}") from None
     finally:
         graph.unlink(missing_ok=True)
-    stem.with_suffix(".bin").replace(out / OPENVINO_WEIGHTS_FILE)
-    stem.with_suffix(".xml").replace(out / OPENVINO_FILE)
-    return {"format": "openvino", "file": OPENVINO_FILE, "weights_file": OPENVINO_WEIGHTS_FILE,
-            "converter": f"openvino.convert_model {ov.__version__} (from the ONNX graph)"}
+    return stem, {"format": "openvino", "file": OPENVINO_FILE, "weights_file": OPENVINO_WEIGHTS_FILE,
+                  "converter": f"openvino.convert_model {ov.__version__} (from the ONNX graph)"}
 
 
 def check_graph(path: Path) -> None:
