@@ -644,7 +644,7 @@ def _export_out(bundle: Path, out: Optional[Path], suffix: str) -> Path:
 
 @app.command()
 def export(
-    bundle: str = typer.Option(..., "--bundle", help="Classifier bundle directory, or pretrained:NAME."),
+    bundle: str = typer.Option(..., "--bundle", help="Classifier or detector bundle directory, or pretrained:NAME."),
     export_format: str = typer.Option("onnx", "--format", help="Graph format: onnx (runs on onnxruntime or "
                                       "OpenVINO) or openvino (OpenVINO IR; classifiers)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
@@ -676,8 +676,8 @@ def export(
     dynamic batch axis, and gives the logits and the penultimate embedding (for the OOD score).
     `leukoscope predict --backend auto` runs it (onnxruntime or openvino). A Faster R-CNN detector's
     graph is its dense part (backbone, feature pyramid, RPN head) for any image size, plus a box graph
-    (RoIAlign, box head), as ONNX; proposal selection and NMS stay in torch (`leukoscope analyze --backend
-    onnxruntime|openvino`). --int8 quantizes a classifier's graph, or both of a detector's.
+    (RoIAlign, box head), as ONNX; proposal selection and NMS between them run in numpy (`leukoscope analyze
+    --backend onnxruntime|openvino`). --int8 quantizes a classifier's graph, or both of a detector's.
     """
     import importlib.util
 
@@ -1173,7 +1173,8 @@ def analyze(
     ran = f"detector on {analyzer.detector.backend}"
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
-        if (analyzer.classifier.info.export or {}).get("precision") == "int8" and analyzer.classifier.backend != "torch":
+        exported = analyzer.classifier.info.export or {}
+        if exported.get("precision") == "int8" and analyzer.classifier.backend != "torch":
             ran += " (int8 graph)"
     console.print(f"backends: {ran}", soft_wrap=True)
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
