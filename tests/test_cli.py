@@ -339,8 +339,8 @@ def test_evaluate_and_predict_refuse_outputs_they_could_not_write_before_any_wor
     assert result.exit_code == 2 and "is a folder; give the file to write" in result.output
 
 
-def test_evaluate_refuses_a_row_without_a_label_before_decoding(trained_bundle: Path, synthetic_root: Path,
-                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_refuses_a_row_without_a_label_before_decoding(
+        trained_bundle: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("leukoscope.tasks.classify.decode_manifest", _fail_if_called)
     first, second = sorted((synthetic_root / "blast").iterdir())[:2]
     manifest = tmp_path / "unlabelled.csv"

@@ -195,5 +195,10 @@ def test_a_failed_conversion_in_place_leaves_the_bundles_graph_as_it_was(exporte
     with pytest.raises(BundleError, match="OpenVINO cannot convert"):
         export_bundle(bundle, bundle, "openvino")
     assert (bundle / ONNX_FILE).read_bytes() == graph and read_bundle_info(bundle).export == record
-    assert not list(bundle.glob("*.tmp*"))
+    assert not list(bundle.glob("*.tmp*")) and not list(bundle.glob("model-converting*"))
     assert CellClassifier.from_bundle(bundle, backend="auto").backend != "torch"  # its graph still runs
+    monkeypatch.undo()  # and a conversion that works replaces it
+    export_bundle(bundle, bundle, "openvino")
+    assert (bundle / OPENVINO_FILE).is_file() and (bundle / OPENVINO_WEIGHTS_FILE).is_file()
+    assert not (bundle / ONNX_FILE).exists() and read_bundle_info(bundle).export["format"] == "openvino"
+    assert not list(bundle.glob("model-converting*"))

@@ -98,9 +98,9 @@ def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
 
 
 def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Manifest:
-    """Read a CSV with a header ``path,label[,subject]``; relative paths are
-    resolved against the CSV's folder; a row without a subject takes the one its C-NMC file name gives. Without a ``label`` column the samples are
-    unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it."""
+    """Read a CSV with a header ``path,label[,subject]``; relative paths are resolved against the CSV's
+    folder; a row without a subject takes the one its C-NMC file name gives. Without a ``label`` column the
+    samples are unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")

@@ -259,13 +259,13 @@ def _require_openvino() -> None:
 
 
 def _to_openvino(graph: Path, out: Path) -> tuple[Path, dict[str, Any]]:
-    """Convert the ONNX ``graph`` (removed after) into ``model.tmp.xml``/``.bin`` in ``out`` (the caller moves
+    """Convert the ONNX ``graph`` (removed after) into ``model-converting.xml``/``.bin`` in ``out`` (the caller moves
     them into place); their stem and the record's fields that change. Weights stay float32
     (``compress_to_fp16=False``): the parity check compares with float32 torch, and int8 is what ``--int8``
     is for."""
     import openvino as ov
 
-    stem = out / "model.tmp"
+    stem = out / "model-converting"  # model-converting.xml / .bin until moved into place
     try:
         converted = ov.convert_model(str(graph))
         ov.save_model(converted, str(stem.with_suffix(".xml")), compress_to_fp16=False)
