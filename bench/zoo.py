@@ -777,8 +777,8 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   were {bccd_calls}: on an unfamiliar lab's cells expect wrong types, and read the
   out-of-distribution flag (`unfamiliar`) of every cell. Cells at an unknown scale are cropped at the
   detector's training scale (flagged in `analyze`'s output). The controls move with the training run by a
-  few points: BCCD's cells called blast 0.3-5.6% across runs of this recipe (docs/benchmarks.md), every
-  one of them flagged unfamiliar.{swap_line}
+  few points: BCCD's cells called blast 0.3-5.6% across runs of this recipe (docs/benchmarks.md), 98-100%
+  of them flagged unfamiliar.{swap_line}
 - **Retrain**: `python bench/zoo.py --install` (docs/benchmarks.md, "Shipped models").
 """
 
