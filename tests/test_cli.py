@@ -320,7 +320,7 @@ def test_evaluate_and_predict_refuse_outputs_they_could_not_write_before_any_wor
     """An existing file as evaluate's --out, a folder as predict's, a --subset without its split: each said in
     one line before any image is scored (tracebacks after the scoring before; --subset was silently ignored)."""
     monkeypatch.setattr("leukoscope.tasks.classify.evaluate_bundle", _fail_if_called)
-    monkeypatch.setattr("leukoscope.cli._predict_images", _fail_if_called, raising=False)
+    monkeypatch.setattr("leukoscope.inference.predict_files.predict_to_file", _fail_if_called)
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, expected in ((afile, "is a file, not a folder"), (afile / "sub", "is a file, not a folder")):
