@@ -119,3 +119,48 @@ def test_a_case_of_unfamiliar_images_says_review(make_service, ood_analyzer: Ana
 def test_a_bundle_without_statistics_leaves_the_flag_unknown(service) -> None:
     case = upload(service.client(), service.auth("tech"), ("c.png", encode(cell_image("blast", 1), "PNG"))).json()
     assert case["cells"][0]["unfamiliar"] is None
+
+
+def test_a_full_review_answers_the_unfamiliar_warning_and_no_other(make_service, ood_analyzer: Analyzer) -> None:
+    """Once a hematologist has typed every cell, the differential rests on their classes: the warning that
+    doubted the classifier's calls is answered (else a reviewed case could never raise a leukemia flag).
+    Until then it stands; a warning about which cells were found (the detector's) never goes."""
+    from types import SimpleNamespace
+
+    from leukoscope.service.cases import current_differential
+
+    service = make_service(analyzer_override=ood_analyzer)
+    service.add_user("tech", "technician")
+    service.add_user("hema", "hematologist")
+    client, hema = service.client(), service.auth("hema")
+    case = upload(client, service.auth("tech"), *[(f"n{i}.png", encode(_noise(i), "PNG")) for i in range(3)]).json()
+    cells = [cell["id"] for cell in case["cells"]]
+
+    def unfamiliar_flags() -> list[str]:
+        shown = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+        return [flag for flag in shown["differential"]["flags"] if UNFAMILIAR_WORDING in flag.lower()]
+
+    assert len(unfamiliar_flags()) == 1
+    partly = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                         json={"labels": {str(cells[0]): "blast"}, "confirm_rest": False})
+    assert partly.status_code == 200 and partly.json()["status"] != "reviewed"
+    assert len(unfamiliar_flags()) == 1  # two cells still rest on the classifier alone
+    done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                       json={"labels": {str(cell): "blast" for cell in cells}})
+    assert done.status_code == 200 and done.json()["status"] == "reviewed"
+    assert unfamiliar_flags() == []
+    # the upload's own record keeps what the analysis said
+    shown = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+    assert any(UNFAMILIAR_WORDING in flag.lower() for flag in shown["differential_at_upload"]["flags"])
+
+    # a detector's warning stays after a full review, and keeps the leukemia flag off
+    detector_warning = "The detector's recorded test AP@0.5 for WBC is 0.200, below the floor of 0.9: ..."
+    reviewed = [SimpleNamespace(final_label="blast", reviewed_label="blast") for _ in range(120)]
+    smear = SimpleNamespace(cells=reviewed, classes=["blast", "lymphocyte"],
+                            analysis={"blast_classes": ["blast"], "warnings": [
+                                detector_warning, "Review: images unlike the training data: 90 of 120 ..."]})
+    result = current_differential(smear)
+    assert result["flags"][0] == f"WARNING: {detector_warning}" and not result["acute_leukemia_flag"]
+    assert not any(UNFAMILIAR_WORDING in flag.lower() for flag in result["flags"])
+    smear.analysis["warnings"] = smear.analysis["warnings"][1:]
+    assert current_differential(smear)["acute_leukemia_flag"]

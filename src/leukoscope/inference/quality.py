@@ -35,6 +35,8 @@ DEFAULT_MIN_DETECTOR_AP = 0.9
 DEFAULT_UNFAMILIAR_SHARE = 0.3
 #: The words of that warning (tests and readers look for them).
 UNFAMILIAR_WORDING = "review: images unlike the training data"
+#: The start of the warning for a single-cell image classified whole, without a scale.
+UNSCALED_CELL_WORDING = "No scale for a single-cell image"
 
 
 def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
@@ -97,6 +99,22 @@ def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UN
     """The warning for cells of which more than ``max_share`` are unfamiliar (out of
     distribution for the classifier); None when there is nothing to say."""
     return unfamiliar_count_warning(sum(bool(u) for u in unfamiliar), len(unfamiliar), max_share, unit)
+
+
+def unscaled_cell_warning(window_um: float) -> str:
+    """The warning for a single-cell image without a scale, classified whole by a classifier that expects
+    ``window_um`` micrometres around its cell."""
+    return (f"{UNSCALED_CELL_WORDING}: classified whole, although the classifier expects {window_um:g} um around "
+            f"the cell; its class may be wrong")
+
+
+def about_classification_only(warning: str) -> bool:
+    """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
+    image classified without a scale), not which cells were found or counted: a hematologist who has
+    reviewed every cell has answered it, and the reviewed differential need not carry it. The detector's
+    warnings (unverified, capped, a field at a guessed scale) still stand after any review: cells may have
+    been missed."""
+    return warning.lower().startswith(UNFAMILIAR_WORDING) or warning.startswith(UNSCALED_CELL_WORDING)
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

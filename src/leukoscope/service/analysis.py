@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction
+from leukoscope.inference.quality import unscaled_cell_warning
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
 
 log = logging.getLogger(__name__)
@@ -248,9 +249,7 @@ class Analyzer:
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
         if scale is None:
             return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
-        warnings = [] if scale.known else [
-            f"No scale for a single-cell image: classified whole, although the classifier expects "
-            f"{classifier.window_um:g} um around the cell; its class may be wrong"]
+        warnings = [] if scale.known else [unscaled_cell_warning(classifier.window_um)]
         return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
                                          overlay=overlay)], warnings=warnings, scale=scale.to_json())
 

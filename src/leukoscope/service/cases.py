@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
-from leukoscope.inference.quality import unfamiliar_warning
+from leukoscope.inference.quality import about_classification_only, unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, field_scale, run_sample, run_scale_of
@@ -457,10 +457,16 @@ def scale_text(scale: dict[str, Any] | None) -> str:
 
 def current_differential(case: Case) -> dict[str, Any]:
     """The differential from the current labels: the reviewed one where a hematologist gave
-    it, else the model's (``uncertain`` below the threshold); excluded cells do not count."""
+    it, else the model's (``uncertain`` below the threshold); excluded cells do not count. Once every
+    cell has a reviewed label, the warnings that doubt only the classifier's calls are answered and
+    left out (:func:`~leukoscope.inference.quality.about_classification_only`): the leukemia flag then
+    rests on the hematologist's classes. The detector's warnings stay (cells may have been missed)."""
     labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
-    return differential(labels, case.classes, blast_classes, case.analysis.get("warnings", []))
+    warnings = list(case.analysis.get("warnings", []))
+    if case.cells and all(cell.reviewed_label is not None for cell in case.cells):
+        warnings = [warning for warning in warnings if not about_classification_only(warning)]
+    return differential(labels, case.classes, blast_classes, warnings)
 
 
 # ------------------------------------------------------------------ review

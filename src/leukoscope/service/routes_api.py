@@ -90,6 +90,8 @@ def case_json(request: Request, case: Case, principal: Principal) -> dict[str, A
             "crop_url": url(request, f"{base}/cells/{cell.id}/crop") if cell.crop_object else None,
         } for cell in case.cells],
         "differential": ops.current_differential(case),
+        # what the analysis said before any review (its warnings included)
+        "differential_at_upload": case.analysis.get("differential_at_upload"),
         "review": {
             "reviewer": case.reviewer.username if case.reviewer else None,
             "reviewed_at": case.reviewed_at.isoformat() if case.reviewed_at else None,
