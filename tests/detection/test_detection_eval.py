@@ -83,3 +83,22 @@ def test_evaluate_writes_metrics_figures_report(tmp_path: Path) -> None:
         assert (tmp_path / metrics["figures"][name]).is_file()
     html = (tmp_path / "report.html").read_text()
     assert "test &lt;b&gt;" in html and "AP@0.5" in html and "a note" in html and "data:image/png;base64" in html
+
+
+def test_a_threshold_that_drops_a_whole_class_scores_it_zero_not_absent() -> None:
+    """One WBC found at 0.99; two true RBCs, one found at 0.3, and a false RBC at 0.3. Above 0.3 no RBC is
+    left: its F1 is 0 (recall 0), not undefined, so the mean over classes cannot prefer dropping the class."""
+    truths = [GroundTruth(np.array([[10, 10, 60, 60], [100, 100, 140, 140], [150, 150, 190, 190]], float),
+                          np.array([0, 1, 1]), 200, 200, "a")]
+    found = [Predicted(np.array([[10, 10, 60, 60], [100, 100, 140, 140], [0, 150, 30, 190]], float),
+                       np.array([0.99, 0.3, 0.3]), np.array([0, 1, 1]))]
+    above = operating_point(found, truths, CLASSES, 0.35)["per_class"]["RBC"]
+    assert (above["tp"], above["fp"], above["fn"]) == (0, 0, 2) and above["precision"] is None
+    assert above["f1"] == 0.0
+    at = operating_point(found, truths, CLASSES, 0.3)["per_class"]["RBC"]
+    assert at["f1"] == pytest.approx(0.5)
+    assert choose_threshold(found, truths, CLASSES) <= 0.3
+    # a class with neither boxes nor detections has no F1
+    none = [GroundTruth(np.array([[10, 10, 60, 60]], float), np.array([0]), 200, 200, "b")]
+    only_wbc = [Predicted(np.array([[10, 10, 60, 60]], float), np.array([0.9]), np.array([0]))]
+    assert operating_point(only_wbc, none, CLASSES, 0.5)["per_class"]["RBC"]["f1"] is None

@@ -167,9 +167,10 @@ def operating_point(predictions: Sequence[Predicted], truths: Sequence[GroundTru
         errors_arr = np.asarray(errors)
         precision = tp / (tp + fp) if tp + fp else None
         recall = tp / (tp + fn) if tp + fn else None
-        f1 = (2 * precision * recall / (precision + recall)
-              if precision is not None and recall is not None and precision + recall > 0 else
-              (0.0 if precision is not None and recall is not None else None))
+        # 2TP / (2TP + FP + FN): 0 for a class whose boxes were all missed or whose detections were all false
+        # (precision or recall undefined there), so that a threshold dropping a whole class scores it 0 and
+        # cannot win choose_threshold's mean; None only when the class has neither boxes nor detections.
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         per_class[name] = {
             "precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
             "count_mae": float(np.abs(errors_arr).mean()) if len(errors_arr) else None,
