@@ -45,6 +45,35 @@ def test_reader_levels_and_recorded_pixel_size(slide_path: Path) -> None:
     assert is_slide_path(slide_path)
 
 
+def test_what_lies_outside_the_scan_is_white_glass(slide_path: Path) -> None:
+    """tiffslide pads a region reaching past the scan with black; an edge tile's margin would then carry
+    black bands into its red-cell threshold (its scale) and its stained share."""
+    with open_slide(slide_path) as slide:
+        for level in (0, 1):
+            scale = int(slide.level_downsamples[level])
+            region = np.asarray(slide.read_region((-20 * scale, -10 * scale), level, (60, 50)))
+            inside = np.asarray(slide.read_region((0, 0), level, (40, 40)))
+            assert (region[:10] == 255).all() and (region[:, :20] == 255).all()
+            assert (region[10:, 20:] == inside).all()
+            width, height = slide.level_dimensions[level]
+            beyond = np.asarray(slide.read_region(((width - 30) * scale, (height - 20) * scale), level, (50, 40)))
+            assert (beyond[:20, :30] != 255).any() and (beyond[20:] == 255).all() and (beyond[:, 30:] == 255).all()
+
+
+def test_a_grayscale_slide_reads_as_rgb(tmp_path: Path) -> None:
+    import tifffile
+
+    gray = np.tile(np.linspace(40, 220, 256, dtype=np.uint8), (256, 1))
+    path = tmp_path / "gray.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(gray, subifds=1, tile=(128, 128), photometric="minisblack")
+        tif.write(gray[::2, ::2], subfiletype=1, tile=(128, 128), photometric="minisblack")
+    with open_slide(path) as slide:
+        region = np.asarray(slide.read_region((100, 0), 0, (20, 10)))
+        assert region.shape == (10, 20, 3) and (region[..., 0] == gray[:10, 100:120]).all()
+        assert (region[..., 0] == region[..., 2]).all()
+
+
 def test_sampled_tiles_lie_in_the_monolayer(slide_path: Path) -> None:
     result = slide_analyzer(target_cells=10).analyze(slide_path)
     mono = result.monolayer

@@ -80,11 +80,31 @@ class Slide:
             if self.backend == "openslide":
                 region = self._handle.read_region(location, level, size)
             else:
-                region = Image.fromarray(np.asarray(self._handle.read_region(location, level, size, as_array=True)))
+                region = self._tiff_region(location, level, size)
         if region.mode in ("RGBA", "LA"):
             white = Image.new("RGBA", region.size, (255, 255, 255, 255))
             region = Image.alpha_composite(white, region.convert("RGBA"))
         return region.convert("RGB")
+
+    def _tiff_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """tiffslide's pixels, with what lies outside the scan white: tiffslide pads it with zeros (black),
+        which an edge tile's margin then carries into Otsu's threshold of its red cells (its scale) and its
+        stained share. Grayscale scans come back as RGB; other sample types are refused."""
+        pixels = np.asarray(self._handle.read_region(location, level, size, as_array=True, padding=False))
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3, 4):
+            raise SlideError(f"{self.path}: pixels of {pixels.dtype} with shape {pixels.shape[2:]} per pixel are not "
+                             f"read (8-bit grayscale, RGB or RGBA only)")
+        if pixels.shape[2] == 1:
+            pixels = np.repeat(pixels, 3, axis=2)
+        width, height = size
+        canvas = np.full((height, width, pixels.shape[2]), 255, dtype=np.uint8)
+        # where tiffslide's own window (level pixels, truncated as it truncates) starts inside the canvas
+        downsample = self.level_downsamples[level]
+        left, top = (max(0, -int(location[0] / downsample)), max(0, -int(location[1] / downsample)))
+        rows, cols = min(pixels.shape[0], height - top), min(pixels.shape[1], width - left)
+        if rows > 0 and cols > 0:
+            canvas[top:top + rows, left:left + cols] = pixels[:rows, :cols]
+        return Image.fromarray(canvas)
 
     def read_level(self, level: int) -> Image.Image:
         return self.read_region((0, 0), level, self.level_dimensions[level])
