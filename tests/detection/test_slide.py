@@ -60,6 +60,20 @@ def test_what_lies_outside_the_scan_is_white_glass(slide_path: Path) -> None:
             assert (beyond[:20, :30] != 255).any() and (beyond[20:] == 255).all() and (beyond[:, 30:] == 255).all()
 
 
+def test_empty_glass_with_a_speck_of_dust_has_no_monolayer() -> None:
+    """Otsu's threshold halves blank glass's sensor noise into "stained" and "glass": every tile then had a
+    coverage of about 0.5, inside the monolayer's bounds, and the whole slide was read at full resolution."""
+    from leukoscope.inference.slide.monolayer import find_monolayer
+
+    glass = np.clip(np.random.default_rng(0).normal(232, 2.5, (90, 150, 3)), 0, 255).astype(np.uint8)
+    glass[40:43, 70:73] = 60  # dust
+    assert find_monolayer(glass, 4.0, (600, 360), 64).tiles == []
+    cells = glass.copy()
+    cells[::4, :] = 150  # stained rows: 25% ... and 50% of the glass once doubled
+    cells[1::4, :] = 150
+    assert len(find_monolayer(cells, 4.0, (600, 360), 64).tiles) == (600 // 64) * (360 // 64)
+
+
 def test_a_grayscale_slide_reads_as_rgb(tmp_path: Path) -> None:
     import tifffile
 
