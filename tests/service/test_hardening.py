@@ -169,6 +169,7 @@ def test_wrong_passwords_from_one_address_do_not_lock_the_user_out(make_service)
 def test_distributed_attempts_lock_the_user_and_the_admin_sees_and_clears_it(make_service):
     service = make_service(login_failures_allowed=3, login_user_lock_failures=6)
     user_id = service.add_user("tech", "technician")
+    prefix_id = service.add_user("te", "technician")  # a name that begins another's
     service.add_user("admin", "admin")
     for n in range(3):
         client = service.client(client=(f"198.51.100.{n + 1}", 1000))
@@ -180,6 +181,9 @@ def test_distributed_attempts_lock_the_user_and_the_admin_sees_and_clears_it(mak
     assert f'id="lock-{user_id}"' in page.text and "locked until" in page.text
     listed = {u["username"]: u for u in admin.get("/api/v1/users").json()["users"]}
     assert listed["tech"]["locked_until"] is not None and listed["admin"]["locked_until"] is None
+    other = admin.post(f"/admin/users/{prefix_id}/unlock", data={"csrf_token": csrf_of(page.text)})
+    assert other.status_code == 200 and f'id="lock-{user_id}"' in other.text  # "te" is not "tech"
+    assert login_as(owner, "tech", PASSWORD).status_code == 429
     cleared = admin.post(f"/admin/users/{user_id}/unlock", data={"csrf_token": csrf_of(page.text)})
     assert cleared.status_code == 200 and f'id="lock-{user_id}"' not in cleared.text
     assert login_as(owner, "tech", PASSWORD).status_code == 303

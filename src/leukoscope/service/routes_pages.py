@@ -546,7 +546,8 @@ async def admin_unlock_user(request: Request, user_id: RowId):
     def work():
         with transaction(state_of(request).sessions) as db:
             principal, user = _admin_and_user(db, request, form, user_id)
-            cleared = throttle.forget_prefix(db, user_lock_key(user.username_key))
+            # the user's own key exactly: a prefix of "al" would also clear alice's and albert's locks
+            cleared = throttle.forget(db, [user_lock_key(user.username_key)])
             cleared += throttle.forget_prefix(db, f"login:pair:{user.username_key}|")
             audit(db, principal.user, "login.unlock", detail={"username": user.username, "entries": cleared},
                   request=request)

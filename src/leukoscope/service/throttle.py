@@ -146,8 +146,9 @@ def refund(db: Session, keys: Sequence[str]) -> None:
                .values(attempts=LoginThrottle.attempts - 1, blocked_until=0.0))
 
 
-def forget(db: Session, keys: Sequence[str]) -> None:
-    db.execute(delete(LoginThrottle).where(LoginThrottle.key.in_(keys)))
+def forget(db: Session, keys: Sequence[str]) -> int:
+    """Delete the rows of exactly these keys; how many there were."""
+    return db.execute(delete(LoginThrottle).where(LoginThrottle.key.in_(keys))).rowcount or 0
 
 
 def forget_prefix(db: Session, prefix: str) -> int:
