@@ -392,6 +392,43 @@ def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
     from_csv = read_dataset(tmp_path / "csv" / "manifest.csv")
     assert all(s.path.is_file() and s.subject == first["id"] for s in from_csv.samples)
     assert client.get("/api/v1/export?layout=xml", headers=hema).status_code == 422
+    assert list(service.state.store.tmp.iterdir()) == []  # each ZIP deleted once sent
+
+
+def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(service, tmp_path, monkeypatch):
+    """A class folder is the class's own name ("Early Pre-B" renamed "Early_Pre-B" was no blast class for the
+    model trained on it; two names could merge); a name no folder can hold is refused. A failed export leaves
+    no ZIP of patient images behind."""
+    from types import SimpleNamespace
+
+    from leukoscope.service import cases
+    from leukoscope.service.errors import ServiceError
+
+    cells = [SimpleNamespace(reviewed_label=label, case_id="c1", id=n, crop_object="x", image=None, predicted_label="",
+                             top_class="", confidence=1.0, reviewed_at=None)
+             for n, label in enumerate(["Early Pre-B", "Lymphozyt (reaktiv)", "Lymphozyt reaktiv", "好中球"])]
+    with open(tmp_path / "a.zip", "wb") as handle:
+        cases._write_export(handle, cells, lambda name: encode(cell_image(), "PNG"), "folders")
+    with zipfile.ZipFile(tmp_path / "a.zip") as archive:
+        archive.extractall(tmp_path / "folders")
+    assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == sorted(c.reviewed_label
+                                                                                         for c in cells)
+    for bad in (["a/b"], [".hidden"], ["WBC", "wbc"]):
+        with pytest.raises(ServiceError) as refused:
+            cases.export_folders(set(bad))
+        assert refused.value.status == 400 and "layout=csv" in refused.value.message
+
+    client, hema = service.client(), service.auth("hema")
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image("blast", 5), "PNG"))).json()
+    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
+
+    def gone(name: str) -> bytes:
+        raise OSError("object missing")
+
+    monkeypatch.setattr(service.state.store, "read", gone)
+    failed = service.client(raise_server_exceptions=False).get("/api/v1/export?layout=folders", headers=hema)
+    assert failed.status_code == 500
+    assert list(service.state.store.tmp.iterdir()) == []
 
 
 def test_review_rejects_unknown_labels_and_cells(service):

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import secrets
 import tempfile
@@ -16,6 +17,7 @@ import unicodedata
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
@@ -545,11 +547,13 @@ EXPORT_LAYOUTS = ("folders", "csv")
 
 
 def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
-                   request=None) -> tuple[str, int]:
+                   request=None, workdir: str | Path | None = None) -> tuple[str, int]:
     """Every reviewed cell as a training image, in a ZIP written to a temporary file:
     ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
     ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
-    so that a split keeps the cells of one case together. Returns (zip path, cell count)."""
+    so that a split keeps the cells of one case together. Returns (zip path, cell count). ``workdir``: where
+    the ZIP is written (the store's private ``tmp``, whose leftover ``*.part`` files the start-up clean-up
+    removes); it is deleted here if the export fails, and by the caller once sent or if its commit fails."""
     principal.require("hematologist")
     if layout not in EXPORT_LAYOUTS:
         raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
@@ -557,14 +561,45 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
         select(Cell).where(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
         .options(selectinload(Cell.image)).order_by(Cell.case_id, Cell.position)
     ).all()
-    handle = tempfile.NamedTemporaryFile(prefix="leukoscope-export-", suffix=".zip", delete=False)
+    handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
+    try:
+        rows = _write_export(handle, cells, read_object, layout)
+    except BaseException:
+        handle.close()
+        os.unlink(handle.name)
+        raise
+    handle.close()
+    audit(db, principal.user, "dataset.export", request=request,
+          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows})})
+    return handle.name, len(rows)
+
+
+def export_folders(labels: set[str]) -> dict[str, str]:
+    """Each class's folder in a ``folders`` export: the class name itself, which ``leukoscope train --data``
+    reads back as the class (renaming it would merge classes or lose a blast class: "Early Pre-B"). A name
+    that cannot be a folder, or two that one case-insensitive file system would merge, is refused (400): the
+    ``csv`` layout keeps any name."""
+    seen: dict[str, str] = {}
+    for label in sorted(labels):
+        if not label or label != label.strip() or label.startswith(".") or any(c in label for c in "/\\\0:"):
+            raise ServiceError(400, "label_not_a_folder", f"the class {label!r} cannot be a folder name; export "
+                                                          f"with layout=csv, which keeps it in manifest.csv")
+        other = seen.setdefault(label.casefold(), label)
+        if other != label:
+            raise ServiceError(400, "labels_collide", f"the classes {other!r} and {label!r} would share one folder "
+                                                      f"on a case-insensitive file system; export with layout=csv")
+    return {label: label for label in labels}
+
+
+def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
+                  layout: str) -> list[dict[str, Any]]:
     rows = []
+    folders = export_folders({cell.reviewed_label or "" for cell in cells}) if layout == "folders" else {}
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
         for cell in cells:
             label = cell.reviewed_label or ""
-            safe_label = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "label"
             file_name = f"case-{cell.case_id}-cell-{cell.id}.png"
-            member = f"{safe_label}/{file_name}" if layout == "folders" else f"images/{file_name}"
+            member = f"{folders[label]}/{file_name}" if layout == "folders" else f"images/{file_name}"
             archive.writestr(member, read_object(cell.crop_object or cell.image.served_object))
             rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,
                          "cell": cell.id, "predicted": cell.predicted_label, "top_class": cell.top_class,
@@ -577,7 +612,4 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
             writer.writeheader()
             writer.writerows(rows)
             archive.writestr("manifest.csv", text.getvalue())
-    handle.close()
-    audit(db, principal.user, "dataset.export", request=request,
-          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows})})
-    return handle.name, len(rows)
+    return rows

@@ -281,9 +281,16 @@ def cell_file(request: Request, case_id: str, cell_id: RowId, variant: Literal["
 def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> FileResponse:
     """Reviewed cells as a training dataset (ZIP): class folders, or images + manifest.csv."""
     state = state_of(request)
-    with transaction(state.sessions) as db:
-        principal = api_principal(db, request, cookie=False)  # a token: the pages export by a CSRF-checked form
-        path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request)
+    path = None
+    try:
+        with transaction(state.sessions) as db:
+            principal = api_principal(db, request, cookie=False)  # a token: the pages export by a CSRF-checked form
+            path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request,
+                                              workdir=state.store.tmp)
+    except BaseException:  # the audit entry was not committed: no patient images left behind
+        if path is not None:
+            os.unlink(path)
+        raise
     return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
                         background=BackgroundTask(os.unlink, path))
 

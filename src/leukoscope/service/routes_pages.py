@@ -332,11 +332,18 @@ async def export_zip(request: Request):
     form = await form_of(request)
 
     def work() -> str:
-        with transaction(state.sessions) as db:
-            principal = page_principal(db, request)
-            check_csrf(principal, form.get("csrf_token"))
-            return ops.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
-                                      request=request)[0]
+        path = None
+        try:
+            with transaction(state.sessions) as db:
+                principal = page_principal(db, request)
+                check_csrf(principal, form.get("csrf_token"))
+                path = ops.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
+                                          request=request, workdir=state.store.tmp)[0]
+        except BaseException:  # the audit entry was not committed: no patient images left behind
+            if path is not None:
+                os.unlink(path)
+            raise
+        return path
 
     path = await run_in_threadpool(work)
     layout = form.get("layout", "folders")
