@@ -78,6 +78,41 @@ def test_postgresql_migration_and_a_full_case(make_service):
     assert review.json()["status"] == "reviewed"
     assert client.get("/api/v1/export", headers=service.auth("hema")).status_code == 200
     assert service.rows() == {"cases": 1, "images": 1, "cells": 1}
+    # a server whose session time zone is local hands timestamptz back in it: read back in UTC all the same
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
+
+    from leukoscope.service.tables import Case
+
+    local = create_engine(url, connect_args={"options": "-c TimeZone=America/New_York"})
+    try:
+        with Session(local) as db:
+            created = db.scalars(select(Case.created_at)).one()
+        assert created.utcoffset().total_seconds() == 0 and created.tzname() == "UTC"
+    finally:
+        local.dispose()
+
+
+def test_times_read_back_in_utc_whatever_zone_the_database_used() -> None:
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    from leukoscope.service.tables import aware
+
+    local = datetime(2026, 12, 6, 9, 40, tzinfo=ZoneInfo("America/New_York"))  # PostgreSQL in a local zone
+    assert aware(local) == local and aware(local).tzinfo is timezone.utc and aware(local).hour == 14
+    assert aware(datetime(2026, 12, 6, 14, 40)).tzinfo is timezone.utc  # SQLite: naive, stored as UTC
+    assert aware(None) is None
+
+
+def test_session_lengths_that_break_log_ins_are_refused(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from leukoscope.service.settings import ServiceSettings
+
+    for hours in (float("inf"), 1e9, 1e-4):
+        with pytest.raises(ValidationError, match="session_hours"):
+            ServiceSettings(bundle=tmp_path, data_dir=tmp_path, session_hours=hours)
 
 
 def test_content_store_names_and_atomic_writes(tmp_path):

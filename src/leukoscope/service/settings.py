@@ -65,7 +65,8 @@ class ServiceSettings(BaseModel):
     token_days: int = Field(default=90, ge=1, le=365)
 
     # ---- sessions
-    session_hours: float = Field(default=12.0, gt=0)
+    #: At least a minute (a cookie's max-age is whole seconds), at most 30 days.
+    session_hours: float = Field(default=12.0, ge=1 / 60, le=24 * 30)
     #: ``auto``: the Secure flag is set when the request came over HTTPS (directly or
     #: through a trusted proxy's X-Forwarded-Proto); ``always``/``never`` force it.
     secure_cookies: Literal["auto", "always", "never"] = "auto"

@@ -46,10 +46,12 @@ def utcnow() -> datetime:
 
 
 def aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
+    """A stored time in UTC with its zone: SQLite hands back naive datetimes (every stored time is UTC);
+    PostgreSQL hands back ``timestamptz`` in the session's time zone (the server's, often local), which pages
+    would print as UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value
+    return value.astimezone(timezone.utc) if value is not None else None
 
 
 class UtcDateTime(TypeDecorator[datetime]):
