@@ -207,6 +207,29 @@ def test_cli_user_commands(tmp_path):
     assert missing.exit_code == 2 and "bundle folder does not exist" in missing.output
 
 
+def test_a_failed_sqlite_migration_changes_nothing_and_can_be_retried(tmp_path) -> None:
+    """SQLite's driver committed each CREATE and ALTER on its own: a migration stopped by its own check left
+    new tables behind, and every retry then failed ("table login_throttle already exists")."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = dbm.make_engine(url)
+    dbm.upgrade(engine, "0001")
+    with engine.begin() as connection:  # a session whose user is gone (foreign keys were off once)
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.execute(text("INSERT INTO sessions (id, user_id, csrf_token, created_at, expires_at) "
+                                "VALUES ('h', 99, 'c', '2026-01-01', '2026-01-02')"))
+    before = set(inspect(engine).get_table_names())
+    with pytest.raises(dbm.DatabaseError, match="without their parent"):
+        dbm.upgrade(engine)
+    engine.dispose()
+    engine = dbm.make_engine(url)
+    assert set(inspect(engine).get_table_names()) == before and dbm.current_revision(engine) == "0001"
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM sessions WHERE user_id = 99"))
+    dbm.upgrade(engine)
+    assert dbm.current_revision(engine) == dbm.head_revision() and _schema_matches_models(engine) == []
+    engine.dispose()
+
+
 def _upgrade_with_look_alikes(url: str) -> None:
     """0001 -> head on a database that has look-alike user names and a token from before
     expiry and scopes: the names get distinct keys, the token a scope and an expiry."""

@@ -9,6 +9,7 @@ from typing import Iterator
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -61,30 +62,49 @@ def alembic_config(url: str):
     return config
 
 
+def _sqlite_migration_engine(url: str) -> Engine:
+    """An engine for migrating a SQLite file in one transaction. Python's sqlite3 driver sends no BEGIN before
+    DDL, so each CREATE and ALTER of a migration committed on its own: a migration that failed half-way (a
+    check below, a kill, a full disk) left tables behind that its retry then tripped over. Here the driver
+    starts no transaction itself and SQLAlchemy's BEGIN covers all of it (SQLAlchemy's documented pysqlite
+    recipe). Foreign keys are off for the connection: batch mode re-creates tables, and dropping the old
+    ``users`` would cascade-delete every session and API token."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=OFF")  # only outside a transaction does this take effect
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (creates every table on a fresh database)."""
+    """Bring the schema to ``revision`` (creates every table on a fresh database), all or nothing."""
     from alembic import command
 
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.connect() as connection:
-        sqlite = connection.dialect.name == "sqlite"
-        if sqlite:
-            # SQLite migrations re-create tables (batch mode); with foreign keys on, dropping
-            # the old `users` table would cascade-delete every session and API token.
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            connection.commit()
-        try:
-            with connection.begin():
-                config.attributes["connection"] = connection
-                command.upgrade(config, revision)
-                if sqlite:
-                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                    if broken:
-                        raise DatabaseError(f"the migration left rows without their parent: {broken[:5]}")
-        finally:
-            if sqlite:
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-                connection.commit()
+    url = engine.url.render_as_string(hide_password=False)
+    config = alembic_config(url)
+    sqlite_file = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")
+    migrating = _sqlite_migration_engine(url) if sqlite_file else engine
+    try:
+        with migrating.connect() as connection, connection.begin():
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+            if connection.dialect.name == "sqlite":
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise DatabaseError(f"the migration left rows without their parent: {broken[:5]}")
+    finally:
+        if migrating is not engine:
+            migrating.dispose()
 
 
 def current_revision(engine: Engine) -> str | None:
