@@ -126,6 +126,28 @@ def test_analyze_cli(smear_root: Path, detector_bundle: Path, classifier_bundle:
     assert wrong.exit_code == 2 and "needs a cell detector bundle" in wrong.output
 
 
+def test_a_fine_tuned_detector_keeps_its_bases_training_record(smear_root: Path, detector_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    """Fine-tuned from a base that learned these very images (CBC's smears are BCCD's), its test score is
+    flagged, and its bundle records the base's training images too, so `evaluate` warns on them later."""
+    import shutil
+
+    from leukoscope.data.fingerprints import digest_overlap, read_training_digests, write_training_digests
+
+    base = tmp_path / "base"
+    shutil.copytree(detector_bundle, base)
+    images = sorted(p for p in smear_root.rglob("*.png"))
+    write_training_digests(base, {"train": images})
+    result = runner.invoke(app, ["train", "--init", str(base), "--data", str(smear_root), "--quiet",
+                                 f"output_root={tmp_path / 'runs'}", "train.epochs=1", "train.batch_size=4",
+                                 "train.threads=1", "train.warmup_iters=1", "train.lr=1e-9"])
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    assert digest_overlap(read_training_digests(bundle), images)["train"] == len(images)
+    notes = " ".join((bundle.parent / "report.html").read_text().split())
+    assert "fine-tuned from, learned from" in notes and "overstates it on new images" in notes
+
+
 def test_cosine_schedule_follows_the_time_budget_when_it_ends_first() -> None:
     from leukoscope.engine.optim import TrainingClock, build_scheduler
 

@@ -18,8 +18,8 @@ import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
 from leukoscope.data.annotations import read_voc_dataset
-from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, read_training_digests,
-                                         write_training_digests)
+from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
+                                         read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import DetectionExperimentConfig, resolve_detection_init
 from leukoscope.engine.detection_data import (image_array, measure_seconds_per_image, predict_images,
@@ -124,6 +124,15 @@ def run_detection_experiment(
             notes.append(f"No test split: the numbers below are on the {eval_name} split, which took part "
                          f"in training or model selection.")
         target = list(splits.parts[eval_name])
+        base = resolve_bundle(config.model.init) if config.model.init else None
+        learned_by_base = digest_overlap(read_training_digests(base) or {}, [i.image_path for i in target]) \
+            if base is not None else {}
+        if learned_by_base:  # e.g. CBC's smears are BCCD's: a test part the base learned from flatters the score
+            message = (f"the {eval_name} split holds images that {config.model.init}, which this detector was "
+                       f"fine-tuned from, learned from ({describe_overlap(learned_by_base)}): its {eval_name} score "
+                       f"overstates it on new images")
+            log.warning(message)
+            notes.append(f"Warning: {message}.")
         predictions = predict_images(detector, target, show_progress=show_progress,
                                      description=f"scoring {eval_name}")
         extra = {
@@ -145,6 +154,8 @@ def run_detection_experiment(
         bundle_dir = save_bundle(run_dir / "bundle", model, info)
         write_training_digests(bundle_dir, {part: [image.image_path for image in splits.parts.get(part, [])]
                                             for part in LEARNED_PARTS})
+        if base is not None:  # what the starting bundle learned from is this one's training data too
+            inherit_training_digests(bundle_dir, base)
         say(f"{eval_name}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
             f"({metrics['n_images']} images); report: {run_dir / 'report.html'}")
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
