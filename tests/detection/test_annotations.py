@@ -131,6 +131,39 @@ def test_bccd_layout_with_imagesets(tmp_path: Path) -> None:
     assert len(read_voc_dataset(tmp_path)) == 3
 
 
+def test_boxes_are_checked_against_the_image_as_decoded(tmp_path: Path) -> None:
+    """<size> was believed: a camera's portrait JPEG (EXIF orientation 6) decodes turned, its boxes then miss
+    their cells; a <size> unlike the image's, or none at all, left boxes outside the image unchecked."""
+    def example(stem: str, size: tuple[int, int], xml_size: str, box=(1, 1, 30, 30), orientation=None) -> None:
+        path = tmp_path / "JPEGImages" / f"{stem}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGB", size, (230, 210, 220))
+        exif = image.getexif()
+        if orientation:
+            exif[0x0112] = orientation
+        image.save(path, exif=exif)
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(_obj("WBC", box), xml_size).replace("a.jpg",
+                                                                                                        path.name))
+
+    size = "<size><width>100</width><height>80</height><depth>3</depth></size>"
+    example("upright", (100, 80), size)
+    example("turned", (100, 80), size, orientation=6)  # decodes 80x100
+    example("resized", (200, 160), size)
+    example("unsized", (100, 80), "", box=(60, 10, 140, 50))  # past the right edge of a 100 px image
+    example("unsized_ok", (100, 80), "", box=(60, 10, 90, 50))
+    with pytest.raises(AnnotationError, match=r"<size> says 100x80, but \w+.jpg decodes to"):
+        read_voc_dataset(tmp_path, classes=CLASSES)
+    kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
+    assert sorted(i.image_path.stem for i in kept) == ["unsized", "unsized_ok", "upright"]
+    assert {i.image_path.stem: len(i.boxes) for i in kept} == {"unsized": 0, "unsized_ok": 1, "upright": 1}
+    unsized_ok = next(i for i in kept if i.image_path.stem == "unsized_ok")
+    assert (unsized_ok.width, unsized_ok.height) == (100, 80)
+    messages = " ".join(issue.message for issue in kept.issues)
+    assert "decodes to 200x160: its boxes" in messages and "outside the 100x80 image" in messages
+    assert "decodes to 80x100 (its EXIF orientation turns it)" in messages
+
+
 def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Path) -> None:
     for split, stems in (("Training", ["a", "b"]), ("Validation", ["a"]), ("Testing", ["c"])):
         for stem in stems:

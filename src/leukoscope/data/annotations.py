@@ -566,9 +566,21 @@ def read_voc_dataset(
             try:
                 if not xml.is_file():
                     raise AnnotationError(xml, "annotation file listed in the split does not exist")
-                image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, on_error=on_error, issues=issues)
+                found: list[AnnotationIssue] = []
+                image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, on_error=on_error, issues=found)
                 if require_images and not image.image_path.is_file():
                     raise AnnotationError(xml, f"image {image.image_path.name} not found (looked in {image_dir})")
+                decoded = decoded_size(image.image_path) if image.image_path.is_file() else None
+                if decoded is not None and image.width is None:  # no <size>: the boxes are checked on the image's
+                    found = []
+                    image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, image_size=decoded,
+                                          on_error=on_error, issues=found)
+                elif decoded is not None and (image.width, image.height) != decoded:
+                    raise AnnotationError(xml, f"<size> says {image.width}x{image.height}, but "
+                                               f"{image.image_path.name} decodes to {decoded[0]}x{decoded[1]}"
+                                               f"{_turned(image.image_path)}: its boxes may not lie on its cells; "
+                                               f"fix <size> or the image")
+                issues.extend(found)
             except AnnotationError as exc:
                 if on_error == "fail":
                     raise
@@ -591,6 +603,32 @@ def read_voc_dataset(
     found = sorted({box.label for image in images for box in image.boxes})
     class_list = list(classes) if classes is not None else found
     return DetectionDataset(images, class_list, issues, Path(root))
+
+
+def decoded_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the image as :func:`leukoscope.io.load_image` gives it, EXIF orientation applied
+    (a camera's portrait JPEG turned upright), from its header alone; None when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+    return (height, width) if turned else (width, height)
+
+
+def _turned(path: Path) -> str:
+    """`` (its EXIF orientation turns it)`` when it does, else empty."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return " (its EXIF orientation turns it)" if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else ""
+
+
+#: The EXIF tag of a camera's orientation (ImageOps.exif_transpose reads it).
+EXIF_ORIENTATION = 0x0112
 
 
 def write_voc_dataset(images: Iterable[AnnotatedImage], root: str | Path) -> Path:
