@@ -164,6 +164,17 @@ def test_boxes_are_checked_against_the_image_as_decoded(tmp_path: Path) -> None:
     assert "decodes to 80x100 (its EXIF orientation turns it)" in messages
 
 
+def test_without_a_class_list_two_spellings_of_one_class_are_refused(tmp_path: Path) -> None:
+    for stem, name in (("im1", "WBC"), ("im2", "wbc"), ("im3", "RBC")):
+        _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(_obj(name, (1, 1, 30, 30))).replace("a.jpg",
+                                                                                                       f"{stem}.jpg"))
+    with pytest.raises(DatasetError, match="differ only in case \\(WBC / wbc\\)"):
+        read_voc_dataset(tmp_path)
+    assert read_voc_dataset(tmp_path, classes=["RBC", "WBC"]).classes == ["RBC", "WBC"]  # listed: wbc is WBC
+
+
 def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Path) -> None:
     for split, stems in (("Training", ["a", "b"]), ("Validation", ["a"]), ("Testing", ["c"])):
         for stem in stems:

@@ -601,6 +601,16 @@ def read_voc_dataset(
     if duplicates:
         log.info("%s: %d image(s) appear in more than one of %s and were kept once", root, duplicates, splits)
     found = sorted({box.label for image in images for box in image.boxes})
+    if classes is None:  # the names found are the classes: two spellings of one name would be two classes
+        spellings: dict[str, list[str]] = {}
+        for name in found:
+            spellings.setdefault(name.casefold().strip(), []).append(name)
+        clashes = [names for names in spellings.values() if len(names) > 1]
+        if clashes:
+            listed = "; ".join(" / ".join(names) for names in clashes)
+            raise DatasetError(f"{root}: class names that differ only in case ({listed}) would be separate classes: "
+                               f"list the classes (data.classes; other cases of a name then match it), or "
+                               f"correct the annotations")
     class_list = list(classes) if classes is not None else found
     return DetectionDataset(images, class_list, issues, Path(root))
 
