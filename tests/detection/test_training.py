@@ -83,6 +83,17 @@ def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
     assert resumed.exit_code == 0, resumed.output
     history = json.loads((run_dir / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
+    # the folder changed since: cut again, the split would move images trained on into the test part
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(smear_root, changed)
+    next(changed.rglob("*.xml")).unlink()
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(config.replace(str(smear_root), str(changed)))
+    refused = runner.invoke(app, ["train-detector", "--resume", str(run_dir), "--quiet", "train.epochs=3"])
+    assert refused.exit_code == 2 and "the data changed since this run started" in " ".join(refused.output.split())
+    (run_dir / "config.yaml").write_text(config)
 
     evaluated = runner.invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(smear_root),
                                     "--out", str(tmp_path / "eval")])

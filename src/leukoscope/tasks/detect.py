@@ -95,7 +95,10 @@ def run_detection_experiment(
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
     with open_run(run_dir, config, resume=resume):
         splits = prepare_detection_data(config.data)
-        (run_dir / "split.json").write_text(json.dumps(splits.describe(), indent=1))
+        saved = run_dir / "split.json"
+        if resume and saved.is_file():
+            check_same_split(json.loads(saved.read_text()), splits.describe())
+        saved.write_text(json.dumps(splits.describe(), indent=1))
         classes = splits.classes
         seed_everything(config.train.seed)  # model initialisation is part of the seeded run
         model = build_detector(config, list(classes))
@@ -161,6 +164,19 @@ def run_detection_experiment(
         (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
         return RunResult(run_dir, bundle_dir, metrics, result)
+
+
+def check_same_split(saved: dict[str, list[str]], now: dict[str, list[str]]) -> None:
+    """A resumed run's split, cut again from its folder, must be the one it trained on (``split.json``): an
+    image added or removed moves others between the parts, and images trained on would be tested on."""
+    part_of = {path: part for part, paths in saved.items() for path in paths}
+    moved = sum(1 for part, paths in now.items() for path in paths if part_of.get(path, part) != part)
+    added = sum(1 for paths in now.values() for path in paths if path not in part_of)
+    gone = len(part_of) - sum(1 for paths in now.values() for path in paths if path in part_of)
+    if moved or added or gone:
+        raise ConfigError(f"the data changed since this run started ({moved} image(s) now in another part, {added} "
+                          f"new, {gone} gone): resuming would test on images it trained on; restore the data or "
+                          f"start a new run")
 
 
 def recorded_test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
