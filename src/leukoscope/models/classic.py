@@ -167,6 +167,11 @@ class ClassicModel:
                 raise ValueError(f"{self.name}: every class needs at least 2 training images for the "
                                  "cross-validated probability calibration")
             classifier.set_params(cv=min(classifier.cv, smallest))
+        if isinstance(classifier, GaussianNB) and classifier.priors is not None:
+            # equal priors over the classes present: GaussianNB refuses priors for classes it never sees, and a
+            # class absent from training gets probability 0 (predict_proba_features) as in every other model
+            present = len(np.unique(targets))
+            classifier.set_params(priors=np.full(present, 1.0 / present))
         with warnings.catch_warnings():
             # chi2 divides by zero for a feature that is constant on the training set;
             # SelectKBest then ranks it last, which is right.
