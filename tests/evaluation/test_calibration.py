@@ -137,3 +137,19 @@ def test_fit_temperature_returns_one_when_logits_carry_no_information() -> None:
 def test_fit_temperature_rejects_empty_validation_set() -> None:
     with pytest.raises(ValueError, match="empty"):
         fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+def test_a_bundle_records_the_ece_of_the_probabilities_it_gives(tmp_path) -> None:
+    """bundle.json's ``ece`` was the uncalibrated model's while the bundle divides by its fitted temperature."""
+    from leukoscope.evaluation.evaluate import evaluate_logits, headline_metrics
+
+    val_logits, val_y = calibrated_logits(600, 4, seed=1)
+    test_logits, test_y = calibrated_logits(600, 4, seed=2)
+    metrics = evaluate_logits(test_y, test_logits * 3.0, ["a", "b", "c", "d"], tmp_path, val_logits=val_logits * 3.0,
+                              val_true=val_y)
+    calibration = metrics["calibration"]
+    assert calibration["ece_after"] < calibration["ece_before"] / 2
+    assert headline_metrics(metrics)["ece"] == calibration["ece_after"]
+    assert metrics["ece"] == calibration["ece_before"]  # metrics.json keeps the model's own
+    plain = evaluate_logits(test_y, test_logits, ["a", "b", "c", "d"], tmp_path / "plain")
+    assert headline_metrics(plain)["ece"] == plain["ece"]  # nothing fitted: the model's own

@@ -182,8 +182,12 @@ HEADLINE_KEYS = ("n", "accuracy", "roc_auc_macro_ovr", "ece", "evaluated_on", "t
 
 
 def headline_metrics(metrics: dict) -> dict:
-    """The few numbers of ``metrics`` a bundle records about itself."""
+    """The few numbers of ``metrics`` a bundle records about itself. Its ``ece`` is that of the probabilities
+    the bundle gives (after its fitted temperature) where one was fitted; ``metrics.json`` keeps both."""
     out = {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
+    calibration = metrics.get("calibration") or {}
+    if calibration.get("ece_after") is not None:  # the bundle serves the calibrated probabilities
+        out["ece"] = calibration["ece_after"]
     if "macro" in metrics:
         out["macro_f1"] = metrics["macro"]["f1"]
     if "weighted" in metrics:
