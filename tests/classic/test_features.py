@@ -159,6 +159,28 @@ def test_nucleus_to_cell_ratio_of_concentric_disks():
     assert values["cell_area"] == pytest.approx(math.pi * 24**2 / 96**2, rel=0.1)
 
 
+def test_a_faint_cytoplasm_still_counts_as_cell():
+    """Otsu over every pixel's distance from the background split the nucleus from the rest: a cytoplasm as
+    faint as a neutrophil's on pbc was left out, and the "cell" was the nucleus (ratio near 1)."""
+    image = _cell(96, nucleus_radius=12, cell_radius=30)
+    faint = np.array(BACKGROUND, float) * 0.4 + np.array(CYTOPLASM, float) * 0.6
+    image[(image == CYTOPLASM).all(axis=-1)] = faint.round().astype(np.uint8)
+    noise = np.random.default_rng(0).normal(0, 1.5, image.shape)  # a camera's: three flat colours are no image
+    image = np.clip(image + noise, 0, 255).astype(np.uint8)
+    values = dict(zip(shape_names(), shape_features(image)))
+    assert values["nucleus_cell_ratio"] == pytest.approx((12 / 30) ** 2, abs=0.05)
+
+
+def test_pbc_neutrophils_are_larger_than_their_nuclei():
+    from tests.conftest import shared_dataset
+
+    folder = shared_dataset("pbc") / "neutrophil"
+    files = sorted(folder.glob("*.jpg"))[:12]
+    ratios = [dict(zip(shape_names(), shape_features(np.asarray(Image.open(f).convert("RGB").resize((128, 128))))))
+              ["nucleus_cell_ratio"] for f in files]
+    assert float(np.median(ratios)) < 0.7  # a neutrophil's nucleus is about a third of the cell
+
+
 def test_a_given_square_mask_is_used_instead_of_segmentation():
     mask = np.zeros((64, 64), dtype=bool)
     mask[16:48, 16:48] = True

@@ -305,13 +305,16 @@ def nucleus_mask(image: Any, _cache: _Cache | None = None) -> np.ndarray:
 
 
 def cell_mask_around(image: Any, nucleus: np.ndarray, _cache: _Cache | None = None) -> np.ndarray:
-    """Pixels unlike the background (Otsu on L*a*b* distance to the border median) that touch ``nucleus``."""
+    """Pixels unlike the background (Otsu on L*a*b* distance to the border median) that touch ``nucleus``.
+    The threshold is found among the pixels outside the nucleus: among all of them it fell between the nucleus
+    and the rest, and a neutrophil's "cell" was its nucleus (nucleus-to-cell ratio 0.97 on pbc, now 0.46)."""
     rgb = as_rgb_array(image)
     lab = _cache.lab() if _cache is not None else rgb2lab(rgb)
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
     distance = np.linalg.norm(lab - np.median(border, axis=0), axis=-1)
-    if np.ptp(distance) > 0:
-        foreground = clean_mask(distance > max(threshold_otsu(distance), 5.0))
+    outside = distance[~nucleus]
+    if outside.size and np.ptp(outside) > 0:
+        foreground = clean_mask(distance > max(threshold_otsu(outside), 5.0))
     else:
         foreground = np.zeros(distance.shape, dtype=bool)
     labels, _ = ndimage.label(foreground | nucleus)
