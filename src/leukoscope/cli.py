@@ -1160,6 +1160,12 @@ def analyze(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
     inputs = [p for p in inputs if p not in slides]
+    stems: dict[str, Path] = {}
+    for path in slides:  # each slide writes OUT/<stem>/: a second of the same stem would replace the first's
+        other = stems.setdefault(path.stem, path)
+        if other != path:
+            _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
+                  f"folders, or rename one")
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
@@ -1258,15 +1264,19 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     ``run_um_per_px``: the fields' run scale (:func:`_run_scale`); slides keep their own."""
     from leukoscope.progress import progress_bar
 
+    analysed = 0
     if slides:
         if engine == "ray":
-            _analyze_slides_on_ray(analyzer, detector, classifier, options, slides, out, address=address,
-                                   actors=actors, threads=threads or 1, **slide_options)
+            analysed = _analyze_slides_on_ray(analyzer, detector, classifier, options, slides, out, address=address,
+                                              actors=actors, threads=threads or 1, **slide_options)
         else:
-            for path in slides:
-                _analyze_slide(analyzer, path, out, **slide_options)
+            analysed = sum(_analyze_slide(analyzer, path, out, **slide_options) for path in slides)
+        if analysed < len(slides):
+            console.print(f"[red]{len(slides) - analysed} of {len(slides)} slide(s) could not be analysed[/red]")
     if not paths:
         print(out)
+        if not analysed:
+            raise typer.Exit(2)  # nothing analysed: a script must see it
         return
     if run_um_per_px is not None:  # an option only when there is one: an archive's options stay as they were
         analyzer.run_um_per_px = run_um_per_px
@@ -1347,8 +1357,9 @@ def _analyze_on_ray(analyzer, detector: Path, classifier: Optional[Path], option
 
 def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list,
                            out: Path, *, address: Optional[str], actors: Optional[int], threads: int,
-                           **slide_options) -> None:
-    """Whole-slide images whose tiles Ray actors analyse (leukoscope.inference.slide.ray_tiles)."""
+                           **slide_options) -> int:
+    """Whole-slide images whose tiles Ray actors analyse (leukoscope.inference.slide.ray_tiles); how many were
+    analysed."""
     from ray.exceptions import RayActorError
 
     from leukoscope.inference.archive import AnalyzerSpec, ray_session
@@ -1360,8 +1371,7 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
                       threads=threads) as runner:
                 console.print(f"ray: {runner.workers} actor(s) of {threads} CPU(s) analyse the slides' tiles",
                               soft_wrap=True)
-                for path in slides:
-                    _analyze_slide(analyzer, path, out, runner=runner, **slide_options)
+                return sum(_analyze_slide(analyzer, path, out, runner=runner, **slide_options) for path in slides)
     except ConnectionError as exc:
         _fail(f"cannot reach the Ray cluster at --address {address}: {exc}")
     except RayActorError as exc:  # restarted twice and still dying: a node lost, memory, models missing there
@@ -1369,8 +1379,9 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
-def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> None:
-    """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``."""
+def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> bool:
+    """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``. False (said on
+    the console) when the slide cannot be analysed (unreadable, no level to find its monolayer on)."""
     from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
     from leukoscope.progress import progress_bar
 
@@ -1382,7 +1393,10 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
         state["update"] = state["bar"].__enter__()
 
     try:
-        result = _run(slide_analyzer.analyze, path, on_plan=plan, progress=lambda **kw: state["update"](**kw))
+        result = slide_analyzer.analyze(path, on_plan=plan, progress=lambda **kw: state["update"](**kw))
+    except _user_errors() as exc:  # this slide only: the other slides and the fields are still analysed
+        console.print(f"[red]{escape(path.name)}: not analysed:[/red] {escape(str(exc))}", soft_wrap=True)
+        return False
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)
@@ -1398,6 +1412,7 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
         console.print(f"[yellow]slide:[/yellow] {escape(warning)}", soft_wrap=True)
     for flag in d.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
+    return True
     console.print(f"slide files: {folder}", soft_wrap=True)
 
 

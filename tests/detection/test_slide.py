@@ -235,6 +235,34 @@ def test_cli_flat_tif_given_as_slide_fails_clearly(detector_bundle: Path, tmp_pa
     assert result.exit_code == 2 and "not a pyramidal slide" in result.output
 
 
+def test_one_bad_slide_does_not_stop_the_others_and_two_of_one_name_are_refused(
+        slide_path: Path, detector_bundle: Path, classifier_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide at all")
+    common = ["--detector", str(detector_bundle), "--classifier", str(classifier_bundle), "--target-cells", "5",
+              "--slide-tile", str(TILE), "--workers", "1", "--quiet"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(broken), str(slide_path), "--out", str(out), *common])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "broken.svs: not analysed" in said and "1 of 2 slide(s) could not be analysed" in said
+    assert (out / "slide" / "slide.slide.json").is_file()
+    alone = CliRunner().invoke(app, ["analyze", str(broken), "--out", str(tmp_path / "out2"), *common])
+    assert alone.exit_code == 2  # nothing analysed
+    twin = tmp_path / "other" / slide_path.name
+    twin.parent.mkdir()
+    shutil.copy(slide_path, twin)
+    same = CliRunner().invoke(app, ["analyze", str(slide_path), str(twin), "--out", str(tmp_path / "out3"), *common])
+    assert same.exit_code == 2 and "would both write" in " ".join(same.output.split())
+    assert not (tmp_path / "out3" / "slide").exists()
+
+
 def test_a_cell_on_a_tile_border_is_counted_once(tmp_path: Path) -> None:
     from skimage.draw import disk
 
@@ -293,7 +321,8 @@ def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, d
     from tests.test_scale import smear_field
 
     seen = []
-    monkeypatch.setattr(cli, "_analyze_slide", lambda analyzer, path, out, **_: seen.append(analyzer.run_um_per_px))
+    monkeypatch.setattr(cli, "_analyze_slide",
+                        lambda analyzer, path, out, **_: seen.append(analyzer.run_um_per_px) or True)
     fields = tmp_path / "fields"
     fields.mkdir()
     for seed in range(5):
