@@ -123,3 +123,20 @@ def test_one_sample_per_bin_pools_a_different_average_of_the_same_map() -> None:
     one, two = (pools[ratio](features, boxes, sizes) for ratio in (1, 2))
     assert one.shape == two.shape == (1, 8, 7, 7) and not torch.allclose(one, two)
     assert abs(float(one.mean() - two.mean())) < 0.05  # both average the same map
+
+
+def test_an_images_detections_do_not_depend_on_what_it_is_batched_with(detector_bundle: Path) -> None:
+    """The per-image caps scale with the image's area; a 640x480 field batched with a 1280x960 one got the
+    larger one's caps (the untrained test detector keeps every box: 12 alone, 48 beside the large one)."""
+    import numpy as np
+
+    from leukoscope.inference.detector import CellDetector, same_size_batches
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    large = rng.integers(0, 256, (960, 1280, 3), dtype=np.uint8)
+    detector = CellDetector.from_bundle(detector_bundle)
+    alone = detector.detect([small])[0]
+    beside = detector.detect([small, large], batch_size=2)[0]
+    assert len(alone.boxes) == len(beside.boxes) and np.allclose(alone.boxes, beside.boxes)
+    assert [len(b) for b in same_size_batches([small, small, large, small, small, small], 2)] == [2, 1, 2, 1]

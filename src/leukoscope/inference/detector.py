@@ -120,14 +120,29 @@ class CellDetector:
         ``images``: PIL images, (H, W, 3) arrays (uint8, or floats in [0, 1]) or (3, H, W) torch tensors."""
         threshold = self.score_threshold if threshold is None else threshold
         results: list[DetectionResult] = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            pixels = max(height * width for height, width in map(image_size, batch))
-            for boxes, scores, labels in self.runner.run(batch, pixels):
+        for batch in same_size_batches(images, batch_size):
+            height, width = image_size(batch[0])
+            for boxes, scores, labels in self.runner.run(batch, height * width):
                 # model label 0 is the background
                 result = DetectionResult(boxes.reshape(-1, 4), scores, labels.astype(int) - 1, self.classes)
                 results.append(result.above(threshold))
         return results
+
+
+def same_size_batches(images: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
+    """``images`` in order, in batches of at most ``batch_size`` of one size each: the per-image caps scale with
+    the image's area (:meth:`TorchDetector._limits_for`), so an image batched with a larger one got the larger
+    one's caps, and its detections depended on its neighbours."""
+    batches: list[Sequence[Any]] = []
+    start = 0
+    while start < len(images):
+        size = image_size(images[start])
+        end = start + 1
+        while end < len(images) and end - start < batch_size and image_size(images[end]) == size:
+            end += 1
+        batches.append(images[start:end])
+        start = end
+    return batches
 
 
 def image_size(image: Any) -> tuple[int, int]:
