@@ -115,6 +115,23 @@ def test_session_lengths_that_break_log_ins_are_refused(tmp_path) -> None:
             ServiceSettings(bundle=tmp_path, data_dir=tmp_path, session_hours=hours)
 
 
+def test_a_classifier_with_a_class_name_too_long_to_store_is_refused_at_start(make_service, analyzer) -> None:
+    """PostgreSQL holds 64 characters in a cell's label; every upload would have failed (SQLite ignores it)."""
+    import copy
+
+    from leukoscope.service.analysis import Analyzer
+
+    long_name = "lymphocyte, reactive (" + "x" * 60 + ")"
+    classifier = copy.copy(analyzer.base)
+    classifier.classes = [*classifier.classes[:-1], long_name]
+    odd = Analyzer(classifier, gradcam=False, threads=1)
+    try:
+        with pytest.raises(ValueError, match="longer than 64 characters"):
+            make_service(analyzer_override=odd)
+    finally:
+        odd.close()
+
+
 def test_content_store_names_and_atomic_writes(tmp_path):
     store = ContentStore(tmp_path / "store")
     name = store.put(b"hello", "png")

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import leukoscope
 from leukoscope.service import db as dbm
+from leukoscope.service.tables import LABEL_LENGTH
 from leukoscope.service.analysis import Analyzer
 from leukoscope.service.auth import PasswordGate, audit, client_address, optional_principal
 from leukoscope.service.cases import DECISION_SUPPORT_NOTE
@@ -187,6 +188,12 @@ def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> 
                                          backend=settings.classifier_backend,
                                          backend_threads=settings.torch_threads)
         analyzer.warm_up()
+    too_long = [name for name in analyzer.classes if len(name) > LABEL_LENGTH]
+    if too_long:  # every upload would fail on PostgreSQL (and the stored files stay behind until a restart)
+        if owns:
+            analyzer.close()
+        raise ValueError(f"class name(s) longer than {LABEL_LENGTH} characters cannot be stored: "
+                         f"{', '.join(repr(n) for n in too_long)}; shorten them in the bundle's bundle.json")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(decision_note=DECISION_SUPPORT_NOTE, version=leukoscope.__version__)
     return ServiceState(

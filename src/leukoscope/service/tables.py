@@ -70,6 +70,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         return aware(value)
 
 
+#: The longest class name a cell's label columns hold (PostgreSQL enforces it; SQLite does not): the service
+#: refuses at start a classifier with a longer one (:func:`leukoscope.service.app.build_state`).
+LABEL_LENGTH = 64
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -197,7 +202,7 @@ class Cell(Base):
     position: Mapped[int] = mapped_column(Integer)
     box: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)  # x0, y0, x1, y1 in the field
     detection_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    predicted_label: Mapped[str] = mapped_column(String(64))  # class name, or "uncertain"
+    predicted_label: Mapped[str] = mapped_column(String(LABEL_LENGTH))  # class name, or "uncertain"
     top_class: Mapped[str] = mapped_column(String(64))
     confidence: Mapped[float] = mapped_column(Float)
     probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
