@@ -132,6 +132,45 @@ def test_a_classifier_with_a_class_name_too_long_to_store_is_refused_at_start(ma
         odd.close()
 
 
+@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
+                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_hosts_migrating_one_postgresql_database_at_once_all_start() -> None:
+    """Without a lock the second host's CREATE TABLE met the first's (UniqueViolation) and it failed to start."""
+    import threading
+
+    from alembic import command
+
+    url = os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"]
+    engine = dbm.make_engine(url)
+    config = dbm.alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    engine.dispose()
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def host() -> None:
+        own = dbm.make_engine(url)
+        try:
+            start.wait()
+            dbm.upgrade(own)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            own.dispose()
+
+    hosts = [threading.Thread(target=host) for _ in range(3)]
+    for thread in hosts:
+        thread.start()
+    for thread in hosts:
+        thread.join()
+    assert errors == []
+    engine = dbm.make_engine(url)
+    assert dbm.current_revision(engine) == dbm.head_revision()
+    engine.dispose()
+
+
 def test_content_store_names_and_atomic_writes(tmp_path):
     store = ContentStore(tmp_path / "store")
     name = store.put(b"hello", "png")

@@ -62,6 +62,10 @@ def alembic_config(url: str):
     return config
 
 
+#: The PostgreSQL advisory lock a migration holds (any constant of this project's own).
+MIGRATION_LOCK = 0x1E0C05C0
+
+
 def _sqlite_migration_engine(url: str) -> Engine:
     """An engine for migrating a SQLite file in one transaction. Python's sqlite3 driver sends no BEGIN before
     DDL, so each CREATE and ALTER of a migration committed on its own: a migration that failed half-way (a
@@ -96,6 +100,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     migrating = _sqlite_migration_engine(url) if sqlite_file else engine
     try:
         with migrating.connect() as connection, connection.begin():
+            if connection.dialect.name == "postgresql":  # hosts starting at once: one migrates, the others wait
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             if connection.dialect.name == "sqlite":
