@@ -107,6 +107,10 @@ def test_counts_the_target_then_stops(slide_path: Path) -> None:
     assert result.differential.total == 7 and not result.sampling_warnings
     assert sum(t.counted for t in result.tiles) == 7 and len(result.tiles) < len(result.monolayer.tiles)
     assert result.tiles[-1].counted <= len(result.tiles[-1].result.cells)
+    # the JSON says what each tile found, not only what was counted (the last tile's cells beyond the target)
+    cut = slide_analyzer(target_cells=6).analyze(slide_path).to_json()["tiles"]
+    assert sum(t["wbc_counted"] for t in cut) == 6 and sum(t["wbc_found"] for t in cut) > 6
+    assert all(t["wbc_found"] >= t["wbc_counted"] for t in cut)
 
 
 def test_platelets_and_nucleated_red_cells_do_not_count_towards_the_target(slide_path: Path) -> None:

@@ -52,8 +52,15 @@ class SlideTile:
     level_size: int
     """Tile side in the pixels of ``level``."""
     result: SmearResult
+    """The tile's analysis, cut to the cells counted (the last tile's beyond the target left out)."""
     counted: int
     """White cells of this tile in the slide's count (fewer than found in the last tile)."""
+    found: int = -1
+    """White cells the tile's analysis found (-1: not given; then ``counted``)."""
+
+    @property
+    def white_found(self) -> int:
+        return self.counted if self.found < 0 else self.found
 
 
 @dataclass
@@ -100,7 +107,7 @@ class SlideResult:
             "tiles": [{"index": t.spot.index, "column": t.spot.column, "row": t.spot.row, "x": t.spot.x,
                        "y": t.spot.y, "width": t.spot.width, "height": t.spot.height,
                        "coverage": round(t.spot.coverage, 3), "level": t.level, "level_size": t.level_size,
-                       "wbc_found": len(t.result.cells), "wbc_counted": t.counted, "scale": t.result.scale,
+                       "wbc_found": t.white_found, "wbc_counted": t.counted, "scale": t.result.scale,
                        "warnings": t.result.warnings} for t in self.tiles],
             "differential": self.differential.to_json(),
             "seconds": round(self.seconds, 3),
@@ -195,7 +202,7 @@ class SlideAnalyzer:
 
     ``tile_size``: tile side in the pixels the analysis works at (the detector's training scale
     when the detector records one and the slide records its pixel size; else level 0 pixels).
-    Tiles are read from the coarsest level that is still at least as fine as that scale.
+    Tiles are read from the coarsest level at most 15% coarser than that scale (resampled to it).
     Tiles are analysed ``workers`` at a time in threads of this process, or by ``runner`` (Ray
     actors); the count is the same either way.
     """
@@ -284,7 +291,8 @@ class SlideAnalyzer:
         for spot, result in zip(sampled.items, sampled.results):
             counted = _counted(result, remaining, self.analyzer)
             remaining -= counted.differential.total
-            tiles.append(SlideTile(spot, level, level_size, counted, counted.differential.total))
+            tiles.append(SlideTile(spot, level, level_size, counted, counted.differential.total,
+                                   result.differential.total))
             results.append(counted)
         warnings = list(sampled.warnings)
         if not mono.tiles:
