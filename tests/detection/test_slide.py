@@ -74,6 +74,12 @@ def test_empty_glass_with_a_speck_of_dust_has_no_monolayer() -> None:
     assert len(find_monolayer(cells, 4.0, (600, 360), 64).tiles) == (600 // 64) * (360 // 64)
 
 
+def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
+    small = write_pyramid(tmp_path / "small.tif", slide_pixels(0)[:200, :230], levels=2)
+    result = slide_analyzer().analyze(small)
+    assert not result.tiles and "smaller than one tile" in result.sampling_warnings[0]
+
+
 def test_a_grayscale_slide_reads_as_rgb(tmp_path: Path) -> None:
     import tifffile
 

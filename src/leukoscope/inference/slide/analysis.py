@@ -295,7 +295,11 @@ class SlideAnalyzer:
                                    result.differential.total))
             results.append(counted)
         warnings = list(sampled.warnings)
-        if not mono.tiles:
+        if not mono.coverage.size:
+            width, height = slide_info["dimensions"]
+            warnings = [f"The slide ({width}x{height} px) is smaller than one tile ({mono.tile_size} px at level 0): "
+                        f"nothing was analysed; analyse it as a field, or give a smaller --slide-tile."]
+        elif not mono.tiles:
             warnings = [f"No monolayer found: no tile has a stained share between {self.min_coverage:g} and "
                         f"{self.max_coverage:g} (see the overview and the coverage grid in slide.json)."]
         models = {"detector": self.analyzer.detector.info.model_name,
