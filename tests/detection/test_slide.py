@@ -108,6 +108,25 @@ def test_sampled_tiles_lie_in_the_monolayer(slide_path: Path) -> None:
         assert mono.mask[tile.spot.row, tile.spot.column]
 
 
+def test_a_slide_whose_every_level_is_too_large_to_read_whole_is_still_analysed(
+        slide_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monolayer is found on a level read whole; a pyramid of few levels (every one over the limit) was
+    refused. Its coarsest level is now read in chunks and averaged down."""
+    from leukoscope.inference.slide import analysis
+
+    monkeypatch.setattr(analysis, "MASK_CHUNK", 64)  # several chunks across the 384 x 128 px level
+    analyzer = slide_analyzer(target_cells=7, mask_max_pixels=20_000)  # level 2: 49,152 px
+    with open_slide(slide_path) as slide:
+        picture, level, downsample = analyzer.mask_image(slide)
+        assert (level, downsample) == (2, 8.0)
+        assert (np.asarray(picture) == np.asarray(slide.read_level(2).reduce(2))).all()
+    result = analyzer.analyze(slide_path)
+    mask = result.monolayer.mask
+    assert not mask[:, 0].any() and not mask[:, -1].any()  # thick strip, feathered edge
+    assert result.differential.total == 7
+    assert all(tile.spot.column in MONOLAYER_COLUMNS for tile in result.tiles)
+
+
 def test_counts_the_target_then_stops(slide_path: Path) -> None:
     result = slide_analyzer(target_cells=7).analyze(slide_path)
     assert result.differential.total == 7 and not result.sampling_warnings

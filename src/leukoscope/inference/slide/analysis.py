@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from concurrent.futures import Future
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 from leukoscope.inference.detector import DetectionResult
 from leukoscope.inference.slide.monolayer import (DEFAULT_MAX_COVERAGE, DEFAULT_MIN_COVERAGE, Monolayer, TileSpot,
                                                   find_monolayer)
-from leukoscope.inference.slide.reader import Slide, SlideError, open_slide
+from leukoscope.inference.slide.reader import Slide, open_slide
 from leukoscope.inference.slide.sampler import sample_until
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_output import FolderSummary
@@ -114,6 +115,8 @@ class SlideResult:
         }
 
 
+#: Side (level pixels) of the chunks a level too large to read whole is read in, to find the monolayer on.
+MASK_CHUNK = 4096
 #: Each tile is read with this much of its neighbours around it (microns; larger than a white
 #: cell), and a cell is counted by the tile that holds its centre: a cell on a border is seen
 #: whole by the detector and counted once.
@@ -240,13 +243,27 @@ class SlideAnalyzer:
         um = um0 * slide.level_downsamples[level]
         return level, max(64, int(round(self.tile_size * trained / um))), um
 
-    def mask_level(self, slide: Slide) -> int:
+    def mask_image(self, slide: Slide) -> tuple[Image.Image, int, float]:
+        """The low-resolution picture the monolayer is found on, the level it comes from and its downsample
+        from level 0: the finest level of at most ``mask_max_pixels``, read whole; when every level is larger
+        (a pyramid of few levels), the coarsest one read in chunks and box-averaged down to fit."""
         small = [lv for lv in range(slide.level_count)
                  if slide.level_dimensions[lv][0] * slide.level_dimensions[lv][1] <= self.mask_max_pixels]
-        if not small:
-            raise SlideError(f"{slide.path}: no level of at most {self.mask_max_pixels} pixels to find the "
-                             f"monolayer on (smallest: {slide.level_dimensions[-1]})")
-        return min(small, key=lambda lv: slide.level_downsamples[lv])
+        if small:
+            level = min(small, key=lambda lv: slide.level_downsamples[lv])
+            return slide.read_level(level), level, slide.level_downsamples[level]
+        level = slide.level_count - 1
+        width, height = slide.level_dimensions[level]
+        factor = math.ceil(math.sqrt(width * height / self.mask_max_pixels))
+        chunk = factor * max(1, MASK_CHUNK // factor)  # whole boxes of factor x factor in each chunk
+        picture = Image.new("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+        downsample = slide.level_downsamples[level]
+        for y in range(0, height, chunk):
+            for x in range(0, width, chunk):
+                region = slide.read_region((int(x * downsample), int(y * downsample)), level,
+                                           (min(chunk, width - x), min(chunk, height - y)))
+                picture.paste(region.reduce(factor), (x // factor, y // factor))
+        return picture, level, downsample * factor
 
     def analyze(self, path: str | Path, *, progress: Callable[..., None] | None = None,
                 on_plan: Callable[[int], None] | None = None) -> SlideResult:
@@ -257,9 +274,8 @@ class SlideAnalyzer:
             level, level_size, level_um = self.tile_level(slide)
             downsample = slide.level_downsamples[level]
             tile0 = int(round(level_size * downsample))
-            mask_level = self.mask_level(slide)
-            low = slide.read_level(mask_level)
-            mono = find_monolayer(np.asarray(low), slide.level_downsamples[mask_level], slide.dimensions, tile0,
+            low, mask_level, mask_downsample = self.mask_image(slide)
+            mono = find_monolayer(np.asarray(low), mask_downsample, slide.dimensions, tile0,
                                   min_coverage=self.min_coverage, max_coverage=self.max_coverage)
             if on_plan is not None:
                 on_plan(len(mono.tiles))
@@ -286,7 +302,6 @@ class SlideAnalyzer:
                           "level_downsamples": slide.level_downsamples, "um_per_px": slide.um_per_px,
                           "tile_level": level, "tile_size_level": level_size, "tile_um_per_px": level_um,
                           "tile_margin_level": margin}
-            mask_downsample = slide.level_downsamples[mask_level]
         tiles, results, remaining = [], [], self.target_cells
         for spot, result in zip(sampled.items, sampled.results):
             counted = _counted(result, remaining, self.analyzer)
