@@ -198,4 +198,13 @@ def test_without_a_val_part_the_threshold_is_set_on_held_out_training_images_nev
     assert not used & tested and used == trained and len(held) >= len(trained) // 6
     views = runner.invoke(app, ["calibrate-ood", "--bundle", str(run.bundle_dir), "--data", str(synthetic_root),
                                 "--split-file", str(split_file), "--views", "4", "--quiet"])
-    assert views.exit_code == 2 and "has none: leave --views out" in views.output
+    assert views.exit_code == 2 and "has no val part: leave --views out" in views.output
+    # a split with a val part, but data of its training images alone: the same fifth of them, not a new split
+    # (which mixed the train part with nothing and called the data "not the bundle's training data")
+    split_file = make_split(read_dataset(synthetic_root), ratios=(0.7, 0.1, 0.2), seed=0).save(tmp_path / "v.json")
+    split = Split.load(split_file)
+    only_train = tmp_path / "train.csv"
+    only_train.write_text("path,label\n" + "".join(f"{s.path},{s.label}\n" for s in split.manifest("train")))
+    train, held, name, source = fit_parts(run.bundle_dir, only_train, split_file)
+    assert name == "held-out train" and "holds none of the val part" in source
+    assert {s.path.resolve() for s in [*train, *held]} == {s.path.resolve() for s in split.manifest("train")}

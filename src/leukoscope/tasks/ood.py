@@ -143,18 +143,18 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
             return found.filter([s.path.resolve() in wanted for s in found]).with_classes(info.classes)
 
         train = part("train")
-        if split.assignments.get("val"):
-            held = part("val")
-            if len(train) and len(held):
-                return train, held, "val", f"the train and val parts of {path}"
-        elif len(train):
+        has_val = bool(split.assignments.get("val"))
+        held = part("val") if has_val else Manifest([], list(info.classes))
+        if len(train) and len(held):
+            return train, held, "val", f"the train and val parts of {path}"
+        if len(train):
+            # No val images: a fifth of the train part sets the threshold; the test part stays what it is for
+            missing = f"{data} holds none of the val part of {path}" if has_val else f"{path} has no val part"
             if need_val:
-                raise DatasetError(f"{need_val} a validation part, and {path} has none: leave --views out")
-            # No val part: a fifth of the train part sets the threshold; the test part stays what it is for
+                raise DatasetError(f"{need_val} a validation part, and {missing}: leave --views out")
             inner = make_split(train, ratios=(0.8, 0.2), seed=seed)
             return (inner.manifest("train"), inner.manifest("test"), "held-out train",
-                    f"the train part of {path}, a fifth of it held out (the split has no val part; its test "
-                    f"part is left alone)")
+                    f"the train part of {path}, a fifth of it held out ({missing}; its test part is left alone)")
         if split_file is not None:
             raise DatasetError(f"{data} has no images in the train and val parts of {path}"
                                if split.assignments.get("val") else
