@@ -112,7 +112,23 @@ def test_same_seed_same_split_different_seed_different_split(synthetic: Manifest
     assert a.assignments == b.assignments
     assert a.info == b.info
     assert where(a) != where(c)
-    assert a.sizes() == c.sizes()  # still the same shape of split
+    for split in (a, c):  # each seed's parts within one image of their share (an image more in one of two
+        n = sum(split.sizes().values())  # parts equally short is a tie)
+        assert all(abs(size - ratio * n) <= 1 for size, ratio in zip(split.sizes().values(), (0.8, 0.1, 0.1)))
+
+
+def test_big_subjects_go_where_they_fit_not_to_val_and_test() -> None:
+    """Each part's deficit relative to its own target sent big groups to val and test: five subjects of 400,
+    200, 200, 100 and 100 images came out 400/200/400 or 600/200/200 for 80/10/10 (cnmc-mini: 70/15/15)."""
+    from collections import Counter
+
+    from leukoscope.data.splits import _deal_groups
+
+    groups = np.repeat(np.arange(5), [400, 200, 200, 100, 100])
+    targets = np.zeros(len(groups), dtype=np.int64)
+    shapes = Counter(tuple(np.bincount(_deal_groups(targets, groups, 1, (0.8, 0.1, 0.1), seed), minlength=3))
+                     for seed in range(10))
+    assert shapes == Counter({(800, 100, 100): 10})
 
 
 def test_explicit_groups_are_kept_together(synthetic: Manifest) -> None:
