@@ -1412,8 +1412,8 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
         console.print(f"[yellow]slide:[/yellow] {escape(warning)}", soft_wrap=True)
     for flag in d.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
-    return True
     console.print(f"slide files: {folder}", soft_wrap=True)
+    return True
 
 
 def main() -> None:  # pragma: no cover - console entry point

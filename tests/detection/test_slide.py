@@ -281,6 +281,7 @@ def test_one_bad_slide_does_not_stop_the_others_and_two_of_one_name_are_refused(
     said = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     assert "broken.svs: not analysed" in said and "1 of 2 slide(s) could not be analysed" in said
+    assert f"slide files: {out / 'slide'}" in said
     assert (out / "slide" / "slide.slide.json").is_file()
     alone = CliRunner().invoke(app, ["analyze", str(broken), "--out", str(tmp_path / "out2"), *common])
     assert alone.exit_code == 2  # nothing analysed
