@@ -358,3 +358,54 @@ def test_png_whose_data_end_cleanly_before_the_last_row_is_refused(tmp_path: Pat
             load_image(source)
     assert (str(path) if as_ == "path" else "<uploaded bytes>") in str(info.value)
 
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG"])
+def test_12_bit_colour_in_16_bit_samples_keeps_its_range(tmp_path: Path, cell: np.ndarray, fmt: str) -> None:
+    """Pillow keeps the top 8 bits of 16-bit colour: a camera's 12-bit data came out nearly black (max 15)."""
+    import imagecodecs
+    import tifffile
+
+    deep = (cell.astype(np.uint16) * 16 + 8)  # 12-bit data: 8..4088
+    path = tmp_path / f"deep.{fmt.lower()}"
+    if fmt == "TIFF":
+        tifffile.imwrite(path, deep, photometric="rgb")
+    else:
+        path.write_bytes(imagecodecs.png_encode(deep))
+    image = np.asarray(load_image(path)).astype(int)
+    assert np.abs(image - cell.astype(int)).max() <= 1
+    full = (cell.astype(np.uint16) * 257)  # full-range 16-bit: as Pillow would read it
+    tifffile.imwrite(tmp_path / "full.tif", full, photometric="rgb")
+    assert np.abs(np.asarray(load_image(tmp_path / "full.tif")).astype(int) - cell.astype(int)).max() <= 1
+
+
+def test_a_phones_multi_picture_jpeg_is_read_as_jpeg(cell: np.ndarray) -> None:
+    """Pillow calls a JPEG with an MPF block (depth or gain-map picture) MPO; it was refused."""
+    first, second = Image.fromarray(cell), Image.fromarray(cell[::-1])
+    data = encode(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(encode(first, "JPEG"))))  # 1st
+
+
+def test_a_file_that_cannot_be_read_is_this_files_error(tmp_path: Path, cell: np.ndarray, monkeypatch) -> None:
+    path = tmp_path / "locked.png"
+    Image.fromarray(cell).save(path)
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self.name == "locked.png":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ImageDecodeError, match="locked.png: cannot be read: Permission denied"):
+        load_image(path)
+
+
+def test_a_limit_above_pillows_own_is_honoured() -> None:
+    """Pillow refuses images over twice its own limit (179 Mpx) before leukoscope's check, and the message
+    then claimed the user's larger limit was exceeded."""
+    data = png_header_only(15_000, 12_000)  # 180 Mpx
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt") as info:  # read, as far as it goes
+        load_image(data, max_pixels=200_000_000)
+    assert not isinstance(info.value, ImageTooLargeError)

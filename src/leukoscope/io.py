@@ -58,9 +58,12 @@ def load_image(
             raise ImageDecodeError(f"{name}: file does not exist")
         if path.is_dir():
             raise ImageDecodeError(f"{name}: is a folder, not an image file")
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
-        fp: BinaryIO = _io.BytesIO(path.read_bytes())
+        try:
+            if path.stat().st_size == 0:
+                raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
+            fp: BinaryIO = _io.BytesIO(path.read_bytes())
+        except OSError as exc:  # permission denied, an I/O error: this file's row, not the run's end
+            raise ImageDecodeError(f"{name}: cannot be read: {exc.strerror or exc}") from None
     elif isinstance(source, bytes):
         if not source:
             raise ImageDecodeError(f"{name}: empty upload (0 bytes)")
@@ -68,7 +71,10 @@ def load_image(
     else:
         fp = source
 
-    # Pillow's own bomb guard only warns below 2x its limit; we want one hard rule.
+    # Pillow's own bomb guard only warns below 2x its limit; we want one hard rule, ours. Its refusal above
+    # 2x would otherwise override a larger max_pixels (raised once, for the process; the check below stays).
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -82,7 +88,9 @@ def load_image(
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot open image: {exc}") from None
 
-        if image.format not in formats:
+        if image.format == "MPO" and "JPEG" in formats:  # a phone's JPEG with a depth or gain-map picture
+            image.format = "JPEG"
+        elif image.format not in formats:
             raise ImageDecodeError(
                 f"{name}: format {image.format} is not supported "
                 f"(supported: {', '.join(sorted(formats))})"
@@ -106,6 +114,7 @@ def load_image(
             raise ImageTooLargeError(f"{name}: {exc}") from None
         if image.format == "PNG":
             _check_png_rows(fp, name)
+        image = _full_depth_colour(image, fp) or image
 
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a field that needs no turn
     if image.mode != "RGB":
@@ -125,6 +134,42 @@ def load_image(
         else:
             image = image.convert("RGB")
     return image
+
+
+def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:
+    """A 16-bit colour PNG or TIFF as 8-bit RGB scaled from its own bit depth (None: not one). Pillow keeps
+    the top 8 bits of each sample, so a camera's 12-bit data in 16-bit samples came out nearly black (max
+    15 of 255). Scaled as data of the fewest bits that hold its largest value: 12-bit data by 255/4095,
+    full 16-bit data as Pillow would."""
+    if image.mode not in ("RGB", "RGBA"):
+        return None
+    if image.format == "TIFF":
+        deep = all(bits == 16 for bits in (image.tag_v2.get(258) or (8,)))
+    elif image.format == "PNG":
+        fp.seek(24)
+        deep = fp.read(1) == b"\x10"  # the IHDR bit depth
+    else:
+        return None
+    if not deep:
+        return None
+    import imagecodecs
+    import numpy as np
+
+    fp.seek(0)
+    data = fp.read()
+    samples = imagecodecs.png_decode(data) if image.format == "PNG" else imagecodecs.tiff_decode(data)
+    if samples.dtype != np.uint16 or samples.ndim != 3 or samples.shape[2] not in (3, 4):
+        return None
+    bits = max(8, int(samples[..., :3].max()).bit_length())
+    rgb = (samples[..., :3].astype(np.float64) * (255.0 / (2 ** bits - 1))).round().astype(np.uint8)
+    if samples.shape[2] == 4:  # alpha on white, as below
+        alpha = samples[..., 3:].astype(np.float64) / 65535.0
+        rgb = (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    decoded = Image.fromarray(rgb, "RGB")
+    decoded.format, decoded.info = image.format, dict(image.info)
+    if hasattr(image, "getexif"):
+        decoded.info["exif"] = image.getexif().tobytes()
+    return decoded
 
 
 def _check_png_rows(fp: BinaryIO, name: str) -> None:
