@@ -242,13 +242,15 @@ def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
 
 
 def test_demo_generates_data_trains_and_reports(tmp_path: Path) -> None:
-    result = invoke("demo", "--out", tmp_path / "demo", "--minutes", "0.02", "--quiet")
+    out = tmp_path / "demo #2"  # taken as written (an override's YAML would cut it at the "#")
+    result = invoke("demo", "--out", out, "--minutes", "0.02", "--quiet")
     assert result.exit_code == 0, result.output
     bundle = Path(result.stdout.strip().splitlines()[-1])
     assert (bundle / "bundle.json").is_file() and (bundle.parent / "report.html").is_file()
-    classes = sorted(p.name for p in (tmp_path / "demo" / "data").iterdir())
+    assert bundle.is_relative_to(out / "runs")
+    classes = sorted(p.name for p in (out / "data").iterdir())
     assert classes == ["blast", "lymphocyte", "monocyte", "neutrophil"]
-    assert all(len(list((tmp_path / "demo" / "data" / c).iterdir())) == 100 for c in classes)
+    assert all(len(list((out / "data" / c).iterdir())) == 100 for c in classes)
     assert "demo finished" in result.output
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from leukoscope.data.synthetic import SyntheticSpec, make_synthetic_dataset
@@ -19,8 +20,9 @@ def run_demo(out: str | Path = "leukoscope-demo", *, minutes: float = 2.0, show_
         make_synthetic_dataset(data, DEMO_SPEC)
     config = load_config(overrides=[
         "name=demo",
-        f"output_root={out / 'runs'}",
-        f"data.path={data}",
+        # paths as JSON strings: an override's value is YAML ("demo #2" would be cut at the "#")
+        f"output_root={json.dumps(str(out / 'runs'))}",
+        f"data.path={json.dumps(str(data))}",
         "model.name=abas_cnn",
         "model.image_size=64",
         "train.epochs=30",
