@@ -1162,7 +1162,7 @@ def analyze(
     inputs = [p for p in inputs if p not in slides]
     stems: dict[str, Path] = {}
     for path in slides:  # each slide writes OUT/<stem>/: a second of the same stem would replace the first's
-        other = stems.setdefault(path.stem, path)
+        other = stems.setdefault(path.stem.casefold(), path)  # one folder on a case-insensitive file system
         if other != path:
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
@@ -1291,7 +1291,7 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     text = f"{len(summary.results)} image(s), {pooled.total} white cells"
     if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
         low, high = pooled.blast_ci95
-        text += f", blasts {pooled.blast_percentage:.1f}% (95% CI {low:.1f}-{high:.1f}%)"
+        text += f", blasts {pooled.blasts} ({pooled.blast_percentage:.1f}%, 95% CI {low:.1f}-{high:.1f}%)"
     elif pooled.blasts is not None:
         text += f", {pooled.blasts} blast(s): too few cells for a blast percentage"
     console.print(text)
@@ -1406,7 +1406,7 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
     text = (f"{path.name}: {d.total} white cells in {len(result.tiles)} of {len(result.monolayer.tiles)} monolayer "
             f"tile(s)")
     if d.blast_percentage is not None and d.blast_percentage_meaningful:
-        text += f", blasts {d.blast_percentage:.1f}% (95% CI {d.blast_ci95[0]:.1f}-{d.blast_ci95[1]:.1f}%)"
+        text += f", blasts {d.blasts} ({d.blast_percentage:.1f}%, 95% CI {d.blast_ci95[0]:.1f}-{d.blast_ci95[1]:.1f}%)"
     console.print(text, soft_wrap=True)
     for warning in result.sampling_warnings:
         console.print(f"[yellow]slide:[/yellow] {escape(warning)}", soft_wrap=True)

@@ -94,6 +94,18 @@ def test_a_field_called_summary_keeps_its_own_files_beside_the_folders(tmp_path:
     assert field["source"] == str(paths[0]) and (out / "summary-2.annotated.png").is_file()
 
 
+
+def test_stems_differing_only_in_case_get_files_of_their_own() -> None:
+    """On a case-insensitive file system (macOS, Windows) Field.jpg and field.png would share their files, and
+    Summary.jpg would write over the folder's summary.json."""
+    from leukoscope.inference.smear_output import SUMMARY_STEM, unique_stem
+
+    used = {SUMMARY_STEM}
+    stems = [unique_stem(Path(name), used) for name in ("Field.jpg", "field.png", "FIELD.tif", "Summary.jpg")]
+    assert stems == ["Field", "field-2", "FIELD-3", "Summary-2"]
+    assert len({stem.casefold() for stem in stems} | {SUMMARY_STEM}) == 5
+
+
 class _FailsOnSecondField(DarkBlobDetector):
     def __init__(self) -> None:
         super().__init__()

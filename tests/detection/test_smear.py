@@ -59,6 +59,31 @@ def test_differential_counts_percentages_and_flags() -> None:
     assert any("Only 2 white cells counted: the differential is not meaningful" in f for f in untyped.flags)
 
 
+def test_the_reviewers_flags_for_uncertain_cells_and_a_wide_interval() -> None:
+    """Two flags no test reached: the blast percentage were the uncertain cells blasts, and an interval that
+    reaches the leukemia threshold."""
+    classes = ["blast", "lymphocyte"]
+    # 15 blasts of 100, 10 uncertain: 15% alone, 25% were the uncertain cells blasts
+    d = Differential.from_labels(["blast"] * 15 + ["lymphocyte"] * 75 + ["uncertain"] * 10, classes, ["blast"])
+    assert not d.acute_leukemia_flag
+    assert "If the 10 uncertain cell(s) were blasts the blast percentage would be 25.0%: review them." in d.flags
+    assert any(f.startswith("The 95% interval of the blast percentage reaches 20%") for f in d.flags)  # 15/100
+    # many cells: the interval stays below 20%, and no uncertain cells
+    tight = Differential.from_labels(["blast"] * 150 + ["lymphocyte"] * 850, classes, ["blast"])
+    assert not any("interval" in f or "uncertain" in f for f in tight.flags)
+
+
+def test_the_annotated_fields_header_gives_the_blast_count_with_its_percentage() -> None:
+    """One blast in 2,501 cells read "blasts 0.0%": the count is given beside the rounded percentage."""
+    from leukoscope.inference.drawing import _header_lines
+    from leukoscope.inference.smear_result import SmearResult
+
+    d = Differential.from_labels(["blast"] + ["lymphocyte"] * 2500, ["blast", "lymphocyte"], ["blast"])
+    result = SmearResult("f.png", 640, 480, [], {}, d)
+    count = [text for text, _, _ in _header_lines(result) if text.startswith("WBC")][0]
+    assert count.startswith("WBC 2501, blasts 1 (0.0%, 95% CI 0.0-")
+
+
 def test_default_blast_classes() -> None:
     assert blast_classes_in(["blast", "lymphocyte"]) == ["blast"]
     assert blast_classes_in(["Benign", "Early", "Pre", "Pro"]) == ["Early", "Pre", "Pro"]

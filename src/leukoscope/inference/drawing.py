@@ -92,7 +92,8 @@ def _header_lines(result: SmearResult) -> list[tuple[str, Colour, Colour]]:
     d = result.differential
     count = f"WBC {d.total}"
     if d.blast_percentage_meaningful and d.blast_ci95 is not None:
-        count += f", blasts {d.blast_percentage:.1f}% (95% CI {d.blast_ci95[0]:.1f}-{d.blast_ci95[1]:.1f}%)"
+        count += (f", blasts {d.blasts} ({d.blast_percentage:.1f}%, 95% CI {d.blast_ci95[0]:.1f}-"
+                  f"{d.blast_ci95[1]:.1f}%)")  # the count too: one blast in 2,501 cells reads 0.0%
     elif d.blasts is not None:
         count += f", blasts {d.blasts} (no percentage below {d.min_cells} cells)"
     lines = [(f"WARNING: {w}", (255, 255, 255), _WARNING_RED) for w in d.warnings]

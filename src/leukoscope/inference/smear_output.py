@@ -41,10 +41,13 @@ SUMMARY_STEM = "summary"
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
-    """A file-name-safe stem for ``path``'s outputs, not yet in ``used`` (which it joins)."""
+    """A file-name-safe stem for ``path``'s outputs, not yet in ``used`` (which it joins), whatever the case:
+    on a case-insensitive file system (macOS, Windows) ``Field.jpg`` and ``field.png`` would share files, and
+    ``Summary.jpg`` would write over ``summary.json``."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    taken = {name.casefold() for name in used}
     stem, k = base, 1
-    while stem in used:
+    while stem.casefold() in taken:
         k += 1
         stem = f"{base}-{k}"
     used.add(stem)
