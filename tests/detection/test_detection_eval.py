@@ -102,3 +102,18 @@ def test_a_threshold_that_drops_a_whole_class_scores_it_zero_not_absent() -> Non
     none = [GroundTruth(np.array([[10, 10, 60, 60]], float), np.array([0]), 200, 200, "b")]
     only_wbc = [Predicted(np.array([[10, 10, 60, 60]], float), np.array([0.9]), np.array([0]))]
     assert operating_point(only_wbc, none, CLASSES, 0.5)["per_class"]["RBC"]["f1"] is None
+
+
+def test_the_threshold_chosen_is_the_one_that_drops_the_false_alarms() -> None:
+    """True boxes scored 0.8-0.9, false alarms 0.2-0.4: the best mean F1 lies above 0.4, not at the lowest
+    candidate (the other tests' `<= 0.2` would pass for a chooser that always returns it)."""
+    truths = _truths()
+    found = []
+    for truth in truths:
+        false = np.array([[150, 150, 170, 170], [0, 150, 20, 170]], float)
+        found.append(Predicted(np.concatenate([truth.boxes, false]),
+                               np.concatenate([np.linspace(0.9, 0.8, len(truth.labels)), [0.4, 0.2]]),
+                               np.concatenate([truth.labels, [0, 1]])))
+    chosen = choose_threshold(found, truths, CLASSES)
+    assert 0.4 < chosen <= 0.8
+    assert all(v["f1"] == 1.0 for v in operating_point(found, truths, CLASSES, chosen)["per_class"].values())

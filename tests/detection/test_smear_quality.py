@@ -250,3 +250,15 @@ def test_fields_analysed_at_a_guessed_scale_never_give_the_slide_a_leukemia_flag
     (warning,) = summary.warnings
     assert warning.startswith("3 of 3 fields had no scale (a.png, b.png, c.png)")
     assert pooled.flags[0] == f"WARNING: {warning}"
+
+
+def test_the_detector_gate_reads_its_weakest_white_class_and_the_floor_itself_passes() -> None:
+    """A detector of several white-cell classes is as trustworthy as its weakest; AP at the floor passes."""
+    from leukoscope.inference.quality import detector_warnings
+
+    two = {"evaluated_on": "test", "ap_50_per_class": {"WBC": 0.97, "Blast": 0.52, "RBC": 0.1}}
+    (warning,) = detector_warnings(two, ["WBC", "Blast"], floor=0.9)
+    assert "for Blast is 0.520, below the floor of 0.9" in warning
+    assert detector_warnings(two, ["WBC"], floor=0.9) == []  # the red cells' AP is not the white count's
+    at_floor = {"evaluated_on": "test", "ap_50_per_class": {"WBC": 0.9}}
+    assert detector_warnings(at_floor, ["WBC"], floor=0.9) == []

@@ -64,12 +64,23 @@ def test_secure_cookie_setting(make_service):
     assert "secure" in {p.strip().lower() for p in cookie.split(";")}
 
 
-def test_open_redirect_after_login_is_refused(service):
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\\evil.example/x", "/\\/evil.example", "https://evil.example/",
+                                    "\\\\evil.example"])
+def test_open_redirect_after_login_is_refused(service, target):
+    """Browsers read a backslash as a slash: "/\\evil.example" goes to evil.example."""
     client = service.client()
     form = client.get("/login")
     response = client.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(form.text),
-                                           "next": "//evil.example/x"}, follow_redirects=False)
+                                           "next": target}, follow_redirects=False)
     assert response.headers["location"] == "/"
+
+
+def test_a_same_site_path_is_where_log_in_goes(service):
+    client = service.client()
+    form = client.get("/login")
+    response = client.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(form.text),
+                                           "next": "/cases?status=new"}, follow_redirects=False)
+    assert response.headers["location"] == "/cases?status=new"
 
 
 def test_csrf_is_required_on_every_form(service):
@@ -325,3 +336,21 @@ def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service
                                                   if k != "review_state"}).status_code == 409
     odd = first.post(f"{case_url}/review", data={**_page_form(page), "label_\u00b2": "blast"}, follow_redirects=False)
     assert odd.status_code == 303
+
+
+def test_an_expired_session_logs_out(service):
+    """No test let a session expire: removing the expiry check passed every test."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from leukoscope.service.tables import WebSession, utcnow
+
+    client = service.login("tech")
+    assert client.get("/cases", follow_redirects=False).status_code == 200
+    with service.state.sessions() as db, db.begin():
+        db.execute(update(WebSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+    gone = client.get("/cases", follow_redirects=False)
+    assert gone.status_code in (302, 303) and gone.headers["location"].startswith("/login")
+    service.login("tech")  # a new log-in tidies expired sessions away: the new one is left
+    assert service.count(WebSession) == 1
