@@ -57,8 +57,13 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     good = [r for r in rows if not r["error"]]
     assert all(abs(sum(float(r[f"p_{c}"]) for c in ("blast", "lymphocyte", "monocyte", "neutrophil")) - 1) < 1e-4
                for r in good)
-    # with a threshold this high almost everything is "uncertain", but top_class is still given
-    assert any(r["label"] == "uncertain" and r["top_class"] for r in good)
+    # with a threshold this high everything is "uncertain", but top_class is still given
+    assert all(r["label"] == "uncertain" and r["top_class"] for r in good)
+    # ... and with none, nothing is: the option, not the bundle's own threshold, decides
+    low = tmp_path / "low.csv"
+    assert invoke("predict", "--bundle", trained_bundle, synthetic_root / "blast", "--out", low,
+                  "--threshold", "0").exit_code == 0
+    assert not any(r["label"] == "uncertain" for r in csv.DictReader(low.open()))
     broken = [r for r in rows if r["error"]]
     assert len(broken) == 1 and "broken.jpg" in broken[0]["error"]
     assert "1 failed" in result.output and "could not read 1 of" in result.output
