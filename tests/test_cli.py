@@ -81,6 +81,22 @@ def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, 
     assert "bad00.png" in result.output and "bad09.png" in result.output and "and 2 more" in result.output
     assert "bad10.png" not in result.output
     assert len(list(csv.DictReader(out.open()))) == 12  # the errors are still written
+    # in the columns any predictions file has, every class's probability included
+    header = out.read_text().splitlines()[0].split(",")
+    assert header == ["source", "label", "top_class", "confidence", "uncertain", "p_blast", "p_lymphocyte",
+                      "p_monocyte", "p_neutrophil", "ood_score", "unfamiliar", "error"]
+
+
+def test_predict_columns_do_not_depend_on_which_file_comes_first(trained_bundle: Path, synthetic_root: Path,
+                                                                  tmp_path: Path) -> None:
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    good = sorted((synthetic_root / "blast").iterdir())[0]
+    headers = []
+    for order in ([tmp_path / "broken.jpg", good], [good, tmp_path / "broken.jpg"]):
+        out = tmp_path / f"p{len(headers)}.csv"
+        assert invoke("predict", "--bundle", trained_bundle, *order, "--out", out).exit_code == 0
+        headers.append(out.read_text().splitlines()[0])
+    assert headers[0] == headers[1] and headers[0].index("p_blast") < headers[0].index("ood_score")
 
 
 def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:

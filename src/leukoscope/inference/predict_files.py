@@ -50,13 +50,25 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def write_predictions(predictions: Sequence[Prediction], out: Path) -> Path:
+#: The columns of a predictions file before and after the classes' probabilities (``p_<class>``).
+LEADING_COLUMNS = ("source", "label", "top_class", "confidence", "uncertain")
+TRAILING_COLUMNS = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "error")
+
+
+def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Sequence[str] = ()) -> Path:
+    """``predictions`` as CSV or JSON. CSV columns in one order whatever the rows (an unreadable first file
+    put ``ood_score`` before the probabilities), every class's ``p_`` column even when no image was read
+    (``classes``: the classifier's)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [p.as_row() for p in predictions]
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=1))
     elif out.suffix.lower() == ".csv":
-        fields = [key for key in dict.fromkeys(key for row in rows for key in row) if key != "error"] + ["error"]
+        found = dict.fromkeys(key for row in rows for key in row)
+        probabilities = dict.fromkeys([f"p_{name}" for name in classes] + [k for k in found if k.startswith("p_")])
+        known = set(LEADING_COLUMNS) | set(TRAILING_COLUMNS) | set(probabilities)
+        fields = [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
+                  *(k for k in TRAILING_COLUMNS if k in found or k in ("ood_score", "unfamiliar", "error"))]
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
@@ -162,7 +174,7 @@ def predict_to_file(
     with progress_bar(len(paths), "predicting") as update:
         predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update,
                                                frame=frame, um_per_px=um_per_px, run_um_per_px=run_um_per_px)
-    write_predictions(predictions, out)
+    write_predictions(predictions, out, classifier.classes)
     if explain_dir is not None:
         model = classifier.model
         if model is None:  # onnxruntime / openvino: the torch model for Grad-CAM only
