@@ -71,6 +71,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert Path(load_config(folder / "split.yaml").data.split_file) == (tmp_path / "split.json").resolve()
     assert config.model.weights == "DEFAULT"  # a torchvision weight name, not a path
     assert config.train.epochs == 2
+    # a bare name is a path too ("cells", "mysplit" beside the file): it was taken from the working folder
+    (folder / "bare.yaml").write_text("data:\n  path: cells\n  split_file: mysplit\n")
+    bare = load_config(folder / "bare.yaml")
+    assert Path(bare.data.path) == (folder / "cells").resolve()
+    assert Path(bare.data.split_file) == (folder / "mysplit").resolve()
 
 
 def test_saved_config_loads_back_identically(tmp_path: Path) -> None:

@@ -373,9 +373,11 @@ def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> 
         if not isinstance(raw.get(section), dict):  # absent, or written as one value: the model check says so
             continue
         value = raw[section].get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and _looks_like_path(value) \
-                and not is_pretrained_spec(value):
-            raw[section][key] = str((path.parent / value).resolve())
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or is_pretrained_spec(value):
+            continue
+        if key in WEIGHT_NAME_KEYS and not _looks_like_path(value):  # a torchvision weights name
+            continue
+        raw[section][key] = str((path.parent / value).resolve())  # a bare "cells" too: the file's folder's
     return raw
 
 
@@ -462,6 +464,10 @@ def resolve_init(config: ExperimentConfig) -> ExperimentConfig:
     if "views" not in config.predict.model_fields_set and preprocessing.get("views", 1) != 1:
         update["predict"] = config.predict.model_copy(update={"views": int(preprocessing["views"])})
     return config.model_copy(update=update)
+
+
+#: Keys that take a torchvision weights name ("DEFAULT", "IMAGENET1K_V1") as well as a file.
+WEIGHT_NAME_KEYS = frozenset({"weights", "backbone_weights"})
 
 
 def _looks_like_path(value: str) -> bool:
