@@ -342,3 +342,24 @@ def test_classical_models_refuse_an_input_style_they_would_ignore(synthetic_root
     with pytest.raises(ConfigError, match="naive_bayes computes its own colour features"):
         run_experiment(config, show_progress=False)
     assert not any(tmp_path.glob("naive_bayes-*"))
+
+
+def test_train_deterministic_decides_cudnns_kernels_too() -> None:
+    """seed_everything set cuDNN's deterministic convolutions for the whole process, so
+    train.deterministic=false ("CUDA's faster kernels") left them on. Checked by the flags (no GPU needed)."""
+    import torch
+
+    from leukoscope.engine.runtime import deterministic_kernels, seed_everything
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark)
+    seed_everything(0)
+    assert (cudnn.deterministic, cudnn.benchmark) == saved  # seeding chooses no kernels
+    gpu = torch.device("cuda")
+    with deterministic_kernels(gpu, False):
+        assert not cudnn.deterministic and cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(gpu, True):
+        assert cudnn.deterministic and not cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+    assert (cudnn.deterministic, cudnn.benchmark) == saved and not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(torch.device("cpu"), True):  # the CPU's kernels are deterministic already
+        assert (cudnn.deterministic, cudnn.benchmark) == saved
