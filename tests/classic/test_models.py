@@ -98,3 +98,14 @@ def test_classic_model_predicts_from_uint8_images_like_a_module():
     assert len(model.selected_features()) == len(model.extractor) == 2 * 3 * 4 + 4  # k_best="all"
     with pytest.raises(TypeError, match="uint8"):
         model(images.float())
+
+
+@pytest.mark.parametrize("setting", ["model.weights=/nowhere/cnn.safetensors", "model.freeze_backbone=true"])
+def test_cnn_settings_on_a_classical_model_are_refused_not_dropped(setting: str) -> None:
+    from leukoscope.engine.config import ConfigError, load_config
+    from leukoscope.engine.learner import check_learner_config
+    from leukoscope.tasks.classify import preprocessing_of
+
+    config = load_config(overrides=["model.name=svm_rbf", setting])
+    with pytest.raises(ConfigError, match="are for CNNs; svm_rbf is a classical model"):
+        check_learner_config(config, preprocessing_of(config))

@@ -85,6 +85,9 @@ def check_learner_config(config: ExperimentConfig, preprocessing: Preprocessing)
         if preprocessing.views != 1:
             raise ConfigError(f"predict.views averages a network's outputs over a cell's rotations; "
                               f"{config.model.name} is a classical model: leave predict.views at 1")
+        if config.model.weights or config.model.freeze_backbone:  # they were dropped without a word
+            raise ConfigError(f"model.weights and model.freeze_backbone are for CNNs; {config.model.name} is a "
+                              f"classical model, trained from the data alone")
     return kind
 
 
