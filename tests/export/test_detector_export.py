@@ -278,7 +278,12 @@ def test_the_service_loads_its_detector_on_the_configured_backend(exported_detec
     seen: dict = {}
 
     class Loaded:
+        classes = ["blast", "lymphocyte"]
+
         def warm_up(self) -> None:
+            pass
+
+        def close(self) -> None:
             pass
 
     def from_bundles(bundle, detector, **options):
