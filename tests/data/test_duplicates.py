@@ -200,3 +200,21 @@ def test_all_taleqani_pro_duplicates(all_taleqani: Path) -> None:
     assert sum(sizes[g] for g in shared) >= sum(len(m) for m in byte_groups)
     assert sum(sizes[g] for g in shared) < 0.25 * len(paths)  # but pHash does not lump the class together
     assert elapsed < 30
+
+
+def test_a_flipped_or_rotated_copy_is_a_near_duplicate(tmp_path: Path, cells: list[Path]) -> None:
+    """A cell has no up or left, and datasets ship turned copies as augmentation: a mirror image was 30-34 bits
+    from its original, a quarter turn 24-32, and both sat on either side of a split."""
+    turned = []
+    for k, turn in enumerate((Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90,
+                              Image.Transpose.TRANSVERSE)):
+        path = tmp_path / f"turned{k}.jpg"
+        Image.open(cells[5]).transpose(turn).save(path, "JPEG", quality=90)
+        turned.append(path)
+    paths = cells + turned
+    groups = duplicate_groups(paths)
+    assert all(same(groups, 5, len(cells) + k) for k in range(3))
+    assert len(set(groups.tolist())) == len(cells)  # and no two different cells joined
+    plain = group_fingerprints([ImageFingerprint(fp.sha256, fp.phash) for fp in map(fingerprint, paths)],
+                               max_distance=DEFAULT_PHASH_DISTANCE)
+    assert not same(plain, 5, len(cells))  # as the image is, the mirror image is far

@@ -2,7 +2,10 @@
 
 Byte-identical files share a SHA-256; near-identical ones (re-encoded, resized,
 slightly shifted copies) have perceptual hashes (pHash, via ImageHash) within a
-small Hamming distance. Both kinds become one *duplicate group*.
+small Hamming distance. A cell has no up, down, left or right, and datasets ship
+flipped and rotated copies as augmentation: an image's pHash is compared with the
+pHashes of the other's eight right-angle rotations and mirror images too. Both kinds
+become one *duplicate group*.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable, Sequence
 
 import imagehash
 import numpy as np
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -26,10 +30,18 @@ log = logging.getLogger(__name__)
 DEFAULT_PHASH_DISTANCE = 4
 
 
+#: The seven other right-angle rotations and mirror images of a picture.
+TURNS = (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+         Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+         Image.Transpose.TRANSVERSE)
+
+
 @dataclass(frozen=True)
 class ImageFingerprint:
     sha256: str
     phash: int | None  # None when the file could not be decoded
+    turned: tuple[int, ...] = ()
+    """The pHashes of the image's :data:`TURNS` (empty: compared as it is only)."""
 
 
 def fingerprint(path: Path) -> ImageFingerprint:
@@ -39,7 +51,14 @@ def fingerprint(path: Path) -> ImageFingerprint:
         image = load_image(data)
     except ImageDecodeError:
         return ImageFingerprint(digest, None)
-    return ImageFingerprint(digest, int(str(imagehash.phash(image)), 16))
+    # pHash's own first steps (grey, 32 x 32, Lanczos) once; each turn of that is hashed as it is
+    small = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    phash = _hash_value(imagehash.phash(small))
+    return ImageFingerprint(digest, phash, tuple(_hash_value(imagehash.phash(small.transpose(t))) for t in TURNS))
+
+
+def _hash_value(value: imagehash.ImageHash) -> int:
+    return int(str(value), 16)
 
 
 def duplicate_groups(
@@ -78,12 +97,14 @@ def group_fingerprints(fingerprints: Sequence[ImageFingerprint], *, max_distance
         hashed = [i for i, fp in enumerate(fingerprints) if fp.phash is not None]
         if len(hashed) > 1:
             bits = np.array([fingerprints[i].phash for i in hashed], dtype=np.uint64)
+            # each image as it is and turned (an image without turns: itself eight times)
+            views = np.array([[fp.phash, *(fp.turned or (fp.phash,) * len(TURNS))]
+                              for fp in (fingerprints[i] for i in hashed)], dtype=np.uint64)
             index = np.array(hashed)
             # Row blocks keep the pairwise distance matrix small in memory.
-            for start in range(0, len(bits), 256):
-                block = bits[start : start + 256]
-                xor = block[:, None] ^ bits[None, :]
-                distance = np.unpackbits(xor.view(np.uint8).reshape(*xor.shape, 8), axis=-1).sum(-1)
+            for start in range(0, len(bits), 64):
+                block = bits[start : start + 64]
+                distance = np.bitwise_count(block[:, None, None] ^ views[None, :, :]).min(axis=-1)
                 r, c = np.nonzero(distance <= max_distance)
                 keep = (r + start) < c
                 rows.append(index[r[keep] + start])
