@@ -92,6 +92,8 @@ def test_exported_detector_bundle_is_a_valid_bundle(exported_detector: Path, tmp
     assert not (copy / "model.onnx").exists() and not (copy / "box_head.onnx").exists()
     assert CellDetector.from_bundle(copy, backend="auto").backend == "torch"
     assert CellDetector.from_bundle(exported_detector, backend="auto").backend == detector_runtime.AUTO_ORDER[0]
+    info = read_bundle_info(exported_detector)  # auto on a GPU: torch (the graphs run on the CPU)
+    assert detector_runtime.choose_detector_backend("auto", info, exported_detector, "cuda") == "torch"
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)

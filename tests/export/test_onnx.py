@@ -66,6 +66,16 @@ def test_auto_prefers_onnxruntime_and_falls_back_to_torch(exported: dict[str, Pa
         CellClassifier.from_bundle(exported["abas_cnn"], backend="onnxruntime")
 
 
+def test_auto_on_a_gpu_is_torch(exported: dict[str, Path]) -> None:
+    """The exported graphs run on the CPU: auto picked one and then refused the GPU it was asked to run on."""
+    from leukoscope.bundle import read_bundle_info
+
+    info = read_bundle_info(exported["abas_cnn"])
+    assert runtime.choose_backend("auto", info, exported["abas_cnn"]) != "torch"  # an exported bundle, on the CPU
+    assert runtime.choose_backend("auto", info, exported["abas_cnn"], "cuda") == "torch"
+    assert runtime.choose_backend("auto", info, exported["abas_cnn"], "cuda:1") == "torch"
+
+
 def test_torch_bundle_on_onnxruntime_says_to_export_first(trained: dict[str, Path]) -> None:
     with pytest.raises(BundleError, match="has no ONNX graph: run `leukoscope export"):
         CellClassifier.from_bundle(trained["abas_cnn"], backend="onnxruntime")

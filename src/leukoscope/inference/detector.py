@@ -97,7 +97,7 @@ class CellDetector:
         neither torch nor torchvision."""
         directory = resolve_bundle(directory)
         info = read_bundle_info(directory, task="detect")
-        chosen = choose_detector_backend(backend, info, directory)
+        chosen = choose_detector_backend(backend, info, directory, str(device))
         if chosen == "torch":
             from leukoscope.bundle import load_bundle
             from leukoscope.inference.runtime import use_threads

@@ -199,12 +199,15 @@ def exported_detector(info: BundleInfo) -> bool:
     return info.export is not None and info.export.get("format") == "onnx" and info.export.get("part") == "dense"
 
 
-def choose_detector_backend(backend: str, info: BundleInfo, directory: str | Path) -> str:
+def choose_detector_backend(backend: str, info: BundleInfo, directory: str | Path, device: str = "cpu") -> str:
     """``torch``, ``onnxruntime`` or ``openvino`` for ``backend`` (one of :data:`DETECTOR_BACKENDS`) and
-    this detector bundle; a clear error when the bundle or the install cannot run the one asked for."""
+    this detector bundle; a clear error when the bundle or the install cannot run the one asked for.
+    ``auto`` on a GPU ``device`` is torch (the exported graphs run on the CPU)."""
     if backend not in DETECTOR_BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(DETECTOR_BACKENDS)})")
     exported = exported_detector(info)
+    if backend == "auto" and str(device) != "cpu":
+        return "torch"
     if backend == "auto":
         return next((name for name in AUTO_ORDER if exported and installed(name)), "torch")
     if backend != "torch":

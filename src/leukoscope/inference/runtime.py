@@ -204,12 +204,15 @@ def runnable_backends(info: BundleInfo) -> tuple[str, ...]:
     return RUNS_FORMAT.get(str(info.export.get("format")), ()) if info.export is not None else ()
 
 
-def choose_backend(backend: str, info: BundleInfo, directory: str | Path) -> str:
+def choose_backend(backend: str, info: BundleInfo, directory: str | Path, device: str = "cpu") -> str:
     """``torch``, ``onnxruntime`` or ``openvino`` for ``backend`` (one of :data:`BACKENDS`) and this
-    bundle; a clear error when the bundle or the install cannot run the one asked for."""
+    bundle; a clear error when the bundle or the install cannot run the one asked for. ``auto`` on a GPU
+    ``device`` is torch (the exported graphs run on the CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     runnable = runnable_backends(info)
+    if backend == "auto" and str(device) != "cpu":
+        return "torch"
     if backend == "auto":
         return next((name for name in AUTO_ORDER if name in runnable and backend_available(name)), "torch")
     if backend == "torch":
@@ -231,7 +234,7 @@ def choose_backend(backend: str, info: BundleInfo, directory: str | Path) -> str
 def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch", device: str = "cpu",
                  threads: int | None = None) -> Runtime:
     """The runtime ``backend`` chooses for the classifier bundle in ``directory`` (a resolved folder)."""
-    chosen = choose_backend(backend, info, directory)
+    chosen = choose_backend(backend, info, directory, device)
     if chosen == "torch":
         from leukoscope.bundle import load_bundle
 
