@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io as _io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -200,3 +201,19 @@ def _decode_png(data: bytes | memoryview, name: str) -> None:
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` looks like an image by suffix (cheap folder scans)."""
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def files_below(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted, through symlinked sub-folders too (``Path.rglob`` does not enter
+    them: a class folder's linked sub-folder was left out without a word), each real folder once (a link
+    to a folder above cannot loop)."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(top) / name for name in files]
+    return sorted(found)

@@ -46,6 +46,19 @@ def test_class_folders_sorted_nested_hidden_and_non_images(tmp_path: Path, cell_
     assert manifest.class_counts() == {"Beta": 1, "alpha": 2, "zeta": 1}
 
 
+def test_a_linked_sub_folder_is_read_and_a_link_loop_ends(tmp_path: Path, cell_writer) -> None:
+    """Path.rglob does not enter symlinked folders: a class's linked sub-folder was left out without a word."""
+    root = tmp_path / "data"
+    cell_writer(root / "alpha" / "a1.png")
+    cell_writer(root / "beta" / "b1.png")
+    cell_writer(tmp_path / "store" / "more" / "a2.png")
+    (root / "alpha" / "linked").symlink_to(tmp_path / "store" / "more", target_is_directory=True)
+    (root / "beta" / "loop").symlink_to(root / "beta", target_is_directory=True)  # a link to its own folder
+    manifest = read_class_folders(root)
+    assert sorted((s.label, s.path.name) for s in manifest) == [("alpha", "a1.png"), ("alpha", "a2.png"),
+                                                                 ("beta", "b1.png")]
+
+
 def test_samples_are_in_a_stable_order(synthetic_root: Path) -> None:
     first = read_class_folders(synthetic_root)
     second = read_class_folders(synthetic_root)

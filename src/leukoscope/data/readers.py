@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
-from leukoscope.io import is_image_file
+from leukoscope.io import files_below, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
         raise DatasetError(f"{root}: folder is empty (expected one sub-folder per class)")
     samples: list[Sample] = []
     for class_dir in class_dirs:
-        for path in sorted(class_dir.rglob("*")):
+        for path in files_below(class_dir):
             hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
             if is_image_file(path) and not hidden:
                 subject = cnmc_subject(path.name) if parse_subjects else None

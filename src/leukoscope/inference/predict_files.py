@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
-from leukoscope.io import is_image_file, load_image
+from leukoscope.io import files_below, is_image_file, load_image
 from leukoscope.progress import console, name_some, progress_bar, say
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if is_image_file(p))
+            found = [p for p in files_below(item) if is_image_file(p)]
             if not found:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             paths += found

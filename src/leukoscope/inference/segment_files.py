@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from leukoscope.data.manifest import DatasetError
-from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, is_image_file, load_image
+from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, files_below, is_image_file, load_image
 from leukoscope.progress import progress_bar
 from leukoscope.segmentation import SEGMENTATION_METHODS, apply_mask, cell_mask, save_mask, segmentation_figure
 
@@ -42,7 +42,7 @@ def _targets(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     pairs: list[tuple[Path, Path]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if is_image_file(p))
+            found = [p for p in files_below(item) if is_image_file(p)]
             if not found:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             pairs += [(p, p.relative_to(item).with_suffix("")) for p in found]
