@@ -238,3 +238,25 @@ def test_random_resolution_blurs_and_keeps_the_shape(cell_tensor: torch.Tensor) 
     assert detail(blurred) < detail(cell_tensor)
     with pytest.raises(ValueError, match="at least 1"):
         RandomResolution(max_factor=0.5)
+
+
+@pytest.mark.parametrize("preset", ["default", "tusar", "abas"])
+def test_zoom_shear_and_rotation_uncover_background_not_black(preset: str) -> None:
+    """RandomAffine and RandomRotation filled what they uncovered with black (in 15-96% of the draws): a frame
+    only training images had, where letterboxing pads with the border colour."""
+    from leukoscope.transforms import augmentation
+
+    image = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    image[:, 24:40, 24:40] = 90  # a cell, never black either
+    aug = augmentation(preset)
+    torch.manual_seed(0)
+    for _ in range(60):
+        out = aug(image)
+        assert out.dtype == torch.uint8 and not (out < 40).all(dim=0).any()
+
+
+def test_on_border_colour_changes_nothing_a_transform_does_not_move() -> None:
+    from leukoscope.transforms import OnBorderColour
+
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(OnBorderColour(lambda x: x)(image), image)

@@ -66,6 +66,21 @@ class RandomStainJitter:
         return (out * 255).round().to(torch.uint8)
 
 
+class OnBorderColour:
+    """``transform`` (an affine map or a rotation, which fill what they uncover with black) with what it
+    uncovers in the image's own border colour, as letterboxing pads: a black frame only training images have
+    is a cue no validation or test image shows. Input and output: uint8 tensor (3, H, W)."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+        colour = border.float().median(dim=1).values[:, None, None]
+        moved = self.transform(image.float() - colour)  # the border colour at 0, which the transform fills
+        return (moved + colour).round().clamp(0, 255).to(torch.uint8)
+
+
 class RandomResolution:
     """With probability ``p``, blur the image to a coarser pixel size and back.
 
@@ -98,14 +113,14 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
     presets: dict[str, Sequence[Callable]] = {
         "none": [],
         "tusar": [
-            v2.RandomAffine(degrees=0, shear=shear_degrees, scale=(0.8, 1.2)),
+            OnBorderColour(v2.RandomAffine(degrees=0, shear=shear_degrees, scale=(0.8, 1.2))),
             v2.RandomHorizontalFlip(),
         ],
         "abas": [
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.RandomRotation(degrees=(0, 90)),
+            OnBorderColour(v2.RandomRotation(degrees=(0, 90))),
         ],
         "jabeena": [RandomRot90()],
         "geometric": [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()],
@@ -132,7 +147,7 @@ def augmentation(preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             RandomRot90(),
-            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(0.9, 1.1))], p=0.5),
+            v2.RandomApply([OnBorderColour(v2.RandomAffine(degrees=0, scale=(0.9, 1.1)))], p=0.5),
             RandomStainJitter(sigma=0.04, bias=0.04),
             v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
         ],
