@@ -60,12 +60,22 @@ def test_fit_learns_and_is_deterministic(prepared) -> None:
     assert first.best_epoch == max(first.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))["epoch"]
 
 
+def unchanging(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its BatchNorm running statistics held: at lr 0 it then cannot change at all (the
+    statistics move in train mode whatever the rate, and its validation loss with them)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    return model
+
+
 def test_early_stopping_and_time_budget(prepared) -> None:
     config, data = prepared
     train = data.parts["train"]
     cfg = config.train.model_copy(update={"epochs": 20, "early_stopping_patience": 1, "lr": 0.0})
-    # lr=0 cannot improve after the first epoch: stops after patience runs out
-    result = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, data.parts["val"].images,
+    # lr=0 and BatchNorm statistics held cannot improve after the first epoch: stops after patience runs out
+    result = fit(unchanging(create_model("mobilenet_v3_small", 4)), train.images, train.targets,
+                 data.parts["val"].images,
                  data.parts["val"].targets, cfg, num_classes=4, preprocessing=PREP, show_progress=False)
     assert len(result.history) == 2 and result.stopped_because.startswith("early stopping")
     cfg = config.train.model_copy(update={"epochs": 20, "max_minutes": 1e-6})
@@ -97,6 +107,21 @@ def test_schedule_follows_steps_or_the_time_budget(prepared) -> None:
     assert len(result.history) == 1 and result.history[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_budget_cut_run_anneals_by_the_end_of_its_last_epoch() -> None:
+    """The run stops before an epoch that would overrun the budget, so its last epoch ends one epoch's length
+    or less before the budget: counted against the whole budget, the schedule ended there part-annealed
+    (1.2 s epochs, 2 s budget: 33% of the rate left)."""
+    from leukoscope.engine.optim import TrainingClock
+
+    clock = TrainingClock(total_steps=10_000, max_minutes=10 / 60)  # 10 s
+    clock.resume_from(7.0, 0)
+    assert clock.fraction() == pytest.approx(0.7, abs=0.01)
+    clock.reserve_s = 3.0  # epochs of 3 s: none starts after 7 s
+    assert clock.fraction() == pytest.approx(1.0)
+    clock.reserve_s = 100.0  # an epoch longer than the budget: the fraction still grows with time
+    assert clock.fraction() == pytest.approx(1.0) and TrainingClock(10_000, None).fraction() == 0.0
+
+
 def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     config, data = prepared
     train, val = data.parts["train"], data.parts["val"]
@@ -119,11 +144,11 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(prepared, tmp_path:
     config, data = prepared
     train, val = data.parts["train"], data.parts["val"]
     cfg = config.train.model_copy(update={"epochs": 20, "early_stopping_patience": 1, "lr": 0.0})
-    stopped = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, cfg,
-                  num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path)
+    stopped = fit(unchanging(create_model("mobilenet_v3_small", 4)), train.images, train.targets, val.images,
+                  val.targets, cfg, num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path)
     assert len(stopped.history) == 2 and stopped.stopped_because.startswith("early stopping")
-    again = fit(create_model("mobilenet_v3_small", 4), train.images, train.targets, val.images, val.targets, cfg,
-                num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path, resume=True)
+    again = fit(unchanging(create_model("mobilenet_v3_small", 4)), train.images, train.targets, val.images,
+                val.targets, cfg, num_classes=4, preprocessing=PREP, show_progress=False, run_dir=tmp_path, resume=True)
     assert [h["epoch"] for h in again.history] == [1, 2] and again.stopped_because == stopped.stopped_because
     assert again.best_epoch == stopped.best_epoch
 

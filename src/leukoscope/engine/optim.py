@@ -40,6 +40,9 @@ class TrainingClock:
         self.budget_s = max_minutes * 60 if max_minutes else None
         self.start = time.monotonic()
         self.step = 0
+        #: The last epoch's length: the run stops before an epoch that would overrun the budget, so the time
+        #: the schedule can count on is the budget less one epoch (else a cut run ended part-annealed).
+        self.reserve_s = 0.0
 
     def resume_from(self, elapsed_s: float, step: int) -> None:
         self.start, self.step = time.monotonic() - elapsed_s, step
@@ -55,7 +58,8 @@ class TrainingClock:
     def fraction(self) -> float:
         done = self.step / self.total_steps
         if self.budget_s:
-            done = max(done, self.elapsed_s / self.budget_s)
+            usable = max(self.budget_s - self.reserve_s, 0.1 * self.budget_s)
+            done = max(done, self.elapsed_s / usable)
         return min(done, 1.0)
 
 
