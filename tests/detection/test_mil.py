@@ -108,6 +108,30 @@ def test_mil_command_runs_a_validated_config(tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
 
 
+
+def test_mil_runs_with_the_default_relative_output_root_and_a_class_map(tmp_path: Path, monkeypatch) -> None:
+    """With output_root relative (the default `runs`), cells.csv's rows were relative and read against the
+    CSV's own folder (a doubled path): the cell split no longer matched. A class map dropped the fields'
+    subjects from fields.csv, and the whole-image run's split check failed after the cells had trained."""
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    root = _fields(tmp_path / "fields")
+    manifest = tmp_path / "fields.csv"
+    manifest.write_text("path,label,subject\n" + "".join(
+        f"{p},{p.parent.name},patient-{k % 4}\n" for k, p in enumerate(sorted(root.rglob("*.png")))))
+    config = tmp_path / "mil.yaml"
+    config.write_text("task: mil\nname: tiny\ndata: {path: fields.csv, class_map: {blast: blast, lymphocyte: normal}}"
+                      "\nmodel: {cell_size: 32, field_size: 32}\ntrain: {epochs: 1, batch_size: 8}\n")
+    monkeypatch.chdir(tmp_path)  # output_root: the default, relative "runs"
+    result = CliRunner().invoke(app, ["mil", "--config", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").glob("tiny-*")
+    metrics = json.loads((run_dir / "mil_metrics.json").read_text())
+    assert "whole_image_accuracy" in metrics
+
+
 def test_detector_locator_crops_as_smear_analysis_does(detector_bundle: Path) -> None:
     from leukoscope.tasks.mil import CellLocator
 

@@ -134,7 +134,8 @@ def build_cell_dataset(field_split: Split, out_dir: Path, locator: CellLocator, 
                     crop.save(path)
                     paths.append(path)
                     cells.append(Sample(path, sample.label, field_id))
-                    rows.append([str(path), sample.label, field_id])
+                    # absolute: a relative row is read against the CSV's folder (the run's, under output_root)
+                    rows.append([str(path.resolve()), sample.label, field_id])
                 crops[str(sample.path.resolve())] = paths
                 update()
             assignments[part] = cells
@@ -238,8 +239,8 @@ def run_mil_experiment(
         field_csv = out_dir / "fields.csv"
         with open(field_csv, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "label"])
-            writer.writerows([[str(s.path.resolve()), s.label] for s in fields])
+            writer.writerow(["path", "label", "subject"])  # subjects too: the field split holds them
+            writer.writerows([[str(s.path.resolve()), s.label, s.subject or ""] for s in fields])
         field_data = str(field_csv)
     else:
         field_data = str(data)
