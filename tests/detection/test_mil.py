@@ -147,3 +147,19 @@ def test_detector_locator_crops_as_smear_analysis_does(detector_bundle: Path) ->
         assert crop.size == expected.size and np.array_equal(np.asarray(crop), np.asarray(expected))
         x0, y0, x1, y1 = cell.box
         assert crop.size[0] >= x1 - x0 or crop.size[0] == image.size[0]
+
+
+def test_an_unreadable_test_field_is_left_out_not_the_runs_end(tmp_path: Path) -> None:
+    """Fields that cannot be read were skipped when cells were located, then read again to score the test part
+    (ImageDecodeError after the cell classifier had trained)."""
+    root = _fields(tmp_path / "fields", per_class=6)
+    for k in range(4):
+        (root / "blast" / f"broken_{k}.png").write_bytes(b"not an image %d" % k)  # four distinct files
+    run_mil_experiment(root, tmp_path / "mil", model="abas_cnn", cell_size=32, field_size=32, epochs=1,
+                       batch_size=8, near_duplicates=False, show_progress=False, compare_whole_image=False,
+                       ratios=(0.5, 0.1, 0.4))
+    test = Split.load(tmp_path / "mil" / "field_split.json").manifest("test")
+    broken = sum(1 for s in test if s.path.name.startswith("broken"))
+    assert broken >= 1  # the split put one in the test part
+    metrics = json.loads((tmp_path / "mil" / "fields_from_cells" / "metrics.json").read_text())
+    assert metrics["test_fields_left_out"] == broken and metrics["test_fields"] == len(test) - broken

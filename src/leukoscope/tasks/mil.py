@@ -259,15 +259,25 @@ def run_mil_experiment(
     cell_run = run_experiment(cell_config, show_progress=show_progress)
 
     classifier = CellClassifier.from_bundle(cell_run.bundle_dir)
-    test_fields = field_split.manifest("test")
+    all_test = field_split.manifest("test")
+    # the test fields that were read (an unreadable one was skipped when cells were located) and whose class the
+    # cell classifier knows (a class with no located cell in any training field is not among its classes)
+    read = set(cells.crops) | {str(Path(p).resolve()) for p in cells.fields_without_cells}
+    test_fields = [s for s in all_test if str(s.path.resolve()) in read and s.label in classifier.classes]
+    if not test_fields:
+        raise DatasetError("no test field could be scored from its cells (none read, or none of a class the cell "
+                           "classifier learned)")
+    left_out = len(all_test) - len(test_fields)
     field_logits = field_log_probabilities(classifier, [s.path for s in test_fields], cells.crops)
     y_true = np.array([classifier.classes.index(s.label) for s in test_fields])
     without = sum(1 for s in test_fields if not cells.crops.get(str(s.path.resolve())))
+    notes = [f"{without} of {len(test_fields)} test fields had no located cell and were classified whole."]
+    if left_out:
+        notes.append(f"{left_out} test field(s) left out: unreadable, or of a class no training field gave a cell of.")
     field_metrics = evaluate_logits(
         y_true, field_logits, classifier.classes, out_dir / "fields_from_cells",
-        title="Fields classified from their cells (mean cell log-probability)",
-        notes=[f"{without} of {len(test_fields)} test fields had no located cell and were classified whole."],
-        extra={"test_fields": len(test_fields), "fields_without_cells": without})
+        title="Fields classified from their cells (mean cell log-probability)", notes=notes,
+        extra={"test_fields": len(test_fields), "fields_without_cells": without, "test_fields_left_out": left_out})
 
     metrics: dict[str, Any] = {
         "data": str(Path(data).resolve()),
