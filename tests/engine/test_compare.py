@@ -112,3 +112,26 @@ def test_compare_section_in_yaml(tmp_path: Path):
     path.write_text("compare:\n  models:\n    - {model: resnet18, extra: 1}\n")
     with pytest.raises(ConfigError, match="extra"):
         load_config(path)
+
+
+def test_ties_on_validation_go_to_the_lower_validation_loss_whatever_the_order() -> None:
+    """Small validation sets tie on accuracy and macro-F1; the grid's (or the table's) order chose, once a
+    run that had diverged (validation loss 464 against 1.5)."""
+    from dataclasses import replace
+
+    from leukoscope.tasks.compare import CompareRow, _choose
+    from leukoscope.tasks.search import _selection_score
+
+    searched = [{"val_accuracy": 0.333, "val_macro_f1": 0.125, "val_loss": 464.5},
+                {"val_accuracy": 0.333, "val_macro_f1": 0.125, "val_loss": 1.49}]
+    for rows in (searched, searched[::-1]):
+        best = max(rows, key=lambda row: _selection_score(row, "val_accuracy"))
+        assert best["val_loss"] == 1.49
+    row = CompareRow(label="a", model="abas_cnn", kind="classifier", accuracy=0.5, precision=None, recall=None,
+                     specificity=None, f1=None, roc_auc=None, train_minutes=None, images_per_second=None,
+                     parameters=None, epochs=1, val_accuracy=0.333, val_macro_f1=0.125, evaluated_on="test",
+                     segmentation=None, run_dir="r", bundle="b", val_loss=464.5)
+    calm = replace(row, label="calm", val_loss=1.49)
+    for rows in ([row, calm], [calm, row]):
+        index, why = _choose(rows)
+        assert rows[index].label == "calm" and "then loss" in why

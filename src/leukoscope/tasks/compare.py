@@ -102,6 +102,7 @@ class CompareRow:
     run_dir: str
     bundle: str
     chosen: bool = False
+    val_loss: float | None = None
 
 
 @dataclass
@@ -198,6 +199,7 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
         epochs=len(history) if kind != "classic" else None,
         val_accuracy=best.get("val_accuracy"),
         val_macro_f1=best.get("val_macro_f1"),
+        val_loss=best.get("val_loss"),
         evaluated_on=metrics.get("evaluated_on", "test"),
         segmentation=entry_cfg.data.segmentation,
         run_dir=str(result.run_dir),
@@ -207,8 +209,10 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
 
 def _choose(rows: list[CompareRow]) -> tuple[int, str]:
     if all(row.val_accuracy is not None for row in rows):
-        key = lambda i: (rows[i].val_accuracy, rows[i].val_macro_f1 or 0.0)  # noqa: E731
-        return max(range(len(rows)), key=key), "validation accuracy (then validation macro F1)"
+        def key(i: int) -> tuple[float, float, float]:  # ties: the lower validation loss, as training's epochs
+            loss = rows[i].val_loss
+            return rows[i].val_accuracy, rows[i].val_macro_f1 or 0.0, -loss if loss is not None else -float("inf")
+        return max(range(len(rows)), key=key), "validation accuracy (then validation macro F1, then loss)"
     key = lambda i: (rows[i].accuracy, rows[i].f1 or 0.0)  # noqa: E731
     return max(range(len(rows)), key=key), "test accuracy: there is no validation split, so this choice is optimistic"
 

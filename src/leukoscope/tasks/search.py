@@ -101,14 +101,17 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     return SearchResult(search_dir, rows, results[best_index])
 
 
-def _selection_score(row: dict[str, Any], monitor: str) -> tuple[float, float]:
-    """Higher is better: the monitored validation value (loss negated), then macro-F1."""
+def _selection_score(row: dict[str, Any], monitor: str) -> tuple[float, float, float]:
+    """Higher is better: the monitored validation value (loss negated), then macro-F1, then the lower
+    validation loss, as training chooses its epoch (a small validation set ties often: the grid's order
+    chose, and once a diverged run)."""
     value = row[monitor]
     if value is None:
         value = -float("inf")
     elif monitor == "val_loss":
         value = -value
-    return value, row["val_macro_f1"] or 0.0
+    loss = row.get("val_loss")
+    return value, row["val_macro_f1"] or 0.0, -loss if loss is not None else -float("inf")
 
 
 def _write_tables(search_dir: Path, rows: list[dict[str, Any]]) -> None:
