@@ -135,3 +135,13 @@ def test_ties_on_validation_go_to_the_lower_validation_loss_whatever_the_order()
     for rows in ([row, calm], [calm, row]):
         index, why = _choose(rows)
         assert rows[index].label == "calm" and "then loss" in why
+
+
+def test_a_row_a_classical_model_cannot_take_is_refused_before_any_row_trains(synthetic_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """Each row's settings were checked at its turn: the CNN rows before it trained, then the run stopped."""
+    config = load_config(overrides=[f"data.path={synthetic_root}", f"output_root={tmp_path}", "name=cmp",
+                                    "data.colour=gray", *FAST])
+    with pytest.raises(ConfigError, match="compare row 'svm_rbf'.*leave them at rgb"):
+        run_compare(config, models=["abas_cnn", "svm_rbf"], show_progress=False)
+    assert not list(tmp_path.glob("cmp-compare-*"))  # nothing trained, no folder

@@ -55,6 +55,7 @@ from leukoscope.engine.config import (
     save_config,
 )
 from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.models import model_entry
 from leukoscope.progress import console
@@ -228,6 +229,11 @@ def run_compare(
     entries = compare_plan(config, models)
     configs = [entry_config(config, entry) for entry in entries]
     labels = [entry.label or entry.model for entry in entries]
+    for label, cfg in zip(labels, configs):  # every row's settings before the first row trains, not at its turn
+        try:
+            check_learner_config(cfg, preprocessing_of(cfg))
+        except ConfigError as exc:
+            raise ConfigError(f"compare row {label!r}: {exc}") from None
     if compare_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         compare_dir = Path(config.output_root) / f"{run_name(config)}-compare-{stamp}"

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.progress import console
 
@@ -56,6 +57,9 @@ def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConf
 def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> SearchResult:
     config.require_search()
     combos = grid(config)
+    for settings in combos:  # every run's settings before the first trains (lr, optimizer, batch size)
+        run_config = _apply(config, settings)
+        check_learner_config(run_config, preprocessing_of(run_config))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     search_dir = Path(config.output_root) / f"{run_name(config)}-search-{stamp}"
     search_dir.mkdir(parents=True, exist_ok=True)
