@@ -133,12 +133,16 @@ def _largest_cell(image, um_per_px: float | None = None, max_cell_um: float | No
 
 
 def _field_scale(image, fallback: float | None) -> float | None:
-    """The field's own red-cell estimate, as smear analysis would make it; the source's when
-    the field has too few isolated red cells."""
-    from leukoscope.scale import estimate_scale
+    """The field's own red-cell estimate, as smear analysis would make it; the source's when the field has
+    too few isolated red cells, or when its estimate rests on a few and lies far from the source's (smear
+    analysis overrules such a misreading: :func:`leukoscope.scale.disagrees_with_run`; 4 BCCD control cells
+    were cut 4-7 times too coarse without it)."""
+    from leukoscope.scale import disagrees_with_run, estimate_scale
 
     scale = estimate_scale(image)
-    return scale.um_per_px if scale.known else fallback
+    if not scale.known or disagrees_with_run(scale, fallback):
+        return fallback
+    return scale.um_per_px
 
 
 def _image_centre(image, um_per_px: float | None = None) -> tuple[float, float, float, float]:
@@ -857,8 +861,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scales = source_scales(args.data)
     crops = args.out / "crops"
-    listing = crops / "controls.json"  # crops are reused by a rerun with the same window and Benign parts
-    design = {"window_um": args.window_um, "benign_train_share": args.benign_train_share}
+    listing = crops / "controls.json"  # reused by a rerun with the same window, Benign parts, cnmc size, data
+    design = {"window_um": args.window_um, "benign_train_share": args.benign_train_share,
+              "cnmc_cell_um": args.cnmc_cell_um, "data": str(args.data.resolve())}
     if listing.exists() and all(json.loads(listing.read_text()).get(k) == v for k, v in design.items()):
         controls = load_controls(listing)
     else:

@@ -237,8 +237,31 @@ def test_recolouring_changes_only_the_training_part_of_the_split_training_would_
     refused = run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--recolour", "other",
                          "--classifier-set", "data.split_file=x.json", expect=2)
     assert "drop data.split_file" in refused.stderr
+    # the control crops are reused only by a rerun that would cut the same ones (--cnmc-cell-um was ignored)
+    listing = out / "crops" / "controls.json"
+    assert json.loads(listing.read_text())["cnmc_cell_um"] == 12.0
+    run_script("zoo.py", "--data", zoo_datasets, "--out", out, "--crops-only", "--blasts-per-subtype", "4",
+               "--benign-cells-per-field", "2", "--cnmc-cell-um", "15")
+    assert json.loads(listing.read_text())["cnmc_cell_um"] == 15.0
     line = zoo._recolour_line({"recolour": {"recipe": "taleqani", "share": 0.5}})  # the model card says so
     assert "50% of the training crops of pbc rebuilt in taleqani's colours" in line
     assert zoo._recolour_line({"recolour": None}) == ""
     drawn = zoo._recolour_line({"recolour": {"recipe": "randstain", "share": 0.5}})
     assert "of pbc and taleqani rebuilt in colours drawn around both labs' (RandStainNA) (Reinhard" in drawn
+
+
+def test_a_crops_field_scale_is_overruled_as_smear_analysis_overrules_it(monkeypatch) -> None:
+    """A weak estimate far from the source's (4 BCCD control cells were cut 4-7 times too coarse) gives way to
+    the source's scale, as analyze's does; a strong one stands (another microscope's field)."""
+    from leukoscope import scale
+
+    zoo = bench_module("zoo")
+    estimate = {"value": scale.FieldScale(0.5, "estimated", 3)}
+    monkeypatch.setattr(scale, "estimate_scale", lambda image: estimate["value"])
+    assert zoo._field_scale(None, 0.1) == 0.1  # 5 times off, on 3 red cells: a misreading
+    estimate["value"] = scale.FieldScale(0.5, "estimated", 40)
+    assert zoo._field_scale(None, 0.1) == 0.5
+    estimate["value"] = scale.FieldScale(0.11, "estimated", 3)
+    assert zoo._field_scale(None, 0.1) == 0.11  # near the source's: its own
+    estimate["value"] = scale.FieldScale(None, "unknown")
+    assert zoo._field_scale(None, 0.1) == 0.1
