@@ -145,7 +145,9 @@ def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:
     if image.mode not in ("RGB", "RGBA"):
         return None
     if image.format == "TIFF":
-        deep = all(bits == 16 for bits in (image.tag_v2.get(258) or (8,)))
+        bits_per_sample = image.tag_v2.get(258) or (8,)
+        deep = all(bits == 16 for bits in (bits_per_sample if isinstance(bits_per_sample, tuple)
+                                           else (bits_per_sample,)))
     elif image.format == "PNG":
         fp.seek(24)
         deep = fp.read(1) == b"\x10"  # the IHDR bit depth

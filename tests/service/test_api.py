@@ -420,7 +420,7 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
                                                                                          for c in cells)
     for bad in (["a/b"], [".hidden"], ["WBC", "wbc"]):
         with pytest.raises(ServiceError) as refused:
-            cases.export_folders(set(bad))
+            cases.check_export_folders(set(bad))
         assert refused.value.status == 400 and "layout=csv" in refused.value.message
 
     client, hema = service.client(), service.auth("hema")

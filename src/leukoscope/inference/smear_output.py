@@ -41,16 +41,15 @@ SUMMARY_STEM = "summary"
 
 
 def unique_stem(path: Path, used: set[str]) -> str:
-    """A file-name-safe stem for ``path``'s outputs, not yet in ``used`` (which it joins), whatever the case:
-    on a case-insensitive file system (macOS, Windows) ``Field.jpg`` and ``field.png`` would share files, and
-    ``Summary.jpg`` would write over ``summary.json``."""
+    """A file-name-safe stem for ``path``'s outputs whose case-folded form is not yet in ``used`` (which it
+    joins, case-folded): on a case-insensitive file system (macOS, Windows) ``Field.jpg`` and ``field.png``
+    would share files, and ``Summary.jpg`` would write over ``summary.json``."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
-    taken = {name.casefold() for name in used}
     stem, k = base, 1
-    while stem.casefold() in taken:
+    while stem.casefold() in used:
         k += 1
         stem = f"{base}-{k}"
-    used.add(stem)
+    used.add(stem.casefold())
     return stem
 
 

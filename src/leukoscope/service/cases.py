@@ -574,8 +574,8 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     return handle.name, len(rows)
 
 
-def export_folders(labels: set[str]) -> dict[str, str]:
-    """Each class's folder in a ``folders`` export: the class name itself, which ``leukoscope train --data``
+def check_export_folders(labels: set[str]) -> None:
+    """A ``folders`` export names each class's folder by the class itself, which ``leukoscope train --data``
     reads back as the class (renaming it would merge classes or lose a blast class: "Early Pre-B"). A name
     that cannot be a folder, or two that one case-insensitive file system would merge, is refused (400): the
     ``csv`` layout keeps any name."""
@@ -588,18 +588,18 @@ def export_folders(labels: set[str]) -> dict[str, str]:
         if other != label:
             raise ServiceError(400, "labels_collide", f"the classes {other!r} and {label!r} would share one folder "
                                                       f"on a case-insensitive file system; export with layout=csv")
-    return {label: label for label in labels}
 
 
 def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
                   layout: str) -> list[dict[str, Any]]:
     rows = []
-    folders = export_folders({cell.reviewed_label or "" for cell in cells}) if layout == "folders" else {}
+    if layout == "folders":
+        check_export_folders({cell.reviewed_label or "" for cell in cells})
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
         for cell in cells:
             label = cell.reviewed_label or ""
             file_name = f"case-{cell.case_id}-cell-{cell.id}.png"
-            member = f"{folders[label]}/{file_name}" if layout == "folders" else f"images/{file_name}"
+            member = f"{label}/{file_name}" if layout == "folders" else f"images/{file_name}"
             archive.writestr(member, read_object(cell.crop_object or cell.image.served_object))
             rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,
                          "cell": cell.id, "predicted": cell.predicted_label, "top_class": cell.top_class,

@@ -128,8 +128,8 @@ def run_detection_experiment(
                          f"in training or model selection.")
         target = list(splits.parts[eval_name])
         base = resolve_bundle(config.model.init) if config.model.init else None
-        learned_by_base = digest_overlap(read_training_digests(base) or {}, [i.image_path for i in target]) \
-            if base is not None else {}
+        base_record = read_training_digests(base) if base is not None else None
+        learned_by_base = digest_overlap(base_record, [i.image_path for i in target]) if base_record else {}
         if learned_by_base:  # e.g. CBC's smears are BCCD's: a test part the base learned from flatters the score
             message = (f"the {eval_name} split holds images that {config.model.init}, which this detector was "
                        f"fine-tuned from, learned from ({describe_overlap(learned_by_base)}): its {eval_name} score "
