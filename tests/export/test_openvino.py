@@ -24,10 +24,12 @@ pytest.importorskip("onnxruntime")
 
 #: The int8 graph of the one-epoch 32 px abas_cnn, calibrated on other generated cells (32) and checked
 #: on the test cells (96): measured largest probability difference 1.3e-3 (logits move by up to half
-#: their spread, but its probabilities are saturated), top class agreement 100%. These tiny models
-#: classify at chance, so the accuracy change is measured on the shipped classifier instead
-#: (docs/benchmarks.md); here: close to torch, and not the float graph (which differs by ~1e-7).
-INT8_PROBABILITY_TOLERANCE = 0.05
+#: their spread, but its probabilities are saturated), and 0.076 for the model the same command trains
+#: since 2026-12-06 (another split of the cells, augmentation without black borders: probabilities less
+#: saturated); top class agreement 100% both times. These tiny models classify at chance, so the accuracy
+#: change is measured on the shipped classifier instead (docs/benchmarks.md); here: close to torch, the same
+#: top class, and not the float graph (which differs by ~1e-7).
+INT8_PROBABILITY_TOLERANCE = 0.15
 INT8_MIN_AGREEMENT = 0.95
 FLOAT_ROUNDING = 1e-5
 
