@@ -50,8 +50,13 @@ def test_training_stores_the_ood_statistics(run) -> None:
     ood = payload["ood"]
     assert ood["method"] == "mahalanobis" and set(ood["thresholds"]) == {"mahalanobis", "energy"}
     assert ood["threshold_from"] == "val" and ood["fit_images"] == len(_split_paths(run, "train"))
-    assert ood["dimensions"] == 60 and 0.0 <= ood["test_unfamiliar_share"] <= 1.0
-    assert "OOD flag: mahalanobis threshold" in (run.run_dir / "train.log").read_text()
+    assert ood["dimensions"] == 60
+    # the recorded share is the flag's on the test part, as the bundle flags those images (it was range-checked)
+    classifier = CellClassifier.from_bundle(run.bundle_dir)
+    flagged = [p.unfamiliar for p in classifier.predict_paths(_split_paths(run, "test"))]
+    assert ood["test_unfamiliar_share"] == pytest.approx(sum(flagged) / len(flagged), abs=1e-3)
+    said = (run.run_dir / "train.log").read_text()
+    assert f"{100 * ood['test_unfamiliar_share']:.1f}% of test images flagged" in said
 
 
 def test_held_out_cells_score_lower_than_noise(run) -> None:
