@@ -110,6 +110,16 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     assert len(overlays) == 3
     width, height = Image.open(overlays[0]).size
     assert height >= 256 and width > height  # the colour bar beside the picture
+    # an unreadable file first: each overlay keeps its row's number in the predictions file
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    again = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images, "--out", out,
+                   "--explain", tmp_path / "cam2")
+    assert again.exit_code == 0, again.output
+    rows = json.loads(out.read_text())
+    for overlay in sorted((tmp_path / "cam2").glob("*.png")):
+        row = rows[int(overlay.name[:5])]
+        assert overlay.name.startswith(f"{overlay.name[:5]}_{Path(row['source']).stem}_") and not row["error"]
+    assert sorted(p.name[:5] for p in (tmp_path / "cam2").glob("*.png")) == ["00001", "00002", "00003"]
 
 
 def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,

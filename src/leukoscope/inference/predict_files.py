@@ -101,7 +101,9 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     flat: list[str] = []
-    readable = [p for p in predictions if p.error is None]
+    # each overlay numbered by its row in the predictions file (error rows included), so a heatmap is found by it
+    rows = [(row, p) for row, p in enumerate(predictions) if p.error is None]
+    readable = [p for _, p in rows]
     with progress_bar(len(readable), "Grad-CAM") as update:
         for start in range(0, len(readable), batch_size):
             batch = readable[start:start + batch_size]
@@ -112,7 +114,8 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
                                 views=classifier.info.preprocessing.views)  # as the answer: every view's map
             for offset, (prediction, image, heatmap) in enumerate(zip(batch, images, heatmaps)):
                 shown = letterbox(image, max(classifier.image_size, 256))
-                path = out_dir / f"{start + offset:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
+                row = rows[start + offset][0]
+                path = out_dir / f"{row:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
                 # compress_level 1: still lossless; zlib's default level took a third of the time
                 heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class).save(
                     path, compress_level=1)
