@@ -91,7 +91,7 @@ def test_mil_command_runs_a_validated_config(tmp_path: Path) -> None:
 
     from leukoscope.cli import app
 
-    root = _fields(tmp_path / "fields")
+    _fields(tmp_path / "fields")  # read by the config as ./fields
     config = tmp_path / "mil.yaml"
     config.write_text("task: mil\nname: tiny\ndata: {path: ./fields}\nmodel: {cell_size: 32, field_size: 32}\n"
                       "train: {epochs: 1, batch_size: 8}\ncompare: {whole_image: false}\n")

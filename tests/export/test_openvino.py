@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS_FILE, BundleError, copy_bundle, \
