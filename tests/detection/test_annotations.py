@@ -155,8 +155,9 @@ def test_boxes_are_checked_against_the_image_as_decoded(tmp_path: Path) -> None:
     with pytest.raises(AnnotationError, match=r"<size> says 100x80, but \w+.jpg decodes to"):
         read_voc_dataset(tmp_path, classes=CLASSES)
     kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
-    assert sorted(i.image_path.stem for i in kept) == ["unsized", "unsized_ok", "upright"]
-    assert {i.image_path.stem: len(i.boxes) for i in kept} == {"unsized": 0, "unsized_ok": 1, "upright": 1}
+    # "unsized": its one box lies past the image it decodes to; its cell would be trained as background
+    assert sorted(i.image_path.stem for i in kept) == ["unsized_ok", "upright"]
+    assert {i.image_path.stem: len(i.boxes) for i in kept} == {"unsized_ok": 1, "upright": 1}
     unsized_ok = next(i for i in kept if i.image_path.stem == "unsized_ok")
     assert (unsized_ok.width, unsized_ok.height) == (100, 80)
     messages = " ".join(issue.message for issue in kept.issues)
@@ -173,6 +174,21 @@ def test_without_a_class_list_two_spellings_of_one_class_are_refused(tmp_path: P
     with pytest.raises(DatasetError, match="differ only in case \\(WBC / wbc\\)"):
         read_voc_dataset(tmp_path)
     assert read_voc_dataset(tmp_path, classes=["RBC", "WBC"]).classes == ["RBC", "WBC"]  # listed: wbc is WBC
+
+
+def test_an_image_with_an_unusable_object_is_left_out_a_point_box_is_not(tmp_path: Path) -> None:
+    """Dropping one object kept its image: the cell it marked was trained as background and scored as a false
+    alarm. A box of no area (CBC has two) marks no cell: its image stays."""
+    for stem, objects in (("typo", _obj("WBC", (1, 1, 30, 30)) + _obj("Blob", (40, 40, 60, 60))),
+                          ("point", _obj("WBC", (1, 1, 30, 30)) + _obj("RBC", (50, 50, 50, 50))),
+                          ("clean", _obj("WBC", (1, 1, 30, 30)))):
+        _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(objects).replace("a.jpg", f"{stem}.jpg"))
+    kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
+    assert sorted(i.image_path.stem for i in kept) == ["clean", "point"]
+    assert any("unknown class 'Blob'" in i.message for i in kept.issues)
+    assert any("typo.xml" in i.source and "1 object(s) above could not be used" in i.message for i in kept.issues)
 
 
 def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Path) -> None:

@@ -137,6 +137,9 @@ class AnnotatedImage:
     points: list[PointAnnotation] = field(default_factory=list)
     annotation_path: Path | None = None
     labels: list[str] = field(default_factory=list)
+    dropped: int = 0
+    """Objects of the file left out as unusable (an unknown class, a box outside the image...; not a box of no
+    area, which marks no cell): their cells are in the picture but not among ``boxes``."""
 
     def __post_init__(self) -> None:
         self.image_path = Path(self.image_path)
@@ -349,9 +352,13 @@ def parse_voc_xml(
     if width is None and image_size is not None:
         width, height = image_size
 
-    def problem(message: str, line: int | None) -> None:
+    dropped = 0
+
+    def problem(message: str, line: int | None, a_cell: bool = True) -> None:
+        nonlocal dropped
         if on_error == "fail":
             raise AnnotationError(path, message, line)
+        dropped += a_cell
         issue = AnnotationIssue(str(path), line, message)
         log.debug("%s (object skipped)", issue)
         if issues is not None:
@@ -379,7 +386,7 @@ def parse_voc_xml(
             continue
         if x1 <= x0 or y1 <= y0:
             problem(f"{label} box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has no area (xmax <= xmin or ymax <= ymin)",
-                    bndbox.line)
+                    bndbox.line, a_cell=False)
             continue
         if width is not None and height is not None:
             tol = BOX_TOLERANCE
@@ -392,7 +399,7 @@ def parse_voc_xml(
                 problem(f"{label} box is less than 1 pixel wide inside the image", bndbox.line)
                 continue
         boxes.append(BoxAnnotation(label, x0, y0, x1, y1, _flag(obj.find("difficult")), _flag(obj.find("truncated"))))
-    return AnnotatedImage(image_path, width, height, boxes, annotation_path=path)
+    return AnnotatedImage(image_path, width, height, boxes, annotation_path=path, dropped=dropped)
 
 
 def _locate_image(xml_path: Path, filename: str, image_dir: str | Path | None) -> Path:
@@ -581,6 +588,9 @@ def read_voc_dataset(
                                                f"{_turned(image.image_path)}: its boxes may not lie on its cells; "
                                                f"fix <size> or the image")
                 issues.extend(found)
+                if image.dropped:  # training would teach those cells as background, scoring count them as misses
+                    raise AnnotationError(xml, f"{image.dropped} object(s) above could not be used; the image is "
+                                               f"left out, or its cells would count as background")
             except AnnotationError as exc:
                 if on_error == "fail":
                     raise
