@@ -145,3 +145,18 @@ def test_a_row_a_classical_model_cannot_take_is_refused_before_any_row_trains(sy
     with pytest.raises(ConfigError, match="compare row 'svm_rbf'.*leave them at rgb"):
         run_compare(config, models=["abas_cnn", "svm_rbf"], show_progress=False)
     assert not list(tmp_path.glob("cmp-compare-*"))  # nothing trained, no folder
+
+
+def test_a_row_fine_tuning_a_bundle_takes_the_bundles_input_settings(tmp_path: Path) -> None:
+    """The row's config was a full dump of the base config: every field counted as set, so model.init's bundle
+    lent nothing (128 px, no cell window, one view for a bundle of 96 px, 24 um, 8 views)."""
+    from leukoscope.engine.config import resolve_init
+
+    config = load_config(overrides=[f"data.path={tmp_path}", "train.epochs=3"])
+    row = resolve_init(entry_config(config, CompareEntry(model="mobilenet_v2",
+                                                         overrides={"model.init": "pretrained:wbc-classifier"})))
+    assert (row.model.image_size, row.data.cell_window_um, row.predict.views) == (96, 24.0, 8)
+    assert row.train.epochs == 3 and row.data.path == str(tmp_path)  # what the config set is kept
+    plain = entry_config(load_config(overrides=[f"data.path={tmp_path}", "model.image_size=64"]),
+                         CompareEntry(model="abas_cnn"))
+    assert plain.model.image_size == 64 and plain.model.name == "abas_cnn"

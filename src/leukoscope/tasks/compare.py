@@ -160,8 +160,10 @@ def compare_plan(config: ExperimentConfig, models: Sequence[str] | None = None) 
 
 
 def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentConfig:
-    """``config`` with the row's model and overrides applied (validated like a config file)."""
-    tree = config.to_dict()
+    """``config`` with the row's model and overrides applied (validated like a config file). Only what the
+    config set is carried over: a row with ``model.init`` then takes the bundle's input settings (size, cell
+    window, views), as ``train --init`` does, where a full dump had set every field to its default."""
+    tree = config.model_dump(mode="json", exclude_unset=True)
     tree["compare"] = None
     tree["search"] = None
     update: dict[str, Any] = {}
