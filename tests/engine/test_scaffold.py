@@ -80,3 +80,13 @@ def test_the_training_overlap_of_a_split_without_validation(tmp_path: Path) -> N
     split_file.unlink()
     overlap, note = training_overlap(info, Manifest(test, ["a"]))
     assert overlap == {} and "is gone" in note
+
+
+def test_jobs_started_in_the_same_second_get_folders_of_their_own(tmp_path) -> None:
+    """search and compare checked a stamped name, then created it with exist_ok: two jobs of one second shared
+    a folder and mixed their run-01... and results files."""
+    from leukoscope.engine.run_dir import fresh_dir
+
+    folders = [fresh_dir(tmp_path, "cmp-compare") for _ in range(3)]
+    assert len(set(folders)) == 3 and all(folder.is_dir() for folder in folders)
+    assert all(folder.name.startswith("cmp-compare-") for folder in folders)

@@ -53,6 +53,18 @@ def new_run_dir(output_root: str | Path, name: str) -> Path:
     return run_dir
 
 
+def fresh_dir(output_root: str | Path, name: str) -> Path:
+    """A new ``<output_root>/<name>-<time>[-n]`` folder, created here: two jobs started in the same second
+    get one each (checking, then creating, let both write into one)."""
+    while True:
+        folder = new_run_dir(output_root, name)
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+
+
 def absolute_paths(config: ConfigT, keys: list[str]) -> ConfigT:
     """``config`` with the file paths at the dotted ``keys`` made absolute (those that name an
     existing file or folder: a torchvision weight name such as ``DEFAULT`` stays as it is; and

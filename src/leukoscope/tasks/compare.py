@@ -55,6 +55,7 @@ from leukoscope.engine.config import (
     save_config,
 )
 from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.run_dir import fresh_dir
 from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.models import model_entry
@@ -237,8 +238,7 @@ def run_compare(
         except ConfigError as exc:
             raise ConfigError(f"compare row {label!r}: {exc}") from None
     if compare_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        compare_dir = Path(config.output_root) / f"{run_name(config)}-compare-{stamp}"
+        compare_dir = fresh_dir(config.output_root, f"{run_name(config)}-compare")
     compare_dir = Path(compare_dir)
     compare_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, compare_dir / "config.yaml")

@@ -12,7 +12,6 @@ import csv
 import itertools
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.run_dir import fresh_dir
 from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.progress import console
@@ -60,9 +60,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     for settings in combos:  # every run's settings before the first trains (lr, optimizer, batch size)
         run_config = _apply(config, settings)
         check_learner_config(run_config, preprocessing_of(run_config))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    search_dir = Path(config.output_root) / f"{run_name(config)}-search-{stamp}"
-    search_dir.mkdir(parents=True, exist_ok=True)
+    search_dir = fresh_dir(config.output_root, f"{run_name(config)}-search")
     console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
     prepared: dict[int, PreparedData] = {}  # decode once per image size
     rows: list[dict[str, Any]] = []
