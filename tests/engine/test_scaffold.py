@@ -85,8 +85,17 @@ def test_the_training_overlap_of_a_split_without_validation(tmp_path: Path) -> N
 def test_jobs_started_in_the_same_second_get_folders_of_their_own(tmp_path) -> None:
     """search and compare checked a stamped name, then created it with exist_ok: two jobs of one second shared
     a folder and mixed their run-01... and results files."""
-    from leukoscope.engine.run_dir import fresh_dir
+    from leukoscope.engine import run_dir
 
-    folders = [fresh_dir(tmp_path, "cmp-compare") for _ in range(3)]
+    folders = [run_dir.fresh_dir(tmp_path, "cmp-compare") for _ in range(3)]
     assert len(set(folders)) == 3 and all(folder.is_dir() for folder in folders)
     assert all(folder.name.startswith("cmp-compare-") for folder in folders)
+    # two processes that both found the same name free: the second to create it takes the next one
+    names = iter([tmp_path / "job-1", tmp_path / "job-1", tmp_path / "job-2"])
+    original = run_dir.new_run_dir
+    run_dir.new_run_dir = lambda root, name: next(names)
+    try:
+        assert [run_dir.fresh_dir(tmp_path, "job"), run_dir.fresh_dir(tmp_path, "job")] == [tmp_path / "job-1",
+                                                                                             tmp_path / "job-2"]
+    finally:
+        run_dir.new_run_dir = original
