@@ -80,6 +80,16 @@ def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
     assert not result.tiles and "smaller than one tile" in result.sampling_warnings[0]
 
 
+def test_a_pixel_size_no_microscope_gives_is_said_and_not_used(tmp_path: Path, caplog) -> None:
+    import logging
+
+    path = write_pyramid(tmp_path / "odd.tif", slide_pixels(0)[:256, :512], mpp=40.0)  # 40 um per pixel
+    with caplog.at_level(logging.WARNING, logger="leukoscope.inference.slide.reader"):
+        with open_slide(path) as slide:
+            assert slide.um_per_px is None
+    assert "pixel size of 40 x 40 um, which no microscope gives" in caplog.text
+
+
 def test_a_grayscale_slide_reads_as_rgb(tmp_path: Path) -> None:
     import tifffile
 

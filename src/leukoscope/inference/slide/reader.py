@@ -9,6 +9,7 @@ read is the monolayer's and the sampler's business.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ SLIDE_EXTRA_HINT = "pip install 'leukoscope[slide]' (tiffslide, tifffile)"
 OPENSLIDE_HINT = "pip install openslide-python openslide-bin"
 
 
+log = logging.getLogger(__name__)
+
+
 class SlideError(ValueError):
     """A file could not be used as a whole-slide image; the message says why and which file."""
 
@@ -39,8 +43,11 @@ def _recorded_mpp(properties: dict[str, Any], prefix: str) -> float | None:
         except (TypeError, ValueError):
             return None
         values.append(value)
-    # A pixel size outside what a microscope gives (or unequal axes) is not trusted.
+    # A pixel size outside what a microscope gives (or unequal axes) is not trusted: said, then each tile's
+    # scale is estimated from its red cells.
     if not all(math.isfinite(v) and 0.005 <= v <= 5.0 for v in values) or abs(values[0] - values[1]) > 0.05 * values[0]:
+        log.warning("the slide records a pixel size of %g x %g um, which no microscope gives (or unequal axes): "
+                    "not used; each tile's scale is estimated from its red cells (or give --um-per-px)", *values)
         return None
     return float(sum(values) / 2)
 
