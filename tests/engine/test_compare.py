@@ -160,3 +160,32 @@ def test_a_row_fine_tuning_a_bundle_takes_the_bundles_input_settings(tmp_path: P
     plain = entry_config(load_config(overrides=[f"data.path={tmp_path}", "model.image_size=64"]),
                          CompareEntry(model="abas_cnn"))
     assert plain.model.image_size == 64 and plain.model.name == "abas_cnn"
+
+
+def test_a_rows_thread_count_does_not_carry_into_the_next_row(synthetic_root: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit sets torch's (process-wide) thread count from train.threads: a later row without the setting ran, and
+    was timed, with the earlier row's."""
+    import torch
+
+    from leukoscope.tasks import compare
+
+    seen: list[int] = []
+    real = compare.run_experiment
+
+    def spy(cfg, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(compare, "run_experiment", spy)
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    before = 2
+    config = load_config(overrides=[f"data.path={synthetic_root}", f"output_root={tmp_path}", "name=thr", *FAST])
+    config.compare = CompareConfig(models=[CompareEntry(model="abas_cnn", overrides={"train.threads": 1}),
+                                           "naive_bayes"])
+    try:
+        compare.run_compare(config, show_progress=False)
+        assert seen == [before, before] and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(original)

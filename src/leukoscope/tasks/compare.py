@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from pydantic import ValidationError
 from rich.table import Table
 
@@ -258,8 +259,12 @@ def run_compare(
         cfg.name = f"{run_name(config)}-{label}"
         console.print(f"[bold]model {index}/{len(entries)}[/bold]: {label}")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        result = run_experiment(cfg, run_dir=compare_dir / f"{index:02d}-{safe}", prepared=data,
-                                show_progress=show_progress)
+        threads = torch.get_num_threads()  # a row's train.threads is its own: the next row starts as the first
+        try:
+            result = run_experiment(cfg, run_dir=compare_dir / f"{index:02d}-{safe}", prepared=data,
+                                    show_progress=show_progress)
+        finally:
+            torch.set_num_threads(threads)
         runs.append(result)
         rows.append(_row(label, cfg, result))
     if len(split_files) != 1:  # cannot happen with the allowed overrides; guards future changes
