@@ -150,3 +150,22 @@ def test_invalid_inputs_are_rejected_with_a_reason(
 def test_string_labels_are_rejected() -> None:
     with pytest.raises(TypeError, match="integer"):
         classification_metrics(np.array(["a", "b"]), np.array([[0.5, 0.5], [0.5, 0.5]]), ["a", "b"])
+
+
+def test_the_macro_f1_epochs_are_chosen_on_is_the_reports() -> None:
+    """Training's history took sklearn's macro (a class only predicted counted at F1 0), the report's leaves
+    classes absent from the truth out: the epoch was chosen on another number than the one reported."""
+    import numpy as np
+
+    from leukoscope.engine.trainer import score_logits
+    from leukoscope.evaluation.metrics import classification_metrics, macro_f1
+
+    y = np.array([0, 0, 1, 1, 1])
+    predicted = np.array([0, 2, 1, 1, 0])  # class 2: predicted once, never true
+    probs = np.eye(3)[predicted] * 0.8 + 0.2 / 3
+    report = classification_metrics(y, probs, ["a", "b", "c"])["macro"]["f1"]
+    assert macro_f1(y, predicted) == pytest.approx(report)
+    import torch
+
+    logits = np.log(probs)
+    assert score_logits(logits, list(y), torch.nn.CrossEntropyLoss())["macro_f1"] == pytest.approx(report)

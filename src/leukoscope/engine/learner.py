@@ -26,6 +26,7 @@ from leukoscope.engine.runtime import count_parameters, resolve_device, seed_eve
 from leukoscope.engine.loop import FitResult
 from leukoscope.engine.trainer import fit
 from leukoscope.evaluation.calibration import negative_log_likelihood
+from leukoscope.evaluation.metrics import macro_f1
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel
 from leukoscope.models.registry import model_options
@@ -188,15 +189,13 @@ def cached_features(images: torch.Tensor, extractor: FeatureExtractor, *, edge_c
 
 
 def _scores(model: ClassicModel, features: np.ndarray, targets: list[int]) -> dict[str, float]:
-    from sklearn.metrics import f1_score
-
     logits = model.logits_features(features)
     y = np.asarray(targets)
     predicted = logits.argmax(1)
     return {
         "loss": negative_log_likelihood(logits, y),
         "accuracy": float((predicted == y).mean()),
-        "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, predicted),
     }
 
 

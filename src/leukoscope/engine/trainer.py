@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,6 +23,7 @@ from leukoscope.engine.loop import EpochLoop, FitResult
 from leukoscope.engine.config import TrainConfig
 from leukoscope.engine.optim import TrainingClock, build_optimizer, build_scheduler
 from leukoscope.engine.runtime import deterministic_kernels, resolve_device, seed_everything
+from leukoscope.evaluation.metrics import macro_f1
 from leukoscope.preprocessing import Preprocessing, batched_logits
 from leukoscope.progress import progress_bar
 from leukoscope.transforms import augmentation
@@ -58,7 +58,7 @@ def score_logits(logits: np.ndarray, targets: list[int], loss_fn: nn.Module) -> 
     return {
         "loss": loss,
         "accuracy": float((predicted == y).mean()),
-        "macro_f1": float(f1_score(y, predicted, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, predicted),
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from leukoscope.evaluation.calibration import check_labels, check_probs, expected_calibration_error
 
@@ -92,6 +92,14 @@ def top_confusions(cm: np.ndarray, classes: list[str], k: int = TOP_CONFUSIONS) 
         {"true": classes[i], "predicted": classes[j], "count": n, "rate": n / int(support[i])}
         for n, i, j in cells[:k]
     ]
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 over the classes present in ``y_true``, as :func:`classification_metrics`' macro leaves absent
+    classes out (sklearn's default also averages classes only predicted, each at 0: a model's epochs were then
+    chosen on another macro than the one its report gives)."""
+    y_true = np.asarray(y_true)
+    return float(f1_score(y_true, np.asarray(y_pred), labels=np.unique(y_true), average="macro", zero_division=0))
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
