@@ -220,8 +220,13 @@ def test_outputs(slide_path: Path, tmp_path: Path) -> None:
 def test_not_a_slide(tmp_path: Path) -> None:
     flat = write_pyramid(tmp_path / "flat.tif", slide_pixels(0)[:128, :128], levels=1)
     assert not is_slide_path(flat)
-    with pytest.raises(SlideError, match="not a pyramidal slide"):
+    with pytest.raises(SlideError, match="not a pyramidal slide.*analyse it as a field: leukoscope analyze FILE"):
         open_slide(flat)
+    # a one-level .svs: `analyze FILE` would take it for a slide again; the advice says what works
+    svs = write_pyramid(tmp_path / "flat.svs", slide_pixels(0)[:128, :128], levels=1)
+    assert is_slide_path(svs)
+    with pytest.raises(SlideError, match=r"save it as TIFF or PNG .*\.svs is always taken for a slide"):
+        open_slide(svs)
     junk = tmp_path / "junk.tif"
     junk.write_bytes(b"not a tiff at all")
     with pytest.raises(SlideError, match="not a readable whole-slide TIFF"):

@@ -195,6 +195,9 @@ def open_slide(path: str | Path, *, min_levels: int = 2) -> Slide:
         slide = Slide(path, "tiffslide", dimensions, downsamples, _recorded_mpp(properties, "tiffslide"), handle)
     if slide.level_count < min_levels:
         slide.close()
+        how = ("save it as TIFF or PNG and analyse that as a field (a file named ."
+               f"{path.suffix.lower().lstrip('.')} is always taken for a slide)"
+               if path.suffix.lower() in SLIDE_ONLY_SUFFIXES else "analyse it as a field: leukoscope analyze FILE")
         raise SlideError(f"{path}: not a pyramidal slide ({slide.level_count} resolution level; a slide has "
-                         f"at least {min_levels}); analyse a single image as a field: leukoscope analyze FILE")
+                         f"at least {min_levels}); {how}")
     return slide
