@@ -75,6 +75,10 @@ def test_black_background_stays_black_and_a_blank_image_is_left_alone() -> None:
     blank = np.full((32, 32, 3), 235, dtype=np.uint8)
     assert stain_estimate(blank) is None
     assert np.array_equal(macenko(blank), blank)
+    # one flat dim or saturated colour, no glass and no cell: left alone (it came out solid nucleus purple)
+    for flat in ((128, 128, 128), (250, 20, 20)):
+        image = np.full((32, 32, 3), flat, dtype=np.uint8)
+        assert stain_estimate(image) is None and np.array_equal(macenko(image), image)
 
 
 def test_an_image_of_one_stain_is_rebuilt_in_the_reference_nuclear_colour() -> None:

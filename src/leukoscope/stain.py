@@ -35,6 +35,8 @@ SEGMENTED_SHARE = 0.75
 """An image with fewer non-black pixels than this share is a segmented cell: I0 is taken as LIGHT."""
 MIN_LIGHT = 160.0
 """The least transmitted light assumed (a crop filled with cells, showing no background)."""
+#: A stained area whose 1st-percentile concentration is above this share of its 99th shows no structure.
+FLAT_SHARE = 0.9
 BETA = 0.15
 """Optical density a pixel must exceed in some channel to count as stained."""
 DARK = 20
@@ -103,8 +105,13 @@ def _estimate(density: np.ndarray, lit: np.ndarray) -> tuple[np.ndarray, np.ndar
     nuclear = _unit(np.median(stained[order[-max(1, int(len(order) * NUCLEAR_SHARE)):]], axis=0))
     other = _unit(np.median(stained[order[:max(1, int(len(order) * OTHER_SHARE))]], axis=0))
     vectors = nuclear[:, None] if float(nuclear @ other) > ONE_STAIN_COS else np.stack([nuclear, other], axis=1)
-    maxima = np.percentile(_concentrations(vectors, stained), 99, axis=1)
+    concentrations = _concentrations(vectors, stained)
+    maxima = np.percentile(concentrations, 99, axis=1)
     if (maxima <= 1e-6).any():
+        return None
+    # one flat colour (a dim or saturated image with no glass and no cell in it): nothing to rebuild; its
+    # single concentration would be scaled to the reference's nuclear maximum, a solid purple picture
+    if (np.percentile(concentrations, 1, axis=1) > FLAT_SHARE * maxima).all():
         return None
     return vectors, maxima
 
