@@ -191,6 +191,21 @@ def test_an_image_with_an_unusable_object_is_left_out_a_point_box_is_not(tmp_pat
     assert any("typo.xml" in i.source and "1 object(s) above could not be used" in i.message for i in kept.issues)
 
 
+def test_two_annotation_files_naming_one_image_are_refused(tmp_path: Path) -> None:
+    """A stale <filename> (im2.xml naming im3.jpg) put im3 in the data twice, each copy with part of its boxes:
+    each taught the other's cells as background."""
+    for stem in ("im1", "im2", "im3"):
+        _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        named = "im3" if stem == "im2" else stem
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(
+            _voc(_obj("WBC", (1, 1, 30, 30))).replace("a.jpg", f"{named}.jpg"))
+    with pytest.raises(AnnotationError, match="names the image im3.jpg, which im2.xml annotates too"):
+        read_voc_dataset(tmp_path, classes=CLASSES)
+    kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
+    assert [i.image_path.name for i in kept] == ["im1.jpg", "im3.jpg"] and len(kept.issues) == 1
+
+
 def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Path) -> None:
     for split, stems in (("Training", ["a", "b"]), ("Validation", ["a"]), ("Testing", ["c"])):
         for stem in stems:

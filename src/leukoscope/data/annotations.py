@@ -567,6 +567,7 @@ def read_voc_dataset(
     images: list[AnnotatedImage] = []
     seen: dict[str, str] = {}
     duplicates = 0
+    annotated_by: dict[Path, Path] = {}  # image -> the annotation file that names it
     for name in splits:
         files, image_dir = _split_files(layout, name)
         for xml in files:
@@ -577,6 +578,10 @@ def read_voc_dataset(
                 image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, on_error=on_error, issues=found)
                 if require_images and not image.image_path.is_file():
                     raise AnnotationError(xml, f"image {image.image_path.name} not found (looked in {image_dir})")
+                other = annotated_by.setdefault(image.image_path.resolve(), xml.resolve())
+                if other != xml.resolve():  # a stale <filename>: each file's boxes would teach the other's cells
+                    raise AnnotationError(xml, f"names the image {image.image_path.name}, which {other.name} "
+                                               f"annotates too: one of them names the wrong image (its <filename>)")
                 decoded = decoded_size(image.image_path) if image.image_path.is_file() else None
                 if decoded is not None and image.width is None:  # no <size>: the boxes are checked on the image's
                     found = []
