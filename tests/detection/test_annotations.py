@@ -152,12 +152,14 @@ def test_boxes_are_checked_against_the_image_as_decoded(tmp_path: Path) -> None:
     example("resized", (200, 160), size)
     example("unsized", (100, 80), "", box=(60, 10, 140, 50))  # past the right edge of a 100 px image
     example("unsized_ok", (100, 80), "", box=(60, 10, 90, 50))
+    example("zero_sized", (100, 80), "<size><width>0</width><height>0</height><depth>3</depth></size>",
+            box=(60, 10, 90, 50))  # some exporters write 0x0: read as no <size> (the file was skipped)
     with pytest.raises(AnnotationError, match=r"<size> says 100x80, but \w+.jpg decodes to"):
         read_voc_dataset(tmp_path, classes=CLASSES)
     kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
     # "unsized": its one box lies past the image it decodes to; its cell would be trained as background
-    assert sorted(i.image_path.stem for i in kept) == ["unsized_ok", "upright"]
-    assert {i.image_path.stem: len(i.boxes) for i in kept} == {"unsized_ok": 1, "upright": 1}
+    assert sorted(i.image_path.stem for i in kept) == ["unsized_ok", "upright", "zero_sized"]
+    assert {i.image_path.stem: len(i.boxes) for i in kept} == {"unsized_ok": 1, "upright": 1, "zero_sized": 1}
     unsized_ok = next(i for i in kept if i.image_path.stem == "unsized_ok")
     assert (unsized_ok.width, unsized_ok.height) == (100, 80)
     messages = " ".join(issue.message for issue in kept.issues)

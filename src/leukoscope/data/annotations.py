@@ -345,9 +345,7 @@ def parse_voc_xml(
     if size is not None and size.find("width") is not None and size.find("height") is not None:
         width = int(_number(size.find("width"), "width", path, size))
         height = int(_number(size.find("height"), "height", path, size))
-        if width <= 0 or height <= 0:
-            if image_size is None:
-                raise AnnotationError(path, f"<size> is {width}x{height}, which has no pixels", size.line)
+        if width <= 0 or height <= 0:  # some exporters write 0x0: as no <size> (a dataset reads the image's own)
             width = height = None
     if width is None and image_size is not None:
         width, height = image_size
