@@ -164,3 +164,40 @@ def test_a_full_review_answers_the_unfamiliar_warning_and_no_other(make_service,
     assert not any(UNFAMILIAR_WORDING in flag.lower() for flag in result["flags"])
     smear.analysis["warnings"] = smear.analysis["warnings"][1:]
     assert current_differential(smear)["acute_leukemia_flag"]
+
+
+def test_a_smear_case_judges_unfamiliar_cells_on_all_its_fields_cells(make_service, analyzer) -> None:
+    """The case took every field's own warning: one field of three cells, two of them unfamiliar, stopped a case
+    of 23 cells (9% unfamiliar), where `analyze` judges a folder on its cells together."""
+    from leukoscope.inference.predictor import Prediction
+    from leukoscope.inference.quality import unfamiliar_count_warning
+
+    classes = analyzer.classes
+
+    def cell(index: int, unfamiliar: bool) -> dict:
+        prediction = Prediction(f"c{index}", "lymphocyte", "lymphocyte", 0.9,
+                                {c: (0.9 if c == "lymphocyte" else 0.1 / (len(classes) - 1)) for c in classes},
+                                False, ood_score=9.0 if unfamiliar else 1.0, unfamiliar=unfamiliar)
+        return {"box": (10 * index, 10, 10 * index + 8, 18), "score": 0.9, "prediction": prediction}
+
+    class TwoFields:
+        def analyse(self, image, run_um_per_px=None):
+            if image.width == 321:  # the odd field: two of its three cells unfamiliar
+                return {"cells": [cell(k, k < 2) for k in range(3)],
+                        "warnings": [unfamiliar_count_warning(2, 3)]}
+            return {"cells": [cell(k, False) for k in range(20)]}
+
+    two = Analyzer(analyzer.base, smear=TwoFields(), threads=1, gradcam=False, name="two fields")
+    try:
+        service = make_service(analyzer_override=two)
+        service.add_user("tech", "technician")
+        client, headers = service.client(), service.auth("tech")
+        odd, plain = Image.new("RGB", (321, 200), (230, 215, 222)), Image.new("RGB", (320, 200), (230, 215, 222))
+        case = upload(client, headers, ("odd.png", encode(odd, "PNG")), ("plain.png", encode(plain, "PNG")),
+                      kind="smear").json()
+        assert sum(c["unfamiliar"] for c in case["cells"]) == 2 and len(case["cells"]) == 23
+        assert not any(UNFAMILIAR_WORDING in flag.lower() for flag in case["differential"]["flags"])
+        alone = upload(client, headers, ("odd.png", encode(odd, "PNG")), kind="smear").json()
+        assert any(UNFAMILIAR_WORDING in flag.lower() and "2 of 3" in flag for flag in alone["differential"]["flags"])
+    finally:
+        two.close()

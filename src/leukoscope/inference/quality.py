@@ -108,13 +108,18 @@ def unscaled_cell_warning(window_um: float) -> str:
             f"the cell; its class may be wrong")
 
 
+def is_unfamiliar_warning(warning: str) -> bool:
+    """Whether ``warning`` is :func:`unfamiliar_count_warning`'s."""
+    return warning.lower().startswith(UNFAMILIAR_WORDING)
+
+
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
     image classified without a scale), not which cells were found or counted: a hematologist who has
     reviewed every cell has answered it, and the reviewed differential need not carry it. The detector's
     warnings (unverified, capped, a field at a guessed scale) still stand after any review: cells may have
     been missed."""
-    return warning.lower().startswith(UNFAMILIAR_WORDING) or warning.startswith(UNSCALED_CELL_WORDING)
+    return is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

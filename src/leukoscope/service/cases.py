@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
-from leukoscope.inference.quality import about_classification_only, unfamiliar_warning
+from leukoscope.inference.quality import about_classification_only, is_unfamiliar_warning, unfamiliar_warning
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, field_scale, run_sample, run_scale_of
@@ -312,12 +312,14 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     case_id = secrets.token_hex(16)
     analyzer = state.analyzer
     labels = [cell.prediction.label for upload in prepared for cell in upload.cells]
-    # Quality warnings travel with the case: while any stands its differential raises no leukemia flag.
-    warnings = outcome_warnings(prepared)
+    # Quality warnings travel with the case: while any stands its differential raises no leukemia flag. Unfamiliar
+    # cells are judged on the case's cells together, as `analyze` judges a folder's: one unusual field among
+    # several does not stop the case's count (its own annotated picture still says so).
     predictions = [cell.prediction for upload in prepared for cell in upload.cells]
-    if kind == "cell":  # a smear field carries its own unfamiliar-cells warning; single cells are judged together
-        unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions], unit="cell images")
-        warnings += [unfamiliar] if unfamiliar else []
+    warnings = [warning for warning in outcome_warnings(prepared) if not is_unfamiliar_warning(warning)]
+    unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions],
+                                    unit="cell images" if kind == "cell" else "cells classified")
+    warnings += [unfamiliar] if unfamiliar else []
     ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
            if any(p.ood_score is not None for p in predictions) else {})
     # Each image's scale as analysed, by image position; and the case's own (a smear case of enough fields).
