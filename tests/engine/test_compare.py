@@ -153,10 +153,12 @@ def test_a_row_fine_tuning_a_bundle_takes_the_bundles_input_settings(tmp_path: P
     from leukoscope.engine.config import resolve_init
 
     config = load_config(overrides=[f"data.path={tmp_path}", "train.epochs=3"])
+    config.features.k_best = 7  # assigned after loading, in a section no override named: carried over too
     row = resolve_init(entry_config(config, CompareEntry(model="mobilenet_v2",
                                                          overrides={"model.init": "pretrained:wbc-classifier"})))
     assert (row.model.image_size, row.data.cell_window_um, row.predict.views) == (96, 24.0, 8)
     assert row.train.epochs == 3 and row.data.path == str(tmp_path)  # what the config set is kept
+    assert row.features.k_best == 7
     plain = entry_config(load_config(overrides=[f"data.path={tmp_path}", "model.image_size=64"]),
                          CompareEntry(model="abas_cnn"))
     assert plain.model.image_size == 64 and plain.model.name == "abas_cnn"

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.table import Table
 
 from leukoscope.models.classic import CLASSIC_MODELS
@@ -165,7 +165,7 @@ def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentCon
     """``config`` with the row's model and overrides applied (validated like a config file). Only what the
     config set is carried over: a row with ``model.init`` then takes the bundle's input settings (size, cell
     window, views), as ``train --init`` does, where a full dump had set every field to its default."""
-    tree = config.model_dump(mode="json", exclude_unset=True)
+    tree = _set_fields(config)
     tree["compare"] = None
     tree["search"] = None
     update: dict[str, Any] = {}
@@ -177,6 +177,23 @@ def entry_config(config: ExperimentConfig, entry: CompareEntry) -> ExperimentCon
         return ExperimentConfig.model_validate(merge_trees(tree, update))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, f"compare row {label!r}", ExperimentConfig)) from None
+
+
+def _set_fields(model: BaseModel) -> dict[str, Any]:
+    """The fields of ``model`` that were set (by a file, an override or an assignment), section by section: a
+    section assigned into after loading counts with what was set in it (pydantic's ``exclude_unset`` would
+    drop a section its parent did not record as set)."""
+    tree: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            inner = _set_fields(value)
+            if inner or name in model.model_fields_set:
+                tree[name] = inner if name not in model.model_fields_set else {**value.model_dump(
+                    mode="json", exclude_unset=True), **inner}
+        elif name in model.model_fields_set:
+            tree[name] = model.model_dump(mode="json", include={name})[name]
+    return tree
 
 
 # ------------------------------------------------------------------ running
