@@ -1381,7 +1381,7 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
 
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> bool:
     """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``. False (said on
-    the console) when the slide cannot be analysed (unreadable, no level to find its monolayer on)."""
+    the console) when the slide cannot be analysed (unreadable, one level only, an unsupported pixel type)."""
     from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
     from leukoscope.progress import progress_bar
 
