@@ -138,8 +138,9 @@ class AnnotatedImage:
     annotation_path: Path | None = None
     labels: list[str] = field(default_factory=list)
     dropped: int = 0
-    """Objects of the file left out as unusable (an unknown class, a box outside the image...; not a box of no
-    area, which marks no cell): their cells are in the picture but not among ``boxes``."""
+    """Objects of the file left out as unusable (a box outside the image, unreadable coordinates...; not a box
+    of no area, which marks no cell, nor a class outside the list read): their cells are in the picture but not
+    among ``boxes``."""
 
     def __post_init__(self) -> None:
         self.image_path = Path(self.image_path)
@@ -371,7 +372,9 @@ def parse_voc_xml(
         try:
             label = resolver.resolve(name_node.text)
         except ValueError as exc:
-            problem(str(exc), name_node.line)
+            # a class outside the list asked for is left out by choice (RBC when reading WBC only); a misspelt
+            # one is reported with the closest known name, and cannot be told from that by its spelling
+            problem(str(exc), name_node.line, a_cell=False)
             continue
         bndbox = obj.find("bndbox")
         if bndbox is None:
@@ -565,7 +568,7 @@ def read_voc_dataset(
     images: list[AnnotatedImage] = []
     seen: dict[str, str] = {}
     duplicates = 0
-    annotated_by: dict[Path, Path] = {}  # image -> the annotation file that names it
+    annotated_by: dict[Path, list[Path]] = {}  # image -> the annotation files that name it
     for name in splits:
         files, image_dir = _split_files(layout, name)
         for xml in files:
@@ -576,10 +579,13 @@ def read_voc_dataset(
                 image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, on_error=on_error, issues=found)
                 if require_images and not image.image_path.is_file():
                     raise AnnotationError(xml, f"image {image.image_path.name} not found (looked in {image_dir})")
-                other = annotated_by.setdefault(image.image_path.resolve(), xml.resolve())
-                if other != xml.resolve():  # a stale <filename>: each file's boxes would teach the other's cells
-                    raise AnnotationError(xml, f"names the image {image.image_path.name}, which {other.name} "
-                                               f"annotates too: one of them names the wrong image (its <filename>)")
+                claims = annotated_by.setdefault(image.image_path.resolve(), [])
+                if xml.resolve() not in claims:
+                    claims.append(xml.resolve())
+                if len(claims) > 1 and on_error == "fail":
+                    raise AnnotationError(xml, f"names the image {image.image_path.name}, which "
+                                               f"{claims[0].name} annotates too: one of them names the wrong image "
+                                               f"(its <filename>)")
                 decoded = decoded_size(image.image_path) if image.image_path.is_file() else None
                 if decoded is not None and image.width is None:  # no <size>: the boxes are checked on the image's
                     found = []
@@ -607,6 +613,15 @@ def read_voc_dataset(
                     continue
                 seen[key] = digest
             images.append(image)
+    # an image several files name (a stale <filename>): which file is right cannot be told, so none is used
+    claimed = {image: files for image, files in annotated_by.items() if len(files) > 1}
+    if claimed:
+        images = [image for image in images if image.image_path.resolve() not in claimed]
+        for image, files in claimed.items():
+            names = ", ".join(f.name for f in files)
+            issues += [AnnotationIssue(str(f), None, f"{names} all name the image {image.name}: one of them names "
+                                                     f"the wrong image (its <filename>); the image is left out")
+                       for f in files]
     if not images:
         raise DatasetError(f"{root}: no usable annotated image" + (f" in split {split!r}" if split else ""))
     if issues:
@@ -637,8 +652,8 @@ def decoded_size(path: Path) -> tuple[int, int] | None:
         with Image.open(path) as image:
             width, height = image.size
             turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # the image's own reading says why
     return (height, width) if turned else (width, height)
 
 

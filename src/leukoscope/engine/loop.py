@@ -107,7 +107,6 @@ class EpochLoop(ABC):
         stopped_because = "completed all epochs"
         marks = [0.0] + [row["elapsed_s"] for row in history]
         last_epoch_s = marks[-1] - marks[-2] if history else 0.0
-        self.clock.reserve_s = last_epoch_s
         if history and self.patience is not None and stale >= self.patience:
             # a run that had stopped early and was cut after its loop (evaluation, the bundle): it stays stopped
             start_epoch = self.epochs + 1
@@ -123,7 +122,6 @@ class EpochLoop(ABC):
             self.validate(epoch, row, cut_short)
             row["elapsed_s"] = self.clock.elapsed_s
             last_epoch_s = row["elapsed_s"] - epoch_start
-            self.clock.reserve_s = last_epoch_s
             history.append(row)
             key = self.selection_key(row)
             improved = key is not None and (best_key is None or key > best_key)

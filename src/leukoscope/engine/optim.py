@@ -40,8 +40,9 @@ class TrainingClock:
         self.budget_s = max_minutes * 60 if max_minutes else None
         self.start = time.monotonic()
         self.step = 0
-        #: The last epoch's length: the run stops before an epoch that would overrun the budget, so the time
-        #: the schedule can count on is the budget less one epoch (else a cut run ended part-annealed).
+        #: The last epoch's length, where the loop stops before an epoch that would overrun the budget (the
+        #: classifier's, which sets it): the schedule then counts on the budget less one epoch, else a cut run
+        #: ended part-annealed. A loop that trains until the budget runs out (the detector's) leaves it 0.
         self.reserve_s = 0.0
 
     def resume_from(self, elapsed_s: float, step: int) -> None:

@@ -142,6 +142,8 @@ class _ClassificationLoop(EpochLoop):
         # Stop before an epoch that would overrun the budget (a resumed run that has
         # spent its budget only finishes: evaluation, bundle, report).
         clock = self.clock
+        # the schedule counts on the budget less one epoch: the last epoch to run ends within it of the budget
+        clock.reserve_s = last_epoch_s
         if clock.budget_s and epoch > 1 and clock.elapsed_s + last_epoch_s > clock.budget_s:
             return f"time budget of {self.cfg.max_minutes} min reached (another epoch would exceed it)"
         return None
