@@ -409,3 +409,25 @@ def test_a_limit_above_pillows_own_is_honoured() -> None:
     with pytest.raises(ImageDecodeError, match="truncated or corrupt") as info:  # read, as far as it goes
         load_image(data, max_pixels=200_000_000)
     assert not isinstance(info.value, ImageTooLargeError)
+
+
+def test_deep_colour_scaling_ignores_a_hot_pixel_and_handles_bigtiff_and_exif(tmp_path: Path, cell: np.ndarray,
+                                                                              caplog) -> None:
+    """The scale followed the brightest pixel (one hot pixel halved a field); a 16-bit BigTIFF raised a raw
+    struct.error (its EXIF copied badly); a phone's MPO JPEG logged '2 pages'."""
+    import logging
+
+    import tifffile
+
+    deep = cell.astype(np.uint16) * 16 + 8
+    hot = deep.copy()
+    hot[0, 0] = 65535
+    tifffile.imwrite(tmp_path / "hot.tif", hot, photometric="rgb")
+    image = np.asarray(load_image(tmp_path / "hot.tif")).astype(int)
+    assert np.abs(image[1:, 1:] - cell[1:, 1:].astype(int)).max() <= 1
+    tifffile.imwrite(tmp_path / "big.tif", deep, photometric="rgb", bigtiff=True)
+    assert np.abs(np.asarray(load_image(tmp_path / "big.tif")).astype(int) - cell.astype(int)).max() <= 1
+    second = Image.fromarray(cell).transpose(Image.Transpose.ROTATE_90)  # a phone's second picture
+    with caplog.at_level(logging.WARNING, logger="leukoscope.io"):
+        load_image(encode(Image.fromarray(cell), "MPO", save_all=True, append_images=[second]))
+    assert "pages" not in caplog.text

@@ -89,7 +89,8 @@ def load_image(
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot open image: {exc}") from None
 
-        if image.format == "MPO" and "JPEG" in formats:  # a phone's JPEG with a depth or gain-map picture
+        phone = image.format == "MPO"
+        if phone and "JPEG" in formats:  # a phone's JPEG with a depth or gain-map picture
             image.format = "JPEG"
         elif image.format not in formats:
             raise ImageDecodeError(
@@ -97,7 +98,7 @@ def load_image(
                 f"(supported: {', '.join(sorted(formats))})"
             )
         frames = getattr(image, "n_frames", 1)
-        if frames > 1:  # a multi-page TIFF: say which page is analysed rather than drop the rest unsaid
+        if frames > 1 and not phone:  # a multi-page TIFF: said (a phone's second picture is no page of the field)
             log.warning("%s: %d pages; only the first is read", name, frames)
         width, height = image.size
         if width <= 0 or height <= 0:
@@ -137,11 +138,18 @@ def load_image(
     return image
 
 
+#: The turn a camera's EXIF orientation asks for (what ImageOps.exif_transpose does).
+_ORIENTATION_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                      6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:
-    """A 16-bit colour PNG or TIFF as 8-bit RGB scaled from its own bit depth (None: not one). Pillow keeps
-    the top 8 bits of each sample, so a camera's 12-bit data in 16-bit samples came out nearly black (max
-    15 of 255). Scaled as data of the fewest bits that hold its largest value: 12-bit data by 255/4095,
-    full 16-bit data as Pillow would."""
+    """A 16-bit colour PNG or TIFF as 8-bit RGB scaled from its own bit depth, turned upright (None: not one,
+    or one imagecodecs cannot read: Pillow's decoding stands). Pillow keeps the top 8 bits of each sample, so a
+    camera's 12-bit data in 16-bit samples came out nearly black (max 15 of 255). Scaled as data of the fewest
+    bits that hold its 99.9th percentile (a hot pixel does not halve a field's brightness): 12-bit data by
+    255/4095, full 16-bit data as Pillow would."""
     if image.mode not in ("RGB", "RGBA"):
         return None
     if image.format == "TIFF":
@@ -160,19 +168,30 @@ def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:
 
     fp.seek(0)
     data = fp.read()
-    samples = imagecodecs.png_decode(data) if image.format == "PNG" else imagecodecs.tiff_decode(data)
+    try:
+        samples = imagecodecs.png_decode(data) if image.format == "PNG" else imagecodecs.tiff_decode(data)
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - imagecodecs' and EXIF readers' errors vary: Pillow's decoding stands
+        return None
     if samples.dtype != np.uint16 or samples.ndim != 3 or samples.shape[2] not in (3, 4):
         return None
-    bits = max(8, int(samples[..., :3].max()).bit_length())
-    rgb = (samples[..., :3].astype(np.float64) * (255.0 / (2 ** bits - 1))).round().astype(np.uint8)
+    colour = samples[..., :3]
+    bits = max(8, int(np.percentile(colour.reshape(-1)[::7], 99.9)).bit_length())  # a sample: large fields
+    # integer arithmetic: a 16-bit field is large, and float64 copies of it were several times its size
+    rgb = ((np.minimum(colour, 2 ** bits - 1).astype(np.uint32) * 255 + (2 ** bits - 1) // 2) // (2 ** bits - 1))
+    rgb = rgb.astype(np.uint8)
     if samples.shape[2] == 4:  # alpha on white, as below
-        alpha = samples[..., 3:].astype(np.float64) / 65535.0
-        rgb = (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+        alpha = samples[..., 3:].astype(np.uint32)
+        rgb = ((rgb.astype(np.uint32) * alpha + 255 * (65535 - alpha) + 32767) // 65535).astype(np.uint8)
     decoded = Image.fromarray(rgb, "RGB")
-    decoded.format, decoded.info = image.format, dict(image.info)
-    if hasattr(image, "getexif"):
-        decoded.info["exif"] = image.getexif().tobytes()
+    turn = _ORIENTATION_TURNS.get(orientation)
+    decoded = decoded.transpose(turn) if turn is not None else decoded  # no EXIF is carried: turned here
+    decoded.format = image.format
     return decoded
+
+
+#: The EXIF tag of a camera's orientation.
+EXIF_ORIENTATION = 0x0112
 
 
 def _check_png_rows(fp: BinaryIO, name: str) -> None:

@@ -34,7 +34,7 @@ from xml.parsers import expat
 from xml.sax.saxutils import escape
 
 from leukoscope.data.manifest import DatasetError
-from leukoscope.io import IMAGE_SUFFIXES
+from leukoscope.io import EXIF_ORIENTATION, IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -663,10 +663,6 @@ def _turned(path: Path) -> str:
 
     with Image.open(path) as image:
         return " (its EXIF orientation turns it)" if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else ""
-
-
-#: The EXIF tag of a camera's orientation (ImageOps.exif_transpose reads it).
-EXIF_ORIENTATION = 0x0112
 
 
 def write_voc_dataset(images: Iterable[AnnotatedImage], root: str | Path) -> Path:
