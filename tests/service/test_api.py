@@ -418,7 +418,7 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
         archive.extractall(tmp_path / "folders")
     assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == sorted(c.reviewed_label
                                                                                          for c in cells)
-    for bad in (["a/b"], [".hidden"], ["WBC", "wbc"]):
+    for bad in (["a/b"], [".hidden"], ["WBC", "wbc"], ["blast?"], ["ends."], ["tab\there"]):
         with pytest.raises(ServiceError) as refused:
             cases.check_export_folders(set(bad))
         assert refused.value.status == 400 and "layout=csv" in refused.value.message

@@ -576,6 +576,10 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     return handle.name, len(rows)
 
 
+#: Characters a folder name cannot hold on some file system a lab unpacks the export on (Windows' set).
+NOT_IN_FOLDER_NAMES = frozenset('<>:"/\\|?*')
+
+
 def check_export_folders(labels: set[str]) -> None:
     """A ``folders`` export names each class's folder by the class itself, which ``leukoscope train --data``
     reads back as the class (renaming it would merge classes or lose a blast class: "Early Pre-B"). A name
@@ -583,7 +587,8 @@ def check_export_folders(labels: set[str]) -> None:
     ``csv`` layout keeps any name."""
     seen: dict[str, str] = {}
     for label in sorted(labels):
-        if not label or label != label.strip() or label.startswith(".") or any(c in label for c in "/\\\0:"):
+        if (not label or label != label.strip() or label.startswith(".") or label.endswith(".")
+                or any(c in NOT_IN_FOLDER_NAMES or ord(c) < 32 for c in label)):
             raise ServiceError(400, "label_not_a_folder", f"the class {label!r} cannot be a folder name; export "
                                                           f"with layout=csv, which keeps it in manifest.csv")
         other = seen.setdefault(label.casefold(), label)
