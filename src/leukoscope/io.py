@@ -138,6 +138,8 @@ def load_image(
     return image
 
 
+#: The EXIF tag of a camera's orientation.
+EXIF_ORIENTATION = 0x0112
 #: The turn a camera's EXIF orientation asks for (what ImageOps.exif_transpose does).
 _ORIENTATION_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                       4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -188,10 +190,6 @@ def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:
     decoded = decoded.transpose(turn) if turn is not None else decoded  # no EXIF is carried: turned here
     decoded.format = image.format
     return decoded
-
-
-#: The EXIF tag of a camera's orientation.
-EXIF_ORIENTATION = 0x0112
 
 
 def _check_png_rows(fp: BinaryIO, name: str) -> None:

@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, NamedTuple, Sequence
 from xml.parsers import expat
 from xml.sax.saxutils import escape
 
@@ -589,12 +589,13 @@ def read_voc_dataset(
                 decoded = decoded_size(image.image_path) if image.image_path.is_file() else None
                 if decoded is not None and image.width is None:  # no <size>: the boxes are checked on the image's
                     found = []
-                    image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, image_size=decoded,
+                    image = parse_voc_xml(xml, classes=resolver, image_dir=image_dir, image_size=decoded[:2],
                                           on_error=on_error, issues=found)
-                elif decoded is not None and (image.width, image.height) != decoded:
+                elif decoded is not None and (image.width, image.height) != decoded[:2]:
                     raise AnnotationError(xml, f"<size> says {image.width}x{image.height}, but "
                                                f"{image.image_path.name} decodes to {decoded[0]}x{decoded[1]}"
-                                               f"{_turned(image.image_path)}: its boxes may not lie on its cells; "
+                                               f"{' (its EXIF orientation turns it)' if decoded.turned else ''}: "
+                                               f"its boxes may not lie on its cells; "
                                                f"fix <size> or the image")
                 issues.extend(found)
                 if image.dropped:  # training would teach those cells as background, scoring count them as misses
@@ -643,7 +644,15 @@ def read_voc_dataset(
     return DetectionDataset(images, class_list, issues, Path(root))
 
 
-def decoded_size(path: Path) -> tuple[int, int] | None:
+class DecodedSize(NamedTuple):
+    """An image's size as :func:`leukoscope.io.load_image` gives it, and whether its EXIF orientation turned it."""
+
+    width: int
+    height: int
+    turned: bool
+
+
+def decoded_size(path: Path) -> DecodedSize | None:
     """(width, height) of the image as :func:`leukoscope.io.load_image` gives it, EXIF orientation applied
     (a camera's portrait JPEG turned upright), from its header alone; None when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -654,15 +663,7 @@ def decoded_size(path: Path) -> tuple[int, int] | None:
             turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None  # the image's own reading says why
-    return (height, width) if turned else (width, height)
-
-
-def _turned(path: Path) -> str:
-    """`` (its EXIF orientation turns it)`` when it does, else empty."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return " (its EXIF orientation turns it)" if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else ""
+    return DecodedSize(height, width, True) if turned else DecodedSize(width, height, False)
 
 
 def write_voc_dataset(images: Iterable[AnnotatedImage], root: str | Path) -> Path:
