@@ -189,8 +189,7 @@ def _set_fields(model: BaseModel) -> dict[str, Any]:
         if isinstance(value, BaseModel):
             inner = _set_fields(value)
             if inner or name in model.model_fields_set:
-                tree[name] = inner if name not in model.model_fields_set else {**value.model_dump(
-                    mode="json", exclude_unset=True), **inner}
+                tree[name] = inner
         elif name in model.model_fields_set:
             tree[name] = model.model_dump(mode="json", include={name})[name]
     return tree
