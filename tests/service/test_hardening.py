@@ -547,3 +547,114 @@ def _race(service) -> None:
     for thread in threads:
         thread.join()
     assert sum(wait is None for wait in results) == 5, results
+
+
+# ------------------------------------------------------------------ 14. second review of the service's routes
+
+
+def _expire_sessions(service) -> None:
+    from sqlalchemy import update
+
+    from leukoscope.service.tables import WebSession, utcnow
+
+    with service.state.sessions() as db, db.begin():
+        db.execute(update(WebSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def test_a_form_sent_after_the_session_ended_returns_to_its_page_and_says_so(service):
+    """A POST-only route was the `next` of the log-in page: after logging in the browser got a 405 and the
+    hematologist's review was gone without a word."""
+    case = upload(service.client(), service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    hema = service.login("hema")
+    page = f"http://testserver/cases/{case['id']}"
+    _expire_sessions(service)
+    sent = hema.post(f"/cases/{case['id']}/review", data={"comment": "x"}, headers={"Referer": page},
+                     follow_redirects=False)
+    assert sent.status_code == 303
+    login = hema.get(sent.headers["location"])
+    assert "was not saved" in login.text and f'value="/cases/{case["id"]}"' in login.text
+    after = hema.post("/login", data={"username": "hema", "password": PASSWORD, "csrf_token": csrf_of(login.text),
+                                      "next": f"/cases/{case['id']}"}, follow_redirects=False)
+    assert after.headers["location"] == f"/cases/{case['id']}" and hema.get(after.headers["location"]).status_code == 200
+    # another site's Referer is not followed; a GET keeps its own path
+    _expire_sessions(service)
+    elsewhere = hema.post("/logout", headers={"Referer": "https://evil.example/cases"}, follow_redirects=False)
+    assert elsewhere.headers["location"] == "/login?next=/&unsaved=1"
+    assert hema.get("/cases?page=2", follow_redirects=False).headers["location"] == "/login?next=/cases%3Fpage%3D2"
+
+
+def test_an_admin_cannot_reset_their_own_password_without_the_current_one(service):
+    """The users page reset the admin's own password with no current password and no throttle: a stolen
+    admin session could take the account over."""
+    from leukoscope.service.tables import User
+
+    admin = service.login("admin")
+    users = admin.get("/admin/users")
+    with service.state.sessions() as db:
+        admin_id = db.scalar(select(User.id).where(User.username == "admin"))
+    refused = admin.post(f"/admin/users/{admin_id}", data={"password": "taken over 12345",
+                                                           "csrf_token": csrf_of(users.text)})
+    assert refused.status_code == 400 and "Account page" in refused.text
+    assert login_as(service.client(), "admin", PASSWORD).status_code == 303
+    assert login_as(service.client(), "admin", "taken over 12345").status_code == 401
+
+
+def test_a_read_only_token_s_refused_write_is_audited(service):
+    """The denial's audit looked the caller up through the same scope check, failed, and wrote nothing."""
+    from leukoscope.service.tables import AuditEntry
+
+    read = {"Authorization": f"Bearer {service.token('tech')}"}
+    with service.state.sessions() as db, db.begin():
+        from leukoscope.service.tables import ApiToken
+
+        db.execute(ApiToken.__table__.update().values(scope="read"))
+    refused = upload(service.client(), read, ("a.png", encode(cell_image(), "PNG")))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "read_only_token"
+    with service.state.sessions() as db:
+        denied = [e for e in db.scalars(select(AuditEntry)) if e.action == "access.denied"]
+    assert [(e.username, e.detail["code"]) for e in denied] == [("tech", "read_only_token")]
+
+
+def test_an_oversized_json_body_is_a_413_and_an_anonymous_one_a_401(make_service):
+    """FastAPI turned the size limit's refusal inside a JSON body into 400 "error parsing the body"."""
+    service = make_service(max_upload_bytes=10_000)
+    service.add_user("admin", "admin")
+    big = b'{"username": "' + b"x" * 400_000 + b'"}'  # past the limit and its multipart allowance
+    headers = {"content-type": "application/json"}
+    client = service.client()
+    anonymous = client.post("/api/v1/users", content=big, headers=headers)
+    assert anonymous.status_code == 401
+    known = client.post("/api/v1/users", content=big, headers={**headers, **service.auth("admin")})
+    assert known.status_code == 413 and known.json()["error"]["code"] == "upload_too_large"
+
+
+def test_more_files_than_the_parser_takes_are_a_counted_and_audited_413(make_service):
+    """Past max_files + 1 Starlette's parser refused first: a 400 naming the wrong limit, not audited, not
+    counted against the upload rate limit."""
+    service = make_service(max_files_per_upload=2)
+    service.add_user("tech", "technician")
+    png = encode(cell_image(), "PNG")
+    response = upload(service.client(), service.auth("tech"), *[(f"{i}.png", png) for i in range(5)])
+    assert response.status_code == 413 and response.json()["error"] == {
+        "code": "too_many_files", "message": "more than 3 files in one upload; at most 2"}
+    assert audit_actions(service).count("case.refused") == 1
+    tech = service.login("tech")
+    form = tech.get("/upload")
+    page = tech.post("/upload", data={"kind": "cell", "csrf_token": csrf_of(form.text)},
+                     files=[("files", (f"{i}.png", png, "image/png")) for i in range(5)])
+    assert page.status_code == 413 and "at most 2" in page.text and 'name="files"' in page.text
+
+
+def test_every_open_log_in_form_works_and_another_origin_cannot_log_in(service):
+    """Each GET of /login minted a new cookie, so only the last-opened tab could log in; and a sibling
+    subdomain that planted the log-in cookie could log a victim into its own account."""
+    client = service.client()
+    first, second = client.get("/login"), client.get("/login")
+    assert csrf_of(first.text) == csrf_of(second.text)
+    assert client.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(first.text)},
+                       follow_redirects=False).status_code == 303
+    other = service.client()
+    form = other.get("/login")
+    refused = other.post("/login", data={"username": "tech", "password": PASSWORD, "csrf_token": csrf_of(form.text)},
+                         headers={"Sec-Fetch-Site": "same-site"}, follow_redirects=False)
+    assert refused.status_code == 403 and "leukoscope_session" not in refused.headers.get("set-cookie", "")

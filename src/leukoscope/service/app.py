@@ -28,7 +28,7 @@ import leukoscope
 from leukoscope.service import db as dbm
 from leukoscope.service.tables import LABEL_LENGTH
 from leukoscope.service.analysis import Analyzer
-from leukoscope.service.auth import PasswordGate, audit, client_address, optional_principal
+from leukoscope.service.auth import PasswordGate, audit, client_address, optional_principal, same_origin_referer
 from leukoscope.service.cases import DECISION_SUPPORT_NOTE
 from leukoscope.service.errors import BodyTooLarge, LoginRequired, ServiceError
 from leukoscope.service.settings import ServiceSettings
@@ -240,8 +240,13 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
     async def _login_required(request: Request, _exc: LoginRequired):
         from urllib.parse import quote
 
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
+        if request.method in ("GET", "HEAD"):
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
+        # A form sent after the session ended: its route answers POST only, so back to the page it came from
+        # (the log-in page says the form was not saved).
+        target = same_origin_referer(request) or "/"
+        return RedirectResponse(f"/login?next={quote(target, safe='/')}&unsaved=1", status_code=303)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -254,6 +259,11 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI reports any failed read of a JSON body as a 400
+            if wants_json(request) and await run_in_threadpool(anonymous, state, request):
+                return render_error(request, 401, "not_authenticated", "send an API token: Authorization: "
+                                    "Bearer lks_...", {"WWW-Authenticate": "Bearer"})
+            return render_error(request, exc.__cause__.status, exc.__cause__.code, exc.__cause__.message)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return render_error(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

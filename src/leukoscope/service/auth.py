@@ -217,6 +217,17 @@ def from_another_origin(request: Request) -> bool:
     return request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site")
 
 
+def same_origin_referer(request: Request) -> str | None:
+    """The path (and query) of the page of this service that sent ``request`` (its Referer), or None when
+    the Referer is missing or another origin's."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(request.headers.get("referer", ""))
+    if parts.netloc != request.url.netloc or parts.scheme != request.url.scheme or not parts.path.startswith("/"):
+        return None
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def session_principal(db: Session, request: Request) -> Principal | None:
     token = request.cookies.get(SESSION_COOKIE)
     if not token or len(token) > 100:
@@ -282,15 +293,21 @@ def revoke_token_of(db: Session, principal: Principal, token_id: int, request: R
     return token
 
 
+def _api_identity(db: Session, request: Request, *, cookie: bool = True) -> Principal | None:
+    """Who an API request proves to be, whatever it may do (raises for a bad token)."""
+    principal = token_principal(db, request)
+    if principal is None and cookie and request.method in ("GET", "HEAD") and not cross_site(request):
+        principal = session_principal(db, request)
+    return principal
+
+
 def api_principal(db: Session, request: Request, *, cookie: bool = True) -> Principal:
     """API: a bearer token (a ``read`` one only for GET); a session cookie only for safe
     methods from this site (no CSRF exposure, no audit entries from another site's link), and not
     at all with ``cookie=False`` (a GET that does work and writes an audit entry, as the export: a browser
     that sends no Sec-Fetch-Site header, or a sibling subdomain, could start it from a link; the pages
     use a form with a CSRF token instead)."""
-    principal = token_principal(db, request)
-    if principal is None and cookie and request.method in ("GET", "HEAD") and not cross_site(request):
-        principal = session_principal(db, request)
+    principal = _api_identity(db, request, cookie=cookie)
     if principal is None:
         raise ServiceError(401, "not_authenticated", "send an API token: Authorization: Bearer lks_...",
                            {"WWW-Authenticate": "Bearer"})
@@ -301,10 +318,11 @@ def api_principal(db: Session, request: Request, *, cookie: bool = True) -> Prin
 
 
 def optional_principal(db: Session, request: Request) -> Principal | None:
-    """Whoever the request proves to be, or None (never raises: for error handling)."""
+    """Whoever the request proves to be, or None (never raises: for error handling; a read-only token's
+    refused write is still its user's, so that the refusal is audited)."""
     try:
         if request.url.path.startswith("/api/"):
-            return api_principal(db, request)
+            return _api_identity(db, request)
         return session_principal(db, request)
     except ServiceError:
         return None

@@ -18,6 +18,7 @@ from sqlalchemy.orm import object_session
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import leukoscope
 from leukoscope.service import cases as ops
@@ -152,11 +153,18 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ServiceError(415, "not_multipart", "send the images as multipart/form-data (field 'files')")
+    most = state.settings.max_files_per_upload
     try:
-        form = await request.form(max_files=state.settings.max_files_per_upload + 1, max_fields=20)
+        form = await request.form(max_files=most + 1, max_fields=20)
     except BodyTooLarge as error:
         await run_in_threadpool(ops.refuse_oversized, state, principal.user.id, error, client_address(request))
         raise
+    except StarletteHTTPException as refused:  # the multipart parser's own limits (files, fields, part size)
+        error = (ServiceError(413, "too_many_files", f"more than {most + 1} files in one upload; at most {most}")
+                 if "files" in str(refused.detail).lower() else
+                 ServiceError(400, "bad_form", f"the upload form was refused: {refused.detail}"))
+        await run_in_threadpool(ops.refuse_oversized, state, principal.user.id, error, client_address(request))
+        raise error from None
     try:
         uploads: list[ops.Upload] = []
         fields: dict[str, str] = {}

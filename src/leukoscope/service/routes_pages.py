@@ -102,9 +102,16 @@ def home(request: Request):
         return redirect("/admin/users" if principal.role == "admin" else "/cases")
 
 
+#: What the log-in page says when a form was sent after the session had ended.
+UNSAVED_MESSAGE = "Your session had ended, so the form you sent was not saved: log in and send it again."
+
+
 def login_page(request: Request, message: str = "", status: int = 200, next_path: str = "/",
                headers: dict[str, str] | None = None):
-    token = secrets.token_urlsafe(32)
+    # One token per browser, not per page: each tab the session's end sent here keeps a working form.
+    token = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{43}", token):
+        token = secrets.token_urlsafe(32)
     response = render(request, "login.html", None, http_status=status, login_csrf=token, message=message,
                       next_path=safe_next(next_path))
     response.headers.update(headers or {})
@@ -114,13 +121,15 @@ def login_page(request: Request, message: str = "", status: int = 200, next_path
 
 
 @router.get("/login")
-def login_form(request: Request, next: str = "/"):
-    return login_page(request, next_path=next)
+def login_form(request: Request, next: str = "/", unsaved: bool = False):
+    return login_page(request, UNSAVED_MESSAGE if unsaved else "", next_path=next)
 
 
 @router.post("/login")
 async def login(request: Request):
     state = state_of(request)
+    if from_another_origin(request):  # a sibling subdomain can plant the log-in cookie; it cannot fake this
+        raise ServiceError(403, "csrf", "the log-in form did not come from this site; reload the page and try again")
     form = await form_of(request)
     check_login_csrf(request, form.get("csrf_token"))
     username = form.get("username", "").strip()[:64]
@@ -519,6 +528,8 @@ async def admin_update_user(request: Request, user_id: RowId):
             if active is not None and user.id == principal.user.id:
                 return _users_page(request, db, principal, "you cannot deactivate yourself", 400)
             password_hash = None
+            if form.get("password") and user.id == principal.user.id:  # that needs the current password
+                return _users_page(request, db, principal, "change your own password on the Account page", 400)
             if form.get("password"):
                 try:
                     password_hash = hash_password(form["password"])
