@@ -249,6 +249,42 @@ def test_target_is_last_executed_spatial_conv() -> None:
     np.testing.assert_array_equal(grad_cam(model, inputs), grad_cam(model, inputs, target_layer=model.late))
 
 
+class TwoBranchNet(nn.Module):
+    """A DenseNet/GoogLeNet-like last stage: two branches concatenated, and a head that reads only the
+    first. The last conv to run is the second branch's, which carries none of the class evidence."""
+
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.read, self.ignored = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.read(x), self.ignored(x)], dim=1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = self.Stage()
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.head.weight[:, 2:] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage(x).mean(dim=(2, 3)))
+
+
+def test_the_default_target_is_the_whole_last_stage_not_its_last_branch() -> None:
+    """The last Conv2d executed was the default: for DenseNet (32 of 1024 channels), GoogLeNet (one branch of
+    four) and ResNet (no skip path) it explained part of what the head reads; here, nothing of it (flat)."""
+    torch.manual_seed(0)
+    model = TwoBranchNet().eval()
+    assert find_target_layer(model, input_size=16) is model.stage
+    inputs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert not grad_cam(model, inputs, class_index=0, target_layer=model.stage.ignored).any()
+    maps = grad_cam(model, inputs, class_index=0)
+    assert all(heatmap.max() == pytest.approx(1.0) for heatmap in maps)
+    np.testing.assert_array_equal(maps, grad_cam(model, inputs, class_index=0, target_layer=model.stage))
+
+
 def test_matches_the_grad_cam_definition() -> None:
     """Reference: ReLU(sum_c mean_xy(dy/dA_c) * A_c), bilinear to the input, min-max scaled."""
     torch.manual_seed(0)
@@ -307,8 +343,8 @@ def _fill(tensor: torch.Tensor, key: str, is_norm: bool, generator: torch.Genera
 def test_inplace_relu_after_the_target_explains_the_relu_output() -> None:
     model = _fast_random_model("tusar_convnet")  # Conv2d -> ReLU(inplace=True) throughout
     inputs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    maps = grad_cam(model, inputs, class_index=[0, 1])
-    assert find_target_layer(model, 64) is model.features[8]
+    maps = grad_cam(model, inputs, class_index=[0, 1], target_layer=model.features[8])
+    assert find_target_layer(model, 64) is model.features  # the whole last stage by default
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
@@ -322,7 +358,7 @@ def test_every_registry_classifier(name: str) -> None:
     model.train()
     inputs = torch.rand(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     layer = find_target_layer(model, input_size=64)
-    assert isinstance(layer, nn.Conv2d)
+    assert any(isinstance(inner, nn.Conv2d) for inner in layer.modules())
     maps = grad_cam(model, inputs)
     assert maps.shape == (2, 64, 80) and maps.dtype == np.float32
     assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0

@@ -86,6 +86,16 @@ def _last_spatial(record: _Record) -> tuple[nn.Module, torch.Tensor]:
     raise ValueError("the model has no Conv2d layer with a spatial (H x W > 1) output at this input size")
 
 
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """Every sub-module that is or holds a ``Conv2d``: a conv, a block, a stage. The last of them to give a
+    spatial output is the whole last stage (ResNet's ``layer4`` with its skip path, DenseNet's ``features``
+    with every concatenated channel, GoogLeNet's ``inception5b`` with all four branches), where the last
+    conv alone would explain only one branch of what the head reads. Activations, pooling, dropout and
+    norms hold no conv, so they are never the target."""
+    return [module for module in model.modules()
+            if module is not model and any(isinstance(inner, nn.Conv2d) for inner in module.modules())]
+
+
 def _logits(output: object) -> torch.Tensor:
     # torchvision's GoogLeNet/Inception return a namedtuple when aux heads are on.
     if isinstance(output, (tuple, list)):
@@ -101,14 +111,14 @@ def _logits(output: object) -> torch.Tensor:
 def find_target_layer(
     model: nn.Module, input_size: int = DEFAULT_PROBE_SIZE, in_channels: int = 3
 ) -> nn.Module:
-    """The last ``Conv2d`` *executed* whose output is spatial for an
-    ``in_channels x input_size x input_size`` input.
+    """The last module holding a ``Conv2d`` (a conv, a block or a whole stage: :func:`_stages`) *executed*
+    whose output is spatial for an ``in_channels x input_size x input_size`` input.
 
     Found with one probe forward pass (eval mode, no grad; the model's modes are
     restored), because registration order is not execution order and because
     squeeze-excitation blocks contain ``Conv2d`` layers applied to 1x1 maps.
     """
-    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    convs = _stages(model)
     if not convs:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer")
     parameter = next(model.parameters(), None)
@@ -174,9 +184,7 @@ def grad_cam(
         raise ValueError(f"inputs must be a non-empty (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
     if views > 1:
         return _grad_cam_over_views(model, inputs, class_index, target_layer, views)
-    watched = [target_layer] if target_layer is not None else [
-        module for module in model.modules() if isinstance(module, nn.Conv2d)
-    ]
+    watched = [target_layer] if target_layer is not None else _stages(model)
     if not watched:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer; pass target_layer")
     # Inference mode / no_grad of the caller would make the whole thing gradient-free.
