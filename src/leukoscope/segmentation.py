@@ -324,7 +324,7 @@ def segmentation_figure(
         ax.set_title(label)
         ax.set_axis_off()
     if title:
-        figure.suptitle(title)
+        figure.suptitle(str(title).replace("$", r"\$"))  # drawn literally, never as mathtext
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

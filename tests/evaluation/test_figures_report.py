@@ -276,3 +276,70 @@ def test_a_temperature_fit_on_its_bound_is_a_report_note_not_a_printed_warning(t
                                  val_logits=np.array([[2.0, 0.0], [0.0, 1.0]]), val_true=np.array([0, 1]))
     assert result["calibration"]["temperature"] == 1.0
     assert "reached its search limit" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- second review of the figures
+
+
+def _drawn_figure(monkeypatch: pytest.MonkeyPatch) -> list:
+    """What the figure functions drew, one ``[axis][text]`` list per figure saved (read back before the
+    figure is cleared)."""
+    from leukoscope.evaluation import figures
+
+    saved: list = []
+    real = figures.save_figure
+
+    def keep(fig, path):
+        saved.append([[text.get_text() for text in ax.texts] for ax in fig.axes])
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return saved
+
+
+def test_class_names_with_dollar_signs_are_drawn_literally(tmp_path: Path) -> None:
+    """A class named "CD34$^$ blast" made matplotlib parse mathtext and savefig raise: the run ended with
+    neither metrics.json nor report.html."""
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    classes = ["CD34$^$ blast", "a $x$ cell", "normal"]
+    result = evaluate_logits(y, noisy_logits(y, 3, seed=6), classes, tmp_path, history=HISTORY)
+    assert (tmp_path / "metrics.json").is_file() and set(result["figures"]) >= {"roc", "pr", "confusion_matrix"}
+
+
+def test_normalised_confusion_matrix_says_n_a_for_an_absent_class(tmp_path: Path, monkeypatch) -> None:
+    """A class with no images showed a recall of 0.00 on the diagonal."""
+    saved = _drawn_figure(monkeypatch)
+    cm = np.array([[3, 1, 0], [0, 0, 0], [1, 0, 2]])
+    confusion_matrix_figure(cm, ["a", "absent", "c"], tmp_path / "n.png", normalize=True)
+    texts = saved[-1][0]
+    assert texts[3:6] == ["n/a"] * 3 and texts[0] == "0.75" and "n/a" not in texts[:3] + texts[6:]
+
+
+def test_training_curves_mark_the_checkpoint_kept(tmp_path: Path, monkeypatch) -> None:
+    """The dashed line said "lowest val loss", usually not the checkpoint kept (chosen by val accuracy)."""
+    saved = _drawn_figure(monkeypatch)
+    training_curves_figure(HISTORY, tmp_path / "c.png", best_epoch=3, monitor="val_accuracy")
+    assert sum(saved[-1], []) == ["checkpoint kept (epoch 3, by val_accuracy)"]
+    training_curves_figure(HISTORY, tmp_path / "d.png")  # no checkpoint known: the lowest val loss, said so
+    assert sum(saved[-1], []) == ["lowest val loss (epoch 2)"]
+
+
+def test_evaluate_marks_the_run_s_best_epoch_on_the_curves(tmp_path: Path, monkeypatch) -> None:
+    saved = _drawn_figure(monkeypatch)
+    y = np.array([0, 1, 0, 1])
+    evaluate_logits(y, noisy_logits(y, 2, seed=7), ["a", "b"], tmp_path, history=HISTORY,
+                    config={"train": {"monitor": "val_macro_f1"}}, extra={"best_epoch": 1})
+    assert sum(saved[-1], []) == ["checkpoint kept (epoch 1, by val_macro_f1)"]
+
+
+def test_report_precision_of_a_class_never_predicted_is_n_a(tmp_path: Path) -> None:
+    """sklearn's zero_division=0 printed 0.000: "every call of it was wrong", for a class never called."""
+    y = np.array([0, 1, 2, 0, 1, 2])
+    logits = np.zeros((6, 3))
+    logits[np.arange(6), [0, 1, 0, 0, 1, 0]] = 5.0  # class 2 is never predicted
+    evaluate_logits(y, logits, ["a", "b", "never"], tmp_path)
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    row = re.search(r"<tr>\s*<td[^>]*>never</td>(.*?)</tr>", html, re.S)
+    assert row is not None
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    assert cells[0].strip() == "n/a" and cells[1].strip() == "0.000"  # precision n/a, recall 0 (missed both)

@@ -439,7 +439,7 @@ def test_heatmap_figure_has_a_colour_bar_from_none_to_high() -> None:
     assert width > 256 + 40 and height > 256  # room for the bar and the caption
     pixels = np.asarray(figure).astype(int)
     bar = pixels[20:240, 256:width]
-    # the bar's column: jet from dark red (1, "high", top) down to dark blue (0, "none", bottom)
+    # the bar's column: jet from dark red (1, "high", top) down to dark blue (0, "lowest", bottom)
     column = next(x for x in range(bar.shape[1]) if bar[5, x, 0] > 100 and bar[5, x, 2] < 60)
     assert bar[-5, column, 2] > 100 and bar[-5, column, 0] < 60
     np.testing.assert_array_equal(pixels[:256, :256], np.asarray(overlay_heatmap(image, heatmap)))

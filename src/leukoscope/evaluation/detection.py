@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 import leukoscope
 from leukoscope.evaluation.evaluate import to_jsonable
-from leukoscope.evaluation.figures import add_legend, new_figure, save_figure, line_style
+from leukoscope.evaluation.figures import add_legend, as_text, line_style, new_figure, save_figure
 from leukoscope.evaluation.report import embed_figure, format_value, render_template
 from leukoscope.labels import DISCLAIMER
 
@@ -195,7 +195,7 @@ def pr_curves_figure(coco: dict[str, Any], operating: dict[str, Any], path: Path
     ax = fig.add_subplot(1, 1, 1)
     for k, (name, curve) in enumerate(coco["pr_curves"].items()):
         ap = coco["per_class"][name]["ap_50"]
-        ax.plot(curve["recall"], curve["precision"], label=f"{name} (AP@0.5 {ap:.3f})", **line_style(k))
+        ax.plot(curve["recall"], curve["precision"], label=f"{as_text(name)} (AP@0.5 {ap:.3f})", **line_style(k))
         point = operating["per_class"].get(name, {})
         if point.get("precision") is not None and point.get("recall") is not None:
             ax.plot([point["recall"]], [point["precision"]], "o", color=line_style(k)["color"])
@@ -221,7 +221,7 @@ def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) 
         top = max(1, int(max(true.max(initial=0), pred.max(initial=0))) + 1)
         ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
         exact = operating["per_class"][name]["count_exact"]
-        ax.set_title(f"{name}: exact in {exact:.0%}" if exact is not None else name, fontsize=9)
+        ax.set_title(f"{as_text(name)}: exact in {exact:.0%}" if exact is not None else as_text(name), fontsize=9)
         ax.set_xlabel("true count")
         if k == 0:
             ax.set_ylabel("predicted count")
@@ -247,11 +247,12 @@ def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicte
             colour = line_style(int(label))["color"]
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                    linewidth=1.6, edgecolor=colour))
-            ax.text(box[0], box[1], f"{classes[int(label)]} {score:.2f}", fontsize=5, color="white",
+            ax.text(box[0], box[1], f"{as_text(classes[int(label)])} {score:.2f}", fontsize=5, color="white",
                     bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
-        ax.set_title(truth.name, fontsize=7)
+        ax.set_title(as_text(truth.name), fontsize=7)
         ax.axis("off")
-    handles = [Line2D([], [], color=line_style(k)["color"], linewidth=2, label=name) for k, name in enumerate(classes)]
+    handles = [Line2D([], [], color=line_style(k)["color"], linewidth=2, label=as_text(name))
+               for k, name in enumerate(classes)]
     handles += [Line2D([], [], color="grey", linestyle="--", label="true box"),
                 Line2D([], [], color="grey", label=f"predicted (score >= {score_threshold:.2f})")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)

@@ -97,6 +97,8 @@ def _write_figures(
     metrics: dict,
     classes: list[str],
     history: list[dict] | None,
+    best_epoch: int | None = None,
+    monitor: str | None = None,
 ) -> dict[str, Path]:
     cm = np.asarray(metrics["confusion_matrix"])
     paths = {
@@ -109,7 +111,8 @@ def _write_figures(
         "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png"),
     }
     if history:
-        paths["training_curves"] = training_curves_figure(history, figures_dir / "training_curves.png")
+        paths["training_curves"] = training_curves_figure(history, figures_dir / "training_curves.png",
+                                                          best_epoch=best_epoch, monitor=monitor)
     return paths
 
 
@@ -159,7 +162,9 @@ def evaluate_logits(
         metrics["calibration"], probs_after, calibration_notes = _calibrate(z, y, val_logits, val_true)
         report_notes.extend(calibration_notes)
 
-    figure_paths = _write_figures(out_dir / "figures", y, probs, probs_after, metrics, list(classes), history)
+    monitor = ((config or {}).get("train") or {}).get("monitor") if isinstance(config, dict) else None
+    figure_paths = _write_figures(out_dir / "figures", y, probs, probs_after, metrics, list(classes), history,
+                                  (extra or {}).get("best_epoch"), monitor)
     metrics["figures"] = {name: path.relative_to(out_dir).as_posix() for name, path in figure_paths.items()}
 
     metrics = to_jsonable({**metrics, **(extra or {})})

@@ -46,6 +46,12 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+def as_text(name: str) -> str:
+    """A class or file name as matplotlib should draw it: literally (a ``$`` pair would start mathtext,
+    and an unbalanced one makes ``savefig`` raise)."""
+    return str(name).replace("$", r"\$")
+
+
 def line_style(k: int) -> dict:
     """Colour + line style for series ``k``; the style changes once colours wrap."""
     return {"color": _PALETTE[k % len(_PALETTE)], "linestyle": _LINESTYLES[(k // len(_PALETTE)) % len(_LINESTYLES)]}
@@ -89,7 +95,7 @@ def confusion_matrix_figure(
     """Heat-map of a confusion matrix (rows = true, columns = predicted), annotated per cell.
 
     With ``normalize=True`` each row is divided by its total, so the diagonal
-    reads as per-class recall; rows of absent classes stay 0.
+    reads as per-class recall; rows of absent classes read "n/a" (no recall).
     """
     counts = np.asarray(cm, dtype=np.float64)
     n = len(classes)
@@ -105,14 +111,19 @@ def confusion_matrix_figure(
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
 
     fontsize = 10 if n <= 8 else 8 if n <= 15 else 6
+    absent = counts.sum(axis=1) == 0
     for i in range(n):
         for j in range(n):
+            if normalize and absent[i]:
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=fontsize, color="grey")
+                continue
             text = f"{values[i, j]:.2f}" if normalize else f"{int(round(values[i, j]))}"
             dark = values[i, j] > 0.55 * vmax  # white text on dark cells
             ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
 
-    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), labels=classes)
+    labels = [as_text(name) for name in classes]
+    ax.set_xticks(range(n), labels=labels, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=labels)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"))
@@ -130,10 +141,10 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: 
     for k in drawable:
         fpr, tpr, _ = roc_curve(y == k, p[:, k])
         auc = float(area_under_curve(fpr, tpr))
-        label = f"{classes[k]} vs {classes[0]}" if len(classes) == 2 else classes[k]
+        label = f"{as_text(classes[k])} vs {as_text(classes[0])}" if len(classes) == 2 else as_text(classes[k])
         ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})", **line_style(k))
     for k in skipped:
-        ax.plot([], [], " ", label=f"{classes[k]}: AUC n/a (no positives or negatives)")
+        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AUC n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title="ROC curves (one-vs-rest)")
     ax.set_aspect("equal")
@@ -158,9 +169,9 @@ def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: P
         ap = average_precision_score(y == k, p[:, k])
         prevalence = float(np.mean(y == k))
         ax.step(recall, precision, where="post", linewidth=1.8,
-                label=f"{classes[k]} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **line_style(k))
+                label=f"{as_text(classes[k])} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **line_style(k))
     for k in skipped:
-        ax.plot([], [], " ", label=f"{classes[k]}: AP n/a (no positives or negatives)")
+        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AP n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel="Recall (sensitivity)", ylabel="Precision",
            title="Precision-recall curves (one-vs-rest)")
     ax.grid(alpha=0.3)
@@ -217,10 +228,12 @@ def _series(history: list[dict], key: str) -> np.ndarray:
     return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def training_curves_figure(history: list[dict], path: Path) -> Path:
+def training_curves_figure(history: list[dict], path: Path, *, best_epoch: int | None = None,
+                           monitor: str | None = None) -> Path:
     """Loss and accuracy per epoch (train and, when recorded, validation) in two panels.
 
-    The best validation loss is marked, since that is usually the checkpoint kept.
+    ``best_epoch`` (the checkpoint kept, chosen by ``monitor``) is marked on both panels; without it, the
+    lowest validation loss is marked and labelled as such.
     """
     if not history:
         raise ValueError("training history is empty; nothing to plot")
@@ -246,7 +259,14 @@ def training_curves_figure(history: list[dict], path: Path) -> Path:
         ax.set(xlabel="Epoch", ylabel=ylabel, title=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 2.5" ticks
         ax.grid(alpha=0.3)
-    _mark_best_validation(ax_loss, epochs, _series(history, "val_loss"))
+    if best_epoch is not None and best_epoch in epochs:
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1)
+        ax_acc.annotate(f"checkpoint kept (epoch {best_epoch}{f', by {monitor}' if monitor else ''})",
+                        (best_epoch, 0.02), xycoords=("data", "axes fraction"), xytext=(6, 0),
+                        textcoords="offset points", fontsize=8, color="dimgrey")
+    else:
+        _mark_best_validation(ax_loss, epochs, _series(history, "val_loss"))
     if _accuracy_is_fraction(history):
         ax_acc.set_ylim(-0.02, 1.02)
     fig.tight_layout()

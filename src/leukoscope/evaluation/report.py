@@ -95,18 +95,34 @@ def _headline(metrics: dict) -> list[dict[str, str]]:
     return [{"label": label, "value": format_value(value), "hint": hint} for label, value, hint in cards]
 
 
-def _class_cell(stats: dict, key: str) -> str:
+def _class_cell(stats: dict, key: str, predicted: int | None = None) -> str:
     # metrics.json keeps sklearn's zero_division=0, but a recall of a class with no
-    # images is undefined, and printing 0.000 would read as "missed every one".
+    # images is undefined, and printing 0.000 would read as "missed every one"; so is
+    # the precision of a class never predicted ("every call of it was wrong").
     if key in ("recall", "f1") and stats.get("support") == 0:
         return "n/a"
+    if key == "precision" and predicted == 0:
+        return "n/a"
     return format_value(stats.get(key))
+
+
+def _predicted_counts(metrics: dict) -> list[int | None]:
+    """How often each class was predicted (the confusion matrix's column sums), None where unknown."""
+    per_class = metrics.get("per_class") or {}
+    matrix = metrics.get("confusion_matrix")
+    try:
+        if len(matrix) != len(per_class) or any(len(row) != len(per_class) for row in matrix):
+            return [None] * len(per_class)
+        return [int(sum(row[j] for row in matrix)) for j in range(len(per_class))]
+    except (TypeError, ValueError):  # no matrix recorded
+        return [None] * len(per_class)
 
 
 def _per_class_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
     per_class = metrics.get("per_class") or {}
     order = ("precision", "recall", "specificity", "f1", "support", "roc_auc")
-    rows = [{"name": name, "cells": [_class_cell(stats, key) for key in order]} for name, stats in per_class.items()]
+    rows = [{"name": name, "cells": [_class_cell(stats, key, predicted) for key in order]}
+            for (name, stats), predicted in zip(per_class.items(), _predicted_counts(metrics))]
     support = str(sum(stats.get("support", 0) for stats in per_class.values()))
     averages = []
     for label, key, auc in (("macro average", "macro", format_value(metrics.get("roc_auc_macro_ovr"))),

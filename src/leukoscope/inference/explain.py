@@ -300,13 +300,14 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, colorm
     figure.paste(overlay.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(figure)
     font = _font(11)
-    # the colour bar: top = 1 (strongest evidence in this image), bottom = 0 (none)
+    # the colour bar: top = 1 (strongest evidence in this image), bottom = 0 (the least in this image:
+    # each map is scaled to its own range, so 0 is not "no evidence")
     top, bottom, left = 14, height - 14, width + 8
     levels = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(14, axis=1)
     bar = Image.fromarray((cmap(levels)[..., :3] * 255).round().astype(np.uint8))
     figure.paste(bar, (left, top))
     draw.rectangle((left - 1, top - 1, left + 14, bottom), outline="black")
-    for value, text in ((1.0, "high"), (0.5, "0.5"), (0.0, "none")):
+    for value, text in ((1.0, "high"), (0.5, "0.5"), (0.0, "lowest")):
         y = bottom - value * (bottom - top)
         draw.line((left + 14, y, left + 18, y), fill="black")
         draw.text((left + 21, y), text, fill="black", font=font, anchor="lm")

@@ -352,6 +352,8 @@ def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Pa
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    from leukoscope.evaluation.figures import as_text
+
     scores = (("accuracy", "accuracy", "o"), ("precision", "precision", "s"), ("recall", "recall", "^"),
               ("specificity", "specificity", "v"), ("f1", "F1", "D"), ("roc_auc", "ROC-AUC", "*"))
     height = max(3.0, 0.45 * len(rows) + 1.6)
@@ -365,7 +367,7 @@ def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Pa
             left.scatter([v for _, v in shown], [y for y, _ in shown], marker=marker, s=36, label=name, alpha=0.85)
     lowest = min([getattr(r, k) for r in rows for k, _, _ in scores if getattr(r, k) is not None] + [1.0])
     left.set_xlim(max(0.0, math.floor(lowest * 10) / 10 - 0.05), 1.01)
-    left.set_yticks(positions, [_label(row) for row in rows])
+    left.set_yticks(positions, [as_text(_label(row)) for row in rows])
     left.set_xlabel("score (test split, macro averages)")
     left.grid(axis="x", alpha=0.3)
     figure.legend(*left.get_legend_handles_labels(), loc="outside upper left", ncols=6, fontsize=8)
