@@ -431,7 +431,7 @@ def test_overlay_blends_the_colormap_over_the_image() -> None:
     np.testing.assert_allclose(half, (pixels + np.asarray(image)) / 2, atol=1)
 
 
-def test_heatmap_figure_has_a_colour_bar_from_none_to_high() -> None:
+def test_heatmap_figure_has_a_colour_bar_from_lowest_to_high() -> None:
     image = Image.new("RGB", (256, 256), (200, 200, 200))
     heatmap = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
     figure = heatmap_figure(overlay_heatmap(image, heatmap), heatmap, "blast")
