@@ -268,3 +268,23 @@ def test_a_small_first_image_does_not_change_what_later_fields_detect(bundle: st
     after_thumbnail.analyze(field.crop((0, 0, 40, 40)))
     assert len(fresh) > 0
     np.testing.assert_allclose(boxes_of(after_thumbnail), fresh, atol=1e-3)
+
+
+def test_a_box_around_a_kept_cell_is_dropped_too() -> None:
+    """The containment test looked one way only: a lower-scored box enclosing a kept cell (a box around two
+    touching cells, or a box cut at a tile's edge that spans the neighbouring tile's whole cell) survived and
+    counted an extra cell, usually called blast."""
+    boxes = np.array([
+        [595.0, 1140.0, 846.0, 1399.0],  # a whole cell
+        [324.0, 1158.0, 854.0, 1388.0],  # cut at a tile edge, around that cell and part of its neighbour
+        [100.0, 100.0, 200.0, 200.0],    # a cell
+        [210.0, 100.0, 300.0, 200.0],    # its touching neighbour
+        [95.0, 95.0, 305.0, 205.0],      # one lower-scored box around both
+    ])
+    scores = np.array([0.99, 0.95, 0.98, 0.97, 0.94])
+    labels = np.zeros(5, dtype=int)
+    cut = np.array([False, True, True, True, True])  # the white-cell pass marks every box as cut
+    assert merge_tile_detections(boxes, scores, labels, cut, containment=0.7).tolist() == [0, 2, 3]
+    # two boxes that only touch are both kept
+    touching = merge_tile_detections(boxes[2:4], scores[2:4], labels[2:4], cut[2:4], containment=0.7)
+    assert touching.tolist() == [0, 1]

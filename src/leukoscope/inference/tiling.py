@@ -42,7 +42,9 @@ def merge_tile_detections(
     ``cut`` marks boxes touching an inner tile edge (the cell may be cut off).
     Whole boxes are preferred to cut ones, then higher scores; a box is dropped
     when a kept box of the same class overlaps it by IoU > ``iou_threshold`` or,
-    for a cut box, covers more than ``containment`` of its area.
+    for a cut box, when either holds more than ``containment`` of the other: a cut box
+    inside a kept one is part of it, and a cut box around a kept one is that cell with its
+    neighbour (a box at a tile's edge spanning two cells, or one detection of two touching cells).
     """
     n = len(scores)
     if n == 0:
@@ -64,7 +66,7 @@ def merge_tile_detections(
             if iou[i, j] > iou_threshold:
                 duplicate = True
                 break
-            if cut[i] and area[i] > 0 and inter[i, j] / area[i] > containment:
+            if cut[i] and inter[i, j] > containment * min(area[i], area[j]) and min(area[i], area[j]) > 0:
                 duplicate = True
                 break
         if not duplicate:
