@@ -376,10 +376,12 @@ def record_metrics(directory: str | Path, metrics: dict[str, Any], drop: Sequenc
     return info
 
 
-def copy_bundle(source: str | Path, target: str | Path) -> Path:
+def copy_bundle(source: str | Path, target: str | Path, *, with_info: bool = True) -> Path:
     """Copy the files of bundle ``source`` (a folder or ``pretrained:NAME``) into ``target``,
     ``bundle.json`` last (a folder with a ``bundle.json`` has all its files). An exported graph
-    of the source is left behind: whoever copies is about to write its own."""
+    of the source is left behind: whoever copies is about to write its own. ``with_info=False``:
+    everything but ``bundle.json`` (an export writes it, with its graph's record, once the graph is
+    there: a folder left by an export that was killed is not a bundle, rather than the float model)."""
     import shutil
 
     source = resolve_bundle(source)
@@ -389,6 +391,8 @@ def copy_bundle(source: str | Path, target: str | Path) -> Path:
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in (BUNDLE_FILE, *GRAPH_FILES) and not path.name.endswith(".tmp"):
             shutil.copy2(path, target / path.name)
+    if not with_info:
+        return target
     if info.export is None:
         shutil.copy2(source / BUNDLE_FILE, target / BUNDLE_FILE)  # byte for byte
     else:  # the graph stayed behind: the copy must not claim it
@@ -397,11 +401,13 @@ def copy_bundle(source: str | Path, target: str | Path) -> Path:
     return target
 
 
-def save_export(directory: str | Path, record: dict[str, Any]) -> BundleInfo:
+def save_export(directory: str | Path, record: dict[str, Any], source: BundleInfo | None = None) -> BundleInfo:
     """Record an exported graph (already written into ``directory``) in its ``bundle.json``,
-    which becomes format 4, and in its model card when it has one (:func:`note_export_in_card`)."""
+    which becomes format 4, and in its model card when it has one (:func:`note_export_in_card`).
+    ``source``: the exported bundle's record, for a ``directory`` that has no ``bundle.json`` yet
+    (:func:`copy_bundle` with ``with_info=False``)."""
     directory = Path(directory)
-    info = read_bundle_info(directory)
+    info = source if source is not None else read_bundle_info(directory)
     info.export = dict(record)
     _write_json(directory, info)
     note_export_in_card(directory, record)

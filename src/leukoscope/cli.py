@@ -81,6 +81,26 @@ def _run(fn, *args, **kwargs):
         _fail(str(exc))
 
 
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `timeout`, a container stopped) as Ctrl-C, so that work which
+    tidies up after Ctrl-C (an export's half-written folder) does so after it too."""
+    import signal
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (tests calling the command): nothing to take over
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
@@ -742,8 +762,9 @@ def export(
     # accuracy change are then measured on what the model will be given)
     frames = {given: _frames_cells(info, given, as_given, um_per_px) for given in (calibration, check)
               if given is not None and info is not None}
-    _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration,
-         frame_calibration=frames.get(calibration, False), um_per_px=um_per_px, show_progress=True)
+    with _terminate_as_interrupt():
+        _run(export_bundle, source, target, export_format, opset=opset, calibration=calibration,
+             frame_calibration=frames.get(calibration, False), um_per_px=um_per_px, show_progress=True)
 
     record = _run(read_bundle_info, target).export or {}
     precision = (f"int8, calibrated on {record.get('calibration_images')} images" if int8 else "float32")

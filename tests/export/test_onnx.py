@@ -173,3 +173,46 @@ def test_a_gray_group_norm_classifier_exports_and_agrees(synthetic_root: Path, t
     images = [Image.open(p).convert("RGB") for p in sorted((synthetic_root / "blast").glob("*.png"))[:4]] + _images(3)
     assert_graph_matches_torch(CellClassifier.from_bundle(bundle, backend="torch"),
                                CellClassifier.from_bundle(bundle, backend="onnxruntime", threads=1), images)
+
+
+def test_an_export_killed_before_its_graph_leaves_no_bundle(trained: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's bundle.json was written before the graph: an export killed by SIGTERM or SIGKILL (no clean-up
+    runs) left a folder that loaded as the float torch model under the export's name."""
+    from leukoscope.inference import export as export_module
+
+    def killed(_graph):
+        raise SystemExit("killed")  # stands for a kill: the inner step, without export_bundle's clean-up
+
+    monkeypatch.setattr(export_module, "check_graph", killed)
+    out = tmp_path / "half"
+    with pytest.raises(SystemExit):
+        export_module._export_bundle(trained["abas_cnn"], out, "onnx", opset=17, calibration=None,
+                                     frame_calibration=False, um_per_px=None, show_progress=False)
+    assert any(out.iterdir()) and not (out / "bundle.json").exists()
+    with pytest.raises(BundleError):
+        read_bundle_info(out)
+
+
+def test_an_export_into_another_folder_with_files_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+    """The CLI refused it, the Python API mixed the export's files with the folder's."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not empty"):
+        export_onnx(trained["abas_cnn"], out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_sigterm_during_an_export_is_taken_as_ctrl_c() -> None:
+    import os
+    import signal
+
+    from leukoscope.cli import _terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -155,8 +155,9 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, cal
     with torch.no_grad():
         shapes = stage(example)
     out = Path(out)
-    if out.resolve() != source.resolve():
-        copy_bundle(source, out)
+    in_place = out.resolve() == source.resolve()
+    if not in_place:
+        copy_bundle(source, out, with_info=False)  # bundle.json comes last, with the graphs' record
     graph_tmp = out / (ONNX_FILE + ".tmp")
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
             **{name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}}
@@ -194,7 +195,7 @@ def export_detector_onnx(bundle: str | Path, out: str | Path, *, opset: int, cal
     graph_tmp.replace(out / ONNX_FILE)
     box_tmp.replace(out / BOX_ONNX_FILE)
     record.update(box_file=BOX_ONNX_FILE, box_inputs=box_inputs, box_outputs=list(BOX_OUTPUTS))
-    save_export(out, record)
+    save_export(out, record, None if in_place else info)
     return out
 
 

@@ -154,6 +154,9 @@ def export_bundle(bundle: str | Path, out: str | Path, export_format: str = "onn
     out = Path(out)
     in_place = out.exists() and out.resolve() == resolve_bundle(bundle).resolve()
     fresh = not in_place and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
+    if not in_place and not fresh:  # another folder's files would be mixed with the export's
+        raise BundleError(f"{out} already exists and is not empty: export into a new folder, or into the bundle "
+                          "itself")
     existed = out.exists()
     try:
         return _export_bundle(bundle, out, export_format, opset=opset, calibration=calibration,
@@ -199,8 +202,9 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
     with torch.no_grad():
         logits, embedding = wrapped(example)
     out = Path(out)
-    if out.resolve() != source.resolve():
-        copy_bundle(source, out)
+    in_place = out.resolve() == source.resolve()
+    if not in_place:
+        copy_bundle(source, out, with_info=False)  # bundle.json comes last, with the graph's record
     graph_tmp = out / (ONNX_FILE + ".tmp")
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice: chosen on purpose (docstring)
         warnings.simplefilter("ignore")
@@ -247,7 +251,7 @@ def _export_bundle(bundle: str | Path, out: Path, export_format: str, *, opset: 
         record.update(fields)
     else:
         graph_tmp.replace(out / ONNX_FILE)
-    save_export(out, record)
+    save_export(out, record, None if in_place else info)
     return out
 
 
