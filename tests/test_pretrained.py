@@ -39,6 +39,9 @@ license: apache-2.0
 
 ## Data
 Generated cells.
+
+- Model: a long bullet that goes on well past the width of any terminal, about what the model learned from and
+  why that matters, and it ends with the words that must reach the reader: research use only.
 """
 
 
@@ -143,6 +146,7 @@ def test_models_lists_the_shipped_models_and_prints_a_card(shipped: Path) -> Non
     assert card.exit_code == 0, card.output
     assert "wbc-classifier" in card.stdout and "Names the type of a white cell." in card.stdout
     assert "Generated cells." in card.output and "## Data" not in card.output  # rendered, not raw Markdown
+    assert "research use only" in " ".join(card.stdout.split())  # a long bullet is wrapped, not cropped
     unknown = invoke("models", "--card", "nope")
     assert unknown.exit_code == 2 and "no shipped model 'nope'" in unknown.output
     assert "shipped: smear-detector, wbc-classifier" in " ".join(unknown.output.split())
@@ -216,6 +220,10 @@ def test_predict_and_evaluate_take_pretrained_names(shipped: Path, synthetic_roo
     report = Path(evaluated.stdout.strip().splitlines()[-1])
     assert report.resolve() == (tmp_path / f"eval-wbc-classifier-{synthetic_root.name}" / "report.html").resolve()
     assert not list((shipped / DEFAULT_CLASSIFIER).glob("eval-*")) and not list(shipped.glob("eval-*"))
+    shutil.rmtree(report.parent)
+    by_path = invoke("evaluate", "--bundle", shipped / DEFAULT_CLASSIFIER, "--data", synthetic_root)
+    assert by_path.exit_code == 0, by_path.output  # given by its folder's path: to the working folder as well
+    assert report.is_file() and not list(shipped.glob("eval-*"))
     wrong = invoke("predict", "--bundle", "pretrained:smear-detector", synthetic_root / "blast")
     assert wrong.exit_code == 2 and "needs a cell classifier bundle" in wrong.output
     unknown = invoke("predict", "--bundle", "pretrained:nope", synthetic_root / "blast")
@@ -243,6 +251,9 @@ def test_service_settings_take_pretrained_names(shipped: Path) -> None:
 def test_calibrate_ood_leaves_a_shipped_model_alone(shipped: Path, synthetic_root: Path) -> None:
     result = invoke("calibrate-ood", "--bundle", "pretrained:wbc-classifier", "--data", synthetic_root, "--quiet")
     assert result.exit_code == 2 and "copy its folder" in " ".join(result.output.split())
+    # the same model by its folder's path (as the refusal prints it) was calibrated in place
+    by_path = invoke("calibrate-ood", "--bundle", shipped / DEFAULT_CLASSIFIER, "--data", synthetic_root, "--quiet")
+    assert by_path.exit_code == 2 and "copy its folder" in " ".join(by_path.output.split())
     assert not (shipped / DEFAULT_CLASSIFIER / "ood.safetensors").exists()
 
 

@@ -120,7 +120,9 @@ def models(
         from rich.markdown import Markdown
 
         text = _run(model_card, card)
-        listing.print(Markdown(text))
+        # wrapped, not soft-wrapped: rich crops each Markdown bullet and table cell of a soft-wrapping
+        # console to one line (the card's "research use only" never reached the reader)
+        Console().print(Markdown(text))
         return
     if pretrained:
         shipped = _run(list_pretrained)
@@ -438,7 +440,8 @@ def evaluate(
         _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
               f"{', '.join(given)} does not apply to it")
     # a shipped model's folder is inside the installed package: its evaluations go to the working folder
-    out_root, prefix = (Path("."), f"eval-{bundle.name}-") if is_pretrained_spec(spec) else (bundle.parent, "eval-")
+    shipped = is_pretrained_spec(spec) or shipped_spec(bundle) is not None  # as pretrained:NAME or as its folder
+    out_root, prefix = (Path("."), f"eval-{bundle.name}-") if shipped else (bundle.parent, "eval-")
     if threads:  # torch's share of either task (a detector's graph runs beside torch's proposal stage)
         import torch
 
@@ -514,10 +517,9 @@ def calibrate_ood(
     """
     from leukoscope.data.readers import check_dataset_path
 
-    if is_pretrained_spec(bundle):  # it would write into the installed package
-        _fail(f"{bundle} is a shipped model: copy its folder ({_check_bundle(bundle, '--bundle')}) and calibrate "
-              f"the copy")
-    _check_bundle(bundle)
+    folder = _check_bundle(bundle, "--bundle")
+    if is_pretrained_spec(bundle) or shipped_spec(folder):  # it would write into the installed package
+        _fail(f"{bundle} is a shipped model: copy its folder ({folder}) and calibrate the copy")
     _run(check_dataset_path, data)
     if split_file is not None and not split_file.is_file():
         _fail(f"{split_file}: split file does not exist (make one with `leukoscope split`)")
