@@ -54,6 +54,29 @@ def test_values_no_config_could_hold_are_refused() -> None:
             load_config(overrides=[override])
 
 
+def test_values_that_failed_only_after_training_or_as_tracebacks_are_refused_upfront() -> None:
+    """predict.uncertain_threshold=5 trained the whole run and failed when writing the bundle; a bad
+    train.device or train.threads was a traceback after the data were prepared; search.epochs=[0,1] a raw
+    pydantic message."""
+    for override, key in (("predict.uncertain_threshold=5", "predict.uncertain_threshold"),
+                          ("train.device=gpu", "train.device"), ("train.threads=-1", "train.threads"),
+                          ("data.cell_window_um=-3", "data.cell_window_um"), ("search.epochs=[0,1]", "search.epochs"),
+                          ("search.batch_size=[0]", "search.batch_size")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(overrides=[override])
+    for good in ("train.device=cuda:1", "train.device=cpu", "train.threads=2", "predict.uncertain_threshold=0.7"):
+        load_config(overrides=[good])
+    from leukoscope.engine.detection_config import load_detection_config
+
+    for override, key in (("predict.score_threshold=5", "predict.score_threshold"), ("data.um_per_px=-1", "um_per_px"),
+                          ("train.warmup_iters=-3", "train.warmup_iters"), ("train.grad_clip=-1", "train.grad_clip"),
+                          ("train.max_images_per_epoch=0", "train.max_images_per_epoch")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_detection_config(overrides=[override])
+    load_detection_config(overrides=["data.um_per_px=0.08"])
+    load_detection_config(overrides=["data.um_per_px=estimate"])
+
+
 def test_a_section_written_as_one_value_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text("model: abas_cnn\ndata: /tmp/somewhere\n")

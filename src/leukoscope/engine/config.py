@@ -53,7 +53,7 @@ class DataConfig(Section):
     class_map: dict[str, str] | None = None
     """Merge labels, e.g. ``{Early: Malignant, Pre: Malignant, Pro: Malignant}``."""
     segmentation: Literal["lab_kmeans", "hsv"] | None = None
-    cell_window_um: float | None = None
+    cell_window_um: float | None = Field(None, gt=0)
     """The images are cell crops of this many micrometres around each cell (made with
     :func:`leukoscope.cell_window.crop_cell`, as ``bench/zoo.py`` does); recorded in the bundle
     so that smear analysis crops fields of any magnification the same way. None: plain images."""
@@ -94,12 +94,13 @@ class TrainingBase(Section):
     """Time budget in minutes (the best weights so far are kept); the schedule follows it when it
     ends before the epochs do."""
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    """auto (a GPU when there is one), cpu, cuda, cuda:N or mps."""
     deterministic: bool = True
     """While training on a GPU, PyTorch's deterministic kernels where it has them, so that a seed repeats
     a run up to the few ops that have none (the CPU's kernels are deterministic already); false:
     CUDA's faster default kernels, which a rerun does not repeat exactly."""
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     keep_checkpoint: bool = False
     """Keep ``checkpoint.pt`` once the run is complete (only needed to train further; hundreds of MB)."""
 
@@ -132,10 +133,10 @@ class TrainConfig(TrainingBase):
 class SearchConfig(Section):
     """A grid over training settings (system E: epochs x learning rate x optimizer)."""
 
-    epochs: list[int] | None = None
+    epochs: list[Annotated[int, Field(ge=1)]] | None = None
     lr: list[Annotated[float, Field(gt=0)]] | None = None
     optimizer: list[Literal["adam", "adamw", "sgd"]] | None = None
-    batch_size: list[int] | None = None
+    batch_size: list[Annotated[int, Field(ge=1)]] | None = None
     models: list[str] | None = None
 
     def is_empty(self) -> bool:
@@ -150,7 +151,7 @@ SEARCH_EXAMPLE = """search:
 
 
 class PredictConfig(Section):
-    uncertain_threshold: float = 0.5
+    uncertain_threshold: float = Field(0.5, ge=0, le=1)
     """A prediction whose top probability is below this is reported as "uncertain"."""
     views: Literal[1, 4, 8] = 1
     """Test-time views: every output the mean over the cell's right-angle rotations (4) and their mirror

@@ -5,7 +5,7 @@ with the closest valid key."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -32,7 +32,7 @@ class DetectionDataConfig(Section):
     """Other spellings of class names, e.g. ``{Platelet: Platelets}``."""
     on_error: Literal["skip", "fail"] = "skip"
     """Bad objects/files (unknown class, box outside the image...): skip and report, or stop."""
-    um_per_px: float | Literal["estimate"] | None = "estimate"
+    um_per_px: Annotated[float, Field(gt=0)] | Literal["estimate"] | None = "estimate"
     """Pixel size of the training images in micrometres: a number, ``estimate`` (from the red
     cells of up to 40 training images, :func:`leukoscope.scale.source_scale`) or null. Recorded
     in the bundle; smear analysis resamples fields of another magnification to it."""
@@ -59,12 +59,12 @@ class DetectionTrainConfig(TrainingBase):
     epochs: int = 30
     batch_size: int = 4
     scheduler: Literal["none", "cosine"] = "cosine"
-    warmup_iters: int = 50
-    grad_clip: float | None = 10.0
+    warmup_iters: int = Field(50, ge=0)
+    grad_clip: float | None = Field(10.0, gt=0)
     augmentation: str = "default"
     monitor: Literal["val_map", "val_map_50"] = "val_map_50"
     eval_every: int = 1
-    max_images_per_epoch: int | None = None
+    max_images_per_epoch: int | None = Field(None, ge=1)
     """Use a random subset of the training images each epoch (quick runs)."""
 
     @field_validator("augmentation")
@@ -83,7 +83,7 @@ class DetectionTrainConfig(TrainingBase):
 
 
 class DetectionPredictConfig(Section):
-    score_threshold: float = 0.5
+    score_threshold: float = Field(0.5, ge=0, le=1)
     """Operating threshold: detections below it are not counted."""
     choose_threshold: bool = True
     """With a validation split, replace ``score_threshold`` by the one with the best mean F1 there."""
