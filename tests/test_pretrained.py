@@ -267,7 +267,7 @@ def test_a_shipped_model_is_never_exported_into_the_package(shipped: Path, synth
     said = " ".join(advised.output.split())
     assert advised.exit_code == 2, advised.output
     assert (f"run `leukoscope export --bundle pretrained:{DEFAULT_CLASSIFIER} --format onnx --out "
-            f"{DEFAULT_CLASSIFIER}-onnx` first and pass --bundle {DEFAULT_CLASSIFIER}-onnx") in said
+            f"{DEFAULT_CLASSIFIER}-onnx` first and give {DEFAULT_CLASSIFIER}-onnx as the bundle") in said
     for out in (["--out", shipped / "beside-it"], ["--out", shipped / DEFAULT_CLASSIFIER],
                 ["--out", shipped / DEFAULT_CLASSIFIER / "onnx"]):
         refused = invoke("export", "--bundle", shipped / DEFAULT_CLASSIFIER, "--format", "onnx", *out)

@@ -109,14 +109,19 @@ def shipped_spec(directory: str | Path) -> str | None:
 
 
 def export_advice(directory: str | Path, export_format: str) -> str:
-    """The command that gives ``directory`` a graph: for a shipped model, an export to a folder of its own
-    (the package's folder stays as installed) and the ``--bundle`` to use then."""
+    """The command that gives ``directory`` a graph, and the folder to use as the bundle then: the export
+    writes ``<bundle>-<format>`` beside it (or, for a shipped model, a folder of its own: the package's
+    folder stays as installed). Said without naming an option: the bundle may have come from --bundle,
+    --classifier or --detector."""
     shipped = shipped_spec(directory)
     if shipped is None:
-        return f"run `leukoscope export --bundle {directory} --format {export_format}` first"
+        directory = Path(directory)
+        exported = directory.parent / f"{directory.name}-{export_format}"
+        return (f"run `leukoscope export --bundle {directory} --format {export_format}` first (it writes "
+                f"{exported}) and give that folder as the bundle")
     name = f"{shipped[len(PREFIX):]}-{export_format}"
     return (f"it is a shipped model: run `leukoscope export --bundle {shipped} --format {export_format} --out "
-            f"{name}` first and pass --bundle {name}")
+            f"{name}` first and give {name} as the bundle")
 
 
 def peek_bundle(directory: str | Path) -> BundlePeek:

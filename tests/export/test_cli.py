@@ -63,7 +63,11 @@ def test_torch_bundle_with_onnxruntime_backend_says_to_export(trained: dict[str,
     result = invoke("predict", "--bundle", trained["abas_cnn"], synthetic_root / "blast", "--out",
                     tmp_path / "p.csv", "--backend", "onnxruntime")
     assert result.exit_code == 2
-    assert "has no ONNX graph: run `leukoscope export --bundle" in result.output
+    said = " ".join(result.output.split())
+    assert "has no ONNX graph: run `leukoscope export --bundle" in said
+    # the export writes <bundle>-onnx beside it: following the advice and running the same command again
+    # failed the same way
+    assert f"(it writes {trained['abas_cnn']}-onnx) and give that folder as the bundle" in said
     bad = invoke("predict", "--bundle", trained["abas_cnn"], synthetic_root / "blast", "--backend", "tensorrt")
     assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime, openvino" in bad.output
 
