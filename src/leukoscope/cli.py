@@ -860,8 +860,8 @@ def serve(
     migrate: Optional[bool] = typer.Option(None, "--migrate/--no-migrate", help="Apply database migrations at "
                                            "start-up (default on); --no-migrate refuses an outdated schema."),
     forwarded_allow_ips: str = typer.Option("127.0.0.1", help="Proxies trusted for X-Forwarded-Proto/For."),
-    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; rate limits count per "
-                                "process)."),
+    workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; log-in and upload limits "
+                                "are counted in the database, for all of them together)."),
     inference_threads: Optional[int] = typer.Option(None, help="Model threads per process (default 2)."),
     detector_backend: Optional[str] = typer.Option(None, "--detector-backend", help="What runs the detector: "
                                                    "torch (default), onnxruntime, openvino (a bundle from "

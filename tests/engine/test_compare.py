@@ -71,6 +71,9 @@ def test_cli_compare_prints_the_best_bundle_last(synthetic_root: Path, tmp_path:
     last = [line for line in result.stdout.splitlines() if line.strip()][-1]
     assert (Path(last) / "bundle.json").is_file()
     assert "naive_bayes" in result.output
+    # no name: the folder is compare-<time>, not named after the default model (resnet18), which no row is
+    (folder,) = tmp_path.glob("*compare*")
+    assert folder.name.startswith("compare-") and "resnet18" not in str(Path(last).relative_to(tmp_path))
 
 
 def test_models_option_picks_configured_rows_by_label():

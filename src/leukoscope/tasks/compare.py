@@ -58,7 +58,7 @@ from leukoscope.engine.config import (
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir
 from leukoscope.engine.learner import check_learner_config
-from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
+from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment
 from leukoscope.models import model_entry
 from leukoscope.progress import console
 
@@ -254,8 +254,11 @@ def run_compare(
             check_learner_config(cfg, preprocessing_of(cfg))
         except ConfigError as exc:
             raise ConfigError(f"compare row {label!r}: {exc}") from None
+    # the config's model is not one of the rows: without a name the folder is "compare-<time>", not the default
+    # model's name (a comparison of naive Bayes and a tree went into "resnet18-compare-...")
+    base = config.name or "compare"
     if compare_dir is None:
-        compare_dir = fresh_dir(config.output_root, f"{run_name(config)}-compare")
+        compare_dir = fresh_dir(config.output_root, base if not config.name else f"{base}-compare")
     compare_dir = Path(compare_dir)
     compare_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, compare_dir / "config.yaml")
@@ -272,7 +275,7 @@ def run_compare(
                                          show_progress=show_progress)
         data = prepared[key]
         split_files.add(str(data.split_file.resolve()))
-        cfg.name = f"{run_name(config)}-{label}"
+        cfg.name = f"{base}-{label}"
         console.print(f"[bold]model {index}/{len(entries)}[/bold]: {label}")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         threads = torch.get_num_threads()  # a row's train.threads is its own: the next row starts as the first
@@ -289,7 +292,7 @@ def run_compare(
     rows[best_index].chosen = True
     first = next(iter(prepared.values()))
     info = {
-        "name": run_name(config),
+        "name": base,
         "dataset": config.data.path,
         "classes": first.classes,
         "split_file": next(iter(split_files)),
