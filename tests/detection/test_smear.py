@@ -288,3 +288,42 @@ def test_a_box_around_a_kept_cell_is_dropped_too() -> None:
     # two boxes that only touch are both kept
     touching = merge_tile_detections(boxes[2:4], scores[2:4], labels[2:4], cut[2:4], containment=0.7)
     assert touching.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("classes,white", [
+    (["WBC", "RBC", "Platelets"], ["WBC"]),
+    (["WBCs", "RBCs", "Platelets"], ["WBCs"]),
+    (["red blood cell", "white blood cell", "platelet"], ["white blood cell"]),
+    (["red_blood_cell", "white_blood_cell"], ["white_blood_cell"]),
+    (["Leukocytes", "Erythrocytes"], ["Leukocytes"]),
+    (["neutrophil", "lymphocyte", "RBCs"], ["neutrophil", "lymphocyte"]),  # no white-cell name: all but red cells
+])
+def test_white_cell_classes_are_read_through_plurals_case_and_spelling(classes, white) -> None:
+    """Only a few exact spellings were known: with "WBCs"/"RBCs" or "red blood cell" the red cells were taken
+    as white cells, classified and counted."""
+    from leukoscope.inference.smear import default_wbc_classes
+
+    assert default_wbc_classes(classes) == white
+
+
+def test_write_field_of_an_image_analysed_in_memory_needs_its_image_and_stem(tmp_path) -> None:
+    """It wrote "<image>.json" (a name Windows cannot hold), then failed reading "<image>" as a file."""
+    from leukoscope.inference.smear_output import write_field
+
+    image = Image.fromarray(np.full((200, 300, 3), 230, np.uint8))
+    result = SmearAnalyzer(DarkBlobDetector()).analyze(image)
+    with pytest.raises(ValueError, match="image="):
+        write_field(result, tmp_path)
+    with pytest.raises(ValueError, match="stem="):
+        write_field(result, tmp_path, image=image)
+    assert not list(tmp_path.iterdir())
+    paths = write_field(result, tmp_path, stem="field-1", image=image)
+    assert sorted(p.name for p in paths.values()) == ["field-1.annotated.png", "field-1.cells.csv", "field-1.json"]
+
+
+def test_the_wilson_interval_of_none_or_all_is_exactly_zero_or_one() -> None:
+    """0 blasts of 50 gave a lower bound of 1.7e-16, written into the JSON's blast_ci95."""
+    from leukoscope.proportions import wilson_interval
+
+    for total in (1, 7, 50, 100, 333):
+        assert wilson_interval(0, total)[0] == 0.0 and wilson_interval(total, total)[1] == 1.0

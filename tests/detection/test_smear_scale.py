@@ -237,3 +237,34 @@ def test_a_resumed_archive_keeps_the_run_scale_it_started_with(tmp_path, monkeyp
         assert cli._run_scale(paths, tmp_path, "ray") == expected
     archive.write_text("{not json")
     assert cli._run_scale(paths, tmp_path, "ray") is None
+
+
+def test_a_field_without_a_scale_whose_detector_records_none_warns_that_its_cells_were_not_framed() -> None:
+    """Nothing warned: the classifier, which expects a 24 um window, got box crops, and a leukemia flag could
+    still be raised."""
+    detector = ScaledDetector(um_per_px=None)
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "blast"), window_um=24.0)
+    result = SmearAnalyzer(detector, classifier).analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
+    (warning,) = result.differential.warnings
+    assert "no scale for this field" in warning and "expects 24 um around each" in warning
+    assert classifier.sizes == [(48, 48)]  # the 40 px box and its margin, as the warning says
+    # with a scale there is nothing to say
+    scaled = SmearAnalyzer(detector, SizeRecorder(constant_classifier(["blast", "lymphocyte"], "blast"), 24.0),
+                           um_per_px=0.1).analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
+    assert not scaled.differential.warnings
+
+
+def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:
+    """A grayscale smear silently reported 0 white cells (the detectors read the stain's colour)."""
+    detector = ScaledDetector(um_per_px=0.1)
+    detector.boxes = np.zeros((0, 4))
+    detector.scores = np.zeros(0)
+
+    def nothing(images, *, threshold=None, batch_size=4):
+        return [DetectionResult(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), detector.classes) for _ in images]
+
+    detector.detect = nothing
+    grey = SmearAnalyzer(detector, um_per_px=0.1).analyze(Image.new("RGB", (640, 480), (200, 200, 200)))
+    assert any("no colour" in warning for warning in grey.differential.warnings)
+    colour = SmearAnalyzer(detector, um_per_px=0.1).analyze(Image.new("RGB", (640, 480), (230, 200, 220)))
+    assert not any("no colour" in warning for warning in colour.differential.warnings)

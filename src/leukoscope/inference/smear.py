@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,16 @@ from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, Fiel
 
 log = logging.getLogger(__name__)
 
-#: Detector classes that are white cells when ``wbc_classes`` is not given.
-DEFAULT_WBC_NAMES = frozenset({"wbc", "leukocyte", "leukocytes", "white", "white_cell", "white cell"})
-_NOT_WBC = frozenset({"rbc", "platelets", "platelet", "erythrocyte", "red", "thrombocyte"})
+#: Detector classes that are white cells when ``wbc_classes`` is not given (compared by :func:`class_key`).
+DEFAULT_WBC_NAMES = frozenset({"wbc", "leukocyte", "white", "white cell"})
+_NOT_WBC = frozenset({"rbc", "platelet", "erythrocyte", "red", "red cell", "thrombocyte"})
+
+
+def class_key(name: str) -> str:
+    """A detector class name as the white-cell rule compares it: lower case, words split at spaces, ``_`` and
+    ``-``, plurals and "blood" left out ("WBCs", "white_blood_cell" and "White blood cells" are one name)."""
+    words = [word for word in re.split(r"[\s_\-]+", name.lower().strip()) if word and word != "blood"]
+    return " ".join(word[:-1] if len(word) > 3 and word.endswith("s") else word for word in words)
 
 
 #: Tiles are at most this many pixels on a side as the detector's network sees them: tile size
@@ -63,6 +71,25 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
             f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
 
 
+def unframed_warning(window_um: float, why: str) -> str:
+    """The warning of a field without a scale whose detector records none either: its cells were cut by their
+    boxes for a classifier that expects ``window_um`` micrometres around each."""
+    return (f"no scale for this field ({why}): its cells were cut by their boxes, although the cell classifier "
+            f"expects {window_um:g} um around each; their classes may be wrong: state the microscope's scale "
+            f"(--um-per-px)")
+
+
+#: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
+GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
+                     "colour, so none found here does not mean there are none; analyse the colour image")
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    """Whether an RGB field holds grey levels only (its channels differ by at most 2 anywhere, on a sample)."""
+    sample = np.asarray(image.convert("RGB").reduce(max(1, max(image.size) // 512)), dtype=np.int16)
+    return bool(np.abs(sample - sample[..., :1]).max() <= 2)
+
+
 def _checked_run_scale(um_per_px: float | None) -> float | None:
     return None if um_per_px is None else checked_um_per_px(um_per_px, "run_um_per_px")
 
@@ -76,8 +103,8 @@ def default_tile_size(detector: Any) -> int:
 
 
 def default_wbc_classes(classes: Sequence[str]) -> list[str]:
-    named = [c for c in classes if c.lower() in DEFAULT_WBC_NAMES]
-    return named or [c for c in classes if c.lower() not in _NOT_WBC]
+    named = [c for c in classes if class_key(c) in DEFAULT_WBC_NAMES]
+    return named or [c for c in classes if class_key(c) not in _NOT_WBC]
 
 
 @dataclass
@@ -414,6 +441,12 @@ class SmearAnalyzer:
         if not scale.known and working_um_per_px is not None:
             # The models work at a scale and the field's is a guess: the field says so itself.
             warnings.append(unscaled_warning(working_um_per_px, scale.note))
+        elif not scale.known and self.window_um is not None and cells and self.classifier is not None:
+            # No scale and none to assume (the detector records none): the classifier, which expects a window
+            # in micrometres, gets each cell cut by its box instead.
+            warnings.append(unframed_warning(self.window_um, scale.note))
+        if not cells and is_grayscale(image):
+            warnings.append(GRAYSCALE_WARNING)
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}

@@ -57,9 +57,14 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
                 image: Image.Image | None = None) -> dict[str, Path]:
     """Write ``<stem>.annotated.png``, ``<stem>.cells.csv`` and ``<stem>.json`` into ``out_dir``
     (no PNG for a field that could not be read)."""
+    source = Path(result.source)
+    if image is None and result.error is None and not source.is_file():  # analysed from an image in memory
+        raise ValueError(f"{result.source} is not a file: pass the analysed image (image=...) to draw it")
+    if stem is None and not source.is_file():
+        raise ValueError(f"{result.source} is not a file: pass the stem to name its outputs (stem=...)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or Path(result.source).stem
+    stem = stem or source.stem
     paths = {"json": out_dir / f"{stem}.json", "cells": out_dir / f"{stem}.cells.csv"}
     payload = result.summary()
     payload["cells"] = [cell.as_row(result.cell_classes) for cell in result.cells]
