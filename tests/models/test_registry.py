@@ -92,6 +92,19 @@ def test_torchvision_weight_names_use_torchvisions_downloader_and_cache(tmp_path
     assert model.fc.out_features == 3
     with pytest.raises(WeightsError, match="neither a file nor a torchvision weight name"):
         create_model("resnet18", 3, weights="IMAGENET_V9")
+    # a damaged cached file, and a download that cannot reach the network: clear errors, not tracebacks
+    (cache / Path(weights.url).name).write_bytes(b"\0" * 1000)
+    with pytest.raises(WeightsError, match="cannot be read .*delete the file"):
+        create_model("resnet18", 3, weights="IMAGENET1K_V1")
+    (cache / Path(weights.url).name).unlink()
+    from urllib.error import URLError
+
+    def offline(*_args, **_kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match="no network.*model.weights=PATH"):
+        create_model("resnet18", 3, weights="IMAGENET1K_V1")
 
 
 def test_group_norm_replaces_every_batchnorm_and_is_refused_where_it_cannot_apply() -> None:

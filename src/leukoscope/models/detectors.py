@@ -57,7 +57,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from leukoscope.models.proposals import PrefixNmsRPN
 from leukoscope.models.registry import register_model
 from leukoscope.models.seed_cnns import AbasCNN
-from leukoscope.models.weights import WeightsError, WithoutHead, load_backbone_weights, read_state_dict
+from leukoscope.models.weights import (WeightsError, WithoutHead, load_backbone_weights, read_state_dict,
+                                       with_named_weights)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -269,7 +270,7 @@ def _torchvision_body(arch: str, backbone_weights: str | Path | None) -> tuple[n
             named = torchvision.models.get_model_weights(arch)[str(backbone_weights)]
         except KeyError:
             raise WeightsError(f"{backbone_weights!r} is neither a file nor a torchvision weight name for {arch}") from None
-        return builder(weights=named, norm_layer=_norm_layer(True)), True
+        return with_named_weights(lambda: builder(weights=named, norm_layer=_norm_layer(True)), named), True
     body = builder(weights=None, norm_layer=_norm_layer(pretrained))
     if backbone_weights is not None:
         state = _classifier_state(backbone_weights)

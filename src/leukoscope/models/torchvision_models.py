@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from leukoscope.models.registry import register_model
-from leukoscope.models.weights import WeightsError, load_backbone_weights
+from leukoscope.models.weights import WeightsError, load_backbone_weights, with_named_weights
 
 # name -> (attribute path of the final Linear layer, prefixes that make up the head)
 _HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -79,7 +79,8 @@ def build_torchvision_classifier(
             raise WeightsError(
                 f"{weights!r} is neither a file nor a torchvision weight name for {arch}"
             ) from None
-        model = torchvision.models.get_model(arch, weights=tv_weights, **({"aux_logits": False} if arch == "googlenet" else {}))
+        model = with_named_weights(lambda: torchvision.models.get_model(
+            arch, weights=tv_weights, **({"aux_logits": False} if arch == "googlenet" else {})), tv_weights)
         weights = None
     else:
         model = torchvision.models.get_model(arch, weights=None, **extra)

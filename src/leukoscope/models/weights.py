@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +24,26 @@ class WithoutHead:
 
     def __str__(self) -> str:
         return f"{self.path} (without its head)"
+
+
+def with_named_weights(build: Callable[[], nn.Module], weights: Any) -> nn.Module:
+    """``build()`` of a torchvision model with its named ``weights`` (a ``WeightsEnum`` member), which
+    torchvision downloads once into torch's cache: a failed download or a damaged cached file is a
+    :class:`WeightsError` saying what to do, not a traceback."""
+    from urllib.error import URLError
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return build()
+    except (URLError, ConnectionError, TimeoutError) as exc:
+        raise WeightsError(f"cannot download {weights.url} ({exc}; no network?): download it where there is one and "
+                           f"pass the file as the weights (model.weights=PATH)") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors for a damaged file are of many types
+        if not cached.is_file():
+            raise
+        raise WeightsError(f"{cached}: torchvision's cached {weights} weights cannot be read ({exc}); delete the "
+                           f"file to download it again, or pass a good copy as the weights (model.weights=PATH)") \
+            from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
