@@ -252,6 +252,15 @@ def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Pat
     payload = json.loads(out.read_text())
     assert set(payload["splits"]) == {"train", "test"}
     assert len(payload["splits"]["test"]) == 24
+    # a split is made once and shared: it was replaced silently by another seed's; a folder or a bad ratio
+    # were tracebacks (and a folder's run left "<folder>.tmp" behind)
+    again = invoke("split", "--data", synthetic_root, "--out", out, "--seed", "3")
+    assert again.exit_code == 2 and "already exists" in again.output and json.loads(out.read_text()) == payload
+    assert invoke("split", "--data", synthetic_root, "--out", out, "--seed", "3", "--overwrite").exit_code == 0
+    folder = invoke("split", "--data", synthetic_root, "--out", tmp_path)
+    assert folder.exit_code == 2 and "is a folder" in folder.output and not list(tmp_path.glob("*.tmp"))
+    bad = invoke("split", "--data", synthetic_root, "--out", tmp_path / "new.json", "--ratios", "0.8,abc")
+    assert bad.exit_code == 2 and "--ratios must be numbers" in bad.output
 
 
 def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
@@ -299,7 +308,7 @@ def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
     # resume goes on with the run's own split, which the checkpoint trained on, and keeps it
     own = (run_dir / "split.json").read_text()
     (shared,) = (tmp_path / "splits").glob("*.json")
-    split = invoke("split", "--data", synthetic_root, "--out", shared, "--seed", "7")
+    split = invoke("split", "--data", synthetic_root, "--out", shared, "--seed", "7", "--overwrite")
     assert split.exit_code == 0, split.output
     assert shared.read_text() != own
     resumed = invoke("train", "--resume", run_dir.resolve(), "--quiet", "train.epochs=2")

@@ -346,6 +346,8 @@ def split(
     ratios: str = typer.Option("0.8,0.1,0.1", help="train,val,test (or train,test)."),
     seed: int = typer.Option(0),
     near_duplicates: bool = typer.Option(True, help="Group near-identical images by perceptual hash."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (runs and scores "
+                                   "made with the old split no longer match it)."),
 ) -> None:
     """Make a stratified, subject-grouped, duplicate-aware split and save it.
 
@@ -356,9 +358,19 @@ def split(
     from leukoscope.data.splits import make_split
     from leukoscope.progress import counter_callback, progress_bar
 
+    if out.is_dir():
+        _fail(f"--out {out} is a folder: give the split file's path (e.g. {out / 'split.json'})")
+    if out.exists() and not overwrite:  # a split is made once and shared: replacing it silently changes every run
+        _fail(f"--out {out} already exists: it may be the split other runs used; choose another file, or pass "
+              f"--overwrite")
+    _check_writable_folder(out.parent, "--out")
+    try:
+        values = [float(r) for r in ratios.split(",")]
+    except ValueError:
+        _fail(f"--ratios must be numbers separated by commas (train,val,test or train,test), got {ratios!r}")
+
     def work():
         manifest = read_dataset(data, require_labels=True)
-        values = [float(r) for r in ratios.split(",")]
         with progress_bar(len(manifest), "hashing images") as update:
             result = make_split(manifest, ratios=values, seed=seed, near_duplicates=near_duplicates,
                                 progress=counter_callback(update))
