@@ -343,6 +343,17 @@ def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it
     resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=3")
     assert resumed.exit_code == 0, resumed.output
     assert [h["epoch"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3]
+    # a run without its checkpoint is refused before the data are prepared; a damaged one in one line
+    checkpoint = run_dir / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[:100])
+    damaged = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=4")
+    assert damaged.exit_code == 2 and "cannot be read" in damaged.output and "Traceback" not in damaged.output
+    checkpoint.unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr("leukoscope.data.readers.check_dataset_path", _fail_if_called)
+        gone = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=4")
+    assert gone.exit_code == 2 and "the run completed and removed it" in " ".join(gone.output.split()), gone.output
 
 
 def _fail_if_called(*args, **kwargs) -> None:

@@ -280,6 +280,10 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
     if resume is not None and isinstance(epochs, int):  # now, not after the data are prepared
         from leukoscope.engine.checkpoint import CHECKPOINT_FILE, check_resume_epochs, trained_epochs
 
+        if not (resume / CHECKPOINT_FILE).exists():  # said now, not after the data are prepared (minutes)
+            _fail(f"cannot resume: no {CHECKPOINT_FILE} in {resume}"
+                  + ("; the run completed and removed it (train.keep_checkpoint=true keeps it for training further)"
+                     if (resume / "bundle").is_dir() else ""))
         trained = _run(trained_epochs, resume / CHECKPOINT_FILE)
         if trained is not None:
             _run(check_resume_epochs, trained, epochs)

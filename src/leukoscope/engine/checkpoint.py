@@ -67,8 +67,11 @@ def trained_epochs(path: Path) -> int | None:
     """The epochs a checkpoint holds (None without one), read before any data or model is built."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weights are read
-    epoch = state.get("progress", state).get("epoch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mapped: no weights are read
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged file fails in many ways
+        raise ValueError(f"cannot resume: {path} cannot be read ({exc}); the run cannot go on from it") from None
+    epoch = state.get("progress", state).get("epoch") if isinstance(state, dict) else None
     return int(epoch) if epoch is not None else None
 
 
