@@ -842,8 +842,14 @@ def _service_settings(**overrides):
         from leukoscope.service.settings import ServiceSettings
     except ImportError as exc:  # pragma: no cover - extra not installed
         _fail(f"the web service needs its extra: pip install 'leukoscope[service]' ({exc})")
+    from pydantic import ValidationError
+
     try:
         return ServiceSettings.from_env(**overrides)
+    except ValidationError as exc:  # one line per setting, named as the user gives it (not pydantic's dump)
+        _fail("; ".join(f"--{str(error['loc'][0]).replace('_', '-')} (LEUKOSCOPE_{str(error['loc'][0]).upper()}): "
+                        f"{error['msg'].removeprefix('Value error, ')}" if error["loc"] else error["msg"]
+                        for error in exc.errors()))
     except ValueError as exc:
         _fail(str(exc))
 
@@ -896,6 +902,9 @@ def serve(
                                  detector_backend=detector_backend, classifier_backend=classifier_backend)
     if settings.bundle is None:
         settings = _shipped_service_models(settings)
+    for model, option in ((settings.bundle, "--bundle"), (settings.detector, "--detector")):
+        if model is not None:  # before the database and the store are made for a service that cannot start
+            _check_bundle(str(model), option)
     import uvicorn
 
     from leukoscope.service.admin import collect_store_garbage, open_database, user_count

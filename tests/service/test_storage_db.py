@@ -261,6 +261,15 @@ def test_cli_user_commands(tmp_path):
     # (Without --bundle, serve uses the shipped classifier: a bundle that is not there is refused.)
     missing = runner.invoke(app, ["serve", "--data-dir", data, "--bundle", str(tmp_path / "no-bundle")])
     assert missing.exit_code == 2 and "bundle folder does not exist" in missing.output
+    # refused before a database and a store are made for a service that cannot start
+    fresh = tmp_path / "fresh"
+    refused = runner.invoke(app, ["serve", "--data-dir", str(fresh), "--bundle", str(tmp_path / "no-bundle")])
+    assert refused.exit_code == 2 and not fresh.exists()
+    # a bad setting is one line naming it, not pydantic's dump
+    backend = runner.invoke(app, ["serve", "--data-dir", str(fresh), "--detector-backend", "onnx"])
+    said = " ".join(backend.output.split())
+    assert backend.exit_code == 2 and said.startswith("error: --detector-backend (LEUKOSCOPE_DETECTOR_BACKEND):")
+    assert "pydantic" not in said and not fresh.exists()
 
 
 def test_a_failed_sqlite_migration_changes_nothing_and_can_be_retried(tmp_path) -> None:
