@@ -1225,6 +1225,9 @@ def analyze(
                    backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
     ran = f"detector on {analyzer.detector.backend}"
+    detector_export = getattr(analyzer.detector.info, "export", None) or {}
+    if detector_export.get("precision") == "int8" and analyzer.detector.backend != "torch":
+        ran += " (int8 graphs: a different detector, see its --check figures)"
     if analyzer.classifier is not None:
         ran += f", classifier on {analyzer.classifier.backend}"
         exported = analyzer.classifier.info.export or {}

@@ -407,6 +407,14 @@ def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: 
     voc = invoke("export", "--bundle", "pretrained:smear-detector", "--int8", "--calibration", tmp_path / "voc",
                  "--out", tmp_path / "e")
     assert voc.exit_code == 2 and "is a VOC dataset" in voc.output and not (tmp_path / "e").exists()
+    # ...but one split of a dataset kept as split folders (cbc/Training) is what to calibrate on: it was
+    # refused with the same message and suggested folders that do not exist
+    from leukoscope.inference.quantize import detector_calibration_paths
+
+    for split in ("Training", "Testing"):
+        make_synthetic_smears(tmp_path / "splits" / split, 16, SmearSpec(width=320, height=240, seed=4))
+    paths = detector_calibration_paths(tmp_path / "splits" / "Training")
+    assert len(paths) == 16 and all(path.parent == tmp_path / "splits" / "Training" / "JPEGImages" for path in paths)
     ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--int8", "--calibration",
                 few, "--out", tmp_path / "b")
     assert ir.exit_code == 2 and "it exports as ONNX graphs only (--format onnx)" in ir.output

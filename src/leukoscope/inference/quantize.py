@@ -77,12 +77,24 @@ def detector_calibration_paths(data: str | Path) -> list[Path]:
     its images span its splits, the scored ones included (calibrate on one split's images, e.g.
     ``cbc/Training/Images``, and ``--check`` another)."""
     root = Path(data)
-    if root.is_dir() and ((root / "Annotations").is_dir() or any(root.glob("*/Annotations"))):
+    if root.is_dir() and (root / "Annotations").is_dir() and _is_one_of_several_splits(root):
+        # one split of a dataset kept as split folders (cbc/Training): its images, which --check never scores
+        images = next((root / name for name in ("Images", "JPEGImages") if (root / name).is_dir()), None)
+        if images is None:
+            raise BundleError(f"{data} is a VOC split without an Images or JPEGImages folder: give its images' folder")
+        data = images
+    elif root.is_dir() and ((root / "Annotations").is_dir() or any(root.glob("*/Annotations"))):
         raise BundleError(f"{data} is a VOC dataset: its images include every split, the ones --check scores "
-                          f"too; calibrate on one split's images (e.g. {root / 'Training' / 'Images'} or "
-                          f"{root / 'JPEGImages'} with the test images left out)")
+                          f"too; calibrate on one split's images (a split folder such as cbc/Training, or a folder "
+                          f"of the training images alone)")
     return calibration_paths(data, MAX_DETECTOR_CALIBRATION_FIELDS,
                              what="fields like the ones the detector will see")
+
+
+def _is_one_of_several_splits(folder: Path) -> bool:
+    """Whether a VOC folder sits beside other VOC folders (``cbc/{Training,Validation,Testing}``): a split of
+    its own, rather than a whole dataset that a detector's training splits."""
+    return any(other != folder and (other / "Annotations").is_dir() for other in folder.resolve().parent.iterdir())
 
 
 class _Reader:
