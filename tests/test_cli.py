@@ -548,3 +548,24 @@ def test_a_field_given_twice_is_analysed_once(tmp_path: Path, caplog: pytest.Log
         paths = collect_images([folder / "b.png", folder, tmp_path / "fields" / ".." / "fields"])
     assert paths == [folder / "b.png", folder / "a.png"]  # each once, where first reached
     assert "3 file(s) given more than once are used once: a.png, b.png" in caplog.text
+
+
+def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> None:
+    """train-detector with a classifier's config (or run) printed some twenty "unknown config key" errors; a
+    detector config with --split-file blamed an override the user never typed."""
+    classify = tmp_path / "classify.yaml"
+    classify.write_text("task: classify\nmodel:\n  name: abas_cnn\n")
+    for command in ("train-detector", "mil"):
+        result = invoke(command, "--config", classify)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "is a classify config (task: classify)" in said, result.output
+        assert "unknown config key" not in said
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(classify.read_text())
+    resumed = invoke("train-detector", "--resume", run)
+    assert resumed.exit_code == 2 and "is a classify run" in " ".join(resumed.output.split())
+    detect = tmp_path / "detect.yaml"
+    detect.write_text("task: detect\n")
+    split = invoke("train", "--config", detect, "--split-file", tmp_path / "s.json")
+    assert split.exit_code == 2 and "--split-file applies to classifier training" in " ".join(split.output.split())

@@ -254,6 +254,17 @@ RESUME_OVERRIDES = ("train.epochs", "train.max_minutes", "train.threads", "train
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
            resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None, init: Optional[str] = None) -> None:
     """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
+    source = resume / "config.yaml" if resume is not None else config
+    if source is not None and Path(source).is_file():  # a config of another task: say so, not its every key
+        from leukoscope.tasks import task_of_config_file
+
+        found = _run(task_of_config_file, source)
+        if found != task.name:
+            command = {"detect": "train-detector (or train)", "mil": "mil (or train)"}.get(found, "train")
+            _fail(f"{source} is a {found} {'run' if resume is not None else 'config'} (task: {found}), not a "
+                  f"{task.name} one: use `leukoscope {command}`")
+    if split_file is not None and task.name != "classify":
+        _fail(f"--split-file applies to classifier training; a {task.name} config sets its split otherwise")
     if resume is not None:
         from leukoscope.engine.run_dir import require_run_dir
 
