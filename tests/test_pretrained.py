@@ -187,6 +187,10 @@ def test_analyze_without_model_flags_uses_the_shipped_models(shipped: Path, smea
     assert "classifier none (detector classes)" in " ".join(kept.output.split())
     same = invoke("analyze", fields, "--out", tmp_path / "same", "--quiet", "--classifier", "none")
     assert same.exit_code == 0 and "classifier none" in same.output
+    assert "holds an earlier run's results" not in same.output
+    # a second run into the same folder: its summary lists this run's fields only, and the console says so
+    again = invoke("analyze", next(fields.iterdir()), "--out", tmp_path / "same", "--quiet", "--classifier", "none")
+    assert again.exit_code == 0 and "holds an earlier run's results" in " ".join(again.output.split())
     both = invoke("analyze", fields, "--no-classifier", "--classifier", "pretrained:wbc-classifier")
     assert both.exit_code == 2 and "contradict" in both.output
 

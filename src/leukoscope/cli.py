@@ -1209,6 +1209,10 @@ def analyze(
     """
     _check_engine(engine, address, actors, retry_failed)
     _check_writable_folder(out, "--out")
+    if engine == "local" and (out / "summary.csv").is_file():  # (a Ray archive's rerun goes on where it was)
+        console.print(f"[yellow]{out} holds an earlier run's results: the files of its fields that this run does "
+                      f"not analyse stay there, and summary.csv will list this run's fields only; use another "
+                      f"--out to keep runs apart[/yellow]", soft_wrap=True)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
     from leukoscope.inference.predict_files import collect_images
