@@ -77,6 +77,16 @@ def test_values_that_failed_only_after_training_or_as_tracebacks_are_refused_upf
     load_detection_config(overrides=["data.um_per_px=estimate"])
 
 
+def test_true_is_not_a_number_and_a_number_can_be_a_name() -> None:
+    """train.epochs=true trained 1 epoch, train.lr=true at lr 1.0; name=2024 and class folders 0 and 1 were
+    refused as "not a valid string"."""
+    for override in ("train.epochs=true", "train.lr=true", "train.batch_size=yes", "model.image_size=false"):
+        with pytest.raises(ConfigError, match="must be a number, not"):
+            load_config(overrides=[override])
+    config = load_config(overrides=["name=2024", "data.classes=[0,1]", "train.deterministic=false"])
+    assert config.name == "2024" and config.data.classes == ["0", "1"] and config.train.deterministic is False
+
+
 def test_a_section_written_as_one_value_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text("model: abas_cnn\ndata: /tmp/somewhere\n")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Sequence, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from leukoscope.classic.spec import FeatureSpec
 from leukoscope.presets import AUGMENTATION_PRESETS
@@ -25,9 +25,21 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys are errors, assignments are validated. A number where a name is
+    expected is taken as that name (``name=2024``, class folders ``[0, 1]``); true/false where a number is
+    expected is refused (pydantic would read ``train.epochs=true`` as 1 epoch)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) | {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
 
 def image_size_in_range(value: int) -> int:
