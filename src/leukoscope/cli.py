@@ -438,6 +438,8 @@ def evaluate(
 
     if backend not in BACKENDS:
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if on_corrupt not in ("skip", "fail"):
+        _fail(f"--on-corrupt must be skip or fail, got {on_corrupt!r}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
     if um_per_px is not None and as_given:
@@ -543,6 +545,11 @@ def calibrate_ood(
     temperature is refitted on the same validation part, with the statistics.
     """
     from leukoscope.data.readers import check_dataset_path
+
+    if not 0.5 <= quantile < 1:  # before any image is decoded
+        _fail(f"--quantile must be in [0.5, 1), got {quantile}")
+    if on_corrupt not in ("skip", "fail"):
+        _fail(f"--on-corrupt must be skip or fail, got {on_corrupt!r}")
 
     folder = _check_bundle(bundle, "--bundle")
     if is_pretrained_spec(bundle) or shipped_spec(folder):  # it would write into the installed package
@@ -832,6 +839,9 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Generate synthetic stained cells, train ~2 minutes, evaluate, write the report."""
+    if not minutes > 0:  # before the synthetic data are made
+        _fail(f"--minutes must be above 0, got {minutes}")
+    _check_writable_folder(out, "--out")
     from leukoscope.demo import run_demo
 
     result = _run(run_demo, out, minutes=minutes, show_progress=not quiet)
