@@ -580,3 +580,14 @@ def test_option_values_are_refused_by_their_option_before_any_work(tmp_path: Pat
     assert demo.exit_code == 2 and "--minutes must be above 0" in demo.output and not (tmp_path / "demo").exists()
     quantile = invoke("calibrate-ood", "--bundle", tmp_path / "nowhere", "--data", synthetic_root, "--quantile", "2")
     assert quantile.exit_code == 2 and "--quantile must be in [0.5, 1)" in quantile.output
+
+
+def test_output_folders_that_are_files_are_refused_in_one_line(tmp_path: Path, synthetic_root: Path) -> None:
+    """segment --out FILE, demo --out FILE and serve/user --data-dir FILE were tracebacks."""
+    card = tmp_path / "card.txt"
+    card.write_text("not a folder")
+    for args in (["segment", synthetic_root / "blast", "--out", card], ["demo", "--out", card],
+                 ["user", "list", "--data-dir", card], ["serve", "--data-dir", card]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "is a file, not a folder" in result.output, (args, result.output)
+        assert "Traceback" not in result.output

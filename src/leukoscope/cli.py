@@ -865,6 +865,8 @@ def _service_settings(**overrides):
         _fail(f"the web service needs its extra: pip install 'leukoscope[service]' ({exc})")
     from pydantic import ValidationError
 
+    if overrides.get("data_dir") is not None:
+        _check_writable_folder(Path(overrides["data_dir"]), "--data-dir")
     try:
         return ServiceSettings.from_env(**overrides)
     except ValidationError as exc:  # one line per setting, named as the user gives it (not pydantic's dump)
@@ -1043,6 +1045,7 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures."""
+    _check_writable_folder(out, "--out")
     from leukoscope.inference.segment_files import segment_files
 
     rows = _run(segment_files, inputs, out, method=method, figure=figure, segmented=segmented,
