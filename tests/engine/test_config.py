@@ -64,7 +64,8 @@ def test_values_that_failed_only_after_training_or_as_tracebacks_are_refused_upf
                           ("search.batch_size=[0]", "search.batch_size")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(overrides=[override])
-    for good in ("train.device=cuda:1", "train.device=cpu", "train.threads=2", "predict.uncertain_threshold=0.7"):
+    for good in ("train.device=cuda:1", "train.device=cpu", "train.device=mps:0", "train.device=xpu",
+                 "train.threads=2", "predict.uncertain_threshold=0.7"):
         load_config(overrides=[good])
     from leukoscope.engine.detection_config import load_detection_config
 

@@ -415,6 +415,17 @@ def test_int8_detector_export_needs_enough_fields_and_the_onnx_format(tmp_path: 
         make_synthetic_smears(tmp_path / "splits" / split, 16, SmearSpec(width=320, height=240, seed=4))
     paths = detector_calibration_paths(tmp_path / "splits" / "Training")
     assert len(paths) == 16 and all(path.parent == tmp_path / "splits" / "Training" / "JPEGImages" for path in paths)
+    import os
+
+    from leukoscope.bundle import BundleError
+
+    here = os.getcwd()
+    os.chdir(tmp_path)  # a whole dataset given by a relative path (as the README's ../shared/... are) is refused too
+    try:
+        with pytest.raises(BundleError, match="is a VOC dataset"):
+            detector_calibration_paths("voc")
+    finally:
+        os.chdir(here)
     ir = invoke("export", "--bundle", "pretrained:smear-detector", "--format", "openvino", "--int8", "--calibration",
                 few, "--out", tmp_path / "b")
     assert ir.exit_code == 2 and "it exports as ONNX graphs only (--format onnx)" in ir.output

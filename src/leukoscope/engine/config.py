@@ -106,8 +106,8 @@ class TrainingBase(Section):
     """Time budget in minutes (the best weights so far are kept); the schedule follows it when it
     ends before the epochs do."""
     seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    """auto (a GPU when there is one), cpu, cuda, cuda:N or mps."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|(cuda|mps|xpu)(:\d+)?)$")
+    """auto (a GPU when there is one), cpu, or a torch accelerator: cuda, mps, xpu (``:N`` for one of several)."""
     deterministic: bool = True
     """While training on a GPU, PyTorch's deterministic kernels where it has them, so that a seed repeats
     a run up to the few ops that have none (the CPU's kernels are deterministic already); false:

@@ -93,8 +93,12 @@ def detector_calibration_paths(data: str | Path) -> list[Path]:
 
 def _is_one_of_several_splits(folder: Path) -> bool:
     """Whether a VOC folder sits beside other VOC folders (``cbc/{Training,Validation,Testing}``): a split of
-    its own, rather than a whole dataset that a detector's training splits."""
-    return any(other != folder and (other / "Annotations").is_dir() for other in folder.resolve().parent.iterdir())
+    its own, rather than a whole dataset that a detector's training splits (one with ``ImageSets`` names its
+    splits inside it)."""
+    folder = folder.resolve()
+    if (folder / "ImageSets").is_dir():
+        return False
+    return any(other != folder and (other / "Annotations").is_dir() for other in folder.parent.iterdir())
 
 
 class _Reader:
