@@ -246,7 +246,7 @@ def test_a_field_without_a_scale_whose_detector_records_none_warns_that_its_cell
     classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "blast"), window_um=24.0)
     result = SmearAnalyzer(detector, classifier).analyze(Image.new("RGB", (640, 480), (230, 220, 220)))
     (warning,) = result.differential.warnings
-    assert "no scale for this field" in warning and "expects 24 um around each" in warning
+    assert warning.startswith("Cells cut by their boxes") and "expects 24 um around each cell" in warning
     assert classifier.sizes == [(48, 48)]  # the 40 px box and its margin, as the warning says
     # with a scale there is nothing to say
     scaled = SmearAnalyzer(detector, SizeRecorder(constant_classifier(["blast", "lymphocyte"], "blast"), 24.0),
@@ -268,3 +268,20 @@ def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:
     assert any("no colour" in warning for warning in grey.differential.warnings)
     colour = SmearAnalyzer(detector, um_per_px=0.1).analyze(Image.new("RGB", (640, 480), (230, 200, 220)))
     assert not any("no colour" in warning for warning in colour.differential.warnings)
+
+
+def test_a_folder_of_unframed_fields_raises_no_leukemia_flag_and_a_review_answers_it() -> None:
+    """Each field withheld its flag, but the folder's pooled differential called "BLASTS >= 20%": its warnings
+    knew only the unscaled fields analysed at the detector's scale."""
+    from leukoscope.inference.quality import about_classification_only
+    from leukoscope.inference.smear_output import FolderSummary
+
+    detector = ScaledDetector(um_per_px=None)
+    classifier = SizeRecorder(constant_classifier(["blast", "lymphocyte"], "blast"), window_um=24.0)
+    analyzer = SmearAnalyzer(detector, classifier)
+    results = [analyzer.analyze(Image.new("RGB", (640, 480), (230, 220, 220)), f"f{i}.png") for i in range(3)]
+    summary = FolderSummary(results, analyzer.rules, list(detector.classes))
+    (warning,) = summary.warnings
+    assert warning.startswith("Cells cut by their boxes") and "3 of 3 fields" in warning
+    assert not any("consistent with acute leukemia" in flag for flag in summary.pooled.flags)
+    assert about_classification_only(warning) and about_classification_only(results[0].warnings[0])

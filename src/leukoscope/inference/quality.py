@@ -37,6 +37,7 @@ DEFAULT_UNFAMILIAR_SHARE = 0.3
 UNFAMILIAR_WORDING = "review: images unlike the training data"
 #: The start of the warning for a single-cell image classified whole, without a scale.
 UNSCALED_CELL_WORDING = "No scale for a single-cell image"
+UNFRAMED_WORDING = "Cells cut by their boxes, not at the classifier's window"
 
 
 def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
@@ -108,6 +109,21 @@ def unscaled_cell_warning(window_um: float) -> str:
             f"the cell; its class may be wrong")
 
 
+def unframed_warning(window_um: float, why: str) -> str:
+    """The warning of a field without a scale whose detector records none either: its cells were cut by their
+    boxes for a classifier that expects ``window_um`` micrometres around each."""
+    return (f"{UNFRAMED_WORDING}: the field has no scale ({why}) and the detector records none; the cell "
+            f"classifier expects {window_um:g} um around each cell, so their classes may be wrong: state the "
+            f"microscope's scale (--um-per-px)")
+
+
+def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
+    """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
+    return (f"{UNFRAMED_WORDING}: {unframed} of {of} field{'' if of == 1 else 's'}{_named(names)} had no scale, "
+            f"and the detector records none; their cells' classes may be wrong: state the microscope's scale "
+            f"(--um-per-px).")
+
+
 def is_unfamiliar_warning(warning: str) -> bool:
     """Whether ``warning`` is :func:`unfamiliar_count_warning`'s."""
     return warning.lower().startswith(UNFAMILIAR_WORDING)
@@ -115,11 +131,12 @@ def is_unfamiliar_warning(warning: str) -> bool:
 
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
-    image classified without a scale), not which cells were found or counted: a hematologist who has
-    reviewed every cell has answered it, and the reviewed differential need not carry it. The detector's
-    warnings (unverified, capped, a field at a guessed scale) still stand after any review: cells may have
-    been missed."""
-    return is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
+    image classified without a scale, cells cut by their boxes), not which cells were found or counted: a
+    hematologist who has reviewed every cell has answered it, and the reviewed differential need not carry
+    it. The detector's warnings (unverified, capped, a field at a guessed scale) still stand after any
+    review: cells may have been missed."""
+    return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
+            or warning.startswith(UNFRAMED_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

@@ -33,7 +33,7 @@ from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, cap_warning,
-                                          detector_warnings, unfamiliar_warning)
+                                          detector_warnings, unfamiliar_warning, unframed_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
@@ -69,14 +69,6 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
     the estimate's note)."""
     return (f"no scale for this field ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
             f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
-
-
-def unframed_warning(window_um: float, why: str) -> str:
-    """The warning of a field without a scale whose detector records none either: its cells were cut by their
-    boxes for a classifier that expects ``window_um`` micrometres around each."""
-    return (f"no scale for this field ({why}): its cells were cut by their boxes, although the cell classifier "
-            f"expects {window_um:g} um around each; their classes may be wrong: state the microscope's scale "
-            f"(--um-per-px)")
 
 
 #: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).

@@ -16,8 +16,8 @@ from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, cap_warning, unfamiliar_count_warning,
-                                          unscaled_fields_warning)
+from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, UNFRAMED_WORDING, cap_warning,
+                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -132,6 +132,9 @@ class FolderSummary:
                     and r.scale.get("analysed_at_um_per_px")]
         if unscaled:
             warnings.append(unscaled_fields_warning(len(unscaled), len(read), unscaled))
+        unframed = [Path(r.source).name for r in read if any(w.startswith(UNFRAMED_WORDING) for w in r.warnings)]
+        if unframed:  # nor on cells cut without the classifier's window
+            warnings.append(unframed_fields_warning(len(unframed), len(read), unframed))
         tally = self._tally()
         unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share)
         return warnings + ([unfamiliar] if unfamiliar else [])
