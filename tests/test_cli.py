@@ -591,3 +591,20 @@ def test_output_folders_that_are_files_are_refused_in_one_line(tmp_path: Path, s
         result = invoke(*args)
         assert result.exit_code == 2 and "is a file, not a folder" in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_a_config_without_task_is_the_command_s_and_a_classical_run_resumes(synthetic_root: Path,
+                                                                          tmp_path: Path) -> None:
+    """The task check read a file without `task:` as a classifier's (the detection and MIL loaders default to
+    their own task); the checkpoint check refused a classical run, which resumes by fitting again."""
+    detect = tmp_path / "detect.yaml"
+    detect.write_text("model:\n  name: fasterrcnn_mobilenet_v3_fpn\ntrain:\n  epochs: 1\n")
+    result = invoke("train-detector", "--config", detect, "data.path=/nowhere")
+    assert "is a classify config" not in " ".join(result.output.split()), result.output
+    first = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet", f"output_root={tmp_path}",
+                   "model.image_size=32", "features.histogram_bins=8", "features.lbp_radii=[1]",
+                   "features.glcm_distances=[1]")
+    assert first.exit_code == 0, first.output
+    run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
+    again = invoke("train", "--resume", run_dir, "--quiet")
+    assert again.exit_code == 0 and "no checkpoint.pt" not in again.output, again.output

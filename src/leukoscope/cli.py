@@ -251,6 +251,17 @@ RESUME_HELP = ("Continue the run in this directory (only train.epochs, max_minut
 RESUME_OVERRIDES = ("train.epochs", "train.max_minutes", "train.threads", "train.device", "train.keep_checkpoint")
 
 
+def _declared_task(path: Path) -> bool:
+    """Whether the YAML at ``path`` names its task (``task:``)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the loader says what is wrong with it
+    return isinstance(raw, dict) and raw.get("task") is not None
+
+
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
            resume: Optional[Path], quiet: bool, split_file: Optional[Path] = None, init: Optional[str] = None) -> None:
     """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
@@ -258,7 +269,8 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
     if source is not None and Path(source).is_file():  # a config of another task: say so, not its every key
         from leukoscope.tasks import task_of_config_file
 
-        found = _run(task_of_config_file, source)
+        declared = _declared_task(Path(source))  # a file without task: is read as the command's task
+        found = _run(task_of_config_file, source) if declared else task.name
         if found != task.name:
             command = {"detect": "train-detector (or train)", "mil": "mil (or train)"}.get(found, "train")
             _fail(f"{source} is a {found} {'run' if resume is not None else 'config'} (task: {found}), not a "
@@ -288,6 +300,12 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
         extra.append(f"model.init={json.dumps(init if is_pretrained_spec(init) else str(Path(init).resolve()))}")
     cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
     epochs = getattr(getattr(cfg, "train", None), "epochs", None)
+    model_name = getattr(getattr(cfg, "model", None), "name", None)
+    if model_name is not None:
+        from leukoscope.models.classic import CLASSIC_MODELS
+
+        if model_name in CLASSIC_MODELS:  # fitted in one step, no checkpoint: --resume fits it again
+            epochs = None
     if resume is not None and isinstance(epochs, int):  # now, not after the data are prepared
         from leukoscope.engine.checkpoint import CHECKPOINT_FILE, check_resume_epochs, trained_epochs
 
