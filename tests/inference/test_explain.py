@@ -343,13 +343,31 @@ def _fill(tensor: torch.Tensor, key: str, is_norm: bool, generator: torch.Genera
 def test_inplace_relu_after_the_target_explains_the_relu_output() -> None:
     model = _fast_random_model("tusar_convnet")  # Conv2d -> ReLU(inplace=True) throughout
     inputs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    maps = grad_cam(model, inputs, class_index=[0, 1], target_layer=model.features[8])
-    assert find_target_layer(model, 64) is model.features  # the whole last stage by default
+    maps = grad_cam(model, inputs, class_index=[0, 1])
+    # the default: the last conv, as its stage ends in max-pooling (a stage's output would halve the map)
+    assert find_target_layer(model, 64) is model.features[8]
     for module in model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
     np.testing.assert_allclose(maps, grad_cam(model, inputs, [0, 1], target_layer=model.features[9]), atol=1e-6)
     assert maps.any()
+
+
+def test_the_default_target_keeps_the_last_conv_s_resolution() -> None:
+    """The whole-stage default took VGG's and the seed CNNs' `features` after their final max-pool: maps at
+    half the resolution (vgg19 at 224 px: 7x7 instead of 14x14)."""
+    for name, size in (("vgg19", 64), ("abas_cnn", 64), ("resnet18", 64), ("densenet121", 64)):
+        model = _fast_random_model(name)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        seen: dict[nn.Module, tuple[int, ...]] = {}
+        hooks = [m.register_forward_hook(lambda m, _i, out: seen.__setitem__(m, tuple(out.shape[-2:])))
+                 for m in [*convs, find_target_layer(model, size)]]
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+        for hook in hooks:
+            hook.remove()
+        last_conv = [seen[m] for m in convs if m in seen and seen[m][0] * seen[m][1] > 1][-1]
+        assert seen[find_target_layer(model, size)] == last_conv, name
 
 
 @pytest.mark.parametrize("name", list_models("classifier"))

@@ -80,18 +80,25 @@ def _is_spatial(output: torch.Tensor) -> bool:
 
 
 def _last_spatial(record: _Record) -> tuple[nn.Module, torch.Tensor]:
+    """The last stage (:func:`_stages`) to run at the resolution of the last spatial conv: a block or stage
+    whose output holds every branch the head reads, but not one that pools after it (a VGG-style
+    ``features`` ending in max-pooling would halve the map's resolution)."""
+    convs = [(module, output) for module, output in record if isinstance(module, nn.Conv2d) and _is_spatial(output)]
+    if not convs:
+        raise ValueError("the model has no Conv2d layer with a spatial (H x W > 1) output at this input size")
+    size = convs[-1][1].shape[-2:]
     for module, output in reversed(record):
-        if _is_spatial(output):
+        if output.dim() == 4 and output.shape[-2:] == size:
             return module, output
-    raise ValueError("the model has no Conv2d layer with a spatial (H x W > 1) output at this input size")
+    return convs[-1]  # pragma: no cover - the conv itself is in the record
 
 
 def _stages(model: nn.Module) -> list[nn.Module]:
-    """Every sub-module that is or holds a ``Conv2d``: a conv, a block, a stage. The last of them to give a
-    spatial output is the whole last stage (ResNet's ``layer4`` with its skip path, DenseNet's ``features``
-    with every concatenated channel, GoogLeNet's ``inception5b`` with all four branches), where the last
-    conv alone would explain only one branch of what the head reads. Activations, pooling, dropout and
-    norms hold no conv, so they are never the target."""
+    """Every sub-module that is or holds a ``Conv2d``: a conv, a block, a stage. The last of them to give an
+    output at the last conv's resolution (:func:`_last_spatial`) is the whole last stage (ResNet's ``layer4``
+    with its skip path, DenseNet's ``features`` with every concatenated channel, GoogLeNet's ``inception5b``
+    with all four branches), where the last conv alone would explain only one branch of what the head reads.
+    Activations, pooling, dropout and norms hold no conv, so they are never the target themselves."""
     return [module for module in model.modules()
             if module is not model and any(isinstance(inner, nn.Conv2d) for inner in module.modules())]
 
