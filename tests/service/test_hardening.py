@@ -576,10 +576,16 @@ def test_a_form_sent_after_the_session_ended_returns_to_its_page_and_says_so(ser
     after = hema.post("/login", data={"username": "hema", "password": PASSWORD, "csrf_token": csrf_of(login.text),
                                       "next": f"/cases/{case['id']}"}, follow_redirects=False)
     assert after.headers["location"] == f"/cases/{case['id']}" and hema.get(after.headers["location"]).status_code == 200
-    # another site's Referer is not followed; a GET keeps its own path
+    # another site's Referer is not followed, nor a page's that answers POST only; a log-out has nothing to
+    # save; a GET keeps its own path
     _expire_sessions(service)
-    elsewhere = hema.post("/logout", headers={"Referer": "https://evil.example/cases"}, follow_redirects=False)
+    elsewhere = hema.post(f"/cases/{case['id']}/review", headers={"Referer": "https://evil.example/cases"},
+                          follow_redirects=False)
     assert elsewhere.headers["location"] == "/login?next=/&unsaved=1"
+    post_only = hema.post("/account/password", headers={"Referer": "http://testserver/account/tokens"},
+                          follow_redirects=False)
+    assert post_only.headers["location"] == "/login?next=/&unsaved=1"
+    assert hema.post("/logout", follow_redirects=False).headers["location"] == "/login"
     assert hema.get("/cases?page=2", follow_redirects=False).headers["location"] == "/login?next=/cases%3Fpage%3D2"
 
 

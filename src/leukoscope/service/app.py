@@ -243,9 +243,14 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
         if request.method in ("GET", "HEAD"):
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
+        if request.url.path == "/logout":  # nothing to save: the session is gone already
+            return RedirectResponse("/login", status_code=303)
         # A form sent after the session ended: its route answers POST only, so back to the page it came from
-        # (the log-in page says the form was not saved).
-        target = same_origin_referer(request) or "/"
+        # when that is a page (some forms answer at their own POST-only address), and the log-in page says the
+        # form was not saved.
+        target = same_origin_referer(request)
+        if target is None or not _is_page(target):
+            target = "/"
         return RedirectResponse(f"/login?next={quote(target, safe='/')}&unsaved=1", status_code=303)
 
     @app.exception_handler(RequestValidationError)
@@ -282,6 +287,17 @@ def create_app(settings: ServiceSettings | None = None, *, analyzer: Analyzer | 
     app.add_middleware(ServerErrors)
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def _is_page(target: str) -> bool:
+    """Whether ``target`` (a path, maybe with a query) is one of the service's pages (a GET route)."""
+    from starlette.routing import Match
+
+    from leukoscope.service import routes_pages
+
+    scope = {"type": "http", "path": target.split("?", 1)[0], "method": "GET"}
+    return any("GET" in (getattr(route, "methods", None) or ()) and route.matches(scope)[0] == Match.FULL
+               for route in routes_pages.router.routes)
 
 
 def anonymous(state: ServiceState, request: Request) -> bool:
