@@ -283,8 +283,16 @@ def test_a_box_around_a_kept_cell_is_dropped_too() -> None:
     ])
     scores = np.array([0.99, 0.95, 0.98, 0.97, 0.94])
     labels = np.zeros(5, dtype=int)
-    cut = np.array([False, True, True, True, True])  # the white-cell pass marks every box as cut
+    cut = np.array([False, True, True, True, True])
     assert merge_tile_detections(boxes, scores, labels, cut, containment=0.7).tolist() == [0, 2, 3]
+    # the white-cell pass (every box cut) drops a box around two kept cells, not a whole cell's box around a
+    # smaller, higher-scored box of part of it
+    cells = merge_tile_detections(boxes[2:], scores[2:], labels[2:], cut[2:], containment=0.7, around=2)
+    assert cells.tolist() == [0, 1]
+    part = np.array([[100.0, 100.0, 160.0, 160.0], [60.0, 60.0, 200.0, 200.0]])
+    both = merge_tile_detections(part, np.array([0.95, 0.90]), np.zeros(2, int), np.ones(2, bool), containment=0.7,
+                                 around=2)
+    assert both.tolist() == [0, 1]
     # two boxes that only touch are both kept
     touching = merge_tile_detections(boxes[2:4], scores[2:4], labels[2:4], cut[2:4], containment=0.7)
     assert touching.tolist() == [0, 1]

@@ -140,7 +140,8 @@ class SmearAnalyzer:
     ``input_scale``): 4096 field pixels for the shipped detector, so a 2592x1944 field is one
     tile. ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
-    box is a duplicate (1 turns this off).
+    box is a duplicate, as is one holding that share of two higher-scored ones (two
+    touching cells in one box) (1 turns this off).
 
     Blast classes default to the classes named in :data:`leukoscope.labels.BLAST_CLASS_NAMES`
     (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
@@ -397,7 +398,7 @@ class SmearAnalyzer:
             wbc = np.where(is_wbc)[0]
             keep = merge_tile_detections(detections.boxes[wbc], detections.scores[wbc],
                                          np.zeros(len(wbc), dtype=int), np.ones(len(wbc), dtype=bool),
-                                         self.merge_iou, self.wbc_containment)
+                                         self.merge_iou, self.wbc_containment, around=2)
             drop = np.setdiff1d(wbc, wbc[keep])
             if len(drop):
                 kept = np.setdiff1d(np.arange(len(detections)), drop)

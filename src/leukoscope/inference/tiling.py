@@ -35,16 +35,18 @@ def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[tuple[in
 
 def merge_tile_detections(
     boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, cut: np.ndarray,
-    iou_threshold: float = 0.5, containment: float = 0.6,
+    iou_threshold: float = 0.5, containment: float = 0.6, around: int = 1,
 ) -> np.ndarray:
     """Indices to keep of detections gathered from overlapping tiles.
 
     ``cut`` marks boxes touching an inner tile edge (the cell may be cut off).
     Whole boxes are preferred to cut ones, then higher scores; a box is dropped
     when a kept box of the same class overlaps it by IoU > ``iou_threshold`` or,
-    for a cut box, when either holds more than ``containment`` of the other: a cut box
-    inside a kept one is part of it, and a cut box around a kept one is that cell with its
-    neighbour (a box at a tile's edge spanning two cells, or one detection of two touching cells).
+    for a cut box, when it lies more than ``containment`` inside a kept box (it is part of
+    it) or holds more than ``containment`` of at least ``around`` kept boxes (it is those
+    cells with more: a box cut at a tile's edge around the next tile's whole cell, ``around=1``;
+    one box around two touching cells, ``around=2``, which keeps a whole cell's box around a
+    smaller, higher-scored box of part of it).
     """
     n = len(scores)
     if n == 0:
@@ -59,16 +61,11 @@ def merge_tile_detections(
         iou = inter / (area[:, None] + area[None, :] - inter)
     kept: list[int] = []
     for i in order:
-        duplicate = False
-        for j in kept:
-            if labels[j] != labels[i]:
-                continue
-            if iou[i, j] > iou_threshold:
-                duplicate = True
-                break
-            if cut[i] and inter[i, j] > containment * min(area[i], area[j]) and min(area[i], area[j]) > 0:
-                duplicate = True
-                break
+        same = [j for j in kept if labels[j] == labels[i]]
+        duplicate = any(iou[i, j] > iou_threshold for j in same)
+        if cut[i] and not duplicate:
+            duplicate = (any(area[i] > 0 and inter[i, j] > containment * area[i] for j in same)
+                         or sum(area[j] > 0 and inter[i, j] > containment * area[j] for j in same) >= around)
         if not duplicate:
             kept.append(int(i))
     return np.array(sorted(kept), dtype=int)
