@@ -323,12 +323,20 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, colorm
     for index, text in enumerate(lines):
         draw.text((4, height + 3 + 15 * index), text, fill="red" if flat and index else "black", font=font)
     if flat:
-        note_font = _font(14)
-        note = "FLAT MAP - uninformative"
-        box = draw.textbbox((width // 2, height // 2), note, font=note_font, anchor="mm")
-        draw.rectangle((box[0] - 6, box[1] - 4, box[2] + 6, box[3] + 4), fill="white", outline="red", width=2)
-        draw.text((width // 2, height // 2), note, fill="red", font=note_font, anchor="mm")
+        mark_flat(figure, (width, height), "FLAT MAP - uninformative")
     return figure
+
+
+def mark_flat(picture: Image.Image, size: tuple[int, int] | None = None, note: str = "FLAT MAP") -> Image.Image:
+    """Write ``note`` in red across the middle of ``picture``'s top-left ``size`` (all of it by default), in
+    place: a flat heatmap's overlay is an even tint that reads as "evidence everywhere" without it."""
+    width, height = size or picture.size
+    draw = ImageDraw.Draw(picture)
+    note_font = _font(max(8, min(14, width // 7)))
+    box = draw.textbbox((width // 2, height // 2), note, font=note_font, anchor="mm")
+    draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill="white", outline="red", width=1)
+    draw.text((width // 2, height // 2), note, fill="red", font=note_font, anchor="mm")
+    return picture
 
 
 def heatmap_mask_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float:

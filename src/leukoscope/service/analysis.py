@@ -36,15 +36,15 @@ DISPLAY_SIZE = 256
 OVERLAY_BATCH = 32
 
 
-def explained(image: Image.Image, heatmap: Any, class_name: str, model_size: int) -> Image.Image:
-    """The picture a reviewer sees: the heatmap over the cell as the model saw it (letterboxed), with a colour
-    bar and a caption, and across it a note when the map is flat (it points at nothing: a uniform tint would
-    otherwise read as "evidence everywhere")."""
-    from leukoscope.inference.explain import heatmap_figure, overlay_heatmap
+def explained(image: Image.Image, heatmap: Any, model_size: int) -> Image.Image:
+    """The picture a reviewer sees: the heatmap over the cell as the model saw it (letterboxed), at the
+    cell's size (the page shows it beside the cell), and across it a note when the map is flat (it points at
+    nothing: a uniform tint would otherwise read as "evidence everywhere")."""
+    from leukoscope.inference.explain import is_flat_heatmap, mark_flat, overlay_heatmap
     from leukoscope.pixels import letterbox
 
     overlay = overlay_heatmap(letterbox(image, overlay_size(image, model_size)), heatmap)
-    return heatmap_figure(overlay, heatmap, class_name)
+    return mark_flat(overlay) if is_flat_heatmap(heatmap) else overlay
 
 
 def overlay_size(image: Image.Image, model_size: int) -> int:
@@ -205,8 +205,7 @@ class Analyzer:
             except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
                 log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
                 return [None] * len(images)
-            overlays += [explained(image, heatmap, name, classifier.image_size)
-                         for image, heatmap, name in zip(batch, heatmaps, top_classes[start:start + OVERLAY_BATCH])]
+            overlays += [explained(image, heatmap, classifier.image_size) for image, heatmap in zip(batch, heatmaps)]
         return overlays
 
     def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
@@ -244,7 +243,7 @@ class Analyzer:
         probabilities = torch.softmax(raw / classifier.info.temperature, dim=1).numpy()[0].astype(np.float64)
         scores = classifier.ood_scores(raw.numpy(), embedded[-1].numpy() if embedded else None)
         prediction = classifier._to_prediction(source, probabilities, None if scores is None else scores[0])
-        return prediction, explained(image, heatmap, prediction.top_class, classifier.image_size)
+        return prediction, explained(image, heatmap, classifier.image_size)
 
     def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
         """One cell per upload. A classifier of a physical window sees that many micrometres around the
