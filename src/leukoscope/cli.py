@@ -888,9 +888,12 @@ def _service_settings(**overrides):
     try:
         return ServiceSettings.from_env(**overrides)
     except ValidationError as exc:  # one line per setting, named as the user gives it (not pydantic's dump)
-        _fail("; ".join(f"--{str(error['loc'][0]).replace('_', '-')} (LEUKOSCOPE_{str(error['loc'][0]).upper()}): "
-                        f"{error['msg'].removeprefix('Value error, ')}" if error["loc"] else error["msg"]
-                        for error in exc.errors()))
+        def named(field: str) -> str:
+            variable = f"LEUKOSCOPE_{field.upper()}"
+            return f"--{field.replace('_', '-')} ({variable})" if field in overrides else variable
+
+        _fail("; ".join(f"{named(str(error['loc'][0]))}: {error['msg'].removeprefix('Value error, ')}"
+                        if error["loc"] else error["msg"] for error in exc.errors()))
     except ValueError as exc:
         _fail(str(exc))
 

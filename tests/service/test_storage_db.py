@@ -270,6 +270,16 @@ def test_cli_user_commands(tmp_path):
     said = " ".join(backend.output.split())
     assert backend.exit_code == 2 and said.startswith("error: --detector-backend (LEUKOSCOPE_DETECTOR_BACKEND):")
     assert "pydantic" not in said and not fresh.exists()
+    # a setting serve has no option for is named by its variable only
+    import os
+
+    os.environ["LEUKOSCOPE_MAX_UPLOAD_BYTES"] = "abc"
+    try:
+        variable = runner.invoke(app, ["serve", "--data-dir", str(fresh)])
+    finally:
+        del os.environ["LEUKOSCOPE_MAX_UPLOAD_BYTES"]
+    said = " ".join(variable.output.split())
+    assert variable.exit_code == 2 and said.startswith("error: LEUKOSCOPE_MAX_UPLOAD_BYTES:"), said
 
 
 def test_a_failed_sqlite_migration_changes_nothing_and_can_be_retried(tmp_path) -> None:
