@@ -574,7 +574,8 @@ def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> Non
 def test_option_values_are_refused_by_their_option_before_any_work(tmp_path: Path, synthetic_root: Path) -> None:
     """--on-corrupt ignore said "on_corrupt must be ..."; demo --minutes -1 blamed an override the user never
     typed after making the whole synthetic dataset; calibrate-ood --quantile 2 was refused after decoding."""
-    bad = invoke("evaluate", "--bundle", "pretrained:wbc-classifier", "--data", synthetic_root, "--on-corrupt", "ignore")
+    bad = invoke("evaluate", "--bundle", "pretrained:wbc-classifier", "--data", synthetic_root,
+                 "--on-corrupt", "ignore")
     assert bad.exit_code == 2 and "--on-corrupt must be skip or fail" in bad.output
     demo = invoke("demo", "--out", tmp_path / "demo", "--minutes", "-1")
     assert demo.exit_code == 2 and "--minutes must be above 0" in demo.output and not (tmp_path / "demo").exists()

@@ -575,7 +575,8 @@ def test_a_form_sent_after_the_session_ended_returns_to_its_page_and_says_so(ser
     assert "was not saved" in login.text and f'value="/cases/{case["id"]}"' in login.text
     after = hema.post("/login", data={"username": "hema", "password": PASSWORD, "csrf_token": csrf_of(login.text),
                                       "next": f"/cases/{case['id']}"}, follow_redirects=False)
-    assert after.headers["location"] == f"/cases/{case['id']}" and hema.get(after.headers["location"]).status_code == 200
+    assert after.headers["location"] == f"/cases/{case['id']}"
+    assert hema.get(after.headers["location"]).status_code == 200
     # another site's Referer is not followed, nor a page's that answers POST only; a log-out has nothing to
     # save; a GET keeps its own path
     _expire_sessions(service)
