@@ -335,3 +335,14 @@ def test_the_wilson_interval_of_none_or_all_is_exactly_zero_or_one() -> None:
 
     for total in (1, 7, 50, 100, 333):
         assert wilson_interval(0, total)[0] == 0.0 and wilson_interval(total, total)[1] == 1.0
+
+
+def test_without_a_classifier_a_cell_s_probability_is_its_detector_score(tmp_path) -> None:
+    """cells.csv gave p_WBC = 0.0 beside a confidence of 0.88 for the same cell."""
+    image = Image.fromarray(np.full((200, 300, 3), 230, np.uint8))
+    image.paste((40, 40, 40), (100, 80, 140, 120))
+    result = SmearAnalyzer(DarkBlobDetector()).analyze(image)
+    assert result.cells
+    for cell in result.cells:
+        row = cell.as_row(result.cell_classes)
+        assert row[f"p_{cell.label}"] == row["confidence"] == round(cell.detector_score, 4)

@@ -423,8 +423,9 @@ class SmearAnalyzer:
         else:
             for number, i in enumerate(order, 1):
                 name = self.detector.classes[int(detections.labels[i])]
-                cells.append(Cell(number, tuple(float(v) for v in detections.boxes[i]), name,
-                                  float(detections.scores[i]), name, name, float(detections.scores[i]), False))
+                score = float(detections.scores[i])  # the detector's class and score stand for the classifier's
+                cells.append(Cell(number, tuple(float(v) for v in detections.boxes[i]), name, score, name, name, score,
+                                  False, {name: score}))
         warnings = list(self.warnings)
         if found.capped_tiles:
             warnings.append(cap_warning(found.capped_tiles, found.tiles))
