@@ -90,15 +90,16 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    previous = signal.getsignal(signal.SIGTERM)  # None: a handler installed outside Python
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread (tests calling the command): nothing to take over
-        previous = None
+        yield
+        return
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @app.callback()
