@@ -302,8 +302,8 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
     cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
     epochs = getattr(getattr(cfg, "train", None), "epochs", None)
     model_name = getattr(getattr(cfg, "model", None), "name", None)
-    if model_name is not None:
-        from leukoscope.models.classic import CLASSIC_MODELS
+    if resume is not None and model_name is not None:
+        from leukoscope.models.classic import CLASSIC_MODELS  # (imports scikit-learn: only when resuming)
 
         if model_name in CLASSIC_MODELS:  # fitted in one step, no checkpoint: --resume fits it again
             epochs = None
