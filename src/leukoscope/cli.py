@@ -252,15 +252,19 @@ RESUME_HELP = ("Continue the run in this directory (only train.epochs, max_minut
 RESUME_OVERRIDES = ("train.epochs", "train.max_minutes", "train.threads", "train.device", "train.keep_checkpoint")
 
 
-def _declared_task(path: Path) -> bool:
-    """Whether the YAML at ``path`` names its task (``task:``)."""
+def _declared_task(path: Path) -> str | None:
+    """The ``task:`` the YAML at ``path`` names, as the task table spells it; None when it names none (it is
+    then the command's own) or cannot be read (the config loader says why)."""
     import yaml
+
+    from leukoscope.tasks import task_named
 
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
-        return False  # the loader says what is wrong with it
-    return isinstance(raw, dict) and raw.get("task") is not None
+        return None
+    declared = raw.get("task") if isinstance(raw, dict) else None
+    return None if declared is None else _run(task_named, str(declared)).name
 
 
 def _train(task, config: Optional[Path], overrides: List[str], data: Optional[str], model: Optional[str],
@@ -268,10 +272,7 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
     """Load and check the task's config, then train; the run prints its report's path (also to train.log)."""
     source = resume / "config.yaml" if resume is not None else config
     if source is not None and Path(source).is_file():  # a config of another task: say so, not its every key
-        from leukoscope.tasks import task_of_config_file
-
-        declared = _declared_task(Path(source))  # a file without task: is read as the command's task
-        found = _run(task_of_config_file, source) if declared else task.name
+        found = _declared_task(Path(source)) or task.name
         if found != task.name:
             command = {"detect": "train-detector (or train)", "mil": "mil (or train)"}.get(found, "train")
             _fail(f"{source} is a {found} {'run' if resume is not None else 'config'} (task: {found}), not a "
