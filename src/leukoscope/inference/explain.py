@@ -86,11 +86,9 @@ def _last_spatial(record: _Record) -> tuple[nn.Module, torch.Tensor]:
     convs = [(module, output) for module, output in record if isinstance(module, nn.Conv2d) and _is_spatial(output)]
     if not convs:
         raise ValueError("the model has no Conv2d layer with a spatial (H x W > 1) output at this input size")
-    size = convs[-1][1].shape[-2:]
-    for module, output in reversed(record):
-        if output.dim() == 4 and output.shape[-2:] == size:
-            return module, output
-    return convs[-1]  # pragma: no cover - the conv itself is in the record
+    size = convs[-1][1].shape[-2:]  # the last conv is in the record: the search always finds one
+    return next((module, output) for module, output in reversed(record)
+                if output.dim() == 4 and output.shape[-2:] == size)
 
 
 def _stages(model: nn.Module) -> list[nn.Module]:
