@@ -14,8 +14,12 @@ BACKGROUND = (236, 226, 222)
 
 
 def smear_field(rbc_diameter: float, size: tuple[int, int] = (640, 480), seed: int = 0, n_red: int = 14,
-                wbc: bool = True, platelets: int = 6) -> Image.Image:
-    """A field of isolated pink red cells with pale centres, a few platelets and one white cell."""
+                wbc: bool = True, platelets: int = 6, blasts: int = 0, blast_diameter: float | None = None,
+                red: tuple[int, int, int] = (205, 135, 150), red_centre: tuple[int, int, int] = (222, 175, 182),
+                blast: tuple[int, int, int] = (125, 80, 175), platelet_diameter: float | None = None,
+                platelet: tuple[int, int, int] = (140, 90, 170)) -> Image.Image:
+    """A field of isolated pink red cells with pale centres, a few platelets and one white cell;
+    ``blasts``: as many round violet cells ``blast_diameter`` across (1.4 red cells by default)."""
     rng = np.random.default_rng(seed)
     w, h = size
     canvas = np.empty((h, w, 3), np.float64)
@@ -34,16 +38,22 @@ def smear_field(rbc_diameter: float, size: tuple[int, int] = (640, 480), seed: i
         centre = place(rbc_diameter * 0.9)
         if centre:
             canvas[disk(centre[::-1], rbc_diameter * 0.9, shape=(h, w))] = (120, 80, 170)
+    for _ in range(blasts):
+        radius = (blast_diameter or 1.4 * rbc_diameter) / 2 * rng.uniform(0.95, 1.05)
+        centre = place(radius)
+        if centre:
+            canvas[disk(centre[::-1], radius, shape=(h, w))] = blast
     for _ in range(n_red):
         radius = rbc_diameter / 2 * rng.uniform(0.95, 1.05)
         centre = place(radius)
         if centre:
-            canvas[disk(centre[::-1], radius, shape=(h, w))] = (205, 135, 150)
-            canvas[disk(centre[::-1], radius * 0.4, shape=(h, w))] = (222, 175, 182)
+            canvas[disk(centre[::-1], radius, shape=(h, w))] = red
+            canvas[disk(centre[::-1], radius * 0.4, shape=(h, w))] = red_centre
+    platelet_radius = (platelet_diameter or 0.3 * rbc_diameter) / 2
     for _ in range(platelets):
-        centre = place(rbc_diameter * 0.15)
+        centre = place(platelet_radius)
         if centre:
-            canvas[disk(centre[::-1], rbc_diameter * 0.15, shape=(h, w))] = (140, 90, 170)
+            canvas[disk(centre[::-1], platelet_radius, shape=(h, w))] = platelet
     return Image.fromarray(canvas.astype(np.uint8))
 
 
@@ -80,6 +90,42 @@ def test_fields_without_red_cells_have_no_scale() -> None:
 def test_debris_does_not_pull_the_estimate_down() -> None:
     scale = estimate_scale(smear_field(60.0, platelets=30, n_red=10))
     assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 60.0, rel=0.08)
+
+
+def test_round_blasts_outnumbering_the_red_cells_are_left_out() -> None:
+    """In a blast-rich field the isolated round objects are mostly blasts (the red cells touch): the
+    estimate must rest on the red cells (all-taleqani's Pre-B fields were read a fifth too fine)."""
+    field = smear_field(20.0, size=(480, 360), n_red=6, blasts=14, wbc=False, platelets=0)
+    scale = estimate_scale(field)
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 20.0, rel=0.08)
+    assert scale.red_cells == 6
+
+
+def test_pale_red_cells_beside_dark_nuclei_are_found() -> None:
+    """Dark violet nuclei must not set the threshold that decides what is a cell: pale red cells would
+    fall to the background, and the small lymphocytes' nuclei be measured in their place."""
+    field = smear_field(24.0, size=(480, 360), n_red=8, blasts=12, blast_diameter=19.0, wbc=False, platelets=0,
+                        red=(212, 196, 204), red_centre=(222, 208, 212), blast=(70, 35, 130))
+    scale = estimate_scale(field)
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 24.0, rel=0.08)
+    assert scale.red_cells == 8
+
+
+def test_nuclear_pixels_are_the_violet_ones() -> None:
+    from leukoscope.scale import nuclear_pixels
+
+    pixels = np.array([[(120, 80, 170), (70, 35, 130), (205, 135, 150), (150, 150, 175), (236, 226, 222)]], np.uint8)
+    assert nuclear_pixels(pixels).tolist() == [[True, True, False, False, False]]
+
+
+def test_pale_platelets_outnumbering_the_isolated_red_cells_do_not_set_the_scale() -> None:
+    """In a crowded field the few isolated red cells may be outnumbered by platelets that are not violet
+    enough to be left out by colour (BCCD's lavender ones): the estimate must sit on the red cells, which
+    hold most of the area, not on the platelets' count (BCCD fields were read 2.5-3.5 times too coarse)."""
+    field = smear_field(60.0, size=(640, 480), n_red=4, wbc=False, platelets=7, platelet_diameter=27.0,
+                        platelet=(200, 170, 205))
+    scale = estimate_scale(field)
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 60.0, rel=0.08) and scale.red_cells == 4
 
 
 def test_a_stated_scale_wins_and_is_checked() -> None:

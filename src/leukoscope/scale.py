@@ -6,13 +6,15 @@ sees cells at one source's scale misreads another's, so detection and
 classification work at one scale in microns. A user may state it (``--um-per-px``);
 otherwise it is estimated here from the median diameter of isolated, round red
 cells, which are about 7.5 um across in every healthy or leukaemic smear (the
-white cells vary far more). A field with too few isolated red cells (a single
-segmented cell on black, a thick area, a blank field) has no estimate and is
-flagged instead of guessed.
+white cells vary far more). Round violet objects (nuclei, blasts, small lymphocytes)
+are left out first: in a blast-rich field they outnumber the isolated red cells.
+A field with too few isolated red cells (a single segmented cell on black, a thick
+area, a blank field) has no estimate and is flagged instead of guessed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Iterable, Iterator, Literal, Sequence, TypeVar
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import filters, measure
+from skimage import color, filters, measure
 
 #: Median diameter of a normal red cell on a dried, stained smear (ICSH; 6.7-7.8 um).
 RED_CELL_DIAMETER_UM = 7.5
@@ -36,11 +38,18 @@ _MIN_DIAMETER_PX = 6.0
 #: isolated, what is left isolated and round is platelets and debris (3 of BCCD's 364 fields were read
 #: 9-11 times too coarse that way; `python bench/scale_estimates.py`, docs/benchmarks.md).
 MIN_RED_CELL_PX = 12.0
+#: CIELAB a* - b* above which a pixel is nuclear stain: chromatin is violet in every Romanowsky stain seen
+#: (all-taleqani's nuclei and blasts 68-141 as object means), red cells pink or grey-blue (4-44; pbc's and
+#: BCCD's pink ones about 25). Results hardly moved between 50 and 70 (docs/benchmarks.md, "The red-cell
+#: scale in blast-rich fields").
+NUCLEAR_VIOLET = 60.0
+#: An object more than this share of whose pixels are nuclear stain is a white cell, not a red cell.
+NUCLEAR_SHARE = 0.3
 #: A field's own estimate resting on this many red cells or fewer, and further than FIELD_RUN_MAX_RATIO
 #: from its run's scale, is taken for a misreading (every misread field of bench/scale_estimates.py rested
-#: on 3 or 4) and the field is analysed at the run's scale instead. An estimate on more red cells stands:
-#: it may be another microscope's field in a mixed run.
-WEAK_ESTIMATE_RED_CELLS = 4
+#: on 3 to 5 since violet objects are left out) and the field is analysed at the run's scale instead. An
+#: estimate on more red cells stands: it may be another microscope's field in a mixed run.
+WEAK_ESTIMATE_RED_CELLS = 5
 FIELD_RUN_MAX_RATIO = 1.5
 
 T = TypeVar("T")
@@ -95,30 +104,55 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
 
     Cells absorb green light far more than the background, so Otsu's threshold on the
     green channel separates them; holes (red cells' pale centres) are filled; objects
-    cut by the border, touching clumps (low solidity) and elongated ones are dropped.
-    The median of what remains is dominated by red cells, which outnumber white cells
-    and platelets in any smear field."""
+    cut by the border, touching clumps (low solidity) and elongated ones are dropped,
+    and so are violet ones (:func:`nuclear_pixels`): white cells, which in a blast-rich
+    field are most of the isolated round objects (all-taleqani's Pre-B fields were read
+    a fifth too fine from their blasts). The threshold is Otsu's on the pixels that are
+    not nuclear, or dark nuclei alone would set it and pale red cells fall to the
+    background. The median of what remains is dominated by red cells."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # no full-size copy of an RGB field
     factor = min(1.0, _MAX_SIDE / max(rgb.size))
     if factor < 1.0:
         rgb = rgb.resize((max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor))),
                          Image.Resampling.BILINEAR)
-    green = np.asarray(rgb, dtype=np.float32)[..., 1]
+    pixels = np.asarray(rgb)
+    green = pixels[..., 1].astype(np.float32)
     if float(green.max() - green.min()) < 10:  # a blank field: nothing to threshold
         return np.zeros(0)
-    foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(green))
+    nuclear = nuclear_pixels(pixels)
+    rest = green[~nuclear]
+    usable = rest.size >= 100 and float(rest.max() - rest.min()) >= 10
+    foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(rest if usable else green))
     labels = measure.label(foreground)
+    n = int(labels.max())
     # objects cut by the border are left out (what skimage's clear_border does, without labelling twice)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    inside = ~np.isin(np.arange(1, int(labels.max()) + 1), border)
+    inside = ~np.isin(np.arange(1, n + 1), border)
     areas, eccentricities = _areas_and_eccentricities(labels)
+    nuclear_share = np.bincount(labels.ravel(), weights=nuclear.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
     # solidity (a convex hull per region) is the slow test: only for regions that pass the others
     regions = measure.regionprops(labels)
-    diameters = [regions[k].equivalent_diameter_area
-                 for k in np.flatnonzero(inside & (areas >= 20) & (eccentricities < 0.75))
-                 if regions[k].solidity > 0.9]
+    candidates = inside & (areas >= 20) & (eccentricities < 0.75) & (nuclear_share <= NUCLEAR_SHARE)
+    diameters = [regions[k].equivalent_diameter_area for k in np.flatnonzero(candidates) if regions[k].solidity > 0.9]
     diameters = np.asarray(diameters, dtype=np.float64) / factor
     return diameters[diameters >= _MIN_DIAMETER_PX]
+
+
+def nuclear_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Which pixels of an RGB ``uint8`` array are violet nuclear stain (CIELAB a* - b* above
+    :data:`NUCLEAR_VIOLET`), read from a table of 32 levels per channel: a tenth of the time of
+    converting a field to CIELAB, and the rule is far coarser than the table."""
+    levels = pixels >> 3
+    return _violet_table()[levels[..., 0], levels[..., 1], levels[..., 2]] > NUCLEAR_VIOLET
+
+
+@functools.lru_cache(maxsize=1)
+def _violet_table() -> np.ndarray:
+    """CIELAB a* - b* at the centre of each of the 32 x 32 x 32 RGB bins."""
+    centres = np.arange(4, 256, 8, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), axis=-1)
+    lab = color.rgb2lab(grid.reshape(-1, 1, 3)).reshape(32, 32, 32, 3)
+    return (lab[..., 1] - lab[..., 2]).astype(np.float32)
 
 
 def _areas_and_eccentricities(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,14 +184,13 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
     if len(diameters) == 0:
         return FieldScale(None, "unknown", 0, "no isolated red cells found")
     # Debris and platelets are many but small: weighted by area they hardly count, so the
-    # area-weighted median sits on the red cells; drop what is far smaller than it. White
-    # cells are few: trimming around the plain median of the rest removes them.
+    # area-weighted median sits on the red cells; what lies far from it is dropped. (White cells,
+    # which would pull it up, were left out by their colour; the plain median, used before they
+    # were, sat on the platelets of crowded BCCD fields with few isolated red cells.)
     order = np.argsort(diameters)
     cumulative = np.cumsum(diameters[order] ** 2)
     weighted = float(diameters[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
-    diameters = diameters[diameters >= 0.4 * weighted]
-    first = float(np.median(diameters))
-    red = diameters[(diameters > 0.6 * first) & (diameters < 1.5 * first)]
+    red = diameters[(diameters > 0.6 * weighted) & (diameters < 1.5 * weighted)]
     if len(red) < min_red_cells:
         return FieldScale(None, "unknown", int(len(red)),
                           f"only {len(red)} isolated red cell(s) found (need {min_red_cells})")

@@ -51,7 +51,7 @@ def test_an_image_is_cut_at_the_window_around_its_centre_at_its_scale() -> None:
     assert unknown.source == "unknown" and whole is BLANK
     lent, run = classifier.frame(BLANK, run_um_per_px=0.2)
     assert run.source == "run" and lent.size == (120, 120)
-    # a run's scale also overrules an own estimate far off it (more than 1.5 times) on 4 red cells or fewer,
+    # a run's scale also overrules an own estimate far off it (more than 1.5 times) on 5 red cells or fewer,
     # never one on more, nor a given scale
     weak = smear_field(20.0, n_red=4, seed=9)
     overruled = classifier.frame(weak, run_um_per_px=0.1)[1]

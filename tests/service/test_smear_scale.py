@@ -96,7 +96,7 @@ def test_one_analyzer_takes_a_run_scale_per_field_without_keeping_it() -> None:
 
 
 def test_a_field_far_off_the_cases_scale_is_analysed_at_the_cases(scaled_service) -> None:
-    """A field whose own estimate rests on 4 red cells or fewer and is more than FIELD_RUN_MAX_RATIO off the
+    """A field whose own estimate rests on 5 red cells or fewer and is more than FIELD_RUN_MAX_RATIO off the
     others' (a misreading: the rest of its red cells touching) is analysed again at the case's scale, as a
     folder run does."""
     service, detector = scaled_service
