@@ -17,9 +17,11 @@ def smear_field(rbc_diameter: float, size: tuple[int, int] = (640, 480), seed: i
                 wbc: bool = True, platelets: int = 6, blasts: int = 0, blast_diameter: float | None = None,
                 red: tuple[int, int, int] = (205, 135, 150), red_centre: tuple[int, int, int] = (222, 175, 182),
                 blast: tuple[int, int, int] = (125, 80, 175), platelet_diameter: float | None = None,
-                platelet: tuple[int, int, int] = (140, 90, 170)) -> Image.Image:
+                platelet: tuple[int, int, int] = (140, 90, 170),
+                blast_nucleus: tuple[int, int, int] | None = None) -> Image.Image:
     """A field of isolated pink red cells with pale centres, a few platelets and one white cell;
-    ``blasts``: as many round violet cells ``blast_diameter`` across (1.4 red cells by default)."""
+    ``blasts``: as many round cells ``blast_diameter`` across (1.4 red cells by default), of one violet
+    colour, or with ``blast_nucleus``: that colour in a nucleus of a fifth of their area."""
     rng = np.random.default_rng(seed)
     w, h = size
     canvas = np.empty((h, w, 3), np.float64)
@@ -43,6 +45,8 @@ def smear_field(rbc_diameter: float, size: tuple[int, int] = (640, 480), seed: i
         centre = place(radius)
         if centre:
             canvas[disk(centre[::-1], radius, shape=(h, w))] = blast
+            if blast_nucleus is not None:
+                canvas[disk(centre[::-1], radius * 0.45, shape=(h, w))] = blast_nucleus
     for _ in range(n_red):
         radius = rbc_diameter / 2 * rng.uniform(0.95, 1.05)
         centre = place(radius)
@@ -116,6 +120,16 @@ def test_nuclear_pixels_are_the_violet_ones() -> None:
 
     pixels = np.array([[(120, 80, 170), (70, 35, 130), (205, 135, 150), (150, 150, 175), (236, 226, 222)]], np.uint8)
     assert nuclear_pixels(pixels).tolist() == [[True, True, False, False, False]]
+
+
+def test_white_cells_with_pale_cytoplasm_do_not_set_the_scale() -> None:
+    """A neutrophil's nucleus is a fifth of its area, its cytoplasm pink: the cell must still be left out, or
+    three of them outweigh ten isolated red cells and the field is read twice too coarse (pbc's erythroblast
+    and neutrophil photographs had white cells 0.15-0.3 violet)."""
+    field = smear_field(20.0, size=(640, 480), n_red=10, wbc=False, platelets=0, blasts=3, blast_diameter=40.0,
+                        blast=(200, 160, 185), blast_nucleus=(110, 60, 160))
+    scale = estimate_scale(field)
+    assert scale.um_per_px == pytest.approx(RED_CELL_DIAMETER_UM / 20.0, rel=0.08) and scale.red_cells == 10
 
 
 def test_pale_platelets_outnumbering_the_isolated_red_cells_do_not_set_the_scale() -> None:

@@ -40,11 +40,12 @@ _MIN_DIAMETER_PX = 6.0
 MIN_RED_CELL_PX = 12.0
 #: CIELAB a* - b* above which a pixel is nuclear stain: chromatin is violet in every Romanowsky stain seen
 #: (all-taleqani's nuclei and blasts 68-141 as object means), red cells pink or grey-blue (4-44; pbc's and
-#: BCCD's pink ones about 25). Results hardly moved between 50 and 70 (docs/benchmarks.md, "The red-cell
-#: scale in blast-rich fields").
+#: BCCD's pink ones about 25). Results hardly moved between 50 and 70 (docs/benchmarks.md, "Violet objects
+#: left out of the red-cell scale").
 NUCLEAR_VIOLET = 60.0
-#: An object more than this share of whose pixels are nuclear stain is a white cell, not a red cell.
-NUCLEAR_SHARE = 0.3
+#: An object more than this share of whose pixels are nuclear stain is a white cell, not a red cell: a
+#: neutrophil's or an erythroblast's nucleus may be a fifth of it (pbc: 0.15-0.3 for many), a red cell's none.
+NUCLEAR_SHARE = 0.15
 #: A field's own estimate resting on this many red cells or fewer, and further than FIELD_RUN_MAX_RATIO
 #: from its run's scale, is taken for a misreading (every misread field of bench/scale_estimates.py rested
 #: on 3 to 5 since violet objects are left out) and the field is analysed at the run's scale instead. An
@@ -107,9 +108,11 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
     cut by the border, touching clumps (low solidity) and elongated ones are dropped,
     and so are violet ones (:func:`nuclear_pixels`): white cells, which in a blast-rich
     field are most of the isolated round objects (all-taleqani's Pre-B fields were read
-    a fifth too fine from their blasts). The threshold is Otsu's on the pixels that are
-    not nuclear, or dark nuclei alone would set it and pale red cells fall to the
-    background. The median of what remains is dominated by red cells."""
+    a tenth too fine from their blasts). Two thresholds are tried, Otsu's over all pixels
+    and over those that are not nuclear (where dark nuclei alone would set it, pale red
+    cells fall to the background; where they do not, the lower one parts the dense pale
+    red cells of blast-rich fields), and the one that finds more such objects is kept. The
+    median of what remains is dominated by red cells."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # no full-size copy of an RGB field
     factor = min(1.0, _MAX_SIDE / max(rgb.size))
     if factor < 1.0:
@@ -121,9 +124,18 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
         return np.zeros(0)
     nuclear = nuclear_pixels(pixels)
     rest = green[~nuclear]
-    usable = rest.size >= 100 and float(rest.max() - rest.min()) >= 10
-    foreground = ndimage.binary_fill_holes(green < filters.threshold_otsu(rest if usable else green))
-    labels = measure.label(foreground)
+    thresholds = {float(filters.threshold_otsu(green))}
+    if rest.size >= 100 and float(rest.max() - rest.min()) >= 10:
+        thresholds.add(float(filters.threshold_otsu(rest)))
+    found = [_isolated_round_objects(green < threshold, nuclear) for threshold in sorted(thresholds)]
+    diameters = max(found, key=len) / factor
+    return diameters[diameters >= _MIN_DIAMETER_PX]
+
+
+def _isolated_round_objects(stained: np.ndarray, nuclear: np.ndarray) -> np.ndarray:
+    """Equivalent diameters of the objects of a stained-pixel mask that are whole (not cut by the border),
+    round, solid and not nuclear (:data:`NUCLEAR_SHARE`)."""
+    labels = measure.label(ndimage.binary_fill_holes(stained))
     n = int(labels.max())
     # objects cut by the border are left out (what skimage's clear_border does, without labelling twice)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
@@ -133,9 +145,8 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
     # solidity (a convex hull per region) is the slow test: only for regions that pass the others
     regions = measure.regionprops(labels)
     candidates = inside & (areas >= 20) & (eccentricities < 0.75) & (nuclear_share <= NUCLEAR_SHARE)
-    diameters = [regions[k].equivalent_diameter_area for k in np.flatnonzero(candidates) if regions[k].solidity > 0.9]
-    diameters = np.asarray(diameters, dtype=np.float64) / factor
-    return diameters[diameters >= _MIN_DIAMETER_PX]
+    return np.asarray([regions[k].equivalent_diameter_area for k in np.flatnonzero(candidates)
+                       if regions[k].solidity > 0.9], dtype=np.float64)
 
 
 def nuclear_pixels(pixels: np.ndarray) -> np.ndarray:
@@ -185,8 +196,8 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
         return FieldScale(None, "unknown", 0, "no isolated red cells found")
     # Debris and platelets are many but small: weighted by area they hardly count, so the
     # area-weighted median sits on the red cells; what lies far from it is dropped. (White cells,
-    # which would pull it up, were left out by their colour; the plain median, used before they
-    # were, sat on the platelets of crowded BCCD fields with few isolated red cells.)
+    # which would pull it up, were left out by their nuclei's colour, NUCLEAR_SHARE; the plain
+    # median, used before, sat on the platelets of crowded BCCD fields with few isolated red cells.)
     order = np.argsort(diameters)
     cumulative = np.cumsum(diameters[order] ** 2)
     weighted = float(diameters[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
