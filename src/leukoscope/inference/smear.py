@@ -37,6 +37,7 @@ from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAM
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
@@ -80,6 +81,15 @@ def is_grayscale(image: Image.Image) -> bool:
     """Whether an RGB field holds grey levels only (its channels differ by at most 2 anywhere, on a sample)."""
     sample = np.asarray(image.convert("RGB").reduce(max(1, max(image.size) // 512)), dtype=np.int16)
     return bool(np.abs(sample - sample[..., :1]).max() <= 2)
+
+
+def _without(detections: DetectionResult, is_wbc: np.ndarray, drop: np.ndarray) -> tuple[DetectionResult, np.ndarray]:
+    """``detections`` and their white-cell mask without the detections at indices ``drop``."""
+    if not len(drop):
+        return detections, is_wbc
+    kept = np.setdiff1d(np.arange(len(detections)), drop)
+    return (DetectionResult(detections.boxes[kept], detections.scores[kept], detections.labels[kept],
+                            detections.classes), is_wbc[kept])
 
 
 def _checked_run_scale(um_per_px: float | None) -> float | None:
@@ -141,7 +151,10 @@ class SmearAnalyzer:
     tile. ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
     box is a duplicate, as is one holding that share of two higher-scored ones (two
-    touching cells in one box) (1 turns this off).
+    touching cells in one box) (1 turns this off). ``min_nuclear_share``: a white-cell box
+    with fewer violet (nuclear) pixels holds no nucleus, a red cell or a clump of them, and
+    is dropped where the field's stain shows nuclei violet (:mod:`leukoscope.inference.nuclei`;
+    0 turns this off).
 
     Blast classes default to the classes named in :data:`leukoscope.labels.BLAST_CLASS_NAMES`
     (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
@@ -173,6 +186,7 @@ class SmearAnalyzer:
         crop_margin: float = 0.1,
         merge_iou: float = 0.5,
         wbc_containment: float = 0.7,
+        min_nuclear_share: float = MIN_NUCLEAR_SHARE,
         blast_flag_percent: float = 20.0,
         min_cells: int = 100,
         min_detector_ap: float = DEFAULT_MIN_DETECTOR_AP,
@@ -235,6 +249,9 @@ class SmearAnalyzer:
         self.crop_margin = crop_margin
         self.merge_iou = merge_iou
         self.wbc_containment = wbc_containment
+        if not 0.0 <= min_nuclear_share < 1.0:
+            raise ValueError(f"min_nuclear_share must be in [0, 1), got {min_nuclear_share}")
+        self.min_nuclear_share = float(min_nuclear_share)
         self.max_pixels = max_pixels
         self.um_per_px = FieldScale.given(um_per_px).um_per_px if um_per_px is not None else None
         self.run_um_per_px = _checked_run_scale(run_um_per_px)
@@ -399,12 +416,12 @@ class SmearAnalyzer:
             keep = merge_tile_detections(detections.boxes[wbc], detections.scores[wbc],
                                          np.zeros(len(wbc), dtype=int), np.ones(len(wbc), dtype=bool),
                                          self.merge_iou, self.wbc_containment, around=2)
-            drop = np.setdiff1d(wbc, wbc[keep])
-            if len(drop):
-                kept = np.setdiff1d(np.arange(len(detections)), drop)
-                detections = DetectionResult(detections.boxes[kept], detections.scores[kept],
-                                             detections.labels[kept], detections.classes)
-                is_wbc = is_wbc[kept]
+            detections, is_wbc = _without(detections, is_wbc, np.setdiff1d(wbc, wbc[keep]))
+        if is_wbc.any() and self.min_nuclear_share > 0:
+            # A white cell has a nucleus: a box without violet stain is a red cell or a clump of them.
+            wbc = np.where(is_wbc)[0]
+            empty = without_nucleus(image, detections.boxes[wbc], self.min_nuclear_share)
+            detections, is_wbc = _without(detections, is_wbc, wbc[empty])
         order = np.where(is_wbc)[0]
         # Reading order: top to bottom, then left to right, so cell ids are stable.
         order = order[np.lexsort((detections.boxes[order, 0], detections.boxes[order, 1]))] if len(order) else order
