@@ -550,6 +550,21 @@ def test_a_field_given_twice_is_analysed_once(tmp_path: Path, caplog: pytest.Log
     assert "3 file(s) given more than once are used once: a.png, b.png" in caplog.text
 
 
+def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> None:
+    """A link to an image that is gone (an unmounted share) was left out of a folder run without a word."""
+    from leukoscope.inference.predict_files import collect_images
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").symlink_to(tmp_path / "gone" / "b.png")
+    (folder / "notes.txt").symlink_to(tmp_path / "gone" / "notes.txt")
+    assert collect_images([folder]) == [folder / "a.png", folder / "b.png"]
+    result = invoke("analyze", folder, "--out", tmp_path / "out", "--no-classifier")
+    said = " ".join(result.output.split())
+    assert "b.png: not read" in said and "1 image(s) could not be read" in said
+
+
 def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> None:
     """train-detector with a classifier's config (or run) printed some twenty "unknown config key" errors; a
     detector config with --split-file blamed an override the user never typed."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
-from leukoscope.io import files_below, is_image_file, load_image
+from leukoscope.io import IMAGE_SUFFIXES, files_below, is_image_file, load_image
 from leukoscope.progress import console, name_some, progress_bar, say
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = [p for p in files_below(item) if is_image_file(p)]
+            # A link to an image that is gone (an unmounted share) stays in, to be reported as unreadable with
+            # the other failures: left out, it shrank the run without a word.
+            found = [p for p in files_below(item) if is_image_file(p) or _broken_image_link(p)]
             if not found:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             paths += found
@@ -48,6 +50,10 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         log.warning("%d file(s) given more than once are used once: %s", len(paths) - len(unique),
                     name_some(repeated))
     return unique
+
+
+def _broken_image_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 #: The columns of a predictions file before and after the classes' probabilities (``p_<class>``).
