@@ -270,6 +270,16 @@ def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:
     assert any("no colour" in warning for warning in grey.differential.warnings)
     colour = SmearAnalyzer(detector, um_per_px=0.1).analyze(Image.new("RGB", (640, 480), (230, 200, 220)))
     assert not any("no colour" in warning for warning in colour.differential.warnings)
+    # a folder run says so too: the console printed only "No white cell found" and summary.json had nothing
+    from leukoscope.inference.smear_output import FolderSummary
+
+    analyzer = SmearAnalyzer(detector, um_per_px=0.1)
+    grey.source, colour.source = "/x/grey.png", "/x/colour.png"
+    summary = FolderSummary([grey, colour], analyzer.rules, list(detector.classes))
+    said = [w for w in summary.warnings if "no colour" in w]
+    assert said == ["1 of 2 fields (grey.png) had no colour (grey levels only) and no white cell found: their cells "
+                    "are missing from the count; analyse the colour images."]
+    assert said[0] in summary.pooled.warnings
 
 
 def test_a_folder_of_unframed_fields_raises_no_leukemia_flag_and_a_review_answers_it() -> None:

@@ -117,6 +117,18 @@ def unframed_warning(window_um: float, why: str) -> str:
             f"microscope's scale (--um-per-px)")
 
 
+#: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
+GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
+                     "colour, so none found here does not mean there are none; analyse the colour image")
+
+
+def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> str:
+    """The slide's (folder's) warning when ``grey`` of its ``of`` fields had :data:`GRAYSCALE_WARNING`: their
+    white cells are missing from its count."""
+    return (f"{grey} of {of} field{'' if of == 1 else 's'}{_named(names)} had no colour (grey levels only) and no "
+            f"white cell found: their cells are missing from the count; analyse the colour images.")
+
+
 def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
     return (f"{UNFRAMED_WORDING}: {unframed} of {of} field{'' if of == 1 else 's'}{_named(names)} had no scale, "

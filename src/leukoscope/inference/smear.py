@@ -38,6 +38,7 @@ from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
+from leukoscope.inference.quality import GRAYSCALE_WARNING
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
@@ -72,9 +73,6 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
             f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
 
 
-#: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
-GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
-                     "colour, so none found here does not mean there are none; analyse the colour image")
 
 
 def is_grayscale(image: Image.Image) -> bool:

@@ -16,8 +16,9 @@ from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, UNFRAMED_WORDING, cap_warning,
-                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
+from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING, cap_warning,
+                                          grayscale_fields_warning, unfamiliar_count_warning, unframed_fields_warning,
+                                          unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -135,6 +136,9 @@ class FolderSummary:
         unframed = [Path(r.source).name for r in read if any(w.startswith(UNFRAMED_WORDING) for w in r.warnings)]
         if unframed:  # nor on cells cut without the classifier's window
             warnings.append(unframed_fields_warning(len(unframed), len(read), unframed))
+        grey = [Path(r.source).name for r in read if GRAYSCALE_WARNING in r.warnings]
+        if grey:  # nor on a count that left out fields it could not see
+            warnings.append(grayscale_fields_warning(len(grey), len(read), grey))
         tally = self._tally()
         unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share)
         return warnings + ([unfamiliar] if unfamiliar else [])
