@@ -1191,7 +1191,8 @@ def analyze(
                                                     "(default 0.9)."),
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the fields in micrometres "
                                               "(default: estimated per field from its red cells, ~7.5 um "
-                                              "across; recorded in each field's JSON)."),
+                                              "across; recorded in each field's JSON). A field whose red cells "
+                                              "measure another scale is warned."),
     tile_size: Optional[int] = typer.Option(None, help="Tile side for large fields, in pixels of the field as "
                                             "the detector is given it (resampled to its scale; default: 2048 "
                                             "pixels as its network sees them, 4096 for the shipped detector)."),

@@ -215,6 +215,22 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
                       f"median red-cell diameter {diameter:.1f} px = {RED_CELL_DIAMETER_UM} um")
 
 
+def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
+    """Why a scale the user stated looks wrong for this field, or None: its red cells measure another
+    scale, more than :data:`FIELD_RUN_MAX_RATIO` off, on more than :data:`WEAK_ESTIMATE_RED_CELLS` red
+    cells (a wrong ``--um-per-px`` had put CBC's red cells at 29 um and lost its white cells without a
+    word). The stated scale is still the one used: the user may know better than a few red cells."""
+    estimate = estimate_scale(image)
+    if not estimate.known or estimate.red_cells <= WEAK_ESTIMATE_RED_CELLS:
+        return None
+    ratio = um_per_px / float(estimate.um_per_px)
+    if abs(math.log(ratio)) <= math.log(FIELD_RUN_MAX_RATIO):
+        return None
+    return (f"the stated scale, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
+            f"{'coarser' if ratio > 1 else 'finer'} than this field's {estimate.red_cells} isolated red cells "
+            f"measure ({estimate.um_per_px:.4f} um/px): white cells may be missed or mistyped; check --um-per-px")
+
+
 def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:
     """Up to ``fields`` of ``items`` spread evenly over them, first and last included (a fixed choice:
     the same run gives the same sample)."""

@@ -256,6 +256,21 @@ def test_a_field_without_a_scale_whose_detector_records_none_warns_that_its_cell
     assert not scaled.differential.warnings
 
 
+def test_a_stated_scale_the_red_cells_contradict_is_used_and_doubted() -> None:
+    """A wrong --um-per-px (CBC fields stated at 0.3 um/px: red cells 29 um across) lost the white cell and
+    counted a platelet in its place, without a word."""
+    detector = ScaledDetector(um_per_px=0.1)
+    wrong = SmearAnalyzer(detector, um_per_px=0.1).analyze(smear_field(20.0))  # the red cells say 0.375
+    assert wrong.scale["source"] == "given" and wrong.scale["analysed_at_um_per_px"] == 0.1  # still used
+    (doubt,) = [w for w in wrong.differential.warnings if "check --um-per-px" in w]
+    assert doubt.startswith("the stated scale, 0.1 um/px, is 3.") and "times finer than this field's 14" in doubt
+    right = SmearAnalyzer(detector, um_per_px=0.4).analyze(smear_field(20.0))
+    assert not any("check --um-per-px" in w for w in right.differential.warnings)
+    # a weak estimate (5 red cells or fewer) does not doubt what the user stated
+    weak = SmearAnalyzer(detector, um_per_px=0.1).analyze(smear_field(20.0, n_red=5))
+    assert not any("check --um-per-px" in w for w in weak.differential.warnings)
+
+
 def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:
     """A grayscale smear silently reported 0 white cells (the detectors read the stain's colour)."""
     detector = ScaledDetector(um_per_px=0.1)

@@ -44,7 +44,7 @@ from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px,
-                              disagrees_with_run, field_scale, run_scale)
+                              disagrees_with_run, field_scale, run_scale, stated_scale_doubt)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ class PreparedField:
     """:meth:`SmearAnalyzer.detector_tiles` of ``detector_image``."""
     seconds: float = 0.0
     """Time spent preparing it (part of the field's analysis time)."""
+    scale_doubt: str | None = None
+    """Why the scale the user stated looks wrong for this field (:func:`leukoscope.scale.stated_scale_doubt`)."""
 
 
 @dataclass
@@ -370,13 +372,15 @@ class SmearAnalyzer:
         worker thread while this one is detected (:mod:`leukoscope.inference.folder`)."""
         start = time.perf_counter()
         image = image if image.mode == "RGB" else image.convert("RGB")
+        stated = scale is None and self.um_per_px is not None
         scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
+        doubt = stated_scale_doubt(image, self.um_per_px) if stated else None
         detector_image = image
         if factor != 1.0:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
             detector_image = image.resize(size, Image.Resampling.BILINEAR)
         return PreparedField(image, scale, working_um_per_px, factor, detector_image,
-                             self.detector_tiles(detector_image), time.perf_counter() - start)
+                             self.detector_tiles(detector_image), time.perf_counter() - start, doubt)
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None, run_um_per_px: float | None = None) -> SmearResult:
@@ -447,6 +451,8 @@ class SmearAnalyzer:
         unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share)
         if unfamiliar:
             warnings.append(unfamiliar)
+        if field.scale_doubt:
+            warnings.append(field.scale_doubt)
         if not scale.known and working_um_per_px is not None:
             # The models work at a scale and the field's is a guess: the field says so itself.
             warnings.append(unscaled_warning(working_um_per_px, scale.note))
