@@ -80,6 +80,11 @@ def _named(names: Sequence[str]) -> str:
     return " (" + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") + ")"
 
 
+def _some_fields(count: int, of: int, names: Sequence[str] = ()) -> str:
+    """``3 of 8 fields (a.png, b.png, c.png)``."""
+    return f"{count} of {of} field{'' if of == 1 else 's'}{_named(names)}"
+
+
 def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:
     """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
     where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
@@ -125,13 +130,13 @@ GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells ar
 def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``grey`` of its ``of`` fields had :data:`GRAYSCALE_WARNING`: their
     white cells are missing from its count."""
-    return (f"{grey} of {of} field{'' if of == 1 else 's'}{_named(names)} had no colour (grey levels only) and no "
-            f"white cell found: their cells are missing from the count; analyse the colour images.")
+    return (f"{_some_fields(grey, of, names)} had no colour (grey levels only) and no white cell found: their "
+            f"cells are missing from the count; analyse the colour images.")
 
 
 def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
-    return (f"{UNFRAMED_WORDING}: {unframed} of {of} field{'' if of == 1 else 's'}{_named(names)} had no scale, "
+    return (f"{UNFRAMED_WORDING}: {_some_fields(unframed, of, names)} had no scale, "
             f"and the detector records none; their cells' classes may be wrong: state the microscope's scale "
             f"(--um-per-px).")
 

@@ -32,13 +32,12 @@ from PIL import Image
 from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
-from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, cap_warning,
-                                          detector_warnings, unfamiliar_warning, unframed_warning)
+from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
+                                          cap_warning, detector_warnings, unfamiliar_warning, unframed_warning)
 from leukoscope.inference.folder import analyze_folder
+from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
-from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
-from leukoscope.inference.quality import GRAYSCALE_WARNING
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
@@ -71,8 +70,6 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
     the estimate's note)."""
     return (f"no scale for this field ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
             f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
-
-
 
 
 def is_grayscale(image: Image.Image) -> bool:
