@@ -565,6 +565,13 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
     assert "b.png: not read" in said and "1 image(s) could not be read" in said
 
 
+def test_an_empty_folder_is_refused_before_the_models_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = invoke("analyze", tmp_path / "empty", "--out", tmp_path / "out")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "folder has no images" in said and "models:" not in said
+
+
 def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> None:
     """train-detector with a classifier's config (or run) printed some twenty "unknown config key" errors; a
     detector config with --split-file blamed an override the user never typed."""

@@ -1266,9 +1266,9 @@ def analyze(
         if other != path:
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
+    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
-    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     from leukoscope.inference.smear import SmearAnalyzer
 
     # One set of options for every engine (the Ray actors build their analyzers from the same).
