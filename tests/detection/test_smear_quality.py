@@ -248,7 +248,7 @@ def test_fields_analysed_at_a_guessed_scale_never_give_the_slide_a_leukemia_flag
     assert Differential.from_labels(["blast"] * 120, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag
     assert pooled.total == 120 and no_leukemia_flag(pooled) and not pooled.acute_leukemia_flag
     (warning,) = summary.warnings
-    assert warning.startswith("3 of 3 fields had no scale (a.png, b.png, c.png)")
+    assert warning.startswith("3 of 3 fields (a.png, b.png, c.png) had no scale and were analysed")
     assert pooled.flags[0] == f"WARNING: {warning}"
 
 

@@ -95,7 +95,7 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
 
 def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's warning when ``unscaled`` of its ``of`` fields were analysed at a guessed scale."""
-    return (f"{unscaled} of {of} field{'' if of == 1 else 's'} had no scale{_named(names)} and were "
+    return (f"{_some_fields(unscaled, of, names)} had no scale and were "
             f"analysed at the detector's training scale: white cells may be missed or mistyped; state the "
             f"microscope's scale (--um-per-px).")
 
