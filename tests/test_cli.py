@@ -236,8 +236,9 @@ def test_analyze_exits_2_when_no_field_could_be_read(tmp_path: Path) -> None:
     (tmp_path / "zero.jpg").write_bytes(b"")
     result = invoke("analyze", tmp_path / "zero.jpg", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2 and "1 image(s) could not be read" in result.output
-    # a file never analysed is not a field where no white cell was found
+    # a file never analysed is not a field where no white cell was found, nor one with too few cells
     assert "No white cell" not in result.output and "Not analysed: none of the 1 file(s)" in result.output
+    assert "none of the 1 image(s) could be read" in result.output and "too few cells" not in result.output
     field = json.loads((tmp_path / "out" / "zero.json").read_text())
     assert field["error"] and field["differential"]["flags"] == [f"Not analysed: the file could not be read "
                                                                   f"({field['error']})"]
@@ -563,6 +564,7 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
     result = invoke("analyze", folder, "--out", tmp_path / "out", "--no-classifier")
     said = " ".join(result.output.split())
     assert "b.png: not read" in said and "1 image(s) could not be read" in said
+    assert "1 of 2 image(s) read, 0 white cells" in said  # the count is of the image read, and says so
 
 
 def test_an_empty_folder_is_refused_before_the_models_are_named(tmp_path: Path) -> None:

@@ -1391,13 +1391,8 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
         else:
             summary = _run(analyzer.analyze_paths, paths, out, progress=update, estimate_run_scale=False)  # said above
     pooled = summary.pooled
-    text = f"{len(summary.results)} image(s), {pooled.total} white cells"
-    if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
-        low, high = pooled.blast_ci95
-        text += f", blasts {pooled.blasts} ({pooled.blast_percentage:.1f}%, 95% CI {low:.1f}-{high:.1f}%)"
-    elif pooled.blasts is not None:
-        text += f", {pooled.blasts} blast(s): too few cells for a blast percentage"
-    console.print(text)
+    failed = [r for r in summary.results if r.error]
+    console.print(_analysed_line(len(summary.results), len(failed), pooled))
     borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
     if borrowed:
         console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {len(summary.results)} field(s) had no scale "
@@ -1413,12 +1408,25 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
                       f"(pass --um-per-px to state it)", soft_wrap=True)
     for flag in pooled.flags:
         console.print(f"[yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
-    failed = [r for r in summary.results if r.error]
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
     print(out)
     if failed and len(failed) == len(summary.results):
         raise typer.Exit(2)  # nothing analysed: as predict, a script must see it
+
+
+def _analysed_line(images: int, failed: int, pooled) -> str:
+    """The console's one line on a folder run: the images read, the white cells, the blasts."""
+    if failed == images:
+        return f"none of the {images} image(s) could be read"
+    text = f"{images - failed} of {images} image(s) read" if failed else f"{images} image(s)"
+    text += f", {pooled.total} white cells"
+    if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
+        low, high = pooled.blast_ci95
+        text += f", blasts {pooled.blasts} ({pooled.blast_percentage:.1f}%, 95% CI {low:.1f}-{high:.1f}%)"
+    elif pooled.blasts is not None:
+        text += f", {pooled.blasts} blast(s): too few cells for a blast percentage ({pooled.min_cells} asked)"
+    return text
 
 
 ENGINES = ("local", "ray")

@@ -43,6 +43,13 @@ def test_the_share_rule() -> None:
     warning = unfamiliar_warning([True] * 4 + [False] * 6)
     assert warning.lower().startswith(UNFAMILIAR_WORDING) and "4 of 10 cells classified (40%" in warning
     assert unfamiliar_warning([True]) and not unfamiliar_warning([True, False], max_share=0.5)
+    # cells of classes that are not white cells are counted too, and the words say so (beside a white-cell total)
+    from leukoscope.inference.quality import classified_unit
+
+    unit = classified_unit(["blast", "erythroblast", "lymphocyte", "platelet"])
+    assert "4 of 10 classified cells, erythroblast and platelet included (40%" in unfamiliar_warning(
+        [True] * 4 + [False] * 6, unit=unit)
+    assert classified_unit(["blast", "lymphocyte"]) == "cells classified"
 
 
 def test_a_field_of_unfamiliar_cells_is_flagged_for_review_not_leukemia() -> None:

@@ -3,6 +3,8 @@ scale, cells cropped by the classifier's physical window, the scale recorded."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -198,12 +200,17 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
     assert "is analysed at" in output and "the run's scale (median of 5 of 6 fields" in output
     assert "1 of 6 field(s) had no scale estimate of their own (too few isolated red cells, or one far off the " \
         "run's) and were analysed at the run's" in output
+    # the folder's summary records the scale it lent, and which fields took which scale
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["scale"]
+    assert summary == {"run_um_per_px": lent["um_per_px"], "fields_by_source": {"estimated": 5, "run": 1}}
     # fewer fields than a run's scale needs estimates from: none lent
     alone = CliRunner().invoke(app, ["analyze", str(folder / "blank.png"), str(folder / "field0.png"),
                                      "--detector", str(detector_bundle), "--no-classifier", "--out",
                                      str(tmp_path / "two"), "--quiet"])
     assert alone.exit_code == 0, alone.output
     assert json.loads((tmp_path / "two" / "blank.json").read_text())["scale"]["source"] == "unknown"
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())["scale"]
+    assert summary == {"run_um_per_px": None, "fields_by_source": {"estimated": 1, "unknown": 1}}
 
 
 def test_the_python_api_lends_a_folders_scale_as_the_cli_does(tmp_path) -> None:
@@ -217,6 +224,7 @@ def test_the_python_api_lends_a_folders_scale_as_the_cli_does(tmp_path) -> None:
     blank = analyzer.analyze_paths(paths, tmp_path / "out").results[-1].scale
     assert blank["source"] == "run" and blank["um_per_px"] == pytest.approx(0.375, rel=0.08)
     assert analyzer.run_um_per_px is None  # lent to this run only, not kept by the analyzer
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["scale"]["run_um_per_px"] == blank["um_per_px"]
     off = analyzer.analyze_paths(paths, tmp_path / "off", estimate_run_scale=False).results[-1].scale
     assert off["source"] == "unknown"
     stated = SmearAnalyzer(ScaledDetector(um_per_px=0.08), um_per_px=0.2).analyze_paths(paths, tmp_path / "s")

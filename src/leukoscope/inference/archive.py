@@ -144,7 +144,8 @@ def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
                          analyzer.unfamiliar_share,
-                         CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)))
+                         CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)),
+                         analyzer.run_um_per_px)
 
 
 def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:

@@ -115,6 +115,7 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
     models = {"detector": analyzer.detector.info.model_name,
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models,
-                            list(analyzer.warnings), analyzer.unfamiliar_share)
+                            list(analyzer.warnings), analyzer.unfamiliar_share,
+                            run_um_per_px=run_um_per_px if run_um_per_px is not None else analyzer.run_um_per_px)
     summary.write(out_dir)
     return summary

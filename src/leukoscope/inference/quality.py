@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from leukoscope.labels import not_white_classes_in
+
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
 DEFAULT_MIN_DETECTOR_AP = 0.9
@@ -105,6 +107,16 @@ def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UN
     """The warning for cells of which more than ``max_share`` are unfamiliar (out of
     distribution for the classifier); None when there is nothing to say."""
     return unfamiliar_count_warning(sum(bool(u) for u in unfamiliar), len(unfamiliar), max_share, unit)
+
+
+def classified_unit(classes: Sequence[str]) -> str:
+    """The unfamiliar warning's word for the cells it counts: every cell classified, so those of the classes that
+    are not white cells too (a count beside the white-cell total would otherwise seem to disagree with it)."""
+    not_white = not_white_classes_in(classes)
+    if not not_white:
+        return "cells classified"
+    named = " and ".join(not_white) if len(not_white) < 3 else f"{', '.join(not_white[:-1])} and {not_white[-1]}"
+    return f"classified cells, {named} included"
 
 
 def unscaled_cell_warning(window_um: float) -> str:

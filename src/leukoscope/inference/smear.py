@@ -33,7 +33,8 @@ from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
-                                          cap_warning, detector_warnings, unfamiliar_warning, unframed_warning)
+                                          cap_warning, classified_unit, detector_warnings, unfamiliar_warning,
+                                          unframed_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.smear_output import FolderSummary
@@ -445,7 +446,8 @@ class SmearAnalyzer:
         warnings = list(self.warnings)
         if found.capped_tiles:
             warnings.append(cap_warning(found.capped_tiles, found.tiles))
-        unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share)
+        unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share,
+                                        classified_unit(self.rules.classes))
         if unfamiliar:
             warnings.append(unfamiliar)
         if field.scale_doubt:

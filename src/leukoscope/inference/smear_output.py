@@ -17,8 +17,8 @@ from PIL import Image
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
 from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING, cap_warning,
-                                          grayscale_fields_warning, unfamiliar_count_warning, unframed_fields_warning,
-                                          unscaled_fields_warning)
+                                          classified_unit, grayscale_fields_warning, unfamiliar_count_warning,
+                                          unframed_fields_warning, unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
@@ -114,6 +114,8 @@ class FolderSummary:
     cell_tally: CellTally | None = None
     """The cells of all fields, counted, when ``results`` do not hold them (the Ray engine's summary
     of an archive: millions of cells, read as counts from its tables); None: from ``results``."""
+    run_um_per_px: float | None = None
+    """The run's scale, lent to fields without one of their own (None: none lent)."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -140,7 +142,8 @@ class FolderSummary:
         if grey:  # nor on a count that left out fields it could not see
             warnings.append(grayscale_fields_warning(len(grey), len(read), grey))
         tally = self._tally()
-        unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share)
+        unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share,
+                                             classified_unit(self.rules.classes))
         return warnings + ([unfamiliar] if unfamiliar else [])
 
     @property
@@ -184,6 +187,11 @@ class FolderSummary:
                             sum(r.capped_tiles for r in self.results)))
         return rows
 
+    def _scale_summary(self) -> dict[str, Any]:
+        """The run's scale and how many fields took each kind of scale (given, estimated, the run's, unknown)."""
+        sources = Counter(r.scale.get("source", "unknown") for r in self.results if r.error is None and r.scale)
+        return {"run_um_per_px": self.run_um_per_px, "fields_by_source": dict(sorted(sources.items()))}
+
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
         rows = self.rows()
@@ -202,6 +210,7 @@ class FolderSummary:
             "detector": self.models.get("detector"),
             "classifier": self.models.get("classifier"),
             "blast_classes": list(self.rules.blast_classes),
+            "scale": self._scale_summary(),
             "pooled_differential": pooled.to_json(),
             "fields": [r.summary() for r in self.results],
         }, indent=2))
