@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
-from leukoscope.inference.quality import about_classification_only, is_unfamiliar_warning, unfamiliar_warning
+from leukoscope.inference.quality import (about_classification_only, classified_unit, is_unfamiliar_warning,
+                                          unfamiliar_warning)
 from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
 from leukoscope.labels import DISCLAIMER
 from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, field_scale, run_sample, run_scale_of
@@ -318,7 +319,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     predictions = [cell.prediction for upload in prepared for cell in upload.cells]
     warnings = [warning for warning in outcome_warnings(prepared) if not is_unfamiliar_warning(warning)]
     unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions],
-                                    unit="cell images" if kind == "cell" else "cells classified")
+                                    unit="cell images" if kind == "cell" else classified_unit(analyzer.classes))
     warnings += [unfamiliar] if unfamiliar else []
     ood = ({"unfamiliar_cells": [i for i, p in enumerate(predictions) if p.unfamiliar]}
            if any(p.ood_score is not None for p in predictions) else {})
