@@ -30,7 +30,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
 
 import typer
 from rich.markup import escape
@@ -1287,9 +1287,11 @@ def analyze(
             ran += " (int8 graph)"
     console.print(f"backends: {ran}", soft_wrap=True)
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
+    doubts = _stated_scale_doubts(paths, um_per_px) if um_per_px is not None else []
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
         _analyze_inputs(analyzer, detector, classifier, options, slides, paths, out, engine=engine, address=address,
                         actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet, run_um_per_px=lent,
+                        run_warnings=doubts,
                         slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
 
@@ -1324,6 +1326,17 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
                   f"{scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
+
+
+def _stated_scale_doubts(paths: list, um_per_px: float) -> list[str]:
+    """The warning when the fields' red cells together measure another scale than the stated one
+    (:func:`leukoscope.scale.stated_run_doubt`), said on the console; empty when they agree or cannot tell."""
+    from leukoscope.scale import stated_run_doubt
+
+    doubt = stated_run_doubt(paths, um_per_px)
+    if doubt:
+        console.print(f"[yellow]scale:[/yellow] {escape(doubt)}", soft_wrap=True)
+    return [doubt] if doubt else []
 
 
 def _say_framing(predictions: list, window_um: Optional[float]) -> None:
@@ -1361,10 +1374,11 @@ def _one_ray_session(address: Optional[str], needed: bool) -> Iterator[None]:
 
 def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list, paths: list,
                     out: Path, *, engine: str, address: Optional[str], actors: Optional[int], threads: Optional[int],
-                    retry_failed: bool, quiet: bool, slide_options: dict, run_um_per_px: Optional[float] = None
-                    ) -> None:
+                    retry_failed: bool, quiet: bool, slide_options: dict, run_um_per_px: Optional[float] = None,
+                    run_warnings: Sequence[str] = ()) -> None:
     """The whole-slide images, then the fields, on the chosen engine; the summary printed.
-    ``run_um_per_px``: the fields' run scale (:func:`_run_scale`); slides keep their own."""
+    ``run_um_per_px``: the fields' run scale (:func:`_run_scale`); slides keep their own. ``run_warnings``: the
+    fields' together (:func:`_stated_scale_doubts`)."""
     from leukoscope.progress import progress_bar
 
     analysed = 0
@@ -1387,15 +1401,18 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     with progress_bar(len(paths), "analysing", enabled=not quiet, unit="fields") as update:
         if engine == "ray":
             summary = _analyze_on_ray(analyzer, detector, classifier, options, paths, out, update, address=address,
-                                      actors=actors, threads=threads or 1, retry_failed=retry_failed)
-        else:
-            summary = _run(analyzer.analyze_paths, paths, out, progress=update, estimate_run_scale=False)  # said above
+                                      actors=actors, threads=threads or 1, retry_failed=retry_failed,
+                                      run_warnings=run_warnings)
+        else:  # the run's scale, or the doubt of a stated one, said above
+            summary = _run(analyzer.analyze_paths, paths, out, progress=update, estimate_run_scale=False,
+                           run_warnings=run_warnings)
     pooled = summary.pooled
     failed = [r for r in summary.results if r.error]
     console.print(_analysed_line(len(summary.results), len(failed), pooled))
+    read = len(summary.results) - len(failed)  # the fields analysed: an unreadable file has no scale to speak of
     borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
     if borrowed:
-        console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {len(summary.results)} field(s) had no scale "
+        console.print(f"[yellow]scale:[/yellow] {len(borrowed)} of {read} field(s) had no scale "
                       f"estimate of their own (too few isolated red cells, or one far off the run's) and were "
                       f"analysed at the run's scale "
                       f"({borrowed[0].scale['um_per_px']:.4f} um/px; pass --um-per-px to state it)", soft_wrap=True)
@@ -1403,7 +1420,7 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     if unscaled:
         assumed = ("were analysed at the detector's training scale" if analyzer.detector.info.um_per_px else
                    "were analysed as they are (the detector records no training scale)")
-        console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {len(summary.results)} field(s) had no scale "
+        console.print(f"[yellow]scale:[/yellow] {len(unscaled)} of {read} field(s) had no scale "
                       f"estimate (too few isolated red cells, or objects too small to be red cells) and {assumed} "
                       f"(pass --um-per-px to state it)", soft_wrap=True)
     for flag in pooled.flags:

@@ -250,6 +250,7 @@ def test_the_summary_from_counts_is_the_summary_from_cells(tmp_path: Path) -> No
         classifier = None
         warnings: list[str] = []
         unfamiliar_share = 0.5
+        um_per_px = run_um_per_px = None
 
     keys = [r.source for r in results]
     analyzer = Analyzer()

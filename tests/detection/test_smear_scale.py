@@ -28,7 +28,7 @@ class ScaledDetector(FixedDetector):
 
     def detect(self, images, *, threshold=None, batch_size=4):
         self.seen += [tuple(image.shape[:2][::-1]) for image in images]  # (H, W, 3) tiles
-        return [DetectionResult(self.boxes, self.scores, np.zeros(1, int), self.classes)]
+        return [DetectionResult(self.boxes, self.scores, np.zeros(len(self.boxes), int), self.classes)]
 
 
 class SizeRecorder:
@@ -202,7 +202,8 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
         "run's) and were analysed at the run's" in output
     # the folder's summary records the scale it lent, and which fields took which scale
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["scale"]
-    assert summary == {"run_um_per_px": lent["um_per_px"], "fields_by_source": {"estimated": 5, "run": 1}}
+    assert summary == {"stated_um_per_px": None, "run_um_per_px": lent["um_per_px"],
+                       "fields_by_source": {"estimated": 5, "run": 1}}
     # fewer fields than a run's scale needs estimates from: none lent
     alone = CliRunner().invoke(app, ["analyze", str(folder / "blank.png"), str(folder / "field0.png"),
                                      "--detector", str(detector_bundle), "--no-classifier", "--out",
@@ -210,7 +211,8 @@ def test_a_folder_lends_its_scale_to_fields_without_one(detector_bundle, tmp_pat
     assert alone.exit_code == 0, alone.output
     assert json.loads((tmp_path / "two" / "blank.json").read_text())["scale"]["source"] == "unknown"
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())["scale"]
-    assert summary == {"run_um_per_px": None, "fields_by_source": {"estimated": 1, "unknown": 1}}
+    assert summary == {"stated_um_per_px": None, "run_um_per_px": None,
+                       "fields_by_source": {"estimated": 1, "unknown": 1}}
 
 
 def test_the_python_api_lends_a_folders_scale_as_the_cli_does(tmp_path) -> None:
@@ -277,6 +279,57 @@ def test_a_stated_scale_the_red_cells_contradict_is_used_and_doubted() -> None:
     # a weak estimate (5 red cells or fewer) does not doubt what the user stated
     weak = SmearAnalyzer(detector, um_per_px=0.1).analyze(smear_field(20.0, n_red=5))
     assert not any("check --um-per-px" in w for w in weak.differential.warnings)
+
+
+def test_a_folder_at_a_stated_scale_its_red_cells_contradict_raises_no_leukemia_flag(tmp_path) -> None:
+    """A folder of 60 fields stated at 0.8 um/px (truly about 0.49): 52 fields warned, yet the folder's summary
+    had no warning and called acute leukemia. Fields with too few red cells of their own to doubt the scale
+    (most CBC fields) are doubted by the run's red cells together."""
+    blasts = constant_classifier(["blast", "lymphocyte"], "blast")
+    detector = ScaledDetector(um_per_px=0.1)
+    detector.boxes = np.array([[x, y, x + 20, y + 20] for x in range(0, 600, 25) for y in range(0, 100, 25)], float)
+    detector.scores = np.full(len(detector.boxes), 0.9)
+    rich, poor = tmp_path / "rich", tmp_path / "poor"
+    for folder, n_red in ((rich, 14), (poor, 5)):
+        folder.mkdir()
+        for seed in range(5):
+            smear_field(20.0, seed=seed, n_red=n_red).save(folder / f"field{seed}.png")  # red cells: 0.375 um/px
+    for folder, doubted in ((rich, "5 of 5 fields"), (poor, None)):
+        summary = SmearAnalyzer(detector, blasts, um_per_px=0.1).analyze_paths(sorted(folder.iterdir()),
+                                                                              tmp_path / f"{folder.name}-out")
+        pooled = summary.pooled
+        assert pooled.total >= 100 and pooled.blast_percentage == 100.0  # the count is there, the flag is not
+        assert not pooled.acute_leukemia_flag
+        assert any(w.startswith("the stated scale, 0.1 um/px, is 3.") and "than the run's red cells (median of 5"
+                   in w for w in pooled.warnings)  # the run's red cells together, in either folder
+        fields_said = [w for w in pooled.warnings if "measure another scale on their red cells" in w]
+        assert bool(fields_said) == bool(doubted) and (not doubted or fields_said[0].startswith(doubted))
+        recorded = json.loads((tmp_path / f"{folder.name}-out" / "summary.json").read_text())
+        assert recorded["scale"]["stated_um_per_px"] == 0.1 and not recorded["pooled_differential"][
+            "acute_leukemia_flag"]
+    # control: the right scale stated, the same fields flag leukemia
+    right = SmearAnalyzer(detector, blasts, um_per_px=0.375).analyze_paths(sorted(rich.iterdir()), tmp_path / "ok")
+    assert right.pooled.warnings == [] and right.pooled.acute_leukemia_flag
+
+
+def test_analyze_says_when_the_runs_red_cells_contradict_the_stated_scale(detector_bundle, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=5).save(folder / f"field{seed}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    result = CliRunner().invoke(app, ["analyze", str(folder), "--detector", str(detector_bundle), "--no-classifier",
+                                      "--um-per-px", "0.1", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "scale: the stated scale, 0.1 um/px, is 3." in said and "times finer than the run's red cells" in said
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert any(w.startswith("the stated scale, 0.1 um/px") for w in recorded["warnings"])
+    assert recorded["scale"] == {"stated_um_per_px": 0.1, "run_um_per_px": None, "fields_by_source": {"given": 5}}
 
 
 def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:

@@ -128,7 +128,7 @@ class ArchiveRun:
 
 
 def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
-             sources: dict[str, str]) -> FolderSummary:
+             sources: dict[str, str], run_warnings: Sequence[str] = ()) -> FolderSummary:
     """The local engine's summary of these fields, from the output tables, in the order given: from
     the field rows and two columns of the cells table, never holding every cell row at once."""
     fields, newest = parts.read_fields(keys)
@@ -145,7 +145,7 @@ def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
     return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
                          analyzer.unfamiliar_share,
                          CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)),
-                         analyzer.run_um_per_px)
+                         analyzer.run_um_per_px, analyzer.um_per_px, list(run_warnings))
 
 
 def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:
@@ -165,7 +165,7 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
                     threads: int = 1, batch_size: int = DEFAULT_BATCH_FIELDS, part_size: int = 64,
                     retry_failed: bool = False,
                     stop_after_parts: int | None = None,
-                    progress: Callable[..., None] | None = None) -> ArchiveRun:
+                    progress: Callable[..., None] | None = None, run_warnings: Sequence[str] = ()) -> ArchiveRun:
     """Analyse ``paths`` on Ray, write ``out_dir/{fields,cells}/part-*.parquet`` and the summary files.
 
     ``analyzer``: the driver's own (built from ``spec`` when not given; it checks the options before
@@ -174,6 +174,7 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     connected. ``actors`` (default: as many as the nodes can place: :func:`actor_count`) analyse ``batch_size`` fields at
     a time with ``threads`` CPUs each. ``part_size``: fields per Parquet part (what an interruption can
     cost at most). ``stop_after_parts``: stop once that many parts are written (tests: an interruption).
+    ``run_warnings``: about the run as a whole, for the summary (a stated scale the fields' red cells contradict).
     """
     require_ray()
     import ray
@@ -210,7 +211,7 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
         with ray_session(address):
             written = _run_on_ray(portable, todo, sources, parts, actors, threads, batch_size, part_size,
                                   stop_after_parts, progress)
-    summary = _summary(analyzer, parts, keys, sources)
+    summary = _summary(analyzer, parts, keys, sources, run_warnings)
     summary.write(out_dir)
     return ArchiveRun(summary, parts.fields_written, len(sources) - len(todo), written, out_dir)
 

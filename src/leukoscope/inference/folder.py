@@ -55,10 +55,11 @@ def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
                    progress: Callable[..., None] | None = None, ahead: int = DEFAULT_AHEAD,
-                   run_um_per_px: float | None = None) -> FolderSummary:
+                   run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> FolderSummary:
     """Analyse every file, write its outputs (:func:`write_field`) and the folder's ``summary.csv`` /
     ``summary.json``; see the module docstring for the pipeline. ``run_um_per_px``: the run's scale for
-    fields without their own, in place of the analyzer's.
+    fields without their own, in place of the analyzer's. ``run_warnings``: about the run as a whole (the
+    summary's, beside its fields').
 
     An unreadable file gives a row with ``error`` set, never a crash. ``progress`` is called in the
     caller's thread once per field whose files are written, in input order, as
@@ -116,6 +117,7 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models,
                             list(analyzer.warnings), analyzer.unfamiliar_share,
-                            run_um_per_px=run_um_per_px if run_um_per_px is not None else analyzer.run_um_per_px)
+                            run_um_per_px=run_um_per_px if run_um_per_px is not None else analyzer.run_um_per_px,
+                            stated_um_per_px=analyzer.um_per_px, run_warnings=list(run_warnings))
     summary.write(out_dir)
     return summary

@@ -146,6 +146,13 @@ def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> s
             f"cells are missing from the count; analyse the colour images.")
 
 
+def stated_scale_fields_warning(doubted: int, of: int, names: Sequence[str] = ()) -> str:
+    """The slide's (folder's) warning when the red cells of ``doubted`` of its ``of`` fields contradict the scale
+    the user stated (:func:`leukoscope.scale.stated_scale_doubt`): the count may have missed or mistyped cells."""
+    return (f"{_some_fields(doubted, of, names)} measure another scale on their red cells than the stated one: white "
+            f"cells may be missed or mistyped; check --um-per-px (each field's warning gives its measure).")
+
+
 def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
     return (f"{UNFRAMED_WORDING}: {_some_fields(unframed, of, names)} had no scale, "

@@ -44,7 +44,8 @@ from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px,
-                              disagrees_with_run, field_scale, run_scale, stated_scale_doubt)
+                              disagrees_with_run, field_scale, run_scale, stated_run_doubt,
+                              stated_scale_doubt)
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +482,8 @@ class SmearAnalyzer:
                            cell_classes=self.cell_classes, error=error)
 
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
-                      progress: Callable[..., None] | None = None, estimate_run_scale: bool = True) -> FolderSummary:
+                      progress: Callable[..., None] | None = None, estimate_run_scale: bool = True,
+                      run_warnings: Sequence[str] = ()) -> FolderSummary:
         """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``
         (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
@@ -489,12 +491,15 @@ class SmearAnalyzer:
         ``progress(advance=1, info=..., cells=N)`` is called once per field written. Fields without a
         scale of their own take the run's: the analyzer's ``run_um_per_px`` when set, else (with
         ``estimate_run_scale``, as ``leukoscope analyze`` does) :func:`leukoscope.scale.run_scale` of
-        ``paths`` when there are enough of them and they agree. Nothing is estimated when the analyzer has
-        a stated ``um_per_px``.
+        ``paths`` when there are enough of them and they agree. When the analyzer has a stated
+        ``um_per_px``, the run's scale only checks it (:func:`leukoscope.scale.stated_run_doubt`: a warning of
+        the summary's). ``run_warnings``: the caller's own about the run (the CLI estimates before it calls).
         """
-        paths, run = list(paths), None
-        if (estimate_run_scale and self.um_per_px is None and self.run_um_per_px is None
-                and len(paths) >= RUN_SCALE_MIN_ESTIMATES):
+        paths, run, warnings = list(paths), None, list(run_warnings)
+        if estimate_run_scale and self.um_per_px is not None:
+            doubt = stated_run_doubt(paths, self.um_per_px, max_pixels=self.max_pixels)
+            warnings += [doubt] if doubt else []
+        elif estimate_run_scale and self.run_um_per_px is None and len(paths) >= RUN_SCALE_MIN_ESTIMATES:
             scale = run_scale(paths, max_pixels=self.max_pixels)
             run = scale.um_per_px if scale.known else None
-        return analyze_folder(self, paths, out_dir, progress=progress, run_um_per_px=run)
+        return analyze_folder(self, paths, out_dir, progress=progress, run_um_per_px=run, run_warnings=warnings)

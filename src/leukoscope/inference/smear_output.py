@@ -17,11 +17,12 @@ from PIL import Image
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
 from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING, cap_warning,
-                                          classified_unit, grayscale_fields_warning, unfamiliar_count_warning,
-                                          unframed_fields_warning, unscaled_fields_warning)
+                                          classified_unit, grayscale_fields_warning, stated_scale_fields_warning,
+                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER
+from leukoscope.scale import STATED_SCALE_WORDING
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -116,6 +117,10 @@ class FolderSummary:
     of an archive: millions of cells, read as counts from its tables); None: from ``results``."""
     run_um_per_px: float | None = None
     """The run's scale, lent to fields without one of their own (None: none lent)."""
+    stated_um_per_px: float | None = None
+    """The scale the user stated for every field (None: none stated)."""
+    run_warnings: list[str] = field(default_factory=list)
+    """Warnings about the run as a whole (:func:`leukoscope.scale.stated_run_doubt`)."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -129,7 +134,8 @@ class FolderSummary:
         its own row carries its warning)."""
         capped = [Path(r.source).name for r in self.results if r.capped_tiles]
         read = [r for r in self.results if r.error is None]
-        warnings = self.detector_warnings + ([cap_warning(len(capped), len(read), "field", capped)] if capped else [])
+        warnings = self.detector_warnings + self.run_warnings
+        warnings += [cap_warning(len(capped), len(read), "field", capped)] if capped else []
         # No leukemia flag of the slide rests on a guessed scale, as none of a field's does.
         unscaled = [Path(r.source).name for r in read if r.scale and r.scale.get("source") == "unknown"
                     and r.scale.get("analysed_at_um_per_px")]
@@ -138,6 +144,9 @@ class FolderSummary:
         unframed = [Path(r.source).name for r in read if any(w.startswith(UNFRAMED_WORDING) for w in r.warnings)]
         if unframed:  # nor on cells cut without the classifier's window
             warnings.append(unframed_fields_warning(len(unframed), len(read), unframed))
+        doubted = [Path(r.source).name for r in read if any(w.startswith(STATED_SCALE_WORDING) for w in r.warnings)]
+        if doubted:  # nor on a scale the fields' own red cells contradict
+            warnings.append(stated_scale_fields_warning(len(doubted), len(read), doubted))
         grey = [Path(r.source).name for r in read if GRAYSCALE_WARNING in r.warnings]
         if grey:  # nor on a count that left out fields it could not see
             warnings.append(grayscale_fields_warning(len(grey), len(read), grey))
@@ -190,7 +199,8 @@ class FolderSummary:
     def _scale_summary(self) -> dict[str, Any]:
         """The run's scale and how many fields took each kind of scale (given, estimated, the run's, unknown)."""
         sources = Counter(r.scale.get("source", "unknown") for r in self.results if r.error is None and r.scale)
-        return {"run_um_per_px": self.run_um_per_px, "fields_by_source": dict(sorted(sources.items()))}
+        return {"stated_um_per_px": self.stated_um_per_px, "run_um_per_px": self.run_um_per_px,
+                "fields_by_source": dict(sorted(sources.items()))}
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out_dir = Path(out_dir)
