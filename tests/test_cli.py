@@ -567,6 +567,25 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
     assert "1 of 2 image(s) read, 0 white cells" in said  # the count is of the image read, and says so
 
 
+def test_files_of_a_folder_not_taken_as_images_are_named(tmp_path: Path, caplog) -> None:
+    """A .webp, a .gif and a JPEG without an extension were skipped without a word."""
+    from leukoscope.inference.predict_files import collect_images
+
+    folder = tmp_path / "fields"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "b.webp")
+    Image.new("RGB", (8, 8)).save(folder / "noext", format="JPEG")
+    (folder / ".DS_Store").write_bytes(b"")  # hidden files are not the user's images
+    with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
+        assert collect_images([folder]) == [folder / "a.png"]
+    assert f"{folder}: 2 file(s) left out, not named as BMP, JPEG, PNG or TIFF images: noext, sub/b.webp" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
+        collect_images([folder / "a.png"])
+    assert "left out" not in caplog.text
+
+
 def test_an_empty_folder_is_refused_before_the_models_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = invoke("analyze", tmp_path / "empty", "--out", tmp_path / "out")

@@ -220,15 +220,15 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
 STATED_SCALE_WORDING = "the stated scale"
 
 
-def _doubt(um_per_px: float, measured: float, measured_by: str) -> str | None:
-    """The doubt of a stated scale ``measured_by`` (red cells) put at ``measured``, or None within
-    :data:`FIELD_RUN_MAX_RATIO`."""
+def _doubt(um_per_px: float, measured: float, measured_by: str, how: str = "") -> str | None:
+    """The doubt of a stated scale ``measured_by`` (red cells) put at ``measured`` (``how``: said after it),
+    or None within :data:`FIELD_RUN_MAX_RATIO`."""
     ratio = um_per_px / measured
     if abs(math.log(ratio)) <= math.log(FIELD_RUN_MAX_RATIO):
         return None
     return (f"{STATED_SCALE_WORDING}, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
-            f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} measure ({measured:.4f} um/px): white cells "
-            f"may be missed or mistyped; check --um-per-px")
+            f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} measure ({measured:.4f} um/px"
+            f"{', ' + how if how else ''}): white cells may be missed or mistyped; check --um-per-px")
 
 
 def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
@@ -251,7 +251,7 @@ def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixel
     run = run_scale(paths, max_pixels=max_pixels)
     if not run.known:
         return None
-    return _doubt(um_per_px, float(run.um_per_px), f"the run's red cells ({run.note})")
+    return _doubt(um_per_px, float(run.um_per_px), "the run's red cells", run.note)
 
 
 def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:

@@ -300,8 +300,9 @@ def test_a_folder_at_a_stated_scale_its_red_cells_contradict_raises_no_leukemia_
         pooled = summary.pooled
         assert pooled.total >= 100 and pooled.blast_percentage == 100.0  # the count is there, the flag is not
         assert not pooled.acute_leukemia_flag
-        assert any(w.startswith("the stated scale, 0.1 um/px, is 3.") and "than the run's red cells (median of 5"
-                   in w for w in pooled.warnings)  # the run's red cells together, in either folder
+        # the run's red cells together doubt it, in either folder
+        assert any(w.startswith("the stated scale, 0.1 um/px, is 3.") and "than the run's red cells measure (0.3"
+                   in w and ", median of 5 of 5 fields" in w for w in pooled.warnings)
         fields_said = [w for w in pooled.warnings if "measure another scale on their red cells" in w]
         assert bool(fields_said) == bool(doubted) and (not doubted or fields_said[0].startswith(doubted))
         recorded = json.loads((tmp_path / f"{folder.name}-out" / "summary.json").read_text())

@@ -32,10 +32,13 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             # A link to an image that is gone (an unmounted share) stays in, to be reported as unreadable with
             # the other failures: left out, it shrank the run without a word.
-            found = [p for p in files_below(item) if is_image_file(p) or _broken_image_link(p)]
+            below = files_below(item)
+            found = [p for p in below if is_image_file(p) or _broken_image_link(p)]
             if not found:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             paths += found
+            taken = set(found)
+            _say_left_out(item, [p for p in below if p not in taken and not p.name.startswith(".")])
         elif item.exists():
             paths.append(item)
         else:
@@ -50,6 +53,14 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         log.warning("%d file(s) given more than once are used once: %s", len(paths) - len(unique),
                     name_some(repeated))
     return unique
+
+
+def _say_left_out(folder: Path, left: Sequence[Path]) -> None:
+    """A warning naming the files of ``folder`` not taken as images (a .webp, .gif or a file without an
+    extension was skipped without a word, the run's count of images the only trace)."""
+    if left:
+        log.warning("%s: %d file(s) left out, not named as BMP, JPEG, PNG or TIFF images: %s", folder, len(left),
+                    name_some(sorted(str(p.relative_to(folder)) for p in left)))
 
 
 def _broken_image_link(path: Path) -> bool:
