@@ -497,3 +497,14 @@ def test_heatmap_mask_fraction_by_hand() -> None:
         heatmap_mask_fraction(heatmap, np.ones((3, 3), bool))
     with pytest.raises(ValueError, match="non-negative"):
         heatmap_mask_fraction(-heatmap, np.ones((2, 2), bool))
+
+
+def test_a_map_coarser_than_six_a_side_is_said_to_show_the_crop_not_the_cell() -> None:
+    """The shipped classifier (mobilenet_v2 at 96 px) reads a 3 x 3 stage: its maps of unrelated cells looked
+    alike, and nothing said so."""
+    from leukoscope.inference.explain import coarse_map_warning, target_map_size
+
+    model = _fast_random_model("mobilenet_v2")
+    assert target_map_size(model, 96) == (3, 3) and target_map_size(model, 224) == (7, 7)
+    assert "last stage at 3 x 3 for its 96 px input" in coarse_map_warning(model, 96)
+    assert coarse_map_warning(model, 224) is None

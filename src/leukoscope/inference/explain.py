@@ -123,6 +123,15 @@ def find_target_layer(
     restored), because registration order is not execution order and because
     squeeze-excitation blocks contain ``Conv2d`` layers applied to 1x1 maps.
     """
+    return _probe_target(model, input_size, in_channels)[0]
+
+
+def target_map_size(model: nn.Module, input_size: int, in_channels: int = 3) -> tuple[int, int]:
+    """The ``(h, w)`` of the map the default Grad-CAM target gives at this input size (:func:`find_target_layer`)."""
+    return tuple(_probe_target(model, input_size, in_channels)[1].shape[-2:])
+
+
+def _probe_target(model: nn.Module, input_size: int, in_channels: int) -> tuple[nn.Module, torch.Tensor]:
     convs = _stages(model)
     if not convs:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer")
@@ -131,7 +140,23 @@ def find_target_layer(
     probe = torch.zeros(1, in_channels, input_size, input_size, device=device)
     with _eval_mode(model), _recording(convs) as record, torch.no_grad():
         model(probe)
-    return _last_spatial(record)[0]
+    return _last_spatial(record)
+
+
+#: Grad-CAM maps coarser than this a side say where in the crop, not which part of the cell: the shipped
+#: classifier's last stage at 96 px is 3 x 3, and its maps of unrelated cells correlate 0.89 (median) with its
+#: 8 views averaged; an earlier 6 x 6 stage's maps differ by cell (0.48) but, deleted, take no more of the
+#: answer away than another cell's map (docs/benchmarks.md, "Grad-CAM of the shipped classifier").
+MIN_MAP_SIDE = 6
+
+
+def coarse_map_warning(model: nn.Module, input_size: int) -> str | None:
+    """What to tell a user of Grad-CAM maps read from a map coarser than :data:`MIN_MAP_SIDE`, or None."""
+    h, w = target_map_size(model, input_size)
+    if min(h, w) >= MIN_MAP_SIDE:
+        return None
+    return (f"Grad-CAM reads this classifier's last stage at {h} x {w} for its {input_size} px input: a map shows "
+            f"at most which part of the crop weighed, not which part of the cell (maps of different cells look alike)")
 
 
 def _class_indices(class_index: int | Sequence[int] | None, logits: torch.Tensor) -> torch.Tensor:

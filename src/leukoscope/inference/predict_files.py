@@ -109,7 +109,8 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     images, each explaining its own top class (:func:`grad_cam` takes one class per image)."""
     import torch
 
-    from leukoscope.inference.explain import grad_cam, heatmap_figure, is_flat_heatmap, overlay_heatmap
+    from leukoscope.inference.explain import (coarse_map_warning, grad_cam, heatmap_figure, is_flat_heatmap,
+                                              overlay_heatmap)
     from leukoscope.pixels import letterbox
 
     model = classifier.model if model is None else model
@@ -140,6 +141,9 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
                     flat.append(path.name)
                 written.append(path)
                 update()
+    coarse = coarse_map_warning(model, classifier.image_size) if written else None
+    if coarse:
+        console.print(f"[yellow]warning:[/yellow] {escape(coarse)}", soft_wrap=True)
     if flat:
         console.print(f"[yellow]warning:[/yellow] {len(flat)} of {len(written)} Grad-CAM maps are flat (the model "
                       f"found no localised evidence; saved with a note): {escape(name_some(flat))}", soft_wrap=True)
