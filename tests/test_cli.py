@@ -52,6 +52,9 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     result = invoke("predict", "--bundle", trained_bundle, synthetic_root / "blast", tmp_path / "broken.jpg",
                     "--out", out, "--threshold", "0.999999")
     assert result.exit_code == 0, result.output
+    # the bundle learned from some of these images, and says so (evaluate would refuse them)
+    said = " ".join(result.output.split())
+    assert "note: the classifier learned from" in said and "of its train images and" in said
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(list((synthetic_root / "blast").iterdir())) + 1
     good = [r for r in rows if not r["error"]]

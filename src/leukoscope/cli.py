@@ -667,6 +667,7 @@ def predict(
         import torch
 
         torch.set_num_threads(threads)
+    _say_learned_from(paths, {"classifier": bundle})
     framing = not as_given and info.preprocessing.cell_window_um is not None
     # images of one run (a folder) lend their scale to those without one, as analyze's fields do
     lent = _run_scale(paths, out, "local") if framing and um_per_px is None else None
@@ -1286,6 +1287,7 @@ def analyze(
         if exported.get("precision") == "int8" and analyzer.classifier.backend != "torch":
             ran += " (int8 graph)"
     console.print(f"backends: {ran}", soft_wrap=True)
+    _say_learned_from(paths, {"detector": detector, "classifier": classifier})
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
     doubts = _stated_scale_doubts(paths, um_per_px) if um_per_px is not None else []
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
@@ -1326,6 +1328,21 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
                   f"{scale.um_per_px:.4f} "
                   f"um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
+
+
+def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:
+    """A note for each model that learned from some of ``paths`` (by content: a sample of a large run): its
+    results on them say nothing about its accuracy on new images (``evaluate`` refuses such data)."""
+    from leukoscope.data.fingerprints import describe_overlap, learned_among
+
+    for role, bundle in bundles.items():
+        found = learned_among(bundle, paths) if bundle is not None else None
+        if found:
+            overlap, checked = found
+            among = f"{len(paths)} images" if checked == len(paths) else f"{checked} images checked of {len(paths)}"
+            console.print(f"[yellow]note:[/yellow] the {role} learned from {describe_overlap(overlap)} among these "
+                          f"{among}: its results on them say nothing about its accuracy on new images",
+                          soft_wrap=True)
 
 
 def _stated_scale_doubts(paths: list, um_per_px: float) -> list[str]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 #: The file in a bundle folder (beside bundle.json).
 DIGESTS_FILE = "training-images.json"
@@ -107,3 +109,21 @@ def describe_overlap(overlap: Mapping[str, int]) -> str:
         return f"{n} of its {key} images"
 
     return " and ".join(one(key, n) for key, n in overlap.items())
+
+
+#: Files hashed at most when a run is checked against a model's training images (:func:`learned_among`): a
+#: sample spread over the run, so that an archive of a hundred thousand fields is not read twice.
+LEARNED_SAMPLE = 200
+
+
+def learned_among(bundle_dir: str | Path, paths: Sequence[str | Path],
+                  sample: int = LEARNED_SAMPLE) -> tuple[dict[str, int], int] | None:
+    """:func:`digest_overlap` of the bundle's records and up to ``sample`` of ``paths`` (spread evenly, first
+    and last included), with how many were checked; None when the bundle keeps no records or none matched.
+    ``analyze`` and ``predict`` say it: results on a model's own training images say nothing of new ones."""
+    records = read_training_digests(bundle_dir)
+    if not records or not paths:
+        return None
+    checked = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round())]
+    overlap = digest_overlap(records, checked)
+    return (overlap, len(checked)) if overlap else None
