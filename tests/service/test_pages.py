@@ -199,6 +199,31 @@ def test_login_throttling(make_service):
                                        "csrf_token": csrf_of(form.text)}).status_code == 429
 
 
+def test_a_new_token_is_shown_once_and_a_reload_makes_no_second(service):
+    """The page that showed a new token answered the form's POST: reloading it posted the form again (the
+    password with it) and made a second token. Now the POST redirects, and the token is shown once."""
+    from leukoscope.service.routes_pages import NEW_TOKEN_COOKIE
+    from leukoscope.service.tables import ApiToken
+
+    tech = service.login("tech")
+    created = tech.post("/account/tokens", data={"name": "scanner", "password": PASSWORD,
+                                                 "csrf_token": csrf_of(tech.get("/account").text)},
+                        follow_redirects=False)
+    assert created.status_code == 303 and created.headers["location"] == "/account"
+    shown = tech.get("/account")
+    secret = re.search(r'id="new-token">([^<]+)<', shown.text).group(1)
+    assert secret.startswith("lks_") and "shown only once" in shown.text
+    reloaded = tech.get("/account")  # what a reload does now: a GET
+    assert 'id="new-token"' not in reloaded.text and service.count(ApiToken) == 1
+    # a cookie carrying anything but this user's fresh token shows nothing
+    other = service.login("hema")
+    other.cookies.set(NEW_TOKEN_COOKIE, secret, path="/account")
+    assert 'id="new-token"' not in other.get("/account").text
+    other.cookies.set(NEW_TOKEN_COOKIE, "<b>not a token</b>", path="/account")
+    page = other.get("/account").text
+    assert 'id="new-token"' not in page and "not a token" not in page
+
+
 def test_account_tokens_and_admin_pages(service):
     tech = service.login("tech")
     account = tech.get("/account")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from datetime import timedelta
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -381,10 +382,35 @@ def _form_principal(request: Request, form: dict[str, str]) -> int:
         return principal.user.id
 
 
+#: The cookie that carries a token just created from its POST to the account page it redirects to (Post/Redirect/
+#: Get: reloading the page that showed a token had posted the form again and made a second token).
+NEW_TOKEN_COOKIE = "leukoscope_new_token"
+#: How long after its creation the account page still shows a token from that cookie.
+NEW_TOKEN_SHOWN_FOR = timedelta(minutes=2)
+TOKEN_CREATED = "Token created: copy it now, it is shown only once."
+
+
 @router.get("/account")
 def account(request: Request):
+    carried = request.cookies.get(NEW_TOKEN_COOKIE, "")
     with transaction(state_of(request).sessions) as db:
-        return _account(request, db, page_principal(db, request))
+        principal = page_principal(db, request)
+        secret = _just_created(db, principal, carried) if carried else ""
+        response = _account(request, db, principal, TOKEN_CREATED if secret else "", secret)
+    if carried:  # shown once: a reload shows the list without it
+        response.delete_cookie(NEW_TOKEN_COOKIE, path="/account", httponly=True, samesite="strict",
+                               secure=secure_cookie(request))
+    return response
+
+
+def _just_created(db, principal: Principal, secret: str) -> str:
+    """``secret`` when it is a live token of this user created moments ago, else "" (a cookie set by anyone else,
+    or kept past its time, shows nothing)."""
+    if len(secret) > 100:
+        return ""
+    token = db.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
+    fresh = token is not None and utcnow() - token.created_at <= NEW_TOKEN_SHOWN_FOR
+    return secret if fresh and token.user_id == principal.user.id and token.revoked_at is None else ""
 
 
 @router.post("/account/tokens")
@@ -410,7 +436,10 @@ async def create_token(request: Request):
                 return _account(request, db, principal, message, status=400)
             audit(db, principal.user, "token.create", request=request,
                   detail={"token": token.prefix, "scope": token.scope, "expires_at": token.expires_at.isoformat()})
-            return _account(request, db, principal, "Token created: copy it now, it is shown only once.", secret)
+        response = redirect("/account")
+        response.set_cookie(NEW_TOKEN_COOKIE, secret, max_age=int(NEW_TOKEN_SHOWN_FOR.total_seconds()),
+                            path="/account", httponly=True, samesite="strict", secure=secure_cookie(request))
+        return response
 
     return await run_in_threadpool(work)
 
