@@ -73,6 +73,19 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     assert str(tmp_path / "broken.jpg") in result.output  # named on the terminal, not only in the CSV
 
 
+def test_predict_warns_of_images_too_small_to_show_a_cell(trained_bundle: Path, tmp_path: Path) -> None:
+    """A 20 x 20 blur was called blast at 0.76 with nothing said."""
+    Image.new("RGB", (20, 20), (150, 100, 180)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (64, 48), (150, 100, 180)).save(tmp_path / "cell.png")
+    result = invoke("predict", "--bundle", trained_bundle, tmp_path / "tiny.png", tmp_path / "cell.png",
+                    "--out", tmp_path / "p.csv")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "1 image(s) smaller than 32 px a side cannot show a cell's detail" in said
+    (warning,) = [line for line in result.output.splitlines() if "cannot show" in line]  # soft-wrapped: one line
+    assert "tiny.png" in warning and "cell.png" not in warning
+    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 2  # both answered, one doubted
+
+
 def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, tmp_path: Path) -> None:
     for index in range(12):
         (tmp_path / "in" / f"bad{index:02d}.png").parent.mkdir(exist_ok=True)
