@@ -284,33 +284,45 @@ def test_a_stated_scale_the_red_cells_contradict_is_used_and_doubted() -> None:
 def test_a_folder_at_a_stated_scale_its_red_cells_contradict_raises_no_leukemia_flag(tmp_path) -> None:
     """A folder of 60 fields stated at 0.8 um/px (truly about 0.49): 52 fields warned, yet the folder's summary
     had no warning and called acute leukemia. Fields with too few red cells of their own to doubt the scale
-    (most CBC fields) are doubted by the run's red cells together."""
+    (most CBC fields) are doubted by the run's red cells together, and so is each field's own count."""
     blasts = constant_classifier(["blast", "lymphocyte"], "blast")
     detector = ScaledDetector(um_per_px=0.1)
-    detector.boxes = np.array([[x, y, x + 20, y + 20] for x in range(0, 600, 25) for y in range(0, 100, 25)], float)
-    detector.scores = np.full(len(detector.boxes), 0.9)
+    detector.boxes = np.array([[x, y, x + 20, y + 20] for x in range(0, 600, 25) for y in range(0, 125, 25)], float)
+    detector.scores = np.full(len(detector.boxes), 0.9)  # 120 cells a field (every box kept): each could flag alone
+
+    def analyzer(um_per_px: float) -> SmearAnalyzer:
+        return SmearAnalyzer(detector, blasts, min_nuclear_share=0.0, um_per_px=um_per_px)
     rich, poor = tmp_path / "rich", tmp_path / "poor"
     for folder, n_red in ((rich, 14), (poor, 5)):
         folder.mkdir()
         for seed in range(5):
             smear_field(20.0, seed=seed, n_red=n_red).save(folder / f"field{seed}.png")  # red cells: 0.375 um/px
-    for folder, doubted in ((rich, "5 of 5 fields"), (poor, None)):
-        summary = SmearAnalyzer(detector, blasts, um_per_px=0.1).analyze_paths(sorted(folder.iterdir()),
-                                                                              tmp_path / f"{folder.name}-out")
+    for folder in (rich, poor):
+        summary = analyzer(0.1).analyze_paths(sorted(folder.iterdir()), tmp_path / f"{folder.name}-out")
         pooled = summary.pooled
         assert pooled.total >= 100 and pooled.blast_percentage == 100.0  # the count is there, the flag is not
         assert not pooled.acute_leukemia_flag
-        # the run's red cells together doubt it, in either folder
-        assert any(w.startswith("the stated scale, 0.1 um/px, is 3.") and "than the run's red cells measure (0.3"
-                   in w and ", median of 5 of 5 fields" in w for w in pooled.warnings)
-        fields_said = [w for w in pooled.warnings if "measure another scale on their red cells" in w]
-        assert bool(fields_said) == bool(doubted) and (not doubted or fields_said[0].startswith(doubted))
+        # the run's red cells together doubt it, in either folder, and it is said once, not field by field
+        (doubt,) = [w for w in pooled.warnings if w.startswith("the stated scale, 0.1 um/px, is 3.")]
+        assert "than the run's red cells measure (0.3" in doubt and ", median of 5 of 5 fields" in doubt
+        assert not any("measure another scale on their red cells" in w for w in pooled.warnings)
+        for result in summary.results:  # no field flags leukemia on a count the run's scale puts in doubt
+            assert doubt in result.warnings and not result.differential.acute_leukemia_flag
+            assert result.differential.total >= 100
         recorded = json.loads((tmp_path / f"{folder.name}-out" / "summary.json").read_text())
         assert recorded["scale"]["stated_um_per_px"] == 0.1 and not recorded["pooled_differential"][
             "acute_leukemia_flag"]
+        field = json.loads((tmp_path / f"{folder.name}-out" / "field0.json").read_text())
+        assert doubt in field["warnings"] and not field["differential"]["acute_leukemia_flag"]
+    # too few fields for a run's scale: the fields' own doubts (more than 5 red cells each) are the summary's
+    few = analyzer(0.1).analyze_paths(sorted(rich.iterdir())[:3], tmp_path / "few")
+    assert any(w.startswith("3 of 3 fields (field0.png, field1.png, field2.png) measure another scale on their red "
+                            "cells") for w in few.pooled.warnings)
+    assert not few.pooled.acute_leukemia_flag
     # control: the right scale stated, the same fields flag leukemia
-    right = SmearAnalyzer(detector, blasts, um_per_px=0.375).analyze_paths(sorted(rich.iterdir()), tmp_path / "ok")
+    right = analyzer(0.375).analyze_paths(sorted(rich.iterdir()), tmp_path / "ok")
     assert right.pooled.warnings == [] and right.pooled.acute_leukemia_flag
+    assert all(r.differential.acute_leukemia_flag for r in right.results)
 
 
 def test_analyze_says_when_the_runs_red_cells_contradict_the_stated_scale(detector_bundle, tmp_path) -> None:

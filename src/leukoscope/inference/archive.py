@@ -145,7 +145,8 @@ def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
     return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
                          analyzer.unfamiliar_share,
                          CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)),
-                         analyzer.run_um_per_px, analyzer.um_per_px, list(run_warnings))
+                         None if analyzer.um_per_px is not None else analyzer.run_um_per_px, analyzer.um_per_px,
+                         list(run_warnings))
 
 
 def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:

@@ -45,12 +45,13 @@ class _Read:
     error: str | None = None
 
 
-def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float | None) -> _Read:
+def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float | None,
+          run_warnings: Sequence[str]) -> _Read:
     try:
         image = load_image(path, max_pixels=analyzer.max_pixels)
     except ImageDecodeError as exc:
         return _Read(path, stem, error=str(exc))
-    return _Read(path, stem, analyzer.prepare(image, run_um_per_px=run_um_per_px))
+    return _Read(path, stem, analyzer.prepare(image, run_um_per_px=run_um_per_px, run_warnings=run_warnings))
 
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
@@ -58,8 +59,8 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
                    run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> FolderSummary:
     """Analyse every file, write its outputs (:func:`write_field`) and the folder's ``summary.csv`` /
     ``summary.json``; see the module docstring for the pipeline. ``run_um_per_px``: the run's scale for
-    fields without their own, in place of the analyzer's. ``run_warnings``: about the run as a whole (the
-    summary's, beside its fields').
+    fields without their own, in place of the analyzer's. ``run_warnings``: about the run as a whole, the
+    summary's and each field's (no field's count is surer than the run's).
 
     An unreadable file gives a row with ``error`` set, never a crash. ``progress`` is called in the
     caller's thread once per field whose files are written, in input order, as
@@ -89,13 +90,13 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
         try:
             pending = iter(inputs)
             for path, stem in pending:
-                reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px))
+                reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px, run_warnings))
                 if len(reading) >= ahead:
                     break
             while reading:
                 item = reading.popleft().result()
                 for path, stem in pending:  # keep the reader ``ahead`` fields in front
-                    reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px))
+                    reading.append(reader.submit(_read, analyzer, path, stem, run_um_per_px, run_warnings))
                     break
                 if item.field is None:
                     result = analyzer.failed_result(str(item.path), str(item.error))
@@ -117,7 +118,14 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
               "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
     summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models,
                             list(analyzer.warnings), analyzer.unfamiliar_share,
-                            run_um_per_px=run_um_per_px if run_um_per_px is not None else analyzer.run_um_per_px,
-                            stated_um_per_px=analyzer.um_per_px, run_warnings=list(run_warnings))
+                            run_um_per_px=_lent(analyzer, run_um_per_px), stated_um_per_px=analyzer.um_per_px,
+                            run_warnings=list(run_warnings))
     summary.write(out_dir)
     return summary
+
+
+def _lent(analyzer: "SmearAnalyzer", run_um_per_px: float | None) -> float | None:
+    """The run's scale lent to fields without their own: none where the user stated one for every field."""
+    if analyzer.um_per_px is not None:
+        return None
+    return run_um_per_px if run_um_per_px is not None else analyzer.run_um_per_px

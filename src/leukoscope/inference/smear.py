@@ -124,6 +124,9 @@ class PreparedField:
     """Time spent preparing it (part of the field's analysis time)."""
     scale_doubt: str | None = None
     """Why the scale the user stated looks wrong for this field (:func:`leukoscope.scale.stated_scale_doubt`)."""
+    run_warnings: tuple[str, ...] = ()
+    """Warnings about its run as a whole that hold for the field too (the stated scale the run's red cells
+    contradict, :func:`leukoscope.scale.stated_run_doubt`): its own count is no surer than the run's."""
 
 
 @dataclass
@@ -365,10 +368,11 @@ class SmearAnalyzer:
 
     # -- one field ------------------------------------------------------------
     def prepare(self, image: Image.Image, *, scale: FieldScale | None = None,
-                run_um_per_px: float | None = None) -> PreparedField:
+                run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> PreparedField:
         """The work on a field before the models run: RGB, its scale (:meth:`field_scale`) and the
         copy the detector sees. No model is touched, so a folder run does it for the next field in a
-        worker thread while this one is detected (:mod:`leukoscope.inference.folder`)."""
+        worker thread while this one is detected (:mod:`leukoscope.inference.folder`). ``run_warnings``:
+        its run's (:attr:`PreparedField.run_warnings`)."""
         start = time.perf_counter()
         image = image if image.mode == "RGB" else image.convert("RGB")
         stated = scale is None and self.um_per_px is not None
@@ -379,7 +383,8 @@ class SmearAnalyzer:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
             detector_image = image.resize(size, Image.Resampling.BILINEAR)
         return PreparedField(image, scale, working_um_per_px, factor, detector_image,
-                             self.detector_tiles(detector_image), time.perf_counter() - start, doubt)
+                             self.detector_tiles(detector_image), time.perf_counter() - start, doubt,
+                             tuple(run_warnings))
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None, run_um_per_px: float | None = None) -> SmearResult:
@@ -453,6 +458,7 @@ class SmearAnalyzer:
             warnings.append(unfamiliar)
         if field.scale_doubt:
             warnings.append(field.scale_doubt)
+        warnings += field.run_warnings
         if not scale.known and working_um_per_px is not None:
             # The models work at a scale and the field's is a guess: the field says so itself.
             warnings.append(unscaled_warning(working_um_per_px, scale.note))

@@ -145,7 +145,8 @@ class FolderSummary:
         if unframed:  # nor on cells cut without the classifier's window
             warnings.append(unframed_fields_warning(len(unframed), len(read), unframed))
         doubted = [Path(r.source).name for r in read if any(w.startswith(STATED_SCALE_WORDING) for w in r.warnings)]
-        if doubted:  # nor on a scale the fields' own red cells contradict
+        run_doubt = any(w.startswith(STATED_SCALE_WORDING) for w in self.run_warnings)  # said of every field then
+        if doubted and not run_doubt:  # nor on a scale the fields' own red cells contradict
             warnings.append(stated_scale_fields_warning(len(doubted), len(read), doubted))
         grey = [Path(r.source).name for r in read if GRAYSCALE_WARNING in r.warnings]
         if grey:  # nor on a count that left out fields it could not see

@@ -320,7 +320,8 @@ class SlideAnalyzer:
         models = {"detector": self.analyzer.detector.info.model_name,
                   "classifier": getattr(getattr(self.analyzer.classifier, "info", None), "model_name", None)}
         summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes), models,
-                                list(self.analyzer.warnings), self.analyzer.unfamiliar_share)
+                                list(self.analyzer.warnings), self.analyzer.unfamiliar_share,
+                                stated_um_per_px=self.analyzer.um_per_px)
         result = SlideResult(str(path), slide_info, mono, mask_level, mask_downsample, tiles, summary,
                              self.target_cells, self.seed, warnings, time.perf_counter() - start)
         result.overview = overview(low, mask_downsample, result)
