@@ -1353,14 +1353,11 @@ def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:
     results on them say nothing about its accuracy on new images (``evaluate`` refuses such data)."""
     from leukoscope.data.fingerprints import describe_overlap, learned_among
 
-    for role, bundle in bundles.items():
-        found = learned_among(bundle, paths) if bundle is not None else None
-        if found:
-            overlap, checked = found
-            among = f"{len(paths)} images" if checked == len(paths) else f"{checked} images checked of {len(paths)}"
-            console.print(f"[yellow]note:[/yellow] the {role} learned from {describe_overlap(overlap)} among these "
-                          f"{among}: its results on them say nothing about its accuracy on new images",
-                          soft_wrap=True)
+    found, checked = learned_among(bundles, paths)
+    among = f"{len(paths)} images" if checked == len(paths) else f"{checked} images checked of {len(paths)}"
+    for role, overlap in found.items():
+        console.print(f"[yellow]note:[/yellow] the {role} learned from {describe_overlap(overlap)} among these "
+                      f"{among}: its results on them say nothing about its accuracy on new images", soft_wrap=True)
 
 
 def _stated_scale_doubts(paths: list, um_per_px: float) -> list[str]:

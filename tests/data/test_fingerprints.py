@@ -29,8 +29,9 @@ def test_digests_find_copies_and_leave_the_test_part_alone(tmp_path: Path) -> No
     found = digest_overlap(records, [copy, files["c"], files["d"], files["e"], tmp_path / "gone.png"])
     assert found == {"train": 1, "val": 1, "train sources": 1}
     assert digest_overlap(records, [files["d"]]) == {}
-    assert describe_overlap(found) == ("1 of its train images and 1 of its val images and 1 source images of its "
+    assert describe_overlap(found) == ("1 of its train images and 1 of its val images and 1 source image of its "
                                        "train crops")
+    assert describe_overlap({"train sources": 2}) == "2 source images of its train crops"
 
 
 def test_a_missing_or_broken_record_is_none(tmp_path: Path) -> None:
@@ -50,9 +51,13 @@ def test_a_run_is_checked_against_what_a_model_learned_on_a_sample(tmp_path: Pat
         files[-1].write_bytes(f"image {i}".encode())
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    assert learned_among(bundle, files) is None  # no record: nothing to say
+    assert learned_among({"classifier": bundle, "detector": None}, files) == ({}, 0)  # no record: nothing to say
     write_training_digests(bundle, {"train": files[:4], "val": files[4:5]})
-    assert learned_among(bundle, files) == ({"train": 4, "val": 1}, 10)
-    assert learned_among(bundle, files[5:]) is None
+    assert learned_among({"classifier": bundle}, files) == ({"classifier": {"train": 4, "val": 1}}, 10)
+    assert learned_among({"classifier": bundle}, files[5:]) == ({}, 5)
     # a sample of 3, spread evenly: 0.png (train), 4.png (val), 9.png (neither)
-    assert learned_among(bundle, files, sample=3) == ({"train": 1, "val": 1}, 3)
+    assert learned_among({"classifier": bundle}, files, sample=3) == ({"classifier": {"train": 1, "val": 1}}, 3)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_training_digests(other, {"train": files[9:]})
+    assert learned_among({"detector": other, "classifier": bundle}, files[8:]) == ({"detector": {"train": 1}}, 2)

@@ -92,6 +92,10 @@ def digest_overlap(records: Mapping[str, Mapping[str, set[str]]], paths: Iterabl
             digests.append(file_digest(path))
         except OSError:
             continue
+    return _overlap(records, digests)
+
+
+def _overlap(records: Mapping[str, Mapping[str, set[str]]], digests: Sequence[str]) -> dict[str, int]:
     found: dict[str, int] = {}
     for kind, record in records.items():
         for part in LEARNED_PARTS:
@@ -105,7 +109,7 @@ def describe_overlap(overlap: Mapping[str, int]) -> str:
     """``3 of its train images and 2 source images of its val crops`` (keys of :func:`digest_overlap`)."""
     def one(key: str, n: int) -> str:
         if key.endswith(SOURCES_SUFFIX):
-            return f"{n} source images of its {key[:-len(SOURCES_SUFFIX)]} crops"
+            return f"{n} source image{'' if n == 1 else 's'} of its {key[:-len(SOURCES_SUFFIX)]} crops"
         return f"{n} of its {key} images"
 
     return " and ".join(one(key, n) for key, n in overlap.items())
@@ -116,14 +120,22 @@ def describe_overlap(overlap: Mapping[str, int]) -> str:
 LEARNED_SAMPLE = 200
 
 
-def learned_among(bundle_dir: str | Path, paths: Sequence[str | Path],
-                  sample: int = LEARNED_SAMPLE) -> tuple[dict[str, int], int] | None:
-    """:func:`digest_overlap` of the bundle's records and up to ``sample`` of ``paths`` (spread evenly, first
-    and last included), with how many were checked; None when the bundle keeps no records or none matched.
-    ``analyze`` and ``predict`` say it: results on a model's own training images say nothing of new ones."""
-    records = read_training_digests(bundle_dir)
+def learned_among(bundles: Mapping[str, str | Path | None], paths: Sequence[str | Path],
+                  sample: int = LEARNED_SAMPLE) -> tuple[dict[str, dict[str, int]], int]:
+    """For each of ``bundles`` (role -> bundle folder, None: no such model) that keeps records, the
+    :func:`digest_overlap` of up to ``sample`` of ``paths`` (spread evenly, first and last included, each read
+    once for every bundle), where any matched; and how many were checked. ``analyze`` and ``predict`` say it:
+    results on a model's own training images say nothing of new ones."""
+    records = {role: read_training_digests(bundle) for role, bundle in bundles.items() if bundle is not None}
+    records = {role: record for role, record in records.items() if record}
     if not records or not paths:
-        return None
+        return {}, 0
     checked = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round())]
-    overlap = digest_overlap(records, checked)
-    return (overlap, len(checked)) if overlap else None
+    digests = []
+    for path in checked:
+        try:
+            digests.append(file_digest(path))
+        except OSError:
+            continue  # the run reports it
+    found = {role: overlap for role, record in records.items() if (overlap := _overlap(record, digests))}
+    return found, len(checked)
