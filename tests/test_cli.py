@@ -124,6 +124,8 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     assert [Path(r["source"]).name for r in rows] == [p.name for p in images]
     overlays = sorted((tmp_path / "cam").glob("*.png"))
     assert len(overlays) == 3
+    # a 32 px mobilenet_v3_small reads a 2 x 2 map, and the command says what such a map can show
+    assert "Grad-CAM reads this classifier's last stage at 2 x 2 for its 32 px input" in " ".join(result.output.split())
     width, height = Image.open(overlays[0]).size
     assert height >= 256 and width > height  # the colour bar beside the picture
     # an unreadable file first: each overlay keeps its row's number in the predictions file
@@ -592,7 +594,9 @@ def test_files_of_a_folder_not_taken_as_images_are_named(tmp_path: Path, caplog)
     Image.new("RGB", (8, 8)).save(folder / "a.png")
     Image.new("RGB", (8, 8)).save(folder / "sub" / "b.webp")
     Image.new("RGB", (8, 8)).save(folder / "noext", format="JPEG")
-    (folder / ".DS_Store").write_bytes(b"")  # hidden files are not the user's images
+    (folder / ".DS_Store").write_bytes(b"")  # hidden files and folders are not the user's images
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]")
     with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
         assert collect_images([folder]) == [folder / "a.png"]
     assert f"{folder}: 2 file(s) left out, not named as BMP, JPEG, PNG or TIFF images: noext, sub/b.webp" in caplog.text

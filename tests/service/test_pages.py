@@ -379,3 +379,32 @@ def test_an_expired_session_logs_out(service):
     assert gone.status_code in (302, 303) and gone.headers["location"].startswith("/login")
     service.login("tech")  # a new log-in tidies expired sessions away: the new one is left
     assert service.count(WebSession) == 1
+
+
+def test_the_case_page_says_what_coarse_heatmaps_can_show(service, monkeypatch: pytest.MonkeyPatch):
+    """The page captioned every map "where the model found its evidence"; the shipped classifier's maps are
+    3 x 3 and those of unrelated cells look alike (docs/benchmarks.md, "Grad-CAM of the shipped classifier")."""
+    import torch
+
+    from leukoscope.bundle import BundleInfo
+    from leukoscope.inference.predictor import CellClassifier
+    from leukoscope.models import create_model
+    from leukoscope.preprocessing import Preprocessing
+    from leukoscope.service.analysis import Analyzer
+
+    with torch.device("meta"):
+        model = create_model("mobilenet_v2", num_classes=2)
+    model.to_empty(device="cpu")
+    for size, coarse in ((96, True), (224, False)):
+        info = BundleInfo(model_name="mobilenet_v2", classes=["a", "b"], preprocessing=Preprocessing(image_size=size))
+        shown, hidden = (Analyzer(CellClassifier(model, info), threads=1, gradcam=on) for on in (True, False))
+        assert bool(shown.heatmap_note) == coarse and (not coarse or "3 x 3" in shown.heatmap_note)
+        assert hidden.heatmap_note is None  # no maps, nothing to say of them
+        shown.close(), hidden.close()
+    # the page shows the analyzer's note in the heatmap's caption
+    monkeypatch.setitem(service.state.analyzer.__dict__, "heatmap_note", "a coarse map, says the test")
+    tech = service.login("tech")
+    upload = tech.get("/upload")
+    response = page_upload(tech, [("blast.png", encode(cell_image("blast", 11), "PNG"))], csrf_of(upload.text))
+    page = tech.get(response.headers["location"]).text
+    assert "Grad-CAM for" in page and ": a coarse map, says the test</figcaption>" in page

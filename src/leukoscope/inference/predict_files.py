@@ -38,7 +38,8 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             paths += found
             taken = set(found)
-            _say_left_out(item, [p for p in below if p not in taken and not p.name.startswith(".")])
+            _say_left_out(item, [p for p in below if p not in taken
+                                 and not any(part.startswith(".") for part in p.relative_to(item).parts)])
         elif item.exists():
             paths.append(item)
         else:

@@ -123,6 +123,20 @@ class Analyzer:
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="leukoscope-infer")
 
+    @functools.cached_property
+    def heatmap_note(self) -> str | None:
+        """What the case page says of its Grad-CAM maps when they are coarse
+        (:func:`leukoscope.inference.explain.coarse_map_warning`); None without maps or when they are fine."""
+        model = getattr(self.base, "model", None)
+        if not self.gradcam or model is None or self.base.info.framework != "torch":
+            return None
+        from leukoscope.inference.explain import coarse_map_warning
+
+        try:
+            return coarse_map_warning(model, self.base.image_size)
+        except ValueError:  # a model Grad-CAM cannot explain has no maps to speak of
+            return None
+
     @classmethod
     def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
                      uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2,
