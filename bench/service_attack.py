@@ -200,7 +200,7 @@ def probe_tokens(server: Server, admin_token: str) -> None:
 
         def create(scope: str) -> str:
             page = tech.post("/account/tokens", data={"name": scope, "password": PASSWORD, "scope": scope,
-                                                      "days": "7", "csrf_token": csrf})
+                                                      "days": "7", "csrf_token": csrf}, follow_redirects=True)
             return page.text.split('id="new-token">', 1)[1].split("<", 1)[0]
 
         reader, writer = create("read"), create("write")
@@ -227,7 +227,8 @@ def probe_tokens(server: Server, admin_token: str) -> None:
     with client_from(server.url, "127.0.0.32") as tech, client_from(server.url, "127.0.0.33") as boss:
         login(tech, "tomas", "bench password 2")
         page = tech.post("/account/tokens", data={"name": "again", "password": "bench password 2", "scope": "write",
-                                                  "csrf_token": csrf_of(tech.get("/account").text)})
+                                                  "csrf_token": csrf_of(tech.get("/account").text)},
+                         follow_redirects=True)  # the token is shown on the page the form redirects to
         token = page.text.split('id="new-token">', 1)[1].split("<", 1)[0]
         login(boss, "admin", PASSWORD)
         csrf = csrf_of(boss.get("/admin/users").text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import struct
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -655,3 +656,45 @@ def test_a_flat_heatmap_is_shown_with_its_note() -> None:
     pointed = np.zeros((32, 32), np.float32)
     pointed[8:16, 8:16] = 1.0
     assert np.array_equal(np.asarray(explained(image, pointed, 32)), np.asarray(overlay_heatmap(plain, pointed)))
+
+
+def test_two_reviews_sent_at_once_with_one_state_save_one_and_refuse_the_other(service):
+    """On SQLite two reviews of one case sent together were both saved (17 of 20 page pairs), the later
+    overwriting the earlier: each had read the case before either wrote. The second now waits for the
+    first's write and is refused (409), as a review sent after it is."""
+    import threading
+
+    from sqlalchemy import select
+
+    from leukoscope.service import cases as ops
+    from leukoscope.service.auth import Principal
+    from leukoscope.service.db import transaction
+    from leukoscope.service.errors import ServiceError
+    from leukoscope.service.tables import User
+
+    client = service.client()
+    case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    cell_id, read = case["cells"][0]["id"], case["review"]["state"]
+    loaded, outcomes = threading.Event(), {}
+
+    def review(name: str, label: str, hold: float) -> None:
+        try:
+            with transaction(service.state.sessions) as db:
+                principal = Principal(db.scalar(select(User).where(User.username == "hema")), "session")
+                found = ops.load_case(db, principal, case["id"], action=None, for_update=True)
+                loaded.set()
+                time.sleep(hold)  # the other review is sent meanwhile
+                ops.review_case(db, principal, found, {cell_id: label}, None, expected_state=read)
+            outcomes[name] = "saved"
+        except ServiceError as error:
+            outcomes[name] = error.status
+
+    first = threading.Thread(target=review, args=("first", "monocyte", 0.5))
+    first.start()
+    assert loaded.wait(10)
+    second = threading.Thread(target=review, args=("second", "lymphocyte", 0.0))
+    second.start()
+    first.join(30), second.join(30)
+    assert outcomes == {"first": "saved", "second": 409}
+    now = client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("hema")).json()
+    assert now["cells"][0]["reviewed_label"] == "monocyte"

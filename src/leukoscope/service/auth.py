@@ -243,6 +243,8 @@ def session_principal(db: Session, request: Request) -> Principal | None:
 
 def new_api_token(db: Session, user: User, name: str, *, scope: str = "write",
                   days: float = 90) -> tuple[ApiToken, str]:
+    if not user.active:  # it would work again on reactivation, which brings no token back
+        raise ServiceError(409, "inactive_user", f"{user.username} is deactivated: reactivate the account first")
     if scope not in TOKEN_SCOPES:
         raise ServiceError(400, "bad_scope", f"scope must be one of {', '.join(TOKEN_SCOPES)}")
     if not 1 <= days <= MAX_TOKEN_DAYS:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, select, update
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
@@ -393,11 +393,15 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
               request=None, for_update: bool = False) -> Case:
     """The case if ``principal`` may see it (404 otherwise: a technician cannot even learn
     that another's case exists); records ``action`` in the audit log. ``for_update``: its row locked
-    until the transaction ends (PostgreSQL; SQLite runs one writer at a time anyway), so that two reviews
-    of one case are applied one after the other, each to what the other saved."""
+    until the transaction ends, so that two reviews of one case are applied one after the other, each to
+    what the other saved (on SQLite, by taking the database's write lock before the case is read: Python's
+    driver begins a transaction only at the first write, so two reviews had read the same state and the
+    later one had overwritten the other without a word)."""
     principal.require("technician", "hematologist")
     case = None
     if CASE_ID.fullmatch(case_id or ""):
+        if for_update and db.get_bind().dialect.name == "sqlite":
+            db.execute(update(Case).where(Case.id == case_id).values(status=Case.status))  # the write lock, now
         query = select(Case).where(Case.id == case_id).options(selectinload(Case.images), selectinload(Case.cells))
         case = db.scalar(query.with_for_update(of=Case) if for_update else query)
     if case is None or (principal.role == "technician" and case.owner_id != principal.user.id):

@@ -27,3 +27,10 @@ class BodyTooLarge(ServiceError):
 
 class LoginRequired(Exception):
     """A page needs a logged-in user: answered with a redirect to the log-in page."""
+
+
+def refuse_nul(texts) -> None:
+    """A 400 when any of ``texts`` holds a NUL character (no database text column takes one: PostgreSQL refuses
+    it, and a request that reached the database with one answered 500)."""
+    if any("\x00" in text for text in texts if isinstance(text, str)):
+        raise ServiceError(400, "nul_character", "text fields may not contain a NUL character (\\x00)")

@@ -25,7 +25,7 @@ from leukoscope.service import cases as ops
 from leukoscope.service.auth import (Principal, api_principal, audit, client_address, create_user, revoke_token_of,
                                      user_locks)
 from leukoscope.service.db import transaction
-from leukoscope.service.errors import BodyTooLarge, ServiceError
+from leukoscope.service.errors import BodyTooLarge, ServiceError, refuse_nul
 from leukoscope.service.params import Offset, RowId
 from leukoscope.service.tables import ROLES, ApiToken, AuditEntry, Case, User
 from leukoscope.service.storage import MEDIA_TYPES
@@ -176,6 +176,7 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
                     uploads.append(ops.Upload(value.filename or "", await value.read()))
             else:
                 fields[key] = value
+        refuse_nul([*fields.values(), *(upload.filename for upload in uploads)])  # before any analysis runs
         return uploads, fields
     finally:
         await form.close()
@@ -238,6 +239,7 @@ class ReviewBody(BaseModel):
 @router.post(f"{API}/cases/{{case_id}}/review", tags=["cases"])
 def review(request: Request, case_id: str, body: ReviewBody) -> dict[str, Any]:
     """A hematologist confirms or corrects the cells of a case (audited)."""
+    refuse_nul([body.comment, *body.labels.values()])
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
         principal.require("hematologist")

@@ -52,7 +52,7 @@ from leukoscope.service.auth import (
     verify_password,
 )
 from leukoscope.service.db import transaction
-from leukoscope.service.errors import ServiceError
+from leukoscope.service.errors import ServiceError, refuse_nul
 from leukoscope.service.params import RowId
 from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
@@ -88,9 +88,18 @@ def safe_next(target: str | None) -> str:
     return target if not parts.scheme and not parts.netloc else "/"
 
 
+#: Fields a page's form may send: a review form sends one per cell, and a case of 16 crowded fields held 542
+#: cells (the page refused to save it at 500).
+MAX_FORM_FIELDS = 20_000
+
+
 async def form_of(request: Request) -> dict[str, str]:
-    form = await request.form(max_files=0, max_fields=500)
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    """The form's text fields; a NUL character in any is refused (400): PostgreSQL cannot store one, and a user
+    name or comment holding it had answered 500 (an upload's note after its analysis had run)."""
+    form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    refuse_nul(fields.values())
+    return fields
 
 
 # ------------------------------------------------------------------ log in / out
