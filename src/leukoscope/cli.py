@@ -1331,14 +1331,11 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     return scale.um_per_px
 
 
-#: A single-cell image smaller than this a side cannot show a cell's nucleus or granules (a 20 x 20 blur was called
-#: blast at 0.76, above the uncertain threshold).
-MIN_CELL_IMAGE_SIDE = 32
-
-
 def _say_tiny(predictions: list) -> None:
-    """A warning naming the images too small to show a cell (:data:`MIN_CELL_IMAGE_SIDE`); their rows stand."""
+    """A warning naming the images too small to show a cell
+    (:data:`leukoscope.inference.quality.MIN_CELL_IMAGE_SIDE`); their rows stand."""
     from leukoscope.data.annotations import decoded_size
+    from leukoscope.inference.quality import MIN_CELL_IMAGE_SIDE
 
     tiny = [Path(p.source).name for p in predictions if not p.error
             and min((decoded_size(Path(p.source)) or (MIN_CELL_IMAGE_SIDE,))[:2]) < MIN_CELL_IMAGE_SIDE]

@@ -698,3 +698,16 @@ def test_two_reviews_sent_at_once_with_one_state_save_one_and_refuse_the_other(s
     assert outcomes == {"first": "saved", "second": 409}
     now = client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("hema")).json()
     assert now["cells"][0]["reviewed_label"] == "monocyte"
+
+
+def test_a_cell_image_too_small_to_show_a_cell_says_so(service):
+    """A 1 x 1 PNG was called eosinophil at 0.995 and a 20 x 20 blur blast at 0.67, with nothing said."""
+    from PIL import Image
+
+    client = service.client()
+    tiny = upload(client, service.auth("tech"), ("tiny.png", encode(Image.new("RGB", (20, 20), (150, 90, 170)),
+                                                                    "PNG"))).json()
+    (warning,) = [w for w in tiny["differential"]["warnings"] if w.startswith("Too small to show a cell")]
+    assert "20 x 20 px" in warning and not tiny["differential"]["acute_leukemia_flag"]
+    fine = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    assert not any(w.startswith("Too small") for w in fine["differential"]["warnings"])

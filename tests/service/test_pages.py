@@ -408,3 +408,24 @@ def test_the_case_page_says_what_coarse_heatmaps_can_show(service, monkeypatch: 
     response = page_upload(tech, [("blast.png", encode(cell_image("blast", 11), "PNG"))], csrf_of(upload.text))
     page = tech.get(response.headers["location"]).text
     assert "Grad-CAM for" in page and ": a coarse map, says the test</figcaption>" in page
+
+
+def test_a_case_of_one_cell_shows_its_warnings(service):
+    """A single-cell case drew no differential, and with it none of its warnings: the page of a pbc cell
+    classified whole, without a scale, showed only its class (the API carried the warning)."""
+    from sqlalchemy import select
+
+    from leukoscope.service.db import transaction
+    from leukoscope.service.tables import Case
+
+    tech = service.login("tech")
+    response = page_upload(tech, [("one.png", encode(cell_image("blast", 11), "PNG"))],
+                           csrf_of(tech.get("/upload").text))
+    case_url = response.headers["location"]
+    assert 'id="flags"' not in tech.get(case_url).text  # nothing to warn of
+    with transaction(service.state.sessions) as db:
+        case = db.scalar(select(Case))
+        case.analysis = {**case.analysis, "warnings": ["No scale for a single-cell image: classified whole"]}
+    page = tech.get(case_url).text
+    assert 'id="flags"' in page and "WARNING: No scale for a single-cell image: classified whole" in page
+    assert 'id="differential"' not in page  # still no differential of one cell

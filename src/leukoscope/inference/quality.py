@@ -119,6 +119,20 @@ def classified_unit(classes: Sequence[str]) -> str:
     return f"classified cells, {named} included"
 
 
+#: A single-cell image smaller than this a side cannot show a cell's nucleus or granules (a 20 x 20 blur was called
+#: blast at 0.76, above the uncertain threshold; a 1 x 1 image eosinophil at 0.995).
+MIN_CELL_IMAGE_SIDE = 32
+TINY_CELL_WORDING = "Too small to show a cell"
+
+
+def tiny_cell_warning(width: int, height: int) -> str | None:
+    """The warning for a single-cell image under :data:`MIN_CELL_IMAGE_SIDE` a side; None for a larger one."""
+    if min(width, height) >= MIN_CELL_IMAGE_SIDE:
+        return None
+    return (f"{TINY_CELL_WORDING}: the image is {width} x {height} px (a cell's nucleus and granules need at least "
+            f"{MIN_CELL_IMAGE_SIDE} px a side); its class is not to be trusted")
+
+
 def unscaled_cell_warning(window_um: float) -> str:
     """The warning for a single-cell image without a scale, classified whole by a classifier that expects
     ``window_um`` micrometres around its cell."""
@@ -172,7 +186,7 @@ def about_classification_only(warning: str) -> bool:
     it. The detector's warnings (unverified, capped, a field at a guessed scale) still stand after any
     review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
-            or warning.startswith(UNFRAMED_WORDING))
+            or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction
-from leukoscope.inference.quality import unscaled_cell_warning
+from leukoscope.inference.quality import tiny_cell_warning, unscaled_cell_warning
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
 
 log = logging.getLogger(__name__)
@@ -268,9 +268,10 @@ class Analyzer:
         classifier = self._classifier()
         framed, scale = classifier.frame(image, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
+        tiny = tiny_cell_warning(*image.size)
         if scale is None:
-            return ImageOutcome([CellOutcome(prediction, overlay=overlay)])
-        warnings = [] if scale.known else [unscaled_cell_warning(classifier.window_um)]
+            return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=[tiny] if tiny else [])
+        warnings = ([] if scale.known else [unscaled_cell_warning(classifier.window_um)]) + ([tiny] if tiny else [])
         return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
                                          overlay=overlay)], warnings=warnings, scale=scale.to_json())
 
