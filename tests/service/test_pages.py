@@ -429,3 +429,22 @@ def test_a_case_of_one_cell_shows_its_warnings(service):
     page = tech.get(case_url).text
     assert 'id="flags"' in page and "WARNING: No scale for a single-cell image: classified whole" in page
     assert 'id="differential"' not in page  # still no differential of one cell
+
+
+def test_the_case_list_pages_on_past_its_newest_cases(service, monkeypatch: pytest.MonkeyPatch):
+    """/cases listed the 200 newest cases and no more: older unreviewed cases dropped out of the review list."""
+    from leukoscope.service import routes_pages
+
+    monkeypatch.setattr(routes_pages, "CASES_PER_PAGE", 2)
+    tech = service.login("tech")
+    made = []
+    for index in range(3):
+        response = page_upload(tech, [(f"c{index}.png", encode(cell_image("blast", index), "PNG"))],
+                               csrf_of(tech.get("/upload").text))
+        made.append(response.headers["location"].rsplit("/", 1)[1])
+    first, second = tech.get("/cases").text, tech.get("/cases?page=2").text
+    assert all(case[:8] in first for case in made[1:]) and made[0][:8] not in first  # newest first
+    assert 'rel="next"' in first and made[0][:8] in second and 'rel="prev"' in second and 'rel="next"' not in second
+    for odd in ("abc", "0", "-1", "99999999999"):
+        assert tech.get(f"/cases?page={odd}").status_code == 200
+    assert "No cases on page 5" in tech.get("/cases?page=5").text

@@ -225,16 +225,22 @@ async def logout(request: Request):
 # ------------------------------------------------------------------ cases
 
 
+#: Cases on one page of the case list (newest first; the list pages on: older unreviewed cases had dropped out).
+CASES_PER_PAGE = 200
+
+
 @router.get("/cases")
-def case_list(request: Request, status: str | None = None):
+def case_list(request: Request, status: str | None = None, page: str = "1"):
     with transaction(state_of(request).sessions) as db:
         principal = page_principal(db, request)
         if principal.role == "admin":
             return redirect("/admin/users")
         status = status if status in ("new", "reviewed") else None
-        found = ops.visible_cases(db, principal, status)
+        page = min(max(1, int(page)), 1_000_000) if page.isascii() and page.isdigit() and len(page) < 8 else 1
+        found = ops.visible_cases(db, principal, status, limit=CASES_PER_PAGE + 1, offset=(page - 1) * CASES_PER_PAGE)
+        more, found = len(found) > CASES_PER_PAGE, found[:CASES_PER_PAGE]
         return render(request, "cases.html", principal, cases=found, counts=ops.cell_counts(db, [c.id for c in found]),
-                      status=status)
+                      status=status, page=page, more=more)
 
 
 @router.get("/upload")
