@@ -128,6 +128,8 @@ def test_upload_page_result_and_review(service):
     assert page.status_code == 200
     assert page.text.count("<meter") == 8  # 4 class probabilities x 2 cells
     assert page.text.count("/overlay") == 2 and "Grad-CAM" in page.text
+    assert "Differential (2 white cells" in page.text and "per 100 white cells" in page.text
+    assert 'id="not-white"' not in page.text  # no erythroblast or platelet class among this model's
     assert "blast.png" in page.text and "mono.bmp" in page.text
     assert "not a diagnosis" in page.text and 'id="review-form"' not in page.text  # technicians do not review
     assert tech.post(f"{case_url}/review", data={"csrf_token": csrf_of(page.text)}).status_code == 403
@@ -448,3 +450,21 @@ def test_the_case_list_pages_on_past_its_newest_cases(service, monkeypatch: pyte
     for odd in ("abc", "0", "-1", "99999999999"):
         assert tech.get(f"/cases?page={odd}").status_code == 200
     assert "No cases on page 5" in tech.get("/cases?page=5").text
+
+
+def test_the_differential_says_what_it_counts_beside_the_white_cells(service):
+    """Three cells read "Differential (1 cells)" beside three rows at 100.0 per 100: platelets and erythroblasts
+    are counted beside the white cells, and nothing said so."""
+    from sqlalchemy import select
+
+    from leukoscope.service.db import transaction
+    from leukoscope.service.tables import Case
+
+    tech = service.login("tech")
+    files = [("a.png", encode(cell_image("blast", 1), "PNG")), ("b.png", encode(cell_image("monocyte", 2), "PNG"))]
+    response = page_upload(tech, files, csrf_of(tech.get("/upload").text))
+    with transaction(service.state.sessions) as db:
+        case = db.scalar(select(Case))
+        case.classes = [*case.classes, "platelet"]  # a model with a platelet class
+    page = tech.get(response.headers["location"]).text
+    assert 'id="not-white"' in page and "platelet: counted beside the white cells" in page
