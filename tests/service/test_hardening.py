@@ -690,6 +690,9 @@ def test_a_nul_character_in_any_text_is_refused_before_it_reaches_the_database(s
     form = {"comment": "seen\x00", "csrf_token": csrf_of(page.text), "review_state": case["review"]["state"]}
     assert hema.post(f"/cases/{case['id']}/review", data=form).status_code == 400
     assert client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("hema")).json()["status"] == "new"
+    # nor through the admins' audit filters (a query parameter)
+    assert client.get("/api/v1/audit", params={"case_id": "a\x00"}, headers=service.auth("admin")).status_code == 400
+    assert service.login("admin").get("/admin/audit", params={"case": "a\x00"}).status_code == 400
 
 
 def test_no_token_is_issued_to_a_deactivated_user(service):
@@ -709,11 +712,11 @@ def test_no_token_is_issued_to_a_deactivated_user(service):
 def test_a_page_form_of_many_fields_is_read(service):
     """A review form sends a field per cell: a case of 542 cells could not be saved from its page ("Too many
     fields. Maximum number of fields is 500")."""
-    from leukoscope.service.routes_pages import MAX_FORM_FIELDS
+    from leukoscope.service.routes_pages import MAX_REVIEW_FIELDS
 
     hema = service.login("hema")
     form = {f"label_{i}": "blast" for i in range(600)}
     form["csrf_token"] = csrf_of(hema.get("/cases").text)
     answer = hema.post("/cases/0123456789abcdef0123456789abcdef/review", data=form)
     assert answer.status_code == 404 and "Too many fields" not in answer.text  # read, then no such case
-    assert MAX_FORM_FIELDS >= 10_000
+    assert MAX_REVIEW_FIELDS >= 10_000

@@ -450,6 +450,8 @@ def test_the_case_list_pages_on_past_its_newest_cases(service, monkeypatch: pyte
     for odd in ("abc", "0", "-1", "99999999999"):
         assert tech.get(f"/cases?page={odd}").status_code == 200
     assert "No cases on page 5" in tech.get("/cases?page=5").text
+    assert 'href="/cases?page=2&amp;status=new"' in tech.get("/cases?status=new").text  # the filter kept
+    assert 'href="/cases?status=new">First page' in tech.get("/cases?status=new&page=9").text
 
 
 def test_the_differential_says_what_it_counts_beside_the_white_cells(service):

@@ -314,6 +314,7 @@ def audit_log(request: Request, case_id: str | None = None, limit: int = Query(2
     with transaction(state_of(request).sessions) as db:
         principal = _principal(request, db)
         principal.require("admin")
+        refuse_nul([case_id])
         query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
         if case_id:
             query = query.where(AuditEntry.case_id == case_id)

@@ -88,15 +88,16 @@ def safe_next(target: str | None) -> str:
     return target if not parts.scheme and not parts.netloc else "/"
 
 
-#: Fields a page's form may send: a review form sends one per cell, and a case of 16 crowded fields held 542
-#: cells (the page refused to save it at 500).
-MAX_FORM_FIELDS = 20_000
+#: Fields a page's form may send (the log-in form among them: parsing costs the event loop time)...
+MAX_FORM_FIELDS = 500
+#: ...and a review form, which sends one per cell: a case of 16 crowded fields held 542 cells (refused at 500).
+MAX_REVIEW_FIELDS = 20_000
 
 
-async def form_of(request: Request) -> dict[str, str]:
+async def form_of(request: Request, max_fields: int = MAX_FORM_FIELDS) -> dict[str, str]:
     """The form's text fields; a NUL character in any is refused (400): PostgreSQL cannot store one, and a user
     name or comment holding it had answered 500 (an upload's note after its analysis had run)."""
-    form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+    form = await request.form(max_files=0, max_fields=max_fields)
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     refuse_nul(fields.values())
     return fields
@@ -308,7 +309,7 @@ REVIEW_FIELD = re.compile(r"label_([0-9]{1,18})")
 
 @router.post("/cases/{case_id}/review")
 async def review(request: Request, case_id: str):
-    form = await form_of(request)
+    form = await form_of(request, MAX_REVIEW_FIELDS)
 
     def work():
         with transaction(state_of(request).sessions) as db:
@@ -453,8 +454,9 @@ async def create_token(request: Request):
             audit(db, principal.user, "token.create", request=request,
                   detail={"token": token.prefix, "scope": token.scope, "expires_at": token.expires_at.isoformat()})
         response = redirect("/account")
-        response.set_cookie(NEW_TOKEN_COOKIE, secret, max_age=int(NEW_TOKEN_SHOWN_FOR.total_seconds()),
-                            path="/account", httponly=True, samesite="strict", secure=secure_cookie(request))
+        # A browser-session cookie (never written to disk); the page shows it for NEW_TOKEN_SHOWN_FOR at most.
+        response.set_cookie(NEW_TOKEN_COOKIE, secret, path="/account", httponly=True, samesite="strict",
+                            secure=secure_cookie(request))
         return response
 
     return await run_in_threadpool(work)
@@ -634,6 +636,7 @@ def admin_audit(request: Request, case: str | None = None):
     with transaction(state_of(request).sessions) as db:
         principal = page_principal(db, request)
         principal.require("admin")
+        refuse_nul([case])
         query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(500)
         if case:
             query = query.where(AuditEntry.case_id == case)
