@@ -17,11 +17,12 @@ import unicodedata
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
@@ -369,9 +370,13 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
 
 
 def visible_cases(db: Session, principal: Principal, status: str | None = None, limit: int = 200,
-                  offset: int = 0) -> list[Case]:
+                  offset: int = 0, after: tuple[datetime, str] | None = None) -> list[Case]:
+    """Newest first; ``after``: only the cases after the one of this (created_at, id) in that order."""
     principal.require("technician", "hematologist")
     query = select(Case).order_by(Case.created_at.desc(), Case.id).limit(limit).offset(offset)
+    if after is not None:
+        created, case_id = after
+        query = query.where(or_(Case.created_at < created, and_(Case.created_at == created, Case.id > case_id)))
     if principal.role == "technician":
         query = query.where(Case.owner_id == principal.user.id)
     if status:

@@ -54,7 +54,7 @@ from leukoscope.service.auth import (
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError, refuse_nul
 from leukoscope.service.params import RowId
-from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Cell, User, WebSession, utcnow
+from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Case, Cell, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
 
 router = APIRouter(include_in_schema=False)
@@ -231,17 +231,20 @@ CASES_PER_PAGE = 200
 
 
 @router.get("/cases")
-def case_list(request: Request, status: str | None = None, page: str = "1"):
+def case_list(request: Request, status: str | None = None, after: str = ""):
+    """``after``: the last case of the page before (its id): the next page starts after it, wherever cases
+    reviewed or uploaded since have moved the list (pages by position skipped cases reviewed meanwhile)."""
     with transaction(state_of(request).sessions) as db:
         principal = page_principal(db, request)
         if principal.role == "admin":
             return redirect("/admin/users")
         status = status if status in ("new", "reviewed") else None
-        page = min(max(1, int(page)), 1_000_000) if page.isascii() and page.isdigit() and len(page) < 8 else 1
-        found = ops.visible_cases(db, principal, status, limit=CASES_PER_PAGE + 1, offset=(page - 1) * CASES_PER_PAGE)
+        last = db.get(Case, after) if ops.CASE_ID.fullmatch(after) else None
+        found = ops.visible_cases(db, principal, status, limit=CASES_PER_PAGE + 1,
+                                  after=(last.created_at, last.id) if last is not None else None)
         more, found = len(found) > CASES_PER_PAGE, found[:CASES_PER_PAGE]
         return render(request, "cases.html", principal, cases=found, counts=ops.cell_counts(db, [c.id for c in found]),
-                      status=status, page=page, more=more)
+                      status=status, later_page=last is not None, more=more)
 
 
 @router.get("/upload")
