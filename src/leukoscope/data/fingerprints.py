@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import numpy as np
+from leukoscope.scale import run_sample
 
 #: The file in a bundle folder (beside bundle.json).
 DIGESTS_FILE = "training-images.json"
@@ -123,14 +123,14 @@ LEARNED_SAMPLE = 200
 def learned_among(bundles: Mapping[str, str | Path | None], paths: Sequence[str | Path],
                   sample: int = LEARNED_SAMPLE) -> tuple[dict[str, dict[str, int]], int]:
     """For each of ``bundles`` (role -> bundle folder, None: no such model) that keeps records, the
-    :func:`digest_overlap` of up to ``sample`` of ``paths`` (spread evenly, first and last included, each read
-    once for every bundle), where any matched; and how many were checked. ``analyze`` and ``predict`` say it:
+    :func:`digest_overlap` of up to ``sample`` of ``paths`` (:func:`leukoscope.scale.run_sample`: spread evenly,
+    first and last included; each read once for every bundle), where any matched; and how many were checked. ``analyze`` and ``predict`` say it:
     results on a model's own training images say nothing of new ones."""
     records = {role: read_training_digests(bundle) for role, bundle in bundles.items() if bundle is not None}
     records = {role: record for role, record in records.items() if record}
     if not records or not paths:
         return {}, 0
-    checked = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round())]
+    checked = run_sample(list(paths), sample)
     digests = []
     for path in checked:
         try:
