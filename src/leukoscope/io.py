@@ -11,6 +11,7 @@ from __future__ import annotations
 import io as _io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +34,14 @@ class ImageDecodeError(ValueError):
 
 class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than the configured limit."""
+
+
+def too_many_pixels(name: str, refusal: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Our words for Pillow's refusal of a header it will not even open (over twice its own limit), with the
+    pixel count its message gives ("Image size (N pixels) exceeds limit of ... could be decompression bomb ...")."""
+    found = re.search(r"\((\d+) pixels\)", str(refusal))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "its size"
+    return f"{name}: {pixels} exceeds the limit of {max_pixels:,} pixels"
 
 
 def _describe(source: str | Path | bytes | BinaryIO) -> str:
@@ -85,7 +94,7 @@ def load_image(
                 f"{name}: not a recognised image (expected one of {', '.join(sorted(formats))})"
             ) from None
         except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before our check
-            raise ImageTooLargeError(f"{name}: exceeds the limit of {max_pixels:,} pixels ({exc})") from None
+            raise ImageTooLargeError(too_many_pixels(name, exc, max_pixels)) from None
         except OSError as exc:
             raise ImageDecodeError(f"{name}: cannot open image: {exc}") from None
 
@@ -113,7 +122,7 @@ def load_image(
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageDecodeError(f"{name}: image data is truncated or corrupt: {exc}") from None
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{name}: {exc}") from None
+            raise ImageTooLargeError(too_many_pixels(name, exc, max_pixels)) from None
         if image.format == "PNG":
             _check_png_rows(fp, name)
         image = _full_depth_colour(image, fp) or image

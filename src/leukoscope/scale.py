@@ -62,6 +62,9 @@ RUN_SCALE_MIN_ESTIMATES = 5
 #: ...of which at least two thirds lie within this factor of their median (the others are left out as
 #: misread; pbc's 14 of 24 sampled fields: quartiles 1.15 apart; two microscopes in like numbers: none lent).
 RUN_SCALE_MAX_SPREAD = 1.3
+#: How the CLI's user states a scale, as messages name it; the web service, whose users state it on the upload
+#: form, puts its own words in its place (``leukoscope.service.cases.in_service_words``).
+SCALE_OPTION = "--um-per-px"
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class FieldScale:
 
     @classmethod
     def given(cls, um_per_px: float) -> "FieldScale":
-        return cls(checked_um_per_px(um_per_px, "--um-per-px"), "given", 0, "stated by the user")
+        return cls(checked_um_per_px(um_per_px, SCALE_OPTION), "given", 0, "stated by the user")
 
 
 def checked_um_per_px(um_per_px: float, name: str) -> float:
@@ -228,7 +231,7 @@ def _doubt(um_per_px: float, measured: float, measured_by: str, how: str = "") -
         return None
     return (f"{STATED_SCALE_WORDING}, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
             f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} measure ({measured:.4f} um/px"
-            f"{', ' + how if how else ''}): white cells may be missed or mistyped; check --um-per-px")
+            f"{', ' + how if how else ''}): white cells may be missed or mistyped; check {SCALE_OPTION}")
 
 
 def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
@@ -248,7 +251,12 @@ def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixel
     doubt a wrong scale alone (a 3.7 times wrong one went unsaid on 2 of 3 fields); a run's median does."""
     if len(paths) < RUN_SCALE_MIN_ESTIMATES:
         return None
-    run = run_scale(paths, max_pixels=max_pixels)
+    return stated_doubt_of_run(um_per_px, run_scale(paths, max_pixels=max_pixels))
+
+
+def stated_doubt_of_run(um_per_px: float, run: FieldScale) -> str | None:
+    """:func:`stated_run_doubt` from the run's scale (:func:`run_scale_of` its fields' estimates: the web
+    service has them from a case's uploads); None when the run has none or it agrees."""
     if not run.known:
         return None
     return _doubt(um_per_px, float(run.um_per_px), "the run's red cells", run.note)

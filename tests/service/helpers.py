@@ -81,7 +81,8 @@ class FakeSmear:
     def __init__(self) -> None:
         self.boxes = smear_field()[1]
 
-    def analyse(self, image: Image.Image, run_um_per_px: float | None = None):
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None, um_per_px: float | None = None):
+        """``um_per_px``: a scale the uploader stated comes back as the field's (as SmearAnalyzer records it)."""
         cells = []
         for index, box in enumerate(self.boxes):
             if index == 0:
@@ -90,7 +91,10 @@ class FakeSmear:
                                                 "neutrophil": 0.1}})
             else:
                 cells.append({"box": box, "score": 0.9})
-        return {"cells": cells}
+        if um_per_px is None:
+            return {"cells": cells}
+        return {"cells": cells, "scale": {"um_per_px": um_per_px, "source": "given", "red_cells": 0,
+                                          "note": "stated by the user"}}
 
 
 def csrf_of(html: str) -> str:

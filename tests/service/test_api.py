@@ -121,6 +121,16 @@ def test_too_many_pixels_by_setting(make_service):
     assert "4,096" in response.json()["error"]["message"] and service.rows()["cases"] == 0
 
 
+def test_a_bombs_header_is_refused_in_the_services_words(service):
+    """A header past twice Pillow's own limit is refused by Pillow before any check of ours; the message is
+    still ours (the size and the server's limit), not Pillow's "could be decompression bomb DOS attack"."""
+    response = upload(service.client(), service.auth("tech"), ("bomb.png", _png_with_size(100_000, 100_000)))
+    message = response.json()["error"]["message"]
+    assert response.status_code == 413 and "DOS" not in message
+    limit = service.state.settings.max_pixels
+    assert message == f"bomb.png: 10,000,000,000 pixels exceeds the limit of {limit:,} pixels"
+
+
 def test_oversized_upload_is_refused(make_service):
     service = make_service(max_upload_bytes=64 * 1024)
     service.add_user("tech", "technician")
@@ -373,6 +383,10 @@ def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
                          json={"labels": {str(a): "monocyte", str(b): "lymphocyte"}, "comment": "check a"})
     assert result.status_code == 200 and result.json()["status"] == "reviewed"
     client.post(f"/api/v1/cases/{second['id']}/review", headers=hema, json={"labels": {str(c): "excluded"}})
+    # nothing left to count, and the case says why (not "No white cell found ... a smear field")
+    emptied = client.get(f"/api/v1/cases/{second['id']}", headers=tech).json()["differential"]
+    assert emptied["total"] == 0 and emptied["flags"] == [
+        "No cell counted: every cell of this case was marked excluded in review."]
     stored = client.get(f"/api/v1/cases/{first['id']}", headers=tech).json()
     assert [cell["reviewed_label"] for cell in stored["cells"]] == ["monocyte", "lymphocyte"]
     assert stored["status"] == "reviewed" and stored["review"]["reviewer"] == "hema"
@@ -636,8 +650,29 @@ def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, 
         assert lent["images"][0]["scale"]["source"] == "run" and lent["cells"][0]["crop_url"] is not None
         assert lent["run_scale"]["um_per_px"] == pytest.approx(0.375, rel=0.08)
         assert not any("No scale" in flag for flag in lent["differential"]["flags"])
+        page = service.login("tech").get(f"/cases/{lent['id']}").text
+        assert page.count("not estimated from this image: the case&#39;s images together") == 1  # no "fields"
+        # a scale the uploader states frames every image at it, the blank one too
+        stated = client.post("/api/v1/cases", headers=headers, data={"kind": "cell", "um_per_px": "0.2"},
+                             files=[("files", ("blank.png", encode(Image.new("RGB", (160, 160), (230, 220, 220)),
+                                                                   "PNG"), "image/png"))]).json()
+        assert stated["images"][0]["scale"] == {"um_per_px": 0.2, "source": "given", "red_cells": 0,
+                                                "note": "stated by the user"}
+        crop = client.get(stated["cells"][0]["crop_url"], headers=headers)
+        assert Image.open(io.BytesIO(crop.content)).size[0] == 120  # 24 um at 0.2 um/px
+        assert not any("No scale" in flag for flag in stated["differential"]["flags"])
     finally:
         framing.close()
+
+
+def test_a_stated_scale_is_refused_where_single_cells_are_taken_as_they_are(service):
+    """A classifier without a physical window classifies an image whole: a scale stated for its single cells
+    would change nothing, and saying so beats ignoring it."""
+    client, headers = service.client(), service.auth("tech")
+    response = client.post("/api/v1/cases", headers=headers, data={"kind": "cell", "um_per_px": "0.1"},
+                           files=[("files", ("cell.png", encode(cell_image(), "PNG"), "image/png"))])
+    assert response.status_code == 400 and response.json()["error"]["code"] == "scale_not_used"
+    assert "leave um_per_px empty" in response.json()["error"]["message"]
 
 
 def test_a_flat_heatmap_is_shown_with_its_note() -> None:

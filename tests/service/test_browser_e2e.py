@@ -174,10 +174,12 @@ def test_smear_field_page(live_server, browser, tmp_path, shots):
     page.click("text=Upload")
     page.check("input[value=smear]")
     page.set_input_files("input[type=file]", str(path))
+    page.fill("#um_per_px", "0.1")  # the microscope's scale, stated on the form
     page.click("form[action='/upload'] button[type=submit]")
     page.wait_for_url(f"{base}/cases/*")
     page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator("img.annotated").evaluate("i => i.naturalWidth") == field.width
+    assert page.locator("p.scale").inner_text() == "scale 0.1000 um/px, stated (um_per_px)"
     assert page.locator("figure.cell").count() == len(boxes)
     assert page.locator("figure.cell .flag", has_text="uncertain, review").count() >= 1
     assert "95% Wilson interval" in page.inner_text("#blast-percent")

@@ -709,6 +709,42 @@ def test_no_token_is_issued_to_a_deactivated_user(service):
     assert service.count(ApiToken) == 0
 
 
+def test_a_deactivation_sent_while_a_token_is_made_is_not_outrun(service):
+    """The account page reads its user, then inserts the token: a deactivation committed between the two (it
+    revokes the tokens it finds) had left the new token live, working again after reactivation. The token's
+    transaction now holds the user's row: it waits for the deactivation and refuses."""
+    import threading
+
+    from leukoscope.service.auth import find_user, new_api_token, revoke_tokens
+    from leukoscope.service.errors import ServiceError
+    from leukoscope.service.tables import ApiToken
+
+    read, deactivated, outcome = threading.Event(), threading.Event(), {}
+
+    def make_token() -> None:
+        try:
+            with transaction(service.state.sessions) as db:
+                user = find_user(db, "tech")
+                assert user.active  # read before the deactivation commits
+                read.set()
+                assert deactivated.wait(10)
+                new_api_token(db, user, "script")
+            outcome["token"] = "issued"
+        except ServiceError as error:
+            outcome["token"] = error.code
+
+    maker = threading.Thread(target=make_token)
+    maker.start()
+    assert read.wait(10)
+    with transaction(service.state.sessions) as db:
+        user = find_user(db, "tech")
+        user.active = False
+        revoke_tokens(db, user)
+    deactivated.set()
+    maker.join(30)
+    assert outcome == {"token": "inactive_user"} and service.count(ApiToken) == 0
+
+
 def test_a_page_form_of_many_fields_is_read(service):
     """A review form sends a field per cell: a case of 542 cells could not be saved from its page ("Too many
     fields. Maximum number of fields is 500")."""

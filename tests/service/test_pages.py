@@ -480,3 +480,17 @@ def test_the_differential_says_what_it_counts_beside_the_white_cells(service):
         case.classes = [*case.classes, "platelet"]  # a model with a platelet class
     page = tech.get(response.headers["location"]).text
     assert 'id="not-white"' in page and "platelet: counted beside the white cells" in page
+
+
+def test_a_refused_upload_keeps_what_was_typed(service):
+    """The upload form states the microscope's scale; a refused one is said, and the page comes back with the
+    scale, note and kind as typed (a browser never refills the file input; the rest need not be typed again)."""
+    tech = service.login("tech")
+    form = tech.get("/upload").text
+    assert 'name="um_per_px"' in form and 'value="cell" checked' in form
+    parts = [("files", ("a.png", encode(cell_image(), "PNG"), "application/octet-stream"))]
+    refused = tech.post("/upload", files=parts, data={"kind": "cell", "csrf_token": csrf_of(form),
+                                                      "um_per_px": "0.1 um", "note": "slide 7 <b>"})
+    assert refused.status_code == 400 and service.rows()["cases"] == 0
+    assert "um_per_px must be the microscope&#39;s scale in micrometres per pixel" in refused.text
+    assert 'value="0.1 um"' in refused.text and 'value="slide 7 &lt;b&gt;"' in refused.text

@@ -109,3 +109,83 @@ def test_a_field_far_off_the_cases_scale_is_analysed_at_the_cases(scaled_service
     assert "more than 1.5 times off the run's scale" in scales[-1]["note"]
     assert "1 estimate(s) far from the rest left out" in case["run_scale"]["note"]
     assert len(detector.seen) == len(fields) + 1  # every field read once, the misread one too
+
+
+def post_stated(client, headers, images: list[Image.Image], um_per_px: str, kind: str = "smear"):
+    parts = [("files", (f"field{i}.png", encode(image, "PNG"), "application/octet-stream"))
+             for i, image in enumerate(images)]
+    return client.post("/api/v1/cases", headers=headers, files=parts, data={"kind": kind, "um_per_px": um_per_px})
+
+
+def test_an_uploader_states_the_scale_of_a_cases_fields(scaled_service) -> None:
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    response = post_stated(client, headers, [BLANK, smear_field(20.0, seed=1)], "0,2")  # a decimal comma is read
+    assert response.status_code == 201, response.text
+    case = response.json()
+    assert case["stated_um_per_px"] == 0.2 and case["run_scale"] is None
+    assert [image["scale"]["source"] for image in case["images"]] == ["given", "given"]
+    assert [image["scale"]["um_per_px"] for image in case["images"]] == [0.2, 0.2]
+    assert detector.seen == [(1600, 1200)] * 2  # both resampled from 0.2 to the detector's 0.08 um/px
+    # the blank field is no longer analysed at a guessed scale: no warning of it
+    assert not any("no scale" in warning for warning in case["differential"]["warnings"])
+    page = service.login("tech").get(f"/cases/{case['id']}").text
+    assert page.count('<p class="scale">scale 0.2000 um/px, stated (um_per_px)') == 2
+
+
+def test_the_cases_red_cells_doubt_a_wrong_stated_scale(scaled_service) -> None:
+    """Five fields at 0.375 um/px stated as 0.8: the case's red cells together doubt it (most fields have
+    too few to doubt it alone), in the service's words, and the case raises no leukemia flag."""
+    service, _detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    fields = [smear_field(20.0, seed=seed, n_red=4) for seed in range(RUN_SCALE_MIN_ESTIMATES)]
+    case = post_stated(client, headers, fields, "0.8").json()
+    warnings = case["differential"]["warnings"]
+    doubts = [warning for warning in warnings if warning.startswith("the stated scale")]
+    assert len(doubts) == 1 and "0.8 um/px, is 2.1 times coarser than the run's red cells measure" in doubts[0]
+    assert doubts[0].endswith("check the upload's um_per_px") and not any("--um-per-px" in w for w in warnings)
+    assert case["stated_um_per_px"] == 0.8 and case["run_scale"] is None  # the scale stated stands
+    assert all(image["scale"]["um_per_px"] == 0.8 for image in case["images"])
+    assert any(doubts[0] in flag for flag in case["differential"]["flags"])  # what stops a leukemia flag
+
+
+def test_a_fields_own_red_cells_doubt_a_wrong_stated_scale_by_name(scaled_service) -> None:
+    service, _detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    case = post_stated(client, headers, [smear_field(20.0, seed=3, n_red=14)], "0.8").json()
+    (doubt,) = [w for w in case["differential"]["warnings"] if "the stated scale" in w]
+    assert doubt.startswith("field0.png: the stated scale, 0.8 um/px") and "this field's" in doubt
+    two = post_stated(client, headers, [smear_field(20.0, seed=s, n_red=14) for s in (3, 4)], "0.8").json()
+    (doubt,) = [w for w in two["differential"]["warnings"] if "stated one" in w or "stated scale" in w]
+    assert doubt.startswith("2 of 2 fields (field0.png, field1.png) measure another scale")
+    assert "each field's warning" not in doubt  # the service keeps the case's warnings only
+
+
+def test_a_field_without_a_scale_tells_web_users_to_state_it_on_the_upload(scaled_service) -> None:
+    service, _detector = scaled_service
+    case = post_fields(service.client(), service.auth("tech"), [BLANK])
+    (unscaled,) = [w for w in case["differential"]["warnings"] if "no scale" in w]
+    assert unscaled.endswith("state the microscope's scale (the upload's um_per_px)")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("abc", "um_per_px must be the microscope's scale in micrometres per pixel, a number such as 0.1; got 'abc'"),
+    ("0", "um_per_px must be between 0.005 and 5 micrometres per pixel, got 0.0"),
+    ("nan", "um_per_px must be between 0.005 and 5"),
+    ("50", "um_per_px must be between 0.005 and 5 micrometres per pixel, got 50.0"),
+])
+def test_a_scale_that_is_no_microscopes_is_refused_before_any_analysis(scaled_service, text, message) -> None:
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    response = post_stated(client, headers, [smear_field(20.0)], text)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_scale"
+    assert message in response.json()["error"]["message"]
+    assert detector.seen == [] and client.get("/api/v1/cases", headers=headers).json()["cases"] == []
+
+
+def test_one_analyzer_takes_a_stated_scale_per_field_without_keeping_it() -> None:
+    analyzer = SmearAnalyzer(ScaledDetector(um_per_px=0.08))
+    stated = analyzer.analyze(smear_field(20.0, n_red=14), um_per_px=0.8)
+    assert stated.scale["source"] == "given" and stated.scale["um_per_px"] == 0.8
+    assert any(w.startswith("the stated scale, 0.8 um/px") for w in stated.warnings)  # its red cells measure 0.375
+    assert analyzer.analyze(smear_field(20.0, n_red=14)).scale["source"] == "estimated"

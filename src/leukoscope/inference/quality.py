@@ -29,6 +29,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import not_white_classes_in
+from leukoscope.scale import SCALE_OPTION
 
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
@@ -99,7 +100,7 @@ def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -
     """The slide's warning when ``unscaled`` of its ``of`` fields were analysed at a guessed scale."""
     return (f"{_some_fields(unscaled, of, names)} had no scale and were "
             f"analysed at the detector's training scale: white cells may be missed or mistyped; state the "
-            f"microscope's scale (--um-per-px).")
+            f"microscope's scale ({SCALE_OPTION}).")
 
 
 def unfamiliar_warning(unfamiliar: Sequence[bool], max_share: float = DEFAULT_UNFAMILIAR_SHARE,
@@ -145,7 +146,7 @@ def unframed_warning(window_um: float, why: str) -> str:
     boxes for a classifier that expects ``window_um`` micrometres around each."""
     return (f"{UNFRAMED_WORDING}: the field has no scale ({why}) and the detector records none; the cell "
             f"classifier expects {window_um:g} um around each cell, so their classes may be wrong: state the "
-            f"microscope's scale (--um-per-px)")
+            f"microscope's scale ({SCALE_OPTION})")
 
 
 #: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
@@ -160,18 +161,20 @@ def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> s
             f"cells are missing from the count; analyse the colour images.")
 
 
-def stated_scale_fields_warning(doubted: int, of: int, names: Sequence[str] = ()) -> str:
+def stated_scale_fields_warning(doubted: int, of: int, names: Sequence[str] = (), *, fields_say: bool = True) -> str:
     """The slide's (folder's) warning when the red cells of ``doubted`` of its ``of`` fields contradict the scale
-    the user stated (:func:`leukoscope.scale.stated_scale_doubt`): the count may have missed or mistyped cells."""
+    the user stated (:func:`leukoscope.scale.stated_scale_doubt`): the count may have missed or mistyped cells.
+    ``fields_say``: each field's own warning gives its measure (the web service keeps the case's only)."""
+    measures = " (each field's warning gives its measure)" if fields_say else ""
     return (f"{_some_fields(doubted, of, names)} measure another scale on their red cells than the stated one: white "
-            f"cells may be missed or mistyped; check --um-per-px (each field's warning gives its measure).")
+            f"cells may be missed or mistyped; check {SCALE_OPTION}{measures}.")
 
 
 def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
     return (f"{UNFRAMED_WORDING}: {_some_fields(unframed, of, names)} had no scale, "
             f"and the detector records none; their cells' classes may be wrong: state the microscope's scale "
-            f"(--um-per-px).")
+            f"({SCALE_OPTION}).")
 
 
 def is_unfamiliar_warning(warning: str) -> bool:

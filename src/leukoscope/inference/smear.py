@@ -43,8 +43,8 @@ from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
-from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px,
-                              disagrees_with_run, field_scale, run_scale, stated_run_doubt,
+from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
+                              checked_um_per_px, disagrees_with_run, field_scale, run_scale, stated_run_doubt,
                               stated_scale_doubt)
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
     """The warning of a field analysed without a scale of its own or its run's, at the detector's (``why``:
     the estimate's note)."""
     return (f"no scale for this field ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
-            f"training scale; white cells may be missed or mistyped: state the microscope's scale (--um-per-px)")
+            f"training scale; white cells may be missed or mistyped: state the microscope's scale ({SCALE_OPTION})")
 
 
 def is_grayscale(image: Image.Image) -> bool:
@@ -367,17 +367,22 @@ class SmearAnalyzer:
         return scale, working, factor
 
     # -- one field ------------------------------------------------------------
-    def prepare(self, image: Image.Image, *, scale: FieldScale | None = None,
+    def prepare(self, image: Image.Image, *, scale: FieldScale | None = None, um_per_px: float | None = None,
                 run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> PreparedField:
         """The work on a field before the models run: RGB, its scale (:meth:`field_scale`) and the
         copy the detector sees. No model is touched, so a folder run does it for the next field in a
-        worker thread while this one is detected (:mod:`leukoscope.inference.folder`). ``run_warnings``:
-        its run's (:attr:`PreparedField.run_warnings`)."""
+        worker thread while this one is detected (:mod:`leukoscope.inference.folder`). ``um_per_px``: the
+        scale a user stated for this field, in place of the analyzer's (the web service's per-upload scale);
+        its red cells may doubt it, as they doubt the analyzer's. ``run_warnings``: its run's
+        (:attr:`PreparedField.run_warnings`)."""
         start = time.perf_counter()
         image = image if image.mode == "RGB" else image.convert("RGB")
-        stated = scale is None and self.um_per_px is not None
+        stated_um_per_px = um_per_px if um_per_px is not None else self.um_per_px
+        stated = scale is None and stated_um_per_px is not None
+        if stated:
+            scale = FieldScale.given(stated_um_per_px)
         scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
-        doubt = stated_scale_doubt(image, self.um_per_px) if stated else None
+        doubt = stated_scale_doubt(image, stated_um_per_px) if stated else None
         detector_image = image
         if factor != 1.0:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
@@ -387,15 +392,17 @@ class SmearAnalyzer:
                              tuple(run_warnings))
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
-                scale: FieldScale | None = None, run_um_per_px: float | None = None) -> SmearResult:
+                scale: FieldScale | None = None, um_per_px: float | None = None,
+                run_um_per_px: float | None = None) -> SmearResult:
         """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
-        see :meth:`field_scale`); else stated (``um_per_px``) or estimated from its red cells, else
-        the run's (``run_um_per_px``, or the analyzer's)."""
+        see :meth:`field_scale`); else stated (``um_per_px``, or the analyzer's) or estimated from its red
+        cells, else the run's (``run_um_per_px``, or the analyzer's)."""
         start = time.perf_counter()
         if not isinstance(image, Image.Image):
             source = source or str(image)
             image = load_image(image, max_pixels=self.max_pixels)
-        result = self.analyze_prepared(self.prepare(image, scale=scale, run_um_per_px=run_um_per_px), source)
+        result = self.analyze_prepared(self.prepare(image, scale=scale, um_per_px=um_per_px,
+                                                    run_um_per_px=run_um_per_px), source)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -54,11 +54,13 @@ def overlay_size(image: Image.Image, model_size: int) -> int:
 class SmearBackend(Protocol):
     """What the service needs from a smear analyser (``leukoscope.inference.smear``)."""
 
-    def analyse(self, image: Image.Image, run_um_per_px: float | None = None) -> Any: ...
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None,
+                um_per_px: float | None = None) -> Any: ...
 
     # ``run_um_per_px``: the scale of the case's fields together, for a field whose red cells give none;
     # given only to a backend whose ``borrows_case_scale`` is true (the service then finds the case's scale
-    # from the fields' red cells before analysing them).
+    # from the fields' red cells before analysing them). ``um_per_px``: the scale the uploader stated for
+    # the case's images (each field then analysed at it; its red cells may doubt it in a warning).
     # Optional: ``cell_crops(image, result) -> list[Image]`` gives the crops its classifier saw
     # (at the field's scale), else ``crop_cell(image, box) -> Image`` one cell's;
     # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).
@@ -259,14 +261,16 @@ class Analyzer:
         prediction = classifier._to_prediction(source, probabilities, None if scores is None else scores[0])
         return prediction, explained(image, heatmap, classifier.image_size)
 
-    def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
+    def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None,
+                     um_per_px: float | None = None) -> ImageOutcome:
         """One cell per upload. A classifier of a physical window sees that many micrometres around the
-        image's centre at the scale its red cells give, else the case's (``run_um_per_px``;
+        image's centre at the scale the uploader stated (``um_per_px``), else the one its red cells give, else
+        the case's (``run_um_per_px``;
         :meth:`CellClassifier.frame`, as `leukoscope predict`); the crop is kept (the reviewed-labels export
         then holds what the model saw). Without a scale the image is classified whole, and a warning keeps
         the case from any leukemia flag (the image's own reason is in its ``scale`` note)."""
         classifier = self._classifier()
-        framed, scale = classifier.frame(image, run_um_per_px=run_um_per_px)
+        framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
         tiny = tiny_cell_warning(*image.size)
         if scale is None:
@@ -275,13 +279,15 @@ class Analyzer:
         return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
                                          overlay=overlay)], warnings=warnings, scale=scale.to_json())
 
-    def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None) -> ImageOutcome:
+    def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None,
+                      um_per_px: float | None = None) -> ImageOutcome:
         if self.smear is None:
             raise RuntimeError("no detector bundle loaded")
         classifier = self._classifier()
-        # the keyword only when there is a scale to lend: a backend written before it keeps working
-        result = (self.smear.analyse(image) if run_um_per_px is None
-                  else self.smear.analyse(image, run_um_per_px=run_um_per_px))
+        # the keywords only when there is a scale to give: a backend written before them keeps working
+        scales = {name: value for name, value in (("run_um_per_px", run_um_per_px), ("um_per_px", um_per_px))
+                  if value is not None}
+        result = self.smear.analyse(image, **scales)
         crop_cell = getattr(self.smear, "crop_cell", None)
         cell_crops = getattr(self.smear, "cell_crops", None)
         # The crops the classifier saw (the analyzer's window or margin around its own, unrounded
@@ -325,13 +331,14 @@ class Analyzer:
 
     # ------------------------------------------------------------ event-loop side
 
-    async def run(self, kind: str, images: Sequence[Image.Image],
-                  run_um_per_px: float | None = None) -> list[ImageOutcome]:
+    async def run(self, kind: str, images: Sequence[Image.Image], run_um_per_px: float | None = None,
+                  um_per_px: float | None = None) -> list[ImageOutcome]:
         """``run_um_per_px``: the scale of the case's images together (:func:`leukoscope.scale.run_scale_of`),
-        for a smear field or a single-cell image whose own red cells give none (or a weak one far off it)."""
+        for a smear field or a single-cell image whose own red cells give none (or a weak one far off it).
+        ``um_per_px``: the scale the uploader stated, used for every image."""
         loop = asyncio.get_running_loop()
         work = functools.partial(self.analyse_smear if kind == "smear" else self.analyse_cell,
-                                 run_um_per_px=run_um_per_px)
+                                 run_um_per_px=run_um_per_px, um_per_px=um_per_px)
         return list(await asyncio.gather(*(loop.run_in_executor(self._executor, work, image) for image in images)))
 
 
@@ -372,8 +379,8 @@ class _MethodAdapter:
                 setattr(self, name, getattr(target, name))
         self.warnings = list(getattr(target, "warnings", None) or [])
 
-    def analyse(self, image: Image.Image, run_um_per_px: float | None = None) -> Any:
-        return self._call(image, run_um_per_px=run_um_per_px)
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None, um_per_px: float | None = None) -> Any:
+        return self._call(image, run_um_per_px=run_um_per_px, um_per_px=um_per_px)
 
 
 def _result_cells(result: Any) -> list[Any]:

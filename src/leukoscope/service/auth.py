@@ -241,8 +241,20 @@ def session_principal(db: Session, request: Request) -> Principal | None:
     return Principal(session.user, "session", session)
 
 
+def lock_user(db: Session, user: User) -> None:
+    """Hold ``user``'s row until the transaction ends and read it afresh: a deactivation committed meanwhile is
+    seen, and one sent now waits for this transaction (on SQLite, by taking the database's write lock: the
+    driver begins a transaction only at the first write, as :func:`leukoscope.service.cases.load_case` says)."""
+    if db.get_bind().dialect.name == "sqlite":
+        db.execute(update(User).where(User.id == user.id).values(active=User.active))
+    db.refresh(user, with_for_update=True)
+
+
 def new_api_token(db: Session, user: User, name: str, *, scope: str = "write",
                   days: float = 90) -> tuple[ApiToken, str]:
+    # The user's row is held from the check to the insert: a deactivation landing between them had left a token
+    # that worked again on reactivation (deactivation revokes the tokens it finds; this one was not yet written).
+    lock_user(db, user)
     if not user.active:  # it would work again on reactivation, which brings no token back
         raise ServiceError(409, "inactive_user", f"{user.username} is deactivated: reactivate the account first")
     if scope not in TOKEN_SCOPES:

@@ -29,10 +29,11 @@ from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import (about_classification_only, classified_unit, is_unfamiliar_warning,
-                                          unfamiliar_warning)
-from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image
+                                          stated_scale_fields_warning, unfamiliar_warning)
+from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image, too_many_pixels
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import RUN_SCALE_MIN_ESTIMATES, FieldScale, field_scale, run_sample, run_scale_of
+from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, STATED_SCALE_WORDING, FieldScale,
+                              checked_um_per_px, field_scale, run_sample, run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
 from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
 from leukoscope.service.auth import Principal, audit, too_many
@@ -50,7 +51,12 @@ log = logging.getLogger(__name__)
 CASE_ID = re.compile(r"[0-9a-f]{32}")
 #: A reviewer's label for a detection that is not a usable cell (not counted, not exported).
 EXCLUDED = "excluded"
+ALL_EXCLUDED_FLAG = "No cell counted: every cell of this case was marked excluded in review."
 DECISION_SUPPORT_NOTE = f"{DISCLAIMER.rstrip('.')}: every result must be reviewed by a qualified hematologist."
+#: The upload's field (form and API) for the microscope's scale, and how the service's messages name it where
+#: the CLI's say ``--um-per-px`` (:func:`in_service_words`).
+SCALE_FIELD = "um_per_px"
+SCALE_FIELD_WORDS = f"the upload's {SCALE_FIELD}"
 
 
 @dataclass
@@ -152,7 +158,7 @@ def header_pixels(upload: Upload, max_pixels: int) -> int:
             with Image.open(io.BytesIO(upload.data)) as image:
                 width, height = image.size
         except Image.DecompressionBombError as exc:
-            raise ServiceError(413, "too_many_pixels", f"{name}: {exc}") from None
+            raise ServiceError(413, "too_many_pixels", too_many_pixels(name, exc, max_pixels)) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return 0
     if width * height > max_pixels:
@@ -203,20 +209,69 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
                          list(outcome.warnings), outcome.scale)
 
 
-async def prepare_upload(state: "ServiceState", kind: str, upload: Upload,
-                         run_um_per_px: float | None = None) -> PreparedImage:
+async def prepare_upload(state: "ServiceState", kind: str, upload: Upload, run_um_per_px: float | None = None,
+                         um_per_px: float | None = None) -> PreparedImage:
     """Decode, analyse and encode one file; its decoded image is freed when this returns."""
     decoded = await run_in_threadpool(decode_upload, upload, state.settings.max_pixels)
-    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px)
+    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px, um_per_px=um_per_px)
     return await run_in_threadpool(encode_outcome, decoded, outcome)
 
 
 # ------------------------------------------------------------------ create
 
 
+def stated_scale(text: str | float | None) -> float | None:
+    """The microscope's scale an uploader stated (:data:`SCALE_FIELD`, micrometres per pixel; a decimal comma is
+    read as a point), or None when left empty; 400 for anything that is no microscope's scale."""
+    if isinstance(text, (int, float)):
+        text = str(text)
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text.replace(",", "."))
+    except ValueError:
+        raise ServiceError(400, "bad_scale", f"{SCALE_FIELD} must be the microscope's scale in micrometres per "
+                                             f"pixel, a number such as 0.1; got {text[:40]!r}") from None
+    try:
+        return checked_um_per_px(value, SCALE_FIELD)
+    except ValueError as exc:
+        raise ServiceError(400, "bad_scale", str(exc)) from None
+
+
+def in_service_words(warning: str) -> str:
+    """A warning of the analysis as the service's users act on it: they state the scale on the upload, not with
+    the CLI's option."""
+    return warning.replace(SCALE_OPTION, SCALE_FIELD_WORDS)
+
+
+@dataclass
+class CaseScale:
+    """A case's scale as a whole: the one its uploader stated, or the one its images lent each other
+    (:func:`leukoscope.scale.run_scale_of`), and the red cells' doubt of a stated one."""
+
+    stated_um_per_px: float | None = None
+    run: dict[str, Any] | None = None
+    doubt: str | None = None
+
+    def warnings(self, prepared: Sequence[PreparedImage]) -> list[str]:
+        """The warnings of the case's images, each once, the stated scale's doubts said once: the case's red
+        cells' together when they doubt it, else an image's own with its name, one line for several images
+        (the case keeps its warnings only, not each image's)."""
+        doubts = [(upload.name, warning) for upload in prepared for warning in upload.warnings
+                  if warning.startswith(STATED_SCALE_WORDING)]
+        kept = [warning for warning in outcome_warnings(prepared) if not warning.startswith(STATED_SCALE_WORDING)]
+        if self.doubt is not None:
+            return [self.doubt, *kept]
+        if len(doubts) > 1:
+            names = [name for name, _ in doubts]
+            return [stated_scale_fields_warning(len(doubts), len(prepared), names, fields_say=False), *kept]
+        return [f"{name}: {doubt}" for name, doubt in doubts] + kept
+
+
 async def create_case(state: "ServiceState", principal: Principal, kind: str, uploads: Sequence[Upload],
-                      note: str = "", client: str = "",
-                      serialize: Callable[[Case], Any] | None = None) -> tuple[str, Any]:
+                      note: str = "", client: str = "", serialize: Callable[[Case], Any] | None = None,
+                      um_per_px: str | float | None = None) -> tuple[str, Any]:
     """Validate, analyse and store one upload as one case; returns the case id.
 
     Nothing is written unless every file is valid. Files go to the store first
@@ -224,7 +279,8 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     point leaves either the whole case or no case (plus, at worst, unreferenced
     files that :meth:`ContentStore.collect_garbage` removes). Returns the case id and
     ``serialize(case)``, computed in the same transaction (and handed out only once it
-    has committed)."""
+    has committed). ``um_per_px``: the microscope's scale the uploader stated (:func:`stated_scale`), used
+    for every image; the case's red cells may doubt it (a warning, and no leukemia flag)."""
     principal.require("technician", "hematologist")
     kind = (kind or "cell").lower()
     if kind not in CASE_KINDS:
@@ -232,6 +288,10 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     if kind == "smear" and not state.analyzer.has_detector:
         raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
                                                "(upload single-cell images, or start it with --detector)")
+    stated = stated_scale(um_per_px)
+    if stated is not None and kind == "cell" and state.analyzer.base.window_um is None:
+        raise ServiceError(400, "scale_not_used", f"this server's classifier takes single-cell images as they are "
+                                                  f"(it has no physical window): leave {SCALE_FIELD} empty")
     settings = state.settings
     user_id = principal.user.id
     verdict = await run_in_threadpool(reserve_upload, state, user_id, client, len(uploads))
@@ -242,19 +302,22 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
                                 settings.max_pixels_per_request)
         # The case's scale first (each image decoded for its red cells, then let go), so that an image
         # without a scale of its own is analysed once, at the case's.
+        # With a stated scale, the case's red cells only check it (as `analyze` checks a folder's: most fields
+        # have too few red cells to doubt it alone).
         run = None
-        if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and state.analyzer.borrows_case_scale(kind):
+        if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and (stated is not None or state.analyzer.borrows_case_scale(kind)):
             scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels)
                       for upload in run_sample(uploads)]
             run = run_scale_of(scales)
-        lent = run.um_per_px if run is not None and run.known else None
+        lent = run.um_per_px if run is not None and run.known and stated is None else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
-        prepared = [await prepare_upload(state, kind, upload, lent) for upload in uploads]
+        prepared = [await prepare_upload(state, kind, upload, lent, stated) for upload in uploads]
     except ServiceError as error:  # a refused file is on the record too: who sent what, and why it was refused
         await run_in_threadpool(audit_refusal, state, user_id, kind, uploads, error, client)
         raise
-    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize,
-                                   run.to_json() if run is not None else None)
+    scale = CaseScale(stated, run.to_json() if run is not None and stated is None else None,
+                      stated_doubt_of_run(stated, run) if stated is not None and run is not None else None)
+    return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize, scale)
 
 
 def reserve_upload(state: "ServiceState", user_id: int, client: str, files: int) -> throttle.Verdict:
@@ -299,7 +362,7 @@ def audit_refusal(state: "ServiceState", user_id: int, kind: str | None, uploads
 
 def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared: list[PreparedImage],
              client: str, serialize: Callable[[Case], Any] | None = None,
-             run_scale: dict[str, Any] | None = None) -> tuple[str, Any]:
+             case_scale: CaseScale | None = None) -> tuple[str, Any]:
     store = state.store
     stored = []
     for upload in prepared:
@@ -318,7 +381,9 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     # cells are judged on the case's cells together, as `analyze` judges a folder's: one unusual field among
     # several does not stop the case's count (its own annotated picture still says so).
     predictions = [cell.prediction for upload in prepared for cell in upload.cells]
-    warnings = [warning for warning in outcome_warnings(prepared) if not is_unfamiliar_warning(warning)]
+    case_scale = case_scale or CaseScale()
+    warnings = [in_service_words(warning) for warning in case_scale.warnings(prepared)
+                if not is_unfamiliar_warning(warning)]
     unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions],
                                     unit="cell images" if kind == "cell" else classified_unit(analyzer.classes))
     warnings += [unfamiliar] if unfamiliar else []
@@ -327,8 +392,10 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     # Each image's scale as analysed, by image position; and the case's own (a smear case of enough fields).
     scales = ({"scales": [upload.scale for upload in prepared]}
               if any(upload.scale is not None for upload in prepared) else {})
-    if run_scale is not None:
-        scales["run_scale"] = run_scale
+    if case_scale.run is not None:
+        scales["run_scale"] = case_scale.run
+    if case_scale.stated_um_per_px is not None:
+        scales["stated_um_per_px"] = case_scale.stated_um_per_px
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
@@ -456,14 +523,15 @@ def image_scale(case: Case, image: CaseImage) -> dict[str, Any] | None:
     return scales[image.position] if image.position < len(scales) else None
 
 
-def scale_text(scale: dict[str, Any] | None) -> str:
-    """One line for a reviewer: the field's scale and where it came from."""
+def scale_text(scale: dict[str, Any] | None, kind: str = "smear") -> str:
+    """One line for a reviewer: the image's scale and where it came from (``kind``: the case's, for its words)."""
     if not scale:
         return ""
     um = scale.get("um_per_px")
-    origin = {"given": "stated (um_per_px)",
+    what = "field" if kind == "smear" else "image"
+    origin = {"given": f"stated ({SCALE_FIELD})",
               "estimated": f"estimated from {scale.get('red_cells', 0)} red cells",
-              "run": "not estimated from this field: the case's fields together"}.get(scale.get("source"))
+              "run": f"not estimated from this {what}: the case's {what}s together"}.get(scale.get("source"))
     if um is None or origin is None:
         return str(scale.get("note") or "scale not estimated")
     return f"scale {um:.4f} um/px, {origin}"
@@ -480,7 +548,10 @@ def current_differential(case: Case) -> dict[str, Any]:
     warnings = list(case.analysis.get("warnings", []))
     if case.cells and all(cell.reviewed_label is not None for cell in case.cells):
         warnings = [warning for warning in warnings if not about_classification_only(warning)]
-    return differential(labels, case.classes, blast_classes, warnings)
+    result = differential(labels, case.classes, blast_classes, warnings)
+    if case.cells and not labels:  # nothing was "not found": the reviewer excluded what was
+        result["flags"] = [flag for flag in result["flags"] if flag.startswith("WARNING: ")] + [ALL_EXCLUDED_FLAG]
+    return result
 
 
 # ------------------------------------------------------------------ review

@@ -58,6 +58,7 @@ def case_json(request: Request, case: Case, principal: Principal) -> dict[str, A
         "classes": case.classes,
         "uncertain_threshold": case.analysis.get("threshold"),
         "run_scale": case.analysis.get("run_scale"),  # a case of at least 5 images with scales: theirs together
+        "stated_um_per_px": case.analysis.get("stated_um_per_px"),  # the scale its uploader stated, if any
         "decision_support": ops.DECISION_SUPPORT_NOTE,
         "images": [{
             "id": image.id,
@@ -140,6 +141,9 @@ UPLOAD_SCHEMA = {
                 "kind": {"type": "string", "enum": ["cell", "smear"], "default": "cell",
                          "description": "single-cell images, or smear fields (needs a detector bundle)"},
                 "note": {"type": "string", "description": "free text shown with the case"},
+                ops.SCALE_FIELD: {"type": "number", "minimum": 0.005, "maximum": 5,
+                                  "description": "the microscope's scale in micrometres per pixel, for every image "
+                                                 "(optional: else estimated from each image's red cells)"},
             },
         }}},
     }
@@ -183,7 +187,7 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
 
 
 @router.post(f"{API}/cases", status_code=201, tags=["cases"], openapi_extra=UPLOAD_SCHEMA,
-             responses={400: {"description": "no file / empty file / bad kind"},
+             responses={400: {"description": "no file / empty file / bad kind / bad scale"},
                         413: {"description": "too large (bytes, pixels or files)"},
                         415: {"description": "not a supported image format"},
                         422: {"description": "corrupt or truncated image"},
@@ -201,7 +205,8 @@ async def upload_case(request: Request) -> JSONResponse:
     uploads, fields = await read_uploads(request, principal)
     case_id, payload = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
                                              fields.get("note", ""), client=request.client.host if request.client
-                                             else "", serialize=lambda case: case_json(request, case, principal))
+                                             else "", serialize=lambda case: case_json(request, case, principal),
+                                             um_per_px=fields.get(ops.SCALE_FIELD))
     return JSONResponse(payload, status_code=201, headers={"Location": f"{API}/cases/{case_id}"})
 
 

@@ -264,6 +264,7 @@ async def upload(request: Request):
             return page_principal(db, request)
 
     principal = await run_in_threadpool(who)
+    fields: dict[str, str] = {}
     try:
         principal.require("technician", "hematologist")
         if from_another_origin(request):  # before the body: an oversized one would be audited and counted
@@ -271,11 +272,15 @@ async def upload(request: Request):
         uploads, fields = await read_uploads(request, principal)
         check_csrf(principal, fields.get("csrf_token"))
         case_id, _ = await ops.create_case(state, principal, fields.get("kind", "cell"), uploads,
-                                        fields.get("note", ""), client=client_address(request))
+                                        fields.get("note", ""), client=client_address(request),
+                                        um_per_px=fields.get(ops.SCALE_FIELD))
     except ServiceError as error:
         if error.code == "csrf" or error.status == 403:
             raise
-        response = render(request, "upload.html", principal, http_status=error.status, message=error.message)
+        # what was typed stays (the files must be chosen again: a browser never refills a file input)
+        response = render(request, "upload.html", principal, http_status=error.status, message=error.message,
+                          typed={name: fields.get(name, "") for name in ("note", ops.SCALE_FIELD)},
+                          kind=fields.get("kind", "cell"))
         response.headers.update(error.headers)
         return response
     return redirect(f"/cases/{case_id}")
@@ -287,8 +292,8 @@ def _cell_groups(db, principal: Principal, case) -> list[dict[str, Any]]:
     for image in case.images:
         scale = ops.image_scale(case, image)
         groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id],
-                       "scale": ops.scale_text(scale), "scale_known": bool(scale and scale.get("um_per_px")),
-                       "earlier": earlier.get(image.id)})
+                       "scale": ops.scale_text(scale, case.kind),
+                       "scale_known": bool(scale and scale.get("um_per_px")), "earlier": earlier.get(image.id)})
     return groups
 
 
