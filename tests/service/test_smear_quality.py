@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 
 from leukoscope.inference.differential import LEUKEMIA_WORDING
-from leukoscope.service.analysis import Analyzer, differential, load_smear_backend, outcome_warnings
+from leukoscope.service.analysis import Analyzer, differential, load_smear_backend
+from leukoscope.service.cases import PreparedImage, named_warnings
 from tests.detection.smear_fakes import PBC_CLASSES, VERIFIED, FixedDetector, constant_classifier, grid_boxes
 
 CLASSES = ["blast", "lymphocyte"]
@@ -36,7 +37,7 @@ def test_an_unverified_detector_warns_in_the_outcome_and_stops_the_leukemia_flag
         outcome = analyzer.analyse_smear(FIELD)
         assert len(outcome.cells) == 120 and outcome.warnings == analyzer.warnings
         labels = [cell.prediction.label for cell in outcome.cells]
-        result = differential(labels, CLASSES, analyzer.blast_classes, warnings=outcome_warnings([outcome]))
+        result = differential(labels, CLASSES, analyzer.blast_classes, warnings=outcome.warnings)
         assert result["blast_percentage"] == 100.0 and not result["acute_leukemia_flag"]
         assert result["flags"][0].startswith("WARNING: ") and not any(LEUKEMIA_WORDING in f for f in result["flags"])
         # the picture the reviewer sees carries the warning (white on red)
@@ -54,9 +55,25 @@ def test_a_field_at_the_detection_cap_warns_in_the_outcome() -> None:
         assert analyzer.warnings == []
         outcome = analyzer.analyse_smear(FIELD)
         assert len(outcome.warnings) == 1 and "per-image cap" in outcome.warnings[0]
-        assert outcome_warnings([outcome, outcome]) == outcome.warnings  # each warning once per case
     finally:
         analyzer.close()
+
+
+def image_warned(name: str, *warnings: str) -> PreparedImage:
+    return PreparedImage(name, b"", "PNG", 1, 1, b"", None, [], list(warnings))
+
+
+def test_a_cases_warnings_name_the_images_they_were_said_of() -> None:
+    """A case keeps its warnings, not each image's: a warning of some of its images names them (after its own
+    words, which tell what it doubts), one said of all of them is said once."""
+    cap = "The detector returned as many boxes as its per-image cap allows in this field: ..."
+    unverified = "detector unverified: ..."
+    images = [image_warned("a.png", unverified, cap), image_warned("b.png", unverified),
+              image_warned("c.png", unverified, cap, cap)]
+    assert named_warnings(images) == [unverified, f"{cap} [in 2 of 3 images: a.png, c.png]"]
+    assert named_warnings(images[:1]) == [unverified, cap]  # one image: nothing to name
+    many = [image_warned(f"f{i}.png", cap) for i in range(7)] + [image_warned("g.png")]
+    assert named_warnings(many) == [f"{cap} [in 7 of 8 images: f0.png, f1.png, f2.png, f3.png, f4.png and 2 more]"]
 
 
 def test_the_case_page_says_a_blast_percentage_of_few_cells_is_not_meaningful(make_service, smear_analyzer):

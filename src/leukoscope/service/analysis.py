@@ -88,19 +88,13 @@ class ImageOutcome:
     from, a note when it could not be estimated); None for single cells or a backend without it."""
 
 
-def outcome_warnings(outcomes: Sequence[Any]) -> list[str]:
-    """The ``warnings`` of a case's images (outcomes, or their encoded form), each once, in
-    order (to store with the case and pass to :func:`differential`)."""
-    return list(dict.fromkeys(warning for outcome in outcomes for warning in outcome.warnings))
-
-
 def differential(labels: Sequence[str], classes: Sequence[str], blast_classes: Sequence[str],
                  warnings: Sequence[str] = ()) -> dict[str, Any]:
     """The differential of a case, by the same rules as ``leukoscope analyze`` (one
     implementation: :class:`leukoscope.inference.differential.Differential`): counts and
     counts per 100 cells (uncertain cells in their own bin), the blast percentage with its
-    95% Wilson interval, and the flags a reviewer should see; with ``warnings`` (see
-    :func:`outcome_warnings`) they come first and there is no leukemia flag."""
+    95% Wilson interval, and the flags a reviewer should see; with ``warnings`` (a case's:
+    :func:`leukoscope.service.cases.named_warnings`) they come first and there is no leukemia flag."""
     return Differential.from_labels(list(labels), list(classes), list(blast_classes), warnings=warnings).to_json()
 
 

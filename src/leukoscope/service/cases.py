@@ -35,7 +35,7 @@ from leukoscope.labels import DISCLAIMER
 from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, STATED_SCALE_WORDING, FieldScale,
                               checked_um_per_px, field_scale, run_sample, run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
-from leukoscope.service.analysis import ImageOutcome, differential, outcome_warnings
+from leukoscope.service.analysis import ImageOutcome, differential
 from leukoscope.service.auth import Principal, audit, too_many
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError
@@ -255,18 +255,37 @@ class CaseScale:
     doubt: str | None = None
 
     def warnings(self, prepared: Sequence[PreparedImage]) -> list[str]:
-        """The warnings of the case's images, each once, the stated scale's doubts said once: the case's red
-        cells' together when they doubt it, else an image's own with its name, one line for several images
-        (the case keeps its warnings only, not each image's)."""
+        """The case's warnings (:func:`named_warnings`), the stated scale's doubts said once: the case's red
+        cells' together when they doubt it, else an image's own (with its measure), one line for several."""
         doubts = [(upload.name, warning) for upload in prepared for warning in upload.warnings
                   if warning.startswith(STATED_SCALE_WORDING)]
-        kept = [warning for warning in outcome_warnings(prepared) if not warning.startswith(STATED_SCALE_WORDING)]
+        kept = [warning for warning in named_warnings(prepared) if not warning.startswith(STATED_SCALE_WORDING)]
         if self.doubt is not None:
             return [self.doubt, *kept]
         if len(doubts) > 1:
             names = [name for name, _ in doubts]
             return [stated_scale_fields_warning(len(doubts), len(prepared), names, fields_say=False), *kept]
-        return [f"{name}: {doubt}" for name, doubt in doubts] + kept
+        return [f"{doubt}{in_images([name], len(prepared))}" for name, doubt in doubts] + kept
+
+
+def named_warnings(prepared: Sequence[PreparedImage]) -> list[str]:
+    """The warnings of a case's images, each once, in order, followed by the images it was said of when that
+    is not all of them (``... [in 2 of 5 images: a.png, b.png]``): the case keeps its warnings only, and "no
+    scale for this field" of one field among five named none. Each warning still begins with its own words
+    (:func:`~leukoscope.inference.quality.about_classification_only` reads them)."""
+    said_of: dict[str, list[str]] = {}
+    for upload in prepared:
+        for warning in dict.fromkeys(upload.warnings):
+            said_of.setdefault(warning, []).append(upload.name)
+    return [f"{warning}{in_images(names, len(prepared))}" for warning, names in said_of.items()]
+
+
+def in_images(names: Sequence[str], of: int) -> str:
+    """`` [in 2 of 5 images: a.png, b.png]``, naming at most five; empty when said of every image."""
+    if len(names) >= of:
+        return ""
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" [in {len(names)} of {of} image{'' if of == 1 else 's'}: {listed}]"
 
 
 async def create_case(state: "ServiceState", principal: Principal, kind: str, uploads: Sequence[Upload],
