@@ -5,6 +5,7 @@ fields lends their scale to such a field as a folder run does."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,6 +18,7 @@ from tests.service.helpers import encode
 from tests.test_scale import smear_field
 
 BLANK = Image.new("RGB", (640, 480), (230, 220, 220))  # no red cells: no scale of its own
+PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "src" / "leukoscope" / "pretrained"
 
 
 @pytest.fixture
@@ -196,3 +198,36 @@ def test_one_analyzer_takes_a_stated_scale_per_field_without_keeping_it() -> Non
     assert stated.scale["source"] == "given" and stated.scale["um_per_px"] == 0.8
     assert any(w.startswith("the stated scale, 0.8 um/px") for w in stated.warnings)  # its red cells measure 0.375
     assert analyzer.analyze(smear_field(20.0, n_red=14)).scale["source"] == "estimated"
+
+
+CBC_TESTING = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cbc" / "Testing" / "Images"
+
+
+@pytest.mark.skipif(not CBC_TESTING.is_dir() or not (PACKAGE_MODELS / "smear-detector" / "bundle.json").exists(),
+                    reason="needs ../shared/datasets/cbc and the shipped models")
+def test_real_fields_at_a_wrong_stated_scale_are_doubted_through_the_service(make_service) -> None:
+    """Ten CBC Testing fields (about 0.08 um/px) stated at 0.3 um/px through the API with the shipped
+    models: each is analysed at the stated scale, the case's red cells together doubt it, and the case raises
+    no leukemia flag. The fields' own scale agrees with what CBC's microscope is (no doubt at 0.081)."""
+    from leukoscope.io import load_image
+    from leukoscope.scale import field_scale, run_scale_of, stated_doubt_of_run
+
+    files = sorted(CBC_TESTING.glob("*.jpg"))[:10]  # five of them with a scale estimate of their own
+    run = run_scale_of([field_scale(load_image(path)) for path in files])
+    assert run.known and stated_doubt_of_run(0.081, run) is None
+    shipped = Analyzer.from_bundles("pretrained:wbc-classifier", "pretrained:smear-detector", gradcam=False,
+                                    threads=1)
+    try:
+        service = make_service(analyzer_override=shipped)
+        service.add_user("tech", "technician")
+        parts = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in files]
+        response = service.client().post("/api/v1/cases", headers=service.auth("tech"), files=parts,
+                                         data={"kind": "smear", "um_per_px": "0.3"})
+        assert response.status_code == 201, response.text
+        case = response.json()
+    finally:
+        shipped.close()
+    assert all(image["scale"]["um_per_px"] == 0.3 for image in case["images"])
+    (doubt,) = [w for w in case["differential"]["warnings"] if w.startswith("the stated scale")]
+    assert "0.3 um/px, is 3." in doubt and "times coarser than the run's red cells measure" in doubt
+    assert not case["differential"]["acute_leukemia_flag"]
