@@ -174,6 +174,13 @@ def test_smear_field_page(live_server, browser, tmp_path, shots):
     page.click("text=Upload")
     page.check("input[value=smear]")
     page.set_input_files("input[type=file]", str(path))
+    page.fill("#um_per_px", "0.1 um")  # not a number: refused, and the form comes back as typed
+    page.click("form[action='/upload'] button[type=submit]")
+    assert "um_per_px must be the microscope's scale" in page.inner_text("#upload-error")
+    assert page.input_value("#um_per_px") == "0.1 um" and page.is_checked("input[value=smear]")
+    assert "Choose the image files again" in page.inner_text("#choose-again")
+    page.screenshot(path=str(shots / "upload-refused.png"), full_page=True)
+    page.set_input_files("input[type=file]", str(path))  # a browser never refills a file input
     page.fill("#um_per_px", "0.1")  # the microscope's scale, stated on the form
     page.click("form[action='/upload'] button[type=submit]")
     page.wait_for_url(f"{base}/cases/*")
