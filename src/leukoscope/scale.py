@@ -224,13 +224,13 @@ STATED_SCALE_WORDING = "the stated scale"
 
 
 def _doubt(um_per_px: float, measured: float, measured_by: str, how: str = "") -> str | None:
-    """The doubt of a stated scale ``measured_by`` (red cells) put at ``measured`` (``how``: said after it),
-    or None within :data:`FIELD_RUN_MAX_RATIO`."""
+    """The doubt of a stated scale that ``measured_by`` ("the run's red cells measure") puts at ``measured``
+    (``how``: said after it), or None within :data:`FIELD_RUN_MAX_RATIO`."""
     ratio = um_per_px / measured
     if abs(math.log(ratio)) <= math.log(FIELD_RUN_MAX_RATIO):
         return None
     return (f"{STATED_SCALE_WORDING}, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
-            f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} measure ({measured:.4f} um/px"
+            f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} ({measured:.4f} um/px"
             f"{', ' + how if how else ''}): white cells may be missed or mistyped; check {SCALE_OPTION}")
 
 
@@ -242,7 +242,7 @@ def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
     estimate = estimate_scale(image)
     if not estimate.known or estimate.red_cells <= WEAK_ESTIMATE_RED_CELLS:
         return None
-    return _doubt(um_per_px, float(estimate.um_per_px), f"this field's {estimate.red_cells} isolated red cells")
+    return _doubt(um_per_px, float(estimate.um_per_px), f"this field's {estimate.red_cells} isolated red cells measure")
 
 
 def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixels: int | None = None) -> str | None:
@@ -259,7 +259,16 @@ def stated_doubt_of_run(um_per_px: float, run: FieldScale) -> str | None:
     service has them from a case's uploads); None when the run has none or it agrees."""
     if not run.known:
         return None
-    return _doubt(um_per_px, float(run.um_per_px), "the run's red cells", run.note)
+    return _doubt(um_per_px, float(run.um_per_px), "the run's red cells measure", run.note)
+
+
+def stated_doubt_of_record(um_per_px: float, recorded: float | None) -> str | None:
+    """Why a scale the user stated for a slide looks wrong: its file records another level-0 pixel size, more
+    than :data:`FIELD_RUN_MAX_RATIO` off (None when it records none or they agree). The stated one is still
+    used: a file's record can be wrong too."""
+    if recorded is None:
+        return None
+    return _doubt(um_per_px, float(recorded), "the slide file records", "at level 0")
 
 
 def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:

@@ -347,6 +347,27 @@ def test_a_coarser_level_is_analysed_at_its_own_scale_also_when_level_0_is_state
             assert tile.result.scale["detector_resample"] == 1.0
 
 
+def test_a_stated_scale_the_slides_record_contradicts_is_said_and_stops_the_flag(slide_path: Path) -> None:
+    """A slide file records its pixel size: a stated one twice as coarse is still used (a record can be
+    wrong), but said, as a folder's red cells doubt one, and no leukemia flag rests on it."""
+    from tests.detection.smear_fakes import VERIFIED
+
+    def analysed(stated: float | None):
+        detector = NucleusDetector()
+        detector.info = BundleInfo("rule", ["WBC"], task="detect", metrics=dict(VERIFIED))  # no other warning
+        smear = SmearAnalyzer(detector, constant_classifier(SYNTHETIC_CLASSES, "blast"), min_cells=5,
+                              um_per_px=stated)
+        return SlideAnalyzer(smear, tile_size=TILE, mask_max_pixels=300_000, target_cells=5).analyze(slide_path)
+
+    wrong = analysed(2 * MPP).summary.pooled
+    (doubt,) = [w for w in wrong.warnings if w.startswith("the stated scale")]
+    assert doubt.startswith(f"the stated scale, {2 * MPP:g} um/px, is 2.0 times coarser than the slide file "
+                            f"records ({MPP:.4f} um/px, at level 0)")
+    assert not wrong.acute_leukemia_flag and wrong.blasts == wrong.total > 0
+    agreed = analysed(MPP).summary.pooled  # the control: the same cells at the recorded scale are flagged
+    assert not any(w.startswith("the stated scale") for w in agreed.warnings) and agreed.acute_leukemia_flag
+
+
 def test_a_tile_reports_only_the_objects_inside_it(slide_path: Path) -> None:
     result = slide_analyzer(target_cells=10_000).analyze(slide_path)
     for tile in result.tiles:
