@@ -83,7 +83,10 @@ def test_predict_warns_of_images_too_small_to_show_a_cell(trained_bundle: Path, 
     assert result.exit_code == 0 and "1 image(s) smaller than 32 px a side cannot show a cell's detail" in said
     (warning,) = [line for line in result.output.splitlines() if "cannot show" in line]  # soft-wrapped: one line
     assert "tiny.png" in warning and "cell.png" not in warning
-    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 2  # both answered, one doubted
+    rows = {Path(row["source"]).name: row for row in csv.DictReader((tmp_path / "p.csv").open())}
+    assert set(rows) == {"tiny.png", "cell.png"}  # both answered, one doubted in its own row too
+    assert rows["tiny.png"]["warnings"].startswith("Too small to show a cell: the image is 20 x 20 px")
+    assert rows["cell.png"]["warnings"] == ""
 
 
 def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, tmp_path: Path) -> None:
@@ -100,7 +103,7 @@ def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, 
     # in the columns any predictions file has, every class's probability included
     header = out.read_text().splitlines()[0].split(",")
     assert header == ["source", "label", "top_class", "confidence", "uncertain", "p_blast", "p_lymphocyte",
-                      "p_monocyte", "p_neutrophil", "ood_score", "unfamiliar", "error"]
+                      "p_monocyte", "p_neutrophil", "ood_score", "unfamiliar", "warnings", "error"]
 
 
 def test_predict_columns_do_not_depend_on_which_file_comes_first(trained_bundle: Path, synthetic_root: Path,

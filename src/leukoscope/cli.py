@@ -1332,17 +1332,15 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
 
 
 def _say_tiny(predictions: list) -> None:
-    """A warning naming the images too small to show a cell
-    (:data:`leukoscope.inference.quality.MIN_CELL_IMAGE_SIDE`); their rows stand."""
-    from leukoscope.data.annotations import decoded_size
-    from leukoscope.inference.quality import MIN_CELL_IMAGE_SIDE
+    """A warning naming the images too small to show a cell (their ``warnings`` column says so too); their rows
+    stand."""
+    from leukoscope.inference.quality import MIN_CELL_IMAGE_SIDE, TINY_CELL_WORDING
 
-    tiny = [Path(p.source).name for p in predictions if not p.error
-            and min((decoded_size(Path(p.source)) or (MIN_CELL_IMAGE_SIDE,))[:2]) < MIN_CELL_IMAGE_SIDE]
+    tiny = [Path(p.source).name for p in predictions if any(w.startswith(TINY_CELL_WORDING) for w in p.warnings)]
     if tiny:
         console.print(f"[yellow]warning:[/yellow] {len(tiny)} image(s) smaller than {MIN_CELL_IMAGE_SIDE} px a side "
-                      f"cannot show a cell's detail; their classes are not to be trusted: {escape(name_some(tiny))}",
-                      soft_wrap=True)
+                      f"cannot show a cell's detail; their classes are not to be trusted (warnings column): "
+                      f"{escape(name_some(tiny))}", soft_wrap=True)
 
 
 def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:

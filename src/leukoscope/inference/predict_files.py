@@ -70,7 +70,7 @@ def _broken_image_link(path: Path) -> bool:
 
 #: The columns of a predictions file before and after the classes' probabilities (``p_<class>``).
 LEADING_COLUMNS = ("source", "label", "top_class", "confidence", "uncertain")
-TRAILING_COLUMNS = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "error")
+TRAILING_COLUMNS = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "warnings", "error")
 
 
 def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Sequence[str] = ()) -> Path:
@@ -85,8 +85,9 @@ def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Seq
         found = dict.fromkeys(key for row in rows for key in row)
         probabilities = dict.fromkeys([f"p_{name}" for name in classes] + [k for k in found if k.startswith("p_")])
         known = set(LEADING_COLUMNS) | set(TRAILING_COLUMNS) | set(probabilities)
+        always = ("ood_score", "unfamiliar", "warnings", "error")
         fields = [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
-                  *(k for k in TRAILING_COLUMNS if k in found or k in ("ood_score", "unfamiliar", "error"))]
+                  *(k for k in TRAILING_COLUMNS if k in found or k in always)]
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()

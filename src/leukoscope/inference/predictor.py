@@ -26,6 +26,7 @@ from scipy.special import softmax
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
+from leukoscope.inference.quality import tiny_cell_warning, unscaled_cell_warning
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
@@ -58,6 +59,9 @@ class Prediction:
     scale: FieldScale | None = None
     """A single-cell image framed for a classifier of a physical window (:meth:`CellClassifier.frame`): the
     scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
+    warnings: tuple[str, ...] = ()
+    """Why this image's class is not to be trusted (:func:`single_cell_warnings`: too small to show a cell,
+    classified whole for want of a scale); the ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
         row: dict[str, object] = {
@@ -74,8 +78,18 @@ class Prediction:
         if self.scale is not None:
             row["um_per_px"] = "" if self.scale.um_per_px is None else round(self.scale.um_per_px, 5)
             row["scale_source"] = self.scale.source
+        row["warnings"] = " | ".join(self.warnings)
         row["error"] = self.error or ""
         return row
+
+
+def single_cell_warnings(size: tuple[int, int], scale: FieldScale | None, window_um: float | None) -> tuple[str, ...]:
+    """The warnings of one single-cell image of ``size`` (width, height, as given) classified at ``scale``
+    (:meth:`CellClassifier.frame`'s; None: taken as given): `predict`'s ``warnings`` column and the web
+    service's single-cell cases say the same."""
+    unscaled = scale is not None and not scale.known and window_um is not None
+    tiny = tiny_cell_warning(*size)
+    return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else []))
 
 
 class CellClassifier:
@@ -210,11 +224,14 @@ class CellClassifier:
         results: list[Prediction | None] = [None] * len(paths)
         pending: list[tuple[int, Image.Image]] = []
         scales: dict[int, FieldScale | None] = {}
+        sizes: dict[int, tuple[int, int]] = {}
 
         def flush() -> None:
             predictions = self.predict_images([img for _, img in pending], [str(paths[i]) for i, _ in pending])
             for (i, _), prediction in zip(pending, predictions):
-                results[i] = replace(prediction, scale=scales.pop(i, None))
+                scale = scales.pop(i, None)
+                results[i] = replace(prediction, scale=scale,
+                                     warnings=single_cell_warnings(sizes.pop(i), scale, self.window_um))
             if progress:
                 progress(advance=len(pending))
             pending.clear()
@@ -222,6 +239,7 @@ class CellClassifier:
         for index, path in enumerate(paths):
             try:
                 image = load_image(path, max_pixels=max_pixels)
+                sizes[index] = image.size
                 if frame:
                     image, scales[index] = self.frame(image, um_per_px, run_um_per_px=run_um_per_px)
                 pending.append((index, image))

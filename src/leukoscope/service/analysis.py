@@ -23,8 +23,7 @@ from typing import Any, Protocol, Sequence
 from PIL import Image, ImageDraw
 
 from leukoscope.inference.differential import Differential
-from leukoscope.inference.predictor import CellClassifier, Prediction
-from leukoscope.inference.quality import tiny_cell_warning, unscaled_cell_warning
+from leukoscope.inference.predictor import CellClassifier, Prediction, single_cell_warnings
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
 
 log = logging.getLogger(__name__)
@@ -266,12 +265,12 @@ class Analyzer:
         classifier = self._classifier()
         framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
-        tiny = tiny_cell_warning(*image.size)
+        warnings = single_cell_warnings(image.size, scale, classifier.window_um)
+        prediction = replace(prediction, scale=scale, warnings=warnings)
         if scale is None:
-            return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=[tiny] if tiny else [])
-        warnings = ([] if scale.known else [unscaled_cell_warning(classifier.window_um)]) + ([tiny] if tiny else [])
-        return ImageOutcome([CellOutcome(replace(prediction, scale=scale), crop=framed if scale.known else None,
-                                         overlay=overlay)], warnings=warnings, scale=scale.to_json())
+            return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=list(warnings))
+        return ImageOutcome([CellOutcome(prediction, crop=framed if scale.known else None, overlay=overlay)],
+                            warnings=list(warnings), scale=scale.to_json())
 
     def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None,
                       um_per_px: float | None = None) -> ImageOutcome:
