@@ -671,9 +671,10 @@ def predict(
     framing = not as_given and info.preprocessing.cell_window_um is not None
     # images of one run (a folder) lend their scale to those without one, as analyze's fields do
     lent = _run_scale(paths, out, "local") if framing and um_per_px is None else None
+    doubts = _stated_scale_doubts(paths, um_per_px, single_cells=True) if framing and um_per_px is not None else []
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
-                       run_um_per_px=lent)
+                       run_um_per_px=lent, run_warnings=doubts)
     _say_framing(predictions, info.preprocessing.cell_window_um)
     _say_tiny(predictions)
     failed = [p.source for p in predictions if p.error]
@@ -1355,12 +1356,13 @@ def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:
                       f"{among}: its results on them say nothing about its accuracy on new images", soft_wrap=True)
 
 
-def _stated_scale_doubts(paths: list, um_per_px: float) -> list[str]:
-    """The warning when the fields' red cells together measure another scale than the stated one
-    (:func:`leukoscope.scale.stated_run_doubt`), said on the console; empty when they agree or cannot tell."""
+def _stated_scale_doubts(paths: list, um_per_px: float, *, single_cells: bool = False) -> list[str]:
+    """The warning when the fields' (or single-cell images') red cells together measure another scale than the
+    stated one (:func:`leukoscope.scale.stated_run_doubt`), said on the console; empty when they agree or cannot
+    tell."""
     from leukoscope.scale import stated_run_doubt
 
-    doubt = stated_run_doubt(paths, um_per_px)
+    doubt = stated_run_doubt(paths, um_per_px, single_cells=single_cells)
     if doubt:
         console.print(f"[yellow]scale:[/yellow] {escape(doubt)}", soft_wrap=True)
     return [doubt] if doubt else []

@@ -221,17 +221,23 @@ def estimate_scale(image: Image.Image, *, min_red_cells: int = MIN_RED_CELLS) ->
 
 #: How a warning that the stated scale looks wrong begins (:func:`stated_scale_doubt`, :func:`stated_run_doubt`).
 STATED_SCALE_WORDING = "the stated scale"
+#: ...and that of single-cell images, which doubts their classes only (no cell is detected, none missed).
+STATED_CELL_SCALE_WORDING = f"{STATED_SCALE_WORDING} of these single-cell images"
 
 
-def _doubt(um_per_px: float, measured: float, measured_by: str, how: str = "") -> str | None:
+def _doubt(um_per_px: float, measured: float, measured_by: str, how: str = "", *,
+           single_cells: bool = False) -> str | None:
     """The doubt of a stated scale that ``measured_by`` ("the run's red cells measure") puts at ``measured``
-    (``how``: said after it), or None within :data:`FIELD_RUN_MAX_RATIO`."""
+    (``how``: said after it), or None within :data:`FIELD_RUN_MAX_RATIO`. ``single_cells``: said of single-cell
+    images, framed at the wrong size (smear fields: their white cells may be missed too)."""
     ratio = um_per_px / measured
     if abs(math.log(ratio)) <= math.log(FIELD_RUN_MAX_RATIO):
         return None
-    return (f"{STATED_SCALE_WORDING}, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
+    what, harm = ((STATED_CELL_SCALE_WORDING, "each cell is framed at the wrong size and its class may be wrong")
+                  if single_cells else (STATED_SCALE_WORDING, "white cells may be missed or mistyped"))
+    return (f"{what}, {um_per_px:g} um/px, is {max(ratio, 1 / ratio):.1f} times "
             f"{'coarser' if ratio > 1 else 'finer'} than {measured_by} ({measured:.4f} um/px"
-            f"{', ' + how if how else ''}): white cells may be missed or mistyped; check {SCALE_OPTION}")
+            f"{', ' + how if how else ''}): {harm}; check {SCALE_OPTION}")
 
 
 def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
@@ -245,20 +251,24 @@ def stated_scale_doubt(image: Image.Image, um_per_px: float) -> str | None:
     return _doubt(um_per_px, float(estimate.um_per_px), f"this field's {estimate.red_cells} isolated red cells measure")
 
 
-def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixels: int | None = None) -> str | None:
+def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixels: int | None = None,
+                     single_cells: bool = False) -> str | None:
     """:func:`stated_scale_doubt` for a run of fields together: the :func:`run_scale` of ``paths`` against
     the stated one, or None when they agree or the run has none. Most CBC fields have too few red cells to
-    doubt a wrong scale alone (a 3.7 times wrong one went unsaid on 2 of 3 fields); a run's median does."""
+    doubt a wrong scale alone (a 3.7 times wrong one went unsaid on 2 of 3 fields); a run's median does.
+    ``single_cells``: the paths are single-cell images (`predict`), in the words for them."""
     if len(paths) < RUN_SCALE_MIN_ESTIMATES:
         return None
-    return stated_doubt_of_run(um_per_px, run_scale(paths, max_pixels=max_pixels))
+    return stated_doubt_of_run(um_per_px, run_scale(paths, max_pixels=max_pixels), single_cells=single_cells)
 
 
-def stated_doubt_of_run(um_per_px: float, run: FieldScale) -> str | None:
+def stated_doubt_of_run(um_per_px: float, run: FieldScale, *, single_cells: bool = False) -> str | None:
     """:func:`stated_run_doubt` from the run's scale (:func:`run_scale_of` its fields' estimates: the web
     service has them from a case's uploads); None when the run has none or it agrees."""
     if not run.known:
         return None
+    if single_cells:  # the run's note speaks of fields
+        return _doubt(um_per_px, float(run.um_per_px), "their red cells measure", single_cells=True)
     return _doubt(um_per_px, float(run.um_per_px), "the run's red cells measure", run.note)
 
 

@@ -94,6 +94,29 @@ def test_predict_cli_options_and_the_message_for_images_without_a_scale(tmp_path
     assert row["scale_source"] == "unknown"
 
 
+def test_predict_doubts_a_stated_scale_the_images_red_cells_contradict(tmp_path: Path) -> None:
+    """Five single-cell images at 0.375 um/px stated as 0.8 (a field at 0.3 for CBC's 0.08 was called blast at
+    0.99 with nothing said, where `analyze` warns): the console and every row say so, in single-cell words."""
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for seed in range(5):
+        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(folder / f"cell{seed}.png")
+    runner = CliRunner()
+    out = tmp_path / "p.csv"
+    wrong = runner.invoke(app, ["predict", str(folder), "--bundle", "pretrained:wbc-classifier", "--um-per-px", "0.8",
+                                "--out", str(out)])
+    assert wrong.exit_code == 0, wrong.output
+    said = " ".join(wrong.output.split())
+    assert "the stated scale of these single-cell images, 0.8 um/px, is 2.1 times coarser than their red cells" in said
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and all(row["warnings"].startswith("the stated scale of these single-cell images")
+                                  and "its class may be wrong" in row["warnings"] for row in rows)
+    right = runner.invoke(app, ["predict", str(folder), "--bundle", "pretrained:wbc-classifier", "--um-per-px",
+                                "0.375", "--out", str(out)])
+    assert right.exit_code == 0 and "stated scale" not in right.output
+    assert all(row["warnings"] == "" for row in csv.DictReader(out.open()))
+
+
 def test_pbc_cells_are_typed_when_framed_as_the_classifier_learned_them(tmp_path: Path) -> None:
     """pbc's photographs show about 37 um of smear; the shipped classifier learned 24 um windows. Whole,
     its cells look small and were called platelet or erythroblast; framed at pbc's scale, typed right."""

@@ -665,6 +665,41 @@ def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, 
         framing.close()
 
 
+def test_a_stated_scale_single_cells_doubt_is_answered_by_a_full_review(make_service, analyzer):
+    """Five single-cell images at 0.375 um/px stated as 0.8: their red cells doubt it in single-cell words (no
+    cell is detected, so none is missed: the classes are what it puts in doubt), and once a hematologist has
+    labelled every cell the doubt is answered, as "No scale for a single-cell image" is."""
+    import copy
+    from dataclasses import replace
+
+    from leukoscope.service.analysis import Analyzer
+    from tests.test_scale import smear_field
+
+    windowed = copy.copy(analyzer.base)
+    windowed.preprocessing = replace(windowed.preprocessing, cell_window_um=24.0)
+    framing = Analyzer(windowed, gradcam=False, threads=1, name="abas_cnn, 24 um window")
+    try:
+        service = make_service(analyzer_override=framing)
+        service.add_user("tech", "technician")
+        service.add_user("hema", "hematologist")
+        client = service.client()
+        files = [("files", (f"c{seed}.png", encode(smear_field(20.0, seed=seed), "PNG"), "image/png"))
+                 for seed in range(5)]
+        case = client.post("/api/v1/cases", headers=service.auth("tech"), files=files,
+                           data={"kind": "cell", "um_per_px": "0.8"}).json()
+    finally:
+        framing.close()
+    (doubt,) = [w for w in case["differential"]["warnings"] if w.startswith("the stated scale")]
+    assert doubt.startswith("the stated scale of these single-cell images, 0.8 um/px, is 2.1 times coarser")
+    assert "its class may be wrong" in doubt and "white cells may be missed" not in doubt
+    labels = {str(cell["id"]): "lymphocyte" for cell in case["cells"]}
+    reviewed = client.post(f"/api/v1/cases/{case['id']}/review", headers=service.auth("hema"),
+                           json={"labels": labels}).json()
+    assert reviewed["status"] == "reviewed"
+    after = client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("hema")).json()["differential"]
+    assert not any(w.startswith("the stated scale") for w in after["warnings"])
+
+
 def test_a_stated_scale_is_refused_where_single_cells_are_taken_as_they_are(service):
     """A classifier without a physical window classifies an image whole: a scale stated for its single cells
     would change nothing, and saying so beats ignoring it."""

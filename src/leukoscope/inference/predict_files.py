@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -175,12 +176,14 @@ def predict_to_file(
     frame: bool = True,
     um_per_px: float | None = None,
     run_um_per_px: float | None = None,
+    run_warnings: Sequence[str] = (),
 ) -> list[Prediction]:
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
     ``out``; with ``explain_dir``, Grad-CAM overlays. Grad-CAM needs the torch model: on another
     backend it is loaded for that alone (only when asked), and explains the class the backend predicted.
     ``frame`` / ``um_per_px`` / ``run_um_per_px``: :meth:`CellClassifier.predict_paths`'s (single-cell images
-    framed for a classifier of a physical window)."""
+    framed for a classifier of a physical window). ``run_warnings``: said of every image read (the images'
+    red cells doubting a stated scale: :func:`leukoscope.scale.stated_run_doubt`), first in its warnings."""
     import torch
 
     from leukoscope.bundle import load_bundle
@@ -200,6 +203,8 @@ def predict_to_file(
     with progress_bar(len(paths), "predicting") as update:
         predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update,
                                                frame=frame, um_per_px=um_per_px, run_um_per_px=run_um_per_px)
+    if run_warnings:
+        predictions = [p if p.error else replace(p, warnings=(*run_warnings, *p.warnings)) for p in predictions]
     write_predictions(predictions, out, classifier.classes)
     if explain_dir is not None:
         model = classifier.model

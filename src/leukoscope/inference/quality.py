@@ -29,7 +29,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import not_white_classes_in
-from leukoscope.scale import SCALE_OPTION
+from leukoscope.scale import SCALE_OPTION, STATED_CELL_SCALE_WORDING
 
 
 #: A detector whose recorded test AP@0.5 for white cells is below this gets a warning.
@@ -184,12 +184,13 @@ def is_unfamiliar_warning(warning: str) -> bool:
 
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
-    image classified without a scale, cells cut by their boxes), not which cells were found or counted: a
-    hematologist who has reviewed every cell has answered it, and the reviewed differential need not carry
-    it. The detector's warnings (unverified, capped, a field at a guessed scale) still stand after any
+    image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes), not
+    which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
+    reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed scale) still stand after any
     review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
-            or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING))
+            or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
+            or warning.startswith(STATED_CELL_SCALE_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

@@ -335,7 +335,8 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         await run_in_threadpool(audit_refusal, state, user_id, kind, uploads, error, client)
         raise
     scale = CaseScale(stated, run.to_json() if run is not None and stated is None else None,
-                      stated_doubt_of_run(stated, run) if stated is not None and run is not None else None)
+                      stated_doubt_of_run(stated, run, single_cells=kind == "cell")
+                      if stated is not None and run is not None else None)
     return await run_in_threadpool(_persist, state, principal.user.id, kind, note, prepared, client, serialize, scale)
 
 
