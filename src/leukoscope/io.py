@@ -36,6 +36,14 @@ class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than the configured limit."""
 
 
+def allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open headers of up to ``max_pixels`` before our own check refuses larger ones. Its bomb guard
+    only warns below twice its limit; we want one hard rule, ours. Its refusal above that would otherwise
+    override a larger ``max_pixels`` (raised once, for the process; callers check the size themselves)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def too_many_pixels(name: str, refusal: Image.DecompressionBombError, max_pixels: int) -> str:
     """Our words for Pillow's refusal of a header it will not even open (over twice its own limit), with the
     pixel count its message gives ("Image size (N pixels) exceeds limit of ... could be decompression bomb ...")."""
@@ -81,10 +89,7 @@ def load_image(
     else:
         fp = source
 
-    # Pillow's own bomb guard only warns below 2x its limit; we want one hard rule, ours. Its refusal above
-    # 2x would otherwise override a larger max_pixels (raised once, for the process; the check below stays).
-    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    allow_pixels(max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

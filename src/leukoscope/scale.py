@@ -63,7 +63,7 @@ RUN_SCALE_MIN_ESTIMATES = 5
 #: misread; pbc's 14 of 24 sampled fields: quartiles 1.15 apart; two microscopes in like numbers: none lent).
 RUN_SCALE_MAX_SPREAD = 1.3
 #: How the CLI's user states a scale, as messages name it; the web service, whose users state it on the upload
-#: form, puts its own words in its place (``leukoscope.service.cases.in_service_words``).
+#: form, puts its own words in its place (``leukoscope.service.analysis.in_service_words``).
 SCALE_OPTION = "--um-per-px"
 
 

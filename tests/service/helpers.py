@@ -108,3 +108,19 @@ def review_state_of(html: str) -> str:
     match = re.search(r'name="review_state" value="([0-9a-f]+)"', html)
     assert match, "no review state in the page"
     return match.group(1)
+
+
+def empty_postgres_schema(url: str) -> None:
+    """Start a PostgreSQL test database from an empty schema at the head revision (the database outlives the tests:
+    rows and sequences of an earlier one would collide)."""
+    from alembic import command
+
+    from leukoscope.service import db as dbm
+
+    engine = dbm.make_engine(url)
+    config = dbm.alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    dbm.upgrade(engine)
+    engine.dispose()

@@ -121,6 +121,17 @@ def test_too_many_pixels_by_setting(make_service):
     assert "4,096" in response.json()["error"]["message"] and service.rows()["cases"] == 0
 
 
+def test_a_server_allowing_more_pixels_than_pillow_reads_their_headers(monkeypatch):
+    """The header check ran with Pillow's own limit (about 179 M pixels before it refuses): a server set to
+    allow 500 M refused a 400 M-pixel image, saying "400,000,000 pixels exceeds the limit of 500,000,000"."""
+    from PIL import Image
+
+    from leukoscope.service.cases import Upload, header_pixels
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, as in a fresh process
+    assert header_pixels(Upload("big.png", _png_with_size(20_000, 20_000)), 500_000_000) == 400_000_000
+
+
 def test_a_bombs_header_is_refused_in_the_services_words(service):
     """A header past twice Pillow's own limit is refused by Pillow before any check of ours; the message is
     still ours (the size and the server's limit), not Pillow's "could be decompression bomb DOS attack"."""
@@ -387,6 +398,8 @@ def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
     emptied = client.get(f"/api/v1/cases/{second['id']}", headers=tech).json()["differential"]
     assert emptied["total"] == 0 and emptied["flags"] == [
         "No cell counted: every cell of this case was marked excluded in review."]
+    page = service.login("tech").get(f"/cases/{second['id']}").text  # a one-cell case shows no differential...
+    assert "No cell counted: every cell of this case was marked excluded in review." in page  # ...but says this
     stored = client.get(f"/api/v1/cases/{first['id']}", headers=tech).json()
     assert [cell["reviewed_label"] for cell in stored["cells"]] == ["monocyte", "lymphocyte"]
     assert stored["status"] == "reviewed" and stored["review"]["reviewer"] == "hema"
@@ -708,6 +721,30 @@ def test_a_stated_scale_is_refused_where_single_cells_are_taken_as_they_are(serv
                            files=[("files", ("cell.png", encode(cell_image(), "PNG"), "image/png"))])
     assert response.status_code == 400 and response.json()["error"]["code"] == "scale_not_used"
     assert "leave um_per_px empty" in response.json()["error"]["message"]
+
+
+def test_a_stated_scale_is_refused_by_a_smear_backend_that_cannot_take_one(make_service, analyzer):
+    """A smear backend written before the stated scale (its analyse has no um_per_px) gave a 500 after the upload
+    had counted against the rate limit; it is a 400 before any analysis."""
+    from leukoscope.service.analysis import Analyzer
+    from tests.service.helpers import FakeSmear
+
+    class OlderSmear(FakeSmear):
+        def analyse(self, image, run_um_per_px=None):
+            return super().analyse(image, run_um_per_px)
+
+    older = Analyzer(analyzer.base, smear=OlderSmear(), threads=1, name="abas_cnn + an older backend")
+    try:
+        service = make_service(analyzer_override=older)
+        service.add_user("tech", "technician")
+        client, headers = service.client(), service.auth("tech")
+        refused = client.post("/api/v1/cases", headers=headers, data={"kind": "smear", "um_per_px": "0.1"},
+                              files=[("files", ("f.png", encode(smear_field()[0], "PNG"), "image/png"))])
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "scale_not_used"
+        assert "smear analyser takes no stated scale" in refused.json()["error"]["message"]
+        assert upload(client, headers, ("f.png", encode(smear_field()[0], "PNG")), kind="smear").status_code == 201
+    finally:
+        older.close()
 
 
 def test_a_flat_heatmap_is_shown_with_its_note() -> None:

@@ -745,6 +745,66 @@ def test_a_deactivation_sent_while_a_token_is_made_is_not_outrun(service):
     assert outcome == {"token": "inactive_user"} and service.count(ApiToken) == 0
 
 
+def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_and_revokes_it(service, monkeypatch):
+    """The other order: the token's transaction has checked the user when the deactivation is sent. Without the
+    user's row held, the deactivation committed at once (revoking no token: none was written yet) and the token
+    written after it stayed live. Now the deactivation waits for the token and revokes it (SQLite here)."""
+    _deactivation_waits_for_the_token(service, "tech", monkeypatch)
+
+
+@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
+                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
+def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_on_postgresql(make_service, monkeypatch):
+    from tests.service.helpers import empty_postgres_schema
+
+    empty_postgres_schema(os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+    service = make_service(database_url=os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+    service.add_user("tech", "technician")
+    _deactivation_waits_for_the_token(service, "tech", monkeypatch)
+
+
+def _deactivation_waits_for_the_token(service, username: str, monkeypatch) -> None:
+    import threading
+
+    from sqlalchemy import select
+
+    from leukoscope.service import auth
+    from leukoscope.service.auth import find_user, new_api_token, revoke_tokens
+    from leukoscope.service.tables import ApiToken
+
+    checked, go_on = threading.Event(), threading.Event()
+    draw = auth.secrets.token_urlsafe
+
+    def drawn_once_checked(size: int) -> str:  # between the user's check and the token's insert
+        checked.set()
+        assert go_on.wait(10)
+        return draw(size)
+
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", drawn_once_checked)
+
+    def make_token() -> None:
+        with transaction(service.state.sessions) as db:
+            new_api_token(db, find_user(db, username), "script")
+
+    def deactivate() -> None:
+        with transaction(service.state.sessions) as db:
+            user = find_user(db, username)
+            user.active = False
+            revoke_tokens(db, user)
+
+    maker, deactivation = threading.Thread(target=make_token), threading.Thread(target=deactivate)
+    maker.start()
+    assert checked.wait(10)
+    deactivation.start()
+    deactivation.join(0.5)
+    assert deactivation.is_alive()  # waiting for the token's transaction
+    go_on.set()
+    maker.join(30), deactivation.join(30)
+    with transaction(service.state.sessions) as db:
+        (token,) = db.scalars(select(ApiToken).where(ApiToken.user_id == find_user(db, username).id)).all()
+        assert token.revoked_at is not None and not find_user(db, username).active
+
+
 def test_a_page_form_of_many_fields_is_read(service):
     """A review form sends a field per cell: a case of 542 cells could not be saved from its page ("Too many
     fields. Maximum number of fields is 500")."""

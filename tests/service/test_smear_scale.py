@@ -175,13 +175,28 @@ def test_a_field_without_a_scale_tells_web_users_to_state_it_on_the_upload(scale
     case = post_fields(service.client(), service.auth("tech"), [BLANK])
     (unscaled,) = [w for w in case["differential"]["warnings"] if "no scale" in w]
     assert unscaled.endswith("state the microscope's scale (the upload's um_per_px)")
+    # the band of warnings drawn on the field's picture comes from the same words
+    outcome = service.state.analyzer.analyse_smear(BLANK)
+    assert any("the upload's um_per_px" in w for w in outcome.warnings)
+    assert not any("--um-per-px" in w for w in outcome.warnings)
+    # a case stored before (the CLI's words in its record) reads in the service's words
+    from leukoscope.service.db import transaction
+    from leukoscope.service.tables import Case
+
+    with transaction(service.state.sessions) as db:
+        stored = db.get(Case, case["id"])
+        stored.analysis = {**stored.analysis, "warnings": [unscaled.replace("the upload's um_per_px", "--um-per-px")]}
+    again = service.client().get(f"/api/v1/cases/{case['id']}", headers=service.auth("tech")).json()
+    assert again["differential"]["warnings"] == [unscaled]
 
 
 @pytest.mark.parametrize("text, message", [
     ("abc", "um_per_px must be the microscope's scale in micrometres per pixel, a number such as 0.1; got 'abc'"),
     ("0", "um_per_px must be between 0.005 and 5 micrometres per pixel, got 0.0"),
-    ("nan", "um_per_px must be between 0.005 and 5"),
+    ("nan", "a number such as 0.1; got 'nan'"),
     ("50", "um_per_px must be between 0.005 and 5 micrometres per pixel, got 50.0"),
+    ("0_1", "a number such as 0.1; got '0_1'"),  # float() reads it as 1.0: ten times the 0.1 meant
+    ("\uff10.\uff11", "a number such as 0.1"),  # full-width digits
 ])
 def test_a_scale_that_is_no_microscopes_is_refused_before_any_analysis(scaled_service, text, message) -> None:
     service, detector = scaled_service

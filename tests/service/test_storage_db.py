@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 from leukoscope.service import db as dbm
 from leukoscope.service.tables import Base
 from leukoscope.service.storage import ContentStore, StoreError, clean_png
-from tests.service.helpers import PASSWORD, cell_image, encode
+from tests.service.helpers import PASSWORD, cell_image, empty_postgres_schema, encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -55,14 +55,8 @@ def test_migration_on_a_fresh_sqlite_database(tmp_path):
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db to test PostgreSQL")
 def test_postgresql_migration_and_a_full_case(make_service):
     url = os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"]
+    empty_postgres_schema(url)
     engine = dbm.make_engine(url)
-    from alembic import command
-
-    config = dbm.alembic_config(url)
-    with engine.begin() as connection:  # start from an empty schema
-        config.attributes["connection"] = connection
-        command.downgrade(config, "base")
-    dbm.upgrade(engine)
     assert TABLES <= set(inspect(engine).get_table_names())
     assert _schema_matches_models(engine) == []
     engine.dispose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction, single_cell_warnings
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
+from leukoscope.scale import SCALE_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ log = logging.getLogger(__name__)
 DISPLAY_SIZE = 256
 #: Cells of one field explained per Grad-CAM pass (memory stays bounded on a crowded field).
 OVERLAY_BATCH = 32
+#: The upload's field (form and API) for the microscope's scale, and how the service's messages name it where
+#: the CLI's say ``--um-per-px`` (:func:`in_service_words`).
+SCALE_FIELD = "um_per_px"
+SCALE_FIELD_WORDS = f"the upload's {SCALE_FIELD}"
+
+
+def in_service_words(warning: str) -> str:
+    """A warning of the analysis as the service's users act on it: they state the scale on the upload, not with
+    the CLI's option."""
+    return warning.replace(SCALE_OPTION, SCALE_FIELD_WORDS)
 
 
 def explained(image: Image.Image, heatmap: Any, model_size: int) -> Image.Image:
@@ -168,6 +180,15 @@ class Analyzer:
             return bool(getattr(self.smear, "borrows_case_scale", False))
         return self.base.window_um is not None
 
+    def takes_stated_scale(self, kind: str) -> bool:
+        """Whether an uploader's stated scale changes how images of ``kind`` are analysed: a classifier of a
+        physical window frames single cells at it; a smear backend takes it when its ``analyse`` has a
+        ``um_per_px`` keyword (one written before it would fail on it)."""
+        if kind != "smear":
+            return self.base.window_um is not None
+        parameters = inspect.signature(self.smear.analyse).parameters if self.smear is not None else {}
+        return "um_per_px" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
     @property
     def warnings(self) -> list[str]:
         """Why this server's smear counts cannot be trusted (the detector's quality gate)."""
@@ -281,6 +302,7 @@ class Analyzer:
         scales = {name: value for name, value in (("run_um_per_px", run_um_per_px), ("um_per_px", um_per_px))
                   if value is not None}
         result = self.smear.analyse(image, **scales)
+        _reword(result)  # before its picture is drawn: the band of warnings names the upload's scale, not the CLI's
         crop_cell = getattr(self.smear, "crop_cell", None)
         cell_crops = getattr(self.smear, "cell_crops", None)
         # The crops the classifier saw (the analyzer's window or margin around its own, unrounded
@@ -374,6 +396,15 @@ class _MethodAdapter:
 
     def analyse(self, image: Image.Image, run_um_per_px: float | None = None, um_per_px: float | None = None) -> Any:
         return self._call(image, run_um_per_px=run_um_per_px, um_per_px=um_per_px)
+
+
+def _reword(result: Any) -> None:
+    """A SmearResult's warnings and flags in the service's words (:func:`in_service_words`); other results as
+    they are."""
+    differential = getattr(result, "differential", None)
+    if isinstance(differential, Differential):
+        differential.warnings = [in_service_words(warning) for warning in differential.warnings]
+        differential.flags = [in_service_words(flag) for flag in differential.flags]
 
 
 def _result_cells(result: Any) -> list[Any]:

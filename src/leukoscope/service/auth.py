@@ -36,6 +36,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from leukoscope.service import throttle
+from leukoscope.service.db import sqlite_write_lock
 from leukoscope.service.errors import LoginRequired, ServiceError
 from leukoscope.service.throttle import Check, Rule, address_block
 from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, User, WebSession, utcnow
@@ -243,10 +244,8 @@ def session_principal(db: Session, request: Request) -> Principal | None:
 
 def lock_user(db: Session, user: User) -> None:
     """Hold ``user``'s row until the transaction ends and read it afresh: a deactivation committed meanwhile is
-    seen, and one sent now waits for this transaction (on SQLite, by taking the database's write lock: the
-    driver begins a transaction only at the first write, as :func:`leukoscope.service.cases.load_case` says)."""
-    if db.get_bind().dialect.name == "sqlite":
-        db.execute(update(User).where(User.id == user.id).values(active=User.active))
+    seen, and one sent now waits for this transaction (:func:`leukoscope.service.db.sqlite_write_lock`)."""
+    sqlite_write_lock(db, User.active, User.id == user.id)
     db.refresh(user, with_for_update=True)
 
 

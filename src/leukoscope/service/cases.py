@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
@@ -30,14 +30,15 @@ from starlette.concurrency import run_in_threadpool
 from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import (about_classification_only, classified_unit, is_unfamiliar_warning,
                                           stated_scale_fields_warning, unfamiliar_warning)
-from leukoscope.io import SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, load_image, too_many_pixels
+from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, allow_pixels, load_image,
+                           too_many_pixels)
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, STATED_SCALE_WORDING, FieldScale,
+from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, STATED_SCALE_WORDING, FieldScale,
                               checked_um_per_px, field_scale, run_sample, run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
-from leukoscope.service.analysis import ImageOutcome, differential
+from leukoscope.service.analysis import SCALE_FIELD, ImageOutcome, differential, in_service_words
 from leukoscope.service.auth import Principal, audit, too_many
-from leukoscope.service.db import transaction
+from leukoscope.service.db import sqlite_write_lock, transaction
 from leukoscope.service.errors import ServiceError
 from leukoscope.service.storage import EXTENSIONS, clean_png, jpeg_bytes
 from leukoscope.service.tables import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
@@ -53,10 +54,6 @@ CASE_ID = re.compile(r"[0-9a-f]{32}")
 EXCLUDED = "excluded"
 ALL_EXCLUDED_FLAG = "No cell counted: every cell of this case was marked excluded in review."
 DECISION_SUPPORT_NOTE = f"{DISCLAIMER.rstrip('.')}: every result must be reviewed by a qualified hematologist."
-#: The upload's field (form and API) for the microscope's scale, and how the service's messages name it where
-#: the CLI's say ``--um-per-px`` (:func:`in_service_words`).
-SCALE_FIELD = "um_per_px"
-SCALE_FIELD_WORDS = f"the upload's {SCALE_FIELD}"
 
 
 @dataclass
@@ -152,6 +149,7 @@ def header_pixels(upload: Upload, max_pixels: int) -> int:
     """The pixel count a file's header declares (nothing is decoded); 413 past ``max_pixels``.
     A header Pillow cannot read counts 0 here: decoding then says what is wrong with it."""
     name, _fmt = _check_format(upload)
+    allow_pixels(max_pixels)  # as load_image does: else Pillow's own limit would refuse what the server allows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -220,6 +218,10 @@ async def prepare_upload(state: "ServiceState", kind: str, upload: Upload, run_u
 # ------------------------------------------------------------------ create
 
 
+#: A scale as typed: ASCII digits, one decimal point or comma (read as a point), an optional exponent.
+SCALE_NUMBER = re.compile(r"\+?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
 def stated_scale(text: str | float | None) -> float | None:
     """The microscope's scale an uploader stated (:data:`SCALE_FIELD`, micrometres per pixel; a decimal comma is
     read as a point), or None when left empty; 400 for anything that is no microscope's scale."""
@@ -228,21 +230,15 @@ def stated_scale(text: str | float | None) -> float | None:
     text = (text or "").strip()
     if not text:
         return None
-    try:
-        value = float(text.replace(",", "."))
-    except ValueError:
+    # Plain ASCII decimals only: float() also reads "0_1" as 1.0 (a typo for 0.1) and other scripts' digits.
+    if not SCALE_NUMBER.fullmatch(text):
         raise ServiceError(400, "bad_scale", f"{SCALE_FIELD} must be the microscope's scale in micrometres per "
-                                             f"pixel, a number such as 0.1; got {text[:40]!r}") from None
+                                             f"pixel, a number such as 0.1; got {text[:40]!r}")
+    value = float(text.replace(",", "."))
     try:
         return checked_um_per_px(value, SCALE_FIELD)
     except ValueError as exc:
         raise ServiceError(400, "bad_scale", str(exc)) from None
-
-
-def in_service_words(warning: str) -> str:
-    """A warning of the analysis as the service's users act on it: they state the scale on the upload, not with
-    the CLI's option."""
-    return warning.replace(SCALE_OPTION, SCALE_FIELD_WORDS)
 
 
 @dataclass
@@ -308,9 +304,10 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
                                                "(upload single-cell images, or start it with --detector)")
     stated = stated_scale(um_per_px)
-    if stated is not None and kind == "cell" and state.analyzer.base.window_um is None:
-        raise ServiceError(400, "scale_not_used", f"this server's classifier takes single-cell images as they are "
-                                                  f"(it has no physical window): leave {SCALE_FIELD} empty")
+    if stated is not None and not state.analyzer.takes_stated_scale(kind):  # said, rather than ignored
+        why = ("this server's classifier takes single-cell images as they are (it has no physical window)"
+               if kind == "cell" else "this server's smear analyser takes no stated scale")
+        raise ServiceError(400, "scale_not_used", f"{why}: leave {SCALE_FIELD} empty")
     settings = state.settings
     user_id = principal.user.id
     verdict = await run_in_threadpool(reserve_upload, state, user_id, client, len(uploads))
@@ -492,8 +489,8 @@ def load_case(db: Session, principal: Principal, case_id: str, *, action: str | 
     principal.require("technician", "hematologist")
     case = None
     if CASE_ID.fullmatch(case_id or ""):
-        if for_update and db.get_bind().dialect.name == "sqlite":
-            db.execute(update(Case).where(Case.id == case_id).values(status=Case.status))  # the write lock, now
+        if for_update:
+            sqlite_write_lock(db, Case.status, Case.id == case_id)
         query = select(Case).where(Case.id == case_id).options(selectinload(Case.images), selectinload(Case.cells))
         case = db.scalar(query.with_for_update(of=Case) if for_update else query)
     if case is None or (principal.role == "technician" and case.owner_id != principal.user.id):
@@ -565,7 +562,7 @@ def current_differential(case: Case) -> dict[str, Any]:
     rests on the hematologist's classes. The detector's warnings stay (cells may have been missed)."""
     labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
-    warnings = list(case.analysis.get("warnings", []))
+    warnings = [in_service_words(warning) for warning in case.analysis.get("warnings", [])]  # cases stored before
     if case.cells and all(cell.reviewed_label is not None for cell in case.cells):
         warnings = [warning for warning in warnings if not about_classification_only(warning)]
     result = differential(labels, case.classes, blast_classes, warnings)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -50,6 +50,15 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     with factory() as session:
         with session.begin():
             yield session
+
+
+def sqlite_write_lock(db: Session, column: Any, where: Any) -> None:
+    """On SQLite, take the database's write lock now, by a no-op update of ``column`` in the rows ``where``
+    selects: Python's driver begins a transaction only at the first write, so what a transaction read before
+    it is not held, and a concurrent writer could change it unseen. PostgreSQL holds rows with
+    ``SELECT ... FOR UPDATE`` instead (nothing is done here)."""
+    if db.get_bind().dialect.name == "sqlite":
+        db.execute(update(column.class_).where(where).values({column.key: column}))
 
 
 def alembic_config(url: str):

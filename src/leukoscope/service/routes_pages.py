@@ -308,7 +308,7 @@ def case_page(request: Request, case_id: str, saved: int = 0):
         return render(request, "case.html", principal, case=case, groups=_cell_groups(db, principal, case),
                       differential=ops.current_differential(case), can_review=principal.role == "hematologist",
                       excluded=ops.EXCLUDED, saved=bool(saved), message="", review_state=ops.review_state(case),
-                      heatmap_note=state_of(request).analyzer.heatmap_note)
+                      heatmap_note=state_of(request).analyzer.heatmap_note, all_excluded=ops.ALL_EXCLUDED_FLAG)
 
 
 #: A review form's field of one cell's class (ASCII digits: str.isdigit() also takes "²", which int() refuses).
@@ -341,7 +341,8 @@ async def review(request: Request, case_id: str):
                 return render(request, "case.html", principal, http_status=error.status, case=case,
                               groups=_cell_groups(db, principal, case), differential=ops.current_differential(case),
                               can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message,
-                              review_state=ops.review_state(case), heatmap_note=state_of(request).analyzer.heatmap_note)
+                              review_state=ops.review_state(case), heatmap_note=state_of(request).analyzer.heatmap_note,
+                              all_excluded=ops.ALL_EXCLUDED_FLAG)
             return redirect(f"/cases/{case_id}?saved=1")
 
     return await run_in_threadpool(work)
