@@ -348,8 +348,14 @@ def test_a_head_is_loaded_or_left_new(classifier_bundle: Path) -> None:
     assert torch.equal(other.state_dict()["classifier.1.weight"], saved["classifier.1.weight"])
     assert other.state_dict()["classifier.6.weight"].shape[0] == 3
     assert class_difference(["a", "b"], ["a", "b"]) is None
-    assert class_difference(["a", "b", "c"], ["a", "d"]) == "only in the data: ['d']; only in the bundle: ['b', 'c']"
+    assert class_difference(["a", "b", "c"], ["a", "d"]) == ("only in the data: ['d']; only in the bundle: ['b', 'c']; "
+                                                            "the new classifier will not know b, c")
     assert "another order" in class_difference(["b", "a"], ["a", "b"])
+    # a lab's normal cells alone: the blast class goes, and it is said what that costs; a folder spelled
+    # otherwise is named as the bundle's class (it would be a class of its own)
+    said = class_difference(["blast", "lymphocyte", "neutrophil"], ["Neutrophil", "lymphocyte"])
+    assert "'Neutrophil' is its 'neutrophil'" in said and "will not know blast;" in said
+    assert "calls no cell a blast, and `analyze` cannot screen for leukemia with it" in said
 
 
 FINE_TUNE = ["train.epochs=1", "train.lr=1e-9", "train.batch_size=16", "train.threads=1", "--quiet"]
@@ -425,8 +431,9 @@ def test_fine_tuning_on_a_review_export_makes_a_new_head(layout: str, classifier
                     *FINE_TUNE)
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert "on other classes: only in the bundle: ['blast', 'neutrophil']; its backbone is loaded and its head is new" \
-        in output
+    assert ("on other classes: only in the bundle: ['blast', 'neutrophil']; the new classifier will not know blast, "
+            "neutrophil; without blast it calls no cell a blast") in output
+    assert "its backbone is loaded and its head is new" in output
     bundle = Path(result.stdout.strip().splitlines()[-1])
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["classes"] == ["lymphocyte", "monocyte"] and info["model_name"] == "abas_cnn"

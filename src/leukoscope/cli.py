@@ -941,6 +941,8 @@ def serve(
                                                      "classifier: torch (default), onnxruntime, openvino (a bundle "
                                                      "from `leukoscope export`) or auto; Grad-CAM loads torch's "
                                                      "model too."),
+    blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as blast "
+                                                    "(repeatable; as analyze's; default: the classes named blast)."),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
@@ -948,7 +950,8 @@ def serve(
 
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
                                  migrate=migrate, inference_threads=inference_threads,
-                                 detector_backend=detector_backend, classifier_backend=classifier_backend)
+                                 detector_backend=detector_backend, classifier_backend=classifier_backend,
+                                 blast_classes=",".join(blast_class) if blast_class else None)
     if settings.bundle is None:
         settings = _shipped_service_models(settings)
     for model, option in ((settings.bundle, "--bundle"), (settings.detector, "--detector")):

@@ -68,6 +68,20 @@ def test_a_classifier_without_a_blast_class_is_said_once(caplog: pytest.LogCaptu
     assert "no blast percentage will be reported" in caplog.text and "--blast-class" in caplog.text
 
 
+def test_a_count_without_a_blast_class_says_it_cannot_screen_for_leukemia() -> None:
+    """A classifier fine-tuned on a lab's normal cells alone knows no blast: its fields' JSON said
+    "acute_leukemia_flag": false with no word why, read downstream as a screen that found nothing."""
+    normal = ["eosinophil", "lymphocyte", "neutrophil"]
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED), constant_classifier(normal, "neutrophil"))
+    d = analyzer.analyze(FIELD).differential
+    assert d.total == 120 and d.blasts is None and d.acute_leukemia_flag is None  # not assessable, not "no"
+    assert d.flags == ["No blast class among the cell classes (eosinophil, lymphocyte, neutrophil): blasts are not "
+                       "counted and no leukemia flag can be raised; this count cannot screen for leukemia."]
+    assert d.to_json()["acute_leukemia_flag"] is None
+    # with a blast class, a count of no blasts is a "no" (the control)
+    assert Differential.from_labels(["lymphocyte"] * 120, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag is False
+
+
 def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:
     boxes = grid_boxes(120)
     pbc = SmearAnalyzer(FixedDetector(boxes, metrics=VERIFIED), constant_classifier(PBC_CLASSES, "erythroblast"))

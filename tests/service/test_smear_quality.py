@@ -90,3 +90,25 @@ def test_the_case_page_says_a_blast_percentage_of_few_cells_is_not_meaningful(ma
     page = tech.get(response.headers["location"]).text
     assert f"not meaningful with {len(boxes)} cells: count at least 100 cells" in page
     assert LEUKEMIA_WORDING not in page
+
+
+def test_a_server_names_its_blast_classes(cell_bundle, tmp_path) -> None:
+    """`serve` told admins to "name them with --blast-class", an option it did not have: a lab whose classifier
+    calls its blasts otherwise could not have them counted. The setting (and `serve --blast-class`) reaches the
+    single-cell and smear counts alike; a name the classifier does not have stops the start."""
+    import pytest
+
+    from leukoscope.service.app import create_app
+    from leukoscope.service.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env({"LEUKOSCOPE_BLAST_CLASSES": "monocyte, neutrophil"}, bundle=cell_bundle,
+                                        data_dir=tmp_path / "data", fsync=False, gradcam=False)
+    assert settings.blast_class_list == ["monocyte", "neutrophil"]
+    app = create_app(settings)
+    try:
+        assert app.state.service.analyzer.blast_classes == ["monocyte", "neutrophil"]
+    finally:
+        app.state.service.analyzer.close()
+        app.state.service.engine.dispose()
+    with pytest.raises(ValueError, match="lymphoblast"):
+        create_app(settings.model_copy(update={"blast_classes": "lymphoblast", "data_dir": tmp_path / "other"}))

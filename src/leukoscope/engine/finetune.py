@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
+from leukoscope.labels import blast_classes_in
 from leukoscope.models import WithoutHead
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import say
@@ -33,6 +34,17 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     only_bundle = [c for c in bundle_classes if c not in data_classes]
     parts = ([f"only in the data: {only_data}"] if only_data else []) + \
         ([f"only in the bundle: {only_bundle}"] if only_bundle else [])
+    spelled = {c.casefold(): c for c in only_bundle}
+    renamed = [f"{c!r} is its {spelled[c.casefold()]!r}" for c in only_data if c.casefold() in spelled]
+    if renamed:  # a folder "Neutrophil" would be a new class beside the bundle's "neutrophil"
+        parts.append(f"spelled otherwise ({', '.join(renamed)}): rename to the bundle's spelling to keep them one class")
+    lost = [c for c in only_bundle if c.casefold() not in {d.casefold() for d in only_data}]
+    if lost:
+        parts.append(f"the new classifier will not know {', '.join(lost)}")
+    blasts = blast_classes_in(lost)
+    if blasts:
+        parts.append(f"without {', '.join(blasts)} it calls no cell a blast, and `analyze` cannot screen for "
+                     f"leukemia with it (its counts say so); to keep blasts, train on the lab's blasts too")
     return "; ".join(parts)
 
 

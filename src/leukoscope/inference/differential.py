@@ -21,6 +21,9 @@ from leukoscope.proportions import wilson_interval
 
 #: The wording of the one flag that points at leukemia (tests and readers look for it).
 LEUKEMIA_WORDING = "consistent with acute leukemia"
+#: How the flag of a count without any blast class begins (a classifier fine-tuned on a lab's normal cells alone
+#: knows none: its "no leukemia flag" would otherwise read as a screen that found nothing).
+NO_BLAST_CLASS_WORDING = "No blast class among the cell classes"
 
 
 @dataclass
@@ -44,8 +47,10 @@ class Differential:
     """Below this many cells the blast percentage is not meaningful (and never flagged)."""
     warnings: list[str] = field(default_factory=list)
     """Why the count itself may be wrong; while there is one, there is no leukemia flag."""
-    acute_leukemia_flag: bool = False
-    """True only when the flags say "consistent with acute leukemia"."""
+    acute_leukemia_flag: bool | None = False
+    """True only when the flags say "consistent with acute leukemia"; None when no blast class is known (the
+    count cannot screen for leukemia: :data:`NO_BLAST_CLASS_WORDING`), so that "no flag" is not read as "no
+    leukemia"."""
     flags: list[str] = field(default_factory=list)
     not_white: list[str] = field(default_factory=list)
     """Classes counted but not white cells (:func:`leukoscope.labels.not_white_classes_in`): platelets and
@@ -90,6 +95,8 @@ class Differential:
         differential = cls(total, counts, per_100, list(blast_classes or []), blasts, percentage, interval,
                            uncertain, worst, int(min_cells), list(dict.fromkeys(warnings)), not_white=not_white)
         differential.flags = differential._flags(blast_flag_percent, uncertain_flag_share)
+        if blasts is None:
+            differential.acute_leukemia_flag = None  # not assessable, rather than "no"
         return differential
 
     def _flags(self, threshold: float, uncertain_share: float) -> list[str]:
@@ -103,6 +110,10 @@ class Differential:
         if n == 0:
             return flags + ["No white cell found: check focus, stain and that the image is a smear field."]
         counted = f"{n} white cell{'' if n == 1 else 's'} counted"
+        if self.blasts is None:
+            white = [name for name in self.counts if name != UNCERTAIN and name not in self.not_white]
+            flags.append(f"{NO_BLAST_CLASS_WORDING} ({', '.join(white)}): blasts are not counted and no leukemia "
+                         f"flag can be raised; this count cannot screen for leukemia.")
         if self.blasts is not None and self.blast_percentage is not None and self.blast_ci95 is not None:
             low, high = self.blast_ci95
             if n < self.min_cells:

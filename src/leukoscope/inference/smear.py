@@ -234,7 +234,7 @@ class SmearAnalyzer:
                 # Said once, not silently: with no blast class there is no blast count at all.
                 log.warning("none of the classifier's classes %s is a blast class by name (see "
                             "leukoscope.labels.BLAST_CLASS_NAMES): no blast percentage will be reported; "
-                            "name them with --blast-class", cell_classes)
+                            "name them with --blast-class (analyze, serve)", cell_classes)
         if min_cells < 1:
             raise ValueError(f"min_cells must be at least 1, got {min_cells}")
         self.rules = CountRules(tuple(cell_classes), tuple(blast_classes), blast_flag_percent, int(min_cells))

@@ -148,9 +148,11 @@ class Analyzer:
     def from_bundles(cls, bundle: str | Path, detector: str | Path | None = None, *,
                      uncertain_threshold: float | None = None, gradcam: bool = True, threads: int = 2,
                      smear_options: dict[str, Any] | None = None, backend: str = "torch",
-                     backend_threads: int | None = None) -> "Analyzer":
+                     backend_threads: int | None = None, blast_classes: Sequence[str] | None = None) -> "Analyzer":
         """``backend``: what runs the classifier's network (:mod:`leukoscope.inference.runtime`); on
-        another than torch, the torch model is loaded too when ``gradcam`` is on (Grad-CAM needs it)."""
+        another than torch, the torch model is loaded too when ``gradcam`` is on (Grad-CAM needs it).
+        ``blast_classes``: the classes counted as blasts (default: those named blast), for single cells and
+        smear fields alike."""
         classifier = CellClassifier.from_bundle(bundle, uncertain_threshold=uncertain_threshold, backend=backend,
                                                 threads=backend_threads)
         if gradcam and classifier.model is None and classifier.info.framework == "torch":
@@ -161,12 +163,14 @@ class Analyzer:
         smear = None
         models = {"classifier": _identity(bundle, classifier.info.model_name, classifier.backend)}
         if detector is not None:
-            smear = load_smear_backend(detector, classifier, **(smear_options or {}))
+            options = {**(smear_options or {}), **({"blast_classes": blast_classes} if blast_classes else {})}
+            smear = load_smear_backend(detector, classifier, **options)
             found = getattr(smear, "detector", None)
             if found is not None:
                 models["detector"] = _identity(detector, found.info.model_name, found.backend)
         name = f"{classifier.info.model_name} ({_bundle_name(bundle)})"
-        return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name, models=models)
+        return cls(classifier, smear=smear, gradcam=gradcam, threads=threads, name=name, models=models,
+                   blast_classes=blast_classes or None)
 
     @property
     def has_detector(self) -> bool:

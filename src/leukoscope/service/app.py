@@ -183,6 +183,7 @@ def build_state(settings: ServiceSettings, analyzer: Analyzer | None = None) -> 
         analyzer = Analyzer.from_bundles(settings.bundle, settings.detector,
                                          uncertain_threshold=settings.uncertain_threshold,
                                          gradcam=settings.gradcam, threads=settings.inference_threads,
+                                         blast_classes=settings.blast_class_list,
                                          smear_options={"backend": settings.detector_backend,
                                                         "threads": settings.torch_threads},
                                          backend=settings.classifier_backend,

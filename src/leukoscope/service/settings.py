@@ -87,6 +87,9 @@ class ServiceSettings(BaseModel):
     classifier_backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
     #: Below this confidence a cell is "uncertain, review" (default: the bundle's own threshold).
     uncertain_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Classifier classes counted as blasts, comma-separated (``leukoscope serve --blast-class``, as
+    #: ``analyze``'s); default: the classes named blast by :data:`leukoscope.labels.BLAST_CLASS_NAMES`.
+    blast_classes: str | None = None
     #: Compute a Grad-CAM overlay for every classified cell.
     gradcam: bool = True
     #: fsync stored files and their folder before the database commit (power-loss safety).
@@ -102,6 +105,13 @@ class ServiceSettings(BaseModel):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @property
+    def blast_class_list(self) -> list[str] | None:
+        """:attr:`blast_classes` as names (None: the default rule)."""
+        if self.blast_classes is None:
+            return None
+        return [name.strip() for name in self.blast_classes.split(",") if name.strip()]
 
     @property
     def resolved_database_url(self) -> str:
