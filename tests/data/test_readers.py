@@ -137,6 +137,32 @@ def test_subjects_parsed_from_class_folders(tmp_path: Path, cell_writer) -> None
     assert not read_class_folders(tmp_path, parse_subjects=False).has_subjects
 
 
+def test_the_service_exports_cells_are_grouped_by_case(tmp_path: Path, cell_writer) -> None:
+    """The reviewed-labels export's folder layout names each cell ``case-<id>-cell-<n>.png``: its cells are one
+    patient's, and a split that put some in training and others in test would score the model on a patient it
+    learned (only the CSV layout carried the case before)."""
+    case = "0123456789abcdef0123456789abcdef"
+    cell_writer(tmp_path / "lymphocyte" / f"case-{case}-cell-3.png")
+    cell_writer(tmp_path / "monocyte" / f"case-{case}-cell-4.png", seed=1)
+    cell_writer(tmp_path / "monocyte" / "case-other-cell-5.png", seed=2)  # not an export's name
+    manifest = read_dataset(tmp_path)
+    assert {s.path.name: s.subject for s in manifest} == {f"case-{case}-cell-3.png": case,
+                                                          f"case-{case}-cell-4.png": case,
+                                                          "case-other-cell-5.png": None}
+
+
+def test_labels_that_differ_only_in_case_are_refused(tmp_path: Path, cell_writer) -> None:
+    """A lab's "Neutrophil" folder merged with an export's "neutrophil" made two classes of one cell type."""
+    cell_writer(tmp_path / "Neutrophil" / "a.png")
+    cell_writer(tmp_path / "neutrophil" / "b.png", seed=1)
+    with pytest.raises(DatasetError, match="labels 'Neutrophil' and 'neutrophil' differ only in case"):
+        read_dataset(tmp_path)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nNeutrophil/a.png,EOSINOPHIL\nneutrophil/b.png,eosinophil\n")
+    with pytest.raises(DatasetError, match="'EOSINOPHIL' and 'eosinophil' differ only in case"):
+        read_dataset(manifest)
+
+
 def test_cnmc_tree_read_one_level_too_high_is_refused(tmp_path: Path, cell_writer) -> None:
     # training_data/fold_0/{all,hem}: pointing at training_data would make the folds the classes
     cell_writer(tmp_path / "fold_0" / "all" / "UID_13_3_1_all.bmp")

@@ -3,7 +3,11 @@
 Layouts understood:
 - class per folder: ``root/<class>/<image>`` (all-taleqani, pbc, most Kaggle sets);
 - C-NMC 2019: the same, with the subject id parsed from ``UID_<subject>_...``;
+- the web service's reviewed-labels export: the same, the case parsed from ``case-<id>-cell-<n>.png``
+  (its cells are one patient's: never split between training and test);
 - a CSV manifest with columns ``path,label[,subject]``.
+
+Labels that differ only in case ("Neutrophil" beside "neutrophil") are refused: they would be two classes.
 """
 
 from __future__ import annotations
@@ -24,10 +28,21 @@ CNMC_NAME = re.compile(r"^UID_(?P<subject>H?\d+)_", re.IGNORECASE)
 CNMC_LABEL = re.compile(r"_(?P<label>all|hem)\.[a-z0-9]+$", re.IGNORECASE)
 
 
+#: ``case-<32 hex>-cell-<n>.png``: a cell of the web service's reviewed-labels export (folder layout).
+EXPORT_NAME = re.compile(r"^case-(?P<case>[0-9a-f]{32})-cell-\d+\.png$")
+
+
 def cnmc_subject(filename: str) -> str | None:
     """The C-NMC subject id in ``filename``, or None when the name does not follow C-NMC."""
     match = CNMC_NAME.match(filename)
     return match.group("subject").upper() if match else None
+
+
+def name_subject(filename: str) -> str | None:
+    """The subject a file's name gives: a C-NMC subject, or the case id of a cell of the service's export (the
+    subject its CSV layout writes); None otherwise."""
+    exported = EXPORT_NAME.match(filename)
+    return exported.group("case") if exported else cnmc_subject(filename)
 
 
 def check_dataset_path(source: str | Path) -> Path:
@@ -66,7 +81,7 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
         for path in files_below(class_dir):
             hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
             if is_image_file(path) and not hidden:
-                subject = cnmc_subject(path.name) if parse_subjects else None
+                subject = name_subject(path.name) if parse_subjects else None
                 samples.append(Sample(path=path, label=class_dir.name, subject=subject))
     if not samples:
         raise DatasetError(f"{root}: no images (.jpg .png .bmp .tif) in any class folder")
@@ -123,8 +138,8 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Mani
             image_path = Path(row["path"])
             if not image_path.is_absolute():
                 image_path = path.parent / image_path
-            # no subject given: a C-NMC name still names its subject, as in class folders (else image-level splits)
-            subject = row.get("subject") or cnmc_subject(image_path.name)
+            # no subject given: a C-NMC or export name still names it, as in class folders (else image-level splits)
+            subject = row.get("subject") or name_subject(image_path.name)
             samples.append(Sample(image_path, row.get("label") or None, subject))
     if not samples:
         raise DatasetError(f"{path}: manifest has no rows")
@@ -136,5 +151,19 @@ def read_dataset(source: str | Path, *, require_labels: bool = False) -> Manifes
     always label their images; ``require_labels``: see :func:`read_csv_manifest`)."""
     source = check_dataset_path(source)
     if source.suffix.lower() == ".csv":
-        return read_csv_manifest(source, require_labels=require_labels)
-    return read_class_folders(source)
+        manifest = read_csv_manifest(source, require_labels=require_labels)
+    else:
+        manifest = read_class_folders(source)
+    _check_spellings(source, manifest.classes)
+    return manifest
+
+
+def _check_spellings(source: Path, classes: list[str]) -> None:
+    """Refuse labels that differ only in case: a lab's "Neutrophil" folder merged with an export's "neutrophil"
+    made two classes of one cell type, the model trained to tell them apart."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise DatasetError(f"{source}: labels {other!r} and {name!r} differ only in case and would be two "
+                               f"classes; give them one spelling (a shipped model's are lower case)")
