@@ -453,7 +453,7 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
 
     client, hema = service.client(), service.auth("hema")
     case = upload(client, service.auth("tech"), ("a.png", encode(cell_image("blast", 5), "PNG"))).json()
-    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
+    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}, "confirm_rest": True})
 
     def gone(name: str) -> bytes:
         raise OSError("object missing")
@@ -501,13 +501,19 @@ def test_smear_field_analysis(make_service, smear_analyzer):
     low, high = differential["blast_ci95"]
     assert low <= differential["blast_percentage"] <= high
     assert any("uncertain" in flag for flag in differential["flags"])
-    # an uncertain cell cannot be confirmed without a class
+    # a review that names no cell confirms none (the model's calls would reach the export as a hematologist's)
     hema = service.auth("hema")
-    refused = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
+    nothing = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}})
+    assert nothing.status_code == 200 and nothing.json()["changed"] == 0 and nothing.json()["status"] == "new"
+    # asked to confirm the rest, an uncertain cell cannot be confirmed without a class (named by its id)
+    refused = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": {}, "confirm_rest": True})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "label_required"
+    uncertain = next(c for c in case["cells"] if c["uncertain"])
+    assert refused.json()["error"]["message"].startswith(f"cell {uncertain['id']} (number ")
     labels = {str(c["id"]): c["top_class"] for c in case["cells"] if c["uncertain"]}
     labels[str(case["cells"][0]["id"])] = "blast"
-    done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": labels})
+    done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                       json={"labels": labels, "confirm_rest": True})
     assert done.status_code == 200, done.text
     assert done.json()["status"] == "reviewed"
     assert done.json()["case"]["differential"]["uncertain"] == 0

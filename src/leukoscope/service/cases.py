@@ -610,8 +610,8 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
             if cell.id in wanted or cell.reviewed_label is not None:
                 continue
             if cell.uncertain:
-                raise ServiceError(422, "label_required", f"cell {cell.position + 1} is uncertain: choose its class "
-                                                          "(or 'excluded')")
+                raise ServiceError(422, "label_required", f"cell {cell.id} (number {cell.position + 1} on the case "
+                                                          f"page) is uncertain: choose its class (or 'excluded')")
             wanted[cell.id] = cell.top_class
     now = utcnow()
     changes = []

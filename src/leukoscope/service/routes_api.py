@@ -236,7 +236,9 @@ def get_case(request: Request, case_id: str) -> dict[str, Any]:
 class ReviewBody(BaseModel):
     labels: dict[int, str] = Field(default_factory=dict, description="cell id -> class (or 'excluded')")
     comment: str | None = None
-    confirm_rest: bool = Field(True, description="cells not listed keep (confirm) their predicted class")
+    confirm_rest: bool = Field(False, description="true: cells not listed are confirmed in their predicted class "
+                                                  "(their labels then reach the reviewed-labels export as a "
+                                                  "hematologist's); false (default): they stay unreviewed")
     review_state: str | None = Field(None, description="the case's review.state when it was read: if another "
                                                        "review was saved since, nothing is saved (409)")
 
