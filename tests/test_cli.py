@@ -34,6 +34,14 @@ def trained_bundle(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactor
     return bundle
 
 
+def test_training_says_when_the_ood_threshold_rests_on_few_images(trained_bundle: Path) -> None:
+    """96 images: about 10 validation images set the OOD threshold (their 95th percentile); a lab's 6 had 25% of
+    its new cells flagged, not 5%, with nothing said."""
+    log = (trained_bundle.parent / "train.log").read_text()
+    assert "the OOD threshold rests on" in log and "validation images (fewer than 30)" in log
+    assert "5%%" not in log
+
+
 def test_models_lists_the_registry() -> None:
     result = invoke("models")
     assert result.exit_code == 0

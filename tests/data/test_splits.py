@@ -334,6 +334,20 @@ def test_split_matching(leaky: Manifest, cell_writer) -> None:
         split_matching(split, Manifest(resubjected, leaky.classes, leaky.root))
 
 
+def test_a_split_training_saved_names_its_file_when_the_data_grew(leaky: Manifest, cell_writer, tmp_path) -> None:
+    """A lab adding reviewed cells to its folder was told to "delete the split file", which training had made
+    under a name it never saw."""
+    from leukoscope.engine.config import DataConfig
+    from leukoscope.engine.data_prep import obtain_split
+
+    split_file = tmp_path / "splits" / "cells-0123456789.json"
+    obtain_split(DataConfig(path=str(leaky.root)), leaky, split_file, show_progress=False)
+    new = cell_writer(leaky.root / "all" / "UID_77_1_1_all.bmp", "blast", seed=4242)
+    grown = Manifest(leaky.samples + [Sample(new, "all", "77")], leaky.classes, leaky.root)
+    with pytest.raises(DatasetError, match=rf"1 new image\(s\); .*\(the split is {split_file}: delete it"):
+        obtain_split(DataConfig(path=str(leaky.root)), grown, split_file, show_progress=False)
+
+
 def test_a_csv_manifest_without_subjects_takes_them_from_cnmc_names(leaky: Manifest, tmp_path: Path) -> None:
     """The same C-NMC images as class folders or as a CSV without a subject column: the same subjects (the
     CSV gave none, and image-level splits put one patient on both sides)."""

@@ -32,6 +32,25 @@ def test_a_failed_run_keeps_its_folder_only_when_it_holds_a_model(tmp_path: Path
     assert "config.yaml" in {p.name for p in (tmp_path / "mil").iterdir()}
 
 
+def test_an_interrupted_run_says_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during `train` ended with no word of the checkpoint it had saved."""
+    import io
+
+    from rich.console import Console
+
+    from leukoscope import progress
+
+    terminal = Console(file=io.StringIO(), width=200, color_system=None)
+    monkeypatch.setattr(progress, "console", terminal)
+    with pytest.raises(KeyboardInterrupt), open_run(tmp_path / "run", load_config()) as run_dir:
+        (run_dir / CHECKPOINT_FILE).write_bytes(b"epoch 2")
+        raise KeyboardInterrupt
+    assert f"interrupted: `leukoscope train --resume {tmp_path / 'run'}` goes on" in terminal.file.getvalue()
+    with pytest.raises(KeyboardInterrupt), open_run(tmp_path / "early", load_config()):
+        raise KeyboardInterrupt  # before any epoch: nothing to resume, nothing said
+    assert "early" not in terminal.file.getvalue() and not (tmp_path / "early").exists()
+
+
 def test_paths_become_absolute_but_weight_names_do_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cells").mkdir()

@@ -255,6 +255,5 @@ def split_matching(split: Split, manifest: Manifest) -> None:
                                                             (relabelled, "relabelled"),
                                                             (resubjected, "with another subject")) if paths]
         raise DatasetError(
-            f"the saved split no longer matches the dataset: {', '.join(found)}; make a new split (delete the "
-            f"split file) or restore the data"
+            f"the saved split no longer matches the dataset: {', '.join(found)}; make a new split or restore the data"
         )

@@ -83,7 +83,11 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
     """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
     if split_file.exists():
         split = Split.load(split_file)
-        split_matching(split, manifest)
+        try:
+            split_matching(split, manifest)
+        except DatasetError as exc:  # the file to delete, by name: training made it, the user never named it
+            raise DatasetError(f"{exc} (the split is {split_file}: delete it and the next run makes a new one)") \
+                from None
         check_split(split)
         if split.classes != manifest.classes:
             raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")

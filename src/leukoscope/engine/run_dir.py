@@ -105,11 +105,13 @@ def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Itera
         with run_log(run_dir / "train.log"):
             save_config(config, run_dir / CONFIG_FILE)
             yield run_dir
-    except BaseException:
+    except BaseException as exc:
         if created and not resume and not _holds_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         if before is not None and _checkpoint_stamp(run_dir) == before[1]:
             (run_dir / CONFIG_FILE).write_bytes(before[0])
+        if isinstance(exc, KeyboardInterrupt) and (run_dir / CHECKPOINT_FILE).exists():
+            say(f"interrupted: `leukoscope train --resume {run_dir}` goes on from its last saved epoch")
         raise
 
 

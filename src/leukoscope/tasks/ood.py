@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: Training images the class Gaussians are fitted on, at most (a seeded sample beyond it):
 #: the means and a shrunk covariance are stable long before, and the forward pass costs time.
 MAX_FIT_IMAGES = 10_000
+#: Fewer validation images than this and the threshold (their scores' 95th percentile) is said to be unsteady.
+MIN_THRESHOLD_IMAGES = 30
 
 
 def fit_sample(n: int, seed: int = 0, limit: int = MAX_FIT_IMAGES) -> np.ndarray | None:
@@ -82,8 +84,14 @@ def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str =
     train = prepared.parts["train"]
     held_name = "val" if "val" in prepared.parts else "train"
     if held_name == "train":
-        log.warning("no validation split: the OOD threshold is set on the training images (expect more than 5%% "
-                    "of new in-distribution images to be flagged)")
+        log.warning("no validation split: the OOD threshold is set on the training images (expect more than 5% "
+                    "of new in-distribution images to be flagged, many more with few training images)")
+    elif len(prepared.parts["val"].targets) < MIN_THRESHOLD_IMAGES:
+        # Its 95th percentile of a handful of scores: a lab's 6 validation cells put it where 25% of new cells of
+        # the same lab were flagged.
+        log.warning("the OOD threshold rests on %d validation images (fewer than %d): the share of new images of "
+                    "this lab flagged 'unlike the training data' may be far above 5%%; add images, or read the "
+                    "flag as a hint", len(prepared.parts["val"].targets), MIN_THRESHOLD_IMAGES)
     sample = fit_sample(len(train.targets), seed)
     # The whole tensor when it is not sampled: a classical learner's features are cached for it.
     images = train.images if sample is None else train.images[torch_index(sample)]
