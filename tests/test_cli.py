@@ -42,6 +42,19 @@ def test_training_says_when_the_ood_threshold_rests_on_few_images(trained_bundle
     assert "5%%" not in log
 
 
+def test_training_on_one_case_says_its_figures_are_its_training_images(synthetic_root: Path, tmp_path: Path) -> None:
+    """A lab's export of one or two cases: every cell one subject, nothing left to validate or test on; the
+    bundle's headline figure was its training accuracy, said only in the report."""
+    images = sorted(synthetic_root.rglob("*.png"))[::4]
+    manifest = tmp_path / "one-case.csv"
+    manifest.write_text("path,label,subject\n" + "".join(f"{p},{p.parent.name},case-1\n" for p in images))
+    result = invoke("train", "--data", manifest, "--model", "abas_cnn", "--quiet", f"output_root={tmp_path / 'runs'}",
+                    "model.image_size=32", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "no validation or test images" in said and "say nothing of new images" in said
+
+
 def test_models_lists_the_registry() -> None:
     result = invoke("models")
     assert result.exit_code == 0

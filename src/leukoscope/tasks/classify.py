@@ -147,6 +147,10 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     if eval_name != "test":
         notes.append(f"No test split: the figures below are on the {eval_name} split, "
                      f"which {'took part in training' if eval_name == 'train' else 'was used to choose the model'}.")
+    if eval_name == "train":  # said where it is seen, not only in the report: a bundle is made all the same
+        say("[yellow]warning:[/yellow] no validation or test images (too few images, or subjects and cases, to "
+            "split): the figures below are the training images' own and say nothing of new images, and the "
+            "bundle is not calibrated; add images of more cases, or evaluate it on images it never saw")
     skipped = prepared.skipped()
     if skipped:
         notes.append(f"{len(skipped)} unreadable image(s) were skipped: "
