@@ -6,7 +6,9 @@ images are copied, renamed or on another machine, and they miss the *source* ima
 model trained on crops cut from them (the shipped classifier learned from crops of pbc's
 photographs and all-taleqani's fields; scoring those photographs is scoring its training
 data). So a bundle records the SHA-256 of each training and validation image, or of each
-source image its crops were cut from (``bench/zoo.py``), and evaluate compares contents.
+source image its crops were cut from (``bench/zoo.py``), and evaluate compares contents: of the file,
+and of its decoded pixels, so that a copy saved again (the service's reviewed-labels export re-encodes
+every cell; another format, metadata stripped) is known too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.scale import run_sample
 
 #: The file in a bundle folder (beside bundle.json).
@@ -35,6 +38,24 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
+def pixel_digest(path: str | Path) -> str | None:
+    """The first :data:`DIGEST_CHARS` hex characters of the SHA-256 of the image's decoded RGB pixels (and
+    size), as :func:`leukoscope.io.load_image` reads them; None for a file that is no readable image."""
+    try:
+        image = load_image(path)
+    except (ImageDecodeError, OSError):
+        return None
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
+def image_digests(path: str | Path) -> tuple[str, ...]:
+    """The file's digest and its pixels' (:func:`pixel_digest`, when it decodes)."""
+    pixels = pixel_digest(path)
+    return (file_digest(path),) + ((pixels,) if pixels else ())
+
+
 #: What a record's digests are of: the images trained on, or the images the training crops were cut from.
 OF_IMAGES, OF_CROP_SOURCES = "images", "crop sources"
 #: How an overlap names the parts whose crops' source images were found (``train sources``).
@@ -46,7 +67,7 @@ def write_training_digests(bundle_dir: str | Path, parts: Mapping[str, Iterable[
     """Record the digests of each part's files (``train``, ``val``) in ``bundle_dir`` as what they are ``of``
     (:data:`OF_IMAGES` or :data:`OF_CROP_SOURCES`), beside a record of the other kind already there."""
     records = read_training_digests(bundle_dir) or {}
-    records[of] = {part: {file_digest(path) for path in paths} for part, paths in parts.items()}
+    records[of] = {part: {digest for path in paths for digest in image_digests(path)} for part, paths in parts.items()}
     return _save_records(bundle_dir, records)
 
 
@@ -64,7 +85,7 @@ def inherit_training_digests(bundle_dir: str | Path, base_dir: str | Path) -> Pa
 
 
 def _save_records(bundle_dir: str | Path, records: Mapping[str, Mapping[str, set[str]]]) -> Path:
-    payload = {"hash": f"sha256[:{DIGEST_CHARS}]",
+    payload = {"hash": f"sha256[:{DIGEST_CHARS}] of each file and of its decoded RGB pixels",
                "records": {kind: {part: sorted(d) for part, d in record.items()} for kind, record in records.items()}}
     target = Path(bundle_dir) / DIGESTS_FILE
     target.write_text(json.dumps(payload, separators=(",", ":")))
@@ -86,20 +107,26 @@ def digest_overlap(records: Mapping[str, Mapping[str, set[str]]], paths: Iterabl
     """How many of ``paths`` have the contents of a learned part's image: ``train`` / ``val`` for the images
     trained on, ``train sources`` / ``val sources`` for the images the training crops were cut from (parts
     without any left out). Unreadable files are skipped (the scoring reports them)."""
+    return _overlap(records, _digests_of(paths))
+
+
+def _digests_of(paths: Iterable[str | Path]) -> list[tuple[str, ...]]:
     digests = []
     for path in paths:
         try:
-            digests.append(file_digest(path))
+            digests.append(image_digests(path))
         except OSError:
             continue
-    return _overlap(records, digests)
+    return digests
 
 
-def _overlap(records: Mapping[str, Mapping[str, set[str]]], digests: Sequence[str]) -> dict[str, int]:
+def _overlap(records: Mapping[str, Mapping[str, set[str]]], digests: Sequence[tuple[str, ...]]) -> dict[str, int]:
+    """Per learned part, how many images (each its :func:`image_digests`) match any of its digests."""
     found: dict[str, int] = {}
     for kind, record in records.items():
         for part in LEARNED_PARTS:
-            n = sum(1 for d in digests if d in record.get(part, ()))
+            learned = record.get(part, ())
+            n = sum(1 for ds in digests if any(d in learned for d in ds))
             if n:
                 found[part + (SOURCES_SUFFIX if kind == OF_CROP_SOURCES else "")] = n
     return found
@@ -124,18 +151,13 @@ def learned_among(bundles: Mapping[str, str | Path | None], paths: Sequence[str 
                   sample: int = LEARNED_SAMPLE) -> tuple[dict[str, dict[str, int]], int]:
     """For each of ``bundles`` (role -> bundle folder, None: no such model) that keeps records, the
     :func:`digest_overlap` of up to ``sample`` of ``paths`` (:func:`leukoscope.scale.run_sample`: spread evenly,
-    first and last included; each read once for every bundle), where any matched; and how many were checked. ``analyze`` and ``predict`` say it:
-    results on a model's own training images say nothing of new ones."""
+    first and last included; each read once for every bundle), where any matched; and how many were checked.
+    ``analyze`` and ``predict`` say it: results on a model's own training images say nothing of new ones."""
     records = {role: read_training_digests(bundle) for role, bundle in bundles.items() if bundle is not None}
     records = {role: record for role, record in records.items() if record}
     if not records or not paths:
         return {}, 0
     checked = run_sample(list(paths), sample)
-    digests = []
-    for path in checked:
-        try:
-            digests.append(file_digest(path))
-        except OSError:
-            continue  # the run reports it
+    digests = _digests_of(checked)  # an unreadable file is skipped: the run reports it
     found = {role: overlap for role, record in records.items() if (overlap := _overlap(record, digests))}
     return found, len(checked)
