@@ -76,6 +76,11 @@ def duplicate_groups(
         fingerprints.append(fingerprint(path))
         if progress:
             progress(index + 1, len(paths))
+    unreadable = [Path(path).name for path, fp in zip(paths, fingerprints) if fp.phash is None]
+    if unreadable:  # a split's counts include them; training and evaluation skip them (and say so)
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        log.warning("%d file(s) cannot be decoded as images: they stay in the split's lists, and training and "
+                    "evaluation skip them (%s)", len(unreadable), shown)
     return group_fingerprints(fingerprints, max_distance=max_distance)
 
 
