@@ -41,6 +41,10 @@ UNFAMILIAR_WORDING = "review: images unlike the training data"
 #: The start of the warning for a single-cell image classified whole, without a scale.
 UNSCALED_CELL_WORDING = "No scale for a single-cell image"
 UNFRAMED_WORDING = "Cells cut by their boxes, not at the classifier's window"
+#: How a field's warning of the detection cap begins (:func:`cap_warning`).
+CAP_WORDING = "The detector returned as many boxes as its per-image cap allows"
+#: How the warning of a field analysed at the detector's scale, for want of its own, begins.
+UNSCALED_FIELD_WORDING = "no scale for this field"
 
 
 def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
@@ -92,8 +96,7 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
     """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
     where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
     where += _named(names)
-    return (f"The detector returned as many boxes as its per-image cap allows in {where}: cells beyond the cap "
-            f"were dropped, the count is unreliable.")
+    return f"{CAP_WORDING} in {where}: cells beyond the cap were dropped, the count is unreliable."
 
 
 def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -> str:

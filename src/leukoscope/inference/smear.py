@@ -33,8 +33,8 @@ from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
-                                          cap_warning, classified_unit, detector_warnings, unfamiliar_warning,
-                                          unframed_warning)
+                                          UNSCALED_FIELD_WORDING, cap_warning, classified_unit, detector_warnings,
+                                          unfamiliar_warning, unframed_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.smear_output import FolderSummary
@@ -70,7 +70,7 @@ TILE_MODEL_PIXELS = 2048
 def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
     """The warning of a field analysed without a scale of its own or its run's, at the detector's (``why``:
     the estimate's note)."""
-    return (f"no scale for this field ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
+    return (f"{UNSCALED_FIELD_WORDING} ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
             f"training scale; white cells may be missed or mistyped: state the microscope's scale ({SCALE_OPTION})")
 
 

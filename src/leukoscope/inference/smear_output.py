@@ -16,8 +16,9 @@ from PIL import Image
 
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
-from leukoscope.inference.quality import (DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING, cap_warning,
-                                          classified_unit, grayscale_fields_warning, stated_scale_fields_warning,
+from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING,
+                                          UNSCALED_FIELD_WORDING, cap_warning, classified_unit,
+                                          grayscale_fields_warning, stated_scale_fields_warning,
                                           unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
@@ -86,6 +87,55 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
 
 
 @dataclass(frozen=True)
+class FieldWarnings:
+    """What the warnings of a set of fields are folded from (:func:`folded_field_warnings`): a field's name,
+    its own warnings, its scale record and whether the detector hit its cap in it."""
+
+    name: str
+    warnings: Sequence[str]
+    scale: dict[str, Any] | None = None
+    capped: bool = False
+
+    @classmethod
+    def of(cls, result: SmearResult) -> "FieldWarnings":
+        return cls(Path(result.source).name, list(result.warnings), result.scale, bool(result.capped_tiles))
+
+
+def is_folded(warning: str) -> bool:
+    """Whether a field's ``warning`` is of a kind :func:`folded_field_warnings` says of the fields together."""
+    return (warning.startswith((CAP_WORDING, UNSCALED_FIELD_WORDING, UNFRAMED_WORDING, STATED_SCALE_WORDING))
+            or warning == GRAYSCALE_WARNING)
+
+
+def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequence[str] = (), *,
+                          fields_say: bool = True) -> list[str]:
+    """The warnings of a slide (a folder, a web service case) from those of its fields, one line per kind naming
+    the fields (at the detection cap, analysed at a guessed scale, cut without the classifier's window, a stated
+    scale their red cells doubt (unless ``run_warnings`` doubt it for all), without colour): no leukemia flag of
+    the slide rests on what none of a field's would. ``fields_say``: each field's own warning is shown too
+    (its files; the web service keeps the case's warnings only)."""
+    warnings = []
+    capped = [f.name for f in fields if f.capped]
+    if capped:
+        warnings.append(cap_warning(len(capped), len(fields), "field", capped))
+    unscaled = [f.name for f in fields if f.scale and f.scale.get("source") == "unknown"
+                and f.scale.get("analysed_at_um_per_px")]
+    if unscaled:
+        warnings.append(unscaled_fields_warning(len(unscaled), len(fields), unscaled))
+    unframed = [f.name for f in fields if any(w.startswith(UNFRAMED_WORDING) for w in f.warnings)]
+    if unframed:
+        warnings.append(unframed_fields_warning(len(unframed), len(fields), unframed))
+    doubted = [f.name for f in fields if any(w.startswith(STATED_SCALE_WORDING) for w in f.warnings)]
+    run_doubt = any(w.startswith(STATED_SCALE_WORDING) for w in run_warnings)  # said of every field then
+    if doubted and not run_doubt:
+        warnings.append(stated_scale_fields_warning(len(doubted), len(fields), doubted, fields_say=fields_say))
+    grey = [f.name for f in fields if GRAYSCALE_WARNING in f.warnings]
+    if grey:  # a count that left out fields it could not see
+        warnings.append(grayscale_fields_warning(len(grey), len(fields), grey))
+    return warnings
+
+
+@dataclass(frozen=True)
 class CellTally:
     """What the pooled differential needs of the cells: how many have each label, how many are unfamiliar."""
 
@@ -132,25 +182,8 @@ class FolderSummary:
         when more than ``unfamiliar_share`` of the slide's cells are unfamiliar, that warning (by the
         fields' rule on the pooled cells: one unusual field among many does not stop the slide's count,
         its own row carries its warning)."""
-        capped = [Path(r.source).name for r in self.results if r.capped_tiles]
-        read = [r for r in self.results if r.error is None]
-        warnings = self.detector_warnings + self.run_warnings
-        warnings += [cap_warning(len(capped), len(read), "field", capped)] if capped else []
-        # No leukemia flag of the slide rests on a guessed scale, as none of a field's does.
-        unscaled = [Path(r.source).name for r in read if r.scale and r.scale.get("source") == "unknown"
-                    and r.scale.get("analysed_at_um_per_px")]
-        if unscaled:
-            warnings.append(unscaled_fields_warning(len(unscaled), len(read), unscaled))
-        unframed = [Path(r.source).name for r in read if any(w.startswith(UNFRAMED_WORDING) for w in r.warnings)]
-        if unframed:  # nor on cells cut without the classifier's window
-            warnings.append(unframed_fields_warning(len(unframed), len(read), unframed))
-        doubted = [Path(r.source).name for r in read if any(w.startswith(STATED_SCALE_WORDING) for w in r.warnings)]
-        run_doubt = any(w.startswith(STATED_SCALE_WORDING) for w in self.run_warnings)  # said of every field then
-        if doubted and not run_doubt:  # nor on a scale the fields' own red cells contradict
-            warnings.append(stated_scale_fields_warning(len(doubted), len(read), doubted))
-        grey = [Path(r.source).name for r in read if GRAYSCALE_WARNING in r.warnings]
-        if grey:  # nor on a count that left out fields it could not see
-            warnings.append(grayscale_fields_warning(len(grey), len(read), grey))
+        read = [FieldWarnings.of(r) for r in self.results if r.error is None]
+        warnings = self.detector_warnings + self.run_warnings + folded_field_warnings(read, self.run_warnings)
         tally = self._tally()
         unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share,
                                              classified_unit(self.rules.classes))

@@ -28,13 +28,14 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
-from leukoscope.inference.quality import (about_classification_only, classified_unit, is_unfamiliar_warning,
-                                          stated_scale_fields_warning, unfamiliar_warning)
+from leukoscope.inference.quality import (CAP_WORDING, about_classification_only, classified_unit,
+                                          is_unfamiliar_warning, unfamiliar_warning)
+from leukoscope.inference.smear_output import FieldWarnings, folded_field_warnings, is_folded
 from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, allow_pixels, load_image,
                            too_many_pixels)
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, STATED_SCALE_WORDING, FieldScale,
-                              checked_um_per_px, field_scale, run_sample, run_scale_of, stated_doubt_of_run)
+from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px, field_scale, run_sample,
+                              run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
 from leukoscope.service.analysis import SCALE_FIELD, ImageOutcome, differential, in_service_words
 from leukoscope.service.auth import Principal, audit, too_many
@@ -250,18 +251,18 @@ class CaseScale:
     run: dict[str, Any] | None = None
     doubt: str | None = None
 
-    def warnings(self, prepared: Sequence[PreparedImage]) -> list[str]:
-        """The case's warnings (:func:`named_warnings`), the stated scale's doubts said once: the case's red
-        cells' together when they doubt it, else an image's own (with its measure), one line for several."""
-        doubts = [(upload.name, warning) for upload in prepared for warning in upload.warnings
-                  if warning.startswith(STATED_SCALE_WORDING)]
-        kept = [warning for warning in named_warnings(prepared) if not warning.startswith(STATED_SCALE_WORDING)]
-        if self.doubt is not None:
-            return [self.doubt, *kept]
-        if len(doubts) > 1:
-            names = [name for name, _ in doubts]
-            return [stated_scale_fields_warning(len(doubts), len(prepared), names, fields_say=False), *kept]
-        return [f"{doubt}{in_images([name], len(prepared))}" for name, doubt in doubts] + kept
+    def warnings(self, prepared: Sequence[PreparedImage], kind: str = "cell") -> list[str]:
+        """The case's warnings: the stated scale's doubt by the case's red cells first; then, of a smear case of
+        several fields, those of its fields as a folder's summary says them (one line per kind, naming the
+        fields: :func:`leukoscope.inference.smear_output.folded_field_warnings`) after the others; else each
+        image's own (:func:`named_warnings`)."""
+        run = [self.doubt] if self.doubt else []
+        if kind != "smear" or len(prepared) < 2:
+            return run + named_warnings(prepared)
+        fields = [FieldWarnings(upload.name, upload.warnings, upload.scale,
+                                capped=any(w.startswith(CAP_WORDING) for w in upload.warnings)) for upload in prepared]
+        kept = [warning for warning in named_warnings(prepared) if not is_folded(warning)]
+        return run + kept + folded_field_warnings(fields, run, fields_say=False)
 
 
 def named_warnings(prepared: Sequence[PreparedImage]) -> list[str]:
@@ -399,7 +400,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     # several does not stop the case's count (its own annotated picture still says so).
     predictions = [cell.prediction for upload in prepared for cell in upload.cells]
     case_scale = case_scale or CaseScale()
-    warnings = [in_service_words(warning) for warning in case_scale.warnings(prepared)
+    warnings = [in_service_words(warning) for warning in case_scale.warnings(prepared, kind)
                 if not is_unfamiliar_warning(warning)]
     unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions],
                                     unit="cell images" if kind == "cell" else classified_unit(analyzer.classes))
