@@ -1469,7 +1469,7 @@ def _analysed_line(images: int, failed: int, pooled) -> str:
     if failed == images:
         return f"none of the {images} image(s) could be read"
     text = f"{images - failed} of {images} image(s) read" if failed else f"{images} image(s)"
-    text += f", {pooled.total} white cells"
+    text += f", {pooled.total} white cell{'' if pooled.total == 1 else 's'}"
     if pooled.blast_percentage is not None and pooled.blast_percentage_meaningful:
         low, high = pooled.blast_ci95
         text += f", blasts {pooled.blasts} ({pooled.blast_percentage:.1f}%, 95% CI {low:.1f}-{high:.1f}%)"

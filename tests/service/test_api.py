@@ -727,6 +727,7 @@ def test_a_stated_scale_is_refused_where_single_cells_are_taken_as_they_are(serv
                            files=[("files", ("cell.png", encode(cell_image(), "PNG"), "image/png"))])
     assert response.status_code == 400 and response.json()["error"]["code"] == "scale_not_used"
     assert "leave um_per_px empty" in response.json()["error"]["message"]
+    assert "the scale applies to smear fields only" in service.login("tech").get("/upload").text  # said on the form
 
 
 def test_a_stated_scale_is_refused_by_a_smear_backend_that_cannot_take_one(make_service, analyzer):
