@@ -288,6 +288,16 @@ def test_analyze_exits_2_when_no_field_could_be_read(tmp_path: Path) -> None:
     assert [row["flags"].startswith("Not analysed") for row in rows] == [True, True]  # the field and TOTAL
 
 
+def test_split_refuses_classes_that_differ_only_in_case(synthetic_root: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    images = sorted((synthetic_root / "blast").glob("*.png"))
+    rows = "".join(f"{p},{'Blast' if i % 2 else 'blast'}\n" for i, p in enumerate(images))
+    manifest.write_text("path,label\n" + rows)
+    result = invoke("split", "--data", manifest, "--out", tmp_path / "s.json")
+    assert result.exit_code == 2 and "'Blast' and 'blast' differ only in case" in " ".join(result.output.split())
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.json"
     result = invoke("split", "--data", synthetic_root, "--out", out, "--ratios", "0.75,0.25")

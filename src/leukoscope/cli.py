@@ -389,7 +389,7 @@ def split(
     Use it with `--split-file FILE` (or data.split_file=FILE) on train, search,
     compare and evaluate, so that every run and score uses these same parts.
     """
-    from leukoscope.data.readers import read_dataset
+    from leukoscope.data.readers import check_spellings, read_dataset
     from leukoscope.data.splits import make_split
     from leukoscope.progress import counter_callback, progress_bar
 
@@ -406,6 +406,7 @@ def split(
 
     def work():
         manifest = read_dataset(data, require_labels=True)
+        check_spellings(data, manifest.classes)
         with progress_bar(len(manifest), "hashing images") as update:
             result = make_split(manifest, ratios=values, seed=seed, near_duplicates=near_duplicates,
                                 progress=counter_callback(update))

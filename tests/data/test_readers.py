@@ -151,16 +151,25 @@ def test_the_service_exports_cells_are_grouped_by_case(tmp_path: Path, cell_writ
                                                           "case-other-cell-5.png": None}
 
 
-def test_labels_that_differ_only_in_case_are_refused(tmp_path: Path, cell_writer) -> None:
-    """A lab's "Neutrophil" folder merged with an export's "neutrophil" made two classes of one cell type."""
-    cell_writer(tmp_path / "Neutrophil" / "a.png")
-    cell_writer(tmp_path / "neutrophil" / "b.png", seed=1)
-    with pytest.raises(DatasetError, match="labels 'Neutrophil' and 'neutrophil' differ only in case"):
-        read_dataset(tmp_path)
+def test_labels_that_differ_only_in_case_are_refused_unless_mapped(tmp_path: Path, cell_writer) -> None:
+    """A lab's "Neutrophil" folder merged with an export's "neutrophil" made two classes of one cell type;
+    training refuses them, unless data.class_map makes them one."""
+    from leukoscope.engine.config import DataConfig
+    from leukoscope.engine.data_prep import load_manifest
+
+    for index in range(2):
+        cell_writer(tmp_path / "Neutrophil" / f"a{index}.png", seed=index)
+        cell_writer(tmp_path / "neutrophil" / f"b{index}.png", seed=10 + index)
+        cell_writer(tmp_path / "lymphocyte" / f"c{index}.png", seed=20 + index)
+    with pytest.raises(DatasetError, match="labels 'Neutrophil' and 'neutrophil' differ only in case.*class_map"):
+        load_manifest(DataConfig(path=str(tmp_path)))
+    mapped = load_manifest(DataConfig(path=str(tmp_path), class_map={"Neutrophil": "neutrophil"}))
+    assert mapped.classes == ["lymphocyte", "neutrophil"] and len(mapped) == 6
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label\nNeutrophil/a.png,EOSINOPHIL\nneutrophil/b.png,eosinophil\n")
+    manifest.write_text("path,label\nNeutrophil/a0.png,EOSINOPHIL\nneutrophil/b0.png,eosinophil\n"
+                        "lymphocyte/c0.png,lymphocyte\n")
     with pytest.raises(DatasetError, match="'EOSINOPHIL' and 'eosinophil' differ only in case"):
-        read_dataset(manifest)
+        load_manifest(DataConfig(path=str(manifest)))
 
 
 def test_cnmc_tree_read_one_level_too_high_is_refused(tmp_path: Path, cell_writer) -> None:

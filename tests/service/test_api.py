@@ -634,19 +634,25 @@ def test_smear_with_the_real_smear_analyzer(make_service, cell_bundle, tmp_path)
         analyzer.close()
 
 
-def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, analyzer):
-    """A classifier of a physical window sees that many micrometres around the upload's centre at the
-    scale its red cells give (as `leukoscope predict`); the crop is kept for the export. An upload without a
-    scale is classified whole, and its case carries a warning instead of any leukemia flag."""
+def windowed_analyzer(analyzer):
+    """The tests' service analyzer with a classifier of a 24 um physical window (as the shipped one)."""
     import copy
     from dataclasses import replace
 
     from leukoscope.service.analysis import Analyzer
-    from tests.test_scale import smear_field
 
     windowed = copy.copy(analyzer.base)
     windowed.preprocessing = replace(windowed.preprocessing, cell_window_um=24.0)
-    framing = Analyzer(windowed, gradcam=False, threads=1, name="abas_cnn, 24 um window")
+    return Analyzer(windowed, gradcam=False, threads=1, name="abas_cnn, 24 um window")
+
+
+def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, analyzer):
+    """A classifier of a physical window sees that many micrometres around the upload's centre at the
+    scale its red cells give (as `leukoscope predict`); the crop is kept for the export. An upload without a
+    scale is classified whole, and its case carries a warning instead of any leukemia flag."""
+    from tests.test_scale import smear_field
+
+    framing = windowed_analyzer(analyzer)
     try:
         service = make_service(analyzer_override=framing)
         service.add_user("tech", "technician")
@@ -688,15 +694,9 @@ def test_a_stated_scale_single_cells_doubt_is_answered_by_a_full_review(make_ser
     """Five single-cell images at 0.375 um/px stated as 0.8: their red cells doubt it in single-cell words (no
     cell is detected, so none is missed: the classes are what it puts in doubt), and once a hematologist has
     labelled every cell the doubt is answered, as "No scale for a single-cell image" is."""
-    import copy
-    from dataclasses import replace
-
-    from leukoscope.service.analysis import Analyzer
     from tests.test_scale import smear_field
 
-    windowed = copy.copy(analyzer.base)
-    windowed.preprocessing = replace(windowed.preprocessing, cell_window_um=24.0)
-    framing = Analyzer(windowed, gradcam=False, threads=1, name="abas_cnn, 24 um window")
+    framing = windowed_analyzer(analyzer)
     try:
         service = make_service(analyzer_override=framing)
         service.add_user("tech", "technician")

@@ -94,8 +94,10 @@ def test_the_case_page_says_a_blast_percentage_of_few_cells_is_not_meaningful(ma
 
 def test_a_server_names_its_blast_classes(cell_bundle, tmp_path) -> None:
     """`serve` told admins to "name them with --blast-class", an option it did not have: a lab whose classifier
-    calls its blasts otherwise could not have them counted. The setting (and `serve --blast-class`) reaches the
-    single-cell and smear counts alike; a name the classifier does not have stops the start."""
+    calls its blasts otherwise could not have them counted. The setting (LEUKOSCOPE_BLAST_CLASSES, which
+    `serve --blast-class` sets) reaches the server's analyzer; a name the classifier does not have stops the
+    start. (Smear fields get the same names through the analyzer's smear options: not run here, the tests'
+    server has no detector bundle.)"""
     import pytest
 
     from leukoscope.service.app import create_app
@@ -112,3 +114,21 @@ def test_a_server_names_its_blast_classes(cell_bundle, tmp_path) -> None:
         app.state.service.engine.dispose()
     with pytest.raises(ValueError, match="lymphoblast"):
         create_app(settings.model_copy(update={"blast_classes": "lymphoblast", "data_dir": tmp_path / "other"}))
+
+
+def test_a_smear_cases_fields_warnings_are_said_once_per_kind() -> None:
+    """A grey field among colour fields was warned twice (its own line, named, beside the folded one)."""
+    from leukoscope.inference.quality import GRAYSCALE_WARNING, cap_warning
+    from leukoscope.service.cases import CaseScale
+
+    unverified = "detector unverified: ..."
+    images = [image_warned("a.png", unverified, GRAYSCALE_WARNING), image_warned("b.png", unverified),
+              image_warned("c.png", unverified, cap_warning(1, 1))]
+    said = CaseScale().warnings(images, "smear")
+    assert said[0] == unverified and len(said) == 3
+    assert said[1].startswith("The detector returned as many boxes as its per-image cap allows in 1 of 3 fields "
+                              "(c.png)")
+    assert said[2].startswith("1 of 3 fields (a.png) had no colour")
+    assert not any(GRAYSCALE_WARNING in warning for warning in said)
+    # one field: its own words
+    assert CaseScale().warnings(images[:1], "smear") == [unverified, GRAYSCALE_WARNING]

@@ -50,16 +50,15 @@ def pixel_digest(path: str | Path) -> str | None:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-def image_digests(path: str | Path) -> tuple[str, ...]:
-    """The file's digest and its pixels' (:func:`pixel_digest`, when it decodes)."""
-    pixels = pixel_digest(path)
-    return (file_digest(path),) + ((pixels,) if pixels else ())
 
 
 #: What a record's digests are of: the images trained on, or the images the training crops were cut from.
 OF_IMAGES, OF_CROP_SOURCES = "images", "crop sources"
 #: How an overlap names the parts whose crops' source images were found (``train sources``).
 SOURCES_SUFFIX = " sources"
+#: A record kind's twin holding the digests of the images' decoded pixels (bundles made before it have none:
+#: their images are then checked by file alone, and nothing is decoded for them).
+PIXELS_SUFFIX = " (pixels)"
 
 
 def write_training_digests(bundle_dir: str | Path, parts: Mapping[str, Iterable[str | Path]], *,
@@ -67,7 +66,10 @@ def write_training_digests(bundle_dir: str | Path, parts: Mapping[str, Iterable[
     """Record the digests of each part's files (``train``, ``val``) in ``bundle_dir`` as what they are ``of``
     (:data:`OF_IMAGES` or :data:`OF_CROP_SOURCES`), beside a record of the other kind already there."""
     records = read_training_digests(bundle_dir) or {}
-    records[of] = {part: {digest for path in paths for digest in image_digests(path)} for part, paths in parts.items()}
+    listed = {part: list(paths) for part, paths in parts.items()}
+    records[of] = {part: {file_digest(path) for path in paths} for part, paths in listed.items()}
+    records[of + PIXELS_SUFFIX] = {part: {digest for path in paths if (digest := pixel_digest(path))}
+                                   for part, paths in listed.items()}
     return _save_records(bundle_dir, records)
 
 
@@ -85,7 +87,8 @@ def inherit_training_digests(bundle_dir: str | Path, base_dir: str | Path) -> Pa
 
 
 def _save_records(bundle_dir: str | Path, records: Mapping[str, Mapping[str, set[str]]]) -> Path:
-    payload = {"hash": f"sha256[:{DIGEST_CHARS}] of each file and of its decoded RGB pixels",
+    payload = {"hash": f"sha256[:{DIGEST_CHARS}] of each file ('{PIXELS_SUFFIX.strip()}' kinds: of its decoded RGB "
+                       f"pixels)",
                "records": {kind: {part: sorted(d) for part, d in record.items()} for kind, record in records.items()}}
     target = Path(bundle_dir) / DIGESTS_FILE
     target.write_text(json.dumps(payload, separators=(",", ":")))
@@ -107,26 +110,34 @@ def digest_overlap(records: Mapping[str, Mapping[str, set[str]]], paths: Iterabl
     """How many of ``paths`` have the contents of a learned part's image: ``train`` / ``val`` for the images
     trained on, ``train sources`` / ``val sources`` for the images the training crops were cut from (parts
     without any left out). Unreadable files are skipped (the scoring reports them)."""
-    return _overlap(records, _digests_of(paths))
+    return _overlap(records, _digests_of(paths, _wants_pixels(records)))
 
 
-def _digests_of(paths: Iterable[str | Path]) -> list[tuple[str, ...]]:
+def _wants_pixels(records: Mapping[str, object]) -> bool:
+    return any(kind.endswith(PIXELS_SUFFIX) for kind in records)
+
+
+def _digests_of(paths: Iterable[str | Path], pixels: bool) -> list[tuple[str, str | None]]:
+    """Each readable file's digest, and its pixels' when ``pixels`` (a full decode: only for a record that has
+    them)."""
     digests = []
     for path in paths:
         try:
-            digests.append(image_digests(path))
+            digests.append((file_digest(path), pixel_digest(path) if pixels else None))
         except OSError:
             continue
     return digests
 
 
-def _overlap(records: Mapping[str, Mapping[str, set[str]]], digests: Sequence[tuple[str, ...]]) -> dict[str, int]:
-    """Per learned part, how many images (each its :func:`image_digests`) match any of its digests."""
+def _overlap(records: Mapping[str, Mapping[str, set[str]]],
+             digests: Sequence[tuple[str, str | None]]) -> dict[str, int]:
+    """Per learned part, how many images (file digest, pixel digest or None) match its files or its pixels."""
     found: dict[str, int] = {}
-    for kind, record in records.items():
+    for kind in dict.fromkeys(kind.removesuffix(PIXELS_SUFFIX) for kind in records):
+        files, pixels = records.get(kind, {}), records.get(kind + PIXELS_SUFFIX, {})
         for part in LEARNED_PARTS:
-            learned = record.get(part, ())
-            n = sum(1 for ds in digests if any(d in learned for d in ds))
+            n = sum(1 for file, pixel in digests
+                    if file in files.get(part, ()) or (pixel is not None and pixel in pixels.get(part, ())))
             if n:
                 found[part + (SOURCES_SUFFIX if kind == OF_CROP_SOURCES else "")] = n
     return found
@@ -158,6 +169,7 @@ def learned_among(bundles: Mapping[str, str | Path | None], paths: Sequence[str 
     if not records or not paths:
         return {}, 0
     checked = run_sample(list(paths), sample)
-    digests = _digests_of(checked)  # an unreadable file is skipped: the run reports it
+    # an unreadable file is skipped (the run reports it); pixels are decoded only for a record that has them
+    digests = _digests_of(checked, any(_wants_pixels(record) for record in records.values()))
     found = {role: overlap for role, record in records.items() if (overlap := _overlap(record, digests))}
     return found, len(checked)

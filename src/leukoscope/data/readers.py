@@ -7,7 +7,8 @@ Layouts understood:
   (its cells are one patient's: never split between training and test);
 - a CSV manifest with columns ``path,label[,subject]``.
 
-Labels that differ only in case ("Neutrophil" beside "neutrophil") are refused: they would be two classes.
+Labels that differ only in case ("Neutrophil" beside "neutrophil") would be two classes: training and
+``split`` refuse them (:func:`check_spellings`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import csv
 import logging
 import re
 from pathlib import Path
+from typing import Sequence
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.io import files_below, is_image_file
@@ -151,19 +153,17 @@ def read_dataset(source: str | Path, *, require_labels: bool = False) -> Manifes
     always label their images; ``require_labels``: see :func:`read_csv_manifest`)."""
     source = check_dataset_path(source)
     if source.suffix.lower() == ".csv":
-        manifest = read_csv_manifest(source, require_labels=require_labels)
-    else:
-        manifest = read_class_folders(source)
-    _check_spellings(source, manifest.classes)
-    return manifest
+        return read_csv_manifest(source, require_labels=require_labels)
+    return read_class_folders(source)
 
 
-def _check_spellings(source: Path, classes: list[str]) -> None:
-    """Refuse labels that differ only in case: a lab's "Neutrophil" folder merged with an export's "neutrophil"
-    made two classes of one cell type, the model trained to tell them apart."""
+def check_spellings(source: str | Path, classes: Sequence[str], remedy: str = "give them one spelling") -> None:
+    """Refuse classes that differ only in case: a lab's "Neutrophil" folder merged with an export's "neutrophil"
+    made two classes of one cell type, the model trained to tell them apart. Training checks the classes it will
+    learn (after ``data.class_map``), ``split`` those it splits by."""
     seen: dict[str, str] = {}
     for name in classes:
         other = seen.setdefault(name.casefold(), name)
         if other != name:
             raise DatasetError(f"{source}: labels {other!r} and {name!r} differ only in case and would be two "
-                               f"classes; give them one spelling (a shipped model's are lower case)")
+                               f"classes; {remedy} (a shipped model's are lower case)")

@@ -253,7 +253,9 @@ def split_matching(split: Split, manifest: Manifest) -> None:
     if new or gone or relabelled or resubjected:
         found = [f"{len(paths)} {what}" for paths, what in ((new, "new image(s)"), (gone, "image(s) no longer in it"),
                                                             (relabelled, "relabelled"),
-                                                            (resubjected, "with another subject")) if paths]
+                                                            (resubjected, "with another subject (a subject "
+                                                             "column, or names read as subjects since)"))
+                 if paths]
         raise DatasetError(
             f"the saved split no longer matches the dataset: {', '.join(found)}; make a new split or restore the data"
         )

@@ -12,7 +12,7 @@ import torch
 
 from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
-from leukoscope.data.readers import read_dataset
+from leukoscope.data.readers import check_spellings, read_dataset
 from leukoscope.data.splits import Split, check_split, make_split, split_matching
 from leukoscope.engine.config import DataConfig
 from leukoscope.preprocessing import Preprocessing
@@ -52,6 +52,7 @@ def load_manifest(data: DataConfig) -> Manifest:
             raise DatasetError(f"data.class_map names classes {unknown} not in the data (found {manifest.classes})")
         samples = [Sample(s.path, data.class_map.get(s.label, s.label), s.subject) for s in samples]
     classes = sorted({s.label for s in samples if s.label is not None})
+    check_spellings(data.path, classes, "give them one spelling, or map one to the other with data.class_map")
     if data.classes:
         missing = sorted(set(data.classes) - set(classes))
         if missing:

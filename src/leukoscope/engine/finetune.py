@@ -41,7 +41,7 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     lost = [c for c in only_bundle if c.casefold() not in {d.casefold() for d in only_data}]
     if lost:
         parts.append(f"the new classifier will not know {', '.join(lost)}")
-    blasts = blast_classes_in(lost)
+    blasts = blast_classes_in(lost) if not blast_classes_in(data_classes) else []  # the data's own blasts count
     if blasts:
         parts.append(f"without {', '.join(blasts)} it calls no cell a blast, and `analyze` cannot screen for "
                      f"leukemia with it (its counts say so); to keep blasts, train on the lab's blasts too")

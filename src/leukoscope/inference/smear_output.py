@@ -103,8 +103,8 @@ class FieldWarnings:
 
 def is_folded(warning: str) -> bool:
     """Whether a field's ``warning`` is of a kind :func:`folded_field_warnings` says of the fields together."""
-    return (warning.startswith((CAP_WORDING, UNSCALED_FIELD_WORDING, UNFRAMED_WORDING, STATED_SCALE_WORDING))
-            or warning == GRAYSCALE_WARNING)
+    return warning.startswith((CAP_WORDING, UNSCALED_FIELD_WORDING, UNFRAMED_WORDING, STATED_SCALE_WORDING,
+                               GRAYSCALE_WARNING))
 
 
 def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequence[str] = (), *,

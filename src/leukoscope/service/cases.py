@@ -16,7 +16,7 @@ import tempfile
 import unicodedata
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -261,8 +261,8 @@ class CaseScale:
             return run + named_warnings(prepared)
         fields = [FieldWarnings(upload.name, upload.warnings, upload.scale,
                                 capped=any(w.startswith(CAP_WORDING) for w in upload.warnings)) for upload in prepared]
-        kept = [warning for warning in named_warnings(prepared) if not is_folded(warning)]
-        return run + kept + folded_field_warnings(fields, run, fields_say=False)
+        unfolded = [replace(upload, warnings=[w for w in upload.warnings if not is_folded(w)]) for upload in prepared]
+        return run + named_warnings(unfolded) + folded_field_warnings(fields, run, fields_say=False)
 
 
 def named_warnings(prepared: Sequence[PreparedImage]) -> list[str]:
