@@ -78,3 +78,34 @@ def test_the_shipped_detector_records_the_scores_it_gets_with_its_own_settings(t
     assert measured["map"] == pytest.approx(info.metrics["map"], abs=1e-4)
     for name, ap in info.metrics["ap_50_per_class"].items():
         assert measured["per_class"][name]["ap_50"] == pytest.approx(ap, abs=1e-4)
+
+
+@needs_models
+@pytest.mark.skipif(not CBC_TESTING.is_dir(), reason="needs ../shared/datasets/cbc")
+def test_analyze_writes_each_cell_by_class_for_a_lab_to_sort_and_fine_tune_on(tmp_path: Path) -> None:
+    """A lab fine-tuning on its own cells had no way to cut them as the classifier sees them (24 um around each
+    cell, at the field's scale): `analyze --cells` writes them by class, named by field, ready to be sorted."""
+    from PIL import Image
+
+    from leukoscope.data.readers import read_dataset
+
+    fields = [CBC_TESTING / "Images" / name for name in ("BloodImage_00340.jpg", "BloodImage_00345.jpg")]
+    cells = tmp_path / "cells"
+    result = CliRunner().invoke(app, ["analyze", *map(str, fields), "--out", str(tmp_path / "out"), "--cells",
+                                      str(cells), "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = sorted(cells.rglob("*.png"))
+    reports = [json.loads((tmp_path / "out" / f"{f.stem}.json").read_text()) for f in fields]
+    assert len(written) == sum(len(report["cells"]) for report in reports) >= 2
+    assert {p.parent.name for p in written} <= {*reports[0]["differential"]["counts"], "uncertain"}
+    for report, stem in zip(reports, ("BloodImage_00340", "BloodImage_00345")):
+        um = report["scale"]["analysed_at_um_per_px"]
+        for cell in report["cells"]:
+            crop = cells / cell["label"] / f"{stem}-cell-{cell['cell_id']}.png"
+            assert abs(Image.open(crop).size[0] - 24 / um) <= 2  # the classifier's 24 um window
+    assert f"cells: {len(written)} written to {cells}/<class>/" in " ".join(result.output.split())
+    # read back as a dataset, a field's cells are one subject (never on both sides of a split)
+    assert {s.subject for s in read_dataset(cells)} == {"field BloodImage_00340", "field BloodImage_00345"}
+    on_ray = CliRunner().invoke(app, ["analyze", str(fields[0]), "--engine", "ray", "--cells", str(tmp_path / "c2"),
+                                      "--out", str(tmp_path / "o2")])
+    assert on_ray.exit_code == 2 and "use it with --engine local" in on_ray.output

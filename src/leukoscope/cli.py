@@ -1231,6 +1231,11 @@ def analyze(
                                          "many as the nodes can place, each node's CPUs / --threads)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
                                       "row in the output holds an error (others already there are skipped)."),
+    cells: Optional[Path] = typer.Option(None, "--cells", help="Also write each white cell of the fields, cut as "
+                                         "the classifier saw it, to CELLS/<its class>/<field>-cell-<n>.png "
+                                         "(uncertain ones in CELLS/uncertain): move the misnamed ones to their "
+                                         "class and fine-tune on them (train --init ... --data CELLS). Local "
+                                         "engine, fields (not slides)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
@@ -1252,6 +1257,10 @@ def analyze(
     --pretrained`); with only --detector, the shipped classifier when installed.
     """
     _check_engine(engine, address, actors, retry_failed)
+    if cells is not None:
+        if engine != "local":
+            _fail("--cells writes the cells of fields analysed here: use it with --engine local")
+        _check_writable_folder(cells, "--cells")
     _check_writable_folder(out, "--out")
     if engine == "local" and (out / "summary.csv").is_file():  # (a Ray archive's rerun goes on where it was)
         console.print(f"[yellow]{out} holds an earlier run's results: the files of its fields that this run does "
@@ -1299,7 +1308,7 @@ def analyze(
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
         _analyze_inputs(analyzer, detector, classifier, options, slides, paths, out, engine=engine, address=address,
                         actors=actors, threads=threads, retry_failed=retry_failed, quiet=quiet, run_um_per_px=lent,
-                        run_warnings=doubts,
+                        run_warnings=doubts, cells=cells,
                         slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
 
@@ -1408,10 +1417,10 @@ def _one_ray_session(address: Optional[str], needed: bool) -> Iterator[None]:
 def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], options: dict, slides: list, paths: list,
                     out: Path, *, engine: str, address: Optional[str], actors: Optional[int], threads: Optional[int],
                     retry_failed: bool, quiet: bool, slide_options: dict, run_um_per_px: Optional[float] = None,
-                    run_warnings: Sequence[str] = ()) -> None:
+                    run_warnings: Sequence[str] = (), cells: Optional[Path] = None) -> None:
     """The whole-slide images, then the fields, on the chosen engine; the summary printed.
     ``run_um_per_px``: the fields' run scale (:func:`_run_scale`); slides keep their own. ``run_warnings``: the
-    fields' together (:func:`_stated_scale_doubts`)."""
+    fields' together (:func:`_stated_scale_doubts`). ``cells``: the fields' cells written there by class."""
     from leukoscope.progress import progress_bar
 
     analysed = 0
@@ -1438,10 +1447,16 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
                                       run_warnings=run_warnings)
         else:  # the run's scale, or the doubt of a stated one, said above
             summary = _run(analyzer.analyze_paths, paths, out, progress=update, estimate_run_scale=False,
-                           run_warnings=run_warnings)
+                           run_warnings=run_warnings, cells_dir=cells)
     pooled = summary.pooled
     failed = [r for r in summary.results if r.error]
     console.print(_analysed_line(len(summary.results), len(failed), pooled))
+    if cells is not None:
+        written = [cell for r in summary.results for cell in r.cells]
+        unsure = sum(cell.uncertain for cell in written)
+        console.print(f"cells: {len(written)} written to {cells}/<class>/ ({unsure} in uncertain/): move the misnamed "
+                      f"ones to their class, sort uncertain/ away, then fine-tune with `leukoscope train --init "
+                      f"<classifier> --data {cells}`", soft_wrap=True)
     read = len(summary.results) - len(failed)  # the fields analysed: an unreadable file has no scale to speak of
     borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
     if borrowed:

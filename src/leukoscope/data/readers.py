@@ -32,6 +32,8 @@ CNMC_LABEL = re.compile(r"_(?P<label>all|hem)\.[a-z0-9]+$", re.IGNORECASE)
 
 #: ``case-<32 hex>-cell-<n>.png``: a cell of the web service's reviewed-labels export (folder layout).
 EXPORT_NAME = re.compile(r"^case-(?P<case>[0-9a-f]{32})-cell-\d+\.png$")
+#: ``<field>-cell-<n>.png``: a cell `leukoscope analyze --cells` cut from a field.
+FIELD_CELL_NAME = re.compile(r"^(?P<field>.+)-cell-\d+\.png$")
 
 
 def cnmc_subject(filename: str) -> str | None:
@@ -41,10 +43,13 @@ def cnmc_subject(filename: str) -> str | None:
 
 
 def name_subject(filename: str) -> str | None:
-    """The subject a file's name gives: a C-NMC subject, or the case id of a cell of the service's export (the
-    subject its CSV layout writes); None otherwise."""
+    """The subject a file's name gives: a C-NMC subject, the case id of a cell of the service's export (the
+    subject its CSV layout writes), or the field a cell of ``analyze --cells`` was cut from; None otherwise."""
     exported = EXPORT_NAME.match(filename)
-    return exported.group("case") if exported else cnmc_subject(filename)
+    if exported:
+        return exported.group("case")
+    cut = FIELD_CELL_NAME.match(filename)
+    return f"field {cut.group('field')}" if cut else cnmc_subject(filename)
 
 
 def check_dataset_path(source: str | Path) -> Path:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from leukoscope.inference.smear_output import SUMMARY_STEM, FolderSummary, unique_stem, write_field
+from leukoscope.inference.smear_output import SUMMARY_STEM, FolderSummary, unique_stem, write_cells, write_field
 from leukoscope.inference.smear_result import SmearResult
 from leukoscope.io import ImageDecodeError, load_image
 
 if TYPE_CHECKING:  # smear imports this module to delegate its folder runs here
+    from PIL import Image
+
     from leukoscope.inference.smear import PreparedField, SmearAnalyzer
 
 
@@ -56,11 +58,13 @@ def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,
                    progress: Callable[..., None] | None = None, ahead: int = DEFAULT_AHEAD,
-                   run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> FolderSummary:
+                   run_um_per_px: float | None = None, run_warnings: Sequence[str] = (),
+                   cells_dir: str | Path | None = None) -> FolderSummary:
     """Analyse every file, write its outputs (:func:`write_field`) and the folder's ``summary.csv`` /
     ``summary.json``; see the module docstring for the pipeline. ``run_um_per_px``: the run's scale for
     fields without their own, in place of the analyzer's. ``run_warnings``: about the run as a whole, the
-    summary's and each field's (no field's count is surer than the run's).
+    summary's and each field's (no field's count is surer than the run's). ``cells_dir``: each white cell
+    also written there, by class (:func:`write_cells`).
 
     An unreadable file gives a row with ``error`` set, never a crash. ``progress`` is called in the
     caller's thread once per field whose files are written, in input order, as
@@ -104,7 +108,8 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
                 else:
                     result = analyzer.analyze_prepared(item.field, str(item.path))
                     image = item.field.image
-                writing.append((result, writer.submit(write_field, result, out_dir, item.stem, image)))
+                writing.append((result, writer.submit(_write, analyzer, result, out_dir, item.stem, image,
+                                                      cells_dir)))
                 while writing and (writing[0][1].done() or len(writing) > ahead):
                     written(*writing.popleft())
             while writing:
@@ -122,6 +127,13 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
                             run_warnings=list(run_warnings))
     summary.write(out_dir)
     return summary
+
+
+def _write(analyzer: "SmearAnalyzer", result: SmearResult, out_dir: Path, stem: str, image: "Image.Image | None",
+           cells_dir: str | Path | None) -> None:
+    write_field(result, out_dir, stem, image)
+    if cells_dir is not None and image is not None and result.cells:
+        write_cells(result, analyzer.cell_crops(image, result), cells_dir, stem)
 
 
 def _lent(analyzer: "SmearAnalyzer", run_um_per_px: float | None) -> float | None:

@@ -496,7 +496,7 @@ class SmearAnalyzer:
 
     def analyze_paths(self, paths: Sequence[str | Path], out_dir: str | Path, *,
                       progress: Callable[..., None] | None = None, estimate_run_scale: bool = True,
-                      run_warnings: Sequence[str] = ()) -> FolderSummary:
+                      run_warnings: Sequence[str] = (), cells_dir: str | Path | None = None) -> FolderSummary:
         """Analyse every file, write its outputs and the folder's ``summary.csv`` / ``summary.json``
         (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
@@ -507,6 +507,8 @@ class SmearAnalyzer:
         ``paths`` when there are enough of them and they agree. When the analyzer has a stated
         ``um_per_px``, the run's scale only checks it (:func:`leukoscope.scale.stated_run_doubt`: a warning of
         the summary's). ``run_warnings``: the caller's own about the run (the CLI estimates before it calls).
+        ``cells_dir``: each white cell also written there by class, cut as the classifier saw it
+        (:func:`leukoscope.inference.smear_output.write_cells`: cells to sort and fine-tune on).
         """
         paths, run, warnings = list(paths), None, list(run_warnings)
         if estimate_run_scale and self.um_per_px is not None:
@@ -515,4 +517,5 @@ class SmearAnalyzer:
         elif estimate_run_scale and self.run_um_per_px is None and len(paths) >= RUN_SCALE_MIN_ESTIMATES:
             scale = run_scale(paths, max_pixels=self.max_pixels)
             run = scale.um_per_px if scale.known else None
-        return analyze_folder(self, paths, out_dir, progress=progress, run_um_per_px=run, run_warnings=warnings)
+        return analyze_folder(self, paths, out_dir, progress=progress, run_um_per_px=run, run_warnings=warnings,
+                              cells_dir=cells_dir)

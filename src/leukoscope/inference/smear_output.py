@@ -86,6 +86,22 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
     return paths
 
 
+def write_cells(result: SmearResult, crops: Sequence[Image.Image], cells_dir: str | Path, stem: str) -> list[Path]:
+    """Each white cell of a field, cut as the classifier saw it (``crops``: :meth:`SmearAnalyzer.cell_crops`),
+    as ``cells_dir/<its class>/<stem>-cell-<n>.png`` (cells below the confidence threshold in ``uncertain/``,
+    to be sorted by eye: training refuses a class of that name): a lab moves
+    the misnamed ones to their right folder and fine-tunes on them (``train --init ... --data cells_dir``; the
+    reader takes ``<stem>`` as the cells' subject, so a field's cells stay on one side of a split)."""
+    written = []
+    for cell, crop in zip(result.cells, crops):
+        folder = Path(cells_dir) / re.sub(r"[^A-Za-z0-9._ -]+", "_", cell.label).strip(". ")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}-cell-{cell.cell_id}.png"
+        path.write_bytes(encode_png(crop))
+        written.append(path)
+    return written
+
+
 @dataclass(frozen=True)
 class FieldWarnings:
     """What the warnings of a set of fields are folded from (:func:`folded_field_warnings`): a field's name,
