@@ -539,3 +539,22 @@ def test_the_class_layer_is_the_heads_last(arch: str, prefixes: tuple[str, ...],
     from leukoscope.models.weights import class_layer
 
     assert class_layer(create_model(arch, num_classes=3), prefixes) == layer
+
+
+def test_fine_tuning_names_images_of_another_size_than_the_rest(classifier_bundle: Path, synthetic_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """A lab's own set comes from one microscope: a whole field among its 64 px cell crops is named (every image
+    is brought to one input size, so its cells would look four times smaller), not taken in silence."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "cells"
+    shutil.copytree(synthetic_root, data)
+    Image.open(sorted((data / "blast").glob("*.png"))[0]).resize((400, 300)).save(data / "blast" / "whole-field.png")
+    result = invoke("train", "--init", classifier_bundle, "--data", data, f"output_root={tmp_path / 'runs'}",
+                    *FINE_TUNE)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "1 of 97 images are over 4 times larger or smaller than the median (64 px a side)" in said
+    assert "(whole-field.png)" in said

@@ -190,3 +190,20 @@ def test_dataset_works_with_a_dataloader(small: Manifest) -> None:
     batches = list(loader)
     assert [b[0].shape[0] for b in batches] == [3, 1]
     assert batches[0][1].tolist() == [0, 1, 0]
+
+
+def test_images_far_from_the_sets_size_are_named(tmp_path: Path) -> None:
+    """A lab's fine-tuning folder mixed 300 px cell crops with a whole 640 x 480 field and a 64 px crop, all brought
+    to one input size without a word: the field's cell looks a quarter of its size."""
+    from leukoscope.data.dataset import odd_sizes
+
+    samples = []
+    for name, size in (("a.png", (300, 300)), ("b.png", (280, 300)), ("c.png", (310, 300)),
+                       ("field.png", (1400, 1050)), ("tight.png", (64, 64))):
+        Image.new("RGB", size, (200, 150, 180)).save(tmp_path / name)
+        samples.append(Sample(tmp_path / name, "a"))
+    _, _, report = decode_manifest(Manifest(samples), Preprocessing(32).pixels)
+    said = odd_sizes(report.sides)
+    assert said.startswith("2 of 5 images are over 4 times larger or smaller than the median (300 px a side)")
+    assert said.endswith("(field.png, tight.png)")
+    assert odd_sizes(report.sides[:3]) is None  # alike: nothing said

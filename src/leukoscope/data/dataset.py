@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -29,6 +30,8 @@ class LoadReport:
 
     loaded: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    sides: list[tuple[int, str]] = field(default_factory=list)
+    """Each loaded image's longer side and file name (:func:`odd_sizes`)."""
 
     def as_dict(self) -> dict:
         return {"loaded": self.loaded, "skipped": len(self.skipped), "skipped_files": self.skipped}
@@ -68,12 +71,35 @@ def decode_manifest(
         else:
             tensors.append(to_pixels(image))
             keep.append(True)
+            report.sides.append((max(image.size), sample.path.name))
         if progress:
             progress(index + 1, len(manifest))
     report.loaded = len(tensors)
     if not tensors:
         raise DatasetError(f"none of the {len(manifest)} images could be read")
     return torch.stack(tensors), manifest.filter(keep), report
+
+
+#: An image whose longer side is this many times the set's median, or its inverse, is named as an odd size.
+ODD_SIZE_FACTOR = 4.0
+
+
+def odd_sizes(sides: list[tuple[int, str]]) -> str | None:
+    """What to say of images far larger or smaller than the set's median (None: nothing). Every image is brought
+    to one input size, so a whole field among one microscope's cell crops (or a tight 64 px crop among 300 px
+    ones) shows its cell at another magnification than the rest: a lab's fine-tuning set mixed both without a
+    word. (Crops of several sources at one physical window differ in pixels for good reason: callers ask this
+    of one lab's set.)"""
+    if len(sides) < 3:
+        return None
+    median = float(np.median([side for side, _ in sides]))
+    odd = [name for side, name in sides if side > ODD_SIZE_FACTOR * median or side * ODD_SIZE_FACTOR < median]
+    if not odd:
+        return None
+    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    return (f"{len(odd)} of {len(sides)} images are over {ODD_SIZE_FACTOR:g} times larger or smaller than the "
+            f"median ({round(median)} px a side): whole fields or tight crops among cell images? each is brought "
+            f"to one input size, so their cells look bigger or smaller than the others' ({shown})")
 
 
 class TensorImageDataset(Dataset):

@@ -22,7 +22,7 @@ from PIL import Image
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
-from leukoscope.data.dataset import decode_manifest
+from leukoscope.data.dataset import decode_manifest, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
                                          inherit_training_digests, read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
@@ -84,8 +84,8 @@ def run_experiment(
     if config.model.init and preprocessing.cell_window_um and show_progress:
         say(f"[yellow]note:[/yellow] {config.model.init} learned cells cut {preprocessing.cell_window_um:g} um wide, "
             f"and the new bundle keeps that window for `analyze`: the training images are taken as they are, so "
-            f"they should be cells cut the same way (the service's reviewed-labels export is; `leukoscope predict` "
-            f"frames whole single-cell images)")
+            f"they should be cells cut the same way (the service's reviewed-labels export is, and so are the crops "
+            f"of `leukoscope analyze --cells`)")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
     own_split = run_dir / "split.json"
     if resume and own_split.is_file():
@@ -95,6 +95,9 @@ def run_experiment(
     with open_run(run_dir, config, resume=resume):
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
+        odd = odd_sizes([side for report in prepared.load_reports.values() for side in report.sides])
+        if config.model.init and odd:  # a lab's own set, one microscope: its cells should come alike
+            say(f"[yellow]warning:[/yellow] {odd}")
         if prepared.split_file.resolve() != own_split.resolve():
             shutil.copyfile(prepared.split_file, own_split)
         classes = prepared.classes
