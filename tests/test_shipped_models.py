@@ -101,7 +101,7 @@ def test_analyze_writes_each_cell_by_class_for_a_lab_to_sort_and_fine_tune_on(tm
     for report, stem in zip(reports, ("BloodImage_00340", "BloodImage_00345")):
         um = report["scale"]["analysed_at_um_per_px"]
         for cell in report["cells"]:
-            crop = cells / cell["label"] / f"{stem}-cell-{cell['cell_id']}.png"
+            crop = cells / cell["label"] / f"field-{stem}-cell-{cell['cell_id']}.png"
             assert abs(Image.open(crop).size[0] - 24 / um) <= 2  # the classifier's 24 um window
     assert f"cells: {len(written)} written to {cells}/<class>/" in " ".join(result.output.split())
     # read back as a dataset, a field's cells are one subject (never on both sides of a split)
@@ -109,3 +109,6 @@ def test_analyze_writes_each_cell_by_class_for_a_lab_to_sort_and_fine_tune_on(tm
     on_ray = CliRunner().invoke(app, ["analyze", str(fields[0]), "--engine", "ray", "--cells", str(tmp_path / "c2"),
                                       "--out", str(tmp_path / "o2")])
     assert on_ray.exit_code == 2 and "use it with --engine local" in on_ray.output
+    # cells sorted since would be written again under the class predicted: a folder of cells is not reused
+    again = CliRunner().invoke(app, ["analyze", str(fields[0]), "--cells", str(cells), "--out", str(tmp_path / "o3")])
+    assert again.exit_code == 2 and "is not empty" in again.output

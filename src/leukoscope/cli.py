@@ -1231,11 +1231,12 @@ def analyze(
                                          "many as the nodes can place, each node's CPUs / --threads)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
                                       "row in the output holds an error (others already there are skipped)."),
-    cells: Optional[Path] = typer.Option(None, "--cells", help="Also write each white cell of the fields, cut as "
-                                         "the classifier saw it, to CELLS/<its class>/<field>-cell-<n>.png "
-                                         "(uncertain ones in CELLS/uncertain): move the misnamed ones to their "
-                                         "class and fine-tune on them (train --init ... --data CELLS). Local "
-                                         "engine, fields (not slides)."),
+    cells: Optional[Path] = typer.Option(None, "--cells", help="Also write each cell of the fields, cut as the "
+                                         "classifier saw it (its window; the box where a field has no scale), to "
+                                         "CELLS/<its class>/field-<field>-cell-<n>.png (uncertain ones in "
+                                         "CELLS/uncertain): move the misnamed ones to their class and fine-tune on "
+                                         "them (train --init ... --data CELLS). A new folder; local engine, fields "
+                                         "(not slides)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
@@ -1261,6 +1262,9 @@ def analyze(
         if engine != "local":
             _fail("--cells writes the cells of fields analysed here: use it with --engine local")
         _check_writable_folder(cells, "--cells")
+        if cells.is_dir() and any(cells.iterdir()):  # cells sorted since would be written again, under their old class
+            _fail(f"--cells {cells} is not empty (cells sorted there would be written again under the class "
+                  f"predicted): give a new folder")
     _check_writable_folder(out, "--out")
     if engine == "local" and (out / "summary.csv").is_file():  # (a Ray archive's rerun goes on where it was)
         console.print(f"[yellow]{out} holds an earlier run's results: the files of its fields that this run does "
@@ -1292,6 +1296,12 @@ def analyze(
                    uncertain_threshold=threshold, detector_threshold=detector_threshold, um_per_px=um_per_px,
                    backend=backend, **({} if min_detector_ap is None else {"min_detector_ap": min_detector_ap}))
     analyzer = _run(SmearAnalyzer.from_bundles, detector, classifier, threads=threads, **options)
+    if cells is not None:
+        from leukoscope.inference.smear_output import check_cell_folders
+
+        _run(check_cell_folders, analyzer.rules.classes)
+        if slides:
+            console.print("[yellow]note:[/yellow] --cells writes the cells of fields, not of slides", soft_wrap=True)
     ran = f"detector on {analyzer.detector.backend}"
     detector_export = getattr(analyzer.detector.info, "export", None) or {}
     if detector_export.get("precision") == "int8" and analyzer.detector.backend != "torch":

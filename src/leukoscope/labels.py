@@ -69,3 +69,23 @@ def checked_blast_classes(blast_classes: Iterable[str], classes: Sequence[str]) 
         raise ValueError(f"blast classes {not_white} are not white cells (nucleated red cells or platelets are "
                          f"counted apart from the white cells); a blast class must be a white-cell class")
     return chosen
+
+
+def case_clashes(names: Iterable[str]) -> list[list[str]]:
+    """Groups of ``names`` that differ only in case (or surrounding spaces): as classes they would be two, as
+    folders one on a case-insensitive file system."""
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(name.casefold().strip(), []).append(name)
+    return [group for group in spellings.values() if len(group) > 1]
+
+
+#: Characters no folder name may hold on some file system in use (Windows' set; "/" everywhere).
+NOT_IN_FOLDER_NAMES = frozenset('<>:"/\\|?*')
+
+
+def is_folder_name(label: str) -> bool:
+    """Whether a class can name its own folder as it is (read back by ``leukoscope train --data`` as that class):
+    not empty, no surrounding spaces or dots, none of :data:`NOT_IN_FOLDER_NAMES`, no control characters."""
+    return bool(label) and label == label.strip() and not label.startswith(".") and not label.endswith(".") \
+        and not any(c in NOT_IN_FOLDER_NAMES or ord(c) < 32 for c in label)

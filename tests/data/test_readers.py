@@ -144,12 +144,12 @@ def test_the_service_exports_cells_are_grouped_by_case(tmp_path: Path, cell_writ
     case = "0123456789abcdef0123456789abcdef"
     cell_writer(tmp_path / "lymphocyte" / f"case-{case}-cell-3.png")
     cell_writer(tmp_path / "monocyte" / f"case-{case}-cell-4.png", seed=1)
-    cell_writer(tmp_path / "monocyte" / "field7-cell-5.png", seed=2)  # `analyze --cells`: its field
-    cell_writer(tmp_path / "monocyte" / "mono.png", seed=3)
+    cell_writer(tmp_path / "monocyte" / "field-f7-cell-5.png", seed=2)  # `analyze --cells`: its field
+    cell_writer(tmp_path / "monocyte" / "sample-cell-6.png", seed=3)  # a name of one's own: no subject read into it
     manifest = read_dataset(tmp_path)
     assert {s.path.name: s.subject for s in manifest} == {f"case-{case}-cell-3.png": case,
                                                           f"case-{case}-cell-4.png": case,
-                                                          "field7-cell-5.png": "field field7", "mono.png": None}
+                                                          "field-f7-cell-5.png": "field f7", "sample-cell-6.png": None}
 
 
 def test_cells_left_uncertain_are_not_trained_on_as_a_class(tmp_path: Path, cell_writer) -> None:
@@ -158,10 +158,13 @@ def test_cells_left_uncertain_are_not_trained_on_as_a_class(tmp_path: Path, cell
     from leukoscope.engine.data_prep import load_manifest
 
     for index in range(2):
-        cell_writer(tmp_path / "lymphocyte" / f"f1-cell-{index}.png", seed=index)
-        cell_writer(tmp_path / "uncertain" / f"f1-cell-{index + 2}.png", seed=10 + index)
+        cell_writer(tmp_path / "lymphocyte" / f"field-f1-cell-{index}.png", seed=index)
+        cell_writer(tmp_path / "monocyte" / f"field-f1-cell-{index + 4}.png", seed=20 + index)
+        cell_writer(tmp_path / "uncertain" / f"field-f1-cell-{index + 2}.png", seed=10 + index)
     with pytest.raises(DatasetError, match="a class 'uncertain' holds cells a classifier could not call"):
         load_manifest(DataConfig(path=str(tmp_path)))
+    kept = load_manifest(DataConfig(path=str(tmp_path), classes=["lymphocyte", "monocyte"]))  # left out: fine
+    assert kept.classes == ["lymphocyte", "monocyte"] and len(kept) == 4
 
 
 def test_labels_that_differ_only_in_case_are_refused_unless_mapped(tmp_path: Path, cell_writer) -> None:

@@ -232,6 +232,26 @@ def test_folder_outputs_carry_the_warnings(tmp_path: Path) -> None:
     assert (banner == (200, 0, 0)).all(axis=-1).sum() > 500  # the warning is drawn, white on red
 
 
+def test_a_folder_run_writes_each_cell_by_class_for_a_lab_to_sort(tmp_path: Path) -> None:
+    """`analyze --cells`: each cell as the classifier saw it, in its class's folder, named by field (synthetic
+    models here; the shipped ones on real fields in tests/test_shipped_models.py)."""
+    from leukoscope.inference.smear_output import check_cell_folders
+
+    FIELD.save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"no image")
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(3), metrics=VERIFIED),
+                             constant_classifier(BLAST_OR_LYMPHOCYTE, "lymphocyte"))
+    analyzer.analyze_paths([tmp_path / "a.png", tmp_path / "broken.png"], tmp_path / "out",
+                           cells_dir=tmp_path / "cells")
+    written = sorted(p.relative_to(tmp_path / "cells").as_posix() for p in (tmp_path / "cells").rglob("*.png"))
+    assert written == [f"lymphocyte/field-a-cell-{n}.png" for n in (1, 2, 3)]  # nothing of the unreadable file
+    check_cell_folders(BLAST_OR_LYMPHOCYTE)
+    with pytest.raises(ValueError, match="'B/T' cannot name a folder"):
+        check_cell_folders(["B/T", "blast"])
+    with pytest.raises(ValueError, match="'Blast' and 'blast' would share one folder"):
+        check_cell_folders(["Blast", "blast"])
+
+
 def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
                                     tmp_path: Path) -> None:
     from leukoscope.cli import app

@@ -35,6 +35,7 @@ from xml.sax.saxutils import escape
 
 from leukoscope.data.manifest import DatasetError
 from leukoscope.io import EXIF_ORIENTATION, IMAGE_SUFFIXES
+from leukoscope.labels import case_clashes
 
 log = logging.getLogger(__name__)
 
@@ -631,10 +632,7 @@ def read_voc_dataset(
         log.info("%s: %d image(s) appear in more than one of %s and were kept once", root, duplicates, splits)
     found = sorted({box.label for image in images for box in image.boxes})
     if classes is None:  # the names found are the classes: two spellings of one name would be two classes
-        spellings: dict[str, list[str]] = {}
-        for name in found:
-            spellings.setdefault(name.casefold().strip(), []).append(name)
-        clashes = [names for names in spellings.values() if len(names) > 1]
+        clashes = case_clashes(found)
         if clashes:
             listed = "; ".join(" / ".join(names) for names in clashes)
             raise DatasetError(f"{root}: class names that differ only in case ({listed}) would be separate classes: "

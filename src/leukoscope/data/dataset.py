@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,9 @@ def odd_sizes(sides: list[tuple[int, str]]) -> str | None:
     odd = [name for side, name in sides if side > ODD_SIZE_FACTOR * median or side * ODD_SIZE_FACTOR < median]
     if not odd:
         return None
-    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
     return (f"{len(odd)} of {len(sides)} images are over {ODD_SIZE_FACTOR:g} times larger or smaller than the "
             f"median ({round(median)} px a side): whole fields or tight crops among cell images? each is brought "
-            f"to one input size, so their cells look bigger or smaller than the others' ({shown})")
+            f"to one input size, so their cells look bigger or smaller than the others' ({name_some(odd, 5)})")
 
 
 class TensorImageDataset(Dataset):

@@ -23,6 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from leukoscope.io import ImageDecodeError, load_image
+from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,8 @@ def duplicate_groups(
             progress(index + 1, len(paths))
     unreadable = [Path(path).name for path, fp in zip(paths, fingerprints) if fp.phash is None]
     if unreadable:  # a split's counts include them; training and evaluation skip them (and say so)
-        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
         log.warning("%d file(s) cannot be decoded as images: they stay in the split's lists, and training and "
-                    "evaluation skip them (%s)", len(unreadable), shown)
+                    "evaluation skip them (%s)", len(unreadable), name_some(unreadable, 5))
     return group_fingerprints(fingerprints, max_distance=max_distance)
 
 

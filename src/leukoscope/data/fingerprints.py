@@ -50,8 +50,6 @@ def pixel_digest(path: str | Path) -> str | None:
     return digest.hexdigest()[:DIGEST_CHARS]
 
 
-
-
 #: What a record's digests are of: the images trained on, or the images the training crops were cut from.
 OF_IMAGES, OF_CROP_SOURCES = "images", "crop sources"
 #: How an overlap names the parts whose crops' source images were found (``train sources``).

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.io import files_below, is_image_file
+from leukoscope.labels import case_clashes
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ CNMC_LABEL = re.compile(r"_(?P<label>all|hem)\.[a-z0-9]+$", re.IGNORECASE)
 
 #: ``case-<32 hex>-cell-<n>.png``: a cell of the web service's reviewed-labels export (folder layout).
 EXPORT_NAME = re.compile(r"^case-(?P<case>[0-9a-f]{32})-cell-\d+\.png$")
-#: ``<field>-cell-<n>.png``: a cell `leukoscope analyze --cells` cut from a field.
-FIELD_CELL_NAME = re.compile(r"^(?P<field>.+)-cell-\d+\.png$")
+#: ``field-<field>-cell-<n>.png``: a cell `leukoscope analyze --cells` cut from a field.
+FIELD_CELL_NAME = re.compile(r"^field-(?P<field>.+)-cell-\d+\.png$")
 
 
 def cnmc_subject(filename: str) -> str | None:
@@ -166,9 +167,6 @@ def check_spellings(source: str | Path, classes: Sequence[str], remedy: str = "g
     """Refuse classes that differ only in case: a lab's "Neutrophil" folder merged with an export's "neutrophil"
     made two classes of one cell type, the model trained to tell them apart. Training checks the classes it will
     learn (after ``data.class_map``), ``split`` those it splits by."""
-    seen: dict[str, str] = {}
-    for name in classes:
-        other = seen.setdefault(name.casefold(), name)
-        if other != name:
-            raise DatasetError(f"{source}: labels {other!r} and {name!r} differ only in case and would be two "
-                               f"classes; {remedy} (a shipped model's are lower case)")
+    for other, name, *_ in case_clashes(classes):
+        raise DatasetError(f"{source}: labels {other!r} and {name!r} differ only in case and would be two "
+                           f"classes; {remedy} (a shipped model's are lower case)")

@@ -13,9 +13,9 @@ import torch
 from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import check_spellings, read_dataset
-from leukoscope.labels import UNCERTAIN
 from leukoscope.data.splits import Split, check_split, make_split, split_matching
 from leukoscope.engine.config import DataConfig
+from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
 
@@ -53,16 +53,17 @@ def load_manifest(data: DataConfig) -> Manifest:
             raise DatasetError(f"data.class_map names classes {unknown} not in the data (found {manifest.classes})")
         samples = [Sample(s.path, data.class_map.get(s.label, s.label), s.subject) for s in samples]
     classes = sorted({s.label for s in samples if s.label is not None})
-    check_spellings(data.path, classes, "give them one spelling, or map one to the other with data.class_map")
-    if UNCERTAIN in classes:  # analyze --cells puts the cells it could not call there, to be sorted by eye
-        raise DatasetError(f"{data.path}: a class {UNCERTAIN!r} holds cells a classifier could not call: sort them "
-                           f"into their classes (or set them aside) before training")
     if data.classes:
         missing = sorted(set(data.classes) - set(classes))
         if missing:
             raise DatasetError(f"data.classes names {missing}, which have no images (found {classes})")
         samples = [s for s in samples if s.label in data.classes]
         classes = list(data.classes)
+    # the classes it will learn (after class_map and data.classes)
+    check_spellings(data.path, classes, "give them one spelling, or map one to the other with data.class_map")
+    if UNCERTAIN in classes:  # analyze --cells puts the cells it could not call there, to be sorted by eye
+        raise DatasetError(f"{data.path}: a class {UNCERTAIN!r} holds cells a classifier could not call: sort them "
+                           f"into their classes, set them aside, or leave them out with data.classes")
     result = Manifest(samples, classes, manifest.root)
     result.require_trainable()
     return result

@@ -29,6 +29,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import not_white_classes_in
+from leukoscope.progress import name_some
 from leukoscope.scale import SCALE_OPTION, STATED_CELL_SCALE_WORDING
 
 
@@ -82,9 +83,7 @@ def detection_cap(model: Any) -> int | None:
 
 def _named(names: Sequence[str]) -> str:
     """`` (a.png, b.png and 3 more)`` naming at most five; empty without names."""
-    if not names:
-        return ""
-    return " (" + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") + ")"
+    return f" ({name_some(names, 5)})" if names else ""
 
 
 def _some_fields(count: int, of: int, names: Sequence[str] = ()) -> str:

@@ -22,7 +22,7 @@ from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE,
                                           unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
-from leukoscope.labels import DISCLAIMER
+from leukoscope.labels import DISCLAIMER, UNCERTAIN, case_clashes, is_folder_name
 from leukoscope.scale import STATED_SCALE_WORDING
 
 
@@ -86,17 +86,32 @@ def write_field(result: SmearResult, out_dir: str | Path, stem: str | None = Non
     return paths
 
 
+def check_cell_folders(classes: Sequence[str]) -> None:
+    """A ValueError unless every class (and ``uncertain``) can name its folder of :func:`write_cells` as it is:
+    the folder's name is the class ``train --data`` reads back (a renamed one would be a class of its own)."""
+    names = [*classes, UNCERTAIN]
+    bad = [name for name in names if not is_folder_name(name)]
+    if bad:
+        raise ValueError(f"the class(es) {', '.join(map(repr, bad))} cannot name a folder: --cells cannot write "
+                         f"them by class")
+    for other, name, *_ in case_clashes(names):
+        raise ValueError(f"the classes {other!r} and {name!r} would share one folder on a case-insensitive file "
+                         f"system: --cells cannot write them by class")
+
+
 def write_cells(result: SmearResult, crops: Sequence[Image.Image], cells_dir: str | Path, stem: str) -> list[Path]:
-    """Each white cell of a field, cut as the classifier saw it (``crops``: :meth:`SmearAnalyzer.cell_crops`),
-    as ``cells_dir/<its class>/<stem>-cell-<n>.png`` (cells below the confidence threshold in ``uncertain/``,
-    to be sorted by eye: training refuses a class of that name): a lab moves
-    the misnamed ones to their right folder and fine-tunes on them (``train --init ... --data cells_dir``; the
-    reader takes ``<stem>`` as the cells' subject, so a field's cells stay on one side of a split)."""
+    """Each cell of a field, cut as the classifier saw it (``crops``: :meth:`SmearAnalyzer.cell_crops`: its window
+    around the cell, or the detector's box with a margin where the field has no scale or there is no
+    classifier), as ``cells_dir/<its class>/field-<stem>-cell-<n>.png`` (cells below the confidence threshold in
+    ``uncertain/``, to be sorted by eye: training refuses a class of that name; classes checked by
+    :func:`check_cell_folders`). A lab moves the misnamed ones to their right folder and fine-tunes on them
+    (``train --init ... --data cells_dir``; the reader takes the field as the cells' subject, so a field's cells
+    stay on one side of a split)."""
     written = []
     for cell, crop in zip(result.cells, crops):
-        folder = Path(cells_dir) / re.sub(r"[^A-Za-z0-9._ -]+", "_", cell.label).strip(". ")
+        folder = Path(cells_dir) / cell.label
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stem}-cell-{cell.cell_id}.png"
+        path = folder / f"field-{stem}-cell-{cell.cell_id}.png"
         path.write_bytes(encode_png(crop))
         written.append(path)
     return written

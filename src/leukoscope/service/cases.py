@@ -33,7 +33,8 @@ from leukoscope.inference.quality import (CAP_WORDING, about_classification_only
 from leukoscope.inference.smear_output import FieldWarnings, folded_field_warnings, is_folded
 from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, allow_pixels, load_image,
                            too_many_pixels)
-from leukoscope.labels import DISCLAIMER
+from leukoscope.labels import DISCLAIMER, case_clashes, is_folder_name
+from leukoscope.progress import name_some
 from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px, field_scale, run_sample,
                               run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
@@ -281,8 +282,7 @@ def in_images(names: Sequence[str], of: int) -> str:
     """`` [in 2 of 5 images: a.png, b.png]``, naming at most five; empty when said of every image."""
     if len(names) >= of:
         return ""
-    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return f" [in {len(names)} of {of} image{'' if of == 1 else 's'}: {listed}]"
+    return f" [in {len(names)} of {of} image{'' if of == 1 else 's'}: {name_some(names, 5)}]"
 
 
 async def create_case(state: "ServiceState", principal: Principal, kind: str, uploads: Sequence[Upload],
@@ -676,24 +676,18 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
 
 
 #: Characters a folder name cannot hold on some file system a lab unpacks the export on (Windows' set).
-NOT_IN_FOLDER_NAMES = frozenset('<>:"/\\|?*')
-
-
 def check_export_folders(labels: set[str]) -> None:
     """A ``folders`` export names each class's folder by the class itself, which ``leukoscope train --data``
     reads back as the class (renaming it would merge classes or lose a blast class: "Early Pre-B"). A name
     that cannot be a folder, or two that one case-insensitive file system would merge, is refused (400): the
     ``csv`` layout keeps any name."""
-    seen: dict[str, str] = {}
     for label in sorted(labels):
-        if (not label or label != label.strip() or label.startswith(".") or label.endswith(".")
-                or any(c in NOT_IN_FOLDER_NAMES or ord(c) < 32 for c in label)):
+        if not is_folder_name(label):
             raise ServiceError(400, "label_not_a_folder", f"the class {label!r} cannot be a folder name; export "
                                                           f"with layout=csv, which keeps it in manifest.csv")
-        other = seen.setdefault(label.casefold(), label)
-        if other != label:
-            raise ServiceError(400, "labels_collide", f"the classes {other!r} and {label!r} would share one folder "
-                                                      f"on a case-insensitive file system; export with layout=csv")
+    for other, label, *_ in case_clashes(sorted(labels)):
+        raise ServiceError(400, "labels_collide", f"the classes {other!r} and {label!r} would share one folder "
+                                                  f"on a case-insensitive file system; export with layout=csv")
 
 
 def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
