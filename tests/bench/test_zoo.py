@@ -61,7 +61,8 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
     from leukoscope.data.fingerprints import OF_CROP_SOURCES, digest_overlap, read_training_digests
 
     records = read_training_digests(install / "wbc-classifier")
-    assert records is not None and set(records) == {"images", OF_CROP_SOURCES}  # its crops, and their sources
+    assert records is not None  # its crops, and their sources, by file and by decoded pixels
+    assert set(records) == {"images", "images (pixels)", OF_CROP_SOURCES, f"{OF_CROP_SOURCES} (pixels)"}
     assert digest_overlap(records, sorted((zoo_datasets / "pbc").rglob("*.jpg")))["train sources"] > 0
     classifier = read_bundle_info(install / "wbc-classifier")
     assert "blast" in classifier.classes and "erythroblast" in classifier.classes
