@@ -152,15 +152,20 @@ def test_the_service_exports_cells_are_grouped_by_case(tmp_path: Path, cell_writ
                                                           "field-f7-cell-5.png": "field f7", "sample-cell-6.png": None}
 
 
+def two_cells_each(root: Path, cell_writer, names: dict[str, str]) -> None:
+    """Two distinct cells in each class folder, named by the folder's pattern ({} is 0, then 1)."""
+    for number, (folder, pattern) in enumerate(names.items()):
+        for index in range(2):
+            cell_writer(root / folder / pattern.format(index), seed=10 * number + index)
+
+
 def test_cells_left_uncertain_are_not_trained_on_as_a_class(tmp_path: Path, cell_writer) -> None:
     """`analyze --cells` puts the cells its classifier could not call in uncertain/, to be sorted by eye."""
     from leukoscope.engine.config import DataConfig
     from leukoscope.engine.data_prep import load_manifest
 
-    for index in range(2):
-        cell_writer(tmp_path / "lymphocyte" / f"field-f1-cell-{index}.png", seed=index)
-        cell_writer(tmp_path / "monocyte" / f"field-f1-cell-{index + 4}.png", seed=20 + index)
-        cell_writer(tmp_path / "uncertain" / f"field-f1-cell-{index + 2}.png", seed=10 + index)
+    two_cells_each(tmp_path, cell_writer, {"lymphocyte": "field-f1-cell-{}.png", "monocyte": "field-f1-cell-{}4.png",
+                                           "uncertain": "field-f1-cell-{}2.png"})
     with pytest.raises(DatasetError, match="a class 'uncertain' holds cells a classifier could not call"):
         load_manifest(DataConfig(path=str(tmp_path)))
     kept = load_manifest(DataConfig(path=str(tmp_path), classes=["lymphocyte", "monocyte"]))  # left out: fine
@@ -173,10 +178,7 @@ def test_labels_that_differ_only_in_case_are_refused_unless_mapped(tmp_path: Pat
     from leukoscope.engine.config import DataConfig
     from leukoscope.engine.data_prep import load_manifest
 
-    for index in range(2):
-        cell_writer(tmp_path / "Neutrophil" / f"a{index}.png", seed=index)
-        cell_writer(tmp_path / "neutrophil" / f"b{index}.png", seed=10 + index)
-        cell_writer(tmp_path / "lymphocyte" / f"c{index}.png", seed=20 + index)
+    two_cells_each(tmp_path, cell_writer, {"Neutrophil": "a{}.png", "neutrophil": "b{}.png", "lymphocyte": "c{}.png"})
     with pytest.raises(DatasetError, match="labels 'Neutrophil' and 'neutrophil' differ only in case.*class_map"):
         load_manifest(DataConfig(path=str(tmp_path)))
     mapped = load_manifest(DataConfig(path=str(tmp_path), class_map={"Neutrophil": "neutrophil"}))
