@@ -146,7 +146,7 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Mani
             image_path = Path(row["path"])
             if not image_path.is_absolute():
                 image_path = path.parent / image_path
-            # no subject given: a C-NMC or export name still names it, as in class folders (else image-level splits)
+            # no subject given: a C-NMC, export or --cells name still names it, as in class folders (else by image)
             subject = row.get("subject") or name_subject(image_path.name)
             samples.append(Sample(image_path, row.get("label") or None, subject))
     if not samples:
