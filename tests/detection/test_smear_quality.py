@@ -72,7 +72,8 @@ def test_a_count_without_a_blast_class_says_it_cannot_screen_for_leukemia() -> N
     """A classifier fine-tuned on a lab's normal cells alone knows no blast: its fields' JSON said
     "acute_leukemia_flag": false with no word why, read downstream as a screen that found nothing."""
     normal = ["eosinophil", "lymphocyte", "neutrophil"]
-    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED), constant_classifier(normal, "neutrophil"))
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED),
+                             constant_classifier(normal, "neutrophil"))
     d = analyzer.analyze(FIELD).differential
     assert d.total == 120 and d.blasts is None and d.acute_leukemia_flag is None  # not assessable, not "no"
     assert d.flags == ["No blast class among the cell classes (eosinophil, lymphocyte, neutrophil): blasts are not "

@@ -37,8 +37,10 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     spelled = {c.casefold(): c for c in only_bundle}
     renamed = [f"{c!r} is its {spelled[c.casefold()]!r}" for c in only_data if c.casefold() in spelled]
     if renamed:  # a folder "Neutrophil" would be a new class beside the bundle's "neutrophil"
-        parts.append(f"spelled otherwise ({', '.join(renamed)}): rename to the bundle's spelling to keep them one class")
-    lost = [c for c in only_bundle if c.casefold() not in {d.casefold() for d in only_data}]
+        parts.append(f"spelled otherwise ({', '.join(renamed)}): rename to the bundle's spelling to keep them "
+                     f"one class")
+    in_data = {c.casefold() for c in only_data}
+    lost = [c for c in only_bundle if c.casefold() not in in_data]
     if lost:
         parts.append(f"the new classifier will not know {', '.join(lost)}")
     blasts = blast_classes_in(lost) if not blast_classes_in(data_classes) else []  # the data's own blasts count

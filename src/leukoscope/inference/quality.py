@@ -188,8 +188,8 @@ def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
     image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes), not
     which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
-    reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed scale) still stand after any
-    review: cells may have been missed."""
+    reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed
+    scale) still stand after any review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
             or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
             or warning.startswith(STATED_CELL_SCALE_WORDING))
