@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,17 @@ def test_a_failed_conversion_in_place_leaves_the_bundles_graph_as_it_was(exporte
     assert (bundle / OPENVINO_FILE).is_file() and (bundle / OPENVINO_WEIGHTS_FILE).is_file()
     assert not (bundle / ONNX_FILE).exists() and read_bundle_info(bundle).export["format"] == "openvino"
     assert not list(bundle.glob("model-converting*"))
+
+
+def test_converting_sends_no_telemetry(trained: dict[str, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """openvino.convert_model sends usage telemetry from a forked process unless opted out; offline, that process
+    waits on the name lookup and Python waits for it at exit (a full test run hung after its last test)."""
+    import multiprocessing
+
+    telemetry = pytest.importorskip("openvino_telemetry")
+    monkeypatch.delenv("CI", raising=False)
+    export_bundle(trained["abas_cnn"], tmp_path / "ir", "openvino")
+    assert telemetry.Telemetry().consent is False  # the converter's own session: nothing sent
+    assert multiprocessing.active_children() == []
+    assert "CI" not in os.environ  # the opt-out lasted for the call only

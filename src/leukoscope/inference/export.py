@@ -26,10 +26,12 @@ Detectors: their dense part, in :mod:`leukoscope.inference.detector_export`. Cla
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -271,7 +273,8 @@ def _to_openvino(graph: Path, out: Path) -> tuple[Path, dict[str, Any]]:
 
     stem = out / "model-converting"  # model-converting.xml / .bin until moved into place
     try:
-        converted = ov.convert_model(str(graph))
+        with _no_converter_telemetry():
+            converted = ov.convert_model(str(graph))
         ov.save_model(converted, str(stem.with_suffix(".xml")), compress_to_fp16=False)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
         for suffix in (".xml", ".bin"):
@@ -281,6 +284,24 @@ def _to_openvino(graph: Path, out: Path) -> tuple[Path, dict[str, Any]]:
         graph.unlink(missing_ok=True)
     return stem, {"format": "openvino", "file": OPENVINO_FILE, "weights_file": OPENVINO_WEIGHTS_FILE,
                   "converter": f"openvino.convert_model {ov.__version__} (from the ONNX graph)"}
+
+
+@contextmanager
+def _no_converter_telemetry() -> Iterator[None]:
+    """``openvino.convert_model`` sends usage telemetry (openvino_telemetry, to Google Analytics) from a forked
+    process unless the user opted out or ``CI=true``; without network that process waits on the name lookup and
+    Python waits for it at exit: a test run here hung after its last test, and an offline `leukoscope export`
+    would not return. leukoscope sends nothing: the converter is given its documented opt-out for the call
+    (``disable_in_ci``: the ``CI`` variable), and the variable is put back after."""
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
 
 
 def check_graph(path: Path) -> None:
