@@ -1287,6 +1287,7 @@ def analyze(
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
+    paths = _without_cut_cells(paths, inputs, slides=bool(slides))
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
     from leukoscope.inference.smear import SmearAnalyzer
@@ -1321,6 +1322,28 @@ def analyze(
                         run_warnings=doubts, cells=cells,
                         slide_options=dict(target_cells=target_cells, workers=workers, seed=seed, tile_size=slide_tile,
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
+
+
+def _without_cut_cells(paths: list[Path], inputs: list[Path], *, slides: bool) -> list[Path]:
+    """``paths`` less the images found in folders that are named as single cells this program cut (``analyze
+    --cells``, the web service's export): analysed again as fields, each would add its cell to the count a second
+    time (a ``--cells`` folder kept beside the fields was). A cell named on the command line stays in."""
+    from leukoscope.data.readers import EXPORT_NAME, FIELD_CELL_NAME
+
+    named = {p.resolve() for p in inputs if not p.is_dir()}
+    cut = [p for p in paths
+           if p.resolve() not in named and (FIELD_CELL_NAME.match(p.name) or EXPORT_NAME.match(p.name))]
+    if not cut:
+        return paths
+    if len(cut) == len(paths) and not slides:
+        _fail(f"every image found ({len(cut)}) is named as a cell that `analyze --cells` or the web service cut "
+              f"(field-<name>-cell-<n>.png, case-<id>-cell-<n>.png): analyze takes smear fields; single cells go to "
+              f"`leukoscope predict` (or name them on the command line to analyse them as fields)")
+    console.print(f"[yellow]note:[/yellow] {len(cut)} image(s) named as cells that `analyze --cells` or the web "
+                  f"service cut ({name_some(sorted(p.name for p in cut))}) left out: they are cells, not fields",
+                  soft_wrap=True)
+    left = set(cut)
+    return [p for p in paths if p not in left]
 
 
 def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:

@@ -266,6 +266,35 @@ def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, cla
     assert "per-image cap" in output and LEUKEMIA_WORDING not in output
 
 
+def test_cells_cut_by_a_run_are_not_analysed_as_fields(smear_root: Path, detector_bundle: Path,
+                                                       classifier_bundle: Path, tmp_path: Path) -> None:
+    """A `--cells` folder kept beside the fields: the next run over the folder leaves the cut cells out (each
+    would have been counted again as a field); a cell named on the command line is still analysed."""
+    import shutil
+
+    from leukoscope.cli import app
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    shutil.copy(sorted((smear_root / "JPEGImages").glob("*.png"))[0], fields / "a.png")
+    models = ["--detector", str(detector_bundle), "--classifier", str(classifier_bundle), "--quiet"]
+    first = CliRunner().invoke(app, ["analyze", str(fields), "--out", str(tmp_path / "o1"), "--cells",
+                                     str(fields / "cells"), *models])
+    assert first.exit_code == 0, first.output
+    cut = sorted((fields / "cells").rglob("*.png"))
+    assert cut
+    again = CliRunner().invoke(app, ["analyze", str(fields), "--out", str(tmp_path / "o2"), *models])
+    assert again.exit_code == 0, again.output
+    assert f"{len(cut)} image(s) named as cells" in " ".join(again.output.split())
+    rows = csv.DictReader(open(tmp_path / "o2" / "summary.csv"))
+    assert [Path(row["image"]).name for row in rows] == ["a.png", "TOTAL"]
+    only_cells = CliRunner().invoke(app, ["analyze", str(fields / "cells"), "--out", str(tmp_path / "o3"), *models])
+    assert only_cells.exit_code != 0 and "`leukoscope predict`" in " ".join(only_cells.output.split())
+    named = CliRunner().invoke(app, ["analyze", str(cut[0]), "--out", str(tmp_path / "o4"), *models])
+    assert named.exit_code == 0, named.output
+    assert (tmp_path / "o4" / f"{cut[0].stem}.json").is_file()
+
+
 def test_fields_analysed_at_a_guessed_scale_never_give_the_slide_a_leukemia_flag() -> None:
     """A field without a scale (no red cells, no run's) is analysed at the detector's training scale and
     warned; the slide pooled from such fields is warned too, and has no leukemia flag, however many
