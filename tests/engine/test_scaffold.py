@@ -12,7 +12,7 @@ from leukoscope.data.manifest import Manifest, Sample
 from leukoscope.data.splits import Split
 from leukoscope.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from leukoscope.engine.config import ConfigError, load_config
-from leukoscope.engine.run_dir import absolute_paths, open_run
+from leukoscope.engine.run_dir import absolute_paths, one_run_of, open_run
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.tasks.classify import training_overlap
 
@@ -49,6 +49,13 @@ def test_an_interrupted_run_says_how_to_go_on(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(KeyboardInterrupt), open_run(tmp_path / "early", load_config()):
         raise KeyboardInterrupt  # before any epoch: nothing to resume, nothing said
     assert "early" not in terminal.file.getvalue() and not (tmp_path / "early").exists()
+    # one run of a comparison: its resume goes on with that run, not with the comparison
+    row_config = load_config()
+    with pytest.raises(KeyboardInterrupt), one_run_of("compare", 2, 3), open_run(tmp_path / "row", row_config) as row:
+        (row / CHECKPOINT_FILE).write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+    said = " ".join(terminal.file.getvalue().split())
+    assert "the compare stopped at run 2 of 3: `leukoscope train --resume` finishes that run alone" in said
 
 
 def test_paths_become_absolute_but_weight_names_do_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

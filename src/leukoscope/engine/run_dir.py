@@ -115,6 +115,18 @@ def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Itera
         raise
 
 
+@contextmanager
+def one_run_of(command: str, index: int, total: int) -> Iterator[None]:
+    """Around run ``index`` of ``total`` that ``command`` (compare, search) trains: interrupted, say that
+    ``train --resume`` (which the run itself advises) goes on with that run alone, not with the ``command``."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        say(f"the {command} stopped at run {index} of {total}: `leukoscope train --resume` finishes that run alone; "
+            f"`leukoscope {command}` again trains every run from the start")
+        raise
+
+
 def _checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:
     """The checkpoint's modification time and size (None without one): changed once an epoch is saved."""
     try:

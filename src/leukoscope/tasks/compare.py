@@ -56,7 +56,7 @@ from leukoscope.engine.config import (
     save_config,
 )
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.run_dir import fresh_dir
+from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment
 from leukoscope.models import model_entry
@@ -280,8 +280,9 @@ def run_compare(
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         threads = torch.get_num_threads()  # a row's train.threads is its own: the next row starts as the first
         try:
-            result = run_experiment(cfg, run_dir=compare_dir / f"{index:02d}-{safe}", prepared=data,
-                                    show_progress=show_progress)
+            with one_run_of("compare", index, len(entries)):
+                result = run_experiment(cfg, run_dir=compare_dir / f"{index:02d}-{safe}", prepared=data,
+                                        show_progress=show_progress)
         finally:
             torch.set_num_threads(threads)
         runs.append(result)

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
-from leukoscope.engine.run_dir import fresh_dir
+from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
 from leukoscope.progress import console
@@ -76,8 +76,9 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
                 raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it "
                                  "0 images); a choice by test or training scores would not be honest")
         console.print(f"[bold]run {index}/{len(combos)}[/bold] " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-        result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=prepared[size],
-                                show_progress=show_progress)
+        with one_run_of("search", index, len(combos)):
+            result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=prepared[size],
+                                    show_progress=show_progress)
         results.append(result)
         val_rows = [h for h in result.fit.history if h["epoch"] == result.fit.best_epoch]
         best_row = val_rows[0] if val_rows else {}
