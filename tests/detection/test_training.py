@@ -231,3 +231,34 @@ def test_detectors_and_classifiers_refuse_each_others_options(detector_bundle: P
     wrong = runner.invoke(app, ["train", "--config", str(config), "--model", "fasterrcnn_abas"])
     assert wrong.exit_code == 2 and "is a cell detector" in wrong.output and "Traceback" not in wrong.output
     assert not (tmp_path / "runs").exists() or [p.name for p in (tmp_path / "runs").iterdir()] == ["splits"]
+
+
+def test_the_detectors_own_split_keeps_a_fields_copies_on_one_side(tmp_path: Path) -> None:
+    """A field saved again as JPEG (a copy a lab's export makes) was dealt to training and to test alike: the
+    test AP that lets `analyze` raise a leukemia flag was scored on a field the detector had learned. Where the
+    user names the parts, such a copy is said in the run's notes."""
+    from PIL import Image
+
+    from leukoscope.data.synthetic_smears import SmearSpec, make_synthetic_smears
+    from leukoscope.engine.detection_config import DetectionDataConfig
+    from leukoscope.engine.detection_data import prepare_detection_data
+
+    root = tmp_path / "voc"
+    make_synthetic_smears(root, 10, SmearSpec(width=320, height=240, seed=4))
+    Image.open(root / "JPEGImages" / "smear_0000.png").convert("RGB").save(root / "JPEGImages" / "copy.jpg", quality=92)
+    (root / "Annotations" / "copy.xml").write_text(
+        (root / "Annotations" / "smear_0000.xml").read_text().replace("smear_0000.png", "copy.jpg"))
+    sides = set()
+    for seed in range(12):
+        splits = prepare_detection_data(DetectionDataConfig(path=str(root), ratios=[0.6, 0.2, 0.2], split_seed=seed))
+        where = {image.image_path.name: part for part, data in splits.parts.items() for image in data}
+        assert where["smear_0000.png"] == where["copy.jpg"]
+        assert {part: len(data) for part, data in splits.parts.items()}["test"] in (2, 3)  # ~20% of 11 fields
+        sides.add(where["copy.jpg"])
+    assert len(sides) > 1  # dealt at random, together
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(f"smear_{n:04d}" for n in range(8)))
+    (root / "ImageSets" / "Main" / "test.txt").write_text("copy\nsmear_0009\n")
+    named = prepare_detection_data(DetectionDataConfig(path=str(root), train="train", test="test"))
+    assert any("1 of 2 test images are near copies of training images (re-encoded, resized or turned: copy.jpg)"
+               in note for note in named.notes)

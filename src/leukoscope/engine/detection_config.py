@@ -24,7 +24,8 @@ class DetectionDataConfig(Section):
     test: str | list[str] | None = None
     """Split(s) the final metrics are computed on."""
     ratios: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1])
-    """train/val/test shares when ``train`` is None (folders without splits)."""
+    """train/val/test shares when ``train`` is None (folders without splits): fields dealt at random, a field's
+    near copies (re-encoded, resized, turned) with it."""
     split_seed: int = 0
     classes: list[str] | None = None
     """Object classes, in order; default: every name found in the training annotations."""

@@ -15,13 +15,14 @@ from torch.utils.data import Dataset
 
 from leukoscope.data.annotations import AnnotatedImage, DetectionDataset, read_voc_dataset
 from leukoscope.data.box_augment import DetectionAugment
+from leukoscope.data.duplicates import duplicate_groups
 from leukoscope.data.manifest import DatasetError
 from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import DetectionDataConfig
 from leukoscope.evaluation.detection import GroundTruth, Predicted
 from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
-from leukoscope.progress import progress_bar
+from leukoscope.progress import name_some, progress_bar
 
 
 @dataclass
@@ -47,14 +48,9 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
     if cfg.train is None:
         whole = read_voc_dataset(cfg.path, None, **read)
         classes = cfg.classes or whole.classes
-        rng = np.random.default_rng(cfg.split_seed)
-        order = rng.permutation(len(whole))
         ratios = list(cfg.ratios) + [0.0] * (3 - len(cfg.ratios))
-        n_val = int(round(ratios[1] * len(whole)))
-        n_test = int(round(ratios[2] * len(whole)))
-        parts = {"train": whole.subset(order[n_val + n_test:]), "val": whole.subset(order[:n_val]),
-                 "test": whole.subset(order[n_val:n_val + n_test])}
-        parts = {k: v for k, v in parts.items() if len(v)}
+        dealt = _deal_fields(whole, ratios, cfg.split_seed)
+        parts = {name: whole.subset(dealt[name]) for name in ("train", "val", "test") if dealt[name]}
         issues = whole.issues
     else:
         train = read_voc_dataset(cfg.path, cfg.train, **read)
@@ -81,10 +77,37 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
                 notes.append(f"{shared} of {len(parts[name])} validation images are byte-identical to training "
                              f"images (CBC's Validation is a copy of part of Training): validation scores are "
                              f"optimistic and only used to pick the epoch and threshold.")
+    if cfg.train is not None and "test" in parts:  # the user's own parts: near copies are said, not refused
+        near = _near_copies(parts["test"], parts["train"])
+        if near:
+            notes.append(f"{len(near)} of {len(parts['test'])} test images are near copies of training images "
+                         f"(re-encoded, resized or turned: {name_some(near)}): test scores are optimistic.")
     if issues:
         notes.append(f"{len(issues)} annotation problem(s) skipped: " + "; ".join(str(i) for i in issues[:5])
                      + (" ..." if len(issues) > 5 else ""))
     return DetectionSplits(parts, list(classes), notes)
+
+
+def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) -> dict[str, list[int]]:
+    """Indices of ``whole`` per part, dealt at random (``seed``) in groups of near-identical fields (re-encoded,
+    resized or turned copies: :func:`leukoscope.data.duplicates.duplicate_groups`): a copy of a test field in
+    training had passed, and its test AP is what lets `analyze` raise a leukemia flag. Fields without copies
+    are dealt as a plain permutation would deal them."""
+    groups = duplicate_groups([image.image_path for image in whole])
+    wanted = {"val": int(round(ratios[1] * len(whole))), "test": int(round(ratios[2] * len(whole)))}
+    dealt: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for group in np.random.default_rng(seed).permutation(np.unique(groups)):
+        part = next((name for name in ("val", "test") if len(dealt[name]) < wanted[name]), "train")
+        dealt[part] += np.flatnonzero(groups == group).tolist()
+    return dealt
+
+
+def _near_copies(test: DetectionDataset, train: DetectionDataset) -> list[str]:
+    """Names of the ``test`` fields near-identical to a ``train`` field (pHash, turned copies included)."""
+    paths = [image.image_path for image in test] + [image.image_path for image in train]
+    groups = duplicate_groups(paths)
+    in_train = set(groups[len(test):].tolist())
+    return [path.name for path, group in zip(paths[:len(test)], groups[:len(test)]) if group in in_train]
 
 
 def to_ground_truth(image: AnnotatedImage, classes: Sequence[str]) -> GroundTruth:
