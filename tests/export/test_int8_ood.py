@@ -96,3 +96,29 @@ def test_an_int8_graph_without_thresholds_for_its_statistics_is_refused(int8_wit
     with pytest.raises(BundleError, match="no OOD thresholds of its own.*run `leukoscope export`"):
         CellClassifier.from_bundle(bundle, backend="onnxruntime")
     assert CellClassifier.from_bundle(bundle).ood is not None  # torch runs the float weights, as before
+
+
+def test_the_service_answers_a_single_cell_with_the_graph_it_records(int8_with_median_threshold, synthetic_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """A one-view bundle on an exported graph, Grad-CAM on: the service's single-cell answer came from the torch
+    model's Grad-CAM pass, judged by the int8 graph's flag thresholds and recorded as the graph's."""
+    from leukoscope.service.analysis import Analyzer
+
+    _, int8, _ = int8_with_median_threshold
+    bundle = Path(shutil.copytree(int8, tmp_path / "one-view"))
+    payload = json.loads((bundle / "bundle.json").read_text())
+    payload["preprocessing"]["views"] = 1
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    image = _images(synthetic_root)[0]
+    graph = CellClassifier.from_bundle(bundle, backend="onnxruntime", threads=1).predict_images([image])[0]
+    on_torch = CellClassifier.from_bundle(bundle).predict_images([image])[0]
+    assert abs(graph.ood_score - on_torch.ood_score) > 1e-3  # int8 scores differ: the check below can tell them apart
+    analyzer = Analyzer.from_bundles(bundle, backend="onnxruntime", backend_threads=1, threads=1, gradcam=True)
+    try:
+        cell = analyzer.analyse_cell(image).cells[0]
+        assert analyzer.models["classifier"]["precision"] == "int8"
+    finally:
+        analyzer.close()
+    assert cell.overlay is not None  # still explained, by the torch model's map of the graph's class
+    assert cell.prediction.ood_score == pytest.approx(graph.ood_score)
+    assert cell.prediction.probabilities == pytest.approx(graph.probabilities)

@@ -247,10 +247,12 @@ class Analyzer:
         """Prediction and Grad-CAM overlay from one forward pass: Grad-CAM's own forward
         (which needs gradients) also yields the logits, so the model runs once, not twice. A bundle
         with test-time views is calibrated on their average: its prediction comes from every view
-        (:meth:`CellClassifier.predict_images`), the overlay from every view's map (:meth:`_overlays`)."""
+        (:meth:`CellClassifier.predict_images`), the overlay from every view's map (:meth:`_overlays`). So does a
+        classifier that runs an exported graph: its answer (and the out-of-distribution thresholds fitted on the
+        graph's scores) is the graph's, the overlay the torch model's map of the graph's class."""
         if not self.gradcam or getattr(classifier.info, "framework", "torch") != "torch":
             return classifier.predict_images([image], [source])[0], None
-        if classifier.info.preprocessing.views > 1:
+        if classifier.info.preprocessing.views > 1 or classifier.backend != "torch":
             prediction = classifier.predict_images([image], [source])[0]
             return prediction, self._overlays(classifier, [image], [prediction.top_class])[0]
         import numpy as np

@@ -82,8 +82,8 @@ class ServiceSettings(BaseModel):
     #: What runs the classifier's network (leukoscope.inference.runtime): ``torch`` (default: every
     #: bundle has it), or, for a bundle from ``leukoscope export``, ``onnxruntime``, ``openvino`` or
     #: ``auto`` (the fastest installed backend that can run its graph). Grad-CAM still needs the torch
-    #: model, so it is loaded as well while ``gradcam`` is on (and single-cell uploads are then
-    #: classified by the same torch pass that draws the heatmap).
+    #: model, so it is loaded as well while ``gradcam`` is on; the answers (and the flag thresholds fitted
+    #: on the graph's scores) stay the graph's, the heatmap is the torch model's map of the graph's class.
     classifier_backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "torch"
     #: Below this confidence a cell is "uncertain, review" (default: the bundle's own threshold).
     uncertain_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
