@@ -115,6 +115,11 @@ class Preprocessing:
             array = normalise_stain(array, self.stain)
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
+    def decoded_as(self) -> tuple[Any, ...]:
+        """What :meth:`decode`'s pixels depend on: data decoded under one such key serves every preprocessing
+        with that key (the rest is applied to the decoded pixels: :meth:`model_input`)."""
+        return self.image_size, self.resize, self.segmentation, self.stain
+
     def pixels(self, image: Image.Image) -> "torch.Tensor":
         """:meth:`pixel_array` as a torch tensor."""
         import torch

@@ -232,6 +232,33 @@ def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path)
     assert Path(chosen[0]["bundle"]) == result.best.bundle_dir
 
 
+def test_search_and_compare_from_a_bundle_train_at_its_input_size(synthetic_root: Path, tmp_path: Path) -> None:
+    """A config built in Python (not by load_config, which reads `model.init` at once) takes its image size
+    from the bundle too: the data were decoded at the default (128) before `model.init` was read, and the
+    bundle saved the init's size (40) for images it had never been trained on; and a search without
+    model.name was refused ("a mobilenet_v3_small bundle, but model.name is resnet18")."""
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.engine.config import ExperimentConfig
+    from leukoscope.tasks.compare import run_compare
+
+    init = run_experiment(_config(synthetic_root, tmp_path / "init", "model.image_size=40", "train.epochs=1"),
+                          show_progress=False).bundle_dir
+
+    def config(**more) -> ExperimentConfig:
+        return ExperimentConfig.model_validate({"data": {"path": str(synthetic_root)}, "model": {"init": str(init)},
+                                                "output_root": str(tmp_path / "runs"),
+                                                "train": {"epochs": 1, "batch_size": 16}, **more})
+
+    searched = run_search(config(search={"lr": [0.003]}), show_progress=False)
+    assert read_bundle_info(searched.best.bundle_dir).preprocessing.image_size == 40
+    compared = run_compare(config(), models=["mobilenet_v3_small"], show_progress=False)
+    assert read_bundle_info(compared.runs[0].bundle_dir).preprocessing.image_size == 40
+    # the guard under both: data decoded for another input size are refused, not trained on
+    decoded = prepare_data(config().data, Preprocessing(image_size=32), tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match=r"decoded as \(32, .*this run's model takes \(40, "):
+        run_experiment(config(), prepared=decoded, show_progress=False)
+
+
 def test_grid_search_without_validation_split_is_refused_before_training(synthetic_root: Path,
                                                                           tmp_path: Path) -> None:
     config = _config(synthetic_root, tmp_path, "name=grid-noval", "data.ratios=[0.8,0.0,0.2]",

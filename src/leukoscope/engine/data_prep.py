@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +37,8 @@ class PreparedData:
     split_file: Path
     parts: dict[str, DecodedSplit]
     load_reports: dict[str, LoadReport] = field(default_factory=dict)
+    decoded_as: tuple[Any, ...] | None = None
+    """:meth:`Preprocessing.decoded_as` of the preprocessing the parts were decoded with."""
 
     def skipped(self) -> list[dict[str, str]]:
         return [item for report in self.load_reports.values() for item in report.skipped]
@@ -134,4 +137,4 @@ def prepare_data(
         reports[name] = report
     if "train" not in parts:
         raise DatasetError("the training split is empty")
-    return PreparedData(list(manifest.classes), split, split_file, parts, reports)
+    return PreparedData(list(manifest.classes), split, split_file, parts, reports, preprocessing.decoded_as())

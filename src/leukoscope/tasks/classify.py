@@ -92,6 +92,9 @@ def run_experiment(
         # A resumed run goes on with its own split: the shared split file it was copied from may have been
         # remade since (new images), which would move images its checkpoint trained on into val and test.
         config = config.model_copy(update={"data": config.data.model_copy(update={"split_file": str(own_split)})})
+    if prepared is not None and prepared.decoded_as not in (None, preprocessing.decoded_as()):
+        raise ValueError(f"the data were decoded as {prepared.decoded_as} (image size, resize, segmentation, stain); "
+                         f"this run's model takes {preprocessing.decoded_as()}")
     with open_run(run_dir, config, resume=resume):
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)

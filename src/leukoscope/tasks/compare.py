@@ -58,7 +58,7 @@ from leukoscope.engine.config import (
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
-from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment
+from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, with_absolute_paths
 from leukoscope.models import model_entry
 from leukoscope.progress import console
 
@@ -247,7 +247,8 @@ def run_compare(
 ) -> CompareResult:
     """Train every row of the comparison on one split; write the table, figure and page."""
     entries = compare_plan(config, models)
-    configs = [entry_config(config, entry) for entry in entries]
+    # each row completed from its model.init bundle first: its image size decides how the data are decoded
+    configs = [with_absolute_paths(entry_config(config, entry)) for entry in entries]
     labels = [entry.label or entry.model for entry in entries]
     for label, cfg in zip(labels, configs):  # every row's settings before the first row trains, not at its turn
         try:
@@ -264,12 +265,12 @@ def run_compare(
     save_config(config, compare_dir / "config.yaml")
     console.print(f"[bold]compare[/bold]: {len(entries)} models in {compare_dir}: {', '.join(labels)}")
 
-    prepared: dict[tuple[int, str | None], PreparedData] = {}  # decode once per size and pre-processing
+    prepared: dict[tuple[Any, ...], PreparedData] = {}  # decoded once per Preprocessing.decoded_as
     rows: list[CompareRow] = []
     runs: list[RunResult] = []
     split_files: set[str] = set()
     for index, (label, cfg) in enumerate(zip(labels, configs), start=1):
-        key = (cfg.model.image_size, cfg.data.segmentation)
+        key = preprocessing_of(cfg).decoded_as()
         if key not in prepared:
             prepared[key] = prepare_data(cfg.data, preprocessing_of(cfg), Path(config.output_root),
                                          show_progress=show_progress)

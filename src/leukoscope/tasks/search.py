@@ -21,7 +21,7 @@ from leukoscope.engine.config import ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
-from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name
+from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name, with_absolute_paths
 from leukoscope.progress import console
 
 
@@ -49,26 +49,28 @@ def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConf
     updated = config.model_copy(deep=True)
     for dotted, value in settings.items():
         section, key = dotted.split(".")
-        setattr(getattr(updated, section), key, value)
+        if getattr(getattr(updated, section), key) != value:  # a setting not searched stays unset (model.init's)
+            setattr(getattr(updated, section), key, value)
     updated.search = None
     return updated
 
 
 def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> SearchResult:
     config.require_search()
+    config = with_absolute_paths(config)  # model.init's model, image size and views before the grid is made
     combos = grid(config)
     for settings in combos:  # every run's settings before the first trains (lr, optimizer, batch size)
         run_config = _apply(config, settings)
         check_learner_config(run_config, preprocessing_of(run_config))
     search_dir = fresh_dir(config.output_root, f"{run_name(config)}-search")
     console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
-    prepared: dict[int, PreparedData] = {}  # decode once per image size
+    prepared: dict[tuple[Any, ...], PreparedData] = {}  # decoded once per Preprocessing.decoded_as
     rows: list[dict[str, Any]] = []
     results: list[RunResult] = []
     for index, settings in enumerate(combos, start=1):
         run_config = _apply(config, settings)
         run_config.name = f"{run_name(config)}-{index:02d}"
-        size = run_config.model.image_size
+        size = preprocessing_of(run_config).decoded_as()
         if size not in prepared:
             prepared[size] = prepare_data(run_config.data, preprocessing_of(run_config), Path(config.output_root),
                                           show_progress=show_progress)
