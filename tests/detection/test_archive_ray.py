@@ -126,6 +126,27 @@ def test_ray_engine_matches_the_local_engine_and_resumes(two_node_cluster, field
         analyze_archive(AnalyzerSpec(detector_bundle, classifier_bundle, {**OPTIONS, "overlap": 32}), fields, out)
 
 
+def test_an_actor_puts_the_runs_warnings_on_each_field_as_the_local_engine_does(
+        fields: list[Path], detector_bundle: Path, classifier_bundle: Path, tmp_path: Path) -> None:
+    """A stated scale the fields' red cells doubt: the local engine warned every field (and withheld its flag);
+    the Ray actors left it to the summary, so a field row could carry a leukemia flag the local one did not."""
+    import numpy as np
+
+    from leukoscope.inference.archive import FieldActor
+
+    spec = AnalyzerSpec(detector_bundle, classifier_bundle, OPTIONS)
+    doubt = ["the stated scale, 0.3 um/px, is 3.6 times coarser than the run's red cells measure"]
+    chosen = fields[:2]
+    local = spec.build().analyze_paths(chosen, tmp_path / "local", run_warnings=doubt)
+    keys = [str(p.resolve()) for p in chosen]
+    batch = FieldActor(spec, 1, run_warnings=doubt)({"path": np.asarray(keys, dtype=object),
+                                                     "source": np.asarray(keys, dtype=object)})
+    rows = [json.loads(record)["field"] for record in batch["record"]]
+    rules = local.rules
+    assert _without_seconds(rows) == _without_seconds([field_row(r, k, rules) for r, k in zip(local.results, keys)])
+    assert all(any(doubt[0] in warning for warning in row["warnings"]) for row in rows)
+
+
 def test_a_model_is_known_by_its_weights_and_options_not_its_name(detector_bundle: Path, tmp_path: Path) -> None:
     """An archive resumed with a model replaced under the same name must not pool the two analyses."""
     import shutil

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,10 +86,16 @@ class AnalyzerSpec:
         return SmearAnalyzer.from_bundles(resolve_bundle(self.detector), classifier, threads=threads, **self.options)
 
 
-def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str) -> SmearResult:
-    """One field file, as the local engine does it: an unreadable file is a result with ``error``."""
+def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str,
+                 run_warnings: Sequence[str] = ()) -> SmearResult:
+    """One field file, as the local engine does it: an unreadable file is a result with ``error``;
+    ``run_warnings``: its run's, on the field as the local engine puts them."""
+    start = time.perf_counter()
     try:
-        return analyzer.analyze(load_image(path, max_pixels=analyzer.max_pixels), source=source)
+        image = load_image(path, max_pixels=analyzer.max_pixels)
+        result = analyzer.analyze_prepared(analyzer.prepare(image, run_warnings=run_warnings), source)
+        result.seconds = time.perf_counter() - start
+        return result
     except ImageDecodeError as exc:
         return analyzer.failed_result(source, str(exc))
 
@@ -102,15 +109,16 @@ def actor_analyzer(spec: AnalyzerSpec, threads: int) -> SmearAnalyzer:
 class FieldActor:
     """A Ray Data actor: builds its analyzer once, then turns batches of paths into table rows."""
 
-    def __init__(self, spec: AnalyzerSpec, threads: int) -> None:
+    def __init__(self, spec: AnalyzerSpec, threads: int, run_warnings: Sequence[str] = ()) -> None:
         self.analyzer = actor_analyzer(spec, threads)
+        self.run_warnings = list(run_warnings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         records = []
         for path, source in zip(batch["path"], batch["source"]):
-            result = analyze_file(self.analyzer, str(path), str(source))
+            result = analyze_file(self.analyzer, str(path), str(source), self.run_warnings)
             records.append(json.dumps({"field": field_row(result, str(path), self.analyzer.rules),
                                        "cells": cell_rows(result, str(path))}))
         return {"path": np.asarray(batch["path"], dtype=object), "record": np.asarray(records, dtype=object)}
@@ -175,7 +183,8 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     connected. ``actors`` (default: as many as the nodes can place: :func:`actor_count`) analyse ``batch_size`` fields at
     a time with ``threads`` CPUs each. ``part_size``: fields per Parquet part (what an interruption can
     cost at most). ``stop_after_parts``: stop once that many parts are written (tests: an interruption).
-    ``run_warnings``: about the run as a whole, for the summary (a stated scale the fields' red cells contradict).
+    ``run_warnings``: about the run as a whole (a stated scale the fields' red cells contradict), on every field
+    and the summary, as the local engine puts them; part of the archive's identity.
     """
     require_ray()
     import ray
@@ -195,6 +204,8 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     # The thresholds in effect, not only those asked for: a bundle's own, edited between two runs, changes calls.
     identity["uncertain_threshold"] = analyzer.classifier.threshold if analyzer.classifier is not None else None
     identity["detector_threshold"] = getattr(analyzer.detector, "score_threshold", None)
+    if run_warnings:  # (only when there are: an archive made before they were recorded stays resumable)
+        identity["run_warnings"] = list(run_warnings)
     backend = str(portable.options.get("backend", "torch"))
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
                  "models": {role: model_identity(bundle, backend) for role, bundle in
@@ -211,7 +222,7 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     if todo:
         with ray_session(address):
             written = _run_on_ray(portable, todo, sources, parts, actors, threads, batch_size, part_size,
-                                  stop_after_parts, progress)
+                                  stop_after_parts, progress, run_warnings)
     summary = _summary(analyzer, parts, keys, sources, run_warnings)
     summary.write(out_dir)
     return ArchiveRun(summary, parts.fields_written, len(sources) - len(todo), written, out_dir)
@@ -256,7 +267,7 @@ def actor_count(actors: int | None, threads: int) -> int:
 
 def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], parts: ArchiveParts,
                 actors: int | None, threads: int, batch_size: int, part_size: int, stop_after_parts: int | None,
-                progress: Callable[..., None] | None) -> int:
+                progress: Callable[..., None] | None, run_warnings: Sequence[str] = ()) -> int:
     """Stream the fields through the actor pool; write a part every ``part_size`` fields. Returns the
     number of parts written; a stop (error, Ctrl-C) first writes the fields already finished."""
     import ray
@@ -272,7 +283,8 @@ def _run_on_ray(spec: AnalyzerSpec, todo: list[str], sources: dict[str, str], pa
     # tail would leave actors idle); one batch per block, so results come back a batch at a time.
     batch_size = max(1, min(batch_size, -(-len(items) // pool)))
     dataset = ray.data.from_items(items, override_num_blocks=min(-(-len(items) // batch_size), 10_000))
-    rows = dataset.map_batches(FieldActor, fn_constructor_kwargs={"spec": spec, "threads": threads},
+    rows = dataset.map_batches(FieldActor, fn_constructor_kwargs={"spec": spec, "threads": threads,
+                                                                  "run_warnings": list(run_warnings)},
                                batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=threads,
                                batch_format="numpy")
     fields: list[dict] = []
