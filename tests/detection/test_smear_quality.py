@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from leukoscope.inference.differential import LEUKEMIA_WORDING, Differential
+from leukoscope.inference.differential import LEUKEMIA_WORDING, CountRules, Differential
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.labels import BLAST_CLASS_NAMES, blast_classes_in
 from tests.detection.smear_fakes import PBC_CLASSES, VERIFIED, FixedDetector, constant_classifier, grid_boxes
@@ -81,6 +81,24 @@ def test_a_count_without_a_blast_class_says_it_cannot_screen_for_leukemia() -> N
     assert d.to_json()["acute_leukemia_flag"] is None
     # with a blast class, a count of no blasts is a "no" (the control)
     assert Differential.from_labels(["lymphocyte"] * 120, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag is False
+
+
+def test_the_flag_is_false_only_for_a_count_that_could_have_raised_it() -> None:
+    """"acute_leukemia_flag": false had also stood for a count withheld by a warning (40% blasts, the detector
+    unverified), for 12 cells and for a file never read: a program reading the JSON saw a negative screen."""
+    assert Differential.from_labels(["blast"] * 40 + ["lymphocyte"] * 60, BLAST_OR_LYMPHOCYTE, ["blast"])\
+        .acute_leukemia_flag is True
+    assert Differential.from_labels(["lymphocyte"] * 100, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag is False
+    withheld = Differential.from_labels(["blast"] * 40 + ["lymphocyte"] * 60, BLAST_OR_LYMPHOCYTE, ["blast"],
+                                        warnings=["The detector is unverified."])
+    assert withheld.acute_leukemia_flag is None and "while the warning(s) above stand" in " ".join(withheld.flags)
+    assert withheld.to_json()["acute_leukemia_flag"] is None
+    quiet_but_warned = Differential.from_labels(["lymphocyte"] * 100, BLAST_OR_LYMPHOCYTE, ["blast"],
+                                                warnings=["The detector is unverified."])
+    assert quiet_but_warned.acute_leukemia_flag is None
+    assert Differential.from_labels(["lymphocyte"] * 12, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag is None
+    rules = CountRules(tuple(BLAST_OR_LYMPHOCYTE), ("blast",))
+    assert rules.not_analysed("cannot be read").acute_leukemia_flag is None
 
 
 def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:
@@ -221,7 +239,7 @@ def test_folder_outputs_carry_the_warnings(tmp_path: Path) -> None:
     assert pooled.warnings[0] == analyzer.warnings[0]
     assert "2 of 2 fields (a.png, b.png)" in pooled.warnings[1]
     payload = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert payload["warnings"] == pooled.warnings and payload["pooled_differential"]["acute_leukemia_flag"] is False
+    assert payload["warnings"] == pooled.warnings and payload["pooled_differential"]["acute_leukemia_flag"] is None
     field_json = json.loads((tmp_path / "out" / "a.json").read_text())
     assert len(field_json["warnings"]) == 2 and field_json["capped_tiles"] == 1
     rows = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))

@@ -48,9 +48,10 @@ class Differential:
     warnings: list[str] = field(default_factory=list)
     """Why the count itself may be wrong; while there is one, there is no leukemia flag."""
     acute_leukemia_flag: bool | None = False
-    """True only when the flags say "consistent with acute leukemia"; None when no blast class is known (the
-    count cannot screen for leukemia: :data:`NO_BLAST_CLASS_WORDING`), so that "no flag" is not read as "no
-    leukemia"."""
+    """True only when the flags say "consistent with acute leukemia"; False only for a count that could have
+    raised it (a blast class, at least ``min_cells`` white cells, no warning) and did not; None otherwise (not
+    assessable: no blast class (:data:`NO_BLAST_CLASS_WORDING`), too few cells, or a warning stands), so that a
+    program reading the JSON does not take a count it could not judge for "no leukemia"."""
     flags: list[str] = field(default_factory=list)
     not_white: list[str] = field(default_factory=list)
     """Classes counted but not white cells (:func:`leukoscope.labels.not_white_classes_in`): platelets and
@@ -95,9 +96,14 @@ class Differential:
         differential = cls(total, counts, per_100, list(blast_classes or []), blasts, percentage, interval,
                            uncertain, worst, int(min_cells), list(dict.fromkeys(warnings)), not_white=not_white)
         differential.flags = differential._flags(blast_flag_percent, uncertain_flag_share)
-        if blasts is None:
+        if not differential.acute_leukemia_flag and not differential.assessable:
             differential.acute_leukemia_flag = None  # not assessable, rather than "no"
         return differential
+
+    @property
+    def assessable(self) -> bool:
+        """Whether this count could raise the leukemia flag: a blast class, enough white cells, no warning."""
+        return self.blasts is not None and self.total >= self.min_cells and not self.warnings
 
     def _flags(self, threshold: float, uncertain_share: float) -> list[str]:
         flags = [f"WARNING: {warning}" for warning in self.warnings]
