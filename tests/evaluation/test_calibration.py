@@ -150,6 +150,24 @@ def test_a_bundle_records_the_ece_of_the_probabilities_it_gives(tmp_path) -> Non
     calibration = metrics["calibration"]
     assert calibration["ece_after"] < calibration["ece_before"] / 2
     assert headline_metrics(metrics)["ece"] == calibration["ece_after"]
-    assert metrics["ece"] == calibration["ece_before"]  # metrics.json keeps the model's own
+    assert metrics["ece"] == calibration["ece_after"]  # the metrics are those of the probabilities it gives
     plain = evaluate_logits(test_y, test_logits, ["a", "b", "c", "d"], tmp_path / "plain")
     assert headline_metrics(plain)["ece"] == plain["ece"]  # nothing fitted: the model's own
+
+
+def test_a_run_scores_what_evaluate_scores_of_its_bundle(tmp_path) -> None:
+    """A temperature changes each class's ranking of the images: the run reported ROC-AUC 0.506 on the
+    uncalibrated softmax where `leukoscope evaluate` of its bundle (which divides by the temperature) found 0.725
+    on the same test images. The run's metrics are now those of the bundle's probabilities."""
+    from leukoscope.evaluation.evaluate import evaluate_logits
+
+    test_logits, test_y = calibrated_logits(300, 4, seed=3)
+    val_logits, val_y = calibrated_logits(300, 4, seed=4)
+    test_logits, val_logits = test_logits * 3.0, val_logits * 3.0  # overconfident: a temperature near 3
+    run = evaluate_logits(test_y, test_logits, list("abcd"), tmp_path / "run", val_logits=val_logits, val_true=val_y)
+    temperature = run["calibration"]["temperature"]
+    assert abs(temperature - 1.0) > 0.5
+    bundle = evaluate_logits(test_y, test_logits / temperature, list("abcd"), tmp_path / "evaluate")
+    uncalibrated = evaluate_logits(test_y, test_logits, list("abcd"), tmp_path / "raw")
+    assert run["roc_auc_macro_ovr"] == pytest.approx(bundle["roc_auc_macro_ovr"])
+    assert uncalibrated["roc_auc_macro_ovr"] != pytest.approx(bundle["roc_auc_macro_ovr"])  # it does move

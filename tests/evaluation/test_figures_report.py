@@ -231,7 +231,7 @@ def test_evaluate_logits_writes_everything_and_calibrates(tmp_path: Path) -> Non
     assert calibration["temperature"] > 1.5
     assert calibration["ece_after"] < calibration["ece_before"]
     assert calibration["nll_after"] < calibration["nll_before"]
-    assert calibration["ece_before"] == pytest.approx(result["ece"])
+    assert calibration["ece_after"] == pytest.approx(result["ece"])  # the metrics: of the calibrated probabilities
 
     expected = {"confusion_matrix", "confusion_matrix_normalized", "roc", "pr", "reliability", "training_curves"}
     assert set(result["figures"]) == expected

@@ -101,13 +101,14 @@ def _write_figures(
     monitor: str | None = None,
 ) -> dict[str, Path]:
     cm = np.asarray(metrics["confusion_matrix"])
+    served = probs if probs_after is None else probs_after  # what the bundle gives, as the metrics are
     paths = {
         "confusion_matrix": confusion_matrix_figure(cm, classes, figures_dir / "confusion_matrix.png"),
         "confusion_matrix_normalized": confusion_matrix_figure(
             cm, classes, figures_dir / "confusion_matrix_normalized.png", normalize=True
         ),
-        "roc": roc_figure(y_true, probs, classes, figures_dir / "roc.png"),
-        "pr": pr_figure(y_true, probs, classes, figures_dir / "pr.png"),
+        "roc": roc_figure(y_true, served, classes, figures_dir / "roc.png"),
+        "pr": pr_figure(y_true, served, classes, figures_dir / "pr.png"),
         "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png"),
     }
     if history:
@@ -132,11 +133,12 @@ def evaluate_logits(
 ) -> dict:
     """Evaluate test logits and write ``figures/``, ``metrics.json`` and ``report.html`` under ``out_dir``.
 
-    Metrics are computed on ``softmax(logits)`` (uncalibrated, so they describe
-    the model as shipped). With ``val_logits``/``val_true`` a temperature is
-    fitted on validation data and ``calibration = {"temperature", "ece_before",
-    "ece_after", "nll_before", "nll_after", "n_val"}`` reports its effect on the
-    test set; the predicted classes are unchanged by it. ``extra`` keys are
+    Metrics are computed on ``softmax(logits)``; with ``val_logits``/``val_true`` a temperature is
+    fitted on validation data first and they are computed on the probabilities it gives, which are those
+    the bundle serves and `leukoscope evaluate` scores (a temperature changes no predicted class, but it
+    does change per-class rankings, hence ROC-AUC: a run reported 0.506 where `evaluate` of its bundle found
+    0.725 on the same test images). ``calibration = {"temperature", "ece_before", "ece_after", "nll_before",
+    "nll_after", "n_val"}`` reports the temperature's effect on the test set. ``extra`` keys are
     merged into the result (they may not shadow a computed key). Returns the
     metrics dict as written to ``metrics.json``, with ``figures`` mapping each
     figure name to its path relative to ``out_dir``.
@@ -148,19 +150,24 @@ def evaluate_logits(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    probs = softmax(z)
-    metrics: dict[str, Any] = classification_metrics(y, probs, list(classes))
-    clashes = sorted(set(extra or {}) & (set(metrics) | {"calibration", "figures"}))
+    clashes = sorted(set(extra or {}) & {"calibration", "figures"})
     if clashes:  # checked before the slow part so a caller bug fails fast
         raise ValueError(f"extra keys would overwrite computed metrics: {clashes}")
     report_notes = list(notes or [])
+    probs = softmax(z)
+    probs_after = calibration = None
+    if val_logits is not None and val_true is not None:
+        calibration, probs_after, calibration_notes = _calibrate(z, y, val_logits, val_true)
+        report_notes.extend(calibration_notes)
+    metrics: dict[str, Any] = classification_metrics(y, probs if probs_after is None else probs_after, list(classes))
+    clashes = sorted(set(extra or {}) & set(metrics))
+    if clashes:
+        raise ValueError(f"extra keys would overwrite computed metrics: {clashes}")
+    if calibration is not None:
+        metrics["calibration"] = calibration
     if metrics["absent_classes"]:
         report_notes.append("Classes with no images in the evaluated set (no recall or ROC-AUC for them): "
                             + ", ".join(metrics["absent_classes"]))
-    probs_after = None
-    if val_logits is not None and val_true is not None:
-        metrics["calibration"], probs_after, calibration_notes = _calibrate(z, y, val_logits, val_true)
-        report_notes.extend(calibration_notes)
 
     monitor = ((config or {}).get("train") or {}).get("monitor") if isinstance(config, dict) else None
     figure_paths = _write_figures(out_dir / "figures", y, probs, probs_after, metrics, list(classes), history,
