@@ -344,3 +344,22 @@ def test_the_detector_gate_reads_its_weakest_white_class_and_the_floor_itself_pa
     assert detector_warnings(two, ["WBC"], floor=0.9) == []  # the red cells' AP is not the white count's
     at_floor = {"evaluated_on": "test", "ap_50_per_class": {"WBC": 0.9}}
     assert detector_warnings(at_floor, ["WBC"], floor=0.9) == []
+
+
+def test_a_perfect_test_ap_on_a_few_cells_does_not_verify_a_detector() -> None:
+    """Ten fields split 80/10/10 left one test image: AP 1.0 on its cell opened the gate of the leukemia flag."""
+    from leukoscope.inference.quality import MIN_TEST_CELLS, detector_warnings
+    from leukoscope.tasks.detect import recorded_test_scores
+
+    one = {"evaluated_on": "test", "n_images": 1, "ap_50_per_class": {"WBC": 1.0, "RBC": 0.9},
+           "objects_per_class": {"WBC": 2, "RBC": 40}}
+    (warning,) = detector_warnings(one, ["WBC"], floor=0.9)
+    assert warning.startswith("The detector's recorded test AP@0.5 rests on 2 WBC test cell(s), fewer than 30")
+    enough = {**one, "objects_per_class": {"WBC": MIN_TEST_CELLS, "RBC": 40}}
+    assert detector_warnings(enough, ["WBC"], floor=0.9) == []
+    older = {"evaluated_on": "test", "n_images": 6, "ap_50_per_class": {"WBC": 1.0}}  # no counts: its images
+    assert "rests on 6 test image(s)" in detector_warnings(older, ["WBC"], floor=0.9)[0]
+    # what training records: the true objects of each class beside its AP
+    metrics = {"map": 0.5, "map_50": 0.9, "map_75": 0.4, "wbc_count_exact": 1.0, "n_images": 1,
+               "per_class": {"WBC": {"ap_50": 1.0, "n_true": 2}, "RBC": {"ap_50": 0.9, "n_true": 40}}}
+    assert recorded_test_scores(metrics)["objects_per_class"] == {"WBC": 2, "RBC": 40}

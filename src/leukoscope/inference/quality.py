@@ -48,6 +48,11 @@ CAP_WORDING = "The detector returned as many boxes as its per-image cap allows"
 UNSCALED_FIELD_WORDING = "no scale for this field"
 
 
+#: The fewest test white cells (of each white class; images, for bundles that do not count them) whose recorded
+#: AP may verify a detector: a split of ten fields had left one test image, AP 1.0, and the gate open.
+MIN_TEST_CELLS = 30
+
+
 def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], floor: float) -> list[str]:
     """Warnings about a detector from the metrics its training recorded in ``bundle.json``
     (``BundleInfo.metrics`` of a detector: ``evaluated_on`` and ``ap_50_per_class``)."""
@@ -68,6 +73,19 @@ def detector_warnings(metrics: Mapping[str, Any], wbc_classes: Sequence[str], fl
     if worst < floor:
         return [f"The detector's recorded test AP@0.5 for {name} is {worst:.3f}, below the floor of {floor:g}: "
                 f"white cells may be missed or invented."]
+    # An AP of 1.0 on one test cell says nothing: the gate asks for enough of them (bundles of before the count
+    # was recorded: enough test images)
+    objects = metrics.get("objects_per_class") or {}
+    counted = {name: objects.get(name) for name in wbc_classes}
+    if all(isinstance(n, int) for n in counted.values()):
+        few = {name: n for name, n in counted.items() if n < MIN_TEST_CELLS}
+        if few:
+            listed = ", ".join(f"{n} {name}" for name, n in few.items())
+            return [f"The detector's recorded test AP@0.5 rests on {listed} test cell(s), fewer than "
+                    f"{MIN_TEST_CELLS}: its white-cell count is unverified."]
+    elif isinstance(metrics.get("n_images"), int) and metrics["n_images"] < MIN_TEST_CELLS:
+        return [f"The detector's recorded test AP@0.5 rests on {metrics['n_images']} test image(s), fewer than "
+                f"{MIN_TEST_CELLS}: its white-cell count is unverified."]
     return []
 
 

@@ -184,6 +184,7 @@ def recorded_test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     ``analyze`` and the model card read it)."""
     scores = {k: metrics.get(k) for k in ("map", "map_50", "map_75", "wbc_count_exact", "n_images")}
     scores["ap_50_per_class"] = {name: row["ap_50"] for name, row in metrics["per_class"].items()}
+    scores["objects_per_class"] = {name: row.get("n_true") for name, row in metrics["per_class"].items()}
     return scores
 
 
