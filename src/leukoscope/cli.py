@@ -102,8 +102,18 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from leukoscope import __version__
+
+        print(f"leukoscope {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details.")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print leukoscope's version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 

@@ -272,6 +272,8 @@ def test_the_summary_from_counts_is_the_summary_from_cells(tmp_path: Path) -> No
         warnings: list[str] = []
         unfamiliar_share = 0.5
         um_per_px = run_um_per_px = None
+        model_names = {"detector": "d", "classifier": None}
+        provenance = None
 
     keys = [r.source for r in results]
     analyzer = Analyzer()

@@ -284,6 +284,27 @@ def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, cla
     assert "per-image cap" in output and LEUKEMIA_WORDING not in output
 
 
+def test_a_runs_summary_names_the_models_behind_it(smear_root: Path, detector_bundle: Path,
+                                                  classifier_bundle: Path, tmp_path: Path) -> None:
+    """summary.json named the architectures only ("mobilenet_v2"): not which bundle, which weights, which
+    version of leukoscope made the count a lab may file."""
+    from leukoscope import __version__
+    from leukoscope.bundle import weights_digest
+    from leukoscope.cli import app
+
+    image = sorted((smear_root / "JPEGImages").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["analyze", str(image), "--detector", str(detector_bundle), "--classifier",
+                                      str(classifier_bundle), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    made_by = json.loads((tmp_path / "out" / "summary.json").read_text())["provenance"]
+    assert made_by["leukoscope"] == __version__
+    for role, bundle in (("detector", detector_bundle), ("classifier", classifier_bundle)):
+        assert made_by[role]["bundle"] == str(bundle.resolve())
+        assert made_by[role]["weights_sha256"] == weights_digest(bundle)
+    assert "temperature" in made_by["classifier"]
+    assert CliRunner().invoke(app, ["--version"]).output.strip() == f"leukoscope {__version__}"
+
+
 def test_cells_cut_by_a_run_are_not_analysed_as_fields(smear_root: Path, detector_bundle: Path,
                                                        classifier_bundle: Path, tmp_path: Path) -> None:
     """A `--cells` folder kept beside the fields: the next run over the folder leaves the cut cells out (each

@@ -148,13 +148,11 @@ def _summary(analyzer: SmearAnalyzer, parts: ArchiveParts, keys: Sequence[str],
             row = dict(fields[key], source=sources[key])  # the name given in this run, as the local engine
             results.append(result_from_field_row(row, analyzer.rules))
             labels.update(field_label_counts(row, analyzer.rules))
-    models = {"detector": analyzer.detector.info.model_name,
-              "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
-    return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models, list(analyzer.warnings),
-                         analyzer.unfamiliar_share,
+    return FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), analyzer.model_names,
+                         list(analyzer.warnings), analyzer.unfamiliar_share,
                          CellTally(labels, sum(unfamiliar[key] for key in dict.fromkeys(keys) if key in fields)),
                          None if analyzer.um_per_px is not None else analyzer.run_um_per_px, analyzer.um_per_px,
-                         list(run_warnings))
+                         list(run_warnings), provenance=analyzer.provenance)
 
 
 def pending(keys: Sequence[str], done: dict[str, str | None], retry_failed: bool = False) -> list[str]:

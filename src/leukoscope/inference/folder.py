@@ -119,12 +119,10 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
             for future in [*reading, *(f for _, f in writing)]:
                 future.cancel()
             raise
-    models = {"detector": analyzer.detector.info.model_name,
-              "classifier": getattr(getattr(analyzer.classifier, "info", None), "model_name", None)}
-    summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), models,
+    summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), analyzer.model_names,
                             list(analyzer.warnings), analyzer.unfamiliar_share,
                             run_um_per_px=_lent(analyzer, run_um_per_px), stated_um_per_px=analyzer.um_per_px,
-                            run_warnings=list(run_warnings))
+                            run_warnings=list(run_warnings), provenance=analyzer.provenance)
     summary.write(out_dir)
     return summary
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from leukoscope import __version__
 from leukoscope.inference.detector import CellDetector, DetectionResult
 from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
@@ -139,6 +140,20 @@ class FieldDetections:
     """Tiles where the detector returned as many boxes as its cap allows."""
 
 
+def _bundle_record(model: Any, backend: str) -> dict[str, Any] | None:
+    """What a run's outputs record of a model given as a bundle (None: passed in already loaded): where it is
+    (``pretrained:NAME`` for a shipped one) and what its results depend on
+    (:func:`leukoscope.bundle.model_identity`: the weights' digest, options, temperature, flag)."""
+    if not isinstance(model, (str, Path)):
+        return None
+    from leukoscope.bundle import model_identity
+    from leukoscope.pretrained import is_pretrained_spec, resolve_bundle, shipped_spec
+
+    folder = resolve_bundle(model)
+    where = str(model) if is_pretrained_spec(model) else shipped_spec(folder) or str(folder.resolve())
+    return {"bundle": where, **model_identity(folder, backend)}
+
+
 class SmearAnalyzer:
     """Detect -> crop -> classify -> differential, for fields of any size.
 
@@ -205,6 +220,8 @@ class SmearAnalyzer:
         for name, value in (("detector threshold", detector_threshold), ("uncertain threshold", uncertain_threshold)):
             if value is not None and not 0.0 <= value <= 1.0:  # before any model loads
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.provenance = {"leukoscope": __version__, "detector": _bundle_record(detector, backend),
+                           "classifier": _bundle_record(classifier, backend)}
         if isinstance(detector, (str, Path)):
             detector = CellDetector.from_bundle(detector, device, backend=backend, threads=threads)
         if isinstance(classifier, (str, Path)):
@@ -263,6 +280,12 @@ class SmearAnalyzer:
     @property
     def cell_classes(self) -> list[str]:
         return list(self.rules.classes)
+
+    @property
+    def model_names(self) -> dict[str, str | None]:
+        """The ``detector`` and ``classifier`` architectures' names (None: no classifier)."""
+        return {"detector": self.detector.info.model_name,
+                "classifier": getattr(getattr(self.classifier, "info", None), "model_name", None)}
 
     @property
     def blast_classes(self) -> list[str]:

@@ -202,6 +202,9 @@ class FolderSummary:
     """The scale the user stated for every field (None: none stated)."""
     run_warnings: list[str] = field(default_factory=list)
     """Warnings about the run as a whole (:func:`leukoscope.scale.stated_run_doubt`)."""
+    provenance: dict[str, Any] | None = None
+    """What made the run's results (:attr:`SmearAnalyzer.provenance`: leukoscope's version, each model's bundle
+    and identity), written into ``summary.json`` so that a result can be traced to the models behind it."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -284,6 +287,7 @@ class FolderSummary:
             "failed": sum(1 for r in self.results if r.error),
             "detector": self.models.get("detector"),
             "classifier": self.models.get("classifier"),
+            "provenance": self.provenance,
             "blast_classes": list(self.rules.blast_classes),
             "scale": self._scale_summary(),
             "pooled_differential": pooled.to_json(),

@@ -317,15 +317,14 @@ class SlideAnalyzer:
         elif not mono.tiles:
             warnings = [f"No monolayer found: no tile has a stained share between {self.min_coverage:g} and "
                         f"{self.max_coverage:g} (see the overview and the coverage grid in slide.json)."]
-        models = {"detector": self.analyzer.detector.info.model_name,
-                  "classifier": getattr(getattr(self.analyzer.classifier, "info", None), "model_name", None)}
         # A stated scale the slide's own record contradicts: said, and no leukemia flag on it (as a folder's
         # red cells doubt one).
         doubt = (stated_doubt_of_record(self.analyzer.um_per_px, slide_info["um_per_px"])
                  if self.analyzer.um_per_px is not None else None)
-        summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes), models,
-                                list(self.analyzer.warnings), self.analyzer.unfamiliar_share,
-                                stated_um_per_px=self.analyzer.um_per_px, run_warnings=[doubt] if doubt else [])
+        summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes),
+                                self.analyzer.model_names, list(self.analyzer.warnings), self.analyzer.unfamiliar_share,
+                                stated_um_per_px=self.analyzer.um_per_px, run_warnings=[doubt] if doubt else [],
+                                provenance=self.analyzer.provenance)
         result = SlideResult(str(path), slide_info, mono, mask_level, mask_downsample, tiles, summary,
                              self.target_cells, self.seed, warnings, time.perf_counter() - start)
         result.overview = overview(low, mask_downsample, result)
