@@ -749,7 +749,10 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
     (up to {results.get('benign_cells_per_field', BENIGN_CELLS_PER_FIELD)} per field) in {_share_words(results)}
     of its Benign fields
     (hematogones, normal B-lymphocyte precursors, which a manual differential counts as
-    lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast.
+    lymphocytes), so that the stain of the blasts' lab is not by itself a reason to say blast. The
+    dataset labels fields, not cells: the odd neutrophil or monocyte of those fields was learned as
+    lymphocyte too, and in that lab's stain the classifier calls nearly every white cell lymphocyte
+    (lobulated neutrophils included): read its types there as "not blast", not as a differential.
   - Split 80/10/10 by source image, duplicate-aware; test below never trained on.{_recolour_line(results)}
 - **In-domain test**: accuracy {_fmt(own.get('accuracy', m.get('accuracy')), 4)}, macro-F1
   {_fmt(own.get('macro_f1', m.get('macro_f1')), 4)}
