@@ -259,6 +259,19 @@ def test_search_and_compare_from_a_bundle_train_at_its_input_size(synthetic_root
         run_experiment(config(), prepared=decoded, show_progress=False)
 
 
+def test_a_grid_over_training_settings_of_a_classical_model_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    """`search --model svm_rbf search.lr=[0.1,0.01]` fitted the same SVM twice and "chose" run 1."""
+    from leukoscope.engine.config import ConfigError
+
+    config = _config(synthetic_root, tmp_path, "model.name=svm_rbf", "search.lr=[0.1,0.01]")
+    with pytest.raises(ConfigError, match=r"search.lr vary how a network trains; svm_rbf is a classical model"):
+        run_search(config, show_progress=False)
+    mixed = _config(synthetic_root, tmp_path, "search.models=[mobilenet_v3_small,random_forest]", "search.epochs=[1,2]")
+    with pytest.raises(ConfigError, match="random_forest is a classical model"):
+        run_search(mixed, show_progress=False)
+    assert not list(tmp_path.rglob("run-01"))  # refused before anything trained
+
+
 def test_grid_search_without_validation_split_is_refused_before_training(synthetic_root: Path,
                                                                           tmp_path: Path) -> None:
     config = _config(synthetic_root, tmp_path, "name=grid-noval", "data.ratios=[0.8,0.0,0.2]",

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from leukoscope.engine.config import ExperimentConfig
+from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
@@ -45,6 +45,22 @@ def grid(config: ExperimentConfig) -> list[dict[str, Any]]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
+def _refuse_settings_classical_models_ignore(config: ExperimentConfig) -> None:
+    """A classical model trains in one step: a grid over epochs, learning rate, optimizer or batch size ran it
+    again and again with the same result and "chose" one of the copies."""
+    from leukoscope.models import model_entry
+
+    search = config.search
+    axes = [f"search.{name}" for name in ("epochs", "lr", "optimizer", "batch_size") if getattr(search, name, None)]
+    names = (search.models if search and search.models else None) or [config.model.name]
+    classical = [name for name in names if model_entry(name).kind == "classic"]
+    if axes and classical:
+        raise ConfigError(f"{', '.join(axes)} vary how a network trains; {', '.join(classical)} "
+                          f"{'is a classical model' if len(classical) == 1 else 'are classical models'}, fitted in "
+                          f"one step, which would give the same result for every value: search networks only, or "
+                          f"compare a classical model's options (model.options) as rows of `leukoscope compare`")
+
+
 def _apply(config: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
     updated = config.model_copy(deep=True)
     for dotted, value in settings.items():
@@ -59,6 +75,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     config.require_search()
     config = with_absolute_paths(config)  # model.init's model, image size and views before the grid is made
     combos = grid(config)
+    _refuse_settings_classical_models_ignore(config)
     for settings in combos:  # every run's settings before the first trains (lr, optimizer, batch size)
         run_config = _apply(config, settings)
         check_learner_config(run_config, preprocessing_of(run_config))
