@@ -1282,7 +1282,7 @@ def analyze(
                       f"--out to keep runs apart[/yellow]", soft_wrap=True)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    from leukoscope.inference.predict_files import collect_images
+    from leukoscope.inference.predict_files import collect_images, without_byte_copies
 
     from leukoscope.inference.slide.reader import is_slide_path
 
@@ -1297,7 +1297,7 @@ def analyze(
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
-    paths = _without_cut_cells(paths, inputs, slides=bool(slides))
+    paths = without_byte_copies(_without_cut_cells(paths, inputs, slides=bool(slides)))
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
     from leukoscope.inference.smear import SmearAnalyzer

@@ -284,6 +284,26 @@ def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, cla
     assert "per-image cap" in output and LEUKEMIA_WORDING not in output
 
 
+def test_a_field_saved_twice_is_counted_once(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
+                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same field under two names (a.JPG, b.jpeg) was analysed twice and pooled twice, without a word."""
+    import shutil
+
+    from leukoscope.cli import app
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    first, second = sorted((smear_root / "JPEGImages").glob("*.png"))[:2]
+    for name, source in (("a.png", first), ("b.png", first), ("c.png", second)):
+        shutil.copy(source, fields / name)
+    result = CliRunner().invoke(app, ["analyze", str(fields), "--detector", str(detector_bundle), "--classifier",
+                                      str(classifier_bundle), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = csv.DictReader(open(tmp_path / "out" / "summary.csv"))
+    assert [Path(row["image"]).name for row in rows] == ["a.png", "c.png", "TOTAL"]
+    assert "1 file(s) are byte-identical copies of others and are used once: b.png (= a.png)" in caplog.text
+
+
 def test_a_runs_summary_names_the_models_behind_it(smear_root: Path, detector_bundle: Path,
                                                   classifier_bundle: Path, tmp_path: Path) -> None:
     """summary.json named the architectures only ("mobilenet_v2"): not which bundle, which weights, which

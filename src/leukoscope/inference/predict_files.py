@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import csv
 import json
 import logging
@@ -55,6 +56,32 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         log.warning("%d file(s) given more than once are used once: %s", len(paths) - len(unique),
                     name_some(repeated))
     return unique
+
+
+def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` less the files byte-identical to one before them (said in a warning): the same field saved
+    under two names was counted twice in a pooled differential. Only files of equal size are read."""
+    by_size: dict[int, list[Path]] = {}
+    for path in paths:
+        try:
+            by_size.setdefault(path.stat().st_size, []).append(path)
+        except OSError:  # unreadable: reported with the other failures
+            continue
+    copies: dict[Path, Path] = {}
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        first: dict[str, Path] = {}
+        for path in same_size:
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue
+            original = first.setdefault(digest, path)
+            if original != path:
+                copies[path] = original
+    if copies:
+        log.warning("%d file(s) are byte-identical copies of others and are used once: %s", len(copies),
+                    name_some([f"{copy.name} (= {original.name})" for copy, original in copies.items()]))
+    return [path for path in paths if path not in copies]
 
 
 def _say_left_out(folder: Path, left: Sequence[Path]) -> None:
