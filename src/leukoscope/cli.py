@@ -681,7 +681,7 @@ def predict(
     _say_learned_from(paths, {"classifier": bundle})
     framing = not as_given and info.preprocessing.cell_window_um is not None
     # images of one run (a folder) lend their scale to those without one, as analyze's fields do
-    lent = _run_scale(paths, out, "local") if framing and um_per_px is None else None
+    lent = _run_scale(paths, out, "local", single_cells=True) if framing and um_per_px is None else None
     doubts = _stated_scale_doubts(paths, um_per_px, single_cells=True) if framing and um_per_px is not None else []
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
@@ -1356,10 +1356,11 @@ def _without_cut_cells(paths: list[Path], inputs: list[Path], *, slides: bool) -
     return [p for p in paths if p not in left]
 
 
-def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
+def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = False) -> Optional[float]:
     """The scale the fields lend to those too poor in red cells for their own
     (:func:`leukoscope.scale.run_scale`), said on the console; None when they have none. A Ray archive
-    being resumed keeps the one it was started with (fields added since would change the sample)."""
+    being resumed keeps the one it was started with (fields added since would change the sample).
+    ``single_cells``: the images are cells (predict), said in those words."""
     from leukoscope.inference.archive_parts import SETTINGS
     from leukoscope.scale import FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, WEAK_ESTIMATE_RED_CELLS, run_scale
 
@@ -1378,13 +1379,15 @@ def _run_scale(paths: list, out: Path, engine: str) -> Optional[float]:
     if len(paths) < RUN_SCALE_MIN_ESTIMATES:
         return None
     scale = run_scale(paths)
+    note = scale.note.replace(" fields", " images") if single_cells else scale.note
     if not scale.known:
-        console.print(f"scale: no run scale for fields without their own ({scale.note})", soft_wrap=True)
+        console.print(f"scale: no run scale for {'images' if single_cells else 'fields'} without their own ({note})",
+                      soft_wrap=True)
         return None
-    console.print(f"scale: a field with too few isolated red cells of its own, or an estimate on "
-                  f"{WEAK_ESTIMATE_RED_CELLS} or fewer more than {FIELD_RUN_MAX_RATIO:g} times off, is analysed at "
-                  f"{scale.um_per_px:.4f} "
-                  f"um/px, the run's scale ({scale.note})", soft_wrap=True)
+    one, done = ("an image", "framed") if single_cells else ("a field", "analysed")
+    console.print(f"scale: {one} with too few isolated red cells of its own, or an estimate on "
+                  f"{WEAK_ESTIMATE_RED_CELLS} or fewer more than {FIELD_RUN_MAX_RATIO:g} times off, is {done} at "
+                  f"{scale.um_per_px:.4f} um/px, the run's scale ({note})", soft_wrap=True)
     return scale.um_per_px
 
 
