@@ -384,7 +384,9 @@ def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it
                        (["train.lr=0.1"], "only train.epochs"),
                        (["--data", str(synthetic_root)], "--data cannot change a run being resumed"),
                        (["--model", "resnet18"], "--model cannot change a run being resumed"),
-                       (["train.epochs=1"], "train.epochs=1 is below the 2 epochs this run has already trained")]:
+                       (["train.epochs=1"], "train.epochs=1 is below the 2 epochs this run has already trained"),
+                       # finished (its checkpoint kept): it retrained nothing and wrote its report again
+                       ([], "finished its 2 epochs and wrote its bundle; resume with train.epochs=3 or more")]:
         refused = invoke("train", "--resume", run_dir, "--quiet", *args)
         assert refused.exit_code != 0 and said in " ".join(refused.output.split()), (args, refused.output)
         assert "Traceback" not in refused.output
@@ -704,5 +706,10 @@ def test_a_config_without_task_is_the_command_s_and_a_classical_run_resumes(synt
                    "features.glcm_distances=[1]")
     assert first.exit_code == 0, first.output
     run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
+    finished = invoke("train", "--resume", run_dir, "--quiet")  # it refitted and overwrote its bundle in place
+    assert finished.exit_code != 0 and "is a finished naive_bayes run" in " ".join(finished.output.split())
+    import shutil
+
+    shutil.rmtree(run_dir / "bundle")  # a run stopped before its bundle was written fits again
     again = invoke("train", "--resume", run_dir, "--quiet")
     assert again.exit_code == 0 and "no checkpoint.pt" not in again.output, again.output

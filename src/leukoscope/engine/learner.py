@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.classic.features import FeatureExtractor
 from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
@@ -234,6 +235,9 @@ class SklearnLearner:
 
     def fit(self, data: PreparedData, *, run_dir: Path, resume: bool, show_progress: bool) -> FitResult:
         config = self.config
+        if resume and (run_dir / "bundle" / BUNDLE_FILE).is_file():  # its bundle was overwritten in place
+            raise ValueError(f"cannot resume: {run_dir} is a finished {config.model.name} run (a classical model "
+                             f"trains in one step, and its bundle is written): start a new run")
         if resume:
             say("note: a classical model trains in one step; --resume fits it again from the start")
         train, val = data.parts["train"], data.parts.get("val")

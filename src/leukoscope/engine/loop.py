@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.engine.checkpoint import check_resume_epochs, load_checkpoint, save_checkpoint
 from leukoscope.engine.optim import TrainingClock
 from leukoscope.progress import say
@@ -98,6 +99,11 @@ class EpochLoop(ABC):
             stale = progress.get("stale", 0)
             start_epoch, elapsed_before = progress["epoch"] + 1, progress["elapsed"]
             check_resume_epochs(progress["epoch"], self.epochs)
+            if progress["epoch"] >= self.epochs and (self.checkpoint_path.parent / "bundle" / BUNDLE_FILE).is_file():
+                # a run kept with its checkpoint: resuming retrained nothing and wrote its report and metrics again
+                raise ValueError(f"cannot resume: {self.checkpoint_path.parent} finished its {self.epochs} epochs "
+                                 f"and wrote its bundle; resume with train.epochs={self.epochs + 1} or more to train "
+                                 f"on, or start a new run")
             steps_before = progress.get("steps", self.scheduler.last_epoch if self.scheduler is not None else 0)
             self.resumed(progress)
         # The steps really taken (an epoch cut short by the budget may be partial).
