@@ -117,3 +117,55 @@ def test_the_threshold_chosen_is_the_one_that_drops_the_false_alarms() -> None:
     chosen = choose_threshold(found, truths, CLASSES)
     assert 0.4 < chosen <= 0.8
     assert all(v["f1"] == 1.0 for v in operating_point(found, truths, CLASSES, chosen)["per_class"].values())
+
+
+def _crowded_field(n: int = 214) -> tuple[list[GroundTruth], list[Predicted]]:
+    """One large field with ``n`` red cells (more than COCO's 100 detections per image), all found."""
+    boxes = np.array([[40.0 * (k % 20), 40.0 * (k // 20), 40.0 * (k % 20) + 30, 40.0 * (k // 20) + 30]
+                      for k in range(n)])
+    truth = GroundTruth(boxes, np.ones(n, int), 800, 800, "mosaic")
+    return [truth], [Predicted(boxes.copy(), np.linspace(0.99, 0.6, n), np.ones(n, int))]
+
+
+def test_a_field_with_more_than_100_cells_is_scored_on_all_its_detections(tmp_path: Path) -> None:
+    """COCO's fixed 100 detections per image capped RBC recall at 100/214 on a large field: AP@0.5 0.47 for a
+    detector that found every cell. The limit now follows the detections given."""
+    truths, found = _crowded_field()
+    metrics = coco_metrics(found, truths, CLASSES)
+    assert metrics["max_detections"] == 214
+    assert metrics["per_class"]["RBC"]["ap_50"] == pytest.approx(1.0)
+    assert metrics["map_50"] == pytest.approx(1.0) and metrics["map"] == pytest.approx(1.0)
+    assert metrics["mar"] == pytest.approx(1.0)
+    capped = coco_metrics(found, truths, CLASSES, max_detections=100)  # the old behaviour, on request
+    assert capped["per_class"]["RBC"]["ap_50"] < 0.5
+    stored = evaluate_detections(found, truths, CLASSES, tmp_path)
+    assert stored["map_50"] == pytest.approx(1.0) and stored["max_detections_per_image"] == 214
+
+
+def test_summary_means_agree_with_pycocotools_summarize() -> None:
+    """mAP@[.5:.95], @0.5, @0.75 and mean recall are taken from COCOeval's arrays as its summarize takes them."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    truths, found = _truths(), _perfect(_truths(), 6.0)
+    found[1].scores[0] = 0.95  # an order that is not the truth's
+    ours = coco_metrics(found, truths, CLASSES)
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i + 1, "width": 200, "height": 200} for i in range(2)],
+                  "categories": [{"id": 1, "name": "WBC"}, {"id": 2, "name": "RBC"}],
+                  "annotations": [{"id": 10 * i + j + 1, "image_id": i + 1, "category_id": int(lab) + 1, "iscrowd": 0,
+                                   "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                   "area": (b[2] - b[0]) * (b[3] - b[1])}
+                                  for i, t in enumerate(truths) for j, (b, lab) in enumerate(zip(t.boxes, t.labels))]}
+    gt.createIndex()
+    dt = gt.loadRes([{"image_id": i + 1, "category_id": int(lab) + 1, "score": float(s),
+                      "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                     for i, p in enumerate(found) for b, s, lab in zip(p.boxes, p.scores, p.labels)])
+    reference = COCOeval(gt, dt, iouType="bbox")
+    reference.evaluate()
+    reference.accumulate()
+    reference.summarize()
+    assert ours["max_detections"] == 100
+    assert [ours["map"], ours["map_50"], ours["map_75"], ours["mar"]] == pytest.approx(
+        [reference.stats[k] for k in (0, 1, 2, 8)])
+    assert 0 < ours["map"] < 1
