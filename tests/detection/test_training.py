@@ -262,3 +262,31 @@ def test_the_detectors_own_split_keeps_a_fields_copies_on_one_side(tmp_path: Pat
     named = prepare_detection_data(DetectionDataConfig(path=str(root), train="train", test="test"))
     assert any("1 of 2 test images are near copies of training images (re-encoded, resized or turned: copy.jpg)"
                in note for note in named.notes)
+
+
+def _zero_area_boxes(root: Path, files: int) -> None:
+    """Add to ``files`` annotation files a box with no area (an annotation problem that leaves the image in)."""
+    for xml in sorted((root / "Annotations").glob("*.xml"))[:files]:
+        xml.write_text(xml.read_text().replace(
+            "</annotation>", "<object><name>RBC</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>5</xmax>"
+                             "<ymax>9</ymax></bndbox></object>\n</annotation>"))
+
+
+def test_every_annotation_problem_of_a_training_run_is_kept_in_its_folder(smear_root: Path, tmp_path: Path) -> None:
+    """The report listed 5 of 7 problems and '...': the others were nowhere in the run folder."""
+    import shutil
+
+    root = tmp_path / "voc"
+    shutil.copytree(smear_root, root)
+    _zero_area_boxes(root, 7)
+    result = runner.invoke(app, ["train-detector", "--data", str(root), "--quiet", f"output_root={tmp_path / 'runs'}",
+                                 *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    run_dir = Path(result.stdout.strip().splitlines()[-1]).parent
+    issues = json.loads((run_dir / "metrics.json").read_text())["annotation_issues"]
+    assert sorted(Path(i["source"]).name for i in issues) == sorted(p.name for p in
+                                                                   sorted((root / "Annotations").glob("*.xml"))[:7])
+    assert all("has no area" in i["message"] for i in issues)
+    report = " ".join((run_dir / "report.html").read_text().split())
+    assert "7 annotation problem(s) skipped" in report
+    assert "and 2 more: every one is in metrics.json (annotation_issues)" in report

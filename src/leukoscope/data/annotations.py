@@ -86,6 +86,14 @@ class AnnotationIssue:
         return {"source": self.source, "line": self.line, "message": self.message}
 
 
+def issues_note(issues: Sequence[AnnotationIssue], shown: int = 5) -> str:
+    """A report's line on the problems skipped: the first ``shown``, and where the run keeps all of them."""
+    text = f"{len(issues)} annotation problem(s) skipped: " + "; ".join(str(i) for i in issues[:shown])
+    if len(issues) > shown:  # a report with hundreds of lines would hide the rest of it
+        text += f"; ... and {len(issues) - shown} more: every one is in metrics.json (annotation_issues)"
+    return text
+
+
 @dataclass(frozen=True)
 class BoxAnnotation:
     """An axis-aligned box in pixel coordinates (VOC ``xmin ymin xmax ymax``, x to the right)."""

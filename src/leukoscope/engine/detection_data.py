@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from leukoscope.data.annotations import AnnotatedImage, DetectionDataset, read_voc_dataset
+from leukoscope.data.annotations import (AnnotatedImage, AnnotationIssue, DetectionDataset, issues_note,
+                                         read_voc_dataset)
 from leukoscope.data.box_augment import DetectionAugment
 from leukoscope.data.duplicates import duplicate_groups
 from leukoscope.data.manifest import DatasetError
@@ -30,6 +31,8 @@ class DetectionSplits:
     parts: dict[str, DetectionDataset]
     classes: list[str]
     notes: list[str] = field(default_factory=list)
+    issues: list[AnnotationIssue] = field(default_factory=list)
+    """Every annotation problem skipped while reading (the notes show the first few)."""
 
     def describe(self) -> dict[str, Any]:
         return {name: [str(image.image_path) for image in part] for name, part in self.parts.items()}
@@ -83,9 +86,8 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
             notes.append(f"{len(near)} of {len(parts['test'])} test images are near copies of training images "
                          f"(re-encoded, resized or turned: {name_some(near)}): test scores are optimistic.")
     if issues:
-        notes.append(f"{len(issues)} annotation problem(s) skipped: " + "; ".join(str(i) for i in issues[:5])
-                     + (" ..." if len(issues) > 5 else ""))
-    return DetectionSplits(parts, list(classes), notes)
+        notes.append(issues_note(issues))
+    return DetectionSplits(parts, list(classes), notes, list(issues))
 
 
 def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
-from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.data.annotations import issues_note, read_voc_dataset
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
@@ -143,6 +143,7 @@ def run_detection_experiment(
             "stopped_because": result.stopped_because, "train_minutes": result.train_seconds / 60,
             "parameters": n_params, "seconds_per_image": measure_seconds_per_image(detector, target[0]),
             "model": config.model.name, "history": result.history,
+            "annotation_issues": [issue.as_dict() for issue in splits.issues],  # the report shows the first few
         }
         metrics = evaluate_detections(
             predictions, [to_ground_truth(i, classes) for i in target], classes, run_dir,
@@ -211,8 +212,7 @@ def evaluate_detector_bundle(
     notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" (split {split})" if split else "") + "."]
     if dataset.issues:
-        notes.append(f"{len(dataset.issues)} annotation problem(s) skipped: "
-                     + "; ".join(str(i) for i in dataset.issues[:5]) + (" ..." if len(dataset.issues) > 5 else ""))
+        notes.append(issues_note(dataset.issues))
     record = read_training_digests(resolve_bundle(bundle))
     learned = digest_overlap(record, [image.image_path for image in images]) if record is not None else {}
     if learned:  # a warning, not a refusal: a detector's score is read with its split (--split) in mind
