@@ -232,6 +232,42 @@ def test_cbc_layout_keeps_duplicates_once_and_skips_missing_images(tmp_path: Pat
     assert len(test) == 1 and "not found" in test.issues[0].message
 
 
+def test_an_image_without_an_annotation_file_is_named_and_left_out(tmp_path: Path) -> None:
+    """An image whose XML was lost was dropped without a word ("on 3 images", no issue): it is not read as a field
+    without cells (its cells would be trained as background), so it is left out and named. A BCCD split is its
+    list: an image outside the list is not in the split."""
+    for split, stems in (("Training", ["a", "b"]), ("Testing", ["c", "d"])):
+        for stem in stems:
+            _image(tmp_path / split / "Images" / f"{stem}.jpg")
+            (tmp_path / split / "Annotations").mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / "Annotations" / f"{stem}.xml").write_text(
+                _voc(_obj("RBC", (1, 1, 30, 30))).replace("a.jpg", f"{stem}.jpg"))
+    (tmp_path / "Testing" / "Annotations" / "d.xml").unlink()
+    with pytest.raises(AnnotationError, match=r"d.jpg: no annotation file names this image \(no d.xml\)"):
+        read_voc_dataset(tmp_path, "test", classes=CLASSES)
+    test = read_voc_dataset(tmp_path, "test", classes=CLASSES, on_error="skip")
+    assert [i.image_path.name for i in test] == ["c.jpg"]
+    assert [p.name for p in test.unannotated] == ["d.jpg"]
+    assert [Path(i.source).name for i in test.issues] == ["d.jpg"] and "left out" in test.issues[0].message
+    assert read_voc_dataset(tmp_path, "Training", classes=CLASSES).unannotated == []
+    # a field without cells has an XML file without <object>: it is kept, with no box
+    (tmp_path / "Testing" / "Annotations" / "d.xml").write_text(_voc("").replace("a.jpg", "d.jpg"))
+    empty = read_voc_dataset(tmp_path, "test", classes=CLASSES)
+    assert [len(i.boxes) for i in empty] == [1, 0] and not empty.issues
+    bccd = tmp_path / "bccd"
+    for stem in ("im1", "im2"):
+        _image(bccd / "JPEGImages" / f"{stem}.jpg")
+        (bccd / "Annotations").mkdir(exist_ok=True)
+        (bccd / "Annotations" / f"{stem}.xml").write_text(_voc(_obj("WBC", (1, 1, 30, 30))).replace("a.jpg",
+                                                                                                   f"{stem}.jpg"))
+    _image(bccd / "JPEGImages" / "im3.jpg")
+    (bccd / "ImageSets" / "Main").mkdir(parents=True)
+    (bccd / "ImageSets" / "Main" / "train.txt").write_text("im1\n")
+    assert not read_voc_dataset(bccd, "train", classes=CLASSES).issues
+    whole = read_voc_dataset(bccd, classes=CLASSES, on_error="skip")
+    assert len(whole) == 2 and [p.name for p in whole.unannotated] == ["im3.jpg"]
+
+
 def test_points_file(tmp_path: Path) -> None:
     path = tmp_path / "im.xyc"
     path.write_text("10 20\n\n# comment\n30.5\t40\n")

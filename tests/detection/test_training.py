@@ -290,3 +290,31 @@ def test_every_annotation_problem_of_a_training_run_is_kept_in_its_folder(smear_
     report = " ".join((run_dir / "report.html").read_text().split())
     assert "7 annotation problem(s) skipped" in report
     assert "and 2 more: every one is in metrics.json (annotation_issues)" in report
+
+
+def test_an_image_without_annotation_is_named_in_training_and_evaluation(smear_root: Path, detector_bundle: Path,
+                                                                          tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """An image whose XML was lost was left out of training and evaluate without a word ("on 9 images")."""
+    import shutil
+
+    root = tmp_path / "voc"
+    shutil.copytree(smear_root, root)
+    (root / "Annotations" / "smear_0003.xml").unlink()
+    evaluated = runner.invoke(app, ["evaluate", "--bundle", str(detector_bundle), "--data", str(root),
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "1 image(s) without an annotation file left out: smear_0003.png" in caplog.text  # on the console
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["n_images"] == 9 and [Path(p).name for p in scored["unannotated_images"]] == ["smear_0003.png"]
+    assert [Path(i["source"]).name for i in scored["annotation_issues"]] == ["smear_0003.png"]
+    assert "1 image(s) without an annotation file left out" in (tmp_path / "eval" / "report.html").read_text()
+    trained = runner.invoke(app, ["train-detector", "--data", str(root), "--quiet", f"output_root={tmp_path / 'runs'}",
+                                  *TINY_RUN])
+    assert trained.exit_code == 0, trained.output
+    run_dir = Path(trained.stdout.strip().splitlines()[-1]).parent
+    assert "smear_0003" not in (run_dir / "split.json").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [Path(p).name for p in metrics["unannotated_images"]] == ["smear_0003.png"]
+    assert "without an annotation file left out (not scored or trained on as fields without cells): smear_0003.png" \
+        in " ".join((run_dir / "report.html").read_text().split())

@@ -86,6 +86,14 @@ class AnnotationIssue:
         return {"source": self.source, "line": self.line, "message": self.message}
 
 
+def unannotated_note(images: Sequence[Path], shown: int = 10) -> str:
+    """A report's line naming the images left out because no annotation file names them."""
+    names = ", ".join(Path(p).name for p in images[:shown]) + (f" and {len(images) - shown} more"
+                                                                if len(images) > shown else "")
+    return (f"{len(images)} image(s) without an annotation file left out (not scored or trained on as fields "
+            f"without cells): {names}.")
+
+
 def issues_note(issues: Sequence[AnnotationIssue], shown: int = 5) -> str:
     """A report's line on the problems skipped: the first ``shown``, and where the run keeps all of them."""
     text = f"{len(issues)} annotation problem(s) skipped: " + "; ".join(str(i) for i in issues[:shown])
@@ -176,6 +184,8 @@ class DetectionDataset:
     classes: list[str]
     issues: list[AnnotationIssue] = field(default_factory=list)
     root: Path | None = None
+    unannotated: list[Path] = field(default_factory=list)
+    """Images of the folder that no annotation file names: left out (also among ``issues``)."""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -194,7 +204,8 @@ class DetectionDataset:
         return counts
 
     def subset(self, indices: Sequence[int]) -> "DetectionDataset":
-        return DetectionDataset([self.images[i] for i in indices], list(self.classes), list(self.issues), self.root)
+        return DetectionDataset([self.images[i] for i in indices], list(self.classes), list(self.issues), self.root,
+                                list(self.unannotated))
 
 
 # --------------------------------------------------------------------------- class names
@@ -578,6 +589,7 @@ def read_voc_dataset(
     seen: dict[str, str] = {}
     duplicates = 0
     annotated_by: dict[Path, list[Path]] = {}  # image -> the annotation files that name it
+    unannotated: list[Path] = []
     for name in splits:
         files, image_dir = _split_files(layout, name)
         for xml in files:
@@ -623,6 +635,20 @@ def read_voc_dataset(
                     continue
                 seen[key] = digest
             images.append(image)
+        if layout.kind != "bccd" or name is None:  # a BCCD split is its list: images not listed are not in it
+            unannotated += [p for p in _without_annotation(image_dir, files, annotated_by) if p not in unannotated]
+    # An image without an annotation file is left out, not read as a field without cells: that would teach its
+    # cells as background, or count every detection on it as false, were its file only lost. A field without
+    # cells has an XML file with no <object>.
+    for path in unannotated:
+        message = (f"no annotation file names this image (no {path.stem}.xml): the image is left out; "
+                   f"a field without cells needs an XML file with no <object>")
+        if on_error == "fail":
+            raise AnnotationError(path, message)
+        issues.append(AnnotationIssue(str(path), None, message))
+    if unannotated:
+        log.warning("%s: %d image(s) without an annotation file left out: %s", root, len(unannotated),
+                    ", ".join(p.name for p in unannotated[:10]) + (" ..." if len(unannotated) > 10 else ""))
     # an image several files name (a stale <filename>): which file is right cannot be told, so none is used
     claimed = {image: files for image, files in annotated_by.items() if len(files) > 1}
     if claimed:
@@ -633,7 +659,8 @@ def read_voc_dataset(
                                                      f"the wrong image (its <filename>); the image is left out")
                        for f in files]
     if not images:
-        raise DatasetError(f"{root}: no usable annotated image" + (f" in split {split!r}" if split else ""))
+        raise DatasetError(f"{root}: no usable annotated image" + (f" in split {split!r}" if split else "")
+                           + (f" ({len(unannotated)} image(s) without an annotation file)" if unannotated else ""))
     if issues:
         log.warning("%s: %d annotation problem(s) skipped, e.g. %s", root, len(issues), issues[0])
     if duplicates:
@@ -647,7 +674,19 @@ def read_voc_dataset(
                                f"list the classes (data.classes; other cases of a name then match it), or "
                                f"correct the annotations")
     class_list = list(classes) if classes is not None else found
-    return DetectionDataset(images, class_list, issues, Path(root))
+    return DetectionDataset(images, class_list, issues, Path(root), unannotated)
+
+
+def _without_annotation(image_dir: Path | None, files: Sequence[Path], annotated_by: dict[Path, list[Path]]
+                        ) -> list[Path]:
+    """Images of ``image_dir`` that none of the annotation ``files`` names: neither by its ``<filename>``
+    (``annotated_by``, filled as they are read) nor by its stem (a file that could not be read claims its own)."""
+    if image_dir is None or not image_dir.is_dir():
+        return []
+    stems = {xml.stem for xml in files}
+    images = sorted(p for p in image_dir.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return [p for p in images if p.stem not in stems and p.resolve() not in annotated_by]
 
 
 class DecodedSize(NamedTuple):

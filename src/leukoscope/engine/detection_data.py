@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from leukoscope.data.annotations import (AnnotatedImage, AnnotationIssue, DetectionDataset, issues_note,
-                                         read_voc_dataset)
+                                         read_voc_dataset, unannotated_note)
 from leukoscope.data.box_augment import DetectionAugment
 from leukoscope.data.duplicates import duplicate_groups
 from leukoscope.data.manifest import DatasetError
@@ -33,6 +33,8 @@ class DetectionSplits:
     notes: list[str] = field(default_factory=list)
     issues: list[AnnotationIssue] = field(default_factory=list)
     """Every annotation problem skipped while reading (the notes show the first few)."""
+    unannotated: list[Path] = field(default_factory=list)
+    """Images left out because no annotation file names them."""
 
     def describe(self) -> dict[str, Any]:
         return {name: [str(image.image_path) for image in part] for name, part in self.parts.items()}
@@ -54,7 +56,7 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
         ratios = list(cfg.ratios) + [0.0] * (3 - len(cfg.ratios))
         dealt = _deal_fields(whole, ratios, cfg.split_seed)
         parts = {name: whole.subset(dealt[name]) for name in ("train", "val", "test") if dealt[name]}
-        issues = whole.issues
+        issues, unannotated = whole.issues, whole.unannotated
     else:
         train = read_voc_dataset(cfg.path, cfg.train, **read)
         classes = cfg.classes or train.classes
@@ -64,6 +66,7 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
             if split is not None:
                 parts[name] = read_voc_dataset(cfg.path, split, **read)
         issues = [issue for part in parts.values() for issue in part.issues]
+        unannotated = [path for part in parts.values() for path in part.unannotated]
     for part in parts.values():
         part.classes = list(classes)
     if "train" not in parts:
@@ -85,9 +88,11 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
         if near:
             notes.append(f"{len(near)} of {len(parts['test'])} test images are near copies of training images "
                          f"(re-encoded, resized or turned: {name_some(near)}): test scores are optimistic.")
+    if unannotated:
+        notes.append(unannotated_note(unannotated))
     if issues:
         notes.append(issues_note(issues))
-    return DetectionSplits(parts, list(classes), notes, list(issues))
+    return DetectionSplits(parts, list(classes), notes, list(issues), list(unannotated))
 
 
 def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
-from leukoscope.data.annotations import issues_note, read_voc_dataset
+from leukoscope.data.annotations import issues_note, read_voc_dataset, unannotated_note
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
@@ -144,6 +144,7 @@ def run_detection_experiment(
             "parameters": n_params, "seconds_per_image": measure_seconds_per_image(detector, target[0]),
             "model": config.model.name, "history": result.history,
             "annotation_issues": [issue.as_dict() for issue in splits.issues],  # the report shows the first few
+            "unannotated_images": [str(path) for path in splits.unannotated],
         }
         metrics = evaluate_detections(
             predictions, [to_ground_truth(i, classes) for i in target], classes, run_dir,
@@ -211,6 +212,8 @@ def evaluate_detector_bundle(
     predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
     notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" (split {split})" if split else "") + "."]
+    if dataset.unannotated:
+        notes.append(unannotated_note(dataset.unannotated))
     if dataset.issues:
         notes.append(issues_note(dataset.issues))
     record = read_training_digests(resolve_bundle(bundle))
@@ -235,7 +238,8 @@ def evaluate_detector_bundle(
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "split": split,
                "seconds_per_image": measure_seconds_per_image(detector, images[0]), "backend": detector.backend,
                "precision": precision, "training_overlap": learned,
-               "annotation_issues": [i.as_dict() for i in dataset.issues]},
+               "annotation_issues": [i.as_dict() for i in dataset.issues],
+               "unannotated_images": [str(path) for path in dataset.unannotated]},
     )
 
 
