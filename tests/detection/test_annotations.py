@@ -180,22 +180,56 @@ def test_without_a_class_list_two_spellings_of_one_class_are_refused(tmp_path: P
 
 def test_an_image_with_an_unusable_object_is_left_out_a_point_box_is_not(tmp_path: Path) -> None:
     """Dropping one object kept its image: the cell it marked was trained as background and scored as a false
-    alarm. A box of no area (CBC has two) marks no cell, and a class outside the list read is left out by
-    choice: their images stay."""
+    alarm. A box of no area (CBC has two) marks no cell: its image stays. A box of an unknown or misspelt class
+    (Platelet, Leukocyte for WBC) may mark a cell of a class read: its image is left out, like one outside the
+    image."""
     for stem, objects in (("outside", _obj("WBC", (1, 1, 30, 30)) + _obj("RBC", (70, 60, 160, 120))),
                           ("point", _obj("WBC", (1, 1, 30, 30)) + _obj("RBC", (50, 50, 50, 50))),
                           ("other", _obj("WBC", (1, 1, 30, 30)) + _obj("Platelet", (40, 40, 60, 60))),
+                          ("leukocyte", _obj("Leukocyte", (1, 1, 30, 30)) + _obj("RBC", (40, 40, 60, 60))),
                           ("clean", _obj("WBC", (1, 1, 30, 30)))):
         _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
         (tmp_path / "Annotations").mkdir(exist_ok=True)
         (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(objects).replace("a.jpg", f"{stem}.jpg"))
     kept = read_voc_dataset(tmp_path, classes=CLASSES, on_error="skip")
-    assert sorted(i.image_path.stem for i in kept) == ["clean", "other", "point"]
+    assert sorted(i.image_path.stem for i in kept) == ["clean", "point"]
     assert any("did you mean 'Platelets'" in i.message for i in kept.issues)  # still reported
-    assert any("outside.xml" in i.source and "1 object(s) above could not be used" in i.message for i in kept.issues)
-    # reading a subset of the classes (WBC only) keeps every image (the RBC outside the image is not read)
+    for stem in ("outside", "other", "leukocyte"):
+        assert any(f"{stem}.xml" in i.source and "1 object(s) above could not be used" in i.message
+                   for i in kept.issues), stem
+    # an alias reads the other spelling as its class
+    aliased = read_voc_dataset(tmp_path, classes=CLASSES, aliases={"Platelet": "Platelets", "Leukocyte": "WBC"},
+                               on_error="skip")
+    assert sorted(i.image_path.stem for i in aliased) == ["clean", "leukocyte", "other", "point"]
+
+
+def test_classes_left_out_on_purpose_are_no_problem_unknown_ones_are(tmp_path: Path) -> None:
+    """Reading a subset of the classes (WBC only) leaves the other classes of the data out on purpose: RBC and
+    Platelets, and those listed in ignore_classes; their images stay and nothing is reported. An unknown name is
+    still a problem that leaves its image out."""
+    for stem, objects in (("rbc", _obj("WBC", (1, 1, 30, 30)) + _obj("rbc", (70, 60, 160, 120))),
+                          ("platelet", _obj("WBC", (1, 1, 30, 30)) + _obj("Platelet", (40, 40, 60, 60))),
+                          ("blast", _obj("WBC", (1, 1, 30, 30)) + _obj("Blast", (40, 40, 60, 60))),
+                          ("leukocyte", _obj("Leukocyte", (1, 1, 30, 30))),
+                          ("clean", _obj("WBC", (1, 1, 30, 30)))):
+        _image(tmp_path / "JPEGImages" / f"{stem}.jpg")
+        (tmp_path / "Annotations").mkdir(exist_ok=True)
+        (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(objects).replace("a.jpg", f"{stem}.jpg"))
     only_wbc = read_voc_dataset(tmp_path, classes=["WBC"], on_error="skip")
-    assert len(only_wbc) == 4 and all(b.label == "WBC" for i in only_wbc for b in i.boxes)
+    assert sorted(i.image_path.stem for i in only_wbc) == ["clean", "rbc"]  # the RBC outside the image is not read
+    assert all(b.label == "WBC" for i in only_wbc for b in i.boxes)
+    assert sorted(Path(i.source).stem for i in only_wbc.issues) == ["blast", "blast", "leukocyte", "leukocyte",
+                                                                    "platelet", "platelet"]
+    assert any("unknown class 'Platelet' (did you mean 'Platelets'?); known classes: WBC (left out on purpose: "
+               "Platelets, RBC)" in i.message for i in only_wbc.issues)
+    chosen = read_voc_dataset(tmp_path, classes=["WBC"], aliases={"Platelet": "Platelets"}, ignore_classes=["Blast"],
+                              on_error="skip")
+    assert sorted(i.image_path.stem for i in chosen) == ["blast", "clean", "platelet", "rbc"]
+    assert [Path(i.source).stem for i in chosen.issues] == ["leukocyte", "leukocyte"]
+    with pytest.raises(AnnotationError, match="unknown class 'Leukocyte'"):  # on_error=fail stops on it alone
+        read_voc_dataset(tmp_path, classes=["WBC"], aliases={"Platelet": "Platelets"}, ignore_classes=["Blast"])
+    with pytest.raises(DatasetError, match="'Cell' is not one of"):
+        read_voc_dataset(tmp_path, classes=["WBC"], aliases={"Leukocyte": "Cell"})
 
 
 def test_two_annotation_files_naming_one_image_are_refused(tmp_path: Path) -> None:

@@ -318,3 +318,51 @@ def test_an_image_without_annotation_is_named_in_training_and_evaluation(smear_r
     assert [Path(p).name for p in metrics["unannotated_images"]] == ["smear_0003.png"]
     assert "without an annotation file left out (not scored or trained on as fields without cells): smear_0003.png" \
         in " ".join((run_dir / "report.html").read_text().split())
+
+
+def _rename_a_box(xml: Path, old: str, new: str) -> None:
+    text = xml.read_text()
+    assert f"<name>{old}</name>" in text
+    xml.write_text(text.replace(f"<name>{old}</name>", f"<name>{new}</name>", 1))
+
+
+def test_an_image_with_a_box_of_an_unknown_class_is_left_out_of_training_and_evaluation(
+        smear_root: Path, detector_bundle: Path, tmp_path: Path) -> None:
+    """A WBC written `Leukocyte` was dropped and its image kept: evaluate scored the detector's right box on it
+    as a false one (WBC AP 1.000 -> 0.916), training taught the cell as background. The image is now left out,
+    as one with a box outside it; a class left out on purpose (data.classes a subset) is no problem."""
+    import shutil
+
+    from leukoscope.engine.detection_config import DetectionDataConfig
+    from leukoscope.engine.detection_data import prepare_detection_data
+
+    root = tmp_path / "voc"
+    shutil.copytree(smear_root, root)
+    _rename_a_box(root / "Annotations" / "smear_0002.xml", "WBC", "Leukocyte")
+    splits = prepare_detection_data(DetectionDataConfig(path=str(root), classes=["WBC", "RBC", "Platelets"],
+                                                        ratios=[1.0]))
+    assert len(splits.parts["train"]) == 9 and "smear_0002" not in json.dumps(splits.describe())
+    assert any("smear_0002.xml" in i.source and "unknown class 'Leukocyte'" in i.message for i in splits.issues)
+    only_wbc = prepare_detection_data(DetectionDataConfig(path=str(root), classes=["WBC"], ratios=[1.0]))
+    assert len(only_wbc.parts["train"]) == 9  # RBC and Platelets are left out on purpose, not Leukocyte
+    aliased = prepare_detection_data(DetectionDataConfig(path=str(root), classes=["WBC"], ratios=[1.0],
+                                                         aliases={"Leukocyte": "WBC"}))
+    assert len(aliased.parts["train"]) == 10 and not aliased.issues
+
+    evaluated = runner.invoke(app, ["evaluate", "--bundle", str(detector_bundle), "--data", str(root),
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["n_images"] == 9
+    assert "smear_0002.png" not in [row["image"] for row in scored["operating_point"]["per_image_counts"]]
+    assert any("unknown class 'Leukocyte'" in i["message"] for i in scored["annotation_issues"])
+    # a bundle trained with the alias reads its data with it
+    bundle = tmp_path / "aliased-bundle"
+    shutil.copytree(detector_bundle, bundle)
+    info = json.loads((bundle / "bundle.json").read_text())
+    info.setdefault("provenance", {})["config"] = {"data": {"aliases": {"Leukocyte": "WBC"}, "ignore_classes": []}}
+    (bundle / "bundle.json").write_text(json.dumps(info))
+    evaluated = runner.invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(root),
+                                    "--out", str(tmp_path / "eval-aliased")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "eval-aliased" / "metrics.json").read_text())["n_images"] == 10

@@ -156,7 +156,7 @@ class AnnotatedImage:
     labels: list[str] = field(default_factory=list)
     dropped: int = 0
     """Objects of the file left out as unusable (a box outside the image, unreadable coordinates...; not a box
-    of no area, which marks no cell, nor a class outside the list read): their cells are in the picture but not
+    of no area, which marks no cell, nor a class left out on purpose): their cells are in the picture but not
     among ``boxes``."""
 
     def __post_init__(self) -> None:
@@ -213,19 +213,33 @@ class ClassResolver:
     """Map the names written in files to the canonical class names.
 
     Exact names and case-insensitive matches are accepted (``wbc`` -> ``WBC``);
-    ``aliases`` add explicit spellings (``{"Platelet": "Platelets"}``); anything
-    else is an unknown class, reported with the closest known name.
+    ``aliases`` add explicit spellings (``{"Platelet": "Platelets"}``); ``others``
+    are classes of the data left out on purpose (RBC when reading WBC only; an alias
+    may name one); anything else is an unknown class, reported with the closest known
+    name.
     """
 
-    def __init__(self, classes: Sequence[str] | None, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, classes: Sequence[str] | None, aliases: dict[str, str] | None = None,
+                 others: Sequence[str] = ()) -> None:
         self.classes = list(classes) if classes is not None else None
         self.aliases = dict(aliases or {})
+        self.others: dict[str, str] = {}
         if self.classes is not None:
-            for source, target in self.aliases.items():
-                if target not in self.classes:
-                    raise DatasetError(f"class alias {source!r} -> {target!r}: {target!r} is not one of {self.classes}")
+            read = {name.casefold() for name in self.classes}
+            self.others = {name.casefold(): name for name in others if name.casefold() not in read}
+            for source, target in list(self.aliases.items()):
+                if target in self.classes:
+                    continue
+                if target.casefold() in self.others:  # a spelling of a class left out: left out too
+                    self.others[source.casefold()] = self.aliases.pop(source)
+                    continue
+                raise DatasetError(f"class alias {source!r} -> {target!r}: {target!r} is not one of {self.classes}")
             self._folded = {name.casefold(): name for name in self.classes}
             self._folded.update({alias.casefold(): target for alias, target in self.aliases.items()})
+
+    def is_other(self, name: str) -> bool:
+        """Whether ``name`` is a class of the data left out on purpose (not read, and no error)."""
+        return self.classes is not None and name.strip().casefold() in self.others
 
     def resolve(self, name: str) -> str:
         """Canonical name, or ValueError with a 'did you mean' hint."""
@@ -238,12 +252,23 @@ class ClassResolver:
             return name
         if name.casefold() in self._folded:
             return self._folded[name.casefold()]
-        close = difflib.get_close_matches(name, self.classes + list(self.aliases), n=1, cutoff=0.6)
+        known = self.classes + list(self.aliases) + list(self.others.values())
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         if not close:
-            close = difflib.get_close_matches(name.casefold(), list(self._folded), n=1, cutoff=0.6)
-            close = [self._folded[close[0]]] if close else []
+            folded = {**self._folded, **self.others}
+            close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.6)
+            close = [folded[close[0]]] if close else []
         hint = f" (did you mean {self.aliases.get(close[0], close[0])!r}?)" if close else ""
-        raise ValueError(f"unknown class {name!r}{hint}; known classes: {', '.join(self.classes)}")
+        others = sorted(set(self.others.values()))
+        left_out = f" (left out on purpose: {', '.join(others)})" if others else ""
+        raise ValueError(f"unknown class {name!r}{hint}; known classes: {', '.join(self.classes)}{left_out}")
+
+
+def class_resolver(classes: Sequence[str] | None, aliases: dict[str, str] | None = None,
+                   ignore_classes: Sequence[str] = ()) -> ClassResolver:
+    """The resolver of detection annotations: the classes read, their aliases, and as classes left out on
+    purpose the blood-cell classes (reading WBC only leaves RBC and Platelets out) and ``ignore_classes``."""
+    return ClassResolver(classes, aliases, [*BLOOD_CELL_CLASSES, *ignore_classes])
 
 
 # --------------------------------------------------------------------------- XML with line numbers
@@ -328,6 +353,7 @@ def parse_voc_xml(
     *,
     classes: Sequence[str] | None = None,
     aliases: dict[str, str] | None = None,
+    ignore_classes: Sequence[str] = (),
     image_dir: str | Path | None = None,
     image_size: tuple[int, int] | None = None,
     on_error: OnError = "fail",
@@ -336,6 +362,10 @@ def parse_voc_xml(
     """Read one Pascal VOC XML file.
 
     ``classes`` restricts and canonicalises the object names (None: accept any);
+    a box of another class is left out without a word when that class is one of
+    :data:`BLOOD_CELL_CLASSES` or of ``ignore_classes`` (classes of the data left out
+    on purpose), and is a problem otherwise (an unknown or misspelt class: its box may
+    mark a cell of a class read, so the image counts it in ``dropped``);
     ``image_dir`` is where the image is looked up by ``<filename>`` (default: the
     XML's folder, then a sibling ``JPEGImages`` / ``Images`` folder);
     ``image_size`` (width, height) overrides a missing ``<size>``.
@@ -343,7 +373,7 @@ def parse_voc_xml(
     a file that cannot be read at all still raises.
     """
     path = Path(path)
-    resolver = classes if isinstance(classes, ClassResolver) else ClassResolver(classes, aliases)
+    resolver = classes if isinstance(classes, ClassResolver) else class_resolver(classes, aliases, ignore_classes)
     if not path.is_file():
         raise AnnotationError(path, "annotation file does not exist")
     data = path.read_bytes()
@@ -392,9 +422,11 @@ def parse_voc_xml(
         try:
             label = resolver.resolve(name_node.text)
         except ValueError as exc:
-            # a class outside the list asked for is left out by choice (RBC when reading WBC only); a misspelt
-            # one is reported with the closest known name, and cannot be told from that by its spelling
-            problem(str(exc), name_node.line, a_cell=False)
+            if resolver.is_other(name_node.text):  # a class of the data left out by choice (RBC when reading WBC)
+                continue
+            # unknown or misspelt (Leukocyte, Platelet): its cell may be one of a class read, which the image
+            # would teach as background, or score a right detection on as a false one
+            problem(str(exc), name_node.line)
             continue
         bndbox = obj.find("bndbox")
         if bndbox is None:
@@ -568,6 +600,7 @@ def read_voc_dataset(
     *,
     classes: Sequence[str] | None = None,
     aliases: dict[str, str] | None = None,
+    ignore_classes: Sequence[str] = (),
     on_error: OnError = "fail",
     deduplicate: bool = True,
     require_images: bool = True,
@@ -577,13 +610,16 @@ def read_voc_dataset(
     ``split`` may be a name, a list of names or ``"Training+Validation"``. With
     several splits, an image that appears in more than one (same file name and
     same bytes, as CBC's Validation images all also sit in Training) is kept once.
-    ``classes`` fixes the class order; default: every name found, sorted.
+    ``classes`` fixes the class order; default: every name found, sorted. A box of a
+    class outside ``classes`` is left out when the class is one of
+    :data:`BLOOD_CELL_CLASSES` or ``ignore_classes``; any other name is a problem that
+    leaves its image out (see :func:`parse_voc_xml`).
     """
     layout = detect_layout(root)
     if isinstance(split, str) and "+" in split:
         split = [s for s in split.split("+") if s]
     splits: list[str | None] = [None] if split is None else [split] if isinstance(split, str) else list(split)
-    resolver = ClassResolver(classes, aliases)
+    resolver = class_resolver(classes, aliases, ignore_classes)
     issues: list[AnnotationIssue] = []
     images: list[AnnotatedImage] = []
     seen: dict[str, str] = {}

@@ -31,6 +31,10 @@ class DetectionDataConfig(Section):
     """Object classes, in order; default: every name found in the training annotations."""
     aliases: dict[str, str] = Field(default_factory=dict)
     """Other spellings of class names, e.g. ``{Platelet: Platelets}``."""
+    ignore_classes: list[str] = Field(default_factory=list)
+    """Classes annotated in the data but left out on purpose (their cells are background to the detector), beside
+    WBC, RBC and Platelets outside ``classes``; a box of any other class outside ``classes`` is an unknown class,
+    and its image is left out (its cell may be one of the classes trained)."""
     on_error: Literal["skip", "fail"] = "skip"
     """Bad objects/files (unknown class, box outside the image...): skip and report, or stop."""
     um_per_px: Annotated[float, Field(gt=0)] | Literal["estimate"] | None = "estimate"

@@ -48,7 +48,7 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
     """Read the VOC folder and cut it into train / val / test as ``cfg`` says."""
     if not cfg.path:
         raise ConfigError("data.path is not set (a Pascal VOC folder)")
-    read = dict(classes=cfg.classes, aliases=cfg.aliases, on_error=cfg.on_error)
+    read = dict(classes=cfg.classes, aliases=cfg.aliases, ignore_classes=cfg.ignore_classes, on_error=cfg.on_error)
     notes: list[str] = []
     if cfg.train is None:
         whole = read_voc_dataset(cfg.path, None, **read)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
-from leukoscope.data.annotations import issues_note, read_voc_dataset, unannotated_note
+from leukoscope.data.annotations import BLOOD_CELL_CLASSES, issues_note, read_voc_dataset, unannotated_note
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
@@ -190,6 +190,18 @@ def recorded_test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
     return scores
 
 
+def trained_class_names(info: BundleInfo) -> dict[str, Any]:
+    """The class aliases and the classes left out on purpose that the bundle's training read its data with: a
+    box so named is read as it was in training, not as an unknown class (which leaves its image out)."""
+    data = ((info.provenance or {}).get("config") or {}).get("data") or {}
+    aliases = {str(k): str(v) for k, v in (data.get("aliases") or {}).items()}
+    ignore = [str(name) for name in data.get("ignore_classes") or []]
+    # an alias to a class the detector does not have and that is not left out would be refused: not carried
+    kept = {k: v for k, v in aliases.items() if v in info.classes or v in ignore or v.casefold() in
+            {c.casefold() for c in BLOOD_CELL_CLASSES}}
+    return {"aliases": kept, "ignore_classes": ignore}
+
+
 def evaluate_detector_bundle(
     bundle: str | Path,
     data: str | Path,
@@ -207,7 +219,7 @@ def evaluate_detector_bundle(
     what runs it (:meth:`CellDetector.from_bundle`)."""
     detector = CellDetector.from_bundle(bundle, device, score_threshold, backend=backend, threads=threads)
     classes = detector.classes
-    dataset = read_voc_dataset(data, split, classes=classes, on_error=on_error)
+    dataset = read_voc_dataset(data, split, classes=classes, on_error=on_error, **trained_class_names(detector.info))
     images = list(dataset)
     predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
     notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
@@ -315,7 +327,8 @@ def compare_detector_backends(bundle: str | Path, data: str | Path, *, split: st
     backend = exported.backend
     detectors = [CellDetector.from_bundle(bundle, backend="torch", threads=threads), exported]
     classes = detectors[0].classes
-    images = list(read_voc_dataset(data, split, classes=classes, on_error=on_error))
+    images = list(read_voc_dataset(data, split, classes=classes, on_error=on_error,
+                                   **trained_class_names(detectors[0].info)))
     if not images:
         raise ValueError(f"{data}: no annotated images" + (f" in split {split}" if split else ""))
     truths = [to_ground_truth(image, classes) for image in images]
