@@ -173,8 +173,13 @@ def test_without_a_class_list_two_spellings_of_one_class_are_refused(tmp_path: P
         (tmp_path / "Annotations").mkdir(exist_ok=True)
         (tmp_path / "Annotations" / f"{stem}.xml").write_text(_voc(_obj(name, (1, 1, 30, 30))).replace("a.jpg",
                                                                                                        f"{stem}.jpg"))
-    with pytest.raises(DatasetError, match="differ only in case \\(WBC / wbc\\)"):
+    (tmp_path / "Annotations" / "im4.xml").write_text(_voc(_obj("WBC", (1, 1, 30, 30))).replace("a.jpg", "im4.jpg"))
+    _image(tmp_path / "JPEGImages" / "im4.jpg")
+    with pytest.raises(DatasetError, match="differ only in case \\(WBC / wbc\\)") as err:
         read_voc_dataset(tmp_path)
+    # the files to correct are named, the rarer spelling first
+    assert str(err.value).endswith("correct the annotations: 'wbc' in 1 file(s): Annotations/im2.xml; "
+                                   "'WBC' in 2 file(s): Annotations/im1.xml, Annotations/im4.xml")
     assert read_voc_dataset(tmp_path, classes=["RBC", "WBC"]).classes == ["RBC", "WBC"]  # listed: wbc is WBC
 
 

@@ -366,3 +366,29 @@ def test_an_image_with_a_box_of_an_unknown_class_is_left_out_of_training_and_eva
                                     "--out", str(tmp_path / "eval-aliased")])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "eval-aliased" / "metrics.json").read_text())["n_images"] == 10
+
+
+def test_a_folder_with_splits_asks_for_the_settings_that_name_them(detector_bundle: Path, tmp_path: Path) -> None:
+    """`train --data cbc-like --model <detector>` stopped with 'choose a split (Testing, Training, Validation)':
+    the settings that choose them are named now, for training and for evaluate."""
+    from PIL import Image
+
+    root = tmp_path / "voc"
+    for split in ("Training", "Validation", "Testing"):
+        (root / split / "Images").mkdir(parents=True)
+        Image.new("RGB", (160, 120), (230, 210, 220)).save(root / split / "Images" / "a.png")
+        (root / split / "Annotations").mkdir()
+        (root / split / "Annotations" / "a.xml").write_text(
+            "<annotation><filename>a.png</filename><object><name>WBC</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+            "<xmax>40</xmax><ymax>40</ymax></bndbox></object></annotation>")
+    trained = runner.invoke(app, ["train", "--data", str(root), "--model", "fasterrcnn_abas", "--quiet",
+                                  f"output_root={tmp_path / 'runs'}"])
+    assert trained.exit_code == 2 and "Traceback" not in trained.output
+    assert ("has the splits Testing, Training, Validation: name the ones to use, e.g. data.train=Training "
+            "data.test=Testing (and data.val=Validation to choose the epoch and threshold on)"
+            in " ".join(trained.output.split()))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    evaluated = runner.invoke(app, ["evaluate", "--bundle", str(detector_bundle), "--data", str(root),
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 2
+    assert "choose the one to score on with --split, e.g. --split Testing" in " ".join(evaluated.output.split())

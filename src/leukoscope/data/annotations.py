@@ -70,6 +70,26 @@ class AnnotationError(DatasetError):
         super().__init__(f"{where}: {message}")
 
 
+class SplitRequired(DatasetError):
+    """A folder with splits (``<Split>/Annotations``) read without naming one; ``splits`` are its splits."""
+
+    def __init__(self, root: Path, splits: Sequence[str]) -> None:
+        self.root = root
+        self.splits = list(splits)
+        super().__init__(f"{root}: choose a split ({', '.join(self.splits)})")
+
+    def roles(self) -> dict[str, list[str]]:
+        """The splits by the part their name suggests (``train``, ``val``, ``test``), e.g. for a message that
+        tells which setting takes which."""
+        roles: dict[str, list[str]] = {}
+        for split in self.splits:
+            for role, names in (("train", ("train", "training")), ("val", ("val", "validation")),
+                                ("test", ("test", "testing"))):
+                if split.casefold() in names:
+                    roles.setdefault(role, []).append(split)
+        return roles
+
+
 @dataclass(frozen=True)
 class AnnotationIssue:
     """One problem found while reading, kept when ``on_error="skip"``."""
@@ -581,7 +601,7 @@ def _split_files(layout: VocLayout, split: str | None) -> tuple[list[Path], Path
         return [ann_dir / f"{i}.xml" for i in ids], img_dir
     if layout.kind == "cbc":
         if split is None:
-            raise DatasetError(f"{root}: choose a split ({', '.join(layout.splits())})")
+            raise SplitRequired(root, layout.splits())
         name = _resolve_split_name(layout, split)
         images = root / name / "Images"
         if not images.is_dir():
@@ -708,9 +728,28 @@ def read_voc_dataset(
             listed = "; ".join(" / ".join(names) for names in clashes)
             raise DatasetError(f"{root}: class names that differ only in case ({listed}) would be separate classes: "
                                f"list the classes (data.classes; other cases of a name then match it), or "
-                               f"correct the annotations")
+                               f"correct the annotations: {_spelt_in(images, clashes, Path(root))}")
     class_list = list(classes) if classes is not None else found
     return DetectionDataset(images, class_list, issues, Path(root), unannotated)
+
+
+def _spelt_in(images: Sequence[AnnotatedImage], clashes: Sequence[Sequence[str]], root: Path,
+              shown: int = 5) -> str:
+    """Which annotation files write each spelling of the ``clashes``, rarest spelling first (most likely the
+    slip to correct), so that the user knows which files to open."""
+    files: dict[str, list[str]] = {}
+    for image in images:
+        source = image.annotation_path or image.image_path
+        where = str(source.relative_to(root)) if source.is_relative_to(root) else str(source)
+        for label in sorted({box.label for box in image.boxes}):
+            files.setdefault(label, []).append(where)
+    parts = []
+    for names in clashes:
+        for name in sorted(names, key=lambda n: (len(files.get(n, [])), n)):
+            named = files.get(name, [])
+            listed = ", ".join(named[:shown]) + (f" and {len(named) - shown} more" if len(named) > shown else "")
+            parts.append(f"{name!r} in {len(named)} file(s): {listed}")
+    return "; ".join(parts)
 
 
 def _without_annotation(image_dir: Path | None, files: Sequence[Path], annotated_by: dict[Path, list[Path]]

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from leukoscope.data.annotations import (AnnotatedImage, AnnotationIssue, DetectionDataset, issues_note,
-                                         read_voc_dataset, unannotated_note)
+from leukoscope.data.annotations import (AnnotatedImage, AnnotationIssue, DetectionDataset, SplitRequired,
+                                         issues_note, read_voc_dataset, unannotated_note)
 from leukoscope.data.box_augment import DetectionAugment
 from leukoscope.data.duplicates import duplicate_groups
 from leukoscope.data.manifest import DatasetError
@@ -51,7 +51,11 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
     read = dict(classes=cfg.classes, aliases=cfg.aliases, ignore_classes=cfg.ignore_classes, on_error=cfg.on_error)
     notes: list[str] = []
     if cfg.train is None:
-        whole = read_voc_dataset(cfg.path, None, **read)
+        try:
+            whole = read_voc_dataset(cfg.path, None, **read)
+        except SplitRequired as exc:  # the reader cannot know the settings that name the splits
+            raise ConfigError(f"{exc.root} has the splits {', '.join(exc.splits)}: name the ones to use, e.g. "
+                              f"{split_settings(exc)}") from None
         classes = cfg.classes or whole.classes
         ratios = list(cfg.ratios) + [0.0] * (3 - len(cfg.ratios))
         dealt = _deal_fields(whole, ratios, cfg.split_seed)
@@ -93,6 +97,18 @@ def prepare_detection_data(cfg: DetectionDataConfig) -> DetectionSplits:
     if issues:
         notes.append(issues_note(issues))
     return DetectionSplits(parts, list(classes), notes, list(issues), list(unannotated))
+
+
+def split_settings(exc: SplitRequired) -> str:
+    """The ``data.train=... data.test=...`` settings that name the splits of ``exc``'s folder (CBC: Training to
+    train on, Testing to test on; Validation to choose the epoch and threshold)."""
+    roles = exc.roles()
+    if "train" not in roles:
+        return f"data.train={exc.splits[0]} (and data.test=... with another)"
+    text = " ".join(f"data.{role}={'+'.join(roles[role])}" for role in ("train", "test") if role in roles)
+    if "val" in roles:
+        text += f" (and data.val={'+'.join(roles['val'])} to choose the epoch and threshold on)"
+    return text
 
 
 def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) -> dict[str, list[int]]:

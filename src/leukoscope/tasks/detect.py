@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
-from leukoscope.data.annotations import BLOOD_CELL_CLASSES, issues_note, read_voc_dataset, unannotated_note
+from leukoscope.data.annotations import (BLOOD_CELL_CLASSES, DetectionDataset, SplitRequired, issues_note,
+                                         read_voc_dataset, unannotated_note)
+from leukoscope.data.manifest import DatasetError
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
@@ -202,6 +204,16 @@ def trained_class_names(info: BundleInfo) -> dict[str, Any]:
     return {"aliases": kept, "ignore_classes": ignore}
 
 
+def read_scored_data(data: str | Path, split: str | None, info: BundleInfo,
+                     on_error: Literal["skip", "fail"]) -> DetectionDataset:
+    """The VOC data a detector is scored on, read with its classes and its training's class names."""
+    try:
+        return read_voc_dataset(data, split, classes=info.classes, on_error=on_error, **trained_class_names(info))
+    except SplitRequired as exc:  # the reader cannot know the option that names the split
+        raise DatasetError(f"{exc.root} has the splits {', '.join(exc.splits)}: choose the one to score on with "
+                           f"--split, e.g. --split {exc.roles().get('test', exc.splits)[0]}") from None
+
+
 def evaluate_detector_bundle(
     bundle: str | Path,
     data: str | Path,
@@ -219,7 +231,7 @@ def evaluate_detector_bundle(
     what runs it (:meth:`CellDetector.from_bundle`)."""
     detector = CellDetector.from_bundle(bundle, device, score_threshold, backend=backend, threads=threads)
     classes = detector.classes
-    dataset = read_voc_dataset(data, split, classes=classes, on_error=on_error, **trained_class_names(detector.info))
+    dataset = read_scored_data(data, split, detector.info, on_error)
     images = list(dataset)
     predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
     notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
@@ -327,8 +339,7 @@ def compare_detector_backends(bundle: str | Path, data: str | Path, *, split: st
     backend = exported.backend
     detectors = [CellDetector.from_bundle(bundle, backend="torch", threads=threads), exported]
     classes = detectors[0].classes
-    images = list(read_voc_dataset(data, split, classes=classes, on_error=on_error,
-                                   **trained_class_names(detectors[0].info)))
+    images = list(read_scored_data(data, split, detectors[0].info, on_error))
     if not images:
         raise ValueError(f"{data}: no annotated images" + (f" in split {split}" if split else ""))
     truths = [to_ground_truth(image, classes) for image in images]
