@@ -713,3 +713,51 @@ def test_a_config_without_task_is_the_command_s_and_a_classical_run_resumes(synt
     shutil.rmtree(run_dir / "bundle")  # a run stopped before its bundle was written fits again
     again = invoke("train", "--resume", run_dir, "--quiet")
     assert again.exit_code == 0 and "no checkpoint.pt" not in again.output, again.output
+
+
+def test_evaluate_labels_the_data_as_the_bundle_was_trained(synthetic_root: Path, tmp_path: Path) -> None:
+    """A bundle trained with data.class_map (three classes -> normal) could not be scored on its own data and
+    split: 'the data has labels [...] that the model does not know'. Its recorded map now labels the data."""
+    result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet",
+                    f"output_root={tmp_path / 'runs'}", "model.image_size=32", "features.families=[histogram]",
+                    "data.class_map={lymphocyte: normal, monocyte: normal, neutrophil: normal}")
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    trained = json.loads((bundle.parent / "metrics.json").read_text())
+    scored = invoke("evaluate", "--bundle", bundle, "--data", synthetic_root, "--split-file",
+                    bundle.parent / "split.json", "--out", tmp_path / "ev")
+    assert scored.exit_code == 0, scored.output
+    said = " ".join(scored.output.split())
+    assert "labels mapped by the bundle's data.class_map:" in said and "monocyte -> normal" in said
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == trained["n"] and metrics["accuracy"] == pytest.approx(trained["accuracy"])
+    assert metrics["classes"] == ["blast", "normal"] and metrics["labels_as_trained"]
+    # the labels as written: the model does not know them
+    written = invoke("evaluate", "--bundle", bundle, "--data", synthetic_root, "--split-file",
+                     bundle.parent / "split.json", "--out", tmp_path / "ev2", "--no-class-map")
+    assert written.exit_code == 2 and "that the model does not know" in written.output
+    # a label the map does not name is still refused
+    data = tmp_path / "other"
+    (data / "eosinophil").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 100, 100)).save(data / "eosinophil" / "a.png")
+    unknown = invoke("evaluate", "--bundle", bundle, "--data", data, "--out", tmp_path / "ev3")
+    assert unknown.exit_code == 2 and "['eosinophil'] that the model does not know" in unknown.output
+
+
+def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(synthetic_root: Path,
+                                                                        tmp_path: Path) -> None:
+    result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet",
+                    f"output_root={tmp_path / 'runs'}", "model.image_size=32", "features.families=[histogram]",
+                    "data.classes=[blast, neutrophil]")
+    assert result.exit_code == 0, result.output
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    new = tmp_path / "new"
+    for label in ("blast", "neutrophil", "monocyte"):
+        (new / label).mkdir(parents=True)
+        for number in range(3):
+            Image.new("RGB", (40, 40), (60 * number, 20 * len(label), 150)).save(new / label / f"{label}{number}.png")
+    scored = invoke("evaluate", "--bundle", bundle, "--data", new, "--out", tmp_path / "ev")
+    assert scored.exit_code == 0, scored.output
+    said = " ".join(scored.output.split())
+    assert "left out 3 image(s) of class(es) the bundle was trained without" in said and "monocyte (3)" in said
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 6

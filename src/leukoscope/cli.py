@@ -456,6 +456,10 @@ def evaluate(
                                               "scale, else the images' together."),
     as_given: bool = typer.Option(False, "--as-given", help="Classifier bundles: score each image whole, as it is "
                                   "(crops already cut at the classifier's window, e.g. a training set's)."),
+    class_map: bool = typer.Option(True, "--class-map/--no-class-map", help="Classifier bundles: label the data as "
+                                   "the bundle's run did, by the data.class_map it recorded (and leave out the "
+                                   "classes its data.classes left out); --no-class-map scores the labels as "
+                                   "written."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder).
 
@@ -464,6 +468,8 @@ def evaluate(
     cells give (else the images' scale together); an image with none is scored whole, and the report
     says how many. --as-given scores crops already cut at the window as they are, as is the bundle's
     own training dataset (its --split-file test part) unless --um-per-px is given.
+    A classifier trained with data.class_map (Early, Pre, Pro -> Malignant) scores its data's labels mapped
+    the same way, and says so.
     """
     from leukoscope.data.readers import check_dataset_path
 
@@ -494,7 +500,8 @@ def evaluate(
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
     foreign = ({"--split-file": split_file, "--subset": subset, "--allow-training-data": allow_training_data,
-                "--um-per-px": um_per_px, "--as-given": as_given} if info.task == "detect" else {"--split": split})
+                "--um-per-px": um_per_px, "--as-given": as_given, "--no-class-map": not class_map}
+               if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
         _fail(f"{bundle} is a {'detector' if info.task == 'detect' else 'classifier'} bundle: "
@@ -533,7 +540,7 @@ def evaluate(
                           "the window, as training took them)", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset or "test",
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
-                       threads=threads, frame=frame, um_per_px=um_per_px)
+                       threads=threads, frame=frame, um_per_px=um_per_px, as_trained=class_map)
         if metrics.get("framing"):
             said = "[yellow]framing:[/yellow]" if metrics["framing"]["whole"] else "framing:"
             console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)

@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
-from leukoscope.data.manifest import DatasetError, Manifest
+from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.dataset import decode_manifest, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
                                          inherit_training_digests, read_training_digests, write_training_digests)
@@ -225,6 +226,47 @@ def _split_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int]
     return {part: n for part, n in overlap.items() if n}, None
 
 
+def trained_labels(info: BundleInfo) -> tuple[dict[str, str], list[str] | None]:
+    """The ``data.class_map`` and ``data.classes`` the bundle's run was trained with (its provenance config);
+    empty / None when it records none (or a hand-edited record is not a mapping / a list of names)."""
+    config = info.provenance.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        return {}, None
+    class_map, classes = data.get("class_map"), data.get("classes")
+    class_map = ({str(k): str(v) for k, v in class_map.items()} if isinstance(class_map, dict) else {})
+    classes = [str(c) for c in classes] if isinstance(classes, list) and classes else None
+    return class_map, classes
+
+
+def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) -> tuple[Manifest, list[str]]:
+    """``manifest`` labelled as the bundle's training run labelled its data: its recorded ``data.class_map``
+    applied and the images of classes its ``data.classes`` left out left out; and what was done, in words.
+    A label neither maps to nor is among the model's classes stays, for :meth:`Manifest.with_classes` to refuse."""
+    class_map, classes = trained_labels(info)
+    said: list[str] = []
+    renamed = Counter((s.label, class_map[s.label]) for s in manifest if s.label in class_map
+                      and class_map[s.label] != s.label)
+    samples = [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None, s.subject)
+               for s in manifest]
+    if renamed:
+        said.append("labels mapped by the bundle's data.class_map: "
+                    + ", ".join(f"{old} -> {new} ({n})" for (old, new), n in sorted(renamed.items())))
+    if classes is not None:
+        # the classes training left out (not a label the model could know under another name)
+        dropped = Counter(s.label for s in samples if s.label is not None and s.label not in classes
+                          and s.label not in info.classes)
+        if dropped:
+            samples = [s for s in samples if s.label not in dropped]
+            said.append(f"left out {sum(dropped.values())} image(s) of class(es) the bundle was trained without "
+                        f"(its data.classes: {', '.join(classes)}): "
+                        + ", ".join(f"{label} ({n})" for label, n in sorted(dropped.items())))
+            if not samples:
+                raise DatasetError(f"no image of {data} is of a class the bundle was trained on "
+                                   f"(its data.classes: {', '.join(classes)})")
+    return Manifest(samples, list(manifest.classes), manifest.root), said
+
+
 def evaluate_bundle(
     bundle: str | Path,
     data: str | Path,
@@ -240,6 +282,7 @@ def evaluate_bundle(
     threads: int | None = None,
     frame: bool = False,
     um_per_px: float | None = None,
+    as_trained: bool = True,
 ) -> dict:
     """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``;
     ``backend`` runs the network (:func:`leukoscope.inference.runtime.load_runtime`).
@@ -249,6 +292,10 @@ def evaluate_bundle(
     image's own scale, else the images' scale together); without it, or for a classifier without a
     window, images are scored as they are (crops already cut at the window, as training's). The
     metrics' ``framing`` says how many were framed, at which scales, and how many were scored whole.
+
+    ``as_trained``: the data's labels are mapped by the ``data.class_map`` the bundle's run was trained with,
+    and images of classes its ``data.classes`` left out are left out (:func:`labels_as_trained`), as training
+    read its own data; without it the labels are scored as written.
 
     Refuses (unless ``allow_training_data``) data that overlaps the bundle's own
     training or validation part: such a score says nothing about new images.
@@ -265,11 +312,17 @@ def evaluate_bundle(
         manifest = manifest.filter([s.path.resolve() in wanted for s in manifest])
         if len(manifest) == 0:
             raise DatasetError(f"no image of {data} is in the {subset!r} part of {split_file}")
+    relabelled: list[str] = []
+    if as_trained:  # a bundle trained on Early/Pre/Pro mapped to Malignant knows no label of its own data
+        manifest, relabelled = labels_as_trained(manifest, info, data)
+        for line in relabelled:
+            say(f"note: {escape(line)}")
     manifest = manifest.with_classes(info.classes)  # fails clearly on classes the model does not know
     manifest.targets  # noqa: B018 - a row without a label fails now, not after every image is scored
     overlap, unknown = training_overlap(info, manifest, directory)
     notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" ({subset} part of {split_file})" if split_file else "") + "."]
+    notes.extend(f"{line[:1].upper()}{line[1:]}." for line in relabelled)
     if unknown:
         log.warning(unknown)
         notes.append(f"Warning: {unknown}.")
@@ -308,7 +361,7 @@ def evaluate_bundle(
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
                "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend,
-               "framing": framing},
+               "framing": framing, "labels_as_trained": relabelled},
     )
 
 
