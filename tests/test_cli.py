@@ -715,14 +715,22 @@ def test_a_config_without_task_is_the_command_s_and_a_classical_run_resumes(synt
     assert again.exit_code == 0 and "no checkpoint.pt" not in again.output, again.output
 
 
-def test_evaluate_labels_the_data_as_the_bundle_was_trained(synthetic_root: Path, tmp_path: Path) -> None:
-    """A bundle trained with data.class_map (three classes -> normal) could not be scored on its own data and
-    split: 'the data has labels [...] that the model does not know'. Its recorded map now labels the data."""
-    result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet",
-                    f"output_root={tmp_path / 'runs'}", "model.image_size=32", "features.families=[histogram]",
+@pytest.fixture(scope="module")
+def mapped_bundle(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classical bundle (seconds to train) of two classes, made with data.class_map."""
+    out = tmp_path_factory.mktemp("mapped-runs")
+    result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet", f"output_root={out}",
+                    "model.image_size=32", "features.families=[histogram]",
                     "data.class_map={lymphocyte: normal, monocyte: normal, neutrophil: normal}")
     assert result.exit_code == 0, result.output
-    bundle = Path(result.stdout.strip().splitlines()[-1])
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_labels_the_data_as_the_bundle_was_trained(mapped_bundle: Path, synthetic_root: Path,
+                                                            tmp_path: Path) -> None:
+    """A bundle trained with data.class_map (three classes -> normal) could not be scored on its own data and
+    split: 'the data has labels [...] that the model does not know'. Its recorded map now labels the data."""
+    bundle = mapped_bundle
     trained = json.loads((bundle.parent / "metrics.json").read_text())
     scored = invoke("evaluate", "--bundle", bundle, "--data", synthetic_root, "--split-file",
                     bundle.parent / "split.json", "--out", tmp_path / "ev")
@@ -761,3 +769,31 @@ def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(syntheti
     said = " ".join(scored.output.split())
     assert "left out 3 image(s) of class(es) the bundle was trained without" in said and "monocyte (3)" in said
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 6
+
+
+def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synthetic_root: Path,
+                                                      tmp_path: Path) -> None:
+    """An honest test-part score in eval-<data> was silently replaced by a later --allow-training-data score of
+    all the images, written to the same default folder."""
+    split = mapped_bundle.parent / "split.json"
+    honest = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--split-file", split)
+    assert honest.exit_code == 0, honest.output
+    first = Path(honest.stdout.strip().splitlines()[-1]).parent
+    assert first == mapped_bundle.parent / f"eval-{synthetic_root.name}"
+    n_test = json.loads((first / "metrics.json").read_text())["n"]
+    again = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data")
+    assert again.exit_code == 0, again.output
+    second = Path(again.stdout.strip().splitlines()[-1]).parent
+    assert second == mapped_bundle.parent / f"eval-{synthetic_root.name}-2"
+    assert f"{first} holds an earlier evaluation, kept; this one goes to {second}" in " ".join(again.output.split())
+    assert json.loads((first / "metrics.json").read_text())["n"] == n_test  # the honest score is still there
+    assert json.loads((second / "metrics.json").read_text())["n"] == 96
+    # an explicit --out holding an evaluation: refused, unless --overwrite
+    refused = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data",
+                     "--out", first)
+    assert refused.exit_code == 2 and "already holds an evaluation (metrics.json, report.html)" in refused.output
+    assert json.loads((first / "metrics.json").read_text())["n"] == n_test
+    replaced = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data",
+                      "--out", first, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((first / "metrics.json").read_text())["n"] == 96

@@ -432,12 +432,39 @@ def split(
     print(out)
 
 
+#: What an evaluation writes: a folder holding one of them holds an earlier evaluation.
+EVALUATION_FILES = ("metrics.json", "report.html")
+
+
+def _evaluation_out(out: Optional[Path], default: Path, overwrite: bool) -> Path:
+    """Where an evaluation goes: ``out`` unless it holds an earlier evaluation (refused without ``overwrite``);
+    else ``default``, or the first ``default-2``, ``-3``... that is free (an honest test score was silently
+    replaced by a training-data score written to the same default folder)."""
+    if out is not None:
+        held = [name for name in EVALUATION_FILES if (out / name).is_file()]
+        if held and not overwrite:
+            _fail(f"--out {out} already holds an evaluation ({', '.join(held)}): choose another folder, or pass "
+                  f"--overwrite to replace it")
+        return out
+    folder, number = default, 1
+    while folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):  # an empty folder is free
+        number += 1
+        folder = default.with_name(f"{default.name}-{number}")
+    if folder != default:
+        console.print(f"note: {escape(str(default))} holds an earlier evaluation, kept; this one goes to "
+                      f"{escape(str(folder))}", soft_wrap=True)
+    return folder
+
+
 @app.command()
 def evaluate(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory, or pretrained:NAME."),
     data: str = typer.Option(..., "--data", help="Labelled dataset folder or CSV."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>; "
-                                       "for pretrained:NAME ./eval-NAME-<data>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>, "
+                                       "or eval-<data>-2, -3... when it holds an earlier evaluation; for "
+                                       "pretrained:NAME ./eval-NAME-<data>); refused when it holds an evaluation "
+                                       "already, unless --overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the evaluation an existing --out holds."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
     subset: Optional[str] = typer.Option(None, help="Which part of --split-file to score (default: test)."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
@@ -514,7 +541,7 @@ def evaluate(
 
         torch.set_num_threads(threads)
     if info.task == "detect":
-        out = out or out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}"
+        out = _evaluation_out(out, out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}", overwrite)
         _check_writable_folder(out, "--out")
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
                        threads=threads)
@@ -527,7 +554,7 @@ def evaluate(
                           f"({describe_overlap(metrics['training_overlap'])}): the score says nothing about new "
                           f"images", soft_wrap=True)
     else:
-        out = out or out_root / f"{prefix}{Path(data).stem}"
+        out = _evaluation_out(out, out_root / f"{prefix}{Path(data).stem}", overwrite)
         _check_writable_folder(out, "--out")
         if um_per_px is not None and info.preprocessing.cell_window_um is None:
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
