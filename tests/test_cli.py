@@ -797,3 +797,24 @@ def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synt
                       "--out", first, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((first / "metrics.json").read_text())["n"] == 96
+
+
+def test_split_train_and_evaluate_refuse_a_manifest_naming_missing_files(mapped_bundle: Path, synthetic_root: Path,
+                                                                         tmp_path: Path) -> None:
+    """One behaviour: the manifest, the count and a few of the missing paths (split and train said
+    "[Errno 2] No such file or directory: '/nope/missing1.jpg'"; evaluate skipped them)."""
+    images = sorted(synthetic_root.rglob("*.png"))[::2]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images)
+                        + "/nope/missing1.jpg,blast\n/nope/missing2.jpg,monocyte\n")
+    expected = f"{manifest}: 2 of its {len(images) + 2} rows name files that do not exist"
+    for args in (["split", "--data", manifest, "--out", tmp_path / "s.json"],
+                 ["train", "--data", manifest, "--model", "naive_bayes", f"output_root={tmp_path / 'runs'}",
+                  "model.image_size=32", "features.families=[histogram]"],
+                 ["evaluate", "--bundle", mapped_bundle, "--data", manifest, "--out", tmp_path / "ev"]):
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and expected in said, (args[0], result.output)
+        assert "/nope/missing1.jpg" in said and "/nope/missing2.jpg" in said and "Errno" not in said
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "ev").exists()
+    assert not list((tmp_path / "runs").glob("*"))  # no run folder (nor split) left behind

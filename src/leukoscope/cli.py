@@ -415,7 +415,7 @@ def split(
         _fail(f"--ratios must be numbers separated by commas (train,val,test or train,test), got {ratios!r}")
 
     def work():
-        manifest = read_dataset(data, require_labels=True)
+        manifest = read_dataset(data, require_labels=True, check_files=True)
         check_spellings(data, manifest.classes)
         with progress_bar(len(manifest), "hashing images") as update:
             result = make_split(manifest, ratios=values, seed=seed, near_duplicates=near_duplicates,

@@ -285,6 +285,21 @@ def test_csv_missing_file(tmp_path: Path) -> None:
         read_csv_manifest(tmp_path / "missing.csv")
 
 
+def test_csv_rows_naming_missing_files_are_refused_counted_and_named(tmp_path: Path, cell_writer) -> None:
+    """split and train failed on the first missing file with a bare "[Errno 2] No such file or directory"
+    (no manifest, no row, no count); evaluate skipped them. Now one refusal names the manifest and the rows."""
+    cell_writer(tmp_path / "a.png")
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\na.png,blast\n" + "".join(f"/nope/missing{i}.jpg,normal\n" for i in range(7)))
+    with pytest.raises(DatasetError) as info:
+        read_dataset(csv_path, require_labels=True, check_files=True)
+    message = str(info.value)
+    assert message.startswith(f"{csv_path}: 7 of its 8 rows name files that do not exist (line 3: /nope/missing0.jpg")
+    assert "line 7: /nope/missing4.jpg and 2 more" in message and "missing5" not in message
+    assert f"read from the manifest's folder, {tmp_path.resolve()}) or remove those rows" in message
+    assert len(read_csv_manifest(csv_path)) == 8  # not checked unless asked (unlabelled lists, tests)
+
+
 def test_csv_round_trip_through_save_csv(tmp_path: Path, cell_writer) -> None:
     inside = cell_writer(tmp_path / "data" / "ALL" / "UID_1_1_1_all.bmp")
     outside = cell_writer(tmp_path / "other" / "hémato cell.png", seed=1)  # non-ASCII, space

@@ -22,6 +22,7 @@ from typing import Sequence
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.io import files_below, is_image_file
 from leukoscope.labels import case_clashes
+from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,16 @@ def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
         )
 
 
-def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Manifest:
+#: How many of a manifest's bad rows an error names.
+ROWS_NAMED = 5
+
+
+def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
     """Read a CSV with a header ``path,label[,subject]``; relative paths are resolved against the CSV's
     folder; a row without a subject takes the one its C-NMC file name gives. Without a ``label`` column the
-    samples are unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it."""
+    samples are unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it.
+    ``check_files``: rows naming files that do not exist are refused, all of them counted and a few named
+    (training and ``split`` failed on the first with a bare errno, ``evaluate`` skipped them)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")
@@ -137,6 +144,7 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Mani
             raise DatasetError(f"{path}: CSV manifest has no 'label' column, which training and evaluation "
                                f"need (columns found: {', '.join(fields)})")
         samples = []
+        missing: list[str] = []
         for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
             if not any(row.values()):
@@ -149,17 +157,23 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False) -> Mani
             # no subject given: a C-NMC, export or --cells name still names it, as in class folders (else by image)
             subject = row.get("subject") or name_subject(image_path.name)
             samples.append(Sample(image_path, row.get("label") or None, subject))
+            if check_files and not image_path.is_file():
+                missing.append(f"line {reader.line_num}: {image_path}")
     if not samples:
         raise DatasetError(f"{path}: manifest has no rows")
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} of its {len(samples)} rows name files that do not exist "
+                           f"({name_some(missing, ROWS_NAMED)}); correct their paths (a relative path is read "
+                           f"from the manifest's folder, {path.parent.resolve()}) or remove those rows")
     return Manifest(samples, root=path.parent)
 
 
-def read_dataset(source: str | Path, *, require_labels: bool = False) -> Manifest:
+def read_dataset(source: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
     """Read a dataset from a class-folder tree or a ``.csv`` manifest (class folders
-    always label their images; ``require_labels``: see :func:`read_csv_manifest`)."""
+    always label their images; ``require_labels``, ``check_files``: see :func:`read_csv_manifest`)."""
     source = check_dataset_path(source)
     if source.suffix.lower() == ".csv":
-        return read_csv_manifest(source, require_labels=require_labels)
+        return read_csv_manifest(source, require_labels=require_labels, check_files=check_files)
     return read_class_folders(source)
 
 

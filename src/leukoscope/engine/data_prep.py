@@ -48,7 +48,7 @@ def load_manifest(data: DataConfig) -> Manifest:
     """Read the dataset and apply ``class_map`` / ``classes``."""
     if not data.path:
         raise DatasetError("no dataset given: set data.path (a class-folder tree or a CSV manifest)")
-    manifest = read_dataset(data.path, require_labels=True)
+    manifest = read_dataset(data.path, require_labels=True, check_files=True)
     samples = list(manifest.samples)
     if data.class_map:
         unknown = sorted(set(data.class_map) - set(manifest.classes))

@@ -305,7 +305,7 @@ def evaluate_bundle(
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory, task="classify")
     runtime = load_runtime(directory, info, backend, device, threads)
-    manifest = read_dataset(data, require_labels=True)
+    manifest = read_dataset(data, require_labels=True, check_files=True)
     if split_file is not None:
         part = Split.load(split_file).manifest(subset)
         wanted = {s.path.resolve() for s in part}

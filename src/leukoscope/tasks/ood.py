@@ -137,7 +137,7 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     ``need_val``: what needs a validation part (said in the error raised, before any fresh split, when
     the split has none)."""
     info = read_bundle_info(bundle, task="classify")
-    manifest = read_dataset(data, require_labels=True).with_classes(info.classes)
+    manifest = read_dataset(data, require_labels=True, check_files=True).with_classes(info.classes)
     path = Path(split_file) if split_file is not None else info.split_file
     if split_file is not None and not path.is_file():
         raise DatasetError(f"{path}: split file does not exist")
