@@ -818,3 +818,32 @@ def test_split_train_and_evaluate_refuse_a_manifest_naming_missing_files(mapped_
         assert "/nope/missing1.jpg" in said and "/nope/missing2.jpg" in said and "Errno" not in said
     assert not (tmp_path / "s.json").exists() and not (tmp_path / "ev").exists()
     assert not list((tmp_path / "runs").glob("*"))  # no run folder (nor split) left behind
+
+
+def test_a_reused_split_file_wins_over_other_ratios_said_and_recorded(synthetic_root: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`train --split-file s.json 'data.ratios=[0.5,0.25,0.25]' data.split_seed=3` said only "reusing split", and
+    the run's config.yaml recorded ratios the split did not have."""
+    import yaml
+
+    split = tmp_path / "s.json"
+    made = invoke("split", "--data", synthetic_root, "--out", split, "--ratios", "0.7,0.3", "--seed", "5")
+    assert made.exit_code == 0, made.output
+    common = ["--data", synthetic_root, "--split-file", split, "--model", "naive_bayes", "--quiet",
+              f"output_root={tmp_path / 'runs'}", "model.image_size=32", "features.families=[histogram]"]
+    result = invoke("train", *common, "data.ratios=[0.5,0.25,0.25]", "data.split_seed=3")
+    assert result.exit_code == 0, result.output
+    said = " ".join(caplog.text.split())  # a warning: on the terminal and in train.log
+    assert (f"{split} was made with other settings than data.ratios=[0.5, 0.25, 0.25] (the split's: [0.7, 0.3]) "
+            "and data.split_seed=3 (the split's: 5): its parts are used as they are") in said
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    for data in (yaml.safe_load((bundle.parent / "config.yaml").read_text())["data"],
+                 json.loads((bundle / "bundle.json").read_text())["provenance"]["config"]["data"]):
+        assert data["ratios"] == [0.7, 0.3] and data["split_seed"] == 5
+    assert "was made with other settings" in (bundle.parent / "train.log").read_text()
+    # nothing asked for: nothing to warn of, and the run still records the split's settings
+    caplog.clear()
+    quiet = invoke("train", *common)
+    assert quiet.exit_code == 0 and "other settings" not in caplog.text, quiet.output
+    recorded = yaml.safe_load((Path(quiet.stdout.strip().splitlines()[-1]).parent / "config.yaml").read_text())
+    assert recorded["data"]["ratios"] == [0.7, 0.3] and recorded["data"]["split_seed"] == 5

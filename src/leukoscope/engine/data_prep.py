@@ -88,6 +88,37 @@ def default_split_file(data: DataConfig, output_root: Path, manifest: Manifest) 
     return output_root / "splits" / f"{name}-{key}.json"
 
 
+def split_settings(split: Split) -> dict[str, Any]:
+    """The ``data.ratios`` / ``data.split_seed`` a split was made with, those its file records (a hand-made
+    split may record neither)."""
+    settings: dict[str, Any] = {}
+    ratios, seed = split.info.get("ratios"), split.info.get("seed")
+    if isinstance(ratios, list) and len(ratios) in (2, 3) and all(isinstance(r, (int, float)) for r in ratios):
+        settings["ratios"] = [float(r) for r in ratios]
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        settings["split_seed"] = seed
+    return settings
+
+
+def as_split(data: DataConfig, split: Split) -> DataConfig:
+    """``data`` with the ratios and seed ``split`` was made with: what a run records in its config.yaml and
+    bundle (an existing split file decides the parts, whatever ratios the config asked for)."""
+    settings = {key: value for key, value in split_settings(split).items() if getattr(data, key) != value}
+    return data.model_copy(update=settings) if settings else data
+
+
+def _warn_of_other_settings(data: DataConfig, split: Split, split_file: Path) -> None:
+    """Ratios or a seed set in the config or on the command line that the reused split was not made with
+    would be silently ignored (the run's config.yaml recorded them, the split had others)."""
+    differ = [f"data.{key}={getattr(data, key)} (the split's: {value})"
+              for key, value in split_settings(split).items()
+              if key in data.model_fields_set and getattr(data, key) != value]
+    if differ:
+        log.warning("%s was made with other settings than %s: its parts are used as they are, and the run "
+                    "records the split's; to split by the settings given, make a new split file (`leukoscope "
+                    "split --ratios ... --seed ...`, or another --split-file)", split_file, " and ".join(differ))
+
+
 def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True) -> Split:
     """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
     if split_file.exists():
@@ -101,6 +132,7 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
         if split.classes != manifest.classes:
             raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")
         say(f"[dim]reusing split {split_file}[/dim]")
+        _warn_of_other_settings(data, split, split_file)
         return split
     with progress_bar(len(manifest), "hashing images for duplicates", enabled=show_progress) as update:
         split = make_split(

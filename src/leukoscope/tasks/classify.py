@@ -28,10 +28,10 @@ from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describ
                                          inherit_training_digests, read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split
-from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init
-from leukoscope.engine.data_prep import PreparedData, prepare_data
+from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
+from leukoscope.engine.data_prep import PreparedData, as_split, prepare_data
 from leukoscope.engine.learner import Learner, check_learner_config, create_learner
-from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
+from leukoscope.engine.run_dir import CONFIG_FILE, RunResult, absolute_paths, finish_run, new_run_dir, open_run
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
@@ -99,6 +99,10 @@ def run_experiment(
     with open_run(run_dir, config, resume=resume):
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
+        used = as_split(config.data, prepared.split)
+        if used is not config.data:  # a reused split file's ratios and seed, not those asked for (never used)
+            config = config.model_copy(update={"data": used})
+            save_config(config, run_dir / CONFIG_FILE)
         odd = odd_sizes([side for report in prepared.load_reports.values() for side in report.sides])
         if config.model.init and odd:  # a lab's own set, one microscope: its cells should come alike
             say(f"[yellow]warning:[/yellow] {odd}")
