@@ -300,6 +300,36 @@ def test_csv_rows_naming_missing_files_are_refused_counted_and_named(tmp_path: P
     assert len(read_csv_manifest(csv_path)) == 8  # not checked unless asked (unlabelled lists, tests)
 
 
+def test_csv_listing_a_file_twice_with_another_label_is_refused(tmp_path: Path, cell_writer) -> None:
+    """The same file as Benign and as Early: both rows landed in the training part, without a word."""
+    for name in ("a.png", "b.png"):
+        cell_writer(tmp_path / "img" / name)
+    csv_path = tmp_path / "m.csv"
+    # the same file spelled two ways (relative, absolute) is still the same file
+    csv_path.write_text(f"path,label\nimg/a.png,Benign\nimg/b.png,Benign\n{tmp_path / 'img' / 'a.png'},Early\n")
+    with pytest.raises(DatasetError) as info:
+        read_csv_manifest(csv_path)
+    assert str(info.value) == (f"{csv_path}: 1 file(s) are listed more than once with different labels or subjects: "
+                               f"{tmp_path / 'img' / 'a.png'} (line 2: label 'Benign'; line 4: label 'Early'); "
+                               f"keep one row per file, with its right label")
+    csv_path.write_text("path,label,subject\nimg/a.png,Benign,P1\nimg/a.png,Benign,P2\n")
+    with pytest.raises(DatasetError, match="line 2: label 'Benign', subject 'P1'; line 3: label 'Benign', subject"):
+        read_csv_manifest(csv_path)
+
+
+def test_csv_repeated_rows_are_read_once_with_a_warning(tmp_path: Path, cell_writer, caplog) -> None:
+    """20 repeated rows were counted twice (train 67 images, val and test without a Benign)."""
+    for name in ("a.png", "b.png"):
+        cell_writer(tmp_path / name)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label\na.png,blast\nb.png,normal\na.png,blast\n./a.png,blast\nb.png,normal\n")
+    with caplog.at_level("WARNING"):
+        manifest = read_csv_manifest(csv_path)
+    assert [(s.path.name, s.label) for s in manifest] == [("a.png", "blast"), ("b.png", "normal")]
+    assert (f"{csv_path}: 3 row(s) repeat an earlier row (the same file, label and subject) and are read once: "
+            "line 4 repeats line 2, line 5 repeats line 2, line 6 repeats line 3") in caplog.text
+
+
 def test_csv_round_trip_through_save_csv(tmp_path: Path, cell_writer) -> None:
     inside = cell_writer(tmp_path / "data" / "ALL" / "UID_1_1_1_all.bmp")
     outside = cell_writer(tmp_path / "other" / "hémato cell.png", seed=1)  # non-ASCII, space

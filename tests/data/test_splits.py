@@ -46,6 +46,23 @@ def leaky(leaky_root: Path) -> Manifest:
 # -- make_split --------------------------------------------------------------
 
 
+def test_byte_identical_images_under_different_labels_are_named(tmp_path: Path, cell_writer, caplog) -> None:
+    """Basophils copied into the eosinophil folder were grouped as duplicates, the label conflict never said."""
+    root = tmp_path / "data"
+    for index in range(6):
+        cell_writer(root / "basophil" / f"BA_{index}.png", seed=index)
+        cell_writer(root / "eosinophil" / f"EO_{index}.png", seed=100 + index)
+    for index in range(4):
+        (root / "eosinophil" / f"copy_BA_{index}.png").write_bytes((root / "basophil" / f"BA_{index}.png").read_bytes())
+    (root / "basophil" / "again_BA_5.png").write_bytes((root / "basophil" / "BA_5.png").read_bytes())  # same label
+    with caplog.at_level("WARNING"):
+        make_split(read_class_folders(root), ratios=(0.5, 0.5), seed=0)
+    said = caplog.text
+    assert "4 set(s) of byte-identical images carry different labels" in said
+    assert f"{root / 'basophil' / 'BA_0.png'} (basophil) = {root / 'eosinophil' / 'copy_BA_0.png'} (eosinophil)" in said
+    assert "and 1 more; correct the labels, or remove the copies" in said and "BA_5" not in said
+
+
 def test_ratios_and_stratification(synthetic: Manifest) -> None:
     split = make_split(synthetic, ratios=(0.8, 0.1, 0.1), seed=0)
     assert list(split.assignments) == ["train", "val", "test"]

@@ -72,6 +72,12 @@ def duplicate_groups(
 
     ``max_distance < 0`` turns off near-duplicate matching (exact bytes only).
     """
+    return group_fingerprints(fingerprint_paths(paths, progress=progress), max_distance=max_distance)
+
+
+def fingerprint_paths(paths: Sequence[Path], *,
+                      progress: Callable[[int, int], None] | None = None) -> list[ImageFingerprint]:
+    """The :func:`fingerprint` of each path, with a warning naming the files that cannot be decoded."""
     fingerprints = []
     for index, path in enumerate(paths):
         fingerprints.append(fingerprint(path))
@@ -81,7 +87,7 @@ def duplicate_groups(
     if unreadable:  # a split's counts include them; training and evaluation skip them (and say so)
         log.warning("%d file(s) cannot be decoded as images: they stay in the split's lists, and training and "
                     "evaluation skip them (%s)", len(unreadable), name_some(unreadable, 5))
-    return group_fingerprints(fingerprints, max_distance=max_distance)
+    return fingerprints
 
 
 def group_fingerprints(fingerprints: Sequence[ImageFingerprint], *, max_distance: int) -> np.ndarray:

@@ -130,7 +130,11 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
     folder; a row without a subject takes the one its C-NMC file name gives. Without a ``label`` column the
     samples are unlabelled, unless ``require_labels`` (training, evaluation, splits) refuses it.
     ``check_files``: rows naming files that do not exist are refused, all of them counted and a few named
-    (training and ``split`` failed on the first with a bare errno, ``evaluate`` skipped them)."""
+    (training and ``split`` failed on the first with a bare errno, ``evaluate`` skipped them).
+
+    A file listed twice (however its path is spelled) with another label or subject is refused: one of the
+    rows is wrong, and both landed in the training part. A row repeating an earlier one exactly is read once,
+    with a warning (it was counted twice, and skewed the split's strata)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")
@@ -145,6 +149,10 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
                                f"need (columns found: {', '.join(fields)})")
         samples = []
         missing: list[str] = []
+        first: dict[Path, tuple[int, Sample]] = {}  # each file's first row: (line, sample)
+        repeated: list[str] = []
+        contradicted: list[str] = []
+        rows = 0
         for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
             if not any(row.values()):
@@ -156,16 +164,39 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
                 image_path = path.parent / image_path
             # no subject given: a C-NMC, export or --cells name still names it, as in class folders (else by image)
             subject = row.get("subject") or name_subject(image_path.name)
-            samples.append(Sample(image_path, row.get("label") or None, subject))
+            sample = Sample(image_path, row.get("label") or None, subject)
+            rows += 1
+            earlier = first.setdefault(image_path.resolve(), (reader.line_num, sample))
+            if earlier[1] is not sample:
+                if (earlier[1].label, earlier[1].subject) == (sample.label, sample.subject):
+                    repeated.append(f"line {reader.line_num} repeats line {earlier[0]}")
+                else:
+                    contradicted.append(f"{image_path} (line {earlier[0]}: {_said(earlier[1])}; "
+                                        f"line {reader.line_num}: {_said(sample)})")
+                continue
+            samples.append(sample)
             if check_files and not image_path.is_file():
                 missing.append(f"line {reader.line_num}: {image_path}")
     if not samples:
         raise DatasetError(f"{path}: manifest has no rows")
+    if contradicted:
+        raise DatasetError(f"{path}: {len(contradicted)} file(s) are listed more than once with different labels "
+                           f"or subjects: {name_some(contradicted, ROWS_NAMED)}; keep one row per file, with its "
+                           f"right label")
     if missing:
-        raise DatasetError(f"{path}: {len(missing)} of its {len(samples)} rows name files that do not exist "
+        raise DatasetError(f"{path}: {len(missing)} of its {rows} rows name files that do not exist "
                            f"({name_some(missing, ROWS_NAMED)}); correct their paths (a relative path is read "
                            f"from the manifest's folder, {path.parent.resolve()}) or remove those rows")
+    if repeated:
+        log.warning("%s: %d row(s) repeat an earlier row (the same file, label and subject) and are read once: %s",
+                    path, len(repeated), name_some(repeated, ROWS_NAMED))
     return Manifest(samples, root=path.parent)
+
+
+def _said(sample: Sample) -> str:
+    """A row's label and subject, in words."""
+    label = f"label {sample.label!r}" if sample.label is not None else "no label"
+    return label + (f", subject {sample.subject!r}" if sample.subject is not None else "")
 
 
 def read_dataset(source: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:

@@ -19,8 +19,10 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from leukoscope.data.duplicates import DEFAULT_PHASH_DISTANCE, duplicate_groups
+from leukoscope.data.duplicates import (DEFAULT_PHASH_DISTANCE, ImageFingerprint, fingerprint_paths,
+                                        group_fingerprints)
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,12 @@ def leakage_groups(
     max_distance: int = DEFAULT_PHASH_DISTANCE,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Group id per sample joining same-subject images and duplicate images."""
+    """Group id per sample joining same-subject images and duplicate images; a warning names byte-identical
+    images labelled differently (:func:`warn_of_copies_labelled_otherwise`)."""
     n = len(manifest)
-    dup = duplicate_groups(
-        [s.path for s in manifest], max_distance=max_distance if near_duplicates else -1, progress=progress
-    )
+    fingerprints = fingerprint_paths([s.path for s in manifest], progress=progress)
+    warn_of_copies_labelled_otherwise(manifest, fingerprints)
+    dup = group_fingerprints(fingerprints, max_distance=max_distance if near_duplicates else -1)
     rows, cols = [], []
     # Link each sample to the first sample of its duplicate group and of its subject.
     for key_of in (lambda i: ("dup", int(dup[i])), lambda i: ("subj", manifest[i].subject)):
@@ -133,6 +136,24 @@ def leakage_groups(
                 cols.append(i)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+#: How many sets of copies labelled otherwise a warning names.
+COPIES_NAMED = 3
+
+
+def warn_of_copies_labelled_otherwise(manifest: Manifest, fingerprints: Sequence[ImageFingerprint]) -> None:
+    """Byte-identical images under different labels: one of the labels is wrong (a basophil copied into the
+    eosinophil folder). The split keeps them together, but said nothing of the contradiction."""
+    by_digest: dict[str, list[int]] = {}
+    for index, fp in enumerate(fingerprints):
+        by_digest.setdefault(fp.sha256, []).append(index)
+    clashes = [members for members in by_digest.values() if len({manifest[i].label for i in members}) > 1]
+    if clashes:
+        named = [" = ".join(f"{manifest[i].path} ({manifest[i].label})" for i in members) for members in clashes]
+        log.warning("%d set(s) of byte-identical images carry different labels, so at least one label of each is "
+                    "wrong: %s; correct the labels, or remove the copies", len(clashes),
+                    name_some(named, COPIES_NAMED))
 
 
 def _deal_groups(
