@@ -847,3 +847,32 @@ def test_a_reused_split_file_wins_over_other_ratios_said_and_recorded(synthetic_
     assert quiet.exit_code == 0 and "other settings" not in caplog.text, quiet.output
     recorded = yaml.safe_load((Path(quiet.stdout.strip().splitlines()[-1]).parent / "config.yaml").read_text())
     assert recorded["data"]["ratios"] == [0.7, 0.3] and recorded["data"]["split_seed"] == 5
+
+
+def test_messages_name_what_the_command_accepts(mapped_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    """train advised "--on-corrupt skip on the command line", an option it does not have; `--resume` of a missing
+    folder said "config.yaml: cannot read the config file"."""
+    data = tmp_path / "data"
+    for label in ("blast", "neutrophil"):
+        for image in sorted((synthetic_root / label).iterdir())[:6]:
+            (data / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, data / label / image.name)
+    (data / "blast" / "broken.png").write_bytes(b"not an image")
+    failed = invoke("train", "--data", data, "--model", "naive_bayes", "--quiet", f"output_root={tmp_path / 'runs'}",
+                    "model.image_size=32", "features.families=[histogram]", "data.on_corrupt=fail")
+    said = " ".join(failed.output.split())
+    assert failed.exit_code == 2 and "corrupt image in dataset" in said, failed.output
+    assert "data.on_corrupt=skip, in the config or as an override on the command line" in said
+    assert "--on-corrupt" not in said
+    # evaluate has the option: it is the one named there
+    scored = invoke("evaluate", "--bundle", mapped_bundle, "--data", data, "--on-corrupt", "fail",
+                    "--allow-training-data", "--out", tmp_path / "ev")
+    assert scored.exit_code == 2 and "with --on-corrupt skip)" in " ".join(scored.output.split()), scored.output
+    gone, afile = tmp_path / "does-not-exist", data / "blast" / "broken.png"
+    for folder, expected in ((gone, f"cannot resume: there is no run folder {gone}"),
+                             (afile, f"cannot resume: {afile} is a file, not a run folder")):
+        for command in ("train", "train-detector"):
+            resumed = invoke(command, "--resume", folder)
+            said = " ".join(resumed.output.split())
+            assert resumed.exit_code == 2 and expected in said, resumed.output
+            assert "cannot read the config file" not in said

@@ -246,6 +246,10 @@ def _train_task(config: Optional[Path], model: Optional[str], overrides: List[st
     the ``--init`` bundle, else the kind of the model named by ``--model`` or ``model.name=``."""
     from leukoscope.tasks import task_named, task_of_config_file, task_of_model
 
+    if resume is not None:  # a missing run folder said as such, not as an unreadable config.yaml in it
+        from leukoscope.engine.run_dir import require_run_dir
+
+        require_run_dir(resume)
     source = resume / "config.yaml" if resume is not None else config
     if source is not None:
         return task_named(task_of_config_file(source))

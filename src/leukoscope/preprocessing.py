@@ -127,11 +127,15 @@ class Preprocessing:
         return torch.from_numpy(self.pixel_array(image))
 
     def decode(self, manifest: "Manifest", *, on_corrupt: "CorruptPolicy" = "skip", max_pixels: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, "Manifest", "LoadReport"]:
-        """Every image of ``manifest`` through :meth:`pixels`, once: (uint8 N x 3 x S x S, kept, report)."""
+               progress: Callable[[int, int], None] | None = None,
+               skip_with: str | None = None) -> tuple[torch.Tensor, "Manifest", "LoadReport"]:
+        """Every image of ``manifest`` through :meth:`pixels`, once: (uint8 N x 3 x S x S, kept, report);
+        ``skip_with``: see :func:`leukoscope.data.dataset.decode_manifest`."""
         from leukoscope.data.dataset import decode_manifest
 
         options: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
+        if skip_with is not None:
+            options["skip_with"] = skip_with
         return decode_manifest(manifest, self.pixels, on_corrupt=on_corrupt, progress=progress, **options)
 
     def model_input(self, pixels: "np.ndarray | torch.Tensor", framework: str = "torch") -> "np.ndarray | torch.Tensor":

@@ -38,6 +38,10 @@ class LoadReport:
         return {"loaded": self.loaded, "skipped": len(self.skipped), "skipped_files": self.skipped}
 
 
+#: How a training run skips unreadable images: a config key (train has no --on-corrupt option; it was advised).
+TRAINING_SKIP = "data.on_corrupt=skip, in the config or as an override on the command line"
+
+
 def decode_manifest(
     manifest: Manifest,
     to_pixels: Callable[[Image.Image], torch.Tensor],
@@ -45,6 +49,7 @@ def decode_manifest(
     on_corrupt: CorruptPolicy = "skip",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
+    skip_with: str = TRAINING_SKIP,
 ) -> tuple[torch.Tensor, Manifest, LoadReport]:
     """Decode every image once: returns (uint8 N x 3 x S x S, the manifest of the kept images, report).
 
@@ -52,7 +57,8 @@ def decode_manifest(
     bundle's or a config's :meth:`leukoscope.preprocessing.Preprocessing.pixels`.
 
     ``on_corrupt='skip'`` drops unreadable images with a warning and records them;
-    ``'fail'`` raises on the first one.
+    ``'fail'`` raises on the first one, its message saying how to skip them: ``skip_with``, the setting of
+    the command at hand (train's config key; evaluate's option).
     """
     if on_corrupt not in ("skip", "fail"):
         raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
@@ -65,7 +71,7 @@ def decode_manifest(
         except ImageDecodeError as exc:
             if on_corrupt == "fail":
                 raise DatasetError(f"corrupt image in dataset (skip such files and count them in the report with "
-                                   f"data.on_corrupt=skip, or --on-corrupt skip on the command line): {exc}") from None
+                                   f"{skip_with}): {exc}") from None
             log.warning("skipping unreadable image: %s", exc)
             report.skipped.append({"path": str(sample.path), "error": str(exc)})
             keep.append(False)

@@ -85,6 +85,10 @@ def absolute_paths(config: ConfigT, keys: list[str]) -> ConfigT:
 def require_run_dir(run_dir: str | Path) -> Path:
     """``run_dir`` if it is a run directory that can be resumed, else a clear error."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():  # said as such, not as a config file that cannot be read
+        raise FileNotFoundError(f"cannot resume: there is no run folder {run_dir}")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: {run_dir} is a file, not a run folder")
     if not (run_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
     return run_dir

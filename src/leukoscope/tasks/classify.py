@@ -345,7 +345,7 @@ def evaluate_bundle(
         to_pixels, framed = _framed_pixels(preprocessing, manifest, um_per_px)
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = decode_manifest(manifest, to_pixels, on_corrupt=on_corrupt,
-                                               progress=counter_callback(update))
+                                               progress=counter_callback(update), skip_with="--on-corrupt skip")
     framing = framed.summary() if framed is not None else None
     if framing is not None:
         notes.append(framing["note"])

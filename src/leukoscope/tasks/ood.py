@@ -215,7 +215,8 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
     outputs, widths = {}, None
     for name, part in (("fit", train), ("threshold", held)):
         with progress_bar(len(part), f"decoding ({name})", enabled=show_progress) as update:
-            pixels, kept, _ = preprocessing.decode(part, on_corrupt=on_corrupt, progress=counter_callback(update))
+            pixels, kept, _ = preprocessing.decode(part, on_corrupt=on_corrupt, progress=counter_callback(update),
+                                                   skip_with="--on-corrupt skip")
         if len(kept) == 0:
             raise DatasetError(f"no readable image to {name} the OOD statistics on ({source})")
         if name == "fit":
