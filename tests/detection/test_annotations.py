@@ -235,6 +235,12 @@ def test_classes_left_out_on_purpose_are_no_problem_unknown_ones_are(tmp_path: P
         read_voc_dataset(tmp_path, classes=["WBC"], aliases={"Platelet": "Platelets"}, ignore_classes=["Blast"])
     with pytest.raises(DatasetError, match="'Cell' is not one of"):
         read_voc_dataset(tmp_path, classes=["WBC"], aliases={"Leukocyte": "Cell"})
+    # classes of other names leave no blood-cell class out: a WBC box beside Leukocyte ones may be a misspelling,
+    # whose cell would be learned as background (it was skipped without a word, even under on_error=fail)
+    with pytest.raises(AnnotationError, match="unknown class 'WBC'"):
+        read_voc_dataset(tmp_path, classes=["Leukocyte", "RBC"])
+    own_names = read_voc_dataset(tmp_path, classes=["Leukocyte", "RBC"], on_error="skip")
+    assert [i.image_path.stem for i in own_names] == ["leukocyte"]
 
 
 def test_two_annotation_files_naming_one_image_are_refused(tmp_path: Path) -> None:

@@ -287,8 +287,13 @@ class ClassResolver:
 def class_resolver(classes: Sequence[str] | None, aliases: dict[str, str] | None = None,
                    ignore_classes: Sequence[str] = ()) -> ClassResolver:
     """The resolver of detection annotations: the classes read, their aliases, and as classes left out on
-    purpose the blood-cell classes (reading WBC only leaves RBC and Platelets out) and ``ignore_classes``."""
-    return ClassResolver(classes, aliases, [*BLOOD_CELL_CLASSES, *ignore_classes])
+    purpose ``ignore_classes`` and, when the classes read are blood-cell classes themselves (reading WBC only
+    leaves RBC and Platelets out), the other blood-cell classes. Classes of other names (``Leukocyte``,
+    ``Platelet``) leave none out by default: a ``WBC`` or ``Platelets`` box may then be a misspelling of one,
+    whose cell would be learned as background."""
+    blood = {name.casefold() for name in BLOOD_CELL_CLASSES}
+    cbc_names = classes is not None and all(name.casefold() in blood for name in classes)
+    return ClassResolver(classes, aliases, [*(BLOOD_CELL_CLASSES if cbc_names else ()), *ignore_classes])
 
 
 # --------------------------------------------------------------------------- XML with line numbers
@@ -383,8 +388,8 @@ def parse_voc_xml(
 
     ``classes`` restricts and canonicalises the object names (None: accept any);
     a box of another class is left out without a word when that class is one of
-    :data:`BLOOD_CELL_CLASSES` or of ``ignore_classes`` (classes of the data left out
-    on purpose), and is a problem otherwise (an unknown or misspelt class: its box may
+    ``ignore_classes`` or, with ``classes`` among them, of :data:`BLOOD_CELL_CLASSES` (classes of
+    the data left out on purpose: :func:`class_resolver`), and is a problem otherwise (an unknown or misspelt class: its box may
     mark a cell of a class read, so the image counts it in ``dropped``);
     ``image_dir`` is where the image is looked up by ``<filename>`` (default: the
     XML's folder, then a sibling ``JPEGImages`` / ``Images`` folder);
@@ -631,8 +636,8 @@ def read_voc_dataset(
     several splits, an image that appears in more than one (same file name and
     same bytes, as CBC's Validation images all also sit in Training) is kept once.
     ``classes`` fixes the class order; default: every name found, sorted. A box of a
-    class outside ``classes`` is left out when the class is one of
-    :data:`BLOOD_CELL_CLASSES` or ``ignore_classes``; any other name is a problem that
+    class outside ``classes`` is left out when the class is one of ``ignore_classes`` or, with
+    ``classes`` among them, of :data:`BLOOD_CELL_CLASSES`; any other name is a problem that
     leaves its image out (see :func:`parse_voc_xml`).
     """
     layout = detect_layout(root)
