@@ -386,7 +386,8 @@ def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it
                        (["--model", "resnet18"], "--model cannot change a run being resumed"),
                        (["train.epochs=1"], "train.epochs=1 is below the 2 epochs this run has already trained"),
                        # finished (its checkpoint kept): it retrained nothing and wrote its report again
-                       ([], "finished its 2 epochs and wrote its bundle; resume with train.epochs=3 or more")]:
+                       ([], "is finished (completed all epochs) and its bundle is written, so it would train "
+                             "nothing; raise train.epochs (now 2)")]:
         refused = invoke("train", "--resume", run_dir, "--quiet", *args)
         assert refused.exit_code != 0 and said in " ".join(refused.output.split()), (args, refused.output)
         assert "Traceback" not in refused.output

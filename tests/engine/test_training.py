@@ -342,6 +342,20 @@ def test_runs_are_named_after_their_model_and_may_keep_their_checkpoint(syntheti
     assert (result.run_dir / "checkpoint.pt").is_file()
 
 
+def test_a_run_that_stopped_early_is_not_resumed_into_training_nothing(synthetic_root: Path,
+                                                                        tmp_path: Path) -> None:
+    """A run stopped by its patience, its checkpoint kept: resuming trained no epoch and wrote its metrics, report
+    and bundle again."""
+    config = _config(synthetic_root, tmp_path, "train.epochs=6", "train.lr=1e-9", "train.early_stopping_patience=1",
+                     "train.keep_checkpoint=true")
+    first = run_experiment(config, show_progress=False)
+    assert first.fit.stopped_because.startswith("early stopping")
+    report = (first.run_dir / "report.html").read_bytes()
+    with pytest.raises(ValueError, match=r"is finished \(early stopping: no improvement for 1 epochs\)"):
+        run_experiment(config, run_dir=first.run_dir, resume=True, show_progress=False)
+    assert (first.run_dir / "report.html").read_bytes() == report
+
+
 def test_a_failed_run_leaves_no_run_directory(synthetic_root: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     with pytest.raises(DatasetError):

@@ -99,11 +99,6 @@ class EpochLoop(ABC):
             stale = progress.get("stale", 0)
             start_epoch, elapsed_before = progress["epoch"] + 1, progress["elapsed"]
             check_resume_epochs(progress["epoch"], self.epochs)
-            if progress["epoch"] >= self.epochs and (self.checkpoint_path.parent / "bundle" / BUNDLE_FILE).is_file():
-                # a run kept with its checkpoint: resuming retrained nothing and wrote its report and metrics again
-                raise ValueError(f"cannot resume: {self.checkpoint_path.parent} finished its {self.epochs} epochs "
-                                 f"and wrote its bundle; resume with train.epochs={self.epochs + 1} or more to train "
-                                 f"on, or start a new run")
             steps_before = progress.get("steps", self.scheduler.last_epoch if self.scheduler is not None else 0)
             self.resumed(progress)
         # The steps really taken (an epoch cut short by the budget may be partial).
@@ -117,11 +112,13 @@ class EpochLoop(ABC):
             # a run that had stopped early and was cut after its loop (evaluation, the bundle): it stays stopped
             start_epoch = self.epochs + 1
             stopped_because = f"early stopping: no improvement for {stale} epochs"
+        trained = False
         for epoch in range(start_epoch, self.epochs + 1):
             reason = self.stop_before(epoch, last_epoch_s)
             if reason:
                 stopped_because = reason
                 break
+            trained = True
             epoch_start = self.clock.elapsed_s
             row, cut_short = self.train_epoch(epoch)
             row = {"epoch": epoch, **row}
@@ -152,6 +149,12 @@ class EpochLoop(ABC):
             if self.clock.out_of_time:
                 stopped_because = f"time budget of {self.max_minutes} min reached"
                 break
+        if resume and not trained and (self.checkpoint_path.parent / "bundle" / BUNDLE_FILE).is_file():
+            # a finished run kept with its checkpoint (all its epochs, stopped early, out of time): going on
+            # trained nothing and wrote its metrics, report and bundle again
+            raise ValueError(f"cannot resume: {self.checkpoint_path.parent} is finished ({stopped_because}) and its "
+                             f"bundle is written, so it would train nothing; raise train.epochs (now {self.epochs}) "
+                             f"or train.max_minutes to train on, or start a new run")
         if best_state:
             self.model.load_state_dict(best_state)
         return LoopResult(history, best_epoch, best_row, self.clock.elapsed_s, stopped_because, best_state)
