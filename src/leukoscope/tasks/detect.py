@@ -179,8 +179,9 @@ def check_same_split(saved: dict[str, list[str]], now: dict[str, list[str]]) -> 
     gone = len(part_of) - sum(1 for paths in now.values() for path in paths if path in part_of)
     if moved or added or gone:
         raise ConfigError(f"the data changed since this run started ({moved} image(s) now in another part, {added} "
-                          f"new, {gone} gone): resuming would test on images it trained on; restore the data or "
-                          f"start a new run")
+                          f"new, {gone} gone), or the split rule did (since 2026-12-07 a field's near copies go to one "
+                          f"part, and images without annotations or with a box of an unknown class are left out): "
+                          f"resuming would test on images it trained on; restore the data or start a new run")
 
 
 def recorded_test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
