@@ -182,7 +182,8 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     a time with ``threads`` CPUs each. ``part_size``: fields per Parquet part (what an interruption can
     cost at most). ``stop_after_parts``: stop once that many parts are written (tests: an interruption).
     ``run_warnings``: about the run as a whole (a stated scale the fields' red cells contradict), on every field
-    and the summary, as the local engine puts them; part of the archive's identity.
+    and the summary, as the local engine puts them. Not part of the archive's identity: their words hold counts
+    of the sampled fields, which fields added to a resumed run change (the stated scale itself is in it).
     """
     require_ray()
     import ray
@@ -202,8 +203,6 @@ def analyze_archive(spec: AnalyzerSpec, paths: Sequence[str | Path], out_dir: st
     # The thresholds in effect, not only those asked for: a bundle's own, edited between two runs, changes calls.
     identity["uncertain_threshold"] = analyzer.classifier.threshold if analyzer.classifier is not None else None
     identity["detector_threshold"] = getattr(analyzer.detector, "score_threshold", None)
-    if run_warnings:  # (only when there are: an archive made before they were recorded stays resumable)
-        identity["run_warnings"] = list(run_warnings)
     backend = str(portable.options.get("backend", "torch"))
     parts.claim({"detector": portable.detector, "classifier": portable.classifier, "options": identity,
                  "models": {role: model_identity(bundle, backend) for role, bundle in
