@@ -770,6 +770,9 @@ def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(syntheti
     said = " ".join(scored.output.split())
     assert "left out 3 image(s) of class(es) the bundle was trained without" in said and "monocyte (3)" in said
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 6
+    (new / "monocyte").rename(new / "blsat")  # a typo of a class it knows is refused, not left out
+    typo = invoke("evaluate", "--bundle", bundle, "--data", new, "--out", tmp_path / "ev2")
+    assert typo.exit_code != 0 and "blsat" in typo.output and not (tmp_path / "ev2" / "metrics.json").exists()
 
 
 def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synthetic_root: Path,

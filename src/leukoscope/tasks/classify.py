@@ -258,8 +258,10 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
                     + ", ".join(f"{old} -> {new} ({n})" for (old, new), n in sorted(renamed.items())))
     if classes is not None:
         # the classes training left out (not a label the model could know under another name)
-        dropped = Counter(s.label for s in samples if s.label is not None and s.label not in classes
-                          and s.label not in info.classes)
+        # (a near spelling of a class, "blsat" or "Blast ", is a typo to refuse, not a class left out)
+        known = [*classes, *info.classes]
+        dropped = Counter(s.label for s in samples if s.label is not None and s.label not in known
+                          and not _near_spelling(s.label, known))
         if dropped:
             samples = [s for s in samples if s.label not in dropped]
             said.append(f"left out {sum(dropped.values())} image(s) of class(es) the bundle was trained without "
@@ -269,6 +271,15 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
                 raise DatasetError(f"no image of {data} is of a class the bundle was trained on "
                                    f"(its data.classes: {', '.join(classes)})")
     return Manifest(samples, list(manifest.classes), manifest.root), said
+
+
+def _near_spelling(label: str, names: list[str]) -> bool:
+    """Whether ``label`` is another spelling of one of ``names`` (case, spaces, a slip of a letter or two)."""
+    import difflib
+
+    folded = [name.strip().casefold() for name in names]
+    return label.strip().casefold() in folded or bool(difflib.get_close_matches(label.strip().casefold(), folded,
+                                                                                   n=1, cutoff=0.75))
 
 
 def evaluate_bundle(
