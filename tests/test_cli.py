@@ -753,6 +753,19 @@ def test_evaluate_labels_the_data_as_the_bundle_was_trained(mapped_bundle: Path,
     assert unknown.exit_code == 2 and "['eosinophil'] that the model does not know" in unknown.output
 
 
+def test_calibrate_ood_labels_the_data_as_the_bundle_was_trained(mapped_bundle: Path, synthetic_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """calibrate-ood of a bundle trained with data.class_map failed on its own data and split: 'labels the model
+    does not know', as evaluate had."""
+    import shutil
+
+    bundle = Path(shutil.copytree(mapped_bundle, tmp_path / "bundle"))
+    fitted = invoke("calibrate-ood", "--bundle", bundle, "--data", synthetic_root, "--quiet")
+    assert fitted.exit_code == 0, fitted.output
+    assert "labels mapped by the bundle's data.class_map" in " ".join(fitted.output.split())
+    assert json.loads((bundle / "bundle.json").read_text())["ood"] is not None
+
+
 def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(synthetic_root: Path,
                                                                         tmp_path: Path) -> None:
     result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet",

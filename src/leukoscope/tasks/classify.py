@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
-from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
                                          inherit_training_digests, read_training_digests, write_training_digests)
@@ -35,6 +35,7 @@ from leukoscope.engine.run_dir import CONFIG_FILE, RunResult, absolute_paths, fi
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
+from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
@@ -228,58 +229,6 @@ def _split_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int]
     overlap = {part: sum(1 for s in samples if Path(s.path).resolve() in paths)
                for part, samples in split.assignments.items() if part != "test"}
     return {part: n for part, n in overlap.items() if n}, None
-
-
-def trained_labels(info: BundleInfo) -> tuple[dict[str, str], list[str] | None]:
-    """The ``data.class_map`` and ``data.classes`` the bundle's run was trained with (its provenance config);
-    empty / None when it records none (or a hand-edited record is not a mapping / a list of names)."""
-    config = info.provenance.get("config")
-    data = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(data, dict):
-        return {}, None
-    class_map, classes = data.get("class_map"), data.get("classes")
-    class_map = ({str(k): str(v) for k, v in class_map.items()} if isinstance(class_map, dict) else {})
-    classes = [str(c) for c in classes] if isinstance(classes, list) and classes else None
-    return class_map, classes
-
-
-def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) -> tuple[Manifest, list[str]]:
-    """``manifest`` labelled as the bundle's training run labelled its data: its recorded ``data.class_map``
-    applied and the images of classes its ``data.classes`` left out left out; and what was done, in words.
-    A label neither maps to nor is among the model's classes stays, for :meth:`Manifest.with_classes` to refuse."""
-    class_map, classes = trained_labels(info)
-    said: list[str] = []
-    renamed = Counter((s.label, class_map[s.label]) for s in manifest if s.label in class_map
-                      and class_map[s.label] != s.label)
-    samples = [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None, s.subject)
-               for s in manifest]
-    if renamed:
-        said.append("labels mapped by the bundle's data.class_map: "
-                    + ", ".join(f"{old} -> {new} ({n})" for (old, new), n in sorted(renamed.items())))
-    if classes is not None:
-        # the classes training left out (not a label the model could know under another name)
-        # (a near spelling of a class, "blsat" or "Blast ", is a typo to refuse, not a class left out)
-        known = [*classes, *info.classes]
-        dropped = Counter(s.label for s in samples if s.label is not None and s.label not in known
-                          and not _near_spelling(s.label, known))
-        if dropped:
-            samples = [s for s in samples if s.label not in dropped]
-            said.append(f"left out {sum(dropped.values())} image(s) of class(es) the bundle was trained without "
-                        f"(its data.classes: {', '.join(classes)}): "
-                        + ", ".join(f"{label} ({n})" for label, n in sorted(dropped.items())))
-            if not samples:
-                raise DatasetError(f"no image of {data} is of a class the bundle was trained on "
-                                   f"(its data.classes: {', '.join(classes)})")
-    return Manifest(samples, list(manifest.classes), manifest.root), said
-
-
-def _near_spelling(label: str, names: list[str]) -> bool:
-    """Whether ``label`` is another spelling of one of ``names`` (case, spaces, a slip of a letter or two)."""
-    import difflib
-
-    folded = [name.strip().casefold() for name in names]
-    return label.strip().casefold() in folded or bool(difflib.get_close_matches(label.strip().casefold(), folded,
-                                                                                   n=1, cutoff=0.75))
 
 
 def evaluate_bundle(

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from rich.markup import escape
 
 from leukoscope.bundle import load_bundle, read_bundle_info, save_ood
 from leukoscope.data.manifest import DatasetError, Manifest
@@ -25,6 +26,7 @@ from leukoscope.evaluation.ood import DEFAULT_METHOD, DEFAULT_QUANTILE, OodStats
 from leukoscope.models.embedding import EmbeddingError, default_stages
 from leukoscope.preprocessing import batched_outputs, framework_of
 from leukoscope.progress import counter_callback, progress_bar, say
+from leukoscope.tasks.trained_labels import labels_as_trained
 
 if TYPE_CHECKING:
     from leukoscope.engine.data_prep import PreparedData
@@ -137,7 +139,10 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     ``need_val``: what needs a validation part (said in the error raised, before any fresh split, when
     the split has none)."""
     info = read_bundle_info(bundle, task="classify")
-    manifest = read_dataset(data, require_labels=True, check_files=True).with_classes(info.classes)
+    manifest, relabelled = labels_as_trained(read_dataset(data, require_labels=True, check_files=True), info, data)
+    for line in relabelled:  # a bundle trained with a class_map knows no label of its own data as written
+        say(f"note: {escape(line)}")
+    manifest = manifest.with_classes(info.classes)
     path = Path(split_file) if split_file is not None else info.split_file
     if split_file is not None and not path.is_file():
         raise DatasetError(f"{path}: split file does not exist")
@@ -148,7 +153,8 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
             if name not in split.assignments:
                 return Manifest([], list(info.classes))
             found = split.manifest(name)
-            return found.filter([s.path.resolve() in wanted for s in found]).with_classes(info.classes)
+            found = found.filter([s.path.resolve() in wanted for s in found])
+            return labels_as_trained(found, info, path)[0].with_classes(info.classes)
 
         train = part("train")
         has_val = bool(split.assignments.get("val"))
