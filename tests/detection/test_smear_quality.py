@@ -99,6 +99,13 @@ def test_the_flag_is_false_only_for_a_count_that_could_have_raised_it() -> None:
     assert Differential.from_labels(["lymphocyte"] * 12, BLAST_OR_LYMPHOCYTE, ["blast"]).acute_leukemia_flag is None
     rules = CountRules(tuple(BLAST_OR_LYMPHOCYTE), ("blast",))
     assert rules.not_analysed("cannot be read").acute_leukemia_flag is None
+    # a count that cannot say no: its 95% interval reaches 20% (15 of 100), or its uncertain cells would
+    reaching = Differential.from_labels(["blast"] * 15 + ["lymphocyte"] * 85, BLAST_OR_LYMPHOCYTE, ["blast"])
+    assert reaching.blast_ci95[1] >= 20 and reaching.acute_leukemia_flag is None
+    unsure = Differential.from_labels(["blast"] * 10 + ["lymphocyte"] * 75 + ["uncertain"] * 15, BLAST_OR_LYMPHOCYTE,
+                                      ["blast"])
+    assert unsure.blast_ci95[1] < 20 and unsure.acute_leukemia_flag is None
+    assert any("If the 15 uncertain cell(s) were blasts" in flag for flag in unsure.flags)
 
 
 def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:

@@ -48,10 +48,11 @@ class Differential:
     warnings: list[str] = field(default_factory=list)
     """Why the count itself may be wrong; while there is one, there is no leukemia flag."""
     acute_leukemia_flag: bool | None = False
-    """True only when the flags say "consistent with acute leukemia"; False only for a count that could have
-    raised it (a blast class, at least ``min_cells`` white cells, no warning) and did not; None otherwise (not
-    assessable: no blast class (:data:`NO_BLAST_CLASS_WORDING`), too few cells, or a warning stands), so that a
-    program reading the JSON does not take a count it could not judge for "no leukemia"."""
+    """True only when the flags say "consistent with acute leukemia"; False only for a count that rules it out
+    (:meth:`rules_out`: a blast class, at least ``min_cells`` white cells, no warning, and neither the 95% interval
+    nor the uncertain cells reach the threshold); None otherwise (not assessable: no blast class
+    (:data:`NO_BLAST_CLASS_WORDING`), too few cells, a warning, or a count that cannot say no), so that a program
+    reading the JSON does not take a count it could not judge for "no leukemia"."""
     flags: list[str] = field(default_factory=list)
     not_white: list[str] = field(default_factory=list)
     """Classes counted but not white cells (:func:`leukoscope.labels.not_white_classes_in`): platelets and
@@ -96,9 +97,18 @@ class Differential:
         differential = cls(total, counts, per_100, list(blast_classes or []), blasts, percentage, interval,
                            uncertain, worst, int(min_cells), list(dict.fromkeys(warnings)), not_white=not_white)
         differential.flags = differential._flags(blast_flag_percent, uncertain_flag_share)
-        if not differential.acute_leukemia_flag and not differential.assessable:
+        if not differential.acute_leukemia_flag and not differential.rules_out(blast_flag_percent):
             differential.acute_leukemia_flag = None  # not assessable, rather than "no"
         return differential
+
+    def rules_out(self, threshold: float) -> bool:
+        """Whether this count says "no" to blasts >= ``threshold`` percent: :attr:`assessable`, and neither its
+        95% interval nor its uncertain cells (were they blasts) reach the threshold (the flags then say "count
+        more cells" or "review them": a "no" would claim more than the count)."""
+        if not self.assessable or self.blast_ci95 is None:
+            return False
+        worst = self.blast_percentage_if_uncertain_are_blasts
+        return self.blast_ci95[1] < threshold and (worst is None or worst < threshold)
 
     @property
     def assessable(self) -> bool:
