@@ -1388,7 +1388,8 @@ def _without_cut_cells(paths: list[Path], inputs: list[Path], *, slides: bool) -
               f"(field-<name>-cell-<n>.png, case-<id>-cell-<n>.png): analyze takes smear fields; single cells go to "
               f"`leukoscope predict` (or name them on the command line to analyse them as fields)")
     console.print(f"[yellow]note:[/yellow] {len(cut)} image(s) named as cells that `analyze --cells` or the web "
-                  f"service cut ({name_some(sorted(p.name for p in cut))}) left out: they are cells, not fields",
+                  f"service cut ({escape(name_some(sorted(p.name for p in cut)))}) left out: they are cells, not "
+                  f"fields",
                   soft_wrap=True)
     left = set(cut)
     return [p for p in paths if p not in left]

@@ -293,7 +293,8 @@ def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, cla
 
 def test_a_field_saved_twice_is_counted_once(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The same field under two names (a.JPG, b.jpeg) was analysed twice and pooled twice, without a word."""
+    """The same field under two names (b.png a copy of a.png) was analysed twice and pooled twice, without a
+    word."""
     import shutil
 
     from leukoscope.cli import app
@@ -329,6 +330,7 @@ def test_a_runs_summary_names_the_models_behind_it(smear_root: Path, detector_bu
         assert made_by[role]["bundle"] == str(bundle.resolve())
         assert made_by[role]["weights_sha256"] == weights_digest(bundle)
     assert "temperature" in made_by["classifier"]
+    assert made_by["detector"]["backend"] == made_by["classifier"]["backend"] == "torch"  # what ran (auto: torch)
     assert CliRunner().invoke(app, ["--version"]).output.strip() == f"leukoscope {__version__}"
 
 

@@ -142,16 +142,22 @@ class FieldDetections:
 
 def _bundle_record(model: Any, backend: str) -> dict[str, Any] | None:
     """What a run's outputs record of a model given as a bundle (None: passed in already loaded): where it is
-    (``pretrained:NAME`` for a shipped one) and what its results depend on
-    (:func:`leukoscope.bundle.model_identity`: the weights' digest, options, temperature, flag)."""
+    (``pretrained:NAME`` for a shipped one), what ran it (``backend``: the one it was loaded on, not the one
+    asked for) and what its results depend on (:func:`leukoscope.bundle.model_identity`: the weights' digest,
+    options, temperature, flag; a classical model's pipeline file digest in place of the weights')."""
     if not isinstance(model, (str, Path)):
         return None
-    from leukoscope.bundle import model_identity
+    import hashlib
+
+    from leukoscope.bundle import SKLEARN_FILE, model_identity
     from leukoscope.pretrained import is_pretrained_spec, resolve_bundle, shipped_spec
 
     folder = resolve_bundle(model)
     where = str(model) if is_pretrained_spec(model) else shipped_spec(folder) or str(folder.resolve())
-    return {"bundle": where, **model_identity(folder, backend)}
+    record = {"bundle": where, "backend": backend, **model_identity(folder, backend)}
+    if record.get("weights_sha256") is None and (folder / SKLEARN_FILE).is_file():
+        record["model_sha256"] = hashlib.sha256((folder / SKLEARN_FILE).read_bytes()).hexdigest()
+    return record
 
 
 class SmearAnalyzer:
@@ -220,8 +226,7 @@ class SmearAnalyzer:
         for name, value in (("detector threshold", detector_threshold), ("uncertain threshold", uncertain_threshold)):
             if value is not None and not 0.0 <= value <= 1.0:  # before any model loads
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        self.provenance = {"leukoscope": __version__, "detector": _bundle_record(detector, backend),
-                           "classifier": _bundle_record(classifier, backend)}
+        given = {"detector": detector, "classifier": classifier}  # recorded once loaded, with what runs them
         if isinstance(detector, (str, Path)):
             detector = CellDetector.from_bundle(detector, device, backend=backend, threads=threads)
         if isinstance(classifier, (str, Path)):
@@ -230,6 +235,9 @@ class SmearAnalyzer:
             classifier = CellClassifier.from_bundle(classifier, device, backend=backend, threads=threads)
         self.detector = detector
         self.classifier = classifier
+        self.provenance = {"leukoscope": __version__,
+                           **{role: _bundle_record(given[role], getattr(model, "backend", "torch"))
+                              for role, model in (("detector", detector), ("classifier", classifier))}}
         if detector_threshold is not None:
             detector.score_threshold = float(detector_threshold)
         if classifier is not None and uncertain_threshold is not None:
