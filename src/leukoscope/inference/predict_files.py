@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.markup import escape
 
@@ -60,21 +60,15 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
     """``paths`` less the files byte-identical to one before them (said in a warning): the same field saved
-    under two names was counted twice in a pooled differential. Only files of equal size and equal ends are read
-    whole (uncompressed fields of one camera are all of one size)."""
-    groups: dict[tuple, list[Path]] = {}
-    for path in paths:
-        try:
-            groups.setdefault((path.stat().st_size, _ends(path)), []).append(path)
-        except OSError:  # unreadable: reported with the other failures
-            continue
+    under two names was counted twice in a pooled differential. Files are compared by size, then (same size) by
+    their ends, then (same ends) whole: uncompressed fields of one camera are all of one size."""
     copies: dict[Path, Path] = {}
-    for alike in (group for group in groups.values() if len(group) > 1):
+    for alike in _alike(_alike([list(paths)], _size), _ends):
         first: dict[str, Path] = {}
         for path in alike:
             try:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            except OSError:
+            except OSError:  # unreadable: reported with the other failures
                 continue
             original = first.setdefault(digest, path)
             if original != path:
@@ -83,6 +77,25 @@ def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
         log.warning("%d file(s) are byte-identical copies of others and are used once: %s", len(copies),
                     name_some([f"{copy.name} (= {original.name})" for copy, original in copies.items()]))
     return [path for path in paths if path not in copies]
+
+
+def _alike(groups: list[list[Path]], key: Callable[[Path], Any]) -> list[list[Path]]:
+    """The groups of two or more files of ``groups`` that ``key`` (a path's size, its ends) does not tell apart;
+    a file ``key`` cannot read is left out (reported with the other failures)."""
+    found: list[list[Path]] = []
+    for group in groups:
+        by_key: dict[Any, list[Path]] = {}
+        for path in group:
+            try:
+                by_key.setdefault(key(path), []).append(path)
+            except OSError:
+                continue
+        found += [same for same in by_key.values() if len(same) > 1]
+    return found
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
 
 
 def _ends(path: Path, size: int = 1 << 16) -> str:
