@@ -766,6 +766,28 @@ def test_calibrate_ood_labels_the_data_as_the_bundle_was_trained(mapped_bundle: 
     assert json.loads((bundle / "bundle.json").read_text())["ood"] is not None
 
 
+def test_a_shared_split_file_works_on_a_copy_of_the_data(synthetic_root: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The README says to share a split file: on a colleague's copy of the data, train said '... new image(s),
+    ... no longer in it: delete it' and evaluate 'no image ... is in the test part'."""
+    import shutil
+
+    made = invoke("split", "--data", synthetic_root, "--out", tmp_path / "s.json")
+    assert made.exit_code == 0, made.output
+    copy = Path(shutil.copytree(synthetic_root, tmp_path / "copy"))
+    trained = invoke("train", "--data", copy, "--split-file", tmp_path / "s.json", "--model", "naive_bayes",
+                     "--quiet", f"output_root={tmp_path / 'runs'}", "model.image_size=32",
+                     "features.families=[histogram]")
+    assert trained.exit_code == 0, trained.output
+    assert f"its images are read under {copy.resolve()}" in caplog.text
+    bundle = Path(trained.stdout.strip().splitlines()[-1])
+    scored = invoke("evaluate", "--bundle", bundle, "--data", copy, "--split-file", tmp_path / "s.json",
+                    "--out", tmp_path / "ev")
+    assert scored.exit_code == 0, scored.output
+    test_part = json.loads((tmp_path / "s.json").read_text())["splits"]["test"]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == len(test_part)
+
+
 def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(synthetic_root: Path,
                                                                         tmp_path: Path) -> None:
     result = invoke("train", "--data", synthetic_root, "--model", "naive_bayes", "--quiet",

@@ -301,6 +301,27 @@ def test_load_missing_image(leaky: Manifest, tmp_path: Path) -> None:
     assert gone.name in str(info.value)
 
 
+def test_a_split_is_read_from_a_copy_of_its_data_elsewhere(leaky: Manifest, leaky_root: Path,
+                                                            tmp_path: Path) -> None:
+    """A split file shared with a colleague named the images where they were made: on another copy of the data
+    every image was 'missing' (or 'no longer in it'), and deleting the file, as advised, made another split."""
+    import shutil
+
+    split = make_split(leaky, seed=0)
+    path = split.save(tmp_path / "s.json")
+    copy = Path(shutil.copytree(leaky_root, tmp_path / "colleague"))
+    shutil.rmtree(leaky_root)  # the original is gone: only the copy is there
+    with pytest.raises(DatasetError, match="missing"):
+        Split.load(path)  # without the data's folder nothing can be moved
+    there = Split.load(path, data_root=copy)
+    assert {name: [s.path.relative_to(copy) for s in samples] for name, samples in there.assignments.items()} == \
+        {name: [s.path.relative_to(leaky_root) for s in samples] for name, samples in split.assignments.items()}
+    split_matching(there, read_class_folders(copy))  # the copy's images are exactly the split's
+    (copy / split.assignments["test"][0].path.relative_to(leaky_root)).unlink()
+    with pytest.raises(DatasetError, match="missing"):  # an image missing from the copy too: refused as before
+        Split.load(path, data_root=copy)
+
+
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         Split.load(tmp_path / "nope.json")

@@ -75,7 +75,11 @@ class Split:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Split":
+    def load(cls, path: str | Path, data_root: str | Path | None = None) -> "Split":
+        """The split saved at ``path``. ``data_root``: where its data are now; a split made elsewhere (a
+        colleague's copy of the data, a moved folder) names its images under the data folder it was made from
+        (``info["root"]``), and is read with those paths moved to ``data_root`` when they are all there (the
+        original may still exist: the data given are those of ``data_root``)."""
         path = Path(path)
         try:
             payload = json.loads(path.read_text())
@@ -102,11 +106,40 @@ class Split:
         info["groups"] = groups
         split = cls(assignments, classes, info)
         missing = [s.path for samples in assignments.values() for s in samples if not s.path.exists()]
+        elsewhere = data_root is not None and isinstance(info.get("root"), str) and \
+            Path(info["root"]) != Path(data_root).resolve()
+        if elsewhere:
+            moved = _moved(assignments, info.get("root"), Path(data_root))
+            if moved is not None:
+                log.warning("%s: its images are read under %s (it was made from the data in %s)", path,
+                            Path(data_root).resolve(), info["root"])
+                split = cls(moved, classes,
+                            {**info, "made_under": info["root"], "root": str(Path(data_root).resolve())})
+                missing = []
         if missing:
             raise DatasetError(
                 f"{path}: {len(missing)} image(s) named in the split are missing, e.g. {missing[0]}"
             )
         return split
+
+
+def _moved(assignments: dict[str, list[Sample]], root: object, data_root: Path) -> dict[str, list[Sample]] | None:
+    """``assignments`` with every path under ``root`` (where the split was made) moved under ``data_root``; None
+    when the split records no root, a path lies outside it, or a moved path does not exist."""
+    if not isinstance(root, str):
+        return None
+    old, new = Path(root), data_root.resolve()
+    moved: dict[str, list[Sample]] = {}
+    for name, samples in assignments.items():
+        moved[name] = []
+        for sample in samples:
+            if not sample.path.is_relative_to(old):
+                return None
+            there = new / sample.path.relative_to(old)
+            if not there.exists():
+                return None
+            moved[name].append(Sample(there, sample.label, sample.subject))
+    return moved
 
 
 def leakage_groups(
@@ -221,6 +254,8 @@ def make_split(
         {
             "ratios": list(ratios),
             "seed": seed,
+            # where its paths lie: a copy of the data elsewhere reads the split there (Split.load's data_root)
+            "root": str(Path(manifest.root).resolve()) if manifest.root is not None else None,
             "grouped_by_subject": manifest.has_subjects,
             "near_duplicates": near_duplicates,
             "phash_max_distance": max_distance if near_duplicates else None,

@@ -122,7 +122,7 @@ def _warn_of_other_settings(data: DataConfig, split: Split, split_file: Path) ->
 def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True) -> Split:
     """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
     if split_file.exists():
-        split = Split.load(split_file)
+        split = Split.load(split_file, data_root=manifest.root)
         try:
             split_matching(split, manifest)
         except DatasetError as exc:  # the file to delete, by name: training made it, the user never named it

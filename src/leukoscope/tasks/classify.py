@@ -222,7 +222,7 @@ def _split_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int]
     if not split_file.is_file():
         return {}, f"the bundle's training split {split_file} is gone: the data may include its training images"
     try:
-        split = Split.load(split_file)
+        split = Split.load(split_file, data_root=manifest.root)  # a copy of its training data moved elsewhere too
     except DatasetError as exc:
         return {}, f"the bundle's training split cannot be read ({exc}): the data may include its training images"
     paths = {s.path.resolve() for s in manifest}
@@ -271,7 +271,7 @@ def evaluate_bundle(
     runtime = load_runtime(directory, info, backend, device, threads)
     manifest = read_dataset(data, require_labels=True, check_files=True)
     if split_file is not None:
-        part = Split.load(split_file).manifest(subset)
+        part = Split.load(split_file, data_root=manifest.root).manifest(subset)
         wanted = {s.path.resolve() for s in part}
         manifest = manifest.filter([s.path.resolve() in wanted for s in manifest])
         if len(manifest) == 0:

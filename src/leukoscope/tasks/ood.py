@@ -147,7 +147,7 @@ def fit_parts(bundle: str | Path, data: str | Path, split_file: str | Path | Non
     if split_file is not None and not path.is_file():
         raise DatasetError(f"{path}: split file does not exist")
     if path is not None and path.is_file():
-        split = Split.load(path)
+        split = Split.load(path, data_root=manifest.root)
         wanted = {s.path.resolve() for s in manifest}
         def part(name: str) -> Manifest:
             if name not in split.assignments:
