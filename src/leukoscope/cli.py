@@ -1417,16 +1417,15 @@ def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = Fals
         return lent
     if len(paths) < RUN_SCALE_MIN_ESTIMATES:
         return None
-    scale = run_scale(paths)
-    note = scale.note.replace(" fields", " images") if single_cells else scale.note
+    unit = "images" if single_cells else "fields"
+    scale = run_scale(paths, unit=unit)
     if not scale.known:
-        console.print(f"scale: no run scale for {'images' if single_cells else 'fields'} without their own ({note})",
-                      soft_wrap=True)
+        console.print(f"scale: no run scale for {unit} without their own ({scale.note})", soft_wrap=True)
         return None
     one, done = ("an image", "framed") if single_cells else ("a field", "analysed")
     console.print(f"scale: {one} with too few isolated red cells of its own, or an estimate on "
                   f"{WEAK_ESTIMATE_RED_CELLS} or fewer more than {FIELD_RUN_MAX_RATIO:g} times off, is {done} at "
-                  f"{scale.um_per_px:.4f} um/px, the run's scale ({note})", soft_wrap=True)
+                  f"{scale.um_per_px:.4f} um/px, the run's scale ({scale.note})", soft_wrap=True)
     return scale.um_per_px
 
 

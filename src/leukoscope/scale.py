@@ -290,13 +290,13 @@ def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:
 
 
 def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
-              max_pixels: int | None = None) -> FieldScale:
+              max_pixels: int | None = None, unit: str = "fields") -> FieldScale:
     """The scale of a run of fields from one microscope (a folder): :func:`run_scale_of` the estimates of
     :func:`run_sample` of ``paths``. Smear analysis gives it to a field with too few isolated red cells of
     its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
     fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
     run's 84% (docs/benchmarks.md, "The run's scale"). Unreadable files are skipped here (the analysis
-    reports them)."""
+    reports them). ``unit``: what its note calls the files (``images``: single cells, in `predict`)."""
     from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
     def estimates() -> Iterator[FieldScale]:
@@ -307,7 +307,7 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
                 continue
             yield estimate_scale(image)
 
-    return run_scale_of(list(estimates()))
+    return run_scale_of(list(estimates()), unit=unit)
 
 
 def lent_run_scale(paths: Sequence[str | Path], um_per_px: float | None = None) -> float | None:
@@ -318,12 +318,12 @@ def lent_run_scale(paths: Sequence[str | Path], um_per_px: float | None = None) 
     return run_scale(list(paths)).um_per_px
 
 
-def run_scale_of(estimates: Sequence[FieldScale]) -> FieldScale:
+def run_scale_of(estimates: Sequence[FieldScale], *, unit: str = "fields") -> FieldScale:
     """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
     one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields, and two thirds of those with an
     estimate, within ``RUN_SCALE_MAX_SPREAD`` of their median; else 'unknown'. The web service gives it the
     estimates of a case's images (a sample, as :func:`run_sample`), found before it analyses them."""
-    return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD)
+    return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD, unit=unit)
 
 
 def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:
@@ -338,7 +338,8 @@ def source_scale(images: Iterable[Image.Image], *, min_fields: int = 3,
     return pooled_scale([estimate_scale(image) for image in images], min_fields=min_fields, max_spread=max_spread)
 
 
-def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_spread: float | None = None) -> FieldScale:
+def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_spread: float | None = None,
+                 unit: str = "fields") -> FieldScale:
     """The median of the fields' estimates (those of ``scales`` that are known), which is steadier than
     any single field's. ``max_spread``: only the estimates within this factor of that median count (a
     misread field or two must not decide, nor veto, a run's scale), and 'unknown' unless they are at
@@ -346,14 +347,14 @@ def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_sprea
     estimates = [scale for scale in scales if scale.known]
     fields = len(scales)
     if len(estimates) < min_fields:
-        return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} fields had a scale estimate")
+        return FieldScale(None, "unknown", 0, f"{len(estimates)} of {fields} {unit} had a scale estimate")
     values = np.array([s.um_per_px for s in estimates])
     agree = np.ones(len(values), dtype=bool)
     if max_spread is not None:
         agree = np.abs(np.log(values / np.median(values))) <= math.log(max_spread)
     kept = values[agree]
     if len(kept) < max(min_fields, math.ceil(2 * len(values) / 3)):
-        return FieldScale(None, "unknown", 0, f"the estimates of {len(estimates)} of {fields} fields disagree "
+        return FieldScale(None, "unknown", 0, f"the estimates of {len(estimates)} of {fields} {unit} disagree "
                           f"(only {len(kept)} within {max_spread:g} times their median, "
                           f"{values.min():.4f}-{values.max():.4f} um/px)")
     low, high = np.percentile(kept, [25, 75])
@@ -361,7 +362,7 @@ def pooled_scale(scales: Sequence[FieldScale], *, min_fields: int = 3, max_sprea
     outliers = f", {len(values) - len(kept)} estimate(s) far from the rest left out" if len(kept) < len(values) else ""
     return FieldScale(float(np.median(kept)), "estimated",
                       int(sum(s.red_cells for s, a in zip(estimates, agree) if a)),
-                      f"median of {len(kept)} of {fields} fields ({spread}{outliers})")
+                      f"median of {len(kept)} of {fields} {unit} ({spread}{outliers})")
 
 
 def disagrees_with_run(scale: FieldScale, run_um_per_px: float | None) -> bool:
