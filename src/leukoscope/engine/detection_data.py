@@ -114,8 +114,8 @@ def split_settings(exc: SplitRequired) -> str:
 def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) -> dict[str, list[int]]:
     """Indices of ``whole`` per part, dealt at random (``seed``) in groups of near-identical fields (re-encoded,
     resized or turned copies: :func:`leukoscope.data.duplicates.duplicate_groups`): a copy of a test field in
-    training had passed, and its test AP is what lets `analyze` raise a leukemia flag. Fields without copies
-    are dealt as a plain permutation would deal them."""
+    training had passed, and its test AP is what lets `analyze` raise a leukemia flag. A folder without copies
+    is dealt as a plain permutation of its fields dealt it before (one with copies is dealt anew)."""
     groups = duplicate_groups([image.image_path for image in whole])
     wanted = {"val": int(round(ratios[1] * len(whole))), "test": int(round(ratios[2] * len(whole)))}
     dealt: dict[str, list[int]] = {"train": [], "val": [], "test": []}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,12 +89,9 @@ def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str,
                  run_warnings: Sequence[str] = ()) -> SmearResult:
     """One field file, as the local engine does it: an unreadable file is a result with ``error``;
     ``run_warnings``: its run's, on the field as the local engine puts them."""
-    start = time.perf_counter()
     try:
-        image = load_image(path, max_pixels=analyzer.max_pixels)
-        result = analyzer.analyze_prepared(analyzer.prepare(image, run_warnings=run_warnings), source)
-        result.seconds = time.perf_counter() - start
-        return result
+        return analyzer.analyze(load_image(path, max_pixels=analyzer.max_pixels), source=source,
+                                run_warnings=run_warnings)
     except ImageDecodeError as exc:
         return analyzer.failed_result(source, str(exc))
 

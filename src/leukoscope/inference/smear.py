@@ -23,6 +23,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -235,9 +236,7 @@ class SmearAnalyzer:
             classifier = CellClassifier.from_bundle(classifier, device, backend=backend, threads=threads)
         self.detector = detector
         self.classifier = classifier
-        self.provenance = {"leukoscope": __version__,
-                           **{role: _bundle_record(given[role], getattr(model, "backend", "torch"))
-                              for role, model in (("detector", detector), ("classifier", classifier))}}
+        self._given = given
         if detector_threshold is not None:
             detector.score_threshold = float(detector_threshold)
         if classifier is not None and uncertain_threshold is not None:
@@ -288,6 +287,15 @@ class SmearAnalyzer:
     @property
     def cell_classes(self) -> list[str]:
         return list(self.rules.classes)
+
+    @cached_property
+    def provenance(self) -> dict[str, Any]:
+        """What made this analyzer's results, for a run's ``summary.json``: leukoscope's version and each model
+        given as a bundle as it runs (:func:`_bundle_record`; read when first asked: the weights are hashed)."""
+        loaded = {"detector": self.detector, "classifier": self.classifier}
+        records = {role: _bundle_record(self._given[role], getattr(model, "backend", "torch"))
+                   for role, model in loaded.items()}
+        return {"leukoscope": __version__, **records}
 
     @property
     def model_names(self) -> dict[str, str | None]:
@@ -424,16 +432,17 @@ class SmearAnalyzer:
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None, um_per_px: float | None = None,
-                run_um_per_px: float | None = None) -> SmearResult:
+                run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> SmearResult:
         """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
         see :meth:`field_scale`); else stated (``um_per_px``, or the analyzer's) or estimated from its red
-        cells, else the run's (``run_um_per_px``, or the analyzer's)."""
+        cells, else the run's (``run_um_per_px``, or the analyzer's). ``run_warnings``: its run's
+        (:meth:`prepare`)."""
         start = time.perf_counter()
         if not isinstance(image, Image.Image):
             source = source or str(image)
             image = load_image(image, max_pixels=self.max_pixels)
         result = self.analyze_prepared(self.prepare(image, scale=scale, um_per_px=um_per_px,
-                                                    run_um_per_px=run_um_per_px), source)
+                                                    run_um_per_px=run_um_per_px, run_warnings=run_warnings), source)
         result.seconds = time.perf_counter() - start
         return result
 
