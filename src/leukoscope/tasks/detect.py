@@ -200,8 +200,11 @@ def trained_class_names(info: BundleInfo) -> dict[str, Any]:
     aliases = {str(k): str(v) for k, v in (data.get("aliases") or {}).items()}
     ignore = [str(name) for name in data.get("ignore_classes") or []]
     # an alias to a class the detector does not have and that is not left out would be refused: not carried
-    kept = {k: v for k, v in aliases.items() if v in info.classes or v in ignore or v.casefold() in
-            {c.casefold() for c in BLOOD_CELL_CLASSES}}
+    # (the blood-cell classes are left out only beside one another: leukoscope.data.annotations.class_resolver)
+    blood = {c.casefold() for c in BLOOD_CELL_CLASSES}
+    blood_only = all(c.casefold() in blood for c in info.classes)
+    kept = {k: v for k, v in aliases.items()
+            if v in info.classes or v in ignore or (blood_only and v.casefold() in blood)}
     return {"aliases": kept, "ignore_classes": ignore}
 
 
