@@ -482,11 +482,13 @@ def evaluate(
                                 "(a bundle from `leukoscope export`); an exported int8 bundle is scored as int8 "
                                 "unless torch."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's)."),
-    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Classifier bundles: pixel size of the "
-                                              "images (micrometres); default: as predict, each image's own "
-                                              "scale, else the images' together."),
-    as_given: bool = typer.Option(False, "--as-given", help="Classifier bundles: score each image whole, as it is "
-                                  "(crops already cut at the classifier's window, e.g. a training set's)."),
+    um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the images (micrometres); "
+                                              "default: each image's own scale (its red cells), else the images' "
+                                              "together. Classifiers frame each cell at it, as predict; detectors "
+                                              "see each field brought to their training scale, as analyze."),
+    as_given: bool = typer.Option(False, "--as-given", help="Score each image as it is: a classifier's whole "
+                                  "(crops already cut at its window, e.g. a training set's), a detector's at its "
+                                  "own size."),
     class_map: bool = typer.Option(True, "--class-map/--no-class-map", help="Classifier bundles: label the data as "
                                    "the bundle's run did, by the data.class_map it recorded (and leave out the "
                                    "classes its data.classes left out); --no-class-map scores the labels as "
@@ -531,7 +533,7 @@ def evaluate(
     evaluate_bundle = task_named(info.task).function("evaluate")
     # Options of the other task would be silently ignored: refuse them.
     foreign = ({"--split-file": split_file, "--subset": subset, "--allow-training-data": allow_training_data,
-                "--um-per-px": um_per_px, "--as-given": as_given, "--no-class-map": not class_map}
+                "--no-class-map": not class_map}
                if info.task == "detect" else {"--split": split})
     given = [name for name, value in foreign.items() if value]
     if given:
@@ -547,8 +549,13 @@ def evaluate(
     if info.task == "detect":
         out = _evaluation_out(out, out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}", overwrite)
         _check_writable_folder(out, "--out")
+        if um_per_px is not None and as_given:
+            _fail("--um-per-px brings each field to the detector's scale; --as-given scores them as they are: "
+                  "give one")
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
-                       threads=threads)
+                       threads=threads, at_scale=not as_given, um_per_px=um_per_px)
+        if (metrics.get("scales") or {}).get("note"):
+            console.print(f"scale: {escape(metrics['scales']['note'])}", soft_wrap=True)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
                       f"on {metrics['n_images']} images")
         if metrics.get("training_overlap"):

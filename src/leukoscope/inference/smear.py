@@ -322,10 +322,10 @@ class SmearAnalyzer:
         return [((x0, y0, x1, y1), pixels[y0:y1, x0:x1])
                 for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
 
-    def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], np.ndarray]] | None = None
-               ) -> FieldDetections:
-        """Detections (score >= the detector's threshold) in image coordinates, merged across tiles,
-        and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
+    def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], np.ndarray]] | None = None,
+               *, threshold: float | None = None) -> FieldDetections:
+        """Detections (score >= the detector's threshold, or ``threshold``) in image coordinates, merged across
+        tiles, and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
         every box above the threshold was kept; at the cap some may have been dropped).
         ``tiles``: :meth:`detector_tiles` of ``image`` when already made (a folder run makes them ahead)."""
         width, height = image.size
@@ -334,7 +334,7 @@ class SmearAnalyzer:
         edge = 4.0
         capped = 0
         for (x0, y0, x1, y1), pixels in tiles:
-            result = self.detector.detect([pixels])[0]  # uint8: float only inside the detector, while it runs
+            result = self.detector.detect([pixels], threshold=threshold)[0]  # uint8: float only while it runs
             if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
                                                                             (x1 - x0) * (y1 - y0)):
                 capped += 1
@@ -446,19 +446,24 @@ class SmearAnalyzer:
         result.seconds = time.perf_counter() - start
         return result
 
+    def detect_field(self, field: PreparedField, *, threshold: float | None = None) -> FieldDetections:
+        """:meth:`detect` on the copy of the field the detector sees (at its training scale), the boxes brought
+        back to the field's own pixels: what `analyze` counts, and what `evaluate` scores a detector on."""
+        found = self.detect(field.detector_image, field.tiles, threshold=threshold)
+        if field.factor != 1.0:
+            size, d = field.detector_image.size, found.detections
+            # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
+            back = np.array([field.image.size[0] / size[0], field.image.size[1] / size[1]] * 2)
+            found.detections = DetectionResult(d.boxes * back, d.scores, d.labels, d.classes)
+        return found
+
     def analyze_prepared(self, field: PreparedField, source: str | None = None) -> SmearResult:
         """Detection, crops, classification and the differential of a field from :meth:`prepare`
         (its ``seconds`` include the preparation)."""
         start = time.perf_counter() - field.seconds
         source = source or "<image>"
         image, scale, working_um_per_px, factor = field.image, field.scale, field.working_um_per_px, field.factor
-        found = self.detect(field.detector_image, field.tiles)
-        if factor != 1.0:
-            size = field.detector_image.size
-            d = found.detections
-            # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
-            back = np.array([image.size[0] / size[0], image.size[1] / size[1]] * 2)
-            found.detections = DetectionResult(d.boxes * back, d.scores, d.labels, d.classes)
+        found = self.detect_field(field)
         detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
-from leukoscope.data.annotations import (BLOOD_CELL_CLASSES, DetectionDataset, SplitRequired, issues_note,
-                                         read_voc_dataset, unannotated_note)
+from leukoscope.data.annotations import (BLOOD_CELL_CLASSES, AnnotatedImage, DetectionDataset, SplitRequired,
+                                         issues_note, read_voc_dataset, unannotated_note)
 from leukoscope.data.manifest import DatasetError
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
@@ -36,7 +37,7 @@ from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
 from leukoscope.pretrained import resolve_bundle
-from leukoscope.progress import say
+from leukoscope.progress import progress_bar, say
 from leukoscope.scale import source_scale
 
 log = logging.getLogger(__name__)
@@ -230,16 +231,25 @@ def evaluate_detector_bundle(
     show_progress: bool = True,
     backend: str = "torch",
     threads: int | None = None,
+    at_scale: bool = True,
+    um_per_px: float | None = None,
 ) -> dict[str, Any]:
     """Score a detector bundle on a VOC folder (any layout; ``split`` picks one part); ``backend``:
-    what runs it (:meth:`CellDetector.from_bundle`)."""
+    what runs it (:meth:`CellDetector.from_bundle`). ``at_scale`` (a detector that records its training
+    scale): each field is scored as `analyze` detects in it, brought to that scale (``um_per_px``, else its
+    red cells' estimate, else the fields' together) and tiled, the boxes brought back; else as it is."""
     detector = CellDetector.from_bundle(bundle, device, score_threshold, backend=backend, threads=threads)
     classes = detector.classes
     dataset = read_scored_data(data, split, detector.info, on_error)
     images = list(dataset)
-    predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
     notes = [f"Detector {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" (split {split})" if split else "") + "."]
+    scales = None
+    if at_scale and getattr(detector.info, "um_per_px", None):
+        predictions, scales = predict_at_scale(detector, images, um_per_px, show_progress=show_progress)
+        notes.append(scales["note"])
+    else:
+        predictions = predict_images(detector, images, show_progress=show_progress, description="detecting")
     if dataset.unannotated:
         notes.append(unannotated_note(dataset.unannotated))
     if dataset.issues:
@@ -267,8 +277,40 @@ def evaluate_detector_bundle(
                "seconds_per_image": measure_seconds_per_image(detector, images[0]), "backend": detector.backend,
                "precision": precision, "training_overlap": learned,
                "annotation_issues": [i.as_dict() for i in dataset.issues],
-               "unannotated_images": [str(path) for path in dataset.unannotated]},
+               "unannotated_images": [str(path) for path in dataset.unannotated], "scales": scales},
     )
+
+
+def predict_at_scale(detector: CellDetector, images: Sequence[AnnotatedImage], um_per_px: float | None, *,
+                     show_progress: bool = False) -> tuple[list[Predicted], dict[str, Any]]:
+    """Every detection the model keeps in each field (for mAP), found as `analyze` finds them: the field
+    brought to the detector's training scale and tiled (:meth:`SmearAnalyzer.detect_field`), the boxes in
+    the field's own pixels; and how the fields were scaled. A lab's fields at another magnification had
+    been scored as they came (a 2x field: mAP@0.5 0.56) while `analyze` resampled them and counted right."""
+    from leukoscope.inference.smear import SmearAnalyzer
+    from leukoscope.scale import lent_run_scale
+
+    analyzer = SmearAnalyzer(detector, None, um_per_px=um_per_px)
+    run = lent_run_scale([image.image_path for image in images], um_per_px)
+    out: list[Predicted] = []
+    sources: Counter[str] = Counter()
+    factors: list[float] = []
+    with progress_bar(len(images), "detecting", enabled=show_progress) as update:
+        for image in images:
+            field = analyzer.prepare(load_image(image.image_path), run_um_per_px=run)
+            found = analyzer.detect_field(field, threshold=0.0).detections
+            out.append(Predicted(found.boxes, found.scores, found.labels))
+            sources[field.scale.source] += 1
+            factors.append(field.factor)
+            update(advance=1)
+    resampled = sum(factor != 1.0 for factor in factors)
+    note = (f"Fields scored as `analyze` detects in them, at the detector's training scale "
+            f"({detector.info.um_per_px:.4f} um/px): {resampled} of {len(images)} resampled (factors "
+            f"{min(factors):.2f}-{max(factors):.2f}); scales {dict(sorted(sources.items()))}"
+            + (f", the fields' own {run:.4f} um/px lent to those without one" if run is not None else "")
+            + (" (`--as-given`: the fields as they are)." if resampled else "."))
+    return out, {"trained_um_per_px": detector.info.um_per_px, "sources": dict(sources), "resampled": resampled,
+                 "factor_range": [min(factors), max(factors)], "run_um_per_px": run, "note": note}
 
 
 # --------------------------------------------------------------------------- export parity
