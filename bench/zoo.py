@@ -596,7 +596,9 @@ def record_shipped_detector_scores(detector: Path, data: Path) -> dict[str, Any]
     from leukoscope.tasks.detect import evaluate_detector_bundle, recorded_test_scores
 
     with tempfile.TemporaryDirectory() as out:
-        measured = evaluate_detector_bundle(detector, data / "cbc", out, split="Testing", show_progress=False)
+        # as training scores its test part (fields as they are): what the bundle records and the gate reads
+        measured = evaluate_detector_bundle(detector, data / "cbc", out, split="Testing", show_progress=False,
+                                            at_scale=False)
     info = record_metrics(detector, recorded_test_scores(measured))
     return {**info.metrics, "per_class": measured["per_class"]}
 

@@ -772,9 +772,11 @@ def test_a_shared_split_file_works_on_a_copy_of_the_data(synthetic_root: Path, t
     ... no longer in it: delete it' and evaluate 'no image ... is in the test part'."""
     import shutil
 
-    made = invoke("split", "--data", synthetic_root, "--out", tmp_path / "s.json")
+    mine = Path(shutil.copytree(synthetic_root, tmp_path / "mine"))
+    made = invoke("split", "--data", mine, "--out", tmp_path / "s.json")
     assert made.exit_code == 0, made.output
-    copy = Path(shutil.copytree(synthetic_root, tmp_path / "copy"))
+    copy = Path(shutil.copytree(mine, tmp_path / "copy"))
+    shutil.rmtree(mine)  # only the colleague's copy is there (the run read the split again after training)
     trained = invoke("train", "--data", copy, "--split-file", tmp_path / "s.json", "--model", "naive_bayes",
                      "--quiet", f"output_root={tmp_path / 'runs'}", "model.image_size=32",
                      "features.families=[histogram]")
@@ -808,6 +810,9 @@ def test_evaluate_leaves_out_the_classes_the_bundle_was_trained_without(syntheti
     (new / "monocyte").rename(new / "blsat")  # a typo of a class it knows is refused, not left out
     typo = invoke("evaluate", "--bundle", bundle, "--data", new, "--out", tmp_path / "ev2")
     assert typo.exit_code != 0 and "blsat" in typo.output and not (tmp_path / "ev2" / "metrics.json").exists()
+    (new / "blsat").rename(new / "promonocyte")  # a name of its own that contains a class's: left out, not a typo
+    other = invoke("evaluate", "--bundle", bundle, "--data", new, "--out", tmp_path / "ev3")
+    assert other.exit_code == 0 and "promonocyte (3)" in " ".join(other.output.split()), other.output
 
 
 def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synthetic_root: Path,

@@ -513,7 +513,8 @@ def evaluate(
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
     if um_per_px is not None and as_given:
-        _fail("--um-per-px frames each image at that scale; --as-given takes the images as they are: give one")
+        _fail("--um-per-px gives the images' scale (a classifier frames each cell at it, a detector sees each field "
+              "brought from it to its own); --as-given takes the images as they are: give one")
     if um_per_px is not None:
         from leukoscope.scale import checked_um_per_px
 
@@ -549,9 +550,9 @@ def evaluate(
     if info.task == "detect":
         out = _evaluation_out(out, out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}", overwrite)
         _check_writable_folder(out, "--out")
-        if um_per_px is not None and as_given:
-            _fail("--um-per-px brings each field to the detector's scale; --as-given scores them as they are: "
-                  "give one")
+        if um_per_px is not None and not getattr(info, "um_per_px", None):
+            console.print("[yellow]warning:[/yellow] --um-per-px ignored: this detector records no training scale "
+                          "to bring the fields to; they are scored as they are", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
                        threads=threads, at_scale=not as_given, um_per_px=um_per_px)
         if (metrics.get("scales") or {}).get("note"):

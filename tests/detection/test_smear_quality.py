@@ -106,6 +106,9 @@ def test_the_flag_is_false_only_for_a_count_that_could_have_raised_it() -> None:
                                       ["blast"])
     assert unsure.blast_ci95[1] < 20 and unsure.acute_leukemia_flag is None
     assert any("If the 15 uncertain cell(s) were blasts" in flag for flag in unsure.flags)
+    none_of_few = Differential.from_labels(["lymphocyte"] * 12, BLAST_OR_LYMPHOCYTE, ["blast"], min_cells=10)
+    assert none_of_few.acute_leukemia_flag is None  # 0 of 12: its interval reaches 24%, and says so
+    assert any("No blast among 12 white cells counted, but the 95% interval" in flag for flag in none_of_few.flags)
 
 
 def test_a_field_of_erythroblasts_is_not_reported_as_blasts() -> None:

@@ -149,6 +149,8 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
     # another site's images: no validation part of the bundle's own to refit its temperature on
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(synthetic_root, elsewhere)
+    # (a whole copy would be the training data moved, which a split reads where it is now: one image less)
+    next(elsewhere.rglob("*.png")).unlink()
     result = runner.invoke(app, ["calibrate-ood", "--bundle", str(bundle), "--data", str(elsewhere), "--quiet",
                                  "--views", "8"])
     assert result.exit_code != 0 and "validation part of the split the bundle was trained with" in " ".join(

@@ -287,13 +287,20 @@ class ClassResolver:
 def class_resolver(classes: Sequence[str] | None, aliases: dict[str, str] | None = None,
                    ignore_classes: Sequence[str] = ()) -> ClassResolver:
     """The resolver of detection annotations: the classes read, their aliases, and as classes left out on
-    purpose ``ignore_classes`` and, when the classes read are blood-cell classes themselves (reading WBC only
-    leaves RBC and Platelets out), the other blood-cell classes. Classes of other names (``Leukocyte``,
-    ``Platelet``) leave none out by default: a ``WBC`` or ``Platelets`` box may then be a misspelling of one,
-    whose cell would be learned as background."""
+    purpose ``ignore_classes``, the red cells and platelets (never white cells: a detector of white-cell types
+    beside CBC's boxes, ``[WBC, Blast]``, leaves them out) and ``WBC`` when every class read is a blood-cell
+    class (reading RBC alone). A ``WBC`` box beside classes of other names (``Leukocyte``, ``Lymphocyte``) may
+    mark one of their cells, which would be learned as background: it is a problem, unless ignored."""
+    return ClassResolver(classes, aliases, [*left_out_blood_classes(classes), *ignore_classes])
+
+
+def left_out_blood_classes(classes: Sequence[str] | None) -> list[str]:
+    """The blood-cell classes a reader of ``classes`` leaves out on purpose (:func:`class_resolver`)."""
+    if classes is None:
+        return []
     blood = {name.casefold() for name in BLOOD_CELL_CLASSES}
-    cbc_names = classes is not None and all(name.casefold() in blood for name in classes)
-    return ClassResolver(classes, aliases, [*(BLOOD_CELL_CLASSES if cbc_names else ()), *ignore_classes])
+    only_blood = all(name.casefold() in blood for name in classes)
+    return [name for name in BLOOD_CELL_CLASSES if name != "WBC" or only_blood]
 
 
 # --------------------------------------------------------------------------- XML with line numbers
@@ -388,9 +395,9 @@ def parse_voc_xml(
 
     ``classes`` restricts and canonicalises the object names (None: accept any);
     a box of another class is left out without a word when that class is one of
-    ``ignore_classes`` or, with ``classes`` among them, of :data:`BLOOD_CELL_CLASSES` (classes of
-    the data left out on purpose: :func:`class_resolver`), and is a problem otherwise (an unknown or misspelt class: its box may
-    mark a cell of a class read, so the image counts it in ``dropped``);
+    ``ignore_classes`` or a blood-cell class the reader leaves out (:func:`left_out_blood_classes`;
+    classes of the data left out on purpose: :func:`class_resolver`), and is a problem otherwise (an
+    unknown or misspelt class: its box may mark a cell of a class read, so the image counts it in ``dropped``);
     ``image_dir`` is where the image is looked up by ``<filename>`` (default: the
     XML's folder, then a sibling ``JPEGImages`` / ``Images`` folder);
     ``image_size`` (width, height) overrides a missing ``<size>``.
@@ -636,8 +643,8 @@ def read_voc_dataset(
     several splits, an image that appears in more than one (same file name and
     same bytes, as CBC's Validation images all also sit in Training) is kept once.
     ``classes`` fixes the class order; default: every name found, sorted. A box of a
-    class outside ``classes`` is left out when the class is one of ``ignore_classes`` or, with
-    ``classes`` among them, of :data:`BLOOD_CELL_CLASSES`; any other name is a problem that
+    class outside ``classes`` is left out when the class is one of ``ignore_classes`` or a blood-cell
+    class :func:`left_out_blood_classes` leaves out; any other name is a problem that
     leaves its image out (see :func:`parse_voc_xml`).
     """
     layout = detect_layout(root)

@@ -76,8 +76,9 @@ class EpochLoop(ABC):
         """The line printed (and logged) after the epoch."""
 
     def stop_before(self, epoch: int, last_epoch_s: float) -> str | None:
-        """A reason not to start ``epoch`` (default: none)."""
-        return None
+        """A reason not to start ``epoch`` (default: the time budget spent: a resumed run out of time trained a
+        batch more before its first check)."""
+        return f"time budget of {self.max_minutes} min reached" if self.clock.out_of_time else None
 
     def resumed(self, progress: dict[str, Any]) -> None:
         """Say where a resumed run continues."""
@@ -152,9 +153,11 @@ class EpochLoop(ABC):
         if resume and not trained and (self.checkpoint_path.parent / "bundle" / BUNDLE_FILE).is_file():
             # a finished run kept with its checkpoint (all its epochs, stopped early, out of time): going on
             # trained nothing and wrote its metrics, report and bundle again
+            # (a run stopped early stays stopped: its patience is not among what a resume may change)
+            way = ("start a new run" if stopped_because.startswith("early stopping") else
+                   f"raise train.epochs (now {self.epochs}) or train.max_minutes to train on, or start a new run")
             raise ValueError(f"cannot resume: {self.checkpoint_path.parent} is finished ({stopped_because}) and its "
-                             f"bundle is written, so it would train nothing; raise train.epochs (now {self.epochs}) "
-                             f"or train.max_minutes to train on, or start a new run")
+                             f"bundle is written, so it would train nothing; {way}")
         if best_state:
             self.model.load_state_dict(best_state)
         return LoopResult(history, best_epoch, best_row, self.clock.elapsed_s, stopped_because, best_state)

@@ -150,6 +150,9 @@ class Differential:
                     if high >= threshold:
                         flags.append(f"The 95% interval of the blast percentage reaches {threshold:g}%: "
                                      f"count more cells.")
+                elif high >= threshold:  # no blast among few cells (a min_cells set low) rules nothing out
+                    flags.append(f"No blast among {counted}, but the 95% interval of the blast percentage "
+                                 f"({low:.1f}-{high:.1f}%) reaches {threshold:g}%: count more cells.")
                 worst = self.blast_percentage_if_uncertain_are_blasts
                 if self.blast_percentage < threshold and worst is not None and worst >= threshold:
                     flags.append(f"If the {self.uncertain} uncertain cell(s) were blasts the blast percentage "

@@ -325,7 +325,7 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and (stated is not None or state.analyzer.borrows_case_scale(kind)):
             scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels)
                       for upload in run_sample(uploads)]
-            run = run_scale_of(scales)
+            run = run_scale_of(scales, unit="images" if kind == "cell" else "fields")
         lent = run.um_per_px if run is not None and run.known and stated is None else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
         prepared = [await prepare_upload(state, kind, upload, lent, stated) for upload in uploads]

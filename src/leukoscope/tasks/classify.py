@@ -138,7 +138,7 @@ def run_experiment(
             ),
             ood_arrays=ood_arrays,
         )
-        learned = Split.load(prepared.split_file).assignments
+        learned = prepared.split.assignments  # as read for this run (a shared split file is moved to the data)
         write_training_digests(bundle_dir, {part: [s.path for s in learned.get(part, [])] for part in LEARNED_PARTS})
         if config.model.init:  # what the starting bundle learned from is this one's training data too
             inherit_training_digests(bundle_dir, resolve_bundle(config.model.init))

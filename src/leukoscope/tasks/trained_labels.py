@@ -4,7 +4,6 @@ bundle learned them (a bundle trained with Early/Pre/Pro mapped to Malignant kno
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter
 from pathlib import Path
 
@@ -56,7 +55,26 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
 
 
 def _near_spelling(label: str, names: list[str]) -> bool:
-    """Whether ``label`` is another spelling of one of ``names`` (case, spaces, a slip of a letter or two)."""
-    folded = [name.strip().casefold() for name in names]
-    return label.strip().casefold() in folded or bool(difflib.get_close_matches(label.strip().casefold(), folded,
-                                                                                   n=1, cutoff=0.75))
+    """Whether ``label`` is another spelling of one of ``names``: the same but for case and spaces, or a slip of
+    one letter (two in names of eight letters or more: ``blsat``, ``neutrophl``). Real names that contain a class's
+    (``band neutrophil``, ``promonocyte``) are not slips: they are classes of their own."""
+    written = " ".join(label.split()).casefold()
+    for name in names:
+        known = " ".join(name.split()).casefold()
+        if written == known or _edits(written, known) <= (2 if len(known) >= 8 else 1):
+            return True
+    return False
+
+
+def _edits(a: str, b: str) -> int:
+    """Letters to insert, delete, change or swap with a neighbour to turn ``a`` into ``b`` (optimal string
+    alignment distance)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3  # more than any slip allowed
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
