@@ -36,6 +36,7 @@ from xml.sax.saxutils import escape
 from leukoscope.data.manifest import DatasetError
 from leukoscope.io import EXIF_ORIENTATION, IMAGE_SUFFIXES
 from leukoscope.labels import case_clashes
+from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,8 @@ class AnnotationIssue:
 
 def unannotated_note(images: Sequence[Path], shown: int = 10) -> str:
     """A report's line naming the images left out because no annotation file names them."""
-    names = ", ".join(Path(p).name for p in images[:shown]) + (f" and {len(images) - shown} more"
-                                                                if len(images) > shown else "")
     return (f"{len(images)} image(s) without an annotation file left out (not scored or trained on as fields "
-            f"without cells): {names}.")
+            f"without cells): {name_some([Path(p).name for p in images], shown)}.")
 
 
 def issues_note(issues: Sequence[AnnotationIssue], shown: int = 5) -> str:
@@ -716,7 +715,7 @@ def read_voc_dataset(
         issues.append(AnnotationIssue(str(path), None, message))
     if unannotated:
         log.warning("%s: %d image(s) without an annotation file left out: %s", root, len(unannotated),
-                    ", ".join(p.name for p in unannotated[:10]) + (" ..." if len(unannotated) > 10 else ""))
+                    name_some([p.name for p in unannotated]))
     # an image several files name (a stale <filename>): which file is right cannot be told, so none is used
     claimed = {image: files for image, files in annotated_by.items() if len(files) > 1}
     if claimed:
@@ -759,8 +758,7 @@ def _spelt_in(images: Sequence[AnnotatedImage], clashes: Sequence[Sequence[str]]
     for names in clashes:
         for name in sorted(names, key=lambda n: (len(files.get(n, [])), n)):
             named = files.get(name, [])
-            listed = ", ".join(named[:shown]) + (f" and {len(named) - shown} more" if len(named) > shown else "")
-            parts.append(f"{name!r} in {len(named)} file(s): {listed}")
+            parts.append(f"{name!r} in {len(named)} file(s): {name_some(named, shown)}")
     return "; ".join(parts)
 
 

@@ -118,10 +118,13 @@ def _deal_fields(whole: DetectionDataset, ratios: Sequence[float], seed: int) ->
     is dealt as a plain permutation of its fields dealt it before (one with copies is dealt anew)."""
     groups = duplicate_groups([image.image_path for image in whole])
     wanted = {"val": int(round(ratios[1] * len(whole))), "test": int(round(ratios[2] * len(whole)))}
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups.tolist()):
+        members.setdefault(group, []).append(index)
     dealt: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for group in np.random.default_rng(seed).permutation(np.unique(groups)):
+    for group in np.random.default_rng(seed).permutation(np.unique(groups)).tolist():
         part = next((name for name in ("val", "test") if len(dealt[name]) < wanted[name]), "train")
-        dealt[part] += np.flatnonzero(groups == group).tolist()
+        dealt[part] += members[group]
     return dealt
 
 
