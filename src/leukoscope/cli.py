@@ -53,6 +53,12 @@ app = typer.Typer(
 )
 
 
+#: Exit codes of commands that read many images: 0 every input was used; 1 some could not be read or
+#: analysed (the others' results are written, the failures named in them); 2 nothing was done (bad input,
+#: a usage error, or no input usable). A batch script can tell a clean run from a partial one.
+EXIT_SOME_FAILED = 1
+
+
 def _fail(message: str) -> None:
     # escape: messages quote lists ("[sgd, adam]", "['blast']") that rich would take for markup
     console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
@@ -685,8 +691,8 @@ def predict(
     red cells give; an image with neither is classified whole, and the output says so
     (um_per_px and scale_source columns). --as-given skips this.
 
-    Exits with 2 when no image could be predicted; unreadable images are named
-    (and get a row with their error in the output file).
+    Exits with 2 when no image could be predicted, 1 when some could not (they are named, and
+    get a row with their error in the output file), 0 when every image was predicted.
     """
     from leukoscope.inference.predict_files import collect_images
 
@@ -751,6 +757,8 @@ def predict(
     if len(failed) == len(predictions):
         _fail(f"no image could be predicted; see the error column of {out}")
     print(out)
+    if failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 #: The package's own folder of shipped models (``pretrained_root()`` unless LEUKOSCOPE_PRETRAINED_DIR moves it).
@@ -1130,7 +1138,9 @@ def segment(
     segmented: bool = typer.Option(False, "--segmented", help="Also save the segmented image (cells on white)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures."""
+    """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures.
+
+    Exits with 1 when some images could not be read (their error in masks.csv), 2 when none could."""
     _check_writable_folder(out, "--out")
     from leukoscope.inference.segment_files import segment_files
 
@@ -1141,6 +1151,8 @@ def segment(
     console.print(f"{len(rows)} images: {len(rows) - failed - empty} segmented, {empty} with nothing stained found, "
                   f"{failed} unreadable")
     print(out / "masks.csv")
+    if failed:  # named in masks.csv's error column
+        raise typer.Exit(2 if failed == len(rows) else EXIT_SOME_FAILED)
 
 
 @app.command()
@@ -1312,6 +1324,9 @@ def analyze(
 
     Without model flags it uses the models shipped in the package (`leukoscope models
     --pretrained`); with only --detector, the shipped classifier when installed.
+
+    Exits with 0 when every input was analysed, 1 when some could not be (named on the console and
+    in summary.csv; the others' results are written), 2 when none could.
     """
     _check_engine(engine, address, actors, retry_failed)
     if cells is not None:
@@ -1528,6 +1543,8 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
         print(out)
         if not analysed:
             raise typer.Exit(2)  # nothing analysed: a script must see it
+        if analysed < len(slides):
+            raise typer.Exit(EXIT_SOME_FAILED)
         return
     if run_um_per_px is not None:  # an option only when there is one: an archive's options stay as they were
         analyzer.run_um_per_px = run_um_per_px
@@ -1568,8 +1585,10 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     if failed:
         console.print(f"[red]{len(failed)} image(s) could not be read[/red] (see summary.csv)")
     print(out)
-    if failed and len(failed) == len(summary.results):
+    if failed and len(failed) == len(summary.results) and not analysed:
         raise typer.Exit(2)  # nothing analysed: as predict, a script must see it
+    if failed or analysed < len(slides):
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _analysed_line(images: int, failed: int, pooled) -> str:
