@@ -52,9 +52,12 @@ def main() -> None:
     models = None if args.models == "all" else args.models.split(",")
     result = run_compare(config, models=models, show_progress=False)
     print(markdown_table(result.rows))
-    print(f"\nchosen by {result.chosen_by}: {result.rows[result.best_index].label}")
+    if result.best is None:  # no validation part: nothing chosen
+        print(f"\n{result.chosen_by}")
+    else:
+        print(f"\nchosen by {result.chosen_by}: {result.rows[result.best_index].label}")
     print(f"outputs: {result.compare_dir}")
-    print(result.best.bundle_dir)
+    print(result.compare_dir if result.best is None else result.best.bundle_dir)
 
 
 if __name__ == "__main__":

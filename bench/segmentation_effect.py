@@ -132,7 +132,7 @@ def main() -> None:
         print(f"| {label} | {item['median_heat_in_mask']:.3f}, {item['mean_heat_in_mask']:.3f} | "
               f"{item['mean_mask_area']:.3f} | {item['images_with_mask']}/{item['images']} |")
     print(f"\noutputs: {directory} (gradcam.png, gradcam.json)")
-    print(result.best.bundle_dir)
+    print(directory if result.best is None else result.best.bundle_dir)  # no validation part: nothing chosen
 
 
 if __name__ == "__main__":

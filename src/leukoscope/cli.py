@@ -1165,14 +1165,19 @@ def compare(
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train several models (CNN and classical) on one split; one table, one figure, one page."""
+    """Train several models (CNN and classical) on one split; one table, one figure, one page.
+
+    The last line printed is the bundle of the row with the best validation accuracy. Test scores never
+    choose: without a validation part in the split every row is still scored, no row is chosen, and the
+    last line is the comparison's folder.
+    """
     cfg = _load_config(config, overrides or [], data, None, split_file)
     from leukoscope.tasks.compare import run_compare
 
     names = [m for m in models.split(",") if m.strip()] if models else None
     result = _run(run_compare, cfg, models=names, show_progress=not quiet)
     console.print(f"table: {result.compare_dir / 'compare.md'}; page: {result.compare_dir / 'compare.html'}")
-    print(result.best.bundle_dir)
+    print(result.compare_dir if result.best is None else result.best.bundle_dir)  # no row chosen: its folder
 
 
 @app.command("train-detector")

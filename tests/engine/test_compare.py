@@ -76,6 +76,26 @@ def test_cli_compare_prints_the_best_bundle_last(synthetic_root: Path, tmp_path:
     assert folder.name.startswith("compare-") and "resnet18" not in str(Path(last).relative_to(tmp_path))
 
 
+def test_without_a_validation_part_every_row_is_scored_and_none_chosen(synthetic_root: Path, tmp_path: Path):
+    """Without a validation part the "best" row was chosen by its test score (said to be "optimistic"): tuning to
+    the test set, which `leukoscope search` refuses. The rows are still scored; none is chosen, and it says why."""
+    result = CliRunner().invoke(app, ["compare", "--data", str(synthetic_root), "--models", "naive_bayes,decision_tree",
+                                      "--quiet", f"output_root={tmp_path}", "data.ratios=[0.8,0.2]", *FAST])
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.glob("compare-*")
+    rows = list(csv.DictReader((folder / "compare.csv").open()))
+    assert [row["label"] for row in rows] == ["naive_bayes", "decision_tree"] and all(row["accuracy"] for row in rows)
+    assert not any(row["chosen"] == "True" for row in rows)
+    info = json.loads((folder / "compare.json").read_text())
+    assert info["chosen"] is None and "no validation part" in info["chosen_by"]
+    said = " ".join(result.output.split())
+    assert "no row is chosen: the split has no validation part" in said and "data.ratios=[0.8,0.1,0.1]" in said
+    table = (folder / "compare.md").read_text()
+    assert "No row is chosen: the split has no validation part" in table and "chosen by" not in table
+    last = [line for line in result.stdout.splitlines() if line.strip()][-1]
+    assert Path(last) == folder  # the comparison's folder, not a bundle picked by its test score
+
+
 def test_models_option_picks_configured_rows_by_label():
     config = load_config(overrides=["data.path=x"])
     config.compare = CompareConfig(models=[

@@ -24,9 +24,10 @@ A row may carry settings of its own::
 
 Overrides may change ``model.*``, ``train.*``, ``features.*``, ``predict.*``
 and ``data.segmentation`` (pre-processing), never the data or the split. The
-"best" row is chosen on **validation** accuracy (then validation macro F1);
-only without a validation split does it fall back to test accuracy, and the
-outputs say so.
+"best" row is chosen on **validation** accuracy (then validation macro F1),
+never on test scores, as ``leukoscope search`` chooses: without a validation
+part every row's scores are still reported, but no row is chosen, and the
+outputs say why.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any, Sequence
 
 import torch
 from pydantic import BaseModel, ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from leukoscope.models.classic import CLASSIC_MODELS
@@ -113,12 +115,13 @@ class CompareResult:
     compare_dir: Path
     rows: list[CompareRow]
     runs: list[RunResult]
-    best_index: int
+    best_index: int | None
+    """The chosen row; None without a validation part (``chosen_by`` then says why no row is chosen)."""
     chosen_by: str
 
     @property
-    def best(self) -> RunResult:
-        return self.runs[self.best_index]
+    def best(self) -> RunResult | None:
+        return None if self.best_index is None else self.runs[self.best_index]
 
 
 # ----------------------------------------------------------------- planning
@@ -228,14 +231,27 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
     )
 
 
-def _choose(rows: list[CompareRow]) -> tuple[int, str]:
-    if all(row.val_accuracy is not None for row in rows):
-        def key(i: int) -> tuple[float, float, float]:  # ties: the lower validation loss, as training's epochs
-            loss = rows[i].val_loss
-            return rows[i].val_accuracy, rows[i].val_macro_f1 or 0.0, -loss if loss is not None else -float("inf")
-        return max(range(len(rows)), key=key), "validation accuracy (then validation macro F1, then loss)"
-    key = lambda i: (rows[i].accuracy, rows[i].f1 or 0.0)  # noqa: E731
-    return max(range(len(rows)), key=key), "test accuracy: there is no validation split, so this choice is optimistic"
+#: Why no row is chosen when the split has no validation part (the comparison's outputs and the CLI say it).
+NO_VALIDATION = ("no row is chosen: the split has no validation part, and a choice by test scores would tune to "
+                 "the test set (every row's test scores are still reported); give the split a validation part "
+                 "(e.g. data.ratios=[0.8,0.1,0.1], or `leukoscope split --ratios 0.8,0.1,0.1`) to have the best "
+                 "row chosen on it")
+
+
+def _choose(rows: list[CompareRow]) -> tuple[int | None, str]:
+    """The best row on validation and the words of the rule; (None, why) when a row has no validation score:
+    test scores never choose (a choice by them is tuning to the test set; `leukoscope search` refuses too)."""
+    unscored = [row.label for row in rows if row.val_accuracy is None]
+    if len(unscored) == len(rows):
+        return None, NO_VALIDATION
+    if unscored:  # a validation part, but a row without its score: the rows cannot be ranked on it
+        return None, (f"no row is chosen: {', '.join(unscored)} recorded no validation score, and a choice by "
+                      f"test scores would tune to the test set (every row's test scores are still reported)")
+
+    def key(i: int) -> tuple[float, float, float]:  # ties: the lower validation loss, as training's epochs
+        loss = rows[i].val_loss
+        return rows[i].val_accuracy, rows[i].val_macro_f1 or 0.0, -loss if loss is not None else -float("inf")
+    return max(range(len(rows)), key=key), "validation accuracy (then validation macro F1, then loss)"
 
 
 def run_compare(
@@ -291,7 +307,8 @@ def run_compare(
     if len(split_files) != 1:  # cannot happen with the allowed overrides; guards future changes
         raise RuntimeError(f"compare used more than one split: {sorted(split_files)}")
     best_index, chosen_by = _choose(rows)
-    rows[best_index].chosen = True
+    if best_index is not None:
+        rows[best_index].chosen = True
     first = next(iter(prepared.values()))
     info = {
         "name": base,
@@ -299,7 +316,7 @@ def run_compare(
         "classes": first.classes,
         "split_file": next(iter(split_files)),
         "split_sizes": first.split.sizes(),
-        "chosen": rows[best_index].label,
+        "chosen": None if best_index is None else rows[best_index].label,
         "chosen_by": chosen_by,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
@@ -340,6 +357,8 @@ def markdown_table(rows: list[CompareRow]) -> str:
 
 
 def _footnotes(info: dict[str, Any]) -> list[str]:
+    why = info["chosen_by"]
+    choice = f"* = chosen by {why}." if info["chosen"] is not None else f"{why[:1].upper()}{why[1:]}."
     return [
         f"Data: {info['dataset']}; classes {info['classes']}; one split for every row: {info['split_file']} "
         f"{info['split_sizes']}.",
@@ -348,7 +367,7 @@ def _footnotes(info: dict[str, Any]) -> list[str]:
         "train min: CNN = its epochs; classical = feature extraction of the training images + fitting. "
         "inference img/s: CNN = forward pass on batches of 32 decoded images; classical = features + "
         "pipeline from decoded images (decoding excluded for both). Parameters: n/a for classical models.",
-        f"* = chosen by {info['chosen_by']}. (N ep) = epochs trained.",
+        f"{choice} (N ep) = epochs trained.",
     ]
 
 
@@ -457,10 +476,13 @@ _SHORT = {"precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1
 
 
 def print_table(rows: list[CompareRow], chosen_by: str) -> None:
-    table = Table(title=f"comparison (* chosen by {chosen_by}; macro averages)")
+    chosen = any(row.chosen for row in rows)
+    table = Table(title=f"comparison ({f'* chosen by {chosen_by}' if chosen else 'no row chosen'}; macro averages)")
     for key, title in COLUMNS:
         # fold, never cut with "...": a narrow terminal wraps a cell instead of hiding digits
         table.add_column(_SHORT.get(key, title), justify="left" if key == "label" else "right", overflow="fold")
     for row in rows:
         table.add_row(*[_label(row) if key == "label" else _fmt(key, getattr(row, key)) for key, _ in COLUMNS])
     console.print(table)
+    if not chosen:
+        console.print(f"[yellow]note:[/yellow] {escape(chosen_by)}", soft_wrap=True)
