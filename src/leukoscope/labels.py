@@ -89,3 +89,29 @@ def is_folder_name(label: str) -> bool:
     not empty, no surrounding spaces or dots, none of :data:`NOT_IN_FOLDER_NAMES`, no control characters."""
     return bool(label) and label == label.strip() and not label.startswith(".") and not label.endswith(".") \
         and not any(c in NOT_IN_FOLDER_NAMES or ord(c) < 32 for c in label)
+
+
+def resembled_name(label: str, names: Iterable[str]) -> str | None:
+    """The name of ``names`` that ``label`` is another spelling of: the same but for case and spaces, or a slip of
+    one letter (two in names of eight letters or more: ``blsat``, ``neutrophl``); None when it is none's. Real names
+    that contain a class's (``band neutrophil``, ``promonocyte``) are not slips: they are classes of their own."""
+    written = " ".join(label.split()).casefold()
+    for name in names:
+        known = " ".join(name.split()).casefold()
+        if written == known or _edits(written, known) <= (2 if len(known) >= 8 else 1):
+            return name
+    return None
+
+
+def _edits(a: str, b: str) -> int:
+    """Letters to insert, delete, change or swap with a neighbour to turn ``a`` into ``b`` (optimal string
+    alignment distance)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3  # more than any slip allowed
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]

@@ -95,6 +95,20 @@ def test_with_classes_unknown_label_names_it() -> None:
     assert "model classes: ['a', 'b']" in str(info.value)
 
 
+def test_with_classes_names_the_class_a_misspelt_label_resembles() -> None:
+    """A label a letter or two off a model class was refused without naming the class it resembles."""
+    manifest = make(["lymphocyt", "Blast ", "neutrophl", "promonocyte", "eosinophil"])
+    with pytest.raises(DatasetError) as info:
+        manifest.with_classes(["blast", "lymphocyte", "monocyte", "neutrophil"])
+    said = str(info.value)
+    assert "'lymphocyt' looks like a misspelling of the model's class 'lymphocyte'" in said
+    assert "'Blast ' looks like a misspelling of the model's class 'blast'" in said
+    assert "'neutrophl' looks like a misspelling of the model's class 'neutrophil'" in said
+    # names of their own, not slips: refused as unknown, with no class suggested
+    assert "'promonocyte' looks like" not in said and "'eosinophil' looks like" not in said
+    assert "['Blast ', 'eosinophil', 'lymphocyt', 'neutrophl', 'promonocyte']" in said
+
+
 def test_subset_and_filter_keep_classes_and_root(tmp_path: Path) -> None:
     manifest = Manifest([Sample("x.png", "a"), Sample("y.png", "b"), Sample("z.png", "a")], ["a", "b"], tmp_path)
     sub = manifest.subset([2, 0])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from leukoscope.labels import resembled_name
+
 
 class DatasetError(ValueError):
     """A dataset cannot be used as given (empty, one class, missing labels...)."""
@@ -89,9 +91,13 @@ class Manifest:
         """The same samples indexed by another class order (e.g. a model's)."""
         unknown = sorted({s.label for s in self.samples if s.label is not None and s.label not in classes})
         if unknown:
+            # a slip of a letter or two names the class it resembles: the fix is a rename, not another model
+            slips = [(label, resembled_name(label, classes)) for label in unknown]
+            hints = "".join(f"; {label!r} looks like a misspelling of the model's class {name!r}"
+                            for label, name in slips if name is not None)
             raise DatasetError(
                 f"the data has labels {unknown} that the model does not know "
-                f"(model classes: {list(classes)})"
+                f"(model classes: {list(classes)}){hints}"
             )
         return Manifest(list(self.samples), list(classes), self.root)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from leukoscope.bundle import BundleInfo
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.labels import resembled_name
 
 
 def trained_labels(info: BundleInfo) -> tuple[dict[str, str], list[str] | None]:
@@ -42,7 +43,7 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
         # (a near spelling of a class, "blsat" or "Blast ", is a typo to refuse, not a class left out)
         known = [*classes, *info.classes]
         dropped = Counter(s.label for s in samples if s.label is not None and s.label not in known
-                          and not _near_spelling(s.label, known))
+                          and resembled_name(s.label, known) is None)
         if dropped:
             samples = [s for s in samples if s.label not in dropped]
             said.append(f"left out {sum(dropped.values())} image(s) of class(es) the bundle was trained without "
@@ -52,29 +53,3 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
                 raise DatasetError(f"no image of {data} is of a class the bundle was trained on "
                                    f"(its data.classes: {', '.join(classes)})")
     return Manifest(samples, list(manifest.classes), manifest.root), said
-
-
-def _near_spelling(label: str, names: list[str]) -> bool:
-    """Whether ``label`` is another spelling of one of ``names``: the same but for case and spaces, or a slip of
-    one letter (two in names of eight letters or more: ``blsat``, ``neutrophl``). Real names that contain a class's
-    (``band neutrophil``, ``promonocyte``) are not slips: they are classes of their own."""
-    written = " ".join(label.split()).casefold()
-    for name in names:
-        known = " ".join(name.split()).casefold()
-        if written == known or _edits(written, known) <= (2 if len(known) >= 8 else 1):
-            return True
-    return False
-
-
-def _edits(a: str, b: str) -> int:
-    """Letters to insert, delete, change or swap with a neighbour to turn ``a`` into ``b`` (optimal string
-    alignment distance)."""
-    if abs(len(a) - len(b)) > 2:
-        return 3  # more than any slip allowed
-    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
