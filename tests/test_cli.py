@@ -843,6 +843,11 @@ def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synt
                       "--out", first, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert json.loads((first / "metrics.json").read_text())["n"] == 96
+    # --overwrite without --out: refused (it went to a new eval-<data>-3, the option silently ignored)
+    ignored = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data",
+                     "--overwrite")
+    assert ignored.exit_code == 2 and "give --out FOLDER" in " ".join(ignored.output.split())
+    assert not (mapped_bundle.parent / f"eval-{synthetic_root.name}-3").exists()
 
 
 def test_split_train_and_evaluate_refuse_a_manifest_naming_missing_files(mapped_bundle: Path, synthetic_root: Path,

@@ -474,7 +474,8 @@ def evaluate(
                                        "or eval-<data>-2, -3... when it holds an earlier evaluation; for "
                                        "pretrained:NAME ./eval-NAME-<data>); refused when it holds an evaluation "
                                        "already, unless --overwrite."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the evaluation an existing --out holds."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the evaluation an existing --out holds "
+                                   "(with --out only: the default folder is never replaced)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
     subset: Optional[str] = typer.Option(None, help="Which part of --split-file to score (default: test)."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
@@ -512,6 +513,10 @@ def evaluate(
     """
     from leukoscope.data.readers import check_dataset_path
 
+    if overwrite and out is None:  # the default folder goes to eval-<data>-2, -3...: there is nothing to replace
+        _fail("--overwrite replaces the evaluation an --out folder holds; without --out each evaluation goes to a "
+              "new folder (eval-<data>, then eval-<data>-2, ...) and none is replaced: give --out FOLDER to "
+              "replace the evaluation it holds")
     if backend not in BACKENDS:
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if on_corrupt not in ("skip", "fail"):
