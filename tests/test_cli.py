@@ -90,8 +90,16 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     assert not any(r["label"] == "uncertain" for r in csv.DictReader(low.open()))
     broken = [r for r in rows if r["error"]]
     assert len(broken) == 1 and "broken.jpg" in broken[0]["error"]
+    # an unreadable image has no answer: its row said label "error", confidence 0.0, uncertain False
+    assert all(broken[0][key] == "" for key in broken[0] if key not in ("source", "error")), broken[0]
     assert "1 failed" in result.output and "could not read 1 of" in result.output
     assert str(tmp_path / "broken.jpg") in result.output  # named on the terminal, not only in the CSV
+    as_json = tmp_path / "preds.json"
+    assert invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.jpg", synthetic_root / "blast",
+                  "--out", as_json).exit_code == 0
+    unread = json.loads(as_json.read_text())[0]
+    assert unread["error"] and [unread[key] for key in ("label", "top_class", "confidence", "uncertain")] == [None] * 4
+    assert not any(key.startswith("p_") for key in unread)
 
 
 def test_predict_warns_of_images_too_small_to_show_a_cell(trained_bundle: Path, tmp_path: Path) -> None:

@@ -697,7 +697,8 @@ def predict(
     (um_per_px and scale_source columns). --as-given skips this.
 
     Exits with 2 when no image could be predicted, 1 when some could not (they are named, and
-    get a row with their error in the output file), 0 when every image was predicted.
+    get a row with their error in the output file, its label, class and confidence empty), 0 when
+    every image was predicted.
     """
     from leukoscope.inference.predict_files import collect_images
 

@@ -64,12 +64,15 @@ class Prediction:
     classified whole for want of a scale); the ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
+        """The row of a predictions file. An unreadable image has no label, class, confidence or uncertainty:
+        they are None (empty in a CSV, null in JSON; "error", 0.0 and False read as an answer), ``error`` says why."""
+        unread = self.error is not None
         row: dict[str, object] = {
             "source": self.source,
-            "label": self.label,
-            "top_class": self.top_class,
-            "confidence": round(self.confidence, 6),
-            "uncertain": self.uncertain,
+            "label": None if unread else self.label,
+            "top_class": None if unread else self.top_class,
+            "confidence": None if unread else round(self.confidence, 6),
+            "uncertain": None if unread else self.uncertain,
         }
         row.update({f"p_{name}": round(p, 6) for name, p in self.probabilities.items()})
         # Empty (not False) without statistics: "not checked" is not "familiar".
