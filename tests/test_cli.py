@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -116,6 +117,26 @@ def test_predict_warns_of_images_too_small_to_show_a_cell(trained_bundle: Path, 
     assert set(rows) == {"tiny.png", "cell.png"}  # both answered, one doubted in its own row too
     assert rows["tiny.png"]["warnings"].startswith("Too small to show a cell: the image is 20 x 20 px")
     assert rows["cell.png"]["warnings"] == ""
+
+
+def test_predict_warns_of_images_without_colour_as_analyze_does(trained_bundle: Path, tmp_path: Path) -> None:
+    """analyze warned of a grey field; predict classified a grey cell image with nothing said."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(60, 220, (64, 64), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "grey_rgb.png")  # grey saved as RGB too
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "colour.png")
+    result = invoke("predict", "--bundle", trained_bundle, tmp_path / "grey.png", tmp_path / "grey_rgb.png",
+                    tmp_path / "colour.png", "--out", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "2 image(s) have no colour (grey levels only)" in said
+    (warning,) = [line for line in result.output.splitlines() if "no colour" in line]
+    assert "grey.png" in warning and "grey_rgb.png" in warning and "colour.png" not in warning
+    rows = {Path(row["source"]).name: row for row in csv.DictReader((tmp_path / "p.csv").open())}
+    assert all(rows[name]["warnings"].startswith("the image has no colour (grey levels only)")
+               for name in ("grey.png", "grey_rgb.png"))
+    assert "no colour" not in rows["colour.png"]["warnings"] and rows["colour.png"]["label"]
 
 
 def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, tmp_path: Path) -> None:

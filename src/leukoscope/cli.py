@@ -1464,15 +1464,20 @@ def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = Fals
 
 
 def _say_tiny(predictions: list) -> None:
-    """A warning naming the images too small to show a cell (their ``warnings`` column says so too); their rows
-    stand."""
-    from leukoscope.inference.quality import MIN_CELL_IMAGE_SIDE, TINY_CELL_WORDING
+    """Warnings naming the images too small to show a cell, and those without colour (their ``warnings`` column
+    says so too, as analyze's fields do); their rows stand."""
+    from leukoscope.inference.quality import GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, TINY_CELL_WORDING
 
     tiny = [Path(p.source).name for p in predictions if any(w.startswith(TINY_CELL_WORDING) for w in p.warnings)]
     if tiny:
         console.print(f"[yellow]warning:[/yellow] {len(tiny)} image(s) smaller than {MIN_CELL_IMAGE_SIDE} px a side "
                       f"cannot show a cell's detail; their classes are not to be trusted (warnings column): "
                       f"{escape(name_some(tiny))}", soft_wrap=True)
+    grey = [Path(p.source).name for p in predictions if GRAYSCALE_CELL_WARNING in p.warnings]
+    if grey:
+        console.print(f"[yellow]warning:[/yellow] {len(grey)} image(s) have no colour (grey levels only): white cells "
+                      f"are typed by their stain's colour, so their classes are not to be trusted (warnings "
+                      f"column); classify the colour images: {escape(name_some(grey))}", soft_wrap=True)
 
 
 def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:

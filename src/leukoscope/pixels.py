@@ -28,3 +28,10 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
     canvas = Image.new("RGB", (size, size), fill)
     canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return canvas
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    """Whether an RGB image (a field, a cell) holds grey levels only (its channels differ by at most 2 anywhere,
+    on a sample): `analyze` and `predict` warn of it, stains telling white cells apart by their colour."""
+    sample = np.asarray(image.convert("RGB").reduce(max(1, max(image.size) // 512)), dtype=np.int16)
+    return bool(np.abs(sample - sample[..., :1]).max() <= 2)

@@ -26,10 +26,11 @@ from scipy.special import softmax
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
-from leukoscope.inference.quality import tiny_cell_warning, unscaled_cell_warning
+from leukoscope.inference.quality import GRAYSCALE_CELL_WARNING, tiny_cell_warning, unscaled_cell_warning
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
+from leukoscope.pixels import is_grayscale
 from leukoscope.preprocessing import stack_pixels
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.scale import FieldScale
@@ -61,7 +62,7 @@ class Prediction:
     scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
     warnings: tuple[str, ...] = ()
     """Why this image's class is not to be trusted (:func:`single_cell_warnings`: too small to show a cell,
-    classified whole for want of a scale); the ``warnings`` column."""
+    classified whole for want of a scale, no colour); the ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
         """The row of a predictions file. An unreadable image has no label, class, confidence or uncertainty:
@@ -86,13 +87,16 @@ class Prediction:
         return row
 
 
-def single_cell_warnings(size: tuple[int, int], scale: FieldScale | None, window_um: float | None) -> tuple[str, ...]:
-    """The warnings of one single-cell image of ``size`` (width, height, as given) classified at ``scale``
+def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um: float | None) -> tuple[str, ...]:
+    """The warnings of one single-cell ``image`` (as given, before framing) classified at ``scale``
     (:meth:`CellClassifier.frame`'s; None: taken as given): `predict`'s ``warnings`` column and the web
     service's single-cell cases say the same."""
     unscaled = scale is not None and not scale.known and window_um is not None
-    tiny = tiny_cell_warning(*size)
-    return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else []))
+    tiny = tiny_cell_warning(*image.size)
+    # the field check of `analyze` (is_grayscale), said of the cell: its class rests on the stain's colour
+    grey = is_grayscale(image)
+    return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else [])
+                 + ([GRAYSCALE_CELL_WARNING] if grey else []))
 
 
 class CellClassifier:
@@ -227,14 +231,13 @@ class CellClassifier:
         results: list[Prediction | None] = [None] * len(paths)
         pending: list[tuple[int, Image.Image]] = []
         scales: dict[int, FieldScale | None] = {}
-        sizes: dict[int, tuple[int, int]] = {}
+        warned: dict[int, tuple[str, ...]] = {}
 
         def flush() -> None:
             predictions = self.predict_images([img for _, img in pending], [str(paths[i]) for i, _ in pending])
             for (i, _), prediction in zip(pending, predictions):
                 scale = scales.pop(i, None)
-                results[i] = replace(prediction, scale=scale,
-                                     warnings=single_cell_warnings(sizes.pop(i), scale, self.window_um))
+                results[i] = replace(prediction, scale=scale, warnings=warned.pop(i))
             if progress:
                 progress(advance=len(pending))
             pending.clear()
@@ -242,10 +245,10 @@ class CellClassifier:
         for index, path in enumerate(paths):
             try:
                 image = load_image(path, max_pixels=max_pixels)
-                sizes[index] = image.size
-                if frame:
-                    image, scales[index] = self.frame(image, um_per_px, run_um_per_px=run_um_per_px)
-                pending.append((index, image))
+                framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px) if frame
+                                         else (image, None))
+                warned[index] = single_cell_warnings(image, scales[index], self.window_um)  # of the image as given
+                pending.append((index, framed))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)
                 results[index] = Prediction(str(path), "error", "", 0.0, {}, False, error=str(exc))

@@ -174,6 +174,11 @@ GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells ar
                      "colour, so none found here does not mean there are none; analyse the colour image")
 
 
+#: The same of a single-cell image (`predict`, the service's single cells): its class rests on a colour it lacks.
+GRAYSCALE_CELL_WARNING = ("the image has no colour (grey levels only): white cells are typed by their stain's colour, "
+                          "so its class is not to be trusted; classify the colour image")
+
+
 def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> str:
     """The slide's (folder's) warning when ``grey`` of its ``of`` fields had :data:`GRAYSCALE_WARNING`: their
     white cells are missing from its count."""

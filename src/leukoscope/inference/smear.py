@@ -45,6 +45,7 @@ from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
 from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
+from leukoscope.pixels import is_grayscale
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
                               checked_um_per_px, disagrees_with_run, field_scale, run_scale, stated_run_doubt,
                               stated_scale_doubt)
@@ -74,12 +75,6 @@ def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
     the estimate's note)."""
     return (f"{UNSCALED_FIELD_WORDING} ({why}): analysed at {assumed_um_per_px:.4f} um/px, the detector's "
             f"training scale; white cells may be missed or mistyped: state the microscope's scale ({SCALE_OPTION})")
-
-
-def is_grayscale(image: Image.Image) -> bool:
-    """Whether an RGB field holds grey levels only (its channels differ by at most 2 anywhere, on a sample)."""
-    sample = np.asarray(image.convert("RGB").reduce(max(1, max(image.size) // 512)), dtype=np.int16)
-    return bool(np.abs(sample - sample[..., :1]).max() <= 2)
 
 
 def _without(detections: DetectionResult, is_wbc: np.ndarray, drop: np.ndarray) -> tuple[DetectionResult, np.ndarray]:
