@@ -156,6 +156,28 @@ def test_models_lists_the_shipped_models_and_prints_a_card(shipped: Path) -> Non
     assert "{num_classes}" not in trainable.stdout
 
 
+def test_a_card_table_keeps_every_name_whole_in_80_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich cut the card's table cells to fit 80 columns: "taleqani-b…", "cnmc-all-o…". Names stay whole; the
+    long verdicts wrap at spaces."""
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "bundle.json").write_text("{}")
+    fails = "called_blast 0.071 (target <= 0.05): FAILS"
+    rows = [("taleqani-benign", "760", "0.071", "-", "0.116", "0.718", fails),
+            ("cnmc-all-on-background", "27", "0.000", "-", "1.000", "1.000", fails),
+            ("cnmc-hem-on-background", "27", "0.000", "-", "1.000", "1.000", "-")]
+    table = ["| cells | n | called blast | type accuracy | unfamiliar | OOD AUROC | verdict |",
+             "|---|---:|---:|---:|---:|---:|---|", *("| " + " | ".join(row) + " |" for row in rows)]
+    (tmp_path / "wide" / "MODEL_CARD.md").write_text("# wide\n\nA card with a wide table.\n\n" + "\n".join(table))
+    monkeypatch.setenv(ENV_VARIABLE, str(tmp_path))
+    card = runner.invoke(app, ["models", "--card", "wide"], env={"COLUMNS": "80"})
+    assert card.exit_code == 0, card.output
+    lines = card.stdout.splitlines()
+    assert "…" not in card.stdout and max(len(line.rstrip()) for line in lines) <= 80
+    for name, *_ in rows:
+        assert any(line.split()[:1] == [name] for line in lines), name  # whole, on one line
+    assert "FAILS" in card.stdout and "called_blast" in card.stdout  # the verdicts wrapped, not cut
+
+
 def test_models_pretrained_on_an_empty_install(nothing_shipped: Path) -> None:
     result = invoke("models", "--pretrained")
     assert result.exit_code == 0 and "no shipped models in this install" in " ".join(result.output.split())
