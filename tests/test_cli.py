@@ -97,7 +97,7 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     assert str(tmp_path / "broken.jpg") in result.output  # named on the terminal, not only in the CSV
     as_json = tmp_path / "preds.json"
     assert invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.jpg", synthetic_root / "blast",
-                  "--out", as_json).exit_code == 0
+                  "--out", as_json).exit_code == 1  # broken.jpg
     unread = json.loads(as_json.read_text())[0]
     assert unread["error"] and [unread[key] for key in ("label", "top_class", "confidence", "uncertain")] == [None] * 4
     assert not any(key.startswith("p_") for key in unread)

@@ -1507,9 +1507,10 @@ def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = Fals
 
 
 def _say_tiny(predictions: list) -> None:
-    """Warnings naming the images too small to show a cell, and those without colour (their ``warnings`` column
-    says so too, as analyze's fields do); their rows stand."""
-    from leukoscope.inference.quality import GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, TINY_CELL_WORDING
+    """Warnings naming the images too small to show a cell, those without colour and those without a white
+    cell at their centre (their ``warnings`` column says so too, as analyze's fields do); their rows stand."""
+    from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,
+                                              TINY_CELL_WORDING)
 
     tiny = [Path(p.source).name for p in predictions if any(w.startswith(TINY_CELL_WORDING) for w in p.warnings)]
     if tiny:
@@ -1521,6 +1522,12 @@ def _say_tiny(predictions: list) -> None:
         console.print(f"[yellow]warning:[/yellow] {len(grey)} image(s) have no colour (grey levels only): white cells "
                       f"are typed by their stain's colour, so their classes are not to be trusted (warnings "
                       f"column); classify the colour images: {escape(name_some(grey))}", soft_wrap=True)
+    empty = [Path(p.source).name for p in predictions if NO_WHITE_CELL_WARNING in p.warnings]
+    if empty:
+        console.print(f"[yellow]warning:[/yellow] {len(empty)} image(s) show no white cell at their centre (no "
+                      f"nuclear stain in the window read): their classes are not to be "
+                      f"trusted (warnings column); images of a smear are analysed with `leukoscope analyze`: "
+                      f"{escape(name_some(empty))}", soft_wrap=True)
 
 
 def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:

@@ -153,12 +153,12 @@ def _isolated_round_objects(stained: np.ndarray, nuclear: np.ndarray) -> np.ndar
                        if regions[k].solidity > 0.9], dtype=np.float64)
 
 
-def nuclear_pixels(pixels: np.ndarray) -> np.ndarray:
-    """Which pixels of an RGB ``uint8`` array are violet nuclear stain (CIELAB a* - b* above
-    :data:`NUCLEAR_VIOLET`), read from a table of 32 levels per channel: a tenth of the time of
-    converting a field to CIELAB, and the rule is far coarser than the table."""
+def nuclear_pixels(pixels: np.ndarray, violet: float = NUCLEAR_VIOLET) -> np.ndarray:
+    """Which pixels of an RGB ``uint8`` array are violet nuclear stain (CIELAB a* - b* above ``violet``),
+    read from a table of 32 levels per channel: a tenth of the time of converting a field to CIELAB, and
+    the rule is far coarser than the table."""
     levels = pixels >> 3
-    return _violet_table()[levels[..., 0], levels[..., 1], levels[..., 2]] > NUCLEAR_VIOLET
+    return _violet_table()[levels[..., 0], levels[..., 1], levels[..., 2]] > violet
 
 
 @functools.lru_cache(maxsize=1)

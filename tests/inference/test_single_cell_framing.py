@@ -24,6 +24,15 @@ from tests.test_scale import smear_field
 BLANK = Image.new("RGB", (200, 150), (230, 220, 220))  # no red cells: no scale of its own
 
 
+def cell_photo(seed: int) -> Image.Image:
+    """Red cells 20 px across (0.375 um/px) around a violet white cell at the centre, as a cell's photograph
+    (the window read then holds nuclear stain: leukoscope.cell_presence)."""
+    pixels = np.asarray(smear_field(20.0, size=(320, 240), seed=seed, n_red=10, wbc=False)).copy()
+    rows, cols = np.ogrid[:240, :320]
+    pixels[(rows - 120) ** 2 + (cols - 160) ** 2 <= 16 ** 2] = (120, 80, 170)
+    return Image.fromarray(pixels)
+
+
 def windowed_classifier(window_um: float | None = 24.0) -> CellClassifier:
     info = BundleInfo("constant", ["a", "b"], Preprocessing(16, [0.5] * 3, [0.25] * 3, cell_window_um=window_um))
     return CellClassifier(_Constant(2, 0), info)
@@ -100,7 +109,7 @@ def test_predict_doubts_a_stated_scale_the_images_red_cells_contradict(tmp_path:
     folder = tmp_path / "cells"
     folder.mkdir()
     for seed in range(5):
-        smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(folder / f"cell{seed}.png")
+        cell_photo(seed).save(folder / f"cell{seed}.png")
     runner = CliRunner()
     out = tmp_path / "p.csv"
     wrong = runner.invoke(app, ["predict", str(folder), "--bundle", "pretrained:wbc-classifier", "--um-per-px", "0.8",
@@ -163,6 +172,8 @@ def test_a_folder_lends_its_scale_and_explain_maps_the_framed_cell(tmp_path: Pat
     said = " ".join(result.output.split())  # in the words of cells, not of fields
     assert "scale: an image with too few isolated red cells of its own" in said and "is framed at" in said
     assert "(median of 5 of 6 images" in said and " field" not in said
+    # these "cells" are smear fields, their white cell off the centre: named, and said in their rows
+    assert "6 image(s) show no white cell at their centre" in said and "blank.png, cell0.png" in said
     rows = {Path(row["source"]).name: row for row in csv.DictReader(out.open())}
     assert list(next(iter(rows.values())))[-1] == "error"  # the error column last, whatever row comes first
     assert rows["blank.png"]["scale_source"] == "run" and rows["cell0.png"]["scale_source"] == "estimated"

@@ -814,6 +814,25 @@ def test_two_reviews_sent_at_once_with_one_state_save_one_and_refuse_the_other(s
     assert now["cells"][0]["reviewed_label"] == "monocyte"
 
 
+def test_a_cell_image_without_a_white_cell_at_its_centre_holds_back_the_flag(service):
+    """A smear field of red cells uploaded among single cells was called blast at 0.78, and the case of six
+    cells and that field carried no warning (one unfamiliar image of seven is under the 30% gate)."""
+    from PIL import Image
+
+    client = service.client()
+    red_cells = Image.new("RGB", (96, 96), (236, 226, 222))
+    for x, y in ((10, 10), (50, 12), (12, 52), (52, 54)):  # pink red cells, nothing violet
+        red_cells.paste((205, 135, 150), (x, y, x + 30, y + 30))
+    files = [(f"c{k}.png", encode(cell_image(seed=k), "PNG")) for k in range(6)] + [("red.png", encode(red_cells,
+                                                                                                       "PNG"))]
+    case = upload(client, service.auth("tech"), *files).json()
+    (warning,) = [w for w in case["differential"]["warnings"] if w.startswith("No white cell at the image's centre")]
+    assert "red.png" in warning and "c0.png" not in warning
+    assert case["differential"]["acute_leukemia_flag"] is not True
+    only_cells = upload(client, service.auth("tech"), *files[:6]).json()
+    assert not any(w.startswith("No white cell") for w in only_cells["differential"]["warnings"])
+
+
 def test_a_cell_image_too_small_to_show_a_cell_says_so(service):
     """A 1 x 1 PNG was called eosinophil at 0.995 and a 20 x 20 blur blast at 0.67, with nothing said."""
     from PIL import Image

@@ -26,7 +26,9 @@ from scipy.special import softmax
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
-from leukoscope.inference.quality import GRAYSCALE_CELL_WARNING, tiny_cell_warning, unscaled_cell_warning
+from leukoscope.cell_presence import lacks_white_cell
+from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, tiny_cell_warning,
+                                          unscaled_cell_warning)
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
@@ -62,7 +64,7 @@ class Prediction:
     scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
     warnings: tuple[str, ...] = ()
     """Why this image's class is not to be trusted (:func:`single_cell_warnings`: too small to show a cell,
-    classified whole for want of a scale, no colour); the ``warnings`` column."""
+    classified whole for want of a scale, no colour, no white cell at its centre); the ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
         """The row of a predictions file. An unreadable image has no label, class, confidence or uncertainty:
@@ -87,16 +89,19 @@ class Prediction:
         return row
 
 
-def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um: float | None) -> tuple[str, ...]:
+def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um: float | None,
+                         seen: Image.Image | None = None) -> tuple[str, ...]:
     """The warnings of one single-cell ``image`` (as given, before framing) classified at ``scale``
-    (:meth:`CellClassifier.frame`'s; None: taken as given): `predict`'s ``warnings`` column and the web
-    service's single-cell cases say the same."""
+    (:meth:`CellClassifier.frame`'s; None: taken as given) from ``seen`` (the window it was framed to; None:
+    the image): `predict`'s ``warnings`` column and the web service's single-cell cases say the same."""
     unscaled = scale is not None and not scale.known and window_um is not None
     tiny = tiny_cell_warning(*image.size)
     # the field check of `analyze` (is_grayscale), said of the cell: its class rests on the stain's colour
     grey = is_grayscale(image)
+    # a grey image has no violet to look for; a tiny one is doubted already
+    empty = not grey and not tiny and lacks_white_cell(image if seen is None else seen)
     return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else [])
-                 + ([GRAYSCALE_CELL_WARNING] if grey else []))
+                 + ([GRAYSCALE_CELL_WARNING] if grey else []) + ([NO_WHITE_CELL_WARNING] if empty else []))
 
 
 class CellClassifier:
@@ -247,7 +252,7 @@ class CellClassifier:
                 image = load_image(path, max_pixels=max_pixels)
                 framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px) if frame
                                          else (image, None))
-                warned[index] = single_cell_warnings(image, scales[index], self.window_um)  # of the image as given
+                warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed)
                 pending.append((index, framed))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)

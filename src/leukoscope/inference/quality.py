@@ -169,6 +169,13 @@ def unframed_warning(window_um: float, why: str) -> str:
             f"microscope's scale ({SCALE_OPTION})")
 
 
+#: How the warning of a single-cell image without a white cell at its centre begins (:mod:`leukoscope.cell_presence`).
+NO_WHITE_CELL_WORDING = "No white cell at the image's centre"
+#: The warning itself: the image is classified as a cell all the same (its class says what it resembles).
+NO_WHITE_CELL_WARNING = (f"{NO_WHITE_CELL_WORDING}: the window the classifier read holds no nuclear stain; its "
+                         f"class is not to be trusted (a smear field? analyse it as one)")
+
+
 #: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
 GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
                      "colour, so none found here does not mean there are none; analyse the colour image")
@@ -209,13 +216,14 @@ def is_unfamiliar_warning(warning: str) -> bool:
 
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
-    image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes), not
+    image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes, a
+    cell image without a white cell at its centre: the reviewer labels or excludes it), not
     which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
     reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed
     scale) still stand after any review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
             or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
-            or warning.startswith(STATED_CELL_SCALE_WORDING))
+            or warning.startswith(STATED_CELL_SCALE_WORDING) or warning.startswith(NO_WHITE_CELL_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,
