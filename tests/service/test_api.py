@@ -4,6 +4,7 @@ tokens, rate limit, EXIF stripping, path-traversal names, audit, review and expo
 from __future__ import annotations
 
 import csv
+import html
 import io
 import struct
 import time
@@ -362,7 +363,64 @@ def test_a_file_sent_again_points_to_the_cases_that_hold_it(service):
         "earlier_uploads"] is None
     page = " ".join(service.login("tech").get(f"/cases/{third['id']}").text.split())
     assert f'href="/cases/{first["id"]}"' in page and by_tech2["id"] not in page
-    assert "in this case (image 2): do not count it twice" in page
+    assert "The same file as image 2 of this case: its cells are counted there, once, and not again here" in page
+    # the repeated copy is not analysed again: its cells are the first copy's, counted once
+    assert [image["repeat_of"] for image in third["images"]] == [None, None, 1]
+    assert len(third["cells"]) == 2 and third["differential"]["total"] == 2
+
+
+def test_a_field_sent_twice_in_one_case_is_counted_once(make_service, smear_analyzer, tmp_path):
+    """The same field twice in one case had counted its cells twice (6 blasts of 6 from 3, and a narrower
+    interval): the later copy is stored and shown, but has no cells of its own, and the case says so."""
+    service = make_service(analyzer_override=smear_analyzer)
+    service.add_user("tech", "technician")
+    service.add_user("hema", "hematologist")
+    client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+    field = encode(smear_field()[0], "PNG")
+    once = upload(client, tech, ("a.png", field), kind="smear").json()
+    twice = upload(client, tech, ("a.png", field), ("a-again.png", field), kind="smear").json()
+    assert len(twice["images"]) == 2 and twice["images"][1]["repeat_of"] == 0
+    assert len(twice["cells"]) == len(once["cells"]) == 6
+    for key in ("total", "counts", "blast_percentage", "blast_ci95"):
+        assert twice["differential"][key] == once["differential"][key]
+        assert twice["differential_at_upload"][key] == once["differential_at_upload"][key]
+    note = "Fields uploaded twice in this case (field 2 = field 1): each file's cells are counted once."
+    assert note in twice["differential"]["flags"] and note in twice["differential_at_upload"]["flags"]
+    assert twice["differential"]["repeated_images"] == [{"position": 1, "same_as": 0}]
+    page = html.unescape(" ".join(service.login("hema").get(f"/cases/{twice['id']}").text.split()))
+    assert "The same file as field 1 of this case: its cells are counted there, once" in page and note in page
+    # reviewed in full, the export holds each cell once
+    labels = {str(cell["id"]): "blast" for cell in twice["cells"]}
+    assert client.post(f"/api/v1/cases/{twice['id']}/review", headers=hema,
+                       json={"labels": labels}).json()["status"] == "reviewed"
+    with zipfile.ZipFile(io.BytesIO(client.get("/api/v1/export?layout=csv", headers=hema).content)) as archive:
+        assert len(list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))) == 6
+
+
+def test_a_case_stored_with_a_repeated_files_cells_counts_and_exports_them_once(service):
+    """Cases stored before repeats were left out hold cells for both copies: the differential and the export
+    read only the first copy's."""
+    from sqlalchemy import select
+
+    from leukoscope.service.db import transaction
+    from leukoscope.service.tables import Case, CaseImage, Cell
+
+    client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+    same = encode(cell_image("blast", 1), "PNG")
+    case = upload(client, tech, ("a.png", same), ("b.png", encode(cell_image("blast", 2), "PNG"))).json()
+    with transaction(service.state.sessions) as db:  # make it as an older server stored a repeat
+        stored = db.get(Case, case["id"])
+        second = db.scalar(select(CaseImage).where(CaseImage.case_id == case["id"], CaseImage.position == 1))
+        second.sha256 = stored.images[0].sha256
+        db.scalar(select(Cell).where(Cell.image_id == second.id)).top_class = "blast"
+    seen = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+    assert len(seen["cells"]) == 2 and seen["differential"]["total"] == 1
+    assert seen["images"][1]["repeat_of"] == 0
+    labels = {str(cell["id"]): "blast" for cell in seen["cells"]}
+    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": labels})
+    with zipfile.ZipFile(io.BytesIO(client.get("/api/v1/export?layout=csv", headers=hema).content)) as archive:
+        rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
+    assert [int(row["cell"]) for row in rows] == [seen["cells"][0]["id"]]
 
 
 def test_audit_log_records_views_and_changes(service):

@@ -155,8 +155,8 @@ def test_a_full_review_answers_the_unfamiliar_warning_and_no_other(make_service,
 
     # a detector's warning stays after a full review, and keeps the leukemia flag off
     detector_warning = "The detector's recorded test AP@0.5 for WBC is 0.200, below the floor of 0.9: ..."
-    reviewed = [SimpleNamespace(final_label="blast", reviewed_label="blast") for _ in range(120)]
-    smear = SimpleNamespace(cells=reviewed, classes=["blast", "lymphocyte"],
+    reviewed = [SimpleNamespace(final_label="blast", reviewed_label="blast", image_id=1) for _ in range(120)]
+    smear = SimpleNamespace(cells=reviewed, classes=["blast", "lymphocyte"], kind="smear", images=[],
                             analysis={"blast_classes": ["blast"], "warnings": [
                                 detector_warning, "Review: images unlike the training data: 90 of 120 ..."]})
     result = current_differential(smear)

@@ -100,6 +100,26 @@ class PreparedImage:
     """The analysis' quality warnings (:attr:`leukoscope.service.analysis.ImageOutcome.warnings`)."""
     scale: dict[str, Any] | None = None
     """A smear field's scale as analysed (:attr:`leukoscope.service.analysis.ImageOutcome.scale`)."""
+    repeat_of: int | None = None
+    """The position of the earlier upload of this case with the same file: this one was not analysed again
+    and has no cells (a field sent twice must not be counted twice)."""
+
+
+def repeat_of(original: PreparedImage, upload: Upload, position: int) -> PreparedImage:
+    """A later copy of ``original``'s file in the same case: stored and shown, but no cells of its own."""
+    return replace(original, name=display_name(upload.filename), annotated_png=None, cells=[], warnings=[],
+                   repeat_of=position)
+
+
+def repeated_positions(uploads: Sequence[Upload]) -> dict[int, int]:
+    """By position, the position of the first upload with the same bytes, for every later copy."""
+    first: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    for index, upload in enumerate(uploads):
+        earlier = first.setdefault(hashlib.sha256(upload.data).hexdigest(), index)
+        if earlier != index:
+            repeats[index] = earlier
+    return repeats
 
 
 def display_name(filename: str | None) -> str:
@@ -321,14 +341,22 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         # without a scale of its own is analysed once, at the case's.
         # With a stated scale, the case's red cells only check it (as `analyze` checks a folder's: most fields
         # have too few red cells to doubt it alone).
+        # A file sent twice in one case is analysed and counted once: its later copies only point to the first.
+        repeats = repeated_positions(uploads)
+        distinct = [upload for index, upload in enumerate(uploads) if index not in repeats]
         run = None
-        if len(uploads) >= RUN_SCALE_MIN_ESTIMATES and (stated is not None or state.analyzer.borrows_case_scale(kind)):
+        if len(distinct) >= RUN_SCALE_MIN_ESTIMATES and (stated is not None or state.analyzer.borrows_case_scale(kind)):
             scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels)
-                      for upload in run_sample(uploads)]
+                      for upload in run_sample(distinct)]
             run = run_scale_of(scales, unit="images" if kind == "cell" else "fields")
         lent = run.um_per_px if run is not None and run.known and stated is None else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
-        prepared = [await prepare_upload(state, kind, upload, lent, stated) for upload in uploads]
+        prepared: list[PreparedImage] = []
+        for index, upload in enumerate(uploads):
+            if index in repeats:
+                prepared.append(repeat_of(prepared[repeats[index]], upload, repeats[index]))
+            else:
+                prepared.append(await prepare_upload(state, kind, upload, lent, stated))
     except ServiceError as error:  # a refused file is on the record too: who sent what, and why it was refused
         await run_in_threadpool(audit_refusal, state, user_id, kind, uploads, error, client)
         raise
@@ -400,7 +428,8 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
     # several does not stop the case's count (its own annotated picture still says so).
     predictions = [cell.prediction for upload in prepared for cell in upload.cells]
     case_scale = case_scale or CaseScale()
-    warnings = [in_service_words(warning) for warning in case_scale.warnings(prepared, kind)
+    counted = [upload for upload in prepared if upload.repeat_of is None]  # a repeated file's warnings once
+    warnings = [in_service_words(warning) for warning in case_scale.warnings(counted, kind)
                 if not is_unfamiliar_warning(warning)]
     unfamiliar = unfamiliar_warning([p.unfamiliar for p in predictions],
                                     unit="cell images" if kind == "cell" else classified_unit(analyzer.classes))
@@ -414,6 +443,11 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         scales["run_scale"] = case_scale.run
     if case_scale.stated_um_per_px is not None:
         scales["stated_um_per_px"] = case_scale.stated_um_per_px
+    at_upload = differential(labels, analyzer.classes, analyzer.blast_classes, warnings)
+    pairs = [(index, upload.repeat_of) for index, upload in enumerate(prepared) if upload.repeat_of is not None]
+    if pairs:  # as current_differential says it
+        at_upload["flags"].append(repeated_note(kind, pairs))
+    at_upload["repeated_images"] = [{"position": position, "same_as": first} for position, first in pairs]
     with transaction(state.sessions) as db:
         case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
@@ -422,8 +456,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
                               "models": {role: identity for role, identity in analyzer.models.items()
                                          if kind == "smear" or role != "detector"},
                               "warnings": warnings, **ood, **scales,
-                              "differential_at_upload": differential(labels, analyzer.classes,
-                                                                     analyzer.blast_classes, warnings)})
+                              "differential_at_upload": at_upload})
         db.add(case)
         position = 0
         for index, (upload, files) in enumerate(zip(prepared, stored)):
@@ -555,20 +588,49 @@ def scale_text(scale: dict[str, Any] | None, kind: str = "smear") -> str:
     return f"scale {um:.4f} um/px, {origin}"
 
 
+def repeated_images(images: Sequence[CaseImage]) -> dict[int, CaseImage]:
+    """By image id, for each later copy of a file in one case (same SHA-256), the case's first image of it.
+    A copy's cells are not counted or exported: new cases store none for it, but cases stored before did."""
+    first: dict[str, CaseImage] = {}
+    repeats: dict[int, CaseImage] = {}
+    for image in sorted(images, key=lambda image: image.position):
+        earlier = first.setdefault(image.sha256, image)
+        if earlier is not image:
+            repeats[image.id] = earlier
+    return repeats
+
+
+def repeated_note(kind: str, pairs: Sequence[tuple[int, int]]) -> str:
+    """What a differential says of a case's repeated files, ``pairs`` of (position, first copy's position);
+    "" when none."""
+    if not pairs:
+        return ""
+    what = "field" if kind == "smear" else "image"
+    named = ", ".join(f"{what} {position + 1} = {what} {first + 1}" for position, first in pairs)
+    return f"{what.capitalize()}s uploaded twice in this case ({named}): each file's cells are counted once."
+
+
 def current_differential(case: Case) -> dict[str, Any]:
     """The differential from the current labels: the reviewed one where a hematologist gave
-    it, else the model's (``uncertain`` below the threshold); excluded cells do not count. Once every
+    it, else the model's (``uncertain`` below the threshold); excluded cells do not count, nor do the cells of
+    a file's second copy in the case (:func:`repeated_images`). Once every
     cell has a reviewed label, the warnings that doubt only the classifier's calls are answered and
     left out (:func:`~leukoscope.inference.quality.about_classification_only`): the leukemia flag then
     rests on the hematologist's classes. The detector's warnings stay (cells may have been missed)."""
-    labels = [cell.final_label for cell in case.cells if cell.final_label != EXCLUDED]
+    repeats = repeated_images(case.images)
+    cells = [cell for cell in case.cells if cell.image_id not in repeats]
+    labels = [cell.final_label for cell in cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
     warnings = [in_service_words(warning) for warning in case.analysis.get("warnings", [])]  # cases stored before
-    if case.cells and all(cell.reviewed_label is not None for cell in case.cells):
+    if cells and all(cell.reviewed_label is not None for cell in cells):
         warnings = [warning for warning in warnings if not about_classification_only(warning)]
     result = differential(labels, case.classes, blast_classes, warnings)
-    if case.cells and not labels:  # nothing was "not found": the reviewer excluded what was
+    if cells and not labels:  # nothing was "not found": the reviewer excluded what was
         result["flags"] = [flag for flag in result["flags"] if flag.startswith("WARNING: ")] + [ALL_EXCLUDED_FLAG]
+    pairs = [(image.position, repeats[image.id].position) for image in case.images if image.id in repeats]
+    if pairs:
+        result["flags"].append(repeated_note(case.kind, pairs))
+    result["repeated_images"] = [{"position": position, "same_as": first} for position, first in pairs]
     return result
 
 
@@ -658,10 +720,16 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     principal.require("hematologist")
     if layout not in EXPORT_LAYOUTS:
         raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
+    reviewed = and_(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
     cells = db.scalars(
-        select(Cell).where(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
-        .options(selectinload(Cell.image)).order_by(Cell.case_id, Cell.position)
+        select(Cell).where(reviewed).options(selectinload(Cell.image)).order_by(Cell.case_id, Cell.position)
     ).all()
+    # A file sent twice in one case: its later copy's cells (cases stored before they were left out) once only.
+    images: dict[str, list[CaseImage]] = {}
+    for image in db.scalars(select(CaseImage).where(CaseImage.case_id.in_(select(Cell.case_id).where(reviewed)))):
+        images.setdefault(image.case_id, []).append(image)
+    repeats = {image_id for case_images in images.values() for image_id in repeated_images(case_images)}
+    cells = [cell for cell in cells if cell.image_id not in repeats]
     handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
     try:
         rows = _write_export(handle, cells, read_object, layout)

@@ -45,6 +45,7 @@ def url(request: Request, path: str) -> str:
 def case_json(request: Request, case: Case, principal: Principal) -> dict[str, Any]:
     base = f"{API}/cases/{case.id}"
     earlier = ops.earlier_uploads(object_session(case), principal, case)
+    repeats = ops.repeated_images(case.images)
     unfamiliar = case.analysis.get("unfamiliar_cells")  # absent: the model has no OOD statistics
     return {
         "id": case.id,
@@ -73,6 +74,8 @@ def case_json(request: Request, case: Case, principal: Principal) -> dict[str, A
             "scale": ops.image_scale(case, image),
             # the same file uploaded before: in earlier cases you may open, or earlier in this one
             "earlier_uploads": earlier.get(image.id),
+            # a later copy of a file in this case: the position of its first copy, whose cells alone are counted
+            "repeat_of": repeats[image.id].position if image.id in repeats else None,
         } for image in case.images],
         "cells": [{
             "id": cell.id,

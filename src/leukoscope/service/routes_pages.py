@@ -289,11 +289,13 @@ async def upload(request: Request):
 def _cell_groups(db, principal: Principal, case) -> list[dict[str, Any]]:
     groups = []
     earlier = ops.earlier_uploads(db, principal, case)
+    repeats = ops.repeated_images(case.images)
     for image in case.images:
         scale = ops.image_scale(case, image)
         groups.append({"image": image, "cells": [c for c in case.cells if c.image_id == image.id],
                        "scale": ops.scale_text(scale, case.kind),
-                       "scale_known": bool(scale and scale.get("um_per_px")), "earlier": earlier.get(image.id)})
+                       "scale_known": bool(scale and scale.get("um_per_px")), "earlier": earlier.get(image.id),
+                       "repeat_of": repeats[image.id].position if image.id in repeats else None})
     return groups
 
 
