@@ -1,8 +1,8 @@
 """End to end in a real browser: Debian's chromium driven by Playwright (no browser
 download). A technician logs in and uploads two cells, sees the result (class,
-probabilities, Grad-CAM); a hematologist corrects one cell, confirms the other,
-comments, and exports the reviewed labels. Screenshots are kept in test-artifacts/browser/
-(git-ignored) for a person to look at after the run."""
+probabilities, Grad-CAM); a hematologist corrects one cell and saves (the other stays unreviewed),
+confirms the other with "confirm every cell not reviewed", comments, and exports the reviewed labels.
+Screenshots are kept in test-artifacts/browser/ (git-ignored) for a person to look at after the run."""
 
 from __future__ import annotations
 
@@ -128,12 +128,21 @@ def test_login_upload_result_review_export(live_server, browser, tmp_path, shots
     page.wait_for_url(case_url)
     selects = page.locator("#review-form select")
     assert selects.count() == 2
+    assert [selects.nth(i).input_value() for i in range(2)] == ["", ""]  # nothing chosen for the reviewer
+    # one correction saved: the other cell stays unreviewed (it was confirmed unseen), and the case new
     selects.nth(0).select_option("monocyte")
-    second = selects.nth(1)
-    if not second.input_value():  # an uncertain cell: the hematologist must choose
-        second.select_option("lymphocyte")
     page.fill("textarea[name=comment]", "first cell corrected to monocyte")
     page.click("#save-review")
+    page.wait_for_selector("#review-saved")
+    assert page.inner_text("#case-status") == "new"
+    assert "1 of 2 cells not reviewed yet" in page.inner_text("#review-progress")
+    selects = page.locator("#review-form select")
+    assert [selects.nth(i).input_value() for i in range(2)] == ["monocyte", ""]
+    # then the explicit "confirm the rest" (an uncertain cell needs the hematologist's class)
+    second = selects.nth(1)
+    if page.locator("section.result").nth(1).locator(".uncertain").count():
+        second.select_option("lymphocyte")
+    page.click("#confirm-rest")
     page.wait_for_selector("#review-saved")
     assert page.inner_text("#case-status") == "reviewed"
     assert "corrected" in page.locator(".reviewed").first.inner_text() or \

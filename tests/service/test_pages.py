@@ -333,6 +333,43 @@ def _page_form(page: str, **labels: str) -> dict:
     return form
 
 
+def test_saving_one_correction_on_the_page_confirms_no_other_cell(service):
+    """The page's form pre-selected every cell's predicted class, so saving one correction wrote the other
+    cells as the hematologist's confirmations (50 of 51). Now a cell left at "not reviewed" stays unreviewed,
+    unless the reviewer presses "confirm every cell not reviewed"."""
+    from leukoscope.service.tables import Cell
+
+    tech = service.login("tech")
+    files = [(f"{i}.png", encode(cell_image(label, 30 + i), "PNG"))
+             for i, label in enumerate(["blast", "lymphocyte", "monocyte"])]
+    case_url = page_upload(tech, files, csrf_of(tech.get("/upload").text)).headers["location"]
+    hema = service.login("hema")
+    page = hema.get(case_url).text
+    ids = re.findall(r'name="label_(\d+)"', page)
+    assert len(ids) == 3 and page.count('<option value="" selected>— not reviewed —</option>') == 3
+    form = {"csrf_token": csrf_of(page), "review_state": review_state_of(page), "comment": "",
+            f"label_{ids[0]}": "neutrophil", f"label_{ids[1]}": "", f"label_{ids[2]}": ""}
+    assert hema.post(f"{case_url}/review", data=form, follow_redirects=False).status_code == 303
+    with service.state.sessions() as db:
+        reviewed = {str(cell.id): cell.reviewed_label for cell in db.query(Cell)}
+    assert reviewed == {ids[0]: "neutrophil", ids[1]: None, ids[2]: None}
+    page = hema.get(case_url).text
+    assert 'id="case-status">new' in page and "2 of 3 cells not reviewed yet" in page
+    # the explicit choice: every cell left alone is confirmed in its class (uncertain ones need a class)
+    with service.state.sessions() as db:
+        cells = {str(cell.id): cell for cell in db.query(Cell)}
+    assert not all(cells[i].uncertain for i in ids[1:])
+    left = ids[2] if not cells[ids[2]].uncertain else ids[1]  # a confident cell, left alone
+    chosen = next(i for i in ids[1:] if i != left)
+    form = {"csrf_token": csrf_of(page), "review_state": review_state_of(page), "comment": "", "confirm_rest": "1",
+            f"label_{ids[0]}": "neutrophil", f"label_{chosen}": "monocyte", f"label_{left}": ""}
+    assert hema.post(f"{case_url}/review", data=form, follow_redirects=False).status_code == 303
+    with service.state.sessions() as db:
+        cells = {str(cell.id): cell for cell in db.query(Cell)}
+    assert (cells[chosen].reviewed_label, cells[left].reviewed_label) == ("monocyte", cells[left].top_class)
+    assert 'id="case-status">reviewed' in hema.get(case_url).text
+
+
 def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service):
     """Two hematologists open a case; the first corrects a cell and comments; the second's form, which
     sends every cell's class as their page showed it, must not silently undo that (it did: last save won)."""

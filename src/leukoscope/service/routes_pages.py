@@ -335,7 +335,9 @@ async def review(request: Request, case_id: str):
             try:
                 with db.begin_nested():
                     # the state the page showed ("" from a form without it: refused, as a stale page would be)
+                    # only the cells the reviewer chose a class for, unless they asked to confirm the rest
                     ops.review_case(db, principal, case, labels, form.get("comment", ""), request=request,
+                                    confirm_rest=form.get("confirm_rest") == "1",
                                     expected_state=str(form.get("review_state", "")))
             except ServiceError as error:
                 if error.status >= 500 or error.status in (401, 403):
