@@ -748,6 +748,42 @@ def test_a_single_cell_upload_is_framed_at_the_classifiers_window(make_service, 
         framing.close()
 
 
+def test_the_export_leaves_out_cells_classified_whole_for_want_of_a_scale(make_service, analyzer, tmp_path):
+    """A single-cell image without a scale is classified whole; the export had put that whole, unscaled image
+    beside 24 um crops, unmarked, and `train --data` learned cells of the wrong size. It is left out, and the
+    export says how many and why (page, NOTES.txt, header)."""
+    from tests.test_scale import smear_field
+
+    framing = windowed_analyzer(analyzer)
+    try:
+        service = make_service(analyzer_override=framing)
+        service.add_user("tech", "technician")
+        service.add_user("hema", "hematologist")
+        client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+        framed = upload(client, tech, ("field.png", encode(smear_field(20.0), "PNG"))).json()
+        whole = upload(client, tech, ("blank.png", encode(Image.new("RGB", (120, 90), (230, 220, 220)), "PNG")))
+        whole = whole.json()
+        assert whole["cells"][0]["crop_url"] is None and framed["cells"][0]["crop_url"] is not None
+        for case in (framed, whole):
+            client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                        json={"labels": {str(case["cells"][0]["id"]): "neutrophil"}})
+        for layout in ("folders", "csv"):
+            response = client.get(f"/api/v1/export?layout={layout}", headers=hema)
+            assert response.status_code == 200 and response.headers["x-leukoscope-left-out"] == "1"
+            with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+                images = [name for name in archive.namelist() if name.endswith(".png")]
+                assert images and all(f"cell-{framed['cells'][0]['id']}.png" in name for name in images)
+                notes = archive.read("NOTES.txt").decode()
+                archive.extractall(tmp_path / layout)
+            assert notes.startswith("1 reviewed cell(s) of 1 case(s) were left out") and whole["id"] in notes
+        assert [s.label for s in read_dataset(tmp_path / "folders").samples] == ["neutrophil"]  # NOTES.txt unread
+        page = html.unescape(" ".join(service.login("hema").get("/export").text.split()))
+        assert "1 reviewed cell will be left out of the export: their single-cell image had no scale" in page
+        assert f'href="/cases/{whole["id"]}"' in page
+    finally:
+        framing.close()
+
+
 def test_a_stated_scale_single_cells_doubt_is_answered_by_a_full_review(make_service, analyzer):
     """Five single-cell images at 0.375 um/px stated as 0.8: their red cells doubt it in single-cell words (no
     cell is detected, so none is missed: the classes are what it puts in doubt), and once a hematologist has

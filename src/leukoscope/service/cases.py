@@ -707,22 +707,38 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
 
 
 EXPORT_LAYOUTS = ("folders", "csv")
+#: Why a reviewed cell is left out of the export (the export page, the ZIP's NOTES.txt and the API's header say it).
+UNFRAMED_REASON = ("their single-cell image had no scale (none stated, too few red cells), so the classifier saw "
+                   "the whole image instead of its physical window: the cell is not at the size a model trained on "
+                   "the export sees; upload such images again with the microscope's scale (um_per_px)")
 
 
-def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
-                   request=None, workdir: str | Path | None = None) -> tuple[str, int]:
-    """Every reviewed cell as a training image, in a ZIP written to a temporary file:
-    ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
-    ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
-    so that a split keeps the cells of one case together. Returns (zip path, cell count). ``workdir``: where
-    the ZIP is written (the store's private ``tmp``, whose leftover ``*.part`` files the start-up clean-up
-    removes); it is deleted here if the export fails, and by the caller once sent or if its commit fails."""
-    principal.require("hematologist")
-    if layout not in EXPORT_LAYOUTS:
-        raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
+@dataclass
+class Export:
+    """A written export: the ZIP's path, the cells in it, and the reviewed cells left out (:func:`unframed`)."""
+
+    path: str
+    cells: int
+    left_out: int
+
+
+def unframed(cell: Cell) -> bool:
+    """A single-cell image that a classifier of a physical window classified whole, for want of a scale: no crop
+    of its window was stored, and the whole image would train a model on cells of the wrong size (one without a
+    window takes images as they are: its cells have no scale record and are exported whole, as it saw them)."""
+    if cell.crop_object is not None:
+        return False
+    scale = image_scale(cell.case, cell.image)
+    return scale is not None and not scale.get("um_per_px")
+
+
+def exportable_cells(db: Session) -> tuple[list[Cell], list[Cell]]:
+    """The reviewed cells of an export (not excluded, not a repeated file's copy), and those left out of it
+    because they were classified unframed (:func:`unframed`)."""
     reviewed = and_(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
     cells = db.scalars(
-        select(Cell).where(reviewed).options(selectinload(Cell.image)).order_by(Cell.case_id, Cell.position)
+        select(Cell).where(reviewed).options(selectinload(Cell.image), selectinload(Cell.case))
+        .order_by(Cell.case_id, Cell.position)
     ).all()
     # A file sent twice in one case: its later copy's cells (cases stored before they were left out) once only.
     images: dict[str, list[CaseImage]] = {}
@@ -730,17 +746,43 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
         images.setdefault(image.case_id, []).append(image)
     repeats = {image_id for case_images in images.values() for image_id in repeated_images(case_images)}
     cells = [cell for cell in cells if cell.image_id not in repeats]
+    return [cell for cell in cells if not unframed(cell)], [cell for cell in cells if unframed(cell)]
+
+
+def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
+                   request=None, workdir: str | Path | None = None) -> Export:
+    """Every reviewed cell as a training image, in a ZIP written to a temporary file:
+    ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
+    ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
+    so that a split keeps the cells of one case together. Cells classified whole for want of a scale are left
+    out (:func:`unframed`), and ``NOTES.txt`` in the ZIP says how many and why. ``workdir``: where
+    the ZIP is written (the store's private ``tmp``, whose leftover ``*.part`` files the start-up clean-up
+    removes); it is deleted here if the export fails, and by the caller once sent or if its commit fails."""
+    principal.require("hematologist")
+    if layout not in EXPORT_LAYOUTS:
+        raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
+    cells, left_out = exportable_cells(db)
     handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
     try:
-        rows = _write_export(handle, cells, read_object, layout)
+        rows = _write_export(handle, cells, read_object, layout, left_out)
     except BaseException:
         handle.close()
         os.unlink(handle.name)
         raise
     handle.close()
     audit(db, principal.user, "dataset.export", request=request,
-          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows})})
-    return handle.name, len(rows)
+          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows}),
+                  "left_out_unframed": len(left_out)})
+    return Export(handle.name, len(rows), len(left_out))
+
+
+def export_notes(left_out: Sequence[Cell]) -> str:
+    """NOTES.txt of an export that left cells out ("" when it left none)."""
+    if not left_out:
+        return ""
+    cases = sorted({cell.case_id for cell in left_out})
+    return (f"{len(left_out)} reviewed cell(s) of {len(cases)} case(s) were left out of this export: "
+            f"{UNFRAMED_REASON}.\nCases: {', '.join(cases)}\n")
 
 
 #: Characters a folder name cannot hold on some file system a lab unpacks the export on (Windows' set).
@@ -759,7 +801,7 @@ def check_export_folders(labels: set[str]) -> None:
 
 
 def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
-                  layout: str) -> list[dict[str, Any]]:
+                  layout: str, left_out: Sequence[Cell] = ()) -> list[dict[str, Any]]:
     rows = []
     if layout == "folders":
         check_export_folders({cell.reviewed_label or "" for cell in cells})
@@ -780,4 +822,6 @@ def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str
             writer.writeheader()
             writer.writerows(rows)
             archive.writestr("manifest.csv", text.getvalue())
+        if left_out:  # a text file at the top: `leukoscope train --data` reads images only
+            archive.writestr("NOTES.txt", export_notes(left_out))
     return rows

@@ -299,20 +299,25 @@ def cell_file(request: Request, case_id: str, cell_id: RowId, variant: Literal["
 @router.get(f"{API}/export", tags=["export"], response_class=FileResponse,
             responses={200: {"content": {"application/zip": {}}}})
 def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> FileResponse:
-    """Reviewed cells as a training dataset (ZIP): class folders, or images + manifest.csv."""
+    """Reviewed cells as a training dataset (ZIP): class folders, or images + manifest.csv. A cell whose
+    single-cell image had no scale (classified whole, not framed at the classifier's window) is left out: the
+    ``X-Leukoscope-Left-Out`` header counts them, and the ZIP's ``NOTES.txt`` names their cases."""
     state = state_of(request)
     path = None
     try:
         with transaction(state.sessions) as db:
             principal = api_principal(db, request, cookie=False)  # a token: the pages export by a CSRF-checked form
-            path, _count = ops.export_dataset(db, principal, state.store.read, layout, request=request,
-                                              workdir=state.store.tmp)
+            made = ops.export_dataset(db, principal, state.store.read, layout, request=request,
+                                      workdir=state.store.tmp)
+            path = made.path
     except BaseException:  # the audit entry was not committed: no patient images left behind
         if path is not None:
             os.unlink(path)
         raise
+    # how many reviewed cells were left out, classified unframed (the ZIP's NOTES.txt says why)
     return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
-                        background=BackgroundTask(os.unlink, path))
+                        background=BackgroundTask(os.unlink, path),
+                        headers={"X-Leukoscope-Left-Out": str(made.left_out)})
 
 
 # ------------------------------------------------------------------ admin

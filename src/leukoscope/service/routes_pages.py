@@ -362,7 +362,9 @@ def export_page(request: Request):
         principal.require("hematologist")
         rows = db.execute(select(Cell.reviewed_label, func.count(Cell.id)).where(Cell.reviewed_label.is_not(None))
                           .group_by(Cell.reviewed_label).order_by(Cell.reviewed_label)).all()
-        return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED)
+        _cells, left_out = ops.exportable_cells(db)
+        return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(left_out),
+                      left_out_cases=sorted({cell.case_id for cell in left_out}), unframed_reason=ops.UNFRAMED_REASON)
 
 
 @router.post("/export/dataset.zip")
@@ -378,7 +380,7 @@ async def export_zip(request: Request):
                 principal = page_principal(db, request)
                 check_csrf(principal, form.get("csrf_token"))
                 path = ops.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
-                                          request=request, workdir=state.store.tmp)[0]
+                                          request=request, workdir=state.store.tmp).path
         except BaseException:  # the audit entry was not committed: no patient images left behind
             if path is not None:
                 os.unlink(path)
