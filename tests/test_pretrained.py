@@ -552,6 +552,28 @@ def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest
     assert stopped.value.exit_code == 2
 
 
+def test_serve_with_a_classifier_of_ones_own_still_serves_the_shipped_detector(shipped: Path) -> None:
+    """`serve --bundle <fine-tuned>` had loaded no detector (smear fields refused, nothing said at start-up): the
+    shipped detector now serves beside any classifier unless --no-detector, and a line says what is served."""
+    from leukoscope.cli import _shipped_service_models, console
+    from leukoscope.service.settings import ServiceSettings
+
+    own_classifier = shipped / DEFAULT_CLASSIFIER / ".."  # a bundle of one's own, as a path
+    with console.capture() as captured:
+        settings = _shipped_service_models(ServiceSettings(bundle=own_classifier))
+    assert settings.bundle == own_classifier and settings.detector == shipped / DEFAULT_DETECTOR
+    said = " ".join(captured.get().split())
+    assert f"smear fields: detector {shipped / DEFAULT_DETECTOR} (shipped)" in said
+    assert f"classifier: {own_classifier}" in said and f"{own_classifier} (shipped)" not in said
+    with console.capture() as captured:
+        off = _shipped_service_models(ServiceSettings(bundle=own_classifier, detector=shipped / DEFAULT_DETECTOR),
+                                      no_detector=True)
+    assert off.detector is None
+    assert "smear fields: off (--no-detector)" in " ".join(captured.get().split())
+    both = CliRunner().invoke(app, ["serve", "--no-detector", "--detector", str(shipped / DEFAULT_DETECTOR)])
+    assert both.exit_code == 2 and "contradict" in both.output
+
+
 @pytest.mark.parametrize(("arch", "prefixes", "layer"), [
     ("abas_cnn", ("classifier.",), "classifier.6"), ("tusar_convnet", ("classifier.",), "classifier.5"),
     ("mobilenet_v2", ("classifier.",), "classifier.1"), ("mobilenet_v3_small", ("classifier.",), "classifier.3"),

@@ -1035,7 +1035,10 @@ def serve(
                                           "LEUKOSCOPE_BUNDLE; default: the shipped "
                                           f"{DEFAULT_CLASSIFIER}, with the shipped {DEFAULT_DETECTOR})."),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector bundle or pretrained:NAME: "
-                                            "enables smear fields."),
+                                            f"enables smear fields (default: the shipped {DEFAULT_DETECTOR}, "
+                                            "whatever --bundle)."),
+    no_detector: bool = typer.Option(False, "--no-detector", help="Serve single-cell images only: no smear "
+                                     "fields (no detector is loaded)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database and image store "
                                             "(default ./leukoscope-data, or LEUKOSCOPE_DATA_DIR)."),
     database_url: Optional[str] = typer.Option(None, "--database-url", help="e.g. postgresql+psycopg://u:p@host/db "
@@ -1062,12 +1065,13 @@ def serve(
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
     import os
 
+    if no_detector and detector is not None:
+        _fail("--no-detector and --detector contradict each other; give one")
     settings = _service_settings(bundle=bundle, detector=detector, data_dir=data_dir, database_url=database_url,
                                  migrate=migrate, inference_threads=inference_threads,
                                  detector_backend=detector_backend, classifier_backend=classifier_backend,
                                  blast_classes=",".join(blast_class) if blast_class else None)
-    if settings.bundle is None:
-        settings = _shipped_service_models(settings)
+    settings = _shipped_service_models(settings, no_detector=no_detector)
     for model, option in ((settings.bundle, "--bundle"), (settings.detector, "--detector")):
         if model is not None:  # before the database and the store are made for a service that cannot start
             _check_bundle(str(model), option)
@@ -1086,6 +1090,8 @@ def serve(
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
     os.environ.update({f"LEUKOSCOPE_{name.upper()}": str(value) for name, value in settings.model_dump().items()
                        if value is not None})
+    if settings.detector is None:  # --no-detector: the workers must not take one from the environment
+        os.environ.pop("LEUKOSCOPE_DETECTOR", None)
     os.environ["LEUKOSCOPE_MIGRATE"] = "false"
     if user_count(settings.model_copy(update={"migrate": False})) == 0:
         console.print("[yellow]no users yet: add one with `leukoscope user add NAME --role admin` "
@@ -1106,18 +1112,34 @@ def serve(
     uvicorn.run(application, **options)
 
 
-def _shipped_service_models(settings):
-    """With no model configured at all, the shipped classifier (required) and detector (when installed)."""
+def _shipped_service_models(settings, no_detector: bool = False):
+    """The models `serve` serves, and a line saying which: the configured ones; with no classifier, the shipped
+    one (required); with no detector, the shipped one whatever the classifier (as `analyze` does: a fine-tuned
+    --bundle had silently turned smear fields off), unless ``no_detector``."""
     shipped = pretrained_names()
-    if DEFAULT_CLASSIFIER not in shipped:
-        _fail(f"give a cell-classifier bundle: --bundle DIR or pretrained:NAME (or LEUKOSCOPE_BUNDLE); no shipped "
-              f"model {DEFAULT_CLASSIFIER!r} in this install" + (f" (shipped: {', '.join(shipped)})" if shipped else ""))
-    update = {"bundle": resolve_bundle(PREFIX + DEFAULT_CLASSIFIER)}
-    if settings.detector is None and DEFAULT_DETECTOR in shipped:
+    update: dict[str, Any] = {}
+    if settings.bundle is None:
+        if DEFAULT_CLASSIFIER not in shipped:
+            _fail(f"give a cell-classifier bundle: --bundle DIR or pretrained:NAME (or LEUKOSCOPE_BUNDLE); no "
+                  f"shipped model {DEFAULT_CLASSIFIER!r} in this install"
+                  + (f" (shipped: {', '.join(shipped)})" if shipped else ""))
+        update["bundle"] = resolve_bundle(PREFIX + DEFAULT_CLASSIFIER)
+    if no_detector:
+        update["detector"] = None
+    elif settings.detector is None and DEFAULT_DETECTOR in shipped:
         update["detector"] = resolve_bundle(PREFIX + DEFAULT_DETECTOR)
-    console.print("using the shipped models: " + ", ".join(f"{key} {escape(str(path))}" for key, path in update.items()),
-                  soft_wrap=True)
-    return settings.model_copy(update=update)
+    settings = settings.model_copy(update=update)
+
+    def described(key: str, path: Any) -> str:
+        return escape(str(path)) + (" (shipped)" if update.get(key) is not None else "")
+
+    console.print(f"classifier: {described('bundle', settings.bundle)}", soft_wrap=True)
+    if settings.detector is not None:
+        console.print(f"smear fields: detector {described('detector', settings.detector)}", soft_wrap=True)
+    else:
+        why = "--no-detector" if no_detector else f"no --detector, and no shipped {DEFAULT_DETECTOR} in this install"
+        console.print(f"[yellow]smear fields: off ({why}); single-cell images only[/yellow]", soft_wrap=True)
+    return settings
 
 
 def _guarded(fn, *args):
