@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from leukoscope.service.db import transaction
-from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode
+from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode, review_state_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -467,6 +467,46 @@ def test_a_link_from_another_site_writes_nothing(service):
     assert audit_actions(service).count("case.view") == before
     assert hema.get(f"/cases/{case['id']}", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
     assert audit_actions(service).count("case.view") == before + 1
+
+
+def test_a_form_another_site_sent_changes_nothing_even_with_a_valid_csrf_token(service):
+    """Only /upload and /login refused a POST the browser marked cross-site: a review saved and an export was
+    made when the form's CSRF token was valid. Every page form that changes something refuses it now."""
+    from leukoscope.service.tables import Cell
+
+    case = upload(service.client(), service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    hema, admin = service.login("hema"), service.login("admin")
+    page = hema.get(f"/cases/{case['id']}").text
+    csrf, state, cell = csrf_of(page), review_state_of(page), case["cells"][0]["id"]
+    admin_csrf = csrf_of(admin.get("/admin/users").text)
+    tech_id = next(u["id"] for u in service.client().get("/api/v1/users", headers=service.auth("admin")).json()[
+        "users"] if u["username"] == "tech")
+    for site in ("cross-site", "same-site"):
+        headers = {"Sec-Fetch-Site": site}
+        posts = [
+            (hema, f"/cases/{case['id']}/review", {f"label_{cell}": "monocyte", "comment": "from elsewhere",
+                                                  "review_state": state, "csrf_token": csrf}),
+            (hema, "/export/dataset.zip", {"layout": "csv", "csrf_token": csrf}),
+            (hema, "/account/tokens", {"name": "x", "password": PASSWORD, "csrf_token": csrf}),
+            (hema, "/account/password", {"current": PASSWORD, "new": "another long password",
+                                         "confirm": "another long password", "csrf_token": csrf}),
+            (hema, "/logout", {"csrf_token": csrf}),
+            (admin, "/admin/users", {"username": "eve", "password": "a long password 123", "role": "admin",
+                                     "csrf_token": admin_csrf}),
+            (admin, f"/admin/users/{tech_id}", {"role": "admin", "csrf_token": admin_csrf}),
+            (admin, f"/admin/users/{tech_id}/unlock", {"csrf_token": admin_csrf}),
+        ]
+        for client, path, form in posts:
+            refused = client.post(path, data=form, headers=headers, follow_redirects=False)
+            assert refused.status_code == 403, (site, path, refused.status_code)
+    with service.state.sessions() as db:
+        assert db.get(Cell, cell).reviewed_label is None
+    assert not {"case.review", "dataset.export", "token.create", "password.change", "user.create", "user.update",
+                "login.unlock", "logout"} & set(audit_actions(service))
+    # from this site the same form saves
+    assert hema.post(f"/cases/{case['id']}/review", data={f"label_{cell}": "monocyte", "review_state": state,
+                                                          "csrf_token": csrf},
+                     headers={"Sec-Fetch-Site": "same-origin"}, follow_redirects=False).status_code == 303
 
 
 # ------------------------------------------------------------------ 12. error responses

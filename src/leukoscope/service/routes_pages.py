@@ -96,7 +96,12 @@ MAX_REVIEW_FIELDS = 20_000
 
 async def form_of(request: Request, max_fields: int = MAX_FORM_FIELDS) -> dict[str, str]:
     """The form's text fields; a NUL character in any is refused (400): PostgreSQL cannot store one, and a user
-    name or comment holding it had answered 500 (an upload's note after its analysis had run)."""
+    name or comment holding it had answered 500 (an upload's note after its analysis had run). A form another
+    origin's page sent (Sec-Fetch-Site) is refused (403) before it is read, as an upload and a log-in are: every
+    page form that changes something comes through here, and the CSRF token alone had let a review or an export
+    through from a page that was not this site's."""
+    if from_another_origin(request):
+        raise ServiceError(403, "csrf", CSRF_MESSAGE)
     form = await request.form(max_files=0, max_fields=max_fields)
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     refuse_nul(fields.values())
