@@ -451,6 +451,7 @@ def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
     result = client.post(f"/api/v1/cases/{first['id']}/review", headers=hema,
                          json={"labels": {str(a): "monocyte", str(b): "lymphocyte"}, "comment": "check a"})
     assert result.status_code == 200 and result.json()["status"] == "reviewed"
+    assert result.json()["case"]["review"]["reviewer"] == "hema"  # the completing review's answer said null
     client.post(f"/api/v1/cases/{second['id']}/review", headers=hema, json={"labels": {str(c): "excluded"}})
     # nothing left to count, and the case says why (not "No white cell found ... a smear field")
     emptied = client.get(f"/api/v1/cases/{second['id']}", headers=tech).json()["differential"]

@@ -695,6 +695,7 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
         case.status = "reviewed"
         case.reviewed_at = now
         case.reviewer_id = principal.user.id
+        case.reviewer = principal.user  # the relationship too: the response is made before any refresh
     corrected = sum(1 for c in changes if c["to"] != c["predicted"])
     audit(db, principal.user, "case.review", case_id=case.id, request=request,
           detail={"changed": len(changes), "corrected": corrected, "status": case.status,
