@@ -523,6 +523,28 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
     assert list(service.state.store.tmp.iterdir()) == []
 
 
+def test_a_note_or_comment_past_its_limit_is_refused_not_cut(service):
+    """A 2,530-character note was stored as 2,000 and a comment cut at 5,000, with 201/200 and no word: both are
+    refused with 400 and a message now (nothing written); at the limit they are kept whole, and a line break a
+    browser sends as CRLF counts as one character."""
+    client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+    image = ("a.png", encode(cell_image(), "PNG"))
+    long_note = upload(client, tech, image, note="n" * 2001)
+    assert long_note.status_code == 400 and long_note.json()["error"]["code"] == "note_too_long"
+    assert "2,001 characters; at most 2,000" in long_note.json()["error"]["message"]
+    assert service.rows()["cases"] == 0
+    case = upload(client, tech, image, note="n" * 2000).json()
+    assert len(case["note"]) == 2000
+    too_long = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"comment": "c" * 5001})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "comment_too_long"
+    assert client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()["review"]["comment"] == ""
+    whole = "c" * 4000 + "\r\n" * 1000  # 5,000 characters as a textarea sends them
+    saved = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"comment": whole})
+    assert saved.status_code == 200 and saved.json()["case"]["review"]["comment"] == whole
+    schema = client.get("/api/openapi.json").json()
+    assert schema["components"]["schemas"]["ReviewBody"]["properties"]["comment"]["maxLength"] == 5000
+
+
 def test_review_rejects_unknown_labels_and_cells(service):
     client = service.client()
     case = upload(client, service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()

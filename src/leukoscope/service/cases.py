@@ -50,6 +50,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: The longest note of an upload and comment of a review, in characters (a line break counted as one: a
+#: browser sends a textarea's as CRLF); longer ones are refused (400), not cut short.
+MAX_NOTE = 2000
+MAX_COMMENT = 5000
+
+
+def check_length(text: str | None, limit: int, what: str, code: str) -> None:
+    """400 for a ``text`` longer than ``limit`` characters (it was silently cut, and the rest lost)."""
+    length = len((text or "").replace("\r\n", "\n"))
+    if length > limit:
+        raise ServiceError(400, code, f"the {what} has {length:,} characters; at most {limit:,} (nothing was saved)")
+
+
 #: What a case id looks like (random hex; anything else is not looked up).
 CASE_ID = re.compile(r"[0-9a-f]{32}")
 #: A reviewer's label for a detection that is not a usable cell (not counted, not exported).
@@ -324,6 +337,7 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
     if kind == "smear" and not state.analyzer.has_detector:
         raise ServiceError(400, "no_detector", "this server has no detector bundle: smear fields cannot be analysed "
                                                "(upload single-cell images, or start it with --detector)")
+    check_length(note, MAX_NOTE, "note", "note_too_long")  # before any analysis runs
     stated = stated_scale(um_per_px)
     if stated is not None and not state.analyzer.takes_stated_scale(kind):  # said, rather than ignored
         why = ("this server's classifier takes single-cell images as they are (it has no physical window)"
@@ -449,7 +463,7 @@ def _persist(state: "ServiceState", user_id: int, kind: str, note: str, prepared
         at_upload["flags"].append(repeated_note(kind, pairs))
     at_upload["repeated_images"] = [{"position": position, "same_as": first} for position, first in pairs]
     with transaction(state.sessions) as db:
-        case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=(note or "")[:2000],
+        case = Case(id=case_id, owner_id=user_id, kind=kind, status="new", note=note or "",
                     model_name=analyzer.model_name[:200], classes=list(analyzer.classes), review_comment="",
                     analysis={"threshold": analyzer.threshold, "blast_classes": analyzer.blast_classes,
                               # the detector took part in a smear field's result only
@@ -654,6 +668,7 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
     reviewer saw; when another review has been saved since, nothing is saved (409): a form sends every
     cell's class as its page showed it, and would silently undo the other reviewer's corrections."""
     principal.require("hematologist")
+    check_length(comment, MAX_COMMENT, "review comment", "comment_too_long")
     if expected_state is not None and expected_state != review_state(case):
         raise ServiceError(409, "review_conflict", "another review of this case was saved after you opened it, "
                                                    "so nothing was saved: the labels shown now are the ones saved; "
@@ -688,9 +703,9 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
         changes.append({"cell": cell.id, "predicted": cell.predicted_label, "from": previous, "to": label})
         cell.reviewed_label, cell.reviewed_by, cell.reviewed_at = label, principal.user.id, now
     comment_change = None
-    if comment is not None and comment[:5000] != case.review_comment:
-        comment_change = {"from": case.review_comment, "to": comment[:5000]}  # the audit keeps both texts
-        case.review_comment = comment[:5000]
+    if comment is not None and comment != case.review_comment:
+        comment_change = {"from": case.review_comment, "to": comment}  # the audit keeps both texts
+        case.review_comment = comment
     if all(cell.reviewed_label is not None for cell in case.cells):
         case.status = "reviewed"
         case.reviewed_at = now

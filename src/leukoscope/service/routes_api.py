@@ -143,7 +143,9 @@ UPLOAD_SCHEMA = {
                           "description": "one or several JPEG/PNG/BMP/TIFF images (format read from the content)"},
                 "kind": {"type": "string", "enum": ["cell", "smear"], "default": "cell",
                          "description": "single-cell images, or smear fields (needs a detector bundle)"},
-                "note": {"type": "string", "description": "free text shown with the case"},
+                "note": {"type": "string", "maxLength": ops.MAX_NOTE,
+                         "description": f"free text shown with the case (at most {ops.MAX_NOTE:,} characters: "
+                                        "a longer one is refused with 400 note_too_long)"},
                 ops.SCALE_FIELD: {"type": "number", "minimum": 0.005, "maximum": 5,
                                   "description": "the microscope's scale in micrometres per pixel, for every image "
                                                  "(optional: else estimated from each image's red cells)"},
@@ -190,7 +192,7 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
 
 
 @router.post(f"{API}/cases", status_code=201, tags=["cases"], openapi_extra=UPLOAD_SCHEMA,
-             responses={400: {"description": "no file / empty file / bad kind / bad scale"},
+             responses={400: {"description": "no file / empty file / bad kind / bad scale / note too long"},
                         413: {"description": "too large (bytes, pixels or files)"},
                         415: {"description": "not a supported image format"},
                         422: {"description": "corrupt or truncated image"},
@@ -238,7 +240,9 @@ def get_case(request: Request, case_id: str) -> dict[str, Any]:
 
 class ReviewBody(BaseModel):
     labels: dict[int, str] = Field(default_factory=dict, description="cell id -> class (or 'excluded')")
-    comment: str | None = None
+    comment: str | None = Field(None, description=f"the review's comment (at most {ops.MAX_COMMENT:,} characters: "
+                                                  "a longer one is refused with 400 comment_too_long)",
+                                json_schema_extra={"maxLength": ops.MAX_COMMENT})  # checked by review_case
     confirm_rest: bool = Field(False, description="true: cells not listed are confirmed in their predicted class "
                                                   "(their labels then reach the reviewed-labels export as a "
                                                   "hematologist's); false (default): they stay unreviewed")

@@ -67,7 +67,8 @@ def state_of(request: Request):
 def render(request: Request, template: str, principal: Principal | None, http_status: int = 200, **context: Any):
     state = state_of(request)
     context.update(user=principal.user if principal else None, csrf=principal.csrf_token if principal else "",
-                   smear_enabled=state.analyzer.has_detector, cell_scale=state.analyzer.takes_stated_scale("cell"))
+                   smear_enabled=state.analyzer.has_detector, cell_scale=state.analyzer.takes_stated_scale("cell"),
+                   max_note=ops.MAX_NOTE, max_comment=ops.MAX_COMMENT)
     return state.templates.TemplateResponse(request, template, context, status_code=http_status)
 
 
