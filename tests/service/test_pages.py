@@ -3,6 +3,7 @@ case list and result, review form, export page, account tokens, admin."""
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -382,9 +383,15 @@ def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service
     saved = first.post(f"{case_url}/review", data={**_page_form(page_a, **{cell_id: "monocyte"}),
                                                    "comment": "corrected to monocyte (A)"}, follow_redirects=False)
     assert saved.status_code == 303
-    stale = second.post(f"{case_url}/review", data=_page_form(page_b, **{cell_id: "lymphocyte"}))
+    stale = second.post(f"{case_url}/review", data={**_page_form(page_b, **{cell_id: "lymphocyte"}),
+                                                    "comment": "B's long comment\nsecond line"})
     assert stale.status_code == 409 and "another review of this case was saved after you opened it" in stale.text
     assert "corrected to monocyte (A)" in stale.text  # the page now shows what was saved
+    # ... and keeps what the second reviewer sent in view, so that it is not lost
+    unsaved = re.search(r'<div class="unsaved" id="unsaved-comment">.*?<blockquote>(.*?)</blockquote>', stale.text,
+                        re.S)
+    assert unsaved and html.unescape(unsaved.group(1)) == "B's long comment\nsecond line"
+    assert "Your choice, not saved: <strong>lymphocyte</strong>" in stale.text
     shown = first.get(case_url).text
     assert re.search(rf'name="label_{cell_id}".*?<option value="monocyte" selected', shown, re.S)
     assert "corrected to monocyte (A)" in shown

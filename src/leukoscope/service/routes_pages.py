@@ -348,11 +348,13 @@ async def review(request: Request, case_id: str):
             except ServiceError as error:
                 if error.status >= 500 or error.status in (401, 403):
                     raise
+                # what the reviewer sent stays in view beside what is saved (a refused comment was lost)
+                unsaved = {"comment": form.get("comment", ""), "labels": labels}
                 return render(request, "case.html", principal, http_status=error.status, case=case,
                               groups=_cell_groups(db, principal, case), differential=ops.current_differential(case),
                               can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message,
                               review_state=ops.review_state(case), heatmap_note=state_of(request).analyzer.heatmap_note,
-                              all_excluded=ops.ALL_EXCLUDED_FLAG)
+                              all_excluded=ops.ALL_EXCLUDED_FLAG, unsaved=unsaved)
             return redirect(f"/cases/{case_id}?saved=1")
 
     return await run_in_threadpool(work)
