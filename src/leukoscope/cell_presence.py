@@ -15,6 +15,8 @@ BCCD's smears that hold no white cell.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -31,9 +33,16 @@ CENTRE_VIOLET = 50.0
 MIN_CENTRE_NUCLEAR_SHARE = 0.02
 
 
+#: The window is read at most this many pixels a side (box-averaged down): a nucleus is tens of pixels
+#: across there, and an image classified whole (no scale) may be 40 Mpx (the service's upload budget).
+MAX_SIDE = 256
+
+
 def centre_nuclear_share(seen: Image.Image) -> float:
     """The share of violet nuclear-stain pixels in the central disk of ``seen`` (the window read)."""
-    pixels = np.asarray(seen.convert("RGB"))
+    factor = math.ceil(max(seen.size) / MAX_SIDE)
+    rgb = seen if seen.mode == "RGB" else seen.convert("RGB")
+    pixels = np.asarray(rgb.reduce(factor) if factor > 1 else rgb)
     height, width = pixels.shape[:2]
     rows, cols = np.ogrid[:height, :width]
     radius = CENTRE_RADIUS_SHARE * min(height, width)

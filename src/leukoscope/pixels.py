@@ -33,5 +33,6 @@ def letterbox(image: Image.Image, size: int) -> Image.Image:
 def is_grayscale(image: Image.Image) -> bool:
     """Whether an RGB image (a field, a cell) holds grey levels only (its channels differ by at most 2 anywhere,
     on a sample): `analyze` and `predict` warn of it, stains telling white cells apart by their colour."""
-    sample = np.asarray(image.convert("RGB").reduce(max(1, max(image.size) // 512)), dtype=np.int16)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even an RGB image (40 Mpx: 120 MB)
+    sample = np.asarray(rgb.reduce(max(1, max(image.size) // 512)), dtype=np.int16)
     return bool(np.abs(sample - sample[..., :1]).max() <= 2)
