@@ -175,7 +175,7 @@ def test_a_bundle_without_ood_statistics_is_format_2_as_before(tmp_path: Path) -
     prediction = classifier.predict_images([Image.new("RGB", (40, 40), (200, 100, 150))])[0]
     assert prediction.ood_score is None and not prediction.unfamiliar
     row = prediction.as_row()
-    assert row["ood_score"] == "" and row["unfamiliar"] == ""  # not checked, rather than "familiar"
+    assert row["ood_score"] is None and row["unfamiliar"] is None  # not checked (null in JSON), not "familiar"
 
 
 def test_ood_statistics_round_trip_and_make_format_3(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_predict_records_the_scale_each_image_was_framed_at(tmp_path: Path) -> N
     assert [p.scale.source for p in framed] == ["estimated", "unknown"]
     rows = [p.as_row() for p in framed]
     assert rows[0]["scale_source"] == "estimated" and 0.3 < rows[0]["um_per_px"] < 0.45
-    assert rows[1]["scale_source"] == "unknown" and rows[1]["um_per_px"] == ""
+    assert rows[1]["scale_source"] == "unknown" and rows[1]["um_per_px"] is None  # empty in a CSV, null in JSON
     as_given = classifier.predict_paths(paths)  # the Python API's default: crops already framed
     assert all(p.scale is None and "scale_source" not in p.as_row() for p in as_given)
 

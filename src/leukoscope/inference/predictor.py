@@ -78,11 +78,11 @@ class Prediction:
             "uncertain": None if unread else self.uncertain,
         }
         row.update({f"p_{name}": round(p, 6) for name, p in self.probabilities.items()})
-        # Empty (not False) without statistics: "not checked" is not "familiar".
-        row["ood_score"] = "" if self.ood_score is None else round(self.ood_score, 4)
-        row["unfamiliar"] = "" if self.ood_score is None else self.unfamiliar
+        # None (empty in a CSV, null in JSON), not False, without statistics: "not checked" is not "familiar".
+        row["ood_score"] = None if self.ood_score is None else round(self.ood_score, 4)
+        row["unfamiliar"] = None if self.ood_score is None else self.unfamiliar
         if self.scale is not None:
-            row["um_per_px"] = "" if self.scale.um_per_px is None else round(self.scale.um_per_px, 5)
+            row["um_per_px"] = None if self.scale.um_per_px is None else round(self.scale.um_per_px, 5)
             row["scale_source"] = self.scale.source
         row["warnings"] = " | ".join(self.warnings)
         row["error"] = self.error or ""
