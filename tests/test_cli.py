@@ -781,6 +781,12 @@ def test_evaluate_labels_the_data_as_the_bundle_was_trained(mapped_bundle: Path,
     Image.new("RGB", (40, 40), (200, 100, 100)).save(data / "eosinophil" / "a.png")
     unknown = invoke("evaluate", "--bundle", bundle, "--data", data, "--out", tmp_path / "ev3")
     assert unknown.exit_code == 2 and "['eosinophil'] that the model does not know" in unknown.output
+    # a slip of a label the map renames is refused naming it (it was refused as a class the model does not know)
+    (data / "eosinophil").rename(data / "monocyt")
+    slip = invoke("evaluate", "--bundle", bundle, "--data", data, "--out", tmp_path / "ev4")
+    said = " ".join(slip.output.split())
+    assert slip.exit_code == 2 and "'monocyt' looks like a misspelling of 'monocyte'" in said
+    assert "data.class_map maps to 'normal'" in said
 
 
 def test_calibrate_ood_labels_the_data_as_the_bundle_was_trained(mapped_bundle: Path, synthetic_root: Path,

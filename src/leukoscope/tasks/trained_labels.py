@@ -31,6 +31,13 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
     A label neither maps to nor is among the model's classes stays, for :meth:`Manifest.with_classes` to refuse."""
     class_map, classes = trained_labels(info)
     said: list[str] = []
+    # a slip of a label the class map renames ("Erly" for "Early") would otherwise be left out as a class of
+    # its own or refused as unknown, its images unscored either way
+    for label in sorted({s.label for s in manifest if s.label is not None} - set(class_map) - set(info.classes)):
+        meant = resembled_name(label, [key for key in class_map if key != label])
+        if meant is not None and resembled_name(label, info.classes) is None:
+            raise DatasetError(f"{data}: label {label!r} looks like a misspelling of {meant!r}, which the bundle's "
+                               f"data.class_map maps to {class_map[meant]!r}; correct the label")
     renamed = Counter((s.label, class_map[s.label]) for s in manifest if s.label in class_map
                       and class_map[s.label] != s.label)
     samples = [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None, s.subject)
