@@ -1386,7 +1386,8 @@ def analyze(
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
 
     Writes per image <name>.annotated.png, <name>.cells.csv and <name>.json, and
-    summary.csv / summary.json for the whole folder. Decision support, not a diagnosis.
+    summary.csv / summary.json / summary.png (the pooled differential drawn) for the whole folder.
+    Decision support, not a diagnosis.
 
     A whole-slide image (.svs, .ndpi, a pyramidal .tif; needs the slide extra) is sampled in its
     monolayer until --target-cells white cells are counted; its files go to OUT/<slide name>/:

@@ -14,6 +14,7 @@ from leukoscope.inference.drawing import annotate
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_result import SmearResult
+from leukoscope.inference.summary_figure import differential_figure
 from tests.conftest import fresh_python
 from tests.detection.smear_fakes import DarkBlobDetector
 
@@ -78,6 +79,9 @@ def test_every_output_is_written_and_an_unreadable_file_is_a_row(
     assert len(rows) == 1 + len(paths) + 1  # header, one per input, TOTAL
     assert "not a recognised image" in rows[2] and "does not exist" in rows[5]
     assert json.loads((out / "summary.json").read_text())["failed"] == 2
+    # and the pooled differential as a picture, as differential_figure draws it
+    assert np.array_equal(np.asarray(Image.open(out / "summary.png")),
+                          np.asarray(differential_figure(summary.pooled, len(paths), 2)))
 
 
 def test_a_field_called_summary_keeps_its_own_files_beside_the_folders(tmp_path: Path) -> None:

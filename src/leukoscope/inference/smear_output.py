@@ -20,6 +20,7 @@ from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE,
                                           UNSCALED_FIELD_WORDING, cap_warning, classified_unit,
                                           grayscale_fields_warning, stated_scale_fields_warning,
                                           unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
+from leukoscope.inference.summary_figure import save_differential_figure
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER, UNCERTAIN, case_clashes, is_folder_name
@@ -293,4 +294,7 @@ class FolderSummary:
             "pooled_differential": pooled.to_json(),
             "fields": [r.summary() for r in self.results],
         }, indent=2))
+        # the same, as a picture (summary.png): a reader who opens one file sees the count and its flags
+        save_differential_figure(out_dir / f"{SUMMARY_STEM}.png", pooled, len(self.results),
+                                 sum(1 for r in self.results if r.error), self.rules.blast_flag_percent)
         return csv_path, json_path
