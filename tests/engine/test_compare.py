@@ -214,3 +214,22 @@ def test_a_rows_thread_count_does_not_carry_into_the_next_row(synthetic_root: Pa
         assert seen == [before, before] and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(original)
+
+
+def test_a_row_that_called_every_image_one_class_is_marked() -> None:
+    """A collapsed model (every output the same) was drawn as an ordinary row, its ROC-AUC 0.686 quoted as
+    if it read the images."""
+    from leukoscope.tasks.compare import CompareRow, _footnotes, markdown_table, only_class_called
+
+    collapsed = {"classes": ["blast", "lymphocyte", "platelet"], "confusion_matrix": [[0, 0, 4], [0, 0, 4], [0, 0, 4]]}
+    working = {"classes": ["blast", "lymphocyte", "platelet"], "confusion_matrix": [[3, 0, 1], [0, 4, 0], [0, 1, 3]]}
+    assert only_class_called(collapsed) == "platelet" and only_class_called(working) is None
+    assert only_class_called({}) is None
+    row = CompareRow(label="m1", model="mobilenet_v3_small", kind="classifier", accuracy=0.33, precision=0.11,
+                     recall=0.33, specificity=0.67, f1=0.17, roc_auc=0.686, train_minutes=None,
+                     images_per_second=None, parameters=None, epochs=2, val_accuracy=0.3, val_macro_f1=0.1,
+                     evaluated_on="test", segmentation=None, run_dir="r", bundle="b", one_class="platelet")
+    assert "| m1 (2 ep) ! |" in markdown_table([row])
+    info = {"chosen_by": "validation accuracy", "chosen": None, "dataset": "d", "classes": collapsed["classes"],
+            "split_file": "s.json", "split_sizes": {}}
+    assert any(note.startswith("! m1 called every scored image platelet") for note in _footnotes(info, [row]))

@@ -108,6 +108,8 @@ class CompareRow:
     bundle: str
     chosen: bool = False
     val_loss: float | None = None
+    one_class: str | None = None
+    """The class a run called every scored image (a collapsed model: its scores say nothing of the images)."""
 
 
 @dataclass
@@ -228,7 +230,18 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
         segmentation=entry_cfg.data.segmentation,
         run_dir=str(result.run_dir),
         bundle=str(result.bundle_dir),
+        one_class=only_class_called(metrics),
     )
+
+
+def only_class_called(metrics: dict[str, Any]) -> str | None:
+    """The class a run's scored images were all called, from its confusion matrix (rows: true, columns:
+    predicted); None when it called two or more (or records none)."""
+    matrix, classes = metrics.get("confusion_matrix"), metrics.get("classes")
+    if not matrix or not classes or len(classes) < 2:
+        return None
+    called = [name for j, name in enumerate(classes) if sum(row[j] for row in matrix) > 0]
+    return called[0] if len(called) == 1 else None
 
 
 #: Why no row is chosen when the split has no validation part (the comparison's outputs and the CLI say it).
@@ -343,7 +356,8 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def _label(row: CompareRow) -> str:
-    return row.label + (f" ({row.epochs} ep)" if row.epochs else "") + (" *" if row.chosen else "")
+    return (row.label + (f" ({row.epochs} ep)" if row.epochs else "") + (" *" if row.chosen else "")
+            + (" !" if row.one_class else ""))
 
 
 def markdown_table(rows: list[CompareRow]) -> str:
@@ -356,7 +370,7 @@ def markdown_table(rows: list[CompareRow]) -> str:
     return "\n".join(lines)
 
 
-def _footnotes(info: dict[str, Any]) -> list[str]:
+def _footnotes(info: dict[str, Any], rows: Sequence[CompareRow] = ()) -> list[str]:
     why = info["chosen_by"]
     choice = f"* = chosen by {why}." if info["chosen"] is not None else f"{why[:1].upper()}{why[1:]}."
     return [
@@ -368,7 +382,8 @@ def _footnotes(info: dict[str, Any]) -> list[str]:
         "inference img/s: CNN = forward pass on batches of 32 decoded images; classical = features + "
         "pipeline from decoded images (decoding excluded for both). Parameters: n/a for classical models.",
         f"{choice} (N ep) = epochs trained.",
-    ]
+    ] + [f"! {row.label} called every scored image {row.one_class}: a collapsed model, whose scores say nothing "
+         f"of the images (its ROC-AUC rests on differences too small to matter)." for row in rows if row.one_class]
 
 
 def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Path:
@@ -435,7 +450,7 @@ def _html_page(rows: list[CompareRow], info: dict[str, Any], figure: Path, compa
         style = ' style="font-weight:bold"' if row.chosen else ""
         body.append(f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells)
                     + f'<td><a href="{html.escape(link)}">report</a></td></tr>')
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _footnotes(info))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _footnotes(info, rows))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>leukoscope comparison: {html.escape(info['name'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}
@@ -463,7 +478,7 @@ def write_outputs(compare_dir: Path, rows: list[CompareRow], info: dict[str, Any
         writer.writerows(records)
     paths["json"].write_text(json.dumps(to_jsonable({**info, "rows": records}), indent=2, allow_nan=False))
     text = [f"# Model comparison: {info['name']}", "", markdown_table(rows), ""]
-    text += [f"- {note}" for note in _footnotes(info)]
+    text += [f"- {note}" for note in _footnotes(info, rows)]
     paths["md"].write_text("\n".join(text) + "\n")
     comparison_figure(rows, paths["png"], title=f"{info['name']}: {len(info['classes'])} classes")
     paths["html"].write_text(_html_page(rows, info, paths["png"], compare_dir), encoding="utf-8")
@@ -486,3 +501,8 @@ def print_table(rows: list[CompareRow], chosen_by: str) -> None:
     console.print(table)
     if not chosen:
         console.print(f"[yellow]note:[/yellow] {escape(chosen_by)}", soft_wrap=True)
+    for row in rows:
+        if row.one_class:
+            console.print(f"[yellow]![/yellow] {escape(row.label)} called every scored image "
+                          f"{escape(row.one_class)}: a collapsed model, whose scores say nothing of the images",
+                          soft_wrap=True)
