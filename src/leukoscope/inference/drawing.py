@@ -12,7 +12,13 @@ from leukoscope.labels import DISCLAIMER, UNCERTAIN
 
 _COLOURS = {UNCERTAIN: (230, 140, 0), "blast": (213, 0, 0), "other": (0, 90, 200), "RBC": (200, 120, 120),
             "Platelets": (120, 60, 160)}
-_CELL_PALETTE = [(0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233), (240, 228, 66), (0, 0, 0)]
+# One colour for each of the shipped classifier's 8 cell types besides blast (in the order of its classes: basophil,
+# eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet), none of them red or orange (blast and
+# uncertain). Six are Okabe and Ito's colour-blind-safe set without its orange and vermillion; wine and navy (after
+# Paul Tol) make eight without making the closest pair closer, in CIELAB for normal, deutan and protan vision
+# (reddish purple and bluish green, as in the six alone). A classifier with more classes repeats them.
+_CELL_PALETTE = [(86, 180, 233), (204, 121, 167), (136, 34, 85), (240, 228, 66), (0, 0, 0), (0, 158, 115),
+                 (0, 114, 178), (0, 40, 100)]
 _WARNING_RED = (200, 0, 0)
 _MARGIN = 4
 _SMALL_FIELD = 640  # a field whose longer side is shorter is drawn enlarged (labels legible)
@@ -25,6 +31,33 @@ def enlargement(size: tuple[int, int]) -> int:
     224 px field (all-taleqani's) an 11 px label is half the width of the field and the labels of
     neighbouring cells cover one another and the cells; three times larger they do not."""
     return max(1, -(-_SMALL_FIELD // max(size)))
+
+
+def cell_colours(result: SmearResult) -> dict[str, Colour]:
+    """The box colour of each class a cell of ``result`` can be labelled with, and of ``uncertain``: blasts
+    red, uncertain orange, the other classes :data:`_CELL_PALETTE` in the classifier's order without the blast
+    classes (so that the 8 other types of the shipped classifier get 8 different colours)."""
+    blast = set(result.differential.blast_classes)
+    others = [name for name in result.cell_classes if name not in blast]
+    colours = {name: _CELL_PALETTE[k % len(_CELL_PALETTE)] for k, name in enumerate(others)}
+    colours.update({name: _COLOURS["blast"] for name in blast})
+    colours[UNCERTAIN] = _COLOURS[UNCERTAIN]
+    for cell in result.cells:  # a label the classifier's class list lacks (not expected): the first colour
+        colours.setdefault(cell.label, _CELL_PALETTE[0])
+    return colours
+
+
+def ink_on(paper: Colour) -> Colour:
+    """Black or white, whichever contrasts more with ``paper`` (WCAG 2 contrast ratio of relative luminances).
+    One of the two always reaches 4.58:1, above the 4.5:1 WCAG asks of small text; white on the IG's yellow
+    had been 1.3:1."""
+    def linear(channel: int) -> float:
+        v = channel / 255
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(paper[0]) + 0.7152 * linear(paper[1]) + 0.0722 * linear(paper[2])
+    # contrast with white (1.05 / (L + 0.05)) against with black ((L + 0.05) / 0.05)
+    return (255, 255, 255) if 1.05 / (luminance + 0.05) >= (luminance + 0.05) / 0.05 else (0, 0, 0)
 
 
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
@@ -47,8 +80,11 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         font = ImageFont.load_default(size=11 * scale)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         font = ImageFont.load_default()
+    colours = cell_colours(result)
     header = _laid_out(ImageDraw.Draw(field), _header_lines(result), font, field.width)
-    band = int(header[-1][1][3]) + 2 + _MARGIN  # below the last line's paper
+    legend = _legend(ImageDraw.Draw(field), _legend_entries(result, colours), font, field.width,
+                     int(header[-1][1][3]) + 2 + _MARGIN)
+    band = max([int(header[-1][1][3])] + [int(box[3]) for box, *_ in legend]) + 2 + _MARGIN  # below the last line
     canvas = Image.new("RGB", (field.width, field.height + band), (255, 255, 255))
     canvas.paste(field, (0, band))
     draw = ImageDraw.Draw(canvas)
@@ -63,15 +99,8 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
                 continue
             colour = _COLOURS.get(det.label, (150, 150, 150))
             draw.rectangle(shifted(det.box), outline=colour, width=scale)
-    blast = set(result.differential.blast_classes)
     for cell in result.cells:
-        if cell.uncertain:
-            colour = _COLOURS[UNCERTAIN]
-        elif cell.label in blast:
-            colour = _COLOURS["blast"]
-        else:
-            index = result.cell_classes.index(cell.label) if cell.label in result.cell_classes else 0
-            colour = _CELL_PALETTE[index % len(_CELL_PALETTE)]
+        colour = colours[UNCERTAIN if cell.uncertain else cell.label]
         box = shifted(cell.box)
         draw.rectangle(box, outline=colour, width=3 * scale)
         text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
@@ -80,11 +109,43 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         x, y = box[0], max(band, box[1] - 14 * scale)  # on the field, never over the band's text
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+        draw.text((x, y), text, fill=ink_on(colour), font=font)
     for y, (left, top, right, bottom), line, ink, paper in header:
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
         draw.text((_MARGIN, y), line, fill=ink, font=font)
+    for swatch, (x, y), name, colour in legend:
+        draw.rectangle(swatch, fill=colour, outline=(90, 90, 90))  # the outline: a yellow swatch on white paper
+        draw.text((x, y), name, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _legend_entries(result: SmearResult, colours: dict[str, Colour]) -> list[tuple[str, Colour]]:
+    """(name, colour) of each class a cell of this field is labelled with, in the classifier's order, uncertain
+    last: the key to the box colours, kept to the classes drawn so that it takes one line on most fields."""
+    drawn = {cell.label for cell in result.cells}
+    names = [name for name in [*result.cell_classes, UNCERTAIN] if name in drawn]
+    names += sorted(drawn - set(names))
+    return [(f"{name} (?)" if name == UNCERTAIN else name, colours[name]) for name in names]
+
+
+def _legend(draw: ImageDraw.ImageDraw, entries: list[tuple[str, Colour]], font: ImageFont.ImageFont, width: int,
+            y: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int], str, Colour]]:
+    """The legend laid out from ``y`` down, wrapped to ``width``: (swatch, where the name is drawn, name, colour)
+    of each entry."""
+    laid: list[tuple[tuple[int, int, int, int], tuple[int, int], str, Colour]] = []
+    if not entries:
+        return laid
+    _, top, _, bottom = draw.textbbox((0, 0), "Xg", font=font)
+    side = bottom - top  # a swatch as tall as the letters
+    gap = max(3, side // 3)
+    x = _MARGIN
+    for name, colour in entries:
+        item = side + gap + int(math.ceil(draw.textlength(name, font=font)))
+        if x > _MARGIN and x + item > width - _MARGIN:
+            x, y = _MARGIN, y + side + _MARGIN
+        laid.append(((x, y + top, x + side, y + top + side), (x + side + gap, y), name, colour))
+        x += item + 3 * gap
+    return laid
 
 
 def _header_lines(result: SmearResult) -> list[tuple[str, Colour, Colour]]:

@@ -1,0 +1,83 @@
+"""The annotated smear picture (leukoscope.inference.drawing): what a reader of the PNG can tell from it."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from leukoscope.bundle import read_bundle_info
+from leukoscope.inference.differential import CountRules
+from leukoscope.inference.drawing import annotate
+from leukoscope.inference.smear_result import Cell, SmearResult
+from leukoscope.labels import UNCERTAIN, blast_classes_in
+from leukoscope.pretrained import DEFAULT_CLASSIFIER, pretrained_path
+
+GREY = (128, 128, 128)  # the field: no class colour is this grey
+
+
+def _cell(cell_id: int, box: tuple[float, float, float, float], label: str, top_class: str | None = None,
+          uncertain: bool = False) -> Cell:
+    return Cell(cell_id, box, "WBC", 0.9, label, top_class or label, 0.87, uncertain, {})
+
+
+def _drawn(cells: list[Cell], classes: list[str], size: tuple[int, int] = (700, 700)) -> tuple[np.ndarray, int]:
+    """The annotated picture of a plain grey field of ``size`` (no enlargement, text of scale 1) with ``cells``, and
+    the height of its text band."""
+    rules = CountRules(tuple(classes), tuple(blast_classes_in(classes)))
+    result = SmearResult("f.png", *size, cells, {}, rules.count([c.label for c in cells]), cell_classes=classes)
+    drawn = np.asarray(annotate(Image.new("RGB", size, GREY), result))
+    return drawn, drawn.shape[0] - size[1]
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    c = rgb.astype(float) / 255
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return c @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def _contrast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    la, lb = _luminance(a), _luminance(b)
+    return (np.maximum(la, lb) + 0.05) / (np.minimum(la, lb) + 0.05)
+
+
+def _label_chip(drawn: np.ndarray, colour: np.ndarray, box: tuple[int, int, int, int],
+                width: int) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1 inclusive) of the pixels of ``colour`` outside the outline (``width`` px, drawn
+    inward) of the cell's ``box`` in the picture: its label's paper."""
+    mask = (drawn == colour).all(axis=-1)
+    x0, y0, x1, y1 = box
+    outline = np.zeros_like(mask)
+    outline[y0:y1 + 1, x0:x1 + 1] = True
+    outline[y0 + width:y1 + 1 - width, x0 + width:x1 + 1 - width] = False
+    ys, xs = np.nonzero(mask & ~outline)
+    assert len(xs), "no label drawn in the cell's colour"
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+
+
+def test_every_class_of_the_shipped_classifier_has_its_own_colour_and_readable_label_text() -> None:
+    """Item 5 of the figure review: "1: ig 0.82" was white on yellow (1.3:1) and 6 colours served 9 classes
+    (basophil and monocyte both blue). Each class's box and label paper now differ, uncertain stays orange and
+    blast red, and each label's text contrasts at least 4.5:1 with its paper."""
+    classes = list(read_bundle_info(pretrained_path(DEFAULT_CLASSIFIER)).classes)
+    assert len(classes) == 9 and "blast" in classes
+    cells = [_cell(k + 1, (20 + 170 * (k % 4), 60 + 170 * (k // 4), 120 + 170 * (k % 4), 160 + 170 * (k // 4)), name)
+             for k, name in enumerate(classes)]
+    cells.append(_cell(len(cells) + 1, (530, 400, 630, 500), UNCERTAIN, "monocyte", uncertain=True))
+    drawn, band = _drawn(cells, classes)
+    colours = {}
+    for cell in cells:
+        x0, y0 = int(cell.box[0]), int(cell.box[1]) + band
+        colours[cell.label] = drawn[y0 + 50, x0 + 1]  # the box's left edge, half-way down
+    assert tuple(colours["blast"]) == (213, 0, 0) and tuple(colours[UNCERTAIN]) == (230, 140, 0)
+    assert len({tuple(c) for c in colours.values()}) == len(cells), colours  # no two classes share a colour
+    for cell in cells:
+        paper = colours[cell.label]
+        x0, y0 = int(cell.box[0]), int(cell.box[1]) + band
+        chip = drawn[y0 - 14:y0, x0:x0 + 40]  # the label's first characters, just above the box
+        on_paper = chip[(chip == paper).all(axis=-1)]
+        assert len(on_paper) > 50, cell.label  # the label is there
+        ink = chip.reshape(-1, 3)[_contrast(chip.reshape(-1, 3), paper).argmax()]  # the text's own colour
+        assert _contrast(ink, paper) >= 4.5, (cell.label, paper, ink)
+    # The key in the band above the field: a swatch of each colour drawn, named.
+    for name, colour in colours.items():
+        assert (drawn[:band] == colour).all(axis=-1).sum() >= 25, f"no swatch of {name} in the band"
