@@ -40,11 +40,12 @@ def _contrast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.maximum(la, lb) + 0.05) / (np.minimum(la, lb) + 0.05)
 
 
-def _label_chip(drawn: np.ndarray, colour: np.ndarray, box: tuple[int, int, int, int],
-                width: int) -> tuple[int, int, int, int]:
-    """Bounding box (x0, y0, x1, y1 inclusive) of the pixels of ``colour`` outside the outline (``width`` px, drawn
-    inward) of the cell's ``box`` in the picture: its label's paper."""
+def _label_chip(drawn: np.ndarray, band: int, colour: np.ndarray, box: tuple[int, int, int, int],
+                width: int = 3) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1 inclusive) of the pixels of ``colour`` below the band and outside the outline
+    (``width`` px, drawn inward) of the cell's ``box`` in the picture: its label's paper."""
     mask = (drawn == colour).all(axis=-1)
+    mask[:band] = False  # the key's swatch
     x0, y0, x1, y1 = box
     outline = np.zeros_like(mask)
     outline[y0:y1 + 1, x0:x1 + 1] = True
@@ -81,3 +82,23 @@ def test_every_class_of_the_shipped_classifier_has_its_own_colour_and_readable_l
     # The key in the band above the field: a swatch of each colour drawn, named.
     for name, colour in colours.items():
         assert (drawn[:band] == colour).all(axis=-1).sum() >= 25, f"no swatch of {name} in the band"
+
+
+def test_a_label_stays_whole_inside_the_picture_at_its_right_edge() -> None:
+    """Item 6 of the figure review: a blast at the right edge was labelled "3: blast 0." (its confidence cut by
+    the border). Small cells at the right edge, one in the bottom-right corner: each label's paper is as wide as
+    its text needs and lies wholly inside the picture, below the band."""
+    from PIL import ImageDraw, ImageFont
+
+    classes = ["blast", "lymphocyte"]
+    corner = _cell(1, (680, 670, 699, 699), "blast")  # 19 px: its label is far wider than its box
+    edge = _cell(2, (650, 300, 699, 350), UNCERTAIN, "lymphocyte", uncertain=True)
+    drawn, band = _drawn([corner, edge], classes)
+    height, width = drawn.shape[:2]
+    font = ImageFont.load_default(size=11)
+    for cell, text in ((corner, "1: blast 0.87"), (edge, "2: ? lymphocyte 0.87")):
+        left, _, right, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+        box = (int(cell.box[0]), int(cell.box[1]) + band, int(cell.box[2]), int(cell.box[3]) + band)
+        x0, y0, x1, y1 = _label_chip(drawn, band, drawn[box[1] + 10, box[0] + 1], box)
+        assert x1 - x0 == right - left + 2, (text, x0, x1)  # the whole text: not cut at the right
+        assert x1 == width - 1 and y0 >= band and y1 < height, (x0, y0, x1, y1)  # moved left to the edge

@@ -106,10 +106,15 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
         if cell.unfamiliar:
             text = f"! {text}"
-        x, y = box[0], max(band, box[1] - 14 * scale)  # on the field, never over the band's text
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-        draw.text((x, y), text, fill=ink_on(colour), font=font)
+        # The label's paper (its text box and 1 px round it), placed above the box, kept whole inside the picture:
+        # below the band (never over its text), left of the right edge (a blast's "0.70" was cut to "0.") and
+        # above the bottom.
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        width, height = right - left + 2, bottom - top + 2
+        x = max(0.0, min(box[0], canvas.width - 1 - width))  # x + width is the paper's last column
+        y = max(band, min(box[1] - height, canvas.height - 1 - height))
+        draw.rectangle((x, y, x + width, y + height), fill=colour)
+        draw.text((x + 1 - left, y + 1 - top), text, fill=ink_on(colour), font=font)
     for y, (left, top, right, bottom), line, ink, paper in header:
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=paper)
         draw.text((_MARGIN, y), line, fill=ink, font=font)
