@@ -102,3 +102,30 @@ def test_a_label_stays_whole_inside_the_picture_at_its_right_edge() -> None:
         x0, y0, x1, y1 = _label_chip(drawn, band, drawn[box[1] + 10, box[0] + 1], box)
         assert x1 - x0 == right - left + 2, (text, x0, x1)  # the whole text: not cut at the right
         assert x1 == width - 1 and y0 >= band and y1 < height, (x0, y0, x1, y1)  # moved left to the edge
+
+
+def test_labels_of_neighbouring_cells_cover_neither_one_another_nor_the_other_cells() -> None:
+    """Item 7 of the figure review: on a dense 224 px field "7: lymphocyte 1.00" was drawn across cell 5's box and
+    the labels of neighbouring cells over one another. Four cells close together (as on all-taleqani's fields,
+    drawn three times larger): each label is whole (its paper as wide as its text), and no label covers another's
+    or another cell's box."""
+    classes = list(read_bundle_info(pretrained_path(DEFAULT_CLASSIFIER)).classes)
+    cells = [_cell(1, (100, 100, 160, 160), "basophil"),
+             _cell(2, (100, 165, 160, 225), "eosinophil"),  # just below 1: a label above it would cover 1's box
+             _cell(3, (170, 100, 230, 160), "monocyte"),  # right of 1: a label above it would cover 1's label
+             _cell(4, (300, 105, 360, 165), "neutrophil")]
+    drawn, band = _drawn(cells, classes)
+    boxes = [(int(c.box[0]), int(c.box[1]) + band, int(c.box[2]), int(c.box[3]) + band) for c in cells]
+    papers = [_label_chip(drawn, band, drawn[box[1] + 30, box[0] + 1], box) for box in boxes]
+
+    def meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:  # both inclusive
+        return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+    for k, paper in enumerate(papers):
+        assert paper[2] - paper[0] > 80, paper  # the whole label, not a sliver left between others
+        for j in range(len(cells)):
+            if j != k:
+                assert not meet(paper, papers[j]), (k + 1, j + 1, paper, papers[j])
+                assert not meet(paper, boxes[j]), (k + 1, j + 1, paper, boxes[j])
+    # Deterministic: the same picture again.
+    assert np.array_equal(drawn, _drawn(cells, classes)[0])

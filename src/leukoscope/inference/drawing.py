@@ -63,9 +63,11 @@ def ink_on(paper: Colour) -> Colour:
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     """The field with a text band above it. On the field: white cells boxed and coloured by
     class with label and confidence, blasts red, uncertain orange, unfamiliar cells (unlike the
-    classifier's training images) marked ``!``; other objects thin. In the band: the count,
+    classifier's training images) marked ``!``; other objects thin; the labels over the boxes,
+    placed clear of one another (:func:`_label_position`). In the band: the count,
     every quality warning (white on red, so that a reviewer who sees only the picture sees it
-    too), what ``!`` means when a cell has it, and the decision-support sentence. The band sits
+    too), what ``!`` means when a cell has it, the decision-support sentence and a key to the
+    colours of the classes drawn. The band sits
     above the field, not on it, so that no cell is hidden under the text (on a 224 px field it
     would cover a third of the image); the picture keeps the field's width, enlarged by
     :func:`enlargement` when the field is small."""
@@ -99,20 +101,21 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
                 continue
             colour = _COLOURS.get(det.label, (150, 150, 150))
             draw.rectangle(shifted(det.box), outline=colour, width=scale)
-    for cell in result.cells:
-        colour = colours[UNCERTAIN if cell.uncertain else cell.label]
-        box = shifted(cell.box)
+    drawn = [(cell, colours[UNCERTAIN if cell.uncertain else cell.label], shifted(cell.box)) for cell in result.cells]
+    for _, colour, box in drawn:  # every box first, then the labels over them: no box is drawn across a label
         draw.rectangle(box, outline=colour, width=3 * scale)
+    boxes = np.array([box for _, _, box in drawn], float).reshape(-1, 4)
+    papers = np.empty((len(drawn), 4))  # the labels placed so far
+    for k, (cell, colour, box) in enumerate(drawn):
         text = f"{cell.cell_id}: {cell.label if not cell.uncertain else '? ' + cell.top_class} {cell.confidence:.2f}"
         if cell.unfamiliar:
             text = f"! {text}"
-        # The label's paper (its text box and 1 px round it), placed above the box, kept whole inside the picture:
-        # below the band (never over its text), left of the right edge (a blast's "0.70" was cut to "0.") and
-        # above the bottom.
+        # The label's paper: its text box and 1 px round it.
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         width, height = right - left + 2, bottom - top + 2
-        x = max(0.0, min(box[0], canvas.width - 1 - width))  # x + width is the paper's last column
-        y = max(band, min(box[1] - height, canvas.height - 1 - height))
+        x, y = _label_position(box, (width, height), np.delete(boxes, k, axis=0), papers[:k], canvas.size, band,
+                               3 * scale)
+        papers[k] = (x, y, x + width, y + height)
         draw.rectangle((x, y, x + width, y + height), fill=colour)
         draw.text((x + 1 - left, y + 1 - top), text, fill=ink_on(colour), font=font)
     for y, (left, top, right, bottom), line, ink, paper in header:
@@ -122,6 +125,39 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         draw.rectangle(swatch, fill=colour, outline=(90, 90, 90))  # the outline: a yellow swatch on white paper
         draw.text((x, y), name, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _label_position(box: tuple[float, float, float, float], size: tuple[int, int], boxes: np.ndarray,
+                    papers: np.ndarray, canvas: tuple[int, int], band: int, line: int) -> tuple[float, float]:
+    """Where the top-left corner of a cell's label (its paper, ``size`` px) goes: the first of a few places by its
+    ``box`` (above it, below it, inside its top; left-aligned, then right-aligned) that covers neither a label
+    placed before (``papers``) nor the box of another cell (``boxes``). Where all do, the one that covers the least
+    label, then the least box, the earlier on a tie: deterministic, and a few array operations per place. Each
+    place is kept whole inside the picture: below the band (never over its text), left of the right edge (a
+    blast's "0.70" was cut to "0.") and above the bottom. On a dense 224 px field the labels of neighbouring cells
+    had covered one another and the cells' boxes."""
+    width, height = size
+    x0, y0, x1, y1 = box
+    best, least = (0.0, 0.0), (math.inf, math.inf)
+    for x, y in ((x0, y0 - 1 - height), (x0, y1 + 1), (x0, y0 + line),
+                 (x1 - width, y0 - 1 - height), (x1 - width, y1 + 1), (x1 - width, y0 + line)):
+        x = max(0.0, min(x, canvas[0] - 1 - width))  # x + width is the paper's last column
+        y = max(band, min(y, canvas[1] - 1 - height))
+        covered = (_covered((x, y, x + width, y + height), papers), _covered((x, y, x + width, y + height), boxes))
+        if covered == (0.0, 0.0):
+            return x, y
+        if covered < least:
+            best, least = (x, y), covered
+    return best
+
+
+def _covered(rect: tuple[float, float, float, float], rects: np.ndarray) -> float:
+    """The area of ``rect`` that ``rects`` (N, 4; both with their last row and column drawn) cover, summed."""
+    if not len(rects):
+        return 0.0
+    wide = np.minimum(rects[:, 2], rect[2]) - np.maximum(rects[:, 0], rect[0]) + 1
+    high = np.minimum(rects[:, 3], rect[3]) - np.maximum(rects[:, 1], rect[1]) + 1
+    return float((np.clip(wide, 0, None) * np.clip(high, 0, None)).sum())
 
 
 def _legend_entries(result: SmearResult, colours: dict[str, Colour]) -> list[tuple[str, Colour]]:
