@@ -213,14 +213,14 @@ def _laid_out(draw: ImageDraw.ImageDraw, paragraphs: list[tuple[str, Colour, Col
     lines = []
     y = _MARGIN
     for text, ink, paper in paragraphs:
-        for line in _wrap(draw, text, font, width - 2 * _MARGIN):
+        for line in wrap_text(draw, text, font, width - 2 * _MARGIN):
             box = draw.textbbox((_MARGIN, y), line, font=font)
             lines.append((y, box, line, ink, paper))
             y = box[3] + _MARGIN
     return lines
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
     """``text`` in lines no wider than ``width`` pixels (a warning must not run off a 640 px field)."""
     lines: list[str] = []
     for word in text.split():

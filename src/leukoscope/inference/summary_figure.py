@@ -11,6 +11,7 @@ from __future__ import annotations
 from PIL import Image, ImageDraw, ImageFont
 
 from leukoscope.inference.differential import Differential
+from leukoscope.inference.drawing import wrap_text
 from leukoscope.labels import DISCLAIMER, UNCERTAIN
 
 WIDTH = 960
@@ -28,16 +29,6 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         return ImageFont.load_default()
-
-
-def _wrapped(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
 
 
 def _rows(differential: Differential) -> list[tuple[str, int, float, tuple[int, int, int]]]:
@@ -79,10 +70,10 @@ def differential_figure(differential: Differential, fields: int, failed: int = 0
         title += f" ({failed} {unit}{'' if failed == 1 else 's'} unreadable)"
     rows = _rows(differential)
     notes = [(line, _PAPER, _WARNING) for flag in differential.flags if flag.startswith("WARNING")
-             for line in _wrapped(scratch, flag, font, text_width - 8)]
+             for line in wrap_text(scratch, flag, font, text_width - 8)]
     notes += [(line, _INK, _PAPER) for flag in differential.flags if not flag.startswith("WARNING")
-              for line in _wrapped(scratch, flag, font, text_width)]
-    notes += [(line, _GREY, _PAPER) for line in _wrapped(scratch, DISCLAIMER, small, text_width)]
+              for line in wrap_text(scratch, flag, font, text_width)]
+    notes += [(line, _GREY, _PAPER) for line in wrap_text(scratch, DISCLAIMER, small, text_width)]
     height = _MARGIN + 34 + _ROW * (len(rows) + 1) + 24 + 30 + 70 + 22 * len(notes) + _MARGIN
     canvas = Image.new("RGB", (WIDTH, height), _PAPER)
     draw = ImageDraw.Draw(canvas)
