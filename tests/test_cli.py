@@ -199,9 +199,11 @@ def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: P
 
     import leukoscope.inference.explain as explain
 
-    # a model that finds no positive evidence: grad_cam's answer is an all-zero map
-    monkeypatch.setattr(explain, "grad_cam",
-                        lambda model, inputs, index, views=1: np.zeros((len(inputs), 32, 32), np.float32))
+    # a collapsed model: each raw map varies by 0.7% of its level, its ripple stretched to [0, 1] for display
+    # (judged on that scaled map, no map was ever flat)
+    ramp = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float32), (32, 1))
+    monkeypatch.setattr(explain, "grad_cam_maps", lambda model, inputs, index, views=1: explain.GradCamMaps(
+        np.stack([ramp] * len(inputs)), np.full(len(inputs), 0.007)))
     images = sorted((synthetic_root / "blast").iterdir())[:2]
     result = invoke("predict", "--bundle", trained_bundle, *images, "--out", tmp_path / "p.csv",
                     "--explain", tmp_path / "cam")

@@ -12,11 +12,12 @@ from scipy import ndimage
 from torch import nn
 
 from leukoscope.inference.explain import (
+    GradCamMaps,
     find_target_layer,
     grad_cam,
+    grad_cam_maps,
     heatmap_figure,
     heatmap_mask_fraction,
-    is_flat_heatmap,
     overlay_heatmap,
 )
 from leukoscope.models import create_model, list_models
@@ -417,18 +418,20 @@ def test_save_explanations_runs_grad_cam_once_per_batch(tmp_path, monkeypatch: p
     calls: list[tuple[int, list[int]]] = []
     maps: list[np.ndarray] = []
 
-    def counting(model_, inputs, index, views=1):
+    def counting(model_, inputs, index, views=1) -> GradCamMaps:
         calls.append((len(inputs), list(index)))
-        maps.append(grad_cam(model_, inputs, index, views=views))
-        return maps[-1]
+        found = grad_cam_maps(model_, inputs, index, views=views)
+        maps.append(found.heatmaps)
+        return found
 
-    monkeypatch.setattr(explain, "grad_cam", counting)
+    monkeypatch.setattr(explain, "grad_cam_maps", counting)
     written = save_explanations(classifier, predictions, tmp_path / "cam", batch_size=2)
     assert len(written) == 5 and [n for n, _ in calls] == [2, 2, 1]  # 3 passes for 5 images, not 5
     wanted = [classifier.classes.index(p.top_class) for p in predictions]
     assert [i for _, index in calls for i in index] == wanted  # each image explains its own top class
     for i, path in enumerate(paths):  # each map is the one Grad-CAM gives that image alone
-        alone = grad_cam(model, classifier.preprocess(Image.open(path).convert("RGB"))[None], wanted[i])[0]
+        image = classifier.preprocess(Image.open(path).convert("RGB"))[None]
+        alone = grad_cam_maps(model, image, wanted[i]).heatmaps[0]
         np.testing.assert_allclose(np.concatenate(maps)[i], alone, atol=1e-5)
 
 
@@ -452,7 +455,7 @@ def test_overlay_blends_the_colormap_over_the_image() -> None:
 def test_heatmap_figure_has_a_colour_bar_from_lowest_to_high() -> None:
     image = Image.new("RGB", (256, 256), (200, 200, 200))
     heatmap = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
-    figure = heatmap_figure(overlay_heatmap(image, heatmap), heatmap, "blast")
+    figure = heatmap_figure(overlay_heatmap(image, heatmap), heatmap, "blast", flat=False)
     width, height = figure.size
     assert width > 256 + 40 and height > 256  # room for the bar and the caption
     pixels = np.asarray(figure).astype(int)
@@ -465,15 +468,56 @@ def test_heatmap_figure_has_a_colour_bar_from_lowest_to_high() -> None:
 
 def test_a_flat_map_is_saved_with_a_visible_note() -> None:
     image = Image.new("RGB", (256, 256), (200, 200, 200))
-    flat = np.zeros((64, 64), np.float32)  # grad_cam's answer when no evidence is positive
-    varied = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
-    assert is_flat_heatmap(flat) and is_flat_heatmap(np.full((8, 8), 0.5)) and not is_flat_heatmap(varied)
-    overlay = overlay_heatmap(image, flat)
+    # a flat map scaled for display: its ripple stretched to the full range, as grad_cam gives it
+    stretched = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    overlay = overlay_heatmap(image, stretched)
     plain = np.asarray(overlay).astype(int)
-    noted = np.asarray(heatmap_figure(overlay, flat, "blast")).astype(int)[:256, :256]
+    noted = np.asarray(heatmap_figure(overlay, stretched, "blast", flat=True)).astype(int)[:256, :256]
     changed = np.abs(noted - plain).sum(axis=2) > 60
     assert changed[100:156, :].sum() > 500  # the note is drawn across the middle of the picture
     assert not changed[:60].any() and not changed[-60:].any()
+    bare = np.asarray(heatmap_figure(overlay, stretched, "blast", flat=False)).astype(int)[:256, :256]
+    np.testing.assert_array_equal(bare, plain)
+
+
+class NearlyConstantNet(nn.Module):
+    """A collapsed model: its one feature map is ``level`` everywhere plus ``ripple`` x the red channel, and its
+    logits barely depend on the image (a training run that learned nothing gave maps varying by 0.7%)."""
+
+    def __init__(self, level: float, ripple: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([ripple, 0.0, 0.0]).view(1, 3, 1, 1))
+            self.conv.bias.fill_(level)
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_flatness_is_judged_on_the_raw_map_not_the_scaled_one() -> None:
+    """The check ran on the map after min-max scaling, so a collapsed model's maps (raw max - min 0.7% of their
+    level, the same wash on every cell) were drawn full-range without FLAT MAP."""
+    image = _red_green_image()
+    collapsed = grad_cam_maps(NearlyConstantNet(level=1.0, ripple=0.005), image, 0)
+    assert collapsed.heatmaps.max() == pytest.approx(1.0) and collapsed.heatmaps.min() == 0.0  # stretched
+    assert collapsed.flat.tolist() == [True] and collapsed.contrast[0] < 0.01
+    pointed = grad_cam_maps(NearlyConstantNet(level=0.0, ripple=1.0), image, 0)  # red only where red is
+    assert pointed.flat.tolist() == [False] and pointed.contrast[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(pointed.heatmaps, collapsed.heatmaps, atol=1e-3)  # the same picture: only the
+    # raw map tells them apart
+    # scale-free: a tiny map that points somewhere (a random-init net's ~1e-13) is not flat
+    assert not grad_cam_maps(NearlyConstantNet(level=0.0, ripple=1e-12), image, 0).flat[0]
+    nothing = grad_cam_maps(NearlyConstantNet(level=0.0, ripple=1.0), image, 1)  # no positive evidence
+    assert nothing.flat[0] and not nothing.heatmaps.any()
+    # test-time views: judged on the views' raw maps averaged, not on each view's scaled map
+    views = grad_cam_maps(NearlyConstantNet(level=1.0, ripple=0.005), image, 0, views=8)
+    assert views.flat[0] and views.heatmaps.max() == pytest.approx(1.0)
+    np.testing.assert_array_equal(grad_cam(NearlyConstantNet(level=1.0, ripple=0.005), image, 0),
+                                  collapsed.heatmaps)
 
 
 def test_overlay_rejects_bad_arguments() -> None:

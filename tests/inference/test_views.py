@@ -245,13 +245,13 @@ def test_heatmaps_of_predict_and_of_the_service_use_the_bundles_views(
     payload["preprocessing"]["views"], payload["format_version"] = 8, 8
     (bundle / "bundle.json").write_text(json.dumps(payload))
     seen: list[int] = []
-    real = explain.grad_cam
+    real = explain.grad_cam_maps
 
     def recording(model, inputs, class_index=None, target_layer=None, views=1):
         seen.append(views)
         return real(model, inputs, class_index, target_layer, views=views)
 
-    monkeypatch.setattr(explain, "grad_cam", recording)
+    monkeypatch.setattr(explain, "grad_cam_maps", recording)
     image_file = tmp_path / "cell.png"
     _asymmetric().save(image_file)
     classifier = CellClassifier.from_bundle(bundle)

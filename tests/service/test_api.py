@@ -3,6 +3,7 @@ tokens, rate limit, EXIF stripping, path-traversal names, audit, review and expo
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
 import io
@@ -873,20 +874,56 @@ def test_a_stated_scale_is_refused_by_a_smear_backend_that_cannot_take_one(make_
 
 def test_a_flat_heatmap_is_shown_with_its_note() -> None:
     """The service drew a bare overlay: a flat map (no region pointed at) was an even tint under the caption
-    "where the model found its evidence"; the CLI's figure says FLAT MAP."""
+    "where the model found its evidence"; the CLI's figure says FLAT MAP. Flat is the raw map's verdict
+    (GradCamMaps.flat): the scaled map of a collapsed model spans 0 to 1 like a real one's."""
     from leukoscope.inference.explain import overlay_heatmap
     from leukoscope.pixels import letterbox
     from leukoscope.service.analysis import explained, overlay_size
 
     image = cell_image()
     plain = letterbox(image, overlay_size(image, 32))
-    flat = np.zeros((32, 32), np.float32)
-    shown = explained(image, flat, 32)
+    stretched = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float32), (32, 1))
+    shown = explained(image, stretched, 32, flat=True)
     assert shown.size == plain.size
-    assert not np.array_equal(np.asarray(shown), np.asarray(overlay_heatmap(plain, flat)))  # the note
-    pointed = np.zeros((32, 32), np.float32)
-    pointed[8:16, 8:16] = 1.0
-    assert np.array_equal(np.asarray(explained(image, pointed, 32)), np.asarray(overlay_heatmap(plain, pointed)))
+    assert not np.array_equal(np.asarray(shown), np.asarray(overlay_heatmap(plain, stretched)))  # the note
+    assert np.array_equal(np.asarray(explained(image, stretched, 32, flat=False)),
+                          np.asarray(overlay_heatmap(plain, stretched)))
+
+
+def test_the_service_marks_a_collapsed_model_s_maps_flat(analyzer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both of the service's Grad-CAM paths (one forward pass for a single cell, batches for smear cells) judge
+    flatness on the raw map: a model whose maps barely vary got full-range overlays without the note."""
+    import torch
+
+    from leukoscope.service import analysis
+
+    class Collapsed(torch.nn.Module):  # one feature map: 1 everywhere, plus 0.5% of the red channel
+        def __init__(self, classes: int) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 1)
+            self.head = torch.nn.Linear(1, classes)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor([0.005, 0.0, 0.0]).view(1, 3, 1, 1))
+                self.conv.bias.fill_(1.0)
+                self.head.weight.fill_(1.0)
+                self.head.bias.zero_()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean(dim=(2, 3)))
+
+    marked: list[bool] = []
+    real = analysis.explained
+
+    def recording(image: Image.Image, heatmap: np.ndarray, size: int, flat: bool) -> Image.Image:
+        marked.append(flat)
+        return real(image, heatmap, size, flat)
+
+    monkeypatch.setattr(analysis, "explained", recording)
+    classifier = copy.copy(analyzer.base)
+    classifier.model, classifier.ood = Collapsed(len(classifier.classes)).eval(), None
+    _, overlay = analyzer._predict_and_explain(classifier, cell_image(), "upload")
+    overlays = analyzer._overlays(classifier, [cell_image(), cell_image()], [classifier.classes[0]] * 2)
+    assert overlay is not None and all(o is not None for o in overlays) and marked == [True, True, True]
 
 
 def test_two_reviews_sent_at_once_with_one_state_save_one_and_refuse_the_other(service):

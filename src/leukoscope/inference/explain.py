@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -186,6 +187,37 @@ def _normalise(cam: torch.Tensor) -> torch.Tensor:
     return torch.where(span >= tiny, scaled, torch.zeros_like(cam)).clamp_(0.0, 1.0)
 
 
+class GradCamMaps(NamedTuple):
+    """Grad-CAM maps scaled for display, with what their raw (unscaled) maps say of their contrast."""
+
+    heatmaps: np.ndarray
+    """float32 ``(N, H, W)`` in [0, 1]: each map min-max scaled to its own range."""
+    contrast: np.ndarray
+    """float64 ``(N,)``: each raw map's (max - min) / max (:func:`map_contrast`), 0 for an all-zero map."""
+
+    @property
+    def flat(self) -> np.ndarray:
+        """bool ``(N,)``: maps that point at no region (:data:`FLAT_MAP_THRESHOLD`); their colours mean nothing."""
+        return self.contrast < FLAT_MAP_THRESHOLD
+
+
+#: A raw Grad-CAM map whose (max - min) is under this share of its max points at no region: the display's
+#: per-image min-max scaling would stretch its ripple to the full colour range. Judged on the raw map, never on
+#: the scaled one (always 0 to 1 unless constant). A model whose output ignores its input (a collapsed run: 9
+#: classes at 1/9 each) gave maps varying by 0.7% of their level; the shipped classifier's maps of pbc cells
+#: varied by 45% or more, a 3-epoch resnet18's by 14% or more (docs/benchmarks.md, "Flat Grad-CAM maps").
+FLAT_MAP_THRESHOLD = 0.05
+
+
+def map_contrast(raw: torch.Tensor) -> torch.Tensor:
+    """``(max - min) / max`` of each raw (non-negative) map of an ``(N, H, W)`` batch: scale-free, so the
+    ~1e-13 maps of a random-init net that point somewhere count as contrasted; 0 for an all-zero map."""
+    flat = raw.flatten(1).double()
+    high = flat.max(dim=1).values
+    span = high - flat.min(dim=1).values
+    return torch.where(high > 0, span / high.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(high))
+
+
 def grad_cam(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -193,7 +225,20 @@ def grad_cam(
     target_layer: nn.Module | None = None,
     views: int = 1,
 ) -> np.ndarray:
-    """Grad-CAM heatmaps, float32 ``(N, H, W)`` in [0, 1] at the input resolution.
+    """Grad-CAM heatmaps, float32 ``(N, H, W)`` in [0, 1] at the input resolution
+    (:func:`grad_cam_maps`'s ``heatmaps``; that function also says which maps are flat)."""
+    return grad_cam_maps(model, inputs, class_index, target_layer, views).heatmaps
+
+
+def grad_cam_maps(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    class_index: int | Sequence[int] | None = None,
+    target_layer: nn.Module | None = None,
+    views: int = 1,
+) -> GradCamMaps:
+    """Grad-CAM heatmaps, float32 ``(N, H, W)`` in [0, 1] at the input resolution, and each raw map's contrast
+    (whether it is flat: :attr:`GradCamMaps.flat`).
 
     ``inputs``: a normalised batch ``(N, C, H, W)`` (a single ``(C, H, W)`` image is
     taken as a batch of one) on the model's device. ``class_index``: the class to
@@ -206,7 +251,8 @@ def grad_cam(
     mode and gets back its own train/eval modes and no leftover hooks, even on error.
     ``views`` (a bundle's test-time views, 4 or 8; square inputs): the map of each of the image's
     rotations (and mirror images) for the same class, turned back and averaged, as its answer is
-    the average of theirs; ``None`` then explains the class of the averaged logits.
+    the average of theirs; ``None`` then explains the class of the averaged logits. The contrast is then
+    the average raw map's.
     """
     if inputs.dim() == 3:
         inputs = inputs.unsqueeze(0)
@@ -214,6 +260,13 @@ def grad_cam(
         raise ValueError(f"inputs must be a non-empty (N, C, H, W) batch, got shape {tuple(inputs.shape)}")
     if views > 1:
         return _grad_cam_over_views(model, inputs, class_index, target_layer, views)
+    raw = _raw_grad_cam(model, inputs, class_index, target_layer)
+    return GradCamMaps(_normalise(raw).cpu().numpy(), map_contrast(raw).cpu().numpy())
+
+
+def _raw_grad_cam(model: nn.Module, inputs: torch.Tensor, class_index: int | Sequence[int] | None,
+                  target_layer: nn.Module | None) -> torch.Tensor:
+    """The unscaled maps (float32 ``(N, H, W)``, non-negative) at the input resolution."""
     watched = [target_layer] if target_layer is not None else _stages(model)
     if not watched:
         raise ValueError(f"{type(model).__name__} has no Conv2d layer; pass target_layer")
@@ -230,12 +283,11 @@ def grad_cam(
         if gradient is None:
             raise ValueError("the target layer's output does not influence the logits")
         cam = _combine(activation.detach().float(), gradient.float())  # fp32 even under autocast
-    cam = F.interpolate(cam[:, None], size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return _normalise(cam).cpu().numpy()
+    return F.interpolate(cam[:, None], size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def _grad_cam_over_views(model: nn.Module, inputs: torch.Tensor, class_index: int | Sequence[int] | None,
-                         target_layer: nn.Module | None, views: int) -> np.ndarray:
+                         target_layer: nn.Module | None, views: int) -> GradCamMaps:
     if inputs.shape[-1] != inputs.shape[-2]:
         raise ValueError(f"test-time views need square inputs, got {tuple(inputs.shape[-2:])}")
     n = len(inputs)
@@ -247,13 +299,20 @@ def _grad_cam_over_views(model: nn.Module, inputs: torch.Tensor, class_index: in
     if len(indices) != n:
         raise ValueError(f"{len(indices)} class indices for {n} images")
     step = max(1, VIEWS_BATCH // views)  # images whose views go through one backward pass together
-    means = []
+    means, raw_means = [], []
     for start in range(0, n, step):
         part = inputs[start:start + step]
-        maps = grad_cam(model, dihedral_views(part, views), indices[start:start + step] * views, target_layer)
-        maps = maps.reshape(views, len(part), *inputs.shape[-2:])
+        raw = _raw_grad_cam(model, dihedral_views(part, views), indices[start:start + step] * views, target_layer)
+        # the picture: each view's map scaled to its own range, then averaged (as before)
+        maps = _normalise(raw).cpu().numpy().reshape(views, len(part), *inputs.shape[-2:])
         means.append(np.mean([view_back(maps[view], view) for view in range(views)], axis=0))
-    return _normalise(torch.from_numpy(np.ascontiguousarray(np.concatenate(means)))).numpy()
+        # flatness: the raw maps averaged, as the answer averages the views' logits; scaling each view first
+        # would stretch a flat view's ripple as much as a real one's
+        raw = raw.cpu().numpy().reshape(views, len(part), *inputs.shape[-2:])
+        raw_means.append(np.mean([view_back(raw[view], view) for view in range(views)], axis=0))
+    heatmaps = _normalise(torch.from_numpy(np.ascontiguousarray(np.concatenate(means)))).numpy()
+    contrast = map_contrast(torch.from_numpy(np.ascontiguousarray(np.concatenate(raw_means)))).numpy()
+    return GradCamMaps(heatmaps, contrast)
 
 
 def _target_activation(record: _Record, target_layer: nn.Module | None) -> torch.Tensor:
@@ -296,18 +355,8 @@ def overlay_heatmap(
     return Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
 
 
-#: A map (in [0, 1]) whose max - min is below this shows no localised evidence
-#: (grad_cam returns all zeros when nothing positive was found): its colours mean nothing.
-FLAT_MAP_THRESHOLD = 1e-3
-
 _LEGEND_WIDTH = 72
 _CAPTION_HEIGHT = 34
-
-
-def is_flat_heatmap(heatmap: np.ndarray, threshold: float = FLAT_MAP_THRESHOLD) -> bool:
-    """True when ``heatmap`` is (nearly) uniform: it points at no region of the image."""
-    heat = _check_heatmap(heatmap, require_unit_range=False)
-    return float(heat.max() - heat.min()) < threshold
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -317,13 +366,14 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, colormap: str = "jet") -> Image.Image:
+def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, flat: bool,
+                   colormap: str = "jet") -> Image.Image:
     """``overlay`` (from :func:`overlay_heatmap`) with a colour bar saying what the
-    colours mean and a caption; a flat map gets a visible note across the picture,
-    so nobody reads meaning into a uniform colour wash."""
+    colours mean and a caption; a flat map (``flat``: :attr:`GradCamMaps.flat`, judged on the raw map)
+    gets a visible note across the picture, so nobody reads meaning into a stretched colour wash."""
     import matplotlib
 
-    flat = is_flat_heatmap(heatmap)
+    _check_heatmap(heatmap, require_unit_range=True)
     cmap = matplotlib.colormaps[colormap]
     width, height = overlay.size
     figure = Image.new("RGB", (width + _LEGEND_WIDTH, height + _CAPTION_HEIGHT), "white")

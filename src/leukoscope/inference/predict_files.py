@@ -163,8 +163,7 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     images, each explaining its own top class (:func:`grad_cam` takes one class per image)."""
     import torch
 
-    from leukoscope.inference.explain import (coarse_map_warning, grad_cam, heatmap_figure, is_flat_heatmap,
-                                              overlay_heatmap)
+    from leukoscope.inference.explain import coarse_map_warning, grad_cam_maps, heatmap_figure, overlay_heatmap
     from leukoscope.pixels import letterbox
 
     model = classifier.model if model is None else model
@@ -182,16 +181,17 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
             # the image the answer came from: framed at the scale its prediction records
             images = [_as_classified(classifier, load_image(prediction.source), prediction) for prediction in batch]
             inputs = torch.stack([classifier.preprocess(image) for image in images]).to(classifier.device)
-            heatmaps = grad_cam(model, inputs, [classifier.classes.index(p.top_class) for p in batch],
-                                views=classifier.info.preprocessing.views)  # as the answer: every view's map
-            for offset, (prediction, image, heatmap) in enumerate(zip(batch, images, heatmaps)):
+            maps = grad_cam_maps(model, inputs, [classifier.classes.index(p.top_class) for p in batch],
+                                 views=classifier.info.preprocessing.views)  # as the answer: every view's map
+            for offset, (prediction, image, heatmap, is_flat) in enumerate(
+                    zip(batch, images, maps.heatmaps, maps.flat)):
                 shown = letterbox(image, max(classifier.image_size, 256))
                 row = rows[start + offset][0]
                 path = out_dir / f"{row:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
                 # compress_level 1: still lossless; zlib's default level took a third of the time
-                heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class).save(
-                    path, compress_level=1)
-                if is_flat_heatmap(heatmap):
+                heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class,
+                               flat=bool(is_flat)).save(path, compress_level=1)
+                if is_flat:
                     flat.append(path.name)
                 written.append(path)
                 update()

@@ -47,15 +47,16 @@ def in_service_words(warning: str) -> str:
     return warning.replace(SCALE_OPTION, SCALE_FIELD_WORDS)
 
 
-def explained(image: Image.Image, heatmap: Any, model_size: int) -> Image.Image:
+def explained(image: Image.Image, heatmap: Any, model_size: int, flat: bool) -> Image.Image:
     """The picture a reviewer sees: the heatmap over the cell as the model saw it (letterboxed), at the
-    cell's size (the page shows it beside the cell), and across it a note when the map is flat (it points at
-    nothing: a uniform tint would otherwise read as "evidence everywhere")."""
-    from leukoscope.inference.explain import is_flat_heatmap, mark_flat, overlay_heatmap
+    cell's size (the page shows it beside the cell), and across it a note when the map is flat (``flat``:
+    :attr:`leukoscope.inference.explain.GradCamMaps.flat`, judged on the raw map; it points at nothing, and
+    its scaled colours would otherwise read as evidence)."""
+    from leukoscope.inference.explain import mark_flat, overlay_heatmap
     from leukoscope.pixels import letterbox
 
     overlay = overlay_heatmap(letterbox(image, overlay_size(image, model_size)), heatmap)
-    return mark_flat(overlay) if is_flat_heatmap(heatmap) else overlay
+    return mark_flat(overlay) if flat else overlay
 
 
 def overlay_size(image: Image.Image, model_size: int) -> int:
@@ -226,7 +227,7 @@ class Analyzer:
             return [None] * len(images)  # classical (scikit-learn) bundles have no convolution to explain
         import torch
 
-        from leukoscope.inference.explain import grad_cam
+        from leukoscope.inference.explain import grad_cam_maps
 
         overlays: list[Image.Image | None] = []
         for start in range(0, len(images), OVERLAY_BATCH):
@@ -235,11 +236,12 @@ class Analyzer:
             indices = [classifier.classes.index(name) for name in top_classes[start:start + OVERLAY_BATCH]]
             try:
                 with torch.enable_grad():
-                    heatmaps = grad_cam(classifier.model, inputs, indices, views=classifier.info.preprocessing.views)
+                    maps = grad_cam_maps(classifier.model, inputs, indices, views=classifier.info.preprocessing.views)
             except ValueError as exc:  # a model Grad-CAM cannot explain: show the result without a heatmap
                 log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
                 return [None] * len(images)
-            overlays += [explained(image, heatmap, classifier.image_size) for image, heatmap in zip(batch, heatmaps)]
+            overlays += [explained(image, heatmap, classifier.image_size, bool(flat))
+                         for image, heatmap, flat in zip(batch, maps.heatmaps, maps.flat)]
         return overlays
 
     def _predict_and_explain(self, classifier: CellClassifier, image: Image.Image,
@@ -258,7 +260,7 @@ class Analyzer:
         import numpy as np
         import torch
 
-        from leukoscope.inference.explain import grad_cam
+        from leukoscope.inference.explain import grad_cam_maps
         from leukoscope.models.embedding import capture_embeddings
 
         captured: list[torch.Tensor] = []
@@ -269,7 +271,7 @@ class Analyzer:
                 # The OOD score's embedding comes from the same forward pass as the heatmap.
                 embedded = (stack.enter_context(capture_embeddings(classifier.model))
                             if classifier.ood is not None and classifier.ood.needs_embeddings else None)
-                heatmap = grad_cam(classifier.model, inputs)[0]  # explains the predicted (top) class
+                maps = grad_cam_maps(classifier.model, inputs)  # explains the predicted (top) class
         except ValueError as exc:
             log.warning("no Grad-CAM for %s: %s", self.model_name, exc)
             return classifier.predict_images([image], [source])[0], None
@@ -279,7 +281,7 @@ class Analyzer:
         probabilities = torch.softmax(raw / classifier.info.temperature, dim=1).numpy()[0].astype(np.float64)
         scores = classifier.ood_scores(raw.numpy(), embedded[-1].numpy() if embedded else None)
         prediction = classifier._to_prediction(source, probabilities, None if scores is None else scores[0])
-        return prediction, explained(image, heatmap, classifier.image_size)
+        return prediction, explained(image, maps.heatmaps[0], classifier.image_size, bool(maps.flat[0]))
 
     def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None,
                      um_per_px: float | None = None) -> ImageOutcome:
