@@ -180,7 +180,7 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     # a 32 px mobilenet_v3_small reads a 2 x 2 map, and the command says what such a map can show
     assert "Grad-CAM reads this classifier's last stage at 2 x 2 for its 32 px input" in " ".join(result.output.split())
     width, height = Image.open(overlays[0]).size
-    assert height >= 256 and width > height  # the colour bar beside the picture
+    assert height >= 256 + 15 * 5 and width > 256 + 40  # the colour bar beside, the coarse-map caveat below
     # an unreadable file first: each overlay keeps its row's number in the predictions file
     (tmp_path / "broken.png").write_bytes(b"not an image")
     again = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images, "--out", out,

@@ -480,6 +480,61 @@ def test_a_flat_map_is_saved_with_a_visible_note() -> None:
     np.testing.assert_array_equal(bare, plain)
 
 
+def test_the_figure_carries_the_prediction_s_status_and_notes() -> None:
+    """The picture said only "Grad-CAM evidence for 'platelet'" for a row the predictions file called uncertain
+    and unfamiliar, with a warning; the coarse-map caveat was on the console only."""
+    image = Image.new("RGB", (256, 256), (200, 200, 200))
+    heatmap = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    overlay = overlay_heatmap(image, heatmap)
+    plain = heatmap_figure(overlay, heatmap, "platelet", flat=False)
+    status = "! uncertain (top: platelet 0.42), unfamiliar"
+    noted = heatmap_figure(overlay, heatmap, "platelet", flat=False, status=status, alert=True,
+                           notes=["warning: No scale for a single-cell image (warnings column)", "x " * 200])
+    assert noted.width == plain.width and noted.height >= plain.height + 15 * 7  # status, 1 + 5 wrapped notes
+    first = np.asarray(noted).astype(int)[256:272, :]
+    red = (first[..., 0] > 180) & (first[..., 1] < 90) & (first[..., 2] < 90)
+    assert red.sum() > 50  # the status line, in red
+    calm = np.asarray(heatmap_figure(overlay, heatmap, "x", flat=False, status="lymphocyte 0.99")).astype(int)
+    first = calm[256:272, :]
+    assert not ((first[..., 0] > 180) & (first[..., 1] < 90)).any() and calm.shape[0] == plain.height + 15
+
+
+def test_save_explanations_pictures_say_what_the_row_says(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named and captioned by the label (not the top class of an uncertain row), unfamiliar marked, warnings
+    and the coarse-map caveat on the picture."""
+    from dataclasses import replace
+
+    from leukoscope.bundle import BundleInfo
+    from leukoscope.inference import explain
+    from leukoscope.inference.predict_files import save_explanations
+    from leukoscope.inference.predictor import CellClassifier
+    from leukoscope.preprocessing import Preprocessing
+
+    info = BundleInfo(model_name="mobilenet_v2", classes=["a", "b", "c"], preprocessing=Preprocessing(image_size=48))
+    classifier = CellClassifier(_fast_random_model("mobilenet_v2"), info, uncertain_threshold=1.0)
+    path = tmp_path / "cell.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    (prediction,) = classifier.predict_paths([path])
+    prediction = replace(prediction, unfamiliar=True, ood_score=9.0,
+                         warnings=("No scale for a single-cell image: classified whole, although ...",))
+    drawn: list[dict] = []
+    real = explain.heatmap_figure
+
+    def recording(*args, **kwargs) -> Image.Image:
+        drawn.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "heatmap_figure", recording)
+    (written,) = save_explanations(classifier, [prediction], tmp_path / "cam")
+    assert prediction.label == "uncertain" and written.name == "00000_cell_uncertain.png"
+    (kwargs,) = drawn
+    top = f"{prediction.top_class} {prediction.confidence:.2f}"
+    assert kwargs["status"] == f"! uncertain (top: {top}), unfamiliar" and kwargs["alert"]
+    assert kwargs["notes"][0] == "warning: No scale for a single-cell image (warnings column)"
+    assert kwargs["notes"][1] == explain.coarse_map_warning(classifier.model, 48)  # 2 x 2 at 48 px
+    assert Image.open(written).height > 256 + 15 * 6
+
+
 class NearlyConstantNet(nn.Module):
     """A collapsed model: its one feature map is ``level`` everywhere plus ``ripple`` x the red channel, and its
     logits barely depend on the image (a training run that learned nothing gave maps varying by 0.7%)."""

@@ -366,20 +366,33 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, flat: bool,
-                   colormap: str = "jet") -> Image.Image:
+def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, flat: bool, status: str | None = None,
+                   alert: bool = False, notes: Sequence[str] = (), colormap: str = "jet") -> Image.Image:
     """``overlay`` (from :func:`overlay_heatmap`) with a colour bar saying what the
     colours mean and a caption; a flat map (``flat``: :attr:`GradCamMaps.flat`, judged on the raw map)
-    gets a visible note across the picture, so nobody reads meaning into a stretched colour wash."""
+    gets a visible note across the picture, so nobody reads meaning into a stretched colour wash.
+
+    ``label``: the class the map explains. ``status``: what the prediction said of the image, first in the
+    caption (red when ``alert``: uncertain, unfamiliar), and ``notes`` (warnings) after it, each wrapped to the
+    figure's width: a picture passed on alone must not read as a confident answer when its row says otherwise."""
     import matplotlib
 
     _check_heatmap(heatmap, require_unit_range=True)
     cmap = matplotlib.colormaps[colormap]
     width, height = overlay.size
-    figure = Image.new("RGB", (width + _LEGEND_WIDTH, height + _CAPTION_HEIGHT), "white")
+    font = _font(11)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    room = width + _LEGEND_WIDTH - 8
+    # (text, colour) per line: the status, what the map shows, then every note
+    lines = [(line, "red" if alert else "black") for line in _wrapped(status or "", font, room, measure)]
+    lines += [(f"Grad-CAM evidence for {label!r}", "black"),
+              ("flat map: no localised evidence", "red") if flat else ("colour scale relative to this image", "black")]
+    for note in notes:
+        lines += [(line, "firebrick") for line in _wrapped(note, font, room, measure)]
+    caption = max(_CAPTION_HEIGHT, 15 * len(lines) + 4)
+    figure = Image.new("RGB", (width + _LEGEND_WIDTH, height + caption), "white")
     figure.paste(overlay.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(figure)
-    font = _font(11)
     # the colour bar: top = 1 (strongest evidence in this image), bottom = 0 (the least in this image:
     # each map is scaled to its own range, so 0 is not "no evidence")
     top, bottom, left = 14, height - 14, width + 8
@@ -391,13 +404,24 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, fla
         y = bottom - value * (bottom - top)
         draw.line((left + 14, y, left + 18, y), fill="black")
         draw.text((left + 21, y), text, fill="black", font=font, anchor="lm")
-    lines = [f"Grad-CAM evidence for {label!r}",
-             "flat map: no localised evidence" if flat else "colour scale relative to this image"]
-    for index, text in enumerate(lines):
-        draw.text((4, height + 3 + 15 * index), text, fill="red" if flat and index else "black", font=font)
+    for index, (text, colour) in enumerate(lines):
+        draw.text((4, height + 3 + 15 * index), text, fill=colour, font=font)
     if flat:
         mark_flat(figure, (width, height), "FLAT MAP - uninformative")
     return figure
+
+
+def _wrapped(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, room: int,
+             draw: ImageDraw.ImageDraw) -> list[str]:
+    """``text`` broken at spaces into lines at most ``room`` px wide (a longer word stands alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(joined, font=font) <= room:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    return lines
 
 
 def mark_flat(picture: Image.Image, size: tuple[int, int] | None = None, note: str = "FLAT MAP") -> Image.Image:

@@ -156,7 +156,10 @@ EXPLAIN_BATCH = 32
 def save_explanations(classifier: CellClassifier, predictions: Sequence[Prediction], out_dir: Path,
                       model: torch.nn.Module | None = None, batch_size: int = EXPLAIN_BATCH) -> list[Path]:
     """One Grad-CAM overlay PNG per readable image, for the predicted (top) class, with
-    a colour bar; flat (uninformative) maps carry a note and are named in a warning.
+    a colour bar; flat (uninformative) maps carry a note and are named in a warning. Each picture says
+    what its row in the predictions file says (:func:`heatmap_status`: the label, uncertain or not, unfamiliar,
+    its warnings briefly) and is named by the label, and carries the coarse-map caveat when it applies
+    (:func:`~leukoscope.inference.explain.coarse_map_warning`): a picture passed on alone keeps them.
 
     ``model``: the torch model to explain (default: the classifier's own; another backend
     has none, so the caller loads it). Grad-CAM runs once per batch of ``batch_size``
@@ -170,6 +173,7 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     if model is None:
         raise ValueError("Grad-CAM needs the torch model of the bundle")
     out_dir.mkdir(parents=True, exist_ok=True)
+    coarse = coarse_map_warning(model, classifier.image_size) if any(p.error is None for p in predictions) else None
     written = []
     flat: list[str] = []
     # each overlay numbered by its row in the predictions file (error rows included), so a heatmap is found by it
@@ -187,21 +191,38 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
                     zip(batch, images, maps.heatmaps, maps.flat)):
                 shown = letterbox(image, max(classifier.image_size, 256))
                 row = rows[start + offset][0]
-                path = out_dir / f"{row:05d}_{Path(prediction.source).stem}_{prediction.top_class}.png"
+                # named by the label, as the row: an uncertain cell's file does not claim its top class
+                path = out_dir / f"{row:05d}_{Path(prediction.source).stem}_{prediction.label}.png"
+                status, alert, notes = heatmap_status(prediction)
                 # compress_level 1: still lossless; zlib's default level took a third of the time
-                heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class,
-                               flat=bool(is_flat)).save(path, compress_level=1)
+                heatmap_figure(overlay_heatmap(shown, heatmap), heatmap, prediction.top_class, flat=bool(is_flat),
+                               status=status, alert=alert, notes=[*notes, *([coarse] if coarse else [])]).save(
+                    path, compress_level=1)
                 if is_flat:
                     flat.append(path.name)
                 written.append(path)
                 update()
-    coarse = coarse_map_warning(model, classifier.image_size) if written else None
     if coarse:
         console.print(f"[yellow]warning:[/yellow] {escape(coarse)}", soft_wrap=True)
     if flat:
         console.print(f"[yellow]warning:[/yellow] {len(flat)} of {len(written)} Grad-CAM maps are flat (the model "
                       f"found no localised evidence; saved with a note): {escape(name_some(flat))}", soft_wrap=True)
     return written
+
+
+def heatmap_status(prediction: Prediction) -> tuple[str, bool, list[str]]:
+    """What a Grad-CAM picture says of its prediction, as its row in the predictions file: the label with its
+    confidence ("uncertain (top: platelet 0.42)" below the threshold), unfamiliar, and each warning by its lead
+    clause (the full text is in the ``warnings`` column); and whether that is a reason for doubt (drawn red)."""
+    if prediction.uncertain:
+        text = f"{prediction.label} (top: {prediction.top_class} {prediction.confidence:.2f})"
+    else:
+        text = f"{prediction.label} {prediction.confidence:.2f}"
+    if prediction.unfamiliar:
+        text = f"! {text}, unfamiliar"
+    # "No scale for a single-cell image: classified whole, ..." -> its lead clause
+    notes = [f"warning: {warning.split(': ', 1)[0]} (warnings column)" for warning in prediction.warnings]
+    return text, bool(prediction.uncertain or prediction.unfamiliar or notes), notes
 
 
 def _as_classified(classifier: CellClassifier, image, prediction: Prediction):
