@@ -343,3 +343,17 @@ def test_report_precision_of_a_class_never_predicted_is_n_a(tmp_path: Path) -> N
     assert row is not None
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
     assert cells[0].strip() == "n/a" and cells[1].strip() == "0.000"  # precision n/a, recall 0 (missed both)
+
+
+def test_report_says_how_the_averages_count_an_n_a_precision(tmp_path: Path) -> None:
+    """The table said n/a for a never-predicted class's precision, yet its macro row averaged it as 0, unsaid."""
+    y = np.array([0, 1, 2, 0, 1, 2])
+    logits = np.zeros((6, 3))
+    logits[np.arange(6), [0, 1, 0, 0, 1, 0]] = 5.0  # class 2 is never predicted
+    metrics = evaluate_logits(y, logits, ["a", "b", "never"], tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert written["per_class"]["never"]["precision"] is None and written["never_predicted_classes"] == ["never"]
+    assert written["macro"]["precision"] == pytest.approx((0.5 + 1.0 + 0.0) / 3) == metrics["macro"]["precision"]
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "The n/a precision of never (never predicted) is counted as 0 in both averages." in html
+    assert "average_convention" not in html  # said under the table, not dumped in Run details

@@ -104,7 +104,7 @@ def test_class_absent_from_y_true_keeps_its_row_and_gets_no_auc() -> None:
     assert out["confusion_matrix_normalized"][2] == [0.0, 0.0, 0.0]
     assert out["absent_classes"] == ["c"]
     c = out["per_class"]["c"]
-    assert c["roc_auc"] is None and c["support"] == 0 and c["precision"] == 0.0
+    assert c["roc_auc"] is None and c["support"] == 0 and c["precision"] == 0.0  # called once, wrongly: a real 0
     assert c["specificity"] == pytest.approx(4 / 5)
     assert out["per_class"]["a"]["roc_auc"] is not None
     # macro averages skip the absent class instead of counting its undefined recall as 0
@@ -169,3 +169,31 @@ def test_the_macro_f1_epochs_are_chosen_on_is_the_reports() -> None:
 
     logits = np.log(probs)
     assert score_logits(logits, list(y), torch.nn.CrossEntropyLoss())["macro_f1"] == pytest.approx(report)
+
+
+def test_undefined_per_class_values_are_null_not_zero() -> None:
+    """metrics.json said "recall": 0.0 for a class with no images ("misses every blast") and "precision": 0.0 for a
+    class never predicted, where the report showed n/a; the macro averaged those zeros without saying so."""
+    y = np.array([0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 0, 0])  # b and c never predicted; d never true nor predicted
+    out = classification_metrics(y, one_hot_probs(pred, 4), ["a", "b", "c", "d"])
+    b, d = out["per_class"]["b"], out["per_class"]["d"]
+    assert b["precision"] is None and b["recall"] == 0.0 and b["f1"] == 0.0  # both of its images were missed
+    assert d["precision"] is None and d["recall"] is None and d["f1"] is None and d["roc_auc"] is None
+    assert out["absent_classes"] == ["d"] and out["never_predicted_classes"] == ["b", "c"]
+    # the averages: present classes only, a never-predicted precision counted as 0, and metrics.json says so
+    assert out["macro"]["precision"] == pytest.approx((2 / 5 + 0 + 0) / 3)
+    assert out["weighted"]["precision"] == pytest.approx((2 * 2 / 5) / 5)
+    assert out["macro"]["recall"] == pytest.approx(1 / 3)
+    assert "counts as 0" in out["average_convention"]
+    assert json.loads(json.dumps(out, allow_nan=False))["per_class"]["d"]["recall"] is None
+
+
+def test_per_class_values_agree_with_sklearn_where_defined(hand: dict) -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(Y_TRUE, Y_PRED, labels=[0, 1, 2])
+    for k, name in enumerate(CLASSES):
+        row = hand["per_class"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[k], recall[k], f1[k]))
+        assert row["support"] == support[k]

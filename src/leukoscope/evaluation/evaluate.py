@@ -166,7 +166,7 @@ def evaluate_logits(
     if calibration is not None:
         metrics["calibration"] = calibration
     if metrics["absent_classes"]:
-        report_notes.append("Classes with no images in the evaluated set (no recall or ROC-AUC for them): "
+        report_notes.append("Classes with no images in the evaluated set (no recall, F1 or ROC-AUC for them): "
                             + ", ".join(metrics["absent_classes"]))
 
     monitor = ((config or {}).get("train") or {}).get("monitor") if isinstance(config, dict) else None

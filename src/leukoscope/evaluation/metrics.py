@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 from leukoscope.evaluation.calibration import check_labels, check_probs, expected_calibration_error
 
@@ -19,6 +19,14 @@ from leukoscope.evaluation.calibration import check_labels, check_probs, expecte
 TOP_CONFUSIONS = 10
 
 _AVERAGED = ("precision", "recall", "specificity", "f1")
+_PER_CLASS_KEYS = ("precision", "recall", "specificity", "f1", "support", "roc_auc")
+
+#: How ``macro`` and ``weighted`` treat the undefined values, written into ``metrics.json`` beside them.
+AVERAGE_CONVENTION = (
+    "macro: unweighted mean over the classes present in the data (absent_classes left out); weighted: weighted by "
+    "support. The precision of a present class never predicted (never_predicted_classes) is undefined (null per "
+    "class) and counts as 0 in both averages."
+)
 
 
 def _check_inputs(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +66,21 @@ def roc_auc_per_class(y_true: np.ndarray, probs: np.ndarray) -> list[float | Non
         else:
             out.append(float(roc_auc_score(positive, probs[:, k])))
     return out
+
+
+def _class_scores(cm: np.ndarray, k: int) -> dict[str, Any]:
+    """Precision, recall, F1 and support of class ``k`` from the confusion matrix; ``None`` where undefined.
+
+    F1 is ``2 TP / (2 TP + FP + FN)``: 0 for a present class never predicted (every one of its images was
+    missed, a real 0), ``None`` for an absent class, whose recall half does not exist.
+    """
+    tp, called, support = int(cm[k, k]), int(cm[:, k].sum()), int(cm[k, :].sum())
+    return {
+        "precision": tp / called if called else None,
+        "recall": tp / support if support else None,
+        "f1": 2 * tp / (called + support) if support else None,
+        "support": support,
+    }
 
 
 def _mean(values: list[float | None], weights: np.ndarray) -> float | None:
@@ -106,12 +129,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     """Accuracy, per-class / macro / weighted scores, confusion matrix, ROC-AUC and ECE.
 
     ``y_true`` holds class indices into ``classes``; ``probs`` has one column per
-    class (rows sum to 1); the prediction is the arg-max. Classes absent from
-    ``y_true`` keep their rows/columns and per-class entries (their recall is 0
-    by convention, their ROC-AUC ``None``) but are left out of the macro
-    averages, which would otherwise be dragged down by an undefined recall;
-    they are listed under ``absent_classes``. ``roc_auc_macro_ovr`` is the mean
-    of the defined per-class one-vs-rest AUCs, ``None`` if there are none.
+    class (rows sum to 1); the prediction is the arg-max. An undefined per-class
+    value is ``None`` (``null`` in metrics.json), never 0: the precision of a
+    class never predicted (listed under ``never_predicted_classes``), the
+    recall, F1 and ROC-AUC of a class absent from ``y_true`` (a recall of 0
+    would read "missed every one"). Absent classes keep their rows/columns, are
+    listed under ``absent_classes`` and are left out of the macro averages.
+    ``average_convention`` states how the averages treat a never-predicted
+    class's precision: as 0, sklearn's ``zero_division=0``.
+    ``roc_auc_macro_ovr`` is the mean of the defined per-class one-vs-rest
+    AUCs, ``None`` if there are none.
     """
     y, p = _check_inputs(y_true, probs, classes)
     n_classes = len(classes)
@@ -119,35 +146,39 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     labels = list(range(n_classes))
 
     cm = confusion_matrix(y, pred, labels=labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, average=None, zero_division=0
-    )
+    support = cm.sum(axis=1)
     specificity = specificity_per_class(cm)
     auc = roc_auc_per_class(y, p)
+    per_class: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(classes):
+        scores = {**_class_scores(cm, k), "specificity": specificity[k], "roc_auc": auc[k]}
+        per_class[name] = {key: scores[key] for key in _PER_CLASS_KEYS}  # metrics.json's order, as before
+    never_predicted = [c for k, c in enumerate(classes) if support[k] > 0 and cm[:, k].sum() == 0]
 
-    per_class = {
-        name: {
-            "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "specificity": specificity[k],
-            "f1": float(f1[k]),
-            "support": int(support[k]),
-            "roc_auc": auc[k],
-        }
-        for k, name in enumerate(classes)
-    }
+    # The averages keep sklearn's zero_division=0 for a present class never predicted: averaging over the defined
+    # precisions only would let a model that never calls a class score better for it (a collapsed model calling
+    # one class would get that class's precision as its macro). Absent classes stay out (their recall is not 0,
+    # it does not exist). AVERAGE_CONVENTION says so in metrics.json, and the report under its table.
+    def averaged(metric: str, weights: np.ndarray) -> float | None:
+        values = [per_class[c][metric] for c in classes]
+        if metric == "precision":
+            values = [0.0 if v is None and c in never_predicted else v for v, c in zip(values, classes)]
+        return _mean(values, weights)
+
     present = (support > 0).astype(np.float64)
-    macro = {m: _mean([per_class[c][m] for c in classes], present) for m in _AVERAGED}
-    weighted = {m: _mean([per_class[c][m] for c in classes], support.astype(np.float64)) for m in _AVERAGED}
+    macro = {m: averaged(m, present) for m in _AVERAGED}
+    weighted = {m: averaged(m, support.astype(np.float64)) for m in _AVERAGED}
 
     return {
         "n": int(y.size),
         "classes": list(classes),
         "absent_classes": [c for c, s in zip(classes, support) if s == 0],
+        "never_predicted_classes": never_predicted,
         "accuracy": float(np.mean(pred == y)),
         "per_class": per_class,
         "macro": macro,
         "weighted": weighted,
+        "average_convention": AVERAGE_CONVENTION,
         "confusion_matrix": cm.astype(int).tolist(),
         "confusion_matrix_normalized": normalize_rows(cm).tolist(),
         "roc_auc_macro_ovr": _mean(auc, np.ones(n_classes)),

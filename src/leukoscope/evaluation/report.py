@@ -48,8 +48,9 @@ FIGURE_CAPTIONS: dict[str, tuple[str, str]] = {
 _MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 #: Metric keys shown in dedicated sections, hence left out of "Run details".
 _STRUCTURED_KEYS = frozenset({
-    "n", "classes", "absent_classes", "accuracy", "per_class", "macro", "weighted", "confusion_matrix",
-    "confusion_matrix_normalized", "roc_auc_macro_ovr", "ece", "top_confusions", "calibration", "figures",
+    "n", "classes", "absent_classes", "never_predicted_classes", "accuracy", "per_class", "macro", "weighted",
+    "average_convention", "confusion_matrix", "confusion_matrix_normalized", "roc_auc_macro_ovr", "ece",
+    "top_confusions", "calibration", "figures",
 })
 
 
@@ -96,9 +97,9 @@ def _headline(metrics: dict) -> list[dict[str, str]]:
 
 
 def _class_cell(stats: dict, key: str, predicted: int | None = None) -> str:
-    # metrics.json keeps sklearn's zero_division=0, but a recall of a class with no
-    # images is undefined, and printing 0.000 would read as "missed every one"; so is
-    # the precision of a class never predicted ("every call of it was wrong").
+    # metrics.json writes undefined values as null (n/a here); one written before that kept sklearn's
+    # zero_division=0, whose 0.000 would read "missed every one" (recall of a class with no images) or
+    # "every call of it was wrong" (precision of a class never predicted): n/a for those too.
     if key in ("recall", "f1") and stats.get("support") == 0:
         return "n/a"
     if key == "precision" and predicted == 0:
@@ -131,6 +132,15 @@ def _per_class_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
             cells = [format_value(metrics[key].get(k)) for k in order[:4]]
             averages.append({"name": label, "cells": [*cells, support, auc]})
     return rows, averages
+
+
+def _never_predicted(metrics: dict) -> list[str]:
+    """Present classes never predicted: their n/a precision counts as 0 in the averages (``average_convention``)."""
+    if "never_predicted_classes" in metrics:
+        return list(metrics["never_predicted_classes"])
+    per_class = metrics.get("per_class") or {}  # a metrics.json written before the key existed
+    return [name for (name, stats), predicted in zip(per_class.items(), _predicted_counts(metrics))
+            if predicted == 0 and stats.get("support")]
 
 
 def _confusion_view(metrics: dict) -> dict | None:
@@ -209,6 +219,7 @@ def render_html_report(
         "per_class": per_class,
         "averages": averages,
         "absent_classes": metrics.get("absent_classes") or [],
+        "never_predicted": _never_predicted(metrics),
         "confusion": _confusion_view(metrics),
         "top_confusions": [{**item, "rate": format_value(item.get("rate"))} for item in metrics.get("top_confusions") or []],
         "details": _details(metrics),
