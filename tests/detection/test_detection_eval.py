@@ -169,3 +169,35 @@ def test_summary_means_agree_with_pycocotools_summarize() -> None:
     assert [ours["map"], ours["map_50"], ours["map_75"], ours["mar"]] == pytest.approx(
         [reference.stats[k] for k in (0, 1, 2, 8)])
     assert 0 < ours["map"] < 1
+
+
+def test_count_figure_draws_exact_counts_on_the_diagonal_and_none_below_zero(tmp_path: Path, monkeypatch) -> None:
+    """Both axes were jittered: six exact WBC counts of 1 scattered round (1, 1), an exact 0 drawn at -0.1, and
+    fractional ticks; the markers are now at the counts, sized by how many images share them."""
+    from leukoscope.evaluation import detection
+
+    drawn: list[dict] = []
+    real = detection.save_figure
+
+    def keep(fig, path):
+        axes = [ax for ax in fig.axes]
+        drawn.append({"offsets": [ax.collections[0].get_offsets().tolist() for ax in axes],
+                      "sizes": [ax.collections[0].get_sizes().tolist() for ax in axes],
+                      "texts": [[t.get_text() for t in ax.texts] for ax in axes],
+                      "yticks": [[float(v) for v in ax.get_yticks() if ax.get_ylim()[0] <= v <= ax.get_ylim()[1]]
+                                 for ax in axes],
+                      "suptitle": fig._suptitle.get_text() if fig._suptitle else ""})
+        return real(fig, path)
+
+    monkeypatch.setattr(detection, "save_figure", keep)
+    rows = [{"true_WBC": 1, "pred_WBC": 1, "true_RBC": 0, "pred_RBC": 0} for _ in range(5)]
+    rows.append({"true_WBC": 1, "pred_WBC": 1, "true_RBC": 3, "pred_RBC": 2})
+    operating = {"per_image_counts": rows, "per_class": {"WBC": {"count_exact": 1.0}, "RBC": {"count_exact": 5 / 6}}}
+    detection.count_figure(operating, CLASSES, tmp_path / "counts.png")
+    out = drawn[-1]
+    assert out["offsets"][0] == [[1.0, 1.0]] and out["texts"][0] == ["6"]  # six exact counts: one marker, on the line
+    assert out["offsets"][1] == [[0.0, 0.0], [3.0, 2.0]] and out["texts"][1] == ["5"]
+    assert out["sizes"][1][0] == 5 * out["sizes"][1][1]  # area by multiplicity
+    assert all(min(xy) >= 0 for panel in out["offsets"] for xy in panel)
+    assert all(v == int(v) for panel in out["yticks"] for v in panel)
+    assert "6 images" in out["suptitle"] and "how many images" in out["suptitle"]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from torchvision.ops import box_iou
 
 import leukoscope
@@ -230,21 +231,35 @@ def pr_curves_figure(coco: dict[str, Any], operating: dict[str, Any], path: Path
 
 
 def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) -> Path:
+    """Predicted against true count per image and class, one marker per (true, predicted) pair at its exact
+    integer place, its area and number giving how many images share it: jitter had moved exact counts off the
+    diagonal and zero counts below zero."""
     rows = operating["per_image_counts"]
-    fig = new_figure(3.2 * len(classes), 3.2)
+    fig = new_figure(3.2 * len(classes), 3.5)
     for k, name in enumerate(classes):
         ax = fig.add_subplot(1, len(classes), k + 1)
-        true = np.array([r[f"true_{name}"] for r in rows])
-        pred = np.array([r[f"pred_{name}"] for r in rows])
-        jitter = np.random.default_rng(k).uniform(-0.15, 0.15, (2, len(true)))
-        ax.scatter(true + jitter[0], pred + jitter[1], s=10, alpha=0.6, color=line_style(k)["color"])
+        true = np.array([r[f"true_{name}"] for r in rows], dtype=np.int64)
+        pred = np.array([r[f"pred_{name}"] for r in rows], dtype=np.int64)
+        pairs, images = (np.unique(np.stack([true, pred], axis=1), axis=0, return_counts=True) if len(rows)
+                         else (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)))
+        ax.scatter(pairs[:, 0], pairs[:, 1], s=18 * images, alpha=0.6, color=line_style(k)["color"],
+                   edgecolors="none")
+        for (x, y), count in zip(pairs, images):
+            if count > 1:  # the area alone is hard to read as a number
+                ax.annotate(str(count), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
         top = max(1, int(max(true.max(initial=0), pred.max(initial=0))) + 1)
         ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        ax.set_xlim(-0.5, top + 0.5)  # the margin shows a zero count whole; no count is below 0
+        ax.set_ylim(-0.5, top + 0.5)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # counts are whole numbers
         exact = operating["per_class"][name]["count_exact"]
         ax.set_title(f"{as_text(name)}: exact in {exact:.0%}" if exact is not None else as_text(name), fontsize=9)
         ax.set_xlabel("true count")
         if k == 0:
             ax.set_ylabel("predicted count")
+    fig.suptitle(f"Counts per image ({len(rows)} images): a marker's area and number give how many images "
+                 "share that pair; on the line the count is exact", fontsize=8)
     return save_figure(fig, path)
 
 
@@ -307,8 +322,9 @@ def detection_training_figure(history: Sequence[dict[str, Any]], path: Path) -> 
 _CAPTIONS = {
     "pr_curves": ("Precision-recall curves", "Per class at IoU 0.5 (pycocotools' 101-point interpolation, every "
                   "detection of an image scored); the dot is the operating threshold."),
-    "counts": ("Counts per image", "Predicted against true number of objects per image and class "
-               "(jittered); on the diagonal the count is exactly right."),
+    "counts": ("Counts per image", "Predicted against true number of objects per image and class, at their "
+               "exact values; a marker's area (and the number beside it) is how many images share that pair; "
+               "on the diagonal the count is exactly right."),
     "examples": ("Examples", "Dashed: true boxes; solid: predicted boxes at the operating threshold, "
                  "coloured by class, with their scores. Worst count errors first."),
     "training_curves": ("Training curves", "Training loss and validation mAP per epoch."),
