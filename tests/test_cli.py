@@ -516,6 +516,31 @@ def test_evaluate_shows_the_scoring_as_it_goes(trained_bundle: Path, synthetic_r
         {name: c["roc_auc"] for name, c in whole["per_class"].items()}, abs=1e-9)  # the same scores, not just calls
 
 
+def test_evaluate_names_the_bundle_s_temperature_and_data_on_the_reliability_diagram(
+        trained_bundle: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate divides the logits by the bundle's temperature, yet its reliability curve was labelled "model"."""
+    from leukoscope.bundle import read_bundle_info
+    from leukoscope.evaluation import figures
+
+    legends: list[list[str]] = []
+    real = figures.save_figure
+
+    def keep(fig, path):
+        if Path(path).name == "reliability.png":
+            legend = fig.axes[0].get_legend()
+            legends.append([legend.get_title().get_text(), *(t.get_text() for t in legend.get_texts())])
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    import leukoscope.tasks.classify as classify
+
+    result = classify.evaluate_bundle(trained_bundle, synthetic_root, tmp_path / "e", allow_training_data=True)
+    temperature = read_bundle_info(trained_bundle).temperature
+    expected = f"after temperature T = {temperature:.2f}" if temperature != 1.0 else "model (no temperature scaling)"
+    assert legends[-1][0] == f"{synthetic_root.name}, n = {result['n']}"
+    assert legends[-1][2].startswith(f"{expected} (ECE = ")
+
+
 def test_train_takes_option_paths_as_written_and_checks_where_it_writes(
         synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--data "tiny #2" was read as YAML ("tiny", a comment after it): another folder, or none. Where the run

@@ -357,3 +357,60 @@ def test_report_says_how_the_averages_count_an_n_a_precision(tmp_path: Path) -> 
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "The n/a precision of never (never predicted) is counted as 0 in both averages." in html
     assert "average_convention" not in html  # said under the table, not dumped in Run details
+
+
+# --------------------------------------------------------------------------- figure review (third)
+def _drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
+    """Per saved file name: each axis's title, legend (title, entries, overlap with its own axes once drawn),
+    tick labels and texts, plus the figure's colour-bar ticks; read back before the figure is cleared."""
+    from leukoscope.evaluation import figures
+
+    saved: dict[str, dict] = {}
+    real = figures.save_figure
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = []
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            box = legend.get_window_extent(renderer) if legend is not None else None
+            axes.append({
+                "title": ax.get_title(), "label": ax.get_label(), "ylabel": ax.get_ylabel(),
+                "legend_title": legend.get_title().get_text() if legend is not None else None,
+                "legend": [t.get_text() for t in legend.get_texts()] if legend is not None else [],
+                "legend_overlaps_axes": box is not None and box.overlaps(ax.get_window_extent(renderer)),
+                "yticks": [float(v) for v in ax.get_yticks()], "ylim": ax.get_ylim(),
+                "texts": [t.get_text() for t in ax.texts],
+                "text_boxes": [t.get_window_extent(renderer) for t in ax.texts],
+                "axes_box": ax.get_window_extent(renderer),
+                "lines": [(line.get_label(), line.get_xdata(), line.get_ydata()) for line in ax.get_lines()],
+            })
+        saved[Path(path).name] = {"axes": axes}
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return saved
+
+
+def test_reliability_names_the_temperature_and_n_and_keeps_its_legend_off_the_points(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate's curve was labelled "model" though its logits were divided by the bundle's T = 5.39; the legend sat
+    in the upper left, over points at accuracy 1.0; neither split nor n was on the figure."""
+    saved = _drawn_figures(monkeypatch)
+    y = labels(40, 3, seed=1)
+    reliability_figure(y, softmax(noisy_logits(y, 3, seed=1)), None, tmp_path / "rel.png",
+                       applied_temperature=5.386, subset="heldout.csv")
+    ax = saved["rel.png"]["axes"][0]
+    assert ax["legend"][1].startswith("after temperature T = 5.39 (ECE = ")
+    assert ax["legend_title"] == "heldout.csv, n = 40" and not ax["legend_overlaps_axes"]
+
+    y_val = labels(60, 3, seed=3)
+    result = evaluate_logits(y, noisy_logits(y, 3, seed=1, scale=4.0), ["a", "b", "c"], tmp_path / "run",
+                             val_logits=noisy_logits(y_val, 3, seed=3, scale=4.0), val_true=y_val,
+                             extra={"evaluated_on": "test"})
+    ax = saved["reliability.png"]["axes"][0]
+    temperature = result["calibration"]["temperature"]
+    assert [entry.split(" (ECE")[0] for entry in ax["legend"][1:]] == [
+        "before calibration (T = 1)", f"after temperature T = {temperature:.2f}"]
+    assert ax["legend_title"] == "test, n = 40" and not ax["legend_overlaps_axes"]

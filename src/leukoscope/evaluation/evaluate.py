@@ -89,6 +89,14 @@ def _calibrate(
     return info, probs_after, notes
 
 
+def _subset_name(extra: dict | None) -> str | None:
+    """What the figures were computed on, for their titles: the run's split, or the data file evaluated."""
+    extra = extra or {}
+    if extra.get("evaluated_on"):
+        return str(extra["evaluated_on"])
+    return Path(str(extra["data"])).name if extra.get("data") else None
+
+
 def _write_figures(
     figures_dir: Path,
     y_true: np.ndarray,
@@ -99,6 +107,9 @@ def _write_figures(
     history: list[dict] | None,
     best_epoch: int | None = None,
     monitor: str | None = None,
+    temperature: float | None = None,
+    applied_temperature: float | None = None,
+    subset: str | None = None,
 ) -> dict[str, Path]:
     cm = np.asarray(metrics["confusion_matrix"])
     served = probs if probs_after is None else probs_after  # what the bundle gives, as the metrics are
@@ -109,7 +120,9 @@ def _write_figures(
         ),
         "roc": roc_figure(y_true, served, classes, figures_dir / "roc.png"),
         "pr": pr_figure(y_true, served, classes, figures_dir / "pr.png"),
-        "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png"),
+        "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png",
+                                          temperature=temperature, applied_temperature=applied_temperature,
+                                          subset=subset),
     }
     if history:
         paths["training_curves"] = training_curves_figure(history, figures_dir / "training_curves.png",
@@ -130,6 +143,7 @@ def evaluate_logits(
     title: str = "leukoscope evaluation",
     notes: list[str] | None = None,
     extra: dict | None = None,
+    applied_temperature: float | None = None,
 ) -> dict:
     """Evaluate test logits and write ``figures/``, ``metrics.json`` and ``report.html`` under ``out_dir``.
 
@@ -139,7 +153,10 @@ def evaluate_logits(
     does change per-class rankings, hence ROC-AUC: a run reported 0.506 where `evaluate` of its bundle found
     0.725 on the same test images). ``calibration = {"temperature", "ece_before", "ece_after", "nll_before",
     "nll_after", "n_val"}`` reports the temperature's effect on the test set. ``extra`` keys are
-    merged into the result (they may not shadow a computed key). Returns the
+    merged into the result (they may not shadow a computed key); ``extra["evaluated_on"]`` (the split) or
+    ``extra["data"]`` names the images on the figures. ``applied_temperature`` is the temperature ``logits``
+    were already divided by (a bundle's, as `leukoscope evaluate` scores them), named on the reliability
+    diagram. Returns the
     metrics dict as written to ``metrics.json``, with ``figures`` mapping each
     figure name to its path relative to ``out_dir``.
     """
@@ -171,7 +188,9 @@ def evaluate_logits(
 
     monitor = ((config or {}).get("train") or {}).get("monitor") if isinstance(config, dict) else None
     figure_paths = _write_figures(out_dir / "figures", y, probs, probs_after, metrics, list(classes), history,
-                                  (extra or {}).get("best_epoch"), monitor)
+                                  (extra or {}).get("best_epoch"), monitor,
+                                  temperature=(calibration or {}).get("temperature"),
+                                  applied_temperature=applied_temperature, subset=_subset_name(extra))
     metrics["figures"] = {name: path.relative_to(out_dir).as_posix() for name, path in figure_paths.items()}
 
     metrics = to_jsonable({**metrics, **(extra or {})})

@@ -187,16 +187,29 @@ def reliability_figure(
     path: Path,
     *,
     n_bins: int = 15,
+    temperature: float | None = None,
+    applied_temperature: float | None = None,
+    subset: str | None = None,
 ) -> Path:
     """Reliability diagram: accuracy vs confidence per bin, before (and after) calibration.
 
     Points on the diagonal are perfectly calibrated; below it the model is
     over-confident. A lower panel shows how many samples fall in each bin, since
-    a bin with three samples says little.
+    a bin with three samples says little. ``temperature`` is the one that gave
+    ``probs_after``; without ``probs_after``, ``applied_temperature`` is the one
+    ``probs_before`` already carry (a bundle's, as ``leukoscope evaluate`` scores
+    it): each curve is named by its temperature, not "model". ``subset`` (e.g.
+    "test") is named with the number of samples above the legend, which sits
+    outside the axes so that it hides no point.
     """
-    series = [("before calibration" if probs_after is not None else "model", probs_before)]
+    y = np.asarray(y_true)
     if probs_after is not None:
-        series.append(("after temperature scaling", probs_after))
+        after = f"after temperature T = {temperature:.2f}" if temperature is not None else "after temperature scaling"
+        series = [("before calibration (T = 1)", probs_before), (after, probs_after)]
+    elif applied_temperature is not None and applied_temperature != 1.0:
+        series = [(f"after temperature T = {applied_temperature:.2f}", probs_before)]
+    else:
+        series = [("model (no temperature scaling)" if applied_temperature == 1.0 else "model", probs_before)]
 
     fig = new_figure(6.0, 6.5)
     grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
@@ -215,8 +228,11 @@ def reliability_figure(
            title=f"Reliability diagram ({n_bins} equal-width bins)")
     ax.tick_params(labelbottom=False)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    # Outside the axes: inside, any corner can hold points (a small run's bins sit at accuracy 1.0 on the left).
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title_fontsize=8,
+              title=f"{subset + ', ' if subset else ''}n = {y.size}")
     ax_hist.set(xlim=(0, 1), xlabel="Confidence (top-class probability)", ylabel="Samples")
+    ax_hist.yaxis.set_major_locator(MaxNLocator(integer=True))  # sample counts, no "2.5"
     ax_hist.grid(alpha=0.3)
     return save_figure(fig, path)
 

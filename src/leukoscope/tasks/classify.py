@@ -326,6 +326,7 @@ def evaluate_bundle(
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
                "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend,
                "framing": framing, "labels_as_trained": relabelled},
+        applied_temperature=info.temperature,  # the logits above are divided by it: the figure names it
     )
 
 
