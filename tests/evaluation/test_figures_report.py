@@ -414,3 +414,36 @@ def test_reliability_names_the_temperature_and_n_and_keeps_its_legend_off_the_po
     assert [entry.split(" (ECE")[0] for entry in ax["legend"][1:]] == [
         "before calibration (T = 1)", f"after temperature T = {temperature:.2f}"]
     assert ax["legend_title"] == "test, n = 40" and not ax["legend_overlaps_axes"]
+
+
+def test_roc_and_pr_show_coinciding_curves_positives_n_and_the_chance_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two classes at AUC 1.0 drew one line over the other (blast vanished under platelet); no figure said n or the
+    positives per class; pr.png quoted a "prevalence" it did not draw, and its APs were in no metrics.json."""
+    saved = _drawn_figures(monkeypatch)
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    # a and b both perfectly ranked (sklearn keeps a point on b's curve that draws nothing); c is not
+    probs = np.array([[.8, .1, .1], [.8, .1, .1], [.1, .8, .1], [.05, .55, .4], [.35, .35, .3], [.35, .35, .3],
+                      [.1, .1, .8], [.1, .1, .8]])
+    result = evaluate_logits(y, np.log(probs), ["a", "b", "c"], tmp_path, extra={"evaluated_on": "test"})
+    roc = saved["roc.png"]["axes"][0]
+    assert roc["title"] == "ROC curves (one-vs-rest; test, n = 8)"
+    assert roc["legend"][1:3] == ["a (AUC = 1.000, 2 positive)", "b (AUC = 1.000, 2 positive), same curve as a"]
+    assert not roc["legend"][3].endswith("same curve as a")
+    pr = saved["pr.png"]["axes"][0]
+    assert pr["title"] == "Precision-recall curves (one-vs-rest; test, n = 8)"
+    assert "prevalence" not in " ".join(pr["legend"]) and pr["legend"][1].endswith("same curve as a")
+    baselines = sorted(float(line[2][0]) for line in pr["lines"] if len(line[2]) == 2 and line[2][0] == line[2][1])
+    assert baselines == pytest.approx([2 / 8, 2 / 8, 4 / 8])  # each class's chance precision, drawn
+    aps = {entry.split(" (AP = ")[0]: float(entry.split(" (AP = ")[1][:5]) for entry in pr["legend"] if "(AP = " in entry}
+    written = strict_json(tmp_path / "metrics.json")["per_class"]
+    assert aps == {name: pytest.approx(written[name]["average_precision"], abs=5e-4) for name in ("a", "b", "c")}
+    assert written["c"]["average_precision"] < 1.0 == written["a"]["average_precision"]
+    assert result["per_class"]["c"]["average_precision"] == written["c"]["average_precision"]
+
+
+def test_identical_curves_are_drawn_widest_first(tmp_path: Path) -> None:
+    from leukoscope.evaluation.figures import curve_widths
+
+    widths = curve_widths(9)
+    assert all(a > b for a, b in zip(widths, widths[1:])) and widths[-1] >= 1.0

@@ -28,7 +28,7 @@ from torchvision.ops import box_iou
 
 import leukoscope
 from leukoscope.evaluation.evaluate import to_jsonable
-from leukoscope.evaluation.figures import add_legend, as_text, line_style, new_figure, save_figure
+from leukoscope.evaluation.figures import add_legend, as_text, curve_widths, line_style, new_figure, save_figure
 from leukoscope.evaluation.report import embed_figure, format_value, render_template
 from leukoscope.labels import DISCLAIMER
 
@@ -214,9 +214,12 @@ def operating_point(predictions: Sequence[Predicted], truths: Sequence[GroundTru
 def pr_curves_figure(coco: dict[str, Any], operating: dict[str, Any], path: Path) -> Path:
     fig = new_figure(5.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
+    widths = curve_widths(len(coco["pr_curves"]))  # widest first: a later identical curve leaves a rim of it
     for k, (name, curve) in enumerate(coco["pr_curves"].items()):
-        ap = coco["per_class"][name]["ap_50"]
-        ax.plot(curve["recall"], curve["precision"], label=f"{as_text(name)} (AP@0.5 {ap:.3f})", **line_style(k))
+        ap, n_true = coco["per_class"][name]["ap_50"], coco["per_class"][name].get("n_true")
+        objects = f", {n_true} true" if n_true is not None else ""
+        ax.plot(curve["recall"], curve["precision"], linewidth=widths[k],
+                label=f"{as_text(name)} (AP@0.5 {ap:.3f}{objects})", **line_style(k))
         point = operating["per_class"].get(name, {})
         if point.get("precision") is not None and point.get("recall") is not None:
             ax.plot([point["recall"]], [point["precision"]], "o", color=line_style(k)["color"])

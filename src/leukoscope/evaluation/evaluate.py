@@ -118,8 +118,8 @@ def _write_figures(
         "confusion_matrix_normalized": confusion_matrix_figure(
             cm, classes, figures_dir / "confusion_matrix_normalized.png", normalize=True
         ),
-        "roc": roc_figure(y_true, served, classes, figures_dir / "roc.png"),
-        "pr": pr_figure(y_true, served, classes, figures_dir / "pr.png"),
+        "roc": roc_figure(y_true, served, classes, figures_dir / "roc.png", subset=subset),
+        "pr": pr_figure(y_true, served, classes, figures_dir / "pr.png", subset=subset),
         "reliability": reliability_figure(y_true, probs, probs_after, figures_dir / "reliability.png",
                                           temperature=temperature, applied_temperature=applied_temperature,
                                           subset=subset),

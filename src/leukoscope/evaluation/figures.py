@@ -131,51 +131,105 @@ def confusion_matrix_figure(
 
 
 # --------------------------------------------------------------------------- ROC / PR
-def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> Path:
-    """One-vs-rest ROC curve per class with its AUC in the legend."""
+def curve_widths(n: int) -> list[float]:
+    """Line widths for ``n`` curves drawn in order, widest first: a curve drawn later over an identical one
+    (two classes both at AUC 1.0) leaves a rim of it visible instead of hiding it."""
+    return [float(w) for w in np.linspace(4.0, 1.4, n)] if n > 1 else [1.8] * n
+
+
+def drawn_path(x: np.ndarray, y: np.ndarray, *, steps: bool = False) -> np.ndarray:
+    """The polyline a curve draws (``steps``: as ``step(where="post")``), without repeated or collinear middle
+    points, so that two curves that look the same compare equal (sklearn keeps points that draw nothing)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if steps and x.size > 1:
+        x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]  # (x0,y0) (x1,y0) (x1,y1) (x2,y1) ...
+    kept: list[np.ndarray] = []
+    for point in np.column_stack([x, y]):
+        if kept and np.allclose(point, kept[-1]):
+            continue
+        if len(kept) >= 2:
+            (ax_, ay), (bx, by) = kept[-2], kept[-1]
+            if abs((bx - ax_) * (point[1] - ay) - (by - ay) * (point[0] - ax_)) < 1e-12:
+                kept[-1] = point  # the middle point lies on the line: it draws nothing
+                continue
+        kept.append(point)
+    return np.array(kept)
+
+
+def _same_as(curves: list[tuple[str, np.ndarray]], path: np.ndarray) -> str | None:
+    """The first earlier curve that draws exactly this path, said in the legend, since it is drawn over it."""
+    for name, earlier in curves:
+        if earlier.shape == path.shape and np.allclose(earlier, path):
+            return name
+    return None
+
+
+def _sample_title(kind: str, n: int, subset: str | None) -> str:
+    return f"{kind} (one-vs-rest; {subset + ', ' if subset else ''}n = {n})"
+
+
+def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, *,
+               subset: str | None = None) -> Path:
+    """One-vs-rest ROC curve per class with its AUC and positives in the legend, ``subset`` and n in the title."""
     y, p = _check_curve_inputs(y_true, probs, classes)
     drawable, skipped = _curve_classes(y, len(classes))
     fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance (AUC = 0.50)")
-    for k in drawable:
+    drawn: list[tuple[str, np.ndarray]] = []
+    for k, width in zip(drawable, curve_widths(len(drawable))):
         fpr, tpr, _ = roc_curve(y == k, p[:, k])
         auc = float(area_under_curve(fpr, tpr))
         label = f"{as_text(classes[k])} vs {as_text(classes[0])}" if len(classes) == 2 else as_text(classes[k])
-        ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})", **line_style(k))
+        path_k = drawn_path(fpr, tpr)
+        same = _same_as(drawn, path_k)
+        ax.plot(fpr, tpr, linewidth=width, label=f"{label} (AUC = {auc:.3f}, {int(np.sum(y == k))} positive)"
+                + (f", same curve as {same}" if same else ""), **line_style(k))
+        drawn.append((label, path_k))
     for k in skipped:
         ax.plot([], [], " ", label=f"{as_text(classes[k])}: AUC n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title="ROC curves (one-vs-rest)")
+           ylabel="True positive rate (sensitivity)", title=_sample_title("ROC curves", y.size, subset))
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     add_legend(ax, len(drawable) + len(skipped) + 1, "lower right")
     return save_figure(fig, path)
 
 
-def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -> Path:
-    """One-vs-rest precision-recall curve per class with average precision (AP) in the legend.
+def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, *,
+              subset: str | None = None) -> Path:
+    """One-vs-rest precision-recall curve per class with average precision (AP) and positives in the legend.
 
-    The legend also gives each class's prevalence: the AP of a random scorer,
-    which matters for rare classes where a high ROC-AUC can hide poor precision.
+    Each class's share of positives, the AP of a random scorer, is drawn as a dotted line in its colour: it
+    matters for rare classes, where a high ROC-AUC can hide poor precision. The AP drawn is
+    ``per_class.*.average_precision`` of :func:`~leukoscope.evaluation.classification_metrics`.
     """
     y, p = _check_curve_inputs(y_true, probs, classes)
     drawable = [k for k in range(len(classes)) if 0 < np.sum(y == k) < y.size]
     skipped = [k for k in range(len(classes)) if k not in drawable]
     fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot()
-    for k in drawable:
+    drawn: list[tuple[str, np.ndarray]] = []
+    for k, width in zip(drawable, curve_widths(len(drawable))):
         precision, recall, _ = precision_recall_curve(y == k, p[:, k])
         ap = average_precision_score(y == k, p[:, k])
-        prevalence = float(np.mean(y == k))
-        ax.step(recall, precision, where="post", linewidth=1.8,
-                label=f"{as_text(classes[k])} (AP = {ap:.3f}, prevalence {prevalence:.2f})", **line_style(k))
+        positives = int(np.sum(y == k))
+        path_k = drawn_path(recall, precision, steps=True)
+        same = _same_as(drawn, path_k)
+        ax.step(recall, precision, where="post", linewidth=width,
+                label=f"{as_text(classes[k])} (AP = {ap:.3f}, {positives} positive)"
+                + (f", same curve as {same}" if same else ""), **line_style(k))
+        ax.axhline(positives / y.size, color=line_style(k)["color"], linestyle=":", linewidth=0.9, alpha=0.8)
+        drawn.append((as_text(classes[k]), path_k))
+    if drawable:
+        ax.plot([], [], color="grey", linestyle=":", linewidth=0.9,
+                label="dotted: a random scorer (precision = the class's share of positives)")
     for k in skipped:
         ax.plot([], [], " ", label=f"{as_text(classes[k])}: AP n/a (no positives or negatives)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel="Recall (sensitivity)", ylabel="Precision",
-           title="Precision-recall curves (one-vs-rest)")
+           title=_sample_title("Precision-recall curves", y.size, subset))
     ax.grid(alpha=0.3)
-    add_legend(ax, len(drawable) + len(skipped), "lower left")
+    add_legend(ax, len(drawable) + len(skipped) + bool(drawable), "lower left")
     return save_figure(fig, path)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 
 from leukoscope.evaluation.calibration import check_labels, check_probs, expected_calibration_error
 
@@ -19,7 +19,7 @@ from leukoscope.evaluation.calibration import check_labels, check_probs, expecte
 TOP_CONFUSIONS = 10
 
 _AVERAGED = ("precision", "recall", "specificity", "f1")
-_PER_CLASS_KEYS = ("precision", "recall", "specificity", "f1", "support", "roc_auc")
+_PER_CLASS_KEYS = ("precision", "recall", "specificity", "f1", "support", "roc_auc", "average_precision")
 
 #: How ``macro`` and ``weighted`` treat the undefined values, written into ``metrics.json`` beside them.
 AVERAGE_CONVENTION = (
@@ -83,6 +83,19 @@ def _class_scores(cm: np.ndarray, k: int) -> dict[str, Any]:
     }
 
 
+def average_precision_per_class(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """One-vs-rest average precision per class (the AP pr.png draws); ``None`` where ``y_true`` lacks
+    positives or negatives, as for ROC-AUC."""
+    out: list[float | None] = []
+    for k in range(probs.shape[1]):
+        positive = y_true == k
+        if positive.all() or not positive.any():
+            out.append(None)
+        else:
+            out.append(float(average_precision_score(positive, probs[:, k])))
+    return out
+
+
 def _mean(values: list[float | None], weights: np.ndarray) -> float | None:
     """Weighted mean over the defined (non-None, positive-weight) values."""
     pairs = [(v, w) for v, w in zip(values, weights) if v is not None and w > 0]
@@ -138,7 +151,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     ``average_convention`` states how the averages treat a never-predicted
     class's precision: as 0, sklearn's ``zero_division=0``.
     ``roc_auc_macro_ovr`` is the mean of the defined per-class one-vs-rest
-    AUCs, ``None`` if there are none.
+    AUCs, ``None`` if there are none; ``average_precision`` per class is the
+    one-vs-rest AP that pr.png draws.
     """
     y, p = _check_inputs(y_true, probs, classes)
     n_classes = len(classes)
@@ -149,9 +163,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     support = cm.sum(axis=1)
     specificity = specificity_per_class(cm)
     auc = roc_auc_per_class(y, p)
+    ap = average_precision_per_class(y, p)
     per_class: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(classes):
-        scores = {**_class_scores(cm, k), "specificity": specificity[k], "roc_auc": auc[k]}
+        scores = {**_class_scores(cm, k), "specificity": specificity[k], "roc_auc": auc[k], "average_precision": ap[k]}
         per_class[name] = {key: scores[key] for key in _PER_CLASS_KEYS}  # metrics.json's order, as before
     never_predicted = [c for k, c in enumerate(classes) if support[k] > 0 and cm[:, k].sum() == 0]
 

@@ -34,8 +34,9 @@ FIGURE_CAPTIONS: dict[str, tuple[str, str]] = {
     ),
     "pr": (
         "Precision-recall curves",
-        "One-vs-rest precision against recall per class, with average precision (AP); more "
-        "informative than ROC for rare classes.",
+        "One-vs-rest precision against recall per class, with average precision (AP, per_class.average_precision "
+        "in metrics.json); the dotted line in a class's colour is a random scorer's precision (its share of "
+        "positives). More informative than ROC for rare classes.",
     ),
     "reliability": (
         "Reliability diagram",
