@@ -435,7 +435,8 @@ def test_roc_and_pr_show_coinciding_curves_positives_n_and_the_chance_line(
     assert "prevalence" not in " ".join(pr["legend"]) and pr["legend"][1].endswith("same curve as a")
     baselines = sorted(float(line[2][0]) for line in pr["lines"] if len(line[2]) == 2 and line[2][0] == line[2][1])
     assert baselines == pytest.approx([2 / 8, 2 / 8, 4 / 8])  # each class's chance precision, drawn
-    aps = {entry.split(" (AP = ")[0]: float(entry.split(" (AP = ")[1][:5]) for entry in pr["legend"] if "(AP = " in entry}
+    aps = {entry.split(" (AP = ")[0]: float(entry.split(" (AP = ")[1][:5])
+           for entry in pr["legend"] if "(AP = " in entry}
     written = strict_json(tmp_path / "metrics.json")["per_class"]
     assert aps == {name: pytest.approx(written[name]["average_precision"], abs=5e-4) for name in ("a", "b", "c")}
     assert written["c"]["average_precision"] < 1.0 == written["a"]["average_precision"]
@@ -447,3 +448,15 @@ def test_identical_curves_are_drawn_widest_first(tmp_path: Path) -> None:
 
     widths = curve_widths(9)
     assert all(a > b for a, b in zip(widths, widths[1:])) and widths[-1] >= 1.0
+
+
+@pytest.mark.parametrize("best_epoch", [1, 2, 3])
+def test_the_checkpoint_note_stays_inside_its_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    best_epoch: int) -> None:
+    """With the best epoch last, "checkpoint kept (...)" started at the line and ran off the right of the panel."""
+    saved = _drawn_figures(monkeypatch)
+    training_curves_figure(HISTORY, tmp_path / "c.png", best_epoch=best_epoch, monitor="val_accuracy")
+    accuracy = saved["c.png"]["axes"][1]
+    (box,) = accuracy["text_boxes"]
+    panel = accuracy["axes_box"]
+    assert panel.x0 <= box.x0 and box.x1 <= panel.x1, (box, panel)

@@ -332,15 +332,36 @@ def training_curves_figure(history: list[dict], path: Path, *, best_epoch: int |
     if best_epoch is not None and best_epoch in epochs:
         for ax in (ax_loss, ax_acc):
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1)
-        ax_acc.annotate(f"checkpoint kept (epoch {best_epoch}{f', by {monitor}' if monitor else ''})",
-                        (best_epoch, 0.02), xycoords=("data", "axes fraction"), xytext=(6, 0),
-                        textcoords="offset points", fontsize=8, color="dimgrey")
     else:
         _mark_best_validation(ax_loss, epochs, _series(history, "val_loss"))
     if _accuracy_is_fraction(history):
         ax_acc.set_ylim(-0.02, 1.02)
     fig.tight_layout()
+    if best_epoch is not None and best_epoch in epochs:  # placed once the panel has its final size
+        by = f", by {monitor}" if monitor else ""
+        _checkpoint_note(ax_acc, best_epoch, f"checkpoint kept (epoch {best_epoch}{by})")
     return save_figure(fig, path)
+
+
+def _checkpoint_note(ax, epoch: int, text: str) -> None:
+    """``text`` beside the checkpoint line, inside the panel: right of it, else left (the best epoch is often the
+    last, and the note ran off the panel), else on two lines on the side with more room."""
+    renderer = ax.figure.canvas.get_renderer()
+    panel = ax.get_window_extent(renderer)
+    line_x = ax.transData.transform((epoch, 0))[0]
+    for label in (text, text.replace(" (", "\n(", 1)):
+        for left in (False, True):
+            note = ax.annotate(label, (epoch, 0.02), xycoords=("data", "axes fraction"), xytext=(-6 if left else 6, 0),
+                               textcoords="offset points", ha="right" if left else "left", va="bottom", fontsize=8,
+                               color="dimgrey")
+            box = note.get_window_extent(renderer)
+            if panel.x0 <= box.x0 and box.x1 <= panel.x1:
+                return
+            note.remove()
+    left = line_x - panel.x0 > panel.x1 - line_x  # nothing fits whole: the wider side, on two lines
+    ax.annotate(text.replace(" (", "\n(", 1), (epoch, 0.02), xycoords=("data", "axes fraction"),
+                xytext=(-6 if left else 6, 0), textcoords="offset points", ha="right" if left else "left",
+                va="bottom", fontsize=8, color="dimgrey")
 
 
 def _mark_best_validation(ax, epochs: np.ndarray, val_loss: np.ndarray) -> None:
