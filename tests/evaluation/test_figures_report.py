@@ -460,3 +460,17 @@ def test_the_checkpoint_note_stays_inside_its_panel(tmp_path: Path, monkeypatch:
     (box,) = accuracy["text_boxes"]
     panel = accuracy["axes_box"]
     assert panel.x0 <= box.x0 and box.x1 <= panel.x1, (box, panel)
+
+
+def test_confusion_matrix_titles_name_split_and_n_and_count_ticks_are_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts' colour bar read 0.5, 1.5, 2.5, 3.5; the title said neither the split nor n."""
+    saved = _drawn_figures(monkeypatch)
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    evaluate_logits(y, noisy_logits(y, 3, seed=8), ["a", "b", "c"], tmp_path, extra={"evaluated_on": "test"})
+    counts, bar = saved["confusion_matrix.png"]["axes"][:2]
+    assert counts["title"] == "Confusion matrix (counts; test, n = 9)"
+    normalised = saved["confusion_matrix_normalized.png"]["axes"][0]
+    assert normalised["title"] == "Confusion matrix (row-normalised; test, n = 9)"
+    ticks = [v for v in bar["yticks"] if bar["ylim"][0] <= v <= bar["ylim"][1]]
+    assert len(ticks) >= 2 and all(v == int(v) for v in ticks), ticks

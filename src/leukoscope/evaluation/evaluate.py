@@ -114,9 +114,9 @@ def _write_figures(
     cm = np.asarray(metrics["confusion_matrix"])
     served = probs if probs_after is None else probs_after  # what the bundle gives, as the metrics are
     paths = {
-        "confusion_matrix": confusion_matrix_figure(cm, classes, figures_dir / "confusion_matrix.png"),
+        "confusion_matrix": confusion_matrix_figure(cm, classes, figures_dir / "confusion_matrix.png", subset=subset),
         "confusion_matrix_normalized": confusion_matrix_figure(
-            cm, classes, figures_dir / "confusion_matrix_normalized.png", normalize=True
+            cm, classes, figures_dir / "confusion_matrix_normalized.png", normalize=True, subset=subset
         ),
         "roc": roc_figure(y_true, served, classes, figures_dir / "roc.png", subset=subset),
         "pr": pr_figure(y_true, served, classes, figures_dir / "pr.png", subset=subset),

@@ -91,11 +91,13 @@ def confusion_matrix_figure(
     *,
     normalize: bool = False,
     title: str | None = None,
+    subset: str | None = None,
 ) -> Path:
     """Heat-map of a confusion matrix (rows = true, columns = predicted), annotated per cell.
 
     With ``normalize=True`` each row is divided by its total, so the diagonal
     reads as per-class recall; rows of absent classes read "n/a" (no recall).
+    The default title names ``subset`` (e.g. "test") and n, the matrix's total.
     """
     counts = np.asarray(cm, dtype=np.float64)
     n = len(classes)
@@ -108,7 +110,11 @@ def confusion_matrix_figure(
     ax = fig.add_subplot()
     vmax = 1.0 if normalize else max(float(values.max()), 1.0)
     image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                       label="fraction of true class" if normalize else "count")
+    if not normalize:
+        bar.locator = MaxNLocator(integer=True)  # counts: no "0.5, 1.5" ticks
+        bar.update_ticks()
 
     fontsize = 10 if n <= 8 else 8 if n <= 15 else 6
     absent = counts.sum(axis=1) == 0
@@ -126,7 +132,9 @@ def confusion_matrix_figure(
     ax.set_yticks(range(n), labels=labels)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
-    ax.set_title(title or ("Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"))
+    sample = f"; {subset + ', ' if subset else ''}n = {int(counts.sum())}"
+    ax.set_title(title or (f"Confusion matrix (row-normalised{sample})" if normalize
+                           else f"Confusion matrix (counts{sample})"))
     return save_figure(fig, path)
 
 
