@@ -474,3 +474,17 @@ def test_confusion_matrix_titles_name_split_and_n_and_count_ticks_are_whole(
     assert normalised["title"] == "Confusion matrix (row-normalised; test, n = 9)"
     ticks = [v for v in bar["yticks"] if bar["ylim"][0] <= v <= bar["ylim"][1]]
     assert len(ticks) >= 2 and all(v == int(v) for v in ticks), ticks
+
+
+def test_run_details_show_the_split_sizes_and_readable_numbers(tmp_path: Path) -> None:
+    """"36 images evaluated" was all: split_sizes (288/36/36) were in metrics.json only; parameters read 11181129
+    and images_per_second 301.018."""
+    y = np.array([0, 1, 0, 1])
+    evaluate_logits(y, noisy_logits(y, 2, seed=9), ["a", "b"], tmp_path, extra={
+        "split_sizes": {"train": 288, "val": 36, "test": 36}, "split_info": {"ratios": [0.8, 0.1, 0.1], "seed": 0},
+        "parameters": 11181129, "images_per_second": 301.01789, "best_epoch": 3, "train_minutes": 0.2127})
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    details = dict(re.findall(r'<tr><th class="name">([^<]+)</th><td class="name">([^<]*)</td></tr>', html))
+    assert details["split_sizes"] == "train 288, val 36, test 36 (ratios 0.8 / 0.1 / 0.1)"
+    assert details["parameters"] == "11,181,129" and details["images_per_second"] == "301.0"
+    assert details["best_epoch"] == "3" and details["train_minutes"] == "0.213"
