@@ -201,3 +201,27 @@ def test_count_figure_draws_exact_counts_on_the_diagonal_and_none_below_zero(tmp
     assert all(min(xy) >= 0 for panel in out["offsets"] for xy in panel)
     assert all(v == int(v) for panel in out["yticks"] for v in panel)
     assert "6 images" in out["suptitle"] and "how many images" in out["suptitle"]
+
+
+def test_examples_label_readably_and_leave_crowded_classes_unlabelled(tmp_path: Path, monkeypatch) -> None:
+    """5 pt labels, one per box: a field's dozen overlapping RBC labels were unreadable and covered the WBC's."""
+    from leukoscope.evaluation import detection
+
+    drawn: list[dict] = []
+    real = detection.save_figure
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        drawn.append({"texts": [(t.get_text(), t.get_fontsize()) for t in ax.texts], "title": ax.get_title()})
+        return real(fig, path)
+
+    monkeypatch.setattr(detection, "save_figure", keep)
+    rbc = [[10 + 15 * i, 100, 22 + 15 * i, 112] for i in range(10)]
+    boxes = np.array([[20, 20, 80, 80], *rbc], float)
+    labels = np.array([0] + [1] * 10)
+    pred = Predicted(boxes, np.full(11, 0.9), labels)
+    truth = GroundTruth(boxes, labels, 200, 200, "field")
+    detection.examples_figure([np.zeros((200, 200, 3), np.uint8)], [pred], [truth], CLASSES, 0.5, tmp_path / "e.png")
+    out = drawn[-1]
+    assert out["texts"] == [("WBC 0.90", detection.EXAMPLE_LABEL_SIZE)] and detection.EXAMPLE_LABEL_SIZE >= 7
+    assert out["title"] == "field\nunlabelled: RBC x10"

@@ -266,12 +266,21 @@ def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) 
     return save_figure(fig, path)
 
 
+#: A class with more predicted boxes than this in a field is left unlabelled there (its colour says the class):
+#: overlapping labels of crowded red cells were unreadable, and covered the white cells' labels.
+EXAMPLE_LABELS_MAX = 6
+#: Points; 5 pt labels could not be read at the figure's size.
+EXAMPLE_LABEL_SIZE = 7
+
+
 def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicted], truths: Sequence[GroundTruth],
                     classes: Sequence[str], score_threshold: float, path: Path, columns: int = 3) -> Path:
-    """True boxes dashed, predictions (score >= threshold) solid, one colour per class."""
+    """True boxes dashed, predictions (score >= threshold) solid, one colour per class; class and score are
+    written on the boxes of the classes with at most :data:`EXAMPLE_LABELS_MAX` of them in that field, and each
+    panel's title says which classes' boxes are unlabelled."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
-    fig = new_figure(4.2 * min(columns, n), 3.4 * rows)
+    fig = new_figure(4.2 * min(columns, n), 3.6 * rows)
     for i, (pixels, pred, truth) in enumerate(zip(images, predictions, truths)):
         ax = fig.add_subplot(rows, min(columns, n), i + 1)
         ax.imshow(pixels)
@@ -279,15 +288,17 @@ def examples_figure(images: Sequence[np.ndarray], predictions: Sequence[Predicte
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                    linestyle="--", linewidth=1.0, edgecolor=line_style(int(label))["color"]))
         pb, pl, ps = _as_arrays(pred.boxes, pred.labels, pred.scores)
-        for box, label, score in zip(pb, pl, ps):
-            if score < score_threshold:
-                continue
+        shown = ps >= score_threshold
+        per_class = np.bincount(pl[shown], minlength=len(classes))
+        for box, label, score in zip(pb[shown], pl[shown], ps[shown]):
             colour = line_style(int(label))["color"]
             ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                    linewidth=1.6, edgecolor=colour))
-            ax.text(box[0], box[1], f"{as_text(classes[int(label)])} {score:.2f}", fontsize=5, color="white",
-                    bbox={"facecolor": colour, "pad": 0.5, "linewidth": 0})
-        ax.set_title(as_text(truth.name), fontsize=7)
+            if per_class[int(label)] <= EXAMPLE_LABELS_MAX:
+                ax.text(box[0], box[1], f"{as_text(classes[int(label)])} {score:.2f}", fontsize=EXAMPLE_LABEL_SIZE,
+                        color="white", va="bottom", bbox={"facecolor": colour, "pad": 1.0, "linewidth": 0})
+        crowded = [f"{as_text(classes[k])} x{int(c)}" for k, c in enumerate(per_class) if c > EXAMPLE_LABELS_MAX]
+        ax.set_title(as_text(truth.name) + (f"\nunlabelled: {', '.join(crowded)}" if crowded else ""), fontsize=8)
         ax.axis("off")
     handles = [Line2D([], [], color=line_style(k)["color"], linewidth=2, label=as_text(name))
                for k, name in enumerate(classes)]
@@ -329,7 +340,9 @@ _CAPTIONS = {
                "exact values; a marker's area (and the number beside it) is how many images share that pair; "
                "on the diagonal the count is exactly right."),
     "examples": ("Examples", "Dashed: true boxes; solid: predicted boxes at the operating threshold, "
-                 "coloured by class, with their scores. Worst count errors first."),
+                 "coloured by class, with their scores (a class with more than "
+                 f"{EXAMPLE_LABELS_MAX} boxes in a field is left unlabelled there, as its title says). "
+                 "Worst count errors first."),
     "training_curves": ("Training curves", "Training loss and validation mAP per epoch."),
 }
 
