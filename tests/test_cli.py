@@ -73,7 +73,7 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     result = invoke("predict", "--bundle", trained_bundle, synthetic_root / "blast", tmp_path / "broken.jpg",
                     "--out", out, "--threshold", "0.999999")
-    assert result.exit_code == 1, result.output  # broken.jpg: a partial run
+    assert result.exit_code == 3, result.output  # broken.jpg: a partial run
     # the bundle learned from some of these images, and says so (evaluate would refuse them)
     said = " ".join(result.output.split())
     assert "note: the classifier learned from" in said and "of its train images and" in said
@@ -97,7 +97,7 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
     assert str(tmp_path / "broken.jpg") in result.output  # named on the terminal, not only in the CSV
     as_json = tmp_path / "preds.json"
     assert invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.jpg", synthetic_root / "blast",
-                  "--out", as_json).exit_code == 1  # broken.jpg
+                  "--out", as_json).exit_code == 3  # broken.jpg
     unread = json.loads(as_json.read_text())[0]
     assert unread["error"] and [unread[key] for key in ("label", "top_class", "confidence", "uncertain")] == [None] * 4
     assert not any(key.startswith("p_") for key in unread)
@@ -163,7 +163,7 @@ def test_predict_columns_do_not_depend_on_which_file_comes_first(trained_bundle:
     headers = []
     for order in ([tmp_path / "broken.jpg", good], [good, tmp_path / "broken.jpg"]):
         out = tmp_path / f"p{len(headers)}.csv"
-        assert invoke("predict", "--bundle", trained_bundle, *order, "--out", out).exit_code == 1  # one unread
+        assert invoke("predict", "--bundle", trained_bundle, *order, "--out", out).exit_code == 3  # one unread
         headers.append(out.read_text().splitlines()[0])
     assert headers[0] == headers[1] and headers[0].index("p_blast") < headers[0].index("ood_score")
 
@@ -185,7 +185,7 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     (tmp_path / "broken.png").write_bytes(b"not an image")
     again = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images, "--out", out,
                    "--explain", tmp_path / "cam2")
-    assert again.exit_code == 1, again.output  # broken.png unread
+    assert again.exit_code == 3, again.output  # broken.png unread
     rows = json.loads(out.read_text())
     for overlay in sorted((tmp_path / "cam2").glob("*.png")):
         row = rows[int(overlay.name[:5])]
@@ -674,7 +674,7 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
     assert collect_images([folder]) == [folder / "a.png", folder / "b.png"]
     result = invoke("analyze", folder, "--out", tmp_path / "out", "--no-classifier")
     said = " ".join(result.output.split())
-    assert result.exit_code == 1, said  # a partial run: its results written, and a script can tell
+    assert result.exit_code == 3, said  # a partial run: its results written, and a script can tell
     assert "b.png: not read" in said and "1 image(s) could not be read" in said
     assert "1 of 2 image(s) read, 0 white cells" in said  # the count is of the image read, and says so
 

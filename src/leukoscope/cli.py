@@ -53,10 +53,11 @@ app = typer.Typer(
 )
 
 
-#: Exit codes of commands that read many images: 0 every input was used; 1 some could not be read or
+#: Exit codes of commands that read many images: 0 every input was used; 3 some could not be read or
 #: analysed (the others' results are written, the failures named in them); 2 nothing was done (bad input,
-#: a usage error, or no input usable). A batch script can tell a clean run from a partial one.
-EXIT_SOME_FAILED = 1
+#: a usage error, or no input usable). A batch script can tell a clean run from a partial one, and a partial
+#: one from a crash (Python exits with 1 on an uncaught error, click on Ctrl-C: outputs may then be missing).
+EXIT_SOME_FAILED = 3
 
 
 def _fail(message: str) -> None:
@@ -739,7 +740,7 @@ def predict(
     red cells give; an image with neither is classified whole, and the output says so
     (um_per_px and scale_source columns). --as-given skips this.
 
-    Exits with 2 when no image could be predicted, 1 when some could not (they are named, and
+    Exits with 2 when no image could be predicted, 3 when some could not (they are named, and
     get a row with their error in the output file, its label, class and confidence empty), 0 when
     every image was predicted.
     """
@@ -788,7 +789,7 @@ def predict(
                        batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
                        run_um_per_px=lent, run_warnings=doubts)
     _say_framing(predictions, info.preprocessing.cell_window_um)
-    _say_tiny(predictions)
+    _say_single_cell_warnings(predictions)
     failed = [p.source for p in predictions if p.error]
     counts: dict[str, int] = {}
     for p in predictions:
@@ -1211,7 +1212,7 @@ def segment(
 ) -> None:
     """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures.
 
-    Exits with 1 when some images could not be read (their error in masks.csv), 2 when none could."""
+    Exits with 3 when some images could not be read (their error in masks.csv), 2 when none could."""
     _check_writable_folder(out, "--out")
     from leukoscope.inference.segment_files import segment_files
 
@@ -1391,18 +1392,18 @@ def analyze(
 
     A whole-slide image (.svs, .ndpi, a pyramidal .tif; needs the slide extra) is sampled in its
     monolayer until --target-cells white cells are counted; its files go to OUT/<slide name>/:
-    <name>.slide.json, <name>.cells.csv, <name>.overview.png, summary.csv / summary.json.
+    <name>.slide.json, <name>.cells.csv, <name>.overview.png, summary.csv / summary.json / summary.png.
 
     With --engine ray the fields are analysed on a Ray cluster (--address auto: the one `ray start`
     runs; see docs/cluster.md) into Parquet tables OUT/fields/ and OUT/cells/ and the same
-    summary.csv / summary.json, without per-field files; a rerun skips the fields already there.
+    summary.csv / summary.json / summary.png, without per-field files; a rerun skips the fields already there.
     A slide's tiles are then analysed by the cluster's actors (the slide must be on storage every
     node sees at the same path); its sampling and count are those of the local engine.
 
     Without model flags it uses the models shipped in the package (`leukoscope models
     --pretrained`); with only --detector, the shipped classifier when installed.
 
-    Exits with 0 when every input was analysed, 1 when some could not be (named on the console and
+    Exits with 0 when every input was analysed, 3 when some could not be (named on the console and
     in summary.csv; the others' results are written), 2 when none could.
     """
     _check_engine(engine, address, actors, retry_failed)
@@ -1529,7 +1530,7 @@ def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = Fals
     return scale.um_per_px
 
 
-def _say_tiny(predictions: list) -> None:
+def _say_single_cell_warnings(predictions: list) -> None:
     """Warnings naming the images too small to show a cell, those without colour and those without a white
     cell at their centre (their ``warnings`` column says so too, as analyze's fields do); their rows stand."""
     from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,

@@ -294,7 +294,7 @@ def test_one_bad_slide_does_not_stop_the_others_and_two_of_one_name_are_refused(
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["analyze", str(broken), str(slide_path), "--out", str(out), *common])
     said = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output  # one slide of two analysed: a partial run
+    assert result.exit_code == 3, result.output  # one slide of two analysed: a partial run
     assert "broken.svs: not analysed" in said and "1 of 2 slide(s) could not be analysed" in said
     assert f"slide files: {out / 'slide'}" in said
     assert (out / "slide" / "slide.slide.json").is_file()

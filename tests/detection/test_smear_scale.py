@@ -337,7 +337,7 @@ def test_analyze_says_when_the_runs_red_cells_contradict_the_stated_scale(detect
     (folder / "broken.png").write_bytes(b"not an image")
     result = CliRunner().invoke(app, ["analyze", str(folder), "--detector", str(detector_bundle), "--no-classifier",
                                       "--um-per-px", "0.1", "--out", str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code == 1, result.output  # broken.png: a partial run
+    assert result.exit_code == 3, result.output  # broken.png: a partial run
     said = " ".join(result.output.split())
     assert "scale: the stated scale, 0.1 um/px, is 3." in said and "times finer than the run's red cells" in said
     recorded = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -41,3 +41,6 @@ def test_no_cell_and_no_blast_class_say_so() -> None:
         "Blasts: 3 of 10 white cells = 30.0% (95% CI 10.8-60.3%): not meaningful below 100 cells")
     for picture in (differential_figure(empty, fields=2, failed=2), differential_figure(no_blast, fields=1)):
         assert picture.width == WIDTH and picture.height > 200
+    # without a blast class no flag can be raised: no threshold (red) is drawn
+    assert len(_red_columns(differential_figure(no_blast, fields=1))) == 0
+    assert len(_red_columns(differential_figure(empty, fields=2))) > 0  # the threshold, dashed

@@ -34,7 +34,7 @@ def test_cli_saves_masks_figures_and_an_index(tmp_path: Path):
     out = tmp_path / "masks"
     result = runner.invoke(app, ["segment", str(folder), str(single), "--out", str(out), "--figure",
                                  "--segmented", "--quiet"])
-    assert result.exit_code == 1, result.output  # one image unreadable: the others' masks written, a script told
+    assert result.exit_code == 3, result.output  # one image unreadable: the others' masks written, a script told
     assert result.stdout.strip().splitlines()[-1] == str(out / "masks.csv")
     assert "3 segmented, 1 with nothing stained found, 1 unreadable" in " ".join(result.output.split())
     rows = {Path(r["source"]).relative_to(tmp_path).as_posix(): r for r in csv.DictReader((out / "masks.csv").open())}

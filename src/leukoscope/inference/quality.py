@@ -182,8 +182,9 @@ GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells ar
 
 
 #: The same of a single-cell image (`predict`, the service's single cells): its class rests on a colour it lacks.
-GRAYSCALE_CELL_WARNING = ("the image has no colour (grey levels only): white cells are typed by their stain's colour, "
-                          "so its class is not to be trusted; classify the colour image")
+GRAYSCALE_CELL_WORDING = "the image has no colour"
+GRAYSCALE_CELL_WARNING = (f"{GRAYSCALE_CELL_WORDING} (grey levels only): white cells are typed by their stain's "
+                          f"colour, so its class is not to be trusted; classify the colour image")
 
 
 def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> str:
@@ -217,13 +218,14 @@ def is_unfamiliar_warning(warning: str) -> bool:
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
     image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes, a
-    cell image without a white cell at its centre: the reviewer labels or excludes it), not
+    cell image without a white cell at its centre or without colour: the reviewer labels or excludes it), not
     which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
     reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed
     scale) still stand after any review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
             or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
-            or warning.startswith(STATED_CELL_SCALE_WORDING) or warning.startswith(NO_WHITE_CELL_WORDING))
+            or warning.startswith(STATED_CELL_SCALE_WORDING) or warning.startswith(NO_WHITE_CELL_WORDING)
+            or warning.startswith(GRAYSCALE_CELL_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

@@ -97,7 +97,8 @@ def differential_figure(differential: Differential, fields: int, failed: int = 0
     y += 24
     draw.text((_MARGIN, y), blast_line(differential), font=font, fill=_INK)
     y += 30
-    _blast_axis(draw, differential, blast_flag_percent, _MARGIN + _NAME_WIDTH, y, small)
+    if differential.blasts is not None:  # without a blast class no flag can be raised: no threshold to draw
+        _blast_axis(draw, differential, blast_flag_percent, _MARGIN + _NAME_WIDTH, y, small)
     y += 70
     for line, ink, paper in notes:
         if paper != _PAPER:

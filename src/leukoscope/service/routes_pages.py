@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections import Counter
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -54,7 +55,7 @@ from leukoscope.service.auth import (
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError, refuse_nul
 from leukoscope.service.params import RowId
-from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Case, Cell, User, WebSession, utcnow
+from leukoscope.service.tables import ROLES, TOKEN_SCOPES, ApiToken, AuditEntry, Case, User, WebSession, utcnow
 from leukoscope.service.routes_api import read_uploads
 
 router = APIRouter(include_in_schema=False)
@@ -368,9 +369,9 @@ def export_page(request: Request):
     with transaction(state_of(request).sessions) as db:
         principal = page_principal(db, request)
         principal.require("hematologist")
-        rows = db.execute(select(Cell.reviewed_label, func.count(Cell.id)).where(Cell.reviewed_label.is_not(None))
-                          .group_by(Cell.reviewed_label).order_by(Cell.reviewed_label)).all()
-        _cells, left_out = ops.exportable_cells(db)
+        # what the ZIP will hold: not the excluded cells, a repeated file's copies or the unframed cells
+        cells, left_out = ops.exportable_cells(db)
+        rows = sorted(Counter(cell.reviewed_label for cell in cells).items())
         return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(left_out),
                       left_out_cases=sorted({cell.case_id for cell in left_out}), unframed_reason=ops.UNFRAMED_REASON)
 
