@@ -417,8 +417,14 @@ def test_a_case_stored_with_a_repeated_files_cells_counts_and_exports_them_once(
     seen = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
     assert len(seen["cells"]) == 2 and seen["differential"]["total"] == 1
     assert seen["images"][1]["repeat_of"] == 0
-    labels = {str(cell["id"]): "blast" for cell in seen["cells"]}
-    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema, json={"labels": labels})
+    # the copy's cell counts for nothing: a review of the counted one completes the case, and confirming the
+    # rest writes no label on the copy's
+    first = seen["cells"][0]["id"]
+    done = client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                       json={"labels": {str(first): "blast"}, "confirm_rest": True}).json()
+    now = client.get(f"/api/v1/cases/{case['id']}", headers=hema).json()
+    assert now["status"] == "reviewed", done
+    assert [cell["reviewed_label"] for cell in now["cells"]] == ["blast", None]
     with zipfile.ZipFile(io.BytesIO(client.get("/api/v1/export?layout=csv", headers=hema).content)) as archive:
         rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
     assert [int(row["cell"]) for row in rows] == [seen["cells"][0]["id"]]

@@ -624,6 +624,13 @@ def repeated_note(kind: str, pairs: Sequence[tuple[int, int]]) -> str:
     return f"{what.capitalize()}s uploaded twice in this case ({named}): each file's cells are counted once."
 
 
+def counted_cells(case: Case) -> list[Cell]:
+    """The case's cells but those of a file's later copy (:func:`repeated_images`; only cases stored before a
+    copy was left unanalysed have any): what its differential counts, its export holds and its review needs."""
+    repeats = repeated_images(case.images)
+    return [cell for cell in case.cells if cell.image_id not in repeats]
+
+
 def current_differential(case: Case) -> dict[str, Any]:
     """The differential from the current labels: the reviewed one where a hematologist gave
     it, else the model's (``uncertain`` below the threshold); excluded cells do not count, nor do the cells of
@@ -632,7 +639,7 @@ def current_differential(case: Case) -> dict[str, Any]:
     left out (:func:`~leukoscope.inference.quality.about_classification_only`): the leukemia flag then
     rests on the hematologist's classes. The detector's warnings stay (cells may have been missed)."""
     repeats = repeated_images(case.images)
-    cells = [cell for cell in case.cells if cell.image_id not in repeats]
+    cells = counted_cells(case)
     labels = [cell.final_label for cell in cells if cell.final_label != EXCLUDED]
     blast_classes = case.analysis.get("blast_classes", [])
     warnings = [in_service_words(warning) for warning in case.analysis.get("warnings", [])]  # cases stored before
@@ -684,7 +691,7 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
                                                  f"{', '.join(sorted(allowed))}")
     wanted: dict[int, str] = dict(labels)
     if confirm_rest:
-        for cell in case.cells:
+        for cell in counted_cells(case):  # a repeated file's old cells count for nothing: not confirmed
             if cell.id in wanted or cell.reviewed_label is not None:
                 continue
             if cell.uncertain:
@@ -706,7 +713,7 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
     if comment is not None and comment != case.review_comment:
         comment_change = {"from": case.review_comment, "to": comment}  # the audit keeps both texts
         case.review_comment = comment
-    if all(cell.reviewed_label is not None for cell in case.cells):
+    if all(cell.reviewed_label is not None for cell in counted_cells(case)):
         case.status = "reviewed"
         case.reviewed_at = now
         case.reviewer_id = principal.user.id

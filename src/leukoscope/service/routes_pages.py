@@ -314,7 +314,8 @@ def case_page(request: Request, case_id: str, saved: int = 0):
             return render(request, "open_case.html", principal, case_id=case_id if ops.CASE_ID.fullmatch(case_id)
                           else "")
         case = ops.load_case(db, principal, case_id, request=request)
-        return render(request, "case.html", principal, case=case, groups=_cell_groups(db, principal, case),
+        return render(request, "case.html", principal, case=case, counted=ops.counted_cells(case),
+                      groups=_cell_groups(db, principal, case),
                       differential=ops.current_differential(case), can_review=principal.role == "hematologist",
                       excluded=ops.EXCLUDED, saved=bool(saved), message="", review_state=ops.review_state(case),
                       heatmap_note=state_of(request).analyzer.heatmap_note, all_excluded=ops.ALL_EXCLUDED_FLAG)
@@ -352,6 +353,7 @@ async def review(request: Request, case_id: str):
                 # what the reviewer sent stays in view beside what is saved (a refused comment was lost)
                 unsaved = {"comment": form.get("comment", ""), "labels": labels}
                 return render(request, "case.html", principal, http_status=error.status, case=case,
+                              counted=ops.counted_cells(case),
                               groups=_cell_groups(db, principal, case), differential=ops.current_differential(case),
                               can_review=True, excluded=ops.EXCLUDED, saved=False, message=error.message,
                               review_state=ops.review_state(case), heatmap_note=state_of(request).analyzer.heatmap_note,
