@@ -575,6 +575,21 @@ def test_flatness_is_judged_on_the_raw_map_not_the_scaled_one() -> None:
                                   collapsed.heatmaps)
 
 
+def test_a_level_map_with_a_few_zero_pixels_is_still_flat() -> None:
+    """Grad-CAM clips its map at 0: with (max - min) / max, one pixel at 0 made a collapsed model's level map
+    read as fully contrasted (1.0), and it was drawn full-range without FLAT MAP."""
+    from leukoscope.inference.explain import map_contrast
+
+    level = torch.full((1, 32, 32), 1.0) + 0.005 * torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    speck = level.clone()
+    speck[0, 0, 0] = 0.0
+    blob = torch.zeros(1, 32, 32)
+    blob[0, 8:20, 8:20] = 1.0  # evidence in one region, none elsewhere
+    contrast = map_contrast(torch.cat([level, speck, blob])).tolist()
+    assert contrast[0] < 0.01 and contrast[1] < 0.01 and contrast[2] == pytest.approx(1.0)
+    assert map_contrast(torch.zeros(1, 4, 4)).tolist() == [0.0]
+
+
 def test_overlay_rejects_bad_arguments() -> None:
     image = Image.new("RGB", (8, 8))
     with pytest.raises(ValueError, match="alpha"):

@@ -245,7 +245,8 @@ def count_figure(operating: dict[str, Any], classes: Sequence[str], path: Path) 
         pred = np.array([r[f"pred_{name}"] for r in rows], dtype=np.int64)
         pairs, images = (np.unique(np.stack([true, pred], axis=1), axis=0, return_counts=True) if len(rows)
                          else (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)))
-        ax.scatter(pairs[:, 0], pairs[:, 1], s=18 * images, alpha=0.6, color=line_style(k)["color"],
+        # area by images, up to 20 (a test set of hundreds at one count would cover the panel); the number says more
+        ax.scatter(pairs[:, 0], pairs[:, 1], s=18 * np.minimum(images, 20), alpha=0.6, color=line_style(k)["color"],
                    edgecolors="none")
         for (x, y), count in zip(pairs, images):
             if count > 1:  # the area alone is hard to read as a number

@@ -151,17 +151,18 @@ def drawn_path(x: np.ndarray, y: np.ndarray, *, steps: bool = False) -> np.ndarr
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if steps and x.size > 1:
         x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]  # (x0,y0) (x1,y0) (x1,y1) (x2,y1) ...
-    kept: list[np.ndarray] = []
-    for point in np.column_stack([x, y]):
-        if kept and np.allclose(point, kept[-1]):
+    kept: list[tuple[float, float]] = []
+    for px, py in zip(x.tolist(), y.tolist()):  # Python floats: a curve has a point per image (10,000 and more)
+        if kept and math.isclose(px, kept[-1][0], rel_tol=1e-5, abs_tol=1e-8) and \
+                math.isclose(py, kept[-1][1], rel_tol=1e-5, abs_tol=1e-8):
             continue
         if len(kept) >= 2:
             (ax_, ay), (bx, by) = kept[-2], kept[-1]
-            if abs((bx - ax_) * (point[1] - ay) - (by - ay) * (point[0] - ax_)) < 1e-12:
-                kept[-1] = point  # the middle point lies on the line: it draws nothing
+            if abs((bx - ax_) * (py - ay) - (by - ay) * (px - ax_)) < 1e-12:
+                kept[-1] = (px, py)  # the middle point lies on the line: it draws nothing
                 continue
-        kept.append(point)
-    return np.array(kept)
+        kept.append((px, py))
+    return np.array(kept, dtype=np.float64).reshape(-1, 2)
 
 
 def _same_as(curves: list[tuple[str, np.ndarray]], path: np.ndarray) -> str | None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from leukoscope.inference.drawing import wrap_text
 from leukoscope.preprocessing import dihedral_views, view_back
 
 #: Images (views included) in one Grad-CAM backward pass of a bundle with test-time views.
@@ -193,7 +194,7 @@ class GradCamMaps(NamedTuple):
     heatmaps: np.ndarray
     """float32 ``(N, H, W)`` in [0, 1]: each map min-max scaled to its own range."""
     contrast: np.ndarray
-    """float64 ``(N,)``: each raw map's (max - min) / max (:func:`map_contrast`), 0 for an all-zero map."""
+    """float64 ``(N,)``: each raw map's spread over its level (:func:`map_contrast`), 0 for an all-zero map."""
 
     @property
     def flat(self) -> np.ndarray:
@@ -201,21 +202,27 @@ class GradCamMaps(NamedTuple):
         return self.contrast < FLAT_MAP_THRESHOLD
 
 
-#: A raw Grad-CAM map whose (max - min) is under this share of its max points at no region: the display's
+#: A raw Grad-CAM map whose spread (q95 - q5) is under this share of its q95 points at no region: the display's
 #: per-image min-max scaling would stretch its ripple to the full colour range. Judged on the raw map, never on
 #: the scaled one (always 0 to 1 unless constant). A model whose output ignores its input (a collapsed run: 9
 #: classes at 1/9 each) gave maps varying by 0.7% of their level; the shipped classifier's maps of pbc cells
-#: varied by 45% or more, a 3-epoch resnet18's by 14% or more (docs/benchmarks.md, "Flat Grad-CAM maps").
+#: varied by 39% or more, a 3-epoch resnet18's by 14% or more (docs/benchmarks.md, "Flat Grad-CAM maps").
 FLAT_MAP_THRESHOLD = 0.05
 
 
+#: The spread of a map is read between these quantiles, not its extremes: Grad-CAM clips the map at 0, so one
+#: pixel (one cell of a 3 x 3 map) at 0 would make a collapsed model's level map read as fully contrasted.
+_SPREAD_QUANTILES = (0.05, 0.95)
+
+
 def map_contrast(raw: torch.Tensor) -> torch.Tensor:
-    """``(max - min) / max`` of each raw (non-negative) map of an ``(N, H, W)`` batch: scale-free, so the
-    ~1e-13 maps of a random-init net that point somewhere count as contrasted; 0 for an all-zero map."""
+    """``(q95 - q5) / q95`` of each raw (non-negative) map of an ``(N, H, W)`` batch (:data:`_SPREAD_QUANTILES`):
+    scale-free, so the ~1e-13 maps of a random-init net that point somewhere count as contrasted; 0 for a map
+    whose upper quantile is 0 (all-zero, or zero but for a few pixels)."""
     flat = raw.flatten(1).double()
-    high = flat.max(dim=1).values
-    span = high - flat.min(dim=1).values
-    return torch.where(high > 0, span / high.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(high))
+    low, high = torch.quantile(flat, torch.tensor(_SPREAD_QUANTILES, dtype=flat.dtype), dim=1)
+    spread = (high - low) / high.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(high > 0, spread, torch.zeros_like(high))
 
 
 def grad_cam(
@@ -384,11 +391,11 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, fla
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     room = width + _LEGEND_WIDTH - 8
     # (text, colour) per line: the status, what the map shows, then every note
-    lines = [(line, "red" if alert else "black") for line in _wrapped(status or "", font, room, measure)]
+    lines = [(line, "red" if alert else "black") for line in wrap_text(measure, status or "", font, room)]
     lines += [(f"Grad-CAM evidence for {label!r}", "black"),
               ("flat map: no localised evidence", "red") if flat else ("colour scale relative to this image", "black")]
     for note in notes:
-        lines += [(line, "firebrick") for line in _wrapped(note, font, room, measure)]
+        lines += [(line, "firebrick") for line in wrap_text(measure, note, font, room)]
     caption = max(_CAPTION_HEIGHT, 15 * len(lines) + 4)
     figure = Image.new("RGB", (width + _LEGEND_WIDTH, height + caption), "white")
     figure.paste(overlay.convert("RGB"), (0, 0))
@@ -409,19 +416,6 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, fla
     if flat:
         mark_flat(figure, (width, height), "FLAT MAP - uninformative")
     return figure
-
-
-def _wrapped(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, room: int,
-             draw: ImageDraw.ImageDraw) -> list[str]:
-    """``text`` broken at spaces into lines at most ``room`` px wide (a longer word stands alone)."""
-    lines: list[str] = []
-    for word in text.split():
-        joined = f"{lines[-1]} {word}" if lines else word
-        if lines and draw.textlength(joined, font=font) <= room:
-            lines[-1] = joined
-        else:
-            lines.append(word)
-    return lines
 
 
 def mark_flat(picture: Image.Image, size: tuple[int, int] | None = None, note: str = "FLAT MAP") -> Image.Image:
