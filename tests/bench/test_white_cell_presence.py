@@ -28,7 +28,8 @@ def test_cells_pass_and_red_cells_alone_are_doubted(tmp_path: Path) -> None:
     (data / "bccd" / "Annotations").mkdir(parents=True)
     (data / "bccd" / "JPEGImages").mkdir(parents=True)
     for k in range(3):  # fields of red cells only: no white-cell box
-        smear_field(20.0, size=(640, 480), seed=10 + k, wbc=False, platelets=0).save(data / "bccd" / "JPEGImages" / f"F{k}.jpg")
+        field = smear_field(20.0, size=(640, 480), seed=10 + k, wbc=False, platelets=0)
+        field.save(data / "bccd" / "JPEGImages" / f"F{k}.jpg")
         (data / "bccd" / "Annotations" / f"F{k}.xml").write_text(
             "<annotation><object><name>RBC</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>20</xmax>"
             "<ymax>20</ymax></bndbox></object></annotation>")

@@ -18,8 +18,8 @@ def _case(warning: str, reviewed: bool) -> SimpleNamespace:
     labels = ["blast" if i < 30 else "lymphocyte" for i in range(100)]
     cells = [SimpleNamespace(image_id=i, final_label=label, reviewed_label=label if reviewed else None)
              for i, label in enumerate(labels)]
-    return SimpleNamespace(kind="cell", images=images, cells=cells, classes=["blast", "lymphocyte"],
-                           analysis={"blast_classes": ["blast"], "warnings": [f"{warning} [in 1 of 100 images: x.png]"]})
+    analysis = {"blast_classes": ["blast"], "warnings": [f"{warning} [in 1 of 100 images: x.png]"]}
+    return SimpleNamespace(kind="cell", images=images, cells=cells, classes=["blast", "lymphocyte"], analysis=analysis)
 
 
 def _flagged(case: SimpleNamespace) -> bool:

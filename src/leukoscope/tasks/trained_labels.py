@@ -37,7 +37,8 @@ def labels_as_trained(manifest: Manifest, info: BundleInfo, data: str | Path) ->
         meant = resembled_name(label, [key for key in class_map if key != label])
         if meant is not None and resembled_name(label, info.classes) is None:
             raise DatasetError(f"{data}: label {label!r} looks like a misspelling of {meant!r}, which the bundle's "
-                               f"data.class_map maps to {class_map[meant]!r}; correct the label (labels are case-sensitive)")
+                               f"data.class_map maps to {class_map[meant]!r}; correct the label (labels are "
+                               f"case-sensitive)")
     renamed = Counter((s.label, class_map[s.label]) for s in manifest if s.label in class_map
                       and class_map[s.label] != s.label)
     samples = [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None, s.subject)
