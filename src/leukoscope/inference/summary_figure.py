@@ -51,8 +51,9 @@ def blast_line(differential: Differential) -> str:
     if differential.blast_percentage is None:
         return "Blasts: no white cell counted"
     low, high = differential.blast_ci95 or (0.0, 0.0)
-    text = (f"Blasts: {differential.blasts} of {differential.total} white cells = "
-            f"{differential.blast_percentage:.1f}% (95% CI {low:.1f}-{high:.1f}%)")
+    cells = f"{differential.total} white cell{'' if differential.total == 1 else 's'}"
+    percent = f"{differential.blast_percentage:.1f}% (95% CI {low:.1f}-{high:.1f}%)"
+    text = f"Blasts: {differential.blasts} of {cells} = {percent}"
     if not differential.blast_percentage_meaningful:
         text += f": not meaningful below {differential.min_cells} cells"
     return text
@@ -65,7 +66,8 @@ def differential_figure(differential: Differential, fields: int, failed: int = 0
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_width = WIDTH - 2 * _MARGIN
     read = fields - failed
-    title = f"Differential of {read} {unit}{'' if read == 1 else 's'}: {differential.total} white cells"
+    total = differential.total
+    title = f"Differential of {read} {unit}{'' if read == 1 else 's'}: {total} white cell{'' if total == 1 else 's'}"
     if failed:
         title += f" ({failed} {unit}{'' if failed == 1 else 's'} unreadable)"
     rows = _rows(differential)
