@@ -10,7 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 from leukoscope.inference.smear_result import SmearResult
 from leukoscope.labels import DISCLAIMER, UNCERTAIN
 
-_COLOURS = {UNCERTAIN: (230, 140, 0), "blast": (213, 0, 0), "other": (0, 90, 200), "RBC": (200, 120, 120),
+#: Blasts red, uncertain cells orange: in every picture of a count (the annotated field, summary.png).
+BLAST_RED, UNCERTAIN_ORANGE = (213, 0, 0), (230, 140, 0)
+_COLOURS = {UNCERTAIN: UNCERTAIN_ORANGE, "blast": BLAST_RED, "other": (0, 90, 200), "RBC": (200, 120, 120),
             "Platelets": (120, 60, 160)}
 # One colour for each of the shipped classifier's 8 cell types besides blast (in the order of its classes: basophil,
 # eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet), none of them red or orange (blast and
@@ -60,6 +62,14 @@ def ink_on(paper: Colour) -> Colour:
     return (255, 255, 255) if 1.05 / (luminance + 0.05) >= (luminance + 0.05) / 0.05 else (0, 0, 0)
 
 
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font at ``size`` px (no font file to ship or find)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        return ImageFont.load_default()
+
+
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     """The field with a text band above it. On the field: white cells boxed and coloured by
     class with label and confidence, blasts red, uncertain orange, unfamiliar cells (unlike the
@@ -78,10 +88,7 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     factor = enlargement(field.size)
     if factor > 1:
         field = field.resize((field.width * factor, field.height * factor), Image.Resampling.NEAREST)
-    try:
-        font = ImageFont.load_default(size=11 * scale)
-    except TypeError:  # Pillow < 10.1 has one bitmap size only
-        font = ImageFont.load_default()
+    font = load_font(11 * scale)
     colours = cell_colours(result)
     header = _laid_out(ImageDraw.Draw(field), _header_lines(result), font, field.width)
     legend = _legend(ImageDraw.Draw(field), _legend_entries(result, colours), font, field.width,

@@ -26,10 +26,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import nn
 
-from leukoscope.inference.drawing import wrap_text
+from leukoscope.inference.drawing import load_font, wrap_text
 from leukoscope.preprocessing import dihedral_views, view_back
 
 #: Images (views included) in one Grad-CAM backward pass of a bundle with test-time views.
@@ -366,13 +366,6 @@ _LEGEND_WIDTH = 72
 _CAPTION_HEIGHT = 34
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap size
-        return ImageFont.load_default()
-
-
 def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, flat: bool, status: str | None = None,
                    alert: bool = False, notes: Sequence[str] = (), colormap: str = "jet") -> Image.Image:
     """``overlay`` (from :func:`overlay_heatmap`) with a colour bar saying what the
@@ -387,7 +380,7 @@ def heatmap_figure(overlay: Image.Image, heatmap: np.ndarray, label: str, *, fla
     _check_heatmap(heatmap, require_unit_range=True)
     cmap = matplotlib.colormaps[colormap]
     width, height = overlay.size
-    font = _font(11)
+    font = load_font(11)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     room = width + _LEGEND_WIDTH - 8
     # (text, colour) per line: the status, what the map shows, then every note
@@ -423,7 +416,7 @@ def mark_flat(picture: Image.Image, size: tuple[int, int] | None = None, note: s
     place: a flat heatmap's overlay is an even tint that reads as "evidence everywhere" without it."""
     width, height = size or picture.size
     draw = ImageDraw.Draw(picture)
-    note_font = _font(max(8, min(14, width // 7)))
+    note_font = load_font(max(8, min(14, width // 7)))
     box = draw.textbbox((width // 2, height // 2), note, font=note_font, anchor="mm")
     draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill="white", outline="red", width=1)
     draw.text((width // 2, height // 2), note, fill="red", font=note_font, anchor="mm")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from PIL import Image, ImageDraw, ImageFont
 
 from leukoscope.inference.differential import Differential
-from leukoscope.inference.drawing import wrap_text
+from leukoscope.inference.drawing import BLAST_RED, UNCERTAIN_ORANGE, load_font, wrap_text
 from leukoscope.labels import DISCLAIMER, UNCERTAIN
 
 WIDTH = 960
@@ -20,15 +20,8 @@ _NAME_WIDTH = 190
 _BAR_WIDTH = 480
 _ROW = 26
 _INK, _GREY, _PAPER = (0, 0, 0), (110, 110, 110), (255, 255, 255)
-_BLAST, _UNCERTAIN_COLOUR, _OTHER, _NOT_WHITE = (213, 0, 0), (230, 140, 0), (0, 90, 200), (170, 170, 170)
+_BLAST, _UNCERTAIN_COLOUR, _OTHER, _NOT_WHITE = BLAST_RED, UNCERTAIN_ORANGE, (0, 90, 200), (170, 170, 170)
 _WARNING = (200, 0, 0)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size only
-        return ImageFont.load_default()
 
 
 def _rows(differential: Differential) -> list[tuple[str, int, float, tuple[int, int, int]]]:
@@ -62,7 +55,7 @@ def blast_line(differential: Differential) -> str:
 def differential_figure(differential: Differential, fields: int, failed: int = 0,
                         blast_flag_percent: float = 20.0, unit: str = "field") -> Image.Image:
     """The pooled ``differential`` of ``fields`` images (``failed`` of them unreadable) as a picture."""
-    title_font, font, small = _font(22), _font(16), _font(13)
+    title_font, font, small = load_font(22), load_font(16), load_font(13)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_width = WIDTH - 2 * _MARGIN
     read = fields - failed
