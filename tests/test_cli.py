@@ -100,7 +100,9 @@ def test_predict_writes_csv_with_probabilities_and_uncertain(trained_bundle: Pat
                   "--out", as_json).exit_code == 3  # broken.jpg
     unread = json.loads(as_json.read_text())[0]
     assert unread["error"] and [unread[key] for key in ("label", "top_class", "confidence", "uncertain")] == [None] * 4
-    assert not any(key.startswith("p_") for key in unread)
+    # every row has the same keys, an unreadable image's unknowns null (its row lacked the p_ keys)
+    read = json.loads(as_json.read_text())[1]
+    assert list(unread) == list(read) and all(unread[key] is None for key in read if key.startswith("p_"))
 
 
 def test_predict_warns_of_images_too_small_to_show_a_cell(trained_bundle: Path, tmp_path: Path) -> None:

@@ -126,20 +126,16 @@ TRAILING_COLUMNS = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "war
 
 
 def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Sequence[str] = ()) -> Path:
-    """``predictions`` as CSV or JSON. CSV columns in one order whatever the rows (an unreadable first file
-    put ``ood_score`` before the probabilities), every class's ``p_`` column even when no image was read
-    (``classes``: the classifier's)."""
+    """``predictions`` as CSV or JSON, every row with the same columns in one order whatever the rows (an
+    unreadable first file put ``ood_score`` before the probabilities; in JSON an unreadable image's row lacked
+    the ``p_`` keys), every class's ``p_`` column even when no image was read (``classes``: the classifier's).
+    A value a row does not have is empty in a CSV, null in JSON."""
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [p.as_row() for p in predictions]
+    fields = _columns(rows, classes)
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(rows, indent=1))
+        out.write_text(json.dumps([{key: row.get(key) for key in fields} for row in rows], indent=1))
     elif out.suffix.lower() == ".csv":
-        found = dict.fromkeys(key for row in rows for key in row)
-        probabilities = dict.fromkeys([f"p_{name}" for name in classes] + [k for k in found if k.startswith("p_")])
-        known = set(LEADING_COLUMNS) | set(TRAILING_COLUMNS) | set(probabilities)
-        always = ("ood_score", "unfamiliar", "warnings", "error")
-        fields = [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
-                  *(k for k in TRAILING_COLUMNS if k in found or k in always)]
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
@@ -147,6 +143,15 @@ def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Seq
     else:
         raise ValueError(f"{out}: output must end in .csv or .json")
     return out
+
+
+def _columns(rows: Sequence[dict[str, object]], classes: Sequence[str]) -> list[str]:
+    found = dict.fromkeys(key for row in rows for key in row)
+    probabilities = dict.fromkeys([f"p_{name}" for name in classes] + [k for k in found if k.startswith("p_")])
+    known = set(LEADING_COLUMNS) | set(TRAILING_COLUMNS) | set(probabilities)
+    always = ("ood_score", "unfamiliar", "warnings", "error")
+    return [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
+            *(k for k in TRAILING_COLUMNS if k in found or k in always)]
 
 
 #: Images per Grad-CAM pass: one forward and one backward pass explain the whole batch.
