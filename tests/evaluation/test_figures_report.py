@@ -441,6 +441,17 @@ def test_roc_and_pr_show_coinciding_curves_positives_n_and_the_chance_line(
     assert aps == {name: pytest.approx(written[name]["average_precision"], abs=5e-4) for name in ("a", "b", "c")}
     assert written["c"]["average_precision"] < 1.0 == written["a"]["average_precision"]
     assert result["per_class"]["c"]["average_precision"] == written["c"]["average_precision"]
+    # the report's per-class table carries the AP pr.png draws (it was in metrics.json only), and its macro mean
+    table = (tmp_path / "report.html").read_text()
+    table = table[table.index('<table class="per-class">'):]
+    table = table[:table.index("</table>")]
+    assert "<th>AP</th>" in table
+    rows = re.findall(r"<tr><t[dh] class=\"name\">([^<]+)</t[dh]>(.*?)</tr>", table)
+    last_cell = {name: re.findall(r">([^<]*)</t[dh]>", cells)[-1] for name, cells in rows}
+    assert last_cell["c"] == f"{written['c']['average_precision']:.3f}"
+    macro = strict_json(tmp_path / "metrics.json")["average_precision_macro"]
+    assert macro == pytest.approx(sum(written[k]["average_precision"] for k in "abc") / 3)
+    assert last_cell["macro average"] == f"{macro:.3f}" and last_cell["weighted average"] == ""
 
 
 def test_identical_curves_are_drawn_widest_first(tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     class's precision: as 0, sklearn's ``zero_division=0``.
     ``roc_auc_macro_ovr`` is the mean of the defined per-class one-vs-rest
     AUCs, ``None`` if there are none; ``average_precision`` per class is the
-    one-vs-rest AP that pr.png draws.
+    one-vs-rest AP that pr.png draws, ``average_precision_macro`` their mean (as for the AUC).
     """
     y, p = _check_inputs(y_true, probs, classes)
     n_classes = len(classes)
@@ -197,6 +197,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         "confusion_matrix": cm.astype(int).tolist(),
         "confusion_matrix_normalized": normalize_rows(cm).tolist(),
         "roc_auc_macro_ovr": _mean(auc, np.ones(n_classes)),
+        "average_precision_macro": _mean(ap, np.ones(n_classes)),
         "ece": expected_calibration_error(p, y),
         "top_confusions": top_confusions(cm, list(classes)),
     }

@@ -50,8 +50,8 @@ _MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 #: Metric keys shown in dedicated sections, hence left out of "Run details".
 _STRUCTURED_KEYS = frozenset({
     "n", "classes", "absent_classes", "never_predicted_classes", "accuracy", "per_class", "macro", "weighted",
-    "average_convention", "confusion_matrix", "confusion_matrix_normalized", "roc_auc_macro_ovr", "ece",
-    "top_confusions", "calibration", "figures",
+    "average_convention", "confusion_matrix", "confusion_matrix_normalized", "roc_auc_macro_ovr",
+    "average_precision_macro", "ece", "top_confusions", "calibration", "figures",
 })
 
 
@@ -122,16 +122,18 @@ def _predicted_counts(metrics: dict) -> list[int | None]:
 
 def _per_class_rows(metrics: dict) -> tuple[list[dict], list[dict]]:
     per_class = metrics.get("per_class") or {}
-    order = ("precision", "recall", "specificity", "f1", "support", "roc_auc")
+    order = ("precision", "recall", "specificity", "f1", "support", "roc_auc", "average_precision")
     rows = [{"name": name, "cells": [_class_cell(stats, key, predicted) for key in order]}
             for (name, stats), predicted in zip(per_class.items(), _predicted_counts(metrics))]
     support = str(sum(stats.get("support", 0) for stats in per_class.values()))
     averages = []
-    for label, key, auc in (("macro average", "macro", format_value(metrics.get("roc_auc_macro_ovr"))),
-                            ("weighted average", "weighted", "")):  # no weighted AUC is computed
+    macro_ranking = [format_value(metrics.get(k)) if k in metrics else "" for k in ("roc_auc_macro_ovr",
+                                                                                      "average_precision_macro")]
+    for label, key, ranking in (("macro average", "macro", macro_ranking),
+                                ("weighted average", "weighted", ["", ""])):  # no weighted AUC / AP is computed
         if isinstance(metrics.get(key), dict):
             cells = [format_value(metrics[key].get(k)) for k in order[:4]]
-            averages.append({"name": label, "cells": [*cells, support, auc]})
+            averages.append({"name": label, "cells": [*cells, support, *ranking]})
     return rows, averages
 
 
