@@ -15,6 +15,7 @@ from tests.conftest import shared_dataset
 from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
 from leukoscope.io import load_image
 from leukoscope.segmentation import (
+    MASK_CAPTION,
     SEGMENTATION_METHODS,
     Segmenter,
     apply_mask,
@@ -235,6 +236,24 @@ def test_segmentation_figure_writes_an_image(tmp_path) -> None:
     path = segmentation_figure(image, cell_mask(image), tmp_path / "fig.png", title="neutrophil")
     figure = Image.open(path)
     assert figure.format == "PNG" and figure.width > 2 * figure.height  # three panels side by side
+
+
+def test_segmentation_figure_says_what_its_mask_holds(tmp_path, monkeypatch) -> None:
+    """The figure said "mask" beside a white cell's nucleus alone: read as the cell's outline."""
+    from matplotlib.figure import Figure
+
+    drawn: list[str] = []
+    real = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn.extend(text.get_text() for text in figure.findobj(lambda a: hasattr(a, "get_text")))
+        return real(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    image = render_cell("neutrophil", np.random.default_rng(0), SIZE)
+    segmentation_figure(image, cell_mask(image), tmp_path / "fig.png")
+    assert any(text.startswith("mask: most stained (") for text in drawn)
+    assert MASK_CAPTION in drawn and "nucleus" in MASK_CAPTION
 
 
 # ------------------------------------------------------------ real smears

@@ -1210,7 +1210,7 @@ def segment(
     segmented: bool = typer.Option(False, "--segmented", help="Also save the segmented image (cells on white)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Segment stained cells: save masks (PNG, 255 = cell) and optional side-by-side figures.
+    """Segment stained cells: save masks (PNG, 255 = most stained: a white cell's nucleus) and optional figures.
 
     Exits with 3 when some images could not be read (their error in masks.csv), 2 when none could."""
     _check_writable_folder(out, "--out")

@@ -299,6 +299,11 @@ def save_mask(mask: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+#: Said under every segmentation figure: what its white pixels are.
+MASK_CAPTION = ("white: the most violet-stained pixels. In a white cell that is its nucleus (with the little "
+                "cytoplasm of a blast or lymphocyte); pale cytoplasm and red cells are left out.")
+
+
 def segmentation_figure(
     image: ImageLike, mask: np.ndarray, path: str | Path, title: str | None = None
 ) -> Path:
@@ -313,7 +318,7 @@ def segmentation_figure(
     axes = figure.subplots(1, 3)
     panels = (
         (rgb, "original", None),
-        (keep, f"mask ({keep.mean():.1%} of image)", "gray"),
+        (keep, f"mask: most stained ({keep.mean():.1%} of image)", "gray"),
         (apply_mask(rgb, keep), "segmented", None),
     )
     for ax, (content, label, cmap) in zip(axes, panels):
@@ -325,6 +330,8 @@ def segmentation_figure(
         ax.set_axis_off()
     if title:
         figure.suptitle(str(title).replace("$", r"\$"))  # drawn literally, never as mathtext
+    # the mask is read as "the cell" otherwise; on a white-cell photograph it is mostly the nucleus
+    figure.supxlabel(MASK_CAPTION, fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
