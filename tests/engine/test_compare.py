@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from leukoscope.cli import app
 from leukoscope.tasks.compare import compare_plan, entry_config, run_compare
 from leukoscope.engine.config import CompareConfig, CompareEntry, ConfigError, load_config
+from leukoscope.proportions import wilson_interval
 
 FAST = ["model.image_size=32", "train.epochs=1", "train.batch_size=16", "features.histogram_bins=8",
         "features.lbp_radii=[1]", "features.glcm_distances=[1]"]
@@ -48,6 +49,14 @@ def test_writes_table_figure_and_page(compared):
     assert "data:image/png;base64," in page and "01-naive_bayes/report.html" in page
     info = json.loads((directory / "compare.json").read_text())
     assert "validation" in info["chosen_by"]
+    # each accuracy with its 95% interval over the images scored: on a small test set rows differ by chance
+    for row in rows:
+        n, accuracy = int(row["n"]), float(row["accuracy"])
+        assert float(row["accuracy_low"]) < accuracy < float(row["accuracy_high"]) or accuracy in (0.0, 1.0)
+        assert (float(row["accuracy_low"]), float(row["accuracy_high"])) == pytest.approx(
+            wilson_interval(round(accuracy * n), n))
+    assert "accuracy 95% CI" in table and f"{float(rows[0]['accuracy_low']):.3f}-" in table
+    assert f"Wilson interval over the {rows[0]['n']} images scored" in table
 
 
 def test_every_row_used_the_same_split_and_has_a_bundle(compared):

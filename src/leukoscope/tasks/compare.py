@@ -7,9 +7,11 @@ split** and the same decoded images, then writes into
 ``<output_root>/<name>-compare-<time>/``:
 
 - ``compare.csv``, ``compare.json``, ``compare.md``: one row per model with
-  accuracy, macro precision / recall / specificity / F1, ROC-AUC (macro
-  one-vs-rest), training minutes, inference images/s and parameters;
-- ``compare.png``: the scores as a dot plot and the training time as bars;
+  accuracy and its 95% (Wilson) interval over the images scored, macro
+  precision / recall / specificity / F1, ROC-AUC (macro one-vs-rest), training
+  minutes, inference images/s and parameters;
+- ``compare.png``: the scores as a dot plot (accuracy with its interval) and
+  the training time as bars;
 - ``compare.html``: the table, the figure and a link to each run's report;
 - one run directory per model (``NN-<label>/``: bundle, metrics, report).
 
@@ -63,6 +65,7 @@ from leukoscope.engine.learner import check_learner_config
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, with_absolute_paths
 from leukoscope.models import model_entry
 from leukoscope.progress import console
+from leukoscope.proportions import wilson_interval
 
 #: Models compared when neither the config nor the command line names any: the cheap ones.
 DEFAULT_MODELS: tuple[str, ...] = CLASSIC_MODELS
@@ -74,6 +77,7 @@ _ALLOWED_KEYS = ("data.segmentation",)
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("label", "model"),
     ("accuracy", "accuracy"),
+    ("accuracy_interval", "accuracy 95% CI"),
     ("precision", "precision (macro)"),
     ("recall", "recall (macro)"),
     ("specificity", "specificity (macro)"),
@@ -110,6 +114,16 @@ class CompareRow:
     val_loss: float | None = None
     one_class: str | None = None
     """The class a run called every scored image (a collapsed model: its scores say nothing of the images)."""
+    n: int | None = None
+    """Images scored: on a small test set two rows' accuracies differ by chance (``accuracy_low`` / ``_high``)."""
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
+
+    @property
+    def accuracy_interval(self) -> tuple[float, float] | None:
+        """The 95% Wilson interval of the accuracy over the ``n`` images scored."""
+        return None if self.accuracy_low is None or self.accuracy_high is None else (self.accuracy_low,
+                                                                                   self.accuracy_high)
 
 
 @dataclass
@@ -209,6 +223,8 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
     history = result.fit.history or []
     best = next((h for h in history if h.get("epoch") == result.fit.best_epoch), {})
     kind = model_entry(entry_cfg.model.name).kind
+    n = metrics.get("n")
+    low, high = wilson_interval(round(metrics["accuracy"] * n), n) if n else (None, None)
     return CompareRow(
         label=label,
         model=entry_cfg.model.name,
@@ -231,6 +247,9 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
         run_dir=str(result.run_dir),
         bundle=str(result.bundle_dir),
         one_class=only_class_called(metrics),
+        n=n,
+        accuracy_low=low,
+        accuracy_high=high,
     )
 
 
@@ -342,6 +361,8 @@ def run_compare(
 
 
 def _fmt(key: str, value: Any) -> str:
+    if key == "accuracy_interval" and value is not None:
+        return f"{value[0]:.3f}-{value[1]:.3f}"
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if key == "parameters":
@@ -378,12 +399,19 @@ def _footnotes(info: dict[str, Any], rows: Sequence[CompareRow] = ()) -> list[st
         f"{info['split_sizes']}.",
         "Scores on the test split (the validation split where there is none); macro = unweighted mean over classes; "
         "ROC-AUC = mean one-vs-rest AUC.",
+        f"accuracy 95% CI: Wilson interval over the {_scored(rows)} images scored; rows whose intervals overlap "
+        "are not told apart by this test set.",
         "train min: CNN = its epochs; classical = feature extraction of the training images + fitting. "
         "inference img/s: CNN = forward pass on batches of 32 decoded images; classical = features + "
         "pipeline from decoded images (decoding excluded for both). Parameters: n/a for classical models.",
         f"{choice} (N ep) = epochs trained.",
     ] + [f"! {row.label} called every scored image {row.one_class}: a collapsed model, whose scores say nothing "
          f"of the images (its ROC-AUC rests on differences too small to matter)." for row in rows if row.one_class]
+
+
+def _scored(rows: Sequence[CompareRow]) -> str:
+    counts = sorted({row.n for row in rows if row.n})
+    return " / ".join(str(n) for n in counts) or "n/a"
 
 
 def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Path:
@@ -404,10 +432,15 @@ def comparison_figure(rows: list[CompareRow], path: Path, title: str = "") -> Pa
         shown = [(y + (offset - 2.5) * 0.06, v) for y, v in zip(positions, values) if v is not None]
         if shown:
             left.scatter([v for _, v in shown], [y for y, _ in shown], marker=marker, s=36, label=name, alpha=0.85)
-    lowest = min([getattr(r, k) for r in rows for k, _, _ in scores if getattr(r, k) is not None] + [1.0])
+    # accuracy's 95% interval as a bar through its dot: on a small test set the rows' dots overlap by chance
+    spans = [(y - 2.5 * 0.06, row.accuracy_interval) for y, row in zip(positions, rows) if row.accuracy_interval]
+    for y, (low, high) in spans:
+        left.plot([low, high], [y, y], color="tab:blue", linewidth=1.2, alpha=0.6)
+    lowest = min([getattr(r, k) for r in rows for k, _, _ in scores if getattr(r, k) is not None]
+                 + [low for _, (low, _) in spans] + [1.0])
     left.set_xlim(max(0.0, math.floor(lowest * 10) / 10 - 0.05), 1.01)
     left.set_yticks(positions, [as_text(_label(row)) for row in rows])
-    left.set_xlabel("score (test split, macro averages)")
+    left.set_xlabel("score (test split, macro averages; line: accuracy's 95% interval)")
     left.grid(axis="x", alpha=0.3)
     figure.legend(*left.get_legend_handles_labels(), loc="outside upper left", ncols=6, fontsize=8)
     minutes = [row.train_minutes or 0.0 for row in rows]
@@ -486,7 +519,7 @@ def write_outputs(compare_dir: Path, rows: list[CompareRow], info: dict[str, Any
 
 
 #: Short headers for the terminal, where the table must fit 80 columns.
-_SHORT = {"precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1", "roc_auc": "AUC",
+_SHORT = {"accuracy_interval": "acc 95% CI", "precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1", "roc_auc": "AUC",
           "accuracy": "acc", "train_minutes": "train min", "images_per_second": "img/s", "parameters": "params"}
 
 
