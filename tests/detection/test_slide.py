@@ -205,6 +205,14 @@ def test_outputs(slide_path: Path, tmp_path: Path) -> None:
     assert summary["pooled_differential"]["total"] == 6 and len(summary["fields"]) == len(result.tiles)
     from PIL import Image
 
+    from leukoscope.inference.summary_figure import differential_figure
+
+    # summary.png names a slide's parts tiles (it said "Differential of 9 fields")
+    drawn = np.asarray(Image.open(tmp_path / "summary.png"))
+    assert np.array_equal(drawn, np.asarray(differential_figure(result.summary.pooled, len(result.tiles), 0,
+                                                                unit="tile")))
+    assert not np.array_equal(drawn, np.asarray(differential_figure(result.summary.pooled, len(result.tiles), 0)))
+
     overview = Image.open(paths["overview"])
     assert overview.size == (COLUMNS * TILE // 2, ROWS * TILE // 2)
     # The monolayer is shaded green, the thick strip and the feathered edge are not.

@@ -206,6 +206,8 @@ class FolderSummary:
     provenance: dict[str, Any] | None = None
     """What made the run's results (:attr:`SmearAnalyzer.provenance`: leukoscope's version, each model's bundle
     and identity), written into ``summary.json`` so that a result can be traced to the models behind it."""
+    unit: str = "field"
+    """What one result is, as ``summary.png`` names it: a field, or a slide's tile."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -296,5 +298,5 @@ class FolderSummary:
         }, indent=2))
         # the same, as a picture (summary.png): a reader who opens one file sees the count and its flags
         save_differential_figure(out_dir / f"{SUMMARY_STEM}.png", pooled, len(self.results),
-                                 sum(1 for r in self.results if r.error), self.rules.blast_flag_percent)
+                                 sum(1 for r in self.results if r.error), self.rules.blast_flag_percent, self.unit)
         return csv_path, json_path

@@ -324,7 +324,7 @@ class SlideAnalyzer:
         summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes),
                                 self.analyzer.model_names, list(self.analyzer.warnings), self.analyzer.unfamiliar_share,
                                 stated_um_per_px=self.analyzer.um_per_px, run_warnings=[doubt] if doubt else [],
-                                provenance=self.analyzer.provenance)
+                                provenance=self.analyzer.provenance, unit="tile")
         result = SlideResult(str(path), slide_info, mono, mask_level, mask_downsample, tiles, summary,
                              self.target_cells, self.seed, warnings, time.perf_counter() - start)
         result.overview = overview(low, mask_downsample, result)
