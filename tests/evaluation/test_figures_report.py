@@ -499,3 +499,16 @@ def test_run_details_show_the_split_sizes_and_readable_numbers(tmp_path: Path) -
     assert details["split_sizes"] == "train 288, val 36, test 36 (ratios 0.8 / 0.1 / 0.1)"
     assert details["parameters"] == "11,181,129" and details["images_per_second"] == "301.0"
     assert details["best_epoch"] == "3" and details["train_minutes"] == "0.213"
+
+
+def test_many_classes_curves_keep_the_legend_below_not_beside(tmp_path: Path) -> None:
+    """With nine classes the legend sat right of the axes: the picture grew to 1,250 px wide and the report
+    shrank the whole figure to fit its page."""
+    classes = ["basophil", "blast", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte",
+               "monocyte", "neutrophil", "platelet"]
+    y = np.arange(90) % 9
+    probs = np.exp(noisy_logits(y, 9, seed=3))
+    probs /= probs.sum(axis=1, keepdims=True)
+    for draw in (roc_figure, pr_figure):
+        width, height = Image.open(draw(y, probs, classes, tmp_path / f"{draw.__name__}.png")).size
+        assert width < 800 and height > width, (draw.__name__, width, height)

@@ -76,11 +76,12 @@ def _curve_classes(y: np.ndarray, n_classes: int) -> tuple[list[int], list[int]]
 
 
 def add_legend(ax, n_entries: int, loc: str) -> None:
-    """Legend inside the axes for few entries, outside on the right for many (it would hide the curves)."""
+    """Legend inside the axes for few entries, below them for many (inside it would hide the curves; on the
+    right it made the picture half as wide again, and the report shrank the whole figure to fit its page)."""
     if n_entries <= 8:
         ax.legend(loc=loc, fontsize=8)
     else:
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8)
 
 
 # --------------------------------------------------------------------------- confusion matrix
