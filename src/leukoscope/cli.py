@@ -1332,9 +1332,10 @@ def analyze(
                                        "(same as --classifier none)."),
     out: Path = typer.Option(Path("analysis"), "--out", help="Output folder."),
     blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as "
-                                                    "blast (repeatable; default: the classes named exactly blast, "
-                                                    "lymphoblast, myeloblast, ALL, malignant, Early/Pre/Pro; never "
-                                                    "erythroblast)."),
+                                                    "blast (repeatable; default: the classes named exactly, "
+                                                    "ignoring case, one of leukoscope.labels.BLAST_CLASS_NAMES, "
+                                                    "e.g. blast, lymphoblast, myeloblast, monoblast, ALL, "
+                                                    "malignant, Early/Pre/Pro; never erythroblast)."),
     threshold: Optional[float] = typer.Option(None, help="Classifier confidence below which a cell is "
                                               "'uncertain' (default: the bundle's)."),
     detector_threshold: Optional[float] = typer.Option(None, help="Detector score threshold (default: the bundle's)."),
