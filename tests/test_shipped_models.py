@@ -104,6 +104,8 @@ def test_analyze_writes_each_cell_by_class_for_a_lab_to_sort_and_fine_tune_on(tm
             crop = cells / cell["label"] / f"field-{stem}-cell-{cell['cell_id']}.png"
             assert abs(Image.open(crop).size[0] - 24 / um) <= 2  # the classifier's 24 um window
     assert f"cells: {len(written)} written to {cells}/<class>/" in " ".join(result.output.split())
+    # the command to fine-tune names the classifier that named the cells (it said "<classifier>")
+    assert f"train --init pretrained:wbc-classifier --data {cells}" in "".join(result.output.split("\n"))
     # read back as a dataset, a field's cells are one subject (never on both sides of a split)
     assert {s.subject for s in read_dataset(cells)} == {"field BloodImage_00340", "field BloodImage_00345"}
     on_ray = CliRunner().invoke(app, ["analyze", str(fields[0]), "--engine", "ray", "--cells", str(tmp_path / "c2"),

@@ -1654,9 +1654,11 @@ def _analyze_inputs(analyzer, detector: Path, classifier: Optional[Path], option
     if cells is not None:
         written = [cell for r in summary.results for cell in r.cells]
         unsure = sum(cell.uncertain for cell in written)
+        # the classifier that cut and named them, as --init takes it (it said "<classifier>")
+        start = shipped_spec(classifier) or str(classifier) if classifier is not None else "<a classifier bundle>"
         console.print(f"cells: {len(written)} written to {cells}/<class>/ ({unsure} in uncertain/): move the misnamed "
                       f"ones to their class, sort uncertain/ away, then fine-tune with `leukoscope train --init "
-                      f"<classifier> --data {cells}`", soft_wrap=True)
+                      f"{escape(start)} --data {cells}`", soft_wrap=True)
     read = len(summary.results) - len(failed)  # the fields analysed: an unreadable file has no scale to speak of
     borrowed = [r for r in summary.results if r.scale and r.scale.get("source") == "run"]
     if borrowed:
