@@ -47,7 +47,8 @@ def test_the_share_rule() -> None:
     from leukoscope.inference.quality import classified_unit
 
     unit = classified_unit(["blast", "erythroblast", "lymphocyte", "platelet"])
-    assert "4 of 10 classified cells, erythroblast and platelet included (40%" in unfamiliar_warning(
+    # "erythroblast and platelet included" read as "such cells were found", on fields with neither
+    assert "4 of 10 classified cells, counting any called erythroblast or platelet (40%" in unfamiliar_warning(
         [True] * 4 + [False] * 6, unit=unit)
     assert classified_unit(["blast", "lymphocyte"]) == "cells classified"
 

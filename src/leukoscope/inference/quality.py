@@ -136,8 +136,9 @@ def classified_unit(classes: Sequence[str]) -> str:
     not_white = not_white_classes_in(classes)
     if not not_white:
         return "cells classified"
-    named = " and ".join(not_white) if len(not_white) < 3 else f"{', '.join(not_white[:-1])} and {not_white[-1]}"
-    return f"classified cells, {named} included"
+    named = " or ".join(not_white) if len(not_white) < 3 else f"{', '.join(not_white[:-1])} or {not_white[-1]}"
+    # "erythroblast and platelet included" read as "erythroblasts and platelets were found" on a field with neither
+    return f"classified cells, counting any called {named}"
 
 
 #: A single-cell image smaller than this a side cannot show a cell's nucleus or granules (a 20 x 20 blur was called
