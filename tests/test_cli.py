@@ -895,7 +895,12 @@ def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synt
     assert again.exit_code == 0, again.output
     second = Path(again.stdout.strip().splitlines()[-1]).parent
     assert second == mapped_bundle.parent / f"eval-{synthetic_root.name}-2"
-    assert f"{first} holds an earlier evaluation, kept; this one goes to {second}" in " ".join(again.output.split())
+    assert f"{first} holds an earlier evaluation, kept; this one went to {second}" in " ".join(again.output.split())
+    # an evaluation refused (training images without --allow-training-data) announces no folder it never writes
+    training = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root)
+    assert training.exit_code == 2 and "of its train images" in training.output, training.output
+    assert "holds an earlier evaluation" not in training.output
+    assert not (mapped_bundle.parent / f"eval-{synthetic_root.name}-3").exists()
     assert json.loads((first / "metrics.json").read_text())["n"] == n_test  # the honest score is still there
     assert json.loads((second / "metrics.json").read_text())["n"] == 96
     # an explicit --out holding an evaluation: refused, unless --overwrite

@@ -490,24 +490,25 @@ def split(
 EVALUATION_FILES = ("metrics.json", "report.html")
 
 
-def _evaluation_out(out: Optional[Path], default: Path, overwrite: bool) -> Path:
+def _evaluation_out(out: Optional[Path], default: Path, overwrite: bool) -> tuple[Path, str]:
     """Where an evaluation goes: ``out`` unless it holds an earlier evaluation (refused without ``overwrite``);
     else ``default``, or the first ``default-2``, ``-3``... that is free (an honest test score was silently
-    replaced by a training-data score written to the same default folder)."""
+    replaced by a training-data score written to the same default folder). With a note saying so when the
+    default was taken, for the caller to print once the evaluation is written (printed before, it announced a
+    folder that an evaluation refused next, e.g. of training images, never wrote)."""
     if out is not None:
         held = [name for name in EVALUATION_FILES if (out / name).is_file()]
         if held and not overwrite:
             _fail(f"--out {out} already holds an evaluation ({', '.join(held)}): choose another folder, or pass "
                   f"--overwrite to replace it")
-        return out
+        return out, ""
     folder, number = default, 1
     while folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):  # an empty folder is free
         number += 1
         folder = default.with_name(f"{default.name}-{number}")
-    if folder != default:
-        console.print(f"note: {escape(str(default))} holds an earlier evaluation, kept; this one goes to "
-                      f"{escape(str(folder))}", soft_wrap=True)
-    return folder
+    note = "" if folder == default else (f"note: {escape(str(default))} holds an earlier evaluation, kept; this one "
+                                         f"went to {escape(str(folder))}")
+    return folder, note
 
 
 @app.command()
@@ -603,7 +604,8 @@ def evaluate(
 
         torch.set_num_threads(threads)
     if info.task == "detect":
-        out = _evaluation_out(out, out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}", overwrite)
+        out, note = _evaluation_out(out, out_root / f"{prefix}{Path(data).name}{'-' + split if split else ''}",
+                                    overwrite)
         _check_writable_folder(out, "--out")
         if um_per_px is not None and not getattr(info, "um_per_px", None):
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this detector records no training scale "
@@ -621,7 +623,7 @@ def evaluate(
                           f"({describe_overlap(metrics['training_overlap'])}): the score says nothing about new "
                           f"images", soft_wrap=True)
     else:
-        out = _evaluation_out(out, out_root / f"{prefix}{Path(data).stem}", overwrite)
+        out, note = _evaluation_out(out, out_root / f"{prefix}{Path(data).stem}", overwrite)
         _check_writable_folder(out, "--out")
         if um_per_px is not None and info.preprocessing.cell_window_um is None:
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this classifier has no physical window "
@@ -640,6 +642,8 @@ def evaluate(
             console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
                       f"on {metrics['n']} images")
+    if note:
+        console.print(note, soft_wrap=True)
     print(out / "report.html")
 
 
