@@ -155,7 +155,8 @@ def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, 
     # in the columns any predictions file has, every class's probability included
     header = out.read_text().splitlines()[0].split(",")
     assert header == ["source", "label", "top_class", "confidence", "uncertain", "p_blast", "p_lymphocyte",
-                      "p_monocyte", "p_neutrophil", "ood_score", "unfamiliar", "warnings", "error"]
+                      "p_monocyte", "p_neutrophil", "ood_score", "unfamiliar", "um_per_px", "scale_source", "warnings",
+                      "error"]
 
 
 def test_predict_columns_do_not_depend_on_which_file_comes_first(trained_bundle: Path, synthetic_root: Path,

@@ -84,6 +84,12 @@ def test_predict_records_the_scale_each_image_was_framed_at(tmp_path: Path) -> N
     assert rows[1]["scale_source"] == "unknown" and rows[1]["um_per_px"] is None  # empty in a CSV, null in JSON
     as_given = classifier.predict_paths(paths)  # the Python API's default: crops already framed
     assert all(p.scale is None and "scale_source" not in p.as_row() for p in as_given)
+    # a predictions file has the scale's columns whatever the mode (an --as-given CSV had none: a script broke)
+    from leukoscope.inference.predict_files import write_predictions
+
+    header = {mode: write_predictions(rows_of, tmp_path / f"{mode}.csv").read_text().splitlines()[0].split(",")
+              for mode, rows_of in (("framed", framed), ("as_given", as_given))}
+    assert header["framed"] == header["as_given"] and {"um_per_px", "scale_source"} <= set(header["as_given"])
 
 
 def test_predict_cli_options_and_the_message_for_images_without_a_scale(tmp_path: Path) -> None:

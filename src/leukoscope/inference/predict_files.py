@@ -128,8 +128,8 @@ TRAILING_COLUMNS = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "war
 def write_predictions(predictions: Sequence[Prediction], out: Path, classes: Sequence[str] = ()) -> Path:
     """``predictions`` as CSV or JSON, every row with the same columns in one order whatever the rows (an
     unreadable first file put ``ood_score`` before the probabilities; in JSON an unreadable image's row lacked
-    the ``p_`` keys), every class's ``p_`` column even when no image was read (``classes``: the classifier's).
-    A value a row does not have is empty in a CSV, null in JSON."""
+    the ``p_`` keys), every class's ``p_`` column even when no image was read (``classes``: the classifier's), the
+    scale's whatever the mode. A value a row does not have is empty in a CSV, null in JSON."""
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [p.as_row() for p in predictions]
     fields = _columns(rows, classes)
@@ -149,7 +149,9 @@ def _columns(rows: Sequence[dict[str, object]], classes: Sequence[str]) -> list[
     found = dict.fromkeys(key for row in rows for key in row)
     probabilities = dict.fromkeys([f"p_{name}" for name in classes] + [k for k in found if k.startswith("p_")])
     known = set(LEADING_COLUMNS) | set(TRAILING_COLUMNS) | set(probabilities)
-    always = ("ood_score", "unfamiliar", "warnings", "error")
+    # the scale's columns too: a script reading um_per_px broke on an --as-given file, or one of a classifier
+    # without a physical window (empty there: the image was taken whole)
+    always = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "warnings", "error")
     return [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
             *(k for k in TRAILING_COLUMNS if k in found or k in always)]
 
