@@ -642,6 +642,10 @@ def evaluate(
             console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)
         console.print(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
                       f"on {metrics['n']} images")
+        from leukoscope.evaluation.metrics import called_absent_note
+
+        if called_absent_note(metrics):
+            console.print(f"[yellow]warning:[/yellow] {escape(called_absent_note(metrics))}", soft_wrap=True)
     if note:
         console.print(note, soft_wrap=True)
     print(out / "report.html")

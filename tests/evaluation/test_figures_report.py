@@ -359,6 +359,21 @@ def test_report_says_how_the_averages_count_an_n_a_precision(tmp_path: Path) -> 
     assert "average_convention" not in html  # said under the table, not dumped in Run details
 
 
+def test_report_says_when_images_were_called_a_class_absent_from_the_set(tmp_path: Path) -> None:
+    """Most images called a class with none in the set: macro precision 0.70, weighted 0.91, beside accuracy 0.18,
+    and nothing said."""
+    y = np.array([0, 0, 1, 1, 0, 1])
+    logits = np.zeros((6, 3))
+    logits[np.arange(6), [0, 2, 2, 2, 2, 1]] = 5.0  # four images called "absent", a class with no images here
+    evaluate_logits(y, logits, ["a", "b", "absent"], tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert written["called_absent"] == {"absent": 4} and written["accuracy"] == pytest.approx(2 / 6)
+    assert written["macro"]["precision"] == 1.0  # what the averages see: only the classes present
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert '<ul class="notes">' in html and "4 of 6 images (67%) were called a class with no images in this set " \
+        "(absent 4)" in html
+
+
 # --------------------------------------------------------------------------- figure review (third)
 def _drawn_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
     """Per saved file name: each axis's title, legend (title, entries, overlap with its own axes once drawn),

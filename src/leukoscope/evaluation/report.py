@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 
 import leukoscope
+from leukoscope.evaluation.metrics import called_absent_note
 from leukoscope.labels import DISCLAIMER
 
 #: Captions for the figures :func:`leukoscope.evaluation.evaluate_logits` writes.
@@ -51,7 +52,7 @@ _MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 _STRUCTURED_KEYS = frozenset({
     "n", "classes", "absent_classes", "never_predicted_classes", "accuracy", "per_class", "macro", "weighted",
     "average_convention", "confusion_matrix", "confusion_matrix_normalized", "roc_auc_macro_ovr",
-    "average_precision_macro", "ece", "top_confusions", "calibration", "figures",
+    "average_precision_macro", "ece", "top_confusions", "calibration", "figures", "called_absent",
 })
 
 
@@ -241,7 +242,7 @@ def render_html_report(
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "disclaimer": DISCLAIMER,
         "n": metrics.get("n"),
-        "notes": list(notes or []),
+        "notes": list(notes or []) + [note for note in [called_absent_note(metrics)] if note],
         "headline": _headline(metrics) if metrics else [],
         "sections": list(sections or []),
         "per_class": per_class,

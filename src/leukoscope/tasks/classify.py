@@ -37,6 +37,7 @@ from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
+from leukoscope.evaluation.metrics import called_absent_note
 from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -194,6 +195,8 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     )
     say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
         f"({metrics['n']} images); report: {run_dir / 'report.html'}")
+    if called_absent_note(metrics):
+        log.warning("%s", called_absent_note(metrics))
     (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     return metrics
 
