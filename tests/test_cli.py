@@ -186,14 +186,25 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     assert height >= 256 + 15 * 5 and width > 256 + 40  # the colour bar beside, the coarse-map caveat below
     # an unreadable file first: each overlay keeps its row's number in the predictions file
     (tmp_path / "broken.png").write_bytes(b"not an image")
+    # an existing --out, or a folder of an earlier run's heatmaps, is replaced only with --overwrite: two runs' maps
+    # had mixed in one folder (rows numbered alike, one image under two labels) and the predictions file was replaced
+    (tmp_path / "cam" / "notes.txt").write_text("mine")
+    before = out.read_text()
+    for target in (["--explain", tmp_path / "cam2"], ["--explain", tmp_path / "cam"]):
+        refused = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images,
+                         "--out", out if target[1].name == "cam2" else tmp_path / "new.json", *target)
+        assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output
+    assert out.read_text() == before and not (tmp_path / "cam2").exists() and not (tmp_path / "new.json").exists()
     again = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images, "--out", out,
-                   "--explain", tmp_path / "cam2")
+                   "--explain", tmp_path / "cam", "--overwrite")
     assert again.exit_code == 3, again.output  # broken.png unread
     rows = json.loads(out.read_text())
-    for overlay in sorted((tmp_path / "cam2").glob("*.png")):
+    for overlay in sorted((tmp_path / "cam").glob("*.png")):
         row = rows[int(overlay.name[:5])]
         assert overlay.name.startswith(f"{overlay.name[:5]}_{Path(row['source']).stem}_") and not row["error"]
-    assert sorted(p.name[:5] for p in (tmp_path / "cam2").glob("*.png")) == ["00001", "00002", "00003"]
+    # the earlier run's maps are gone (00000 was its first image's), the folder's other files kept
+    assert sorted(p.name[:5] for p in (tmp_path / "cam").glob("*.png")) == ["00001", "00002", "00003"]
+    assert (tmp_path / "cam" / "notes.txt").read_text() == "mine"
 
 
 def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,

@@ -651,6 +651,23 @@ def evaluate(
     print(out / "report.html")
 
 
+def _check_predict_outputs(out: Path, explain: Optional[Path], overwrite: bool) -> None:
+    """Refuse to replace a predictions file or mix two runs' heatmaps without ``overwrite``; with it, remove the
+    earlier run's heatmaps (only files named as ``predict --explain`` names them) before any is written."""
+    from leukoscope.inference.predict_files import earlier_heatmaps
+
+    earlier = earlier_heatmaps(explain) if explain is not None else []
+    if not overwrite:
+        if out.is_file():
+            _fail(f"--out {out} exists (an earlier run's predictions?): give another file, or --overwrite to replace it")
+        if earlier:
+            _fail(f"--explain {explain} holds {len(earlier)} heatmap(s) of an earlier run (e.g. {earlier[0].name}): "
+                  f"two runs' maps would mix, rows numbered alike; give another folder, or --overwrite to replace them")
+        return
+    for path in earlier:
+        path.unlink()
+
+
 @app.command("calibrate-ood")
 def calibrate_ood(
     bundle: Path = typer.Option(..., "--bundle", help="Classifier bundle directory (gets ood.safetensors)."),
@@ -729,7 +746,9 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Below this confidence answer 'uncertain' "
                                               "(default: the bundle's)."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
-    batch_size: int = typer.Option(32),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file, and the heatmaps an "
+                                   "earlier run left in the --explain folder (refused without it)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime or openvino "
                                 "(a bundle from `leukoscope export`) or auto (the fastest installed one that can "
                                 "run the bundle's graph: openvino, onnxruntime, else torch). --explain loads the "
@@ -737,7 +756,8 @@ def predict(
     threads: Optional[int] = typer.Option(None, help="CPU threads for inference (default: the backend's; 1 is "
                                           "faster on a machine busy with other work)."),
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the images (micrometres); "
-                                              "default: estimated from each image's red cells."),
+                                              "default: estimated from each image's red cells, else the images' "
+                                              "scale together."),
     as_given: bool = typer.Option(False, "--as-given", help="Classify each image whole, as it is (crops already "
                                   "cut at the classifier's window, e.g. a training set's)."),
 ) -> None:
@@ -745,8 +765,10 @@ def predict(
 
     Each image is one cell. A classifier trained on a physical window (the shipped one: 24 um)
     sees that many micrometres around the image's centre, at --um-per-px or the scale the image's
-    red cells give; an image with neither is classified whole, and the output says so
-    (um_per_px and scale_source columns). --as-given skips this.
+    red cells give, else the images' scale together (a folder's); an image with none is classified
+    whole, and the output says so (um_per_px and scale_source columns). --as-given skips this.
+    An existing --out file, or heatmaps an earlier run left in --explain, are replaced only with
+    --overwrite (the folder's heatmaps of two runs had mixed, one image under two labels).
 
     Exits with 2 when no image could be predicted, 3 when some could not (they are named, and
     get a row with their error in the output file, its label, class and confidence empty), 0 when
@@ -767,6 +789,7 @@ def predict(
         _fail(f"--out {out}: is a folder; give the file to write (.csv or .json)")
     if explain is not None:
         _check_writable_folder(explain, "--explain")
+    _check_predict_outputs(out, explain, overwrite)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold must be in [0, 1], got {threshold}")
     if um_per_px is not None and as_given:

@@ -127,7 +127,7 @@ def test_predict_doubts_a_stated_scale_the_images_red_cells_contradict(tmp_path:
     assert len(rows) == 5 and all(row["warnings"].startswith("the stated scale of these single-cell images")
                                   and "its class may be wrong" in row["warnings"] for row in rows)
     right = runner.invoke(app, ["predict", str(folder), "--bundle", "pretrained:wbc-classifier", "--um-per-px",
-                                "0.375", "--out", str(out)])
+                                "0.375", "--out", str(out), "--overwrite"])
     assert right.exit_code == 0 and "stated scale" not in right.output
     assert all(row["warnings"] == "" for row in csv.DictReader(out.open()))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import csv
 import json
+import re
 import logging
 from collections import Counter
 from dataclasses import replace
@@ -154,6 +155,17 @@ def _columns(rows: Sequence[dict[str, object]], classes: Sequence[str]) -> list[
     always = ("ood_score", "unfamiliar", "um_per_px", "scale_source", "warnings", "error")
     return [*LEADING_COLUMNS, *probabilities, *(k for k in found if k not in known),
             *(k for k in TRAILING_COLUMNS if k in found or k in always)]
+
+
+#: The name of a heatmap :func:`save_explanations` writes: its row in the predictions file, the image, the label.
+HEATMAP_NAME = re.compile(r"[0-9]{5}_.+\.png")
+
+
+def earlier_heatmaps(folder: Path) -> list[Path]:
+    """The heatmaps an earlier ``predict --explain`` wrote into ``folder`` (by their names; nothing else)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and HEATMAP_NAME.fullmatch(p.name))
 
 
 #: Images per Grad-CAM pass: one forward and one backward pass explain the whole batch.
