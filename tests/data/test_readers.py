@@ -86,6 +86,26 @@ def test_class_folders_without_images(tmp_path: Path) -> None:
         read_class_folders(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["splits", "flat"])
+def test_a_detection_folder_is_not_read_as_classes(tmp_path: Path, layout: str) -> None:
+    """cbc's Training / Testing / Validation were trained as three "classes" (bccd's JPEGImages as one)."""
+    from PIL import Image
+
+    for split in (["Training", "Testing"] if layout == "splits" else [""]):
+        images = tmp_path / split / ("Images" if split else "JPEGImages")
+        images.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(images / "a.png")
+        (tmp_path / split / "Annotations").mkdir()
+        (tmp_path / split / "Annotations" / "a.xml").write_text("<annotation/>")
+    with pytest.raises(DatasetError, match="a Pascal VOC detection folder .*leukoscope train-detector"):
+        read_dataset(tmp_path)
+    # without box files, a folder named Annotations does not make it a detection folder
+    (tmp_path / "Annotations").mkdir(exist_ok=True)
+    for xml in tmp_path.rglob("*.xml"):
+        xml.unlink()
+    assert read_dataset(tmp_path).classes
+
+
 def test_nonexistent_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         read_class_folders(tmp_path / "missing")

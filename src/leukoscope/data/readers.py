@@ -77,6 +77,7 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
     if not root.is_dir():
         raise DatasetError(f"{root}: is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    _refuse_detection_folder(root, class_dirs)
     if not class_dirs:
         loose = [p for p in root.iterdir() if is_image_file(p)]
         if loose:
@@ -101,6 +102,19 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
         log.warning("%s: class folder(s) without images left out (the model will not know them): %s",
                     root, ", ".join(empty))
     return Manifest(samples, classes, root)
+
+
+def _refuse_detection_folder(root: Path, class_dirs: list[Path]) -> None:
+    """A Pascal VOC folder (box files under ``Annotations/``, at the top or in each split) is a detector's data: read
+    as class folders, its ``Training`` / ``Testing`` / ``Validation`` (or ``JPEGImages``) became "classes" and a model
+    was trained on them."""
+    boxes = [folder / "Annotations" for folder in (root, *class_dirs)
+             if (folder / "Annotations").is_dir() and any((folder / "Annotations").glob("*.xml"))]
+    if boxes:
+        raise DatasetError(
+            f"{root}: a Pascal VOC detection folder ({boxes[0].relative_to(root.parent)} holds box files), not one "
+            f"sub-folder of images per class: train a detector on it (`leukoscope train-detector --data {root}`), or "
+            f"give a classifier class folders (root/<class>/<image>) or a CSV manifest")
 
 
 def _check_cnmc_labels(root: Path, samples: list[Sample]) -> None:
