@@ -109,3 +109,22 @@ def test_cnn_settings_on_a_classical_model_are_refused_not_dropped(setting: str)
     config = load_config(overrides=["model.name=svm_rbf", setting])
     with pytest.raises(ConfigError, match="are for CNNs; svm_rbf is a classical model"):
         check_learner_config(config, preprocessing_of(config))
+
+
+@pytest.mark.parametrize(("option", "home"), [("k_best", "features.k_best"),
+                                              ("class_weight", "train.class_weighted_loss")])
+def test_a_classical_setting_given_as_a_model_option_is_refused(option: str, home: str) -> None:
+    """model.options={k_best: 3} fitted 3 features while the bundle's feature_spec said features.k_best 50."""
+    from leukoscope.engine.config import ConfigError, load_config
+    from leukoscope.engine.learner import check_learner_config
+    from leukoscope.tasks.classify import preprocessing_of
+
+    config = load_config(overrides=["model.name=svm_rbf", f"model.options={{{option}: 3}}", "features.k_best=50"])
+    with pytest.raises(ConfigError, match=f"model.options.{option} is set by {home}: set {home} instead"):
+        check_learner_config(config, preprocessing_of(config))
+    # a misspelt option is named before any image is decoded, among the options a config sets there (it offered
+    # weights and freeze_backbone, refused next for a classical model)
+    config = load_config(overrides=["model.name=svm_rbf", "model.options={gama: 3}"])
+    with pytest.raises(ConfigError, match=r"no option 'gama' \(did you mean 'gamma'\?\); its options: C, gamma, cv, "
+                                          r"random_state$"):
+        check_learner_config(config, preprocessing_of(config))
