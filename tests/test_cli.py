@@ -231,6 +231,12 @@ def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root:
     refused = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", tmp_path / "ev")
     assert refused.exit_code == 2 and "of its train images" in refused.output and "--split-file" in refused.output
     assert not (tmp_path / "ev").exists()
+    # the split given, a training part of it asked for: the remedy is --subset test (it said "--split-file", given)
+    split = trained_bundle.parent / "split.json"
+    val = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", split,
+                 "--subset", "val", "--out", tmp_path / "ev")
+    said = " ".join(val.output.split())
+    assert val.exit_code == 2 and "scored with --subset test" in said and "--split-file" not in said, said
     result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", tmp_path / "ev",
                     "--allow-training-data")
     assert result.exit_code == 0, result.output

@@ -527,3 +527,26 @@ def test_many_classes_curves_keep_the_legend_below_not_beside(tmp_path: Path) ->
     for draw in (roc_figure, pr_figure):
         width, height = Image.open(draw(y, probs, classes, tmp_path / f"{draw.__name__}.png")).size
         assert width < 800 and height > width, (draw.__name__, width, height)
+
+
+def test_a_class_without_a_curve_says_why(tmp_path: Path) -> None:
+    """'AUC n/a (no positives or negatives)' for a class with no images among 20: which of the two it was."""
+    from leukoscope.evaluation import figures
+
+    saved: dict[str, list[str]] = {}
+    real = figures.save_figure
+
+    def keep(fig, path):
+        saved[Path(path).name] = [text.get_text() for ax in fig.axes if ax.get_legend() for text in
+                                  ax.get_legend().get_texts()]
+        return real(fig, path)
+
+    y = np.array([0, 1] * 10)
+    probs = np.exp(noisy_logits(y, 3, seed=1))
+    probs /= probs.sum(axis=1, keepdims=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(figures, "save_figure", keep)
+        roc_figure(y, probs, ["a", "b", "none here"], tmp_path / "roc.png")
+        pr_figure(y, probs, ["a", "b", "none here"], tmp_path / "pr.png")
+    assert "none here: AUC n/a (no positives)" in saved["roc.png"]
+    assert "none here: AP n/a (no positives)" in saved["pr.png"]

@@ -178,6 +178,11 @@ def _sample_title(kind: str, n: int, subset: str | None) -> str:
     return f"{kind} (one-vs-rest; {subset + ', ' if subset else ''}n = {n})"
 
 
+def _missing(y: np.ndarray, k: int) -> str:
+    """Why class ``k`` has no curve: it has no images among ``y``, or every image is of it."""
+    return "no positives" if not np.any(y == k) else "no negatives: every image is of it"
+
+
 def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path, *,
                subset: str | None = None) -> Path:
     """One-vs-rest ROC curve per class with its AUC and positives in the legend, ``subset`` and n in the title."""
@@ -197,7 +202,7 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: 
                 + (f", same curve as {same}" if same else ""), **line_style(k))
         drawn.append((label, path_k))
     for k in skipped:
-        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AUC n/a (no positives or negatives)")
+        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AUC n/a ({_missing(y, k)})")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title=_sample_title("ROC curves", y.size, subset))
     ax.set_aspect("equal")
@@ -235,7 +240,7 @@ def pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: P
         ax.plot([], [], color="grey", linestyle=":", linewidth=0.9,
                 label="dotted: a random scorer (precision = the class's share of positives)")
     for k in skipped:
-        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AP n/a (no positives or negatives)")
+        ax.plot([], [], " ", label=f"{as_text(classes[k])}: AP n/a ({_missing(y, k)})")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.05), xlabel="Recall (sensitivity)", ylabel="Precision",
            title=_sample_title("Precision-recall curves", y.size, subset))
     ax.grid(alpha=0.3)

@@ -297,8 +297,13 @@ def evaluate_bundle(
         message = f"{data} holds {describe_overlap(overlap)}: a score on them says nothing about new images"
         if not allow_training_data:
             own = any(not part.endswith(SOURCES_SUFFIX) for part in overlap)
-            advice = (f"evaluate its test part with --split-file {info.split_file}, or "
-                      if own and info.split_file is not None and info.split_file.is_file() else "")
+            # the remedy for what was asked: a non-test part of the split already given wants --subset test
+            if split_file is not None and subset != "test":
+                advice = f"its test part is scored with --subset test (the {subset!r} part is its training's), or "
+            elif own and info.split_file is not None and info.split_file.is_file():
+                advice = f"evaluate its test part with --split-file {info.split_file}, or "
+            else:
+                advice = ""
             raise DatasetError(f"{message}; {advice}pass --allow-training-data to score them anyway")
         log.warning(message)
         notes.append(f"Warning: {message}.")
