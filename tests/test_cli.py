@@ -629,6 +629,15 @@ def test_train_uses_the_split_made_by_split(synthetic_root: Path, tmp_path: Path
     assert f"report: {run_dir / 'report.html'}" in result.output
 
 
+@pytest.mark.parametrize(("option", "override"), [(["--model", "resnet18"], "model.name=mobilenet_v3_small"),
+                                                  (["--data", "a"], "data.path=b")])
+def test_an_option_and_an_override_of_one_key_are_refused(option: list[str], override: str, tmp_path: Path) -> None:
+    """--model resnet18 model.name=mobilenet_v2 trained resnet18: the option won unseen."""
+    result = invoke("train", *option, override, f"output_root={tmp_path}")
+    assert result.exit_code == 2 and f"{option[0]} and the override {override} both set" in result.output
+    assert not any(tmp_path.iterdir())
+
+
 def test_argument_errors_exit_before_torch_is_imported(tmp_path: Path) -> None:
     """Torch takes seconds to import: config loading and argument checks must not need it."""
     detector = tmp_path / "detector"

@@ -279,6 +279,13 @@ def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
 def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
                split_file: Optional[Path] = None) -> list[str]:
     extra = list(overrides)
+    # An option and an override of the same key: the option won unseen (--model resnet18 model.name=mobilenet_v2
+    # trained resnet18)
+    for option, value, key in (("--data", data, "data.path"), ("--model", model, "model.name"),
+                               ("--split-file", split_file, "data.split_file")):
+        given = [o for o in overrides if o.partition("=")[0].strip() == key]
+        if value and given:
+            _fail(f"{option} and the override {given[0]} both set {key}: give one")
     # Paths given as options are strings as written: quoted, a YAML reading of "runs #2" or "2024" would cut or
     # retype them (an override's value is YAML; a JSON string is a YAML string).
     if data:
