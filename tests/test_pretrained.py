@@ -108,7 +108,7 @@ def test_an_empty_install_says_what_to_do(nothing_shipped: Path) -> None:
     with pytest.raises(PretrainedError) as error:
         pretrained_path(DEFAULT_CLASSIFIER, option="--classifier")
     assert str(error.value).startswith("no shipped model 'wbc-classifier' in this install")
-    assert str(error.value).endswith("pass --classifier or retrain with python bench/zoo.py")
+    assert str(error.value).endswith("give --classifier a bundle folder or retrain with python bench/zoo.py")
 
 
 def test_card_summary_is_the_first_line_of_text(tmp_path: Path) -> None:
@@ -224,14 +224,14 @@ def test_analyze_without_shipped_models_fails_clearly(nothing_shipped: Path, sme
     assert result.exit_code == 2
     output = " ".join(result.output.split())
     assert "no shipped model 'smear-detector' in this install" in output
-    assert "pass --detector or retrain with python bench/zoo.py" in output
+    assert "give --detector a bundle folder or retrain with python bench/zoo.py" in output
     assert not (tmp_path / "out").exists()
     # a detector of one's own without a shipped classifier: cells keep the detector's classes, said so
     own = invoke("analyze", fields, "--detector", detector_bundle, "--out", tmp_path / "own", "--quiet")
     assert own.exit_code == 0, own.output
     assert "no shipped wbc-classifier in this install: cells keep the detector's classes" in " ".join(own.output.split())
     missing = invoke("analyze", fields, "--detector", detector_bundle, "--classifier", "pretrained:wbc-classifier")
-    assert missing.exit_code == 2 and "pass --classifier or retrain" in " ".join(missing.output.split())
+    assert missing.exit_code == 2 and "give --classifier a bundle folder or retrain" in " ".join(missing.output.split())
 
 
 def test_predict_and_evaluate_take_pretrained_names(shipped: Path, synthetic_root: Path, tmp_path: Path,
@@ -322,6 +322,17 @@ print(codes, sorted(name for name in ("torch", "torchvision", "sklearn") if name
 """
     (tmp_path / "empty").mkdir()
     assert fresh_python(code, cwd=tmp_path, env={ENV_VARIABLE: str(tmp_path / "empty")}, timeout=120) == "[2, 2, 2, 2, 2] []"
+
+
+def test_an_unknown_init_name_is_not_answered_with_pass_init(shipped: Path) -> None:
+    """`train --init pretrained:nope` said "... pass --init or retrain": the user had passed --init."""
+    for args in (["--init", "pretrained:nope"], ["model.init=pretrained:nope"]):
+        result = invoke("train", "--data", ".", *args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "no shipped model 'nope' in this install" in said, said
+        assert "pass --init" not in said and "pass model.init" not in said, said
+    said = " ".join(invoke("train", "--data", ".", "--init", "pretrained:nope").output.split())
+    assert "give --init a bundle folder or retrain with python bench/zoo.py" in said, said
 
 
 # ------------------------------------------------------------------ fine-tuning

@@ -190,8 +190,9 @@ def _not_shipped(name: str) -> str:
 
 
 def missing_message(name: str, option: str | None = None) -> str:
-    """Why ``name`` cannot be used, and what to do instead (``option``: the flag that takes a bundle)."""
-    instead = f"pass {option}" if option else "give a bundle folder"
+    """Why ``name`` cannot be used, and what to do instead (``option``: the flag or key that takes a bundle).
+    Said whether or not that flag was given (``--init pretrained:nope``): "pass --init" read as if it was not."""
+    instead = f"give {option} a bundle folder" if option else "give a bundle folder"
     return f"{_not_shipped(name)}; {instead} or {RETRAIN_HINT}"
 
 

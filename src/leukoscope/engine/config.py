@@ -425,7 +425,7 @@ def peek_init(spec: str, task: str) -> BundlePeek:
     """The bundle ``model.init`` names (a folder or ``pretrained:NAME``), read without torch; a
     :class:`ConfigError` when it is missing, of another task, or a classical model."""
     try:
-        peek = peek_bundle(resolve_bundle(spec, option="a bundle folder as model.init"))
+        peek = peek_bundle(resolve_bundle(spec, option="model.init"))
     except PretrainedError as exc:
         raise ConfigError(f"model.init: {exc}") from None
     if peek.task != task:
