@@ -430,6 +430,30 @@ def test_fine_tuning_on_the_same_classes_keeps_the_head(shipped: Path, synthetic
     assert [row["epoch"] for row in json.loads((bundle.parent / "history.json").read_text())] == [1, 2]
 
 
+def window_bundle(classifier_bundle: Path, folder: Path, window_um: float = 24.0) -> Path:
+    """A copy of ``classifier_bundle`` that learned cells cut ``window_um`` wide (as the shipped classifier did)."""
+    bundle = Path(shutil.copytree(classifier_bundle, folder))
+    info = json.loads((bundle / "bundle.json").read_text())
+    info["preprocessing"]["cell_window_um"] = window_um
+    (bundle / "bundle.json").write_text(json.dumps(info))
+    return bundle
+
+
+def test_the_window_note_is_said_under_quiet_and_kept_in_train_log(classifier_bundle: Path, synthetic_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """The note that the init bundle learned cells cut at a window, and that training images are taken as they
+    are, was printed only with progress bars: --quiet (no progress bars) hid it, and train.log never had it."""
+    init = window_bundle(classifier_bundle, tmp_path / "window")
+    result = invoke("train", "--init", init, "--data", synthetic_root, f"output_root={tmp_path / 'runs'}",
+                    *FINE_TUNE)
+    assert result.exit_code == 0, result.output
+    note = f"{init} learned cells cut 24 um wide"
+    assert note in " ".join(result.output.split())
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    assert note in " ".join((bundle.parent / "train.log").read_text().split())
+    assert json.loads((bundle / "bundle.json").read_text())["preprocessing"]["cell_window_um"] == 24.0
+
+
 def export_cells(root: Path, layout: str, cases: int = 8) -> Path:
     """Reviewed cells laid out as the service's dataset export writes them (service/cases.py
     export_dataset): ``folders``: ``<label>/case-<id>-cell-<n>.png``; ``csv``: ``images/...`` plus

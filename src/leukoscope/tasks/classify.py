@@ -84,11 +84,6 @@ def run_experiment(
     config = with_absolute_paths(config)
     preprocessing = preprocessing_of(config)
     check_learner_config(config, preprocessing)  # before a run folder exists or any image is decoded
-    if config.model.init and preprocessing.cell_window_um and show_progress:
-        say(f"[yellow]note:[/yellow] {config.model.init} learned cells cut {preprocessing.cell_window_um:g} um wide, "
-            f"and the new bundle keeps that window for `analyze`: the training images are taken as they are, so "
-            f"they should be cells cut the same way (the service's reviewed-labels export is, and so are the crops "
-            f"of `leukoscope analyze --cells`)")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
     own_split = run_dir / "split.json"
     if resume and own_split.is_file():
@@ -99,6 +94,11 @@ def run_experiment(
         raise ValueError(f"the data were decoded as {prepared.decoded_as} (image size, resize, segmentation, stain); "
                          f"this run's model takes {preprocessing.decoded_as()}")
     with open_run(run_dir, config, resume=resume):
+        if config.model.init and preprocessing.cell_window_um:  # under --quiet too (no progress bars, not no warnings)
+            say(f"[yellow]note:[/yellow] {config.model.init} learned cells cut {preprocessing.cell_window_um:g} um "
+                f"wide, and the new bundle keeps that window for `analyze`: the training images are taken as they "
+                f"are, so they should be cells cut the same way (the service's reviewed-labels export is, and so are "
+                f"the crops of `leukoscope analyze --cells`)")
         if prepared is None:
             prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
         used = as_split(config.data, prepared.split)
