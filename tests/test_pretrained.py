@@ -452,6 +452,36 @@ def test_the_window_note_is_said_under_quiet_and_kept_in_train_log(classifier_bu
     bundle = Path(result.stdout.strip().splitlines()[-1])
     assert note in " ".join((bundle.parent / "train.log").read_text().split())
     assert json.loads((bundle / "bundle.json").read_text())["preprocessing"]["cell_window_um"] == 24.0
+    # a bundle that records nothing it learned from: said in the report, not warned of at every run
+    checked = json.loads((bundle.parent / "metrics.json").read_text())["init_training_overlap"]
+    assert checked["parts"] == {} and "cannot be checked" in checked["note"] and "warning" not in result.output
+
+
+def test_fine_tuning_scored_on_what_the_init_bundle_learned_from_says_so(classifier_bundle: Path,
+                                                                          synthetic_root: Path, tmp_path: Path) -> None:
+    """`train --init` scored its test part on the init bundle's own training images without a word, where
+    `evaluate` refuses them: now a warning (console and train.log), the overlap per part in metrics.json, and the
+    report beside the score. A warning, not a refusal: fine-tuning on data a shipped model learned is legitimate."""
+    from leukoscope.data.fingerprints import write_training_digests
+
+    init = Path(shutil.copytree(classifier_bundle, tmp_path / "init")).resolve()
+    data = shutil.copytree(synthetic_root, tmp_path / "cells")  # a copy: known by content, not by path
+    write_training_digests(init, {"train": sorted(synthetic_root.rglob("*.png"))}, of="crop sources")
+    result = invoke("train", "--init", init, "--data", data, f"output_root={tmp_path / 'runs'}", *FINE_TUNE)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert (f"warning: {init}, which this run starts from, was trained (or chose its epoch) on images of this "
+            f"run's val part (") in said
+    assert "this run's test score is not one of new images" in said and f"not new to {init}" in said
+    bundle = Path(result.stdout.strip().splitlines()[-1])
+    metrics = json.loads((bundle.parent / "metrics.json").read_text())
+    sizes, overlap = metrics["split_sizes"], metrics["init_training_overlap"]
+    assert overlap["bundle"] == str(init)
+    assert overlap["parts"] == {part: {"train sources": sizes[part]} for part in ("val", "test")}
+    logged = " ".join((bundle.parent / "train.log").read_text().split())
+    assert "this run's test score is not one of new images" in logged
+    report = (bundle.parent / "report.html").read_text()
+    assert "test score is not one of new images" in report and "some learned by the model it started" in report
 
 
 def export_cells(root: Path, layout: str, cases: int = 8) -> Path:

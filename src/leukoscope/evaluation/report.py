@@ -82,8 +82,11 @@ def _get(mapping: dict | None, *keys: str) -> Any:
 
 # --------------------------------------------------------------------------- view model
 def _headline(metrics: dict) -> list[dict[str, str]]:
+    images = f"{metrics['n']} images" if "n" in metrics else ""
+    if (_get(metrics, "init_training_overlap", "parts") or {}).get(metrics.get("evaluated_on")):
+        images += ", some learned by the model it started from (see the warning above)"  # a fine-tuned run's
     cards = [
-        ("Accuracy", metrics.get("accuracy"), f"{metrics['n']} images" if "n" in metrics else ""),
+        ("Accuracy", metrics.get("accuracy"), images),
         ("Macro F1", _get(metrics, "macro", "f1"), "unweighted mean over classes"),
         ("Weighted F1", _get(metrics, "weighted", "f1"), "weighted by class support"),
         ("ROC-AUC", metrics.get("roc_auc_macro_ovr"), "macro one-vs-rest"),

@@ -116,8 +116,11 @@ def run_experiment(
                  for name in ("train", "val", "test")}
         say(f"[bold]{run_dir.name}[/bold]: {learner.describe()}, classes {classes}, "
             f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images")
+        init_overlap = init_training_overlap(config.model.init, prepared.split) if config.model.init else None
+        if init_overlap and init_overlap["parts"]:  # said before training, which may take hours; the score says it too
+            say(f"[yellow]warning:[/yellow] {escape(init_overlap['note'])}")
         result = learner.fit(prepared, run_dir=run_dir, resume=resume, show_progress=show_progress)
-        metrics = evaluate_run(learner, prepared, config, run_dir, result)
+        metrics = evaluate_run(learner, prepared, config, run_dir, result, init_overlap=init_overlap)
         ood_entry, ood_arrays = None, None
         ood = calibrate_run(learner, prepared, seed=config.train.seed, stages=default_stages(config.model.name))
         if ood is not None:
@@ -148,8 +151,9 @@ def run_experiment(
 
 
 def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentConfig, run_dir: Path,
-                 result: FitResult) -> dict[str, Any]:
-    """Score the best model on the test split (validation when there is no test split)."""
+                 result: FitResult, init_overlap: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score the best model on the test split (validation when there is no test split); ``init_overlap``
+    (:func:`init_training_overlap`) is kept in the metrics and said in the report."""
     eval_name = "test" if "test" in prepared.parts else "val" if "val" in prepared.parts else "train"
     target = prepared.parts[eval_name]
     logits = learner.logits(target.images)
@@ -164,6 +168,8 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         say("[yellow]warning:[/yellow] no validation or test images (too few images, or subjects and cases, to "
             "split): the figures below are the training images' own and say nothing of new images, and the "
             "bundle is not calibrated; add images of more cases, or evaluate it on images it never saw")
+    if init_overlap and init_overlap["note"]:
+        notes.append(f"{'Warning: ' if init_overlap['parts'] else ''}{init_overlap['note']}.")
     skipped = prepared.skipped()
     if skipped:
         notes.append(f"{len(skipped)} unreadable image(s) were skipped: "
@@ -180,6 +186,8 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         "images_per_second": learner.images_per_second(target.images),
         "history": result.history,
     })
+    if init_overlap is not None:
+        extra["init_training_overlap"] = init_overlap
     metrics = evaluate_logits(
         np.asarray(target.targets),
         logits,
@@ -193,8 +201,10 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         notes=notes,
         extra=extra,
     )
+    known = (init_overlap or {}).get("parts", {}).get(eval_name)
+    seen = f"; not new to {escape(init_overlap['bundle'])}: see the warning above" if known else ""
     say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
-        f"({metrics['n']} images); report: {run_dir / 'report.html'}")
+        f"({metrics['n']} images{seen}); report: {run_dir / 'report.html'}")
     if called_absent_note(metrics):
         log.warning("%s", called_absent_note(metrics))
     (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
@@ -215,6 +225,38 @@ def training_overlap(info: BundleInfo, manifest: Manifest,
     for part, n in by_path.items():
         overlap[part] = max(overlap.get(part, 0), n)
     return overlap, None if records else note
+
+
+#: The parts of a run checked against what the bundle it starts from (``model.init``) learned: those it is scored on.
+SCORED_PARTS = ("val", "test")
+
+
+def init_training_overlap(init: str, split: Split) -> dict[str, Any]:
+    """What of a run's val and test parts the bundle it starts from (``init``) learned from, by
+    :func:`training_overlap` as `evaluate` checks it, as metrics.json keeps it: ``bundle``, ``parts`` (part ->
+    overlap; parts with none left out) and ``note`` (the warning when any, or why nothing could be checked).
+    Fine-tuning on data that a shipped model learned from is legitimate; a score on those images is not one of
+    new images (the new bundle inherits the record: `evaluate` refuses them)."""
+    directory = resolve_bundle(init)
+    info = read_bundle_info(directory, task="classify")
+    parts: dict[str, dict[str, int]] = {}
+    unknown = None
+    for part in SCORED_PARTS:
+        samples = split.assignments.get(part) or []
+        if samples:
+            overlap, unknown = training_overlap(info, Manifest(list(samples), list(split.classes)), directory)
+            if overlap:
+                parts[part] = overlap
+    note = (f"{init}, which this run starts from, cannot be checked for images of this run's val and test parts "
+            f"({unknown})" if unknown else None)
+    if parts:
+        where = " and ".join(f"{part} part ({describe_overlap(overlap)})" for part, overlap in parts.items())
+        scored = "test" if split.assignments.get("test") else "val"
+        harm = (f"this run's {scored} score is not one of new images (`leukoscope evaluate` refuses such images)"
+                if scored in parts else "this run's epoch and temperature are chosen on images the starting model knew")
+        note = (f"{init}, which this run starts from, was trained (or chose its epoch) on images of this run's "
+                f"{where}: {harm}")
+    return {"bundle": init, "parts": parts, "note": note}
 
 
 def _split_overlap(info: BundleInfo, manifest: Manifest) -> tuple[dict[str, int], str | None]:
