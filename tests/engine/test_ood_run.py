@@ -213,3 +213,16 @@ def test_without_a_val_part_the_threshold_is_set_on_held_out_training_images_nev
     train, held, name, source = fit_parts(run.bundle_dir, only_train, split_file)
     assert name == "held-out train" and "holds none of the val part" in source
     assert {s.path.resolve() for s in [*train, *held]} == {s.path.resolve() for s in split.manifest("train")}
+
+
+def test_a_test_share_flagged_far_above_the_aim_is_warned_of() -> None:
+    """The demo flagged 22.5% of its 40 test images (same lab, never trained on) against the 5% its threshold aims
+    at; nothing said so."""
+    from leukoscope.tasks.ood import excess_flagged_warning
+
+    warning = excess_flagged_warning(0.225, 40, 0.95, 40, "val")
+    assert warning.startswith("the OOD flag calls 9 of this run's 40 test images unfamiliar (22.5%)")
+    assert "95th percentile of 40 val images' scores" in warning
+    # 4 of 40 (10%) is within what a 5% aim gives by chance on 40 images; 3 of 60 is on the aim
+    assert excess_flagged_warning(0.1, 40, 0.95, 40, "val") is None
+    assert excess_flagged_warning(0.05, 60, 0.95, 60, "val") is None
