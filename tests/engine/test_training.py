@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -442,3 +443,60 @@ def test_train_deterministic_decides_cudnns_kernels_too() -> None:
     assert (cudnn.deterministic, cudnn.benchmark) == saved and not torch.are_deterministic_algorithms_enabled()
     with deterministic_kernels(torch.device("cpu"), True):  # the CPU's kernels are deterministic already
         assert (cudnn.deterministic, cudnn.benchmark) == saved
+
+
+def _collapse(monkeypatch: pytest.MonkeyPatch, model: str = "naive_bayes") -> None:
+    """``model``'s learner calls every image the last class (a collapsed model); other models are left as they are."""
+    from leukoscope.engine.learner import SklearnLearner
+
+    original = SklearnLearner.logits
+
+    def logits(self, pixels: torch.Tensor) -> np.ndarray:
+        scores = original(self, pixels)
+        if self.config.model.name != model:
+            return scores
+        collapsed = np.zeros_like(scores)
+        collapsed[:, -1] = 5.0
+        return collapsed
+
+    monkeypatch.setattr(SklearnLearner, "logits", logits)
+
+
+def test_a_run_that_called_every_image_one_class_says_so(synthetic_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collapsed model (every test image one class) was trained, reported and bundled without a word: its
+    ROC-AUC stood as a headline; only `compare` marked it."""
+    _collapse(monkeypatch)
+    run = run_experiment(_config(synthetic_root, tmp_path, "model.name=naive_bayes"), show_progress=False).run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["one_class_called"] == "neutrophil"
+    said = " ".join((run / "train.log").read_text().split())
+    assert "warning: the model called every scored image neutrophil: a collapsed model" in said
+    report = (run / "report.html").read_text()
+    note = report.index("The model called every scored image neutrophil: a collapsed model")
+    assert note < report.index("Headline numbers")  # seen before the numbers it qualifies
+
+
+def test_a_run_that_called_several_classes_records_none(tmp_path: Path) -> None:
+    from leukoscope.evaluation import evaluate_logits
+
+    metrics = evaluate_logits(np.array([0, 1, 2, 3]), np.eye(4), ["a", "b", "c", "d"], tmp_path)
+    assert metrics["one_class_called"] is None and "collapsed" not in (tmp_path / "report.html").read_text()
+
+
+def test_grid_search_marks_a_run_that_called_every_image_one_class(synthetic_root: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`search` marked no run whose every image was called one class (val_loss 91214.96), as compare does."""
+    from leukoscope.progress import console
+
+    _collapse(monkeypatch)
+    config = _config(synthetic_root, tmp_path, "name=grid", "search.models=[decision_tree,naive_bayes]")
+    with console.capture() as captured:
+        result = run_search(config, show_progress=False)
+    rows = json.loads((result.search_dir / "results.json").read_text())
+    assert [row["one_class"] for row in rows] == [None, "neutrophil"]
+    with (result.search_dir / "results.csv").open() as handle:
+        assert [row["one_class"] for row in csv.DictReader(handle)] == ["", "neutrophil"]
+    said = " ".join(captured.get().split())
+    assert "│ 2 ! │" in said and "! run 2 called every scored image neutrophil: a collapsed model" in said
+    assert "│ 1 │" in said and "run 1 called" not in said

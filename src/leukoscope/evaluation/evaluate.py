@@ -31,7 +31,7 @@ from leukoscope.evaluation.figures import (
     roc_figure,
     training_curves_figure,
 )
-from leukoscope.evaluation.metrics import classification_metrics
+from leukoscope.evaluation.metrics import classification_metrics, collapsed_note, only_class_called
 from leukoscope.evaluation.report import write_html_report
 
 #: Below this many validation images the fitted temperature is flagged as noisy.
@@ -182,6 +182,11 @@ def evaluate_logits(
         raise ValueError(f"extra keys would overwrite computed metrics: {clashes}")
     if calibration is not None:
         metrics["calibration"] = calibration
+    # a collapsed model's headline numbers read like a model's: said first, above them (null when it is not)
+    metrics["one_class_called"] = only_class_called(metrics)
+    if metrics["one_class_called"] is not None:
+        report_notes.insert(0, f"{collapsed_note('The model', metrics['one_class_called'])} (its ROC-AUC rests on "
+                               f"differences too small to matter).")
     if metrics["absent_classes"]:
         report_notes.append("Classes with no images in the evaluated set (no recall, F1 or ROC-AUC for them): "
                             + ", ".join(metrics["absent_classes"]))

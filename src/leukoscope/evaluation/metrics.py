@@ -144,6 +144,22 @@ def called_absent_note(metrics: dict) -> str | None:
             f"(they average the classes present); accuracy counts them.")
 
 
+def only_class_called(metrics: dict[str, Any]) -> str | None:
+    """The class a run's scored images were all called, from its confusion matrix (rows: true, columns:
+    predicted); None when it called two or more (or records none). Such a model has collapsed: its scores say
+    nothing of the images, whatever its ROC-AUC (which then rests on differences too small to matter)."""
+    matrix, classes = metrics.get("confusion_matrix"), metrics.get("classes")
+    if not matrix or not classes or len(classes) < 2:
+        return None
+    called = [name for j, name in enumerate(classes) if sum(row[j] for row in matrix) > 0]
+    return called[0] if len(called) == 1 else None
+
+
+def collapsed_note(who: str, one_class: str) -> str:
+    """The words train, search and compare use for a model that called every scored image ``one_class``."""
+    return f"{who} called every scored image {one_class}: a collapsed model, whose scores say nothing of the images"
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro F1 over the classes present in ``y_true``, as :func:`classification_metrics`' macro leaves absent
     classes out (sklearn's default also averages classes only predicted, each at 0: a model's epochs were then

@@ -53,6 +53,7 @@ _STRUCTURED_KEYS = frozenset({
     "n", "classes", "absent_classes", "never_predicted_classes", "accuracy", "per_class", "macro", "weighted",
     "average_convention", "confusion_matrix", "confusion_matrix_normalized", "roc_auc_macro_ovr",
     "average_precision_macro", "ece", "top_confusions", "calibration", "figures", "called_absent",
+    "one_class_called",  # a note at the top says it
 })
 
 

@@ -37,7 +37,7 @@ from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
-from leukoscope.evaluation.metrics import called_absent_note
+from leukoscope.evaluation.metrics import called_absent_note, collapsed_note
 from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -207,6 +207,8 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         f"({metrics['n']} images{seen}); report: {run_dir / 'report.html'}")
     if called_absent_note(metrics):
         log.warning("%s", called_absent_note(metrics))
+    if metrics.get("one_class_called") is not None:  # its accuracy and ROC-AUC above read like a working model's
+        say(f"[yellow]warning:[/yellow] {escape(collapsed_note('the model', metrics['one_class_called']))}")
     (run_dir / "history.json").write_text(json.dumps(result.history, indent=1))
     return metrics
 

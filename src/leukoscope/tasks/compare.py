@@ -62,6 +62,7 @@ from leukoscope.engine.config import (
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
+from leukoscope.evaluation.metrics import collapsed_note, only_class_called
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, with_absolute_paths
 from leukoscope.models import model_entry
 from leukoscope.progress import console
@@ -253,16 +254,6 @@ def _row(label: str, entry_cfg: ExperimentConfig, result: RunResult) -> CompareR
     )
 
 
-def only_class_called(metrics: dict[str, Any]) -> str | None:
-    """The class a run's scored images were all called, from its confusion matrix (rows: true, columns:
-    predicted); None when it called two or more (or records none)."""
-    matrix, classes = metrics.get("confusion_matrix"), metrics.get("classes")
-    if not matrix or not classes or len(classes) < 2:
-        return None
-    called = [name for j, name in enumerate(classes) if sum(row[j] for row in matrix) > 0]
-    return called[0] if len(called) == 1 else None
-
-
 #: Why no row is chosen when the split has no validation part (the comparison's outputs and the CLI say it).
 NO_VALIDATION = ("no row is chosen: the split has no validation part, and a choice by test scores would tune to "
                  "the test set (every row's test scores are still reported); give the split a validation part "
@@ -405,8 +396,8 @@ def _footnotes(info: dict[str, Any], rows: Sequence[CompareRow] = ()) -> list[st
         "inference img/s: CNN = forward pass on batches of 32 decoded images; classical = features + "
         "pipeline from decoded images (decoding excluded for both). Parameters: n/a for classical models.",
         f"{choice} (N ep) = epochs trained.",
-    ] + [f"! {row.label} called every scored image {row.one_class}: a collapsed model, whose scores say nothing "
-         f"of the images (its ROC-AUC rests on differences too small to matter)." for row in rows if row.one_class]
+    ] + [f"! {collapsed_note(row.label, row.one_class)} (its ROC-AUC rests on differences too small to matter)."
+         for row in rows if row.one_class]
 
 
 def _scored(rows: Sequence[CompareRow]) -> str:
@@ -536,6 +527,4 @@ def print_table(rows: list[CompareRow], chosen_by: str) -> None:
         console.print(f"[yellow]note:[/yellow] {escape(chosen_by)}", soft_wrap=True)
     for row in rows:
         if row.one_class:
-            console.print(f"[yellow]![/yellow] {escape(row.label)} called every scored image "
-                          f"{escape(row.one_class)}: a collapsed model, whose scores say nothing of the images",
-                          soft_wrap=True)
+            console.print(f"[yellow]![/yellow] {escape(collapsed_note(row.label, row.one_class))}", soft_wrap=True)

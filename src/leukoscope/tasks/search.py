@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData, prepare_data
 from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
+from leukoscope.evaluation.metrics import collapsed_note, only_class_called
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, run_name, with_absolute_paths
 from leukoscope.progress import console
 
@@ -112,6 +114,8 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             "test_macro_f1": result.metrics["macro"]["f1"],
             "train_minutes": result.fit.train_seconds / 60,
             "bundle": str(result.bundle_dir),
+            # the class a collapsed run called every scored image (None otherwise), as compare's one_class
+            "one_class": only_class_called(result.metrics),
         })
     key = config.train.monitor
     best_index = max(range(len(rows)), key=lambda i: _selection_score(rows[i], key))
@@ -152,12 +156,16 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     if fixed:
         title += "; every run: " + ", ".join(f"{c.rpartition('.')[2]}={rows[0][c]}" for c in fixed)
     table = Table(title=title)
-    shown = [c for c in rows[0] if c != "bundle" and c not in fixed]
+    shown = [c for c in rows[0] if c not in ("bundle", "one_class") and c not in fixed]
     for column in shown:
         table.add_column(column.rpartition(".")[2], overflow="fold")  # a narrow terminal wraps cells, never cuts them
     for row in rows:
-        table.add_row(*[_cell(c, row[c]) for c in shown])
+        table.add_row(*[_cell(c, row[c]) + (" !" if c == "run" and row.get("one_class") else "") for c in shown])
     console.print(table)
+    for row in rows:  # marked as compare marks its rows: a collapsed run's scores say nothing of the images
+        if row.get("one_class"):
+            note = collapsed_note(f"run {row['run']}", row["one_class"])
+            console.print(f"[yellow]![/yellow] {escape(note)}", soft_wrap=True)
 
 
 def _cell(column: str, value: Any) -> str:
