@@ -367,6 +367,47 @@ def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Pat
     assert bad.exit_code == 2 and "--ratios must be numbers" in bad.output
 
 
+def test_split_refuses_what_training_refuses(synthetic_root: Path, tmp_path: Path) -> None:
+    """`split --ratios 0,0.5,0.5` and a class named uncertain were written without a word, and `train` refused
+    the split; both now refuse with one message."""
+    common = ["--model", "naive_bayes", "--quiet", f"output_root={tmp_path / 'runs'}", "model.image_size=32"]
+    empty = invoke("split", "--data", synthetic_root, "--out", tmp_path / "s0.json", "--ratios", "0,0.5,0.5")
+    trained = invoke("train", "--data", synthetic_root, "data.ratios=[0,0.5,0.5]", *common)
+    for result in (empty, trained):
+        assert result.exit_code == 2
+        assert "the training split is empty: its ratios [0.0, 0.5, 0.5] give it none" in " ".join(result.output.split())
+    assert not (tmp_path / "s0.json").exists()
+    data = tmp_path / "unc"
+    for name in ("blast", "lymphocyte"):
+        shutil.copytree(synthetic_root / name, data / name)
+    shutil.copytree(synthetic_root / "monocyte", data / "uncertain")
+    unsorted = invoke("split", "--data", data, "--out", tmp_path / "s-unc.json")
+    trained = invoke("train", "--data", data, *common)
+    for result in (unsorted, trained):
+        assert result.exit_code == 2
+        assert "a class 'uncertain' holds cells a classifier could not call" in " ".join(result.output.split())
+    assert not (tmp_path / "s-unc.json").exists()
+
+
+def test_split_says_which_parts_its_ratios_left_out(synthetic_root: Path, tmp_path: Path) -> None:
+    """`split --ratios 1,0,0` said nothing, and `train` on it blamed "too few images" for the missing parts."""
+    whole = invoke("split", "--data", synthetic_root, "--out", tmp_path / "s1.json", "--ratios", "1,0,0")
+    assert whole.exit_code == 0, whole.output
+    said = " ".join(whole.output.split())
+    assert "note: no validation or test part: --ratios 1,0,0 gives them none" in said
+    assert "say nothing of new images" in said
+    no_val = " ".join(invoke("split", "--data", synthetic_root, "--out", tmp_path / "s2.json", "--ratios",
+                             "0.75,0.25").output.split())
+    assert "note: no validation part: --ratios 0.75,0.25 gives it none" in no_val
+    full = invoke("split", "--data", synthetic_root, "--out", tmp_path / "s3.json").output
+    assert "note: no" not in full
+    trained = invoke("train", "--data", synthetic_root, "--split-file", tmp_path / "s1.json", "--model",
+                     "naive_bayes", "--quiet", f"output_root={tmp_path / 'runs'}", "model.image_size=32")
+    assert trained.exit_code == 0, trained.output
+    said = " ".join(trained.output.split())
+    assert "no validation or test images (the split's ratios give them none)" in said and "too few" not in said
+
+
 def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -459,9 +459,12 @@ def split(
 
     Use it with `--split-file FILE` (or data.split_file=FILE) on train, search,
     compare and evaluate, so that every run and score uses these same parts.
+
+    Refused, as train refuses them: ratios that give the training part nothing,
+    a class with no training images, and a class named uncertain.
     """
-    from leukoscope.data.readers import check_spellings, read_dataset
-    from leukoscope.data.splits import make_split
+    from leukoscope.data.readers import check_spellings, read_dataset, refuse_uncertain_class
+    from leukoscope.data.splits import check_training_part, make_split, parts_not_asked_for
     from leukoscope.progress import counter_callback, progress_bar
 
     if out.is_dir():
@@ -478,9 +481,11 @@ def split(
     def work():
         manifest = read_dataset(data, require_labels=True, check_files=True)
         check_spellings(data, manifest.classes)
+        refuse_uncertain_class(data, manifest.classes, "or list the others in a CSV manifest")  # as train does
         with progress_bar(len(manifest), "hashing images") as update:
             result = make_split(manifest, ratios=values, seed=seed, near_duplicates=near_duplicates,
                                 progress=counter_callback(update))
+        check_training_part(result, data)  # a split that training would refuse is not written
         result.info["dataset"] = str(Path(data).resolve())
         result.save(out)
         return result
@@ -490,7 +495,21 @@ def split(
         console.print(f"{name:>5}: {sum(counts.values()):>5} images {counts}")
     console.print(f"{result.info['n_samples_in_shared_groups']} images share a subject or duplicate group; "
                   f"no group straddles two splits")
+    missing = parts_not_asked_for(values)  # asked for, not for want of images: said so, with what it means
+    if missing:
+        console.print(f"note: no {' or '.join('validation' if name == 'val' else name for name in missing)} part: "
+                      f"--ratios {ratios} gives {'them' if len(missing) > 1 else 'it'} none. "
+                      + _WITHOUT_PARTS[tuple(missing)], soft_wrap=True)
     print(out)
+
+
+#: What a split without these parts (by its ratios) means for the runs that use it.
+_WITHOUT_PARTS = {
+    ("val",): "A run chooses its epoch by training scores and fits no temperature; search refuses it, and "
+              "compare chooses no row.",
+    ("test",): "A run is scored on its validation part, which chose its epoch: an optimistic score.",
+    ("val", "test"): "A run's scores are its training images' own and say nothing of new images.",
+}
 
 
 #: What an evaluation writes: a folder holding one of them holds an earlier evaluation.

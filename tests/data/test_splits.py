@@ -16,8 +16,10 @@ from leukoscope.data.splits import (
     LeakageError,
     Split,
     check_split,
+    check_training_part,
     leakage_groups,
     make_split,
+    parts_not_asked_for,
     split_matching,
 )
 
@@ -115,6 +117,35 @@ def test_two_ratios_make_train_and_test(synthetic: Manifest) -> None:
 def test_invalid_ratios_rejected(synthetic: Manifest, ratios) -> None:
     with pytest.raises(DatasetError, match="ratios"):
         make_split(synthetic, ratios=ratios, groups=np.arange(len(synthetic)))
+
+
+@pytest.mark.parametrize("ratios", [(0.0, 0.5, 0.5), (0.0, 1.0)])
+def test_ratios_that_give_training_nothing_are_refused_before_hashing(synthetic: Manifest, ratios) -> None:
+    """`split --ratios 0,0.5,0.5` wrote a split that training then refused ("the training split is empty")."""
+    with pytest.raises(DatasetError, match=r"the training split is empty: its ratios \[0\.0, .*\] give it none"):
+        make_split(synthetic, ratios=ratios, progress=lambda *_: pytest.fail("hashed before refusing"))
+
+
+def test_parts_the_ratios_ask_no_images_for() -> None:
+    assert parts_not_asked_for([1.0, 0.0, 0.0]) == ["val", "test"]
+    assert parts_not_asked_for([0.8, 0.0, 0.2]) == ["val"] and parts_not_asked_for([0.8, 0.2, 0.0]) == ["test"]
+    assert parts_not_asked_for([0.75, 0.25]) == ["val"] and parts_not_asked_for([1.0, 0.0]) == ["val", "test"]
+    assert parts_not_asked_for([0.8, 0.1, 0.1]) == [] and parts_not_asked_for(None) == []  # hand-made: unknown
+
+
+def test_a_class_without_training_images_is_refused(synthetic: Manifest, tmp_path: Path) -> None:
+    """A hand-edited split that moved a class's training images to test trained and scored without a word, and
+    its bundle listed the class."""
+    split = make_split(synthetic, seed=0, groups=np.arange(len(synthetic)))
+    check_training_part(split, "s.json")  # as made: every class has training images
+    moved = [s for s in split.assignments["train"] if s.label == "monocyte"]
+    split.assignments["train"] = [s for s in split.assignments["train"] if s.label != "monocyte"]
+    split.assignments["test"] += moved
+    with pytest.raises(DatasetError, match=r"s\.json: class\(es\) 'monocyte' have no training images"):
+        check_training_part(split, "s.json")
+    split.assignments["train"] = []
+    with pytest.raises(DatasetError, match=r"s\.json: the training split is empty"):
+        check_training_part(split, "s.json")
 
 
 def test_untrainable_manifest_rejected(tmp_path: Path) -> None:
@@ -384,6 +415,23 @@ def test_a_split_training_saved_names_its_file_when_the_data_grew(leaky: Manifes
     grown = Manifest(leaky.samples + [Sample(new, "all", "77")], leaky.classes, leaky.root)
     with pytest.raises(DatasetError, match=rf"1 new image\(s\); .*\(the split is {split_file}: delete it"):
         obtain_split(DataConfig(path=str(leaky.root)), grown, split_file, show_progress=False)
+
+
+def test_a_split_file_with_a_class_left_out_of_training_is_refused_by_name(synthetic: Manifest,
+                                                                           tmp_path: Path) -> None:
+    """The review's s-rare-edit.json: its one monocyte moved from train to test; training took it without a word."""
+    from leukoscope.engine.config import DataConfig
+    from leukoscope.engine.data_prep import obtain_split
+
+    split_file = tmp_path / "edited.json"
+    make_split(synthetic, seed=0, groups=np.arange(len(synthetic))).save(split_file)
+    payload = json.loads(split_file.read_text())
+    moved = [row for row in payload["splits"]["train"] if row["label"] == "monocyte"]
+    payload["splits"]["train"] = [row for row in payload["splits"]["train"] if row["label"] != "monocyte"]
+    payload["splits"]["test"] += moved
+    split_file.write_text(json.dumps(payload))
+    with pytest.raises(DatasetError, match=rf"{split_file}: class\(es\) 'monocyte' have no training images"):
+        obtain_split(DataConfig(path=str(synthetic.root)), synthetic, split_file, show_progress=False)
 
 
 def test_a_csv_manifest_without_subjects_takes_them_from_cnmc_names(leaky: Manifest, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.io import files_below, is_image_file
-from leukoscope.labels import case_clashes
+from leukoscope.labels import UNCERTAIN, case_clashes
 from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,16 @@ def read_dataset(source: str | Path, *, require_labels: bool = False, check_file
     if source.suffix.lower() == ".csv":
         return read_csv_manifest(source, require_labels=require_labels, check_files=check_files)
     return read_class_folders(source)
+
+
+def refuse_uncertain_class(source: str | Path, classes: Sequence[str],
+                           remedy: str = "or leave them out with data.classes") -> None:
+    """Refuse a class named ``uncertain``: `analyze --cells` puts there the cells a classifier could not call, to
+    be sorted by eye; a model trained on it would learn "could not call" as a cell type. Training checks the
+    classes it will learn, ``split`` those it splits by."""
+    if UNCERTAIN in classes:
+        raise DatasetError(f"{source}: a class {UNCERTAIN!r} holds cells a classifier could not call: sort them "
+                           f"into their classes, set them aside, {remedy}")
 
 
 def check_spellings(source: str | Path, classes: Sequence[str], remedy: str = "give them one spelling") -> None:

@@ -243,6 +243,8 @@ def make_split(
     ratios = tuple(float(r) for r in ratios)
     if len(ratios) not in (2, 3) or not all(r >= 0 for r in ratios) or not abs(sum(ratios) - 1.0) <= 1e-6:
         raise DatasetError(f"split ratios must be 2 or 3 non-negative numbers summing to 1, got {ratios}")
+    if ratios[0] == 0:  # refused before the images are hashed: training and `split` alike
+        raise DatasetError(empty_training_part(list(ratios)))
     names = SPLIT_NAMES if len(ratios) == 3 else ("train", "test")
     targets = np.asarray(manifest.targets)
     if groups is None:
@@ -270,6 +272,37 @@ def make_split(
         if empty and ratios[names.index(name)] > 0:
             log.warning("split %r has no images of class(es) %s (too few groups to stratify)", name, empty)
     return split
+
+
+def empty_training_part(ratios: object = None) -> str:
+    """Why a split with no training images is refused (by training, and by `leukoscope split`)."""
+    why = f": its ratios {ratios} give it none" if isinstance(ratios, list) and ratios and not ratios[0] else ""
+    return (f"the training split is empty{why}; a model needs training images: give the training part a share "
+            f"(e.g. ratios 0.8,0.1,0.1)")
+
+
+def check_training_part(split: Split, source: str | Path) -> None:
+    """Refuse a split that no model can be trained on: no training images, or a class with none (the model could
+    not learn it, yet its bundle would list it). A hand-made or edited split file, or one dealt from too few
+    images of a class; training and `leukoscope split` refuse alike."""
+    counts = split.manifest("train").class_counts() if "train" in split.assignments else {}
+    if not any(counts.values()):
+        raise DatasetError(f"{source}: {empty_training_part(split.info.get('ratios'))}")
+    missing = [name for name in split.classes if not counts.get(name)]
+    if missing:
+        raise DatasetError(f"{source}: class(es) {', '.join(map(repr, missing))} have no training images (none in "
+                           f"the split's 'train' part): a model could not learn them, yet its bundle would list "
+                           f"them; move some of their images into 'train', or add images of them and make a new "
+                           f"split")
+
+
+def parts_not_asked_for(ratios: object) -> list[str]:
+    """The parts (``val``, ``test``) that ``ratios`` give no share: a split without them as asked, not for want
+    of images. Two ratios are train and test (no ``val``); ratios not recorded (a hand-made split) ask for all."""
+    if not isinstance(ratios, (list, tuple)) or len(ratios) not in (2, 3):
+        return []
+    share = dict(zip(SPLIT_NAMES if len(ratios) == 3 else ("train", "test"), ratios))
+    return [name for name in ("val", "test") if not share.get(name)]
 
 
 def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> None:

@@ -13,10 +13,9 @@ import torch
 
 from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
-from leukoscope.data.readers import check_spellings, read_dataset
-from leukoscope.data.splits import Split, check_split, make_split, split_matching
+from leukoscope.data.readers import check_spellings, read_dataset, refuse_uncertain_class
+from leukoscope.data.splits import Split, check_split, check_training_part, make_split, split_matching
 from leukoscope.engine.config import DataConfig
-from leukoscope.labels import UNCERTAIN
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
 
@@ -64,9 +63,7 @@ def load_manifest(data: DataConfig) -> Manifest:
         classes = list(data.classes)
     # the classes it will learn (after class_map and data.classes)
     check_spellings(data.path, classes, "give them one spelling, or map one to the other with data.class_map")
-    if UNCERTAIN in classes:  # analyze --cells puts the cells it could not call there, to be sorted by eye
-        raise DatasetError(f"{data.path}: a class {UNCERTAIN!r} holds cells a classifier could not call: sort them "
-                           f"into their classes, set them aside, or leave them out with data.classes")
+    refuse_uncertain_class(data.path, classes)
     result = Manifest(samples, classes, manifest.root)
     result.require_trainable()
     return result
@@ -131,6 +128,7 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
         check_split(split)
         if split.classes != manifest.classes:
             raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")
+        check_training_part(split, split_file)  # a hand-made or edited file: a class may have lost its images
         say(f"[dim]reusing split {split_file}[/dim]")
         _warn_of_other_settings(data, split, split_file)
         return split
@@ -143,6 +141,7 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
             max_distance=data.phash_distance,
             progress=counter_callback(update),
         )
+    check_training_part(split, data.path)  # before it is saved: the next run would reuse it
     split.info["dataset"] = str(Path(data.path).resolve()) if data.path else None
     split.save(split_file)
     say(f"[dim]saved split {split_file} {split.sizes()}[/dim]")
@@ -167,6 +166,6 @@ def prepare_data(
                 part, on_corrupt=data.on_corrupt, max_pixels=data.max_pixels, progress=counter_callback(update))
         parts[name] = DecodedSplit(images, kept.targets, kept)
         reports[name] = report
-    if "train" not in parts:
-        raise DatasetError("the training split is empty")
+    if "train" not in parts:  # every training image unreadable (the split's own are checked when it is read)
+        raise DatasetError(f"{split_file}: none of the training images could be read")
     return PreparedData(list(manifest.classes), split, split_file, parts, reports, preprocessing.decoded_as())

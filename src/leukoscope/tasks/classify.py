@@ -27,7 +27,7 @@ from leukoscope.data.dataset import decode_manifest, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
                                          inherit_training_digests, read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
-from leukoscope.data.splits import Split
+from leukoscope.data.splits import Split, parts_not_asked_for
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
 from leukoscope.engine.data_prep import PreparedData, as_split, prepare_data
 from leukoscope.engine.learner import Learner, check_learner_config, create_learner
@@ -165,9 +165,12 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
         notes.append(f"No test split: the figures below are on the {eval_name} split, "
                      f"which {'took part in training' if eval_name == 'train' else 'was used to choose the model'}.")
     if eval_name == "train":  # said where it is seen, not only in the report: a bundle is made all the same
-        say("[yellow]warning:[/yellow] no validation or test images (too few images, or subjects and cases, to "
-            "split): the figures below are the training images' own and say nothing of new images, and the "
-            "bundle is not calibrated; add images of more cases, or evaluate it on images it never saw")
+        asked = {"val", "test"} <= set(parts_not_asked_for(prepared.split.info.get("ratios")))
+        why, advice = (("the split's ratios give them none", "give them a share (e.g. ratios 0.8,0.1,0.1)") if asked
+                       else ("too few images, or subjects and cases, to split", "add images of more cases"))
+        say(f"[yellow]warning:[/yellow] no validation or test images ({why}): the figures below are the training "
+            f"images' own and say nothing of new images, and the bundle is not calibrated; {advice}, or evaluate "
+            f"it on images it never saw")
     if init_overlap and init_overlap["note"]:
         notes.append(f"{'Warning: ' if init_overlap['parts'] else ''}{init_overlap['note']}.")
     skipped = prepared.skipped()
