@@ -408,6 +408,14 @@ def test_split_says_which_parts_its_ratios_left_out(synthetic_root: Path, tmp_pa
     assert "no validation or test images (the split's ratios give them none)" in said and "too few" not in said
 
 
+def test_split_help_says_which_copies_it_keeps_together_and_which_it_misses() -> None:
+    """A copy with 3% of its border cut off went to train, its original to test, under a split called
+    duplicate-aware: the help now says what the perceptual hash catches, and what it does not."""
+    said = " ".join(invoke("split", "--help").output.replace("│", " ").split())
+    assert "byte copies, re-encoded copies, resized copies, rotations and mirror images, and brightness" in said
+    assert "Not caught: cropped or re-framed copies" in said and "cell photographed again" in said
+
+
 def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -460,6 +460,11 @@ def split(
     Use it with `--split-file FILE` (or data.split_file=FILE) on train, search,
     compare and evaluate, so that every run and score uses these same parts.
 
+    Duplicates kept in one part: byte copies, re-encoded copies, resized copies,
+    rotations and mirror images, and brightness changes. Not caught: cropped or
+    re-framed copies (a few percent of the border trimmed can be missed) and a
+    cell photographed again; give such copies one subject in a CSV manifest.
+
     Refused, as train refuses them: ratios that give the training part nothing,
     a class with no training images, and a class named uncertain.
     """

@@ -1,11 +1,12 @@
 """Find byte-identical and near-identical images so that splits can keep them together.
 
 Byte-identical files share a SHA-256; near-identical ones (re-encoded, resized,
-slightly shifted copies) have perceptual hashes (pHash, via ImageHash) within a
-small Hamming distance. A cell has no up, down, left or right, and datasets ship
-flipped and rotated copies as augmentation: an image's pHash is compared with the
-pHashes of the other's eight right-angle rotations and mirror images too. Both kinds
-become one *duplicate group*.
+brightened, slightly shifted copies) have perceptual hashes (pHash, via ImageHash) within a
+small Hamming distance; a crop or re-framing moves the hash further (a copy with a few
+percent of its border trimmed can be missed), and a cell photographed again is not caught.
+A cell has no up, down, left or right, and datasets ship flipped and rotated copies as
+augmentation: an image's pHash is compared with the pHashes of the other's eight
+right-angle rotations and mirror images too. Both kinds become one *duplicate group*.
 """
 
 from __future__ import annotations
