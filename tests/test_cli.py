@@ -207,6 +207,20 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
     assert (tmp_path / "cam" / "notes.txt").read_text() == "mine"
 
 
+def test_predict_and_evaluate_take_quiet(trained_bundle: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    """--quiet silenced the progress of train, analyze and segment, and was refused by predict and evaluate."""
+    images = sorted((synthetic_root / "monocyte").iterdir())[:2]
+    for quiet in ([], ["--quiet"]):
+        said = invoke("predict", "--bundle", trained_bundle, *images, "--out", tmp_path / f"p{len(quiet)}.csv",
+                      "--explain", tmp_path / f"cam{len(quiet)}", *quiet).output
+        assert ("predicting" in said and "Grad-CAM:" in said) is not bool(quiet), said
+    split = trained_bundle.parent / "split.json"
+    for quiet in ([], ["--quiet"]):
+        result = invoke("evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--split-file", split,
+                        "--out", tmp_path / f"ev{len(quiet)}", *quiet)
+        assert result.exit_code == 0 and ("scoring" in result.output) is not bool(quiet), result.output
+
+
 def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # a docstring's paragraphs reflowed to the terminal (rich mode kept its line breaks: ragged lines at 80 columns)
+    rich_markup_mode="markdown",
     help="leukoscope: leukemia screening in blood-smear microscopy. Decision support, not a diagnosis.",
 )
 
@@ -128,7 +130,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
 def models(
     pretrained: bool = typer.Option(False, "--pretrained", help="List the trained models shipped in the package "
                                     "(use them as pretrained:NAME)."),
-    card: Optional[str] = typer.Option(None, "--card", help="Print the model card of shipped model NAME."),
+    card: Optional[str] = typer.Option(None, "--card", metavar="NAME", help="Print the model card of shipped model "
+                                       "NAME."),
 ) -> None:
     """List the models that can be trained (or, with --pretrained, the shipped trained ones)."""
     from rich.console import Console
@@ -430,12 +433,16 @@ def train(
 def search(
     overrides: List[str] = typer.Argument(None, help="Config overrides, e.g. search.lr=[0.01,0.001]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML with a search section."),
-    data: Optional[str] = typer.Option(None, "--data"),
-    model: Optional[str] = typer.Option(None, "--model"),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV (same as data.path=...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Grid search; the chosen run is the best by validation score."""
+    """Grid search; the chosen run is the best by validation score.
+
+    Needs a `search:` section (in --config, or as overrides such as search.lr=[0.01,0.001]
+    search.epochs=[5,10]): the values to try of each key (docs/config.md). Every run trains on
+    one saved split; the chosen run is the best on its validation part, never on test."""
     cfg = _load_config(config, overrides or [], data, model, split_file)
     _run(cfg.require_search)  # before minutes of training the defaults under a search's name
     from leukoscope.tasks.search import run_search
@@ -450,7 +457,7 @@ def split(
     data: str = typer.Option(..., "--data", help="Dataset folder or CSV."),
     out: Path = typer.Option(..., "--out", help="Split JSON to write."),
     ratios: str = typer.Option("0.8,0.1,0.1", help="train,val,test (or train,test)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the random deal of subject groups to the parts."),
     near_duplicates: bool = typer.Option(True, help="Group near-identical images by perceptual hash."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (runs and scores "
                                    "made with the old split no longer match it)."),
@@ -546,9 +553,9 @@ def _evaluation_out(out: Optional[Path], default: Path, overwrite: bool) -> tupl
 def evaluate(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory, or pretrained:NAME."),
     data: str = typer.Option(..., "--data", help="Labelled dataset folder or CSV."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <bundle>/../eval-<data>, "
-                                       "or eval-<data>-2, -3... when it holds an earlier evaluation; for "
-                                       "pretrained:NAME ./eval-NAME-<data>); refused when it holds an evaluation "
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: `<bundle>/../eval-<data>`, "
+                                       "or `eval-<data>-2`, -3... when it holds an earlier evaluation; for "
+                                       "pretrained:NAME `./eval-NAME-<data>`); refused when it holds an evaluation "
                                        "already, unless --overwrite."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the evaluation an existing --out holds "
                                    "(with --out only: the default folder is never replaced)."),
@@ -576,6 +583,7 @@ def evaluate(
                                    "the bundle's run did, by the data.class_map it recorded (and leave out the "
                                    "classes its data.classes left out); --no-class-map scores the labels as "
                                    "written."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder).
 
@@ -642,7 +650,7 @@ def evaluate(
             console.print("[yellow]warning:[/yellow] --um-per-px ignored: this detector records no training scale "
                           "to bring the fields to; they are scored as they are", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split=split, on_error=on_corrupt, backend=backend,
-                       threads=threads, at_scale=not as_given, um_per_px=um_per_px)
+                       threads=threads, at_scale=not as_given, um_per_px=um_per_px, show_progress=not quiet)
         if (metrics.get("scales") or {}).get("note"):
             console.print(f"scale: {escape(metrics['scales']['note'])}", soft_wrap=True)
         console.print(f"mAP@[.5:.95] {metrics['map']:.4f}, mAP@0.5 {metrics['map_50']:.4f} "
@@ -667,7 +675,8 @@ def evaluate(
                           "the window, as training took them)", soft_wrap=True)
         metrics = _run(evaluate_bundle, bundle, data, out, split_file=split_file, subset=subset or "test",
                        on_corrupt=on_corrupt, allow_training_data=allow_training_data, backend=backend,
-                       threads=threads, frame=frame, um_per_px=um_per_px, as_trained=class_map)
+                       threads=threads, frame=frame, um_per_px=um_per_px, as_trained=class_map,
+                       show_progress=not quiet)
         if metrics.get("framing"):
             said = "[yellow]framing:[/yellow]" if metrics["framing"]["whole"] else "framing:"
             console.print(f"{said} {escape(metrics['framing']['note'])}", soft_wrap=True)
@@ -791,6 +800,7 @@ def predict(
                                               "scale together."),
     as_given: bool = typer.Option(False, "--as-given", help="Classify each image whole, as it is (crops already "
                                   "cut at the classifier's window, e.g. a training set's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold.
 
@@ -849,7 +859,7 @@ def predict(
     doubts = _stated_scale_doubts(paths, um_per_px, single_cells=True) if framing and um_per_px is not None else []
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
-                       run_um_per_px=lent, run_warnings=doubts)
+                       run_um_per_px=lent, run_warnings=doubts, show_progress=not quiet)
     _say_framing(predictions, info.preprocessing.cell_window_um)
     _say_single_cell_warnings(predictions)
     failed = [p.source for p in predictions if p.error]
@@ -904,7 +914,7 @@ def export(
     export_format: str = typer.Option("onnx", "--format", help="Graph format: onnx (runs on onnxruntime or "
                                       "OpenVINO) or openvino (OpenVINO IR; classifiers)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
-                                       "<bundle>-<format>[-int8] beside it; the bundle's own folder adds the graph "
+                                       "`<bundle>-<format>[-int8]` beside it; the bundle's own folder adds the graph "
                                        "to it)."),
     int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration; a "
                               "detector's box head: dynamic)."),
@@ -1107,7 +1117,7 @@ def serve(
     database_url: Optional[str] = typer.Option(None, "--database-url", help="e.g. postgresql+psycopg://u:p@host/db "
                                                "(default: SQLite in the data dir)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (put a TLS proxy in front for a network)."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, help="Port to listen on."),
     migrate: Optional[bool] = typer.Option(None, "--migrate/--no-migrate", help="Apply database migrations at "
                                            "start-up (default on); --no-migrate refuses an outdated schema."),
     forwarded_allow_ips: str = typer.Option("127.0.0.1", help="Proxies trusted for X-Forwarded-Proto/For."),
@@ -1123,7 +1133,8 @@ def serve(
                                                      "model too."),
     blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as blast "
                                                     "(repeatable; as analyze's; default: the classes named blast)."),
-    log_level: str = typer.Option("info"),
+    log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or "
+                                  "trace."),
 ) -> None:
     """Run the telediagnosis web service (pages, JSON API, OpenAPI docs at /api/docs)."""
     import os
@@ -1214,13 +1225,18 @@ def _guarded(fn, *args):
         _fail(f"cannot open the database: {exc}")
 
 
+#: The user commands' options: the service's database, as `serve` finds it.
+USER_DATA_DIR_HELP = "The service's data folder, as given to serve (default ./leukoscope-data, or LEUKOSCOPE_DATA_DIR)."
+USER_DATABASE_HELP = "The service's database URL, as given to serve (default: SQLite in the data folder)."
+
+
 @user_app.command("add")
 def user_add(
     username: str = typer.Argument(..., help="Log-in name."),
     role: str = typer.Option(..., "--role", help="admin, technician or hematologist."),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    database_url: Optional[str] = typer.Option(None, "--database-url"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=USER_DATA_DIR_HELP),
+    database_url: Optional[str] = typer.Option(None, "--database-url", help=USER_DATABASE_HELP),
 ) -> None:
     """Add a user (the password is asked for, never given on the command line)."""
     settings = _service_settings(data_dir=data_dir, database_url=database_url)
@@ -1236,10 +1252,10 @@ def user_add(
 
 @user_app.command("token")
 def user_token(
-    username: str = typer.Argument(...),
+    username: str = typer.Argument(..., help="The user the token acts as."),
     name: str = typer.Option("script", "--name", help="What the token is for."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    database_url: Optional[str] = typer.Option(None, "--database-url"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=USER_DATA_DIR_HELP),
+    database_url: Optional[str] = typer.Option(None, "--database-url", help=USER_DATABASE_HELP),
 ) -> None:
     """Issue an API token for a user; printed once (only its hash is stored)."""
     from leukoscope.service.admin import issue_token
@@ -1249,8 +1265,8 @@ def user_token(
 
 @user_app.command("list")
 def user_list(
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    database_url: Optional[str] = typer.Option(None, "--database-url"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=USER_DATA_DIR_HELP),
+    database_url: Optional[str] = typer.Option(None, "--database-url", help=USER_DATABASE_HELP),
 ) -> None:
     """List users, roles and how many cases each uploaded."""
     from leukoscope.service.admin import list_users
@@ -1266,7 +1282,7 @@ def user_list(
 @app.command()
 def segment(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png files and masks.csv."),
+    out: Path = typer.Option(..., "--out", help="Folder for `<name>_mask.png` files and masks.csv."),
     method: str = typer.Option("lab_kmeans", "--method", help="lab_kmeans (system E) or hsv."),
     figure: bool = typer.Option(False, "--figure", help="Also save original | mask | segmented side by side."),
     segmented: bool = typer.Option(False, "--segmented", help="Also save the segmented image (cells on white)."),
@@ -1441,7 +1457,7 @@ def analyze(
                                       "row in the output holds an error (others already there are skipped)."),
     cells: Optional[Path] = typer.Option(None, "--cells", help="Also write each cell of the fields, cut as the "
                                          "classifier saw it (its window; the box where a field has no scale), to "
-                                         "CELLS/<its class>/field-<field>-cell-<n>.png (uncertain ones in "
+                                         "`CELLS/<class>/field-<field>-cell-<n>.png` (uncertain ones in "
                                          "CELLS/uncertain): move the misnamed ones to their class and fine-tune on "
                                          "them (train --init ... --data CELLS). A new folder; local engine, fields "
                                          "(not slides)."),
@@ -1449,13 +1465,13 @@ def analyze(
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
 
-    Writes per image <name>.annotated.png, <name>.cells.csv and <name>.json, and
+    Writes per image `<name>.annotated.png`, `<name>.cells.csv` and `<name>.json`, and
     summary.csv / summary.json / summary.png (the pooled differential drawn) for the whole folder.
     Decision support, not a diagnosis.
 
     A whole-slide image (.svs, .ndpi, a pyramidal .tif; needs the slide extra) is sampled in its
-    monolayer until --target-cells white cells are counted; its files go to OUT/<slide name>/:
-    <name>.slide.json, <name>.cells.csv, <name>.overview.png, summary.csv / summary.json / summary.png.
+    monolayer until --target-cells white cells are counted; its files go to `OUT/<slide name>/`:
+    `<name>.slide.json`, `<name>.cells.csv`, `<name>.overview.png`, summary.csv / summary.json / summary.png.
 
     With --engine ray the fields are analysed on a Ray cluster (--address auto: the one `ray start`
     runs; see docs/cluster.md) into Parquet tables OUT/fields/ and OUT/cells/ and the same

@@ -173,7 +173,8 @@ EXPLAIN_BATCH = 32
 
 
 def save_explanations(classifier: CellClassifier, predictions: Sequence[Prediction], out_dir: Path,
-                      model: torch.nn.Module | None = None, batch_size: int = EXPLAIN_BATCH) -> list[Path]:
+                      model: torch.nn.Module | None = None, batch_size: int = EXPLAIN_BATCH,
+                      show_progress: bool = True) -> list[Path]:
     """One Grad-CAM overlay PNG per readable image, for the predicted (top) class, with
     a colour bar; flat (uninformative) maps carry a note and are named in a warning. Each picture says
     what its row in the predictions file says (:func:`heatmap_status`: the label, uncertain or not, unfamiliar,
@@ -198,7 +199,7 @@ def save_explanations(classifier: CellClassifier, predictions: Sequence[Predicti
     # each overlay numbered by its row in the predictions file (error rows included), so a heatmap is found by it
     rows = [(row, p) for row, p in enumerate(predictions) if p.error is None]
     readable = [p for _, p in rows]
-    with progress_bar(len(readable), "Grad-CAM") as update:
+    with progress_bar(len(readable), "Grad-CAM", enabled=show_progress) as update:
         for start in range(0, len(readable), batch_size):
             batch = readable[start:start + batch_size]
             # the image the answer came from: framed at the scale its prediction records
@@ -268,6 +269,7 @@ def predict_to_file(
     um_per_px: float | None = None,
     run_um_per_px: float | None = None,
     run_warnings: Sequence[str] = (),
+    show_progress: bool = True,
 ) -> list[Prediction]:
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
     ``out``; with ``explain_dir``, Grad-CAM overlays. Grad-CAM needs the torch model: on another
@@ -291,7 +293,7 @@ def predict_to_file(
         raise ValueError(f"Grad-CAM (--explain) is not available for {classifier.info.model_name}: it is a "
                          "classical model on hand-made features, with no convolutional layers to explain; "
                          "run without --explain")
-    with progress_bar(len(paths), "predicting") as update:
+    with progress_bar(len(paths), "predicting", enabled=show_progress) as update:
         predictions = classifier.predict_paths(paths, batch_size=batch_size, progress=update,
                                                frame=frame, um_per_px=um_per_px, run_um_per_px=run_um_per_px)
     if run_warnings:
@@ -302,5 +304,5 @@ def predict_to_file(
         if model is None:  # onnxruntime / openvino: the torch model for Grad-CAM only
             model, _ = load_bundle(resolve_bundle(bundle), classifier.device, task="classify")
         with torch.enable_grad():
-            save_explanations(classifier, predictions, explain_dir, model=model)
+            save_explanations(classifier, predictions, explain_dir, model=model, show_progress=show_progress)
     return predictions
