@@ -258,6 +258,13 @@ def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root:
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == 96 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "ev" / "report.html").exists()
+    # each scored image's label and call beside the metrics (to find the errors, predict had to be run again)
+    rows = list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open()))
+    assert len(rows) == 96 and {row["label"] for row in rows} == set(metrics["classes"])
+    matrix = [[sum(r["label"] == t and r["predicted"] == p for r in rows) for p in metrics["classes"]]
+              for t in metrics["classes"]]
+    assert matrix == metrics["confusion_matrix"]
+    assert sum(r["correct"] == "True" for r in rows) == round(metrics["accuracy"] * 96)
     # copied elsewhere and renamed, they are still its training images: the bundle records their contents
     moved = tmp_path / "moved" / "blast"
     moved.mkdir(parents=True)

@@ -8,13 +8,14 @@ pipeline) -> fit -> evaluate on the test split -> out-of-distribution statistics
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -375,6 +376,7 @@ def evaluate_bundle(
     if report.skipped:
         notes.append(f"{len(report.skipped)} unreadable image(s) skipped: "
                      + "; ".join(f"{s['path']} ({s['error']})" for s in report.skipped[:10]))
+    write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes)
     return evaluate_logits(
         np.asarray(kept.targets), logits, info.classes, Path(out_dir),
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
@@ -383,6 +385,27 @@ def evaluate_bundle(
                "framing": framing, "labels_as_trained": relabelled},
         applied_temperature=info.temperature,  # the logits above are divided by it: the figure names it
     )
+
+
+#: Each scored image's label, call and probabilities, beside metrics.json: the errors to look at, image by image.
+SCORED_IMAGES_FILE = "predictions.csv"
+
+
+def write_scored_images(path: Path, manifest: Manifest, logits: np.ndarray, classes: Sequence[str]) -> Path:
+    """One row per scored image: ``source``, ``label`` (its true class), ``predicted``, ``confidence``, ``correct``
+    and ``p_<class>``, the probabilities the metrics were computed from (a researcher had to run predict again to
+    see which images were wrong, and predict frames and thresholds as its own options say)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "label", "predicted", "confidence", "correct", *(f"p_{c}" for c in classes)])
+        for sample, target, row in zip(manifest.samples, manifest.targets, probs):
+            best = int(row.argmax())
+            writer.writerow([str(sample.path), classes[target], classes[best], round(float(row[best]), 6),
+                             best == target, *(round(float(p), 6) for p in row)])
+    return path
 
 
 #: Images per progress step while a network scores a dataset (each a few seconds on a CPU with 8 views); a
