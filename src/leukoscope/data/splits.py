@@ -292,8 +292,8 @@ def check_training_part(split: Split, source: str | Path) -> None:
     if missing:
         raise DatasetError(f"{source}: class(es) {', '.join(map(repr, missing))} have no training images (none in "
                            f"the split's 'train' part): a model could not learn them, yet its bundle would list "
-                           f"them; move some of their images into 'train', or add images of them and make a new "
-                           f"split")
+                           f"them; move some of their images into 'train', add images of them and make a new "
+                           f"split, or leave them out (data.classes)")
 
 
 def parts_not_asked_for(ratios: object) -> list[str]:
