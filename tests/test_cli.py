@@ -195,6 +195,11 @@ def test_predict_json_and_explain(trained_bundle: Path, synthetic_root: Path, tm
                          "--out", out if target[1].name == "cam2" else tmp_path / "new.json", *target)
         assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output
     assert out.read_text() == before and not (tmp_path / "cam2").exists() and not (tmp_path / "new.json").exists()
+    # --overwrite on a run refused for another reason keeps the earlier maps (they were removed first)
+    maps = sorted(p.name for p in (tmp_path / "cam").glob("*.png"))
+    refused = invoke("predict", "--bundle", trained_bundle, *images, "--out", out, "--explain", tmp_path / "cam",
+                     "--overwrite", "--threshold", "5")
+    assert refused.exit_code == 2 and sorted(p.name for p in (tmp_path / "cam").glob("*.png")) == maps
     again = invoke("predict", "--bundle", trained_bundle, tmp_path / "broken.png", *images, "--out", out,
                    "--explain", tmp_path / "cam", "--overwrite")
     assert again.exit_code == 3, again.output  # broken.png unread
@@ -259,9 +264,9 @@ def test_evaluate_scores_a_labelled_folder(trained_bundle: Path, synthetic_root:
     assert metrics["n"] == 96 and 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "ev" / "report.html").exists()
     # each scored image's label and call beside the metrics (to find the errors, predict had to be run again)
-    rows = list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open()))
-    assert len(rows) == 96 and {row["label"] for row in rows} == set(metrics["classes"])
-    matrix = [[sum(r["label"] == t and r["predicted"] == p for r in rows) for p in metrics["classes"]]
+    rows = list(csv.DictReader((tmp_path / "ev" / "scored_images.csv").open()))
+    assert len(rows) == 96 and {row["true_label"] for row in rows} == set(metrics["classes"])
+    matrix = [[sum(r["true_label"] == t and r["predicted"] == p for r in rows) for p in metrics["classes"]]
               for t in metrics["classes"]]
     assert matrix == metrics["confusion_matrix"]
     assert sum(r["correct"] == "True" for r in rows) == round(metrics["accuracy"] * 96)
@@ -700,7 +705,8 @@ def test_train_uses_the_split_made_by_split(synthetic_root: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize(("option", "override"), [(["--model", "resnet18"], "model.name=mobilenet_v3_small"),
-                                                  (["--data", "a"], "data.path=b")])
+                                                  (["--data", "a"], "data.path=b"),
+                                                  (["--init", "pretrained:wbc-classifier"], "model.init=x")])
 def test_an_option_and_an_override_of_one_key_are_refused(option: list[str], override: str, tmp_path: Path) -> None:
     """--model resnet18 model.name=mobilenet_v2 trained resnet18: the option won unseen."""
     result = invoke("train", *option, override, f"output_root={tmp_path}")
@@ -1003,7 +1009,8 @@ def test_evaluate_never_replaces_an_earlier_evaluation(mapped_bundle: Path, synt
     # an explicit --out holding an evaluation: refused, unless --overwrite
     refused = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data",
                      "--out", first)
-    assert refused.exit_code == 2 and "already holds an evaluation (metrics.json, report.html)" in refused.output
+    assert refused.exit_code == 2 and "already holds an evaluation (metrics.json, report.html, scored_images.csv)" \
+        in refused.output
     assert json.loads((first / "metrics.json").read_text())["n"] == n_test
     replaced = invoke("evaluate", "--bundle", mapped_bundle, "--data", synthetic_root, "--allow-training-data",
                       "--out", first, "--overwrite")

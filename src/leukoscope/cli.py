@@ -279,6 +279,12 @@ def _check_bundle(spec: Path | str, option: str | None = None) -> Path:
     return path
 
 
+def _refuse_option_and_override(option: str, value: object, key: str, overrides: Sequence[str]) -> None:
+    given = [o for o in overrides if o.partition("=")[0].strip() == key]
+    if value and given:
+        _fail(f"{option} and the override {given[0]} both set {key}: give one")
+
+
 def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
                split_file: Optional[Path] = None) -> list[str]:
     extra = list(overrides)
@@ -286,9 +292,7 @@ def _overrides(overrides: List[str], data: Optional[str], model: Optional[str],
     # trained resnet18)
     for option, value, key in (("--data", data, "data.path"), ("--model", model, "model.name"),
                                ("--split-file", split_file, "data.split_file")):
-        given = [o for o in overrides if o.partition("=")[0].strip() == key]
-        if value and given:
-            _fail(f"{option} and the override {given[0]} both set {key}: give one")
+        _refuse_option_and_override(option, value, key, overrides)
     # Paths given as options are strings as written: quoted, a YAML reading of "runs #2" or "2024" would cut or
     # retype them (an override's value is YAML; a JSON string is a YAML string).
     if data:
@@ -372,6 +376,7 @@ def _train(task, config: Optional[Path], overrides: List[str], data: Optional[st
         config, data, model = resume / "config.yaml", None, None
     extra = list(overrides or [])
     if init is not None:  # checked here, before torch loads; kept as written (pretrained:NAME) in config.yaml
+        _refuse_option_and_override("--init", init, "model.init", extra)
         _check_bundle(init, "--init")
         extra.append(f"model.init={json.dumps(init if is_pretrained_spec(init) else str(Path(init).resolve()))}")
     cfg = _run(task.function("load_config"), config, _overrides(extra, data, model, split_file))
@@ -525,7 +530,7 @@ _WITHOUT_PARTS = {
 
 
 #: What an evaluation writes: a folder holding one of them holds an earlier evaluation.
-EVALUATION_FILES = ("metrics.json", "report.html")
+EVALUATION_FILES = ("metrics.json", "report.html", "scored_images.csv")
 
 
 def _evaluation_out(out: Optional[Path], default: Path, overwrite: bool) -> tuple[Path, str]:
@@ -692,20 +697,19 @@ def evaluate(
 
 
 def _check_predict_outputs(out: Path, explain: Optional[Path], overwrite: bool) -> None:
-    """Refuse to replace a predictions file or mix two runs' heatmaps without ``overwrite``; with it, remove the
-    earlier run's heatmaps (only files named as ``predict --explain`` names them) before any is written."""
+    """Refuse to replace a predictions file or mix two runs' heatmaps without ``overwrite`` (with it, the earlier
+    heatmaps are removed by ``predict_to_file`` once the images are predicted: a run refused later keeps them)."""
     from leukoscope.inference.predict_files import earlier_heatmaps
 
-    earlier = earlier_heatmaps(explain) if explain is not None else []
-    if not overwrite:
-        if out.is_file():
-            _fail(f"--out {out} exists (an earlier run's predictions?): give another file, or --overwrite to replace it")
-        if earlier:
-            _fail(f"--explain {explain} holds {len(earlier)} heatmap(s) of an earlier run (e.g. {earlier[0].name}): "
-                  f"two runs' maps would mix, rows numbered alike; give another folder, or --overwrite to replace them")
+    if overwrite:
         return
-    for path in earlier:
-        path.unlink()
+    if out.is_file():
+        _fail(f"--out {out} exists (an earlier run's predictions?): give another file, or --overwrite to "
+              f"replace it")
+    earlier = earlier_heatmaps(explain) if explain is not None else []
+    if earlier:
+        _fail(f"--explain {explain} holds {len(earlier)} heatmap(s) of an earlier run (e.g. {earlier[0].name}): "
+              f"two runs' maps would mix, rows numbered alike; give another folder, or --overwrite to replace them")
 
 
 @app.command("calibrate-ood")
@@ -859,7 +863,7 @@ def predict(
     doubts = _stated_scale_doubts(paths, um_per_px, single_cells=True) if framing and um_per_px is not None else []
     predictions = _run(predict_to_file, bundle, paths, out, threshold=threshold, explain_dir=explain,
                        batch_size=batch_size, backend=backend, threads=threads, frame=not as_given, um_per_px=um_per_px,
-                       run_um_per_px=lent, run_warnings=doubts, show_progress=not quiet)
+                       run_um_per_px=lent, run_warnings=doubts, show_progress=not quiet, replace_heatmaps=overwrite)
     _say_framing(predictions, info.preprocessing.cell_window_um)
     _say_single_cell_warnings(predictions)
     failed = [p.source for p in predictions if p.error]

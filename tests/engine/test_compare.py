@@ -234,6 +234,9 @@ def test_a_row_that_called_every_image_one_class_is_marked() -> None:
     working = {"classes": ["blast", "lymphocyte", "platelet"], "confusion_matrix": [[3, 0, 1], [0, 4, 0], [0, 1, 3]]}
     assert only_class_called(collapsed) == "platelet" and only_class_called(working) is None
     assert only_class_called({}) is None
+    # images of one class, all called it: right answers, not a collapse (a blast-only folder was said collapsed)
+    one_class_data = {"classes": ["blast", "lymphocyte"], "confusion_matrix": [[5, 0], [0, 0]]}
+    assert only_class_called(one_class_data) is None
     row = CompareRow(label="m1", model="mobilenet_v3_small", kind="classifier", accuracy=0.33, precision=0.11,
                      recall=0.33, specificity=0.67, f1=0.17, roc_auc=0.686, train_minutes=None,
                      images_per_second=None, parameters=None, epochs=2, val_accuracy=0.3, val_macro_f1=0.1,

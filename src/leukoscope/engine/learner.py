@@ -9,7 +9,6 @@ classical baselines share its split, report and bundle code with the CNNs.
 
 from __future__ import annotations
 
-import difflib
 import time
 import weakref
 from pathlib import Path
@@ -31,7 +30,7 @@ from leukoscope.evaluation.calibration import negative_log_likelihood
 from leukoscope.evaluation.metrics import macro_f1
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel
-from leukoscope.models.registry import model_options
+from leukoscope.models.registry import model_options, unknown_option
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, dihedral_views
 from leukoscope.progress import counter_callback, progress_bar, say
 
@@ -98,24 +97,21 @@ def check_learner_config(config: ExperimentConfig, preprocessing: Preprocessing)
 #: Builder arguments a config sets in its own key: given as a model option they overrode it unseen, while the bundle
 #: recorded the other (model.options k_best 3 fitted 3 features; feature_spec said features.k_best 50).
 _OPTION_HOMES = {"weights": "model.weights", "freeze_backbone": "model.freeze_backbone"}
-_CLASSIC_OPTION_HOMES = {**_OPTION_HOMES, "k_best": "features.k_best", "class_weight": "train.class_weighted_loss"}
+_CLASSIC_OPTION_HOMES = {**_OPTION_HOMES, "k_best": "features.k_best", "class_weight": "train.class_weighted_loss",
+                         "random_state": "train.seed"}
 
 
 def _check_model_options(config: ExperimentConfig, kind: str) -> None:
     """Refuse a ``model.options`` key that another setting owns, or that the builder does not take (before any
     image is decoded; the list offered is of the options a config sets there)."""
     homes = _CLASSIC_OPTION_HOMES if kind == "classic" else _OPTION_HOMES
-    accepted = model_options(config.model.name)
     for option in config.model.options:
         if option in homes:
             raise ConfigError(f"model.options.{option} is set by {homes[option]}: set {homes[option]} instead (as an "
                               f"option it overrode that setting unseen, and the bundle recorded the other)")
-        if accepted is not None and option not in accepted:
-            offered = [name for name in accepted if name not in homes]
-            close = difflib.get_close_matches(option, offered, n=1)
-            raise ConfigError(f"model {config.model.name!r} has no option {option!r}"
-                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; its options: "
-                              f"{', '.join(offered) or 'none'}")
+    message = unknown_option(config.model.name, config.model.options, offered_without=homes)
+    if message:
+        raise ConfigError(message)
 
 
 def _median_rate(run, n: int, repeats: int = 3) -> float:

@@ -146,10 +146,14 @@ def called_absent_note(metrics: dict) -> str | None:
 
 def only_class_called(metrics: dict[str, Any]) -> str | None:
     """The class a run's scored images were all called, from its confusion matrix (rows: true, columns:
-    predicted); None when it called two or more (or records none). Such a model has collapsed: its scores say
-    nothing of the images, whatever its ROC-AUC (which then rests on differences too small to matter)."""
+    predicted); None when it called two or more, when the images are of one class (or it records none). Such a
+    model has collapsed: its scores say nothing of the images, whatever its ROC-AUC (which then rests on
+    differences too small to matter)."""
     matrix, classes = metrics.get("confusion_matrix"), metrics.get("classes")
     if not matrix or not classes or len(classes) < 2:
+        return None
+    # images of one class called that class is a right answer, not a collapse (a blast-only folder scored 1.0)
+    if sum(1 for row in matrix if sum(row) > 0) < 2:
         return None
     called = [name for j, name in enumerate(classes) if sum(row[j] for row in matrix) > 0]
     return called[0] if len(called) == 1 else None

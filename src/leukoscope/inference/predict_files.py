@@ -158,7 +158,7 @@ def _columns(rows: Sequence[dict[str, object]], classes: Sequence[str]) -> list[
 
 
 #: The name of a heatmap :func:`save_explanations` writes: its row in the predictions file, the image, the label.
-HEATMAP_NAME = re.compile(r"[0-9]{5}_.+\.png")
+HEATMAP_NAME = re.compile(r"[0-9]{5,}_.+\.png")
 
 
 def earlier_heatmaps(folder: Path) -> list[Path]:
@@ -270,13 +270,15 @@ def predict_to_file(
     run_um_per_px: float | None = None,
     run_warnings: Sequence[str] = (),
     show_progress: bool = True,
+    replace_heatmaps: bool = False,
 ) -> list[Prediction]:
     """Classify ``paths`` with ``bundle`` on ``backend`` (:mod:`leukoscope.inference.runtime`) and write
     ``out``; with ``explain_dir``, Grad-CAM overlays. Grad-CAM needs the torch model: on another
     backend it is loaded for that alone (only when asked), and explains the class the backend predicted.
     ``frame`` / ``um_per_px`` / ``run_um_per_px``: :meth:`CellClassifier.predict_paths`'s (single-cell images
     framed for a classifier of a physical window). ``run_warnings``: said of every image read (the images'
-    red cells doubting a stated scale: :func:`leukoscope.scale.stated_run_doubt`), first in its warnings."""
+    red cells doubting a stated scale: :func:`leukoscope.scale.stated_run_doubt`), first in its warnings.
+    ``replace_heatmaps``: remove the heatmaps an earlier run left in ``explain_dir`` before these are written."""
     import torch
 
     from leukoscope.bundle import load_bundle
@@ -300,6 +302,9 @@ def predict_to_file(
         predictions = [p if p.error else replace(p, warnings=(*run_warnings, *p.warnings)) for p in predictions]
     write_predictions(predictions, out, classifier.classes)
     if explain_dir is not None:
+        if replace_heatmaps:  # only now, every check passed: a refused run keeps the earlier maps
+            for path in earlier_heatmaps(explain_dir):
+                path.unlink()
         model = classifier.model
         if model is None:  # onnxruntime / openvino: the torch model for Grad-CAM only
             model, _ = load_bundle(resolve_bundle(bundle), classifier.device, task="classify")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,22 @@ def model_options(name: str) -> list[str] | None:
     return [p.name for p in parameters if p.name != "num_classes"]
 
 
-def _check_options(entry: ModelEntry, kwargs: dict[str, Any]) -> None:
-    accepted = model_options(entry.name)
+def unknown_option(name: str, options: Iterable[str], offered_without: Iterable[str] = ()) -> str | None:
+    """The message for the first of ``options`` the builder of ``name`` does not take (None: it takes them all),
+    with a close match among those it takes, less ``offered_without`` (the ones a config sets elsewhere)."""
+    accepted = model_options(name)
     if accepted is None:
-        return
-    for key in kwargs:
+        return None
+    offered = [option for option in accepted if option not in set(offered_without)]
+    for key in options:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
+            close = difflib.get_close_matches(key, offered, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"model {entry.name!r} has no option {key!r}{hint}; it accepts: {', '.join(accepted)}")
+            return f"model {name!r} has no option {key!r}{hint}; its options: {', '.join(offered) or 'none'}"
+    return None
+
+
+def _check_options(entry: ModelEntry, kwargs: dict[str, Any]) -> None:
+    message = unknown_option(entry.name, kwargs)
+    if message:
+        raise ValueError(message)

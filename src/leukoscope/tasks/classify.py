@@ -38,6 +38,7 @@ from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
 from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
+from leukoscope.evaluation.calibration import softmax
 from leukoscope.evaluation.metrics import called_absent_note, collapsed_note
 from leukoscope.inference.runtime import load_runtime
 from leukoscope.preprocessing import Preprocessing
@@ -376,8 +377,7 @@ def evaluate_bundle(
     if report.skipped:
         notes.append(f"{len(report.skipped)} unreadable image(s) skipped: "
                      + "; ".join(f"{s['path']} ({s['error']})" for s in report.skipped[:10]))
-    write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes)
-    return evaluate_logits(
+    metrics = evaluate_logits(
         np.asarray(kept.targets), logits, info.classes, Path(out_dir),
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
@@ -385,22 +385,25 @@ def evaluate_bundle(
                "framing": framing, "labels_as_trained": relabelled},
         applied_temperature=info.temperature,  # the logits above are divided by it: the figure names it
     )
+    write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes)
+    return metrics
 
 
-#: Each scored image's label, call and probabilities, beside metrics.json: the errors to look at, image by image.
-SCORED_IMAGES_FILE = "predictions.csv"
+#: Each scored image's true class, call and probabilities, beside metrics.json: the errors, image by image (not
+#: "predictions.csv": predict's file of that name has the call in its ``label`` column).
+SCORED_IMAGES_FILE = "scored_images.csv"
 
 
 def write_scored_images(path: Path, manifest: Manifest, logits: np.ndarray, classes: Sequence[str]) -> Path:
-    """One row per scored image: ``source``, ``label`` (its true class), ``predicted``, ``confidence``, ``correct``
-    and ``p_<class>``, the probabilities the metrics were computed from (a researcher had to run predict again to
+    """One row per scored image: ``source``, ``true_label``, ``predicted``, ``confidence``, ``correct`` and
+    ``p_<class>``, the probabilities the metrics were computed from (a researcher had to run predict again to
     see which images were wrong, and predict frames and thresholds as its own options say)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    probs = softmax(logits)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["source", "label", "predicted", "confidence", "correct", *(f"p_{c}" for c in classes)])
+        writer.writerow(["source", "true_label", "predicted", "confidence", "correct",
+                         *(f"p_{c}" for c in classes)])
         for sample, target, row in zip(manifest.samples, manifest.targets, probs):
             best = int(row.argmax())
             writer.writerow([str(sample.path), classes[target], classes[best], round(float(row[best]), 6),
