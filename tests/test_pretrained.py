@@ -455,7 +455,8 @@ def test_the_window_note_is_said_under_quiet_and_kept_in_train_log(classifier_bu
     # a bundle that records nothing it learned from: said in the report, not warned of at every run
     checked = json.loads((bundle.parent / "metrics.json").read_text())["init_training_overlap"]
     said = " ".join(result.output.split())
-    assert checked["parts"] == {} and "cannot be checked" in checked["note"] and "which this run starts from" not in said
+    assert checked["parts"] == {} and "cannot be checked" in checked["note"]
+    assert "which this run starts from" not in said
 
 
 def test_fine_tuning_scored_on_what_the_init_bundle_learned_from_says_so(classifier_bundle: Path,

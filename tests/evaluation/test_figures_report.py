@@ -550,3 +550,7 @@ def test_a_class_without_a_curve_says_why(tmp_path: Path) -> None:
         pr_figure(y, probs, ["a", "b", "none here"], tmp_path / "pr.png")
     assert "none here: AUC n/a (no positives)" in saved["roc.png"]
     assert "none here: AP n/a (no positives)" in saved["pr.png"]
+    with pytest.MonkeyPatch.context() as patch:  # every image of one class: that class has no negatives
+        patch.setattr(figures, "save_figure", keep)
+        roc_figure(np.zeros(20, int), probs, ["a", "b", "none here"], tmp_path / "roc.png")
+    assert "a: AUC n/a (no negatives: every image is of it)" in saved["roc.png"]

@@ -347,7 +347,10 @@ def evaluate_bundle(
         if not allow_training_data:
             own = any(not part.endswith(SOURCES_SUFFIX) for part in overlap)
             # the remedy for what was asked: a non-test part of the split already given wants --subset test
-            if split_file is not None and subset != "test":
+            # the bundle's split (its recorded file, or the run folder's copy of it), not another dataset's
+            own_split = (split_file is not None and info.split_file is not None and info.split_file.is_file()
+                         and Path(split_file).read_bytes() == info.split_file.read_bytes())
+            if own_split and subset != "test":
                 advice = f"its test part is scored with --subset test (the {subset!r} part is its training's), or "
             elif own and info.split_file is not None and info.split_file.is_file():
                 advice = f"evaluate its test part with --split-file {info.split_file}, or "

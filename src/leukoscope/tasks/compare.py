@@ -510,19 +510,25 @@ def write_outputs(compare_dir: Path, rows: list[CompareRow], info: dict[str, Any
 
 
 #: Short headers for the terminal, where the table must fit 80 columns.
-_SHORT = {"accuracy_interval": "acc 95% CI", "precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1", "roc_auc": "AUC",
+_SHORT = {"precision": "prec", "recall": "rec", "specificity": "spec", "f1": "F1", "roc_auc": "AUC",
           "accuracy": "acc", "train_minutes": "train min", "images_per_second": "img/s", "parameters": "params"}
 
 
 def print_table(rows: list[CompareRow], chosen_by: str) -> None:
     chosen = any(row.chosen for row in rows)
     table = Table(title=f"comparison ({f'* chosen by {chosen_by}' if chosen else 'no row chosen'}; macro averages)")
-    for key, title in COLUMNS:
+    # the accuracy's interval stays in compare.md / .csv / .html: in an 80-column terminal it folded every cell
+    shown = [(key, title) for key, title in COLUMNS if key != "accuracy_interval"]
+    for key, title in shown:
         # fold, never cut with "...": a narrow terminal wraps a cell instead of hiding digits
         table.add_column(_SHORT.get(key, title), justify="left" if key == "label" else "right", overflow="fold")
     for row in rows:
-        table.add_row(*[_label(row) if key == "label" else _fmt(key, getattr(row, key)) for key, _ in COLUMNS])
+        table.add_row(*[_label(row) if key == "label" else _fmt(key, getattr(row, key)) for key, _ in shown])
     console.print(table)
+    console.print(f"accuracy's 95% interval over the {_scored(rows)} images scored: "
+                  + ", ".join(f"{escape(row.label)} {_fmt('accuracy_interval', row.accuracy_interval)}"
+                              for row in rows),
+                  soft_wrap=True)
     if not chosen:
         console.print(f"[yellow]note:[/yellow] {escape(chosen_by)}", soft_wrap=True)
     for row in rows:

@@ -133,7 +133,8 @@ def excess_flagged_warning(share: float, n_test: int, quantile: float, n_held: i
     if n_test == 0 or wilson_interval(flagged, n_test)[0] <= 1 - quantile:
         return None
     return (f"the OOD flag calls {flagged} of this run's {n_test} test images unfamiliar ({100 * share:.1f}%), images "
-            f"of the training's own kind, where its threshold aims at {100 * (1 - quantile):g}%: it would doubt many of "
+            f"of the training's own kind, where its threshold aims at {100 * (1 - quantile):g}%: it would doubt "
+            f"many of "
             f"this lab's new images too. Its threshold is the {100 * quantile:g}th percentile of {n_held} {held_name} "
             f"images' scores; with more of them (or `leukoscope calibrate-ood` on more images of this lab) it is "
             f"steadier")
