@@ -261,7 +261,11 @@ def test_csv_missing_path_column(tmp_path: Path) -> None:
     csv_path.write_text("file,label\nx.png,blast\n")
     with pytest.raises(DatasetError, match="'path' column") as info:
         read_csv_manifest(csv_path)
-    assert "file" in str(info.value)
+    assert "file" in str(info.value) and "separated by" not in str(info.value)
+    # a spreadsheet's semicolon "CSV" read as one column "path;label": the separator is named
+    csv_path.write_text("path;label\nx.png;blast\n")
+    with pytest.raises(DatasetError, match="its columns look separated by ';'; a manifest's are separated by commas"):
+        read_csv_manifest(csv_path)
 
 
 def test_csv_empty_file(tmp_path: Path) -> None:

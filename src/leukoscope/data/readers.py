@@ -157,7 +157,10 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
         reader = csv.DictReader(handle)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "path" not in fields:
-            raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'})")
+            # a spreadsheet's "CSV" in a locale whose separator is ';' (or a tab) reads as one column "path;label"
+            other = next((sep for sep in (";", "\t", "|") if len(fields) == 1 and sep in fields[0]), None)
+            hint = f": its columns look separated by {other!r}; a manifest's are separated by commas" if other else ""
+            raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'}){hint}")
         if require_labels and "label" not in fields:
             raise DatasetError(f"{path}: CSV manifest has no 'label' column, which training and evaluation "
                                f"need (columns found: {', '.join(fields)})")
