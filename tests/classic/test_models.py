@@ -128,3 +128,20 @@ def test_a_classical_setting_given_as_a_model_option_is_refused(option: str, hom
     config = load_config(overrides=["model.name=svm_rbf", "model.options={gama: 3}"])
     with pytest.raises(ConfigError, match=r"no option 'gama' \(did you mean 'gamma'\?\); its options: C, gamma, cv$"):
         check_learner_config(config, preprocessing_of(config))
+
+
+def test_a_k_best_above_the_features_computed_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """features.k_best 5000 on a few hundred features became "all" without a word."""
+    import leukoscope.engine.learner as learner_module
+    from leukoscope.engine.config import load_config
+    from leukoscope.engine.learner import create_learner
+    from leukoscope.tasks.classify import preprocessing_of
+
+    said: list[str] = []
+    monkeypatch.setattr(learner_module, "say", said.append)
+    for k_best in (5000, 10):
+        config = load_config(overrides=["model.name=svm_rbf", f"features.k_best={k_best}"])
+        learner = create_learner(config, ["a", "b"], preprocessing_of(config))
+        kept = learner.model_options["k_best"]
+        assert (kept == "all") is (k_best == 5000)
+    assert len(said) == 1 and said[0].startswith("note: features.k_best 5000 is more than the ")

@@ -244,6 +244,9 @@ class SklearnLearner:
         options = dict(config.model.options)  # create_model names any unknown option
         accepted = model_options(config.model.name) or []
         k_best = config.features.k_best
+        if k_best != "all" and k_best > len(self.extractor):  # it became "all" without a word
+            say(f"note: features.k_best {k_best} is more than the {len(self.extractor)} features computed "
+                f"({', '.join(config.features.families)}): every feature is kept")
         options.setdefault("k_best", "all" if k_best == "all" or k_best >= len(self.extractor) else k_best)
         options.setdefault("class_weight", "balanced" if config.train.class_weighted_loss else None)
         if "random_state" in accepted:
