@@ -138,3 +138,14 @@ def test_threads_sharing_one_model_each_get_their_own_embeddings() -> None:
         for _ in range(3):
             found = list(pool.map(lambda x: logits_and_embeddings(model, x)[1], batches))
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(found, expected))
+
+
+def test_an_unknown_stage_is_named_with_what_could_have_been_meant() -> None:
+    """A stage typed by hand (calibrate-ood --stages) that is no submodule: said with the names beside it."""
+    model = create_model("mobilenet_v2", num_classes=3)
+    with pytest.raises(EmbeddingError, match=r"'features.30' .*\(did you mean 'features.3'\?\); under 'features': "
+                                             r"features.0, features.1, "):
+        set_embedding_stages(model, ["features.30"])
+    with pytest.raises(EmbeddingError, match=r"'layer2' to read as an embedding stage; at its top: features, "
+                                             r"classifier$"):
+        set_embedding_stages(model, ["layer2"])

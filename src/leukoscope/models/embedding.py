@@ -19,6 +19,8 @@ bundle's OOD statistics when it is loaded, by :data:`DEFAULT_STAGES` when they a
 
 from __future__ import annotations
 
+import difflib
+
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
@@ -58,8 +60,18 @@ def set_embedding_stages(model: nn.Module, stages: Sequence[str]) -> None:
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise EmbeddingError(f"{type(model).__name__} has no submodule {name!r} to read as an embedding "
-                                 f"stage") from None
+            # the names one level below the last that exists: what could have been meant (typed by hand)
+            parent = name.rpartition(".")[0]
+            try:
+                children = [f"{parent}.{child}" if parent else child for child, _ in
+                            model.get_submodule(parent).named_children()]
+            except AttributeError:
+                parent, children = "", [child for child, _ in model.named_children()]
+            close = difflib.get_close_matches(name, children, n=1)
+            raise EmbeddingError(f"{type(model).__name__} has no submodule {name!r} to read as an embedding stage"
+                                 f"{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                                 f"{'under ' + repr(parent) if parent else 'at its top'}: "
+                                 f"{', '.join(children[:20])}{', ...' if len(children) > 20 else ''}") from None
     for name in names:
         # One module's output once: a repeat or a module inside another stage reads the same pixels twice.
         if names.count(name) > 1 or any(other.startswith(name + ".") for other in names):
