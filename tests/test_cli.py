@@ -226,6 +226,25 @@ def test_predict_and_evaluate_take_quiet(trained_bundle: Path, synthetic_root: P
         assert result.exit_code == 0 and ("scoring" in result.output) is not bool(quiet), result.output
 
 
+def test_evaluate_says_when_copies_of_one_image_carry_two_labels(trained_bundle: Path, synthetic_root: Path,
+                                                                  tmp_path: Path, caplog) -> None:
+    """split and train warned of byte-identical images under two labels; evaluate scored both copies in silence,
+    one against a wrong label."""
+    import shutil
+
+    for kind in ("blast", "monocyte"):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+        for image in sorted((synthetic_root / kind).iterdir())[:3]:
+            shutil.copy(image, tmp_path / "data" / kind / image.name)
+    copied = sorted((synthetic_root / "blast").iterdir())[0]
+    shutil.copy(copied, tmp_path / "data" / "monocyte" / "copy.png")
+    result = invoke("evaluate", "--bundle", trained_bundle, "--data", tmp_path / "data", "--out", tmp_path / "ev",
+                    "--allow-training-data", "--quiet")
+    said = " ".join(caplog.text.split())  # leukoscope's warnings: the terminal's WARNING lines
+    assert result.exit_code == 0 and "1 set(s) of byte-identical images carry different labels" in said, said
+    assert "copy.png (monocyte)" in said
+
+
 def test_predict_explain_notes_flat_maps(trained_bundle: Path, synthetic_root: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from leukoscope.data.duplicates import (DEFAULT_PHASH_DISTANCE, ImageFingerprint, fingerprint_paths,
+from leukoscope.data.duplicates import (DEFAULT_PHASH_DISTANCE, fingerprint_paths,
                                         group_fingerprints)
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.progress import name_some
@@ -153,7 +153,7 @@ def leakage_groups(
     images labelled differently (:func:`warn_of_copies_labelled_otherwise`)."""
     n = len(manifest)
     fingerprints = fingerprint_paths([s.path for s in manifest], progress=progress)
-    warn_of_copies_labelled_otherwise(manifest, fingerprints)
+    warn_of_copies_labelled_otherwise(manifest, [fp.sha256 for fp in fingerprints])
     dup = group_fingerprints(fingerprints, max_distance=max_distance if near_duplicates else -1)
     rows, cols = [], []
     # Link each sample to the first sample of its duplicate group and of its subject.
@@ -175,12 +175,13 @@ def leakage_groups(
 COPIES_NAMED = 3
 
 
-def warn_of_copies_labelled_otherwise(manifest: Manifest, fingerprints: Sequence[ImageFingerprint]) -> None:
-    """Byte-identical images under different labels: one of the labels is wrong (a basophil copied into the
-    eosinophil folder). The split keeps them together, but said nothing of the contradiction."""
+def warn_of_copies_labelled_otherwise(manifest: Manifest, digests: Sequence[str]) -> None:
+    """Byte-identical images (one SHA-256 ``digests`` per sample) under different labels: one of the labels is
+    wrong (a basophil copied into the eosinophil folder). The split keeps them together, but said nothing of the
+    contradiction; an evaluation scored both copies, one against a wrong label."""
     by_digest: dict[str, list[int]] = {}
-    for index, fp in enumerate(fingerprints):
-        by_digest.setdefault(fp.sha256, []).append(index)
+    for index, digest in enumerate(digests):
+        by_digest.setdefault(digest, []).append(index)
     clashes = [members for members in by_digest.values() if len({manifest[i].label for i in members}) > 1]
     if clashes:
         named = [" = ".join(f"{manifest[i].path} ({manifest[i].label})" for i in members) for members in clashes]

@@ -25,10 +25,10 @@ from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest, odd_sizes
-from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap,
+from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap, file_digest,
                                          inherit_training_digests, read_training_digests, write_training_digests)
 from leukoscope.data.readers import read_dataset
-from leukoscope.data.splits import Split, parts_not_asked_for
+from leukoscope.data.splits import Split, parts_not_asked_for, warn_of_copies_labelled_otherwise
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
 from leukoscope.engine.data_prep import PreparedData, as_split, prepare_data
 from leukoscope.engine.learner import Learner, check_learner_config, create_learner
@@ -335,6 +335,8 @@ def evaluate_bundle(
             say(f"note: {escape(line)}")
     manifest = manifest.with_classes(info.classes)  # fails clearly on classes the model does not know
     manifest.targets  # noqa: B018 - a row without a label fails now, not after every image is scored
+    # copies under two labels: one of each pair is scored against a wrong label (split and train say so too)
+    warn_of_copies_labelled_otherwise(manifest, [_digest_or_path(sample.path) for sample in manifest])
     overlap, unknown = training_overlap(info, manifest, directory)
     notes = [f"Bundle {Path(bundle).resolve()} scored on {Path(data).resolve()}"
              + (f" ({subset} part of {split_file})" if split_file else "") + "."]
@@ -390,6 +392,14 @@ def evaluate_bundle(
     )
     write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes)
     return metrics
+
+
+def _digest_or_path(path: Path) -> str:
+    """The file's digest; its path when it cannot be read (decoding then says why, and skips it)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return f"unread:{path}"
 
 
 #: Each scored image's true class, call and probabilities, beside metrics.json: the errors, image by image (not
