@@ -19,8 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from leukoscope.data.duplicates import (DEFAULT_PHASH_DISTANCE, fingerprint_paths,
-                                        group_fingerprints)
+from leukoscope.data.duplicates import DEFAULT_PHASH_DISTANCE, fingerprint_paths, group_fingerprints
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.progress import name_some
 

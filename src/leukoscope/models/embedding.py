@@ -20,7 +20,6 @@ bundle's OOD statistics when it is loaded, by :data:`DEFAULT_STAGES` when they a
 from __future__ import annotations
 
 import difflib
-
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
