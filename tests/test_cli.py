@@ -461,6 +461,24 @@ def test_split_help_says_which_copies_it_keeps_together_and_which_it_misses() ->
     assert "Not caught: cropped or re-framed copies" in said and "cell photographed again" in said
 
 
+def test_no_command_help_shows_a_value_after_a_switch() -> None:
+    """typer's help had shown ``--quiet <bool>`` (and so every switch): a user typing ``--quiet true`` got
+    "unexpected extra argument". Switches take no value, and the help shows none; options with values keep theirs.
+    (typer's own ``--help`` row still shows it: left, every user knows that one.)"""
+    from typer.main import get_command
+
+    group = get_command(app)
+    commands = [(name, command) for name, command in group.commands.items()]
+    commands += [(f"{name} {sub}", c) for name, command in group.commands.items()
+                 for sub, c in getattr(command, "commands", {}).items()]
+    switches = [(name, p.opts[0]) for name, command in commands for p in command.params if getattr(p, "is_flag", False)]
+    assert len(switches) >= 25
+    for name, command in commands:
+        rows = [line for line in invoke(*name.split(), "--help").output.splitlines() if "--help" not in line]
+        assert not [line for line in rows if "<bool>" in line], name  # --help's own row is typer's
+    assert "<path>" in invoke("predict", "--help").output
+
+
 def test_corrupt_image_policy(synthetic_root: Path, tmp_path: Path) -> None:
     import shutil
 

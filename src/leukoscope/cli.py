@@ -46,6 +46,12 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 if TYPE_CHECKING:
     from leukoscope.engine.config import ExperimentConfig
 
+
+def flag(default: bool | None, *names: str, **options: Any) -> Any:
+    """A switch (``--quiet``, ``--class-map/--no-class-map``): typer's option without the ``<bool>`` its help
+    would show beside the name, which reads as a value to type after it (``--quiet true`` is refused)."""
+    return typer.Option(default, *names, metavar="", **options)
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -120,16 +126,16 @@ def _print_version(asked: bool) -> None:
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
-          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print leukoscope's version and exit.")) -> None:
+def _main(verbose: bool = flag(False, "--verbose", "-v", help="Log details."),
+          version: bool = flag(False, "--version", callback=_print_version, is_eager=True,
+                               help="Print leukoscope's version and exit.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 
 @app.command()
 def models(
-    pretrained: bool = typer.Option(False, "--pretrained", help="List the trained models shipped in the package "
-                                    "(use them as pretrained:NAME)."),
+    pretrained: bool = flag(False, "--pretrained", help="List the trained models shipped in the package "
+                            "(use them as pretrained:NAME)."),
     card: Optional[str] = typer.Option(None, "--card", metavar="NAME", help="Print the model card of shipped model "
                                        "NAME."),
 ) -> None:
@@ -423,7 +429,7 @@ def train(
     init: Optional[str] = typer.Option(None, "--init", help="Fine-tune this trained bundle (a folder or "
                                        "pretrained:NAME; same as model.init=...): its architecture and input "
                                        "size, its head when the data has its classes."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train one model (by the config's task, or the model's kind) and write its bundle and report.
 
@@ -441,7 +447,7 @@ def search(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset folder or CSV (same as data.path=...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (same as model.name=...)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Grid search; the chosen run is the best by validation score.
 
@@ -463,9 +469,9 @@ def split(
     out: Path = typer.Option(..., "--out", help="Split JSON to write."),
     ratios: str = typer.Option("0.8,0.1,0.1", help="train,val,test (or train,test)."),
     seed: int = typer.Option(0, help="Seed of the random deal of subject groups to the parts."),
-    near_duplicates: bool = typer.Option(True, help="Group near-identical images by perceptual hash."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (runs and scores "
-                                   "made with the old split no longer match it)."),
+    near_duplicates: bool = flag(True, help="Group near-identical images by perceptual hash."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace an existing --out file (runs and scores "
+                           "made with the old split no longer match it)."),
 ) -> None:
     """Make a stratified, subject-grouped, duplicate-aware split and save it.
 
@@ -562,16 +568,16 @@ def evaluate(
                                        "or `eval-<data>-2`, -3... when it holds an earlier evaluation; for "
                                        "pretrained:NAME `./eval-NAME-<data>`); refused when it holds an evaluation "
                                        "already, unless --overwrite."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the evaluation an existing --out holds "
-                                   "(with --out only: the default folder is never replaced)."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace the evaluation an existing --out holds "
+                           "(with --out only: the default folder is never replaced)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Score only one part of this split."),
     subset: Optional[str] = typer.Option(None, help="Which part of --split-file to score (default: test)."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
     split: Optional[str] = typer.Option(None, "--split", help="Detector bundles: VOC split to score "
                                         "(e.g. Testing, test)."),
-    allow_training_data: bool = typer.Option(False, "--allow-training-data", help="Score images the bundle was "
-                                             "trained or validated on (refused by default: such a score says "
-                                             "nothing about new images)."),
+    allow_training_data: bool = flag(False, "--allow-training-data", help="Score images the bundle was "
+                                     "trained or validated on (refused by default: such a score says "
+                                     "nothing about new images)."),
     backend: str = typer.Option("auto", "--backend", help="What runs the model: auto (the fastest installed "
                                 "backend the bundle has a graph for, else torch), torch, onnxruntime or openvino "
                                 "(a bundle from `leukoscope export`); an exported int8 bundle is scored as int8 "
@@ -581,14 +587,14 @@ def evaluate(
                                               "default: each image's own scale (its red cells), else the images' "
                                               "together. Classifiers frame each cell at it, as predict; detectors "
                                               "see each field brought to their training scale, as analyze."),
-    as_given: bool = typer.Option(False, "--as-given", help="Score each image as it is: a classifier's whole "
-                                  "(crops already cut at its window, e.g. a training set's), a detector's at its "
-                                  "own size."),
-    class_map: bool = typer.Option(True, "--class-map/--no-class-map", help="Classifier bundles: label the data as "
-                                   "the bundle's run did, by the data.class_map it recorded (and leave out the "
-                                   "classes its data.classes left out); --no-class-map scores the labels as "
-                                   "written."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    as_given: bool = flag(False, "--as-given", help="Score each image as it is: a classifier's whole "
+                          "(crops already cut at its window, e.g. a training set's), a detector's at its "
+                          "own size."),
+    class_map: bool = flag(True, "--class-map/--no-class-map", help="Classifier bundles: label the data as "
+                           "the bundle's run did, by the data.class_map it recorded (and leave out the "
+                           "classes its data.classes left out); --no-class-map scores the labels as "
+                           "written."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Score a bundle on a labelled dataset with the same class names (a detector bundle: on a VOC folder).
 
@@ -731,7 +737,7 @@ def calibrate_ood(
                                         "rotations) or 8 (and their mirror images) views, averaged; the temperature "
                                         "is refitted with them (default: the bundle's views, temperature kept)."),
     on_corrupt: str = typer.Option("skip", help="skip or fail on unreadable images."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Fit the out-of-distribution flag of a classifier bundle: 'unlike anything it was trained on'.
 
@@ -790,8 +796,8 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Below this confidence answer 'uncertain' "
                                               "(default: the bundle's)."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Save a Grad-CAM overlay per image here."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file, and the heatmaps an "
-                                   "earlier run left in the --explain folder (refused without it)."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace an existing --out file, and the heatmaps an "
+                           "earlier run left in the --explain folder (refused without it)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     backend: str = typer.Option("auto", "--backend", help="What runs the network: torch, onnxruntime or openvino "
                                 "(a bundle from `leukoscope export`) or auto (the fastest installed one that can "
@@ -802,9 +808,9 @@ def predict(
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Pixel size of the images (micrometres); "
                                               "default: estimated from each image's red cells, else the images' "
                                               "scale together."),
-    as_given: bool = typer.Option(False, "--as-given", help="Classify each image whole, as it is (crops already "
-                                  "cut at the classifier's window, e.g. a training set's)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    as_given: bool = flag(False, "--as-given", help="Classify each image whole, as it is (crops already "
+                          "cut at the classifier's window, e.g. a training set's)."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Classify images; writes probabilities per class, 'uncertain' below the threshold.
 
@@ -920,8 +926,8 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder of the exported bundle (default: "
                                        "`<bundle>-<format>[-int8]` beside it; the bundle's own folder adds the graph "
                                        "to it)."),
-    int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration; a "
-                              "detector's box head: dynamic)."),
+    int8: bool = flag(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration; a "
+                      "detector's box head: dynamic)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Images like those the model will "
                                               "see (a folder, class folders or a CSV manifest; up to 512 are used; a "
                                               "detector: a folder of fields, up to 64) to calibrate --int8 on; not "
@@ -932,10 +938,10 @@ def export(
     split: Optional[str] = typer.Option(None, "--split", help="Detectors: the VOC split of --check (e.g. Testing)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the --check inference."),
-    as_given: bool = typer.Option(False, "--as-given", help="Classifiers: take the --calibration and --check images "
-                                  "whole, as they are (crops already cut at the classifier's window); by default "
-                                  "they are framed as predict frames single-cell images (the bundle's own training "
-                                  "data: as given)."),
+    as_given: bool = flag(False, "--as-given", help="Classifiers: take the --calibration and --check images "
+                          "whole, as they are (crops already cut at the classifier's window); by default "
+                          "they are framed as predict frames single-cell images (the bundle's own training "
+                          "data: as given)."),
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Classifiers: pixel size of the "
                                               "--calibration and --check images (micrometres), to frame them at."),
 ) -> None:
@@ -1050,7 +1056,7 @@ def export(
 def demo(
     out: Path = typer.Option(Path("leukoscope-demo"), "--out", help="Folder for data and run."),
     minutes: float = typer.Option(2.0, help="Training time budget."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Generate synthetic stained cells, train ~2 minutes, evaluate, write the report."""
     if not minutes > 0:  # before the synthetic data are made
@@ -1114,16 +1120,16 @@ def serve(
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector bundle or pretrained:NAME: "
                                             f"enables smear fields (default: the shipped {DEFAULT_DETECTOR}, "
                                             "whatever --bundle)."),
-    no_detector: bool = typer.Option(False, "--no-detector", help="Serve single-cell images only: no smear "
-                                     "fields (no detector is loaded)."),
+    no_detector: bool = flag(False, "--no-detector", help="Serve single-cell images only: no smear "
+                             "fields (no detector is loaded)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database and image store "
                                             "(default ./leukoscope-data, or LEUKOSCOPE_DATA_DIR)."),
     database_url: Optional[str] = typer.Option(None, "--database-url", help="e.g. postgresql+psycopg://u:p@host/db "
                                                "(default: SQLite in the data dir)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (put a TLS proxy in front for a network)."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    migrate: Optional[bool] = typer.Option(None, "--migrate/--no-migrate", help="Apply database migrations at "
-                                           "start-up (default on); --no-migrate refuses an outdated schema."),
+    migrate: Optional[bool] = flag(None, "--migrate/--no-migrate", help="Apply database migrations at "
+                                   "start-up (default on); --no-migrate refuses an outdated schema."),
     forwarded_allow_ips: str = typer.Option("127.0.0.1", help="Proxies trusted for X-Forwarded-Proto/For."),
     workers: int = typer.Option(1, min=1, help="Server processes (each loads the model; log-in and upload limits "
                                 "are counted in the database, for all of them together)."),
@@ -1238,7 +1244,7 @@ USER_DATABASE_HELP = "The service's database URL, as given to serve (default: SQ
 def user_add(
     username: str = typer.Argument(..., help="Log-in name."),
     role: str = typer.Option(..., "--role", help="admin, technician or hematologist."),
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+    password_stdin: bool = flag(False, "--password-stdin", help="Read the password from standard input."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=USER_DATA_DIR_HELP),
     database_url: Optional[str] = typer.Option(None, "--database-url", help=USER_DATABASE_HELP),
 ) -> None:
@@ -1288,9 +1294,9 @@ def segment(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Folder for `<name>_mask.png` files and masks.csv."),
     method: str = typer.Option("lab_kmeans", "--method", help="lab_kmeans (system E) or hsv."),
-    figure: bool = typer.Option(False, "--figure", help="Also save original | mask | segmented side by side."),
-    segmented: bool = typer.Option(False, "--segmented", help="Also save the segmented image (cells on white)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    figure: bool = flag(False, "--figure", help="Also save original | mask | segmented side by side."),
+    segmented: bool = flag(False, "--segmented", help="Also save the segmented image (cells on white)."),
+    quiet: bool = flag(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Segment stained cells: save masks (PNG, 255 = most stained: a white cell's nucleus) and optional figures.
 
@@ -1317,7 +1323,7 @@ def compare(
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models (instead of compare.models; "
                                          "default: the six classical models)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help=SPLIT_FILE_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train several models (CNN and classical) on one split; one table, one figure, one page.
 
@@ -1341,7 +1347,7 @@ def train_detector(
     data: Optional[str] = typer.Option(None, "--data", help="Pascal VOC folder (same as data.path=...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Detector name (same as model.name=...)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help=RESUME_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a cell detector on a Pascal VOC folder (the same as `train` with a detection config)."""
     from leukoscope.tasks import task_named
@@ -1356,7 +1362,7 @@ def mil(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="MIL experiment YAML (task: mil)."),
     data: Optional[str] = typer.Option(None, "--data", help="Labelled fields (same as data.path=...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Cell classifier model (same as model.name=...)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a cell classifier from field labels (multiple-instance learning).
 
@@ -1410,8 +1416,8 @@ def analyze(
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Cell classifier bundle for the "
                                              f"white-cell types, or pretrained:NAME (default: {PREFIX}"
                                              f"{DEFAULT_CLASSIFIER}); 'none' keeps the detector's classes."),
-    no_classifier: bool = typer.Option(False, "--no-classifier", help="Cells keep the detector's classes "
-                                       "(same as --classifier none)."),
+    no_classifier: bool = flag(False, "--no-classifier", help="Cells keep the detector's classes "
+                               "(same as --classifier none)."),
     out: Path = typer.Option(Path("analysis"), "--out", help="Output folder."),
     blast_class: Optional[List[str]] = typer.Option(None, "--blast-class", help="Classifier class counted as "
                                                     "blast (repeatable; default: the classes named exactly, "
@@ -1438,8 +1444,8 @@ def analyze(
     backend: str = typer.Option("auto", "--backend", help="What runs both models: torch, onnxruntime or openvino "
                                 "(bundles from `leukoscope export`) or auto (the fastest installed one a bundle "
                                 "has a graph for, else torch)."),
-    slide: bool = typer.Option(False, "--slide", help="Treat every input file as a whole-slide image (default: "
-                               ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
+    slide: bool = flag(False, "--slide", help="Treat every input file as a whole-slide image (default: "
+                       ".svs/.ndpi/.mrxs..., and .tif/.tiff files with more than one resolution level)."),
     target_cells: int = typer.Option(200, "--target-cells", help="Slides: sample monolayer tiles until this many "
                                      "white cells are counted (200, as in a manual differential)."),
     workers: int = typer.Option(1, "--workers", help="Slides: tiles analysed at once (local threads; with "
@@ -1457,15 +1463,15 @@ def analyze(
                                           "one `ray start` runs here; default: a Ray started for this run)."),
     actors: Optional[int] = typer.Option(None, "--actors", help="--engine ray: analysis actors (default: as "
                                          "many as the nodes can place, each node's CPUs / --threads)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
-                                      "row in the output holds an error (others already there are skipped)."),
+    retry_failed: bool = flag(False, "--retry-failed", help="--engine ray: analyse again the fields whose "
+                              "row in the output holds an error (others already there are skipped)."),
     cells: Optional[Path] = typer.Option(None, "--cells", help="Also write each cell of the fields, cut as the "
                                          "classifier saw it (its window; the box where a field has no scale), to "
                                          "`CELLS/<class>/field-<field>-cell-<n>.png` (uncertain ones in "
                                          "CELLS/uncertain): move the misnamed ones to their class and fine-tune on "
                                          "them (train --init ... --data CELLS). A new folder; local engine, fields "
                                          "(not slides)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Analyse smear fields: detect and classify every white cell, differential count, blast % and flags.
 
