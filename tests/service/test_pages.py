@@ -371,6 +371,30 @@ def test_saving_one_correction_on_the_page_confirms_no_other_cell(service):
     assert 'id="case-status">reviewed' in hema.get(case_url).text
 
 
+def test_the_same_review_sent_twice_is_saved_not_refused(service):
+    """A review form sent twice (a double click, or back and send again) was answered 409 "another review of this
+    case was saved after you opened it, so nothing was saved": the reviewer's own first send had changed the
+    state, and what they sent was saved. The second send changes nothing and is answered as saved; a stale form
+    that would change something is still refused."""
+    from leukoscope.service.tables import CellReview
+
+    tech = service.login("tech")
+    case_url = page_upload(tech, [("a.png", encode(cell_image("blast", 11), "PNG"))],
+                           csrf_of(tech.get("/upload").text)).headers["location"]
+    hema = service.login("hema")
+    page = hema.get(case_url).text
+    (cell_id,) = re.findall(r'name="label_(\d+)"', page)
+    form = {**_page_form(page, **{cell_id: "monocyte"}), "comment": "monocyte, not a blast"}
+    assert hema.post(f"{case_url}/review", data=form, follow_redirects=False).status_code == 303
+    again = hema.post(f"{case_url}/review", data=form, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"].endswith("?saved=1")
+    with service.state.sessions() as db:
+        reviews = db.query(CellReview).count()
+    assert reviews == 1  # nothing written twice
+    changed = hema.post(f"{case_url}/review", data={**form, f"label_{cell_id}": "lymphocyte"})
+    assert changed.status_code == 409 and "nothing was saved" in changed.text
+
+
 def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service):
     """Two hematologists open a case; the first corrects a cell and comments; the second's form, which
     sends every cell's class as their page showed it, must not silently undo that (it did: last save won)."""
@@ -403,7 +427,7 @@ def test_a_review_from_a_page_another_review_has_overtaken_saves_nothing(service
                      re.S)
     # a form without the state is a stale one; a non-ASCII digit in a field name is no cell (it was a 500)
     page = first.get(case_url).text
-    assert first.post(f"{case_url}/review", data={k: v for k, v in _page_form(page).items()
+    assert first.post(f"{case_url}/review", data={k: v for k, v in _page_form(page, **{cell_id: "basophil"}).items()
                                                   if k != "review_state"}).status_code == 409
     odd = first.post(f"{case_url}/review", data={**_page_form(page), "label_\u00b2": "blast"}, follow_redirects=False)
     assert odd.status_code == 303

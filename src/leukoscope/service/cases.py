@@ -667,16 +667,31 @@ def review_state(case: Case) -> str:
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
 
 
+def _review_changes(case: Case, labels: dict[int, str], comment: str | None, confirm_rest: bool) -> bool:
+    """Whether a review would change what is saved: a cell's label, the comment, or (``confirm_rest``) a counted
+    cell not reviewed yet. Unknown cells count as changes (the review goes on to refuse them)."""
+    cells = {cell.id: cell for cell in case.cells}
+    if any(cell_id not in cells or cells[cell_id].reviewed_label != label for cell_id, label in labels.items()):
+        return True
+    if comment is not None and comment != case.review_comment:
+        return True
+    return confirm_rest and any(cell.reviewed_label is None for cell in counted_cells(case))
+
+
 def review_case(db: Session, principal: Principal, case: Case, labels: dict[int, str], comment: str | None,
                 *, confirm_rest: bool = True, expected_state: str | None = None, request=None) -> dict[str, Any]:
     """Set the hematologist's label of each cell in ``labels``; with ``confirm_rest``,
     every other cell keeps (confirms) its predicted class. The case becomes
     ``reviewed`` once every cell has a reviewed label. ``expected_state``: the :func:`review_state` the
     reviewer saw; when another review has been saved since, nothing is saved (409): a form sends every
-    cell's class as its page showed it, and would silently undo the other reviewer's corrections."""
+    cell's class as its page showed it, and would silently undo the other reviewer's corrections. A review
+    that would change nothing saved (the same form sent again) is answered as saved, with nothing changed."""
     principal.require("hematologist")
     check_length(comment, MAX_COMMENT, "review comment", "comment_too_long")
-    if expected_state is not None and expected_state != review_state(case):
+    # A form sent twice (a double click, the browser's back and send again) changes nothing the second time: that
+    # is saved as it stands, not refused as "nothing was saved" (the reviewer's labels are the saved ones).
+    if (expected_state is not None and expected_state != review_state(case)
+            and _review_changes(case, labels, comment, confirm_rest)):
         raise ServiceError(409, "review_conflict", "another review of this case was saved after you opened it, "
                                                    "so nothing was saved: the labels shown now are the ones saved; "
                                                    "review them again")
