@@ -62,6 +62,10 @@ RUN_SCALE_MIN_ESTIMATES = 5
 #: ...of which at least two thirds lie within this factor of their median (the others are left out as
 #: misread; pbc's 14 of 24 sampled fields: quartiles 1.15 apart; two microscopes in like numbers: none lent).
 RUN_SCALE_MAX_SPREAD = 1.3
+#: A stated scale is doubted by fewer agreeing fields than a run's scale is lent on: the doubt is a warning (and no
+#: leukemia flag), not a scale used in its place. Six CBC fields stated at 0.8 um/px (truly about 0.08) had 3
+#: estimates, agreeing within 1.2 times, and went unwarned with 15 of 18 cells called blast.
+STATED_DOUBT_MIN_ESTIMATES = 3
 #: How the CLI's user states a scale, as messages name it; the web service, whose users state it on the upload
 #: form, puts its own words in its place (``leukoscope.service.analysis.in_service_words``).
 SCALE_OPTION = "--um-per-px"
@@ -255,11 +259,13 @@ def stated_run_doubt(paths: Sequence[str | Path], um_per_px: float, *, max_pixel
                      single_cells: bool = False) -> str | None:
     """:func:`stated_scale_doubt` for a run of fields together: the :func:`run_scale` of ``paths`` against
     the stated one, or None when they agree or the run has none. Most CBC fields have too few red cells to
-    doubt a wrong scale alone (a 3.7 times wrong one went unsaid on 2 of 3 fields); a run's median does.
+    doubt a wrong scale alone (a 3.7 times wrong one went unsaid on 2 of 3 fields); a run's median does, on
+    :data:`STATED_DOUBT_MIN_ESTIMATES` agreeing fields (fewer than a lent scale needs).
     ``single_cells``: the paths are single-cell images (`predict`), in the words for them."""
-    if len(paths) < RUN_SCALE_MIN_ESTIMATES:
+    if len(paths) < STATED_DOUBT_MIN_ESTIMATES:
         return None
-    return stated_doubt_of_run(um_per_px, run_scale(paths, max_pixels=max_pixels), single_cells=single_cells)
+    run = run_scale(paths, max_pixels=max_pixels, min_fields=STATED_DOUBT_MIN_ESTIMATES)
+    return stated_doubt_of_run(um_per_px, run, single_cells=single_cells)
 
 
 def stated_doubt_of_run(um_per_px: float, run: FieldScale, *, single_cells: bool = False) -> str | None:
@@ -289,14 +295,15 @@ def run_sample(items: Sequence[T], fields: int = RUN_SCALE_FIELDS) -> list[T]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, min(fields, len(items))).round()] if items else []
 
 
-def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
-              max_pixels: int | None = None, unit: str = "fields") -> FieldScale:
+def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS, max_pixels: int | None = None,
+              unit: str = "fields", min_fields: int = RUN_SCALE_MIN_ESTIMATES) -> FieldScale:
     """The scale of a run of fields from one microscope (a folder): :func:`run_scale_of` the estimates of
     :func:`run_sample` of ``paths``. Smear analysis gives it to a field with too few isolated red cells of
     its own, instead of assuming the detector's training scale: half of pbc's CellaVision images have
     fewer than three, and at the detector's scale their cells were typed right 69% of the time, at the
     run's 84% (docs/benchmarks.md, "The run's scale"). Unreadable files are skipped here (the analysis
-    reports them). ``unit``: what its note calls the files (``images``: single cells, in `predict`)."""
+    reports them). ``unit``: what its note calls the files (``images``: single cells, in `predict`);
+    ``min_fields``: as :func:`run_scale_of`'s."""
     from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
     def estimates() -> Iterator[FieldScale]:
@@ -307,7 +314,7 @@ def run_scale(paths: Sequence[str | Path], *, fields: int = RUN_SCALE_FIELDS,
                 continue
             yield estimate_scale(image)
 
-    return run_scale_of(list(estimates()), unit=unit)
+    return run_scale_of(list(estimates()), unit=unit, min_fields=min_fields)
 
 
 def lent_run_scale(paths: Sequence[str | Path], um_per_px: float | None = None) -> float | None:
@@ -318,12 +325,14 @@ def lent_run_scale(paths: Sequence[str | Path], um_per_px: float | None = None) 
     return run_scale(list(paths)).um_per_px
 
 
-def run_scale_of(estimates: Sequence[FieldScale], *, unit: str = "fields") -> FieldScale:
+def run_scale_of(estimates: Sequence[FieldScale], *, unit: str = "fields",
+                 min_fields: int = RUN_SCALE_MIN_ESTIMATES) -> FieldScale:
     """The run's scale from its sampled fields' own scales (:func:`pooled_scale`), lent only when it is
-    one microscope's: at least ``RUN_SCALE_MIN_ESTIMATES`` fields, and two thirds of those with an
-    estimate, within ``RUN_SCALE_MAX_SPREAD`` of their median; else 'unknown'. The web service gives it the
-    estimates of a case's images (a sample, as :func:`run_sample`), found before it analyses them."""
-    return pooled_scale(estimates, min_fields=RUN_SCALE_MIN_ESTIMATES, max_spread=RUN_SCALE_MAX_SPREAD, unit=unit)
+    one microscope's: at least ``min_fields`` fields (``RUN_SCALE_MIN_ESTIMATES``; a stated scale's check takes
+    ``STATED_DOUBT_MIN_ESTIMATES``), and two thirds of those with an estimate, within ``RUN_SCALE_MAX_SPREAD`` of
+    their median; else 'unknown'. The web service gives it the estimates of a case's images (a sample, as
+    :func:`run_sample`), found before it analyses them."""
+    return pooled_scale(estimates, min_fields=min_fields, max_spread=RUN_SCALE_MAX_SPREAD, unit=unit)
 
 
 def field_scale(image: Image.Image, um_per_px: float | None = None) -> FieldScale:

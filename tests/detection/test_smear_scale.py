@@ -314,11 +314,20 @@ def test_a_folder_at_a_stated_scale_its_red_cells_contradict_raises_no_leukemia_
             "acute_leukemia_flag"]
         field = json.loads((tmp_path / f"{folder.name}-out" / "field0.json").read_text())
         assert doubt in field["warnings"] and not field["differential"]["acute_leukemia_flag"]
-    # too few fields for a run's scale: the fields' own doubts (more than 5 red cells each) are the summary's
-    few = analyzer(0.1).analyze_paths(sorted(rich.iterdir())[:3], tmp_path / "few")
-    assert any(w.startswith("3 of 3 fields (field0.png, field1.png, field2.png) measure another scale on their red "
+    # two fields, too few for the run's check: the fields' own doubts (more than 5 red cells each) are the summary's
+    few = analyzer(0.1).analyze_paths(sorted(rich.iterdir())[:2], tmp_path / "few")
+    assert any(w.startswith("2 of 2 fields (field0.png, field1.png) measure another scale on their red "
                             "cells") for w in few.pooled.warnings)
     assert not few.pooled.acute_leukemia_flag
+    # three fields of too few red cells each to doubt it alone, among others with none: the run's three doubt it
+    # (a run's scale is lent on 5; six CBC fields stated 10 times too coarse, 3 with an estimate, went unwarned)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for seed in range(6):
+        smear_field(20.0, seed=seed, n_red=5 if seed % 2 else 0).save(mixed / f"field{seed}.png")
+    three = analyzer(0.1).analyze_paths(sorted(mixed.iterdir()), tmp_path / "three")
+    (doubt,) = [w for w in three.pooled.warnings if w.startswith("the stated scale, 0.1 um/px, is 3.")]
+    assert ", median of 3 of 6 fields" in doubt and not three.pooled.acute_leukemia_flag
     # control: the right scale stated, the same fields flag leukemia
     right = analyzer(0.375).analyze_paths(sorted(rich.iterdir()), tmp_path / "ok")
     assert right.pooled.warnings == [] and right.pooled.acute_leukemia_flag

@@ -241,9 +241,19 @@ def test_real_fields_at_a_wrong_stated_scale_are_doubted_through_the_service(mak
                                          data={"kind": "smear", "um_per_px": "0.3"})
         assert response.status_code == 201, response.text
         case = response.json()
+        # four fields, three with a scale of their own: fewer than a case's scale is lent on, enough to doubt
+        # a stated one (0.8 um/px went unwarned on such a case and called 3 cells blast)
+        known = [path for path in files if field_scale(load_image(path)).known]
+        few = [*known[:3], next(path for path in files if path not in known)]
+        parts = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path in few]
+        small = service.client().post("/api/v1/cases", headers=service.auth("tech"), files=parts,
+                                      data={"kind": "smear", "um_per_px": "0.8"})
+        assert small.status_code == 201, small.text
     finally:
         shipped.close()
     assert all(image["scale"]["um_per_px"] == 0.3 for image in case["images"])
     (doubt,) = [w for w in case["differential"]["warnings"] if w.startswith("the stated scale")]
     assert "0.3 um/px, is 3." in doubt and "times coarser than the run's red cells measure" in doubt
     assert not case["differential"]["acute_leukemia_flag"]
+    (doubt,) = [w for w in small.json()["differential"]["warnings"] if w.startswith("the stated scale")]
+    assert "0.8 um/px, is " in doubt and "median of 3 of 4 fields" in doubt

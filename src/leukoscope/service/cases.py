@@ -35,8 +35,8 @@ from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeErr
                            too_many_pixels)
 from leukoscope.labels import DISCLAIMER, case_clashes, is_folder_name
 from leukoscope.progress import name_some
-from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, FieldScale, checked_um_per_px, field_scale, run_sample,
-                              run_scale_of, stated_doubt_of_run)
+from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, STATED_DOUBT_MIN_ESTIMATES, FieldScale, checked_um_per_px,
+                              field_scale, run_sample, run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
 from leukoscope.service.analysis import SCALE_FIELD, ImageOutcome, differential, in_service_words
 from leukoscope.service.auth import Principal, audit, too_many
@@ -359,10 +359,12 @@ async def create_case(state: "ServiceState", principal: Principal, kind: str, up
         repeats = repeated_positions(uploads)
         distinct = [upload for index, upload in enumerate(uploads) if index not in repeats]
         run = None
-        if len(distinct) >= RUN_SCALE_MIN_ESTIMATES and (stated is not None or state.analyzer.borrows_case_scale(kind)):
+        # (a stated scale is checked on fewer agreeing images than a case's scale is lent on: it is only doubted)
+        needed = STATED_DOUBT_MIN_ESTIMATES if stated is not None else RUN_SCALE_MIN_ESTIMATES
+        if len(distinct) >= needed and (stated is not None or state.analyzer.borrows_case_scale(kind)):
             scales = [await run_in_threadpool(upload_scale, upload, settings.max_pixels)
                       for upload in run_sample(distinct)]
-            run = run_scale_of(scales, unit="images" if kind == "cell" else "fields")
+            run = run_scale_of(scales, unit="images" if kind == "cell" else "fields", min_fields=needed)
         lent = run.um_per_px if run is not None and run.known and stated is None else None
         # One file at a time: a request holds one decoded image, not all of them (issue 13).
         prepared: list[PreparedImage] = []
