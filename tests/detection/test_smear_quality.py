@@ -281,6 +281,33 @@ def test_a_folder_run_writes_each_cell_by_class_for_a_lab_to_sort(tmp_path: Path
         check_cell_folders(["Blast", "blast"])
 
 
+def test_cells_cut_from_fields_name_them_and_a_model_fine_tuned_on_them_says_it_learned_them(tmp_path: Path) -> None:
+    """A lab fine-tuned on the cells of six fields (`analyze --cells`, or the service's export) and analysed the same
+    fields again with the new classifier: right on every cell, and no note that it had learned from them (the bundle
+    recorded the crops, not the fields). Each cut cell now carries its field's digest; training records it."""
+    from leukoscope.data.fingerprints import file_digest, learned_among, source_digest_of
+    from leukoscope.engine.config import load_config
+    from leukoscope.tasks.classify import run_experiment
+
+    fields = []
+    for name, colour in (("a", (230, 210, 220)), ("b", (200, 190, 230))):
+        fields.append(tmp_path / f"{name}.png")
+        Image.new("RGB", (640, 480), colour).save(fields[-1])
+    cells = tmp_path / "cells"
+    for field, label in zip(fields, BLAST_OR_LYMPHOCYTE):  # one class per field
+        SmearAnalyzer(FixedDetector(grid_boxes(4), metrics=VERIFIED), constant_classifier(BLAST_OR_LYMPHOCYTE, label)
+                      ).analyze_paths([field], tmp_path / f"out-{field.stem}", cells_dir=cells)
+    cut = sorted(cells.rglob("*.png"))
+    assert len(cut) == 8 and {source_digest_of(p) for p in cut} == {file_digest(f) for f in fields}
+    assert np.asarray(Image.open(cut[0])).shape[-1] == 3 and source_digest_of(fields[0]) is None
+    config = load_config(overrides=[f"data.path={cells}", "model.name=naive_bayes", "model.image_size=32",
+                                    f"output_root={tmp_path / 'runs'}", "data.near_duplicates=false",
+                                    "data.ratios=[1.0, 0.0, 0.0]"])
+    bundle = run_experiment(config, show_progress=False).bundle_dir
+    found, checked = learned_among({"classifier": bundle}, fields)
+    assert checked == 2 and found == {"classifier": {"train sources": 2}}
+
+
 def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
                                     tmp_path: Path) -> None:
     from leukoscope.cli import app

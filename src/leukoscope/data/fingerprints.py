@@ -9,12 +9,19 @@ data). So a bundle records the SHA-256 of each training and validation image, or
 source image its crops were cut from (``bench/zoo.py``), and evaluate compares contents: of the file,
 and of its decoded pixels, so that a copy saved again (the service's reviewed-labels export re-encodes
 every cell; another format, metadata stripped) is known too.
+
+A cell this program cuts from a field (`analyze --cells`, the service's reviewed-labels export) carries its
+field's digest in a PNG text chunk (:func:`with_source_digest`): a model fine-tuned on such cells records
+the fields too, and `analyze` of those fields says that its classifier learned from them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import struct
+import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -48,6 +55,48 @@ def pixel_digest(path: str | Path) -> str | None:
     digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()[:DIGEST_CHARS]
+
+
+#: The PNG text keyword under which a cut cell carries the file digest of the field it was cut from.
+SOURCE_KEY = "leukoscope source"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
+
+
+def with_source_digest(png: bytes, digest: str) -> bytes:
+    """``png`` with a ``tEXt`` chunk naming its source field's ``digest`` (:func:`file_digest`), put right after
+    the header so that reading it decodes no pixels; the pixels and every other chunk are left as they are."""
+    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR" or not _DIGEST.fullmatch(digest):
+        raise ValueError("with_source_digest takes PNG bytes and a 16-hex-character digest")
+    end_of_header = 8 + 12 + struct.unpack(">I", png[8:12])[0]
+    body = b"tEXt" + SOURCE_KEY.encode("latin-1") + b"\0" + digest.encode("ascii")
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:end_of_header] + chunk + png[end_of_header:]
+
+
+def source_digest_of(path: str | Path) -> str | None:
+    """The source field's digest a cut cell carries (:func:`with_source_digest`); None for any other file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            value = getattr(image, "text", {}).get(SOURCE_KEY) if image.format == "PNG" else None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return None
+    return value if isinstance(value, str) and _DIGEST.fullmatch(value) else None
+
+
+def record_crop_sources(bundle_dir: str | Path, parts: Mapping[str, Iterable[str | Path]]) -> dict[str, int]:
+    """Add to ``bundle_dir``'s records the source fields that each part's cut cells name
+    (:func:`source_digest_of`), beside any recorded already; how many fields per part (none: nothing written)."""
+    found = {part: {digest for path in paths if (digest := source_digest_of(path))} for part, paths in parts.items()}
+    found = {part: digests for part, digests in found.items() if digests}
+    if found:
+        records = read_training_digests(bundle_dir) or {}
+        for part, digests in found.items():
+            records.setdefault(OF_CROP_SOURCES, {}).setdefault(part, set()).update(digests)
+        _save_records(bundle_dir, records)
+    return {part: len(digests) for part, digests in found.items()}
 
 
 #: What a record's digests are of: the images trained on, or the images the training crops were cut from.

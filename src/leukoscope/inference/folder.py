@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from leukoscope.data.fingerprints import file_digest
 from leukoscope.inference.smear_output import SUMMARY_STEM, FolderSummary, unique_stem, write_cells, write_field
 from leukoscope.inference.smear_result import SmearResult
 from leukoscope.io import ImageDecodeError, load_image
@@ -131,7 +132,9 @@ def _write(analyzer: "SmearAnalyzer", result: SmearResult, out_dir: Path, stem: 
            cells_dir: str | Path | None) -> None:
     write_field(result, out_dir, stem, image)
     if cells_dir is not None and image is not None and result.cells:
-        write_cells(result, analyzer.cell_crops(image, result), cells_dir, stem)
+        source = Path(result.source)
+        write_cells(result, analyzer.cell_crops(image, result), cells_dir, stem,
+                    file_digest(source) if source.is_file() else None)
 
 
 def _lent(analyzer: "SmearAnalyzer", run_um_per_px: float | None) -> float | None:

@@ -100,20 +100,26 @@ def check_cell_folders(classes: Sequence[str]) -> None:
                          f"system: --cells cannot write them by class")
 
 
-def write_cells(result: SmearResult, crops: Sequence[Image.Image], cells_dir: str | Path, stem: str) -> list[Path]:
+def write_cells(result: SmearResult, crops: Sequence[Image.Image], cells_dir: str | Path, stem: str,
+                source_digest: str | None = None) -> list[Path]:
     """Each cell of a field, cut as the classifier saw it (``crops``: :meth:`SmearAnalyzer.cell_crops`: its window
     around the cell, or the detector's box with a margin where the field has no scale or there is no
     classifier), as ``cells_dir/<its class>/field-<stem>-cell-<n>.png`` (cells below the confidence threshold in
     ``uncertain/``, to be sorted by eye: training refuses a class of that name; classes checked by
     :func:`check_cell_folders`). A lab moves the misnamed ones to their right folder and fine-tunes on them
     (``train --init ... --data cells_dir``; the reader takes the field as the cells' subject, so a field's cells
-    stay on one side of a split)."""
+    stay on one side of a split). ``source_digest``: the field file's (:func:`leukoscope.data.fingerprints.file_digest`),
+    carried by each cell (:func:`~leukoscope.data.fingerprints.with_source_digest`): a model fine-tuned on them records
+    the field, and `analyze` of it says the classifier learned from it."""
+    from leukoscope.data.fingerprints import with_source_digest
+
     written = []
     for cell, crop in zip(result.cells, crops):
         folder = Path(cells_dir) / cell.label
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"field-{stem}-cell-{cell.cell_id}.png"
-        path.write_bytes(encode_png(crop))
+        png = encode_png(crop)
+        path.write_bytes(with_source_digest(png, source_digest) if source_digest else png)
         written.append(path)
     return written
 

@@ -26,7 +26,8 @@ from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
 from leukoscope.data.dataset import decode_manifest, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap, file_digest,
-                                         inherit_training_digests, read_training_digests, write_training_digests)
+                                         inherit_training_digests, read_training_digests, record_crop_sources,
+                                         write_training_digests)
 from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, parts_not_asked_for, warn_of_copies_labelled_otherwise
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
@@ -146,6 +147,8 @@ def run_experiment(
         )
         learned = prepared.split.assignments  # as read for this run (a shared split file is moved to the data)
         write_training_digests(bundle_dir, {part: [s.path for s in learned.get(part, [])] for part in LEARNED_PARTS})
+        # cells cut by `analyze --cells` or the service's export name their fields: `analyze` of those fields says so
+        record_crop_sources(bundle_dir, {part: [s.path for s in learned.get(part, [])] for part in LEARNED_PARTS})
         if config.model.init:  # what the starting bundle learned from is this one's training data too
             inherit_training_digests(bundle_dir, resolve_bundle(config.model.init))
         finish_run(run_dir, keep_checkpoint=config.train.keep_checkpoint)
