@@ -12,6 +12,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -428,6 +429,52 @@ def test_a_case_stored_with_a_repeated_files_cells_counts_and_exports_them_once(
     with zipfile.ZipFile(io.BytesIO(client.get("/api/v1/export?layout=csv", headers=hema).content)) as archive:
         rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
     assert [int(row["cell"]) for row in rows] == [seen["cells"][0]["id"]]
+
+
+def test_a_file_uploaded_in_two_cases_is_exported_once_and_a_label_conflict_named(service, tmp_path):
+    """The same file re-uploaded in a second case (which says so) had its reviewed cell exported twice, and when
+    the two reviews disagreed `train` warned of byte-identical images under two labels. The export keeps the
+    earliest case's copy, counts the other as left out, and NOTES.txt (and the page) name any disagreement."""
+    client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+    same = encode(cell_image("blast", 1), "PNG")
+    first = upload(client, tech, ("a.png", same), ("b.png", encode(cell_image("monocyte", 2), "PNG"))).json()
+    again = upload(client, tech, ("a-again.png", same)).json()
+    assert again["images"][0]["earlier_uploads"]["cases"] == [first["id"]]
+    a, b = (cell["id"] for cell in first["cells"])
+    (copy,) = (cell["id"] for cell in again["cells"])
+    for case, labels in ((first, {str(a): "blast", str(b): "monocyte"}), (again, {str(copy): "lymphocyte"})):
+        assert client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                           json={"labels": labels}).json()["status"] == "reviewed"
+
+    def exported(layout: str = "csv") -> tuple[Any, list[dict[str, str]], str]:
+        response = client.get(f"/api/v1/export?layout={layout}", headers=hema)
+        assert response.status_code == 200, response.text
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            rows = list(csv.DictReader(io.StringIO(archive.read("manifest.csv").decode())))
+            notes = archive.read("NOTES.txt").decode() if "NOTES.txt" in archive.namelist() else ""
+        return response, rows, notes
+
+    response, rows, notes = exported()
+    assert sorted(int(row["cell"]) for row in rows) == sorted([a, b])  # the earliest case's copy only
+    assert response.headers["x-leukoscope-left-out"] == "1"
+    assert response.headers["x-leukoscope-label-conflicts"] == "1"
+    assert "1 reviewed cell(s) were left out as copies" in notes
+    assert f"case {again['id']} cell {copy} (number 1 on its case page), a copy of case {first['id']} cell {a}" in notes
+    (conflict,) = [line for line in notes.splitlines() if line.startswith("- a.png")]
+    assert f"case {first['id']} cell {a}" in conflict and "'blast'" in conflict
+    assert f"case {again['id']} cell {copy}" in conflict and "'lymphocyte'" in conflict
+    page = html.unescape(" ".join(service.login("hema").get("/export").text.split()))
+    assert 'id="export-copies"' in page and 'id="export-conflicts"' in page and "“lymphocyte”" in page
+    # once the lab gives the cell one label, no conflict is left: the copy is still left out, and said so
+    client.post(f"/api/v1/cases/{again['id']}/review", headers=hema, json={"labels": {str(copy): "blast"}})
+    response, rows, notes = exported()
+    assert response.headers["x-leukoscope-left-out"] == "1"
+    assert response.headers["x-leukoscope-label-conflicts"] == "0"
+    assert "LABEL CONFLICTS" not in notes and "left out as copies" in notes
+    folders = client.get("/api/v1/export?layout=folders", headers=hema)
+    with zipfile.ZipFile(io.BytesIO(folders.content)) as archive:
+        archive.extractall(tmp_path / "folders")
+    assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == ["blast", "monocyte"]
 
 
 def test_audit_log_records_views_and_changes(service):

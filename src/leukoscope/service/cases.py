@@ -755,11 +755,29 @@ UNFRAMED_REASON = ("their single-cell image had no scale (none stated, too few r
 
 @dataclass
 class Export:
-    """A written export: the ZIP's path, the cells in it, and the reviewed cells left out (:func:`unframed`)."""
+    """A written export: the ZIP's path, the cells in it, the reviewed cells left out (:func:`unframed`, and the
+    copies of :func:`one_copy_each`) and how many cells' copies were reviewed with different labels."""
 
     path: str
     cells: int
     left_out: int
+    conflicts: int = 0
+
+
+@dataclass
+class ExportSelection:
+    """What an export holds and what it leaves out, and why (:func:`exportable_cells`)."""
+
+    cells: list[Cell]
+    unframed: list[Cell] = field(default_factory=list)
+    copies: list[tuple[Cell, Cell]] = field(default_factory=list)
+    """(a cell left out, the exported cell it is a copy of)."""
+    conflicts: list[list[Cell]] = field(default_factory=list)
+    """The copies of one cell, the exported one first, where their reviewed labels differ."""
+
+    @property
+    def left_out(self) -> list[Cell]:
+        return self.unframed + [copy for copy, _kept in self.copies]
 
 
 def unframed(cell: Cell) -> bool:
@@ -772,9 +790,31 @@ def unframed(cell: Cell) -> bool:
     return scale is not None and not scale.get("um_per_px")
 
 
-def exportable_cells(db: Session) -> tuple[list[Cell], list[Cell]]:
-    """The reviewed cells of an export (not excluded, not a repeated file's copy), and those left out of it
-    because they were classified unframed (:func:`unframed`)."""
+def cell_identity(cell: Cell) -> tuple[str, tuple[int, ...] | None]:
+    """One cell whichever case holds it: its image file's SHA-256 (as :func:`earlier_uploads` finds a file sent
+    again) and its box in that image (None: a single-cell image, the whole image is the cell)."""
+    return cell.image.sha256, tuple(cell.box) if cell.box else None
+
+
+def one_copy_each(cells: Sequence[Cell]) -> tuple[list[Cell], list[tuple[Cell, Cell]], list[list[Cell]]]:
+    """A file uploaded in several cases has its cells reviewed in each: the export keeps each cell once, the
+    copy of the earliest case (by upload time) that holds it reviewed, so that a later upload of the file does
+    not change what an export holds. Returns the kept cells (in ``cells``' order), the copies left out (each with
+    the cell kept) and the copies whose labels differ (the kept one first): ``train`` on both had warned that
+    "byte-identical images carry different labels" and learned from both."""
+    groups: dict[tuple[str, tuple[int, ...] | None], list[Cell]] = {}
+    for cell in sorted(cells, key=lambda cell: (cell.case.created_at, cell.case_id, cell.position)):
+        groups.setdefault(cell_identity(cell), []).append(cell)
+    copies = [(copy, group[0]) for group in groups.values() for copy in group[1:]]
+    conflicts = [group for group in groups.values() if len({cell.reviewed_label for cell in group}) > 1]
+    left_out = {copy.id for copy, _kept in copies}
+    return [cell for cell in cells if cell.id not in left_out], copies, conflicts
+
+
+def exportable_cells(db: Session) -> ExportSelection:
+    """The reviewed cells of an export (not excluded, not a repeated file's copy in its case, each cell of a file
+    uploaded in several cases once: :func:`one_copy_each`), and those left out because they were classified
+    unframed (:func:`unframed`) or are another case's copy."""
     reviewed = and_(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
     cells = db.scalars(
         select(Cell).where(reviewed).options(selectinload(Cell.image), selectinload(Cell.case))
@@ -786,7 +826,9 @@ def exportable_cells(db: Session) -> tuple[list[Cell], list[Cell]]:
         images.setdefault(image.case_id, []).append(image)
     repeats = {image_id for case_images in images.values() for image_id in repeated_images(case_images)}
     cells = [cell for cell in cells if cell.image_id not in repeats]
-    return [cell for cell in cells if not unframed(cell)], [cell for cell in cells if unframed(cell)]
+    # Unframed cells first: a framed copy of one in another case (sent again with its scale) is then exported.
+    framed, copies, conflicts = one_copy_each([cell for cell in cells if not unframed(cell)])
+    return ExportSelection(framed, [cell for cell in cells if unframed(cell)], copies, conflicts)
 
 
 def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
@@ -795,16 +837,18 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
     ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
     so that a split keeps the cells of one case together. Cells classified whole for want of a scale are left
-    out (:func:`unframed`), and ``NOTES.txt`` in the ZIP says how many and why. ``workdir``: where
+    out (:func:`unframed`), and so are the copies of a cell whose file was uploaded in several cases (one kept:
+    :func:`one_copy_each`); ``NOTES.txt`` in the ZIP says how many and why, and names the copies whose labels
+    differ. ``workdir``: where
     the ZIP is written (the store's private ``tmp``, whose leftover ``*.part`` files the start-up clean-up
     removes); it is deleted here if the export fails, and by the caller once sent or if its commit fails."""
     principal.require("hematologist")
     if layout not in EXPORT_LAYOUTS:
         raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
-    cells, left_out = exportable_cells(db)
+    selection = exportable_cells(db)
     handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
     try:
-        rows = _write_export(handle, cells, read_object, layout, left_out)
+        rows = _write_export(handle, selection.cells, read_object, layout, selection)
     except BaseException:
         handle.close()
         os.unlink(handle.name)
@@ -812,17 +856,43 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     handle.close()
     audit(db, principal.user, "dataset.export", request=request,
           detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows}),
-                  "left_out_unframed": len(left_out)})
-    return Export(handle.name, len(rows), len(left_out))
+                  "left_out_unframed": len(selection.unframed), "left_out_copies": len(selection.copies),
+                  "label_conflicts": len(selection.conflicts)})
+    return Export(handle.name, len(rows), len(selection.left_out), len(selection.conflicts))
 
 
-def export_notes(left_out: Sequence[Cell]) -> str:
-    """NOTES.txt of an export that left cells out ("" when it left none)."""
-    if not left_out:
-        return ""
-    cases = sorted({cell.case_id for cell in left_out})
-    return (f"{len(left_out)} reviewed cell(s) of {len(cases)} case(s) were left out of this export: "
-            f"{UNFRAMED_REASON}.\nCases: {', '.join(cases)}\n")
+#: Why a copy of a cell is left out (the export page and NOTES.txt say it).
+COPY_REASON = ("the same image file (same content) was uploaded in more than one case, and each of its cells is "
+               "exported once, from the earliest case holding it reviewed")
+
+
+def cell_words(cell: Cell) -> str:
+    """A cell as a lab finds it again: its case, its id (the export's file names) and number on the case page."""
+    return f"case {cell.case_id} cell {cell.id} (number {cell.position + 1} on its case page)"
+
+
+def export_notes(selection: ExportSelection) -> str:
+    """NOTES.txt of an export that left cells out or holds cells reviewed differently in two cases ("" when
+    neither)."""
+    parts = []
+    if selection.unframed:
+        cases = sorted({cell.case_id for cell in selection.unframed})
+        parts.append(f"{len(selection.unframed)} reviewed cell(s) of {len(cases)} case(s) were left out of this "
+                     f"export: {UNFRAMED_REASON}.\nCases: {', '.join(cases)}\n")
+    if selection.copies:
+        lines = [f"- {cell_words(copy)}, a copy of {cell_words(kept)}\n" for copy, kept in selection.copies]
+        parts.append(f"{len(selection.copies)} reviewed cell(s) were left out as copies: {COPY_REASON}.\n"
+                     + "".join(lines))
+    if selection.conflicts:
+        lines = []
+        for group in selection.conflicts:
+            where = f"{group[0].image.original_name}" + (f", box {group[0].box}" if group[0].box else "")
+            said = "; ".join(f"{cell_words(cell)}: {cell.reviewed_label!r}" for cell in group)
+            lines.append(f"- {where}: {said}; exported as {group[0].reviewed_label!r}\n")
+        parts.append(f"LABEL CONFLICTS: {len(selection.conflicts)} cell(s) were reviewed with different labels in "
+                     "the cases holding their image file; the export holds the earliest case's label. Review "
+                     "them again to give them one label.\n" + "".join(lines))
+    return "\n".join(parts)
 
 
 #: Characters a folder name cannot hold on some file system a lab unpacks the export on (Windows' set).
@@ -841,7 +911,7 @@ def check_export_folders(labels: set[str]) -> None:
 
 
 def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
-                  layout: str, left_out: Sequence[Cell] = ()) -> list[dict[str, Any]]:
+                  layout: str, selection: ExportSelection | None = None) -> list[dict[str, Any]]:
     rows = []
     if layout == "folders":
         check_export_folders({cell.reviewed_label or "" for cell in cells})
@@ -862,6 +932,7 @@ def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str
             writer.writeheader()
             writer.writerows(rows)
             archive.writestr("manifest.csv", text.getvalue())
-        if left_out:  # a text file at the top: `leukoscope train --data` reads images only
-            archive.writestr("NOTES.txt", export_notes(left_out))
+        notes = export_notes(selection) if selection is not None else ""
+        if notes:  # a text file at the top: `leukoscope train --data` reads images only
+            archive.writestr("NOTES.txt", notes)
     return rows

@@ -304,8 +304,10 @@ def cell_file(request: Request, case_id: str, cell_id: RowId, variant: Literal["
             responses={200: {"content": {"application/zip": {}}}})
 def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> FileResponse:
     """Reviewed cells as a training dataset (ZIP): class folders, or images + manifest.csv. A cell whose
-    single-cell image had no scale (classified whole, not framed at the classifier's window) is left out: the
-    ``X-Leukoscope-Left-Out`` header counts them, and the ZIP's ``NOTES.txt`` names their cases."""
+    single-cell image had no scale (classified whole, not framed at the classifier's window) is left out, and so
+    is every copy but one of a cell whose image file was uploaded in several cases: the ``X-Leukoscope-Left-Out``
+    header counts them, ``X-Leukoscope-Label-Conflicts`` the cells whose copies were reviewed with different
+    labels, and the ZIP's ``NOTES.txt`` names them."""
     state = state_of(request)
     path = None
     try:
@@ -318,10 +320,11 @@ def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> F
         if path is not None:
             os.unlink(path)
         raise
-    # how many reviewed cells were left out, classified unframed (the ZIP's NOTES.txt says why)
+    # how many reviewed cells were left out (unframed, or another case's copy) and how many copies disagree
     return FileResponse(path, media_type="application/zip", filename=f"leukoscope-reviewed-{layout}.zip",
                         background=BackgroundTask(os.unlink, path),
-                        headers={"X-Leukoscope-Left-Out": str(made.left_out)})
+                        headers={"X-Leukoscope-Left-Out": str(made.left_out),
+                                 "X-Leukoscope-Label-Conflicts": str(made.conflicts)})
 
 
 # ------------------------------------------------------------------ admin

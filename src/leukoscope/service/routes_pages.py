@@ -372,10 +372,12 @@ def export_page(request: Request):
         principal = page_principal(db, request)
         principal.require("hematologist")
         # what the ZIP will hold: not the excluded cells, a repeated file's copies or the unframed cells
-        cells, left_out = ops.exportable_cells(db)
-        rows = sorted(Counter(cell.reviewed_label for cell in cells).items())
-        return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(left_out),
-                      left_out_cases=sorted({cell.case_id for cell in left_out}), unframed_reason=ops.UNFRAMED_REASON)
+        selection = ops.exportable_cells(db)
+        rows = sorted(Counter(cell.reviewed_label for cell in selection.cells).items())
+        unframed = selection.unframed
+        return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(unframed),
+                      left_out_cases=sorted({cell.case_id for cell in unframed}), unframed_reason=ops.UNFRAMED_REASON,
+                      copies=selection.copies, copy_reason=ops.COPY_REASON, conflicts=selection.conflicts)
 
 
 @router.post("/export/dataset.zip")
