@@ -20,7 +20,7 @@ from PIL import Image
 
 from leukoscope.data.readers import read_dataset
 from leukoscope.inference.drawing import enlargement
-from tests.service.helpers import cell_image, encode, smear_field
+from tests.service.helpers import cell_image, csrf_of, encode, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -475,6 +475,28 @@ def test_a_file_uploaded_in_two_cases_is_exported_once_and_a_label_conflict_name
     with zipfile.ZipFile(io.BytesIO(folders.content)) as archive:
         archive.extractall(tmp_path / "folders")
     assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == ["blast", "monocyte"]
+
+
+def test_an_export_with_no_reviewed_cell_is_refused_saying_why(service):
+    """With nothing reviewed, the export answered 200 with an empty ZIP (no NOTES.txt, no word) and the page
+    offered it: now 409 `nothing_to_export` says to review a case first, and the page says so instead."""
+    client, tech, hema = service.client(), service.auth("tech"), service.auth("hema")
+    case = upload(client, tech, ("a.png", encode(cell_image("blast", 1), "PNG"))).json()  # not reviewed yet
+    for layout in ("folders", "csv"):
+        refused = client.get(f"/api/v1/export?layout={layout}", headers=hema)
+        assert refused.status_code == 409, refused.status_code
+        assert refused.json()["error"] == {"code": "nothing_to_export",
+                                           "message": "no reviewed cells yet: review a case first"}
+    browser = service.login("hema")
+    page = browser.get("/export").text
+    assert "No reviewed cells yet: review a case first." in page and 'id="export-folders"' not in page
+    posted = browser.post("/export/dataset.zip", data={"layout": "csv", "csrf_token": csrf_of(page)})
+    assert posted.status_code == 409 and "no reviewed cells yet: review a case first" in posted.text
+    assert list(service.state.store.tmp.iterdir()) == []
+    # an excluded cell is no training image either
+    client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
+                json={"labels": {str(case["cells"][0]["id"]): "excluded"}})
+    assert client.get("/api/v1/export", headers=hema).json()["error"]["code"] == "nothing_to_export"
 
 
 def test_audit_log_records_views_and_changes(service):

@@ -437,6 +437,9 @@ def test_audit_records_throttling_denials_and_comment_text(make_service):
 
 
 def test_export_is_a_post_with_a_csrf_token(service):
+    case = upload(service.client(), service.auth("tech"), ("a.png", encode(cell_image(), "PNG"))).json()
+    service.client().post(f"/api/v1/cases/{case['id']}/review", headers=service.auth("hema"),
+                          json={"labels": {str(case["cells"][0]["id"]): "monocyte"}})  # something to export
     hema = service.login("hema")
     page = hema.get("/export")
     assert hema.get("/export/dataset.zip?layout=folders").status_code == 405

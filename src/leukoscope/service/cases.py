@@ -846,6 +846,8 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
     if layout not in EXPORT_LAYOUTS:
         raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
     selection = exportable_cells(db)
+    if not selection.cells:  # an empty ZIP said nothing: refused, saying why
+        raise ServiceError(409, "nothing_to_export", nothing_to_export(selection))
     handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
     try:
         rows = _write_export(handle, selection.cells, read_object, layout, selection)
@@ -859,6 +861,15 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
                   "left_out_unframed": len(selection.unframed), "left_out_copies": len(selection.copies),
                   "label_conflicts": len(selection.conflicts)})
     return Export(handle.name, len(rows), len(selection.left_out), len(selection.conflicts))
+
+
+def nothing_to_export(selection: ExportSelection) -> str:
+    """Why an export holds no cell (the API's 409 and the export page say it)."""
+    left_out = len(selection.left_out)
+    if not left_out:
+        return "no reviewed cells yet: review a case first"
+    return (f"no reviewed cell to export: the {left_out} reviewed cell{'' if left_out == 1 else 's'} not excluded "
+            f"{'is' if left_out == 1 else 'are'} left out (the export page says why)")
 
 
 #: Why a copy of a cell is left out (the export page and NOTES.txt say it).

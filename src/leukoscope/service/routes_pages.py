@@ -377,7 +377,8 @@ def export_page(request: Request):
         unframed = selection.unframed
         return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(unframed),
                       left_out_cases=sorted({cell.case_id for cell in unframed}), unframed_reason=ops.UNFRAMED_REASON,
-                      copies=selection.copies, copy_reason=ops.COPY_REASON, conflicts=selection.conflicts)
+                      copies=selection.copies, copy_reason=ops.COPY_REASON, conflicts=selection.conflicts,
+                      nothing=ops.nothing_to_export(selection) if not selection.cells else "")
 
 
 @router.post("/export/dataset.zip")
