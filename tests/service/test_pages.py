@@ -9,7 +9,7 @@ import re
 import pytest
 
 from leukoscope.service.auth import SESSION_COOKIE
-from tests.service.helpers import PASSWORD, cell_image, csrf_of, encode, review_state_of, smear_field
+from tests.service.helpers import PASSWORD, FakeSmear, cell_image, csrf_of, encode, review_state_of, smear_field
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -298,6 +298,26 @@ def test_smear_pages(make_service, smear_analyzer):
     assert re.search(r"95% Wilson interval \d+\.\d–\d+\.\d%", page)
     annotated_url = re.search(r'src="(/api/v1/cases/[^"]+/annotated)"', page).group(1)
     assert tech.get(annotated_url).headers["content-type"] == "image/png"
+
+
+def test_a_field_with_one_detected_cell_says_cell(make_service, analyzer):
+    """The case page said "1 detected cells"."""
+    from leukoscope.service.analysis import Analyzer
+
+    one = FakeSmear()
+    one.boxes = one.boxes[:1]
+    shared = Analyzer(analyzer.base, smear=one, threads=1, name="abas_cnn + fake detector of one cell")
+    try:
+        service = make_service(analyzer_override=shared)
+        service.add_user("tech", "technician")
+        tech = service.login("tech")
+        upload = tech.get("/upload")
+        response = page_upload(tech, [("field.png", encode(smear_field()[0], "PNG"))], csrf_of(upload.text),
+                               kind="smear")
+        page = " ".join(tech.get(response.headers["location"]).text.split())
+    finally:
+        shared.close()
+    assert "<h3>1 detected cell</h3>" in page and "1 detected cells" not in page
 
 
 def test_an_upload_from_another_sites_page_is_refused_before_its_body_is_read(make_service):
