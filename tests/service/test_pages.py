@@ -300,6 +300,19 @@ def test_smear_pages(make_service, smear_analyzer):
     assert tech.get(annotated_url).headers["content-type"] == "image/png"
 
 
+def test_a_page_refused_for_the_role_says_so_and_offers_no_log_in(service):
+    """A technician opening /export saw "Something went wrong (403)" above the right message, and a "Log in"
+    link although logged in."""
+    tech = service.login("tech")
+    refused = tech.get("/export")
+    assert refused.status_code == 403
+    page = " ".join(refused.text.split())
+    assert '<h1 id="error-heading">Not allowed for your role</h1>' in page and "Something went wrong" not in page
+    assert "this needs the role hematologist; you are technician" in page and 'href="/login"' not in page
+    missing = service.client().get("/no-such-page")  # anything else keeps its status, and offers log-in
+    assert missing.status_code == 404 and "Not found" in missing.text and 'href="/login"' in missing.text
+
+
 def test_a_field_with_one_detected_cell_says_cell(make_service, analyzer):
     """The case page said "1 detected cells"."""
     from leukoscope.service.analysis import Analyzer
