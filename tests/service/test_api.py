@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import html
 import io
 import struct
@@ -549,6 +550,12 @@ def test_review_is_stored_and_exported_as_a_dataset(service, tmp_path):
     assert [n.split("/")[0] for n in names] == ["lymphocyte", "monocyte"]  # excluded and unreviewed left out
     manifest = read_dataset(tmp_path / "folders")
     assert sorted(s.label for s in manifest.samples) == ["lymphocyte", "monocyte"]
+    # each cell names the file it came from: a model fine-tuned on the export records the lab's own files
+    from leukoscope.data.fingerprints import source_digest_of
+
+    sent = {hashlib.sha256(encode(cell_image(kind, seed), "PNG")).hexdigest()[:16]
+            for kind, seed in (("blast", 5), ("lymphocyte", 6))}
+    assert {source_digest_of(s.path) for s in manifest.samples} == sent
 
     table = client.get("/api/v1/export?layout=csv", headers=hema)
     with zipfile.ZipFile(io.BytesIO(table.content)) as archive:

@@ -59,14 +59,14 @@ def pixel_digest(path: str | Path) -> str | None:
 
 #: The PNG text keyword under which a cut cell carries the file digest of the field it was cut from.
 SOURCE_KEY = "leukoscope source"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 
 
 def with_source_digest(png: bytes, digest: str) -> bytes:
     """``png`` with a ``tEXt`` chunk naming its source field's ``digest`` (:func:`file_digest`), put right after
     the header so that reading it decodes no pixels; the pixels and every other chunk are left as they are."""
-    if not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR" or not _DIGEST.fullmatch(digest):
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR" or not _DIGEST.fullmatch(digest):
         raise ValueError("with_source_digest takes PNG bytes and a 16-hex-character digest")
     end_of_header = 8 + 12 + struct.unpack(">I", png[8:12])[0]
     body = b"tEXt" + SOURCE_KEY.encode("latin-1") + b"\0" + digest.encode("ascii")

@@ -108,9 +108,9 @@ def write_cells(result: SmearResult, crops: Sequence[Image.Image], cells_dir: st
     ``uncertain/``, to be sorted by eye: training refuses a class of that name; classes checked by
     :func:`check_cell_folders`). A lab moves the misnamed ones to their right folder and fine-tunes on them
     (``train --init ... --data cells_dir``; the reader takes the field as the cells' subject, so a field's cells
-    stay on one side of a split). ``source_digest``: the field file's (:func:`leukoscope.data.fingerprints.file_digest`),
-    carried by each cell (:func:`~leukoscope.data.fingerprints.with_source_digest`): a model fine-tuned on them records
-    the field, and `analyze` of it says the classifier learned from it."""
+    stay on one side of a split). ``source_digest``: the field file's (:func:`~leukoscope.data.fingerprints.
+    file_digest`), carried by each cell (:func:`~leukoscope.data.fingerprints.with_source_digest`): a model
+    fine-tuned on them records the field, and `analyze` of it says the classifier learned from it."""
     from leukoscope.data.fingerprints import with_source_digest
 
     written = []

@@ -27,6 +27,7 @@ from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
+from leukoscope.data.fingerprints import DIGEST_CHARS, PNG_SIGNATURE, with_source_digest
 from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import (CAP_WORDING, about_classification_only, classified_unit,
                                           is_unfamiliar_warning, unfamiliar_warning)
@@ -931,7 +932,12 @@ def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str
             label = cell.reviewed_label or ""
             file_name = f"case-{cell.case_id}-cell-{cell.id}.png"
             member = f"{label}/{file_name}" if layout == "folders" else f"images/{file_name}"
-            archive.writestr(member, read_object(cell.crop_object or cell.image.served_object))
+            # the uploaded file's digest in the PNG: a model fine-tuned on the export records it, and `analyze` or
+            # `predict` of that file says the model learned from it
+            data = read_object(cell.crop_object or cell.image.served_object)
+            if data.startswith(PNG_SIGNATURE):  # (a served image may be a JPEG: it goes as it is)
+                data = with_source_digest(data, cell.image.sha256[:DIGEST_CHARS])
+            archive.writestr(member, data)
             rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,
                          "cell": cell.id, "predicted": cell.predicted_label, "top_class": cell.top_class,
                          "confidence": round(cell.confidence, 6), "reviewed_at": cell.reviewed_at.isoformat()
