@@ -74,3 +74,26 @@ def test_real_cells_pass_and_a_real_field_without_a_white_cell_at_its_centre_is_
             doubted += lacks_white_cell(window)
     # the others hold a platelet or a white cell's edge at their centre (bench/white_cell_presence.py: 63 of 67)
     assert tried >= 20 and doubted >= 0.8 * tried, (doubted, tried)
+
+
+def test_a_smear_field_sent_as_one_cell_says_it_holds_several_and_a_cell_photograph_does_not() -> None:
+    """A leukaemic field uploaded as a single cell (the service's default kind) had a blast at its centre and was
+    called blast at 0.96, its two dozen other cells uncounted, without a word."""
+    from leukoscope.cell_presence import several_white_cells, white_cell_nuclei
+    from leukoscope.inference.quality import SEVERAL_CELLS_WORDING
+    from leukoscope.scale import FieldScale
+
+    um = 7.5 / 20.0  # smear_field's red cells are 20 px across
+    field = _with_nucleus_at_centre(smear_field(20.0, size=(480, 360), seed=5, n_red=10, wbc=False, platelets=8,
+                                                blasts=5))
+    assert white_cell_nuclei(field, um) == 6  # five blasts and the centre's nucleus; no platelet
+    (warning,) = single_cell_warnings(field, FieldScale.given(um), 24.0, field)
+    assert warning.startswith(SEVERAL_CELLS_WORDING) and "180 x 135 um" in warning and "about 6" in warning
+    assert not about_classification_only(warning)  # the uncounted cells stay uncounted after a review
+    # a photograph of one cell (and a neighbour's nucleus at its edge) is not a field
+    photograph = _with_nucleus_at_centre(smear_field(20.0, size=(240, 240), seed=3, n_red=8, wbc=True, platelets=4))
+    assert several_white_cells(photograph, um, 24.0) is None
+    assert single_cell_warnings(photograph, FieldScale.given(um), 24.0, photograph) == ()
+    # under four windows' area at the scale stated (54 x 40 um): not counted; no scale: not counted
+    assert several_white_cells(field, 0.1125, 24.0) is None
+    assert single_cell_warnings(field, None, 24.0, field) == ()

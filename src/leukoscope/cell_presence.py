@@ -11,6 +11,11 @@ these same crops, so they are not an independent check of it): doubted 18 of 5,1
 crops (pale blasts; two cells with the gap between them at the centre), none of its 1,209 control crops
 (all-taleqani Benign, BCCD, cnmc-mini), 2 of 400 pbc photographs framed as uploads; 63 of 67 windows of
 BCCD's smears that hold no white cell.
+
+The other way round, a smear field uploaded as a cell can show a white cell at its centre and many around it:
+classified as one cell, the field's count was one. :func:`white_cell_nuclei` counts the nuclei of an image at
+its scale, and a single-cell image far larger than the window with several of them is said to be a field
+(``python bench/several_white_cells.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from leukoscope.scale import nuclear_pixels
+from leukoscope.scale import NUCLEAR_VIOLET, nuclear_pixels
 
 #: The centre read: a disk of this share of the window's side as radius (a 24 um window: 6 um, about a
 #: white cell's nucleus; a cell framed on its own centre fills it).
@@ -54,3 +59,46 @@ def lacks_white_cell(seen: Image.Image) -> bool:
     """Whether ``seen`` (the window a single-cell image's classifier read) shows no white cell at its centre:
     no nuclear stain there."""
     return centre_nuclear_share(seen) < MIN_CENTRE_NUCLEAR_SHARE
+
+
+#: Nuclei are counted on the image reduced to about this pixel size (um): a nucleus is 10-20 pixels across.
+COUNT_UM_PER_PX = 0.5
+#: Violet stain closer than this (um) is one nucleus: a neutrophil's lobes, a nucleus split by a paler band.
+NUCLEUS_MERGE_UM = 2.0
+#: A nucleus covers at least this area (um^2: a disk 4 um across); platelets and specks are smaller.
+MIN_NUCLEUS_AREA_UM2 = 12.0
+#: A single-cell image with at least this many nuclei is a field...
+SEVERAL_WHITE_CELLS = 3
+#: ...counted only in an image of at least this many windows' area (a single-cell photograph is one to three:
+#: pbc's 360 px photographs 2.3, BCCD's and CBC's whole fields 3.4), where there is room for three cells.
+MIN_FIELD_WINDOWS = 4.0
+
+
+def white_cell_nuclei(image: Image.Image, um_per_px: float) -> int:
+    """How many white-cell nuclei ``image`` shows at ``um_per_px``: patches of violet nuclear stain
+    (:func:`leukoscope.scale.nuclear_pixels`) of at least :data:`MIN_NUCLEUS_AREA_UM2`, lobes within
+    :data:`NUCLEUS_MERGE_UM` of each other joined."""
+    from scipy import ndimage
+
+    factor = max(1, int(COUNT_UM_PER_PX / um_per_px))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    small = rgb.reduce(factor) if factor > 1 else rgb
+    pixel_um = um_per_px * factor
+    mask = nuclear_pixels(np.asarray(small), NUCLEAR_VIOLET)
+    reach = max(1, round(NUCLEUS_MERGE_UM / pixel_um))
+    mask = ndimage.binary_closing(mask, structure=np.ones((2 * reach + 1, 2 * reach + 1), bool))
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0
+    areas = np.asarray(ndimage.sum(mask, labels, range(1, n + 1))) * pixel_um ** 2
+    return int((areas >= MIN_NUCLEUS_AREA_UM2).sum())
+
+
+def several_white_cells(image: Image.Image, um_per_px: float, window_um: float) -> int | None:
+    """The nuclei a single-cell ``image`` holds when it looks like a smear field: at least
+    :data:`MIN_FIELD_WINDOWS` windows of ``window_um`` in area and :data:`SEVERAL_WHITE_CELLS` nuclei or more;
+    None otherwise (a smaller image is not counted: a single-cell photograph may show a neighbour's edge)."""
+    if image.width * image.height * um_per_px ** 2 < MIN_FIELD_WINDOWS * window_um ** 2:
+        return None
+    found = white_cell_nuclei(image, um_per_px)
+    return found if found >= SEVERAL_WHITE_CELLS else None

@@ -1623,7 +1623,7 @@ def _say_single_cell_warnings(predictions: list) -> None:
     """Warnings naming the images too small to show a cell, those without colour and those without a white
     cell at their centre (their ``warnings`` column says so too, as analyze's fields do); their rows stand."""
     from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,
-                                              TINY_CELL_WORDING)
+                                              SEVERAL_CELLS_WORDING, TINY_CELL_WORDING)
 
     tiny = [Path(p.source).name for p in predictions if any(w.startswith(TINY_CELL_WORDING) for w in p.warnings)]
     if tiny:
@@ -1635,6 +1635,11 @@ def _say_single_cell_warnings(predictions: list) -> None:
         console.print(f"[yellow]warning:[/yellow] {len(grey)} image(s) have no colour (grey levels only): white cells "
                       f"are typed by their stain's colour, so their classes are not to be trusted (warnings "
                       f"column); classify the colour images: {escape(name_some(grey))}", soft_wrap=True)
+    several = [Path(p.source).name for p in predictions if any(w.startswith(SEVERAL_CELLS_WORDING) for w in p.warnings)]
+    if several:
+        console.print(f"[yellow]warning:[/yellow] {len(several)} image(s) look like smear fields, with several white "
+                      f"cells: only the cell at each one's centre was classified (warnings column); analyse fields "
+                      f"with `leukoscope analyze`: {escape(name_some(several))}", soft_wrap=True)
     empty = [Path(p.source).name for p in predictions if NO_WHITE_CELL_WARNING in p.warnings]
     if empty:
         console.print(f"[yellow]warning:[/yellow] {len(empty)} image(s) show no white cell at their centre (no "

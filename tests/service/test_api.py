@@ -579,7 +579,8 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
     from leukoscope.service import cases
     from leukoscope.service.errors import ServiceError
 
-    cells = [SimpleNamespace(reviewed_label=label, case_id="c1", id=n, crop_object="x", image=None, predicted_label="",
+    cells = [SimpleNamespace(reviewed_label=label, case_id="c1", id=n, crop_object="x",
+                             image=SimpleNamespace(sha256="0" * 64), predicted_label="",
                              top_class="", confidence=1.0, reviewed_at=None)
              for n, label in enumerate(["Early Pre-B", "Lymphozyt (reaktiv)", "Lymphozyt reaktiv", "好中球"])]
     with open(tmp_path / "a.zip", "wb") as handle:

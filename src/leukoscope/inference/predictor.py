@@ -26,9 +26,9 @@ from scipy.special import softmax
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
-from leukoscope.cell_presence import lacks_white_cell
-from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, tiny_cell_warning,
-                                          unscaled_cell_warning)
+from leukoscope.cell_presence import lacks_white_cell, several_white_cells
+from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, several_cells_warning,
+                                          tiny_cell_warning, unscaled_cell_warning)
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.labels import UNCERTAIN
@@ -100,8 +100,14 @@ def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um
     grey = is_grayscale(image)
     # a grey image has no violet to look for; a tiny one is doubted already
     empty = not grey and not tiny and lacks_white_cell(image if seen is None else seen)
+    many: list[str] = []  # a smear field sent as a cell: one cell counted of many (its scale tells its size)
+    if not grey and scale is not None and scale.um_per_px is not None and window_um is not None:
+        um = scale.um_per_px
+        nuclei = several_white_cells(image, um, window_um)
+        if nuclei is not None:
+            many.append(several_cells_warning(nuclei, image.width * um, image.height * um))
     return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else [])
-                 + ([GRAYSCALE_CELL_WARNING] if grey else []) + ([NO_WHITE_CELL_WARNING] if empty else []))
+                 + ([GRAYSCALE_CELL_WARNING] if grey else []) + ([NO_WHITE_CELL_WARNING] if empty else []) + many)
 
 
 class CellClassifier:

@@ -177,6 +177,18 @@ NO_WHITE_CELL_WARNING = (f"{NO_WHITE_CELL_WORDING}: the window the classifier re
                          f"class is not to be trusted (a smear field? analyse it as one)")
 
 
+#: How the warning of a single-cell image that holds several white cells begins (:mod:`leukoscope.cell_presence`).
+SEVERAL_CELLS_WORDING = "Several white cells in one cell's image"
+
+
+def several_cells_warning(nuclei: int, width_um: float, height_um: float) -> str:
+    """The warning of a single-cell image of ``width_um`` x ``height_um`` that shows about ``nuclei`` white
+    cells: only the one at its centre was classified, the others are not counted (it stays after a review)."""
+    return (f"{SEVERAL_CELLS_WORDING}: the image is {width_um:.0f} x {height_um:.0f} um and shows about {nuclei} "
+            f"white-cell nuclei; only the cell at its centre was classified and counted (a smear field? analyse it "
+            f"as one)")
+
+
 #: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
 GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
                      "colour, so none found here does not mean there are none; analyse the colour image")
