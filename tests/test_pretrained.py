@@ -394,6 +394,20 @@ def test_a_head_is_loaded_or_left_new(classifier_bundle: Path) -> None:
     assert "calls no cell a blast" not in class_difference(["blast", "lymphocyte"], ["lymphoblast", "lymphocyte"])
 
 
+def test_a_lost_class_counted_apart_from_white_cells_is_said_to_become_a_white_cell() -> None:
+    """Without platelets or nucleated red cells in the data, `analyze` calls them white cells: said, with what
+    to do; not said when the data keeps its own (by another name) or loses only white-cell classes."""
+    from leukoscope.engine.finetune import class_difference
+
+    bundle = ["basophil", "erythroblast", "lymphocyte", "neutrophil", "platelet"]
+    said = class_difference(bundle, ["basophil", "lymphocyte", "neutrophil"])
+    assert "without erythroblast, platelet `analyze` calls each such cell the detector boxes one of the " \
+           "white-cell classes and counts it as a white cell" in said
+    assert "differential's denominator" in said and "instead of excluding them" in said
+    assert "counts it as a white cell" not in class_difference(bundle, ["basophil", "lymphocyte", "nrbc"])
+    assert "counts it as a white cell" not in class_difference(bundle, ["erythroblast", "lymphocyte", "platelet"])
+
+
 FINE_TUNE = ["train.epochs=1", "train.lr=1e-9", "train.batch_size=16", "train.threads=1", "--quiet"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
-from leukoscope.labels import blast_classes_in
+from leukoscope.labels import blast_classes_in, not_white_classes_in
 from leukoscope.models import WithoutHead
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import say
@@ -47,6 +47,12 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     if blasts:
         parts.append(f"without {', '.join(blasts)} it calls no cell a blast, and `analyze` cannot screen for "
                      f"leukemia with it (its counts say so); to keep blasts, train on the lab's blasts too")
+    not_white = not_white_classes_in(lost) if not not_white_classes_in(data_classes) else []
+    if not_white:  # analyze counts them apart from the white cells: without them they become white cells
+        parts.append(f"without {', '.join(not_white)} `analyze` calls each such cell the detector boxes one of the "
+                     f"white-cell classes and counts it as a white cell, which changes the differential's "
+                     f"denominator; to keep them apart, keep examples of them in the data (confirm such cells in "
+                     f"the service's review instead of excluding them, or add their crops)")
     return "; ".join(parts)
 
 
