@@ -17,8 +17,8 @@ same images. Classes with fewer than ``max(--shots) + --min-test`` images are le
   images of each class's pool, all of them for training (no validation part: the epoch is chosen
   by training accuracy, ties by training loss), through a split file whose test part is the fixed
   test set; scored by the run's own evaluation. The data has other classes than the bundle, so its
-  backbone is loaded and its head is new (when the classes are the bundle's, in its order, the
-  head is kept).
+  backbone is loaded and its class layer is new but for the rows of the classes it shares with the
+  bundle, which keep the bundle's (when the classes are the bundle's, in its order, the head is kept).
 
 Prints a markdown table (median and min-max over the seeds) and, on the last line, the JSON with
 everything (per seed and k: the images, the runs, the metrics).
@@ -226,7 +226,8 @@ def main() -> None:
     unknown = [c for c in classes if c not in info.classes]
     difference = class_difference(info.classes, classes)
     head = ("kept (the data has the bundle's classes, in its order)" if difference is None else
-            f"replaced: the bundle's backbone is loaded and its head is new ({difference})")
+            f"replaced: the bundle's backbone is loaded, and its class layer keeps the bundle's rows of the "
+            f"shared classes only ({difference})")
     print(f"bundle: {args.bundle} ({info.model_name}, {len(info.classes)} classes); fine-tuning on {classes}: "
           f"head {head}")
     if unknown and 0 in args.shot_list:

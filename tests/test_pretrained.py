@@ -408,6 +408,48 @@ def test_a_lost_class_counted_apart_from_white_cells_is_said_to_become_a_white_c
     assert "counts it as a white cell" not in class_difference(bundle, ["erythroblast", "lymphocyte", "platelet"])
 
 
+@pytest.mark.parametrize("name", ["abas_cnn", "mobilenet_v2"])
+def test_fine_tuning_on_other_classes_keeps_the_shared_rows_of_the_class_layer(name: str, tmp_path: Path) -> None:
+    """The class layer's rows (weights and bias) of the classes the data shares with the bundle are the
+    bundle's, in the data's order; a new class's row is initialised afresh; every other tensor is loaded."""
+    from safetensors.torch import save_file
+
+    from leukoscope.engine.finetune import head_rows, keep_head_rows
+    from leukoscope.models import WithoutHead, create_model
+
+    layer = {"abas_cnn": "classifier.6", "mobilenet_v2": "classifier.1"}[name]
+    bundle_model = create_model(name, num_classes=4)
+    save_file({k: v.contiguous() for k, v in bundle_model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    saved = weights(tmp_path)
+    rows = head_rows(["a", "b", "c", "d"], ["d", "new", "b"])
+    assert rows == [3, None, 1]
+    model = create_model(name, num_classes=3, weights=WithoutHead(tmp_path / "model.safetensors"))
+    fresh = model.state_dict()[f"{layer}.weight"][1].clone()
+    assert keep_head_rows(model, tmp_path / "model.safetensors", rows, 4) == layer
+    state = model.state_dict()
+    for new, old in ((0, 3), (2, 1)):
+        assert torch.equal(state[f"{layer}.weight"][new], saved[f"{layer}.weight"][old])
+        assert torch.equal(state[f"{layer}.bias"][new], saved[f"{layer}.bias"][old])
+    assert torch.equal(state[f"{layer}.weight"][1], fresh)
+    assert torch.equal(state["features.0.weight" if name == "abas_cnn" else "features.0.0.weight"],
+                       saved["features.0.weight" if name == "abas_cnn" else "features.0.0.weight"])
+
+
+def test_a_class_layer_without_a_row_per_class_is_left_as_built(tmp_path: Path) -> None:
+    """jabeena_cnn's two-class head has one output (not a row per class): nothing is copied, and None says so."""
+    from safetensors.torch import save_file
+
+    from leukoscope.engine.finetune import keep_head_rows
+    from leukoscope.models import create_model
+
+    save_file({k: v.contiguous() for k, v in create_model("jabeena_cnn", num_classes=3).state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    binary = create_model("jabeena_cnn", num_classes=2)
+    before = {k: v.clone() for k, v in binary.state_dict().items()}
+    assert keep_head_rows(binary, tmp_path / "model.safetensors", [0, 2], 3) is None
+    assert all(torch.equal(before[k], v) for k, v in binary.state_dict().items())
+
+
 FINE_TUNE = ["train.epochs=1", "train.lr=1e-9", "train.batch_size=16", "train.threads=1", "--quiet"]
 
 
@@ -528,10 +570,10 @@ def export_cells(root: Path, layout: str, cases: int = 8) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["folders", "csv"])
-def test_fine_tuning_on_a_review_export_makes_a_new_head(layout: str, classifier_bundle: Path,
-                                                         tmp_path: Path) -> None:
+def test_fine_tuning_on_a_review_export_keeps_the_shared_head_rows(layout: str, classifier_bundle: Path,
+                                                                   tmp_path: Path) -> None:
     """The reviewed-labels export is a training set as it is; other classes than the bundle's: its
-    backbone is loaded, the head is new and sized for the export's classes."""
+    backbone is loaded, and its class layer, sized for the export's classes, keeps the bundle's rows of them."""
     data = export_cells(tmp_path / "export", layout)
     result = invoke("train", "--init", classifier_bundle, "--data", data, f"output_root={tmp_path / 'runs'}",
                     *FINE_TUNE)
@@ -539,15 +581,18 @@ def test_fine_tuning_on_a_review_export_makes_a_new_head(layout: str, classifier
     output = " ".join(result.output.split())
     assert ("on other classes: only in the bundle: ['blast', 'neutrophil']; the new classifier will not know blast, "
             "neutrophil; without blast it calls no cell a blast") in output
-    assert "its backbone is loaded and its head is new" in output
+    assert "its backbone is loaded, and its class layer (classifier.6) keeps the bundle's rows of lymphocyte, " \
+           "monocyte" in output
     bundle = Path(result.stdout.strip().splitlines()[-1])
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["classes"] == ["lymphocyte", "monocyte"] and info["model_name"] == "abas_cnn"
     before, after = weights(classifier_bundle), weights(bundle)
     assert torch.allclose(before["features.0.weight"], after["features.0.weight"], atol=1e-6)
     assert after["classifier.6.weight"].shape == (2, 60)
+    rows = [json.loads((classifier_bundle / "bundle.json").read_text())["classes"].index(c) for c in info["classes"]]
+    assert torch.allclose(before["classifier.6.weight"][rows], after["classifier.6.weight"], atol=1e-6)  # lr 1e-9
     train_log = (bundle.parent / "train.log").read_text()
-    assert "its head is new" in train_log
+    assert "keeps the bundle's rows of lymphocyte, monocyte" in train_log
     if layout == "csv":  # the manifest's subject is the case: the cells of one case stay in one part
         parts = json.loads((bundle.parent / "split.json").read_text())["splits"]
         cases = {part: {row["subject"] for row in rows} for part, rows in parts.items()}

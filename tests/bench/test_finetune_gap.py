@@ -42,7 +42,8 @@ def test_finetune_gap(pbc_run: ScriptRun, tmp_path: Path) -> None:
     # 5 test images of each of 3 classes: accuracy 1/3, macro-F1 (2/3 * 1/3 + 0 + 0) / 3, balanced accuracy 1/3
     assert run.line_starting("always the most frequent class ").endswith(
         "test set): accuracy 0.333, macro f1 0.167, balanced accuracy 0.333")
-    assert "head replaced: the bundle's backbone is loaded and its head is new" in run.line_starting("bundle: ")
+    assert ("head replaced: the bundle's backbone is loaded, and its class layer keeps the bundle's rows of the "
+            "shared classes only") in run.line_starting("bundle: ")
     table = _table(run)
     restricted, anywhere = "0 (bundle as it is, arg-max over the 3 classes)", "0 (bundle as it is, its top class of 4)"
     assert list(table) == [restricted, anywhere, "2", "4"]

@@ -6,18 +6,26 @@ classes are known, :func:`starting_weights` gives the model builder its ``weight
 through the same loader as ``model.weights`` (:mod:`leukoscope.models.weights`):
 
 - the data has the bundle's classes, in the bundle's order: the whole model, head included;
-- otherwise the bundle's weights without its head (:class:`~leukoscope.models.WithoutHead`),
-  and a new head for the data's classes, with one warning line naming the differences.
+- otherwise the bundle's weights without its class layer (:class:`~leukoscope.models.WithoutHead`),
+  and a class layer for the data's classes. A classifier whose class layer is linear then gets back
+  that layer's rows (weights and bias) for the classes the data shares with the bundle
+  (:meth:`FineTuneStart.adopt_head`), so that fine-tuning step by step keeps what the head knew; only
+  the rows of new classes start afresh. One warning line names the differences and says which was done.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from leukoscope.bundle import WEIGHTS_FILE, read_bundle_info
+import torch
+from torch import nn
+
+from leukoscope.bundle import WEIGHTS_FILE, BundleInfo, read_bundle_info
 from leukoscope.labels import blast_classes_in, not_white_classes_in
 from leukoscope.models import WithoutHead
+from leukoscope.models.weights import read_state_dict
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import say
 
@@ -28,8 +36,7 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     if bundle_classes == data_classes:
         return None
     if sorted(bundle_classes) == sorted(data_classes):
-        return (f"the same classes in another order (bundle {bundle_classes}, data {data_classes}; "
-                f"set data.classes to the bundle's order to keep its head)")
+        return f"the same classes in another order (bundle {bundle_classes}, data {data_classes})"
     only_data = [c for c in data_classes if c not in bundle_classes]
     only_bundle = [c for c in bundle_classes if c not in data_classes]
     parts = ([f"only in the data: {only_data}"] if only_data else []) + \
@@ -56,17 +63,101 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     return "; ".join(parts)
 
 
-def starting_weights(spec: str, classes: Sequence[str], task: str) -> Path | WithoutHead:
-    """The ``weights`` a model built for ``classes`` starts from when fine-tuning bundle ``spec``
-    (a folder or ``pretrained:NAME``): its whole ``model.safetensors`` when the classes match,
-    else that file without the head. Says which, on the run's log."""
+def head_rows(bundle_classes: Sequence[str], data_classes: Sequence[str]) -> list[int | None]:
+    """For each of the data's classes, the row of the bundle's class layer that is its (None: a new class)."""
+    return [list(bundle_classes).index(c) if c in bundle_classes else None for c in data_classes]
+
+
+def keep_head_rows(model: nn.Module, weights: Path, rows: Sequence[int | None], bundle_size: int) -> str | None:
+    """Copy into ``model``'s class layer the rows (weights and bias) of ``weights``' class layer that ``rows``
+    names; the other rows keep their initial values. The class layer is the model's last ``nn.Linear`` (every
+    classifier builder's final layer, created last or put in the place of the old one); it must have one output
+    per class and the file a tensor of one row per bundle class under its name. Returns the layer's name, or
+    None where it is not such a layer (e.g. a one-output binary head): the head stays as built."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        return None
+    name, layer = linears[-1]
+    state = read_state_dict(weights)
+    weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+    if (layer.out_features != len(rows) or weight is None or tuple(weight.shape) != (bundle_size, layer.in_features)
+            or (bias is None) != (layer.bias is None) or (bias is not None and tuple(bias.shape) != (bundle_size,))):
+        return None
+    with torch.no_grad():
+        for new, old in enumerate(rows):
+            if old is not None:
+                layer.weight[new] = weight[old]
+                if bias is not None and layer.bias is not None:
+                    layer.bias[new] = bias[old]
+    return name
+
+
+@dataclass
+class FineTuneStart:
+    """Where a run fine-tuning bundle ``spec`` starts: the ``weights`` to build its model with, and, once built,
+    what to do with its head (:meth:`adopt_head`)."""
+
+    spec: str
+    info: BundleInfo
+    classes: list[str]
+    weights: Path | WithoutHead
+    difference: str | None
+
+    @property
+    def _lead(self) -> str:
+        return f"fine-tuning {self.spec} ({self.info.model_name})"
+
+    def _other_order(self) -> str:
+        # the advice only where the head could not be kept: with its rows reordered nothing is lost
+        return ("; set data.classes to the bundle's order to keep its head"
+                if sorted(self.info.classes) == sorted(self.classes) else "")
+
+    def say_head_new(self, why: str = "") -> None:
+        """The line of a start whose head is kept whole (same classes) or new (``why``: what could not be kept)."""
+        if self.difference is None:
+            say(f"{self._lead}: same classes, its head is kept")
+            return
+        say(f"[yellow]warning:[/yellow] {self._lead} on other classes: {self.difference}{self._other_order()}; "
+            f"its backbone is loaded and its head is new{why}")
+
+    def adopt_head(self, model: nn.Module) -> None:
+        """After ``model`` is built from :attr:`weights`: give its class layer back the bundle's rows of the
+        classes the data shares with it (a classifier whose class layer is linear), and say what was done."""
+        if self.difference is None:
+            self.say_head_new()
+            return
+        rows = head_rows(self.info.classes, self.classes)
+        shared = [c for c, row in zip(self.classes, rows) if row is not None]
+        if not shared:
+            self.say_head_new(" (no class shared with the bundle)")
+            return
+        layer = keep_head_rows(model, self.weights.path if isinstance(self.weights, WithoutHead) else self.weights,
+                               rows, len(self.info.classes))
+        if layer is None:
+            self.say_head_new(f" ({self.info.model_name}'s class layer is not a linear layer of one row per class: "
+                              f"the rows of the shared classes cannot be kept)")
+            return
+        new = [c for c, row in zip(self.classes, rows) if row is None]
+        fresh = f"; the rows of {', '.join(new)} start afresh" if new else ""
+        say(f"[yellow]warning:[/yellow] {self._lead} on other classes: {self.difference}; its backbone is loaded, "
+            f"and its class layer ({layer}) keeps the bundle's rows of {', '.join(shared)}{fresh}")
+
+
+def fine_tuning_start(spec: str, classes: Sequence[str], task: str) -> FineTuneStart:
+    """Where a model built for ``classes`` starts when fine-tuning bundle ``spec`` (a folder or
+    ``pretrained:NAME``): its whole ``model.safetensors`` when the classes match, else that file without the
+    class layer. Says nothing yet: :meth:`FineTuneStart.adopt_head` does, once the model is built."""
     directory = resolve_bundle(spec)
     info = read_bundle_info(directory, task=task)
     weights = directory / WEIGHTS_FILE
     difference = class_difference(info.classes, classes)
-    if difference is None:
-        say(f"fine-tuning {spec} ({info.model_name}): same classes, its head is kept")
-        return weights
-    say(f"[yellow]warning:[/yellow] fine-tuning {spec} ({info.model_name}) on other classes: {difference}; "
-        f"its backbone is loaded and its head is new")
-    return WithoutHead(weights)
+    return FineTuneStart(spec, info, list(classes), weights if difference is None else WithoutHead(weights),
+                         difference)
+
+
+def starting_weights(spec: str, classes: Sequence[str], task: str) -> Path | WithoutHead:
+    """The ``weights`` of :func:`fine_tuning_start`, said on the run's log at once: the whole head, or a new one
+    (a detector's box predictor is new whenever the classes differ)."""
+    start = fine_tuning_start(spec, classes, task)
+    start.say_head_new()
+    return start.weights

@@ -22,7 +22,7 @@ from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.classic.features import FeatureExtractor
 from leukoscope.engine.config import ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
-from leukoscope.engine.finetune import starting_weights
+from leukoscope.engine.finetune import fine_tuning_start
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.engine.loop import FitResult
 from leukoscope.engine.trainer import fit
@@ -132,10 +132,14 @@ class TorchLearner:
         self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)  # model initialisation is part of the seeded run
         weights = config.model.weights
-        if config.model.init:  # fine-tuning a bundle: its weights, with or without its head
-            weights = starting_weights(config.model.init, classes, "classify")
+        start = None
+        if config.model.init:  # fine-tuning a bundle: its weights, with or without its class layer
+            start = fine_tuning_start(config.model.init, classes, "classify")
+            weights = start.weights
         self.model = create_model(config.model.name, num_classes=len(classes), weights=weights,
                                   freeze_backbone=config.model.freeze_backbone, **config.model.options)
+        if start is not None:  # the class layer's rows of the classes the data shares with the bundle
+            start.adopt_head(self.model)
         self.num_classes = len(classes)
         self.model_options = dict(config.model.options)
 
