@@ -729,3 +729,11 @@ def test_fine_tuning_names_images_of_another_size_than_the_rest(classifier_bundl
     said = " ".join(result.output.split())
     assert "1 of 97 images are over 4 times larger or smaller than the median (64 px a side)" in said
     assert "(whole-field.png)" in said
+    # cells cut at one physical window from fields at two magnifications differ in pixels, rightly: not named
+    Image.open(sorted((data / "blast").glob("*.png"))[1]).resize((290, 290)).save(data / "blast" / "at-100x.png")
+    (data / "blast" / "whole-field.png").unlink()
+    windowed = invoke("train", "--init", classifier_bundle, "--data", data, f"output_root={tmp_path / 'runs-2'}",
+                      "data.cell_window_um=24", *FINE_TUNE)
+    assert windowed.exit_code == 0, windowed.output
+    said = " ".join(windowed.output.split())
+    assert "learned cells cut 24 um wide" in said and "times larger or smaller" not in said

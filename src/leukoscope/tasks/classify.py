@@ -109,7 +109,9 @@ def run_experiment(
             config = config.model_copy(update={"data": used})
             save_config(config, run_dir / CONFIG_FILE)
         odd = odd_sizes([side for report in prepared.load_reports.values() for side in report.sides])
-        if config.model.init and odd:  # a lab's own set, one microscope: its cells should come alike
+        # A lab's own set, one microscope: its cells should come alike. Not so for crops cut at a physical window
+        # (the note above): from fields at two magnifications they differ in pixels, rightly (290 px and 52 px).
+        if config.model.init and odd and not preprocessing.cell_window_um:
             say(f"[yellow]warning:[/yellow] {odd}")
         if prepared.split_file.resolve() != own_split.resolve():
             shutil.copyfile(prepared.split_file, own_split)
