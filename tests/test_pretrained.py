@@ -599,6 +599,29 @@ def test_fine_tuning_on_a_review_export_keeps_the_shared_head_rows(layout: str, 
         assert all(cases.values()) and sum(map(len, cases.values())) == 8
 
 
+def test_a_run_on_few_cells_of_few_cases_says_so(tmp_path: Path) -> None:
+    """An export of 3 cases: the classes under 10 training images, and the cases it has, are named; a score on
+    under 10 images is said to be one."""
+    run = ["--model", "abas_cnn", "model.image_size=32", "train.epochs=1", "train.threads=1", "--quiet"]
+    result = invoke("train", "--data", export_cells(tmp_path / "csv", "csv", cases=3),
+                    f"output_root={tmp_path / 'runs'}", *run)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert ("few images of lymphocyte, monocyte: under 10 each to train on (fine-tuning measured in "
+            "docs/benchmarks.md needed about 10-20 a class); per class, training images / all images / split groups "
+            "(a subject or case, or an image of none, with the images duplicating it): lymphocyte 6/6/3, "
+            "monocyte 6/6/3") in said
+    assert "too few images, or subjects and cases, to split: 12 images in 3 split group(s)" in said
+    # file names alone name no case: each image is its own group, and a test part of 1 image is dealt
+    result = invoke("train", "--data", export_cells(tmp_path / "folders", "folders", cases=3),
+                    f"output_root={tmp_path / 'runs'}", *run)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "(1 images: too few (under 10) for the score to say much)" in said
+    report = (Path(result.stdout.strip().splitlines()[-1]).parent / "report.html").read_text()
+    assert "too few to say how the model does on new images" in report
+
+
 def test_fine_tuning_a_detector(shipped: Path, smear_root: Path, tmp_path: Path) -> None:
     """--init with a detector bundle trains a detector; in the bundle's class order its class layer is kept."""
     result = invoke("train", "--init", "pretrained:smear-detector", "--data", smear_root,

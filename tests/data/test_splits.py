@@ -17,6 +17,9 @@ from leukoscope.data.splits import (
     Split,
     check_split,
     check_training_part,
+    class_groups,
+    count_groups,
+    few_images_note,
     leakage_groups,
     make_split,
     parts_not_asked_for,
@@ -63,6 +66,30 @@ def test_byte_identical_images_under_different_labels_are_named(tmp_path: Path, 
     assert "4 set(s) of byte-identical images carry different labels" in said
     assert f"{root / 'basophil' / 'BA_0.png'} (basophil) = {root / 'eosinophil' / 'copy_BA_0.png'} (eosinophil)" in said
     assert "and 1 more; correct the labels, or remove the copies" in said and "BA_5" not in said
+
+
+def test_few_images_and_the_groups_they_come_from_are_said(tmp_path: Path, caplog) -> None:
+    """An export of 2 basophils, 2 monocytes, 4 eosinophils and 5 neutrophils from 3 cases said only that a part
+    had no images of some classes: how many groups each had, and which classes are too small to learn, are said."""
+    counts = {"basophil": 2, "eosinophil": 4, "monocyte": 2, "neutrophil": 5}
+    samples = [Sample(tmp_path / f"{label}-{i}.png", label, f"case-{i % 3}") for label, n in counts.items()
+               for i in range(n)]
+    manifest = Manifest(samples, sorted(counts))
+    with caplog.at_level("WARNING"):
+        split = make_split(manifest, ratios=(0.8, 0.1, 0.1), seed=0,
+                           groups=np.asarray([int(str(s.subject)[-1]) for s in samples]))
+    assert "too few groups to stratify: " in caplog.text and "basophil's images are in 2 group(s)" in caplog.text
+    assert count_groups(split) == 3
+    assert class_groups(split) == {"basophil": 2, "eosinophil": 3, "monocyte": 2, "neutrophil": 3}
+    train = split.manifest("train").class_counts()
+    note = few_images_note(split)
+    assert note.startswith("few images of basophil, eosinophil, monocyte, neutrophil: under 10 each to train on")
+    assert f"basophil {train['basophil']}/2/2, eosinophil {train['eosinophil']}/4/3" in note
+    # a hand-made split records no groups: its subjects are, and an image of none is one of its own
+    loose = [Sample(tmp_path / f"n-{i}.png", "neutrophil") for i in range(2)]
+    assert count_groups(Split({"train": samples + loose}, sorted(counts))) == 5
+    enough = [Sample(tmp_path / f"{label}-{i}.png", label) for label in ("a", "b") for i in range(10)]
+    assert few_images_note(Split({"train": enough}, ["a", "b"])) is None
 
 
 def test_ratios_and_stratification(synthetic: Manifest) -> None:

@@ -267,11 +267,66 @@ def make_split(
         },
     )
     check_split(split)
+    in_groups = class_groups(split)
     for name in names:
         empty = [c for c, n in split.manifest(name).class_counts().items() if n == 0]
-        if empty and ratios[names.index(name)] > 0:
-            log.warning("split %r has no images of class(es) %s (too few groups to stratify)", name, empty)
+        if empty and ratios[names.index(name)] > 0:  # how many groups there were to deal: why none came its way
+            log.warning("split %r has no images of class(es) %s (too few groups to stratify: %s; a group (%s) "
+                        "stays in one part)", name, empty,
+                        ", ".join(f"{c}'s images are in {in_groups[c]} group(s)" for c in empty), GROUP_MEANING)
     return split
+
+
+#: What a split group is, as messages say it.
+GROUP_MEANING = "a subject or case, or an image of none, with the images duplicating it"
+
+
+def _group_keys(split: Split) -> list[tuple[Sample, tuple[str, object]]]:
+    """Each sample of ``split`` with the group it was dealt in: its recorded group, else its subject, else its file
+    (a hand-made split file may record no groups)."""
+    groups = split.info.get("groups", {})
+    keyed = []
+    for name, samples in split.assignments.items():
+        group_ids = list(groups.get(name, []))
+        group_ids += [None] * (len(samples) - len(group_ids))
+        for sample, group in zip(samples, group_ids):
+            keyed.append((sample, ("group", group) if group is not None else ("subject", sample.subject)
+                          if sample.subject is not None else ("file", str(sample.path))))
+    return keyed
+
+
+def count_groups(split: Split) -> int:
+    """How many groups (subjects or cases, with the images duplicating them) ``split`` was dealt in."""
+    return len({key for _, key in _group_keys(split)})
+
+
+def class_groups(split: Split) -> dict[str, int]:
+    """For each class of ``split``, how many groups (:func:`count_groups`) hold its images, over all parts."""
+    found: dict[str, set] = {name: set() for name in split.classes}
+    for sample, key in _group_keys(split):
+        found.setdefault(str(sample.label), set()).add(key)
+    return {name: len(keys) for name, keys in found.items()}
+
+
+#: Fewer training images of a class than this are warned of: the fine-tuning measurement of docs/benchmarks.md
+#: ("Fine-tuning on another lab's cells") needed about 10 cells a class to beat the shipped classifier.
+FEW_IMAGES = 10
+
+
+def few_images_note(split: Split) -> str | None:
+    """One line naming the classes with fewer than :data:`FEW_IMAGES` training images, and for every class its
+    training images, all images and groups (None: every class has enough)."""
+    train = split.manifest("train").class_counts() if "train" in split.assignments else {}
+    few = [name for name in split.classes if train.get(name, 0) < FEW_IMAGES]
+    if not few:
+        return None
+    total = Manifest([s for samples in split.assignments.values() for s in samples], list(split.classes)).class_counts()
+    groups = class_groups(split)
+    table = ", ".join(f"{name} {train.get(name, 0)}/{total.get(name, 0)}/{groups.get(name, 0)}"
+                      for name in split.classes)
+    return (f"few images of {', '.join(few)}: under {FEW_IMAGES} each to train on (fine-tuning measured in "
+            f"docs/benchmarks.md needed about 10-20 a class); per class, training images / all images / split groups "
+            f"({GROUP_MEANING}): {table}")
 
 
 def empty_training_part(ratios: object = None) -> str:

@@ -29,7 +29,8 @@ from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describ
                                          inherit_training_digests, read_training_digests, record_crop_sources,
                                          write_training_digests)
 from leukoscope.data.readers import read_dataset
-from leukoscope.data.splits import Split, parts_not_asked_for, warn_of_copies_labelled_otherwise
+from leukoscope.data.splits import (FEW_IMAGES, GROUP_MEANING, Split, count_groups, few_images_note,
+                                    parts_not_asked_for, warn_of_copies_labelled_otherwise)
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
 from leukoscope.engine.data_prep import PreparedData, as_split, prepare_data
 from leukoscope.engine.learner import Learner, check_learner_config, create_learner
@@ -113,6 +114,9 @@ def run_experiment(
         # (the note above): from fields at two magnifications they differ in pixels, rightly (290 px and 52 px).
         if config.model.init and odd and not preprocessing.cell_window_um:
             say(f"[yellow]warning:[/yellow] {odd}")
+        few = few_images_note(prepared.split)
+        if few:  # its scores would say little, and a class of 2 images is hardly learned
+            say(f"[yellow]warning:[/yellow] {escape(few)}")
         if prepared.split_file.resolve() != own_split.resolve():
             shutil.copyfile(prepared.split_file, own_split)
         classes = prepared.classes
@@ -174,10 +178,16 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     if eval_name == "train":  # said where it is seen, not only in the report: a bundle is made all the same
         asked = {"val", "test"} <= set(parts_not_asked_for(prepared.split.info.get("ratios")))
         why, advice = (("the split's ratios give them none", "give them a share (e.g. ratios 0.8,0.1,0.1)") if asked
-                       else ("too few images, or subjects and cases, to split", "add images of more cases"))
+                       else (f"too few images, or subjects and cases, to split: {sum(prepared.split.sizes().values())} "
+                             f"images in {count_groups(prepared.split)} split group(s), {GROUP_MEANING}, each kept "
+                             f"in one part", "add images of more cases"))
         say(f"[yellow]warning:[/yellow] no validation or test images ({why}): the figures below are the training "
             f"images' own and say nothing of new images, and the bundle is not calibrated; {advice}, or evaluate "
             f"it on images it never saw")
+    few = len(target.targets) < FEW_IMAGES
+    if few:
+        notes.append(f"The {eval_name} figures are on {len(target.targets)} image(s): too few to say how the model "
+                     f"does on new images.")
     if init_overlap and init_overlap["note"]:
         notes.append(f"{'Warning: ' if init_overlap['parts'] else ''}{init_overlap['note']}.")
     skipped = prepared.skipped()
@@ -213,8 +223,9 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     )
     known = (init_overlap or {}).get("parts", {}).get(eval_name)
     seen = f"; not new to {escape(init_overlap['bundle'])}: see the warning above" if known else ""
+    small = f": too few (under {FEW_IMAGES}) for the score to say much" if few else ""
     say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
-        f"({metrics['n']} images{seen}); report: {run_dir / 'report.html'}")
+        f"({metrics['n']} images{small}{seen}); report: {run_dir / 'report.html'}")
     if called_absent_note(metrics):
         log.warning("%s", called_absent_note(metrics))
     if metrics.get("one_class_called") is not None:  # its accuracy and ROC-AUC above read like a working model's
