@@ -25,7 +25,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from leukoscope.scale import NUCLEAR_VIOLET, nuclear_pixels
+from leukoscope.scale import nuclear_pixels
 
 #: The centre read: a disk of this share of the window's side as radius (a 24 um window: 6 um, about a
 #: white cell's nucleus; a cell framed on its own centre fills it).
@@ -84,7 +84,7 @@ def white_cell_nuclei(image: Image.Image, um_per_px: float) -> int:
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     small = rgb.reduce(factor) if factor > 1 else rgb
     pixel_um = um_per_px * factor
-    mask = nuclear_pixels(np.asarray(small), NUCLEAR_VIOLET)
+    mask = nuclear_pixels(np.asarray(small))  # the red-cell scale's rule (60): stricter than the centre's
     reach = max(1, round(NUCLEUS_MERGE_UM / pixel_um))
     mask = ndimage.binary_closing(mask, structure=np.ones((2 * reach + 1, 2 * reach + 1), bool))
     labels, n = ndimage.label(mask)

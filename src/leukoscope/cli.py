@@ -1620,8 +1620,9 @@ def _run_scale(paths: list, out: Path, engine: str, *, single_cells: bool = Fals
 
 
 def _say_single_cell_warnings(predictions: list) -> None:
-    """Warnings naming the images too small to show a cell, those without colour and those without a white
-    cell at their centre (their ``warnings`` column says so too, as analyze's fields do); their rows stand."""
+    """Warnings naming the images too small to show a cell, those without colour, those that show several white
+    cells (smear fields) and those without a white cell at their centre (their ``warnings`` column says so too, as
+    analyze's fields do); their rows stand."""
     from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,
                                               SEVERAL_CELLS_WORDING, TINY_CELL_WORDING)
 

@@ -44,16 +44,18 @@ def blast_classes_in(classes: Iterable[str]) -> list[str]:
 #: nucleated red cells (pbc's ``erythroblast``; a detector boxes them as white cells, being nucleated).
 #: A differential counts them but leaves them out of the white cells a blast percentage is taken of,
 #: as a manual count reports nucleated red cells per 100 white cells, beside the differential.
-NOT_WHITE_CELL_NAMES: frozenset[str] = frozenset({
-    "platelet", "platelets", "thrombocyte", "thrombocytes",
+PLATELET_NAMES: frozenset[str] = frozenset({"platelet", "platelets", "thrombocyte", "thrombocytes"})
+NUCLEATED_RED_CELL_NAMES: frozenset[str] = frozenset({
     "erythroblast", "erythroblasts", "normoblast", "normoblasts", "nrbc", "nrbcs",
     "nucleated red cell", "nucleated red cells", "nucleated_red_cell",
 })
+NOT_WHITE_CELL_NAMES: frozenset[str] = PLATELET_NAMES | NUCLEATED_RED_CELL_NAMES
 
 
-def not_white_classes_in(classes: Iterable[str]) -> list[str]:
-    """The classes of ``classes`` that are not white cells (:data:`NOT_WHITE_CELL_NAMES`), in their order."""
-    return [name for name in classes if name.strip().casefold() in NOT_WHITE_CELL_NAMES]
+def not_white_classes_in(classes: Iterable[str], kind: frozenset[str] = NOT_WHITE_CELL_NAMES) -> list[str]:
+    """The classes of ``classes`` that are not white cells (:data:`NOT_WHITE_CELL_NAMES`; ``kind``: only those of
+    :data:`PLATELET_NAMES` or :data:`NUCLEATED_RED_CELL_NAMES`), in their order."""
+    return [name for name in classes if name.strip().casefold() in kind]
 
 
 def checked_blast_classes(blast_classes: Iterable[str], classes: Sequence[str]) -> list[str]:

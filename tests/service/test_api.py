@@ -494,10 +494,12 @@ def test_an_export_with_no_reviewed_cell_is_refused_saying_why(service):
     posted = browser.post("/export/dataset.zip", data={"layout": "csv", "csrf_token": csrf_of(page)})
     assert posted.status_code == 409 and "no reviewed cells yet: review a case first" in posted.text
     assert list(service.state.store.tmp.iterdir()) == []
-    # an excluded cell is no training image either
+    # an excluded cell is no training image either, and the answer does not ask for a review already made
     client.post(f"/api/v1/cases/{case['id']}/review", headers=hema,
                 json={"labels": {str(case["cells"][0]["id"]): "excluded"}})
-    assert client.get("/api/v1/export", headers=hema).json()["error"]["code"] == "nothing_to_export"
+    refused = client.get("/api/v1/export", headers=hema).json()["error"]
+    assert refused["code"] == "nothing_to_export"
+    assert refused["message"].startswith("no cell to export: the 1 reviewed cell is marked excluded")
 
 
 def test_audit_log_records_views_and_changes(service):

@@ -300,15 +300,17 @@ def test_smear_pages(make_service, smear_analyzer):
     assert tech.get(annotated_url).headers["content-type"] == "image/png"
 
 
-def test_a_page_refused_for_the_role_says_so_and_offers_no_log_in(service):
+def test_a_page_refused_for_the_role_says_so_and_offers_another_account(service):
     """A technician opening /export saw "Something went wrong (403)" above the right message, and a "Log in"
-    link although logged in."""
+    link although logged in: now "Log in as another user" (a shared workstation's technician may need the
+    hematologist's account)."""
     tech = service.login("tech")
     refused = tech.get("/export")
     assert refused.status_code == 403
     page = " ".join(refused.text.split())
     assert '<h1 id="error-heading">Not allowed for your role</h1>' in page and "Something went wrong" not in page
-    assert "this needs the role hematologist; you are technician" in page and 'href="/login"' not in page
+    assert "this needs the role hematologist; you are technician" in page
+    assert '<a href="/login">Log in as another user</a>' in page
     missing = service.client().get("/no-such-page")  # anything else keeps its status, and offers log-in
     assert missing.status_code == 404 and "Not found" in missing.text and 'href="/login"' in missing.text
 
@@ -409,13 +411,14 @@ def test_the_same_review_sent_twice_is_saved_not_refused(service):
     case was saved after you opened it, so nothing was saved": the reviewer's own first send had changed the
     state, and what they sent was saved. The second send changes nothing and is answered as saved; a stale form
     that would change something is still refused."""
-    from leukoscope.service.tables import CellReview
+    from leukoscope.service.tables import Case, CellReview
 
+    service.add_user("hema2", "hematologist")
     tech = service.login("tech")
     case_url = page_upload(tech, [("a.png", encode(cell_image("blast", 11), "PNG"))],
                            csrf_of(tech.get("/upload").text)).headers["location"]
-    hema = service.login("hema")
-    page = hema.get(case_url).text
+    hema, other = service.login("hema"), service.login("hema2")
+    page, other_page = hema.get(case_url).text, other.get(case_url).text  # both before any review
     (cell_id,) = re.findall(r'name="label_(\d+)"', page)
     form = {**_page_form(page, **{cell_id: "monocyte"}), "comment": "monocyte, not a blast"}
     assert hema.post(f"{case_url}/review", data=form, follow_redirects=False).status_code == 303
@@ -424,6 +427,13 @@ def test_the_same_review_sent_twice_is_saved_not_refused(service):
     with service.state.sessions() as db:
         reviews = db.query(CellReview).count()
     assert reviews == 1  # nothing written twice
+    # another hematologist's agreeing form, from a page opened before, changes nothing either: the case stays
+    # reviewed by the first
+    agreeing = {**_page_form(other_page, **{cell_id: "monocyte"}), "comment": "monocyte, not a blast"}
+    assert other.post(f"{case_url}/review", data=agreeing, follow_redirects=False).status_code == 303
+    with service.state.sessions() as db:
+        case = db.query(Case).one()
+        assert case.reviewer.username == "hema"
     changed = hema.post(f"{case_url}/review", data={**form, f"label_{cell_id}": "lymphocyte"})
     assert changed.status_code == 409 and "nothing was saved" in changed.text
 

@@ -33,6 +33,8 @@ class LoadReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     sides: list[tuple[int, str]] = field(default_factory=list)
     """Each loaded image's longer side and file name (:func:`odd_sizes`)."""
+    oblong: list[str] = field(default_factory=list)
+    """The file names of loaded images far from square (:func:`oblong_images`)."""
 
     def as_dict(self) -> dict:
         return {"loaded": self.loaded, "skipped": len(self.skipped), "skipped_files": self.skipped}
@@ -79,6 +81,8 @@ def decode_manifest(
             tensors.append(to_pixels(image))
             keep.append(True)
             report.sides.append((max(image.size), sample.path.name))
+            if max(image.size) > OBLONG_RATIO * min(image.size):
+                report.oblong.append(sample.path.name)
         if progress:
             progress(index + 1, len(manifest))
     report.loaded = len(tensors)
@@ -106,6 +110,22 @@ def odd_sizes(sides: list[tuple[int, str]]) -> str | None:
     return (f"{len(odd)} of {len(sides)} images are over {ODD_SIZE_FACTOR:g} times larger or smaller than the "
             f"median ({round(median)} px a side): whole fields or tight crops among cell images? each is brought "
             f"to one input size, so their cells look bigger or smaller than the others' ({name_some(odd, 5)})")
+
+
+#: An image whose sides differ by more than this factor is no cell cut at a physical window (those are square).
+OBLONG_RATIO = 1.2
+
+
+def oblong_images(names: list[str], loaded: int) -> str | None:
+    """What to say of images far from square among crops cut at a physical window (None: nothing): such crops are
+    square (`analyze --cells`, the service's export, a window padded at a field's edge), a field (4:3) or a
+    photograph is not; their pixel sizes differ rightly (one window at two magnifications: 290 px and 52 px), so
+    :func:`odd_sizes` cannot tell."""
+    if not names:
+        return None
+    return (f"{len(names)} of {loaded} images are not square (sides more than {OBLONG_RATIO:g} times apart), while "
+            f"cells cut at the model's window are: whole fields or photographs among the cells? each is brought to "
+            f"one input size, so their cells look smaller than the others' ({name_some(names, 5)})")
 
 
 class TensorImageDataset(Dataset):

@@ -65,7 +65,8 @@ _DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_CHARS}}}")
 
 def with_source_digest(png: bytes, digest: str) -> bytes:
     """``png`` with a ``tEXt`` chunk naming its source field's ``digest`` (:func:`file_digest`), put right after
-    the header so that reading it decodes no pixels; the pixels and every other chunk are left as they are."""
+    the header so that reading it decodes no pixels; the pixels and every other chunk are left as they are (the
+    PNGs this program writes carry no text: a second tag would be read in place of the first)."""
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR" or not _DIGEST.fullmatch(digest):
         raise ValueError("with_source_digest takes PNG bytes and a 16-hex-character digest")
     end_of_header = 8 + 12 + struct.unpack(">I", png[8:12])[0]
@@ -80,7 +81,8 @@ def source_digest_of(path: str | Path) -> str | None:
 
     try:
         with Image.open(path) as image:
-            value = getattr(image, "text", {}).get(SOURCE_KEY) if image.format == "PNG" else None
+            # ``info`` holds the text chunks read before the pixels (``text`` would decode the whole image)
+            value = image.info.get(SOURCE_KEY) if image.format == "PNG" else None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None
     return value if isinstance(value, str) and _DIGEST.fullmatch(value) else None

@@ -324,9 +324,10 @@ def few_images_note(split: Split) -> str | None:
     groups = class_groups(split)
     table = ", ".join(f"{name} {train.get(name, 0)}/{total.get(name, 0)}/{groups.get(name, 0)}"
                       for name in split.classes)
-    return (f"few images of {', '.join(few)}: under {FEW_IMAGES} each to train on (fine-tuning measured in "
-            f"docs/benchmarks.md needed about 10-20 a class); per class, training images / all images / split groups "
-            f"({GROUP_MEANING}): {table}")
+    return (f"few images of {', '.join(few)}: under {FEW_IMAGES} each to train on (a class is hardly learned from "
+            f"so few, and its scores say little; fine-tuning the shipped classifier, measured in docs/benchmarks.md, "
+            f"needed about 10-20 a class); per class, training images / all images / split groups ({GROUP_MEANING}): "
+            f"{table}")
 
 
 def empty_training_part(ratios: object = None) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from leukoscope.bundle import WEIGHTS_FILE, BundleInfo, read_bundle_info
-from leukoscope.labels import blast_classes_in, not_white_classes_in
+from leukoscope.labels import NUCLEATED_RED_CELL_NAMES, PLATELET_NAMES, blast_classes_in, not_white_classes_in
 from leukoscope.models import WithoutHead
 from leukoscope.models.weights import read_state_dict
 from leukoscope.pretrained import resolve_bundle
@@ -54,7 +54,10 @@ def class_difference(bundle_classes: Sequence[str], data_classes: Sequence[str])
     if blasts:
         parts.append(f"without {', '.join(blasts)} it calls no cell a blast, and `analyze` cannot screen for "
                      f"leukemia with it (its counts say so); to keep blasts, train on the lab's blasts too")
-    not_white = not_white_classes_in(lost) if not not_white_classes_in(data_classes) else []
+    # each kind apart: data that keeps its erythroblasts (by any name) and loses its platelets counts platelets
+    missing = frozenset().union(*(kind for kind in (PLATELET_NAMES, NUCLEATED_RED_CELL_NAMES)
+                                  if not not_white_classes_in(data_classes, kind)))
+    not_white = not_white_classes_in(lost, missing)
     if not_white:  # analyze counts them apart from the white cells: without them they become white cells
         parts.append(f"without {', '.join(not_white)} `analyze` calls each such cell the detector boxes one of the "
                      f"white-cell classes and counts it as a white cell, which changes the differential's "

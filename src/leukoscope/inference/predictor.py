@@ -64,7 +64,8 @@ class Prediction:
     scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
     warnings: tuple[str, ...] = ()
     """Why this image's class is not to be trusted (:func:`single_cell_warnings`: too small to show a cell,
-    classified whole for want of a scale, no colour, no white cell at its centre); the ``warnings`` column."""
+    classified whole for want of a scale, no colour, no white cell at its centre, several white cells); the
+    ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
         """The row of a predictions file. An unreadable image has no label, class, confidence or uncertainty:

@@ -731,7 +731,10 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
     if comment is not None and comment != case.review_comment:
         comment_change = {"from": case.review_comment, "to": comment}  # the audit keeps both texts
         case.review_comment = comment
-    if all(cell.reviewed_label is not None for cell in counted_cells(case)):
+    # a review that changed nothing (the same form sent again, or another reviewer's agreeing one) leaves "reviewed
+    # by" to whoever's labels stand
+    if all(cell.reviewed_label is not None for cell in counted_cells(case)) and (
+            changes or comment_change or case.status != "reviewed"):
         case.status = "reviewed"
         case.reviewed_at = now
         case.reviewer_id = principal.user.id
@@ -775,6 +778,8 @@ class ExportSelection:
     """(a cell left out, the exported cell it is a copy of)."""
     conflicts: list[list[Cell]] = field(default_factory=list)
     """The copies of one cell, the exported one first, where their reviewed labels differ."""
+    excluded: int = 0
+    """Reviewed cells marked excluded (never exported: said when nothing else is there)."""
 
     @property
     def left_out(self) -> list[Cell]:
@@ -829,7 +834,8 @@ def exportable_cells(db: Session) -> ExportSelection:
     cells = [cell for cell in cells if cell.image_id not in repeats]
     # Unframed cells first: a framed copy of one in another case (sent again with its scale) is then exported.
     framed, copies, conflicts = one_copy_each([cell for cell in cells if not unframed(cell)])
-    return ExportSelection(framed, [cell for cell in cells if unframed(cell)], copies, conflicts)
+    excluded = db.scalar(select(func.count()).select_from(Cell).where(Cell.reviewed_label == EXCLUDED)) or 0
+    return ExportSelection(framed, [cell for cell in cells if unframed(cell)], copies, conflicts, excluded)
 
 
 def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
@@ -867,6 +873,10 @@ def export_dataset(db: Session, principal: Principal, read_object: Callable[[str
 def nothing_to_export(selection: ExportSelection) -> str:
     """Why an export holds no cell (the API's 409 and the export page say it)."""
     left_out = len(selection.left_out)
+    if not left_out and selection.excluded:  # reviewed, every cell marked excluded: not "review a case first"
+        n = selection.excluded
+        return (f"no cell to export: the {n} reviewed cell{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} "
+                f"marked excluded (not a cell to learn from); review a case with cells to keep")
     if not left_out:
         return "no reviewed cells yet: review a case first"
     return (f"no reviewed cell to export: the {left_out} reviewed cell{'' if left_out == 1 else 's'} not excluded "
@@ -935,7 +945,7 @@ def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str
             # the uploaded file's digest in the PNG: a model fine-tuned on the export records it, and `analyze` or
             # `predict` of that file says the model learned from it
             data = read_object(cell.crop_object or cell.image.served_object)
-            if data.startswith(PNG_SIGNATURE):  # (a served image may be a JPEG: it goes as it is)
+            if data.startswith(PNG_SIGNATURE):  # (every stored cell and served image is a PNG; anything else as is)
                 data = with_source_digest(data, cell.image.sha256[:DIGEST_CHARS])
             archive.writestr(member, data)
             rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,

@@ -24,7 +24,7 @@ from rich.markup import escape
 from leukoscope.bundle import BundleInfo, read_bundle_info, save_bundle
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.data.manifest import DatasetError, Manifest
-from leukoscope.data.dataset import decode_manifest, odd_sizes
+from leukoscope.data.dataset import decode_manifest, oblong_images, odd_sizes
 from leukoscope.data.fingerprints import (LEARNED_PARTS, SOURCES_SUFFIX, describe_overlap, digest_overlap, file_digest,
                                          inherit_training_digests, read_training_digests, record_crop_sources,
                                          write_training_digests)
@@ -109,10 +109,14 @@ def run_experiment(
         if used is not config.data:  # a reused split file's ratios and seed, not those asked for (never used)
             config = config.model_copy(update={"data": used})
             save_config(config, run_dir / CONFIG_FILE)
-        odd = odd_sizes([side for report in prepared.load_reports.values() for side in report.sides])
+        reports = prepared.load_reports.values()
         # A lab's own set, one microscope: its cells should come alike. Not so for crops cut at a physical window
-        # (the note above): from fields at two magnifications they differ in pixels, rightly (290 px and 52 px).
-        if config.model.init and odd and not preprocessing.cell_window_um:
+        # (the note above): from fields at two magnifications they differ in pixels, rightly (290 px and 52 px);
+        # those are square, and a whole field among them is not.
+        odd = (oblong_images([name for report in reports for name in report.oblong],
+                             sum(report.loaded for report in reports)) if preprocessing.cell_window_um
+               else odd_sizes([side for report in reports for side in report.sides]))
+        if config.model.init and odd:
             say(f"[yellow]warning:[/yellow] {odd}")
         few = few_images_note(prepared.split)
         if few:  # its scores would say little, and a class of 2 images is hardly learned
@@ -225,7 +229,7 @@ def evaluate_run(learner: Learner, prepared: PreparedData, config: ExperimentCon
     seen = f"; not new to {escape(init_overlap['bundle'])}: see the warning above" if known else ""
     small = f": too few (under {FEW_IMAGES}) for the score to say much" if few else ""
     say(f"{eval_name} accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
-        f"({metrics['n']} images{small}{seen}); report: {run_dir / 'report.html'}")
+        f"({metrics['n']} image{'' if metrics['n'] == 1 else 's'}{small}{seen}); report: {run_dir / 'report.html'}")
     if called_absent_note(metrics):
         log.warning("%s", called_absent_note(metrics))
     if metrics.get("one_class_called") is not None:  # its accuracy and ROC-AUC above read like a working model's
