@@ -1551,7 +1551,9 @@ def analyze(
         if exported.get("precision") == "int8" and analyzer.classifier.backend != "torch":
             ran += " (int8 graph)"
     console.print(f"backends: {ran}", soft_wrap=True)
-    _say_learned_from(paths, {"detector": detector, "classifier": classifier})
+    learned = _say_learned_from(paths, {"detector": detector, "classifier": classifier})
+    if learned:  # kept with the run's record of its models: an archived run keeps the caution the console gave
+        analyzer.provenance["learned_from_these_inputs"] = learned
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
     doubts = _stated_scale_doubts(paths, um_per_px) if um_per_px is not None else []
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):
@@ -1649,9 +1651,10 @@ def _say_single_cell_warnings(predictions: list) -> None:
                       f"{escape(name_some(empty))}", soft_wrap=True)
 
 
-def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:
+def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> dict[str, Any]:
     """A note for each model that learned from some of ``paths`` (by content: a sample of a large run): its
-    results on them say nothing about its accuracy on new images (``evaluate`` refuses such data)."""
+    results on them say nothing about its accuracy on new images (``evaluate`` refuses such data). Returns the
+    record for a run's ``summary.json`` (``images_checked`` and, per model, its overlap; empty when none learned)."""
     from leukoscope.data.fingerprints import describe_overlap, learned_among
 
     found, checked = learned_among(bundles, paths)
@@ -1659,6 +1662,7 @@ def _say_learned_from(paths: list, bundles: dict[str, Optional[Path]]) -> None:
     for role, overlap in found.items():
         console.print(f"[yellow]note:[/yellow] the {role} learned from {describe_overlap(overlap)} among these "
                       f"{among}: its results on them say nothing about its accuracy on new images", soft_wrap=True)
+    return {"images_checked": checked, **found} if found else {}
 
 
 def _stated_scale_doubts(paths: list, um_per_px: float, *, single_cells: bool = False) -> list[str]:

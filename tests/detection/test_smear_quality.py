@@ -308,6 +308,30 @@ def test_cells_cut_from_fields_name_them_and_a_model_fine_tuned_on_them_says_it_
     assert checked == 2 and found == {"classifier": {"train sources": 2}}
 
 
+def test_analyze_keeps_in_its_summary_that_a_model_learned_from_these_fields(detector_bundle: Path,
+                                                                            tmp_path: Path) -> None:
+    """The console's note that a model learned from some of the fields analysed was not in summary.json: an
+    archived run lost the caution (a lab review)."""
+    import shutil
+
+    from leukoscope.cli import app
+    from leukoscope.data.fingerprints import write_training_digests
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    FIELD.save(fields / "a.png")  # learned
+    Image.new("RGB", (640, 480), (200, 190, 230)).save(fields / "b.png")  # new
+    detector = shutil.copytree(detector_bundle, tmp_path / "detector")
+    write_training_digests(detector, {"train": [fields / "a.png"]})
+    result = CliRunner().invoke(app, ["analyze", str(fields), "--detector", str(detector), "--no-classifier",
+                                      "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "note: the detector learned from 1 of its train images among these 2 images" in " ".join(
+        result.output.split())
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())["provenance"]
+    assert recorded["learned_from_these_inputs"] == {"images_checked": 2, "detector": {"train": 1}}
+
+
 def test_the_cli_prints_the_warning(smear_root: Path, detector_bundle: Path, classifier_bundle: Path,
                                     tmp_path: Path) -> None:
     from leukoscope.cli import app
