@@ -478,6 +478,36 @@ def test_a_file_uploaded_in_two_cases_is_exported_once_and_a_label_conflict_name
     assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == ["blast", "monocyte"]
 
 
+def test_copies_of_a_cell_are_found_by_overlapping_boxes_not_only_equal_ones() -> None:
+    """A field analysed again (another stated scale, another detector) boxes its cells a few pixels apart: the
+    copies were matched by equal boxes only, so both were exported, under two cases (two subjects of a split).
+    Two cells of one field stay two cells, however close."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from leukoscope.service.cases import one_copy_each
+
+    start = datetime(2026, 1, 1)
+
+    def cell(n: int, case: str, box: list[int] | None, label: str, sha: str = "f" * 64) -> SimpleNamespace:
+        made = start + timedelta(days=int(case[-1]))
+        return SimpleNamespace(id=n, case_id=case, position=n, box=box, reviewed_label=label,
+                               image=SimpleNamespace(sha256=sha), case=SimpleNamespace(created_at=made))
+
+    first = [cell(1, "c1", [10, 10, 60, 60], "blast"), cell(2, "c1", [70, 10, 120, 60], "monocyte")]
+    again = [cell(3, "c2", [13, 12, 62, 61], "lymphocyte"), cell(4, "c2", [71, 9, 121, 59], "monocyte")]
+    other_file = [cell(5, "c3", [10, 10, 60, 60], "blast", sha="e" * 64)]
+    whole = [cell(6, "c1", None, "basophil", sha="d" * 64), cell(7, "c4", None, "basophil", sha="d" * 64)]
+    kept, copies, conflicts = one_copy_each(first + again + other_file + whole)
+    assert [c.id for c in kept] == [1, 2, 5, 6]
+    assert sorted((copy.id, original.id) for copy, original in copies) == [(3, 1), (4, 2), (7, 6)]
+    assert [[c.id for c in group] for group in conflicts] == [[1, 3]]
+    # overlapping cells of one case are not copies of each other
+    close = [cell(8, "c5", [10, 10, 60, 60], "blast", sha="a" * 64), cell(9, "c5", [15, 15, 65, 65], "blast",
+                                                                         sha="a" * 64)]
+    assert [c.id for c in one_copy_each(close)[0]] == [8, 9]
+
+
 def test_an_export_with_no_reviewed_cell_is_refused_saying_why(service):
     """With nothing reviewed, the export answered 200 with an empty ZIP (no NOTES.txt, no word) and the page
     offered it: now 409 `nothing_to_export` says to review a case first, and the page says so instead."""

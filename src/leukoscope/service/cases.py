@@ -796,10 +796,27 @@ def unframed(cell: Cell) -> bool:
     return scale is not None and not scale.get("um_per_px")
 
 
-def cell_identity(cell: Cell) -> tuple[str, tuple[int, ...] | None]:
-    """One cell whichever case holds it: its image file's SHA-256 (as :func:`earlier_uploads` finds a file sent
-    again) and its box in that image (None: a single-cell image, the whole image is the cell)."""
-    return cell.image.sha256, tuple(cell.box) if cell.box else None
+#: Two boxes of one file overlapping at least this much (intersection over union) are one cell: a field analysed
+#: again at another stated scale, or by another detector, boxes its cells a few pixels apart.
+SAME_CELL_IOU = 0.5
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def same_cell(cell: Cell, other: Cell) -> bool:
+    """One cell whichever case holds it: the same image file (SHA-256, as :func:`earlier_uploads` finds a file sent
+    again), and boxes overlapping by :data:`SAME_CELL_IOU` (no box: a single-cell image, the whole image is the
+    cell)."""
+    if cell.image.sha256 != other.image.sha256 or bool(cell.box) != bool(other.box):
+        return False
+    return not cell.box or box_iou(cell.box, other.box) >= SAME_CELL_IOU
 
 
 def one_copy_each(cells: Sequence[Cell]) -> tuple[list[Cell], list[tuple[Cell, Cell]], list[list[Cell]]]:
@@ -808,11 +825,20 @@ def one_copy_each(cells: Sequence[Cell]) -> tuple[list[Cell], list[tuple[Cell, C
     not change what an export holds. Returns the kept cells (in ``cells``' order), the copies left out (each with
     the cell kept) and the copies whose labels differ (the kept one first): ``train`` on both had warned that
     "byte-identical images carry different labels" and learned from both."""
-    groups: dict[tuple[str, tuple[int, ...] | None], list[Cell]] = {}
+    by_file: dict[str, list[list[Cell]]] = {}
     for cell in sorted(cells, key=lambda cell: (cell.case.created_at, cell.case_id, cell.position)):
-        groups.setdefault(cell_identity(cell), []).append(cell)
-    copies = [(copy, group[0]) for group in groups.values() for copy in group[1:]]
-    conflicts = [group for group in groups.values() if len({cell.reviewed_label for cell in group}) > 1]
+        groups = by_file.setdefault(cell.image.sha256, [])
+        # a cell of another case joins the first group it is the same cell as (:func:`same_cell`), never one of
+        # its own case: two cells of one field are two cells, however close
+        group = next((g for g in groups if all(c.case_id != cell.case_id for c in g) and same_cell(g[0], cell)),
+                     None)
+        if group is None:
+            groups.append([cell])
+        else:
+            group.append(cell)
+    every = [group for groups in by_file.values() for group in groups]
+    copies = [(copy, group[0]) for group in every for copy in group[1:]]
+    conflicts = [group for group in every if len({cell.reviewed_label for cell in group}) > 1]
     left_out = {copy.id for copy, _kept in copies}
     return [cell for cell in cells if cell.id not in left_out], copies, conflicts
 
