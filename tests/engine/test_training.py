@@ -500,3 +500,26 @@ def test_grid_search_marks_a_run_that_called_every_image_one_class(synthetic_roo
     said = " ".join(captured.get().split())
     assert "│ 2 ! │" in said and "! run 2 called every scored image neutrophil: a collapsed model" in said
     assert "│ 1 │" in said and "run 1 called" not in said
+
+
+def test_a_warning_about_the_data_is_said_once_for_the_runs_that_share_them(synthetic_root: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`search` and `compare` train many runs on one preparation of the data: the few-images warning was said again
+    at every run of a grid."""
+    import shutil
+
+    from leukoscope.tasks import classify
+
+    small = tmp_path / "small"
+    for folder in sorted(p for p in synthetic_root.iterdir() if p.is_dir()):
+        (small / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:6]:
+            shutil.copy(image, small / folder.name / image.name)
+    config = load_config(overrides=[f"data.path={small}", f"output_root={tmp_path / 'runs'}", "model.name=naive_bayes",
+                                    "model.image_size=32", "data.near_duplicates=false"])
+    data = prepare_data(config.data, preprocessing_of(config), tmp_path / "runs", show_progress=False)
+    said: list[str] = []
+    monkeypatch.setattr(classify, "say", said.append)
+    for index in range(2):
+        classify.run_experiment(config, run_dir=tmp_path / "runs" / f"run-{index}", prepared=data, show_progress=False)
+    assert sum("few images of" in line for line in said) == 1

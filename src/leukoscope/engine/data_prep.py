@@ -38,6 +38,8 @@ class PreparedData:
     load_reports: dict[str, LoadReport] = field(default_factory=dict)
     decoded_as: tuple[Any, ...] | None = None
     """:meth:`Preprocessing.decoded_as` of the preprocessing the parts were decoded with."""
+    said: set[str] = field(default_factory=set)
+    """Warnings about these data already said: `search` and `compare` train many runs on one preparation."""
 
     def skipped(self) -> list[dict[str, str]]:
         return [item for report in self.load_reports.values() for item in report.skipped]

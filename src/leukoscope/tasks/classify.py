@@ -119,8 +119,9 @@ def run_experiment(
         if config.model.init and odd:
             say(f"[yellow]warning:[/yellow] {odd}")
         few = few_images_note(prepared.split)
-        if few:  # its scores would say little, and a class of 2 images is hardly learned
+        if few and few not in prepared.said:  # its scores would say little; said once for search's many runs
             say(f"[yellow]warning:[/yellow] {escape(few)}")
+            prepared.said.add(few)
         if prepared.split_file.resolve() != own_split.resolve():
             shutil.copyfile(prepared.split_file, own_split)
         classes = prepared.classes
