@@ -97,3 +97,37 @@ def test_a_smear_field_sent_as_one_cell_says_it_holds_several_and_a_cell_photogr
     # under four windows' area at the scale stated (54 x 40 um): not counted; no scale: not counted
     assert several_white_cells(field, 0.1125, 24.0) is None
     assert single_cell_warnings(field, None, 24.0, field) == ()
+
+
+def test_a_classifier_of_whole_fields_does_not_doubt_a_centre_without_a_white_cell() -> None:
+    """3 of 20 all-taleqani fields sent to a classifier trained on such fields were said to hold "no white cell
+    at the image's centre": its own training fields lack one there 17 times in 200."""
+    from leukoscope.cell_presence import MAX_CENTRES_WITHOUT_WHITE_CELL, centres_record, checks_centres
+
+    field = _red_cells_only()
+    record = centres_record([field, _with_nucleus_at_centre(field), _with_nucleus_at_centre(field)])
+    assert record == {"checked": 3, "without_white_cell": 1}
+    assert not checks_centres(record)
+    assert checks_centres({"checked": 200, "without_white_cell": int(200 * MAX_CENTRES_WITHOUT_WHITE_CELL)})
+    assert checks_centres(None) and checks_centres({"checked": 0, "without_white_cell": 0})  # made before it
+    assert single_cell_warnings(field, None, 24.0, field, check_centre=False) == ()
+
+
+def test_predict_reads_the_check_from_the_bundles_training_record(tmp_path) -> None:
+    import json
+    import shutil
+
+    from leukoscope.cell_presence import TRAINING_CENTRES
+    from leukoscope.inference.predictor import CellClassifier
+    from leukoscope.pretrained import resolve_bundle
+
+    path = tmp_path / "field.png"
+    _red_cells_only().save(path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(resolve_bundle("pretrained:wbc-classifier"), bundle)
+    for without, doubted in ((0, True), (30, False)):
+        info = json.loads((bundle / "bundle.json").read_text())
+        info["provenance"][TRAINING_CENTRES] = {"checked": 300, "without_white_cell": without}
+        (bundle / "bundle.json").write_text(json.dumps(info))
+        (prediction,) = CellClassifier.from_bundle(bundle).predict_paths([path], frame=True, um_per_px=0.1)
+        assert (NO_WHITE_CELL_WARNING in prediction.warnings) is doubted

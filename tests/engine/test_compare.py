@@ -179,6 +179,18 @@ def test_a_row_a_classical_model_cannot_take_is_refused_before_any_row_trains(sy
     assert not list(tmp_path.glob("cmp-compare-*"))  # nothing trained, no folder
 
 
+def test_data_refused_leave_no_folder_behind(tmp_path: Path) -> None:
+    """A comparison whose data were refused left a folder holding only config.yaml."""
+    from leukoscope.data.manifest import DatasetError
+
+    (tmp_path / "empty").mkdir()
+    config = load_config(overrides=[f"data.path={tmp_path / 'empty'}", f"output_root={tmp_path / 'runs'}",
+                                    "name=cmp", *FAST])
+    with pytest.raises(DatasetError, match="empty"):
+        run_compare(config, models=["naive_bayes", "abas_cnn"], show_progress=False)
+    assert not list((tmp_path / "runs").glob("cmp-compare-*"))
+
+
 def test_a_row_fine_tuning_a_bundle_takes_the_bundles_input_settings(tmp_path: Path) -> None:
     """The row's config was a full dump of the base config: every field counted as set, so model.init's bundle
     lent nothing (128 px, no cell window, one view for a bundle of 96 px, 24 um, 8 views)."""

@@ -215,7 +215,28 @@ def test_class_map_merges_labels(synthetic_root: Path, tmp_path: Path) -> None:
     config = _config(synthetic_root, tmp_path, "train.epochs=1",
                      "data.class_map={lymphocyte: mature, monocyte: mature, neutrophil: mature}")
     result = run_experiment(config, show_progress=False)
-    assert load_bundle(result.bundle_dir)[1].classes == ["blast", "mature"]
+    info = load_bundle(result.bundle_dir)[1]
+    assert info.classes == ["blast", "mature"]
+    # its training images' centres, read for predict's check (synthetic cells: a violet nucleus at each centre)
+    trained = json.loads((result.run_dir / "split.json").read_text())["splits"]["train"]
+    assert info.provenance["training_centres"] == {"checked": len(trained), "without_white_cell": 0}
+
+
+def test_a_split_of_the_unmerged_data_serves_a_run_that_merges_classes(synthetic_root: Path, tmp_path: Path) -> None:
+    """`leukoscope split` saves the data's own labels; a config with data.class_map refused that split as
+    "32 relabelled; make a new split or restore the data", though nothing had changed."""
+    from leukoscope.data.readers import read_dataset
+    from leukoscope.data.splits import make_split
+
+    split_file = make_split(read_dataset(synthetic_root), seed=0).save(tmp_path / "split.json")
+    config = _config(synthetic_root, tmp_path, f"data.split_file={split_file}",
+                     "data.class_map={lymphocyte: mature, monocyte: mature, neutrophil: mature}")
+    merged = prepare_data(config.data, preprocessing_of(config), tmp_path, show_progress=False)
+    assert merged.classes == ["blast", "mature"]
+    saved = json.loads(split_file.read_text())["splits"]
+    for part, rows in saved.items():  # the parts it dealt, each image under its merged label
+        mapped = {r["path"]: ("blast" if r["label"] == "blast" else "mature") for r in rows}
+        assert {str(s.path.resolve()): s.label for s in merged.split.assignments[part]} == mapped
 
 
 def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path) -> None:
@@ -231,6 +252,28 @@ def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path)
     assert len(chosen) == 1
     assert chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in rows)
     assert Path(chosen[0]["bundle"]) == result.best.bundle_dir
+
+
+def test_a_search_that_stops_keeps_the_table_of_its_finished_runs(synthetic_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table was written after the last run only: a crash (or Ctrl-C) at run 17 lost the other 16."""
+    import leukoscope.tasks.search as search
+
+    trained = []
+
+    def second_run_stops(*args, **kwargs):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(run_experiment(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(search, "run_experiment", second_run_stops)
+    config = _config(synthetic_root, tmp_path, "name=grid-stop", "search.lr=[0.001,0.01]", "search.epochs=[1]")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, show_progress=False)
+    (search_dir,) = tmp_path.glob("grid-stop-search-*")
+    rows = json.loads((search_dir / "results.json").read_text())
+    assert [(row["run"], row["bundle"]) for row in rows] == [(1, str(trained[0].bundle_dir))]
 
 
 def test_search_and_compare_from_a_bundle_train_at_its_input_size(synthetic_root: Path, tmp_path: Path) -> None:
@@ -280,6 +323,7 @@ def test_grid_search_without_validation_split_is_refused_before_training(synthet
     with pytest.raises(ValueError, match="needs a validation split"):
         run_search(config, show_progress=False)
     assert not list(tmp_path.rglob("run-01"))  # nothing was trained
+    assert not list(tmp_path.glob("grid-noval-search-*"))  # nor an empty search folder left behind
 
 
 def test_frozen_backbone_keeps_its_batchnorm_statistics(prepared) -> None:

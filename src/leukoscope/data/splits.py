@@ -384,6 +384,20 @@ def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> N
         raise LeakageError(f"split leaks between train/val/test ({len(set(problems))} problem(s)): {shown}")
 
 
+def mapped_split(split: Split, class_map: Mapping[str, str]) -> Split | None:
+    """``split`` with its labels renamed by a config's ``data.class_map`` when it holds the unmapped ones (a
+    ``leukoscope split`` of the data as they are, used by a run that merges classes), else None. The parts stay
+    those the split dealt: stratified by the finer classes, they are stratified by the merged ones too."""
+    labels = {s.label for samples in split.assignments.values() for s in samples}
+    if not labels & set(class_map):
+        return None
+    assignments = {name: [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None,
+                                 s.subject) for s in samples]
+                   for name, samples in split.assignments.items()}
+    classes = sorted({s.label for samples in assignments.values() for s in samples if s.label is not None})
+    return Split(assignments, classes, dict(split.info))
+
+
 def split_matching(split: Split, manifest: Manifest) -> None:
     """Check that a saved split still describes ``manifest``: the same files, labels and subjects. A split
     holding images the data no longer has would train and test on them (training reads the split's list); one

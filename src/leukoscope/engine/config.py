@@ -42,10 +42,14 @@ class Section(BaseModel):
         return value
 
 
+#: A classifier's input side, in pixels (an architecture may need more: alexnet 63).
+IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 32, 1024
+
+
 def image_size_in_range(value: int) -> int:
     """A classifier's input side: 32 to 1024 pixels."""
-    if not 32 <= value <= 1024:
-        raise ValueError("must be between 32 and 1024 pixels")
+    if not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX:
+        raise ValueError(f"must be between {IMAGE_SIZE_MIN} and {IMAGE_SIZE_MAX} pixels")
     return value
 
 

@@ -14,7 +14,8 @@ import torch
 from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import check_spellings, read_dataset, refuse_uncertain_class
-from leukoscope.data.splits import Split, check_split, check_training_part, make_split, split_matching
+from leukoscope.data.splits import (Split, check_split, check_training_part, make_split, mapped_split,
+                                     split_matching)
 from leukoscope.engine.config import DataConfig
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -122,6 +123,12 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
     """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
     if split_file.exists():
         split = Split.load(split_file, data_root=manifest.root)
+        merged = mapped_split(split, data.class_map) if data.class_map else None
+        if merged is not None:  # it refused as "relabelled; restore the data" a split of the data as they are
+            say(f"[dim]the split's labels mapped by data.class_map: {split.classes} -> {merged.classes}[/dim]")
+            split = merged
+            if set(split.classes) == set(manifest.classes):  # data.classes may order them otherwise
+                split.classes = list(manifest.classes)
         try:
             split_matching(split, manifest)
         except DatasetError as exc:  # the file to delete, by name: training made it, the user never named it

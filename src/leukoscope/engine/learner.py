@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from leukoscope.bundle import BUNDLE_FILE
 from leukoscope.classic.features import FeatureExtractor
-from leukoscope.engine.config import ConfigError, ExperimentConfig
+from leukoscope.engine.config import IMAGE_SIZE_MAX, ConfigError, ExperimentConfig
 from leukoscope.engine.data_prep import PreparedData
 from leukoscope.engine.finetune import fine_tuning_start
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
@@ -90,8 +90,45 @@ def check_learner_config(config: ExperimentConfig, preprocessing: Preprocessing)
         if config.model.weights or config.model.freeze_backbone:  # they were dropped without a word
             raise ConfigError(f"model.weights and model.freeze_backbone are for CNNs; {config.model.name} is a "
                               f"classical model, trained from the data alone")
+    elif config.model.freeze_backbone and not (config.model.weights or config.model.init):
+        # it trained a class layer on a frozen random network: not the frozen-backbone experiment it names
+        raise ConfigError("model.freeze_backbone=true keeps the backbone's weights as they start, and without "
+                          "model.weights or model.init they are random: give the trained weights to freeze, "
+                          "or leave model.freeze_backbone false")
     _check_model_options(config, kind)
+    if kind != "classic":
+        _check_input_size(config, preprocessing.image_size)
     return kind
+
+
+def _check_input_size(config: ExperimentConfig, size: int) -> None:
+    """Refuse an image size the architecture cannot take (alexnet's pooling needs 63 px), before any image
+    is decoded: in a grid search the crash came after the runs before it had trained. Shapes only, on
+    torch's meta device: no weights are drawn and no memory is taken."""
+    def takes(pixels: int) -> bool:
+        try:
+            with torch.device("meta"), torch.no_grad():
+                model(torch.zeros(1, 3, pixels, pixels))
+        except RuntimeError:
+            return False
+        return True
+
+    try:
+        with torch.device("meta"):
+            model = create_model(config.model.name, num_classes=2, **config.model.options).eval()
+    except Exception:  # noqa: BLE001 - not a size question: the real build, later, says what is wrong
+        return
+    if takes(size):
+        return
+    low, high = size, IMAGE_SIZE_MAX  # the smallest size it takes, by bisection (shapes grow with the size)
+    if not takes(high):
+        raise ConfigError(f"{config.model.name} cannot take images of {size} px (model.image_size), nor of any "
+                          f"size up to {high} px")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if takes(middle) else (middle, high)
+    raise ConfigError(f"{config.model.name} cannot take images of {size} px (model.image_size): its layers "
+                      f"shrink them to nothing; it needs at least {high} px")
 
 
 #: Builder arguments a config sets in its own key: given as a model option they overrode it unseen, while the bundle

@@ -26,7 +26,7 @@ from scipy.special import softmax
 from leukoscope.bundle import BundleError, BundleInfo, load_ood_arrays, read_bundle_info
 from leukoscope.cell_window import frame_single_cell
 from leukoscope.evaluation.ood import OodStats
-from leukoscope.cell_presence import lacks_white_cell, several_white_cells
+from leukoscope.cell_presence import TRAINING_CENTRES, checks_centres, lacks_white_cell, several_white_cells
 from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, several_cells_warning,
                                           tiny_cell_warning, unscaled_cell_warning)
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
@@ -91,16 +91,18 @@ class Prediction:
 
 
 def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um: float | None,
-                         seen: Image.Image | None = None) -> tuple[str, ...]:
+                         seen: Image.Image | None = None, check_centre: bool = True) -> tuple[str, ...]:
     """The warnings of one single-cell ``image`` (as given, before framing) classified at ``scale``
     (:meth:`CellClassifier.frame`'s; None: taken as given) from ``seen`` (the window it was framed to; None:
-    the image): `predict`'s ``warnings`` column and the web service's single-cell cases say the same."""
+    the image): `predict`'s ``warnings`` column and the web service's single-cell cases say the same.
+    ``check_centre``: whether a centre without a white cell is doubted (:attr:`CellClassifier.checks_centres`:
+    not for a classifier of whole fields)."""
     unscaled = scale is not None and not scale.known and window_um is not None
     tiny = tiny_cell_warning(*image.size)
     # the field check of `analyze` (is_grayscale), said of the cell: its class rests on the stain's colour
     grey = is_grayscale(image)
     # a grey image has no violet to look for; a tiny one is doubted already
-    empty = not grey and not tiny and lacks_white_cell(image if seen is None else seen)
+    empty = check_centre and not grey and not tiny and lacks_white_cell(image if seen is None else seen)
     many: list[str] = []  # a smear field sent as a cell: one cell counted of many (its scale tells its size)
     if not grey and scale is not None and scale.um_per_px is not None and window_um is not None:
         um = scale.um_per_px
@@ -165,6 +167,12 @@ class CellClassifier:
         """PIL RGB -> the model's (3, S, S) input through the bundle's preprocessing, exactly as in
         training (uint8, not normalised, for a classical model, which computes its features from it)."""
         return self.preprocessing.model_input(self.preprocessing.pixels(image), self.info.framework)
+
+    @property
+    def checks_centres(self) -> bool:
+        """Whether an image without a white cell at its centre is doubted: not by a classifier of whole fields,
+        whose training images often had none there (:func:`leukoscope.cell_presence.checks_centres`)."""
+        return checks_centres(self.info.provenance.get(TRAINING_CENTRES))
 
     @property
     def window_um(self) -> float | None:
@@ -259,7 +267,8 @@ class CellClassifier:
                 image = load_image(path, max_pixels=max_pixels)
                 framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px) if frame
                                          else (image, None))
-                warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed)
+                warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed,
+                                                     check_centre=self.checks_centres)
                 pending.append((index, framed))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)

@@ -294,7 +294,8 @@ class Analyzer:
         classifier = self._classifier()
         framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
-        warnings = single_cell_warnings(image, scale, classifier.window_um, framed)
+        warnings = single_cell_warnings(image, scale, classifier.window_um, framed,
+                                        check_centre=classifier.checks_centres)
         prediction = replace(prediction, scale=scale, warnings=warnings)
         if scale is None:
             return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=list(warnings))

@@ -297,6 +297,10 @@ def run_compare(
     # the config's model is not one of the rows: without a name the folder is "compare-<time>", not the default
     # model's name (a comparison of naive Bayes and a tree went into "resnet18-compare-...")
     base = config.name or "compare"
+    prepared: dict[tuple[Any, ...], PreparedData] = {}  # decoded once per Preprocessing.decoded_as
+    # the first row's data before the folder: a split or data refused left a folder holding only config.yaml
+    prepared[preprocessing_of(configs[0]).decoded_as()] = prepare_data(
+        configs[0].data, preprocessing_of(configs[0]), Path(config.output_root), show_progress=show_progress)
     if compare_dir is None:
         compare_dir = fresh_dir(config.output_root, base if not config.name else f"{base}-compare")
     compare_dir = Path(compare_dir)
@@ -304,7 +308,6 @@ def run_compare(
     save_config(config, compare_dir / "config.yaml")
     console.print(f"[bold]compare[/bold]: {len(entries)} models in {compare_dir}: {', '.join(labels)}")
 
-    prepared: dict[tuple[Any, ...], PreparedData] = {}  # decoded once per Preprocessing.decoded_as
     rows: list[CompareRow] = []
     runs: list[RunResult] = []
     split_files: set[str] = set()

@@ -81,14 +81,9 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     for settings in combos:  # every run's settings before the first trains (lr, optimizer, batch size)
         run_config = _apply(config, settings)
         check_learner_config(run_config, preprocessing_of(run_config))
-    search_dir = fresh_dir(config.output_root, f"{run_name(config)}-search")
-    console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
     prepared: dict[tuple[Any, ...], PreparedData] = {}  # decoded once per Preprocessing.decoded_as
-    rows: list[dict[str, Any]] = []
-    results: list[RunResult] = []
-    for index, settings in enumerate(combos, start=1):
-        run_config = _apply(config, settings)
-        run_config.name = f"{run_name(config)}-{index:02d}"
+
+    def prepared_for(run_config: ExperimentConfig) -> PreparedData:
         size = preprocessing_of(run_config).decoded_as()
         if size not in prepared:
             prepared[size] = prepare_data(run_config.data, preprocessing_of(run_config), Path(config.output_root),
@@ -96,9 +91,20 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             if "val" not in prepared[size].parts:  # refuse before hours of training, not after
                 raise ValueError("grid search needs a validation split to choose a run (data.ratios gives it "
                                  "0 images); a choice by test or training scores would not be honest")
+        return prepared[size]
+
+    prepared_for(_apply(config, combos[0]))  # before the folder: a refused split or data left an empty one
+    search_dir = fresh_dir(config.output_root, f"{run_name(config)}-search")
+    console.print(f"[bold]grid search[/bold]: {len(combos)} runs in {search_dir}")
+    rows: list[dict[str, Any]] = []
+    results: list[RunResult] = []
+    for index, settings in enumerate(combos, start=1):
+        run_config = _apply(config, settings)
+        run_config.name = f"{run_name(config)}-{index:02d}"
+        data = prepared_for(run_config)
         console.print(f"[bold]run {index}/{len(combos)}[/bold] " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         with one_run_of("search", index, len(combos)):
-            result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=prepared[size],
+            result = run_experiment(run_config, run_dir=search_dir / f"run-{index:02d}", prepared=data,
                                     show_progress=show_progress)
         results.append(result)
         val_rows = [h for h in result.fit.history if h["epoch"] == result.fit.best_epoch]
@@ -117,6 +123,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
             # the class a collapsed run called every scored image (None otherwise), as compare's one_class
             "one_class": only_class_called(result.metrics),
         })
+        _write_tables(search_dir, rows)  # after each run: a later run's crash kept none of the table
     key = config.train.monitor
     best_index = max(range(len(rows)), key=lambda i: _selection_score(rows[i], key))
     for i, row in enumerate(rows):
