@@ -821,6 +821,40 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
     assert "1 of 2 image(s) read, 0 white cells" in said  # the count is of the image read, and says so
 
 
+def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp_path: Path) -> None:
+    """`cd fields && leukoscope analyze .` run twice analysed the first run's summary.png as a field (and a slide's
+    overview, adding its 11 white cells to a pooled count of 1)."""
+    import csv
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for shade, name in enumerate(("a.png", "b.png")):
+        Image.new("RGB", (64, 64), (230, 200 + shade, 200)).save(folder / name)
+    for out in (folder / "analysis", folder / "analysis", folder / "other"):
+        result = invoke("analyze", folder, "--out", out, "--no-classifier")
+        said = " ".join(result.output.split())
+        assert result.exit_code == 0, said
+        with (out / "summary.csv").open() as handle:
+            assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["a.png", "b.png", "TOTAL"]
+    assert "1 image(s) that earlier analyses wrote into the input folders left out" in said  # analysis/summary.png
+    (folder / "a.png").unlink(), (folder / "b.png").unlink()
+    result = invoke("analyze", folder, "--out", tmp_path / "third", "--no-classifier")
+    assert result.exit_code == 2 and "is one this program wrote" in " ".join(result.output.split())
+
+
+def test_a_field_with_a_long_name_is_analysed_under_a_shortened_one(tmp_path: Path) -> None:
+    """A scanner's 250-character name stopped the folder run with "File name too long", the fields after it lost."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    long_names = ["slide_" + "x" * 240 + suffix for suffix in ("_1.png", "_2.png")]  # one long start, two fields
+    for shade, name in enumerate(long_names):
+        Image.new("RGB", (64, 64), (230, 200 + shade, 200)).save(folder / name)
+    result = invoke("analyze", folder, "--out", tmp_path / "out", "--no-classifier")
+    assert result.exit_code == 0, result.output
+    written = sorted(path.name for path in (tmp_path / "out").glob("*.json") if path.name != "summary.json")
+    assert len(written) == 2 and all(len(name) <= 200 for name in written)
+
+
 def test_files_of_a_folder_not_taken_as_images_are_named(tmp_path: Path, caplog) -> None:
     """A .webp, a .gif and a JPEG without an extension were skipped without a word."""
     from leukoscope.inference.predict_files import collect_images

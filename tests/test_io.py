@@ -234,6 +234,32 @@ def test_random_bytes(tmp_path: Path) -> None:
     assert "noise.jpg" in str(info.value)
 
 
+def test_archives_and_undecodable_tiffs_are_said_for_what_they_are(tmp_path: Path) -> None:
+    """A .zip of fields and a 32-bit float colour TIFF were each "not a recognised image (expected one of BMP,
+    JPEG, PNG, TIFF)": of the TIFF, a contradiction."""
+    import io
+    import tarfile
+    import zipfile
+
+    import tifffile
+
+    field = tmp_path / "field.png"
+    Image.new("RGB", (8, 8)).save(field)
+    with zipfile.ZipFile(tmp_path / "fields.zip", "w") as archive:
+        archive.write(field, "field.png")
+    for mode, name in (("w:gz", "fields.tar.gz"), ("w", "fields.tar")):
+        with tarfile.open(tmp_path / name, mode) as archive:
+            archive.add(field, "field.png")
+    for name, said in (("fields.zip", "a ZIP archive, not an image"), ("fields.tar.gz", "a gzip file"),
+                       ("fields.tar", "a tar archive, not an image")):
+        with pytest.raises(ImageDecodeError, match=f"{name}: {said}.*unpack the fields first"):
+            load_image(tmp_path / name)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.random.default_rng(0).random((16, 16, 3), dtype=np.float32), photometric="rgb")
+    with pytest.raises(ImageDecodeError, match="a TIFF whose samples cannot be decoded .*32-bit floating-point"):
+        load_image(buffer.getvalue())
+
+
 def test_text_file_renamed_jpg(tmp_path: Path) -> None:
     path = tmp_path / "notes.jpg"
     path.write_text("patient 12, smear 3, looks like ALL\n" * 20)

@@ -95,9 +95,7 @@ def load_image(
         try:
             image = Image.open(fp)
         except UnidentifiedImageError:
-            raise ImageDecodeError(
-                f"{name}: not a recognised image (expected one of {', '.join(sorted(formats))})"
-            ) from None
+            raise ImageDecodeError(f"{name}: {_unrecognised(fp, formats)}") from None
         except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before our check
             raise ImageTooLargeError(too_many_pixels(name, exc, max_pixels)) from None
         except OSError as exc:
@@ -158,6 +156,30 @@ EXIF_ORIENTATION = 0x0112
 _ORIENTATION_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                       4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                       6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+#: The first bytes of files that arrive as images but are not, and what to say of them.
+_UNPACK = "archives are not read: unpack the fields first"
+_NOT_IMAGES = ((b"PK\x03\x04", f"a ZIP archive, not an image ({_UNPACK})"),
+               (b"\x1f\x8b", f"a gzip file (a .tar.gz?), not an image ({_UNPACK})"),
+               (b"%PDF", "a PDF document, not an image (export its pages as PNG or TIFF)"))
+_TIFF_HEADERS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unrecognised(fp: BinaryIO, formats: frozenset[str]) -> str:
+    """Why a file Pillow could not identify was refused, from its first bytes: an archive was "not a recognised
+    image", and a TIFF of 32-bit float colour "not a recognised image (expected one of ... TIFF)"."""
+    fp.seek(0)
+    head = fp.read(512)
+    if head.startswith(_TIFF_HEADERS):
+        return ("a TIFF whose samples cannot be decoded (e.g. 32-bit floating-point colour, or an unusual "
+                "compression; or a truncated file): save it as 8- or 16-bit RGB")
+    for magic, said in _NOT_IMAGES:
+        if head.startswith(magic):
+            return said
+    if head[257:262] == b"ustar":
+        return f"a tar archive, not an image ({_UNPACK})"
+    return f"not a recognised image (expected one of {', '.join(sorted(formats))})"
 
 
 def _full_depth_colour(image: Image.Image, fp: BinaryIO) -> Image.Image | None:

@@ -356,14 +356,17 @@ def test_a_field_saved_twice_is_counted_once(smear_root: Path, detector_bundle: 
     fields = tmp_path / "fields"
     fields.mkdir()
     first, second = sorted((smear_root / "JPEGImages").glob("*.png"))[:2]
-    for name, source in (("a.png", first), ("b.png", first), ("c.png", second)):
+    (fields / "sub").mkdir()
+    for name, source in (("a.png", first), ("b.png", first), ("c.png", second), ("sub/c.png", second)):
         shutil.copy(source, fields / name)
+    (fields / "empty.png").write_bytes(b""), (fields / "empty2.png").write_bytes(b"")  # unreadable, not copies
     result = CliRunner().invoke(app, ["analyze", str(fields), "--detector", str(detector_bundle), "--classifier",
                                       str(classifier_bundle), "--out", str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # the empty files: each a failed row
     rows = csv.DictReader(open(tmp_path / "out" / "summary.csv"))
-    assert [Path(row["image"]).name for row in rows] == ["a.png", "c.png", "TOTAL"]
-    assert "1 file(s) are byte-identical copies of others and are used once: b.png (= a.png)" in caplog.text
+    assert [Path(row["image"]).name for row in rows] == ["a.png", "c.png", "empty.png", "empty2.png", "TOTAL"]
+    assert (f"2 file(s) are byte-identical copies of others and are used once: b.png (= a.png), "
+            f"{fields / 'sub' / 'c.png'} (= {fields / 'c.png'})") in caplog.text
 
 
 def test_a_runs_summary_names_the_models_behind_it(smear_root: Path, detector_bundle: Path,

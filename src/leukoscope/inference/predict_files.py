@@ -64,7 +64,8 @@ def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
     under two names was counted twice in a pooled differential. Files are compared by size, then (same size) by
     their ends, then (same ends) whole: uncompressed fields of one camera are all of one size."""
     copies: dict[Path, Path] = {}
-    for alike in _alike(_alike([list(paths)], _size), _ends):
+    # empty files are alike but no copies: each is reported unreadable (one had vanished as a copy of another)
+    for alike in _alike([same for same in _alike([list(paths)], _size) if _size(same[0]) > 0], _ends):
         first: dict[str, Path] = {}
         for path in alike:
             try:
@@ -76,8 +77,16 @@ def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
                 copies[path] = original
     if copies:
         log.warning("%d file(s) are byte-identical copies of others and are used once: %s", len(copies),
-                    name_some([f"{copy.name} (= {original.name})" for copy, original in copies.items()]))
+                    name_some([_copy_of(copy, original) for copy, original in copies.items()]))
     return [path for path in paths if path not in copies]
+
+
+def _copy_of(copy: Path, original: Path) -> str:
+    """``copy (= original)``, by name in one folder, else by path: "field.jpg (= field.jpg)" said neither which
+    was left out nor which was used."""
+    if copy.parent == original.parent:
+        return f"{copy.name} (= {original.name})"
+    return f"{copy} (= {original})"
 
 
 def _alike(groups: list[list[Path]], key: Callable[[Path], Any]) -> list[list[Path]]:

@@ -4,6 +4,7 @@ folder (``summary.csv`` / ``summary.json`` with the pooled differential of the s
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections import Counter
@@ -44,11 +45,52 @@ def encode_png(image: Image.Image) -> bytes:
 SUMMARY_STEM = "summary"
 
 
+def analysis_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an analysis's own files (its ``summary.json``: a run's ``--out``, a slide's
+    folder in it): a folder analysed again with its earlier results inside read their ``summary.png`` and a
+    slide's overview as fields (11 white cells added to a pooled count of 1)."""
+    try:
+        record = json.loads((folder / f"{SUMMARY_STEM}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "pooled_differential" in record and "disclaimer" in record
+
+
+def earlier_outputs(paths: Sequence[Path], folder: Path, out: Path) -> list[Path]:
+    """The ``paths`` found in ``folder`` (an input folder) that this program wrote: under ``out`` (this run's), or
+    in a folder between ``folder`` and the file that holds an analysis's summary (an earlier run's)."""
+    out, folder = out.resolve(), folder.resolve()
+    known: dict[Path, bool] = {}
+
+    def written(path: Path) -> bool:
+        resolved = path.resolve()
+        if resolved.is_relative_to(out):
+            return True
+        for parent in resolved.parents:
+            if not parent.is_relative_to(folder):
+                return False
+            if parent not in known:
+                known[parent] = analysis_output_folder(parent)
+            if known[parent]:
+                return True
+        return False
+
+    return [path for path in paths if written(path)]
+
+
+#: File names are kept to this many characters, the longest suffix a field's outputs add (``.annotated.png``)
+#: included, within the 255 bytes of most file systems (a scanner's name of barcode, patient, date and position
+#: stopped a run with "File name too long").
+MAX_STEM = 160
+
+
 def unique_stem(path: Path, used: set[str]) -> str:
     """A file-name-safe stem for ``path``'s outputs whose case-folded form is not yet in ``used`` (which it
     joins, case-folded): on a case-insensitive file system (macOS, Windows) ``Field.jpg`` and ``field.png``
     would share files, and ``Summary.jpg`` would write over ``summary.json``."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    if len(base) > MAX_STEM:  # shortened, a digest of the whole name keeping two long names apart
+        base = f"{base[:MAX_STEM - 9]}-{hashlib.sha1(path.stem.encode()).hexdigest()[:8]}"
     stem, k = base, 1
     while stem.casefold() in used:
         k += 1
