@@ -1327,9 +1327,9 @@ def compare(
 ) -> None:
     """Train several models (CNN and classical) on one split; one table, one figure, one page.
 
-    The last line printed is the bundle of the row with the best validation accuracy. Test scores never
-    choose: without a validation part in the split every row is still scored, no row is chosen, and the
-    last line is the comparison's folder.
+    The last line printed is the bundle of the row best on validation by train.monitor (default: accuracy).
+    Test scores never choose: without a validation part in the split every row is still scored, no row is
+    chosen, and the last line is the comparison's folder.
     """
     cfg = _load_config(config, overrides or [], data, None, split_file)
     from leukoscope.tasks.compare import run_compare

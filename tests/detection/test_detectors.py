@@ -140,3 +140,20 @@ def test_an_images_detections_do_not_depend_on_what_it_is_batched_with(detector_
     beside = detector.detect([small, large], batch_size=2)[0]
     assert len(alone.boxes) == len(beside.boxes) and np.allclose(alone.boxes, beside.boxes)
     assert [len(b) for b in same_size_batches([small, small, large, small, small, small], 2)] == [2, 1, 2, 1]
+
+
+def test_a_detectors_settings_are_named_by_their_own_keys_and_a_frozen_random_backbone_refused(tmp_path: Path) -> None:
+    """A wrong backbone file was reported as "model.options for fasterrcnn_abas: ..."; a frozen backbone without
+    weights trained the heads on a random one, without a word."""
+    from leukoscope.engine.config import ConfigError
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.detect import build_detector
+
+    torch.save(create_model("tusar_convnet", num_classes=2).state_dict(), tmp_path / "other.pt")
+    config = load_detection_config(overrides=["model.name=fasterrcnn_abas",
+                                              f"model.backbone_weights={tmp_path / 'other.pt'}"])
+    with pytest.raises(ConfigError, match=r"^fasterrcnn_abas with model.backbone_weights: .*no backbone weights"):
+        build_detector(config, 3)
+    config = load_detection_config(overrides=["model.name=fasterrcnn_abas", "model.freeze_backbone=true"])
+    with pytest.raises(ConfigError, match="without model.backbone_weights, model.weights or model.init they are random"):
+        build_detector(config, 3)

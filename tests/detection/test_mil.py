@@ -106,6 +106,10 @@ def test_mil_command_runs_a_validated_config(tmp_path: Path) -> None:
     assert "cells located" in (run_dir / "train.log").read_text()
     metrics = json.loads((run_dir / "mil_metrics.json").read_text())
     assert 0.0 <= metrics["field_accuracy_from_cells"] <= 1.0 and "whole_image_accuracy" not in metrics
+    # the comparison the run is for, said on the console (it was in mil_metrics.json alone)
+    said = " ".join(result.output.split())
+    assert (f"fields classified from their cells: accuracy {metrics['field_accuracy_from_cells']:.4f}, macro F1 "
+            f"{metrics['field_macro_f1_from_cells']:.4f}") in said
     # `train` dispatches on the config's task as well
     again = runner.invoke(app, ["train", "--config", str(config), "--quiet", f"output_root={tmp_path / 'runs2'}"])
     assert again.exit_code == 0, again.output

@@ -152,12 +152,12 @@ def test_ties_on_validation_go_to_the_lower_validation_loss_whatever_the_order()
     from dataclasses import replace
 
     from leukoscope.tasks.compare import CompareRow, _choose
-    from leukoscope.tasks.search import _selection_score
+    from leukoscope.tasks.search import selection_score
 
     searched = [{"val_accuracy": 0.333, "val_macro_f1": 0.125, "val_loss": 464.5},
                 {"val_accuracy": 0.333, "val_macro_f1": 0.125, "val_loss": 1.49}]
     for rows in (searched, searched[::-1]):
-        best = max(rows, key=lambda row: _selection_score(row, "val_accuracy"))
+        best = max(rows, key=lambda row: selection_score(row, "val_accuracy"))
         assert best["val_loss"] == 1.49
     row = CompareRow(label="a", model="abas_cnn", kind="classifier", accuracy=0.5, precision=None, recall=None,
                      specificity=None, f1=None, roc_auc=None, train_minutes=None, images_per_second=None,
@@ -167,6 +167,23 @@ def test_ties_on_validation_go_to_the_lower_validation_loss_whatever_the_order()
     for rows in ([row, calm], [calm, row]):
         index, why = _choose(rows)
         assert rows[index].label == "calm" and "then loss" in why
+
+
+def test_rows_are_chosen_by_the_configs_monitor_as_search_chooses() -> None:
+    """compare chose by validation accuracy whatever train.monitor said (val_macro_f1 on a set of 15% Benign)."""
+    from dataclasses import replace
+
+    from leukoscope.tasks.compare import CompareRow, _choose
+
+    row = CompareRow(label="majority", model="abas_cnn", kind="classifier", accuracy=0.85, precision=None,
+                     recall=None, specificity=None, f1=None, roc_auc=None, train_minutes=None, images_per_second=None,
+                     parameters=None, epochs=1, val_accuracy=0.85, val_macro_f1=0.46, evaluated_on="test",
+                     segmentation=None, run_dir="r", bundle="b", val_loss=0.40)
+    balanced = replace(row, label="balanced", val_accuracy=0.80, val_macro_f1=0.70, val_loss=0.45)
+    assert _choose([row, balanced])[0] == 0
+    index, why = _choose([row, balanced], "val_macro_f1")
+    assert index == 1 and why.startswith("validation macro F1")
+    assert _choose([row, balanced], "val_loss")[0] == 0
 
 
 def test_a_row_a_classical_model_cannot_take_is_refused_before_any_row_trains(synthetic_root: Path,

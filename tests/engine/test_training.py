@@ -355,13 +355,13 @@ def test_checkpoint_random_states_round_trip(tmp_path: Path) -> None:
 
 
 def test_grid_search_by_validation_loss_prefers_the_lowest_loss() -> None:
-    from leukoscope.tasks.search import _selection_score
+    from leukoscope.tasks.search import selection_score
 
     rows = [{"val_loss": 0.4, "val_macro_f1": 0.9}, {"val_loss": 0.1, "val_macro_f1": 0.8},
             {"val_loss": None, "val_macro_f1": None}]
-    assert max(range(3), key=lambda i: _selection_score(rows[i], "val_loss")) == 1
+    assert max(range(3), key=lambda i: selection_score(rows[i], "val_loss")) == 1
     rows = [{"val_accuracy": 0.5, "val_macro_f1": 0.4}, {"val_accuracy": 0.5, "val_macro_f1": 0.45}]
-    assert max(range(2), key=lambda i: _selection_score(rows[i], "val_accuracy")) == 1
+    assert max(range(2), key=lambda i: selection_score(rows[i], "val_accuracy")) == 1
 
 
 def test_unknown_model_option_is_named(synthetic_root: Path, tmp_path: Path) -> None:

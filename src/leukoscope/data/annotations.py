@@ -731,7 +731,9 @@ def read_voc_dataset(
     if issues:
         log.warning("%s: %d annotation problem(s) skipped, e.g. %s", root, len(issues), issues[0])
     if duplicates:
-        log.info("%s: %d image(s) appear in more than one of %s and were kept once", root, duplicates, splits)
+        # a warning, not a note: a run of 360 files read as 300 said so with --verbose only (CBC's Validation is
+        # a copy of part of its Training)
+        log.warning("%s: %d image(s) appear in more than one of %s and were kept once", root, duplicates, splits)
     found = sorted({box.label for image in images for box in image.boxes})
     if classes is None:  # the names found are the classes: two spellings of one name would be two classes
         clashes = case_clashes(found)

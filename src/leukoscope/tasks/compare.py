@@ -64,6 +64,7 @@ from leukoscope.engine.run_dir import fresh_dir, one_run_of
 from leukoscope.engine.learner import check_learner_config
 from leukoscope.evaluation.metrics import collapsed_note, only_class_called
 from leukoscope.tasks.classify import RunResult, preprocessing_of, run_experiment, with_absolute_paths
+from leukoscope.tasks.search import selection_score
 from leukoscope.models import model_entry
 from leukoscope.progress import console
 from leukoscope.proportions import wilson_interval
@@ -261,9 +262,11 @@ NO_VALIDATION = ("no row is chosen: the split has no validation part, and a choi
                  "row chosen on it")
 
 
-def _choose(rows: list[CompareRow]) -> tuple[int | None, str]:
-    """The best row on validation and the words of the rule; (None, why) when a row has no validation score:
-    test scores never choose (a choice by them is tuning to the test set; `leukoscope search` refuses too)."""
+def _choose(rows: list[CompareRow], monitor: str = "val_accuracy") -> tuple[int | None, str]:
+    """The best row on validation by ``monitor`` (the config's ``train.monitor``, as `search` chooses; ties as
+    :func:`leukoscope.tasks.search.selection_score` breaks them) and the words of the rule; (None, why) when a
+    row has no validation score: test scores never choose (a choice by them is tuning to the test set;
+    `leukoscope search` refuses too)."""
     unscored = [row.label for row in rows if row.val_accuracy is None]
     if len(unscored) == len(rows):
         return None, NO_VALIDATION
@@ -272,9 +275,12 @@ def _choose(rows: list[CompareRow]) -> tuple[int | None, str]:
                       f"test scores would tune to the test set (every row's test scores are still reported)")
 
     def key(i: int) -> tuple[float, float, float]:  # ties: the lower validation loss, as training's epochs
-        loss = rows[i].val_loss
-        return rows[i].val_accuracy, rows[i].val_macro_f1 or 0.0, -loss if loss is not None else -float("inf")
-    return max(range(len(rows)), key=key), "validation accuracy (then validation macro F1, then loss)"
+        row = rows[i]
+        return selection_score({"val_accuracy": row.val_accuracy, "val_macro_f1": row.val_macro_f1,
+                                 "val_loss": row.val_loss}, monitor)
+    words = {"val_accuracy": "validation accuracy", "val_macro_f1": "validation macro F1",
+             "val_loss": "the lower validation loss"}[monitor]
+    return max(range(len(rows)), key=key), f"{words} (then validation macro F1, then loss)"
 
 
 def run_compare(
@@ -332,7 +338,7 @@ def run_compare(
         rows.append(_row(label, cfg, result))
     if len(split_files) != 1:  # cannot happen with the allowed overrides; guards future changes
         raise RuntimeError(f"compare used more than one split: {sorted(split_files)}")
-    best_index, chosen_by = _choose(rows)
+    best_index, chosen_by = _choose(rows, config.train.monitor)
     if best_index is not None:
         rows[best_index].chosen = True
     first = next(iter(prepared.values()))

@@ -59,11 +59,19 @@ def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) 
     if config.model.backbone_weights:
         options["backbone_weights"] = config.model.backbone_weights
     if config.model.freeze_backbone:
+        if not (config.model.init or config.model.weights or config.model.backbone_weights):
+            raise ConfigError("model.freeze_backbone=true keeps the backbone's weights as they start, and without "
+                              "model.backbone_weights, model.weights or model.init they are random: give the "
+                              "trained weights to freeze, or leave model.freeze_backbone false")
         options["freeze_backbone"] = True
     try:
         return create_model(config.model.name, num_classes=num_classes, **options)
-    except (TypeError, ValueError) as exc:  # unknown or ill-formed options
-        raise ConfigError(f"model.options for {config.model.name}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # unknown or ill-formed options, or weights that do not fit
+        # the settings given, by their own keys: a wrong backbone_weights file was said to be "model.options"
+        given = [f"model.options.{key}" for key in config.model.options] + [
+            key for key, value in (("model.init", config.model.init), ("model.weights", config.model.weights),
+                                   ("model.backbone_weights", config.model.backbone_weights)) if value]
+        raise ConfigError(f"{config.model.name} with {', '.join(given) or 'its defaults'}: {exc}") from None
 
 
 def training_scale(setting: float | str | None, images: list) -> float | None:

@@ -310,7 +310,20 @@ def run_mil_experiment(
         metrics.update(score_whole_image_bundle(whole_image_bundle, field_data, field_split_file,
                                                 out_dir / "whole_image_bundle", show_progress=show_progress))
     (out_dir / "mil_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    _say_result(metrics, len(test_fields))
     return MilResult(out_dir, metrics, cell_run.bundle_dir, field_bundle)
+
+
+def _say_result(metrics: dict[str, Any], fields: int) -> None:
+    """The comparison the run is for, last on the console: the two "test accuracy" lines above it are the cells'
+    (each with its field's label) and the whole-image run's, and the fields' score was in mil_metrics.json alone."""
+    rows = [("fields classified from their cells", "field_accuracy_from_cells", "field_macro_f1_from_cells"),
+            ("whole-image classifier trained beside it", "whole_image_accuracy", "whole_image_macro_f1"),
+            ("whole-image bundle given", "whole_image_bundle_accuracy", "whole_image_bundle_macro_f1")]
+    say(f"[bold]test fields ({fields})[/bold]:")
+    for name, accuracy, f1 in rows:
+        if metrics.get(accuracy) is not None:
+            say(f"  {name}: accuracy {metrics[accuracy]:.4f}, macro F1 {metrics[f1]:.4f}")
 
 
 def check_whole_image_bundle(bundle: str | Path, test_fields: Manifest) -> None:

@@ -125,7 +125,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
         })
         _write_tables(search_dir, rows)  # after each run: a later run's crash kept none of the table
     key = config.train.monitor
-    best_index = max(range(len(rows)), key=lambda i: _selection_score(rows[i], key))
+    best_index = max(range(len(rows)), key=lambda i: selection_score(rows[i], key))
     for i, row in enumerate(rows):
         row["chosen"] = i == best_index
     _write_tables(search_dir, rows)
@@ -134,7 +134,7 @@ def run_search(config: ExperimentConfig, *, show_progress: bool = True) -> Searc
     return SearchResult(search_dir, rows, results[best_index])
 
 
-def _selection_score(row: dict[str, Any], monitor: str) -> tuple[float, float, float]:
+def selection_score(row: dict[str, Any], monitor: str) -> tuple[float, float, float]:
     """Higher is better: the monitored validation value (loss negated), then macro-F1, then the lower
     validation loss, as training chooses its epoch (a small validation set ties often: the grid's order
     chose, and once a diverged run)."""
