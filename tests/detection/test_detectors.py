@@ -155,5 +155,6 @@ def test_a_detectors_settings_are_named_by_their_own_keys_and_a_frozen_random_ba
     with pytest.raises(ConfigError, match=r"^fasterrcnn_abas with model.backbone_weights: .*no backbone weights"):
         build_detector(config, 3)
     config = load_detection_config(overrides=["model.name=fasterrcnn_abas", "model.freeze_backbone=true"])
-    with pytest.raises(ConfigError, match="without model.backbone_weights, model.weights or model.init they are random"):
+    random = "without model.backbone_weights, model.weights or model.init they are random"
+    with pytest.raises(ConfigError, match=random):
         build_detector(config, 3)
