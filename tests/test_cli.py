@@ -842,6 +842,22 @@ def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp
     assert result.exit_code == 2 and "is one this program wrote" in " ".join(result.output.split())
 
 
+def test_an_image_too_small_to_be_a_field_says_so(tmp_path: Path) -> None:
+    """A 1 x 1 image and an 8 x 480 strip were "analysed" as smear fields, with no warning."""
+    import json
+
+    from leukoscope.inference.quality import TINY_FIELD_WORDING
+
+    for name, size in (("dot.png", (1, 1)), ("strip.png", (8, 480)), ("field.png", (64, 64))):
+        Image.new("RGB", size, (230, 200, 200)).save(tmp_path / name)
+    result = invoke("analyze", tmp_path / "dot.png", tmp_path / "strip.png", tmp_path / "field.png",
+                    "--out", tmp_path / "out", "--no-classifier")
+    assert result.exit_code == 0, result.output
+    for stem, tiny in (("dot", True), ("strip", True), ("field", False)):
+        warnings = json.loads((tmp_path / "out" / f"{stem}.json").read_text())["differential"]["warnings"]
+        assert any(w.startswith(TINY_FIELD_WORDING) for w in warnings) is tiny, (stem, warnings)
+
+
 def test_a_field_with_a_long_name_is_analysed_under_a_shortened_one(tmp_path: Path) -> None:
     """A scanner's 250-character name stopped the folder run with "File name too long", the fields after it lost."""
     folder = tmp_path / "fields"

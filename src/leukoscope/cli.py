@@ -929,8 +929,9 @@ def export(
     int8: bool = flag(False, "--int8", help="Quantize to int8 (static, calibrated on --calibration; a "
                       "detector's box head: dynamic)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Images like those the model will "
-                                              "see (a folder, class folders or a CSV manifest; up to 512 are used; a "
-                                              "detector: a folder of fields, up to 64) to calibrate --int8 on; not "
+                                              "see (a folder, class folders or a CSV manifest; at least 16, up to "
+                                              "512 used; a detector: a folder of 16 to 64 fields) to calibrate "
+                                              "--int8 on; not "
                                               "the --check images."),
     check: Optional[str] = typer.Option(None, "--check", help="Images (a folder, class folders or a CSV manifest; "
                                         "for a detector a VOC folder) to compare the graph with the torch model on "

@@ -243,6 +243,18 @@ def test_not_a_slide(tmp_path: Path) -> None:
         open_slide(tmp_path / "missing.svs")
 
 
+def test_a_flat_scan_too_large_for_a_field_is_told_how_to_be_read(tmp_path: Path, monkeypatch) -> None:
+    """An 11000 x 11000 one-level TIFF was refused as a field (over 120 Mpx) and, with --slide, as "not a pyramidal
+    slide; analyse it as a field": each refusal sent to the other."""
+    import leukoscope.inference.slide.reader as reader
+
+    flat = write_pyramid(tmp_path / "flat.tif", slide_pixels(0)[:128, :128], levels=1)
+    monkeypatch.setattr(reader, "DEFAULT_MAX_PIXELS", 128 * 128 - 1)
+    with pytest.raises(SlideError, match=r"at 128x128 it is also over a field's limit .* save it as a tiled "
+                                         r"pyramidal TIFF .*analyse that as a slide"):
+        open_slide(flat)
+
+
 def test_missing_tiffslide_names_the_extra(slide_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tiffslide", None)  # import tiffslide -> ImportError
     with pytest.raises(SlideError, match=r"leukoscope\[slide\]"):

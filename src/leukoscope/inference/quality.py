@@ -189,6 +189,20 @@ def several_cells_warning(nuclei: int, width_um: float, height_um: float) -> str
             f"as one)")
 
 
+#: A field narrower than this, in pixels, is no smear field: a 1 x 1 image and an 8 x 480 strip were "analysed",
+#: counted among the run's fields, without a word (a white cell is about 100 px across in CBC's 640 x 480 fields).
+MIN_FIELD_SIDE = 64
+TINY_FIELD_WORDING = "Too small to be a smear field"
+
+
+def tiny_field_warning(width: int, height: int) -> str | None:
+    """The warning of a field under :data:`MIN_FIELD_SIDE` a side; None for a larger one."""
+    if min(width, height) >= MIN_FIELD_SIDE:
+        return None
+    return (f"{TINY_FIELD_WORDING}: the image is {width} x {height} px (a field holds white and red cells, "
+            f"at least {MIN_FIELD_SIDE} px a side); no white cell found in it says nothing of the smear")
+
+
 #: A field without colour (stains tell white cells apart by it; the detectors learned from colour fields).
 GRAYSCALE_WARNING = ("the field has no colour (grey levels only): white cells are found and typed by their stain's "
                      "colour, so none found here does not mean there are none; analyse the colour image")

@@ -36,7 +36,7 @@ from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
                                           UNSCALED_FIELD_WORDING, cap_warning, classified_unit, detector_warnings,
-                                          unfamiliar_warning, unframed_warning)
+                                          tiny_field_warning, unfamiliar_warning, unframed_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.smear_output import FolderSummary
@@ -515,6 +515,9 @@ class SmearAnalyzer:
             warnings.append(unframed_warning(self.window_um, scale.note))
         if not cells and is_grayscale(image):
             warnings.append(GRAYSCALE_WARNING)
+        tiny = tiny_field_warning(*image.size)
+        if tiny:
+            warnings.append(tiny)
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}

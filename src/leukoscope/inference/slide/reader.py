@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from leukoscope.io import DEFAULT_MAX_PIXELS
+
 #: Suffixes that always mean a whole-slide file.
 SLIDE_ONLY_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide", ".mrxs", ".vms", ".vmu"})
 #: Formats only OpenSlide reads (not TIFF inside).
@@ -195,9 +197,16 @@ def open_slide(path: str | Path, *, min_levels: int = 2) -> Slide:
         slide = Slide(path, "tiffslide", dimensions, downsamples, _recorded_mpp(properties, "tiffslide"), handle)
     if slide.level_count < min_levels:
         slide.close()
-        how = ("save it as TIFF or PNG and analyse that as a field (a file named ."
-               f"{path.suffix.lower().lstrip('.')} is always taken for a slide)"
-               if path.suffix.lower() in SLIDE_ONLY_SUFFIXES else "analyse it as a field: leukoscope analyze FILE")
+        width, height = slide.dimensions
+        if width * height > DEFAULT_MAX_PIXELS:  # a field is refused too: the two refusals pointed at each other
+            how = (f"at {width}x{height} it is also over a field's limit ({DEFAULT_MAX_PIXELS:,} pixels): save it as "
+                   f"a tiled pyramidal TIFF (e.g. `vips tiffsave {path.name} slide.tif --tile --pyramid "
+                   f"--bigtiff`) and analyse that as a slide")
+        elif path.suffix.lower() in SLIDE_ONLY_SUFFIXES:
+            how = ("save it as TIFF or PNG and analyse that as a field (a file named ."
+                   f"{path.suffix.lower().lstrip('.')} is always taken for a slide)")
+        else:
+            how = "analyse it as a field: leukoscope analyze FILE"
         raise SlideError(f"{path}: not a pyramidal slide ({slide.level_count} resolution level; a slide has "
                          f"at least {min_levels}); {how}")
     return slide
