@@ -80,6 +80,26 @@ def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
     assert not result.tiles and "smaller than one tile" in result.sampling_warnings[0]
 
 
+def test_an_edge_tile_of_a_slide_without_a_pixel_size_estimates_its_scale_on_the_scan_only(tmp_path: Path) -> None:
+    """Each tile is read with a margin, which past the slide's edge is white padding: on glass less white than
+    the padding, Otsu's threshold of the red cells then parted padding from slide, and every tile of the top and
+    bottom rows (here all of them) had "no isolated red cells found" and no scale."""
+    from PIL import Image
+
+    from leukoscope.scale import estimate_scale
+
+    pixels = (slide_pixels(0) * 0.8).astype(np.uint8)  # glass at 184-209, not as white as the padding
+    path = write_pyramid(tmp_path / "nores.tif", pixels, mpp=None)
+    result = slide_analyzer(target_cells=10_000).analyze(path)
+    assert len(result.tiles) == 4 * ROWS
+    for tile in result.tiles:
+        on_its_own = estimate_scale(Image.fromarray(pixels[tile.spot.y:tile.spot.y + TILE,
+                                                           tile.spot.x:tile.spot.x + TILE]))
+        assert tile.result.scale["source"] == "estimated", tile.result.scale
+        assert tile.result.scale["um_per_px"] == pytest.approx(on_its_own.um_per_px, rel=0.05)
+    assert not any("had no scale" in w for w in result.warnings)
+
+
 def test_a_pixel_size_no_microscope_gives_is_said_and_not_used(tmp_path: Path, caplog) -> None:
     import logging
 

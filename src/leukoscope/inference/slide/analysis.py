@@ -35,7 +35,7 @@ from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.labels import DISCLAIMER
-from leukoscope.scale import FieldScale, stated_doubt_of_record
+from leukoscope.scale import FieldScale, estimate_scale, stated_doubt_of_record
 
 DEFAULT_TARGET_CELLS = 200
 #: The monolayer is found on the finest level with at most this many pixels (read whole).
@@ -185,9 +185,24 @@ class TileJob:
         """The analysis of the tile at ``spot``, cut to the cells whose centre lies in it."""
         m0 = int(round(self.margin * self.downsample))  # the margin in level-0 pixels
         side = self.level_size + 2 * self.margin
-        image = slide.read_region((spot.x - m0, spot.y - m0), self.level, (side, side))
-        whole = analyzer.analyze(image, f"{Path(self.path).name}@{spot.x},{spot.y}", scale=self.scale)
+        location = (spot.x - m0, spot.y - m0)
+        image = slide.read_region(location, self.level, (side, side))
+        # Without a recorded scale, the tile's own red cells give it, on the scan only: the white glass padding
+        # a margin past the slide's edge would take Otsu's threshold of the red cells (no scale at all).
+        scale = (self.scale if self.scale is not None
+                 else estimate_scale(image.crop(on_scan(slide, self.level, location, side))))
+        whole = analyzer.analyze(image, f"{Path(self.path).name}@{spot.x},{spot.y}", scale=scale)
         return _core_cells(whole, self.margin, self.level_size, analyzer)
+
+
+def on_scan(slide: Slide, level: int, location: tuple[int, int], side: int) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) of a ``side`` px square read on ``level`` at ``location`` (level 0
+    pixels) that lies on the scan; the rest :meth:`Slide.read_region` fills with white."""
+    downsample = slide.level_downsamples[level]
+    width, height = slide.level_dimensions[level]
+    x, y = location[0] / downsample, location[1] / downsample
+    return (max(0, math.ceil(-x)), max(0, math.ceil(-y)),
+            min(side, max(0, math.floor(width - x))), min(side, max(0, math.floor(height - y))))
 
 
 class TileRunner(Protocol):
