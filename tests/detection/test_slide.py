@@ -416,6 +416,26 @@ def test_a_tile_reports_only_the_objects_inside_it(slide_path: Path) -> None:
         assert (tile.result.width, tile.result.height) == (TILE, TILE)
 
 
+def test_a_tiles_warnings_speak_of_the_cells_it_counted(slide_path: Path) -> None:
+    """A tile is analysed with its margin, then cut to its own cells: its warnings were those of the whole read
+    ("6 of 6 classified cells" unlike the training data on a tile that counted 4), and the last tile's those of
+    all its cells, also of the ones past the target."""
+    from leukoscope.evaluation.ood import OodStats
+    from leukoscope.inference.quality import is_unfamiliar_warning
+
+    classifier = constant_classifier(SYNTHETIC_CLASSES, "lymphocyte")
+    classifier.ood = OodStats("energy", {"energy": -100.0})  # every cell unfamiliar
+    smear = SmearAnalyzer(NucleusDetector(), classifier, min_cells=5)
+    for target in (10_000, 6):
+        result = SlideAnalyzer(smear, tile_size=TILE, mask_max_pixels=300_000, target_cells=target).analyze(slide_path)
+        assert sum(t.found > len(t.result.cells) for t in result.tiles) == (target == 6)  # the last one cut
+        for tile in result.tiles:
+            n = len(tile.result.cells)
+            said = [w for w in tile.result.warnings if is_unfamiliar_warning(w)]
+            assert said == ([] if n == 0 else [said[0]]) and all(f" {n} of {n} cells" in w for w in said), said
+        assert f"{result.differential.total} of {result.differential.total} cells" in " ".join(result.warnings)
+
+
 def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, detector_bundle: Path,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fields given beside a slide lend their run scale to each other, never to the slide's tiles."""

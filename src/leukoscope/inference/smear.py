@@ -452,6 +452,39 @@ class SmearAnalyzer:
             found.detections = DetectionResult(d.boxes * back, d.scores, d.labels, d.classes)
         return found
 
+    def unfamiliar_cells_warning(self, cells: Sequence[Cell]) -> str | None:
+        """The warning of a field whose ``cells`` are too often unlike the classifier's training images."""
+        return unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share,
+                                  classified_unit(self.rules.classes))
+
+    def field_warnings(self, field: PreparedField, cells: Sequence[Cell], capped_tiles: int = 0,
+                       tiles: int = 1) -> list[str]:
+        """The warnings of ``field`` whose counted cells are ``cells`` (``capped_tiles`` of its ``tiles`` at the
+        detector's cap); also of part of its cells (a slide tile's core, cut from the tile read with a margin)."""
+        scale, working_um_per_px = field.scale, field.working_um_per_px
+        warnings = list(self.warnings)
+        if capped_tiles:
+            warnings.append(cap_warning(capped_tiles, tiles))
+        unfamiliar = self.unfamiliar_cells_warning(cells)
+        if unfamiliar:
+            warnings.append(unfamiliar)
+        if field.scale_doubt:
+            warnings.append(field.scale_doubt)
+        warnings += field.run_warnings
+        if not scale.known and working_um_per_px is not None:
+            # The models work at a scale and the field's is a guess: the field says so itself.
+            warnings.append(unscaled_warning(working_um_per_px, scale.note))
+        elif not scale.known and self.window_um is not None and cells and self.classifier is not None:
+            # No scale and none to assume (the detector records none): the classifier, which expects a window
+            # in micrometres, gets each cell cut by its box instead.
+            warnings.append(unframed_warning(self.window_um, scale.note))
+        if not cells and is_grayscale(field.image):
+            warnings.append(GRAYSCALE_WARNING)
+        tiny = tiny_field_warning(*field.image.size)
+        if tiny:
+            warnings.append(tiny)
+        return warnings
+
     def analyze_prepared(self, field: PreparedField, source: str | None = None) -> SmearResult:
         """Detection, crops, classification and the differential of a field from :meth:`prepare`
         (its ``seconds`` include the preparation)."""
@@ -496,28 +529,7 @@ class SmearAnalyzer:
                 score = float(detections.scores[i])  # the detector's class and score stand for the classifier's
                 cells.append(Cell(number, tuple(float(v) for v in detections.boxes[i]), name, score, name, name, score,
                                   False, {name: score}))
-        warnings = list(self.warnings)
-        if found.capped_tiles:
-            warnings.append(cap_warning(found.capped_tiles, found.tiles))
-        unfamiliar = unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share,
-                                        classified_unit(self.rules.classes))
-        if unfamiliar:
-            warnings.append(unfamiliar)
-        if field.scale_doubt:
-            warnings.append(field.scale_doubt)
-        warnings += field.run_warnings
-        if not scale.known and working_um_per_px is not None:
-            # The models work at a scale and the field's is a guess: the field says so itself.
-            warnings.append(unscaled_warning(working_um_per_px, scale.note))
-        elif not scale.known and self.window_um is not None and cells and self.classifier is not None:
-            # No scale and none to assume (the detector records none): the classifier, which expects a window
-            # in micrometres, gets each cell cut by its box instead.
-            warnings.append(unframed_warning(self.window_um, scale.note))
-        if not cells and is_grayscale(image):
-            warnings.append(GRAYSCALE_WARNING)
-        tiny = tiny_field_warning(*image.size)
-        if tiny:
-            warnings.append(tiny)
+        warnings = self.field_warnings(field, cells, found.capped_tiles, found.tiles)
         differential = self.rules.count([cell.label for cell in cells], warnings)
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}

@@ -31,7 +31,7 @@ from leukoscope.inference.slide.monolayer import (DEFAULT_MAX_COVERAGE, DEFAULT_
                                                   find_monolayer)
 from leukoscope.inference.slide.reader import Slide, open_slide
 from leukoscope.inference.slide.sampler import sample_until
-from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.smear import PreparedField, SmearAnalyzer
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.labels import DISCLAIMER
@@ -125,9 +125,11 @@ TILE_MARGIN_UM = 25.0
 TILE_MARGIN_SHARE = 0.25
 
 
-def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnalyzer) -> SmearResult:
-    """``result`` of a tile read with ``margin`` pixels around it, cut to the tile itself: the
-    cells and detected objects whose centre lies in it, boxes shifted to the tile's origin."""
+def _core_cells(result: SmearResult, field: PreparedField, margin: int, side: int,
+                analyzer: SmearAnalyzer) -> SmearResult:
+    """``result`` of a tile read with ``margin`` pixels around it (``field``), cut to the tile itself: the
+    cells and detected objects whose centre lies in it, boxes shifted to the tile's origin, and the warnings
+    of those cells (those of the whole read counted the margin's cells: "6 of 6" on a tile that counted 4)."""
     def inside(box) -> bool:
         cx, cy = (box[0] + box[2]) / 2 - margin, (box[1] + box[3]) / 2 - margin
         return 0 <= cx < side and 0 <= cy < side
@@ -140,8 +142,9 @@ def _core_cells(result: SmearResult, margin: int, side: int, analyzer: SmearAnal
         detections = DetectionResult(detections.boxes[keep] - np.array(shift, dtype=float), detections.scores[keep],
                                      detections.labels[keep], detections.classes)
         counts = detections.counts()
+    warnings = analyzer.field_warnings(field, cells, result.capped_tiles, result.tiles)
     return replace(result, width=side, height=side, cells=cells, detections=detections, object_counts=counts,
-                   differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+                   differential=analyzer.rules.count([c.label for c in cells], warnings))
 
 
 def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResult:
@@ -157,7 +160,18 @@ def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResul
         cells.append(cell)
         white += cell.label not in not_white
     return replace(result, cells=cells,
-                   differential=analyzer.rules.count([c.label for c in cells], result.differential.warnings))
+                   differential=analyzer.rules.count([c.label for c in cells], _cut_warnings(result, cells, analyzer)))
+
+
+def _cut_warnings(result: SmearResult, cells: list[Cell], analyzer: SmearAnalyzer) -> list[str]:
+    """``result``'s warnings for ``cells``, a part of its cells that holds at least one: of its warnings only the
+    unfamiliar share turns on which cells (no colour and cells cut by their boxes, on whether there are any),
+    so that one is made again for them, where :meth:`SmearAnalyzer.field_warnings` puts it."""
+    before, after = analyzer.unfamiliar_cells_warning(result.cells), analyzer.unfamiliar_cells_warning(cells)
+    warnings = [w for w in result.warnings if w != before]
+    if after:
+        warnings.insert(len(analyzer.warnings) + bool(result.capped_tiles), after)
+    return warnings
 
 
 def _white_cells(result: SmearResult) -> int:
@@ -191,8 +205,9 @@ class TileJob:
         # a margin past the slide's edge would take Otsu's threshold of the red cells (no scale at all).
         scale = (self.scale if self.scale is not None
                  else estimate_scale(image.crop(on_scan(slide, self.level, location, side))))
-        whole = analyzer.analyze(image, f"{Path(self.path).name}@{spot.x},{spot.y}", scale=scale)
-        return _core_cells(whole, self.margin, self.level_size, analyzer)
+        field = analyzer.prepare(image, scale=scale)
+        whole = analyzer.analyze_prepared(field, f"{Path(self.path).name}@{spot.x},{spot.y}")
+        return _core_cells(whole, field, self.margin, self.level_size, analyzer)
 
 
 def on_scan(slide: Slide, level: int, location: tuple[int, int], side: int) -> tuple[int, int, int, int]:
