@@ -1879,7 +1879,8 @@ def _analyze_slides_on_ray(analyzer, detector: Path, classifier: Optional[Path],
 
 def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -> bool:
     """One whole-slide image: its monolayer sampled to the target, files in ``out/<name>/``. False (said on
-    the console) when the slide cannot be analysed (unreadable, one level only, an unsupported pixel type)."""
+    the console) when the slide cannot be analysed (unreadable, one level only, an unsupported pixel type) or
+    no tile of it was examined (smaller than one tile, no monolayer found: its files say so)."""
     from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
     from leukoscope.progress import progress_bar
 
@@ -1900,6 +1901,11 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
             state["bar"].__exit__(None, None, None)
     folder = out / path.stem
     write_slide(result, folder)
+    if not result.tiles:  # a run with nothing examined must not look like one that found no white cell
+        console.print(f"[red]{escape(path.name)}: not analysed:[/red] {escape(' '.join(result.sampling_warnings))}",
+                      soft_wrap=True)
+        console.print(f"slide files: {folder}", soft_wrap=True)
+        return False
     d = result.differential
     text = (f"{path.name}: {d.total} white cells in {len(result.tiles)} of {len(result.monolayer.tiles)} monolayer "
             f"tile(s)")

@@ -75,9 +75,42 @@ def test_empty_glass_with_a_speck_of_dust_has_no_monolayer() -> None:
 
 
 def test_a_slide_smaller_than_one_tile_says_so(tmp_path: Path) -> None:
-    small = write_pyramid(tmp_path / "small.tif", slide_pixels(0)[:200, :230], levels=2)
-    result = slide_analyzer().analyze(small)
-    assert not result.tiles and "smaller than one tile" in result.sampling_warnings[0]
+    """...naming the short side (a slide 1280 px wide was "smaller than one tile" of 1045), and that nothing was
+    examined: its differential's flag said "No white cell found: check focus, stain...", as of a slide whose
+    tiles held none."""
+    for (height, width), short in (((200, 300), "in height"), ((300, 200), "in width"), ((200, 230), "in width and "
+                                                                                                      "height")):
+        small = write_pyramid(tmp_path / "small.tif", slide_pixels(0)[:height, :width], levels=2)
+        result = slide_analyzer().analyze(small)
+        assert not result.tiles and f"smaller than one tile ({TILE} px at level 0) {short}:" in result.warnings[0]
+    flags = result.differential.flags
+    assert flags == ["Not analysed: no tile of the slide was examined (it is smaller than one tile in width and "
+                     "height)"]
+    paths = write_slide(result, tmp_path / "out")
+    summary = json.loads(paths["summary_json"].read_text())
+    assert summary["images"] == 0 and summary["not_analysed"].startswith("no tile of the slide was examined")
+    assert summary["pooled_differential"]["flags"] == flags
+
+
+def test_a_slide_with_nothing_examined_is_not_analysed_for_the_exit_code(
+        slide_path: Path, detector_bundle: Path, tmp_path: Path) -> None:
+    """2 when nothing was analysed, 3 when other inputs were: a slide with no tile examined exited 0."""
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    glass = np.clip(np.random.default_rng(0).normal(232, 2.5, (2 * TILE, 2 * TILE, 3)), 0, 255).astype(np.uint8)
+    blank = write_pyramid(tmp_path / "glass.tif", glass)
+    common = ["--detector", str(detector_bundle), "--no-classifier", "--target-cells", "5", "--slide-tile", str(TILE),
+              "--quiet"]
+    alone = CliRunner().invoke(app, ["analyze", str(blank), "--out", str(tmp_path / "out"), *common])
+    said = " ".join(alone.output.split())
+    assert alone.exit_code == 2, alone.output
+    assert "glass.tif: not analysed: No monolayer found" in said and "No white cell found" not in said
+    summary = json.loads((tmp_path / "out" / "glass" / "summary.json").read_text())
+    assert summary["not_analysed"] == "no tile of the slide was examined (no monolayer found)"
+    both = CliRunner().invoke(app, ["analyze", str(blank), str(slide_path), "--out", str(tmp_path / "out2"), *common])
+    assert both.exit_code == 3, both.output
 
 
 def test_an_edge_tile_of_a_slide_without_a_pixel_size_estimates_its_scale_on_the_scan_only(tmp_path: Path) -> None:

@@ -256,6 +256,9 @@ class FolderSummary:
     and identity), written into ``summary.json`` so that a result can be traced to the models behind it."""
     unit: str = "field"
     """What one result is, as ``summary.png`` names it: a field, or a slide's tile."""
+    not_analysed: str | None = None
+    """Why there is no result at all (a slide none of whose tiles was examined): the differential and
+    ``summary.json`` say so, not "No white cell found"."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -279,6 +282,8 @@ class FolderSummary:
         """The differential of all fields together (the slide); when no field could be read, one that says so."""
         if self.results and all(r.error for r in self.results):
             return self.rules.not_analysed(f"none of the {len(self.results)} file(s) could be read")
+        if self.not_analysed is not None and not self.results:
+            return self.rules.not_analysed(self.not_analysed)
         return self.rules.count_from(self._tally().labels, self.warnings)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -336,6 +341,7 @@ class FolderSummary:
             "warnings": pooled.warnings,
             "images": len(self.results),
             "failed": sum(1 for r in self.results if r.error),
+            "not_analysed": self.not_analysed if not self.results else None,
             "detector": self.models.get("detector"),
             "classifier": self.models.get("classifier"),
             "provenance": self.provenance,

@@ -339,14 +339,17 @@ class SlideAnalyzer:
             tiles.append(SlideTile(spot, level, level_size, counted, counted.differential.total,
                                    result.differential.total))
             results.append(counted)
-        warnings = list(sampled.warnings)
+        warnings, not_examined = list(sampled.warnings), None
         if not mono.coverage.size:
             width, height = slide_info["dimensions"]
-            warnings = [f"The slide ({width}x{height} px) is smaller than one tile ({mono.tile_size} px at level 0): "
-                        f"nothing was analysed; analyse it as a field, or give a smaller --slide-tile."]
+            short = " and ".join(side for side, n in (("width", width), ("height", height)) if n < mono.tile_size)
+            warnings = [f"The slide ({width}x{height} px) is smaller than one tile ({mono.tile_size} px at level 0) "
+                        f"in {short}: nothing was analysed; analyse it as a field, or give a smaller --slide-tile."]
+            not_examined = f"no tile of the slide was examined (it is smaller than one tile in {short})"
         elif not mono.tiles:
             warnings = [f"No monolayer found: no tile has a stained share between {self.min_coverage:g} and "
                         f"{self.max_coverage:g} (see the overview and the coverage grid in slide.json)."]
+            not_examined = "no tile of the slide was examined (no monolayer found)"
         # A stated scale the slide's own record contradicts: said, and no leukemia flag on it (as a folder's
         # red cells doubt one).
         doubt = (stated_doubt_of_record(self.analyzer.um_per_px, slide_info["um_per_px"])
@@ -354,7 +357,7 @@ class SlideAnalyzer:
         summary = FolderSummary(results, self.analyzer.rules, list(self.analyzer.detector.classes),
                                 self.analyzer.model_names, list(self.analyzer.warnings), self.analyzer.unfamiliar_share,
                                 stated_um_per_px=self.analyzer.um_per_px, run_warnings=[doubt] if doubt else [],
-                                provenance=self.analyzer.provenance, unit="tile")
+                                provenance=self.analyzer.provenance, unit="tile", not_analysed=not_examined)
         result = SlideResult(str(path), slide_info, mono, mask_level, mask_downsample, tiles, summary,
                              self.target_cells, self.seed, warnings, time.perf_counter() - start)
         result.overview = overview(low, mask_downsample, result)
