@@ -469,6 +469,44 @@ def test_a_tiles_warnings_speak_of_the_cells_it_counted(slide_path: Path) -> Non
         assert f"{result.differential.total} of {result.differential.total} cells" in " ".join(result.warnings)
 
 
+def test_a_slides_warnings_call_its_tiles_tiles_and_say_what_was_left_out(tmp_path: Path) -> None:
+    """They said "1 of 1 field (stripes.tif@0,0) had no scale and were analysed", and of a slide whose right and
+    bottom edges were never looked at (partial tiles), that "the whole monolayer was counted"."""
+    stripes = np.full((TILE, TILE, 3), 232, dtype=np.uint8)
+    stripes[::4], stripes[1::4] = 150, 150  # half stained (a monolayer's coverage), no round red cell: no scale
+    path = write_pyramid(tmp_path / "stripes.tif", stripes, mpp=None, levels=2)
+    smear = SmearAnalyzer(_ScaledNucleusDetector(), constant_classifier(SYNTHETIC_CLASSES, "lymphocyte"), min_cells=5)
+    result = SlideAnalyzer(smear, tile_size=TILE, mask_max_pixels=300_000).analyze(path)
+    assert len(result.tiles) == 1 and result.tiles[0].result.scale["source"] == "unknown"
+    assert "1 of 1 tile (stripes.tif@0,0) had no scale and was analysed at the detector's" in " ".join(result.warnings)
+
+    cut = write_pyramid(tmp_path / "cut.tif", slide_pixels(0)[:400, :1200])  # 4 whole columns, 1 whole row
+    result = slide_analyzer(target_cells=1000).analyze(cut)
+    assert result.monolayer.coverage.shape == (1, 4) and len(result.tiles) == 3  # columns 1-3 of the monolayer
+    said = result.sampling_warnings
+    assert said[0].endswith("fewer than the target 1000: every one was analysed and all its white cells counted.")
+    assert said[1] == ("Partial tiles at the slide's edges were not considered: the right 176 px and the bottom "
+                       f"144 px (45% of the slide) lie outside the grid of whole {TILE} px tiles.")
+    whole = slide_analyzer(target_cells=1000).analyze(write_pyramid(tmp_path / "whole.tif", slide_pixels(0)))
+    assert len(whole.sampling_warnings) == 1  # the grid covers it: nothing else to say
+
+
+def test_folded_warnings_name_what_the_parts_are_and_agree_with_their_number() -> None:
+    from leukoscope.inference.quality import CAP_WORDING
+    from leukoscope.inference.smear_output import FieldWarnings, folded_field_warnings
+
+    unscaled = {"source": "unknown", "analysed_at_um_per_px": 0.08}
+    tiles = [FieldWarnings("s.tif@0,0", [], unscaled, capped=True), FieldWarnings("s.tif@0,256", [], {})]
+    said = folded_field_warnings(tiles, unit="tile")
+    assert said[0] == f"{CAP_WORDING} in 1 of 2 tiles (s.tif@0,0): cells beyond the cap were dropped, the count is " \
+                      "unreliable."
+    assert said[1].startswith("1 of 2 tiles (s.tif@0,0) had no scale and was analysed")
+    one = folded_field_warnings([FieldWarnings("s.tif@0,0", [], unscaled, capped=True)], unit="tile")
+    assert "1 of 1 tile (s.tif@0,0)" in one[0] and "this field" not in one[0]  # a slide's one tile is no field
+    fields = folded_field_warnings([FieldWarnings(f"{k}.png", [], unscaled) for k in "ab"])
+    assert fields[0].startswith("2 of 2 fields (a.png, b.png) had no scale and were analysed")
+
+
 def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, detector_bundle: Path,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fields given beside a slide lend their run scale to each other, never to the slide's tiles."""

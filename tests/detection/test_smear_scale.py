@@ -305,7 +305,7 @@ def test_a_folder_at_a_stated_scale_its_red_cells_contradict_raises_no_leukemia_
         # the run's red cells together doubt it, in either folder, and it is said once, not field by field
         (doubt,) = [w for w in pooled.warnings if w.startswith("the stated scale, 0.1 um/px, is 3.")]
         assert "than the run's red cells measure (0.3" in doubt and ", median of 5 of 5 fields" in doubt
-        assert not any("measure another scale on their red cells" in w for w in pooled.warnings)
+        assert not any("another scale on" in w for w in pooled.warnings)
         for result in summary.results:  # no field flags leukemia on a count the run's scale puts in doubt
             assert doubt in result.warnings and not result.differential.acute_leukemia_flag
             assert result.differential.total >= 100
@@ -375,7 +375,7 @@ def test_a_grey_field_with_no_white_cell_says_it_has_no_colour() -> None:
     grey.source, colour.source = "/x/grey.png", "/x/colour.png"
     summary = FolderSummary([grey, colour], analyzer.rules, list(detector.classes))
     said = [w for w in summary.warnings if "no colour" in w]
-    assert said == ["1 of 2 fields (grey.png) had no colour (grey levels only) and no white cell found: their cells "
+    assert said == ["1 of 2 fields (grey.png) had no colour (grey levels only) and no white cell found: its cells "
                     "are missing from the count; analyse the colour images."]
     assert said[0] in summary.pooled.warnings
 

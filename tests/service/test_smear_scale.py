@@ -81,7 +81,7 @@ def test_a_field_alone_without_a_scale_says_how_it_was_analysed(scaled_service) 
     assert case["run_scale"] is None  # too few fields to judge a run
     # the case says it of its fields as a folder's summary does (a field without a scale among five named none)
     (unscaled,) = [w for w in case["differential"]["warnings"] if "no scale" in w]
-    assert unscaled.startswith("1 of 3 fields (field0.png) had no scale and were analysed at the detector's")
+    assert unscaled.startswith("1 of 3 fields (field0.png) had no scale and was analysed at the detector's")
     page = service.login("tech").get(f"/cases/{case['id']}").text
     assert '<p class="scale warn">scale not estimated (no isolated red cells found); assumed 0.0800 um/px' in page
     assert page.count('<p class="scale">scale 0.3') == 2
@@ -164,7 +164,7 @@ def test_a_fields_own_red_cells_doubt_a_wrong_stated_scale_by_name(scaled_servic
     one = post_stated(client, headers, [smear_field(20.0, seed=3, n_red=4), smear_field(20.0, seed=4, n_red=14)],
                       "0.8").json()
     (doubt,) = [w for w in one["differential"]["warnings"] if "stated one" in w]
-    assert doubt.startswith("1 of 2 fields (field1.png) measure another scale on their red cells than the stated")
+    assert doubt.startswith("1 of 2 fields (field1.png) measures another scale on its red cells than the stated")
     two = post_stated(client, headers, [smear_field(20.0, seed=s, n_red=14) for s in (3, 4)], "0.8").json()
     (doubt,) = [w for w in two["differential"]["warnings"] if "stated one" in w or "stated scale" in w]
     assert doubt.startswith("2 of 2 fields (field0.png, field1.png) measure another scale")

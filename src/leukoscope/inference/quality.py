@@ -104,21 +104,27 @@ def _named(names: Sequence[str]) -> str:
     return f" ({name_some(names, 5)})" if names else ""
 
 
-def _some_fields(count: int, of: int, names: Sequence[str] = ()) -> str:
-    """``3 of 8 fields (a.png, b.png, c.png)``."""
-    return f"{count} of {of} field{'' if of == 1 else 's'}{_named(names)}"
+def _some_fields(count: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """``3 of 8 fields (a.png, b.png, c.png)``; ``unit``: what they are (a slide's are tiles)."""
+    return f"{count} of {of} {unit}{'' if of == 1 else 's'}{_named(names)}"
+
+
+def _verb(count: int, one: str, many: str) -> str:
+    """The verb of :func:`_some_fields`' words, whose subject is ``count`` ("1 of 3 fields was")."""
+    return one if count == 1 else many
 
 
 def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] = ()) -> str:
-    """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap."""
-    where = "this field" if unit == "tile" and of == 1 else f"{capped} of {of} {unit}{'' if of == 1 else 's'}"
-    where += _named(names)
+    """The warning for ``capped`` of ``of`` tiles (of one field) or fields (of a folder) at the cap; with
+    ``names``, of the fields (a slide's tiles) named."""
+    one_field = unit == "tile" and of == 1 and not names  # a field of one detector tile (not a slide's one tile)
+    where = "this field" if one_field else _some_fields(capped, of, names, unit)
     return f"{CAP_WORDING} in {where}: cells beyond the cap were dropped, the count is unreliable."
 
 
-def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = ()) -> str:
-    """The slide's warning when ``unscaled`` of its ``of`` fields were analysed at a guessed scale."""
-    return (f"{_some_fields(unscaled, of, names)} had no scale and were "
+def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """The slide's warning when ``unscaled`` of its ``of`` fields (``unit``s) were analysed at a guessed scale."""
+    return (f"{_some_fields(unscaled, of, names, unit)} had no scale and {_verb(unscaled, 'was', 'were')} "
             f"analysed at the detector's training scale: white cells may be missed or mistyped; state the "
             f"microscope's scale ({SCALE_OPTION}).")
 
@@ -214,26 +220,30 @@ GRAYSCALE_CELL_WARNING = (f"{GRAYSCALE_CELL_WORDING} (grey levels only): white c
                           f"colour, so its class is not to be trusted; classify the colour image")
 
 
-def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = ()) -> str:
-    """The slide's (folder's) warning when ``grey`` of its ``of`` fields had :data:`GRAYSCALE_WARNING`: their
-    white cells are missing from its count."""
-    return (f"{_some_fields(grey, of, names)} had no colour (grey levels only) and no white cell found: their "
-            f"cells are missing from the count; analyse the colour images.")
+def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """The slide's (folder's) warning when ``grey`` of its ``of`` fields (``unit``s) had :data:`GRAYSCALE_WARNING`:
+    their white cells are missing from its count."""
+    return (f"{_some_fields(grey, of, names, unit)} had no colour (grey levels only) and no white cell found: "
+            f"{_verb(grey, 'its', 'their')} cells are missing from the count; analyse the colour images.")
 
 
-def stated_scale_fields_warning(doubted: int, of: int, names: Sequence[str] = (), *, fields_say: bool = True) -> str:
-    """The slide's (folder's) warning when the red cells of ``doubted`` of its ``of`` fields contradict the scale
-    the user stated (:func:`leukoscope.scale.stated_scale_doubt`): the count may have missed or mistyped cells.
-    ``fields_say``: each field's own warning gives its measure (the web service keeps the case's only)."""
-    measures = " (each field's warning gives its measure)" if fields_say else ""
-    return (f"{_some_fields(doubted, of, names)} measure another scale on their red cells than the stated one: white "
-            f"cells may be missed or mistyped; check {SCALE_OPTION}{measures}.")
+def stated_scale_fields_warning(doubted: int, of: int, names: Sequence[str] = (), *, fields_say: bool = True,
+                                unit: str = "field") -> str:
+    """The slide's (folder's) warning when the red cells of ``doubted`` of its ``of`` fields (``unit``s) contradict
+    the scale the user stated (:func:`leukoscope.scale.stated_scale_doubt`): the count may have missed or mistyped
+    cells. ``fields_say``: each field's own warning gives its measure (the web service keeps the case's only)."""
+    measures = f" (each {unit}'s warning gives its measure)" if fields_say else ""
+    return (f"{_some_fields(doubted, of, names, unit)} {_verb(doubted, 'measures', 'measure')} another scale on "
+            f"{_verb(doubted, 'its', 'their')} red cells than the stated one: white cells may be missed or mistyped; "
+            f"check {SCALE_OPTION}{measures}.")
 
 
-def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = ()) -> str:
-    """The slide's (folder's) warning when ``unframed`` of its ``of`` fields had :func:`unframed_warning`."""
-    return (f"{UNFRAMED_WORDING}: {_some_fields(unframed, of, names)} had no scale, "
-            f"and the detector records none; their cells' classes may be wrong: state the microscope's scale "
+def unframed_fields_warning(unframed: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """The slide's (folder's) warning when ``unframed`` of its ``of`` fields (``unit``s) had
+    :func:`unframed_warning`."""
+    return (f"{UNFRAMED_WORDING}: {_some_fields(unframed, of, names, unit)} had no scale, "
+            f"and the detector records none; {_verb(unframed, 'its', 'their')} cells' classes may be wrong: state the "
+            f"microscope's scale "
             f"({SCALE_OPTION}).")
 
 

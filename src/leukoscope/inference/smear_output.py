@@ -188,30 +188,31 @@ def is_folded(warning: str) -> bool:
 
 
 def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequence[str] = (), *,
-                          fields_say: bool = True) -> list[str]:
+                          fields_say: bool = True, unit: str = "field") -> list[str]:
     """The warnings of a slide (a folder, a web service case) from those of its fields, one line per kind naming
     the fields (at the detection cap, analysed at a guessed scale, cut without the classifier's window, a stated
     scale their red cells doubt (unless ``run_warnings`` doubt it for all), without colour): no leukemia flag of
     the slide rests on what none of a field's would. ``fields_say``: each field's own warning is shown too
-    (its files; the web service keeps the case's warnings only)."""
+    (its files; the web service keeps the case's warnings only). ``unit``: what the fields are (a slide's tiles)."""
     warnings = []
     capped = [f.name for f in fields if f.capped]
     if capped:
-        warnings.append(cap_warning(len(capped), len(fields), "field", capped))
+        warnings.append(cap_warning(len(capped), len(fields), unit, capped))
     unscaled = [f.name for f in fields if f.scale and f.scale.get("source") == "unknown"
                 and f.scale.get("analysed_at_um_per_px")]
     if unscaled:
-        warnings.append(unscaled_fields_warning(len(unscaled), len(fields), unscaled))
+        warnings.append(unscaled_fields_warning(len(unscaled), len(fields), unscaled, unit))
     unframed = [f.name for f in fields if any(w.startswith(UNFRAMED_WORDING) for w in f.warnings)]
     if unframed:
-        warnings.append(unframed_fields_warning(len(unframed), len(fields), unframed))
+        warnings.append(unframed_fields_warning(len(unframed), len(fields), unframed, unit))
     doubted = [f.name for f in fields if any(w.startswith(STATED_SCALE_WORDING) for w in f.warnings)]
     run_doubt = any(w.startswith(STATED_SCALE_WORDING) for w in run_warnings)  # said of every field then
     if doubted and not run_doubt:
-        warnings.append(stated_scale_fields_warning(len(doubted), len(fields), doubted, fields_say=fields_say))
+        warnings.append(stated_scale_fields_warning(len(doubted), len(fields), doubted, fields_say=fields_say,
+                                                    unit=unit))
     grey = [f.name for f in fields if GRAYSCALE_WARNING in f.warnings]
     if grey:  # a count that left out fields it could not see
-        warnings.append(grayscale_fields_warning(len(grey), len(fields), grey))
+        warnings.append(grayscale_fields_warning(len(grey), len(fields), grey, unit))
     return warnings
 
 
@@ -271,7 +272,8 @@ class FolderSummary:
         fields' rule on the pooled cells: one unusual field among many does not stop the slide's count,
         its own row carries its warning)."""
         read = [FieldWarnings.of(r) for r in self.results if r.error is None]
-        warnings = self.detector_warnings + self.run_warnings + folded_field_warnings(read, self.run_warnings)
+        folded = folded_field_warnings(read, self.run_warnings, unit=self.unit)  # a slide's tiles are not fields
+        warnings = self.detector_warnings + self.run_warnings + folded
         tally = self._tally()
         unfamiliar = unfamiliar_count_warning(tally.unfamiliar, tally.labels.total(), self.unfamiliar_share,
                                              classified_unit(self.rules.classes))

@@ -174,6 +174,19 @@ def _cut_warnings(result: SmearResult, cells: list[Cell], analyzer: SmearAnalyze
     return warnings
 
 
+def _outside_the_grid(dimensions: list[int], mono: Monolayer) -> str | None:
+    """What the monolayer's grid of whole tiles leaves out (the strips at the right and bottom edges narrower than
+    a tile; their cells are never considered), in words; None when the tiles cover the slide."""
+    (width, height), (rows, columns), tile = dimensions, mono.coverage.shape, mono.tile_size
+    right, bottom = width - columns * tile, height - rows * tile
+    if not rows or not columns or (right <= 0 and bottom <= 0):
+        return None
+    strips = " and ".join(f"the {name} {px} px" for name, px in (("right", right), ("bottom", bottom)) if px > 0)
+    share = 1 - rows * columns * tile * tile / (width * height)
+    return (f"Partial tiles at the slide's edges were not considered: {strips} ({100 * share:.0f}% of the slide) "
+            f"lie outside the grid of whole {tile} px tiles.")
+
+
 def _white_cells(result: SmearResult) -> int:
     """What a slide's sampling counts towards ``target_cells``: white cells, not every box."""
     return result.differential.total
@@ -340,6 +353,9 @@ class SlideAnalyzer:
                                    result.differential.total))
             results.append(counted)
         warnings, not_examined = list(sampled.warnings), None
+        left_out = _outside_the_grid(slide_info["dimensions"], mono)
+        if not sampled.reached and left_out:  # "every monolayer tile" is of the grid's whole tiles only
+            warnings.append(left_out)
         if not mono.coverage.size:
             width, height = slide_info["dimensions"]
             short = " and ".join(side for side, n in (("width", width), ("height", height)) if n < mono.tile_size)

@@ -90,5 +90,5 @@ def sample_until(items: Sequence[T], analyse: Callable[[T], R] | None, count: Ca
             future.cancel()
     if not done.reached:
         done.warnings.append(f"Only {done.total} white cells in all {len(items)} monolayer tile(s), fewer than the "
-                             f"target {target}: the whole monolayer was counted.")
+                             f"target {target}: every one was analysed and all its white cells counted.")
     return done
