@@ -237,6 +237,16 @@ def test_leakage_groups_join_subjects_and_duplicates(leaky: Manifest) -> None:
     assert len(np.unique(exact_only)) == 18
 
 
+def test_copies_filed_under_two_subjects_are_named(leaky_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """C-NMC files one cell under two donors (H10 and h3): kept in one part, said nothing."""
+    (leaky_root / "hem" / "UID_H9_1_1_hem.bmp").write_bytes((leaky_root / "hem" / "UID_H3_1_1_hem.bmp").read_bytes())
+    with caplog.at_level("WARNING", logger="leukoscope.data.splits"):
+        leakage_groups(read_dataset(leaky_root))
+    assert ("1 set(s) of identical or near-identical images are filed under different subjects (kept in one part of "
+            "the split, with every image of those subjects): UID_H3_1_1_hem.bmp (subject H3) = UID_H9_1_1_hem.bmp "
+            "(subject H9)") in caplog.text
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_no_subject_or_duplicate_straddles_splits(leaky: Manifest, seed: int) -> None:
     split = make_split(leaky, ratios=(0.6, 0.2, 0.2), seed=seed)

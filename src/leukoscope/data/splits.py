@@ -154,6 +154,7 @@ def leakage_groups(
     fingerprints = fingerprint_paths([s.path for s in manifest], progress=progress)
     warn_of_copies_labelled_otherwise(manifest, [fp.sha256 for fp in fingerprints])
     dup = group_fingerprints(fingerprints, max_distance=max_distance if near_duplicates else -1)
+    warn_of_copies_of_other_subjects(manifest, dup)
     rows, cols = [], []
     # Link each sample to the first sample of its duplicate group and of its subject.
     for key_of in (lambda i: ("dup", int(dup[i])), lambda i: ("subj", manifest[i].subject)):
@@ -187,6 +188,23 @@ def warn_of_copies_labelled_otherwise(manifest: Manifest, digests: Sequence[str]
         log.warning("%d set(s) of byte-identical images carry different labels, so at least one label of each is "
                     "wrong: %s; correct the labels, or remove the copies", len(clashes),
                     name_some(named, COPIES_NAMED))
+
+
+def warn_of_copies_of_other_subjects(manifest: Manifest, duplicate_groups: np.ndarray) -> None:
+    """Duplicate images filed under different subjects: the split keeps them (and so the subjects) together, but
+    said nothing; in C-NMC the same cell is filed under two donors (H10 and h3), which also makes any per-subject
+    count wrong."""
+    by_group: dict[int, list[int]] = {}
+    for index, group in enumerate(duplicate_groups):
+        by_group.setdefault(int(group), []).append(index)
+    shared = [members for members in by_group.values()
+              if len({manifest[i].subject for i in members if manifest[i].subject is not None}) > 1]
+    if shared:
+        named = [" = ".join(f"{manifest[i].path.name} (subject {manifest[i].subject})" for i in members)
+                 for members in shared]
+        log.warning("%d set(s) of identical or near-identical images are filed under different subjects (kept in "
+                    "one part of the split, with every image of those subjects): %s; check whether they are one "
+                    "subject's images", len(shared), name_some(named, COPIES_NAMED))
 
 
 def _deal_groups(
