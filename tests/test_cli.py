@@ -842,6 +842,26 @@ def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp
     assert result.exit_code == 2 and "is one this program wrote" in " ".join(result.output.split())
 
 
+def test_summary_names_the_files_of_each_field(tmp_path: Path) -> None:
+    """Same-named fields of two subfolders write field.json and field-2.json, in the order they come: summary.csv
+    said which row was which only by the image's path, and joined by name rows met the wrong files."""
+    import csv
+    import json
+
+    for shade, folder in enumerate(("a", "b")):
+        (tmp_path / "fields" / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (230, 200 + shade, 200)).save(tmp_path / "fields" / folder / "field.png")
+    result = invoke("analyze", tmp_path / "fields", "--out", tmp_path / "out", "--no-classifier")
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["output"] for row in rows] == ["field", "field-2", ""]  # the TOTAL row has no files
+    for row in rows[:2]:
+        assert json.loads((tmp_path / "out" / f"{row['output']}.json").read_text())["source"] == row["image"]
+    fields = json.loads((tmp_path / "out" / "summary.json").read_text())["fields"]
+    assert [field["output"] for field in fields] == ["field", "field-2"]
+
+
 def test_an_image_too_small_to_be_a_field_says_so(tmp_path: Path) -> None:
     """A 1 x 1 image and an 8 x 480 strip were "analysed" as smear fields, with no warning."""
     import json

@@ -66,10 +66,12 @@ def _without_seconds(rows: list[dict]) -> list[dict]:
 
 
 def _summary_files(out: Path) -> tuple[list[dict], dict]:
+    """A run's summary less its times and the names of each field's own files (a local run writes them, an
+    archive has none)."""
     rows = list(csv.DictReader(open(out / "summary.csv")))
     payload = json.loads((out / "summary.json").read_text())
-    for entry in payload["fields"]:
-        entry.pop("seconds")
+    for entry in [*payload["fields"], *rows]:
+        entry.pop("seconds", None), entry.pop("output", None)
     return _without_seconds(rows), payload
 
 

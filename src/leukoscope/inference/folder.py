@@ -123,7 +123,8 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
     summary = FolderSummary(results, analyzer.rules, list(analyzer.detector.classes), analyzer.model_names,
                             list(analyzer.warnings), analyzer.unfamiliar_share,
                             run_um_per_px=_lent(analyzer, run_um_per_px), stated_um_per_px=analyzer.um_per_px,
-                            run_warnings=list(run_warnings), provenance=analyzer.provenance)
+                            run_warnings=list(run_warnings), provenance=analyzer.provenance,
+                            outputs={str(path): stem for path, stem in inputs})
     summary.write(out_dir)
     return summary
 

@@ -260,6 +260,10 @@ class FolderSummary:
     not_analysed: str | None = None
     """Why there is no result at all (a slide none of whose tiles was examined): the differential and
     ``summary.json`` say so, not "No white cell found"."""
+    outputs: dict[str, str] = field(default_factory=dict)
+    """The stem of each result's files (``<stem>.json``, ...) by its source, when it has files of its own (a
+    folder's fields): summary.csv's ``output`` column. Same-named fields take ``-2``, ``-3`` in the order they
+    come, so a rerun with other files can give a name to another field; joined by name, rows met wrong files."""
 
     def _tally(self) -> CellTally:
         return self.cell_tally if self.cell_tally is not None else CellTally.of(self.results)
@@ -293,7 +297,10 @@ class FolderSummary:
 
         def row_for(name: str, d: Differential, objects: dict[str, int], seconds: float | str, error: str,
                     capped: int | str, scale: dict[str, Any] | None = None) -> dict:
-            row: dict[str, Any] = {"image": name, "wbc": d.total}
+            row: dict[str, Any] = {"image": name}
+            if self.outputs:
+                row["output"] = self.outputs.get(name, "")
+            row["wbc"] = d.total
             row.update({f"n_{c}": d.counts.get(c, 0) for c in self.rules.classes})
             row["n_uncertain"] = d.uncertain
             row.update({f"objects_{c}": objects.get(c, 0) for c in self.object_classes})
@@ -350,7 +357,8 @@ class FolderSummary:
             "blast_classes": list(self.rules.blast_classes),
             "scale": self._scale_summary(),
             "pooled_differential": pooled.to_json(),
-            "fields": [r.summary() for r in self.results],
+            "fields": [{**r.summary(), **({"output": self.outputs[r.source]} if r.source in self.outputs else {})}
+                       for r in self.results],
         }, indent=2))
         # the same, as a picture (summary.png): a reader who opens one file sees the count and its flags
         save_differential_figure(out_dir / f"{SUMMARY_STEM}.png", pooled, len(self.results),
