@@ -298,6 +298,24 @@ def test_a_box_around_a_kept_cell_is_dropped_too() -> None:
     assert touching.tolist() == [0, 1]
 
 
+def test_a_loose_box_around_a_tighter_one_of_the_same_cell_is_dropped() -> None:
+    """A 2592x1944 field in tiles of 700 counted a lymphocyte twice: one tile boxed it loosely (0.58), the next
+    tightly (0.99), wholly inside the loose box at IoU 0.496, and the loose box held one kept box, not two."""
+    loose_tight = np.array([[394.0, 754.0, 675.0, 1048.0], [408.0, 815.0, 642.0, 990.0]])
+    keep = merge_tile_detections(loose_tight, np.array([0.58, 0.99]), np.zeros(2, int), np.ones(2, bool),
+                                 containment=0.7, around=2)
+    assert keep.tolist() == [1]
+    # a box reaching over to one side of a kept cell, around a neighbour boxed only there, stays
+    pair = np.array([[100.0, 100.0, 300.0, 300.0], [100.0, 100.0, 520.0, 300.0]])
+    keep = merge_tile_detections(pair, np.array([0.99, 0.6]), np.zeros(2, int), np.ones(2, bool),
+                                 containment=0.7, around=2)
+    assert keep.tolist() == [0, 1]
+    # the analyzer counts the cell once, as it does when one tile saw it whole
+    image = Image.new("RGB", (1000, 1200), (230, 210, 220))
+    result = SmearAnalyzer(FixedDetector(loose_tight, [0.58, 0.99]), min_nuclear_share=0).analyze(image)
+    assert [c.box for c in result.cells] == [(408.0, 815.0, 642.0, 990.0)]
+
+
 @pytest.mark.parametrize("classes,white", [
     (["WBC", "RBC", "Platelets"], ["WBC"]),
     (["WBCs", "RBCs", "Platelets"], ["WBCs"]),

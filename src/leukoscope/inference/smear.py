@@ -170,10 +170,11 @@ class SmearAnalyzer:
     tile. ``wbc_containment``:
     a white-cell box covered more than this share by a higher-scored white-cell
     box is a duplicate, as is one holding that share of two higher-scored ones (two
-    touching cells in one box) (1 turns this off). ``min_nuclear_share``: a white-cell box
-    with fewer violet (nuclear) pixels holds no nucleus, a red cell or a clump of them, and
-    is dropped where the field's stain shows nuclei violet (:mod:`leukoscope.inference.nuclei`;
-    0 turns this off).
+    touching cells in one box) or of one that is the same cell boxed tighter
+    (:func:`~leukoscope.inference.tiling.merge_tile_detections`) (1 turns this off).
+    ``min_nuclear_share``: a white-cell box with fewer violet (nuclear) pixels holds no nucleus,
+    a red cell or a clump of them, and is dropped where the field's stain shows nuclei violet
+    (:mod:`leukoscope.inference.nuclei`; 0 turns this off).
 
     Blast classes default to the classes named in :data:`leukoscope.labels.BLAST_CLASS_NAMES`
     (exact names: an erythroblast is not a blast). Quality gates: a detector whose bundle
