@@ -53,7 +53,8 @@ def test_pipelined_folder_gives_the_sequential_results_in_input_order(
         assert piped.error is None
         _same(piped, analyzer.analyze(path))
     assert sum(r.differential.total for r in summary.results) > 0  # the comparison compared cells
-    # One progress call per field, in input order, with its cell count.
+    # One progress call per field, in input order, with its cell count (and one per tile of a tiled field).
+    calls = [c for c in calls if c["advance"]]
     assert [c["advance"] for c in calls] == [1] * len(paths)
     assert [c["cells"] for c in calls] == [r.differential.total for r in summary.results]
     assert [c["info"].split(":")[0] for c in calls] == [p.name for p in paths]
@@ -135,6 +136,65 @@ def test_an_error_in_the_models_stops_the_run(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "summary.csv").exists()
     with pytest.raises(ValueError, match="ahead"):
         analyze_folder(analyzer, paths, tmp_path / "out", ahead=0)
+
+
+def _blob_fields(tmp_path: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    paths = []
+    for k, (width, height) in enumerate(sizes):
+        pixels = np.full((height, width, 3), 230, np.uint8)
+        pixels[40:70, 50 + k:90 + k] = 30
+        paths.append(tmp_path / f"f{k}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def test_a_field_of_many_tiles_reports_each_tile(tmp_path: Path) -> None:
+    """A 100 Mpx field ran 71 s with no progress line: each tile of a tiled field is reported, as a slide's are;
+    a field of one tile is not."""
+    paths = _blob_fields(tmp_path, [(1300, 1000), (160, 120)])
+    calls: list[dict] = []
+    analyze_folder(SmearAnalyzer(DarkBlobDetector(), tile_size=800, overlap=300), paths, tmp_path / "out",
+                   progress=lambda **kw: calls.append(kw))
+    assert [(c["advance"], c["info"]) for c in calls] == [
+        (0, "f0.png: tiles 1/4"), (0, "f0.png: tiles 2/4"), (0, "f0.png: tiles 3/4"), (0, "f0.png: tiles 4/4"),
+        (1, "f0.png: 1 WBC"), (1, "f1.png: 1 WBC")]
+
+
+def test_fields_held_ahead_are_bounded_by_their_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four 100 Mpx fields peaked at 6.2 GB: two were read ahead and two waited for their files. Beyond the
+    field the models work on, fields are held up to ``ahead_pixels``, or one field whatever its size."""
+    import threading
+    import time
+
+    from leukoscope.inference import folder
+
+    alive, peak, lock = [0], [0], threading.Lock()
+    read, write = folder._read, folder._write
+
+    def counted_read(*args, **kwargs):
+        item = read(*args, **kwargs)
+        with lock:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+        return item
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.1)  # files written slower than the models run: results wait for them
+        write(*args, **kwargs)
+        with lock:
+            alive[0] -= 1
+
+    monkeypatch.setattr(folder, "_read", counted_read)
+    monkeypatch.setattr(folder, "_write", slow_write)
+    paths = _blob_fields(tmp_path, [(160, 120)] * 6)
+    peaks = {}
+    for budget in (10**9, 160 * 120):  # every field within it (held by count, as before) / one field's pixels
+        alive[0] = peak[0] = 0
+        summary = analyze_folder(SmearAnalyzer(DarkBlobDetector()), paths, tmp_path / f"out{budget}",
+                                 ahead_pixels=budget)
+        assert [r.source for r in summary.results] == [str(p) for p in paths]
+        peaks[budget] = peak[0]
+    assert peaks[10**9] > 2 and peaks[160 * 120] == 2  # the models' field and one more
 
 
 def test_prepare_then_analyze_prepared_is_analyze() -> None:

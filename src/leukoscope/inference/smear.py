@@ -319,17 +319,19 @@ class SmearAnalyzer:
                 for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
 
     def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], np.ndarray]] | None = None,
-               *, threshold: float | None = None) -> FieldDetections:
+               *, threshold: float | None = None,
+               on_tile: Callable[[int, int], None] | None = None) -> FieldDetections:
         """Detections (score >= the detector's threshold, or ``threshold``) in image coordinates, merged across
         tiles, and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
         every box above the threshold was kept; at the cap some may have been dropped).
-        ``tiles``: :meth:`detector_tiles` of ``image`` when already made (a folder run makes them ahead)."""
+        ``tiles``: :meth:`detector_tiles` of ``image`` when already made (a folder run makes them ahead).
+        ``on_tile(done, total)``: called after each tile (a 100 Mpx field runs a minute: its progress)."""
         width, height = image.size
         tiles = self.detector_tiles(image) if tiles is None else tiles
         all_boxes, all_scores, all_labels, all_cut = [], [], [], []
         edge = 4.0
         capped = 0
-        for (x0, y0, x1, y1), pixels in tiles:
+        for done, ((x0, y0, x1, y1), pixels) in enumerate(tiles, 1):
             result = self.detector.detect([pixels], threshold=threshold)[0]  # uint8: float only while it runs
             if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
                                                                             (x1 - x0) * (y1 - y0)):
@@ -348,6 +350,8 @@ class SmearAnalyzer:
             all_scores.append(result.scores)
             all_labels.append(result.labels)
             all_cut.append(cut)
+            if on_tile is not None:
+                on_tile(done, len(tiles))
         boxes = np.concatenate(all_boxes).reshape(-1, 4)
         scores = np.concatenate(all_scores)
         labels = np.concatenate(all_labels).astype(int)
@@ -442,10 +446,11 @@ class SmearAnalyzer:
         result.seconds = time.perf_counter() - start
         return result
 
-    def detect_field(self, field: PreparedField, *, threshold: float | None = None) -> FieldDetections:
+    def detect_field(self, field: PreparedField, *, threshold: float | None = None,
+                     on_tile: Callable[[int, int], None] | None = None) -> FieldDetections:
         """:meth:`detect` on the copy of the field the detector sees (at its training scale), the boxes brought
         back to the field's own pixels: what `analyze` counts, and what `evaluate` scores a detector on."""
-        found = self.detect(field.detector_image, field.tiles, threshold=threshold)
+        found = self.detect(field.detector_image, field.tiles, threshold=threshold, on_tile=on_tile)
         if field.factor != 1.0:
             size, d = field.detector_image.size, found.detections
             # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
@@ -486,13 +491,14 @@ class SmearAnalyzer:
             warnings.append(tiny)
         return warnings
 
-    def analyze_prepared(self, field: PreparedField, source: str | None = None) -> SmearResult:
+    def analyze_prepared(self, field: PreparedField, source: str | None = None, *,
+                         on_tile: Callable[[int, int], None] | None = None) -> SmearResult:
         """Detection, crops, classification and the differential of a field from :meth:`prepare`
-        (its ``seconds`` include the preparation)."""
+        (its ``seconds`` include the preparation). ``on_tile``: :meth:`detect`'s."""
         start = time.perf_counter() - field.seconds
         source = source or "<image>"
         image, scale, working_um_per_px, factor = field.image, field.scale, field.working_um_per_px, field.factor
-        found = self.detect_field(field)
+        found = self.detect_field(field, on_tile=on_tile)
         detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
