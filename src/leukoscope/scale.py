@@ -54,7 +54,7 @@ WEAK_ESTIMATE_RED_CELLS = 5
 FIELD_RUN_MAX_RATIO = 1.5
 
 T = TypeVar("T")
-ScaleSource = Literal["given", "estimated", "run", "unknown"]
+ScaleSource = Literal["given", "recorded", "estimated", "run", "unknown"]
 #: Fields of a run sampled for its scale (:func:`run_scale`): the median settles after a dozen estimates.
 RUN_SCALE_FIELDS = 24
 #: A run's scale needs this many sampled fields with an estimate...

@@ -395,3 +395,27 @@ def test_a_folder_of_unframed_fields_raises_no_leukemia_flag_and_a_review_answer
     assert warning.startswith("Cells cut by their boxes") and "3 of 3 fields" in warning
     assert not any("consistent with acute leukemia" in flag for flag in summary.pooled.flags)
     assert about_classification_only(warning) and about_classification_only(results[0].warnings[0])
+
+
+def test_a_tiffs_resolution_tags_are_the_fields_recorded_scale(tmp_path) -> None:
+    """A one-level TIFF's XResolution/YResolution (as microscope cameras write them) were ignored for fields, though
+    slides use them: a field with too few red cells was analysed at another scale, or at none."""
+    from leukoscope.inference.folder import analyze_folder
+
+    pytest.importorskip("tiffslide")
+    image = Image.new("RGB", (640, 480), (230, 220, 220))  # no red cells to estimate a scale from
+    paths = {"cm": tmp_path / "cm.tif", "inch": tmp_path / "inch.tif", "dpi72": tmp_path / "dpi72.tif"}
+    image.save(paths["cm"], resolution=1e4 / 0.2, resolution_unit="cm")  # 0.2 um/px
+    image.save(paths["inch"], resolution=25400 / 0.2, resolution_unit="inch")
+    image.save(paths["dpi72"], resolution=72, resolution_unit="inch")  # an editor's default: no microscope's
+    detector = ScaledDetector(um_per_px=0.1)
+    for name in ("cm", "inch"):
+        scale = SmearAnalyzer(detector).analyze(paths[name]).scale
+        assert scale["source"] == "recorded" and scale["um_per_px"] == pytest.approx(0.2)
+        assert scale["detector_resample"] == pytest.approx(2.0) and "file" in scale["note"]
+    assert SmearAnalyzer(detector).analyze(paths["dpi72"]).scale["source"] == "unknown"
+    # the folder engine reads it too, and a stated scale wins over the file's
+    summary = analyze_folder(SmearAnalyzer(detector), [paths["cm"]], tmp_path / "out")
+    assert summary.results[0].scale["source"] == "recorded"
+    stated = SmearAnalyzer(detector, um_per_px=0.1).analyze(paths["cm"]).scale
+    assert stated["source"] == "given" and stated["um_per_px"] == 0.1

@@ -91,7 +91,7 @@ def analyze_file(analyzer: SmearAnalyzer, path: str | Path, source: str,
     ``run_warnings``: its run's, on the field as the local engine puts them."""
     try:
         return analyzer.analyze(load_image(path, max_pixels=analyzer.max_pixels), source=source,
-                                run_warnings=run_warnings)
+                                scale=analyzer.recorded_scale(path), run_warnings=run_warnings)
     except ImageDecodeError as exc:
         return analyzer.failed_result(source, str(exc))
 

@@ -63,7 +63,8 @@ def _read(analyzer: "SmearAnalyzer", path: Path, stem: str, run_um_per_px: float
         image = load_image(path, max_pixels=analyzer.max_pixels)
     except ImageDecodeError as exc:
         return _Read(path, stem, error=str(exc))
-    return _Read(path, stem, analyzer.prepare(image, run_um_per_px=run_um_per_px, run_warnings=run_warnings))
+    return _Read(path, stem, analyzer.prepare(image, scale=analyzer.recorded_scale(path), run_um_per_px=run_um_per_px,
+                                              run_warnings=run_warnings))
 
 
 def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_dir: str | Path, *,

@@ -39,6 +39,7 @@ from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAM
                                           tiny_field_warning, unfamiliar_warning, unframed_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
+from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
@@ -430,16 +431,29 @@ class SmearAnalyzer:
                              self.detector_tiles(detector_image), time.perf_counter() - start, doubt,
                              tuple(run_warnings))
 
+    def recorded_scale(self, path: str | Path) -> FieldScale | None:
+        """The pixel size a field's file records (a one-level TIFF's resolution tags, read as a slide's are:
+        microscope cameras write them), unless the analyzer has a stated one, which wins; None: none recorded."""
+        if self.um_per_px is not None:
+            return None
+        recorded = recorded_um_per_px(path)
+        if recorded is None:
+            return None
+        return FieldScale(recorded, "recorded", 0, "recorded in the file (TIFF resolution tags)")
+
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None, um_per_px: float | None = None,
                 run_um_per_px: float | None = None, run_warnings: Sequence[str] = ()) -> SmearResult:
         """One field. ``scale``: its pixel size when known from elsewhere (a slide file's record;
-        see :meth:`field_scale`); else stated (``um_per_px``, or the analyzer's) or estimated from its red
+        see :meth:`field_scale`); else stated (``um_per_px``, or the analyzer's), recorded in the file
+        (:meth:`recorded_scale`, when ``image`` is a path) or estimated from its red
         cells, else the run's (``run_um_per_px``, or the analyzer's). ``run_warnings``: its run's
         (:meth:`prepare`)."""
         start = time.perf_counter()
         if not isinstance(image, Image.Image):
             source = source or str(image)
+            if scale is None and um_per_px is None:
+                scale = self.recorded_scale(image)
             image = load_image(image, max_pixels=self.max_pixels)
         result = self.analyze_prepared(self.prepare(image, scale=scale, um_per_px=um_per_px,
                                                     run_um_per_px=run_um_per_px, run_warnings=run_warnings), source)

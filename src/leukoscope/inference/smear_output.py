@@ -330,7 +330,8 @@ class FolderSummary:
         return rows
 
     def _scale_summary(self) -> dict[str, Any]:
-        """The run's scale and how many fields took each kind of scale (given, estimated, the run's, unknown)."""
+        """The run's scale and how many fields took each kind of scale (given, recorded, estimated, the run's,
+        unknown)."""
         sources = Counter(r.scale.get("source", "unknown") for r in self.results if r.error is None and r.scale)
         return {"stated_um_per_px": self.stated_um_per_px, "run_um_per_px": self.run_um_per_px,
                 "fields_by_source": dict(sorted(sources.items()))}

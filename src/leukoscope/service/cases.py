@@ -597,7 +597,7 @@ def scale_text(scale: dict[str, Any] | None, kind: str = "smear") -> str:
         return ""
     um = scale.get("um_per_px")
     what = "field" if kind == "smear" else "image"
-    origin = {"given": f"stated ({SCALE_FIELD})",
+    origin = {"given": f"stated ({SCALE_FIELD})", "recorded": "recorded in the image file",
               "estimated": f"estimated from {scale.get('red_cells', 0)} red cells",
               "run": f"not estimated from this {what}: the case's {what}s together"}.get(scale.get("source"))
     if um is None or origin is None:

@@ -37,7 +37,8 @@ class SlideError(ValueError):
     """A file could not be used as a whole-slide image; the message says why and which file."""
 
 
-def _recorded_mpp(properties: dict[str, Any], prefix: str) -> float | None:
+def _recorded_mpp(properties: dict[str, Any], prefix: str, *, say: bool = True) -> float | None:
+    """The pixel size tiffslide/OpenSlide read from the file, if a microscope's; ``say``: warn when it is not."""
     values = []
     for axis in ("x", "y"):
         try:
@@ -48,8 +49,9 @@ def _recorded_mpp(properties: dict[str, Any], prefix: str) -> float | None:
     # A pixel size outside what a microscope gives (or unequal axes) is not trusted: said, then each tile's
     # scale is estimated from its red cells.
     if not all(math.isfinite(v) and 0.005 <= v <= 5.0 for v in values) or abs(values[0] - values[1]) > 0.05 * values[0]:
-        log.warning("the slide records a pixel size of %g x %g um, which no microscope gives (or unequal axes): "
-                    "not used; each tile's scale is estimated from its red cells (or give --um-per-px)", *values)
+        if say:
+            log.warning("the slide records a pixel size of %g x %g um, which no microscope gives (or unequal axes): "
+                        "not used; each tile's scale is estimated from its red cells (or give --um-per-px)", *values)
         return None
     return float(sum(values) / 2)
 
@@ -126,6 +128,26 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def recorded_um_per_px(path: str | Path) -> float | None:
+    """The pixel size a TIFF records in its resolution tags (XResolution/YResolution in CENTIMETER or INCH, as
+    microscope cameras write them), read and checked as a slide's is (:func:`_recorded_mpp`). None: not a TIFF,
+    no such tags, tiffslide not installed, or no microscope's size, said by no warning (72 dpi is an editor's
+    default, not a scale: the field's red cells measure it, as before)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
+        return None
+    try:
+        import tiffslide
+    except ImportError:
+        return None
+    try:
+        with tiffslide.TiffSlide(path) as handle:
+            properties = dict(handle.properties)
+    except Exception:  # noqa: BLE001 - an unreadable header: reading the field says why
+        return None
+    return _recorded_mpp(properties, "tiffslide", say=False)
 
 
 def tiff_level_count(path: str | Path) -> int | None:
