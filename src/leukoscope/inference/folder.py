@@ -87,7 +87,8 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used = {SUMMARY_STEM}  # a field called summary.jpg must not write over the folder's summary.json
-    pending = deque((Path(p), unique_stem(Path(p), used)) for p in paths)
+    stems = [(Path(p), unique_stem(Path(p), used)) for p in paths]
+    pending = deque(stems)
     results: list[SmearResult] = []
     reading: deque[tuple[Future[_Read], int]] = deque()  # with each field's pixels
     writing: deque[tuple[SmearResult, Future, int]] = deque()
@@ -153,7 +154,7 @@ def analyze_folder(analyzer: "SmearAnalyzer", paths: Sequence[str | Path], out_d
                             list(analyzer.warnings), analyzer.unfamiliar_share,
                             run_um_per_px=_lent(analyzer, run_um_per_px), stated_um_per_px=analyzer.um_per_px,
                             run_warnings=list(run_warnings), provenance=analyzer.provenance,
-                            outputs={str(path): stem for path, stem in inputs})
+                            outputs={str(path): stem for path, stem in stems})
     summary.write(out_dir)
     return summary
 
