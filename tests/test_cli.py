@@ -823,23 +823,32 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path: Path) -> No
 
 def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp_path: Path) -> None:
     """`cd fields && leukoscope analyze .` run twice analysed the first run's summary.png as a field (and a slide's
-    overview, adding its 11 white cells to a pooled count of 1)."""
+    overview, adding its 11 white cells to a pooled count of 1). Fields beside an analysis's files stay fields."""
     import csv
 
     folder = tmp_path / "fields"
     folder.mkdir()
     for shade, name in enumerate(("a.png", "b.png")):
         Image.new("RGB", (64, 64), (230, 200 + shade, 200)).save(folder / name)
-    for out in (folder / "analysis", folder / "analysis", folder / "other"):
+    for out in (folder / "analysis", folder / "analysis", folder / "other", folder):  # the last: --out the input
         result = invoke("analyze", folder, "--out", out, "--no-classifier")
         said = " ".join(result.output.split())
         assert result.exit_code == 0, said
         with (out / "summary.csv").open() as handle:
             assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["a.png", "b.png", "TOTAL"]
-    assert "1 image(s) that earlier analyses wrote into the input folders left out" in said  # analysis/summary.png
+    assert "2 picture(s) that earlier analyses wrote into the input folders left out" in said  # two summary.png
+    # a field that happens to be called summary.png, in a folder no analysis wrote, is a field
+    (tmp_path / "own").mkdir()
+    Image.new("RGB", (64, 64), (230, 210, 200)).save(tmp_path / "own" / "summary.png")
+    result = invoke("analyze", tmp_path / "own", "--out", tmp_path / "own-out", "--no-classifier")
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "own-out" / "summary.csv").open() as handle:
+        assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["summary.png", "TOTAL"]
     (folder / "a.png").unlink(), (folder / "b.png").unlink()
-    result = invoke("analyze", folder, "--out", tmp_path / "third", "--no-classifier")
-    assert result.exit_code == 2 and "is one this program wrote" in " ".join(result.output.split())
+    for name in ("summary.png",):
+        (folder / name).unlink()
+    result = invoke("analyze", folder / "analysis", "--out", tmp_path / "third", "--no-classifier")
+    assert result.exit_code == 2 and "is one an earlier analysis wrote" in " ".join(result.output.split())
 
 
 def test_summary_names_the_files_of_each_field(tmp_path: Path) -> None:
@@ -889,6 +898,10 @@ def test_a_field_with_a_long_name_is_analysed_under_a_shortened_one(tmp_path: Pa
     assert result.exit_code == 0, result.output
     written = sorted(path.name for path in (tmp_path / "out").glob("*.json") if path.name != "summary.json")
     assert len(written) == 2 and all(len(name) <= 200 for name in written)
+    # a name that is no UTF-8 (bytes a Linux file system keeps as they are) is shortened too
+    from leukoscope.inference.smear_output import MAX_STEM, unique_stem
+
+    assert len(unique_stem(Path("x" * 200 + "\udcff.png"), set())) == MAX_STEM
 
 
 def test_files_of_a_folder_not_taken_as_images_are_named(tmp_path: Path, caplog) -> None:

@@ -1526,7 +1526,7 @@ def analyze(
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
     paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
-    paths = without_byte_copies(_without_cut_cells(_without_earlier_outputs(paths, inputs, out), inputs,
+    paths = without_byte_copies(_without_cut_cells(_without_earlier_outputs(paths, inputs), inputs,
                                                    slides=bool(slides)))
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
@@ -1566,21 +1566,22 @@ def analyze(
                                            min_coverage=min_coverage, max_coverage=max_coverage, quiet=quiet))
 
 
-def _without_earlier_outputs(paths: list[Path], inputs: list[Path], out: Path) -> list[Path]:
-    """``paths`` less the pictures this program wrote that were found in the input folders (this run's --out, or
-    an earlier run's inside the folder): `leukoscope analyze .` run twice analysed its own summary.png and a slide's
-    overview as fields. A file named on the command line stays in."""
+def _without_earlier_outputs(paths: list[Path], inputs: list[Path]) -> list[Path]:
+    """``paths`` less the pictures an earlier analysis wrote into the input folders (its summary.png, a slide's
+    overview): `leukoscope analyze .` run twice analysed them as fields. A file named on the command line stays
+    in."""
     from leukoscope.inference.smear_output import earlier_outputs
 
-    written = {path for folder in inputs if folder.is_dir() for path in earlier_outputs(paths, folder, out)}
+    named = {p.resolve() for p in inputs if not p.is_dir()}
+    written = set(earlier_outputs([p for p in paths if p.resolve() not in named]))
     if not written:
         return paths
     if len(written) == len(paths):
-        _fail(f"every image found ({len(paths)}) is one this program wrote (an analysis's summary.png, a slide's "
-              f"overview: its folder holds the analysis's summary.json): name the fields, or their folder")
-    console.print(f"[yellow]note:[/yellow] {len(written)} image(s) that earlier analyses wrote into the input folders "
-                  f"left out ({escape(name_some(sorted(str(p) for p in written)))}): they are results, not fields",
-                  soft_wrap=True)
+        _fail(f"every image found ({len(paths)}) is one an earlier analysis wrote (its summary.png, a slide's "
+              f"overview, beside the analysis's summary.json): name the fields, or their folder")
+    console.print(f"[yellow]note:[/yellow] {len(written)} picture(s) that earlier analyses wrote into the input "
+                  f"folders left out ({escape(name_some(sorted(str(p) for p in written)))}): they are results, not "
+                  f"fields", soft_wrap=True)
     return [p for p in paths if p not in written]
 
 

@@ -249,6 +249,12 @@ def test_cells_on_a_plain_background_are_compared_by_their_content(tmp_path: Pat
         paths.append(tmp_path / name)
     groups = duplicate_groups(paths)
     assert same(groups, 0, 1) and not same(groups, 0, 2)
+    # specks on black are not cut to: blown up to the hash's size, every speck would be one even grey
+    from leukoscope.data.duplicates import without_plain_border
+
+    speck = np.zeros((450, 450), dtype=np.uint8)
+    speck[200:202, 300:302] = 255
+    assert without_plain_border(Image.fromarray(speck)).size == (450, 450)
 
 
 def test_cnmc_minis_copies_are_found_and_its_different_cells_kept_apart() -> None:

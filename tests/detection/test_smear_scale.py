@@ -419,3 +419,23 @@ def test_a_tiffs_resolution_tags_are_the_fields_recorded_scale(tmp_path) -> None
     assert summary.results[0].scale["source"] == "recorded"
     stated = SmearAnalyzer(detector, um_per_px=0.1).analyze(paths["cm"]).scale
     assert stated["source"] == "given" and stated["um_per_px"] == 0.1
+
+
+def test_a_recorded_scale_its_red_cells_contradict_is_not_used(tmp_path) -> None:
+    """A camera that records its sensor's pixel pitch (3.45 um/px) had the field upsampled tenfold, trusted
+    without a word; a record its red cells contradict was used as well."""
+    from tests.test_scale import smear_field
+
+    pytest.importorskip("tiffslide")
+    field = smear_field(75.0, size=(1280, 960), seed=2, n_red=20)  # red cells 75 px across: 0.1 um/px
+    detector = ScaledDetector(um_per_px=0.1)
+    for recorded in (3.45, 0.4):
+        path = tmp_path / f"field-{recorded}.tif"
+        field.save(path, resolution=1e4 / recorded, resolution_unit="cm")
+        scale = SmearAnalyzer(detector).analyze(path).scale
+        assert scale["source"] == "estimated" and scale["um_per_px"] == pytest.approx(0.1, rel=0.15), scale
+        assert recorded < 1 or "not used" not in scale["note"]  # out of range: ignored as 72 dpi is
+    assert "the file records 0.4 um/px" in scale["note"] and "not used" in scale["note"]
+    path = tmp_path / "agrees.tif"
+    field.save(path, resolution=1e4 / 0.105, resolution_unit="cm")  # within the red cells' measure: the record
+    assert SmearAnalyzer(detector).analyze(path).scale["source"] == "recorded"

@@ -237,6 +237,20 @@ def test_a_split_of_the_unmerged_data_serves_a_run_that_merges_classes(synthetic
     for part, rows in saved.items():  # the parts it dealt, each image under its merged label
         mapped = {r["path"]: ("blast" if r["label"] == "blast" else "mature") for r in rows}
         assert {str(s.path.resolve()): s.label for s in merged.split.assignments[part]} == mapped
+    # data.classes choosing among the merged classes, and a map whose names chain
+    merge = "data.class_map={lymphocyte: mature, monocyte: mature, neutrophil: mature}"
+    chained = "data.class_map={lymphocyte: monocyte, monocyte: neutrophil}"
+    for overrides, classes in (([merge, "data.classes=[mature,blast]"], ["mature", "blast"]),
+                               ([chained, "data.classes=[neutrophil,blast]"], ["neutrophil", "blast"])):
+        config = _config(synthetic_root, tmp_path, f"data.split_file={split_file}", *overrides)
+        assert prepare_data(config.data, preprocessing_of(config), tmp_path, show_progress=False).classes == classes
+    # the run's own split, saved under the mapped names, is used as it is: mapped again, a chained map had
+    # moved the monocytes (lymphocytes renamed) on to neutrophil
+    own = _config(synthetic_root, tmp_path / "own", chained)
+    first = prepare_data(own.data, preprocessing_of(own), tmp_path / "own", show_progress=False)
+    again = prepare_data(own.data, preprocessing_of(own), tmp_path / "own", show_progress=False)
+    assert first.classes == again.classes == ["blast", "monocyte", "neutrophil"]
+    assert again.split.class_table() == first.split.class_table()
 
 
 def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path) -> None:

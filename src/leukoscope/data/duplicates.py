@@ -63,8 +63,11 @@ def fingerprint(path: Path) -> ImageFingerprint:
 
 #: A border is plain when 95% of its pixels are within this many grey levels of its median...
 PLAIN_BORDER_SPREAD = 8
-#: ...and the image's content is the box of the pixels further than this from that median.
+#: ...and the image's content is the box of the pixels further than this from that median...
 CONTENT_CONTRAST = 16
+#: ...when that box is at least this many pixels and this share of the image's shorter side (a C-NMC cell: 200
+#: of 450 px).
+MIN_CONTENT_SIDE, MIN_CONTENT_SHARE = 16, 0.1
 
 
 def without_plain_border(grey: Image.Image) -> Image.Image:
@@ -81,7 +84,10 @@ def without_plain_border(grey: Image.Image) -> Image.Image:
     rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
     if not len(rows):
         return grey  # a plain image: nothing to cut to
-    return grey.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    if min(box[2] - box[0], box[3] - box[1]) < max(MIN_CONTENT_SIDE, MIN_CONTENT_SHARE * min(grey.size)):
+        return grey  # a speck, blown up to the hash's 32 x 32, would be one even grey: every speck alike
+    return grey.crop(box)
 
 
 def _hash_value(value: imagehash.ImageHash) -> int:

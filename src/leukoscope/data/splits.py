@@ -402,18 +402,21 @@ def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> N
         raise LeakageError(f"split leaks between train/val/test ({len(set(problems))} problem(s)): {shown}")
 
 
-def mapped_split(split: Split, class_map: Mapping[str, str]) -> Split | None:
-    """``split`` with its labels renamed by a config's ``data.class_map`` when it holds the unmapped ones (a
-    ``leukoscope split`` of the data as they are, used by a run that merges classes), else None. The parts stay
-    those the split dealt: stratified by the finer classes, they are stratified by the merged ones too."""
-    labels = {s.label for samples in split.assignments.values() for s in samples}
-    if not labels & set(class_map):
-        return None
-    assignments = {name: [Sample(s.path, class_map.get(s.label, s.label) if s.label is not None else None,
-                                 s.subject) for s in samples]
-                   for name, samples in split.assignments.items()}
-    classes = sorted({s.label for samples in assignments.values() for s in samples if s.label is not None})
-    return Split(assignments, classes, dict(split.info))
+def configured_split(split: Split, class_map: Mapping[str, str] | None, classes: Sequence[str] | None) -> Split:
+    """``split`` as a run's ``data.class_map`` and ``data.classes`` see the data: its labels renamed by the map, its
+    images of classes left out dropped (a ``leukoscope split`` of the data as they are, used by a run that merges or
+    chooses classes). The parts stay those the split dealt: stratified by the finer classes, they are stratified
+    by the merged ones too."""
+    def label(name: str | None) -> str | None:
+        return class_map.get(name, name) if class_map and name is not None else name
+
+    assignments = {part: [Sample(s.path, label(s.label), s.subject) for s in samples]
+                   for part, samples in split.assignments.items()}
+    if classes:
+        assignments = {part: [s for s in samples if s.label in classes] for part, samples in assignments.items()}
+    names = list(classes) if classes else sorted({s.label for part in assignments.values() for s in part
+                                                   if s.label is not None})
+    return Split(assignments, names, dict(split.info))
 
 
 def split_matching(split: Split, manifest: Manifest) -> None:

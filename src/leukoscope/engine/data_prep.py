@@ -14,7 +14,7 @@ import torch
 from leukoscope.data.dataset import LoadReport
 from leukoscope.data.manifest import DatasetError, Manifest, Sample
 from leukoscope.data.readers import check_spellings, read_dataset, refuse_uncertain_class
-from leukoscope.data.splits import (Split, check_split, check_training_part, make_split, mapped_split,
+from leukoscope.data.splits import (Split, check_split, check_training_part, configured_split, make_split,
                                      split_matching)
 from leukoscope.engine.config import DataConfig
 from leukoscope.preprocessing import Preprocessing
@@ -41,6 +41,9 @@ class PreparedData:
     """:meth:`Preprocessing.decoded_as` of the preprocessing the parts were decoded with."""
     said: set[str] = field(default_factory=set)
     """Warnings about these data already said: `search` and `compare` train many runs on one preparation."""
+    training_centres: dict[str, int] | None = None
+    """:func:`leukoscope.tasks.classify.training_centres` of these data once read (each run of a search would
+    decode the same 300 images again)."""
 
     def skipped(self) -> list[dict[str, str]]:
         return [item for report in self.load_reports.values() for item in report.skipped]
@@ -119,16 +122,32 @@ def _warn_of_other_settings(data: DataConfig, split: Split, split_file: Path) ->
                     "split --ratios ... --seed ...`, or another --split-file)", split_file, " and ".join(differ))
 
 
+def _as_configured(split: Split, data: DataConfig, manifest: Manifest) -> Split:
+    """The saved ``split`` as it is when it describes the run's data (the run's own); else, with data.class_map
+    and data.classes set, that split of the data as they are (`leukoscope split`) seen through them: it was
+    refused as "relabelled; make a new split or restore the data", though nothing had changed."""
+    try:
+        split_matching(split, manifest)
+        return split
+    except DatasetError:
+        if not (data.class_map or data.classes):
+            return split  # the caller's check says what differs
+    configured = configured_split(split, data.class_map, data.classes)
+    if set(configured.classes) == set(manifest.classes):
+        configured.classes = list(manifest.classes)  # the data's order (data.classes may give another)
+    try:
+        split_matching(configured, manifest)
+    except DatasetError:
+        return split  # not a split of these data either: the caller's check says what differs
+    say(f"[dim]the split's classes {split.classes} seen through data.class_map / data.classes: "
+        f"{configured.classes}[/dim]")
+    return configured
+
+
 def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True) -> Split:
     """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
     if split_file.exists():
-        split = Split.load(split_file, data_root=manifest.root)
-        merged = mapped_split(split, data.class_map) if data.class_map else None
-        if merged is not None:  # it refused as "relabelled; restore the data" a split of the data as they are
-            say(f"[dim]the split's labels mapped by data.class_map: {split.classes} -> {merged.classes}[/dim]")
-            split = merged
-            if set(split.classes) == set(manifest.classes):  # data.classes may order them otherwise
-                split.classes = list(manifest.classes)
+        split = _as_configured(Split.load(split_file, data_root=manifest.root), data, manifest)
         try:
             split_matching(split, manifest)
         except DatasetError as exc:  # the file to delete, by name: training made it, the user never named it

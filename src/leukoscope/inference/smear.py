@@ -48,7 +48,7 @@ from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.pixels import is_grayscale
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
-                              checked_um_per_px, disagrees_with_run, field_scale, run_scale, stated_run_doubt,
+                              checked_record, checked_um_per_px, disagrees_with_run, field_scale, run_scale, stated_run_doubt,
                               stated_scale_doubt)
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,8 @@ class SmearAnalyzer:
         stated = scale is None and stated_um_per_px is not None
         if stated:
             scale = FieldScale.given(stated_um_per_px)
+        elif scale is not None and scale.source == "recorded":  # a file's record, checked by its red cells
+            scale = checked_record(image, float(scale.um_per_px))
         scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
         doubt = stated_scale_doubt(image, stated_um_per_px) if stated else None
         detector_image = image
@@ -577,8 +579,9 @@ class SmearAnalyzer:
         (the pipelined engine, :func:`leukoscope.inference.folder.analyze_folder`).
 
         An unreadable file gives a row with ``error`` set, never a crash; rows keep the input order.
-        ``progress(advance=1, info=..., cells=N)`` is called once per field written. Fields without a
-        scale of their own take the run's: the analyzer's ``run_um_per_px`` when set, else (with
+        ``progress(advance=1, info=..., cells=N)`` is called once per field written (and ``progress(advance=0,
+        info=...)`` after each tile of a field of many: :func:`~leukoscope.inference.folder.analyze_folder`).
+        Fields without a scale of their own take the run's: the analyzer's ``run_um_per_px`` when set, else (with
         ``estimate_run_scale``, as ``leukoscope analyze`` does) :func:`leukoscope.scale.run_scale` of
         ``paths`` when there are enough of them and they agree. When the analyzer has a stated
         ``um_per_px``, the run's scale only checks it (:func:`leukoscope.scale.stated_run_doubt`: a warning of

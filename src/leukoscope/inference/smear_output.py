@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import json
 import re
 from collections import Counter
@@ -56,24 +57,25 @@ def analysis_output_folder(folder: Path) -> bool:
     return isinstance(record, dict) and "pooled_differential" in record and "disclaimer" in record
 
 
-def earlier_outputs(paths: Sequence[Path], folder: Path, out: Path) -> list[Path]:
-    """The ``paths`` found in ``folder`` (an input folder) that this program wrote: under ``out`` (this run's), or
-    in a folder between ``folder`` and the file that holds an analysis's summary (an earlier run's)."""
-    out, folder = out.resolve(), folder.resolve()
+#: The pictures an analysis writes beside its summary.json that are not fields' annotated copies (those end in
+#: ``.annotated.png`` and are never read as fields): the pooled differential drawn, a slide's overview.
+SUMMARY_PICTURE = f"{SUMMARY_STEM}.png"
+OVERVIEW_SUFFIX = ".overview.png"
+
+
+def earlier_outputs(paths: Sequence[Path]) -> list[Path]:
+    """The ``paths`` that are pictures an analysis wrote (its ``summary.png``, a slide's ``*.overview.png``)
+    in a folder that holds that analysis's summary: `leukoscope analyze .` run twice had analysed them as fields
+    (a slide's overview added 11 white cells to a pooled count of 1). By name and place only: fields kept in
+    the same folder as an analysis's files, or an --out that is the input folder, stay fields."""
     known: dict[Path, bool] = {}
 
     def written(path: Path) -> bool:
-        resolved = path.resolve()
-        if resolved.is_relative_to(out):
-            return True
-        for parent in resolved.parents:
-            if not parent.is_relative_to(folder):
-                return False
-            if parent not in known:
-                known[parent] = analysis_output_folder(parent)
-            if known[parent]:
-                return True
-        return False
+        if path.name != SUMMARY_PICTURE and not path.name.endswith(OVERVIEW_SUFFIX):
+            return False
+        if path.parent not in known:
+            known[path.parent] = analysis_output_folder(path.parent)
+        return known[path.parent]
 
     return [path for path in paths if written(path)]
 
@@ -90,7 +92,7 @@ def unique_stem(path: Path, used: set[str]) -> str:
     would share files, and ``Summary.jpg`` would write over ``summary.json``."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
     if len(base) > MAX_STEM:  # shortened, a digest of the whole name keeping two long names apart
-        base = f"{base[:MAX_STEM - 9]}-{hashlib.sha1(path.stem.encode()).hexdigest()[:8]}"
+        base = f"{base[:MAX_STEM - 9]}-{hashlib.sha1(os.fsencode(path.stem)).hexdigest()[:8]}"
     stem, k = base, 1
     while stem.casefold() in used:
         k += 1

@@ -172,7 +172,14 @@ def run_experiment(
 def training_centres(prepared: PreparedData, seed: int) -> dict[str, int]:
     """How many of a seeded sample of the training images show no white cell at their centre
     (:func:`leukoscope.cell_presence.centres_record`): `predict` checks an image's centre for a classifier of
-    single cells, not for one of whole fields (3 of 20 all-taleqani fields were doubted that way)."""
+    single cells, not for one of whole fields (3 of 20 all-taleqani fields were doubted that way). Read once per
+    preparation of the data (:attr:`PreparedData.training_centres`)."""
+    if prepared.training_centres is None:
+        prepared.training_centres = _training_centres(prepared, seed)
+    return prepared.training_centres
+
+
+def _training_centres(prepared: PreparedData, seed: int) -> dict[str, int]:
     paths = [sample.path for sample in prepared.split.assignments.get("train", [])]
     if len(paths) > CENTRES_CHECKED:
         paths = [paths[i] for i in sorted(np.random.default_rng(seed).choice(len(paths), CENTRES_CHECKED,

@@ -278,9 +278,10 @@ def _choose(rows: list[CompareRow], monitor: str = "val_accuracy") -> tuple[int 
         row = rows[i]
         return selection_score({"val_accuracy": row.val_accuracy, "val_macro_f1": row.val_macro_f1,
                                  "val_loss": row.val_loss}, monitor)
-    words = {"val_accuracy": "validation accuracy", "val_macro_f1": "validation macro F1",
-             "val_loss": "the lower validation loss"}[monitor]
-    return max(range(len(rows)), key=key), f"{words} (then validation macro F1, then loss)"
+    words = {"val_accuracy": "validation accuracy (then validation macro F1, then loss)",
+             "val_macro_f1": "validation macro F1 (then loss)",
+             "val_loss": "the lower validation loss (then validation macro F1)"}[monitor]
+    return max(range(len(rows)), key=key), words
 
 
 def run_compare(
