@@ -48,8 +48,8 @@ from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.pixels import is_grayscale
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
-                              checked_record, checked_um_per_px, disagrees_with_run, field_scale, run_scale, stated_run_doubt,
-                              stated_scale_doubt)
+                              checked_record, checked_um_per_px, disagrees_with_run, field_scale, run_scale,
+                              stated_run_doubt, stated_scale_doubt)
 
 log = logging.getLogger(__name__)
 
