@@ -1519,13 +1519,20 @@ def analyze(
         _fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     slides = [p for p in inputs if p.is_file() and (slide or is_slide_path(p))]
     inputs = [p for p in inputs if p not in slides]
+    paths = [p for p in _run(collect_images, inputs, slides=True) if not p.name.endswith(".annotated.png")] \
+        if inputs else []
+    in_folders = [p for p in paths if is_slide_path(p)]
+    if in_folders:  # one rule for a file however it is reached: a pyramid in a folder had been read flat, one field
+        console.print(f"note: {len(in_folders)} whole-slide file(s) found in the folders are analysed as slides: "
+                      f"{escape(name_some([str(p) for p in in_folders]))}", soft_wrap=True)
+        slides += in_folders
+        paths = [p for p in paths if p not in set(in_folders)]
     stems: dict[str, Path] = {}
     for path in slides:  # each slide writes OUT/<stem>/: a second of the same stem would replace the first's
         other = stems.setdefault(path.stem.casefold(), path)  # one folder on a case-insensitive file system
         if other != path:
             _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
                   f"folders, or rename one")
-    paths = [p for p in _run(collect_images, inputs) if not p.name.endswith(".annotated.png")] if inputs else []
     paths = without_byte_copies(_without_cut_cells(_without_earlier_outputs(paths, inputs), inputs,
                                                    slides=bool(slides)))
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)

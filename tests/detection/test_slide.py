@@ -341,6 +341,35 @@ def test_cli_analyze_slide_writes_the_outputs(slide_path: Path, detector_bundle:
     assert all(1 <= t["column"] <= 4 for t in payload["tiles"])
 
 
+def test_a_slide_in_a_folder_is_analysed_as_a_slide(slide_path: Path, detector_bundle: Path,
+                                                    classifier_bundle: Path, tmp_path: Path) -> None:
+    """A pyramidal TIFF found in a folder was read flat as one field, pooled with the fields, and a .svs there
+    was "left out, not an image": one rule for a file, however it is reached."""
+    import shutil
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from leukoscope.cli import app
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(slide_path, folder / "slide.tif")
+    shutil.copy(slide_path, folder / "other.svs")
+    Image.new("RGB", (64, 64), (230, 200, 200)).save(folder / "field.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(folder), "--detector", str(detector_bundle), "--classifier",
+                                      str(classifier_bundle), "--out", str(out), "--target-cells", "5",
+                                      "--slide-tile", str(TILE), "--workers", "1", "--quiet"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "2 whole-slide file(s) found in the folders are analysed as slides" in said
+    for stem in ("slide", "other"):
+        assert (out / stem / f"{stem}.slide.json").is_file(), stem
+    with (out / "summary.csv").open() as handle:  # the folder's fields: the slides are not among them
+        assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["field.png", "TOTAL"]
+
+
 def test_cli_flat_tif_given_as_slide_fails_clearly(detector_bundle: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

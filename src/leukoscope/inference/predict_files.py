@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
+from leukoscope.inference.slide.reader import SLIDE_ONLY_SUFFIXES
 from leukoscope.io import IMAGE_SUFFIXES, files_below, is_image_file, load_image
 from leukoscope.progress import console, name_some, progress_bar, say
 
@@ -26,17 +27,19 @@ if TYPE_CHECKING:  # torch loads only once there is something to predict: input 
     from leukoscope.inference.predictor import CellClassifier, Prediction
 
 
-def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+def collect_images(inputs: Sequence[str | Path], *, slides: bool = False) -> list[Path]:
     """Expand folders (recursively) into image files; keep explicit files as given. A file reached twice
     (named and inside a named folder, or a folder given twice) is kept once, where first reached: a
-    field counted twice would weigh twice in the pooled differential."""
+    field counted twice would weigh twice in the pooled differential. ``slides``: whole-slide files of a folder
+    (``.svs``, ``.ndpi``, ...) are found too (`analyze` reads them as slides; they were "not an image")."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             # A link to an image that is gone (an unmounted share) stays in, to be reported as unreadable with
             # the other failures: left out, it shrank the run without a word.
             below = files_below(item)
-            found = [p for p in below if is_image_file(p) or _broken_image_link(p)]
+            found = [p for p in below if is_image_file(p) or _broken_image_link(p)
+                     or (slides and p.suffix.lower() in SLIDE_ONLY_SUFFIXES)]
             if not found:
                 raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
             paths += found
