@@ -1527,12 +1527,14 @@ def analyze(
                       f"{escape(name_some([str(p) for p in in_folders]))}", soft_wrap=True)
         slides += in_folders
         paths = [p for p in paths if p not in set(in_folders)]
+    from leukoscope.inference.smear_output import shortened
+
     stems: dict[str, Path] = {}
     for path in slides:  # each slide writes OUT/<stem>/: a second of the same stem would replace the first's
-        other = stems.setdefault(path.stem.casefold(), path)  # one folder on a case-insensitive file system
+        other = stems.setdefault(shortened(path.stem).casefold(), path)  # one folder on a case-insensitive system
         if other != path:
-            _fail(f"{other} and {path} would both write {out / path.stem}: analyse them into different --out "
-                  f"folders, or rename one")
+            _fail(f"{other} and {path} would both write {out / shortened(path.stem)}: analyse them into different "
+                  f"--out folders, or rename one")
     paths = without_byte_copies(_without_cut_cells(_without_earlier_outputs(paths, inputs), inputs,
                                                    slides=bool(slides)))
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
@@ -1890,6 +1892,7 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
     the console) when the slide cannot be analysed (unreadable, one level only, an unsupported pixel type) or
     no tile of it was examined (smaller than one tile, no monolayer found: its files say so)."""
     from leukoscope.inference.slide.analysis import SlideAnalyzer, write_slide
+    from leukoscope.inference.smear_output import shortened
     from leukoscope.progress import progress_bar
 
     slide_analyzer = _run(SlideAnalyzer, analyzer, **options)
@@ -1907,7 +1910,7 @@ def _analyze_slide(analyzer, path: Path, out: Path, *, quiet: bool, **options) -
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)
-    folder = out / path.stem
+    folder = out / shortened(path.stem)  # as write_slide names its files
     write_slide(result, folder)
     if not result.tiles:  # a run with nothing examined must not look like one that found no white cell
         console.print(f"[red]{escape(path.name)}: not analysed:[/red] {escape(' '.join(result.sampling_warnings))}",

@@ -366,6 +366,16 @@ def test_a_slide_in_a_folder_is_analysed_as_a_slide(slide_path: Path, detector_b
     assert "2 whole-slide file(s) found in the folders are analysed as slides" in said
     for stem in ("slide", "other"):
         assert (out / stem / f"{stem}.slide.json").is_file(), stem
+    # a scanner's long name (barcode, patient, date, position) is shortened, as a field's is
+    long = folder / ("slide_" + "x" * 240 + ".tif")
+    shutil.copy(slide_path, long)
+    (folder / "slide.tif").unlink(), (folder / "other.svs").unlink()
+    result = CliRunner().invoke(app, ["analyze", str(long), "--detector", str(detector_bundle), "--classifier",
+                                      str(classifier_bundle), "--out", str(tmp_path / "long"), "--target-cells",
+                                      "5", "--slide-tile", str(TILE), "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "long").iterdir()
+    assert len(written.name) <= 160 and (written / f"{written.name}.slide.json").is_file()
     with (out / "summary.csv").open() as handle:  # the folder's fields: the slides are not among them
         assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["field.png", "TOTAL"]
 

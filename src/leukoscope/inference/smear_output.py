@@ -86,13 +86,19 @@ def earlier_outputs(paths: Sequence[Path]) -> list[Path]:
 MAX_STEM = 160
 
 
+def shortened(stem: str, whole: str | None = None) -> str:
+    """``stem`` kept to :data:`MAX_STEM` characters: a longer one is cut and ends in a digest of ``whole`` (the name
+    it was made from; default: itself), which keeps two long names apart."""
+    if len(stem) <= MAX_STEM:
+        return stem
+    return f"{stem[:MAX_STEM - 9]}-{hashlib.sha1(os.fsencode(stem if whole is None else whole)).hexdigest()[:8]}"
+
+
 def unique_stem(path: Path, used: set[str]) -> str:
     """A file-name-safe stem for ``path``'s outputs whose case-folded form is not yet in ``used`` (which it
     joins, case-folded): on a case-insensitive file system (macOS, Windows) ``Field.jpg`` and ``field.png``
     would share files, and ``Summary.jpg`` would write over ``summary.json``."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
-    if len(base) > MAX_STEM:  # shortened, a digest of the whole name keeping two long names apart
-        base = f"{base[:MAX_STEM - 9]}-{hashlib.sha1(os.fsencode(path.stem)).hexdigest()[:8]}"
+    base = shortened(re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image", path.stem)
     stem, k = base, 1
     while stem.casefold() in used:
         k += 1

@@ -32,7 +32,7 @@ from leukoscope.inference.slide.monolayer import (DEFAULT_MAX_COVERAGE, DEFAULT_
 from leukoscope.inference.slide.reader import Slide, open_slide
 from leukoscope.inference.slide.sampler import sample_until
 from leukoscope.inference.smear import PreparedField, SmearAnalyzer
-from leukoscope.inference.smear_output import FolderSummary
+from leukoscope.inference.smear_output import FolderSummary, shortened
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.labels import DISCLAIMER
 from leukoscope.scale import FieldScale, estimate_scale, stated_doubt_of_record
@@ -423,7 +423,7 @@ def write_slide(result: SlideResult, out_dir: str | Path, stem: str | None = Non
     and ``<stem>.overview.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or Path(result.source).stem
+    stem = stem or shortened(Path(result.source).stem)  # a scanner's long name: "File name too long"
     paths = {"json": out_dir / f"{stem}.slide.json", "cells": out_dir / f"{stem}.cells.csv",
              "overview": out_dir / f"{stem}.overview.png"}
     paths["json"].write_text(json.dumps(result.to_json(), indent=2))
