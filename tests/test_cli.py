@@ -887,6 +887,18 @@ def test_an_image_too_small_to_be_a_field_says_so(tmp_path: Path) -> None:
         assert any(w.startswith(TINY_FIELD_WORDING) for w in warnings) is tiny, (stem, warnings)
 
 
+def test_a_multi_page_field_says_in_its_record_that_one_page_was_read(tmp_path: Path) -> None:
+    """"3 pages; only the first is read" was said on the console only, not kept in the field's JSON."""
+    import json
+
+    pages = [Image.new("RGB", (64, 64), (230, 200 + k, 200)) for k in range(3)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    result = invoke("analyze", tmp_path / "pages.tif", "--out", tmp_path / "out", "--no-classifier")
+    assert result.exit_code == 0, result.output
+    warnings = json.loads((tmp_path / "out" / "pages.json").read_text())["differential"]["warnings"]
+    assert any(w.startswith("the file has 3 pages; only the first was analysed") for w in warnings), warnings
+
+
 def test_a_field_with_a_long_name_is_analysed_under_a_shortened_one(tmp_path: Path) -> None:
     """A scanner's 250-character name stopped the folder run with "File name too long", the fields after it lost."""
     folder = tmp_path / "fields"

@@ -58,6 +58,11 @@ def _describe(source: str | Path | bytes | BinaryIO) -> str:
     return "<uploaded bytes>"
 
 
+#: The key of a decoded image's ``info`` that holds how many pages its file has, when more than one (only the
+#: first is read).
+PAGES_INFO = "leukoscope_pages"
+
+
 def load_image(
     source: str | Path | bytes | BinaryIO,
     *,
@@ -147,6 +152,8 @@ def load_image(
             image = Image.fromarray(((array - low) * scale).astype("uint8")).convert("RGB")
         else:
             image = image.convert("RGB")
+    if frames > 1 and not phone:  # kept with the image: the field's own record says so (the log line is lost)
+        image.info[PAGES_INFO] = frames
     return image
 
 

@@ -44,7 +44,7 @@ from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
-from leukoscope.io import DEFAULT_MAX_PIXELS, load_image
+from leukoscope.io import DEFAULT_MAX_PIXELS, PAGES_INFO, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.pixels import is_grayscale
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
@@ -505,6 +505,10 @@ class SmearAnalyzer:
         tiny = tiny_field_warning(*field.image.size)
         if tiny:
             warnings.append(tiny)
+        pages = field.image.info.get(PAGES_INFO)
+        if pages:  # said on the console only, and lost with it
+            warnings.append(f"the file has {pages} pages; only the first was analysed (save each page as a field, "
+                            f"or a pyramid as a slide)")
         return warnings
 
     def analyze_prepared(self, field: PreparedField, source: str | None = None, *,
