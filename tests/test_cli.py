@@ -825,6 +825,7 @@ def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp
     """`cd fields && leukoscope analyze .` run twice analysed the first run's summary.png as a field (and a slide's
     overview, adding its 11 white cells to a pooled count of 1). Fields beside an analysis's files stay fields."""
     import csv
+    import json
 
     folder = tmp_path / "fields"
     folder.mkdir()
@@ -837,6 +838,9 @@ def test_a_folder_analysed_again_does_not_read_its_earlier_results_as_fields(tmp
         with (out / "summary.csv").open() as handle:
             assert [Path(row["image"]).name for row in csv.DictReader(handle)] == ["a.png", "b.png", "TOTAL"]
     assert "2 picture(s) that earlier analyses wrote into the input folders left out" in said  # two summary.png
+    left_out = json.loads((folder / "summary.json").read_text())["provenance"]["inputs_left_out"]
+    assert sorted(left_out["written_by_an_earlier_analysis"]) == [str(folder / "analysis" / "summary.png"),
+                                                                   str(folder / "other" / "summary.png")]
     # a field that happens to be called summary.png, in a folder no analysis wrote, is a field
     (tmp_path / "own").mkdir()
     Image.new("RGB", (64, 64), (230, 210, 200)).save(tmp_path / "own" / "summary.png")

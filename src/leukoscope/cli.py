@@ -1511,7 +1511,7 @@ def analyze(
                       f"--out to keep runs apart[/yellow]", soft_wrap=True)
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    from leukoscope.inference.predict_files import collect_images, without_byte_copies
+    from leukoscope.inference.predict_files import byte_copies, collect_images, copy_of
 
     from leukoscope.inference.slide.reader import is_slide_path
 
@@ -1535,8 +1535,14 @@ def analyze(
         if other != path:
             _fail(f"{other} and {path} would both write {out / shortened(path.stem)}: analyse them into different "
                   f"--out folders, or rename one")
-    paths = without_byte_copies(_without_cut_cells(_without_earlier_outputs(paths, inputs), inputs,
-                                                   slides=bool(slides)))
+    found, left_out = paths, {}
+    paths = _without_earlier_outputs(paths, inputs)
+    left_out["written_by_an_earlier_analysis"] = [str(p) for p in found if p not in set(paths)]
+    found, paths = paths, _without_cut_cells(paths, inputs, slides=bool(slides))
+    left_out["cells_cut_by_leukoscope"] = [str(p) for p in found if p not in set(paths)]
+    copies = byte_copies(paths)
+    left_out["byte_identical_copies"] = [copy_of(copy, original) for copy, original in copies.items()]
+    paths = [p for p in paths if p not in copies]
     detector, classifier, used = _analysis_models(detector, classifier, no_classifier)
     console.print(f"models: {used}", soft_wrap=True)
     from leukoscope.inference.smear import SmearAnalyzer
@@ -1565,6 +1571,8 @@ def analyze(
     learned = _say_learned_from(paths, {"detector": detector, "classifier": classifier})
     if learned:  # kept with the run's record of its models: an archived run keeps the caution the console gave
         analyzer.provenance["learned_from_these_inputs"] = learned
+    if any(left_out.values()):  # said on the console, and kept: a pipeline reading summary.json saw fewer inputs
+        analyzer.provenance["inputs_left_out"] = {why: files for why, files in left_out.items() if files}
     lent = _run_scale(paths, out, engine) if um_per_px is None else None
     doubts = _stated_scale_doubts(paths, um_per_px) if um_per_px is not None else []
     with _one_ray_session(address, engine == "ray" and bool(slides) and bool(paths)):

@@ -158,3 +158,11 @@ def test_a_detectors_settings_are_named_by_their_own_keys_and_a_frozen_random_ba
     random = "without model.backbone_weights, model.weights or model.init they are random"
     with pytest.raises(ConfigError, match=random):
         build_detector(config, 3)
+    # refused by the run before it makes its folder or reads an image
+    from leukoscope.tasks.detect import run_detection_experiment
+
+    config = load_detection_config(overrides=["model.name=fasterrcnn_abas", "model.freeze_backbone=true",
+                                              f"data.path={tmp_path / 'nowhere'}", f"output_root={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=random):
+        run_detection_experiment(config, show_progress=False)
+    assert not (tmp_path / "runs").exists()

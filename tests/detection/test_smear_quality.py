@@ -367,6 +367,10 @@ def test_a_field_saved_twice_is_counted_once(smear_root: Path, detector_bundle: 
     assert [Path(row["image"]).name for row in rows] == ["a.png", "c.png", "empty.png", "empty2.png", "TOTAL"]
     assert (f"2 file(s) are byte-identical copies of others and are used once: b.png (= a.png), "
             f"{fields / 'sub' / 'c.png'} (= {fields / 'c.png'})") in caplog.text
+    # and kept in the run's record: a pipeline reading summary.json saw fewer inputs than the folder held
+    left_out = json.loads((tmp_path / "out" / "summary.json").read_text())["provenance"]["inputs_left_out"]
+    moved = f"{fields / 'sub' / 'c.png'} (= {fields / 'c.png'})"
+    assert left_out == {"byte_identical_copies": ["b.png (= a.png)", moved]}
 
 
 def test_a_runs_summary_names_the_models_behind_it(smear_root: Path, detector_bundle: Path,

@@ -62,10 +62,11 @@ def collect_images(inputs: Sequence[str | Path], *, slides: bool = False) -> lis
     return unique
 
 
-def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` less the files byte-identical to one before them (said in a warning): the same field saved
-    under two names was counted twice in a pooled differential. Files are compared by size, then (same size) by
-    their ends, then (same ends) whole: uncompressed fields of one camera are all of one size."""
+def byte_copies(paths: Sequence[Path]) -> dict[Path, Path]:
+    """Each file of ``paths`` byte-identical to one before it, with that one (said in a warning): the same field
+    saved under two names was counted twice in a pooled differential, so `analyze` leaves the copies out. Files are
+    compared by size, then (same size) by their ends, then (same ends) whole: uncompressed fields of one camera
+    are all of one size."""
     copies: dict[Path, Path] = {}
     # empty files are alike but no copies: each is reported unreadable (one had vanished as a copy of another)
     for alike in _alike([same for same in _alike([list(paths)], _size) if _size(same[0]) > 0], _ends):
@@ -80,11 +81,11 @@ def without_byte_copies(paths: Sequence[Path]) -> list[Path]:
                 copies[path] = original
     if copies:
         log.warning("%d file(s) are byte-identical copies of others and are used once: %s", len(copies),
-                    name_some([_copy_of(copy, original) for copy, original in copies.items()]))
-    return [path for path in paths if path not in copies]
+                    name_some([copy_of(copy, original) for copy, original in copies.items()]))
+    return copies
 
 
-def _copy_of(copy: Path, original: Path) -> str:
+def copy_of(copy: Path, original: Path) -> str:
     """``copy (= original)``, by name in one folder, else by path: "field.jpg (= field.jpg)" said neither which
     was left out nor which was used."""
     if copy.parent == original.parent:

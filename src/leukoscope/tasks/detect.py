@@ -43,6 +43,16 @@ from leukoscope.scale import source_scale
 log = logging.getLogger(__name__)
 
 
+def check_frozen_backbone(config: DetectionExperimentConfig) -> None:
+    """Refuse ``model.freeze_backbone`` without trained weights to freeze: it trained the heads on a random
+    backbone, without a word."""
+    if config.model.freeze_backbone and not (config.model.init or config.model.weights
+                                             or config.model.backbone_weights):
+        raise ConfigError("model.freeze_backbone=true keeps the backbone's weights as they start, and without "
+                          "model.backbone_weights, model.weights or model.init they are random: give the "
+                          "trained weights to freeze, or leave model.freeze_backbone false")
+
+
 def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) -> torch.nn.Module:
     """The detector of ``config`` for ``classes`` (names; or their number, without ``model.init``)."""
     entry = model_entry(config.model.name)
@@ -59,10 +69,7 @@ def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) 
     if config.model.backbone_weights:
         options["backbone_weights"] = config.model.backbone_weights
     if config.model.freeze_backbone:
-        if not (config.model.init or config.model.weights or config.model.backbone_weights):
-            raise ConfigError("model.freeze_backbone=true keeps the backbone's weights as they start, and without "
-                              "model.backbone_weights, model.weights or model.init they are random: give the "
-                              "trained weights to freeze, or leave model.freeze_backbone false")
+        check_frozen_backbone(config)
         options["freeze_backbone"] = True
     try:
         return create_model(config.model.name, num_classes=num_classes, **options)
@@ -102,6 +109,7 @@ def run_detection_experiment(
     """Train, pick the threshold, evaluate on the test split, write the bundle and report."""
     config = resolve_detection_init(absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights",
                                                             "model.init", "output_root"]))
+    check_frozen_backbone(config)  # before a run folder exists or any image is read
     label = config.name or config.model.name
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
     with open_run(run_dir, config, resume=resume):
