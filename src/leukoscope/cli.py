@@ -1526,7 +1526,8 @@ def analyze(
         console.print(f"note: {len(in_folders)} whole-slide file(s) found in the folders are analysed as slides: "
                       f"{escape(name_some([str(p) for p in in_folders]))}", soft_wrap=True)
         slides += in_folders
-        paths = [p for p in paths if p not in set(in_folders)]
+        taken = set(in_folders)
+        paths = [p for p in paths if p not in taken]
     from leukoscope.inference.smear_output import shortened
 
     stems: dict[str, Path] = {}
@@ -1535,11 +1536,14 @@ def analyze(
         if other != path:
             _fail(f"{other} and {path} would both write {out / shortened(path.stem)}: analyse them into different "
                   f"--out folders, or rename one")
-    found, left_out = paths, {}
-    paths = _without_earlier_outputs(paths, inputs)
-    left_out["written_by_an_earlier_analysis"] = [str(p) for p in found if p not in set(paths)]
-    found, paths = paths, _without_cut_cells(paths, inputs, slides=bool(slides))
-    left_out["cells_cut_by_leukoscope"] = [str(p) for p in found if p not in set(paths)]
+    left_out: dict[str, list[str]] = {}  # kept in the run's record (summary.json), by why
+    for why, keep in (("written_by_an_earlier_analysis", lambda found: _without_earlier_outputs(found, inputs)),
+                      ("cells_cut_by_leukoscope", lambda found: _without_cut_cells(found, inputs,
+                                                                                   slides=bool(slides)))):
+        kept = keep(paths)
+        taken = set(kept)
+        left_out[why] = [str(p) for p in paths if p not in taken]
+        paths = kept
     copies = byte_copies(paths)
     left_out["byte_identical_copies"] = [copy_of(copy, original) for copy, original in copies.items()]
     paths = [p for p in paths if p not in copies]
