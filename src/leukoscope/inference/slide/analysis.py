@@ -166,12 +166,10 @@ def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResul
 def _cut_warnings(result: SmearResult, cells: list[Cell], analyzer: SmearAnalyzer) -> list[str]:
     """``result``'s warnings for ``cells``, a part of its cells that holds at least one: of its warnings only the
     unfamiliar share turns on which cells (no colour and cells cut by their boxes, on whether there are any),
-    so that one is made again for them, where :meth:`SmearAnalyzer.field_warnings` puts it."""
+    so that one is made again for them, in its place (after the others when the whole tile had none)."""
     before, after = analyzer.unfamiliar_cells_warning(result.cells), analyzer.unfamiliar_cells_warning(cells)
-    warnings = [w for w in result.warnings if w != before]
-    if after:
-        warnings.insert(len(analyzer.warnings) + bool(result.capped_tiles), after)
-    return warnings
+    warnings = [after if w == before else w for w in result.warnings] if before else [*result.warnings, after]
+    return [w for w in warnings if w]
 
 
 def _outside_the_grid(dimensions: list[int], mono: Monolayer) -> str | None:
