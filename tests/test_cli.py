@@ -691,7 +691,7 @@ def test_train_takes_option_paths_as_written_and_checks_where_it_writes(
     result = invoke("train", "--data", hashed, "--model", "abas_cnn", "--quiet", f"output_root={tmp_path / 'runs'}",
                     "--split-file", afile / "split.json")
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
-    from leukoscope.cli import _overrides
+    from leukoscope.cli.training import _overrides
     from leukoscope.engine.config import load_config
 
     assert load_config(overrides=_overrides([], str(hashed), None)).data.path == str(hashed)

@@ -691,7 +691,7 @@ def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest
     """`leukoscope serve` with no model configured serves the shipped classifier and detector."""
     import typer
 
-    from leukoscope.cli import _shipped_service_models
+    from leukoscope.cli.service import _shipped_service_models
     from leukoscope.service.settings import ServiceSettings
 
     settings = _shipped_service_models(ServiceSettings())
@@ -707,7 +707,8 @@ def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest
 def test_serve_with_a_classifier_of_ones_own_still_serves_the_shipped_detector(shipped: Path) -> None:
     """`serve --bundle <fine-tuned>` had loaded no detector (smear fields refused, nothing said at start-up): the
     shipped detector now serves beside any classifier unless --no-detector, and a line says what is served."""
-    from leukoscope.cli import _shipped_service_models, console
+    from leukoscope.cli.service import _shipped_service_models
+    from leukoscope.progress import console
     from leukoscope.service.settings import ServiceSettings
 
     own_classifier = shipped / DEFAULT_CLASSIFIER / ".."  # a bundle of one's own, as a path

@@ -553,11 +553,11 @@ def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, d
 
     from PIL import Image
 
-    from leukoscope import cli
+    from leukoscope.cli import analysis, app
     from tests.test_scale import smear_field
 
     seen = []
-    monkeypatch.setattr(cli, "_analyze_slide",
+    monkeypatch.setattr(analysis, "_analyze_slide",
                         lambda analyzer, path, out, **_: seen.append(analyzer.run_um_per_px) or True)
     fields = tmp_path / "fields"
     fields.mkdir()
@@ -565,7 +565,7 @@ def test_slides_keep_their_own_scale_when_fields_lend_theirs(slide_path: Path, d
         smear_field(20.0, size=(320, 240), seed=seed, n_red=10).save(fields / f"field{seed}.png")
     Image.new("RGB", (320, 240), (230, 220, 220)).save(fields / "blank.png")
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli.app, ["analyze", str(slide_path), str(fields), "--detector", str(detector_bundle),
+    result = CliRunner().invoke(app, ["analyze", str(slide_path), str(fields), "--detector", str(detector_bundle),
                                           "--no-classifier", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert seen == [None]  # the slide was analysed without the fields' scale

@@ -238,7 +238,8 @@ def test_a_resumed_archive_keeps_the_run_scale_it_started_with(tmp_path, monkeyp
     none when it started without one, and a value no run could have recorded is not trusted."""
     import json
 
-    from leukoscope import cli, scale
+    from leukoscope import scale
+    from leukoscope.cli._run_notes import announced_run_scale
 
     monkeypatch.setattr(scale, "run_scale", lambda paths: pytest.fail("the run scale was computed again"))
     paths = [tmp_path / f"field{k}.png" for k in range(8)]
@@ -246,9 +247,9 @@ def test_a_resumed_archive_keeps_the_run_scale_it_started_with(tmp_path, monkeyp
     for recorded, expected in (({"run_um_per_px": 0.1}, 0.1), ({}, None), ({"run_um_per_px": "x"}, None),
                                ({"run_um_per_px": 50.0}, None)):
         archive.write_text(json.dumps({"options": recorded}))
-        assert cli._run_scale(paths, tmp_path, "ray") == expected
+        assert announced_run_scale(paths, tmp_path, "ray") == expected
     archive.write_text("{not json")
-    assert cli._run_scale(paths, tmp_path, "ray") is None
+    assert announced_run_scale(paths, tmp_path, "ray") is None
 
 
 def test_a_field_without_a_scale_whose_detector_records_none_warns_that_its_cells_were_not_framed() -> None:

@@ -210,10 +210,10 @@ def test_sigterm_during_an_export_is_taken_as_ctrl_c() -> None:
     afterwards."""
     import signal
 
-    from leukoscope.cli import _terminate_as_interrupt
+    from leukoscope.cli._common import terminate_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler) and handler is not before
         with pytest.raises(KeyboardInterrupt):
