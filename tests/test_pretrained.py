@@ -545,7 +545,7 @@ def test_fine_tuning_scored_on_what_the_init_bundle_learned_from_says_so(classif
 
 
 def export_cells(root: Path, layout: str, cases: int = 8) -> Path:
-    """Reviewed cells laid out as the service's dataset export writes them (service/cases.py
+    """Reviewed cells laid out as the service's dataset export writes them (service/export.py
     export_dataset): ``folders``: ``<label>/case-<id>-cell-<n>.png``; ``csv``: ``images/...`` plus
     ``manifest.csv`` with the case as subject."""
     rng = np.random.default_rng(5)

@@ -130,7 +130,7 @@ def test_a_server_allowing_more_pixels_than_pillow_reads_their_headers(monkeypat
     allow 500 M refused a 400 M-pixel image, saying "400,000,000 pixels exceeds the limit of 500,000,000"."""
     from PIL import Image
 
-    from leukoscope.service.cases import Upload, header_pixels
+    from leukoscope.service.uploads import Upload, header_pixels
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, as in a fresh process
     assert header_pixels(Upload("big.png", _png_with_size(20_000, 20_000)), 500_000_000) == 400_000_000
@@ -485,7 +485,7 @@ def test_copies_of_a_cell_are_found_by_overlapping_boxes_not_only_equal_ones() -
     from datetime import datetime, timedelta
     from types import SimpleNamespace
 
-    from leukoscope.service.cases import one_copy_each
+    from leukoscope.service.export import one_copy_each
 
     start = datetime(2026, 1, 1)
 
@@ -608,7 +608,7 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
     no ZIP of patient images behind."""
     from types import SimpleNamespace
 
-    from leukoscope.service import cases
+    from leukoscope.service import export
     from leukoscope.service.errors import ServiceError
 
     cells = [SimpleNamespace(reviewed_label=label, case_id="c1", id=n, crop_object="x",
@@ -616,14 +616,14 @@ def test_an_export_keeps_class_names_and_leaves_no_zip_behind_when_it_fails(serv
                              top_class="", confidence=1.0, reviewed_at=None)
              for n, label in enumerate(["Early Pre-B", "Lymphozyt (reaktiv)", "Lymphozyt reaktiv", "好中球"])]
     with open(tmp_path / "a.zip", "wb") as handle:
-        cases._write_export(handle, cells, lambda name: encode(cell_image(), "PNG"), "folders")
+        export._write_export(handle, cells, lambda name: encode(cell_image(), "PNG"), "folders")
     with zipfile.ZipFile(tmp_path / "a.zip") as archive:
         archive.extractall(tmp_path / "folders")
     assert sorted(s.label for s in read_dataset(tmp_path / "folders").samples) == sorted(c.reviewed_label
                                                                                          for c in cells)
     for bad in (["a/b"], [".hidden"], ["WBC", "wbc"], ["blast?"], ["ends."], ["tab\there"]):
         with pytest.raises(ServiceError) as refused:
-            cases.check_export_folders(set(bad))
+            export.check_export_folders(set(bad))
         assert refused.value.status == 400 and "layout=csv" in refused.value.message
 
     client, hema = service.client(), service.auth("hema")

@@ -297,11 +297,11 @@ def test_total_pixels_per_request_are_bounded(make_service):
 
 
 def test_uploaded_files_are_decoded_one_at_a_time(service, monkeypatch):
-    from leukoscope.service import cases
+    from leukoscope.service import uploads
 
     alive: list[weakref.ref] = []
     most = [0]
-    real = cases.load_image
+    real = uploads.load_image
 
     def held() -> int:
         gc.collect()
@@ -318,7 +318,7 @@ def test_uploaded_files_are_decoded_one_at_a_time(service, monkeypatch):
         alive.append(weakref.ref(image))
         return image
 
-    monkeypatch.setattr(cases, "load_image", tracking_load)
+    monkeypatch.setattr(uploads, "load_image", tracking_load)
     files = [(f"c{i}.png", encode(cell_image("blast", i), "PNG")) for i in range(5)]
     response = upload(service.client(), service.auth("tech"), *files)
     assert response.status_code == 201 and len(response.json()["cells"]) == 5

@@ -9,7 +9,8 @@ from PIL import Image
 
 from leukoscope.inference.differential import LEUKEMIA_WORDING
 from leukoscope.service.analysis import Analyzer, differential, load_smear_backend
-from leukoscope.service.cases import PreparedImage, named_warnings
+from leukoscope.service.cases import named_warnings
+from leukoscope.service.uploads import PreparedImage
 from tests.detection.smear_fakes import PBC_CLASSES, VERIFIED, FixedDetector, constant_classifier, grid_boxes
 
 CLASSES = ["blast", "lymphocyte"]

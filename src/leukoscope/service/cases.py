@@ -1,56 +1,44 @@
-"""What the API and the pages both do: create a case from uploads, find the cases
-a user may see, review a case, export reviewed labels. One implementation, two
-thin front ends (``routes_api`` and ``routes_pages``)."""
+"""What the API and the pages both do: create a case from uploads (decoded by :mod:`.uploads`), find the cases
+a user may see, review a case (its reviewed labels exported by :mod:`.export`). One implementation, two thin
+front ends (``routes_api`` and ``routes_pages``)."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
-import unicodedata
-import warnings
-import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy import case as sa_case
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
-from leukoscope.data.fingerprints import DIGEST_CHARS, PNG_SIGNATURE, with_source_digest
-from leukoscope.inference.predictor import Prediction
 from leukoscope.inference.quality import (CAP_WORDING, about_classification_only, classified_unit,
                                           is_unfamiliar_warning, unfamiliar_warning)
 from leukoscope.inference.smear_output import FieldWarnings, folded_field_warnings, is_folded
-from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, allow_pixels, load_image,
-                           too_many_pixels)
-from leukoscope.labels import DISCLAIMER, case_clashes, is_folder_name
+from leukoscope.labels import DISCLAIMER
 from leukoscope.progress import name_some
 from leukoscope.scale import (RUN_SCALE_MIN_ESTIMATES, STATED_DOUBT_MIN_ESTIMATES, FieldScale, checked_um_per_px,
                               field_scale, run_sample, run_scale_of, stated_doubt_of_run)
 from leukoscope.service import throttle
-from leukoscope.service.analysis import SCALE_FIELD, ImageOutcome, differential, in_service_words
+from leukoscope.service.analysis import SCALE_FIELD, differential, in_service_words
 from leukoscope.service.auth import Principal, audit, too_many
 from leukoscope.service.db import sqlite_write_lock, transaction
 from leukoscope.service.errors import ServiceError
-from leukoscope.service.storage import EXTENSIONS, clean_png, jpeg_bytes
+from leukoscope.service.storage import EXTENSIONS
 from leukoscope.service.tables import CASE_KINDS, Case, CaseImage, Cell, CellReview, User, utcnow
+from leukoscope.service.uploads import (PreparedImage, Upload, check_uploads, decode_upload, display_name,
+                                        prepare_upload, repeat_of, repeated_positions)
 
 if TYPE_CHECKING:  # pragma: no cover
     from leukoscope.service.app import ServiceState
 
 log = logging.getLogger(__name__)
-
 #: The longest note of an upload and comment of a review, in characters (a line break counted as one: a
 #: browser sends a textarea's as CRLF); longer ones are refused (400), not cut short.
 MAX_NOTE = 2000
@@ -70,186 +58,6 @@ CASE_ID = re.compile(r"[0-9a-f]{32}")
 EXCLUDED = "excluded"
 ALL_EXCLUDED_FLAG = "No cell counted: every cell of this case was marked excluded in review."
 DECISION_SUPPORT_NOTE = f"{DISCLAIMER.rstrip('.')}: every result must be reviewed by a qualified hematologist."
-
-
-@dataclass
-class Upload:
-    filename: str
-    data: bytes
-
-
-@dataclass
-class DecodedUpload:
-    name: str
-    data: bytes
-    format: str
-    image: Image.Image
-
-
-@dataclass
-class PreparedCell:
-    """One analysed cell, its pictures already encoded (no decoded pixels kept)."""
-
-    prediction: Prediction
-    box: list[int] | None
-    detection_score: float | None
-    crop_png: bytes | None
-    overlay_jpeg: bytes | None
-
-
-@dataclass
-class PreparedImage:
-    """One analysed upload, ready to store: bytes only, so that a request holds at most one
-    decoded image at a time however many files it has."""
-
-    name: str
-    data: bytes
-    format: str
-    width: int
-    height: int
-    served_png: bytes
-    annotated_png: bytes | None
-    cells: list[PreparedCell]
-    warnings: list[str] = field(default_factory=list)
-    """The analysis' quality warnings (:attr:`leukoscope.service.analysis.ImageOutcome.warnings`)."""
-    scale: dict[str, Any] | None = None
-    """A smear field's scale as analysed (:attr:`leukoscope.service.analysis.ImageOutcome.scale`)."""
-    repeat_of: int | None = None
-    """The position of the earlier upload of this case with the same file: this one was not analysed again
-    and has no cells (a field sent twice must not be counted twice)."""
-
-
-def repeat_of(original: PreparedImage, upload: Upload, position: int) -> PreparedImage:
-    """A later copy of ``original``'s file in the same case: stored and shown, but no cells of its own."""
-    return replace(original, name=display_name(upload.filename), annotated_png=None, cells=[], warnings=[],
-                   repeat_of=position)
-
-
-def repeated_positions(uploads: Sequence[Upload]) -> dict[int, int]:
-    """By position, the position of the first upload with the same bytes, for every later copy."""
-    first: dict[str, int] = {}
-    repeats: dict[int, int] = {}
-    for index, upload in enumerate(uploads):
-        earlier = first.setdefault(hashlib.sha256(upload.data).hexdigest(), index)
-        if earlier != index:
-            repeats[index] = earlier
-    return repeats
-
-
-def display_name(filename: str | None) -> str:
-    """The client's file name reduced to something safe to *show* (it is never a path)."""
-    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in unicodedata.normalize("NFC", name) if unicodedata.category(ch)[0] != "C")
-    name = name.strip().lstrip(".") or "upload"
-    return name[:200]
-
-
-#: Magic numbers: what a file *is*, whatever its name says.
-MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"II+\x00", "TIFF"),  # BigTIFF
-    (b"MM\x00+", "TIFF"),
-    (b"GIF8", "GIF"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
-    (b"%PDF", "PDF"),
-)
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The file type from its first bytes (never from its name)."""
-    for magic, name in MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def _check_format(upload: Upload) -> tuple[str, str]:
-    name = display_name(upload.filename)
-    if not upload.data:
-        raise ServiceError(400, "empty_file", f"{name}: the file is empty (0 bytes)")
-    fmt = sniff_format(upload.data)
-    if fmt not in SUPPORTED_FORMATS:
-        found = f"a {fmt} file" if fmt else "not an image"
-        raise ServiceError(415, "unsupported_format", f"{name}: {found}; send JPEG, PNG, BMP or TIFF (the format is "
-                                                      "read from the file's content, not its name)")
-    return name, fmt
-
-
-def header_pixels(upload: Upload, max_pixels: int) -> int:
-    """The pixel count a file's header declares (nothing is decoded); 413 past ``max_pixels``.
-    A header Pillow cannot read counts 0 here: decoding then says what is wrong with it."""
-    name, _fmt = _check_format(upload)
-    allow_pixels(max_pixels)  # as load_image does: else Pillow's own limit would refuse what the server allows
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(upload.data)) as image:
-                width, height = image.size
-        except Image.DecompressionBombError as exc:
-            raise ServiceError(413, "too_many_pixels", too_many_pixels(name, exc, max_pixels)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            return 0
-    if width * height > max_pixels:
-        raise ServiceError(413, "too_many_pixels", f"{name}: {width}x{height} = {width * height:,} pixels exceeds "
-                                                   f"the limit of {max_pixels:,} pixels")
-    return width * height
-
-
-def check_uploads(uploads: Sequence[Upload], max_pixels: int, max_files: int, max_total: int) -> None:
-    """Everything that can be refused from the headers, before any file is decoded: the
-    number of files, empty files, formats, pixels per file and pixels of the whole upload."""
-    if not uploads:
-        raise ServiceError(400, "no_file", "choose at least one image file to upload")
-    if len(uploads) > max_files:
-        raise ServiceError(413, "too_many_files", f"{len(uploads)} files in one upload; at most {max_files}")
-    total = sum(header_pixels(upload, max_pixels) for upload in uploads)
-    if total > max_total:
-        raise ServiceError(413, "too_many_pixels_in_upload",
-                           f"{len(uploads)} images of {total:,} pixels in all in one upload; at most {max_total:,} "
-                           "(send fewer or smaller images at a time)")
-
-
-def decode_upload(upload: Upload, max_pixels: int) -> DecodedUpload:
-    name, fmt = _check_format(upload)
-    try:
-        image = load_image(upload.data, max_pixels=max_pixels)
-    except ImageTooLargeError as exc:
-        raise ServiceError(413, "too_many_pixels", f"{name}: {_strip_source(exc)}") from None
-    except ImageDecodeError as exc:
-        raise ServiceError(422, "corrupt_image", f"{name}: a damaged or truncated {fmt} file "
-                                                 f"({_strip_source(exc)})") from None
-    return DecodedUpload(name, upload.data, fmt, image)
-
-
-def _strip_source(exc: Exception) -> str:
-    return str(exc).removeprefix("<uploaded bytes>: ")
-
-
-def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedImage:
-    """Encode every picture of one analysed upload (served copy, annotated field, crops,
-    Grad-CAM overlays), so that its decoded pixels can go."""
-    cells = [PreparedCell(cell.prediction, cell.box, cell.detection_score,
-                          clean_png(cell.crop) if cell.crop is not None else None,
-                          jpeg_bytes(cell.overlay) if cell.overlay is not None else None) for cell in outcome.cells]
-    return PreparedImage(decoded.name, decoded.data, decoded.format, decoded.image.width, decoded.image.height,
-                         clean_png(decoded.image),
-                         clean_png(outcome.annotated) if outcome.annotated is not None else None, cells,
-                         list(outcome.warnings), outcome.scale)
-
-
-async def prepare_upload(state: "ServiceState", kind: str, upload: Upload, run_um_per_px: float | None = None,
-                         um_per_px: float | None = None) -> PreparedImage:
-    """Decode, analyse and encode one file; its decoded image is freed when this returns."""
-    decoded = await run_in_threadpool(decode_upload, upload, state.settings.max_pixels)
-    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px, um_per_px=um_per_px)
-    return await run_in_threadpool(encode_outcome, decoded, outcome)
-
 
 # ------------------------------------------------------------------ create
 
@@ -745,247 +553,3 @@ def review_case(db: Session, principal: Principal, case: Case, labels: dict[int,
                   "labels": {str(c["cell"]): c["to"] for c in changes},
                   **({"comment": comment_change} if comment_change else {})})
     return {"changed": len(changes), "corrected": corrected, "status": case.status}
-
-
-# ------------------------------------------------------------------ export
-
-
-EXPORT_LAYOUTS = ("folders", "csv")
-#: Why a reviewed cell is left out of the export (the export page, the ZIP's NOTES.txt and the API's header say it).
-UNFRAMED_REASON = ("their single-cell image had no scale (none stated, too few red cells), so the classifier saw "
-                   "the whole image instead of its physical window: the cell is not at the size a model trained on "
-                   "the export sees; upload such images again with the microscope's scale (um_per_px)")
-
-
-@dataclass
-class Export:
-    """A written export: the ZIP's path, the cells in it, the reviewed cells left out (:func:`unframed`, and the
-    copies of :func:`one_copy_each`) and how many cells' copies were reviewed with different labels."""
-
-    path: str
-    cells: int
-    left_out: int
-    conflicts: int = 0
-
-
-@dataclass
-class ExportSelection:
-    """What an export holds and what it leaves out, and why (:func:`exportable_cells`)."""
-
-    cells: list[Cell]
-    unframed: list[Cell] = field(default_factory=list)
-    copies: list[tuple[Cell, Cell]] = field(default_factory=list)
-    """(a cell left out, the exported cell it is a copy of)."""
-    conflicts: list[list[Cell]] = field(default_factory=list)
-    """The copies of one cell, the exported one first, where their reviewed labels differ."""
-    excluded: int = 0
-    """Reviewed cells marked excluded (never exported: said when nothing else is there)."""
-
-    @property
-    def left_out(self) -> list[Cell]:
-        return self.unframed + [copy for copy, _kept in self.copies]
-
-
-def unframed(cell: Cell) -> bool:
-    """A single-cell image that a classifier of a physical window classified whole, for want of a scale: no crop
-    of its window was stored, and the whole image would train a model on cells of the wrong size (one without a
-    window takes images as they are: its cells have no scale record and are exported whole, as it saw them)."""
-    if cell.crop_object is not None:
-        return False
-    scale = image_scale(cell.case, cell.image)
-    return scale is not None and not scale.get("um_per_px")
-
-
-#: Two boxes of one file overlapping at least this much (intersection over union) are one cell: a field analysed
-#: again at another stated scale, or by another detector, boxes its cells a few pixels apart.
-SAME_CELL_IOU = 0.5
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def same_cell(cell: Cell, other: Cell) -> bool:
-    """One cell whichever case holds it: the same image file (SHA-256, as :func:`earlier_uploads` finds a file sent
-    again), and boxes overlapping by :data:`SAME_CELL_IOU` (no box: a single-cell image, the whole image is the
-    cell)."""
-    if cell.image.sha256 != other.image.sha256 or bool(cell.box) != bool(other.box):
-        return False
-    return not cell.box or box_iou(cell.box, other.box) >= SAME_CELL_IOU
-
-
-def one_copy_each(cells: Sequence[Cell]) -> tuple[list[Cell], list[tuple[Cell, Cell]], list[list[Cell]]]:
-    """A file uploaded in several cases has its cells reviewed in each: the export keeps each cell once, the
-    copy of the earliest case (by upload time) that holds it reviewed, so that a later upload of the file does
-    not change what an export holds. Returns the kept cells (in ``cells``' order), the copies left out (each with
-    the cell kept) and the copies whose labels differ (the kept one first): ``train`` on both had warned that
-    "byte-identical images carry different labels" and learned from both."""
-    by_file: dict[str, list[list[Cell]]] = {}
-    for cell in sorted(cells, key=lambda cell: (cell.case.created_at, cell.case_id, cell.position)):
-        groups = by_file.setdefault(cell.image.sha256, [])
-        # a cell of another case joins the first group it is the same cell as (:func:`same_cell`), never one of
-        # its own case: two cells of one field are two cells, however close
-        group = next((g for g in groups if all(c.case_id != cell.case_id for c in g) and same_cell(g[0], cell)),
-                     None)
-        if group is None:
-            groups.append([cell])
-        else:
-            group.append(cell)
-    every = [group for groups in by_file.values() for group in groups]
-    copies = [(copy, group[0]) for group in every for copy in group[1:]]
-    conflicts = [group for group in every if len({cell.reviewed_label for cell in group}) > 1]
-    left_out = {copy.id for copy, _kept in copies}
-    return [cell for cell in cells if cell.id not in left_out], copies, conflicts
-
-
-def exportable_cells(db: Session) -> ExportSelection:
-    """The reviewed cells of an export (not excluded, not a repeated file's copy in its case, each cell of a file
-    uploaded in several cases once: :func:`one_copy_each`), and those left out because they were classified
-    unframed (:func:`unframed`) or are another case's copy."""
-    reviewed = and_(Cell.reviewed_label.is_not(None), Cell.reviewed_label != EXCLUDED)
-    cells = db.scalars(
-        select(Cell).where(reviewed).options(selectinload(Cell.image), selectinload(Cell.case))
-        .order_by(Cell.case_id, Cell.position)
-    ).all()
-    # A file sent twice in one case: its later copy's cells (cases stored before they were left out) once only.
-    images: dict[str, list[CaseImage]] = {}
-    for image in db.scalars(select(CaseImage).where(CaseImage.case_id.in_(select(Cell.case_id).where(reviewed)))):
-        images.setdefault(image.case_id, []).append(image)
-    repeats = {image_id for case_images in images.values() for image_id in repeated_images(case_images)}
-    cells = [cell for cell in cells if cell.image_id not in repeats]
-    # Unframed cells first: a framed copy of one in another case (sent again with its scale) is then exported.
-    framed, copies, conflicts = one_copy_each([cell for cell in cells if not unframed(cell)])
-    excluded = db.scalar(select(func.count()).select_from(Cell).where(Cell.reviewed_label == EXCLUDED)) or 0
-    return ExportSelection(framed, [cell for cell in cells if unframed(cell)], copies, conflicts, excluded)
-
-
-def export_dataset(db: Session, principal: Principal, read_object: Callable[[str], bytes], layout: str,
-                   request=None, workdir: str | Path | None = None) -> Export:
-    """Every reviewed cell as a training image, in a ZIP written to a temporary file:
-    ``folders``: ``<label>/case-<id>-cell-<n>.png`` (what ``leukoscope train --data`` reads);
-    ``csv``: ``images/...png`` plus ``manifest.csv`` (path,label,subject,...), subject = case,
-    so that a split keeps the cells of one case together. Cells classified whole for want of a scale are left
-    out (:func:`unframed`), and so are the copies of a cell whose file was uploaded in several cases (one kept:
-    :func:`one_copy_each`); ``NOTES.txt`` in the ZIP says how many and why, and names the copies whose labels
-    differ. ``workdir``: where
-    the ZIP is written (the store's private ``tmp``, whose leftover ``*.part`` files the start-up clean-up
-    removes); it is deleted here if the export fails, and by the caller once sent or if its commit fails."""
-    principal.require("hematologist")
-    if layout not in EXPORT_LAYOUTS:
-        raise ServiceError(400, "bad_layout", f"layout must be one of {', '.join(EXPORT_LAYOUTS)}")
-    selection = exportable_cells(db)
-    if not selection.cells:  # an empty ZIP said nothing: refused, saying why
-        raise ServiceError(409, "nothing_to_export", nothing_to_export(selection))
-    handle = tempfile.NamedTemporaryFile(prefix="export-", suffix=".zip.part", dir=workdir, delete=False)
-    try:
-        rows = _write_export(handle, selection.cells, read_object, layout, selection)
-    except BaseException:
-        handle.close()
-        os.unlink(handle.name)
-        raise
-    handle.close()
-    audit(db, principal.user, "dataset.export", request=request,
-          detail={"layout": layout, "cells": len(rows), "cases": len({r["case"] for r in rows}),
-                  "left_out_unframed": len(selection.unframed), "left_out_copies": len(selection.copies),
-                  "label_conflicts": len(selection.conflicts)})
-    return Export(handle.name, len(rows), len(selection.left_out), len(selection.conflicts))
-
-
-def nothing_to_export(selection: ExportSelection) -> str:
-    """Why an export holds no cell (the API's 409 and the export page say it)."""
-    left_out = len(selection.left_out)
-    if not left_out and selection.excluded:  # reviewed, every cell marked excluded: not "review a case first"
-        n = selection.excluded
-        return (f"no cell to export: the {n} reviewed cell{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} "
-                f"marked excluded (not a cell to learn from); review a case with cells to keep")
-    if not left_out:
-        return "no reviewed cells yet: review a case first"
-    return (f"no reviewed cell to export: the {left_out} reviewed cell{'' if left_out == 1 else 's'} not excluded "
-            f"{'is' if left_out == 1 else 'are'} left out (the export page says why)")
-
-
-#: Why a copy of a cell is left out (the export page and NOTES.txt say it).
-COPY_REASON = ("the same image file (same content) was uploaded in more than one case, and each of its cells is "
-               "exported once, from the earliest case holding it reviewed")
-
-
-def cell_words(cell: Cell) -> str:
-    """A cell as a lab finds it again: its case, its id (the export's file names) and number on the case page."""
-    return f"case {cell.case_id} cell {cell.id} (number {cell.position + 1} on its case page)"
-
-
-def export_notes(selection: ExportSelection) -> str:
-    """NOTES.txt of an export that left cells out or holds cells reviewed differently in two cases ("" when
-    neither)."""
-    parts = []
-    if selection.unframed:
-        cases = sorted({cell.case_id for cell in selection.unframed})
-        parts.append(f"{len(selection.unframed)} reviewed cell(s) of {len(cases)} case(s) were left out of this "
-                     f"export: {UNFRAMED_REASON}.\nCases: {', '.join(cases)}\n")
-    if selection.copies:
-        lines = [f"- {cell_words(copy)}, a copy of {cell_words(kept)}\n" for copy, kept in selection.copies]
-        parts.append(f"{len(selection.copies)} reviewed cell(s) were left out as copies: {COPY_REASON}.\n"
-                     + "".join(lines))
-    if selection.conflicts:
-        lines = []
-        for group in selection.conflicts:
-            where = f"{group[0].image.original_name}" + (f", box {group[0].box}" if group[0].box else "")
-            said = "; ".join(f"{cell_words(cell)}: {cell.reviewed_label!r}" for cell in group)
-            lines.append(f"- {where}: {said}; exported as {group[0].reviewed_label!r}\n")
-        parts.append(f"LABEL CONFLICTS: {len(selection.conflicts)} cell(s) were reviewed with different labels in "
-                     "the cases holding their image file; the export holds the earliest case's label. Review "
-                     "them again to give them one label.\n" + "".join(lines))
-    return "\n".join(parts)
-
-
-#: Characters a folder name cannot hold on some file system a lab unpacks the export on (Windows' set).
-def check_export_folders(labels: set[str]) -> None:
-    """A ``folders`` export names each class's folder by the class itself, which ``leukoscope train --data``
-    reads back as the class (renaming it would merge classes or lose a blast class: "Early Pre-B"). A name
-    that cannot be a folder, or two that one case-insensitive file system would merge, is refused (400): the
-    ``csv`` layout keeps any name."""
-    for label in sorted(labels):
-        if not is_folder_name(label):
-            raise ServiceError(400, "label_not_a_folder", f"the class {label!r} cannot be a folder name; export "
-                                                          f"with layout=csv, which keeps it in manifest.csv")
-    for other, label, *_ in case_clashes(sorted(labels)):
-        raise ServiceError(400, "labels_collide", f"the classes {other!r} and {label!r} would share one folder "
-                                                  f"on a case-insensitive file system; export with layout=csv")
-
-
-def _write_export(handle: Any, cells: Sequence[Cell], read_object: Callable[[str], bytes],
-                  layout: str, selection: ExportSelection | None = None) -> list[dict[str, Any]]:
-    rows = []
-    if layout == "folders":
-        check_export_folders({cell.reviewed_label or "" for cell in cells})
-    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-        for cell in cells:
-            label = cell.reviewed_label or ""
-            file_name = f"case-{cell.case_id}-cell-{cell.id}.png"
-            member = f"{label}/{file_name}" if layout == "folders" else f"images/{file_name}"
-            # the uploaded file's digest in the PNG: a model fine-tuned on the export records it, and `analyze` or
-            # `predict` of that file says the model learned from it
-            data = read_object(cell.crop_object or cell.image.served_object)
-            if data.startswith(PNG_SIGNATURE):  # (every stored cell and served image is a PNG; anything else as is)
-                data = with_source_digest(data, cell.image.sha256[:DIGEST_CHARS])
-            archive.writestr(member, data)
-            rows.append({"path": member, "label": label, "subject": cell.case_id, "case": cell.case_id,
-                         "cell": cell.id, "predicted": cell.predicted_label, "top_class": cell.top_class,
-                         "confidence": round(cell.confidence, 6), "reviewed_at": cell.reviewed_at.isoformat()
-                         if cell.reviewed_at else ""})
-        if layout == "csv":
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=["path", "label", "subject", "case", "cell", "predicted",
-                                                      "top_class", "confidence", "reviewed_at"])
-            writer.writeheader()
-            writer.writerows(rows)
-            archive.writestr("manifest.csv", text.getvalue())
-        notes = export_notes(selection) if selection is not None else ""
-        if notes:  # a text file at the top: `leukoscope train --data` reads images only
-            archive.writestr("NOTES.txt", notes)
-    return rows

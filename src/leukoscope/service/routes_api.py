@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import leukoscope
 from leukoscope.service import cases as ops
+from leukoscope.service.export import export_dataset
+from leukoscope.service.uploads import Upload
 from leukoscope.service.auth import (Principal, api_principal, audit, client_address, create_user, revoke_token_of,
                                      user_locks)
 from leukoscope.service.db import transaction
@@ -155,7 +157,7 @@ UPLOAD_SCHEMA = {
 }
 
 
-async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops.Upload], dict[str, str]]:
+async def read_uploads(request: Request, principal: Principal) -> tuple[list[Upload], dict[str, str]]:
     """Parse the multipart body (the size limit is enforced while it streams in; a body refused for its size
     counts against the upload rate limit and is on the record: :func:`cases.refuse_oversized`)."""
     state = state_of(request)
@@ -175,14 +177,14 @@ async def read_uploads(request: Request, principal: Principal) -> tuple[list[ops
         await run_in_threadpool(ops.refuse_oversized, state, principal.user.id, error, client_address(request))
         raise error from None
     try:
-        uploads: list[ops.Upload] = []
+        uploads: list[Upload] = []
         fields: dict[str, str] = {}
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key in ("files", "file"):
                     if value.filename == "" and (value.size or 0) == 0:
                         continue  # the browser's empty file input
-                    uploads.append(ops.Upload(value.filename or "", await value.read()))
+                    uploads.append(Upload(value.filename or "", await value.read()))
             else:
                 fields[key] = value
         refuse_nul([*fields.values(), *(upload.filename for upload in uploads)])  # before any analysis runs
@@ -313,7 +315,7 @@ def export(request: Request, layout: Literal["folders", "csv"] = "folders") -> F
     try:
         with transaction(state.sessions) as db:
             principal = api_principal(db, request, cookie=False)  # a token: the pages export by a CSRF-checked form
-            made = ops.export_dataset(db, principal, state.store.read, layout, request=request,
+            made = export_dataset(db, principal, state.store.read, layout, request=request,
                                       workdir=state.store.tmp)
             path = made.path
     except BaseException:  # the audit entry was not committed: no patient images left behind

@@ -23,35 +23,13 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.service import cases as ops
+from leukoscope.service import export
 from leukoscope.service import throttle
-from leukoscope.service.auth import (
-    CSRF_MESSAGE,
-    LOGIN_CSRF_COOKIE,
-    MAX_TOKEN_DAYS,
-    SESSION_COOKIE,
-    Principal,
-    audit,
-    check_csrf,
-    check_login_csrf,
-    client_address,
-    create_user,
-    cross_site,
-    find_user,
-    from_another_origin,
-    hash_password,
-    hash_secret,
-    login_checks,
-    new_api_token,
-    new_session,
-    page_principal,
-    password_checks,
-    revoke_tokens,
-    too_many,
-    user_lock_key,
-    revoke_token_of,
-    user_locks,
-    verify_password,
-)
+from leukoscope.service.auth import (CSRF_MESSAGE, LOGIN_CSRF_COOKIE, MAX_TOKEN_DAYS, SESSION_COOKIE, Principal, audit,
+                                     check_csrf, check_login_csrf, client_address, create_user, cross_site, find_user,
+                                     from_another_origin, hash_password, hash_secret, login_checks, new_api_token,
+                                     new_session, page_principal, password_checks, revoke_tokens, too_many,
+                                     user_lock_key, revoke_token_of, user_locks, verify_password)
 from leukoscope.service.db import transaction
 from leukoscope.service.errors import ServiceError, refuse_nul
 from leukoscope.service.params import RowId
@@ -372,13 +350,14 @@ def export_page(request: Request):
         principal = page_principal(db, request)
         principal.require("hematologist")
         # what the ZIP will hold: not the excluded cells, a repeated file's copies or the unframed cells
-        selection = ops.exportable_cells(db)
+        selection = export.exportable_cells(db)
         rows = sorted(Counter(cell.reviewed_label for cell in selection.cells).items())
         unframed = selection.unframed
         return render(request, "export.html", principal, rows=rows, excluded=ops.EXCLUDED, left_out=len(unframed),
-                      left_out_cases=sorted({cell.case_id for cell in unframed}), unframed_reason=ops.UNFRAMED_REASON,
-                      copies=selection.copies, copy_reason=ops.COPY_REASON, conflicts=selection.conflicts,
-                      nothing=ops.nothing_to_export(selection) if not selection.cells else "")
+                      left_out_cases=sorted({cell.case_id for cell in unframed}),
+                      unframed_reason=export.UNFRAMED_REASON, copies=selection.copies, copy_reason=export.COPY_REASON,
+                      conflicts=selection.conflicts,
+                      nothing=export.nothing_to_export(selection) if not selection.cells else "")
 
 
 @router.post("/export/dataset.zip")
@@ -393,7 +372,7 @@ async def export_zip(request: Request):
             with transaction(state.sessions) as db:
                 principal = page_principal(db, request)
                 check_csrf(principal, form.get("csrf_token"))
-                path = ops.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
+                path = export.export_dataset(db, principal, state.store.read, form.get("layout", "folders"),
                                           request=request, workdir=state.store.tmp).path
         except BaseException:  # the audit entry was not committed: no patient images left behind
             if path is not None:
