@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.data.voc import read_voc_dataset
 from leukoscope.data.splits import Split
 from leukoscope.engine.config import load_config
 from leukoscope.evaluation.ood import OodStats, calibrate_ood, ood_auroc

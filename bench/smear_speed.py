@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from leukoscope.data.annotations import read_voc_dataset
+    from leukoscope.data.voc import read_voc_dataset
     from leukoscope.inference.smear import SmearAnalyzer
     from leukoscope.io import load_image
 

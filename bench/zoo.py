@@ -298,7 +298,7 @@ def build_control_crops(data: Path, out: Path, scales: dict, window_um: float,
             name = row["wbc_type"].strip().upper()
             if name in BCCD_TYPES:
                 types[row["image"].strip()] = BCCD_TYPES[name]
-    from leukoscope.data.annotations import read_voc_dataset
+    from leukoscope.data.voc import read_voc_dataset
 
     for item in read_voc_dataset(data / "bccd", None, on_error="skip"):
         kind = types.get(item.image_path.name)

@@ -124,7 +124,7 @@ def test_evaluate_scores_a_detector_on_fields_of_another_magnification_as_analyz
     (--as-given: as they are)."""
     from PIL import Image
 
-    from leukoscope.data.annotations import read_voc_dataset
+    from leukoscope.data.voc import read_voc_dataset
 
     data = read_voc_dataset(CBC_TESTING.parent, "Testing", classes=["WBC", "RBC", "Platelets"], on_error="skip")
     (tmp_path / "x2" / "JPEGImages").mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.data.voc import read_voc_dataset
 from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.io import load_image

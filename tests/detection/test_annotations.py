@@ -5,20 +5,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from leukoscope.data.annotations import (
-    AnnotatedImage,
-    AnnotationError,
-    BoxAnnotation,
-    attach_labels,
-    detect_layout,
-    parse_voc_xml,
-    points_to_boxes,
-    read_points,
-    read_voc_dataset,
-    read_wbc_types,
-    write_points,
-    write_voc_xml,
-)
+from leukoscope.data.annotations import (AnnotatedImage, AnnotationError, BoxAnnotation, attach_labels, points_to_boxes,
+                                         read_points, read_wbc_types, write_points)
+from leukoscope.data.voc import detect_layout, parse_voc_xml, read_voc_dataset, write_voc_xml
 from leukoscope.data.manifest import DatasetError
 from tests.conftest import shared_dataset
 

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from leukoscope.cli import app
-from leukoscope.data.annotations import read_voc_dataset
+from leukoscope.data.voc import read_voc_dataset
 from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import load_detection_config
 from leukoscope.engine.detection_data import DetectionTorchDataset, collate_detection_batch

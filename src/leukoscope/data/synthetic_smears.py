@@ -4,7 +4,7 @@ A field is a slide-coloured background with red cells (pale-centred discs),
 platelets (small purple dots) and a few white cells pasted from
 :func:`leukoscope.data.synthetic.render_cell` (so each white cell has a type:
 blast, lymphocyte, monocyte or neutrophil). The folder written is a flat VOC
-layout that :func:`leukoscope.data.annotations.read_voc_dataset` reads::
+layout that :func:`leukoscope.data.voc.read_voc_dataset` reads::
 
     root/JPEGImages/smear_0000.png
     root/Annotations/smear_0000.xml      objects WBC / RBC / Platelets
@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 from skimage.draw import disk
 
-from leukoscope.data.annotations import AnnotatedImage, BoxAnnotation, write_voc_xml
+from leukoscope.data.annotations import AnnotatedImage, BoxAnnotation
+from leukoscope.data.voc import write_voc_xml
 from leukoscope.data.synthetic import SYNTHETIC_CLASSES, render_cell
 
 

@@ -14,10 +14,11 @@ import torch
 from torch.utils.data import Dataset
 
 from leukoscope.data.annotations import (AnnotatedImage, AnnotationIssue, DetectionDataset, SplitRequired,
-                                         issues_note, read_voc_dataset, unannotated_note)
+                                         issues_note, unannotated_note)
 from leukoscope.data.box_augment import DetectionAugment
 from leukoscope.data.duplicates import duplicate_groups
 from leukoscope.data.manifest import DatasetError
+from leukoscope.data.voc import read_voc_dataset
 from leukoscope.engine.config import ConfigError
 from leukoscope.engine.detection_config import DetectionDataConfig
 from leukoscope.evaluation.detection import GroundTruth, Predicted

@@ -19,8 +19,9 @@ import torch
 
 from leukoscope.bundle import BundleInfo, save_bundle
 from leukoscope.data.annotations import (AnnotatedImage, DetectionDataset, SplitRequired, issues_note,
-                                         left_out_blood_classes, read_voc_dataset, unannotated_note)
+                                         left_out_blood_classes, unannotated_note)
 from leukoscope.data.manifest import DatasetError
+from leukoscope.data.voc import read_voc_dataset
 from leukoscope.data.fingerprints import (LEARNED_PARTS, describe_overlap, digest_overlap, inherit_training_digests,
                                          read_training_digests, write_training_digests)
 from leukoscope.engine.config import ConfigError
