@@ -791,6 +791,23 @@ def test_the_ray_engine_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) 
     assert "--engine ray needs ray: pip install 'leukoscope[ray]'" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["user", "list"], ["user", "add", "ann", "--role",
+                                                                                  "admin", "--password-stdin"]])
+def test_the_web_service_commands_say_how_to_install_their_extra(command: list[str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the service extra (a plain `pip install leukoscope`) they had ended in a traceback of the first
+    missing module; nothing is made in the data folder."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    result = invoke(*command, "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2, result.output
+    assert "the web service needs its extra (uvicorn not installed): pip install 'leukoscope[service]'" in " ".join(
+        result.output.split())
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_field_given_twice_is_analysed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from leukoscope.inference.predict_files import collect_images
 

@@ -661,7 +661,7 @@ def test_the_wheel_ships_the_models(tmp_path: Path) -> None:
     pytest.importorskip("setuptools")
     source = tmp_path / "source"
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "NOTICE", "MANIFEST.in"):
         shutil.copy(REPO / name, source / name)
     model = source / "src" / "leukoscope" / "pretrained" / "tiny-model"
     model.mkdir(parents=True, exist_ok=True)
@@ -681,10 +681,14 @@ def test_the_wheel_ships_the_models(tmp_path: Path) -> None:
     installed = {f"leukoscope/{path.relative_to(source / 'src' / 'leukoscope').as_posix()}"
                  for path in (source / "src" / "leukoscope" / "pretrained").glob("*/*")
                  if path.suffix in (".json", ".safetensors", ".md") and path.parent.name != "tiny-model"}
-    assert shipped == {"leukoscope/pretrained/README.md", "leukoscope/pretrained/tiny-model/bundle.json",
+    assert shipped == {"leukoscope/pretrained/README.md", "leukoscope/pretrained/LICENSES.md",
+                       "leukoscope/pretrained/tiny-model/bundle.json",
                        "leukoscope/pretrained/tiny-model/model.safetensors",
                        "leukoscope/pretrained/tiny-model/MODEL_CARD.md"} | installed
     assert "leukoscope/pretrained.py" in names
+    # the licences beside the metadata: the code's, and the weights' own terms (research use only)
+    licences = {n.split("/licenses/", 1)[1] for n in names if "dist-info/licenses/" in n}
+    assert licences == {"LICENSE", "NOTICE", "src/leukoscope/pretrained/LICENSES.md"}
 
 
 def test_serve_defaults_to_the_shipped_models(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:

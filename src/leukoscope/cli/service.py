@@ -18,12 +18,22 @@ from leukoscope.progress import console
 user_app = typer.Typer(no_args_is_help=True, help="Web-service users and API tokens.")
 
 
+#: What `serve` and the `user` commands import: the service extra's packages (by module name).
+SERVICE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2", "zxcvbn", "multipart", "fastapi_offline")
+
+
 def _service_settings(**overrides):
-    try:
-        from leukoscope.service.settings import ServiceSettings
-    except ImportError as exc:  # pragma: no cover - extra not installed
-        fail(f"the web service needs its extra: pip install 'leukoscope[service]' ({exc})")
+    """The service's settings from the options and the environment; first, the service extra installed (a plain
+    `pip install leukoscope` had ended `serve` and `user add` in a traceback of a missing module)."""
+    import importlib.util
+
+    missing = [name for name in SERVICE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(f"the web service needs its extra ({', '.join(missing)} not installed): pip install "
+             f"'leukoscope[service]'")
     from pydantic import ValidationError
+
+    from leukoscope.service.settings import ServiceSettings
 
     if overrides.get("data_dir") is not None:
         check_writable_folder(Path(overrides["data_dir"]), "--data-dir")
