@@ -30,6 +30,30 @@ def test_shipped_weights_stay_within_30_mb() -> None:
     assert sum(f.stat().st_size for f in weights) <= 30 * 1024 * 1024
 
 
+@pytest.mark.skipif(not CBC_TESTING.is_dir(), reason="needs ../shared/datasets/cbc")
+def test_a_field_framed_in_black_is_analysed_as_the_field_itself(tmp_path: Path) -> None:
+    """An eyepiece camera's round field of view, or a black frame: the detector had found no white cell in either
+    (4 of 5 reviewed fields), and the red cells no scale; the black is painted as the smear's background first."""
+    from PIL import Image, ImageDraw
+
+    field = Image.open(CBC_TESTING / "Images" / "BloodImage_00340.jpg").convert("RGB")
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    frame = Image.new("RGB", (field.width + 40, field.height + 40), (0, 0, 0))
+    frame.paste(field, (20, 20))
+    frame.save(fields / "framed.png")
+    view = Image.new("L", field.size, 0)
+    ImageDraw.Draw(view).ellipse((320 - 380, 240 - 380, 320 + 380, 240 + 380), fill=255)  # only the corners cut
+    Image.composite(field, Image.new("RGB", field.size, (0, 0, 0)), view).save(fields / "eyepiece.png")
+    result = CliRunner().invoke(app, ["analyze", str(fields), "--out", str(tmp_path / "out"), "--quiet",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    for name in ("framed", "eyepiece"):
+        report = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert report["differential"]["total"] == 1, name
+        assert report["scale"]["source"] == "estimated" and abs(report["scale"]["um_per_px"] - 0.077) < 0.004, name
+
+
 @needs_models
 def test_each_shipped_model_loads_and_has_its_card() -> None:
     from leukoscope.bundle import load_bundle

@@ -25,6 +25,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage import color, filters, measure
 
+from leukoscope.field_of_view import background_colour, outside_mask
+
 #: Median diameter of a normal red cell on a dried, stained smear (ICSH; 6.7-7.8 um).
 RED_CELL_DIAMETER_UM = 7.5
 #: Fewer isolated red cells than this and the field's scale is not estimated.
@@ -127,6 +129,13 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
         rgb = rgb.resize((max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor))),
                          Image.Resampling.BILINEAR)
     pixels = np.asarray(rgb)
+    # Black outside the field of view (an eyepiece camera's) had set Otsu's threshold to 0: painted as background,
+    # and its edge taken as the image's (a red cell cut by it is not whole).
+    outside = outside_mask(pixels)
+    if outside is not None:
+        pixels = pixels.copy()
+        pixels[outside] = background_colour(pixels, outside)
+        outside = ndimage.binary_dilation(outside, iterations=2)
     green = pixels[..., 1].astype(np.float32)
     if float(green.max() - green.min()) < 10:  # a blank field: nothing to threshold
         return np.zeros(0)
@@ -135,18 +144,20 @@ def red_cell_diameters(image: Image.Image) -> np.ndarray:
     thresholds = {float(filters.threshold_otsu(green))}
     if rest.size >= 100 and float(rest.max() - rest.min()) >= 10:
         thresholds.add(float(filters.threshold_otsu(rest)))
-    found = [_isolated_round_objects(green < threshold, nuclear) for threshold in sorted(thresholds)]
+    found = [_isolated_round_objects(green < threshold, nuclear, outside) for threshold in sorted(thresholds)]
     diameters = max(found, key=len) / factor
     return diameters[diameters >= _MIN_DIAMETER_PX]
 
 
-def _isolated_round_objects(stained: np.ndarray, nuclear: np.ndarray) -> np.ndarray:
-    """Equivalent diameters of the objects of a stained-pixel mask that are whole (not cut by the border),
-    round, solid and not nuclear (:data:`NUCLEAR_SHARE`)."""
+def _isolated_round_objects(stained: np.ndarray, nuclear: np.ndarray,
+                            outside: np.ndarray | None = None) -> np.ndarray:
+    """Equivalent diameters of the objects of a stained-pixel mask that are whole (not cut by the border, nor by
+    the edge of the field of view: ``outside``), round, solid and not nuclear (:data:`NUCLEAR_SHARE`)."""
     labels = measure.label(ndimage.binary_fill_holes(stained))
     n = int(labels.max())
     # objects cut by the border are left out (what skimage's clear_border does, without labelling twice)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    edges = [labels[0], labels[-1], labels[:, 0], labels[:, -1]] + ([labels[outside]] if outside is not None else [])
+    border = np.unique(np.concatenate(edges))
     inside = ~np.isin(np.arange(1, n + 1), border)
     areas, eccentricities = _areas_and_eccentricities(labels)
     nuclear_share = np.bincount(labels.ravel(), weights=nuclear.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)

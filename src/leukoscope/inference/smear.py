@@ -44,6 +44,7 @@ from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.cell_window import crop_cell
+from leukoscope.field_of_view import filled_field
 from leukoscope.io import DEFAULT_MAX_PIXELS, PAGES_INFO, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.pixels import is_grayscale
@@ -417,6 +418,9 @@ class SmearAnalyzer:
         (:attr:`PreparedField.run_warnings`)."""
         start = time.perf_counter()
         image = image if image.mode == "RGB" else image.convert("RGB")
+        # The detector sees the black outside an eyepiece camera's field of view painted as background: framed by
+        # black, it had found no white cell at all (the pictures keep the field as it is).
+        lit = filled_field(image)
         stated_um_per_px = um_per_px if um_per_px is not None else self.um_per_px
         stated = scale is None and stated_um_per_px is not None
         if stated:
@@ -425,10 +429,10 @@ class SmearAnalyzer:
             scale = checked_record(image, float(scale.um_per_px))
         scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
         doubt = stated_scale_doubt(image, stated_um_per_px) if stated else None
-        detector_image = image
+        detector_image = lit
         if factor != 1.0:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
-            detector_image = image.resize(size, Image.Resampling.BILINEAR)
+            detector_image = lit.resize(size, Image.Resampling.BILINEAR)
         return PreparedField(image, scale, working_um_per_px, factor, detector_image,
                              self.detector_tiles(detector_image), time.perf_counter() - start, doubt,
                              tuple(run_warnings))
