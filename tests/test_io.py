@@ -312,6 +312,11 @@ def test_a_multi_page_tiff_says_only_its_first_page_is_read(tmp_path: Path, capl
     with caplog.at_level(logging.WARNING, logger="leukoscope.io"):
         image = load_image(tmp_path / "stack.tif")
     assert image.getpixel((0, 0)) == (200, 0, 0) and "3 pages; only the first is read" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="leukoscope.io"):  # read again by the same run: said once
+        load_image(tmp_path / "stack.tif")
+        load_image((tmp_path / "stack.tif").read_bytes())  # unnamed bytes: said each time
+    assert caplog.text.count("only the first is read") == 1 and "<uploaded bytes>" in caplog.text
 
 
 def test_small_max_pixels(tmp_path: Path, cell: np.ndarray) -> None:

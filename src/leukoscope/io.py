@@ -8,6 +8,7 @@ decoding to grey, EXIF orientation is applied and the result is always RGB.
 
 from __future__ import annotations
 
+import functools
 import io as _io
 import logging
 import os
@@ -116,7 +117,8 @@ def load_image(
             )
         frames = getattr(image, "n_frames", 1)
         if frames > 1 and not phone:  # a multi-page TIFF: said (a phone's second picture is no page of the field)
-            log.warning("%s: %d pages; only the first is read", name, frames)
+            (log.warning if name.startswith("<") else _say_pages)("%s: %d pages; only the first is read", name,
+                                                                     frames)
         width, height = image.size
         if width <= 0 or height <= 0:
             raise ImageDecodeError(f"{name}: image has no pixels ({width}x{height})")
@@ -155,6 +157,13 @@ def load_image(
     if frames > 1 and not phone:  # kept with the image: the field's own record says so (the log line is lost)
         image.info[PAGES_INFO] = frames
     return image
+
+
+@functools.lru_cache(maxsize=4096)
+def _say_pages(message: str, name: str, frames: int) -> None:
+    """A file's warning said once per process: a run reads a field more than once (its scale sample, its
+    fingerprint, its analysis), and it had been printed as often (bytes, unnamed, are said each time)."""
+    log.warning(message, name, frames)
 
 
 #: The EXIF tag of a camera's orientation.
