@@ -316,6 +316,20 @@ def test_a_loose_box_around_a_tighter_one_of_the_same_cell_is_dropped() -> None:
     assert [c.box for c in result.cells] == [(408.0, 815.0, 642.0, 990.0)]
 
 
+def test_a_loose_box_around_one_cell_and_half_its_neighbour_is_dropped() -> None:
+    """CBC's BloodImage_00374 flipped upside down counted three white cells for two touching neutrophils: a loose
+    box (0.72) held one wholly and half of the other, its centre too far off the first for a loose box of it."""
+    boxes = np.array([[25.3, 12.5, 444.0, 232.0], [168.7, 19.3, 404.1, 193.6], [10.1, 117.6, 217.3, 337.2]])
+    keep = merge_tile_detections(boxes, np.array([0.717, 0.9886, 0.9845]), np.zeros(3, int), np.ones(3, bool),
+                                 containment=0.7, around=2)
+    assert keep.tolist() == [1, 2]
+    # one kept cell wholly and a neighbour's edge only (a fifth of it): the box may be that neighbour's, and stays
+    edge = np.array([[0.0, 0.0, 400.0, 200.0], [40.0, 40.0, 200.0, 160.0], [360.0, 40.0, 560.0, 160.0]])
+    keep = merge_tile_detections(edge, np.array([0.7, 0.99, 0.98]), np.zeros(3, int), np.ones(3, bool),
+                                 containment=0.7, around=2)
+    assert keep.tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("classes,white", [
     (["WBC", "RBC", "Platelets"], ["WBC"]),
     (["WBCs", "RBCs", "Platelets"], ["WBCs"]),

@@ -46,7 +46,8 @@ def merge_tile_detections(
     it) or holds more than ``containment`` of at least ``around`` kept boxes (it is those
     cells with more: a box cut at a tile's edge around the next tile's whole cell, ``around=1``;
     one box around two touching cells, ``around=2``, which keeps a whole cell's box around a
-    smaller, higher-scored box of part of it), or holds more than ``containment`` of one kept box that
+    smaller, higher-scored box of part of it; with ``around=2`` also one kept box wholly and more than
+    :data:`PART_OF_NEIGHBOUR` of another), or holds more than ``containment`` of one kept box that
     is the same cell boxed more loosely (:func:`_loosely_around`), whatever ``around``.
     """
     n = len(scores)
@@ -66,14 +67,20 @@ def merge_tile_detections(
         duplicate = any(iou[i, j] > iou_threshold for j in same)
         if cut[i] and not duplicate:
             around_kept = [j for j in same if area[j] > 0 and inter[i, j] > containment * area[j]]
+            # around two touching cells, one of them wholly and the other in part (a field flipped upside down
+            # had a third "cell": a loose box around one neutrophil and half of its neighbour)
+            reaching = [j for j in same if area[j] > 0 and inter[i, j] > PART_OF_NEIGHBOUR * area[j]]
             duplicate = (any(area[i] > 0 and inter[i, j] > containment * area[i] for j in same)
                          or len(around_kept) >= around
+                         or (around > 1 and len(around_kept) >= 1 and len(reaching) >= around)
                          or any(_loosely_around(boxes[i], boxes[j]) for j in around_kept))
         if not duplicate:
             kept.append(int(i))
     return np.array(sorted(kept), dtype=int)
 
 
+#: With ``around`` > 1: a box holding one kept box wholly and more than this share of another is around both.
+PART_OF_NEIGHBOUR = 0.3
 #: A box around a kept box is that cell boxed loosely when the kept box fills more than this share of it
 #: (less: the kept box is a fragment, e.g. a nucleus, inside the whole cell's box, which stays) ...
 LOOSE_FILL = 1 / 3
