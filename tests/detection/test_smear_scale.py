@@ -117,6 +117,27 @@ def test_a_field_without_a_scale_takes_the_runs_when_there_is_one() -> None:
         SmearAnalyzer(detector, run_um_per_px=0.0)
 
 
+def test_an_estimate_on_a_few_red_cells_that_nothing_checked_is_warned() -> None:
+    """A field enlarged twice had its platelets measured as red cells (5 of them: 0.39 um/px for 0.04) and a
+    granule was counted as a blast, with no doubt raised: alone, a field's weak estimate is said to be one."""
+    detector = ScaledDetector(um_per_px=0.08)
+    weak = SmearAnalyzer(detector).analyze(smear_field(20.0, n_red=4))
+    assert weak.scale["source"] == "estimated" and weak.scale["red_cells"] == 4
+    (warning,) = weak.differential.warnings
+    assert warning.startswith("scale estimated from only 4 red cells (0.3") and "--um-per-px" in warning
+    assert weak.differential.flags[0] == f"WARNING: {warning}"
+    # a folder names the fields it was said of, in one line
+    from leukoscope.inference.smear_output import FieldWarnings, folded_field_warnings
+
+    folded = folded_field_warnings([FieldWarnings("a.png", [warning], weak.scale), FieldWarnings("b.png", [], None)])
+    assert folded == ["1 of 2 fields (a.png) had a scale estimated from a few red cells, which nothing checked: white "
+                      "cells may be missed or mistyped; state the microscope's scale (--um-per-px)."]
+    # on more red cells, or checked by the run's scale, or stated: no such warning
+    assert not SmearAnalyzer(detector).analyze(smear_field(20.0, n_red=6)).differential.warnings
+    assert not SmearAnalyzer(detector, run_um_per_px=0.36).analyze(smear_field(20.0, n_red=4)).differential.warnings
+    assert not SmearAnalyzer(detector, um_per_px=0.375).analyze(smear_field(20.0, n_red=4)).differential.warnings
+
+
 def test_upsampling_stops_at_the_pixel_limit() -> None:
     detector = ScaledDetector(um_per_px=0.01)
     SmearAnalyzer(detector, um_per_px=0.5, max_pixels=640 * 480 * 4).analyze(Image.new("RGB", (640, 480)))

@@ -46,6 +46,8 @@ UNFRAMED_WORDING = "Cells cut by their boxes, not at the classifier's window"
 CAP_WORDING = "The detector returned as many boxes as its per-image cap allows"
 #: How the warning of a field analysed at the detector's scale, for want of its own, begins.
 UNSCALED_FIELD_WORDING = "no scale for this field"
+#: How a field's warning begins when its scale rests on a few red cells and nothing checked it.
+WEAK_SCALE_WORDING = "scale estimated from only"
 
 
 #: The fewest test white cells (of each white class; images, for bundles that do not count them) whose recorded
@@ -120,6 +122,21 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
     one_field = unit == "tile" and of == 1 and not names  # a field of one detector tile (not a slide's one tile)
     where = "this field" if one_field else _some_fields(capped, of, names, unit)
     return f"{CAP_WORDING} in {where}: cells beyond the cap were dropped, the count is unreliable."
+
+
+def weak_scale_warning(um_per_px: float, red_cells: int) -> str:
+    """A field's warning when its scale is its own estimate on a few red cells and no run scale could check it: a
+    field enlarged twice had measured platelets as its red cells (0.39 um/px for 0.04), and a granule was then
+    counted as a blast."""
+    return (f"{WEAK_SCALE_WORDING} {red_cells} red cell{'' if red_cells == 1 else 's'} ({um_per_px:.4f} um/px), "
+            f"with no other field to check it: if it is wrong, white cells are missed or mistyped; state the "
+            f"microscope's scale ({SCALE_OPTION})")
+
+
+def weak_scale_fields_warning(weak: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """The slide's (folder's) warning when ``weak`` of its ``of`` fields (``unit``s) had :func:`weak_scale_warning`."""
+    return (f"{_some_fields(weak, of, names, unit)} had a scale estimated from a few red cells, which nothing "
+            f"checked: white cells may be missed or mistyped; state the microscope's scale ({SCALE_OPTION}).")
 
 
 def unscaled_fields_warning(unscaled: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:

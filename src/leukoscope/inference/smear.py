@@ -36,7 +36,8 @@ from leukoscope.inference.detector_runtime import scaled_cap
 from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
                                           UNSCALED_FIELD_WORDING, cap_warning, classified_unit, detector_warnings,
-                                          tiny_field_warning, unfamiliar_warning, unframed_warning)
+                                          tiny_field_warning, unfamiliar_warning, unframed_warning,
+                                          weak_scale_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.slide.reader import recorded_um_per_px
@@ -48,9 +49,9 @@ from leukoscope.field_of_view import filled_field
 from leukoscope.io import DEFAULT_MAX_PIXELS, PAGES_INFO, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
 from leukoscope.pixels import is_grayscale
-from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, FieldScale,
-                              checked_record, checked_um_per_px, disagrees_with_run, field_scale, run_scale,
-                              stated_run_doubt, stated_scale_doubt)
+from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, WEAK_ESTIMATE_RED_CELLS,
+                              FieldScale, checked_record, checked_um_per_px, disagrees_with_run, field_scale,
+                              run_scale, stated_run_doubt, stated_scale_doubt)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ class PreparedField:
     seconds: float = 0.0
     """Time spent preparing it (part of the field's analysis time)."""
     scale_doubt: str | None = None
-    """Why the scale the user stated looks wrong for this field (:func:`leukoscope.scale.stated_scale_doubt`)."""
+    """Why the scale the user stated looks wrong for this field (:func:`leukoscope.scale.stated_scale_doubt`), or
+    why its own estimate may be (:func:`leukoscope.inference.quality.weak_scale_warning`)."""
     run_warnings: tuple[str, ...] = ()
     """Warnings about its run as a whole that hold for the field too (the stated scale the run's red cells
     contradict, :func:`leukoscope.scale.stated_run_doubt`): its own count is no surer than the run's."""
@@ -429,6 +431,9 @@ class SmearAnalyzer:
             scale = checked_record(image, float(scale.um_per_px))
         scale, working_um_per_px, factor = self.field_scale(image, scale, run_um_per_px=run_um_per_px)
         doubt = stated_scale_doubt(image, stated_um_per_px) if stated else None
+        run = _checked_run_scale(run_um_per_px) if run_um_per_px is not None else self.run_um_per_px
+        if scale.source == "estimated" and scale.red_cells <= WEAK_ESTIMATE_RED_CELLS and run is None:
+            doubt = weak_scale_warning(float(scale.um_per_px), scale.red_cells)  # (a run's scale would have checked it)
         detector_image = lit
         if factor != 1.0:
             size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))

@@ -19,9 +19,10 @@ from PIL import Image
 from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
 from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING,
-                                          UNSCALED_FIELD_WORDING, cap_warning, classified_unit,
+                                          UNSCALED_FIELD_WORDING, WEAK_SCALE_WORDING, cap_warning, classified_unit,
                                           grayscale_fields_warning, stated_scale_fields_warning,
-                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning)
+                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning,
+                                          weak_scale_fields_warning)
 from leukoscope.inference.summary_figure import save_differential_figure
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
@@ -192,7 +193,7 @@ class FieldWarnings:
 def is_folded(warning: str) -> bool:
     """Whether a field's ``warning`` is of a kind :func:`folded_field_warnings` says of the fields together."""
     return warning.startswith((CAP_WORDING, UNSCALED_FIELD_WORDING, UNFRAMED_WORDING, STATED_SCALE_WORDING,
-                               GRAYSCALE_WARNING))
+                               WEAK_SCALE_WORDING, GRAYSCALE_WARNING))
 
 
 def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequence[str] = (), *,
@@ -210,6 +211,9 @@ def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequenc
                 and f.scale.get("analysed_at_um_per_px")]
     if unscaled:
         warnings.append(unscaled_fields_warning(len(unscaled), len(fields), unscaled, unit))
+    weak = [f.name for f in fields if any(w.startswith(WEAK_SCALE_WORDING) for w in f.warnings)]
+    if weak:
+        warnings.append(weak_scale_fields_warning(len(weak), len(fields), weak, unit))
     unframed = [f.name for f in fields if any(w.startswith(UNFRAMED_WORDING) for w in f.warnings)]
     if unframed:
         warnings.append(unframed_fields_warning(len(unframed), len(fields), unframed, unit))
