@@ -14,7 +14,7 @@ from leukoscope.inference.smear import SmearAnalyzer
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.labels import blast_classes_in
 from leukoscope.proportions import wilson_interval
-from tests.detection.smear_fakes import DarkBlobDetector, FixedDetector
+from tests.detection.smear_fakes import VERIFIED, DarkBlobDetector, FixedDetector
 
 
 def test_wilson_interval_known_values() -> None:
@@ -328,6 +328,28 @@ def test_a_loose_box_around_one_cell_and_half_its_neighbour_is_dropped() -> None
     keep = merge_tile_detections(edge, np.array([0.7, 0.99, 0.98]), np.zeros(3, int), np.ones(3, bool),
                                  containment=0.7, around=2)
     assert keep.tolist() == [0, 1, 2]
+
+
+def test_white_cells_scored_just_under_the_threshold_are_said_not_counted() -> None:
+    """A CBC neutrophil darkened to 0.6 scored 0.41 and the field read "No white cell found" and nothing more: a
+    box with nuclear stain scored from POSSIBLE_CELL_FLOOR up to the threshold is named, not counted."""
+    pixels = np.full((480, 640, 3), (230, 215, 215), np.uint8)
+    for x0, y0 in ((100, 100), (400, 300)):  # two violet nuclei
+        pixels[y0:y0 + 40, x0:x0 + 40] = (110, 60, 160)
+    image = Image.fromarray(pixels)
+    boxes = [[90, 90, 150, 150],   # counted (0.9)
+             [390, 290, 450, 350],  # a nucleus under the threshold: possible
+             [95, 95, 145, 145],    # part of the counted cell, under the threshold: not said
+             [500, 20, 560, 80],    # no nuclear stain: not said
+             [300, 300, 340, 340]]  # under the floor: not said
+    detector = FixedDetector(boxes, [0.9, 0.41, 0.45, 0.42, 0.2], metrics=VERIFIED)
+    result = SmearAnalyzer(detector).analyze(image)
+    assert [c.box for c in result.cells] == [(90.0, 90.0, 150.0, 150.0)]
+    assert result.possible_white_cells == [{"box": [390.0, 290.0, 450.0, 350.0], "detector_score": 0.41}]
+    assert result.summary()["possible_white_cells"] == result.possible_white_cells
+    note = ("Review: 1 possible white cell not counted: the detector scored it 0.41, under its threshold 0.5 "
+            "(possible_white_cells in the field's JSON).")
+    assert result.differential.flags[-1] == note and not result.warnings  # a note: no flag is withheld for it
 
 
 @pytest.mark.parametrize("classes,white", [

@@ -124,6 +124,21 @@ def cap_warning(capped: int, of: int, unit: str = "tile", names: Sequence[str] =
     return f"{CAP_WORDING} in {where}: cells beyond the cap were dropped, the count is unreliable."
 
 
+def possible_cells_note(scores: Sequence[float], threshold: float) -> str:
+    """A field's note (a flag, not a warning) of the white-cell boxes the detector scored under its threshold."""
+    n = len(scores)
+    scored = f"{min(scores):.2f}" + (f"-{max(scores):.2f}" if n > 1 else "")
+    return (f"Review: {n} possible white cell{'s' if n > 1 else ''} not counted: the detector scored "
+            f"{'them' if n > 1 else 'it'} {scored}, under its threshold {threshold:g} (possible_white_cells in the "
+            f"field's JSON).")
+
+
+def possible_cells_fields_note(cells: int, names: Sequence[str], of: int, unit: str = "field") -> str:
+    """The folder's note when ``names`` of its ``of`` fields had :func:`possible_cells_note`."""
+    return (f"Review: {cells} possible white cell{'s' if cells > 1 else ''} under the detector's threshold, not "
+            f"counted, in {_some_fields(len(names), of, names, unit)} (each field's JSON gives their boxes).")
+
+
 def weak_scale_warning(um_per_px: float, red_cells: int) -> str:
     """A field's warning when its scale is its own estimate on a few red cells and no run scale could check it: a
     field enlarged twice had measured platelets as its red cells (0.39 um/px for 0.04), and a granule was then

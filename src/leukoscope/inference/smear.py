@@ -37,7 +37,7 @@ from leukoscope.inference.differential import CountRules
 from leukoscope.inference.quality import (DEFAULT_MIN_DETECTOR_AP, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING,
                                           UNSCALED_FIELD_WORDING, cap_warning, classified_unit, detector_warnings,
                                           tiny_field_warning, unfamiliar_warning, unframed_warning,
-                                          weak_scale_warning)
+                                          possible_cells_note, weak_scale_warning)
 from leukoscope.inference.folder import analyze_folder
 from leukoscope.inference.nuclei import MIN_NUCLEAR_SHARE, without_nucleus
 from leukoscope.inference.slide.reader import recorded_um_per_px
@@ -71,6 +71,10 @@ def class_key(name: str) -> str:
 #: follows the detector's ``input_scale`` (1: 2048 field pixels; the shipped detector's 0.5: 4096).
 #: One tile where the field fits: tiles overlap, and each costs its own proposals (docs/benchmarks.md).
 TILE_MODEL_PIXELS = 2048
+#: White-cell boxes scored from this up to the detector's threshold are said as possible white cells (not counted):
+#: none in 140 CBC and BCCD fields, 12 of 60 all-taleqani Benign fields (another lab), and the neutrophil of a CBC
+#: field darkened to 0.6 (0.41).
+POSSIBLE_CELL_FLOOR = 0.3
 
 
 def unscaled_warning(assumed_um_per_px: float, why: str) -> str:
@@ -87,6 +91,16 @@ def _without(detections: DetectionResult, is_wbc: np.ndarray, drop: np.ndarray) 
     kept = np.setdiff1d(np.arange(len(detections)), drop)
     return (DetectionResult(detections.boxes[kept], detections.scores[kept], detections.labels[kept],
                             detections.classes), is_wbc[kept])
+
+
+def _inside_any(box: np.ndarray, others: np.ndarray, share: float = 0.3) -> bool:
+    """Whether more than ``share`` of ``box`` lies inside one of the boxes ``others``."""
+    if not len(others):
+        return False
+    width = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    height = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    area = max(float((box[2] - box[0]) * (box[3] - box[1])), 1e-9)
+    return bool((width * height > share * area).any())
 
 
 def _checked_run_scale(um_per_px: float | None) -> float | None:
@@ -138,6 +152,8 @@ class FieldDetections:
     tiles: int
     capped_tiles: int
     """Tiles where the detector returned as many boxes as its cap allows."""
+    below: DetectionResult | None = None
+    """The boxes scored under the threshold, from :meth:`SmearAnalyzer.detect`'s ``floor`` (None: not asked)."""
 
 
 def _bundle_record(model: Any, backend: str) -> dict[str, Any] | None:
@@ -323,22 +339,28 @@ class SmearAnalyzer:
                 for x0, y0, x1, y1 in tile_grid(image.size[0], image.size[1], self.tile_size, self.overlap)]
 
     def detect(self, image: Image.Image, tiles: list[tuple[tuple[int, int, int, int], np.ndarray]] | None = None,
-               *, threshold: float | None = None,
+               *, threshold: float | None = None, floor: float | None = None,
                on_tile: Callable[[int, int], None] | None = None) -> FieldDetections:
         """Detections (score >= the detector's threshold, or ``threshold``) in image coordinates, merged across
         tiles, and how many tiles filled the detector's cap (boxes are kept best-first, so below the cap
         every box above the threshold was kept; at the cap some may have been dropped).
+        ``floor``: also the boxes scored from ``floor`` up to the threshold (:attr:`FieldDetections.below`),
+        merged among themselves, never in place of one above it.
         ``tiles``: :meth:`detector_tiles` of ``image`` when already made (a folder run makes them ahead).
         ``on_tile(done, total)``: called after each tile (a 100 Mpx field runs a minute: its progress)."""
         width, height = image.size
         tiles = self.detector_tiles(image) if tiles is None else tiles
+        # what the detector returns at the threshold it is asked for is counted as it comes; with a floor, the
+        # boxes under the operating threshold are set apart
+        operating = (self.detector.score_threshold if threshold is None else threshold) if floor is not None else 0.0
+        lowest = threshold if floor is None else min(floor, operating)
         all_boxes, all_scores, all_labels, all_cut = [], [], [], []
         edge = 4.0
         capped = 0
         for done, ((x0, y0, x1, y1), pixels) in enumerate(tiles, 1):
-            result = self.detector.detect([pixels], threshold=threshold)[0]  # uint8: float only while it runs
-            if self.detection_cap is not None and len(result) >= scaled_cap(self.detection_cap,
-                                                                            (x1 - x0) * (y1 - y0)):
+            result = self.detector.detect([pixels], threshold=lowest)[0]  # uint8: float only while it runs
+            if self.detection_cap is not None and int((result.scores >= operating).sum()) >= scaled_cap(
+                    self.detection_cap, (x1 - x0) * (y1 - y0)):
                 capped += 1
             boxes = result.boxes.astype(np.float64) + np.array([x0, y0, x0, y0], dtype=np.float64)
             cut = np.zeros(len(boxes), dtype=bool)
@@ -359,10 +381,21 @@ class SmearAnalyzer:
         boxes = np.concatenate(all_boxes).reshape(-1, 4)
         scores = np.concatenate(all_scores)
         labels = np.concatenate(all_labels).astype(int)
-        if len(tiles) > 1:
-            keep = merge_tile_detections(boxes, scores, labels, np.concatenate(all_cut), self.merge_iou)
+        cut = np.concatenate(all_cut)
+        above = scores >= operating
+        found = self._merged(boxes[above], scores[above], labels[above], cut[above], len(tiles))
+        below = None
+        if floor is not None:
+            below = self._merged(boxes[~above], scores[~above], labels[~above], cut[~above], len(tiles))
+        return FieldDetections(found, len(tiles), capped, below)
+
+    def _merged(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, cut: np.ndarray,
+                tiles: int) -> DetectionResult:
+        """Detections of overlapping tiles, each cell once (:func:`merge_tile_detections`)."""
+        if tiles > 1:
+            keep = merge_tile_detections(boxes, scores, labels, cut, self.merge_iou)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        return FieldDetections(DetectionResult(boxes, scores, labels, self.detector.classes), len(tiles), capped)
+        return DetectionResult(boxes, scores, labels, self.detector.classes)
 
     def crop_cell(self, image: Image.Image, box: Sequence[float], um_per_px: float | None = None) -> Image.Image:
         """The crop the cell classifier sees (:func:`leukoscope.cell_window.crop_cell`): its
@@ -471,17 +504,38 @@ class SmearAnalyzer:
         result.seconds = time.perf_counter() - start
         return result
 
-    def detect_field(self, field: PreparedField, *, threshold: float | None = None,
+    def detect_field(self, field: PreparedField, *, threshold: float | None = None, floor: float | None = None,
                      on_tile: Callable[[int, int], None] | None = None) -> FieldDetections:
         """:meth:`detect` on the copy of the field the detector sees (at its training scale), the boxes brought
         back to the field's own pixels: what `analyze` counts, and what `evaluate` scores a detector on."""
-        found = self.detect(field.detector_image, field.tiles, threshold=threshold, on_tile=on_tile)
+        found = self.detect(field.detector_image, field.tiles, threshold=threshold, floor=floor, on_tile=on_tile)
         if field.factor != 1.0:
-            size, d = field.detector_image.size, found.detections
+            size = field.detector_image.size
             # Back by each side's own ratio (sizes are rounded), so that boxes stay inside the field.
             back = np.array([field.image.size[0] / size[0], field.image.size[1] / size[1]] * 2)
-            found.detections = DetectionResult(d.boxes * back, d.scores, d.labels, d.classes)
+            found.detections = DetectionResult(found.detections.boxes * back, found.detections.scores,
+                                               found.detections.labels, found.detections.classes)
+            if found.below is not None:
+                found.below = DetectionResult(found.below.boxes * back, found.below.scores, found.below.labels,
+                                              found.below.classes)
         return found
+
+    def possible_white_cells(self, image: Image.Image, below: DetectionResult | None,
+                             counted: np.ndarray) -> list[dict[str, Any]]:
+        """White-cell boxes the detector scored under its threshold (from :data:`POSSIBLE_CELL_FLOOR`) that hold
+        nuclear stain and are no part of a counted cell (``counted``: their boxes): not counted, but said, so that
+        a field where a clear neutrophil scored 0.41 (a darker exposure, a slightly other magnification) does not
+        read "no white cell found" and nothing more."""
+        if below is None or not len(below):
+            return []
+        wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
+        candidates = [i for i in range(len(below)) if int(below.labels[i]) in wbc_index
+                      and not _inside_any(below.boxes[i], counted)]
+        if candidates and self.min_nuclear_share > 0:
+            empty = without_nucleus(image, below.boxes[candidates], self.min_nuclear_share)
+            candidates = [i for i, no_nucleus in zip(candidates, empty) if not no_nucleus]
+        return [{"box": [round(float(v), 1) for v in below.boxes[i]],
+                 "detector_score": round(float(below.scores[i]), 4)} for i in candidates]
 
     def unfamiliar_cells_warning(self, cells: Sequence[Cell]) -> str | None:
         """The warning of a field whose ``cells`` are too often unlike the classifier's training images."""
@@ -527,7 +581,7 @@ class SmearAnalyzer:
         start = time.perf_counter() - field.seconds
         source = source or "<image>"
         image, scale, working_um_per_px, factor = field.image, field.scale, field.working_um_per_px, field.factor
-        found = self.detect_field(field, on_tile=on_tile)
+        found = self.detect_field(field, on_tile=on_tile, floor=POSSIBLE_CELL_FLOOR)
         detections = found.detections
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
         is_wbc = np.array([int(label) in wbc_index for label in detections.labels], dtype=bool)
@@ -567,6 +621,10 @@ class SmearAnalyzer:
                                   False, {name: score}))
         warnings = self.field_warnings(field, cells, found.capped_tiles, found.tiles)
         differential = self.rules.count([cell.label for cell in cells], warnings)
+        possible = self.possible_white_cells(image, found.below, np.array([cell.box for cell in cells]).reshape(-1, 4))
+        if possible:  # a note for the reader, not a warning: the count stands for what the detector was sure of
+            differential.flags.append(possible_cells_note([p["detector_score"] for p in possible],
+                                                          self.detector.score_threshold))
         scale_record = {**scale.to_json(), "analysed_at_um_per_px": working_um_per_px,
                         "detector_resample": round(factor, 4)}
         if not scale.known:
@@ -575,7 +633,7 @@ class SmearAnalyzer:
                                     f"scale not estimated ({scale.note}); cells cropped by their boxes")
         return SmearResult(source, image.size[0], image.size[1], cells, detections.counts(), differential,
                            detections, self.cell_classes, found.tiles, time.perf_counter() - start,
-                           capped_tiles=found.capped_tiles, scale=scale_record)
+                           capped_tiles=found.capped_tiles, scale=scale_record, possible_white_cells=possible)
 
     # -- many fields ----------------------------------------------------------
     def failed_result(self, source: str, error: str) -> SmearResult:

@@ -21,8 +21,8 @@ from leukoscope.inference.drawing import annotate
 from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING,
                                           UNSCALED_FIELD_WORDING, WEAK_SCALE_WORDING, cap_warning, classified_unit,
                                           grayscale_fields_warning, stated_scale_fields_warning,
-                                          unfamiliar_count_warning, unframed_fields_warning, unscaled_fields_warning,
-                                          weak_scale_fields_warning)
+                                          possible_cells_fields_note, unfamiliar_count_warning, unframed_fields_warning,
+                                          unscaled_fields_warning, weak_scale_fields_warning)
 from leukoscope.inference.summary_figure import save_differential_figure
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
@@ -302,7 +302,13 @@ class FolderSummary:
             return self.rules.not_analysed(f"none of the {len(self.results)} file(s) could be read")
         if self.not_analysed is not None and not self.results:
             return self.rules.not_analysed(self.not_analysed)
-        return self.rules.count_from(self._tally().labels, self.warnings)
+        pooled = self.rules.count_from(self._tally().labels, self.warnings)
+        possible = [r for r in self.results if r.possible_white_cells]
+        if possible:
+            pooled.flags.append(possible_cells_fields_note(sum(len(r.possible_white_cells) for r in possible),
+                                                           [Path(r.source).name for r in possible], len(self.results),
+                                                           unit=self.unit))
+        return pooled
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []

@@ -65,6 +65,9 @@ class SmearResult:
     """Tiles where the detector returned as many boxes as its cap allows (a quality warning)."""
     scale: dict[str, Any] | None = None
     """The field's pixel size, where it came from, and the scale analysis ran at (:mod:`leukoscope.scale`)."""
+    possible_white_cells: list[dict[str, Any]] = field(default_factory=list)
+    """White-cell boxes scored under the detector's threshold, not counted (``box``, ``detector_score``;
+    :meth:`leukoscope.inference.smear.SmearAnalyzer.possible_white_cells`)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -75,5 +78,6 @@ class SmearResult:
             "source": self.source, "width": self.width, "height": self.height, "tiles": self.tiles,
             "capped_tiles": self.capped_tiles, "seconds": round(self.seconds, 3),
             "object_counts": self.object_counts, "warnings": self.warnings, "scale": self.scale,
+            "possible_white_cells": self.possible_white_cells,
             "differential": self.differential.to_json(), "error": self.error, "disclaimer": DISCLAIMER,
         }
