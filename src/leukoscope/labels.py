@@ -8,6 +8,7 @@ service, would change a differential without anyone noticing).
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Iterable, Sequence
 
 #: The label of a cell whose classifier confidence is below its threshold.
@@ -73,13 +74,38 @@ def checked_blast_classes(blast_classes: Iterable[str], classes: Sequence[str]) 
     return chosen
 
 
+def nfc(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): macOS writes folder names decomposed ("e" + a combining accent),
+    other systems and typed labels composed, so one "éosinophile" was two classes that print alike."""
+    return unicodedata.normalize("NFC", name)
+
+
 def case_clashes(names: Iterable[str]) -> list[list[str]]:
-    """Groups of ``names`` that differ only in case (or surrounding spaces): as classes they would be two, as
-    folders one on a case-insensitive file system."""
+    """Groups of ``names`` that differ only in case, surrounding spaces or Unicode form (:func:`nfc`): as classes
+    they would be two, as folders one on a case-insensitive file system (:func:`how_they_differ` says which)."""
     spellings: dict[str, list[str]] = {}
     for name in names:
-        spellings.setdefault(name.casefold().strip(), []).append(name)
+        spellings.setdefault(nfc(name).casefold().strip(), []).append(name)
     return [group for group in spellings.values() if len(group) > 1]
+
+
+def how_they_differ(names: Sequence[str]) -> str:
+    """What sets apart ``names`` of one :func:`case_clashes` group, in words ("case", "surrounding spaces",
+    "case and surrounding spaces", "Unicode form"): a trailing space was reported as a difference of case."""
+    kinds = []
+    if len({nfc(n).strip() for n in names}) > 1:
+        kinds.append("case")
+    if len({nfc(n).casefold() for n in names}) > 1:
+        kinds.append("surrounding spaces")
+    if not kinds:
+        return "Unicode form (composed, or decomposed as macOS writes names)"
+    return " and ".join(kinds)
+
+
+def shown(name: str) -> str:
+    """``name`` quoted, with its combining characters spelt out (``'e\\u0301osinophile'``) when it is not in
+    composed form: two spellings that differ only so printed alike, and a message naming both read as nonsense."""
+    return repr(name) if nfc(name) == name else ascii(name)
 
 
 #: Characters no folder name may hold on some file system in use (Windows' set; "/" everywhere).
@@ -94,12 +120,13 @@ def is_folder_name(label: str) -> bool:
 
 
 def resembled_name(label: str, names: Iterable[str]) -> str | None:
-    """The name of ``names`` that ``label`` is another spelling of: the same but for case and spaces, or a slip of
-    one letter (two in names of eight letters or more: ``blsat``, ``neutrophl``); None when it is none's. Real names
-    that contain a class's (``band neutrophil``, ``promonocyte``) are not slips: they are classes of their own."""
-    written = " ".join(label.split()).casefold()
+    """The name of ``names`` that ``label`` is another spelling of: the same but for case, spaces and Unicode form,
+    or a slip of one letter (two in names of eight letters or more: ``blsat``, ``neutrophl``); None when it is
+    none's. Real names that contain a class's (``band neutrophil``, ``promonocyte``) are not slips: they are
+    classes of their own."""
+    written = " ".join(nfc(label).split()).casefold()
     for name in names:
-        known = " ".join(name.split()).casefold()
+        known = " ".join(nfc(name).split()).casefold()
         if written == known or _edits(written, known) <= (2 if len(known) >= 8 else 1):
             return name
     return None

@@ -27,7 +27,7 @@ from leukoscope.data.annotations import (AnnotatedImage, AnnotationError, Annota
                                         DetectionDataset, OnError, SplitRequired, class_resolver)
 from leukoscope.data.manifest import DatasetError
 from leukoscope.io import EXIF_ORIENTATION, IMAGE_SUFFIXES
-from leukoscope.labels import case_clashes
+from leukoscope.labels import case_clashes, how_they_differ
 from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
@@ -483,8 +483,9 @@ def read_voc_dataset(
         clashes = case_clashes(found)
         if clashes:
             listed = "; ".join(" / ".join(names) for names in clashes)
-            raise DatasetError(f"{root}: class names that differ only in case ({listed}) would be separate classes: "
-                               f"list the classes (data.classes; other cases of a name then match it), or "
+            how = " or ".join(dict.fromkeys(how_they_differ(names) for names in clashes))
+            raise DatasetError(f"{root}: class names that differ only in {how} ({listed}) would be separate "
+                               f"classes: list the classes (data.classes; other cases of a name then match it), or "
                                f"correct the annotations: {_spelt_in(images, clashes, Path(root))}")
     class_list = list(classes) if classes is not None else found
     return DetectionDataset(images, class_list, issues, Path(root), unannotated)
