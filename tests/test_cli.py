@@ -159,6 +159,19 @@ def test_predict_exits_2_when_no_image_could_be_predicted(trained_bundle: Path, 
                       "error"]
 
 
+def test_predict_refuses_a_csv_manifest_and_writes_nothing(trained_bundle: Path, synthetic_root: Path,
+                                                           tmp_path: Path) -> None:
+    """A manifest was read as one image ("not a recognised image") and a one-row predictions file was written."""
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text(f"path,label\n{sorted((synthetic_root / 'blast').glob('*.png'))[0]},blast\n")
+    out = tmp_path / "preds.csv"
+    result = invoke("predict", "--bundle", trained_bundle, manifest, "--out", out)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and not out.exists()
+    assert "cells.csv: a CSV file, not an image: give images or folders of images" in said
+    assert "leukoscope evaluate --data" in said
+
+
 def test_predict_columns_do_not_depend_on_which_file_comes_first(trained_bundle: Path, synthetic_root: Path,
                                                                   tmp_path: Path) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
@@ -964,6 +977,7 @@ def test_an_empty_folder_is_refused_before_the_models_are_named(tmp_path: Path) 
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "folder has no images" in said and "models:" not in said
 
+    (folder / "Thumbs.db").write_bytes(b"")  # nor a system's (as in training's class folders)
 
 def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> None:
     """train-detector with a classifier's config (or run) printed some twenty "unknown config key" errors; a

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 #: Formats a lab brings: camera JPEGs, PNG exports, C-NMC BMPs, scanner TIFFs.
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "BMP", "TIFF"})
-#: File suffixes looked at when scanning folders (content is still sniffed).
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+#: File suffixes looked at when scanning folders (content is still sniffed): one rule for training's class folders,
+#: `predict`, `segment` and VOC folders. ``.jfif`` / ``.jpe``: JPEGs as Windows saves them from a browser.
+IMAGE_SUFFIX_NAMES: tuple[str, ...] = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES: frozenset[str] = frozenset(IMAGE_SUFFIX_NAMES)
 #: Default ceiling: a 2592x1944 smear is 5 Mpx, a whole-slide tile mosaic 100+ Mpx.
 DEFAULT_MAX_PIXELS: int = 120_000_000
 
@@ -272,6 +274,16 @@ def _decode_png(data: bytes | memoryview, name: str) -> None:
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` looks like an image by suffix (cheap folder scans)."""
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+#: Files and folders a file system or an archiver leaves beside a user's images (hidden names, ``._*`` included,
+#: are too): never read as images, never named among the files a folder scan left out.
+SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "system volume information"})
+
+
+def is_system_name(name: str) -> bool:
+    """Whether a file or folder of that name is a system's, not the user's (:data:`SYSTEM_NAMES`, hidden names)."""
+    return name.startswith(".") or name.casefold() in SYSTEM_NAMES
 
 
 def files_below(folder: Path) -> list[Path]:

@@ -16,7 +16,8 @@ from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
 from leukoscope.inference.slide.reader import SLIDE_ONLY_SUFFIXES
-from leukoscope.io import IMAGE_SUFFIXES, files_below, is_image_file, load_image
+from leukoscope.io import (IMAGE_SUFFIX_NAMES, IMAGE_SUFFIXES, files_below, is_image_file, is_system_name,
+                           load_image)
 from leukoscope.progress import console, name_some, progress_bar, say
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def collect_images(inputs: Sequence[str | Path], *, slides: bool = False) -> lis
     """Expand folders (recursively) into image files; keep explicit files as given. A file reached twice
     (named and inside a named folder, or a folder given twice) is kept once, where first reached: a
     field counted twice would weigh twice in the pooled differential. ``slides``: whole-slide files of a folder
-    (``.svs``, ``.ndpi``, ...) are found too (`analyze` reads them as slides; they were "not an image")."""
+    (``.svs``, ``.ndpi``, ...) are found too (`analyze` reads them as slides; they were "not an image"). A CSV
+    file (a manifest) is refused: the commands take images, not lists of them."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -41,11 +43,15 @@ def collect_images(inputs: Sequence[str | Path], *, slides: bool = False) -> lis
             found = [p for p in below if is_image_file(p) or _broken_image_link(p)
                      or (slides and p.suffix.lower() in SLIDE_ONLY_SUFFIXES)]
             if not found:
-                raise DatasetError(f"{item}: folder has no images (.jpg .png .bmp .tif)")
+                raise DatasetError(f"{item}: folder has no images ({' '.join(IMAGE_SUFFIX_NAMES)})")
             paths += found
             taken = set(found)
             _say_left_out(item, [p for p in below if p not in taken
-                                 and not any(part.startswith(".") for part in p.relative_to(item).parts)])
+                                 and not any(is_system_name(part) for part in p.relative_to(item).parts)])
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            # read as an image, a manifest was "not a recognised image" and a predictions file was written of it
+            raise DatasetError(f"{item}: a CSV file, not an image: give images or folders of images (a manifest's "
+                               f"images are scored against its labels by `leukoscope evaluate --data {item}`)")
         elif item.exists():
             paths.append(item)
         else:
