@@ -407,6 +407,23 @@ def test_split_refuses_classes_that_differ_only_in_case(synthetic_root: Path, tm
     assert not (tmp_path / "s.json").exists()
 
 
+def test_split_of_a_folder_with_its_manifest_beside_one_image_folder_points_to_it(synthetic_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    """labels.csv beside images/ (a common way to share a labelled set) said only "found only ['images']"."""
+    (tmp_path / "shared" / "images").mkdir(parents=True)
+    rows = []
+    for label in ("blast", "monocyte"):
+        for image in sorted((synthetic_root / label).glob("*.png"))[:3]:
+            shutil.copy(image, tmp_path / "shared" / "images" / f"{label}-{image.name}")
+            rows.append(f"images/{label}-{image.name},{label}\n")
+    (tmp_path / "shared" / "labels.csv").write_text("path,label\n" + "".join(rows))
+    (tmp_path / "shared" / "notes.csv").write_text("what,when\nscanned,today\n")  # no path column: not named
+    result = invoke("split", "--data", tmp_path / "shared", "--out", tmp_path / "s.json")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "found only ['images']" in said
+    assert "labels.csv lists images: give it as --data" in said and "notes.csv" not in said
+
+
 def test_split_command_saves_a_checked_split(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.json"
     result = invoke("split", "--data", synthetic_root, "--out", out, "--ratios", "0.75,0.25")
@@ -960,6 +977,7 @@ def test_files_of_a_folder_not_taken_as_images_are_named(tmp_path: Path, caplog)
     Image.new("RGB", (8, 8)).save(folder / "sub" / "b.webp")
     Image.new("RGB", (8, 8)).save(folder / "noext", format="JPEG")
     (folder / ".DS_Store").write_bytes(b"")  # hidden files and folders are not the user's images
+    (folder / "Thumbs.db").write_bytes(b"")  # nor a system's (as in training's class folders)
     (folder / ".git").mkdir()
     (folder / ".git" / "config").write_text("[core]")
     with caplog.at_level(logging.WARNING, logger="leukoscope.inference.predict_files"):
@@ -977,7 +995,6 @@ def test_an_empty_folder_is_refused_before_the_models_are_named(tmp_path: Path) 
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "folder has no images" in said and "models:" not in said
 
-    (folder / "Thumbs.db").write_bytes(b"")  # nor a system's (as in training's class folders)
 
 def test_a_config_or_run_of_another_task_is_named_as_such(tmp_path: Path) -> None:
     """train-detector with a classifier's config (or run) printed some twenty "unknown config key" errors; a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,15 @@ def test_with_classes_names_the_class_a_misspelt_label_resembles() -> None:
     # names of their own, not slips: refused as unknown, with no class suggested
     assert "'promonocyte' looks like" not in said and "'eosinophil' looks like" not in said
     assert "['Blast ', 'eosinophil', 'lymphocyt', 'neutrophl', 'promonocyte']" in said
+
+
+def test_with_classes_takes_a_label_in_another_unicode_form_as_the_models_class() -> None:
+    """A model trained on a Mac's folders (decomposed accents) refused the same name typed elsewhere (composed),
+    its hint naming two names that print alike."""
+    composed, decomposed = (unicodedata.normalize(form, "éosinophile") for form in ("NFC", "NFD"))
+    manifest = make([composed, "neutrophil"]).with_classes([decomposed, "neutrophil"])
+    assert manifest.labels == [decomposed, "neutrophil"] and manifest.targets == [0, 1]
+    assert make([decomposed]).with_classes([composed]).labels == [composed]
 
 
 def test_subset_and_filter_keep_classes_and_root(tmp_path: Path) -> None:

@@ -327,6 +327,36 @@ def test_check_split_reports_the_number_of_problems(tmp_path: Path) -> None:
         check_split(Split({"train": train, "test": test}, ["a"]))
 
 
+
+def test_subject_ids_typed_two_ways_are_one_subject(tmp_path: Path, cell_writer) -> None:
+    """"P04" in some rows and "p04" (or "4" / "04" / "4.0") in others: one patient landed in train and test, and
+    the check said no group straddled two parts."""
+    rows, patients = ["path,label,subject"], []
+    for index in range(24):
+        label, patient = ("lymphocyte", "neutrophil")[index % 2], index // 4
+        cell_writer(tmp_path / f"c{index}.png", label, seed=index)
+        spellings = ((f"P0{patient}", f" p0{patient}") if patient < 3
+                     else (f"{patient}", f"0{patient}", f"{patient}.0"))
+        rows.append(f"c{index}.png,{label},{spellings[index % len(spellings)]}")
+        patients.append(patient)
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    manifest = read_dataset(tmp_path / "m.csv")
+    for seed in range(3):
+        split = make_split(manifest, ratios=(0.6, 0.2, 0.2), seed=seed, near_duplicates=False)
+        parts: dict[int, set[str]] = {}
+        for patient, sample in zip(patients, manifest):
+            parts.setdefault(patient, set()).add(where(split)[sample.path.resolve()])
+        assert split.info["n_groups"] == 6 and all(len(found) == 1 for found in parts.values()), parts
+
+
+def test_check_split_finds_a_subject_typed_two_ways_in_two_parts(tmp_path: Path) -> None:
+    train = [Sample(tmp_path / "a.png", "a", "P04"), Sample(tmp_path / "b.png", "a", "7")]
+    test = [Sample(tmp_path / "c.png", "a", "p04 "), Sample(tmp_path / "d.png", "a", "07.0")]
+    split = Split({"train": train, "test": test}, ["a"])
+    with pytest.raises(LeakageError, match=r"\(2 problem\(s\)\): subject 7 \(= 07.0\) is in both 'train' and "
+                                           r"'test'; subject P04 \(= p04 \) is in both"):
+        check_split(split)
+
 # -- persistence -------------------------------------------------------------
 
 

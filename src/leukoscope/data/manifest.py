@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from leukoscope.labels import resembled_name
+from leukoscope.labels import nfc, resembled_name
 
 
 class DatasetError(ValueError):
     """A dataset cannot be used as given (empty, one class, missing labels...)."""
+
+
+#: A subject id a spreadsheet wrote as a number: ``1``, ``01``, ``1.0``.
+_NUMBER = re.compile(r"0*(\d+)(\.0*)?")
+
+
+def subject_key(subject: str) -> str:
+    """The one subject ``subject`` names however it was typed: case, spaces (surrounding, or repeated inside) and
+    a number's leading zeros or ``.0`` (a spreadsheet's ``1`` / ``01`` / ``1.0``) set none apart. Splits group
+    and check subjects by it: "P04" and "p04" were two patients, one in train and the other in test."""
+    key = " ".join(subject.split()).casefold()
+    number = _NUMBER.fullmatch(key)
+    return number.group(1) if number else key
 
 
 @dataclass(frozen=True)
@@ -88,8 +102,13 @@ class Manifest:
         return Manifest([s for s, k in zip(self.samples, keep) if k], list(self.classes), self.root)
 
     def with_classes(self, classes: Sequence[str]) -> "Manifest":
-        """The same samples indexed by another class order (e.g. a model's)."""
-        unknown = sorted({s.label for s in self.samples if s.label is not None and s.label not in classes})
+        """The same samples indexed by another class order (e.g. a model's). A label that is one of ``classes`` in
+        another Unicode form takes its spelling: a model trained on a Mac's folder names (decomposed accents)
+        refused the same names typed elsewhere, its hint naming two names that print alike."""
+        spelt = {nfc(name): name for name in classes}
+        samples = [s if s.label is None or s.label in classes or nfc(s.label) not in spelt
+                   else Sample(s.path, spelt[nfc(s.label)], s.subject) for s in self.samples]
+        unknown = sorted({s.label for s in samples if s.label is not None and s.label not in classes})
         if unknown:
             # a slip of a letter or two names the class it resembles: the fix is a rename, not another model
             slips = [(label, resembled_name(label, classes)) for label in unknown]
@@ -99,7 +118,7 @@ class Manifest:
                 f"the data has labels {unknown} that the model does not know "
                 f"(model classes: {list(classes)}){hints}"
             )
-        return Manifest(list(self.samples), list(classes), self.root)
+        return Manifest(samples, list(classes), self.root)
 
     def require_trainable(self) -> None:
         """Fail clearly when the data cannot train a classifier."""
@@ -110,8 +129,10 @@ class Manifest:
                                "images (class sub-folders, or a 'label' column in a CSV manifest)")
         present = [c for c, n in self.class_counts().items() if n > 0]
         if len(present) < 2:
+            beside = manifests_in(self.root) if self.root is not None and self.root.is_dir() else []
+            hint = f"; {beside[0]} lists images: give it as --data" if beside else ""
             raise DatasetError(
-                f"training needs at least two classes with images; found only {present or 'none'}"
+                f"training needs at least two classes with images; found only {present or 'none'}{hint}"
             )
         self.targets  # noqa: B018 - raises on unlabelled samples
 
@@ -127,6 +148,21 @@ class Manifest:
             for sample in self.samples:
                 writer.writerow([_relative_or_absolute(sample.path, base), sample.label or "", sample.subject or ""])
         return path
+
+
+def manifests_in(folder: Path) -> list[Path]:
+    """The CSV files in ``folder`` (not below) whose header has a ``path`` column: a folder holding ``labels.csv``
+    beside ``images/`` read as class folders has one class, "images"; the error now points to the manifest."""
+    found = []
+    for candidate in sorted(folder.glob("*.csv")):
+        try:
+            with candidate.open(encoding="utf-8-sig", errors="replace") as handle:
+                header = next(csv.reader([handle.readline()]), [])
+        except OSError:
+            continue
+        if "path" in (cell.strip().lower() for cell in header):
+            found.append(candidate)
+    return found
 
 
 def _relative_or_absolute(path: Path, base: Path) -> str:

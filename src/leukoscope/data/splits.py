@@ -20,7 +20,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from leukoscope.data.duplicates import DEFAULT_PHASH_DISTANCE, fingerprint_paths, group_fingerprints
-from leukoscope.data.manifest import DatasetError, Manifest, Sample
+from leukoscope.data.manifest import DatasetError, Manifest, Sample, subject_key
 from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,8 @@ def leakage_groups(
     dup = group_fingerprints(fingerprints, max_distance=max_distance if near_duplicates else -1)
     warn_of_copies_of_other_subjects(manifest, dup)
     rows, cols = [], []
-    # Link each sample to the first sample of its duplicate group and of its subject.
-    for key_of in (lambda i: ("dup", int(dup[i])), lambda i: ("subj", manifest[i].subject)):
+    # Link each sample to the first sample of its duplicate group and of its subject (however its id was typed).
+    for key_of in (lambda i: ("dup", int(dup[i])), lambda i: ("subj", _subject(manifest[i]))):
         first: dict = {}
         for i in range(n):
             key = key_of(i)
@@ -169,6 +169,11 @@ def leakage_groups(
                 cols.append(i)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def _subject(sample: Sample) -> str | None:
+    """The subject ``sample`` is grouped and checked by: ``P04`` and ``p04`` are one (:func:`subject_key`)."""
+    return subject_key(sample.subject) if sample.subject is not None else None
 
 
 #: How many sets of copies labelled otherwise a warning names.
@@ -198,7 +203,7 @@ def warn_of_copies_of_other_subjects(manifest: Manifest, duplicate_groups: np.nd
     for index, group in enumerate(duplicate_groups):
         by_group.setdefault(int(group), []).append(index)
     shared = [members for members in by_group.values()
-              if len({manifest[i].subject for i in members if manifest[i].subject is not None}) > 1]
+              if len({_subject(manifest[i]) for i in members if manifest[i].subject is not None}) > 1]
     if shared:
         named = [" = ".join(f"{manifest[i].path.name} (subject {manifest[i].subject})" for i in members)
                  for members in shared]
@@ -308,7 +313,7 @@ def _group_keys(split: Split) -> list[tuple[Sample, tuple[str, object]]]:
         group_ids = list(groups.get(name, []))
         group_ids += [None] * (len(samples) - len(group_ids))
         for sample, group in zip(samples, group_ids):
-            keyed.append((sample, ("group", group) if group is not None else ("subject", sample.subject)
+            keyed.append((sample, ("group", group) if group is not None else ("subject", _subject(sample))
                           if sample.subject is not None else ("file", str(sample.path))))
     return keyed
 
@@ -380,26 +385,28 @@ def parts_not_asked_for(ratios: object) -> list[str]:
 
 
 def check_split(split: Split, groups: Mapping[str, Sequence] | None = None) -> None:
-    """Raise :class:`LeakageError` if a file, subject or duplicate group is in two splits."""
+    """Raise :class:`LeakageError` if a file, subject (``P04`` and ``p04`` are one: :func:`subject_key`) or
+    duplicate group is in two splits."""
     groups = groups if groups is not None else split.info.get("groups", {})
-    seen: dict[tuple[str, object], str] = {}
-    problems: list[str] = []
+    seen: dict[tuple[str, object], tuple[str, object]] = {}  # key: (part, as written)
+    problems: dict[tuple, str] = {}  # one per thing and pair of parts
     for name, samples in split.assignments.items():
         group_ids = list(groups.get(name, []))
         group_ids += [None] * (len(samples) - len(group_ids))  # never let zip() skip a sample
         for sample, group in zip(samples, group_ids):
-            keys = [("file", str(sample.path.resolve()))]
+            keys: list[tuple[str, object, object]] = [("file", str(sample.path.resolve()), sample.path.resolve())]
             if sample.subject is not None:
-                keys.append(("subject", sample.subject))
+                keys.append(("subject", _subject(sample), sample.subject))
             if group is not None:
-                keys.append(("duplicate group", group))
-            for key in keys:
-                other = seen.setdefault(key, name)
+                keys.append(("duplicate group", group, group))
+            for kind, key, written in keys:
+                other, first = seen.setdefault((kind, key), (name, written))
                 if other != name:
-                    problems.append(f"{key[0]} {key[1]} is in both {other!r} and {name!r}")
+                    same = first if first == written else f"{first} (= {written})"
+                    problems.setdefault((kind, key, other, name), f"{kind} {same} is in both {other!r} and {name!r}")
     if problems:
-        shown = "; ".join(sorted(set(problems))[:5])
-        raise LeakageError(f"split leaks between train/val/test ({len(set(problems))} problem(s)): {shown}")
+        shown = "; ".join(sorted(problems.values())[:5])
+        raise LeakageError(f"split leaks between train/val/test ({len(problems)} problem(s)): {shown}")
 
 
 def configured_split(split: Split, class_map: Mapping[str, str] | None, classes: Sequence[str] | None) -> Split:
