@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,11 @@ def test_a_detection_folder_is_not_read_as_classes(tmp_path: Path, layout: str) 
     (tmp_path / "Annotations").mkdir(exist_ok=True)
     for xml in tmp_path.rglob("*.xml"):
         xml.unlink()
-    assert read_dataset(tmp_path).classes
+    if layout == "splits":  # Training / Testing are then the parts of a dataset shipped split, not classes
+        with pytest.raises(DatasetError, match="Testing, Training look like the parts of a dataset already split"):
+            read_dataset(tmp_path)
+    else:
+        assert read_dataset(tmp_path).classes
 
 
 def test_nonexistent_folder(tmp_path: Path) -> None:
@@ -220,6 +225,97 @@ def test_cnmc_tree_read_one_level_too_high_is_refused(tmp_path: Path, cell_write
     assert read_class_folders(tmp_path / "fold_0").classes == ["all", "hem"]
 
 
+
+@pytest.mark.parametrize("parts", [("TRAIN", "TEST"), ("train", "val", "test"), ("Training", "Validation")])
+def test_a_dataset_shipped_split_is_refused(tmp_path: Path, cell_writer, parts: tuple[str, ...]) -> None:
+    """Kaggle's TRAIN/<class>/..., TEST/<class>/...: read as class folders, a model learned to tell the training
+    folder from the test folder."""
+    for part in parts:
+        two_cells_each(tmp_path / part, cell_writer, {"lymphocyte": f"{part}-l{{}}.png",
+                                                      "neutrophil": f"{part}-n{{}}.png"})
+    with pytest.raises(DatasetError, match=rf"sub-folders .*{parts[0]}.* look like the parts of a dataset already "
+                                           rf"split, each holding the class folders \(lymphocyte, neutrophil\).*"
+                                           rf"point --data at one of them.*--split-file\)\.$"):  # no word of patients
+        read_class_folders(tmp_path)
+    assert read_class_folders(tmp_path / parts[0]).classes == ["lymphocyte", "neutrophil"]
+
+
+def test_parts_of_any_name_holding_the_same_class_folders_are_refused(tmp_path: Path, cell_writer) -> None:
+    for part in ("hospital_a", "hospital_b"):
+        two_cells_each(tmp_path / part, cell_writer, {"lymphocyte": f"{part}-l{{}}.png",
+                                                      "monocyte": f"{part}-m{{}}.png"})
+    with pytest.raises(DatasetError, match="hospital_a, hospital_b look like the parts of a dataset already split"
+                                           ".*not classes but each class's patients or slides, give a CSV manifest"):
+        read_class_folders(tmp_path)
+
+
+def test_classes_with_sub_folders_of_their_own_are_not_taken_for_split_parts(tmp_path: Path, cell_writer) -> None:
+    """A class's patients or slides in sub-folders (named with numbers), the same under every class; sub-folders
+    under one class only; a class holding images beside its sub-folders: all are classes' images, as before."""
+    for label in ("lymphocyte", "neutrophil"):
+        two_cells_each(tmp_path / "patients" / label, cell_writer, {"P01": f"{label}-a{{}}.png",
+                                                                    "P02": f"{label}-b{{}}.png"})
+    assert read_class_folders(tmp_path / "patients").classes == ["lymphocyte", "neutrophil"]
+    two_cells_each(tmp_path / "mixed", cell_writer, {"lymphocyte/raw": "l{}.png", "lymphocyte/cropped": "c{}.png",
+                                                     "neutrophil": "n{}.png"})
+    two_cells_each(tmp_path / "mixed" / "monocyte", cell_writer, {"raw": "m{}.png", "cropped": "k{}.png"})
+    cell_writer(tmp_path / "mixed" / "monocyte" / "direct.png", seed=99)
+    assert read_class_folders(tmp_path / "mixed").classes == ["lymphocyte", "monocyte", "neutrophil"]
+
+
+def test_files_of_class_folders_left_unread_are_named_in_one_warning(tmp_path: Path, cell_writer, caplog) -> None:
+    """Other suffixes and links to files that are gone were dropped without a word; a system's own files (hidden,
+    Thumbs.db, desktop.ini, __MACOSX) stay unsaid. JPEGs named .jfif / .jpe (Windows' browser saves) are read."""
+    two_cells_each(tmp_path, cell_writer, {"lymphocyte": "l{}.png", "neutrophil": "n{}.png"})
+    cell_writer(tmp_path / "lymphocyte" / "saved.jfif", seed=50, format="JPEG")
+    cell_writer(tmp_path / "lymphocyte" / "saved.jpe", seed=51, format="JPEG")
+    cell_writer(tmp_path / "lymphocyte" / "extra.webp", seed=52, format="WEBP")
+    cell_writer(tmp_path / "neutrophil" / "anim.gif", seed=53, format="GIF")
+    (tmp_path / "neutrophil" / "n9.png").symlink_to(tmp_path / "unmounted" / "n9.png")
+    for quiet in ("Thumbs.db", "desktop.ini", "._l0.png", ".DS_Store"):
+        (tmp_path / "lymphocyte" / quiet).write_bytes(b"\0")
+    cell_writer(tmp_path / "lymphocyte" / "__MACOSX" / "l0.png", seed=54)
+    with caplog.at_level("WARNING"):
+        manifest = read_class_folders(tmp_path)
+    assert sorted(s.path.name for s in manifest if s.label == "lymphocyte") == ["l0.png", "l1.png", "saved.jfif",
+                                                                                "saved.jpe"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert "3 file(s) in class folders are not read: 2 not named as an image (.gif .webp)" in said[0]
+    assert "lymphocyte/extra.webp" in said[0] and "1 link(s) to a file that is gone: neutrophil/n9.png" in said[0]
+    assert "Thumbs" not in said[0] and "MACOSX" not in said[0] and "desktop" not in said[0]
+
+
+def test_class_names_in_two_unicode_forms_are_one_class(tmp_path: Path, cell_writer, caplog) -> None:
+    """macOS names folders decomposed ("e" + a combining accent); typed labels are composed: one class was two,
+    and the messages named two names that print alike."""
+    composed, decomposed = (unicodedata.normalize(form, "éosinophile") for form in ("NFC", "NFD"))
+    two_cells_each(tmp_path / "mac", cell_writer, {decomposed: "e{}.png", "neutrophil": "n{}.png"})
+    assert read_class_folders(tmp_path / "mac").classes == ["neutrophil", composed]  # sorted as composed
+    two_cells_each(tmp_path / "both", cell_writer, {decomposed: "d{}.png", composed: "c{}.png",
+                                                    "neutrophil": "n{}.png"})
+    with caplog.at_level("WARNING"):
+        both = read_class_folders(tmp_path / "both")
+    assert both.class_counts() == {"neutrophil": 2, composed: 4}
+    assert "'e\\u0301osinophile' and 'éosinophile' have one name written in two Unicode forms" in caplog.text
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"path,label\nmac/{decomposed}/e0.png,{decomposed}\nmac/neutrophil/n0.png,neutrophil\n",
+                        encoding="utf-8")
+    assert read_csv_manifest(csv_path).labels == [composed, "neutrophil"]
+
+
+def test_a_clash_of_spaces_is_not_called_one_of_case(tmp_path: Path) -> None:
+    from leukoscope.data.readers import check_spellings
+
+    with pytest.raises(DatasetError, match="'lymphocyte' and 'lymphocyte ' differ only in surrounding spaces and "
+                                           "would be two classes; give them one spelling$"):
+        check_spellings(tmp_path, ["lymphocyte", "lymphocyte "])
+    with pytest.raises(DatasetError, match="differ only in case and surrounding spaces"):
+        check_spellings(tmp_path, ["Lymphocyte", "lymphocyte "])
+    with pytest.raises(DatasetError, match=r"'e\\u0301osinophile' differ only in Unicode form"):
+        check_spellings(tmp_path, ["éosinophile", unicodedata.normalize("NFD", "éosinophile")])
+
+
 # -- CSV manifests -----------------------------------------------------------
 
 
@@ -303,6 +399,37 @@ def test_csv_with_byte_order_mark(tmp_path: Path) -> None:
     manifest = read_csv_manifest(csv_path)
     assert manifest.labels == ["blast"]
 
+
+
+def test_csv_in_utf16_is_read(tmp_path: Path) -> None:
+    """A spreadsheet's "Unicode Text" is UTF-16 with a byte-order mark: it failed with a bare codec message."""
+    csv_path = tmp_path / "unicode.csv"
+    csv_path.write_text("path,label\r\nx.png,éosinophile\r\n", encoding="utf-16")
+    assert read_csv_manifest(csv_path).labels == ["éosinophile"]
+    csv_path.write_text("path\tlabel\r\nx.png\tblast\r\n", encoding="utf-16")
+    with pytest.raises(DatasetError, match="separated by '\\\\t'.*save it as 'CSV UTF-8 \\(Comma delimited\\)'"):
+        read_csv_manifest(csv_path)
+
+
+def test_csv_in_another_encoding_is_refused_naming_the_file_line_and_fix(tmp_path: Path) -> None:
+    """Windows' "CSV (Comma delimited)" is Windows-1252: the error said "'utf-8' codec can't decode byte 0xe9"."""
+    csv_path = tmp_path / "windows.csv"
+    csv_path.write_bytes("path,label\r\nx.png,blast\r\nélan.png,blast\r\n".encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"windows\.csv: line 3 is not UTF-8 text \(byte 0xe9.*save it as "
+                                           r"'CSV UTF-8 \(Comma delimited\)'"):
+        read_csv_manifest(csv_path)
+
+
+def test_subject_ids_typed_two_ways_are_named(tmp_path: Path, caplog) -> None:
+    """"P04" / "p04 " / a spreadsheet's "1" / "01" / "1.0": one patient, split as one (subject_key), and said."""
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("path,label,subject\na.png,x,P04\nb.png,x,p04 \nc.png,y,1\nd.png,y,01\ne.png,y,1.0\n"
+                        "f.png,x,P05\ng.png,y,10\n")
+    with caplog.at_level("WARNING"):
+        manifest = read_csv_manifest(csv_path)
+    assert [s.subject for s in manifest] == ["P04", "p04", "1", "01", "1.0", "P05", "10"]  # as written
+    assert "2 subject id(s) are written in more than one way" in caplog.text
+    assert "'P04' / 'p04'" in caplog.text and "'01' / '1' / '1.0'" in caplog.text and "P05" not in caplog.text
 
 def test_csv_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):

@@ -13,15 +13,17 @@ Labels that differ only in case ("Neutrophil" beside "neutrophil") would be two 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
-from leukoscope.data.manifest import DatasetError, Manifest, Sample
-from leukoscope.io import files_below, is_image_file
-from leukoscope.labels import UNCERTAIN, case_clashes
+from leukoscope.data.manifest import DatasetError, Manifest, Sample, subject_key
+from leukoscope.io import IMAGE_SUFFIX_NAMES, files_below, is_image_file, is_system_name
+from leukoscope.labels import UNCERTAIN, case_clashes, how_they_differ, nfc, shown
 from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,14 @@ def check_dataset_path(source: str | Path) -> Path:
 
 
 def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Manifest:
-    """Read ``root/<class>/<image>``; subjects come from C-NMC names when present."""
+    """Read ``root/<class>/<image>``; subjects come from C-NMC names when present. A class is its folder's name in
+    composed Unicode form (:func:`~leukoscope.labels.nfc`: a folder copied from a Mac is named decomposed)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: folder does not exist")
     if not root.is_dir():
         raise DatasetError(f"{root}: is not a folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_system_name(p.name))
     _refuse_detection_folder(root, class_dirs)
     if not class_dirs:
         loose = [p for p in root.iterdir() if is_image_file(p)]
@@ -87,21 +90,104 @@ def read_class_folders(root: str | Path, *, parse_subjects: bool = True) -> Mani
             )
         raise DatasetError(f"{root}: folder is empty (expected one sub-folder per class)")
     samples: list[Sample] = []
+    unread: list[Path] = []
     for class_dir in class_dirs:
+        label = nfc(class_dir.name)
         for path in files_below(class_dir):
-            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
-            if is_image_file(path) and not hidden:
+            if any(is_system_name(part) for part in path.relative_to(class_dir).parts):
+                continue
+            if is_image_file(path):
                 subject = name_subject(path.name) if parse_subjects else None
-                samples.append(Sample(path=path, label=class_dir.name, subject=subject))
+                samples.append(Sample(path=path, label=label, subject=subject))
+            else:
+                unread.append(path)
     if not samples:
-        raise DatasetError(f"{root}: no images (.jpg .png .bmp .tif) in any class folder")
-    _check_cnmc_labels(root, samples)
-    classes = [d.name for d in class_dirs if any(s.label == d.name for s in samples)]
-    empty = [d.name for d in class_dirs if d.name not in classes]
+        raise DatasetError(f"{root}: no images ({' '.join(IMAGE_SUFFIX_NAMES)}) in any class folder")
+    _check_cnmc_labels(root, samples)  # first: its folds are split parts too, and its message says more
+    _refuse_split_folders(root, class_dirs)
+    _say_unread(root, unread)
+    _say_unicode_forms(root, class_dirs)
+    labelled = {str(s.label) for s in samples}
+    classes = sorted(labelled)  # by their composed names, as a CSV manifest's labels are
+    empty = [d.name for d in class_dirs if nfc(d.name) not in labelled]
     if empty:  # a class the user meant to train, silently missing from the model, would surprise later
         log.warning("%s: class folder(s) without images left out (the model will not know them): %s",
                     root, ", ".join(empty))
     return Manifest(samples, classes, root)
+
+
+#: How many of the files left unread a warning names.
+UNREAD_NAMED = 5
+
+
+def _say_unread(root: Path, unread: Sequence[Path]) -> None:
+    """One warning for the files of class folders not read: another suffix (``.webp``, ``.gif``) or a link to a
+    file that is gone (an unmounted share). They were dropped without a word, the run's count the only trace;
+    `predict` named the same dangling link as unreadable."""
+    if not unread:
+        return
+    broken = [p for p in unread if p.is_symlink() and not p.exists()]
+    other = [p for p in unread if p not in broken]
+    kinds = []
+    if other:
+        suffixes = sorted({p.suffix.lower() or "no suffix" for p in other})
+        kinds.append(f"{len(other)} not named as an image ({' '.join(suffixes)}): "
+                     f"{name_some([str(p.relative_to(root)) for p in other], UNREAD_NAMED)}")
+    if broken:
+        kinds.append(f"{len(broken)} link(s) to a file that is gone: "
+                     f"{name_some([str(p.relative_to(root)) for p in broken], UNREAD_NAMED)}")
+    log.warning("%s: %d file(s) in class folders are not read: %s; only %s files are read as images (convert "
+                "the others, or restore the links' targets)", root, len(unread), "; ".join(kinds),
+                " ".join(IMAGE_SUFFIX_NAMES))
+
+
+def _say_unicode_forms(root: Path, class_dirs: Sequence[Path]) -> None:
+    """Two folders whose names differ only in Unicode form (one copied from a Mac) are one class: say so."""
+    by_name: dict[str, list[str]] = {}
+    for folder in class_dirs:
+        by_name.setdefault(nfc(folder.name), []).append(folder.name)
+    for name, spellings in by_name.items():
+        if len(spellings) > 1:
+            log.warning("%s: folders %s have one name written in two Unicode forms (composed, and decomposed as "
+                        "macOS writes names): read as one class %r", root, " and ".join(map(shown, spellings)), name)
+
+
+#: Names of the parts of a dataset shipped already split (``TRAIN``, ``Validation``, ``test_set``, ``fold_0``,
+#: Kaggle's ``TEST_SIMPLE``), as its top folders.
+SPLIT_FOLDER = re.compile(r"(train(ing)?|val(id(ation)?)?|dev|test(ing)?([_ -]?simple)?|fold[_ -]?\d+)"
+                          r"([_ -]?(set|data|images))?", re.IGNORECASE)
+
+
+def _refuse_split_folders(root: Path, class_dirs: list[Path]) -> None:
+    """A dataset shipped split (``TRAIN/<class>/...``, ``TEST/<class>/...``): read as class folders, its parts
+    became the "classes" and a model learned to tell the training folder from the test folder. Refused when two
+    or more top folders holding no image of their own are named as parts; or when no top folder holds an image of
+    its own and all hold the same two or more sub-folders, named without digits (``<class>/<patient 01>/``
+    folders, a class's patients or slides, stay a class's images)."""
+    nested = {folder: _sub_folder_names(folder) for folder in class_dirs
+              if not any(is_image_file(p) for p in folder.iterdir())}
+    nested = {folder: names for folder, names in nested.items() if names}
+    parts = [folder for folder in nested if SPLIT_FOLDER.fullmatch(folder.name)]
+    alike = {frozenset(names) for names in nested.values()}
+    other_meaning = ""
+    if len(parts) < 2:
+        if len(nested) < 2 or len(nested) < len(class_dirs) or len(alike) > 1:
+            return
+        if len(next(iter(alike))) < 2 or any(c.isdigit() for name in next(iter(alike)) for c in name):
+            return
+        parts = list(nested)
+        other_meaning = (" If these sub-folders are not classes but each class's patients or slides, give a CSV "
+                         "manifest (path,label,subject)")
+    inside = sorted(set.intersection(*(nested[folder] for folder in parts))) or sorted(nested[parts[0]])
+    raise DatasetError(
+        f"{root}: its sub-folders {', '.join(p.name for p in parts)} look like the parts of a dataset already "
+        f"split, each holding the class folders ({name_some(inside, 6)}), not like classes: point --data at one "
+        f"of them (e.g. {parts[0]}), or merge them into one folder per class (the split is then made anew; to "
+        f"keep theirs, write it as a split file and give --split-file).{other_meaning}")
+
+
+def _sub_folder_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_dir() and not is_system_name(p.name)}
 
 
 def _refuse_detection_folder(root: Path, class_dirs: list[Path]) -> None:
@@ -152,14 +238,14 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: manifest file does not exist")
-    # utf-8-sig: spreadsheet "CSV UTF-8" exports start with a byte-order mark.
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_manifest_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "path" not in fields:
             # a spreadsheet's "CSV" in a locale whose separator is ';' (or a tab) reads as one column "path;label"
             other = next((sep for sep in (";", "\t", "|") if len(fields) == 1 and sep in fields[0]), None)
-            hint = f": its columns look separated by {other!r}; a manifest's are separated by commas" if other else ""
+            hint = (f": its columns look separated by {other!r}; a manifest's are separated by commas (save it as "
+                    f"{CSV_UTF8})" if other else "")
             raise DatasetError(f"{path}: CSV manifest needs a 'path' column (found {fields or 'no header'}){hint}")
         if require_labels and "label" not in fields:
             raise DatasetError(f"{path}: CSV manifest has no 'label' column, which training and evaluation "
@@ -181,7 +267,7 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
                 image_path = path.parent / image_path
             # no subject given: a C-NMC, export or --cells name still names it, as in class folders (else by image)
             subject = row.get("subject") or name_subject(image_path.name)
-            sample = Sample(image_path, row.get("label") or None, subject)
+            sample = Sample(image_path, nfc(row["label"]) if row.get("label") else None, subject)
             rows += 1
             earlier = first.setdefault(image_path.resolve(), (reader.line_num, sample))
             if earlier[1] is not sample:
@@ -207,7 +293,47 @@ def read_csv_manifest(path: str | Path, *, require_labels: bool = False, check_f
     if repeated:
         log.warning("%s: %d row(s) repeat an earlier row (the same file, label and subject) and are read once: %s",
                     path, len(repeated), name_some(repeated, ROWS_NAMED))
+    _say_subject_spellings(path, samples)
     return Manifest(samples, root=path.parent)
+
+
+#: What a spreadsheet calls a manifest saved as a manifest reader reads it.
+CSV_UTF8 = "'CSV UTF-8 (Comma delimited)'"
+
+
+def _manifest_text(path: Path) -> str:
+    """A manifest's text: UTF-8 (with the byte-order mark of a spreadsheet's "CSV UTF-8", or none), or UTF-16
+    with its mark (a spreadsheet's "Unicode Text"). Any other encoding (a Windows "CSV (Comma delimited)" is
+    Windows-1252) is refused naming the file, the line and what to save it as: a bare codec message named
+    neither."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise DatasetError(f"{path}: starts as UTF-16 text but is not; save it as {CSV_UTF8}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}: saved in "
+                           f"another encoding, such as a spreadsheet's 'CSV (Comma delimited)'); save it as "
+                           f"{CSV_UTF8}") from None
+
+
+def _say_subject_spellings(path: Path, samples: Sequence[Sample]) -> None:
+    """Subject ids written two ways ("P04" / "p04 ", "1" / "01" / "1.0"): the split takes them as one subject
+    (:func:`~leukoscope.data.manifest.subject_key`) and a warning names them, as a patient's images in train and
+    test were said to straddle no split."""
+    spellings: dict[str, set[str]] = {}
+    for sample in samples:
+        if sample.subject is not None:
+            spellings.setdefault(subject_key(sample.subject), set()).add(sample.subject)
+    alike = [" / ".join(map(repr, sorted(names))) for names in spellings.values() if len(names) > 1]
+    if alike:
+        log.warning("%s: %d subject id(s) are written in more than one way (case, spaces, or leading zeros and "
+                    "'.0' of a number) and each is taken as one subject: %s; write each subject one way",
+                    path, len(alike), name_some(alike, ROWS_NAMED))
 
 
 def _said(sample: Sample) -> str:
@@ -236,9 +362,11 @@ def refuse_uncertain_class(source: str | Path, classes: Sequence[str],
 
 
 def check_spellings(source: str | Path, classes: Sequence[str], remedy: str = "give them one spelling") -> None:
-    """Refuse classes that differ only in case: a lab's "Neutrophil" folder merged with an export's "neutrophil"
-    made two classes of one cell type, the model trained to tell them apart. Training checks the classes it will
-    learn (after ``data.class_map``), ``split`` those it splits by."""
+    """Refuse classes that differ only in case (or spaces, or Unicode form): a lab's "Neutrophil" folder merged
+    with an export's "neutrophil" made two classes of one cell type, the model trained to tell them apart.
+    Training checks the classes it will learn (after ``data.class_map``), ``split`` those it splits by."""
     for other, name, *_ in case_clashes(classes):
-        raise DatasetError(f"{source}: labels {other!r} and {name!r} differ only in case and would be two "
-                           f"classes; {remedy} (a shipped model's are lower case)")
+        how = how_they_differ([other, name])
+        lower = " (a shipped model's are lower case)" if how.startswith("case") else ""
+        raise DatasetError(f"{source}: labels {shown(other)} and {shown(name)} differ only in {how} and would be "
+                           f"two classes; {remedy}{lower}")
