@@ -112,8 +112,44 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert Path(bare.data.split_file) == (folder / "mysplit").resolve()
 
 
+def test_output_root_in_a_file_is_read_from_its_folder_and_an_override_from_the_working_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "proj" / "experiments"
+    folder.mkdir(parents=True)
+    (folder / "exp.yaml").write_text("output_root: runs_here\ndata:\n  path: ../../base\n")
+    monkeypatch.chdir(tmp_path / "proj")  # it was proj/runs_here: where the run was started from
+    assert Path(load_config(folder / "exp.yaml").output_root) == (folder / "runs_here").resolve()
+    overridden = load_config(folder / "exp.yaml", ["output_root=elsewhere"])
+    assert overridden.output_root == "elsewhere"  # the command line's: the working folder's, as before
+    assert load_config(overrides=["data.path=x"]).output_root == "runs"
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  path: cells\ntrain:\n  epochs: 1\n  lr: 0.0001\nmodel:\n  name: abas_cnn\n"
+                    "train:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: line 8: section 'train' appears twice "
+                                          r"\(first at line 3\); merge them"):
+        load_config(path)
+    path.write_text("train:\n  epochs: 1\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'train\.epochs' appears twice \(first at line 2\)"):
+        load_config(path)
+    path.write_text("name: a\nname: b\n")
+    with pytest.raises(ConfigError, match=r"line 2: key 'name' appears twice \(first at line 1\)"):
+        load_config(path)
+    from leukoscope.engine.detection_config import load_detection_config
+    from leukoscope.tasks.mil_config import load_mil_config
+
+    for task, load in (("detect", load_detection_config), ("mil", load_mil_config)):  # the same reader
+        path.write_text(f"task: {task}\ndata: {{path: a}}\ndata: {{path: b}}\n")
+        with pytest.raises(ConfigError, match=r"line 3: section 'data' appears twice \(first at line 2\)"):
+            load(path)
+
+
 def test_saved_config_loads_back_identically(tmp_path: Path) -> None:
-    config = load_config(overrides=["data.path=/data/x", "train.lr=0.005", "search.lr=[0.1,0.01]"])
+    # output_root absolute, as a run saves it: a relative one in a file is read from the file's folder
+    config = load_config(overrides=["data.path=/data/x", "train.lr=0.005", "search.lr=[0.1,0.01]",
+                                    f"output_root={tmp_path / 'runs'}"])
     again = load_config(save_config(config, tmp_path / "config.yaml"))
     assert again == config
 

@@ -373,13 +373,13 @@ def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """The mapping in a YAML experiment file, with the relative paths at ``path_keys``
-    (``(section, key)`` pairs) resolved against the file's folder, so configs run
-    from any working directory."""
+    (``(section, key)`` pairs) and ``output_root`` resolved against the file's folder, so configs run
+    from any working directory (an ``output_root=...`` override stays the working directory's)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -387,15 +387,61 @@ def read_config_file(path: str | Path, path_keys: Sequence[tuple[str, str]]) -> 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     for section, key in path_keys:
-        if not isinstance(raw.get(section), dict):  # absent, or written as one value: the model check says so
-            continue
-        value = raw[section].get(key)
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or is_pretrained_spec(value):
-            continue
-        if key in WEIGHT_NAME_KEYS and not _looks_like_path(value):  # a torchvision weights name
-            continue
-        raw[section][key] = str((path.parent / value).resolve())  # a bare "cells" too: the file's folder's
+        # a section absent, or written as one value: the model check says so
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section][key] = _from_folder(path.parent, key, raw[section][key])
+    for key in TOP_LEVEL_PATH_KEYS:
+        if key in raw:
+            raw[key] = _from_folder(path.parent, key, raw[key])
     return raw
+
+
+#: Paths at the top level of every task's config (:class:`RunConfig`), read from the file's folder as the
+#: sections' paths are: the same config wrote its runs to a place that depended on where it was started.
+TOP_LEVEL_PATH_KEYS = ("output_root",)
+
+
+def _from_folder(folder: Path, key: str, value: Any) -> Any:
+    """A relative path ``value`` at ``key`` made absolute against ``folder``; other values as they are."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or is_pretrained_spec(value):
+        return value
+    if key in WEIGHT_NAME_KEYS and not _looks_like_path(value):  # a torchvision weights name
+        return value
+    return str((folder / value).resolve())  # a bare "cells" too: the file's folder's
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """``text`` parsed as safe YAML, refusing a key written twice in one mapping: PyYAML keeps the last, so a
+    section added at the end of a file (a second ``train:``) silently dropped the first one's settings."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        name, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if name in first:
+            what = "section" if not prefix and isinstance(value_node, yaml.MappingNode) else "key"
+            raise ConfigError(f"{path}: line {line}: {what} {name!r} appears twice (first at line {first[name]}); "
+                              f"merge them (YAML would keep only the last)")
+        first[name] = line
+        _refuse_duplicate_keys(value_node, path, f"{name}.")
 
 
 def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence[str], source: str) -> ConfigT:
@@ -409,7 +455,7 @@ def build_config(schema: type[ConfigT], raw: dict[str, Any], overrides: Sequence
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment file (or the defaults) and apply ``key=value`` overrides.
 
-    Relative ``data.path`` / ``data.split_file`` / ``model.weights`` / ``model.init`` in a
+    Relative ``data.path`` / ``data.split_file`` / ``model.weights`` / ``model.init`` / ``output_root`` in a
     file are resolved against the file's folder; with ``model.init``, what the config leaves
     unset comes from that bundle (:func:`resolve_init`).
     """
