@@ -58,7 +58,9 @@ def too_many_pixels(name: str, refusal: Image.DecompressionBombError, max_pixels
 def _describe(source: str | Path | bytes | BinaryIO) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
-    return "<uploaded bytes>"
+    # a buffer of a file's bytes, named for that file by the caller (duplicates.fingerprint)
+    name = getattr(source, "name", None) if isinstance(source, _io.BytesIO) else None
+    return name if isinstance(name, str) and name else "<uploaded bytes>"
 
 
 #: The key of a decoded image's ``info`` that holds how many pages its file has, when more than one (only the

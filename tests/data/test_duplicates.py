@@ -119,6 +119,18 @@ def test_fingerprint_of_a_good_image(cells: list[Path]) -> None:
     assert isinstance(fp.phash, int) and 0 <= fp.phash < 2**64
 
 
+def test_a_multi_page_tiff_is_named_in_the_warning_of_its_fingerprint(tmp_path: Path, cells: list[Path],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    pages = tmp_path / "stack.tif"
+    first = Image.open(cells[0]).convert("RGB")
+    first.save(pages, save_all=True, append_images=[first.rotate(90)])
+    with caplog.at_level("WARNING", logger="leukoscope.io"):
+        fp = fingerprint(pages)
+    assert fp.phash is not None
+    # it said "<uploaded bytes>: 2 pages": the fingerprint decodes the bytes it hashed
+    assert f"{pages}: 2 pages; only the first is read" in caplog.text and "<uploaded bytes>" not in caplog.text
+
+
 def test_group_fingerprints_hamming_threshold() -> None:
     # hand-made 64-bit hashes: distances 0, 4, 5 and a high-bit (>2**63) hash
     base = 0x0F0F_0F0F_0F0F_0F0F

@@ -14,6 +14,7 @@ hashed on the box of its content: the background would make any two such images 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,10 @@ class ImageFingerprint:
 def fingerprint(path: Path) -> ImageFingerprint:
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
+    buffer = io.BytesIO(data)  # read once for the digest and the picture; named, for load_image's warnings
+    buffer.name = str(path)  # type: ignore[attr-defined]
     try:
-        image = load_image(data)
+        image = load_image(buffer)
     except ImageDecodeError:
         return ImageFingerprint(digest, None)
     # pHash's own first steps (grey, 32 x 32, Lanczos) once; each turn of that is hashed as it is
