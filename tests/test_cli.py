@@ -566,6 +566,37 @@ def test_train_resume_continues_the_run(synthetic_root: Path, tmp_path: Path,
     assert (run_dir / "split.json").read_text() == own
 
 
+def test_a_resume_goes_on_with_its_own_split_or_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    """After new images its split no longer fitted, and the advice ("delete it and the next run makes a new
+    one") made the resume re-split: images its checkpoint trained on became test images, and a new class wrote a
+    4-class split.json beside a 3-class checkpoint."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    first = invoke("train", "--data", data, "--model", "mobilenet_v3_small", "--quiet", f"output_root={tmp_path}",
+                   "model.image_size=32", "train.epochs=1", "train.keep_checkpoint=true")
+    assert first.exit_code == 0, first.output
+    run_dir = Path(first.stdout.strip().splitlines()[-1]).parent
+    own = run_dir / "split.json"
+    added = data / "blast" / "added.png"
+    shutil.copy(next((data / "lymphocyte").iterdir()), added)
+    changed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=2")
+    said = " ".join(changed.output.split())
+    assert changed.exit_code == 2 and "restore the data it was made from, or start a new run" in said, said
+    assert "delete it" not in said
+    added.unlink()  # the data as they were: the shared split in splits/ fits them
+    split = own.read_bytes()
+    own.unlink()
+    gone = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=2")
+    said = " ".join(gone.output.split())
+    assert gone.exit_code == 2, said  # it went on with the shared split and wrote it as the run's
+    assert f"a resumed run continues on the split it trained on; restore {own} or start a new run" in said
+    assert not own.exists()
+    own.write_bytes(split)
+    resumed = invoke("train", "--resume", run_dir, "--quiet", "train.epochs=2")
+    assert resumed.exit_code == 0, resumed.output
+    assert own.read_bytes() == split
+
+
 def test_a_resume_that_would_change_what_the_run_learns_is_refused_and_leaves_it_resumable(
         synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = invoke("train", "--data", synthetic_root, "--model", "mobilenet_v3_small", "--quiet",

@@ -94,6 +94,14 @@ def test_train_resume_evaluate_cli(smear_root: Path, tmp_path: Path) -> None:
     refused = runner.invoke(app, ["train-detector", "--resume", str(run_dir), "--quiet", "train.epochs=3"])
     assert refused.exit_code == 2 and "the data changed since this run started" in " ".join(refused.output.split())
     (run_dir / "config.yaml").write_text(config)
+    # without its split.json a resume was not checked at all (and wrote a new one): refused, nothing written
+    split = (run_dir / "split.json").read_bytes()
+    (run_dir / "split.json").unlink()
+    gone = runner.invoke(app, ["train-detector", "--resume", str(run_dir), "--quiet", "train.epochs=3"])
+    assert gone.exit_code == 2 and (f"a resumed run continues on the split it trained on; restore "
+                                    f"{run_dir / 'split.json'} or start a new run") in " ".join(gone.output.split())
+    assert not (run_dir / "split.json").exists()
+    (run_dir / "split.json").write_bytes(split)
 
     evaluated = runner.invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(smear_root),
                                     "--out", str(tmp_path / "eval")])

@@ -144,15 +144,16 @@ def _as_configured(split: Split, data: DataConfig, manifest: Manifest) -> Split:
     return configured
 
 
-def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True) -> Split:
-    """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it."""
+def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show_progress: bool = True,
+                 resume: bool = False) -> Split:
+    """Reuse ``split_file`` when it exists (after checking it still fits the data), else make and save it.
+    ``resume``: ``split_file`` is the split of a run being resumed, which must go on with it."""
     if split_file.exists():
         split = _as_configured(Split.load(split_file, data_root=manifest.root), data, manifest)
         try:
             split_matching(split, manifest)
-        except DatasetError as exc:  # the file to delete, by name: training made it, the user never named it
-            raise DatasetError(f"{exc} (the split is {split_file}: delete it and the next run makes a new one)") \
-                from None
+        except DatasetError as exc:
+            raise DatasetError(f"{exc} ({_remedy(split_file, resume)})") from None
         check_split(split)
         if split.classes != manifest.classes:
             raise DatasetError(f"{split_file}: split classes {split.classes} differ from the data's {manifest.classes}")
@@ -176,13 +177,24 @@ def obtain_split(data: DataConfig, manifest: Manifest, split_file: Path, *, show
     return split
 
 
+def _remedy(split_file: Path, resume: bool) -> str:
+    """What to do about a saved split that no longer fits the data."""
+    if resume:  # a new split would test the checkpoint on images it trained on
+        return (f"the split is {split_file}, which this run trained on and a resumed run continues on: restore "
+                f"the data it was made from, or start a new run")
+    # the file to delete, by name: training made it, the user never named it
+    return f"the split is {split_file}: delete it and the next run makes a new one"
+
+
 def prepare_data(
-    data: DataConfig, preprocessing: Preprocessing, output_root: Path, *, show_progress: bool = True
+    data: DataConfig, preprocessing: Preprocessing, output_root: Path, *, show_progress: bool = True,
+    resume: bool = False,
 ) -> PreparedData:
-    """The saved split of ``data`` and every part decoded once through ``preprocessing`` (the bundle's)."""
+    """The saved split of ``data`` and every part decoded once through ``preprocessing`` (the bundle's);
+    ``resume``: ``data.split_file`` is a resumed run's own split (:func:`obtain_split`)."""
     manifest = load_manifest(data)
     split_file = Path(data.split_file) if data.split_file else default_split_file(data, output_root, manifest)
-    split = obtain_split(data, manifest, split_file, show_progress=show_progress)
+    split = obtain_split(data, manifest, split_file, show_progress=show_progress, resume=resume)
     parts: dict[str, DecodedSplit] = {}
     reports: dict[str, LoadReport] = {}
     for name in split.assignments:

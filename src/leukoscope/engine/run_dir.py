@@ -94,6 +94,20 @@ def require_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
+#: The split a run trained on, in its folder: a resumed run continues on it.
+SPLIT_FILE = "split.json"
+
+
+def resumed_split(run_dir: Path) -> Path:
+    """The ``split.json`` of the run being resumed, which it must continue on: another split (the shared one,
+    remade since, or a new one) would move images its checkpoint trained on into validation and test."""
+    split = require_run_dir(run_dir) / SPLIT_FILE
+    if not split.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: it has no {SPLIT_FILE}, and a resumed run continues on the "
+                                f"split it trained on; restore {split} or start a new run")
+    return split
+
+
 @contextmanager
 def open_run(run_dir: Path, config: BaseModel, *, resume: bool = False) -> Iterator[Path]:
     """Create ``run_dir`` (or reopen it to resume), write ``config.yaml`` and log every

@@ -35,7 +35,8 @@ from leukoscope.data.splits import (FEW_IMAGES, GROUP_MEANING, Split, count_grou
 from leukoscope.engine.config import ExperimentConfig, peek_init, resolve_init, save_config
 from leukoscope.engine.data_prep import PreparedData, as_split, prepare_data
 from leukoscope.engine.learner import Learner, check_learner_config, create_learner
-from leukoscope.engine.run_dir import CONFIG_FILE, RunResult, absolute_paths, finish_run, new_run_dir, open_run
+from leukoscope.engine.run_dir import (CONFIG_FILE, SPLIT_FILE, RunResult, absolute_paths, finish_run, new_run_dir,
+                                      open_run, resumed_split)
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
@@ -91,10 +92,11 @@ def run_experiment(
     preprocessing = preprocessing_of(config)
     check_learner_config(config, preprocessing)  # before a run folder exists or any image is decoded
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, run_name(config))
-    own_split = run_dir / "split.json"
-    if resume and own_split.is_file():
+    own_split = run_dir / SPLIT_FILE
+    if resume:
         # A resumed run goes on with its own split: the shared split file it was copied from may have been
         # remade since (new images), which would move images its checkpoint trained on into val and test.
+        own_split = resumed_split(run_dir)  # missing: refused, not replaced by another split
         config = config.model_copy(update={"data": config.data.model_copy(update={"split_file": str(own_split)})})
     if prepared is not None and prepared.decoded_as not in (None, preprocessing.decoded_as()):
         raise ValueError(f"the data were decoded as {prepared.decoded_as} (image size, resize, segmentation, stain); "
@@ -106,7 +108,8 @@ def run_experiment(
                 f"are, so they should be cells cut the same way (the service's reviewed-labels export is, and so are "
                 f"the crops of `leukoscope analyze --cells`)")
         if prepared is None:
-            prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress)
+            prepared = prepare_data(config.data, preprocessing, Path(config.output_root), show_progress=show_progress,
+                                    resume=resume)
         used = as_split(config.data, prepared.split)
         if used is not config.data:  # a reused split file's ratios and seed, not those asked for (never used)
             config = config.model_copy(update={"data": used})
@@ -124,7 +127,7 @@ def run_experiment(
         if few and few not in prepared.said:  # its scores would say little; said once for search's many runs
             say(f"[yellow]warning:[/yellow] {escape(few)}")
             prepared.said.add(few)
-        if prepared.split_file.resolve() != own_split.resolve():
+        if not resume and prepared.split_file.resolve() != own_split.resolve():  # a resumed run's is its own
             shutil.copyfile(prepared.split_file, own_split)
         classes = prepared.classes
         learner = create_learner(config, classes, preprocessing)

@@ -30,7 +30,8 @@ from leukoscope.engine.detection_data import (image_array, measure_seconds_per_i
                                               prepare_detection_data, to_ground_truth)
 from leukoscope.engine.detection_trainer import fit_detector
 from leukoscope.engine.finetune import starting_weights
-from leukoscope.engine.run_dir import RunResult, absolute_paths, finish_run, new_run_dir, open_run
+from leukoscope.engine.run_dir import (SPLIT_FILE, RunResult, absolute_paths, finish_run, new_run_dir, open_run,
+                                      resumed_split)
 from leukoscope.engine.runtime import count_parameters, resolve_device, seed_everything
 from leukoscope.evaluation.detection import Predicted, choose_threshold, coco_metrics, evaluate_detections
 from leukoscope.evaluation.report import format_value
@@ -113,10 +114,10 @@ def run_detection_experiment(
     check_frozen_backbone(config)  # before a run folder exists or any image is read
     label = config.name or config.model.name
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
+    saved = resumed_split(run_dir) if resume else run_dir / SPLIT_FILE  # missing on resume: refused, not remade
     with open_run(run_dir, config, resume=resume):
         splits = prepare_detection_data(config.data)
-        saved = run_dir / "split.json"
-        if resume and saved.is_file():
+        if resume:
             check_same_split(json.loads(saved.read_text()), splits.describe())
         saved.write_text(json.dumps(splits.describe(), indent=1))
         classes = splits.classes
