@@ -90,6 +90,9 @@ def test_few_images_and_the_groups_they_come_from_are_said(tmp_path: Path, caplo
     assert count_groups(Split({"train": samples + loose}, sorted(counts))) == 5
     enough = [Sample(tmp_path / f"{label}-{i}.png", label) for label in ("a", "b") for i in range(10)]
     assert few_images_note(Split({"train": enough}, ["a", "b"])) is None
+    # counted as decoded: files that cannot be read are no images to learn from (it said 10 of "b")
+    decoded = few_images_note(Split({"train": enough}, ["a", "b"]), {"train": {"a": 10, "b": 4}, "test": {"b": 1}})
+    assert decoded is not None and decoded.startswith("few images of b:") and decoded.endswith("a 10/10/10, b 4/5/10")
 
 
 def test_ratios_and_stratification(synthetic: Manifest) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,21 @@ def test_a_split_of_the_unmerged_data_serves_a_run_that_merges_classes(synthetic
     again = prepare_data(own.data, preprocessing_of(own), tmp_path / "own", show_progress=False)
     assert first.classes == again.classes == ["blast", "monocyte", "neutrophil"]
     assert again.split.class_table() == first.split.class_table()
+
+
+def test_a_class_none_of_whose_training_images_decode_is_refused_after_decoding(synthetic_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A basophil folder of text files saved as .jpg became a model class that never saw a basophil, and the
+    warning counted 5 training images of it."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    (data / "basophil").mkdir()
+    for i in range(6):
+        (data / "basophil" / f"b{i}.jpg").write_text("not an image")
+    config = _config(data, tmp_path / "runs")
+    with pytest.raises(DatasetError, match=r"class\(es\) 'basophil' \(unreadable: b\d\.jpg, b\d\.jpg, b\d\.jpg and \d "
+                                           r"more\) have no training image that can be decoded"):
+        prepare_data(config.data, preprocessing_of(config), tmp_path / "runs", show_progress=False)
 
 
 def test_grid_search_chooses_by_validation(synthetic_root: Path, tmp_path: Path) -> None:

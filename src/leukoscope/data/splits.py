@@ -336,14 +336,20 @@ def class_groups(split: Split) -> dict[str, int]:
 FEW_IMAGES = 10
 
 
-def few_images_note(split: Split) -> str | None:
+def few_images_note(split: Split, decoded: dict[str, dict[str, int]] | None = None) -> str | None:
     """One line naming the classes with fewer than :data:`FEW_IMAGES` training images, and for every class its
-    training images, all images and groups (None: every class has enough)."""
-    train = split.manifest("train").class_counts() if "train" in split.assignments else {}
+    training images, all images and groups (None: every class has enough). ``decoded``: each part's images per
+    class that could be decoded, which the counts are then of (an undecodable file is no image to learn from)."""
+    if decoded is not None:
+        train = decoded.get("train", {})
+        total = {name: sum(counts.get(name, 0) for counts in decoded.values()) for name in split.classes}
+    else:
+        train = split.manifest("train").class_counts() if "train" in split.assignments else {}
+        total = Manifest([s for samples in split.assignments.values() for s in samples],
+                         list(split.classes)).class_counts()
     few = [name for name in split.classes if train.get(name, 0) < FEW_IMAGES]
     if not few:
         return None
-    total = Manifest([s for samples in split.assignments.values() for s in samples], list(split.classes)).class_counts()
     groups = class_groups(split)
     table = ", ".join(f"{name} {train.get(name, 0)}/{total.get(name, 0)}/{groups.get(name, 0)}"
                       for name in split.classes)

@@ -18,7 +18,7 @@ from leukoscope.data.splits import (Split, check_split, check_training_part, con
                                      split_matching)
 from leukoscope.engine.config import DataConfig
 from leukoscope.preprocessing import Preprocessing
-from leukoscope.progress import counter_callback, progress_bar, say
+from leukoscope.progress import counter_callback, name_some, progress_bar, say
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class PreparedData:
 
     def skipped(self) -> list[dict[str, str]]:
         return [item for report in self.load_reports.values() for item in report.skipped]
+
+    def decoded_counts(self) -> dict[str, dict[str, int]]:
+        """For each part, how many images of each class were decoded (undecodable files are skipped)."""
+        return {name: part.manifest.class_counts() for name, part in self.parts.items()}
 
 
 def load_manifest(data: DataConfig) -> Manifest:
@@ -208,4 +212,22 @@ def prepare_data(
         reports[name] = report
     if "train" not in parts:  # every training image unreadable (the split's own are checked when it is read)
         raise DatasetError(f"{split_file}: none of the training images could be read")
+    refuse_undecoded_classes(split, parts["train"], reports["train"], data.path or split_file)
     return PreparedData(list(manifest.classes), split, split_file, parts, reports, preprocessing.decoded_as())
+
+
+def refuse_undecoded_classes(split: Split, train: DecodedSplit, report: LoadReport, source: str | Path) -> None:
+    """Refuse a class none of whose training images could be decoded: the split gives it some (so the split's
+    own check passed), yet the model would have an output for it that never saw one of its cells."""
+    decoded = train.manifest.class_counts()
+    empty = [name for name in split.classes if not decoded.get(name)]
+    if not empty:
+        return
+    label_of = {str(sample.path): sample.label for sample in split.assignments.get("train", [])}
+    files: dict[str, list[str]] = {name: [] for name in empty}
+    for item in report.skipped:
+        files.get(label_of.get(item["path"]), []).append(Path(item["path"]).name)
+    unreadable = ", ".join(f"{name!r} (unreadable: {name_some(files[name], 3)})" for name in empty)
+    raise DatasetError(f"{source}: class(es) {unreadable} have no training image that can be decoded: a model "
+                       f"could not learn them, yet its bundle would list them; replace those files with readable "
+                       f"images, or leave the class out (data.classes)")

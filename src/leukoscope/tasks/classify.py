@@ -123,7 +123,7 @@ def run_experiment(
                else odd_sizes([side for report in reports for side in report.sides]))
         if config.model.init and odd:
             say(f"[yellow]warning:[/yellow] {odd}")
-        few = few_images_note(prepared.split)
+        few = few_images_note(prepared.split, prepared.decoded_counts())  # of the images it can learn from
         if few and few not in prepared.said:  # its scores would say little; said once for search's many runs
             say(f"[yellow]warning:[/yellow] {escape(few)}")
             prepared.said.add(few)
