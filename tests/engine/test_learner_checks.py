@@ -27,3 +27,11 @@ def test_a_frozen_backbone_without_trained_weights_is_refused() -> None:
     with pytest.raises(ConfigError, match="without model.weights or model.init they are random"):
         _check("model.name=mobilenet_v2", "model.image_size=64", "model.freeze_backbone=true")
     assert _check("model.name=mobilenet_v2", "model.image_size=64") == "classifier"
+
+
+@pytest.mark.parametrize("options", ["{dropout: ten}", "{dropout: [0.1]}", "{dropout: null}"])
+def test_a_model_option_of_the_wrong_type_is_refused_before_any_image_is_decoded(options: str) -> None:
+    # it was a TypeError traceback from nn.Dropout, after the split had been made
+    with pytest.raises(ConfigError, match=r"^model\.options\.dropout: expected a number, got "):
+        _check("model.name=abas_cnn", "model.image_size=32", f"model.options={options}")
+    assert _check("model.name=abas_cnn", "model.image_size=32", "model.options={dropout: 0.3}") == "classifier"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from leukoscope.models import WeightsError, create_model, list_models, model_entry
+from leukoscope.models.registry import wrong_option_type
 
 PUBLISHED = ["abas_cnn", "tusar_convnet", "mobilenet_v2", "resnet18", "resnet50", "vgg16", "vgg19",
              "densenet121", "efficientnet_b0", "googlenet", "alexnet"]
@@ -121,5 +123,20 @@ def test_group_norm_replaces_every_batchnorm_and_is_refused_where_it_cannot_appl
         create_model("vgg19", 3, norm="group")
     with pytest.raises(ValueError, match="weights are for BatchNorm"):
         create_model("resnet18", 3, norm="group", weights="DEFAULT")
-    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+    with pytest.raises(ValueError, match="model.options.norm: expected one of 'batch', 'group', got 'layer'"):
         create_model("resnet18", 3, norm="layer")
+
+
+@pytest.mark.parametrize("value, said", [
+    ("ten", "expected a number, got 'ten'"), ([0.1], "expected a number, got [0.1]"),
+    (None, "expected a number, got null"), (True, "expected a number, got True"),
+    ("1e-3", "expected a number, got '1e-3' (YAML read 1e-3 as text: write it with a dot, e.g. 0.001)")])
+def test_an_option_of_the_wrong_type_is_named_with_the_type_it_takes(value, said: str) -> None:
+    # {dropout: ten} reached nn.Dropout: "TypeError: '<' not supported between instances of 'str' and 'int'"
+    with pytest.raises(ValueError, match=re.escape(f"model.options.dropout: {said}")):
+        create_model("abas_cnn", 3, dropout=value)
+    assert wrong_option_type("abas_cnn", {"dropout": 1}) is None  # a whole number is a number
+    assert wrong_option_type("random_forest", {"max_depth": None, "k_best": "all", "class_weight": None}) is None
+    assert wrong_option_type("fasterrcnn_resnet50_fpn", {"scale_jitter": [0.9, 1.1]}) is None
+    assert wrong_option_type("fasterrcnn_resnet50_fpn", {"scale_jitter": 0.9}) == (
+        "model.options.scale_jitter: expected a list whose items are each a number, got 0.9")

@@ -30,7 +30,7 @@ from leukoscope.evaluation.calibration import negative_log_likelihood
 from leukoscope.evaluation.metrics import macro_f1
 from leukoscope.models import create_model, model_entry
 from leukoscope.models.classic import ClassicModel
-from leukoscope.models.registry import model_options, unknown_option
+from leukoscope.models.registry import model_options, unknown_option, wrong_option_type
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, dihedral_views
 from leukoscope.progress import counter_callback, progress_bar, say
 
@@ -146,7 +146,8 @@ def _check_model_options(config: ExperimentConfig, kind: str) -> None:
         if option in homes:
             raise ConfigError(f"model.options.{option} is set by {homes[option]}: set {homes[option]} instead (as an "
                               f"option it overrode that setting unseen, and the bundle recorded the other)")
-    message = unknown_option(config.model.name, config.model.options, offered_without=homes)
+    message = (unknown_option(config.model.name, config.model.options, offered_without=homes)
+               or wrong_option_type(config.model.name, config.model.options))
     if message:
         raise ConfigError(message)
 

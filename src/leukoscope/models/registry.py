@@ -7,8 +7,11 @@ A builder is registered under a name with a *kind* (``classifier``, ``detector``
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -100,6 +103,81 @@ def unknown_option(name: str, options: Iterable[str], offered_without: Iterable[
 
 
 def _check_options(entry: ModelEntry, kwargs: dict[str, Any]) -> None:
-    message = unknown_option(entry.name, kwargs)
+    message = unknown_option(entry.name, kwargs) or wrong_option_type(entry.name, kwargs)
     if message:
         raise ValueError(message)
+
+
+def wrong_option_type(name: str, options: dict[str, Any]) -> str | None:
+    """The message for the first of ``options`` whose value is not of the type the builder of ``name`` declares
+    (None: all are, or their types are not checked here): ``{dropout: ten}`` reached ``nn.Dropout`` and ended in
+    a TypeError traceback. Types are the builder's annotations, else its default's type."""
+    expected = _option_types(model_entry(name).builder)
+    for key, value in options.items():
+        kind = expected.get(key)
+        if kind is None or _matches(value, kind) is not False:
+            continue
+        hint = ""
+        if isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-3 (no dot) as text
+            hint = f" (YAML read {value} as text: write it with a dot, e.g. {float(value)!r})"
+        shown = "null" if value is None else repr(value)
+        return f"model.options.{key}: expected {_describe_type(kind)}, got {shown}{hint}"
+    return None
+
+
+def _option_types(builder: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # noqa: BLE001 - an annotation that cannot be resolved: the defaults' types tell
+        hints = {}
+    types = {}
+    for parameter in inspect.signature(builder).parameters.values():
+        if parameter.name in hints:
+            types[parameter.name] = hints[parameter.name]
+        elif parameter.default not in (inspect.Parameter.empty, None):
+            types[parameter.name] = type(parameter.default)
+    return types
+
+
+def _matches(value: Any, kind: Any) -> bool | None:
+    """Whether ``value`` is of type ``kind`` (None: a type not checked here, such as a path or Any)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        answers = [_matches(value, arg) for arg in args]
+        return True if True in answers else None if None in answers else False
+    if origin is typing.Literal:
+        return value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args))
+    if origin in (collections.abc.Sequence, list) or (origin is tuple and args[-1:] == (...,)):
+        if not isinstance(value, (list, tuple)):
+            return False
+        answers = [_matches(item, args[0]) if args else None for item in value]
+        return False if False in answers else None if None in answers else True
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):  # true/false is no number; a whole number is a float too
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return None
+
+
+def _describe_type(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (collections.abc.Sequence, list, tuple):
+        return f"a list whose items are each {_describe_type(args[0])}" if args else "a list"
+    names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

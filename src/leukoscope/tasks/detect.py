@@ -38,6 +38,7 @@ from leukoscope.evaluation.report import format_value
 from leukoscope.inference.detector import CellDetector
 from leukoscope.io import load_image
 from leukoscope.models import create_model, model_entry
+from leukoscope.models.registry import wrong_option_type
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.progress import progress_bar, say
 from leukoscope.scale import source_scale
@@ -53,6 +54,17 @@ def check_frozen_backbone(config: DetectionExperimentConfig) -> None:
         raise ConfigError("model.freeze_backbone=true keeps the backbone's weights as they start, and without "
                           "model.backbone_weights, model.weights or model.init they are random: give the "
                           "trained weights to freeze, or leave model.freeze_backbone false")
+
+
+def check_option_types(config: DetectionExperimentConfig) -> None:
+    """Refuse a ``model.options`` value of the wrong type (``{input_scale: big}``) before any image is read: the
+    builder failed on it only after the data were prepared. An unknown model is said by :func:`build_detector`."""
+    try:
+        message = wrong_option_type(config.model.name, dict(config.model.options))
+    except ValueError:
+        return
+    if message:
+        raise ConfigError(message)
 
 
 def build_detector(config: DetectionExperimentConfig, classes: int | list[str]) -> torch.nn.Module:
@@ -112,6 +124,7 @@ def run_detection_experiment(
     config = resolve_detection_init(absolute_paths(config, ["data.path", "model.weights", "model.backbone_weights",
                                                             "model.init", "output_root"]))
     check_frozen_backbone(config)  # before a run folder exists or any image is read
+    check_option_types(config)
     label = config.name or config.model.name
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.output_root, label)
     saved = resumed_split(run_dir) if resume else run_dir / SPLIT_FILE  # missing on resume: refused, not remade
