@@ -1071,6 +1071,70 @@ def test_output_folders_that_are_files_are_refused_in_one_line(tmp_path: Path, s
         assert "Traceback" not in result.output
 
 
+def _deny_writes_under(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``os.access`` answering as on a read-only mount for ``folder`` and below: the tests may run as root,
+    whom a folder's permission bits do not stop, and mounting needs privileges."""
+    import os
+
+    real = os.access
+
+    def access(path, mode, *args, **kwargs) -> bool:
+        if mode & os.W_OK and Path(path).resolve().is_relative_to(folder.resolve()):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_an_output_location_that_cannot_be_written_is_refused_in_one_line_before_any_work(
+        trained_bundle: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only share or a folder without write permission was a traceback, for predict after every image had
+    been classified."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _deny_writes_under(monkeypatch, locked)
+    images = synthetic_root / "blast"
+    tiny = ["--model", "abas_cnn", "model.image_size=32", "train.epochs=1", "--quiet"]
+    for args, option, shown in [
+            (["train", "--data", synthetic_root, *tiny, f"output_root={locked / 'runs'}"], "output_root", "runs"),
+            (["compare", "--data", synthetic_root, "--models", "abas_cnn", f"output_root={locked}"], "output_root", ""),
+            (["search", "--data", synthetic_root, "search.lr=[0.1]", f"output_root={locked}"], "output_root", ""),
+            (["split", "--data", synthetic_root, "--out", locked / "s.json"], "--out", "s.json"),
+            (["evaluate", "--bundle", trained_bundle, "--data", synthetic_root, "--out", locked / "ev"], "--out", "ev"),
+            (["predict", "--bundle", trained_bundle, images, "--out", locked / "p.csv"], "--out", "p.csv"),
+            (["predict", "--bundle", trained_bundle, images, "--out", tmp_path / "p.csv", "--explain", locked / "x"],
+             "--explain", "x"),
+            (["analyze", images, "--out", locked / "an"], "--out", "an"),
+            (["analyze", images, "--out", tmp_path / "an", "--cells", locked / "cells"], "--cells", "cells"),
+            (["export", "--bundle", trained_bundle, "--format", "onnx", "--out", locked / "onnx"], "--out", "onnx"),
+            (["segment", images, "--out", locked / "seg"], "--out", "seg"),
+            (["demo", "--out", locked / "demo"], "--out", "demo")]:
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        where = locked / shown if shown else locked
+        assert result.exit_code == 2, (args, result.output)
+        assert f"error: {option} {where}: cannot write there (no permission to write in {locked})" in said, said
+        assert "Traceback" not in result.output and "predicting" not in result.output
+    assert list(locked.iterdir()) == [] and not (tmp_path / "p.csv").exists() and not (tmp_path / "an").exists()
+
+
+def test_a_write_refused_late_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import typer
+
+    from leukoscope.cli._common import call_or_exit, unwritable
+
+    def write(path: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    with pytest.raises(typer.Exit) as exit_:
+        call_or_exit(write, "/mnt/share/p.csv")
+    assert exit_.value.exit_code == 2
+    with pytest.raises(OSError, match="No space"):  # not a refused write: a traceback, as before
+        call_or_exit(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    assert unwritable(Path(".")) is None
+
+
 def test_a_config_without_task_is_the_command_s_and_a_classical_run_resumes(synthetic_root: Path,
                                                                           tmp_path: Path) -> None:
     """The task check read a file without `task:` as a classifier's (the detection and MIL loaders default to

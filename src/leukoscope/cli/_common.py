@@ -3,6 +3,8 @@ checks of bundles and output folders made before torch loads."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,11 @@ def call_or_exit(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except user_errors() as exc:
         fail(str(exc))
+    except OSError as exc:  # a write refused after the checks (a share remounted read-only): one line too
+        message = write_error(exc)
+        if message is None:
+            raise
+        fail(message)
 
 
 @contextmanager
@@ -81,14 +88,43 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def check_writable_folder(folder: Path, option: str) -> None:
-    """Fail (one line, exit 2) when ``folder`` or a folder above it is an existing file: the outputs could
-    not be written there, and that should be said before any model loads, not as a traceback after."""
+def check_writable_folder(folder: Path, option: str, shown: Path | None = None) -> None:
+    """Fail (one line, exit 2) when ``folder`` or a folder above it is an existing file, or when the nearest
+    existing one cannot be written in (a read-only file system, a folder without write permission): the outputs
+    could not be written there, and that should be said before any model loads or any image is processed, not
+    as a traceback after (predict had classified every image first). ``shown``: the path the option gave
+    (a file in ``folder``), named in the message."""
     for path in (folder, *folder.parents):
         if path.exists():
             if not path.is_dir():
-                fail(f"{option} {folder}: {path} is a file, not a folder")
+                fail(f"{option} {shown or folder}: {path} is a file, not a folder")
+            why = unwritable(path)
+            if why:
+                fail(f"{option} {shown or folder}: cannot write there ({why})")
             return
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be made in the existing ``folder`` (None: they can). ``os.access`` answers for this
+    user (root passes a folder's permission bits, as it writes past them) and says no on a read-only mount."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        read_only = False
+    return "read-only file system" if read_only else f"no permission to write in {folder}"
+
+
+#: The errors of a write refused late (a share remounted read-only, a folder's permissions changed meanwhile).
+_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` of a refused write or read (None: another error, for a traceback)."""
+    if exc.errno not in _WRITE_ERRNOS:
+        return None
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
 
 
 def own_dataset(info: Any, data: str) -> bool:

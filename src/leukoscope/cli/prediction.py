@@ -76,7 +76,7 @@ def predict(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     if out.suffix.lower() not in (".csv", ".json"):  # before any image is read
         fail(f"--out {out}: must end in .csv or .json")
-    check_writable_folder(out.parent, "--out")
+    check_writable_folder(out.parent, "--out", out)
     if out.is_dir():
         fail(f"--out {out}: is a folder; give the file to write (.csv or .json)")
     if explain is not None:

@@ -41,7 +41,7 @@ def split(
     if out.exists() and not overwrite:  # a split is made once and shared: replacing it silently changes every run
         fail(f"--out {out} already exists: it may be the split other runs used; choose another file, or pass "
              f"--overwrite")
-    check_writable_folder(out.parent, "--out")
+    check_writable_folder(out.parent, "--out", out)
     try:
         values = [float(r) for r in ratios.split(",")]
     except ValueError:

@@ -33,6 +33,7 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
     cfg = call_or_exit(load_config, config, _overrides(overrides, data, model, split_file))
     if cfg.data.path:
         call_or_exit(check_dataset_path, cfg.data.path)
+    _check_run_paths(cfg)  # output_root writable, before minutes of training
     return cfg
 
 
@@ -45,7 +46,7 @@ def _check_run_paths(cfg: Any) -> None:
     if split_file:
         if Path(split_file).is_dir():
             fail(f"data.split_file {split_file}: is a folder, not a split file")
-        check_writable_folder(Path(split_file).parent, "data.split_file")
+        check_writable_folder(Path(split_file).parent, "data.split_file", Path(split_file))
 
 
 def _refuse_option_and_override(option: str, value: object, key: str, overrides: Sequence[str]) -> None:
