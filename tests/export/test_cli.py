@@ -181,3 +181,32 @@ def test_calibration_and_check_images_are_framed_as_predict_frames_them(trained:
         "calibration_framed"] is False
     both = invoke("export", "--bundle", bundle, "--as-given", "--um-per-px", "0.1")
     assert both.exit_code == 2 and "give one" in both.output
+
+
+def test_check_or_calibration_data_that_cannot_be_read_leave_no_export(trained: dict[str, Path], tmp_path: Path,
+                                                                      synthetic_root: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad --check manifest failed after the graph was written: the complete, unchecked export was left, and
+    its folder blocked the rerun ("already exists and is not empty")."""
+    semicolon = tmp_path / "semicolon.csv"
+    semicolon.write_text("path;label\na.png;blast\n")
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text("path,label\na.png,blast\n", encoding="utf-16")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label\n" + "".join(f"nowhere\\cell{i}.png,blast\n" for i in range(3)))
+    out = tmp_path / "export"
+    for option, data, said in (("--check", semicolon, "semicolon.csv"), ("--check", utf16, "decode"),  # the reader names the encoding
+                               ("--check", missing, "none of its 3 images exist"),
+                               ("--calibration", missing, "none of its 3 images exist")):
+        args = ["--int8"] if option == "--calibration" else []
+        result = invoke("export", "--bundle", trained["abas_cnn"], "--out", out, *args, option, data)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+        assert "exported" not in result.output and not out.exists(), option
+    # a check that fails once the export is written (no image decodes): the export is removed, not left
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "blast").mkdir(parents=True)
+    (unreadable / "blast" / "a.png").write_bytes(b"not an image")
+    result = invoke("export", "--bundle", trained["abas_cnn"], "--out", out, "--check", unreadable)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"(the export in {out} was removed: fix --check and export again)" in said, said
+    assert not out.exists()

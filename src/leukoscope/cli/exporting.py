@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.markup import escape
 
 from leukoscope.cli._common import (call_or_exit, check_bundle, check_writable_folder, fail, flag, frames_cells,
-                                    terminate_as_interrupt)
+                                    terminate_as_interrupt, user_errors)
 from leukoscope.pretrained import peek_bundle, pretrained_root, shipped_spec
 from leukoscope.progress import console
 
 
 #: The package's own folder of shipped models (``pretrained_root()`` unless LEUKOSCOPE_PRETRAINED_DIR moves it).
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def _check_or_remove(target: Path, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``check(*args, **kwargs)``; when it cannot run (bad --check data), the export just written is removed:
+    left, it was unchecked and blocked the rerun ("already exists and is not empty")."""
+    try:
+        return check(*args, **kwargs)
+    except user_errors() as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        fail(f"{exc} (the export in {target} was removed: fix --check and export again)")
 
 
 def _export_out(bundle: Path, out: Optional[Path], suffix: str) -> Path:
@@ -125,6 +136,11 @@ def export(
             call_or_exit(check_dataset_path, given)
     if threads is not None and threads < 1:
         fail(f"--threads must be at least 1, got {threads}")
+    if not detector:  # the datasets read before the export is written (a detector's check reads VOC folders)
+        from leukoscope.inference.export_check import check_data_readable
+
+        for given in dict.fromkeys(path for path in (calibration, check) if path is not None):
+            call_or_exit(check_data_readable, given)
     target = _export_out(source, out, export_format + ("-int8" if int8 else ""))
     if threads:
         import torch
@@ -155,12 +171,12 @@ def export(
     if check is not None and detector:
         from leukoscope.tasks.detect import compare_detector_backends
 
-        report = call_or_exit(compare_detector_backends, target, check, split=split, threads=threads)
+        report = _check_or_remove(target, compare_detector_backends, target, check, split=split, threads=threads)
     elif check is not None:
         from leukoscope.inference.export_check import compare_backends
 
-        report = call_or_exit(compare_backends, target, check, threads=threads, frame=frames.get(check, False),
-                              um_per_px=um_per_px)
+        report = _check_or_remove(target, compare_backends, target, check, threads=threads,
+                                  frame=frames.get(check, False), um_per_px=um_per_px)
     if check is not None:
         from leukoscope.bundle import note_export_in_card
 

@@ -69,6 +69,17 @@ def images_and_labels(data: str | Path) -> tuple[list[Path], list[str | None]]:
     return [s.path for s in manifest], [s.label for s in manifest]
 
 
+def check_data_readable(data: str | Path) -> None:
+    """Refuse ``data`` for ``export --check`` / ``--calibration`` before the export is written: a manifest that
+    cannot be read, or whose files are all missing, failed only after the graph was written, and left a complete
+    export folder that blocked the rerun (decoding is left to the check itself)."""
+    paths, _ = images_and_labels(data)
+    if not paths:
+        raise DatasetError(f"{data}: no images found")
+    if not any(Path(path).is_file() for path in paths):
+        raise DatasetError(f"{data}: none of its {len(paths)} images exist (e.g. {paths[0]}); fix the paths")
+
+
 def compare_backends(bundle: str | Path, data: str | Path, *, backend: str = "auto", batch_size: int = 32,
                      threads: int | None = None, progress: Callable[..., None] | None = None, frame: bool = False,
                      um_per_px: float | None = None) -> ParityReport:
