@@ -195,7 +195,8 @@ def test_check_or_calibration_data_that_cannot_be_read_leave_no_export(trained: 
     missing = tmp_path / "missing.csv"
     missing.write_text("path,label\n" + "".join(f"nowhere\\cell{i}.png,blast\n" for i in range(3)))
     out = tmp_path / "export"
-    for option, data, said in (("--check", semicolon, "semicolon.csv"), ("--check", utf16, "decode"),  # the reader names the encoding
+    # (the UTF-16 message is the CSV reader's own: "can't decode")
+    for option, data, said in (("--check", semicolon, "semicolon.csv"), ("--check", utf16, "decode"),
                                ("--check", missing, "none of its 3 images exist"),
                                ("--calibration", missing, "none of its 3 images exist")):
         args = ["--int8"] if option == "--calibration" else []
