@@ -1118,6 +1118,19 @@ def test_an_output_location_that_cannot_be_written_is_refused_in_one_line_before
     assert list(locked.iterdir()) == [] and not (tmp_path / "p.csv").exists() and not (tmp_path / "an").exists()
 
 
+def test_a_frozen_split_on_a_read_only_share_is_read_not_refused(synthetic_root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split file is written only when it does not exist: one made once and kept read-only is what
+    --split-file is for, and the write check had refused it."""
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    assert invoke("split", "--data", synthetic_root, "--out", frozen / "s.json").exit_code == 0
+    _deny_writes_under(monkeypatch, frozen)
+    result = invoke("train", "--data", synthetic_root, "--split-file", frozen / "s.json", "--model", "abas_cnn",
+                    "model.image_size=32", "train.epochs=1", "--quiet", f"output_root={tmp_path / 'runs'}")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_write_refused_late_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import typer

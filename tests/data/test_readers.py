@@ -261,6 +261,11 @@ def test_classes_with_sub_folders_of_their_own_are_not_taken_for_split_parts(tmp
     two_cells_each(tmp_path / "mixed" / "monocyte", cell_writer, {"raw": "m{}.png", "cropped": "k{}.png"})
     cell_writer(tmp_path / "mixed" / "monocyte" / "direct.png", seed=99)
     assert read_class_folders(tmp_path / "mixed").classes == ["lymphocyte", "monocyte", "neutrophil"]
+    # classes holding the same sites (or stains) without digits: the top folders are the cell classes
+    for label in ("blast", "lymphocyte"):
+        two_cells_each(tmp_path / "sites" / label, cell_writer, {"hospital_a": f"{label}-a{{}}.png",
+                                                                 "hospital_b": f"{label}-b{{}}.png"})
+    assert read_class_folders(tmp_path / "sites").classes == ["blast", "lymphocyte"]
 
 
 def test_files_of_class_folders_left_unread_are_named_in_one_warning(tmp_path: Path, cell_writer, caplog) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -190,13 +191,12 @@ def test_check_or_calibration_data_that_cannot_be_read_leave_no_export(trained: 
     its folder blocked the rerun ("already exists and is not empty")."""
     semicolon = tmp_path / "semicolon.csv"
     semicolon.write_text("path;label\na.png;blast\n")
-    utf16 = tmp_path / "utf16.csv"
-    utf16.write_text("path,label\na.png,blast\n", encoding="utf-16")
+    cp1252 = tmp_path / "cp1252.csv"  # Excel's "CSV (Comma delimited)": refused, naming the encoding to save it in
+    cp1252.write_bytes("path,label\n\u00e9.png,blast\n".encode("cp1252"))
     missing = tmp_path / "missing.csv"
     missing.write_text("path,label\n" + "".join(f"nowhere\\cell{i}.png,blast\n" for i in range(3)))
     out = tmp_path / "export"
-    # (the UTF-16 message is the CSV reader's own: "can't decode")
-    for option, data, said in (("--check", semicolon, "semicolon.csv"), ("--check", utf16, "decode"),
+    for option, data, said in (("--check", semicolon, "semicolon.csv"), ("--check", cp1252, "CSV UTF-8"),
                                ("--check", missing, "none of its 3 images exist"),
                                ("--calibration", missing, "none of its 3 images exist")):
         args = ["--int8"] if option == "--calibration" else []
@@ -211,3 +211,10 @@ def test_check_or_calibration_data_that_cannot_be_read_leave_no_export(trained: 
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"(the export in {out} was removed: fix --check and export again)" in said, said
     assert not out.exists()
+    # ...but a graph added to the bundle's own folder leaves that folder, the user's trained model, in place
+    own = tmp_path / "own-bundle"
+    shutil.copytree(trained["abas_cnn"], own)
+    result = invoke("export", "--bundle", own, "--out", own, "--check", unreadable)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "stays, unchecked" in said, said
+    assert (own / "model.safetensors").is_file() and (own / "bundle.json").is_file()

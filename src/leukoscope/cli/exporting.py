@@ -19,12 +19,15 @@ from leukoscope.progress import console
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "pretrained"
 
 
-def _check_or_remove(target: Path, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``check(*args, **kwargs)``; when it cannot run (bad --check data), the export just written is removed:
-    left, it was unchecked and blocked the rerun ("already exists and is not empty")."""
+def _check_or_remove(target: Path, source: Path, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``check(*args, **kwargs)``; when it cannot run (bad --check data), the export just written to its own folder
+    is removed: left, it was unchecked and blocked the rerun ("already exists and is not empty"). A graph added to
+    the bundle's own folder (``target`` is ``source``) stays: that folder is the user's trained model."""
     try:
         return check(*args, **kwargs)
     except user_errors() as exc:
+        if target.resolve() == source.resolve():
+            fail(f"{exc} (the graph added to {target} stays, unchecked: fix --check and export again)")
         shutil.rmtree(target, ignore_errors=True)
         fail(f"{exc} (the export in {target} was removed: fix --check and export again)")
 
@@ -171,11 +174,12 @@ def export(
     if check is not None and detector:
         from leukoscope.tasks.detect import compare_detector_backends
 
-        report = _check_or_remove(target, compare_detector_backends, target, check, split=split, threads=threads)
+        report = _check_or_remove(target, source, compare_detector_backends, target, check, split=split,
+                                  threads=threads)
     elif check is not None:
         from leukoscope.inference.export_check import compare_backends
 
-        report = _check_or_remove(target, compare_backends, target, check, threads=threads,
+        report = _check_or_remove(target, source, compare_backends, target, check, threads=threads,
                                   frame=frames.get(check, False), um_per_px=um_per_px)
     if check is not None:
         from leukoscope.bundle import note_export_in_card

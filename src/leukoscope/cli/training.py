@@ -39,14 +39,16 @@ def _load_config(config: Optional[Path], overrides: List[str], data: Optional[st
 
 def _check_run_paths(cfg: Any) -> None:
     """Where a run writes, checked before the data are prepared: ``output_root`` a folder (or to be one), and
-    ``data.split_file`` a file in one."""
+    ``data.split_file`` a file in one (written there only when it does not exist yet: a frozen split on a
+    read-only share is read, not refused)."""
     if getattr(cfg, "output_root", None):
         check_writable_folder(Path(cfg.output_root), "output_root")
     split_file = getattr(getattr(cfg, "data", None), "split_file", None)
     if split_file:
         if Path(split_file).is_dir():
             fail(f"data.split_file {split_file}: is a folder, not a split file")
-        check_writable_folder(Path(split_file).parent, "data.split_file", Path(split_file))
+        if not Path(split_file).exists():
+            check_writable_folder(Path(split_file).parent, "data.split_file", Path(split_file))
 
 
 def _refuse_option_and_override(option: str, value: object, key: str, overrides: Sequence[str]) -> None:

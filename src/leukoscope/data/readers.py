@@ -23,7 +23,8 @@ from typing import Sequence
 
 from leukoscope.data.manifest import DatasetError, Manifest, Sample, subject_key
 from leukoscope.io import IMAGE_SUFFIX_NAMES, files_below, is_image_file, is_system_name
-from leukoscope.labels import UNCERTAIN, case_clashes, how_they_differ, nfc, shown
+from leukoscope.labels import (BLAST_CLASS_NAMES, NOT_WHITE_CELL_NAMES, UNCERTAIN, case_clashes, how_they_differ, nfc,
+                              shown)
 from leukoscope.progress import name_some
 
 log = logging.getLogger(__name__)
@@ -158,12 +159,24 @@ SPLIT_FOLDER = re.compile(r"(train(ing)?|val(id(ation)?)?|dev|test(ing)?([_ -]?s
                           r"([_ -]?(set|data|images))?", re.IGNORECASE)
 
 
+#: Names of blood-cell classes (singular, case-folded): which of two levels of folders holds the classes.
+CELL_CLASS_WORDS = frozenset({"neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "ig", "band",
+                              "segmented", "myelocyte", "metamyelocyte", "promyelocyte", "plasma cell", "hem",
+                              "normal", "healthy", "benign"}) | BLAST_CLASS_NAMES | NOT_WHITE_CELL_NAMES
+
+
+def _is_cell_class(name: str) -> bool:
+    word = name.strip().casefold().replace("_", " ").replace("-", " ")
+    return word in CELL_CLASS_WORDS or word.removesuffix("s") in CELL_CLASS_WORDS
+
+
 def _refuse_split_folders(root: Path, class_dirs: list[Path]) -> None:
     """A dataset shipped split (``TRAIN/<class>/...``, ``TEST/<class>/...``): read as class folders, its parts
     became the "classes" and a model learned to tell the training folder from the test folder. Refused when two
     or more top folders holding no image of their own are named as parts; or when no top folder holds an image of
-    its own and all hold the same two or more sub-folders, named without digits (``<class>/<patient 01>/``
-    folders, a class's patients or slides, stay a class's images)."""
+    its own, all hold the same two or more sub-folders named without digits, and those are named as blood-cell
+    classes while the top folders are not (``<class>/<patient 01>/`` or ``blast/hospital_a/`` folders, a class's
+    patients, slides or sites, stay a class's images)."""
     nested = {folder: _sub_folder_names(folder) for folder in class_dirs
               if not any(is_image_file(p) for p in folder.iterdir())}
     nested = {folder: names for folder, names in nested.items() if names}
@@ -173,7 +186,10 @@ def _refuse_split_folders(root: Path, class_dirs: list[Path]) -> None:
     if len(parts) < 2:
         if len(nested) < 2 or len(nested) < len(class_dirs) or len(alike) > 1:
             return
-        if len(next(iter(alike))) < 2 or any(c.isdigit() for name in next(iter(alike)) for c in name):
+        shared = next(iter(alike))
+        if len(shared) < 2 or any(c.isdigit() for name in shared for c in name):
+            return
+        if not any(map(_is_cell_class, shared)) or any(_is_cell_class(folder.name) for folder in nested):
             return
         parts = list(nested)
         other_meaning = (" If these sub-folders are not classes but each class's patients or slides, give a CSV "
