@@ -11,6 +11,7 @@ from PIL import Image
 from leukoscope.inference.detector import CellDetector
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.smear import SmearAnalyzer
+from leukoscope.inference.smear_output import FolderSummary
 from leukoscope.inference.tiling import merge_tile_detections, tile_grid
 from leukoscope.labels import blast_classes_in
 from leukoscope.proportions import wilson_interval
@@ -341,15 +342,25 @@ def test_white_cells_scored_just_under_the_threshold_are_said_not_counted() -> N
              [390, 290, 450, 350],  # a nucleus under the threshold: possible
              [95, 95, 145, 145],    # part of the counted cell, under the threshold: not said
              [500, 20, 560, 80],    # no nuclear stain: not said
-             [300, 300, 340, 340]]  # under the floor: not said
-    detector = FixedDetector(boxes, [0.9, 0.41, 0.45, 0.42, 0.2], metrics=VERIFIED)
-    result = SmearAnalyzer(detector).analyze(image)
+             [300, 300, 340, 340],  # under the floor: not said
+             [395, 295, 440, 340]]  # the possible cell boxed again, lower: one possible cell
+    detector = FixedDetector(boxes, [0.9, 0.41, 0.45, 0.42, 0.2, 0.36], metrics=VERIFIED)
+    analyzer = SmearAnalyzer(detector)
+    result = analyzer.analyze(image)
     assert [c.box for c in result.cells] == [(90.0, 90.0, 150.0, 150.0)]
     assert result.possible_white_cells == [{"box": [390.0, 290.0, 450.0, 350.0], "detector_score": 0.41}]
     assert result.summary()["possible_white_cells"] == result.possible_white_cells
     note = ("Review: 1 possible white cell not counted: the detector scored it 0.41, under its threshold 0.5 "
-            "(possible_white_cells in the field's JSON).")
+            "(their boxes: possible_white_cells).")
     assert result.differential.flags[-1] == note and not result.warnings  # a note: no flag is withheld for it
+    # kept by a Ray archive's fields table, and named by a folder's summary
+    from leukoscope.inference.field_tables import field_row, result_from_field_row
+
+    back = result_from_field_row(field_row(result, "/x/f.png", analyzer.rules), analyzer.rules)
+    assert back.possible_white_cells == result.possible_white_cells
+    summary = FolderSummary([result], analyzer.rules, detector.classes)
+    assert summary.pooled.flags[-1].startswith("Review: 1 possible white cell under the detector's threshold, not "
+                                               "counted, in 1 of 1 field (<image>)")
 
 
 @pytest.mark.parametrize("classes,white", [

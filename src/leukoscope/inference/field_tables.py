@@ -26,7 +26,8 @@ FIELD_KEY = "path"
 
 
 def field_row(result: SmearResult, path: str | Path, rules: CountRules) -> dict[str, Any]:
-    """One field: its size, tiles, time, error, warnings, object counts, scale and differential."""
+    """One field: its size, tiles, time, error, warnings, object counts, scale, differential and the white cells
+    scored under the detector's threshold (JSON)."""
     d = result.differential
     row: dict[str, Any] = {
         "path": str(path), "source": result.source, "folder": Path(path).parent.name,
@@ -45,6 +46,7 @@ def field_row(result: SmearResult, path: str | Path, rules: CountRules) -> dict[
     # Key order kept (a map would sort or lose it): summary.json lists them as the detector does.
     row["object_counts"] = json.dumps(result.object_counts)
     row["scale"] = None if result.scale is None else json.dumps(result.scale)
+    row["possible_white_cells"] = json.dumps(result.possible_white_cells)
     return row
 
 
@@ -92,7 +94,9 @@ def result_from_field_row(field: dict[str, Any], rules: CountRules) -> SmearResu
                        json.loads(field["object_counts"]), differential,
                        None, list(rules.classes), int(field["tiles"]), float(field["seconds"]), error=field["error"],
                        capped_tiles=int(field["capped_tiles"]),
-                       scale=None if field["scale"] is None else json.loads(field["scale"]))
+                       scale=None if field["scale"] is None else json.loads(field["scale"]),
+                       # (absent from the tables of archives made before it was kept)
+                       possible_white_cells=json.loads(field.get("possible_white_cells") or "[]"))
 
 
 def field_schema(rules: CountRules):
@@ -106,7 +110,7 @@ def field_schema(rules: CountRules):
     columns += [("n_uncertain", pa.int64()), ("blasts", pa.int64()), ("blast_percent", pa.float64()),
                 ("blast_ci95_low", pa.float64()), ("blast_ci95_high", pa.float64()),
                 ("warnings", pa.list_(pa.string())), ("flags", pa.list_(pa.string())),
-                ("object_counts", pa.string()), ("scale", pa.string())]
+                ("object_counts", pa.string()), ("scale", pa.string()), ("possible_white_cells", pa.string())]
     return pa.schema(columns)
 
 

@@ -129,14 +129,15 @@ def possible_cells_note(scores: Sequence[float], threshold: float) -> str:
     n = len(scores)
     scored = f"{min(scores):.2f}" + (f"-{max(scores):.2f}" if n > 1 else "")
     return (f"Review: {n} possible white cell{'s' if n > 1 else ''} not counted: the detector scored "
-            f"{'them' if n > 1 else 'it'} {scored}, under its threshold {threshold:g} (possible_white_cells in the "
-            f"field's JSON).")
+            f"{'them' if n > 1 else 'it'} {scored}, under its threshold {threshold:g} (their boxes: "
+            f"possible_white_cells).")
 
 
 def possible_cells_fields_note(cells: int, names: Sequence[str], of: int, unit: str = "field") -> str:
     """The folder's note when ``names`` of its ``of`` fields had :func:`possible_cells_note`."""
     return (f"Review: {cells} possible white cell{'s' if cells > 1 else ''} under the detector's threshold, not "
-            f"counted, in {_some_fields(len(names), of, names, unit)} (each field's JSON gives their boxes).")
+            f"counted, in {_some_fields(len(names), of, names, unit)} (their boxes: each field's "
+            f"possible_white_cells).")
 
 
 def weak_scale_warning(um_per_px: float, red_cells: int) -> str:

@@ -529,8 +529,13 @@ class SmearAnalyzer:
         if below is None or not len(below):
             return []
         wbc_index = {self.detector.classes.index(c) for c in self.wbc_classes}
-        candidates = [i for i in range(len(below)) if int(below.labels[i]) in wbc_index
-                      and not _inside_any(below.boxes[i], counted)]
+        candidates = np.array([i for i in range(len(below)) if int(below.labels[i]) in wbc_index
+                               and not _inside_any(below.boxes[i], counted)], dtype=int)
+        if len(candidates) > 1:  # one faint cell boxed twice is one possible cell, as counted cells are merged
+            candidates = candidates[merge_tile_detections(
+                below.boxes[candidates], below.scores[candidates], np.zeros(len(candidates), dtype=int),
+                np.ones(len(candidates), dtype=bool), self.merge_iou, self.wbc_containment, around=2)]
+        candidates = candidates.tolist()
         if candidates and self.min_nuclear_share > 0:
             empty = without_nucleus(image, below.boxes[candidates], self.min_nuclear_share)
             candidates = [i for i, no_nucleus in zip(candidates, empty) if not no_nucleus]

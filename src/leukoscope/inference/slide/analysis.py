@@ -143,8 +143,10 @@ def _core_cells(result: SmearResult, field: PreparedField, margin: int, side: in
                                      detections.labels[keep], detections.classes)
         counts = detections.counts()
     warnings = analyzer.field_warnings(field, cells, result.capped_tiles, result.tiles)
+    # A slide keeps no list of the white cells scored under the threshold: its tiles' margins overlap, and its
+    # record (slide.json) holds no field's JSON for the note to point to.
     return replace(result, width=side, height=side, cells=cells, detections=detections, object_counts=counts,
-                   differential=analyzer.rules.count([c.label for c in cells], warnings))
+                   differential=analyzer.rules.count([c.label for c in cells], warnings), possible_white_cells=[])
 
 
 def _counted(result: SmearResult, n: int, analyzer: SmearAnalyzer) -> SmearResult:
