@@ -861,7 +861,8 @@ def test_the_web_service_commands_say_how_to_install_their_extra(command: list[s
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
     result = invoke(*command, "--data-dir", str(tmp_path / "data"))
     assert result.exit_code == 2, result.output
     assert "the web service needs its extra (uvicorn not installed): pip install 'leukoscope[service]'" in " ".join(

@@ -44,11 +44,14 @@ def test_the_surround_is_painted_in_the_background_colour_and_the_cells_are_kept
 
 
 def test_dark_stain_inside_the_field_is_not_taken_for_the_surround() -> None:
-    """A very dark object inside the field (not joined to the border by black) stays."""
-    field = smear_field(20.0, seed=2)
-    pixels = np.asarray(field).copy()
+    """A very dark object inside the field (not joined to the border by black) stays, surround or none."""
+    pixels = np.asarray(smear_field(20.0, seed=2)).copy()
     pixels[200:230, 300:330] = 5
     assert outside_mask(pixels) is None
+    framed_pixels = np.asarray(framed(Image.fromarray(pixels), 40))
+    filled = np.asarray(filled_field(Image.fromarray(framed_pixels)))
+    assert (filled[240:270, 340:370] == 5).all()  # the dark object, 40 px in: kept
+    assert (filled[:40] > 100).all()  # the frame: painted
 
 
 def test_the_red_cell_scale_is_measured_inside_the_field_of_view() -> None:

@@ -165,8 +165,9 @@ def load_image(
 
 @functools.lru_cache(maxsize=4096)
 def _say_pages(message: str, name: str, frames: int) -> None:
-    """A file's warning said once per process: a run reads a field more than once (its scale sample, its
-    fingerprint, its analysis), and it had been printed as often (bytes, unnamed, are said each time)."""
+    """A file's warning said once per process (a command is one run; a long-lived process, such as a notebook,
+    says it on a file's first read only): a run reads a field more than once (its scale sample, its fingerprint,
+    its analysis), and it had been printed as often (bytes, unnamed, are said each time)."""
     log.warning(message, name, frames)
 
 

@@ -324,6 +324,10 @@ def test_a_loose_box_around_one_cell_and_half_its_neighbour_is_dropped() -> None
     keep = merge_tile_detections(boxes, np.array([0.717, 0.9886, 0.9845]), np.zeros(3, int), np.ones(3, bool),
                                  containment=0.7, around=2)
     assert keep.tolist() == [1, 2]
+    # the same when the loose box outranks the neighbour it half holds (it was kept before the neighbour was)
+    keep = merge_tile_detections(boxes, np.array([0.95, 0.9886, 0.90]), np.zeros(3, int), np.ones(3, bool),
+                                 containment=0.7, around=2)
+    assert keep.tolist() == [1, 2]
     # one kept cell wholly and a neighbour's edge only (a fifth of it): the box may be that neighbour's, and stays
     edge = np.array([[0.0, 0.0, 400.0, 200.0], [40.0, 40.0, 200.0, 160.0], [360.0, 40.0, 560.0, 160.0]])
     keep = merge_tile_detections(edge, np.array([0.7, 0.99, 0.98]), np.zeros(3, int), np.ones(3, bool),

@@ -1,5 +1,4 @@
 """Command-line interface: a thin layer over the Python API, one module per command (or family of commands).
-Command-line interface: a thin layer over the Python API.
 
     leukoscope demo                       synthetic data -> train ~2 min -> report
     leukoscope train --config FILE [k=v]  one training run

@@ -142,28 +142,23 @@ def _say_single_cell_warnings(predictions: list) -> None:
     from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,
                                               SEVERAL_CELLS_WORDING, TINY_CELL_WORDING)
 
-    tiny = [Path(p.source).name for p in predictions if any(w.startswith(TINY_CELL_WORDING) for w in p.warnings)]
-    if tiny:
-        console.print(f"[yellow]warning:[/yellow] {len(tiny)} image(s) smaller than {MIN_CELL_IMAGE_SIDE} px a side "
-                      f"cannot show a cell's detail; their classes are not to be trusted (warnings column): "
-                      f"{escape(name_some(tiny))}", soft_wrap=True)
-    grey = [Path(p.source).name for p in predictions if GRAYSCALE_CELL_WARNING in p.warnings]
-    if grey:
-        console.print(f"[yellow]warning:[/yellow] {len(grey)} image(s) have no colour (grey levels only): white cells "
-                      f"are typed by their stain's colour, so their classes are not to be trusted (warnings "
-                      f"column); classify the colour images: {escape(name_some(grey))}", soft_wrap=True)
-    several = [Path(p.source).name for p in predictions if any(w.startswith(SEVERAL_CELLS_WORDING) for w in p.warnings)]
-    if several:
-        console.print(f"[yellow]warning:[/yellow] {len(several)} image(s) look like smear fields, with several white "
-                      f"cells: only the cell at each one's centre was classified (warnings column); analyse fields "
-                      f"with `leukoscope analyze`: {escape(name_some(several))}", soft_wrap=True)
-    empty = [Path(p.source).name for p in predictions if NO_WHITE_CELL_WARNING in p.warnings]
-    if empty:
-        console.print(f"[yellow]warning:[/yellow] {len(empty)} image(s) show no white cell at their centre (no "
-                      f"nuclear stain in the window read): their classes are not to be "
-                      f"trusted (warnings column); images of a smear are analysed with `leukoscope analyze`: "
-                      f"{escape(name_some(empty))}", soft_wrap=True)
-
+    said = ((lambda w: w.startswith(TINY_CELL_WORDING),
+             f"smaller than {MIN_CELL_IMAGE_SIDE} px a side cannot show a cell's detail; their classes are not to be "
+             f"trusted (warnings column)"),
+            (lambda w: w == GRAYSCALE_CELL_WARNING,
+             "have no colour (grey levels only): white cells are typed by their stain's colour, so their classes are "
+             "not to be trusted (warnings column); classify the colour images"),
+            (lambda w: w.startswith(SEVERAL_CELLS_WORDING),
+             "look like smear fields, with several white cells: only the cell at each one's centre was classified "
+             "(warnings column); analyse fields with `leukoscope analyze`"),
+            (lambda w: w == NO_WHITE_CELL_WARNING,
+             "show no white cell at their centre (no nuclear stain in the window read): their classes are not to be "
+             "trusted (warnings column); images of a smear are analysed with `leukoscope analyze`"))
+    for matches, words in said:
+        named = [Path(p.source).name for p in predictions if any(map(matches, p.warnings))]
+        if named:
+            console.print(f"[yellow]warning:[/yellow] {len(named)} image(s) {words}: {escape(name_some(named))}",
+                          soft_wrap=True)
 
 def _say_framing(predictions: list, window_um: Optional[float]) -> None:
     """How many images were cut at the classifier's window, and at which scale; the ones classified whole."""

@@ -19,7 +19,8 @@ user_app = typer.Typer(no_args_is_help=True, help="Web-service users and API tok
 
 
 #: What `serve` and the `user` commands import: the service extra's packages (by module name).
-SERVICE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2", "zxcvbn", "multipart", "fastapi_offline")
+SERVICE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "argon2", "zxcvbn", "python_multipart",
+                   "fastapi_offline")
 
 
 def _service_settings(**overrides):

@@ -76,7 +76,18 @@ def merge_tile_detections(
                          or any(_loosely_around(boxes[i], boxes[j]) for j in around_kept))
         if not duplicate:
             kept.append(int(i))
+    if around > 1:  # a box around two cells that outranked the second of them was kept before it: looked at again
+        kept = [i for i in kept if not (cut[i] and _around_two(i, kept, labels, inter, area, containment))]
     return np.array(sorted(kept), dtype=int)
+
+
+def _around_two(i: int, kept: list[int], labels: np.ndarray, inter: np.ndarray, area: np.ndarray,
+                containment: float) -> bool:
+    """Whether box ``i`` holds one other kept box of its class wholly (more than ``containment``) and more than
+    :data:`PART_OF_NEIGHBOUR` of a second: one box around two touching cells, each also boxed on its own."""
+    others = [j for j in kept if j != i and labels[j] == labels[i] and area[j] > 0]
+    wholly = [j for j in others if inter[i, j] > containment * area[j]]
+    return bool(wholly) and len([j for j in others if inter[i, j] > PART_OF_NEIGHBOUR * area[j]]) >= 2
 
 
 #: With ``around`` > 1: a box holding one kept box wholly and more than this share of another is around both.

@@ -75,7 +75,7 @@ def make_pipeline(classifier: Any, k_best: int | str = "all") -> Pipeline:
 
 @register_model("svm_rbf", kind="classic")
 def svm_rbf(num_classes: int, k_best: int | str = "all", class_weight: ClassWeight = None, C: float = 1.0,
-            gamma: float | str = "scale", cv: int = 5, random_state: int = 0, weights: Any = None,
+            gamma: float | str = "scale", cv: int = 5, random_state: int | None = 0, weights: Any = None,
             freeze_backbone: bool = False) -> Pipeline:
     """SVM with an RBF kernel on hand-made features (system C); Platt-scaled probabilities."""
     _check_common(num_classes, weights, freeze_backbone)
@@ -94,7 +94,7 @@ def naive_bayes(num_classes: int, k_best: int | str = "all", class_weight: Class
 
 @register_model("decision_tree", kind="classic")
 def decision_tree(num_classes: int, k_best: int | str = "all", class_weight: ClassWeight = None,
-                  max_depth: int | None = None, min_samples_leaf: int = 2, random_state: int = 0,
+                  max_depth: int | None = None, min_samples_leaf: int = 2, random_state: int | None = 0,
                   weights: Any = None, freeze_backbone: bool = False) -> Pipeline:
     """Decision tree (CART) on hand-made features (system C)."""
     _check_common(num_classes, weights, freeze_backbone)
@@ -106,7 +106,7 @@ def decision_tree(num_classes: int, k_best: int | str = "all", class_weight: Cla
 @register_model("random_forest", kind="classic")
 def random_forest(num_classes: int, k_best: int | str = "all", class_weight: ClassWeight = None,
                   n_estimators: int = 200, max_depth: int | None = None, min_samples_leaf: int = 1,
-                  n_jobs: int | None = None, random_state: int = 0, weights: Any = None,
+                  n_jobs: int | None = None, random_state: int | None = 0, weights: Any = None,
                   freeze_backbone: bool = False) -> Pipeline:
     """Random forest on hand-made features (system C)."""
     _check_common(num_classes, weights, freeze_backbone)
@@ -126,8 +126,8 @@ def logistic_regression(num_classes: int, k_best: int | str = "all", class_weigh
 
 @register_model("gradient_boosting", kind="classic")
 def gradient_boosting(num_classes: int, k_best: int | str = "all", class_weight: ClassWeight = None,
-                      max_iter: int = 200, learning_rate: float = 0.1, max_leaf_nodes: int = 31,
-                      random_state: int = 0, weights: Any = None, freeze_backbone: bool = False) -> Pipeline:
+                      max_iter: int = 200, learning_rate: float = 0.1, max_leaf_nodes: int | None = 31,
+                      random_state: int | None = 0, weights: Any = None, freeze_backbone: bool = False) -> Pipeline:
     """Histogram gradient boosting on hand-made features."""
     _check_common(num_classes, weights, freeze_backbone)
     booster = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate,
