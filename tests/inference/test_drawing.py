@@ -129,3 +129,20 @@ def test_labels_of_neighbouring_cells_cover_neither_one_another_nor_the_other_ce
                 assert not meet(paper, boxes[j]), (k + 1, j + 1, paper, boxes[j])
     # Deterministic: the same picture again.
     assert np.array_equal(drawn, _drawn(cells, classes)[0])
+
+
+def test_possible_white_cells_are_drawn_dashed_and_said_in_the_band() -> None:
+    """A field whose only white cell scored under the detector's threshold read "WBC 0" and showed nothing where the
+    cell was: its box is drawn in black and white dashes, and the band says what they are."""
+    rules = CountRules(("lymphocyte", "blast"), ("blast",))
+    plain = SmearResult("f.png", 700, 700, [], {}, rules.count([]), cell_classes=["lymphocyte", "blast"])
+    marked = SmearResult("f.png", 700, 700, [], {}, rules.count([]), cell_classes=["lymphocyte", "blast"],
+                         possible_white_cells=[{"box": [100.0, 200.0, 220.0, 320.0], "detector_score": 0.41}])
+    without = np.asarray(annotate(Image.new("RGB", (700, 700), GREY), plain))
+    drawn = np.asarray(annotate(Image.new("RGB", (700, 700), GREY), marked))
+    band = drawn.shape[0] - 700
+    assert band > without.shape[0] - 700  # one more line in the band
+    top = drawn[band + 200, 100:221]  # the box's top edge
+    assert ((top == 0).all(axis=-1).any() and (top == 255).all(axis=-1).any()), "no black-and-white dashes"
+    inside = drawn[band + 205:band + 315, 105:215]
+    assert (inside == GREY).all()  # the cell itself not covered

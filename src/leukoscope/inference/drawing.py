@@ -73,7 +73,8 @@ def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
     """The field with a text band above it. On the field: white cells boxed and coloured by
     class with label and confidence, blasts red, uncertain orange, unfamiliar cells (unlike the
-    classifier's training images) marked ``!``; other objects thin; the labels over the boxes,
+    classifier's training images) marked ``!``; possible white cells (scored under the detector's threshold, not
+    counted) dashed black and white; other objects thin; the labels over the boxes,
     placed clear of one another (:func:`_label_position`). In the band: the count,
     every quality warning (white on red, so that a reviewer who sees only the picture sees it
     too), what ``!`` means when a cell has it, the decision-support sentence and a key to the
@@ -108,6 +109,8 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
                 continue
             colour = _COLOURS.get(det.label, (150, 150, 150))
             draw.rectangle(shifted(det.box), outline=colour, width=scale)
+    for possible in result.possible_white_cells:  # not counted: dashed black and white, seen on any stain
+        _dashed_rectangle(draw, shifted(possible["box"]), 2 * scale, 6 * scale)
     drawn = [(cell, colours[UNCERTAIN if cell.uncertain else cell.label], shifted(cell.box)) for cell in result.cells]
     for _, colour, box in drawn:  # every box first, then the labels over them: no box is drawn across a label
         draw.rectangle(box, outline=colour, width=3 * scale)
@@ -132,6 +135,19 @@ def annotate(image: Image.Image, result: SmearResult) -> Image.Image:
         draw.rectangle(swatch, fill=colour, outline=(90, 90, 90))  # the outline: a yellow swatch on white paper
         draw.text((x, y), name, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float], width: int,
+                      dash: int) -> None:
+    """``box``'s outline in dashes of ``dash`` px, black and white in turn, ``width`` px wide, drawn inward."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    for a, b, fixed, horizontal in ((x0, x1, y0, True), (x0, x1, y1 - width + 1, True), (y0, y1, x0, False),
+                                    (y0, y1, x1 - width + 1, False)):
+        for k, start in enumerate(range(a, b + 1, dash)):
+            end = min(start + dash - 1, b)
+            ink = (0, 0, 0) if k % 2 == 0 else (255, 255, 255)
+            rect = (start, fixed, end, fixed + width - 1) if horizontal else (fixed, start, fixed + width - 1, end)
+            draw.rectangle(rect, fill=ink)
 
 
 def _label_position(box: tuple[float, float, float, float], size: tuple[int, int], boxes: np.ndarray,
@@ -209,6 +225,9 @@ def _header_lines(result: SmearResult) -> list[tuple[str, Colour, Colour]]:
     lines += [(count, (0, 0, 0), (255, 255, 255))]
     if any(cell.unfamiliar for cell in result.cells):
         lines.append(("! = cell unlike the classifier's training images", (0, 0, 0), (255, 255, 255)))
+    if result.possible_white_cells:
+        lines.append(("dashed black and white: possible white cell scored under the detector's threshold, not counted",
+                      (0, 0, 0), (255, 255, 255)))
     lines.append((DISCLAIMER, (0, 0, 0), (255, 255, 255)))
     return lines
 
