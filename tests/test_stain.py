@@ -11,7 +11,7 @@ from PIL import Image
 
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.stain import (LIGHT, REFERENCE_VECTORS, macenko, normalise_stain, optical_density,
-                              stain_estimate)
+                              stain_estimate, white_balance, white_point)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -125,10 +125,64 @@ def test_preprocessing_normalises_after_the_letterbox_and_the_bundle_keeps_it(
     assert "stain" not in json.loads((plain_bundle / "bundle.json").read_text())["preprocessing"]
 
 
+def _camera(image: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    return np.clip(np.rint(image * np.asarray(gains)), 0, 255).astype(np.uint8)
+
+
+def test_white_balance_undoes_a_camera_white_balance_and_exposure() -> None:
+    """One stained cell photographed by three cameras (warm, bluish, dim): after white balance the
+    three agree within a grey level or two, and the background is the neutral LIGHT."""
+    nuclear, other = _concentration_maps()
+    cell = _render(nuclear, other, LAB_A, 250)
+    cameras = [_camera(cell, gains) for gains in ((1.0, 0.9, 0.8), (0.8, 0.92, 1.0), (0.8, 0.8, 0.8))]
+    before = np.abs(cameras[0].astype(int) - cameras[1].astype(int)).mean()
+    balanced = [white_balance(image) for image in cameras]
+    after = max(np.abs(balanced[0].astype(int) - other_image.astype(int)).mean() for other_image in balanced[1:])
+    assert before > 15 and after < 1.5, (before, after)
+    assert np.allclose(white_point(balanced[0]), LIGHT, atol=2)
+    # the stain's colours stay: the nucleus is still violet (blue above green), the red cells pink
+    nucleus = balanced[0][32, 30].astype(int)
+    red_cell = balanced[0][8, 8].astype(int)
+    assert nucleus[2] > nucleus[1] and red_cell[0] > red_cell[1]
+
+
+def test_white_balance_leaves_what_shows_no_background_alone() -> None:
+    nuclear, other = _concentration_maps()
+    segmented = _render(nuclear, other, LAB_A, 250)
+    segmented[nuclear < 0.2] = 0  # a C-NMC-like cell on black: no background to take the white from
+    assert white_point(segmented) is None and np.array_equal(white_balance(segmented), segmented)
+    dark = np.full((16, 16, 3), 90, np.uint8)  # all stained (or underexposed): no glass in view
+    assert white_point(dark) is None and np.array_equal(white_balance(dark), dark)
+    assert np.array_equal(normalise_stain(_camera(_render(nuclear, other, LAB_A, 250), (1.0, 0.9, 0.8)),
+                                          "white_balance")[0, 0], np.full(3, round(LIGHT), np.uint8))
+
+
+def test_a_white_balanced_bundle_says_format_9(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import leukoscope.bundle as bundle_module
+    from leukoscope.bundle import BundleError, BundleInfo, load_bundle, read_bundle_info, save_bundle
+    from leukoscope.models import create_model
+
+    bundle = save_bundle(tmp_path / "b", create_model("mobilenet_v3_small", 2), BundleInfo(
+        "mobilenet_v3_small", ["a", "b"], Preprocessing(32, stain="white_balance", views=8)))
+    assert load_bundle(bundle)[1].preprocessing.stain == "white_balance"
+    payload = json.loads((bundle / "bundle.json").read_text())
+    assert payload["format_version"] == 9
+    with monkeypatch.context() as older:  # leukoscope of format 8 asks for an upgrade
+        older.setattr(bundle_module, "READABLE_VERSIONS", (1, 2, 3, 4, 5, 6, 7, 8))
+        older.setattr(bundle_module, "BUNDLE_FORMAT_VERSION", 8)
+        with pytest.raises(BundleError, match="format 9 is not supported.*upgrade leukoscope"):
+            read_bundle_info(bundle)
+    payload["format_version"] = 8  # a hand edit
+    (bundle / "bundle.json").write_text(json.dumps(payload))
+    with pytest.raises(BundleError, match="white_balance stain normalisation, which only format 9 has"):
+        read_bundle_info(bundle)
+
+
 def test_a_wrong_stain_setting_is_a_config_error() -> None:
     from leukoscope.engine.config import ConfigError, load_config
 
     assert load_config(overrides=["data.stain=macenko"]).data.stain == "macenko"
+    assert load_config(overrides=["data.stain=white_balance"]).data.stain == "white_balance"
     with pytest.raises(ConfigError, match="stain"):
         load_config(overrides=["data.stain=reinhard"])
 

@@ -41,6 +41,8 @@ with such statistics say 7. Version 8 adds test-time views (``preprocessing.view
 averaged over a cell's rotations and mirror images, :func:`leukoscope.preprocessing.over_views`); only
 bundles that set more than one say 8: an older leukoscope would read such a bundle one view at a time,
 against a calibration and an OOD flag fitted on the average, so it must ask for an upgrade instead.
+Version 9 adds the ``white_balance`` stain normalisation (:func:`leukoscope.stain.white_balance`); only
+bundles that set it say 9.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ if TYPE_CHECKING:  # torch is imported where models are built or saved: reading 
     import torch
     from torch import nn
 
-BUNDLE_FORMAT_VERSION = 8
+BUNDLE_FORMAT_VERSION = 9
 #: What a bundle with nothing of version 3 is written as (readable by leukoscope before version 3).
 FORMAT_2 = 2
 #: What a bundle with OOD statistics, a pixel size or a crop window but no exported graph is written as.
@@ -76,8 +78,12 @@ FORMAT_5 = 5
 FORMAT_6 = 6
 #: What a bundle with OOD stages but one test-time view is written as.
 FORMAT_7 = 7
+#: What a bundle with test-time views but no white balance is written as.
+FORMAT_8 = 8
 #: Versions this code reads (older ones are converted on reading; see the module docstring).
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: What a bundle with the white_balance stain normalisation is written as.
+FORMAT_9 = BUNDLE_FORMAT_VERSION
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 BUNDLE_FILE = "bundle.json"
 #: A classifier's recorded scores that change with its test-time views (``calibrate-ood --views`` drops them).
 VIEW_DEPENDENT_METRICS = ("n", "accuracy", "macro_f1", "weighted_f1", "roc_auc_macro_ovr", "ece", "evaluated_on",
@@ -216,9 +222,12 @@ class BundleInfo:
             info = cls(**payload)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source}: bundle.json is incomplete or has unknown fields: {exc}") from None
-        if info.preprocessing is not None and info.preprocessing.views > 1 and version < BUNDLE_FORMAT_VERSION:
+        if info.preprocessing is not None and info.preprocessing.views > 1 and version < FORMAT_8:
             raise BundleError(f"{source}: bundle.json says format {version} but sets {info.preprocessing.views} "
-                              f"test-time views, which only format {BUNDLE_FORMAT_VERSION} has: it was edited by hand")
+                              f"test-time views, which only format {FORMAT_8} and later have: it was edited by hand")
+        if info.preprocessing is not None and info.preprocessing.stain == "white_balance" and version < FORMAT_9:
+            raise BundleError(f"{source}: bundle.json says format {version} but sets the white_balance stain "
+                              f"normalisation, which only format {FORMAT_9} has: it was edited by hand")
         return info
 
 
@@ -349,8 +358,10 @@ def _write_ood_and_json(directory: Path, info: BundleInfo, ood_arrays: dict[str,
 
 def _write_json(directory: Path, info: BundleInfo) -> None:
     """``bundle.json`` through a temporary name, as the oldest format that holds all it says."""
-    if info.preprocessing is not None and info.preprocessing.views > 1:
-        info.format_version = BUNDLE_FORMAT_VERSION
+    if info.preprocessing is not None and info.preprocessing.stain == "white_balance":
+        info.format_version = FORMAT_9
+    elif info.preprocessing is not None and info.preprocessing.views > 1:
+        info.format_version = FORMAT_8
     elif (info.ood or {}).get("stages"):
         info.format_version = FORMAT_7
     elif info.preprocessing is not None and info.preprocessing.stain is not None:

@@ -14,6 +14,14 @@ the darkest pixels (a white cell's nucleus), the other stain (eosin) that of the
 stained pixels (red cells, cytoplasm). Near-black pixels (the background of segmented cells,
 e.g. C-NMC) take no part and stay black; an image with one stain is unmixed into the
 reference's nuclear stain alone, one with too few stained pixels is left as it is.
+
+White balance (:func:`white_balance`) is the lighter normalisation: only the light is made equal.
+Each image's background (its brightest pixels: plasma and glass between the cells) is taken as the
+white its camera saw, and every channel scaled so that white becomes the neutral :data:`LIGHT`
+(von Kries). A camera's white balance and exposure are per-channel gains, so they cancel; the
+stain's own colours (what is violet, what is pink, how dark a nucleus is) stay. pbc's fields are
+lit warm (background about (255, 228, 203)), BCCD's and CBC's grey (about (206, 208, 204)),
+all-taleqani's white: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ from typing import Literal
 import numpy as np
 
 #: Stain normalisations an image can go through (``Preprocessing.stain``).
-STAINS = ("macenko",)
-StainMethod = Literal["macenko"]
+STAINS = ("macenko", "white_balance")
+StainMethod = Literal["macenko", "white_balance"]
 
 LIGHT = 240.0
 """Transmitted light (I0 of Beer-Lambert) of a rebuilt image: its background's brightness."""
@@ -135,10 +143,44 @@ def macenko(image: np.ndarray) -> np.ndarray:
     return out.reshape(image.shape)
 
 
+WHITE_SHARE = 0.05
+"""The brightest share of an image's lit pixels (by channel sum) whose median colour is its white."""
+
+
+def white_point(image: np.ndarray) -> np.ndarray | None:
+    """The white ``(3,)`` an HWC uint8 RGB image's camera saw: the median colour of its brightest
+    :data:`WHITE_SHARE` of lit pixels. None for a segmented cell on black (no background to see) and
+    for an image whose brightest pixels are darker than :data:`MIN_LIGHT` (no background in view)."""
+    pixels = image.reshape(-1, 3)
+    lit = _lit(pixels)
+    valid = pixels[lit]
+    if len(valid) < max(1, SEGMENTED_SHARE * len(pixels)):
+        return None
+    brightness = valid.sum(axis=1, dtype=np.int32)
+    count = max(1, int(len(valid) * WHITE_SHARE))
+    brightest = valid[np.argpartition(brightness, len(valid) - count)[-count:]]
+    white = np.median(brightest, axis=0).astype(np.float64)
+    if float(white.max()) < MIN_LIGHT:
+        return None
+    return np.maximum(white, 1.0)
+
+
+def white_balance(image: np.ndarray) -> np.ndarray:
+    """An HWC uint8 RGB image with its background brought to the neutral :data:`LIGHT` by one gain per
+    channel (same shape and dtype); unchanged when it shows no background (:func:`white_point`)."""
+    white = white_point(image)
+    if white is None:
+        return image
+    gains = LIGHT / white
+    return np.clip(np.rint(image.astype(np.float32) * gains.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
 def normalise_stain(image: np.ndarray, method: StainMethod) -> np.ndarray:
     """An HWC uint8 RGB image through the named stain normalisation."""
     if method == "macenko":
         return macenko(image)
+    if method == "white_balance":
+        return white_balance(image)
     raise ValueError(f"unknown stain normalisation {method!r} (expected one of {STAINS})")
 
 

@@ -160,7 +160,7 @@ def test_wrong_views_are_refused_before_anything_is_written(one_view, synthetic_
     payload = json.loads(written)
     payload["preprocessing"]["views"] = 8
     (bundle / "bundle.json").write_text(json.dumps(payload))
-    with pytest.raises(BundleError, match="sets 8 test-time views, which only format 8 has"):
+    with pytest.raises(BundleError, match="sets 8 test-time views, which only format 8 and later have"):
         read_bundle_info(bundle)
 
 

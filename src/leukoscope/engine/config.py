@@ -77,8 +77,9 @@ class DataConfig(Section):
     """``gray``: the model sees luminance only, so a lab's stain hue cannot be a cue."""
     standardize: bool = False
     """Each image to zero mean and unit variance, so a lab's brightness and contrast cannot be a cue."""
-    stain: Literal["macenko"] | None = None
-    """``macenko``: every image's stains rebuilt in one reference's colours (:mod:`leukoscope.stain`)."""
+    stain: Literal["macenko", "white_balance"] | None = None
+    """``macenko``: every image's stains rebuilt in one reference's colours; ``white_balance``: every
+    image's background brought to one neutral white, its stain's colours kept (:mod:`leukoscope.stain`)."""
 
 
 class ModelConfig(Section):
