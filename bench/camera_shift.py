@@ -1,8 +1,9 @@
 """One classifier bundle's calls on the same cells seen through other cameras.
 
 A camera's white balance and exposure multiply each channel by a gain (clipped at 255); its tone curve
-bends the grey levels (gamma). Each variant here rebuilds every cell of the bundle's test part (its
-training split, the cells it was chosen on never enter) and, with ``--crops``, every BCCD white cell of
+bends the grey levels (gamma). Each variant here rebuilds every cell of one part of the bundle's
+training split (``--part``: test by default; val to choose between recipes without reading the test
+part) and, with ``--crops``, every BCCD white cell of
 ``bench/zoo.py``'s controls, and reports per variant: types right, share called blast, share flagged
 unfamiliar, and the share of cells whose call differs from the one on the cell as taken. A classifier
 that reads the cell keeps its calls; one that reads the light changes them. Nothing is fitted here.
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, help="classifier bundle folder or pretrained:NAME")
     parser.add_argument("--split", type=Path, default=None, help="the bundle's training split (default: recorded)")
+    parser.add_argument("--part", default="test", choices=("val", "test"), help="which part of the split")
     parser.add_argument("--crops", type=Path, default=None, help="bench/zoo.py's crops folder: BCCD's white cells too")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split_file = args.split or read_bundle_info(args.bundle).split_file
     if split_file is None or not Path(split_file).is_file():
         parser.error(f"the bundle's training split ({split_file}) is not here: give --split")
-    cell_sets = {"in-domain test": [(s.path, s.label) for s in Split.load(split_file).manifest("test")]}
+    cell_sets = {f"in-domain {args.part}": [(s.path, s.label) for s in Split.load(split_file).manifest(args.part)]}
     if args.crops is not None:
         listing = args.crops / "controls.json"
         if not listing.is_file():

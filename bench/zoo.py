@@ -667,6 +667,16 @@ Finds white cells, red cells and platelets in a stained peripheral-blood smear f
 """
 
 
+def _stain_line(stain: str | None) -> str:
+    """The card's sentence on what the crop goes through before the network (``data.stain``)."""
+    if stain == "white_balance":
+        return ("\n  Each crop's background (the glass between the cells) is first brought to one neutral white,\n"
+                "  one gain per channel (`data.stain=white_balance`): a camera's white balance and exposure cancel.")
+    if stain == "macenko":
+        return "\n  Each crop's two stains are first rebuilt in pbc's colours (`data.stain=macenko`)."
+    return ""
+
+
 def _views_line(views: int) -> str:
     if views == 1:
         return "Each cell is read once, as cropped."
@@ -738,7 +748,7 @@ Types one white cell: the eight cell types of the PBC dataset and **blast**.
   the service cut it from a single-cell image around the image's centre, at the scale given,
   estimated from its red cells or lent by the other images of the folder or case; an image without
   one is classified whole and says so (a cell then
-  looks larger or smaller than any it learned: its class may be wrong).
+  looks larger or smaller than any it learned: its class may be wrong).{_stain_line(results.get("classifier_stain"))}
 - **Classes**: basophil, blast, eosinophil, erythroblast, ig (immature granulocyte),
   lymphocyte, monocyte, neutrophil, platelet.
 - **Training data and licences**:
@@ -915,6 +925,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                                {"recipe": args.recolour, "share": args.recolour_share},
                                "uncertain_threshold": read_bundle_info(classifier).uncertain_threshold,
                                "classifier_views": read_bundle_info(classifier).preprocessing.views,
+                               "classifier_stain": read_bundle_info(classifier).preprocessing.stain,
                                "detector": str(detector), "classifier": str(classifier)}
     # With --install, what ships (float16 weights) is what gets scored on other labs' images.
     scored_detector = to_half(detector, args.out / "half" / "smear-detector") if args.install else detector
