@@ -511,12 +511,13 @@ def file_digest(path: Path) -> str:
 
 
 #: The keys of a bundle's ``ood`` entry that change its flag's answers (the others describe how it was fitted).
-_OOD_SCORING_KEYS = ("method", "thresholds", "normalize", "stages", "part_scales")
+#: ``light``: the training images' light (:mod:`leukoscope.light`), which sends a field to review as the flag does.
+_OOD_SCORING_KEYS = ("method", "thresholds", "normalize", "stages", "part_scales", "light")
 
 
 def ood_digest(directory: str | Path, info: BundleInfo) -> str:
     """SHA-256 of what a classifier's out-of-distribution flag answers by: ``ood.safetensors`` and the
-    scoring keys of its ``ood`` entry (method, thresholds, normalisation, stages, the parts' scales)."""
+    scoring keys of its ``ood`` entry (method, thresholds, normalisation, stages, the parts' scales, the light)."""
     path = resolve_bundle(directory) / OOD_FILE
     if info.ood is None:
         raise BundleError(f"{directory}: {BUNDLE_FILE} names no OOD statistics")

@@ -57,6 +57,22 @@ def test_training_stores_the_ood_statistics(run) -> None:
     assert ood["test_unfamiliar_share"] == pytest.approx(sum(flagged) / len(flagged), abs=1e-3)
     said = (run.run_dir / "train.log").read_text()
     assert f"{100 * ood['test_unfamiliar_share']:.1f}% of test images flagged" in said
+    # the light of the training images (leukoscope.light), which `analyze` checks each field against
+    light = ood["light"]
+    assert 10 <= light["images"] <= ood["fit_images"] and light["red"][0] <= light["red"][1]
+    assert light["blue"][0] <= light["blue"][1]
+
+
+def test_a_model_that_normalises_each_image_records_no_light() -> None:
+    from leukoscope.evaluation.ood import OodStats
+    from leukoscope.preprocessing import Preprocessing
+    from leukoscope.tasks.ood import record_light
+
+    pixels = np.full((12, 3, 16, 16), 230, np.uint8)
+    for stain, recorded in ((None, True), ("white_balance", False), ("macenko", False)):
+        stats = OodStats("energy", {"energy": 0.0})
+        record_light(stats, pixels, Preprocessing(16, stain=stain))
+        assert ("light" in stats.details) is recorded, stain
 
 
 def test_held_out_cells_score_lower_than_noise(run) -> None:
@@ -95,6 +111,7 @@ def test_calibrate_ood_on_the_training_data_reproduces_the_training_statistics(r
     assert "the train and val parts of" in refitted["fitted_on"] and refitted["threshold_from"] == "val"
     for method, threshold in trained["thresholds"].items():
         assert refitted["thresholds"][method] == pytest.approx(threshold, rel=1e-4)  # same images, same model
+    assert refitted["light"] == trained["light"]
     assert CellClassifier.from_bundle(bundle).ood.threshold == pytest.approx(trained["thresholds"]["mahalanobis"],
                                                                              rel=1e-4)
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import not_white_classes_in
 from leukoscope.progress import name_some
+from leukoscope.light import LIGHT_WORDING
 from leukoscope.scale import SCALE_OPTION, STATED_CELL_SCALE_WORDING
 
 
@@ -253,6 +254,12 @@ GRAYSCALE_CELL_WARNING = (f"{GRAYSCALE_CELL_WORDING} (grey levels only): white c
                           f"colour, so its class is not to be trusted; classify the colour image")
 
 
+def light_fields_warning(unlit: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
+    """The folder's (slide's) warning when ``unlit`` of its ``of`` fields had :func:`leukoscope.light.light_warning`."""
+    return (f"{LIGHT_WORDING}: {_some_fields(unlit, of, names, unit)} had a background of a colour none of them had "
+            f"(the camera's white balance or the lamp): the classifier's types there are untested.")
+
+
 def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
     """The slide's (folder's) warning when ``grey`` of its ``of`` fields (``unit``s) had :data:`GRAYSCALE_WARNING`:
     their white cells are missing from its count."""
@@ -288,14 +295,15 @@ def is_unfamiliar_warning(warning: str) -> bool:
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
     image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes, a
-    cell image without a white cell at its centre or without colour: the reviewer labels or excludes it), not
+    cell image without a white cell at its centre or without colour, a field in a light the classifier never
+    saw: the reviewer labels or excludes it), not
     which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
     reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed
     scale) still stand after any review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
             or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
             or warning.startswith(STATED_CELL_SCALE_WORDING) or warning.startswith(NO_WHITE_CELL_WORDING)
-            or warning.startswith(GRAYSCALE_CELL_WORDING))
+            or warning.startswith(GRAYSCALE_CELL_WORDING) or warning.startswith(LIGHT_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

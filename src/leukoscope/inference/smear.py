@@ -48,6 +48,7 @@ from leukoscope.cell_window import crop_cell
 from leukoscope.field_of_view import filled_field
 from leukoscope.io import DEFAULT_MAX_PIXELS, PAGES_INFO, load_image
 from leukoscope.labels import blast_classes_in, checked_blast_classes
+from leukoscope.light import LightRange, field_white, light_warning
 from leukoscope.pixels import is_grayscale
 from leukoscope.scale import (FIELD_RUN_MAX_RATIO, RUN_SCALE_MIN_ESTIMATES, SCALE_OPTION, WEAK_ESTIMATE_RED_CELLS,
                               FieldScale, checked_record, checked_um_per_px, disagrees_with_run, field_scale,
@@ -547,6 +548,19 @@ class SmearAnalyzer:
         return unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share,
                                   classified_unit(self.rules.classes))
 
+    @cached_property
+    def light_range(self) -> LightRange | None:
+        """The light of the classifier's training images (:mod:`leukoscope.light`), where its bundle records it."""
+        ood = getattr(self.classifier, "ood", None)
+        return None if ood is None else LightRange.from_json(ood.details.get("light"))
+
+    def light_warning(self, image: Image.Image) -> str | None:
+        """The warning of a field whose background's colour is outside :attr:`light_range`."""
+        if self.light_range is None:
+            return None
+        white = field_white(image)
+        return None if white is None or self.light_range.contains(white) else light_warning(white)
+
     def field_warnings(self, field: PreparedField, cells: Sequence[Cell], capped_tiles: int = 0,
                        tiles: int = 1) -> list[str]:
         """The warnings of ``field`` whose counted cells are ``cells`` (``capped_tiles`` of its ``tiles`` at the
@@ -558,6 +572,9 @@ class SmearAnalyzer:
         unfamiliar = self.unfamiliar_cells_warning(cells)
         if unfamiliar:
             warnings.append(unfamiliar)
+        unlit = self.light_warning(field.image) if cells and self.classifier is not None else None
+        if unlit:
+            warnings.append(unlit)
         if field.scale_doubt:
             warnings.append(field.scale_doubt)
         warnings += field.run_warnings

@@ -20,13 +20,14 @@ from leukoscope.inference.differential import CountRules, Differential
 from leukoscope.inference.drawing import annotate
 from leukoscope.inference.quality import (CAP_WORDING, DEFAULT_UNFAMILIAR_SHARE, GRAYSCALE_WARNING, UNFRAMED_WORDING,
                                           UNSCALED_FIELD_WORDING, WEAK_SCALE_WORDING, cap_warning, classified_unit,
-                                          grayscale_fields_warning, stated_scale_fields_warning,
+                                          grayscale_fields_warning, light_fields_warning, stated_scale_fields_warning,
                                           possible_cells_fields_note, unfamiliar_count_warning, unframed_fields_warning,
                                           unscaled_fields_warning, weak_scale_fields_warning)
 from leukoscope.inference.summary_figure import save_differential_figure
 from leukoscope.inference.smear_result import Cell, SmearResult
 from leukoscope.io import load_image
 from leukoscope.labels import DISCLAIMER, UNCERTAIN, case_clashes, is_folder_name
+from leukoscope.light import LIGHT_WORDING
 from leukoscope.scale import STATED_SCALE_WORDING
 
 
@@ -222,6 +223,9 @@ def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequenc
     if doubted and not run_doubt:
         warnings.append(stated_scale_fields_warning(len(doubted), len(fields), doubted, fields_say=fields_say,
                                                     unit=unit))
+    unlit = [f.name for f in fields if any(w.startswith(LIGHT_WORDING) for w in f.warnings)]
+    if unlit:
+        warnings.append(light_fields_warning(len(unlit), len(fields), unlit, unit))
     grey = [f.name for f in fields if GRAYSCALE_WARNING in f.warnings]
     if grey:  # a count that left out fields it could not see
         warnings.append(grayscale_fields_warning(len(grey), len(fields), grey, unit))

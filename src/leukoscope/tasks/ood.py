@@ -23,6 +23,7 @@ from leukoscope.data.readers import read_dataset
 from leukoscope.data.splits import Split, make_split
 from leukoscope.evaluation.calibration import temperature_fit
 from leukoscope.evaluation.ood import DEFAULT_METHOD, DEFAULT_QUANTILE, OodStats, calibrate_ood
+from leukoscope.light import fit_light_range
 from leukoscope.models.embedding import EmbeddingError, default_stages
 from leukoscope.preprocessing import batched_outputs, framework_of
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 MAX_FIT_IMAGES = 10_000
 #: Fewer validation images than this and the threshold (their scores' 95th percentile) is said to be unsteady.
 MIN_THRESHOLD_IMAGES = 30
+
+
+def record_light(stats: OodStats, pixels, preprocessing) -> None:
+    """The range of the training images' light (:mod:`leukoscope.light`) in ``stats``' details, for a
+    model that sees each image's own light (no ``data.stain``): `analyze` says of a field outside it."""
+    if preprocessing is None or preprocessing.stain is not None:
+        return
+    light = fit_light_range(np.asarray(pixels))
+    if light is not None:
+        stats.details["light"] = light.to_json()
 
 
 def fit_sample(n: int, seed: int = 0, limit: int = MAX_FIT_IMAGES) -> np.ndarray | None:
@@ -107,6 +118,7 @@ def calibrate_run(learner: "Learner", prepared: "PreparedData", *, method: str =
         stats = stats_from_outputs(train_embeddings, targets, held_logits, held_embeddings,
                                    framework_of(learner.model), method=method, threshold_from=held_name,
                                    widths=widths, stages=stages)
+        record_light(stats, images, getattr(learner, "preprocessing", None))
         if "test" in prepared.parts:
             logits, embeddings = learner.outputs(prepared.parts["test"].images)
             stats.details["test_unfamiliar_share"] = round(float(stats.unfamiliar(
@@ -248,6 +260,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
             raise DatasetError(f"no readable image to {name} the OOD statistics on ({source})")
         if name == "fit":
             stages, widths = read_stages(model, stages, preprocessing, pixels)
+            fit_pixels = pixels
         outputs[name] = (*batched_outputs(model, pixels, preprocessing, device), np.asarray(kept.targets))
     _, fit_embeddings, fit_targets = outputs["fit"]
     held_logits, held_embeddings, held_targets = outputs["threshold"]
@@ -255,6 +268,7 @@ def calibrate_bundle(bundle: str | Path, data: str | Path, *, split_file: str | 
                                method=method, quantile=quantile, threshold_from=held_name, widths=widths,
                                stages=stages)
     stats.details["fitted_on"] = source
+    record_light(stats, fit_pixels, preprocessing)
     if views is None:
         save_ood(bundle, *stats.to_parts())
         return stats, source

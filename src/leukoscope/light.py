@@ -1,0 +1,95 @@
+"""The light a field was photographed in, against the light of a classifier's training images.
+
+A classifier that types white cells by their colours (the shipped one does: docs/benchmarks.md) takes a
+camera's white balance for part of the cell, and its out-of-distribution flag can be fooled the same way:
+the robustness review's 98 BCCD fields were 98 of 98 unfamiliar as given, and 25 of 103 once multiplied by
+(0.80, 0.92, 1.15), a camera set a little blue, with every cell called lymphocyte. So the colour of each
+field's background (its white point, :func:`leukoscope.stain.white_point`), as a chromaticity
+(ln(R/G), ln(B/G): the same whatever the exposure), is compared with the range of the classifier's
+training images, recorded with its OOD statistics (``light`` in the bundle's ``ood`` entry); a field
+outside it is said, and its leukemia flag withheld.
+
+A classifier that normalises each image's light or stain itself (``data.stain``) gets no range: the
+light of a field does not reach it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from leukoscope.stain import white_point
+
+#: Beyond the training range, this much (natural log of one channel's gain against green) is still the
+#: same light: about 8%. (Measured, docs/benchmarks.md: 200 fields of each of pbc, all-taleqani, BCCD and CBC
+#: all fall inside the shipped classifier's range with it; a camera set blue by 15-20% falls outside.)
+MARGIN = 0.08
+#: The share of training white points left out at each end of the range (odd crops without glass in view).
+TAIL = 0.01
+#: Fewer training images with a white point than this and no range is recorded.
+MIN_IMAGES = 10
+#: Fields are reduced to this longest side before their white point is taken.
+FIELD_SIDE = 1024
+LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
+
+
+def chromaticity(white: np.ndarray) -> tuple[float, float]:
+    """(ln(R/G), ln(B/G)) of a white point ``(3,)``: 0, 0 for neutral grey at any brightness."""
+    red, green, blue = (max(float(v), 1.0) for v in white)
+    return float(np.log(red / green)), float(np.log(blue / green))
+
+
+@dataclass(frozen=True)
+class LightRange:
+    """The chromaticities of a classifier's training images' white points: ``red`` and ``blue`` are
+    (low, high) of ln(R/G) and ln(B/G), ``images`` how many images they come from."""
+
+    red: tuple[float, float]
+    blue: tuple[float, float]
+    images: int
+
+    def contains(self, white: np.ndarray) -> bool:
+        red, blue = chromaticity(white)
+        return (self.red[0] - MARGIN <= red <= self.red[1] + MARGIN
+                and self.blue[0] - MARGIN <= blue <= self.blue[1] + MARGIN)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"red": [round(v, 4) for v in self.red], "blue": [round(v, 4) for v in self.blue],
+                "images": self.images}
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any] | None) -> "LightRange | None":
+        if not entry:
+            return None
+        return cls(tuple(map(float, entry["red"])), tuple(map(float, entry["blue"])), int(entry["images"]))
+
+
+def fit_light_range(pixels: np.ndarray) -> LightRange | None:
+    """The range of the white points of training images ``(N, 3, H, W)`` uint8 (as the model decodes
+    them); None when fewer than :data:`MIN_IMAGES` show a background."""
+    whites = [white for white in (white_point(np.ascontiguousarray(image.transpose(1, 2, 0))) for image in pixels)
+              if white is not None]
+    if len(whites) < MIN_IMAGES:
+        return None
+    points = np.array([chromaticity(white) for white in whites])
+    low, high = np.quantile(points, TAIL, axis=0), np.quantile(points, 1 - TAIL, axis=0)
+    return LightRange((float(low[0]), float(high[0])), (float(low[1]), float(high[1])), len(whites))
+
+
+def field_white(image: Image.Image) -> np.ndarray | None:
+    """The white point of a field (reduced to :data:`FIELD_SIDE` px first), or None (no background in view)."""
+    factor = max(1, max(image.size) // FIELD_SIDE)
+    reduced = image.reduce(factor) if factor > 1 else image
+    return white_point(np.asarray(reduced.convert("RGB") if reduced.mode != "RGB" else reduced))
+
+
+def light_warning(white: np.ndarray) -> str:
+    """What a field whose background is ``white`` (outside the classifier's range) is told."""
+    red, green, blue = (int(round(float(v))) for v in white)
+    return (f"{LIGHT_WORDING}: its background is ({red}, {green}, {blue}), a colour of light (the camera's white "
+            f"balance or the lamp) none of them had. The classifier types cells partly by colour, and its "
+            f"'unlike the training data' flag can miss such a shift: its types here are untested (set the camera's "
+            f"white balance on an empty part of the slide, or review every cell)")

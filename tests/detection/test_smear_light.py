@@ -1,0 +1,83 @@
+"""The light check of smear analysis (leukoscope.light): a field whose background is of a colour none of the
+classifier's training images had (a camera's white balance) is said, and its leukemia flag withheld; the
+same field as taken, or a classifier without a recorded range, is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from leukoscope.evaluation.ood import OodStats
+from leukoscope.light import LIGHT_WORDING, LightRange, chromaticity, field_white, fit_light_range
+from leukoscope.inference.smear import SmearAnalyzer
+from tests.detection.smear_fakes import VERIFIED, FixedDetector, constant_classifier, grid_boxes
+
+WARM, NEUTRAL = (250, 225, 200), (220, 222, 218)  # two labs' backgrounds (pbc's is warm, CBC's grey)
+BLUISH = (0.80, 0.92, 1.15)  # the robustness review's camera
+
+
+def _field(background: tuple[int, int, int], gains: tuple[float, float, float] = (1, 1, 1)) -> Image.Image:
+    """A field of lilac cells on ``background``, through a camera of ``gains``."""
+    pixels = np.empty((480, 640, 3), np.float32)
+    pixels[:] = background
+    for y in range(40, 480, 80):
+        for x in range(40, 640, 80):
+            pixels[y - 15:y + 15, x - 15:x + 15] = (150, 110, 170)
+    return Image.fromarray(np.clip(np.rint(pixels * np.asarray(gains, np.float32)), 0, 255).astype(np.uint8))
+
+
+def _training_pixels() -> np.ndarray:
+    """Crops of both labs, (N, 3, 32, 32) as a model decodes them."""
+    crops = [np.asarray(_field(background, (gain, gain, gain)).crop((0, 0, 80, 80)).resize((32, 32)))
+             for background in (WARM, NEUTRAL) for gain in (0.9, 0.95, 1.0, 1.02, 1.05, 1.1)]
+    return np.stack(crops).transpose(0, 3, 1, 2)
+
+
+def test_the_range_holds_both_labs_at_any_exposure_and_not_a_bluish_camera() -> None:
+    light = fit_light_range(_training_pixels())
+    assert light is not None and light.images == 12
+    for background in (WARM, NEUTRAL):
+        for gain in (0.8, 1.0):  # exposure is no colour of light
+            assert light.contains(field_white(_field(background, (gain, gain, gain))))
+    assert not light.contains(field_white(_field(NEUTRAL, BLUISH)))
+    assert not light.contains(field_white(_field(WARM, (1.0, 0.8, 0.6))))  # a far warmer lamp than the warm lab's
+    assert chromaticity(np.array([200.0, 200.0, 200.0])) == (0.0, 0.0)
+    assert LightRange.from_json(light.to_json()) == LightRange.from_json(json.loads(json.dumps(light.to_json())))
+    assert fit_light_range(_training_pixels()[:5]) is None  # too few images to say what the light was
+    dark = np.zeros((12, 3, 32, 32), np.uint8)  # segmented cells on black: no background to take the light from
+    assert fit_light_range(dark) is None and LightRange.from_json(None) is None
+
+
+def _classifier(light: LightRange | None):
+    classifier = constant_classifier(["blast", "lymphocyte"], "blast")
+    # familiar cells (the constant model's energy is about -4): only the light can send the field to review
+    classifier.ood = OodStats("energy", {"energy": 0.0}, details={} if light is None else {"light": light.to_json()})
+    return classifier
+
+
+def test_a_field_in_a_light_the_classifier_never_saw_is_said_and_flags_nothing(tmp_path: Path) -> None:
+    light = fit_light_range(_training_pixels())
+    # every box counted whatever its colour (the nuclear-stain rule reads colours too; not what is tested here)
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED), _classifier(light), min_nuclear_share=0)
+    as_taken = analyzer.analyze(_field(NEUTRAL))
+    assert as_taken.warnings == [] and as_taken.differential.acute_leukemia_flag
+    bluish = analyzer.analyze(_field(NEUTRAL, BLUISH))
+    assert len(bluish.warnings) == 1 and bluish.warnings[0].startswith(LIGHT_WORDING)
+    assert "its background is (176, 204, 251)" in bluish.warnings[0]
+    assert not bluish.differential.acute_leukemia_flag and bluish.differential.total == 120
+    # without a recorded range (an older bundle, or one that normalises each image's light) nothing is said
+    plain = SmearAnalyzer(FixedDetector(grid_boxes(120), metrics=VERIFIED), _classifier(None), min_nuclear_share=0)
+    assert plain.analyze(_field(NEUTRAL, BLUISH)).warnings == []
+    # a folder names the fields
+    paths = []
+    for name, image in (("a.png", _field(NEUTRAL)), ("b.png", _field(NEUTRAL, BLUISH))):
+        image.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    summary = analyzer.analyze_paths(paths, tmp_path / "out")
+    said = [w for w in summary.warnings if w.startswith(LIGHT_WORDING)]
+    assert len(said) == 1 and "b.png" in said[0] and "a.png" not in said[0]
+    assert not summary.pooled.acute_leukemia_flag
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["warnings"] == []
