@@ -3,7 +3,7 @@
 A classifier that types white cells by their colours (the shipped one does: docs/benchmarks.md) takes a
 camera's white balance for part of the cell, and its out-of-distribution flag can be fooled the same way:
 the robustness review's 98 BCCD fields were 98 of 98 unfamiliar as given, and 25 of 103 once multiplied by
-(0.80, 0.92, 1.15), a camera set a little blue, with every cell called lymphocyte. So the colour of each
+(0.80, 0.92, 1.15), a camera set a little blue, with 102 of the 103 cells called lymphocyte. So the colour of each
 field's background (its white point, :func:`leukoscope.stain.white_point`), as a chromaticity
 (ln(R/G), ln(B/G): the same whatever the exposure), is compared with the range of the classifier's
 training images, recorded with its OOD statistics (``light`` in the bundle's ``ood`` entry); a field
@@ -31,8 +31,10 @@ MARGIN = 0.08
 TAIL = 0.01
 #: Fewer training images with a white point than this and no range is recorded.
 MIN_IMAGES = 10
-#: Fields are reduced to this longest side before their white point is taken.
+#: Fields are reduced to at most this longest side before their white point is taken.
 FIELD_SIDE = 1024
+#: A field's lit share may be this low: a round eyepiece field of view in a 4:3 frame is about 59% lit.
+FIELD_LIT_SHARE = 0.2
 LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
 
 
@@ -81,9 +83,10 @@ def fit_light_range(pixels: np.ndarray) -> LightRange | None:
 
 def field_white(image: Image.Image) -> np.ndarray | None:
     """The white point of a field (reduced to :data:`FIELD_SIDE` px first), or None (no background in view)."""
-    factor = max(1, max(image.size) // FIELD_SIDE)
-    reduced = image.reduce(factor) if factor > 1 else image
-    return white_point(np.asarray(reduced.convert("RGB") if reduced.mode != "RGB" else reduced))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    factor = max(1, -(-max(rgb.size) // FIELD_SIDE))  # rounded up: never above FIELD_SIDE
+    reduced = rgb.reduce(factor) if factor > 1 else rgb
+    return white_point(np.asarray(reduced), min_lit_share=FIELD_LIT_SHARE)
 
 
 def light_warning(white: np.ndarray) -> str:

@@ -73,7 +73,8 @@ class Preprocessing:
     stain: str | None = None
     """``macenko``: each image's stains unmixed and rebuilt in one reference's colours
     (:mod:`leukoscope.stain`) after the letterbox, so every model, torch or classical, sees
-    every lab's smear in pbc's colours; None: the image's own colours."""
+    every lab's smear in pbc's colours; ``white_balance``: each image's background brought to one
+    neutral white (a camera's white balance and exposure cancel); None: the image's own colours."""
     views: int = 1
     """Test-time views (one of :data:`VIEWS`): every output (logits, embeddings, so the calibration and
     the OOD flag too) is the mean over the image's right-angle rotations (4) and their mirror images

@@ -147,14 +147,16 @@ WHITE_SHARE = 0.05
 """The brightest share of an image's lit pixels (by channel sum) whose median colour is its white."""
 
 
-def white_point(image: np.ndarray) -> np.ndarray | None:
+def white_point(image: np.ndarray, min_lit_share: float = SEGMENTED_SHARE) -> np.ndarray | None:
     """The white ``(3,)`` an HWC uint8 RGB image's camera saw: the median colour of its brightest
-    :data:`WHITE_SHARE` of lit pixels. None for a segmented cell on black (no background to see) and
-    for an image whose brightest pixels are darker than :data:`MIN_LIGHT` (no background in view)."""
+    :data:`WHITE_SHARE` of lit pixels. None for an image with fewer lit pixels than ``min_lit_share``
+    (a segmented cell on black: no background to see) and for one whose brightest pixels are darker
+    than :data:`MIN_LIGHT` (no background in view). A field seen through an eyepiece's round field of
+    view is black around it: :func:`leukoscope.light.field_white` asks for fewer lit pixels."""
     pixels = image.reshape(-1, 3)
     lit = _lit(pixels)
     valid = pixels[lit]
-    if len(valid) < max(1, SEGMENTED_SHARE * len(pixels)):
+    if len(valid) < max(1, min_lit_share * len(pixels)):
         return None
     brightness = valid.sum(axis=1, dtype=np.int32)
     count = max(1, int(len(valid) * WHITE_SHARE))

@@ -23,7 +23,7 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
                      "--elsewhere-fields", "3", "--benign-cells-per-field", "2",
                      "--detector-set", *TINY_DETECTOR[:1], *TINY_DETECTOR[2:],
                      "--classifier-set", "model.name=abas_cnn", "model.image_size=32", "train.batch_size=8",
-                     "train.threads=1", "data.stain=white_balance")
+                     "train.threads=1")
     assert "| control (never in training) |" in run.stdout and "| taleqani-benign |" in run.stdout
     results = json.loads((tmp_path / "zoo" / "zoo-results.json").read_text())
     assert set(results["controls"]) == {"taleqani-benign", "cnmc-all", "cnmc-hem", "cnmc-all-on-background",
@@ -49,7 +49,7 @@ def test_zoo_retrains_scores_and_installs_the_shipped_models(zoo_datasets: Path,
         assert row["called_blast_unflagged"] <= row["called_blast"]
     classifier_card = (install / "wbc-classifier" / "MODEL_CARD.md").read_text()
     assert "| OOD AUROC |" in classifier_card and "By source: pbc " in classifier_card
-    assert "(`data.stain=white_balance`)" in classifier_card  # what each crop goes through, as trained
+    assert "data.stain" not in classifier_card  # the shipped recipe reads each crop's own colours
     swap = results["stain_swap"]  # the Benign control in the blasts' colours, on what ships
     assert swap["benign_control_in_blast_colours"]["cells"] == results["controls"]["taleqani-benign"]["cells"]
     assert swap["benign_control_in_blast_colours"]["called_blast"] == results["fp16_controls"]["taleqani-benign"][
@@ -205,6 +205,9 @@ def test_a_control_of_the_in_domain_test_cells_themselves_is_not_told_apart(zoo_
         own["accuracy"], abs=1e-3)
     card = zoo.classifier_card({"controls": {}, "verdicts": {}, "window_um": 24.0, "cnmc_cell_um": 12.0,
                                 "in_domain": again})  # no training run's per-class rows: the re-scoring's
+    balanced = zoo.classifier_card({"controls": {}, "verdicts": {}, "window_um": 24.0, "cnmc_cell_um": 12.0,
+                                    "in_domain": again, "classifier_stain": "white_balance"})
+    assert "data.stain" not in card and "(`data.stain=white_balance`): a camera's white balance" in balanced
     first = next(iter(again["recall_by_class"]))
     assert f"{first} {again['recall_by_class'][first]:.2f}" in card
 

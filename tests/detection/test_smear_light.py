@@ -45,10 +45,34 @@ def test_the_range_holds_both_labs_at_any_exposure_and_not_a_bluish_camera() -> 
     assert not light.contains(field_white(_field(NEUTRAL, BLUISH)))
     assert not light.contains(field_white(_field(WARM, (1.0, 0.8, 0.6))))  # a far warmer lamp than the warm lab's
     assert chromaticity(np.array([200.0, 200.0, 200.0])) == (0.0, 0.0)
-    assert LightRange.from_json(light.to_json()) == LightRange.from_json(json.loads(json.dumps(light.to_json())))
+    again = LightRange.from_json(json.loads(json.dumps(light.to_json())))
+    assert again.images == light.images and np.allclose(again.red + again.blue, light.red + light.blue, atol=1e-4)
     assert fit_light_range(_training_pixels()[:5]) is None  # too few images to say what the light was
     dark = np.zeros((12, 3, 32, 32), np.uint8)  # segmented cells on black: no background to take the light from
     assert fit_light_range(dark) is None and LightRange.from_json(None) is None
+
+
+def test_an_eyepiece_field_of_view_is_checked_on_its_lit_part() -> None:
+    """A round field of view in a 4:3 frame is about 59% lit: its light is still read."""
+    light = fit_light_range(_training_pixels())
+    field = np.asarray(_field(NEUTRAL, BLUISH)).copy()
+    yy, xx = np.mgrid[:480, :640]
+    field[(yy - 240) ** 2 + (xx - 320) ** 2 > 240 ** 2] = 0
+    white = field_white(Image.fromarray(field))
+    assert white is not None and not light.contains(white)
+    big = Image.fromarray(np.asarray(_field(NEUTRAL)).repeat(4, axis=0).repeat(4, axis=1))  # 2560 x 1920
+    assert np.allclose(field_white(big), NEUTRAL, atol=2)
+    assert field_white(_field(NEUTRAL).convert("P")) is not None  # a palette image is read as its colours
+
+
+def test_a_review_of_every_cell_answers_the_light_warning() -> None:
+    from leukoscope.inference.quality import about_classification_only, light_fields_warning
+    from leukoscope.inference.smear_output import is_folded
+    from leukoscope.light import light_warning
+
+    field = light_warning(np.array([167.0, 195.0, 240.0]))
+    assert about_classification_only(field) and is_folded(field)  # one folded line per folder, not one per field
+    assert about_classification_only(light_fields_warning(2, 5, ["a.png", "b.png"]))
 
 
 def _classifier(light: LightRange | None):

@@ -69,10 +69,11 @@ def test_a_model_that_normalises_each_image_records_no_light() -> None:
     from leukoscope.tasks.ood import record_light
 
     pixels = np.full((12, 3, 16, 16), 230, np.uint8)
-    for stain, recorded in ((None, True), ("white_balance", False), ("macenko", False)):
+    for settings, recorded in (({}, True), ({"stain": "white_balance"}, False), ({"stain": "macenko"}, False),
+                               ({"colour": "gray"}, False), ({"standardize": True}, False)):
         stats = OodStats("energy", {"energy": 0.0})
-        record_light(stats, pixels, Preprocessing(16, stain=stain))
-        assert ("light" in stats.details) is recorded, stain
+        record_light(stats, pixels, Preprocessing(16, **settings))
+        assert ("light" in stats.details) is recorded, settings
 
 
 def test_held_out_cells_score_lower_than_noise(run) -> None:

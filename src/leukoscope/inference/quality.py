@@ -256,8 +256,8 @@ GRAYSCALE_CELL_WARNING = (f"{GRAYSCALE_CELL_WORDING} (grey levels only): white c
 
 def light_fields_warning(unlit: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:
     """The folder's (slide's) warning when ``unlit`` of its ``of`` fields had :func:`leukoscope.light.light_warning`."""
-    return (f"{LIGHT_WORDING}: {_some_fields(unlit, of, names, unit)} had a background of a colour none of them had "
-            f"(the camera's white balance or the lamp): the classifier's types there are untested.")
+    return (f"{LIGHT_WORDING}: {_some_fields(unlit, of, names, unit)} had a background of a colour none of the "
+            f"classifier's training images had (the camera's white balance or the lamp): its types there are untested.")
 
 
 def grayscale_fields_warning(grey: int, of: int, names: Sequence[str] = (), unit: str = "field") -> str:

@@ -194,7 +194,7 @@ class FieldWarnings:
 def is_folded(warning: str) -> bool:
     """Whether a field's ``warning`` is of a kind :func:`folded_field_warnings` says of the fields together."""
     return warning.startswith((CAP_WORDING, UNSCALED_FIELD_WORDING, UNFRAMED_WORDING, STATED_SCALE_WORDING,
-                               WEAK_SCALE_WORDING, GRAYSCALE_WARNING))
+                               WEAK_SCALE_WORDING, GRAYSCALE_WARNING, LIGHT_WORDING))
 
 
 def folded_field_warnings(fields: Sequence[FieldWarnings], run_warnings: Sequence[str] = (), *,

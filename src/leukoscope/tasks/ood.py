@@ -45,8 +45,9 @@ MIN_THRESHOLD_IMAGES = 30
 
 def record_light(stats: OodStats, pixels, preprocessing) -> None:
     """The range of the training images' light (:mod:`leukoscope.light`) in ``stats``' details, for a
-    model that sees each image's own light (no ``data.stain``): `analyze` says of a field outside it."""
-    if preprocessing is None or preprocessing.stain is not None:
+    model that sees each image's own light (no ``data.stain``, no gray or standardised input, which cancel a
+    camera's gains themselves): `analyze` says of a field outside it."""
+    if preprocessing is None or preprocessing.stain is not None or preprocessing.styled:
         return
     light = fit_light_range(np.asarray(pixels))
     if light is not None:
