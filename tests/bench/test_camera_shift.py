@@ -44,8 +44,9 @@ def _crop(path: Path, nucleus: int) -> str:
 def test_a_classifier_that_reads_the_light_changes_its_calls_with_the_camera(tmp_path: Path, monkeypatch) -> None:
     test = ([{"path": _crop(tmp_path / f"b{k}.png", 9), "label": "blast", "subject": f"b{k}"} for k in range(4)]
             + [{"path": _crop(tmp_path / f"l{k}.png", 4), "label": "lymphocyte", "subject": f"l{k}"} for k in range(4)])
-    (tmp_path / "split.json").write_text(json.dumps({"format_version": 1, "classes": ["blast", "lymphocyte"], "info": {},
-                                                     "splits": {"train": [], "val": test[:2], "test": test}}))
+    split = {"format_version": 1, "classes": ["blast", "lymphocyte"], "info": {},
+             "splits": {"train": [], "val": test[:2], "test": test}}
+    (tmp_path / "split.json").write_text(json.dumps(split))
     shift = bench_module("camera_shift")
     results = {}
     for name, reader in (("light", ByLight()), ("cell", ByCell())):
@@ -61,7 +62,8 @@ def test_a_classifier_that_reads_the_light_changes_its_calls_with_the_camera(tmp
     assert light["bluish (0.80, 0.92, 1.15)"]["calls_changed"] == 1.0
     assert all(row["type_right"] == 1.0 and row["calls_changed"] == 0.0 for row in cell.values()), cell
     out = tmp_path / "val.json"  # the validation part, to choose between recipes without the test part
-    assert shift.main(["--bundle", "any", "--split", str(tmp_path / "split.json"), "--part", "val", "--out", str(out)]) == 0
+    assert shift.main(["--bundle", "any", "--split", str(tmp_path / "split.json"), "--part", "val",
+                       "--out", str(out)]) == 0
     assert json.loads(out.read_text())["sets"]["in-domain val"]["as taken"]["cells"] == 2
 
 
