@@ -105,3 +105,17 @@ def test_a_field_in_a_light_the_classifier_never_saw_is_said_and_flags_nothing(t
     assert len(said) == 1 and "b.png" in said[0] and "a.png" not in said[0]
     assert not summary.pooled.acute_leukemia_flag
     assert json.loads((tmp_path / "out" / "a.json").read_text())["warnings"] == []
+
+
+def test_a_field_s_light_is_read_once_however_often_its_warnings_are_asked(monkeypatch) -> None:
+    """A slide's tile asks for its warnings twice (with its margin, then its core): one read of its light."""
+    import leukoscope.inference.smear as smear_module
+
+    reads = []
+    monkeypatch.setattr(smear_module, "field_white", lambda image: reads.append(image) or field_white(image))
+    light = fit_light_range(_training_pixels())
+    analyzer = SmearAnalyzer(FixedDetector(grid_boxes(20), metrics=VERIFIED), _classifier(light), min_nuclear_share=0)
+    field = analyzer.prepare(_field(NEUTRAL, BLUISH))
+    result = analyzer.analyze_prepared(field)
+    again = analyzer.field_warnings(field, result.cells)
+    assert len(reads) == 1 and again == result.warnings and again[0].startswith(LIGHT_WORDING)

@@ -144,6 +144,12 @@ class PreparedField:
     """Warnings about its run as a whole that hold for the field too (the stated scale the run's red cells
     contradict, :func:`leukoscope.scale.stated_run_doubt`): its own count is no surer than the run's."""
 
+    @cached_property
+    def white(self) -> np.ndarray | None:
+        """The colour of its background's light (:func:`leukoscope.light.field_white`), read once: a slide's
+        tile asks for its warnings twice (the tile read with its margin, then its core)."""
+        return field_white(self.image)
+
 
 @dataclass
 class FieldDetections:
@@ -554,11 +560,11 @@ class SmearAnalyzer:
         ood = getattr(self.classifier, "ood", None)
         return None if ood is None else LightRange.from_json(ood.details.get("light"))
 
-    def light_warning(self, image: Image.Image) -> str | None:
+    def light_warning(self, field: PreparedField) -> str | None:
         """The warning of a field whose background's colour is outside :attr:`light_range`."""
         if self.light_range is None:
             return None
-        white = field_white(image)
+        white = field.white
         return None if white is None or self.light_range.contains(white) else light_warning(white)
 
     def field_warnings(self, field: PreparedField, cells: Sequence[Cell], capped_tiles: int = 0,
@@ -572,7 +578,7 @@ class SmearAnalyzer:
         unfamiliar = self.unfamiliar_cells_warning(cells)
         if unfamiliar:
             warnings.append(unfamiliar)
-        unlit = self.light_warning(field.image) if cells and self.classifier is not None else None
+        unlit = self.light_warning(field) if cells and self.classifier is not None else None
         if unlit:
             warnings.append(unlit)
         if field.scale_doubt:
