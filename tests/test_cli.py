@@ -1393,3 +1393,21 @@ def test_messages_name_what_the_command_accepts(mapped_bundle: Path, synthetic_r
             said = " ".join(resumed.output.split())
             assert resumed.exit_code == 2 and expected in said, resumed.output
             assert "cannot read the config file" not in said
+
+
+def test_predict_warns_of_images_in_a_light_the_classifier_never_saw(tmp_path: Path) -> None:
+    """The shipped classifier records its training images' light: a bluish camera's cell is named, as analyze
+    names a field (tests/inference/test_cell_light.py checks the rule itself)."""
+    from tests.inference.test_cell_light import BLUISH, _cell
+
+    _cell(size=240).save(tmp_path / "taken.png")
+    _cell(gains=BLUISH, size=240).save(tmp_path / "bluish.png")
+    result = invoke("predict", "--bundle", "pretrained:wbc-classifier", tmp_path / "taken.png", tmp_path / "bluish.png",
+                    "--um-per-px", "0.1", "--out", tmp_path / "p.csv", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.output.splitlines() if "colour of light" in line]
+    assert warning.startswith("warning: 1 image(s) have a background of a colour of light") and "bluish.png" in warning
+    assert "taken.png" not in warning
+    rows = {Path(row["source"]).name: row for row in csv.DictReader((tmp_path / "p.csv").open())}
+    assert rows["bluish.png"]["warnings"].startswith("Review: the image's light is unlike")
+    assert "light" not in rows["taken.png"]["warnings"]

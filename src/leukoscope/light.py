@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from leukoscope.stain import white_point
+from leukoscope.stain import SEGMENTED_SHARE, white_point
 
 #: Beyond the training range, this much (natural log of one channel's gain against green) is still the
 #: same light: about 8%. (Measured, docs/benchmarks.md: 200 fields of each of pbc, all-taleqani, BCCD and CBC
@@ -36,6 +36,8 @@ FIELD_SIDE = 1024
 #: A field's lit share may be this low: a round eyepiece field of view in a 4:3 frame is about 59% lit.
 FIELD_LIT_SHARE = 0.2
 LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
+#: The same said of a single-cell image (`predict`, the service's cell cases).
+LIGHT_CELL_WORDING = "Review: the image's light is unlike the classifier's training images'"
 
 
 def chromaticity(white: np.ndarray) -> tuple[float, float]:
@@ -64,9 +66,33 @@ class LightRange:
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any] | None) -> "LightRange | None":
+        """The range recorded as ``light`` (:meth:`to_json`); None when none is. ValueError names what is wrong
+        with a malformed one (a hand-edited bundle.json), so that loading the bundle fails, not its first field."""
         if not entry:
             return None
-        return cls(tuple(map(float, entry["red"])), tuple(map(float, entry["blue"])), int(entry["images"]))
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"light must be a mapping with red, blue and images, got {type(entry).__name__}")
+        missing = [key for key in ("red", "blue", "images") if key not in entry]
+        if missing:
+            raise ValueError(f"light lacks {', '.join(missing)}")
+        return cls(_bounds(entry["red"], "red"), _bounds(entry["blue"], "blue"), _count(entry["images"]))
+
+
+def _bounds(value: Any, name: str) -> tuple[float, float]:
+    """(low, high) of one chromaticity from a recorded ``[low, high]``."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"light.{name} must be two numbers [low, high], got {value!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high)) or low > high:
+        raise ValueError(f"light.{name} must be finite with low <= high, got {value!r}")
+    return low, high
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ValueError(f"light.images must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def fit_light_range(pixels: np.ndarray) -> LightRange | None:
@@ -81,18 +107,38 @@ def fit_light_range(pixels: np.ndarray) -> LightRange | None:
     return LightRange((float(low[0]), float(high[0])), (float(low[1]), float(high[1])), len(whites))
 
 
-def field_white(image: Image.Image) -> np.ndarray | None:
-    """The white point of a field (reduced to :data:`FIELD_SIDE` px first), or None (no background in view)."""
+def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE) -> np.ndarray | None:
+    """The white point of an image (reduced to :data:`FIELD_SIDE` px first), or None (no background in view,
+    or fewer lit pixels than ``min_lit_share``: a segmented cell on black)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     factor = max(1, -(-max(rgb.size) // FIELD_SIDE))  # rounded up: never above FIELD_SIDE
     reduced = rgb.reduce(factor) if factor > 1 else rgb
-    return white_point(np.asarray(reduced), min_lit_share=FIELD_LIT_SHARE)
+    return white_point(np.asarray(reduced), min_lit_share=min_lit_share)
 
 
-def light_warning(white: np.ndarray) -> str:
-    """What a field whose background is ``white`` (outside the classifier's range) is told."""
+def field_white(image: Image.Image) -> np.ndarray | None:
+    """The white point of a field, which may be seen through an eyepiece's round field of view
+    (:data:`FIELD_LIT_SHARE`)."""
+    return image_white(image, FIELD_LIT_SHARE)
+
+
+def cell_light_warning(image: Image.Image, light: LightRange | None) -> str | None:
+    """The warning of a single-cell image (as the classifier sees it: its window) whose background's colour is
+    outside ``light``; None when it is inside, when the image shows no background (a segmented cell on black,
+    as the training crops' white points are read) or without a recorded range."""
+    if light is None:
+        return None
+    white = image_white(image)
+    return None if white is None or light.contains(white) else light_warning(white, cell=True)
+
+
+def light_warning(white: np.ndarray, cell: bool = False) -> str:
+    """What a field (``cell``: a single-cell image) whose background is ``white`` (outside the classifier's
+    range) is told."""
     red, green, blue = (int(round(float(v))) for v in white)
-    return (f"{LIGHT_WORDING}: its background is ({red}, {green}, {blue}), a colour of light (the camera's white "
+    return (f"{LIGHT_CELL_WORDING if cell else LIGHT_WORDING}: its background is ({red}, {green}, {blue}), "
+            f"a colour of light (the camera's white "
             f"balance or the lamp) none of them had. The classifier types cells partly by colour, and its "
-            f"'unlike the training data' flag can miss such a shift: its types here are untested (set the camera's "
-            f"white balance on an empty part of the slide, or review every cell)")
+            f"'unlike the training data' flag can miss such a shift: "
+            f"{'its class here is' if cell else 'its types here are'} untested (set the camera's "
+            f"white balance on an empty part of the slide, or review {'the' if cell else 'every'} cell)")

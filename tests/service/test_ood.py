@@ -201,3 +201,20 @@ def test_a_smear_case_judges_unfamiliar_cells_on_all_its_fields_cells(make_servi
         assert any(UNFAMILIAR_WORDING in flag.lower() and "2 of 3" in flag for flag in alone["differential"]["flags"])
     finally:
         two.close()
+
+
+def test_a_cell_case_in_a_light_the_classifier_never_saw_says_so() -> None:
+    """The shipped classifier records its training images' light: a cell upload whose background is bluish is
+    told, as `predict` tells it (tests/inference/test_cell_light.py), and the same cell as taken is not."""
+    from leukoscope.light import LIGHT_CELL_WORDING
+    from tests.inference.test_cell_light import BLUISH, _cell
+
+    analyzer = Analyzer.from_bundles("pretrained:wbc-classifier", threads=1)
+    try:
+        taken = analyzer.analyse_cell(_cell(size=240), um_per_px=0.1)
+        bluish = analyzer.analyse_cell(_cell(gains=BLUISH, size=240), um_per_px=0.1)
+    finally:
+        analyzer.close()
+    assert not [w for w in taken.warnings if w.startswith(LIGHT_CELL_WORDING)]
+    (said,) = [w for w in bluish.warnings if w.startswith(LIGHT_CELL_WORDING)]
+    assert said in bluish.cells[0].prediction.warnings

@@ -137,10 +137,11 @@ def predict(
 
 def _say_single_cell_warnings(predictions: list) -> None:
     """Warnings naming the images too small to show a cell, those without colour, those that show several white
-    cells (smear fields) and those without a white cell at their centre (their ``warnings`` column says so too, as
-    analyze's fields do); their rows stand."""
+    cells (smear fields), those without a white cell at their centre and those in a light the classifier never saw
+    (their ``warnings`` column says so too, as analyze's fields do); their rows stand."""
     from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, MIN_CELL_IMAGE_SIDE, NO_WHITE_CELL_WARNING,
                                               SEVERAL_CELLS_WORDING, TINY_CELL_WORDING)
+    from leukoscope.light import LIGHT_CELL_WORDING
 
     said = ((lambda w: w.startswith(TINY_CELL_WORDING),
              f"smaller than {MIN_CELL_IMAGE_SIDE} px a side cannot show a cell's detail; their classes are not to be "
@@ -153,7 +154,11 @@ def _say_single_cell_warnings(predictions: list) -> None:
              "(warnings column); analyse fields with `leukoscope analyze`"),
             (lambda w: w == NO_WHITE_CELL_WARNING,
              "show no white cell at their centre (no nuclear stain in the window read): their classes are not to be "
-             "trusted (warnings column); images of a smear are analysed with `leukoscope analyze`"))
+             "trusted (warnings column); images of a smear are analysed with `leukoscope analyze`"),
+            (lambda w: w.startswith(LIGHT_CELL_WORDING),
+             "have a background of a colour of light none of the classifier's training images had (the camera's "
+             "white balance or the lamp): their classes are untested (warnings column); set the camera's white "
+             "balance on an empty part of the slide"))
     for matches, words in said:
         named = [Path(p.source).name for p in predictions if any(map(matches, p.warnings))]
         if named:

@@ -31,6 +31,7 @@ from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_
                                           tiny_cell_warning, unscaled_cell_warning)
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from leukoscope.light import LightRange, cell_light_warning
 from leukoscope.labels import UNCERTAIN
 from leukoscope.pixels import is_grayscale
 from leukoscope.preprocessing import stack_pixels
@@ -91,12 +92,14 @@ class Prediction:
 
 
 def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um: float | None,
-                         seen: Image.Image | None = None, check_centre: bool = True) -> tuple[str, ...]:
+                         seen: Image.Image | None = None, check_centre: bool = True,
+                         light: LightRange | None = None) -> tuple[str, ...]:
     """The warnings of one single-cell ``image`` (as given, before framing) classified at ``scale``
     (:meth:`CellClassifier.frame`'s; None: taken as given) from ``seen`` (the window it was framed to; None:
     the image): `predict`'s ``warnings`` column and the web service's single-cell cases say the same.
     ``check_centre``: whether a centre without a white cell is doubted (:attr:`CellClassifier.checks_centres`:
-    not for a classifier of whole fields)."""
+    not for a classifier of whole fields); ``light``: the classifier's training images' light
+    (:attr:`CellClassifier.light_range`), against which the window's background is read."""
     unscaled = scale is not None and not scale.known and window_um is not None
     tiny = tiny_cell_warning(*image.size)
     # the field check of `analyze` (is_grayscale), said of the cell: its class rests on the stain's colour
@@ -109,8 +112,11 @@ def single_cell_warnings(image: Image.Image, scale: FieldScale | None, window_um
         nuclei = several_white_cells(image, um, window_um)
         if nuclei is not None:
             many.append(several_cells_warning(nuclei, image.width * um, image.height * um))
+    # a grey image says so already: its light has no colour to compare
+    unlit = None if grey else cell_light_warning(image if seen is None else seen, light)
     return tuple(([unscaled_cell_warning(window_um)] if unscaled else []) + ([tiny] if tiny else [])
-                 + ([GRAYSCALE_CELL_WARNING] if grey else []) + ([NO_WHITE_CELL_WARNING] if empty else []) + many)
+                 + ([GRAYSCALE_CELL_WARNING] if grey else []) + ([NO_WHITE_CELL_WARNING] if empty else []) + many
+                 + ([unlit] if unlit else []))
 
 
 class CellClassifier:
@@ -173,6 +179,11 @@ class CellClassifier:
         """Whether an image without a white cell at its centre is doubted: not by a classifier of whole fields,
         whose training images often had none there (:func:`leukoscope.cell_presence.checks_centres`)."""
         return checks_centres(self.info.provenance.get(TRAINING_CENTRES))
+
+    @property
+    def light_range(self) -> LightRange | None:
+        """The light of its training images (:mod:`leukoscope.light`), where its OOD statistics record it."""
+        return None if self.ood is None else LightRange.from_json(self.ood.details.get("light"))
 
     @property
     def window_um(self) -> float | None:
@@ -268,7 +279,7 @@ class CellClassifier:
                 framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px) if frame
                                          else (image, None))
                 warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed,
-                                                     check_centre=self.checks_centres)
+                                                     check_centre=self.checks_centres, light=self.light_range)
                 pending.append((index, framed))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)
@@ -288,6 +299,8 @@ def load_ood_stats(directory: str | Path, info: BundleInfo) -> OodStats | None:
     if arrays is None:
         return None
     try:
-        return OodStats.from_parts(info.ood, arrays)
+        stats = OodStats.from_parts(info.ood, arrays)
+        LightRange.from_json(stats.details.get("light"))  # a malformed range fails here, not at the first field
+        return stats
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{directory}: the ood entry of bundle.json is incomplete: {exc}") from None

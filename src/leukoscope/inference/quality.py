@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from leukoscope.labels import not_white_classes_in
 from leukoscope.progress import name_some
-from leukoscope.light import LIGHT_WORDING
+from leukoscope.light import LIGHT_CELL_WORDING, LIGHT_WORDING
 from leukoscope.scale import SCALE_OPTION, STATED_CELL_SCALE_WORDING
 
 
@@ -295,15 +295,16 @@ def is_unfamiliar_warning(warning: str) -> bool:
 def about_classification_only(warning: str) -> bool:
     """Whether ``warning`` doubts only the cell classifier's calls (cells unlike its training images, a cell
     image classified without a scale or at a stated scale its red cells doubt, cells cut by their boxes, a
-    cell image without a white cell at its centre or without colour, a field in a light the classifier never
-    saw: the reviewer labels or excludes it), not
+    cell image without a white cell at its centre or without colour, a field or cell image in a light the
+    classifier never saw: the reviewer labels or excludes it), not
     which cells were found or counted: a hematologist who has reviewed every cell has answered it, and the
     reviewed differential need not carry it. The detector's warnings (unverified, capped, a field at a guessed
     scale) still stand after any review: cells may have been missed."""
     return (is_unfamiliar_warning(warning) or warning.startswith(UNSCALED_CELL_WORDING)
             or warning.startswith(UNFRAMED_WORDING) or warning.startswith(TINY_CELL_WORDING)
             or warning.startswith(STATED_CELL_SCALE_WORDING) or warning.startswith(NO_WHITE_CELL_WORDING)
-            or warning.startswith(GRAYSCALE_CELL_WORDING) or warning.startswith(LIGHT_WORDING))
+            or warning.startswith(GRAYSCALE_CELL_WORDING) or warning.startswith(LIGHT_WORDING)
+            or warning.startswith(LIGHT_CELL_WORDING))
 
 
 def unfamiliar_count_warning(k: int, n: int, max_share: float = DEFAULT_UNFAMILIAR_SHARE,

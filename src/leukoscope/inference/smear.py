@@ -554,11 +554,11 @@ class SmearAnalyzer:
         return unfamiliar_warning([cell.unfamiliar for cell in cells], self.unfamiliar_share,
                                   classified_unit(self.rules.classes))
 
-    @cached_property
+    @property
     def light_range(self) -> LightRange | None:
-        """The light of the classifier's training images (:mod:`leukoscope.light`), where its bundle records it."""
-        ood = getattr(self.classifier, "ood", None)
-        return None if ood is None else LightRange.from_json(ood.details.get("light"))
+        """The light of the classifier's training images (:attr:`CellClassifier.light_range`), where its bundle
+        records it."""
+        return getattr(self.classifier, "light_range", None)
 
     def light_warning(self, field: PreparedField) -> str | None:
         """The warning of a field whose background's colour is outside :attr:`light_range`."""

@@ -295,7 +295,7 @@ class Analyzer:
         framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
         warnings = single_cell_warnings(image, scale, classifier.window_um, framed,
-                                        check_centre=classifier.checks_centres)
+                                        check_centre=classifier.checks_centres, light=classifier.light_range)
         prediction = replace(prediction, scale=scale, warnings=warnings)
         if scale is None:
             return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=list(warnings))
