@@ -1409,5 +1409,5 @@ def test_predict_warns_of_images_in_a_light_the_classifier_never_saw(tmp_path: P
     assert warning.startswith("warning: 1 image(s) have a background of a colour of light") and "bluish.png" in warning
     assert "taken.png" not in warning
     rows = {Path(row["source"]).name: row for row in csv.DictReader((tmp_path / "p.csv").open())}
-    assert rows["bluish.png"]["warnings"].startswith("Review: the image's light is unlike")
+    assert rows["bluish.png"]["warnings"].startswith("The image's light is unlike")
     assert "light" not in rows["taken.png"]["warnings"]

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from leukoscope.scale import FIELD_RUN_MAX_RATIO, FieldScale, disagrees_with_run, field_scale, lent_run_scale
+from leukoscope.scale import (FIELD_RUN_MAX_RATIO, FieldScale, checked_record, disagrees_with_run, field_scale,
+                              lent_run_scale)
 
 
 def window_box(box: Sequence[float], image_size: tuple[int, int], *, um_per_px: float | None = None,
@@ -73,14 +74,19 @@ def centre_window(image: Image.Image, um_per_px: float, window_um: float) -> Ima
 
 
 def frame_single_cell(image: Image.Image, window_um: float, um_per_px: float | None = None, *,
-                      run_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale]:
+                      run_um_per_px: float | None = None,
+                      recorded_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale]:
     """A single-cell image as a classifier of a ``window_um`` physical window was trained to see it: that
-    many micrometres around the image's centre at ``um_per_px`` or, not given, the scale its red cells
-    give (:func:`leukoscope.scale.field_scale`), or the run's (``run_um_per_px``: the images' scale
+    many micrometres around the image's centre at ``um_per_px`` or, not given, the scale its file records
+    (``recorded_um_per_px``: a TIFF's resolution tags, checked by its red cells as a field's is,
+    :func:`leukoscope.scale.checked_record`), else the scale its red cells give
+    (:func:`leukoscope.scale.field_scale`), or the run's (``run_um_per_px``: the images' scale
     together, :func:`leukoscope.scale.run_scale`) when they give none or one far off it, as in smear
     analysis. An image without any is returned whole with an 'unknown' scale (the cell then looks bigger
     or smaller than any the classifier learned)."""
-    scale = field_scale(image, um_per_px)
+    recorded = (checked_record(image, recorded_um_per_px)
+                if um_per_px is None and recorded_um_per_px is not None else None)
+    scale = recorded if recorded is not None else field_scale(image, um_per_px)
     if run_um_per_px is not None and (not scale.known or disagrees_with_run(scale, run_um_per_px)):
         why = (scale.note if not scale.known else f"its own estimate, {scale.um_per_px:.4f} um/px from "
                f"{scale.red_cells} red cells, is more than {FIELD_RUN_MAX_RATIO:g} times off")

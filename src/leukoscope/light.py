@@ -1,4 +1,5 @@
-"""The light a field was photographed in, against the light of a classifier's training images.
+"""The light a field (or a single-cell image) was photographed in, against the light of a classifier's
+training images.
 
 A classifier that types white cells by their colours (the shipped one does: docs/benchmarks.md) takes a
 camera's white balance for part of the cell, and its out-of-distribution flag can be fooled the same way:
@@ -7,7 +8,8 @@ the robustness review's 98 BCCD fields were 98 of 98 unfamiliar as given, and 25
 field's background (its white point, :func:`leukoscope.stain.white_point`), as a chromaticity
 (ln(R/G), ln(B/G): the same whatever the exposure), is compared with the range of the classifier's
 training images, recorded with its OOD statistics (``light`` in the bundle's ``ood`` entry); a field
-outside it is said, and its leukemia flag withheld.
+outside it is said, and its leukemia flag withheld; a single-cell image (`predict`, the service's cell
+cases) is read the same way on the window the classifier saw.
 
 A classifier that normalises each image's light or stain itself (``data.stain``) gets no range: the
 light of a field does not reach it.
@@ -15,6 +17,7 @@ light of a field does not reach it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -33,11 +36,15 @@ TAIL = 0.01
 MIN_IMAGES = 10
 #: Fields are reduced to at most this longest side before their white point is taken.
 FIELD_SIDE = 1024
+#: A single-cell image's window likewise: the training range was read from the model's inputs (96 px for the
+#: shipped classifier); a median of the brightest pixels does not need more, and a 1000 px window took 72 ms.
+CELL_SIDE = 128
 #: A field's lit share may be this low: a round eyepiece field of view in a 4:3 frame is about 59% lit.
 FIELD_LIT_SHARE = 0.2
 LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
-#: The same said of a single-cell image (`predict`, the service's cell cases).
-LIGHT_CELL_WORDING = "Review: the image's light is unlike the classifier's training images'"
+#: The same said of a single-cell image (`predict`, the service's cell cases). Its colour is not in it: a case's
+#: images that share a warning are named under one line (leukoscope.service.cases.named_warnings).
+LIGHT_CELL_WORDING = "The image's light is unlike the classifier's training images'"
 
 
 def chromaticity(white: np.ndarray) -> tuple[float, float]:
@@ -90,7 +97,8 @@ def _bounds(value: Any, name: str) -> tuple[float, float]:
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < 1):
         raise ValueError(f"light.images must be a positive whole number, got {value!r}")
     return int(value)
 
@@ -107,11 +115,12 @@ def fit_light_range(pixels: np.ndarray) -> LightRange | None:
     return LightRange((float(low[0]), float(high[0])), (float(low[1]), float(high[1])), len(whites))
 
 
-def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE) -> np.ndarray | None:
-    """The white point of an image (reduced to :data:`FIELD_SIDE` px first), or None (no background in view,
+def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE,
+                side: int = FIELD_SIDE) -> np.ndarray | None:
+    """The white point of an image (reduced to at most ``side`` px first), or None (no background in view,
     or fewer lit pixels than ``min_lit_share``: a segmented cell on black)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    factor = max(1, -(-max(rgb.size) // FIELD_SIDE))  # rounded up: never above FIELD_SIDE
+    factor = max(1, -(-max(rgb.size) // side))  # rounded up: never above side
     reduced = rgb.reduce(factor) if factor > 1 else rgb
     return white_point(np.asarray(reduced), min_lit_share=min_lit_share)
 
@@ -128,17 +137,20 @@ def cell_light_warning(image: Image.Image, light: LightRange | None) -> str | No
     as the training crops' white points are read) or without a recorded range."""
     if light is None:
         return None
-    white = image_white(image)
-    return None if white is None or light.contains(white) else light_warning(white, cell=True)
+    white = image_white(image, side=CELL_SIDE)
+    return None if white is None or light.contains(white) else CELL_LIGHT_WARNING
 
 
-def light_warning(white: np.ndarray, cell: bool = False) -> str:
-    """What a field (``cell``: a single-cell image) whose background is ``white`` (outside the classifier's
-    range) is told."""
+CELL_LIGHT_WARNING = (f"{LIGHT_CELL_WORDING}: the colour of its background (the camera's white balance or the lamp) "
+                      f"is one none of them had. The classifier types cells partly by colour, and its 'unlike the "
+                      f"training data' flag can miss such a shift: its class here is untested (set the camera's white "
+                      f"balance on an empty part of the slide, or review the cell)")
+
+
+def light_warning(white: np.ndarray) -> str:
+    """What a field whose background is ``white`` (outside the classifier's range) is told."""
     red, green, blue = (int(round(float(v))) for v in white)
-    return (f"{LIGHT_CELL_WORDING if cell else LIGHT_WORDING}: its background is ({red}, {green}, {blue}), "
-            f"a colour of light (the camera's white "
+    return (f"{LIGHT_WORDING}: its background is ({red}, {green}, {blue}), a colour of light (the camera's white "
             f"balance or the lamp) none of them had. The classifier types cells partly by colour, and its "
-            f"'unlike the training data' flag can miss such a shift: "
-            f"{'its class here is' if cell else 'its types here are'} untested (set the camera's "
-            f"white balance on an empty part of the slide, or review {'the' if cell else 'every'} cell)")
+            f"'unlike the training data' flag can miss such a shift: its types here are untested (set the camera's "
+            f"white balance on an empty part of the slide, or review every cell)")

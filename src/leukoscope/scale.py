@@ -101,6 +101,11 @@ class FieldScale:
     def given(cls, um_per_px: float) -> "FieldScale":
         return cls(checked_um_per_px(um_per_px, SCALE_OPTION), "given", 0, "stated by the user")
 
+    @classmethod
+    def recorded(cls, um_per_px: float) -> "FieldScale":
+        """The scale an image's file records (a TIFF's resolution tags), before its red cells check it."""
+        return cls(float(um_per_px), "recorded", 0, "recorded in the file (TIFF resolution tags)")
+
 
 def checked_um_per_px(um_per_px: float, name: str) -> float:
     """A pixel size someone gave (``name``: the option or argument, for the message), as a float,
@@ -282,10 +287,10 @@ def checked_record(image: Image.Image, recorded: float) -> FieldScale | None:
         return None
     estimate = estimate_scale(image)
     if not estimate.known or estimate.red_cells <= WEAK_ESTIMATE_RED_CELLS:
-        return FieldScale(recorded, "recorded", 0, "recorded in the file (TIFF resolution tags)")
+        return FieldScale.recorded(recorded)
     ratio = recorded / float(estimate.um_per_px)
     if abs(math.log(ratio)) <= math.log(FIELD_RUN_MAX_RATIO):
-        return FieldScale(recorded, "recorded", 0, "recorded in the file (TIFF resolution tags)")
+        return FieldScale.recorded(recorded)
     return replace(estimate, note=f"{estimate.note}; the file records {recorded:g} um/px, {max(ratio, 1 / ratio):.1f} "
                                   f"times off what its red cells measure: not used")
 

@@ -92,6 +92,24 @@ def test_predict_records_the_scale_each_image_was_framed_at(tmp_path: Path) -> N
     assert header["framed"] == header["as_given"] and {"um_per_px", "scale_source"} <= set(header["as_given"])
 
 
+def test_a_tiff_cells_resolution_tags_are_its_scale_unless_its_red_cells_or_the_user_say_otherwise(
+        tmp_path: Path) -> None:
+    """As `analyze` reads a TIFF field's record: `predict` had estimated every cell image's scale, tags or not."""
+    pytest.importorskip("tiffslide")
+    classifier = windowed_classifier()
+    BLANK.save(tmp_path / "blank.tif", resolution=1e4 / 0.2, resolution_unit="cm")  # no red cell to doubt it
+    cell = smear_field(20.0, seed=1)  # red cells 20 px across: 0.375 um/px
+    cell.save(tmp_path / "agrees.tif", resolution=1e4 / 0.36, resolution_unit="cm")
+    cell.save(tmp_path / "contradicted.tif", resolution=1e4 / 0.1, resolution_unit="cm")
+    paths = [tmp_path / name for name in ("blank.tif", "agrees.tif", "contradicted.tif")]
+    blank, agrees, contradicted = (p.scale for p in classifier.predict_paths(paths, frame=True))
+    assert (blank.source, blank.um_per_px) == ("recorded", pytest.approx(0.2))
+    assert (agrees.source, agrees.um_per_px) == ("recorded", pytest.approx(0.36))
+    assert contradicted.source == "estimated" and "the file records 0.1 um/px" in contradicted.note
+    stated = classifier.predict_paths(paths[:1], frame=True, um_per_px=0.3)[0].scale
+    assert (stated.source, stated.um_per_px) == ("given", 0.3)
+
+
 def test_predict_cli_options_and_the_message_for_images_without_a_scale(tmp_path: Path) -> None:
     runner = CliRunner()
     BLANK.save(tmp_path / "blank.png")

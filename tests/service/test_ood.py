@@ -203,18 +203,24 @@ def test_a_smear_case_judges_unfamiliar_cells_on_all_its_fields_cells(make_servi
         two.close()
 
 
-def test_a_cell_case_in_a_light_the_classifier_never_saw_says_so() -> None:
-    """The shipped classifier records its training images' light: a cell upload whose background is bluish is
-    told, as `predict` tells it (tests/inference/test_cell_light.py), and the same cell as taken is not."""
-    from leukoscope.light import LIGHT_CELL_WORDING
+def test_a_cell_case_in_a_light_the_classifier_never_saw_says_so_once(make_service) -> None:
+    """The shipped classifier records its training images' light: cell uploads whose background is bluish are
+    told, as `predict` tells them (tests/inference/test_cell_light.py), under one line naming them, and the
+    same cell as taken is not; the warning holds the case's leukemia flag back (test_review_answers.py)."""
+    from leukoscope.light import CELL_LIGHT_WARNING
     from tests.inference.test_cell_light import BLUISH, _cell
 
-    analyzer = Analyzer.from_bundles("pretrained:wbc-classifier", threads=1)
+    analyzer = Analyzer.from_bundles("pretrained:wbc-classifier", threads=1, gradcam=False)
     try:
-        taken = analyzer.analyse_cell(_cell(size=240), um_per_px=0.1)
-        bluish = analyzer.analyse_cell(_cell(gains=BLUISH, size=240), um_per_px=0.1)
+        service = make_service(analyzer_override=analyzer)
+        service.add_user("tech", "technician")
+        files = [(name, encode(_cell(gains=gains, size=size), "PNG")) for name, gains, size in  # three files
+                 (("taken.png", (1, 1, 1), 240), ("blue1.png", BLUISH, 240), ("blue2.png", BLUISH, 250))]
+        response = service.client().post("/api/v1/cases", headers=service.auth("tech"), data={"kind": "cell",
+                                         "um_per_px": "0.1"},
+                                         files=[("files", (name, data, "image/png")) for name, data in files])
     finally:
         analyzer.close()
-    assert not [w for w in taken.warnings if w.startswith(LIGHT_CELL_WORDING)]
-    (said,) = [w for w in bluish.warnings if w.startswith(LIGHT_CELL_WORDING)]
-    assert said in bluish.cells[0].prediction.warnings
+    assert response.status_code == 201, response.text
+    said = [w for w in response.json()["differential"]["warnings"] if w.startswith(CELL_LIGHT_WARNING)]
+    assert said == [f"{CELL_LIGHT_WARNING} [in 2 of 3 images: blue1.png, blue2.png]"]

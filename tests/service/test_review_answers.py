@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from leukoscope.inference.differential import LEUKEMIA_WORDING
 from leukoscope.inference.quality import GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, tiny_cell_warning
-from leukoscope.light import light_warning
+from leukoscope.light import CELL_LIGHT_WARNING
 from leukoscope.service.cases import current_differential
 
 
@@ -29,7 +28,7 @@ def _flagged(case: SimpleNamespace) -> bool:
 
 
 @pytest.mark.parametrize("warning", [NO_WHITE_CELL_WARNING, GRAYSCALE_CELL_WARNING, tiny_cell_warning(20, 20),
-                                     light_warning(np.array([176.0, 204.0, 251.0]), cell=True)])
+                                     CELL_LIGHT_WARNING])
 def test_the_warning_holds_the_flag_back_until_every_cell_is_reviewed(warning: str) -> None:
     assert not _flagged(_case(warning, reviewed=False))
     assert _flagged(_case(warning, reviewed=True))  # a grey image's warning stood after any review

@@ -257,3 +257,43 @@ def test_real_fields_at_a_wrong_stated_scale_are_doubted_through_the_service(mak
     assert not case["differential"]["acute_leukemia_flag"]
     (doubt,) = [w for w in small.json()["differential"]["warnings"] if w.startswith("the stated scale")]
     assert "0.8 um/px, is " in doubt and "median of 3 of 4 fields" in doubt
+
+
+def test_a_tiff_fields_resolution_tags_are_its_recorded_scale(scaled_service) -> None:
+    """As `leukoscope analyze` reads a TIFF file's: the service had ignored an upload's tags."""
+    service, detector = scaled_service
+    client, headers = service.client(), service.auth("tech")
+    tagged = encode(BLANK, "TIFF", resolution=1e4 / 0.2, resolution_unit="cm")  # 0.2 um/px, no red cell to doubt it
+    parts = [("files", ("tagged.tif", tagged, "application/octet-stream")),
+             ("files", ("plain.tif", encode(BLANK, "TIFF"), "application/octet-stream"))]
+    response = client.post("/api/v1/cases", headers=headers, files=parts, data={"kind": "smear"})
+    assert response.status_code == 201, response.text
+    tagged_scale, plain_scale = (image["scale"] for image in response.json()["images"])
+    assert tagged_scale["source"] == "recorded" and tagged_scale["um_per_px"] == pytest.approx(0.2)
+    assert plain_scale["source"] == "unknown"
+    assert detector.seen[0] == (1600, 1200)  # resampled from the record's 0.2 to the detector's 0.08 um/px
+    page = service.login("tech").get(f"/cases/{response.json()['id']}").text
+    assert page.count("scale 0.2000 um/px, recorded in the image file") == 1
+    # a stated scale wins over the record
+    stated = client.post("/api/v1/cases", headers=headers, files=parts[:1], data={"kind": "smear", "um_per_px": "0.1"})
+    assert stated.json()["images"][0]["scale"]["source"] == "given"
+
+
+def test_a_tiff_cells_resolution_tags_frame_it(make_service) -> None:
+    """A single-cell upload is framed at its file's record, as `predict` frames a TIFF cell image (the shipped
+    classifier has a physical window)."""
+    analyzer = Analyzer.from_bundles("pretrained:wbc-classifier", threads=1, gradcam=False)
+    try:
+        service = make_service(analyzer_override=analyzer)
+        service.add_user("tech", "technician")
+        client, headers = service.client(), service.auth("tech")
+        tagged = encode(BLANK, "TIFF", resolution=1e4 / 0.1, resolution_unit="cm")
+        response = client.post("/api/v1/cases", headers=headers, data={"kind": "cell"},
+                               files=[("files", ("cell.tif", tagged, "application/octet-stream")),
+                                      ("files", ("cell.png", encode(BLANK, "PNG"), "application/octet-stream"))])
+    finally:
+        analyzer.close()
+    assert response.status_code == 201, response.text
+    tagged_scale, plain_scale = (image["scale"] for image in response.json()["images"])
+    assert tagged_scale["source"] == "recorded" and tagged_scale["um_per_px"] == pytest.approx(0.1)
+    assert plain_scale["source"] == "unknown"

@@ -30,6 +30,7 @@ from leukoscope.cell_presence import TRAINING_CENTRES, checks_centres, lacks_whi
 from leukoscope.inference.quality import (GRAYSCALE_CELL_WARNING, NO_WHITE_CELL_WARNING, several_cells_warning,
                                           tiny_cell_warning, unscaled_cell_warning)
 from leukoscope.inference.runtime import Runtime, TorchRuntime, load_runtime
+from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from leukoscope.light import LightRange, cell_light_warning
 from leukoscope.labels import UNCERTAIN
@@ -65,8 +66,8 @@ class Prediction:
     scale its window was cut at ('unknown': classified whole); None when the image was taken as given."""
     warnings: tuple[str, ...] = ()
     """Why this image's class is not to be trusted (:func:`single_cell_warnings`: too small to show a cell,
-    classified whole for want of a scale, no colour, no white cell at its centre, several white cells); the
-    ``warnings`` column."""
+    classified whole for want of a scale, no colour, no white cell at its centre, several white cells, a light
+    none of the training images had); the ``warnings`` column."""
 
     def as_row(self) -> dict[str, object]:
         """The row of a predictions file. An unreadable image has no label, class, confidence or uncertainty:
@@ -190,17 +191,20 @@ class CellClassifier:
         """The physical window the classifier was trained on (``preprocessing.cell_window_um``), if any."""
         return self.preprocessing.cell_window_um
 
-    def frame(self, image: Image.Image, um_per_px: float | None = None, *,
-              run_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale | None]:
+    def frame(self, image: Image.Image, um_per_px: float | None = None, *, run_um_per_px: float | None = None,
+              recorded_um_per_px: float | None = None) -> tuple[Image.Image, FieldScale | None]:
         """A single-cell image as the classifier was trained to see it: with a physical window, that many
         micrometres around the image's centre at ``um_per_px`` or, not given, the scale its red cells give
         (:func:`leukoscope.scale.field_scale`), or the run's (``run_um_per_px``: the images' scale together,
         :func:`leukoscope.scale.run_scale`) when they give none or one far off it, as in smear analysis; an
         image without any is returned whole with an 'unknown' scale (the cell then looks bigger or smaller
-        than any it learned). A classifier without a window takes the image as it is (scale None)."""
+        than any it learned). ``recorded_um_per_px``: the scale its file records (a TIFF's resolution tags,
+        :func:`leukoscope.inference.slide.reader.recorded_um_per_px`), used before its red cells' unless it is
+        stated. A classifier without a window takes the image as it is (scale None)."""
         if self.window_um is None:
             return image, None
-        return frame_single_cell(image, self.window_um, um_per_px, run_um_per_px=run_um_per_px)
+        return frame_single_cell(image, self.window_um, um_per_px, run_um_per_px=run_um_per_px,
+                                 recorded_um_per_px=recorded_um_per_px)
 
     def _to_prediction(self, source: str, probs: np.ndarray, ood_score: float | None = None) -> Prediction:
         top = int(probs.argmax())
@@ -255,8 +259,8 @@ class CellClassifier:
         """Predict every file; unreadable files give a row with ``error`` set, never a crash.
 
         ``frame``: each file is a single-cell image to be framed for the classifier's window
-        (:meth:`frame`, at ``um_per_px`` when given, else their own or ``run_um_per_px``; each prediction
-        records its ``scale``); without it
+        (:meth:`frame`, at ``um_per_px`` when given, else the one a TIFF's resolution tags record, else their
+        own or ``run_um_per_px``; each prediction records its ``scale``); without it
         the files are taken as they are (crops already cut at the window, as training's)."""
         paths = [Path(p) for p in paths]
         results: list[Prediction | None] = [None] * len(paths)
@@ -276,8 +280,9 @@ class CellClassifier:
         for index, path in enumerate(paths):
             try:
                 image = load_image(path, max_pixels=max_pixels)
-                framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px) if frame
-                                         else (image, None))
+                recorded = recorded_um_per_px(path) if frame and um_per_px is None else None
+                framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px,
+                                                    recorded_um_per_px=recorded) if frame else (image, None))
                 warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed,
                                                      check_centre=self.checks_centres, light=self.light_range)
                 pending.append((index, framed))

@@ -490,7 +490,7 @@ class SmearAnalyzer:
         recorded = recorded_um_per_px(path)
         if recorded is None:
             return None
-        return FieldScale(recorded, "recorded", 0, "recorded in the file (TIFF resolution tags)")
+        return FieldScale.recorded(recorded)
 
     def analyze(self, image: Image.Image | str | Path, source: str | None = None, *,
                 scale: FieldScale | None = None, um_per_px: float | None = None,

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from leukoscope.inference.differential import Differential
 from leukoscope.inference.predictor import CellClassifier, Prediction, single_cell_warnings
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
-from leukoscope.scale import SCALE_OPTION
+from leukoscope.scale import SCALE_OPTION, FieldScale
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,12 @@ class Analyzer:
         parameters = inspect.signature(self.smear.analyse).parameters if self.smear is not None else {}
         return "um_per_px" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
+    def takes_recorded_scale(self) -> bool:
+        """Whether the smear backend's ``analyse`` takes the scale a field's file records
+        (``recorded_um_per_px``): the service's own adapter does; one written before it would fail on it."""
+        parameters = inspect.signature(self.smear.analyse).parameters if self.smear is not None else {}
+        return "recorded_um_per_px" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
     @property
     def warnings(self) -> list[str]:
         """Why this server's smear counts cannot be trusted (the detector's quality gate)."""
@@ -284,15 +290,17 @@ class Analyzer:
         return prediction, explained(image, maps.heatmaps[0], classifier.image_size, bool(maps.flat[0]))
 
     def analyse_cell(self, image: Image.Image, run_um_per_px: float | None = None,
-                     um_per_px: float | None = None) -> ImageOutcome:
+                     um_per_px: float | None = None, recorded_um_per_px: float | None = None) -> ImageOutcome:
         """One cell per upload. A classifier of a physical window sees that many micrometres around the
-        image's centre at the scale the uploader stated (``um_per_px``), else the one its red cells give, else
+        image's centre at the scale the uploader stated (``um_per_px``), else the one its file records
+        (``recorded_um_per_px``: a TIFF's resolution tags), else the one its red cells give, else
         the case's (``run_um_per_px``;
         :meth:`CellClassifier.frame`, as `leukoscope predict`); the crop is kept (the reviewed-labels export
         then holds what the model saw). Without a scale the image is classified whole, and a warning keeps
         the case from any leukemia flag (the image's own reason is in its ``scale`` note)."""
         classifier = self._classifier()
-        framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px)
+        framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px,
+                                         recorded_um_per_px=recorded_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
         warnings = single_cell_warnings(image, scale, classifier.window_um, framed,
                                         check_centre=classifier.checks_centres, light=classifier.light_range)
@@ -303,13 +311,16 @@ class Analyzer:
                             warnings=list(warnings), scale=scale.to_json())
 
     def analyse_smear(self, image: Image.Image, run_um_per_px: float | None = None,
-                      um_per_px: float | None = None) -> ImageOutcome:
+                      um_per_px: float | None = None, recorded_um_per_px: float | None = None) -> ImageOutcome:
+        """One smear field per upload, by the smear backend; ``recorded_um_per_px`` (the scale its file records)
+        goes to a backend whose ``analyse`` takes it (:meth:`takes_recorded_scale`)."""
         if self.smear is None:
             raise RuntimeError("no detector bundle loaded")
         classifier = self._classifier()
         # the keywords only when there is a scale to give: a backend written before them keeps working
-        scales = {name: value for name, value in (("run_um_per_px", run_um_per_px), ("um_per_px", um_per_px))
-                  if value is not None}
+        given = (("run_um_per_px", run_um_per_px), ("um_per_px", um_per_px),
+                 ("recorded_um_per_px", recorded_um_per_px if self.takes_recorded_scale() else None))
+        scales = {name: value for name, value in given if value is not None}
         result = self.smear.analyse(image, **scales)
         _reword(result)  # before its picture is drawn: the band of warnings names the upload's scale, not the CLI's
         crop_cell = getattr(self.smear, "crop_cell", None)
@@ -356,14 +367,19 @@ class Analyzer:
     # ------------------------------------------------------------ event-loop side
 
     async def run(self, kind: str, images: Sequence[Image.Image], run_um_per_px: float | None = None,
-                  um_per_px: float | None = None) -> list[ImageOutcome]:
+                  um_per_px: float | None = None,
+                  recorded_um_per_px: Sequence[float | None] | None = None) -> list[ImageOutcome]:
         """``run_um_per_px``: the scale of the case's images together (:func:`leukoscope.scale.run_scale_of`),
         for a smear field or a single-cell image whose own red cells give none (or a weak one far off it).
-        ``um_per_px``: the scale the uploader stated, used for every image."""
+        ``um_per_px``: the scale the uploader stated, used for every image. ``recorded_um_per_px``: the scale
+        each image's file records (a TIFF's resolution tags; None where none), checked by its red cells."""
         loop = asyncio.get_running_loop()
         work = functools.partial(self.analyse_smear if kind == "smear" else self.analyse_cell,
                                  run_um_per_px=run_um_per_px, um_per_px=um_per_px)
-        return list(await asyncio.gather(*(loop.run_in_executor(self._executor, work, image) for image in images)))
+        recorded = list(recorded_um_per_px) if recorded_um_per_px is not None else [None] * len(images)
+        return list(await asyncio.gather(*(loop.run_in_executor(
+            self._executor, functools.partial(work, recorded_um_per_px=record), image)
+            for image, record in zip(images, recorded))))
 
 
 # ---------------------------------------------------------------- smear adapter
@@ -403,8 +419,12 @@ class _MethodAdapter:
                 setattr(self, name, getattr(target, name))
         self.warnings = list(getattr(target, "warnings", None) or [])
 
-    def analyse(self, image: Image.Image, run_um_per_px: float | None = None, um_per_px: float | None = None) -> Any:
-        return self._call(image, run_um_per_px=run_um_per_px, um_per_px=um_per_px)
+    def analyse(self, image: Image.Image, run_um_per_px: float | None = None, um_per_px: float | None = None,
+                recorded_um_per_px: float | None = None) -> Any:
+        # a file's record is the field's scale as analyze reads a TIFF's (checked by its red cells); a stated one wins
+        scale = (FieldScale.recorded(recorded_um_per_px)
+                 if recorded_um_per_px is not None and um_per_px is None else None)
+        return self._call(image, run_um_per_px=run_um_per_px, um_per_px=um_per_px, scale=scale)
 
 
 def _reword(result: Any) -> None:

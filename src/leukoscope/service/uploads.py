@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
 from leukoscope.inference.predictor import Prediction
+from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.io import (SUPPORTED_FORMATS, ImageDecodeError, ImageTooLargeError, allow_pixels, load_image,
                            too_many_pixels)
 from leukoscope.service.analysis import ImageOutcome
@@ -197,7 +198,11 @@ def encode_outcome(decoded: DecodedUpload, outcome: ImageOutcome) -> PreparedIma
 
 async def prepare_upload(state: "ServiceState", kind: str, upload: Upload, run_um_per_px: float | None = None,
                          um_per_px: float | None = None) -> PreparedImage:
-    """Decode, analyse and encode one file; its decoded image is freed when this returns."""
+    """Decode, analyse and encode one file; its decoded image is freed when this returns. A TIFF's resolution
+    tags are its recorded scale, as `leukoscope analyze` and `predict` read a TIFF file's (a stated one wins)."""
     decoded = await run_in_threadpool(decode_upload, upload, state.settings.max_pixels)
-    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px, um_per_px=um_per_px)
+    recorded = (await run_in_threadpool(recorded_um_per_px, upload.data)
+                if decoded.format == "TIFF" and um_per_px is None else None)
+    (outcome,) = await state.analyzer.run(kind, [decoded.image], run_um_per_px=run_um_per_px, um_per_px=um_per_px,
+                                          recorded_um_per_px=[recorded])
     return await run_in_threadpool(encode_outcome, decoded, outcome)

@@ -9,6 +9,7 @@ read is the monolayer's and the sampler's business.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import threading
@@ -26,6 +27,8 @@ SLIDE_ONLY_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide", ".
 #: Formats only OpenSlide reads (not TIFF inside).
 OPENSLIDE_ONLY_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+#: The first bytes of a TIFF (little- and big-endian, classic and BigTIFF): an upload's format is read from them.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SLIDE_EXTRA_HINT = "pip install 'leukoscope[slide]' (tiffslide, tifffile)"
 OPENSLIDE_HINT = "pip install openslide-python openslide-bin"
 
@@ -130,20 +133,26 @@ class Slide:
         self.close()
 
 
-def recorded_um_per_px(path: str | Path) -> float | None:
+def recorded_um_per_px(source: str | Path | bytes) -> float | None:
     """The pixel size a TIFF records in its resolution tags (XResolution/YResolution in CENTIMETER or INCH, as
-    microscope cameras write them), read and checked as a slide's is (:func:`_recorded_mpp`). None: not a TIFF,
-    no such tags, tiffslide not installed, or no microscope's size, said by no warning (72 dpi is an editor's
-    default, not a scale: the field's red cells measure it, as before)."""
-    path = Path(path)
-    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
-        return None
+    microscope cameras write them), read and checked as a slide's is (:func:`_recorded_mpp`); ``source``: a file
+    (a TIFF by its suffix) or a file's bytes (an upload: a TIFF by its first bytes). None: not a TIFF, no such
+    tags, tiffslide not installed, or no microscope's size, said by no warning (72 dpi is an editor's default,
+    not a scale: the field's red cells measure it, as before)."""
+    if isinstance(source, bytes):
+        if not source.startswith(TIFF_MAGIC):
+            return None
+        opened: Path | io.BytesIO = io.BytesIO(source)
+    else:
+        opened = Path(source)
+        if opened.suffix.lower() not in TIFF_SUFFIXES or not opened.is_file():
+            return None
     try:
         import tiffslide
     except ImportError:
         return None
     try:
-        with tiffslide.TiffSlide(path) as handle:
+        with tiffslide.TiffSlide(opened) as handle:
             properties = dict(handle.properties)
     except Exception:  # noqa: BLE001 - an unreadable header: reading the field says why
         return None
