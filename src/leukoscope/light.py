@@ -88,6 +88,8 @@ class LightRange:
 def _bounds(value: Any, name: str) -> tuple[float, float]:
     """(low, high) of one chromaticity from a recorded ``[low, high]``."""
     try:
+        if not isinstance(value, (list, tuple)):  # a string's characters are no bounds
+            raise TypeError
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"light.{name} must be two numbers [low, high], got {value!r}") from None

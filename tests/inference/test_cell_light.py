@@ -92,6 +92,7 @@ def test_predict_reads_the_range_from_the_bundle_and_the_window_it_framed(tmp_pa
 @pytest.mark.parametrize("light, says", [({"red": [0.0, 0.1], "images": 5}, "lacks blue"),
                                          ({"red": [0.1, 0.0], "blue": [0.0, 0.1], "images": 5}, "low <= high"),
                                          ({"red": [0.0], "blue": [0.0, 0.1], "images": 5}, "two numbers"),
+                                         ({"red": "01", "blue": [0.0, 0.1], "images": 5}, "two numbers"),
                                          ({"red": [0.0, 0.1], "blue": [0.0, 0.1], "images": "many"}, "whole number"),
                                          ({"red": [0.0, 0.1], "blue": [0.0, 0.1], "images": 1e400}, "whole number"),
                                          ([0.0, 0.1], "mapping")])
