@@ -39,6 +39,11 @@ FIELD_SIDE = 1024
 #: A single-cell image's window likewise: the training range was read from the model's inputs (96 px for the
 #: shipped classifier); a median of the brightest pixels does not need more, and a 1000 px window took 72 ms.
 CELL_SIDE = 128
+#: Luma (ITU-R BT.601) weights of R, G, B.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+#: A background is brighter than the stained cells in view: an image whose darkest 5% come within this many
+#: grey levels of its white point shows no background to read (a flat colour, a crop of cytoplasm alone).
+MIN_CONTRAST = 40.0
 #: A field's lit share may be this low: a round eyepiece field of view in a 4:3 frame is about 59% lit.
 FIELD_LIT_SHARE = 0.2
 LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
@@ -119,12 +124,18 @@ def fit_light_range(pixels: np.ndarray) -> LightRange | None:
 
 def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE,
                 side: int = FIELD_SIDE) -> np.ndarray | None:
-    """The white point of an image (reduced to at most ``side`` px first), or None (no background in view,
-    or fewer lit pixels than ``min_lit_share``: a segmented cell on black)."""
+    """The white point of an image (reduced to at most ``side`` px first), or None: no background in view,
+    fewer lit pixels than ``min_lit_share`` (a segmented cell on black), or nothing in view darker than its
+    brightest part by :data:`MIN_CONTRAST` (a flat image: its colour may be a stain as well as a light)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     factor = max(1, -(-max(rgb.size) // side))  # rounded up: never above side
-    reduced = rgb.reduce(factor) if factor > 1 else rgb
-    return white_point(np.asarray(reduced), min_lit_share=min_lit_share)
+    pixels = np.asarray(rgb.reduce(factor) if factor > 1 else rgb)
+    white = white_point(pixels, min_lit_share=min_lit_share)
+    if white is None:
+        return None
+    luma = pixels.reshape(-1, 3).astype(np.float32) @ LUMA
+    darkest = np.partition(luma, max(0, int(len(luma) * 0.05) - 1))[max(0, int(len(luma) * 0.05) - 1)]
+    return white if float(white @ LUMA) - float(darkest) >= MIN_CONTRAST else None
 
 
 def field_white(image: Image.Image) -> np.ndarray | None:

@@ -60,6 +60,8 @@ def test_the_window_read_decides_and_images_without_a_background_are_not_checked
     on_black = np.asarray(bluish).copy()
     on_black[np.all(on_black == on_black[0, 0], axis=2)] = 0  # a segmented cell on black: no light to read
     assert cell_light_warning(Image.fromarray(on_black), SHIPPED) is None
+    # a flat colour (or a crop of cytoplasm alone) shows nothing darker than its brightest part: no light to read
+    assert cell_light_warning(Image.new("RGB", (64, 48), (150, 100, 180)), SHIPPED) is None
     big = bluish.resize((3000, 3000), Image.NEAREST)  # reduced before it is read, and still read
     assert cell_light_warning(big, SHIPPED) is not None
 
