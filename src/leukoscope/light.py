@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from leukoscope.stain import SEGMENTED_SHARE, white_point
+from leukoscope.stain import DARK, SEGMENTED_SHARE, white_point
 
 #: Beyond the training range, this much (natural log of one channel's gain against green) is still the
 #: same light: about 8%. (Measured, docs/benchmarks.md: 200 fields of each of pbc, all-taleqani, BCCD and CBC
@@ -41,9 +41,13 @@ FIELD_SIDE = 1024
 CELL_SIDE = 128
 #: Luma (ITU-R BT.601) weights of R, G, B.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-#: A background is brighter than the stained cells in view: an image whose darkest 5% come within this many
-#: grey levels of its white point shows no background to read (a flat colour, a crop of cytoplasm alone).
+#: A background is brighter than the stained cells in view: an image whose darkest lit pixels (the darkest
+#: :data:`DARKEST_SHARE`) come within this many grey levels of its white point shows no background to read (a flat
+#: colour, a crop of cytoplasm alone).
 MIN_CONTRAST = 40.0
+#: 1%, not 5%: in a sparse field white cells are under 5% of the pixels, and pale red cells came within 40 levels of
+#: a bluish background (44 of 2,768 all-taleqani fields lost their light warning with 5%; none with 1%).
+DARKEST_SHARE = 0.01
 #: A field's lit share may be this low: a round eyepiece field of view in a 4:3 frame is about 59% lit.
 FIELD_LIT_SHARE = 0.2
 LIGHT_WORDING = "Review: the field's light is unlike the classifier's training images'"
@@ -125,7 +129,7 @@ def fit_light_range(pixels: np.ndarray) -> LightRange | None:
 def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE,
                 side: int = FIELD_SIDE) -> np.ndarray | None:
     """The white point of an image (reduced to at most ``side`` px first), or None: no background in view,
-    fewer lit pixels than ``min_lit_share`` (a segmented cell on black), or nothing in view darker than its
+    fewer lit pixels than ``min_lit_share`` (a segmented cell on black), or no lit pixel darker than its
     brightest part by :data:`MIN_CONTRAST` (a flat image: its colour may be a stain as well as a light)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     factor = max(1, -(-max(rgb.size) // side))  # rounded up: never above side
@@ -133,21 +137,24 @@ def image_white(image: Image.Image, min_lit_share: float = SEGMENTED_SHARE,
     white = white_point(pixels, min_lit_share=min_lit_share)
     if white is None:
         return None
-    luma = pixels.reshape(-1, 3).astype(np.float32) @ LUMA
-    darkest = np.partition(luma, max(0, int(len(luma) * 0.05) - 1))[max(0, int(len(luma) * 0.05) - 1)]
-    return white if float(white @ LUMA) - float(darkest) >= MIN_CONTRAST else None
+    flat = pixels.reshape(-1, 3)
+    luma = flat[flat.max(axis=1) >= DARK].astype(np.float32) @ LUMA  # lit pixels: black surround is no stain
+    rank = int(len(luma) * DARKEST_SHARE)
+    darkest = float(np.partition(luma, rank)[rank])
+    return white if float(white @ LUMA) - darkest >= MIN_CONTRAST else None
 
 
 def field_white(image: Image.Image) -> np.ndarray | None:
-    """The white point of a field, which may be seen through an eyepiece's round field of view
-    (:data:`FIELD_LIT_SHARE`)."""
+    """The white point of a field (:func:`image_white`), which may be seen through an eyepiece's round field of
+    view (:data:`FIELD_LIT_SHARE`)."""
     return image_white(image, FIELD_LIT_SHARE)
 
 
 def cell_light_warning(image: Image.Image, light: LightRange | None) -> str | None:
     """The warning of a single-cell image (as the classifier sees it: its window) whose background's colour is
     outside ``light``; None when it is inside, when the image shows no background (a segmented cell on black,
-    as the training crops' white points are read) or without a recorded range."""
+    as the training crops' white points are read; a flat colour: :func:`image_white`) or without a recorded
+    range."""
     if light is None:
         return None
     white = image_white(image, side=CELL_SIDE)

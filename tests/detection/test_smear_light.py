@@ -119,3 +119,23 @@ def test_a_field_s_light_is_read_once_however_often_its_warnings_are_asked(monke
     result = analyzer.analyze_prepared(field)
     again = analyzer.field_warnings(field, result.cells)
     assert len(reads) == 1 and again == result.warnings and again[0].startswith(LIGHT_WORDING)
+
+
+def test_a_sparse_field_keeps_its_light_read() -> None:
+    """Pale red cells and one white cell (under 5% of the pixels) on a bluish background: the rule that an
+    image must show something darker than its background (leukoscope.light.MIN_CONTRAST) reads the darkest 1%,
+    and still finds this field's light; a flat colour, and the same with a black frame, show none."""
+    light = fit_light_range(_training_pixels())
+    pixels = np.empty((480, 640, 3), np.float32)
+    pixels[:] = NEUTRAL
+    for y in range(60, 480, 120):
+        for x in range(60, 640, 120):
+            pixels[y - 12:y + 12, x - 12:x + 12] = (205, 190, 195)  # pale red cells, 15-30 levels under the glass
+    pixels[210:270, 290:350] = (120, 80, 170)  # one white cell's nucleus: 1.2% of the field (5% was read before)
+    bluish = Image.fromarray(np.clip(np.rint(pixels * np.asarray(BLUISH, np.float32)), 0, 255).astype(np.uint8))
+    white = field_white(bluish)
+    assert white is not None and not light.contains(white)
+    flat = np.zeros((480, 640, 3), np.uint8)
+    flat[40:-40, 40:-40] = (150, 100, 180)  # a flat colour in a black frame: the black is no stain
+    assert field_white(Image.fromarray(flat)) is None
+    assert field_white(Image.new("RGB", (64, 48), (150, 100, 180))) is None

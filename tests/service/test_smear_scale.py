@@ -261,6 +261,7 @@ def test_real_fields_at_a_wrong_stated_scale_are_doubted_through_the_service(mak
 
 def test_a_tiff_fields_resolution_tags_are_its_recorded_scale(scaled_service) -> None:
     """As `leukoscope analyze` reads a TIFF file's: the service had ignored an upload's tags."""
+    pytest.importorskip("tiffslide")
     service, detector = scaled_service
     client, headers = service.client(), service.auth("tech")
     tagged = encode(BLANK, "TIFF", resolution=1e4 / 0.2, resolution_unit="cm")  # 0.2 um/px, no red cell to doubt it
@@ -282,6 +283,7 @@ def test_a_tiff_fields_resolution_tags_are_its_recorded_scale(scaled_service) ->
 def test_a_tiff_cells_resolution_tags_frame_it(make_service) -> None:
     """A single-cell upload is framed at its file's record, as `predict` frames a TIFF cell image (the shipped
     classifier has a physical window)."""
+    pytest.importorskip("tiffslide")
     analyzer = Analyzer.from_bundles("pretrained:wbc-classifier", threads=1, gradcam=False)
     try:
         service = make_service(analyzer_override=analyzer)
@@ -297,3 +299,12 @@ def test_a_tiff_cells_resolution_tags_frame_it(make_service) -> None:
     tagged_scale, plain_scale = (image["scale"] for image in response.json()["images"])
     assert tagged_scale["source"] == "recorded" and tagged_scale["um_per_px"] == pytest.approx(0.1)
     assert plain_scale["source"] == "unknown"
+
+
+def test_a_scale_the_server_states_for_every_field_wins_over_a_files_record(analyzer) -> None:
+    """A smear backend made with ``um_per_px`` (the Python API's smear_options): the record had won over it."""
+    backend = load_smear_backend(ScaledDetector(um_per_px=0.08), analyzer.base, um_per_px=0.3)
+    scale = backend.analyse(BLANK, recorded_um_per_px=0.2).scale
+    assert scale["source"] == "given" and scale["um_per_px"] == 0.3
+    unstated = load_smear_backend(ScaledDetector(um_per_px=0.08), analyzer.base)
+    assert unstated.analyse(BLANK, recorded_um_per_px=0.2).scale["source"] == "recorded"

@@ -73,6 +73,8 @@ class SmearBackend(Protocol):
     # given only to a backend whose ``borrows_case_scale`` is true (the service then finds the case's scale
     # from the fields' red cells before analysing them). ``um_per_px``: the scale the uploader stated for
     # the case's images (each field then analysed at it; its red cells may doubt it in a warning).
+    # ``recorded_um_per_px`` (optional keyword): the scale the field's file records (a TIFF's resolution tags),
+    # given only to a backend whose ``analyse`` takes it (``Analyzer.takes_recorded_scale``).
     # Optional: ``cell_crops(image, result) -> list[Image]`` gives the crops its classifier saw
     # (at the field's scale), else ``crop_cell(image, box) -> Image`` one cell's;
     # ``warnings`` (list of str) says why its counts cannot be trusted (quality gates).
@@ -377,6 +379,8 @@ class Analyzer:
         work = functools.partial(self.analyse_smear if kind == "smear" else self.analyse_cell,
                                  run_um_per_px=run_um_per_px, um_per_px=um_per_px)
         recorded = list(recorded_um_per_px) if recorded_um_per_px is not None else [None] * len(images)
+        if len(recorded) != len(images):
+            raise ValueError(f"{len(recorded)} recorded scales for {len(images)} images")
         return list(await asyncio.gather(*(loop.run_in_executor(
             self._executor, functools.partial(work, recorded_um_per_px=record), image)
             for image, record in zip(images, recorded))))
@@ -413,6 +417,8 @@ class _MethodAdapter:
         self._call = getattr(target, method)
         # SmearAnalyzer: a field without a scale of its own takes ``run_um_per_px``, unless one is stated
         self.borrows_case_scale = getattr(target, "um_per_px", None) is None
+        # a scale the server states for every field wins over a file's record, as over its red cells
+        self.takes_records = self.borrows_case_scale
         self.detector = getattr(target, "detector", None)
         for name in ("crop_cell", "cell_crops"):
             if hasattr(target, name):
@@ -423,7 +429,7 @@ class _MethodAdapter:
                 recorded_um_per_px: float | None = None) -> Any:
         # a file's record is the field's scale as analyze reads a TIFF's (checked by its red cells); a stated one wins
         scale = (FieldScale.recorded(recorded_um_per_px)
-                 if recorded_um_per_px is not None and um_per_px is None else None)
+                 if recorded_um_per_px is not None and um_per_px is None and self.takes_records else None)
         return self._call(image, run_um_per_px=run_um_per_px, um_per_px=um_per_px, scale=scale)
 
 
