@@ -145,6 +145,17 @@ class CellClassifier:
             raise ValueError(f"uncertain threshold must be in [0, 1], got {self.threshold}")
         self.ood = ood
 
+    @property
+    def ood(self) -> OodStats | None:
+        """The OOD statistics the flag scores against (None: no flag)."""
+        return self._ood
+
+    @ood.setter
+    def ood(self, stats: OodStats | None) -> None:
+        # The light range is parsed once here, not per image (``predict``) or per field (``analyze``).
+        self._ood = stats
+        self._light_range = None if stats is None else LightRange.from_json(stats.details.get("light"))
+
     @classmethod
     def from_bundle(cls, directory: str | Path, device: str = "cpu", uncertain_threshold: float | None = None,
                     *, backend: str = "torch", threads: int | None = None) -> "CellClassifier":
@@ -184,7 +195,7 @@ class CellClassifier:
     @property
     def light_range(self) -> LightRange | None:
         """The light of its training images (:mod:`leukoscope.light`), where its OOD statistics record it."""
-        return None if self.ood is None else LightRange.from_json(self.ood.details.get("light"))
+        return self._light_range
 
     @property
     def window_um(self) -> float | None:

@@ -193,14 +193,17 @@ class Analyzer:
         ``um_per_px`` keyword (one written before it would fail on it)."""
         if kind != "smear":
             return self.base.window_um is not None
-        parameters = inspect.signature(self.smear.analyse).parameters if self.smear is not None else {}
-        return "um_per_px" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        return self._smear_takes("um_per_px")
 
     def takes_recorded_scale(self) -> bool:
         """Whether the smear backend's ``analyse`` takes the scale a field's file records
         (``recorded_um_per_px``): the service's own adapter does; one written before it would fail on it."""
+        return self._smear_takes("recorded_um_per_px")
+
+    def _smear_takes(self, keyword: str) -> bool:
+        """Whether the smear backend's ``analyse`` accepts ``keyword`` (by name or through ``**kwargs``)."""
         parameters = inspect.signature(self.smear.analyse).parameters if self.smear is not None else {}
-        return "recorded_um_per_px" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
     @property
     def warnings(self) -> list[str]:
