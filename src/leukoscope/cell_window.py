@@ -97,13 +97,15 @@ def frame_single_cell(image: Image.Image, window_um: float, um_per_px: float | N
 
 
 def single_cell_framer(window_um: float, paths: Sequence[str | Path],
-                       um_per_px: float | None = None) -> Callable[[Image.Image], Image.Image]:
+                       um_per_px: float | None = None) -> Callable[[Image.Image, float | None], Image.Image]:
     """How a set of single-cell image files is framed for a classifier of a ``window_um`` window, as
-    ``leukoscope predict`` frames them: at ``um_per_px``, else each image's own scale, else the files' scale
-    together (:func:`leukoscope.scale.run_scale`, from five files on)."""
+    ``leukoscope predict`` frames them: at ``um_per_px``, else the scale an image's file records (the framer's
+    second argument: a TIFF's tags), else its red cells' scale, else the files' scale together
+    (:func:`leukoscope.scale.run_scale`, from five files on)."""
     run = lent_run_scale(paths, um_per_px)
 
-    def frame(image: Image.Image) -> Image.Image:
-        return frame_single_cell(image, window_um, um_per_px, run_um_per_px=run)[0]
+    def frame(image: Image.Image, recorded_um_per_px: float | None = None) -> Image.Image:
+        return frame_single_cell(image, window_um, um_per_px, run_um_per_px=run,
+                                 recorded_um_per_px=recorded_um_per_px)[0]
 
     return frame

@@ -233,6 +233,36 @@ def test_evaluate_frames_images_as_predict_does_and_says_how(tmp_path: Path) -> 
     assert json.loads((tmp_path / "given" / "metrics.json").read_text())["framing"] is None
 
 
+def test_evaluate_and_int8_calibration_frame_a_tiff_at_its_recorded_scale(tmp_path: Path) -> None:
+    """As predict frames it: evaluate (and the int8 export's calibration images) had estimated every image's
+    scale from its red cells, a TIFF's resolution tags ignored."""
+    pytest.importorskip("tiffslide")
+    from leukoscope.cell_window import single_cell_framer
+    from leukoscope.inference.quantize import _Reader
+
+    data = tmp_path / "lab"
+    (data / "lymphocyte").mkdir(parents=True)
+    BLANK.save(data / "lymphocyte" / "blank.tif", resolution=1e4 / 0.2, resolution_unit="cm")  # no red cell
+    smear_field(20.0).save(data / "lymphocyte" / "cell.png")
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", str(data),
+                                      "--out", str(tmp_path / "framed")])
+    assert result.exit_code == 0, result.output
+    framing = json.loads((tmp_path / "framed" / "metrics.json").read_text())["framing"]
+    assert (framing["framed"], framing["whole"]) == (2, 0)
+    assert framing["scale_sources"] == {"estimated": 1, "recorded": 1}
+    stated = CliRunner().invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", str(data),
+                                      "--um-per-px", "0.3", "--out", str(tmp_path / "stated")])
+    assert stated.exit_code == 0, stated.output
+    assert json.loads((tmp_path / "stated" / "metrics.json").read_text())["framing"]["scale_sources"] == {"given": 2}
+
+    frame = single_cell_framer(24.0, [data / "lymphocyte" / "blank.tif"])
+    seen: list[tuple[int, int]] = []
+    reader = _Reader([data / "lymphocyte" / "blank.tif"], Preprocessing(16), "input", None,
+                     lambda image, recorded: seen.append(frame(image, recorded).size) or image)
+    assert reader.get_next() is not None
+    assert seen == [(120, 120)]  # 24 um at the recorded 0.2 um/px; unframed (no red cells) it stayed 200x150
+
+
 def test_evaluate_says_the_scale_a_folder_lent(tmp_path: Path) -> None:
     """Images without red cells of their own are framed at the scale of the images together, and the
     report says which scale that was."""

@@ -52,11 +52,13 @@ def decode_manifest(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
     skip_with: str = TRAINING_SKIP,
+    with_path: bool = False,
 ) -> tuple[torch.Tensor, Manifest, LoadReport]:
     """Decode every image once: returns (uint8 N x 3 x S x S, the manifest of the kept images, report).
 
     ``to_pixels`` turns a decoded PIL image into a uint8 ``(3, S, S)`` tensor: a
-    bundle's or a config's :meth:`leukoscope.preprocessing.Preprocessing.pixels`.
+    bundle's or a config's :meth:`leukoscope.preprocessing.Preprocessing.pixels`; with ``with_path`` it is
+    called with the image's path too (``to_pixels(image, path)``: what its file records, such as a scale).
 
     ``on_corrupt='skip'`` drops unreadable images with a warning and records them;
     ``'fail'`` raises on the first one, its message saying how to skip them: ``skip_with``, the setting of
@@ -78,7 +80,7 @@ def decode_manifest(
             report.skipped.append({"path": str(sample.path), "error": str(exc)})
             keep.append(False)
         else:
-            tensors.append(to_pixels(image))
+            tensors.append(to_pixels(image, sample.path) if with_path else to_pixels(image))
             keep.append(True)
             report.sides.append((max(image.size), sample.path.name))
             if max(image.size) > OBLONG_RATIO * min(image.size):

@@ -41,13 +41,15 @@ from PIL import Image
 from leukoscope.bundle import BundleError
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
 from leukoscope.io import ImageDecodeError, load_image
+from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.preprocessing import Preprocessing, over_views
 
 if TYPE_CHECKING:
     from leukoscope.evaluation.ood import OodStats
 
-#: A single-cell image framed for the classifier's window (:func:`leukoscope.cell_window.single_cell_framer`).
-Framer = Callable[[Image.Image], Image.Image]
+#: A single-cell image (and the scale its file records) framed for the classifier's window
+#: (:func:`leukoscope.cell_window.single_cell_framer`).
+Framer = Callable[[Image.Image, "float | None"], Image.Image]
 #: Calibration images used at most (the ranges settle after a few hundred).
 MAX_CALIBRATION_IMAGES = 512
 #: Fewer than this gives ranges that one odd image decides.
@@ -129,7 +131,9 @@ class _Reader:
             self.position += 1
             try:
                 image = load_image(path)
-                pixels.append(self.preprocessing.pixels(self.frame(image) if self.frame is not None else image))
+                if self.frame is not None:
+                    image = self.frame(image, recorded_um_per_px(path))
+                pixels.append(self.preprocessing.pixels(image))
             except (ImageDecodeError, OSError):
                 continue  # an unreadable image is no reason to stop; the count below says how many served
             if self.progress is not None:

@@ -45,6 +45,7 @@ from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.evaluation.calibration import softmax
 from leukoscope.evaluation.metrics import called_absent_note, collapsed_note
 from leukoscope.inference.runtime import load_runtime
+from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.preprocessing import Preprocessing
 from leukoscope.progress import counter_callback, progress_bar, say
@@ -420,7 +421,8 @@ def evaluate_bundle(
         to_pixels, framed = _framed_pixels(preprocessing, manifest, um_per_px)
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = decode_manifest(manifest, to_pixels, on_corrupt=on_corrupt,
-                                               progress=counter_callback(update), skip_with="--on-corrupt skip")
+                                               progress=counter_callback(update), skip_with="--on-corrupt skip",
+                                               with_path=framed is not None)
     framing = framed.summary() if framed is not None else None
     if framing is not None:
         notes.append(framing["note"])
@@ -519,13 +521,16 @@ class _Framing:
 
 
 def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest,
-                   um_per_px: float | None) -> tuple[Callable[[Image.Image], Any], _Framing]:
-    """``preprocessing.pixels`` of each image framed for the classifier's window, and the record of how."""
+                   um_per_px: float | None) -> tuple[Callable[[Image.Image, Path], Any], _Framing]:
+    """``preprocessing.pixels`` of each image (and its path) framed for the classifier's window, as ``predict``
+    frames it (a TIFF's recorded scale before its red cells'), and the record of how."""
     run = lent_run_scale([sample.path for sample in manifest], um_per_px)
     framing = _Framing(float(preprocessing.cell_window_um), run)
 
-    def to_pixels(image: Image.Image):
-        framed, scale = frame_single_cell(image, framing.window_um, um_per_px, run_um_per_px=run)
+    def to_pixels(image: Image.Image, path: Path):
+        recorded = recorded_um_per_px(path) if um_per_px is None else None
+        framed, scale = frame_single_cell(image, framing.window_um, um_per_px, run_um_per_px=run,
+                                          recorded_um_per_px=recorded)
         framing.scales.append(scale)
         return preprocessing.pixels(framed)
 
