@@ -346,6 +346,28 @@ def test_an_int8_detector_is_quantized_in_both_graphs_and_says_so(int8_detector:
     assert "(int8: boxes and scores move, so judge it by the AP below)" in output
 
 
+def test_a_full_range_int8_detector_is_warned_of_on_a_cpu_without_vnni(int8_detector: tuple[Path, str],
+                                                                      tmp_path: Path, monkeypatch, caplog) -> None:
+    """Its weights in a 7-bit range since 2026-12-07; one exported before (full range) warns where its sums
+    overflow (leukoscope.inference.int8_cpu)."""
+    import shutil
+
+    from leukoscope.inference import int8_cpu
+
+    bundle, _ = int8_detector
+    assert read_bundle_info(bundle, task="detect").export["weight_bits"] == 7
+    old = Path(shutil.copytree(bundle, tmp_path / "full-range"))
+    payload = json.loads((old / "bundle.json").read_text())
+    payload["export"].pop("weight_bits")
+    (old / "bundle.json").write_text(json.dumps(payload))
+    monkeypatch.setattr(int8_cpu, "cpu_lacks_vnni", lambda: True)
+    for loaded, warned in ((bundle, 0), (old, 1)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="leukoscope.inference.int8_cpu"):
+            CellDetector.from_bundle(loaded, backend="onnxruntime", threads=1)
+        assert sum("full 8-bit range" in r.getMessage() for r in caplog.records) == warned
+
+
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 def test_an_int8_detector_finds_the_white_cells_the_float_one_finds(int8_detector: tuple[Path, str],
                                                                     backend: str) -> None:

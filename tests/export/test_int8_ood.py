@@ -134,3 +134,44 @@ def test_int8_weights_keep_a_7_bit_range(int8_with_median_threshold) -> None:
     graph = onnx.load(str(int8 / read_bundle_info(int8).export["file"]))
     weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+
+
+def test_a_full_range_int8_graph_is_warned_of_on_a_cpu_without_vnni(int8_with_median_threshold, tmp_path: Path,
+                                                                    monkeypatch, caplog) -> None:
+    """An int8 bundle exported before the 7-bit range still loads, with a warning where its sums overflow."""
+    from leukoscope.inference import int8_cpu
+
+    _, int8, _ = int8_with_median_threshold
+    assert read_bundle_info(int8).export["weight_bits"] == 7
+    old = Path(shutil.copytree(int8, tmp_path / "full-range"))
+    payload = json.loads((old / "bundle.json").read_text())
+    payload["export"].pop("weight_bits")  # as every int8 export before 2026-12-07 wrote it
+    (old / "bundle.json").write_text(json.dumps(payload))
+    for lacks_vnni, bundle, warned in ((True, old, True), (False, old, False), (True, int8, False)):
+        monkeypatch.setattr(int8_cpu, "cpu_lacks_vnni", lambda lacks=lacks_vnni: lacks)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="leukoscope.inference.int8_cpu"):
+            CellClassifier.from_bundle(bundle, backend="onnxruntime", threads=1)
+        said = [r.getMessage() for r in caplog.records if "full 8-bit range" in r.getMessage()]
+        assert len(said) == warned, (lacks_vnni, bundle.name, said)
+        assert all(str(old) in message and "leukoscope export --int8" in message for message in said)
+
+
+def test_vnni_is_read_from_the_cpus_flags(tmp_path: Path, monkeypatch) -> None:
+    from leukoscope.inference import int8_cpu
+
+    monkeypatch.setattr(int8_cpu.platform, "machine", lambda: "x86_64")
+    lacks = int8_cpu.cpu_lacks_vnni.__wrapped__
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n")
+    assert lacks(avx2) is True and lacks(vnni) is False
+    assert lacks(tmp_path / "missing") is False  # flags unknown: no warning on a guess
+    monkeypatch.setattr(int8_cpu.platform, "machine", lambda: "aarch64")
+    assert lacks(avx2) is False
+    record = {"precision": "int8"}
+    assert "full 8-bit range" in int8_cpu.full_range_warning("b", record, lacks_vnni=True)
+    assert int8_cpu.full_range_warning("b", {**record, "weight_bits": 7}, lacks_vnni=True) is None
+    assert int8_cpu.full_range_warning("b", {"precision": "float32"}, lacks_vnni=True) is None
+    assert int8_cpu.full_range_warning("b", record, lacks_vnni=False) is None

@@ -28,6 +28,7 @@ import numpy as np
 
 from leukoscope.bundle import ONNX_FILE, BundleError, BundleInfo, check_export_matches
 from leukoscope.inference import rcnn_glue
+from leukoscope.inference.int8_cpu import warn_if_full_range
 from leukoscope.inference.rcnn_glue import RcnnSettings
 from leukoscope.pretrained import export_advice
 
@@ -223,6 +224,7 @@ def load_graphs(directory: str | Path, info: BundleInfo, backend: str, threads: 
     """The graphs of an exported detector bundle (``backend``: onnxruntime or openvino) and its settings."""
     assert info.export is not None
     check_export_matches(directory, info)
+    warn_if_full_range(directory, info.export)
     box_file = info.export.get("box_file")
     if not box_file:
         raise BundleError(f"{directory} was exported before detectors had a box graph: run `leukoscope export "

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from leukoscope.bundle import BundleError
+from leukoscope.inference.int8_cpu import WEIGHT_BITS
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
 from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.inference.slide.reader import recorded_um_per_px
@@ -226,7 +227,7 @@ def quantize_graph(graph: Path, out: Path, paths: Sequence[Path], preprocessing:
     _quantize_static(graph, out, reader, len(paths))
     return {"precision": "int8", "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: static, QDQ, "
             "weights int8 per channel (7-bit range), activations uint8 per tensor, MinMax ranges",
-            "calibration_images": reader.used, "metrics_note": METRICS_NOTE}
+            "weight_bits": WEIGHT_BITS, "calibration_images": reader.used, "metrics_note": METRICS_NOTE}
 
 
 def int8_ood_thresholds(float_graph: Path, int8_graph: Path, paths: Sequence[Path], preprocessing: Preprocessing,
@@ -310,4 +311,4 @@ def quantize_detector_graphs(dense: Path, dense_out: Path, box: Path, box_out: P
             "quantizer": f"onnxruntime.quantization {onnxruntime.__version__}: dense graph static, QDQ, weights int8 "
                          "per channel (7-bit range), activations uint8 per tensor, MinMax ranges; box graph dynamic, "
                          "fully connected weights int8 (7-bit range; RoIAlign float)",
-            "calibration_images": reader.used, "metrics_note": METRICS_NOTE}
+            "weight_bits": WEIGHT_BITS, "calibration_images": reader.used, "metrics_note": METRICS_NOTE}

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from leukoscope.bundle import ONNX_FILE, OPENVINO_FILE, BundleError, BundleInfo, check_export_matches
+from leukoscope.inference.int8_cpu import warn_if_full_range
 from leukoscope.preprocessing import Preprocessing, batched_logits, batched_outputs, over_views
 from leukoscope.pretrained import export_advice
 
@@ -249,5 +250,6 @@ def load_runtime(directory: str | Path, info: BundleInfo, backend: str = "torch"
     if not path.is_file():
         raise BundleError(f"{directory}: bundle.json records an exported graph but {path.name} is missing")
     check_export_matches(directory, info)
+    warn_if_full_range(directory, info.export)
     runtime_class = OpenvinoRuntime if chosen == "openvino" else OnnxRuntime
     return runtime_class(path, info.export, info.preprocessing, threads)

@@ -14,6 +14,7 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,11 +41,12 @@ from leukoscope.engine.run_dir import (CONFIG_FILE, SPLIT_FILE, RunResult, absol
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
+from leukoscope.tasks.image_checks import ImageChecks, checks_summary
 from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.evaluation.calibration import softmax
 from leukoscope.evaluation.metrics import called_absent_note, collapsed_note
-from leukoscope.inference.runtime import load_runtime
+from leukoscope.inference.predictor import CellClassifier
 from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.preprocessing import Preprocessing
@@ -374,7 +376,9 @@ def evaluate_bundle(
     """
     directory = resolve_bundle(bundle)
     info = read_bundle_info(directory, task="classify")
-    runtime = load_runtime(directory, info, backend, device, threads)
+    # the classifier predict runs: its OOD statistics (an int8 graph's thresholds), light and centre checks
+    classifier = CellClassifier.from_bundle(directory, device, backend=backend, threads=threads)
+    runtime = classifier.runtime
     manifest = read_dataset(data, require_labels=True, check_files=True)
     if split_file is not None:
         part = Split.load(split_file, data_root=manifest.root).manifest(subset)
@@ -416,9 +420,11 @@ def evaluate_bundle(
         log.warning(message)
         notes.append(f"Warning: {message}.")
     preprocessing = info.preprocessing
-    to_pixels, framed = preprocessing.pixels, None
+    checks = ImageChecks(classifier.window_um, classifier.checks_centres, classifier.light_range)
+    framed = None
+    to_pixels: Callable[..., Any] = partial(_checked_pixels, preprocessing, checks)
     if frame and preprocessing.cell_window_um is not None:
-        to_pixels, framed = _framed_pixels(preprocessing, manifest, um_per_px)
+        to_pixels, framed = _framed_pixels(preprocessing, manifest, um_per_px, checks)
     with progress_bar(len(manifest), "decoding", enabled=show_progress) as update:
         pixels, kept, report = decode_manifest(manifest, to_pixels, on_corrupt=on_corrupt,
                                                progress=counter_callback(update), skip_with="--on-corrupt skip",
@@ -428,7 +434,16 @@ def evaluate_bundle(
         notes.append(framing["note"])
         if framing["whole"]:
             log.warning(framing["note"])
-    logits = _scored(runtime, pixels, show_progress) / info.temperature
+    ood = classifier.ood
+    # an exported graph without an embedding output cannot give a Mahalanobis score: none rather than a made-up one
+    scorable = ood is not None and (not ood.needs_embeddings or getattr(runtime, "has_embeddings", True))
+    raw, embeddings = _scored(runtime, pixels, show_progress, embeddings=scorable and ood.needs_embeddings)
+    ood_scores = classifier.ood_scores(raw, embeddings) if scorable else None
+    logits = raw / info.temperature
+    unfamiliar = None if ood_scores is None else ood.unfamiliar(ood_scores)
+    image_checks = checks_summary(logits.argmax(axis=1) == np.asarray(kept.targets), checks.warnings, unfamiliar,
+                                  ood.threshold if scorable else None)
+    notes.append(image_checks["note"])
     if runtime.backend != "torch":
         precision = (info.export or {}).get("precision", "float32")
         notes.append(f"Network run on {runtime.backend} (the bundle's exported {precision} graph).")
@@ -442,10 +457,11 @@ def evaluate_bundle(
         title=f"{info.model_name} on {Path(data).name}", notes=notes,
         extra={"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
                "skipped_images": report.skipped, "training_overlap": overlap, "backend": runtime.backend,
-               "framing": framing, "labels_as_trained": relabelled},
+               "framing": framing, "labels_as_trained": relabelled, "image_checks": image_checks},
         applied_temperature=info.temperature,  # the logits above are divided by it: the figure names it
     )
-    write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes)
+    write_scored_images(Path(out_dir) / SCORED_IMAGES_FILE, kept, logits, info.classes, ood_scores=ood_scores,
+                        unfamiliar=unfamiliar, warnings=checks.warnings)
     return metrics
 
 
@@ -462,20 +478,27 @@ def _digest_or_path(path: Path) -> str:
 SCORED_IMAGES_FILE = "scored_images.csv"
 
 
-def write_scored_images(path: Path, manifest: Manifest, logits: np.ndarray, classes: Sequence[str]) -> Path:
+def write_scored_images(path: Path, manifest: Manifest, logits: np.ndarray, classes: Sequence[str], *,
+                        ood_scores: np.ndarray | None = None, unfamiliar: np.ndarray | None = None,
+                        warnings: Sequence[Sequence[str]] | None = None) -> Path:
     """One row per scored image: ``source``, ``true_label``, ``predicted``, ``confidence``, ``correct`` and
     ``p_<class>``, the probabilities the metrics were computed from (a researcher had to run predict again to
-    see which images were wrong, and predict frames and thresholds as its own options say)."""
+    see which images were wrong, and predict frames and thresholds as its own options say), then predict's
+    ``ood_score``, ``unfamiliar`` (empty without OOD statistics: not checked is not familiar) and ``warnings``
+    (" | " between them)."""
     probs = softmax(logits)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["source", "true_label", "predicted", "confidence", "correct",
-                         *(f"p_{c}" for c in classes)])
-        for sample, target, row in zip(manifest.samples, manifest.targets, probs):
+                         *(f"p_{c}" for c in classes), "ood_score", "unfamiliar", "warnings"])
+        for index, (sample, target, row) in enumerate(zip(manifest.samples, manifest.targets, probs)):
             best = int(row.argmax())
+            checked = ["", ""] if ood_scores is None else [round(float(ood_scores[index]), 4),
+                                                           bool(unfamiliar[index]) if unfamiliar is not None else ""]
             writer.writerow([str(sample.path), classes[target], classes[best], round(float(row[best]), 6),
-                             best == target, *(round(float(p), 6) for p in row)])
+                             best == target, *(round(float(p), 6) for p in row), *checked,
+                             " | ".join(warnings[index]) if warnings is not None else ""])
     return path
 
 
@@ -484,16 +507,21 @@ def write_scored_images(path: Path, manifest: Manifest, logits: np.ndarray, clas
 SCORE_CHUNK = 256
 
 
-def _scored(runtime: Any, pixels: np.ndarray, show_progress: bool) -> np.ndarray:
-    """The network's logits of ``pixels``, a chunk at a time under a progress bar (a large set with test-time
-    views is minutes of work)."""
-    chunks = []
+def _scored(runtime: Any, pixels: np.ndarray, show_progress: bool,
+            embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The network's logits of ``pixels`` (and embeddings, when asked), a chunk at a time under a progress bar
+    (a large set with test-time views is minutes of work)."""
+    if not len(pixels):
+        return runtime.outputs(pixels, embeddings=embeddings)
+    logits, embedded = [], []
     with progress_bar(len(pixels), "scoring", enabled=show_progress) as update:
         for start in range(0, len(pixels), SCORE_CHUNK):
             chunk = pixels[start:start + SCORE_CHUNK]
-            chunks.append(runtime.outputs(chunk)[0])
+            chunk_logits, chunk_embeddings = runtime.outputs(chunk, embeddings=embeddings)
+            logits.append(chunk_logits)
+            embedded.append(chunk_embeddings)
             update(advance=len(chunk))
-    return np.concatenate(chunks) if chunks else runtime.outputs(pixels)[0]
+    return np.concatenate(logits), np.concatenate(embedded) if embeddings else None
 
 
 @dataclass
@@ -520,10 +548,17 @@ class _Framing:
                 "run_um_per_px": self.run_um_per_px, "note": note + "."}
 
 
-def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest,
-                   um_per_px: float | None) -> tuple[Callable[[Image.Image, Path], Any], _Framing]:
+def _checked_pixels(preprocessing: Preprocessing, checks: ImageChecks, image: Image.Image):
+    """``preprocessing.pixels`` of an image taken as given, checked as ``predict --as-given`` checks it."""
+    checks.record(image)
+    return preprocessing.pixels(image)
+
+
+def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest, um_per_px: float | None,
+                   checks: ImageChecks) -> tuple[Callable[[Image.Image, Path], Any], _Framing]:
     """``preprocessing.pixels`` of each image (and its path) framed for the classifier's window, as ``predict``
-    frames it (a TIFF's recorded scale before its red cells'), and the record of how."""
+    frames it (a TIFF's recorded scale before its red cells'), and the record of how; each image's warnings go
+    to ``checks``."""
     run = lent_run_scale([sample.path for sample in manifest], um_per_px)
     framing = _Framing(float(preprocessing.cell_window_um), run)
 
@@ -532,6 +567,7 @@ def _framed_pixels(preprocessing: Preprocessing, manifest: Manifest,
         framed, scale = frame_single_cell(image, framing.window_um, um_per_px, run_um_per_px=run,
                                           recorded_um_per_px=recorded)
         framing.scales.append(scale)
+        checks.record(image, scale, framed)
         return preprocessing.pixels(framed)
 
     return to_pixels, framing
