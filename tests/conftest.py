@@ -8,6 +8,10 @@ import os
 # shared with other work, OpenMP thread pools oversubscribe and slow tests 10x.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+# pytest-xdist's workers get COLUMNS=80, which the CLI's console takes as a terminal's width (leukoscope.progress):
+# paths in its messages then break across lines where a piped run prints them whole, as a run without -n does.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 
 from pathlib import Path  # noqa: E402
 

@@ -561,6 +561,7 @@ def test_throttle_reservation_is_atomic_across_connections(make_service):
     _race(make_service())
 
 
+@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
 @pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
 def test_throttle_reservation_is_atomic_on_postgresql(make_service):
@@ -795,6 +796,7 @@ def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_and_revokes_i
     _deactivation_waits_for_the_token(service, "tech", monkeypatch)
 
 
+@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
 @pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
 def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_on_postgresql(make_service, monkeypatch):

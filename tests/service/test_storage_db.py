@@ -51,6 +51,7 @@ def test_migration_on_a_fresh_sqlite_database(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
 @pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db to test PostgreSQL")
 def test_postgresql_migration_and_a_full_case(make_service):
@@ -126,6 +127,7 @@ def test_a_classifier_with_a_class_name_too_long_to_store_is_refused_at_start(ma
         odd.close()
 
 
+@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
 @pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
 def test_hosts_migrating_one_postgresql_database_at_once_all_start() -> None:
@@ -334,6 +336,7 @@ def test_upgrade_from_0001_keeps_look_alike_users_and_old_tokens(tmp_path):
     _upgrade_with_look_alikes(f"sqlite:///{tmp_path / 'old.db'}")
 
 
+@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
 @pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
                     reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
 def test_upgrade_from_0001_on_postgresql():
