@@ -491,6 +491,8 @@ def model_identity(bundle: str | Path, backend: str = "torch") -> dict[str, Any]
     precision = str(record.get("precision", "float32"))
     if backend != "torch" and precision != "float32":
         identity["precision"] = precision
+        if record.get("weight_bits") is not None:  # 7-bit weights give other results than full-range ones
+            identity["weight_bits"] = record["weight_bits"]
         if record.get("ood_thresholds"):
             identity["ood_thresholds"] = record["ood_thresholds"]
     return identity

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from leukoscope.bundle import read_bundle_info
 from tests.export.conftest import invoke
 
 pytest.importorskip("onnxruntime")
@@ -119,6 +120,32 @@ def test_evaluate_on_an_exported_backend_scores_as_torch_does(exported: dict[str
         "Network run on onnxruntime" in (tmp_path / "onnxruntime" / "report.html").read_text()
     bad = invoke("evaluate", "--bundle", exported["abas_cnn"], "--data", synthetic_root, "--backend", "tensorrt")
     assert bad.exit_code == 2 and "--backend must be one of auto, torch, onnxruntime, openvino" in bad.output
+    # each image's OOD score is the graph's as it is torch's, and so is the flag
+    rows = {backend: list(csv.DictReader((tmp_path / backend / "scored_images.csv").open()))
+            for backend in ("torch", "onnxruntime")}
+    assert all(row["ood_score"] for row in rows["torch"])
+    assert [float(r["ood_score"]) for r in rows["onnxruntime"]] == pytest.approx(
+        [float(r["ood_score"]) for r in rows["torch"]], rel=1e-3, abs=1e-3)
+    assert metrics["onnxruntime"]["image_checks"]["unfamiliar"] == metrics["torch"]["image_checks"]["unfamiliar"]
+
+
+def test_evaluate_says_why_a_graph_without_an_embedding_output_scored_no_image_for_familiarity(
+        exported: dict[str, Path], synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """Not "no OOD statistics in the bundle": it has them, and its graph (one exported before embeddings were an
+    output) cannot give their score; predict refuses such a graph, evaluate scores its classes and says why."""
+    from leukoscope.inference.runtime import GraphRuntime
+
+    assert read_bundle_info(exported["abas_cnn"]).ood["method"] == "mahalanobis"
+    monkeypatch.setattr(GraphRuntime, "has_embeddings", property(lambda self: False))
+    result = invoke("evaluate", "--bundle", exported["abas_cnn"], "--data", synthetic_root, "--out", tmp_path / "ev",
+                    "--backend", "onnxruntime", "--threads", "1", "--allow-training-data")
+    assert result.exit_code == 0, result.output
+    checks = json.loads((tmp_path / "ev" / "metrics.json").read_text())["image_checks"]
+    assert checks["unfamiliar"] is None and checks["ood_threshold"] is None
+    assert "exported graph has no embedding output" in checks["ood_unscored_because"]
+    assert "no OOD statistics" not in checks["note"] and "--backend torch" in checks["note"]
+    rows = list(csv.DictReader((tmp_path / "ev" / "scored_images.csv").open()))
+    assert len(rows) == 96 and not any(row["ood_score"] or row["unfamiliar"] for row in rows)
 
 
 def test_an_export_says_in_the_model_card_what_it_runs(trained: dict[str, Path], synthetic_root: Path,

@@ -155,6 +155,9 @@ def test_a_full_range_int8_graph_is_warned_of_on_a_cpu_without_vnni(int8_with_me
         said = [r.getMessage() for r in caplog.records if "full 8-bit range" in r.getMessage()]
         assert len(said) == warned, (lacks_vnni, bundle.name, said)
         assert all(str(old) in message and "leukoscope export --int8" in message for message in said)
+    # an archive resumed on the re-exported graph does not take the full-range one's results for its own
+    assert model_identity(old, "onnxruntime") != model_identity(int8, "onnxruntime")
+    assert model_identity(old, "torch") == model_identity(int8, "torch")
 
 
 def test_vnni_is_read_from_the_cpus_flags(tmp_path: Path, monkeypatch) -> None:
@@ -175,3 +178,4 @@ def test_vnni_is_read_from_the_cpus_flags(tmp_path: Path, monkeypatch) -> None:
     assert int8_cpu.full_range_warning("b", {**record, "weight_bits": 7}, lacks_vnni=True) is None
     assert int8_cpu.full_range_warning("b", {"precision": "float32"}, lacks_vnni=True) is None
     assert int8_cpu.full_range_warning("b", record, lacks_vnni=False) is None
+    assert "full 8-bit range" in int8_cpu.full_range_warning("b", {**record, "weight_bits": None}, lacks_vnni=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from leukoscope.cli import app
 from leukoscope.inference.predictor import CellClassifier
+from leukoscope.pretrained import resolve_bundle
 from leukoscope.tasks.image_checks import checks_summary, lead_clause
 from tests.inference.test_single_cell_framing import BLANK, cell_photo
 
@@ -61,3 +63,31 @@ def test_evaluate_writes_each_images_ood_score_and_warnings_as_predict_gives_the
     assert checks["images"] == 6 and checks["trusted"] == 6 - len(doubted) and checks["warned"] >= 3
     assert checks["accuracy_doubted"] == pytest.approx(np.mean([row["correct"] == "True" for row in doubted]))
     assert checks["note"] in html.unescape((out / "report.html").read_text())
+
+
+def test_evaluate_as_given_keeps_each_warning_with_its_image_past_an_unreadable_one(tmp_path: Path) -> None:
+    """Warnings are recorded as images decode: a file skipped as unreadable must not shift them onto the next
+    image. A bundle without OOD statistics flags none and says so."""
+    bundle = tmp_path / "no-ood"
+    shutil.copytree(resolve_bundle("pretrained:wbc-classifier"), bundle)
+    record = json.loads((bundle / "bundle.json").read_text())
+    del record["ood"]
+    (bundle / "bundle.json").write_text(json.dumps(record))
+    data = tmp_path / "lab" / "lymphocyte"
+    data.mkdir(parents=True)
+    cell_photo(0).crop((96, 56, 224, 184)).save(data / "a_cell.png")
+    (data / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    Image.new("RGB", (20, 20), (200, 120, 180)).save(data / "c_tiny.png")
+    cell_photo(1).crop((96, 56, 224, 184)).save(data / "d_cell.png")
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", str(bundle), "--data", str(tmp_path / "lab"),
+                                      "--as-given", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {Path(row["source"]).name: row for row in csv.DictReader((out / "scored_images.csv").open())}
+    assert set(rows) == {"a_cell.png", "c_tiny.png", "d_cell.png"}
+    assert "Too small to show a cell" in rows["c_tiny.png"]["warnings"]
+    assert "Too small" not in rows["a_cell.png"]["warnings"] + rows["d_cell.png"]["warnings"]
+    assert not any(row["ood_score"] or row["unfamiliar"] for row in rows.values())
+    checks = json.loads((out / "metrics.json").read_text())["image_checks"]
+    assert checks["unfamiliar"] is None and checks["ood_unscored_because"] == "no OOD statistics in the bundle"
+    assert checks["images"] == 3 and checks["warnings"].get("Too small to show a cell") == 1

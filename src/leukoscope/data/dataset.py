@@ -46,7 +46,7 @@ TRAINING_SKIP = "data.on_corrupt=skip, in the config or as an override on the co
 
 def decode_manifest(
     manifest: Manifest,
-    to_pixels: Callable[[Image.Image], torch.Tensor],
+    to_pixels: Callable[..., torch.Tensor],
     *,
     on_corrupt: CorruptPolicy = "skip",
     max_pixels: int = DEFAULT_MAX_PIXELS,

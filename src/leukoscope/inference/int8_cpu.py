@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-#: The range an int8 export's weights take since 2026-12-07 (``reduce_range``).
+#: The range an int8 export's weights take since 2026-12-07: onnxruntime's quantizers with ``reduce_range=True``
+#: (:mod:`leukoscope.inference.quantize`), which is 7 bits.
 WEIGHT_BITS = 7
 CPUINFO = Path("/proc/cpuinfo")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -42,8 +43,8 @@ def full_range_warning(directory: str | Path, export: Mapping[str, Any] | None, 
                        lacks_vnni: bool | None = None) -> str | None:
     """The warning for an int8 graph in ``directory`` whose weights use the full 8 bits, loaded on a CPU
     without VNNI (``lacks_vnni``: this CPU's, when not given); None for any other graph or CPU."""
-    if not export or export.get("precision") != "int8" or int(export.get("weight_bits", 8)) <= WEIGHT_BITS:
-        return None
+    if not export or export.get("precision") != "int8" or export.get("weight_bits") == WEIGHT_BITS:
+        return None  # a record without weight_bits (or another value) is an export of before 2026-12-07
     if not (cpu_lacks_vnni() if lacks_vnni is None else lacks_vnni):
         return None
     return (f"{directory}: its int8 graph was exported with weights in the full 8-bit range, which this CPU "

@@ -41,7 +41,7 @@ from leukoscope.engine.run_dir import (CONFIG_FILE, SPLIT_FILE, RunResult, absol
 from leukoscope.engine.loop import FitResult
 from leukoscope.models.embedding import default_stages
 from leukoscope.tasks.ood import calibrate_run
-from leukoscope.tasks.image_checks import ImageChecks, checks_summary
+from leukoscope.tasks.image_checks import NO_OOD_STATISTICS, ImageChecks, checks_summary
 from leukoscope.tasks.trained_labels import labels_as_trained
 from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.evaluation.calibration import softmax
@@ -356,8 +356,9 @@ def evaluate_bundle(
     um_per_px: float | None = None,
     as_trained: bool = True,
 ) -> dict:
-    """Write metrics.json, figures and report.html for a classifier ``bundle`` on ``data`` into ``out_dir``;
-    ``backend`` runs the network (:func:`leukoscope.inference.runtime.load_runtime`).
+    """Write metrics.json, figures, report.html and scored_images.csv for a classifier ``bundle`` on ``data`` into
+    ``out_dir``; ``backend`` runs the network (:func:`leukoscope.inference.runtime.load_runtime`). Each image is
+    checked as ``predict`` checks it (OOD score, warnings: :mod:`leukoscope.tasks.image_checks`).
 
     ``frame``: each image is a single-cell image framed as ``leukoscope predict`` frames it for a classifier
     of a physical window (:func:`leukoscope.cell_window.frame_single_cell`: at ``um_per_px``, else each
@@ -437,12 +438,17 @@ def evaluate_bundle(
     ood = classifier.ood
     # an exported graph without an embedding output cannot give a Mahalanobis score: none rather than a made-up one
     scorable = ood is not None and (not ood.needs_embeddings or getattr(runtime, "has_embeddings", True))
+    unscored_because = NO_OOD_STATISTICS
+    if ood is not None and not scorable:
+        unscored_because = (f"the exported graph has no embedding output, so the OOD score is unavailable on "
+                            f"{runtime.backend} (re-export the bundle with this leukoscope, or use --backend torch)")
+        log.warning(unscored_because)
     raw, embeddings = _scored(runtime, pixels, show_progress, embeddings=scorable and ood.needs_embeddings)
     ood_scores = classifier.ood_scores(raw, embeddings) if scorable else None
     logits = raw / info.temperature
     unfamiliar = None if ood_scores is None else ood.unfamiliar(ood_scores)
     image_checks = checks_summary(logits.argmax(axis=1) == np.asarray(kept.targets), checks.warnings, unfamiliar,
-                                  ood.threshold if scorable else None)
+                                  ood.threshold if scorable else None, unscored_because)
     notes.append(image_checks["note"])
     if runtime.backend != "torch":
         precision = (info.export or {}).get("precision", "float32")

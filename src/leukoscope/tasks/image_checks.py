@@ -42,10 +42,16 @@ def lead_clause(warning: str) -> str:
     return warning.split(": ", 1)[0]
 
 
+#: Why no image was scored for familiarity, when the bundle has no OOD statistics.
+NO_OOD_STATISTICS = "no OOD statistics in the bundle"
+
+
 def checks_summary(correct: Sequence[bool], warnings: Sequence[Sequence[str]], unfamiliar: np.ndarray | None,
-                   threshold: float | None) -> dict[str, Any]:
+                   threshold: float | None, unscored_because: str = NO_OOD_STATISTICS) -> dict[str, Any]:
     """How the images the checks doubt (unfamiliar, or with a warning) scored against the rest: ``metrics.json``'s
-    ``image_checks``, its ``note`` the report's line. ``unfamiliar`` None: the bundle has no OOD statistics."""
+    ``image_checks``, its ``note`` the report's line. ``unfamiliar`` None: no image was scored for familiarity,
+    for the reason ``unscored_because`` says (the bundle has no OOD statistics, or its graph cannot give the
+    score)."""
     correct = np.asarray(correct, dtype=bool)
     warned = np.array([bool(w) for w in warnings], dtype=bool)
     flagged = np.zeros(len(correct), dtype=bool) if unfamiliar is None else np.asarray(unfamiliar, dtype=bool)
@@ -58,6 +64,7 @@ def checks_summary(correct: Sequence[bool], warnings: Sequence[Sequence[str]], u
     summary: dict[str, Any] = {
         "images": int(len(correct)),
         "unfamiliar": None if unfamiliar is None else int(flagged.sum()),
+        "ood_unscored_because": unscored_because if unfamiliar is None else None,
         "ood_threshold": threshold,
         "warned": int(warned.sum()),
         "warnings": dict(kinds.most_common()),
@@ -65,7 +72,7 @@ def checks_summary(correct: Sequence[bool], warnings: Sequence[Sequence[str]], u
         "accuracy_trusted": accuracy(~doubted),
         "accuracy_doubted": accuracy(doubted),
     }
-    said = ("no OOD statistics in the bundle, so no image flagged as unlike its training images" if unfamiliar is None
+    said = (f"{unscored_because}, so no image flagged as unlike its training images" if unfamiliar is None
             else f"{int(flagged.sum())} of {len(correct)} images unlike the training images (OOD score above "
                  f"{threshold:.3g})")
     said += f", {int(warned.sum())} with a warning" + (
