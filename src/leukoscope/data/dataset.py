@@ -13,7 +13,6 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from leukoscope.data.manifest import DatasetError, Manifest
