@@ -12,8 +12,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
-# one worker runs them all (pytest -n): one local Ray cluster at a time on a machine of two cores
-pytestmark = pytest.mark.xdist_group("ray")
 
 from leukoscope.data.synthetic_smears import make_synthetic_smears  # noqa: E402
 from leukoscope.bundle import model_identity  # noqa: E402

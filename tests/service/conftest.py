@@ -3,9 +3,12 @@ service (database, store) per test, users, tokens and logged-in clients."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -98,6 +101,26 @@ class Service:
     def close(self) -> None:
         for client in self._clients:
             client.__exit__(None, None, None)
+
+
+#: Held while a test uses the PostgreSQL test database: its tests empty and migrate the one database, so two
+#: pytest processes (``pytest -n``) must not run two of them at once.
+POSTGRES_LOCK = Path(tempfile.gettempdir()) / "leukoscope-test-postgres.lock"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The PostgreSQL test database (``LEUKOSCOPE_TEST_POSTGRES_URL``; the test skips without it), one test at a
+    time whichever process runs it. Name it before ``make_service``: it is then released after the services close."""
+    url = os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set LEUKOSCOPE_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db to test PostgreSQL")
+    with POSTGRES_LOCK.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield url
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture

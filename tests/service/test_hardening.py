@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import threading
 import time
 import weakref
@@ -561,13 +560,10 @@ def test_throttle_reservation_is_atomic_across_connections(make_service):
     _race(make_service())
 
 
-@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
-@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
-                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
-def test_throttle_reservation_is_atomic_on_postgresql(make_service):
+def test_throttle_reservation_is_atomic_on_postgresql(postgres_url: str, make_service):
     from leukoscope.service.tables import LoginThrottle
 
-    service = make_service(database_url=os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+    service = make_service(database_url=postgres_url)
     with transaction(service.state.sessions) as db:
         db.query(LoginThrottle).delete()
     _race(service)
@@ -796,14 +792,12 @@ def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_and_revokes_i
     _deactivation_waits_for_the_token(service, "tech", monkeypatch)
 
 
-@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
-@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
-                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
-def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_on_postgresql(make_service, monkeypatch):
+def test_a_deactivation_sent_while_a_token_is_written_waits_for_it_on_postgresql(postgres_url: str, make_service,
+                                                                                monkeypatch):
     from tests.service.helpers import empty_postgres_schema
 
-    empty_postgres_schema(os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
-    service = make_service(database_url=os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+    empty_postgres_schema(postgres_url)
+    service = make_service(database_url=postgres_url)
     service.add_user("tech", "technician")
     _deactivation_waits_for_the_token(service, "tech", monkeypatch)
 

@@ -51,11 +51,8 @@ def test_migration_on_a_fresh_sqlite_database(tmp_path):
     engine.dispose()
 
 
-@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
-@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
-                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL=postgresql+psycopg://user:pw@host/db to test PostgreSQL")
-def test_postgresql_migration_and_a_full_case(make_service):
-    url = os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"]
+def test_postgresql_migration_and_a_full_case(postgres_url: str, make_service):
+    url = postgres_url
     empty_postgres_schema(url)
     engine = dbm.make_engine(url)
     assert TABLES <= set(inspect(engine).get_table_names())
@@ -127,16 +124,13 @@ def test_a_classifier_with_a_class_name_too_long_to_store_is_refused_at_start(ma
         odd.close()
 
 
-@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
-@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
-                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
-def test_hosts_migrating_one_postgresql_database_at_once_all_start() -> None:
+def test_hosts_migrating_one_postgresql_database_at_once_all_start(postgres_url: str) -> None:
     """Without a lock the second host's CREATE TABLE met the first's (UniqueViolation) and it failed to start."""
     import threading
 
     from alembic import command
 
-    url = os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"]
+    url = postgres_url
     engine = dbm.make_engine(url)
     config = dbm.alembic_config(url)
     with engine.begin() as connection:
@@ -336,11 +330,8 @@ def test_upgrade_from_0001_keeps_look_alike_users_and_old_tokens(tmp_path):
     _upgrade_with_look_alikes(f"sqlite:///{tmp_path / 'old.db'}")
 
 
-@pytest.mark.xdist_group("postgres")  # one database: never two of its tests at once
-@pytest.mark.skipif(not os.environ.get("LEUKOSCOPE_TEST_POSTGRES_URL"),
-                    reason="set LEUKOSCOPE_TEST_POSTGRES_URL to test PostgreSQL")
-def test_upgrade_from_0001_on_postgresql():
-    _upgrade_with_look_alikes(os.environ["LEUKOSCOPE_TEST_POSTGRES_URL"])
+def test_upgrade_from_0001_on_postgresql(postgres_url: str):
+    _upgrade_with_look_alikes(postgres_url)
 
 
 def test_the_data_directory_is_its_owners_alone(make_service, tmp_path, caplog):
