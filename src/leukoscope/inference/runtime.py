@@ -99,6 +99,12 @@ class TorchRuntime(Runtime):
         return batched_logits(self.model, pixels, self.preprocessing, self.device), None
 
 
+def no_embedding_output(backend: str) -> str:
+    """Why an exported graph gives no OOD score (one exported before the embedding was an output)."""
+    return (f"the exported graph has no embedding output, so the OOD score is unavailable on {backend}: re-export "
+            f"the bundle with this leukoscope, or use --backend torch")
+
+
 class GraphRuntime(Runtime):
     """An exported graph (``record``: the bundle's ``export`` entry): the batching around one
     backend's ``_infer`` of a normalised float batch."""
@@ -120,8 +126,7 @@ class GraphRuntime(Runtime):
     def outputs(self, pixels: np.ndarray, embeddings: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         if embeddings and not self.has_embeddings:
             # Never a made-up score: the caller asked for the OOD score and this graph cannot give it.
-            raise BundleError(f"the exported graph has no embedding output, so the OOD score is unavailable on "
-                              f"{self.backend}: re-export the bundle with this leukoscope, or use --backend torch")
+            raise BundleError(no_embedding_output(self.backend))
         wanted = ["logits", "embedding"] if embeddings else ["logits"]
         chunks: list[list[np.ndarray]] = [[] for _ in wanted]
 

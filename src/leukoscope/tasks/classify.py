@@ -47,6 +47,7 @@ from leukoscope.evaluation import evaluate_logits, headline_metrics
 from leukoscope.evaluation.calibration import softmax
 from leukoscope.evaluation.metrics import called_absent_note, collapsed_note
 from leukoscope.inference.predictor import CellClassifier
+from leukoscope.inference.runtime import no_embedding_output
 from leukoscope.inference.slide.reader import recorded_um_per_px
 from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.preprocessing import Preprocessing
@@ -375,11 +376,10 @@ def evaluate_bundle(
     ``backend``: what runs the network (:mod:`leukoscope.inference.runtime`; an exported
     bundle's graph on onnxruntime or OpenVINO, e.g. to score its int8 version).
     """
-    directory = resolve_bundle(bundle)
-    info = read_bundle_info(directory, task="classify")
     # the classifier predict runs: its OOD statistics (an int8 graph's thresholds), light and centre checks
+    directory = resolve_bundle(bundle)
     classifier = CellClassifier.from_bundle(directory, device, backend=backend, threads=threads)
-    runtime = classifier.runtime
+    info, runtime = classifier.info, classifier.runtime
     manifest = read_dataset(data, require_labels=True, check_files=True)
     if split_file is not None:
         part = Split.load(split_file, data_root=manifest.root).manifest(subset)
@@ -440,8 +440,7 @@ def evaluate_bundle(
     scorable = ood is not None and (not ood.needs_embeddings or getattr(runtime, "has_embeddings", True))
     unscored_because = NO_OOD_STATISTICS
     if ood is not None and not scorable:
-        unscored_because = (f"the exported graph has no embedding output, so the OOD score is unavailable on "
-                            f"{runtime.backend} (re-export the bundle with this leukoscope, or use --backend torch)")
+        unscored_because = no_embedding_output(runtime.backend)
         log.warning(unscored_because)
     raw, embeddings = _scored(runtime, pixels, show_progress, embeddings=scorable and ood.needs_embeddings)
     ood_scores = classifier.ood_scores(raw, embeddings) if scorable else None
