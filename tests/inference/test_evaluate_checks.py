@@ -17,6 +17,7 @@ from leukoscope.cli import app
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.pretrained import resolve_bundle
 from leukoscope.tasks.image_checks import checks_summary, lead_clause
+from tests.conftest import shared_dataset
 from tests.inference.test_single_cell_framing import BLANK, cell_photo
 
 
@@ -91,3 +92,36 @@ def test_evaluate_as_given_keeps_each_warning_with_its_image_past_an_unreadable_
     checks = json.loads((out / "metrics.json").read_text())["image_checks"]
     assert checks["unfamiliar"] is None and checks["ood_unscored_because"] == "no OOD statistics in the bundle"
     assert checks["images"] == 3 and checks["warnings"].get("Too small to show a cell") == 1
+
+
+def test_real_cells_the_checks_trust_are_scored_apart_from_the_doubted_ones(tmp_path: Path) -> None:
+    """pbc photographs framed at pbc's scale (familiar to the shipped classifier) beside an image without a white
+    cell: the trusted/doubted accuracies are those of the CSV's rows, and the rows are predict's CLI's."""
+    pbc = shared_dataset("pbc")
+    data = tmp_path / "lab"
+    for kind in ("neutrophil", "lymphocyte"):
+        (data / kind).mkdir(parents=True)
+        for path in sorted((pbc / kind).glob("*.jpg"))[:2]:
+            shutil.copy(path, data / kind / path.name)
+    BLANK.save(data / "lymphocyte" / "blank.png")
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", "pretrained:wbc-classifier", "--data", str(data),
+                                      "--um-per-px", "0.104", "--allow-training-data", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "scored_images.csv").open()))
+    doubted = [row["warnings"] != "" or row["unfamiliar"] == "True" for row in rows]
+    correct = [row["correct"] == "True" for row in rows]
+    checks = json.loads((out / "metrics.json").read_text())["image_checks"]
+    assert 0 < checks["trusted"] < len(rows) and checks["trusted"] == doubted.count(False)
+    assert checks["accuracy_trusted"] == pytest.approx(np.mean([c for c, d in zip(correct, doubted) if not d]))
+    assert checks["accuracy_doubted"] == pytest.approx(np.mean([c for c, d in zip(correct, doubted) if d]))
+    predicted = tmp_path / "predicted.csv"
+    sources = [row["source"] for row in rows]
+    said = CliRunner().invoke(app, ["predict", *sources, "--bundle", "pretrained:wbc-classifier", "--um-per-px",
+                                    "0.104", "--out", str(predicted)])
+    assert said.exit_code == 0, said.output
+    by_source = {row["source"]: row for row in csv.DictReader(predicted.open())}
+    for row in rows:
+        theirs = by_source[row["source"]]
+        assert (row["unfamiliar"], row["warnings"]) == (theirs["unfamiliar"], theirs["warnings"]), row["source"]
+        assert float(row["ood_score"]) == pytest.approx(float(theirs["ood_score"]), abs=1e-3)

@@ -362,10 +362,11 @@ def evaluate_bundle(
     checked as ``predict`` checks it (OOD score, warnings: :mod:`leukoscope.tasks.image_checks`).
 
     ``frame``: each image is a single-cell image framed as ``leukoscope predict`` frames it for a classifier
-    of a physical window (:func:`leukoscope.cell_window.frame_single_cell`: at ``um_per_px``, else each
-    image's own scale, else the images' scale together); without it, or for a classifier without a
-    window, images are scored as they are (crops already cut at the window, as training's). The
-    metrics' ``framing`` says how many were framed, at which scales, and how many were scored whole.
+    of a physical window (:func:`leukoscope.cell_window.frame_single_cell`: at ``um_per_px``, else the scale a
+    TIFF's resolution tags record, else each image's own scale, else the images' scale together); without it,
+    or for a classifier without a window, images are scored as they are (crops already cut at the window, as
+    training's). The metrics' ``framing`` says how many were framed, at which scales, and how many were scored
+    whole.
 
     ``as_trained``: the data's labels are mapped by the ``data.class_map`` the bundle's run was trained with,
     and images of classes its ``data.classes`` left out are left out (:func:`labels_as_trained`), as training
@@ -553,7 +554,7 @@ class _Framing:
                 "run_um_per_px": self.run_um_per_px, "note": note + "."}
 
 
-def _checked_pixels(preprocessing: Preprocessing, checks: ImageChecks, image: Image.Image):
+def _checked_pixels(preprocessing: Preprocessing, checks: ImageChecks, image: Image.Image) -> Any:
     """``preprocessing.pixels`` of an image taken as given, checked as ``predict --as-given`` checks it."""
     checks.record(image)
     return preprocessing.pixels(image)

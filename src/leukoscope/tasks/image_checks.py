@@ -76,7 +76,7 @@ def checks_summary(correct: Sequence[bool], warnings: Sequence[Sequence[str]], u
             else f"{int(flagged.sum())} of {len(correct)} images unlike the training images (OOD score above "
                  f"{threshold:.3g})")
     said += f", {int(warned.sum())} with a warning" + (
-        f" ({'; '.join(f'{n} {kind}' for kind, n in kinds.most_common(4))})" if kinds else "")
+        f" ({'; '.join(f'{n}: {kind[:1].lower()}{kind[1:]}' for kind, n in kinds.most_common(4))})" if kinds else "")
     if doubted.any() and (~doubted).any():
         said += (f": accuracy {summary['accuracy_trusted']:.3f} on the other {summary['trusted']}, "
                  f"{summary['accuracy_doubted']:.3f} on those {int(doubted.sum())}")
