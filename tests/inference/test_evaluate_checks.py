@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from leukoscope.cli import app
 from leukoscope.inference.predictor import CellClassifier
 from leukoscope.pretrained import resolve_bundle
-from leukoscope.tasks.image_checks import checks_summary, lead_clause
+from leukoscope.inference.quality import lead_clause
+from leukoscope.tasks.image_checks import checks_summary
 from tests.conftest import shared_dataset
 from tests.inference.test_single_cell_framing import BLANK, cell_photo
 

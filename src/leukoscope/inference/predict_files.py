@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from rich.markup import escape
 
 from leukoscope.data.manifest import DatasetError
+from leukoscope.inference.quality import lead_clause
 from leukoscope.inference.slide.reader import SLIDE_ONLY_SUFFIXES
 from leukoscope.io import (IMAGE_SUFFIX_NAMES, IMAGE_SUFFIXES, files_below, is_image_file, is_system_name,
                            load_image)
@@ -260,7 +261,7 @@ def heatmap_status(prediction: Prediction) -> tuple[str, bool, list[str]]:
     if prediction.unfamiliar:
         text = f"! {text}, unfamiliar"
     # "No scale for a single-cell image: classified whole, ..." -> its lead clause
-    notes = [f"warning: {warning.split(': ', 1)[0]} (warnings column)" for warning in prediction.warnings]
+    notes = [f"warning: {lead_clause(warning)} (warnings column)" for warning in prediction.warnings]
     return text, bool(prediction.uncertain or prediction.unfamiliar or notes), notes
 
 

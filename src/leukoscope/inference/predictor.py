@@ -197,6 +197,13 @@ class CellClassifier:
         """The light of its training images (:mod:`leukoscope.light`), where its OOD statistics record it."""
         return self._light_range
 
+    def warnings_of(self, image: Image.Image, scale: FieldScale | None,
+                    seen: Image.Image | None = None) -> tuple[str, ...]:
+        """:func:`single_cell_warnings` of ``image`` classified by this classifier at ``scale`` from ``seen``: the
+        one call `predict`, `evaluate` and the web service make."""
+        return single_cell_warnings(image, scale, self.window_um, seen, check_centre=self.checks_centres,
+                                    light=self.light_range)
+
     @property
     def window_um(self) -> float | None:
         """The physical window the classifier was trained on (``preprocessing.cell_window_um``), if any."""
@@ -294,8 +301,7 @@ class CellClassifier:
                 recorded = recorded_um_per_px(path) if frame and um_per_px is None else None
                 framed, scales[index] = (self.frame(image, um_per_px, run_um_per_px=run_um_per_px,
                                                     recorded_um_per_px=recorded) if frame else (image, None))
-                warned[index] = single_cell_warnings(image, scales[index], self.window_um, framed,
-                                                     check_centre=self.checks_centres, light=self.light_range)
+                warned[index] = self.warnings_of(image, scales[index], framed)
                 pending.append((index, framed))
             except ImageDecodeError as exc:
                 log.warning("cannot read %s: %s", path, exc)

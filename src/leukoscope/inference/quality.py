@@ -221,6 +221,11 @@ NO_WHITE_CELL_WARNING = (f"{NO_WHITE_CELL_WORDING}: the window the classifier re
 SEVERAL_CELLS_WORDING = "Several white cells in one cell's image"
 
 
+def lead_clause(warning: str) -> str:
+    """A warning's kind: its words before the first colon (the rest names the image's own figures)."""
+    return warning.split(": ", 1)[0]
+
+
 def several_cells_warning(nuclei: int, width_um: float, height_um: float) -> str:
     """The warning of a single-cell image of ``width_um`` x ``height_um`` that shows about ``nuclei`` white
     cells: only the one at its centre was classified, the others are not counted (it stays after a review)."""

@@ -7,7 +7,7 @@ on calibration images. Weights take 7 of their 8 bits (``reduce_range``): on a C
 VNNI (AVX2 and AVX-512F alone, e.g. many AMD EPYC), onnxruntime's uint8 x int8 kernels add
 pairs of products in int16, which full-range weights overflow. Measured on such a machine
 (2026-12-07, tests/export/test_int8_ood.py): the shipped classifier's int8 OOD scores
-correlated 0.53 with the float model's at full range, 0.994 with it; a graph is written once
+correlated 0.53 with the float model's at full range, 0.994 with 7-bit weights; a graph is written once
 and may run on any CPU. QDQ is the form both runtimes run as int8: onnxruntime fuses
 the pairs into integer kernels, OpenVINO reads them as FakeQuantize (so an int8
 OpenVINO IR is this graph converted).
@@ -41,8 +41,8 @@ from PIL import Image
 from leukoscope.bundle import BundleError
 from leukoscope.inference.int8_cpu import WEIGHT_BITS
 from leukoscope.inference.rcnn_glue import RcnnSettings, model_batch
-from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.inference.slide.reader import recorded_um_per_px
+from leukoscope.io import ImageDecodeError, load_image
 from leukoscope.preprocessing import Preprocessing, over_views
 
 if TYPE_CHECKING:

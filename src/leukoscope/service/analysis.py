@@ -24,7 +24,7 @@ from typing import Any, Protocol, Sequence
 from PIL import Image, ImageDraw
 
 from leukoscope.inference.differential import Differential
-from leukoscope.inference.predictor import CellClassifier, Prediction, single_cell_warnings
+from leukoscope.inference.predictor import CellClassifier, Prediction
 from leukoscope.labels import UNCERTAIN, blast_classes_in, checked_blast_classes
 from leukoscope.scale import SCALE_OPTION, FieldScale
 
@@ -307,8 +307,7 @@ class Analyzer:
         framed, scale = classifier.frame(image, um_per_px, run_um_per_px=run_um_per_px,
                                          recorded_um_per_px=recorded_um_per_px)
         prediction, overlay = self._predict_and_explain(classifier, framed, "upload")
-        warnings = single_cell_warnings(image, scale, classifier.window_um, framed,
-                                        check_centre=classifier.checks_centres, light=classifier.light_range)
+        warnings = classifier.warnings_of(image, scale, framed)
         prediction = replace(prediction, scale=scale, warnings=warnings)
         if scale is None:
             return ImageOutcome([CellOutcome(prediction, overlay=overlay)], warnings=list(warnings))

@@ -422,7 +422,7 @@ def evaluate_bundle(
         log.warning(message)
         notes.append(f"Warning: {message}.")
     preprocessing = info.preprocessing
-    checks = ImageChecks(classifier.window_um, classifier.checks_centres, classifier.light_range)
+    checks = ImageChecks(classifier)
     framed = None
     to_pixels: Callable[..., Any] = partial(_checked_pixels, preprocessing, checks)
     if frame and preprocessing.cell_window_um is not None:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from leukoscope.inference.predictor import single_cell_warnings
-from leukoscope.light import LightRange
+from leukoscope.inference.predictor import CellClassifier
+from leukoscope.inference.quality import lead_clause
 from leukoscope.scale import FieldScale
 
 
@@ -26,20 +26,12 @@ from leukoscope.scale import FieldScale
 class ImageChecks:
     """The warnings of each decoded image, in the order they were decoded (the scored images' order)."""
 
-    window_um: float | None
-    check_centre: bool
-    light: LightRange | None
+    classifier: CellClassifier
     warnings: list[tuple[str, ...]] = field(default_factory=list)
 
     def record(self, image: Image.Image, scale: FieldScale | None = None, seen: Image.Image | None = None) -> None:
         """Check ``image`` as given, classified at ``scale`` from ``seen`` (the window framed; None: the image)."""
-        self.warnings.append(single_cell_warnings(image, scale, self.window_um, seen, check_centre=self.check_centre,
-                                                  light=self.light))
-
-
-def lead_clause(warning: str) -> str:
-    """A warning's kind: its words before the first colon (the rest names the image's own figures)."""
-    return warning.split(": ", 1)[0]
+        self.warnings.append(self.classifier.warnings_of(image, scale, seen))
 
 
 #: Why no image was scored for familiarity, when the bundle has no OOD statistics.
